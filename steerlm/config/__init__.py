@@ -1,0 +1,28 @@
+"""Typed configuration: schemas, validation, Hydra composition."""
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import (
+    Activation,
+    Backend,
+    DType,
+    LRDecayStyle,
+    ModelConfig,
+    Normalization,
+    OptimizerConfig,
+    OptimizerName,
+    ParallelConfig,
+    PositionEmbedding,
+    PrecisionConfig,
+    TrainConfig,
+    TrainerConfig,
+    TransformerImpl,
+)
+from steerlm.config.store import compose, register_schemas, save_resolved, to_typed
+from steerlm.config.validation import Accelerator, resolve_transformer_impl, validate_train_config
+
+__all__ = [
+    "Accelerator", "Activation", "Backend", "ConfigError", "DType", "LRDecayStyle", "ModelConfig",
+    "Normalization", "OptimizerConfig", "OptimizerName", "ParallelConfig", "PositionEmbedding",
+    "PrecisionConfig", "TrainConfig", "TrainerConfig", "TransformerImpl", "compose", "register_schemas",
+    "resolve_transformer_impl", "save_resolved", "to_typed", "validate_train_config",
+]

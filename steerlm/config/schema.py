@@ -1,0 +1,320 @@
+"""Typed configuration schemas shared by every recipe.
+
+Field names follow Megatron/NeMo (`tensor_model_parallel_size`, `micro_batch_size`, `num_query_groups`,
+...) so users can carry their habits over. Each dataclass checks what it can know on its own in
+`validate()`; checks that need the world size or the device live in `steerlm.config.validation`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from steerlm.config.errors import ConfigError
+
+
+class Normalization(str, Enum):
+    RMSNorm = "RMSNorm"
+    LayerNorm = "LayerNorm"
+
+
+class Activation(str, Enum):
+    swiglu = "swiglu"
+    gelu = "gelu"
+    squared_relu = "squared_relu"
+
+
+class PositionEmbedding(str, Enum):
+    rope = "rope"
+    learned_absolute = "learned_absolute"
+
+
+class TransformerImpl(str, Enum):
+    """Which layer implementation builds the model.
+
+    `auto` picks Transformer Engine when it is importable on a CUDA machine and megatron-core's own
+    layers with a `scaled_dot_product_attention` core attention otherwise.
+    """
+
+    auto = "auto"
+    local = "local"
+    transformer_engine = "transformer_engine"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class OptimizerName(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class LRDecayStyle(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+def _require(condition: bool, key: str, value, problem: str, fix: str) -> None:
+    if not condition:
+        raise ConfigError(key, value, problem, fix)
+
+
+def _require_positive(prefix: str, obj, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{prefix}.{name}", value, "must be positive", "set a value > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family decoder (megatron GPTModel)."""
+
+    name: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (groups = heads)
+    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
+    vocab_size: int = 512  # the tokenizer's vocabulary, before padding
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 512
+    normalization: Normalization = Normalization.RMSNorm
+    layernorm_epsilon: float = 1e-5
+    activation: Activation = Activation.swiglu
+    position_embedding_type: PositionEmbedding = PositionEmbedding.rope
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    rope_scaling: bool = False  # Llama-3.1 frequency scaling
+    rope_scaling_factor: float = 8.0
+    share_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: TransformerImpl = TransformerImpl.auto
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to `make_vocab_size_divisible_by`.
+
+        Unlike Megatron we do not also multiply the multiple by the TP size: the padded shape must
+        not depend on the layout, so a checkpoint moves between TP sizes without re-padding. The
+        validation refuses a TP size that does not divide the result.
+        """
+        multiple = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self, padded: bool = False) -> int:
+        """Parameter count of the model (embeddings included), as HF counts it when unpadded."""
+        vocab = self.padded_vocab_size if padded else self.vocab_size
+        h, ffn, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        q = self.num_attention_heads * d
+        kv = 2 * self.query_groups * d
+        attention = h * (q + kv) + q * h
+        mlp = h * ffn * (3 if self.activation == Activation.swiglu else 2)
+        bias = (q + kv + h + ffn * (2 if self.activation == Activation.swiglu else 1) + h) if self.add_bias_linear else 0
+        norms_per_layer = 2 * h * (2 if self.normalization == Normalization.LayerNorm else 1)
+        layer = attention + mlp + bias + norms_per_layer
+        embeddings = vocab * h * (1 if self.share_embeddings_and_output_weights else 2)
+        final_norm = h * (2 if self.normalization == Normalization.LayerNorm else 1)
+        positions = self.max_position_embeddings * h if self.position_embedding_type == PositionEmbedding.learned_absolute else 0
+        return self.num_layers * layer + embeddings + final_norm + positions
+
+    def validate(self) -> None:
+        _require_positive(
+            "model",
+            self,
+            ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+             "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base", "layernorm_epsilon",
+             "init_method_std"),
+        )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "model.hidden_size", self.hidden_size,
+                f"not divisible by model.num_attention_heads={self.num_attention_heads}",
+                "choose a hidden size that is a multiple of the head count, or set model.kv_channels",
+            )
+        else:
+            _require(self.kv_channels > 0, "model.kv_channels", self.kv_channels, "must be positive", "set a value > 0")
+        groups = self.query_groups
+        _require(
+            groups > 0 and self.num_attention_heads % groups == 0,
+            "model.num_query_groups", self.num_query_groups,
+            f"must divide model.num_attention_heads={self.num_attention_heads}",
+            "use a divisor of the head count (null for multi-head attention)",
+        )
+        _require(
+            0.0 < self.rotary_percent <= 1.0, "model.rotary_percent", self.rotary_percent,
+            "must be in (0, 1]", "use 1.0 for Llama",
+        )
+        _require(
+            self.rotary_percent * self.head_dim % 2 == 0, "model.rotary_percent", self.rotary_percent,
+            f"rotary dimension {self.rotary_percent * self.head_dim} must be an even integer",
+            "pick a rotary_percent that gives an even number of rotary channels",
+        )
+        _require(
+            self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", self.rope_scaling_factor,
+            "must be >= 1", "use 8 for Llama-3.1, 32 for Llama-3.2",
+        )
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)", "use 0.0 for Llama")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: tensor, pipeline, context and (derived) data parallelism."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    data_parallel_size: Optional[int] = None  # None: world_size / (tp * pp * cp)
+    use_distributed_optimizer: bool = False
+    distributed_backend: Backend = Backend.auto
+    distributed_timeout_minutes: int = 30
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def validate(self) -> None:
+        _require_positive(
+            "parallel", self,
+            ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+             "distributed_timeout_minutes"),
+        )
+        _require(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "parallel.sequence_parallel", self.sequence_parallel,
+            "sequence parallelism splits activations across the tensor-parallel group and needs "
+            "tensor_model_parallel_size > 1",
+            "set parallel.sequence_parallel=false or parallel.tensor_model_parallel_size >= 2",
+        )
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            _require(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", vpp, "must be >= 1",
+                     "use null to disable the interleaved schedule")
+            _require(
+                vpp == 1 or self.pipeline_model_parallel_size >= 2,
+                "parallel.virtual_pipeline_model_parallel_size", vpp,
+                "the interleaved schedule needs pipeline_model_parallel_size >= 2",
+                "set parallel.virtual_pipeline_model_parallel_size=null or pipeline_model_parallel_size >= 2",
+            )
+        if self.data_parallel_size is not None:
+            _require(self.data_parallel_size >= 1, "parallel.data_parallel_size", self.data_parallel_size,
+                     "must be >= 1", "use null to derive it from the world size")
+
+
+@dataclass
+class PrecisionConfig:
+    """Compute dtype; fp32 master weights and (by default) fp32 gradient reduction under bf16/fp16."""
+
+    dtype: DType = DType.fp32
+    grad_reduce_in_fp32: bool = True
+    initial_loss_scale: float = 4294967296.0  # fp16 only: dynamic loss scaling starts here
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+
+    def validate(self) -> None:
+        if self.dtype == DType.fp16:
+            _require(self.initial_loss_scale > 0, "precision.initial_loss_scale", self.initial_loss_scale,
+                     "must be positive", "use 2**32 (the Megatron default)")
+            _require(0 < self.min_loss_scale <= self.initial_loss_scale, "precision.min_loss_scale",
+                     self.min_loss_scale, "must be in (0, initial_loss_scale]", "use 1.0")
+            _require(self.loss_scale_window > 0, "precision.loss_scale_window", self.loss_scale_window,
+                     "must be positive", "use 1000")
+
+
+@dataclass
+class OptimizerConfig:
+    """Megatron optimizer and LR schedule (warmup, then decay to min_lr)."""
+
+    name: OptimizerName = OptimizerName.adam
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0  # 0 disables clipping
+    lr_warmup_steps: int = 0
+    lr_decay_style: LRDecayStyle = LRDecayStyle.cosine
+    lr_decay_steps: Optional[int] = None  # None: trainer.max_steps
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "must be positive", "use e.g. 3e-4")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]",
+                 "lower optim.min_lr")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0", "use 0.0 to disable")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"optim.{name}", value, "must be in [0, 1)", "use 0.9 / 0.95")
+        _require(self.adam_eps > 0, "optim.adam_eps", self.adam_eps, "must be positive", "use 1e-8")
+        _require(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+        _require(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", self.lr_warmup_steps, "must be >= 0", "use 0")
+        if self.lr_decay_steps is not None:
+            _require(self.lr_decay_steps > self.lr_warmup_steps, "optim.lr_decay_steps", self.lr_decay_steps,
+                     f"must exceed optim.lr_warmup_steps={self.lr_warmup_steps}", "raise it or use null")
+
+
+@dataclass
+class TrainerConfig:
+    """Batch geometry and run length (Megatron definitions: global = micro x dp x accumulation)."""
+
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 128
+    max_steps: int = 20
+    seed: int = 1234
+    log_interval: int = 5
+    torch_threads: Optional[int] = None  # None: torch's default
+
+    def validate(self) -> None:
+        _require_positive("trainer", self, ("micro_batch_size", "global_batch_size", "seq_length", "max_steps",
+                                            "log_interval"))
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "trainer.global_batch_size", self.global_batch_size,
+            f"not divisible by trainer.micro_batch_size={self.micro_batch_size}",
+            "make the global batch a multiple of micro_batch_size x data-parallel size",
+        )
+        if self.torch_threads is not None:
+            _require(self.torch_threads >= 1, "trainer.torch_threads", self.torch_threads, "must be >= 1",
+                     "use null for torch's default")
+
+
+@dataclass
+class TrainConfig:
+    """Root of a training recipe's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    output_dir: str = "runs/demo"

@@ -1,0 +1,62 @@
+"""Hydra wiring: the schemas in ConfigStore, composition for tests/tools, typed conversion.
+
+Recipes compose `conf/<recipe>.yaml`, whose defaults list starts with the recipe's schema node
+(e.g. `train_schema`), so every YAML group option and every command-line override is type-checked
+against the dataclasses and unknown keys are rejected by OmegaConf's struct mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import TrainConfig
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+SCHEMAS = {"train_schema": TrainConfig}
+
+T = TypeVar("T")
+
+
+def register_schemas() -> None:
+    """Put every root schema into Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
+
+
+def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose a primary config the way a recipe does, without running a Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
+    """Turn a composed config into its dataclass, reporting type errors as ConfigError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        typed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "<config>"
+        raise ConfigError(key, getattr(error, "value", None), str(error).splitlines()[0],
+                          "check the key's spelling and type against steerlm/config/schema.py") from error
+    assert isinstance(typed, schema)
+    return typed
+
+
+def save_resolved(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config (what actually ran) next to an output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)

@@ -1,0 +1,163 @@
+"""Checks that need more than one config section, the world size or the device."""
+
+from __future__ import annotations
+
+import importlib.util
+from enum import Enum
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import (
+    DType,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainConfig,
+    TrainerConfig,
+    TransformerImpl,
+)
+
+
+class Accelerator(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> TransformerImpl:
+    """`auto` → Transformer Engine on CUDA when importable, else megatron-core's local layers."""
+    if model.transformer_impl == TransformerImpl.auto:
+        if accelerator == Accelerator.cuda and transformer_engine_available():
+            return TransformerImpl.transformer_engine
+        return TransformerImpl.local
+    if model.transformer_impl == TransformerImpl.transformer_engine:
+        if accelerator != Accelerator.cuda or not transformer_engine_available():
+            raise ConfigError(
+                "model.transformer_impl", model.transformer_impl.value,
+                "Transformer Engine layers need CUDA and the transformer_engine package",
+                "use model.transformer_impl=auto or local",
+            )
+    return model.transformer_impl
+
+
+def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
+    """World size divided by the model-parallel size, or a ConfigError saying which layouts fit."""
+    mp = parallel.model_parallel_size
+    if world_size % mp != 0:
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size", parallel.tensor_model_parallel_size,
+            f"world size {world_size} is not divisible by tensor x pipeline x context parallel size "
+            f"{parallel.tensor_model_parallel_size} x {parallel.pipeline_model_parallel_size} x "
+            f"{parallel.context_parallel_size} = {mp}",
+            "launch a multiple of that many processes or change the parallel sizes",
+        )
+    dp = world_size // mp
+    if parallel.data_parallel_size is not None and parallel.data_parallel_size != dp:
+        raise ConfigError(
+            "parallel.data_parallel_size", parallel.data_parallel_size,
+            f"world size {world_size} / model-parallel size {mp} gives {dp}",
+            f"set parallel.data_parallel_size=null (or {dp}), or launch {parallel.data_parallel_size * mp} processes",
+        )
+    return dp
+
+
+def validate_model_layout(model: ModelConfig, parallel: ParallelConfig, accelerator: Accelerator) -> None:
+    """Can this model shape be split this way on this device?"""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if model.num_attention_heads % tp:
+        raise ConfigError("parallel.tensor_model_parallel_size", tp,
+                          f"must divide model.num_attention_heads={model.num_attention_heads}",
+                          "pick a tensor-parallel size that divides the head count")
+    if model.query_groups % tp:
+        raise ConfigError("parallel.tensor_model_parallel_size", tp,
+                          f"must divide the number of query groups ({model.query_groups})",
+                          "pick a tensor-parallel size that divides model.num_query_groups")
+    if model.ffn_hidden_size % tp:
+        raise ConfigError("parallel.tensor_model_parallel_size", tp,
+                          f"must divide model.ffn_hidden_size={model.ffn_hidden_size}",
+                          "pick a tensor-parallel size that divides the MLP width")
+    if model.padded_vocab_size % tp:
+        raise ConfigError("model.make_vocab_size_divisible_by", model.make_vocab_size_divisible_by,
+                          f"padded vocabulary {model.padded_vocab_size} is not divisible by "
+                          f"tensor_model_parallel_size={tp}",
+                          f"use a multiple of {tp} (128 suits every power-of-two TP size)")
+    chunks = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
+    if model.num_layers % chunks:
+        raise ConfigError("model.num_layers", model.num_layers,
+                          f"not divisible by pipeline stages x virtual stages = {chunks}",
+                          "change pipeline_model_parallel_size / virtual_pipeline_model_parallel_size "
+                          "or the layer count")
+    if pp > 1 and model.num_layers // chunks < 1:
+        raise ConfigError("parallel.pipeline_model_parallel_size", pp, "more pipeline chunks than layers",
+                          "use fewer pipeline stages")
+    impl = resolve_transformer_impl(model, accelerator)
+    if parallel.context_parallel_size > 1 and impl != TransformerImpl.transformer_engine:
+        raise ConfigError("parallel.context_parallel_size", parallel.context_parallel_size,
+                          "context parallelism needs Transformer Engine attention (CUDA + transformer_engine)",
+                          "use parallel.context_parallel_size=1")
+    if model.attention_dropout > 0 and impl == TransformerImpl.local and parallel.sequence_parallel:
+        raise ConfigError("model.attention_dropout", model.attention_dropout,
+                          "attention dropout under sequence parallelism is not supported by the local layers",
+                          "use model.attention_dropout=0.0")
+
+
+def validate_precision(precision: PrecisionConfig, accelerator: Accelerator) -> None:
+    if precision.dtype == DType.fp16 and accelerator == Accelerator.cpu:
+        raise ConfigError("precision.dtype", precision.dtype.value,
+                          "fp16 training needs a GPU (megatron's fp16 loss scaling is CUDA-only)",
+                          "use precision.dtype=bf16 or fp32 on CPU")
+    if precision.dtype == DType.bf16 and accelerator == Accelerator.cuda:
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision.dtype", precision.dtype.value, "this GPU has no bf16 support",
+                              "use precision.dtype=fp16 (with loss scaling) or fp32")
+
+
+def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator) -> None:
+    if parallel.use_distributed_optimizer and accelerator == Accelerator.cpu:
+        raise ConfigError("parallel.use_distributed_optimizer", True,
+                          "megatron's distributed optimizer only wraps CUDA tensors",
+                          "use parallel.use_distributed_optimizer=false without a GPU")
+    if parallel.distributed_backend.value == "nccl" and accelerator == Accelerator.cpu:
+        raise ConfigError("parallel.distributed_backend", "nccl", "nccl needs CUDA devices",
+                          "use parallel.distributed_backend=auto (gloo without a GPU)")
+
+
+def validate_batch(trainer: TrainerConfig, model: ModelConfig, parallel: ParallelConfig, dp: int) -> None:
+    per_step = trainer.micro_batch_size * dp
+    if trainer.global_batch_size % per_step:
+        raise ConfigError("trainer.global_batch_size", trainer.global_batch_size,
+                          f"not divisible by micro_batch_size x data_parallel_size = "
+                          f"{trainer.micro_batch_size} x {dp}",
+                          f"use a multiple of {per_step}")
+    if trainer.seq_length > model.max_position_embeddings:
+        raise ConfigError("trainer.seq_length", trainer.seq_length,
+                          f"longer than model.max_position_embeddings={model.max_position_embeddings}",
+                          "shorten the sequences or raise max_position_embeddings")
+    if parallel.sequence_parallel and trainer.seq_length % parallel.tensor_model_parallel_size:
+        raise ConfigError("trainer.seq_length", trainer.seq_length,
+                          f"sequence parallelism splits it across {parallel.tensor_model_parallel_size} ranks",
+                          "use a multiple of the tensor-parallel size")
+    cp = parallel.context_parallel_size
+    if cp > 1 and trainer.seq_length % (2 * cp):
+        raise ConfigError("trainer.seq_length", trainer.seq_length,
+                          f"context parallelism needs a multiple of 2 x context_parallel_size = {2 * cp}",
+                          f"use a multiple of {2 * cp}")
+
+
+def validate_train_config(cfg: TrainConfig, world_size: int, accelerator: Accelerator) -> int:
+    """Validate a whole training config for a launch of `world_size` processes; returns the DP size."""
+    cfg.model.validate()
+    cfg.parallel.validate()
+    cfg.precision.validate()
+    cfg.trainer.validate()
+    cfg.optim.validate()
+    dp = data_parallel_size(cfg.parallel, world_size)
+    validate_model_layout(cfg.model, cfg.parallel, accelerator)
+    validate_precision(cfg.precision, accelerator)
+    validate_parallel_runtime(cfg.parallel, accelerator)
+    validate_batch(cfg.trainer, cfg.model, cfg.parallel, dp)
+    return dp

@@ -1,0 +1,137 @@
+"""Build megatron-core GPTModels (Llama family) from a ModelConfig and a ParallelLayout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from steerlm.config.schema import Activation, DType, ModelConfig, PrecisionConfig, TransformerImpl
+from steerlm.config.validation import Accelerator, resolve_transformer_impl
+from steerlm.models.attention import SDPACoreAttention
+from steerlm.models.init import initialize_parameters
+from steerlm.models.norm import Norm
+from steerlm.runtime.layout import ParallelLayout
+
+_TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
+
+_ACTIVATIONS = {
+    Activation.swiglu: (F.silu, True),
+    Activation.gelu: (F.gelu, False),
+    Activation.squared_relu: (lambda x: torch.pow(F.relu(x), 2), False),
+}
+
+
+def torch_dtype(dtype: DType) -> torch.dtype:
+    return _TORCH_DTYPES[dtype]
+
+
+def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout) -> TransformerConfig:
+    """megatron TransformerConfig for this model on this layout.
+
+    Fusions that need apex/TE kernels are off with the local layers; parameter values come from
+    `steerlm.models.init` (layout-independent).
+    """
+    activation, gated = _ACTIVATIONS[model.activation]
+    dtype = torch_dtype(precision.dtype)
+    te = _transformer_impl(model, layout) == TransformerImpl.transformer_engine
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        normalization=model.normalization.value,
+        layernorm_epsilon=model.layernorm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=model.add_bias_linear,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision.dtype == DType.bf16,
+        fp16=precision.dtype == DType.fp16,
+        # Megatron's initialisation also tags tensor-parallel parameters (partition dim/stride) that
+        # grad-norm and sharding rely on; its values are then replaced by steerlm.models.init.
+        perform_initialization=True,
+        use_cpu_initialization=False,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=te and gated,
+        bias_dropout_fusion=te,
+        masked_softmax_fusion=False,
+        persist_layer_norm=te,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        deallocate_pipeline_outputs=True,
+        # gloo pairs the batched sends/receives between two ranks out of order: with pp=2 and
+        # interleaving (both neighbours are the same rank) activations and gradients get swapped.
+        batch_p2p_comm=layout.backend == "nccl",
+    )
+
+
+def _transformer_impl(model: ModelConfig, layout: ParallelLayout) -> TransformerImpl:
+    return resolve_transformer_impl(model, Accelerator.cpu if layout.uses_cpu else Accelerator.cuda)
+
+
+def decoder_spec(model: ModelConfig, config: TransformerConfig, layout: ParallelLayout,
+                 vp_stage: int | None) -> ModuleSpec | TransformerBlockSubmodules:
+    """Transformer Engine layers when selected, else megatron's local layers with SDPA attention and
+    `steerlm.models.norm.Norm` (which, unlike megatron's torch fallback, allows sequence parallelism)."""
+    if _transformer_impl(model, layout) == TransformerImpl.transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    layer = get_gpt_layer_local_spec(normalization=model.normalization.value)
+    layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    layer.submodules.input_layernorm = Norm
+    layer.submodules.pre_mlp_layernorm = Norm
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=layout.pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=Norm)
+
+
+def build_model_chunks(model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout, seed: int) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), on the layout's device.
+
+    Weights are initialised from `seed` identically for every TP/PP/DP layout (see
+    `steerlm.models.init`), in `precision.dtype`; the training stack wraps them for mixed precision.
+    """
+    config = transformer_config(model, precision, layout)
+    chunks = []
+    for vp_stage in range(layout.vpp or 1):
+        vp = vp_stage if layout.vpp else None
+        first = layout.is_first_stage and (vp is None or vp == 0)
+        last = layout.is_last_stage and (vp is None or vp == layout.vpp - 1)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_spec(model, config, layout, vp),
+            vocab_size=model.padded_vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+            position_embedding_type=model.position_embedding_type.value,
+            rotary_percent=model.rotary_percent,
+            rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
+            pg_collection=layout.pg_collection,
+            vp_stage=vp,
+        )
+        gpt.to(layout.device)
+        initialize_parameters(gpt, model, seed, layout)
+        chunks.append(gpt)
+    return chunks

@@ -1,0 +1,78 @@
+"""Map between megatron's per-rank parameter shards and layout-independent full tensors.
+
+A parameter's identity across layouts is its *global name* (state-dict name with the pipeline
+stage's local layer index replaced by the global one) plus, for tensor-parallel parameters,
+megatron's `partition_dim` / `partition_stride` attributes. Initialisation, parity tests and HF
+export all go through these helpers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core.models.gpt import GPTModel
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def full_shape(param: torch.Tensor, tp: int) -> torch.Size:
+    if not is_tp_sharded(param):
+        return param.shape
+    shape = list(param.shape)
+    shape[param.partition_dim] *= tp
+    return torch.Size(shape)
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's slice of `full`, stride-aware (e.g. SwiGLU's fc1 holds [gate_r; up_r])."""
+    if not is_tp_sharded(param):
+        return full
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    piece = full.shape[dim] // (tp * stride)
+    pieces = torch.split(full, piece, dim=dim)
+    return torch.cat(pieces[tp_rank::tp], dim=dim)
+
+
+def unshard(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """Inverse of `shard` given every TP rank's slice in rank order."""
+    if not is_tp_sharded(param):
+        return shards[0]
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
+    return torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def gather_full(local: torch.Tensor, param: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
+    """All-gather a TP-sharded tensor (a parameter or its gradient) into the full tensor."""
+    tp = dist.get_world_size(tp_group)
+    if tp == 1 or not is_tp_sharded(param):
+        return local
+    shards = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(shards, local.contiguous(), group=tp_group)
+    return unshard(shards, param)
+
+
+def global_name(name: str, chunk: GPTModel) -> str:
+    """State-dict name with the global layer index; a tied output weight maps to the embedding."""
+    match = _LAYER.match(name)
+    if match:
+        layer = chunk.decoder.layers[int(match.group(1))]
+        return f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
+    if name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+        return TIED_EMBEDDING
+    return name
+
+
+def named_global_parameters(chunks: list[GPTModel]) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global name, local parameter) over this rank's model chunks."""
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            yield global_name(name, chunk), param

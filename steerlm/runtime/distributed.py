@@ -1,0 +1,119 @@
+"""Process-group start-up: from torchrun's environment or as a lone process, nccl on GPU, gloo on CPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from steerlm.config.schema import Backend, ParallelConfig
+from steerlm.config.validation import Accelerator, data_parallel_size
+from steerlm.runtime import cpu_compat
+from steerlm.runtime.layout import ParallelLayout
+
+log = logging.getLogger(__name__)
+
+
+def detect_accelerator() -> Accelerator:
+    return Accelerator.cuda if torch.cuda.is_available() else Accelerator.cpu
+
+
+def launch_world_size() -> int:
+    """World size this process was launched with (torchrun's WORLD_SIZE, else 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_process_group(parallel: ParallelConfig, accelerator: Accelerator) -> str:
+    backend = parallel.distributed_backend.value
+    if parallel.distributed_backend == Backend.auto:
+        backend = "nccl" if accelerator == Accelerator.cuda else "gloo"
+    timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
+    if dist.is_initialized():
+        return dist.get_backend()
+    if "RANK" in os.environ:  # torchrun / srun with the env:// rendezvous
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # a lone `python recipe.py`: a world of one
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
+    return backend
+
+
+def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
+    """Start distributed, build megatron's parallel groups once and seed; returns the layout.
+
+    Safe to call again after `shutdown()` (tests re-initialise with other layouts in one process).
+    """
+    accelerator = detect_accelerator()
+    if accelerator == Accelerator.cpu:
+        cpu_compat.activate()
+        device = torch.device("cpu")
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    backend = _init_process_group(parallel, accelerator)
+    world_size = dist.get_world_size()
+    dp = data_parallel_size(parallel, world_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
+        create_gloo_process_groups=parallel.use_distributed_optimizer,
+    )
+    seed_everything(seed, cuda_rng_tracker=accelerator == Accelerator.cuda)
+    layout = ParallelLayout(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tp=parallel.tensor_model_parallel_size,
+        pp=parallel.pipeline_model_parallel_size,
+        dp=dp,
+        cp=parallel.context_parallel_size,
+        vpp=parallel.virtual_pipeline_model_parallel_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        device=device,
+        backend=backend,
+        sequence_parallel=parallel.sequence_parallel,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    log.info("parallel layout: %s", layout.describe())
+    return layout
+
+
+def seed_everything(seed: int, cuda_rng_tracker: bool) -> None:
+    """Same default-RNG seed on every rank; megatron's per-TP-rank CUDA RNG streams on GPU.
+
+    Parameter initialisation does not depend on these streams (see `steerlm.models.init`), so
+    layouts agree on the initial weights. Without CUDA there are no device RNG streams to track, so
+    megatron's tracker is made a pass-through (its `fork()` becomes a no-op).
+    """
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not cuda_rng_tracker, force_reset_rng=True)
+
+
+def shutdown(destroy_process_group: bool = True) -> None:
+    """Tear down megatron's groups and, unless told to keep it, the default process group.
+
+    Keeping the default group lets one launch run several layouts in turn (parity tests).
+    """
+    parallel_state.destroy_model_parallel()
+    if destroy_process_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""Wrap model chunks for training: megatron DDP, mixed precision, optimizer and LR schedule."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from steerlm.config.schema import DType, OptimizerConfig, PrecisionConfig, TrainerConfig
+from steerlm.models.gpt import torch_dtype
+from steerlm.runtime.layout import ParallelLayout
+
+
+def wrap_for_training(chunks: list, precision: PrecisionConfig, use_distributed_optimizer: bool,
+                      layout: ParallelLayout) -> list[DistributedDataParallel]:
+    """Mixed-precision wrapper (bf16/fp16) and megatron DDP around each chunk.
+
+    Gradients accumulate in fp32 `main_grad` buffers (when `grad_reduce_in_fp32`), are summed across
+    data-parallel ranks, and are divided by the global token count in `finalize_model_grads`.
+    """
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    wrapped = []
+    for index, chunk in enumerate(chunks):
+        module = Float16Module(config, chunk) if precision.dtype != DType.fp32 else chunk
+        wrapped.append(DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=module,
+            disable_bucketing=index > 0, pg_collection=layout.pg_collection,
+        ))
+    config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=layout.pg_collection)
+    config.no_sync_func = [chunk.no_sync for chunk in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+def build_optimizer(model: list[DistributedDataParallel], optim: OptimizerConfig, precision: PrecisionConfig,
+                    trainer: TrainerConfig, use_distributed_optimizer: bool, layout: ParallelLayout):
+    """Megatron optimizer (fp32 master weights under bf16/fp16; no weight decay on norms and biases)
+    and its warmup + decay LR schedule, stepped once per optimizer step."""
+    config = MegatronOptimizerConfig(
+        optimizer=optim.name.value,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        sgd_momentum=optim.sgd_momentum,
+        clip_grad=optim.clip_grad,
+        bf16=precision.dtype == DType.bf16,
+        fp16=precision.dtype == DType.fp16,
+        params_dtype=torch_dtype(precision.dtype),
+        initial_loss_scale=precision.initial_loss_scale,
+        min_loss_scale=precision.min_loss_scale,
+        loss_scale_window=precision.loss_scale_window,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=use_distributed_optimizer,
+                                       pg_collection=layout.pg_collection)
+    decay_steps = optim.lr_decay_steps or trainer.max_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps,
+        lr_decay_steps=max(decay_steps, optim.lr_warmup_steps + 1),
+        lr_decay_style=optim.lr_decay_style.value,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    for chunk in model:
+        chunk.config.grad_scale_func = optimizer.scale_loss
+    return optimizer, scheduler

@@ -1,0 +1,114 @@
+"""Training scenarios run inside spawned ranks; they return numbers the parity tests compare.
+
+Every scenario builds the tiny model from one seed (initialisation is layout-independent), feeds
+the same global batches and returns losses, grad norms, full (TP-gathered) gradients of the first
+step and full parameters after the last step, keyed by global parameter name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from steerlm import runtime
+from steerlm.config import ModelConfig, OptimizerConfig, OptimizerName, ParallelConfig, PrecisionConfig, TrainerConfig
+from steerlm.models import build_model_chunks
+from steerlm.models.sharding import gather_full, named_global_parameters
+from steerlm.training import build_optimizer, forward_backward, microbatches_for_rank, train_step, wrap_for_training
+
+SEED = 1234
+TINY = ModelConfig(name="parity", num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+                   num_query_groups=2, vocab_size=300, max_position_embeddings=64)
+TRAINER = TrainerConfig(micro_batch_size=2, global_batch_size=8, seq_length=32, max_steps=3, seed=SEED)
+ADAM = OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=2, clip_grad=0.5, weight_decay=0.1)
+# Adam's first update is ~lr * sign(grad), which turns 1e-9 summation-order noise in near-zero
+# gradients into full-size differences; SGD's update is linear in the gradient, so it checks the
+# DDP / optimizer update itself tightly.
+SGD = OptimizerConfig(name=OptimizerName.sgd, lr=0.5, min_lr=0.05, lr_warmup_steps=2, clip_grad=0.5,
+                      weight_decay=0.1)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tied: bool = False
+    optim: OptimizerConfig = field(default_factory=lambda: ADAM)
+
+    @property
+    def reference(self) -> str:
+        return ("tied" if self.tied else "untied") + ("_sgd" if self.optim.name == OptimizerName.sgd else "")
+
+
+def global_batch(step: int, model: ModelConfig = TINY, trainer: TrainerConfig = TRAINER) -> dict[str, torch.Tensor]:
+    """Deterministic random tokens; loss masks with different token counts per row."""
+    generator = torch.Generator().manual_seed(SEED + step)
+    rows, length = trainer.global_batch_size, trainer.seq_length
+    stream = torch.randint(0, model.vocab_size, (rows, length + 1), generator=generator)
+    loss_mask = (torch.rand(rows, length, generator=generator) > 0.4).to(torch.float32)
+    loss_mask[0, : length // 2] = 0.0
+    return {
+        "tokens": stream[:, :-1].contiguous(),
+        "labels": stream[:, 1:].contiguous(),
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(length).expand(rows, length).contiguous(),
+    }
+
+
+def _full_tensors(model, layout, attribute: str) -> dict[str, torch.Tensor]:
+    chunks = [chunk.module for chunk in model]
+    tp_group = layout.pg_collection.tp
+    out = {}
+    for name, param in named_global_parameters(chunks):
+        out[name] = gather_full(getattr(param, attribute).detach().float(), param, tp_group).clone()
+    return out
+
+
+@torch.no_grad()
+def _full_logits(chunks, layout) -> torch.Tensor:
+    """Vocabulary-gathered logits `[b, s, padded_vocab]` of the first global batch's first rows."""
+    batch = global_batch(0)
+    logits = chunks[0](batch["tokens"][:2], batch["position_ids"][:2], None)
+    parts = [torch.empty_like(logits) for _ in range(layout.tp)]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=layout.pg_collection.tp)
+    return torch.cat(parts, dim=-1)
+
+
+def run(scenario: Scenario) -> dict:
+    layout = runtime.initialize(scenario.parallel, seed=SEED)
+    model_cfg = replace(TINY, share_embeddings_and_output_weights=scenario.tied)
+    chunks = build_model_chunks(model_cfg, PrecisionConfig(), layout, seed=SEED)
+    initial = {name: gather_full(p.detach(), p, layout.pg_collection.tp).clone()
+               for name, p in named_global_parameters(chunks)}
+    logits = _full_logits(chunks, layout) if layout.pp == 1 else None
+    model = wrap_for_training(chunks, PrecisionConfig(), False, layout)
+    optimizer, scheduler = build_optimizer(model, scenario.optim, PrecisionConfig(), TRAINER, False, layout)
+
+    first = microbatches_for_rank(global_batch(0), TRAINER.micro_batch_size, layout)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    scheduler.step(increment=1)
+    loss0, tokens0 = forward_backward(model, first, layout)
+    grads = _full_tensors(model, layout, "main_grad")
+    _, norm0, _ = optimizer.step()
+    after_first_step = _full_tensors(model, layout, "data")
+    losses, norms = [loss0], [float(norm0)]
+    for step in range(1, TRAINER.max_steps):
+        result = train_step(model, optimizer, scheduler,
+                            microbatches_for_rank(global_batch(step), TRAINER.micro_batch_size, layout), layout)
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
+    out = {"layout": layout.describe(), "rank": layout.rank, "tokens": tokens0, "losses": losses, "grad_norms": norms,
+           "initial": initial, "logits": logits, "grads": grads, "after_first_step": after_first_step}
+    runtime.shutdown(destroy_process_group=False)
+    return out
+
+
+REFERENCES = [Scenario("untied"), Scenario("tied", tied=True), Scenario("untied_sgd", optim=SGD)]
+
+
+def run_all(scenarios: list[Scenario]) -> dict[str, dict]:
+    results = {scenario.name: run(scenario) for scenario in scenarios}
+    runtime.shutdown()
+    return results
