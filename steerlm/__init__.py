@@ -1,3 +1,12 @@
 """steerlm: SteerLM attribute-conditioned alignment on megatron-core."""
 
+import warnings
+
+# steerlm chooses megatron-core's local fallbacks itself when Transformer Engine / apex are absent
+# (see steerlm.models.gpt); megatron's import-time notices about them, and its deprecation notice
+# for its own default cuda_graph_scope, are noise for users.
+for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+
 __version__ = "0.1.0"

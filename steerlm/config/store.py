@@ -54,9 +54,10 @@ def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
     return typed
 
 
-def save_resolved(cfg: DictConfig, path: Path) -> None:
-    """Write the resolved config (what actually ran) next to an output."""
+def save_resolved(cfg: DictConfig | object, path: Path) -> None:
+    """Write the resolved config (a DictConfig or a schema dataclass) next to an output, atomically."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.write_text(OmegaConf.to_yaml(node, resolve=True))
     tmp.replace(path)

@@ -5,5 +5,6 @@ Only this package talks to megatron.core.parallel_state.
 
 from steerlm.runtime.distributed import detect_accelerator, initialize, launch_world_size, seed_everything, shutdown
 from steerlm.runtime.layout import ParallelLayout
+from steerlm.runtime.logs import setup_logging
 
-__all__ = ["ParallelLayout", "detect_accelerator", "initialize", "launch_world_size", "seed_everything", "shutdown"]
+__all__ = ["ParallelLayout", "setup_logging", "detect_accelerator", "initialize", "launch_world_size", "seed_everything", "shutdown"]

@@ -57,6 +57,8 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
     Safe to call again after `shutdown()` (tests re-initialise with other layouts in one process).
     """
     accelerator = detect_accelerator()
+    # megatron's tensor-parallel overlap of grad all-reduce with compute assumes one CUDA work queue.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if accelerator == Accelerator.cpu:
         cpu_compat.activate()
         device = torch.device("cpu")

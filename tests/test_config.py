@@ -1,0 +1,186 @@
+"""Config schemas: every shipped YAML composes and validates; every bad value names its key."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from steerlm.config import (
+    Accelerator,
+    ConfigError,
+    DType,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainConfig,
+    TrainerConfig,
+    TransformerImpl,
+    compose,
+    to_typed,
+    validate_train_config,
+)
+from steerlm.config.store import CONF_DIR
+from steerlm.config.validation import transformer_engine_available
+
+GROUPS = ("model", "parallel", "precision", "trainer", "optim")
+PRIMARY = ("demo",)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _world_for(cfg: TrainConfig) -> int:
+    return cfg.parallel.model_parallel_size * (cfg.parallel.data_parallel_size or 1)
+
+
+def test_every_yaml_under_conf_is_covered() -> None:
+    """A YAML added anywhere under conf/ must be reachable by the tests below."""
+    covered = {CONF_DIR / f"{name}.yaml" for name in PRIMARY}
+    covered |= {CONF_DIR / group / f"{option}.yaml" for group in GROUPS for option in _options(group)}
+    assert set(CONF_DIR.rglob("*.yaml")) == covered
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_shipped_config_composes_and_validates(primary: str, group: str, option: str) -> None:
+    cfg = to_typed(compose(primary, [f"{group}={option}"]))
+    accelerator = Accelerator.cuda if cfg.precision.dtype == DType.fp16 else Accelerator.cpu
+    if group == "parallel":
+        cfg = replace(cfg, model=_model_fitting(cfg.parallel))
+        cfg = replace(cfg, trainer=replace(cfg.trainer, global_batch_size=cfg.trainer.micro_batch_size))
+    dp = validate_train_config(cfg, _world_for(cfg), accelerator)
+    assert dp == 1
+
+
+def _model_fitting(parallel: ParallelConfig) -> ModelConfig:
+    """Parallel presets target real shapes (tp8 for 7B-70B): validate them against llama2_70b."""
+    if parallel.tensor_model_parallel_size <= 2:
+        return to_typed(compose("demo", ["model=tiny", "model.num_layers=4"])).model
+    return to_typed(compose("demo", ["model=llama2_70b"])).model
+
+
+@pytest.mark.parametrize(
+    "preset,parameters",
+    [  # Hugging Face's parameter counts of the same architectures
+        ("llama2_7b", 6_738_415_616),
+        ("llama2_13b", 13_015_864_320),
+        ("llama2_70b", 68_976_648_192),
+        ("llama3_8b", 8_030_261_248),
+        ("llama3_1_8b", 8_030_261_248),
+        ("llama3_70b", 70_553_706_496),
+        ("llama3_2_1b", 1_235_814_400),
+    ],
+)
+def test_real_presets_have_the_published_parameter_count(preset: str, parameters: int) -> None:
+    model = to_typed(compose("demo", [f"model={preset}"])).model
+    assert model.num_parameters() == parameters
+
+
+def test_small_preset_is_about_fifty_million_parameters() -> None:
+    model = to_typed(compose("demo", ["model=small"])).model
+    assert 45e6 < model.num_parameters() < 60e6
+
+
+def test_overrides_reach_the_typed_config() -> None:
+    cfg = to_typed(compose("demo", ["parallel=tp2", "trainer.max_steps=7", "model.rotary_base=500000"]))
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.trainer.max_steps == 7
+    assert cfg.model.rotary_base == 500000
+
+
+def test_unknown_key_names_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose("demo", ["model.num_layer=3"])
+    assert "model.num_layer" in str(error.value) + str(error.value.__cause__)
+
+
+def test_wrong_type_names_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose("demo", ["trainer.max_steps=many"])
+    assert "trainer.max_steps" in str(error.value) + str(error.value.__cause__)
+
+
+def test_unknown_enum_value_names_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose("demo", ["precision.dtype=fp8"])
+    assert "precision.dtype" in str(error.value) + str(error.value.__cause__)
+
+
+def _tiny(**model) -> TrainConfig:
+    return TrainConfig(model=replace(ModelConfig(), **model))
+
+
+@pytest.mark.parametrize(
+    "cfg,world,accelerator,key,phrase",
+    [
+        (TrainConfig(parallel=ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
+         6, Accelerator.cpu, "parallel.tensor_model_parallel_size", "not divisible"),
+        (TrainConfig(parallel=ParallelConfig(data_parallel_size=4)), 2, Accelerator.cpu,
+         "parallel.data_parallel_size", "gives 2"),
+        (replace(_tiny(num_attention_heads=6, num_query_groups=None, hidden_size=120),
+                 parallel=ParallelConfig(tensor_model_parallel_size=4)),
+         4, Accelerator.cpu, "parallel.tensor_model_parallel_size", "num_attention_heads"),
+        (replace(_tiny(num_query_groups=2), parallel=ParallelConfig(tensor_model_parallel_size=4)), 4,
+         Accelerator.cpu, "parallel.tensor_model_parallel_size", "query groups"),
+        (TrainConfig(parallel=ParallelConfig(pipeline_model_parallel_size=4)), 4, Accelerator.cpu,
+         "model.num_layers", "pipeline stages"),
+        (replace(_tiny(num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2,
+                                                              virtual_pipeline_model_parallel_size=4)),
+         2, Accelerator.cpu, "model.num_layers", "virtual"),
+        (replace(_tiny(vocab_size=301, make_vocab_size_divisible_by=7), parallel=ParallelConfig(
+            tensor_model_parallel_size=2)), 2, Accelerator.cpu, "model.make_vocab_size_divisible_by", "padded"),
+        (TrainConfig(precision=PrecisionConfig(dtype=DType.fp16)), 1, Accelerator.cpu, "precision.dtype", "fp16"),
+        (TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True)), 1, Accelerator.cpu,
+         "parallel.use_distributed_optimizer", "CUDA"),
+        (TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=12)), 2, Accelerator.cpu,
+         "trainer.global_batch_size", "data_parallel_size"),
+        (TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=10)), 1, Accelerator.cpu,
+         "trainer.global_batch_size", "micro_batch_size"),
+        (TrainConfig(trainer=TrainerConfig(seq_length=1024)), 1, Accelerator.cpu, "trainer.seq_length",
+         "max_position_embeddings"),
+        (TrainConfig(parallel=ParallelConfig(sequence_parallel=True)), 1, Accelerator.cpu,
+         "parallel.sequence_parallel", "tensor_model_parallel_size > 1"),
+        (TrainConfig(parallel=ParallelConfig(context_parallel_size=2)), 2, Accelerator.cpu,
+         "parallel.context_parallel_size", "Transformer Engine"),
+        (_tiny(hidden_size=130), 1, Accelerator.cpu, "model.hidden_size", "not divisible"),
+        (_tiny(num_query_groups=3), 1, Accelerator.cpu, "model.num_query_groups", "must divide"),
+        (_tiny(num_layers=0), 1, Accelerator.cpu, "model.num_layers", "positive"),
+    ],
+    ids=lambda value: None if not isinstance(value, str) or "." not in value else value,
+)
+def test_invalid_config_names_key_and_fix(cfg: TrainConfig, world: int, accelerator: Accelerator, key: str,
+                                          phrase: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate_train_config(cfg, world, accelerator)
+    assert error.value.key == key
+    assert phrase in str(error.value)
+    assert "Fix:" in str(error.value)
+
+
+def test_bf16_is_allowed_on_cpu() -> None:
+    cfg = TrainConfig(precision=PrecisionConfig(dtype=DType.bf16))
+    assert validate_train_config(cfg, 2, Accelerator.cpu) == 2
+
+
+@pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine is installed here")
+def test_transformer_engine_requested_without_it_is_refused() -> None:
+    cfg = _tiny(transformer_impl=TransformerImpl.transformer_engine)
+    with pytest.raises(ConfigError) as error:
+        validate_train_config(cfg, 1, Accelerator.cuda)
+    assert error.value.key == "model.transformer_impl"
+
+
+def test_padded_vocab_does_not_depend_on_tensor_parallel_size() -> None:
+    model = ModelConfig(vocab_size=300, make_vocab_size_divisible_by=128)
+    assert model.padded_vocab_size == 384
+    for tp in (1, 2):
+        cfg = replace(TrainConfig(model=model), parallel=ParallelConfig(tensor_model_parallel_size=tp))
+        validate_train_config(cfg, tp, Accelerator.cpu)
+
+
+def test_conf_dir_is_the_repository_conf() -> None:
+    assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
