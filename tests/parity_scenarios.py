@@ -14,7 +14,7 @@ import torch
 from steerlm import runtime
 from steerlm.config import ModelConfig, OptimizerConfig, OptimizerName, ParallelConfig, PrecisionConfig, TrainerConfig
 from steerlm.models import build_model_chunks
-from steerlm.models.sharding import gather_full, named_global_parameters
+from steerlm.models.sharding import gather_full, load_full_parameters, named_global_parameters
 from steerlm.training import build_optimizer, forward_backward, microbatches_for_rank, train_step, wrap_for_training
 
 SEED = 1234
@@ -34,6 +34,7 @@ class Scenario:
     name: str
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tied: bool = False
+    initial_state: dict[str, torch.Tensor] | None = None  # load these weights instead of the seed's
     optim: OptimizerConfig = field(default_factory=lambda: ADAM)
 
     @property
@@ -65,11 +66,20 @@ def _full_tensors(model, layout, attribute: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    return value
+
+
 @torch.no_grad()
 def _full_logits(chunks, layout) -> torch.Tensor:
     """Vocabulary-gathered logits `[b, s, padded_vocab]` of the first global batch's first rows."""
     batch = global_batch(0)
-    logits = chunks[0](batch["tokens"][:2], batch["position_ids"][:2], None)
+    device = layout.device
+    logits = chunks[0](batch["tokens"][:2].to(device), batch["position_ids"][:2].to(device), None)
     parts = [torch.empty_like(logits) for _ in range(layout.tp)]
     torch.distributed.all_gather(parts, logits.contiguous(), group=layout.pg_collection.tp)
     return torch.cat(parts, dim=-1)
@@ -79,6 +89,8 @@ def run(scenario: Scenario) -> dict:
     layout = runtime.initialize(scenario.parallel, seed=SEED)
     model_cfg = replace(TINY, share_embeddings_and_output_weights=scenario.tied)
     chunks = build_model_chunks(model_cfg, PrecisionConfig(), layout, seed=SEED)
+    if scenario.initial_state is not None:
+        load_full_parameters(chunks, scenario.initial_state, layout.tp_rank, layout.tp)
     initial = {name: gather_full(p.detach(), p, layout.pg_collection.tp).clone()
                for name, p in named_global_parameters(chunks)}
     logits = _full_logits(chunks, layout) if layout.pp == 1 else None
@@ -101,6 +113,7 @@ def run(scenario: Scenario) -> dict:
         norms.append(result.grad_norm)
     out = {"layout": layout.describe(), "rank": layout.rank, "tokens": tokens0, "losses": losses, "grad_norms": norms,
            "initial": initial, "logits": logits, "grads": grads, "after_first_step": after_first_step}
+    out = {key: _to_cpu(value) for key, value in out.items()}
     runtime.shutdown(destroy_process_group=False)
     return out
 

@@ -76,3 +76,16 @@ def named_global_parameters(chunks: list[GPTModel]) -> Iterator[tuple[str, torch
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             yield global_name(name, chunk), param
+
+
+@torch.no_grad()
+def load_full_parameters(chunks: list[GPTModel], full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> None:
+    """Copy layout-independent full tensors (keyed by global name) into this rank's shards."""
+    for name, param in named_global_parameters(chunks):
+        if name not in full:
+            raise KeyError(f"no tensor for parameter {name!r} in the given state ({len(full)} tensors)")
+        source = full[name]
+        if source.shape != full_shape(param, tp):
+            raise ValueError(f"{name}: state holds shape {tuple(source.shape)}, the model needs "
+                             f"{tuple(full_shape(param, tp))}")
+        param.copy_(shard(source.to(param.device, param.dtype), param, tp_rank, tp))
