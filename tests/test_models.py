@@ -125,3 +125,14 @@ def test_cpu_layer_redirects_cuda_devices(layout) -> None:
     assert torch.ones(1).cuda().device.type == "cpu"
     assert torch.ones(1).to("cuda").device.type == "cpu"
     assert torch.cuda.current_device() == "cpu"
+
+
+@pytest.mark.parametrize("change", [{"activation": "gelu"}, {"add_bias_linear": True}, {"normalization": "LayerNorm"}])
+def test_hf_mapping_refuses_non_llama_shapes(change: dict) -> None:
+    from steerlm.config import Activation, Normalization
+
+    values = {"activation": Activation(change.get("activation", "swiglu")),
+              "normalization": Normalization(change.get("normalization", "RMSNorm")),
+              "add_bias_linear": change.get("add_bias_linear", False)}
+    with pytest.raises(ValueError, match="is not an HF Llama"):
+        hf_config_dict(replace(TINY, **values))

@@ -1,0 +1,1 @@
+"""Datasets and tokenisation (the bundled demo text for now)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from steerlm.config.schema import ModelConfig
+from steerlm.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.models.sharding import TIED_EMBEDDING
 
 
 def hf_config_dict(model: ModelConfig) -> dict:
     """The `config.json` fields of an HF LlamaForCausalLM with this shape."""
+    check_llama(model)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -31,8 +32,8 @@ def hf_config_dict(model: ModelConfig) -> dict:
         "rope_theta": float(model.rotary_base),
         "tie_word_embeddings": model.share_embeddings_and_output_weights,
         "hidden_act": "silu",
-        "attention_bias": model.add_bias_linear,
-        "mlp_bias": model.add_bias_linear,
+        "attention_bias": False,
+        "mlp_bias": False,
     }
     if model.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor,
@@ -51,8 +52,26 @@ def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, tor
     return q, k, v
 
 
+def check_llama(model: ModelConfig) -> None:
+    """Refuse shapes that HF's Llama cannot express (the mapping would silently be wrong)."""
+    problems = []
+    if model.normalization != Normalization.RMSNorm:
+        problems.append("normalization must be RMSNorm")
+    if model.activation != Activation.swiglu:
+        problems.append("activation must be swiglu")
+    if model.position_embedding_type != PositionEmbedding.rope:
+        problems.append("position_embedding_type must be rope")
+    if model.rotary_percent != 1.0:
+        problems.append("rotary_percent must be 1.0")
+    if model.add_bias_linear:
+        problems.append("add_bias_linear must be false")
+    if problems:
+        raise ValueError(f"model {model.name!r} is not an HF Llama: " + "; ".join(problems))
+
+
 def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """Map full megatron tensors (keyed by global name) to HF LlamaForCausalLM state-dict tensors."""
+    check_llama(model)
     vocab = model.vocab_size
     out = {
         "model.embed_tokens.weight": full[TIED_EMBEDDING][:vocab],

@@ -1,0 +1,1 @@
+"""One module per stage: config → data → model → the training loop."""
