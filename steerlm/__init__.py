@@ -8,5 +8,8 @@ import warnings
 for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
                  "full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+# dist_checkpointing (megatron-core 0.16) still goes through torch's deprecated ShardedTensor path.
+for _message in ("Please use DTensor instead", "`load_state_dict` is deprecated"):
+    warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
 
 __version__ = "0.1.0"

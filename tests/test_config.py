@@ -25,7 +25,7 @@ from steerlm.config import (
 from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import transformer_engine_available
 
-GROUPS = ("model", "parallel", "precision", "trainer", "optim")
+GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
 PRIMARY = ("demo",)
 
 

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "demo.py"
-FAST = ["trainer.max_steps=30", "trainer.log_interval=5"]
+from tests.recipe_runner import TORCHRUN_2, run_recipe, summary, train_losses
+
+FAST = ["trainer.max_steps=30", "trainer.log_interval=5", "trainer.eval_interval=10"]
 
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    command = (launcher or [sys.executable]) + [str(RECIPE), *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _run(args: list[str], launcher: list[str] | None = None):
+    return run_recipe("demo", args, launcher)
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +26,20 @@ def single(tmp_path_factory) -> Path:
 
 
 def test_demo_learns_the_text(single: Path) -> None:
-    summary = json.loads((single / "summary.json").read_text())
-    assert summary["final_valid_loss"] < summary["unigram_baseline"] < summary["initial_valid_loss"]
-    losses = _losses(single)
+    result = summary(single)
+    assert result["final_valid_loss"] < result["unigram_baseline"] < result["initial_valid_loss"]
+    losses = list(train_losses(single).values())
     assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [step for step, _ in result["evaluations"]] == [10, 20, 30]
     assert "tensor_model_parallel_size: 1" in (single / "config.yaml").read_text()
+    assert list((single / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_torchrun_tp2_reproduces_the_single_process_run(single: Path, tmp_path: Path) -> None:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    result = _run([*FAST, "parallel=tp2", f"output_dir={tmp_path}"], launcher=torchrun)
+    result = _run([*FAST, "parallel=tp2", f"output_dir={tmp_path}"], launcher=TORCHRUN_2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _losses(tmp_path) == pytest.approx(_losses(single), rel=1e-5)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["layout"].startswith("world=2 tp=2 pp=1")
+    assert train_losses(tmp_path) == pytest.approx(train_losses(single), rel=1e-5)
+    assert summary(tmp_path)["layout"].startswith("world=2 tp=2 pp=1")
 
 
 @pytest.mark.parametrize(

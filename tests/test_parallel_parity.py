@@ -94,3 +94,21 @@ def test_reference_learns(reference: dict) -> None:
     assert all(grad.abs().sum() > 0 for grad in untied["grads"].values())
     moved = [not torch.equal(untied["initial"][n], untied["after_first_step"][n]) for n in untied["initial"]]
     assert all(moved)
+
+
+def test_tp2_clipping_and_update_equal_torch_on_the_unsharded_model(two_rank: list[dict], reference: dict) -> None:
+    """Megatron's global grad norm at TP=2 is torch's clip_grad_norm_ over the full model, and the first
+    SGD step applies the clipped gradient plus weight decay on matrices only (not norms)."""
+    full = reference["untied_sgd"]
+    params = {name: torch.nn.Parameter(value.clone()) for name, value in full["initial"].items()}
+    for name, param in params.items():
+        param.grad = full["grads"][name].clone()
+    total = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm=SGD.clip_grad)
+    assert total.item() > SGD.clip_grad  # clipping really happens
+    tp2 = two_rank[0]["tp2_sgd"]
+    assert tp2["grad_norms"][0] == pytest.approx(total.item(), rel=RELATIVE)
+    lr = SGD.lr / SGD.lr_warmup_steps  # first warmup step
+    for name, param in params.items():
+        decay = SGD.weight_decay if param.dim() > 1 else 0.0
+        expected = param.detach() - lr * (param.grad + decay * param.detach())
+        assert _relative_error(tp2["after_first_step"][name], expected) < RELATIVE, name

@@ -4,6 +4,7 @@ from steerlm.config.errors import ConfigError
 from steerlm.config.schema import (
     Activation,
     Backend,
+    CheckpointConfig,
     DType,
     LRDecayStyle,
     ModelConfig,
@@ -21,7 +22,7 @@ from steerlm.config.store import compose, register_schemas, save_resolved, to_ty
 from steerlm.config.validation import Accelerator, resolve_transformer_impl, validate_train_config
 
 __all__ = [
-    "Accelerator", "Activation", "Backend", "ConfigError", "DType", "LRDecayStyle", "ModelConfig",
+    "Accelerator", "Activation", "Backend", "CheckpointConfig", "ConfigError", "DType", "LRDecayStyle", "ModelConfig",
     "Normalization", "OptimizerConfig", "OptimizerName", "ParallelConfig", "PositionEmbedding",
     "PrecisionConfig", "TrainConfig", "TrainerConfig", "TransformerImpl", "compose", "register_schemas",
     "resolve_transformer_impl", "save_resolved", "to_typed", "validate_train_config",

@@ -292,11 +292,19 @@ class TrainerConfig:
     max_steps: int = 20
     seed: int = 1234
     log_interval: int = 5
+    eval_interval: Optional[int] = None  # steps between validations; None: only after the last step
+    max_time_minutes: Optional[float] = None  # stop (and checkpoint) after this much wall time
     torch_threads: Optional[int] = None  # None: torch's default
 
     def validate(self) -> None:
         _require_positive("trainer", self, ("micro_batch_size", "global_batch_size", "seq_length", "max_steps",
                                             "log_interval"))
+        if self.eval_interval is not None:
+            _require(self.eval_interval > 0, "trainer.eval_interval", self.eval_interval, "must be positive",
+                     "use null to validate only after the last step")
+        if self.max_time_minutes is not None:
+            _require(self.max_time_minutes > 0, "trainer.max_time_minutes", self.max_time_minutes,
+                     "must be positive", "use null for no time limit")
         _require(
             self.global_batch_size % self.micro_batch_size == 0,
             "trainer.global_batch_size", self.global_batch_size,
@@ -309,6 +317,22 @@ class TrainerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (megatron dist_checkpointing) under `<output_dir>/checkpoints`."""
+
+    save_interval: Optional[int] = None  # steps between saves; None: only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 2  # older checkpoints are deleted once a newer one is complete
+    resume: bool = True  # continue from `<output_dir>/checkpoints/latest` when it exists
+
+    def validate(self) -> None:
+        if self.save_interval is not None:
+            _require(self.save_interval > 0, "checkpoint.save_interval", self.save_interval, "must be positive",
+                     "use null to save only at the end and on signals")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1",
+                 "keep at least the latest checkpoint")
+
+
+@dataclass
 class TrainConfig:
     """Root of a training recipe's configuration."""
 
@@ -317,4 +341,5 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/demo"

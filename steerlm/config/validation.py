@@ -7,6 +7,7 @@ from enum import Enum
 
 from steerlm.config.errors import ConfigError
 from steerlm.config.schema import (
+    Backend,
     DType,
     ModelConfig,
     ParallelConfig,
@@ -121,7 +122,7 @@ def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator
         raise ConfigError("parallel.use_distributed_optimizer", True,
                           "megatron's distributed optimizer only wraps CUDA tensors",
                           "use parallel.use_distributed_optimizer=false without a GPU")
-    if parallel.distributed_backend.value == "nccl" and accelerator == Accelerator.cpu:
+    if parallel.distributed_backend == Backend.nccl and accelerator == Accelerator.cpu:
         raise ConfigError("parallel.distributed_backend", "nccl", "nccl needs CUDA devices",
                           "use parallel.distributed_backend=auto (gloo without a GPU)")
 
@@ -155,6 +156,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int, accelerator: Accele
     cfg.precision.validate()
     cfg.trainer.validate()
     cfg.optim.validate()
+    cfg.checkpoint.validate()
     dp = data_parallel_size(cfg.parallel, world_size)
     validate_model_layout(cfg.model, cfg.parallel, accelerator)
     validate_precision(cfg.precision, accelerator)

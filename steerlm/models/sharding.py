@@ -8,6 +8,7 @@ export all go through these helpers.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Iterator
 
@@ -89,3 +90,18 @@ def load_full_parameters(chunks: list[GPTModel], full: dict[str, torch.Tensor], 
             raise ValueError(f"{name}: state holds shape {tuple(source.shape)}, the model needs "
                              f"{tuple(full_shape(param, tp))}")
         param.copy_(shard(source.to(param.device, param.dtype), param, tp_rank, tp))
+
+
+def weights_digest(chunks: list[GPTModel], tp_group: dist.ProcessGroup) -> str:
+    """SHA-256 over every full parameter (global name order), identical on every rank; collective.
+
+    Two runs have bitwise-identical weights exactly when their digests match, whatever their layouts.
+    """
+    local = {}
+    for name, param in named_global_parameters(chunks):
+        full = gather_full(param.detach(), param, tp_group).contiguous().cpu()
+        local[name] = hashlib.sha256(full.view(torch.uint8).numpy().tobytes()).hexdigest()
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, local)
+    merged = {name: digest for part in gathered for name, digest in part.items()}
+    return hashlib.sha256("".join(f"{n}:{merged[n]}\n" for n in sorted(merged)).encode()).hexdigest()

@@ -19,8 +19,10 @@ from steerlm import runtime
 from steerlm.config import ConfigError, TrainConfig, save_resolved, validate_train_config
 from steerlm.data.text import BYTE_VOCAB, ByteCorpus, demo_text
 from steerlm.models import build_model_chunks
+from steerlm.models.sharding import weights_digest
 from steerlm.training import build_optimizer, wrap_for_training
-from steerlm.training.loop import LoggedStep, evaluate, run_training
+from steerlm.training.loop import evaluate, maybe_resume, run_training
+from steerlm.training.metrics import LoggedStep
 
 log = logging.getLogger(__name__)
 VALID_BATCHES = 4
@@ -29,10 +31,16 @@ VALID_BATCHES = 4
 @dataclass(frozen=True)
 class TextLMResult:
     layout: str
+    start_step: int
+    last_step: int
+    stop_reason: str | None
+    initial_weights_sha256: str  # before this run's first step (after resuming, if it resumed)
     initial_valid_loss: float
     final_valid_loss: float
     unigram_baseline: float
+    weights_sha256: str
     history: list[LoggedStep]
+    evaluations: list[tuple[int, float]]
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -64,20 +72,26 @@ def run(cfg: TrainConfig) -> TextLMResult:
         model = wrap_for_training(chunks, cfg.precision, cfg.parallel.use_distributed_optimizer, layout)
         optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.precision, cfg.trainer,
                                                cfg.parallel.use_distributed_optimizer, layout)
+        start = maybe_resume(cfg, output_dir, model, optimizer, scheduler, layout)
         trainer = cfg.trainer
         corpus = ByteCorpus(demo_text())
         valid = [corpus.batch("valid", i, trainer.global_batch_size, trainer.seq_length, trainer.seed)
                  for i in range(VALID_BATCHES)]
         initial = evaluate(model, valid, trainer.micro_batch_size, layout)
-        log.info("%s | %s | validation loss before training %.4f", cfg.model.name, layout.describe(), initial)
-        history = run_training(
-            model, optimizer, scheduler, layout, trainer, output_dir,
+        initial_digest = weights_digest(chunks, layout.pg_collection.tp)
+        log.info("%s | %s | step %d | validation loss %.4f", cfg.model.name, layout.describe(), start, initial)
+        outcome = run_training(
+            model, optimizer, scheduler, layout, cfg, output_dir,
             lambda step: corpus.batch("train", step, trainer.global_batch_size, trainer.seq_length, trainer.seed),
+            start_step=start, valid_batches=lambda: valid,
         )
-        result = TextLMResult(layout=layout.describe(), initial_valid_loss=initial,
-                              final_valid_loss=evaluate(model, valid, trainer.micro_batch_size, layout),
-                              unigram_baseline=corpus.unigram_entropy("valid"), history=history)
-        log.info("validation loss %.4f (before training %.4f, byte-unigram baseline %.4f)",
+        result = TextLMResult(
+            layout=layout.describe(), start_step=start, last_step=outcome.last_step, stop_reason=outcome.stop_reason,
+            initial_weights_sha256=initial_digest, initial_valid_loss=initial, final_valid_loss=evaluate(model, valid, trainer.micro_batch_size, layout),
+            unigram_baseline=corpus.unigram_entropy("valid"),
+            weights_sha256=weights_digest(chunks, layout.pg_collection.tp),
+            history=outcome.history, evaluations=outcome.evaluations)
+        log.info("validation loss %.4f (at start %.4f, byte-unigram baseline %.4f)",
                  result.final_valid_loss, result.initial_valid_loss, result.unigram_baseline)
         if layout.is_rank_zero:
             (output_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")

@@ -1,38 +1,41 @@
-"""The training loop every stage shares: steps, logging (metrics.jsonl + progress bar), evaluation.
+"""The training loop every stage shares.
 
-Stages supply batches (a function of the step index, so a run is reproducible) and a loss function.
+Stages supply batches as a function of the step (so a resumed run sees exactly the batches an
+uninterrupted one would), optional validation batches and a loss function; the loop runs the steps,
+logs, validates, checkpoints on schedule, on SIGTERM/SIGUSR1 and at the wall-time limit, and resumes
+from the run directory's latest checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from steerlm.config.schema import TrainerConfig
+from steerlm.config.schema import TrainConfig
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.batching import microbatches_for_rank
+from steerlm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from steerlm.training.losses import masked_token_loss
+from steerlm.training.metrics import LoggedStep, MetricsLog
+from steerlm.training.signals import StopRequests
 from steerlm.training.step import Batch, LossFunc, forward_backward, train_step
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoggedStep:
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float | None
-    tokens_per_s: float
-    elapsed: float
+@dataclass
+class TrainingOutcome:
+    start_step: int  # the step the run resumed from (0 for a fresh run)
+    last_step: int
+    stop_reason: str | None = None  # set when stopped early by a signal or the time limit
+    history: list[LoggedStep] = field(default_factory=list)
+    evaluations: list[tuple[int, float]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -51,36 +54,67 @@ def evaluate(model: list, batches: list[Batch], micro_batch_size: int, layout: P
     return total / max(count, 1)
 
 
-def run_training(model: list, optimizer, scheduler, layout: ParallelLayout, trainer: TrainerConfig,
-                 output_dir: Path, train_batch: Callable[[int], Batch],
-                 loss_func: LossFunc = masked_token_loss) -> list[LoggedStep]:
-    """Train `trainer.max_steps` steps on `train_batch(step)` global batches; returns the logged steps.
+def maybe_resume(cfg: TrainConfig, output_dir: Path, model: list, optimizer, scheduler, layout: ParallelLayout) -> int:
+    """Load `<output_dir>/checkpoints/latest` when resuming is enabled and it exists; returns its step."""
+    if not cfg.checkpoint.resume:
+        return 0
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return 0
+    return load_checkpoint(path, model, optimizer, scheduler, layout, cfg.model)
 
-    Rank 0 appends one JSON object per logged step to `output_dir/metrics.jsonl` and shows a progress
-    bar; every rank computes the same losses.
-    """
-    metrics = output_dir / "metrics.jsonl"
-    history: list[LoggedStep] = []
+
+def run_training(model: list, optimizer, scheduler, layout: ParallelLayout, cfg: TrainConfig, output_dir: Path,
+                 train_batch: Callable[[int], Batch], start_step: int = 0,
+                 valid_batches: Callable[[], list[Batch]] | None = None,
+                 loss_func: LossFunc = masked_token_loss) -> TrainingOutcome:
+    """Train steps `start_step + 1 … trainer.max_steps` on `train_batch(step)` global batches."""
+    trainer, save_interval = cfg.trainer, cfg.checkpoint.save_interval
+    outcome = TrainingOutcome(start_step=start_step, last_step=start_step)
+    metrics = MetricsLog(output_dir, layout.is_rank_zero, start_step)
+    bar = tqdm(total=trainer.max_steps, initial=start_step, desc="train", unit="step",
+               disable=not layout.is_rank_zero, dynamic_ncols=True)
     start = window_start = time.perf_counter()
     window_tokens = 0
-    bar = tqdm(total=trainer.max_steps, desc="train", unit="step", disable=not layout.is_rank_zero, dynamic_ncols=True)
-    with bar, (metrics.open("a") if layout.is_rank_zero else open(os.devnull, "w")) as sink:
-        for step in range(1, trainer.max_steps + 1):
-            microbatches = microbatches_for_rank(train_batch(step), trainer.micro_batch_size, layout)
-            result = train_step(model, optimizer, scheduler, microbatches, layout, loss_func)
-            window_tokens += result.num_tokens
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
-            if step % trainer.log_interval == 0 or step == trainer.max_steps:
-                now = time.perf_counter()
-                logged = LoggedStep(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                                    tokens_per_s=window_tokens / max(now - window_start, 1e-9), elapsed=now - start)
-                window_start, window_tokens = now, 0
-                history.append(logged)
-                sink.write(json.dumps(asdict(logged)) + "\n")
-                sink.flush()
-                log.info("step %d/%d loss %.4f lr %.2e grad_norm %s %.0f tokens/s", step, trainer.max_steps,
-                         logged.loss, logged.lr, f"{logged.grad_norm:.3f}" if logged.grad_norm is not None else "-",
-                         logged.tokens_per_s)
-    return history
+    try:
+        with StopRequests(trainer.max_time_minutes, layout.device) as stops, bar:
+            for step in range(start_step + 1, trainer.max_steps + 1):
+                microbatches = microbatches_for_rank(train_batch(step), trainer.micro_batch_size, layout)
+                result = train_step(model, optimizer, scheduler, microbatches, layout, loss_func)
+                outcome.last_step = step
+                window_tokens += result.num_tokens
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                if step % trainer.log_interval == 0 or step == trainer.max_steps:
+                    now = time.perf_counter()
+                    logged = LoggedStep(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                                        tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                                        elapsed=now - start)
+                    window_start, window_tokens = now, 0
+                    outcome.history.append(logged)
+                    metrics.log_train(logged)
+                    _log_step(logged, trainer.max_steps)
+                stop = stops.should_stop()
+                last = step == trainer.max_steps
+                if valid_batches is not None and not stop and (
+                        last or (trainer.eval_interval and step % trainer.eval_interval == 0)):
+                    loss = evaluate(model, valid_batches(), trainer.micro_batch_size, layout, loss_func)
+                    outcome.evaluations.append((step, loss))
+                    metrics.log_eval(step, loss)
+                    log.info("step %d validation loss %.4f", step, loss)
+                if stop or last or (save_interval and step % save_interval == 0):
+                    save_checkpoint(output_dir, step, model, optimizer, scheduler, layout, cfg.model,
+                                    cfg.checkpoint.keep_last)
+                if stop:
+                    outcome.stop_reason = stops.reason
+                    log.warning("stopping after step %d (%s); checkpoint saved", step, stops.reason)
+                    break
+    finally:
+        metrics.close()
+    return outcome
 
+
+def _log_step(logged: LoggedStep, max_steps: int) -> None:
+    grad_norm = f"{logged.grad_norm:.3f}" if logged.grad_norm is not None else "-"
+    log.info("step %d/%d loss %.4f lr %.2e grad_norm %s %.0f tokens/s", logged.step, max_steps, logged.loss,
+             logged.lr, grad_norm, logged.tokens_per_s)

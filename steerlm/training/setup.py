@@ -78,6 +78,10 @@ def build_optimizer(model: list[DistributedDataParallel], optim: OptimizerConfig
         end_wd=optim.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
+        # On resume the configured schedule applies (configs are the interface); the checkpoint
+        # supplies only the number of steps taken.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     for chunk in model:
         chunk.config.grad_scale_func = optimizer.scale_loss

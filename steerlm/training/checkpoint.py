@@ -1,0 +1,197 @@
+"""Sharded, atomic, layout-portable training checkpoints (megatron dist_checkpointing).
+
+Layout of `<output_dir>/checkpoints/`:
+
+    step_0000020/            a complete checkpoint (model, optimizer, LR schedule, step, RNG)
+      steerlm_checkpoint.json  step, layout and model shape it was written with
+    latest                   text file naming the newest complete checkpoint
+    .tmp_step_0000040/       a save in progress (ignored; removed by the next save)
+
+A save writes into the temporary directory, renames it into place and only then moves `latest`, so a
+job killed at any moment leaves the previous checkpoint intact. Model and optimizer tensors are
+stored by global name and offset, so a checkpoint written at one TP/PP layout loads at another
+(weights and Adam moments); RNG states are restored only at the layout they were saved with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import ModelConfig
+from steerlm.runtime.layout import ParallelLayout
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "steerlm_checkpoint.json"
+FORMAT = 1
+# Model fields that change tensor shapes or meaning; any difference makes a checkpoint unusable.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "normalization", "activation",
+                "position_embedding_type", "share_embeddings_and_output_weights", "add_bias_linear")
+
+# Synchronous saves collect write results through a module-level queue that megatron creates with a
+# `spawn` multiprocessing Manager: a new interpreter that re-imports `__main__` (~4 s per process,
+# and a hang in scripts without a main guard). The writers it forks report through their own queue
+# and only this process reads the module-level one, so an in-process queue is equivalent.
+filesystem_async._results_queue = queue.Queue()
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    step: int
+    layout: dict
+    model: dict
+    format: int = FORMAT
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def _layout_key(layout: ParallelLayout) -> dict:
+    return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp}
+
+
+def _model_key(model: ModelConfig) -> dict:
+    return {name: (value.value if isinstance(value, Enum) else value) for name, value in asdict(model).items()}
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_keys(model: list) -> list[str]:
+    return ["model"] if len(model) == 1 else [f"model{index}" for index in range(len(model))]
+
+
+def _rng_object(layout: ParallelLayout, state: dict | None = None) -> ShardedObject:
+    """This rank's RNG state as one cell of a (pp, tp, cp, dp) grid of objects."""
+    if state is None:
+        state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state, (layout.pp, layout.tp, layout.cp, layout.dp),
+                         (layout.pp_rank, layout.tp_rank, layout.cp_rank, layout.dp_rank), replica_id=0)
+
+
+def _sharded_state(model: list, optimizer, layout: ParallelLayout, is_loading: bool, with_rng: bool) -> dict:
+    state: dict = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    if with_rng:
+        state["rng_state"] = _rng_object(layout)
+    return state
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    pointer = checkpoint_root(output_dir) / LATEST
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / META).exists():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete; delete the pointer "
+                                "to start over or restore the directory")
+    return path
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    return CheckpointMeta(**json.loads((Path(path) / META).read_text()))
+
+
+def check_compatible(path: Path, model: ModelConfig) -> CheckpointMeta:
+    """Refuse a checkpoint written for another model shape, naming the first differing field."""
+    meta = read_meta(path)
+    current = _model_key(model)
+    for name in SHAPE_FIELDS:
+        if meta.model.get(name) != current[name]:
+            raise ConfigError(f"model.{name}", current[name],
+                              f"checkpoint {path} was written for model.{name}={meta.model.get(name)!r}",
+                              "use the checkpoint's model, a new output_dir, or checkpoint.resume=false")
+    return meta
+
+
+def save_checkpoint(output_dir: Path, step: int, model: list, optimizer, scheduler, layout: ParallelLayout,
+                    model_cfg: ModelConfig, keep_last: int) -> Path:
+    """Collective: every rank writes its shards; rank 0 publishes the checkpoint atomically."""
+    root = checkpoint_root(output_dir)
+    name = f"step_{step:07d}"
+    final, tmp = root / name, root / f".tmp_{name}"
+    if final.exists():  # e.g. a signal arrived right after a scheduled save of this step
+        return final
+    if layout.is_rank_zero:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, layout, is_loading=False, with_rng=True)
+    state["scheduler"] = scheduler.state_dict()
+    state["step"] = step
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if layout.is_rank_zero:
+        meta = CheckpointMeta(step=step, layout=_layout_key(layout), model=_model_key(model_cfg))
+        (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        os.replace(tmp, final)
+        pointer = root / f"{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / LATEST)
+        _prune(root, keep_last, keep=final)
+        log.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    complete = sorted(path for path in root.glob("step_*") if (path / META).exists())
+    for path in complete[:-keep_last]:
+        if path != keep:
+            shutil.rmtree(path)
+    for stale in root.glob(".tmp_step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: list, optimizer, scheduler, layout: ParallelLayout,
+                    model_cfg: ModelConfig) -> int:
+    """Load weights, optimizer state and LR schedule into this layout's model; returns the step."""
+    meta = check_compatible(path, model_cfg)
+    same_layout = meta.layout == _layout_key(layout)
+    state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(state, str(path))
+    for key, chunk in zip(_model_keys(model), model):
+        _unwrap(chunk).load_state_dict(loaded[key])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
+    else:
+        log.info("checkpoint written at %s, loading at %s: RNG states start fresh", meta.layout, _layout_key(layout))
+    log.info("resumed from %s (step %d)", path, loaded["step"])
+    return int(loaded["step"])
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,71 @@
+"""Run metrics: `metrics.jsonl` (one JSON object per logged step or evaluation) and TensorBoard.
+
+Written by global rank 0 only. On resume, rows after the checkpoint's step are dropped first, so the
+file of an interrupted-and-resumed run reads exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
+
+@dataclass(frozen=True)
+class LoggedStep:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens_per_s: float
+    elapsed: float
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / METRICS
+        self._file = None
+        self._tensorboard = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        self._file = self.path.open("a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(Path(output_dir) / TENSORBOARD), purge_step=resume_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def _write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def log_train(self, logged: LoggedStep) -> None:
+        if not self.enabled:
+            return
+        self._write(asdict(logged))
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            value = getattr(logged, name)
+            if value is not None:
+                self._tensorboard.add_scalar(f"train/{name}", value, logged.step)
+
+    def log_eval(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, "val_loss": loss})
+        self._tensorboard.add_scalar("val/loss", loss, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tensorboard.close()

@@ -1,0 +1,45 @@
+"""Run recipes as users do (a subprocess, optionally under torchrun) and read their outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+
+
+def recipe_command(recipe: str, args: list[str], launcher: list[str] | None = None) -> list[str]:
+    return (launcher or [sys.executable]) + [str(ROOT / "recipes" / f"{recipe}.py"), *args]
+
+
+def recipe_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+
+
+def run_recipe(recipe: str, args: list[str], launcher: list[str] | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(recipe_command(recipe, args, launcher), cwd=ROOT, env=recipe_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_recipe(recipe: str, args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(recipe_command(recipe, args, launcher), cwd=ROOT, env=recipe_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (which no two runs share)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed")} for row in rows]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in metric_rows(run_dir) if "loss" in row}

@@ -1,0 +1,108 @@
+"""Checkpoints and resume through the demo recipe: kill -9, SIGTERM/SIGUSR1, a change of layout, and a
+checkpoint of another model shape."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.recipe_runner import TORCHRUN_2, metric_rows, run_recipe, start_recipe, summary, train_losses
+
+pytestmark = pytest.mark.slow
+
+RUN = ["trainer.log_interval=5", "trainer.eval_interval=10", "checkpoint.save_interval=10"]
+POLL_SECONDS = 0.01
+WAIT_SECONDS = 240
+
+
+def _ok(args: list[str], launcher: list[str] | None = None) -> None:
+    result = run_recipe("demo", args, launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _wait_for(condition, process) -> None:
+    """Poll until `condition()` holds; fail if the process ends first or it takes too long."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        assert process.poll() is None, f"the run ended before the condition held: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(POLL_SECONDS)
+
+
+def _latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("_")[1]) if pointer.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _ok([*RUN, "trainer.max_steps=60", f"output_dir={out}"])
+    return out
+
+
+def test_kill9_between_checkpoints_then_rerun_equals_uninterrupted_run(uninterrupted: Path, tmp_path: Path) -> None:
+    args = [*RUN, "trainer.max_steps=60", f"output_dir={tmp_path}"]
+    process = start_recipe("demo", args)
+    _wait_for(lambda: _latest_step(tmp_path) >= 10, process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = _latest_step(tmp_path)
+    assert killed_at < 60 and not (tmp_path / "summary.json").exists()
+
+    _ok(args)
+    resumed = summary(tmp_path)
+    assert resumed["start_step"] == killed_at
+    assert resumed["weights_sha256"] == summary(uninterrupted)["weights_sha256"]
+    assert metric_rows(tmp_path) == metric_rows(uninterrupted)  # every loss, lr, grad norm, val loss, bitwise
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_checkpoints_the_current_step_and_exits_zero(signum: int, tmp_path: Path) -> None:
+    args = ["trainer.log_interval=1", "trainer.max_steps=100000", f"output_dir={tmp_path}"]
+    process = start_recipe("demo", args)
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, process)
+    process.send_signal(signum)
+    assert process.wait(timeout=WAIT_SECONDS) == 0, process.stderr.read()[-3000:]
+    stopped = summary(tmp_path)
+    assert stopped["stop_reason"] == f"received {signal.Signals(signum).name}"
+    assert 3 <= stopped["last_step"] < 100000
+    assert _latest_step(tmp_path) == stopped["last_step"]
+
+    _ok([f"trainer.max_steps={stopped['last_step'] + 2}", f"output_dir={tmp_path}"])
+    resumed = summary(tmp_path)
+    assert resumed["start_step"] == stopped["last_step"]
+    assert resumed["initial_weights_sha256"] == stopped["weights_sha256"]
+
+
+def test_resume_across_layouts_tp2_to_pp2_and_back_continues_the_loss_curve(uninterrupted: Path,
+                                                                             tmp_path: Path) -> None:
+    """Steps 1-20 at TP=2, 21-40 at PP=2, 41-60 at TP=2 equal one uninterrupted run: weights move
+    between layouts bit for bit and the Adam moments come with them."""
+    schedule = [*RUN, "optim.lr_decay_steps=60", f"output_dir={tmp_path}"]
+    reference = [*RUN, "optim.lr_decay_steps=60", "trainer.max_steps=60"]
+    expected_dir = tmp_path.parent / "single_with_fixed_schedule"
+    _ok([*reference, f"output_dir={expected_dir}"])
+    previous = None
+    for steps, layout in ((20, "tp2"), (40, "pp2"), (60, "tp2")):
+        _ok([*schedule, f"trainer.max_steps={steps}", f"parallel={layout}"], launcher=TORCHRUN_2)
+        current = summary(tmp_path)
+        assert current["layout"].startswith(f"world=2 tp={2 if layout == 'tp2' else 1} pp={2 if layout == 'pp2' else 1}")
+        if previous is not None:
+            assert current["start_step"] == previous["last_step"]
+            assert current["initial_weights_sha256"] == previous["weights_sha256"]
+            assert current["initial_valid_loss"] == pytest.approx(previous["final_valid_loss"], rel=1e-6)
+        previous = current
+    assert train_losses(tmp_path) == pytest.approx(train_losses(expected_dir), rel=1e-5)
+
+
+def test_resume_from_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Path) -> None:
+    _ok(["trainer.max_steps=2", f"output_dir={tmp_path}"])
+    result = run_recipe("demo", ["trainer.max_steps=4", "model.num_layers=4", f"output_dir={tmp_path}"])
+    assert result.returncode != 0
+    assert "model.num_layers=4: checkpoint" in result.stderr
+    assert "was written for model.num_layers=2" in result.stderr
