@@ -60,6 +60,20 @@ def test_kill9_between_checkpoints_then_rerun_equals_uninterrupted_run(uninterru
     assert metric_rows(tmp_path) == metric_rows(uninterrupted)  # every loss, lr, grad norm, val loss, bitwise
 
 
+def test_only_the_last_checkpoints_are_kept_and_each_carries_its_config(uninterrupted: Path) -> None:
+    root = uninterrupted / "checkpoints"
+    assert sorted(path.name for path in root.iterdir()) == ["latest", "step_0000050", "step_0000060"]
+    assert (root / "latest").read_text().strip() == "step_0000060"
+    assert "max_steps: 60" in (root / "step_0000060" / "config.yaml").read_text()
+
+
+def test_wall_time_limit_checkpoints_and_exits_zero(tmp_path: Path) -> None:
+    _ok(["trainer.max_time_minutes=0.0001", "trainer.max_steps=1000", f"output_dir={tmp_path}"])
+    stopped = summary(tmp_path)
+    assert stopped["stop_reason"] == "trainer.max_time_minutes reached"
+    assert stopped["last_step"] < 1000 and _latest_step(tmp_path) == stopped["last_step"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_checkpoints_the_current_step_and_exits_zero(signum: int, tmp_path: Path) -> None:
     args = ["trainer.log_interval=1", "trainer.max_steps=100000", f"output_dir={tmp_path}"]

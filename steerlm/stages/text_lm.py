@@ -18,9 +18,8 @@ import torch
 from steerlm import runtime
 from steerlm.config import ConfigError, TrainConfig, save_resolved, validate_train_config
 from steerlm.data.text import BYTE_VOCAB, ByteCorpus, demo_text
-from steerlm.models import build_model_chunks
 from steerlm.models.sharding import weights_digest
-from steerlm.training import build_optimizer, wrap_for_training
+from steerlm.training import build_training
 from steerlm.training.loop import evaluate, maybe_resume, run_training
 from steerlm.training.metrics import LoggedStep
 
@@ -68,11 +67,9 @@ def run(cfg: TrainConfig) -> TextLMResult:
     try:
         if layout.is_rank_zero:
             save_resolved(cfg, output_dir / "config.yaml")
-        chunks = build_model_chunks(cfg.model, cfg.precision, layout, cfg.trainer.seed)
-        model = wrap_for_training(chunks, cfg.precision, cfg.parallel.use_distributed_optimizer, layout)
-        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.precision, cfg.trainer,
-                                               cfg.parallel.use_distributed_optimizer, layout)
-        start = maybe_resume(cfg, output_dir, model, optimizer, scheduler, layout)
+        setup = build_training(cfg, layout)
+        chunks, model = setup.chunks, setup.model
+        start = maybe_resume(cfg, output_dir, setup, layout)
         trainer = cfg.trainer
         corpus = ByteCorpus(demo_text())
         valid = [corpus.batch("valid", i, trainer.global_batch_size, trainer.seq_length, trainer.seed)
@@ -81,7 +78,7 @@ def run(cfg: TrainConfig) -> TextLMResult:
         initial_digest = weights_digest(chunks, layout.pg_collection.tp)
         log.info("%s | %s | step %d | validation loss %.4f", cfg.model.name, layout.describe(), start, initial)
         outcome = run_training(
-            model, optimizer, scheduler, layout, cfg, output_dir,
+            setup, layout, cfg, output_dir,
             lambda step: corpus.batch("train", step, trainer.global_batch_size, trainer.seq_length, trainer.seed),
             start_step=start, valid_batches=lambda: valid,
         )

@@ -32,8 +32,10 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from steerlm.config.errors import ConfigError
-from steerlm.config.schema import ModelConfig
+from steerlm.config.schema import ModelConfig, TrainConfig
+from steerlm.config.store import save_resolved
 from steerlm.runtime.layout import ParallelLayout
+from steerlm.training.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +133,9 @@ def check_compatible(path: Path, model: ModelConfig) -> CheckpointMeta:
     return meta
 
 
-def save_checkpoint(output_dir: Path, step: int, model: list, optimizer, scheduler, layout: ParallelLayout,
-                    model_cfg: ModelConfig, keep_last: int) -> Path:
-    """Collective: every rank writes its shards; rank 0 publishes the checkpoint atomically."""
+def save_checkpoint(output_dir: Path, step: int, setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig) -> Path:
+    """Collective: every rank writes its shards; rank 0 publishes the checkpoint atomically (with the
+    resolved config that produced it)."""
     root = checkpoint_root(output_dir)
     name = f"step_{step:07d}"
     final, tmp = root / name, root / f".tmp_{name}"
@@ -143,19 +145,20 @@ def save_checkpoint(output_dir: Path, step: int, model: list, optimizer, schedul
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = _sharded_state(model, optimizer, layout, is_loading=False, with_rng=True)
-    state["scheduler"] = scheduler.state_dict()
+    state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=True)
+    state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if layout.is_rank_zero:
-        meta = CheckpointMeta(step=step, layout=_layout_key(layout), model=_model_key(model_cfg))
+        save_resolved(cfg, tmp / "config.yaml")
+        meta = CheckpointMeta(step=step, layout=_layout_key(layout), model=_model_key(cfg.model))
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
         os.replace(tmp, final)
         pointer = root / f"{LATEST}.tmp"
         pointer.write_text(name + "\n")
         os.replace(pointer, root / LATEST)
-        _prune(root, keep_last, keep=final)
+        _prune(root, cfg.checkpoint.keep_last, keep=final)
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return final

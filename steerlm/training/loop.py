@@ -23,6 +23,7 @@ from steerlm.training.batching import microbatches_for_rank
 from steerlm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from steerlm.training.losses import masked_token_loss
 from steerlm.training.metrics import LoggedStep, MetricsLog
+from steerlm.training.setup import TrainingSetup
 from steerlm.training.signals import StopRequests
 from steerlm.training.step import Batch, LossFunc, forward_backward, train_step
 
@@ -54,22 +55,23 @@ def evaluate(model: list, batches: list[Batch], micro_batch_size: int, layout: P
     return total / max(count, 1)
 
 
-def maybe_resume(cfg: TrainConfig, output_dir: Path, model: list, optimizer, scheduler, layout: ParallelLayout) -> int:
+def maybe_resume(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layout: ParallelLayout) -> int:
     """Load `<output_dir>/checkpoints/latest` when resuming is enabled and it exists; returns its step."""
     if not cfg.checkpoint.resume:
         return 0
     path = latest_checkpoint(output_dir)
     if path is None:
         return 0
-    return load_checkpoint(path, model, optimizer, scheduler, layout, cfg.model)
+    return load_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, layout, cfg.model)
 
 
-def run_training(model: list, optimizer, scheduler, layout: ParallelLayout, cfg: TrainConfig, output_dir: Path,
+def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig, output_dir: Path,
                  train_batch: Callable[[int], Batch], start_step: int = 0,
                  valid_batches: Callable[[], list[Batch]] | None = None,
                  loss_func: LossFunc = masked_token_loss) -> TrainingOutcome:
     """Train steps `start_step + 1 … trainer.max_steps` on `train_batch(step)` global batches."""
     trainer, save_interval = cfg.trainer, cfg.checkpoint.save_interval
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     outcome = TrainingOutcome(start_step=start_step, last_step=start_step)
     metrics = MetricsLog(output_dir, layout.is_rank_zero, start_step)
     bar = tqdm(total=trainer.max_steps, initial=start_step, desc="train", unit="step",
@@ -103,8 +105,7 @@ def run_training(model: list, optimizer, scheduler, layout: ParallelLayout, cfg:
                     metrics.log_eval(step, loss)
                     log.info("step %d validation loss %.4f", step, loss)
                 if stop or last or (save_interval and step % save_interval == 0):
-                    save_checkpoint(output_dir, step, model, optimizer, scheduler, layout, cfg.model,
-                                    cfg.checkpoint.keep_last)
+                    save_checkpoint(output_dir, step, setup, layout, cfg)
                 if stop:
                     outcome.stop_reason = stops.reason
                     log.warning("stopping after step %d (%s); checkpoint saved", step, stops.reason)

@@ -1,8 +1,10 @@
-"""Wrap model chunks for training: megatron DDP, mixed precision, optimizer and LR schedule."""
+"""Build what a stage trains: model chunks, megatron DDP, mixed precision, optimizer and LR schedule."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -10,8 +12,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from steerlm.config.schema import DType, OptimizerConfig, PrecisionConfig, TrainerConfig
-from steerlm.models.gpt import torch_dtype
+from steerlm.config.schema import DType, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig, TrainerConfig
+from steerlm.models.gpt import build_model_chunks, torch_dtype
 from steerlm.runtime.layout import ParallelLayout
 
 
@@ -86,3 +88,26 @@ def build_optimizer(model: list[DistributedDataParallel], optim: OptimizerConfig
     for chunk in model:
         chunk.config.grad_scale_func = optimizer.scale_loss
     return optimizer, scheduler
+
+
+ModelProvider = Callable[[ModelConfig, PrecisionConfig, ParallelLayout, int], list]
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a stage trains: the bare model chunks, their DDP wrappers, optimizer and schedule."""
+
+    chunks: list
+    model: list[DistributedDataParallel]
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def build_training(cfg: TrainConfig, layout: ParallelLayout,
+                   model_provider: ModelProvider = build_model_chunks) -> TrainingSetup:
+    """Build (via `model_provider`, e.g. a GPT with a regression head), wrap and attach the optimizer."""
+    chunks = model_provider(cfg.model, cfg.precision, layout, cfg.trainer.seed)
+    distributed_optimizer = cfg.parallel.use_distributed_optimizer
+    model = wrap_for_training(chunks, cfg.precision, distributed_optimizer, layout)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.precision, cfg.trainer, distributed_optimizer, layout)
+    return TrainingSetup(chunks=chunks, model=model, optimizer=optimizer, scheduler=scheduler)
