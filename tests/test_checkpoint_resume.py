@@ -120,3 +120,22 @@ def test_resume_from_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Pa
     assert result.returncode != 0
     assert "model.num_layers=4: checkpoint" in result.stderr
     assert "was written for model.num_layers=2" in result.stderr
+
+
+def check_bf16_resume(tmp_path: Path) -> None:
+    """bf16 compute with fp32 master weights: 10 steps, checkpoint, resume to 20 ≈ 20 straight steps."""
+    common = ["precision=bf16", "checkpoint.save_interval=10", "trainer.log_interval=5", "optim.lr_decay_steps=20"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    summaries = []
+    for steps, out in ((20, straight), (10, resumed), (20, resumed)):
+        _ok([*common, f"trainer.max_steps={steps}", f"output_dir={out}"])
+        summaries.append(summary(out))
+    assert summaries[2]["start_step"] == 10
+    assert summaries[2]["initial_weights_sha256"] == summaries[1]["weights_sha256"]
+    assert summaries[0]["final_valid_loss"] < summaries[0]["unigram_baseline"]
+    print(f"\nbf16 on {summaries[0]['layout']}: straight {train_losses(straight)}, resumed {train_losses(resumed)}")
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=2e-3)
+
+
+def test_bf16_trains_and_resumes_on_cpu(tmp_path: Path) -> None:
+    check_bf16_resume(tmp_path)

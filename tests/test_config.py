@@ -23,7 +23,7 @@ from steerlm.config import (
     validate_train_config,
 )
 from steerlm.config.store import CONF_DIR
-from steerlm.config.validation import transformer_engine_available
+from steerlm.config.validation import fused_adam_available, transformer_engine_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
 PRIMARY = ("demo",)
@@ -164,6 +164,15 @@ def test_invalid_config_names_key_and_fix(cfg: TrainConfig, world: int, accelera
 def test_bf16_is_allowed_on_cpu() -> None:
     cfg = TrainConfig(precision=PrecisionConfig(dtype=DType.bf16))
     assert validate_train_config(cfg, 2, Accelerator.cpu) == 2
+
+
+@pytest.mark.skipif(fused_adam_available(), reason="Transformer Engine or apex is installed here")
+def test_distributed_optimizer_without_fused_adam_is_refused_on_gpu() -> None:
+    cfg = TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True))
+    with pytest.raises(ConfigError) as error:
+        validate_train_config(cfg, 1, Accelerator.cuda)
+    assert error.value.key == "parallel.use_distributed_optimizer"
+    assert "resume" in str(error.value)
 
 
 @pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine is installed here")

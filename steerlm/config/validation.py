@@ -117,11 +117,25 @@ def validate_precision(precision: PrecisionConfig, accelerator: Accelerator) -> 
                               "use precision.dtype=fp16 (with loss scaling) or fp32")
 
 
+def fused_adam_available() -> bool:
+    """Whether megatron's optimizers run on Transformer Engine's or apex's fused Adam (not torch's)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return distrib_optimizer.HAVE_APEX_OR_TE
+
+
 def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator) -> None:
     if parallel.use_distributed_optimizer and accelerator == Accelerator.cpu:
         raise ConfigError("parallel.use_distributed_optimizer", True,
                           "megatron's distributed optimizer only wraps CUDA tensors",
                           "use parallel.use_distributed_optimizer=false without a GPU")
+    if parallel.use_distributed_optimizer and not fused_adam_available():
+        # Measured on an H200: training runs, but megatron-core 0.16 cannot rebuild torch Adam's
+        # per-parameter step counters from a checkpoint, so such a run could never resume.
+        raise ConfigError("parallel.use_distributed_optimizer", True,
+                          "megatron-core 0.16's distributed optimizer can only resume from checkpoints with "
+                          "Transformer Engine's or apex's fused Adam, and neither is installed",
+                          "install transformer_engine (or NVIDIA apex), or use parallel.use_distributed_optimizer=false")
     if parallel.distributed_backend == Backend.nccl and accelerator == Accelerator.cpu:
         raise ConfigError("parallel.distributed_backend", "nccl", "nccl needs CUDA devices",
                           "use parallel.distributed_backend=auto (gloo without a GPU)")

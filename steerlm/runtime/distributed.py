@@ -75,7 +75,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
-        create_gloo_process_groups=parallel.use_distributed_optimizer,
+        create_gloo_process_groups=False,
     )
     seed_everything(seed, cuda_rng_tracker=accelerator == Accelerator.cuda)
     layout = ParallelLayout(

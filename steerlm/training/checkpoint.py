@@ -43,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "steerlm_checkpoint.json"
 FORMAT = 1
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that change tensor shapes or meaning; any difference makes a checkpoint unusable.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "normalization", "activation",
@@ -99,7 +100,9 @@ def _rng_object(layout: ParallelLayout, state: dict | None = None) -> ShardedObj
 def _sharded_state(model: list, optimizer, layout: ParallelLayout, is_loading: bool, with_rng: bool) -> dict:
     state: dict = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        # The distributed optimizer's layout-independent format (each parameter's state at its
+        # full shape); the plain optimizer always stores it that way and ignores the option.
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
     if with_rng:
         state["rng_state"] = _rng_object(layout)
     return state

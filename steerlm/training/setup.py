@@ -65,7 +65,7 @@ def build_optimizer(model: list[DistributedDataParallel], optim: OptimizerConfig
         loss_scale_window=precision.loss_scale_window,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=use_distributed_optimizer,
+    optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=False,
                                        pg_collection=layout.pg_collection)
     decay_steps = optim.lr_decay_steps or trainer.max_steps
     scheduler = OptimizerParamScheduler(

@@ -93,22 +93,8 @@ def test_llama3_2_1b_bf16_forward_backward_on_gpu() -> None:
     assert result["losses"][-1] < result["losses"][0] - 0.5
 
 
-def test_bf16_distributed_optimizer_checkpoint_resume_on_gpu(tmp_path: Path) -> None:
-    """bf16 + megatron's distributed optimizer: 10 steps, checkpoint, resume to 20 ≈ 20 uninterrupted steps."""
-    from tests.recipe_runner import run_recipe, summary, train_losses
+def test_bf16_checkpoint_resume_on_gpu(tmp_path: Path) -> None:
+    """bf16 with fp32 master weights under nccl: 10 steps, checkpoint, resume to 20 ≈ 20 straight steps."""
+    from tests.test_checkpoint_resume import check_bf16_resume
 
-    common = ["precision=bf16", "parallel.use_distributed_optimizer=true", "checkpoint.save_interval=10",
-              "trainer.log_interval=5", "optim.lr_decay_steps=20"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for args in ([*common, "trainer.max_steps=20", f"output_dir={straight}"],
-                 [*common, "trainer.max_steps=10", f"output_dir={resumed}"],
-                 [*common, "trainer.max_steps=20", f"output_dir={resumed}"]):
-        result = run_recipe("demo", args)
-        assert result.returncode == 0, result.stderr[-3000:]
-        if args[-2] == "trainer.max_steps=10":
-            first_half = summary(resumed)
-    second_half = summary(resumed)
-    assert second_half["start_step"] == 10
-    assert second_half["initial_weights_sha256"] == first_half["weights_sha256"]
-    print(f"\nbf16 + distributed optimizer, straight vs resumed losses: {train_losses(straight)} {train_losses(resumed)}")
-    assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=2e-3)
+    check_bf16_resume(tmp_path)
