@@ -35,11 +35,19 @@ class Scenario:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tied: bool = False
     initial_state: dict[str, torch.Tensor] | None = None  # load these weights instead of the seed's
+    variable_lengths: bool = False  # micro-batch j is cut to seq_length - 4j positions (dynamic padding)
     optim: OptimizerConfig = field(default_factory=lambda: ADAM)
 
     @property
     def reference(self) -> str:
-        return ("tied" if self.tied else "untied") + ("_sgd" if self.optim.name == OptimizerName.sgd else "")
+        return (("tied" if self.tied else "untied") + ("_sgd" if self.optim.name == OptimizerName.sgd else "")
+                + ("_varlen" if self.variable_lengths else ""))
+
+    def microbatches(self, step: int, layout) -> list[dict[str, torch.Tensor]]:
+        microbatches = microbatches_for_rank(global_batch(step), TRAINER.micro_batch_size, layout)
+        if not self.variable_lengths:
+            return microbatches
+        return [{k: v[:, : TRAINER.seq_length - 4 * j] for k, v in mb.items()} for j, mb in enumerate(microbatches)]
 
 
 def global_batch(step: int, model: ModelConfig = TINY, trainer: TrainerConfig = TRAINER) -> dict[str, torch.Tensor]:
@@ -97,7 +105,7 @@ def run(scenario: Scenario) -> dict:
     model = wrap_for_training(chunks, PrecisionConfig(), False, layout)
     optimizer, scheduler = build_optimizer(model, scenario.optim, PrecisionConfig(), TRAINER, False, layout)
 
-    first = microbatches_for_rank(global_batch(0), TRAINER.micro_batch_size, layout)
+    first = scenario.microbatches(0, layout)
     for chunk in model:
         chunk.zero_grad_buffer()
     scheduler.step(increment=1)
@@ -108,7 +116,7 @@ def run(scenario: Scenario) -> dict:
     losses, norms = [loss0], [float(norm0)]
     for step in range(1, TRAINER.max_steps):
         result = train_step(model, optimizer, scheduler,
-                            microbatches_for_rank(global_batch(step), TRAINER.micro_batch_size, layout), layout)
+                            scenario.microbatches(step, layout), layout)
         losses.append(result.loss)
         norms.append(result.grad_norm)
     out = {"layout": layout.describe(), "rank": layout.rank, "tokens": tokens0, "losses": losses, "grad_norms": norms,
@@ -118,7 +126,8 @@ def run(scenario: Scenario) -> dict:
     return out
 
 
-REFERENCES = [Scenario("untied"), Scenario("tied", tied=True), Scenario("untied_sgd", optim=SGD)]
+REFERENCES = [Scenario("untied"), Scenario("tied", tied=True), Scenario("untied_sgd", optim=SGD),
+              Scenario("untied_varlen", variable_lengths=True)]
 
 
 def run_all(scenarios: list[Scenario]) -> dict[str, dict]:

@@ -15,6 +15,7 @@ from steerlm.config import (
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
+    PrepareDataConfig,
     TrainConfig,
     TrainerConfig,
     TransformerImpl,
@@ -26,7 +27,8 @@ from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import fused_adam_available, transformer_engine_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
-PRIMARY = ("demo",)
+PRIMARY = ("demo", "prepare_data")
+PREPARE_GROUPS = ("attributes",)
 
 
 def _options(group: str) -> list[str]:
@@ -40,14 +42,42 @@ def _world_for(cfg: TrainConfig) -> int:
 def test_every_yaml_under_conf_is_covered() -> None:
     """A YAML added anywhere under conf/ must be reachable by the tests below."""
     covered = {CONF_DIR / f"{name}.yaml" for name in PRIMARY}
-    covered |= {CONF_DIR / group / f"{option}.yaml" for group in GROUPS for option in _options(group)}
+    covered |= {CONF_DIR / group / f"{option}.yaml" for group in GROUPS + PREPARE_GROUPS for option in _options(group)}
     assert set(CONF_DIR.rglob("*.yaml")) == covered
 
 
-@pytest.mark.parametrize("primary", PRIMARY)
+@pytest.mark.parametrize("option", _options("attributes"))
+def test_prepare_data_config_composes_and_validates(option: str, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("")
+    cfg = to_typed(compose("prepare_data", [f"attributes={option}", f"input={source}", f"output={tmp_path / 'o'}"]),
+                   PrepareDataConfig)
+    cfg.validate()
+    schema = cfg.attributes.schema()
+    assert schema.name == option and len(schema.attributes) in (5, 7, 9)
+
+
+def test_prepare_data_requires_input_and_output() -> None:
+    with pytest.raises(ConfigError) as error:
+        to_typed(compose("prepare_data", ["output=x.jsonl"]), PrepareDataConfig)
+    assert error.value.key == "input" and "pass input=<value>" in str(error.value)
+
+
+def test_custom_attribute_schema_from_overrides(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("")
+    cfg = to_typed(compose("prepare_data", ["attributes.name=mine", "attributes.attributes=[wit,brevity]",
+                                            "attributes.max_value=9", f"input={source}", "output=o.jsonl"]),
+                   PrepareDataConfig)
+    assert cfg.attributes.schema().format(cfg.attributes.schema().check({"brevity": 9, "wit": 1})) == "wit:1,brevity:9"
+    with pytest.raises(ConfigError) as error:
+        replace(cfg.attributes, attributes=["a", "a"]).validate()
+    assert error.value.key == "attributes"
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_shipped_config_composes_and_validates(primary: str, group: str, option: str) -> None:
-    cfg = to_typed(compose(primary, [f"{group}={option}"]))
+def test_shipped_config_composes_and_validates(group: str, option: str) -> None:
+    cfg = to_typed(compose("demo", [f"{group}={option}"]))
     accelerator = Accelerator.cuda if cfg.precision.dtype == DType.fp16 else Accelerator.cpu
     if group == "parallel":
         cfg = replace(cfg, model=_model_fitting(cfg.parallel))

@@ -27,6 +27,8 @@ TWO_RANK = [
     Scenario("pp2", ParallelConfig(pipeline_model_parallel_size=2)),
     Scenario("pp2_tied", ParallelConfig(pipeline_model_parallel_size=2), tied=True),
     Scenario("pp2_vpp2", ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
+    Scenario("pp2_varlen", ParallelConfig(pipeline_model_parallel_size=2), variable_lengths=True),
+    Scenario("tp2_varlen", ParallelConfig(tensor_model_parallel_size=2), variable_lengths=True),
 ]
 FOUR_RANK = [
     Scenario("tp2_pp2", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),

@@ -3,6 +3,7 @@
 from steerlm.config.errors import ConfigError
 from steerlm.config.schema import (
     Activation,
+    AttributesConfig,
     Backend,
     CheckpointConfig,
     DType,
@@ -13,6 +14,7 @@ from steerlm.config.schema import (
     OptimizerName,
     ParallelConfig,
     PositionEmbedding,
+    PrepareDataConfig,
     PrecisionConfig,
     TrainConfig,
     TrainerConfig,
@@ -22,8 +24,8 @@ from steerlm.config.store import compose, register_schemas, save_resolved, to_ty
 from steerlm.config.validation import Accelerator, resolve_transformer_impl, validate_train_config
 
 __all__ = [
-    "Accelerator", "Activation", "Backend", "CheckpointConfig", "ConfigError", "DType", "LRDecayStyle", "ModelConfig",
-    "Normalization", "OptimizerConfig", "OptimizerName", "ParallelConfig", "PositionEmbedding",
+    "Accelerator", "Activation", "AttributesConfig", "Backend", "CheckpointConfig", "ConfigError", "DType", "LRDecayStyle", "ModelConfig",
+    "Normalization", "OptimizerConfig", "OptimizerName", "ParallelConfig", "PositionEmbedding", "PrepareDataConfig",
     "PrecisionConfig", "TrainConfig", "TrainerConfig", "TransformerImpl", "compose", "register_schemas",
     "resolve_transformer_impl", "save_resolved", "to_typed", "validate_train_config",
 ]

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from enum import Enum
 from typing import Optional
 
+from omegaconf import MISSING
+
 from steerlm.config.errors import ConfigError
+from steerlm.data.attributes import AttributeSchema
+from steerlm.data.readers import BadRowPolicy, DataFormat
 
 
 class Normalization(str, Enum):
@@ -314,6 +319,51 @@ class TrainerConfig:
         if self.torch_threads is not None:
             _require(self.torch_threads >= 1, "trainer.torch_threads", self.torch_threads, "must be >= 1",
                      "use null for torch's default")
+
+
+@dataclass
+class AttributesConfig:
+    """An attribute schema: names in their fixed order, the value range, integer or real values.
+
+    Shipped: conf/attributes/{helpsteer2,steerlm_oasst,steerlm_paper}.yaml; any other set is a custom
+    schema (`attributes.name=mine attributes.attributes=[a,b] attributes.max_value=9`).
+    """
+
+    name: str = "helpsteer2"
+    attributes: list[str] = field(
+        default_factory=lambda: ["helpfulness", "correctness", "coherence", "complexity", "verbosity"])
+    min_value: float = 0.0
+    max_value: float = 4.0
+    integer: bool = True
+
+    def schema(self) -> AttributeSchema:
+        try:
+            return AttributeSchema(self.name, tuple(self.attributes), self.min_value, self.max_value, self.integer)
+        except ValueError as error:
+            raise ConfigError("attributes", {"name": self.name, "attributes": self.attributes}, str(error),
+                              "give unique names without ':' ',' or newlines, and min_value < max_value") from None
+
+    def validate(self) -> None:
+        self.schema()
+
+
+@dataclass
+class PrepareDataConfig:
+    """`recipes/prepare_data.py`: convert a dataset to conversation JSONL and summarise it."""
+
+    format: DataFormat = DataFormat.conversation
+    input: str = MISSING
+    output: str = MISSING
+    attributes: AttributesConfig = field(default_factory=AttributesConfig)
+    on_bad_row: BadRowPolicy = BadRowPolicy.error
+    rejects: Optional[str] = None  # rejects file for on_bad_row=reject; None: <output>.rejects.jsonl
+
+    def validate(self) -> None:
+        self.attributes.validate()
+        _require(Path(self.input).is_file(), "input", self.input, "no such file",
+                 "pass input=<path of a .jsonl, .jsonl.gz or .parquet file>")
+        _require(Path(self.output).resolve() != Path(self.input).resolve(), "output", self.output,
+                 "would overwrite the input", "choose another output path")
 
 
 @dataclass

@@ -12,14 +12,14 @@ from typing import Sequence, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from steerlm.config.errors import ConfigError
-from steerlm.config.schema import TrainConfig
+from steerlm.config.schema import PrepareDataConfig, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
-SCHEMAS = {"train_schema": TrainConfig}
+SCHEMAS = {"train_schema": TrainConfig, "prepare_data_schema": PrepareDataConfig}
 
 T = TypeVar("T")
 
@@ -46,6 +46,9 @@ def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         typed = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as error:
+        key = getattr(error, "full_key", None) or "<config>"
+        raise ConfigError(key, None, "is required and has no default", f"pass {key}=<value>") from error
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "<config>"
         raise ConfigError(key, getattr(error, "value", None), str(error).splitlines()[0],

@@ -76,6 +76,9 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
+        # Pipeline stages exchange activation shapes first, so micro-batches may differ in length.
+        variable_seq_lengths=layout.pp > 1,
+        moe_token_dispatcher_type="alltoall",  # no experts; megatron refuses variable lengths with "allgather"
         # gloo pairs the batched sends/receives between two ranks out of order: with pp=2 and
         # interleaving (both neighbours are the same rank) activations and gradients get swapped.
         batch_p2p_comm=layout.backend == "nccl",

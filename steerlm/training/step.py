@@ -1,7 +1,9 @@
 """One optimizer step over a global batch: megatron's forward/backward schedule, then the optimizer.
 
 Stages differ only in the `loss_func` they pass (see `steerlm.training.losses`); micro-batches are
-dicts of `[micro_batch_size, seq_length]` tensors with `tokens`, `labels`, `loss_mask`, `position_ids`.
+dicts of `[micro_batch_size, seq_length]` tensors with `tokens`, `labels`, `loss_mask`, `position_ids`
+and, for packed sequences, a `[micro_batch_size, 1, seq_length, seq_length]` `attention_mask`.
+Micro-batches may differ in length (dynamic padding).
 Every rank of a model-parallel group receives the same micro-batches.
 """
 
@@ -36,7 +38,7 @@ class StepResult:
 
 def _forward_step(loss_func: LossFunc, device: torch.device, data_iterator, model):
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 

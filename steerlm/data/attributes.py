@@ -1,0 +1,92 @@
+"""Attribute schemas: which attributes a dataset rates, their fixed order and their range.
+
+A schema turns label dicts into the SteerLM attribute string (`helpfulness:4,correctness:3,…`, in the
+schema's order) and back, and checks every value. A missing value is explicit: `None` in memory,
+omitted from the attribute string, and -100 in regression targets (NeMo-Aligner's marker).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from steerlm.data.errors import DataError
+
+MISSING = -100.0
+Labels = dict[str, "float | None"]
+
+
+@dataclass(frozen=True)
+class AttributeSchema:
+    name: str
+    attributes: tuple[str, ...]
+    min_value: float = 0.0
+    max_value: float = 4.0
+    integer: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.attributes or len(set(self.attributes)) != len(self.attributes):
+            raise ValueError(f"schema {self.name!r}: attributes must be unique and non-empty, got {self.attributes}")
+        if any(not a or any(c in a for c in ":,\n") for a in self.attributes):
+            raise ValueError(f"schema {self.name!r}: attribute names may not be empty or contain ':', ',' or newlines")
+        if not self.min_value < self.max_value:
+            raise ValueError(f"schema {self.name!r}: min_value must be below max_value")
+
+    def check(self, labels: Mapping[str, object], source: str = "<labels>", line: int | None = None,
+              field: str = "label") -> Labels:
+        """Validated labels in schema order; absent attributes become None (missing)."""
+        unknown = [name for name in labels if name not in self.attributes]
+        if unknown:
+            raise DataError(source, line, field, f"unknown attribute {unknown[0]!r} for schema {self.name!r}",
+                            f"use only {', '.join(self.attributes)} (or configure a custom schema)")
+        out: Labels = {}
+        for name in self.attributes:
+            value = labels.get(name)
+            if value is None or value == MISSING:
+                out[name] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise DataError(source, line, field, f"{name}={value!r} is not a number")
+            if not self.min_value <= value <= self.max_value:
+                raise DataError(source, line, field, f"{name}={value!r} is outside [{self.min_value:g}, "
+                                f"{self.max_value:g}] of schema {self.name!r}", "fix the label or the schema's range")
+            if self.integer and value != int(value):
+                raise DataError(source, line, field, f"{name}={value!r} is not an integer (schema {self.name!r})")
+            out[name] = int(value) if self.integer else float(value)
+        return out
+
+    def format(self, labels: Labels) -> str:
+        """`name:value` pairs of the present values, comma-joined in schema order."""
+        return ",".join(f"{name}:{_number(labels[name])}" for name in self.attributes if labels.get(name) is not None)
+
+    def parse(self, text: str, source: str = "<labels>", line: int | None = None, field: str = "label") -> Labels:
+        """Inverse of `format` (checked)."""
+        values: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in text.strip().split(","))):
+            name, sep, value = item.partition(":")
+            if not sep:
+                raise DataError(source, line, field, f"{item!r} is not name:value")
+            if name in values:
+                raise DataError(source, line, field, f"attribute {name!r} appears twice")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                raise DataError(source, line, field, f"{name}={value!r} is not a number") from None
+        return self.check(values, source, line, field)
+
+    def targets(self, labels: Labels) -> list[float]:
+        """Regression targets in schema order, MISSING (-100) where unlabelled."""
+        return [MISSING if labels.get(name) is None else float(labels[name]) for name in self.attributes]
+
+    def clip_round(self, scores: Mapping[str, float]) -> Labels:
+        """Model scores → labels: clipped to the range and, for integer schemas, rounded (as NeMo-Aligner)."""
+        out: Labels = {}
+        for name in self.attributes:
+            value = min(max(float(scores[name]), self.min_value), self.max_value)
+            out[name] = int(round(value)) if self.integer else value
+        return out
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -1,0 +1,137 @@
+"""Low-level JSON Lines I/O: streamed raw lines (plain or gzip), strict per-line JSON, atomic writes.
+
+Readers need physical line numbers for their error messages, gzip transparency without trusting the
+file name, and JSON parsing that refuses what `json.loads` would quietly accept (a duplicate key keeps
+only its last value — a silent rewrite). Writers need output that appears whole or not at all, so an
+interrupted run never leaves a truncated file that looks finished.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Iterator
+
+from steerlm.data.errors import DataError
+
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
+_BOM = "\ufeff"
+
+
+def sniff(path: str | Path) -> str:
+    """'gzip', 'parquet' or 'text', from the file's first bytes (the name may lie, e.g. HF caches)."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head == PARQUET_MAGIC:
+        return "parquet"
+    return "text"
+
+
+def open_binary(path: str | Path) -> BinaryIO:
+    """The file's bytes, gunzipped when it is gzip-compressed."""
+    if sniff(path) == "gzip":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def iter_raw_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line bytes without its line ending), streamed; blank lines included.
+
+    Lines are split on b"\\n" only, so U+2028 and other Unicode separators inside a JSON string never
+    cut a row in two; a trailing "\\r" (Windows line ending) is removed.
+    """
+    with open_binary(path) as file:
+        for number, raw in enumerate(file, start=1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            yield number, raw
+
+
+def decode_line(raw: bytes, source: str, line: int) -> str:
+    """UTF-8 text of one line (a byte-order mark on line 1 is not data and is dropped)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(source, line, None, f"not valid UTF-8 at byte {error.start}",
+                        "re-encode the file as UTF-8") from None
+    return text[1:] if line == 1 and text.startswith(_BOM) else text
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json_object(text: str, source: str, line: int) -> dict:
+    """One JSON object; bad JSON, duplicate keys and non-objects raise DataError naming file:line."""
+    try:
+        value = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKey as error:
+        raise DataError(source, line, str(error), "key appears twice in the object",
+                        "keep one value per key") from None
+    except json.JSONDecodeError as error:
+        raise DataError(source, line, None, f"not valid JSON ({error.msg} at column {error.colno})",
+                        "write one JSON object per line") from None
+    if not isinstance(value, dict):
+        raise DataError(source, line, None, f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def json_line(obj: object) -> str:
+    """One JSONL line as NeMo-Aligner writes them: text kept as is (ensure_ascii=False), no NaN/Infinity."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+class AtomicTextFile:
+    """A UTF-8 text file that appears at `path` only when closed without an exception.
+
+    Written to a temporary name in the same directory, fsynced, then `os.replace`d over `path`; on an
+    exception the temporary file is removed and `path` is left as it was.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._file = None
+
+    def __enter__(self) -> "AtomicTextFile":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._tmp, "w", encoding="utf-8", newline="\n")
+        return self
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: write outside its `with` block")
+        self._file.write(text)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            if exc_type is None:
+                file.flush()
+                os.fsync(file.fileno())
+            file.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            if self._tmp.exists():
+                self._tmp.unlink()

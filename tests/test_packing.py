@@ -1,0 +1,122 @@
+"""Batching: the length policy counts what it cuts, buckets cover every row once, and a packed batch
+gives the same per-token loss as the unpadded examples (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlm import runtime
+from steerlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from steerlm.data.collate import (
+    Example,
+    LengthPolicy,
+    LengthStats,
+    apply_length_policy,
+    length_buckets,
+    pack_examples,
+    pad_batch,
+    packed_batch,
+)
+from steerlm.models import build_model_chunks
+from steerlm.training import forward_backward, wrap_for_training
+
+MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
+                    vocab_size=300, max_position_embeddings=128)
+LENGTHS = (8, 13, 6, 21, 10, 17, 4)
+SEQ = 32
+
+
+def _examples() -> list[Example]:
+    generator = torch.Generator().manual_seed(5)
+    out = []
+    for index, length in enumerate(LENGTHS):
+        ids = torch.randint(1, MODEL.vocab_size, (length + 1,), generator=generator).tolist()
+        trainable = (torch.rand(length + 1, generator=generator) > 0.3).tolist()
+        trainable[-1] = True
+        out.append(Example(tuple(ids), tuple(bool(t) for t in trainable), f"doc{index}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    layout = runtime.initialize(ParallelConfig(), seed=0)
+    chunk = build_model_chunks(MODEL, PrecisionConfig(), layout, seed=3)[0].eval()
+    yield chunk, layout
+    runtime.shutdown()
+
+
+def _trained_losses(per_token: torch.Tensor, batch: dict, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Per-example losses at trained positions; spans are (row, start, end)."""
+    return [per_token[row, start:end][batch["loss_mask"][row, start:end] > 0] for row, start, end in spans]
+
+
+def test_packed_batch_gives_the_unpacked_per_token_loss(model) -> None:
+    chunk, _ = model
+    examples = _examples()
+    unpacked = pad_batch(examples, pad_id=0)
+    with torch.no_grad():
+        reference = chunk(unpacked["tokens"], unpacked["position_ids"], None, labels=unpacked["labels"])
+    expected = _trained_losses(reference, unpacked, [(i, 0, e.positions) for i, e in enumerate(examples)])
+
+    rows = pack_examples(examples, SEQ)
+    assert len(rows) < len(examples)  # packing really packs
+    packed = packed_batch(rows, pad_id=0, seq_length=SEQ)
+    with torch.no_grad():
+        per_token = chunk(packed["tokens"], packed["position_ids"], packed["attention_mask"], labels=packed["labels"])
+    spans, order = [], []
+    for row, docs in enumerate(rows):
+        start = 0
+        for doc in docs:
+            spans.append((row, start, start + doc.positions))
+            order.append(examples.index(doc))
+            start += doc.positions
+    got = _trained_losses(per_token, packed, spans)
+    for index, losses in zip(order, got):
+        torch.testing.assert_close(losses, expected[index], rtol=1e-5, atol=1e-5)
+    assert sum(len(x) for x in got) == int(unpacked["loss_mask"].sum())
+
+
+def test_training_step_sees_the_same_loss_packed_and_padded(model) -> None:
+    chunk, layout = model
+    wrapped = wrap_for_training([chunk], PrecisionConfig(), False, layout)
+    examples = _examples()
+    padded_loss, padded_tokens = forward_backward(wrapped, [pad_batch(examples, pad_id=0)], layout, forward_only=True)
+    packed = packed_batch(pack_examples(examples, SEQ), pad_id=0, seq_length=SEQ)
+    packed_loss, packed_tokens = forward_backward(wrapped, [packed], layout, forward_only=True)
+    assert packed_tokens == padded_tokens
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
+
+
+def test_packed_rows_isolate_documents_and_restart_positions() -> None:
+    rows = pack_examples(_examples(), SEQ)
+    assert sorted(e.source for row in rows for e in row) == sorted(e.source for e in _examples())
+    assert all(sum(e.positions for e in row) <= SEQ for row in rows)
+    batch = packed_batch(rows, pad_id=0, seq_length=SEQ)
+    first, second = rows[0][0], rows[0][1]
+    mask = batch["attention_mask"][0, 0]
+    a, b = first.positions, first.positions + second.positions
+    assert not mask[a:b, a:b].tril().any() and mask[a:b, :a].all()  # second doc sees itself only, causally
+    assert batch["position_ids"][0, a].item() == 0
+    assert not mask.diagonal().any()  # every query sees at least itself (no NaN rows)
+
+
+def test_length_policy_counts_truncated_and_dropped_examples() -> None:
+    examples = _examples() + [Example((1, 2, 3), (False, False, False), "untrained")]
+    stats = LengthStats()
+    kept = apply_length_policy(examples, 12, LengthPolicy.truncate, stats)
+    assert [e.positions for e in kept] == [8, 12, 6, 12, 10, 12, 4]
+    assert (stats.examples, stats.kept, stats.truncated) == (8, 7, 3)
+    assert stats.dropped == {"no trained token": 1}
+    dropped = LengthStats()
+    kept = apply_length_policy(examples, 12, LengthPolicy.drop, dropped)
+    assert [e.positions for e in kept] == [8, 6, 10, 4]
+    assert dropped.dropped == {"longer than seq_length": 3, "no trained token": 1}
+    assert "4 kept" in dropped.summary()
+
+
+def test_length_buckets_cover_every_index_once_longest_first() -> None:
+    buckets = length_buckets(LENGTHS, 3)
+    assert sorted(i for bucket in buckets for i in bucket) == list(range(len(LENGTHS)))
+    assert [len(b) for b in buckets] == [3, 3, 1]
+    assert [LENGTHS[i] for i in buckets[0]] == [21, 17, 13]
