@@ -223,3 +223,13 @@ def test_padded_vocab_does_not_depend_on_tensor_parallel_size() -> None:
 
 def test_conf_dir_is_the_repository_conf() -> None:
     assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_model_vocabulary_must_cover_the_tokenizer() -> None:
+    from steerlm.config import validate_vocab
+
+    validate_vocab(ModelConfig(vocab_size=32003), 32003, "/models/llama")
+    with pytest.raises(ConfigError) as error:
+        validate_vocab(ModelConfig(vocab_size=32000), 32003, "/models/llama")
+    assert error.value.key == "model.vocab_size" and "set model.vocab_size=32003" in str(error.value)
+    assert ModelConfig(vocab_size=32003).padded_vocab_size == 32128

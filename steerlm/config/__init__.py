@@ -21,11 +21,11 @@ from steerlm.config.schema import (
     TransformerImpl,
 )
 from steerlm.config.store import compose, register_schemas, save_resolved, to_typed
-from steerlm.config.validation import Accelerator, resolve_transformer_impl, validate_train_config
+from steerlm.config.validation import Accelerator, resolve_transformer_impl, validate_train_config, validate_vocab
 
 __all__ = [
     "Accelerator", "Activation", "AttributesConfig", "Backend", "CheckpointConfig", "ConfigError", "DType", "LRDecayStyle", "ModelConfig",
     "Normalization", "OptimizerConfig", "OptimizerName", "ParallelConfig", "PositionEmbedding", "PrepareDataConfig",
     "PrecisionConfig", "TrainConfig", "TrainerConfig", "TransformerImpl", "compose", "register_schemas",
-    "resolve_transformer_impl", "save_resolved", "to_typed", "validate_train_config",
+    "resolve_transformer_impl", "save_resolved", "to_typed", "validate_train_config", "validate_vocab",
 ]

@@ -177,3 +177,18 @@ def validate_train_config(cfg: TrainConfig, world_size: int, accelerator: Accele
     validate_parallel_runtime(cfg.parallel, accelerator)
     validate_batch(cfg.trainer, cfg.model, cfg.parallel, dp)
     return dp
+
+
+def validate_vocab(model: ModelConfig, tokenizer_vocab_size: int, tokenizer_path: str) -> None:
+    """The model must have an embedding row for every token id the tokenizer can produce.
+
+    HF tokenizers grow by the `<extra_id_0..2>` tokens the SteerLM template needs when they lack
+    them, so a preset's vocabulary (e.g. 32000) may need raising to the tokenizer's (32003); steerlm
+    never resizes silently.
+    """
+    if model.vocab_size < tokenizer_vocab_size:
+        raise ConfigError("model.vocab_size", model.vocab_size,
+                          f"the tokenizer at {tokenizer_path} has {tokenizer_vocab_size} token ids "
+                          "(including any <extra_id_*> tokens it had to add)",
+                          f"set model.vocab_size={tokenizer_vocab_size} (padding rounds it up to "
+                          f"model.make_vocab_size_divisible_by)")
