@@ -28,7 +28,7 @@ from steerlm.config.validation import fused_adam_available, transformer_engine_a
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
 PRIMARY = ("demo", "prepare_data")
-PREPARE_GROUPS = ("attributes",)
+PREPARE_GROUPS = ("attributes", "data")
 
 
 def _options(group: str) -> list[str]:
@@ -57,10 +57,22 @@ def test_prepare_data_config_composes_and_validates(option: str, tmp_path: Path)
     assert schema.name == option and len(schema.attributes) in (5, 7, 9)
 
 
+def test_synthetic_data_option_composes_and_validates(tmp_path: Path) -> None:
+    cfg = to_typed(compose("prepare_data", ["data=synthetic", f"output={tmp_path / 'syn'}"]), PrepareDataConfig)
+    cfg.validate()
+    assert cfg.synthetic is not None and cfg.synthetic.unlabelled_rows == 20000 and cfg.input is None
+    with pytest.raises(ConfigError) as error:
+        replace(cfg, synthetic=replace(cfg.synthetic, missing_label_rate=2.0)).validate()
+    assert error.value.key == "synthetic.missing_label_rate"
+
+
 def test_prepare_data_requires_input_and_output() -> None:
     with pytest.raises(ConfigError) as error:
-        to_typed(compose("prepare_data", ["output=x.jsonl"]), PrepareDataConfig)
-    assert error.value.key == "input" and "pass input=<value>" in str(error.value)
+        to_typed(compose("prepare_data", ["input=x.jsonl"]), PrepareDataConfig)
+    assert error.value.key == "output" and "pass output=<value>" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        to_typed(compose("prepare_data", ["output=x.jsonl"]), PrepareDataConfig).validate()
+    assert error.value.key == "input" and "data=synthetic" in str(error.value)
 
 
 def test_custom_attribute_schema_from_overrides(tmp_path: Path) -> None:

@@ -58,3 +58,13 @@ def test_bad_row_stops_the_conversion_naming_file_line_and_field(source: Path, t
 def test_missing_input_file_is_a_config_error(tmp_path: Path) -> None:
     result = run_recipe("prepare_data", [f"input={tmp_path / 'nope.jsonl'}", f"output={tmp_path / 'o.jsonl'}"])
     assert result.returncode != 0 and "input=" in result.stderr and "no such file" in result.stderr
+
+
+def test_synthetic_world_through_the_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    result = run_recipe("prepare_data", ["data=synthetic", f"output={out}", "synthetic.annotated_rows=50",
+                                         "synthetic.unlabelled_rows=100", "synthetic.eval_prompts=5"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "synthetic world seed 0: 60 creatures, 50 annotated rows, 100 unlabelled" in result.stdout
+    assert len((out / "unlabelled.jsonl").read_text().splitlines()) == 100
+    assert json.loads((out / "summary.json").read_text())["sizes"]["eval_prompts"] == 5

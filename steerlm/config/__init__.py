@@ -15,6 +15,7 @@ from steerlm.config.schema import (
     ParallelConfig,
     PositionEmbedding,
     PrepareDataConfig,
+    SyntheticConfig,
     PrecisionConfig,
     TrainConfig,
     TrainerConfig,
@@ -25,7 +26,7 @@ from steerlm.config.validation import Accelerator, resolve_transformer_impl, val
 
 __all__ = [
     "Accelerator", "Activation", "AttributesConfig", "Backend", "CheckpointConfig", "ConfigError", "DType", "LRDecayStyle", "ModelConfig",
-    "Normalization", "OptimizerConfig", "OptimizerName", "ParallelConfig", "PositionEmbedding", "PrepareDataConfig",
+    "Normalization", "OptimizerConfig", "OptimizerName", "ParallelConfig", "PositionEmbedding", "PrepareDataConfig", "SyntheticConfig",
     "PrecisionConfig", "TrainConfig", "TrainerConfig", "TransformerImpl", "compose", "register_schemas",
     "resolve_transformer_impl", "save_resolved", "to_typed", "validate_train_config", "validate_vocab",
 ]

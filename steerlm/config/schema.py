@@ -348,20 +348,53 @@ class AttributesConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """The built-in synthetic world (docs/synthetic_world.md). The default sizes keep the whole
+    SteerLM pipeline on the embedded default within 15 minutes on 2 CPU cores."""
+
+    seed: int = 0
+    num_entities: int = 60  # creatures, 5 facts each
+    annotated_rows: int = 2000  # noisy "human" ratings (HelpSteer2-style rows)
+    unlabelled_rows: int = 20000  # conversations for the APM to annotate
+    eval_prompts: int = 200
+    multi_turn_fraction: float = 0.15
+    label_noise: float = 0.5  # std of the Gaussian added to the oracle before rounding
+    missing_label_rate: float = 0.02  # chance that a rating is absent (-100)
+
+    def validate(self) -> None:
+        _require(self.num_entities >= 3, "synthetic.num_entities", self.num_entities, "must be at least 3",
+                 "a comparison needs two creatures and an off-topic answer a third")
+        for name in ("annotated_rows", "unlabelled_rows", "eval_prompts"):
+            value = getattr(self, name)
+            _require(value >= 0, f"synthetic.{name}", value, "must be >= 0", "use 0 to skip the split")
+        for name in ("multi_turn_fraction", "missing_label_rate"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"synthetic.{name}", value, "must be in [0, 1]", "use e.g. 0.1")
+        _require(self.label_noise >= 0, "synthetic.label_noise", self.label_noise, "must be >= 0", "use 0.5")
+
+
+@dataclass
 class PrepareDataConfig:
-    """`recipes/prepare_data.py`: convert a dataset to conversation JSONL and summarise it."""
+    """`recipes/prepare_data.py`: convert a dataset to conversation JSONL and summarise it, or (with
+    `data=synthetic`) generate the built-in synthetic world into the directory `output`."""
 
     format: DataFormat = DataFormat.conversation
-    input: str = MISSING
+    input: Optional[str] = None
     output: str = MISSING
     attributes: AttributesConfig = field(default_factory=AttributesConfig)
     on_bad_row: BadRowPolicy = BadRowPolicy.error
     rejects: Optional[str] = None  # rejects file for on_bad_row=reject; None: <output>.rejects.jsonl
+    synthetic: Optional[SyntheticConfig] = None  # set by data=synthetic
 
     def validate(self) -> None:
         self.attributes.validate()
-        _require(Path(self.input).is_file(), "input", self.input, "no such file",
-                 "pass input=<path of a .jsonl, .jsonl.gz or .parquet file>")
+        if self.synthetic is not None:
+            self.synthetic.validate()
+            _require(not Path(self.output).is_file(), "output", self.output, "is a file",
+                     "data=synthetic writes a directory: pass output=<directory>")
+            return
+        _require(self.input is not None and Path(self.input).is_file(), "input", self.input, "no such file",
+                 "pass input=<path of a .jsonl, .jsonl.gz or .parquet file> (or data=synthetic)")
         _require(Path(self.output).resolve() != Path(self.input).resolve(), "output", self.output,
                  "would overwrite the input", "choose another output path")
 

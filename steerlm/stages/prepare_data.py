@@ -14,6 +14,7 @@ from steerlm.config import PrepareDataConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records, write_conversation_jsonl
 from steerlm.data.records import Conversation, Role
+from steerlm.data.synthetic.splits import format_synthetic_summary, write_synthetic
 
 MISSING_KEY = "missing"
 
@@ -45,8 +46,12 @@ def _histogram_pass(records: Iterator[Conversation], schema: AttributeSchema,
         yield record
 
 
-def run(cfg: PrepareDataConfig) -> PrepareSummary:
+def run(cfg: PrepareDataConfig) -> PrepareSummary | dict:
+    """Convert `cfg.input` (returns a PrepareSummary) or, with `cfg.synthetic`, generate the synthetic
+    world into the directory `cfg.output` (returns its summary dict)."""
     cfg.validate()
+    if cfg.synthetic is not None:
+        return write_synthetic(cfg.synthetic, cfg.output)
     schema = cfg.attributes.schema()
     stats = ReadStats()
     histograms = {name: Counter() for name in schema.attributes}
@@ -80,8 +85,10 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def format_summary(summary: PrepareSummary) -> str:
+def format_summary(summary: PrepareSummary | dict) -> str:
     """Human-readable summary (what the recipe prints)."""
+    if isinstance(summary, dict):
+        return format_synthetic_summary(summary)
     lines = [
         f"{summary.input} ({summary.format}) -> {summary.output} (conversation JSONL, schema {summary.schema})",
         f"rows in: {summary.rows_in}  conversations out: {summary.rows_out}  rejected: {summary.rejected}",
