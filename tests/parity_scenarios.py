@@ -13,9 +13,12 @@ import torch
 
 from steerlm import runtime
 from steerlm.config import ModelConfig, OptimizerConfig, OptimizerName, ParallelConfig, PrecisionConfig, TrainerConfig
+from steerlm.data.attributes import MISSING
 from steerlm.models import build_model_chunks
+from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.sharding import gather_full, load_full_parameters, named_global_parameters
-from steerlm.training import build_optimizer, forward_backward, microbatches_for_rank, train_step, wrap_for_training
+from steerlm.training import (ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task, build_optimizer, forward_backward,
+                              microbatches_for_rank, train_step, wrap_for_training)
 
 SEED = 1234
 TINY = ModelConfig(name="parity", num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
@@ -36,15 +39,21 @@ class Scenario:
     tied: bool = False
     initial_state: dict[str, torch.Tensor] | None = None  # load these weights instead of the seed's
     variable_lengths: bool = False  # micro-batch j is cut to seq_length - 4j positions (dynamic padding)
+    apm: bool = False  # the regression attribute model (3 attributes, some labels missing) instead of the LM
     optim: OptimizerConfig = field(default_factory=lambda: ADAM)
 
     @property
     def reference(self) -> str:
         return (("tied" if self.tied else "untied") + ("_sgd" if self.optim.name == OptimizerName.sgd else "")
-                + ("_varlen" if self.variable_lengths else ""))
+                + ("_varlen" if self.variable_lengths else "") + ("_apm" if self.apm else ""))
+
+    @property
+    def task(self) -> Task:
+        return ATTRIBUTE_REGRESSION if self.apm else LANGUAGE_MODEL
 
     def microbatches(self, step: int, layout) -> list[dict[str, torch.Tensor]]:
-        microbatches = microbatches_for_rank(global_batch(step), TRAINER.micro_batch_size, layout)
+        batch = apm_global_batch(step) if self.apm else global_batch(step)
+        microbatches = microbatches_for_rank(batch, TRAINER.micro_batch_size, layout)
         if not self.variable_lengths:
             return microbatches
         return [{k: v[:, : TRAINER.seq_length - 4 * j] for k, v in mb.items()} for j, mb in enumerate(microbatches)]
@@ -63,6 +72,20 @@ def global_batch(step: int, model: ModelConfig = TINY, trainer: TrainerConfig = 
         "loss_mask": loss_mask,
         "position_ids": torch.arange(length).expand(rows, length).contiguous(),
     }
+
+
+APM_ATTRIBUTES = 3
+
+
+def apm_global_batch(step: int) -> dict[str, torch.Tensor]:
+    """LM batch plus a scored position per row and 0-4 targets, a quarter of them missing."""
+    batch = global_batch(step)
+    generator = torch.Generator().manual_seed(SEED + 1000 + step)
+    rows = TRAINER.global_batch_size
+    targets = torch.randint(0, 5, (rows, APM_ATTRIBUTES), generator=generator).float()
+    targets[torch.rand(rows, APM_ATTRIBUTES, generator=generator) < 0.25] = MISSING
+    return {"tokens": batch["tokens"], "position_ids": batch["position_ids"], "targets": targets,
+            "score_index": torch.randint(TRAINER.seq_length // 2, TRAINER.seq_length, (rows,), generator=generator)}
 
 
 def _full_tensors(model, layout, attribute: str) -> dict[str, torch.Tensor]:
@@ -96,12 +119,15 @@ def _full_logits(chunks, layout) -> torch.Tensor:
 def run(scenario: Scenario) -> dict:
     layout = runtime.initialize(scenario.parallel, seed=SEED)
     model_cfg = replace(TINY, share_embeddings_and_output_weights=scenario.tied)
-    chunks = build_model_chunks(model_cfg, PrecisionConfig(), layout, seed=SEED)
+    if scenario.apm:
+        chunks = build_attribute_model_chunks(model_cfg, PrecisionConfig(), layout, SEED, APM_ATTRIBUTES)
+    else:
+        chunks = build_model_chunks(model_cfg, PrecisionConfig(), layout, seed=SEED)
     if scenario.initial_state is not None:
         load_full_parameters(chunks, scenario.initial_state, layout.tp_rank, layout.tp)
     initial = {name: gather_full(p.detach(), p, layout.pg_collection.tp).clone()
                for name, p in named_global_parameters(chunks)}
-    logits = _full_logits(chunks, layout) if layout.pp == 1 else None
+    logits = _full_logits(chunks, layout) if layout.pp == 1 and not scenario.apm else None
     model = wrap_for_training(chunks, PrecisionConfig(), False, layout)
     optimizer, scheduler = build_optimizer(model, scenario.optim, PrecisionConfig(), TRAINER, False, layout)
 
@@ -109,14 +135,14 @@ def run(scenario: Scenario) -> dict:
     for chunk in model:
         chunk.zero_grad_buffer()
     scheduler.step(increment=1)
-    loss0, tokens0 = forward_backward(model, first, layout)
+    loss0, tokens0 = forward_backward(model, first, layout, scenario.task)
     grads = _full_tensors(model, layout, "main_grad")
     _, norm0, _ = optimizer.step()
     after_first_step = _full_tensors(model, layout, "data")
     losses, norms = [loss0], [float(norm0)]
     for step in range(1, TRAINER.max_steps):
         result = train_step(model, optimizer, scheduler,
-                            scenario.microbatches(step, layout), layout)
+                            scenario.microbatches(step, layout), layout, scenario.task)
         losses.append(result.loss)
         norms.append(result.grad_norm)
     out = {"layout": layout.describe(), "rank": layout.rank, "tokens": tokens0, "losses": losses, "grad_norms": norms,
@@ -127,7 +153,7 @@ def run(scenario: Scenario) -> dict:
 
 
 REFERENCES = [Scenario("untied"), Scenario("tied", tied=True), Scenario("untied_sgd", optim=SGD),
-              Scenario("untied_varlen", variable_lengths=True)]
+              Scenario("untied_varlen", variable_lengths=True), Scenario("untied_apm", apm=True)]
 
 
 def run_all(scenarios: list[Scenario]) -> dict[str, dict]:

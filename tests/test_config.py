@@ -27,7 +27,7 @@ from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import fused_adam_available, transformer_engine_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
-PRIMARY = ("demo", "prepare_data")
+PRIMARY = ("demo", "prepare_data", "train_attribute_model")
 PREPARE_GROUPS = ("attributes", "data")
 
 
@@ -64,6 +64,26 @@ def test_synthetic_data_option_composes_and_validates(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         replace(cfg, synthetic=replace(cfg.synthetic, missing_label_rate=2.0)).validate()
     assert error.value.key == "synthetic.missing_label_rate"
+
+
+def test_attribute_model_config_composes_and_validates(tmp_path: Path) -> None:
+    from steerlm.config import AttributeModelConfig
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "train.jsonl").write_text("")
+    cfg = to_typed(compose("train_attribute_model", [f"data.train_file={tmp_path / 'train.jsonl'}",
+                                                     f"tokenizer.path={tmp_path / 'tok'}"]), AttributeModelConfig)
+    assert validate_train_config(cfg, 1, Accelerator.cpu) == 1
+    for section in (cfg.tokenizer, cfg.data, cfg.attributes):
+        section.validate()
+    cfg.apm.validate(cfg.attributes.schema())
+    assert cfg.attributes.name == "steerlm_oasst" and cfg.model.vocab_size == 768
+    with pytest.raises(ConfigError) as error:
+        replace(cfg.apm, attribute_weights=[1.0, 2.0]).validate(cfg.attributes.schema())
+    assert error.value.key == "apm.attribute_weights"
+    with pytest.raises(ConfigError) as error:
+        replace(cfg.data, train_file=str(tmp_path / "missing.jsonl")).validate()
+    assert error.value.key == "data.train_file" and "prepare_data.py data=synthetic" in str(error.value)
 
 
 def test_prepare_data_requires_input_and_output() -> None:

@@ -29,6 +29,9 @@ TWO_RANK = [
     Scenario("pp2_vpp2", ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
     Scenario("pp2_varlen", ParallelConfig(pipeline_model_parallel_size=2), variable_lengths=True),
     Scenario("tp2_varlen", ParallelConfig(tensor_model_parallel_size=2), variable_lengths=True),
+    Scenario("tp2_apm", ParallelConfig(tensor_model_parallel_size=2), apm=True),
+    Scenario("tp2_sp_apm", ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), apm=True),
+    Scenario("pp2_apm", ParallelConfig(pipeline_model_parallel_size=2), apm=True),
 ]
 FOUR_RANK = [
     Scenario("tp2_pp2", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),

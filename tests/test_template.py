@@ -135,3 +135,11 @@ def test_bad_labels_name_the_problem(labels: dict, phrase: str) -> None:
 def test_bad_attribute_strings_name_the_problem(text: str, phrase: str) -> None:
     with pytest.raises(DataError, match=phrase):
         HELPSTEER2.parse(text, "data.jsonl", 3)
+
+
+def test_attribute_prompt_hides_labels_and_ends_with_the_label_prefix() -> None:
+    turns = [Turn(Role.user, "Q1"), Turn(Role.assistant, "A1", HS2_LABELS), Turn(Role.user, "Q2"),
+             Turn(Role.assistant, "A2", HS2_LABELS)]
+    assert SteerLMTemplate(HELPSTEER2).attribute_prompt("S", turns) == (
+        "<extra_id_0>System\nS\n<extra_id_1>User\nQ1\n<extra_id_1>Assistant\nA1\n"
+        "<extra_id_1>User\nQ2\n<extra_id_1>Assistant\nA2\n<extra_id_2>")

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 
 from steerlm.config.errors import ConfigError
 from steerlm.data.attributes import AttributeSchema
+from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
 
 
@@ -399,6 +400,60 @@ class PrepareDataConfig:
                  "would overwrite the input", "choose another output path")
 
 
+class TokenizerType(str, Enum):
+    hf = "hf"  # a Hugging Face tokenizer directory (tokenizer.json or tokenizer.model)
+    word = "word"  # steerlm's word-level tokenizer (word_vocab.json), e.g. data/synthetic/tokenizer
+
+
+@dataclass
+class TokenizerConfig:
+    type: TokenizerType = TokenizerType.word
+    path: str = MISSING
+
+    def validate(self) -> None:
+        _require(Path(self.path).is_dir(), "tokenizer.path", self.path, "is not a directory",
+                 "pass tokenizer.path=<local tokenizer directory> (data=synthetic writes data/synthetic/tokenizer)")
+
+
+@dataclass
+class TrainDataConfig:
+    """Training data of a stage: a file in any reader format, and where validation rows come from."""
+
+    train_file: str = MISSING
+    format: DataFormat = DataFormat.conversation
+    validation_file: Optional[str] = None
+    validation_fraction: float = 0.1  # held out from train_file when validation_file is null
+    on_bad_row: BadRowPolicy = BadRowPolicy.error
+    length_policy: LengthPolicy = LengthPolicy.drop  # too long for trainer.seq_length: drop or cut
+
+    def validate(self) -> None:
+        for key in ("train_file", "validation_file"):
+            path = getattr(self, key)
+            if path is not None:
+                _require(Path(path).is_file(), f"data.{key}", path, "no such file",
+                         "generate the default with `python recipes/prepare_data.py data=synthetic` or pass a file")
+        _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", self.validation_fraction,
+                 "must be in [0, 1)", "use 0.1, or give data.validation_file")
+
+
+class APMType(str, Enum):
+    regression = "regression"
+
+
+@dataclass
+class APMConfig:
+    type: APMType = APMType.regression
+    attribute_weights: Optional[list[float]] = None  # per-attribute loss weights (schema order); null: all 1
+
+    def validate(self, schema: AttributeSchema) -> None:
+        if self.attribute_weights is not None:
+            _require(len(self.attribute_weights) == len(schema.attributes), "apm.attribute_weights",
+                     self.attribute_weights, f"needs one weight per attribute ({len(schema.attributes)})",
+                     f"give weights for {', '.join(schema.attributes)}")
+            _require(all(w >= 0 for w in self.attribute_weights), "apm.attribute_weights", self.attribute_weights,
+                     "weights must be >= 0", "use 0 to ignore an attribute")
+
+
 @dataclass
 class CheckpointConfig:
     """Sharded checkpoints (megatron dist_checkpointing) under `<output_dir>/checkpoints`."""
@@ -426,3 +481,13 @@ class TrainConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/demo"
+
+
+@dataclass
+class AttributeModelConfig(TrainConfig):
+    """`recipes/train_attribute_model.py`: the regression Attribute Prediction Model."""
+
+    attributes: AttributesConfig = field(default_factory=AttributesConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    apm: APMConfig = field(default_factory=APMConfig)

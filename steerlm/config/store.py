@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from steerlm.config.errors import ConfigError
-from steerlm.config.schema import PrepareDataConfig, TrainConfig
+from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
-SCHEMAS = {"train_schema": TrainConfig, "prepare_data_schema": PrepareDataConfig}
+SCHEMAS = {"train_schema": TrainConfig, "prepare_data_schema": PrepareDataConfig,
+           "attribute_model_schema": AttributeModelConfig}
 
 T = TypeVar("T")
 

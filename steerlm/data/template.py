@@ -85,6 +85,18 @@ class SteerLMTemplate:
     def render(self, conversation: Conversation) -> str:
         return "".join(segment.text for segment in self.segments(conversation))
 
+    def attribute_prompt(self, system: str, turns: list[Turn]) -> str:
+        """What an attribute model reads to rate the last (assistant) turn of `turns`.
+
+        The conversation without attribute lines, ending with the label prefix where the rated turn's
+        attribute string would follow (`…{response}\\n<extra_id_2>`): the regression APM reads its
+        scores at that last token, the generative APM continues with the attribute string.
+        """
+        c = self.config
+        plain = SteerLMTemplate(self.schema, TemplateConfig(**{**self.config.__dict__, "condition_on_attributes": False}))
+        history = plain.inference_prompt(system, turns[:-1], None)
+        return history + turns[-1].text + c.turn_suffix + c.label_prefix
+
     def inference_prompt(self, system: str, turns: list[Turn], labels: Labels | None) -> str:
         """History (ending with a user turn) plus the assistant header and the requested attributes."""
         c = self.config

@@ -105,11 +105,13 @@ def decoder_spec(model: ModelConfig, config: TransformerConfig, layout: Parallel
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=Norm)
 
 
-def build_model_chunks(model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout, seed: int) -> list[GPTModel]:
+def build_model_chunks(model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout, seed: int,
+                       model_class: type[GPTModel] = GPTModel, **model_kwargs) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), on the layout's device.
 
     Weights are initialised from `seed` identically for every TP/PP/DP layout (see
     `steerlm.models.init`), in `precision.dtype`; the training stack wraps them for mixed precision.
+    `model_class` (a GPTModel subclass, e.g. with an attribute head) receives `model_kwargs`.
     """
     config = transformer_config(model, precision, layout)
     chunks = []
@@ -117,7 +119,7 @@ def build_model_chunks(model: ModelConfig, precision: PrecisionConfig, layout: P
         vp = vp_stage if layout.vpp else None
         first = layout.is_first_stage and (vp is None or vp == 0)
         last = layout.is_last_stage and (vp is None or vp == layout.vpp - 1)
-        gpt = GPTModel(
+        gpt = model_class(
             config=config,
             transformer_layer_spec=decoder_spec(model, config, layout, vp),
             vocab_size=model.padded_vocab_size,
@@ -133,6 +135,7 @@ def build_model_chunks(model: ModelConfig, precision: PrecisionConfig, layout: P
             rope_scaling_factor=model.rope_scaling_factor,
             pg_collection=layout.pg_collection,
             vp_stage=vp,
+            **model_kwargs,
         )
         gpt.to(layout.device)
         initialize_parameters(gpt, model, seed, layout)

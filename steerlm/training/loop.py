@@ -1,7 +1,7 @@
 """The training loop every stage shares.
 
 Stages supply batches as a function of the step (so a resumed run sees exactly the batches an
-uninterrupted one would), optional validation batches and a loss function; the loop runs the steps,
+uninterrupted one would), optional validation batches and a `Task` (model call + loss); the loop runs the steps,
 logs, validates, checkpoints on schedule, on SIGTERM/SIGUSR1 and at the wall-time limit, and resumes
 from the run directory's latest checkpoint.
 """
@@ -21,11 +21,11 @@ from steerlm.config.schema import TrainConfig
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.batching import microbatches_for_rank
 from steerlm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from steerlm.training.losses import masked_token_loss
+from steerlm.training.losses import LANGUAGE_MODEL, Task
 from steerlm.training.metrics import LoggedStep, MetricsLog
 from steerlm.training.setup import TrainingSetup
 from steerlm.training.signals import StopRequests
-from steerlm.training.step import Batch, LossFunc, forward_backward, train_step
+from steerlm.training.step import Batch, forward_backward, train_step
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,14 @@ class TrainingOutcome:
 
 @torch.no_grad()
 def evaluate(model: list, batches: list[Batch], micro_batch_size: int, layout: ParallelLayout,
-             loss_func: LossFunc = masked_token_loss) -> float:
+             task: Task = LANGUAGE_MODEL) -> float:
     """Mean loss over every trained token of `batches` (global batches), forward only."""
     for chunk in model:
         chunk.eval()
     total, count = 0.0, 0
     for batch in batches:
         loss, tokens = forward_backward(model, microbatches_for_rank(batch, micro_batch_size, layout), layout,
-                                        loss_func, forward_only=True)
+                                        task, forward_only=True)
         total, count = total + loss * tokens, count + tokens
     for chunk in model:
         chunk.train()
@@ -68,7 +68,7 @@ def maybe_resume(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layou
 def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig, output_dir: Path,
                  train_batch: Callable[[int], Batch], start_step: int = 0,
                  valid_batches: Callable[[], list[Batch]] | None = None,
-                 loss_func: LossFunc = masked_token_loss) -> TrainingOutcome:
+                 task: Task = LANGUAGE_MODEL) -> TrainingOutcome:
     """Train steps `start_step + 1 … trainer.max_steps` on `train_batch(step)` global batches."""
     trainer, save_interval = cfg.trainer, cfg.checkpoint.save_interval
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
@@ -82,7 +82,7 @@ def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig,
         with StopRequests(trainer.max_time_minutes, layout.device) as stops, bar:
             for step in range(start_step + 1, trainer.max_steps + 1):
                 microbatches = microbatches_for_rank(train_batch(step), trainer.micro_batch_size, layout)
-                result = train_step(model, optimizer, scheduler, microbatches, layout, loss_func)
+                result = train_step(model, optimizer, scheduler, microbatches, layout, task)
                 outcome.last_step = step
                 window_tokens += result.num_tokens
                 bar.update(1)
@@ -100,7 +100,7 @@ def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig,
                 last = step == trainer.max_steps
                 if valid_batches is not None and not stop and (
                         last or (trainer.eval_interval and step % trainer.eval_interval == 0)):
-                    loss = evaluate(model, valid_batches(), trainer.micro_batch_size, layout, loss_func)
+                    loss = evaluate(model, valid_batches(), trainer.micro_batch_size, layout, task)
                     outcome.evaluations.append((step, loss))
                     metrics.log_eval(step, loss)
                     log.info("step %d validation loss %.4f", step, loss)

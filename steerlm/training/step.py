@@ -1,6 +1,6 @@
 """One optimizer step over a global batch: megatron's forward/backward schedule, then the optimizer.
 
-Stages differ only in the `loss_func` they pass (see `steerlm.training.losses`); micro-batches are
+Stages differ only in the `Task` they pass (see `steerlm.training.losses`); micro-batches are
 dicts of `[micro_batch_size, seq_length]` tensors with `tokens`, `labels`, `loss_mask`, `position_ids`
 and, for packed sequences, a `[micro_batch_size, 1, seq_length, seq_length]` `attention_mask`.
 Micro-batches may differ in length (dynamic padding).
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,10 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.training.losses import masked_token_loss
-
-Batch = dict[str, torch.Tensor]
-LossFunc = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+from steerlm.training.losses import LANGUAGE_MODEL, Batch, Task
 
 
 @dataclass(frozen=True)
@@ -36,36 +32,46 @@ class StepResult:
     skipped: bool
 
 
-def _forward_step(loss_func: LossFunc, device: torch.device, data_iterator, model):
+def _loss(task: Task, batch: Batch, output: torch.Tensor, non_loss_data: bool = False):
+    """megatron calls this with `non_loss_data=True` when collecting predictions."""
+    return task.predict(batch, output).detach() if non_loss_data else task.loss(batch, output)
+
+
+def _forward_step(task: Task, device: torch.device, data_iterator, model):
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
+    return task.forward(model, batch), partial(_loss, task, batch)
 
 
-def forward_backward(model: list, microbatches: list[Batch], layout: ParallelLayout,
-                     loss_func: LossFunc = masked_token_loss, forward_only: bool = False) -> tuple[float, int]:
-    """Run megatron's schedule over `microbatches`; returns (mean loss, token count) of the global batch.
-
-    Gradients are left in the DDP buffers, already reduced across data-parallel ranks and divided by
-    the global token count (megatron's `finalize_model_grads`), when `forward_only` is False.
-    """
+def _run_schedule(model: list, microbatches: list[Batch], layout: ParallelLayout, task: Task, forward_only: bool,
+                  collect_predictions: bool) -> list:
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
     schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=layout.vpp)
     iterators = [iter(microbatches) for _ in model]
     pipeline = {}
     if layout.pp > 1:  # megatron wants the p2p communicator whenever process groups are passed explicitly
         pipeline["p2p_communicator"] = P2PCommunicator(layout.pg_collection.pp, model[0].config)
-    reports = schedule(
-        forward_step_func=partial(_forward_step, loss_func, layout.device),
+    return schedule(
+        forward_step_func=partial(_forward_step, task, layout.device),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        collect_non_loss_data=collect_predictions,
         pg_collection=layout.pg_collection,
         **pipeline,
     )
+
+
+def forward_backward(model: list, microbatches: list[Batch], layout: ParallelLayout,
+                     task: Task = LANGUAGE_MODEL, forward_only: bool = False) -> tuple[float, int]:
+    """Run megatron's schedule over `microbatches`; returns (mean loss, token count) of the global batch.
+
+    Gradients are left in the DDP buffers, already reduced across data-parallel ranks and divided by
+    the global token count (megatron's `finalize_model_grads`), when `forward_only` is False.
+    """
+    reports = _run_schedule(model, microbatches, layout, task, forward_only, collect_predictions=False)
     return _reduce_reports(reports, layout)
 
 
@@ -73,7 +79,7 @@ def _reduce_reports(reports: list[dict[str, torch.Tensor]], layout: ParallelLayo
     """Sum [loss_sum, count] over micro-batches (last stage) and data-parallel ranks; share with all stages."""
     total = torch.zeros(2, dtype=torch.float64, device=layout.device)
     for report in reports:
-        total += report["lm_loss"].to(total)
+        total += report["loss"].to(total)
     groups = layout.pg_collection
     dist.all_reduce(total, group=groups.dp_cp)
     if layout.pp > 1:
@@ -83,8 +89,22 @@ def _reduce_reports(reports: list[dict[str, torch.Tensor]], layout: ParallelLayo
     return loss_sum / max(count, 1.0), int(count)
 
 
+def predict(model: list, microbatches: list[Batch], layout: ParallelLayout, task: Task) -> list[torch.Tensor]:
+    """Forward only; `task.predict` outputs of each micro-batch, on every rank of the pipeline.
+
+    The last stage computes them; other stages receive them (shapes included) by broadcast.
+    """
+    outputs = _run_schedule(model, microbatches, layout, task, forward_only=True, collect_predictions=True)
+    if layout.pp == 1:
+        return list(outputs)
+    holder = [list(outputs) if layout.is_last_stage else None]
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(layout.pg_collection.pp, layout.pp - 1),
+                               group=layout.pg_collection.pp)
+    return [output.to(layout.device) for output in holder[0]]
+
+
 def train_step(model: list, optimizer, scheduler, microbatches: list[Batch], layout: ParallelLayout,
-               loss_func: LossFunc = masked_token_loss) -> StepResult:
+               task: Task = LANGUAGE_MODEL) -> StepResult:
     """Zero grads, set this step's LR, forward/backward every micro-batch, clip and step the optimizer."""
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -93,7 +113,7 @@ def train_step(model: list, optimizer, scheduler, microbatches: list[Batch], lay
     # at LR 0 (megatron's scheduler starts at init_lr = 0 when warming up).
     scheduler.step(increment=1)
     lr = optimizer.param_groups[0]["lr"]
-    loss, num_tokens = forward_backward(model, microbatches, layout, loss_func)
+    loss, num_tokens = forward_backward(model, microbatches, layout, task)
     updated, grad_norm, _ = optimizer.step()
     return StepResult(loss=loss, num_tokens=num_tokens, grad_norm=None if grad_norm is None else float(grad_norm),
                       lr=lr, skipped=not updated)

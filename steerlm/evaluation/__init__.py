@@ -1,0 +1,1 @@
+"""Evaluation: attribute-model metrics (and, later, steerability against the synthetic oracle)."""

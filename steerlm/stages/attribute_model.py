@@ -1,0 +1,139 @@
+"""Stage 1: train the regression Attribute Prediction Model (APM) and evaluate it.
+
+config → tokenizer + schema → labelled conversations → APM examples → the one training loop with the
+attribute-regression task → per-attribute metrics on the held-out rows (`eval.json`, TensorBoard).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steerlm import runtime
+from steerlm.config import AttributeModelConfig, ConfigError, save_resolved, validate_train_config, validate_vocab
+from steerlm.data.apm import AttributeExample, attribute_batch, attribute_examples
+from steerlm.data.attributes import AttributeSchema
+from steerlm.data.collate import LengthStats
+from steerlm.data.readers import read_records
+from steerlm.data.sampler import global_batch_indices
+from steerlm.data.template import SteerLMTemplate
+from steerlm.evaluation.apm_metrics import attribute_metrics
+from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.stages.text_lm import prepare_output_dir
+from steerlm.tokenizers import load_tokenizer
+from steerlm.training import ATTRIBUTE_REGRESSION, Task, build_training, predict
+from steerlm.training.batching import microbatches_for_rank
+from steerlm.training.loop import maybe_resume, run_training
+from steerlm.training.losses import attribute_regression_loss
+
+log = logging.getLogger(__name__)
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class APMResult:
+    layout: str
+    last_step: int
+    train_examples: int
+    validation_examples: int
+    length: str
+    metrics: dict
+
+
+def _split(examples: list[AttributeExample], fraction: float) -> tuple[list, list]:
+    """Deterministic hold-out by a hash of each row's source (stable across runs and layouts)."""
+    held = [e for e in examples if zlib.crc32(e.source.encode()) % 1000 < fraction * 1000]
+    return [e for e in examples if e not in set(held)], held
+
+
+def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer) -> tuple[list, list, LengthStats]:
+    template = SteerLMTemplate(schema)
+    stats = LengthStats()
+
+    def read(path: str) -> list[AttributeExample]:
+        records = read_records(path, cfg.data.format, schema, cfg.data.on_bad_row)
+        return attribute_examples(records, schema, template, tokenizer, cfg.trainer.seq_length,
+                                  cfg.data.length_policy, stats)
+
+    train = read(cfg.data.train_file)
+    if cfg.data.validation_file is not None:
+        return train, read(cfg.data.validation_file), stats
+    train, valid = _split(train, cfg.data.validation_fraction)
+    return train, valid, stats
+
+
+def predict_scores(model: list, examples: list[AttributeExample], pad_id: int, micro_batch_size: int,
+                   layout: runtime.ParallelLayout) -> np.ndarray:
+    """`[len(examples), attributes]` scores, identical on every rank (each DP rank scores a share)."""
+    rows = micro_batch_size * layout.dp
+    out = []
+    for start in range(0, len(examples), rows):
+        chunk = examples[start:start + rows]
+        padded = chunk + [chunk[-1]] * (rows - len(chunk))  # equal shares; the padding rows are dropped
+        share = microbatches_for_rank(attribute_batch(padded, pad_id), micro_batch_size, layout)
+        local = torch.cat(predict(model, share, layout, ATTRIBUTE_REGRESSION))
+        gathered = [torch.empty_like(local) for _ in range(layout.dp)]
+        torch.distributed.all_gather(gathered, local, group=layout.pg_collection.dp_cp)
+        out.append(torch.cat(gathered)[:len(chunk)].cpu())
+    return torch.cat(out).numpy()
+
+
+def run(cfg: AttributeModelConfig) -> APMResult:
+    validate_train_config(cfg, runtime.launch_world_size(), runtime.detect_accelerator())
+    for section in (cfg.tokenizer, cfg.data, cfg.attributes):
+        section.validate()
+    schema = cfg.attributes.schema()
+    cfg.apm.validate(schema)
+    tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+    validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
+    train, valid, lengths = load_examples(cfg, schema, tokenizer)
+    if not train:
+        raise ConfigError("data.train_file", cfg.data.train_file, "holds no labelled assistant turn",
+                          "give rows with attribute labels")
+    log.info("APM data: %d train / %d validation examples; %s", len(train), len(valid), lengths.summary())
+    output_dir = prepare_output_dir(cfg.output_dir)
+    layout = runtime.initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        if layout.is_rank_zero:
+            save_resolved(cfg, output_dir / "config.yaml")
+        provider = partial(build_attribute_model_chunks, num_attributes=len(schema.attributes))
+        setup = build_training(cfg, layout, model_provider=provider)
+        weights = None if cfg.apm.attribute_weights is None else torch.tensor(cfg.apm.attribute_weights)
+        task = Task(ATTRIBUTE_REGRESSION.forward, partial(attribute_regression_loss, weights=weights),
+                    ATTRIBUTE_REGRESSION.predict)
+        start = maybe_resume(cfg, output_dir, setup, layout)
+        trainer = cfg.trainer
+
+        def train_batch(step: int):
+            rows = global_batch_indices(len(train), trainer.global_batch_size, step, trainer.seed)
+            return attribute_batch([train[i] for i in rows], tokenizer.pad_id)
+
+        valid_batches = [attribute_batch(valid[i:i + trainer.global_batch_size], tokenizer.pad_id)
+                         for i in range(0, len(valid) - trainer.global_batch_size + 1, trainer.global_batch_size)]
+        outcome = run_training(setup, layout, cfg, output_dir, train_batch, start_step=start,
+                               valid_batches=(lambda: valid_batches) if valid_batches else None, task=task)
+        scores = predict_scores(setup.model, valid, tokenizer.pad_id, trainer.micro_batch_size, layout)
+        targets = np.array([example.targets for example in valid])
+        metrics = attribute_metrics(scores, targets, schema)
+        result = APMResult(layout=layout.describe(), last_step=outcome.last_step, train_examples=len(train),
+                           validation_examples=len(valid), length=lengths.summary(), metrics=metrics)
+        if layout.is_rank_zero:
+            (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+            _log_metrics(metrics)
+        return result
+    finally:
+        runtime.shutdown()
+
+
+def _log_metrics(metrics: dict) -> None:
+    for name, values in metrics["attributes"].items():
+        log.info("%-12s MAE %.3f RMSE %.3f Pearson %.3f Spearman %.3f exact %.3f (n=%d)", name, values["mae"],
+                 values["rmse"], values["pearson"], values["spearman"], values["exact_match"], values["count"])
+    log.info("mean Pearson %.3f", metrics["mean"]["pearson"])
