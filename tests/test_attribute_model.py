@@ -98,3 +98,18 @@ def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
     for name in ("verbosity", "humor", "toxicity", "complexity"):
         assert pearson[name] >= 0.9, f"{name}: {pearson[name]:.3f}"
     assert metrics["mean"]["pearson"] >= 0.6
+
+
+@pytest.mark.slow
+def test_resuming_an_apm_with_another_schema_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "synthetic"
+    assert run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.annotated_rows=64",
+                                       "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"]).returncode == 0
+    common = [f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer",
+              f"output_dir={tmp_path / 'apm'}", "trainer.max_steps=2"]
+    first = run_recipe("train_attribute_model", common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_recipe("train_attribute_model", [*common, "attributes=helpsteer2", "trainer.max_steps=4"])
+    assert second.returncode != 0
+    assert "attributes.attributes=['helpfulness'" in second.stderr
+    assert "was trained for the attributes ['quality', 'toxicity'" in second.stderr

@@ -30,6 +30,7 @@ from steerlm.stages.text_lm import prepare_output_dir
 from steerlm.tokenizers import load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, Task, build_training, predict
 from steerlm.training.batching import microbatches_for_rank
+from steerlm.training.checkpoint import latest_checkpoint, saved_config
 from steerlm.training.loop import maybe_resume, run_training
 from steerlm.training.losses import attribute_regression_loss
 
@@ -108,6 +109,7 @@ def run(cfg: AttributeModelConfig) -> APMResult:
         weights = None if cfg.apm.attribute_weights is None else torch.tensor(cfg.apm.attribute_weights)
         task = Task(ATTRIBUTE_REGRESSION.forward, partial(attribute_regression_loss, weights=weights),
                     ATTRIBUTE_REGRESSION.predict)
+        _check_checkpoint_schema(cfg, output_dir, schema)
         start = maybe_resume(cfg, output_dir, setup, layout)
         trainer = cfg.trainer
 
@@ -130,6 +132,18 @@ def run(cfg: AttributeModelConfig) -> APMResult:
         return result
     finally:
         runtime.shutdown()
+
+
+def _check_checkpoint_schema(cfg: AttributeModelConfig, output_dir: Path, schema: AttributeSchema) -> None:
+    """An APM checkpoint's head belongs to its schema: refuse to resume it with other attributes."""
+    path = latest_checkpoint(output_dir) if cfg.checkpoint.resume else None
+    if path is None:
+        return
+    trained = list(saved_config(path).attributes.attributes)
+    if trained != list(schema.attributes):
+        raise ConfigError("attributes.attributes", list(schema.attributes),
+                          f"checkpoint {path} was trained for the attributes {trained}",
+                          "use the checkpoint's schema, a new output_dir, or checkpoint.resume=false")
 
 
 def _log_metrics(metrics: dict) -> None:

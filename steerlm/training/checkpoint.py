@@ -124,6 +124,13 @@ def read_meta(path: Path) -> CheckpointMeta:
     return CheckpointMeta(**json.loads((Path(path) / META).read_text()))
 
 
+def saved_config(path: Path):
+    """The resolved config a checkpoint was written with (an OmegaConf DictConfig)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(Path(path) / "config.yaml")
+
+
 def check_compatible(path: Path, model: ModelConfig) -> CheckpointMeta:
     """Refuse a checkpoint written for another model shape, naming the first differing field."""
     meta = read_meta(path)
