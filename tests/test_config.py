@@ -43,6 +43,7 @@ def test_every_yaml_under_conf_is_covered() -> None:
     """A YAML added anywhere under conf/ must be reachable by the tests below."""
     covered = {CONF_DIR / f"{name}.yaml" for name in PRIMARY}
     covered |= {CONF_DIR / group / f"{option}.yaml" for group in GROUPS + PREPARE_GROUPS for option in _options(group)}
+    covered |= set((CONF_DIR / "cluster").glob("*.yaml"))  # composed and validated in tests/test_launchers.py
     assert set(CONF_DIR.rglob("*.yaml")) == covered
 
 
@@ -221,6 +222,15 @@ def test_invalid_config_names_key_and_fix(cfg: TrainConfig, world: int, accelera
     assert error.value.key == key
     assert phrase in str(error.value)
     assert "Fix:" in str(error.value)
+
+
+def test_job_planned_elsewhere_skips_checks_of_this_machine() -> None:
+    cfg = TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True),
+                      precision=PrecisionConfig(dtype=DType.bf16))
+    assert validate_train_config(cfg, 1, Accelerator.cuda, this_machine=False) == 1
+    with pytest.raises(ConfigError):  # a layout error is still caught while planning
+        validate_train_config(replace(cfg, parallel=ParallelConfig(tensor_model_parallel_size=3)), 3,
+                              Accelerator.cuda, this_machine=False)
 
 
 def test_bf16_is_allowed_on_cpu() -> None:

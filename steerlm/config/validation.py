@@ -64,8 +64,10 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     return dp
 
 
-def validate_model_layout(model: ModelConfig, parallel: ParallelConfig, accelerator: Accelerator) -> None:
-    """Can this model shape be split this way on this device?"""
+def validate_model_layout(model: ModelConfig, parallel: ParallelConfig, accelerator: Accelerator,
+                          this_machine: bool = True) -> None:
+    """Can this model shape be split this way on this device? With `this_machine=False` (planning a job
+    that runs elsewhere) the checks that depend on this machine's installed packages are skipped."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if model.num_attention_heads % tp:
         raise ConfigError("parallel.tensor_model_parallel_size", tp,
@@ -93,6 +95,8 @@ def validate_model_layout(model: ModelConfig, parallel: ParallelConfig, accelera
     if pp > 1 and model.num_layers // chunks < 1:
         raise ConfigError("parallel.pipeline_model_parallel_size", pp, "more pipeline chunks than layers",
                           "use fewer pipeline stages")
+    if not this_machine:
+        return
     impl = resolve_transformer_impl(model, accelerator)
     if parallel.context_parallel_size > 1 and impl != TransformerImpl.transformer_engine:
         raise ConfigError("parallel.context_parallel_size", parallel.context_parallel_size,
@@ -104,12 +108,12 @@ def validate_model_layout(model: ModelConfig, parallel: ParallelConfig, accelera
                           "use model.attention_dropout=0.0")
 
 
-def validate_precision(precision: PrecisionConfig, accelerator: Accelerator) -> None:
+def validate_precision(precision: PrecisionConfig, accelerator: Accelerator, this_machine: bool = True) -> None:
     if precision.dtype == DType.fp16 and accelerator == Accelerator.cpu:
         raise ConfigError("precision.dtype", precision.dtype.value,
                           "fp16 training needs a GPU (megatron's fp16 loss scaling is CUDA-only)",
                           "use precision.dtype=bf16 or fp32 on CPU")
-    if precision.dtype == DType.bf16 and accelerator == Accelerator.cuda:
+    if precision.dtype == DType.bf16 and accelerator == Accelerator.cuda and this_machine:
         import torch
 
         if not torch.cuda.is_bf16_supported():
@@ -124,12 +128,12 @@ def fused_adam_available() -> bool:
     return distrib_optimizer.HAVE_APEX_OR_TE
 
 
-def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator) -> None:
+def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator, this_machine: bool = True) -> None:
     if parallel.use_distributed_optimizer and accelerator == Accelerator.cpu:
         raise ConfigError("parallel.use_distributed_optimizer", True,
                           "megatron's distributed optimizer only wraps CUDA tensors",
                           "use parallel.use_distributed_optimizer=false without a GPU")
-    if parallel.use_distributed_optimizer and not fused_adam_available():
+    if parallel.use_distributed_optimizer and this_machine and not fused_adam_available():
         # Measured on an H200: training runs, but megatron-core 0.16 cannot rebuild torch Adam's
         # per-parameter step counters from a checkpoint, so such a run could never resume.
         raise ConfigError("parallel.use_distributed_optimizer", True,
@@ -163,8 +167,14 @@ def validate_batch(trainer: TrainerConfig, model: ModelConfig, parallel: Paralle
                           f"use a multiple of {2 * cp}")
 
 
-def validate_train_config(cfg: TrainConfig, world_size: int, accelerator: Accelerator) -> int:
-    """Validate a whole training config for a launch of `world_size` processes; returns the DP size."""
+def validate_train_config(cfg: TrainConfig, world_size: int, accelerator: Accelerator,
+                          this_machine: bool = True) -> int:
+    """Validate a whole training config for a launch of `world_size` processes; returns the DP size.
+
+    `this_machine=False` validates a job planned here to run elsewhere (a Slurm login node has no
+    GPU): checks of this machine's GPU and installed packages (bf16 support, Transformer Engine, fused
+    Adam) are left to the job itself, which validates again at start.
+    """
     cfg.model.validate()
     cfg.parallel.validate()
     cfg.precision.validate()
@@ -172,9 +182,9 @@ def validate_train_config(cfg: TrainConfig, world_size: int, accelerator: Accele
     cfg.optim.validate()
     cfg.checkpoint.validate()
     dp = data_parallel_size(cfg.parallel, world_size)
-    validate_model_layout(cfg.model, cfg.parallel, accelerator)
-    validate_precision(cfg.precision, accelerator)
-    validate_parallel_runtime(cfg.parallel, accelerator)
+    validate_model_layout(cfg.model, cfg.parallel, accelerator, this_machine)
+    validate_precision(cfg.precision, accelerator, this_machine)
+    validate_parallel_runtime(cfg.parallel, accelerator, this_machine)
     validate_batch(cfg.trainer, cfg.model, cfg.parallel, dp)
     return dp
 

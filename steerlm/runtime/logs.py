@@ -18,3 +18,8 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
     # megatron-core logs every parameter and its whole optimizer config at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # Hydra applies its logging config (even "disabled") with disable_existing_loggers, which silences
+    # the steerlm loggers modules created at import; they belong to us, so switch them back on.
+    for name, existing in logging.root.manager.loggerDict.items():
+        if name.startswith("steerlm") and isinstance(existing, logging.Logger):
+            existing.disabled = False
