@@ -15,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from steerlm.config.errors import ConfigError
+from steerlm.config.annotate import AnnotateConfig
 from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 SCHEMAS = {"train_schema": TrainConfig, "prepare_data_schema": PrepareDataConfig,
-           "attribute_model_schema": AttributeModelConfig}
+           "attribute_model_schema": AttributeModelConfig, "annotate_schema": AnnotateConfig}
 
 T = TypeVar("T")
 

@@ -3,6 +3,7 @@ conversation JSONL and summarise it: rows in/out, rejected rows with reasons, at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -58,7 +59,7 @@ def run(cfg: PrepareDataConfig) -> PrepareSummary | dict:
     turns: Counter = Counter()
     rejects_path = Path(cfg.rejects or f"{cfg.output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject
-    with (RejectSink(rejects_path) if reject else _NoRejects()) as sink:
+    with (RejectSink(rejects_path) if reject else contextlib.nullcontext()) as sink:
         records = read_records(cfg.input, cfg.format, schema, cfg.on_bad_row, sink if reject else None, stats)
         write_conversation_jsonl(_histogram_pass(records, schema, histograms, turns), cfg.output, schema)
     summary = PrepareSummary(
@@ -69,14 +70,6 @@ def run(cfg: PrepareDataConfig) -> PrepareSummary | dict:
     )
     _write_json(Path(f"{cfg.output}.summary.json"), asdict(summary))
     return summary
-
-
-class _NoRejects:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -185,9 +185,13 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
 
 def load_checkpoint(path: Path, model: list, optimizer, scheduler, layout: ParallelLayout,
                     model_cfg: ModelConfig) -> int:
-    """Load weights, optimizer state and LR schedule into this layout's model; returns the step."""
+    """Load weights, optimizer state and LR schedule into this layout's model; returns the step.
+
+    With `optimizer=None` only the weights are loaded (inference, annotation, initialising a new run);
+    RNG states are then left alone too.
+    """
     meta = check_compatible(path, model_cfg)
-    same_layout = meta.layout == _layout_key(layout)
+    same_layout = meta.layout == _layout_key(layout) and optimizer is not None
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in zip(_model_keys(model), model):
@@ -197,10 +201,28 @@ def load_checkpoint(path: Path, model: list, optimizer, scheduler, layout: Paral
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
-    else:
+    elif optimizer is not None:
         log.info("checkpoint written at %s, loading at %s: RNG states start fresh", meta.layout, _layout_key(layout))
-    log.info("resumed from %s (step %d)", path, loaded["step"])
+    log.info("loaded %s from %s (step %d)", "training state" if optimizer is not None else "weights", path,
+             loaded["step"])
     return int(loaded["step"])
+
+
+def load_weights(path: Path, model: list, layout: ParallelLayout, model_cfg: ModelConfig) -> int:
+    """Only the model weights of a checkpoint (any layout); returns the step it was saved at."""
+    return load_checkpoint(path, model, None, None, layout, model_cfg)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose `checkpoints/latest` names one."""
+    path = Path(path)
+    if (path / META).exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a run directory with "
+                                f"{CHECKPOINTS}/{LATEST}; pass a training output_dir or one of its checkpoints")
+    return latest
 
 
 def _restore_rng(state: dict) -> None:

@@ -1,0 +1,275 @@
+"""Stage 2: annotate a dataset with a trained APM — data-parallel, resumable, nothing lost.
+
+Rank 0 reads the input (any reader format) shard by shard and shares each shard; every assistant turn
+that needs labels becomes one APM input; inputs are bucketed by length into batches whose composition
+depends only on the shard, so any data-parallel size computes exactly the same numbers; batch b goes
+to data-parallel rank b mod dp. Finished shards are written as atomic part files listed in a
+manifest (`<output>.parts/`), so a rerun skips them; the merged output is written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from steerlm import runtime
+from steerlm.config import AttributeModelConfig, ConfigError, to_typed
+from steerlm.config.annotate import AnnotateConfig, AnnotateMode
+from steerlm.config.validation import data_parallel_size, validate_model_layout
+from steerlm.data.apm import AttributeExample, attribute_batch
+from steerlm.data.attributes import MISSING, AttributeSchema
+from steerlm.data.collate import length_buckets
+from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records
+from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
+from steerlm.data.template import SteerLMTemplate
+from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.tokenizers import load_tokenizer
+from steerlm.training import ATTRIBUTE_REGRESSION, predict
+from steerlm.training.checkpoint import load_weights, resolve_checkpoint, saved_config
+
+log = logging.getLogger(__name__)
+SCORES_FIELD = "attribute_scores"
+SCORE_DECIMALS = 4  # raw scores are rounded so outputs compare byte for byte across layouts
+
+
+@dataclass(frozen=True)
+class AnnotateSummary:
+    input: str
+    output: str
+    apm_checkpoint: str
+    mode: str
+    layout: str
+    rows_in: int
+    rows_out: int
+    rejected: int
+    reasons: dict[str, int]
+    rejects_file: str | None
+    shards: int
+    shards_skipped: int
+    annotated_turns: int
+    truncated_inputs: int
+    seconds: float
+    rows_per_s: float
+    histograms: dict[str, dict[str, int]]
+
+
+@dataclass
+class _Work:
+    """The parts directory: one JSONL per finished shard and a manifest naming what made them."""
+
+    root: Path
+    identity: dict
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def done(self) -> set[int]:
+        if not self.manifest.exists():
+            return set()
+        saved = json.loads(self.manifest.read_text())
+        if saved["identity"] != self.identity:
+            raise ConfigError("output", str(self.root), f"holds parts of another annotation ({saved['identity']})",
+                              "use another output path, or delete the .parts directory to start over")
+        return set(saved["done"])
+
+    def part(self, shard: int) -> Path:
+        return self.root / f"shard_{shard:06d}.jsonl"
+
+    def finish(self, shard: int, rows: list[dict], done: set[int]) -> None:
+        _atomic_write(self.part(shard), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        done.add(shard)
+        _atomic_write(self.manifest, json.dumps({"identity": self.identity, "done": sorted(done)}) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _needs(turn: Turn, mode: AnnotateMode) -> bool:
+    if turn.role != Role.assistant:
+        return False
+    return mode == AnnotateMode.overwrite or turn.labels is None or any(v is None for v in turn.labels.values())
+
+
+def _inputs(records: list[Conversation], cfg: AnnotateConfig, template: SteerLMTemplate, tokenizer,
+            schema: AttributeSchema) -> tuple[list[tuple[int, int]], list[AttributeExample], int]:
+    """(record, turn) of every turn to score, its APM input, and how many inputs were cut to seq_length."""
+    keys, examples, truncated = [], [], 0
+    for r, record in enumerate(records):
+        for t, turn in enumerate(record.turns):
+            if not _needs(turn, cfg.mode):
+                continue
+            ids = tokenizer.encode(template.attribute_prompt(record.system, list(record.turns[:t + 1])))
+            ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+            if len(ids) > cfg.seq_length:
+                ids, truncated = ids[-cfg.seq_length:], truncated + 1
+            keys.append((r, t))
+            examples.append(AttributeExample(tuple(ids), (MISSING,) * len(schema.attributes), record.source))
+    return keys, examples, truncated
+
+
+def _score(model: list, examples: list[AttributeExample], micro_batch_size: int, pad_id: int,
+           layout: runtime.ParallelLayout) -> dict[int, list[float]]:
+    """Scores of every example (by index) on every rank; batches are assigned round-robin over DP."""
+    local: dict[int, list[float]] = {}
+    batches = length_buckets([len(e.ids) for e in examples], micro_batch_size)
+    for number, members in enumerate(batches):
+        if number % layout.dp != layout.dp_rank:
+            continue
+        batch = attribute_batch([examples[i] for i in members], pad_id)
+        scores = predict(model, [batch], layout, ATTRIBUTE_REGRESSION)[0].cpu()
+        local.update({i: [round(float(v), SCORE_DECIMALS) for v in row] for i, row in zip(members, scores)})
+    gathered: list[dict] = [{} for _ in range(layout.world_size)]
+    dist.all_gather_object(gathered, local)
+    return {index: scores for part in gathered for index, scores in part.items()}
+
+
+def _annotated_rows(records: list[Conversation], keys: list[tuple[int, int]], scores: dict[int, list[float]],
+                    schema: AttributeSchema, mode: AnnotateMode) -> list[dict]:
+    per_turn = {key: scores[i] for i, key in enumerate(keys)}
+    rows = []
+    for r, record in enumerate(records):
+        turns, raw = [], []
+        for t, turn in enumerate(record.turns):
+            if (r, t) not in per_turn:
+                turns.append(turn)
+                raw.append(None)
+                continue
+            values = per_turn[(r, t)]
+            predicted = schema.clip_round(dict(zip(schema.attributes, values)))
+            if mode == AnnotateMode.fill_missing and turn.labels is not None:
+                predicted = {k: turn.labels[k] if turn.labels[k] is not None else v for k, v in predicted.items()}
+            turns.append(Turn(turn.role, turn.text, predicted))
+            raw.append(dict(zip(schema.attributes, values)))
+        annotated = Conversation(record.system, tuple(turns), record.source, {**record.extra, SCORES_FIELD: raw})
+        rows.append(to_conversation_json(annotated, schema))
+    return rows
+
+
+def _shards(cfg: AnnotateConfig, schema: AttributeSchema, stats: ReadStats, rejects: RejectSink | None):
+    records = read_records(cfg.input, cfg.format, schema, cfg.on_bad_row, rejects, stats)
+    while True:
+        shard = list(itertools.islice(records, cfg.shard_size))
+        if not shard:
+            return
+        yield shard
+
+
+def _broadcast(obj: object) -> object:
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
+    """Annotate `cfg.input` into `cfg.output`; returns the summary on global rank 0 (None elsewhere)."""
+    cfg.validate()
+    apm_path = resolve_checkpoint(cfg.apm_checkpoint)
+    apm = to_typed(saved_config(apm_path), AttributeModelConfig)
+    schema = apm.attributes.schema()
+    tokenizer = load_tokenizer(apm.tokenizer.type.value, apm.tokenizer.path)
+    data_parallel_size(cfg.parallel, runtime.launch_world_size())
+    validate_model_layout(apm.model, cfg.parallel, runtime.detect_accelerator())
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    layout = runtime.initialize(cfg.parallel, cfg.seed)
+    try:
+        chunks = build_attribute_model_chunks(apm.model, apm.precision, layout, cfg.seed, len(schema.attributes))
+        for chunk in chunks:
+            chunk.eval()
+        load_weights(apm_path, chunks, layout, apm.model)
+        return _annotate(cfg, apm_path, schema, tokenizer, chunks, layout)
+    finally:
+        runtime.shutdown()
+
+
+@torch.no_grad()
+def _annotate(cfg: AnnotateConfig, apm_path: Path, schema: AttributeSchema, tokenizer, model: list,
+              layout: runtime.ParallelLayout) -> AnnotateSummary | None:
+    output = Path(cfg.output)
+    identity = {"input": str(Path(cfg.input).resolve()), "apm_checkpoint": str(apm_path.resolve()),
+                "mode": cfg.mode.value, "shard_size": cfg.shard_size, "format": cfg.format.value}
+    work = _Work(Path(f"{output}.parts"), identity)
+    template = SteerLMTemplate(schema)
+    stats, counts = ReadStats(), Counter()
+    rejects_path = Path(cfg.rejects or f"{output}.rejects.jsonl")
+    reject = cfg.on_bad_row == BadRowPolicy.reject
+    start = time.perf_counter()
+    if layout.is_rank_zero:
+        work.root.mkdir(parents=True, exist_ok=True)
+    done = work.done()
+    sink = RejectSink(rejects_path) if reject and layout.is_rank_zero else None
+    with (sink or contextlib.nullcontext()), tqdm(desc="annotate", unit="row", disable=not layout.is_rank_zero) as bar:
+        shards = _shards(cfg, schema, stats, sink) if layout.is_rank_zero else None
+        for number in itertools.count():
+            shard = next(shards, None) if layout.is_rank_zero else None
+            if _broadcast(None if shard is None else (number in done)) is None:
+                break
+            counts["shards"] += 1
+            if number in done:
+                counts["skipped"] += 1
+                continue
+            records = _broadcast(shard)
+            keys, examples, truncated = _inputs(records, cfg, template, tokenizer, schema)
+            scores = _score(model, examples, cfg.micro_batch_size, tokenizer.pad_id, layout)
+            counts["turns"] += len(keys)
+            counts["truncated"] += truncated
+            counts["rows"] += len(records)
+            if layout.is_rank_zero:
+                work.finish(number, _annotated_rows(records, keys, scores, schema, cfg.mode), done)
+            bar.update(len(records))
+            dist.barrier()
+    if not layout.is_rank_zero:
+        return None
+    return _merge(cfg, work, layout, stats, counts, time.perf_counter() - start, rejects_path if reject else None,
+                  schema)
+
+
+def _merge(cfg: AnnotateConfig, work: _Work, layout: runtime.ParallelLayout, stats: ReadStats, counts: Counter,
+           seconds: float, rejects: Path | None, schema: AttributeSchema) -> AnnotateSummary:
+    histograms = {name: Counter() for name in schema.attributes}
+    text = []
+    for shard in range(counts["shards"]):
+        part = work.part(shard).read_text(encoding="utf-8")
+        text.append(part)
+        for line in part.splitlines():
+            for turn in json.loads(line)["conversations"]:
+                if turn["label"] is not None:
+                    for name, value in schema.parse(turn["label"]).items():
+                        histograms[name]["missing" if value is None else f"{value:g}"] += 1
+    _atomic_write(Path(cfg.output), "".join(text))
+    summary = AnnotateSummary(
+        input=cfg.input, output=cfg.output, apm_checkpoint=cfg.apm_checkpoint, mode=cfg.mode.value,
+        layout=layout.describe(), rows_in=stats.rows_in, rows_out=stats.rows_out, rejected=stats.rejected,
+        reasons=dict(stats.reasons), rejects_file=str(rejects) if rejects else None, shards=counts["shards"],
+        shards_skipped=counts["skipped"], annotated_turns=counts["turns"], truncated_inputs=counts["truncated"],
+        seconds=seconds, rows_per_s=counts["rows"] / max(seconds, 1e-9),
+        histograms={name: dict(sorted(c.items())) for name, c in histograms.items()})
+    _atomic_write(Path(f"{cfg.output}.summary.json"), json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
+
+
+def format_annotate_summary(summary: AnnotateSummary) -> str:
+    lines = [f"{summary.input} -> {summary.output} ({summary.mode}, APM {summary.apm_checkpoint}, {summary.layout})",
+             f"rows in: {summary.rows_in}  rows out: {summary.rows_out}  rejected: {summary.rejected}"
+             + (f" (reasons in {summary.rejects_file})" if summary.rejected else ""),
+             f"annotated assistant turns: {summary.annotated_turns}  inputs cut to seq_length: "
+             f"{summary.truncated_inputs}  shards: {summary.shards} ({summary.shards_skipped} already done)",
+             f"{summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s"]
+    for name, counts in summary.histograms.items():
+        lines.append(f"  {name:>12}  " + "  ".join(f"{value}:{count}" for value, count in counts.items()))
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Stage 2 as users run it: kill -9 and rerun, DP=2 vs DP=1, fill_missing, order, bad rows."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from steerlm.data.attributes import MISSING
+from tests.recipe_runner import TORCHRUN_2, run_recipe, start_recipe
+
+pytestmark = pytest.mark.slow
+WAIT_SECONDS = 240
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("annotate")
+    data = root / "synthetic"
+    made = run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.annotated_rows=200",
+                                       "synthetic.unlabelled_rows=2000", "synthetic.eval_prompts=1",
+                                       "synthetic.missing_label_rate=0.2"])
+    assert made.returncode == 0, made.stderr[-2000:]
+    apm = root / "apm"
+    trained = run_recipe("train_attribute_model", [f"data.train_file={data}/annotated.jsonl",
+                                                   f"tokenizer.path={data}/tokenizer", f"output_dir={apm}",
+                                                   "trainer.max_steps=10"])
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    return {"data": data, "apm": apm}
+
+
+def _annotate(world: dict, output: Path, *extra: str, launcher=None):
+    args = [f"apm_checkpoint={world['apm']}", f"input={world['data']}/unlabelled.jsonl", f"output={output}",
+            "shard_size=100", "torch_threads=1", *extra]
+    return run_recipe("annotate", args, launcher)
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("reference") / "labels.jsonl"
+    result = _annotate(world, output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rows in: 2000  rows out: 2000  rejected: 0" in result.stdout
+    return output
+
+
+def test_output_keeps_input_order_and_labels_every_assistant_turn(world, reference: Path) -> None:
+    source = [json.loads(line) for line in (world["data"] / "unlabelled.jsonl").read_text().splitlines()]
+    output = [json.loads(line) for line in reference.read_text().splitlines()]
+    assert [row["conversations"][-1]["value"] for row in output] == [row["conversations"][-1]["value"]
+                                                                     for row in source]
+    for row in output:
+        for turn, scores in zip(row["conversations"], row["attribute_scores"]):
+            assert (turn["label"] is None) == (turn["from"] == "User") == (scores is None)
+    summary = json.loads(Path(f"{reference}.summary.json").read_text())
+    assert summary["annotated_turns"] == sum(t["from"] == "Assistant" for r in source for t in r["conversations"])
+    assert sum(summary["histograms"]["humor"].values()) == summary["annotated_turns"]
+
+
+def test_kill9_mid_run_then_rerun_is_byte_identical(world, reference: Path, tmp_path: Path) -> None:
+    output = tmp_path / "labels.jsonl"
+    args = [f"apm_checkpoint={world['apm']}", f"input={world['data']}/unlabelled.jsonl", f"output={output}",
+            "shard_size=100", "torch_threads=1"]
+    process = start_recipe("annotate", args)
+    manifest = Path(f"{output}.parts") / "manifest.json"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["done"]) >= 3):
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL and not output.exists()
+    done_before = len(json.loads(manifest.read_text())["done"])
+    assert done_before < 20
+
+    rerun = _annotate(world, output)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"shards: 20 ({done_before} already done)" in rerun.stdout
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_two_data_parallel_ranks_write_the_same_bytes(world, reference: Path, tmp_path: Path) -> None:
+    output = tmp_path / "labels.jsonl"
+    result = _annotate(world, output, launcher=TORCHRUN_2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dp=2" in result.stdout
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_fill_missing_keeps_every_human_label(world, tmp_path: Path) -> None:
+    output = tmp_path / "filled.jsonl"
+    result = run_recipe("annotate", [f"apm_checkpoint={world['apm']}", f"input={world['data']}/annotated.jsonl",
+                                     "format=helpsteer2", f"output={output}", "mode=fill_missing"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    human = [json.loads(line) for line in (world["data"] / "annotated.jsonl").read_text().splitlines()]
+    filled = [json.loads(line) for line in output.read_text().splitlines()]
+    names = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity",
+             "verbosity")
+    kept = replaced = 0
+    for row, out in zip(human, filled):
+        labels = dict(item.split(":") for item in out["conversations"][-1]["label"].split(","))
+        assert set(labels) == set(names)  # nothing left missing
+        for name in names:
+            if row[name] != MISSING:
+                assert int(labels[name]) == row[name], name
+                kept += 1
+            else:
+                replaced += 1
+    assert kept > 1000 and replaced > 100
+
+
+def test_a_rerun_with_other_settings_refuses_the_old_parts(world, reference: Path) -> None:
+    result = _annotate(world, reference, "mode=overwrite")
+    assert result.returncode != 0 and "holds parts of another annotation" in result.stderr
+
+
+def test_bad_rows_are_rejected_with_file_and_line(world, tmp_path: Path) -> None:
+    source = tmp_path / "input.jsonl"
+    lines = (world["data"] / "unlabelled.jsonl").read_text().splitlines()[:5]
+    lines.insert(2, '{"conversations": [{"from": "Robot", "value": "hi"}]}')
+    source.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "labels.jsonl"
+    result = run_recipe("annotate", [f"apm_checkpoint={world['apm']}", f"input={source}", f"output={output}",
+                                     "on_bad_row=reject"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rows in: 6  rows out: 5  rejected: 1" in result.stdout
+    rejected = json.loads(Path(f"{output}.rejects.jsonl").read_text())
+    assert rejected["source"] == f"{source}:3"
+    assert len(output.read_text().splitlines()) == 5
