@@ -27,7 +27,7 @@ from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import fused_adam_available, transformer_engine_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
-PRIMARY = ("demo", "prepare_data", "train_attribute_model")
+PRIMARY = ("demo", "prepare_data", "train_attribute_model", "annotate")
 PREPARE_GROUPS = ("attributes", "data")
 
 
@@ -85,6 +85,20 @@ def test_attribute_model_config_composes_and_validates(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         replace(cfg.data, train_file=str(tmp_path / "missing.jsonl")).validate()
     assert error.value.key == "data.train_file" and "prepare_data.py data=synthetic" in str(error.value)
+
+
+def test_annotate_config_composes_and_validates(tmp_path: Path) -> None:
+    from steerlm.config.annotate import AnnotateConfig, AnnotateMode
+
+    (tmp_path / "apm").mkdir()
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = to_typed(compose("annotate", [f"apm_checkpoint={tmp_path / 'apm'}", f"input={tmp_path / 'in.jsonl'}",
+                                        f"output={tmp_path / 'out.jsonl'}", "parallel=tp2"]), AnnotateConfig)
+    cfg.validate()
+    assert cfg.mode == AnnotateMode.fill_missing and cfg.parallel.tensor_model_parallel_size == 2
+    with pytest.raises(ConfigError) as error:
+        replace(cfg, output=cfg.input).validate()
+    assert error.value.key == "output"
 
 
 def test_prepare_data_requires_input_and_output() -> None:
