@@ -1,5 +1,7 @@
 # Set-up and entry points. Each target creates .venv on first use (Python >= 3.10 and git only).
-#   make demo                 the main job: a tiny Llama trained on the bundled text (CPU or GPU)
+#   make demo                 the main job: SteerLM on the embedded default (synthetic world → APM →
+#                             annotation → attribute-conditioned SFT), ~7 minutes on 2 CPU cores
+#   make smoke                a tiny Llama trained on the bundled text in seconds (recipes/demo.py)
 #   make test                 the whole test suite (what CI runs via .ci/run)
 # TORCH_SPEC picks the torch build: the default pins the release the CPU CI machines carry; on a GPU
 # workstation use e.g. `make test TORCH_SPEC=torch` (or an existing CUDA build).
@@ -11,7 +13,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.steerlm-installed
 
-.PHONY: demo test venv clean
+.PHONY: demo smoke test venv clean
 
 venv: $(STAMP)
 
@@ -23,10 +25,17 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
+	$(VENV)/bin/python recipes/prepare_data.py data=synthetic
+	$(VENV)/bin/python recipes/train_attribute_model.py
+	$(VENV)/bin/python recipes/annotate.py
+	$(VENV)/bin/python recipes/train_sft.py data.train_file=data/synthetic/apm_labels.jsonl data.format=conversation \
+		output_dir=runs/sft
+
+smoke: $(STAMP)
 	$(VENV)/bin/python recipes/demo.py $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache

@@ -27,7 +27,7 @@ from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import fused_adam_available, transformer_engine_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
-PRIMARY = ("demo", "prepare_data", "train_attribute_model", "annotate")
+PRIMARY = ("demo", "prepare_data", "train_attribute_model", "annotate", "train_sft")
 PREPARE_GROUPS = ("attributes", "data")
 
 
@@ -173,6 +173,18 @@ def test_unknown_key_names_the_key() -> None:
     with pytest.raises(ConfigCompositionException) as error:
         compose("demo", ["model.num_layer=3"])
     assert "model.num_layer" in str(error.value) + str(error.value.__cause__)
+
+
+def test_appended_unknown_key_is_refused() -> None:
+    with pytest.raises(ConfigError) as error:
+        to_typed(compose("demo", ["+trainer.foo=1"]))
+    assert error.value.key == "trainer.foo"
+    with pytest.raises(ConfigError) as error:
+        to_typed(compose("demo", ["+bar=2"]))
+    assert error.value.key == "bar"
+    with pytest.raises(ConfigError) as error:  # a property is not a key
+        to_typed(compose("demo", ["+parallel.model_parallel_size=2"]))
+    assert error.value.key == "parallel.model_parallel_size"
 
 
 def test_wrong_type_names_the_key() -> None:

@@ -484,10 +484,16 @@ class TrainConfig:
 
 
 @dataclass
-class AttributeModelConfig(TrainConfig):
-    """`recipes/train_attribute_model.py`: the regression Attribute Prediction Model."""
+class LabelledDataTrainConfig(TrainConfig):
+    """A training recipe on attribute-labelled conversations: the schema, the tokenizer, the data."""
 
     attributes: AttributesConfig = field(default_factory=AttributesConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
+
+
+@dataclass
+class AttributeModelConfig(LabelledDataTrainConfig):
+    """`recipes/train_attribute_model.py`: the regression Attribute Prediction Model."""
+
     apm: APMConfig = field(default_factory=APMConfig)

@@ -7,6 +7,7 @@ against the dataclasses and unknown keys are rejected by OmegaConf's struct mode
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence, TypeVar
 
@@ -17,11 +18,13 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from steerlm.config.errors import ConfigError
 from steerlm.config.annotate import AnnotateConfig
 from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
+from steerlm.config.sft import SFTConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 SCHEMAS = {"train_schema": TrainConfig, "prepare_data_schema": PrepareDataConfig,
-           "attribute_model_schema": AttributeModelConfig, "annotate_schema": AnnotateConfig}
+           "attribute_model_schema": AttributeModelConfig, "annotate_schema": AnnotateConfig,
+           "sft_schema": SFTConfig}
 
 T = TypeVar("T")
 
@@ -43,8 +46,30 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path = 
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def _unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None:
+    """The first key of `node` that `schema` (a dataclass) does not define, searched recursively.
+
+    Hydra's `+key=value` appends keys even to structured configs; the dataclass conversion would then
+    drop them silently.
+    """
+    defaults, names = schema(), {field.name for field in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in names:
+            return f"{prefix}{key}"
+        child, value = node._get_node(key), getattr(defaults, key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(value):
+            found = _unknown_key(child, type(value), f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
 def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
-    """Turn a composed config into its dataclass, reporting type errors as ConfigError."""
+    """Turn a composed config into its dataclass, reporting type errors and unknown keys as ConfigError."""
+    unknown = _unknown_key(cfg, schema)
+    if unknown is not None:
+        raise ConfigError(unknown, OmegaConf.select(cfg, unknown), f"is not a key of {schema.__name__}",
+                          "remove it or check its spelling against steerlm/config/ (a leading + cannot add keys)")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         typed = OmegaConf.to_object(merged)

@@ -3,7 +3,15 @@ sees exactly the batches an uninterrupted one would."""
 
 from __future__ import annotations
 
+import zlib
+
 import torch
+
+
+def held_out(source: str, fraction: float) -> bool:
+    """Whether a row (by its `file:line` source) belongs to the validation share: a hash, so every stage
+    and every rerun holds out the same rows of a file."""
+    return zlib.crc32(source.encode()) % 1000 < fraction * 1000
 
 
 def global_batch_indices(num_rows: int, global_batch_size: int, step: int, seed: int) -> list[int]:

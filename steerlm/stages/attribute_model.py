@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ from steerlm.data.apm import AttributeExample, attribute_batch, attribute_exampl
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthStats
 from steerlm.data.readers import read_records
-from steerlm.data.sampler import global_batch_indices
+from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.evaluation.apm_metrics import attribute_metrics
 from steerlm.models.attribute import build_attribute_model_chunks
@@ -49,9 +48,9 @@ class APMResult:
 
 
 def _split(examples: list[AttributeExample], fraction: float) -> tuple[list, list]:
-    """Deterministic hold-out by a hash of each row's source (stable across runs and layouts)."""
-    held = [e for e in examples if zlib.crc32(e.source.encode()) % 1000 < fraction * 1000]
-    return [e for e in examples if e not in set(held)], held
+    """Deterministic hold-out by a hash of each row's source (stable across runs, layouts and stages)."""
+    return ([e for e in examples if not held_out(e.source, fraction)],
+            [e for e in examples if held_out(e.source, fraction)])
 
 
 def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer) -> tuple[list, list, LengthStats]:

@@ -1,0 +1,64 @@
+"""Configuration of stage 3, attribute-conditioned SFT (`recipes/train_sft.py`).
+
+`SFTConfig` is a training recipe's config (model, parallel, precision, trainer, optim, checkpoint)
+plus the attribute schema, the tokenizer, the training data and `sft`, the options NeMo-Aligner users
+know from its SteerLM SFT. The maximum sequence length is `trainer.seq_length` (NeMo's
+`max_seq_length`); there is no second knob for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import LabelledDataTrainConfig
+from steerlm.data.template import TemplateConfig
+
+# Files that mark a steerlm checkpoint (steerlm.training.checkpoint.META) or a Hugging Face model directory;
+# named here so validating a config does not import the training stack.
+STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
+HF_CONFIG_FILE = "config.json"
+
+
+@dataclass
+class SFTOptions:
+    """What is trained and how the data is shown to the model."""
+
+    condition_on_attributes: bool = True  # False: the plain-SFT baseline (no attribute line), same data
+    answer_only_loss: bool = True  # False: every token is trained (system, user turns, headers, attribute lines)
+    train_unlabelled_responses: bool = True  # False: assistant turns without labels are context only
+    repeat: int = 1  # the training rows appear this many times per sampler epoch (NeMo-Aligner's docs: 4x)
+    packing: bool = False  # pack each step's conversations into rows of trainer.seq_length positions
+    system_prompt: Optional[str] = None  # None: keep each conversation's own system prompt
+    init_from: Optional[str] = None  # a steerlm run directory or checkpoint: its weights start this run
+
+    def template(self) -> TemplateConfig:
+        """The SteerLM template's switches (its literals keep NeMo-Aligner's defaults)."""
+        return TemplateConfig(condition_on_attributes=self.condition_on_attributes,
+                              answer_only_loss=self.answer_only_loss,
+                              train_unlabelled_responses=self.train_unlabelled_responses)
+
+    def validate(self) -> None:
+        if self.repeat < 1:
+            raise ConfigError("sft.repeat", self.repeat, "must be >= 1", "use 1 to read the training file once")
+        if self.init_from is None:
+            return
+        path = Path(self.init_from)
+        if not path.is_dir():
+            raise ConfigError("sft.init_from", self.init_from, "is not a directory",
+                              "pass a steerlm training output_dir or one of its checkpoints/step_* directories, "
+                              "or sft.init_from=null to train from scratch")
+        if (path / HF_CONFIG_FILE).is_file() and not (path / STEERLM_CHECKPOINT_FILE).is_file():
+            raise ConfigError("sft.init_from", self.init_from,
+                              "is a Hugging Face model directory; initialising from HF weights is not supported yet",
+                              "train from scratch (sft.init_from=null) or pass a steerlm run directory or checkpoint")
+
+
+@dataclass
+class SFTConfig(LabelledDataTrainConfig):
+    """`recipes/train_sft.py`: attribute-conditioned SFT (or, without attributes, the plain-SFT baseline)."""
+
+    sft: SFTOptions = field(default_factory=SFTOptions)
+    output_dir: str = "runs/sft"

@@ -1,0 +1,340 @@
+"""Stage 3: attribute-conditioned SFT, and the plain-SFT baseline from the same recipe.
+
+config → tokenizer + schema → labelled conversations → SteerLM-template examples (loss on the responses)
+→ the one training loop with the language-model task → validation loss against a unigram baseline
+(`eval.json`). `sft.condition_on_attributes=false` renders the same conversations without attribute
+lines: the baseline every steerability evaluation compares against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from steerlm import runtime
+from steerlm.config import ConfigError, save_resolved, validate_train_config, validate_vocab
+from steerlm.config.sft import SFTConfig
+from steerlm.data.attributes import AttributeSchema
+from steerlm.data.collate import Batch, Example, LengthStats, apply_length_policy, pack_examples, packed_batch, \
+    pad_batch, tokenize
+from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink, read_records
+from steerlm.data.readers.oasst import OASST_LABELS
+from steerlm.data.records import Conversation
+from steerlm.data.sampler import global_batch_indices, held_out
+from steerlm.data.template import SteerLMTemplate
+from steerlm.stages.text_lm import prepare_output_dir
+from steerlm.tokenizers import Tokenizer, load_tokenizer
+from steerlm.training import TrainingSetup, build_training
+from steerlm.training.checkpoint import SHAPE_FIELDS, latest_checkpoint, load_weights, read_meta, resolve_checkpoint, \
+    saved_config
+from steerlm.training.loop import evaluate, maybe_resume, run_training
+
+log = logging.getLogger(__name__)
+EVAL_FILE = "eval.json"
+# Columns of HelpSteer-style rows that rate an attribute (OASST's label names cover every shipped schema's
+# extra attributes); such a column outside the schema would be ignored, so it is an error instead.
+RATING_COLUMNS = frozenset(OASST_LABELS)
+
+
+@dataclass
+class SFTData:
+    """Tokenised examples: `train` holds each distinct training example `repeat` times."""
+
+    train: list[Example]
+    valid: list[Example]
+    distinct_train: int
+    train_lengths: LengthStats = field(default_factory=LengthStats)
+    valid_lengths: LengthStats = field(default_factory=LengthStats)
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    layout: str
+    condition_on_attributes: bool
+    packing: bool
+    init_from: str | None
+    start_step: int
+    last_step: int
+    stop_reason: str | None
+    train_examples: int  # distinct, after the length policy
+    repeat: int
+    validation_examples: int
+    train_tokens: int  # trained (loss) tokens of the distinct training examples
+    validation_tokens: int
+    epochs: float  # examples drawn / distinct training examples
+    length: dict[str, str]  # LengthStats summaries of train and validation
+    initial_validation_loss: float | None  # before this run's first step
+    final_validation_loss: float | None
+    unigram_baseline: float | None  # validation tokens under the training tokens' unigram distribution
+    last_train_loss: float | None  # the last logged step's
+    evaluations: list[tuple[int, float]]
+    train_seconds: float
+
+
+def check_rating_columns(conversation: Conversation, schema: AttributeSchema) -> None:
+    """HelpSteer-style rows keep unknown columns as passthrough; a rating the schema lacks is an error."""
+    unknown = sorted(key for key in conversation.extra if key in RATING_COLUMNS and key not in schema.attributes)
+    if unknown:
+        raise ConfigError("attributes.attributes", list(schema.attributes),
+                          f"{conversation.source} rates {', '.join(unknown)}, which schema '{schema.name}' lacks "
+                          "(conditioning would silently ignore them)",
+                          "use a schema that names them (e.g. attributes=steerlm_oasst, or a custom "
+                          "attributes.attributes=[...]) or remove those columns from the data")
+
+
+def read_conversations(cfg: SFTConfig, path: str, schema: AttributeSchema, output_dir: Path,
+                       split: str) -> list[Conversation]:
+    """Every conversation of `path`, checked against the schema, with `sft.system_prompt` applied.
+
+    With `data.on_bad_row=reject` bad rows go to `<output_dir>/rejects.<split>.jsonl`.
+    """
+    stats = ReadStats()
+    reject = cfg.data.on_bad_row == BadRowPolicy.reject
+    check_columns = DataFormat(cfg.data.format) in (DataFormat.helpsteer, DataFormat.helpsteer2)
+    conversations = []
+    with RejectSink(output_dir / f"rejects.{split}.jsonl") if reject else nullcontext() as rejects:
+        for conversation in read_records(path, cfg.data.format, schema, cfg.data.on_bad_row, rejects, stats):
+            if check_columns:
+                check_rating_columns(conversation, schema)
+            if cfg.sft.system_prompt is not None:
+                conversation = replace(conversation, system=cfg.sft.system_prompt)
+            conversations.append(conversation)
+    log.info("%s: %d rows read, %d conversations, %d rejected", path, stats.rows_in, stats.rows_out, stats.rejected)
+    return conversations
+
+
+def sft_examples(conversations: Sequence[Conversation], template: SteerLMTemplate, tokenizer: Tokenizer,
+                 seq_length: int, cfg: SFTConfig, stats: LengthStats) -> list[Example]:
+    """One example per conversation (every assistant turn in it), fitted to `seq_length` positions."""
+    examples = (tokenize(template.segments(c), tokenizer, source=c.source) for c in conversations)
+    return apply_length_policy(examples, seq_length, cfg.data.length_policy, stats)
+
+
+def load_data(cfg: SFTConfig, schema: AttributeSchema, tokenizer: Tokenizer, output_dir: Path) -> SFTData:
+    """Training and validation examples (`data.validation_file`, or `data.validation_fraction` held out)."""
+    template = SteerLMTemplate(schema, cfg.sft.template())
+    records = read_conversations(cfg, cfg.data.train_file, schema, output_dir, "train")
+    if cfg.data.validation_file is not None:
+        train_records = records
+        valid_records = read_conversations(cfg, cfg.data.validation_file, schema, output_dir, "validation")
+    else:
+        fraction = cfg.data.validation_fraction
+        train_records = [r for r in records if not held_out(r.source, fraction)]
+        valid_records = [r for r in records if held_out(r.source, fraction)]
+    data = SFTData(train=[], valid=[], distinct_train=0)
+    seq_length = cfg.trainer.seq_length
+    train = sft_examples(train_records, template, tokenizer, seq_length, cfg, data.train_lengths)
+    data.valid = sft_examples(valid_records, template, tokenizer, seq_length, cfg, data.valid_lengths)
+    if not train:
+        raise ConfigError("data.train_file", cfg.data.train_file,
+                          f"gives no example with a trained token ({data.train_lengths.summary()})",
+                          "check the file, data.length_policy and trainer.seq_length")
+    data.distinct_train = len(train)
+    data.train = train * cfg.sft.repeat
+    return data
+
+
+def trained_targets(examples: Sequence[Example]) -> Counter:
+    """Counts of the target ids the loss covers (a target is trained when its own flag is set)."""
+    counts: Counter = Counter()
+    for example in examples:
+        counts.update(token for token, flag in zip(example.ids[1:], example.trainable[1:]) if flag)
+    return counts
+
+
+def unigram_cross_entropy(train: Sequence[Example], valid: Sequence[Example], vocab_size: int) -> float | None:
+    """Cross entropy (nats per token) of the validation's trained tokens under the unigram distribution of
+    the training's trained tokens, add-one smoothed over the tokenizer's vocabulary; None without validation.
+
+    A model that ignores context entirely can reach this; an SFT model should fall well below it.
+    """
+    train_counts, valid_counts = trained_targets(train), trained_targets(valid)
+    total_valid = sum(valid_counts.values())
+    if not total_valid:
+        return None
+    denominator = sum(train_counts.values()) + vocab_size
+    nats = -sum(count * math.log((train_counts[token] + 1) / denominator) for token, count in valid_counts.items())
+    return nats / total_valid
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def step_batch(examples: Sequence[Example], pad_id: int, packing: bool, seq_length: int, rows_multiple: int,
+               length_multiple: int = 1) -> Batch:
+    """One step's global batch of `examples`, identical on every rank.
+
+    Dynamic padding: one row per example, right-padded to the longest. Packing: the examples are packed
+    first-fit-decreasing into rows of at most `seq_length` positions (documents isolated by the attention
+    mask), and empty rows are added up to a multiple of `rows_multiple` (micro_batch_size x dp), so a step
+    trains on the same tokens either way. Lengths are rounded up to `length_multiple` (sequence parallelism).
+    """
+    if not packing:
+        length = _round_up(max(e.positions for e in examples), length_multiple)
+        return pad_batch(examples, pad_id, length)
+    rows = pack_examples(examples, seq_length)
+    rows += [[] for _ in range(-len(rows) % rows_multiple)]
+    length = _round_up(max(sum(e.positions for e in row) for row in rows), length_multiple)
+    return packed_batch(rows, pad_id, length)
+
+
+def validation_batches(valid: Sequence[Example], pad_id: int, rows: int, length_multiple: int = 1) -> list[Batch]:
+    """Every validation example once, longest first, `rows` per batch; the last batch is filled with
+    untrained blank rows so it splits like a training batch."""
+    order = sorted(valid, key=lambda e: (-e.positions, e.source))
+    blank = Example((pad_id, pad_id), (False, False))
+    batches = []
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        chunk += [blank] * (rows - len(chunk))
+        batches.append(pad_batch(chunk, pad_id, _round_up(chunk[0].positions, length_multiple)))
+    return batches
+
+
+def resolve_init_checkpoint(cfg: SFTConfig) -> Path | None:
+    """The checkpoint `sft.init_from` names (a checkpoint, or a run directory's latest), shape-checked."""
+    if cfg.sft.init_from is None:
+        return None
+    try:
+        path = resolve_checkpoint(cfg.sft.init_from)
+    except FileNotFoundError as error:
+        raise ConfigError("sft.init_from", cfg.sft.init_from, str(error).split("; ")[0],
+                          "pass a steerlm training output_dir or one of its checkpoints/step_* directories") from None
+    written = read_meta(path).model
+    for name in SHAPE_FIELDS:
+        value = getattr(cfg.model, name)
+        value = value.value if isinstance(value, Enum) else value
+        if written.get(name) != value:
+            raise ConfigError("sft.init_from", cfg.sft.init_from,
+                              f"was written for model.{name}={written.get(name)!r}, this run has {value!r}",
+                              f"use the checkpoint's model (model.{name}={written.get(name)!r}) or another checkpoint")
+    return path
+
+
+def check_resume_conditioning(cfg: SFTConfig, output_dir: Path) -> None:
+    """A run's checkpoints were trained with one attribute conditioning: refuse to continue them with another."""
+    path = latest_checkpoint(output_dir) if cfg.checkpoint.resume else None
+    if path is None:
+        return
+    saved = saved_config(path)
+    trained_with = saved.get("sft", {}).get("condition_on_attributes")
+    if trained_with is not None and trained_with != cfg.sft.condition_on_attributes:
+        raise ConfigError("sft.condition_on_attributes", cfg.sft.condition_on_attributes,
+                          f"checkpoint {path} was trained with sft.condition_on_attributes={trained_with}",
+                          "use the checkpoint's setting, a new output_dir, or checkpoint.resume=false")
+    if "attributes" in saved and list(saved.attributes.attributes) != list(cfg.attributes.attributes):
+        raise ConfigError("attributes.attributes", list(cfg.attributes.attributes),
+                          f"checkpoint {path} was trained for the attributes {list(saved.attributes.attributes)}",
+                          "use the checkpoint's schema, a new output_dir, or checkpoint.resume=false")
+
+
+def _start(cfg: SFTConfig, output_dir: Path, setup: TrainingSetup, layout: runtime.ParallelLayout,
+           init: Path | None) -> int:
+    """Resume this run when it has a checkpoint; otherwise start from `sft.init_from`'s weights (or scratch)."""
+    check_resume_conditioning(cfg, output_dir)
+    if cfg.checkpoint.resume and latest_checkpoint(output_dir) is not None:
+        if init is not None:
+            log.info("resuming %s; sft.init_from is used only by a run's first start", output_dir)
+        return maybe_resume(cfg, output_dir, setup, layout)
+    if init is not None:
+        load_weights(init, setup.model, layout, cfg.model)
+        log.info("initialised the weights from %s", init)
+    return 0
+
+
+def _validate(cfg: SFTConfig) -> None:
+    validate_train_config(cfg, runtime.launch_world_size(), runtime.detect_accelerator())
+    for section in (cfg.tokenizer, cfg.data, cfg.attributes, cfg.sft):
+        section.validate()
+
+
+def run(cfg: SFTConfig) -> SFTResult:
+    """Validate, read and tokenise (every data problem surfaces here, before training), train, evaluate."""
+    _validate(cfg)
+    schema = cfg.attributes.schema()
+    tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+    validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
+    init = resolve_init_checkpoint(cfg)
+    output_dir = prepare_output_dir(cfg.output_dir)
+    data = load_data(cfg, schema, tokenizer, output_dir)
+    baseline = unigram_cross_entropy(data.train[:data.distinct_train], data.valid, tokenizer.vocab_size)
+    log.info("SFT data (%s attributes): train %s; validation %s; repeat %d → %d rows per epoch",
+             "with" if cfg.sft.condition_on_attributes else "WITHOUT", data.train_lengths.summary(),
+             data.valid_lengths.summary(), cfg.sft.repeat, len(data.train))
+    if cfg.trainer.torch_threads:
+        torch.set_num_threads(cfg.trainer.torch_threads)
+    layout = runtime.initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        if layout.is_rank_zero:
+            save_resolved(cfg, output_dir / "config.yaml")
+        setup = build_training(cfg, layout)
+        start = _start(cfg, output_dir, setup, layout, init)
+        result = _train_and_evaluate(cfg, data, tokenizer.pad_id, baseline, setup, layout, output_dir, start)
+        if layout.is_rank_zero:
+            (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        return result
+    finally:
+        runtime.shutdown()
+
+
+def _train_and_evaluate(cfg: SFTConfig, data: SFTData, pad_id: int, baseline: float | None, setup: TrainingSetup,
+                        layout: runtime.ParallelLayout, output_dir: Path, start: int) -> SFTResult:
+    trainer = cfg.trainer
+    length_multiple = math.lcm(layout.tp if layout.sequence_parallel else 1, 2 * layout.cp if layout.cp > 1 else 1)
+    rows_multiple = trainer.micro_batch_size * layout.dp
+
+    def step_examples(step: int) -> list[Example]:
+        return [data.train[i] for i in global_batch_indices(len(data.train), trainer.global_batch_size, step,
+                                                             trainer.seed)]
+
+    def train_batch(step: int) -> Batch:
+        return step_batch(step_examples(step), pad_id, cfg.sft.packing, trainer.seq_length, rows_multiple,
+                          length_multiple)
+
+    if cfg.sft.packing:
+        rows, length = train_batch(start + 1)["tokens"].shape
+        used = sum(example.positions for example in step_examples(start + 1))
+        log.info("packing: step %d's %d conversations fill %d rows of %d positions (%.0f%% used)",
+                 start + 1, trainer.global_batch_size, rows, length, 100 * used / (rows * length))
+    valid = validation_batches(data.valid, pad_id, trainer.global_batch_size, length_multiple)
+    if not valid:
+        log.warning("no validation examples (data.validation_fraction=0 and no data.validation_file): "
+                    "eval.json will have no validation loss")
+    model = setup.model
+    initial = evaluate(model, valid, trainer.micro_batch_size, layout) if valid else None
+    if initial is not None:
+        log.info("step %d validation loss %.4f (unigram baseline %.4f)", start, initial, baseline)
+    began = time.perf_counter()
+    outcome = run_training(setup, layout, cfg, output_dir, train_batch, start_step=start,
+                           valid_batches=(lambda: valid) if valid else None)
+    seconds = time.perf_counter() - began
+    final = None
+    if valid:
+        at_end = [loss for step, loss in outcome.evaluations if step == outcome.last_step]
+        final = at_end[0] if at_end else evaluate(model, valid, trainer.micro_batch_size, layout)
+        log.info("validation loss %.4f (at start %.4f, unigram baseline %.4f) after %d steps in %.0f s",
+                 final, initial, baseline, outcome.last_step, seconds)
+    drawn = outcome.last_step * trainer.global_batch_size
+    return SFTResult(
+        layout=layout.describe(), condition_on_attributes=cfg.sft.condition_on_attributes, packing=cfg.sft.packing,
+        init_from=cfg.sft.init_from, start_step=start, last_step=outcome.last_step,
+        stop_reason=outcome.stop_reason, train_examples=data.distinct_train, repeat=cfg.sft.repeat,
+        validation_examples=len(data.valid),
+        train_tokens=sum(trained_targets(data.train[:data.distinct_train]).values()),
+        validation_tokens=sum(trained_targets(data.valid).values()), epochs=drawn / data.distinct_train,
+        length={"train": data.train_lengths.summary(), "validation": data.valid_lengths.summary()},
+        initial_validation_loss=initial, final_validation_loss=final, unigram_baseline=baseline,
+        last_train_loss=outcome.history[-1].loss if outcome.history else None, evaluations=outcome.evaluations,
+        train_seconds=seconds)
+
