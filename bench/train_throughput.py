@@ -73,9 +73,7 @@ def bench_hf(model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmu
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = _time(step, device, warmup, steps)
-    del hf, optimizer
-    return seconds
+    return _time(step, device, warmup, steps)  # the model and optimizer are freed with this frame
 
 
 def bench_steerlm(model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmup: int, steps: int) -> float:

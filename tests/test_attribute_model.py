@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from steerlm import runtime
-from steerlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from steerlm.config import PrecisionConfig
 from steerlm.data.apm import attribute_batch, attribute_examples
 from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats
@@ -21,18 +20,11 @@ from steerlm.evaluation.apm_metrics import attribute_metrics
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training.losses import ATTRIBUTE_REGRESSION
+from tests.conftest import TEST_MODEL
 from tests.recipe_runner import run_recipe
 
 SCHEMA = AttributeSchema("three", ("a", "b", "c"))
-MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
-                    vocab_size=300, max_position_embeddings=128)
-
-
-@pytest.fixture(scope="module")
-def layout():
-    layout = runtime.initialize(ParallelConfig(), seed=0)
-    yield layout
-    runtime.shutdown()
+MODEL = TEST_MODEL
 
 
 def test_missing_labels_contribute_no_gradient(layout) -> None:

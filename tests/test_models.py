@@ -9,21 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steerlm import runtime
-from steerlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from steerlm.config import ModelConfig, PrecisionConfig
 from steerlm.models import build_model_chunks
 from steerlm.models.hf_llama import hf_config_dict, megatron_to_hf
 from steerlm.models.sharding import named_global_parameters, shard, unshard
+from tests.conftest import TEST_MODEL
 
-TINY = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
-                   vocab_size=300, max_position_embeddings=128)
-
-
-@pytest.fixture(scope="module")
-def layout():
-    layout = runtime.initialize(ParallelConfig(), seed=0)
-    yield layout
-    runtime.shutdown()
+TINY = TEST_MODEL
 
 
 def _build(layout, model: ModelConfig = TINY, seed: int = 7):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlm import runtime
-from steerlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from steerlm.config import PrecisionConfig
 from steerlm.data.collate import (
     Example,
     LengthPolicy,
@@ -20,9 +19,9 @@ from steerlm.data.collate import (
 )
 from steerlm.models import build_model_chunks
 from steerlm.training import forward_backward, wrap_for_training
+from tests.conftest import TEST_MODEL
 
-MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
-                    vocab_size=300, max_position_embeddings=128)
+MODEL = TEST_MODEL
 LENGTHS = (8, 13, 6, 21, 10, 17, 4)
 SEQ = 32
 
@@ -39,11 +38,8 @@ def _examples() -> list[Example]:
 
 
 @pytest.fixture(scope="module")
-def model():
-    layout = runtime.initialize(ParallelConfig(), seed=0)
-    chunk = build_model_chunks(MODEL, PrecisionConfig(), layout, seed=3)[0].eval()
-    yield chunk, layout
-    runtime.shutdown()
+def model(layout):
+    return build_model_chunks(MODEL, PrecisionConfig(), layout, seed=3)[0].eval(), layout
 
 
 def _trained_losses(per_token: torch.Tensor, batch: dict, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:

@@ -36,6 +36,15 @@ class Conversation:
     extra: dict = field(default_factory=dict, compare=False)  # passthrough fields (e.g. raw scores)
 
 
+def check_turn_text(role: Role, text: object, source: str, line: int | None, field: str) -> str:
+    """A turn's text must be a string; an assistant response (a training target) must not be blank."""
+    if not isinstance(text, str):
+        raise DataError(source, line, field, "missing or not a string")
+    if role == Role.assistant and not text.strip():
+        raise DataError(source, line, field, "empty assistant response")
+    return text
+
+
 def to_conversation_json(conversation: Conversation, schema: AttributeSchema) -> dict:
     return {
         "system": conversation.system,
@@ -69,11 +78,7 @@ def from_conversation_json(obj: object, schema: AttributeSchema, source: str, li
             role = Role(turn.get("from"))
         except ValueError:
             raise DataError(source, line, f"{where}.from", f"{turn.get('from')!r} is not 'User' or 'Assistant'") from None
-        text = turn.get("value")
-        if not isinstance(text, str):
-            raise DataError(source, line, f"{where}.value", "missing or not a string")
-        if role == Role.assistant and not text.strip():
-            raise DataError(source, line, f"{where}.value", "empty assistant response")
+        text = check_turn_text(role, turn.get("value"), source, line, f"{where}.value")
         label = turn.get("label")
         if label is not None and not isinstance(label, str):
             raise DataError(source, line, f"{where}.label", "must be an attribute string or null")

@@ -20,7 +20,7 @@ from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.errors import DataError
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.data.readers.helpsteer import HELPSTEER_ATTRIBUTES
-from steerlm.data.records import Conversation, Role, Turn
+from steerlm.data.records import Conversation, Role, Turn, check_turn_text
 
 # Label names in the OASST export's message `labels`.
 OASST_LABELS = ("spam", "fails_task", "lang_mismatch", "pii", "not_appropriate", "hate_speech", "sexual_content",
@@ -78,11 +78,7 @@ def _message_turn(message: object, where: str, schema: AttributeSchema, names: t
     role = _ROLES.get(role_name) if isinstance(role_name, str) else None
     if role is None:
         raise DataError(source, line, f"{where}.role", f"{role_name!r} is not 'prompter' or 'assistant'")
-    text = message.get("text")
-    if not isinstance(text, str):
-        raise DataError(source, line, f"{where}.text", "missing or not a string")
-    if role == Role.assistant and not text.strip():
-        raise DataError(source, line, f"{where}.text", "empty assistant response")
+    text = check_turn_text(role, message.get("text"), source, line, f"{where}.text")
     replies = message.get("replies")
     replies = [] if replies is None else replies
     if not isinstance(replies, list):
