@@ -25,12 +25,11 @@ from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.evaluation.apm_metrics import attribute_metrics
 from steerlm.models.attribute import build_attribute_model_chunks
-from steerlm.stages.text_lm import prepare_output_dir
 from steerlm.tokenizers import load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, Task, build_training, predict
 from steerlm.training.batching import microbatches_for_rank
 from steerlm.training.checkpoint import latest_checkpoint, saved_config
-from steerlm.training.loop import maybe_resume, run_training
+from steerlm.training.loop import maybe_resume, prepare_output_dir, run_training
 from steerlm.training.losses import attribute_regression_loss
 
 log = logging.getLogger(__name__)

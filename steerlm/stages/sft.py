@@ -32,12 +32,11 @@ from steerlm.data.readers.oasst import OASST_LABELS
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
-from steerlm.stages.text_lm import prepare_output_dir
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import TrainingSetup, build_training
 from steerlm.training.checkpoint import SHAPE_FIELDS, latest_checkpoint, load_weights, read_meta, resolve_checkpoint, \
     saved_config
-from steerlm.training.loop import evaluate, maybe_resume, run_training
+from steerlm.training.loop import evaluate, maybe_resume, prepare_output_dir, run_training
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -20,7 +18,7 @@ from steerlm.config import ConfigError, TrainConfig, save_resolved, validate_tra
 from steerlm.data.text import BYTE_VOCAB, ByteCorpus, demo_text
 from steerlm.models.sharding import weights_digest
 from steerlm.training import build_training
-from steerlm.training.loop import evaluate, maybe_resume, run_training
+from steerlm.training.loop import evaluate, maybe_resume, prepare_output_dir, run_training
 from steerlm.training.metrics import LoggedStep
 
 log = logging.getLogger(__name__)
@@ -40,19 +38,6 @@ class TextLMResult:
     weights_sha256: str
     history: list[LoggedStep]
     evaluations: list[tuple[int, float]]
-
-
-def prepare_output_dir(path: str) -> Path:
-    """Create the run directory or fail with a ConfigError that names `output_dir`."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError("output_dir", path, f"cannot be created ({error.strerror})",
-                          "pass output_dir=<a writable directory>") from error
-    if not os.access(out, os.W_OK):
-        raise ConfigError("output_dir", path, "is not writable", "pass output_dir=<a writable directory>")
-    return out
 
 
 def run(cfg: TrainConfig) -> TextLMResult:

@@ -9,6 +9,7 @@ from the run directory's latest checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from steerlm.config.errors import ConfigError
 from steerlm.config.schema import TrainConfig
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.batching import microbatches_for_rank
@@ -53,6 +55,19 @@ def evaluate(model: list, batches: list[Batch], micro_batch_size: int, layout: P
     for chunk in model:
         chunk.train()
     return total / max(count, 1)
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create the run directory or fail with a ConfigError that names `output_dir`."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("output_dir", path, f"cannot be created ({error.strerror})",
+                          "pass output_dir=<a writable directory>") from error
+    if not os.access(out, os.W_OK):
+        raise ConfigError("output_dir", path, "is not writable", "pass output_dir=<a writable directory>")
+    return out
 
 
 def maybe_resume(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layout: ParallelLayout) -> int:
