@@ -340,7 +340,10 @@ def test_pipeline_on_slurm_trains_then_checkpoints_requeues_and_resumes_on_usr1(
     assert 20 < stopped_at < extend_steps, context()
     log.info("job %s after USR1: checkpoint at step %d, %s", second, stopped_at,
              {k: slurm.job(second)[k] for k in ("JobState", "Reason", "Restarts", "EligibleTime")})
-    # slurmctld holds a requeued job for ~2 minutes (Reason=BeginTime); once it is pending, let it start now.
+    # slurmctld holds a requeued job for ~2 minutes (Reason=BeginTime); once it is pending and the node has
+    # finished tearing down its first run (releasing it earlier fails it: "already killed"), start it now.
+    _wait_for(lambda: slurm.run("sinfo", "-h", "-o", "%T").stdout.split() == ["idle"], 60,
+              "the node did not finish the requeued job's first run", context)
     slurm.run("scontrol", "update", f"JobId={second}", "StartTime=now")
     info = slurm.wait_for_state(second, {"COMPLETED"}, timeout=240)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", context()
