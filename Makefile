@@ -1,6 +1,6 @@
 # Set-up and entry points. Each target creates .venv on first use (Python >= 3.10 and git only).
 #   make demo                 the main job: SteerLM on the embedded default (synthetic world → APM →
-#                             annotation → attribute-conditioned SFT), ~7 minutes on 2 CPU cores
+#                             annotation → attribute-conditioned SFT), ~4.5 minutes on 2 CPU cores
 #   make smoke                a tiny Llama trained on the bundled text in seconds (recipes/demo.py)
 #   make test                 the whole test suite (what CI runs via .ci/run)
 # TORCH_SPEC picks the torch build: the default pins the release the CPU CI machines carry; on a GPU
