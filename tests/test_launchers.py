@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -340,9 +341,13 @@ def test_pipeline_on_slurm_trains_then_checkpoints_requeues_and_resumes_on_usr1(
     assert 20 < stopped_at < extend_steps, context()
     log.info("job %s after USR1: checkpoint at step %d, %s", second, stopped_at,
              {k: slurm.job(second)[k] for k in ("JobState", "Reason", "Restarts", "EligibleTime")})
-    # slurmctld holds a requeued job for ~2 minutes (Reason=BeginTime); once it is pending and the node has
-    # finished tearing down its first run (releasing it earlier fails it: "already killed"), start it now.
-    _wait_for(lambda: slurm.run("sinfo", "-h", "-o", "%T").stdout.split() == ["idle"], 60,
+    # slurmctld holds a requeued job for ~2 minutes (Reason=BeginTime); to save that wait the test releases it.
+    # slurmd revokes the first run's credential with one-second resolution, so an allocation within the same
+    # second as the requeue is refused ("Job credential revoked"): release it once that second has passed
+    # and the node has torn the first run down.
+    requeued_at = datetime.fromisoformat(slurm.job(second)["SubmitTime"])
+    _wait_for(lambda: datetime.now() >= requeued_at + timedelta(seconds=2)
+              and slurm.run("sinfo", "-h", "-o", "%T").stdout.split() == ["idle"], 60,
               "the node did not finish the requeued job's first run", context)
     slurm.run("scontrol", "update", f"JobId={second}", "StartTime=now")
     info = slurm.wait_for_state(second, {"COMPLETED"}, timeout=240)

@@ -359,7 +359,7 @@ class SyntheticConfig:
     unlabelled_rows: int = 20000  # conversations for the APM to annotate
     eval_prompts: int = 200
     multi_turn_fraction: float = 0.15
-    label_noise: float = 0.5  # std of the Gaussian added to the oracle before rounding
+    label_noise: float = 0.3  # std of the Gaussian added to the oracle before rounding
     missing_label_rate: float = 0.02  # chance that a rating is absent (-100)
 
     def validate(self) -> None:
@@ -371,7 +371,7 @@ class SyntheticConfig:
         for name in ("multi_turn_fraction", "missing_label_rate"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, f"synthetic.{name}", value, "must be in [0, 1]", "use e.g. 0.1")
-        _require(self.label_noise >= 0, "synthetic.label_noise", self.label_noise, "must be >= 0", "use 0.5")
+        _require(self.label_noise >= 0, "synthetic.label_noise", self.label_noise, "must be >= 0", "use 0.3")
 
 
 @dataclass

@@ -4,14 +4,17 @@ sees exactly the batches an uninterrupted one would."""
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import torch
 
 
 def held_out(source: str, fraction: float) -> bool:
-    """Whether a row (by its `file:line` source) belongs to the validation share: a hash, so every stage
-    and every rerun holds out the same rows of a file."""
-    return zlib.crc32(source.encode()) % 1000 < fraction * 1000
+    """Whether a row (by its `file:line` source) belongs to the validation share: a hash of the file's
+    name and the line, so every stage and every rerun holds out the same rows of a file, wherever the
+    file lies."""
+    path, _, line = source.rpartition(":")
+    return zlib.crc32(f"{Path(path).name}:{line}".encode()) % 1000 < fraction * 1000
 
 
 def global_batch_indices(num_rows: int, global_batch_size: int, step: int, seed: int) -> list[int]:
