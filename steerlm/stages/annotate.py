@@ -27,15 +27,14 @@ from steerlm import runtime
 from steerlm.config import AttributeModelConfig, ConfigError, to_typed
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
 from steerlm.config.validation import data_parallel_size, validate_model_layout
-from steerlm.data.apm import AttributeExample, attribute_batch
+from steerlm.data.apm import AttributeExample
 from steerlm.data.attributes import MISSING, AttributeSchema
-from steerlm.data.collate import length_buckets
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.data.template import SteerLMTemplate
 from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.stages.attribute_model import score_examples
 from steerlm.tokenizers import load_tokenizer
-from steerlm.training import ATTRIBUTE_REGRESSION, predict
 from steerlm.training.checkpoint import load_weights, resolve_checkpoint, saved_config
 
 log = logging.getLogger(__name__)
@@ -122,23 +121,7 @@ def _inputs(records: list[Conversation], cfg: AnnotateConfig, template: SteerLMT
     return keys, examples, truncated
 
 
-def _score(model: list, examples: list[AttributeExample], micro_batch_size: int, pad_id: int,
-           layout: runtime.ParallelLayout) -> dict[int, list[float]]:
-    """Scores of every example (by index) on every rank; batches are assigned round-robin over DP."""
-    local: dict[int, list[float]] = {}
-    batches = length_buckets([len(e.ids) for e in examples], micro_batch_size)
-    for number, members in enumerate(batches):
-        if number % layout.dp != layout.dp_rank:
-            continue
-        batch = attribute_batch([examples[i] for i in members], pad_id)
-        scores = predict(model, [batch], layout, ATTRIBUTE_REGRESSION)[0].cpu()
-        local.update({i: [round(float(v), SCORE_DECIMALS) for v in row] for i, row in zip(members, scores)})
-    gathered: list[dict] = [{} for _ in range(layout.world_size)]
-    dist.all_gather_object(gathered, local)
-    return {index: scores for part in gathered for index, scores in part.items()}
-
-
-def _annotated_rows(records: list[Conversation], keys: list[tuple[int, int]], scores: dict[int, list[float]],
+def _annotated_rows(records: list[Conversation], keys: list[tuple[int, int]], scores: list[list[float]],
                     schema: AttributeSchema, mode: AnnotateMode) -> list[dict]:
     per_turn = {key: scores[i] for i, key in enumerate(keys)}
     rows = []
@@ -225,7 +208,8 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, schema: AttributeSchema, toke
                 continue
             records = _broadcast(shard)
             keys, examples, truncated = _inputs(records, cfg, template, tokenizer, schema)
-            scores = _score(model, examples, cfg.micro_batch_size, tokenizer.pad_id, layout)
+            scores = [[round(float(v), SCORE_DECIMALS) for v in row]
+                      for row in score_examples(model, examples, cfg.micro_batch_size, tokenizer.pad_id, layout)]
             counts["turns"] += len(keys)
             counts["truncated"] += truncated
             counts["rows"] += len(records)

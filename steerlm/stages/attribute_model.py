@@ -19,7 +19,7 @@ from steerlm import runtime
 from steerlm.config import AttributeModelConfig, ConfigError, save_resolved, validate_train_config, validate_vocab
 from steerlm.data.apm import AttributeExample, attribute_batch, attribute_examples
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthStats
+from steerlm.data.collate import LengthStats, length_buckets
 from steerlm.data.readers import read_records
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
@@ -27,7 +27,6 @@ from steerlm.evaluation.apm_metrics import attribute_metrics
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.tokenizers import load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, Task, build_training, predict
-from steerlm.training.batching import microbatches_for_rank
 from steerlm.training.checkpoint import latest_checkpoint, saved_config
 from steerlm.training.loop import maybe_resume, prepare_output_dir, run_training
 from steerlm.training.losses import attribute_regression_loss
@@ -68,20 +67,25 @@ def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer)
     return train, valid, stats
 
 
-def predict_scores(model: list, examples: list[AttributeExample], pad_id: int, micro_batch_size: int,
+def score_examples(model: list, examples: list[AttributeExample], micro_batch_size: int, pad_id: int,
                    layout: runtime.ParallelLayout) -> np.ndarray:
-    """`[len(examples), attributes]` scores, identical on every rank (each DP rank scores a share)."""
-    rows = micro_batch_size * layout.dp
-    out = []
-    for start in range(0, len(examples), rows):
-        chunk = examples[start:start + rows]
-        padded = chunk + [chunk[-1]] * (rows - len(chunk))  # equal shares; the padding rows are dropped
-        share = microbatches_for_rank(attribute_batch(padded, pad_id), micro_batch_size, layout)
-        local = torch.cat(predict(model, share, layout, ATTRIBUTE_REGRESSION))
-        gathered = [torch.empty_like(local) for _ in range(layout.dp)]
-        torch.distributed.all_gather(gathered, local, group=layout.pg_collection.dp_cp)
-        out.append(torch.cat(gathered)[:len(chunk)].cpu())
-    return torch.cat(out).numpy()
+    """`[len(examples), attributes]` APM scores, identical on every rank.
+
+    Examples are bucketed by length into batches whose composition depends only on `examples`, and
+    batch b is scored by data-parallel rank b mod dp, so any DP size computes exactly the same numbers.
+    """
+    local: dict[int, list[float]] = {}
+    for number, members in enumerate(length_buckets([len(e.ids) for e in examples], micro_batch_size)):
+        if number % layout.dp == layout.dp_rank:
+            batch = attribute_batch([examples[i] for i in members], pad_id)
+            scores = predict(model, [batch], layout, ATTRIBUTE_REGRESSION)[0].cpu()
+            local.update({i: row.tolist() for i, row in zip(members, scores)})
+    gathered: list[dict] = [{} for _ in range(layout.world_size)]
+    torch.distributed.all_gather_object(gathered, local)
+    merged = {index: row for part in gathered for index, row in part.items()}
+    if not examples:
+        return np.zeros((0, 0))
+    return np.array([merged[i] for i in range(len(examples))], dtype=np.float64).reshape(len(examples), -1)
 
 
 def run(cfg: AttributeModelConfig) -> APMResult:
@@ -119,7 +123,7 @@ def run(cfg: AttributeModelConfig) -> APMResult:
                          for i in range(0, len(valid) - trainer.global_batch_size + 1, trainer.global_batch_size)]
         outcome = run_training(setup, layout, cfg, output_dir, train_batch, start_step=start,
                                valid_batches=(lambda: valid_batches) if valid_batches else None, task=task)
-        scores = predict_scores(setup.model, valid, tokenizer.pad_id, trainer.micro_batch_size, layout)
+        scores = score_examples(setup.model, valid, trainer.micro_batch_size, tokenizer.pad_id, layout)
         targets = np.array([example.targets for example in valid])
         metrics = attribute_metrics(scores, targets, schema)
         result = APMResult(layout=layout.describe(), last_step=outcome.last_step, train_examples=len(train),
