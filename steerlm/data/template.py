@@ -97,11 +97,17 @@ class SteerLMTemplate:
         history = plain.inference_prompt(system, turns[:-1], None)
         return history + turns[-1].text + c.turn_suffix + c.label_prefix
 
-    def inference_prompt(self, system: str, turns: list[Turn], labels: Labels | None) -> str:
-        """History (ending with a user turn) plus the assistant header and the requested attributes."""
+    def inference_segments(self, system: str, turns: list[Turn], labels: Labels | None) -> list[Segment]:
+        """History (ending with a user turn) plus the assistant header and the requested attributes.
+
+        The same segments training builds for that prefix, so `collate.tokenize` of them gives exactly
+        the token ids the model saw in training (tokenizing the joined text could merge across segments).
+        """
         c = self.config
-        history = Conversation(system=system, turns=tuple(turns))
-        text = "".join(segment.text for segment in self.segments(history)) if turns else \
-            f"{c.system_prefix}{system}{c.turn_suffix}"
+        history = self.segments(Conversation(system=system, turns=tuple(turns))) if turns else \
+            [Segment(f"{c.system_prefix}{system}{c.turn_suffix}", False)]
         after_response = bool(turns) and turns[-1].role == Role.assistant
-        return text + self._header(c.assistant_prefix, after_response) + self._label_line(labels)
+        return history + [Segment(self._header(c.assistant_prefix, after_response) + self._label_line(labels), False)]
+
+    def inference_prompt(self, system: str, turns: list[Turn], labels: Labels | None) -> str:
+        return "".join(segment.text for segment in self.inference_segments(system, turns, labels))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -119,3 +121,21 @@ def shutdown(destroy_process_group: bool = True) -> None:
     parallel_state.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def inference() -> Iterator[None]:
+    """Forward passes that never train (generation, scoring): `torch.inference_mode`, and whatever the
+    runtime installed for training that inference does not need lifted for speed."""
+    with torch.inference_mode(), cpu_compat.lifted():
+        yield
+
+
+@contextlib.contextmanager
+def worker_thread(layout: ParallelLayout) -> Iterator[None]:
+    """Run this thread as `initialize` set up its own: the current CUDA device and, without CUDA, the CPU
+    stand-ins are per thread (a serving engine drives the model from a thread of its own)."""
+    if layout.device.type == "cuda":
+        torch.cuda.set_device(layout.device)
+    with cpu_compat.thread_mode():
+        yield

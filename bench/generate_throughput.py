@@ -1,0 +1,106 @@
+"""Generation throughput, side by side: steerlm's KV-cache generator — with its lean decoder and with
+megatron-core's static inference context (steerlm.inference.decoders) — vs HF transformers `generate`
+(LlamaForCausalLM, dynamic KV cache), greedy, the same Llama shape and the SAME weights (exported with
+steerlm.models.hf_llama), one device, one process.
+
+    python bench/generate_throughput.py                                   # tiny model on CPU
+    python bench/generate_throughput.py --preset llama3_2_1b --dtype bf16  # GPU
+
+Every prompt is continued by exactly --new-tokens tokens (no stop token), at batch 1 and 32 by default.
+Prints generated tokens/s of each, the steerlm / HF ratios, and whether all produced the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from steerlm import runtime
+from steerlm.config import DType, ParallelConfig, PrecisionConfig, compose, to_typed
+from steerlm.config.schema import ModelConfig
+from steerlm.inference import Generator, SamplingParams
+from steerlm.models import build_model_chunks
+from steerlm.models.gpt import torch_dtype
+from steerlm.models.hf_llama import hf_config_dict, megatron_to_hf
+from steerlm.models.sharding import named_global_parameters
+
+
+class _Vocabulary:
+    """The generator's view of a tokenizer when only ids matter (nothing is decoded into text here)."""
+
+    def __init__(self, size: int) -> None:
+        self.vocab_size, self.pad_id = size, 0
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(run, device: torch.device, repeats: int) -> tuple[float, list]:
+    """Best of `repeats` wall times after one warm-up call, and the last call's output."""
+    output = run()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        output = run()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--dtype", choices=[d.value for d in DType], default="fp32")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model: ModelConfig = to_typed(compose("demo", [f"model={args.preset}"])).model
+    layout = runtime.initialize(ParallelConfig(), seed=0)
+    device = layout.device
+    precision = PrecisionConfig(dtype=DType(args.dtype))
+    chunks = build_model_chunks(model, precision, layout, seed=0)
+    limit = args.prompt_tokens + args.new_tokens + 1
+    generators = {name: Generator(chunks, _Vocabulary(model.vocab_size), layout, limit, (), decoder=name)
+                  for name in ("lean", "megatron")}
+    full = {name: param.detach() for name, param in named_global_parameters(chunks)}
+    hf_config = LlamaConfig(**{k: v for k, v in hf_config_dict(model).items() if k != "architectures"})
+    hf = LlamaForCausalLM(hf_config).to(device=device, dtype=torch_dtype(precision.dtype)).eval()
+    hf.load_state_dict(megatron_to_hf(full, model), strict=False)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"{args.preset} ({model.num_parameters() / 1e6:.2f}M parameters) {args.dtype} on {name}: greedy, "
+          f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens per row, best of {args.repeats}")
+    for rows in args.batch_sizes:
+        prompts = torch.randint(3, model.vocab_size, (rows, args.prompt_tokens),
+                                generator=torch.Generator().manual_seed(rows))
+        params = [SamplingParams(max_new_tokens=args.new_tokens)] * rows
+        ours = {name: _timed(lambda: generator.generate(prompts.tolist(), params), device, args.repeats)
+                for name, generator in generators.items()}
+        with torch.inference_mode():
+            theirs, theirs_out = _timed(
+                lambda: hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
+                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                                    pad_token_id=0, eos_token_id=None),
+                device, args.repeats)
+        reference = theirs_out[:, args.prompt_tokens:].tolist()
+        same = all([c.token_ids for c in out] == reference for _, out in ours.values())
+        generated = rows * args.new_tokens
+        print(f"  batch {rows:3d}: HF {generated / theirs:8.0f} tokens/s | " + " | ".join(
+            f"steerlm {name} {generated / seconds:8.0f} tokens/s ({theirs / seconds:4.2f}x HF)"
+            for name, (seconds, _) in ours.items()) + f" | same tokens: {'yes' if same else 'no'}")
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""KV-cache generation: equals a full-recompute argmax loop, batches prompts of any lengths, samples as
+configured, stops on tokens and strings, streams exactly the final text, and agrees between TP=1 and TP=2."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from steerlm import runtime
+from steerlm.config import Activation, ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from steerlm.inference import FinishReason, Generator, PromptTooLong, SamplingParams
+from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
+from steerlm.inference.generate import sample
+from steerlm.models.gpt import build_model_chunks
+from steerlm.tokenizers import WordTokenizer
+from tests.conftest import TEST_MODEL
+from tests.multiproc import run_distributed
+
+WORDS = ("the owl hunts at night and the fox sleeps by day while a small grey mouse runs under old green "
+         "leaves near cold water where fish swim and birds sing softly in tall trees").split()
+TOKENIZER = WordTokenizer.build([" ".join(WORDS) + " . , ! ?"])
+PROMPTS = [[2, 10, 11, 12], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 30], [2, 40, 41, 42, 43, 44]]
+
+
+def _generator(layout: runtime.ParallelLayout, stop_ids=(), limit: int | None = None, decoder: str = "auto",
+               model: ModelConfig = TEST_MODEL) -> Generator:
+    chunks = build_model_chunks(model, PrecisionConfig(), layout, seed=7)
+    return Generator(chunks, TOKENIZER, layout, limit or model.max_position_embeddings, stop_ids, decoder)
+
+
+def _argmax_loop(generator: Generator, prompt: list[int], steps: int) -> list[int]:
+    """The reference: recompute the whole sequence without a cache for every new token."""
+    tokens = list(prompt)
+    with runtime.inference():
+        for _ in range(steps):
+            ids = torch.tensor([tokens])
+            logits = generator.model(ids, torch.arange(len(tokens))[None], None)
+            tokens.append(int(logits[0, -1, :TOKENIZER.vocab_size].argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def generator(layout) -> Generator:
+    return _generator(layout)
+
+
+# Both decoders on the shapes the lean one must reproduce: GQA, tied embeddings with MHA, Llama-3 RoPE scaling.
+SHAPES = {"gqa": TEST_MODEL, "tied_mha": replace(TEST_MODEL, share_embeddings_and_output_weights=True,
+                                                  num_query_groups=None),
+          "llama3_rope": replace(TEST_MODEL, rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000)}
+
+
+@pytest.mark.parametrize("decoder", ["lean", "megatron"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kv_cache_greedy_equals_recompute_loop_for_a_batch_of_different_lengths(layout, decoder: str,
+                                                                                 shape: str) -> None:
+    generator = _generator(layout, decoder=decoder, model=SHAPES[shape])
+    assert generator.decoder.__name__ == {"lean": "LeanDecoder", "megatron": "MegatronDecoder"}[decoder]
+    completions = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=12)] * len(PROMPTS))
+    for prompt, completion in zip(PROMPTS, completions):
+        assert completion.token_ids == _argmax_loop(generator, prompt, 12)
+        assert completion.finish_reason == FinishReason.length
+        assert completion.prompt_tokens == len(prompt)
+        assert completion.text == TOKENIZER.decode(completion.token_ids)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, shape: str) -> None:
+    chunk = build_model_chunks(SHAPES[shape], PrecisionConfig(), layout, seed=7)[0].eval()
+    tokens = torch.tensor([PROMPTS[1], PROMPTS[1][::-1]])
+    lean, reference = LeanDecoder(chunk, layout, 2, 32), MegatronDecoder(chunk, layout, 2, 32)
+    with runtime.inference():
+        pairs = [(lean.forward(tokens[:, :4], 0), reference.forward(tokens[:, :4], 0))]
+        pairs += [(lean.forward(tokens[:, i:i + 1], i), reference.forward(tokens[:, i:i + 1], i)) for i in range(4, 9)]
+    for ours, theirs in pairs:
+        assert ours.shape == theirs.shape == (2, SHAPES[shape].padded_vocab_size)
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_models_outside_the_llama_family_use_megatrons_decoder(layout) -> None:
+    gelu = replace(TEST_MODEL, activation=Activation.gelu, ffn_hidden_size=256)
+    assert _generator(layout, model=gelu).decoder is MegatronDecoder
+    with pytest.raises(ValueError, match="not SwiGLU"):
+        _generator(layout, model=gelu, decoder="lean")
+    completion = _generator(layout, model=gelu).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=5)])[0]
+    assert len(completion.token_ids) == 5
+
+
+def test_rows_are_independent_of_their_batch(generator: Generator) -> None:
+    params = [SamplingParams(max_new_tokens=n) for n in (3, 9, 5, 7)]
+    together = generator.generate(PROMPTS, params)
+    for prompt, setting, batched in zip(PROMPTS, params, together):
+        alone = generator.generate([prompt], [setting])[0]
+        assert batched.token_ids == alone.token_ids
+        assert len(alone.token_ids) == setting.max_new_tokens
+
+
+def test_stop_token_ends_a_row_early_and_is_not_returned(layout) -> None:
+    free = _generator(layout).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=12)])[0].token_ids
+    stop = free[4]
+    first = free.index(stop)
+    stopped = _generator(layout, stop_ids=[stop]).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=12)])[0]
+    assert stopped.token_ids == free[:first]
+    assert stopped.finish_reason == FinishReason.stop
+
+
+def test_stop_string_cuts_the_text_and_the_stream_equals_the_final_text(generator: Generator) -> None:
+    free = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=16)] * len(PROMPTS))
+    text = free[1].text
+    stop = text[len(text) // 2: len(text) // 2 + 6]
+    params = [SamplingParams(max_new_tokens=16, stop=(stop,)) if i == 1 else SamplingParams(max_new_tokens=16)
+              for i in range(len(PROMPTS))]
+    streamed = {i: "" for i in range(len(PROMPTS))}
+    finished = Counter()
+    for deltas in generator.stream(PROMPTS, params):
+        for delta in deltas:
+            assert finished[delta.index] == 0, "no text after a row finished"
+            streamed[delta.index] += delta.text
+            finished[delta.index] += delta.finish_reason is not None
+    final = generator.generate(PROMPTS, params)
+    assert finished == Counter({i: 1 for i in range(len(PROMPTS))})
+    assert final[1].text == text[:text.index(stop)] and final[1].finish_reason == FinishReason.stop
+    assert [streamed[i] for i in range(len(PROMPTS))] == [c.text for c in final]
+    assert [c.text for i, c in enumerate(final) if i != 1] == [c.text for i, c in enumerate(free) if i != 1]
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(generator: Generator) -> None:
+    greedy = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=10)] * 4)
+    hot = [SamplingParams(max_new_tokens=10, temperature=5.0, seed=s) for s in (1, 1, 2, 3)]
+    first = generator.generate([PROMPTS[0]] * 4, hot)
+    again = generator.generate([PROMPTS[0]] * 4, hot)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert first[0].token_ids == first[1].token_ids and first[0].token_ids != first[2].token_ids
+    top1 = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=10, temperature=5.0, top_k=1, seed=9)] * 4)
+    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+
+
+def test_sample_follows_temperature_top_k_and_top_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    draws = 4000
+
+    def frequencies(params: SamplingParams) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(i) for i in range(draws)]
+        tokens = sample(logits, [params] * draws, generators)
+        return torch.bincount(tokens, minlength=4).float() / draws
+
+    assert torch.allclose(frequencies(SamplingParams(temperature=1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    top_p = frequencies(SamplingParams(temperature=1.0, top_p=0.7))  # 0.5 < 0.7, 0.8 ≥ 0.7: two tokens
+    assert top_p[2:].sum() == 0 and torch.allclose(top_p[:2], torch.tensor([0.625, 0.375]), atol=0.03)
+    top_k = frequencies(SamplingParams(temperature=1.0, top_k=3))
+    assert top_k[3] == 0 and torch.allclose(top_k[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.03)
+    cold = frequencies(SamplingParams(temperature=0.25))  # p^4 renormalised: 0.5 dominates
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 4
+    assert torch.allclose(cold, expected / expected.sum(), atol=0.03)
+
+
+def test_sequence_limit_ends_rows_with_length_and_long_prompts_are_refused(layout) -> None:
+    short = _generator(layout, limit=12)
+    completion = short.generate([PROMPTS[1]], [SamplingParams(max_new_tokens=50)])[0]
+    assert len(completion.token_ids) == 12 - len(PROMPTS[1]) and completion.finish_reason == FinishReason.length
+    with pytest.raises(PromptTooLong, match="prompt 1 has 12 tokens"):
+        short.stream([PROMPTS[0], list(range(2, 14))], [SamplingParams()] * 2)
+    with pytest.raises(ValueError, match="top_p"):
+        short.generate([PROMPTS[0]], [SamplingParams(top_p=0)])
+    with pytest.raises(ValueError, match="outside the tokenizer"):
+        short.generate([[2, TOKENIZER.vocab_size]], [SamplingParams()])
+
+
+def test_pipeline_and_sequence_parallel_layouts_are_refused(layout) -> None:
+    chunks = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=7)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size"):
+        Generator(chunks, TOKENIZER, dataclasses.replace(layout, pp=2), 128, ())
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        Generator(chunks, TOKENIZER, dataclasses.replace(layout, sequence_parallel=True), 128, ())
+
+
+def _tp_run(tp: int) -> dict:
+    layout = runtime.initialize(ParallelConfig(tensor_model_parallel_size=tp), seed=0)
+    try:
+        out = {}
+        for decoder in ("lean", "megatron"):
+            generator = _generator(layout, decoder=decoder)
+            greedy = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=12)] * len(PROMPTS))
+            sampled = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9,
+                                                                  seed=i) for i in range(len(PROMPTS))])
+            out[decoder] = {"greedy": [c.token_ids for c in greedy], "sampled": [c.token_ids for c in sampled]}
+        return out
+    finally:
+        runtime.shutdown()
+
+
+@pytest.mark.slow
+def test_tp2_generates_what_tp1_generates() -> None:
+    tp1 = run_distributed(_tp_run, 1, 1)[0]
+    tp2 = run_distributed(_tp_run, 2, 2)
+    assert tp2[0] == tp2[1], "both tensor-parallel ranks hold the same tokens"
+    assert tp2[0] == tp1
+    assert tp1["lean"] == tp1["megatron"]
