@@ -1,4 +1,6 @@
-"""Stage 2 as users run it: kill -9 and rerun, DP=2 vs DP=1, fill_missing, order, bad rows."""
+"""Stage 2 as users run it: kill -9 and rerun, DP=2 vs DP=1, fill_missing, order, bad rows; the public
+`AttributeScorer` gives exactly the scores (and merged rewards) annotate writes, from the token ids APM
+training builds."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from steerlm.data.apm import attribute_examples
 from steerlm.data.attributes import MISSING
+from steerlm.data.collate import LengthPolicy, LengthStats
+from steerlm.data.readers import DataFormat, read_records
+from steerlm.inference.scoring import AttributeScorer
 from tests.recipe_runner import TORCHRUN_2, run_recipe, start_recipe
 
 pytestmark = pytest.mark.slow
 WAIT_SECONDS = 240
+MERGE_WEIGHTS = [0.0, -0.5, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33]  # per steerlm_oasst attribute
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     apm = root / "apm"
     trained = run_recipe("train_attribute_model", [f"data.train_file={data}/annotated.jsonl",
                                                    f"tokenizer.path={data}/tokenizer", f"output_dir={apm}",
-                                                   "trainer.max_steps=10"])
+                                                   "trainer.max_steps=10",
+                                                   f"apm.merge_weights=[{','.join(map(str, MERGE_WEIGHTS))}]"])
     assert trained.returncode == 0, trained.stderr[-2000:]
     return {"data": data, "apm": apm}
 
@@ -130,3 +138,30 @@ def test_bad_rows_are_rejected_with_file_and_line(world, tmp_path: Path) -> None
     rejected = json.loads(Path(f"{output}.rejects.jsonl").read_text())
     assert rejected["source"] == f"{source}:3"
     assert len(output.read_text().splitlines()) == 5
+
+
+def test_the_scorer_gives_what_annotate_wrote_from_the_training_token_ids(world, tmp_path: Path, layout) -> None:
+    source = tmp_path / "single_turn.jsonl"
+    rows = [line for line in (world["data"] / "unlabelled.jsonl").read_text().splitlines()
+            if len(json.loads(line)["conversations"]) == 2][:40]
+    source.write_text("\n".join(rows) + "\n")
+    output = tmp_path / "labels.jsonl"
+    result = run_recipe("annotate", [f"apm_checkpoint={world['apm']}", f"input={source}", f"output={output}",
+                                     "mode=overwrite"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+
+    scorer = AttributeScorer.from_checkpoint(world["apm"], layout, micro_batch_size=16, seq_length=1024)
+    assert scorer.merge_weights == tuple(MERGE_WEIGHTS)
+    conversations = list(read_records(str(source), DataFormat.conversation, scorer.schema))
+    scores = scorer.score(conversations)
+    for row, out in zip(scores, written):
+        raw = {name: value for name, value in row.items() if name != "reward"}
+        assert {name: round(value, 4) for name, value in raw.items()} == out["attribute_scores"][-1]
+        assert row["reward"] == pytest.approx(sum(w * raw[n] for w, n in zip(MERGE_WEIGHTS, raw)), rel=1e-12)
+        assert out["attribute_reward"] == [None, round(row["reward"], 4)]
+
+    labelled = list(read_records(str(output), DataFormat.conversation, scorer.schema))  # now labelled, as in training
+    training = attribute_examples(labelled, scorer.schema, scorer.template, scorer.tokenizer, 320, LengthPolicy.drop,
+                                  LengthStats())
+    assert [e.ids for e in training] == [e.ids for e in scorer.examples(conversations)]

@@ -1,24 +1,37 @@
 """The regression APM: missing labels give no gradient, metrics are right, examples are what the model
-reads, and on the synthetic world a tiny APM learns the surface attributes in a few CPU minutes."""
+reads, the merged reward adds up, init_from loads a language model's or an APM's weights (refusing other
+shapes and schemas), bad inputs name their file:line or key, and on the synthetic world a tiny APM learns the
+surface attributes in a few CPU minutes."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from steerlm.config import PrecisionConfig
+from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, PrecisionConfig, TrainConfig
+from steerlm.config.schema import APMConfig, TokenizerConfig, TrainDataConfig
 from steerlm.data.apm import attribute_batch, attribute_examples
 from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats
+from steerlm.data.errors import DataError
+from steerlm.data.readers import DataFormat
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate
-from steerlm.evaluation.apm_metrics import attribute_metrics
+from steerlm.evaluation.apm_metrics import attribute_metrics, metric_scalars, reward_metrics
+from steerlm.inference.scoring import AttributeScorer
 from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.models.sharding import named_global_parameters
+from steerlm.stages.attribute_model import load_examples
 from steerlm.tokenizers import WordTokenizer
+from steerlm.training import build_training
+from steerlm.training.checkpoint import save_checkpoint
+from steerlm.training.init_from import load_init_weights, resolve_init_source
 from steerlm.training.losses import ATTRIBUTE_REGRESSION
 from tests.conftest import TEST_MODEL
 from tests.recipe_runner import run_recipe
@@ -73,6 +86,116 @@ def test_metrics_on_known_values() -> None:
     assert metrics["c"]["rmse"] == pytest.approx(np.sqrt((1.0 + 0.16) / 2))
 
 
+def test_reward_is_the_weighted_sum_of_the_raw_scores(layout) -> None:
+    labels = SCHEMA.check({"a": 3, "b": 1, "c": 4})
+    conversations = [Conversation("S", (Turn(Role.user, f"q {i}"), Turn(Role.assistant, "r " * (i + 1), labels)),
+                                  f"f:{i}") for i in range(5)]
+    template = SteerLMTemplate(SCHEMA)
+    tokenizer = WordTokenizer.build([template.render(c) for c in conversations])
+    model = build_attribute_model_chunks(MODEL, PrecisionConfig(), layout, 1, 3)
+    weights = [0.5, 0.0, -2.0]
+    scorer = AttributeScorer(model, layout, SCHEMA, tokenizer, seq_length=64, merge_weights=weights)
+    rows = scorer.score(conversations)
+    for row in rows:
+        assert row["reward"] == pytest.approx(0.5 * row["a"] - 2.0 * row["c"], rel=1e-12, abs=1e-12)
+    assert list(rows[0]) == ["a", "b", "c", "reward"]
+    plain = AttributeScorer(model, layout, SCHEMA, tokenizer, seq_length=64).score(conversations)
+    assert plain == [{k: v for k, v in row.items() if k != "reward"} for row in rows]
+    with pytest.raises(DataError, match="longer than seq_length=4"):
+        AttributeScorer(model, layout, SCHEMA, tokenizer, seq_length=4, length_policy=LengthPolicy.drop).score(
+            conversations)
+
+
+def test_reward_metrics_on_known_values() -> None:
+    targets = np.array([[1, MISSING, 2], [2, 0, 4], [MISSING, 1, 0], [4, 1, 1]], dtype=float)
+    predictions = np.array([[1.0, 9.0, 2.5], [2.0, 0.0, 3.0], [7.0, 1.0, 0.0], [3.0, 1.0, 1.0]])
+    reward = reward_metrics(predictions, targets, [1.0, 0.0, 2.0])  # rows 0, 1, 3 have a and c labelled
+    assert reward["count"] == 3
+    predicted, expected = np.array([6.0, 8.0, 5.0]), np.array([5.0, 10.0, 6.0])
+    assert reward["mae"] == pytest.approx(np.abs(predicted - expected).mean())
+    assert reward["pearson"] == pytest.approx(np.corrcoef(predicted, expected)[0, 1])
+    assert reward["mean_predicted"] == pytest.approx((6 + 8 + 7 + 5) / 4)
+    scalars = metric_scalars({**attribute_metrics(predictions, targets, SCHEMA), "reward": reward})
+    assert scalars["pearson/reward"] == reward["pearson"] and "mae/mean" in scalars and "pearson/b" in scalars
+
+
+@pytest.mark.parametrize("weights,problem", [([1.0, 2.0], "needs one weight per attribute of schema 'three' (3: a, b, c)"),
+                                             ([0.0, 0.0, 0.0], "all weights are 0"),
+                                             ([1.0, float("nan"), 0.0], "must be finite")])
+def test_bad_merge_weights_name_the_key(weights: list, problem: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        APMConfig(merge_weights=weights).validate(SCHEMA)
+    assert error.value.key == "apm.merge_weights" and problem in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        APMConfig(attribute_weights=[1.0]).validate(SCHEMA)
+    assert error.value.key == "apm.attribute_weights" and "give 3 weights in the order a, b, c" in str(error.value)
+
+
+@pytest.mark.parametrize("row,field,problem", [
+    ({"prompt": "q", "response": "r", "attributes": {"a": 7}}, "attributes.a", "a=7 is outside [0, 4]"),
+    ({"prompt": "q", "response": "r", "attributes": {"a": 1, "d": 2}}, "attributes.d", "unknown attribute 'd'"),
+])
+def test_bad_labels_name_file_line_and_field(tmp_path: Path, row: dict, field: str, problem: str) -> None:
+    good = {"prompt": "q", "response": "r", "attributes": {"a": 1}}
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in (good, row)) + "\n")
+    cfg = _apm_config(tmp_path, train_file=str(data))
+    with pytest.raises(DataError) as error:
+        load_examples(cfg, SCHEMA, WordTokenizer.build(["q r"]))
+    assert error.value.location == f"{data}:2" and error.value.field == field and problem in str(error.value)
+
+
+def _apm_config(tmp_path: Path, attributes: tuple[str, ...] = ("a", "b", "c"), **data) -> AttributeModelConfig:
+    return AttributeModelConfig(model=TEST_MODEL, output_dir=str(tmp_path / "run"),
+                                attributes=AttributesConfig(name="three", attributes=list(attributes)),
+                                tokenizer=TokenizerConfig(path=str(tmp_path)),
+                                data=TrainDataConfig(format=DataFormat.plain, **{"train_file": "x.jsonl", **data}))
+
+
+def _saved(layout, cfg: TrainConfig, apm: bool, step: int = 1):
+    """A checkpoint of `cfg` (an LM, or an APM with the schema's head) at `cfg.output_dir`; its setup."""
+    provider = partial(build_attribute_model_chunks, num_attributes=3) if apm else None
+    setup = build_training(cfg, layout, **({"model_provider": provider} if apm else {}))
+    save_checkpoint(Path(cfg.output_dir), step, setup, layout, cfg)
+    return setup
+
+
+def _parameters(chunks: list) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in named_global_parameters(chunks)}
+
+
+def test_apm_init_from_a_language_model_and_from_an_apm(layout, tmp_path: Path) -> None:
+    lm = _parameters(_saved(layout, TrainConfig(model=TEST_MODEL, output_dir=str(tmp_path / "lm")), False).chunks)
+    cfg = replace(_apm_config(tmp_path), trainer=replace(_apm_config(tmp_path).trainer, seed=77))
+    source = resolve_init_source("apm.init_from", str(tmp_path / "lm"), TEST_MODEL, SCHEMA)
+    assert source is not None and not source.has_head
+    setup = build_training(cfg, layout, model_provider=partial(build_attribute_model_chunks, num_attributes=3))
+    fresh = _parameters(setup.chunks)
+    load_init_weights(source, setup, layout, TEST_MODEL)
+    loaded = _parameters(setup.chunks)
+    assert {n for n in loaded if n.startswith("attribute_head.")} == {"attribute_head.weight", "attribute_head.bias"}
+    for name, tensor in loaded.items():  # the backbone is the LM's before step 1; the head starts fresh
+        assert torch.equal(tensor, fresh[name] if name.startswith("attribute_head.") else lm[name]), name
+
+    apm_cfg = replace(cfg, output_dir=str(tmp_path / "apm"))
+    apm = _parameters(_saved(layout, apm_cfg, True).chunks)
+    source = resolve_init_source("apm.init_from", str(tmp_path / "apm"), TEST_MODEL, SCHEMA)
+    assert source.has_head
+    setup = build_training(replace(cfg, trainer=replace(cfg.trainer, seed=5)), layout,
+                           model_provider=partial(build_attribute_model_chunks, num_attributes=3))
+    load_init_weights(source, setup, layout, TEST_MODEL)
+    assert all(torch.equal(tensor, apm[name]) for name, tensor in _parameters(setup.chunks).items())
+
+    with pytest.raises(ConfigError) as error:  # another schema's head
+        resolve_init_source("apm.init_from", str(tmp_path / "apm"), TEST_MODEL, AttributeSchema("x", ("a", "b", "z")))
+    assert error.value.key == "apm.init_from" and "is an APM for the attributes ['a', 'b', 'c']" in str(error.value)
+    with pytest.raises(ConfigError) as error:  # another model shape
+        resolve_init_source("apm.init_from", str(tmp_path / "lm"), replace(TEST_MODEL, num_layers=3), SCHEMA)
+    assert error.value.key == "model.num_layers" and "set model.num_layers=2" in str(error.value)
+    with pytest.raises(ConfigError, match="is neither a checkpoint"):
+        resolve_init_source("apm.init_from", str(tmp_path), TEST_MODEL, SCHEMA)
+
+
 @pytest.mark.slow
 def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
     data = tmp_path / "synthetic"  # the default world, so vocabulary and held-out rows equal `make demo`'s
@@ -104,3 +227,22 @@ def test_resuming_an_apm_with_another_schema_is_refused(tmp_path: Path) -> None:
     assert second.returncode != 0
     assert "attributes.attributes=['helpfulness'" in second.stderr
     assert "was trained for the attributes ['quality', 'toxicity'" in second.stderr
+
+
+@pytest.mark.slow
+def test_recipe_starts_from_a_language_model_checkpoint_and_from_hf(layout, tmp_path: Path) -> None:
+    from tests.test_hf_import import save_as_hf
+
+    data = tmp_path / "synthetic"
+    assert run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.annotated_rows=64",
+                                       "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"]).returncode == 0
+    tiny = replace(TrainConfig().model, num_query_groups=2, vocab_size=768)  # conf/model/tiny.yaml, the APM's vocab
+    setup = _saved(layout, TrainConfig(model=tiny, output_dir=str(tmp_path / "lm")), False)
+    save_as_hf(setup.chunks, tiny, tmp_path / "hf")
+    for source in ("lm", "hf"):
+        result = run_recipe("train_attribute_model", [
+            f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer", "trainer.max_steps=2",
+            f"output_dir={tmp_path / f'apm_{source}'}", f"apm.init_from={tmp_path / source}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "attribute head freshly initialised" in result.stderr
+        assert json.loads((tmp_path / f"apm_{source}" / "eval.json").read_text())["last_step"] == 2

@@ -437,21 +437,76 @@ class TrainDataConfig:
 
 
 class APMType(str, Enum):
-    regression = "regression"
+    regression = "regression"  # a linear head on the last response token regresses every attribute (NeMo-Aligner)
+    generative = "generative"  # the LM writes the attribute string after the response (the SteerLM paper)
+
+
+# Files that mark a steerlm checkpoint (steerlm.training.checkpoint.META) and a Hugging Face model directory;
+# named here so validating a config does not import the training stack.
+STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
+HF_CONFIG_FILE = "config.json"
+
+
+def is_hf_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory (config.json, as `save_pretrained` writes it), not a steerlm checkpoint."""
+    return (path / HF_CONFIG_FILE).is_file() and not (path / STEERLM_CHECKPOINT_FILE).is_file()
+
+
+def validate_init_from(key: str, value: Optional[str]) -> None:
+    """`<stage>.init_from` names a directory: a steerlm run or checkpoint, or an HF Llama with safetensors.
+
+    Whether a steerlm directory holds a checkpoint, and whether the shapes fit, is checked when the run
+    resolves it (`steerlm.training.init_from`); this is what a config alone can tell.
+    """
+    if value is None:
+        return
+    path = Path(value)
+    _require(path.is_dir(), key, value, "is not a directory",
+             "pass a steerlm training output_dir, one of its checkpoints/step_* directories or a Hugging Face "
+             f"Llama directory (config.json + *.safetensors), or {key}=null to start from scratch")
+    if is_hf_model_dir(path):
+        _require(any(path.glob("*.safetensors")), key, value,
+                 "is a Hugging Face model directory without *.safetensors weights",
+                 "save the model with `save_pretrained(dir)` (safetensors is its default) or convert its "
+                 "*.bin files to safetensors")
+
+
+def _require_one_per_attribute(key: str, weights: list[float], schema: AttributeSchema, null_means: str) -> None:
+    names = ", ".join(schema.attributes)
+    _require(len(weights) == len(schema.attributes), key, weights,
+             f"needs one weight per attribute of schema '{schema.name}' ({len(schema.attributes)}: {names})",
+             f"give {len(schema.attributes)} weights in the order {names}, or {key}=null for {null_means}")
+
+
+def validate_merge_weights(key: str, weights: Optional[list[float]], schema: AttributeSchema) -> None:
+    """One finite weight per attribute in schema order, not all zero (the reward would be constant)."""
+    if weights is None:
+        return
+    _require_one_per_attribute(key, weights, schema, "no reward")
+    _require(all(math.isfinite(w) for w in weights), key, weights, "weights must be finite numbers",
+             "replace inf/nan by a number (negative weights are allowed, e.g. for verbosity)")
+    _require(any(w != 0 for w in weights), key, weights, "all weights are 0, so the reward would always be 0",
+             f"give at least one attribute a non-zero weight, or {key}=null for no reward")
 
 
 @dataclass
 class APMConfig:
     type: APMType = APMType.regression
     attribute_weights: Optional[list[float]] = None  # per-attribute loss weights (schema order); null: all 1
+    # NeMo-Aligner's merge_attributes: reward = sum of weight x raw score (schema order); null: no reward.
+    merge_weights: Optional[list[float]] = None
+    init_from: Optional[str] = None  # a steerlm run dir / checkpoint or an HF Llama dir: its weights start the run
 
     def validate(self, schema: AttributeSchema) -> None:
+        _require(self.type == APMType.regression or self.attribute_weights is None, "apm.attribute_weights",
+                 self.attribute_weights, "weights the regression loss; a generative APM's loss is over tokens",
+                 "apm.attribute_weights=null with apm.type=generative")
         if self.attribute_weights is not None:
-            _require(len(self.attribute_weights) == len(schema.attributes), "apm.attribute_weights",
-                     self.attribute_weights, f"needs one weight per attribute ({len(schema.attributes)})",
-                     f"give weights for {', '.join(schema.attributes)}")
+            _require_one_per_attribute("apm.attribute_weights", self.attribute_weights, schema, "weight 1 for all")
             _require(all(w >= 0 for w in self.attribute_weights), "apm.attribute_weights", self.attribute_weights,
                      "weights must be >= 0", "use 0 to ignore an attribute")
+        validate_merge_weights("apm.merge_weights", self.merge_weights, schema)
+        validate_init_from("apm.init_from", self.init_from)
 
 
 @dataclass

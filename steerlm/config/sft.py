@@ -9,17 +9,11 @@ know from its SteerLM SFT. The maximum sequence length is `trainer.seq_length` (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from steerlm.config.errors import ConfigError
-from steerlm.config.schema import LabelledDataTrainConfig
+from steerlm.config.schema import LabelledDataTrainConfig, validate_init_from
 from steerlm.data.template import TemplateConfig
-
-# Files that mark a steerlm checkpoint (steerlm.training.checkpoint.META) or a Hugging Face model directory;
-# named here so validating a config does not import the training stack.
-STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
-HF_CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -32,7 +26,7 @@ class SFTOptions:
     repeat: int = 1  # the training rows appear this many times per sampler epoch (NeMo-Aligner's docs: 4x)
     packing: bool = False  # pack each step's conversations into rows of trainer.seq_length positions
     system_prompt: Optional[str] = None  # None: keep each conversation's own system prompt
-    init_from: Optional[str] = None  # a steerlm run directory or checkpoint: its weights start this run
+    init_from: Optional[str] = None  # a steerlm run dir / checkpoint or an HF Llama dir: its weights start this run
 
     def template(self) -> TemplateConfig:
         """The SteerLM template's switches (its literals keep NeMo-Aligner's defaults)."""
@@ -43,17 +37,7 @@ class SFTOptions:
     def validate(self) -> None:
         if self.repeat < 1:
             raise ConfigError("sft.repeat", self.repeat, "must be >= 1", "use 1 to read the training file once")
-        if self.init_from is None:
-            return
-        path = Path(self.init_from)
-        if not path.is_dir():
-            raise ConfigError("sft.init_from", self.init_from, "is not a directory",
-                              "pass a steerlm training output_dir or one of its checkpoints/step_* directories, "
-                              "or sft.init_from=null to train from scratch")
-        if (path / HF_CONFIG_FILE).is_file() and not (path / STEERLM_CHECKPOINT_FILE).is_file():
-            raise ConfigError("sft.init_from", self.init_from,
-                              "is a Hugging Face model directory; initialising from HF weights is not supported yet",
-                              "train from scratch (sft.init_from=null) or pass a steerlm run directory or checkpoint")
+        validate_init_from("sft.init_from", self.init_from)
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Attribute-model examples: the text an APM reads and the targets it regresses to.
+"""Attribute-model examples: the text an APM reads and the targets it regresses to (or, for the generative
+APM, the attribute string it learns to write after that text).
 
-One example per labelled assistant turn: the conversation up to that turn without attribute lines,
+One example per selected assistant turn (training and evaluation: every labelled one; scoring: the last;
+annotation: those missing labels): the conversation up to that turn without attribute lines,
 ending with the label prefix (`SteerLMTemplate.attribute_prompt`); targets in schema order with
 MISSING (-100) for absent labels. Too-long examples keep their end (the rated response) or are
 dropped, per the length policy, and are counted.
@@ -9,12 +11,12 @@ dropped, per the length policy, and are counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
-from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthPolicy, LengthStats
+from steerlm.data.attributes import MISSING, AttributeSchema
+from steerlm.data.collate import Example, LengthPolicy, LengthStats
 from steerlm.data.records import Conversation, Role
 from steerlm.data.template import SteerLMTemplate
 from steerlm.tokenizers.base import Tokenizer
@@ -25,18 +27,35 @@ class AttributeExample:
     ids: tuple[int, ...]
     targets: tuple[float, ...]
     source: str = ""
+    turn: tuple[int, int] = (0, 0)  # (index of the conversation in the input, index of the rated turn in it)
+
+
+TurnSelector = Callable[[Conversation, int], bool]
+
+
+def labelled_turns(conversation: Conversation, index: int) -> bool:
+    """Training and evaluation: every assistant turn that carries labels (some may be missing)."""
+    turn = conversation.turns[index]
+    return turn.role == Role.assistant and turn.labels is not None
+
+
+def last_assistant_turn(conversation: Conversation, index: int) -> bool:
+    """Scoring a response: the conversation's last assistant turn."""
+    return index == max(i for i, turn in enumerate(conversation.turns) if turn.role == Role.assistant)
 
 
 def attribute_examples(conversations: Iterable[Conversation], schema: AttributeSchema, template: SteerLMTemplate,
                        tokenizer: Tokenizer, seq_length: int, policy: LengthPolicy, stats: LengthStats,
-                       labelled_only: bool = True) -> list[AttributeExample]:
-    """Examples for every labelled assistant turn (every last assistant turn when not `labelled_only`)."""
+                       select: TurnSelector = labelled_turns) -> list[AttributeExample]:
+    """One example per assistant turn that `select` picks (by default every labelled one).
+
+    The one tokenisation of APM inputs: training, evaluation, annotation and `AttributeScorer` all call it.
+    """
     examples = []
-    for conversation in conversations:
+    for position, conversation in enumerate(conversations):
         turns = list(conversation.turns)
         for index, turn in enumerate(turns):
-            if turn.role != Role.assistant or (labelled_only and turn.labels is None) or \
-                    (not labelled_only and index != len(turns) - 1):
+            if turn.role != Role.assistant or not select(conversation, index):
                 continue
             ids = tokenizer.encode(template.attribute_prompt(conversation.system, turns[:index + 1]))
             if tokenizer.bos_id is not None:
@@ -50,7 +69,7 @@ def attribute_examples(conversations: Iterable[Conversation], schema: AttributeS
                 stats.truncated += 1
             stats.kept += 1
             examples.append(AttributeExample(tuple(ids), tuple(schema.targets(turn.labels or {})),
-                                             conversation.source))
+                                             conversation.source, (position, index)))
     return examples
 
 
@@ -66,3 +85,52 @@ def attribute_batch(examples: Sequence[AttributeExample], pad_id: int) -> dict[s
         "score_index": torch.tensor([len(example.ids) - 1 for example in examples]),
         "targets": torch.tensor([example.targets for example in examples], dtype=torch.float32),
     }
+
+
+def attribute_string(schema: AttributeSchema, targets: Sequence[float], suffix: str) -> str:
+    """What the generative APM writes after the label prefix: the labelled values (schema order) + `suffix`."""
+    labels = {name: value for name, value in zip(schema.attributes, targets) if value != MISSING}
+    return schema.format(labels) + suffix
+
+
+def attribute_string_budget(schema: AttributeSchema, tokenizer: Tokenizer, suffix: str) -> int:
+    """Tokens the longest attribute string takes (every attribute present, at its widest value): what a
+    generative example adds to its prompt, and how many tokens scoring lets the model generate."""
+    widths = {schema.min_value, schema.max_value, (schema.min_value + schema.max_value) / 2}
+    if not schema.integer:
+        widths.add(schema.max_value - 0.123456)
+    return max(len(tokenizer.encode(attribute_string(schema, [value] * len(schema.attributes), suffix)))
+               for value in widths)
+
+
+def generative_examples(examples: Sequence[AttributeExample], schema: AttributeSchema, tokenizer: Tokenizer,
+                        suffix: str) -> list[Example]:
+    """Language-model examples of the generative APM: the APM prompt (not trained) + its attribute string
+    (trained). `examples` must leave room for the string (`attribute_examples` with seq_length reduced by
+    `attribute_string_budget`)."""
+    out = []
+    for example in examples:
+        target = tokenizer.encode(attribute_string(schema, example.targets, suffix))
+        out.append(Example(example.ids + tuple(target), (False,) * len(example.ids) + (True,) * len(target),
+                           example.source))
+    return out
+
+
+def parse_attribute_string(schema: AttributeSchema, text: str) -> tuple[dict[str, float], list[str]]:
+    """What a generative APM wrote → (values by attribute, problems). Each `name:value` item is read on its
+    own, so one bad item costs only that attribute: unknown names, repeats, non-numbers and values outside
+    the schema's range are problems, not values."""
+    values: dict[str, float] = {}
+    problems = []
+    for item in filter(None, (part.strip() for part in text.strip().split(","))):
+        name, sep, value = item.partition(":")
+        try:
+            number = float(value) if sep else None
+        except ValueError:
+            number = None
+        if number is None or name not in schema.attributes or name in values or \
+                not schema.min_value <= number <= schema.max_value:
+            problems.append(item)
+        else:
+            values[name] = number
+    return values, problems

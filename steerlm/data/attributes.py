@@ -79,10 +79,14 @@ class AttributeSchema:
         """Regression targets in schema order, MISSING (-100) where unlabelled."""
         return [MISSING if labels.get(name) is None else float(labels[name]) for name in self.attributes]
 
-    def clip_round(self, scores: Mapping[str, float]) -> Labels:
-        """Model scores → labels: clipped to the range and, for integer schemas, rounded (as NeMo-Aligner)."""
+    def clip_round(self, scores: Mapping[str, float | None]) -> Labels:
+        """Model scores → labels: clipped to the range and, for integer schemas, rounded (as NeMo-Aligner).
+        A None or NaN score (a generative APM that did not write that attribute) becomes a missing label."""
         out: Labels = {}
         for name in self.attributes:
+            if scores[name] is None or math.isnan(float(scores[name])):
+                out[name] = None
+                continue
             value = min(max(float(scores[name]), self.min_value), self.max_value)
             out[name] = int(round(value)) if self.integer else value
         return out

@@ -3,15 +3,34 @@
 Megatron packs attention as one `linear_qkv` whose rows are grouped per query group
 ([q heads of the group, k, v] x groups) and the SwiGLU MLP as one `linear_fc1` = [gate; up]; HF keeps
 separate q/k/v and gate/up projections. Both use non-interleaved ("rotate half") RoPE, so no
-permutation of heads is needed. Vocabulary padding rows are dropped on export.
+permutation of heads is needed. Vocabulary padding rows are dropped on export and added as zeros on
+import (they are never looked up; as output rows they give logit 0).
 """
 
 from __future__ import annotations
 
-import torch
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
 
-from steerlm.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
+import torch
+from safetensors import safe_open
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import HF_CONFIG_FILE, Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.models.sharding import TIED_EMBEDDING
+
+# Per-layer tensors that map one to one: megatron name (after `decoder.layers.N.`) → HF name (after `model.layers.N.`).
+_LAYER_COPIES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# The fixed parameters of megatron's Llama-3 RoPE scaling (only the factor is configurable: model.rope_scaling_factor).
+LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def hf_config_dict(model: ModelConfig) -> dict:
@@ -36,9 +55,7 @@ def hf_config_dict(model: ModelConfig) -> dict:
         "mlp_bias": False,
     }
     if model.rope_scaling:
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor,
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 8192}
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_SCALING}
     return config
 
 
@@ -83,15 +100,139 @@ def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[st
         src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
         q, k, v = _split_qkv(full[src + "self_attention.linear_qkv.weight"], model)
         gate, up = torch.chunk(full[src + "mlp.linear_fc1.weight"], 2, dim=0)
+        out.update({dst + theirs: full[src + ours] for ours, theirs in _LAYER_COPIES.items()})
         out.update({
-            dst + "input_layernorm.weight": full[src + "input_layernorm.weight"],
             dst + "self_attn.q_proj.weight": q,
             dst + "self_attn.k_proj.weight": k,
             dst + "self_attn.v_proj.weight": v,
-            dst + "self_attn.o_proj.weight": full[src + "self_attention.linear_proj.weight"],
-            dst + "post_attention_layernorm.weight": full[src + "pre_mlp_layernorm.weight"],
             dst + "mlp.gate_proj.weight": gate,
             dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": full[src + "mlp.linear_fc2.weight"],
         })
     return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def megatron_names(model: ModelConfig) -> list[str]:
+    """Global names of a Llama GPTModel's parameters (megatron's local layer spec), as `megatron_to_hf` reads them."""
+    names = [TIED_EMBEDDING, "decoder.final_layernorm.weight"]
+    if not model.share_embeddings_and_output_weights:
+        names.append("output_layer.weight")
+    per_layer = [*_LAYER_COPIES, "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]
+    return names + [f"decoder.layers.{layer}.{name}" for layer in range(model.num_layers) for name in per_layer]
+
+
+def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], model: ModelConfig,
+                   names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full megatron tensors (keyed by global name) from HF LlamaForCausalLM tensors: `megatron_to_hf`'s inverse.
+
+    q/k/v are re-packed into `linear_qkv` per query group, gate/up into `linear_fc1`, and the vocabulary rows
+    padded with zeros to `model.padded_vocab_size`. `names` limits the result to some global names (one
+    pipeline stage's); `hf_state` is only indexed for the tensors those need, so it may read lazily from disk.
+    """
+    check_llama(model)
+    return {name: _from_hf(name, hf_state, model).contiguous()
+            for name in (megatron_names(model) if names is None else names)}
+
+
+def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> torch.Tensor:
+    if name == TIED_EMBEDDING:
+        return _pad_vocab(hf["model.embed_tokens.weight"], model)
+    if name == "output_layer.weight":
+        return _pad_vocab(hf["lm_head.weight"], model)
+    if name == "decoder.final_layernorm.weight":
+        return hf["model.norm.weight"]
+    match = _LAYER.match(name)
+    if match is None:
+        raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
+    prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
+    if rest in _LAYER_COPIES:
+        return hf[prefix + _LAYER_COPIES[rest]]
+    if rest == "self_attention.linear_qkv.weight":
+        return _pack_qkv(*(hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"), model)
+    if rest == "mlp.linear_fc1.weight":
+        return torch.cat([hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"]])
+    raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
+
+
+def _pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """Inverse of `_split_qkv`: rows [q heads of group g, k_g, v_g] for each query group g."""
+    groups, head_dim = model.query_groups, model.head_dim
+    per_group = model.num_attention_heads // groups
+    grouped = [q.reshape(groups, per_group, head_dim, -1), k.reshape(groups, 1, head_dim, -1),
+               v.reshape(groups, 1, head_dim, -1)]
+    return torch.cat(grouped, dim=1).reshape(groups * (per_group + 2) * head_dim, -1)
+
+
+def _pad_vocab(rows: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    if rows.shape[0] != model.vocab_size:
+        raise ValueError(f"HF vocabulary tensor has {rows.shape[0]} rows, model.vocab_size is {model.vocab_size}")
+    return torch.cat([rows, rows.new_zeros(model.padded_vocab_size - model.vocab_size, rows.shape[1])])
+
+
+class SafetensorsWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a directory's `*.safetensors` files (one or sharded), read from disk on access."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = Path(directory)
+        self._files: dict[str, Path] = {}
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(file, framework="pt") as handle:
+                self._files.update(dict.fromkeys(handle.keys(), file))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise KeyError(f"no tensor {name!r} in the *.safetensors files of {self._directory}")
+        with safe_open(self._files[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def read_hf_config(directory: Path) -> dict:
+    return json.loads((Path(directory) / HF_CONFIG_FILE).read_text())
+
+
+def _rope(hf: dict) -> tuple[float, dict]:
+    """(rope theta, scaling parameters) from transformers 5's `rope_parameters` or 4's `rope_theta`/`rope_scaling`."""
+    parameters = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or parameters
+    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), scaling
+
+
+def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:
+    """Refuse an HF config.json whose model differs from `model.*`, naming the field and the value to set.
+
+    `key`/`location`: the config key that named the directory and its value, for the error of a model
+    `model.*` cannot describe at all (not a Llama, other RoPE scaling).
+    """
+    rope_theta, scaling = _rope(hf)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    not_llama = [f"{name}={hf.get(name)!r}" for name, expected in
+                 (("model_type", "llama"), ("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False))
+                 if hf.get(name, expected) != expected]
+    if rope_type not in ("default", "llama3") or (
+            rope_type == "llama3" and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())):
+        not_llama.append(f"rope scaling {scaling}")
+    if not_llama:
+        raise ConfigError(key, location, f"holds a model steerlm's Llama cannot express ({', '.join(not_llama)})",
+                          "convert a Llama-architecture model (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling)")
+    heads = hf["num_attention_heads"]
+    fields = {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
+              "ffn_hidden_size": hf["intermediate_size"], "num_layers": hf["num_hidden_layers"],
+              "num_attention_heads": heads, "num_query_groups": hf.get("num_key_value_heads") or heads,
+              "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
+              "layernorm_epsilon": hf["rms_norm_eps"],
+              "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
+              "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", False),
+              "rope_scaling": rope_type == "llama3"}
+    if rope_type == "llama3":
+        fields["rope_scaling_factor"] = float(scaling["factor"])
+    current = {**{name: getattr(model, name) for name in fields}, "num_query_groups": model.query_groups,
+               "kv_channels": model.head_dim}
+    for name, value in fields.items():
+        if current[name] != value:
+            raise ConfigError(f"model.{name}", current[name], f"{key}={location} holds an HF Llama with "
+                              f"{name}={value!r} (config.json)", f"set model.{name}={value!r}")

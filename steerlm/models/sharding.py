@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -80,9 +80,15 @@ def named_global_parameters(chunks: list[GPTModel]) -> Iterator[tuple[str, torch
 
 
 @torch.no_grad()
-def load_full_parameters(chunks: list[GPTModel], full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> None:
-    """Copy layout-independent full tensors (keyed by global name) into this rank's shards."""
+def load_full_parameters(chunks: list[GPTModel], full: Mapping[str, torch.Tensor], tp_rank: int, tp: int,
+                         keep: Callable[[str], bool] = lambda name: False) -> None:
+    """Copy layout-independent full tensors (keyed by global name) into this rank's shards.
+
+    Parameters whose global name `keep` accepts are left as they are (e.g. a head the source lacks).
+    """
     for name, param in named_global_parameters(chunks):
+        if keep(name):
+            continue
         if name not in full:
             raise KeyError(f"no tensor for parameter {name!r} in the given state ({len(full)} tensors)")
         source = full[name]

@@ -17,28 +17,28 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from steerlm import runtime
-from steerlm.config import AttributeModelConfig, ConfigError, to_typed
+from steerlm.config import ConfigError
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.apm import AttributeExample
-from steerlm.data.attributes import MISSING, AttributeSchema
+from steerlm.data.attributes import AttributeSchema
+from steerlm.data.collate import LengthStats
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
-from steerlm.data.template import SteerLMTemplate
-from steerlm.models.attribute import build_attribute_model_chunks
-from steerlm.stages.attribute_model import score_examples
-from steerlm.tokenizers import load_tokenizer
-from steerlm.training.checkpoint import load_weights, resolve_checkpoint, saved_config
+from steerlm.inference.scoring import AttributeScorer, check_rated_attributes, open_apm_checkpoint
 
 log = logging.getLogger(__name__)
 SCORES_FIELD = "attribute_scores"
+REWARD_FIELD = "attribute_reward"  # with the APM's apm.merge_weights: the merged score of each scored turn
 SCORE_DECIMALS = 4  # raw scores are rounded so outputs compare byte for byte across layouts
 
 
@@ -98,32 +98,19 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _needs(turn: Turn, mode: AnnotateMode) -> bool:
+def _needs(mode: AnnotateMode, conversation: Conversation, index: int) -> bool:
+    """Which turns get APM labels: every assistant turn (overwrite), or those missing a label (fill_missing)."""
+    turn = conversation.turns[index]
     if turn.role != Role.assistant:
         return False
     return mode == AnnotateMode.overwrite or turn.labels is None or any(v is None for v in turn.labels.values())
 
 
-def _inputs(records: list[Conversation], cfg: AnnotateConfig, template: SteerLMTemplate, tokenizer,
-            schema: AttributeSchema) -> tuple[list[tuple[int, int]], list[AttributeExample], int]:
-    """(record, turn) of every turn to score, its APM input, and how many inputs were cut to seq_length."""
-    keys, examples, truncated = [], [], 0
-    for r, record in enumerate(records):
-        for t, turn in enumerate(record.turns):
-            if not _needs(turn, cfg.mode):
-                continue
-            ids = tokenizer.encode(template.attribute_prompt(record.system, list(record.turns[:t + 1])))
-            ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
-            if len(ids) > cfg.seq_length:
-                ids, truncated = ids[-cfg.seq_length:], truncated + 1
-            keys.append((r, t))
-            examples.append(AttributeExample(tuple(ids), (MISSING,) * len(schema.attributes), record.source))
-    return keys, examples, truncated
-
-
-def _annotated_rows(records: list[Conversation], keys: list[tuple[int, int]], scores: list[list[float]],
-                    schema: AttributeSchema, mode: AnnotateMode) -> list[dict]:
-    per_turn = {key: scores[i] for i, key in enumerate(keys)}
+def _annotated_rows(records: list[Conversation], examples: list[AttributeExample], scores: np.ndarray,
+                    rewards: np.ndarray | None, schema: AttributeSchema, mode: AnnotateMode) -> list[dict]:
+    """Conversation JSONL rows: labels of the scored turns, their raw scores (and rewards) aligned with turns."""
+    per_turn = {example.turn: row for example, row in zip(examples, _rounded(scores))}
+    reward_of = {} if rewards is None else dict(zip((e.turn for e in examples), _rounded(rewards)))
     rows = []
     for r, record in enumerate(records):
         turns, raw = [], []
@@ -138,9 +125,19 @@ def _annotated_rows(records: list[Conversation], keys: list[tuple[int, int]], sc
                 predicted = {k: turn.labels[k] if turn.labels[k] is not None else v for k, v in predicted.items()}
             turns.append(Turn(turn.role, turn.text, predicted))
             raw.append(dict(zip(schema.attributes, values)))
-        annotated = Conversation(record.system, tuple(turns), record.source, {**record.extra, SCORES_FIELD: raw})
+        extra = {**record.extra, SCORES_FIELD: raw}
+        if rewards is not None:
+            extra[REWARD_FIELD] = [reward_of.get((r, t)) for t in range(len(record.turns))]
+        annotated = Conversation(record.system, tuple(turns), record.source, extra)
         rows.append(to_conversation_json(annotated, schema))
     return rows
+
+
+def _rounded(values: np.ndarray) -> list:
+    """Raw scores (a row or rows of them) rounded so outputs compare byte for byte across layouts; NaN (an
+    attribute a generative APM did not write) becomes None."""
+    return [_rounded(row) if row.ndim else None if np.isnan(row) else round(float(row), SCORE_DECIMALS)
+            for row in values]
 
 
 def _shards(cfg: AnnotateConfig, schema: AttributeSchema, stats: ReadStats, rejects: RejectSink | None):
@@ -161,34 +158,26 @@ def _broadcast(obj: object) -> object:
 def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
     """Annotate `cfg.input` into `cfg.output`; returns the summary on global rank 0 (None elsewhere)."""
     cfg.validate()
-    apm_path = resolve_checkpoint(cfg.apm_checkpoint)
-    apm = to_typed(saved_config(apm_path), AttributeModelConfig)
-    schema = apm.attributes.schema()
-    tokenizer = load_tokenizer(apm.tokenizer.type.value, apm.tokenizer.path)
+    apm = open_apm_checkpoint(cfg.apm_checkpoint, "apm_checkpoint")
     data_parallel_size(cfg.parallel, runtime.launch_world_size())
-    validate_model_layout(apm.model, cfg.parallel, runtime.detect_accelerator())
+    validate_model_layout(apm.config.model, cfg.parallel, runtime.detect_accelerator())
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
-        chunks = build_attribute_model_chunks(apm.model, apm.precision, layout, cfg.seed, len(schema.attributes))
-        for chunk in chunks:
-            chunk.eval()
-        load_weights(apm_path, chunks, layout, apm.model)
-        return _annotate(cfg, apm_path, schema, tokenizer, chunks, layout)
+        scorer = AttributeScorer.from_checkpoint(apm, layout, micro_batch_size=cfg.micro_batch_size,
+                                                 seq_length=cfg.seq_length, seed=cfg.seed)
+        return _annotate(cfg, apm.path, scorer)
     finally:
         runtime.shutdown()
 
 
-@torch.no_grad()
-def _annotate(cfg: AnnotateConfig, apm_path: Path, schema: AttributeSchema, tokenizer, model: list,
-              layout: runtime.ParallelLayout) -> AnnotateSummary | None:
-    output = Path(cfg.output)
+def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> AnnotateSummary | None:
+    output, layout, schema = Path(cfg.output), scorer.layout, scorer.schema
     identity = {"input": str(Path(cfg.input).resolve()), "apm_checkpoint": str(apm_path.resolve()),
                 "mode": cfg.mode.value, "shard_size": cfg.shard_size, "format": cfg.format.value}
     work = _Work(Path(f"{output}.parts"), identity)
-    template = SteerLMTemplate(schema)
-    stats, counts = ReadStats(), Counter()
+    stats, counts, lengths = ReadStats(), Counter(), LengthStats()
     rejects_path = Path(cfg.rejects or f"{output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject
     start = time.perf_counter()
@@ -207,18 +196,20 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, schema: AttributeSchema, toke
                 counts["skipped"] += 1
                 continue
             records = _broadcast(shard)
-            keys, examples, truncated = _inputs(records, cfg, template, tokenizer, schema)
-            scores = [[round(float(v), SCORE_DECIMALS) for v in row]
-                      for row in score_examples(model, examples, cfg.micro_batch_size, tokenizer.pad_id, layout)]
-            counts["turns"] += len(keys)
-            counts["truncated"] += truncated
+            for record in records:
+                check_rated_attributes(record, schema, "apm_checkpoint", cfg.apm_checkpoint)
+            examples = scorer.examples(records, partial(_needs, cfg.mode), lengths)
+            scores = scorer.score_examples(examples)
+            counts["turns"] += len(examples)
             counts["rows"] += len(records)
             if layout.is_rank_zero:
-                work.finish(number, _annotated_rows(records, keys, scores, schema, cfg.mode), done)
+                rows = _annotated_rows(records, examples, scores, scorer.rewards(scores), schema, cfg.mode)
+                work.finish(number, rows, done)
             bar.update(len(records))
             dist.barrier()
     if not layout.is_rank_zero:
         return None
+    counts["truncated"] = lengths.truncated
     return _merge(cfg, work, layout, stats, counts, time.perf_counter() - start, rejects_path if reject else None,
                   schema)
 

@@ -1,7 +1,9 @@
-"""Stage 1: train the regression Attribute Prediction Model (APM) and evaluate it.
+"""Stage 1: train the Attribute Prediction Model (APM), regression or generative, and evaluate it.
 
-config → tokenizer + schema → labelled conversations → APM examples → the one training loop with the
-attribute-regression task → per-attribute metrics on the held-out rows (`eval.json`, TensorBoard).
+`run`: config → tokenizer + schema → labelled conversations → APM examples → the one training loop with the
+attribute-regression task → per-attribute metrics on the held-out rows (`eval.json`; at every validation
+also metrics.jsonl and TensorBoard). `evaluate`: a trained APM checkpoint + any labelled file → the same
+metrics (`recipes/evaluate_attribute_model.py`). Both score through `AttributeScorer`.
 """
 
 from __future__ import annotations
@@ -12,23 +14,30 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from steerlm import runtime
 from steerlm.config import AttributeModelConfig, ConfigError, save_resolved, validate_train_config, validate_vocab
-from steerlm.data.apm import AttributeExample, attribute_batch, attribute_examples
+from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
+from steerlm.config.schema import APMType
+from steerlm.config.validation import data_parallel_size, validate_model_layout
+from steerlm.data.apm import AttributeExample, attribute_batch, attribute_examples, attribute_string_budget, \
+    generative_examples, labelled_turns
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthStats, length_buckets
-from steerlm.data.readers import read_records
+from steerlm.data.collate import LengthStats, pad_batch
+from steerlm.data.readers import BadRowPolicy, read_records
+from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
-from steerlm.evaluation.apm_metrics import attribute_metrics
+from steerlm.evaluation.apm_metrics import REWARD, metric_scalars
+from steerlm.inference.scoring import AttributeScorer, GenerativeAttributeScorer, check_rated_attributes, \
+    open_apm_checkpoint
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.tokenizers import load_tokenizer
-from steerlm.training import ATTRIBUTE_REGRESSION, Task, build_training, predict
+from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task, build_training
 from steerlm.training.checkpoint import latest_checkpoint, saved_config
-from steerlm.training.loop import maybe_resume, prepare_output_dir, run_training
+from steerlm.training.init_from import resolve_init_source, resume_or_initialise
+from steerlm.training.loop import prepare_output_dir, run_training
 from steerlm.training.losses import attribute_regression_loss
 
 log = logging.getLogger(__name__)
@@ -51,13 +60,15 @@ def _split(examples: list[AttributeExample], fraction: float) -> tuple[list, lis
             [e for e in examples if held_out(e.source, fraction)])
 
 
-def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer) -> tuple[list, list, LengthStats]:
+def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer,
+                  reserved: int = 0) -> tuple[list, list, LengthStats]:
+    """Training and validation examples; `reserved` positions are kept free (a generative APM's string)."""
     template = SteerLMTemplate(schema)
     stats = LengthStats()
 
     def read(path: str) -> list[AttributeExample]:
         records = read_records(path, cfg.data.format, schema, cfg.data.on_bad_row)
-        return attribute_examples(records, schema, template, tokenizer, cfg.trainer.seq_length,
+        return attribute_examples(records, schema, template, tokenizer, cfg.trainer.seq_length - reserved,
                                   cfg.data.length_policy, stats)
 
     train = read(cfg.data.train_file)
@@ -65,27 +76,6 @@ def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer)
         return train, read(cfg.data.validation_file), stats
     train, valid = _split(train, cfg.data.validation_fraction)
     return train, valid, stats
-
-
-def score_examples(model: list, examples: list[AttributeExample], micro_batch_size: int, pad_id: int,
-                   layout: runtime.ParallelLayout) -> np.ndarray:
-    """`[len(examples), attributes]` APM scores, identical on every rank.
-
-    Examples are bucketed by length into batches whose composition depends only on `examples`, and
-    batch b is scored by data-parallel rank b mod dp, so any DP size computes exactly the same numbers.
-    """
-    local: dict[int, list[float]] = {}
-    for number, members in enumerate(length_buckets([len(e.ids) for e in examples], micro_batch_size)):
-        if number % layout.dp == layout.dp_rank:
-            batch = attribute_batch([examples[i] for i in members], pad_id)
-            scores = predict(model, [batch], layout, ATTRIBUTE_REGRESSION)[0].cpu()
-            local.update({i: row.tolist() for i, row in zip(members, scores)})
-    gathered: list[dict] = [{} for _ in range(layout.world_size)]
-    torch.distributed.all_gather_object(gathered, local)
-    merged = {index: row for part in gathered for index, row in part.items()}
-    if not examples:
-        return np.zeros((0, 0))
-    return np.array([merged[i] for i in range(len(examples))], dtype=np.float64).reshape(len(examples), -1)
 
 
 def run(cfg: AttributeModelConfig) -> APMResult:
@@ -96,7 +86,16 @@ def run(cfg: AttributeModelConfig) -> APMResult:
     cfg.apm.validate(schema)
     tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
     validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
-    train, valid, lengths = load_examples(cfg, schema, tokenizer)
+    _check_checkpoint_schema(cfg, Path(cfg.output_dir), schema)
+    generative = cfg.apm.type == APMType.generative
+    if generative and cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError("apm.type", cfg.apm.type.value, "is evaluated by greedy generation, which runs one "
+                          "pipeline stage", "train it with parallel.pipeline_model_parallel_size=1 (use tensor "
+                          "parallelism to split the model), or apm.type=regression")
+    init = resolve_init_source("apm.init_from", cfg.apm.init_from, cfg.model, None if generative else schema)
+    suffix = SteerLMTemplate(schema).config.turn_suffix
+    reserved = attribute_string_budget(schema, tokenizer, suffix) if generative else 0
+    train, valid, lengths = load_examples(cfg, schema, tokenizer, reserved)
     if not train:
         raise ConfigError("data.train_file", cfg.data.train_file, "holds no labelled assistant turn",
                           "give rows with attribute labels")
@@ -106,31 +105,98 @@ def run(cfg: AttributeModelConfig) -> APMResult:
     try:
         if layout.is_rank_zero:
             save_resolved(cfg, output_dir / "config.yaml")
-        provider = partial(build_attribute_model_chunks, num_attributes=len(schema.attributes))
-        setup = build_training(cfg, layout, model_provider=provider)
-        weights = None if cfg.apm.attribute_weights is None else torch.tensor(cfg.apm.attribute_weights)
-        task = Task(ATTRIBUTE_REGRESSION.forward, partial(attribute_regression_loss, weights=weights),
-                    ATTRIBUTE_REGRESSION.predict)
-        _check_checkpoint_schema(cfg, output_dir, schema)
-        start = maybe_resume(cfg, output_dir, setup, layout)
         trainer = cfg.trainer
+        options = dict(seq_length=trainer.seq_length, micro_batch_size=trainer.micro_batch_size,
+                       length_policy=cfg.data.length_policy, merge_weights=cfg.apm.merge_weights)
+        if generative:  # a language model trained on the attribute strings
+            setup = build_training(cfg, layout)
+            task, collate = LANGUAGE_MODEL, pad_batch
+            scorer = GenerativeAttributeScorer(setup.model, layout, schema, tokenizer, **options)
+            train_inputs, valid_inputs = (generative_examples(split, schema, tokenizer, suffix)
+                                          for split in (train, valid))
+        else:
+            setup = build_training(cfg, layout, partial(build_attribute_model_chunks,
+                                                        num_attributes=len(schema.attributes)))
+            weights = None if cfg.apm.attribute_weights is None else torch.tensor(cfg.apm.attribute_weights)
+            task = Task(ATTRIBUTE_REGRESSION.forward, partial(attribute_regression_loss, weights=weights),
+                        ATTRIBUTE_REGRESSION.predict)
+            collate = attribute_batch
+            scorer = AttributeScorer(setup.model, layout, schema, tokenizer, **options)
+            train_inputs, valid_inputs = train, valid
+        start = resume_or_initialise(cfg, output_dir, setup, layout, init)
 
         def train_batch(step: int):
             rows = global_batch_indices(len(train), trainer.global_batch_size, step, trainer.seed)
-            return attribute_batch([train[i] for i in rows], tokenizer.pad_id)
+            return collate([train_inputs[i] for i in rows], tokenizer.pad_id)
 
-        valid_batches = [attribute_batch(valid[i:i + trainer.global_batch_size], tokenizer.pad_id)
+        valid_batches = [collate(valid_inputs[i:i + trainer.global_batch_size], tokenizer.pad_id)
                          for i in range(0, len(valid) - trainer.global_batch_size + 1, trainer.global_batch_size)]
         outcome = run_training(setup, layout, cfg, output_dir, train_batch, start_step=start,
-                               valid_batches=(lambda: valid_batches) if valid_batches else None, task=task)
-        scores = score_examples(setup.model, valid, trainer.micro_batch_size, tokenizer.pad_id, layout)
-        targets = np.array([example.targets for example in valid])
-        metrics = attribute_metrics(scores, targets, schema)
+                               valid_batches=(lambda: valid_batches) if valid_batches else None, task=task,
+                               validation_metrics=lambda: metric_scalars(scorer.metrics(valid)))
+        metrics = scorer.metrics(valid)
         result = APMResult(layout=layout.describe(), last_step=outcome.last_step, train_examples=len(train),
                            validation_examples=len(valid), length=lengths.summary(), metrics=metrics)
         if layout.is_rank_zero:
             (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
-            _log_metrics(metrics)
+            log_metrics(metrics)
+        return result
+    finally:
+        runtime.shutdown()
+
+
+@dataclass(frozen=True)
+class APMEvaluation:
+    apm_checkpoint: str
+    input: str
+    layout: str
+    examples: int
+    length: str
+    merge_weights: list[float] | None
+    metrics: dict
+
+
+def read_evaluation_data(cfg: EvaluateAttributeModelConfig, schema: AttributeSchema) -> list[Conversation]:
+    """The conversations of `cfg.input` (held-out ones only with `validation_fraction`), checked against the
+    APM's schema: a label it lacks is the reader's DataError (file:line), a rating column a ConfigError."""
+    records = []
+    for record in read_records(cfg.input, cfg.format, schema, BadRowPolicy.error):
+        check_rated_attributes(record, schema, "apm_checkpoint", cfg.apm_checkpoint)
+        if cfg.validation_fraction is None or held_out(record.source, cfg.validation_fraction):
+            records.append(record)
+    if not any(labelled_turns(record, index) for record in records for index in range(len(record.turns))):
+        raise ConfigError("input", cfg.input, f"holds no assistant turn labelled with the APM's attributes "
+                          f"({', '.join(schema.attributes)})" + (" among the held-out rows" if records else ""),
+                          "pass a labelled file in its format=… (or check validation_fraction)")
+    return records
+
+
+def evaluate(cfg: EvaluateAttributeModelConfig) -> APMEvaluation:
+    """Score every labelled assistant turn of `cfg.input` with the APM; per-attribute metrics → `eval.json`."""
+    cfg.validate()
+    apm = open_apm_checkpoint(cfg.apm_checkpoint, "apm_checkpoint")
+    data_parallel_size(cfg.parallel, runtime.launch_world_size())
+    validate_model_layout(apm.config.model, cfg.parallel, runtime.detect_accelerator())
+    records = read_evaluation_data(cfg, apm.schema)
+    output_dir = prepare_output_dir(cfg.output_dir)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    layout = runtime.initialize(cfg.parallel, cfg.seed)
+    try:
+        scorer = AttributeScorer.from_checkpoint(apm, layout, micro_batch_size=cfg.micro_batch_size,
+                                                 seq_length=cfg.seq_length or apm.config.trainer.seq_length,
+                                                 length_policy=cfg.length_policy, seed=cfg.seed)
+        lengths = LengthStats()
+        examples = scorer.examples(records, labelled_turns, lengths)
+        result = APMEvaluation(apm_checkpoint=str(apm.path), input=cfg.input, layout=layout.describe(),
+                               examples=len(examples), length=lengths.summary(),
+                               merge_weights=None if scorer.merge_weights is None else list(scorer.merge_weights),
+                               metrics=scorer.metrics(examples))
+        if layout.is_rank_zero:
+            save_resolved(cfg, output_dir / "config.yaml")
+            (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+            log.info("%s: %d examples (%s), %s", cfg.input, len(examples), lengths.summary(), layout.describe())
+            log_metrics(result.metrics)
         return result
     finally:
         runtime.shutdown()
@@ -148,8 +214,17 @@ def _check_checkpoint_schema(cfg: AttributeModelConfig, output_dir: Path, schema
                           "use the checkpoint's schema, a new output_dir, or checkpoint.resume=false")
 
 
-def _log_metrics(metrics: dict) -> None:
+def log_metrics(metrics: dict) -> None:
+    """The per-attribute table (and the reward's line, when merging) to the log."""
     for name, values in metrics["attributes"].items():
         log.info("%-12s MAE %.3f RMSE %.3f Pearson %.3f Spearman %.3f exact %.3f (n=%d)", name, values["mae"],
                  values["rmse"], values["pearson"], values["spearman"], values["exact_match"], values["count"])
     log.info("mean Pearson %.3f", metrics["mean"]["pearson"])
+    if "generation" in metrics:
+        generation = metrics["generation"]
+        log.info("generative APM: %d of %d attribute strings complete; unwritten or unreadable: %s",
+                 generation["complete"], generation["rows"], generation["unwritten"] or "none")
+    if REWARD in metrics:
+        reward = metrics[REWARD]
+        log.info("%-12s MAE %.3f RMSE %.3f Pearson %.3f Spearman %.3f (n=%d)", REWARD, reward["mae"], reward["rmse"],
+                 reward["pearson"], reward["spearman"], reward["count"])

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
@@ -34,9 +33,9 @@ from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import TrainingSetup, build_training
-from steerlm.training.checkpoint import SHAPE_FIELDS, latest_checkpoint, load_weights, read_meta, resolve_checkpoint, \
-    saved_config
-from steerlm.training.loop import evaluate, maybe_resume, prepare_output_dir, run_training
+from steerlm.training.checkpoint import latest_checkpoint, saved_config
+from steerlm.training.init_from import InitSource, resolve_init_source, resume_or_initialise
+from steerlm.training.loop import evaluate, prepare_output_dir, run_training
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
@@ -201,24 +200,9 @@ def validation_batches(valid: Sequence[Example], pad_id: int, rows: int, length_
     return batches
 
 
-def resolve_init_checkpoint(cfg: SFTConfig) -> Path | None:
-    """The checkpoint `sft.init_from` names (a checkpoint, or a run directory's latest), shape-checked."""
-    if cfg.sft.init_from is None:
-        return None
-    try:
-        path = resolve_checkpoint(cfg.sft.init_from)
-    except FileNotFoundError as error:
-        raise ConfigError("sft.init_from", cfg.sft.init_from, str(error).split("; ")[0],
-                          "pass a steerlm training output_dir or one of its checkpoints/step_* directories") from None
-    written = read_meta(path).model
-    for name in SHAPE_FIELDS:
-        value = getattr(cfg.model, name)
-        value = value.value if isinstance(value, Enum) else value
-        if written.get(name) != value:
-            raise ConfigError("sft.init_from", cfg.sft.init_from,
-                              f"was written for model.{name}={written.get(name)!r}, this run has {value!r}",
-                              f"use the checkpoint's model (model.{name}={written.get(name)!r}) or another checkpoint")
-    return path
+def resolve_init_checkpoint(cfg: SFTConfig) -> InitSource | None:
+    """The weights `sft.init_from` names (a steerlm run or checkpoint, or an HF Llama directory), shape-checked."""
+    return resolve_init_source("sft.init_from", cfg.sft.init_from, cfg.model)
 
 
 def check_resume_conditioning(cfg: SFTConfig, output_dir: Path) -> None:
@@ -239,17 +223,10 @@ def check_resume_conditioning(cfg: SFTConfig, output_dir: Path) -> None:
 
 
 def _start(cfg: SFTConfig, output_dir: Path, setup: TrainingSetup, layout: runtime.ParallelLayout,
-           init: Path | None) -> int:
+           init: InitSource | None) -> int:
     """Resume this run when it has a checkpoint; otherwise start from `sft.init_from`'s weights (or scratch)."""
     check_resume_conditioning(cfg, output_dir)
-    if cfg.checkpoint.resume and latest_checkpoint(output_dir) is not None:
-        if init is not None:
-            log.info("resuming %s; sft.init_from is used only by a run's first start", output_dir)
-        return maybe_resume(cfg, output_dir, setup, layout)
-    if init is not None:
-        load_weights(init, setup.model, layout, cfg.model)
-        log.info("initialised the weights from %s", init)
-    return 0
+    return resume_or_initialise(cfg, output_dir, setup, layout, init)
 
 
 def _validate(cfg: SFTConfig) -> None:

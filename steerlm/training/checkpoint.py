@@ -23,6 +23,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -76,7 +77,7 @@ def _model_key(model: ModelConfig) -> dict:
     return {name: (value.value if isinstance(value, Enum) else value) for name, value in asdict(model).items()}
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
@@ -98,7 +99,7 @@ def _rng_object(layout: ParallelLayout, state: dict | None = None) -> ShardedObj
 
 
 def _sharded_state(model: list, optimizer, layout: ParallelLayout, is_loading: bool, with_rng: bool) -> dict:
-    state: dict = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
+    state: dict = {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
     if optimizer is not None:
         # The distributed optimizer's layout-independent format (each parameter's state at its
         # full shape); the plain optimizer always stores it that way and ignores the option.
@@ -184,18 +185,23 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: list, optimizer, scheduler, layout: ParallelLayout,
-                    model_cfg: ModelConfig) -> int:
+                    model_cfg: ModelConfig, keep: Callable[[str], bool] = lambda name: False) -> int:
     """Load weights, optimizer state and LR schedule into this layout's model; returns the step.
 
     With `optimizer=None` only the weights are loaded (inference, annotation, initialising a new run);
-    RNG states are then left alone too.
+    RNG states are then left alone too. Weights whose state-dict name `keep` accepts are neither read
+    nor changed (a head the checkpoint does not have).
     """
     meta = check_compatible(path, model_cfg)
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
+    for key in _model_keys(model):
+        state[key] = {name: value for name, value in state[key].items() if not keep(name)}
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in zip(_model_keys(model), model):
-        _unwrap(chunk).load_state_dict(loaded[key])
+        missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        if unexpected or not all(keep(name) for name in missing):
+            raise RuntimeError(f"{path}: state does not fit the model (missing {missing}, unexpected {unexpected})")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
@@ -208,9 +214,10 @@ def load_checkpoint(path: Path, model: list, optimizer, scheduler, layout: Paral
     return int(loaded["step"])
 
 
-def load_weights(path: Path, model: list, layout: ParallelLayout, model_cfg: ModelConfig) -> int:
+def load_weights(path: Path, model: list, layout: ParallelLayout, model_cfg: ModelConfig,
+                 keep: Callable[[str], bool] = lambda name: False) -> int:
     """Only the model weights of a checkpoint (any layout); returns the step it was saved at."""
-    return load_checkpoint(path, model, None, None, layout, model_cfg)
+    return load_checkpoint(path, model, None, None, layout, model_cfg, keep)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -83,8 +83,13 @@ def maybe_resume(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layou
 def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig, output_dir: Path,
                  train_batch: Callable[[int], Batch], start_step: int = 0,
                  valid_batches: Callable[[], list[Batch]] | None = None,
-                 task: Task = LANGUAGE_MODEL) -> TrainingOutcome:
-    """Train steps `start_step + 1 … trainer.max_steps` on `train_batch(step)` global batches."""
+                 task: Task = LANGUAGE_MODEL,
+                 validation_metrics: Callable[[], dict[str, float]] | None = None) -> TrainingOutcome:
+    """Train steps `start_step + 1 … trainer.max_steps` on `train_batch(step)` global batches.
+
+    `validation_metrics` (collective, called on every rank at each validation) adds a stage's own
+    scalars to the validation loss in metrics.jsonl and TensorBoard.
+    """
     trainer, save_interval = cfg.trainer, cfg.checkpoint.save_interval
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     outcome = TrainingOutcome(start_step=start_step, last_step=start_step)
@@ -117,7 +122,7 @@ def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig,
                         last or (trainer.eval_interval and step % trainer.eval_interval == 0)):
                     loss = evaluate(model, valid_batches(), trainer.micro_batch_size, layout, task)
                     outcome.evaluations.append((step, loss))
-                    metrics.log_eval(step, loss)
+                    metrics.log_eval(step, loss, validation_metrics() if validation_metrics else {})
                     log.info("step %d validation loss %.4f", step, loss)
                 if stop or last or (save_interval and step % save_interval == 0):
                     save_checkpoint(output_dir, step, setup, layout, cfg)

@@ -59,11 +59,14 @@ class MetricsLog:
             if value is not None:
                 self._tensorboard.add_scalar(f"train/{name}", value, logged.step)
 
-    def log_eval(self, step: int, loss: float) -> None:
+    def log_eval(self, step: int, loss: float, extra: dict[str, float] | None = None) -> None:
+        """The validation loss and a stage's `extra` scalars: `val_<name>` in metrics.jsonl, `val/<name>` in TensorBoard."""
         if not self.enabled:
             return
-        self._write({"step": step, "val_loss": loss})
-        self._tensorboard.add_scalar("val/loss", loss, step)
+        values = {"loss": loss, **(extra or {})}
+        self._write({"step": step, **{f"val_{name}": value for name, value in values.items()}})
+        for name, value in values.items():
+            self._tensorboard.add_scalar(f"val/{name}", value, step)
 
     def close(self) -> None:
         if self._file is not None:

@@ -1,0 +1,120 @@
+"""Start a run from other weights: `sft.init_from` and `apm.init_from`.
+
+The source is a steerlm run directory or checkpoint (written at any TP/PP layout: a language model from
+`recipes/demo.py` / `train_sft.py`, or an APM) or a Hugging Face Llama directory (`config.json` +
+`*.safetensors`, as `save_pretrained` writes it). `resolve_init_source` runs before anything is built, so
+a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this layout's shards.
+Only weights move: the optimizer, LR schedule and step start fresh.
+
+An attribute head is loaded from an APM source of the same schema, refused from an APM of another schema,
+and keeps its fresh initialisation when the source has none (a language model, or HF); an APM source's
+head is ignored by a language model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir
+from steerlm.data.attributes import AttributeSchema
+from steerlm.models.hf_llama import SafetensorsWeights, check_hf_config, hf_to_megatron, read_hf_config
+from steerlm.models.sharding import load_full_parameters, named_global_parameters
+from steerlm.runtime.layout import ParallelLayout
+from steerlm.training.checkpoint import SHAPE_FIELDS, latest_checkpoint, load_weights, read_meta, resolve_checkpoint, \
+    saved_config
+from steerlm.training.loop import maybe_resume
+from steerlm.training.setup import TrainingSetup
+
+log = logging.getLogger(__name__)
+HEAD_PREFIX = "attribute_head."
+
+
+@dataclass(frozen=True)
+class InitSource:
+    key: str  # the config key that named it, e.g. "apm.init_from"
+    location: str  # as configured
+    path: Path  # the checkpoint directory, or the HF model directory
+    hugging_face: bool
+    has_head: bool  # an APM checkpoint of this run's schema: its attribute head is loaded too
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith(HEAD_PREFIX)
+
+
+def resolve_init_source(key: str, location: str | None, model: ModelConfig,
+                        schema: AttributeSchema | None = None) -> InitSource | None:
+    """The weights `key` names, checked against this run's `model` (and, for an APM, its `schema`).
+
+    Returns None when `location` is None. A shape difference is a ConfigError naming `model.<field>` and
+    the value to set; an APM source of another schema is a ConfigError naming `key`.
+    """
+    if location is None:
+        return None
+    path = Path(location)
+    if is_hf_model_dir(path):
+        check_hf_config(read_hf_config(path), model, key, location)
+        return InitSource(key, location, path, hugging_face=True, has_head=False)
+    try:
+        path = resolve_checkpoint(path)
+    except FileNotFoundError as error:
+        raise ConfigError(key, location, str(error).split("; ")[0],
+                          "pass a steerlm training output_dir, one of its checkpoints/step_* directories, or a "
+                          "Hugging Face Llama directory (config.json + *.safetensors)") from None
+    written = read_meta(path).model
+    for name in SHAPE_FIELDS:
+        value = getattr(model, name)
+        value = value.value if isinstance(value, Enum) else value
+        if written.get(name) != value:
+            raise ConfigError(f"model.{name}", value, f"{key}={location} was written for model.{name}="
+                              f"{written.get(name)!r}", f"set model.{name}={written.get(name)!r} or pass another {key}")
+    saved = saved_config(path)
+    is_apm = "apm" in saved
+    if is_apm and schema is not None:
+        _check_head_schema(key, location, saved.attributes, schema)
+    return InitSource(key, location, path, hugging_face=False, has_head=is_apm and schema is not None)
+
+
+def _check_head_schema(key: str, location: str, saved, schema: AttributeSchema) -> None:
+    """An APM's head emits its own schema's attributes on its own range: refuse to start another schema's."""
+    theirs = (list(saved.attributes), float(saved.min_value), float(saved.max_value))
+    ours = (list(schema.attributes), schema.min_value, schema.max_value)
+    if theirs != ours:
+        raise ConfigError(key, location, f"is an APM for the attributes {theirs[0]} on [{theirs[1]:g}, {theirs[2]:g}], "
+                          f"this run's schema is {ours[0]} on [{ours[1]:g}, {ours[2]:g}]",
+                          "initialise from an APM of this schema or from a language model (the head then starts "
+                          "fresh), or set attributes to the checkpoint's")
+
+
+def load_init_weights(source: InitSource, setup: TrainingSetup, layout: ParallelLayout, model: ModelConfig) -> None:
+    """Collective: copy the source's weights into this rank's shards (any layout), before step 1.
+
+    Under bf16/fp16 the optimizer's fp32 main weights are refreshed from the loaded ones.
+    """
+    if source.hugging_face:
+        names = [name for name, _ in named_global_parameters(setup.chunks) if not _is_head(name)]
+        full = hf_to_megatron(SafetensorsWeights(source.path), model, names)
+        load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=_is_head)
+    else:
+        load_weights(source.path, setup.model, layout, model, keep=lambda name: _is_head(name) and not source.has_head)
+    setup.optimizer.reload_model_params()
+    head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))
+    log.info("initialised the weights from %s (%s)%s", source.path, "Hugging Face" if source.hugging_face else "steerlm",
+             "" if not head else "; attribute head " + ("loaded" if source.has_head else "freshly initialised"))
+
+
+def resume_or_initialise(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layout: ParallelLayout,
+                         init: InitSource | None) -> int:
+    """The step a run starts after: its own latest checkpoint when it has one (init_from is used only by a
+    run's first start), otherwise 0 with `init`'s weights loaded (or the fresh initialisation)."""
+    if cfg.checkpoint.resume and latest_checkpoint(output_dir) is not None:
+        if init is not None:
+            log.info("resuming %s; %s is used only by a run's first start", output_dir, init.key)
+        return maybe_resume(cfg, output_dir, setup, layout)
+    if init is not None:
+        load_init_weights(init, setup, layout, cfg.model)
+    return 0
