@@ -1,0 +1,150 @@
+"""Configuration of steering at inference: the chat CLI (`recipes/chat.py`) and the OpenAI-compatible
+server (`recipes/serve.py`).
+
+Both load one SFT checkpoint and steer it with attribute values. `attributes` holds the values every
+prompt starts from (a request or `/set` changes them one by one); it is checked against the
+checkpoint's schema when the model loads, because only the checkpoint knows its schema. The shipped
+YAMLs list the attribute names of the shipped schemas with the value null (unset), so that
+`attributes.verbosity=4` is a plain override; a custom schema's names are added with
+`+attributes.NAME=VALUE`. Attributes set nowhere are left out of the attribute string, as for a partly
+labelled turn in training. Sampling defaults use the OpenAI request's names, so a config value and a
+request field read the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import ParallelConfig, PrecisionConfig
+from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass
+class SamplingDefaults:
+    """What a request gets for the sampling fields it leaves out."""
+
+    max_tokens: int = 256  # new tokens per response
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    stop: list[str] = field(default_factory=list)  # besides the template's end of turn, always a stop
+    seed: int = 0  # per-request sampling seed (a request's `seed` replaces it)
+
+    def validate(self) -> None:
+        checks = (
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1", "use e.g. 256"),
+            ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]", "use 0 for greedy decoding"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]", "use 1.0 to switch nucleus sampling off"),
+            ("top_k", self.top_k >= 0, "must be >= 0", "use 0 to switch top-k off"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty",
+             "remove the empty string"),
+        )
+        for key, ok, problem, fix in checks:
+            if not ok:
+                raise ConfigError(f"sampling.{key}", getattr(self, key), problem, fix)
+
+
+@dataclass
+class InferenceConfig:
+    """What chat and serve share: the checkpoint, the layout, and the default steering."""
+
+    checkpoint: str = MISSING  # an SFT run directory (its checkpoints/latest) or one checkpoint
+    tokenizer_path: Optional[str] = None  # None: the tokenizer directory the checkpoint was trained with
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    attributes: dict[str, Optional[float]] = field(default_factory=dict)  # name → value (null: unset)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # when a request has none (NeMo-Aligner's, which SteerLM data carries)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    seed: int = 1234  # runtime seed (weights are loaded, so it only matters to megatron's RNG set-up)
+    torch_threads: Optional[int] = None  # None: torch's default
+    ping_interval_s: float = 30.0  # under TP an idle rank 0 touches the other ranks this often (collective timeouts)
+
+    def validate(self) -> None:
+        if not Path(self.checkpoint).is_dir():
+            raise ConfigError("checkpoint", self.checkpoint, "is not a directory",
+                              "pass the output_dir of recipes/train_sft.py (or one of its checkpoints/step_*)")
+        self.parallel.validate()
+        self.precision.validate()
+        self.sampling.validate()
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError("torch_threads", self.torch_threads, "must be >= 1", "use null for torch's default")
+        timeout_s = 60 * self.parallel.distributed_timeout_minutes
+        if not 0 < self.ping_interval_s < timeout_s:
+            raise ConfigError("ping_interval_s", self.ping_interval_s,
+                              f"must be positive and below parallel.distributed_timeout_minutes ({timeout_s} s), or "
+                              "an idle server's other ranks time out", "use 30")
+        for key, value in (("pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size),
+                           ("context_parallel_size", self.parallel.context_parallel_size)):
+            if value != 1:
+                raise ConfigError(f"parallel.{key}", value, "generation supports tensor parallelism only",
+                                  "serve with parallel=single or parallel=tp2 (tensor_model_parallel_size=N) and "
+                                  f"parallel.{key}=1; a checkpoint saved at any layout loads at any TP size")
+        if self.parallel.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel", True, "is not supported by KV-cache generation",
+                              "set parallel.sequence_parallel=false")
+
+
+@dataclass
+class ChatConfig(InferenceConfig):
+    """`recipes/chat.py`: an interactive conversation on the terminal."""
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
+    port: int = 8000
+    model_name: Optional[str] = None  # the `model` clients send; None: the checkpoint's run directory name
+    shutdown_timeout_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
+
+    def validate(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError("server.port", self.port, "is not a TCP port", "use e.g. 8000")
+        if self.shutdown_timeout_s <= 0:
+            raise ConfigError("server.shutdown_timeout_s", self.shutdown_timeout_s, "must be positive", "use e.g. 30")
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for and how much waiting work the server holds."""
+
+    max_request_bytes: int = 1_000_000  # larger bodies are refused with 413
+    max_tokens: int = 1024  # cap on a request's max_tokens (larger: 400, never silently lowered)
+    max_n: int = 8  # cap on a request's n (responses per request)
+    max_batch_size: int = 16  # rows generated together; waiting requests join the next batch
+    max_queue: int = 64  # requests waiting for the model; more are refused with 429
+    request_timeout_s: float = 300.0  # a request that waits longer than this for the model gets 503
+
+    def validate(self) -> None:
+        for key in ("max_request_bytes", "max_tokens", "max_n", "max_batch_size", "max_queue", "request_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"limits.{key}", getattr(self, key), "must be positive", "use the default")
+        if self.max_n > self.max_batch_size:
+            raise ConfigError("limits.max_n", self.max_n,
+                              f"exceeds limits.max_batch_size={self.max_batch_size}: such a request never fits a batch",
+                              "lower limits.max_n or raise limits.max_batch_size")
+
+
+@dataclass
+class ServeConfig(InferenceConfig):
+    """`recipes/serve.py`: the OpenAI-compatible HTTP server with the `attributes` extension."""
+
+    apm_checkpoint: Optional[str] = None  # an APM run directory: enables POST /v1/attributes/score
+    server: ServerOptions = field(default_factory=ServerOptions)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def validate(self) -> None:
+        super().validate()
+        self.server.validate()
+        self.limits.validate()
+        if self.apm_checkpoint is not None and not Path(self.apm_checkpoint).is_dir():
+            raise ConfigError("apm_checkpoint", self.apm_checkpoint, "is not a directory",
+                              "pass the output_dir of recipes/train_attribute_model.py, or null for no scoring")
+        if self.sampling.max_tokens > self.limits.max_tokens:
+            raise ConfigError("sampling.max_tokens", self.sampling.max_tokens,
+                              f"exceeds limits.max_tokens={self.limits.max_tokens}",
+                              "lower the default or raise the cap")

@@ -1,0 +1,134 @@
+"""The chat CLI: commands steer the next prompt, errors never end the session, replies stream without the
+template's newline, and `recipes/chat.py` chats with a trained checkpoint fed from stdin."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from steerlm.config import AttributesConfig
+from steerlm.config.inference import SamplingDefaults
+from steerlm.data.template import SteerLMTemplate
+from steerlm.inference import Delta, FinishReason
+from steerlm.inference.chat import ChatSession
+from steerlm.inference.engine import GenerationJob
+from steerlm.inference.steering import Steering
+from steerlm.tokenizers import WordTokenizer
+from tests.recipe_runner import ROOT, recipe_command, recipe_env
+
+WORDS = ("hello again what does zog eat figs and nuts System User Assistant be brief helpfulness correctness "
+         "coherence complexity verbosity 0 1 2 3 4")
+SCHEMA = AttributesConfig().schema()  # helpfulness, correctness, coherence, complexity, verbosity; 0-4
+
+
+class ScriptedEngine:
+    """Answers every job with `words`, one delta per word and the template's newline before the stop."""
+
+    def __init__(self, words: list[str], error: Exception | None = None) -> None:
+        self.words, self.error, self.jobs = words, error, []
+
+    def submit(self, job: GenerationJob) -> None:
+        self.jobs.append(job)
+        if self.error is not None:
+            job.deliver(self.error)
+            return
+        for index, word in enumerate(self.words):
+            job.deliver([Delta(0, word if index == 0 else " " + word)])
+        job.deliver([Delta(0, "\n", FinishReason.stop)])
+        job.deliver(None)
+
+
+class FakeService:
+    def __init__(self, engine: ScriptedEngine, defaults: dict) -> None:
+        self.tokenizer = WordTokenizer.build([WORDS])
+        self.engine = engine
+        self.steering = Steering(SteerLMTemplate(SCHEMA), self.tokenizer, defaults, "be brief", 1000)
+
+
+def _session(words=("figs", "and", "nuts"), defaults=None, error=None) -> tuple[ChatSession, FakeService, io.StringIO]:
+    service = FakeService(ScriptedEngine(list(words), error), defaults or {"verbosity": 2, "humor": None})
+    out = io.StringIO()
+    return ChatSession(service, SamplingDefaults(max_tokens=7), out), service, out
+
+
+def _prompts(service: FakeService) -> list[str]:
+    return [service.tokenizer.decode(job.prompts[0]) for job in service.engine.jobs]
+
+
+def test_commands_steer_the_next_prompt_and_the_history_keeps_each_turns_attributes() -> None:
+    session, service, out = _session()
+    session.run(["hello", "/set helpfulness 4", "/unset verbosity", "/system", "what does zog eat", "/show",
+                 "/reset", "/show", "again", "/quit", "never read"])
+    first, second, third = _prompts(service)
+    assert first.endswith("<extra_id_1>Assistant\n<extra_id_2>verbosity:2\n")
+    assert first.startswith("<s><extra_id_0>System\nbe brief\n")
+    # the first turn keeps the values it was generated with; the new turn has only helpfulness, no system prompt
+    assert second.startswith("<s><extra_id_0>System\n\n<extra_id_1>User\nhello\n<extra_id_1>Assistant\n"
+                             "<extra_id_2>verbosity:2\nfigs and nuts\n<extra_id_1>User\nwhat does zog eat\n")
+    assert second.endswith("<extra_id_2>helpfulness:4\n")
+    assert third == first.replace("hello", "again")  # /reset: no turns, configured attributes and system prompt
+    text = out.getvalue()
+    assert "figs and nuts\n" in text and "figs and nuts\n\n" not in text  # the template's newline is not shown
+    assert "attributes: helpfulness:4  unset: correctness, coherence, complexity, verbosity" in text
+    assert "system: ''  turns: 4" in text and "system: 'be brief'  turns: 0" in text
+    assert service.engine.jobs[0].params[0].max_new_tokens == 7
+
+
+@pytest.mark.parametrize("line,message", [
+    ("/set humor 3", "schema 'helpsteer2' has no attribute 'humor'; its attributes are helpfulness, correctness"),
+    ("/set verbosity 9", "attributes.verbosity=9.0 is out of range: verbosity takes an integer from 0 to 4"),
+    ("/set verbosity 2.5", "attributes.verbosity=2.5 is not an integer: verbosity takes an integer from 0 to 4"),
+    ("/set verbosity high", "'high' is not a number"),
+    ("/set verbosity", "usage: /set NAME VALUE or /unset NAME"),
+    ("/unset wit", "schema 'helpsteer2' has no attribute 'wit'"),
+    ("/bogus", "unknown command /bogus; /help lists the commands"),
+])
+def test_a_bad_command_prints_the_reason_and_the_session_goes_on(line: str, message: str) -> None:
+    session, service, out = _session()
+    session.run([line, "hello"])
+    assert f"error: {message}" in out.getvalue()
+    assert len(service.engine.jobs) == 1 and session.attributes == {"verbosity": 2}
+
+
+def test_a_failed_reply_is_reported_and_not_kept() -> None:
+    session, service, out = _session(error=ValueError("the model broke"))
+    session.run(["hello"])
+    assert "error: the model broke" in out.getvalue() and session.turns == []
+
+
+def test_a_conversation_longer_than_the_model_reads_is_refused_before_generating() -> None:
+    session, service, out = _session()
+    session.steering.max_prompt_tokens = 12
+    session.run(["what does zog eat " * 5])
+    assert "this model reads at most 12" in out.getvalue() and service.engine.jobs == []
+
+
+def test_default_attributes_the_schema_lacks_stop_the_start() -> None:
+    from steerlm.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        _session(defaults={"humor": 2})
+    assert error.value.key == "attributes.humor" and "schema 'helpsteer2' has no attribute 'humor'" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        _session(defaults={"verbosity": 5})
+    assert error.value.key == "attributes.verbosity" and "integer from 0 to 4" in str(error.value)
+
+
+@pytest.mark.slow
+def test_chat_recipe_streams_replies_from_stdin(steerable: dict, tmp_path: Path) -> None:
+    import subprocess
+
+    lines = ["What color is Tanlinyal?", "/set verbosity 0", "/set humor 9", "What does Miveto eat?", "/show", "/quit"]
+    result = subprocess.run(recipe_command("chat", [f"checkpoint={steerable['sft']}", "attributes.verbosity=3",
+                                                    "sampling.max_tokens=40"]),
+                            input="\n".join(lines) + "\n", cwd=ROOT, env=recipe_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "schema 'steerlm_oasst'" in out and "attributes: verbosity:3" in out
+    assert "error: attributes.humor=9.0 is out of range: humor takes an integer from 0 to 4" in out
+    assert "attributes: verbosity:0" in out and "turns: 4" in out
+    replies = [line for line in out.split("> ") if line and not line.startswith(("attributes", "error", "steerlm"))]
+    assert replies and all(reply.strip() for reply in replies), out

@@ -1,0 +1,439 @@
+"""Serving: the engine batches, queues, times out and drains; configs and requests are checked with the
+offending key named; a real uvicorn server answers the official `openai` client (plain and streaming) and
+raw HTTP (the `attributes` field, every 4xx, and it keeps answering); the scoring endpoint equals the
+annotation recipe; a TP=2 server answers like TP=1 and shuts down gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from steerlm.config import ConfigError, compose, to_typed
+from steerlm.config.inference import ChatConfig, ServeConfig
+from steerlm.data.records import Role, Turn
+from steerlm.inference import Delta, FinishReason, SamplingParams
+from steerlm.inference.engine import Engine, EngineBusy, EngineClosed, GenerationJob, QueueTimeout, ScoringJob
+from steerlm.inference.steering import ChatMessage, RequestError, ResponseText
+from tests.multiproc import _free_port
+from tests.recipe_runner import ROOT, recipe_command, recipe_env, run_recipe
+
+START_SECONDS = 180
+
+
+# --- the engine, with a scripted lockstep ---------------------------------------------------------------
+
+class ScriptedLockstep:
+    """Records the engine's calls. A stream emits `row{i}` per row, then finishes them; it waits for `gate`
+    first, so a test can queue jobs while a batch runs."""
+
+    layout = SimpleNamespace(device=torch.device("cpu"))
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.gate, self.started, self.pinged = threading.Event(), threading.Event(), threading.Event()
+        self.gate.set()
+        self.closed = False
+
+    def call(self, name: str, *args):
+        self.calls.append((name, len(args[0])))
+        self.started.set()
+        if name == "score":
+            return [{"quality": 1.0} for _ in args[0]]
+
+        def steps():
+            self.gate.wait()
+            yield [Delta(i, f"row{i}") for i in range(len(args[0]))]
+            yield [Delta(i, "", FinishReason.length) for i in range(len(args[0]))]
+        return steps()
+
+    def ping(self) -> None:
+        self.pinged.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _job(rows: int, events: queue.Queue, **kwargs) -> GenerationJob:
+    return GenerationJob(sink=events.put, prompts=[[1, 2]] * rows, params=[SamplingParams()] * rows, **kwargs)
+
+
+def _drain(events: queue.Queue) -> list:
+    out = []
+    while (event := events.get(timeout=30)) is not None and not isinstance(event, Exception):
+        out.extend(event)
+    return out + ([event] if event is not None else [])
+
+
+def test_waiting_jobs_are_batched_in_order_while_their_rows_fit() -> None:
+    lockstep = ScriptedLockstep()
+    engine = Engine(lockstep, max_batch_size=4, max_queue=8, request_timeout_s=None, ping_interval_s=30).start()
+    lockstep.gate.clear()
+    events = [queue.Queue() for _ in range(5)]
+    engine.submit(_job(1, events[0]))
+    assert lockstep.started.wait(30)
+    for rows, sink in zip((2, 1, 3), events[1:4]):
+        engine.submit(_job(rows, sink))
+    engine.submit(ScoringJob(sink=events[4].put, conversations=["a conversation"]))
+    lockstep.gate.set()
+    engine.close()
+    assert lockstep.calls == [("stream", 1), ("stream", 3), ("stream", 3), ("score", 1)] and lockstep.closed
+    assert [d.index for d in _drain(events[3])] == [0, 1, 2, 0, 1, 2]  # the job's own rows, whatever its batch
+    assert _drain(events[2]) == [Delta(0, "row2"), Delta(0, "", FinishReason.length)]  # batch row 2, job row 0
+    assert events[4].get() == [{"quality": 1.0}]
+    assert (engine.batches, engine.rows) == (3, 7)
+
+
+def test_full_queue_is_refused_expired_and_cancelled_jobs_are_skipped_and_close_drains() -> None:
+    lockstep = ScriptedLockstep()
+    engine = Engine(lockstep, max_batch_size=4, max_queue=3, request_timeout_s=5, ping_interval_s=30).start()
+    lockstep.gate.clear()
+    events = [queue.Queue() for _ in range(4)]
+    engine.submit(_job(1, events[0]))
+    assert lockstep.started.wait(30)
+    engine.submit(_job(1, events[1], submitted=time.monotonic() - 10))  # waited past request_timeout_s
+    cancelled = _job(1, queue.Queue())
+    engine.submit(cancelled)
+    cancelled.cancel()
+    engine.submit(_job(2, events[2]))
+    with pytest.raises(EngineBusy, match="limits.max_queue"):
+        engine.submit(_job(1, events[3]))
+    lockstep.gate.set()
+    engine.close()
+    assert isinstance(events[1].get(), QueueTimeout)
+    assert lockstep.calls == [("stream", 1), ("stream", 2)]  # the cancelled job never ran
+    assert len(_drain(events[2])) == 4 and not engine.healthy
+    with pytest.raises(EngineClosed):
+        engine.submit(_job(1, events[3]))
+
+
+def test_an_idle_engine_pings_the_other_ranks() -> None:
+    lockstep = ScriptedLockstep()
+    engine = Engine(lockstep, max_batch_size=1, max_queue=1, request_timeout_s=None, ping_interval_s=0.01).start()
+    assert lockstep.pinged.wait(30)
+    engine.close()
+    assert lockstep.closed
+
+
+def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on() -> None:
+    lockstep = ScriptedLockstep()
+    calls = lockstep.call
+
+    def failing(name, *args):
+        if len(lockstep.calls) == 0:
+            lockstep.calls.append((name, len(args[0])))
+            raise ValueError("prompt 0 has 600 tokens")
+        return calls(name, *args)
+
+    lockstep.call = failing
+    engine = Engine(lockstep, max_batch_size=1, max_queue=4, request_timeout_s=None, ping_interval_s=30).start()
+    first, second = queue.Queue(), queue.Queue()
+    engine.submit(_job(1, first))
+    engine.submit(_job(1, second))
+    engine.close()
+    assert isinstance(first.get(), ValueError) and _drain(second)[-1].finish_reason == FinishReason.length
+
+
+# --- configs and requests -------------------------------------------------------------------------------
+
+def test_chat_and_serve_configs_compose_validate_and_name_bad_keys(tmp_path: Path) -> None:
+    checkpoint = f"checkpoint={tmp_path}"
+    cfg = to_typed(compose("serve", [checkpoint, "attributes.verbosity=4", "+attributes.wit=2", "parallel=tp2",
+                                     f"apm_checkpoint={tmp_path}", "server.port=9000"]), ServeConfig)
+    cfg.validate()
+    assert cfg.attributes["verbosity"] == 4 and cfg.attributes["wit"] == 2 and cfg.attributes["humor"] is None
+    assert cfg.system_prompt.startswith("A chat between a curious user")
+    chat = to_typed(compose("chat", [checkpoint, "sampling.temperature=0.7"]), ChatConfig)
+    chat.validate()
+    bad = [
+        (replace(cfg, parallel=replace(cfg.parallel, pipeline_model_parallel_size=2)),
+         "parallel.pipeline_model_parallel_size", "tensor parallelism only"),
+        (replace(cfg, limits=replace(cfg.limits, max_n=32)), "limits.max_n", "never fits a batch"),
+        (replace(cfg, sampling=replace(cfg.sampling, max_tokens=5000)), "sampling.max_tokens", "limits.max_tokens"),
+        (replace(cfg, sampling=replace(cfg.sampling, top_p=0.0)), "sampling.top_p", "(0, 1]"),
+        (replace(cfg, checkpoint=str(tmp_path / "missing")), "checkpoint", "recipes/train_sft.py"),
+        (replace(cfg, apm_checkpoint=str(tmp_path / "missing")), "apm_checkpoint", "train_attribute_model"),
+        (replace(cfg, ping_interval_s=3600.0), "ping_interval_s", "distributed_timeout_minutes"),
+    ]
+    for config, key, phrase in bad:
+        with pytest.raises(ConfigError) as error:
+            config.validate()
+        assert error.value.key == key and phrase in str(error.value), str(error.value)
+
+
+def _steering():
+    from tests.test_chat import FakeService, ScriptedEngine
+
+    return FakeService(ScriptedEngine([]), {}).steering
+
+
+@pytest.mark.parametrize("messages,param,phrase", [
+    ([("assistant", "hi")], "messages[0].role", "expected a user message"),
+    ([("user", "a"), ("user", "b")], "messages[1].role", "expected a assistant message"),
+    ([("user", "a"), ("system", "b")], "messages[1].role", "must come before the first user message"),
+    ([("tool", "a")], "messages[0].role", "role 'tool' is not supported"),
+    ([("user", "a"), ("assistant", " ")], "messages[1].content", "must not be empty"),
+    ([("user", "a"), ("assistant", "b")], "messages", "the last message must be from the user"),
+])
+def test_messages_map_onto_the_template_or_name_the_bad_one(messages, param: str, phrase: str) -> None:
+    steering = _steering()
+    with pytest.raises(RequestError) as error:
+        steering.conversation([ChatMessage(role, text) for role, text in messages])
+    assert error.value.param == param and phrase in error.value.message
+    system, turns = steering.conversation([ChatMessage("system", "x"), ChatMessage("developer", "y"),
+                                           ChatMessage("user", "a"), ChatMessage("assistant", "b"),
+                                           ChatMessage("user", "c")], {"verbosity": 1})
+    assert system == "x\ny" and turns[1] == Turn(Role.assistant, "b", {"verbosity": 1})
+
+
+def test_response_text_holds_back_the_template_newline_until_it_is_not_the_last() -> None:
+    text = ResponseText("\n")
+    pushed = [text.push(Delta(0, piece, reason, tokens)) for piece, reason, tokens in
+              (("two", None, 1), ("\n", None, 2), ("lines\n", None, 4), ("", FinishReason.stop, 4))]
+    assert pushed == ["two", "", "\nlines", ""] and text.text == "two\nlines" and text.tokens == 4
+    cut = ResponseText("\n")
+    assert cut.push(Delta(0, "long\n", FinishReason.length)) == "long\n"  # no end of turn: the newline is text
+
+
+# --- a real server ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(steerable: dict, tmp_path_factory) -> dict:
+    """The shared SFT run, an APM trained briefly on the same world, and the annotation recipe's scores of two
+    conversations (the second multi-turn) to compare the scoring endpoint with."""
+    root, data = tmp_path_factory.mktemp("serve"), steerable["data"]
+    apm = root / "apm"
+    trained = run_recipe("train_attribute_model", [f"data.train_file={data}/annotated.jsonl",
+                                                   f"tokenizer.path={data}/tokenizer", f"output_dir={apm}",
+                                                   "trainer.max_steps=10"])
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    rows = [json.loads(line) for line in (data / "unlabelled.jsonl").read_text().splitlines()[:3]]
+    rows[1]["conversations"] = rows[1]["conversations"][:2] + rows[2]["conversations"][:2]
+    conversations = root / "conversations.jsonl"
+    conversations.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
+    annotated = root / "annotated.jsonl"
+    result = run_recipe("annotate", [f"apm_checkpoint={apm}", f"input={conversations}", f"output={annotated}",
+                                     "mode=overwrite"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {**steerable, "apm": apm, "rows": rows[:2],
+            "annotated": [json.loads(line) for line in annotated.read_text().splitlines()]}
+
+
+def _start(args: list[str], port: int, log: Path, launcher: list[str] | None = None) -> subprocess.Popen:
+    """A server process; returns once /health answers 200 (or fails with its log)."""
+    with log.open("w") as stderr:
+        process = subprocess.Popen(recipe_command("serve", [*args, f"server.port={port}"], launcher), cwd=ROOT,
+                                   env=recipe_env(), stdout=stderr, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if _request(port, "GET", "/health")[0] == 200:
+                return process
+        except OSError:
+            time.sleep(0.25)
+    process.kill()
+    pytest.fail(f"the server did not answer within {START_SECONDS} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen, log: Path) -> None:
+    """SIGTERM, as a scheduler would send it: the server must finish and exit 0."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _request(port: int, method: str, path: str, body: bytes | dict | None = None,
+             headers: dict | None = None) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    connection.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def server(world: dict, tmp_path_factory):
+    port, log = _free_port(), tmp_path_factory.mktemp("server") / "server.log"
+    process = _start([f"checkpoint={world['sft']}", f"apm_checkpoint={world['apm']}",
+                      "limits.max_request_bytes=20000", "limits.max_tokens=64", "sampling.max_tokens=32", "limits.max_n=4",
+                      "attributes.helpfulness=4"], port, log)
+    yield {"port": port, "url": f"http://127.0.0.1:{port}/v1", "log": log}
+    _stop(process, log)
+
+
+QUESTION = [{"role": "user", "content": "What color is Tanlinyal?"}]
+
+
+@pytest.mark.slow
+def test_openai_client_plain_and_streaming_agree(server: dict) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"], api_key="none", max_retries=0)
+    [card] = client.models.list().data
+    assert card.id == "sft" and card.model_extra["attributes"]["defaults"] == {"helpfulness": 4}
+    steer = {"attributes": {"verbosity": 3}}
+    plain = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=40, extra_body=steer)
+    answer = plain.choices[0]
+    assert answer.message.role == "assistant" and answer.message.content.strip()
+    assert answer.finish_reason in ("stop", "length") and plain.id.startswith("chatcmpl-") and plain.model == "sft"
+    assert plain.usage.prompt_tokens > 10 and 0 < plain.usage.completion_tokens <= 40
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=40, extra_body=steer,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens and len({c.id for c in chunks}) == 1
+    sampled = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=20, n=3, temperature=1.0,
+                                             seed=5)
+    assert [choice.index for choice in sampled.choices] == [0, 1, 2]
+    assert len({choice.message.content for choice in sampled.choices}) > 1  # row i samples with seed + i
+
+
+@pytest.mark.slow
+def test_attributes_field_steers_and_is_echoed(server: dict) -> None:
+    def ask(attributes: dict) -> dict:
+        status, body = _request(server["port"], "POST", "/v1/chat/completions",
+                                {"model": "sft", "messages": QUESTION, "max_tokens": 60, "attributes": attributes})
+        assert status == 200, body
+        return body
+
+    terse, wordy = ask({"verbosity": 0}), ask({"verbosity": 4, "helpfulness": None})
+    assert terse["attributes"] == {"helpfulness": 4, "verbosity": 0} and wordy["attributes"] == {"verbosity": 4}
+    texts = [reply["choices"][0]["message"]["content"] for reply in (terse, wordy)]
+    assert texts[0] != texts[1]
+
+
+@pytest.mark.slow
+def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server: dict) -> None:
+    port = server["port"]
+    good = {"model": "sft", "messages": QUESTION, "max_tokens": 5}
+    cases = [
+        (b'{"model": "sft", "messages": [', 400, None, "invalid_json"),
+        ({**good, "attributes": {"wit": 2}}, 400, "attributes.wit", "unknown_attribute"),
+        ({**good, "attributes": {"verbosity": 7}}, 400, "attributes.verbosity", "attribute_out_of_range"),
+        ({**good, "attributes": {"verbosity": "high"}}, 400, "attributes.verbosity", "invalid_attribute_value"),
+        ({**good, "max_tokens": 65}, 400, "max_tokens", "max_tokens_too_large"),
+        ({**good, "n": 5}, 400, "n", "n_too_large"),
+        ({**good, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
+        ({**good, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages[0].role",
+         "invalid_message_order"),
+        ({**good, "messages": [{"role": "user", "content": "coat " * 600}]}, 400, "messages", "context_length_exceeded"),
+        ({**good, "model": "gpt-4"}, 404, "model", "model_not_found"),
+        ({**good, "temperature": "hot"}, 422, "temperature", "invalid_value"),
+        ({**good, "messages": [{"role": "user"}]}, 422, "messages[0].content", "invalid_value"),
+        ({**good, "messages": [{"role": "user", "content": "x" * 30000}]}, 413, None, "request_too_large"),
+    ]
+    for body, status, param, code in cases:
+        got, reply = _request(port, "POST", "/v1/chat/completions", body)
+        error = reply.get("error") or {}
+        assert (got, error.get("param"), error.get("code")) == (status, param, code), (body, reply)
+        assert error["message"] and error["type"]
+    chunked = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # no Content-Length: counted as it arrives
+    chunked.request("POST", "/v1/chat/completions", iter([b"x" * 15000, b"x" * 15000]),
+                    {"Content-Type": "application/json"}, encode_chunked=True)
+    assert chunked.getresponse().status == 413
+    assert _request(port, "GET", "/v2/nothing")[0] == 404
+    status, health = _request(port, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["queued"] == 0
+    status, reply = _request(port, "POST", "/v1/chat/completions", good)
+    assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_concurrent_requests_all_get_their_own_answer(server: dict) -> None:
+    port, results = server["port"], {}
+
+    def ask(verbosity: int) -> None:
+        results[verbosity] = _request(port, "POST", "/v1/chat/completions", {
+            "model": "sft", "messages": QUESTION, "max_tokens": 30, "attributes": {"verbosity": verbosity}})
+
+    before = _request(port, "GET", "/health")[1]
+    threads = [threading.Thread(target=ask, args=(v,)) for v in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = _request(port, "GET", "/health")[1]
+    assert after["rows"] - before["rows"] == 5 and after["batches"] - before["batches"] <= 5
+    for verbosity in range(5):
+        status, reply = results[verbosity]
+        alone = _request(port, "POST", "/v1/chat/completions", {
+            "model": "sft", "messages": QUESTION, "max_tokens": 30, "attributes": {"verbosity": verbosity}})[1]
+        assert status == 200 and reply["choices"] == alone["choices"]  # batching changes no answer
+
+
+@pytest.mark.slow
+def test_scoring_endpoint_equals_the_annotation_recipe(world: dict, server: dict) -> None:
+    from steerlm.data.apm import attribute_examples
+    from steerlm.data.collate import LengthPolicy, LengthStats
+    from steerlm.data.records import from_conversation_json
+    from steerlm.data.template import SteerLMTemplate
+    from steerlm.inference.scoring import AttributeScorer, open_apm_checkpoint
+    from steerlm.tokenizers import load_tokenizer
+
+    apm = open_apm_checkpoint(world["apm"])
+    tokenizer = load_tokenizer(apm.config.tokenizer.type.value, apm.config.tokenizer.path)
+    scorer = AttributeScorer([], None, apm.schema, tokenizer, seq_length=512)  # tokenisation only, no model
+    for row, annotated in zip(world["rows"], world["annotated"]):
+        messages = [{"role": "system", "content": row["system"]}] + [
+            {"role": turn["from"].lower(), "content": turn["value"]} for turn in row["conversations"]]
+        conversation = _steering().scoring_conversation([ChatMessage(m["role"], m["content"]) for m in messages])
+        stored = from_conversation_json(row, apm.schema, "row", 1)
+        assert (conversation.system, conversation.turns) == (stored.system, stored.turns)
+        labelled = from_conversation_json(annotated, apm.schema, "row", 1)  # the APM-training form of the row
+        training = attribute_examples([labelled], apm.schema, SteerLMTemplate(apm.schema), tokenizer, 512,
+                                      LengthPolicy.truncate, LengthStats())[-1]
+        assert scorer.examples([conversation])[0].ids == training.ids
+
+        status, reply = _request(server["port"], "POST", "/v1/attributes/score", {"messages": messages})
+        assert status == 200, reply
+        expected = annotated["attribute_scores"][-1]
+        assert reply["scores"] == pytest.approx(expected, abs=1e-4)
+        assert reply["labels"] == apm.schema.clip_round(reply["scores"]) and reply["reward"] is None
+    status, reply = _request(server["port"], "POST", "/v1/attributes/score", {"messages": QUESTION})
+    assert status == 400 and reply["error"]["param"] == "messages"  # nothing to rate: the last message is the user's
+
+
+@pytest.mark.slow
+def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: dict, tmp_path: Path) -> None:
+    import psutil
+
+    request = {"model": "sft", "messages": QUESTION, "max_tokens": 40, "attributes": {"verbosity": 2}}
+    expected = _request(server["port"], "POST", "/v1/chat/completions", request)[1]["choices"]
+    port, log = _free_port(), tmp_path / "tp2.log"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port())]
+    process = _start([f"checkpoint={world['sft']}", "parallel=tp2", "attributes.helpfulness=4"], port, log,
+                     torchrun)
+    try:
+        assert _request(port, "POST", "/v1/chat/completions", request)[1]["choices"] == expected
+        streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        streaming.request("POST", "/v1/chat/completions", json.dumps({**request, "stream": True}),
+                          {"Content-Type": "application/json"})
+        response = streaming.getresponse()
+        first = response.readline()
+        [rank0] = [p for p in psutil.Process(process.pid).children() if p.environ().get("RANK") == "0"]
+        rank0.send_signal(signal.SIGTERM)  # mid-stream: the answer is finished, then rank 0 releases rank 1
+        rest = response.read().decode()
+        assert first.startswith(b"data: {") and rest.rstrip().endswith("data: [DONE]")
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]  # both ranks exited 0
+        assert "stopped by SIGTERM" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
