@@ -26,8 +26,9 @@ from steerlm.config import (
 from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import fused_adam_available, transformer_engine_available
 
-GROUPS = ("model", "parallel", "precision", "trainer", "optim", "checkpoint")
-PRIMARY = ("demo", "prepare_data", "train_attribute_model", "annotate", "train_sft")
+GROUPS = ("model", "parallel", "precision", "trainer", "optim")
+PRIMARY = ("demo", "prepare_data", "train_attribute_model", "annotate", "train_sft", "evaluate_attribute_model", "chat",
+           "serve", "evaluate_steering")
 PREPARE_GROUPS = ("attributes", "data")
 
 

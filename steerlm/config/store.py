@@ -17,14 +17,19 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from steerlm.config.errors import ConfigError
 from steerlm.config.annotate import AnnotateConfig
+from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
+from steerlm.config.inference import ChatConfig, ServeConfig
 from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
 from steerlm.config.sft import SFTConfig
+from steerlm.config.steering import SteeringEvalConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 SCHEMAS = {"train_schema": TrainConfig, "prepare_data_schema": PrepareDataConfig,
            "attribute_model_schema": AttributeModelConfig, "annotate_schema": AnnotateConfig,
-           "sft_schema": SFTConfig}
+           "sft_schema": SFTConfig, "chat_schema": ChatConfig, "serve_schema": ServeConfig,
+           "evaluate_attribute_model_schema": EvaluateAttributeModelConfig,
+           "steering_eval_schema": SteeringEvalConfig}
 
 T = TypeVar("T")
 

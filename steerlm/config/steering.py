@@ -1,0 +1,72 @@
+"""Configuration of the steerability evaluation (`recipes/evaluate_steering.py`).
+
+A SteerLM model is steerable when asking for more of an attribute gives responses with more of it and
+leaves the others alone. The evaluation sweeps one attribute at a time over `values` while the others
+stay at `base`, generates a response per prompt and value, and measures what came out: response length
+always, and every attribute's true level when the prompts come from the synthetic world (its oracle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING
+
+from steerlm.config.errors import ConfigError
+from steerlm.config.schema import ParallelConfig, PrecisionConfig
+from steerlm.data.attributes import AttributeSchema
+from steerlm.data.readers import DataFormat
+
+
+@dataclass
+class SteeringEvalConfig:
+    checkpoint: str = MISSING  # a recipes/train_sft.py output_dir or checkpoint
+    tokenizer_path: Optional[str] = None  # null: the tokenizer directory the checkpoint was trained with
+    prompts: str = "data/synthetic/eval_prompts.jsonl"  # conversations ending with a user turn
+    prompts_format: DataFormat = DataFormat.conversation
+    world: Optional[str] = "data/synthetic/world.json"  # the synthetic world's oracle scores responses; null: off
+    num_prompts: int = 100  # the first N conversations of `prompts`
+    sweep: list[str] = field(default_factory=list)  # attributes to sweep; empty: every attribute of the schema
+    values: Optional[list[float]] = None  # requested levels; null: every integer level of the schema's range
+    base: dict[str, float] = field(default_factory=dict)  # every attribute's level while another is swept
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    samples: int = 2  # responses kept in the report per swept value
+    seed: int = 0
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    output: str = "runs/steering/eval.json"
+
+    def validate(self) -> None:
+        if not Path(self.prompts).is_file():
+            raise ConfigError("prompts", self.prompts, "no such file",
+                              "generate the default with `python recipes/prepare_data.py data=synthetic` or pass a file")
+        if self.world is not None and not Path(self.world).is_file():
+            raise ConfigError("world", self.world, "no such file",
+                              "pass the synthetic world's world.json, or world=null to measure lengths only")
+        for key in ("num_prompts", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, getattr(self, key), "must be >= 1", f"pass {key}=<a positive number>")
+
+    def resolve(self, schema: AttributeSchema) -> tuple[list[str], list[float], dict[str, float]]:
+        """The swept attributes, the requested levels and the base levels, checked against `schema`."""
+        sweep = list(self.sweep) or list(schema.attributes)
+        for name in sweep:
+            if name not in schema.attributes:
+                raise ConfigError("sweep", sweep, f"{name!r} is not an attribute of the checkpoint's schema "
+                                  f"{schema.name!r}", f"choose from {', '.join(schema.attributes)}")
+        levels = self.values if self.values is not None else \
+            [float(v) for v in range(int(schema.min_value), int(schema.max_value) + 1)]
+        if len(levels) < 2 or any(not schema.min_value <= v <= schema.max_value for v in levels):
+            raise ConfigError("values", levels, f"needs two or more levels within [{schema.min_value:g}, "
+                              f"{schema.max_value:g}]", "e.g. values=[0,4], or null for every level")
+        missing = [name for name in schema.attributes if name not in self.base]
+        unknown = [name for name in self.base if name not in schema.attributes]
+        if missing or unknown:
+            raise ConfigError(f"base.{(missing or unknown)[0]}", dict(self.base),
+                              "is missing" if missing else "is not an attribute of the checkpoint's schema",
+                              f"give a level for each of {', '.join(schema.attributes)}")
+        schema.check(self.base, source="base", field="base")
+        return sweep, [float(v) for v in levels], {name: float(v) for name, v in self.base.items()}

@@ -1,0 +1,74 @@
+"""Steering works end to end: a tiny SFT model of the synthetic world, asked for verbosity 0 vs 4 (or humor,
+toxicity), answers with measurably less vs more of it; the evaluation recipe refuses bad requests by key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from steerlm.config import ConfigError, compose, to_typed
+from steerlm.config.sft import SFTConfig
+from steerlm.config.steering import SteeringEvalConfig
+from steerlm.data.attributes import AttributeSchema
+from tests.recipe_runner import run_recipe
+
+
+def _schema(option: str) -> AttributeSchema:
+    return to_typed(compose("train_sft", [f"attributes={option}"]), SFTConfig).attributes.schema()
+
+
+def test_shipped_config_composes_and_resolves_for_the_synthetic_schema(tmp_path: Path) -> None:
+    prompts, world = tmp_path / "p.jsonl", tmp_path / "w.json"
+    prompts.write_text("")
+    world.write_text("{}")
+    cfg = to_typed(compose("evaluate_steering", [f"prompts={prompts}", f"world={world}"]), SteeringEvalConfig)
+    cfg.validate()
+    sweep, levels, base = cfg.resolve(_schema("steerlm_oasst"))
+    assert len(sweep) == 9 and levels == [0.0, 1.0, 2.0, 3.0, 4.0] and base["verbosity"] == 2.0
+    with pytest.raises(ConfigError, match="base.quality"):
+        cfg.resolve(_schema("helpsteer2"))
+
+
+@pytest.fixture(scope="module")
+def sweep(steerable: dict, tmp_path_factory) -> dict:
+    data, out = steerable["data"], tmp_path_factory.mktemp("steering") / "eval.json"
+    result = run_recipe("evaluate_steering", [
+        f"checkpoint={steerable['sft']}", f"prompts={data}/eval_prompts.jsonl", f"world={data}/world.json",
+        "sweep=[verbosity,humor,toxicity]", "values=[0,4]", "num_prompts=40", f"output={out}"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "verbosity" in result.stdout and "spearman" in result.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_requesting_verbosity_4_instead_of_0_gives_longer_more_elaborate_answers(sweep: dict) -> None:
+    verbosity = sweep["attributes"]["verbosity"]
+    low, high = verbosity["levels"]["0"], verbosity["levels"]["4"]
+    assert sweep["prompts"] == 40
+    assert high["mean_words"] > low["mean_words"] + 3, (low["mean_words"], high["mean_words"])
+    assert verbosity["measured_change"] >= 1.0 and verbosity["spearman"] > 0.4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attribute", ["humor", "toxicity"])
+def test_other_attributes_steer_in_the_requested_direction(sweep: dict, attribute: str) -> None:
+    report = sweep["attributes"][attribute]
+    assert report["levels"]["0"]["mean_measured"] < 1.0 < report["levels"]["4"]["mean_measured"]
+    assert report["spearman"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, key", [
+    ("sweep=[wit]", "sweep"),
+    ("base.humor=null", "base.humor"),
+    ("values=[0,9]", "values"),
+    ("prompts=/nonexistent.jsonl", "prompts"),
+])
+def test_bad_requests_name_their_key(steerable: dict, override: str, key: str, tmp_path: Path) -> None:
+    result = run_recipe("evaluate_steering", [f"checkpoint={steerable['sft']}", f"world={steerable['data']}/world.json",
+                                              f"prompts={steerable['data']}/eval_prompts.jsonl", override,
+                                              f"output={tmp_path}/eval.json"])
+    assert result.returncode != 0
+    assert key in result.stderr, result.stderr[-1500:]
