@@ -98,3 +98,39 @@ def test_bf16_checkpoint_resume_on_gpu(tmp_path: Path) -> None:
     from tests.test_checkpoint_resume import check_bf16_resume
 
     check_bf16_resume(tmp_path)
+
+
+def _decoders_on_gpu() -> dict:
+    """Step-by-step logits of the lean and the megatron decoder, and greedy tokens, on CUDA (fp32 and bf16)."""
+    from steerlm import runtime
+    from steerlm.config import DType, ParallelConfig, PrecisionConfig
+    from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
+    from steerlm.models.gpt import build_model_chunks
+    from tests.conftest import TEST_MODEL
+
+    layout = runtime.initialize(ParallelConfig(), seed=0)
+    out = {}
+    try:
+        for dtype in (DType.fp32, DType.bf16):
+            chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(dtype=dtype), layout, seed=7)[0].eval()
+            tokens = torch.randint(3, TEST_MODEL.vocab_size, (4, 12), device=layout.device,
+                                   generator=torch.Generator(device=layout.device).manual_seed(1))
+            lean, reference = LeanDecoder(chunk, layout, 4, 16), MegatronDecoder(chunk, layout, 4, 16)
+            worst = 0.0
+            with runtime.inference():
+                pairs = [(lean.forward(tokens[:, :6], 0), reference.forward(tokens[:, :6], 0))]
+                pairs += [(lean.forward(tokens[:, i:i + 1], i), reference.forward(tokens[:, i:i + 1], i))
+                          for i in range(6, 12)]
+            for ours, theirs in pairs:
+                worst = max(worst, ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item())
+            out[dtype.value] = {"device": str(layout.device), "relative": worst}
+    finally:
+        runtime.shutdown()
+    return out
+
+
+def test_lean_decoder_equals_megatron_decoder_on_gpu() -> None:
+    result = run_distributed(_decoders_on_gpu, 1)[0]
+    assert result["fp32"]["device"].startswith("cuda")
+    assert result["fp32"]["relative"] < 1e-4, result
+    assert result["bf16"]["relative"] < 3e-2, result
