@@ -1,6 +1,6 @@
 # Set-up and entry points. Each target creates .venv on first use (Python >= 3.10 and git only).
 #   make demo                 the main job: SteerLM on the embedded default (synthetic world → APM →
-#                             annotation → attribute-conditioned SFT → steering evaluation), ~6 minutes
+#                             annotation → attribute-conditioned SFT → steering evaluation), ~8 minutes
 #                             on 2 CPU cores
 #   make smoke                a tiny Llama trained on the bundled text in seconds (recipes/demo.py)
 #   make test                 the whole test suite (what CI runs via .ci/run)
@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python recipes/train_attribute_model.py
 	$(VENV)/bin/python recipes/annotate.py
 	$(VENV)/bin/python recipes/train_sft.py data.train_file=data/synthetic/apm_labels.jsonl data.format=conversation \
-		output_dir=runs/sft
+		output_dir=runs/sft trainer.max_steps=1000
 	$(VENV)/bin/python recipes/evaluate_steering.py checkpoint=runs/sft values=[0,2,4] num_prompts=50
 
 smoke: $(STAMP)
