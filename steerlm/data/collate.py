@@ -17,6 +17,9 @@ import torch
 from steerlm.data.template import Segment
 
 if TYPE_CHECKING:
+    from steerlm.data.attributes import Labels
+    from steerlm.data.records import Turn
+    from steerlm.data.template import SteerLMTemplate
     from steerlm.tokenizers.base import Tokenizer
 
 Batch = dict[str, torch.Tensor]
@@ -63,6 +66,13 @@ def tokenize(segments: Sequence[Segment], tokenizer: "Tokenizer", add_bos: bool 
         ids.extend(encoded)
         trainable.extend([segment.trainable] * len(encoded))
     return Example(tuple(ids), tuple(trainable), source)
+
+
+def prompt_ids(template: "SteerLMTemplate", tokenizer: "Tokenizer", system: str, turns: Sequence["Turn"],
+               labels: "Labels | None") -> list[int]:
+    """Token ids of the prompt asking for the next assistant turn with `labels` (BOS included): segment by
+    segment, as SFT tokenized the same prefix, so inference feeds exactly the ids the model was trained on."""
+    return list(tokenize(template.inference_segments(system, list(turns), labels), tokenizer).ids)
 
 
 def apply_length_policy(examples: Iterable[Example], seq_length: int, policy: LengthPolicy,

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from steerlm.data.attributes import Labels
-from steerlm.data.collate import tokenize
+from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation
 from steerlm.data.synthetic.oracle import Oracle
 from steerlm.evaluation.apm_metrics import spearman
@@ -39,8 +39,7 @@ def generate_steered(loaded: LoadedModel, prompts: Sequence[Conversation], reque
     out = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        ids = [list(tokenize(loaded.template.inference_segments(c.system, list(c.turns), labels), loaded.tokenizer).ids)
-               for c, labels in chunk]
+        ids = [prompt_ids(loaded.template, loaded.tokenizer, c.system, c.turns, labels) for c, labels in chunk]
         completions = loaded.generator.generate(ids, [params] * len(chunk))
         out.extend(Generated(c, labels, done.text.strip(), done.finish_reason.value)
                    for (c, labels), done in zip(chunk, completions))

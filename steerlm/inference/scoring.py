@@ -30,7 +30,7 @@ from steerlm.data.apm import AttributeExample, TurnSelector, attribute_batch, at
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats, length_buckets
 from steerlm.data.errors import DataError
-from steerlm.data.readers import OASST_LABELS
+from steerlm.data.readers import unschema_ratings
 from steerlm.data.records import Conversation, Role
 from steerlm.data.template import SteerLMTemplate
 from steerlm.evaluation.apm_metrics import REWARD, attribute_metrics, merged_reward, reward_metrics
@@ -75,7 +75,7 @@ def open_apm_checkpoint(location: str | Path, key: str = "apm_checkpoint") -> AP
 def check_rated_attributes(conversation: Conversation, schema: AttributeSchema, key: str, location: str) -> None:
     """HelpSteer-style rows keep unknown columns as passthrough: a column rating an attribute the APM's schema
     lacks means data and APM disagree (its ratings would be ignored), so it is refused, naming `key`."""
-    unknown = sorted(name for name in conversation.extra if name in OASST_LABELS and name not in schema.attributes)
+    unknown = unschema_ratings(conversation, schema)
     if unknown:
         raise ConfigError(key, location, f"{conversation.source} rates {', '.join(unknown)}, which the APM's schema "
                           f"'{schema.name}' ({', '.join(schema.attributes)}) lacks",

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 from steerlm.config.errors import ConfigError
 from steerlm.config.inference import SamplingDefaults
 from steerlm.data.attributes import AttributeSchema, Labels
-from steerlm.data.collate import tokenize
+from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.generate import Delta, FinishReason, SamplingParams
@@ -136,7 +136,7 @@ class Steering:
 
     def prompt_ids(self, system: str, turns: Sequence[Turn], labels: Labels | None) -> list[int]:
         """Token ids of the prompt that asks for the next assistant turn with `labels` (BOS included)."""
-        ids = list(tokenize(self.template.inference_segments(system, list(turns), labels), self.tokenizer).ids)
+        ids = prompt_ids(self.template, self.tokenizer, system, turns, labels)
         if len(ids) > self.max_prompt_tokens:
             raise RequestError("messages", f"the prompt has {len(ids)} tokens; this model reads at most "
                                f"{self.max_prompt_tokens} before answering. Shorten the conversation",

@@ -26,8 +26,7 @@ from steerlm.config.sft import SFTConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import Batch, Example, LengthStats, apply_length_policy, pack_examples, packed_batch, \
     pad_batch, tokenize
-from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink, read_records
-from steerlm.data.readers.oasst import OASST_LABELS
+from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink, read_records, unschema_ratings
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
@@ -39,9 +38,6 @@ from steerlm.training.loop import evaluate, prepare_output_dir, run_training
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
-# Columns of HelpSteer-style rows that rate an attribute (OASST's label names cover every shipped schema's
-# extra attributes); such a column outside the schema would be ignored, so it is an error instead.
-RATING_COLUMNS = frozenset(OASST_LABELS)
 
 
 @dataclass
@@ -81,7 +77,7 @@ class SFTResult:
 
 def check_rating_columns(conversation: Conversation, schema: AttributeSchema) -> None:
     """HelpSteer-style rows keep unknown columns as passthrough; a rating the schema lacks is an error."""
-    unknown = sorted(key for key in conversation.extra if key in RATING_COLUMNS and key not in schema.attributes)
+    unknown = unschema_ratings(conversation, schema)
     if unknown:
         raise ConfigError("attributes.attributes", list(schema.attributes),
                           f"{conversation.source} rates {', '.join(unknown)}, which schema '{schema.name}' lacks "

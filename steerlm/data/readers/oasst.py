@@ -123,3 +123,12 @@ def _labels(raw: object, where: str, schema: AttributeSchema, names: tuple[str, 
     if not scaled:
         return None
     return schema.check(scaled, source, line, where)
+
+
+def unschema_ratings(conversation: Conversation, schema: AttributeSchema) -> list[str]:
+    """Passthrough columns of a HelpSteer-style row that rate an attribute (an OASST label name) `schema` lacks.
+
+    The reader keeps them (nothing is dropped), but a stage that reads labels through `schema` would ignore
+    them silently, so the stages refuse such rows, each naming its own key and fix.
+    """
+    return sorted(name for name in conversation.extra if name in OASST_LABELS and name not in schema.attributes)
