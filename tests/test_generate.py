@@ -200,3 +200,31 @@ def test_tp2_generates_what_tp1_generates() -> None:
     assert tp2[0] == tp2[1], "both tensor-parallel ranks hold the same tokens"
     assert tp2[0] == tp1
     assert tp1["lean"] == tp1["megatron"]
+
+
+class _Bytes:
+    """A byte-level tokenizer: one token per UTF-8 byte, so characters arrive in pieces."""
+
+    vocab_size, pad_id = 256, 0
+
+    def decode(self, ids) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("stop, expected, reason", [(("wö",), "héllo ", FinishReason.stop),
+                                                    ((), "héllo wörld ✓", FinishReason.length)])
+def test_streamed_text_never_splits_a_character_and_cuts_stop_strings(stop, expected, reason) -> None:
+    from steerlm.inference.generate import _Row
+
+    text = "héllo wörld ✓".encode()
+    row = _Row(0, [1], SamplingParams(max_new_tokens=len(text), stop=stop), track_text=True)
+    pieces = []
+    for byte in text:
+        row.push(byte, _Bytes(), frozenset(), at_limit=False)
+        delta = row.delta()
+        if delta is not None:
+            pieces.append(delta.text)
+        if row.finish:
+            break
+    assert "".join(pieces) == expected == row.text and row.finish == reason
+    assert not any("\ufffd" in piece for piece in pieces)

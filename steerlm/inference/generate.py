@@ -98,29 +98,40 @@ class _Row:
     text: str = ""
     emitted: int = 0
     finish: FinishReason | None = None
+    prefix_offset: int = 0  # decoding restarts here, a step back, so context-dependent spacing stays right
+    read_offset: int = 0  # the text of the tokens before this is in `text`
 
     def push(self, token: int, tokenizer: Tokenizer, stop_ids: frozenset[int], at_limit: bool) -> None:
         if token in stop_ids:
             self.finish = FinishReason.stop
-            return
-        self.generated.append(token)
+        else:
+            self.generated.append(token)
+            if at_limit or len(self.generated) >= self.params.max_new_tokens:
+                self.finish = FinishReason.length
         if self.track_text:
-            self.text = tokenizer.decode(self.generated)
-            cut = min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text, self.finish = self.text[:cut], FinishReason.stop
-                return
-        if at_limit or len(self.generated) >= self.params.max_new_tokens:
-            self.finish = FinishReason.length
+            self._extend_text(tokenizer)
+
+    def _extend_text(self, tokenizer: Tokenizer) -> None:
+        """Append the new tokens' text and look for stop strings in what changed: each step decodes the
+        last few tokens, not the whole answer. Text ending in half a UTF-8 character (U+FFFD) waits for the
+        next token, unless the row has finished."""
+        searched = len(self.text)
+        prefix = tokenizer.decode(self.generated[self.prefix_offset:self.read_offset])
+        current = tokenizer.decode(self.generated[self.prefix_offset:])
+        if len(current) > len(prefix) and (self.finish is not None or not current.endswith("\ufffd")):
+            self.text += current[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.generated)
+        start = max(0, searched - max((len(s) for s in self.params.stop), default=1) + 1)
+        cut = min((i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finish = self.text[:cut], FinishReason.stop
 
     def delta(self) -> Delta | None:
-        """Text that can no longer change, or None: a possible start of a stop string, or a partial UTF-8
-        character (decoded as U+FFFD), is held back until the row goes on or ends."""
+        """Text that can no longer change, or None: a possible start of a stop string is held back until
+        the row goes on or ends."""
         safe = len(self.text)
         if self.finish is None:
             safe -= max((len(s) - 1 for s in self.params.stop), default=0)
-            while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-                safe -= 1
             if safe <= self.emitted:
                 return None
         new, self.emitted = self.text[self.emitted:safe], max(safe, self.emitted)
