@@ -246,3 +246,16 @@ def test_recipe_starts_from_a_language_model_checkpoint_and_from_hf(layout, tmp_
         assert result.returncode == 0, result.stderr[-3000:]
         assert "attribute head freshly initialised" in result.stderr
         assert json.loads((tmp_path / f"apm_{source}" / "eval.json").read_text())["last_step"] == 2
+
+
+def test_a_rating_column_the_schema_lacks_stops_training(tmp_path: Path) -> None:
+    """HelpSteer rows keep extra columns as passthrough: a rating the APM's schema lacks would go unlearned."""
+    helpsteer = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+    row = {"prompt": "q", "response": "r", **{name: 2 for name in helpsteer}, "humor": 3}
+    (tmp_path / "hs.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = _apm_config(tmp_path, helpsteer)
+    cfg = replace(cfg, data=replace(cfg.data, train_file=str(tmp_path / "hs.jsonl"), format=DataFormat.helpsteer2))
+    with pytest.raises(ConfigError) as error:
+        load_examples(cfg, cfg.attributes.schema(), WordTokenizer.build(["q r"]))
+    assert error.value.key == "attributes.attributes" and "hs.jsonl:1 rates humor, which schema 'three' lacks" in \
+        str(error.value)

@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -25,7 +26,7 @@ from steerlm.data.apm import AttributeExample, attribute_batch, attribute_exampl
     generative_examples, labelled_turns
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthStats, pad_batch
-from steerlm.data.readers import BadRowPolicy, read_records
+from steerlm.data.readers import BadRowPolicy, DataFormat, read_records
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
@@ -33,6 +34,7 @@ from steerlm.evaluation.apm_metrics import REWARD, metric_scalars
 from steerlm.inference.scoring import AttributeScorer, GenerativeAttributeScorer, check_rated_attributes, \
     open_apm_checkpoint
 from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.stages.sft import check_rating_columns
 from steerlm.tokenizers import load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task, build_training
 from steerlm.training.checkpoint import latest_checkpoint, saved_config
@@ -66,8 +68,16 @@ def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer,
     template = SteerLMTemplate(schema)
     stats = LengthStats()
 
+    check_columns = DataFormat(cfg.data.format) in (DataFormat.helpsteer, DataFormat.helpsteer2)
+
+    def checked(records: Iterable[Conversation]) -> Iterator[Conversation]:
+        for record in records:
+            if check_columns:
+                check_rating_columns(record, schema)
+            yield record
+
     def read(path: str) -> list[AttributeExample]:
-        records = read_records(path, cfg.data.format, schema, cfg.data.on_bad_row)
+        records = checked(read_records(path, cfg.data.format, schema, cfg.data.on_bad_row))
         return attribute_examples(records, schema, template, tokenizer, cfg.trainer.seq_length - reserved,
                                   cfg.data.length_policy, stats)
 

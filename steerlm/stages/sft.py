@@ -76,12 +76,13 @@ class SFTResult:
 
 
 def check_rating_columns(conversation: Conversation, schema: AttributeSchema) -> None:
-    """HelpSteer-style rows keep unknown columns as passthrough; a rating the schema lacks is an error."""
+    """HelpSteer-style rows keep unknown columns as passthrough; a rating the schema lacks is an error (for the
+    training stages that read labels through `attributes`: SFT and the APM)."""
     unknown = unschema_ratings(conversation, schema)
     if unknown:
         raise ConfigError("attributes.attributes", list(schema.attributes),
                           f"{conversation.source} rates {', '.join(unknown)}, which schema '{schema.name}' lacks "
-                          "(conditioning would silently ignore them)",
+                          "(training would silently ignore those ratings)",
                           "use a schema that names them (e.g. attributes=steerlm_oasst, or a custom "
                           "attributes.attributes=[...]) or remove those columns from the data")
 
