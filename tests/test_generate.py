@@ -228,3 +228,16 @@ def test_streamed_text_never_splits_a_character_and_cuts_stop_strings(stop, expe
             break
     assert "".join(pieces) == expected == row.text and row.finish == reason
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_inference_runs_one_replica_over_all_launched_ranks(monkeypatch) -> None:
+    from steerlm.inference.loading import check_inference_layout
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_inference_layout(ParallelConfig(tensor_model_parallel_size=2), [TEST_MODEL])
+    with pytest.raises(ConfigError) as error:
+        check_inference_layout(ParallelConfig(), [TEST_MODEL])
+    assert error.value.key == "parallel.tensor_model_parallel_size" and "2 processes would hold 2 copies" in str(error.value)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError):  # 4 heads do not split over 3 ranks
+        check_inference_layout(ParallelConfig(tensor_model_parallel_size=3), [TEST_MODEL])

@@ -21,18 +21,16 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 
 from steerlm import runtime
-from steerlm.config import ConfigError, ModelConfig
 from steerlm.config.inference import InferenceConfig
-from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.records import Conversation
 from steerlm.inference.generate import Delta, SamplingParams
-from steerlm.inference.loading import LoadedModel, load_generator, read_checkpoint_setup
+from steerlm.inference.loading import LoadedModel, check_inference_layout, load_generator, read_checkpoint_setup
 from steerlm.inference.lockstep import Lockstep
 from steerlm.inference.scoring import AttributeScorer, open_apm_checkpoint
 from steerlm.inference.steering import Steering
@@ -240,18 +238,6 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _check_layout(cfg: InferenceConfig, model_shapes: Sequence[ModelConfig]) -> None:
-    world = runtime.launch_world_size()
-    if data_parallel_size(cfg.parallel, world) != 1:
-        tp = cfg.parallel.tensor_model_parallel_size
-        raise ConfigError("parallel.tensor_model_parallel_size", tp,
-                          f"{world} processes would hold {world // tp} copies of the model; inference runs one",
-                          f"launch exactly {tp} process(es) (torchrun --nproc-per-node {tp}) or set "
-                          f"parallel.tensor_model_parallel_size={world}")
-    for model in model_shapes:
-        validate_model_layout(model, cfg.parallel, runtime.detect_accelerator())
-
-
 @contextlib.contextmanager
 def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None = None) -> Iterator[Service | None]:
     """Load the model (and the APM) at `cfg.parallel`; yield a running Service on rank 0, None elsewhere.
@@ -266,7 +252,7 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
     steering = Steering(setup.template, tokenizer, cfg.attributes, cfg.system_prompt,
                         setup.model.max_position_embeddings - 1)
     apm = open_apm_checkpoint(apm_checkpoint) if apm_checkpoint is not None else None
-    _check_layout(cfg, [setup.model] + ([apm.config.model] if apm else []))
+    check_inference_layout(cfg.parallel, [setup.model] + ([apm.config.model] if apm else []))
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     layout = runtime.initialize(cfg.parallel, cfg.seed)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from omegaconf import DictConfig
 
-from steerlm.config import ConfigError, ModelConfig, PrecisionConfig, to_typed
+from steerlm import runtime
+from steerlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, to_typed
 from steerlm.config.schema import AttributesConfig, TokenizerConfig
 from steerlm.config.sft import SFTOptions
+from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import SteerLMTemplate, TemplateConfig
 from steerlm.inference.generate import Generator
@@ -77,6 +80,20 @@ def read_checkpoint_setup(checkpoint: str, key: str = "checkpoint", tokenizer_pa
 
 def _section(saved: DictConfig, name: str, schema: type):
     return to_typed(saved[name], schema)
+
+
+def check_inference_layout(parallel: ParallelConfig, models: Sequence[ModelConfig]) -> None:
+    """Before anything starts: one model replica over all launched ranks (tensor parallel only), and each
+    model's shape splittable at that TP size. ConfigError naming the key otherwise."""
+    world = runtime.launch_world_size()
+    if data_parallel_size(parallel, world) != 1:
+        tp = parallel.tensor_model_parallel_size
+        raise ConfigError("parallel.tensor_model_parallel_size", tp,
+                          f"{world} processes would hold {world // tp} copies of the model; inference runs one",
+                          f"launch exactly {tp} process(es) (torchrun --nproc-per-node {tp}) or set "
+                          f"parallel.tensor_model_parallel_size={world}")
+    for model in models:
+        validate_model_layout(model, parallel, runtime.detect_accelerator())
 
 
 def load_generator(checkpoint: str, layout: ParallelLayout, precision: PrecisionConfig,

@@ -15,14 +15,13 @@ from pathlib import Path
 from steerlm import runtime
 from steerlm.config import ConfigError
 from steerlm.config.steering import SteeringEvalConfig
-from steerlm.config.validation import data_parallel_size
 from steerlm.data.readers import read_records
 from steerlm.data.records import Role
 from steerlm.data.synthetic.oracle import Oracle
 from steerlm.data.synthetic.world import World
 from steerlm.evaluation.steerability import format_report, sweep_report
 from steerlm.inference.generate import SamplingParams
-from steerlm.inference.loading import load_generator, read_checkpoint_setup
+from steerlm.inference.loading import check_inference_layout, load_generator, read_checkpoint_setup
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,7 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
     cfg.validate()
     setup = read_checkpoint_setup(cfg.checkpoint, tokenizer_path=cfg.tokenizer_path)
     sweep, levels, base = cfg.resolve(setup.schema)
-    if data_parallel_size(cfg.parallel, runtime.launch_world_size()) != 1:
-        raise ConfigError("parallel.tensor_model_parallel_size", cfg.parallel.tensor_model_parallel_size,
-                          "leaves data-parallel replicas, which would all generate the same responses",
-                          "launch as many ranks as the tensor-parallel size")
+    check_inference_layout(cfg.parallel, [setup.model])
     prompts = list(itertools.islice(read_records(cfg.prompts, cfg.prompts_format, setup.schema), cfg.num_prompts))
     if not prompts or any(not c.turns or c.turns[-1].role != Role.user for c in prompts):
         raise ConfigError("prompts", cfg.prompts, "needs conversations that end with a user turn",
