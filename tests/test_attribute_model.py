@@ -19,7 +19,7 @@ from steerlm.config.schema import APMConfig, TokenizerConfig, TrainDataConfig
 from steerlm.data.apm import attribute_batch, attribute_examples
 from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.readers import DataFormat
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate
@@ -30,7 +30,7 @@ from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.attribute_model import load_examples
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
-from steerlm.training.checkpoint import save_checkpoint
+from steerlm.checkpoint.sharded import save_checkpoint
 from steerlm.training.init_from import load_init_weights, resolve_init_source
 from steerlm.training.losses import ATTRIBUTE_REGRESSION
 from tests.conftest import TEST_MODEL

@@ -24,7 +24,8 @@ from steerlm.config import (
     validate_train_config,
 )
 from steerlm.config.store import CONF_DIR
-from steerlm.config.validation import fused_adam_available, transformer_engine_available
+from steerlm.config.validation import transformer_engine_available
+from steerlm.megatron_compat import fused_adam_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim")
 PRIMARY = ("demo", "prepare_data", "train_attribute_model", "annotate", "train_sft", "evaluate_attribute_model", "chat",

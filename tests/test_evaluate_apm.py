@@ -12,7 +12,7 @@ import pytest
 
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.readers import DataFormat
 from steerlm.stages import attribute_model
 from tests.recipe_runner import TORCHRUN_2, run_recipe

@@ -54,29 +54,6 @@ def test_logits_equal_hf_llama_with_the_same_weights(layout, variant: dict) -> N
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
 
 
-def test_sdpa_attention_equals_megatron_dot_product_attention(layout) -> None:
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-
-    from steerlm.models.attention import SDPACoreAttention
-
-    config = _build(layout).config
-    kwargs = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
-    ours, theirs = SDPACoreAttention(**kwargs), DotProductAttention(**kwargs)
-    generator = torch.Generator().manual_seed(0)
-    seq, batch, heads, groups, dim = 16, 2, 4, 2, 16
-    query = torch.randn(seq, batch, heads, dim, generator=generator)
-    key = torch.randn(seq, batch, groups, dim, generator=generator)
-    value = torch.randn(seq, batch, groups, dim, generator=generator)
-    torch.testing.assert_close(ours(query, key, value, None), theirs(query, key, value, None), rtol=1e-5, atol=1e-6)
-    padding = torch.zeros(batch, 1, seq, seq, dtype=torch.bool)
-    padding[1, :, :, 10:] = True  # row 1 may not attend to its last 6 positions
-    mask = padding | torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
-    torch.testing.assert_close(ours(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
-                               theirs(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
-                               rtol=1e-5, atol=1e-6)
-
-
 def test_initialisation_depends_only_on_the_seed(layout) -> None:
     first = dict(named_global_parameters([_build(layout, seed=7)]))
     again = dict(named_global_parameters([_build(layout, seed=7)]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.readers import (DEFAULT_SYSTEM_PROMPT, BadRowPolicy, DataFormat, ReadStats, RejectSink,
                                   oasst_label_names, read_records, split_helpsteer2_prompt,
                                   write_conversation_jsonl)

@@ -18,7 +18,7 @@ from steerlm.config import ConfigError, compose, save_resolved, to_typed
 from steerlm.config.schema import AttributesConfig, TokenizerConfig, TrainDataConfig
 from steerlm.config.sft import SFTConfig, SFTOptions
 from steerlm.data.collate import Example
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.readers import DataFormat
 from steerlm.stages import sft
 from steerlm.tokenizers import WordTokenizer

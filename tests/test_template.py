@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from steerlm.data.attributes import MISSING, AttributeSchema
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate, TemplateConfig
 

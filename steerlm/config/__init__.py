@@ -1,6 +1,6 @@
 """Typed configuration: schemas, validation, Hydra composition."""
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import (
     Activation,
     AttributeModelConfig,

@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig
 from steerlm.data.readers import BadRowPolicy, DataFormat
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import DataFormat

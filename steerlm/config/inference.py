@@ -19,7 +19,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig, PrecisionConfig
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 

@@ -15,9 +15,10 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError, require
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthPolicy
+from steerlm.data.synthetic.sizes import SyntheticConfig
 from steerlm.data.readers import BadRowPolicy, DataFormat
 
 
@@ -72,15 +73,11 @@ class LRDecayStyle(str, Enum):
     cosine = "cosine"
 
 
-def _require(condition: bool, key: str, value, problem: str, fix: str) -> None:
-    if not condition:
-        raise ConfigError(key, value, problem, fix)
 
-
-def _require_positive(prefix: str, obj, names: tuple[str, ...]) -> None:
+def require_positive(prefix: str, obj, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(value > 0, f"{prefix}.{name}", value, "must be positive", "set a value > 0")
+        require(value > 0, f"{prefix}.{name}", value, "must be positive", "set a value > 0")
 
 
 @dataclass
@@ -148,7 +145,7 @@ class ModelConfig:
         return self.num_layers * layer + embeddings + final_norm + positions
 
     def validate(self) -> None:
-        _require_positive(
+        require_positive(
             "model",
             self,
             ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
@@ -156,37 +153,37 @@ class ModelConfig:
              "init_method_std"),
         )
         if self.kv_channels is None:
-            _require(
+            require(
                 self.hidden_size % self.num_attention_heads == 0,
                 "model.hidden_size", self.hidden_size,
                 f"not divisible by model.num_attention_heads={self.num_attention_heads}",
                 "choose a hidden size that is a multiple of the head count, or set model.kv_channels",
             )
         else:
-            _require(self.kv_channels > 0, "model.kv_channels", self.kv_channels, "must be positive", "set a value > 0")
+            require(self.kv_channels > 0, "model.kv_channels", self.kv_channels, "must be positive", "set a value > 0")
         groups = self.query_groups
-        _require(
+        require(
             groups > 0 and self.num_attention_heads % groups == 0,
             "model.num_query_groups", self.num_query_groups,
             f"must divide model.num_attention_heads={self.num_attention_heads}",
             "use a divisor of the head count (null for multi-head attention)",
         )
-        _require(
+        require(
             0.0 < self.rotary_percent <= 1.0, "model.rotary_percent", self.rotary_percent,
             "must be in (0, 1]", "use 1.0 for Llama",
         )
-        _require(
+        require(
             self.rotary_percent * self.head_dim % 2 == 0, "model.rotary_percent", self.rotary_percent,
             f"rotary dimension {self.rotary_percent * self.head_dim} must be an even integer",
             "pick a rotary_percent that gives an even number of rotary channels",
         )
-        _require(
+        require(
             self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", self.rope_scaling_factor,
             "must be >= 1", "use 8 for Llama-3.1, 32 for Llama-3.2",
         )
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)", "use 0.0 for Llama")
+            require(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)", "use 0.0 for Llama")
 
 
 @dataclass
@@ -208,12 +205,12 @@ class ParallelConfig:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
     def validate(self) -> None:
-        _require_positive(
+        require_positive(
             "parallel", self,
             ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
              "distributed_timeout_minutes"),
         )
-        _require(
+        require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "parallel.sequence_parallel", self.sequence_parallel,
             "sequence parallelism splits activations across the tensor-parallel group and needs "
@@ -222,16 +219,16 @@ class ParallelConfig:
         )
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
-            _require(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", vpp, "must be >= 1",
+            require(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", vpp, "must be >= 1",
                      "use null to disable the interleaved schedule")
-            _require(
+            require(
                 vpp == 1 or self.pipeline_model_parallel_size >= 2,
                 "parallel.virtual_pipeline_model_parallel_size", vpp,
                 "the interleaved schedule needs pipeline_model_parallel_size >= 2",
                 "set parallel.virtual_pipeline_model_parallel_size=null or pipeline_model_parallel_size >= 2",
             )
         if self.data_parallel_size is not None:
-            _require(self.data_parallel_size >= 1, "parallel.data_parallel_size", self.data_parallel_size,
+            require(self.data_parallel_size >= 1, "parallel.data_parallel_size", self.data_parallel_size,
                      "must be >= 1", "use null to derive it from the world size")
 
 
@@ -247,11 +244,11 @@ class PrecisionConfig:
 
     def validate(self) -> None:
         if self.dtype == DType.fp16:
-            _require(self.initial_loss_scale > 0, "precision.initial_loss_scale", self.initial_loss_scale,
+            require(self.initial_loss_scale > 0, "precision.initial_loss_scale", self.initial_loss_scale,
                      "must be positive", "use 2**32 (the Megatron default)")
-            _require(0 < self.min_loss_scale <= self.initial_loss_scale, "precision.min_loss_scale",
+            require(0 < self.min_loss_scale <= self.initial_loss_scale, "precision.min_loss_scale",
                      self.min_loss_scale, "must be in (0, initial_loss_scale]", "use 1.0")
-            _require(self.loss_scale_window > 0, "precision.loss_scale_window", self.loss_scale_window,
+            require(self.loss_scale_window > 0, "precision.loss_scale_window", self.loss_scale_window,
                      "must be positive", "use 1000")
 
 
@@ -273,18 +270,18 @@ class OptimizerConfig:
     lr_decay_steps: Optional[int] = None  # None: trainer.max_steps
 
     def validate(self) -> None:
-        _require(self.lr > 0, "optim.lr", self.lr, "must be positive", "use e.g. 3e-4")
-        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]",
+        require(self.lr > 0, "optim.lr", self.lr, "must be positive", "use e.g. 3e-4")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]",
                  "lower optim.min_lr")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0", "use 0.0 to disable")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0", "use 0.0 to disable")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
-            _require(0 <= value < 1, f"optim.{name}", value, "must be in [0, 1)", "use 0.9 / 0.95")
-        _require(self.adam_eps > 0, "optim.adam_eps", self.adam_eps, "must be positive", "use 1e-8")
-        _require(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
-        _require(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", self.lr_warmup_steps, "must be >= 0", "use 0")
+            require(0 <= value < 1, f"optim.{name}", value, "must be in [0, 1)", "use 0.9 / 0.95")
+        require(self.adam_eps > 0, "optim.adam_eps", self.adam_eps, "must be positive", "use 1e-8")
+        require(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+        require(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", self.lr_warmup_steps, "must be >= 0", "use 0")
         if self.lr_decay_steps is not None:
-            _require(self.lr_decay_steps > self.lr_warmup_steps, "optim.lr_decay_steps", self.lr_decay_steps,
+            require(self.lr_decay_steps > self.lr_warmup_steps, "optim.lr_decay_steps", self.lr_decay_steps,
                      f"must exceed optim.lr_warmup_steps={self.lr_warmup_steps}", "raise it or use null")
 
 
@@ -303,22 +300,22 @@ class TrainerConfig:
     torch_threads: Optional[int] = None  # None: torch's default
 
     def validate(self) -> None:
-        _require_positive("trainer", self, ("micro_batch_size", "global_batch_size", "seq_length", "max_steps",
+        require_positive("trainer", self, ("micro_batch_size", "global_batch_size", "seq_length", "max_steps",
                                             "log_interval"))
         if self.eval_interval is not None:
-            _require(self.eval_interval > 0, "trainer.eval_interval", self.eval_interval, "must be positive",
+            require(self.eval_interval > 0, "trainer.eval_interval", self.eval_interval, "must be positive",
                      "use null to validate only after the last step")
         if self.max_time_minutes is not None:
-            _require(self.max_time_minutes > 0, "trainer.max_time_minutes", self.max_time_minutes,
+            require(self.max_time_minutes > 0, "trainer.max_time_minutes", self.max_time_minutes,
                      "must be positive", "use null for no time limit")
-        _require(
+        require(
             self.global_batch_size % self.micro_batch_size == 0,
             "trainer.global_batch_size", self.global_batch_size,
             f"not divisible by trainer.micro_batch_size={self.micro_batch_size}",
             "make the global batch a multiple of micro_batch_size x data-parallel size",
         )
         if self.torch_threads is not None:
-            _require(self.torch_threads >= 1, "trainer.torch_threads", self.torch_threads, "must be >= 1",
+            require(self.torch_threads >= 1, "trainer.torch_threads", self.torch_threads, "must be >= 1",
                      "use null for torch's default")
 
 
@@ -349,32 +346,6 @@ class AttributesConfig:
 
 
 @dataclass
-class SyntheticConfig:
-    """The built-in synthetic world (docs/synthetic_world.md). The default sizes keep the whole
-    SteerLM pipeline on the embedded default within 15 minutes on 2 CPU cores."""
-
-    seed: int = 0
-    num_entities: int = 60  # creatures, 5 facts each
-    annotated_rows: int = 2000  # noisy "human" ratings (HelpSteer2-style rows)
-    unlabelled_rows: int = 20000  # conversations for the APM to annotate
-    eval_prompts: int = 200
-    multi_turn_fraction: float = 0.15
-    label_noise: float = 0.3  # std of the Gaussian added to the oracle before rounding
-    missing_label_rate: float = 0.02  # chance that a rating is absent (-100)
-
-    def validate(self) -> None:
-        _require(self.num_entities >= 3, "synthetic.num_entities", self.num_entities, "must be at least 3",
-                 "a comparison needs two creatures and an off-topic answer a third")
-        for name in ("annotated_rows", "unlabelled_rows", "eval_prompts"):
-            value = getattr(self, name)
-            _require(value >= 0, f"synthetic.{name}", value, "must be >= 0", "use 0 to skip the split")
-        for name in ("multi_turn_fraction", "missing_label_rate"):
-            value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"synthetic.{name}", value, "must be in [0, 1]", "use e.g. 0.1")
-        _require(self.label_noise >= 0, "synthetic.label_noise", self.label_noise, "must be >= 0", "use 0.3")
-
-
-@dataclass
 class PrepareDataConfig:
     """`recipes/prepare_data.py`: convert a dataset to conversation JSONL and summarise it, or (with
     `data=synthetic`) generate the built-in synthetic world into the directory `output`."""
@@ -391,12 +362,12 @@ class PrepareDataConfig:
         self.attributes.validate()
         if self.synthetic is not None:
             self.synthetic.validate()
-            _require(not Path(self.output).is_file(), "output", self.output, "is a file",
+            require(not Path(self.output).is_file(), "output", self.output, "is a file",
                      "data=synthetic writes a directory: pass output=<directory>")
             return
-        _require(self.input is not None and Path(self.input).is_file(), "input", self.input, "no such file",
+        require(self.input is not None and Path(self.input).is_file(), "input", self.input, "no such file",
                  "pass input=<path of a .jsonl, .jsonl.gz or .parquet file> (or data=synthetic)")
-        _require(Path(self.output).resolve() != Path(self.input).resolve(), "output", self.output,
+        require(Path(self.output).resolve() != Path(self.input).resolve(), "output", self.output,
                  "would overwrite the input", "choose another output path")
 
 
@@ -411,7 +382,7 @@ class TokenizerConfig:
     path: str = MISSING
 
     def validate(self) -> None:
-        _require(Path(self.path).is_dir(), "tokenizer.path", self.path, "is not a directory",
+        require(Path(self.path).is_dir(), "tokenizer.path", self.path, "is not a directory",
                  "pass tokenizer.path=<local tokenizer directory> (data=synthetic writes data/synthetic/tokenizer)")
 
 
@@ -430,9 +401,9 @@ class TrainDataConfig:
         for key in ("train_file", "validation_file"):
             path = getattr(self, key)
             if path is not None:
-                _require(Path(path).is_file(), f"data.{key}", path, "no such file",
+                require(Path(path).is_file(), f"data.{key}", path, "no such file",
                          "generate the default with `python recipes/prepare_data.py data=synthetic` or pass a file")
-        _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", self.validation_fraction,
+        require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", self.validation_fraction,
                  "must be in [0, 1)", "use 0.1, or give data.validation_file")
 
 
@@ -441,7 +412,7 @@ class APMType(str, Enum):
     generative = "generative"  # the LM writes the attribute string after the response (the SteerLM paper)
 
 
-# Files that mark a steerlm checkpoint (steerlm.training.checkpoint.META) and a Hugging Face model directory;
+# Files that mark a steerlm checkpoint (steerlm.checkpoint.sharded.META) and a Hugging Face model directory;
 # named here so validating a config does not import the training stack.
 STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
 HF_CONFIG_FILE = "config.json"
@@ -461,19 +432,19 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
     if value is None:
         return
     path = Path(value)
-    _require(path.is_dir(), key, value, "is not a directory",
+    require(path.is_dir(), key, value, "is not a directory",
              "pass a steerlm training output_dir, one of its checkpoints/step_* directories or a Hugging Face "
              f"Llama directory (config.json + *.safetensors), or {key}=null to start from scratch")
     if is_hf_model_dir(path):
-        _require(any(path.glob("*.safetensors")), key, value,
+        require(any(path.glob("*.safetensors")), key, value,
                  "is a Hugging Face model directory without *.safetensors weights",
                  "save the model with `save_pretrained(dir)` (safetensors is its default) or convert its "
                  "*.bin files to safetensors")
 
 
-def _require_one_per_attribute(key: str, weights: list[float], schema: AttributeSchema, null_means: str) -> None:
+def require_one_per_attribute(key: str, weights: list[float], schema: AttributeSchema, null_means: str) -> None:
     names = ", ".join(schema.attributes)
-    _require(len(weights) == len(schema.attributes), key, weights,
+    require(len(weights) == len(schema.attributes), key, weights,
              f"needs one weight per attribute of schema '{schema.name}' ({len(schema.attributes)}: {names})",
              f"give {len(schema.attributes)} weights in the order {names}, or {key}=null for {null_means}")
 
@@ -482,10 +453,10 @@ def validate_merge_weights(key: str, weights: Optional[list[float]], schema: Att
     """One finite weight per attribute in schema order, not all zero (the reward would be constant)."""
     if weights is None:
         return
-    _require_one_per_attribute(key, weights, schema, "no reward")
-    _require(all(math.isfinite(w) for w in weights), key, weights, "weights must be finite numbers",
+    require_one_per_attribute(key, weights, schema, "no reward")
+    require(all(math.isfinite(w) for w in weights), key, weights, "weights must be finite numbers",
              "replace inf/nan by a number (negative weights are allowed, e.g. for verbosity)")
-    _require(any(w != 0 for w in weights), key, weights, "all weights are 0, so the reward would always be 0",
+    require(any(w != 0 for w in weights), key, weights, "all weights are 0, so the reward would always be 0",
              f"give at least one attribute a non-zero weight, or {key}=null for no reward")
 
 
@@ -498,12 +469,12 @@ class APMConfig:
     init_from: Optional[str] = None  # a steerlm run dir / checkpoint or an HF Llama dir: its weights start the run
 
     def validate(self, schema: AttributeSchema) -> None:
-        _require(self.type == APMType.regression or self.attribute_weights is None, "apm.attribute_weights",
+        require(self.type == APMType.regression or self.attribute_weights is None, "apm.attribute_weights",
                  self.attribute_weights, "weights the regression loss; a generative APM's loss is over tokens",
                  "apm.attribute_weights=null with apm.type=generative")
         if self.attribute_weights is not None:
-            _require_one_per_attribute("apm.attribute_weights", self.attribute_weights, schema, "weight 1 for all")
-            _require(all(w >= 0 for w in self.attribute_weights), "apm.attribute_weights", self.attribute_weights,
+            require_one_per_attribute("apm.attribute_weights", self.attribute_weights, schema, "weight 1 for all")
+            require(all(w >= 0 for w in self.attribute_weights), "apm.attribute_weights", self.attribute_weights,
                      "weights must be >= 0", "use 0 to ignore an attribute")
         validate_merge_weights("apm.merge_weights", self.merge_weights, schema)
         validate_init_from("apm.init_from", self.init_from)
@@ -519,9 +490,9 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.save_interval is not None:
-            _require(self.save_interval > 0, "checkpoint.save_interval", self.save_interval, "must be positive",
+            require(self.save_interval > 0, "checkpoint.save_interval", self.save_interval, "must be positive",
                      "use null to save only at the end and on signals")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1",
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1",
                  "keep at least the latest checkpoint")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import LabelledDataTrainConfig, validate_init_from
 from steerlm.data.template import TemplateConfig
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig, PrecisionConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import DataFormat

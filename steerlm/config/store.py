@@ -15,7 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from steerlm.config.errors import ConfigError
+from steerlm.files import atomic_write_text
+from steerlm.errors import ConfigError
 from steerlm.config.annotate import AnnotateConfig
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.config.inference import ChatConfig, ServeConfig
@@ -92,7 +93,4 @@ def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
 def save_resolved(cfg: DictConfig | object, path: Path) -> None:
     """Write the resolved config (a DictConfig or a schema dataclass) next to an output, atomically."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(node, resolve=True))
-    tmp.replace(path)
+    atomic_write_text(path, OmegaConf.to_yaml(node, resolve=True))

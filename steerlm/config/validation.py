@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from enum import Enum
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import (
     Backend,
     DType,
@@ -121,11 +121,10 @@ def validate_precision(precision: PrecisionConfig, accelerator: Accelerator, thi
                               "use precision.dtype=fp16 (with loss scaling) or fp32")
 
 
-def fused_adam_available() -> bool:
-    """Whether megatron's optimizers run on Transformer Engine's or apex's fused Adam (not torch's)."""
-    from megatron.core.optimizer import distrib_optimizer
+def _fused_adam_available() -> bool:
+    from steerlm.megatron_compat import fused_adam_available  # imports megatron-core: only when asked
 
-    return distrib_optimizer.HAVE_APEX_OR_TE
+    return fused_adam_available()
 
 
 def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator, this_machine: bool = True) -> None:
@@ -133,7 +132,7 @@ def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator
         raise ConfigError("parallel.use_distributed_optimizer", True,
                           "megatron's distributed optimizer only wraps CUDA tensors",
                           "use parallel.use_distributed_optimizer=false without a GPU")
-    if parallel.use_distributed_optimizer and this_machine and not fused_adam_available():
+    if parallel.use_distributed_optimizer and this_machine and not _fused_adam_available():
         # Measured on an H200: training runs, but megatron-core 0.16 cannot rebuild torch Adam's
         # per-parameter step counters from a checkpoint, so such a run could never resume.
         raise ConfigError("parallel.use_distributed_optimizer", True,

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 
 MISSING = -100.0
 Labels = dict[str, "float | None"]

@@ -1,4 +1,4 @@
-"""Low-level JSON Lines I/O: streamed raw lines (plain or gzip), strict per-line JSON, atomic writes.
+"""Low-level JSON Lines I/O: streamed raw lines (plain or gzip), strict per-line JSON (atomic writes: steerlm.files).
 
 Readers need physical line numbers for their error messages, gzip transparency without trusting the
 file name, and JSON parsing that refuses what `json.loads` would quietly accept (a duplicate key keeps
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO, Iterator
 
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
@@ -96,42 +94,3 @@ def parse_json_object(text: str, source: str, line: int) -> dict:
 def json_line(obj: object) -> str:
     """One JSONL line as NeMo-Aligner writes them: text kept as is (ensure_ascii=False), no NaN/Infinity."""
     return json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-class AtomicTextFile:
-    """A UTF-8 text file that appears at `path` only when closed without an exception.
-
-    Written to a temporary name in the same directory, fsynced, then `os.replace`d over `path`; on an
-    exception the temporary file is removed and `path` is left as it was.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._file = None
-
-    def __enter__(self) -> "AtomicTextFile":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp, "w", encoding="utf-8", newline="\n")
-        return self
-
-    def write(self, text: str) -> None:
-        if self._file is None:
-            raise RuntimeError(f"{self.path}: write outside its `with` block")
-        self._file.write(text)
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        file, self._file = self._file, None
-        if file is None:
-            return
-        try:
-            if exc_type is None:
-                file.flush()
-                os.fsync(file.fileno())
-            file.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-        finally:
-            if self._tmp.exists():
-                self._tmp.unlink()

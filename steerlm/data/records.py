@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from steerlm.data.attributes import AttributeSchema, Labels
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 
 
 class Role(str, Enum):

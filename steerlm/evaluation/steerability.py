@@ -16,12 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from steerlm.data.attributes import Labels
-from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation
 from steerlm.data.synthetic.oracle import Oracle
 from steerlm.evaluation.apm_metrics import spearman
-from steerlm.inference.generate import SamplingParams
-from steerlm.inference.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -32,30 +29,19 @@ class Generated:
     finish_reason: str
 
 
-def generate_steered(loaded: LoadedModel, prompts: Sequence[Conversation], requests: Sequence[Labels],
-                     params: SamplingParams, batch_size: int) -> list[Generated]:
-    """One response per (prompt, requested labels) pair, in order, generated `batch_size` at a time."""
-    pairs = [(c, labels) for c in prompts for labels in requests]
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        ids = [prompt_ids(loaded.template, loaded.tokenizer, c.system, c.turns, labels) for c, labels in chunk]
-        completions = loaded.generator.generate(ids, [params] * len(chunk))
-        out.extend(Generated(c, labels, done.text.strip(), done.finish_reason.value)
-                   for (c, labels), done in zip(chunk, completions))
-    return out
-
-
 def _words(text: str) -> int:
     return len(text.split())
 
 
-def sweep_report(loaded: LoadedModel, prompts: Sequence[Conversation], attribute: str, levels: Sequence[float],
-                 base: Labels, params: SamplingParams, batch_size: int, oracle: Oracle | None,
+def sweep_requests(base: Labels, attribute: str, levels: Sequence[float]) -> list[Labels]:
+    """The requests of one sweep: `base` with `attribute` set to each of `levels`."""
+    return [{**base, attribute: level} for level in levels]
+
+
+def sweep_report(generated: Sequence[Generated], attribute: str, levels: Sequence[float], oracle: Oracle | None,
                  samples: int) -> dict:
-    """The measured effect of requesting each of `levels` for `attribute` (see the module docstring)."""
-    requests = [{**base, attribute: level} for level in levels]
-    generated = generate_steered(loaded, prompts, requests, params, batch_size)
+    """The measured effect of requesting each of `levels` for `attribute` (see the module docstring), from the
+    responses generated for `sweep_requests(base, attribute, levels)`."""
     report: dict = {"levels": {}}
     requested_all, measured_all = [], []
     base_scores = None

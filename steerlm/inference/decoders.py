@@ -23,6 +23,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
+from steerlm.megatron_compat import split_fc1, split_qkv_heads
 from steerlm.runtime.layout import ParallelLayout
 
 
@@ -104,13 +105,12 @@ class LeanDecoder:
     def _attention(self, layer, x: torch.Tensor, start: int, index: int) -> torch.Tensor:
         attention = layer.self_attention
         rows, n = x.shape[:2]
-        per_group = self.heads // self.groups
-        qkv = F.linear(x, attention.linear_qkv.weight).view(rows, n, self.groups, per_group + 2, self.head_dim)
-        query = self._rope(qkv[:, :, :, :per_group].reshape(rows, n, self.heads, self.head_dim), start)
-        key = self._rope(qkv[:, :, :, per_group], start)
+        query, key, value = split_qkv_heads(F.linear(x, attention.linear_qkv.weight), self.heads, self.groups,
+                                            self.head_dim)
+        query, key = self._rope(query, start), self._rope(key, start)
         keys, values = self.cache[index]
         keys[:, :, start:start + n] = key.transpose(1, 2)
-        values[:, :, start:start + n] = qkv[:, :, :, per_group + 1].transpose(1, 2)
+        values[:, :, start:start + n] = value.transpose(1, 2)
         context = F.scaled_dot_product_attention(
             query.transpose(1, 2), keys[:, :, :start + n], values[:, :, :start + n], is_causal=n > 1,
             scale=getattr(attention.core_attention, "softmax_scale", None), enable_gqa=self.heads != self.groups)
@@ -118,7 +118,7 @@ class LeanDecoder:
         return self._reduce(F.linear(context, attention.linear_proj.weight))
 
     def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.mlp.linear_fc1.weight).chunk(2, dim=-1)
+        gate, up = split_fc1(F.linear(x, layer.mlp.linear_fc1.weight), dim=-1)
         return self._reduce(F.linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight))
 
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:

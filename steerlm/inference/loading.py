@@ -25,7 +25,7 @@ from steerlm.inference.generate import Generator
 from steerlm.models.gpt import build_model_chunks
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer, load_tokenizer
-from steerlm.training.checkpoint import load_weights, resolve_checkpoint, saved_config
+from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config
 
 log = logging.getLogger(__name__)
 

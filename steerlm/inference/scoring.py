@@ -29,7 +29,7 @@ from steerlm.data.apm import AttributeExample, TurnSelector, attribute_batch, at
     attribute_string_budget, last_assistant_turn, parse_attribute_string
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats, length_buckets
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.readers import unschema_ratings
 from steerlm.data.records import Conversation, Role
 from steerlm.data.template import SteerLMTemplate
@@ -40,7 +40,7 @@ from steerlm.models.gpt import build_model_chunks
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, predict
-from steerlm.training.checkpoint import load_weights, resolve_checkpoint, saved_config, unwrap
+from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config, unwrap
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerlm.config.inference import ServeConfig
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.evaluation.apm_metrics import REWARD
 from steerlm.inference.engine import Batching, EngineBusy, EngineClosed, GenerationJob, QueueTimeout, ScoringJob, \
     Service, model_name, serving

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.inference import SamplingDefaults
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.collate import prompt_ids

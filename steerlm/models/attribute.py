@@ -11,15 +11,15 @@ an APM initialises from a language-model checkpoint and its backbone stays an LM
 from __future__ import annotations
 
 import torch
-from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from steerlm.config.schema import ModelConfig, PrecisionConfig
+from steerlm.megatron_compat import GPTModelWithOwnHead
 from steerlm.models.gpt import build_model_chunks
 from steerlm.runtime.layout import ParallelLayout
 
 
-class AttributeGPTModel(GPTModel):
+class AttributeGPTModel(GPTModelWithOwnHead):
     """GPTModel whose last stage returns attribute scores `[b, s, num_attributes]` instead of logits."""
 
     def __init__(self, *args, num_attributes: int, **kwargs) -> None:
@@ -29,9 +29,7 @@ class AttributeGPTModel(GPTModel):
             self.attribute_head = torch.nn.Linear(self.config.hidden_size, num_attributes, bias=True,
                                                   dtype=self.config.params_dtype)
 
-    def _postprocess(self, hidden_states, *args, **kwargs):
-        if not self.post_process:
-            return hidden_states
+    def own_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.config.sequence_parallel:
             # The head is replicated, so its gradient is the same on every TP rank: backward keeps
             # this rank's sequence slice instead of summing copies.

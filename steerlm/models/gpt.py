@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from steerlm.config.schema import Activation, DType, ModelConfig, PrecisionConfig, TransformerImpl
 from steerlm.config.validation import Accelerator, resolve_transformer_impl
-from steerlm.models.attention import SDPACoreAttention
+from steerlm.megatron_compat import SDPACoreAttention
 from steerlm.models.init import initialize_parameters
 from steerlm.models.norm import Norm
 from steerlm.runtime.layout import ParallelLayout

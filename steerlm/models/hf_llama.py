@@ -17,7 +17,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
+from steerlm.megatron_compat import pack_qkv, split_fc1, split_qkv
 from steerlm.config.schema import HF_CONFIG_FILE, Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.models.sharding import TIED_EMBEDDING
 
@@ -59,14 +60,8 @@ def hf_config_dict(model: ModelConfig) -> dict:
     return config
 
 
-def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, head_dim = model.query_groups, model.head_dim
-    per_group = model.num_attention_heads // groups
-    grouped = qkv.reshape(groups, per_group + 2, head_dim, -1)
-    q = grouped[:, :per_group].reshape(model.num_attention_heads * head_dim, -1)
-    k = grouped[:, per_group].reshape(groups * head_dim, -1)
-    v = grouped[:, per_group + 1].reshape(groups * head_dim, -1)
-    return q, k, v
+def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...]:
+    return split_qkv(qkv, model.num_attention_heads, model.query_groups, model.head_dim)
 
 
 def check_llama(model: ModelConfig) -> None:
@@ -99,7 +94,7 @@ def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[st
     for layer in range(model.num_layers):
         src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
         q, k, v = _split_qkv(full[src + "self_attention.linear_qkv.weight"], model)
-        gate, up = torch.chunk(full[src + "mlp.linear_fc1.weight"], 2, dim=0)
+        gate, up = split_fc1(full[src + "mlp.linear_fc1.weight"])
         out.update({dst + theirs: full[src + ours] for ours, theirs in _LAYER_COPIES.items()})
         out.update({
             dst + "self_attn.q_proj.weight": q,
@@ -154,12 +149,7 @@ def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> t
 
 
 def _pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:
-    """Inverse of `_split_qkv`: rows [q heads of group g, k_g, v_g] for each query group g."""
-    groups, head_dim = model.query_groups, model.head_dim
-    per_group = model.num_attention_heads // groups
-    grouped = [q.reshape(groups, per_group, head_dim, -1), k.reshape(groups, 1, head_dim, -1),
-               v.reshape(groups, 1, head_dim, -1)]
-    return torch.cat(grouped, dim=1).reshape(groups * (per_group + 2) * head_dim, -1)
+    return pack_qkv(q, k, v, model.num_attention_heads, model.query_groups, model.head_dim)
 
 
 def _pad_vocab(rows: torch.Tensor, model: ModelConfig) -> torch.Tensor:

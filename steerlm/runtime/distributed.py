@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from steerlm.config.schema import Backend, ParallelConfig
 from steerlm.config.validation import Accelerator, data_parallel_size
-from steerlm.runtime import cpu_compat
+from steerlm import megatron_compat
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
     # megatron's tensor-parallel overlap of grad all-reduce with compute assumes one CUDA work queue.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if accelerator == Accelerator.cpu:
-        cpu_compat.activate()
+        megatron_compat.activate()
         device = torch.device("cpu")
     else:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -127,7 +127,7 @@ def shutdown(destroy_process_group: bool = True) -> None:
 def inference() -> Iterator[None]:
     """Forward passes that never train (generation, scoring): `torch.inference_mode`, and whatever the
     runtime installed for training that inference does not need lifted for speed."""
-    with torch.inference_mode(), cpu_compat.lifted():
+    with torch.inference_mode(), megatron_compat.lifted():
         yield
 
 
@@ -137,5 +137,5 @@ def worker_thread(layout: ParallelLayout) -> Iterator[None]:
     stand-ins are per thread (a serving engine drives the model from a thread of its own)."""
     if layout.device.type == "cuda":
         torch.cuda.set_device(layout.device)
-    with cpu_compat.thread_mode():
+    with megatron_compat.thread_mode():
         yield

@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from steerlm.files import atomic_write_text
 from steerlm import runtime
 from steerlm.config import ConfigError
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
@@ -87,15 +87,9 @@ class _Work:
         return self.root / f"shard_{shard:06d}.jsonl"
 
     def finish(self, shard: int, rows: list[dict], done: set[int]) -> None:
-        _atomic_write(self.part(shard), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        atomic_write_text(self.part(shard), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         done.add(shard)
-        _atomic_write(self.manifest, json.dumps({"identity": self.identity, "done": sorted(done)}) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        atomic_write_text(self.manifest, json.dumps({"identity": self.identity, "done": sorted(done)}) + "\n")
 
 
 def _needs(mode: AnnotateMode, conversation: Conversation, index: int) -> bool:
@@ -226,7 +220,7 @@ def _merge(cfg: AnnotateConfig, work: _Work, layout: runtime.ParallelLayout, sta
                 if turn["label"] is not None:
                     for name, value in schema.parse(turn["label"]).items():
                         histograms[name]["missing" if value is None else f"{value:g}"] += 1
-    _atomic_write(Path(cfg.output), "".join(text))
+    atomic_write_text(Path(cfg.output), "".join(text))
     summary = AnnotateSummary(
         input=cfg.input, output=cfg.output, apm_checkpoint=cfg.apm_checkpoint, mode=cfg.mode.value,
         layout=layout.describe(), rows_in=stats.rows_in, rows_out=stats.rows_out, rejected=stats.rejected,
@@ -234,7 +228,7 @@ def _merge(cfg: AnnotateConfig, work: _Work, layout: runtime.ParallelLayout, sta
         shards_skipped=counts["skipped"], annotated_turns=counts["turns"], truncated_inputs=counts["truncated"],
         seconds=seconds, rows_per_s=counts["rows"] / max(seconds, 1e-9),
         histograms={name: dict(sorted(c.items())) for name, c in histograms.items()})
-    _atomic_write(Path(f"{cfg.output}.summary.json"), json.dumps(asdict(summary), indent=2) + "\n")
+    atomic_write_text(Path(f"{cfg.output}.summary.json"), json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 
 

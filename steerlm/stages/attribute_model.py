@@ -37,7 +37,7 @@ from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.stages.sft import check_rating_columns
 from steerlm.tokenizers import load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task, build_training
-from steerlm.training.checkpoint import latest_checkpoint, saved_config
+from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.training.init_from import resolve_init_source, resume_or_initialise
 from steerlm.training.loop import prepare_output_dir, run_training
 from steerlm.training.losses import attribute_regression_loss

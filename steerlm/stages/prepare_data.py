@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from steerlm.files import atomic_write_text
 from steerlm.config import PrepareDataConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records, write_conversation_jsonl
@@ -73,9 +73,7 @@ def run(cfg: PrepareDataConfig) -> PrepareSummary | dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def format_summary(summary: PrepareSummary | dict) -> str:

@@ -32,7 +32,7 @@ from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import TrainingSetup, build_training
-from steerlm.training.checkpoint import latest_checkpoint, saved_config
+from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.training.init_from import InitSource, resolve_init_source, resume_or_initialise
 from steerlm.training.loop import evaluate, prepare_output_dir, run_training
 

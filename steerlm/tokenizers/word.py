@@ -11,13 +11,13 @@ the SteerLM attribute line ("<extra_id_2>helpfulness:4,verbosity:1").
 from __future__ import annotations
 
 import json
-import os
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from steerlm.files import atomic_write_text
 from steerlm.tokenizers.base import SPECIAL_TOKENS, Tokenizer, check_token_ids, existing_directory
 
 VOCAB_FILE = "word_vocab.json"
@@ -91,21 +91,9 @@ class WordTokenizer(Tokenizer):
         return cls(tokens)
 
     def save(self, directory: str | Path) -> Path:
-        """Write `directory/word_vocab.json` atomically (tmp file + os.replace); returns its path."""
-        directory = Path(directory).expanduser()
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / VOCAB_FILE
-        partial = directory / f".{VOCAB_FILE}.{os.getpid()}.tmp"
+        """Write `directory/word_vocab.json` atomically; returns its path."""
         payload = json.dumps({"format": FORMAT, "tokens": list(self._tokens)}, ensure_ascii=False, indent=1)
-        try:
-            with open(partial, "w", encoding="utf-8") as stream:
-                stream.write(payload + "\n")
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-        return target
+        return atomic_write_text(Path(directory).expanduser() / VOCAB_FILE, payload + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> WordTokenizer:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir
 from steerlm.data.attributes import AttributeSchema
 from steerlm.models.hf_llama import SafetensorsWeights, check_hf_config, hf_to_megatron, read_hf_config
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.training.checkpoint import SHAPE_FIELDS, latest_checkpoint, load_weights, read_meta, resolve_checkpoint, \
+from steerlm.checkpoint.sharded import SHAPE_FIELDS, latest_checkpoint, load_weights, read_meta, resolve_checkpoint, \
     saved_config
 from steerlm.training.loop import maybe_resume
 from steerlm.training.setup import TrainingSetup

@@ -18,11 +18,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from steerlm.config.errors import ConfigError
+from steerlm.errors import ConfigError
 from steerlm.config.schema import TrainConfig
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.batching import microbatches_for_rank
-from steerlm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from steerlm.checkpoint.sharded import latest_checkpoint, load_checkpoint, save_checkpoint
 from steerlm.training.losses import LANGUAGE_MODEL, Task
 from steerlm.training.metrics import LoggedStep, MetricsLog
 from steerlm.training.setup import TrainingSetup

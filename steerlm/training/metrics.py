@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from steerlm.files import atomic_write_text
+
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 
@@ -42,9 +44,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def _write(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")

@@ -20,8 +20,9 @@ from types import TracebackType
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.errors import DataError
-from steerlm.data.jsonl import AtomicTextFile, decode_line, iter_raw_lines, json_line, parse_json_object, sniff
+from steerlm.errors import DataError
+from steerlm.files import AtomicTextFile
+from steerlm.data.jsonl import decode_line, iter_raw_lines, json_line, parse_json_object, sniff
 from steerlm.data.readers.fields import RESERVED_KEYS
 from steerlm.data.readers.helpsteer import conversations_from_helpsteer
 from steerlm.data.readers.oasst import conversations_from_oasst_tree

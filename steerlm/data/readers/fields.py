@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from steerlm.data.attributes import AttributeSchema, Labels
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 
 # NeMo-Aligner's SYSTEM_PROMPT (examples/nlp/data/steerlm/common.py): its HelpSteer, HelpSteer2 and
 # OASST preprocessing writes it into every conversation, so converted data matches theirs.

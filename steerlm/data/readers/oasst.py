@@ -17,7 +17,7 @@ import math
 from typing import Mapping
 
 from steerlm.data.attributes import AttributeSchema, Labels
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.data.readers.helpsteer import HELPSTEER_ATTRIBUTES
 from steerlm.data.records import Conversation, Role, Turn, check_turn_text

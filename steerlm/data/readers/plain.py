@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.errors import DataError
+from steerlm.errors import DataError
 from steerlm.data.readers.fields import (DEFAULT_SYSTEM_PROMPT, check_labels, passthrough,
                                          require_response, require_string)
 from steerlm.data.records import Conversation, Role, Turn

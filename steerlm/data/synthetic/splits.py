@@ -19,14 +19,14 @@ reader also gives the annotated rows, so every split renders alike.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from steerlm.config.schema import SyntheticConfig
+from steerlm.files import atomic_write_text
+from steerlm.data.synthetic.sizes import SyntheticConfig
 from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.data.synthetic.oracle import ATTRIBUTES, Oracle
@@ -60,9 +60,7 @@ def _example(world: World, sizes: SyntheticConfig, split: str, index: int) -> tu
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

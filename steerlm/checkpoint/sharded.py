@@ -18,27 +18,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import shutil
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from steerlm.config.errors import ConfigError
+from steerlm.files import atomic_write_text
+from steerlm.errors import ConfigError
 from steerlm.config.schema import ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
+from steerlm.megatron_compat import use_in_process_save_queue
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.training.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
+
+
+class TrainingState(Protocol):
+    """What a save needs of a training run (`steerlm.training.TrainingSetup` is one)."""
+
+    model: list
+    optimizer: Any
+    scheduler: Any
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -50,11 +57,6 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "normalization", "activation",
                 "position_embedding_type", "share_embeddings_and_output_weights", "add_bias_linear")
 
-# Synchronous saves collect write results through a module-level queue that megatron creates with a
-# `spawn` multiprocessing Manager: a new interpreter that re-imports `__main__` (~4 s per process,
-# and a hang in scripts without a main guard). The writers it forks report through their own queue
-# and only this process reads the module-level one, so an in-process queue is equivalent.
-filesystem_async._results_queue = queue.Queue()
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def check_compatible(path: Path, model: ModelConfig) -> CheckpointMeta:
     return meta
 
 
-def save_checkpoint(output_dir: Path, step: int, setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig) -> Path:
+def save_checkpoint(output_dir: Path, step: int, setup: TrainingState, layout: ParallelLayout, cfg: TrainConfig) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the checkpoint atomically (with the
     resolved config that produced it)."""
     root = checkpoint_root(output_dir)
@@ -156,6 +158,7 @@ def save_checkpoint(output_dir: Path, step: int, setup: TrainingSetup, layout: P
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    use_in_process_save_queue()
     state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=True)
     state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
@@ -166,9 +169,7 @@ def save_checkpoint(output_dir: Path, step: int, setup: TrainingSetup, layout: P
         meta = CheckpointMeta(step=step, layout=_layout_key(layout), model=_model_key(cfg.model))
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
         os.replace(tmp, final)
-        pointer = root / f"{LATEST}.tmp"
-        pointer.write_text(name + "\n")
-        os.replace(pointer, root / LATEST)
+        atomic_write_text(root / LATEST, name + "\n")
         _prune(root, cfg.checkpoint.keep_last, keep=final)
         log.info("saved checkpoint %s", final)
     dist.barrier()

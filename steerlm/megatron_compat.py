@@ -1,0 +1,286 @@
+"""Everything steerlm does that depends on megatron-core internals, private names or unwritten contracts.
+
+A megatron-core upgrade starts here: every item below names what it replaces or relies on, and
+`tests/test_megatron_compat.py` checks each one against the installed megatron-core. No other steerlm module
+patches megatron, overrides a private method or reads a private attribute.
+
+1. Supported range (`SUPPORTED`): checked when this module is imported, with the fix in the message.
+2. CPU stand-ins (`activate`, `thread_mode`, `lifted`): megatron-core assumes CUDA in a handful of places;
+   `steerlm.runtime` activates them only when CUDA is absent. Measured needs: docs/architecture.md.
+3. Synchronous dist-checkpoint saves (`use_in_process_save_queue`): replaces the module-level
+   `filesystem_async._results_queue` (a `spawn` multiprocessing Manager queue) by an in-process queue.
+4. Own output heads (`GPTModelWithOwnHead`): overrides the private `GPTModel._postprocess`.
+5. SDPA core attention (`SDPACoreAttention`): honours the constructor and forward contract megatron's
+   `SelfAttention` uses for `core_attention` submodules (DotProductAttention's signature).
+6. Weight layouts (`pack_qkv`, `split_qkv`, `split_fc1`): how `linear_qkv` interleaves query groups and how
+   `linear_fc1` stacks SwiGLU's gate and up projections.
+7. `fused_adam_available`: reads `distrib_optimizer.HAVE_APEX_OR_TE`.
+
+Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
+new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test
+that fails naming it when the release changed what the item relies on (a renamed private attribute, a new
+`_postprocess` or `core_attention` signature, a different fused-weight layout). Then items to re-read in the
+new source, because a test cannot see them: (2) whether new `torch.cuda` calls appeared outside the patched
+ones (run the CPU parity tests); (3) whether synchronous saves still go through a module-level results queue;
+(7) whether the distributed optimizer's state dict now carries torch Adam's per-parameter `step`. Then the whole suite, and the GPU suite (`bench/gpu_suite.sh`) on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import queue
+from importlib.metadata import version as installed_version
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+SUPPORTED = ((0, 16, 1), (0, 17, 0))  # [lowest, first unsupported)
+
+
+def _parse(text: str) -> tuple[int, int, int]:
+    parts = [int("".join(c for c in piece if c.isdigit()) or 0) for piece in text.split(".")[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
+def check_megatron_version(found: str) -> None:
+    """Refuse a megatron-core outside `SUPPORTED`, naming the installed and the supported versions."""
+    low, high = SUPPORTED
+    if not low <= _parse(found) < high:
+        raise ImportError(
+            f"steerlm supports megatron-core >={'.'.join(map(str, low))},<{'.'.join(map(str, high))}; "
+            f"megatron-core {found} is installed. Fix: pip install 'megatron-core>={'.'.join(map(str, low))},"
+            f"<{'.'.join(map(str, high))}' (steerlm.megatron_compat lists what a newer release changes)"
+        )
+
+
+check_megatron_version(installed_version("megatron-core"))
+
+from megatron.core import tensor_parallel  # noqa: E402  (after the version check, which names the fix)
+from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+# --- 2. CPU stand-ins ------------------------------------------------------------------------------------
+
+_active_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Lets the CPU stand in for "the CUDA device" inside megatron-core.
+
+    - `device="cuda"`, `.cuda()`, `.to("cuda")`, `.pin_memory()` → the CPU: replaces the hard-coded
+      CUDA devices in the schedules (token counters), optimizer (found-inf / loss-scale buffers),
+      grad clipping and `transformer.utils` masks.
+    - `tensor.type()` names CPU tensors like CUDA ones ("torch.cuda.BFloat16Tensor"): megatron's
+      mixed-precision optimizer and grad clipping accept parameters only by those names.
+    """
+
+    def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _current_device() -> str:
+    """Replaces `torch.cuda.current_device()` (RotaryEmbedding, DDP buffers, p2p buffers)."""
+    return "cpu"
+
+
+def _synchronize(device: Any = None) -> None:
+    """Replaces `torch.cuda.synchronize()` (p2p_communication after batch_isend_irecv): no stream to wait on."""
+
+
+@functools.cache
+def activate() -> None:
+    """Install the CPU stand-ins for this process (idempotent). Call before building megatron modules."""
+    global _active_mode
+    torch.cuda.current_device = _current_device
+    torch.cuda.synchronize = _synchronize
+    _active_mode = _CudaToCpuMode()
+    _active_mode.__enter__()
+
+
+def thread_mode() -> contextlib.AbstractContextManager:
+    """The stand-ins for another thread of this process: a TorchFunctionMode covers only the thread that
+    entered it, so a thread that runs megatron code (a serving engine's) enters its own."""
+    return _CudaToCpuMode() if _active_mode is not None else contextlib.nullcontext()
+
+
+def lifted() -> contextlib.AbstractContextManager:
+    """Runs a block without the stand-in mode (this thread): megatron's inference forward needs none of
+    its redirections, and routing every op through a Python `__torch_function__` made CPU decoding ~3x
+    slower (a 2-layer model: 3.6 → 1.1 ms per token)."""
+    return torch._C.DisableTorchFunction() if _active_mode is not None else contextlib.nullcontext()
+
+
+# --- 3. synchronous dist-checkpoint saves ---------------------------------------------------------------
+
+
+@functools.cache
+def use_in_process_save_queue() -> None:
+    """Synchronous saves collect their writers' results through `filesystem_async._results_queue`, which
+    megatron creates on first use with a `spawn` multiprocessing Manager: a new interpreter that re-imports
+    `__main__` (~4 s per process, and a hang in scripts without a main guard). The writers it forks report
+    through their own queue and only the saving process reads the module-level one, so an in-process queue is
+    equivalent for the synchronous saves steerlm makes. Refuses to run (instead of silently doing nothing)
+    when megatron no longer has the attribute."""
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise RuntimeError(
+            "megatron.core.dist_checkpointing.strategies.filesystem_async has no _results_queue: this "
+            "megatron-core changed how synchronous saves collect results; update "
+            "steerlm.megatron_compat.use_in_process_save_queue"
+        )
+    filesystem_async._results_queue = queue.Queue()
+
+
+# --- 4. own output heads --------------------------------------------------------------------------------
+
+
+class GPTModelWithOwnHead(GPTModel):
+    """A GPTModel whose last pipeline stage returns `own_head(hidden_states)` instead of vocabulary logits.
+
+    Overrides the private `GPTModel._postprocess(hidden_states, input_ids, position_ids, labels, …)`, which
+    megatron's forward calls on every stage after the decoder; earlier stages pass `hidden_states` on.
+    """
+
+    def own_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[s, b, hidden]` (sequence-parallel split when that is on) → the model's output."""
+        raise NotImplementedError
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if not self.post_process:
+            return hidden_states
+        return self.own_head(hidden_states)
+
+
+# --- 5. SDPA core attention -----------------------------------------------------------------------------
+
+
+class SDPACoreAttention(MegatronModule):
+    """Core attention through `torch.nn.functional.scaled_dot_product_attention`, a drop-in for megatron's
+    DotProductAttention with megatron-core's local layers (no Transformer Engine): SDPA picks flash /
+    memory-efficient kernels on GPU and a fused CPU kernel otherwise, and handles grouped-query attention
+    without materialising repeated key/value heads.
+
+    query [sq, b, np, hn], key/value [sk, b, ng, hn] → context [sq, b, np * hn] (per TP rank). The
+    constructor takes exactly the keywords `SelfAttention` passes to its `core_attention` submodule.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError(
+                "SDPACoreAttention takes neither packed_seq_params nor attention_bias; "
+                "use model.transformer_impl=transformer_engine for those"
+            )
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        # Megatron masks are True where attention is forbidden; SDPA's boolean masks are True where allowed.
+        sdpa_mask = None if attention_mask is None else ~attention_mask
+        causal = sdpa_mask is None and mask_type == AttnMaskType.causal
+        dropout_p = self.dropout_p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale,
+                enable_gqa=k.size(1) != q.size(1),
+            )
+        sq, b = query.size(0), query.size(1)
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+# --- 6. weight layouts ----------------------------------------------------------------------------------
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Megatron's fused `linear_qkv` rows (dim 0) are grouped per query group: [the group's query heads, its
+    key head, its value head] x groups. Returns (q `[heads*head_dim, …]`, k, v `[groups*head_dim, …]`) in
+    head order, as HF's q_proj/k_proj/v_proj hold them. Works on weights and on activations whose dim 0 is
+    that axis (use `movedim` first)."""
+    per_group = heads // groups
+    grouped = qkv.reshape(groups, per_group + 2, head_dim, *qkv.shape[1:])
+    rest = qkv.shape[1:]
+    return (grouped[:, :per_group].reshape(heads * head_dim, *rest),
+            grouped[:, per_group].reshape(groups * head_dim, *rest),
+            grouped[:, per_group + 1].reshape(groups * head_dim, *rest))
+
+
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
+             head_dim: int) -> torch.Tensor:
+    """The inverse of `split_qkv`: megatron's `linear_qkv` rows from separate q, k, v rows."""
+    per_group = heads // groups
+    rest = q.shape[1:]
+    grouped = [q.reshape(groups, per_group, head_dim, *rest), k.reshape(groups, 1, head_dim, *rest),
+               v.reshape(groups, 1, head_dim, *rest)]
+    return torch.cat(grouped, dim=1).reshape(groups * (per_group + 2) * head_dim, *rest)
+
+
+def split_qkv_heads(qkv: torch.Tensor, heads: int, groups: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """`split_qkv` for activations: `linear_qkv`'s output `[..., groups*(heads/groups+2)*head_dim]` → views
+    query `[..., heads, head_dim]`, key and value `[..., groups, head_dim]` (no copy but the query's reshape)."""
+    per_group = heads // groups
+    grouped = qkv.view(*qkv.shape[:-1], groups, per_group + 2, head_dim)
+    query = grouped[..., :per_group, :].reshape(*qkv.shape[:-1], heads, head_dim)
+    return query, grouped[..., per_group, :], grouped[..., per_group + 1, :]
+
+
+def split_fc1(fc1: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU's `linear_fc1` stacks [gate; up] along its output axis (dim 0 of the weight, the last dim of the
+    activation; per TP rank, each rank holding its slice of both)."""
+    gate, up = torch.chunk(fc1, 2, dim=dim)
+    return gate, up
+
+
+# --- 7. optimizer capabilities --------------------------------------------------------------------------
+
+
+def fused_adam_available() -> bool:
+    """Whether megatron's optimizers run on Transformer Engine's or apex's fused Adam (not torch's)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return bool(distrib_optimizer.HAVE_APEX_OR_TE)

@@ -1,0 +1,167 @@
+"""Each item of steerlm.megatron_compat checked against the installed megatron-core: a release that changes
+what an item relies on fails here, naming the item."""
+
+from __future__ import annotations
+
+import inspect
+import queue
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from steerlm import megatron_compat
+from steerlm.config import PrecisionConfig
+from steerlm.megatron_compat import (GPTModelWithOwnHead, SDPACoreAttention, check_megatron_version, pack_qkv,
+                                     split_fc1, split_qkv, split_qkv_heads)
+from steerlm.models import build_model_chunks
+from tests.conftest import TEST_MODEL
+
+
+# 1. supported range
+
+@pytest.mark.parametrize("found", ["0.16.1", "0.16.9", "0.16.2rc1"])
+def test_supported_versions_pass(found):
+    check_megatron_version(found)
+
+
+@pytest.mark.parametrize("found", ["0.16.0", "0.17.0", "1.0.0"])
+def test_unsupported_versions_are_refused_with_the_fix(found):
+    with pytest.raises(ImportError, match=rf"megatron-core {found} is installed.*pip install 'megatron-core>=0.16.1,<0.17.0'"):
+        check_megatron_version(found)
+
+
+# 2. CPU stand-ins
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins are only active without CUDA")
+def test_cpu_stand_ins_redirect_cuda_and_name_tensors_like_cuda(layout):
+    assert torch.cuda.current_device() == "cpu"
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.ones(1).cuda().device.type == "cpu" and torch.ones(1).to("cuda").device.type == "cpu"
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    with megatron_compat.lifted():
+        assert torch.ones(1).type() == "torch.FloatTensor"
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+
+
+# 3. synchronous dist-checkpoint saves
+
+def test_save_queue_is_replaced_in_process(monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
+    megatron_compat.use_in_process_save_queue.__wrapped__()
+    assert isinstance(filesystem_async._results_queue, queue.Queue)
+
+
+def test_save_queue_refuses_a_megatron_without_it(monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    monkeypatch.delattr(filesystem_async, "_results_queue")
+    with pytest.raises(RuntimeError, match="has no _results_queue"):
+        megatron_compat.use_in_process_save_queue.__wrapped__()
+
+
+# 4. own output heads
+
+class _SumHead(GPTModelWithOwnHead):
+    def own_head(self, hidden_states):
+        return hidden_states.sum(-1, keepdim=True).transpose(0, 1)
+
+
+def test_own_head_replaces_the_output_layer(layout):
+    from megatron.core.models.gpt import GPTModel
+
+    assert "hidden_states" in inspect.signature(GPTModel._postprocess).parameters
+    model = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=1, model_class=_SumHead)[0].eval()
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).expand(2, 12)
+    captured = {}
+    model.decoder.register_forward_hook(lambda module, args, output: captured.setdefault("hidden", output))
+    with torch.no_grad():
+        scores = model(tokens, positions, None)
+    assert scores.shape == (2, 12, 1)
+    torch.testing.assert_close(scores, captured["hidden"].sum(-1, keepdim=True).transpose(0, 1))
+
+
+# 5. SDPA core attention
+
+def test_sdpa_takes_the_core_attention_constructor_megatron_passes():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    theirs = list(inspect.signature(DotProductAttention.__init__).parameters)
+    ours = list(inspect.signature(SDPACoreAttention.__init__).parameters)
+    assert ours == theirs
+
+
+def test_sdpa_attention_equals_megatron_dot_product_attention(layout) -> None:
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from steerlm.megatron_compat import SDPACoreAttention
+
+    config = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=7)[0].config
+    kwargs = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    ours, theirs = SDPACoreAttention(**kwargs), DotProductAttention(**kwargs)
+    generator = torch.Generator().manual_seed(0)
+    seq, batch, heads, groups, dim = 16, 2, 4, 2, 16
+    query = torch.randn(seq, batch, heads, dim, generator=generator)
+    key = torch.randn(seq, batch, groups, dim, generator=generator)
+    value = torch.randn(seq, batch, groups, dim, generator=generator)
+    torch.testing.assert_close(ours(query, key, value, None), theirs(query, key, value, None), rtol=1e-5, atol=1e-6)
+    padding = torch.zeros(batch, 1, seq, seq, dtype=torch.bool)
+    padding[1, :, :, 10:] = True  # row 1 may not attend to its last 6 positions
+    mask = padding | torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
+    torch.testing.assert_close(ours(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
+                               theirs(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
+                               rtol=1e-5, atol=1e-6)
+
+
+# 6. weight layouts
+
+def test_split_qkv_inverts_pack_qkv():
+    heads, groups, head_dim, hidden = 8, 2, 4, 5
+    q, k, v = torch.randn(heads * head_dim, hidden), torch.randn(groups * head_dim, hidden), \
+        torch.randn(groups * head_dim, hidden)
+    packed = pack_qkv(q, k, v, heads, groups, head_dim)
+    assert packed.shape == ((heads + 2 * groups) * head_dim, hidden)
+    for ours, theirs in zip(split_qkv(packed, heads, groups, head_dim), (q, k, v)):
+        assert torch.equal(ours, theirs)
+
+
+def test_qkv_layout_is_megatrons(layout):
+    """split_qkv/split_qkv_heads read linear_qkv's output exactly as megatron's attention does."""
+    model = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=2)[0].eval()
+    attention = model.decoder.layers[0].self_attention
+    hidden = torch.randn(6, 2, TEST_MODEL.hidden_size)  # [s, b, h]
+    with torch.no_grad():
+        query, key, value = attention.get_query_key_value_tensors(hidden)  # [s, b, heads|groups, head_dim]
+        fused = F.linear(hidden, attention.linear_qkv.weight)
+    heads, groups, head_dim = TEST_MODEL.num_attention_heads, TEST_MODEL.query_groups, TEST_MODEL.head_dim
+    for ours, theirs in zip(split_qkv_heads(fused, heads, groups, head_dim), (query, key, value)):
+        torch.testing.assert_close(ours, theirs)
+    q, k, v = split_qkv(attention.linear_qkv.weight.detach(), heads, groups, head_dim)
+    torch.testing.assert_close(F.linear(hidden, q).view_as(query), query)
+    torch.testing.assert_close(F.linear(hidden, k).view_as(key), key)
+
+
+def test_fc1_layout_is_megatrons(layout):
+    model = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=3)[0].eval()
+    mlp = model.decoder.layers[0].mlp
+    hidden = torch.randn(6, 2, TEST_MODEL.hidden_size)
+    with torch.no_grad():
+        theirs, _ = mlp(hidden)
+        gate, up = split_fc1(mlp.linear_fc1.weight)
+        ours = F.linear(F.silu(F.linear(hidden, gate)) * F.linear(hidden, up), mlp.linear_fc2.weight)
+        gate_out, up_out = split_fc1(F.linear(hidden, mlp.linear_fc1.weight), dim=-1)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(F.silu(gate_out) * up_out, F.silu(F.linear(hidden, gate)) * F.linear(hidden, up))
+
+
+# 7. optimizer capabilities
+
+def test_fused_adam_detection_matches_what_is_importable():
+    import importlib.util
+
+    installed = any(importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex"))
+    assert megatron_compat.fused_adam_available() == installed
