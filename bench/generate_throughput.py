@@ -72,33 +72,53 @@ def main() -> None:
     precision = PrecisionConfig(dtype=DType(args.dtype))
     chunks = build_model_chunks(model, precision, layout, seed=0)
     limit = args.prompt_tokens + args.new_tokens + 1
-    generators = {name: Generator(chunks, _Vocabulary(model.vocab_size), layout, limit, (), decoder=name)
-                  for name in ("lean", "megatron")}
+    generators = {
+        name: Generator(chunks, _Vocabulary(model.vocab_size), layout, limit, (), decoder=name)
+        for name in ("lean", "megatron")
+    }
     full = {name: param.detach() for name, param in named_global_parameters(chunks)}
     hf_config = LlamaConfig(**{k: v for k, v in hf_config_dict(model).items() if k != "architectures"})
     hf = LlamaForCausalLM(hf_config).to(device=device, dtype=torch_dtype(precision.dtype)).eval()
     hf.load_state_dict(megatron_to_hf(full, model), strict=False)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"{args.preset} ({model.num_parameters() / 1e6:.2f}M parameters) {args.dtype} on {name}: greedy, "
-          f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens per row, best of {args.repeats}")
+    print(
+        f"{args.preset} ({model.num_parameters() / 1e6:.2f}M parameters) {args.dtype} on {name}: greedy, "
+        f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens per row, best of {args.repeats}"
+    )
     for rows in args.batch_sizes:
-        prompts = torch.randint(3, model.vocab_size, (rows, args.prompt_tokens),
-                                generator=torch.Generator().manual_seed(rows))
+        prompts = torch.randint(
+            3, model.vocab_size, (rows, args.prompt_tokens), generator=torch.Generator().manual_seed(rows)
+        )
         params = [SamplingParams(max_new_tokens=args.new_tokens)] * rows
-        ours = {name: _timed(lambda: generator.generate(prompts.tolist(), params), device, args.repeats)
-                for name, generator in generators.items()}
+        ours = {
+            name: _timed(lambda g=generator, p=prompts, s=params: g.generate(p.tolist(), s), device, args.repeats)
+            for name, generator in generators.items()
+        }
         with torch.inference_mode():
             theirs, theirs_out = _timed(
-                lambda: hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
-                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                                    pad_token_id=0, eos_token_id=None),
-                device, args.repeats)
-        reference = theirs_out[:, args.prompt_tokens:].tolist()
+                lambda p=prompts: hf.generate(
+                    p.to(device),
+                    attention_mask=torch.ones_like(p, device=device),
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                ),
+                device,
+                args.repeats,
+            )
+        reference = theirs_out[:, args.prompt_tokens :].tolist()
         same = all([c.token_ids for c in out] == reference for _, out in ours.values())
         generated = rows * args.new_tokens
-        print(f"  batch {rows:3d}: HF {generated / theirs:8.0f} tokens/s | " + " | ".join(
-            f"steerlm {name} {generated / seconds:8.0f} tokens/s ({theirs / seconds:4.2f}x HF)"
-            for name, (seconds, _) in ours.items()) + f" | same tokens: {'yes' if same else 'no'}")
+        print(
+            f"  batch {rows:3d}: HF {generated / theirs:8.0f} tokens/s | "
+            + " | ".join(
+                f"steerlm {name} {generated / seconds:8.0f} tokens/s ({theirs / seconds:4.2f}x HF)"
+                for name, (seconds, _) in ours.items()
+            )
+            + f" | same tokens: {'yes' if same else 'no'}"
+        )
     runtime.shutdown()
 
 

@@ -26,16 +26,23 @@ from steerlm.training import build_optimizer, microbatches_for_rank, train_step,
 
 def flops_per_token(model: ModelConfig, seq_length: int) -> float:
     """Training FLOPs per token: 6 x (matmul parameters incl. the output layer) + causal attention."""
-    matmul_params = model.num_parameters() - model.vocab_size * model.hidden_size * (
-        1 if model.share_embeddings_and_output_weights else 2) + model.vocab_size * model.hidden_size
+    matmul_params = (
+        model.num_parameters()
+        - model.vocab_size * model.hidden_size * (1 if model.share_embeddings_and_output_weights else 2)
+        + model.vocab_size * model.hidden_size
+    )
     attention = 6 * model.num_layers * model.num_attention_heads * model.head_dim * seq_length
     return 6.0 * matmul_params + attention
 
 
 def _batch(model: ModelConfig, rows: int, seq_length: int) -> dict[str, torch.Tensor]:
     stream = torch.randint(0, model.vocab_size, (rows, seq_length + 1), generator=torch.Generator().manual_seed(0))
-    return {"tokens": stream[:, :-1], "labels": stream[:, 1:], "loss_mask": torch.ones(rows, seq_length),
-            "position_ids": torch.arange(seq_length).expand(rows, seq_length)}
+    return {
+        "tokens": stream[:, :-1],
+        "labels": stream[:, 1:],
+        "loss_mask": torch.ones(rows, seq_length),
+        "position_ids": torch.arange(seq_length).expand(rows, seq_length),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -54,8 +61,9 @@ def _time(step, device: torch.device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_hf(model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmup: int, steps: int,
-             device: torch.device) -> float:
+def bench_hf(
+    model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmup: int, steps: int, device: torch.device
+) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = {k: v for k, v in hf_config_dict(model).items() if k not in ("architectures", "model_type")}
@@ -79,15 +87,17 @@ def bench_hf(model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmu
 def bench_steerlm(model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmup: int, steps: int) -> float:
     layout = runtime.initialize(ParallelConfig(), seed=1)
     precision = PrecisionConfig(dtype=dtype)
-    trainer = TrainerConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=seq_length,
-                            max_steps=warmup + steps)
+    trainer = TrainerConfig(
+        micro_batch_size=rows, global_batch_size=rows, seq_length=seq_length, max_steps=warmup + steps
+    )
     cfg = to_typed(compose("demo", ["optim.lr=1e-5", "optim.min_lr=1e-6", "optim.lr_warmup_steps=0"]))
     chunks = build_model_chunks(model, precision, layout, seed=1)
     wrapped = wrap_for_training(chunks, precision, False, layout)
     optimizer, scheduler = build_optimizer(wrapped, cfg.optim, precision, trainer, False, layout)
     microbatches = microbatches_for_rank(_batch(model, rows, seq_length), rows, layout)
-    seconds = _time(lambda: train_step(wrapped, optimizer, scheduler, microbatches, layout), layout.device,
-                    warmup, steps)
+    seconds = _time(
+        lambda: train_step(wrapped, optimizer, scheduler, microbatches, layout), layout.device, warmup, steps
+    )
     runtime.shutdown()
     return seconds
 
@@ -112,11 +122,15 @@ def main() -> None:
         torch.cuda.empty_cache()
     results["steerlm"] = bench_steerlm(model, dtype, args.micro_batch_size, args.seq_length, args.warmup, args.steps)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{args.preset} ({model.num_parameters() / 1e9:.3f}B) {args.dtype} seq {args.seq_length} "
-          f"x micro batch {args.micro_batch_size} on {name}, {args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"{args.preset} ({model.num_parameters() / 1e9:.3f}B) {args.dtype} seq {args.seq_length} "
+        f"x micro batch {args.micro_batch_size} on {name}, {args.steps} timed steps after {args.warmup} warm-up"
+    )
     for key, seconds in results.items():
-        print(f"  {key:8s} {seconds * 1e3:9.1f} ms/step {tokens / seconds:10.0f} tokens/s "
-              f"{per_token * tokens / seconds / 1e12:8.1f} TFLOP/s")
+        print(
+            f"  {key:8s} {seconds * 1e3:9.1f} ms/step {tokens / seconds:10.0f} tokens/s "
+            f"{per_token * tokens / seconds / 1e12:8.1f} TFLOP/s"
+        )
     print(f"  ratio steerlm / hf (throughput): {results['hf'] / results['steerlm']:.3f}")
 
 

@@ -11,7 +11,21 @@ from launchers.plan import JobPlan, WorldPlan, plan_job, plan_world
 from launchers.scripts import local_command_line, local_script, pipeline_submit_script, sbatch_script, torchrun_command
 
 __all__ = [
-    "ClusterConfig", "ContainerConfig", "JobPlan", "Launcher", "PipelineSpec", "Scheduler", "WorldPlan",
-    "compose_cluster", "load_pipeline", "local_command_line", "local_script", "pipeline_submit_script", "plan_job",
-    "plan_pipeline", "plan_world", "sbatch_script", "torchrun_command",
+    "ClusterConfig",
+    "ContainerConfig",
+    "JobPlan",
+    "Launcher",
+    "PipelineSpec",
+    "Scheduler",
+    "WorldPlan",
+    "compose_cluster",
+    "load_pipeline",
+    "local_command_line",
+    "local_script",
+    "pipeline_submit_script",
+    "plan_job",
+    "plan_pipeline",
+    "plan_world",
+    "sbatch_script",
+    "torchrun_command",
 ]

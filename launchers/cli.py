@@ -15,7 +15,8 @@ import argparse
 import logging
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from launchers.config import compose_cluster
 from launchers.pipeline import load_pipeline, pipeline_job_root, plan_pipeline, split_overrides
@@ -28,11 +29,18 @@ log = logging.getLogger("launchers")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launchers", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("args", nargs="*", metavar="RECIPE [OVERRIDE ...]",
-                        help="recipe name (recipes/<name>.py) and Hydra overrides; with --pipeline only overrides")
+    parser = argparse.ArgumentParser(
+        prog="python -m launchers",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="RECIPE [OVERRIDE ...]",
+        help="recipe name (recipes/<name>.py) and Hydra overrides; with --pipeline only overrides",
+    )
     parser.add_argument("--pipeline", metavar="NAME|PATH", help="a pipeline (launchers/pipelines/NAME.yaml or a path)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the command or script (the default)")

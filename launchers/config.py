@@ -8,9 +8,10 @@ stops with a ConfigError naming it instead of being ignored.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
@@ -102,91 +103,153 @@ class ClusterConfig:
         if self.gpus_per_node < 0:
             raise ConfigError("cluster.gpus_per_node", self.gpus_per_node, "must be >= 0", "use 0 for a CPU job")
         if self.gpus_per_node and self.processes_per_node not in (None, self.gpus_per_node):
-            raise ConfigError("cluster.processes_per_node", self.processes_per_node,
-                              f"GPU jobs run one process per GPU (cluster.gpus_per_node={self.gpus_per_node})",
-                              "set cluster.processes_per_node=null")
+            raise ConfigError(
+                "cluster.processes_per_node",
+                self.processes_per_node,
+                f"GPU jobs run one process per GPU (cluster.gpus_per_node={self.gpus_per_node})",
+                "set cluster.processes_per_node=null",
+            )
         if self.master_port is not None and not 1024 <= self.master_port <= 65535:
-            raise ConfigError("cluster.master_port", self.master_port, "must be in [1024, 65535]",
-                              "use null to derive it from the job id")
+            raise ConfigError(
+                "cluster.master_port",
+                self.master_port,
+                "must be in [1024, 65535]",
+                "use null to derive it from the job id",
+            )
         if not self.python.strip():
             raise ConfigError("cluster.python", self.python, "is empty", "use python or a path to an interpreter")
         if self.job_name is not None and not JOB_NAME.fullmatch(self.job_name):
-            raise ConfigError("cluster.job_name", self.job_name, "may only contain letters, digits and _.+-",
-                              "pick a name without spaces or quotes")
+            raise ConfigError(
+                "cluster.job_name",
+                self.job_name,
+                "may only contain letters, digits and _.+-",
+                "pick a name without spaces or quotes",
+            )
         for key, path in (("cluster.job_dir", self.job_dir), ("cluster.workdir", self.workdir)):
             if path is not None and (not path or any(c.isspace() or c in "'\"%" for c in path)):
-                raise ConfigError(key, path, "must be a non-empty path without spaces, quotes or %",
-                                  "choose another directory")
+                raise ConfigError(
+                    key, path, "must be a non-empty path without spaces, quotes or %", "choose another directory"
+                )
 
     def _validate_slurm_fields(self) -> None:
         if not self.is_slurm:
             for name in ("partition", "account", "qos", "time", "mem"):
                 if getattr(self, name) is not None:
-                    raise ConfigError(f"cluster.{name}", getattr(self, name), "is a Slurm setting",
-                                      f"use cluster=slurm, or drop cluster.{name}")
+                    raise ConfigError(
+                        f"cluster.{name}",
+                        getattr(self, name),
+                        "is a Slurm setting",
+                        f"use cluster=slurm, or drop cluster.{name}",
+                    )
             if self.nodes not in (None, 1):
-                raise ConfigError("cluster.nodes", self.nodes, "a local run uses this one machine",
-                                  "use cluster=slurm for several nodes")
+                raise ConfigError(
+                    "cluster.nodes",
+                    self.nodes,
+                    "a local run uses this one machine",
+                    "use cluster=slurm for several nodes",
+                )
             if self.launcher == Launcher.srun:
-                raise ConfigError("cluster.launcher", "srun", "one Slurm task per process needs Slurm",
-                                  "use cluster.launcher=torchrun or cluster=slurm")
+                raise ConfigError(
+                    "cluster.launcher",
+                    "srun",
+                    "one Slurm task per process needs Slurm",
+                    "use cluster.launcher=torchrun or cluster=slurm",
+                )
             if self.signal_lead_seconds is not None or self.requeue:
-                raise ConfigError("cluster.signal_lead_seconds", self.signal_lead_seconds,
-                                  "preemption signals and requeueing are Slurm features",
-                                  "use cluster=slurm, or signal_lead_seconds=null and requeue=false")
+                raise ConfigError(
+                    "cluster.signal_lead_seconds",
+                    self.signal_lead_seconds,
+                    "preemption signals and requeueing are Slurm features",
+                    "use cluster=slurm, or signal_lead_seconds=null and requeue=false",
+                )
             return
         limit = None if self.time is None else time_limit_seconds(self.time)
         if self.signal_lead_seconds is not None:
             if self.signal_lead_seconds <= 0:
-                raise ConfigError("cluster.signal_lead_seconds", self.signal_lead_seconds, "must be positive",
-                                  "use e.g. 300, or null for no preemption signal")
+                raise ConfigError(
+                    "cluster.signal_lead_seconds",
+                    self.signal_lead_seconds,
+                    "must be positive",
+                    "use e.g. 300, or null for no preemption signal",
+                )
             if limit is not None and self.signal_lead_seconds >= limit:
-                raise ConfigError("cluster.signal_lead_seconds", self.signal_lead_seconds,
-                                  f"must be shorter than the time limit cluster.time={self.time} ({limit} s)",
-                                  "lower it or raise cluster.time")
+                raise ConfigError(
+                    "cluster.signal_lead_seconds",
+                    self.signal_lead_seconds,
+                    f"must be shorter than the time limit cluster.time={self.time} ({limit} s)",
+                    "lower it or raise cluster.time",
+                )
         if self.requeue and self.signal_lead_seconds is None:
-            raise ConfigError("cluster.requeue", True,
-                              "the job requeues itself after the USR1 checkpoint, but no signal is requested",
-                              "set cluster.signal_lead_seconds (e.g. 300) or cluster.requeue=false")
+            raise ConfigError(
+                "cluster.requeue",
+                True,
+                "the job requeues itself after the USR1 checkpoint, but no signal is requested",
+                "set cluster.signal_lead_seconds (e.g. 300) or cluster.requeue=false",
+            )
         for key, args in (("cluster.sbatch_args", self.sbatch_args), ("cluster.srun_args", self.srun_args)):
             for arg in args:
                 if not arg.startswith("-") or "\n" in arg:
-                    raise ConfigError(key, arg, "each entry is one option starting with '-'",
-                                      "write it like --constraint=h100")
+                    raise ConfigError(
+                        key, arg, "each entry is one option starting with '-'", "write it like --constraint=h100"
+                    )
 
     def _validate_env(self) -> None:
         for name in self.env:
             if not ENV_NAME.fullmatch(name):
-                raise ConfigError(f"cluster.env.{name}", self.env[name], "is not a shell variable name",
-                                  "use letters, digits and _")
+                raise ConfigError(
+                    f"cluster.env.{name}", self.env[name], "is not a shell variable name", "use letters, digits and _"
+                )
             if SECRET_NAME.search(name):
-                raise ConfigError(f"cluster.env.{name}", "<hidden>",
-                                  "looks like a secret, and cluster.env values are written into the job script",
-                                  f"remove it from cluster.env, export it before submitting and add {name} "
-                                  "to cluster.env_passthrough")
+                raise ConfigError(
+                    f"cluster.env.{name}",
+                    "<hidden>",
+                    "looks like a secret, and cluster.env values are written into the job script",
+                    f"remove it from cluster.env, export it before submitting and add {name} "
+                    "to cluster.env_passthrough",
+                )
         for name in self.env_passthrough:
             if not PASSTHROUGH_NAME.fullmatch(name):
-                raise ConfigError("cluster.env_passthrough", name, "is not a variable name or NAME_PREFIX*",
-                                  "write e.g. NCCL_* or HF_TOKEN")
+                raise ConfigError(
+                    "cluster.env_passthrough",
+                    name,
+                    "is not a variable name or NAME_PREFIX*",
+                    "write e.g. NCCL_* or HF_TOKEN",
+                )
 
     def _validate_container(self) -> None:
         container = self.container
         if container.image is None:
             if container.mounts or container.workdir:
-                raise ConfigError("cluster.container.image", None, "mounts/workdir are set but no image",
-                                  "set cluster.container.image or drop the container settings")
+                raise ConfigError(
+                    "cluster.container.image",
+                    None,
+                    "mounts/workdir are set but no image",
+                    "set cluster.container.image or drop the container settings",
+                )
             return
         if not self.is_slurm:
-            raise ConfigError("cluster.container.image", container.image, "containers run through Slurm's pyxis",
-                              "use cluster=slurm, or cluster.container.image=null")
+            raise ConfigError(
+                "cluster.container.image",
+                container.image,
+                "containers run through Slurm's pyxis",
+                "use cluster=slurm, or cluster.container.image=null",
+            )
         if not container.image.strip() or any(c.isspace() for c in container.image):
-            raise ConfigError("cluster.container.image", container.image, "must be an image name or path",
-                              "e.g. nvcr.io#nvidia/pytorch:25.01-py3")
+            raise ConfigError(
+                "cluster.container.image",
+                container.image,
+                "must be an image name or path",
+                "e.g. nvcr.io#nvidia/pytorch:25.01-py3",
+            )
         for mount in container.mounts:
             parts = mount.split(":")
             if not 2 <= len(parts) <= 3 or not all(parts[:2]) or any(c.isspace() or c == "," for c in mount):
-                raise ConfigError("cluster.container.mounts", mount, "each mount is SRC:DST[:FLAGS]",
-                                  "write e.g. /lustre/data:/data or /lustre/data:/data:ro")
+                raise ConfigError(
+                    "cluster.container.mounts",
+                    mount,
+                    "each mount is SRC:DST[:FLAGS]",
+                    "write e.g. /lustre/data:/data or /lustre/data:/data:ro",
+                )
 
 
 def _positive_or_none(key: str, value: Optional[int]) -> None:
@@ -198,8 +261,7 @@ def time_limit_seconds(limit: str) -> int:
     """Slurm's --time value in seconds (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`)."""
     match = TIME_LIMIT.fullmatch(limit.strip())
     if not match:
-        raise ConfigError("cluster.time", limit, "is not a Slurm time limit",
-                          "use minutes, HH:MM:SS or D-HH:MM:SS")
+        raise ConfigError("cluster.time", limit, "is not a Slurm time limit", "use minutes, HH:MM:SS or D-HH:MM:SS")
     days, first, second, third = match.groups()
     numbers = [int(part) for part in (first, second, third) if part is not None]
     if days is not None:  # D-H, D-H:M, D-H:M:S

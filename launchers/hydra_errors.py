@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
-from typing import Optional, Sequence, get_type_hints
+from typing import Optional, get_type_hints
 
 from hydra.errors import HydraException, OverrideParseException
 
@@ -35,20 +36,30 @@ def _suggestion(key: str, schema: type, prefix: str) -> str:
     return f"did you mean {section}.{close[0]}?" if close else f"use one of the {section} settings: {', '.join(names)}"
 
 
-def composition_error(error: HydraException, overrides: Sequence[str], schema: Optional[type], prefix: str,
-                      fix: str = "check the spelling") -> ConfigError:
+def composition_error(
+    error: HydraException,
+    overrides: Sequence[str],
+    schema: Optional[type],
+    prefix: str,
+    fix: str = "check the spelling",
+) -> ConfigError:
     """Unknown key, wrong type, unknown group option or bad override syntax → ConfigError."""
     if isinstance(error, OverrideParseException):
         key, _, value = error.override.partition("=")
-        return ConfigError(key, value, f"is not a valid Hydra override ({str(error).splitlines()[0]})",
-                           "quote values with special characters, e.g. 'cluster.sbatch_args=[\"--constraint=h100\"]'")
+        return ConfigError(
+            key,
+            value,
+            f"is not a valid Hydra override ({str(error).splitlines()[0]})",
+            "quote values with special characters, e.g. 'cluster.sbatch_args=[\"--constraint=h100\"]'",
+        )
     message = str(error).splitlines()[0]
     missing_option = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
     if missing_option:
         group, option = missing_option.groups()
         options = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
-        return ConfigError(group, option, f"there is no conf/{group}/{option}.yaml",
-                           f"use one of: {', '.join(options)}")
+        return ConfigError(
+            group, option, f"there is no conf/{group}/{option}.yaml", f"use one of: {', '.join(options)}"
+        )
     cause = error.__cause__ or error.__context__
     detail = str(cause).splitlines()[0] if cause else message
     match = re.search(r"override '([^']+)'", message) or re.search(r"Key '([^']+)'", detail)

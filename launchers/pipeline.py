@@ -16,9 +16,9 @@ Command-line overrides apply to every stage, before the stage's own (the stage's
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -47,20 +47,29 @@ class PipelineSpec:
 
     def validate(self) -> None:
         if not STAGE_NAME.fullmatch(self.name.replace("-", "_")):
-            raise ConfigError("pipeline.name", self.name, "must be lower-case letters, digits, _ or -",
-                              "rename the pipeline")
+            raise ConfigError(
+                "pipeline.name", self.name, "must be lower-case letters, digits, _ or -", "rename the pipeline"
+            )
         if not self.stages:
             raise ConfigError("pipeline.stages", [], "is empty", "list at least one stage")
         seen: set[str] = set()
         for index, stage in enumerate(self.stages):
             if not STAGE_NAME.fullmatch(stage.name) or stage.name in seen:
-                raise ConfigError(f"pipeline.stages.{index}.name", stage.name,
-                                  "must be unique and lower-case letters, digits or _", "rename the stage")
+                raise ConfigError(
+                    f"pipeline.stages.{index}.name",
+                    stage.name,
+                    "must be unique and lower-case letters, digits or _",
+                    "rename the stage",
+                )
             seen.add(stage.name)
             for override in stage.cluster:
                 if not override.lstrip("+~").startswith("cluster"):
-                    raise ConfigError(f"pipeline.stages.{index}.cluster", override, "is not a cluster override",
-                                      "move recipe overrides to the stage's overrides list")
+                    raise ConfigError(
+                        f"pipeline.stages.{index}.cluster",
+                        override,
+                        "is not a cluster override",
+                        "move recipe overrides to the stage's overrides list",
+                    )
 
 
 def pipeline_path(name_or_path: str) -> Path:
@@ -84,8 +93,9 @@ def load_pipeline(name_or_path: str) -> PipelineSpec:
         spec = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "pipeline"
-        raise ConfigError(f"pipeline.{key}", getattr(error, "value", None), str(error).splitlines()[0],
-                          f"fix {path}") from None
+        raise ConfigError(
+            f"pipeline.{key}", getattr(error, "value", None), str(error).splitlines()[0], f"fix {path}"
+        ) from None
     assert isinstance(spec, PipelineSpec)
     spec.validate()
     return spec
@@ -105,18 +115,32 @@ def plan_pipeline(spec: PipelineSpec, overrides: Sequence[str], stamp: str) -> l
     cluster_overrides, recipe_overrides = split_overrides(overrides)
     root_cluster = compose_cluster(cluster_overrides)
     if not root_cluster.is_slurm:
-        raise ConfigError("cluster.scheduler", root_cluster.scheduler.value,
-                          "a pipeline chains Slurm jobs with --dependency=afterok",
-                          "use cluster=slurm (or run the stages one by one with cluster=local)")
+        raise ConfigError(
+            "cluster.scheduler",
+            root_cluster.scheduler.value,
+            "a pipeline chains Slurm jobs with --dependency=afterok",
+            "use cluster=slurm (or run the stages one by one with cluster=local)",
+        )
     _, job_root = job_paths(root_cluster, spec.name, stamp)
     plans = []
     for index, stage in enumerate(spec.stages, start=1):
         cluster = compose_cluster([*cluster_overrides, *stage.cluster])
         previous = f"; runs after {spec.stages[index - 2].name} succeeds" if index > 1 else ""
         note = f"Stage {index}/{len(spec.stages)} ({stage.name}) of pipeline {spec.name}{previous}."
-        plans.append((stage.name, plan_job(stage.recipe, [*recipe_overrides, *stage.overrides], cluster, stamp,
-                                           job_name=f"{cluster.job_name or spec.name}-{stage.name}",
-                                           job_dir=job_root / stage.name, note=note)))
+        plans.append(
+            (
+                stage.name,
+                plan_job(
+                    stage.recipe,
+                    [*recipe_overrides, *stage.overrides],
+                    cluster,
+                    stamp,
+                    job_name=f"{cluster.job_name or spec.name}-{stage.name}",
+                    job_dir=job_root / stage.name,
+                    note=note,
+                ),
+            )
+        )
     return plans
 
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import ast
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from launchers.config import ClusterConfig
 from launchers.hydra_errors import composition_error
-from steerlm.config import Accelerator, ConfigError, ParallelConfig, TrainConfig, compose, to_typed
-from steerlm.config import validation
+from steerlm.config import Accelerator, ConfigError, ParallelConfig, TrainConfig, compose, to_typed, validation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -41,8 +41,9 @@ class WorldPlan:
         return self.nodes * self.processes_per_node
 
     def describe(self) -> str:
-        return (f"world size {self.world_size}: tp {self.tensor} x pp {self.pipeline} x cp {self.context} "
-                f"x dp {self.data}")
+        return (
+            f"world size {self.world_size}: tp {self.tensor} x pp {self.pipeline} x cp {self.context} x dp {self.data}"
+        )
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,17 @@ def recipe_config_name(recipe: str) -> str:
     """The recipe's Hydra primary config (`@hydra.main(config_name=...)`), or a ConfigError."""
     path = RECIPES_DIR / f"{recipe}.py"
     if not path.is_file():
-        raise ConfigError("recipe", recipe, f"there is no recipes/{recipe}.py",
-                          f"use one of: {', '.join(available_recipes())}")
+        raise ConfigError(
+            "recipe", recipe, f"there is no recipes/{recipe}.py", f"use one of: {', '.join(available_recipes())}"
+        )
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Call) and any(kw.arg == "config_name" for kw in node.keywords):
             value = next(kw.value for kw in node.keywords if kw.arg == "config_name")
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 return value.value
-    raise ConfigError("recipe", recipe, f"recipes/{recipe}.py has no @hydra.main(config_name=...)",
-                      "launch a Hydra recipe")
+    raise ConfigError(
+        "recipe", recipe, f"recipes/{recipe}.py has no @hydra.main(config_name=...)", "launch a Hydra recipe"
+    )
 
 
 def compose_recipe(recipe: str, overrides: Sequence[str]) -> DictConfig:
@@ -93,8 +96,9 @@ def compose_recipe(recipe: str, overrides: Sequence[str]) -> DictConfig:
     try:
         return compose(config_name, list(overrides))
     except HydraException as error:
-        raise composition_error(error, overrides, None, recipe,
-                                f"list the recipe's keys with `python recipes/{recipe}.py --cfg job`") from None
+        raise composition_error(
+            error, overrides, None, recipe, f"list the recipe's keys with `python recipes/{recipe}.py --cfg job`"
+        ) from None
 
 
 def typed_recipe_config(config: DictConfig) -> object:
@@ -111,46 +115,68 @@ def plan_world(parallel: Optional[ParallelConfig], cluster: ClusterConfig) -> Wo
     per_node_key = "cluster.gpus_per_node" if cluster.gpus_per_node else "cluster.processes_per_node"
     if parallel is None:  # not a training recipe: one process
         if (cluster.nodes or 1) != 1 or (per_node or 1) != 1:
-            raise ConfigError(per_node_key if (per_node or 1) != 1 else "cluster.nodes", per_node or cluster.nodes,
-                              "this recipe has no parallel layout and runs as one process",
-                              "use cluster.nodes=1 and one process (cluster.gpus_per_node<=1)")
+            raise ConfigError(
+                per_node_key if (per_node or 1) != 1 else "cluster.nodes",
+                per_node or cluster.nodes,
+                "this recipe has no parallel layout and runs as one process",
+                "use cluster.nodes=1 and one process (cluster.gpus_per_node<=1)",
+            )
         return WorldPlan(nodes=1, processes_per_node=1)
     mp = parallel.model_parallel_size
     dp = parallel.data_parallel_size
-    sizes = (f"tp x pp x cp = {parallel.tensor_model_parallel_size} x {parallel.pipeline_model_parallel_size} x "
-             f"{parallel.context_parallel_size} = {mp}")
+    sizes = (
+        f"tp x pp x cp = {parallel.tensor_model_parallel_size} x {parallel.pipeline_model_parallel_size} x "
+        f"{parallel.context_parallel_size} = {mp}"
+    )
     if per_node is None:  # CPU job without a per-node count: fill the given nodes
         nodes = cluster.nodes or 1
         needed = mp * (dp or 1)
         if needed % nodes:
-            raise ConfigError("cluster.nodes", nodes, f"the layout needs {needed} processes ({sizes}, dp {dp or 1}), "
-                              f"which do not split evenly over {nodes} nodes",
-                              "set cluster.processes_per_node, or a node count that divides the process count")
+            raise ConfigError(
+                "cluster.nodes",
+                nodes,
+                f"the layout needs {needed} processes ({sizes}, dp {dp or 1}), "
+                f"which do not split evenly over {nodes} nodes",
+                "set cluster.processes_per_node, or a node count that divides the process count",
+            )
         per_node = needed // nodes
     elif cluster.nodes is None:
         if dp is None:
             nodes = mp // math.gcd(mp, per_node)
         elif (mp * dp) % per_node:
-            raise ConfigError(per_node_key, per_node, f"the layout needs {mp * dp} processes ({sizes}, dp {dp}), "
-                              f"which do not fill whole nodes of {per_node}",
-                              f"use a data_parallel_size that makes {mp} x dp a multiple of {per_node}, "
-                              "or set cluster.nodes")
+            raise ConfigError(
+                per_node_key,
+                per_node,
+                f"the layout needs {mp * dp} processes ({sizes}, dp {dp}), which do not fill whole nodes of {per_node}",
+                f"use a data_parallel_size that makes {mp} x dp a multiple of {per_node}, or set cluster.nodes",
+            )
         else:
             nodes = mp * dp // per_node
     else:
         nodes = cluster.nodes
     world = nodes * per_node
     if dp is not None and world != mp * dp:
-        raise ConfigError("cluster.nodes", nodes, f"{nodes} nodes x {per_node} processes = {world} processes, but "
-                          f"{sizes} and dp {dp} need {mp * dp}",
-                          "set cluster.nodes=null to derive it, or parallel.data_parallel_size=null")
+        raise ConfigError(
+            "cluster.nodes",
+            nodes,
+            f"{nodes} nodes x {per_node} processes = {world} processes, but {sizes} and dp {dp} need {mp * dp}",
+            "set cluster.nodes=null to derive it, or parallel.data_parallel_size=null",
+        )
     if world % mp:
-        raise ConfigError("cluster.nodes", nodes, f"{nodes} nodes x {per_node} processes = {world} processes is not "
-                          f"a multiple of {sizes}",
-                          "set cluster.nodes=null to derive it, or change the parallel sizes")
-    return WorldPlan(nodes=nodes, processes_per_node=per_node, tensor=parallel.tensor_model_parallel_size,
-                     pipeline=parallel.pipeline_model_parallel_size, context=parallel.context_parallel_size,
-                     data=world // mp)
+        raise ConfigError(
+            "cluster.nodes",
+            nodes,
+            f"{nodes} nodes x {per_node} processes = {world} processes is not a multiple of {sizes}",
+            "set cluster.nodes=null to derive it, or change the parallel sizes",
+        )
+    return WorldPlan(
+        nodes=nodes,
+        processes_per_node=per_node,
+        tensor=parallel.tensor_model_parallel_size,
+        pipeline=parallel.pipeline_model_parallel_size,
+        context=parallel.context_parallel_size,
+        data=world // mp,
+    )
 
 
 # Checks that depend on the machine that runs the job (CUDA bf16 support, Transformer Engine, fused
@@ -168,8 +194,15 @@ def job_paths(cluster: ClusterConfig, job_name: str, stamp: str) -> tuple[Path, 
     return workdir, job_dir
 
 
-def plan_job(recipe: str, overrides: Sequence[str], cluster: ClusterConfig, stamp: str,
-             job_name: Optional[str] = None, job_dir: Optional[Path] = None, note: str = "") -> JobPlan:
+def plan_job(
+    recipe: str,
+    overrides: Sequence[str],
+    cluster: ClusterConfig,
+    stamp: str,
+    job_name: Optional[str] = None,
+    job_dir: Optional[Path] = None,
+    note: str = "",
+) -> JobPlan:
     """Compose and validate the recipe's config for this cluster; nothing is written.
 
     `stamp` names the default job directory (the CLI passes the submission time).
@@ -184,5 +217,14 @@ def plan_job(recipe: str, overrides: Sequence[str], cluster: ClusterConfig, stam
         typed.validate()
     name = job_name or cluster.job_name or recipe
     workdir, default_dir = job_paths(cluster, name, stamp)
-    return JobPlan(recipe=recipe, overrides=tuple(overrides), config=config, cluster=cluster, world=world,
-                   job_name=name, job_dir=job_dir or default_dir, workdir=workdir, note=note)
+    return JobPlan(
+        recipe=recipe,
+        overrides=tuple(overrides),
+        config=config,
+        cluster=cluster,
+        world=world,
+        job_name=name,
+        job_dir=job_dir or default_dir,
+        workdir=workdir,
+        note=note,
+    )

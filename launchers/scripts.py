@@ -16,7 +16,7 @@ so `afterok` dependents do not start on an unfinished stage.
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 from launchers.config import Launcher
 from launchers.plan import JobPlan
@@ -35,8 +35,16 @@ def recipe_words(plan: JobPlan) -> list[str]:
 
 def torchrun_command(plan: JobPlan) -> list[str]:
     """argv of a one-node torchrun launch of the recipe (run from plan.workdir)."""
-    return [plan.cluster.python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-            f"--nproc-per-node={plan.world.processes_per_node}", plan.recipe_path, *plan.overrides]
+    return [
+        plan.cluster.python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={plan.world.processes_per_node}",
+        plan.recipe_path,
+        *plan.overrides,
+    ]
 
 
 def local_command_line(plan: JobPlan) -> str:
@@ -50,12 +58,15 @@ def _header(plan: JobPlan) -> list[str]:
     world = plan.world
     unit = "GPUs" if plan.uses_gpus else "processes"
     nodes = f"{world.nodes} node" + ("s" if world.nodes > 1 else "")
-    lines = [f"# steerlm job {plan.job_name}: {plan.recipe_path}, {nodes} x {world.processes_per_node} {unit}",
-             f"# ({world.describe()})."]
+    lines = [
+        f"# steerlm job {plan.job_name}: {plan.recipe_path}, {nodes} x {world.processes_per_node} {unit}",
+        f"# ({world.describe()}).",
+    ]
     if plan.note:
         lines.append(f"# {plan.note}")
-    lines.append(f"# Written by `python -m launchers`; resolved configs in {plan.job_dir}/ "
-                 "(config.yaml, cluster.yaml).")
+    lines.append(
+        f"# Written by `python -m launchers`; resolved configs in {plan.job_dir}/ (config.yaml, cluster.yaml)."
+    )
     return lines
 
 
@@ -70,9 +81,16 @@ def _exports(plan: JobPlan) -> list[str]:
 
 def local_script(plan: JobPlan) -> str:
     """run.sh for `cluster=local`: the torchrun command with its directory, setup and environment."""
-    lines = ["#!/bin/bash", *_header(plan), "set -euo pipefail", "", f"cd {q(plan.workdir)}",
-             *plan.cluster.setup, *_exports(plan),
-             "exec " + " ".join(q(word) for word in torchrun_command(plan))]
+    lines = [
+        "#!/bin/bash",
+        *_header(plan),
+        "set -euo pipefail",
+        "",
+        f"cd {q(plan.workdir)}",
+        *plan.cluster.setup,
+        *_exports(plan),
+        "exec " + " ".join(q(word) for word in torchrun_command(plan)),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -88,8 +106,12 @@ def _directives(plan: JobPlan) -> list[str]:
             options.append(f"--{name.replace('_', '-')}={value}")
     if cluster.exclusive:
         options.append("--exclusive")
-    options += [f"--chdir={plan.workdir}", f"--output={plan.job_dir}/slurm-%j.out",
-                f"--error={plan.job_dir}/slurm-%j.err", "--open-mode=append"]
+    options += [
+        f"--chdir={plan.workdir}",
+        f"--output={plan.job_dir}/slurm-%j.out",
+        f"--error={plan.job_dir}/slurm-%j.err",
+        "--open-mode=append",
+    ]
     if cluster.signal_lead_seconds is not None:
         options.append(f"--signal=B:USR1@{cluster.signal_lead_seconds}")
     if cluster.requeue:
@@ -101,8 +123,11 @@ def _directives(plan: JobPlan) -> list[str]:
 def _trap(plan: JobPlan) -> list[str]:
     if plan.cluster.signal_lead_seconds is None:
         return []
-    after = ("then the job requeues itself and the rerun resumes from the latest checkpoint" if plan.cluster.requeue
-             else f"then the job exits {PREEMPTED_EXIT}; resubmit it to resume from the latest checkpoint")
+    after = (
+        "then the job requeues itself and the rerun resumes from the latest checkpoint"
+        if plan.cluster.requeue
+        else f"then the job exits {PREEMPTED_EXIT}; resubmit it to resume from the latest checkpoint"
+    )
     return [
         f"# Slurm sends USR1 to this shell {plan.cluster.signal_lead_seconds} s before the time limit. "
         "srun passes it to the",
@@ -126,19 +151,22 @@ def _passthrough(plan: JobPlan) -> list[str]:
     if not names:
         return []
     pattern = "|".join(name[:-1] + ".*" if name.endswith("*") else name for name in names)
-    return [f"# Passed through from the submission environment by name; values are never written here: "
-            f"{' '.join(names)}",
-            f"passthrough=$(compgen -e | grep -E '^({pattern})$' | paste -sd, -)",
-            'echo "environment passed through: ${passthrough:-none}"']
+    return [
+        f"# Passed through from the submission environment by name; values are never written here: {' '.join(names)}",
+        f"passthrough=$(compgen -e | grep -E '^({pattern})$' | paste -sd, -)",
+        'echo "environment passed through: ${passthrough:-none}"',
+    ]
 
 
 def _rendezvous(plan: JobPlan) -> list[str]:
     port = plan.cluster.master_port
-    return ['MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            f"MASTER_PORT={port}" if port else "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
-            "export MASTER_ADDR MASTER_PORT",
-            'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, '
-            'rendezvous at $MASTER_ADDR:$MASTER_PORT"']
+    return [
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"MASTER_PORT={port}" if port else "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        "export MASTER_ADDR MASTER_PORT",
+        'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, '
+        'rendezvous at $MASTER_ADDR:$MASTER_PORT"',
+    ]
 
 
 def _srun_options(plan: JobPlan) -> list[str]:
@@ -170,8 +198,10 @@ def _task_wrapper(plan: JobPlan) -> list[str]:
     if plan.cluster.signal_lead_seconds is not None:
         steps.append('trap "" USR1')
     if plan.cluster.launcher == Launcher.srun:
-        steps.append("export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS "
-                     "LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE")
+        steps.append(
+            "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS "
+            "LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE"
+        )
     if not steps:
         return []
     name = "torchrun" if plan.cluster.launcher == Launcher.torchrun else "rank"
@@ -181,10 +211,16 @@ def _task_wrapper(plan: JobPlan) -> list[str]:
 def _launch_words(plan: JobPlan) -> list[str]:
     if plan.cluster.launcher == Launcher.srun:
         return [" ".join(q(word) for word in recipe_words(plan))]
-    torchrun = [q(plan.cluster.python), "-m torch.distributed.run", f"--nnodes={plan.world.nodes}",
-                f"--nproc-per-node={plan.world.processes_per_node}"]
-    rendezvous = ['--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"',
-                  "--max-restarts=0"]
+    torchrun = [
+        q(plan.cluster.python),
+        "-m torch.distributed.run",
+        f"--nnodes={plan.world.nodes}",
+        f"--nproc-per-node={plan.world.processes_per_node}",
+    ]
+    rendezvous = [
+        '--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"',
+        "--max-restarts=0",
+    ]
     recipe = " ".join(q(word) for word in [plan.recipe_path, *plan.overrides])
     return [" ".join(torchrun), " ".join(rendezvous), recipe]
 
@@ -199,28 +235,36 @@ def _launch(plan: JobPlan) -> list[str]:
     if plan.cluster.signal_lead_seconds is None:
         return lines + body
     body[-1] += " &"
-    return lines + body + [
-        "srun_pid=$!",
-        "# A trapped signal interrupts `wait`: wait again until srun has exited.",
-        "while :; do",
-        f"{INDENT}status=0",
-        f'{INDENT}wait "$srun_pid" || status=$?',
-        f'{INDENT}kill -0 "$srun_pid" 2>/dev/null || break',
-        "done",
-        *_after_signal(plan),
-        'exit "$status"',
-    ]
+    return (
+        lines
+        + body
+        + [
+            "srun_pid=$!",
+            "# A trapped signal interrupts `wait`: wait again until srun has exited.",
+            "while :; do",
+            f"{INDENT}status=0",
+            f'{INDENT}wait "$srun_pid" || status=$?',
+            f'{INDENT}kill -0 "$srun_pid" 2>/dev/null || break',
+            "done",
+            *_after_signal(plan),
+            'exit "$status"',
+        ]
+    )
 
 
 def _after_signal(plan: JobPlan) -> list[str]:
     if plan.cluster.requeue:
-        action = [f'{INDENT}echo "requeueing job $SLURM_JOB_ID (srun exited with $status); the rerun resumes"',
-                  f'{INDENT}scontrol requeue "$SLURM_JOB_ID" && exit 0',
-                  f'{INDENT}echo "scontrol requeue failed; resubmit this script to resume" >&2',
-                  f"{INDENT}exit 1"]
+        action = [
+            f'{INDENT}echo "requeueing job $SLURM_JOB_ID (srun exited with $status); the rerun resumes"',
+            f'{INDENT}scontrol requeue "$SLURM_JOB_ID" && exit 0',
+            f'{INDENT}echo "scontrol requeue failed; resubmit this script to resume" >&2',
+            f"{INDENT}exit 1",
+        ]
     else:
-        action = [f'{INDENT}echo "stopped early by USR1 (srun exited with $status); resubmit to resume" >&2',
-                  f"{INDENT}exit {PREEMPTED_EXIT}"]
+        action = [
+            f'{INDENT}echo "stopped early by USR1 (srun exited with $status); resubmit to resume" >&2',
+            f"{INDENT}exit {PREEMPTED_EXIT}",
+        ]
     return ["if (( preempted )); then", *action, "fi"]
 
 
@@ -236,17 +280,22 @@ def sbatch_script(plan: JobPlan) -> str:
 
 def pipeline_submit_script(pipeline: str, stages: Sequence[tuple[str, JobPlan]], script_name: str) -> str:
     """submit.sh: sbatch each stage's script, each after the previous one succeeded (afterok)."""
-    lines = ["#!/bin/bash",
-             f"# steerlm pipeline {pipeline}: {len(stages)} stage(s); each starts only after the previous one "
-             "succeeded (afterok).",
-             "# Written by `python -m launchers --pipeline`; each stage's script and configs are in its folder.",
-             "set -euo pipefail", ""]
+    lines = [
+        "#!/bin/bash",
+        f"# steerlm pipeline {pipeline}: {len(stages)} stage(s); each starts only after the previous one "
+        "succeeded (afterok).",
+        "# Written by `python -m launchers --pipeline`; each stage's script and configs are in its folder.",
+        "set -euo pipefail",
+        "",
+    ]
     previous = None
     for name, plan in stages:
         var = f"job_{name}"
-        dependency = (f'--dependency=afterok:"${previous}" --kill-on-invalid-dep=yes ' if previous else "")
-        lines += [f"{var}=$(sbatch --parsable {dependency}{q(plan.job_dir / script_name)})",
-                  f"{var}=${{{var}%%;*}}",
-                  f'echo "{name}: job ${var}"']
+        dependency = f'--dependency=afterok:"${previous}" --kill-on-invalid-dep=yes ' if previous else ""
+        lines += [
+            f"{var}=$(sbatch --parsable {dependency}{q(plan.job_dir / script_name)})",
+            f"{var}=${{{var}%%;*}}",
+            f'echo "{name}: job ${var}"',
+        ]
         previous = var
     return "\n".join(lines) + "\n"

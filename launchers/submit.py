@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from launchers.config import cluster_yaml
 from launchers.plan import JobPlan
@@ -57,8 +58,9 @@ def sbatch(script: Path, workdir: Path, dependency: Optional[str] = None) -> str
     try:
         done = subprocess.run([*command, str(script)], cwd=workdir, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise SubmitError("sbatch is not installed here; submit from a Slurm login node "
-                          f"(the script is {script})") from None
+        raise SubmitError(
+            f"sbatch is not installed here; submit from a Slurm login node (the script is {script})"
+        ) from None
     if done.returncode:
         raise SubmitError(f"sbatch {script} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout.strip().split(";")[0]

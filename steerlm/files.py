@@ -24,7 +24,7 @@ class AtomicTextFile:
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._file = None
 
-    def __enter__(self) -> "AtomicTextFile":
+    def __enter__(self) -> AtomicTextFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp, "w", encoding="utf-8", newline="\n")
         return self
@@ -34,8 +34,9 @@ class AtomicTextFile:
             raise RuntimeError(f"{self.path}: write outside its `with` block")
         self._file.write(text)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         file, self._file = self._file, None
         if file is None:
             return

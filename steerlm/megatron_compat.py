@@ -22,7 +22,8 @@ that fails naming it when the release changed what the item relies on (a renamed
 `_postprocess` or `core_attention` signature, a different fused-weight layout). Then items to re-read in the
 new source, because a test cannot see them: (2) whether new `torch.cuda` calls appeared outside the patched
 ones (run the CPU parity tests); (3) whether synchronous saves still go through a module-level results queue;
-(7) whether the distributed optimizer's state dict now carries torch Adam's per-parameter `step`. Then the whole suite, and the GPU suite (`bench/gpu_suite.sh`) on a CUDA machine.
+(7) whether the distributed optimizer's state dict now carries torch Adam's per-parameter `step`.
+Then the whole suite, and the GPU tests (`pytest -m gpu`) on a CUDA machine.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import contextlib
 import functools
 import math
 import queue
+from collections.abc import Callable
 from importlib.metadata import version as installed_version
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +70,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 # --- 2. CPU stand-ins ------------------------------------------------------------------------------------
 
-_active_mode: "_CudaToCpuMode | None" = None
+_active_mode: _CudaToCpuMode | None = None
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -227,7 +229,13 @@ class SDPACoreAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork():
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale,
+                q,
+                k,
+                v,
+                attn_mask=sdpa_mask,
+                dropout_p=dropout_p,
+                is_causal=causal,
+                scale=self.softmax_scale,
                 enable_gqa=k.size(1) != q.size(1),
             )
         sq, b = query.size(0), query.size(1)
@@ -245,18 +253,22 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int) -> tupl
     per_group = heads // groups
     grouped = qkv.reshape(groups, per_group + 2, head_dim, *qkv.shape[1:])
     rest = qkv.shape[1:]
-    return (grouped[:, :per_group].reshape(heads * head_dim, *rest),
-            grouped[:, per_group].reshape(groups * head_dim, *rest),
-            grouped[:, per_group + 1].reshape(groups * head_dim, *rest))
+    return (
+        grouped[:, :per_group].reshape(heads * head_dim, *rest),
+        grouped[:, per_group].reshape(groups * head_dim, *rest),
+        grouped[:, per_group + 1].reshape(groups * head_dim, *rest),
+    )
 
 
-def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
-             head_dim: int) -> torch.Tensor:
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, head_dim: int) -> torch.Tensor:
     """The inverse of `split_qkv`: megatron's `linear_qkv` rows from separate q, k, v rows."""
     per_group = heads // groups
     rest = q.shape[1:]
-    grouped = [q.reshape(groups, per_group, head_dim, *rest), k.reshape(groups, 1, head_dim, *rest),
-               v.reshape(groups, 1, head_dim, *rest)]
+    grouped = [
+        q.reshape(groups, per_group, head_dim, *rest),
+        k.reshape(groups, 1, head_dim, *rest),
+        v.reshape(groups, 1, head_dim, *rest),
+    ]
     return torch.cat(grouped, dim=1).reshape(groups * (per_group + 2) * head_dim, *rest)
 
 

@@ -6,8 +6,9 @@ import faulthandler
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -22,8 +23,14 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     # A hung collective becomes a traceback instead of a silent CI timeout.
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     torch.set_num_threads(1)
@@ -38,6 +45,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     An exception on any rank fails the call with that rank's traceback.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(fn, world_size, _free_port(), args, out_dir), nprocs=world_size,
-                           start_method="spawn", join=True)
+        mp.start_processes(
+            _entry,
+            args=(fn, world_size, _free_port(), args, out_dir),
+            nprocs=world_size,
+            start_method="spawn",
+            join=True,
+        )
         return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]

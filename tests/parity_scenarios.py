@@ -17,19 +17,34 @@ from steerlm.data.attributes import MISSING
 from steerlm.models import build_model_chunks
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.sharding import gather_full, load_full_parameters, named_global_parameters
-from steerlm.training import (ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task, build_optimizer, forward_backward,
-                              microbatches_for_rank, train_step, wrap_for_training)
+from steerlm.training import (
+    ATTRIBUTE_REGRESSION,
+    LANGUAGE_MODEL,
+    Task,
+    build_optimizer,
+    forward_backward,
+    microbatches_for_rank,
+    train_step,
+    wrap_for_training,
+)
 
 SEED = 1234
-TINY = ModelConfig(name="parity", num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
-                   num_query_groups=2, vocab_size=300, max_position_embeddings=64)
+TINY = ModelConfig(
+    name="parity",
+    num_layers=4,
+    hidden_size=64,
+    ffn_hidden_size=176,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=300,
+    max_position_embeddings=64,
+)
 TRAINER = TrainerConfig(micro_batch_size=2, global_batch_size=8, seq_length=32, max_steps=3, seed=SEED)
 ADAM = OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=2, clip_grad=0.5, weight_decay=0.1)
 # Adam's first update is ~lr * sign(grad), which turns 1e-9 summation-order noise in near-zero
 # gradients into full-size differences; SGD's update is linear in the gradient, so it checks the
 # DDP / optimizer update itself tightly.
-SGD = OptimizerConfig(name=OptimizerName.sgd, lr=0.5, min_lr=0.05, lr_warmup_steps=2, clip_grad=0.5,
-                      weight_decay=0.1)
+SGD = OptimizerConfig(name=OptimizerName.sgd, lr=0.5, min_lr=0.05, lr_warmup_steps=2, clip_grad=0.5, weight_decay=0.1)
 
 
 @dataclass(frozen=True)
@@ -44,8 +59,12 @@ class Scenario:
 
     @property
     def reference(self) -> str:
-        return (("tied" if self.tied else "untied") + ("_sgd" if self.optim.name == OptimizerName.sgd else "")
-                + ("_varlen" if self.variable_lengths else "") + ("_apm" if self.apm else ""))
+        return (
+            ("tied" if self.tied else "untied")
+            + ("_sgd" if self.optim.name == OptimizerName.sgd else "")
+            + ("_varlen" if self.variable_lengths else "")
+            + ("_apm" if self.apm else "")
+        )
 
     @property
     def task(self) -> Task:
@@ -84,8 +103,12 @@ def apm_global_batch(step: int) -> dict[str, torch.Tensor]:
     rows = TRAINER.global_batch_size
     targets = torch.randint(0, 5, (rows, APM_ATTRIBUTES), generator=generator).float()
     targets[torch.rand(rows, APM_ATTRIBUTES, generator=generator) < 0.25] = MISSING
-    return {"tokens": batch["tokens"], "position_ids": batch["position_ids"], "targets": targets,
-            "score_index": torch.randint(TRAINER.seq_length // 2, TRAINER.seq_length, (rows,), generator=generator)}
+    return {
+        "tokens": batch["tokens"],
+        "position_ids": batch["position_ids"],
+        "targets": targets,
+        "score_index": torch.randint(TRAINER.seq_length // 2, TRAINER.seq_length, (rows,), generator=generator),
+    }
 
 
 def _full_tensors(model, layout, attribute: str) -> dict[str, torch.Tensor]:
@@ -125,8 +148,9 @@ def run(scenario: Scenario) -> dict:
         chunks = build_model_chunks(model_cfg, PrecisionConfig(), layout, seed=SEED)
     if scenario.initial_state is not None:
         load_full_parameters(chunks, scenario.initial_state, layout.tp_rank, layout.tp)
-    initial = {name: gather_full(p.detach(), p, layout.pg_collection.tp).clone()
-               for name, p in named_global_parameters(chunks)}
+    initial = {
+        name: gather_full(p.detach(), p, layout.pg_collection.tp).clone() for name, p in named_global_parameters(chunks)
+    }
     logits = _full_logits(chunks, layout) if layout.pp == 1 and not scenario.apm else None
     model = wrap_for_training(chunks, PrecisionConfig(), False, layout)
     optimizer, scheduler = build_optimizer(model, scenario.optim, PrecisionConfig(), TRAINER, False, layout)
@@ -141,19 +165,32 @@ def run(scenario: Scenario) -> dict:
     after_first_step = _full_tensors(model, layout, "data")
     losses, norms = [loss0], [float(norm0)]
     for step in range(1, TRAINER.max_steps):
-        result = train_step(model, optimizer, scheduler,
-                            scenario.microbatches(step, layout), layout, scenario.task)
+        result = train_step(model, optimizer, scheduler, scenario.microbatches(step, layout), layout, scenario.task)
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    out = {"layout": layout.describe(), "rank": layout.rank, "tokens": tokens0, "losses": losses, "grad_norms": norms,
-           "initial": initial, "logits": logits, "grads": grads, "after_first_step": after_first_step}
+    out = {
+        "layout": layout.describe(),
+        "rank": layout.rank,
+        "tokens": tokens0,
+        "losses": losses,
+        "grad_norms": norms,
+        "initial": initial,
+        "logits": logits,
+        "grads": grads,
+        "after_first_step": after_first_step,
+    }
     out = {key: _to_cpu(value) for key, value in out.items()}
     runtime.shutdown(destroy_process_group=False)
     return out
 
 
-REFERENCES = [Scenario("untied"), Scenario("tied", tied=True), Scenario("untied_sgd", optim=SGD),
-              Scenario("untied_varlen", variable_lengths=True), Scenario("untied_apm", apm=True)]
+REFERENCES = [
+    Scenario("untied"),
+    Scenario("tied", tied=True),
+    Scenario("untied_sgd", optim=SGD),
+    Scenario("untied_varlen", variable_lengths=True),
+    Scenario("untied_apm", apm=True),
+]
 
 
 def run_all(scenarios: list[Scenario]) -> dict[str, dict]:

@@ -20,15 +20,28 @@ def recipe_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
 
-def run_recipe(recipe: str, args: list[str], launcher: list[str] | None = None,
-               timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(recipe_command(recipe, args, launcher), cwd=ROOT, env=recipe_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_recipe(
+    recipe: str, args: list[str], launcher: list[str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        recipe_command(recipe, args, launcher),
+        cwd=ROOT,
+        env=recipe_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_recipe(recipe: str, args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(recipe_command(recipe, args, launcher), cwd=ROOT, env=recipe_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        recipe_command(recipe, args, launcher),
+        cwd=ROOT,
+        env=recipe_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def summary(run_dir: Path) -> dict:

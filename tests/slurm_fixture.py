@@ -22,8 +22,17 @@ from pathlib import Path
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SHELLCHECK = "shellcheck"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 MUNGE_USER = "munge"
 
 
@@ -41,8 +50,7 @@ def install_packages(packages: tuple[str, ...]) -> str | None:
     if shutil.which("apt-get") is None:
         return "no apt-get to install " + " ".join(packages)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    commands = (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages])
+    commands = (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages])
     for command in commands:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if done.returncode:
@@ -88,39 +96,41 @@ def _node_hardware() -> str:
 
 
 def _slurm_conf(root: Path, munge_socket: Path) -> str:
-    return "\n".join([
-        "ClusterName=steerlmtest",
-        "SlurmctldHost=localhost",
-        f"SlurmctldPort={free_port()}",
-        f"SlurmdPort={free_port()}",
-        "SlurmUser=root",
-        "AuthType=auth/munge",
-        "CryptoType=crypto/munge",
-        f"AuthInfo=socket={munge_socket}",
-        "MpiDefault=none",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "SchedulerType=sched/backfill",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core",
-        "ReturnToService=2",
-        "MailProg=/bin/true",
-        f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
-        f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
-        f"SlurmctldLogFile={root / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'slurmd.log'}",
-        "JobAcctGatherType=jobacct_gather/none",
-        "AccountingStorageType=accounting_storage/none",
-        "JobCompType=jobcomp/none",
-        "MinJobAge=300",
-        "DependencyParameters=kill_invalid_depend",
-        "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
-        f"NodeName=localhost NodeAddr=127.0.0.1 {_node_hardware()} State=UNKNOWN",
-        "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-        "",
-    ])
+    return "\n".join(
+        [
+            "ClusterName=steerlmtest",
+            "SlurmctldHost=localhost",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
+            "SlurmUser=root",
+            "AuthType=auth/munge",
+            "CryptoType=crypto/munge",
+            f"AuthInfo=socket={munge_socket}",
+            "MpiDefault=none",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "ReturnToService=2",
+            "MailProg=/bin/true",
+            f"StateSaveLocation={root / 'state'}",
+            f"SlurmdSpoolDir={root / 'spool'}",
+            f"SlurmctldPidFile={root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={root / 'slurmd.pid'}",
+            f"SlurmctldLogFile={root / 'slurmctld.log'}",
+            f"SlurmdLogFile={root / 'slurmd.log'}",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "MinJobAge=300",
+            "DependencyParameters=kill_invalid_depend",
+            "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
+            f"NodeName=localhost NodeAddr=127.0.0.1 {_node_hardware()} State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
 
 
 @dataclass
@@ -132,7 +142,7 @@ class SingleNodeSlurm:
     pids: dict[str, int] = field(default_factory=dict)
     _processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def start(self, ready_timeout: float = 30.0) -> "SingleNodeSlurm":
+    def start(self, ready_timeout: float = 30.0) -> SingleNodeSlurm:
         munge_dir = self.root / "munge"
         for path in (self.root / "state", self.root / "spool", munge_dir):
             path.mkdir(parents=True, exist_ok=True)
@@ -141,10 +151,21 @@ class SingleNodeSlurm:
         conf = self.root / "slurm.conf"
         conf.write_text(_slurm_conf(self.root, munge_socket))
         self.env = {**os.environ, "SLURM_CONF": str(conf)}
-        self._spawn("munged", ["setpriv", f"--reuid={MUNGE_USER}", f"--regid={MUNGE_USER}", "--init-groups",
-                               "munged", "--foreground", f"--socket={munge_socket}",
-                               f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
-                               f"--seed-file={munge_dir / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                "setpriv",
+                f"--reuid={MUNGE_USER}",
+                f"--regid={MUNGE_USER}",
+                "--init-groups",
+                "munged",
+                "--foreground",
+                f"--socket={munge_socket}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--log-file={munge_dir / 'munged.log'}",
+                f"--seed-file={munge_dir / 'munged.seed'}",
+            ],
+        )
         self._wait_for(lambda: munge_socket.exists(), ready_timeout, "munged socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(conf)])
@@ -153,9 +174,13 @@ class SingleNodeSlurm:
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = open(self.root / f"{name}.stdout", "w")
-        process = subprocess.Popen([shutil.which(command[0], path="/usr/sbin:/usr/bin:/sbin:/bin") or command[0],
-                                    *command[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [shutil.which(command[0], path="/usr/sbin:/usr/bin:/sbin:/bin") or command[0], *command[1:]],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         self._processes.append(process)
         self.pids[name] = process.pid
@@ -165,8 +190,10 @@ class SingleNodeSlurm:
         while time.monotonic() < deadline:
             for process in self._processes:
                 if process.poll() is not None:
-                    raise RuntimeError(f"{process.args[0]} exited with {process.returncode} while waiting for "
-                                       f"{what}; logs in {self.root}")
+                    raise RuntimeError(
+                        f"{process.args[0]} exited with {process.returncode} while waiting for "
+                        f"{what}; logs in {self.root}"
+                    )
             if condition():
                 return
             time.sleep(0.2)

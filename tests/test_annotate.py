@@ -27,22 +27,42 @@ MERGE_WEIGHTS = [0.0, -0.5, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33]  # per steer
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("annotate")
     data = root / "synthetic"
-    made = run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.annotated_rows=200",
-                                       "synthetic.unlabelled_rows=2000", "synthetic.eval_prompts=1",
-                                       "synthetic.missing_label_rate=0.2"])
+    made = run_recipe(
+        "prepare_data",
+        [
+            "data=synthetic",
+            f"output={data}",
+            "synthetic.annotated_rows=200",
+            "synthetic.unlabelled_rows=2000",
+            "synthetic.eval_prompts=1",
+            "synthetic.missing_label_rate=0.2",
+        ],
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     apm = root / "apm"
-    trained = run_recipe("train_attribute_model", [f"data.train_file={data}/annotated.jsonl",
-                                                   f"tokenizer.path={data}/tokenizer", f"output_dir={apm}",
-                                                   "trainer.max_steps=10",
-                                                   f"apm.merge_weights=[{','.join(map(str, MERGE_WEIGHTS))}]"])
+    trained = run_recipe(
+        "train_attribute_model",
+        [
+            f"data.train_file={data}/annotated.jsonl",
+            f"tokenizer.path={data}/tokenizer",
+            f"output_dir={apm}",
+            "trainer.max_steps=10",
+            f"apm.merge_weights=[{','.join(map(str, MERGE_WEIGHTS))}]",
+        ],
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     return {"data": data, "apm": apm}
 
 
 def _annotate(world: dict, output: Path, *extra: str, launcher=None):
-    args = [f"apm_checkpoint={world['apm']}", f"input={world['data']}/unlabelled.jsonl", f"output={output}",
-            "shard_size=100", "torch_threads=1", *extra]
+    args = [
+        f"apm_checkpoint={world['apm']}",
+        f"input={world['data']}/unlabelled.jsonl",
+        f"output={output}",
+        "shard_size=100",
+        "torch_threads=1",
+        *extra,
+    ]
     return run_recipe("annotate", args, launcher)
 
 
@@ -58,8 +78,9 @@ def reference(world, tmp_path_factory) -> Path:
 def test_output_keeps_input_order_and_labels_every_assistant_turn(world, reference: Path) -> None:
     source = [json.loads(line) for line in (world["data"] / "unlabelled.jsonl").read_text().splitlines()]
     output = [json.loads(line) for line in reference.read_text().splitlines()]
-    assert [row["conversations"][-1]["value"] for row in output] == [row["conversations"][-1]["value"]
-                                                                     for row in source]
+    assert [row["conversations"][-1]["value"] for row in output] == [
+        row["conversations"][-1]["value"] for row in source
+    ]
     for row in output:
         for turn, scores in zip(row["conversations"], row["attribute_scores"]):
             assert (turn["label"] is None) == (turn["from"] == "User") == (scores is None)
@@ -70,8 +91,13 @@ def test_output_keeps_input_order_and_labels_every_assistant_turn(world, referen
 
 def test_kill9_mid_run_then_rerun_is_byte_identical(world, reference: Path, tmp_path: Path) -> None:
     output = tmp_path / "labels.jsonl"
-    args = [f"apm_checkpoint={world['apm']}", f"input={world['data']}/unlabelled.jsonl", f"output={output}",
-            "shard_size=100", "torch_threads=1"]
+    args = [
+        f"apm_checkpoint={world['apm']}",
+        f"input={world['data']}/unlabelled.jsonl",
+        f"output={output}",
+        "shard_size=100",
+        "torch_threads=1",
+    ]
     process = start_recipe("annotate", args)
     manifest = Path(f"{output}.parts") / "manifest.json"
     deadline = time.monotonic() + WAIT_SECONDS
@@ -100,13 +126,30 @@ def test_two_data_parallel_ranks_write_the_same_bytes(world, reference: Path, tm
 
 def test_fill_missing_keeps_every_human_label(world, tmp_path: Path) -> None:
     output = tmp_path / "filled.jsonl"
-    result = run_recipe("annotate", [f"apm_checkpoint={world['apm']}", f"input={world['data']}/annotated.jsonl",
-                                     "format=helpsteer2", f"output={output}", "mode=fill_missing"])
+    result = run_recipe(
+        "annotate",
+        [
+            f"apm_checkpoint={world['apm']}",
+            f"input={world['data']}/annotated.jsonl",
+            "format=helpsteer2",
+            f"output={output}",
+            "mode=fill_missing",
+        ],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     human = [json.loads(line) for line in (world["data"] / "annotated.jsonl").read_text().splitlines()]
     filled = [json.loads(line) for line in output.read_text().splitlines()]
-    names = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity",
-             "verbosity")
+    names = (
+        "quality",
+        "toxicity",
+        "humor",
+        "creativity",
+        "helpfulness",
+        "correctness",
+        "coherence",
+        "complexity",
+        "verbosity",
+    )
     kept = replaced = 0
     for row, out in zip(human, filled):
         labels = dict(item.split(":") for item in out["conversations"][-1]["label"].split(","))
@@ -131,8 +174,9 @@ def test_bad_rows_are_rejected_with_file_and_line(world, tmp_path: Path) -> None
     lines.insert(2, '{"conversations": [{"from": "Robot", "value": "hi"}]}')
     source.write_text("\n".join(lines) + "\n")
     output = tmp_path / "labels.jsonl"
-    result = run_recipe("annotate", [f"apm_checkpoint={world['apm']}", f"input={source}", f"output={output}",
-                                     "on_bad_row=reject"])
+    result = run_recipe(
+        "annotate", [f"apm_checkpoint={world['apm']}", f"input={source}", f"output={output}", "on_bad_row=reject"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rows in: 6  rows out: 5  rejected: 1" in result.stdout
     rejected = json.loads(Path(f"{output}.rejects.jsonl").read_text())
@@ -142,12 +186,16 @@ def test_bad_rows_are_rejected_with_file_and_line(world, tmp_path: Path) -> None
 
 def test_the_scorer_gives_what_annotate_wrote_from_the_training_token_ids(world, tmp_path: Path, layout) -> None:
     source = tmp_path / "single_turn.jsonl"
-    rows = [line for line in (world["data"] / "unlabelled.jsonl").read_text().splitlines()
-            if len(json.loads(line)["conversations"]) == 2][:40]
+    rows = [
+        line
+        for line in (world["data"] / "unlabelled.jsonl").read_text().splitlines()
+        if len(json.loads(line)["conversations"]) == 2
+    ][:40]
     source.write_text("\n".join(rows) + "\n")
     output = tmp_path / "labels.jsonl"
-    result = run_recipe("annotate", [f"apm_checkpoint={world['apm']}", f"input={source}", f"output={output}",
-                                     "mode=overwrite"])
+    result = run_recipe(
+        "annotate", [f"apm_checkpoint={world['apm']}", f"input={source}", f"output={output}", "mode=overwrite"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     written = [json.loads(line) for line in output.read_text().splitlines()]
 
@@ -162,6 +210,7 @@ def test_the_scorer_gives_what_annotate_wrote_from_the_training_token_ids(world,
         assert out["attribute_reward"] == [None, round(row["reward"], 4)]
 
     labelled = list(read_records(str(output), DataFormat.conversation, scorer.schema))  # now labelled, as in training
-    training = attribute_examples(labelled, scorer.schema, scorer.template, scorer.tokenizer, 320, LengthPolicy.drop,
-                                  LengthStats())
+    training = attribute_examples(
+        labelled, scorer.schema, scorer.template, scorer.tokenizer, 320, LengthPolicy.drop, LengthStats()
+    )
     assert [e.ids for e in training] == [e.ids for e in scorer.examples(conversations)]

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
+from steerlm.checkpoint.sharded import save_checkpoint
 from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, PrecisionConfig, TrainConfig
 from steerlm.config.schema import APMConfig, TokenizerConfig, TrainDataConfig
 from steerlm.data.apm import attribute_batch, attribute_examples
 from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats
-from steerlm.errors import DataError
 from steerlm.data.readers import DataFormat
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate
+from steerlm.errors import DataError
 from steerlm.evaluation.apm_metrics import attribute_metrics, metric_scalars, reward_metrics
 from steerlm.inference.scoring import AttributeScorer
 from steerlm.models.attribute import build_attribute_model_chunks
@@ -30,7 +31,6 @@ from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.attribute_model import load_examples
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
-from steerlm.checkpoint.sharded import save_checkpoint
 from steerlm.training.init_from import load_init_weights, resolve_init_source
 from steerlm.training.losses import ATTRIBUTE_REGRESSION
 from tests.conftest import TEST_MODEL
@@ -46,9 +46,12 @@ def test_missing_labels_contribute_no_gradient(layout) -> None:
     targets = torch.randint(0, 5, (4, 3), generator=generator).float()
     targets[:, 1] = MISSING  # attribute b unlabelled everywhere
     targets[2, 0] = MISSING
-    batch = {"tokens": torch.randint(0, 300, (4, 20), generator=generator),
-             "position_ids": torch.arange(20).expand(4, 20), "score_index": torch.tensor([19, 5, 12, 0]),
-             "targets": targets}
+    batch = {
+        "tokens": torch.randint(0, 300, (4, 20), generator=generator),
+        "position_ids": torch.arange(20).expand(4, 20),
+        "score_index": torch.tensor([19, 5, 12, 0]),
+        "targets": targets,
+    }
     loss_sum, count, _ = ATTRIBUTE_REGRESSION.loss(batch, ATTRIBUTE_REGRESSION.forward(model, batch))
     assert int(count) == 4 * 3 - 4 - 1
     loss_sum.backward()
@@ -59,14 +62,24 @@ def test_missing_labels_contribute_no_gradient(layout) -> None:
 
 def test_examples_read_the_rated_turn_and_keep_its_end_when_truncated() -> None:
     labels = SCHEMA.check({"a": 3, "c": 1})
-    conversation = Conversation("S", (Turn(Role.user, "q one"), Turn(Role.assistant, "r one", labels),
-                                      Turn(Role.user, "q two"), Turn(Role.assistant, "r two", labels)), "f:1")
+    conversation = Conversation(
+        "S",
+        (
+            Turn(Role.user, "q one"),
+            Turn(Role.assistant, "r one", labels),
+            Turn(Role.user, "q two"),
+            Turn(Role.assistant, "r two", labels),
+        ),
+        "f:1",
+    )
     template = SteerLMTemplate(SCHEMA)
     tokenizer = WordTokenizer.build([template.render(conversation)])
     stats = LengthStats()
     examples = attribute_examples([conversation], SCHEMA, template, tokenizer, 100, LengthPolicy.drop, stats)
-    assert [tokenizer.decode(e.ids[1:]).split("\n")[-2:] for e in examples] == [["r one", "<extra_id_2>"],
-                                                                                ["r two", "<extra_id_2>"]]
+    assert [tokenizer.decode(e.ids[1:]).split("\n")[-2:] for e in examples] == [
+        ["r one", "<extra_id_2>"],
+        ["r two", "<extra_id_2>"],
+    ]
     assert examples[0].targets == (3.0, MISSING, 1.0)
     short = attribute_examples([conversation], SCHEMA, template, tokenizer, 8, LengthPolicy.truncate, stats)
     assert all(len(e.ids) == 8 and tokenizer.decode(e.ids).endswith("<extra_id_2>") for e in short)
@@ -88,8 +101,10 @@ def test_metrics_on_known_values() -> None:
 
 def test_reward_is_the_weighted_sum_of_the_raw_scores(layout) -> None:
     labels = SCHEMA.check({"a": 3, "b": 1, "c": 4})
-    conversations = [Conversation("S", (Turn(Role.user, f"q {i}"), Turn(Role.assistant, "r " * (i + 1), labels)),
-                                  f"f:{i}") for i in range(5)]
+    conversations = [
+        Conversation("S", (Turn(Role.user, f"q {i}"), Turn(Role.assistant, "r " * (i + 1), labels)), f"f:{i}")
+        for i in range(5)
+    ]
     template = SteerLMTemplate(SCHEMA)
     tokenizer = WordTokenizer.build([template.render(c) for c in conversations])
     model = build_attribute_model_chunks(MODEL, PrecisionConfig(), layout, 1, 3)
@@ -103,7 +118,8 @@ def test_reward_is_the_weighted_sum_of_the_raw_scores(layout) -> None:
     assert plain == [{k: v for k, v in row.items() if k != "reward"} for row in rows]
     with pytest.raises(DataError, match="longer than seq_length=4"):
         AttributeScorer(model, layout, SCHEMA, tokenizer, seq_length=4, length_policy=LengthPolicy.drop).score(
-            conversations)
+            conversations
+        )
 
 
 def test_reward_metrics_on_known_values() -> None:
@@ -119,9 +135,14 @@ def test_reward_metrics_on_known_values() -> None:
     assert scalars["pearson/reward"] == reward["pearson"] and "mae/mean" in scalars and "pearson/b" in scalars
 
 
-@pytest.mark.parametrize("weights,problem", [([1.0, 2.0], "needs one weight per attribute of schema 'three' (3: a, b, c)"),
-                                             ([0.0, 0.0, 0.0], "all weights are 0"),
-                                             ([1.0, float("nan"), 0.0], "must be finite")])
+@pytest.mark.parametrize(
+    "weights,problem",
+    [
+        ([1.0, 2.0], "needs one weight per attribute of schema 'three' (3: a, b, c)"),
+        ([0.0, 0.0, 0.0], "all weights are 0"),
+        ([1.0, float("nan"), 0.0], "must be finite"),
+    ],
+)
 def test_bad_merge_weights_name_the_key(weights: list, problem: str) -> None:
     with pytest.raises(ConfigError) as error:
         APMConfig(merge_weights=weights).validate(SCHEMA)
@@ -131,10 +152,13 @@ def test_bad_merge_weights_name_the_key(weights: list, problem: str) -> None:
     assert error.value.key == "apm.attribute_weights" and "give 3 weights in the order a, b, c" in str(error.value)
 
 
-@pytest.mark.parametrize("row,field,problem", [
-    ({"prompt": "q", "response": "r", "attributes": {"a": 7}}, "attributes.a", "a=7 is outside [0, 4]"),
-    ({"prompt": "q", "response": "r", "attributes": {"a": 1, "d": 2}}, "attributes.d", "unknown attribute 'd'"),
-])
+@pytest.mark.parametrize(
+    "row,field,problem",
+    [
+        ({"prompt": "q", "response": "r", "attributes": {"a": 7}}, "attributes.a", "a=7 is outside [0, 4]"),
+        ({"prompt": "q", "response": "r", "attributes": {"a": 1, "d": 2}}, "attributes.d", "unknown attribute 'd'"),
+    ],
+)
 def test_bad_labels_name_file_line_and_field(tmp_path: Path, row: dict, field: str, problem: str) -> None:
     good = {"prompt": "q", "response": "r", "attributes": {"a": 1}}
     data = tmp_path / "train.jsonl"
@@ -146,10 +170,13 @@ def test_bad_labels_name_file_line_and_field(tmp_path: Path, row: dict, field: s
 
 
 def _apm_config(tmp_path: Path, attributes: tuple[str, ...] = ("a", "b", "c"), **data) -> AttributeModelConfig:
-    return AttributeModelConfig(model=TEST_MODEL, output_dir=str(tmp_path / "run"),
-                                attributes=AttributesConfig(name="three", attributes=list(attributes)),
-                                tokenizer=TokenizerConfig(path=str(tmp_path)),
-                                data=TrainDataConfig(format=DataFormat.plain, **{"train_file": "x.jsonl", **data}))
+    return AttributeModelConfig(
+        model=TEST_MODEL,
+        output_dir=str(tmp_path / "run"),
+        attributes=AttributesConfig(name="three", attributes=list(attributes)),
+        tokenizer=TokenizerConfig(path=str(tmp_path)),
+        data=TrainDataConfig(format=DataFormat.plain, **{"train_file": "x.jsonl", **data}),
+    )
 
 
 def _saved(layout, cfg: TrainConfig, apm: bool, step: int = 1):
@@ -181,8 +208,11 @@ def test_apm_init_from_a_language_model_and_from_an_apm(layout, tmp_path: Path) 
     apm = _parameters(_saved(layout, apm_cfg, True).chunks)
     source = resolve_init_source("apm.init_from", str(tmp_path / "apm"), TEST_MODEL, SCHEMA)
     assert source.has_head
-    setup = build_training(replace(cfg, trainer=replace(cfg.trainer, seed=5)), layout,
-                           model_provider=partial(build_attribute_model_chunks, num_attributes=3))
+    setup = build_training(
+        replace(cfg, trainer=replace(cfg.trainer, seed=5)),
+        layout,
+        model_provider=partial(build_attribute_model_chunks, num_attributes=3),
+    )
     load_init_weights(source, setup, layout, TEST_MODEL)
     assert all(torch.equal(tensor, apm[name]) for name, tensor in _parameters(setup.chunks).items())
 
@@ -202,9 +232,11 @@ def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
     result = run_recipe("prepare_data", ["data=synthetic", f"output={data}"])
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "apm"
-    result = run_recipe("train_attribute_model", [
-        f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer", f"output_dir={out}"],
-        timeout=900)
+    result = run_recipe(
+        "train_attribute_model",
+        [f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer", f"output_dir={out}"],
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "eval.json").read_text())["metrics"]
     pearson = {name: values["pearson"] for name, values in metrics["attributes"].items()}
@@ -217,10 +249,25 @@ def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_resuming_an_apm_with_another_schema_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "synthetic"
-    assert run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.annotated_rows=64",
-                                       "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"]).returncode == 0
-    common = [f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer",
-              f"output_dir={tmp_path / 'apm'}", "trainer.max_steps=2"]
+    assert (
+        run_recipe(
+            "prepare_data",
+            [
+                "data=synthetic",
+                f"output={data}",
+                "synthetic.annotated_rows=64",
+                "synthetic.unlabelled_rows=1",
+                "synthetic.eval_prompts=1",
+            ],
+        ).returncode
+        == 0
+    )
+    common = [
+        f"data.train_file={data}/annotated.jsonl",
+        f"tokenizer.path={data}/tokenizer",
+        f"output_dir={tmp_path / 'apm'}",
+        "trainer.max_steps=2",
+    ]
     first = run_recipe("train_attribute_model", common)
     assert first.returncode == 0, first.stderr[-2000:]
     second = run_recipe("train_attribute_model", [*common, "attributes=helpsteer2", "trainer.max_steps=4"])
@@ -234,15 +281,33 @@ def test_recipe_starts_from_a_language_model_checkpoint_and_from_hf(layout, tmp_
     from tests.test_hf_import import save_as_hf
 
     data = tmp_path / "synthetic"
-    assert run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.annotated_rows=64",
-                                       "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"]).returncode == 0
+    assert (
+        run_recipe(
+            "prepare_data",
+            [
+                "data=synthetic",
+                f"output={data}",
+                "synthetic.annotated_rows=64",
+                "synthetic.unlabelled_rows=1",
+                "synthetic.eval_prompts=1",
+            ],
+        ).returncode
+        == 0
+    )
     tiny = replace(TrainConfig().model, num_query_groups=2, vocab_size=768)  # conf/model/tiny.yaml, the APM's vocab
     setup = _saved(layout, TrainConfig(model=tiny, output_dir=str(tmp_path / "lm")), False)
     save_as_hf(setup.chunks, tiny, tmp_path / "hf")
     for source in ("lm", "hf"):
-        result = run_recipe("train_attribute_model", [
-            f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer", "trainer.max_steps=2",
-            f"output_dir={tmp_path / f'apm_{source}'}", f"apm.init_from={tmp_path / source}"])
+        result = run_recipe(
+            "train_attribute_model",
+            [
+                f"data.train_file={data}/annotated.jsonl",
+                f"tokenizer.path={data}/tokenizer",
+                "trainer.max_steps=2",
+                f"output_dir={tmp_path / f'apm_{source}'}",
+                f"apm.init_from={tmp_path / source}",
+            ],
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "attribute head freshly initialised" in result.stderr
         assert json.loads((tmp_path / f"apm_{source}" / "eval.json").read_text())["last_step"] == 2
@@ -257,5 +322,6 @@ def test_a_rating_column_the_schema_lacks_stops_training(tmp_path: Path) -> None
     cfg = replace(cfg, data=replace(cfg.data, train_file=str(tmp_path / "hs.jsonl"), format=DataFormat.helpsteer2))
     with pytest.raises(ConfigError) as error:
         load_examples(cfg, cfg.attributes.schema(), WordTokenizer.build(["q r"]))
-    assert error.value.key == "attributes.attributes" and "hs.jsonl:1 rates humor, which schema 'three' lacks" in \
-        str(error.value)
+    assert error.value.key == "attributes.attributes" and "hs.jsonl:1 rates humor, which schema 'three' lacks" in str(
+        error.value
+    )

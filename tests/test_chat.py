@@ -18,8 +18,10 @@ from steerlm.inference.steering import Steering
 from steerlm.tokenizers import WordTokenizer
 from tests.recipe_runner import ROOT, recipe_command, recipe_env
 
-WORDS = ("hello again what does zog eat figs and nuts System User Assistant be brief helpfulness correctness "
-         "coherence complexity verbosity 0 1 2 3 4")
+WORDS = (
+    "hello again what does zog eat figs and nuts System User Assistant be brief helpfulness correctness "
+    "coherence complexity verbosity 0 1 2 3 4"
+)
 SCHEMA = AttributesConfig().schema()  # helpfulness, correctness, coherence, complexity, verbosity; 0-4
 
 
@@ -59,14 +61,29 @@ def _prompts(service: FakeService) -> list[str]:
 
 def test_commands_steer_the_next_prompt_and_the_history_keeps_each_turns_attributes() -> None:
     session, service, out = _session()
-    session.run(["hello", "/set helpfulness 4", "/unset verbosity", "/system", "what does zog eat", "/show",
-                 "/reset", "/show", "again", "/quit", "never read"])
+    session.run(
+        [
+            "hello",
+            "/set helpfulness 4",
+            "/unset verbosity",
+            "/system",
+            "what does zog eat",
+            "/show",
+            "/reset",
+            "/show",
+            "again",
+            "/quit",
+            "never read",
+        ]
+    )
     first, second, third = _prompts(service)
     assert first.endswith("<extra_id_1>Assistant\n<extra_id_2>verbosity:2\n")
     assert first.startswith("<s><extra_id_0>System\nbe brief\n")
     # the first turn keeps the values it was generated with; the new turn has only helpfulness, no system prompt
-    assert second.startswith("<s><extra_id_0>System\n\n<extra_id_1>User\nhello\n<extra_id_1>Assistant\n"
-                             "<extra_id_2>verbosity:2\nfigs and nuts\n<extra_id_1>User\nwhat does zog eat\n")
+    assert second.startswith(
+        "<s><extra_id_0>System\n\n<extra_id_1>User\nhello\n<extra_id_1>Assistant\n"
+        "<extra_id_2>verbosity:2\nfigs and nuts\n<extra_id_1>User\nwhat does zog eat\n"
+    )
     assert second.endswith("<extra_id_2>helpfulness:4\n")
     assert third == first.replace("hello", "again")  # /reset: no turns, configured attributes and system prompt
     text = out.getvalue()
@@ -76,15 +93,18 @@ def test_commands_steer_the_next_prompt_and_the_history_keeps_each_turns_attribu
     assert service.engine.jobs[0].params[0].max_new_tokens == 7
 
 
-@pytest.mark.parametrize("line,message", [
-    ("/set humor 3", "schema 'helpsteer2' has no attribute 'humor'; its attributes are helpfulness, correctness"),
-    ("/set verbosity 9", "attributes.verbosity=9.0 is out of range: verbosity takes an integer from 0 to 4"),
-    ("/set verbosity 2.5", "attributes.verbosity=2.5 is not an integer: verbosity takes an integer from 0 to 4"),
-    ("/set verbosity high", "'high' is not a number"),
-    ("/set verbosity", "usage: /set NAME VALUE or /unset NAME"),
-    ("/unset wit", "schema 'helpsteer2' has no attribute 'wit'"),
-    ("/bogus", "unknown command /bogus; /help lists the commands"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("/set humor 3", "schema 'helpsteer2' has no attribute 'humor'; its attributes are helpfulness, correctness"),
+        ("/set verbosity 9", "attributes.verbosity=9.0 is out of range: verbosity takes an integer from 0 to 4"),
+        ("/set verbosity 2.5", "attributes.verbosity=2.5 is not an integer: verbosity takes an integer from 0 to 4"),
+        ("/set verbosity high", "'high' is not a number"),
+        ("/set verbosity", "usage: /set NAME VALUE or /unset NAME"),
+        ("/unset wit", "schema 'helpsteer2' has no attribute 'wit'"),
+        ("/bogus", "unknown command /bogus; /help lists the commands"),
+    ],
+)
 def test_a_bad_command_prints_the_reason_and_the_session_goes_on(line: str, message: str) -> None:
     session, service, out = _session()
     session.run([line, "hello"])
@@ -121,10 +141,15 @@ def test_chat_recipe_streams_replies_from_stdin(steerable: dict, tmp_path: Path)
     import subprocess
 
     lines = ["What color is Tanlinyal?", "/set verbosity 0", "/set humor 9", "What does Miveto eat?", "/show", "/quit"]
-    result = subprocess.run(recipe_command("chat", [f"checkpoint={steerable['sft']}", "attributes.verbosity=3",
-                                                    "sampling.max_tokens=40"]),
-                            input="\n".join(lines) + "\n", cwd=ROOT, env=recipe_env(), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        recipe_command("chat", [f"checkpoint={steerable['sft']}", "attributes.verbosity=3", "sampling.max_tokens=40"]),
+        input="\n".join(lines) + "\n",
+        cwd=ROOT,
+        env=recipe_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "schema 'steerlm_oasst'" in out and "attributes: verbosity:3" in out

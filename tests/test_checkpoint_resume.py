@@ -93,8 +93,9 @@ def test_stop_signal_checkpoints_the_current_step_and_exits_zero(signum: int, tm
     assert resumed["initial_weights_sha256"] == stopped["weights_sha256"]
 
 
-def test_resume_across_layouts_tp2_to_pp2_and_back_continues_the_loss_curve(uninterrupted: Path,
-                                                                             tmp_path: Path) -> None:
+def test_resume_across_layouts_tp2_to_pp2_and_back_continues_the_loss_curve(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
     """Steps 1-20 at TP=2, 21-40 at PP=2, 41-60 at TP=2 equal one uninterrupted run: weights move
     between layouts bit for bit and the Adam moments come with them."""
     schedule = [*RUN, "optim.lr_decay_steps=60", f"output_dir={tmp_path}"]
@@ -105,7 +106,9 @@ def test_resume_across_layouts_tp2_to_pp2_and_back_continues_the_loss_curve(unin
     for steps, layout in ((20, "tp2"), (40, "pp2"), (60, "tp2")):
         _ok([*schedule, f"trainer.max_steps={steps}", f"parallel={layout}"], launcher=TORCHRUN_2)
         current = summary(tmp_path)
-        assert current["layout"].startswith(f"world=2 tp={2 if layout == 'tp2' else 1} pp={2 if layout == 'pp2' else 1}")
+        assert current["layout"].startswith(
+            f"world=2 tp={2 if layout == 'tp2' else 1} pp={2 if layout == 'pp2' else 1}"
+        )
         if previous is not None:
             assert current["start_step"] == previous["last_step"]
             assert current["initial_weights_sha256"] == previous["weights_sha256"]

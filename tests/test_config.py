@@ -28,8 +28,17 @@ from steerlm.config.validation import transformer_engine_available
 from steerlm.megatron_compat import fused_adam_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim")
-PRIMARY = ("demo", "prepare_data", "train_attribute_model", "annotate", "train_sft", "evaluate_attribute_model", "chat",
-           "serve", "evaluate_steering")
+PRIMARY = (
+    "demo",
+    "prepare_data",
+    "train_attribute_model",
+    "annotate",
+    "train_sft",
+    "evaluate_attribute_model",
+    "chat",
+    "serve",
+    "evaluate_steering",
+)
 PREPARE_GROUPS = ("attributes", "data")
 
 
@@ -53,8 +62,10 @@ def test_every_yaml_under_conf_is_covered() -> None:
 def test_prepare_data_config_composes_and_validates(option: str, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text("")
-    cfg = to_typed(compose("prepare_data", [f"attributes={option}", f"input={source}", f"output={tmp_path / 'o'}"]),
-                   PrepareDataConfig)
+    cfg = to_typed(
+        compose("prepare_data", [f"attributes={option}", f"input={source}", f"output={tmp_path / 'o'}"]),
+        PrepareDataConfig,
+    )
     cfg.validate()
     schema = cfg.attributes.schema()
     assert schema.name == option and len(schema.attributes) in (5, 7, 9)
@@ -74,8 +85,13 @@ def test_attribute_model_config_composes_and_validates(tmp_path: Path) -> None:
 
     (tmp_path / "tok").mkdir()
     (tmp_path / "train.jsonl").write_text("")
-    cfg = to_typed(compose("train_attribute_model", [f"data.train_file={tmp_path / 'train.jsonl'}",
-                                                     f"tokenizer.path={tmp_path / 'tok'}"]), AttributeModelConfig)
+    cfg = to_typed(
+        compose(
+            "train_attribute_model",
+            [f"data.train_file={tmp_path / 'train.jsonl'}", f"tokenizer.path={tmp_path / 'tok'}"],
+        ),
+        AttributeModelConfig,
+    )
     assert validate_train_config(cfg, 1, Accelerator.cpu) == 1
     for section in (cfg.tokenizer, cfg.data, cfg.attributes):
         section.validate()
@@ -94,8 +110,18 @@ def test_annotate_config_composes_and_validates(tmp_path: Path) -> None:
 
     (tmp_path / "apm").mkdir()
     (tmp_path / "in.jsonl").write_text("")
-    cfg = to_typed(compose("annotate", [f"apm_checkpoint={tmp_path / 'apm'}", f"input={tmp_path / 'in.jsonl'}",
-                                        f"output={tmp_path / 'out.jsonl'}", "parallel=tp2"]), AnnotateConfig)
+    cfg = to_typed(
+        compose(
+            "annotate",
+            [
+                f"apm_checkpoint={tmp_path / 'apm'}",
+                f"input={tmp_path / 'in.jsonl'}",
+                f"output={tmp_path / 'out.jsonl'}",
+                "parallel=tp2",
+            ],
+        ),
+        AnnotateConfig,
+    )
     cfg.validate()
     assert cfg.mode == AnnotateMode.fill_missing and cfg.parallel.tensor_model_parallel_size == 2
     with pytest.raises(ConfigError) as error:
@@ -115,9 +141,19 @@ def test_prepare_data_requires_input_and_output() -> None:
 def test_custom_attribute_schema_from_overrides(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text("")
-    cfg = to_typed(compose("prepare_data", ["attributes.name=mine", "attributes.attributes=[wit,brevity]",
-                                            "attributes.max_value=9", f"input={source}", "output=o.jsonl"]),
-                   PrepareDataConfig)
+    cfg = to_typed(
+        compose(
+            "prepare_data",
+            [
+                "attributes.name=mine",
+                "attributes.attributes=[wit,brevity]",
+                "attributes.max_value=9",
+                f"input={source}",
+                "output=o.jsonl",
+            ],
+        ),
+        PrepareDataConfig,
+    )
     assert cfg.attributes.schema().format(cfg.attributes.schema().check({"brevity": 9, "wit": 1})) == "wit:1,brevity:9"
     with pytest.raises(ConfigError) as error:
         replace(cfg.attributes, attributes=["a", "a"]).validate()
@@ -208,43 +244,116 @@ def _tiny(**model) -> TrainConfig:
 @pytest.mark.parametrize(
     "cfg,world,accelerator,key,phrase",
     [
-        (TrainConfig(parallel=ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
-         6, Accelerator.cpu, "parallel.tensor_model_parallel_size", "not divisible"),
-        (TrainConfig(parallel=ParallelConfig(data_parallel_size=4)), 2, Accelerator.cpu,
-         "parallel.data_parallel_size", "gives 2"),
-        (replace(_tiny(num_attention_heads=6, num_query_groups=None, hidden_size=120),
-                 parallel=ParallelConfig(tensor_model_parallel_size=4)),
-         4, Accelerator.cpu, "parallel.tensor_model_parallel_size", "num_attention_heads"),
-        (replace(_tiny(num_query_groups=2), parallel=ParallelConfig(tensor_model_parallel_size=4)), 4,
-         Accelerator.cpu, "parallel.tensor_model_parallel_size", "query groups"),
-        (TrainConfig(parallel=ParallelConfig(pipeline_model_parallel_size=4)), 4, Accelerator.cpu,
-         "model.num_layers", "pipeline stages"),
-        (replace(_tiny(num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2,
-                                                              virtual_pipeline_model_parallel_size=4)),
-         2, Accelerator.cpu, "model.num_layers", "virtual"),
-        (replace(_tiny(vocab_size=301, make_vocab_size_divisible_by=7), parallel=ParallelConfig(
-            tensor_model_parallel_size=2)), 2, Accelerator.cpu, "model.make_vocab_size_divisible_by", "padded"),
+        (
+            TrainConfig(parallel=ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
+            6,
+            Accelerator.cpu,
+            "parallel.tensor_model_parallel_size",
+            "not divisible",
+        ),
+        (
+            TrainConfig(parallel=ParallelConfig(data_parallel_size=4)),
+            2,
+            Accelerator.cpu,
+            "parallel.data_parallel_size",
+            "gives 2",
+        ),
+        (
+            replace(
+                _tiny(num_attention_heads=6, num_query_groups=None, hidden_size=120),
+                parallel=ParallelConfig(tensor_model_parallel_size=4),
+            ),
+            4,
+            Accelerator.cpu,
+            "parallel.tensor_model_parallel_size",
+            "num_attention_heads",
+        ),
+        (
+            replace(_tiny(num_query_groups=2), parallel=ParallelConfig(tensor_model_parallel_size=4)),
+            4,
+            Accelerator.cpu,
+            "parallel.tensor_model_parallel_size",
+            "query groups",
+        ),
+        (
+            TrainConfig(parallel=ParallelConfig(pipeline_model_parallel_size=4)),
+            4,
+            Accelerator.cpu,
+            "model.num_layers",
+            "pipeline stages",
+        ),
+        (
+            replace(
+                _tiny(num_layers=4),
+                parallel=ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=4),
+            ),
+            2,
+            Accelerator.cpu,
+            "model.num_layers",
+            "virtual",
+        ),
+        (
+            replace(
+                _tiny(vocab_size=301, make_vocab_size_divisible_by=7),
+                parallel=ParallelConfig(tensor_model_parallel_size=2),
+            ),
+            2,
+            Accelerator.cpu,
+            "model.make_vocab_size_divisible_by",
+            "padded",
+        ),
         (TrainConfig(precision=PrecisionConfig(dtype=DType.fp16)), 1, Accelerator.cpu, "precision.dtype", "fp16"),
-        (TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True)), 1, Accelerator.cpu,
-         "parallel.use_distributed_optimizer", "CUDA"),
-        (TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=12)), 2, Accelerator.cpu,
-         "trainer.global_batch_size", "data_parallel_size"),
-        (TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=10)), 1, Accelerator.cpu,
-         "trainer.global_batch_size", "micro_batch_size"),
-        (TrainConfig(trainer=TrainerConfig(seq_length=1024)), 1, Accelerator.cpu, "trainer.seq_length",
-         "max_position_embeddings"),
-        (TrainConfig(parallel=ParallelConfig(sequence_parallel=True)), 1, Accelerator.cpu,
-         "parallel.sequence_parallel", "tensor_model_parallel_size > 1"),
-        (TrainConfig(parallel=ParallelConfig(context_parallel_size=2)), 2, Accelerator.cpu,
-         "parallel.context_parallel_size", "Transformer Engine"),
+        (
+            TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True)),
+            1,
+            Accelerator.cpu,
+            "parallel.use_distributed_optimizer",
+            "CUDA",
+        ),
+        (
+            TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=12)),
+            2,
+            Accelerator.cpu,
+            "trainer.global_batch_size",
+            "data_parallel_size",
+        ),
+        (
+            TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=10)),
+            1,
+            Accelerator.cpu,
+            "trainer.global_batch_size",
+            "micro_batch_size",
+        ),
+        (
+            TrainConfig(trainer=TrainerConfig(seq_length=1024)),
+            1,
+            Accelerator.cpu,
+            "trainer.seq_length",
+            "max_position_embeddings",
+        ),
+        (
+            TrainConfig(parallel=ParallelConfig(sequence_parallel=True)),
+            1,
+            Accelerator.cpu,
+            "parallel.sequence_parallel",
+            "tensor_model_parallel_size > 1",
+        ),
+        (
+            TrainConfig(parallel=ParallelConfig(context_parallel_size=2)),
+            2,
+            Accelerator.cpu,
+            "parallel.context_parallel_size",
+            "Transformer Engine",
+        ),
         (_tiny(hidden_size=130), 1, Accelerator.cpu, "model.hidden_size", "not divisible"),
         (_tiny(num_query_groups=3), 1, Accelerator.cpu, "model.num_query_groups", "must divide"),
         (_tiny(num_layers=0), 1, Accelerator.cpu, "model.num_layers", "positive"),
     ],
     ids=lambda value: None if not isinstance(value, str) or "." not in value else value,
 )
-def test_invalid_config_names_key_and_fix(cfg: TrainConfig, world: int, accelerator: Accelerator, key: str,
-                                          phrase: str) -> None:
+def test_invalid_config_names_key_and_fix(
+    cfg: TrainConfig, world: int, accelerator: Accelerator, key: str, phrase: str
+) -> None:
     with pytest.raises(ConfigError) as error:
         validate_train_config(cfg, world, accelerator)
     assert error.value.key == key
@@ -253,12 +362,14 @@ def test_invalid_config_names_key_and_fix(cfg: TrainConfig, world: int, accelera
 
 
 def test_job_planned_elsewhere_skips_checks_of_this_machine() -> None:
-    cfg = TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True),
-                      precision=PrecisionConfig(dtype=DType.bf16))
+    cfg = TrainConfig(
+        parallel=ParallelConfig(use_distributed_optimizer=True), precision=PrecisionConfig(dtype=DType.bf16)
+    )
     assert validate_train_config(cfg, 1, Accelerator.cuda, this_machine=False) == 1
     with pytest.raises(ConfigError):  # a layout error is still caught while planning
-        validate_train_config(replace(cfg, parallel=ParallelConfig(tensor_model_parallel_size=3)), 3,
-                              Accelerator.cuda, this_machine=False)
+        validate_train_config(
+            replace(cfg, parallel=ParallelConfig(tensor_model_parallel_size=3)), 3, Accelerator.cuda, this_machine=False
+        )
 
 
 def test_bf16_is_allowed_on_cpu() -> None:

@@ -12,8 +12,8 @@ import pytest
 
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
-from steerlm.errors import DataError
 from steerlm.data.readers import DataFormat
+from steerlm.errors import DataError
 from steerlm.stages import attribute_model
 from tests.recipe_runner import TORCHRUN_2, run_recipe
 
@@ -24,29 +24,56 @@ MERGE_WEIGHTS = "[0,-0.5,0,0,0.3,0.74,0.46,0.47,-0.33]"
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     data = root / "synthetic"
-    made = run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.annotated_rows=300",
-                                       "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"])
+    made = run_recipe(
+        "prepare_data",
+        [
+            "data=synthetic",
+            f"output={data}",
+            "synthetic.annotated_rows=300",
+            "synthetic.unlabelled_rows=1",
+            "synthetic.eval_prompts=1",
+        ],
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     apm = root / "apm"
-    trained = run_recipe("train_attribute_model", [
-        f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer", f"output_dir={apm}",
-        "trainer.max_steps=10", "trainer.eval_interval=5", "trainer.global_batch_size=16",
-        f"apm.merge_weights={MERGE_WEIGHTS}"])
+    trained = run_recipe(
+        "train_attribute_model",
+        [
+            f"data.train_file={data}/annotated.jsonl",
+            f"tokenizer.path={data}/tokenizer",
+            f"output_dir={apm}",
+            "trainer.max_steps=10",
+            "trainer.eval_interval=5",
+            "trainer.global_batch_size=16",
+            f"apm.merge_weights={MERGE_WEIGHTS}",
+        ],
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     return {"data": data, "apm": apm, "root": root}
 
 
 def _config(world: dict, **changes) -> EvaluateAttributeModelConfig:
-    cfg = to_typed(compose("evaluate_attribute_model", [f"apm_checkpoint={world['apm']}",
-                                                        f"input={world['data']}/annotated.jsonl"]),
-                   EvaluateAttributeModelConfig)
+    cfg = to_typed(
+        compose(
+            "evaluate_attribute_model", [f"apm_checkpoint={world['apm']}", f"input={world['data']}/annotated.jsonl"]
+        ),
+        EvaluateAttributeModelConfig,
+    )
     return replace(cfg, output_dir=str(world["root"] / "eval_in_process"), **changes)
 
 
 def _evaluate(world: dict, output: Path, *extra: str, launcher=None) -> dict:
-    result = run_recipe("evaluate_attribute_model", [f"apm_checkpoint={world['apm']}",
-                                                     f"input={world['data']}/annotated.jsonl", "format=helpsteer2",
-                                                     f"output_dir={output}", *extra], launcher)
+    result = run_recipe(
+        "evaluate_attribute_model",
+        [
+            f"apm_checkpoint={world['apm']}",
+            f"input={world['data']}/annotated.jsonl",
+            "format=helpsteer2",
+            f"output_dir={output}",
+            *extra,
+        ],
+        launcher,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mean Pearson" in result.stderr and "reward" in result.stderr  # the logged table
     return json.loads((output / "eval.json").read_text())
@@ -77,8 +104,9 @@ def test_training_logs_per_attribute_metrics_at_each_validation(world) -> None:
     for name in ("humor", "verbosity", "mean", "reward"):
         assert {f"val_pearson/{name}", f"val_mae/{name}"} <= set(validations[-1])
     final = json.loads((world["apm"] / "eval.json").read_text())["metrics"]
-    assert validations[-1]["val_pearson/humor"] == pytest.approx(final["attributes"]["humor"]["pearson"], rel=0,
-                                                                 nan_ok=True)
+    assert validations[-1]["val_pearson/humor"] == pytest.approx(
+        final["attributes"]["humor"]["pearson"], rel=0, nan_ok=True
+    )
     assert validations[-1]["val_mae/reward"] == final["reward"]["mae"]
 
 
@@ -92,8 +120,16 @@ def test_bad_inputs_stop_before_the_model_is_built(world, tmp_path: Path) -> Non
         attribute_model.evaluate(_config(world, apm_checkpoint=str(lm)))
     assert error.value.key == "apm_checkpoint" and "is not an attribute model" in str(error.value)
 
-    row = {"prompt": "what does zog eat", "response": "figs", "helpfulness": 4, "correctness": 4, "coherence": 4,
-           "complexity": 1, "verbosity": 1, "violence": 2}
+    row = {
+        "prompt": "what does zog eat",
+        "response": "figs",
+        "helpfulness": 4,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 1,
+        "verbosity": 1,
+        "violence": 2,
+    }
     rated = tmp_path / "rated.jsonl"
     rated.write_text(json.dumps(row) + "\n")
     with pytest.raises(ConfigError) as error:  # a rating column the APM's schema lacks
@@ -102,10 +138,15 @@ def test_bad_inputs_stop_before_the_model_is_built(world, tmp_path: Path) -> Non
 
     labelled = tmp_path / "labelled.jsonl"
     turns = [{"from": "User", "value": "zog", "label": None}, {"from": "Assistant", "value": "figs", "label": None}]
-    rows = [{"conversations": turns}, {"conversations": [turns[0], {**turns[1], "label": "wit:3"}]},
-            {"conversations": [turns[0], {**turns[1], "label": "humor:9"}]}]
-    for bad, problem in ((rows[1], "unknown attribute 'wit' for schema 'steerlm_oasst'"),
-                         (rows[2], "humor=9.0 is outside [0, 4]")):
+    rows = [
+        {"conversations": turns},
+        {"conversations": [turns[0], {**turns[1], "label": "wit:3"}]},
+        {"conversations": [turns[0], {**turns[1], "label": "humor:9"}]},
+    ]
+    for bad, problem in (
+        (rows[1], "unknown attribute 'wit' for schema 'steerlm_oasst'"),
+        (rows[2], "humor=9.0 is outside [0, 4]"),
+    ):
         labelled.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(DataError) as error:
             attribute_model.evaluate(_config(world, input=str(labelled), format=DataFormat.conversation))
@@ -119,13 +160,20 @@ def test_bad_inputs_stop_before_the_model_is_built(world, tmp_path: Path) -> Non
 def test_config_composes_and_validates(tmp_path: Path) -> None:
     (tmp_path / "apm").mkdir()
     (tmp_path / "data.jsonl").write_text("")
-    cfg = to_typed(compose("evaluate_attribute_model", [f"apm_checkpoint={tmp_path / 'apm'}",
-                                                        f"input={tmp_path / 'data.jsonl'}", "parallel=tp2"]),
-                   EvaluateAttributeModelConfig)
+    cfg = to_typed(
+        compose(
+            "evaluate_attribute_model",
+            [f"apm_checkpoint={tmp_path / 'apm'}", f"input={tmp_path / 'data.jsonl'}", "parallel=tp2"],
+        ),
+        EvaluateAttributeModelConfig,
+    )
     cfg.validate()
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.validation_fraction is None
-    for change, key in (({"validation_fraction": 1.5}, "validation_fraction"), ({"micro_batch_size": 0}, "micro_batch_size"),
-                        ({"input": str(tmp_path / "none.jsonl")}, "input")):
+    for change, key in (
+        ({"validation_fraction": 1.5}, "validation_fraction"),
+        ({"micro_batch_size": 0}, "micro_batch_size"),
+        ({"input": str(tmp_path / "none.jsonl")}, "input"),
+    ):
         with pytest.raises(ConfigError) as error:
             replace(cfg, **change).validate()
         assert error.value.key == key

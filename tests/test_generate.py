@@ -20,14 +20,21 @@ from steerlm.tokenizers import WordTokenizer
 from tests.conftest import TEST_MODEL
 from tests.multiproc import run_distributed
 
-WORDS = ("the owl hunts at night and the fox sleeps by day while a small grey mouse runs under old green "
-         "leaves near cold water where fish swim and birds sing softly in tall trees").split()
+WORDS = (
+    "the owl hunts at night and the fox sleeps by day while a small grey mouse runs under old green "
+    "leaves near cold water where fish swim and birds sing softly in tall trees"
+).split()
 TOKENIZER = WordTokenizer.build([" ".join(WORDS) + " . , ! ?"])
 PROMPTS = [[2, 10, 11, 12], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 30], [2, 40, 41, 42, 43, 44]]
 
 
-def _generator(layout: runtime.ParallelLayout, stop_ids=(), limit: int | None = None, decoder: str = "auto",
-               model: ModelConfig = TEST_MODEL) -> Generator:
+def _generator(
+    layout: runtime.ParallelLayout,
+    stop_ids=(),
+    limit: int | None = None,
+    decoder: str = "auto",
+    model: ModelConfig = TEST_MODEL,
+) -> Generator:
     chunks = build_model_chunks(model, PrecisionConfig(), layout, seed=7)
     return Generator(chunks, TOKENIZER, layout, limit or model.max_position_embeddings, stop_ids, decoder)
 
@@ -39,8 +46,8 @@ def _argmax_loop(generator: Generator, prompt: list[int], steps: int) -> list[in
         for _ in range(steps):
             ids = torch.tensor([tokens])
             logits = generator.model(ids, torch.arange(len(tokens))[None], None)
-            tokens.append(int(logits[0, -1, :TOKENIZER.vocab_size].argmax()))
-    return tokens[len(prompt):]
+            tokens.append(int(logits[0, -1, : TOKENIZER.vocab_size].argmax()))
+    return tokens[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +56,18 @@ def generator(layout) -> Generator:
 
 
 # Both decoders on the shapes the lean one must reproduce: GQA, tied embeddings with MHA, Llama-3 RoPE scaling.
-SHAPES = {"gqa": TEST_MODEL, "tied_mha": replace(TEST_MODEL, share_embeddings_and_output_weights=True,
-                                                  num_query_groups=None),
-          "llama3_rope": replace(TEST_MODEL, rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000)}
+SHAPES = {
+    "gqa": TEST_MODEL,
+    "tied_mha": replace(TEST_MODEL, share_embeddings_and_output_weights=True, num_query_groups=None),
+    "llama3_rope": replace(TEST_MODEL, rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000),
+}
 
 
 @pytest.mark.parametrize("decoder", ["lean", "megatron"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kv_cache_greedy_equals_recompute_loop_for_a_batch_of_different_lengths(layout, decoder: str,
-                                                                                 shape: str) -> None:
+def test_kv_cache_greedy_equals_recompute_loop_for_a_batch_of_different_lengths(
+    layout, decoder: str, shape: str
+) -> None:
     generator = _generator(layout, decoder=decoder, model=SHAPES[shape])
     assert generator.decoder.__name__ == {"lean": "LeanDecoder", "megatron": "MegatronDecoder"}[decoder]
     completions = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=12)] * len(PROMPTS))
@@ -75,7 +85,9 @@ def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, 
     lean, reference = LeanDecoder(chunk, layout, 2, 32), MegatronDecoder(chunk, layout, 2, 32)
     with runtime.inference():
         pairs = [(lean.forward(tokens[:, :4], 0), reference.forward(tokens[:, :4], 0))]
-        pairs += [(lean.forward(tokens[:, i:i + 1], i), reference.forward(tokens[:, i:i + 1], i)) for i in range(4, 9)]
+        pairs += [
+            (lean.forward(tokens[:, i : i + 1], i), reference.forward(tokens[:, i : i + 1], i)) for i in range(4, 9)
+        ]
     for ours, theirs in pairs:
         assert ours.shape == theirs.shape == (2, SHAPES[shape].padded_vocab_size)
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
@@ -111,9 +123,11 @@ def test_stop_token_ends_a_row_early_and_is_not_returned(layout) -> None:
 def test_stop_string_cuts_the_text_and_the_stream_equals_the_final_text(generator: Generator) -> None:
     free = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=16)] * len(PROMPTS))
     text = free[1].text
-    stop = text[len(text) // 2: len(text) // 2 + 6]
-    params = [SamplingParams(max_new_tokens=16, stop=(stop,)) if i == 1 else SamplingParams(max_new_tokens=16)
-              for i in range(len(PROMPTS))]
+    stop = text[len(text) // 2 : len(text) // 2 + 6]
+    params = [
+        SamplingParams(max_new_tokens=16, stop=(stop,)) if i == 1 else SamplingParams(max_new_tokens=16)
+        for i in range(len(PROMPTS))
+    ]
     streamed = {i: "" for i in range(len(PROMPTS))}
     finished = Counter()
     for deltas in generator.stream(PROMPTS, params):
@@ -123,7 +137,7 @@ def test_stop_string_cuts_the_text_and_the_stream_equals_the_final_text(generato
             finished[delta.index] += delta.finish_reason is not None
     final = generator.generate(PROMPTS, params)
     assert finished == Counter({i: 1 for i in range(len(PROMPTS))})
-    assert final[1].text == text[:text.index(stop)] and final[1].finish_reason == FinishReason.stop
+    assert final[1].text == text[: text.index(stop)] and final[1].finish_reason == FinishReason.stop
     assert [streamed[i] for i in range(len(PROMPTS))] == [c.text for c in final]
     assert [c.text for i, c in enumerate(final) if i != 1] == [c.text for i, c in enumerate(free) if i != 1]
 
@@ -185,8 +199,10 @@ def _tp_run(tp: int) -> dict:
         for decoder in ("lean", "megatron"):
             generator = _generator(layout, decoder=decoder)
             greedy = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=12)] * len(PROMPTS))
-            sampled = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9,
-                                                                  seed=i) for i in range(len(PROMPTS))])
+            sampled = generator.generate(
+                PROMPTS,
+                [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=i) for i in range(len(PROMPTS))],
+            )
             out[decoder] = {"greedy": [c.token_ids for c in greedy], "sampled": [c.token_ids for c in sampled]}
         return out
     finally:
@@ -211,8 +227,9 @@ class _Bytes:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-@pytest.mark.parametrize("stop, expected, reason", [(("wö",), "héllo ", FinishReason.stop),
-                                                    ((), "héllo wörld ✓", FinishReason.length)])
+@pytest.mark.parametrize(
+    "stop, expected, reason", [(("wö",), "héllo ", FinishReason.stop), ((), "héllo wörld ✓", FinishReason.length)]
+)
 def test_streamed_text_never_splits_a_character_and_cuts_stop_strings(stop, expected, reason) -> None:
     from steerlm.inference.generate import _Row
 
@@ -237,7 +254,9 @@ def test_inference_runs_one_replica_over_all_launched_ranks(monkeypatch) -> None
     check_inference_layout(ParallelConfig(tensor_model_parallel_size=2), [TEST_MODEL])
     with pytest.raises(ConfigError) as error:
         check_inference_layout(ParallelConfig(), [TEST_MODEL])
-    assert error.value.key == "parallel.tensor_model_parallel_size" and "2 processes would hold 2 copies" in str(error.value)
+    assert error.value.key == "parallel.tensor_model_parallel_size" and "2 processes would hold 2 copies" in str(
+        error.value
+    )
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError):  # 4 heads do not split over 3 ranks
         check_inference_layout(ParallelConfig(tensor_model_parallel_size=3), [TEST_MODEL])

@@ -13,8 +13,13 @@ import pytest
 
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.schema import APMConfig, APMType, AttributeModelConfig
-from steerlm.data.apm import attribute_examples, attribute_string, attribute_string_budget, generative_examples, \
-    parse_attribute_string
+from steerlm.data.apm import (
+    attribute_examples,
+    attribute_string,
+    attribute_string_budget,
+    generative_examples,
+    parse_attribute_string,
+)
 from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats, pad_batch
 from steerlm.data.records import Conversation, Role, Turn
@@ -30,8 +35,10 @@ TOKENIZER = WordTokenizer.build(["Owls hunt at night . What do owls do ? helpful
 
 
 def test_parse_reads_each_item_on_its_own_and_names_what_it_could_not_read() -> None:
-    assert parse_attribute_string(SCHEMA, "helpfulness:4,humor:0,verbosity:2\n") == \
-        ({"helpfulness": 4.0, "humor": 0.0, "verbosity": 2.0}, [])
+    assert parse_attribute_string(SCHEMA, "helpfulness:4,humor:0,verbosity:2\n") == (
+        {"helpfulness": 4.0, "humor": 0.0, "verbosity": 2.0},
+        [],
+    )
     values, problems = parse_attribute_string(SCHEMA, "helpfulness:4,humor:9,wit:1,verbosity:x,helpfulness:3,humor")
     assert values == {"helpfulness": 4.0}
     assert problems == ["humor:9", "wit:1", "verbosity:x", "helpfulness:3", "humor"]
@@ -39,11 +46,14 @@ def test_parse_reads_each_item_on_its_own_and_names_what_it_could_not_read() -> 
 
 
 def test_examples_train_exactly_the_attribute_string_after_the_apm_prompt() -> None:
-    turns = (Turn(Role.user, "What do owls do?"), Turn(Role.assistant, "Owls hunt at night.",
-                                                         {"helpfulness": 4, "humor": None, "verbosity": 1}))
+    turns = (
+        Turn(Role.user, "What do owls do?"),
+        Turn(Role.assistant, "Owls hunt at night.", {"helpfulness": 4, "humor": None, "verbosity": 1}),
+    )
     template = SteerLMTemplate(SCHEMA)
-    [prompt] = attribute_examples([Conversation("", turns, "f:1")], SCHEMA, template, TOKENIZER, 200,
-                                  LengthPolicy.drop, LengthStats())
+    [prompt] = attribute_examples(
+        [Conversation("", turns, "f:1")], SCHEMA, template, TOKENIZER, 200, LengthPolicy.drop, LengthStats()
+    )
     [example] = generative_examples([prompt], SCHEMA, TOKENIZER, "\n")
     string = TOKENIZER.encode("helpfulness:4,verbosity:1\n")  # the missing label is simply not written
     assert attribute_string(SCHEMA, prompt.targets, "\n") == "helpfulness:4,verbosity:1\n"
@@ -52,7 +62,9 @@ def test_examples_train_exactly_the_attribute_string_after_the_apm_prompt() -> N
     batch = pad_batch([example], TOKENIZER.pad_id)
     trained = batch["labels"][0][batch["loss_mask"][0] == 1].tolist()
     assert trained == string and TOKENIZER.decode(prompt.ids).endswith("Owls hunt at night.\n<extra_id_2>")
-    assert attribute_string_budget(SCHEMA, TOKENIZER, "\n") >= len(TOKENIZER.encode("helpfulness:4,humor:4,verbosity:4\n"))
+    assert attribute_string_budget(SCHEMA, TOKENIZER, "\n") >= len(
+        TOKENIZER.encode("helpfulness:4,humor:4,verbosity:4\n")
+    )
 
 
 def test_unwritten_attributes_are_left_out_of_the_metrics_and_counted() -> None:
@@ -75,8 +87,11 @@ def test_attribute_weights_are_refused_for_a_generative_apm() -> None:
 def test_pipeline_parallel_generative_training_is_refused(tmp_path: Path) -> None:
     cfg = to_typed(compose("train_attribute_model", ["apm.type=generative", "parallel=pp2"]), AttributeModelConfig)
     assert cfg.apm.type == APMType.generative
-    result = run_recipe("train_attribute_model", ["apm.type=generative", "parallel=pp2", "trainer.max_steps=1",
-                                                  f"output_dir={tmp_path}"], launcher=TORCHRUN_2)
+    result = run_recipe(
+        "train_attribute_model",
+        ["apm.type=generative", "parallel=pp2", "trainer.max_steps=1", f"output_dir={tmp_path}"],
+        launcher=TORCHRUN_2,
+    )
     assert result.returncode != 0 and "apm.type" in result.stderr, result.stderr[-2000:]
 
 
@@ -84,12 +99,22 @@ def test_pipeline_parallel_generative_training_is_refused(tmp_path: Path) -> Non
 def generative_apm(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("generative")
     data, out = root / "synthetic", root / "apm"
-    made = run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.unlabelled_rows=40",
-                                       "synthetic.eval_prompts=2"])
+    made = run_recipe(
+        "prepare_data", ["data=synthetic", f"output={data}", "synthetic.unlabelled_rows=40", "synthetic.eval_prompts=2"]
+    )
     assert made.returncode == 0, made.stderr[-2000:]
-    trained = run_recipe("train_attribute_model", [
-        "apm.type=generative", f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer",
-        f"output_dir={out}", "trainer.eval_interval=null", "checkpoint.save_interval=null"], timeout=900)
+    trained = run_recipe(
+        "train_attribute_model",
+        [
+            "apm.type=generative",
+            f"data.train_file={data}/annotated.jsonl",
+            f"tokenizer.path={data}/tokenizer",
+            f"output_dir={out}",
+            "trainer.eval_interval=null",
+            "checkpoint.save_interval=null",
+        ],
+        timeout=900,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     return {"data": data, "apm": out, "eval": json.loads((out / "eval.json").read_text())}
 
@@ -98,8 +123,10 @@ def generative_apm(tmp_path_factory) -> dict:
 def test_tiny_generative_apm_learns_the_synthetic_worlds_surface_attributes(generative_apm: dict) -> None:
     metrics = generative_apm["eval"]["metrics"]
     pearson = {name: values["pearson"] for name, values in metrics["attributes"].items()}
-    print(f"\ngenerative APM held-out Pearson: {pearson} mean {metrics['mean']['pearson']:.3f}; "
-          f"generation {metrics['generation']}")
+    print(
+        f"\ngenerative APM held-out Pearson: {pearson} mean {metrics['mean']['pearson']:.3f}; "
+        f"generation {metrics['generation']}"
+    )
     assert metrics["generation"]["complete"] >= 0.95 * metrics["generation"]["rows"]
     for name in ("verbosity", "humor", "toxicity"):
         assert pearson[name] >= GENERATIVE_SURFACE_PEARSON, f"{name}: {pearson[name]:.3f}"
@@ -109,8 +136,9 @@ def test_tiny_generative_apm_learns_the_synthetic_worlds_surface_attributes(gene
 def test_annotate_and_evaluate_accept_a_generative_apm(generative_apm: dict, tmp_path: Path) -> None:
     data = generative_apm["data"]
     out = tmp_path / "labelled.jsonl"
-    result = run_recipe("annotate", [f"apm_checkpoint={generative_apm['apm']}", f"input={data}/unlabelled.jsonl",
-                                     f"output={out}"])
+    result = run_recipe(
+        "annotate", [f"apm_checkpoint={generative_apm['apm']}", f"input={data}/unlabelled.jsonl", f"output={out}"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     labels = [turn["label"] for row in rows for turn in row["conversations"] if turn["from"] == "Assistant"]
@@ -119,9 +147,18 @@ def test_annotate_and_evaluate_accept_a_generative_apm(generative_apm: dict, tmp
     assert written >= 0.9 * 3 * len(labels)
     evaluated = {}
     for name, launcher, parallel in (("tp1", None, "single"), ("tp2", TORCHRUN_2, "tp2")):
-        result = run_recipe("evaluate_attribute_model", [
-            f"apm_checkpoint={generative_apm['apm']}", f"input={data}/annotated.jsonl", "format=helpsteer2",
-            "validation_fraction=0.1", f"output_dir={tmp_path / name}", f"parallel={parallel}"], launcher)
+        result = run_recipe(
+            "evaluate_attribute_model",
+            [
+                f"apm_checkpoint={generative_apm['apm']}",
+                f"input={data}/annotated.jsonl",
+                "format=helpsteer2",
+                "validation_fraction=0.1",
+                f"output_dir={tmp_path / name}",
+                f"parallel={parallel}",
+            ],
+            launcher,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         evaluated[name] = json.loads((tmp_path / name / "eval.json").read_text())["metrics"]
     assert evaluated["tp1"] == evaluated["tp2"]

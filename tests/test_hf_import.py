@@ -14,16 +14,25 @@ import torch
 from steerlm import runtime
 from steerlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
 from steerlm.models import build_model_chunks
-from steerlm.models.hf_llama import (SafetensorsWeights, check_hf_config, hf_config_dict, hf_to_megatron,
-                                     megatron_to_hf, read_hf_config)
+from steerlm.models.hf_llama import (
+    SafetensorsWeights,
+    check_hf_config,
+    hf_config_dict,
+    hf_to_megatron,
+    megatron_to_hf,
+    read_hf_config,
+)
 from steerlm.models.sharding import TIED_EMBEDDING, load_full_parameters, named_global_parameters
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import TEST_MODEL
 from tests.multiproc import run_distributed
 
 transformers = pytest.importorskip("transformers")
-VARIANTS = {"gqa": {}, "tied": {"share_embeddings_and_output_weights": True},
-            "llama3_rope_scaling": {"rope_scaling": True, "rope_scaling_factor": 32.0, "rotary_base": 500000}}
+VARIANTS = {
+    "gqa": {},
+    "tied": {"share_embeddings_and_output_weights": True},
+    "llama3_rope_scaling": {"rope_scaling": True, "rope_scaling_factor": 32.0, "rotary_base": 500000},
+}
 
 
 def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +43,9 @@ def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
 def save_as_hf(chunks: list, model: ModelConfig, directory: Path) -> None:
     """What a user's HF checkpoint looks like: the model exported through transformers' own save_pretrained."""
     full = {name: param.detach() for name, param in named_global_parameters(chunks)}
-    config = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(model).items()
-                                         if k not in ("architectures", "model_type")})
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in hf_config_dict(model).items() if k not in ("architectures", "model_type")}
+    )
     hf = transformers.LlamaForCausalLM(config)
     hf.load_state_dict(megatron_to_hf(full, model), strict=False)
     hf.save_pretrained(directory)
@@ -44,8 +54,7 @@ def save_as_hf(chunks: list, model: ModelConfig, directory: Path) -> None:
 def _import(directory: Path, model: ModelConfig, layout, seed: int = 99) -> list:
     chunks = build_model_chunks(model, PrecisionConfig(), layout, seed)
     names = [name for name, _ in named_global_parameters(chunks)]
-    load_full_parameters(chunks, hf_to_megatron(SafetensorsWeights(directory), model, names), layout.tp_rank,
-                         layout.tp)
+    load_full_parameters(chunks, hf_to_megatron(SafetensorsWeights(directory), model, names), layout.tp_rank, layout.tp)
     return chunks
 
 
@@ -58,12 +67,12 @@ def test_round_trip_through_save_pretrained_gives_identical_logits(layout, tmp_p
     imported = _import(tmp_path, model, layout)
     tokens, positions = _tokens()
     with torch.no_grad():
-        expected = source[0](tokens, positions, None)[..., :model.vocab_size]
+        expected = source[0](tokens, positions, None)[..., : model.vocab_size]
         logits = imported[0](tokens, positions, None)
         hf_logits = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()(tokens).logits
-    assert torch.equal(logits[..., :model.vocab_size], expected)
-    torch.testing.assert_close(logits[..., :model.vocab_size], hf_logits, rtol=1e-5, atol=1e-5)
-    assert torch.count_nonzero(logits[..., model.vocab_size:]) == 0  # zero padding rows give logit 0
+    assert torch.equal(logits[..., : model.vocab_size], expected)
+    torch.testing.assert_close(logits[..., : model.vocab_size], hf_logits, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(logits[..., model.vocab_size :]) == 0  # zero padding rows give logit 0
 
 
 def test_hf_to_megatron_inverts_megatron_to_hf(layout) -> None:
@@ -87,17 +96,27 @@ def _hf_dir(tmp_path: Path, layout, **changes) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("change,key,fix", [
-    ({"hidden_size": 96}, "model.hidden_size", "set model.hidden_size=96"),
-    ({"num_key_value_heads": 4}, "model.num_query_groups", "set model.num_query_groups=4"),
-    ({"tie_word_embeddings": True}, "model.share_embeddings_and_output_weights",
-     "set model.share_embeddings_and_output_weights=True"),
-    ({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}, "model.rotary_base",
-     "set model.rotary_base=500000"),
-    ({"hidden_act": "gelu"}, "apm.init_from", "convert a Llama-architecture model"),
-])
-def test_config_json_that_differs_from_the_model_is_refused(layout, tmp_path: Path, change: dict, key: str,
-                                                            fix: str) -> None:
+@pytest.mark.parametrize(
+    "change,key,fix",
+    [
+        ({"hidden_size": 96}, "model.hidden_size", "set model.hidden_size=96"),
+        ({"num_key_value_heads": 4}, "model.num_query_groups", "set model.num_query_groups=4"),
+        (
+            {"tie_word_embeddings": True},
+            "model.share_embeddings_and_output_weights",
+            "set model.share_embeddings_and_output_weights=True",
+        ),
+        (
+            {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}},
+            "model.rotary_base",
+            "set model.rotary_base=500000",
+        ),
+        ({"hidden_act": "gelu"}, "apm.init_from", "convert a Llama-architecture model"),
+    ],
+)
+def test_config_json_that_differs_from_the_model_is_refused(
+    layout, tmp_path: Path, change: dict, key: str, fix: str
+) -> None:
     directory = _hf_dir(tmp_path, layout, **change)
     with pytest.raises(ConfigError) as error:
         resolve_init_source("apm.init_from", str(directory), TEST_MODEL)

@@ -39,22 +39,53 @@ STAMP = "20260101-000000"
 SCENARIOS = {
     "local_tp2.txt": ["demo", "parallel=tp2", "cluster.workdir=/home/me/steerlm", "cluster.job_dir=runs/jobs/tp2"],
     "slurm_1node_8gpus.sbatch": [
-        "demo", "model=llama2_7b", "parallel=tp8", "precision=bf16", "output_dir=/lustre/steerlm/runs/llama2_7b",
-        "cluster=slurm", "cluster.partition=batch", "cluster.account=steerlm", "cluster.qos=high",
-        "cluster.cpus_per_task=96", "cluster.mem=0", "cluster.job_name=llama2-7b-demo",
-        "cluster.workdir=/lustre/steerlm", "cluster.job_dir=runs/jobs/llama2-7b-demo",
-        'cluster.setup=["source /lustre/steerlm/.venv/bin/activate"]', 'cluster.sbatch_args=["--constraint=h100"]'],
+        "demo",
+        "model=llama2_7b",
+        "parallel=tp8",
+        "precision=bf16",
+        "output_dir=/lustre/steerlm/runs/llama2_7b",
+        "cluster=slurm",
+        "cluster.partition=batch",
+        "cluster.account=steerlm",
+        "cluster.qos=high",
+        "cluster.cpus_per_task=96",
+        "cluster.mem=0",
+        "cluster.job_name=llama2-7b-demo",
+        "cluster.workdir=/lustre/steerlm",
+        "cluster.job_dir=runs/jobs/llama2-7b-demo",
+        'cluster.setup=["source /lustre/steerlm/.venv/bin/activate"]',
+        'cluster.sbatch_args=["--constraint=h100"]',
+    ],
     "slurm_4nodes_pyxis.sbatch": [
-        "demo", "model=llama2_70b", "parallel=tp8_pp2", "parallel.data_parallel_size=2", "precision=bf16",
-        "output_dir=/workspace/steerlm/runs/llama2_70b", "cluster=slurm_pyxis", "cluster.partition=batch",
-        "cluster.account=steerlm", "cluster.time=2-00:00:00", "cluster.signal_lead_seconds=900",
-        "cluster.job_dir=/lustre/steerlm/runs/jobs/llama2-70b"],
+        "demo",
+        "model=llama2_70b",
+        "parallel=tp8_pp2",
+        "parallel.data_parallel_size=2",
+        "precision=bf16",
+        "output_dir=/workspace/steerlm/runs/llama2_70b",
+        "cluster=slurm_pyxis",
+        "cluster.partition=batch",
+        "cluster.account=steerlm",
+        "cluster.time=2-00:00:00",
+        "cluster.signal_lead_seconds=900",
+        "cluster.job_dir=/lustre/steerlm/runs/jobs/llama2-70b",
+    ],
     "slurm_cpu.sbatch": [
-        "demo", "parallel=tp2", "trainer.max_steps=100", "cluster=slurm_cpu", "cluster.partition=cpu",
-        "cluster.workdir=/shared/steerlm", "cluster.job_dir=runs/jobs/demo-cpu"],
+        "demo",
+        "parallel=tp2",
+        "trainer.max_steps=100",
+        "cluster=slurm_cpu",
+        "cluster.partition=cpu",
+        "cluster.workdir=/shared/steerlm",
+        "cluster.job_dir=runs/jobs/demo-cpu",
+    ],
     "pipeline_demo.txt": [
-        "--pipeline", "demo", "cluster=slurm_cpu", "cluster.workdir=/shared/steerlm",
-        "cluster.job_dir=runs/jobs/pipeline_demo"],
+        "--pipeline",
+        "demo",
+        "cluster=slurm_cpu",
+        "cluster.workdir=/shared/steerlm",
+        "cluster.job_dir=runs/jobs/pipeline_demo",
+    ],
 }
 
 
@@ -112,8 +143,10 @@ def test_local_run_script_passes_bash_and_shellcheck(shellcheck: str | None, tmp
 
 def test_shellcheck_is_available(shellcheck: str | None) -> None:
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed and could not be installed (apt-get install shellcheck); "
-                    "the generated scripts were checked with bash -n only")
+        pytest.skip(
+            "shellcheck is not installed and could not be installed (apt-get install shellcheck); "
+            "the generated scripts were checked with bash -n only"
+        )
 
 
 @pytest.mark.parametrize("option", sorted(path.stem for path in CLUSTER_DIR.glob("*.yaml")))
@@ -132,8 +165,16 @@ def test_shipped_pipelines_load_and_plan() -> None:
 
 def test_local_torchrun_command_from_the_config() -> None:
     plan = plan_job("demo", ["parallel=tp2_pp2"], compose_cluster(), STAMP)
-    assert torchrun_command(plan) == ["python", "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                                      "--nproc-per-node=4", "recipes/demo.py", "parallel=tp2_pp2"]
+    assert torchrun_command(plan) == [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=4",
+        "recipes/demo.py",
+        "parallel=tp2_pp2",
+    ]
     assert plan.job_dir == REPO_ROOT / "runs" / "jobs" / f"demo-{STAMP}"
 
 
@@ -141,12 +182,15 @@ def _parallel(tp: int = 1, pp: int = 1, dp: int | None = None) -> ParallelConfig
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=dp)
 
 
-@pytest.mark.parametrize("tp,pp,dp,nodes,expected", [
-    (8, 2, None, None, (2, 1)),   # one replica needs two 8-GPU nodes
-    (2, 1, None, None, (1, 4)),   # TP=2 fills one node with 4 replicas
-    (8, 2, 2, None, (4, 2)),      # dp given: exactly enough nodes
-    (8, 1, None, 3, (3, 3)),      # nodes given: dp derived
-])
+@pytest.mark.parametrize(
+    "tp,pp,dp,nodes,expected",
+    [
+        (8, 2, None, None, (2, 1)),  # one replica needs two 8-GPU nodes
+        (2, 1, None, None, (1, 4)),  # TP=2 fills one node with 4 replicas
+        (8, 2, 2, None, (4, 2)),  # dp given: exactly enough nodes
+        (8, 1, None, 3, (3, 3)),  # nodes given: dp derived
+    ],
+)
 def test_nodes_and_data_parallel_size_are_derived(tp, pp, dp, nodes, expected) -> None:
     world = plan_world(_parallel(tp, pp, dp), ClusterConfig(scheduler="slurm", gpus_per_node=8, nodes=nodes))
     assert (world.nodes, world.data) == expected and world.world_size == tp * pp * world.data
@@ -158,36 +202,58 @@ def test_cpu_jobs_take_processes_from_the_layout_or_the_knob() -> None:
     assert (world.world_size, world.data) == (4, 2)
 
 
-@pytest.mark.parametrize("tp,dp,nodes,gpus,key,words", [
-    (8, 1, 2, 8, "cluster.nodes", "2 nodes x 8 processes = 16 processes, but"),
-    (8, None, 1, 6, "cluster.nodes", "is not a multiple of tp x pp x cp = 8 x 1 x 1 = 8"),
-    (8, 3, None, 16, "cluster.gpus_per_node", "do not fill whole nodes of 16"),
-])
+@pytest.mark.parametrize(
+    "tp,dp,nodes,gpus,key,words",
+    [
+        (8, 1, 2, 8, "cluster.nodes", "2 nodes x 8 processes = 16 processes, but"),
+        (8, None, 1, 6, "cluster.nodes", "is not a multiple of tp x pp x cp = 8 x 1 x 1 = 8"),
+        (8, 3, None, 16, "cluster.gpus_per_node", "do not fill whole nodes of 16"),
+    ],
+)
 def test_world_size_mismatch_is_a_clear_error(tp, dp, nodes, gpus, key, words) -> None:
     with pytest.raises(ConfigError) as error:
         plan_world(_parallel(tp, 1, dp), ClusterConfig(scheduler="slurm", gpus_per_node=gpus, nodes=nodes))
     assert error.value.key == key and words in str(error.value) and "Fix:" in str(error.value)
 
 
-@pytest.mark.parametrize("argv,key,words", [
-    (["demo", "cluster=slurm", "cluster.partiton=gpu"], "cluster.partiton", "did you mean cluster.partition?"),
-    (["nosuchrecipe"], "recipe", "there is no recipes/nosuchrecipe.py"),
-    (["demo", "trainer.max_stepz=3"], "trainer.max_stepz", "not in 'TrainerConfig'"),
-    (["demo", "cluster=nosuchcluster"], "cluster", "nosuchcluster"),
-    (["demo", "parallel=tp8", "model=llama2_7b", "cluster=slurm", "cluster.nodes=2",
-      "parallel.data_parallel_size=1"], "cluster.nodes", "need 8"),
-    (["demo", "parallel=tp8", "cluster=slurm", "cluster.gpus_per_node=8"], "parallel.tensor_model_parallel_size",
-     "must divide model.num_attention_heads=4"),
-    (["demo", "cluster=slurm", "+cluster.env.HF_TOKEN=hf_abc"], "cluster.env.HF_TOKEN", "looks like a secret"),
-    (["demo", "cluster=slurm", "cluster.time=00:05:00", "cluster.signal_lead_seconds=300"],
-     "cluster.signal_lead_seconds", "shorter than the time limit"),
-    (["demo", "cluster.partition=gpu"], "cluster.partition", "is a Slurm setting"),
-    (["demo", "cluster=slurm_pyxis", "cluster.container.mounts=[/data]"], "cluster.container.mounts", "SRC:DST"),
-    (["demo", "cluster=slurm", "cluster.time=soon"], "cluster.time", "is not a Slurm time limit"),
-    (["demo", "cluster=slurm", "cluster.launcher=mpi"], "cluster.launcher", "expected one of [torchrun, srun]"),
-    (["--pipeline", "demo"], "cluster.scheduler", "chains Slurm jobs"),
-    (["--pipeline", "nosuchpipeline", "cluster=slurm"], "pipeline", "is not a shipped pipeline"),
-])
+@pytest.mark.parametrize(
+    "argv,key,words",
+    [
+        (["demo", "cluster=slurm", "cluster.partiton=gpu"], "cluster.partiton", "did you mean cluster.partition?"),
+        (["nosuchrecipe"], "recipe", "there is no recipes/nosuchrecipe.py"),
+        (["demo", "trainer.max_stepz=3"], "trainer.max_stepz", "not in 'TrainerConfig'"),
+        (["demo", "cluster=nosuchcluster"], "cluster", "nosuchcluster"),
+        (
+            [
+                "demo",
+                "parallel=tp8",
+                "model=llama2_7b",
+                "cluster=slurm",
+                "cluster.nodes=2",
+                "parallel.data_parallel_size=1",
+            ],
+            "cluster.nodes",
+            "need 8",
+        ),
+        (
+            ["demo", "parallel=tp8", "cluster=slurm", "cluster.gpus_per_node=8"],
+            "parallel.tensor_model_parallel_size",
+            "must divide model.num_attention_heads=4",
+        ),
+        (["demo", "cluster=slurm", "+cluster.env.HF_TOKEN=hf_abc"], "cluster.env.HF_TOKEN", "looks like a secret"),
+        (
+            ["demo", "cluster=slurm", "cluster.time=00:05:00", "cluster.signal_lead_seconds=300"],
+            "cluster.signal_lead_seconds",
+            "shorter than the time limit",
+        ),
+        (["demo", "cluster.partition=gpu"], "cluster.partition", "is a Slurm setting"),
+        (["demo", "cluster=slurm_pyxis", "cluster.container.mounts=[/data]"], "cluster.container.mounts", "SRC:DST"),
+        (["demo", "cluster=slurm", "cluster.time=soon"], "cluster.time", "is not a Slurm time limit"),
+        (["demo", "cluster=slurm", "cluster.launcher=mpi"], "cluster.launcher", "expected one of [torchrun, srun]"),
+        (["--pipeline", "demo"], "cluster.scheduler", "chains Slurm jobs"),
+        (["--pipeline", "nosuchpipeline", "cluster=slurm"], "pipeline", "is not a shipped pipeline"),
+    ],
+)
 def test_bad_configs_stop_with_the_key_and_a_fix(argv: list[str], key: str, words: str, capsys) -> None:
     code, out, err = _dry_run(argv, capsys)
     assert code == 2 and out == ""
@@ -195,20 +261,30 @@ def test_bad_configs_stop_with_the_key_and_a_fix(argv: list[str], key: str, word
 
 
 def test_secrets_pass_by_name_only(capsys) -> None:
-    code, out, _ = _dry_run(["demo", "trainer.micro_batch_size=1", "cluster=slurm_pyxis",
-                                 "cluster.env_passthrough=[HF_TOKEN,'NCCL_*']"], capsys)
+    code, out, _ = _dry_run(
+        ["demo", "trainer.micro_batch_size=1", "cluster=slurm_pyxis", "cluster.env_passthrough=[HF_TOKEN,'NCCL_*']"],
+        capsys,
+    )
     assert code == 0
     assert "grep -E '^(HF_TOKEN|NCCL_.*)$'" in out and '${passthrough:+"--container-env=$passthrough"}' in out
 
 
 def test_time_limits_in_every_slurm_format() -> None:
     assert [time_limit_seconds(t) for t in ("90", "5:30", "04:00:00", "2-00", "1-02:03", "1-00:00:01")] == [
-        5400, 330, 14400, 172800, 93780, 86401]
+        5400,
+        330,
+        14400,
+        172800,
+        93780,
+        86401,
+    ]
 
 
 def test_overrides_split_between_cluster_and_recipe() -> None:
     assert split_overrides(["cluster=slurm", "cluster.nodes=2", "+cluster.env.A=1", "parallel=tp2", "clusters=x"]) == (
-        ["cluster=slurm", "cluster.nodes=2", "+cluster.env.A=1"], ["parallel=tp2", "clusters=x"])
+        ["cluster=slurm", "cluster.nodes=2", "+cluster.env.A=1"],
+        ["parallel=tp2", "clusters=x"],
+    )
 
 
 def test_job_dir_holds_the_resolved_configs_and_the_script(tmp_path: Path) -> None:
@@ -225,19 +301,36 @@ def test_job_dir_holds_the_resolved_configs_and_the_script(tmp_path: Path) -> No
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_local_submit_runs_torchrun(tmp_path: Path, capsys) -> None:
-    code = main(["demo", "parallel=tp2", "trainer.max_steps=4", "trainer.log_interval=2",
-                 "checkpoint.save_interval=null", f"output_dir={tmp_path / 'out'}",
-                 f"cluster.job_dir={tmp_path / 'job'}", f"cluster.python={sys.executable}",
-                 "+cluster.env.OMP_NUM_THREADS=1", "--submit"])
+    code = main(
+        [
+            "demo",
+            "parallel=tp2",
+            "trainer.max_steps=4",
+            "trainer.log_interval=2",
+            "checkpoint.save_interval=null",
+            f"output_dir={tmp_path / 'out'}",
+            f"cluster.job_dir={tmp_path / 'job'}",
+            f"cluster.python={sys.executable}",
+            "+cluster.env.OMP_NUM_THREADS=1",
+            "--submit",
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["last_step"] == 4 and "tp=2" in summary["layout"]
-    assert (tmp_path / "job" / "run.sh").read_text().endswith("recipes/demo.py parallel=tp2 trainer.max_steps=4 "
-                                                              "trainer.log_interval=2 checkpoint.save_interval=null "
-                                                              f"output_dir={tmp_path / 'out'}\n")
+    assert (
+        (tmp_path / "job" / "run.sh")
+        .read_text()
+        .endswith(
+            "recipes/demo.py parallel=tp2 trainer.max_steps=4 "
+            "trainer.log_interval=2 checkpoint.save_interval=null "
+            f"output_dir={tmp_path / 'out'}\n"
+        )
+    )
 
 
 # --- a real single-node Slurm ------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def slurm():
@@ -303,7 +396,8 @@ stages:
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_pipeline_on_slurm_trains_then_checkpoints_requeues_and_resumes_on_usr1(
-        slurm: SingleNodeSlurm, tmp_path: Path, monkeypatch, capsys) -> None:
+    slurm: SingleNodeSlurm, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """Stage 1: 2 Slurm tasks (srun launcher) train at TP=2. Stage 2 (afterok, torchrun launcher, PP=2)
     continues the run; USR1 to its batch shell (what --signal=B:USR1@s sends) makes it checkpoint,
     requeue itself and resume from that checkpoint to the end."""
@@ -312,8 +406,17 @@ def test_pipeline_on_slurm_trains_then_checkpoints_requeues_and_resumes_on_usr1(
     spec = tmp_path / "pipeline.yaml"
     spec.write_text(PIPELINE.format(run_dir=run_dir, extend_steps=extend_steps))
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
-    code = main(["--pipeline", str(spec), "cluster=slurm_cpu", f"cluster.python={sys.executable}",
-                 f"cluster.job_dir={job_root}", f"cluster.master_port={free_port()}", "--submit"])
+    code = main(
+        [
+            "--pipeline",
+            str(spec),
+            "cluster=slurm_cpu",
+            f"cluster.python={sys.executable}",
+            f"cluster.job_dir={job_root}",
+            f"cluster.master_port={free_port()}",
+            "--submit",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     jobs = json.loads((job_root / "jobs.json").read_text())
@@ -328,27 +431,45 @@ def test_pipeline_on_slurm_trains_then_checkpoints_requeues_and_resumes_on_usr1(
     info = slurm.wait_for_state(first, {"COMPLETED"}, timeout=180)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", context()
     stage1 = json.loads((run_dir / "lm" / "summary.json").read_text())
-    log.info("job %s %s exit %s: %s, steps %d-%d", first, info["JobState"], info["ExitCode"], stage1["layout"],
-             stage1["start_step"], stage1["last_step"])
+    log.info(
+        "job %s %s exit %s: %s, steps %d-%d",
+        first,
+        info["JobState"],
+        info["ExitCode"],
+        stage1["layout"],
+        stage1["start_step"],
+        stage1["last_step"],
+    )
     assert stage1["last_step"] == 20 and "world=2 tp=2" in stage1["layout"], stage1
 
-    _wait_for(lambda: any(step > 20 for step in _logged_steps(run_dir / "lm")), 150,
-              "stage 2 logged no step past 20", context)
+    _wait_for(
+        lambda: any(step > 20 for step in _logged_steps(run_dir / "lm")), 150, "stage 2 logged no step past 20", context
+    )
     slurm.run("scancel", "--batch", "--signal=USR1", second)
     requeued = {"Restarts": "1", "JobState": "PENDING", "Reason": "BeginTime"}
     _wait_for(lambda: requeued.items() <= slurm.job(second).items(), 60, "stage 2 was not requeued", context)
     stopped_at = int((run_dir / "lm" / "checkpoints" / "latest").read_text().strip().split("_")[-1])
     assert 20 < stopped_at < extend_steps, context()
-    log.info("job %s after USR1: checkpoint at step %d, %s", second, stopped_at,
-             {k: slurm.job(second)[k] for k in ("JobState", "Reason", "Restarts", "EligibleTime")})
+    log.info(
+        "job %s after USR1: checkpoint at step %d, %s",
+        second,
+        stopped_at,
+        {k: slurm.job(second)[k] for k in ("JobState", "Reason", "Restarts", "EligibleTime")},
+    )
     # slurmctld holds a requeued job for ~2 minutes (Reason=BeginTime); to save that wait the test releases it.
     # slurmd revokes the first run's credential with one-second resolution, so an allocation within the same
     # second as the requeue is refused ("Job credential revoked"): release it once that second has passed
     # and the node has torn the first run down.
     requeued_at = datetime.fromisoformat(slurm.job(second)["SubmitTime"])
-    _wait_for(lambda: datetime.now() >= requeued_at + timedelta(seconds=2)
-              and slurm.run("sinfo", "-h", "-o", "%T").stdout.split() == ["idle"], 60,
-              "the node did not finish the requeued job's first run", context)
+    _wait_for(
+        lambda: (
+            datetime.now() >= requeued_at + timedelta(seconds=2)
+            and slurm.run("sinfo", "-h", "-o", "%T").stdout.split() == ["idle"]
+        ),
+        60,
+        "the node did not finish the requeued job's first run",
+        context,
+    )
     slurm.run("scontrol", "update", f"JobId={second}", "StartTime=now")
     info = slurm.wait_for_state(second, {"COMPLETED"}, timeout=240)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", context()
@@ -356,8 +477,16 @@ def test_pipeline_on_slurm_trains_then_checkpoints_requeues_and_resumes_on_usr1(
     final = json.loads((run_dir / "lm" / "summary.json").read_text())
     assert (final["start_step"], final["last_step"], final["stop_reason"]) == (stopped_at, extend_steps, None)
     assert "pp=2" in final["layout"]
-    log.info("job %s %s exit %s restarts %s: %s resumed at step %d, finished at %d", second, info["JobState"],
-             info["ExitCode"], info["Restarts"], final["layout"], final["start_step"], final["last_step"])
+    log.info(
+        "job %s %s exit %s restarts %s: %s resumed at step %d, finished at %d",
+        second,
+        info["JobState"],
+        info["ExitCode"],
+        info["Restarts"],
+        final["layout"],
+        final["start_step"],
+        final["last_step"],
+    )
     steps = _logged_steps(run_dir / "lm")
     assert steps == sorted(set(steps)) and steps[-1] == extend_steps  # the rerun continued, nothing twice
     output = (job_root / "extend" / f"slurm-{second}.out").read_text()

@@ -59,8 +59,9 @@ def actual_arrows() -> dict[tuple[str, str], list[str]]:
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                modules = ([f"steerlm.{alias.name}" for alias in node.names] if node.module == "steerlm"
-                           else [node.module])
+                modules = (
+                    [f"steerlm.{alias.name}" for alias in node.names] if node.module == "steerlm" else [node.module]
+                )
             else:
                 continue
             for module in modules:
@@ -79,7 +80,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -93,11 +94,17 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def violations(allowed: dict[str, set[str]], actual: dict[tuple[str, str], list[str]]) -> list[str]:
-    problems = [f"{where[0]}: {source} -> {target} is not allowed by docs/architecture.md"
-                for (source, target), where in sorted(actual.items()) if target not in allowed.get(source, set())]
-    problems += [f"docs/architecture.md allows {source} -> {target}, but no import uses it: remove the arrow"
-                 for source, targets in sorted(allowed.items()) for target in sorted(targets)
-                 if (source, target) not in actual]
+    problems = [
+        f"{where[0]}: {source} -> {target} is not allowed by docs/architecture.md"
+        for (source, target), where in sorted(actual.items())
+        if target not in allowed.get(source, set())
+    ]
+    problems += [
+        f"docs/architecture.md allows {source} -> {target}, but no import uses it: remove the arrow"
+        for source, targets in sorted(allowed.items())
+        for target in sorted(targets)
+        if (source, target) not in actual
+    ]
     return problems
 
 

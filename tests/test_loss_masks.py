@@ -15,10 +15,15 @@ from tests.test_tokenizers import _byte_bpe
 
 SCHEMA = AttributeSchema("helpsteer2", ("helpfulness", "correctness", "coherence", "complexity", "verbosity"))
 LABELS = SCHEMA.check({"helpfulness": 4, "correctness": 3, "coherence": 4, "complexity": 1, "verbosity": 2})
-CONVERSATION = Conversation("Be brief.", (
-    Turn(Role.user, "Name a colour."), Turn(Role.assistant, "Blue, like the sky.", LABELS),
-    Turn(Role.user, "Another one?"), Turn(Role.assistant, "Green.", LABELS),
-))
+CONVERSATION = Conversation(
+    "Be brief.",
+    (
+        Turn(Role.user, "Name a colour."),
+        Turn(Role.assistant, "Blue, like the sky.", LABELS),
+        Turn(Role.user, "Another one?"),
+        Turn(Role.assistant, "Green.", LABELS),
+    ),
+)
 
 
 def _tokenizers(tmp_path: Path):
@@ -38,10 +43,12 @@ def test_trained_tokens_are_exactly_the_responses_and_closing_tokens(tmp_path: P
         masked = tokenizer.decode([i for i, t in zip(example.ids[1:], example.trainable[1:]) if not t])
         if answer_only:
             assert trained == "Blue, like the sky.\n<extra_id_1>Green.\n<extra_id_1>", name
-            assert masked == ("<extra_id_0>System\nBe brief.\n<extra_id_1>User\nName a colour.\n"
-                              "<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,correctness:3,coherence:4,"
-                              "complexity:1,verbosity:2\nUser\nAnother one?\n<extra_id_1>Assistant\n"
-                              "<extra_id_2>helpfulness:4,correctness:3,coherence:4,complexity:1,verbosity:2\n"), name
+            assert masked == (
+                "<extra_id_0>System\nBe brief.\n<extra_id_1>User\nName a colour.\n"
+                "<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,correctness:3,coherence:4,"
+                "complexity:1,verbosity:2\nUser\nAnother one?\n<extra_id_1>Assistant\n"
+                "<extra_id_2>helpfulness:4,correctness:3,coherence:4,complexity:1,verbosity:2\n"
+            ), name
         else:
             assert masked == "" and trained == template.render(CONVERSATION), name
         closing = tokenizer.token_to_id("<extra_id_1>")

@@ -12,13 +12,20 @@ import torch.nn.functional as F
 
 from steerlm import megatron_compat
 from steerlm.config import PrecisionConfig
-from steerlm.megatron_compat import (GPTModelWithOwnHead, SDPACoreAttention, check_megatron_version, pack_qkv,
-                                     split_fc1, split_qkv, split_qkv_heads)
+from steerlm.megatron_compat import (
+    GPTModelWithOwnHead,
+    SDPACoreAttention,
+    check_megatron_version,
+    pack_qkv,
+    split_fc1,
+    split_qkv,
+    split_qkv_heads,
+)
 from steerlm.models import build_model_chunks
 from tests.conftest import TEST_MODEL
 
-
 # 1. supported range
+
 
 @pytest.mark.parametrize("found", ["0.16.1", "0.16.9", "0.16.2rc1"])
 def test_supported_versions_pass(found):
@@ -27,11 +34,14 @@ def test_supported_versions_pass(found):
 
 @pytest.mark.parametrize("found", ["0.16.0", "0.17.0", "1.0.0"])
 def test_unsupported_versions_are_refused_with_the_fix(found):
-    with pytest.raises(ImportError, match=rf"megatron-core {found} is installed.*pip install 'megatron-core>=0.16.1,<0.17.0'"):
+    with pytest.raises(
+        ImportError, match=rf"megatron-core {found} is installed.*pip install 'megatron-core>=0.16.1,<0.17.0'"
+    ):
         check_megatron_version(found)
 
 
 # 2. CPU stand-ins
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins are only active without CUDA")
 def test_cpu_stand_ins_redirect_cuda_and_name_tensors_like_cuda(layout):
@@ -45,6 +55,7 @@ def test_cpu_stand_ins_redirect_cuda_and_name_tensors_like_cuda(layout):
 
 
 # 3. synchronous dist-checkpoint saves
+
 
 def test_save_queue_is_replaced_in_process(monkeypatch):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -63,6 +74,7 @@ def test_save_queue_refuses_a_megatron_without_it(monkeypatch):
 
 
 # 4. own output heads
+
 
 class _SumHead(GPTModelWithOwnHead):
     def own_head(self, hidden_states):
@@ -85,6 +97,7 @@ def test_own_head_replaces_the_output_layer(layout):
 
 
 # 5. SDPA core attention
+
 
 def test_sdpa_takes_the_core_attention_constructor_megatron_passes():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -112,17 +125,24 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(layout) -> None:
     padding = torch.zeros(batch, 1, seq, seq, dtype=torch.bool)
     padding[1, :, :, 10:] = True  # row 1 may not attend to its last 6 positions
     mask = padding | torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
-    torch.testing.assert_close(ours(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
-                               theirs(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ours(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
+        theirs(query, key, value, mask, attn_mask_type=AttnMaskType.padding),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # 6. weight layouts
 
+
 def test_split_qkv_inverts_pack_qkv():
     heads, groups, head_dim, hidden = 8, 2, 4, 5
-    q, k, v = torch.randn(heads * head_dim, hidden), torch.randn(groups * head_dim, hidden), \
-        torch.randn(groups * head_dim, hidden)
+    q, k, v = (
+        torch.randn(heads * head_dim, hidden),
+        torch.randn(groups * head_dim, hidden),
+        torch.randn(groups * head_dim, hidden),
+    )
     packed = pack_qkv(q, k, v, heads, groups, head_dim)
     assert packed.shape == ((heads + 2 * groups) * head_dim, hidden)
     for ours, theirs in zip(split_qkv(packed, heads, groups, head_dim), (q, k, v)):
@@ -159,6 +179,7 @@ def test_fc1_layout_is_megatrons(layout):
 
 
 # 7. optimizer capabilities
+
 
 def test_fused_adam_detection_matches_what_is_importable():
     import importlib.util

@@ -42,8 +42,9 @@ def test_logits_equal_hf_llama_with_the_same_weights(layout, variant: dict) -> N
     model_cfg = replace(TINY, **variant)
     model = _build(layout, model_cfg)
     full = {name: param.detach() for name, param in named_global_parameters([model])}
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(model_cfg).items()
-                                            if k not in ("architectures", "model_type")})
+    hf_config = transformers.LlamaConfig(
+        **{k: v for k, v in hf_config_dict(model_cfg).items() if k not in ("architectures", "model_type")}
+    )
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     missing, unexpected = hf.load_state_dict(megatron_to_hf(full, model_cfg), strict=False)
     assert not unexpected and all("rotary" in name or name == "lm_head.weight" for name in missing)
@@ -100,8 +101,10 @@ def test_cpu_layer_redirects_cuda_devices(layout) -> None:
 def test_hf_mapping_refuses_non_llama_shapes(change: dict) -> None:
     from steerlm.config import Activation, Normalization
 
-    values = {"activation": Activation(change.get("activation", "swiglu")),
-              "normalization": Normalization(change.get("normalization", "RMSNorm")),
-              "add_bias_linear": change.get("add_bias_linear", False)}
+    values = {
+        "activation": Activation(change.get("activation", "swiglu")),
+        "normalization": Normalization(change.get("normalization", "RMSNorm")),
+        "add_bias_linear": change.get("add_bias_linear", False),
+    }
     with pytest.raises(ValueError, match="is not an HF Llama"):
         hf_config_dict(replace(TINY, **values))

@@ -14,8 +14,8 @@ from steerlm.data.collate import (
     apply_length_policy,
     length_buckets,
     pack_examples,
-    pad_batch,
     packed_batch,
+    pad_batch,
 )
 from steerlm.models import build_model_chunks
 from steerlm.training import forward_backward, wrap_for_training

@@ -10,13 +10,33 @@ import pytest
 from tests.recipe_runner import run_recipe
 
 ROWS = [
-    {"prompt": "Name a colour.", "response": "Blue.", "helpfulness": 4, "correctness": 4, "coherence": 4,
-     "complexity": 0, "verbosity": 1},
-    {"prompt": "Bad row", "response": "x", "helpfulness": 9, "correctness": 4, "coherence": 4, "complexity": 0,
-     "verbosity": 1},
-    {"prompt": "Hi\n<extra_id_1>Assistant\nHello! How can I help?\n<extra_id_1>User\nTell a joke.",
-     "response": "Why did the GPU cross the road? 🐔", "helpfulness": 3, "correctness": 4, "coherence": 4,
-     "complexity": 1, "verbosity": 1},
+    {
+        "prompt": "Name a colour.",
+        "response": "Blue.",
+        "helpfulness": 4,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 0,
+        "verbosity": 1,
+    },
+    {
+        "prompt": "Bad row",
+        "response": "x",
+        "helpfulness": 9,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 0,
+        "verbosity": 1,
+    },
+    {
+        "prompt": "Hi\n<extra_id_1>Assistant\nHello! How can I help?\n<extra_id_1>User\nTell a joke.",
+        "response": "Why did the GPU cross the road? 🐔",
+        "helpfulness": 3,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 1,
+        "verbosity": 1,
+    },
 ]
 
 
@@ -29,8 +49,9 @@ def source(tmp_path: Path) -> Path:
 
 def test_convert_with_rejects_prints_summary_and_histograms(source: Path, tmp_path: Path) -> None:
     output = tmp_path / "train.jsonl"
-    result = run_recipe("prepare_data", ["format=helpsteer2", f"input={source}", f"output={output}",
-                                         "on_bad_row=reject"])
+    result = run_recipe(
+        "prepare_data", ["format=helpsteer2", f"input={source}", f"output={output}", "on_bad_row=reject"]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rows in: 3  conversations out: 2  rejected: 1" in result.stdout
     assert "rejected by field: helpfulness: 1" in result.stdout
@@ -62,8 +83,16 @@ def test_missing_input_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_synthetic_world_through_the_recipe(tmp_path: Path) -> None:
     out = tmp_path / "synthetic"
-    result = run_recipe("prepare_data", ["data=synthetic", f"output={out}", "synthetic.annotated_rows=50",
-                                         "synthetic.unlabelled_rows=100", "synthetic.eval_prompts=5"])
+    result = run_recipe(
+        "prepare_data",
+        [
+            "data=synthetic",
+            f"output={out}",
+            "synthetic.annotated_rows=50",
+            "synthetic.unlabelled_rows=100",
+            "synthetic.eval_prompts=5",
+        ],
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "synthetic world seed 0: 60 creatures, 50 annotated rows, 100 unlabelled" in result.stdout
     assert len((out / "unlabelled.jsonl").read_text().splitlines()) == 100

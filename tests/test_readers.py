@@ -11,18 +11,47 @@ from pathlib import Path
 import pytest
 
 from steerlm.data.attributes import AttributeSchema
-from steerlm.errors import DataError
-from steerlm.data.readers import (DEFAULT_SYSTEM_PROMPT, BadRowPolicy, DataFormat, ReadStats, RejectSink,
-                                  oasst_label_names, read_records, split_helpsteer2_prompt,
-                                  write_conversation_jsonl)
+from steerlm.data.readers import (
+    DEFAULT_SYSTEM_PROMPT,
+    BadRowPolicy,
+    DataFormat,
+    ReadStats,
+    RejectSink,
+    oasst_label_names,
+    read_records,
+    split_helpsteer2_prompt,
+    write_conversation_jsonl,
+)
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
+from steerlm.errors import DataError
 
-HELPSTEER2 = AttributeSchema("helpsteer2", ("helpfulness", "correctness", "coherence", "complexity", "verbosity"),
-                             0, 4, True)
-STEERLM_OASST = AttributeSchema("steerlm_oasst", ("quality", "toxicity", "humor", "creativity", "helpfulness",
-                                                  "correctness", "coherence", "complexity", "verbosity"), 0, 4, True)
-STEERLM_PAPER = AttributeSchema("steerlm_paper", ("quality", "toxicity", "violence", "helpfulness", "creativity",
-                                                  "humor", "not_appropriate"), 0, 9, True)
+HELPSTEER2 = AttributeSchema(
+    "helpsteer2", ("helpfulness", "correctness", "coherence", "complexity", "verbosity"), 0, 4, True
+)
+STEERLM_OASST = AttributeSchema(
+    "steerlm_oasst",
+    (
+        "quality",
+        "toxicity",
+        "humor",
+        "creativity",
+        "helpfulness",
+        "correctness",
+        "coherence",
+        "complexity",
+        "verbosity",
+    ),
+    0,
+    4,
+    True,
+)
+STEERLM_PAPER = AttributeSchema(
+    "steerlm_paper",
+    ("quality", "toxicity", "violence", "helpfulness", "creativity", "humor", "not_appropriate"),
+    0,
+    9,
+    True,
+)
 RATINGS = {"helpfulness": 3, "correctness": 4, "coherence": 4, "complexity": 2, "verbosity": 1}
 
 
@@ -48,7 +77,10 @@ def as_json(records: list[Conversation], schema: AttributeSchema = HELPSTEER2) -
 # --- conversation JSONL ----------------------------------------------------------------------------
 
 CONVERSATION_ROW = {
-    "system": "Be brief.", "mask": "User", "type": "VALUE_TO_TEXT", "id": 7,
+    "system": "Be brief.",
+    "mask": "User",
+    "type": "VALUE_TO_TEXT",
+    "id": 7,
     "conversations": [
         {"from": "User", "value": "Hi", "label": None},
         {"from": "Assistant", "value": "Hello!", "label": "helpfulness:4,correctness:3"},
@@ -62,15 +94,26 @@ def test_conversation_jsonl_reads_turns_labels_source_and_extra(tmp_path: Path) 
     path = write_lines(tmp_path / "c.jsonl", [CONVERSATION_ROW])
     [record] = read_all(path, DataFormat.conversation)
     labels = {"helpfulness": 4, "correctness": 3, "coherence": None, "complexity": None, "verbosity": None}
-    assert record == Conversation("Be brief.", (
-        Turn(Role.user, "Hi"), Turn(Role.assistant, "Hello!", labels),
-        Turn(Role.user, "Bye"), Turn(Role.assistant, "Goodbye.")), f"{path}:1")
+    assert record == Conversation(
+        "Be brief.",
+        (
+            Turn(Role.user, "Hi"),
+            Turn(Role.assistant, "Hello!", labels),
+            Turn(Role.user, "Bye"),
+            Turn(Role.assistant, "Goodbye."),
+        ),
+        f"{path}:1",
+    )
     assert record.extra == {"id": 7}
 
 
 def test_conversation_round_trip_is_equal_and_byte_stable(tmp_path: Path) -> None:
-    other = {"conversations": [{"from": "User", "value": "数学 🧮", "label": None},
-                               {"from": "Assistant", "value": "٢+٢=٤", "label": "verbosity:0"}]}
+    other = {
+        "conversations": [
+            {"from": "User", "value": "数学 🧮", "label": None},
+            {"from": "Assistant", "value": "٢+٢=٤", "label": "verbosity:0"},
+        ]
+    }
     source = write_lines(tmp_path / "in.jsonl", [CONVERSATION_ROW, other])
     first = read_all(source, DataFormat.conversation)
     assert write_conversation_jsonl(first, tmp_path / "a.jsonl", HELPSTEER2) == 2
@@ -79,22 +122,35 @@ def test_conversation_round_trip_is_equal_and_byte_stable(tmp_path: Path) -> Non
     write_conversation_jsonl(second, tmp_path / "b.jsonl", HELPSTEER2)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert json.loads((tmp_path / "a.jsonl").read_text("utf-8").splitlines()[0]) == {
-        "system": "Be brief.", "conversations": CONVERSATION_ROW["conversations"], "mask": "User",
-        "type": "VALUE_TO_TEXT", "id": 7}
+        "system": "Be brief.",
+        "conversations": CONVERSATION_ROW["conversations"],
+        "mask": "User",
+        "type": "VALUE_TO_TEXT",
+        "id": 7,
+    }
 
 
 # --- HelpSteer / HelpSteer2 ------------------------------------------------------------------------
 
+
 def test_helpsteer2_single_turn_becomes_nemo_aligner_conversation(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "hs2.jsonl", [helpsteer_row()])
     records = read_all(path, DataFormat.helpsteer2)
-    assert as_json(records) == [{
-        "system": DEFAULT_SYSTEM_PROMPT,
-        "conversations": [
-            {"from": "User", "value": "What is C#?", "label": None},
-            {"from": "Assistant", "value": "A language.",
-             "label": "helpfulness:3,correctness:4,coherence:4,complexity:2,verbosity:1"}],
-        "mask": "User", "type": "VALUE_TO_TEXT"}]
+    assert as_json(records) == [
+        {
+            "system": DEFAULT_SYSTEM_PROMPT,
+            "conversations": [
+                {"from": "User", "value": "What is C#?", "label": None},
+                {
+                    "from": "Assistant",
+                    "value": "A language.",
+                    "label": "helpfulness:3,correctness:4,coherence:4,complexity:2,verbosity:1",
+                },
+            ],
+            "mask": "User",
+            "type": "VALUE_TO_TEXT",
+        }
+    ]
     assert records[0].source == f"{path}:1"
 
 
@@ -103,8 +159,11 @@ def test_helpsteer2_multi_turn_prompt_is_split_into_turns(tmp_path: Path) -> Non
     path = write_lines(tmp_path / "hs2.jsonl", [helpsteer_row(prompt, "Why did the chicken...")])
     [record] = read_all(path, DataFormat.helpsteer2)
     assert record.turns == (
-        Turn(Role.user, "Hi there"), Turn(Role.assistant, "Hello!\nHow can I help?"),
-        Turn(Role.user, "Tell me a joke"), Turn(Role.assistant, "Why did the chicken...", dict(RATINGS)))
+        Turn(Role.user, "Hi there"),
+        Turn(Role.assistant, "Hello!\nHow can I help?"),
+        Turn(Role.user, "Tell me a joke"),
+        Turn(Role.assistant, "Why did the chicken...", dict(RATINGS)),
+    )
 
 
 def test_helpsteer_v1_keeps_the_prompt_as_one_turn(tmp_path: Path) -> None:
@@ -114,13 +173,16 @@ def test_helpsteer_v1_keeps_the_prompt_as_one_turn(tmp_path: Path) -> None:
     assert record.turns == (Turn(Role.user, prompt), Turn(Role.assistant, "A language.", dict(RATINGS)))
 
 
-@pytest.mark.parametrize("prompt, problem", [
-    ("Hi<extra_id_1>Assistant\nHello\n<extra_id_1>User\nQ", "marker not of the form"),
-    ("Hi\n<extra_id_1>Assistant Hello\n<extra_id_1>User\nQ", "marker not of the form"),
-    ("Hi\n<extra_id_1>Assistant\nHello", "ends with an Assistant turn"),
-    ("Hi\n<extra_id_1>User\nAgain", "is User, expected Assistant"),
-    ("Hi\n<extra_id_1>Assistant\n \n<extra_id_1>User\nQ", "empty assistant turn"),
-])
+@pytest.mark.parametrize(
+    "prompt, problem",
+    [
+        ("Hi<extra_id_1>Assistant\nHello\n<extra_id_1>User\nQ", "marker not of the form"),
+        ("Hi\n<extra_id_1>Assistant Hello\n<extra_id_1>User\nQ", "marker not of the form"),
+        ("Hi\n<extra_id_1>Assistant\nHello", "ends with an Assistant turn"),
+        ("Hi\n<extra_id_1>User\nAgain", "is User, expected Assistant"),
+        ("Hi\n<extra_id_1>Assistant\n \n<extra_id_1>User\nQ", "empty assistant turn"),
+    ],
+)
 def test_helpsteer2_malformed_multi_turn_prompt_names_the_problem(prompt: str, problem: str) -> None:
     with pytest.raises(DataError, match=problem) as caught:
         split_helpsteer2_prompt(prompt, "f.jsonl", 3)
@@ -133,8 +195,10 @@ def test_helpsteer_into_larger_schema_leaves_other_attributes_missing(tmp_path: 
     labels = record.turns[-1].labels
     assert labels == {"quality": None, "toxicity": None, "humor": None, "creativity": None, **RATINGS}
     assert STEERLM_OASST.targets(labels) == [-100.0] * 4 + [3.0, 4.0, 4.0, 2.0, 1.0]
-    assert as_json([record], STEERLM_OASST)[0]["conversations"][1]["label"] == \
-        "helpfulness:3,correctness:4,coherence:4,complexity:2,verbosity:1"
+    assert (
+        as_json([record], STEERLM_OASST)[0]["conversations"][1]["label"]
+        == "helpfulness:3,correctness:4,coherence:4,complexity:2,verbosity:1"
+    )
 
 
 def test_helpsteer_into_a_schema_without_its_attributes_is_an_error(tmp_path: Path) -> None:
@@ -185,6 +249,7 @@ def test_parquet_without_pyarrow_names_the_package(tmp_path: Path, monkeypatch: 
 
 # --- OASST trees -----------------------------------------------------------------------------------
 
+
 def oasst_message(role: str, text: str, replies: list | None = None, labels: dict | None = None) -> dict:
     message = {"message_id": text, "role": role, "text": text, "lang": "en", "replies": replies or []}
     if labels is not None:
@@ -192,16 +257,43 @@ def oasst_message(role: str, text: str, replies: list | None = None, labels: dic
     return message
 
 
-A1_LABELS = {"quality": 0.625, "toxicity": 0.125, "humor": 0.375, "creativity": 1.0, "helpfulness": 0.875,
-             "violence": 0.0, "spam": 0.5}
-OASST_TREE = {"message_tree_id": "t1", "tree_state": "ready_for_export", "prompt": oasst_message(
-    "prompter", "Q1", labels={"quality": 0.9}, replies=[
-        oasst_message("assistant", "A1", labels=A1_LABELS, replies=[
-            oasst_message("prompter", "Q2", replies=[oasst_message("assistant", "A3", labels={"quality": None})]),
-            oasst_message("prompter", "Q3 (unanswered)")]),
-        {"role": "assistant", "text": "A2", "replies": [],  # the flat HF labels form
-         "labels": {"name": ["quality", "humor"], "value": [0.5, 0.75], "count": [2, 2]}},
-    ])}
+A1_LABELS = {
+    "quality": 0.625,
+    "toxicity": 0.125,
+    "humor": 0.375,
+    "creativity": 1.0,
+    "helpfulness": 0.875,
+    "violence": 0.0,
+    "spam": 0.5,
+}
+OASST_TREE = {
+    "message_tree_id": "t1",
+    "tree_state": "ready_for_export",
+    "prompt": oasst_message(
+        "prompter",
+        "Q1",
+        labels={"quality": 0.9},
+        replies=[
+            oasst_message(
+                "assistant",
+                "A1",
+                labels=A1_LABELS,
+                replies=[
+                    oasst_message(
+                        "prompter", "Q2", replies=[oasst_message("assistant", "A3", labels={"quality": None})]
+                    ),
+                    oasst_message("prompter", "Q3 (unanswered)"),
+                ],
+            ),
+            {
+                "role": "assistant",
+                "text": "A2",
+                "replies": [],  # the flat HF labels form
+                "labels": {"name": ["quality", "humor"], "value": [0.5, 0.75], "count": [2, 2]},
+            },
+        ],
+    ),
+}
 
 
 def test_oasst_tree_yields_every_root_to_leaf_path_with_0_4_labels(tmp_path: Path) -> None:
@@ -210,10 +302,17 @@ def test_oasst_tree_yields_every_root_to_leaf_path_with_0_4_labels(tmp_path: Pat
     stats = ReadStats()
     records = read_all(path, DataFormat.oasst, STEERLM_OASST, stats=stats)
     assert [[t.text for t in r.turns] for r in records] == [
-        ["Q1", "A1", "Q2", "A3"], ["Q1", "A1", "Q3 (unanswered)"], ["Q1", "A2"]]
+        ["Q1", "A1", "Q2", "A3"],
+        ["Q1", "A1", "Q3 (unanswered)"],
+        ["Q1", "A2"],
+    ]
     assert {r.source for r in records} == {f"{path}:1"}
     assert [turn.get("label") for turn in as_json(records, STEERLM_OASST)[0]["conversations"]] == [
-        None, "quality:2,toxicity:0,humor:2,creativity:4", None, None]  # A3: quality null → no attribute line
+        None,
+        "quality:2,toxicity:0,humor:2,creativity:4",
+        None,
+        None,
+    ]  # A3: quality null → no attribute line
     assert records[2].turns[1].labels["quality"] == 2 and records[2].turns[1].labels["humor"] == 3
     assert records[0].turns[1].labels["helpfulness"] is None  # HelpSteer's helpfulness is not OASST's
     assert all(r.system == DEFAULT_SYSTEM_PROMPT for r in records)
@@ -223,8 +322,15 @@ def test_oasst_tree_yields_every_root_to_leaf_path_with_0_4_labels(tmp_path: Pat
 def test_oasst_labels_on_the_paper_0_9_scale(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "trees.jsonl", [OASST_TREE])
     records = read_all(path, DataFormat.oasst, STEERLM_PAPER)
-    assert records[0].turns[1].labels == {"quality": 6, "toxicity": 1, "violence": 0, "helpfulness": 8,
-                                          "creativity": 9, "humor": 3, "not_appropriate": None}
+    assert records[0].turns[1].labels == {
+        "quality": 6,
+        "toxicity": 1,
+        "violence": 0,
+        "helpfulness": 8,
+        "creativity": 9,
+        "humor": 3,
+        "not_appropriate": None,
+    }
     assert as_json(records, STEERLM_PAPER)[2]["conversations"][1]["label"] == "quality:4,humor:7"
 
 
@@ -234,20 +340,38 @@ def test_oasst_label_names_per_schema() -> None:
     assert oasst_label_names(HELPSTEER2) == ()
 
 
-@pytest.mark.parametrize("tree, field, problem", [
-    ({"prompt": oasst_message("prompter", "Q", [oasst_message("assistant", "A", labels={"quality": 1.5})])},
-     "prompt.replies[0].labels.quality", "label out of range"),
-    ({"prompt": oasst_message("prompter", "Q", [oasst_message("system", "A")])},
-     "prompt.replies[0].role", "is not 'prompter' or 'assistant'"),
-    ({"prompt": oasst_message("prompter", "Q", [oasst_message("prompter", "Q again")])},
-     "prompt.replies[0].role", "expected Assistant"),
-    ({"prompt": oasst_message("assistant", "A")}, "prompt.role", "expected User"),
-    ({"prompt": oasst_message("prompter", "Q", [oasst_message("assistant", "  ")])},
-     "prompt.replies[0].text", "empty assistant response"),
-    ({"prompt": oasst_message("prompter", "Q", [oasst_message("assistant", "A", labels={"humor": "high"})])},
-     "prompt.replies[0].labels.humor", "not a number"),
-    ({"message_tree_id": "t"}, "prompt", "missing field"),
-])
+@pytest.mark.parametrize(
+    "tree, field, problem",
+    [
+        (
+            {"prompt": oasst_message("prompter", "Q", [oasst_message("assistant", "A", labels={"quality": 1.5})])},
+            "prompt.replies[0].labels.quality",
+            "label out of range",
+        ),
+        (
+            {"prompt": oasst_message("prompter", "Q", [oasst_message("system", "A")])},
+            "prompt.replies[0].role",
+            "is not 'prompter' or 'assistant'",
+        ),
+        (
+            {"prompt": oasst_message("prompter", "Q", [oasst_message("prompter", "Q again")])},
+            "prompt.replies[0].role",
+            "expected Assistant",
+        ),
+        ({"prompt": oasst_message("assistant", "A")}, "prompt.role", "expected User"),
+        (
+            {"prompt": oasst_message("prompter", "Q", [oasst_message("assistant", "  ")])},
+            "prompt.replies[0].text",
+            "empty assistant response",
+        ),
+        (
+            {"prompt": oasst_message("prompter", "Q", [oasst_message("assistant", "A", labels={"humor": "high"})])},
+            "prompt.replies[0].labels.humor",
+            "not a number",
+        ),
+        ({"message_tree_id": "t"}, "prompt", "missing field"),
+    ],
+)
 def test_oasst_bad_trees_name_line_and_message(tmp_path: Path, tree: dict, field: str, problem: str) -> None:
     path = write_lines(tmp_path / "trees.jsonl", [OASST_TREE, tree])
     with pytest.raises(DataError, match=problem) as caught:
@@ -257,22 +381,39 @@ def test_oasst_bad_trees_name_line_and_message(tmp_path: Path, tree: dict, field
 
 # --- plain -----------------------------------------------------------------------------------------
 
+
 def test_plain_rows(tmp_path: Path) -> None:
-    rows = [{"prompt": "P", "response": "R", "attributes": {"helpfulness": 4, "verbosity": None}},
-            {"prompt": "P2", "response": "R2", "attributes": {}, "system": "", "split": "train"}]
+    rows = [
+        {"prompt": "P", "response": "R", "attributes": {"helpfulness": 4, "verbosity": None}},
+        {"prompt": "P2", "response": "R2", "attributes": {}, "system": "", "split": "train"},
+    ]
     path = write_lines(tmp_path / "plain.jsonl", rows)
     records = read_all(path, DataFormat.plain)
     assert as_json(records) == [
-        {"system": DEFAULT_SYSTEM_PROMPT, "conversations": [
-            {"from": "User", "value": "P", "label": None},
-            {"from": "Assistant", "value": "R", "label": "helpfulness:4"}], "mask": "User", "type": "VALUE_TO_TEXT"},
-        {"system": "", "conversations": [
-            {"from": "User", "value": "P2", "label": None},
-            {"from": "Assistant", "value": "R2", "label": ""}], "mask": "User", "type": "VALUE_TO_TEXT",
-         "split": "train"}]
+        {
+            "system": DEFAULT_SYSTEM_PROMPT,
+            "conversations": [
+                {"from": "User", "value": "P", "label": None},
+                {"from": "Assistant", "value": "R", "label": "helpfulness:4"},
+            ],
+            "mask": "User",
+            "type": "VALUE_TO_TEXT",
+        },
+        {
+            "system": "",
+            "conversations": [
+                {"from": "User", "value": "P2", "label": None},
+                {"from": "Assistant", "value": "R2", "label": ""},
+            ],
+            "mask": "User",
+            "type": "VALUE_TO_TEXT",
+            "split": "train",
+        },
+    ]
 
 
 # --- text edge cases -------------------------------------------------------------------------------
+
 
 def test_unicode_is_preserved_through_read_and_write(tmp_path: Path) -> None:
     prompt = "日本語で答えて 🙂 and مرحبا بالعالم\u2028(line separator) \u200f"
@@ -304,8 +445,14 @@ def test_empty_and_blank_files_give_no_rows(tmp_path: Path) -> None:
 
 
 def test_crlf_endings_bom_and_blank_lines_keep_physical_line_numbers(tmp_path: Path) -> None:
-    body = ("\ufeff" + json.dumps(helpsteer_row()) + "\r\n\r\n" + json.dumps(helpsteer_row(response="B")) + "\r\n"
-            + '{"prompt": 1}\r\n')
+    body = (
+        "\ufeff"
+        + json.dumps(helpsteer_row())
+        + "\r\n\r\n"
+        + json.dumps(helpsteer_row(response="B"))
+        + "\r\n"
+        + '{"prompt": 1}\r\n'
+    )
     path = tmp_path / "crlf.jsonl"
     path.write_bytes(body.encode("utf-8"))
     with RejectSink(tmp_path / "rejects.jsonl") as sink:
@@ -328,37 +475,77 @@ def test_reading_is_streamed_rows_come_before_a_later_bad_row(tmp_path: Path) ->
 BAD_ROWS = [
     ("bad json", DataFormat.helpsteer2, '{"prompt": "P", "response": ', None, "not valid JSON"),
     ("not an object", DataFormat.plain, '["P", "R"]', None, "expected a JSON object, got list"),
-    ("duplicate key", DataFormat.helpsteer2,
-     '{"prompt": "P", "response": "R", "helpfulness": 1, "helpfulness": 4, "correctness": 4, "coherence": 4, '
-     '"complexity": 2, "verbosity": 1}', "helpfulness", "key appears twice"),
+    (
+        "duplicate key",
+        DataFormat.helpsteer2,
+        '{"prompt": "P", "response": "R", "helpfulness": 1, "helpfulness": 4, "correctness": 4, "coherence": 4, '
+        '"complexity": 2, "verbosity": 1}',
+        "helpfulness",
+        "key appears twice",
+    ),
     ("missing response", DataFormat.helpsteer2, {"prompt": "P", **RATINGS}, "response", "missing field"),
-    ("missing rating", DataFormat.helpsteer, {"prompt": "P", "response": "R", "helpfulness": 2}, "correctness",
-     "missing rating"),
+    (
+        "missing rating",
+        DataFormat.helpsteer,
+        {"prompt": "P", "response": "R", "helpfulness": 2},
+        "correctness",
+        "missing rating",
+    ),
     ("wrong type", DataFormat.helpsteer2, helpsteer_row(prompt=42), "prompt", "must be a string, got int"),
-    ("rating out of range", DataFormat.helpsteer2, helpsteer_row(helpfulness=7), "helpfulness",
-     "outside [0, 4]"),
+    ("rating out of range", DataFormat.helpsteer2, helpsteer_row(helpfulness=7), "helpfulness", "outside [0, 4]"),
     ("rating not an integer", DataFormat.helpsteer2, helpsteer_row(verbosity=1.5), "verbosity", "not an integer"),
     ("empty response", DataFormat.helpsteer2, helpsteer_row(response="  \n"), "response", "empty response"),
-    ("unknown attribute", DataFormat.plain, {"prompt": "P", "response": "R", "attributes": {"humour": 2}},
-     "attributes.humour", "unknown attribute 'humour'"),
-    ("attributes not an object", DataFormat.plain, {"prompt": "P", "response": "R", "attributes": [1]},
-     "attributes", "must be an object"),
-    ("reserved column", DataFormat.plain, {"prompt": "P", "response": "R", "attributes": {}, "type": "x"},
-     "type", "reserved"),
-    ("conversation label", DataFormat.conversation, {"conversations": [
-        {"from": "User", "value": "Q", "label": None}, {"from": "Assistant", "value": "A", "label": "helpfulness:9"}]},
-     "conversations[1].label", "outside [0, 4]"),
-    ("conversation empty response", DataFormat.conversation, {"conversations": [
-        {"from": "User", "value": "Q"}, {"from": "Assistant", "value": ""}]}, "conversations[1].value",
-     "empty assistant response"),
+    (
+        "unknown attribute",
+        DataFormat.plain,
+        {"prompt": "P", "response": "R", "attributes": {"humour": 2}},
+        "attributes.humour",
+        "unknown attribute 'humour'",
+    ),
+    (
+        "attributes not an object",
+        DataFormat.plain,
+        {"prompt": "P", "response": "R", "attributes": [1]},
+        "attributes",
+        "must be an object",
+    ),
+    (
+        "reserved column",
+        DataFormat.plain,
+        {"prompt": "P", "response": "R", "attributes": {}, "type": "x"},
+        "type",
+        "reserved",
+    ),
+    (
+        "conversation label",
+        DataFormat.conversation,
+        {
+            "conversations": [
+                {"from": "User", "value": "Q", "label": None},
+                {"from": "Assistant", "value": "A", "label": "helpfulness:9"},
+            ]
+        },
+        "conversations[1].label",
+        "outside [0, 4]",
+    ),
+    (
+        "conversation empty response",
+        DataFormat.conversation,
+        {"conversations": [{"from": "User", "value": "Q"}, {"from": "Assistant", "value": ""}]},
+        "conversations[1].value",
+        "empty assistant response",
+    ),
 ]
 
 
 @pytest.mark.parametrize("fmt, row, field, problem", [case[1:] for case in BAD_ROWS], ids=[c[0] for c in BAD_ROWS])
-def test_bad_row_raises_with_file_line_and_field(tmp_path: Path, fmt: DataFormat, row: object, field: str | None,
-                                                 problem: str) -> None:
-    good = {DataFormat.plain: {"prompt": "P", "response": "R", "attributes": {}},
-            DataFormat.conversation: CONVERSATION_ROW}.get(fmt, helpsteer_row())
+def test_bad_row_raises_with_file_line_and_field(
+    tmp_path: Path, fmt: DataFormat, row: object, field: str | None, problem: str
+) -> None:
+    good = {
+        DataFormat.plain: {"prompt": "P", "response": "R", "attributes": {}},
+        DataFormat.conversation: CONVERSATION_ROW,
+    }.get(fmt, helpsteer_row())
     path = write_lines(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(DataError) as caught:
         read_all(path, fmt)
@@ -376,6 +563,7 @@ def test_invalid_utf8_is_a_bad_row(tmp_path: Path) -> None:
 
 # --- reject policy ---------------------------------------------------------------------------------
 
+
 def test_reject_policy_writes_rejects_and_counts(tmp_path: Path) -> None:
     bad_json = '{"prompt": "P"'
     rows = [helpsteer_row(), bad_json, helpsteer_row(helpfulness=9), "", helpsteer_row(response="B")]
@@ -386,10 +574,19 @@ def test_reject_policy_writes_rejects_and_counts(tmp_path: Path) -> None:
     assert [r.source for r in records] == [f"{path}:1", f"{path}:5"]
     rejected = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text("utf-8").splitlines()]
     assert rejected == [
-        {"source": f"{path}:2", "field": None, "row": bad_json,
-         "reason": "not valid JSON (Expecting ',' delimiter at column 15). Fix: write one JSON object per line"},
-        {"source": f"{path}:3", "field": "helpfulness", "row": json.dumps(rows[2]),
-         "reason": "helpfulness=9 is outside [0, 4] of schema 'helpsteer2'. Fix: fix the label or the schema's range"},
+        {
+            "source": f"{path}:2",
+            "field": None,
+            "row": bad_json,
+            "reason": "not valid JSON (Expecting ',' delimiter at column 15). Fix: write one JSON object per line",
+        },
+        {
+            "source": f"{path}:3",
+            "field": "helpfulness",
+            "row": json.dumps(rows[2]),
+            "reason": "helpfulness=9 is outside [0, 4] of schema 'helpsteer2'. "
+            "Fix: fix the label or the schema's range",
+        },
     ]
     assert (stats.rows_in, stats.rows_out, stats.rejected, stats.blank_lines, sink.count) == (4, 2, 2, 1, 2)
     assert stats.reasons == Counter({"row": 1, "helpfulness": 1}) and stats.rows_ok == 2
@@ -434,6 +631,7 @@ def test_reject_sink_is_atomic(tmp_path: Path) -> None:
 
 
 # --- writer ----------------------------------------------------------------------------------------
+
 
 def test_writer_is_atomic_and_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out.jsonl"

@@ -34,6 +34,7 @@ START_SECONDS = 180
 
 # --- the engine, with a scripted lockstep ---------------------------------------------------------------
 
+
 class ScriptedLockstep:
     """Records the engine's calls. A stream emits `row{i}` per row, then finishes them; it waits for `gate`
     first, so a test can queue jobs while a batch runs."""
@@ -56,6 +57,7 @@ class ScriptedLockstep:
             self.gate.wait()
             yield [Delta(i, f"row{i}") for i in range(len(args[0]))]
             yield [Delta(i, "", FinishReason.length) for i in range(len(args[0]))]
+
         return steps()
 
     def ping(self) -> None:
@@ -147,18 +149,34 @@ def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on() -> None:
 
 # --- configs and requests -------------------------------------------------------------------------------
 
+
 def test_chat_and_serve_configs_compose_validate_and_name_bad_keys(tmp_path: Path) -> None:
     checkpoint = f"checkpoint={tmp_path}"
-    cfg = to_typed(compose("serve", [checkpoint, "attributes.verbosity=4", "+attributes.wit=2", "parallel=tp2",
-                                     f"apm_checkpoint={tmp_path}", "server.port=9000"]), ServeConfig)
+    cfg = to_typed(
+        compose(
+            "serve",
+            [
+                checkpoint,
+                "attributes.verbosity=4",
+                "+attributes.wit=2",
+                "parallel=tp2",
+                f"apm_checkpoint={tmp_path}",
+                "server.port=9000",
+            ],
+        ),
+        ServeConfig,
+    )
     cfg.validate()
     assert cfg.attributes["verbosity"] == 4 and cfg.attributes["wit"] == 2 and cfg.attributes["humor"] is None
     assert cfg.system_prompt.startswith("A chat between a curious user")
     chat = to_typed(compose("chat", [checkpoint, "sampling.temperature=0.7"]), ChatConfig)
     chat.validate()
     bad = [
-        (replace(cfg, parallel=replace(cfg.parallel, pipeline_model_parallel_size=2)),
-         "parallel.pipeline_model_parallel_size", "tensor parallelism only"),
+        (
+            replace(cfg, parallel=replace(cfg.parallel, pipeline_model_parallel_size=2)),
+            "parallel.pipeline_model_parallel_size",
+            "tensor parallelism only",
+        ),
         (replace(cfg, limits=replace(cfg.limits, max_n=32)), "limits.max_n", "never fits a batch"),
         (replace(cfg, sampling=replace(cfg.sampling, max_tokens=5000)), "sampling.max_tokens", "limits.max_tokens"),
         (replace(cfg, sampling=replace(cfg.sampling, top_p=0.0)), "sampling.top_p", "(0, 1]"),
@@ -178,29 +196,46 @@ def _steering():
     return FakeService(ScriptedEngine([]), {}).steering
 
 
-@pytest.mark.parametrize("messages,param,phrase", [
-    ([("assistant", "hi")], "messages[0].role", "expected a user message"),
-    ([("user", "a"), ("user", "b")], "messages[1].role", "expected a assistant message"),
-    ([("user", "a"), ("system", "b")], "messages[1].role", "must come before the first user message"),
-    ([("tool", "a")], "messages[0].role", "role 'tool' is not supported"),
-    ([("user", "a"), ("assistant", " ")], "messages[1].content", "must not be empty"),
-    ([("user", "a"), ("assistant", "b")], "messages", "the last message must be from the user"),
-])
+@pytest.mark.parametrize(
+    "messages,param,phrase",
+    [
+        ([("assistant", "hi")], "messages[0].role", "expected a user message"),
+        ([("user", "a"), ("user", "b")], "messages[1].role", "expected a assistant message"),
+        ([("user", "a"), ("system", "b")], "messages[1].role", "must come before the first user message"),
+        ([("tool", "a")], "messages[0].role", "role 'tool' is not supported"),
+        ([("user", "a"), ("assistant", " ")], "messages[1].content", "must not be empty"),
+        ([("user", "a"), ("assistant", "b")], "messages", "the last message must be from the user"),
+    ],
+)
 def test_messages_map_onto_the_template_or_name_the_bad_one(messages, param: str, phrase: str) -> None:
     steering = _steering()
     with pytest.raises(RequestError) as error:
         steering.conversation([ChatMessage(role, text) for role, text in messages])
     assert error.value.param == param and phrase in error.value.message
-    system, turns = steering.conversation([ChatMessage("system", "x"), ChatMessage("developer", "y"),
-                                           ChatMessage("user", "a"), ChatMessage("assistant", "b"),
-                                           ChatMessage("user", "c")], {"verbosity": 1})
+    system, turns = steering.conversation(
+        [
+            ChatMessage("system", "x"),
+            ChatMessage("developer", "y"),
+            ChatMessage("user", "a"),
+            ChatMessage("assistant", "b"),
+            ChatMessage("user", "c"),
+        ],
+        {"verbosity": 1},
+    )
     assert system == "x\ny" and turns[1] == Turn(Role.assistant, "b", {"verbosity": 1})
 
 
 def test_response_text_holds_back_the_template_newline_until_it_is_not_the_last() -> None:
     text = ResponseText("\n")
-    pushed = [text.push(Delta(0, piece, reason, tokens)) for piece, reason, tokens in
-              (("two", None, 1), ("\n", None, 2), ("lines\n", None, 4), ("", FinishReason.stop, 4))]
+    pushed = [
+        text.push(Delta(0, piece, reason, tokens))
+        for piece, reason, tokens in (
+            ("two", None, 1),
+            ("\n", None, 2),
+            ("lines\n", None, 4),
+            ("", FinishReason.stop, 4),
+        )
+    ]
     assert pushed == ["two", "", "\nlines", ""] and text.text == "two\nlines" and text.tokens == 4
     cut = ResponseText("\n")
     assert cut.push(Delta(0, "long\n", FinishReason.length)) == "long\n"  # no end of turn: the newline is text
@@ -208,33 +243,50 @@ def test_response_text_holds_back_the_template_newline_until_it_is_not_the_last(
 
 # --- a real server ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def world(steerable: dict, tmp_path_factory) -> dict:
     """The shared SFT run, an APM trained briefly on the same world, and the annotation recipe's scores of two
     conversations (the second multi-turn) to compare the scoring endpoint with."""
     root, data = tmp_path_factory.mktemp("serve"), steerable["data"]
     apm = root / "apm"
-    trained = run_recipe("train_attribute_model", [f"data.train_file={data}/annotated.jsonl",
-                                                   f"tokenizer.path={data}/tokenizer", f"output_dir={apm}",
-                                                   "trainer.max_steps=10"])
+    trained = run_recipe(
+        "train_attribute_model",
+        [
+            f"data.train_file={data}/annotated.jsonl",
+            f"tokenizer.path={data}/tokenizer",
+            f"output_dir={apm}",
+            "trainer.max_steps=10",
+        ],
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     rows = [json.loads(line) for line in (data / "unlabelled.jsonl").read_text().splitlines()[:3]]
     rows[1]["conversations"] = rows[1]["conversations"][:2] + rows[2]["conversations"][:2]
     conversations = root / "conversations.jsonl"
     conversations.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
     annotated = root / "annotated.jsonl"
-    result = run_recipe("annotate", [f"apm_checkpoint={apm}", f"input={conversations}", f"output={annotated}",
-                                     "mode=overwrite"])
+    result = run_recipe(
+        "annotate", [f"apm_checkpoint={apm}", f"input={conversations}", f"output={annotated}", "mode=overwrite"]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    return {**steerable, "apm": apm, "rows": rows[:2],
-            "annotated": [json.loads(line) for line in annotated.read_text().splitlines()]}
+    return {
+        **steerable,
+        "apm": apm,
+        "rows": rows[:2],
+        "annotated": [json.loads(line) for line in annotated.read_text().splitlines()],
+    }
 
 
 def _start(args: list[str], port: int, log: Path, launcher: list[str] | None = None) -> subprocess.Popen:
     """A server process; returns once /health answers 200 (or fails with its log)."""
     with log.open("w") as stderr:
-        process = subprocess.Popen(recipe_command("serve", [*args, f"server.port={port}"], launcher), cwd=ROOT,
-                                   env=recipe_env(), stdout=stderr, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            recipe_command("serve", [*args, f"server.port={port}"], launcher),
+            cwd=ROOT,
+            env=recipe_env(),
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -258,8 +310,9 @@ def _stop(process: subprocess.Popen, log: Path) -> None:
             process.kill()
 
 
-def _request(port: int, method: str, path: str, body: bytes | dict | None = None,
-             headers: dict | None = None) -> tuple[int, dict]:
+def _request(
+    port: int, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None
+) -> tuple[int, dict]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     connection.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
@@ -270,9 +323,19 @@ def _request(port: int, method: str, path: str, body: bytes | dict | None = None
 @pytest.fixture(scope="module")
 def server(world: dict, tmp_path_factory):
     port, log = _free_port(), tmp_path_factory.mktemp("server") / "server.log"
-    process = _start([f"checkpoint={world['sft']}", f"apm_checkpoint={world['apm']}",
-                      "limits.max_request_bytes=20000", "limits.max_tokens=64", "sampling.max_tokens=32", "limits.max_n=4",
-                      "attributes.helpfulness=4"], port, log)
+    process = _start(
+        [
+            f"checkpoint={world['sft']}",
+            f"apm_checkpoint={world['apm']}",
+            "limits.max_request_bytes=20000",
+            "limits.max_tokens=64",
+            "sampling.max_tokens=32",
+            "limits.max_n=4",
+            "attributes.helpfulness=4",
+        ],
+        port,
+        log,
+    )
     yield {"port": port, "url": f"http://127.0.0.1:{port}/v1", "log": log}
     _stop(process, log)
 
@@ -294,13 +357,22 @@ def test_openai_client_plain_and_streaming_agree(server: dict) -> None:
     assert answer.finish_reason in ("stop", "length") and plain.id.startswith("chatcmpl-") and plain.model == "sft"
     assert plain.usage.prompt_tokens > 10 and 0 < plain.usage.completion_tokens <= 40
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
-    chunks = list(client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=40, extra_body=steer,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="sft",
+            messages=QUESTION,
+            max_tokens=40,
+            extra_body=steer,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.finish_reason
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens and len({c.id for c in chunks}) == 1
-    sampled = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=20, n=3, temperature=1.0,
-                                             seed=5)
+    sampled = client.chat.completions.create(
+        model="sft", messages=QUESTION, max_tokens=20, n=3, temperature=1.0, seed=5
+    )
     assert [choice.index for choice in sampled.choices] == [0, 1, 2]
     assert len({choice.message.content for choice in sampled.choices}) > 1  # row i samples with seed + i
 
@@ -308,8 +380,12 @@ def test_openai_client_plain_and_streaming_agree(server: dict) -> None:
 @pytest.mark.slow
 def test_attributes_field_steers_and_is_echoed(server: dict) -> None:
     def ask(attributes: dict) -> dict:
-        status, body = _request(server["port"], "POST", "/v1/chat/completions",
-                                {"model": "sft", "messages": QUESTION, "max_tokens": 60, "attributes": attributes})
+        status, body = _request(
+            server["port"],
+            "POST",
+            "/v1/chat/completions",
+            {"model": "sft", "messages": QUESTION, "max_tokens": 60, "attributes": attributes},
+        )
         assert status == 200, body
         return body
 
@@ -331,9 +407,18 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server: d
         ({**good, "max_tokens": 65}, 400, "max_tokens", "max_tokens_too_large"),
         ({**good, "n": 5}, 400, "n", "n_too_large"),
         ({**good, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
-        ({**good, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages[0].role",
-         "invalid_message_order"),
-        ({**good, "messages": [{"role": "user", "content": "coat " * 600}]}, 400, "messages", "context_length_exceeded"),
+        (
+            {**good, "messages": [{"role": "assistant", "content": "hi"}]},
+            400,
+            "messages[0].role",
+            "invalid_message_order",
+        ),
+        (
+            {**good, "messages": [{"role": "user", "content": "coat " * 600}]},
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
         ({**good, "model": "gpt-4"}, 404, "model", "model_not_found"),
         ({**good, "temperature": "hot"}, 422, "temperature", "invalid_value"),
         ({**good, "messages": [{"role": "user"}]}, 422, "messages[0].content", "invalid_value"),
@@ -345,8 +430,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server: d
         assert (got, error.get("param"), error.get("code")) == (status, param, code), (body, reply)
         assert error["message"] and error["type"]
     chunked = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # no Content-Length: counted as it arrives
-    chunked.request("POST", "/v1/chat/completions", iter([b"x" * 15000, b"x" * 15000]),
-                    {"Content-Type": "application/json"}, encode_chunked=True)
+    chunked.request(
+        "POST",
+        "/v1/chat/completions",
+        iter([b"x" * 15000, b"x" * 15000]),
+        {"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
     assert chunked.getresponse().status == 413
     assert _request(port, "GET", "/v2/nothing")[0] == 404
     status, health = _request(port, "GET", "/health")
@@ -360,8 +450,12 @@ def test_concurrent_requests_all_get_their_own_answer(server: dict) -> None:
     port, results = server["port"], {}
 
     def ask(verbosity: int) -> None:
-        results[verbosity] = _request(port, "POST", "/v1/chat/completions", {
-            "model": "sft", "messages": QUESTION, "max_tokens": 30, "attributes": {"verbosity": verbosity}})
+        results[verbosity] = _request(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            {"model": "sft", "messages": QUESTION, "max_tokens": 30, "attributes": {"verbosity": verbosity}},
+        )
 
     before = _request(port, "GET", "/health")[1]
     threads = [threading.Thread(target=ask, args=(v,)) for v in range(5)]
@@ -373,8 +467,12 @@ def test_concurrent_requests_all_get_their_own_answer(server: dict) -> None:
     assert after["rows"] - before["rows"] == 5 and after["batches"] - before["batches"] <= 5
     for verbosity in range(5):
         status, reply = results[verbosity]
-        alone = _request(port, "POST", "/v1/chat/completions", {
-            "model": "sft", "messages": QUESTION, "max_tokens": 30, "attributes": {"verbosity": verbosity}})[1]
+        alone = _request(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            {"model": "sft", "messages": QUESTION, "max_tokens": 30, "attributes": {"verbosity": verbosity}},
+        )[1]
         assert status == 200 and reply["choices"] == alone["choices"]  # batching changes no answer
 
 
@@ -392,13 +490,15 @@ def test_scoring_endpoint_equals_the_annotation_recipe(world: dict, server: dict
     scorer = AttributeScorer([], None, apm.schema, tokenizer, seq_length=512)  # tokenisation only, no model
     for row, annotated in zip(world["rows"], world["annotated"]):
         messages = [{"role": "system", "content": row["system"]}] + [
-            {"role": turn["from"].lower(), "content": turn["value"]} for turn in row["conversations"]]
+            {"role": turn["from"].lower(), "content": turn["value"]} for turn in row["conversations"]
+        ]
         conversation = _steering().scoring_conversation([ChatMessage(m["role"], m["content"]) for m in messages])
         stored = from_conversation_json(row, apm.schema, "row", 1)
         assert (conversation.system, conversation.turns) == (stored.system, stored.turns)
         labelled = from_conversation_json(annotated, apm.schema, "row", 1)  # the APM-training form of the row
-        training = attribute_examples([labelled], apm.schema, SteerLMTemplate(apm.schema), tokenizer, 512,
-                                      LengthPolicy.truncate, LengthStats())[-1]
+        training = attribute_examples(
+            [labelled], apm.schema, SteerLMTemplate(apm.schema), tokenizer, 512, LengthPolicy.truncate, LengthStats()
+        )[-1]
         assert scorer.examples([conversation])[0].ids == training.ids
 
         status, reply = _request(server["port"], "POST", "/v1/attributes/score", {"messages": messages})
@@ -417,15 +517,25 @@ def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: d
     request = {"model": "sft", "messages": QUESTION, "max_tokens": 40, "attributes": {"verbosity": 2}}
     expected = _request(server["port"], "POST", "/v1/chat/completions", request)[1]["choices"]
     port, log = _free_port(), tmp_path / "tp2.log"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port())]
-    process = _start([f"checkpoint={world['sft']}", "parallel=tp2", "attributes.helpfulness=4"], port, log,
-                     torchrun)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+    ]
+    process = _start([f"checkpoint={world['sft']}", "parallel=tp2", "attributes.helpfulness=4"], port, log, torchrun)
     try:
         assert _request(port, "POST", "/v1/chat/completions", request)[1]["choices"] == expected
         streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        streaming.request("POST", "/v1/chat/completions", json.dumps({**request, "stream": True}),
-                          {"Content-Type": "application/json"})
+        streaming.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({**request, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
         response = streaming.getresponse()
         first = response.readline()
         [rank0] = [p for p in psutil.Process(process.pid).children() if p.environ().get("RANK") == "0"]

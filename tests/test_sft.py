@@ -18,25 +18,35 @@ from steerlm.config import ConfigError, compose, save_resolved, to_typed
 from steerlm.config.schema import AttributesConfig, TokenizerConfig, TrainDataConfig
 from steerlm.config.sft import SFTConfig, SFTOptions
 from steerlm.data.collate import Example
-from steerlm.errors import DataError
 from steerlm.data.readers import DataFormat
+from steerlm.errors import DataError
 from steerlm.stages import sft
 from steerlm.tokenizers import WordTokenizer
 from tests.recipe_runner import TORCHRUN_2, run_recipe, train_losses
 
 HELPSTEER2 = AttributesConfig()  # helpfulness, correctness, coherence, complexity, verbosity
 ROWS = [
-    {"system": "Be brief.", "conversations": [
-        {"from": "User", "value": "what does zog eat", "label": None},
-        {"from": "Assistant", "value": "zog eats figs", "label": "helpfulness:4,verbosity:1"}]},
-    {"system": "", "conversations": [
-        {"from": "User", "value": "tell me about zog", "label": None},
-        {"from": "Assistant", "value": "zog is red and small", "label": "helpfulness:2,correctness:3"},
-        {"from": "User", "value": "and its food", "label": None},
-        {"from": "Assistant", "value": "figs", "label": None}]},
+    {
+        "system": "Be brief.",
+        "conversations": [
+            {"from": "User", "value": "what does zog eat", "label": None},
+            {"from": "Assistant", "value": "zog eats figs", "label": "helpfulness:4,verbosity:1"},
+        ],
+    },
+    {
+        "system": "",
+        "conversations": [
+            {"from": "User", "value": "tell me about zog", "label": None},
+            {"from": "Assistant", "value": "zog is red and small", "label": "helpfulness:2,correctness:3"},
+            {"from": "User", "value": "and its food", "label": None},
+            {"from": "Assistant", "value": "figs", "label": None},
+        ],
+    },
 ]
-WORDS = ("be brief what does zog eat eats figs tell me about is red and small its food you are kind "
-         "System User Assistant helpfulness correctness coherence complexity verbosity humor 0 1 2 3 4")
+WORDS = (
+    "be brief what does zog eat eats figs tell me about is red and small its food you are kind "
+    "System User Assistant helpfulness correctness coherence complexity verbosity humor 0 1 2 3 4"
+)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -44,14 +54,23 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _config(tmp_path: Path, train_file: Path, fmt: DataFormat = DataFormat.conversation,
-            attributes: AttributesConfig = HELPSTEER2, **options) -> SFTConfig:
+def _config(
+    tmp_path: Path,
+    train_file: Path,
+    fmt: DataFormat = DataFormat.conversation,
+    attributes: AttributesConfig = HELPSTEER2,
+    **options,
+) -> SFTConfig:
     tokenizer_dir = tmp_path / "tokenizer"
     if not tokenizer_dir.exists():
         WordTokenizer.build([WORDS]).save(tokenizer_dir)
-    return SFTConfig(attributes=attributes, tokenizer=TokenizerConfig(path=str(tokenizer_dir)),
-                     data=TrainDataConfig(train_file=str(train_file), format=fmt, validation_fraction=0.0),
-                     sft=SFTOptions(**options), output_dir=str(tmp_path / "run"))
+    return SFTConfig(
+        attributes=attributes,
+        tokenizer=TokenizerConfig(path=str(tokenizer_dir)),
+        data=TrainDataConfig(train_file=str(train_file), format=fmt, validation_fraction=0.0),
+        sft=SFTOptions(**options),
+        output_dir=str(tmp_path / "run"),
+    )
 
 
 def _examples(cfg: SFTConfig) -> tuple[sft.SFTData, WordTokenizer]:
@@ -72,8 +91,11 @@ def test_plain_baseline_drops_only_the_attribute_line_and_trains_the_same_tokens
     assert "<extra_id_2>" not in tokenizer.decode(plain.train[0].ids)
     for with_labels, without in zip(conditioned.train, plain.train):
         assert _trained(with_labels) == _trained(without)  # the attribute line is given, never predicted
-    assert tokenizer.decode(_trained(conditioned.train[1])).split("\n") == ["zog is red and small", "<extra_id_1>figs",
-                                                                            "<extra_id_1>"]
+    assert tokenizer.decode(_trained(conditioned.train[1])).split("\n") == [
+        "zog is red and small",
+        "<extra_id_1>figs",
+        "<extra_id_1>",
+    ]
     unlabelled_context, _ = _examples(_config(tmp_path, data_file, train_unlabelled_responses=False))
     assert tokenizer.decode(_trained(unlabelled_context.train[1])) == "zog is red and small\n<extra_id_1>"
     everything, _ = _examples(_config(tmp_path, data_file, answer_only_loss=False))
@@ -137,8 +159,11 @@ def test_config_composes_validates_and_names_bad_keys(tmp_path: Path) -> None:
         compose("train_sft", [*overrides, "sft.max_seq_length=512"])
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    for options, problem in (({"repeat": 0}, "must be >= 1"), ({"init_from": str(tmp_path / "nope")}, "not a directory"),
-                             ({"init_from": str(tmp_path / "hf")}, "Hugging Face model directory")):
+    for options, problem in (
+        ({"repeat": 0}, "must be >= 1"),
+        ({"init_from": str(tmp_path / "nope")}, "not a directory"),
+        ({"init_from": str(tmp_path / "hf")}, "Hugging Face model directory"),
+    ):
         with pytest.raises(ConfigError) as error:
             SFTOptions(**options).validate()
         assert error.value.key == f"sft.{next(iter(options))}" and problem in str(error.value)
@@ -147,37 +172,67 @@ def test_config_composes_validates_and_names_bad_keys(tmp_path: Path) -> None:
 
 
 def test_attributes_the_schema_lacks_stop_the_run_before_training(tmp_path: Path) -> None:
-    rows = [ROWS[0], {"conversations": [{"from": "User", "value": "zog", "label": None},
-                                        {"from": "Assistant", "value": "figs", "label": "humor:3"}]}]
+    rows = [
+        ROWS[0],
+        {
+            "conversations": [
+                {"from": "User", "value": "zog", "label": None},
+                {"from": "Assistant", "value": "figs", "label": "humor:3"},
+            ]
+        },
+    ]
     cfg = _config(tmp_path, _write_jsonl(tmp_path / "labels.jsonl", rows))
     with pytest.raises(DataError) as error:
         sft.run(cfg)
-    assert "labels.jsonl:2" in str(error.value) and "unknown attribute 'humor' for schema 'helpsteer2'" in str(error.value)
-    helpsteer_row = {"prompt": "what does zog eat", "response": "figs", "helpfulness": 4, "correctness": 4,
-                     "coherence": 4, "complexity": 1, "verbosity": 1, "humor": 2, "toxicity": 0}
+    assert "labels.jsonl:2" in str(error.value) and "unknown attribute 'humor' for schema 'helpsteer2'" in str(
+        error.value
+    )
+    helpsteer_row = {
+        "prompt": "what does zog eat",
+        "response": "figs",
+        "helpfulness": 4,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 1,
+        "verbosity": 1,
+        "humor": 2,
+        "toxicity": 0,
+    }
     cfg = _config(tmp_path, _write_jsonl(tmp_path / "rows.jsonl", [helpsteer_row]), DataFormat.helpsteer2)
     with pytest.raises(ConfigError) as error:
         sft.run(cfg)
-    assert error.value.key == "attributes.attributes" and "rates humor, toxicity, which schema 'helpsteer2' lacks" in \
-        str(error.value)
+    assert (
+        error.value.key == "attributes.attributes"
+        and "rates humor, toxicity, which schema 'helpsteer2' lacks" in str(error.value)
+    )
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 # --- end to end: the recipe as users run it -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("synthetic")
-    result = run_recipe("prepare_data", ["data=synthetic", f"output={data}", "synthetic.unlabelled_rows=10",
-                                         "synthetic.eval_prompts=2"])
+    result = run_recipe(
+        "prepare_data", ["data=synthetic", f"output={data}", "synthetic.unlabelled_rows=10", "synthetic.eval_prompts=2"]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return data
 
 
 def _sft_ok(synthetic: Path, out: Path, args: list[str], launcher: list[str] | None = None) -> dict:
-    result = run_recipe("train_sft", [f"data.train_file={synthetic}/annotated.jsonl",
-                                      f"tokenizer.path={synthetic}/tokenizer", f"output_dir={out}", *args],
-                        launcher, timeout=600)
+    result = run_recipe(
+        "train_sft",
+        [
+            f"data.train_file={synthetic}/annotated.jsonl",
+            f"tokenizer.path={synthetic}/tokenizer",
+            f"output_dir={out}",
+            *args,
+        ],
+        launcher,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "eval.json").read_text())
 
@@ -185,16 +240,25 @@ def _sft_ok(synthetic: Path, out: Path, args: list[str], launcher: list[str] | N
 @pytest.mark.slow
 def test_tiny_sft_falls_well_below_the_unigram_baseline(synthetic: Path, tmp_path: Path) -> None:
     result = _sft_ok(synthetic, tmp_path, ["trainer.max_steps=100", "trainer.eval_interval=50"])
-    print(f"\nvalidation loss {result['initial_validation_loss']:.3f} → {result['final_validation_loss']:.3f} "
-          f"(unigram baseline {result['unigram_baseline']:.3f}) in {result['train_seconds']:.0f} s")
+    print(
+        f"\nvalidation loss {result['initial_validation_loss']:.3f} → {result['final_validation_loss']:.3f} "
+        f"(unigram baseline {result['unigram_baseline']:.3f}) in {result['train_seconds']:.0f} s"
+    )
     assert result["train_examples"] + result["validation_examples"] == 2000 and result["validation_examples"] > 150
     losses = [loss for _, loss in result["evaluations"]]
     assert losses[0] > losses[1] == result["final_validation_loss"]
     assert result["final_validation_loss"] < 0.4 * result["unigram_baseline"] < result["initial_validation_loss"]
 
 
-SMALL = ["trainer.micro_batch_size=4", "trainer.global_batch_size=8", "trainer.log_interval=1",
-         "trainer.eval_interval=3", "optim.lr_warmup_steps=1", "optim.lr_decay_steps=6", "checkpoint.save_interval=3"]
+SMALL = [
+    "trainer.micro_batch_size=4",
+    "trainer.global_batch_size=8",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=3",
+    "optim.lr_warmup_steps=1",
+    "optim.lr_decay_steps=6",
+    "checkpoint.save_interval=3",
+]
 
 
 @pytest.mark.slow
@@ -213,16 +277,25 @@ def test_tp2_equals_one_process_and_its_checkpoint_trains_on_at_tp1(synthetic: P
     saved = (tmp_path / "tp2" / "checkpoints" / "step_0000003" / "config.yaml").read_text()
     assert "condition_on_attributes: true" in saved and f"path: {synthetic}/tokenizer" in saved
 
-    started = _sft_ok(synthetic, tmp_path / "init", [*SMALL, "trainer.max_steps=1",
-                                                    f"sft.init_from={tmp_path / 'tp2' / 'checkpoints' / 'step_0000003'}"])
+    started = _sft_ok(
+        synthetic,
+        tmp_path / "init",
+        [*SMALL, "trainer.max_steps=1", f"sft.init_from={tmp_path / 'tp2' / 'checkpoints' / 'step_0000003'}"],
+    )
     assert started["start_step"] == 0
     assert started["initial_validation_loss"] == pytest.approx(tp2["final_validation_loss"], rel=1e-6)
 
 
 @pytest.mark.slow
 def test_packing_gives_the_unpacked_loss_curve(synthetic: Path, tmp_path: Path) -> None:
-    common = ["trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.seq_length=512", "trainer.log_interval=1",
-              "trainer.max_steps=3", "trainer.eval_interval=null"]
+    common = [
+        "trainer.micro_batch_size=2",
+        "trainer.global_batch_size=8",
+        "trainer.seq_length=512",
+        "trainer.log_interval=1",
+        "trainer.max_steps=3",
+        "trainer.eval_interval=null",
+    ]
     _sft_ok(synthetic, tmp_path / "padded", common)
     packed = _sft_ok(synthetic, tmp_path / "packed", [*common, "sft.packing=true"])
     assert packed["packing"]
@@ -241,5 +314,6 @@ def test_resuming_with_the_other_conditioning_is_refused(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as error:
         sft.check_resume_conditioning(plain, Path(cfg.output_dir))
     assert error.value.key == "sft.condition_on_attributes" and "step_0000002 was trained with" in str(error.value)
-    sft.check_resume_conditioning(replace(plain, checkpoint=replace(plain.checkpoint, resume=False)),
-                                  Path(cfg.output_dir))
+    sft.check_resume_conditioning(
+        replace(plain, checkpoint=replace(plain.checkpoint, resume=False)), Path(cfg.output_dir)
+    )

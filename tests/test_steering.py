@@ -34,9 +34,19 @@ def test_shipped_config_composes_and_resolves_for_the_synthetic_schema(tmp_path:
 @pytest.fixture(scope="module")
 def sweep(steerable: dict, tmp_path_factory) -> dict:
     data, out = steerable["data"], tmp_path_factory.mktemp("steering") / "eval.json"
-    result = run_recipe("evaluate_steering", [
-        f"checkpoint={steerable['sft']}", f"prompts={data}/eval_prompts.jsonl", f"world={data}/world.json",
-        "sweep=[verbosity,humor,toxicity]", "values=[0,4]", "num_prompts=40", f"output={out}"], timeout=600)
+    result = run_recipe(
+        "evaluate_steering",
+        [
+            f"checkpoint={steerable['sft']}",
+            f"prompts={data}/eval_prompts.jsonl",
+            f"world={data}/world.json",
+            "sweep=[verbosity,humor,toxicity]",
+            "values=[0,4]",
+            "num_prompts=40",
+            f"output={out}",
+        ],
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verbosity" in result.stdout and "spearman" in result.stdout
     return json.loads(out.read_text())
@@ -60,15 +70,25 @@ def test_other_attributes_steer_in_the_requested_direction(sweep: dict, attribut
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, key", [
-    ("sweep=[wit]", "sweep"),
-    ("base.humor=null", "base.humor"),
-    ("values=[0,9]", "values"),
-    ("prompts=/nonexistent.jsonl", "prompts"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("sweep=[wit]", "sweep"),
+        ("base.humor=null", "base.humor"),
+        ("values=[0,9]", "values"),
+        ("prompts=/nonexistent.jsonl", "prompts"),
+    ],
+)
 def test_bad_requests_name_their_key(steerable: dict, override: str, key: str, tmp_path: Path) -> None:
-    result = run_recipe("evaluate_steering", [f"checkpoint={steerable['sft']}", f"world={steerable['data']}/world.json",
-                                              f"prompts={steerable['data']}/eval_prompts.jsonl", override,
-                                              f"output={tmp_path}/eval.json"])
+    result = run_recipe(
+        "evaluate_steering",
+        [
+            f"checkpoint={steerable['sft']}",
+            f"world={steerable['data']}/world.json",
+            f"prompts={steerable['data']}/eval_prompts.jsonl",
+            override,
+            f"output={tmp_path}/eval.json",
+        ],
+    )
     assert result.returncode != 0
     assert key in result.stderr, result.stderr[-1500:]

@@ -62,9 +62,21 @@ def test_oracle_matches_the_generator_exactly_on_random_and_extreme_levels() -> 
         assert oracle.score(spec.turns, response) == {k: float(v) for k, v in levels.as_dict().items()}
 
 
-@pytest.mark.parametrize("text", ["", "   ", "!!!", "<extra_id_1>", "Nobody is red.", "Zzz eats apples.",
-                                  "the the the", "apples. apples! apples?", "\u0000\ud7ff weird",
-                                  "Honestly, that was a silly question."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "!!!",
+        "<extra_id_1>",
+        "Nobody is red.",
+        "Zzz eats apples.",
+        "the the the",
+        "apples. apples! apples?",
+        "\u0000\ud7ff weird",
+        "Honestly, that was a silly question.",
+    ],
+)
 def test_oracle_scores_malformed_text_lowest_without_raising(text: str) -> None:
     world = build_world(0, 10)
     prompt = [Turn(Role.user, f"Tell me about {world.entities[0]}.")]
@@ -80,8 +92,10 @@ def test_levels_change_the_text_in_the_intended_direction() -> None:
     world = build_world(0, 20)
     rng = random.Random(1)
     spec = sample_prompt(world, rng, 0.0)
-    words = {level: len(generate_response(world, spec, Levels(verbosity=level), random.Random(2)).split())
-             for level in range(5)}
+    words = {
+        level: len(generate_response(world, spec, Levels(verbosity=level), random.Random(2)).split())
+        for level in range(5)
+    }
     assert words == dict(sorted(words.items(), key=lambda item: item[1]))  # strictly longer with verbosity
     assert words[4] > words[0] + 15
 
@@ -132,8 +146,10 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path: Path) -> None:
     assert len(files) == 6
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert set(build_world(0, 60).entities).isdisjoint(build_world(1, 60).entities) or \
-        build_world(0, 60).entities != build_world(1, 60).entities
+    assert (
+        set(build_world(0, 60).entities).isdisjoint(build_world(1, 60).entities)
+        or build_world(0, 60).entities != build_world(1, 60).entities
+    )
     assert (tmp_path / "a" / "eval_prompts.jsonl").read_text() != (tmp_path / "c" / "eval_prompts.jsonl").read_text()
 
 

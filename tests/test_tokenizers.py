@@ -9,11 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from steerlm.tokenizers import (SPECIAL_TOKENS, VOCAB_FILE, HFTokenizer, TokenizerKind, WordTokenizer,
-                                load_tokenizer, normalize)
+from steerlm.tokenizers import (
+    SPECIAL_TOKENS,
+    VOCAB_FILE,
+    HFTokenizer,
+    TokenizerKind,
+    WordTokenizer,
+    load_tokenizer,
+    normalize,
+)
 
-TEMPLATE = ("<extra_id_0>System\nA chat between a user and an assistant.\n<extra_id_1>User\nHello, who are you?\n"
-            "<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,verbosity:1\nHi! I'm a model; ask me (anything).")
+TEMPLATE = (
+    "<extra_id_0>System\nA chat between a user and an assistant.\n<extra_id_1>User\nHello, who are you?\n"
+    "<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,verbosity:1\nHi! I'm a model; ask me (anything)."
+)
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, how are you today?",
@@ -23,6 +32,7 @@ SENTENCES = [
 
 
 # --- Hugging Face directories built offline ------------------------------------------------------------
+
 
 def _save_fast(tokenizer_object, directory: Path, **special_tokens: str) -> Path:
     from transformers import PreTrainedTokenizerFast
@@ -38,8 +48,9 @@ def _byte_bpe(directory: Path, special_tokens: list[str], **roles: str) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(SENTENCES, trainer)
     return _save_fast(tokenizer, directory, **roles)
 
@@ -135,8 +146,9 @@ def test_hf_encode_never_adds_bos_or_eos(tmp_path: Path) -> None:
     words = ["[UNK]", "<s>", "</s>", "hello", "world"]
     directory = _word_level(tmp_path / "bos", words, bos_token="<s>", eos_token="</s>")
     with_template = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    with_template.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
-                                                                 special_tokens=[("<s>", 1), ("</s>", 2)])
+    with_template.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
     assert with_template.encode("hello world").ids == [1, 3, 4, 2]
     with_template.save(str(directory / "tokenizer.json"))
 
@@ -159,8 +171,16 @@ def test_hf_loads_a_sentencepiece_model(tmp_path: Path) -> None:
     words = "the quick brown fox jumps over a lazy dog hello world model answer".split()
     sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(300)]
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=40,
-                                             model_type="bpe", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=40,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        minloglevel=2,
+    )
     directory = tmp_path / "llama"
     directory.mkdir()
     (directory / "tokenizer.model").write_bytes(model.getvalue())
@@ -180,6 +200,7 @@ def test_hf_loads_a_sentencepiece_model(tmp_path: Path) -> None:
 
 # --- the word tokenizer ----------------------------------------------------------------------------------
 
+
 def test_word_reserved_ids() -> None:
     tokenizer = WordTokenizer.build(["hello world", "s"])
     reserved = ["<pad>", "<unk>", "<s>", "</s>", *SPECIAL_TOKENS]
@@ -198,18 +219,31 @@ def test_word_template_round_trips_with_one_id_per_special() -> None:
     assert tokenizer.decode(ids) == TEMPLATE
     glued = "<extra_id_2>helpfulness:4,verbosity:1\nHi"
     assert [tokenizer.decode([i]) for i in tokenizer.encode(glued)] == [
-        "<extra_id_2>", "helpfulness", ":", "4", ",", "verbosity", ":", "1", "\n", "Hi"]
+        "<extra_id_2>",
+        "helpfulness",
+        ":",
+        "4",
+        ",",
+        "verbosity",
+        ":",
+        "1",
+        "\n",
+        "Hi",
+    ]
 
 
-@pytest.mark.parametrize(("text", "normal"), [
-    ("a  b\t\tc", "a b c"),
-    ("  line one  \n\t line two \n", "line one\nline two\n"),
-    ("wait , what ?! yes ; no : maybe .", "wait, what?! yes; no: maybe."),
-    ("a\r\nb\u00a0c", "a\nb c"),
-    ("hi <extra_id_1> there", "hi<extra_id_1> there"),
-    ("(glued)and spaced ( tokens )", "(glued)and spaced ( tokens )"),
-    ("\n\n", "\n\n"),
-])
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [
+        ("a  b\t\tc", "a b c"),
+        ("  line one  \n\t line two \n", "line one\nline two\n"),
+        ("wait , what ?! yes ; no : maybe .", "wait, what?! yes; no: maybe."),
+        ("a\r\nb\u00a0c", "a\nb c"),
+        ("hi <extra_id_1> there", "hi<extra_id_1> there"),
+        ("(glued)and spaced ( tokens )", "(glued)and spaced ( tokens )"),
+        ("\n\n", "\n\n"),
+    ],
+)
 def test_normalize(text: str, normal: str) -> None:
     assert normalize(text) == normal
     assert normalize(normal) == normal
@@ -221,8 +255,26 @@ def _random_text(rng: random.Random, pieces: list[str]) -> str:
 
 
 def test_word_decode_inverts_encode_on_normal_forms() -> None:
-    pieces = ["word", "Hi", "don't", "re-enter", "42", "café", "日本語", "Größe", ",", ".", "?", ":", "(", ")",
-              "\"", "—", "«", *SPECIAL_TOKENS]
+    pieces = [
+        "word",
+        "Hi",
+        "don't",
+        "re-enter",
+        "42",
+        "café",
+        "日本語",
+        "Größe",
+        ",",
+        ".",
+        "?",
+        ":",
+        "(",
+        ")",
+        '"',
+        "—",
+        "«",
+        *SPECIAL_TOKENS,
+    ]
     rng = random.Random(1234)
     texts = [_random_text(rng, pieces) for _ in range(400)]
     tokenizer = WordTokenizer.build(texts)
@@ -297,6 +349,7 @@ def test_word_load_rejects_broken_files(tmp_path: Path) -> None:
 
 
 # --- load_tokenizer -----------------------------------------------------------------------------------------
+
 
 def test_load_tokenizer_dispatches(tmp_path: Path) -> None:
     directory = _byte_bpe(tmp_path / "bpe2", ["<|endoftext|>"], eos_token="<|endoftext|>")

@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,10 +31,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from steerlm.files import atomic_write_text
-from steerlm.errors import ConfigError
 from steerlm.config.schema import ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
+from steerlm.errors import ConfigError
+from steerlm.files import atomic_write_text
 from steerlm.megatron_compat import use_in_process_save_queue
 from steerlm.runtime.layout import ParallelLayout
 
@@ -47,16 +48,28 @@ class TrainingState(Protocol):
     optimizer: Any
     scheduler: Any
 
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "steerlm_checkpoint.json"
 FORMAT = 1
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that change tensor shapes or meaning; any difference makes a checkpoint unusable.
-SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "normalization", "activation",
-                "position_embedding_type", "share_embeddings_and_output_weights", "add_bias_linear")
-
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "normalization",
+    "activation",
+    "position_embedding_type",
+    "share_embeddings_and_output_weights",
+    "add_bias_linear",
+)
 
 
 @dataclass(frozen=True)
@@ -96,8 +109,13 @@ def _rng_object(layout: ParallelLayout, state: dict | None = None) -> ShardedObj
         state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
-    return ShardedObject("rng_state", state, (layout.pp, layout.tp, layout.cp, layout.dp),
-                         (layout.pp_rank, layout.tp_rank, layout.cp_rank, layout.dp_rank), replica_id=0)
+    return ShardedObject(
+        "rng_state",
+        state,
+        (layout.pp, layout.tp, layout.cp, layout.dp),
+        (layout.pp_rank, layout.tp_rank, layout.cp_rank, layout.dp_rank),
+        replica_id=0,
+    )
 
 
 def _sharded_state(model: list, optimizer, layout: ParallelLayout, is_loading: bool, with_rng: bool) -> dict:
@@ -118,8 +136,10 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text().strip()
     if not (path / META).exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete; delete the pointer "
-                                "to start over or restore the directory")
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, which is missing or incomplete; delete the pointer "
+            "to start over or restore the directory"
+        )
     return path
 
 
@@ -140,13 +160,18 @@ def check_compatible(path: Path, model: ModelConfig) -> CheckpointMeta:
     current = _model_key(model)
     for name in SHAPE_FIELDS:
         if meta.model.get(name) != current[name]:
-            raise ConfigError(f"model.{name}", current[name],
-                              f"checkpoint {path} was written for model.{name}={meta.model.get(name)!r}",
-                              "use the checkpoint's model, a new output_dir, or checkpoint.resume=false")
+            raise ConfigError(
+                f"model.{name}",
+                current[name],
+                f"checkpoint {path} was written for model.{name}={meta.model.get(name)!r}",
+                "use the checkpoint's model, a new output_dir, or checkpoint.resume=false",
+            )
     return meta
 
 
-def save_checkpoint(output_dir: Path, step: int, setup: TrainingState, layout: ParallelLayout, cfg: TrainConfig) -> Path:
+def save_checkpoint(
+    output_dir: Path, step: int, setup: TrainingState, layout: ParallelLayout, cfg: TrainConfig
+) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the checkpoint atomically (with the
     resolved config that produced it)."""
     root = checkpoint_root(output_dir)
@@ -185,8 +210,15 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: list, optimizer, scheduler, layout: ParallelLayout,
-                    model_cfg: ModelConfig, keep: Callable[[str], bool] = lambda name: False) -> int:
+def load_checkpoint(
+    path: Path,
+    model: list,
+    optimizer,
+    scheduler,
+    layout: ParallelLayout,
+    model_cfg: ModelConfig,
+    keep: Callable[[str], bool] = lambda name: False,
+) -> int:
     """Load weights, optimizer state and LR schedule into this layout's model; returns the step.
 
     With `optimizer=None` only the weights are loaded (inference, annotation, initialising a new run);
@@ -210,13 +242,19 @@ def load_checkpoint(path: Path, model: list, optimizer, scheduler, layout: Paral
         _restore_rng(loaded["rng_state"])
     elif optimizer is not None:
         log.info("checkpoint written at %s, loading at %s: RNG states start fresh", meta.layout, _layout_key(layout))
-    log.info("loaded %s from %s (step %d)", "training state" if optimizer is not None else "weights", path,
-             loaded["step"])
+    log.info(
+        "loaded %s from %s (step %d)", "training state" if optimizer is not None else "weights", path, loaded["step"]
+    )
     return int(loaded["step"])
 
 
-def load_weights(path: Path, model: list, layout: ParallelLayout, model_cfg: ModelConfig,
-                 keep: Callable[[str], bool] = lambda name: False) -> int:
+def load_weights(
+    path: Path,
+    model: list,
+    layout: ParallelLayout,
+    model_cfg: ModelConfig,
+    keep: Callable[[str], bool] = lambda name: False,
+) -> int:
     """Only the model weights of a checkpoint (any layout); returns the step it was saved at."""
     return load_checkpoint(path, model, None, None, layout, model_cfg, keep)
 
@@ -228,8 +266,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a run directory with "
-                                f"{CHECKPOINTS}/{LATEST}; pass a training output_dir or one of its checkpoints")
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint (no {META}) nor a run directory with "
+            f"{CHECKPOINTS}/{LATEST}; pass a training output_dir or one of its checkpoints"
+        )
     return latest
 
 

@@ -9,9 +9,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig
 from steerlm.data.readers import BadRowPolicy, DataFormat
+from steerlm.errors import ConfigError
 
 
 class AnnotateMode(str, Enum):
@@ -39,8 +39,12 @@ class AnnotateConfig:
         if not Path(self.input).is_file():
             raise ConfigError("input", self.input, "no such file", "pass input=<conversation or HelpSteer JSONL>")
         if not Path(self.apm_checkpoint).is_dir():
-            raise ConfigError("apm_checkpoint", self.apm_checkpoint, "is not a directory",
-                              "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)")
+            raise ConfigError(
+                "apm_checkpoint",
+                self.apm_checkpoint,
+                "is not a directory",
+                "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)",
+            )
         if Path(self.output).resolve() == Path(self.input).resolve():
             raise ConfigError("output", self.output, "would overwrite the input", "choose another output path")
         for key in ("shard_size", "micro_batch_size", "seq_length"):

@@ -8,10 +8,10 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import DataFormat
+from steerlm.errors import ConfigError
 
 
 @dataclass
@@ -32,14 +32,26 @@ class EvaluateAttributeModelConfig:
 
     def validate(self) -> None:
         if not Path(self.input).is_file():
-            raise ConfigError("input", self.input, "no such file",
-                              "pass input=<labelled data file> (and format=… when it is not conversation JSONL)")
+            raise ConfigError(
+                "input",
+                self.input,
+                "no such file",
+                "pass input=<labelled data file> (and format=… when it is not conversation JSONL)",
+            )
         if not Path(self.apm_checkpoint).is_dir():
-            raise ConfigError("apm_checkpoint", self.apm_checkpoint, "is not a directory",
-                              "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)")
+            raise ConfigError(
+                "apm_checkpoint",
+                self.apm_checkpoint,
+                "is not a directory",
+                "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)",
+            )
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
-            raise ConfigError("validation_fraction", self.validation_fraction, "must be in (0, 1)",
-                              "use the APM's data.validation_fraction (e.g. 0.1), or null for every row")
+            raise ConfigError(
+                "validation_fraction",
+                self.validation_fraction,
+                "must be in (0, 1)",
+                "use the APM's data.validation_fraction (e.g. 0.1), or null for every row",
+            )
         for key in ("seq_length", "micro_batch_size", "torch_threads"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -19,9 +19,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig, PrecisionConfig
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
+from steerlm.errors import ConfigError
 
 
 @dataclass
@@ -41,8 +41,12 @@ class SamplingDefaults:
             ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]", "use 0 for greedy decoding"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]", "use 1.0 to switch nucleus sampling off"),
             ("top_k", self.top_k >= 0, "must be >= 0", "use 0 to switch top-k off"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty",
-             "remove the empty string"),
+            (
+                "stop",
+                all(isinstance(s, str) and s for s in self.stop),
+                "stop strings must be non-empty",
+                "remove the empty string",
+            ),
         )
         for key, ok, problem, fix in checks:
             if not ok:
@@ -66,8 +70,12 @@ class InferenceConfig:
 
     def validate(self) -> None:
         if not Path(self.checkpoint).is_dir():
-            raise ConfigError("checkpoint", self.checkpoint, "is not a directory",
-                              "pass the output_dir of recipes/train_sft.py (or one of its checkpoints/step_*)")
+            raise ConfigError(
+                "checkpoint",
+                self.checkpoint,
+                "is not a directory",
+                "pass the output_dir of recipes/train_sft.py (or one of its checkpoints/step_*)",
+            )
         self.parallel.validate()
         self.precision.validate()
         self.sampling.validate()
@@ -75,18 +83,32 @@ class InferenceConfig:
             raise ConfigError("torch_threads", self.torch_threads, "must be >= 1", "use null for torch's default")
         timeout_s = 60 * self.parallel.distributed_timeout_minutes
         if not 0 < self.ping_interval_s < timeout_s:
-            raise ConfigError("ping_interval_s", self.ping_interval_s,
-                              f"must be positive and below parallel.distributed_timeout_minutes ({timeout_s} s), or "
-                              "an idle server's other ranks time out", "use 30")
-        for key, value in (("pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size),
-                           ("context_parallel_size", self.parallel.context_parallel_size)):
+            raise ConfigError(
+                "ping_interval_s",
+                self.ping_interval_s,
+                f"must be positive and below parallel.distributed_timeout_minutes ({timeout_s} s), or "
+                "an idle server's other ranks time out",
+                "use 30",
+            )
+        for key, value in (
+            ("pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size),
+            ("context_parallel_size", self.parallel.context_parallel_size),
+        ):
             if value != 1:
-                raise ConfigError(f"parallel.{key}", value, "generation supports tensor parallelism only",
-                                  "serve with parallel=single or parallel=tp2 (tensor_model_parallel_size=N) and "
-                                  f"parallel.{key}=1; a checkpoint saved at any layout loads at any TP size")
+                raise ConfigError(
+                    f"parallel.{key}",
+                    value,
+                    "generation supports tensor parallelism only",
+                    "serve with parallel=single or parallel=tp2 (tensor_model_parallel_size=N) and "
+                    f"parallel.{key}=1; a checkpoint saved at any layout loads at any TP size",
+                )
         if self.parallel.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel", True, "is not supported by KV-cache generation",
-                              "set parallel.sequence_parallel=false")
+            raise ConfigError(
+                "parallel.sequence_parallel",
+                True,
+                "is not supported by KV-cache generation",
+                "set parallel.sequence_parallel=false",
+            )
 
 
 @dataclass
@@ -124,9 +146,12 @@ class ServeLimits:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"limits.{key}", getattr(self, key), "must be positive", "use the default")
         if self.max_n > self.max_batch_size:
-            raise ConfigError("limits.max_n", self.max_n,
-                              f"exceeds limits.max_batch_size={self.max_batch_size}: such a request never fits a batch",
-                              "lower limits.max_n or raise limits.max_batch_size")
+            raise ConfigError(
+                "limits.max_n",
+                self.max_n,
+                f"exceeds limits.max_batch_size={self.max_batch_size}: such a request never fits a batch",
+                "lower limits.max_n or raise limits.max_batch_size",
+            )
 
 
 @dataclass
@@ -142,9 +167,16 @@ class ServeConfig(InferenceConfig):
         self.server.validate()
         self.limits.validate()
         if self.apm_checkpoint is not None and not Path(self.apm_checkpoint).is_dir():
-            raise ConfigError("apm_checkpoint", self.apm_checkpoint, "is not a directory",
-                              "pass the output_dir of recipes/train_attribute_model.py, or null for no scoring")
+            raise ConfigError(
+                "apm_checkpoint",
+                self.apm_checkpoint,
+                "is not a directory",
+                "pass the output_dir of recipes/train_attribute_model.py, or null for no scoring",
+            )
         if self.sampling.max_tokens > self.limits.max_tokens:
-            raise ConfigError("sampling.max_tokens", self.sampling.max_tokens,
-                              f"exceeds limits.max_tokens={self.limits.max_tokens}",
-                              "lower the default or raise the cap")
+            raise ConfigError(
+                "sampling.max_tokens",
+                self.sampling.max_tokens,
+                f"exceeds limits.max_tokens={self.limits.max_tokens}",
+                "lower the default or raise the cap",
+            )

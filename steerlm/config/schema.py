@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.errors import ConfigError, require
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthPolicy
-from steerlm.data.synthetic.sizes import SyntheticConfig
 from steerlm.data.readers import BadRowPolicy, DataFormat
+from steerlm.data.synthetic.sizes import SyntheticConfig
+from steerlm.errors import ConfigError, require
 
 
 class Normalization(str, Enum):
@@ -71,7 +71,6 @@ class LRDecayStyle(str, Enum):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
-
 
 
 def require_positive(prefix: str, obj, names: tuple[str, ...]) -> None:
@@ -136,26 +135,42 @@ class ModelConfig:
         kv = 2 * self.query_groups * d
         attention = h * (q + kv) + q * h
         mlp = h * ffn * (3 if self.activation == Activation.swiglu else 2)
-        bias = (q + kv + h + ffn * (2 if self.activation == Activation.swiglu else 1) + h) if self.add_bias_linear else 0
+        bias = (
+            (q + kv + h + ffn * (2 if self.activation == Activation.swiglu else 1) + h) if self.add_bias_linear else 0
+        )
         norms_per_layer = 2 * h * (2 if self.normalization == Normalization.LayerNorm else 1)
         layer = attention + mlp + bias + norms_per_layer
         embeddings = vocab * h * (1 if self.share_embeddings_and_output_weights else 2)
         final_norm = h * (2 if self.normalization == Normalization.LayerNorm else 1)
-        positions = self.max_position_embeddings * h if self.position_embedding_type == PositionEmbedding.learned_absolute else 0
+        positions = (
+            self.max_position_embeddings * h
+            if self.position_embedding_type == PositionEmbedding.learned_absolute
+            else 0
+        )
         return self.num_layers * layer + embeddings + final_norm + positions
 
     def validate(self) -> None:
         require_positive(
             "model",
             self,
-            ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
-             "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base", "layernorm_epsilon",
-             "init_method_std"),
+            (
+                "num_layers",
+                "hidden_size",
+                "ffn_hidden_size",
+                "num_attention_heads",
+                "vocab_size",
+                "make_vocab_size_divisible_by",
+                "max_position_embeddings",
+                "rotary_base",
+                "layernorm_epsilon",
+                "init_method_std",
+            ),
         )
         if self.kv_channels is None:
             require(
                 self.hidden_size % self.num_attention_heads == 0,
-                "model.hidden_size", self.hidden_size,
+                "model.hidden_size",
+                self.hidden_size,
                 f"not divisible by model.num_attention_heads={self.num_attention_heads}",
                 "choose a hidden size that is a multiple of the head count, or set model.kv_channels",
             )
@@ -164,22 +179,31 @@ class ModelConfig:
         groups = self.query_groups
         require(
             groups > 0 and self.num_attention_heads % groups == 0,
-            "model.num_query_groups", self.num_query_groups,
+            "model.num_query_groups",
+            self.num_query_groups,
             f"must divide model.num_attention_heads={self.num_attention_heads}",
             "use a divisor of the head count (null for multi-head attention)",
         )
         require(
-            0.0 < self.rotary_percent <= 1.0, "model.rotary_percent", self.rotary_percent,
-            "must be in (0, 1]", "use 1.0 for Llama",
+            0.0 < self.rotary_percent <= 1.0,
+            "model.rotary_percent",
+            self.rotary_percent,
+            "must be in (0, 1]",
+            "use 1.0 for Llama",
         )
         require(
-            self.rotary_percent * self.head_dim % 2 == 0, "model.rotary_percent", self.rotary_percent,
+            self.rotary_percent * self.head_dim % 2 == 0,
+            "model.rotary_percent",
+            self.rotary_percent,
             f"rotary dimension {self.rotary_percent * self.head_dim} must be an even integer",
             "pick a rotary_percent that gives an even number of rotary channels",
         )
         require(
-            self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", self.rope_scaling_factor,
-            "must be >= 1", "use 8 for Llama-3.1, 32 for Llama-3.2",
+            self.rope_scaling_factor >= 1.0,
+            "model.rope_scaling_factor",
+            self.rope_scaling_factor,
+            "must be >= 1",
+            "use 8 for Llama-3.1, 32 for Llama-3.2",
         )
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
@@ -206,30 +230,47 @@ class ParallelConfig:
 
     def validate(self) -> None:
         require_positive(
-            "parallel", self,
-            ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-             "distributed_timeout_minutes"),
+            "parallel",
+            self,
+            (
+                "tensor_model_parallel_size",
+                "pipeline_model_parallel_size",
+                "context_parallel_size",
+                "distributed_timeout_minutes",
+            ),
         )
         require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
-            "parallel.sequence_parallel", self.sequence_parallel,
+            "parallel.sequence_parallel",
+            self.sequence_parallel,
             "sequence parallelism splits activations across the tensor-parallel group and needs "
             "tensor_model_parallel_size > 1",
             "set parallel.sequence_parallel=false or parallel.tensor_model_parallel_size >= 2",
         )
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
-            require(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", vpp, "must be >= 1",
-                     "use null to disable the interleaved schedule")
+            require(
+                vpp >= 1,
+                "parallel.virtual_pipeline_model_parallel_size",
+                vpp,
+                "must be >= 1",
+                "use null to disable the interleaved schedule",
+            )
             require(
                 vpp == 1 or self.pipeline_model_parallel_size >= 2,
-                "parallel.virtual_pipeline_model_parallel_size", vpp,
+                "parallel.virtual_pipeline_model_parallel_size",
+                vpp,
                 "the interleaved schedule needs pipeline_model_parallel_size >= 2",
                 "set parallel.virtual_pipeline_model_parallel_size=null or pipeline_model_parallel_size >= 2",
             )
         if self.data_parallel_size is not None:
-            require(self.data_parallel_size >= 1, "parallel.data_parallel_size", self.data_parallel_size,
-                     "must be >= 1", "use null to derive it from the world size")
+            require(
+                self.data_parallel_size >= 1,
+                "parallel.data_parallel_size",
+                self.data_parallel_size,
+                "must be >= 1",
+                "use null to derive it from the world size",
+            )
 
 
 @dataclass
@@ -244,12 +285,27 @@ class PrecisionConfig:
 
     def validate(self) -> None:
         if self.dtype == DType.fp16:
-            require(self.initial_loss_scale > 0, "precision.initial_loss_scale", self.initial_loss_scale,
-                     "must be positive", "use 2**32 (the Megatron default)")
-            require(0 < self.min_loss_scale <= self.initial_loss_scale, "precision.min_loss_scale",
-                     self.min_loss_scale, "must be in (0, initial_loss_scale]", "use 1.0")
-            require(self.loss_scale_window > 0, "precision.loss_scale_window", self.loss_scale_window,
-                     "must be positive", "use 1000")
+            require(
+                self.initial_loss_scale > 0,
+                "precision.initial_loss_scale",
+                self.initial_loss_scale,
+                "must be positive",
+                "use 2**32 (the Megatron default)",
+            )
+            require(
+                0 < self.min_loss_scale <= self.initial_loss_scale,
+                "precision.min_loss_scale",
+                self.min_loss_scale,
+                "must be in (0, initial_loss_scale]",
+                "use 1.0",
+            )
+            require(
+                self.loss_scale_window > 0,
+                "precision.loss_scale_window",
+                self.loss_scale_window,
+                "must be positive",
+                "use 1000",
+            )
 
 
 @dataclass
@@ -271,8 +327,13 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         require(self.lr > 0, "optim.lr", self.lr, "must be positive", "use e.g. 3e-4")
-        require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]",
-                 "lower optim.min_lr")
+        require(
+            0 <= self.min_lr <= self.lr,
+            "optim.min_lr",
+            self.min_lr,
+            f"must be in [0, optim.lr={self.lr}]",
+            "lower optim.min_lr",
+        )
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0", "use 0.0 to disable")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
@@ -281,8 +342,13 @@ class OptimizerConfig:
         require(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
         require(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", self.lr_warmup_steps, "must be >= 0", "use 0")
         if self.lr_decay_steps is not None:
-            require(self.lr_decay_steps > self.lr_warmup_steps, "optim.lr_decay_steps", self.lr_decay_steps,
-                     f"must exceed optim.lr_warmup_steps={self.lr_warmup_steps}", "raise it or use null")
+            require(
+                self.lr_decay_steps > self.lr_warmup_steps,
+                "optim.lr_decay_steps",
+                self.lr_decay_steps,
+                f"must exceed optim.lr_warmup_steps={self.lr_warmup_steps}",
+                "raise it or use null",
+            )
 
 
 @dataclass
@@ -300,23 +366,40 @@ class TrainerConfig:
     torch_threads: Optional[int] = None  # None: torch's default
 
     def validate(self) -> None:
-        require_positive("trainer", self, ("micro_batch_size", "global_batch_size", "seq_length", "max_steps",
-                                            "log_interval"))
+        require_positive(
+            "trainer", self, ("micro_batch_size", "global_batch_size", "seq_length", "max_steps", "log_interval")
+        )
         if self.eval_interval is not None:
-            require(self.eval_interval > 0, "trainer.eval_interval", self.eval_interval, "must be positive",
-                     "use null to validate only after the last step")
+            require(
+                self.eval_interval > 0,
+                "trainer.eval_interval",
+                self.eval_interval,
+                "must be positive",
+                "use null to validate only after the last step",
+            )
         if self.max_time_minutes is not None:
-            require(self.max_time_minutes > 0, "trainer.max_time_minutes", self.max_time_minutes,
-                     "must be positive", "use null for no time limit")
+            require(
+                self.max_time_minutes > 0,
+                "trainer.max_time_minutes",
+                self.max_time_minutes,
+                "must be positive",
+                "use null for no time limit",
+            )
         require(
             self.global_batch_size % self.micro_batch_size == 0,
-            "trainer.global_batch_size", self.global_batch_size,
+            "trainer.global_batch_size",
+            self.global_batch_size,
             f"not divisible by trainer.micro_batch_size={self.micro_batch_size}",
             "make the global batch a multiple of micro_batch_size x data-parallel size",
         )
         if self.torch_threads is not None:
-            require(self.torch_threads >= 1, "trainer.torch_threads", self.torch_threads, "must be >= 1",
-                     "use null for torch's default")
+            require(
+                self.torch_threads >= 1,
+                "trainer.torch_threads",
+                self.torch_threads,
+                "must be >= 1",
+                "use null for torch's default",
+            )
 
 
 @dataclass
@@ -329,7 +412,8 @@ class AttributesConfig:
 
     name: str = "helpsteer2"
     attributes: list[str] = field(
-        default_factory=lambda: ["helpfulness", "correctness", "coherence", "complexity", "verbosity"])
+        default_factory=lambda: ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    )
     min_value: float = 0.0
     max_value: float = 4.0
     integer: bool = True
@@ -338,8 +422,12 @@ class AttributesConfig:
         try:
             return AttributeSchema(self.name, tuple(self.attributes), self.min_value, self.max_value, self.integer)
         except ValueError as error:
-            raise ConfigError("attributes", {"name": self.name, "attributes": self.attributes}, str(error),
-                              "give unique names without ':' ',' or newlines, and min_value < max_value") from None
+            raise ConfigError(
+                "attributes",
+                {"name": self.name, "attributes": self.attributes},
+                str(error),
+                "give unique names without ':' ',' or newlines, and min_value < max_value",
+            ) from None
 
     def validate(self) -> None:
         self.schema()
@@ -362,13 +450,28 @@ class PrepareDataConfig:
         self.attributes.validate()
         if self.synthetic is not None:
             self.synthetic.validate()
-            require(not Path(self.output).is_file(), "output", self.output, "is a file",
-                     "data=synthetic writes a directory: pass output=<directory>")
+            require(
+                not Path(self.output).is_file(),
+                "output",
+                self.output,
+                "is a file",
+                "data=synthetic writes a directory: pass output=<directory>",
+            )
             return
-        require(self.input is not None and Path(self.input).is_file(), "input", self.input, "no such file",
-                 "pass input=<path of a .jsonl, .jsonl.gz or .parquet file> (or data=synthetic)")
-        require(Path(self.output).resolve() != Path(self.input).resolve(), "output", self.output,
-                 "would overwrite the input", "choose another output path")
+        require(
+            self.input is not None and Path(self.input).is_file(),
+            "input",
+            self.input,
+            "no such file",
+            "pass input=<path of a .jsonl, .jsonl.gz or .parquet file> (or data=synthetic)",
+        )
+        require(
+            Path(self.output).resolve() != Path(self.input).resolve(),
+            "output",
+            self.output,
+            "would overwrite the input",
+            "choose another output path",
+        )
 
 
 class TokenizerType(str, Enum):
@@ -382,8 +485,13 @@ class TokenizerConfig:
     path: str = MISSING
 
     def validate(self) -> None:
-        require(Path(self.path).is_dir(), "tokenizer.path", self.path, "is not a directory",
-                 "pass tokenizer.path=<local tokenizer directory> (data=synthetic writes data/synthetic/tokenizer)")
+        require(
+            Path(self.path).is_dir(),
+            "tokenizer.path",
+            self.path,
+            "is not a directory",
+            "pass tokenizer.path=<local tokenizer directory> (data=synthetic writes data/synthetic/tokenizer)",
+        )
 
 
 @dataclass
@@ -401,10 +509,20 @@ class TrainDataConfig:
         for key in ("train_file", "validation_file"):
             path = getattr(self, key)
             if path is not None:
-                require(Path(path).is_file(), f"data.{key}", path, "no such file",
-                         "generate the default with `python recipes/prepare_data.py data=synthetic` or pass a file")
-        require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", self.validation_fraction,
-                 "must be in [0, 1)", "use 0.1, or give data.validation_file")
+                require(
+                    Path(path).is_file(),
+                    f"data.{key}",
+                    path,
+                    "no such file",
+                    "generate the default with `python recipes/prepare_data.py data=synthetic` or pass a file",
+                )
+        require(
+            0.0 <= self.validation_fraction < 1.0,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "must be in [0, 1)",
+            "use 0.1, or give data.validation_file",
+        )
 
 
 class APMType(str, Enum):
@@ -432,21 +550,34 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
     if value is None:
         return
     path = Path(value)
-    require(path.is_dir(), key, value, "is not a directory",
-             "pass a steerlm training output_dir, one of its checkpoints/step_* directories or a Hugging Face "
-             f"Llama directory (config.json + *.safetensors), or {key}=null to start from scratch")
+    require(
+        path.is_dir(),
+        key,
+        value,
+        "is not a directory",
+        "pass a steerlm training output_dir, one of its checkpoints/step_* directories or a Hugging Face "
+        f"Llama directory (config.json + *.safetensors), or {key}=null to start from scratch",
+    )
     if is_hf_model_dir(path):
-        require(any(path.glob("*.safetensors")), key, value,
-                 "is a Hugging Face model directory without *.safetensors weights",
-                 "save the model with `save_pretrained(dir)` (safetensors is its default) or convert its "
-                 "*.bin files to safetensors")
+        require(
+            any(path.glob("*.safetensors")),
+            key,
+            value,
+            "is a Hugging Face model directory without *.safetensors weights",
+            "save the model with `save_pretrained(dir)` (safetensors is its default) or convert its "
+            "*.bin files to safetensors",
+        )
 
 
 def require_one_per_attribute(key: str, weights: list[float], schema: AttributeSchema, null_means: str) -> None:
     names = ", ".join(schema.attributes)
-    require(len(weights) == len(schema.attributes), key, weights,
-             f"needs one weight per attribute of schema '{schema.name}' ({len(schema.attributes)}: {names})",
-             f"give {len(schema.attributes)} weights in the order {names}, or {key}=null for {null_means}")
+    require(
+        len(weights) == len(schema.attributes),
+        key,
+        weights,
+        f"needs one weight per attribute of schema '{schema.name}' ({len(schema.attributes)}: {names})",
+        f"give {len(schema.attributes)} weights in the order {names}, or {key}=null for {null_means}",
+    )
 
 
 def validate_merge_weights(key: str, weights: Optional[list[float]], schema: AttributeSchema) -> None:
@@ -454,10 +585,20 @@ def validate_merge_weights(key: str, weights: Optional[list[float]], schema: Att
     if weights is None:
         return
     require_one_per_attribute(key, weights, schema, "no reward")
-    require(all(math.isfinite(w) for w in weights), key, weights, "weights must be finite numbers",
-             "replace inf/nan by a number (negative weights are allowed, e.g. for verbosity)")
-    require(any(w != 0 for w in weights), key, weights, "all weights are 0, so the reward would always be 0",
-             f"give at least one attribute a non-zero weight, or {key}=null for no reward")
+    require(
+        all(math.isfinite(w) for w in weights),
+        key,
+        weights,
+        "weights must be finite numbers",
+        "replace inf/nan by a number (negative weights are allowed, e.g. for verbosity)",
+    )
+    require(
+        any(w != 0 for w in weights),
+        key,
+        weights,
+        "all weights are 0, so the reward would always be 0",
+        f"give at least one attribute a non-zero weight, or {key}=null for no reward",
+    )
 
 
 @dataclass
@@ -469,13 +610,22 @@ class APMConfig:
     init_from: Optional[str] = None  # a steerlm run dir / checkpoint or an HF Llama dir: its weights start the run
 
     def validate(self, schema: AttributeSchema) -> None:
-        require(self.type == APMType.regression or self.attribute_weights is None, "apm.attribute_weights",
-                 self.attribute_weights, "weights the regression loss; a generative APM's loss is over tokens",
-                 "apm.attribute_weights=null with apm.type=generative")
+        require(
+            self.type == APMType.regression or self.attribute_weights is None,
+            "apm.attribute_weights",
+            self.attribute_weights,
+            "weights the regression loss; a generative APM's loss is over tokens",
+            "apm.attribute_weights=null with apm.type=generative",
+        )
         if self.attribute_weights is not None:
             require_one_per_attribute("apm.attribute_weights", self.attribute_weights, schema, "weight 1 for all")
-            require(all(w >= 0 for w in self.attribute_weights), "apm.attribute_weights", self.attribute_weights,
-                     "weights must be >= 0", "use 0 to ignore an attribute")
+            require(
+                all(w >= 0 for w in self.attribute_weights),
+                "apm.attribute_weights",
+                self.attribute_weights,
+                "weights must be >= 0",
+                "use 0 to ignore an attribute",
+            )
         validate_merge_weights("apm.merge_weights", self.merge_weights, schema)
         validate_init_from("apm.init_from", self.init_from)
 
@@ -490,10 +640,20 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.save_interval is not None:
-            require(self.save_interval > 0, "checkpoint.save_interval", self.save_interval, "must be positive",
-                     "use null to save only at the end and on signals")
-        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1",
-                 "keep at least the latest checkpoint")
+            require(
+                self.save_interval > 0,
+                "checkpoint.save_interval",
+                self.save_interval,
+                "must be positive",
+                "use null to save only at the end and on signals",
+            )
+        require(
+            self.keep_last >= 1,
+            "checkpoint.keep_last",
+            self.keep_last,
+            "must be >= 1",
+            "keep at least the latest checkpoint",
+        )
 
 
 @dataclass

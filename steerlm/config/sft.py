@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from steerlm.errors import ConfigError
 from steerlm.config.schema import LabelledDataTrainConfig, validate_init_from
 from steerlm.data.template import TemplateConfig
+from steerlm.errors import ConfigError
 
 
 @dataclass
@@ -30,9 +30,11 @@ class SFTOptions:
 
     def template(self) -> TemplateConfig:
         """The SteerLM template's switches (its literals keep NeMo-Aligner's defaults)."""
-        return TemplateConfig(condition_on_attributes=self.condition_on_attributes,
-                              answer_only_loss=self.answer_only_loss,
-                              train_unlabelled_responses=self.train_unlabelled_responses)
+        return TemplateConfig(
+            condition_on_attributes=self.condition_on_attributes,
+            answer_only_loss=self.answer_only_loss,
+            train_unlabelled_responses=self.train_unlabelled_responses,
+        )
 
     def validate(self) -> None:
         if self.repeat < 1:

@@ -14,10 +14,10 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.errors import ConfigError
 from steerlm.config.schema import ParallelConfig, PrecisionConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import DataFormat
+from steerlm.errors import ConfigError
 
 
 @dataclass
@@ -41,11 +41,19 @@ class SteeringEvalConfig:
 
     def validate(self) -> None:
         if not Path(self.prompts).is_file():
-            raise ConfigError("prompts", self.prompts, "no such file",
-                              "generate the default with `python recipes/prepare_data.py data=synthetic` or pass a file")
+            raise ConfigError(
+                "prompts",
+                self.prompts,
+                "no such file",
+                "generate the default with `python recipes/prepare_data.py data=synthetic` or pass a file",
+            )
         if self.world is not None and not Path(self.world).is_file():
-            raise ConfigError("world", self.world, "no such file",
-                              "pass the synthetic world's world.json, or world=null to measure lengths only")
+            raise ConfigError(
+                "world",
+                self.world,
+                "no such file",
+                "pass the synthetic world's world.json, or world=null to measure lengths only",
+            )
         for key in ("num_prompts", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be >= 1", f"pass {key}=<a positive number>")
@@ -55,18 +63,32 @@ class SteeringEvalConfig:
         sweep = list(self.sweep) or list(schema.attributes)
         for name in sweep:
             if name not in schema.attributes:
-                raise ConfigError("sweep", sweep, f"{name!r} is not an attribute of the checkpoint's schema "
-                                  f"{schema.name!r}", f"choose from {', '.join(schema.attributes)}")
-        levels = self.values if self.values is not None else \
-            [float(v) for v in range(int(schema.min_value), int(schema.max_value) + 1)]
+                raise ConfigError(
+                    "sweep",
+                    sweep,
+                    f"{name!r} is not an attribute of the checkpoint's schema {schema.name!r}",
+                    f"choose from {', '.join(schema.attributes)}",
+                )
+        levels = (
+            self.values
+            if self.values is not None
+            else [float(v) for v in range(int(schema.min_value), int(schema.max_value) + 1)]
+        )
         if len(levels) < 2 or any(not schema.min_value <= v <= schema.max_value for v in levels):
-            raise ConfigError("values", levels, f"needs two or more levels within [{schema.min_value:g}, "
-                              f"{schema.max_value:g}]", "e.g. values=[0,4], or null for every level")
+            raise ConfigError(
+                "values",
+                levels,
+                f"needs two or more levels within [{schema.min_value:g}, {schema.max_value:g}]",
+                "e.g. values=[0,4], or null for every level",
+            )
         missing = [name for name in schema.attributes if name not in self.base]
         unknown = [name for name in self.base if name not in schema.attributes]
         if missing or unknown:
-            raise ConfigError(f"base.{(missing or unknown)[0]}", dict(self.base),
-                              "is missing" if missing else "is not an attribute of the checkpoint's schema",
-                              f"give a level for each of {', '.join(schema.attributes)}")
+            raise ConfigError(
+                f"base.{(missing or unknown)[0]}",
+                dict(self.base),
+                "is missing" if missing else "is not an attribute of the checkpoint's schema",
+                f"give a level for each of {', '.join(schema.attributes)}",
+            )
         schema.check(self.base, source="base", field="base")
         return sweep, [float(v) for v in levels], {name: float(v) for name, v in self.base.items()}

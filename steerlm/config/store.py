@@ -8,29 +8,36 @@ against the dataclasses and unknown keys are rejected by OmegaConf's struct mode
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from steerlm.files import atomic_write_text
-from steerlm.errors import ConfigError
 from steerlm.config.annotate import AnnotateConfig
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.config.inference import ChatConfig, ServeConfig
 from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.config.steering import SteeringEvalConfig
+from steerlm.errors import ConfigError
+from steerlm.files import atomic_write_text
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
-SCHEMAS = {"train_schema": TrainConfig, "prepare_data_schema": PrepareDataConfig,
-           "attribute_model_schema": AttributeModelConfig, "annotate_schema": AnnotateConfig,
-           "sft_schema": SFTConfig, "chat_schema": ChatConfig, "serve_schema": ServeConfig,
-           "evaluate_attribute_model_schema": EvaluateAttributeModelConfig,
-           "steering_eval_schema": SteeringEvalConfig}
+SCHEMAS = {
+    "train_schema": TrainConfig,
+    "prepare_data_schema": PrepareDataConfig,
+    "attribute_model_schema": AttributeModelConfig,
+    "annotate_schema": AnnotateConfig,
+    "sft_schema": SFTConfig,
+    "chat_schema": ChatConfig,
+    "serve_schema": ServeConfig,
+    "evaluate_attribute_model_schema": EvaluateAttributeModelConfig,
+    "steering_eval_schema": SteeringEvalConfig,
+}
 
 T = TypeVar("T")
 
@@ -74,8 +81,12 @@ def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
     """Turn a composed config into its dataclass, reporting type errors and unknown keys as ConfigError."""
     unknown = _unknown_key(cfg, schema)
     if unknown is not None:
-        raise ConfigError(unknown, OmegaConf.select(cfg, unknown), f"is not a key of {schema.__name__}",
-                          "remove it or check its spelling against steerlm/config/ (a leading + cannot add keys)")
+        raise ConfigError(
+            unknown,
+            OmegaConf.select(cfg, unknown),
+            f"is not a key of {schema.__name__}",
+            "remove it or check its spelling against steerlm/config/ (a leading + cannot add keys)",
+        )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         typed = OmegaConf.to_object(merged)
@@ -84,8 +95,12 @@ def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
         raise ConfigError(key, None, "is required and has no default", f"pass {key}=<value>") from error
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "<config>"
-        raise ConfigError(key, getattr(error, "value", None), str(error).splitlines()[0],
-                          "check the key's spelling and type against steerlm/config/schema.py") from error
+        raise ConfigError(
+            key,
+            getattr(error, "value", None),
+            str(error).splitlines()[0],
+            "check the key's spelling and type against steerlm/config/schema.py",
+        ) from error
     assert isinstance(typed, schema)
     return typed
 

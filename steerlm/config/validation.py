@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from enum import Enum
 
-from steerlm.errors import ConfigError
 from steerlm.config.schema import (
     Backend,
     DType,
@@ -16,6 +15,7 @@ from steerlm.config.schema import (
     TrainerConfig,
     TransformerImpl,
 )
+from steerlm.errors import ConfigError
 
 
 class Accelerator(str, Enum):
@@ -36,7 +36,8 @@ def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> Tr
     if model.transformer_impl == TransformerImpl.transformer_engine:
         if accelerator != Accelerator.cuda or not transformer_engine_available():
             raise ConfigError(
-                "model.transformer_impl", model.transformer_impl.value,
+                "model.transformer_impl",
+                model.transformer_impl.value,
                 "Transformer Engine layers need CUDA and the transformer_engine package",
                 "use model.transformer_impl=auto or local",
             )
@@ -48,7 +49,8 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     mp = parallel.model_parallel_size
     if world_size % mp != 0:
         raise ConfigError(
-            "parallel.tensor_model_parallel_size", parallel.tensor_model_parallel_size,
+            "parallel.tensor_model_parallel_size",
+            parallel.tensor_model_parallel_size,
             f"world size {world_size} is not divisible by tensor x pipeline x context parallel size "
             f"{parallel.tensor_model_parallel_size} x {parallel.pipeline_model_parallel_size} x "
             f"{parallel.context_parallel_size} = {mp}",
@@ -57,68 +59,97 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     dp = world_size // mp
     if parallel.data_parallel_size is not None and parallel.data_parallel_size != dp:
         raise ConfigError(
-            "parallel.data_parallel_size", parallel.data_parallel_size,
+            "parallel.data_parallel_size",
+            parallel.data_parallel_size,
             f"world size {world_size} / model-parallel size {mp} gives {dp}",
             f"set parallel.data_parallel_size=null (or {dp}), or launch {parallel.data_parallel_size * mp} processes",
         )
     return dp
 
 
-def validate_model_layout(model: ModelConfig, parallel: ParallelConfig, accelerator: Accelerator,
-                          this_machine: bool = True) -> None:
+def validate_model_layout(
+    model: ModelConfig, parallel: ParallelConfig, accelerator: Accelerator, this_machine: bool = True
+) -> None:
     """Can this model shape be split this way on this device? With `this_machine=False` (planning a job
     that runs elsewhere) the checks that depend on this machine's installed packages are skipped."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if model.num_attention_heads % tp:
-        raise ConfigError("parallel.tensor_model_parallel_size", tp,
-                          f"must divide model.num_attention_heads={model.num_attention_heads}",
-                          "pick a tensor-parallel size that divides the head count")
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"must divide model.num_attention_heads={model.num_attention_heads}",
+            "pick a tensor-parallel size that divides the head count",
+        )
     if model.query_groups % tp:
-        raise ConfigError("parallel.tensor_model_parallel_size", tp,
-                          f"must divide the number of query groups ({model.query_groups})",
-                          "pick a tensor-parallel size that divides model.num_query_groups")
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"must divide the number of query groups ({model.query_groups})",
+            "pick a tensor-parallel size that divides model.num_query_groups",
+        )
     if model.ffn_hidden_size % tp:
-        raise ConfigError("parallel.tensor_model_parallel_size", tp,
-                          f"must divide model.ffn_hidden_size={model.ffn_hidden_size}",
-                          "pick a tensor-parallel size that divides the MLP width")
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"must divide model.ffn_hidden_size={model.ffn_hidden_size}",
+            "pick a tensor-parallel size that divides the MLP width",
+        )
     if model.padded_vocab_size % tp:
-        raise ConfigError("model.make_vocab_size_divisible_by", model.make_vocab_size_divisible_by,
-                          f"padded vocabulary {model.padded_vocab_size} is not divisible by "
-                          f"tensor_model_parallel_size={tp}",
-                          f"use a multiple of {tp} (128 suits every power-of-two TP size)")
+        raise ConfigError(
+            "model.make_vocab_size_divisible_by",
+            model.make_vocab_size_divisible_by,
+            f"padded vocabulary {model.padded_vocab_size} is not divisible by tensor_model_parallel_size={tp}",
+            f"use a multiple of {tp} (128 suits every power-of-two TP size)",
+        )
     chunks = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
     if model.num_layers % chunks:
-        raise ConfigError("model.num_layers", model.num_layers,
-                          f"not divisible by pipeline stages x virtual stages = {chunks}",
-                          "change pipeline_model_parallel_size / virtual_pipeline_model_parallel_size "
-                          "or the layer count")
+        raise ConfigError(
+            "model.num_layers",
+            model.num_layers,
+            f"not divisible by pipeline stages x virtual stages = {chunks}",
+            "change pipeline_model_parallel_size / virtual_pipeline_model_parallel_size or the layer count",
+        )
     if pp > 1 and model.num_layers // chunks < 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size", pp, "more pipeline chunks than layers",
-                          "use fewer pipeline stages")
+        raise ConfigError(
+            "parallel.pipeline_model_parallel_size", pp, "more pipeline chunks than layers", "use fewer pipeline stages"
+        )
     if not this_machine:
         return
     impl = resolve_transformer_impl(model, accelerator)
     if parallel.context_parallel_size > 1 and impl != TransformerImpl.transformer_engine:
-        raise ConfigError("parallel.context_parallel_size", parallel.context_parallel_size,
-                          "context parallelism needs Transformer Engine attention (CUDA + transformer_engine)",
-                          "use parallel.context_parallel_size=1")
+        raise ConfigError(
+            "parallel.context_parallel_size",
+            parallel.context_parallel_size,
+            "context parallelism needs Transformer Engine attention (CUDA + transformer_engine)",
+            "use parallel.context_parallel_size=1",
+        )
     if model.attention_dropout > 0 and impl == TransformerImpl.local and parallel.sequence_parallel:
-        raise ConfigError("model.attention_dropout", model.attention_dropout,
-                          "attention dropout under sequence parallelism is not supported by the local layers",
-                          "use model.attention_dropout=0.0")
+        raise ConfigError(
+            "model.attention_dropout",
+            model.attention_dropout,
+            "attention dropout under sequence parallelism is not supported by the local layers",
+            "use model.attention_dropout=0.0",
+        )
 
 
 def validate_precision(precision: PrecisionConfig, accelerator: Accelerator, this_machine: bool = True) -> None:
     if precision.dtype == DType.fp16 and accelerator == Accelerator.cpu:
-        raise ConfigError("precision.dtype", precision.dtype.value,
-                          "fp16 training needs a GPU (megatron's fp16 loss scaling is CUDA-only)",
-                          "use precision.dtype=bf16 or fp32 on CPU")
+        raise ConfigError(
+            "precision.dtype",
+            precision.dtype.value,
+            "fp16 training needs a GPU (megatron's fp16 loss scaling is CUDA-only)",
+            "use precision.dtype=bf16 or fp32 on CPU",
+        )
     if precision.dtype == DType.bf16 and accelerator == Accelerator.cuda and this_machine:
         import torch
 
         if not torch.cuda.is_bf16_supported():
-            raise ConfigError("precision.dtype", precision.dtype.value, "this GPU has no bf16 support",
-                              "use precision.dtype=fp16 (with loss scaling) or fp32")
+            raise ConfigError(
+                "precision.dtype",
+                precision.dtype.value,
+                "this GPU has no bf16 support",
+                "use precision.dtype=fp16 (with loss scaling) or fp32",
+            )
 
 
 def _fused_adam_available() -> bool:
@@ -129,45 +160,67 @@ def _fused_adam_available() -> bool:
 
 def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator, this_machine: bool = True) -> None:
     if parallel.use_distributed_optimizer and accelerator == Accelerator.cpu:
-        raise ConfigError("parallel.use_distributed_optimizer", True,
-                          "megatron's distributed optimizer only wraps CUDA tensors",
-                          "use parallel.use_distributed_optimizer=false without a GPU")
+        raise ConfigError(
+            "parallel.use_distributed_optimizer",
+            True,
+            "megatron's distributed optimizer only wraps CUDA tensors",
+            "use parallel.use_distributed_optimizer=false without a GPU",
+        )
     if parallel.use_distributed_optimizer and this_machine and not _fused_adam_available():
         # Measured on an H200: training runs, but megatron-core 0.16 cannot rebuild torch Adam's
         # per-parameter step counters from a checkpoint, so such a run could never resume.
-        raise ConfigError("parallel.use_distributed_optimizer", True,
-                          "megatron-core 0.16's distributed optimizer can only resume from checkpoints with "
-                          "Transformer Engine's or apex's fused Adam, and neither is installed",
-                          "install transformer_engine (or NVIDIA apex), or use parallel.use_distributed_optimizer=false")
+        raise ConfigError(
+            "parallel.use_distributed_optimizer",
+            True,
+            "megatron-core 0.16's distributed optimizer can only resume from checkpoints with "
+            "Transformer Engine's or apex's fused Adam, and neither is installed",
+            "install transformer_engine (or NVIDIA apex), or use parallel.use_distributed_optimizer=false",
+        )
     if parallel.distributed_backend == Backend.nccl and accelerator == Accelerator.cpu:
-        raise ConfigError("parallel.distributed_backend", "nccl", "nccl needs CUDA devices",
-                          "use parallel.distributed_backend=auto (gloo without a GPU)")
+        raise ConfigError(
+            "parallel.distributed_backend",
+            "nccl",
+            "nccl needs CUDA devices",
+            "use parallel.distributed_backend=auto (gloo without a GPU)",
+        )
 
 
 def validate_batch(trainer: TrainerConfig, model: ModelConfig, parallel: ParallelConfig, dp: int) -> None:
     per_step = trainer.micro_batch_size * dp
     if trainer.global_batch_size % per_step:
-        raise ConfigError("trainer.global_batch_size", trainer.global_batch_size,
-                          f"not divisible by micro_batch_size x data_parallel_size = "
-                          f"{trainer.micro_batch_size} x {dp}",
-                          f"use a multiple of {per_step}")
+        raise ConfigError(
+            "trainer.global_batch_size",
+            trainer.global_batch_size,
+            f"not divisible by micro_batch_size x data_parallel_size = {trainer.micro_batch_size} x {dp}",
+            f"use a multiple of {per_step}",
+        )
     if trainer.seq_length > model.max_position_embeddings:
-        raise ConfigError("trainer.seq_length", trainer.seq_length,
-                          f"longer than model.max_position_embeddings={model.max_position_embeddings}",
-                          "shorten the sequences or raise max_position_embeddings")
+        raise ConfigError(
+            "trainer.seq_length",
+            trainer.seq_length,
+            f"longer than model.max_position_embeddings={model.max_position_embeddings}",
+            "shorten the sequences or raise max_position_embeddings",
+        )
     if parallel.sequence_parallel and trainer.seq_length % parallel.tensor_model_parallel_size:
-        raise ConfigError("trainer.seq_length", trainer.seq_length,
-                          f"sequence parallelism splits it across {parallel.tensor_model_parallel_size} ranks",
-                          "use a multiple of the tensor-parallel size")
+        raise ConfigError(
+            "trainer.seq_length",
+            trainer.seq_length,
+            f"sequence parallelism splits it across {parallel.tensor_model_parallel_size} ranks",
+            "use a multiple of the tensor-parallel size",
+        )
     cp = parallel.context_parallel_size
     if cp > 1 and trainer.seq_length % (2 * cp):
-        raise ConfigError("trainer.seq_length", trainer.seq_length,
-                          f"context parallelism needs a multiple of 2 x context_parallel_size = {2 * cp}",
-                          f"use a multiple of {2 * cp}")
+        raise ConfigError(
+            "trainer.seq_length",
+            trainer.seq_length,
+            f"context parallelism needs a multiple of 2 x context_parallel_size = {2 * cp}",
+            f"use a multiple of {2 * cp}",
+        )
 
 
-def validate_train_config(cfg: TrainConfig, world_size: int, accelerator: Accelerator,
-                          this_machine: bool = True) -> int:
+def validate_train_config(
+    cfg: TrainConfig, world_size: int, accelerator: Accelerator, this_machine: bool = True
+) -> int:
     """Validate a whole training config for a launch of `world_size` processes; returns the DP size.
 
     `this_machine=False` validates a job planned here to run elsewhere (a Slurm login node has no
@@ -196,8 +249,10 @@ def validate_vocab(model: ModelConfig, tokenizer_vocab_size: int, tokenizer_path
     never resizes silently.
     """
     if model.vocab_size < tokenizer_vocab_size:
-        raise ConfigError("model.vocab_size", model.vocab_size,
-                          f"the tokenizer at {tokenizer_path} has {tokenizer_vocab_size} token ids "
-                          "(including any <extra_id_*> tokens it had to add)",
-                          f"set model.vocab_size={tokenizer_vocab_size} (padding rounds it up to "
-                          f"model.make_vocab_size_divisible_by)")
+        raise ConfigError(
+            "model.vocab_size",
+            model.vocab_size,
+            f"the tokenizer at {tokenizer_path} has {tokenizer_vocab_size} token ids "
+            "(including any <extra_id_*> tokens it had to add)",
+            f"set model.vocab_size={tokenizer_vocab_size} (padding rounds it up to model.make_vocab_size_divisible_by)",
+        )

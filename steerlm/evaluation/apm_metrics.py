@@ -7,7 +7,7 @@ labels, over the rows that have every label with a non-zero weight.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -41,8 +41,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def _regression_metrics(predicted: np.ndarray, target: np.ndarray) -> dict:
     """count, MAE, RMSE, Pearson and Spearman of two aligned 1-D arrays (NaN where undefined)."""
     if not len(target):
-        return {"count": 0, "mae": float("nan"), "rmse": float("nan"), "pearson": float("nan"),
-                "spearman": float("nan")}
+        return {
+            "count": 0,
+            "mae": float("nan"),
+            "rmse": float("nan"),
+            "pearson": float("nan"),
+            "spearman": float("nan"),
+        }
     return {
         "count": len(target),
         "mae": float(np.abs(predicted - target).mean()),
@@ -65,9 +70,11 @@ def attribute_metrics(predictions: np.ndarray, targets: np.ndarray, schema: Attr
         predicted_mask = labelled & ~np.isnan(predictions[:, column])
         predicted, target = predictions[predicted_mask, column], targets[predicted_mask, column]
         rounded = np.clip(np.round(predicted), schema.min_value, schema.max_value)
-        per_attribute[name] = {**_regression_metrics(predicted, target),
-                               "exact_match": float((rounded == target).mean()) if len(target) else float("nan"),
-                               "unpredicted": int(labelled.sum() - predicted_mask.sum())}
+        per_attribute[name] = {
+            **_regression_metrics(predicted, target),
+            "exact_match": float((rounded == target).mean()) if len(target) else float("nan"),
+            "unpredicted": int(labelled.sum() - predicted_mask.sum()),
+        }
     means = {metric: float(np.nanmean([m[metric] for m in per_attribute.values()])) for metric in METRICS}
     return {"attributes": per_attribute, "mean": means}
 
@@ -85,8 +92,10 @@ def reward_metrics(predictions: np.ndarray, targets: np.ndarray, weights: Sequen
     used = weights != 0
     complete = (targets[:, used] != MISSING).all(axis=1) & ~np.isnan(predictions[:, used]).any(axis=1)
     rewards = merged_reward(predictions, weights)
-    return {**_regression_metrics(rewards[complete], targets[complete] @ weights),
-            "mean_predicted": float(np.nanmean(rewards)) if (~np.isnan(rewards)).any() else float("nan")}
+    return {
+        **_regression_metrics(rewards[complete], targets[complete] @ weights),
+        "mean_predicted": float(np.nanmean(rewards)) if (~np.isnan(rewards)).any() else float("nan"),
+    }
 
 
 def metric_scalars(metrics: dict) -> dict[str, float]:

@@ -10,8 +10,8 @@ correlation between requested and measured levels over all (prompt, level) pairs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -38,8 +38,9 @@ def sweep_requests(base: Labels, attribute: str, levels: Sequence[float]) -> lis
     return [{**base, attribute: level} for level in levels]
 
 
-def sweep_report(generated: Sequence[Generated], attribute: str, levels: Sequence[float], oracle: Oracle | None,
-                 samples: int) -> dict:
+def sweep_report(
+    generated: Sequence[Generated], attribute: str, levels: Sequence[float], oracle: Oracle | None, samples: int
+) -> dict:
     """The measured effect of requesting each of `levels` for `attribute` (see the module docstring), from the
     responses generated for `sweep_requests(base, attribute, levels)`."""
     report: dict = {"levels": {}}
@@ -47,9 +48,11 @@ def sweep_report(generated: Sequence[Generated], attribute: str, levels: Sequenc
     base_scores = None
     for level in levels:
         rows = [g for g in generated if g.requested[attribute] == level]
-        entry = {"mean_words": float(np.mean([_words(g.text) for g in rows])),
-                 "stopped": sum(g.finish_reason == "stop" for g in rows) / len(rows),
-                 "samples": [g.text for g in rows[:samples]]}
+        entry = {
+            "mean_words": float(np.mean([_words(g.text) for g in rows])),
+            "stopped": sum(g.finish_reason == "stop" for g in rows) / len(rows),
+            "samples": [g.text for g in rows[:samples]],
+        }
         if oracle is not None:
             scores = [oracle.score(list(g.prompt.turns), g.text) for g in rows]
             measured = [s[attribute] for s in scores]

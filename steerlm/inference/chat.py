@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import queue
 import sys
-from typing import Iterable, Iterator, TextIO
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 from steerlm.config.inference import ChatConfig, SamplingDefaults
 from steerlm.data.attributes import Labels
@@ -43,14 +44,18 @@ class ChatSession:
 
     def banner(self, model: str) -> None:
         schema = self.steering.schema
-        self._say(f"steerlm chat with {model}: schema '{schema.name}' ({', '.join(schema.attributes)}; "
-                  f"{schema.min_value:g} to {schema.max_value:g}). /help for commands.")
+        self._say(
+            f"steerlm chat with {model}: schema '{schema.name}' ({', '.join(schema.attributes)}; "
+            f"{schema.min_value:g} to {schema.max_value:g}). /help for commands."
+        )
         self.show()
 
     def show(self) -> None:
         unset = [name for name in self.steering.schema.attributes if name not in self.attributes]
-        self._say(f"attributes: {self.steering.schema.format(self.attributes) or '(none)'}"
-                  + (f"  unset: {', '.join(unset)}" if unset else ""))
+        self._say(
+            f"attributes: {self.steering.schema.format(self.attributes) or '(none)'}"
+            + (f"  unset: {', '.join(unset)}" if unset else "")
+        )
         self._say(f"system: {self.system!r}  turns: {len(self.turns)}")
 
     def run(self, lines: Iterable[str]) -> None:

@@ -65,9 +65,13 @@ def lean_unsupported(model: GPTModel) -> str | None:
         return "residual connections are not the plain pre-norm ones"
     for layer in model.decoder.layers:
         attention, mlp = layer.self_attention, layer.mlp
-        if any(m.bias is not None for m in (attention.linear_qkv, attention.linear_proj, mlp.linear_fc1, mlp.linear_fc2)):
+        if any(
+            m.bias is not None for m in (attention.linear_qkv, attention.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
+        ):
             return "linear layers have biases"
-        if not all(isinstance(getattr(attention, n, None), (IdentityOp, type(None))) for n in ("q_layernorm", "k_layernorm")):
+        if not all(
+            isinstance(getattr(attention, n, None), (IdentityOp, type(None))) for n in ("q_layernorm", "k_layernorm")
+        ):
             return "attention has QK normalisation"
     return None
 
@@ -85,11 +89,18 @@ class LeanDecoder:
         freqs = model.rotary_pos_emb(length)[:, 0, 0].float()  # [length, head_dim]: megatron's RoPE (scaling included)
         self.cos, self.sin = freqs.cos().to(parameter.dtype), freqs.sin().to(parameter.dtype)
         shape = (rows, self.groups, length, self.head_dim)
-        self.cache = [(torch.empty(shape, dtype=parameter.dtype, device=parameter.device),
-                       torch.empty(shape, dtype=parameter.dtype, device=parameter.device))
-                      for _ in model.decoder.layers]
-        self.output_weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
-                              else model.output_layer.weight)
+        self.cache = [
+            (
+                torch.empty(shape, dtype=parameter.dtype, device=parameter.device),
+                torch.empty(shape, dtype=parameter.dtype, device=parameter.device),
+            )
+            for _ in model.decoder.layers
+        ]
+        self.output_weight = (
+            model.shared_embedding_or_output_weight()
+            if model.share_embeddings_and_output_weights
+            else model.output_layer.weight
+        )
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
@@ -97,7 +108,7 @@ class LeanDecoder:
         return tensor
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        cos, sin = self.cos[start:start + x.shape[1], None], self.sin[start:start + x.shape[1], None]
+        cos, sin = self.cos[start : start + x.shape[1], None], self.sin[start : start + x.shape[1], None]
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -105,15 +116,21 @@ class LeanDecoder:
     def _attention(self, layer, x: torch.Tensor, start: int, index: int) -> torch.Tensor:
         attention = layer.self_attention
         rows, n = x.shape[:2]
-        query, key, value = split_qkv_heads(F.linear(x, attention.linear_qkv.weight), self.heads, self.groups,
-                                            self.head_dim)
+        query, key, value = split_qkv_heads(
+            F.linear(x, attention.linear_qkv.weight), self.heads, self.groups, self.head_dim
+        )
         query, key = self._rope(query, start), self._rope(key, start)
         keys, values = self.cache[index]
-        keys[:, :, start:start + n] = key.transpose(1, 2)
-        values[:, :, start:start + n] = value.transpose(1, 2)
+        keys[:, :, start : start + n] = key.transpose(1, 2)
+        values[:, :, start : start + n] = value.transpose(1, 2)
         context = F.scaled_dot_product_attention(
-            query.transpose(1, 2), keys[:, :, :start + n], values[:, :, :start + n], is_causal=n > 1,
-            scale=getattr(attention.core_attention, "softmax_scale", None), enable_gqa=self.heads != self.groups)
+            query.transpose(1, 2),
+            keys[:, :, : start + n],
+            values[:, :, : start + n],
+            is_causal=n > 1,
+            scale=getattr(attention.core_attention, "softmax_scale", None),
+            enable_gqa=self.heads != self.groups,
+        )
         context = context.transpose(1, 2).reshape(rows, n, self.heads * self.head_dim)
         return self._reduce(F.linear(context, attention.linear_proj.weight))
 

@@ -19,9 +19,9 @@ import signal
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -95,8 +95,14 @@ class Engine:
     Under TP that thread is the only one that makes collectives, so requests can never interleave them.
     """
 
-    def __init__(self, lockstep: Lockstep, max_batch_size: int, max_queue: int, request_timeout_s: float | None,
-                 ping_interval_s: float) -> None:
+    def __init__(
+        self,
+        lockstep: Lockstep,
+        max_batch_size: int,
+        max_queue: int,
+        request_timeout_s: float | None,
+        ping_interval_s: float,
+    ) -> None:
         self.lockstep, self.max_batch_size, self.max_queue = lockstep, max_batch_size, max_queue
         self.request_timeout_s, self.ping_interval_s = request_timeout_s, ping_interval_s
         self._pending: deque[Job] = deque()
@@ -177,8 +183,12 @@ class Engine:
     def _expired(self, job: Job) -> bool:
         if self.request_timeout_s is None or time.monotonic() - job.submitted <= self.request_timeout_s:
             return False
-        job.deliver(QueueTimeout(f"waited more than {self.request_timeout_s:g} s for the model "
-                                 "(limits.request_timeout_s); the server is overloaded, retry later"))
+        job.deliver(
+            QueueTimeout(
+                f"waited more than {self.request_timeout_s:g} s for the model "
+                "(limits.request_timeout_s); the server is overloaded, retry later"
+            )
+        )
         return True
 
     def _score(self, job: ScoringJob) -> None:
@@ -249,8 +259,9 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
     cfg.validate()
     setup = read_checkpoint_setup(cfg.checkpoint, tokenizer_path=cfg.tokenizer_path)
     tokenizer = load_tokenizer(setup.tokenizer_config.type.value, setup.tokenizer_config.path)
-    steering = Steering(setup.template, tokenizer, cfg.attributes, cfg.system_prompt,
-                        setup.model.max_position_embeddings - 1)
+    steering = Steering(
+        setup.template, tokenizer, cfg.attributes, cfg.system_prompt, setup.model.max_position_embeddings - 1
+    )
     apm = open_apm_checkpoint(apm_checkpoint) if apm_checkpoint is not None else None
     check_inference_layout(cfg.parallel, [setup.model] + ([apm.config.model] if apm else []))
     if cfg.torch_threads:
@@ -267,8 +278,9 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
                 lockstep.follow()
             yield None
             return
-        engine = Engine(lockstep, batching.max_batch_size, batching.max_queue, batching.request_timeout_s,
-                        cfg.ping_interval_s).start()
+        engine = Engine(
+            lockstep, batching.max_batch_size, batching.max_queue, batching.request_timeout_s, cfg.ping_interval_s
+        ).start()
         try:
             yield Service(engine, steering, loaded, apm.schema if apm else None)
         finally:

@@ -17,9 +17,9 @@ tokens are broadcast so the ranks can never drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,10 @@ class SamplingParams:
         }
         for name, ok in problems.items():
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 1, temperature >= 0, "
-                                 "top_k >= 0, 0 < top_p <= 1, stop strings non-empty")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 1, temperature >= 0, "
+                    "top_k >= 0, 0 < top_p <= 1, stop strings non-empty"
+                )
 
 
 class FinishReason(str, Enum):
@@ -81,8 +83,10 @@ class Completion:
 
 class PromptTooLong(ValueError):
     def __init__(self, index: int, length: int, limit: int) -> None:
-        super().__init__(f"prompt {index} has {length} tokens; the model takes at most {limit - 1} before generating "
-                         f"(max_sequence_length {limit})")
+        super().__init__(
+            f"prompt {index} has {length} tokens; the model takes at most {limit - 1} before generating "
+            f"(max_sequence_length {limit})"
+        )
         self.index, self.length, self.limit = index, length, limit
 
 
@@ -116,10 +120,10 @@ class _Row:
         last few tokens, not the whole answer. Text ending in half a UTF-8 character (U+FFFD) waits for the
         next token, unless the row has finished."""
         searched = len(self.text)
-        prefix = tokenizer.decode(self.generated[self.prefix_offset:self.read_offset])
-        current = tokenizer.decode(self.generated[self.prefix_offset:])
+        prefix = tokenizer.decode(self.generated[self.prefix_offset : self.read_offset])
+        current = tokenizer.decode(self.generated[self.prefix_offset :])
         if len(current) > len(prefix) and (self.finish is not None or not current.endswith("\ufffd")):
-            self.text += current[len(prefix):]
+            self.text += current[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.generated)
         start = max(0, searched - max((len(s) for s in self.params.stop), default=1) + 1)
         cut = min((i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0), default=-1)
@@ -134,11 +138,13 @@ class _Row:
             safe -= max((len(s) - 1 for s in self.params.stop), default=0)
             if safe <= self.emitted:
                 return None
-        new, self.emitted = self.text[self.emitted:safe], max(safe, self.emitted)
+        new, self.emitted = self.text[self.emitted : safe], max(safe, self.emitted)
         return Delta(self.index, new, self.finish, len(self.generated))
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> torch.Tensor:
     """One token per row of `logits` [rows, vocab]: argmax for temperature 0, else a draw from the
     temperature-scaled distribution restricted by top-k and top-p (per-row settings, one generator per row)."""
     tokens = logits.argmax(dim=-1)
@@ -170,16 +176,30 @@ class Generator:
     whole stream (the steps are collective).
     """
 
-    def __init__(self, model: list[torch.nn.Module], tokenizer: Tokenizer, layout: ParallelLayout,
-                 max_sequence_length: int, stop_token_ids: Sequence[int], decoder: str = "auto") -> None:
+    def __init__(
+        self,
+        model: list[torch.nn.Module],
+        tokenizer: Tokenizer,
+        layout: ParallelLayout,
+        max_sequence_length: int,
+        stop_token_ids: Sequence[int],
+        decoder: str = "auto",
+    ) -> None:
         if layout.pp > 1 or len(model) != 1:
-            raise ConfigError("parallel.pipeline_model_parallel_size", layout.pp,
-                              "generation runs one pipeline stage (the KV-cache loop is not pipelined)",
-                              "serve with parallel.pipeline_model_parallel_size=1 (and virtual stages off); "
-                              "checkpoints load at any layout, so use tensor parallelism to split a large model")
+            raise ConfigError(
+                "parallel.pipeline_model_parallel_size",
+                layout.pp,
+                "generation runs one pipeline stage (the KV-cache loop is not pipelined)",
+                "serve with parallel.pipeline_model_parallel_size=1 (and virtual stages off); "
+                "checkpoints load at any layout, so use tensor parallelism to split a large model",
+            )
         if layout.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel", True, "splits the sequence, but decoding feeds one "
-                              "position per step", "set parallel.sequence_parallel=false for inference")
+            raise ConfigError(
+                "parallel.sequence_parallel",
+                True,
+                "splits the sequence, but decoding feeds one position per step",
+                "set parallel.sequence_parallel=false for inference",
+            )
         self.model = model[0]
         self.tokenizer = tokenizer
         self.layout = layout
@@ -210,8 +230,9 @@ class Generator:
                 raise PromptTooLong(index, len(prompt), self.max_sequence_length)
             bad = [t for t in prompt if not 0 <= t < self.tokenizer.vocab_size]
             if bad:
-                raise ValueError(f"prompt {index} holds token id {bad[0]}, outside the tokenizer's "
-                                 f"[0, {self.tokenizer.vocab_size})")
+                raise ValueError(
+                    f"prompt {index} holds token id {bad[0]}, outside the tokenizer's [0, {self.tokenizer.vocab_size})"
+                )
         return [_Row(i, list(p), s, track_text or bool(s.stop)) for i, (p, s) in enumerate(zip(prompts, params))]
 
     def stream(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[list[Delta]]:
@@ -225,8 +246,12 @@ class Generator:
         rows = self._rows(prompts, params, track_text=False)
         for _ in self._decode(rows):
             pass
-        return [Completion(len(r.prompt), r.generated, r.text if r.track_text else self.tokenizer.decode(r.generated),
-                           r.finish) for r in rows]
+        return [
+            Completion(
+                len(r.prompt), r.generated, r.text if r.track_text else self.tokenizer.decode(r.generated), r.finish
+            )
+            for r in rows
+        ]
 
     def _decode(self, rows: list[_Row]) -> Iterator[list[Delta]]:
         device = self.layout.device
@@ -234,7 +259,7 @@ class Generator:
         total = min(self.max_sequence_length, max(n + row.params.max_new_tokens for n, row in zip(lengths, rows)))
         buffer = torch.full((len(rows), total), self.tokenizer.pad_id, dtype=torch.long, device=device)
         for slot, row in enumerate(rows):
-            buffer[slot, :len(row.prompt)] = torch.tensor(row.prompt, dtype=torch.long)
+            buffer[slot, : len(row.prompt)] = torch.tensor(row.prompt, dtype=torch.long)
         prompt_lengths = torch.tensor(lengths, device=device)
         generators = [torch.Generator(device=device).manual_seed(row.params.seed) for row in rows]
         start = min(lengths)
@@ -245,13 +270,20 @@ class Generator:
         finally:
             self.model.train(training)
 
-    def _steps(self, rows: list[_Row], buffer: torch.Tensor, prompt_lengths: torch.Tensor,
-               generators: list[torch.Generator], start: int, total: int) -> Iterator[list[Delta]]:
+    def _steps(
+        self,
+        rows: list[_Row],
+        buffer: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        generators: list[torch.Generator],
+        start: int,
+        total: int,
+    ) -> Iterator[list[Delta]]:
         live = list(range(len(rows)))  # the rows still in the batch, in batch order
         # Inference mode is entered per step, never across a `yield`: the consumer's code runs outside it.
         with runtime.inference():
             decoder = self.decoder(self.model, self.layout, len(rows), total)
-            logits = decoder.forward(buffer[:, :start], 0)[:, :self.tokenizer.vocab_size]
+            logits = decoder.forward(buffer[:, :start], 0)[:, : self.tokenizer.vocab_size]
         for position in range(start, total):
             with runtime.inference():
                 chosen = self._agree(sample(logits, [rows[i].params for i in live], [generators[i] for i in live]))
@@ -277,4 +309,4 @@ class Generator:
                     buffer, prompt_lengths = buffer[keep], prompt_lengths[keep]
                     decoder.keep(keep)
                     live = [live[slot] for slot in keep]
-                logits = decoder.forward(buffer[:, position:position + 1], position)[:, :self.tokenizer.vocab_size]
+                logits = decoder.forward(buffer[:, position : position + 1], position)[:, : self.tokenizer.vocab_size]

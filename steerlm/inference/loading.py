@@ -8,13 +8,14 @@ serving layout (any TP size; checkpoints are layout-independent) and loads the w
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig
 
 from steerlm import runtime
+from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config
 from steerlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, to_typed
 from steerlm.config.schema import AttributesConfig, TokenizerConfig
 from steerlm.config.sft import SFTOptions
@@ -25,7 +26,6 @@ from steerlm.inference.generate import Generator
 from steerlm.models.gpt import build_model_chunks
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer, load_tokenizer
-from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +52,44 @@ class LoadedModel:
     step: int
 
 
-def read_checkpoint_setup(checkpoint: str, key: str = "checkpoint", tokenizer_path: str | None = None) -> CheckpointSetup:
+def read_checkpoint_setup(
+    checkpoint: str, key: str = "checkpoint", tokenizer_path: str | None = None
+) -> CheckpointSetup:
     """The checkpoint's model, tokenizer, schema and template; ConfigError naming `key` when it cannot serve."""
     try:
         path = resolve_checkpoint(checkpoint)
     except FileNotFoundError as error:
-        raise ConfigError(key, checkpoint, str(error).split("; ")[0],
-                          "pass a recipes/train_sft.py output_dir or one of its checkpoints/step_* directories") from None
+        raise ConfigError(
+            key,
+            checkpoint,
+            str(error).split("; ")[0],
+            "pass a recipes/train_sft.py output_dir or one of its checkpoints/step_* directories",
+        ) from None
     saved = saved_config(path)
     if "attributes" not in saved or "tokenizer" not in saved:
-        raise ConfigError(key, checkpoint, f"{path} was not trained on attribute-labelled conversations "
-                          "(its config has no attributes/tokenizer section)",
-                          "serve a checkpoint of recipes/train_sft.py")
+        raise ConfigError(
+            key,
+            checkpoint,
+            f"{path} was not trained on attribute-labelled conversations "
+            "(its config has no attributes/tokenizer section)",
+            "serve a checkpoint of recipes/train_sft.py",
+        )
     tokenizer_config = _section(saved, "tokenizer", TokenizerConfig)
     if tokenizer_path is not None:
         tokenizer_config.path = tokenizer_path
     if not Path(tokenizer_config.path).is_dir():
-        raise ConfigError("tokenizer_path", tokenizer_config.path,
-                          f"the tokenizer directory {path} was trained with does not exist (relative paths are "
-                          "resolved from the current directory)", "run from the training directory or pass "
-                          "tokenizer_path=<the tokenizer directory>")
+        raise ConfigError(
+            "tokenizer_path",
+            tokenizer_config.path,
+            f"the tokenizer directory {path} was trained with does not exist (relative paths are "
+            "resolved from the current directory)",
+            "run from the training directory or pass tokenizer_path=<the tokenizer directory>",
+        )
     schema = _section(saved, "attributes", AttributesConfig).schema()
     template = _section(saved, "sft", SFTOptions).template() if "sft" in saved else TemplateConfig()
-    return CheckpointSetup(path, _section(saved, "model", ModelConfig), tokenizer_config, schema,
-                           SteerLMTemplate(schema, template))
+    return CheckpointSetup(
+        path, _section(saved, "model", ModelConfig), tokenizer_config, schema, SteerLMTemplate(schema, template)
+    )
 
 
 def _section(saved: DictConfig, name: str, schema: type):
@@ -88,16 +102,25 @@ def check_inference_layout(parallel: ParallelConfig, models: Sequence[ModelConfi
     world = runtime.launch_world_size()
     if data_parallel_size(parallel, world) != 1:
         tp = parallel.tensor_model_parallel_size
-        raise ConfigError("parallel.tensor_model_parallel_size", tp,
-                          f"{world} processes would hold {world // tp} copies of the model; inference runs one",
-                          f"launch exactly {tp} process(es) (torchrun --nproc-per-node {tp}) or set "
-                          f"parallel.tensor_model_parallel_size={world}")
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"{world} processes would hold {world // tp} copies of the model; inference runs one",
+            f"launch exactly {tp} process(es) (torchrun --nproc-per-node {tp}) or set "
+            f"parallel.tensor_model_parallel_size={world}",
+        )
     for model in models:
         validate_model_layout(model, parallel, runtime.detect_accelerator())
 
 
-def load_generator(checkpoint: str, layout: ParallelLayout, precision: PrecisionConfig,
-                   tokenizer_path: str | None = None, seed: int = 0, key: str = "checkpoint") -> LoadedModel:
+def load_generator(
+    checkpoint: str,
+    layout: ParallelLayout,
+    precision: PrecisionConfig,
+    tokenizer_path: str | None = None,
+    seed: int = 0,
+    key: str = "checkpoint",
+) -> LoadedModel:
     """Build the checkpoint's model at `layout` in `precision`, load its weights, and wrap it for generation.
 
     The generator stops on the template's end-of-turn token (what SFT trained after every response) and

@@ -13,7 +13,8 @@ so an idle rank 0 calls `ping()` now and then.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch.distributed as dist
 

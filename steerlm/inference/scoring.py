@@ -16,23 +16,31 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config, unwrap
 from steerlm.config import AttributeModelConfig, ConfigError, to_typed
 from steerlm.config.schema import APMType, validate_merge_weights
-from steerlm.data.apm import AttributeExample, TurnSelector, attribute_batch, attribute_examples, \
-    attribute_string_budget, last_assistant_turn, parse_attribute_string
+from steerlm.data.apm import (
+    AttributeExample,
+    TurnSelector,
+    attribute_batch,
+    attribute_examples,
+    attribute_string_budget,
+    last_assistant_turn,
+    parse_attribute_string,
+)
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats, length_buckets
-from steerlm.errors import DataError
 from steerlm.data.readers import unschema_ratings
 from steerlm.data.records import Conversation, Role
 from steerlm.data.template import SteerLMTemplate
+from steerlm.errors import DataError
 from steerlm.evaluation.apm_metrics import REWARD, attribute_metrics, merged_reward, reward_metrics
 from steerlm.inference.generate import Generator, SamplingParams
 from steerlm.models.attribute import build_attribute_model_chunks
@@ -40,9 +48,9 @@ from steerlm.models.gpt import build_model_chunks
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, predict
-from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config, unwrap
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class APMCheckpoint:
@@ -77,13 +85,21 @@ def check_rated_attributes(conversation: Conversation, schema: AttributeSchema, 
     lacks means data and APM disagree (its ratings would be ignored), so it is refused, naming `key`."""
     unknown = unschema_ratings(conversation, schema)
     if unknown:
-        raise ConfigError(key, location, f"{conversation.source} rates {', '.join(unknown)}, which the APM's schema "
-                          f"'{schema.name}' ({', '.join(schema.attributes)}) lacks",
-                          "use an APM trained for those attributes, or remove those columns from the data")
+        raise ConfigError(
+            key,
+            location,
+            f"{conversation.source} rates {', '.join(unknown)}, which the APM's schema "
+            f"'{schema.name}' ({', '.join(schema.attributes)}) lacks",
+            "use an APM trained for those attributes, or remove those columns from the data",
+        )
 
 
-def _by_length_buckets(examples: Sequence[AttributeExample], micro_batch_size: int, layout: ParallelLayout,
-                       score_batch: Callable[[list[AttributeExample]], list[list[float]]]) -> np.ndarray:
+def _by_length_buckets(
+    examples: Sequence[AttributeExample],
+    micro_batch_size: int,
+    layout: ParallelLayout,
+    score_batch: Callable[[list[AttributeExample]], list[list[float]]],
+) -> np.ndarray:
     """`[len(examples), ...]` rows of `score_batch`, identical on every rank (collective).
 
     Examples are bucketed by length into batches whose composition depends only on `examples`, and
@@ -100,8 +116,9 @@ def _by_length_buckets(examples: Sequence[AttributeExample], micro_batch_size: i
 
 
 @torch.no_grad()
-def score_examples(model: list, examples: Sequence[AttributeExample], micro_batch_size: int, pad_id: int,
-                   layout: ParallelLayout) -> np.ndarray:
+def score_examples(
+    model: list, examples: Sequence[AttributeExample], micro_batch_size: int, pad_id: int, layout: ParallelLayout
+) -> np.ndarray:
     """`[len(examples), attributes]` raw scores of a regression APM, identical on every rank (collective).
 
     The model is put in eval mode for the call and left as it was.
@@ -131,24 +148,43 @@ class AttributeScorer:
     sum of the raw scores.
     """
 
-    def __init__(self, model: list, layout: ParallelLayout, schema: AttributeSchema, tokenizer: Tokenizer, *,
-                 seq_length: int, micro_batch_size: int = 16, length_policy: LengthPolicy = LengthPolicy.truncate,
-                 merge_weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        model: list,
+        layout: ParallelLayout,
+        schema: AttributeSchema,
+        tokenizer: Tokenizer,
+        *,
+        seq_length: int,
+        micro_batch_size: int = 16,
+        length_policy: LengthPolicy = LengthPolicy.truncate,
+        merge_weights: Sequence[float] | None = None,
+    ) -> None:
         validate_merge_weights("merge_weights", None if merge_weights is None else list(merge_weights), schema)
         if merge_weights is not None and REWARD in schema.attributes:
-            raise ConfigError("merge_weights", list(merge_weights), f"schema '{schema.name}' has an attribute "
-                              f"named {REWARD!r}, which the merged score's key would hide",
-                              "rename that attribute, or merge_weights=null")
+            raise ConfigError(
+                "merge_weights",
+                list(merge_weights),
+                f"schema '{schema.name}' has an attribute named {REWARD!r}, which the merged score's key would hide",
+                "rename that attribute, or merge_weights=null",
+            )
         self.model, self.layout, self.schema, self.tokenizer = model, layout, schema, tokenizer
         self.template = SteerLMTemplate(schema)
         self.seq_length, self.micro_batch_size, self.length_policy = seq_length, micro_batch_size, length_policy
         self.merge_weights = None if merge_weights is None else tuple(float(w) for w in merge_weights)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: APMCheckpoint | str | Path, layout: ParallelLayout, *,
-                        micro_batch_size: int = 16, seq_length: int | None = None,
-                        length_policy: LengthPolicy = LengthPolicy.truncate,
-                        merge_weights: Sequence[float] | None = None, seed: int = 1234) -> AttributeScorer:
+    def from_checkpoint(
+        cls,
+        checkpoint: APMCheckpoint | str | Path,
+        layout: ParallelLayout,
+        *,
+        micro_batch_size: int = 16,
+        seq_length: int | None = None,
+        length_policy: LengthPolicy = LengthPolicy.truncate,
+        merge_weights: Sequence[float] | None = None,
+        seed: int = 1234,
+    ) -> AttributeScorer:
         """Build and load the APM a checkpoint describes at `layout` (collective).
 
         `seq_length` defaults to the APM's `model.max_position_embeddings`; `merge_weights` to its
@@ -158,23 +194,41 @@ class AttributeScorer:
         cfg, schema = apm.config, apm.schema
         tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
         generative = cfg.apm.type == APMType.generative
-        chunks = build_model_chunks(cfg.model, cfg.precision, layout, seed) if generative else \
-            build_attribute_model_chunks(cfg.model, cfg.precision, layout, seed, len(schema.attributes))
+        chunks = (
+            build_model_chunks(cfg.model, cfg.precision, layout, seed)
+            if generative
+            else build_attribute_model_chunks(cfg.model, cfg.precision, layout, seed, len(schema.attributes))
+        )
         load_weights(apm.path, chunks, layout, cfg.model)
         for chunk in chunks:
             chunk.eval()
-        options = dict(seq_length=seq_length or cfg.model.max_position_embeddings, micro_batch_size=micro_batch_size,
-                       length_policy=length_policy,
-                       merge_weights=merge_weights if merge_weights is not None else cfg.apm.merge_weights)
+        options = dict(
+            seq_length=seq_length or cfg.model.max_position_embeddings,
+            micro_batch_size=micro_batch_size,
+            length_policy=length_policy,
+            merge_weights=merge_weights if merge_weights is not None else cfg.apm.merge_weights,
+        )
         if generative:
             return GenerativeAttributeScorer(chunks, layout, schema, tokenizer, **options)
         return cls(chunks, layout, schema, tokenizer, **options)
 
-    def examples(self, conversations: Sequence[Conversation], select: TurnSelector = last_assistant_turn,
-                 stats: LengthStats | None = None) -> list[AttributeExample]:
+    def examples(
+        self,
+        conversations: Sequence[Conversation],
+        select: TurnSelector = last_assistant_turn,
+        stats: LengthStats | None = None,
+    ) -> list[AttributeExample]:
         """The APM inputs of the turns `select` picks (default: each conversation's last assistant turn)."""
-        return attribute_examples(conversations, self.schema, self.template, self.tokenizer, self.seq_length,
-                                  self.length_policy, stats if stats is not None else LengthStats(), select)
+        return attribute_examples(
+            conversations,
+            self.schema,
+            self.template,
+            self.tokenizer,
+            self.seq_length,
+            self.length_policy,
+            stats if stats is not None else LengthStats(),
+            select,
+        )
 
     def score_examples(self, examples: Sequence[AttributeExample]) -> np.ndarray:
         """`[len(examples), attributes]` raw scores in schema order (collective)."""
@@ -194,15 +248,24 @@ class AttributeScorer:
         conversations = list(conversations)
         for conversation in conversations:
             if not any(turn.role == Role.assistant for turn in conversation.turns):
-                raise DataError(conversation.source or "<conversation>", None, "conversations",
-                                "has no assistant turn to score", "end the conversation with the response to rate")
+                raise DataError(
+                    conversation.source or "<conversation>",
+                    None,
+                    "conversations",
+                    "has no assistant turn to score",
+                    "end the conversation with the response to rate",
+                )
         examples = self.examples(conversations)
         if len(examples) != len(conversations):
             kept = {example.turn[0] for example in examples}
             first = next(c for i, c in enumerate(conversations) if i not in kept)
-            raise DataError(first.source or "<conversation>", None, "conversations",
-                            f"is longer than seq_length={self.seq_length} tokens",
-                            "raise seq_length, or score with length_policy=truncate (keeps the end)")
+            raise DataError(
+                first.source or "<conversation>",
+                None,
+                "conversations",
+                f"is longer than seq_length={self.seq_length} tokens",
+                "raise seq_length, or score with length_policy=truncate (keeps the end)",
+            )
         scores = self.score_examples(examples)
         rewards = self.rewards(scores)
         rows = [dict(zip(self.schema.attributes, map(float, row))) for row in scores]
@@ -231,13 +294,30 @@ class GenerativeAttributeScorer(AttributeScorer):
     Needs one pipeline stage (generation is not pipelined).
     """
 
-    def __init__(self, model: list, layout: ParallelLayout, schema: AttributeSchema, tokenizer: Tokenizer, *,
-                 seq_length: int, micro_batch_size: int = 16, length_policy: LengthPolicy = LengthPolicy.truncate,
-                 merge_weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        model: list,
+        layout: ParallelLayout,
+        schema: AttributeSchema,
+        tokenizer: Tokenizer,
+        *,
+        seq_length: int,
+        micro_batch_size: int = 16,
+        length_policy: LengthPolicy = LengthPolicy.truncate,
+        merge_weights: Sequence[float] | None = None,
+    ) -> None:
         self.suffix = SteerLMTemplate(schema).config.turn_suffix
         self.budget = attribute_string_budget(schema, tokenizer, self.suffix)
-        super().__init__(model, layout, schema, tokenizer, seq_length=seq_length - self.budget,
-                         micro_batch_size=micro_batch_size, length_policy=length_policy, merge_weights=merge_weights)
+        super().__init__(
+            model,
+            layout,
+            schema,
+            tokenizer,
+            seq_length=seq_length - self.budget,
+            micro_batch_size=micro_batch_size,
+            length_policy=length_policy,
+            merge_weights=merge_weights,
+        )
         stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
         self.generator = Generator([unwrap(model[0])], tokenizer, layout, seq_length + 1, stops)
         self.last_generation: dict = {}
@@ -253,8 +333,12 @@ class GenerativeAttributeScorer(AttributeScorer):
                 values, problems = parse_attribute_string(self.schema, completion.text)
                 if (problems or len(values) < len(self.schema.attributes)) and len(logged) < 3:
                     logged.append(example.source)
-                    log.warning("%s: the generative APM wrote %r (unreadable: %s)", example.source or "<example>",
-                                completion.text, ", ".join(problems) or "none; attributes missing")
+                    log.warning(
+                        "%s: the generative APM wrote %r (unreadable: %s)",
+                        example.source or "<example>",
+                        completion.text,
+                        ", ".join(problems) or "none; attributes missing",
+                    )
                 rows.append([values.get(name, math.nan) for name in self.schema.attributes])
             return rows
 
@@ -266,8 +350,12 @@ class GenerativeAttributeScorer(AttributeScorer):
     def _report(self, examples: Sequence[AttributeExample], scores: np.ndarray) -> dict:
         complete = int((~np.isnan(scores)).all(axis=1).sum())
         missing = np.isnan(scores).sum(axis=0)
-        return {"rows": len(examples), "complete": complete, "incomplete": len(examples) - complete,
-                "unwritten": {name: int(n) for name, n in zip(self.schema.attributes, missing) if n}}
+        return {
+            "rows": len(examples),
+            "complete": complete,
+            "incomplete": len(examples) - complete,
+            "unwritten": {name: int(n) for name, n in zip(self.schema.attributes, missing) if n},
+        }
 
     def metrics(self, examples: Sequence[AttributeExample]) -> dict:
         metrics = super().metrics(examples)

@@ -20,8 +20,9 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, AsyncIterator, Iterator, Literal
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI
@@ -34,14 +35,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from steerlm.config.inference import ServeConfig
 from steerlm.errors import DataError
 from steerlm.evaluation.apm_metrics import REWARD
-from steerlm.inference.engine import Batching, EngineBusy, EngineClosed, GenerationJob, QueueTimeout, ScoringJob, \
-    Service, model_name, serving
+from steerlm.inference.engine import (
+    Batching,
+    EngineBusy,
+    EngineClosed,
+    GenerationJob,
+    QueueTimeout,
+    ScoringJob,
+    Service,
+    model_name,
+    serving,
+)
 from steerlm.inference.steering import ChatMessage, RequestError, ResponseText, sampling_params
 
 log = logging.getLogger(__name__)
 # Fields of OpenAI's schema this server cannot honour: refused when set, rather than silently ignored.
-UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
-               "frequency_penalty", "response_format", "reasoning_effort", "verbosity")
+UNSUPPORTED = (
+    "tools",
+    "functions",
+    "tool_choice",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "reasoning_effort",
+    "verbosity",
+)
 UNSET = (None, False, 0, [], {}, {"type": "text"})
 
 
@@ -88,8 +109,14 @@ class ScoreRequest(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -139,8 +166,9 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        too_large = ApiError(413, f"the request body exceeds limits.max_request_bytes={self.max_bytes}",
-                             code="request_too_large").response
+        too_large = ApiError(
+            413, f"the request body exceeds limits.max_request_bytes={self.max_bytes}", code="request_too_large"
+        ).response
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_large()(scope, receive, send)
         chunks, size, more = [], 0, True
@@ -181,19 +209,35 @@ class ChatCompletions:
     def _job(self, body: ChatCompletionRequest, events: JobEvents) -> tuple[GenerationJob, int, dict]:
         limits = self.cfg.limits
         if body.model != self.name:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {self.name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {body.model!r} does not exist; this server serves {self.name!r}",
+                param="model",
+                code="model_not_found",
+            )
         for key in UNSUPPORTED:
             if (body.model_extra or {}).get(key) not in UNSET:
-                raise ApiError(400, f"{key} is not supported by this server (it steers responses with the "
-                               "`attributes` object)", param=key, code="unsupported_parameter")
+                raise ApiError(
+                    400,
+                    f"{key} is not supported by this server (it steers responses with the `attributes` object)",
+                    param=key,
+                    code="unsupported_parameter",
+                )
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens} "
-                           "(limits.max_tokens)", param="max_tokens", code="max_tokens_too_large")
+            raise ApiError(
+                400,
+                f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens} (limits.max_tokens)",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         if body.n > limits.max_n:
-            raise ApiError(400, f"n={body.n} exceeds this server's limit of {limits.max_n} (limits.max_n)",
-                           param="n", code="n_too_large")
+            raise ApiError(
+                400,
+                f"n={body.n} exceeds this server's limit of {limits.max_n} (limits.max_n)",
+                param="n",
+                code="n_too_large",
+            )
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         if stop is not None and not all(stop):
             raise ApiError(400, "stop strings must not be empty", param="stop", code="invalid_stop")
@@ -201,8 +245,16 @@ class ChatCompletions:
         labels = steering.labels(body.attributes)
         system, turns = steering.conversation([m.message() for m in body.messages], labels)
         prompt = steering.prompt_ids(system, turns, labels)
-        params = sampling_params(self.cfg.sampling, body.n, max_tokens=max_tokens, temperature=body.temperature,
-                                 top_p=body.top_p, top_k=body.top_k, stop=stop, seed=body.seed)
+        params = sampling_params(
+            self.cfg.sampling,
+            body.n,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            stop=stop,
+            seed=body.seed,
+        )
         return GenerationJob(sink=events, prompts=[prompt] * body.n, params=params), len(prompt), labels or {}
 
     async def __call__(self, body: ChatCompletionRequest) -> Any:
@@ -216,8 +268,9 @@ class ChatCompletions:
             raise
         reply = Reply(self, body, prompt_tokens, labels)
         if body.stream:
-            return StreamingResponse(reply.stream(job, events, first), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                reply.stream(job, events, first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         try:
             event = first
             while event is not None:
@@ -242,15 +295,25 @@ class Reply:
 
     def usage(self) -> dict:
         completion = sum(row.tokens for row in self.rows)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.name, "choices": choices}
 
     def completion(self) -> dict:
-        choices = [{"index": i, "message": {"role": "assistant", "content": row.text}, "logprobs": None,
-                    "finish_reason": row.finish_reason.value} for i, row in enumerate(self.rows)]
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": row.text},
+                "logprobs": None,
+                "finish_reason": row.finish_reason.value,
+            }
+            for i, row in enumerate(self.rows)
+        ]
         return {**self._envelope("chat.completion", choices), "usage": self.usage(), "attributes": self.labels}
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
@@ -261,19 +324,30 @@ class Reply:
 
     async def stream(self, job: GenerationJob, events: JobEvents, first: list) -> AsyncIterator[str]:
         try:
-            yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None} for i in range(len(self.rows))])
+            yield self._chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(len(self.rows))
+                ]
+            )
             event = first
             while event is not None:
                 texts, finishes = [], []  # a chunk holds one entry per choice: text first, its finish after
                 for delta in event:
                     text = self.rows[delta.index].push(delta)
                     if text:
-                        texts.append({"index": delta.index, "delta": {"content": text}, "logprobs": None,
-                                      "finish_reason": None})
+                        texts.append(
+                            {"index": delta.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+                        )
                     if delta.finish_reason is not None:
-                        finishes.append({"index": delta.index, "delta": {}, "logprobs": None,
-                                         "finish_reason": delta.finish_reason.value})
+                        finishes.append(
+                            {
+                                "index": delta.index,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": delta.finish_reason.value,
+                            }
+                        )
                 for choices in (texts, finishes):
                     if choices:
                         yield self._chunk(choices)
@@ -294,8 +368,14 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        log.info("serving %r on http://%s:%d (schema %s, %d attributes)", name, cfg.server.host, cfg.server.port,
-                 steering.schema.name, len(steering.schema.attributes))
+        log.info(
+            "serving %r on http://%s:%d (schema %s, %d attributes)",
+            name,
+            cfg.server.host,
+            cfg.server.port,
+            steering.schema.name,
+            len(steering.schema.attributes),
+        )
         yield
         log.info("shutting down: finishing queued requests")
 
@@ -319,23 +399,41 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
     async def _invalid(_, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
         if first.get("type") == "json_invalid":
-            return ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                            code="invalid_json").response()
+            return ApiError(
+                400,
+                f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                code="invalid_json",
+            ).response()
         param = _param(tuple(first.get("loc", ())))
         return ApiError(422, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value").response()
 
     def model_card() -> dict:
         schema = steering.schema
-        return {"id": name, "object": "model", "created": created, "owned_by": "steerlm",
-                "attributes": {"schema": schema.name, "names": list(schema.attributes), "min_value": schema.min_value,
-                               "max_value": schema.max_value, "integer": schema.integer,
-                               "conditioned": steering.conditioned, "defaults": steering.defaults}}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "steerlm",
+            "attributes": {
+                "schema": schema.name,
+                "names": list(schema.attributes),
+                "min_value": schema.min_value,
+                "max_value": schema.max_value,
+                "integer": schema.integer,
+                "conditioned": steering.conditioned,
+                "defaults": steering.defaults,
+            },
+        }
 
     @app.get("/health")
     async def health() -> JSONResponse:
         engine = service.engine
-        body = {"status": "ok" if engine.healthy else "unavailable", "queued": engine.queued,
-                "batches": engine.batches, "rows": engine.rows}
+        body = {
+            "status": "ok" if engine.healthy else "unavailable",
+            "queued": engine.queued,
+            "batches": engine.batches,
+            "rows": engine.rows,
+        }
         return JSONResponse(body, status_code=200 if engine.healthy else 503)
 
     @app.get("/v1/models")
@@ -345,8 +443,12 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
         if model_id != name:
-            raise ApiError(404, f"model {model_id!r} does not exist; this server serves {name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {model_id!r} does not exist; this server serves {name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return model_card()
 
     app.post("/v1/chat/completions")(ChatCompletions(service, cfg, name).__call__)
@@ -355,10 +457,15 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
     async def score(body: ScoreRequest) -> dict:
         schema = service.scorer_schema
         if schema is None:
-            raise ApiError(404, "no attribute model is configured: start the server with apm_checkpoint=<APM run "
-                           "directory>", code="scoring_not_configured")
+            raise ApiError(
+                404,
+                "no attribute model is configured: start the server with apm_checkpoint=<APM run directory>",
+                code="scoring_not_configured",
+            )
         events = JobEvents()
-        job = ScoringJob(sink=events, conversations=[steering.scoring_conversation([m.message() for m in body.messages])])
+        job = ScoringJob(
+            sink=events, conversations=[steering.scoring_conversation([m.message() for m in body.messages])]
+        )
         service.engine.submit(job)
         try:
             scores = (await events.next())[0]
@@ -377,8 +484,13 @@ def serve(cfg: ServeConfig) -> None:
     with serving(cfg, batching, cfg.apm_checkpoint) as service:
         if service is None:  # another tensor-parallel rank: it followed rank 0 until rank 0 closed
             return
-        config = uvicorn.Config(create_app(service, cfg), host=cfg.server.host, port=cfg.server.port,
-                                timeout_graceful_shutdown=int(cfg.server.shutdown_timeout_s), log_level="warning")
+        config = uvicorn.Config(
+            create_app(service, cfg),
+            host=cfg.server.host,
+            port=cfg.server.port,
+            timeout_graceful_shutdown=int(cfg.server.shutdown_timeout_s),
+            log_level="warning",
+        )
         with _stop_on_signal():
             uvicorn.Server(config).run()
 

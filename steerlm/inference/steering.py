@@ -10,15 +10,15 @@ segments — the path training took — so the model reads exactly what it was t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
-from steerlm.errors import ConfigError
 from steerlm.config.inference import SamplingDefaults
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate
+from steerlm.errors import ConfigError
 from steerlm.inference.generate import Delta, FinishReason, SamplingParams
 from steerlm.tokenizers import Tokenizer
 
@@ -52,18 +52,28 @@ def check_attributes(schema: AttributeSchema, values: Mapping[str, object], pref
     for name, value in values.items():
         param = f"{prefix}.{name}"
         if name not in schema.attributes:
-            raise RequestError(param, f"schema '{schema.name}' has no attribute {name!r}; its attributes are "
-                               f"{', '.join(schema.attributes)}", "unknown_attribute")
+            raise RequestError(
+                param,
+                f"schema '{schema.name}' has no attribute {name!r}; its attributes are {', '.join(schema.attributes)}",
+                "unknown_attribute",
+            )
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise RequestError(param, f"{param}={value!r} is not a number; give {_range(schema)}",
-                               "invalid_attribute_value")
-        problem = "out of range" if not schema.min_value <= value <= schema.max_value else \
-            "not an integer" if schema.integer and value != int(value) else None
+            raise RequestError(
+                param, f"{param}={value!r} is not a number; give {_range(schema)}", "invalid_attribute_value"
+            )
+        problem = (
+            "out of range"
+            if not schema.min_value <= value <= schema.max_value
+            else "not an integer"
+            if schema.integer and value != int(value)
+            else None
+        )
         if problem:
-            raise RequestError(param, f"{param}={value!r} is {problem}: {name} takes {_range(schema)}",
-                               "attribute_out_of_range")
+            raise RequestError(
+                param, f"{param}={value!r} is {problem}: {name} takes {_range(schema)}", "attribute_out_of_range"
+            )
         out[name] = int(value) if schema.integer else float(value)
     return out
 
@@ -75,17 +85,26 @@ class Steering:
     too-long conversation is refused here, for its request alone, rather than failing a whole batch.
     """
 
-    def __init__(self, template: SteerLMTemplate, tokenizer: Tokenizer, defaults: Mapping[str, float | None],
-                 system_prompt: str, max_prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        template: SteerLMTemplate,
+        tokenizer: Tokenizer,
+        defaults: Mapping[str, float | None],
+        system_prompt: str,
+        max_prompt_tokens: int,
+    ) -> None:
         self.template, self.schema, self.tokenizer = template, template.schema, tokenizer
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
         try:  # null defaults are the shipped YAML's placeholders for other schemas' names
             self.defaults = self.labels({k: v for k, v in defaults.items() if v is not None}, base={}) or {}
         except RequestError as error:
             name = (error.param or "").removeprefix("attributes.")
-            raise ConfigError(error.param or "attributes", defaults.get(name), error.message,
-                              f"set only attributes of schema '{self.schema.name}' in range, or null to leave one "
-                              "unset") from None
+            raise ConfigError(
+                error.param or "attributes",
+                defaults.get(name),
+                error.message,
+                f"set only attributes of schema '{self.schema.name}' in range, or null to leave one unset",
+            ) from None
 
     @property
     def conditioned(self) -> bool:
@@ -97,15 +116,19 @@ class Steering:
         requested = requested or {}
         checked = check_attributes(self.schema, requested)
         if checked and not self.conditioned:
-            raise RequestError("attributes", "this checkpoint was trained without attribute conditioning "
-                               "(sft.condition_on_attributes=false), so attributes cannot steer it; send none",
-                               "attributes_not_supported")
+            raise RequestError(
+                "attributes",
+                "this checkpoint was trained without attribute conditioning "
+                "(sft.condition_on_attributes=false), so attributes cannot steer it; send none",
+                "attributes_not_supported",
+            )
         merged = {k: v for k, v in (self.defaults if base is None else base).items() if k not in requested}
         merged.update(checked)
         return {name: merged[name] for name in self.schema.attributes if name in merged} or None
 
-    def conversation(self, messages: Sequence[ChatMessage], labels: Labels | None = None,
-                     last: Role = Role.user) -> tuple[str, list[Turn]]:
+    def conversation(
+        self, messages: Sequence[ChatMessage], labels: Labels | None = None, last: Role = Role.user
+    ) -> tuple[str, list[Turn]]:
         """(system prompt, turns) of OpenAI-style messages whose last one is from `last`.
 
         Assistant turns in the history carry `labels`: a conversation is steered by one set of values.
@@ -115,18 +138,28 @@ class Steering:
             param = f"messages[{index}]"
             if message.role in SYSTEM_ROLES:
                 if turns:
-                    raise RequestError(f"{param}.role", f"a {message.role} message must come before the first user "
-                                       "message", "invalid_message_order")
+                    raise RequestError(
+                        f"{param}.role",
+                        f"a {message.role} message must come before the first user message",
+                        "invalid_message_order",
+                    )
                 system.append(message.content)
                 continue
             role = CHAT_ROLES.get(message.role)
             if role is None:
-                raise RequestError(f"{param}.role", f"role {message.role!r} is not supported; use system, user or "
-                                   "assistant", "invalid_role")
+                raise RequestError(
+                    f"{param}.role",
+                    f"role {message.role!r} is not supported; use system, user or assistant",
+                    "invalid_role",
+                )
             expected = Role.user if not turns or turns[-1].role == Role.assistant else Role.assistant
             if role != expected:
-                raise RequestError(f"{param}.role", f"expected a {expected.name} message: after the system messages, "
-                                   "user and assistant messages alternate, starting with user", "invalid_message_order")
+                raise RequestError(
+                    f"{param}.role",
+                    f"expected a {expected.name} message: after the system messages, "
+                    "user and assistant messages alternate, starting with user",
+                    "invalid_message_order",
+                )
             if role == Role.assistant and not message.content.strip():
                 raise RequestError(f"{param}.content", "an assistant message must not be empty", "empty_message")
             turns.append(Turn(role, message.content, labels if role == Role.assistant else None))
@@ -138,9 +171,12 @@ class Steering:
         """Token ids of the prompt that asks for the next assistant turn with `labels` (BOS included)."""
         ids = prompt_ids(self.template, self.tokenizer, system, turns, labels)
         if len(ids) > self.max_prompt_tokens:
-            raise RequestError("messages", f"the prompt has {len(ids)} tokens; this model reads at most "
-                               f"{self.max_prompt_tokens} before answering. Shorten the conversation",
-                               "context_length_exceeded")
+            raise RequestError(
+                "messages",
+                f"the prompt has {len(ids)} tokens; this model reads at most "
+                f"{self.max_prompt_tokens} before answering. Shorten the conversation",
+                "context_length_exceeded",
+            )
         return ids
 
     def scoring_conversation(self, messages: Sequence[ChatMessage]) -> Conversation:
@@ -170,7 +206,7 @@ class ResponseText:
         self.finish_reason = delta.finish_reason
         if delta.finish_reason is not None:
             if delta.finish_reason == FinishReason.stop and self.suffix and pending.endswith(self.suffix):
-                pending = pending[:-len(self.suffix)]
+                pending = pending[: -len(self.suffix)]
         else:
             keep = next((k for k in range(len(self.suffix), 0, -1) if pending.endswith(self.suffix[:k])), 0)
             if keep:
@@ -179,9 +215,17 @@ class ResponseText:
         return pending
 
 
-def sampling_params(defaults: SamplingDefaults, n: int = 1, *, max_tokens: int | None = None,
-                    temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                    stop: Sequence[str] | None = None, seed: int | None = None) -> list[SamplingParams]:
+def sampling_params(
+    defaults: SamplingDefaults,
+    n: int = 1,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+) -> list[SamplingParams]:
     """One setting per row: the given values, the configured defaults for the rest. Row i samples with
     seed + i, so the n answers of one request differ (unless decoding is greedy)."""
     base = SamplingParams(
@@ -190,5 +234,6 @@ def sampling_params(defaults: SamplingDefaults, n: int = 1, *, max_tokens: int |
         top_k=defaults.top_k if top_k is None else top_k,
         top_p=defaults.top_p if top_p is None else top_p,
         stop=tuple(defaults.stop if stop is None else stop),
-        seed=defaults.seed if seed is None else seed)
+        seed=defaults.seed if seed is None else seed,
+    )
     return [replace(base, seed=base.seed + row) for row in range(n)]

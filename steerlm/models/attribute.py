@@ -26,19 +26,23 @@ class AttributeGPTModel(GPTModelWithOwnHead):
         super().__init__(*args, **kwargs)
         self.num_attributes = num_attributes
         if self.post_process:
-            self.attribute_head = torch.nn.Linear(self.config.hidden_size, num_attributes, bias=True,
-                                                  dtype=self.config.params_dtype)
+            self.attribute_head = torch.nn.Linear(
+                self.config.hidden_size, num_attributes, bias=True, dtype=self.config.params_dtype
+            )
 
     def own_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.config.sequence_parallel:
             # The head is replicated, so its gradient is the same on every TP rank: backward keeps
             # this rank's sequence slice instead of summing copies.
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
-                                                                 group=self.pg_collection.tp)
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.pg_collection.tp
+            )
         return self.attribute_head(hidden_states).transpose(0, 1).contiguous()
 
 
-def build_attribute_model_chunks(model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout, seed: int,
-                                 num_attributes: int) -> list[AttributeGPTModel]:
-    return build_model_chunks(model, precision, layout, seed, model_class=AttributeGPTModel,
-                              num_attributes=num_attributes)
+def build_attribute_model_chunks(
+    model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout, seed: int, num_attributes: int
+) -> list[AttributeGPTModel]:
+    return build_model_chunks(
+        model, precision, layout, seed, model_class=AttributeGPTModel, num_attributes=num_attributes
+    )

@@ -89,8 +89,9 @@ def _transformer_impl(model: ModelConfig, layout: ParallelLayout) -> Transformer
     return resolve_transformer_impl(model, Accelerator.cpu if layout.uses_cpu else Accelerator.cuda)
 
 
-def decoder_spec(model: ModelConfig, config: TransformerConfig, layout: ParallelLayout,
-                 vp_stage: int | None) -> ModuleSpec | TransformerBlockSubmodules:
+def decoder_spec(
+    model: ModelConfig, config: TransformerConfig, layout: ParallelLayout, vp_stage: int | None
+) -> ModuleSpec | TransformerBlockSubmodules:
     """Transformer Engine layers when selected, else megatron's local layers with SDPA attention and
     `steerlm.models.norm.Norm` (which, unlike megatron's torch fallback, allows sequence parallelism)."""
     if _transformer_impl(model, layout) == TransformerImpl.transformer_engine:
@@ -105,8 +106,14 @@ def decoder_spec(model: ModelConfig, config: TransformerConfig, layout: Parallel
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=Norm)
 
 
-def build_model_chunks(model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout, seed: int,
-                       model_class: type[GPTModel] = GPTModel, **model_kwargs) -> list[GPTModel]:
+def build_model_chunks(
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    layout: ParallelLayout,
+    seed: int,
+    model_class: type[GPTModel] = GPTModel,
+    **model_kwargs,
+) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), on the layout's device.
 
     Weights are initialised from `seed` identically for every TP/PP/DP layout (see

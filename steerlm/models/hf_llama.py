@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 
+from steerlm.config.schema import HF_CONFIG_FILE, Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import ConfigError
 from steerlm.megatron_compat import pack_qkv, split_fc1, split_qkv
-from steerlm.config.schema import HF_CONFIG_FILE, Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.models.sharding import TIED_EMBEDDING
 
 # Per-layer tensors that map one to one: megatron name (after `decoder.layers.N.`) → HF name (after `model.layers.N.`).
@@ -96,13 +96,15 @@ def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[st
         q, k, v = _split_qkv(full[src + "self_attention.linear_qkv.weight"], model)
         gate, up = split_fc1(full[src + "mlp.linear_fc1.weight"])
         out.update({dst + theirs: full[src + ours] for ours, theirs in _LAYER_COPIES.items()})
-        out.update({
-            dst + "self_attn.q_proj.weight": q,
-            dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v,
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-        })
+        out.update(
+            {
+                dst + "self_attn.q_proj.weight": q,
+                dst + "self_attn.k_proj.weight": k,
+                dst + "self_attn.v_proj.weight": v,
+                dst + "mlp.gate_proj.weight": gate,
+                dst + "mlp.up_proj.weight": up,
+            }
+        )
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
@@ -115,8 +117,9 @@ def megatron_names(model: ModelConfig) -> list[str]:
     return names + [f"decoder.layers.{layer}.{name}" for layer in range(model.num_layers) for name in per_layer]
 
 
-def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], model: ModelConfig,
-                   names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def hf_to_megatron(
+    hf_state: Mapping[str, torch.Tensor], model: ModelConfig, names: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Full megatron tensors (keyed by global name) from HF LlamaForCausalLM tensors: `megatron_to_hf`'s inverse.
 
     q/k/v are re-packed into `linear_qkv` per query group, gate/up into `linear_fc1`, and the vocabulary rows
@@ -124,8 +127,10 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], model: ModelConfig,
     pipeline stage's); `hf_state` is only indexed for the tensors those need, so it may read lazily from disk.
     """
     check_llama(model)
-    return {name: _from_hf(name, hf_state, model).contiguous()
-            for name in (megatron_names(model) if names is None else names)}
+    return {
+        name: _from_hf(name, hf_state, model).contiguous()
+        for name in (megatron_names(model) if names is None else names)
+    }
 
 
 def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> torch.Tensor:
@@ -200,29 +205,53 @@ def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> No
     """
     rope_theta, scaling = _rope(hf)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    not_llama = [f"{name}={hf.get(name)!r}" for name, expected in
-                 (("model_type", "llama"), ("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False))
-                 if hf.get(name, expected) != expected]
+    not_llama = [
+        f"{name}={hf.get(name)!r}"
+        for name, expected in (
+            ("model_type", "llama"),
+            ("hidden_act", "silu"),
+            ("attention_bias", False),
+            ("mlp_bias", False),
+        )
+        if hf.get(name, expected) != expected
+    ]
     if rope_type not in ("default", "llama3") or (
-            rope_type == "llama3" and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())):
+        rope_type == "llama3" and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
+    ):
         not_llama.append(f"rope scaling {scaling}")
     if not_llama:
-        raise ConfigError(key, location, f"holds a model steerlm's Llama cannot express ({', '.join(not_llama)})",
-                          "convert a Llama-architecture model (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling)")
+        raise ConfigError(
+            key,
+            location,
+            f"holds a model steerlm's Llama cannot express ({', '.join(not_llama)})",
+            "convert a Llama-architecture model (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling)",
+        )
     heads = hf["num_attention_heads"]
-    fields = {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
-              "ffn_hidden_size": hf["intermediate_size"], "num_layers": hf["num_hidden_layers"],
-              "num_attention_heads": heads, "num_query_groups": hf.get("num_key_value_heads") or heads,
-              "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
-              "layernorm_epsilon": hf["rms_norm_eps"],
-              "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
-              "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", False),
-              "rope_scaling": rope_type == "llama3"}
+    fields = {
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hf["hidden_size"],
+        "ffn_hidden_size": hf["intermediate_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_query_groups": hf.get("num_key_value_heads") or heads,
+        "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
+        "layernorm_epsilon": hf["rms_norm_eps"],
+        "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
+        "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", False),
+        "rope_scaling": rope_type == "llama3",
+    }
     if rope_type == "llama3":
         fields["rope_scaling_factor"] = float(scaling["factor"])
-    current = {**{name: getattr(model, name) for name in fields}, "num_query_groups": model.query_groups,
-               "kv_channels": model.head_dim}
+    current = {
+        **{name: getattr(model, name) for name in fields},
+        "num_query_groups": model.query_groups,
+        "kv_channels": model.head_dim,
+    }
     for name, value in fields.items():
         if current[name] != value:
-            raise ConfigError(f"model.{name}", current[name], f"{key}={location} holds an HF Llama with "
-                              f"{name}={value!r} (config.json)", f"set model.{name}={value!r}")
+            raise ConfigError(
+                f"model.{name}",
+                current[name],
+                f"{key}={location} holds an HF Llama with {name}={value!r} (config.json)",
+                f"set model.{name}={value!r}",
+            )

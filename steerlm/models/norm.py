@@ -23,7 +23,7 @@ class Norm(torch.nn.Module):
         self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
         for param in (self.weight, self.bias):
             if param is not None:
-                setattr(param, "sequence_parallel", config.sequence_parallel)
+                param.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.rms:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ def global_name(name: str, chunk: GPTModel) -> str:
     match = _LAYER.match(name)
     if match:
         layer = chunk.decoder.layers[int(match.group(1))]
-        return f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
+        return f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
     if name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
         return TIED_EMBEDDING
     return name
@@ -80,8 +80,13 @@ def named_global_parameters(chunks: list[GPTModel]) -> Iterator[tuple[str, torch
 
 
 @torch.no_grad()
-def load_full_parameters(chunks: list[GPTModel], full: Mapping[str, torch.Tensor], tp_rank: int, tp: int,
-                         keep: Callable[[str], bool] = lambda name: False) -> None:
+def load_full_parameters(
+    chunks: list[GPTModel],
+    full: Mapping[str, torch.Tensor],
+    tp_rank: int,
+    tp: int,
+    keep: Callable[[str], bool] = lambda name: False,
+) -> None:
     """Copy layout-independent full tensors (keyed by global name) into this rank's shards.
 
     Parameters whose global name `keep` accepts are left as they are (e.g. a head the source lacks).
@@ -93,8 +98,9 @@ def load_full_parameters(chunks: list[GPTModel], full: Mapping[str, torch.Tensor
             raise KeyError(f"no tensor for parameter {name!r} in the given state ({len(full)} tensors)")
         source = full[name]
         if source.shape != full_shape(param, tp):
-            raise ValueError(f"{name}: state holds shape {tuple(source.shape)}, the model needs "
-                             f"{tuple(full_shape(param, tp))}")
+            raise ValueError(
+                f"{name}: state holds shape {tuple(source.shape)}, the model needs {tuple(full_shape(param, tp))}"
+            )
         param.copy_(shard(source.to(param.device, param.dtype), param, tp_rank, tp))
 
 

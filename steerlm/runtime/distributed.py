@@ -6,8 +6,8 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -15,9 +15,9 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from steerlm import megatron_compat
 from steerlm.config.schema import Backend, ParallelConfig
 from steerlm.config.validation import Accelerator, data_parallel_size
-from steerlm import megatron_compat
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ def _init_process_group(parallel: ParallelConfig, accelerator: Accelerator) -> s
     if "RANK" in os.environ:  # torchrun / srun with the env:// rendezvous
         dist.init_process_group(backend=backend, timeout=timeout)
     else:  # a lone `python recipe.py`: a world of one
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
     return backend
 
 

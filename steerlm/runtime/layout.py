@@ -51,5 +51,7 @@ class ParallelLayout:
 
     def describe(self) -> str:
         vpp = f" vpp={self.vpp}" if self.vpp else ""
-        return (f"world={self.world_size} tp={self.tp} pp={self.pp}{vpp} cp={self.cp} dp={self.dp} "
-                f"backend={self.backend} device={self.device.type}")
+        return (
+            f"world={self.world_size} tp={self.tp} pp={self.pp}{vpp} cp={self.cp} dp={self.dp} "
+            f"backend={self.backend} device={self.device.type}"
+        )

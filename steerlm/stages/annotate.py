@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from steerlm.files import atomic_write_text
 from steerlm import runtime
 from steerlm.config import ConfigError
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
@@ -34,6 +33,7 @@ from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthStats
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
+from steerlm.files import atomic_write_text
 from steerlm.inference.scoring import AttributeScorer, check_rated_attributes, open_apm_checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,12 @@ class _Work:
             return set()
         saved = json.loads(self.manifest.read_text())
         if saved["identity"] != self.identity:
-            raise ConfigError("output", str(self.root), f"holds parts of another annotation ({saved['identity']})",
-                              "use another output path, or delete the .parts directory to start over")
+            raise ConfigError(
+                "output",
+                str(self.root),
+                f"holds parts of another annotation ({saved['identity']})",
+                "use another output path, or delete the .parts directory to start over",
+            )
         return set(saved["done"])
 
     def part(self, shard: int) -> Path:
@@ -100,8 +104,14 @@ def _needs(mode: AnnotateMode, conversation: Conversation, index: int) -> bool:
     return mode == AnnotateMode.overwrite or turn.labels is None or any(v is None for v in turn.labels.values())
 
 
-def _annotated_rows(records: list[Conversation], examples: list[AttributeExample], scores: np.ndarray,
-                    rewards: np.ndarray | None, schema: AttributeSchema, mode: AnnotateMode) -> list[dict]:
+def _annotated_rows(
+    records: list[Conversation],
+    examples: list[AttributeExample],
+    scores: np.ndarray,
+    rewards: np.ndarray | None,
+    schema: AttributeSchema,
+    mode: AnnotateMode,
+) -> list[dict]:
     """Conversation JSONL rows: labels of the scored turns, their raw scores (and rewards) aligned with turns."""
     per_turn = {example.turn: row for example, row in zip(examples, _rounded(scores))}
     reward_of = {} if rewards is None else dict(zip((e.turn for e in examples), _rounded(rewards)))
@@ -130,8 +140,9 @@ def _annotated_rows(records: list[Conversation], examples: list[AttributeExample
 def _rounded(values: np.ndarray) -> list:
     """Raw scores (a row or rows of them) rounded so outputs compare byte for byte across layouts; NaN (an
     attribute a generative APM did not write) becomes None."""
-    return [_rounded(row) if row.ndim else None if np.isnan(row) else round(float(row), SCORE_DECIMALS)
-            for row in values]
+    return [
+        _rounded(row) if row.ndim else None if np.isnan(row) else round(float(row), SCORE_DECIMALS) for row in values
+    ]
 
 
 def _shards(cfg: AnnotateConfig, schema: AttributeSchema, stats: ReadStats, rejects: RejectSink | None):
@@ -159,8 +170,9 @@ def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
         torch.set_num_threads(cfg.torch_threads)
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
-        scorer = AttributeScorer.from_checkpoint(apm, layout, micro_batch_size=cfg.micro_batch_size,
-                                                 seq_length=cfg.seq_length, seed=cfg.seed)
+        scorer = AttributeScorer.from_checkpoint(
+            apm, layout, micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length, seed=cfg.seed
+        )
         return _annotate(cfg, apm.path, scorer)
     finally:
         runtime.shutdown()
@@ -168,8 +180,13 @@ def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
 
 def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> AnnotateSummary | None:
     output, layout, schema = Path(cfg.output), scorer.layout, scorer.schema
-    identity = {"input": str(Path(cfg.input).resolve()), "apm_checkpoint": str(apm_path.resolve()),
-                "mode": cfg.mode.value, "shard_size": cfg.shard_size, "format": cfg.format.value}
+    identity = {
+        "input": str(Path(cfg.input).resolve()),
+        "apm_checkpoint": str(apm_path.resolve()),
+        "mode": cfg.mode.value,
+        "shard_size": cfg.shard_size,
+        "format": cfg.format.value,
+    }
     work = _Work(Path(f"{output}.parts"), identity)
     stats, counts, lengths = ReadStats(), Counter(), LengthStats()
     rejects_path = Path(cfg.rejects or f"{output}.rejects.jsonl")
@@ -179,7 +196,7 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> A
         work.root.mkdir(parents=True, exist_ok=True)
     done = work.done()
     sink = RejectSink(rejects_path) if reject and layout.is_rank_zero else None
-    with (sink or contextlib.nullcontext()), tqdm(desc="annotate", unit="row", disable=not layout.is_rank_zero) as bar:
+    with sink or contextlib.nullcontext(), tqdm(desc="annotate", unit="row", disable=not layout.is_rank_zero) as bar:
         shards = _shards(cfg, schema, stats, sink) if layout.is_rank_zero else None
         for number in itertools.count():
             shard = next(shards, None) if layout.is_rank_zero else None
@@ -204,12 +221,21 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> A
     if not layout.is_rank_zero:
         return None
     counts["truncated"] = lengths.truncated
-    return _merge(cfg, work, layout, stats, counts, time.perf_counter() - start, rejects_path if reject else None,
-                  schema)
+    return _merge(
+        cfg, work, layout, stats, counts, time.perf_counter() - start, rejects_path if reject else None, schema
+    )
 
 
-def _merge(cfg: AnnotateConfig, work: _Work, layout: runtime.ParallelLayout, stats: ReadStats, counts: Counter,
-           seconds: float, rejects: Path | None, schema: AttributeSchema) -> AnnotateSummary:
+def _merge(
+    cfg: AnnotateConfig,
+    work: _Work,
+    layout: runtime.ParallelLayout,
+    stats: ReadStats,
+    counts: Counter,
+    seconds: float,
+    rejects: Path | None,
+    schema: AttributeSchema,
+) -> AnnotateSummary:
     histograms = {name: Counter() for name in schema.attributes}
     text = []
     for shard in range(counts["shards"]):
@@ -222,23 +248,37 @@ def _merge(cfg: AnnotateConfig, work: _Work, layout: runtime.ParallelLayout, sta
                         histograms[name]["missing" if value is None else f"{value:g}"] += 1
     atomic_write_text(Path(cfg.output), "".join(text))
     summary = AnnotateSummary(
-        input=cfg.input, output=cfg.output, apm_checkpoint=cfg.apm_checkpoint, mode=cfg.mode.value,
-        layout=layout.describe(), rows_in=stats.rows_in, rows_out=stats.rows_out, rejected=stats.rejected,
-        reasons=dict(stats.reasons), rejects_file=str(rejects) if rejects else None, shards=counts["shards"],
-        shards_skipped=counts["skipped"], annotated_turns=counts["turns"], truncated_inputs=counts["truncated"],
-        seconds=seconds, rows_per_s=counts["rows"] / max(seconds, 1e-9),
-        histograms={name: dict(sorted(c.items())) for name, c in histograms.items()})
+        input=cfg.input,
+        output=cfg.output,
+        apm_checkpoint=cfg.apm_checkpoint,
+        mode=cfg.mode.value,
+        layout=layout.describe(),
+        rows_in=stats.rows_in,
+        rows_out=stats.rows_out,
+        rejected=stats.rejected,
+        reasons=dict(stats.reasons),
+        rejects_file=str(rejects) if rejects else None,
+        shards=counts["shards"],
+        shards_skipped=counts["skipped"],
+        annotated_turns=counts["turns"],
+        truncated_inputs=counts["truncated"],
+        seconds=seconds,
+        rows_per_s=counts["rows"] / max(seconds, 1e-9),
+        histograms={name: dict(sorted(c.items())) for name, c in histograms.items()},
+    )
     atomic_write_text(Path(f"{cfg.output}.summary.json"), json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 
 
 def format_annotate_summary(summary: AnnotateSummary) -> str:
-    lines = [f"{summary.input} -> {summary.output} ({summary.mode}, APM {summary.apm_checkpoint}, {summary.layout})",
-             f"rows in: {summary.rows_in}  rows out: {summary.rows_out}  rejected: {summary.rejected}"
-             + (f" (reasons in {summary.rejects_file})" if summary.rejected else ""),
-             f"annotated assistant turns: {summary.annotated_turns}  inputs cut to seq_length: "
-             f"{summary.truncated_inputs}  shards: {summary.shards} ({summary.shards_skipped} already done)",
-             f"{summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s"]
+    lines = [
+        f"{summary.input} -> {summary.output} ({summary.mode}, APM {summary.apm_checkpoint}, {summary.layout})",
+        f"rows in: {summary.rows_in}  rows out: {summary.rows_out}  rejected: {summary.rejected}"
+        + (f" (reasons in {summary.rejects_file})" if summary.rejected else ""),
+        f"annotated assistant turns: {summary.annotated_turns}  inputs cut to seq_length: "
+        f"{summary.truncated_inputs}  shards: {summary.shards} ({summary.shards_skipped} already done)",
+        f"{summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s",
+    ]
     for name, counts in summary.histograms.items():
         lines.append(f"  {name:>12}  " + "  ".join(f"{value}:{count}" for value, count in counts.items()))
     return "\n".join(lines)

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
 from steerlm import runtime
+from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.config import AttributeModelConfig, ConfigError, save_resolved, validate_train_config, validate_vocab
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.config.schema import APMType
 from steerlm.config.validation import data_parallel_size, validate_model_layout
-from steerlm.data.apm import AttributeExample, attribute_batch, attribute_examples, attribute_string_budget, \
-    generative_examples, labelled_turns
+from steerlm.data.apm import (
+    AttributeExample,
+    attribute_batch,
+    attribute_examples,
+    attribute_string_budget,
+    generative_examples,
+    labelled_turns,
+)
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthStats, pad_batch
 from steerlm.data.readers import BadRowPolicy, DataFormat, read_records
@@ -31,13 +38,16 @@ from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.evaluation.apm_metrics import REWARD, metric_scalars
-from steerlm.inference.scoring import AttributeScorer, GenerativeAttributeScorer, check_rated_attributes, \
-    open_apm_checkpoint
+from steerlm.inference.scoring import (
+    AttributeScorer,
+    GenerativeAttributeScorer,
+    check_rated_attributes,
+    open_apm_checkpoint,
+)
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.stages.sft import check_rating_columns
 from steerlm.tokenizers import load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task, build_training
-from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.training.init_from import resolve_init_source, resume_or_initialise
 from steerlm.training.loop import prepare_output_dir, run_training
 from steerlm.training.losses import attribute_regression_loss
@@ -58,12 +68,15 @@ class APMResult:
 
 def _split(examples: list[AttributeExample], fraction: float) -> tuple[list, list]:
     """Deterministic hold-out by a hash of each row's source (stable across runs, layouts and stages)."""
-    return ([e for e in examples if not held_out(e.source, fraction)],
-            [e for e in examples if held_out(e.source, fraction)])
+    return (
+        [e for e in examples if not held_out(e.source, fraction)],
+        [e for e in examples if held_out(e.source, fraction)],
+    )
 
 
-def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer,
-                  reserved: int = 0) -> tuple[list, list, LengthStats]:
+def load_examples(
+    cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer, reserved: int = 0
+) -> tuple[list, list, LengthStats]:
     """Training and validation examples; `reserved` positions are kept free (a generative APM's string)."""
     template = SteerLMTemplate(schema)
     stats = LengthStats()
@@ -78,8 +91,9 @@ def load_examples(cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer,
 
     def read(path: str) -> list[AttributeExample]:
         records = checked(read_records(path, cfg.data.format, schema, cfg.data.on_bad_row))
-        return attribute_examples(records, schema, template, tokenizer, cfg.trainer.seq_length - reserved,
-                                  cfg.data.length_policy, stats)
+        return attribute_examples(
+            records, schema, template, tokenizer, cfg.trainer.seq_length - reserved, cfg.data.length_policy, stats
+        )
 
     train = read(cfg.data.train_file)
     if cfg.data.validation_file is not None:
@@ -99,16 +113,24 @@ def run(cfg: AttributeModelConfig) -> APMResult:
     _check_checkpoint_schema(cfg, Path(cfg.output_dir), schema)
     generative = cfg.apm.type == APMType.generative
     if generative and cfg.parallel.pipeline_model_parallel_size > 1:
-        raise ConfigError("apm.type", cfg.apm.type.value, "is evaluated by greedy generation, which runs one "
-                          "pipeline stage", "train it with parallel.pipeline_model_parallel_size=1 (use tensor "
-                          "parallelism to split the model), or apm.type=regression")
+        raise ConfigError(
+            "apm.type",
+            cfg.apm.type.value,
+            "is evaluated by greedy generation, which runs one pipeline stage",
+            "train it with parallel.pipeline_model_parallel_size=1 (use tensor "
+            "parallelism to split the model), or apm.type=regression",
+        )
     init = resolve_init_source("apm.init_from", cfg.apm.init_from, cfg.model, None if generative else schema)
     suffix = SteerLMTemplate(schema).config.turn_suffix
     reserved = attribute_string_budget(schema, tokenizer, suffix) if generative else 0
     train, valid, lengths = load_examples(cfg, schema, tokenizer, reserved)
     if not train:
-        raise ConfigError("data.train_file", cfg.data.train_file, "holds no labelled assistant turn",
-                          "give rows with attribute labels")
+        raise ConfigError(
+            "data.train_file",
+            cfg.data.train_file,
+            "holds no labelled assistant turn",
+            "give rows with attribute labels",
+        )
     log.info("APM data: %d train / %d validation examples; %s", len(train), len(valid), lengths.summary())
     output_dir = prepare_output_dir(cfg.output_dir)
     layout = runtime.initialize(cfg.parallel, cfg.trainer.seed)
@@ -116,20 +138,29 @@ def run(cfg: AttributeModelConfig) -> APMResult:
         if layout.is_rank_zero:
             save_resolved(cfg, output_dir / "config.yaml")
         trainer = cfg.trainer
-        options = dict(seq_length=trainer.seq_length, micro_batch_size=trainer.micro_batch_size,
-                       length_policy=cfg.data.length_policy, merge_weights=cfg.apm.merge_weights)
+        options = dict(
+            seq_length=trainer.seq_length,
+            micro_batch_size=trainer.micro_batch_size,
+            length_policy=cfg.data.length_policy,
+            merge_weights=cfg.apm.merge_weights,
+        )
         if generative:  # a language model trained on the attribute strings
             setup = build_training(cfg, layout)
             task, collate = LANGUAGE_MODEL, pad_batch
             scorer = GenerativeAttributeScorer(setup.model, layout, schema, tokenizer, **options)
-            train_inputs, valid_inputs = (generative_examples(split, schema, tokenizer, suffix)
-                                          for split in (train, valid))
+            train_inputs, valid_inputs = (
+                generative_examples(split, schema, tokenizer, suffix) for split in (train, valid)
+            )
         else:
-            setup = build_training(cfg, layout, partial(build_attribute_model_chunks,
-                                                        num_attributes=len(schema.attributes)))
+            setup = build_training(
+                cfg, layout, partial(build_attribute_model_chunks, num_attributes=len(schema.attributes))
+            )
             weights = None if cfg.apm.attribute_weights is None else torch.tensor(cfg.apm.attribute_weights)
-            task = Task(ATTRIBUTE_REGRESSION.forward, partial(attribute_regression_loss, weights=weights),
-                        ATTRIBUTE_REGRESSION.predict)
+            task = Task(
+                ATTRIBUTE_REGRESSION.forward,
+                partial(attribute_regression_loss, weights=weights),
+                ATTRIBUTE_REGRESSION.predict,
+            )
             collate = attribute_batch
             scorer = AttributeScorer(setup.model, layout, schema, tokenizer, **options)
             train_inputs, valid_inputs = train, valid
@@ -139,14 +170,30 @@ def run(cfg: AttributeModelConfig) -> APMResult:
             rows = global_batch_indices(len(train), trainer.global_batch_size, step, trainer.seed)
             return collate([train_inputs[i] for i in rows], tokenizer.pad_id)
 
-        valid_batches = [collate(valid_inputs[i:i + trainer.global_batch_size], tokenizer.pad_id)
-                         for i in range(0, len(valid) - trainer.global_batch_size + 1, trainer.global_batch_size)]
-        outcome = run_training(setup, layout, cfg, output_dir, train_batch, start_step=start,
-                               valid_batches=(lambda: valid_batches) if valid_batches else None, task=task,
-                               validation_metrics=lambda: metric_scalars(scorer.metrics(valid)))
+        valid_batches = [
+            collate(valid_inputs[i : i + trainer.global_batch_size], tokenizer.pad_id)
+            for i in range(0, len(valid) - trainer.global_batch_size + 1, trainer.global_batch_size)
+        ]
+        outcome = run_training(
+            setup,
+            layout,
+            cfg,
+            output_dir,
+            train_batch,
+            start_step=start,
+            valid_batches=(lambda: valid_batches) if valid_batches else None,
+            task=task,
+            validation_metrics=lambda: metric_scalars(scorer.metrics(valid)),
+        )
         metrics = scorer.metrics(valid)
-        result = APMResult(layout=layout.describe(), last_step=outcome.last_step, train_examples=len(train),
-                           validation_examples=len(valid), length=lengths.summary(), metrics=metrics)
+        result = APMResult(
+            layout=layout.describe(),
+            last_step=outcome.last_step,
+            train_examples=len(train),
+            validation_examples=len(valid),
+            length=lengths.summary(),
+            metrics=metrics,
+        )
         if layout.is_rank_zero:
             (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
             log_metrics(metrics)
@@ -175,9 +222,13 @@ def read_evaluation_data(cfg: EvaluateAttributeModelConfig, schema: AttributeSch
         if cfg.validation_fraction is None or held_out(record.source, cfg.validation_fraction):
             records.append(record)
     if not any(labelled_turns(record, index) for record in records for index in range(len(record.turns))):
-        raise ConfigError("input", cfg.input, f"holds no assistant turn labelled with the APM's attributes "
-                          f"({', '.join(schema.attributes)})" + (" among the held-out rows" if records else ""),
-                          "pass a labelled file in its format=… (or check validation_fraction)")
+        raise ConfigError(
+            "input",
+            cfg.input,
+            f"holds no assistant turn labelled with the APM's attributes "
+            f"({', '.join(schema.attributes)})" + (" among the held-out rows" if records else ""),
+            "pass a labelled file in its format=… (or check validation_fraction)",
+        )
     return records
 
 
@@ -193,15 +244,25 @@ def evaluate(cfg: EvaluateAttributeModelConfig) -> APMEvaluation:
         torch.set_num_threads(cfg.torch_threads)
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
-        scorer = AttributeScorer.from_checkpoint(apm, layout, micro_batch_size=cfg.micro_batch_size,
-                                                 seq_length=cfg.seq_length or apm.config.trainer.seq_length,
-                                                 length_policy=cfg.length_policy, seed=cfg.seed)
+        scorer = AttributeScorer.from_checkpoint(
+            apm,
+            layout,
+            micro_batch_size=cfg.micro_batch_size,
+            seq_length=cfg.seq_length or apm.config.trainer.seq_length,
+            length_policy=cfg.length_policy,
+            seed=cfg.seed,
+        )
         lengths = LengthStats()
         examples = scorer.examples(records, labelled_turns, lengths)
-        result = APMEvaluation(apm_checkpoint=str(apm.path), input=cfg.input, layout=layout.describe(),
-                               examples=len(examples), length=lengths.summary(),
-                               merge_weights=None if scorer.merge_weights is None else list(scorer.merge_weights),
-                               metrics=scorer.metrics(examples))
+        result = APMEvaluation(
+            apm_checkpoint=str(apm.path),
+            input=cfg.input,
+            layout=layout.describe(),
+            examples=len(examples),
+            length=lengths.summary(),
+            merge_weights=None if scorer.merge_weights is None else list(scorer.merge_weights),
+            metrics=scorer.metrics(examples),
+        )
         if layout.is_rank_zero:
             save_resolved(cfg, output_dir / "config.yaml")
             (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
@@ -219,22 +280,44 @@ def _check_checkpoint_schema(cfg: AttributeModelConfig, output_dir: Path, schema
         return
     trained = list(saved_config(path).attributes.attributes)
     if trained != list(schema.attributes):
-        raise ConfigError("attributes.attributes", list(schema.attributes),
-                          f"checkpoint {path} was trained for the attributes {trained}",
-                          "use the checkpoint's schema, a new output_dir, or checkpoint.resume=false")
+        raise ConfigError(
+            "attributes.attributes",
+            list(schema.attributes),
+            f"checkpoint {path} was trained for the attributes {trained}",
+            "use the checkpoint's schema, a new output_dir, or checkpoint.resume=false",
+        )
 
 
 def log_metrics(metrics: dict) -> None:
     """The per-attribute table (and the reward's line, when merging) to the log."""
     for name, values in metrics["attributes"].items():
-        log.info("%-12s MAE %.3f RMSE %.3f Pearson %.3f Spearman %.3f exact %.3f (n=%d)", name, values["mae"],
-                 values["rmse"], values["pearson"], values["spearman"], values["exact_match"], values["count"])
+        log.info(
+            "%-12s MAE %.3f RMSE %.3f Pearson %.3f Spearman %.3f exact %.3f (n=%d)",
+            name,
+            values["mae"],
+            values["rmse"],
+            values["pearson"],
+            values["spearman"],
+            values["exact_match"],
+            values["count"],
+        )
     log.info("mean Pearson %.3f", metrics["mean"]["pearson"])
     if "generation" in metrics:
         generation = metrics["generation"]
-        log.info("generative APM: %d of %d attribute strings complete; unwritten or unreadable: %s",
-                 generation["complete"], generation["rows"], generation["unwritten"] or "none")
+        log.info(
+            "generative APM: %d of %d attribute strings complete; unwritten or unreadable: %s",
+            generation["complete"],
+            generation["rows"],
+            generation["unwritten"] or "none",
+        )
     if REWARD in metrics:
         reward = metrics[REWARD]
-        log.info("%-12s MAE %.3f RMSE %.3f Pearson %.3f Spearman %.3f (n=%d)", REWARD, reward["mae"], reward["rmse"],
-                 reward["pearson"], reward["spearman"], reward["count"])
+        log.info(
+            "%-12s MAE %.3f RMSE %.3f Pearson %.3f Spearman %.3f (n=%d)",
+            REWARD,
+            reward["mae"],
+            reward["rmse"],
+            reward["pearson"],
+            reward["spearman"],
+            reward["count"],
+        )

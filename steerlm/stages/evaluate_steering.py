@@ -16,12 +16,12 @@ from pathlib import Path
 from steerlm import runtime
 from steerlm.config import ConfigError
 from steerlm.config.steering import SteeringEvalConfig
+from steerlm.data.attributes import Labels
+from steerlm.data.collate import prompt_ids
 from steerlm.data.readers import read_records
 from steerlm.data.records import Conversation, Role
 from steerlm.data.synthetic.oracle import Oracle
 from steerlm.data.synthetic.world import World
-from steerlm.data.attributes import Labels
-from steerlm.data.collate import prompt_ids
 from steerlm.evaluation.steerability import Generated, format_report, sweep_report, sweep_requests
 from steerlm.inference.generate import SamplingParams
 from steerlm.inference.loading import LoadedModel, check_inference_layout, load_generator, read_checkpoint_setup
@@ -29,17 +29,24 @@ from steerlm.inference.loading import LoadedModel, check_inference_layout, load_
 log = logging.getLogger(__name__)
 
 
-def generate_steered(loaded: LoadedModel, prompts: Sequence[Conversation], requests: Sequence[Labels],
-                     params: SamplingParams, batch_size: int) -> list[Generated]:
+def generate_steered(
+    loaded: LoadedModel,
+    prompts: Sequence[Conversation],
+    requests: Sequence[Labels],
+    params: SamplingParams,
+    batch_size: int,
+) -> list[Generated]:
     """One response per (prompt, requested labels) pair, in order, generated `batch_size` at a time."""
     pairs = [(c, labels) for c in prompts for labels in requests]
     out = []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         ids = [prompt_ids(loaded.template, loaded.tokenizer, c.system, c.turns, labels) for c, labels in chunk]
         completions = loaded.generator.generate(ids, [params] * len(chunk))
-        out.extend(Generated(c, labels, done.text.strip(), done.finish_reason.value)
-                   for (c, labels), done in zip(chunk, completions))
+        out.extend(
+            Generated(c, labels, done.text.strip(), done.finish_reason.value)
+            for (c, labels), done in zip(chunk, completions)
+        )
     return out
 
 
@@ -51,8 +58,12 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
     check_inference_layout(cfg.parallel, [setup.model])
     prompts = list(itertools.islice(read_records(cfg.prompts, cfg.prompts_format, setup.schema), cfg.num_prompts))
     if not prompts or any(not c.turns or c.turns[-1].role != Role.user for c in prompts):
-        raise ConfigError("prompts", cfg.prompts, "needs conversations that end with a user turn",
-                          "pass prompts such as the synthetic world's eval_prompts.jsonl")
+        raise ConfigError(
+            "prompts",
+            cfg.prompts,
+            "needs conversations that end with a user turn",
+            "pass prompts such as the synthetic world's eval_prompts.jsonl",
+        )
     oracle = Oracle(World(**json.loads(Path(cfg.world).read_text()))) if cfg.world else None
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
@@ -60,12 +71,20 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         reports = {}
         for attribute in sweep:
-            generated = generate_steered(loaded, prompts, sweep_requests(base, attribute, levels), params,
-                                         cfg.batch_size)
+            generated = generate_steered(
+                loaded, prompts, sweep_requests(base, attribute, levels), params, cfg.batch_size
+            )
             reports[attribute] = sweep_report(generated, attribute, levels, oracle, cfg.samples)
             log.info("%s", format_report({attribute: reports[attribute]}))
-        result = {"checkpoint": str(loaded.path), "step": loaded.step, "prompts": len(prompts), "levels": levels,
-                  "base": base, "oracle": oracle is not None, "attributes": reports}
+        result = {
+            "checkpoint": str(loaded.path),
+            "step": loaded.step,
+            "prompts": len(prompts),
+            "levels": levels,
+            "base": base,
+            "oracle": oracle is not None,
+            "attributes": reports,
+        }
         if layout.is_rank_zero:
             output = Path(cfg.output)
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
-from steerlm.files import atomic_write_text
 from steerlm.config import PrepareDataConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records, write_conversation_jsonl
 from steerlm.data.records import Conversation, Role
 from steerlm.data.synthetic.splits import format_synthetic_summary, write_synthetic
+from steerlm.files import atomic_write_text
 
 MISSING_KEY = "missing"
 
@@ -35,8 +35,9 @@ class PrepareSummary:
     histograms: dict[str, dict[str, int]]  # attribute → value (or "missing") → labelled assistant turns
 
 
-def _histogram_pass(records: Iterator[Conversation], schema: AttributeSchema,
-                    histograms: dict[str, Counter], turns: Counter) -> Iterator[Conversation]:
+def _histogram_pass(
+    records: Iterator[Conversation], schema: AttributeSchema, histograms: dict[str, Counter], turns: Counter
+) -> Iterator[Conversation]:
     for record in records:
         for turn in record.turns:
             if turn.role == Role.assistant and turn.labels is not None:
@@ -59,13 +60,20 @@ def run(cfg: PrepareDataConfig) -> PrepareSummary | dict:
     turns: Counter = Counter()
     rejects_path = Path(cfg.rejects or f"{cfg.output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject
-    with (RejectSink(rejects_path) if reject else contextlib.nullcontext()) as sink:
+    with RejectSink(rejects_path) if reject else contextlib.nullcontext() as sink:
         records = read_records(cfg.input, cfg.format, schema, cfg.on_bad_row, sink if reject else None, stats)
         write_conversation_jsonl(_histogram_pass(records, schema, histograms, turns), cfg.output, schema)
     summary = PrepareSummary(
-        input=cfg.input, output=cfg.output, format=cfg.format.value, schema=schema.name, rows_in=stats.rows_in,
-        rows_out=stats.rows_out, rejected=stats.rejected, reasons=dict(stats.reasons),
-        rejects_file=str(rejects_path) if reject else None, labelled_turns=turns["labelled"],
+        input=cfg.input,
+        output=cfg.output,
+        format=cfg.format.value,
+        schema=schema.name,
+        rows_in=stats.rows_in,
+        rows_out=stats.rows_out,
+        rejected=stats.rejected,
+        reasons=dict(stats.reasons),
+        rejects_file=str(rejects_path) if reject else None,
+        labelled_turns=turns["labelled"],
         histograms={name: dict(sorted(counts.items())) for name, counts in histograms.items()},
     )
     _write_json(Path(f"{cfg.output}.summary.json"), asdict(summary))

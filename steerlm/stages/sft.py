@@ -13,26 +13,34 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from steerlm import runtime
+from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.config import ConfigError, save_resolved, validate_train_config, validate_vocab
 from steerlm.config.sft import SFTConfig
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import Batch, Example, LengthStats, apply_length_policy, pack_examples, packed_batch, \
-    pad_batch, tokenize
+from steerlm.data.collate import (
+    Batch,
+    Example,
+    LengthStats,
+    apply_length_policy,
+    pack_examples,
+    packed_batch,
+    pad_batch,
+    tokenize,
+)
 from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink, read_records, unschema_ratings
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import TrainingSetup, build_training
-from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.training.init_from import InitSource, resolve_init_source, resume_or_initialise
 from steerlm.training.loop import evaluate, prepare_output_dir, run_training
 
@@ -80,15 +88,19 @@ def check_rating_columns(conversation: Conversation, schema: AttributeSchema) ->
     training stages that read labels through `attributes`: SFT and the APM)."""
     unknown = unschema_ratings(conversation, schema)
     if unknown:
-        raise ConfigError("attributes.attributes", list(schema.attributes),
-                          f"{conversation.source} rates {', '.join(unknown)}, which schema '{schema.name}' lacks "
-                          "(training would silently ignore those ratings)",
-                          "use a schema that names them (e.g. attributes=steerlm_oasst, or a custom "
-                          "attributes.attributes=[...]) or remove those columns from the data")
+        raise ConfigError(
+            "attributes.attributes",
+            list(schema.attributes),
+            f"{conversation.source} rates {', '.join(unknown)}, which schema '{schema.name}' lacks "
+            "(training would silently ignore those ratings)",
+            "use a schema that names them (e.g. attributes=steerlm_oasst, or a custom "
+            "attributes.attributes=[...]) or remove those columns from the data",
+        )
 
 
-def read_conversations(cfg: SFTConfig, path: str, schema: AttributeSchema, output_dir: Path,
-                       split: str) -> list[Conversation]:
+def read_conversations(
+    cfg: SFTConfig, path: str, schema: AttributeSchema, output_dir: Path, split: str
+) -> list[Conversation]:
     """Every conversation of `path`, checked against the schema, with `sft.system_prompt` applied.
 
     With `data.on_bad_row=reject` bad rows go to `<output_dir>/rejects.<split>.jsonl`.
@@ -108,8 +120,14 @@ def read_conversations(cfg: SFTConfig, path: str, schema: AttributeSchema, outpu
     return conversations
 
 
-def sft_examples(conversations: Sequence[Conversation], template: SteerLMTemplate, tokenizer: Tokenizer,
-                 seq_length: int, cfg: SFTConfig, stats: LengthStats) -> list[Example]:
+def sft_examples(
+    conversations: Sequence[Conversation],
+    template: SteerLMTemplate,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    cfg: SFTConfig,
+    stats: LengthStats,
+) -> list[Example]:
     """One example per conversation (every assistant turn in it), fitted to `seq_length` positions."""
     examples = (tokenize(template.segments(c), tokenizer, source=c.source) for c in conversations)
     return apply_length_policy(examples, seq_length, cfg.data.length_policy, stats)
@@ -131,9 +149,12 @@ def load_data(cfg: SFTConfig, schema: AttributeSchema, tokenizer: Tokenizer, out
     train = sft_examples(train_records, template, tokenizer, seq_length, cfg, data.train_lengths)
     data.valid = sft_examples(valid_records, template, tokenizer, seq_length, cfg, data.valid_lengths)
     if not train:
-        raise ConfigError("data.train_file", cfg.data.train_file,
-                          f"gives no example with a trained token ({data.train_lengths.summary()})",
-                          "check the file, data.length_policy and trainer.seq_length")
+        raise ConfigError(
+            "data.train_file",
+            cfg.data.train_file,
+            f"gives no example with a trained token ({data.train_lengths.summary()})",
+            "check the file, data.length_policy and trainer.seq_length",
+        )
     data.distinct_train = len(train)
     data.train = train * cfg.sft.repeat
     return data
@@ -166,8 +187,14 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def step_batch(examples: Sequence[Example], pad_id: int, packing: bool, seq_length: int, rows_multiple: int,
-               length_multiple: int = 1) -> Batch:
+def step_batch(
+    examples: Sequence[Example],
+    pad_id: int,
+    packing: bool,
+    seq_length: int,
+    rows_multiple: int,
+    length_multiple: int = 1,
+) -> Batch:
     """One step's global batch of `examples`, identical on every rank.
 
     Dynamic padding: one row per example, right-padded to the longest. Packing: the examples are packed
@@ -191,7 +218,7 @@ def validation_batches(valid: Sequence[Example], pad_id: int, rows: int, length_
     blank = Example((pad_id, pad_id), (False, False))
     batches = []
     for start in range(0, len(order), rows):
-        chunk = order[start:start + rows]
+        chunk = order[start : start + rows]
         chunk += [blank] * (rows - len(chunk))
         batches.append(pad_batch(chunk, pad_id, _round_up(chunk[0].positions, length_multiple)))
     return batches
@@ -210,17 +237,24 @@ def check_resume_conditioning(cfg: SFTConfig, output_dir: Path) -> None:
     saved = saved_config(path)
     trained_with = saved.get("sft", {}).get("condition_on_attributes")
     if trained_with is not None and trained_with != cfg.sft.condition_on_attributes:
-        raise ConfigError("sft.condition_on_attributes", cfg.sft.condition_on_attributes,
-                          f"checkpoint {path} was trained with sft.condition_on_attributes={trained_with}",
-                          "use the checkpoint's setting, a new output_dir, or checkpoint.resume=false")
+        raise ConfigError(
+            "sft.condition_on_attributes",
+            cfg.sft.condition_on_attributes,
+            f"checkpoint {path} was trained with sft.condition_on_attributes={trained_with}",
+            "use the checkpoint's setting, a new output_dir, or checkpoint.resume=false",
+        )
     if "attributes" in saved and list(saved.attributes.attributes) != list(cfg.attributes.attributes):
-        raise ConfigError("attributes.attributes", list(cfg.attributes.attributes),
-                          f"checkpoint {path} was trained for the attributes {list(saved.attributes.attributes)}",
-                          "use the checkpoint's schema, a new output_dir, or checkpoint.resume=false")
+        raise ConfigError(
+            "attributes.attributes",
+            list(cfg.attributes.attributes),
+            f"checkpoint {path} was trained for the attributes {list(saved.attributes.attributes)}",
+            "use the checkpoint's schema, a new output_dir, or checkpoint.resume=false",
+        )
 
 
-def _start(cfg: SFTConfig, output_dir: Path, setup: TrainingSetup, layout: runtime.ParallelLayout,
-           init: InitSource | None) -> int:
+def _start(
+    cfg: SFTConfig, output_dir: Path, setup: TrainingSetup, layout: runtime.ParallelLayout, init: InitSource | None
+) -> int:
     """Resume this run when it has a checkpoint; otherwise start from `sft.init_from`'s weights (or scratch)."""
     check_resume_conditioning(cfg, output_dir)
     return resume_or_initialise(cfg, output_dir, setup, layout, init)
@@ -241,10 +275,15 @@ def run(cfg: SFTConfig) -> SFTResult:
     init = resolve_init_checkpoint(cfg)
     output_dir = prepare_output_dir(cfg.output_dir)
     data = load_data(cfg, schema, tokenizer, output_dir)
-    baseline = unigram_cross_entropy(data.train[:data.distinct_train], data.valid, tokenizer.vocab_size)
-    log.info("SFT data (%s attributes): train %s; validation %s; repeat %d → %d rows per epoch",
-             "with" if cfg.sft.condition_on_attributes else "WITHOUT", data.train_lengths.summary(),
-             data.valid_lengths.summary(), cfg.sft.repeat, len(data.train))
+    baseline = unigram_cross_entropy(data.train[: data.distinct_train], data.valid, tokenizer.vocab_size)
+    log.info(
+        "SFT data (%s attributes): train %s; validation %s; repeat %d → %d rows per epoch",
+        "with" if cfg.sft.condition_on_attributes else "WITHOUT",
+        data.train_lengths.summary(),
+        data.valid_lengths.summary(),
+        cfg.sft.repeat,
+        len(data.train),
+    )
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
     layout = runtime.initialize(cfg.parallel, cfg.trainer.seed)
@@ -261,53 +300,88 @@ def run(cfg: SFTConfig) -> SFTResult:
         runtime.shutdown()
 
 
-def _train_and_evaluate(cfg: SFTConfig, data: SFTData, pad_id: int, baseline: float | None, setup: TrainingSetup,
-                        layout: runtime.ParallelLayout, output_dir: Path, start: int) -> SFTResult:
+def _train_and_evaluate(
+    cfg: SFTConfig,
+    data: SFTData,
+    pad_id: int,
+    baseline: float | None,
+    setup: TrainingSetup,
+    layout: runtime.ParallelLayout,
+    output_dir: Path,
+    start: int,
+) -> SFTResult:
     trainer = cfg.trainer
     length_multiple = math.lcm(layout.tp if layout.sequence_parallel else 1, 2 * layout.cp if layout.cp > 1 else 1)
     rows_multiple = trainer.micro_batch_size * layout.dp
 
     def step_examples(step: int) -> list[Example]:
-        return [data.train[i] for i in global_batch_indices(len(data.train), trainer.global_batch_size, step,
-                                                             trainer.seed)]
+        return [
+            data.train[i] for i in global_batch_indices(len(data.train), trainer.global_batch_size, step, trainer.seed)
+        ]
 
     def train_batch(step: int) -> Batch:
-        return step_batch(step_examples(step), pad_id, cfg.sft.packing, trainer.seq_length, rows_multiple,
-                          length_multiple)
+        return step_batch(
+            step_examples(step), pad_id, cfg.sft.packing, trainer.seq_length, rows_multiple, length_multiple
+        )
 
     if cfg.sft.packing:
         rows, length = train_batch(start + 1)["tokens"].shape
         used = sum(example.positions for example in step_examples(start + 1))
-        log.info("packing: step %d's %d conversations fill %d rows of %d positions (%.0f%% used)",
-                 start + 1, trainer.global_batch_size, rows, length, 100 * used / (rows * length))
+        log.info(
+            "packing: step %d's %d conversations fill %d rows of %d positions (%.0f%% used)",
+            start + 1,
+            trainer.global_batch_size,
+            rows,
+            length,
+            100 * used / (rows * length),
+        )
     valid = validation_batches(data.valid, pad_id, trainer.global_batch_size, length_multiple)
     if not valid:
-        log.warning("no validation examples (data.validation_fraction=0 and no data.validation_file): "
-                    "eval.json will have no validation loss")
+        log.warning(
+            "no validation examples (data.validation_fraction=0 and no data.validation_file): "
+            "eval.json will have no validation loss"
+        )
     model = setup.model
     initial = evaluate(model, valid, trainer.micro_batch_size, layout) if valid else None
     if initial is not None:
         log.info("step %d validation loss %.4f (unigram baseline %.4f)", start, initial, baseline)
     began = time.perf_counter()
-    outcome = run_training(setup, layout, cfg, output_dir, train_batch, start_step=start,
-                           valid_batches=(lambda: valid) if valid else None)
+    outcome = run_training(
+        setup, layout, cfg, output_dir, train_batch, start_step=start, valid_batches=(lambda: valid) if valid else None
+    )
     seconds = time.perf_counter() - began
     final = None
     if valid:
         at_end = [loss for step, loss in outcome.evaluations if step == outcome.last_step]
         final = at_end[0] if at_end else evaluate(model, valid, trainer.micro_batch_size, layout)
-        log.info("validation loss %.4f (at start %.4f, unigram baseline %.4f) after %d steps in %.0f s",
-                 final, initial, baseline, outcome.last_step, seconds)
+        log.info(
+            "validation loss %.4f (at start %.4f, unigram baseline %.4f) after %d steps in %.0f s",
+            final,
+            initial,
+            baseline,
+            outcome.last_step,
+            seconds,
+        )
     drawn = outcome.last_step * trainer.global_batch_size
     return SFTResult(
-        layout=layout.describe(), condition_on_attributes=cfg.sft.condition_on_attributes, packing=cfg.sft.packing,
-        init_from=cfg.sft.init_from, start_step=start, last_step=outcome.last_step,
-        stop_reason=outcome.stop_reason, train_examples=data.distinct_train, repeat=cfg.sft.repeat,
+        layout=layout.describe(),
+        condition_on_attributes=cfg.sft.condition_on_attributes,
+        packing=cfg.sft.packing,
+        init_from=cfg.sft.init_from,
+        start_step=start,
+        last_step=outcome.last_step,
+        stop_reason=outcome.stop_reason,
+        train_examples=data.distinct_train,
+        repeat=cfg.sft.repeat,
         validation_examples=len(data.valid),
-        train_tokens=sum(trained_targets(data.train[:data.distinct_train]).values()),
-        validation_tokens=sum(trained_targets(data.valid).values()), epochs=drawn / data.distinct_train,
+        train_tokens=sum(trained_targets(data.train[: data.distinct_train]).values()),
+        validation_tokens=sum(trained_targets(data.valid).values()),
+        epochs=drawn / data.distinct_train,
         length={"train": data.train_lengths.summary(), "validation": data.valid_lengths.summary()},
-        initial_validation_loss=initial, final_validation_loss=final, unigram_baseline=baseline,
-        last_train_loss=outcome.history[-1].loss if outcome.history else None, evaluations=outcome.evaluations,
-        train_seconds=seconds)
-
+        initial_validation_loss=initial,
+        final_validation_loss=final,
+        unigram_baseline=baseline,
+        last_train_loss=outcome.history[-1].loss if outcome.history else None,
+        evaluations=outcome.evaluations,
+        train_seconds=seconds,
+    )

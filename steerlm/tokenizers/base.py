@@ -64,7 +64,8 @@ def check_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
         if not 0 <= token_id < vocab_size:
             raise ValueError(
                 f"token id {token_id} at position {position} is outside the tokenizer's vocabulary "
-                f"[0, {vocab_size}); mask logits at or above vocab_size before sampling")
+                f"[0, {vocab_size}); mask logits at or above vocab_size before sampling"
+            )
     return values
 
 

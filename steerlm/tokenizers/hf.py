@@ -24,13 +24,15 @@ class HFTokenizer(Tokenizer):
         directory = existing_directory(path, _FIX)
         if not any((directory / name).is_file() for name in TOKENIZER_FILES):
             raise FileNotFoundError(
-                f"tokenizer directory {str(directory)!r} holds none of {', '.join(TOKENIZER_FILES)}; {_FIX}")
+                f"tokenizer directory {str(directory)!r} holds none of {', '.join(TOKENIZER_FILES)}; {_FIX}"
+            )
         try:
             from tokenizers import AddedToken
             from transformers import AutoTokenizer
         except ImportError as error:
-            raise ImportError(f"HFTokenizer needs transformers ({error}); install it with "
-                              "pip install 'steerlm[hf]'") from error
+            raise ImportError(
+                f"HFTokenizer needs transformers ({error}); install it with pip install 'steerlm[hf]'"
+            ) from error
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         except Exception as error:  # transformers raises many types for unreadable files
@@ -38,8 +40,10 @@ class HFTokenizer(Tokenizer):
 
         self.added_tokens: tuple[str, ...] = tuple(t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab())
         registered = tokenizer.get_added_vocab()
-        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)
-                              for token in SPECIAL_TOKENS if token not in registered], special_tokens=True)
+        tokenizer.add_tokens(
+            [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS if token not in registered],
+            special_tokens=True,
+        )
         self._tokenizer = tokenizer
         self._vocab: dict[str, int] = tokenizer.get_vocab()
         self._vocab_size = max(len(tokenizer), max(self._vocab.values()) + 1)
@@ -70,12 +74,12 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         """The tokenizer's own decoding, special tokens kept and no clean-up of spaces."""
-        return self._tokenizer.decode(check_token_ids(ids, self._vocab_size), skip_special_tokens=False,
-                                      clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(
+            check_token_ids(ids, self._vocab_size), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def token_to_id(self, token: str) -> int:
         try:
             return self._vocab[token]
         except KeyError:
-            raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary "
-                           f"({self._vocab_size} ids)") from None
+            raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary ({self._vocab_size} ids)") from None

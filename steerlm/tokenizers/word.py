@@ -58,17 +58,19 @@ class WordTokenizer(Tokenizer):
 
     def __init__(self, tokens: Sequence[str]) -> None:
         tokens = tuple(tokens)
-        if tokens[:len(RESERVED_TOKENS)] != RESERVED_TOKENS:
-            raise ValueError(f"a word vocabulary starts with {list(RESERVED_TOKENS)}, "
-                             f"got {list(tokens[:len(RESERVED_TOKENS)])}; {_FIX}")
+        if tokens[: len(RESERVED_TOKENS)] != RESERVED_TOKENS:
+            raise ValueError(
+                f"a word vocabulary starts with {list(RESERVED_TOKENS)}, "
+                f"got {list(tokens[: len(RESERVED_TOKENS)])}; {_FIX}"
+            )
         ids: dict[str, int] = {}
         for token_id, token in enumerate(tokens):
             if not isinstance(token, str) or (token_id >= len(RESERVED_TOKENS) and not _TOKEN.fullmatch(token)):
-                raise ValueError(f"{token!r} (id {token_id}) is not one piece with at most one leading "
-                                 f"space; {_FIX}")
+                raise ValueError(f"{token!r} (id {token_id}) is not one piece with at most one leading space; {_FIX}")
             if token in ids:
-                raise ValueError(f"token {token!r} appears twice in the word vocabulary "
-                                 f"(ids {ids[token]} and {token_id}); {_FIX}")
+                raise ValueError(
+                    f"token {token!r} appears twice in the word vocabulary (ids {ids[token]} and {token_id}); {_FIX}"
+                )
             ids[token] = token_id
         self._tokens = tokens
         self._ids = ids
@@ -81,8 +83,10 @@ class WordTokenizer(Tokenizer):
             raise ValueError(f"min_count must be at least 1, got {min_count}")
         counts = Counter(piece for text in texts for piece in _PIECE.findall(normalize(text)))
         excluded = set(BASE_PIECES) | set(SPECIAL_TOKENS)
-        words = sorted((piece for piece, count in counts.items() if count >= min_count and piece not in excluded),
-                       key=lambda piece: (-counts[piece], piece))
+        words = sorted(
+            (piece for piece, count in counts.items() if count >= min_count and piece not in excluded),
+            key=lambda piece: (-counts[piece], piece),
+        )
         tokens = list(RESERVED_TOKENS)
         for piece in (*BASE_PIECES, *words):
             tokens.append(piece)
@@ -105,7 +109,9 @@ class WordTokenizer(Tokenizer):
             payload = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{str(file)!r} is not valid UTF-8 JSON ({error}); {_FIX}") from error
-        valid = isinstance(payload, dict) and payload.get("format") == FORMAT and isinstance(payload.get("tokens"), list)
+        valid = (
+            isinstance(payload, dict) and payload.get("format") == FORMAT and isinstance(payload.get("tokens"), list)
+        )
         if not valid:
             raise ValueError(f"{str(file)!r} is not a {FORMAT} file (expected keys 'format' and 'tokens'); {_FIX}")
         try:
@@ -139,5 +145,7 @@ class WordTokenizer(Tokenizer):
         try:
             return self._ids[token]
         except KeyError:
-            raise KeyError(f"token {token!r} is not in the word vocabulary ({len(self._tokens)} tokens); "
-                           "spaced forms are written with their space, e.g. ' word'") from None
+            raise KeyError(
+                f"token {token!r} is not in the word vocabulary ({len(self._tokens)} tokens); "
+                "spaced forms are written with their space, e.g. ' word'"
+            ) from None

@@ -19,10 +19,11 @@ def microbatches_for_rank(global_batch: Batch, micro_batch_size: int, layout: Pa
     size = next(iter(global_batch.values())).shape[0]
     per_rank = size // layout.dp
     if per_rank * layout.dp != size or per_rank % micro_batch_size:
-        raise ValueError(f"global batch of {size} rows does not split into dp={layout.dp} x "
-                         f"micro batches of {micro_batch_size}")
+        raise ValueError(
+            f"global batch of {size} rows does not split into dp={layout.dp} x micro batches of {micro_batch_size}"
+        )
     start = layout.dp_rank * per_rank
     return [
-        {key: value[begin:begin + micro_batch_size] for key, value in global_batch.items()}
+        {key: value[begin : begin + micro_batch_size] for key, value in global_batch.items()}
         for begin in range(start, start + per_rank, micro_batch_size)
     ]

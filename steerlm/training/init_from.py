@@ -18,14 +18,20 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from steerlm.errors import ConfigError
+from steerlm.checkpoint.sharded import (
+    SHAPE_FIELDS,
+    latest_checkpoint,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+    saved_config,
+)
 from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir
 from steerlm.data.attributes import AttributeSchema
+from steerlm.errors import ConfigError
 from steerlm.models.hf_llama import SafetensorsWeights, check_hf_config, hf_to_megatron, read_hf_config
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.checkpoint.sharded import SHAPE_FIELDS, latest_checkpoint, load_weights, read_meta, resolve_checkpoint, \
-    saved_config
 from steerlm.training.loop import maybe_resume
 from steerlm.training.setup import TrainingSetup
 
@@ -46,8 +52,9 @@ def _is_head(name: str) -> bool:
     return name.startswith(HEAD_PREFIX)
 
 
-def resolve_init_source(key: str, location: str | None, model: ModelConfig,
-                        schema: AttributeSchema | None = None) -> InitSource | None:
+def resolve_init_source(
+    key: str, location: str | None, model: ModelConfig, schema: AttributeSchema | None = None
+) -> InitSource | None:
     """The weights `key` names, checked against this run's `model` (and, for an APM, its `schema`).
 
     Returns None when `location` is None. A shape difference is a ConfigError naming `model.<field>` and
@@ -62,16 +69,24 @@ def resolve_init_source(key: str, location: str | None, model: ModelConfig,
     try:
         path = resolve_checkpoint(path)
     except FileNotFoundError as error:
-        raise ConfigError(key, location, str(error).split("; ")[0],
-                          "pass a steerlm training output_dir, one of its checkpoints/step_* directories, or a "
-                          "Hugging Face Llama directory (config.json + *.safetensors)") from None
+        raise ConfigError(
+            key,
+            location,
+            str(error).split("; ")[0],
+            "pass a steerlm training output_dir, one of its checkpoints/step_* directories, or a "
+            "Hugging Face Llama directory (config.json + *.safetensors)",
+        ) from None
     written = read_meta(path).model
     for name in SHAPE_FIELDS:
         value = getattr(model, name)
         value = value.value if isinstance(value, Enum) else value
         if written.get(name) != value:
-            raise ConfigError(f"model.{name}", value, f"{key}={location} was written for model.{name}="
-                              f"{written.get(name)!r}", f"set model.{name}={written.get(name)!r} or pass another {key}")
+            raise ConfigError(
+                f"model.{name}",
+                value,
+                f"{key}={location} was written for model.{name}={written.get(name)!r}",
+                f"set model.{name}={written.get(name)!r} or pass another {key}",
+            )
     saved = saved_config(path)
     is_apm = "apm" in saved
     if is_apm and schema is not None:
@@ -84,10 +99,14 @@ def _check_head_schema(key: str, location: str, saved, schema: AttributeSchema) 
     theirs = (list(saved.attributes), float(saved.min_value), float(saved.max_value))
     ours = (list(schema.attributes), schema.min_value, schema.max_value)
     if theirs != ours:
-        raise ConfigError(key, location, f"is an APM for the attributes {theirs[0]} on [{theirs[1]:g}, {theirs[2]:g}], "
-                          f"this run's schema is {ours[0]} on [{ours[1]:g}, {ours[2]:g}]",
-                          "initialise from an APM of this schema or from a language model (the head then starts "
-                          "fresh), or set attributes to the checkpoint's")
+        raise ConfigError(
+            key,
+            location,
+            f"is an APM for the attributes {theirs[0]} on [{theirs[1]:g}, {theirs[2]:g}], "
+            f"this run's schema is {ours[0]} on [{ours[1]:g}, {ours[2]:g}]",
+            "initialise from an APM of this schema or from a language model (the head then starts "
+            "fresh), or set attributes to the checkpoint's",
+        )
 
 
 def load_init_weights(source: InitSource, setup: TrainingSetup, layout: ParallelLayout, model: ModelConfig) -> None:
@@ -103,12 +122,17 @@ def load_init_weights(source: InitSource, setup: TrainingSetup, layout: Parallel
         load_weights(source.path, setup.model, layout, model, keep=lambda name: _is_head(name) and not source.has_head)
     setup.optimizer.reload_model_params()
     head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))
-    log.info("initialised the weights from %s (%s)%s", source.path, "Hugging Face" if source.hugging_face else "steerlm",
-             "" if not head else "; attribute head " + ("loaded" if source.has_head else "freshly initialised"))
+    log.info(
+        "initialised the weights from %s (%s)%s",
+        source.path,
+        "Hugging Face" if source.hugging_face else "steerlm",
+        "" if not head else "; attribute head " + ("loaded" if source.has_head else "freshly initialised"),
+    )
 
 
-def resume_or_initialise(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layout: ParallelLayout,
-                         init: InitSource | None) -> int:
+def resume_or_initialise(
+    cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layout: ParallelLayout, init: InitSource | None
+) -> int:
     """The step a run starts after: its own latest checkpoint when it has one (init_from is used only by a
     run's first start), otherwise 0 with `init`'s weights loaded (or the fresh initialisation)."""
     if cfg.checkpoint.resume and latest_checkpoint(output_dir) is not None:

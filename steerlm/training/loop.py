@@ -11,18 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from steerlm.errors import ConfigError
+from steerlm.checkpoint.sharded import latest_checkpoint, load_checkpoint, save_checkpoint
 from steerlm.config.schema import TrainConfig
+from steerlm.errors import ConfigError
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.batching import microbatches_for_rank
-from steerlm.checkpoint.sharded import latest_checkpoint, load_checkpoint, save_checkpoint
 from steerlm.training.losses import LANGUAGE_MODEL, Task
 from steerlm.training.metrics import LoggedStep, MetricsLog
 from steerlm.training.setup import TrainingSetup
@@ -42,15 +42,17 @@ class TrainingOutcome:
 
 
 @torch.no_grad()
-def evaluate(model: list, batches: list[Batch], micro_batch_size: int, layout: ParallelLayout,
-             task: Task = LANGUAGE_MODEL) -> float:
+def evaluate(
+    model: list, batches: list[Batch], micro_batch_size: int, layout: ParallelLayout, task: Task = LANGUAGE_MODEL
+) -> float:
     """Mean loss over every trained token of `batches` (global batches), forward only."""
     for chunk in model:
         chunk.eval()
     total, count = 0.0, 0
     for batch in batches:
-        loss, tokens = forward_backward(model, microbatches_for_rank(batch, micro_batch_size, layout), layout,
-                                        task, forward_only=True)
+        loss, tokens = forward_backward(
+            model, microbatches_for_rank(batch, micro_batch_size, layout), layout, task, forward_only=True
+        )
         total, count = total + loss * tokens, count + tokens
     for chunk in model:
         chunk.train()
@@ -63,8 +65,9 @@ def prepare_output_dir(path: str) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError("output_dir", path, f"cannot be created ({error.strerror})",
-                          "pass output_dir=<a writable directory>") from error
+        raise ConfigError(
+            "output_dir", path, f"cannot be created ({error.strerror})", "pass output_dir=<a writable directory>"
+        ) from error
     if not os.access(out, os.W_OK):
         raise ConfigError("output_dir", path, "is not writable", "pass output_dir=<a writable directory>")
     return out
@@ -80,11 +83,17 @@ def maybe_resume(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layou
     return load_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, layout, cfg.model)
 
 
-def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig, output_dir: Path,
-                 train_batch: Callable[[int], Batch], start_step: int = 0,
-                 valid_batches: Callable[[], list[Batch]] | None = None,
-                 task: Task = LANGUAGE_MODEL,
-                 validation_metrics: Callable[[], dict[str, float]] | None = None) -> TrainingOutcome:
+def run_training(
+    setup: TrainingSetup,
+    layout: ParallelLayout,
+    cfg: TrainConfig,
+    output_dir: Path,
+    train_batch: Callable[[int], Batch],
+    start_step: int = 0,
+    valid_batches: Callable[[], list[Batch]] | None = None,
+    task: Task = LANGUAGE_MODEL,
+    validation_metrics: Callable[[], dict[str, float]] | None = None,
+) -> TrainingOutcome:
     """Train steps `start_step + 1 … trainer.max_steps` on `train_batch(step)` global batches.
 
     `validation_metrics` (collective, called on every rank at each validation) adds a stage's own
@@ -94,8 +103,14 @@ def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig,
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     outcome = TrainingOutcome(start_step=start_step, last_step=start_step)
     metrics = MetricsLog(output_dir, layout.is_rank_zero, start_step)
-    bar = tqdm(total=trainer.max_steps, initial=start_step, desc="train", unit="step",
-               disable=not layout.is_rank_zero, dynamic_ncols=True)
+    bar = tqdm(
+        total=trainer.max_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not layout.is_rank_zero,
+        dynamic_ncols=True,
+    )
     start = window_start = time.perf_counter()
     window_tokens = 0
     try:
@@ -109,17 +124,25 @@ def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig,
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
                 if step % trainer.log_interval == 0 or step == trainer.max_steps:
                     now = time.perf_counter()
-                    logged = LoggedStep(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                                        tokens_per_s=window_tokens / max(now - window_start, 1e-9),
-                                        elapsed=now - start)
+                    logged = LoggedStep(
+                        step=step,
+                        loss=result.loss,
+                        lr=result.lr,
+                        grad_norm=result.grad_norm,
+                        tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                        elapsed=now - start,
+                    )
                     window_start, window_tokens = now, 0
                     outcome.history.append(logged)
                     metrics.log_train(logged)
                     _log_step(logged, trainer.max_steps)
                 stop = stops.should_stop()
                 last = step == trainer.max_steps
-                if valid_batches is not None and not stop and (
-                        last or (trainer.eval_interval and step % trainer.eval_interval == 0)):
+                if (
+                    valid_batches is not None
+                    and not stop
+                    and (last or (trainer.eval_interval and step % trainer.eval_interval == 0))
+                ):
                     loss = evaluate(model, valid_batches(), trainer.micro_batch_size, layout, task)
                     outcome.evaluations.append((step, loss))
                     metrics.log_eval(step, loss, validation_metrics() if validation_metrics else {})
@@ -137,5 +160,12 @@ def run_training(setup: TrainingSetup, layout: ParallelLayout, cfg: TrainConfig,
 
 def _log_step(logged: LoggedStep, max_steps: int) -> None:
     grad_norm = f"{logged.grad_norm:.3f}" if logged.grad_norm is not None else "-"
-    log.info("step %d/%d loss %.4f lr %.2e grad_norm %s %.0f tokens/s", logged.step, max_steps, logged.loss,
-             logged.lr, grad_norm, logged.tokens_per_s)
+    log.info(
+        "step %d/%d loss %.4f lr %.2e grad_norm %s %.0f tokens/s",
+        logged.step,
+        max_steps,
+        logged.loss,
+        logged.lr,
+        grad_norm,
+        logged.tokens_per_s,
+    )

@@ -9,8 +9,8 @@ exactly even when micro-batches hold different counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -79,5 +79,4 @@ def attribute_regression_loss(batch: Batch, scores: torch.Tensor, weights: torch
     return loss_sum, count, _report(loss_sum, count)
 
 
-ATTRIBUTE_REGRESSION = Task(forward=attribute_scores_forward, loss=attribute_regression_loss,
-                            predict=scores_at_index)
+ATTRIBUTE_REGRESSION = Task(forward=attribute_scores_forward, loss=attribute_regression_loss, predict=scores_at_index)

@@ -60,7 +60,8 @@ class MetricsLog:
                 self._tensorboard.add_scalar(f"train/{name}", value, logged.step)
 
     def log_eval(self, step: int, loss: float, extra: dict[str, float] | None = None) -> None:
-        """The validation loss and a stage's `extra` scalars: `val_<name>` in metrics.jsonl, `val/<name>` in TensorBoard."""
+        """The validation loss and a stage's `extra` scalars: `val_<name>` in metrics.jsonl, `val/<name>` in
+        TensorBoard."""
         if not self.enabled:
             return
         values = {"loss": loss, **(extra or {})}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -17,8 +17,9 @@ from steerlm.models.gpt import build_model_chunks, torch_dtype
 from steerlm.runtime.layout import ParallelLayout
 
 
-def wrap_for_training(chunks: list, precision: PrecisionConfig, use_distributed_optimizer: bool,
-                      layout: ParallelLayout) -> list[DistributedDataParallel]:
+def wrap_for_training(
+    chunks: list, precision: PrecisionConfig, use_distributed_optimizer: bool, layout: ParallelLayout
+) -> list[DistributedDataParallel]:
     """Mixed-precision wrapper (bf16/fp16) and megatron DDP around each chunk.
 
     Gradients accumulate in fp32 `main_grad` buffers (when `grad_reduce_in_fp32`), are summed across
@@ -34,17 +35,28 @@ def wrap_for_training(chunks: list, precision: PrecisionConfig, use_distributed_
     wrapped = []
     for index, chunk in enumerate(chunks):
         module = Float16Module(config, chunk) if precision.dtype != DType.fp32 else chunk
-        wrapped.append(DistributedDataParallel(
-            config=config, ddp_config=ddp_config, module=module,
-            disable_bucketing=index > 0, pg_collection=layout.pg_collection,
-        ))
+        wrapped.append(
+            DistributedDataParallel(
+                config=config,
+                ddp_config=ddp_config,
+                module=module,
+                disable_bucketing=index > 0,
+                pg_collection=layout.pg_collection,
+            )
+        )
     config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=layout.pg_collection)
     config.no_sync_func = [chunk.no_sync for chunk in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped
 
 
-def build_optimizer(model: list[DistributedDataParallel], optim: OptimizerConfig, precision: PrecisionConfig,
-                    trainer: TrainerConfig, use_distributed_optimizer: bool, layout: ParallelLayout):
+def build_optimizer(
+    model: list[DistributedDataParallel],
+    optim: OptimizerConfig,
+    precision: PrecisionConfig,
+    trainer: TrainerConfig,
+    use_distributed_optimizer: bool,
+    layout: ParallelLayout,
+):
     """Megatron optimizer (fp32 master weights under bf16/fp16; no weight decay on norms and biases)
     and its warmup + decay LR schedule, stepped once per optimizer step."""
     config = MegatronOptimizerConfig(
@@ -65,8 +77,7 @@ def build_optimizer(model: list[DistributedDataParallel], optim: OptimizerConfig
         loss_scale_window=precision.loss_scale_window,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=False,
-                                       pg_collection=layout.pg_collection)
+    optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=False, pg_collection=layout.pg_collection)
     decay_steps = optim.lr_decay_steps or trainer.max_steps
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -103,8 +114,9 @@ class TrainingSetup:
     scheduler: OptimizerParamScheduler
 
 
-def build_training(cfg: TrainConfig, layout: ParallelLayout,
-                   model_provider: ModelProvider = build_model_chunks) -> TrainingSetup:
+def build_training(
+    cfg: TrainConfig, layout: ParallelLayout, model_provider: ModelProvider = build_model_chunks
+) -> TrainingSetup:
     """Build (via `model_provider`, e.g. a GPT with a regression head), wrap and attach the optimizer."""
     chunks = model_provider(cfg.model, cfg.precision, layout, cfg.trainer.seed)
     distributed_optimizer = cfg.parallel.use_distributed_optimizer

@@ -28,7 +28,7 @@ class StopRequests:
         self.reason = ""
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -42,8 +42,14 @@ def _forward_step(task: Task, device: torch.device, data_iterator, model):
     return task.forward(model, batch), partial(_loss, task, batch)
 
 
-def _run_schedule(model: list, microbatches: list[Batch], layout: ParallelLayout, task: Task, forward_only: bool,
-                  collect_predictions: bool) -> list:
+def _run_schedule(
+    model: list,
+    microbatches: list[Batch],
+    layout: ParallelLayout,
+    task: Task,
+    forward_only: bool,
+    collect_predictions: bool,
+) -> list:
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
     schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=layout.vpp)
     iterators = [iter(microbatches) for _ in model]
@@ -64,8 +70,13 @@ def _run_schedule(model: list, microbatches: list[Batch], layout: ParallelLayout
     )
 
 
-def forward_backward(model: list, microbatches: list[Batch], layout: ParallelLayout,
-                     task: Task = LANGUAGE_MODEL, forward_only: bool = False) -> tuple[float, int]:
+def forward_backward(
+    model: list,
+    microbatches: list[Batch],
+    layout: ParallelLayout,
+    task: Task = LANGUAGE_MODEL,
+    forward_only: bool = False,
+) -> tuple[float, int]:
     """Run megatron's schedule over `microbatches`; returns (mean loss, token count) of the global batch.
 
     Gradients are left in the DDP buffers, already reduced across data-parallel ranks and divided by
@@ -98,13 +109,15 @@ def predict(model: list, microbatches: list[Batch], layout: ParallelLayout, task
     if layout.pp == 1:
         return list(outputs)
     holder = [list(outputs) if layout.is_last_stage else None]
-    dist.broadcast_object_list(holder, src=dist.get_global_rank(layout.pg_collection.pp, layout.pp - 1),
-                               group=layout.pg_collection.pp)
+    dist.broadcast_object_list(
+        holder, src=dist.get_global_rank(layout.pg_collection.pp, layout.pp - 1), group=layout.pg_collection.pp
+    )
     return [output.to(layout.device) for output in holder[0]]
 
 
-def train_step(model: list, optimizer, scheduler, microbatches: list[Batch], layout: ParallelLayout,
-               task: Task = LANGUAGE_MODEL) -> StepResult:
+def train_step(
+    model: list, optimizer, scheduler, microbatches: list[Batch], layout: ParallelLayout, task: Task = LANGUAGE_MODEL
+) -> StepResult:
     """Zero grads, set this step's LR, forward/backward every micro-batch, clip and step the optimizer."""
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -115,5 +128,10 @@ def train_step(model: list, optimizer, scheduler, microbatches: list[Batch], lay
     lr = optimizer.param_groups[0]["lr"]
     loss, num_tokens = forward_backward(model, microbatches, layout, task)
     updated, grad_norm, _ = optimizer.step()
-    return StepResult(loss=loss, num_tokens=num_tokens, grad_norm=None if grad_norm is None else float(grad_norm),
-                      lr=lr, skipped=not updated)
+    return StepResult(
+        loss=loss,
+        num_tokens=num_tokens,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        lr=lr,
+        skipped=not updated,
+    )
