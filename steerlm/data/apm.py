@@ -10,8 +10,8 @@ dropped, per the length policy, and are counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -44,9 +44,16 @@ def last_assistant_turn(conversation: Conversation, index: int) -> bool:
     return index == max(i for i, turn in enumerate(conversation.turns) if turn.role == Role.assistant)
 
 
-def attribute_examples(conversations: Iterable[Conversation], schema: AttributeSchema, template: SteerLMTemplate,
-                       tokenizer: Tokenizer, seq_length: int, policy: LengthPolicy, stats: LengthStats,
-                       select: TurnSelector = labelled_turns) -> list[AttributeExample]:
+def attribute_examples(
+    conversations: Iterable[Conversation],
+    schema: AttributeSchema,
+    template: SteerLMTemplate,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    policy: LengthPolicy,
+    stats: LengthStats,
+    select: TurnSelector = labelled_turns,
+) -> list[AttributeExample]:
     """One example per assistant turn that `select` picks (by default every labelled one).
 
     The one tokenisation of APM inputs: training, evaluation, annotation and `AttributeScorer` all call it.
@@ -57,7 +64,7 @@ def attribute_examples(conversations: Iterable[Conversation], schema: AttributeS
         for index, turn in enumerate(turns):
             if turn.role != Role.assistant or not select(conversation, index):
                 continue
-            ids = tokenizer.encode(template.attribute_prompt(conversation.system, turns[:index + 1]))
+            ids = tokenizer.encode(template.attribute_prompt(conversation.system, turns[: index + 1]))
             if tokenizer.bos_id is not None:
                 ids = [tokenizer.bos_id] + ids
             stats.examples += 1
@@ -68,8 +75,11 @@ def attribute_examples(conversations: Iterable[Conversation], schema: AttributeS
                 ids = ids[-seq_length:]  # keep the rated response and the prefix the scores are read at
                 stats.truncated += 1
             stats.kept += 1
-            examples.append(AttributeExample(tuple(ids), tuple(schema.targets(turn.labels or {})),
-                                             conversation.source, (position, index)))
+            examples.append(
+                AttributeExample(
+                    tuple(ids), tuple(schema.targets(turn.labels or {})), conversation.source, (position, index)
+                )
+            )
     return examples
 
 
@@ -78,7 +88,7 @@ def attribute_batch(examples: Sequence[AttributeExample], pad_id: int) -> dict[s
     length = max(len(example.ids) for example in examples)
     tokens = torch.full((len(examples), length), pad_id, dtype=torch.long)
     for row, example in enumerate(examples):
-        tokens[row, :len(example.ids)] = torch.tensor(example.ids)
+        tokens[row, : len(example.ids)] = torch.tensor(example.ids)
     return {
         "tokens": tokens,
         "position_ids": torch.arange(length).expand(len(examples), length).contiguous(),
@@ -99,20 +109,23 @@ def attribute_string_budget(schema: AttributeSchema, tokenizer: Tokenizer, suffi
     widths = {schema.min_value, schema.max_value, (schema.min_value + schema.max_value) / 2}
     if not schema.integer:
         widths.add(schema.max_value - 0.123456)
-    return max(len(tokenizer.encode(attribute_string(schema, [value] * len(schema.attributes), suffix)))
-               for value in widths)
+    return max(
+        len(tokenizer.encode(attribute_string(schema, [value] * len(schema.attributes), suffix))) for value in widths
+    )
 
 
-def generative_examples(examples: Sequence[AttributeExample], schema: AttributeSchema, tokenizer: Tokenizer,
-                        suffix: str) -> list[Example]:
+def generative_examples(
+    examples: Sequence[AttributeExample], schema: AttributeSchema, tokenizer: Tokenizer, suffix: str
+) -> list[Example]:
     """Language-model examples of the generative APM: the APM prompt (not trained) + its attribute string
     (trained). `examples` must leave room for the string (`attribute_examples` with seq_length reduced by
     `attribute_string_budget`)."""
     out = []
     for example in examples:
         target = tokenizer.encode(attribute_string(schema, example.targets, suffix))
-        out.append(Example(example.ids + tuple(target), (False,) * len(example.ids) + (True,) * len(target),
-                           example.source))
+        out.append(
+            Example(example.ids + tuple(target), (False,) * len(example.ids) + (True,) * len(target), example.source)
+        )
     return out
 
 
@@ -128,8 +141,12 @@ def parse_attribute_string(schema: AttributeSchema, text: str) -> tuple[dict[str
             number = float(value) if sep else None
         except ValueError:
             number = None
-        if number is None or name not in schema.attributes or name in values or \
-                not schema.min_value <= number <= schema.max_value:
+        if (
+            number is None
+            or name not in schema.attributes
+            or name in values
+            or not schema.min_value <= number <= schema.max_value
+        ):
             problems.append(item)
         else:
             values[name] = number

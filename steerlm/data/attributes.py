@@ -8,8 +8,8 @@ omitted from the attribute string, and -100 in regression targets (NeMo-Aligner'
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from steerlm.errors import DataError
 
@@ -33,13 +33,19 @@ class AttributeSchema:
         if not self.min_value < self.max_value:
             raise ValueError(f"schema {self.name!r}: min_value must be below max_value")
 
-    def check(self, labels: Mapping[str, object], source: str = "<labels>", line: int | None = None,
-              field: str = "label") -> Labels:
+    def check(
+        self, labels: Mapping[str, object], source: str = "<labels>", line: int | None = None, field: str = "label"
+    ) -> Labels:
         """Validated labels in schema order; absent attributes become None (missing)."""
         unknown = [name for name in labels if name not in self.attributes]
         if unknown:
-            raise DataError(source, line, field, f"unknown attribute {unknown[0]!r} for schema {self.name!r}",
-                            f"use only {', '.join(self.attributes)} (or configure a custom schema)")
+            raise DataError(
+                source,
+                line,
+                field,
+                f"unknown attribute {unknown[0]!r} for schema {self.name!r}",
+                f"use only {', '.join(self.attributes)} (or configure a custom schema)",
+            )
         out: Labels = {}
         for name in self.attributes:
             value = labels.get(name)
@@ -49,8 +55,13 @@ class AttributeSchema:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise DataError(source, line, field, f"{name}={value!r} is not a number")
             if not self.min_value <= value <= self.max_value:
-                raise DataError(source, line, field, f"{name}={value!r} is outside [{self.min_value:g}, "
-                                f"{self.max_value:g}] of schema {self.name!r}", "fix the label or the schema's range")
+                raise DataError(
+                    source,
+                    line,
+                    field,
+                    f"{name}={value!r} is outside [{self.min_value:g}, {self.max_value:g}] of schema {self.name!r}",
+                    "fix the label or the schema's range",
+                )
             if self.integer and value != int(value):
                 raise DataError(source, line, field, f"{name}={value!r} is not an integer (schema {self.name!r})")
             out[name] = int(value) if self.integer else float(value)

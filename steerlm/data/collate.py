@@ -8,9 +8,10 @@ are ids[:-1], targets ids[1:] and the loss mask the targets' trainable flags, so
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -54,7 +55,7 @@ class LengthStats:
         return f"{self.examples} examples, {self.kept} kept ({self.truncated} truncated), dropped: {dropped}"
 
 
-def tokenize(segments: Sequence[Segment], tokenizer: "Tokenizer", add_bos: bool = True, source: str = "") -> Example:
+def tokenize(segments: Sequence[Segment], tokenizer: Tokenizer, add_bos: bool = True, source: str = "") -> Example:
     """Encode each segment separately (so masks follow segment boundaries exactly) and concatenate."""
     ids: list[int] = []
     trainable: list[bool] = []
@@ -68,15 +69,17 @@ def tokenize(segments: Sequence[Segment], tokenizer: "Tokenizer", add_bos: bool 
     return Example(tuple(ids), tuple(trainable), source)
 
 
-def prompt_ids(template: "SteerLMTemplate", tokenizer: "Tokenizer", system: str, turns: Sequence["Turn"],
-               labels: "Labels | None") -> list[int]:
+def prompt_ids(
+    template: SteerLMTemplate, tokenizer: Tokenizer, system: str, turns: Sequence[Turn], labels: Labels | None
+) -> list[int]:
     """Token ids of the prompt asking for the next assistant turn with `labels` (BOS included): segment by
     segment, as SFT tokenized the same prefix, so inference feeds exactly the ids the model was trained on."""
     return list(tokenize(template.inference_segments(system, list(turns), labels), tokenizer).ids)
 
 
-def apply_length_policy(examples: Iterable[Example], seq_length: int, policy: LengthPolicy,
-                        stats: LengthStats) -> list[Example]:
+def apply_length_policy(
+    examples: Iterable[Example], seq_length: int, policy: LengthPolicy, stats: LengthStats
+) -> list[Example]:
     """Fit examples to `seq_length` input positions; every cut or drop is counted in `stats`."""
     kept = []
     for example in examples:
@@ -109,8 +112,11 @@ def pad_batch(examples: Sequence[Example], pad_id: int, seq_length: int | None =
     for row, example in enumerate(examples):
         inputs, targets, mask = _row(example)
         n = len(inputs)
-        tokens[row, :n], labels[row, :n], loss_mask[row, :n] = (torch.tensor(inputs), torch.tensor(targets),
-                                                                torch.tensor(mask))
+        tokens[row, :n], labels[row, :n], loss_mask[row, :n] = (
+            torch.tensor(inputs),
+            torch.tensor(targets),
+            torch.tensor(mask),
+        )
     positions = torch.arange(length).expand(len(examples), length).contiguous()
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": positions}
 
@@ -123,8 +129,10 @@ def pack_examples(examples: Sequence[Example], seq_length: int) -> list[list[Exa
     for index in order:
         size = examples[index].positions
         if size > seq_length:
-            raise ValueError(f"example {examples[index].source or index} has {size} positions > seq_length "
-                             f"{seq_length}; apply the length policy first")
+            raise ValueError(
+                f"example {examples[index].source or index} has {size} positions > seq_length "
+                f"{seq_length}; apply the length policy first"
+            )
         slot = next((b for b, free in enumerate(room) if free >= size), None)
         if slot is None:
             bins.append([])
@@ -164,8 +172,13 @@ def packed_batch(rows: Sequence[Sequence[Example]], pad_id: int, seq_length: int
     causal = torch.ones(seq_length, seq_length, dtype=torch.bool).tril()
     same_document = document.unsqueeze(2) == document.unsqueeze(1)
     attention_mask = ~(same_document & causal).unsqueeze(1)
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": positions,
-            "attention_mask": attention_mask}
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": positions,
+        "attention_mask": attention_mask,
+    }
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -174,4 +187,4 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     Every index appears exactly once; callers restore input order by index.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

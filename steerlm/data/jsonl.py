@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from steerlm.errors import DataError
 
@@ -58,8 +59,9 @@ def decode_line(raw: bytes, source: str, line: int) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(source, line, None, f"not valid UTF-8 at byte {error.start}",
-                        "re-encode the file as UTF-8") from None
+        raise DataError(
+            source, line, None, f"not valid UTF-8 at byte {error.start}", "re-encode the file as UTF-8"
+        ) from None
     return text[1:] if line == 1 and text.startswith(_BOM) else text
 
 
@@ -81,11 +83,15 @@ def parse_json_object(text: str, source: str, line: int) -> dict:
     try:
         value = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except _DuplicateKey as error:
-        raise DataError(source, line, str(error), "key appears twice in the object",
-                        "keep one value per key") from None
+        raise DataError(source, line, str(error), "key appears twice in the object", "keep one value per key") from None
     except json.JSONDecodeError as error:
-        raise DataError(source, line, None, f"not valid JSON ({error.msg} at column {error.colno})",
-                        "write one JSON object per line") from None
+        raise DataError(
+            source,
+            line,
+            None,
+            f"not valid JSON ({error.msg} at column {error.colno})",
+            "write one JSON object per line",
+        ) from None
     if not isinstance(value, dict):
         raise DataError(source, line, None, f"expected a JSON object, got {type(value).__name__}")
     return value

@@ -49,8 +49,11 @@ def to_conversation_json(conversation: Conversation, schema: AttributeSchema) ->
     return {
         "system": conversation.system,
         "conversations": [
-            {"from": turn.role.value, "value": turn.text,
-             "label": None if turn.labels is None else schema.format(turn.labels)}
+            {
+                "from": turn.role.value,
+                "value": turn.text,
+                "label": None if turn.labels is None else schema.format(turn.labels),
+            }
             for turn in conversation.turns
         ],
         "mask": Role.user.value,
@@ -77,7 +80,9 @@ def from_conversation_json(obj: object, schema: AttributeSchema, source: str, li
         try:
             role = Role(turn.get("from"))
         except ValueError:
-            raise DataError(source, line, f"{where}.from", f"{turn.get('from')!r} is not 'User' or 'Assistant'") from None
+            raise DataError(
+                source, line, f"{where}.from", f"{turn.get('from')!r} is not 'User' or 'Assistant'"
+            ) from None
         text = check_turn_text(role, turn.get("value"), source, line, f"{where}.value")
         label = turn.get("label")
         if label is not None and not isinstance(label, str):

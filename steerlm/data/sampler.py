@@ -26,5 +26,5 @@ def global_batch_indices(num_rows: int, global_batch_size: int, step: int, seed:
     while len(indices) < global_batch_size:
         epoch, offset = divmod(start + len(indices), num_rows)
         order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        indices.extend(order[offset:offset + global_batch_size - len(indices)].tolist())
+        indices.extend(order[offset : offset + global_batch_size - len(indices)].tolist())
     return indices

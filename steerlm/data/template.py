@@ -56,7 +56,7 @@ class SteerLMTemplate:
     def _header(self, prefix: str, after_response: bool) -> str:
         """A turn header; after a trained response its leading end-of-turn token was already emitted."""
         end = self.config.end_of_turn
-        return prefix[len(end):] if after_response and end and prefix.startswith(end) else prefix
+        return prefix[len(end) :] if after_response and end and prefix.startswith(end) else prefix
 
     def _label_line(self, labels: Labels | None) -> str:
         if not self.config.condition_on_attributes or labels is None:
@@ -93,7 +93,9 @@ class SteerLMTemplate:
         scores at that last token, the generative APM continues with the attribute string.
         """
         c = self.config
-        plain = SteerLMTemplate(self.schema, TemplateConfig(**{**self.config.__dict__, "condition_on_attributes": False}))
+        plain = SteerLMTemplate(
+            self.schema, TemplateConfig(**{**self.config.__dict__, "condition_on_attributes": False})
+        )
         history = plain.inference_prompt(system, turns[:-1], None)
         return history + turns[-1].text + c.turn_suffix + c.label_prefix
 
@@ -104,8 +106,11 @@ class SteerLMTemplate:
         the token ids the model saw in training (tokenizing the joined text could merge across segments).
         """
         c = self.config
-        history = self.segments(Conversation(system=system, turns=tuple(turns))) if turns else \
-            [Segment(f"{c.system_prefix}{system}{c.turn_suffix}", False)]
+        history = (
+            self.segments(Conversation(system=system, turns=tuple(turns)))
+            if turns
+            else [Segment(f"{c.system_prefix}{system}{c.turn_suffix}", False)]
+        )
         after_response = bool(turns) and turns[-1].role == Role.assistant
         return history + [Segment(self._header(c.assistant_prefix, after_response) + self._label_line(labels), False)]
 

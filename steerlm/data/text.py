@@ -30,7 +30,7 @@ class ByteCorpus:
             raise ValueError(f"the {split} split has {len(ids)} bytes, fewer than seq_length + 1 = {seq_length + 1}")
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 2 + (split == "valid"))
         starts = torch.randint(0, len(ids) - seq_length - 1, (rows,), generator=generator)
-        windows = torch.stack([ids[start:start + seq_length + 1] for start in starts.tolist()])
+        windows = torch.stack([ids[start : start + seq_length + 1] for start in starts.tolist()])
         return {
             "tokens": windows[:, :-1].contiguous(),
             "labels": windows[:, 1:].contiguous(),

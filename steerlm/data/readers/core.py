@@ -12,22 +12,23 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import TypeVar
 
 from steerlm.data.attributes import AttributeSchema
-from steerlm.errors import DataError
-from steerlm.files import AtomicTextFile
 from steerlm.data.jsonl import decode_line, iter_raw_lines, json_line, parse_json_object, sniff
 from steerlm.data.readers.fields import RESERVED_KEYS
 from steerlm.data.readers.helpsteer import conversations_from_helpsteer
 from steerlm.data.readers.oasst import conversations_from_oasst_tree
 from steerlm.data.readers.plain import conversations_from_plain
 from steerlm.data.records import Conversation, from_conversation_json, to_conversation_json
+from steerlm.errors import DataError
+from steerlm.files import AtomicTextFile
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,14 @@ _E = TypeVar("_E", bound=Enum)
 
 class DataFormat(str, Enum):
     conversation = "conversation"  # NeMo-Aligner conversation JSONL
-    helpsteer2 = "helpsteer2"      # HelpSteer2 rows; multi-turn prompts split into turns
-    helpsteer = "helpsteer"        # HelpSteer (v1) rows; the prompt is one user turn
-    oasst = "oasst"                # OpenAssistant message trees, one conversation per leaf
-    plain = "plain"                # {"prompt", "response", "attributes", "system"?}
+    helpsteer2 = "helpsteer2"  # HelpSteer2 rows; multi-turn prompts split into turns
+    helpsteer = "helpsteer"  # HelpSteer (v1) rows; the prompt is one user turn
+    oasst = "oasst"  # OpenAssistant message trees, one conversation per leaf
+    plain = "plain"  # {"prompt", "response", "attributes", "system"?}
 
 
 class BadRowPolicy(str, Enum):
-    error = "error"    # raise DataError at the first bad row
+    error = "error"  # raise DataError at the first bad row
     reject = "reject"  # write it to the RejectSink, count it, go on
 
 
@@ -52,11 +53,11 @@ class BadRowPolicy(str, Enum):
 class ReadStats:
     """Counts of one read: every non-blank row is either converted (`rows_ok`) or rejected, none vanishes."""
 
-    rows_in: int = 0       # non-blank lines (parquet: rows) read
-    rows_out: int = 0      # Conversations yielded (an OASST tree yields one per leaf)
-    rejected: int = 0      # rows sent to the RejectSink
+    rows_in: int = 0  # non-blank lines (parquet: rows) read
+    rows_out: int = 0  # Conversations yielded (an OASST tree yields one per leaf)
+    rejected: int = 0  # rows sent to the RejectSink
     reasons: Counter[str] = field(default_factory=Counter)  # rejected rows per field (indices as [])
-    blank_lines: int = 0   # whitespace-only lines, not rows
+    blank_lines: int = 0  # whitespace-only lines, not rows
     rows_without_conversation: int = 0  # valid rows with nothing to train on (an unanswered OASST prompt)
 
     @property
@@ -77,12 +78,13 @@ class RejectSink:
         self.count = 0
         self._file = AtomicTextFile(self.path)
 
-    def __enter__(self) -> "RejectSink":
+    def __enter__(self) -> RejectSink:
         self._file.__enter__()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self._file.__exit__(exc_type, exc, traceback)
 
     def write(self, error: DataError, row: object) -> None:
@@ -104,9 +106,14 @@ _CONVERTERS: dict[DataFormat, Converter] = {
 }
 
 
-def read_records(path: str | Path, fmt: DataFormat, schema: AttributeSchema,
-                 on_bad_row: BadRowPolicy = BadRowPolicy.error, rejects: RejectSink | None = None,
-                 stats: ReadStats | None = None) -> Iterator[Conversation]:
+def read_records(
+    path: str | Path,
+    fmt: DataFormat,
+    schema: AttributeSchema,
+    on_bad_row: BadRowPolicy = BadRowPolicy.error,
+    rejects: RejectSink | None = None,
+    stats: ReadStats | None = None,
+) -> Iterator[Conversation]:
     """Conversations from a JSONL (plain or gzip) or parquet file, streamed, each with source "file:line".
 
     The file type comes from its first bytes, not its name. Parquet rows are numbered from 1 like lines
@@ -116,12 +123,17 @@ def read_records(path: str | Path, fmt: DataFormat, schema: AttributeSchema,
     on_bad_row = _enum(BadRowPolicy, on_bad_row, "on_bad_row")
     if on_bad_row == BadRowPolicy.reject and rejects is None:
         raise ValueError("on_bad_row='reject' needs a RejectSink, otherwise rejected rows would vanish")
-    return _read(Path(path), _CONVERTERS[fmt], schema, on_bad_row, rejects,
-                 ReadStats() if stats is None else stats)
+    return _read(Path(path), _CONVERTERS[fmt], schema, on_bad_row, rejects, ReadStats() if stats is None else stats)
 
 
-def _read(path: Path, convert: Converter, schema: AttributeSchema, on_bad_row: BadRowPolicy,
-          rejects: RejectSink | None, stats: ReadStats) -> Iterator[Conversation]:
+def _read(
+    path: Path,
+    convert: Converter,
+    schema: AttributeSchema,
+    on_bad_row: BadRowPolicy,
+    rejects: RejectSink | None,
+    stats: ReadStats,
+) -> Iterator[Conversation]:
     source = str(path)
     rows = _parquet_rows(path) if sniff(path) == "parquet" else iter_raw_lines(path)
     for line, raw in rows:
@@ -144,17 +156,23 @@ def _read(path: Path, convert: Converter, schema: AttributeSchema, on_bad_row: B
         stats.rows_out += len(conversations)
         yield from conversations
     if stats.rejected:
-        logger.warning("%s: rejected %d of %d rows (%s) → %s", source, stats.rejected, stats.rows_in,
-                       ", ".join(f"{key}: {n}" for key, n in stats.reasons.most_common()),
-                       rejects.path if rejects else "-")
+        logger.warning(
+            "%s: rejected %d of %d rows (%s) → %s",
+            source,
+            stats.rejected,
+            stats.rows_in,
+            ", ".join(f"{key}: {n}" for key, n in stats.reasons.most_common()),
+            rejects.path if rejects else "-",
+        )
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
     try:
         import pyarrow.parquet as parquet
     except ImportError:
-        raise ImportError(f"{path} is a parquet file; reading parquet needs the 'pyarrow' package "
-                          "(pip install pyarrow)") from None
+        raise ImportError(
+            f"{path} is a parquet file; reading parquet needs the 'pyarrow' package (pip install pyarrow)"
+        ) from None
     number = 0
     for batch in parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
         for row in batch.to_pylist():
@@ -178,8 +196,12 @@ def write_conversation_jsonl(records: Iterable[Conversation], path: str | Path, 
                     schema.check(turn.labels, record.source or str(path), None, f"conversations[{index}].label")
             clash = RESERVED_KEYS & record.extra.keys()
             if clash:
-                raise DataError(record.source or str(path), None, sorted(clash)[0],
-                                "an extra field shadows a conversation JSONL key")
+                raise DataError(
+                    record.source or str(path),
+                    None,
+                    sorted(clash)[0],
+                    "an extra field shadows a conversation JSONL key",
+                )
             file.write(json_line(to_conversation_json(record, schema)))
             written += 1
     return written

@@ -5,7 +5,7 @@ Each check raises DataError naming the field, so every format reports problems t
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.errors import DataError
@@ -39,8 +39,9 @@ def require_response(row: Mapping[str, object], key: str, source: str, line: int
     return text
 
 
-def check_labels(schema: AttributeSchema, values: Mapping[str, object], source: str, line: int,
-                 field_prefix: str = "") -> Labels:
+def check_labels(
+    schema: AttributeSchema, values: Mapping[str, object], source: str, line: int, field_prefix: str = ""
+) -> Labels:
     """Labels in schema order (None where absent), each value checked under its own field name.
 
     Unknown names, non-numbers and out-of-range values raise DataError with field `prefix + name`.
@@ -57,6 +58,11 @@ def passthrough(row: Mapping[str, object], known: frozenset[str], source: str, l
     extra = {key: value for key, value in row.items() if key not in known}
     for key in extra:
         if key in RESERVED_KEYS:
-            raise DataError(source, line, key, "this column name is reserved in conversation JSONL",
-                            "rename the column, or read the file with format 'conversation'")
+            raise DataError(
+                source,
+                line,
+                key,
+                "this column name is reserved in conversation JSONL",
+                "rename the column, or read the file with format 'conversation'",
+            )
     return extra

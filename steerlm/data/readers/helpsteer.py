@@ -17,13 +17,18 @@ NeMo-Aligner's preprocess_helpsteer2_data.py does not split: it keeps the whole 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from steerlm.data.attributes import AttributeSchema
-from steerlm.errors import DataError
-from steerlm.data.readers.fields import (DEFAULT_SYSTEM_PROMPT, check_labels, passthrough,
-                                         require_response, require_string)
+from steerlm.data.readers.fields import (
+    DEFAULT_SYSTEM_PROMPT,
+    check_labels,
+    passthrough,
+    require_response,
+    require_string,
+)
 from steerlm.data.records import Conversation, Role, Turn
+from steerlm.errors import DataError
 
 HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 TURN_MARKER = "<extra_id_1>"
@@ -42,24 +47,36 @@ def split_helpsteer2_prompt(prompt: str, source: str, line: int) -> list[Turn]:
     turns = []
     for index, (role, text) in enumerate(zip(roles, texts)):
         if TURN_MARKER in text:
-            raise DataError(source, line, "prompt", f"turn {index + 1} contains a {TURN_MARKER} marker not of the "
-                            "form '\\n<extra_id_1>User\\n' or '\\n<extra_id_1>Assistant\\n'",
-                            "fix the marker, or read the file with format 'helpsteer' (no turn splitting)")
+            raise DataError(
+                source,
+                line,
+                "prompt",
+                f"turn {index + 1} contains a {TURN_MARKER} marker not of the "
+                "form '\\n<extra_id_1>User\\n' or '\\n<extra_id_1>Assistant\\n'",
+                "fix the marker, or read the file with format 'helpsteer' (no turn splitting)",
+            )
         expected = Role.user if index % 2 == 0 else Role.assistant
         if role != expected:
-            raise DataError(source, line, "prompt", f"turn {index + 1} is {role.value}, expected {expected.value} "
-                            "(turns must alternate, starting with User)")
+            raise DataError(
+                source,
+                line,
+                "prompt",
+                f"turn {index + 1} is {role.value}, expected {expected.value} "
+                "(turns must alternate, starting with User)",
+            )
         if role == Role.assistant and not text.strip():
             raise DataError(source, line, "prompt", f"turn {index + 1} is an empty assistant turn")
         turns.append(Turn(role, text))
     if turns[-1].role != Role.user:
-        raise DataError(source, line, "prompt", "the prompt ends with an Assistant turn; the rated "
-                        "response must follow a User turn")
+        raise DataError(
+            source, line, "prompt", "the prompt ends with an Assistant turn; the rated response must follow a User turn"
+        )
     return turns
 
 
-def conversations_from_helpsteer(row: Mapping[str, object], schema: AttributeSchema, source: str, line: int,
-                                 multi_turn: bool) -> list[Conversation]:
+def conversations_from_helpsteer(
+    row: Mapping[str, object], schema: AttributeSchema, source: str, line: int, multi_turn: bool
+) -> list[Conversation]:
     """One Conversation: the prompt turn(s), then the response labelled with the row's ratings.
 
     The five HelpSteer ratings are required; any other column named like a schema attribute is read as
@@ -74,5 +91,11 @@ def conversations_from_helpsteer(row: Mapping[str, object], schema: AttributeSch
     labels = check_labels(schema, rated, source, line)
     prompt_turns = split_helpsteer2_prompt(prompt, source, line) if multi_turn else [Turn(Role.user, prompt)]
     known = frozenset({"prompt", "response", *rated})
-    return [Conversation(DEFAULT_SYSTEM_PROMPT, (*prompt_turns, Turn(Role.assistant, response, labels)),
-                         f"{source}:{line}", passthrough(row, known, source, line))]
+    return [
+        Conversation(
+            DEFAULT_SYSTEM_PROMPT,
+            (*prompt_turns, Turn(Role.assistant, response, labels)),
+            f"{source}:{line}",
+            passthrough(row, known, source, line),
+        )
+    ]

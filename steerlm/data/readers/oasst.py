@@ -14,17 +14,30 @@ No message is filtered (deleted, low quality or any language), as NeMo-Aligner u
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from steerlm.data.attributes import AttributeSchema, Labels
-from steerlm.errors import DataError
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.data.readers.helpsteer import HELPSTEER_ATTRIBUTES
 from steerlm.data.records import Conversation, Role, Turn, check_turn_text
+from steerlm.errors import DataError
 
 # Label names in the OASST export's message `labels`.
-OASST_LABELS = ("spam", "fails_task", "lang_mismatch", "pii", "not_appropriate", "hate_speech", "sexual_content",
-                "quality", "toxicity", "humor", "helpfulness", "creativity", "violence")
+OASST_LABELS = (
+    "spam",
+    "fails_task",
+    "lang_mismatch",
+    "pii",
+    "not_appropriate",
+    "hate_speech",
+    "sexual_content",
+    "quality",
+    "toxicity",
+    "humor",
+    "helpfulness",
+    "creativity",
+    "violence",
+)
 _ROLES = {"prompter": Role.user, "assistant": Role.assistant}
 
 
@@ -37,12 +50,16 @@ def oasst_label_names(schema: AttributeSchema) -> tuple[str, ...]:
     SteerLM paper's schema reads all seven of its attributes from OASST.
     """
     helpsteer_owns_helpfulness = set(HELPSTEER_ATTRIBUTES) <= set(schema.attributes)
-    return tuple(name for name in schema.attributes
-                 if name in OASST_LABELS and not (name == "helpfulness" and helpsteer_owns_helpfulness))
+    return tuple(
+        name
+        for name in schema.attributes
+        if name in OASST_LABELS and not (name == "helpfulness" and helpsteer_owns_helpfulness)
+    )
 
 
-def conversations_from_oasst_tree(tree: Mapping[str, object], schema: AttributeSchema, source: str,
-                                  line: int) -> list[Conversation]:
+def conversations_from_oasst_tree(
+    tree: Mapping[str, object], schema: AttributeSchema, source: str, line: int
+) -> list[Conversation]:
     """All conversations of one tree line; the whole tree is checked before any is returned."""
     if "prompt" in tree:
         root, where = tree["prompt"], "prompt"
@@ -60,8 +77,13 @@ def conversations_from_oasst_tree(tree: Mapping[str, object], schema: AttributeS
         turn, replies = _message_turn(message, where, schema, names, source, line)
         expected = Role.user if len(before) % 2 == 0 else Role.assistant
         if turn.role != expected:
-            raise DataError(source, line, f"{where}.role", f"is {turn.role.value}, expected {expected.value} "
-                            "(a tree starts with a prompter message and roles alternate)")
+            raise DataError(
+                source,
+                line,
+                f"{where}.role",
+                f"is {turn.role.value}, expected {expected.value} "
+                "(a tree starts with a prompter message and roles alternate)",
+            )
         turns = (*before, turn)
         if not replies:
             paths.append(turns)
@@ -70,8 +92,9 @@ def conversations_from_oasst_tree(tree: Mapping[str, object], schema: AttributeS
     return [Conversation(DEFAULT_SYSTEM_PROMPT, turns, f"{source}:{line}") for turns in paths if len(turns) > 1]
 
 
-def _message_turn(message: object, where: str, schema: AttributeSchema, names: tuple[str, ...], source: str,
-                  line: int) -> tuple[Turn, list]:
+def _message_turn(
+    message: object, where: str, schema: AttributeSchema, names: tuple[str, ...], source: str, line: int
+) -> tuple[Turn, list]:
     if not isinstance(message, dict):
         raise DataError(source, line, where, f"a message must be an object, got {type(message).__name__}")
     role_name = message.get("role")
@@ -83,13 +106,17 @@ def _message_turn(message: object, where: str, schema: AttributeSchema, names: t
     replies = [] if replies is None else replies
     if not isinstance(replies, list):
         raise DataError(source, line, f"{where}.replies", f"must be a list, got {type(replies).__name__}")
-    labels = _labels(message.get("labels"), f"{where}.labels", schema, names, source, line) \
-        if role == Role.assistant else None
+    labels = (
+        _labels(message.get("labels"), f"{where}.labels", schema, names, source, line)
+        if role == Role.assistant
+        else None
+    )
     return Turn(role, text, labels), replies
 
 
-def _labels(raw: object, where: str, schema: AttributeSchema, names: tuple[str, ...], source: str,
-            line: int) -> Labels | None:
+def _labels(
+    raw: object, where: str, schema: AttributeSchema, names: tuple[str, ...], source: str, line: int
+) -> Labels | None:
     """Schema labels from an OASST `labels` object; None (no attribute line) when none of `names` is there.
 
     Accepts the trees export's {name: {"value": v, "count": n}} and the flat HF form
@@ -116,8 +143,13 @@ def _labels(raw: object, where: str, schema: AttributeSchema, names: tuple[str, 
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise DataError(source, line, field, f"{value!r} is not a number")
         if not 0.0 <= value <= 1.0:
-            raise DataError(source, line, field, f"label out of range: {value!r} is outside [0, 1]",
-                            "OASST label values are averages in [0, 1]")
+            raise DataError(
+                source,
+                line,
+                field,
+                f"label out of range: {value!r} is outside [0, 1]",
+                "OASST label values are averages in [0, 1]",
+            )
         span = value * (schema.max_value - schema.min_value) + schema.min_value
         scaled[name] = round(span) if schema.integer else span
     if not scaled:

@@ -11,16 +11,37 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from steerlm.data.records import Role, Turn
 from steerlm.data.synthetic.responses import MAX_LEVEL, quality_of
-from steerlm.data.synthetic.world import (COMPARE, DESCRIBE, ELABORATIONS, FOLLOW_UP_OTHER, FOLLOW_UP_SAME, JOKES,
-                                          QUESTIONS, RELATIONS, RUDE, SIMILES, World, compile_fact_patterns)
+from steerlm.data.synthetic.world import (
+    COMPARE,
+    DESCRIBE,
+    ELABORATIONS,
+    FOLLOW_UP_OTHER,
+    FOLLOW_UP_SAME,
+    JOKES,
+    QUESTIONS,
+    RELATIONS,
+    RUDE,
+    SIMILES,
+    World,
+    compile_fact_patterns,
+)
 
-ATTRIBUTES = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity",
-              "verbosity")
+ATTRIBUTES = (
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ELABORATION = re.compile(", and (" + "|".join(map(re.escape, ELABORATIONS)) + ")$")
 _SIMILE = re.compile(", like (" + "|".join(map(re.escape, SIMILES)) + ")$")
@@ -59,8 +80,11 @@ def parse_request(turns: Sequence[Turn]) -> Request:
         return Request((), None)
     last = users[-1]
     if last == FOLLOW_UP_SAME:
-        return Request(parse_request([Turn(Role.user, users[0])]).targets[:1], None) if len(users) > 1 else \
-            Request((), None)
+        return (
+            Request(parse_request([Turn(Role.user, users[0])]).targets[:1], None)
+            if len(users) > 1
+            else Request((), None)
+        )
     for relation, pattern in _QUESTION_PATTERNS:
         match = pattern.match(last)
         if match:
@@ -98,8 +122,9 @@ class Oracle:
                 rude += 1
             else:
                 body = sentence[:-1] if sentence.endswith(".") else sentence
-                fact = self._parse_fact(body, garbled=False) or \
-                    self._parse_fact(" ".join(reversed(body.split(" "))), garbled=True)
+                fact = self._parse_fact(body, garbled=False) or self._parse_fact(
+                    " ".join(reversed(body.split(" "))), garbled=True
+                )
                 if fact is None:
                     unparsed += 1
                 else:
@@ -121,17 +146,22 @@ class Oracle:
         complexity = round(sum(f.tier for f in facts) / len(facts)) if facts else 0
         toxicity = min(MAX_LEVEL, rude)
         scores = {
-            "helpfulness": helpfulness, "correctness": correctness, "coherence": coherence,
-            "complexity": complexity, "verbosity": min(MAX_LEVEL, sum(f.elaborated for f in facts)),
-            "humor": min(MAX_LEVEL, jokes), "toxicity": toxicity,
+            "helpfulness": helpfulness,
+            "correctness": correctness,
+            "coherence": coherence,
+            "complexity": complexity,
+            "verbosity": min(MAX_LEVEL, sum(f.elaborated for f in facts)),
+            "humor": min(MAX_LEVEL, jokes),
+            "toxicity": toxicity,
             "creativity": min(MAX_LEVEL, sum(f.simile for f in facts)),
         }
         # A reply without a single readable fact has no quality, however polite.
         scores["quality"] = quality_of(helpfulness, correctness, coherence, toxicity) if facts else 0
         return {name: float(scores[name]) for name in ATTRIBUTES}
 
-    def annotate(self, prompt: Sequence[Turn] | str, response: str, rng: random.Random, noise_std: float,
-                 missing_rate: float) -> dict[str, int | None]:
+    def annotate(
+        self, prompt: Sequence[Turn] | str, response: str, rng: random.Random, noise_std: float, missing_rate: float
+    ) -> dict[str, int | None]:
         """A simulated human rating: oracle score + Gaussian noise, rounded and clipped to 0-4; each
         value missing (None) with probability `missing_rate`."""
         labels: dict[str, int | None] = {}

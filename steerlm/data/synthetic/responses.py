@@ -6,7 +6,7 @@ learned as its mode):
 
 | attribute | level L means |
 |---|---|
-| helpfulness | the first L fact sentences are about what was asked (the asked fact first); the rest about another creature |
+| helpfulness | the first L fact sentences are about what was asked (the asked fact first); the rest about another one |
 | correctness | the first 4-L fact sentences state a wrong value |
 | coherence | 4-L fact sentences are garbled (word order reversed), in the order 2nd, 4th, 1st, 3rd |
 | complexity | every fact sentence uses the wording of tier L |
@@ -23,8 +23,20 @@ import random
 from dataclasses import asdict, dataclass
 
 from steerlm.data.records import Role, Turn
-from steerlm.data.synthetic.world import (COMPARE, DESCRIBE, ELABORATIONS, FOLLOW_UP_OTHER, FOLLOW_UP_SAME, JOKES,
-                                          QUESTIONS, RELATIONS, RUDE, SIMILES, World, fact_sentence_base)
+from steerlm.data.synthetic.world import (
+    COMPARE,
+    DESCRIBE,
+    ELABORATIONS,
+    FOLLOW_UP_OTHER,
+    FOLLOW_UP_SAME,
+    JOKES,
+    QUESTIONS,
+    RELATIONS,
+    RUDE,
+    SIMILES,
+    World,
+    fact_sentence_base,
+)
 
 FACT_SLOTS = 4
 MAX_LEVEL = 4
@@ -56,7 +68,7 @@ class Levels:
         return {**asdict(self), "quality": self.quality}
 
     @classmethod
-    def sample(cls, rng: random.Random) -> "Levels":
+    def sample(cls, rng: random.Random) -> Levels:
         return cls(**{name: rng.randint(0, MAX_LEVEL) for name in SAMPLED})
 
 
@@ -99,7 +111,7 @@ def _fact_plan(world: World, spec: PromptSpec, helpfulness: int, rng: random.Ran
     order = list(RELATIONS)
     skipped = rng.choice(order)
     if spec.asked is not None:
-        relations = [spec.asked] + [r for r in order if r != spec.asked][:FACT_SLOTS - 1]
+        relations = [spec.asked] + [r for r in order if r != spec.asked][: FACT_SLOTS - 1]
     else:
         relations = [r for r in order if r != skipped]
     if len(spec.targets) == 2:
@@ -108,7 +120,7 @@ def _fact_plan(world: World, spec: PromptSpec, helpfulness: int, rng: random.Ran
         on_target = [(spec.targets[0], relation) for relation in relations]
     distractor = rng.choice([e for e in world.entities if e not in spec.targets])
     off_target = [(distractor, relation) for relation in [r for r in order if r != skipped]]
-    return on_target[:helpfulness] + off_target[:FACT_SLOTS - helpfulness]
+    return on_target[:helpfulness] + off_target[: FACT_SLOTS - helpfulness]
 
 
 def _wrong(value: str, relation: str, rng: random.Random) -> str:
@@ -125,7 +137,7 @@ def _fact_sentence(world: World, entity: str, relation: str, slot: int, levels: 
         text += ", and " + rng.choice(ELABORATIONS)
     if slot < levels.creativity:
         text += ", like " + rng.choice(SIMILES)
-    if slot in GARBLE_ORDER[:MAX_LEVEL - levels.coherence]:
+    if slot in GARBLE_ORDER[: MAX_LEVEL - levels.coherence]:
         text = " ".join(reversed(text.split(" ")))
     return text + "."
 

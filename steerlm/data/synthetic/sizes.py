@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from steerlm.errors import require
 
 
-
 @dataclass
 class SyntheticConfig:
     """The built-in synthetic world (docs/synthetic_world.md). The default sizes keep the whole
@@ -24,8 +23,13 @@ class SyntheticConfig:
     missing_label_rate: float = 0.02  # chance that a rating is absent (-100)
 
     def validate(self) -> None:
-        require(self.num_entities >= 3, "synthetic.num_entities", self.num_entities, "must be at least 3",
-                 "a comparison needs two creatures and an off-topic answer a third")
+        require(
+            self.num_entities >= 3,
+            "synthetic.num_entities",
+            self.num_entities,
+            "must be at least 3",
+            "a comparison needs two creatures and an off-topic answer a third",
+        )
         for name in ("annotated_rows", "unlabelled_rows", "eval_prompts"):
             value = getattr(self, name)
             require(value >= 0, f"synthetic.{name}", value, "must be >= 0", "use 0 to skip the split")

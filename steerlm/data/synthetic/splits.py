@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from steerlm.files import atomic_write_text
-from steerlm.data.synthetic.sizes import SyntheticConfig
 from steerlm.data.attributes import MISSING, AttributeSchema
+from steerlm.data.readers import DEFAULT_SYSTEM_PROMPT as SYSTEM_PROMPT
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.data.synthetic.oracle import ATTRIBUTES, Oracle
 from steerlm.data.synthetic.responses import SAMPLED, Levels, PromptSpec, generate_response, sample_prompt
-from steerlm.data.readers import DEFAULT_SYSTEM_PROMPT as SYSTEM_PROMPT
+from steerlm.data.synthetic.sizes import SyntheticConfig
 from steerlm.data.synthetic.world import World, build_world
 from steerlm.data.template import SteerLMTemplate
+from steerlm.files import atomic_write_text
 from steerlm.tokenizers import WordTokenizer
 
 SCHEMA = AttributeSchema("steerlm_oasst", ATTRIBUTES, 0, 4, True)
@@ -71,6 +71,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
         for value in np.unique(x):  # average ranks of ties
             ranked[x == value] = ranked[x == value].mean()
         return ranked
+
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
@@ -84,14 +85,21 @@ def write_synthetic(sizes: SyntheticConfig, output_dir: str | Path) -> dict:
     intended, judged = [], []
     for index in range(sizes.annotated_rows):
         spec, _, response = _example(world, sizes, "annotated", index)
-        labels = oracle.annotate(spec.turns, response, _rng(sizes, "rating", index), sizes.label_noise,
-                                 sizes.missing_label_rate)
-        annotated.append({"prompt": pack_helpsteer2_prompt(spec.turns), "response": response,
-                          **{name: MISSING if value is None else value for name, value in labels.items()}})
+        labels = oracle.annotate(
+            spec.turns, response, _rng(sizes, "rating", index), sizes.label_noise, sizes.missing_label_rate
+        )
+        annotated.append(
+            {
+                "prompt": pack_helpsteer2_prompt(spec.turns),
+                "response": response,
+                **{name: MISSING if value is None else value for name, value in labels.items()},
+            }
+        )
     for index in range(sizes.unlabelled_rows):
         spec, levels, response = _example(world, sizes, "unlabelled", index)
-        conversation = Conversation(SYSTEM_PROMPT, (*spec.turns, Turn(Role.assistant, response)),
-                                    extra={"levels": levels.as_dict()})
+        conversation = Conversation(
+            SYSTEM_PROMPT, (*spec.turns, Turn(Role.assistant, response)), extra={"levels": levels.as_dict()}
+        )
         unlabelled.append(to_conversation_json(conversation, SCHEMA))
         intended.append([levels.as_dict()[name] for name in ATTRIBUTES])
         judged.append([oracle.score(spec.turns, response)[name] for name in ATTRIBUTES])
@@ -116,8 +124,10 @@ def build_tokenizer(annotated: list[dict], unlabelled: list[dict], evaluation: l
     for row in unlabelled + evaluation:
         texts.extend([row["system"], *(turn["value"] for turn in row["conversations"])])
     every_label = {name: level for level in range(5) for name in ATTRIBUTES}
-    texts.append(template.render(Conversation(SYSTEM_PROMPT, (Turn(Role.user, "x"), Turn(Role.assistant, "y"))))
-                 + " ".join(f"{name}:{level}," for name in every_label for level in range(5)))
+    texts.append(
+        template.render(Conversation(SYSTEM_PROMPT, (Turn(Role.user, "x"), Turn(Role.assistant, "y"))))
+        + " ".join(f"{name}:{level}," for name in every_label for level in range(5))
+    )
     return WordTokenizer.build(texts)
 
 
@@ -129,25 +139,28 @@ def _summary(sizes: SyntheticConfig, intended: np.ndarray, judged: np.ndarray, v
         "sizes": asdict(sizes),
         "tokenizer_vocab_size": vocab_size,
         "spearman_intended_vs_oracle": spearman,
-        "oracle_correlation": {a: {b: round(float(correlation[i, j]), 4) for j, b in enumerate(SAMPLED)}
-                               for i, a in enumerate(SAMPLED)},
-        "max_abs_correlation_between_independent_attributes": float(
-            np.abs(correlation - np.eye(len(SAMPLED))).max()),
+        "oracle_correlation": {
+            a: {b: round(float(correlation[i, j]), 4) for j, b in enumerate(SAMPLED)} for i, a in enumerate(SAMPLED)
+        },
+        "max_abs_correlation_between_independent_attributes": float(np.abs(correlation - np.eye(len(SAMPLED))).max()),
     }
 
 
 def format_synthetic_summary(summary: dict) -> str:
     sizes = summary["sizes"]
-    lines = [f"synthetic world seed {sizes['seed']}: {sizes['num_entities']} creatures, "
-             f"{sizes['annotated_rows']} annotated rows, {sizes['unlabelled_rows']} unlabelled, "
-             f"{sizes['eval_prompts']} eval prompts, word vocabulary {summary['tokenizer_vocab_size']}",
-             "Spearman(intended level, oracle): " + ", ".join(
-                 f"{k} {v:.3f}" for k, v in summary["spearman_intended_vs_oracle"].items()),
-             "oracle score correlation between independently sampled attributes:"]
+    lines = [
+        f"synthetic world seed {sizes['seed']}: {sizes['num_entities']} creatures, "
+        f"{sizes['annotated_rows']} annotated rows, {sizes['unlabelled_rows']} unlabelled, "
+        f"{sizes['eval_prompts']} eval prompts, word vocabulary {summary['tokenizer_vocab_size']}",
+        "Spearman(intended level, oracle): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in summary["spearman_intended_vs_oracle"].items()),
+        "oracle score correlation between independently sampled attributes:",
+    ]
     names = list(summary["oracle_correlation"])
     lines.append(" " * 12 + "".join(f"{n[:10]:>11}" for n in names))
     for a in names:
         lines.append(f"{a[:11]:>12}" + "".join(f"{summary['oracle_correlation'][a][b]:>11.3f}" for b in names))
-    lines.append(f"max |r| between independent attributes: "
-                 f"{summary['max_abs_correlation_between_independent_attributes']:.3f}")
+    lines.append(
+        f"max |r| between independent attributes: {summary['max_abs_correlation_between_independent_attributes']:.3f}"
+    )
     return "\n".join(lines)

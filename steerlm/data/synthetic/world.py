@@ -23,43 +23,123 @@ RELATIONS: dict[str, tuple[str, ...]] = {
 
 # FACT_TEMPLATES[relation][tier]: tier 0 is the plainest wording, tier 4 the most elaborate.
 FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "color": ("{e} is {v}", "{e} has a {v} coat", "The coat of {e} is mostly {v}",
-              "{e} displays a distinctly {v} coloration",
-              "{e} exhibits a predominantly {v} pigmentation across its integument"),
-    "food": ("{e} eats {v}", "{e} likes to eat {v}", "The main food of {e} is {v}",
-             "{e} subsists largely on {v}", "{e} derives its principal nourishment from {v}"),
-    "home": ("{e} lives in the {v}", "{e} makes its home in the {v}", "The usual home of {e} is the {v}",
-             "{e} dwells predominantly within the {v}", "{e} inhabits the {v} as its characteristic habitat"),
-    "size": ("{e} is {v} in size", "{e} has a {v} body", "The body of {e} is rather {v}",
-             "{e} possesses a notably {v} physique", "{e} manifests a conspicuously {v} morphology"),
-    "sound": ("{e} makes a {v}", "{e} likes to make a {v}", "The usual call of {e} is a {v}",
-              "{e} frequently emits a distinctive {v}", "{e} characteristically produces a resonant {v} vocalization"),
+    "color": (
+        "{e} is {v}",
+        "{e} has a {v} coat",
+        "The coat of {e} is mostly {v}",
+        "{e} displays a distinctly {v} coloration",
+        "{e} exhibits a predominantly {v} pigmentation across its integument",
+    ),
+    "food": (
+        "{e} eats {v}",
+        "{e} likes to eat {v}",
+        "The main food of {e} is {v}",
+        "{e} subsists largely on {v}",
+        "{e} derives its principal nourishment from {v}",
+    ),
+    "home": (
+        "{e} lives in the {v}",
+        "{e} makes its home in the {v}",
+        "The usual home of {e} is the {v}",
+        "{e} dwells predominantly within the {v}",
+        "{e} inhabits the {v} as its characteristic habitat",
+    ),
+    "size": (
+        "{e} is {v} in size",
+        "{e} has a {v} body",
+        "The body of {e} is rather {v}",
+        "{e} possesses a notably {v} physique",
+        "{e} manifests a conspicuously {v} morphology",
+    ),
+    "sound": (
+        "{e} makes a {v}",
+        "{e} likes to make a {v}",
+        "The usual call of {e} is a {v}",
+        "{e} frequently emits a distinctive {v}",
+        "{e} characteristically produces a resonant {v} vocalization",
+    ),
 }
 TIERS = 5
 
-ELABORATIONS = ("this is well known", "many travellers have noticed this", "it has always been so",
-                "the elders often mention it", "this is easy to observe", "it stays that way all year",
-                "young ones share this trait", "it is part of its nature")
-SIMILES = ("a lantern in the night", "a song at dawn", "a river of stars", "a dream of summer",
-           "a whisper of wind", "a painted cloud", "a drum in the hills", "a spark of fire")
-JOKES = ("Imagine it wearing a tiny hat!", "It would win any dance contest!", "Ha, even its shadow tells jokes!",
-         "Its neighbours call it the class clown!", "It once tried to juggle pebbles!",
-         "Picture it riding a bicycle!", "It probably snores in rhythm!", "Nobody laughs louder at its own jokes!")
-RUDE = ("Honestly, that was a silly question.", "Try to keep up.", "Do I have to explain everything?",
-        "Pay attention this time.", "Even a child knows this.", "What a boring thing to ask.",
-        "Stop wasting my time.", "Listen carefully, fool.")
+ELABORATIONS = (
+    "this is well known",
+    "many travellers have noticed this",
+    "it has always been so",
+    "the elders often mention it",
+    "this is easy to observe",
+    "it stays that way all year",
+    "young ones share this trait",
+    "it is part of its nature",
+)
+SIMILES = (
+    "a lantern in the night",
+    "a song at dawn",
+    "a river of stars",
+    "a dream of summer",
+    "a whisper of wind",
+    "a painted cloud",
+    "a drum in the hills",
+    "a spark of fire",
+)
+JOKES = (
+    "Imagine it wearing a tiny hat!",
+    "It would win any dance contest!",
+    "Ha, even its shadow tells jokes!",
+    "Its neighbours call it the class clown!",
+    "It once tried to juggle pebbles!",
+    "Picture it riding a bicycle!",
+    "It probably snores in rhythm!",
+    "Nobody laughs louder at its own jokes!",
+)
+RUDE = (
+    "Honestly, that was a silly question.",
+    "Try to keep up.",
+    "Do I have to explain everything?",
+    "Pay attention this time.",
+    "Even a child knows this.",
+    "What a boring thing to ask.",
+    "Stop wasting my time.",
+    "Listen carefully, fool.",
+)
 
 QUESTIONS: dict[str, str] = {
-    "color": "What color is {e}?", "food": "What does {e} eat?", "home": "Where does {e} live?",
-    "size": "How big is {e}?", "sound": "What sound does {e} make?",
+    "color": "What color is {e}?",
+    "food": "What does {e} eat?",
+    "home": "Where does {e} live?",
+    "size": "How big is {e}?",
+    "sound": "What sound does {e} make?",
 }
 DESCRIBE = ("Tell me about {e}.", "Describe {e}.", "What do you know about {e}?", "List some facts about {e}.")
 COMPARE = ("Compare {e} and {f}.", "How do {e} and {f} differ?")
 FOLLOW_UP_SAME = "Tell me more about it."
 FOLLOW_UP_OTHER = "What about {e}?"
 
-_SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "zu", "to", "ni", "pa", "sho", "dri", "bel", "mor", "tan", "fi",
-              "gu", "lin", "qua", "rex", "sel", "vor", "wim", "yal", "zen")
+_SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ve",
+    "zu",
+    "to",
+    "ni",
+    "pa",
+    "sho",
+    "dri",
+    "bel",
+    "mor",
+    "tan",
+    "fi",
+    "gu",
+    "lin",
+    "qua",
+    "rex",
+    "sel",
+    "vor",
+    "wim",
+    "yal",
+    "zen",
+)
 
 
 @dataclass(frozen=True)
