@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launchers.config import ClusterConfig
 from launchers.hydra_errors import composition_error
-from steerlm.config import Accelerator, ConfigError, ParallelConfig, TrainConfig, compose, to_typed, validation
+from steerlm.config import Accelerator, ConfigError, ParallelConfig, TrainConfig, compose, to_typed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -179,13 +179,6 @@ def plan_world(parallel: Optional[ParallelConfig], cluster: ClusterConfig) -> Wo
     )
 
 
-# Checks that depend on the machine that runs the job (CUDA bf16 support, Transformer Engine, fused
-# Adam): the launch host usually has no GPU, so for GPU jobs they are left to the job itself.
-def validate_for_launch(cfg: TrainConfig, world_size: int, accelerator: Accelerator) -> int:
-    """validate_train_config for a job that runs elsewhere; returns the data-parallel size."""
-    return validation.validate_train_config(cfg, world_size, accelerator, this_machine=False)
-
-
 def job_paths(cluster: ClusterConfig, job_name: str, stamp: str) -> tuple[Path, Path]:
     """(workdir, job_dir), absolute: cluster.workdir (default: this repository) and cluster.job_dir
     (relative to workdir; default runs/jobs/<job_name>-<stamp>)."""
@@ -212,7 +205,7 @@ def plan_job(
     world = plan_world(getattr(typed, "parallel", None), cluster)
     if isinstance(typed, TrainConfig):
         accelerator = Accelerator.cuda if cluster.gpus_per_node else Accelerator.cpu
-        validate_for_launch(typed, world.world_size, accelerator)
+        typed.validate(world.world_size, accelerator, this_machine=False)
     elif hasattr(typed, "validate"):
         typed.validate()
     name = job_name or cluster.job_name or recipe

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.runtime import setup_logging
-from steerlm.stages import text_lm
+from steerlm.stages import pretrain
 
 register_schemas()
 
@@ -19,7 +19,7 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="demo", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    text_lm.run(to_typed(cfg))
+    pretrain.run(to_typed(cfg))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from steerlm.config import (
     TransformerImpl,
     compose,
     to_typed,
-    validate_train_config,
 )
 from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import transformer_engine_available
@@ -30,6 +29,9 @@ from steerlm.megatron_compat import fused_adam_available
 GROUPS = ("model", "parallel", "precision", "trainer", "optim")
 PRIMARY = (
     "demo",
+    "pretrain",
+    "bootstrap",
+    "pipeline",
     "prepare_data",
     "train_attribute_model",
     "annotate",
@@ -92,10 +94,7 @@ def test_attribute_model_config_composes_and_validates(tmp_path: Path) -> None:
         ),
         AttributeModelConfig,
     )
-    assert validate_train_config(cfg, 1, Accelerator.cpu) == 1
-    for section in (cfg.tokenizer, cfg.data, cfg.attributes):
-        section.validate()
-    cfg.apm.validate(cfg.attributes.schema())
+    assert cfg.validate(1, Accelerator.cpu) == 1
     assert cfg.attributes.name == "steerlm_oasst" and cfg.model.vocab_size == 768
     with pytest.raises(ConfigError) as error:
         replace(cfg.apm, attribute_weights=[1.0, 2.0]).validate(cfg.attributes.schema())
@@ -103,6 +102,56 @@ def test_attribute_model_config_composes_and_validates(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         replace(cfg.data, train_file=str(tmp_path / "missing.jsonl")).validate()
     assert error.value.key == "data.train_file" and "prepare_data.py data=synthetic" in str(error.value)
+
+
+def test_pretrain_config_composes_and_validates(tmp_path: Path) -> None:
+    from steerlm.config.pretrain import PretrainConfig
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "corpus.jsonl").write_text("")
+    overrides = [f"data.train_file={tmp_path / 'corpus.jsonl'}", f"tokenizer.path={tmp_path / 'tok'}"]
+    cfg = to_typed(compose("pretrain", overrides), PretrainConfig)
+    assert cfg.validate(1, Accelerator.cpu) == 1
+    assert cfg.model.vocab_size == 768 and cfg.data.key == "text"
+    planned = to_typed(
+        compose("pretrain", ["data.train_file=later/corpus.jsonl", "tokenizer.path=later"]), PretrainConfig
+    )
+    assert planned.validate(1, Accelerator.cpu, this_machine=False) == 1  # a pipeline plans it before it exists
+    with pytest.raises(ConfigError) as error:
+        planned.validate(1, Accelerator.cpu)
+    assert error.value.key == "data.train_file" and "corpus.jsonl" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        replace(cfg, data=replace(cfg.data, validation_fraction=1.0)).validate(1, Accelerator.cpu)
+    assert error.value.key == "data.validation_fraction"
+
+
+def test_bootstrap_config_composes_and_validates(tmp_path: Path) -> None:
+    from steerlm.config.bootstrap import BootstrapConfig
+
+    for name in ("tok", "sft", "apm"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "labels.jsonl").write_text("")
+    overrides = [
+        f"data.train_file={tmp_path / 'labels.jsonl'}",
+        f"tokenizer.path={tmp_path / 'tok'}",
+        f"sft.init_from={tmp_path / 'sft'}",
+        f"bootstrap.apm_checkpoint={tmp_path / 'apm'}",
+    ]
+    cfg = to_typed(compose("bootstrap", overrides), BootstrapConfig)
+    assert cfg.validate(1, Accelerator.cpu) == 1
+    assert cfg.quality_attribute() == "quality"  # steerlm_oasst has it
+    hs2 = to_typed(compose("bootstrap", [*overrides, "attributes=helpsteer2"]), BootstrapConfig)
+    assert hs2.quality_attribute() == "helpfulness"
+    for change, key in (
+        ({"sft": replace(cfg.sft, init_from=None)}, "sft.init_from"),
+        ({"sft": replace(cfg.sft, condition_on_attributes=False)}, "sft.condition_on_attributes"),
+        ({"bootstrap": replace(cfg.bootstrap, quality_attribute="charm")}, "bootstrap.quality_attribute"),
+        ({"bootstrap": replace(cfg.bootstrap, top_p=0.0)}, "bootstrap.top_p"),
+        ({"bootstrap": replace(cfg.bootstrap, apm_checkpoint=str(tmp_path / "none"))}, "bootstrap.apm_checkpoint"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            replace(cfg, **change).validate(1, Accelerator.cpu)
+        assert error.value.key == key
 
 
 def test_annotate_config_composes_and_validates(tmp_path: Path) -> None:
@@ -167,7 +216,7 @@ def test_shipped_config_composes_and_validates(group: str, option: str) -> None:
     if group == "parallel":
         cfg = replace(cfg, model=_model_fitting(cfg.parallel))
         cfg = replace(cfg, trainer=replace(cfg.trainer, global_batch_size=cfg.trainer.micro_batch_size))
-    dp = validate_train_config(cfg, _world_for(cfg), accelerator)
+    dp = cfg.validate(_world_for(cfg), accelerator)
     assert dp == 1
 
 
@@ -355,7 +404,7 @@ def test_invalid_config_names_key_and_fix(
     cfg: TrainConfig, world: int, accelerator: Accelerator, key: str, phrase: str
 ) -> None:
     with pytest.raises(ConfigError) as error:
-        validate_train_config(cfg, world, accelerator)
+        cfg.validate(world, accelerator)
     assert error.value.key == key
     assert phrase in str(error.value)
     assert "Fix:" in str(error.value)
@@ -365,23 +414,23 @@ def test_job_planned_elsewhere_skips_checks_of_this_machine() -> None:
     cfg = TrainConfig(
         parallel=ParallelConfig(use_distributed_optimizer=True), precision=PrecisionConfig(dtype=DType.bf16)
     )
-    assert validate_train_config(cfg, 1, Accelerator.cuda, this_machine=False) == 1
+    assert cfg.validate(1, Accelerator.cuda, this_machine=False) == 1
     with pytest.raises(ConfigError):  # a layout error is still caught while planning
-        validate_train_config(
-            replace(cfg, parallel=ParallelConfig(tensor_model_parallel_size=3)), 3, Accelerator.cuda, this_machine=False
+        replace(cfg, parallel=ParallelConfig(tensor_model_parallel_size=3)).validate(
+            3, Accelerator.cuda, this_machine=False
         )
 
 
 def test_bf16_is_allowed_on_cpu() -> None:
     cfg = TrainConfig(precision=PrecisionConfig(dtype=DType.bf16))
-    assert validate_train_config(cfg, 2, Accelerator.cpu) == 2
+    assert cfg.validate(2, Accelerator.cpu) == 2
 
 
 @pytest.mark.skipif(fused_adam_available(), reason="Transformer Engine or apex is installed here")
 def test_distributed_optimizer_without_fused_adam_is_refused_on_gpu() -> None:
     cfg = TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True))
     with pytest.raises(ConfigError) as error:
-        validate_train_config(cfg, 1, Accelerator.cuda)
+        cfg.validate(1, Accelerator.cuda)
     assert error.value.key == "parallel.use_distributed_optimizer"
     assert "resume" in str(error.value)
 
@@ -390,7 +439,7 @@ def test_distributed_optimizer_without_fused_adam_is_refused_on_gpu() -> None:
 def test_transformer_engine_requested_without_it_is_refused() -> None:
     cfg = _tiny(transformer_impl=TransformerImpl.transformer_engine)
     with pytest.raises(ConfigError) as error:
-        validate_train_config(cfg, 1, Accelerator.cuda)
+        cfg.validate(1, Accelerator.cuda)
     assert error.value.key == "model.transformer_impl"
 
 
@@ -399,7 +448,7 @@ def test_padded_vocab_does_not_depend_on_tensor_parallel_size() -> None:
     assert model.padded_vocab_size == 384
     for tp in (1, 2):
         cfg = replace(TrainConfig(model=model), parallel=ParallelConfig(tensor_model_parallel_size=tp))
-        validate_train_config(cfg, tp, Accelerator.cpu)
+        cfg.validate(tp, Accelerator.cpu)
 
 
 def test_conf_dir_is_the_repository_conf() -> None:

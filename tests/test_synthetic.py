@@ -4,6 +4,7 @@ reproducible and readable by the real readers, the oracle robust."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from steerlm.data.synthetic.oracle import ATTRIBUTES, Oracle
 from steerlm.data.synthetic.responses import SAMPLED, Levels, generate_response, sample_prompt
 from steerlm.data.synthetic.samples import attribute_samples
 from steerlm.data.synthetic.splits import _spearman, format_synthetic_summary, write_synthetic
-from steerlm.data.synthetic.world import build_world
+from steerlm.data.synthetic.world import RELATIONS, TIERS, build_world
 from steerlm.data.template import SteerLMTemplate
 from steerlm.tokenizers import WordTokenizer
 
@@ -143,7 +144,7 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path: Path) -> None:
     other = SyntheticConfig(seed=1, annotated_rows=30, unlabelled_rows=60, eval_prompts=10)
     write_synthetic(other, tmp_path / "c")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 6
+    assert len(files) == 7
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (
@@ -161,3 +162,27 @@ def test_spearman_helper() -> None:
     a = np.array([0, 1, 2, 3, 4, 4])
     assert _spearman(a, a * 2.0) == pytest.approx(1.0)
     assert _spearman(a, -a.astype(float)) == pytest.approx(-1.0)
+
+
+def test_corpus_states_every_fact_truly_in_every_tier_and_carries_conversation_text(tmp_path: Path) -> None:
+    sizes = SyntheticConfig(
+        annotated_rows=10, unlabelled_rows=40, eval_prompts=5, encyclopedia_paragraphs=6, corpus_conversations=25
+    )
+    write_synthetic(sizes, tmp_path)
+    world = build_world(sizes.seed, sizes.num_entities)
+    oracle = Oracle(world)
+    texts = [json.loads(line)["text"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert len(texts) == sizes.encyclopedia_paragraphs * sizes.num_entities + sizes.corpus_conversations
+    encyclopedia = texts[: sizes.encyclopedia_paragraphs * sizes.num_entities]
+    seen = set()
+    for paragraph in encyclopedia:
+        facts, jokes, rude, unparsed = oracle.parse_response(paragraph)
+        assert (len(facts), jokes, rude, unparsed) == (5, 0, 0, 0), paragraph
+        assert len({f.entity for f in facts}) == 1 and {f.relation for f in facts} == set(RELATIONS)
+        assert all(world.facts[f.entity][f.relation] == f.value for f in facts)
+        seen |= {(f.entity, f.relation, f.tier) for f in facts}
+    assert {tier for _, _, tier in seen} == set(range(TIERS))
+    unlabelled = [json.loads(line) for line in (tmp_path / "unlabelled.jsonl").read_text().splitlines()]
+    for text, row in zip(texts[len(encyclopedia) :], unlabelled):
+        assert text == "\n".join(turn["value"] for turn in row["conversations"])
+        assert "<extra_id" not in text

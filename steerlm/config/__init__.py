@@ -22,7 +22,7 @@ from steerlm.config.schema import (
     TransformerImpl,
 )
 from steerlm.config.store import compose, register_schemas, save_resolved, to_typed
-from steerlm.config.validation import Accelerator, resolve_transformer_impl, validate_train_config, validate_vocab
+from steerlm.config.validation import Accelerator, resolve_transformer_impl, validate_vocab
 from steerlm.errors import ConfigError
 
 __all__ = [
@@ -52,6 +52,5 @@ __all__ = [
     "resolve_transformer_impl",
     "save_resolved",
     "to_typed",
-    "validate_train_config",
     "validate_vocab",
 ]

@@ -56,6 +56,13 @@ class DType(str, Enum):
     fp16 = "fp16"
 
 
+class Accelerator(str, Enum):
+    """The device a run computes on (detected by `steerlm.runtime.detect_accelerator`)."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class Backend(str, Enum):
     auto = "auto"
     nccl = "nccl"
@@ -505,10 +512,10 @@ class TrainDataConfig:
     on_bad_row: BadRowPolicy = BadRowPolicy.error
     length_policy: LengthPolicy = LengthPolicy.drop  # too long for trainer.seq_length: drop or cut
 
-    def validate(self) -> None:
+    def validate(self, check_files: bool = True) -> None:
         for key in ("train_file", "validation_file"):
             path = getattr(self, key)
-            if path is not None:
+            if path is not None and check_files:
                 require(
                     Path(path).is_file(),
                     f"data.{key}",
@@ -609,7 +616,7 @@ class APMConfig:
     merge_weights: Optional[list[float]] = None
     init_from: Optional[str] = None  # a steerlm run dir / checkpoint or an HF Llama dir: its weights start the run
 
-    def validate(self, schema: AttributeSchema) -> None:
+    def validate(self, schema: AttributeSchema, check_files: bool = True) -> None:
         require(
             self.type == APMType.regression or self.attribute_weights is None,
             "apm.attribute_weights",
@@ -627,7 +634,8 @@ class APMConfig:
                 "use 0 to ignore an attribute",
             )
         validate_merge_weights("apm.merge_weights", self.merge_weights, schema)
-        validate_init_from("apm.init_from", self.init_from)
+        if check_files:
+            validate_init_from("apm.init_from", self.init_from)
 
 
 @dataclass
@@ -668,6 +676,21 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/demo"
 
+    def validate(
+        self, world_size: int = 1, accelerator: Accelerator = Accelerator.cpu, this_machine: bool = True
+    ) -> int:
+        """The one validation entry of a training recipe's config, called before anything is built: every
+        section and every check across sections, for a launch of `world_size` processes on `accelerator`.
+        Returns the data-parallel size. Subclasses add their own sections.
+
+        `this_machine=False` validates a job planned here to run elsewhere (a Slurm login node has no GPU,
+        and an earlier stage of the pipeline has not yet written this stage's inputs): checks of this
+        machine's GPU and packages and of input files are left to the job, which validates again at start.
+        """
+        from steerlm.config.validation import validate_train_config  # validation imports this module
+
+        return validate_train_config(self, world_size, accelerator, this_machine)
+
 
 @dataclass
 class LabelledDataTrainConfig(TrainConfig):
@@ -677,9 +700,26 @@ class LabelledDataTrainConfig(TrainConfig):
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
 
+    def validate(
+        self, world_size: int = 1, accelerator: Accelerator = Accelerator.cpu, this_machine: bool = True
+    ) -> int:
+        dp = super().validate(world_size, accelerator, this_machine)
+        self.attributes.validate()
+        self.data.validate(check_files=this_machine)
+        if this_machine:
+            self.tokenizer.validate()
+        return dp
+
 
 @dataclass
 class AttributeModelConfig(LabelledDataTrainConfig):
     """`recipes/train_attribute_model.py`: the regression Attribute Prediction Model."""
 
     apm: APMConfig = field(default_factory=APMConfig)
+
+    def validate(
+        self, world_size: int = 1, accelerator: Accelerator = Accelerator.cpu, this_machine: bool = True
+    ) -> int:
+        dp = super().validate(world_size, accelerator, this_machine)
+        self.apm.validate(self.attributes.schema(), check_files=this_machine)
+        return dp

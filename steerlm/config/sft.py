@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from steerlm.config.schema import LabelledDataTrainConfig, validate_init_from
+from steerlm.config.schema import Accelerator, LabelledDataTrainConfig, validate_init_from
 from steerlm.data.template import TemplateConfig
 from steerlm.errors import ConfigError
 
@@ -36,10 +36,11 @@ class SFTOptions:
             train_unlabelled_responses=self.train_unlabelled_responses,
         )
 
-    def validate(self) -> None:
+    def validate(self, check_files: bool = True) -> None:
         if self.repeat < 1:
             raise ConfigError("sft.repeat", self.repeat, "must be >= 1", "use 1 to read the training file once")
-        validate_init_from("sft.init_from", self.init_from)
+        if check_files:
+            validate_init_from("sft.init_from", self.init_from)
 
 
 @dataclass
@@ -48,3 +49,10 @@ class SFTConfig(LabelledDataTrainConfig):
 
     sft: SFTOptions = field(default_factory=SFTOptions)
     output_dir: str = "runs/sft"
+
+    def validate(
+        self, world_size: int = 1, accelerator: Accelerator = Accelerator.cpu, this_machine: bool = True
+    ) -> int:
+        dp = super().validate(world_size, accelerator, this_machine)
+        self.sft.validate(check_files=this_machine)
+        return dp

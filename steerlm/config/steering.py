@@ -34,6 +34,7 @@ class SteeringEvalConfig:
     max_new_tokens: int = 96
     batch_size: int = 32
     samples: int = 2  # responses kept in the report per swept value
+    only_base: bool = False  # measure the base request only (e.g. a plain-SFT model, which ignores attributes)
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -17,8 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from steerlm.config.annotate import AnnotateConfig
+from steerlm.config.bootstrap import BootstrapConfig
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.config.inference import ChatConfig, ServeConfig
+from steerlm.config.pipeline import PipelineConfig
+from steerlm.config.pretrain import PretrainConfig
 from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.config.steering import SteeringEvalConfig
@@ -29,6 +32,9 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 SCHEMAS = {
     "train_schema": TrainConfig,
+    "pretrain_schema": PretrainConfig,
+    "bootstrap_schema": BootstrapConfig,
+    "pipeline_schema": PipelineConfig,
     "prepare_data_schema": PrepareDataConfig,
     "attribute_model_schema": AttributeModelConfig,
     "annotate_schema": AnnotateConfig,

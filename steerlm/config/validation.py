@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-from enum import Enum
 
 from steerlm.config.schema import (
+    Accelerator,
     Backend,
     DType,
     ModelConfig,
@@ -16,11 +16,6 @@ from steerlm.config.schema import (
     TransformerImpl,
 )
 from steerlm.errors import ConfigError
-
-
-class Accelerator(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def transformer_engine_available() -> bool:

@@ -27,7 +27,8 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two aligned 1-D arrays; NaN when either side is constant or shorter than 2."""
     if len(a) < 2 or a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
@@ -35,7 +36,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Rank correlation (ties share their mean rank); NaN when either side is constant."""
-    return _correlation(_ranks(a), _ranks(b))
+    return pearson(_ranks(a), _ranks(b))
 
 
 def _regression_metrics(predicted: np.ndarray, target: np.ndarray) -> dict:
@@ -52,7 +53,7 @@ def _regression_metrics(predicted: np.ndarray, target: np.ndarray) -> dict:
         "count": len(target),
         "mae": float(np.abs(predicted - target).mean()),
         "rmse": float(np.sqrt(((predicted - target) ** 2).mean())),
-        "pearson": _correlation(predicted, target),
+        "pearson": pearson(predicted, target),
         "spearman": spearman(predicted, target),
     }
 

@@ -4,8 +4,10 @@ One attribute at a time is swept over the requested levels while every other att
 base level; each prompt gets one greedy (or seeded) response per level. What came out is measured by
 response length (words) and, for prompts of the synthetic world, by its oracle's true level of every
 attribute. Per swept attribute the report gives, for each requested level, the mean measured level of
-that attribute, the mean absolute change of the others (they should not move), and the Spearman
-correlation between requested and measured levels over all (prompt, level) pairs.
+that attribute, the share of responses whose measured level is exactly the requested one, the mean absolute
+change of the others from the first level (they should not move), and the Spearman correlation between
+requested and measured levels over all (prompt, level) pairs. `base_report` measures the base request itself
+(SteerLM's "best response" setting): every attribute's mean level and exact-match share.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def sweep_report(
             scores = [oracle.score(list(g.prompt.turns), g.text) for g in rows]
             measured = [s[attribute] for s in scores]
             entry["mean_measured"] = float(np.mean(measured))
+            entry["exact_match"] = float(np.mean([m == level for m in measured]))
             others = {name: float(np.mean([s[name] for s in scores])) for name in scores[0] if name != attribute}
             entry["others"] = others
             requested_all += [level] * len(rows)
@@ -69,6 +72,27 @@ def sweep_report(
     if oracle is not None:
         report["spearman"] = spearman(np.array(requested_all), np.array(measured_all))
         report["measured_change"] = last["mean_measured"] - first["mean_measured"]
+        report["min_exact_match"] = min(entry["exact_match"] for entry in report["levels"].values())
+    return report
+
+
+def base_report(generated: Sequence[Generated], oracle: Oracle | None, samples: int) -> dict:
+    """What the responses to one request (the same labels for every prompt) are: words, and with an oracle
+    every attribute's mean level and the share of responses at exactly the requested level."""
+    report: dict = {
+        "requested": dict(generated[0].requested),
+        "mean_words": float(np.mean([_words(g.text) for g in generated])),
+        "stopped": sum(g.finish_reason == "stop" for g in generated) / len(generated),
+        "samples": [g.text for g in generated[:samples]],
+    }
+    if oracle is not None:
+        scores = [oracle.score(list(g.prompt.turns), g.text) for g in generated]
+        report["mean_measured"] = {name: float(np.mean([s[name] for s in scores])) for name in scores[0]}
+        report["exact_match"] = {
+            name: float(np.mean([s[name] == g.requested[name] for s, g in zip(scores, generated)]))
+            for name in scores[0]
+            if name in generated[0].requested
+        }
     return report
 
 
@@ -79,7 +103,8 @@ def format_report(reports: dict[str, dict]) -> str:
         cells = []
         for level, entry in report["levels"].items():
             measured = f"{entry['mean_measured']:.2f}" if "mean_measured" in entry else "-"
-            cells.append(f"{level}→{measured} ({entry['mean_words']:.0f}w)")
+            exact = f" {entry['exact_match']:.0%}" if "exact_match" in entry else ""
+            cells.append(f"{level}→{measured}{exact} ({entry['mean_words']:.0f}w)")
         spearman_text = f"  spearman {report['spearman']:.3f}" if "spearman" in report else ""
         lines.append(f"{attribute:12s} " + "  ".join(cells) + spearman_text)
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import torch
 
 from steerlm import runtime
 from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
-from steerlm.config import AttributeModelConfig, ConfigError, save_resolved, validate_train_config, validate_vocab
+from steerlm.config import AttributeModelConfig, ConfigError, save_resolved, validate_vocab
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.config.schema import APMType
 from steerlm.config.validation import data_parallel_size, validate_model_layout
@@ -38,6 +38,7 @@ from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.evaluation.apm_metrics import REWARD, metric_scalars
+from steerlm.files import atomic_write_text
 from steerlm.inference.scoring import (
     AttributeScorer,
     GenerativeAttributeScorer,
@@ -45,15 +46,16 @@ from steerlm.inference.scoring import (
     open_apm_checkpoint,
 )
 from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.models.gpt import build_model_chunks
+from steerlm.stages.runner import EVAL_FILE, StageContext, StageData, TrainingStage, run_stage
 from steerlm.stages.sft import check_rating_columns
-from steerlm.tokenizers import load_tokenizer
-from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task, build_training
-from steerlm.training.init_from import resolve_init_source, resume_or_initialise
-from steerlm.training.loop import prepare_output_dir, run_training
+from steerlm.tokenizers import Tokenizer, load_tokenizer
+from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task
+from steerlm.training.init_from import InitSource, resolve_init_source
+from steerlm.training.loop import TrainingOutcome, prepare_output_dir
 from steerlm.training.losses import attribute_regression_loss
 
 log = logging.getLogger(__name__)
-EVAL_FILE = "eval.json"
 
 
 @dataclass(frozen=True)
@@ -102,104 +104,117 @@ def load_examples(
     return train, valid, stats
 
 
-def run(cfg: AttributeModelConfig) -> APMResult:
-    validate_train_config(cfg, runtime.launch_world_size(), runtime.detect_accelerator())
-    for section in (cfg.tokenizer, cfg.data, cfg.attributes):
-        section.validate()
-    schema = cfg.attributes.schema()
-    cfg.apm.validate(schema)
-    tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
-    validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
-    _check_checkpoint_schema(cfg, Path(cfg.output_dir), schema)
-    generative = cfg.apm.type == APMType.generative
-    if generative and cfg.parallel.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            "apm.type",
-            cfg.apm.type.value,
-            "is evaluated by greedy generation, which runs one pipeline stage",
-            "train it with parallel.pipeline_model_parallel_size=1 (use tensor "
-            "parallelism to split the model), or apm.type=regression",
+@dataclass(frozen=True)
+class APMInputs:
+    schema: AttributeSchema
+    tokenizer: Tokenizer
+    train: list[AttributeExample]
+    valid: list[AttributeExample]
+    lengths: LengthStats
+
+
+class AttributeModelStage(TrainingStage[AttributeModelConfig, APMInputs]):
+    """Stage 1 on the one runner: regression (an attribute head, masked MSE) or generative (an LM trained on
+    the attribute strings); per-attribute metrics of the held-out rows at every validation and at the end."""
+
+    def prepare(self, cfg: AttributeModelConfig, output_dir: Path) -> InitSource | None:
+        schema = cfg.attributes.schema()
+        _check_checkpoint_schema(cfg, output_dir, schema)
+        generative = cfg.apm.type == APMType.generative
+        if generative and cfg.parallel.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                "apm.type",
+                cfg.apm.type.value,
+                "is evaluated by greedy generation, which runs one pipeline stage",
+                "train it with parallel.pipeline_model_parallel_size=1 (use tensor parallelism to split the model), "
+                "or apm.type=regression",
+            )
+        return resolve_init_source("apm.init_from", cfg.apm.init_from, cfg.model, None if generative else schema)
+
+    def load_data(self, cfg: AttributeModelConfig, output_dir: Path) -> APMInputs:
+        schema = cfg.attributes.schema()
+        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+        validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
+        suffix = SteerLMTemplate(schema).config.turn_suffix
+        generative = cfg.apm.type == APMType.generative
+        reserved = attribute_string_budget(schema, tokenizer, suffix) if generative else 0
+        train, valid, lengths = load_examples(cfg, schema, tokenizer, reserved)
+        if not train:
+            raise ConfigError(
+                "data.train_file",
+                cfg.data.train_file,
+                "holds no labelled assistant turn",
+                "give rows with attribute labels",
+            )
+        log.info("APM data: %d train / %d validation examples; %s", len(train), len(valid), lengths.summary())
+        return APMInputs(schema, tokenizer, train, valid, lengths)
+
+    def model_provider(self, cfg: AttributeModelConfig):
+        if cfg.apm.type == APMType.generative:
+            return build_model_chunks
+        return partial(build_attribute_model_chunks, num_attributes=len(cfg.attributes.attributes))
+
+    def task(self, cfg: AttributeModelConfig) -> Task:
+        if cfg.apm.type == APMType.generative:
+            return LANGUAGE_MODEL
+        weights = None if cfg.apm.attribute_weights is None else torch.tensor(cfg.apm.attribute_weights)
+        return Task(
+            ATTRIBUTE_REGRESSION.forward,
+            partial(attribute_regression_loss, weights=weights),
+            ATTRIBUTE_REGRESSION.predict,
         )
-    init = resolve_init_source("apm.init_from", cfg.apm.init_from, cfg.model, None if generative else schema)
-    suffix = SteerLMTemplate(schema).config.turn_suffix
-    reserved = attribute_string_budget(schema, tokenizer, suffix) if generative else 0
-    train, valid, lengths = load_examples(cfg, schema, tokenizer, reserved)
-    if not train:
-        raise ConfigError(
-            "data.train_file",
-            cfg.data.train_file,
-            "holds no labelled assistant turn",
-            "give rows with attribute labels",
-        )
-    log.info("APM data: %d train / %d validation examples; %s", len(train), len(valid), lengths.summary())
-    output_dir = prepare_output_dir(cfg.output_dir)
-    layout = runtime.initialize(cfg.parallel, cfg.trainer.seed)
-    try:
-        if layout.is_rank_zero:
-            save_resolved(cfg, output_dir / "config.yaml")
-        trainer = cfg.trainer
+
+    def _scorer(self, ctx: StageContext[AttributeModelConfig], inputs: APMInputs):
+        cfg = ctx.cfg
         options = dict(
-            seq_length=trainer.seq_length,
-            micro_batch_size=trainer.micro_batch_size,
+            seq_length=cfg.trainer.seq_length,
+            micro_batch_size=cfg.trainer.micro_batch_size,
             length_policy=cfg.data.length_policy,
             merge_weights=cfg.apm.merge_weights,
         )
-        if generative:  # a language model trained on the attribute strings
-            setup = build_training(cfg, layout)
-            task, collate = LANGUAGE_MODEL, pad_batch
-            scorer = GenerativeAttributeScorer(setup.model, layout, schema, tokenizer, **options)
+        kind = GenerativeAttributeScorer if cfg.apm.type == APMType.generative else AttributeScorer
+        return kind(ctx.setup.model, ctx.layout, inputs.schema, inputs.tokenizer, **options)
+
+    def batches(self, ctx: StageContext[AttributeModelConfig], inputs: APMInputs) -> StageData:
+        cfg, trainer = ctx.cfg, ctx.cfg.trainer
+        pad_id = inputs.tokenizer.pad_id
+        if cfg.apm.type == APMType.generative:
+            suffix = SteerLMTemplate(inputs.schema).config.turn_suffix
             train_inputs, valid_inputs = (
-                generative_examples(split, schema, tokenizer, suffix) for split in (train, valid)
+                generative_examples(split, inputs.schema, inputs.tokenizer, suffix)
+                for split in (inputs.train, inputs.valid)
             )
+            collate = pad_batch
         else:
-            setup = build_training(
-                cfg, layout, partial(build_attribute_model_chunks, num_attributes=len(schema.attributes))
-            )
-            weights = None if cfg.apm.attribute_weights is None else torch.tensor(cfg.apm.attribute_weights)
-            task = Task(
-                ATTRIBUTE_REGRESSION.forward,
-                partial(attribute_regression_loss, weights=weights),
-                ATTRIBUTE_REGRESSION.predict,
-            )
-            collate = attribute_batch
-            scorer = AttributeScorer(setup.model, layout, schema, tokenizer, **options)
-            train_inputs, valid_inputs = train, valid
-        start = resume_or_initialise(cfg, output_dir, setup, layout, init)
+            train_inputs, valid_inputs, collate = inputs.train, inputs.valid, attribute_batch
 
         def train_batch(step: int):
-            rows = global_batch_indices(len(train), trainer.global_batch_size, step, trainer.seed)
-            return collate([train_inputs[i] for i in rows], tokenizer.pad_id)
+            rows = global_batch_indices(len(train_inputs), trainer.global_batch_size, step, trainer.seed)
+            return collate([train_inputs[i] for i in rows], pad_id)
 
-        valid_batches = [
-            collate(valid_inputs[i : i + trainer.global_batch_size], tokenizer.pad_id)
-            for i in range(0, len(valid) - trainer.global_batch_size + 1, trainer.global_batch_size)
-        ]
-        outcome = run_training(
-            setup,
-            layout,
-            cfg,
-            output_dir,
-            train_batch,
-            start_step=start,
-            valid_batches=(lambda: valid_batches) if valid_batches else None,
-            task=task,
-            validation_metrics=lambda: metric_scalars(scorer.metrics(valid)),
-        )
-        metrics = scorer.metrics(valid)
-        result = APMResult(
-            layout=layout.describe(),
+        rows = trainer.global_batch_size
+        valid = [collate(valid_inputs[i : i + rows], pad_id) for i in range(0, len(inputs.valid) - rows + 1, rows)]
+        scorer = self._scorer(ctx, inputs)
+        return StageData(train_batch, valid, lambda: metric_scalars(scorer.metrics(inputs.valid)))
+
+    def report(
+        self, ctx: StageContext[AttributeModelConfig], inputs: APMInputs, outcome: TrainingOutcome, before
+    ) -> APMResult:
+        metrics = self._scorer(ctx, inputs).metrics(inputs.valid)
+        if ctx.layout.is_rank_zero:
+            log_metrics(metrics)
+        return APMResult(
+            layout=ctx.layout.describe(),
             last_step=outcome.last_step,
-            train_examples=len(train),
-            validation_examples=len(valid),
-            length=lengths.summary(),
+            train_examples=len(inputs.train),
+            validation_examples=len(inputs.valid),
+            length=inputs.lengths.summary(),
             metrics=metrics,
         )
-        if layout.is_rank_zero:
-            (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
-            log_metrics(metrics)
-        return result
-    finally:
-        runtime.shutdown()
+
+
+def run(cfg: AttributeModelConfig) -> APMResult:
+    return run_stage(AttributeModelStage(), cfg)
 
 
 @dataclass(frozen=True)
@@ -265,7 +280,7 @@ def evaluate(cfg: EvaluateAttributeModelConfig) -> APMEvaluation:
         )
         if layout.is_rank_zero:
             save_resolved(cfg, output_dir / "config.yaml")
-            (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+            atomic_write_text(output_dir / EVAL_FILE, json.dumps(asdict(result), indent=2) + "\n")
             log.info("%s: %d examples (%s), %s", cfg.input, len(examples), lengths.summary(), layout.describe())
             log_metrics(result.metrics)
         return result

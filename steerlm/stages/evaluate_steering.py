@@ -22,11 +22,32 @@ from steerlm.data.readers import read_records
 from steerlm.data.records import Conversation, Role
 from steerlm.data.synthetic.oracle import Oracle
 from steerlm.data.synthetic.world import World
-from steerlm.evaluation.steerability import Generated, format_report, sweep_report, sweep_requests
+from steerlm.evaluation.steerability import Generated, base_report, format_report, sweep_report, sweep_requests
+from steerlm.files import atomic_write_text
 from steerlm.inference.generate import SamplingParams
 from steerlm.inference.loading import LoadedModel, check_inference_layout, load_generator, read_checkpoint_setup
 
 log = logging.getLogger(__name__)
+
+
+def generate_steered_pairs(
+    loaded: LoadedModel,
+    pairs: Sequence[tuple[Conversation, Labels]],
+    params: Sequence[SamplingParams],
+    batch_size: int,
+) -> list[Generated]:
+    """One response per (prompt, requested labels) pair with that row's sampling params, in order, generated
+    `batch_size` at a time (collective under TP)."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        ids = [prompt_ids(loaded.template, loaded.tokenizer, c.system, c.turns, labels) for c, labels in chunk]
+        completions = loaded.generator.generate(ids, list(params[start : start + batch_size]))
+        out.extend(
+            Generated(c, labels, done.text.strip(), done.finish_reason.value)
+            for (c, labels), done in zip(chunk, completions)
+        )
+    return out
 
 
 def generate_steered(
@@ -36,18 +57,9 @@ def generate_steered(
     params: SamplingParams,
     batch_size: int,
 ) -> list[Generated]:
-    """One response per (prompt, requested labels) pair, in order, generated `batch_size` at a time."""
+    """One response per (prompt, requested labels) pair, every prompt with every request, in order."""
     pairs = [(c, labels) for c in prompts for labels in requests]
-    out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        ids = [prompt_ids(loaded.template, loaded.tokenizer, c.system, c.turns, labels) for c, labels in chunk]
-        completions = loaded.generator.generate(ids, [params] * len(chunk))
-        out.extend(
-            Generated(c, labels, done.text.strip(), done.finish_reason.value)
-            for (c, labels), done in zip(chunk, completions)
-        )
-    return out
+    return generate_steered_pairs(loaded, pairs, [params] * len(pairs), batch_size)
 
 
 def run(cfg: SteeringEvalConfig) -> dict | None:
@@ -69,8 +81,10 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
     try:
         loaded = load_generator(cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        base_generated = generate_steered(loaded, prompts, [base], params, cfg.batch_size)
+        at_base = base_report(base_generated, oracle, cfg.samples)
         reports = {}
-        for attribute in sweep:
+        for attribute in [] if cfg.only_base else sweep:
             generated = generate_steered(
                 loaded, prompts, sweep_requests(base, attribute, levels), params, cfg.batch_size
             )
@@ -83,12 +97,11 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
             "levels": levels,
             "base": base,
             "oracle": oracle is not None,
+            "at_base": at_base,
             "attributes": reports,
         }
         if layout.is_rank_zero:
-            output = Path(cfg.output)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_text(cfg.output, json.dumps(result, indent=2) + "\n")
             return result
         return None
     finally:

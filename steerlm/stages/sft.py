@@ -8,21 +8,17 @@ lines: the baseline every steerability evaluation compares against.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
-from steerlm import runtime
 from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
-from steerlm.config import ConfigError, save_resolved, validate_train_config, validate_vocab
+from steerlm.config import ConfigError, validate_vocab
 from steerlm.config.sft import SFTConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import (
@@ -39,13 +35,12 @@ from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
+from steerlm.stages.runner import StageContext, StageData, TrainingStage, run_stage
 from steerlm.tokenizers import Tokenizer, load_tokenizer
-from steerlm.training import TrainingSetup, build_training
-from steerlm.training.init_from import InitSource, resolve_init_source, resume_or_initialise
-from steerlm.training.loop import evaluate, prepare_output_dir, run_training
+from steerlm.training.init_from import InitSource, resolve_init_source
+from steerlm.training.loop import TrainingOutcome, evaluate
 
 log = logging.getLogger(__name__)
-EVAL_FILE = "eval.json"
 
 
 @dataclass
@@ -57,6 +52,13 @@ class SFTData:
     distinct_train: int
     train_lengths: LengthStats = field(default_factory=LengthStats)
     valid_lengths: LengthStats = field(default_factory=LengthStats)
+
+
+@dataclass(frozen=True)
+class SFTInputs:
+    data: SFTData
+    pad_id: int
+    baseline: float | None  # unigram cross entropy of the validation tokens
 
 
 @dataclass(frozen=True)
@@ -252,136 +254,117 @@ def check_resume_conditioning(cfg: SFTConfig, output_dir: Path) -> None:
         )
 
 
-def _start(
-    cfg: SFTConfig, output_dir: Path, setup: TrainingSetup, layout: runtime.ParallelLayout, init: InitSource | None
-) -> int:
-    """Resume this run when it has a checkpoint; otherwise start from `sft.init_from`'s weights (or scratch)."""
-    check_resume_conditioning(cfg, output_dir)
-    return resume_or_initialise(cfg, output_dir, setup, layout, init)
+class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
+    """Stage 3 on the one runner: SteerLM-template examples, the language-model task, validation loss."""
 
+    def prepare(self, cfg: SFTConfig, output_dir: Path) -> InitSource | None:
+        check_resume_conditioning(cfg, output_dir)
+        return resolve_init_checkpoint(cfg)
 
-def _validate(cfg: SFTConfig) -> None:
-    validate_train_config(cfg, runtime.launch_world_size(), runtime.detect_accelerator())
-    for section in (cfg.tokenizer, cfg.data, cfg.attributes, cfg.sft):
-        section.validate()
+    def load_data(self, cfg: SFTConfig, output_dir: Path) -> SFTInputs:
+        schema = cfg.attributes.schema()
+        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+        validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
+        data = load_data(cfg, schema, tokenizer, output_dir)
+        baseline = unigram_cross_entropy(data.train[: data.distinct_train], data.valid, tokenizer.vocab_size)
+        log.info(
+            "SFT data (%s attributes): train %s; validation %s; repeat %d → %d rows per epoch",
+            "with" if cfg.sft.condition_on_attributes else "WITHOUT",
+            data.train_lengths.summary(),
+            data.valid_lengths.summary(),
+            cfg.sft.repeat,
+            len(data.train),
+        )
+        return SFTInputs(data, tokenizer.pad_id, baseline)
+
+    def batches(self, ctx: StageContext[SFTConfig], inputs: SFTInputs) -> StageData:
+        cfg, layout, data = ctx.cfg, ctx.layout, inputs.data
+        trainer = cfg.trainer
+        length_multiple = math.lcm(layout.tp if layout.sequence_parallel else 1, 2 * layout.cp if layout.cp > 1 else 1)
+        rows_multiple = trainer.micro_batch_size * layout.dp
+
+        def step_examples(step: int) -> list[Example]:
+            indices = global_batch_indices(len(data.train), trainer.global_batch_size, step, trainer.seed)
+            return [data.train[i] for i in indices]
+
+        def train_batch(step: int) -> Batch:
+            return step_batch(
+                step_examples(step),
+                inputs.pad_id,
+                cfg.sft.packing,
+                trainer.seq_length,
+                rows_multiple,
+                length_multiple,
+            )
+
+        if cfg.sft.packing:
+            rows, length = train_batch(ctx.start_step + 1)["tokens"].shape
+            used = sum(example.positions for example in step_examples(ctx.start_step + 1))
+            log.info(
+                "packing: step %d's %d conversations fill %d rows of %d positions (%.0f%% used)",
+                ctx.start_step + 1,
+                trainer.global_batch_size,
+                rows,
+                length,
+                100 * used / (rows * length),
+            )
+        valid = validation_batches(data.valid, inputs.pad_id, trainer.global_batch_size, length_multiple)
+        if not valid:
+            log.warning(
+                "no validation examples (data.validation_fraction=0 and no data.validation_file): "
+                "eval.json will have no validation loss"
+            )
+        return StageData(train_batch, valid)
+
+    def before_training(self, ctx: StageContext[SFTConfig], inputs: SFTInputs, stage_data: StageData):
+        valid = stage_data.valid_batches
+        initial = evaluate(ctx.setup.model, valid, ctx.cfg.trainer.micro_batch_size, ctx.layout) if valid else None
+        if initial is not None:
+            log.info("step %d validation loss %.4f (unigram baseline %.4f)", ctx.start_step, initial, inputs.baseline)
+        return initial, valid, time.perf_counter()
+
+    def report(self, ctx: StageContext[SFTConfig], inputs: SFTInputs, outcome: TrainingOutcome, before) -> SFTResult:
+        initial, valid, began = before
+        cfg, data = ctx.cfg, inputs.data
+        trainer = cfg.trainer
+        seconds = time.perf_counter() - began
+        final = None
+        if valid:
+            at_end = [loss for step, loss in outcome.evaluations if step == outcome.last_step]
+            final = at_end[0] if at_end else evaluate(ctx.setup.model, valid, trainer.micro_batch_size, ctx.layout)
+            log.info(
+                "validation loss %.4f (at start %.4f, unigram baseline %.4f) after %d steps in %.0f s",
+                final,
+                initial,
+                inputs.baseline,
+                outcome.last_step,
+                seconds,
+            )
+        drawn = outcome.last_step * trainer.global_batch_size
+        return SFTResult(
+            layout=ctx.layout.describe(),
+            condition_on_attributes=cfg.sft.condition_on_attributes,
+            packing=cfg.sft.packing,
+            init_from=cfg.sft.init_from,
+            start_step=ctx.start_step,
+            last_step=outcome.last_step,
+            stop_reason=outcome.stop_reason,
+            train_examples=data.distinct_train,
+            repeat=cfg.sft.repeat,
+            validation_examples=len(data.valid),
+            train_tokens=sum(trained_targets(data.train[: data.distinct_train]).values()),
+            validation_tokens=sum(trained_targets(data.valid).values()),
+            epochs=drawn / data.distinct_train,
+            length={"train": data.train_lengths.summary(), "validation": data.valid_lengths.summary()},
+            initial_validation_loss=initial,
+            final_validation_loss=final,
+            unigram_baseline=inputs.baseline,
+            last_train_loss=outcome.history[-1].loss if outcome.history else None,
+            evaluations=outcome.evaluations,
+            train_seconds=seconds,
+        )
 
 
 def run(cfg: SFTConfig) -> SFTResult:
     """Validate, read and tokenise (every data problem surfaces here, before training), train, evaluate."""
-    _validate(cfg)
-    schema = cfg.attributes.schema()
-    tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
-    validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
-    init = resolve_init_checkpoint(cfg)
-    output_dir = prepare_output_dir(cfg.output_dir)
-    data = load_data(cfg, schema, tokenizer, output_dir)
-    baseline = unigram_cross_entropy(data.train[: data.distinct_train], data.valid, tokenizer.vocab_size)
-    log.info(
-        "SFT data (%s attributes): train %s; validation %s; repeat %d → %d rows per epoch",
-        "with" if cfg.sft.condition_on_attributes else "WITHOUT",
-        data.train_lengths.summary(),
-        data.valid_lengths.summary(),
-        cfg.sft.repeat,
-        len(data.train),
-    )
-    if cfg.trainer.torch_threads:
-        torch.set_num_threads(cfg.trainer.torch_threads)
-    layout = runtime.initialize(cfg.parallel, cfg.trainer.seed)
-    try:
-        if layout.is_rank_zero:
-            save_resolved(cfg, output_dir / "config.yaml")
-        setup = build_training(cfg, layout)
-        start = _start(cfg, output_dir, setup, layout, init)
-        result = _train_and_evaluate(cfg, data, tokenizer.pad_id, baseline, setup, layout, output_dir, start)
-        if layout.is_rank_zero:
-            (output_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
-        return result
-    finally:
-        runtime.shutdown()
-
-
-def _train_and_evaluate(
-    cfg: SFTConfig,
-    data: SFTData,
-    pad_id: int,
-    baseline: float | None,
-    setup: TrainingSetup,
-    layout: runtime.ParallelLayout,
-    output_dir: Path,
-    start: int,
-) -> SFTResult:
-    trainer = cfg.trainer
-    length_multiple = math.lcm(layout.tp if layout.sequence_parallel else 1, 2 * layout.cp if layout.cp > 1 else 1)
-    rows_multiple = trainer.micro_batch_size * layout.dp
-
-    def step_examples(step: int) -> list[Example]:
-        return [
-            data.train[i] for i in global_batch_indices(len(data.train), trainer.global_batch_size, step, trainer.seed)
-        ]
-
-    def train_batch(step: int) -> Batch:
-        return step_batch(
-            step_examples(step), pad_id, cfg.sft.packing, trainer.seq_length, rows_multiple, length_multiple
-        )
-
-    if cfg.sft.packing:
-        rows, length = train_batch(start + 1)["tokens"].shape
-        used = sum(example.positions for example in step_examples(start + 1))
-        log.info(
-            "packing: step %d's %d conversations fill %d rows of %d positions (%.0f%% used)",
-            start + 1,
-            trainer.global_batch_size,
-            rows,
-            length,
-            100 * used / (rows * length),
-        )
-    valid = validation_batches(data.valid, pad_id, trainer.global_batch_size, length_multiple)
-    if not valid:
-        log.warning(
-            "no validation examples (data.validation_fraction=0 and no data.validation_file): "
-            "eval.json will have no validation loss"
-        )
-    model = setup.model
-    initial = evaluate(model, valid, trainer.micro_batch_size, layout) if valid else None
-    if initial is not None:
-        log.info("step %d validation loss %.4f (unigram baseline %.4f)", start, initial, baseline)
-    began = time.perf_counter()
-    outcome = run_training(
-        setup, layout, cfg, output_dir, train_batch, start_step=start, valid_batches=(lambda: valid) if valid else None
-    )
-    seconds = time.perf_counter() - began
-    final = None
-    if valid:
-        at_end = [loss for step, loss in outcome.evaluations if step == outcome.last_step]
-        final = at_end[0] if at_end else evaluate(model, valid, trainer.micro_batch_size, layout)
-        log.info(
-            "validation loss %.4f (at start %.4f, unigram baseline %.4f) after %d steps in %.0f s",
-            final,
-            initial,
-            baseline,
-            outcome.last_step,
-            seconds,
-        )
-    drawn = outcome.last_step * trainer.global_batch_size
-    return SFTResult(
-        layout=layout.describe(),
-        condition_on_attributes=cfg.sft.condition_on_attributes,
-        packing=cfg.sft.packing,
-        init_from=cfg.sft.init_from,
-        start_step=start,
-        last_step=outcome.last_step,
-        stop_reason=outcome.stop_reason,
-        train_examples=data.distinct_train,
-        repeat=cfg.sft.repeat,
-        validation_examples=len(data.valid),
-        train_tokens=sum(trained_targets(data.train[: data.distinct_train]).values()),
-        validation_tokens=sum(trained_targets(data.valid).values()),
-        epochs=drawn / data.distinct_train,
-        length={"train": data.train_lengths.summary(), "validation": data.valid_lengths.summary()},
-        initial_validation_loss=initial,
-        final_validation_loss=final,
-        unigram_baseline=baseline,
-        last_train_loss=outcome.history[-1].loss if outcome.history else None,
-        evaluations=outcome.evaluations,
-        train_seconds=seconds,
-    )
+    return run_stage(SFTStage(), cfg)

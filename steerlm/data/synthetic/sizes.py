@@ -18,6 +18,8 @@ class SyntheticConfig:
     annotated_rows: int = 2000  # noisy "human" ratings (HelpSteer2-style rows)
     unlabelled_rows: int = 20000  # conversations for the APM to annotate
     eval_prompts: int = 200
+    encyclopedia_paragraphs: int = 50  # per creature, in the pretraining corpus (corpus.jsonl)
+    corpus_conversations: int = 1000  # the first N unlabelled conversations' text also go into corpus.jsonl
     multi_turn_fraction: float = 0.15
     label_noise: float = 0.3  # std of the Gaussian added to the oracle before rounding
     missing_label_rate: float = 0.02  # chance that a rating is absent (-100)
@@ -30,7 +32,13 @@ class SyntheticConfig:
             "must be at least 3",
             "a comparison needs two creatures and an off-topic answer a third",
         )
-        for name in ("annotated_rows", "unlabelled_rows", "eval_prompts"):
+        for name in (
+            "annotated_rows",
+            "unlabelled_rows",
+            "eval_prompts",
+            "encyclopedia_paragraphs",
+            "corpus_conversations",
+        ):
             value = getattr(self, name)
             require(value >= 0, f"synthetic.{name}", value, "must be >= 0", "use 0 to skip the split")
         for name in ("multi_turn_fraction", "missing_label_rate"):

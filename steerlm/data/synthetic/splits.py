@@ -7,6 +7,8 @@
       unlabelled.jsonl       conversation JSONL without labels; `levels` holds the generator's intended
                              levels (ground truth for evaluation only — no stage reads it)
       eval_prompts.jsonl     held-out prompts as conversation JSONL ending with a user turn
+      corpus.jsonl           the base LM's pretraining text ({"text": …}): encyclopedia paragraphs stating every
+                             creature's facts, then the unlabelled conversations' text (synthetic/corpus.py)
       world.json             the knowledge base (the oracle's reference)
       tokenizer/word_vocab.json  a word-level tokenizer covering every split and template
       summary.json           sizes, per-attribute Spearman(intended, oracle), correlation matrix
@@ -27,7 +29,8 @@ import numpy as np
 
 from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.readers import DEFAULT_SYSTEM_PROMPT as SYSTEM_PROMPT
-from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
+from steerlm.data.records import Conversation, Role, Turn, from_conversation_json, to_conversation_json
+from steerlm.data.synthetic.corpus import conversation_text, encyclopedia
 from steerlm.data.synthetic.oracle import ATTRIBUTES, Oracle
 from steerlm.data.synthetic.responses import SAMPLED, Levels, PromptSpec, generate_response, sample_prompt
 from steerlm.data.synthetic.sizes import SyntheticConfig
@@ -109,18 +112,24 @@ def write_synthetic(sizes: SyntheticConfig, output_dir: str | Path) -> dict:
     _write_lines(out / "annotated.jsonl", annotated)
     _write_lines(out / "unlabelled.jsonl", unlabelled)
     _write_lines(out / "eval_prompts.jsonl", evaluation)
+    corpus = encyclopedia(world, sizes.encyclopedia_paragraphs, sizes.seed)
+    for index, row in enumerate(unlabelled[: sizes.corpus_conversations]):
+        corpus.append(conversation_text(from_conversation_json(row, SCHEMA, "unlabelled.jsonl", index + 1)))
+    _write_lines(out / "corpus.jsonl", [{"text": text} for text in corpus])
     (out / "world.json").write_text(json.dumps({"seed": world.seed, "facts": world.facts}, indent=1) + "\n")
-    tokenizer = build_tokenizer(annotated, unlabelled, evaluation)
+    tokenizer = build_tokenizer(annotated, unlabelled, evaluation, corpus)
     tokenizer.save(out / "tokenizer")
     summary = _summary(sizes, np.array(intended), np.array(judged), tokenizer.vocab_size)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def build_tokenizer(annotated: list[dict], unlabelled: list[dict], evaluation: list[dict]) -> WordTokenizer:
+def build_tokenizer(
+    annotated: list[dict], unlabelled: list[dict], evaluation: list[dict], corpus: list[str]
+) -> WordTokenizer:
     """Word vocabulary of every text the stages will render, including every attribute string."""
     template = SteerLMTemplate(SCHEMA)
-    texts = [row["prompt"] + "\n" + row["response"] for row in annotated]
+    texts = [row["prompt"] + "\n" + row["response"] for row in annotated] + corpus
     for row in unlabelled + evaluation:
         texts.extend([row["system"], *(turn["value"] for turn in row["conversations"])])
     every_label = {name: level for level in range(5) for name in ATTRIBUTES}

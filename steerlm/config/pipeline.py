@@ -1,0 +1,75 @@
+"""Configuration of the whole SteerLM pipeline on the synthetic world (`recipes/pipeline.py`, `make demo`).
+
+world → base LM → APM → annotate → SFT and the plain-SFT baseline → bootstrap → steering evaluations →
+report. Each stage is its own recipe run with its own config (conf/<recipe>.yaml); the pipeline passes the
+paths that chain them, `pipeline.parallel`, and the extra overrides of `stages.<name>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from steerlm.data.synthetic.sizes import SyntheticConfig
+from steerlm.errors import require
+
+# The stages in the order they run; `stages.<name>` gives each extra Hydra overrides.
+STAGE_NAMES = (
+    "world",
+    "pretrain",
+    "apm",
+    "annotate",
+    "sft",
+    "sft_plain",
+    "bootstrap",
+    "steer_sft",
+    "steer_bootstrap",
+    "steer_plain",
+)
+
+
+@dataclass
+class PipelineOptions:
+    parallel: str = "single"  # a conf/parallel option: every stage runs at it (under torchrun when > 1 process)
+    keep_going: bool = False  # false: stop at the first failed stage
+
+
+@dataclass
+class Targets:
+    """What the run should reach; the report marks each figure met or missed (it never changes a figure)."""
+
+    apm_pearson_surface: float = 0.95  # each of toxicity, humor, creativity, complexity, verbosity
+    apm_pearson_knowledge: float = 0.7  # correctness and helpfulness
+    steer_spearman_surface: float = 0.97
+    steer_exact_match_surface: float = 0.8  # at every requested level
+    steer_spearman_knowledge: float = 0.7  # helpfulness and correctness
+    bootstrap_gain: float = 0.05  # oracle quality or exact match at the top setting, over stage 3
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/pipeline"
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    stages: dict[str, list[str]] = field(default_factory=dict)  # stage name → extra overrides of its recipe
+    targets: Targets = field(default_factory=Targets)
+
+    def validate(self) -> None:
+        self.synthetic.validate()
+        unknown = [name for name in self.stages if name not in STAGE_NAMES]
+        require(
+            not unknown,
+            f"stages.{unknown[0] if unknown else ''}",
+            dict(self.stages),
+            "is not a stage of the pipeline",
+            f"use one of {', '.join(STAGE_NAMES)}",
+        )
+        for name, overrides in self.stages.items():
+            for override in overrides:
+                require(
+                    "=" in override and not override.startswith(("output", "+")),
+                    f"stages.{name}",
+                    list(overrides),
+                    f"{override!r} is not a key=value override the pipeline may pass",
+                    "give key=value overrides of the stage's recipe; the pipeline sets the stage's inputs and "
+                    "outputs itself",
+                )
