@@ -3,7 +3,7 @@
     python recipes/pipeline.py                                  # runs/pipeline/report.md
     python recipes/pipeline.py synthetic.seed=1 output_dir=runs/pipeline_seed1
     python recipes/pipeline.py pipeline.parallel=tp2            # every stage under torchrun
-    python recipes/pipeline.py 'stages.sft=[trainer.max_steps=2000]'
+    python recipes/pipeline.py 'stages.sft=["trainer.max_steps=2000"]'
 
 Runs prepare_data → pretrain → train_attribute_model → annotate → train_sft (with and without attributes) →
 bootstrap → evaluate_steering, each as its own recipe with its log in output_dir/logs/, then writes

@@ -3,7 +3,7 @@
 The SteerLM paper's §3.4, per iteration i (`bootstrap.iterations`), under `<output_dir>/iter_<i>/`:
 
 1. requests: the attribute combinations of stage 3's training data (`data.train_file`) whose quality
-   attribute (`quality`, or `helpfulness` for HelpSteer2 schemas) is at the schema's maximum, each paired with
+   attribute (`quality`, or `helpfulness` for HelpSteer2 schemas) is at its maximum, each paired with
    a prompt of that data (`bootstrap.num_prompts` pairs, drawn with the seed);
 2. samples: `bootstrap.samples_per_prompt` responses per pair from the previous model (stage 3's first), sampled
    (temperature / top-k / top-p) with a seed per row, written in resumable part files (`samples.parts/`);
@@ -76,26 +76,35 @@ def prompt_of(conversation: Conversation) -> Conversation | None:
 
 
 def top_requests(cfg: BootstrapConfig, schema: AttributeSchema, iteration: int) -> list[Request]:
-    """`num_prompts` (prompt, combination) pairs: the combinations are the labels of the training data's
-    assistant turns whose quality attribute is at the schema's maximum; both drawn with (seed, iteration)."""
+    """`num_prompts` (prompt, combination) pairs: the combinations are the labels of the training data's fully
+    labelled assistant turns whose quality attribute is at its highest level in the data (the schema's maximum
+    when any turn reaches it); both drawn with (seed, iteration)."""
     quality = cfg.quality_attribute()
-    prompts, combinations = [], []
+    prompts: list[Conversation] = []
+    labelled: list[Labels] = []
     for conversation in read_records(cfg.data.train_file, cfg.data.format, schema):
         prompt = prompt_of(conversation)
         if prompt is not None:
             prompts.append(prompt)
-        for turn in conversation.turns:
-            labels = turn.labels
-            if labels and all(v is not None for v in labels.values()) and labels[quality] == schema.max_value:
-                combinations.append(labels)
-    if not prompts or not combinations:
+        labelled += [t.labels for t in conversation.turns if t.labels and all(v is not None for v in t.labels.values())]
+    if not prompts or not labelled:
         raise ConfigError(
             "data.train_file",
             cfg.data.train_file,
-            f"holds {len(prompts)} prompts and {len(combinations)} fully labelled turns with "
-            f"{quality}={schema.max_value:g}",
+            f"holds {len(prompts)} prompts and {len(labelled)} fully labelled assistant turns",
             "bootstrap from stage 3's labelled training data (e.g. annotate's output)",
         )
+    best = max(labels[quality] for labels in labelled)
+    combinations = [labels for labels in labelled if labels[quality] == best]
+    if best < schema.max_value:
+        log.warning(
+            "no turn of %s has %s=%g; asking for the best present, %g",
+            cfg.data.train_file,
+            quality,
+            schema.max_value,
+            best,
+        )
+    log.info("iteration %d: %d combinations with %s=%g", iteration, len(combinations), quality, best)
     rng = random.Random(f"bootstrap:{cfg.trainer.seed}:{iteration}")
     return [Request(rng.choice(prompts), rng.choice(combinations)) for _ in range(cfg.bootstrap.num_prompts)]
 

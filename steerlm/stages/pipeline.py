@@ -32,8 +32,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from steerlm.config import ConfigError, compose, to_typed
+from omegaconf import OmegaConf
+
+from steerlm.config import ConfigError, ParallelConfig, to_typed
 from steerlm.config.pipeline import PipelineConfig
+from steerlm.config.store import CONF_DIR
 from steerlm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -116,18 +119,12 @@ def finished(result: Path) -> bool:
 
 def layout_processes(option: str) -> int:
     """Processes a conf/parallel option needs with one data-parallel replica (tensor x pipeline x context)."""
-    try:
-        parallel = to_typed(compose("demo", [f"parallel={option}"])).parallel
-    except ConfigError:
-        raise
-    except Exception as error:  # Hydra's own error for a missing option
-        raise ConfigError(
-            "pipeline.parallel",
-            option,
-            f"is not an option of conf/parallel ({error.__class__.__name__})",
-            "use single, tp2, pp2 or tp2_pp2",
-        ) from None
-    return parallel.model_parallel_size
+    path = CONF_DIR / "parallel" / f"{option}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError("pipeline.parallel", option, "is not an option of conf/parallel", f"use one of {options}")
+    node = OmegaConf.merge(OmegaConf.structured(ParallelConfig), OmegaConf.load(path))
+    return to_typed(node, ParallelConfig).model_parallel_size
 
 
 def plan(cfg: PipelineConfig) -> list[Step]:

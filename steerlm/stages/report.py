@@ -97,12 +97,12 @@ def apm_against_oracle(labels_file: Path, world: World, cache: Path) -> tuple[di
         turn = conversation.turns[last]
         truth = oracle.score(list(conversation.turns[:last]), turn.text)
         scores = conversation.extra.get("attribute_scores")
-        for index, name in enumerate(names):
+        for name in names:
             label = None if turn.labels is None else turn.labels.get(name)
             if label is not None:
                 counts[name][int(label), int(truth[name])] += 1
-            if scores and scores[last] is not None and scores[last][index] is not None:
-                raw[name].append((scores[last][index], truth[name]))
+            if scores and scores[last] is not None and scores[last].get(name) is not None:
+                raw[name].append((scores[last][name], truth[name]))
     correlation = {
         name: pearson(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])) if pairs else float("nan")
         for name, pairs in raw.items()

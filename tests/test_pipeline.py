@@ -1,0 +1,185 @@
+"""The whole pipeline as `make demo` runs it, on a tiny world: every stage's output, the bootstrap's labels,
+the report; kill -9 mid-stage and rerun gives the same report; a stage restarted with other settings is
+refused; pipeline.parallel=tp2 launches each stage under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from steerlm.config import ConfigError, compose, to_typed
+from steerlm.config.pipeline import PipelineConfig
+from steerlm.data.readers import DataFormat, read_records
+from steerlm.data.synthetic.splits import SCHEMA
+from steerlm.stages.pipeline import plan
+from tests.recipe_runner import ROOT, recipe_env
+
+TINY = [
+    "synthetic.annotated_rows=200",
+    "synthetic.unlabelled_rows=300",
+    "synthetic.eval_prompts=6",
+    "synthetic.num_entities=8",
+    "synthetic.encyclopedia_paragraphs=4",
+    "synthetic.corpus_conversations=40",
+    'stages.pretrain=["trainer.max_steps=12","trainer.eval_interval=null","checkpoint.save_interval=4"]',
+    'stages.apm=["trainer.max_steps=8","trainer.eval_interval=null"]',
+    'stages.sft=["trainer.max_steps=12","trainer.eval_interval=null","checkpoint.save_interval=4"]',
+    'stages.sft_plain=["trainer.max_steps=6","trainer.eval_interval=null"]',
+    'stages.bootstrap=["trainer.max_steps=4","bootstrap.num_prompts=10","bootstrap.samples_per_prompt=2",'
+    '"bootstrap.max_new_tokens=24","bootstrap.chunk_rows=8"]',
+    'stages.steer_sft=["num_prompts=3","max_new_tokens=24"]',
+    'stages.steer_bootstrap=["num_prompts=3","max_new_tokens=24"]',
+    'stages.steer_plain=["num_prompts=3","max_new_tokens=24"]',
+]
+REPORT_FILES = (
+    "report.md",
+    "report.json",
+    "eval/steering_sft.json",
+    "eval/steering_bootstrap.json",
+    "eval/steering_plain.json",
+    "bootstrap/iter_1/labelled.jsonl",
+    "data/apm_labels.jsonl",
+)
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    import sys
+
+    return [sys.executable, str(ROOT / "recipes" / "pipeline.py"), f"output_dir={out}", *TINY, *extra]
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _command(out, *extra), cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=1500
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    done = _run(out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> None:
+    out = uninterrupted
+    for path in (
+        "data/corpus.jsonl",
+        "base/summary.json",
+        "apm/eval.json",
+        "sft/eval.json",
+        "sft_plain/eval.json",
+        "bootstrap/eval.json",
+        "figures/steering.png",
+        "figures/apm_vs_oracle.png",
+        "figures/loss_curves.png",
+        "timings.json",
+        "eval/fact_recall.json",
+    ):
+        assert (out / path).is_file(), path
+    report = json.loads((out / "report.json").read_text())
+    names = {t["name"] for t in report["targets"]}
+    assert "APM Pearson correctness" in names and "bootstrap gain at the top setting (quality or exact match)" in names
+    assert report["met"] == sum(t["met"] for t in report["targets"])
+    md = (out / "report.md").read_text()
+    assert f"**Targets: {report['met']} of {report['total']} met" in md and "figures/steering.png" in md
+    sft = json.loads((out / "eval/steering_sft.json").read_text())
+    for sweep in sft["attributes"].values():
+        assert set(sweep["levels"]) == {"0", "1", "2", "3", "4"}
+        assert all(0.0 <= level["exact_match"] <= 1.0 for level in sweep["levels"].values())
+        assert "others_mean_abs_change" in sweep["levels"]["4"] and "min_exact_match" in sweep
+    assert set(sft["at_base"]["exact_match"]) == set(SCHEMA.attributes)
+    plain = json.loads((out / "eval/steering_plain.json").read_text())
+    assert plain["attributes"] == {} and "quality" in plain["at_base"]["mean_measured"]
+
+
+@pytest.mark.slow
+def test_bootstrap_labels_are_the_apms_predictions_of_what_was_sampled(uninterrupted: Path) -> None:
+    from steerlm import runtime
+    from steerlm.config import ParallelConfig
+    from steerlm.inference.scoring import AttributeScorer
+
+    labelled = list(read_records(uninterrupted / "bootstrap/iter_1/labelled.jsonl", DataFormat.conversation, SCHEMA))
+    samples = list(read_records(uninterrupted / "bootstrap/iter_1/samples.jsonl", DataFormat.conversation, SCHEMA))
+    assert len(labelled) == len(samples) == 20  # 10 requests x 2 samples
+    assert [c.turns[-1].text for c in labelled] == [c.turns[-1].text for c in samples]
+    layout = runtime.initialize(ParallelConfig(), 0)
+    try:
+        scorer = AttributeScorer.from_checkpoint(uninterrupted / "apm", layout)
+        expected = [SCHEMA.clip_round(score) for score in scorer.score(samples)]
+    finally:
+        runtime.shutdown()
+    assert [c.turns[-1].labels for c in labelled] == expected
+    rows = [json.loads(line) for line in (uninterrupted / "bootstrap/iter_1/labelled.jsonl").read_text().splitlines()]
+    quality = [SCHEMA.parse(row["requested"])["quality"] for row in rows]
+    assert len(set(quality)) == 1  # every request asks for the best quality found in the data
+    assert (uninterrupted / "bootstrap" / "final").resolve() == (uninterrupted / "bootstrap/iter_1/sft").resolve()
+
+
+@pytest.mark.slow
+def test_killed_mid_stage_and_rerun_gives_the_same_report(uninterrupted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        _command(out), cwd=ROOT, env=recipe_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = out / "sft" / "checkpoints"
+    deadline = time.monotonic() + 900
+    while not (checkpoints / "latest").exists():  # the SFT stage has saved step 4 and is training on
+        assert process.poll() is None and time.monotonic() < deadline, "the pipeline ended before the SFT stage"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(10)
+    stages = subprocess.run(["pgrep", "-f", f"output_dir={out}/sft"], capture_output=True, text=True)
+    assert stages.stdout.strip() == "", "a stage outlived the killed pipeline"
+    stopped = out / "sft" / "eval.json"  # the stage got SIGTERM: it checkpointed and stopped early, or never wrote
+    assert not stopped.exists() or json.loads(stopped.read_text())["stop_reason"]
+    done = _run(out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = (out / "logs" / "sft.log").read_text()
+    assert "resum" in log.lower()
+    for name in REPORT_FILES:
+        assert (out / name).read_text().replace(str(out), "OUT") == (uninterrupted / name).read_text().replace(
+            str(uninterrupted), "OUT"
+        ), name
+
+
+@pytest.mark.slow
+def test_a_stage_restarted_with_other_settings_is_refused(uninterrupted: Path) -> None:
+    done = _run(uninterrupted, 'stages.sft=["trainer.max_steps=13"]')
+    assert done.returncode != 0
+    assert "stages.sft" in done.stderr and "other settings" in done.stderr
+
+
+def test_tp2_runs_every_training_and_inference_stage_under_torchrun(tmp_path: Path) -> None:
+    cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}", "pipeline.parallel=tp2"]), PipelineConfig)
+    steps = {step.name: step for step in plan(cfg)}
+    assert steps["world"].processes == 1 and steps["world"].command()[1].endswith("prepare_data.py")
+    for name in ("pretrain", "apm", "annotate", "sft", "bootstrap", "steer_sft"):
+        command = steps[name].command()
+        assert command[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"], name
+        assert "parallel=tp2" in command
+    assert f"sft.init_from={tmp_path / 'base'}" in steps["sft"].args
+    assert "sft.condition_on_attributes=false" in steps["sft_plain"].args
+    with pytest.raises(ConfigError) as error:
+        plan(replace(cfg, pipeline=replace(cfg.pipeline, parallel="tp3")))
+    assert error.value.key == "pipeline.parallel"
+    with pytest.raises(ConfigError) as error:
+        replace(cfg, stages={"typo": ["a=1"]}).validate()
+    assert error.value.key == "stages.typo"
+
+
+def test_recipes_exist_for_every_planned_stage(tmp_path: Path) -> None:
+    cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}"]), PipelineConfig)
+    for step in plan(cfg):
+        assert Path(step.command()[1]).is_file(), step.recipe
+    assert os.path.basename(plan(cfg)[-1].command()[1]) == "evaluate_steering.py"
