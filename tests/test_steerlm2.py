@@ -3,6 +3,7 @@ form, the baseline at theta = Q', TP/PP/DP parity, and prepare → train end to 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from steerlm.training import STEERLM2, microbatches_for_rank, predict, wrap_for_
 from steerlm.training.step import forward_backward_metrics
 from tests.conftest import TEST_MODEL
 from tests.multiproc import run_distributed
+from tests.recipe_runner import TORCHRUN_2, metric_rows, run_recipe
 
 SCHEMA = AttributeSchema("helpsteer2", ("helpfulness", "correctness", "coherence", "complexity", "verbosity"))
 N = 3  # responses per prompt
@@ -277,3 +279,159 @@ def test_tp2_pp2_and_dp2_agree_on_baseline_loss_distance_and_gradients() -> None
         scale = expected.abs().max().clamp_min(1e-12)
         for got in (ranks[0]["tp2"]["grads"][parameter], grads[parameter]):
             assert ((got - expected).abs().max() / scale).item() < 1e-4, parameter
+
+
+# --- prepare_steerlm2 → train_sft sft.objective=steerlm2 on the synthetic world ------------------------------
+
+
+@pytest.fixture(scope="module")
+def steerlm2_models(steerable, tmp_path_factory) -> dict:
+    """Q' (the shared steerable SFT run), a plain-SFT model and a regression APM trained a few steps: any weights
+    serve the recomputation checks."""
+    root, data = tmp_path_factory.mktemp("steerlm2_models"), steerable["data"]
+    short = [
+        f"data.train_file={data}/annotated.jsonl",
+        f"tokenizer.path={data}/tokenizer",
+        "trainer.max_steps=3",
+        "trainer.micro_batch_size=8",
+        "trainer.global_batch_size=8",
+        "trainer.eval_interval=null",
+        "checkpoint.save_interval=null",
+    ]
+    plain = run_recipe("train_sft", [*short, "sft.condition_on_attributes=false", f"output_dir={root / 'plain'}"])
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    apm = run_recipe("train_attribute_model", [*short, f"output_dir={root / 'apm'}"])
+    assert apm.returncode == 0, apm.stderr[-2000:]
+    return {"data": data, "sft": steerable["sft"], "plain": root / "plain", "apm": root / "apm"}
+
+
+def _prepare_args(models: dict, output: Path) -> list[str]:
+    return [
+        f"steerlm_checkpoint={models['sft']}",
+        f"plain_sft_checkpoint={models['plain']}",
+        f"apm_checkpoint={models['apm']}",
+        f"input={models['data']}/annotated.jsonl",
+        "format=helpsteer2",
+        f"output={output}",
+        "max_prompts=6",
+        "num_responses=3",
+        "shard_size=3",
+        "max_new_tokens=48",
+    ]
+
+
+def _recomputed_log_probs(checkpoint: Path, rows: list, layout) -> list[float]:
+    """log p(y|prompt) of every response, one sequence at a time from the full logits: the prompt generation
+    reads (attribute line only if the model was trained with them), then `{y}\\n<extra_id_1>`."""
+    from steerlm.data.collate import prompt_ids
+    from steerlm.inference.loading import load_generator
+
+    loaded = load_generator(str(checkpoint), layout, PrecisionConfig())
+    model, config, out = loaded.generator.model, loaded.template.config, []
+    for row in rows:
+        prompt = prompt_ids(loaded.template, loaded.tokenizer, row.system, row.prompt_turns, row.labels)
+        for response in row.responses:
+            ids = prompt + loaded.tokenizer.encode(response.text + config.turn_suffix + config.end_of_turn)
+            tokens = torch.tensor([ids[:-1]])
+            with torch.no_grad():
+                logits = model(tokens, torch.arange(len(ids) - 1)[None], None).float()
+            picked = torch.log_softmax(logits[0], -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+            out.append(picked[len(prompt) - 1 :].sum().item())
+    return out
+
+
+def _beta_log_probability(scores: list[float], labels: dict, schema: AttributeSchema, concentration: float) -> float:
+    total = 0.0
+    levels = int(schema.max_value - schema.min_value) + 1
+    for name, score in zip(schema.attributes, scores):
+        if labels.get(name) is None:
+            continue
+        mean = (min(max(score, schema.min_value), schema.max_value) - schema.min_value + 0.5) / levels
+        with mpmath.workdps(150):
+            low, high = (labels[name] - schema.min_value) / levels, (labels[name] - schema.min_value + 1) / levels
+            mass = mpmath.betainc(mean * concentration, (1 - mean) * concentration, low, high, regularized=True)
+            total += float(mpmath.log(mass))
+    return total
+
+
+@pytest.mark.slow
+def test_prepare_steerlm2_rows_resume_tp2_and_training_lowers_distance(steerlm2_models, layout, tmp_path) -> None:
+    from steerlm.data.records import Conversation
+    from steerlm.inference.loading import read_checkpoint_setup
+    from steerlm.inference.scoring import AttributeScorer
+
+    models, output = steerlm2_models, tmp_path / "rows.jsonl"
+    made = run_recipe("prepare_steerlm2", _prepare_args(models, output))
+    assert made.returncode == 0, made.stderr[-3000:]
+    schema = read_checkpoint_setup(str(models["sft"])).schema
+    rows = list(read_steerlm2_rows(output, schema))
+    assert len(rows) == json.loads(Path(f"{output}.summary.json").read_text())["prompts"] >= 4
+    responses = [r for row in rows for r in row.responses]
+    assert len({r.text for r in responses}) > len(rows)  # sampled, not greedy copies
+
+    log_q = _recomputed_log_probs(models["sft"], rows, layout)
+    assert [r.log_q for r in responses] == pytest.approx(log_q, rel=1e-5, abs=1e-3)
+    log_p = _recomputed_log_probs(models["plain"], rows, layout)
+    assert [r.log_p_response for r in responses] == pytest.approx(log_p, rel=1e-5, abs=1e-3)
+    scorer = AttributeScorer.from_checkpoint(models["apm"], layout)
+    conversations = [
+        Conversation(row.system, (*row.prompt_turns, Turn(Role.assistant, r.text)))
+        for row in rows
+        for r in row.responses
+    ]
+    scores = iter(scorer.score(conversations))
+    for row in rows:
+        for response in row.responses:
+            values = [value for name, value in next(scores).items() if name in schema.attributes]
+            assert response.extra["attribute_scores"] == pytest.approx(values, abs=1e-4)
+            expected = _beta_log_probability(values, row.labels, schema, 20.0)
+            assert response.log_p_attributes == pytest.approx(expected, rel=1e-6)
+
+    # an interrupted run: the last shard's attribute pass never finished, and the output was never written
+    text = output.read_text()
+    manifest = Path(f"{output}.parts") / "attributes" / "manifest.json"
+    saved = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**saved, "done": saved["done"][:-1]}))
+    output.unlink()
+    again = run_recipe("prepare_steerlm2", _prepare_args(models, output))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["shards_skipped"] == {"sample": 2, "plain": 2, "attributes": 1}
+    assert output.read_text() == text
+
+    tp2 = run_recipe("prepare_steerlm2", [*_prepare_args(models, tmp_path / "tp2.jsonl"), "parallel=tp2"], TORCHRUN_2)
+    assert tp2.returncode == 0, tp2.stderr[-3000:]
+    split = list(read_steerlm2_rows(tmp_path / "tp2.jsonl", schema))
+    assert [r.text for row in split for r in row.responses] == [r.text for r in responses]
+    for ours, theirs in zip([r for row in split for r in row.responses], responses):
+        logs = (ours.log_q, ours.log_p_response, ours.log_p_attributes)
+        assert logs == pytest.approx((theirs.log_q, theirs.log_p_response, theirs.log_p_attributes), abs=1e-3)
+
+    # SteerLM 2.0 from Q' itself: b starts uniform, so the distance starts at the mean KL(w || uniform)
+    run = tmp_path / "steerlm2"
+    trained = run_recipe(
+        "train_sft",
+        [
+            "sft.objective=steerlm2",
+            f"sft.init_from={models['sft']}",
+            f"data.train_file={output}",
+            f"data.validation_file={output}",
+            f"tokenizer.path={models['data']}/tokenizer",
+            f"output_dir={run}",
+            "trainer.micro_batch_size=3",
+            "trainer.global_batch_size=6",  # every prompt each step: the distance falls smoothly
+            "trainer.max_steps=6",
+            "trainer.log_interval=1",
+            "trainer.eval_interval=null",
+            "checkpoint.save_interval=null",
+            "optim.lr=3e-5",
+            "optim.min_lr=3e-5",
+            "optim.lr_warmup_steps=0",
+        ],
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = json.loads((run / "eval.json").read_text())
+    uniform = sum(w * math.log(N * w) for row in rows for w in row.target_weights() if w > 0) / len(rows)
+    assert result["initial_validation"]["distance"] == pytest.approx(uniform, rel=1e-3)
+    assert result["final_validation"]["distance"] < 0.1 * result["initial_validation"]["distance"]
+    logged = [row["distance"] for row in metric_rows(run) if "distance" in row]
+    assert len(logged) == 6 and logged[-1] < 0.2 * logged[0]

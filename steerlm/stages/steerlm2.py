@@ -143,6 +143,8 @@ def run(cfg: SFTConfig) -> SteerLM2Result:
     validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
     init = resolve_init_checkpoint(cfg)
     output_dir = prepare_output_dir(cfg.output_dir)
+    _check_resume_objective(cfg, output_dir)
+    check_resume_conditioning(cfg, output_dir)
     train, valid, lengths = load_groups(cfg, SteerLMTemplate(schema, cfg.sft.template()), tokenizer, output_dir)
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
@@ -151,8 +153,6 @@ def run(cfg: SFTConfig) -> SteerLM2Result:
         if layout.is_rank_zero:
             save_resolved(cfg, output_dir / "config.yaml")
         setup = build_training(cfg, layout)
-        _check_resume_objective(cfg, output_dir)
-        check_resume_conditioning(cfg, output_dir)
         start = resume_or_initialise(cfg, output_dir, setup, layout, init)
         result = _train(cfg, train, valid, lengths, tokenizer.pad_id, setup, layout, output_dir, start)
         if layout.is_rank_zero:
