@@ -322,10 +322,11 @@ def attribute_level_log_probability(score: float, level: float, schema: Attribut
     """log P(attribute = level | x, y) from a regression APM's predicted `score` (HelpSteer2's SteerLM 2.0).
 
     The schema's K integer levels split [0, 1] into K equal bins, level k owning [k/K, (k+1)/K] (levels counted
-    from `min_value`). The score, clipped to the schema's range, is the mean of a Beta distribution placed at
-    the centre of its level's bin, mu = (score - min_value + 1/2) / K, with alpha + beta = `concentration`:
-    alpha = mu * concentration, beta = (1 - mu) * concentration. A level's probability is the Beta mass of its
-    bin; bins above the mean are integrated from the upper tail so small probabilities keep their digits.
+    from `min_value`). The score, clipped to the schema's range, is the mean of a Beta distribution,
+    mu = (score - min_value + 1/2) / K (a score exactly on a level sits at the centre of that level's bin), with
+    alpha + beta = `concentration`: alpha = mu * concentration, beta = (1 - mu) * concentration. A level's
+    probability is the Beta mass of its bin; bins above the mean are integrated from the upper tail so small
+    probabilities keep their digits.
     """
     levels = int(schema.max_value - schema.min_value) + 1
     clipped = min(max(score, schema.min_value), schema.max_value)
