@@ -4,6 +4,8 @@
     python recipes/train_sft.py                                        # tiny model on data/synthetic/annotated.jsonl
     python recipes/train_sft.py sft.condition_on_attributes=false output_dir=runs/sft_plain
     torchrun --nproc-per-node 2 recipes/train_sft.py parallel=tp2
+    python recipes/train_sft.py sft.objective=steerlm2 sft.init_from=runs/sft \
+        data.train_file=data/steerlm2.jsonl output_dir=runs/steerlm2     # SteerLM 2.0 (docs/steerlm2.md)
 
 Writes config.yaml, metrics.jsonl, tensorboard/, checkpoints/ and eval.json (validation loss before and
 after, the unigram baseline, example and token counts) to output_dir.
@@ -13,9 +15,9 @@ import hydra
 from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
-from steerlm.config.sft import SFTConfig
+from steerlm.config.sft import SFTConfig, SFTObjective
 from steerlm.runtime import setup_logging
-from steerlm.stages import sft
+from steerlm.stages import sft, steerlm2
 
 register_schemas()
 
@@ -23,7 +25,9 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="train_sft", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    sft.run(to_typed(cfg, SFTConfig))
+    typed = to_typed(cfg, SFTConfig)
+    stage = steerlm2 if typed.sft.objective == SFTObjective.steerlm2 else sft
+    stage.run(typed)
 
 
 if __name__ == "__main__":

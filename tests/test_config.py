@@ -40,6 +40,7 @@ PRIMARY = (
     "chat",
     "serve",
     "evaluate_steering",
+    "prepare_steerlm2",
 )
 PREPARE_GROUPS = ("attributes", "data")
 
@@ -176,6 +177,34 @@ def test_annotate_config_composes_and_validates(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         replace(cfg, output=cfg.input).validate()
     assert error.value.key == "output"
+
+
+def test_prepare_steerlm2_config_composes_and_validates(tmp_path: Path) -> None:
+    from steerlm.config.steerlm2 import PrepareSteerLM2Config
+
+    for name in ("sft", "plain", "apm"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "in.jsonl").write_text("")
+    overrides = [
+        f"steerlm_checkpoint={tmp_path / 'sft'}",
+        f"plain_sft_checkpoint={tmp_path / 'plain'}",
+        f"apm_checkpoint={tmp_path / 'apm'}",
+        f"input={tmp_path / 'in.jsonl'}",
+        f"output={tmp_path / 'rows.jsonl'}",
+        "parallel=tp2",
+    ]
+    cfg = to_typed(compose("prepare_steerlm2", overrides), PrepareSteerLM2Config)
+    cfg.validate()
+    assert cfg.num_responses == 4 and cfg.parallel.tensor_model_parallel_size == 2
+    for bad, key in (
+        ({"num_responses": 1}, "num_responses"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"output": cfg.input}, "output"),
+        ({"parallel": replace(cfg.parallel, pipeline_model_parallel_size=2)}, "parallel.pipeline_model_parallel_size"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            replace(cfg, **bad).validate()
+        assert error.value.key == key
 
 
 def test_prepare_data_requires_input_and_output() -> None:

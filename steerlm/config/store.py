@@ -25,6 +25,7 @@ from steerlm.config.pretrain import PretrainConfig
 from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.config.steering import SteeringEvalConfig
+from steerlm.config.steerlm2 import PrepareSteerLM2Config
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
 
@@ -43,6 +44,7 @@ SCHEMAS = {
     "serve_schema": ServeConfig,
     "evaluate_attribute_model_schema": EvaluateAttributeModelConfig,
     "steering_eval_schema": SteeringEvalConfig,
+    "prepare_steerlm2_schema": PrepareSteerLM2Config,
 }
 
 T = TypeVar("T")

@@ -65,6 +65,7 @@ class StageData:
     train_batch: Callable[[int], Batch]
     valid_batches: list[Batch]
     validation_metrics: Callable[[], dict[str, float]] | None = None
+    group_size: int = 1  # rows per example that must stay in one micro-batch (SteerLM 2.0's responses)
 
 
 class TrainingStage(abc.ABC, Generic[C, D]):
@@ -126,6 +127,7 @@ def run_stage(stage: TrainingStage[C, D], cfg: C, result_file: str = EVAL_FILE) 
             valid_batches=(lambda: valid) if valid else None,
             task=stage.task(cfg),
             validation_metrics=stage_data.validation_metrics,
+            group_size=stage_data.group_size,
         )
         result = stage.report(ctx, data, outcome, before)
         if layout.is_rank_zero:

@@ -27,7 +27,7 @@ from steerlm.training.losses import LANGUAGE_MODEL, Task
 from steerlm.training.metrics import LoggedStep, MetricsLog
 from steerlm.training.setup import TrainingSetup
 from steerlm.training.signals import StopRequests
-from steerlm.training.step import Batch, forward_backward, train_step
+from steerlm.training.step import Batch, forward_backward_metrics, train_step
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +41,30 @@ class TrainingOutcome:
     evaluations: list[tuple[int, float]] = field(default_factory=list)
 
 
-@torch.no_grad()
 def evaluate(
     model: list, batches: list[Batch], micro_batch_size: int, layout: ParallelLayout, task: Task = LANGUAGE_MODEL
 ) -> float:
     """Mean loss over every trained token of `batches` (global batches), forward only."""
+    return evaluate_metrics(model, batches, micro_batch_size, layout, task)[0]
+
+
+@torch.no_grad()
+def evaluate_metrics(
+    model: list, batches: list[Batch], micro_batch_size: int, layout: ParallelLayout, task: Task = LANGUAGE_MODEL
+) -> tuple[float, dict[str, float]]:
+    """`evaluate`, plus the task's `metrics` over `batches` (each batch's mean weighted by its loss count)."""
     for chunk in model:
         chunk.eval()
-    total, count = 0.0, 0
+    total, count, others = 0.0, 0, dict.fromkeys(task.metrics, 0.0)
     for batch in batches:
-        loss, tokens = forward_backward(
+        loss, items, metrics = forward_backward_metrics(
             model, microbatches_for_rank(batch, micro_batch_size, layout), layout, task, forward_only=True
         )
-        total, count = total + loss * tokens, count + tokens
+        total, count = total + loss * items, count + items
+        others = {name: others[name] + metrics[name] * items for name in others}
     for chunk in model:
         chunk.train()
-    return total / max(count, 1)
+    return total / max(count, 1), {name: value / max(count, 1) for name, value in others.items()}
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -93,11 +101,14 @@ def run_training(
     valid_batches: Callable[[], list[Batch]] | None = None,
     task: Task = LANGUAGE_MODEL,
     validation_metrics: Callable[[], dict[str, float]] | None = None,
+    group_size: int = 1,
 ) -> TrainingOutcome:
     """Train steps `start_step + 1 … trainer.max_steps` on `train_batch(step)` global batches.
 
     `validation_metrics` (collective, called on every rank at each validation) adds a stage's own
-    scalars to the validation loss in metrics.jsonl and TensorBoard.
+    scalars to the validation loss in metrics.jsonl and TensorBoard; the task's own `metrics` are logged
+    next to the loss in training and validation. `group_size` rows make one item of `trainer.*_batch_size`
+    (SteerLM 2.0: a prompt's responses), so a micro-batch holds `micro_batch_size x group_size` rows.
     """
     trainer, save_interval = cfg.trainer, cfg.checkpoint.save_interval
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
@@ -116,12 +127,13 @@ def run_training(
     try:
         with StopRequests(trainer.max_time_minutes, layout.device) as stops, bar:
             for step in range(start_step + 1, trainer.max_steps + 1):
-                microbatches = microbatches_for_rank(train_batch(step), trainer.micro_batch_size, layout)
+                microbatches = microbatches_for_rank(train_batch(step), trainer.micro_batch_size * group_size, layout)
                 result = train_step(model, optimizer, scheduler, microbatches, layout, task)
                 outcome.last_step = step
                 window_tokens += result.num_tokens
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                shown = {name: f"{value:.4f}" for name, value in result.metrics.items()}
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", **shown)
                 if step % trainer.log_interval == 0 or step == trainer.max_steps:
                     now = time.perf_counter()
                     logged = LoggedStep(
@@ -131,6 +143,7 @@ def run_training(
                         grad_norm=result.grad_norm,
                         tokens_per_s=window_tokens / max(now - window_start, 1e-9),
                         elapsed=now - start,
+                        metrics=result.metrics,
                     )
                     window_start, window_tokens = now, 0
                     outcome.history.append(logged)
@@ -143,9 +156,10 @@ def run_training(
                     and not stop
                     and (last or (trainer.eval_interval and step % trainer.eval_interval == 0))
                 ):
-                    loss = evaluate(model, valid_batches(), trainer.micro_batch_size, layout, task)
+                    rows = trainer.micro_batch_size * group_size
+                    loss, extra = evaluate_metrics(model, valid_batches(), rows, layout, task)
                     outcome.evaluations.append((step, loss))
-                    metrics.log_eval(step, loss, validation_metrics() if validation_metrics else {})
+                    metrics.log_eval(step, loss, {**extra, **(validation_metrics() if validation_metrics else {})})
                     log.info("step %d validation loss %.4f", step, loss)
                 if stop or last or (save_interval and step % save_interval == 0):
                     save_checkpoint(output_dir, step, setup, layout, cfg)
@@ -160,11 +174,13 @@ def run_training(
 
 def _log_step(logged: LoggedStep, max_steps: int) -> None:
     grad_norm = f"{logged.grad_norm:.3f}" if logged.grad_norm is not None else "-"
+    extra = "".join(f" {name} {value:.4f}" for name, value in logged.metrics.items())
     log.info(
-        "step %d/%d loss %.4f lr %.2e grad_norm %s %.0f tokens/s",
+        "step %d/%d loss %.4f%s lr %.2e grad_norm %s %.0f tokens/s",
         logged.step,
         max_steps,
         logged.loss,
+        extra,
         logged.lr,
         grad_norm,
         logged.tokens_per_s,

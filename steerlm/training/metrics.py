@@ -7,7 +7,7 @@ file of an interrupted-and-resumed run reads exactly like an uninterrupted one.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from steerlm.files import atomic_write_text
@@ -24,6 +24,7 @@ class LoggedStep:
     grad_norm: float | None
     tokens_per_s: float
     elapsed: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's other scalars (e.g. SteerLM 2.0's distance)
 
 
 class MetricsLog:
@@ -53,9 +54,11 @@ class MetricsLog:
     def log_train(self, logged: LoggedStep) -> None:
         if not self.enabled:
             return
-        self._write(asdict(logged))
-        for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
-            value = getattr(logged, name)
+        row = asdict(logged)
+        row.update(row.pop("metrics"))
+        self._write(row)
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s", *logged.metrics):
+            value = row[name]
             if value is not None:
                 self._tensorboard.add_scalar(f"train/{name}", value, logged.step)
 

@@ -9,7 +9,7 @@ Every rank of a model-parallel group receives the same micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -30,6 +30,7 @@ class StepResult:
     grad_norm: float | None
     lr: float
     skipped: bool
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's other report entries, e.g. distance
 
 
 def _loss(task: Task, batch: Batch, output: torch.Tensor, non_loss_data: bool = False):
@@ -82,22 +83,53 @@ def forward_backward(
     Gradients are left in the DDP buffers, already reduced across data-parallel ranks and divided by
     the global token count (megatron's `finalize_model_grads`), when `forward_only` is False.
     """
+    loss, count, _ = forward_backward_metrics(model, microbatches, layout, task, forward_only)
+    return loss, count
+
+
+def forward_backward_metrics(
+    model: list,
+    microbatches: list[Batch],
+    layout: ParallelLayout,
+    task: Task = LANGUAGE_MODEL,
+    forward_only: bool = False,
+) -> tuple[float, int, dict[str, float]]:
+    """`forward_backward`, plus the global-batch mean of each of the task's `metrics`; runs the task's
+    `prepare` pass first."""
+    microbatches = _prepared(model, microbatches, layout, task)
     reports = _run_schedule(model, microbatches, layout, task, forward_only, collect_predictions=False)
-    return _reduce_reports(reports, layout)
+    return _reduce_reports(reports, layout, ("loss", *task.metrics))
 
 
-def _reduce_reports(reports: list[dict[str, torch.Tensor]], layout: ParallelLayout) -> tuple[float, int]:
-    """Sum [loss_sum, count] over micro-batches (last stage) and data-parallel ranks; share with all stages."""
-    total = torch.zeros(2, dtype=torch.float64, device=layout.device)
+def _prepared(model: list, microbatches: list[Batch], layout: ParallelLayout, task: Task) -> list[Batch]:
+    """The task's `prepare` over `microbatches`, given a no-grad prediction pass of the current weights."""
+    if task.prepare is None:
+        return microbatches
+
+    def forward_only(batches: list[Batch], pass_task: Task) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return predict(model, batches, layout, pass_task)
+
+    return task.prepare(microbatches, forward_only)
+
+
+def _reduce_reports(
+    reports: list[dict[str, torch.Tensor]], layout: ParallelLayout, names: tuple[str, ...]
+) -> tuple[float, int, dict[str, float]]:
+    """Sum each named [sum, count] over micro-batches (last stage) and data-parallel ranks; share with all
+    stages. Returns the first name's mean and count, and the others' means."""
+    total = torch.zeros(len(names), 2, dtype=torch.float64, device=layout.device)
     for report in reports:
-        total += report["loss"].to(total)
+        for row, name in enumerate(names):
+            total[row] += report[name].to(total)
     groups = layout.pg_collection
     dist.all_reduce(total, group=groups.dp_cp)
     if layout.pp > 1:
         last = dist.get_global_rank(groups.pp, layout.pp - 1)
         dist.broadcast(total, src=last, group=groups.pp)
-    loss_sum, count = total.tolist()
-    return loss_sum / max(count, 1.0), int(count)
+    (loss_sum, count), *others = total.tolist()
+    means = {name: value / max(items, 1.0) for name, (value, items) in zip(names[1:], others)}
+    return loss_sum / max(count, 1.0), int(count), means
 
 
 def predict(model: list, microbatches: list[Batch], layout: ParallelLayout, task: Task) -> list[torch.Tensor]:
@@ -126,7 +158,7 @@ def train_step(
     # at LR 0 (megatron's scheduler starts at init_lr = 0 when warming up).
     scheduler.step(increment=1)
     lr = optimizer.param_groups[0]["lr"]
-    loss, num_tokens = forward_backward(model, microbatches, layout, task)
+    loss, num_tokens, metrics = forward_backward_metrics(model, microbatches, layout, task)
     updated, grad_norm, _ = optimizer.step()
     return StepResult(
         loss=loss,
@@ -134,4 +166,5 @@ def train_step(
         grad_norm=None if grad_norm is None else float(grad_norm),
         lr=lr,
         skipped=not updated,
+        metrics=metrics,
     )
