@@ -1,26 +1,31 @@
-"""Generation throughput, side by side: steerlm's KV-cache generator — with its lean decoder and with
-megatron-core's static inference context (steerlm.inference.decoders) — vs HF transformers `generate`
-(LlamaForCausalLM, dynamic KV cache), greedy, the same Llama shape and the SAME weights (exported with
-steerlm.models.hf_llama), one device, one process.
+"""Generation throughput, side by side: steerlm's KV-cache generator — with its lean decoder, megatron-core's
+static inference context and, on CUDA, the lean decoder's CUDA-graph form (steerlm.inference.decoders) — vs HF
+transformers `generate` (LlamaForCausalLM, dynamic KV cache), greedy, the same Llama shape and the SAME weights
+(exported with steerlm.models.hf_llama), one device, one process.
 
-    python bench/generate_throughput.py                                   # tiny model on CPU
-    python bench/generate_throughput.py --preset llama3_2_1b --dtype bf16  # GPU
+    python bench/generate_throughput.py                                          # tiny model on CPU
+    python bench/generate_throughput.py --preset small --batch-sizes 1 8         # 52M model on CPU
+    python bench/generate_throughput.py --preset llama3_2_1b --dtype bf16        # GPU
 
-Every prompt is continued by exactly --new-tokens tokens (no stop token), at batch 1 and 32 by default.
-Prints generated tokens/s of each, the steerlm / HF ratios, and whether all produced the same tokens.
+Every prompt is continued by exactly --new-tokens tokens (no stop token), at batch 1 and 32 by default. HF runs
+without the CPU stand-ins steerlm installs for megatron-core (which would slow every op it makes). Prints
+generated tokens/s of each, the steerlm / HF ratios, and whether all produced the same tokens; `--json` also
+writes them to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 
-from steerlm import runtime
+from steerlm import megatron_compat, runtime
 from steerlm.config import DType, ParallelConfig, PrecisionConfig, compose, to_typed
 from steerlm.config.schema import ModelConfig
 from steerlm.inference import Generator, SamplingParams
+from steerlm.inference.decoders import GraphedLeanDecoder
 from steerlm.models import build_model_chunks
 from steerlm.models.gpt import torch_dtype
 from steerlm.models.hf_llama import hf_config_dict, megatron_to_hf
@@ -63,6 +68,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,15 +82,19 @@ def main() -> None:
         name: Generator(chunks, _Vocabulary(model.vocab_size), layout, limit, (), decoder=name)
         for name in ("lean", "megatron")
     }
+    if device.type == "cuda":
+        generators["graphed"] = Generator(chunks, _Vocabulary(model.vocab_size), layout, limit, (), decoder="lean")
+        generators["graphed"].decoder = GraphedLeanDecoder
     full = {name: param.detach() for name, param in named_global_parameters(chunks)}
     hf_config = LlamaConfig(**{k: v for k, v in hf_config_dict(model).items() if k != "architectures"})
     hf = LlamaForCausalLM(hf_config).to(device=device, dtype=torch_dtype(precision.dtype)).eval()
     hf.load_state_dict(megatron_to_hf(full, model), strict=False)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(
-        f"{args.preset} ({model.num_parameters() / 1e6:.2f}M parameters) {args.dtype} on {name}: greedy, "
+        f"{args.preset} ({model.num_parameters() / 1e6:.2f}M parameters) {args.dtype} on {device_name}: greedy, "
         f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens per row, best of {args.repeats}"
     )
+    results: dict[int, dict] = {}
     for rows in args.batch_sizes:
         prompts = torch.randint(
             3, model.vocab_size, (rows, args.prompt_tokens), generator=torch.Generator().manual_seed(rows)
@@ -94,7 +104,7 @@ def main() -> None:
             name: _timed(lambda g=generator, p=prompts, s=params: g.generate(p.tolist(), s), device, args.repeats)
             for name, generator in generators.items()
         }
-        with torch.inference_mode():
+        with torch.inference_mode(), megatron_compat.lifted():
             theirs, theirs_out = _timed(
                 lambda p=prompts: hf.generate(
                     p.to(device),
@@ -111,6 +121,8 @@ def main() -> None:
         reference = theirs_out[:, args.prompt_tokens :].tolist()
         same = all([c.token_ids for c in out] == reference for _, out in ours.values())
         generated = rows * args.new_tokens
+        results[rows] = {"hf": generated / theirs, "same_tokens": same}
+        results[rows].update({name: generated / seconds for name, (seconds, _) in ours.items()})
         print(
             f"  batch {rows:3d}: HF {generated / theirs:8.0f} tokens/s | "
             + " | ".join(
@@ -120,6 +132,9 @@ def main() -> None:
             + f" | same tokens: {'yes' if same else 'no'}"
         )
     runtime.shutdown()
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"preset": args.preset, "dtype": args.dtype, "device": device_name, "batches": results}, out)
 
 
 if __name__ == "__main__":

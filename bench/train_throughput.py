@@ -1,27 +1,38 @@
-"""Training throughput, side by side: steerlm (megatron-core GPTModel, local layers + SDPA attention,
-megatron DDP/optimizer with fp32 master weights) vs HF transformers LlamaForCausalLM (SDPA attention,
-fp32 weights under bf16 autocast, fused AdamW) on the same Llama shape, one device, one process.
+"""Training throughput, side by side: steerlm (megatron-core GPTModel, local layers + SDPA attention, the chunked
+cross entropy, `trainer.torch_compile` as configured, megatron DDP/optimizer with fp32 master weights) vs HF
+transformers LlamaForCausalLM (SDPA attention, fp32 weights under bf16 autocast, fused AdamW on GPU, eager) on
+the same Llama shape, one device, one process.
 
-    python bench/train_throughput.py --preset llama3_2_1b --seq-length 4096 --steps 10      # GPU
-    python bench/train_throughput.py --preset tiny --seq-length 256 --dtype fp32 --steps 5   # CPU smoke
+    python bench/train_throughput.py --preset llama3_2_1b --seq-length 4096 --steps 10        # GPU
+    python bench/train_throughput.py --preset small --seq-length 256 --micro-batch-size 2 --dtype fp32 \\
+        --warmup 1 --steps 2 --rounds 3                                                          # CPU
 
-Prints tokens/s and model TFLOP/s of each and the steerlm / HF ratio.
+On GPU each side is built, timed (mean step after warm-up) and freed in turn, so its peak memory is its own. On
+CPU, where other processes share the cores, both are built and timed in alternating rounds of `--steps` steps,
+and each side's median step is reported, so both see the same load. Prints ms/step, tokens/s, model TFLOP/s,
+peak memory (GPU) and the steerlm / HF throughput ratio; `--json` also writes them to a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
-from steerlm import runtime
+from steerlm import megatron_compat, runtime
 from steerlm.config import DType, ParallelConfig, PrecisionConfig, TrainerConfig, compose, to_typed
 from steerlm.config.schema import ModelConfig
 from steerlm.models import build_model_chunks
 from steerlm.models.hf_llama import hf_config_dict
 from steerlm.training import build_optimizer, microbatches_for_rank, train_step, wrap_for_training
+from steerlm.training.setup import compile_layers
+
+Step = Callable[[], None]
 
 
 def flops_per_token(model: ModelConfig, seq_length: int) -> float:
@@ -50,88 +61,128 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(step, device: torch.device, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
-
-
-def bench_hf(
-    model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmup: int, steps: int, device: torch.device
-) -> float:
+def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, device: torch.device) -> Step:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = {k: v for k, v in hf_config_dict(model).items() if k not in ("architectures", "model_type")}
     hf = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).to(device).train()
     optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=device.type == "cuda")
-    batch = _batch(model, rows, seq_length)
-    tokens = batch["tokens"].to(device)
+    tokens = _batch(model, rows, seq_length)["tokens"].to(device)
     autocast_dtype = {DType.bf16: torch.bfloat16, DType.fp16: torch.float16}.get(dtype)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = hf(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # without steerlm's CPU stand-ins for megatron, which `runtime.initialize` installs for the process
+        with megatron_compat.lifted():
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = hf(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    return _time(step, device, warmup, steps)  # the model and optimizer are freed with this frame
+    return step
 
 
-def bench_steerlm(model: ModelConfig, dtype: DType, rows: int, seq_length: int, warmup: int, steps: int) -> float:
+def steerlm_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, compile_model: bool) -> Step:
     layout = runtime.initialize(ParallelConfig(), seed=1)
     precision = PrecisionConfig(dtype=dtype)
-    trainer = TrainerConfig(
-        micro_batch_size=rows, global_batch_size=rows, seq_length=seq_length, max_steps=warmup + steps
-    )
+    trainer = TrainerConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=seq_length, max_steps=10**6)
     cfg = to_typed(compose("demo", ["optim.lr=1e-5", "optim.min_lr=1e-6", "optim.lr_warmup_steps=0"]))
     chunks = build_model_chunks(model, precision, layout, seed=1)
+    if compile_model:
+        compile_layers(chunks)
     wrapped = wrap_for_training(chunks, precision, False, layout)
     optimizer, scheduler = build_optimizer(wrapped, cfg.optim, precision, trainer, False, layout)
     microbatches = microbatches_for_rank(_batch(model, rows, seq_length), rows, layout)
-    seconds = _time(
-        lambda: train_step(wrapped, optimizer, scheduler, microbatches, layout), layout.device, warmup, steps
-    )
-    runtime.shutdown()
+    return lambda: train_step(wrapped, optimizer, scheduler, microbatches, layout)
+
+
+def _timed(step: Step, device: torch.device, count: int) -> list[float]:
+    seconds = []
+    for _ in range(count):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def measure_in_turn(builders: dict[str, Callable[[], Step]], device: torch.device, warmup: int, steps: int) -> dict:
+    """GPU: each side alone (built, warmed up, timed, freed): mean step and peak memory."""
+    results = {}
+    for name, build in builders.items():
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step = build()
+        _timed(step, device, warmup)
+        results[name] = {"seconds": statistics.mean(_timed(step, device, steps))}
+        results[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        del step
+    return results
+
+
+def measure_alternating(
+    builders: dict[str, Callable[[], Step]], device: torch.device, warmup: int, steps: int, rounds: int
+) -> dict:
+    """CPU: both sides built, then alternating rounds of `steps` steps; the median step of each."""
+    prepared = {name: build() for name, build in builders.items()}
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    for step in prepared.values():
+        _timed(step, device, warmup)
+    for _ in range(rounds):
+        for name, step in prepared.items():
+            times[name] += _timed(step, device, steps)
+    return {name: {"seconds": statistics.median(seconds)} for name, seconds in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama3_2_1b")
+    parser.add_argument("--layers", type=int, help="override the preset's layer count (e.g. an 8-layer 8B shape)")
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--dtype", choices=[d.value for d in DType], default="bf16")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="steerlm's torch.compile")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds of --steps steps")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    model = to_typed(compose("demo", [f"model={args.preset}"])).model
+    overrides = [f"model={args.preset}"] + ([f"model.num_layers={args.layers}"] if args.layers else [])
+    model = to_typed(compose("demo", overrides)).model
     dtype = DType(args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokens = args.micro_batch_size * args.seq_length
-    per_token = flops_per_token(model, args.seq_length)
-    results = {"hf": bench_hf(model, dtype, args.micro_batch_size, args.seq_length, args.warmup, args.steps, device)}
-    gc.collect()
+    compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    rows, seq = args.micro_batch_size, args.seq_length
+    builders = {
+        "hf": lambda: hf_step(model, dtype, rows, seq, device),
+        "steerlm": lambda: steerlm_step(model, dtype, rows, seq, compile_model),
+    }
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    results["steerlm"] = bench_steerlm(model, dtype, args.micro_batch_size, args.seq_length, args.warmup, args.steps)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        results = measure_in_turn(builders, device, args.warmup, args.steps)
+    else:
+        results = measure_alternating(builders, device, args.warmup, args.steps, args.rounds)
+    runtime.shutdown()
+    tokens, per_token = rows * seq, flops_per_token(model, seq)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(
-        f"{args.preset} ({model.num_parameters() / 1e9:.3f}B) {args.dtype} seq {args.seq_length} "
-        f"x micro batch {args.micro_batch_size} on {name}, {args.steps} timed steps after {args.warmup} warm-up"
+        f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''} ({model.num_parameters() / 1e9:.3f}B) "
+        f"{args.dtype} seq {seq} x micro batch {rows} on {name}, steerlm compile {'on' if compile_model else 'off'}"
     )
-    for key, seconds in results.items():
+    for key, result in results.items():
+        result.update(tokens_per_s=tokens / result["seconds"], tflops=per_token * tokens / result["seconds"] / 1e12)
+        peak = f" {result['peak_gib']:7.1f} GiB peak" if "peak_gib" in result else ""
         print(
-            f"  {key:8s} {seconds * 1e3:9.1f} ms/step {tokens / seconds:10.0f} tokens/s "
-            f"{per_token * tokens / seconds / 1e12:8.1f} TFLOP/s"
+            f"  {key:8s} {result['seconds'] * 1e3:9.1f} ms/step {result['tokens_per_s']:10.0f} tokens/s "
+            f"{result['tflops']:8.2f} TFLOP/s{peak}"
         )
-    print(f"  ratio steerlm / hf (throughput): {results['hf'] / results['steerlm']:.3f}")
+    ratio = results["hf"]["seconds"] / results["steerlm"]["seconds"]
+    print(f"  ratio steerlm / hf (throughput): {ratio:.3f}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"preset": args.preset, "layers": args.layers, "device": name, **results, "ratio": ratio}, out)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from typing import Optional
 
 from launchers.config import compose_cluster
+from launchers.memory import job_memory
 from launchers.pipeline import load_pipeline, pipeline_job_root, plan_pipeline, split_overrides
-from launchers.plan import plan_job
+from launchers.plan import JobPlan, plan_job, typed_recipe_config
 from launchers.scripts import local_command_line, pipeline_submit_script
 from launchers.submit import SBATCH_SCRIPT, SubmitError, render, run_local, submit_job, submit_pipeline
 from steerlm.config import ConfigError
@@ -51,9 +52,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+def log_memory(plan: JobPlan) -> None:
+    """The job's memory estimate per GPU (or process), on stderr: a dry run's stdout stays the script alone."""
+    estimate = job_memory(typed_recipe_config(plan.config), plan.world.data)
+    if estimate is not None:
+        sys.stderr.write(f"{plan.job_name}: {estimate.describe()}\n")
+
+
 def launch_recipe(recipe: str, overrides: Sequence[str], submit: bool, stamp: str) -> int:
     cluster_overrides, recipe_overrides = split_overrides(overrides)
     plan = plan_job(recipe, recipe_overrides, compose_cluster(cluster_overrides), stamp)
+    log_memory(plan)
     if not submit:
         sys.stdout.write(render(plan) if plan.cluster.is_slurm else local_command_line(plan) + "\n")
         return 0
@@ -67,6 +76,8 @@ def launch_recipe(recipe: str, overrides: Sequence[str], submit: bool, stamp: st
 def launch_pipeline(name: str, overrides: Sequence[str], submit: bool, stamp: str) -> int:
     spec = load_pipeline(name)
     plans = plan_pipeline(spec, overrides, stamp)
+    for _, plan in plans:
+        log_memory(plan)
     root = pipeline_job_root(plans)
     if not submit:
         parts = [f"# ==== {root / 'submit.sh'}\n" + pipeline_submit_script(spec.name, plans, SBATCH_SCRIPT)]

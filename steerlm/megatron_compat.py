@@ -9,12 +9,25 @@ patches megatron, overrides a private method or reads a private attribute.
    `steerlm.runtime` activates them only when CUDA is absent. Measured needs: docs/architecture.md.
 3. Synchronous dist-checkpoint saves (`use_in_process_save_queue`): replaces the module-level
    `filesystem_async._results_queue` (a `spawn` multiprocessing Manager queue) by an in-process queue.
-4. Own output heads (`GPTModelWithOwnHead`): overrides the private `GPTModel._postprocess`.
+4. Own output heads (`GPTModelWithOwnHead`, `GPTModelWithLossHead`): override the private
+   `GPTModel._postprocess`, which megatron's forward calls with keywords (`hidden_states`, `labels`, …).
 5. SDPA core attention (`SDPACoreAttention`): honours the constructor and forward contract megatron's
    `SelfAttention` uses for `core_attention` submodules (DotProductAttention's signature).
 6. Weight layouts (`pack_qkv`, `split_qkv`, `split_fc1`): how `linear_qkv` interleaves query groups and how
    `linear_fc1` stacks SwiGLU's gate and up projections.
-7. `fused_adam_available`: reads `distrib_optimizer.HAVE_APEX_OR_TE`.
+7. Distributed optimizer over torch's Adam (`complete_torch_adam_state`, `load_optimizer_state`): megatron-core
+   0.16's `DistributedOptimizer.state_dict` reads torch Adam's per-parameter `step` (asserting there is
+   exactly one value, so it fails on the empty state of an optimizer that has not stepped, e.g. while
+   loading); its `load_state_dict` gives every parameter the same `step` tensor object (which torch Adam then
+   increments once per parameter) and its private `_set_main_param_and_optimizer_states` copies every state
+   key, `step` included, from the loaded tensors, which never carry `step` (KeyError). Reads
+   `distrib_optimizer.HAVE_APEX_OR_TE`, the inner optimizer's `state` and `model_param_group_index_map`.
+8. Transformer Engine layers (`fused_norm_parameters`, `linear_bias`, `unfused_norm_name`): under megatron's TE
+   layer spec (`get_gpt_layer_with_transformer_engine_spec`) a layer's `input_layernorm` and `pre_mlp_layernorm` are
+   IdentityOp and the norms run inside `TELayerNormColumnParallelLinear` (`linear_qkv`, `linear_fc1`) with TE's
+   parameter names `layer_norm_weight` / `layer_norm_bias`, `config.layernorm_epsilon` and `config.normalization`;
+   TE linears without bias hold an empty `bias` tensor where megatron's local ones hold None. The parameter names
+   are mapped as megatron's local spec maps them for checkpoints (its `sharded_state_dict_keys_map`).
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
 new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test
@@ -22,7 +35,8 @@ that fails naming it when the release changed what the item relies on (a renamed
 `_postprocess` or `core_attention` signature, a different fused-weight layout). Then items to re-read in the
 new source, because a test cannot see them: (2) whether new `torch.cuda` calls appeared outside the patched
 ones (run the CPU parity tests); (3) whether synchronous saves still go through a module-level results queue;
-(7) whether the distributed optimizer's state dict now carries torch Adam's per-parameter `step`.
+(7) whether the distributed optimizer still rebuilds torch Adam's `step` from its param groups (then the
+item may be unnecessary).
 Then the whole suite, and the GPU tests (`pytest -m gpu`) on a CUDA machine.
 """
 
@@ -177,6 +191,21 @@ class GPTModelWithOwnHead(GPTModel):
         return self.own_head(hidden_states)
 
 
+class GPTModelWithLossHead(GPTModel):
+    """A GPTModel whose last pipeline stage, given labels, returns `loss_head(hidden_states, labels)` (the
+    per-token loss `[b, s]`, as megatron's own path returns it) instead of computing vocabulary logits first.
+    Without labels (inference, logits) and with multi-token prediction megatron's `_postprocess` runs."""
+
+    def loss_head(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`[s, b, hidden]` (sequence-parallel split when that is on) and `[b, s]` labels → `[b, s]` loss."""
+        raise NotImplementedError
+
+    def _postprocess(self, hidden_states, labels=None, **kwargs):
+        if not self.post_process or labels is None or self.config.mtp_num_layers is not None:
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        return self.loss_head(hidden_states, labels)
+
+
 # --- 5. SDPA core attention -----------------------------------------------------------------------------
 
 
@@ -288,11 +317,112 @@ def split_fc1(fc1: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tens
     return gate, up
 
 
-# --- 7. optimizer capabilities --------------------------------------------------------------------------
+# --- 7. distributed optimizer over torch's Adam -----------------------------------------------------------
 
 
-def fused_adam_available() -> bool:
-    """Whether megatron's optimizers run on Transformer Engine's or apex's fused Adam (not torch's)."""
+def _distributed_over_torch_adam(optimizer) -> list:
+    """The megatron DistributedOptimizers in `optimizer` (chained or not) that drive a torch Adam/AdamW (none
+    when megatron runs Transformer Engine's or apex's fused Adam, which keep `step` in their param groups)."""
     from megatron.core.optimizer import distrib_optimizer
 
-    return bool(distrib_optimizer.HAVE_APEX_OR_TE)
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    return [
+        part
+        for part in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(part, distrib_optimizer.DistributedOptimizer)
+        and isinstance(part.optimizer, (torch.optim.Adam, torch.optim.AdamW))  # AdamW is no Adam before torch 2.6
+    ]
+
+
+def complete_torch_adam_state(optimizer) -> None:
+    """Give every parameter of a distributed optimizer's torch Adam the state Adam creates at its first step
+    (`step` 0, zero moments) where it has none yet — the same numbers, since Adam would create exactly these.
+    Call before `optimizer.sharded_state_dict`: megatron's `DistributedOptimizer.state_dict` takes the one
+    `step` value of the per-parameter states and fails on a run that has not stepped (always so when a
+    checkpoint is being loaded into a fresh optimizer)."""
+    for distributed in _distributed_over_torch_adam(optimizer):
+        adam = distributed.optimizer
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+@contextlib.contextmanager
+def _step_left_out_of_parameter_loads(distributed) -> Any:
+    """Wrap this DistributedOptimizer's `_set_main_param_and_optimizer_states` (private; called per parameter
+    by every checkpoint format's load) so it copies the loaded master weight and moments but leaves torch
+    Adam's `step` to `load_state_dict`, which sets it from the param groups."""
+    original = distributed._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        group_index, group_order = distributed.model_param_group_index_map[model_param]
+        state = distributed.optimizer.state[distributed.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            original(model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    distributed._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        del distributed._set_main_param_and_optimizer_states  # the class's method again
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)` (any megatron optimizer), made to work for distributed optimizers
+    over torch Adam: the per-parameter loads leave `step` alone, and afterwards every parameter gets its own
+    `step` tensor — torch Adam increments each in place, so the one tensor megatron shares would advance once
+    per parameter per step and change every later bias correction."""
+    distributed = _distributed_over_torch_adam(optimizer)
+    with contextlib.ExitStack() as stack:
+        for part in distributed:
+            stack.enter_context(_step_left_out_of_parameter_loads(part))
+        optimizer.load_state_dict(state)
+    for part in distributed:
+        for param_state in part.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].clone()
+
+
+# --- 8. Transformer Engine layers -----------------------------------------------------------------------
+
+
+def fused_norm_parameters(linear: torch.nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]] | None:
+    """(weight, bias or None) of the norm a TE `LayerNormLinear` (megatron's `TELayerNormColumnParallelLinear`:
+    `linear_qkv`, `linear_fc1` under the TE spec) applies to its input before its matrix product; None for a
+    linear without a fused norm (megatron's local layers, whose norms are the layer's own modules)."""
+    weight = getattr(linear, "layer_norm_weight", None)
+    if weight is None:
+        return None
+    return weight, getattr(linear, "layer_norm_bias", None)
+
+
+def linear_bias(linear: torch.nn.Module) -> Optional[torch.Tensor]:
+    """A linear layer's bias, or None without one (TE keeps an empty tensor there, megatron's local layers None)."""
+    bias = getattr(linear, "bias", None)
+    return None if bias is None or bias.numel() == 0 else bias
+
+
+# The local layer spec's own names of the norms TE fuses (the reverse of its `sharded_state_dict_keys_map`).
+_FUSED_NORM_PREFIXES = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
+
+
+def unfused_norm_name(name: str) -> str:
+    """A parameter name under the TE spec → its name under megatron's local spec (`….self_attention.linear_qkv.
+    layer_norm_weight` → `….input_layernorm.weight`); other names unchanged. One model, one set of names, for
+    every place that keys parameters by name (initialisation, HF export, parity)."""
+    for fused, own in _FUSED_NORM_PREFIXES.items():
+        if f".{fused}" in name:
+            return name.replace(fused, own, 1)
+    return name

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from steerlm import runtime
-from steerlm.config import ModelConfig, OptimizerConfig, OptimizerName, ParallelConfig, PrecisionConfig, TrainerConfig
+from steerlm.config import (
+    ModelConfig,
+    OptimizerConfig,
+    OptimizerName,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainerConfig,
+    TransformerImpl,
+)
 from steerlm.data.attributes import MISSING
 from steerlm.models import build_model_chunks
 from steerlm.models.attribute import build_attribute_model_chunks
@@ -38,6 +46,7 @@ TINY = ModelConfig(
     num_query_groups=2,
     vocab_size=300,
     max_position_embeddings=64,
+    transformer_impl=TransformerImpl.local,
 )
 TRAINER = TrainerConfig(micro_batch_size=2, global_batch_size=8, seq_length=32, max_steps=3, seed=SEED)
 ADAM = OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=2, clip_grad=0.5, weight_decay=0.1)
@@ -56,6 +65,7 @@ class Scenario:
     variable_lengths: bool = False  # micro-batch j is cut to seq_length - 4j positions (dynamic padding)
     apm: bool = False  # the regression attribute model (3 attributes, some labels missing) instead of the LM
     optim: OptimizerConfig = field(default_factory=lambda: ADAM)
+    transformer_impl: TransformerImpl = TransformerImpl.local  # transformer_engine: TE layers (CUDA + TE)
 
     @property
     def reference(self) -> str:
@@ -141,7 +151,9 @@ def _full_logits(chunks, layout) -> torch.Tensor:
 
 def run(scenario: Scenario) -> dict:
     layout = runtime.initialize(scenario.parallel, seed=SEED)
-    model_cfg = replace(TINY, share_embeddings_and_output_weights=scenario.tied)
+    model_cfg = replace(
+        TINY, share_embeddings_and_output_weights=scenario.tied, transformer_impl=scenario.transformer_impl
+    )
     if scenario.apm:
         chunks = build_attribute_model_chunks(model_cfg, PrecisionConfig(), layout, SEED, APM_ATTRIBUTES)
     else:
@@ -152,8 +164,11 @@ def run(scenario: Scenario) -> dict:
         name: gather_full(p.detach(), p, layout.pg_collection.tp).clone() for name, p in named_global_parameters(chunks)
     }
     logits = _full_logits(chunks, layout) if layout.pp == 1 and not scenario.apm else None
-    model = wrap_for_training(chunks, PrecisionConfig(), False, layout)
-    optimizer, scheduler = build_optimizer(model, scenario.optim, PrecisionConfig(), TRAINER, False, layout)
+    distributed_optimizer = scenario.parallel.use_distributed_optimizer
+    model = wrap_for_training(chunks, PrecisionConfig(), distributed_optimizer, layout)
+    optimizer, scheduler = build_optimizer(
+        model, scenario.optim, PrecisionConfig(), TRAINER, distributed_optimizer, layout
+    )
 
     first = scenario.microbatches(0, layout)
     for chunk in model:

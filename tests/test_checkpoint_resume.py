@@ -117,6 +117,20 @@ def test_resume_across_layouts_tp2_to_pp2_and_back_continues_the_loss_curve(
     assert train_losses(tmp_path) == pytest.approx(train_losses(expected_dir), rel=1e-5)
 
 
+def test_distributed_optimizer_resumes_at_another_data_parallel_size(uninterrupted: Path, tmp_path: Path) -> None:
+    """Steps 1-30 at DP=2 with megatron's distributed optimizer (torch Adam: moments and fp32 master weights
+    sharded over the two ranks), 31-60 at DP=1 from its checkpoint: the loss curve of one uninterrupted
+    (plain-optimizer) run continues."""
+    args = [*RUN, "parallel.use_distributed_optimizer=true", "optim.lr_decay_steps=60", f"output_dir={tmp_path}"]
+    _ok([*args, "trainer.max_steps=30"], launcher=TORCHRUN_2)
+    first = summary(tmp_path)
+    assert first["layout"].startswith("world=2 tp=1 pp=1 cp=1 dp=2")
+    _ok([*args, "trainer.max_steps=60"])
+    resumed = summary(tmp_path)
+    assert resumed["start_step"] == 30 and resumed["initial_weights_sha256"] == first["weights_sha256"]
+    assert train_losses(tmp_path) == pytest.approx(train_losses(uninterrupted), rel=1e-5)
+
+
 def test_resume_from_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Path) -> None:
     _ok(["trainer.max_steps=2", f"output_dir={tmp_path}"])
     result = run_recipe("demo", ["trainer.max_steps=4", "model.num_layers=4", f"output_dir={tmp_path}"])
@@ -125,9 +139,15 @@ def test_resume_from_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Pa
     assert "was written for model.num_layers=2" in result.stderr
 
 
-def check_bf16_resume(tmp_path: Path) -> None:
+def check_bf16_resume(tmp_path: Path, extra: tuple[str, ...] | list[str] = ()) -> None:
     """bf16 compute with fp32 master weights: 10 steps, checkpoint, resume to 20 ≈ 20 straight steps."""
-    common = ["precision=bf16", "checkpoint.save_interval=10", "trainer.log_interval=5", "optim.lr_decay_steps=20"]
+    common = [
+        "precision=bf16",
+        "checkpoint.save_interval=10",
+        "trainer.log_interval=5",
+        "optim.lr_decay_steps=20",
+        *extra,
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     summaries = []
     for steps, out in ((20, straight), (10, resumed), (20, resumed)):

@@ -13,6 +13,8 @@ from steerlm.config import (
     ConfigError,
     DType,
     ModelConfig,
+    OptimizerConfig,
+    OptimizerName,
     ParallelConfig,
     PrecisionConfig,
     PrepareDataConfig,
@@ -23,8 +25,7 @@ from steerlm.config import (
     to_typed,
 )
 from steerlm.config.store import CONF_DIR
-from steerlm.config.validation import transformer_engine_available
-from steerlm.megatron_compat import fused_adam_available
+from steerlm.config.validation import resolve_torch_compile, transformer_engine_available
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim")
 PRIMARY = (
@@ -382,13 +383,6 @@ def _tiny(**model) -> TrainConfig:
         ),
         (TrainConfig(precision=PrecisionConfig(dtype=DType.fp16)), 1, Accelerator.cpu, "precision.dtype", "fp16"),
         (
-            TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True)),
-            1,
-            Accelerator.cpu,
-            "parallel.use_distributed_optimizer",
-            "CUDA",
-        ),
-        (
             TrainConfig(trainer=TrainerConfig(micro_batch_size=4, global_batch_size=12)),
             2,
             Accelerator.cpu,
@@ -423,6 +417,15 @@ def _tiny(**model) -> TrainConfig:
             "parallel.context_parallel_size",
             "Transformer Engine",
         ),
+        (
+            TrainConfig(
+                parallel=ParallelConfig(use_distributed_optimizer=True), optim=OptimizerConfig(name=OptimizerName.sgd)
+            ),
+            1,
+            Accelerator.cpu,
+            "optim.name",
+            "Adam",
+        ),
         (_tiny(hidden_size=130), 1, Accelerator.cpu, "model.hidden_size", "not divisible"),
         (_tiny(num_query_groups=3), 1, Accelerator.cpu, "model.num_query_groups", "must divide"),
         (_tiny(num_layers=0), 1, Accelerator.cpu, "model.num_layers", "positive"),
@@ -455,13 +458,12 @@ def test_bf16_is_allowed_on_cpu() -> None:
     assert cfg.validate(2, Accelerator.cpu) == 2
 
 
-@pytest.mark.skipif(fused_adam_available(), reason="Transformer Engine or apex is installed here")
-def test_distributed_optimizer_without_fused_adam_is_refused_on_gpu() -> None:
+@pytest.mark.parametrize("accelerator", [Accelerator.cpu, Accelerator.cuda])
+def test_distributed_optimizer_is_accepted_with_torch_adam(accelerator: Accelerator) -> None:
+    """No fused Adam needed: steerlm.megatron_compat makes megatron's distributed optimizer over torch's Adam
+    save and resume (tests/test_checkpoint_resume.py)."""
     cfg = TrainConfig(parallel=ParallelConfig(use_distributed_optimizer=True))
-    with pytest.raises(ConfigError) as error:
-        cfg.validate(1, Accelerator.cuda)
-    assert error.value.key == "parallel.use_distributed_optimizer"
-    assert "resume" in str(error.value)
+    assert cfg.validate(2, accelerator, this_machine=accelerator == Accelerator.cpu) == 2
 
 
 @pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine is installed here")
@@ -492,3 +494,19 @@ def test_model_vocabulary_must_cover_the_tokenizer() -> None:
         validate_vocab(ModelConfig(vocab_size=32000), 32003, "/models/llama")
     assert error.value.key == "model.vocab_size" and "set model.vocab_size=32003" in str(error.value)
     assert ModelConfig(vocab_size=32003).padded_vocab_size == 32128
+
+
+@pytest.mark.parametrize(
+    ("setting", "tp", "accelerator", "expected"),
+    [
+        (None, 1, Accelerator.cuda, True),
+        (None, 2, Accelerator.cuda, False),
+        (None, 1, Accelerator.cpu, False),
+        (True, 1, Accelerator.cpu, True),
+        (False, 1, Accelerator.cuda, False),
+    ],
+)
+def test_torch_compile_defaults_to_cuda_at_tp1_and_an_explicit_setting_wins(setting, tp, accelerator, expected) -> None:
+    trainer = TrainerConfig(torch_compile=setting)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    assert resolve_torch_compile(trainer, parallel, accelerator) is expected

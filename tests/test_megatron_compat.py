@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import inspect
 import queue
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from steerlm import megatron_compat
-from steerlm.config import PrecisionConfig
+from steerlm.checkpoint.sharded import load_checkpoint, save_checkpoint
+from steerlm.config import OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from steerlm.config.validation import transformer_engine_available
 from steerlm.megatron_compat import (
+    GPTModelWithLossHead,
     GPTModelWithOwnHead,
     SDPACoreAttention,
     check_megatron_version,
@@ -22,7 +26,9 @@ from steerlm.megatron_compat import (
     split_qkv_heads,
 )
 from steerlm.models import build_model_chunks
+from steerlm.training import TrainingSetup, build_training, microbatches_for_rank, train_step
 from tests.conftest import TEST_MODEL
+from tests.parity_scenarios import TRAINER, global_batch
 
 # 1. supported range
 
@@ -94,6 +100,27 @@ def test_own_head_replaces_the_output_layer(layout):
         scores = model(tokens, positions, None)
     assert scores.shape == (2, 12, 1)
     torch.testing.assert_close(scores, captured["hidden"].sum(-1, keepdim=True).transpose(0, 1))
+
+
+class _MeanLossHead(GPTModelWithLossHead):
+    def loss_head(self, hidden_states, labels):
+        return hidden_states.mean(-1).transpose(0, 1) + labels
+
+
+def test_loss_head_receives_hidden_states_and_labels_and_logits_stay_megatrons(layout):
+    from megatron.core.models.gpt import GPTModel
+
+    assert {"hidden_states", "labels"} <= set(inspect.signature(GPTModel._postprocess).parameters)
+    ours = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=1, model_class=_MeanLossHead)[0].eval()
+    plain = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=1, model_class=GPTModel)[0].eval()
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).expand(2, 12)
+    captured = {}
+    ours.decoder.register_forward_hook(lambda module, args, output: captured.setdefault("hidden", output))
+    with torch.no_grad():
+        loss = ours(tokens, positions, None, labels=tokens)
+        torch.testing.assert_close(ours(tokens, positions, None), plain(tokens, positions, None))
+    torch.testing.assert_close(loss, captured["hidden"].mean(-1).transpose(0, 1) + tokens)
 
 
 # 5. SDPA core attention
@@ -178,11 +205,123 @@ def test_fc1_layout_is_megatrons(layout):
     torch.testing.assert_close(F.silu(gate_out) * up_out, F.silu(F.linear(hidden, gate)) * F.linear(hidden, up))
 
 
-# 7. optimizer capabilities
+# 7. distributed optimizer over torch's Adam
+
+_needs_torch_adam = pytest.mark.skipif(
+    __import__("megatron.core.optimizer.distrib_optimizer", fromlist=["x"]).HAVE_APEX_OR_TE,
+    reason="megatron runs fused Adam here (item 7 concerns torch's Adam)",
+)
 
 
-def test_fused_adam_detection_matches_what_is_importable():
-    import importlib.util
+def _distributed_adam(layout) -> TrainingSetup:
+    cfg = TrainConfig(
+        model=TEST_MODEL,
+        parallel=ParallelConfig(use_distributed_optimizer=True),
+        trainer=TRAINER,
+        optim=OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=1, lr_decay_steps=10),
+        output_dir="unused",
+    )
+    return build_training(cfg, layout)
 
-    installed = any(importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex"))
-    assert megatron_compat.fused_adam_available() == installed
+
+def _losses(setup: TrainingSetup, layout, steps: range) -> list[float]:
+    return [
+        train_step(
+            setup.model,
+            setup.optimizer,
+            setup.scheduler,
+            microbatches_for_rank(global_batch(step, TEST_MODEL, TRAINER), TRAINER.micro_batch_size, layout),
+            layout,
+        ).loss
+        for step in steps
+    ]
+
+
+@_needs_torch_adam
+def test_completed_adam_state_is_what_adam_creates_and_lets_megatron_read_the_step(layout):
+    fresh, completed = _distributed_adam(layout), _distributed_adam(layout)
+    with pytest.raises(AssertionError):  # megatron-core 0.16: one `step` value expected among no states
+        fresh.optimizer.state_dict()
+    megatron_compat.complete_torch_adam_state(completed.optimizer)
+    assert {group["step"] for group in completed.optimizer.state_dict()["optimizer"]["param_groups"]} == {0}
+    assert _losses(completed, layout, range(3)) == _losses(fresh, layout, range(3))
+    for before, after in zip(fresh.chunks[0].parameters(), completed.chunks[0].parameters()):
+        assert torch.equal(before, after)
+
+
+@_needs_torch_adam
+def test_distributed_torch_adam_resumes_exactly_with_a_step_tensor_per_parameter(layout, tmp_path):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    assert callable(DistributedOptimizer._set_main_param_and_optimizer_states)
+    cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(use_distributed_optimizer=True))
+    straight = _distributed_adam(layout)
+    _losses(straight, layout, range(2))
+    save_checkpoint(tmp_path, 2, straight, layout, cfg)
+    expected = _losses(straight, layout, range(2, 5))
+
+    resumed = _distributed_adam(layout)
+    assert (
+        load_checkpoint(
+            tmp_path / "checkpoints" / "step_0000002",
+            resumed.model,
+            resumed.optimizer,
+            resumed.scheduler,
+            layout,
+            TEST_MODEL,
+        )
+        == 2
+    )
+    adam = resumed.optimizer.chained_optimizers[0].optimizer
+    steps = [state["step"] for state in adam.state.values()]
+    assert len({id(step) for step in steps}) == len(steps) and {step.item() for step in steps} == {2.0}
+    assert _losses(resumed, layout, range(2, 5)) == expected
+
+
+# 8. Transformer Engine layers
+
+
+def test_local_layers_have_no_fused_norms_and_no_biases(layout):
+    layer = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=1)[0].decoder.layers[0]
+    for linear in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
+        assert megatron_compat.fused_norm_parameters(linear) is None
+        assert megatron_compat.linear_bias(linear) is None
+
+
+def test_fused_norm_names_map_back_as_megatrons_local_spec_maps_them_for_checkpoints():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    keys_map = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+    assert {fused: own for own, fused in keys_map.items()} == megatron_compat._FUSED_NORM_PREFIXES
+    assert (
+        megatron_compat.unfused_norm_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
+        == "decoder.layers.3.input_layernorm.weight"
+    )
+    assert megatron_compat.unfused_norm_name("decoder.layers.0.mlp.linear_fc1.layer_norm_bias") == (
+        "decoder.layers.0.pre_mlp_layernorm.bias"
+    )
+    assert megatron_compat.unfused_norm_name("decoder.layers.0.mlp.linear_fc1.weight") == (
+        "decoder.layers.0.mlp.linear_fc1.weight"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not transformer_engine_available() or not torch.cuda.is_available(), reason="needs TE + CUDA")
+def test_transformer_engine_layers_are_laid_out_as_item_8_reads_them(layout):
+    from steerlm.config import TransformerImpl
+    from steerlm.models.sharding import named_global_parameters
+
+    te = build_model_chunks(
+        replace(TEST_MODEL, transformer_impl=TransformerImpl.transformer_engine), PrecisionConfig(), layout, seed=1
+    )
+    local = build_model_chunks(
+        replace(TEST_MODEL, transformer_impl=TransformerImpl.local), PrecisionConfig(), layout, seed=1
+    )
+    layer = te[0].decoder.layers[0]
+    assert type(layer.input_layernorm).__name__ == type(layer.pre_mlp_layernorm).__name__ == "IdentityOp"
+    for linear in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
+        weight, bias = megatron_compat.fused_norm_parameters(linear)
+        assert weight.shape == (TEST_MODEL.hidden_size,) and bias is None  # RMSNorm
+        assert megatron_compat.linear_bias(linear) is None
+    te_names = {name: p.shape for name, p in named_global_parameters(te)}
+    assert te_names == {name: p.shape for name, p in named_global_parameters(local)}

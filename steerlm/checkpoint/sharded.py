@@ -35,7 +35,7 @@ from steerlm.config.schema import ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
-from steerlm.megatron_compat import use_in_process_save_queue
+from steerlm.megatron_compat import complete_torch_adam_state, load_optimizer_state, use_in_process_save_queue
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ def _sharded_state(model: list, optimizer, layout: ParallelLayout, is_loading: b
     state: dict = {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
     if optimizer is not None:
         # The distributed optimizer's layout-independent format (each parameter's state at its
-        # full shape); the plain optimizer always stores it that way and ignores the option.
+        # full shape, so it loads at any TP/PP/DP size); the plain optimizer always stores it that way
+        # and ignores the option.
+        complete_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
     if with_rng:
         state["rng_state"] = _rng_object(layout)
@@ -236,7 +238,7 @@ def load_checkpoint(
         if unexpected or not all(keep(name) for name in missing):
             raise RuntimeError(f"{path}: state does not fit the model (missing {missing}, unexpected {unexpected})")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])

@@ -50,6 +50,18 @@ class TransformerImpl(str, Enum):
     transformer_engine = "transformer_engine"
 
 
+class CrossEntropy(str, Enum):
+    """How the language-model loss is computed from the last hidden states.
+
+    `chunked`: steerlm's vocabulary-parallel cross entropy a chunk of tokens at a time (fp32 logits never exist
+    for the whole vocabulary; same loss and gradients); `megatron`: the output layer's full logits, then
+    megatron's `vocab_parallel_cross_entropy`.
+    """
+
+    chunked = "chunked"
+    megatron = "megatron"
+
+
 class DType(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -114,6 +126,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: TransformerImpl = TransformerImpl.auto
+    cross_entropy: CrossEntropy = CrossEntropy.chunked
 
     @property
     def query_groups(self) -> int:
@@ -371,6 +384,9 @@ class TrainerConfig:
     eval_interval: Optional[int] = None  # steps between validations; None: only after the last step
     max_time_minutes: Optional[float] = None  # stop (and checkpoint) after this much wall time
     torch_threads: Optional[int] = None  # None: torch's default
+    # torch.compile each transformer layer; None: on with CUDA at tensor_model_parallel_size=1, off otherwise
+    # (measured on 2 CPU cores: no gain, minutes of compilation; TP>1 under compile is untested)
+    torch_compile: Optional[bool] = None
 
     def validate(self) -> None:
         require_positive(

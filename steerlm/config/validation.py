@@ -9,6 +9,7 @@ from steerlm.config.schema import (
     Backend,
     DType,
     ModelConfig,
+    OptimizerName,
     ParallelConfig,
     PrecisionConfig,
     TrainConfig,
@@ -37,6 +38,14 @@ def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> Tr
                 "use model.transformer_impl=auto or local",
             )
     return model.transformer_impl
+
+
+def resolve_torch_compile(trainer: TrainerConfig, parallel: ParallelConfig, accelerator: Accelerator) -> bool:
+    """`trainer.torch_compile`, with null resolved: compiled layers on CUDA at TP=1 (docs/performance.md
+    measures it), eager on CPU (compilation takes minutes there and did not make steps faster) and under TP."""
+    if trainer.torch_compile is not None:
+        return trainer.torch_compile
+    return accelerator == Accelerator.cuda and parallel.tensor_model_parallel_size == 1
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
@@ -147,30 +156,7 @@ def validate_precision(precision: PrecisionConfig, accelerator: Accelerator, thi
             )
 
 
-def _fused_adam_available() -> bool:
-    from steerlm.megatron_compat import fused_adam_available  # imports megatron-core: only when asked
-
-    return fused_adam_available()
-
-
-def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator, this_machine: bool = True) -> None:
-    if parallel.use_distributed_optimizer and accelerator == Accelerator.cpu:
-        raise ConfigError(
-            "parallel.use_distributed_optimizer",
-            True,
-            "megatron's distributed optimizer only wraps CUDA tensors",
-            "use parallel.use_distributed_optimizer=false without a GPU",
-        )
-    if parallel.use_distributed_optimizer and this_machine and not _fused_adam_available():
-        # Measured on an H200: training runs, but megatron-core 0.16 cannot rebuild torch Adam's
-        # per-parameter step counters from a checkpoint, so such a run could never resume.
-        raise ConfigError(
-            "parallel.use_distributed_optimizer",
-            True,
-            "megatron-core 0.16's distributed optimizer can only resume from checkpoints with "
-            "Transformer Engine's or apex's fused Adam, and neither is installed",
-            "install transformer_engine (or NVIDIA apex), or use parallel.use_distributed_optimizer=false",
-        )
+def validate_parallel_runtime(parallel: ParallelConfig, accelerator: Accelerator) -> None:
     if parallel.distributed_backend == Backend.nccl and accelerator == Accelerator.cpu:
         raise ConfigError(
             "parallel.distributed_backend",
@@ -219,8 +205,8 @@ def validate_train_config(
     """Validate a whole training config for a launch of `world_size` processes; returns the DP size.
 
     `this_machine=False` validates a job planned here to run elsewhere (a Slurm login node has no
-    GPU): checks of this machine's GPU and installed packages (bf16 support, Transformer Engine, fused
-    Adam) are left to the job itself, which validates again at start.
+    GPU): checks of this machine's GPU and installed packages (bf16 support, Transformer Engine) are left
+    to the job itself, which validates again at start.
     """
     cfg.model.validate()
     cfg.parallel.validate()
@@ -231,7 +217,14 @@ def validate_train_config(
     dp = data_parallel_size(cfg.parallel, world_size)
     validate_model_layout(cfg.model, cfg.parallel, accelerator, this_machine)
     validate_precision(cfg.precision, accelerator, this_machine)
-    validate_parallel_runtime(cfg.parallel, accelerator, this_machine)
+    validate_parallel_runtime(cfg.parallel, accelerator)
+    if cfg.parallel.use_distributed_optimizer and cfg.optim.name != OptimizerName.adam:
+        raise ConfigError(
+            "optim.name",
+            cfg.optim.name.value,
+            "megatron's distributed optimizer shards Adam's state only",
+            "use optim.name=adam or parallel.use_distributed_optimizer=false",
+        )
     validate_batch(cfg.trainer, cfg.model, cfg.parallel, dp)
     return dp
 

@@ -10,9 +10,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from steerlm.config.schema import Activation, DType, ModelConfig, PrecisionConfig, TransformerImpl
+from steerlm.config.schema import Activation, CrossEntropy, DType, ModelConfig, PrecisionConfig, TransformerImpl
 from steerlm.config.validation import Accelerator, resolve_transformer_impl
-from steerlm.megatron_compat import SDPACoreAttention
+from steerlm.megatron_compat import GPTModelWithLossHead, SDPACoreAttention
+from steerlm.models.cross_entropy import chunked_language_model_loss
 from steerlm.models.init import initialize_parameters
 from steerlm.models.norm import Norm
 from steerlm.runtime.layout import ParallelLayout
@@ -106,20 +107,37 @@ def decoder_spec(
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=Norm)
 
 
+class ChunkedLossGPTModel(GPTModelWithLossHead):
+    """GPTModel whose language-model loss is `steerlm.models.cross_entropy` (`model.cross_entropy=chunked`)."""
+
+    def loss_head(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else self.output_layer.weight
+        )
+        return chunked_language_model_loss(
+            hidden_states, weight, labels, self.pg_collection.tp, self.config.sequence_parallel
+        )
+
+
 def build_model_chunks(
     model: ModelConfig,
     precision: PrecisionConfig,
     layout: ParallelLayout,
     seed: int,
-    model_class: type[GPTModel] = GPTModel,
+    model_class: type[GPTModel] | None = None,
     **model_kwargs,
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), on the layout's device.
 
     Weights are initialised from `seed` identically for every TP/PP/DP layout (see
     `steerlm.models.init`), in `precision.dtype`; the training stack wraps them for mixed precision.
-    `model_class` (a GPTModel subclass, e.g. with an attribute head) receives `model_kwargs`.
+    `model_class` (a GPTModel subclass, e.g. with an attribute head) receives `model_kwargs`; by default the
+    language model whose loss `model.cross_entropy` picks.
     """
+    if model_class is None:
+        model_class = ChunkedLossGPTModel if model.cross_entropy == CrossEntropy.chunked else GPTModel
     config = transformer_config(model, precision, layout)
     chunks = []
     for vp_stage in range(layout.vpp or 1):

@@ -2,8 +2,8 @@
 
 A parameter's identity across layouts is its *global name* (state-dict name with the pipeline
 stage's local layer index replaced by the global one) plus, for tensor-parallel parameters,
-megatron's `partition_dim` / `partition_stride` attributes. Initialisation, parity tests and HF
-export all go through these helpers.
+megatron's `partition_dim` / `partition_stride` attributes; Transformer Engine's fused-norm parameters carry
+the local layers' names. Initialisation, parity tests and HF export all go through these helpers.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
+
+from steerlm.megatron_compat import unfused_norm_name
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 TIED_EMBEDDING = "embedding.word_embeddings.weight"
@@ -62,11 +64,12 @@ def gather_full(local: torch.Tensor, param: torch.Tensor, tp_group: dist.Process
 
 
 def global_name(name: str, chunk: GPTModel) -> str:
-    """State-dict name with the global layer index; a tied output weight maps to the embedding."""
+    """State-dict name with the global layer index; a tied output weight maps to the embedding; Transformer
+    Engine's fused-norm parameters get the local layers' names (one name per parameter, whatever the layers)."""
     match = _LAYER.match(name)
     if match:
         layer = chunk.decoder.layers[int(match.group(1))]
-        return f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
+        return unfused_norm_name(f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :])
     if name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
         return TIED_EMBEDDING
     return name

@@ -13,6 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from steerlm.config.schema import DType, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig, TrainerConfig
+from steerlm.config.validation import Accelerator, resolve_torch_compile
 from steerlm.models.gpt import build_model_chunks, torch_dtype
 from steerlm.runtime.layout import ParallelLayout
 
@@ -114,11 +115,23 @@ class TrainingSetup:
     scheduler: OptimizerParamScheduler
 
 
+def compile_layers(chunks: list) -> None:
+    """`torch.compile` each transformer layer in place (regional compilation: layers of one shape share their
+    compiled code, and parameter names, state dicts and megatron's gradient hooks stay as they are)."""
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            layer.compile()
+
+
 def build_training(
     cfg: TrainConfig, layout: ParallelLayout, model_provider: ModelProvider = build_model_chunks
 ) -> TrainingSetup:
-    """Build (via `model_provider`, e.g. a GPT with a regression head), wrap and attach the optimizer."""
+    """Build (via `model_provider`, e.g. a GPT with a regression head), compile when configured, wrap and attach
+    the optimizer."""
     chunks = model_provider(cfg.model, cfg.precision, layout, cfg.trainer.seed)
+    accelerator = Accelerator.cpu if layout.uses_cpu else Accelerator.cuda
+    if resolve_torch_compile(cfg.trainer, cfg.parallel, accelerator):
+        compile_layers(chunks)
     distributed_optimizer = cfg.parallel.use_distributed_optimizer
     model = wrap_for_training(chunks, cfg.precision, distributed_optimizer, layout)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.precision, cfg.trainer, distributed_optimizer, layout)

@@ -1,0 +1,172 @@
+"""Memory per GPU of a training job, estimated from its config before it is submitted.
+
+    python -m launchers.memory          # the shipped presets at their launch layouts (docs/performance.md)
+
+`estimate_memory` counts what the busiest rank holds (the first pipeline stage, which also keeps the most
+micro-batches' activations in flight under 1F1B; with the embedding or output layer when a stage holds one):
+
+- weights in the compute dtype;
+- gradients in megatron DDP's buffer (fp32 with `precision.grad_reduce_in_fp32`, the default);
+- optimizer state: Adam's two moments and, under bf16/fp16, the fp32 master weights (12 bytes per parameter;
+  8 in fp32), divided by the data-parallel size with `parallel.use_distributed_optimizer`;
+- activations kept for the backward per micro-batch and layer, as autograd keeps them for steerlm's local Llama
+  layers (pre-norm, SwiGLU, grouped-query attention through flash/SDPA kernels, which keep no `seq x seq`
+  scores; tests/test_memory_estimate.py counts the saved tensors of a real forward): per norm its input,
+  output and the next linear's input (split over TP ranks only with sequence parallelism), and the attention's
+  and SwiGLU's tensors (split over TP ranks); times the micro-batches in flight (the pipeline size under 1F1B);
+  plus the loss's `seq x vocab/tp` tensors on the last stage (`model.cross_entropy`: the chunked loss keeps one
+  in the compute dtype, megatron's the fp32 softmax). Transformer Engine's fused norms keep less.
+
+Not counted: the CUDA context, NCCL and allocator buffers (plan 3-6 GiB more per GPU), and packed-sequence
+attention masks (`[micro-batch, 1, seq, seq]` booleans).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from steerlm.config import CrossEntropy, DType, ModelConfig, OptimizerName, TrainConfig
+
+GIB = 2**30
+_BYTES = {DType.fp32: 4, DType.bf16: 2, DType.fp16: 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the busiest rank."""
+
+    parameters: int  # parameters this rank holds
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    in_flight: int  # micro-batches whose activations the busiest stage holds at once
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        return (
+            f"memory per GPU (estimate, busiest rank, {self.parameters / 1e9:.2f}B parameters): "
+            f"weights {self.weights / GIB:.1f} GiB + gradients {self.gradients / GIB:.1f} + optimizer "
+            f"{self.optimizer / GIB:.1f} + activations {self.activations / GIB:.1f} ({self.in_flight} micro-batch"
+            f"{'es' if self.in_flight > 1 else ''} in flight) = {self.total / GIB:.1f} GiB, plus 3-6 GiB of CUDA "
+            "context and communication buffers"
+        )
+
+
+def _layer_parameters(model: ModelConfig, tp: int) -> int:
+    h, ffn, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    q, kv = model.num_attention_heads * d, 2 * model.query_groups * d
+    gated = 2 if model.activation.value == "swiglu" else 1
+    matrices = (h * (q + kv) + q * h + h * ffn * gated + ffn * h) // tp
+    norms = 2 * h * (2 if model.normalization.value == "LayerNorm" else 1)
+    return matrices + norms
+
+
+def _stage_parameters(model: ModelConfig, tp: int, pp: int, first: bool, last: bool) -> int:
+    """Parameters a TP rank of a pipeline stage holds (the last stage keeps its own copy of a tied output layer)."""
+    vocab = model.padded_vocab_size * model.hidden_size // tp
+    output = vocab if last and (pp > 1 or not model.share_embeddings_and_output_weights) else 0
+    return (
+        model.num_layers // pp * _layer_parameters(model, tp)
+        + (vocab if first else 0)
+        + output
+        + (model.hidden_size if last else 0)
+    )
+
+
+def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, size: int) -> float:
+    h, ffn = model.hidden_size, model.ffn_hidden_size
+    kv = model.query_groups * model.head_dim
+    # per norm: its input (the residual stream), the normalised tensor and the following linear's input
+    replicated = 6 * tokens * h
+    # linear_qkv's whole output (value is a view of it), the rotated query and key, the attention output; and
+    # linear_fc1's output ([gate; up]), the activation's input and output and the product
+    split = tokens * (3 * h + 3 * kv + 5 * ffn)
+    return size * (replicated / (tp if sequence_parallel else 1) + split / tp)
+
+
+def _loss_activations(model: ModelConfig, tokens: int, tp: int, size: int) -> float:
+    """The final norm's tensors and the loss's `tokens x vocab/tp` ones on the last stage."""
+    shard = tokens * model.padded_vocab_size / tp
+    vocabulary = size * shard if model.cross_entropy == CrossEntropy.chunked else 4 * shard
+    return vocabulary + 3 * tokens * model.hidden_size * size
+
+
+def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate:
+    """The busiest rank's memory for `cfg` at `data_parallel_size` (see the module docstring for what counts)."""
+    parallel, precision, trainer, model = cfg.parallel, cfg.precision, cfg.trainer, cfg.model
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    size = _BYTES[precision.dtype]
+    per_parameter = 8 if cfg.optim.name == OptimizerName.adam else 4  # moments, or SGD's momentum
+    if precision.dtype != DType.fp32:
+        per_parameter += 4  # fp32 master weights
+    optimizer_share = data_parallel_size if parallel.use_distributed_optimizer else 1
+    micro_batches = trainer.global_batch_size // (trainer.micro_batch_size * data_parallel_size)
+    tokens = trainer.micro_batch_size * trainer.seq_length // parallel.context_parallel_size
+    layer = model.num_layers // pp * _layer_activations(model, tokens, tp, parallel.sequence_parallel, size)
+    stages = []
+    for first, last in {(True, pp == 1), (pp == 1, True)}:
+        parameters = _stage_parameters(model, tp, pp, first, last)
+        in_flight = min(pp, micro_batches) if first else 1  # 1F1B: stage k holds pp - k micro-batches
+        stages.append(
+            MemoryEstimate(
+                parameters=parameters,
+                weights=parameters * size,
+                gradients=parameters * (4 if precision.grad_reduce_in_fp32 else size),
+                optimizer=parameters * per_parameter / optimizer_share,
+                activations=in_flight * layer + (_loss_activations(model, tokens, tp, size) if last else 0),
+                in_flight=in_flight,
+            )
+        )
+    return max(stages, key=lambda stage: stage.total)
+
+
+def job_memory(config, data_parallel_size: int) -> MemoryEstimate | None:
+    """The estimate for a recipe's typed config, or None for a recipe that does not train."""
+    return estimate_memory(config, data_parallel_size) if isinstance(config, TrainConfig) else None
+
+
+# (preset, parallel option, data-parallel size, sequence length): each preset at the layout docs/launching.md
+# launches it with, bf16, micro-batch 1, global batch 128.
+PRESET_LAYOUTS = (
+    ("tiny", "single", 1, 512),
+    ("small", "single", 1, 2048),
+    ("llama3_2_1b", "single", 8, 4096),
+    ("llama2_7b", "tp8", 4, 4096),
+    ("llama3_8b", "tp8", 4, 4096),
+    ("llama3_1_8b", "tp8", 4, 4096),
+    ("llama2_13b", "tp8", 4, 4096),
+    ("llama2_70b", "tp8_pp2", 2, 4096),
+    ("llama3_70b", "tp8_pp2", 2, 4096),
+)
+
+
+def preset_table() -> str:
+    """Markdown table of `estimate_memory` for `PRESET_LAYOUTS`, with the plain and the distributed optimizer."""
+    from steerlm.config import compose, to_typed
+
+    rows = [
+        "| preset | layout | weights | gradients | optimizer (plain / distributed) | activations | total per GPU "
+        "(plain / distributed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for preset, parallel, dp, seq in PRESET_LAYOUTS:
+        overrides = [f"model={preset}", f"parallel={parallel}", "precision=bf16", "trainer.micro_batch_size=1"]
+        overrides += ["trainer.global_batch_size=128", f"trainer.seq_length={seq}"]
+        plain = estimate_memory(to_typed(compose("demo", overrides)), dp)
+        sharded = estimate_memory(
+            to_typed(compose("demo", [*overrides, "parallel.use_distributed_optimizer=true"])), dp
+        )
+        rows.append(
+            f"| `{preset}` | `{parallel}` dp {dp}, seq {seq} | {plain.weights / GIB:.1f} GiB | "
+            f"{plain.gradients / GIB:.1f} GiB | {plain.optimizer / GIB:.1f} / {sharded.optimizer / GIB:.1f} GiB | "
+            f"{plain.activations / GIB:.1f} GiB | {plain.total / GIB:.1f} / {sharded.total / GIB:.1f} GiB |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(preset_table())

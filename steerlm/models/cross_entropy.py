@@ -1,0 +1,91 @@
+"""Language-model loss straight from the last hidden states, a chunk of tokens at a time.
+
+Megatron's path computes the output layer's logits for every token (`[s, b, vocab/tp]` in the compute dtype),
+then `vocab_parallel_cross_entropy` upcasts them to fp32 and keeps the fp32 softmax for the backward: with a
+128k vocabulary and 4096 tokens that is 1 GiB of bf16 logits plus 2 GiB of fp32 softmax per micro-batch. Here
+the fp32 logits exist for one chunk of tokens at a time; what the backward needs is kept as `softmax - one_hot`
+in the compute dtype (the tensor megatron's backward casts to the compute dtype anyway before the output
+layer's matrix products), so the loss and the gradients are megatron's, in half the memory and without the
+full-vocabulary fp32 passes. Vocabulary-parallel: each tensor-parallel rank holds `vocab/tp` rows of the
+output weight; the max, the sum of exponentials and the target logit are all-reduced across the group, as
+megatron does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+
+FP32_CHUNK_ELEMENTS = 1 << 26  # fp32 logits of one chunk: at most 256 MiB
+
+
+def tokens_per_chunk(vocab_shard: int) -> int:
+    return max(1, FP32_CHUNK_ELEMENTS // vocab_shard)
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
+    """hidden `[n, h]`, weight `[vocab/tp, h]`, targets `[n]` (global ids) → per-token loss `[n]` in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, group, chunk):
+        shard = weight.shape[0]
+        first = shard * (dist.get_rank(group) if group is not None else 0)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        gradient = torch.empty(hidden.shape[0], shard, dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            logits = torch.matmul(hidden[start:end], weight.t()).float()
+            logits -= _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)[:, None]
+            local = targets[start:end] - first
+            owned = (local >= 0) & (local < shard)
+            local = torch.where(owned, local, torch.zeros_like(local))[:, None]
+            target_logit = torch.where(owned, logits.gather(1, local).squeeze(1), torch.zeros_like(losses[start:end]))
+            _all_reduce(target_logit, dist.ReduceOp.SUM, group)
+            softmax = logits.exp_()
+            total = _all_reduce(softmax.sum(dim=-1), dist.ReduceOp.SUM, group)
+            losses[start:end] = total.log() - target_logit
+            softmax /= total[:, None]
+            softmax.scatter_add_(1, local, -owned.to(softmax.dtype)[:, None])
+            gradient[start:end] = softmax
+        ctx.save_for_backward(hidden, weight, gradient)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, gradient = ctx.saved_tensors
+        gradient.mul_(grad_losses.to(gradient.dtype)[:, None])  # the saved tensor is used once
+        return gradient.matmul(weight), gradient.t().matmul(hidden), None, None, None
+
+
+def chunked_language_model_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    tp_group: dist.ProcessGroup | None,
+    sequence_parallel: bool,
+) -> torch.Tensor:
+    """Per-token cross entropy `[b, s]` (fp32) of the output layer `weight` (`[vocab/tp, h]`, this rank's rows)
+    on the last hidden states `[s, b, h]` (sequence-parallel split when that is on), against `labels` `[b, s]`.
+
+    Megatron's column-parallel output layer's communication is kept: the sequence-parallel all-gather (whose
+    backward reduce-scatters), or the identity whose backward all-reduces the hidden states' gradient.
+    """
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    if group is not None:
+        if sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=group)
+        else:
+            hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=group)
+    s, b, h = hidden_states.shape
+    targets = labels.transpose(0, 1).reshape(-1)
+    losses = _ChunkedVocabParallelCrossEntropy.apply(
+        hidden_states.reshape(s * b, h), weight, targets, group, tokens_per_chunk(weight.shape[0])
+    )
+    return losses.view(s, b).transpose(0, 1).contiguous()

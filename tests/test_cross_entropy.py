@@ -1,0 +1,152 @@
+"""The chunked vocabulary-parallel cross entropy (`steerlm.models.cross_entropy`) gives megatron's loss and
+gradients — against torch's `F.cross_entropy` and megatron's `vocab_parallel_cross_entropy` on full logits, in
+one process and under TP=2 (with and without sequence parallelism) — and never holds fp32 logits for every
+token at once."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from steerlm.config import CrossEntropy, ParallelConfig, PrecisionConfig
+from steerlm.models import cross_entropy
+from steerlm.models.cross_entropy import chunked_language_model_loss
+from steerlm.models.gpt import build_model_chunks
+from tests.conftest import TEST_MODEL
+from tests.multiproc import run_distributed
+
+SEQ, BATCH, HIDDEN, VOCAB = 12, 3, 16, 384
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(SEQ, BATCH, HIDDEN, generator=generator).to(dtype)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=generator) * 0.3).to(dtype)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    upstream = torch.rand(BATCH, SEQ, generator=generator) * (torch.rand(BATCH, SEQ, generator=generator) > 0.3)
+    return hidden, weight, labels, upstream
+
+
+def _loss_and_grads(loss_fn, hidden, weight, labels, upstream) -> tuple[torch.Tensor, ...]:
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = loss_fn(hidden, weight, labels)
+    (loss * upstream).sum().backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def _torch_reference(hidden, weight, labels):
+    logits = (hidden @ weight.t()).float()  # [s, b, vocab]
+    return F.cross_entropy(logits.permute(1, 2, 0), labels, reduction="none")  # [b, s]
+
+
+def _megatron_reference(hidden, weight, labels):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(hidden @ weight.t(), labels.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+def _chunked(hidden, weight, labels):
+    return chunked_language_model_loss(hidden, weight, labels, None, sequence_parallel=False)
+
+
+@pytest.mark.parametrize("chunk_elements", [VOCAB * 5, 1 << 26], ids=["several_chunks", "one_chunk"])
+def test_chunked_loss_and_gradients_equal_torch_and_megatron_in_fp32(layout, monkeypatch, chunk_elements) -> None:
+    monkeypatch.setattr(cross_entropy, "FP32_CHUNK_ELEMENTS", chunk_elements)
+    inputs = _inputs()
+    ours = _loss_and_grads(_chunked, *inputs)
+    for reference in (_torch_reference, _megatron_reference):
+        for got, expected in zip(ours, _loss_and_grads(reference, *inputs)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_in_bf16_matches_megatrons_path(layout, monkeypatch) -> None:
+    monkeypatch.setattr(cross_entropy, "FP32_CHUNK_ELEMENTS", VOCAB * 7)
+    inputs = _inputs(torch.bfloat16)
+    ours = _loss_and_grads(_chunked, *inputs)
+    theirs = _loss_and_grads(_megatron_reference, *inputs)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.bfloat16
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)  # bf16 logits, fp32 loss: same numbers
+    for got, expected in zip(ours[1:], theirs[1:]):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3)
+
+
+class _LargestFloat32(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_fp32_logits_never_exist_for_every_token_at_once(layout, monkeypatch) -> None:
+    monkeypatch.setattr(cross_entropy, "FP32_CHUNK_ELEMENTS", VOCAB * 6)
+    hidden, weight, labels, upstream = _inputs(torch.bfloat16)
+    with _LargestFloat32() as chunked:
+        _loss_and_grads(_chunked, hidden, weight, labels, upstream)
+    with _LargestFloat32() as megatron:
+        _loss_and_grads(_megatron_reference, hidden, weight, labels, upstream)
+    assert megatron.largest == SEQ * BATCH * VOCAB
+    assert chunked.largest == 6 * VOCAB
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_language_model_loss_and_gradients_equal_megatrons_output_layer_path(layout, tied: bool) -> None:
+    tokens = torch.randint(0, TEST_MODEL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(16).expand(2, 16)
+    results = []
+    for impl in (CrossEntropy.chunked, CrossEntropy.megatron):
+        model = replace(TEST_MODEL, cross_entropy=impl, share_embeddings_and_output_weights=tied)
+        chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=4)[0]
+        loss = chunk(tokens, positions, None, labels=tokens.roll(-1, dims=1))
+        loss.sum().backward()
+        results.append((loss.detach(), {name: p.grad for name, p in chunk.named_parameters()}))
+    (ours, our_grads), (theirs, their_grads) = results
+    assert ours.shape == (2, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _tensor_parallel_comparison() -> dict:
+    """Per TP layout: per-token losses and this rank's gradient shards of both loss paths, same weights."""
+    from steerlm import runtime
+
+    out = {}
+    for name, parallel in {
+        "tp2": ParallelConfig(tensor_model_parallel_size=2),
+        "tp2_sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+    }.items():
+        layout = runtime.initialize(parallel, seed=0)
+        tokens = torch.randint(0, TEST_MODEL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        for impl in (CrossEntropy.chunked, CrossEntropy.megatron):
+            chunk = build_model_chunks(replace(TEST_MODEL, cross_entropy=impl), PrecisionConfig(), layout, 4)[0]
+            loss = chunk(tokens, torch.arange(16).expand(2, 16), None, labels=tokens.roll(-1, dims=1))
+            (loss * torch.linspace(0, 1, 32).view(2, 16)).sum().backward()
+            grads = {n: p.grad.clone() for n, p in chunk.named_parameters()}
+            if parallel.sequence_parallel:  # norm gradients are summed over the TP group by finalize_model_grads
+                grads = {n: g for n, g in grads.items() if "layernorm" not in n}
+            out[f"{name}_{impl.value}"] = {"loss": loss.detach(), "grads": grads}
+        runtime.shutdown(destroy_process_group=False)
+    runtime.shutdown()
+    return out
+
+
+@pytest.mark.slow
+def test_chunked_loss_equals_megatrons_under_tensor_parallelism() -> None:
+    for rank in run_distributed(_tensor_parallel_comparison, 2):
+        for layout in ("tp2", "tp2_sp"):
+            ours, theirs = rank[f"{layout}_chunked"], rank[f"{layout}_megatron"]
+            torch.testing.assert_close(ours["loss"], theirs["loss"], rtol=1e-5, atol=1e-6)
+            assert ours["grads"].keys() == theirs["grads"].keys()
+            for name, grad in ours["grads"].items():
+                torch.testing.assert_close(grad, theirs["grads"][name], rtol=1e-5, atol=1e-6, msg=f"{layout} {name}")

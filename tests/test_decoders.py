@@ -1,0 +1,96 @@
+"""The lean decoders beyond megatron's local layers: Transformer Engine's layout of the input norms (fused into
+`linear_qkv` / `linear_fc1`), and the static-shape decode step that CUDA graphs record."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from megatron.core.transformer.identity_op import IdentityOp
+
+from steerlm import runtime
+from steerlm.config import Normalization, PrecisionConfig
+from steerlm.inference.decoders import GraphedLeanDecoder, LeanDecoder, MegatronDecoder, lean_unsupported
+from steerlm.models.gpt import build_model_chunks
+from tests.conftest import TEST_MODEL
+
+TOKENS = torch.tensor([[2, 20, 21, 22, 23, 24, 25, 26, 27, 28], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]])
+
+
+def _chunk(layout, model=TEST_MODEL) -> torch.nn.Module:
+    """The model with its norm weights moved away from their initial ones, so a skipped norm would show."""
+    chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=3)[0].eval()
+    with torch.no_grad():
+        for name, param in chunk.named_parameters():
+            if "layernorm" in name:
+                param.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+    return chunk
+
+
+def _fuse_norms_like_transformer_engine(fused: torch.nn.Module) -> torch.nn.Module:
+    """Lay the model out as megatron's TE spec lays a layer out: `input_layernorm` / `pre_mlp_layernorm` are
+    IdentityOp and their parameters sit on the following linear as `layer_norm_weight` / `layer_norm_bias`."""
+    for layer in fused.decoder.layers:
+        for norm_name, linear in (
+            ("input_layernorm", layer.self_attention.linear_qkv),
+            ("pre_mlp_layernorm", layer.mlp.linear_fc1),
+        ):
+            norm = getattr(layer, norm_name)
+            linear.layer_norm_weight = norm.weight
+            if norm.bias is not None:
+                linear.layer_norm_bias = norm.bias
+            setattr(layer, norm_name, IdentityOp())
+    return fused
+
+
+def _steps(decoder, tokens: torch.Tensor, prefill: int, keep_at: int | None = None) -> list[torch.Tensor]:
+    """Logits of a prefill and then one position at a time; rows [1] only from `keep_at` on."""
+    with runtime.inference():
+        out = [decoder.forward(tokens[:, :prefill], 0)]
+        for position in range(prefill, tokens.shape[1]):
+            if position == keep_at:
+                decoder.keep([1])
+                tokens = tokens[1:]
+            out.append(decoder.forward(tokens[:, position : position + 1], position))
+    return out
+
+
+@pytest.mark.parametrize("normalization", [Normalization.RMSNorm, Normalization.LayerNorm])
+def test_lean_decoder_applies_norms_fused_into_the_linears(layout, normalization: Normalization) -> None:
+    model = replace(TEST_MODEL, normalization=normalization)
+    chunk, fused = _chunk(layout, model), _fuse_norms_like_transformer_engine(_chunk(layout, model))
+    assert lean_unsupported(fused) is None
+    ours = _steps(LeanDecoder(fused, layout, 2, 16), TOKENS, 4)
+    reference = _steps(MegatronDecoder(chunk, layout, 2, 16), TOKENS, 4)
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_with_no_input_norm_the_lean_loop_can_find_is_left_to_megatron(layout) -> None:
+    stripped = _chunk(layout)
+    stripped.decoder.layers[1].input_layernorm = IdentityOp()
+    assert "input norms" in lean_unsupported(stripped)
+    doubled = _chunk(layout)
+    own_norm = doubled.decoder.layers[0].pre_mlp_layernorm
+    _fuse_norms_like_transformer_engine(doubled).decoder.layers[0].pre_mlp_layernorm = own_norm
+    assert "input norms" in lean_unsupported(doubled)
+
+
+@pytest.mark.parametrize("keep_at", [None, 7], ids=["all_rows", "a_row_dropped"])
+def test_static_decode_step_equals_the_eager_lean_loop(layout, keep_at: int | None) -> None:
+    """What the CUDA graph records (one position as a device tensor, the whole zeroed cache under a mask)
+    gives the eager loop's logits, also after a finished row leaves the batch."""
+    chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=5)[0].eval()
+    static = _steps(GraphedLeanDecoder(chunk, layout, 2, 16, capture=False), TOKENS, 3, keep_at)
+    eager = _steps(LeanDecoder(chunk, layout, 2, 16), TOKENS, 3, keep_at)
+    assert [t.shape[0] for t in static] == [t.shape[0] for t in eager]
+    for got, expected in zip(static, eager):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_cuda_graph_decoding_is_refused_without_cuda(layout) -> None:
+    chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=5)[0]
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedLeanDecoder(chunk, layout, 2, 16)

@@ -1,0 +1,101 @@
+"""The per-GPU memory estimate (`launchers.memory`) against what a real model holds: its parameter count, and the
+bytes autograd keeps for the backward (counted with saved-tensor hooks on a forward); and how `python -m
+launchers … --dry-run` reports it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from launchers.cli import main
+from launchers.memory import GIB, estimate_memory, preset_table
+from steerlm.config import (
+    CrossEntropy,
+    DType,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainConfig,
+    TrainerConfig,
+    compose,
+    to_typed,
+)
+from steerlm.models.gpt import build_model_chunks
+from tests.conftest import TEST_MODEL
+
+WIDER = replace(TEST_MODEL, num_layers=3, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8)
+
+
+def _saved_bytes(chunk: torch.nn.Module, rows: int, length: int) -> int:
+    """Bytes of the distinct storages autograd saves in a training forward (parameters excluded)."""
+    parameters = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(0, TEST_MODEL.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        chunk(tokens, torch.arange(length).expand(rows, length), None, labels=tokens)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("model", [TEST_MODEL, WIDER, replace(WIDER, cross_entropy=CrossEntropy.megatron)])
+def test_activations_and_parameters_match_a_real_forward(layout, model) -> None:
+    rows, length = 2, 64
+    chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=1)[0]
+    cfg = TrainConfig(
+        model=model, trainer=TrainerConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=length)
+    )
+    estimate = estimate_memory(cfg, data_parallel_size=1)
+    assert estimate.parameters == sum(p.numel() for p in chunk.parameters()) == model.num_parameters(padded=True)
+    measured = _saved_bytes(chunk, rows, length)
+    if model.cross_entropy == CrossEntropy.megatron:  # its fp32 softmax is the 4-byte vocabulary term
+        assert estimate.activations == pytest.approx(measured, rel=0.15)
+    else:
+        assert estimate.activations == pytest.approx(measured, rel=0.05)
+
+
+def test_bytes_per_parameter_and_distributed_optimizer_sharding() -> None:
+    bf16 = TrainConfig(precision=PrecisionConfig(dtype=DType.bf16))
+    plain = estimate_memory(bf16, data_parallel_size=4)
+    assert (plain.weights, plain.gradients, plain.optimizer) == (
+        2 * plain.parameters,
+        4 * plain.parameters,
+        12 * plain.parameters,  # fp32 master weights + two Adam moments
+    )
+    sharded = estimate_memory(replace(bf16, parallel=ParallelConfig(use_distributed_optimizer=True)), 4)
+    assert sharded.optimizer == plain.optimizer / 4 and sharded.weights == plain.weights
+    fp32 = estimate_memory(TrainConfig(), data_parallel_size=1)
+    assert fp32.optimizer == 8 * fp32.parameters  # fp32 weights are the master weights
+
+
+def test_pipeline_stages_split_the_parameters_and_the_first_holds_pp_micro_batches() -> None:
+    cfg = to_typed(compose("demo", ["model=llama3_70b", "parallel=tp8_pp2", "precision=bf16"]))
+    cfg = replace(cfg, trainer=TrainerConfig(micro_batch_size=1, global_batch_size=16, seq_length=4096))
+    estimate = estimate_memory(cfg, data_parallel_size=2)
+    total = cfg.model.num_parameters(padded=True)
+    vocab = cfg.model.padded_vocab_size * cfg.model.hidden_size
+    assert estimate.parameters == pytest.approx((total - vocab) / 16 + vocab / 8 / 2, rel=0.01)
+    assert estimate.in_flight == 2
+    assert 60 * GIB < estimate.total < 100 * GIB
+
+
+def test_dry_run_reports_the_estimate_on_stderr(capsys) -> None:
+    argv = ["demo", "model=llama3_70b", "parallel=tp8_pp2", "parallel.data_parallel_size=2", "precision=bf16"]
+    assert main([*argv, "cluster=slurm_pyxis", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("#!/bin/bash") and "memory per GPU" not in out
+    cfg = to_typed(compose("demo", ["model=llama3_70b", "parallel=tp8_pp2", "precision=bf16"]))
+    expected = estimate_memory(replace(cfg, parallel=replace(cfg.parallel, data_parallel_size=2)), 2)
+    assert f"= {expected.total / GIB:.1f} GiB" in err and "4.41B parameters" in err
+
+
+def test_preset_table_covers_every_model_preset() -> None:
+    table = preset_table()
+    for preset in ("tiny", "small", "llama3_2_1b", "llama2_7b", "llama3_8b", "llama2_13b", "llama2_70b", "llama3_70b"):
+        assert f"| `{preset}` |" in table
