@@ -17,6 +17,7 @@ import pytest
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.data.readers import DataFormat, read_records
+from steerlm.data.records import from_conversation_json
 from steerlm.data.synthetic.splits import SCHEMA
 from steerlm.stages.pipeline import plan
 from tests.recipe_runner import ROOT, recipe_env
@@ -108,9 +109,17 @@ def test_bootstrap_labels_are_the_apms_predictions_of_what_was_sampled(uninterru
     from steerlm.config import ParallelConfig
     from steerlm.inference.scoring import AttributeScorer
 
-    labelled = list(read_records(uninterrupted / "bootstrap/iter_1/labelled.jsonl", DataFormat.conversation, SCHEMA))
-    samples = list(read_records(uninterrupted / "bootstrap/iter_1/samples.jsonl", DataFormat.conversation, SCHEMA))
-    assert len(labelled) == len(samples) == 20  # 10 requests x 2 samples
+    iteration = uninterrupted / "bootstrap/iter_1"
+    labelled = list(read_records(iteration / "labelled.jsonl", DataFormat.conversation, SCHEMA))
+    raw = [json.loads(line) for line in (iteration / "samples.jsonl").read_text().splitlines()]
+    assert len(raw) == 20  # 10 requests x 2 samples
+    answered = [row for row in raw if row["conversations"][-1]["value"].strip()]
+    empty = [json.loads(line) for line in (iteration / "empty.jsonl").read_text().splitlines()]
+    assert empty == [row for row in raw if not row["conversations"][-1]["value"].strip()]
+    summary = json.loads((uninterrupted / "bootstrap/eval.json").read_text())
+    assert summary["iterations"][0]["empty_samples"] == len(empty)
+    samples = [from_conversation_json(row, SCHEMA, "samples", i) for i, row in enumerate(answered)]
+    assert len(labelled) == len(samples) > 0
     assert [c.turns[-1].text for c in labelled] == [c.turns[-1].text for c in samples]
     layout = runtime.initialize(ParallelConfig(), 0)
     try:

@@ -8,7 +8,8 @@ The SteerLM paper's §3.4, per iteration i (`bootstrap.iterations`), under `<out
 2. samples: `bootstrap.samples_per_prompt` responses per pair from the previous model (stage 3's first), sampled
    (temperature / top-k / top-p) with a seed per row, written in resumable part files (`samples.parts/`);
 3. labelled.jsonl: every sample labelled with the APM's predictions — what the response *is*, not what was
-   asked for;
+   asked for; a sample that is empty (the model ended its turn at once) has nothing to label or learn from: it
+   goes to `empty.jsonl` instead and is counted in `eval.json`;
 4. sft/: the previous model fine-tuned on the labelled samples (and, with `bootstrap.mix_original`, stage 3's
    data) with the SFT recipe's settings; it is the next iteration's model.
 
@@ -47,6 +48,7 @@ from steerlm.training.loop import prepare_output_dir
 
 log = logging.getLogger(__name__)
 FINAL_LINK = "final"  # <output_dir>/final → the last iteration's model, written when the run completes
+EMPTY_FILE = "empty.jsonl"  # iter_<i>/empty.jsonl: the samples that were empty responses
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class IterationResult:
     model: str  # the model sampled from
     requests: int
     samples: int
+    empty_samples: int  # responses that were only an end of turn: kept in empty.jsonl, not labelled or trained on
     requested_vs_apm_mae: dict[str, float]  # mean |APM label − requested| per attribute
     exact_match: dict[str, float]  # share of samples whose APM label equals the requested value
     fine_tuned: str
@@ -172,24 +175,43 @@ def sample_row(request: Request, text: str, schema: AttributeSchema, chunk: int,
     return row
 
 
-def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, dict, dict]:
-    """Every sample labelled with the APM's rounded predictions → `out/labelled.jsonl` (collective);
-    returns it with the per-attribute mean |APM − requested| and exact-match share."""
+def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, int, dict, dict]:
+    """Every non-empty sample labelled with the APM's rounded predictions → `out/labelled.jsonl`, the empty ones
+    → `out/empty.jsonl` (collective); returns the labelled file, the number of empty samples and the
+    per-attribute mean |APM − requested| and exact-match share."""
     final = out / "labelled.jsonl"
     schema = cfg.attributes.schema()
     rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    empty = [row for row in rows if not row["conversations"][-1]["value"].strip()]
+    rows = [row for row in rows if row["conversations"][-1]["value"].strip()]
+    if not rows:
+        raise ConfigError(
+            "sft.init_from",
+            cfg.sft.init_from,
+            f"every one of the {len(empty)} samples in {samples} is an empty response",
+            "bootstrap from a model that answers: train stage 3 longer (trainer.max_steps) and check it with "
+            "recipes/chat.py",
+        )
     conversations = [from_conversation_json(row, schema, str(samples), i + 1) for i, row in enumerate(rows)]
     requested = np.array([schema.targets(schema.parse(row["requested"])) for row in rows])
     if final.exists():
         labelled = [json.loads(line) for line in final.read_text().splitlines() if line.strip()]
         labels = np.array([schema.targets(schema.parse(row["conversations"][-1]["label"])) for row in labelled])
-        return final, *_agreement(schema, labels, requested)
+        return final, len(empty), *_agreement(schema, labels, requested)
     layout = runtime.initialize(replace(cfg.parallel), cfg.trainer.seed)
     try:
         scorer = AttributeScorer.from_checkpoint(cfg.bootstrap.apm_checkpoint, layout, seed=cfg.trainer.seed)
         scores = scorer.score(conversations)
         predicted = [schema.clip_round(score) for score in scores]
         if layout.is_rank_zero:
+            if empty:
+                log.warning(
+                    "%d of %d samples are empty responses: written to %s, not labelled",
+                    len(empty),
+                    len(empty) + len(rows),
+                    out / EMPTY_FILE,
+                )
+            atomic_write_text(out / EMPTY_FILE, "".join(json_line(row) for row in empty))
             lines = []
             for row, conversation, labels in zip(rows, conversations, predicted):
                 turns = (*conversation.turns[:-1], replace(conversation.turns[-1], labels=labels))
@@ -201,7 +223,7 @@ def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, dict, d
     finally:
         runtime.shutdown()
     labels = np.array([schema.targets(labels) for labels in predicted])
-    return final, *_agreement(schema, labels, requested)
+    return final, len(empty), *_agreement(schema, labels, requested)
 
 
 def _agreement(schema: AttributeSchema, labels: np.ndarray, requested: np.ndarray) -> tuple[dict, dict]:
@@ -253,7 +275,7 @@ def run(cfg: BootstrapConfig) -> dict:
         out.mkdir(exist_ok=True)
         requests = top_requests(cfg, schema, iteration)
         samples = sample(cfg, model, requests, out, iteration)
-        labelled, mae, exact = label(cfg, samples, out)
+        labelled, empty, mae, exact = label(cfg, samples, out)
         result = fine_tune(cfg, model, training_file(cfg, labelled, out), out)
         final_loss = result["final_validation_loss"] if isinstance(result, dict) else result.final_validation_loss
         iterations.append(
@@ -262,6 +284,7 @@ def run(cfg: BootstrapConfig) -> dict:
                 model=str(model),
                 requests=len(requests),
                 samples=len(requests) * cfg.bootstrap.samples_per_prompt,
+                empty_samples=empty,
                 requested_vs_apm_mae=mae,
                 exact_match=exact,
                 fine_tuned=str(out / "sft"),
