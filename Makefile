@@ -1,7 +1,7 @@
 # Set-up and entry points. Each target creates .venv on first use (Python >= 3.10 and git only).
-#   make demo                 the main job: SteerLM on the embedded default (synthetic world → APM →
-#                             annotation → attribute-conditioned SFT → steering evaluation), ~8 minutes
-#                             on 2 CPU cores
+#   make demo                 the main job: the SteerLM pipeline on the embedded default (synthetic world →
+#                             base LM → APM → annotation → SFT and plain SFT → bootstrap → steering
+#                             evaluation → runs/pipeline/report.md); rerun to resume after a kill
 #   make smoke                a tiny Llama trained on the bundled text in seconds (recipes/demo.py)
 #   make test                 the whole test suite (what CI runs via .ci/run)
 # TORCH_SPEC picks the torch build: the default pins the release the CPU CI machines carry; on a GPU
@@ -26,12 +26,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/python recipes/prepare_data.py data=synthetic
-	$(VENV)/bin/python recipes/train_attribute_model.py
-	$(VENV)/bin/python recipes/annotate.py
-	$(VENV)/bin/python recipes/train_sft.py data.train_file=data/synthetic/apm_labels.jsonl data.format=conversation \
-		output_dir=runs/sft trainer.max_steps=1000
-	$(VENV)/bin/python recipes/evaluate_steering.py checkpoint=runs/sft values=[0,2,4] num_prompts=50
+	$(VENV)/bin/python recipes/pipeline.py $(ARGS)
 
 smoke: $(STAMP)
 	$(VENV)/bin/python recipes/demo.py $(ARGS)
