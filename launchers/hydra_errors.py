@@ -28,7 +28,7 @@ def _suggestion(key: str, schema: type, prefix: str) -> str:
     section = prefix
     for part in key.split(".")[1:-1]:
         nested = get_type_hints(schema).get(part)
-        if not is_dataclass(nested):
+        if not (isinstance(nested, type) and is_dataclass(nested)):
             break
         schema, section = nested, f"{section}.{part}"
     names = [f.name for f in fields(schema)]
@@ -45,10 +45,10 @@ def composition_error(
 ) -> ConfigError:
     """Unknown key, wrong type, unknown group option or bad override syntax → ConfigError."""
     if isinstance(error, OverrideParseException):
-        key, _, value = error.override.partition("=")
+        bad_key, _, bad_value = error.override.partition("=")
         return ConfigError(
-            key,
-            value,
+            bad_key,
+            bad_value,
             f"is not a valid Hydra override ({str(error).splitlines()[0]})",
             "quote values with special characters, e.g. 'cluster.sbatch_args=[\"--constraint=h100\"]'",
         )

@@ -103,7 +103,8 @@ def load_pipeline(name_or_path: str) -> PipelineSpec:
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """(cluster overrides, recipe overrides): `cluster=...`, `cluster.x=...` (and +/~ forms) go to the cluster."""
-    cluster, recipe = [], []
+    cluster: list[str] = []
+    recipe: list[str] = []
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
         (cluster if key == "cluster" or key.startswith("cluster.") else recipe).append(override)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
+from pathlib import Path
 
 from launchers.config import Launcher
 from launchers.plan import JobPlan
@@ -25,7 +26,7 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped early on USR1 and not requeued
 INDENT = "    "
 
 
-def q(word: str) -> str:
+def q(word: str | Path) -> str:
     return shlex.quote(str(word))
 
 

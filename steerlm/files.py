@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 
 class AtomicTextFile:
@@ -22,7 +23,7 @@ class AtomicTextFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._file = None
+        self._file: TextIO | None = None
 
     def __enter__(self) -> AtomicTextFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)

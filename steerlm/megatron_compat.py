@@ -132,7 +132,8 @@ def _synchronize(device: Any = None) -> None:
 def activate() -> None:
     """Install the CPU stand-ins for this process (idempotent). Call before building megatron modules."""
     global _active_mode
-    torch.cuda.current_device = _current_device
+    # setattr: a deliberate monkeypatch whose return type ("cpu", a device string) is not torch's `int`
+    setattr(torch.cuda, "current_device", _current_device)  # noqa: B010
     torch.cuda.synchronize = _synchronize
     _active_mode = _CudaToCpuMode()
     _active_mode.__enter__()

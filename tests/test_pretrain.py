@@ -48,6 +48,14 @@ def test_a_bad_document_row_names_file_and_line(tmp_path: Path) -> None:
     assert error.value.location == f"{path}:2" and error.value.field == "text"
 
 
+def test_a_document_row_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match="not valid UTF-8") as error:
+        list(read_documents(path))
+    assert error.value.location == f"{path}:2"
+
+
 class _KnowsFacts(torch.nn.Module):
     """A stand-in LM whose next-token logits put the true value of the fact in its prefix first — computed
     independently of `fact_recall`, by matching the prefix's words against the world's facts."""

@@ -23,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.module import MegatronModule
 
 from steerlm.config.schema import ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
@@ -92,10 +93,10 @@ def _model_key(model: ModelConfig) -> dict:
     return {name: (value.value if isinstance(value, Enum) else value) for name, value in asdict(model).items()}
 
 
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap(chunk: torch.nn.Module) -> MegatronModule:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(chunk, "module"):
-        chunk = chunk.module
+        chunk = cast(torch.nn.Module, chunk.module)  # the wrappers keep the wrapped module there
     return chunk
 
 

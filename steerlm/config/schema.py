@@ -481,13 +481,13 @@ class PrepareDataConfig:
                 "data=synthetic writes a directory: pass output=<directory>",
             )
             return
-        require(
-            self.input is not None and Path(self.input).is_file(),
-            "input",
-            self.input,
-            "no such file",
-            "pass input=<path of a .jsonl, .jsonl.gz or .parquet file> (or data=synthetic)",
-        )
+        if self.input is None or not Path(self.input).is_file():
+            raise ConfigError(
+                "input",
+                self.input,
+                "no such file",
+                "pass input=<path of a .jsonl, .jsonl.gz or .parquet file> (or data=synthetic)",
+            )
         require(
             Path(self.output).resolve() != Path(self.input).resolve(),
             "output",

@@ -15,7 +15,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from steerlm.config.schema import ParallelConfig, PrecisionConfig
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.readers import DataFormat
 from steerlm.errors import ConfigError
 
@@ -59,7 +59,7 @@ class SteeringEvalConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be >= 1", f"pass {key}=<a positive number>")
 
-    def resolve(self, schema: AttributeSchema) -> tuple[list[str], list[float], dict[str, float]]:
+    def resolve(self, schema: AttributeSchema) -> tuple[list[str], list[float], Labels]:
         """The swept attributes, the requested levels and the base levels, checked against `schema`."""
         sweep = list(self.sweep) or list(schema.attributes)
         for name in sweep:
@@ -92,4 +92,5 @@ class SteeringEvalConfig:
                 f"give a level for each of {', '.join(schema.attributes)}",
             )
         schema.check(self.base, source="base", field="base")
-        return sweep, [float(v) for v in levels], {name: float(v) for name, v in self.base.items()}
+        base: Labels = {name: float(v) for name, v in self.base.items()}
+        return sweep, [float(v) for v in levels], base

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -76,7 +76,7 @@ def _unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None
     defaults, names = schema(), {field.name for field in dataclasses.fields(schema)}
     for key in node.keys():
         if key not in names:
-            return f"{prefix}{key}"
+            return f"{prefix}{key!s}"
         child, value = node._get_node(key), getattr(defaults, key)
         if isinstance(child, DictConfig) and dataclasses.is_dataclass(value):
             found = _unknown_key(child, type(value), f"{prefix}{key}.")
@@ -85,7 +85,15 @@ def _unknown_key(node: DictConfig, schema: type, prefix: str = "") -> str | None
     return None
 
 
-def to_typed(cfg: DictConfig, schema: type[T] = TrainConfig) -> T:
+@overload
+def to_typed(cfg: DictConfig) -> TrainConfig: ...
+
+
+@overload
+def to_typed(cfg: DictConfig, schema: type[T]) -> T: ...
+
+
+def to_typed(cfg: DictConfig, schema: type[Any] = TrainConfig) -> Any:
     """Turn a composed config into its dataclass, reporting type errors and unknown keys as ConfigError."""
     unknown = _unknown_key(cfg, schema)
     if unknown is not None:

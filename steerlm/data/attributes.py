@@ -67,9 +67,10 @@ class AttributeSchema:
             out[name] = int(value) if self.integer else float(value)
         return out
 
-    def format(self, labels: Labels) -> str:
+    def format(self, labels: Mapping[str, float | None]) -> str:
         """`name:value` pairs of the present values, comma-joined in schema order."""
-        return ",".join(f"{name}:{_number(labels[name])}" for name in self.attributes if labels.get(name) is not None)
+        present = ((name, labels.get(name)) for name in self.attributes)
+        return ",".join(f"{name}:{_number(value)}" for name, value in present if value is not None)
 
     def parse(self, text: str, source: str = "<labels>", line: int | None = None, field: str = "label") -> Labels:
         """Inverse of `format` (checked)."""
@@ -88,17 +89,18 @@ class AttributeSchema:
 
     def targets(self, labels: Labels) -> list[float]:
         """Regression targets in schema order, MISSING (-100) where unlabelled."""
-        return [MISSING if labels.get(name) is None else float(labels[name]) for name in self.attributes]
+        return [MISSING if (value := labels.get(name)) is None else float(value) for name in self.attributes]
 
     def clip_round(self, scores: Mapping[str, float | None]) -> Labels:
         """Model scores → labels: clipped to the range and, for integer schemas, rounded (as NeMo-Aligner).
         A None or NaN score (a generative APM that did not write that attribute) becomes a missing label."""
         out: Labels = {}
         for name in self.attributes:
-            if scores[name] is None or math.isnan(float(scores[name])):
+            score = scores[name]
+            if score is None or math.isnan(float(score)):
                 out[name] = None
                 continue
-            value = min(max(float(scores[name]), self.min_value), self.max_value)
+            value = min(max(float(score), self.min_value), self.max_value)
             out[name] = int(round(value)) if self.integer else value
         return out
 

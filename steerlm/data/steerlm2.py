@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,17 +140,17 @@ def _response(value: object, source: str, line: int, where: str) -> SampledRespo
     if value.get("from") != Role.assistant.value:
         raise DataError(source, line, f"{where}.from", f"{value.get('from')!r}: responses are 'Assistant' turns")
     text = check_turn_text(Role.assistant, value.get("value"), source, line, f"{where}.value")
-    logs = []
+    logs: dict[str, float] = {}
     for name in LOG_FIELDS:
         number = value.get(name)
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise DataError(source, line, f"{where}.{name}", f"{number!r} is not a finite number")
-        logs.append(float(number))
+        logs[name] = float(number)
     extra = {k: v for k, v in value.items() if k not in ("from", "value", *LOG_FIELDS)}
-    return SampledResponse(text, *logs, extra=extra)
+    return SampledResponse(text, logs[LOG_P_ATTRIBUTES], logs[LOG_P_RESPONSE], logs[LOG_Q], extra=extra)
 
 
-def from_steerlm2_json(obj: dict, schema: AttributeSchema, source: str, line: int) -> SteerLM2Row:
+def from_steerlm2_json(obj: Mapping[str, object], schema: AttributeSchema, source: str, line: int) -> SteerLM2Row:
     """Parse one row, naming file:line and the field on any problem."""
     system = obj.get("system")
     if not isinstance(system, str):
@@ -178,7 +178,7 @@ def read_steerlm2_rows(
     row's is bad: a file holds groups of one size."""
     sizes: list[int] = []  # the first good row's response count
 
-    def convert(obj: dict, schema: AttributeSchema, source: str, line: int) -> list[SteerLM2Row]:
+    def convert(obj: Mapping[str, object], schema: AttributeSchema, source: str, line: int) -> list[SteerLM2Row]:
         row = from_steerlm2_json(obj, schema, source, line)
         if sizes and len(row.responses) != sizes[0]:
             raise DataError(
@@ -348,7 +348,7 @@ def attributes_log_probability(
     """log P(a | x, y): the sum over the attributes `labels` sets of `attribute_level_log_probability` (the
     attributes are taken as independent given the response); `scores` are the APM's, in schema order."""
     return sum(
-        attribute_level_log_probability(score, labels[name], schema, concentration)
+        attribute_level_log_probability(score, level, schema, concentration)
         for name, score in zip(schema.attributes, scores)
-        if labels.get(name) is not None
+        if (level := labels.get(name)) is not None
     )

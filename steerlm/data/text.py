@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from steerlm.data.jsonl import iter_raw_lines, parse_json_object
+from steerlm.data.jsonl import decode_line, iter_raw_lines, parse_json_object
 from steerlm.data.sampler import held_out
 from steerlm.errors import DataError
 from steerlm.tokenizers.base import Tokenizer
@@ -31,7 +31,7 @@ def read_documents(path: str | Path, key: str = "text") -> Iterator[tuple[str, s
     """(source `file:line`, text) of every row of a JSONL file of documents; DataError naming file:line for a
     row without a string `key`."""
     for line, raw in iter_raw_lines(path):
-        row = parse_json_object(raw, str(path), line)
+        row = parse_json_object(decode_line(raw, str(path), line), str(path), line)
         text = row.get(key)
         if not isinstance(text, str) or not text.strip():
             raise DataError(str(path), line, key, "missing or empty text", f'give each row a non-empty "{key}"')

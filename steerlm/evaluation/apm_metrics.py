@@ -82,19 +82,19 @@ def attribute_metrics(predictions: np.ndarray, targets: np.ndarray, schema: Attr
 
 def merged_reward(scores: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     """`[rows]` weights · scores over the attributes with a non-zero weight (NaN when one of those is NaN)."""
-    weights = np.asarray(weights, dtype=np.float64)
-    return scores[:, weights != 0] @ weights[weights != 0]
+    vector = np.asarray(weights, dtype=np.float64)
+    return scores[:, vector != 0] @ vector[vector != 0]
 
 
 def reward_metrics(predictions: np.ndarray, targets: np.ndarray, weights: Sequence[float]) -> dict:
     """The merged reward (`predictions @ weights`) against `targets @ weights`, on rows where every
     attribute with a non-zero weight is labelled; also the mean predicted reward over all rows."""
-    weights = np.asarray(weights, dtype=np.float64)
-    used = weights != 0
+    vector = np.asarray(weights, dtype=np.float64)
+    used = vector != 0
     complete = (targets[:, used] != MISSING).all(axis=1) & ~np.isnan(predictions[:, used]).any(axis=1)
     rewards = merged_reward(predictions, weights)
     return {
-        **_regression_metrics(rewards[complete], targets[complete] @ weights),
+        **_regression_metrics(rewards[complete], targets[complete] @ vector),
         "mean_predicted": float(np.nanmean(rewards)) if (~np.isnan(rewards)).any() else float("nan"),
     }
 

@@ -57,7 +57,10 @@ class MegatronDecoder:
         self.context.max_batch_size = len(rows)
 
 
-def _norm_before(module: torch.nn.Module, linear: torch.nn.Module, config) -> Callable | None:
+_Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _norm_before(module: torch.nn.Module, linear: torch.nn.Module, config) -> _Norm | None:
     """The norm a layer applies before `linear`: its own module (megatron's local layers), or the norm
     Transformer Engine fuses into `linear` (the module is then an IdentityOp); None if neither or both."""
     fused = fused_norm_parameters(linear)
@@ -72,7 +75,7 @@ def _norm_before(module: torch.nn.Module, linear: torch.nn.Module, config) -> Ca
     return lambda x: F.layer_norm(x, shape, weight, bias, eps)
 
 
-def _layer_norms(layer, config) -> tuple[Callable | None, Callable | None]:
+def _layer_norms(layer, config) -> tuple[_Norm | None, _Norm | None]:
     return (
         _norm_before(layer.input_layernorm, layer.self_attention.linear_qkv, config),
         _norm_before(layer.pre_mlp_layernorm, layer.mlp.linear_fc1, config),
@@ -151,7 +154,12 @@ class LeanDecoder:
         self.heads = config.num_attention_heads // layout.tp
         self.groups = (config.num_query_groups or config.num_attention_heads) // layout.tp
         self.head_dim = config.kv_channels
-        self.norms = [_layer_norms(layer, config) for layer in model.decoder.layers]
+        self.norms: list[tuple[_Norm, _Norm]] = []
+        for layer in model.decoder.layers:
+            input_norm, pre_mlp_norm = _layer_norms(layer, config)
+            if input_norm is None or pre_mlp_norm is None:
+                raise ValueError(f"LeanDecoder cannot run this model: {lean_unsupported(model)}")
+            self.norms.append((input_norm, pre_mlp_norm))
         parameter = next(model.parameters())
         freqs = model.rotary_pos_emb(length)[:, 0, 0].float()  # [length, head_dim]: megatron's RoPE (scaling included)
         self.cos, self.sin = freqs.cos().to(parameter.dtype), freqs.sin().to(parameter.dtype)
@@ -257,17 +265,18 @@ class GraphedLeanDecoder(LeanDecoder):
     def _static_step(self) -> torch.Tensor:
         return self._logits(self.tokens, _DevicePosition(self, self.position))
 
-    def _record(self) -> None:
+    def _record(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (allocator and kernels settle), then record; both write this step's key
-        and value, which the replay writes again unchanged."""
+        and value, which the replay writes again unchanged. Returns the graph and the output tensor it fills."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._static_step()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self._static_step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self._static_step()
+        return graph, output
 
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         if tokens.shape[1] > 1:
@@ -276,8 +285,8 @@ class GraphedLeanDecoder(LeanDecoder):
         self.position.fill_(start)
         if not self.capture:
             return self._static_step()[self.live]
-        if self.graph is None:
-            self._record()
+        if self.graph is None or self.output is None:
+            self.graph, self.output = self._record()
         self.graph.replay()
         return self.output[self.live]
 

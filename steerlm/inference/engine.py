@@ -22,6 +22,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -159,7 +160,7 @@ class Engine:
             elif isinstance(batch[0], ScoringJob):
                 self._score(batch[0])
             else:
-                self._generate(batch)
+                self._generate(cast(list[GenerationJob], batch))  # _next_batch runs a ScoringJob alone
 
     def _next_batch(self) -> list[Job] | None:
         """The next jobs to run together; [] after an idle ping interval; None once closing and drained."""
@@ -172,7 +173,7 @@ class Engine:
                 if job.cancelled or self._expired(job):
                     self._pending.popleft()
                     continue
-                if isinstance(job, ScoringJob) or (batch and rows + len(job.prompts) > self.max_batch_size):
+                if not isinstance(job, GenerationJob) or (batch and rows + len(job.prompts) > self.max_batch_size):
                     if not batch:
                         batch.append(self._pending.popleft())
                     break

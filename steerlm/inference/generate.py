@@ -141,6 +141,13 @@ class _Row:
         new, self.emitted = self.text[self.emitted : safe], max(safe, self.emitted)
         return Delta(self.index, new, self.finish, len(self.generated))
 
+    def completion(self, tokenizer: Tokenizer) -> Completion:
+        """The finished row as a `Completion` (text decoded now unless it was tracked)."""
+        if self.finish is None:
+            raise RuntimeError(f"row {self.index} has not finished: decoding stopped before its last position")
+        text = self.text if self.track_text else tokenizer.decode(self.generated)
+        return Completion(len(self.prompt), self.generated, text, self.finish)
+
 
 def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
@@ -246,12 +253,7 @@ class Generator:
         rows = self._rows(prompts, params, track_text=False)
         for _ in self._decode(rows):
             pass
-        return [
-            Completion(
-                len(r.prompt), r.generated, r.text if r.track_text else self.tokenizer.decode(r.generated), r.finish
-            )
-            for r in rows
-        ]
+        return [row.completion(self.tokenizer) for row in rows]
 
     def _decode(self, rows: list[_Row]) -> Iterator[list[Delta]]:
         device = self.layout.device
@@ -289,11 +291,11 @@ class Generator:
                 chosen = self._agree(sample(logits, [rows[i].params for i in live], [generators[i] for i in live]))
                 generating = prompt_lengths <= position  # the others still read their prompt
                 buffer[:, position] = torch.where(generating, chosen, buffer[:, position])
-            new_tokens, generating = buffer[:, position].tolist(), generating.tolist()
+            new_tokens, generating_rows = buffer[:, position].tolist(), generating.tolist()
             deltas, keep = [], []
             for slot, index in enumerate(live):
                 row = rows[index]
-                if generating[slot]:
+                if generating_rows[slot]:
                     row.push(new_tokens[slot], self.tokenizer, self.stop_token_ids, position == total - 1)
                     delta = row.delta() if row.track_text else None
                     if delta is not None:

@@ -33,10 +33,14 @@ class Lockstep:
         self.closed = False
 
     def _announce(self, message: tuple | None) -> tuple:
+        """Rank 0 sends `message`; the others pass None and receive it."""
         holder = [message]
         if self.layout.world_size > 1:
             dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        received = holder[0]
+        if received is None:
+            raise RuntimeError("lockstep: no message from rank 0 (follow() needs more than one rank)")
+        return received
 
     def call(self, name: str, *args: Any) -> Any:
         """Rank 0: run `handlers[name](*args)` on every rank; returns rank 0's result (drain iterators fully)."""

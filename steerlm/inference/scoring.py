@@ -202,15 +202,17 @@ class AttributeScorer:
         load_weights(apm.path, chunks, layout, cfg.model)
         for chunk in chunks:
             chunk.eval()
-        options = dict(
+        kind: type[AttributeScorer] = GenerativeAttributeScorer if generative else cls
+        return kind(
+            chunks,
+            layout,
+            schema,
+            tokenizer,
             seq_length=seq_length or cfg.model.max_position_embeddings,
             micro_batch_size=micro_batch_size,
             length_policy=length_policy,
             merge_weights=merge_weights if merge_weights is not None else cfg.apm.merge_weights,
         )
-        if generative:
-            return GenerativeAttributeScorer(chunks, layout, schema, tokenizer, **options)
-        return cls(chunks, layout, schema, tokenizer, **options)
 
     def examples(
         self,
@@ -324,7 +326,7 @@ class GenerativeAttributeScorer(AttributeScorer):
 
     def score_examples(self, examples: Sequence[AttributeExample]) -> np.ndarray:
         params = SamplingParams(max_new_tokens=self.budget + 1, stop=(self.suffix,))
-        logged = []
+        logged: list[str] = []
 
         def score_batch(batch: list[AttributeExample]) -> list[list[float]]:
             completions = self.generator.generate([list(e.ids) for e in batch], [params] * len(batch))

@@ -63,7 +63,7 @@ UNSUPPORTED = (
     "reasoning_effort",
     "verbosity",
 )
-UNSET = (None, False, 0, [], {}, {"type": "text"})
+UNSET: tuple[object, ...] = (None, False, 0, [], {}, {"type": "text"})
 
 
 class TextPart(BaseModel):
@@ -144,7 +144,8 @@ class JobEvents:
     """A job's sink: hands engine events to the event loop (the engine thread must never block)."""
 
     def __init__(self) -> None:
-        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
 
     def __call__(self, event: object) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -305,15 +306,18 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.name, "choices": choices}
 
     def completion(self) -> dict:
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": row.text},
-                "logprobs": None,
-                "finish_reason": row.finish_reason.value,
-            }
-            for i, row in enumerate(self.rows)
-        ]
+        choices = []
+        for i, row in enumerate(self.rows):
+            if row.finish_reason is None:
+                raise RuntimeError(f"choice {i} has no finish reason: its job ended before the row finished")
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": row.text},
+                    "logprobs": None,
+                    "finish_reason": row.finish_reason.value,
+                }
+            )
         return {**self._envelope("chat.completion", choices), "usage": self.usage(), "attributes": self.labels}
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:

@@ -133,7 +133,8 @@ class Steering:
 
         Assistant turns in the history carry `labels`: a conversation is steered by one set of values.
         """
-        system, turns = [], []
+        system: list[str] = []
+        turns: list[Turn] = []
         for index, message in enumerate(messages):
             param = f"messages[{index}]"
             if message.role in SYSTEM_ROLES:

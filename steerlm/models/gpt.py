@@ -140,10 +140,11 @@ def build_model_chunks(
         model_class = ChunkedLossGPTModel if model.cross_entropy == CrossEntropy.chunked else GPTModel
     config = transformer_config(model, precision, layout)
     chunks = []
-    for vp_stage in range(layout.vpp or 1):
+    stages = layout.vpp or 1
+    for vp_stage in range(stages):
         vp = vp_stage if layout.vpp else None
-        first = layout.is_first_stage and (vp is None or vp == 0)
-        last = layout.is_last_stage and (vp is None or vp == layout.vpp - 1)
+        first = layout.is_first_stage and vp_stage == 0
+        last = layout.is_last_stage and vp_stage == stages - 1
         gpt = model_class(
             config=config,
             transformer_layer_spec=decoder_spec(model, config, layout, vp),

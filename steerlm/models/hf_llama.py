@@ -147,7 +147,8 @@ def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> t
     if rest in _LAYER_COPIES:
         return hf[prefix + _LAYER_COPIES[rest]]
     if rest == "self_attention.linear_qkv.weight":
-        return _pack_qkv(*(hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"), model)
+        q, k, v = (hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv")
+        return _pack_qkv(q, k, v, model)
     if rest == "mlp.linear_fc1.weight":
         return torch.cat([hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"]])
     raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")

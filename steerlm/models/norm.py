@@ -23,7 +23,8 @@ class Norm(torch.nn.Module):
         self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
         for param in (self.weight, self.bias):
             if param is not None:
-                param.sequence_parallel = config.sequence_parallel
+                # setattr: megatron's marker attribute, which torch's Parameter type does not declare
+                setattr(param, "sequence_parallel", config.sequence_parallel)  # noqa: B010
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.rms:

@@ -26,11 +26,19 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def partition_dim(param: torch.Tensor) -> int:
+    """The dimension megatron splits a tensor-parallel parameter along (its `partition_dim` attribute)."""
+    dim = getattr(param, "partition_dim", None)
+    if dim is None:
+        raise ValueError(f"a tensor-parallel parameter of shape {tuple(param.shape)} has no partition_dim")
+    return int(dim)
+
+
 def full_shape(param: torch.Tensor, tp: int) -> torch.Size:
     if not is_tp_sharded(param):
         return param.shape
     shape = list(param.shape)
-    shape[param.partition_dim] *= tp
+    shape[partition_dim(param)] *= tp
     return torch.Size(shape)
 
 
@@ -38,7 +46,7 @@ def shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> tor
     """This TP rank's slice of `full`, stride-aware (e.g. SwiGLU's fc1 holds [gate_r; up_r])."""
     if not is_tp_sharded(param):
         return full
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    dim, stride = partition_dim(param), getattr(param, "partition_stride", 1)
     piece = full.shape[dim] // (tp * stride)
     pieces = torch.split(full, piece, dim=dim)
     return torch.cat(pieces[tp_rank::tp], dim=dim)
@@ -48,7 +56,7 @@ def unshard(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
     """Inverse of `shard` given every TP rank's slice in rank order."""
     if not is_tp_sharded(param):
         return shards[0]
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    dim, stride = partition_dim(param), getattr(param, "partition_stride", 1)
     per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
     return torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 

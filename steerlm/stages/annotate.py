@@ -15,9 +15,11 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from steerlm.files import atomic_write_text
 from steerlm.inference.scoring import AttributeScorer, check_rated_attributes, open_apm_checkpoint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SCORES_FIELD = "attribute_scores"
 REWARD_FIELD = "attribute_reward"  # with the APM's apm.merge_weights: the merged score of each scored turn
 SCORE_DECIMALS = 4  # raw scores are rounded so outputs compare byte for byte across layouts
@@ -117,7 +120,8 @@ def _annotated_rows(
     reward_of = {} if rewards is None else dict(zip((e.turn for e in examples), _rounded(rewards)))
     rows = []
     for r, record in enumerate(records):
-        turns, raw = [], []
+        turns: list[Turn] = []
+        raw: list[dict[str, Any] | None] = []
         for t, turn in enumerate(record.turns):
             if (r, t) not in per_turn:
                 turns.append(turn)
@@ -145,7 +149,9 @@ def _rounded(values: np.ndarray) -> list:
     ]
 
 
-def _shards(cfg: AnnotateConfig, schema: AttributeSchema, stats: ReadStats, rejects: RejectSink | None):
+def _shards(
+    cfg: AnnotateConfig, schema: AttributeSchema, stats: ReadStats, rejects: RejectSink | None
+) -> Iterator[list[Conversation]]:
     records = read_records(cfg.input, cfg.format, schema, cfg.on_bad_row, rejects, stats)
     while True:
         shard = list(itertools.islice(records, cfg.shard_size))
@@ -154,10 +160,19 @@ def _shards(cfg: AnnotateConfig, schema: AttributeSchema, stats: ReadStats, reje
         yield shard
 
 
-def _broadcast(obj: object) -> object:
+def _broadcast(obj: T | None) -> T | None:
+    """Rank 0's `obj` on every rank (the others pass None)."""
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def _broadcast_required(obj: T | None, what: str) -> T:
+    """`_broadcast` of something rank 0 always has (the others pass None)."""
+    received = _broadcast(obj)
+    if received is None:
+        raise RuntimeError(f"{what} was not broadcast from rank 0")
+    return received
 
 
 def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
@@ -188,7 +203,7 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> A
         "format": cfg.format.value,
     }
     work = _Work(Path(f"{output}.parts"), identity)
-    stats, counts, lengths = ReadStats(), Counter(), LengthStats()
+    stats, counts, lengths = ReadStats(), Counter[str](), LengthStats()
     rejects_path = Path(cfg.rejects or f"{output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject
     start = time.perf_counter()
@@ -199,14 +214,14 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> A
     with sink or contextlib.nullcontext(), tqdm(desc="annotate", unit="row", disable=not layout.is_rank_zero) as bar:
         shards = _shards(cfg, schema, stats, sink) if layout.is_rank_zero else None
         for number in itertools.count():
-            shard = next(shards, None) if layout.is_rank_zero else None
+            shard = next(shards, None) if shards is not None else None
             if _broadcast(None if shard is None else (number in done)) is None:
                 break
             counts["shards"] += 1
             if number in done:
                 counts["skipped"] += 1
                 continue
-            records = _broadcast(shard)
+            records = _broadcast_required(shard, f"shard {number}")
             for record in records:
                 check_rated_attributes(record, schema, "apm_checkpoint", cfg.apm_checkpoint)
             examples = scorer.examples(records, partial(_needs, cfg.mode), lengths)
@@ -236,7 +251,7 @@ def _merge(
     rejects: Path | None,
     schema: AttributeSchema,
 ) -> AnnotateSummary:
-    histograms = {name: Counter() for name in schema.attributes}
+    histograms: dict[str, Counter[str]] = {name: Counter() for name in schema.attributes}
     text = []
     for shard in range(counts["shards"]):
         part = work.part(shard).read_text(encoding="utf-8")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -32,7 +33,7 @@ from steerlm.data.apm import (
     labelled_turns,
 )
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthStats, pad_batch
+from steerlm.data.collate import Batch, LengthStats, pad_batch
 from steerlm.data.readers import BadRowPolicy, DataFormat, read_records
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
@@ -56,6 +57,7 @@ from steerlm.training.loop import TrainingOutcome, prepare_output_dir
 from steerlm.training.losses import attribute_regression_loss
 
 log = logging.getLogger(__name__)
+_E = TypeVar("_E")  # the examples a stage batches (APM or language-model ones)
 
 
 @dataclass(frozen=True)
@@ -166,29 +168,39 @@ class AttributeModelStage(TrainingStage[AttributeModelConfig, APMInputs]):
 
     def _scorer(self, ctx: StageContext[AttributeModelConfig], inputs: APMInputs):
         cfg = ctx.cfg
-        options = dict(
+        kind = GenerativeAttributeScorer if cfg.apm.type == APMType.generative else AttributeScorer
+        return kind(
+            ctx.setup.model,
+            ctx.layout,
+            inputs.schema,
+            inputs.tokenizer,
             seq_length=cfg.trainer.seq_length,
             micro_batch_size=cfg.trainer.micro_batch_size,
             length_policy=cfg.data.length_policy,
             merge_weights=cfg.apm.merge_weights,
         )
-        kind = GenerativeAttributeScorer if cfg.apm.type == APMType.generative else AttributeScorer
-        return kind(ctx.setup.model, ctx.layout, inputs.schema, inputs.tokenizer, **options)
 
     def batches(self, ctx: StageContext[AttributeModelConfig], inputs: APMInputs) -> StageData:
-        cfg, trainer = ctx.cfg, ctx.cfg.trainer
-        pad_id = inputs.tokenizer.pad_id
-        if cfg.apm.type == APMType.generative:
+        if ctx.cfg.apm.type == APMType.generative:
             suffix = SteerLMTemplate(inputs.schema).config.turn_suffix
             train_inputs, valid_inputs = (
                 generative_examples(split, inputs.schema, inputs.tokenizer, suffix)
                 for split in (inputs.train, inputs.valid)
             )
-            collate = pad_batch
-        else:
-            train_inputs, valid_inputs, collate = inputs.train, inputs.valid, attribute_batch
+            return self._stage_data(ctx, inputs, train_inputs, valid_inputs, pad_batch)
+        return self._stage_data(ctx, inputs, inputs.train, inputs.valid, attribute_batch)
 
-        def train_batch(step: int):
+    def _stage_data(
+        self,
+        ctx: StageContext[AttributeModelConfig],
+        inputs: APMInputs,
+        train_inputs: Sequence[_E],
+        valid_inputs: Sequence[_E],
+        collate: Callable[[Sequence[_E], int], Batch],
+    ) -> StageData:
+        trainer, pad_id = ctx.cfg.trainer, inputs.tokenizer.pad_id
+
+        def train_batch(step: int) -> Batch:
             rows = global_batch_indices(len(train_inputs), trainer.global_batch_size, step, trainer.seed)
             return collate([train_inputs[i] for i in rows], pad_id)
 

@@ -97,7 +97,7 @@ def top_requests(cfg: BootstrapConfig, schema: AttributeSchema, iteration: int) 
             f"holds {len(prompts)} prompts and {len(labelled)} fully labelled assistant turns",
             "bootstrap from stage 3's labelled training data (e.g. annotate's output)",
         )
-    best = max(labels[quality] for labels in labelled)
+    best = max(level for labels in labelled if (level := labels[quality]) is not None)  # all are set
     combinations = [labels for labels in labelled if labels[quality] == best]
     if best < schema.max_value:
         log.warning(
@@ -213,8 +213,8 @@ def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, int, di
                 )
             atomic_write_text(out / EMPTY_FILE, "".join(json_line(row) for row in empty))
             lines = []
-            for row, conversation, labels in zip(rows, conversations, predicted):
-                turns = (*conversation.turns[:-1], replace(conversation.turns[-1], labels=labels))
+            for row, conversation, predicted_labels in zip(rows, conversations, predicted):
+                turns = (*conversation.turns[:-1], replace(conversation.turns[-1], labels=predicted_labels))
                 labelled_row = {**to_conversation_json(replace(conversation, turns=turns), schema)}
                 labelled_row.update({k: row[k] for k in ("requested", "prompt_source")})
                 lines.append(json_line(labelled_row))

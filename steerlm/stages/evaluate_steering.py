@@ -38,7 +38,7 @@ def generate_steered_pairs(
 ) -> list[Generated]:
     """One response per (prompt, requested labels) pair with that row's sampling params, in order, generated
     `batch_size` at a time (collective under TP)."""
-    out = []
+    out: list[Generated] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         ids = [prompt_ids(loaded.template, loaded.tokenizer, c.system, c.turns, labels) for c, labels in chunk]

@@ -31,8 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from steerlm.config import ConfigError, ParallelConfig, to_typed
 from steerlm.config.pipeline import PipelineConfig
@@ -123,7 +124,8 @@ def layout_processes(option: str) -> int:
     if not path.is_file():
         options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         raise ConfigError("pipeline.parallel", option, "is not an option of conf/parallel", f"use one of {options}")
-    node = OmegaConf.merge(OmegaConf.structured(ParallelConfig), OmegaConf.load(path))
+    # merged into a structured (dataclass) config, the result is a DictConfig
+    node = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(ParallelConfig), OmegaConf.load(path)))
     return to_typed(node, ParallelConfig).model_parallel_size
 
 

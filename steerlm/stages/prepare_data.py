@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from steerlm.config import PrepareDataConfig
+from steerlm.config import ConfigError, PrepareDataConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records, write_conversation_jsonl
 from steerlm.data.records import Conversation, Role
@@ -54,9 +54,11 @@ def run(cfg: PrepareDataConfig) -> PrepareSummary | dict:
     cfg.validate()
     if cfg.synthetic is not None:
         return write_synthetic(cfg.synthetic, cfg.output)
+    if cfg.input is None:  # validate() already refuses this; checked again for the type checker
+        raise ConfigError("input", None, "is required", "pass input=<path> (or data=synthetic)")
     schema = cfg.attributes.schema()
     stats = ReadStats()
-    histograms = {name: Counter() for name in schema.attributes}
+    histograms: dict[str, Counter[str]] = {name: Counter() for name in schema.attributes}
     turns: Counter = Counter()
     rejects_path = Path(cfg.rejects or f"{cfg.output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject

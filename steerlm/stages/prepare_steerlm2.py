@@ -35,7 +35,7 @@ from steerlm import runtime
 from steerlm.config import ConfigError
 from steerlm.config.schema import APMType
 from steerlm.config.steerlm2 import PrepareSteerLM2Config
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.collate import Example, length_buckets, pad_batch, prompt_ids
 from steerlm.data.jsonl import json_line
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records
@@ -60,7 +60,7 @@ from steerlm.inference.loading import (
 )
 from steerlm.inference.scoring import APMCheckpoint, AttributeScorer, open_apm_checkpoint
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.stages.annotate import SCORE_DECIMALS, _broadcast, _Work
+from steerlm.stages.annotate import SCORE_DECIMALS, _broadcast_required, _Work
 from steerlm.training import SEQUENCE_LOG_PROB, predict
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Prompt:
 
     system: str
     turns: tuple[Turn, ...]
-    labels: dict
+    labels: Labels
     source: str
 
 
@@ -112,14 +112,14 @@ def _prompt_of(conversation: Conversation) -> Prompt:
 
 def read_prompts(cfg: PrepareSteerLM2Config, schema: AttributeSchema) -> tuple[list[Prompt], int]:
     """The first `max_prompts` usable prompts of the input (on the calling rank) and the count rejected."""
-    stats, prompts = ReadStats(), []
+    stats, prompts = ReadStats(), list[Prompt]()
     reject = cfg.on_bad_row == BadRowPolicy.reject
     with RejectSink(cfg.rejects or f"{cfg.output}.rejects.jsonl") if reject else contextlib.nullcontext() as sink:
         for conversation in read_records(cfg.input, cfg.format, schema, cfg.on_bad_row, sink, stats):
             try:
                 prompts.append(_prompt_of(conversation))
             except DataError as error:
-                if not reject:
+                if sink is None:  # on_bad_row=error
                     raise
                 sink.write(error, to_conversation_json(conversation, schema))
                 stats.rejected += 1
@@ -212,7 +212,7 @@ def _sample(cfg: PrepareSteerLM2Config, model: LoadedModel, prompts: list[Prompt
     return rows
 
 
-def _context(prompt: Prompt | SteerLM2Row) -> tuple:
+def _context(prompt: Prompt | SteerLM2Row) -> tuple[str, tuple[Turn, ...], Labels | None]:
     """(system, prompt turns, labels): what a prompt's tokens are built from."""
     if isinstance(prompt, Prompt):
         return prompt.system, prompt.turns, prompt.labels
@@ -248,6 +248,8 @@ def _attributes(cfg: PrepareSteerLM2Config, scorer: AttributeScorer, rows: list[
         for response in row.responses:
             scored = next(scores)
             values = [scored[name] for name in scorer.schema.attributes]
+            if row.labels is None:
+                raise DataError(row.source, None, "label", "has no requested attributes to score log P(a|x,y) against")
             log_p = attributes_log_probability(values, row.labels, scorer.schema, cfg.attribute_concentration)
             extra = {**response.extra, SCORES_FIELD: [round(v, SCORE_DECIMALS) for v in values]}
             responses.append(replace(response, log_p_attributes=log_p, extra=extra))
@@ -339,13 +341,14 @@ def _prepare(
         for work in works.values():
             work.root.mkdir(parents=True, exist_ok=True)
     done = {name: work.done() for name, work in works.items()}
-    prompts, rejected = _broadcast(read_prompts(cfg, schema) if layout.is_rank_zero else None)
+    prompts, rejected = _broadcast_required(read_prompts(cfg, schema) if layout.is_rank_zero else None, "the prompts")
     shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
     skipped = {name: len(done[name] & set(range(len(shards)))) for name in PASSES}
 
     def part(name: str, shard: int) -> list[SteerLM2Row]:
         path = works[name].part(shard)
-        return _broadcast(list(read_steerlm2_rows(path, schema)) if layout.is_rank_zero else None)
+        rows = list(read_steerlm2_rows(path, schema)) if layout.is_rank_zero else None
+        return _broadcast_required(rows, f"{name} shard {shard}")
 
     passes: dict[str, tuple[Callable, Callable]] = {
         "sample": (

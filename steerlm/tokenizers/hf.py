@@ -74,9 +74,12 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         """The tokenizer's own decoding, special tokens kept and no clean-up of spaces."""
-        return self._tokenizer.decode(
+        text = self._tokenizer.decode(
             check_token_ids(ids, self._vocab_size), skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
+        if not isinstance(text, str):  # transformers types decode as str | list[str]; one id list gives a str
+            raise TypeError(f"the tokenizer decoded one id sequence to {type(text).__name__}, not str")
+        return text
 
     def token_to_id(self, token: str) -> int:
         try:

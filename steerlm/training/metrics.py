@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from steerlm.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -31,8 +35,8 @@ class MetricsLog:
     def __init__(self, output_dir: Path, enabled: bool, resume_step: int) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS
-        self._file = None
-        self._tensorboard = None
+        self._file: TextIO | None = None
+        self._tensorboard: SummaryWriter | None = None
         if not enabled:
             return
         self._truncate_after(resume_step)
@@ -47,9 +51,15 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
+    def _writers(self) -> tuple[TextIO, SummaryWriter]:
+        if self._file is None or self._tensorboard is None:
+            raise RuntimeError(f"{self.path}: the metrics log was not opened (enabled=False)")
+        return self._file, self._tensorboard
+
     def _write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        file, _ = self._writers()
+        file.write(json.dumps(row) + "\n")
+        file.flush()
 
     def log_train(self, logged: LoggedStep) -> None:
         if not self.enabled:
@@ -57,10 +67,11 @@ class MetricsLog:
         row = asdict(logged)
         row.update(row.pop("metrics"))
         self._write(row)
+        _, tensorboard = self._writers()
         for name in ("loss", "lr", "grad_norm", "tokens_per_s", *logged.metrics):
             value = row[name]
             if value is not None:
-                self._tensorboard.add_scalar(f"train/{name}", value, logged.step)
+                tensorboard.add_scalar(f"train/{name}", value, logged.step)
 
     def log_eval(self, step: int, loss: float, extra: dict[str, float] | None = None) -> None:
         """The validation loss and a stage's `extra` scalars: `val_<name>` in metrics.jsonl, `val/<name>` in
@@ -69,10 +80,12 @@ class MetricsLog:
             return
         values = {"loss": loss, **(extra or {})}
         self._write({"step": step, **{f"val_{name}": value for name, value in values.items()}})
+        _, tensorboard = self._writers()
         for name, value in values.items():
-            self._tensorboard.add_scalar(f"val/{name}", value, step)
+            tensorboard.add_scalar(f"val/{name}", value, step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self._tensorboard is not None:
             self._tensorboard.close()

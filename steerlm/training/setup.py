@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
@@ -57,7 +57,7 @@ def build_optimizer(
     trainer: TrainerConfig,
     use_distributed_optimizer: bool,
     layout: ParallelLayout,
-):
+) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
     """Megatron optimizer (fp32 master weights under bf16/fp16; no weight decay on norms and biases)
     and its warmup + decay LR schedule, stepped once per optimizer step."""
     config = MegatronOptimizerConfig(
@@ -111,7 +111,7 @@ class TrainingSetup:
 
     chunks: list
     model: list[DistributedDataParallel]
-    optimizer: object
+    optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
 
 

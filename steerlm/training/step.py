@@ -35,7 +35,11 @@ class StepResult:
 
 def _loss(task: Task, batch: Batch, output: torch.Tensor, non_loss_data: bool = False):
     """megatron calls this with `non_loss_data=True` when collecting predictions."""
-    return task.predict(batch, output).detach() if non_loss_data else task.loss(batch, output)
+    if not non_loss_data:
+        return task.loss(batch, output)
+    if task.predict is None:
+        raise ValueError("forward-only prediction needs a task with `predict` (e.g. ATTRIBUTE_REGRESSION)")
+    return task.predict(batch, output).detach()
 
 
 def _forward_step(task: Task, device: torch.device, data_iterator, model):
@@ -144,7 +148,10 @@ def predict(model: list, microbatches: list[Batch], layout: ParallelLayout, task
     dist.broadcast_object_list(
         holder, src=dist.get_global_rank(layout.pg_collection.pp, layout.pp - 1), group=layout.pg_collection.pp
     )
-    return [output.to(layout.device) for output in holder[0]]
+    received = holder[0]
+    if received is None:
+        raise RuntimeError("the last pipeline stage broadcast no predictions")
+    return [output.to(layout.device) for output in received]
 
 
 def train_step(

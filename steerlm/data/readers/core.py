@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 PARQUET_BATCH_ROWS = 1024
 _E = TypeVar("_E", bound=Enum)
+_Row = TypeVar("_Row")  # what a converter makes of one input row
 
 
 class DataFormat(str, Enum):
@@ -95,9 +96,9 @@ class RejectSink:
         self.count += 1
 
 
-Converter = Callable[[Mapping[str, object], AttributeSchema, str, int], list[Conversation]]
+Converter = Callable[[Mapping[str, object], AttributeSchema, str, int], list[_Row]]
 
-_CONVERTERS: dict[DataFormat, Converter] = {
+_CONVERTERS: dict[DataFormat, Converter[Conversation]] = {
     DataFormat.conversation: lambda row, schema, source, line: [from_conversation_json(row, schema, source, line)],
     DataFormat.helpsteer2: partial(conversations_from_helpsteer, multi_turn=True),
     DataFormat.helpsteer: partial(conversations_from_helpsteer, multi_turn=False),
@@ -128,12 +129,12 @@ def read_records(
 
 def _read(
     path: Path,
-    convert: Converter,
+    convert: Converter[_Row],
     schema: AttributeSchema,
     on_bad_row: BadRowPolicy,
     rejects: RejectSink | None,
     stats: ReadStats,
-) -> Iterator[Conversation]:
+) -> Iterator[_Row]:
     source = str(path)
     rows = _parquet_rows(path) if sniff(path) == "parquet" else iter_raw_lines(path)
     for line, raw in rows:
