@@ -74,7 +74,7 @@ class ClusterConfig:
     exclusive: bool = False
     job_name: Optional[str] = None  # None: the recipe's name (pipelines: <pipeline>-<stage>)
     job_dir: Optional[str] = None  # None: <workdir>/runs/jobs/<job_name>-<timestamp>
-    workdir: Optional[str] = None  # where recipes/ is on the nodes; None: this repository
+    workdir: Optional[str] = None  # where recipes/ is on the nodes; None: this repository (installed: the cwd)
     python: str = "python"  # the interpreter on the nodes (or in the container)
     setup: list[str] = field(default_factory=list)  # shell lines run before launching
     env: dict[str, str] = field(default_factory=dict)  # written into the script: never secrets

@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from launchers.config import ClusterConfig
 from launchers.hydra_errors import composition_error
 from steerlm.config import Accelerator, ConfigError, ParallelConfig, TrainConfig, compose, to_typed
+from steerlm.config.store import RECIPES_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES_DIR = REPO_ROOT / "recipes"
+# A checkout has recipes/ (a link to steerlm/recipes/) next to launchers/; `pip install .` installs the package only.
+IN_CHECKOUT = (REPO_ROOT / "recipes").is_dir()
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,15 @@ class JobPlan:
     world: WorldPlan
     job_name: str
     job_dir: Path  # absolute, on the shared file system
-    workdir: Path  # absolute: where recipes/ lives on the nodes
+    workdir: Path  # absolute: where the job runs on the nodes (a checkout: where recipes/ lives)
     note: str = ""  # one line for the script's header (e.g. the pipeline stage)
 
     @property
     def recipe_path(self) -> str:
-        return f"recipes/{self.recipe}.py"
+        """recipes/<name>.py under workdir (a checkout); from an installed steerlm without one, the installed file."""
+        if self.cluster.workdir or IN_CHECKOUT:
+            return f"recipes/{self.recipe}.py"
+        return str(RECIPES_DIR / f"{self.recipe}.py")
 
     @property
     def uses_gpus(self) -> bool:
@@ -180,9 +185,9 @@ def plan_world(parallel: Optional[ParallelConfig], cluster: ClusterConfig) -> Wo
 
 
 def job_paths(cluster: ClusterConfig, job_name: str, stamp: str) -> tuple[Path, Path]:
-    """(workdir, job_dir), absolute: cluster.workdir (default: this repository) and cluster.job_dir
-    (relative to workdir; default runs/jobs/<job_name>-<stamp>)."""
-    workdir = Path(cluster.workdir) if cluster.workdir else REPO_ROOT
+    """(workdir, job_dir), absolute: cluster.workdir (default: this repository; installed: the current directory)
+    and cluster.job_dir (relative to workdir; default runs/jobs/<job_name>-<stamp>)."""
+    workdir = Path(cluster.workdir) if cluster.workdir else REPO_ROOT if IN_CHECKOUT else Path.cwd()
     job_dir = workdir / (cluster.job_dir or f"runs/jobs/{job_name}-{stamp}")
     return workdir, job_dir
 

@@ -483,7 +483,8 @@ def test_padded_vocab_does_not_depend_on_tensor_parallel_size() -> None:
 
 
 def test_conf_dir_is_the_repository_conf() -> None:
-    assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
+    root = Path(__file__).resolve().parents[1]
+    assert CONF_DIR == root / "steerlm" / "conf" == (root / "conf").resolve()  # conf/ links to the package data
 
 
 def test_model_vocabulary_must_cover_the_tokenizer() -> None:

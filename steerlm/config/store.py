@@ -1,8 +1,8 @@
 """Hydra wiring: the schemas in ConfigStore, composition for tests/tools, typed conversion.
 
-Recipes compose `conf/<recipe>.yaml`, whose defaults list starts with the recipe's schema node
-(e.g. `train_schema`), so every YAML group option and every command-line override is type-checked
-against the dataclasses and unknown keys are rejected by OmegaConf's struct mode.
+Recipes compose `conf/<recipe>.yaml` (`steerlm/conf/`, package data), whose defaults list starts with the
+recipe's schema node (e.g. `train_schema`), so every YAML group option and every command-line override is
+type-checked against the dataclasses and unknown keys are rejected by OmegaConf's struct mode.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from steerlm.config.steerlm2 import PrepareSteerLM2Config
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = PACKAGE_DIR / "conf"  # package data; `conf/` at the repository root links here
+RECIPES_DIR = PACKAGE_DIR / "recipes"  # the recipe modules; `recipes/` at the repository root links here
 
 SCHEMAS = {
     "train_schema": TrainConfig,

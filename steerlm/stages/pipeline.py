@@ -37,11 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from steerlm.config import ConfigError, ParallelConfig, to_typed
 from steerlm.config.pipeline import PipelineConfig
-from steerlm.config.store import CONF_DIR
+from steerlm.config.store import CONF_DIR, RECIPES_DIR
 from steerlm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -54,7 +53,7 @@ class Step:
     processes: int = 1
 
     def command(self) -> list[str]:
-        script = str(RECIPES / f"{self.recipe}.py")
+        script = str(RECIPES_DIR / f"{self.recipe}.py")
         if self.processes == 1:
             return [sys.executable, script, *self.args]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.processes)]
