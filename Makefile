@@ -3,7 +3,7 @@
 #                             base LM → APM → annotation → SFT and plain SFT → bootstrap → steering
 #                             evaluation → runs/pipeline/report.md); rerun to resume after a kill
 #   make smoke                a tiny Llama trained on the bundled text in seconds (recipes/demo.py)
-#   make test                 the whole test suite (what CI runs via .ci/run)
+#   make test                 ruff (lint + format check), mypy and the whole test suite (what CI runs via .ci/run)
 # TORCH_SPEC picks the torch build: the default pins the release the CPU CI machines carry; on a GPU
 # workstation use e.g. `make test TORCH_SPEC=torch` (or an existing CUDA build).
 
@@ -32,6 +32,9 @@ smoke: $(STAMP)
 	$(VENV)/bin/python recipes/demo.py $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
