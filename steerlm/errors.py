@@ -6,6 +6,7 @@ name what is wrong without importing a layer above it (docs/architecture.md).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -45,3 +46,14 @@ def require(condition: bool, key: str, value: Any, problem: str, fix: str) -> No
     """Raise `ConfigError(key, value, problem, fix)` unless `condition` holds: the shape of every config check."""
     if not condition:
         raise ConfigError(key, value, problem, fix)
+
+
+def require_distinct_output(output: str, input: str) -> None:
+    """`output` must not be the file `input` names: a recipe that writes while it reads would destroy its data."""
+    require(
+        Path(output).resolve() != Path(input).resolve(),
+        "output",
+        output,
+        "would overwrite the input",
+        "choose another output path",
+    )

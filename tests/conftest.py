@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from steerlm import runtime
@@ -30,27 +32,36 @@ def layout():
 @pytest.fixture(scope="session")
 def steerable(tmp_path_factory) -> dict:
     """An attribute-conditioned SFT run of the tiny model on the synthetic world with the shipped recipe
-    (400 steps, ~1.5 minutes on 2 cores): enough to follow requested humor, toxicity and verbosity. Shared by
-    the steering, chat and server tests: `data` (the world, its tokenizer, 40 eval prompts) and `sft` (the run)."""
+    (the recipe's 400 steps): enough to follow requested humor, toxicity and verbosity. Shared by the steering, chat, server
+    and SteerLM 2.0 tests: `data` (the world, its tokenizer, 40 eval prompts) and `sft` (the run). Under
+    `pytest -n` the workers share one run: the first builds it under a file lock, the others wait and reuse it."""
+    from filelock import FileLock
+
     from tests.recipe_runner import run_recipe
 
-    root = tmp_path_factory.mktemp("steerable")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # each worker's base directory lies in the run's one directory
+    root = shared / "steerable"
     data, sft = root / "synthetic", root / "sft"
-    made = run_recipe(
-        "prepare_data",
-        ["data=synthetic", f"output={data}", "synthetic.unlabelled_rows=10", "synthetic.eval_prompts=40"],
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
-    trained = run_recipe(
-        "train_sft",
-        [
-            f"data.train_file={data}/annotated.jsonl",
-            f"tokenizer.path={data}/tokenizer",
-            f"output_dir={sft}",
-            "trainer.eval_interval=null",
-            "checkpoint.save_interval=null",
-        ],
-        timeout=900,
-    )
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    with FileLock(str(shared / "steerable.lock")):
+        if not (root / "built").exists():
+            made = run_recipe(
+                "prepare_data",
+                ["data=synthetic", f"output={data}", "synthetic.unlabelled_rows=10", "synthetic.eval_prompts=40"],
+            )
+            assert made.returncode == 0, made.stderr[-2000:]
+            trained = run_recipe(
+                "train_sft",
+                [
+                    f"data.train_file={data}/annotated.jsonl",
+                    f"tokenizer.path={data}/tokenizer",
+                    f"output_dir={sft}",
+                    "trainer.eval_interval=null",
+                    "checkpoint.save_interval=null",
+                ],
+                timeout=900,
+            )
+            assert trained.returncode == 0, trained.stderr[-2000:]
+            (root / "built").touch()
     return {"data": data, "sft": sft}

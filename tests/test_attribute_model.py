@@ -234,8 +234,16 @@ def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
     out = tmp_path / "apm"
     result = run_recipe(
         "train_attribute_model",
-        [f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer", f"output_dir={out}"],
-        timeout=900,
+        [
+            f"data.train_file={data}/annotated.jsonl",
+            f"tokenizer.path={data}/tokenizer",
+            f"output_dir={out}",
+            # a third of the recipe's 600 steps: the surface attributes are learnt by then (measured at step 200
+            # of the full run, 2026-12-01: Pearson 0.96-0.97 on the five; mean over nine 0.63)
+            "trainer.max_steps=200",
+            "trainer.eval_interval=null",
+            "checkpoint.save_interval=null",
+        ],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "eval.json").read_text())["metrics"]

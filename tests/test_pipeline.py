@@ -175,7 +175,7 @@ def test_tp2_runs_every_training_and_inference_stage_under_torchrun(tmp_path: Pa
     assert steps["world"].processes == 1 and steps["world"].command()[1].endswith("prepare_data.py")
     for name in ("pretrain", "apm", "annotate", "sft", "bootstrap", "steer_sft"):
         command = steps[name].command()
-        assert command[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"], name
+        assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], name
         assert "parallel=tp2" in command
     assert f"sft.init_from={tmp_path / 'base'}" in steps["sft"].args
     assert "sft.condition_on_attributes=false" in steps["sft_plain"].args

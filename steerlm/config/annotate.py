@@ -11,7 +11,7 @@ from omegaconf import MISSING
 
 from steerlm.config.schema import ParallelConfig
 from steerlm.data.readers import BadRowPolicy, DataFormat
-from steerlm.errors import ConfigError
+from steerlm.errors import ConfigError, require_distinct_output
 
 
 class AnnotateMode(str, Enum):
@@ -45,8 +45,7 @@ class AnnotateConfig:
                 "is not a directory",
                 "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)",
             )
-        if Path(self.output).resolve() == Path(self.input).resolve():
-            raise ConfigError("output", self.output, "would overwrite the input", "choose another output path")
+        require_distinct_output(self.output, self.input)
         for key in ("shard_size", "micro_batch_size", "seq_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be positive", "use e.g. 1000 / 16 / 1024")

@@ -19,7 +19,7 @@ from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.data.synthetic.sizes import SyntheticConfig
-from steerlm.errors import ConfigError, require
+from steerlm.errors import ConfigError, require, require_distinct_output
 
 
 class Normalization(str, Enum):
@@ -488,13 +488,7 @@ class PrepareDataConfig:
                 "no such file",
                 "pass input=<path of a .jsonl, .jsonl.gz or .parquet file> (or data=synthetic)",
             )
-        require(
-            Path(self.output).resolve() != Path(self.input).resolve(),
-            "output",
-            self.output,
-            "would overwrite the input",
-            "choose another output path",
-        )
+        require_distinct_output(self.output, self.input)
 
 
 class TokenizerType(str, Enum):

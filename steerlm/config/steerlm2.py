@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from steerlm.config.schema import ParallelConfig, PrecisionConfig
 from steerlm.data.readers import BadRowPolicy, DataFormat
-from steerlm.errors import require
+from steerlm.errors import require, require_distinct_output
 
 
 @dataclass
@@ -55,13 +55,7 @@ class PrepareSteerLM2Config:
                 "is not a directory",
                 f"pass {key}=<a training output_dir or one of its checkpoints/step_* directories>",
             )
-        require(
-            Path(self.output).resolve() != Path(self.input).resolve(),
-            "output",
-            self.output,
-            "would overwrite the input",
-            "choose another output path",
-        )
+        require_distinct_output(self.output, self.input)
         require(
             self.num_responses >= 2,
             "num_responses",

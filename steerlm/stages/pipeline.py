@@ -56,7 +56,15 @@ class Step:
         script = str(RECIPES_DIR / f"{self.recipe}.py")
         if self.processes == 1:
             return [sys.executable, script, *self.args]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.processes)]
+        # --standalone: torchrun picks a free rendezvous port, so two pipelines on one machine never collide
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(self.processes),
+        ]
         return [*launcher, script, *self.args]
 
 
