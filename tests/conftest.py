@@ -31,10 +31,10 @@ def layout():
 
 @pytest.fixture(scope="session")
 def steerable(tmp_path_factory) -> dict:
-    """An attribute-conditioned SFT run of the tiny model on the synthetic world with the shipped recipe
-    (the recipe's 400 steps): enough to follow requested humor, toxicity and verbosity. Shared by the steering, chat, server
-    and SteerLM 2.0 tests: `data` (the world, its tokenizer, 40 eval prompts) and `sft` (the run). Under
-    `pytest -n` the workers share one run: the first builds it under a file lock, the others wait and reuse it."""
+    """An attribute-conditioned SFT run of the tiny model on the synthetic world with the shipped recipe (400
+    steps): enough to follow requested humor, toxicity and verbosity. Shared by the steering, chat, server and
+    SteerLM 2.0 tests: `data` (the world, its tokenizer, 40 eval prompts) and `sft` (the run). Under `pytest -n`
+    the workers share one run: the first builds it under a file lock, the others wait and reuse it."""
     from filelock import FileLock
 
     from tests.recipe_runner import run_recipe
