@@ -57,3 +57,18 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metric_rows(run_dir) if "loss" in row}
+
+
+def synthetic_world(out: Path, *overrides: str) -> Path:
+    """`prepare_data data=synthetic` into `out`, with `synthetic.*` overrides (sizes, seed, noise)."""
+    made = run_recipe("prepare_data", ["data=synthetic", f"output={out}", *overrides])
+    assert made.returncode == 0, made.stderr[-2000:]
+    return out
+
+
+def train_apm(data: Path, out: Path, *overrides: str) -> Path:
+    """`train_attribute_model` on a synthetic world's ratings and tokenizer (in `data`) into `out`."""
+    args = [f"data.train_file={data}/annotated.jsonl", f"tokenizer.path={data}/tokenizer", f"output_dir={out}"]
+    trained = run_recipe("train_attribute_model", [*args, *overrides])
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    return out

@@ -16,7 +16,8 @@ from steerlm.data.attributes import MISSING
 from steerlm.data.collate import LengthPolicy, LengthStats
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.inference.scoring import AttributeScorer
-from tests.recipe_runner import TORCHRUN_2, run_recipe, start_recipe
+from tests.recipe_runner import TORCHRUN_2, run_recipe, start_recipe, synthetic_world, train_apm
+from tests.schemas import STEERLM_OASST_ATTRIBUTES
 
 pytestmark = pytest.mark.slow
 WAIT_SECONDS = 240
@@ -26,31 +27,16 @@ MERGE_WEIGHTS = [0.0, -0.5, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33]  # per steer
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("annotate")
-    data = root / "synthetic"
-    made = run_recipe(
-        "prepare_data",
-        [
-            "data=synthetic",
-            f"output={data}",
-            "synthetic.annotated_rows=200",
-            "synthetic.unlabelled_rows=2000",
-            "synthetic.eval_prompts=1",
-            "synthetic.missing_label_rate=0.2",
-        ],
+    data = synthetic_world(
+        root / "synthetic",
+        "synthetic.annotated_rows=200",
+        "synthetic.unlabelled_rows=2000",
+        "synthetic.eval_prompts=1",
+        "synthetic.missing_label_rate=0.2",
     )
-    assert made.returncode == 0, made.stderr[-2000:]
-    apm = root / "apm"
-    trained = run_recipe(
-        "train_attribute_model",
-        [
-            f"data.train_file={data}/annotated.jsonl",
-            f"tokenizer.path={data}/tokenizer",
-            f"output_dir={apm}",
-            "trainer.max_steps=10",
-            f"apm.merge_weights=[{','.join(map(str, MERGE_WEIGHTS))}]",
-        ],
+    apm = train_apm(
+        data, root / "apm", "trainer.max_steps=10", f"apm.merge_weights=[{','.join(map(str, MERGE_WEIGHTS))}]"
     )
-    assert trained.returncode == 0, trained.stderr[-2000:]
     return {"data": data, "apm": apm}
 
 
@@ -139,17 +125,7 @@ def test_fill_missing_keeps_every_human_label(world, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     human = [json.loads(line) for line in (world["data"] / "annotated.jsonl").read_text().splitlines()]
     filled = [json.loads(line) for line in output.read_text().splitlines()]
-    names = (
-        "quality",
-        "toxicity",
-        "humor",
-        "creativity",
-        "helpfulness",
-        "correctness",
-        "coherence",
-        "complexity",
-        "verbosity",
-    )
+    names = STEERLM_OASST_ATTRIBUTES
     kept = replaced = 0
     for row, out in zip(human, filled):
         labels = dict(item.split(":") for item in out["conversations"][-1]["label"].split(","))

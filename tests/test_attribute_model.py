@@ -34,7 +34,7 @@ from steerlm.training import build_training
 from steerlm.training.init_from import load_init_weights, resolve_init_source
 from steerlm.training.losses import ATTRIBUTE_REGRESSION
 from tests.conftest import TEST_MODEL
-from tests.recipe_runner import run_recipe
+from tests.recipe_runner import run_recipe, synthetic_world
 
 SCHEMA = AttributeSchema("three", ("a", "b", "c"))
 MODEL = TEST_MODEL
@@ -256,19 +256,8 @@ def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_resuming_an_apm_with_another_schema_is_refused(tmp_path: Path) -> None:
-    data = tmp_path / "synthetic"
-    assert (
-        run_recipe(
-            "prepare_data",
-            [
-                "data=synthetic",
-                f"output={data}",
-                "synthetic.annotated_rows=64",
-                "synthetic.unlabelled_rows=1",
-                "synthetic.eval_prompts=1",
-            ],
-        ).returncode
-        == 0
+    data = synthetic_world(
+        tmp_path / "synthetic", "synthetic.annotated_rows=64", "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"
     )
     common = [
         f"data.train_file={data}/annotated.jsonl",
@@ -288,19 +277,8 @@ def test_resuming_an_apm_with_another_schema_is_refused(tmp_path: Path) -> None:
 def test_recipe_starts_from_a_language_model_checkpoint_and_from_hf(layout, tmp_path: Path) -> None:
     from tests.test_hf_import import save_as_hf
 
-    data = tmp_path / "synthetic"
-    assert (
-        run_recipe(
-            "prepare_data",
-            [
-                "data=synthetic",
-                f"output={data}",
-                "synthetic.annotated_rows=64",
-                "synthetic.unlabelled_rows=1",
-                "synthetic.eval_prompts=1",
-            ],
-        ).returncode
-        == 0
+    data = synthetic_world(
+        tmp_path / "synthetic", "synthetic.annotated_rows=64", "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"
     )
     tiny = replace(TrainConfig().model, num_query_groups=2, vocab_size=768)  # conf/model/tiny.yaml, the APM's vocab
     setup = _saved(layout, TrainConfig(model=tiny, output_dir=str(tmp_path / "lm")), False)

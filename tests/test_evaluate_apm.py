@@ -15,7 +15,7 @@ from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.data.readers import DataFormat
 from steerlm.errors import DataError
 from steerlm.stages import attribute_model
-from tests.recipe_runner import TORCHRUN_2, run_recipe
+from tests.recipe_runner import TORCHRUN_2, run_recipe, synthetic_world, train_apm
 
 MERGE_WEIGHTS = "[0,-0.5,0,0,0.3,0.74,0.46,0.47,-0.33]"
 
@@ -23,32 +23,17 @@ MERGE_WEIGHTS = "[0,-0.5,0,0,0.3,0.74,0.46,0.47,-0.33]"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
-    data = root / "synthetic"
-    made = run_recipe(
-        "prepare_data",
-        [
-            "data=synthetic",
-            f"output={data}",
-            "synthetic.annotated_rows=300",
-            "synthetic.unlabelled_rows=1",
-            "synthetic.eval_prompts=1",
-        ],
+    data = synthetic_world(
+        root / "synthetic", "synthetic.annotated_rows=300", "synthetic.unlabelled_rows=1", "synthetic.eval_prompts=1"
     )
-    assert made.returncode == 0, made.stderr[-2000:]
-    apm = root / "apm"
-    trained = run_recipe(
-        "train_attribute_model",
-        [
-            f"data.train_file={data}/annotated.jsonl",
-            f"tokenizer.path={data}/tokenizer",
-            f"output_dir={apm}",
-            "trainer.max_steps=10",
-            "trainer.eval_interval=5",
-            "trainer.global_batch_size=16",
-            f"apm.merge_weights={MERGE_WEIGHTS}",
-        ],
+    apm = train_apm(
+        data,
+        root / "apm",
+        "trainer.max_steps=10",
+        "trainer.eval_interval=5",
+        "trainer.global_batch_size=16",
+        f"apm.merge_weights={MERGE_WEIGHTS}",
     )
-    assert trained.returncode == 0, trained.stderr[-2000:]
     return {"data": data, "apm": apm, "root": root}
 
 

@@ -24,23 +24,14 @@ from steerlm.data.readers import (
 )
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.errors import DataError
+from tests.schemas import STEERLM_OASST_ATTRIBUTES
 
 HELPSTEER2 = AttributeSchema(
     "helpsteer2", ("helpfulness", "correctness", "coherence", "complexity", "verbosity"), 0, 4, True
 )
 STEERLM_OASST = AttributeSchema(
     "steerlm_oasst",
-    (
-        "quality",
-        "toxicity",
-        "humor",
-        "creativity",
-        "helpfulness",
-        "correctness",
-        "coherence",
-        "complexity",
-        "verbosity",
-    ),
+    STEERLM_OASST_ATTRIBUTES,
     0,
     4,
     True,

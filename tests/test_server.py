@@ -27,7 +27,7 @@ from steerlm.inference import Delta, FinishReason, SamplingParams
 from steerlm.inference.engine import Engine, EngineBusy, EngineClosed, GenerationJob, QueueTimeout, ScoringJob
 from steerlm.inference.steering import ChatMessage, RequestError, ResponseText
 from tests.multiproc import _free_port
-from tests.recipe_runner import ROOT, recipe_command, recipe_env, run_recipe
+from tests.recipe_runner import ROOT, recipe_command, recipe_env, run_recipe, train_apm
 
 START_SECONDS = 180
 
@@ -249,17 +249,7 @@ def world(steerable: dict, tmp_path_factory) -> dict:
     """The shared SFT run, an APM trained briefly on the same world, and the annotation recipe's scores of two
     conversations (the second multi-turn) to compare the scoring endpoint with."""
     root, data = tmp_path_factory.mktemp("serve"), steerable["data"]
-    apm = root / "apm"
-    trained = run_recipe(
-        "train_attribute_model",
-        [
-            f"data.train_file={data}/annotated.jsonl",
-            f"tokenizer.path={data}/tokenizer",
-            f"output_dir={apm}",
-            "trainer.max_steps=10",
-        ],
-    )
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    apm = train_apm(data, root / "apm", "trainer.max_steps=10")
     rows = [json.loads(line) for line in (data / "unlabelled.jsonl").read_text().splitlines()[:3]]
     rows[1]["conversations"] = rows[1]["conversations"][:2] + rows[2]["conversations"][:2]
     conversations = root / "conversations.jsonl"

@@ -8,21 +8,12 @@ from steerlm.data.attributes import MISSING, AttributeSchema
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate, TemplateConfig
 from steerlm.errors import DataError
+from tests.schemas import STEERLM_OASST_ATTRIBUTES
 
 HELPSTEER2 = AttributeSchema("helpsteer2", ("helpfulness", "correctness", "coherence", "complexity", "verbosity"))
 OASST = AttributeSchema(
     "steerlm_oasst",
-    (
-        "quality",
-        "toxicity",
-        "humor",
-        "creativity",
-        "helpfulness",
-        "correctness",
-        "coherence",
-        "complexity",
-        "verbosity",
-    ),
+    STEERLM_OASST_ATTRIBUTES,
 )
 PAPER = AttributeSchema(
     "steerlm_paper", ("quality", "toxicity", "violence", "helpfulness", "creativity", "humor", "not_appropriate"), 0, 9
