@@ -12,7 +12,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist workers; --dist loadfile keeps each test file (and its module fixtures) on one worker
+# pytest-xdist workers; --dist loadfile keeps each test file (and its module fixtures) on one worker, and
+# --no-loadscope-reorder hands the files out in tests/conftest.py's LONGEST_FIRST order
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.steerlm-installed
 
@@ -37,7 +38,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

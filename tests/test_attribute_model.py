@@ -238,8 +238,8 @@ def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
             f"data.train_file={data}/annotated.jsonl",
             f"tokenizer.path={data}/tokenizer",
             f"output_dir={out}",
-            # a third of the recipe's 600 steps: the surface attributes are learnt by then (measured at step 200
-            # of the full run, 2026-12-01: Pearson 0.96-0.97 on the five; mean over nine 0.63)
+            # a third of the recipe's 600 steps: the surface attributes are learnt by then (measured 2026-12-01,
+            # 2 CPU cores: Pearson 0.967-0.977 on the five after 200 steps)
             "trainer.max_steps=200",
             "trainer.eval_interval=null",
             "checkpoint.save_interval=null",
@@ -249,9 +249,10 @@ def test_tiny_apm_learns_the_synthetic_world(tmp_path: Path) -> None:
     metrics = json.loads((out / "eval.json").read_text())["metrics"]
     pearson = {name: values["pearson"] for name, values in metrics["attributes"].items()}
     print(f"\nheld-out Pearson vs noisy labels: {pearson} mean {metrics['mean']['pearson']:.3f}")
-    for name in ("verbosity", "humor", "toxicity", "complexity"):
-        assert pearson[name] >= 0.9, f"{name}: {pearson[name]:.3f}"
-    assert metrics["mean"]["pearson"] >= 0.6
+    # The surface attributes are readable from the response alone; knowledge attributes need facts a model trained
+    # from scratch on 1,800 ratings does not have (the pipeline's APM starts from the base LM for them).
+    for name in ("toxicity", "humor", "creativity", "complexity", "verbosity"):
+        assert pearson[name] >= 0.95, f"{name}: {pearson[name]:.3f}"
 
 
 @pytest.mark.slow
