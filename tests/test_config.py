@@ -511,3 +511,23 @@ def test_torch_compile_defaults_to_cuda_at_tp1_and_an_explicit_setting_wins(sett
     trainer = TrainerConfig(torch_compile=setting)
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     assert resolve_torch_compile(trainer, parallel, accelerator) is expected
+
+
+@pytest.mark.parametrize("recipe", ["annotate", "evaluate_attribute_model"])
+def test_recipes_that_read_an_apm_refuse_a_missing_checkpoint(recipe: str, tmp_path: Path) -> None:
+    from steerlm.config.annotate import AnnotateConfig
+    from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
+
+    schema = {"annotate": AnnotateConfig, "evaluate_attribute_model": EvaluateAttributeModelConfig}[recipe]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n")
+    overrides = [f"input={data}", f"apm_checkpoint={tmp_path / 'missing'}"]
+    with pytest.raises(ConfigError) as error:
+        to_typed(compose(recipe, overrides), schema).validate()
+    assert error.value.key == "apm_checkpoint" and "train_attribute_model.py" in str(error.value)
+    if recipe == "annotate":
+        (tmp_path / "apm").mkdir()
+        over_input = [f"input={data}", f"apm_checkpoint={tmp_path / 'apm'}", f"output={data}"]
+        with pytest.raises(ConfigError) as error:
+            to_typed(compose(recipe, over_input), schema).validate()
+        assert error.value.key == "output" and "would overwrite the input" in str(error.value)

@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.schema import ParallelConfig
+from steerlm.config.schema import ParallelConfig, require_apm_checkpoint
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.errors import ConfigError, require_distinct_output
 
@@ -38,13 +38,7 @@ class AnnotateConfig:
     def validate(self) -> None:
         if not Path(self.input).is_file():
             raise ConfigError("input", self.input, "no such file", "pass input=<conversation or HelpSteer JSONL>")
-        if not Path(self.apm_checkpoint).is_dir():
-            raise ConfigError(
-                "apm_checkpoint",
-                self.apm_checkpoint,
-                "is not a directory",
-                "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)",
-            )
+        require_apm_checkpoint(self.apm_checkpoint)
         require_distinct_output(self.output, self.input)
         for key in ("shard_size", "micro_batch_size", "seq_length"):
             if getattr(self, key) < 1:

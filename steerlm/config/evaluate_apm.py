@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.schema import ParallelConfig
+from steerlm.config.schema import ParallelConfig, require_apm_checkpoint
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import DataFormat
 from steerlm.errors import ConfigError
@@ -38,13 +38,7 @@ class EvaluateAttributeModelConfig:
                 "no such file",
                 "pass input=<labelled data file> (and format=… when it is not conversation JSONL)",
             )
-        if not Path(self.apm_checkpoint).is_dir():
-            raise ConfigError(
-                "apm_checkpoint",
-                self.apm_checkpoint,
-                "is not a directory",
-                "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)",
-            )
+        require_apm_checkpoint(self.apm_checkpoint)
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(
                 "validation_fraction",

@@ -733,3 +733,15 @@ class AttributeModelConfig(LabelledDataTrainConfig):
         dp = super().validate(world_size, accelerator, this_machine)
         self.apm.validate(self.attributes.schema(), check_files=this_machine)
         return dp
+
+
+def require_apm_checkpoint(path: str) -> None:
+    """`apm_checkpoint` of the recipes that read an APM (annotate, evaluate_attribute_model) must be a directory;
+    what it holds is checked when it is loaded."""
+    require(
+        Path(path).is_dir(),
+        "apm_checkpoint",
+        path,
+        "is not a directory",
+        "pass the output_dir of recipes/train_attribute_model.py (or one of its checkpoints)",
+    )
