@@ -181,9 +181,11 @@ def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, int, di
     per-attribute mean |APM − requested| and exact-match share."""
     final = out / "labelled.jsonl"
     schema = cfg.attributes.schema()
-    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    empty = [row for row in rows if not row["conversations"][-1]["value"].strip()]
-    rows = [row for row in rows if row["conversations"][-1]["value"].strip()]
+    numbered_lines = enumerate(samples.read_text().splitlines(), 1)
+    numbered = [(number, json.loads(line)) for number, line in numbered_lines if line.strip()]
+    empty = [row for _, row in numbered if not row["conversations"][-1]["value"].strip()]
+    kept = [(number, row) for number, row in numbered if row["conversations"][-1]["value"].strip()]
+    rows = [row for _, row in kept]
     if not rows:
         raise ConfigError(
             "sft.init_from",
@@ -192,7 +194,7 @@ def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, int, di
             "bootstrap from a model that answers: train stage 3 longer (trainer.max_steps) and check it with "
             "recipes/chat.py",
         )
-    conversations = [from_conversation_json(row, schema, str(samples), i + 1) for i, row in enumerate(rows)]
+    conversations = [from_conversation_json(row, schema, str(samples), number) for number, row in kept]
     requested = np.array([schema.targets(schema.parse(row["requested"])) for row in rows])
     if final.exists():
         labelled = [json.loads(line) for line in final.read_text().splitlines() if line.strip()]
