@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 
 class TrainingState(Protocol):
-    """What a save needs of a training run (`steerlm.training.TrainingSetup` is one)."""
+    """What a save needs of a training run (`steerlm.training.TrainingSetup` is one). Optimizer and scheduler
+    are None for a weights-only checkpoint (an import), which loads as weights (`load_weights`) but cannot be
+    resumed as a run."""
 
     model: list
     optimizer: Any
@@ -188,7 +190,8 @@ def save_checkpoint(
     dist.barrier()
     use_in_process_save_queue()
     state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=True)
-    state["scheduler"] = setup.scheduler.state_dict()
+    if setup.scheduler is not None:
+        state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()

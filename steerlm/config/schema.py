@@ -8,6 +8,7 @@ Field names follow Megatron/NeMo (`tensor_model_parallel_size`, `micro_batch_siz
 from __future__ import annotations
 
 import math
+import tarfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -551,6 +552,7 @@ class APMType(str, Enum):
 # named here so validating a config does not import the training stack.
 STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
 HF_CONFIG_FILE = "config.json"
+NEMO_CONFIG_FILE = "model_config.yaml"  # the config of a NeMo 1.x `.nemo` archive (steerlm.models.nemo_archive)
 
 
 def is_hf_model_dir(path: Path) -> bool:
@@ -558,8 +560,17 @@ def is_hf_model_dir(path: Path) -> bool:
     return (path / HF_CONFIG_FILE).is_file() and not (path / STEERLM_CHECKPOINT_FILE).is_file()
 
 
+def is_nemo_archive(path: Path) -> bool:
+    """A NeMo 1.x `.nemo` model: a tar (plain or gzip'd; its contents are checked when it is read) or the
+    directory it was extracted to (holding model_config.yaml)."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / NEMO_CONFIG_FILE).is_file() and not (path / STEERLM_CHECKPOINT_FILE).is_file()
+    return path.is_file() and tarfile.is_tarfile(path)
+
+
 def validate_init_from(key: str, value: Optional[str]) -> None:
-    """`<stage>.init_from` names a directory: a steerlm run or checkpoint, or an HF Llama with safetensors.
+    """`<stage>.init_from` names a steerlm run or checkpoint, an HF Llama with safetensors, or a NeMo `.nemo` model.
 
     Whether a steerlm directory holds a checkpoint, and whether the shapes fit, is checked when the run
     resolves it (`steerlm.training.init_from`); this is what a config alone can tell.
@@ -568,12 +579,12 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
         return
     path = Path(value)
     require(
-        path.is_dir(),
+        path.is_dir() or is_nemo_archive(path),
         key,
         value,
-        "is not a directory",
-        "pass a steerlm training output_dir, one of its checkpoints/step_* directories or a Hugging Face "
-        f"Llama directory (config.json + *.safetensors), or {key}=null to start from scratch",
+        "is neither a directory nor a .nemo archive",
+        "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
+        f"Llama directory (config.json + *.safetensors) or a NeMo .nemo model, or {key}=null to start from scratch",
     )
     if is_hf_model_dir(path):
         require(

@@ -22,7 +22,7 @@ from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.config.inference import ChatConfig, ServeConfig
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.pretrain import PretrainConfig
-from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig, TrainConfig
+from steerlm.config.schema import AttributeModelConfig, AttributesConfig, PrepareDataConfig, TrainConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.config.steering import SteeringEvalConfig
 from steerlm.config.steerlm2 import PrepareSteerLM2Config
@@ -121,6 +121,11 @@ def to_typed(cfg: DictConfig, schema: type[Any] = TrainConfig) -> Any:
         ) from error
     assert isinstance(typed, schema)
     return typed
+
+
+def shipped_attributes(name: str) -> AttributesConfig:
+    """A schema shipped as `conf/attributes/<name>.yaml` (helpsteer2, steerlm_oasst, steerlm_paper)."""
+    return to_typed(OmegaConf.load(CONF_DIR / "attributes" / f"{name}.yaml"), AttributesConfig)
 
 
 def save_resolved(cfg: DictConfig | object, path: Path) -> None:

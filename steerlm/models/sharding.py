@@ -56,7 +56,12 @@ def unshard(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
     """Inverse of `shard` given every TP rank's slice in rank order."""
     if not is_tp_sharded(param):
         return shards[0]
-    dim, stride = partition_dim(param), getattr(param, "partition_stride", 1)
+    return unshard_along(shards, partition_dim(param), getattr(param, "partition_stride", 1))
+
+
+def unshard_along(shards: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor from every TP rank's slice (rank order), each holding `stride` pieces along `dim`
+    (SwiGLU's fc1: [gate_r; up_r] → [gate; up])."""
     per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
     return torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 

@@ -1,0 +1,242 @@
+"""A NeMo 1.x Megatron-GPT `model_config.yaml` → steerlm's `ModelConfig` (and the NeMo-Aligner reward head).
+
+Keys are read with the defaults NeMo's MegatronGPTModel applies when a key is absent (`bias` true,
+`share_embeddings_and_output_weights` true, `normalization` layernorm, ...), so an old archive's missing key
+means what it meant to NeMo. Anything steerlm's Llama-family model cannot compute the same way is refused,
+naming the key and its value, instead of being imported into a model that would give other logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from steerlm.config.schema import Activation, DType, ModelConfig, Normalization, PositionEmbedding
+from steerlm.errors import DataError
+
+_NORMALIZATION = {"rmsnorm": Normalization.RMSNorm, "layernorm": Normalization.LayerNorm}
+_ACTIVATION = {
+    "swiglu": Activation.swiglu,
+    "fast-swiglu": Activation.swiglu,
+    "gelu": Activation.gelu,
+    "squared-relu": Activation.squared_relu,
+}
+_POSITION = {"rope": PositionEmbedding.rope, "learned_absolute": PositionEmbedding.learned_absolute}
+# NeMo's Llama-3.1 RoPE scaling (`scale_positional_embedding`): steerlm's (megatron's) fixes all but the factor.
+_ROPE_SCALING_FIXED = {"low_freq_factor": 1, "high_freq_factor": 4, "old_context_len": 8192}
+_PRECISION = {"bf16": DType.bf16, "bf16-mixed": DType.bf16, "16": DType.fp16, "16-mixed": DType.fp16, "32": DType.fp32}
+# Keys whose non-default value changes the computation in a way steerlm's model does not have.
+_MUST_BE_OFF: dict[str, tuple[Any, str]] = {
+    "rotary_interleaved": (False, "interleaved RoPE pairs"),
+    "seq_len_interpolation_factor": (None, "RoPE position interpolation"),
+    "apply_embedding_scaling": (False, "scaled input embeddings"),
+    "layernorm_zero_centered_gamma": (False, "zero-centred norm weights (layernorm1p)"),
+    "qk_layernorm": (False, "query/key layer norms"),
+    "num_moe_experts": (None, "mixture-of-experts layers"),
+    "multi_latent_attention": (False, "multi-latent attention"),
+    "window_size": (None, "sliding-window attention"),
+    "fp8_params": (False, "fp8 weights"),
+    "output_sequence": (False, "a per-token critic head"),
+    "use_avg_pool": (False, "a reward head over the mean hidden state (steerlm scores the last token)"),
+    "account_for_embedding_in_pipeline_split": (False, "pipeline stages that count the embedding as a layer"),
+    "account_for_loss_in_pipeline_split": (False, "pipeline stages that count the loss as a layer"),
+}
+
+
+@dataclass(frozen=True)
+class RewardHead:
+    """A NeMo-Aligner regression reward model's `rm_head`: one output per attribute, read at the last token."""
+
+    num_attributes: int
+    merge_weights: list[float] | None  # NeMo-Aligner's merged reward (`regression.attribute_weights`)
+
+
+@dataclass(frozen=True)
+class NemoModel:
+    """What `model_config.yaml` (with the embedding's row count from the weights) says about the model."""
+
+    model: ModelConfig
+    reward_head: RewardHead | None
+    tensor_parallel: int  # the layout NeMo trained (and, for the legacy layout, saved) at
+    pipeline_parallel: int
+    layers_per_stage: tuple[int, ...]  # decoder layers of each pipeline stage (the legacy layout's offsets)
+    dtype: DType | None  # the training precision (None: not recorded)
+
+
+class _Reader:
+    """Typed access to the config's keys; every refusal names `<archive>/model_config.yaml`, the key and value."""
+
+    def __init__(self, config: Mapping[str, Any], source: str) -> None:
+        self.config, self.source = config, source
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.config.get(key, default)
+        return default if value is None and default is not None else value
+
+    def required(self, key: str, kind: Callable[[Any], Any] = int) -> Any:
+        if self.config.get(key) is None:
+            self.refuse(key, None, "is missing", f"a NeMo Megatron-GPT model_config.yaml sets {key}")
+        return self.number(key, self.config[key], kind)
+
+    def number(self, key: str, value: Any, kind: Callable[[Any], Any]) -> Any:
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            self.refuse(key, value, f"is not a {kind.__name__}", "check the archive's model_config.yaml")
+        if kind is int and isinstance(value, float) and value != number:
+            self.refuse(key, value, "is not an integer", "check the archive's model_config.yaml")
+        return number
+
+    def choice(self, key: str, default: str, table: Mapping[str, Any], what: str) -> Any:
+        value = str(self.get(key, default)).lower()
+        if value not in table:
+            self.refuse(key, value, f"steerlm's model has no {what} of that kind", f"steerlm supports {', '.join(table)}")
+        return table[value]
+
+    def refuse(self, key: str, value: Any, problem: str, fix: str = "") -> None:
+        raise DataError(self.source, None, key, f"{value!r} {problem}", fix)
+
+
+def nemo_model(config: Mapping[str, Any], source: str, embedding_rows: int, name: str = "nemo") -> NemoModel:
+    """The model `config` (model_config.yaml's `model` section) describes; DataError naming any key steerlm
+    cannot represent.
+
+    `embedding_rows` (the word embedding's rows in the weights: NeMo's padded vocabulary) becomes
+    `vocab_size`, so every row of the archive is kept and no layout-dependent padding is redone.
+    """
+    keys = _Reader(config, source)
+    if keys.get("mcore_gpt") is not True:
+        keys.refuse(
+            "mcore_gpt",
+            keys.get("mcore_gpt"),
+            "is not true: the archive holds NeMo's legacy (non megatron-core) GPT, whose tensors steerlm does not read",
+            "convert it with NeMo's scripts/checkpoint_converters/convert_nemo_gpt_to_mcore.py first",
+        )
+    for key, (default, what) in _MUST_BE_OFF.items():
+        if keys.get(key, default) not in (default, None, False):
+            keys.refuse(key, keys.get(key), f"switches on {what}, which steerlm's model does not have")
+    customisation = keys.get("mcore_customization_config") or {}
+    if any(value not in (0, None, False) for value in customisation.values()):
+        keys.refuse("mcore_customization_config", customisation, "changes megatron's GPTModel in ways steerlm lacks")
+    normalization = str(keys.get("normalization", "layernorm")).lower()
+    if normalization == "layernorm1p":
+        keys.refuse("normalization", normalization, "(zero-centred LayerNorm weights) is not steerlm's LayerNorm")
+    if keys.get("openai_gelu", False):
+        keys.refuse("openai_gelu", True, "(tanh-approximated GELU) is not steerlm's exact GELU")
+    add_bias = bool(keys.get("bias", True))
+    if keys.get("qkv_bias", False) and not add_bias:
+        keys.refuse("qkv_bias", True, "without bias=true: steerlm has biases on every linear layer or on none")
+    heads = keys.required("num_attention_heads")
+    groups = keys.get("num_query_groups")
+    model = ModelConfig(
+        name=name,
+        num_layers=keys.required("num_layers"),
+        hidden_size=keys.required("hidden_size"),
+        ffn_hidden_size=keys.required("ffn_hidden_size"),
+        num_attention_heads=heads,
+        num_query_groups=None if groups in (None, heads) else keys.number("num_query_groups", groups, int),
+        kv_channels=None if keys.get("kv_channels") is None else keys.number("kv_channels", keys.get("kv_channels"), int),
+        vocab_size=embedding_rows,
+        make_vocab_size_divisible_by=_vocab_multiple(keys, embedding_rows),
+        max_position_embeddings=keys.number(
+            "encoder_seq_length", keys.get("encoder_seq_length", keys.get("max_position_embeddings", 512)), int
+        ),
+        normalization=keys.choice("normalization", "layernorm", _NORMALIZATION, "normalization"),
+        layernorm_epsilon=keys.number("layernorm_epsilon", keys.get("layernorm_epsilon", 1e-5), float),
+        activation=keys.choice("activation", "gelu", _ACTIVATION, "activation"),
+        position_embedding_type=keys.choice(
+            "position_embedding_type", "learned_absolute", _POSITION, "position embedding"
+        ),
+        rotary_base=_rotary_base(keys),
+        rotary_percent=keys.number("rotary_percentage", keys.get("rotary_percentage", 1.0), float),
+        **_rope_scaling(keys),
+        share_embeddings_and_output_weights=_tied(keys),
+        add_bias_linear=add_bias,
+        init_method_std=keys.number("init_method_std", keys.get("init_method_std", 0.02), float),
+        hidden_dropout=keys.number("hidden_dropout", keys.get("hidden_dropout", 0.1), float),
+        attention_dropout=keys.number("attention_dropout", keys.get("attention_dropout", 0.1), float),
+    )
+    try:
+        model.validate()
+    except ValueError as error:
+        raise DataError(source, None, None, f"describes a model steerlm refuses: {error}") from None
+    tp = keys.number("tensor_model_parallel_size", keys.get("tensor_model_parallel_size", 1), int)
+    pp = keys.number("pipeline_model_parallel_size", keys.get("pipeline_model_parallel_size", 1), int)
+    return NemoModel(
+        model=model,
+        reward_head=_reward_head(keys),
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        layers_per_stage=layers_per_stage(config, source, pp),
+        dtype=_PRECISION.get(str(keys.get("precision", "")).lower()),
+    )
+
+
+def layers_per_stage(config: Mapping[str, Any], source: str, pipeline_parallel: int) -> tuple[int, ...]:
+    """How NeMo split the decoder layers over `pipeline_parallel` stages: evenly, after the optional
+    `num_layers_in_first_pipeline_stage` / `num_layers_in_last_pipeline_stage`."""
+    keys = _Reader(config, source)
+    total = keys.required("num_layers")
+    first, last = config.get("num_layers_in_first_pipeline_stage"), config.get("num_layers_in_last_pipeline_stage")
+    if pipeline_parallel == 1:
+        return (total,)
+    middle = pipeline_parallel - (first is not None) - (last is not None)
+    rest = total - (first or 0) - (last or 0)
+    if middle < 0 or (middle == 0 and rest != 0) or (middle > 0 and rest % middle):
+        keys.refuse("num_layers", total, f"cannot be split over {pipeline_parallel} pipeline stages as configured")
+    even = [rest // middle] * middle if middle else []
+    return tuple(([first] if first is not None else []) + even + ([last] if last is not None else []))
+
+
+def _vocab_multiple(keys: _Reader, rows: int) -> int:
+    """NeMo's `make_vocab_size_divisible_by` when it divides the rows (so steerlm pads nothing), else 1."""
+    multiple = keys.number("make_vocab_size_divisible_by", keys.get("make_vocab_size_divisible_by", 128), int)
+    return multiple if rows % multiple == 0 else 1
+
+
+def _rotary_base(keys: _Reader) -> int:
+    base = keys.number("rotary_base", keys.get("rotary_base", 10000), float)
+    if not base.is_integer():
+        keys.refuse("rotary_base", base, "is not a whole number; steerlm's model.rotary_base is an integer")
+    return int(base)
+
+
+def _rope_scaling(keys: _Reader) -> dict:
+    if not keys.get("scale_positional_embedding", False):
+        return {"rope_scaling": False}
+    for key, value in _ROPE_SCALING_FIXED.items():
+        if not math.isclose(keys.number(key, keys.get(key, value), float), value):
+            keys.refuse(key, keys.get(key), f"differs from Llama-3.1's RoPE scaling ({value}), the one steerlm has")
+    return {"rope_scaling": True, "rope_scaling_factor": keys.number("scale_factor", keys.get("scale_factor", 8), float)}
+
+
+def _tied(keys: _Reader) -> bool:
+    """NeMo ties by default; NeMo-Aligner's reward models never do (it overrides the key to false)."""
+    if _is_reward_model(keys):
+        return False
+    return bool(keys.get("share_embeddings_and_output_weights", True))
+
+
+def _is_reward_model(keys: _Reader) -> bool:
+    return keys.get("reward_model_type") is not None or "RewardModel" in str(keys.get("target", ""))
+
+
+def _reward_head(keys: _Reader) -> RewardHead | None:
+    if not _is_reward_model(keys):
+        return None
+    kind = keys.get("reward_model_type", "binary_ranking")
+    if kind != "regression":
+        keys.refuse(
+            "reward_model_type",
+            kind,
+            "is not a regression reward model; steerlm's attribute model regresses one score per attribute",
+            "import a model trained with model.reward_model_type=regression",
+        )
+    regression = keys.get("regression") or {}
+    count = keys.number("regression.num_attributes", regression.get("num_attributes", 1), int)
+    weights = regression.get("attribute_weights")
+    if weights is None and regression.get("merge_attributes", False):
+        weights = [1.0 / count] * count  # NeMo-Aligner's RewardModelHead: a uniform average by default
+    return RewardHead(count, None if weights is None else [float(w) for w in weights])

@@ -1,0 +1,100 @@
+"""Import a NeMo 1.x `.nemo` model (NeMo-Aligner's SteerLM models and regression reward models) as a steerlm
+checkpoint: `import_nemo(archive, output_dir, layout)`.
+
+The output is a run directory like training writes (`checkpoints/latest` → `step_0000000/`, with the resolved
+config), plus the archive's tokenizer under `tokenizer/`: serve it with `checkpoint=<output_dir>`, score with it
+as `apm_checkpoint=` (a reward model), or start training from it with `sft.init_from` / `apm.init_from`. It holds
+weights only (no optimizer state), so it is a starting point, not a run to resume. A reward model's `rm_head`
+becomes the regression APM's attribute head, in the head's own output order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steerlm import runtime
+from steerlm.checkpoint.sharded import checkpoint_root, save_checkpoint
+from steerlm.config import AttributeModelConfig, AttributesConfig, ParallelConfig, PrecisionConfig
+from steerlm.config.schema import DType, TokenizerConfig, TokenizerType, TrainDataConfig, TrainerConfig
+from steerlm.config.sft import SFTConfig
+from steerlm.config.validation import validate_model_layout
+from steerlm.errors import ConfigError
+from steerlm.inference.nemo_source import nemo_attributes, write_tokenizer
+from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.models.gpt import build_model_chunks
+from steerlm.models.nemo_weights import NemoCheckpoint
+from steerlm.runtime.layout import ParallelLayout
+
+log = logging.getLogger(__name__)
+_DTYPES = {torch.float32: DType.fp32, torch.bfloat16: DType.bf16, torch.float16: DType.fp16}
+
+
+@dataclass
+class _Weights:
+    """A model without optimizer or schedule: what `save_checkpoint` writes as a weights-only checkpoint."""
+
+    model: list
+    optimizer: None = None
+    scheduler: None = None
+
+
+def import_nemo(
+    archive: str | Path,
+    output_dir: str | Path,
+    layout: ParallelLayout,
+    attributes: AttributesConfig | None = None,
+    tokenizer_path: str | Path | None = None,
+    dtype: DType | None = None,
+) -> Path:
+    """Collective (after `runtime.initialize`): write `archive`'s model as a steerlm checkpoint; returns its path.
+
+    Every rank reads only the tensors of its own shards, so any source TP/PP imports at any `layout`.
+    `attributes`: the schema the model was trained with (default: NeMo-Aligner's nine SteerLM attributes, the
+    `steerlm_oasst` schema; a reward head's output count must match it). `tokenizer_path`: a tokenizer directory
+    to use instead of the archive's (needed when the archive names a Hugging Face Hub tokenizer). `dtype`: the
+    checkpoint's weights (default: the archive's).
+    """
+    output_dir = Path(output_dir)
+    if checkpoint_root(output_dir).exists():
+        raise ConfigError(
+            "output_dir", str(output_dir), "already holds checkpoints", "import into a new directory, or delete it"
+        )
+    with NemoCheckpoint(archive) as source:
+        model, head = source.model, source.nemo.reward_head
+        parallel = ParallelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+        validate_model_layout(model, parallel, runtime.detect_accelerator())
+        schema = nemo_attributes(str(archive), head, attributes)
+        precision = PrecisionConfig(dtype=dtype or _DTYPES.get(source.weights_dtype, DType.fp32))
+        tokenizer_dir = output_dir / "tokenizer"
+        if layout.is_rank_zero:
+            write_tokenizer(source, tokenizer_dir, tokenizer_path)
+        if head is None:
+            chunks = build_model_chunks(model, precision, layout, seed=0)
+        else:
+            chunks = build_attribute_model_chunks(model, precision, layout, 0, head.num_attributes)
+        source.load_into(chunks, layout.tp_rank, layout.tp)
+        common = {
+            "model": model,
+            "parallel": parallel,
+            "precision": precision,
+            "trainer": TrainerConfig(seq_length=model.max_position_embeddings),
+            "attributes": schema,
+            "tokenizer": TokenizerConfig(type=TokenizerType.hf, path=str(tokenizer_dir.resolve())),
+            # NeMo records no training data: the imported run names the archive it came from.
+            "data": TrainDataConfig(train_file=str(Path(archive).resolve())),
+            "output_dir": str(output_dir),
+        }
+        if head is None:
+            cfg: SFTConfig | AttributeModelConfig = SFTConfig(**common)
+        else:
+            cfg = AttributeModelConfig(**common)
+            cfg.apm.merge_weights = head.merge_weights
+        path = save_checkpoint(output_dir, 0, _Weights(chunks), layout, cfg)
+    if layout.is_rank_zero:
+        log.info("imported %s (%s) into %s", archive, "reward model" if head else "language model", path)
+    return path
+
