@@ -1,255 +1,53 @@
 """.nemo import: NeMo 1.x Megatron-GPT archives in both weight layouts (legacy `model_weights.ckpt` per TP/PP rank,
-megatron's torch_dist distributed checkpoint), written here at TP=2 from a tiny Hugging Face Llama with NeMo's key
-names by a mapping of this file's own, give that Llama's logits once imported at TP=1 and at PP=2; a NeMo-Aligner
+megatron's torch_dist distributed checkpoint), written at TP=2 from a tiny Hugging Face Llama with NeMo's key names by
+tests/nemo_archives.py's own mapping, give that Llama's logits once imported at TP=1 and at PP=2; a NeMo-Aligner
 regression reward model's head gives the same scores; config values, keys and files steerlm cannot represent are
 refused naming them."""
 
 from __future__ import annotations
 
-import io
-import random
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
-from steerlm import runtime
+from steerlm.checkpoint.sharded import load_weights
 from steerlm.config import ConfigError, ModelConfig, Normalization, ParallelConfig, PrecisionConfig
+from steerlm.config.store import shipped_attributes
 from steerlm.errors import DataError
+from steerlm.inference.loading import load_generator, read_checkpoint_setup
+from steerlm.inference.scoring import open_apm_checkpoint
 from steerlm.models import build_model_chunks
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.nemo_config import nemo_model
 from steerlm.models.nemo_weights import NemoCheckpoint, model_tensor_names
 from steerlm.models.sharding import named_global_parameters
+from steerlm.stages.nemo_import import import_nemo
+from steerlm.training.init_from import InitFormat, load_init_weights, resolve_init_source
 from tests.multiproc import run_distributed
+from tests.nemo_archives import (
+    ATTRIBUTES,
+    FFN,
+    GROUPS,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    ROWS,
+    VOCAB,
+    import_at,
+    nemo_config,
+    nemo_tensors,
+    sentencepiece_model,
+    to_tar,
+    write_distributed,
+    write_legacy,
+)
+from tests.nemo_archives import llama as source_llama
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 sentencepiece = pytest.importorskip("sentencepiece")
-
-VOCAB, HIDDEN, FFN, HEADS, GROUPS, LAYERS = 300, 64, 176, 4, 2, 2
-HEAD_DIM = HIDDEN // HEADS
-ROWS = 512  # NeMo's padding: 300 rounded up to make_vocab_size_divisible_by (128) x tensor_model_parallel_size (2)
-ATTRIBUTES = 9
-TP = 2
-
-
-def _llama() -> torch.nn.Module:
-    """The independent source model, every weight random (norms included, so a swapped norm shows)."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=GROUPS,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn_like(param) * 0.1 + (1.0 if param.dim() == 1 else 0.0))
-    return model
-
-
-def _nemo_tensors(llama, fused_norms: bool, head: bool) -> dict[str, torch.Tensor]:
-    """Full tensors by megatron-core GPTModel name (no `model.` prefix, global layer numbers), NeMo's layout:
-    QKV rows grouped per query group [its query heads, key, value], fc1 = [gate; up], vocabulary padded."""
-    hf = {name: tensor.detach().clone() for name, tensor in llama.state_dict().items()}
-    padding = torch.randn(ROWS - VOCAB, HIDDEN, generator=torch.Generator().manual_seed(1))
-    out = {
-        "embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"], padding]),
-        "output_layer.weight": torch.cat([hf["lm_head.weight"], padding]),
-        "decoder.final_layernorm.weight": hf["model.norm.weight"],
-    }
-    per_group = HEADS // GROUPS
-    for layer in range(LAYERS):
-        theirs, ours = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        q = hf[theirs + "self_attn.q_proj.weight"].view(HEADS, HEAD_DIM, HIDDEN)
-        k = hf[theirs + "self_attn.k_proj.weight"].view(GROUPS, HEAD_DIM, HIDDEN)
-        v = hf[theirs + "self_attn.v_proj.weight"].view(GROUPS, HEAD_DIM, HIDDEN)
-        groups = [torch.cat([q[g * per_group : (g + 1) * per_group], k[g : g + 1], v[g : g + 1]]) for g in range(GROUPS)]
-        out[ours + "self_attention.linear_qkv.weight"] = torch.cat(groups).reshape(-1, HIDDEN)
-        out[ours + "self_attention.linear_proj.weight"] = hf[theirs + "self_attn.o_proj.weight"]
-        out[ours + "mlp.linear_fc1.weight"] = torch.cat([hf[theirs + "mlp.gate_proj.weight"], hf[theirs + "mlp.up_proj.weight"]])
-        out[ours + "mlp.linear_fc2.weight"] = hf[theirs + "mlp.down_proj.weight"]
-        attention_norm, mlp_norm = hf[theirs + "input_layernorm.weight"], hf[theirs + "post_attention_layernorm.weight"]
-        if fused_norms:  # Transformer Engine's spec (NeMo's default)
-            out[ours + "self_attention.linear_qkv.layer_norm_weight"] = attention_norm
-            out[ours + "mlp.linear_fc1.layer_norm_weight"] = mlp_norm
-        else:
-            out[ours + "input_layernorm.weight"] = attention_norm
-            out[ours + "pre_mlp_layernorm.weight"] = mlp_norm
-    if head:
-        generator = torch.Generator().manual_seed(2)
-        out["rm_head.weight"] = torch.randn(ATTRIBUTES, HIDDEN, generator=generator) * 0.1
-        out["rm_head.bias"] = torch.randn(ATTRIBUTES, generator=generator)
-    return out
-
-
-# This file's own record of megatron's tensor-parallel splits (dim; "gated": [gate_r; up_r]).
-_SPLITS = {
-    "word_embeddings.weight": 0,
-    "output_layer.weight": 0,
-    "linear_qkv.weight": 0,
-    "linear_proj.weight": 1,
-    "linear_fc1.weight": "gated",
-    "linear_fc2.weight": 1,
-    "rm_head.weight": 1,
-}
-
-
-def _split(name: str):
-    return next((split for suffix, split in _SPLITS.items() if name.endswith(suffix)), None)
-
-
-def _tp_slice(name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
-    split = _split(name)
-    if split is None:
-        return full
-    if split == "gated":
-        gate, up = full.chunk(2)
-        return torch.cat([gate.chunk(TP)[rank], up.chunk(TP)[rank]])
-    return full.chunk(TP, dim=split)[rank].clone()
-
-
-def _config(head: bool = False, **changes) -> dict:
-    config = {
-        "mcore_gpt": True,
-        "num_layers": LAYERS,
-        "hidden_size": HIDDEN,
-        "ffn_hidden_size": FFN,
-        "num_attention_heads": HEADS,
-        "num_query_groups": GROUPS,
-        "encoder_seq_length": 128,
-        "max_position_embeddings": 128,
-        "normalization": "rmsnorm",
-        "layernorm_epsilon": 1e-5,
-        "activation": "fast-swiglu",
-        "bias": False,
-        "position_embedding_type": "rope",
-        "rotary_base": 10000,
-        "share_embeddings_and_output_weights": False,
-        "make_vocab_size_divisible_by": 128,
-        "tensor_model_parallel_size": TP,
-        "pipeline_model_parallel_size": 1,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "precision": 32,
-        "tokenizer": {"library": "sentencepiece", "model": "nemo:0123abcd_tokenizer.model", "type": None},
-    }
-    if head:
-        config.update(
-            reward_model_type="regression",
-            regression={"num_attributes": ATTRIBUTES, "merge_attributes": False, "attribute_weights": None},
-            target="nemo_aligner.models.nlp.gpt.megatron_gpt_regression_reward_model.MegatronGPTRegressionRewardModel",
-        )
-    return {**config, **changes}
-
-
-def _sentencepiece_model() -> bytes:
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog hello world model answer".split()
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(8)) for _ in range(200)),
-        model_writer=model,
-        vocab_size=40,
-        model_type="bpe",
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
-def _write_common(directory: Path, config: dict) -> None:
-    directory.mkdir(parents=True)
-    (directory / "model_config.yaml").write_text(yaml.safe_dump(config))
-    (directory / "0123abcd_tokenizer.model").write_bytes(_sentencepiece_model())
-
-
-def write_legacy(directory: Path, full: dict, config: dict, pipeline: int) -> Path:
-    """NeMo's legacy layout: one `model_weights.ckpt` per (tp, pp) rank, stage-local layer numbers, TE's
-    `_extra_state` entries beside the weights."""
-    _write_common(directory, {**config, "pipeline_model_parallel_size": pipeline})
-    per_stage = LAYERS // pipeline
-    for tp in range(TP):
-        for pp in range(pipeline):
-            state: dict = {}
-            for name, tensor in full.items():
-                parts = name.split(".")
-                if parts[0] == "decoder" and parts[1] == "layers":
-                    layer = int(parts[2])
-                    if layer // per_stage != pp:
-                        continue
-                    name = ".".join(["decoder", "layers", str(layer % per_stage), *parts[3:]])
-                    if name.endswith("linear_qkv.weight"):
-                        state["model." + name.replace(".weight", "._extra_state")] = io.BytesIO(b"fp8 metadata")
-                elif (name.startswith("embedding.")) != (pp == 0):
-                    continue
-                state["model." + name] = _tp_slice(name, tensor, tp)
-            rank_dir = f"mp_rank_{tp:02d}" if pipeline == 1 else f"tp_rank_{tp:02d}_pp_rank_{pp:03d}"
-            (directory / rank_dir).mkdir()
-            torch.save(state, directory / rank_dir / "model_weights.ckpt")
-    return directory
-
-
-def write_distributed(directory: Path, full: dict, config: dict) -> Path:
-    """NeMo's distributed layout, as megatron's dist_checkpointing saves a TP=2 model: every TP slice a shard of
-    the global tensor, decoder layers stacked along a leading axis (needs the one-rank `layout` fixture)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
-
-    from steerlm.megatron_compat import use_in_process_save_queue
-
-    _write_common(directory, config)
-    shards: list = []
-    for name, tensor in full.items():
-        parts = name.split(".")
-        if parts[:2] == ["decoder", "layers"]:
-            key, layer = "model.decoder.layers." + ".".join(parts[3:]), int(parts[2])
-            stacked: tuple = ((0, layer, LAYERS),)
-        else:
-            key, stacked = "model." + name, ()
-        axis = len(stacked)
-        split = _split(name)
-        for rank in range(TP if split is not None else 1):
-            piece = _tp_slice(name, tensor, rank)
-            if split is None:
-                offsets: list = []
-            elif split == "gated":
-                gate, up = piece.chunk(2)
-                for part, index in ((gate, rank), (up, TP + rank)):
-                    shards.append(
-                        ShardedTensor.from_rank_offsets(
-                            key, part.clone(), *stacked, (axis, index, 2 * TP), replica_id=0, prepend_axis_num=axis
-                        )
-                    )
-                continue
-            else:
-                offsets = [(axis + split, rank, TP)]
-            shards.append(
-                ShardedTensor.from_rank_offsets(key, piece, *stacked, *offsets, replica_id=0, prepend_axis_num=axis)
-            )
-    shards.append(ShardedObject("model.decoder.layers.self_attention.linear_qkv._extra_state", b"fp8", (1,), (0,)))
-    (directory / "model_weights").mkdir()
-    use_in_process_save_queue()
-    dist_checkpointing.save({"shards": shards}, str(directory / "model_weights"))
-    return directory
-
-
-def to_tar(directory: Path) -> Path:
-    """The `.nemo` file NeMo's save_to writes: an uncompressed tar of the directory, members named `./…`."""
-    path = directory.with_suffix(".nemo")
-    with tarfile.open(path, "w:") as tar:
-        tar.add(directory, arcname=".")
-    return path
 
 
 def _tokens() -> torch.Tensor:
@@ -269,7 +67,7 @@ def _logits(chunks: list) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def llama():
-    return _llama()
+    return source_llama()
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +76,9 @@ def archives(layout, llama, tmp_path_factory) -> dict[str, Path]:
     TP=2 language model (a directory, the local spec's norm names) and a distributed TP=2 reward model (a tar)."""
     root = tmp_path_factory.mktemp("nemo")
     return {
-        "legacy": to_tar(write_legacy(root / "legacy", _nemo_tensors(llama, True, False), _config(), pipeline=2)),
-        "distributed": write_distributed(root / "dist", _nemo_tensors(llama, False, False), _config()),
-        "reward": to_tar(write_distributed(root / "rm", _nemo_tensors(llama, True, True), _config(head=True))),
+        "legacy": to_tar(write_legacy(root / "legacy", nemo_tensors(llama, True, False), nemo_config(), pipeline=2)),
+        "distributed": write_distributed(root / "dist", nemo_tensors(llama, False, False), nemo_config()),
+        "reward": to_tar(write_distributed(root / "rm", nemo_tensors(llama, True, True), nemo_config(head=True))),
     }
 
 
@@ -294,7 +92,7 @@ def test_archive_loads_at_tp1_with_the_source_logits(layout, llama, archives, ki
 
 
 def test_reward_head_scores_equal_the_source_head(layout, llama, archives) -> None:
-    full = _nemo_tensors(llama, True, True)
+    full = nemo_tensors(llama, True, True)
     with NemoCheckpoint(archives["reward"]) as source:
         assert source.nemo.reward_head is not None and source.nemo.reward_head.num_attributes == ATTRIBUTES
         chunks = build_attribute_model_chunks(source.model, PrecisionConfig(), layout, 9, ATTRIBUTES)
@@ -310,3 +108,131 @@ def test_model_tensor_names_are_the_built_models(layout) -> None:
     for model in (ModelConfig(), replace(ModelConfig(), normalization=Normalization.LayerNorm, add_bias_linear=True)):
         chunks = build_model_chunks(model, PrecisionConfig(), layout, seed=0)
         assert sorted(model_tensor_names(model)) == sorted(name for name, _ in named_global_parameters(chunks))
+
+
+@pytest.mark.slow
+def test_import_at_pp2_serves_the_source_logits(layout, llama, archives, tmp_path: Path) -> None:
+    """Legacy TP=2 PP=2 source → a steerlm checkpoint written by two pipeline stages → served at TP=1."""
+    output = tmp_path / "imported"
+    run_distributed(import_at, 2, str(archives["legacy"]), str(output), ParallelConfig(pipeline_model_parallel_size=2))
+    setup = read_checkpoint_setup(str(output))
+    assert setup.schema.name == "steerlm_oasst" and setup.model.vocab_size == ROWS
+    loaded = load_generator(str(output), layout, PrecisionConfig())
+    torch.testing.assert_close(_logits([loaded.generator.model]), _source_logits(llama), rtol=0, atol=1e-4)
+    spm = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model())
+    text = "the lazy dog jumps over a brown fox"
+    assert loaded.tokenizer.decode(spm.encode(text)) == text
+
+
+def test_reward_model_imports_as_an_attribute_model(layout, llama, archives, tmp_path: Path) -> None:
+    path = import_nemo(archives["reward"], tmp_path / "apm", layout)
+    apm = open_apm_checkpoint(tmp_path / "apm")
+    assert apm.path == path and apm.schema.attributes[4] == "helpfulness" and apm.config.apm.merge_weights is None
+    chunks = build_attribute_model_chunks(apm.config.model, PrecisionConfig(), layout, 3, ATTRIBUTES)
+    load_weights(path, chunks, layout, apm.config.model)
+    reference = NemoCheckpoint(archives["reward"])
+    expected = build_attribute_model_chunks(reference.model, PrecisionConfig(), layout, 4, ATTRIBUTES)
+    reference.load_into(expected, layout.tp_rank, layout.tp)
+    tokens = _tokens()
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        assert torch.equal(chunks[0](tokens, positions, None), expected[0](tokens, positions, None))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        import_nemo(archives["reward"], tmp_path / "apm", layout)
+
+
+def test_nemo_archive_serves_in_place(layout, llama, archives) -> None:
+    setup = read_checkpoint_setup(str(archives["legacy"]))
+    assert Path(setup.tokenizer_config.path, "tokenizer.model").read_bytes() == sentencepiece_model()
+    loaded = load_generator(str(archives["legacy"]), layout, PrecisionConfig())
+    torch.testing.assert_close(_logits([loaded.generator.model]), _source_logits(llama), rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="is a NeMo-Aligner reward model"):
+        read_checkpoint_setup(str(archives["reward"]))
+
+
+def shipped(name: str):
+    return shipped_attributes(name).schema()
+
+
+def _run_model(**changes) -> ModelConfig:
+    base = ModelConfig(
+        num_layers=LAYERS,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        vocab_size=VOCAB,
+        make_vocab_size_divisible_by=256,
+        max_position_embeddings=128,
+    )
+    return replace(base, **changes)
+
+
+def test_init_from_a_nemo_archive(layout, llama, archives) -> None:
+    source = resolve_init_source("sft.init_from", str(archives["distributed"]), _run_model())
+    assert source is not None and source.format == InitFormat.nemo and not source.has_head
+    chunks = build_model_chunks(_run_model(), PrecisionConfig(), layout, seed=9)
+    setup = SimpleNamespace(chunks=chunks, optimizer=SimpleNamespace(reload_model_params=lambda: None))
+    load_init_weights(source, setup, layout, _run_model())  # type: ignore[arg-type]
+    torch.testing.assert_close(_logits(chunks), _source_logits(llama), rtol=0, atol=1e-4)
+    apm = resolve_init_source("apm.init_from", str(archives["reward"]), _run_model(), shipped("steerlm_oasst"))
+    assert apm is not None and apm.has_head
+
+
+@pytest.mark.parametrize(
+    "changes,key,fix",
+    [
+        ({"hidden_size": 128}, "model.hidden_size", "set model.hidden_size=64"),
+        ({"num_query_groups": None}, "model.num_query_groups", "set model.num_query_groups=2"),
+        ({"make_vocab_size_divisible_by": 128}, "model.vocab_size", "set model.vocab_size=512"),
+    ],
+)
+def test_init_from_refuses_another_model(archives, changes: dict, key: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve_init_source("sft.init_from", str(archives["distributed"]), _run_model(**changes))
+    assert error.value.key == key and fix in str(error.value), str(error.value)
+
+
+def test_init_from_refuses_a_reward_head_of_another_size(archives) -> None:
+    with pytest.raises(
+        ConfigError, match="reward model with 9 attribute outputs, this run's schema 'helpsteer2' has 5"
+    ):
+        resolve_init_source("apm.init_from", str(archives["reward"]), _run_model(), shipped("helpsteer2"))
+
+
+@pytest.mark.parametrize(
+    "changes,key,value",
+    [
+        ({"activation": "geglu"}, "activation", "geglu"),
+        ({"position_embedding_type": "alibi"}, "position_embedding_type", "alibi"),
+        ({"normalization": "layernorm1p"}, "normalization", "layernorm1p"),
+        ({"mcore_gpt": False}, "mcore_gpt", False),
+        ({"rotary_interleaved": True}, "rotary_interleaved", True),
+        ({"num_moe_experts": 8}, "num_moe_experts", 8),
+        ({"reward_model_type": "binary_ranking"}, "reward_model_type", "binary_ranking"),
+    ],
+)
+def test_config_values_steerlm_cannot_represent_are_refused(changes: dict, key: str, value) -> None:
+    with pytest.raises(DataError) as error:
+        nemo_model(nemo_config(**changes), "x.nemo/model_config.yaml", ROWS)
+    assert error.value.field == key and repr(value) in error.value.problem, str(error.value)
+
+
+def test_wrong_missing_and_unreadable_weights_are_refused(layout, llama, tmp_path: Path) -> None:
+    full = nemo_tensors(llama, True, False)
+    extra = {**full, "decoder.layers.0.self_attention.linear_qkv.lora_a.weight": torch.zeros(2, 2)}
+    with pytest.raises(DataError) as error:
+        NemoCheckpoint(write_legacy(tmp_path / "extra", extra, nemo_config(), pipeline=1))
+    assert error.value.field == "model.decoder.layers.0.self_attention.linear_qkv.lora_a.weight"
+    missing = {name: tensor for name, tensor in full.items() if name != "decoder.layers.1.mlp.linear_fc2.weight"}
+    with pytest.raises(DataError, match=r"has no tensor for decoder\.layers\.1\.mlp\.linear_fc2\.weight"):
+        NemoCheckpoint(write_legacy(tmp_path / "missing", missing, nemo_config(), pipeline=1))
+    biased = write_legacy(tmp_path / "biased", full, nemo_config(bias=True), pipeline=1)
+    with pytest.raises(DataError, match=r"has no tensor for decoder\.layers\.0\.mlp\.linear_fc1\.bias"):
+        NemoCheckpoint(biased)
+    zarr = write_legacy(tmp_path / "zarr", full, nemo_config(), pipeline=1)
+    (zarr / "model_weights").mkdir()
+    (zarr / "model_weights" / "metadata.json").write_text('{"sharded_backend": "zarr"}')
+    with pytest.raises(DataError) as error:
+        NemoCheckpoint(zarr)
+    assert error.value.field == "sharded_backend" and "'zarr'" in error.value.problem

@@ -19,7 +19,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.schema import ParallelConfig, PrecisionConfig
+from steerlm.config.schema import ParallelConfig, PrecisionConfig, is_nemo_archive
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.errors import ConfigError
 
@@ -57,7 +57,7 @@ class SamplingDefaults:
 class InferenceConfig:
     """What chat and serve share: the checkpoint, the layout, and the default steering."""
 
-    checkpoint: str = MISSING  # an SFT run directory (its checkpoints/latest) or one checkpoint
+    checkpoint: str = MISSING  # an SFT run directory (its checkpoints/latest), one checkpoint, or a .nemo model
     tokenizer_path: Optional[str] = None  # None: the tokenizer directory the checkpoint was trained with
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -69,12 +69,12 @@ class InferenceConfig:
     ping_interval_s: float = 30.0  # under TP an idle rank 0 touches the other ranks this often (collective timeouts)
 
     def validate(self) -> None:
-        if not Path(self.checkpoint).is_dir():
+        if not (Path(self.checkpoint).is_dir() or is_nemo_archive(Path(self.checkpoint))):
             raise ConfigError(
                 "checkpoint",
                 self.checkpoint,
-                "is not a directory",
-                "pass the output_dir of recipes/train_sft.py (or one of its checkpoints/step_*)",
+                "is neither a directory nor a .nemo archive",
+                "pass the output_dir of recipes/train_sft.py (or one of its checkpoints/step_*), or a NeMo .nemo model",
             )
         self.parallel.validate()
         self.precision.validate()

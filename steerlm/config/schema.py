@@ -635,7 +635,9 @@ class APMConfig:
     attribute_weights: Optional[list[float]] = None  # per-attribute loss weights (schema order); null: all 1
     # NeMo-Aligner's merge_attributes: reward = sum of weight x raw score (schema order); null: no reward.
     merge_weights: Optional[list[float]] = None
-    init_from: Optional[str] = None  # a steerlm run dir / checkpoint or an HF Llama dir: its weights start the run
+    init_from: Optional[str] = (
+        None  # a steerlm run dir / checkpoint, an HF Llama dir or a .nemo: its weights start the run
+    )
 
     def validate(self, schema: AttributeSchema, check_files: bool = True) -> None:
         require(

@@ -34,7 +34,9 @@ class SFTOptions:
     repeat: int = 1  # the training rows appear this many times per sampler epoch (NeMo-Aligner's docs: 4x)
     packing: bool = False  # pack each step's conversations into rows of trainer.seq_length positions
     system_prompt: Optional[str] = None  # None: keep each conversation's own system prompt
-    init_from: Optional[str] = None  # a steerlm run dir / checkpoint or an HF Llama dir: its weights start this run
+    init_from: Optional[str] = (
+        None  # a steerlm run dir / checkpoint, an HF Llama dir or a .nemo: its weights start this run
+    )
 
     def template(self) -> TemplateConfig:
         """The SteerLM template's switches (its literals keep NeMo-Aligner's defaults)."""

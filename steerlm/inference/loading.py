@@ -3,6 +3,10 @@
 A checkpoint carries the resolved config it was trained with: the model shape, the tokenizer, the
 attribute schema and the template switches (`sft.*`). Loading reads those, builds the model at the
 serving layout (any TP size; checkpoints are layout-independent) and loads the weights.
+
+A NeMo `.nemo` model is served in place: its model_config.yaml gives the model, its tokenizer is copied out once
+(`steerlm.inference.nemo_source`), the schema is NeMo-Aligner's nine SteerLM attributes and the template
+NeMo-Aligner's; to serve it with another schema, import it first (`steerlm.stages.nemo_import`).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from omegaconf import DictConfig
 from steerlm import runtime
 from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config
 from steerlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, to_typed
-from steerlm.config.schema import AttributesConfig, TokenizerConfig
+from steerlm.config.schema import AttributesConfig, TokenizerConfig, TokenizerType, is_nemo_archive
 from steerlm.config.sft import SFTOptions
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import SteerLMTemplate, TemplateConfig
 from steerlm.inference.generate import Generator
+from steerlm.inference.nemo_source import cached_tokenizer, nemo_attributes
 from steerlm.models.gpt import build_model_chunks
+from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 
@@ -56,6 +62,8 @@ def read_checkpoint_setup(
     checkpoint: str, key: str = "checkpoint", tokenizer_path: str | None = None
 ) -> CheckpointSetup:
     """The checkpoint's model, tokenizer, schema and template; ConfigError naming `key` when it cannot serve."""
+    if is_nemo_archive(Path(checkpoint)):
+        return _nemo_setup(checkpoint, key, tokenizer_path)
     try:
         path = resolve_checkpoint(checkpoint)
     except FileNotFoundError as error:
@@ -90,6 +98,26 @@ def read_checkpoint_setup(
     return CheckpointSetup(
         path, _section(saved, "model", ModelConfig), tokenizer_config, schema, SteerLMTemplate(schema, template)
     )
+
+
+def _nemo_setup(checkpoint: str, key: str, tokenizer_path: str | None) -> CheckpointSetup:
+    with NemoCheckpoint(checkpoint) as source:
+        if source.nemo.reward_head is not None:
+            raise ConfigError(
+                key,
+                checkpoint,
+                "is a NeMo-Aligner reward model, which scores responses instead of writing them",
+                "serve a SteerLM language model (a reward model scores once imported: steerlm.stages.nemo_import)",
+            )
+        tokenizer = tokenizer_path if tokenizer_path is not None else str(cached_tokenizer(source))
+        schema = nemo_attributes(checkpoint, None, None).schema()
+        return CheckpointSetup(
+            Path(checkpoint),
+            source.model,
+            TokenizerConfig(type=TokenizerType.hf, path=tokenizer),
+            schema,
+            SteerLMTemplate(schema, TemplateConfig()),
+        )
 
 
 def _section(saved: DictConfig, name: str, schema: type):
@@ -129,7 +157,12 @@ def load_generator(
     setup = read_checkpoint_setup(checkpoint, key, tokenizer_path)
     tokenizer = load_tokenizer(setup.tokenizer_config.type.value, setup.tokenizer_config.path)
     chunks = build_model_chunks(setup.model, precision, layout, seed)
-    step = load_weights(setup.path, chunks, layout, setup.model)
+    if is_nemo_archive(setup.path):
+        with NemoCheckpoint(setup.path) as source:
+            source.load_into(chunks, layout.tp_rank, layout.tp)
+        step = 0
+    else:
+        step = load_weights(setup.path, chunks, layout, setup.model)
     stop_ids = [tokenizer.token_to_id(setup.template.config.end_of_turn)] if setup.template.config.end_of_turn else []
     if tokenizer.eos_id is not None:
         stop_ids.append(tokenizer.eos_id)

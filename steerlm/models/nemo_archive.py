@@ -41,7 +41,9 @@ class NemoArchive:
             self._members = members
             self._files = dict.fromkeys(members)
         else:
-            raise FileNotFoundError(f"{self.path} is neither a .nemo archive (a tar) nor a directory extracted from one")
+            raise FileNotFoundError(
+                f"{self.path} is neither a .nemo archive (a tar) nor a directory extracted from one"
+            )
         if NEMO_CONFIG_FILE not in self._files:
             raise DataError(
                 str(self.path),
@@ -154,7 +156,9 @@ def export_tokenizer(archive: NemoArchive, config: dict, destination: Path) -> N
     if key is None:
         raise DataError(source, None, "tokenizer.library", f"{library!r} is not sentencepiece or huggingface", fix)
     value = str(tokenizer.get(key) or "")
-    member = archive.artifact(value) or (value if value and (archive.has(value) or archive.has_directory(value)) else None)
+    member = archive.artifact(value) or (
+        value if value and (archive.has(value) or archive.has_directory(value)) else None
+    )
     if member is None or not (archive.has(member) or archive.has_directory(member)):
         raise DataError(source, None, f"tokenizer.{key}", f"{value!r} names no file inside the archive", fix)
     destination.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerlm.config.schema import Activation, DType, ModelConfig, Normalization, PositionEmbedding
-from steerlm.errors import DataError
+from steerlm.errors import ConfigError, DataError
 
 _NORMALIZATION = {"rmsnorm": Normalization.RMSNorm, "layernorm": Normalization.LayerNorm}
 _ACTIVATION = {
@@ -92,7 +92,9 @@ class _Reader:
     def choice(self, key: str, default: str, table: Mapping[str, Any], what: str) -> Any:
         value = str(self.get(key, default)).lower()
         if value not in table:
-            self.refuse(key, value, f"steerlm's model has no {what} of that kind", f"steerlm supports {', '.join(table)}")
+            self.refuse(
+                key, value, f"steerlm's model has no {what} of that kind", f"steerlm supports {', '.join(table)}"
+            )
         return table[value]
 
     def refuse(self, key: str, value: Any, problem: str, fix: str = "") -> None:
@@ -137,7 +139,9 @@ def nemo_model(config: Mapping[str, Any], source: str, embedding_rows: int, name
         ffn_hidden_size=keys.required("ffn_hidden_size"),
         num_attention_heads=heads,
         num_query_groups=None if groups in (None, heads) else keys.number("num_query_groups", groups, int),
-        kv_channels=None if keys.get("kv_channels") is None else keys.number("kv_channels", keys.get("kv_channels"), int),
+        kv_channels=None
+        if keys.get("kv_channels") is None
+        else keys.number("kv_channels", keys.get("kv_channels"), int),
         vocab_size=embedding_rows,
         make_vocab_size_divisible_by=_vocab_multiple(keys, embedding_rows),
         max_position_embeddings=keys.number(
@@ -209,7 +213,10 @@ def _rope_scaling(keys: _Reader) -> dict:
     for key, value in _ROPE_SCALING_FIXED.items():
         if not math.isclose(keys.number(key, keys.get(key, value), float), value):
             keys.refuse(key, keys.get(key), f"differs from Llama-3.1's RoPE scaling ({value}), the one steerlm has")
-    return {"rope_scaling": True, "rope_scaling_factor": keys.number("scale_factor", keys.get("scale_factor", 8), float)}
+    return {
+        "rope_scaling": True,
+        "rope_scaling_factor": keys.number("scale_factor", keys.get("scale_factor", 8), float),
+    }
 
 
 def _tied(keys: _Reader) -> bool:
@@ -240,3 +247,54 @@ def _reward_head(keys: _Reader) -> RewardHead | None:
     if weights is None and regression.get("merge_attributes", False):
         weights = [1.0 / count] * count  # NeMo-Aligner's RewardModelHead: a uniform average by default
     return RewardHead(count, None if weights is None else [float(w) for w in weights])
+
+
+# Fields a run's model must share with the archive's (besides the padded vocabulary, compared as rows).
+_SAME_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "normalization",
+    "activation",
+    "position_embedding_type",
+    "share_embeddings_and_output_weights",
+    "add_bias_linear",
+    "layernorm_epsilon",
+    "rotary_base",
+    "rotary_percent",
+    "rope_scaling",
+)
+
+
+def check_nemo_model(theirs: ModelConfig, ours: ModelConfig, key: str, location: str) -> None:
+    """Refuse a run whose `model.*` differs from the archive's model, naming the field and the value to set."""
+
+    def value(model: ModelConfig, name: str) -> Any:
+        found = {"num_query_groups": model.query_groups, "kv_channels": model.head_dim}.get(name, getattr(model, name))
+        return found.value if hasattr(found, "value") else found
+
+    names = list(_SAME_FIELDS)
+    if theirs.rope_scaling:
+        names.append("rope_scaling_factor")
+    if theirs.position_embedding_type == PositionEmbedding.learned_absolute:
+        names.append("max_position_embeddings")
+    for name in names:
+        if value(ours, name) != value(theirs, name):
+            raise ConfigError(
+                f"model.{name}",
+                value(ours, name),
+                f"{key}={location} holds a NeMo model with {name}={value(theirs, name)!r} (model_config.yaml)",
+                f"set model.{name}={value(theirs, name)!r}",
+            )
+    if ours.padded_vocab_size != theirs.padded_vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            ours.vocab_size,
+            f"{key}={location} holds a NeMo model whose vocabulary has {theirs.padded_vocab_size} rows "
+            f"(NeMo's padding); this run's model.vocab_size pads to {ours.padded_vocab_size}",
+            f"set model.vocab_size={theirs.vocab_size} model.make_vocab_size_divisible_by="
+            f"{theirs.make_vocab_size_divisible_by}",
+        )

@@ -53,7 +53,11 @@ _TOP_LEVEL = {
 _LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 _LAYER_TENSORS = {
     *(f"{norm}.{p}" for norm in ("input_layernorm", "pre_mlp_layernorm") for p in ("weight", "bias")),
-    *(f"{fused}.layer_norm_{p}" for fused in ("self_attention.linear_qkv", "mlp.linear_fc1") for p in ("weight", "bias")),
+    *(
+        f"{fused}.layer_norm_{p}"
+        for fused in ("self_attention.linear_qkv", "mlp.linear_fc1")
+        for p in ("weight", "bias")
+    ),
     *(f"{linear}.{p}" for linear in _LINEARS for p in ("weight", "bias")),
 }
 _HEAD = {"rm_head.weight": "attribute_head.weight", "rm_head.bias": "attribute_head.bias"}
@@ -253,7 +257,9 @@ class _LegacyWeights:
                     raise DataError(archive.where(file), None, key, "is not a tensor of a model steerlm reads", _FIX)
                 match = _LAYER.match(_unprefixed(key) or "")
                 if match and int(match.group(1)) >= count:
-                    raise DataError(archive.where(file), None, key, f"is past pipeline stage {pp_rank}'s {count} layers")
+                    raise DataError(
+                        archive.where(file), None, key, f"is past pipeline stage {pp_rank}'s {count} layers"
+                    )
                 self.index.setdefault(name, {})[tp_rank] = (file, key)
                 self.shapes.setdefault(name, []).append(value.shape)
                 self.dtypes[name] = value.dtype
@@ -269,7 +275,9 @@ class _LegacyWeights:
         for name in names:
             if len(self.index[name]) != self.tp:
                 file, key = next(iter(self.index[name].values()))
-                raise DataError(self.archive.where(file), None, key, f"is held by {len(self.index[name])} of {self.tp} TP ranks")
+                raise DataError(
+                    self.archive.where(file), None, key, f"is held by {len(self.index[name])} of {self.tp} TP ranks"
+                )
         needed = sorted({file for name in names for file, _ in self.index[name].values()})
         states = {file: _load_state(self.archive, file) for file in needed}
         out = {}
@@ -359,9 +367,7 @@ class NemoCheckpoint:
             return self._weights.read(names, gated=self.model.activation == Activation.swiglu)
         return self._weights.read(names)
 
-    def load_into(
-        self, chunks: list, tp_rank: int, tp: int, keep: Callable[[str], bool] = lambda name: False
-    ) -> None:
+    def load_into(self, chunks: list, tp_rank: int, tp: int, keep: Callable[[str], bool] = lambda name: False) -> None:
         """Copy the archive's weights into this rank's shards (any layout); `keep` names parameters left as they are."""
         names = [name for name, _ in named_global_parameters(chunks) if not keep(name)]
         load_full_parameters(chunks, self.full_tensors(names), tp_rank, tp, keep)

@@ -97,4 +97,3 @@ def import_nemo(
     if layout.is_rank_zero:
         log.info("imported %s (%s) into %s", archive, "reward model" if head else "language model", path)
     return path
-

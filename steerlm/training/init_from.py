@@ -1,14 +1,16 @@
 """Start a run from other weights: `sft.init_from` and `apm.init_from`.
 
 The source is a steerlm run directory or checkpoint (written at any TP/PP layout: a language model from
-`recipes/demo.py` / `train_sft.py`, or an APM) or a Hugging Face Llama directory (`config.json` +
-`*.safetensors`, as `save_pretrained` writes it). `resolve_init_source` runs before anything is built, so
+`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama directory (`config.json` +
+`*.safetensors`, as `save_pretrained` writes it) or a NeMo 1.x `.nemo` model (the tar or its extracted directory,
+read in place by every rank: `steerlm.models.nemo_weights`). `resolve_init_source` runs before anything is built, so
 a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this layout's shards.
 Only weights move: the optimizer, LR schedule and step start fresh.
 
 An attribute head is loaded from an APM source of the same schema, refused from an APM of another schema,
 and keeps its fresh initialisation when the source has none (a language model, or HF); an APM source's
-head is ignored by a language model.
+head is ignored by a language model. A NeMo-Aligner reward model's head counts as an APM's whose outputs are the
+run's attributes in schema order (NeMo records no names): it must have one output per attribute.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from steerlm.checkpoint.sharded import (
     resolve_checkpoint,
     saved_config,
 )
-from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir
+from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir, is_nemo_archive
 from steerlm.data.attributes import AttributeSchema
 from steerlm.errors import ConfigError
 from steerlm.models.hf_llama import SafetensorsWeights, check_hf_config, hf_to_megatron, read_hf_config
+from steerlm.models.nemo_config import check_nemo_model
+from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.loop import maybe_resume
@@ -39,13 +43,19 @@ log = logging.getLogger(__name__)
 HEAD_PREFIX = "attribute_head."
 
 
+class InitFormat(str, Enum):
+    steerlm = "steerlm"
+    hugging_face = "Hugging Face"
+    nemo = "NeMo"
+
+
 @dataclass(frozen=True)
 class InitSource:
     key: str  # the config key that named it, e.g. "apm.init_from"
     location: str  # as configured
-    path: Path  # the checkpoint directory, or the HF model directory
-    hugging_face: bool
-    has_head: bool  # an APM checkpoint of this run's schema: its attribute head is loaded too
+    path: Path  # the checkpoint directory, the HF model directory, or the .nemo archive
+    format: InitFormat
+    has_head: bool  # an APM (or reward model) fitting this run's schema: its attribute head is loaded too
 
 
 def _is_head(name: str) -> bool:
@@ -63,9 +73,11 @@ def resolve_init_source(
     if location is None:
         return None
     path = Path(location)
+    if is_nemo_archive(path):
+        return _resolve_nemo(key, location, path, model, schema)
     if is_hf_model_dir(path):
         check_hf_config(read_hf_config(path), model, key, location)
-        return InitSource(key, location, path, hugging_face=True, has_head=False)
+        return InitSource(key, location, path, InitFormat.hugging_face, has_head=False)
     try:
         path = resolve_checkpoint(path)
     except FileNotFoundError as error:
@@ -73,8 +85,8 @@ def resolve_init_source(
             key,
             location,
             str(error).split("; ")[0],
-            "pass a steerlm training output_dir, one of its checkpoints/step_* directories, or a "
-            "Hugging Face Llama directory (config.json + *.safetensors)",
+            "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a "
+            "Hugging Face Llama directory (config.json + *.safetensors) or a NeMo .nemo model",
         ) from None
     written = read_meta(path).model
     for name in SHAPE_FIELDS:
@@ -91,7 +103,25 @@ def resolve_init_source(
     is_apm = "apm" in saved
     if is_apm and schema is not None:
         _check_head_schema(key, location, saved.attributes, schema)
-    return InitSource(key, location, path, hugging_face=False, has_head=is_apm and schema is not None)
+    return InitSource(key, location, path, InitFormat.steerlm, has_head=is_apm and schema is not None)
+
+
+def _resolve_nemo(
+    key: str, location: str, path: Path, model: ModelConfig, schema: AttributeSchema | None
+) -> InitSource:
+    with NemoCheckpoint(path) as source:
+        check_nemo_model(source.model, model, key, location)
+        head = source.nemo.reward_head
+    if head is not None and schema is not None and head.num_attributes != len(schema.attributes):
+        raise ConfigError(
+            key,
+            location,
+            f"is a reward model with {head.num_attributes} attribute outputs, this run's schema "
+            f"'{schema.name}' has {len(schema.attributes)}",
+            "initialise from a language model (the head then starts fresh) or set attributes to a schema of "
+            f"{head.num_attributes} attributes in the head's output order",
+        )
+    return InitSource(key, location, path, InitFormat.nemo, has_head=head is not None and schema is not None)
 
 
 def _check_head_schema(key: str, location: str, saved, schema: AttributeSchema) -> None:
@@ -114,18 +144,25 @@ def load_init_weights(source: InitSource, setup: TrainingSetup, layout: Parallel
 
     Under bf16/fp16 the optimizer's fp32 main weights are refreshed from the loaded ones.
     """
-    if source.hugging_face:
+
+    def fresh_head(name: str) -> bool:
+        return _is_head(name) and not source.has_head
+
+    if source.format == InitFormat.hugging_face:
         names = [name for name, _ in named_global_parameters(setup.chunks) if not _is_head(name)]
         full = hf_to_megatron(SafetensorsWeights(source.path), model, names)
         load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=_is_head)
+    elif source.format == InitFormat.nemo:
+        with NemoCheckpoint(source.path) as archive:
+            archive.load_into(setup.chunks, layout.tp_rank, layout.tp, keep=fresh_head)
     else:
-        load_weights(source.path, setup.model, layout, model, keep=lambda name: _is_head(name) and not source.has_head)
+        load_weights(source.path, setup.model, layout, model, keep=fresh_head)
     setup.optimizer.reload_model_params()
     head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))
     log.info(
         "initialised the weights from %s (%s)%s",
         source.path,
-        "Hugging Face" if source.hugging_face else "steerlm",
+        source.format.value,
         "" if not head else "; attribute head " + ("loaded" if source.has_head else "freshly initialised"),
     )
 

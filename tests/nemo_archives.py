@@ -1,0 +1,257 @@
+"""Small NeMo 1.x `.nemo` archives for tests/test_nemo_import.py, written from a tiny Hugging Face Llama with NeMo's
+key names by this module's own mapping (it shares no code with steerlm's reader): the legacy layout
+(`model_weights.ckpt` per TP/PP rank) and megatron's torch_dist distributed checkpoint, at TP=2.
+
+A module of its own so that the ranks `tests.multiproc` spawns import neither transformers nor pytest.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from steerlm import runtime
+from steerlm.config import ParallelConfig
+from steerlm.stages.nemo_import import import_nemo
+
+VOCAB, HIDDEN, FFN, HEADS, GROUPS, LAYERS = 300, 64, 176, 4, 2, 2
+HEAD_DIM = HIDDEN // HEADS
+ROWS = 512  # NeMo's padding: 300 rounded up to make_vocab_size_divisible_by (128) x tensor_model_parallel_size (2)
+ATTRIBUTES = 9
+TP = 2
+
+
+def llama() -> torch.nn.Module:
+    """The independent source model, every weight random (norms included, so a swapped norm shows)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=GROUPS,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.1 + (1.0 if param.dim() == 1 else 0.0))
+    return model
+
+
+def nemo_tensors(llama, fused_norms: bool, head: bool) -> dict[str, torch.Tensor]:
+    """Full tensors by megatron-core GPTModel name (no `model.` prefix, global layer numbers), NeMo's layout:
+    QKV rows grouped per query group [its query heads, key, value], fc1 = [gate; up], vocabulary padded."""
+    hf = {name: tensor.detach().clone() for name, tensor in llama.state_dict().items()}
+    padding = torch.randn(ROWS - VOCAB, HIDDEN, generator=torch.Generator().manual_seed(1))
+    out = {
+        "embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"], padding]),
+        "output_layer.weight": torch.cat([hf["lm_head.weight"], padding]),
+        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+    }
+    per_group = HEADS // GROUPS
+    for layer in range(LAYERS):
+        theirs, ours = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        q = hf[theirs + "self_attn.q_proj.weight"].view(HEADS, HEAD_DIM, HIDDEN)
+        k = hf[theirs + "self_attn.k_proj.weight"].view(GROUPS, HEAD_DIM, HIDDEN)
+        v = hf[theirs + "self_attn.v_proj.weight"].view(GROUPS, HEAD_DIM, HIDDEN)
+        groups = [
+            torch.cat([q[g * per_group : (g + 1) * per_group], k[g : g + 1], v[g : g + 1]]) for g in range(GROUPS)
+        ]
+        out[ours + "self_attention.linear_qkv.weight"] = torch.cat(groups).reshape(-1, HIDDEN)
+        out[ours + "self_attention.linear_proj.weight"] = hf[theirs + "self_attn.o_proj.weight"]
+        out[ours + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[theirs + "mlp.gate_proj.weight"], hf[theirs + "mlp.up_proj.weight"]]
+        )
+        out[ours + "mlp.linear_fc2.weight"] = hf[theirs + "mlp.down_proj.weight"]
+        attention_norm, mlp_norm = hf[theirs + "input_layernorm.weight"], hf[theirs + "post_attention_layernorm.weight"]
+        if fused_norms:  # Transformer Engine's spec (NeMo's default)
+            out[ours + "self_attention.linear_qkv.layer_norm_weight"] = attention_norm
+            out[ours + "mlp.linear_fc1.layer_norm_weight"] = mlp_norm
+        else:
+            out[ours + "input_layernorm.weight"] = attention_norm
+            out[ours + "pre_mlp_layernorm.weight"] = mlp_norm
+    if head:
+        generator = torch.Generator().manual_seed(2)
+        out["rm_head.weight"] = torch.randn(ATTRIBUTES, HIDDEN, generator=generator) * 0.1
+        out["rm_head.bias"] = torch.randn(ATTRIBUTES, generator=generator)
+    return out
+
+
+# This file's own record of megatron's tensor-parallel splits (dim; "gated": [gate_r; up_r]).
+_SPLITS = {
+    "word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    "linear_qkv.weight": 0,
+    "linear_proj.weight": 1,
+    "linear_fc1.weight": "gated",
+    "linear_fc2.weight": 1,
+    "rm_head.weight": 1,
+}
+
+
+def _split(name: str):
+    return next((split for suffix, split in _SPLITS.items() if name.endswith(suffix)), None)
+
+
+def _tp_slice(name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+    split = _split(name)
+    if split is None:
+        return full
+    if split == "gated":
+        gate, up = full.chunk(2)
+        return torch.cat([gate.chunk(TP)[rank], up.chunk(TP)[rank]])
+    return full.chunk(TP, dim=split)[rank].clone()
+
+
+def nemo_config(head: bool = False, **changes) -> dict:
+    config = {
+        "mcore_gpt": True,
+        "num_layers": LAYERS,
+        "hidden_size": HIDDEN,
+        "ffn_hidden_size": FFN,
+        "num_attention_heads": HEADS,
+        "num_query_groups": GROUPS,
+        "encoder_seq_length": 128,
+        "max_position_embeddings": 128,
+        "normalization": "rmsnorm",
+        "layernorm_epsilon": 1e-5,
+        "activation": "fast-swiglu",
+        "bias": False,
+        "position_embedding_type": "rope",
+        "rotary_base": 10000,
+        "share_embeddings_and_output_weights": False,
+        "make_vocab_size_divisible_by": 128,
+        "tensor_model_parallel_size": TP,
+        "pipeline_model_parallel_size": 1,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "precision": 32,
+        "tokenizer": {"library": "sentencepiece", "model": "nemo:0123abcd_tokenizer.model", "type": None},
+    }
+    if head:
+        config.update(
+            reward_model_type="regression",
+            regression={"num_attributes": ATTRIBUTES, "merge_attributes": False, "attribute_weights": None},
+            target="nemo_aligner.models.nlp.gpt.megatron_gpt_regression_reward_model.MegatronGPTRegressionRewardModel",
+        )
+    return {**config, **changes}
+
+
+def sentencepiece_model() -> bytes:
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog hello world model answer".split()
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(8)) for _ in range(200)),
+        model_writer=model,
+        vocab_size=40,
+        model_type="bpe",
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def _write_common(directory: Path, config: dict) -> None:
+    directory.mkdir(parents=True)
+    (directory / "model_config.yaml").write_text(yaml.safe_dump(config))
+    (directory / "0123abcd_tokenizer.model").write_bytes(sentencepiece_model())
+
+
+def write_legacy(directory: Path, full: dict, config: dict, pipeline: int) -> Path:
+    """NeMo's legacy layout: one `model_weights.ckpt` per (tp, pp) rank, stage-local layer numbers, TE's
+    `_extra_state` entries beside the weights."""
+    _write_common(directory, {**config, "pipeline_model_parallel_size": pipeline})
+    per_stage = LAYERS // pipeline
+    for tp in range(TP):
+        for pp in range(pipeline):
+            state: dict = {}
+            for name, tensor in full.items():
+                parts = name.split(".")
+                if parts[0] == "decoder" and parts[1] == "layers":
+                    layer = int(parts[2])
+                    if layer // per_stage != pp:
+                        continue
+                    name = ".".join(["decoder", "layers", str(layer % per_stage), *parts[3:]])
+                    if name.endswith("linear_qkv.weight"):
+                        state["model." + name.replace(".weight", "._extra_state")] = io.BytesIO(b"fp8 metadata")
+                elif (pp != 0) if name.startswith("embedding.") else (pp != pipeline - 1):
+                    continue
+                state["model." + name] = _tp_slice(name, tensor, tp)
+            rank_dir = f"mp_rank_{tp:02d}" if pipeline == 1 else f"tp_rank_{tp:02d}_pp_rank_{pp:03d}"
+            (directory / rank_dir).mkdir()
+            torch.save(state, directory / rank_dir / "model_weights.ckpt")
+    return directory
+
+
+def write_distributed(directory: Path, full: dict, config: dict) -> Path:
+    """NeMo's distributed layout, as megatron's dist_checkpointing saves a TP=2 model: every TP slice a shard of
+    the global tensor, decoder layers stacked along a leading axis (needs the one-rank `layout` fixture)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    from steerlm.megatron_compat import use_in_process_save_queue
+
+    _write_common(directory, config)
+    shards: list = []
+    for name, tensor in full.items():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            key, layer = "model.decoder.layers." + ".".join(parts[3:]), int(parts[2])
+            stacked: tuple = ((0, layer, LAYERS),)
+        else:
+            key, stacked = "model." + name, ()
+        axis = len(stacked)
+        split = _split(name)
+        for rank in range(TP if split is not None else 1):
+            piece = _tp_slice(name, tensor, rank)
+            if split is None:
+                offsets: list = []
+            elif split == "gated":
+                gate, up = piece.chunk(2)
+                for part, index in ((gate, rank), (up, TP + rank)):
+                    shards.append(
+                        ShardedTensor.from_rank_offsets(
+                            key, part.clone(), *stacked, (axis, index, 2 * TP), replica_id=0, prepend_axis_num=axis
+                        )
+                    )
+                continue
+            else:
+                offsets = [(axis + split, rank, TP)]
+            shards.append(
+                ShardedTensor.from_rank_offsets(key, piece, *stacked, *offsets, replica_id=0, prepend_axis_num=axis)
+            )
+    shards.append(ShardedObject("model.decoder.layers.self_attention.linear_qkv._extra_state", b"fp8", (1,), (0,)))
+    (directory / "model_weights").mkdir()
+    use_in_process_save_queue()
+    dist_checkpointing.save({"shards": shards}, str(directory / "model_weights"))
+    return directory
+
+
+def to_tar(directory: Path) -> Path:
+    """The `.nemo` file NeMo's save_to writes: an uncompressed tar of the directory, members named `./…`."""
+    path = directory.with_suffix(".nemo")
+    with tarfile.open(path, "w:") as tar:
+        tar.add(directory, arcname=".")
+    return path
+
+
+def import_at(archive: str, output_dir: str, parallel: ParallelConfig) -> None:
+    layout = runtime.initialize(parallel, seed=0)
+    try:
+        import_nemo(archive, output_dir, layout)
+    finally:
+        runtime.shutdown()
