@@ -125,7 +125,9 @@ def to_typed(cfg: DictConfig, schema: type[Any] = TrainConfig) -> Any:
 
 def shipped_attributes(name: str) -> AttributesConfig:
     """A schema shipped as `conf/attributes/<name>.yaml` (helpsteer2, steerlm_oasst, steerlm_paper)."""
-    return to_typed(OmegaConf.load(CONF_DIR / "attributes" / f"{name}.yaml"), AttributesConfig)
+    node = OmegaConf.load(CONF_DIR / "attributes" / f"{name}.yaml")
+    assert isinstance(node, DictConfig)  # a shipped file: a mapping
+    return to_typed(node, AttributesConfig)
 
 
 def save_resolved(cfg: DictConfig | object, path: Path) -> None:

@@ -31,20 +31,20 @@ class NemoArchive:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._tar: tarfile.TarFile | None = None
+        self._members: dict[str, tarfile.TarInfo] = {}
+        self._files: dict[str, Path] = {}
         if self.path.is_dir():
             self._files = {
                 file.relative_to(self.path).as_posix(): file for file in self.path.rglob("*") if file.is_file()
             }
         elif self.path.is_file() and tarfile.is_tarfile(self.path):
             self._tar = tarfile.open(self.path, "r:*")
-            members = {_clean(member.name): member for member in self._tar.getmembers() if member.isfile()}
-            self._members = members
-            self._files = dict.fromkeys(members)
+            self._members = {_clean(member.name): member for member in self._tar.getmembers() if member.isfile()}
         else:
             raise FileNotFoundError(
                 f"{self.path} is neither a .nemo archive (a tar) nor a directory extracted from one"
             )
-        if NEMO_CONFIG_FILE not in self._files:
+        if not self.has(NEMO_CONFIG_FILE):
             raise DataError(
                 str(self.path),
                 None,
@@ -54,14 +54,14 @@ class NemoArchive:
             )
 
     def names(self) -> list[str]:
-        return sorted(self._files)
+        return sorted(self._members if self._tar is not None else self._files)
 
     def has(self, name: str) -> bool:
-        return name in self._files
+        return name in (self._members if self._tar is not None else self._files)
 
     def has_directory(self, name: str) -> bool:
         prefix = name.rstrip("/") + "/"
-        return any(file.startswith(prefix) for file in self._files)
+        return any(file.startswith(prefix) for file in self.names())
 
     def where(self, name: str) -> str:
         """`name` as error messages show it: the archive, then the path inside it."""
@@ -69,19 +69,18 @@ class NemoArchive:
 
     def local_path(self, name: str) -> Path | None:
         """A file on disk (an extracted archive; torch can memory-map it), or None inside a tar."""
-        found = self._files.get(name)
-        return found if isinstance(found, Path) else None
+        return self._files.get(name)
 
     @contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
         """A binary, seekable reader of one member."""
-        if name not in self._files:
+        if not self.has(name):
             raise FileNotFoundError(f"{self.where(name)} does not exist")
+        handle: IO[bytes] | None
         if self._tar is None:
-            with open(self._files[name], "rb") as handle:  # type: ignore[arg-type]
-                yield handle
-            return
-        handle = self._tar.extractfile(self._members[name])
+            handle = open(self._files[name], "rb")
+        else:
+            handle = self._tar.extractfile(self._members[name])
         if handle is None:
             raise FileNotFoundError(f"{self.where(name)} is not a regular file")
         with handle:
@@ -113,7 +112,7 @@ class NemoArchive:
                 shutil.copyfileobj(source, target)
             return
         prefix = name.rstrip("/") + "/"
-        inside = [file for file in self._files if file.startswith(prefix)]
+        inside = [file for file in self.names() if file.startswith(prefix)]
         if not inside:
             raise FileNotFoundError(f"{self.where(name)} does not exist")
         for file in inside:
@@ -140,13 +139,12 @@ def _clean(name: str) -> str:
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
-def export_tokenizer(archive: NemoArchive, config: dict, destination: Path) -> None:
-    """Write the tokenizer `config["tokenizer"]` names as a directory steerlm's `hf` tokenizer reads.
+def tokenizer_member(archive: NemoArchive, config: dict) -> tuple[str, str]:
+    """(library, member) of the tokenizer `config["tokenizer"]` names inside the archive.
 
-    NeMo's `sentencepiece` library keeps the model as the artifact `tokenizer.model`; it is copied with a
-    `tokenizer_config.json` naming transformers' SentencePiece class (docs/tokenizers.md). A `huggingface`
-    tokenizer is copied when `tokenizer.type` is an artifact directory; a Hub name or a path on the machine that
-    wrote the archive is refused (pass the tokenizer directory yourself).
+    NeMo's `sentencepiece` library keeps the model as the artifact `tokenizer.model`; a `huggingface` tokenizer
+    is read when `tokenizer.type` is an artifact directory. A Hub name, or a path on the machine that wrote the
+    archive, is refused: pass that tokenizer's directory instead.
     """
     tokenizer = config.get("tokenizer") or {}
     library = str(tokenizer.get("library"))
@@ -156,11 +154,16 @@ def export_tokenizer(archive: NemoArchive, config: dict, destination: Path) -> N
     if key is None:
         raise DataError(source, None, "tokenizer.library", f"{library!r} is not sentencepiece or huggingface", fix)
     value = str(tokenizer.get(key) or "")
-    member = archive.artifact(value) or (
-        value if value and (archive.has(value) or archive.has_directory(value)) else None
-    )
-    if member is None or not (archive.has(member) or archive.has_directory(member)):
+    member = archive.artifact(value) or value
+    if not member or not (archive.has(member) or archive.has_directory(member)):
         raise DataError(source, None, f"tokenizer.{key}", f"{value!r} names no file inside the archive", fix)
+    return library, member
+
+
+def export_tokenizer(archive: NemoArchive, config: dict, destination: Path) -> None:
+    """Write the archive's tokenizer as a directory steerlm's `hf` tokenizer reads: a SentencePiece model with a
+    `tokenizer_config.json` naming transformers' SentencePiece class (docs/tokenizers.md), or the HF directory."""
+    library, member = tokenizer_member(archive, config)
     destination.mkdir(parents=True, exist_ok=True)
     if library == "sentencepiece":
         archive.copy_out(member, destination / "tokenizer.model")

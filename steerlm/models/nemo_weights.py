@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -131,14 +133,14 @@ class _ArchiveFileSystem(FileSystem):
         self.archive = archive
 
     @contextmanager
-    def create_stream(self, path: str | Path, mode: str) -> Iterator[io.IOBase]:  # type: ignore[override]
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[IO[bytes]]:  # type: ignore[override]
         with self.archive.open(Path(path).as_posix()) as handle:
-            yield handle  # type: ignore[misc]
+            yield handle
 
-    def concat_path(self, path: str | Path, suffix: str) -> Path:
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> Path:
         return Path(path) / suffix
 
-    def init_path(self, path: str | Path) -> Path:
+    def init_path(self, path: str | os.PathLike) -> Path:
         return Path(path)
 
 

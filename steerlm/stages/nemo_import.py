@@ -19,17 +19,19 @@ import torch
 from steerlm import runtime
 from steerlm.checkpoint.sharded import checkpoint_root, save_checkpoint
 from steerlm.config import AttributeModelConfig, AttributesConfig, ParallelConfig, PrecisionConfig
-from steerlm.config.schema import DType, TokenizerConfig, TokenizerType, TrainDataConfig, TrainerConfig
+from steerlm.config.schema import APMConfig, DType, TokenizerConfig, TokenizerType, TrainDataConfig, TrainerConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.config.validation import validate_model_layout
 from steerlm.errors import ConfigError
 from steerlm.inference.nemo_source import nemo_attributes, write_tokenizer
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.gpt import build_model_chunks
+from steerlm.models.nemo_archive import tokenizer_member
 from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
+TOKENIZER_DIR = "tokenizer"
 _DTYPES = {torch.float32: DType.fp32, torch.bfloat16: DType.bf16, torch.float16: DType.fp16}
 
 
@@ -69,31 +71,56 @@ def import_nemo(
         validate_model_layout(model, parallel, runtime.detect_accelerator())
         schema = nemo_attributes(str(archive), head, attributes)
         precision = PrecisionConfig(dtype=dtype or _DTYPES.get(source.weights_dtype, DType.fp32))
-        tokenizer_dir = output_dir / "tokenizer"
+        if tokenizer_path is None:
+            tokenizer_member(source.archive, source.config)  # every rank refuses a missing tokenizer before saving
         if layout.is_rank_zero:
-            write_tokenizer(source, tokenizer_dir, tokenizer_path)
+            write_tokenizer(source, output_dir / TOKENIZER_DIR, tokenizer_path)
         if head is None:
             chunks = build_model_chunks(model, precision, layout, seed=0)
         else:
             chunks = build_attribute_model_chunks(model, precision, layout, 0, head.num_attributes)
         source.load_into(chunks, layout.tp_rank, layout.tp)
-        common = {
-            "model": model,
-            "parallel": parallel,
-            "precision": precision,
-            "trainer": TrainerConfig(seq_length=model.max_position_embeddings),
-            "attributes": schema,
-            "tokenizer": TokenizerConfig(type=TokenizerType.hf, path=str(tokenizer_dir.resolve())),
-            # NeMo records no training data: the imported run names the archive it came from.
-            "data": TrainDataConfig(train_file=str(Path(archive).resolve())),
-            "output_dir": str(output_dir),
-        }
-        if head is None:
-            cfg: SFTConfig | AttributeModelConfig = SFTConfig(**common)
-        else:
-            cfg = AttributeModelConfig(**common)
-            cfg.apm.merge_weights = head.merge_weights
+        cfg = _imported_config(archive, output_dir, source, parallel, precision, schema)
         path = save_checkpoint(output_dir, 0, _Weights(chunks), layout, cfg)
     if layout.is_rank_zero:
         log.info("imported %s (%s) into %s", archive, "reward model" if head else "language model", path)
     return path
+
+
+def _imported_config(
+    archive: str | Path,
+    output_dir: Path,
+    source: NemoCheckpoint,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    schema: AttributesConfig,
+) -> SFTConfig | AttributeModelConfig:
+    """The resolved config saved with the checkpoint: an SFT run's for a language model, an APM run's (with
+    NeMo-Aligner's merge weights) for a reward model. NeMo records no training data, so `data.train_file` names
+    the archive the weights came from."""
+    model, head = source.model, source.nemo.reward_head
+    trainer = TrainerConfig(seq_length=model.max_position_embeddings)
+    tokenizer = TokenizerConfig(type=TokenizerType.hf, path=str((output_dir / TOKENIZER_DIR).resolve()))
+    data = TrainDataConfig(train_file=str(Path(archive).resolve()))
+    if head is None:
+        return SFTConfig(
+            model=model,
+            parallel=parallel,
+            precision=precision,
+            trainer=trainer,
+            attributes=schema,
+            tokenizer=tokenizer,
+            data=data,
+            output_dir=str(output_dir),
+        )
+    return AttributeModelConfig(
+        model=model,
+        parallel=parallel,
+        precision=precision,
+        trainer=trainer,
+        attributes=schema,
+        tokenizer=tokenizer,
+        data=data,
+        output_dir=str(output_dir),
+        apm=APMConfig(merge_weights=head.merge_weights),
+    )
