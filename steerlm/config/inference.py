@@ -73,7 +73,7 @@ class InferenceConfig:
             raise ConfigError(
                 "checkpoint",
                 self.checkpoint,
-                "is neither a directory nor a .nemo archive",
+                "is not a directory or a .nemo archive",
                 "pass the output_dir of recipes/train_sft.py (or one of its checkpoints/step_*), or a NeMo .nemo model",
             )
         self.parallel.validate()

@@ -582,7 +582,7 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
         path.is_dir() or is_nemo_archive(path),
         key,
         value,
-        "is neither a directory nor a .nemo archive",
+        "is not a directory or a .nemo archive",
         "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
         f"Llama directory (config.json + *.safetensors) or a NeMo .nemo model, or {key}=null to start from scratch",
     )
