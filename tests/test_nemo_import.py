@@ -72,13 +72,16 @@ def llama():
 
 @pytest.fixture(scope="module")
 def archives(layout, llama, tmp_path_factory) -> dict[str, Path]:
-    """The archives every test reads: a legacy TP=2 PP=2 language model (a tar, TE norm names), a distributed
-    TP=2 language model (a directory, the local spec's norm names) and a distributed TP=2 reward model (a tar)."""
+    """The archives the tests read: a legacy TP=2 PP=2 language model (a tar, TE norm names), a distributed TP=2
+    language model (a directory, the local spec's norm names), a distributed TP=2 reward model (a tar) and a
+    legacy TP=2 reward model (a directory of `mp_rank_XX/`)."""
     root = tmp_path_factory.mktemp("nemo")
+    reward = nemo_tensors(llama, True, True)
     return {
         "legacy": to_tar(write_legacy(root / "legacy", nemo_tensors(llama, True, False), nemo_config(), pipeline=2)),
         "distributed": write_distributed(root / "dist", nemo_tensors(llama, False, False), nemo_config()),
-        "reward": to_tar(write_distributed(root / "rm", nemo_tensors(llama, True, True), nemo_config(head=True))),
+        "reward": to_tar(write_distributed(root / "rm", reward, nemo_config(head=True))),
+        "reward_legacy": write_legacy(root / "rm_legacy", reward, nemo_config(head=True), pipeline=1),
     }
 
 
@@ -91,9 +94,10 @@ def test_archive_loads_at_tp1_with_the_source_logits(layout, llama, archives, ki
     torch.testing.assert_close(_logits(chunks), _source_logits(llama), rtol=0, atol=1e-4)
 
 
-def test_reward_head_scores_equal_the_source_head(layout, llama, archives) -> None:
+@pytest.mark.parametrize("kind", ["reward", "reward_legacy"])
+def test_reward_head_scores_equal_the_source_head(layout, llama, archives, kind: str) -> None:
     full = nemo_tensors(llama, True, True)
-    with NemoCheckpoint(archives["reward"]) as source:
+    with NemoCheckpoint(archives[kind]) as source:
         assert source.nemo.reward_head is not None and source.nemo.reward_head.num_attributes == ATTRIBUTES
         chunks = build_attribute_model_chunks(source.model, PrecisionConfig(), layout, 9, ATTRIBUTES)
         source.load_into(chunks, layout.tp_rank, layout.tp)
@@ -230,6 +234,9 @@ def test_wrong_missing_and_unreadable_weights_are_refused(layout, llama, tmp_pat
     biased = write_legacy(tmp_path / "biased", full, nemo_config(bias=True), pipeline=1)
     with pytest.raises(DataError, match=r"has no tensor for decoder\.layers\.0\.mlp\.linear_fc1\.bias"):
         NemoCheckpoint(biased)
+    with pytest.raises(DataError) as error:
+        NemoCheckpoint(write_legacy(tmp_path / "tp", full, nemo_config(tensor_model_parallel_size=4), pipeline=1))
+    assert error.value.field == "tensor_model_parallel_size"
     zarr = write_legacy(tmp_path / "zarr", full, nemo_config(), pipeline=1)
     (zarr / "model_weights").mkdir()
     (zarr / "model_weights" / "metadata.json").write_text('{"sharded_backend": "zarr"}')

@@ -324,6 +324,11 @@ class NemoCheckpoint:
             missing = [(t, p) for t in range(tensor) for p in range(pipeline) if (t, p) not in files]
             if missing:
                 raise DataError(str(self.archive.path), None, None, f"lacks the weights of (tp, pp) ranks {missing}")
+            for key, ranks in (("tensor_model_parallel_size", tensor), ("pipeline_model_parallel_size", pipeline)):
+                if self.config.get(key, 1) != ranks:
+                    raise DataError(
+                        source, None, key, f"{self.config.get(key, 1)!r} differs from the {ranks} ranks' files"
+                    )
             self._weights = _LegacyWeights(self.archive, files, layers_per_stage(self.config, source, pipeline))
         if TIED_EMBEDDING not in self._weights.index:
             raise DataError(str(self.archive.path), None, f"model.{TIED_EMBEDDING}", "is missing", _FIX)
