@@ -159,11 +159,12 @@ class _DistributedWeights:
                 f"{backend!r} is not torch_dist, the only distributed-checkpoint backend steerlm reads",
                 "re-save the model with NeMo's dist_ckpt_format=torch_dist",
             )
-        self.metadata = self._reader().read_metadata()
+        metadata = self._reader().read_metadata().state_dict_metadata
+        # Objects (TE's _extra_state) hold no weights.
+        self.tensors = {key: entry for key, entry in metadata.items() if isinstance(entry, TensorStorageMetadata)}
         self.index: dict[str, tuple[str, int | None]] = {}
-        for key, entry in self.metadata.state_dict_metadata.items():
-            if isinstance(entry, TensorStorageMetadata):  # objects (TE's _extra_state) hold no weights
-                self._add(key, entry, num_layers)
+        for key, entry in self.tensors.items():
+            self._add(key, entry, num_layers)
 
     def _add(self, key: str, entry: TensorStorageMetadata, num_layers: int) -> None:
         name = _unprefixed(key) or ""
@@ -192,15 +193,11 @@ class _DistributedWeights:
         return reader
 
     def dtype(self, name: str) -> torch.dtype:
-        entry = self.metadata.state_dict_metadata[self.index[name][0]]
-        assert isinstance(entry, TensorStorageMetadata)
-        return entry.properties.dtype
+        return self.tensors[self.index[name][0]].properties.dtype
 
     def rows(self, name: str) -> int:
         key, layer = self.index[name]
-        entry = self.metadata.state_dict_metadata[key]
-        assert isinstance(entry, TensorStorageMetadata)
-        return entry.size[0 if layer is None else 1]
+        return self.tensors[key].size[0 if layer is None else 1]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Each stored tensor is read once, whatever number of layers `names` take from it."""
@@ -209,8 +206,7 @@ class _DistributedWeights:
             by_key.setdefault(self.index[name][0], []).append(name)
         out = {}
         for key, members in by_key.items():
-            entry = self.metadata.state_dict_metadata[key]
-            assert isinstance(entry, TensorStorageMetadata)
+            entry = self.tensors[key]
             tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
             with warnings.catch_warnings():  # no_dist is meant: every rank reads the tensors it needs on its own
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -265,6 +261,10 @@ class _LegacyWeights:
                 self.index.setdefault(name, {})[tp_rank] = (file, key)
                 self.shapes.setdefault(name, []).append(value.shape)
                 self.dtypes[name] = value.dtype
+        for ranks in self.index.values():
+            if len(ranks) != self.tp:
+                file, key = next(iter(ranks.values()))
+                raise DataError(archive.where(file), None, key, f"is held by {len(ranks)} of the {self.tp} TP ranks")
 
     def dtype(self, name: str) -> torch.dtype:
         return self.dtypes[name]
@@ -274,12 +274,6 @@ class _LegacyWeights:
         return sum(shape[0] for shape in self.shapes[name]) if dim and dim[0] == 0 else self.shapes[name][0][0]
 
     def read(self, names: list[str], gated: bool) -> dict[str, torch.Tensor]:
-        for name in names:
-            if len(self.index[name]) != self.tp:
-                file, key = next(iter(self.index[name].values()))
-                raise DataError(
-                    self.archive.where(file), None, key, f"is held by {len(self.index[name])} of {self.tp} TP ranks"
-                )
         needed = sorted({file for name in names for file, _ in self.index[name].values()})
         states = {file: _load_state(self.archive, file) for file in needed}
         out = {}
@@ -307,6 +301,13 @@ class NemoCheckpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.archive = NemoArchive(path)
+        try:
+            self._open(Path(path))
+        except BaseException:
+            self.archive.close()
+            raise
+
+    def _open(self, path: Path) -> None:
         self.config = self.archive.read_config()
         source = self.archive.where("model_config.yaml")
         num_layers = layers_per_stage(self.config, source, 1)[0]
@@ -333,7 +334,7 @@ class NemoCheckpoint:
         if TIED_EMBEDDING not in self._weights.index:
             raise DataError(str(self.archive.path), None, f"model.{TIED_EMBEDDING}", "is missing", _FIX)
         rows = self._weights.rows(TIED_EMBEDDING)
-        self.nemo: NemoModel = nemo_model(self.config, source, rows, name=Path(path).name.removesuffix(".nemo"))
+        self.nemo: NemoModel = nemo_model(self.config, source, rows, name=path.name.removesuffix(".nemo"))
         self._check_names()
 
     @property
@@ -353,7 +354,11 @@ class NemoCheckpoint:
         missing, unexpected = sorted(set(expected) - held), sorted(held - set(expected))
         if missing:
             raise DataError(
-                str(self.archive.path), None, None, f"has no tensor for {', '.join(missing[:5])}", "check the archive"
+                str(self.archive.path),
+                None,
+                None,
+                f"has no tensor for {', '.join(missing[:5])}",
+                "the archive is incomplete, or its model_config.yaml describes another model",
             )
         if unexpected:
             raise DataError(

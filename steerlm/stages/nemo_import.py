@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,28 +100,16 @@ def _imported_config(
     NeMo-Aligner's merge weights) for a reward model. NeMo records no training data, so `data.train_file` names
     the archive the weights came from."""
     model, head = source.model, source.nemo.reward_head
-    trainer = TrainerConfig(seq_length=model.max_position_embeddings)
-    tokenizer = TokenizerConfig(type=TokenizerType.hf, path=str((output_dir / TOKENIZER_DIR).resolve()))
-    data = TrainDataConfig(train_file=str(Path(archive).resolve()))
+    common: dict[str, Any] = {
+        "model": model,
+        "parallel": parallel,
+        "precision": precision,
+        "trainer": TrainerConfig(seq_length=model.max_position_embeddings),
+        "attributes": schema,
+        "tokenizer": TokenizerConfig(type=TokenizerType.hf, path=str((output_dir / TOKENIZER_DIR).resolve())),
+        "data": TrainDataConfig(train_file=str(Path(archive).resolve())),
+        "output_dir": str(output_dir),
+    }
     if head is None:
-        return SFTConfig(
-            model=model,
-            parallel=parallel,
-            precision=precision,
-            trainer=trainer,
-            attributes=schema,
-            tokenizer=tokenizer,
-            data=data,
-            output_dir=str(output_dir),
-        )
-    return AttributeModelConfig(
-        model=model,
-        parallel=parallel,
-        precision=precision,
-        trainer=trainer,
-        attributes=schema,
-        tokenizer=tokenizer,
-        data=data,
-        output_dir=str(output_dir),
-        apm=APMConfig(merge_weights=head.merge_weights),
-    )
+        return SFTConfig(**common)
+    return AttributeModelConfig(**common, apm=APMConfig(merge_weights=head.merge_weights))
