@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from steerlm.config.schema import Activation, DType, ModelConfig, Normalization, PositionEmbedding
+from steerlm.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import ConfigError, DataError
 
 _NORMALIZATION = {"rmsnorm": Normalization.RMSNorm, "layernorm": Normalization.LayerNorm}
@@ -26,7 +26,6 @@ _ACTIVATION = {
 _POSITION = {"rope": PositionEmbedding.rope, "learned_absolute": PositionEmbedding.learned_absolute}
 # NeMo's Llama-3.1 RoPE scaling (`scale_positional_embedding`): steerlm's (megatron's) fixes all but the factor.
 _ROPE_SCALING_FIXED = {"low_freq_factor": 1, "high_freq_factor": 4, "old_context_len": 8192}
-_PRECISION = {"bf16": DType.bf16, "bf16-mixed": DType.bf16, "16": DType.fp16, "16-mixed": DType.fp16, "32": DType.fp32}
 # Keys whose non-default value changes the computation in a way steerlm's model does not have.
 _MUST_BE_OFF: dict[str, tuple[Any, str]] = {
     "rotary_interleaved": (False, "interleaved RoPE pairs"),
@@ -58,11 +57,7 @@ class NemoModel:
     """What `model_config.yaml` (with the embedding's row count from the weights) says about the model."""
 
     model: ModelConfig
-    reward_head: RewardHead | None
-    tensor_parallel: int  # the layout NeMo trained (and, for the legacy layout, saved) at
-    pipeline_parallel: int
-    layers_per_stage: tuple[int, ...]  # decoder layers of each pipeline stage (the legacy layout's offsets)
-    dtype: DType | None  # the training precision (None: not recorded)
+    reward_head: RewardHead | None  # a NeMo-Aligner regression reward model's head; None: a language model
 
 
 class _Reader:
@@ -166,16 +161,7 @@ def nemo_model(config: Mapping[str, Any], source: str, embedding_rows: int, name
         model.validate()
     except ValueError as error:
         raise DataError(source, None, None, f"describes a model steerlm refuses: {error}") from None
-    tp = keys.number("tensor_model_parallel_size", keys.get("tensor_model_parallel_size", 1), int)
-    pp = keys.number("pipeline_model_parallel_size", keys.get("pipeline_model_parallel_size", 1), int)
-    return NemoModel(
-        model=model,
-        reward_head=_reward_head(keys),
-        tensor_parallel=tp,
-        pipeline_parallel=pp,
-        layers_per_stage=layers_per_stage(config, source, pp),
-        dtype=_PRECISION.get(str(keys.get("precision", "")).lower()),
-    )
+    return NemoModel(model=model, reward_head=_reward_head(keys))
 
 
 def layers_per_stage(config: Mapping[str, Any], source: str, pipeline_parallel: int) -> tuple[int, ...]:
