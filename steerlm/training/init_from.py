@@ -109,17 +109,23 @@ def _check_head_schema(key: str, location: str, saved, schema: AttributeSchema) 
         )
 
 
-def load_init_weights(source: InitSource, setup: TrainingSetup, layout: ParallelLayout, model: ModelConfig) -> None:
+def load_init_weights(
+    source: InitSource, setup: TrainingSetup, layout: ParallelLayout, model: ModelConfig, verify: bool = True
+) -> None:
     """Collective: copy the source's weights into this rank's shards (any layout), before step 1.
 
-    Under bf16/fp16 the optimizer's fp32 main weights are refreshed from the loaded ones.
+    Under bf16/fp16 the optimizer's fp32 main weights are refreshed from the loaded ones. A steerlm source is
+    checked against its checksums when `verify` (checkpoint.verify).
     """
     if source.hugging_face:
         names = [name for name, _ in named_global_parameters(setup.chunks) if not _is_head(name)]
         full = hf_to_megatron(SafetensorsWeights(source.path), model, names)
         load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=_is_head)
     else:
-        load_weights(source.path, setup.model, layout, model, keep=lambda name: _is_head(name) and not source.has_head)
+        fresh_head = not source.has_head
+        load_weights(
+            source.path, setup.model, layout, model, keep=lambda name: fresh_head and _is_head(name), verify=verify
+        )
     setup.optimizer.reload_model_params()
     head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))
     log.info(
@@ -140,5 +146,5 @@ def resume_or_initialise(
             log.info("resuming %s; %s is used only by a run's first start", output_dir, init.key)
         return maybe_resume(cfg, output_dir, setup, layout)
     if init is not None:
-        load_init_weights(init, setup, layout, cfg.model)
+        load_init_weights(init, setup, layout, cfg.model, cfg.checkpoint.verify)
     return 0
