@@ -139,11 +139,6 @@ def test_fill_missing_keeps_every_human_label(world, tmp_path: Path) -> None:
     assert kept > 1000 and replaced > 100
 
 
-def test_a_rerun_with_other_settings_refuses_the_old_parts(world, reference: Path) -> None:
-    result = _annotate(world, reference, "mode=overwrite")
-    assert result.returncode != 0 and "holds parts of another annotation" in result.stderr
-
-
 def test_bad_rows_are_rejected_with_file_and_line(world, tmp_path: Path) -> None:
     source = tmp_path / "input.jsonl"
     lines = (world["data"] / "unlabelled.jsonl").read_text().splitlines()[:5]

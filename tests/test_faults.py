@@ -352,8 +352,9 @@ def test_annotate_changed_settings_annotate_every_shard_again(
 
 
 def _nemo_aligner_relabel(row: dict, scores: list, schema: AttributeSchema) -> list:
-    """NeMo-Aligner 0.7.0's examples/nlp/data/steerlm/attribute_annotate.py, rewritten: a turn whose "label" is
-    present and not None gets every attribute from the model, clipped to [0, 4] and rounded; others stay."""
+    """NeMo-Aligner's examples/nlp/data/steerlm/attribute_annotate.py (read at commit 15887e5), rewritten: a turn
+    whose "label" is present and not None gets every attribute from the model, clipped to [0, 4] and rounded
+    (Python's round); the other turns stay as they are."""
     labels = []
     for turn, score in zip(row["conversations"], scores):
         if "label" in turn and turn["label"] is not None:
