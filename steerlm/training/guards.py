@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -25,15 +26,13 @@ class NonFiniteTraining(RuntimeError):
     """Training met NaN/Inf more often than `trainer.nan_tolerance` allows (or in the weights before a save)."""
 
 
-def _any_flag(local: bool, layout: ParallelLayout) -> bool:
-    """True when `local` holds on any rank (collective over the world)."""
-    flag = torch.tensor([int(local)], dtype=torch.int32, device=layout.device)
+def _any_non_finite(tensors: Iterable[torch.Tensor], layout: ParallelLayout) -> bool:
+    """True when any of `tensors` holds NaN/Inf on any rank (collective over the world; one device sync)."""
+    checks = [torch.isfinite(tensor).all() for tensor in tensors]
+    finite = torch.stack(checks).all() if checks else torch.tensor(True)
+    flag = (~finite).to(device=layout.device, dtype=torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def _non_finite(tensors) -> bool:
-    return any(not bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def gradients_finite(model: list, layout: ParallelLayout) -> bool:
@@ -43,7 +42,7 @@ def gradients_finite(model: list, layout: ParallelLayout) -> bool:
     in its reduced shard too, so a MAX over the world is exact in every layout.
     """
     grads = (_gradient(param) for chunk in model for param in chunk.parameters() if param.requires_grad)
-    return not _any_flag(_non_finite(grad for grad in grads if grad is not None), layout)
+    return not _any_non_finite((grad for grad in grads if grad is not None), layout)
 
 
 def _gradient(param: torch.nn.Parameter) -> torch.Tensor | None:
@@ -53,7 +52,7 @@ def _gradient(param: torch.nn.Parameter) -> torch.Tensor | None:
 
 def require_finite_weights(model: list, layout: ParallelLayout, step: int) -> None:
     """Collective: refuse to save a checkpoint of weights that hold NaN/Inf."""
-    if _any_flag(_non_finite(param.detach() for chunk in model for param in chunk.parameters()), layout):
+    if _any_non_finite((param.detach() for chunk in model for param in chunk.parameters()), layout):
         raise NonFiniteTraining(
             f"step {step}: the weights hold NaN/Inf, so no checkpoint is written; the last checkpoint is the "
             "newest finite state. Fix: lower optim.lr or check the data of the steps since that checkpoint"
