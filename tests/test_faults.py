@@ -205,7 +205,9 @@ def _poison(monkeypatch, steps: set[int], weights: dict[int, torch.Tensor]) -> N
 
 def test_nan_loss_at_step_3_stops_at_step_3_without_a_checkpoint_after_it(monkeypatch, tmp_path: Path) -> None:
     _poison(monkeypatch, {3}, {})
-    with pytest.raises(NonFiniteTraining, match=r"^step 3: the loss is nan; training stopped \(1 non-finite steps, "):
+    with pytest.raises(
+        NonFiniteTraining, match=r"^step 3: the loss is nan \(no update\); training stopped \(1 non-finite steps, "
+    ):
         _demo(tmp_path, "trainer.max_steps=4", "checkpoint.save_interval=2")
     assert _checkpoints(tmp_path) == ["step_0000002"]
     assert [row["step"] for row in metric_rows(tmp_path)] == [1, 2]
@@ -218,7 +220,7 @@ def test_nan_tolerance_skips_the_update_of_a_nan_step_then_stops(
     _poison(monkeypatch, {2, 4}, weights)
     with pytest.raises(NonFiniteTraining, match=r"^step 4: .*\(2 non-finite steps, trainer.nan_tolerance=1\)"):
         _demo(tmp_path, "trainer.max_steps=5", "checkpoint.save_interval=3", "trainer.nan_tolerance=1")
-    assert "step 2: the loss is nan; the step is skipped (1 of trainer.nan_tolerance=1)" in steerlm_log
+    assert "step 2: the loss is nan (no update); tolerated (1 of trainer.nan_tolerance=1)" in steerlm_log
     assert torch.equal(weights[2], weights[3])  # step 2 changed nothing
     assert not torch.equal(weights[1], weights[2]) and not torch.equal(weights[3], weights[4])
     assert _checkpoints(tmp_path) == ["step_0000003"]  # saved after the skipped step: finite

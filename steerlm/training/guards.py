@@ -69,9 +69,9 @@ class NonFiniteSteps:
     def observe(self, step: int, loss: float, update_skipped: bool, grad_norm: float | None) -> None:
         """One step's outcome: `update_skipped` when train_step found NaN/Inf before the optimizer step."""
         if not math.isfinite(loss):
-            what = f"the loss is {loss}"
+            what = f"the loss is {loss} (no update)"
         elif update_skipped:
-            what = "the gradients hold NaN/Inf"
+            what = "the gradients hold NaN/Inf (no update)"
         elif grad_norm is not None and not math.isfinite(grad_norm):
             what = f"the gradient norm is {grad_norm} (the update, clipped, was applied)"
         else:
@@ -84,6 +84,4 @@ class NonFiniteSteps:
                 "optim.lr, check this step's data, resume from the last checkpoint, or raise trainer.nan_tolerance "
                 "to skip such steps"
             )
-        log.warning(
-            "step %d: %s; the step is skipped (%d of trainer.nan_tolerance=%d)", step, what, self.seen, self.tolerance
-        )
+        log.warning("step %d: %s; tolerated (%d of trainer.nan_tolerance=%d)", step, what, self.seen, self.tolerance)
