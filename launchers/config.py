@@ -26,6 +26,15 @@ SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_KEY|CREDENTIAL|PRI
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PASSTHROUGH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+# Values written into `#SBATCH --name=value` lines: a newline would start a shell line of its own, a space a
+# second argument, so each field takes only the characters its Slurm values use.
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+SLURM_FIELDS = {
+    "partition": (re.compile(r"[A-Za-z0-9_.+-]+(?:,[A-Za-z0-9_.+-]+)*"), "partition names (a,b for a list)"),
+    "account": (SLURM_NAME, "letters, digits and _.+-"),
+    "qos": (SLURM_NAME, "letters, digits and _.+-"),
+    "mem": (re.compile(r"\d+[KMGTkmgt]?"), "a size like 0, 64G or 512000M"),
+}
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 TIME_LIMIT = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
@@ -163,6 +172,15 @@ class ClusterConfig:
                     "use cluster=slurm, or signal_lead_seconds=null and requeue=false",
                 )
             return
+        for name, (pattern, allowed) in SLURM_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and not pattern.fullmatch(str(value)):
+                raise ConfigError(
+                    f"cluster.{name}",
+                    value,
+                    f"is written into an #SBATCH line and may only be {allowed}",
+                    "remove spaces, newlines, quotes and shell characters",
+                )
         limit = None if self.time is None else time_limit_seconds(self.time)
         if self.signal_lead_seconds is not None:
             if self.signal_lead_seconds <= 0:
@@ -186,11 +204,20 @@ class ClusterConfig:
                 "the job requeues itself after the USR1 checkpoint, but no signal is requested",
                 "set cluster.signal_lead_seconds (e.g. 300) or cluster.requeue=false",
             )
-        for key, args in (("cluster.sbatch_args", self.sbatch_args), ("cluster.srun_args", self.srun_args)):
+        # An #SBATCH line ends at a newline and splits at whitespace; srun's options are shell-quoted.
+        for key, args, spaces in (
+            ("cluster.sbatch_args", self.sbatch_args, False),
+            ("cluster.srun_args", self.srun_args, True),
+        ):
             for arg in args:
-                if not arg.startswith("-") or "\n" in arg:
+                if not arg.startswith("-") or any(not c.isprintable() or (c.isspace() and not spaces) for c in arg):
                     raise ConfigError(
-                        key, arg, "each entry is one option starting with '-'", "write it like --constraint=h100"
+                        key,
+                        arg,
+                        "each entry is one option starting with '-'"
+                        + ("" if spaces else ", without spaces")
+                        + " or control characters",
+                        "write it like --constraint=h100",
                     )
 
     def _validate_env(self) -> None:
@@ -259,7 +286,7 @@ def _positive_or_none(key: str, value: Optional[int]) -> None:
 
 def time_limit_seconds(limit: str) -> int:
     """Slurm's --time value in seconds (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`)."""
-    match = TIME_LIMIT.fullmatch(limit.strip())
+    match = TIME_LIMIT.fullmatch(limit)
     if not match:
         raise ConfigError("cluster.time", limit, "is not a Slurm time limit", "use minutes, HH:MM:SS or D-HH:MM:SS")
     days, first, second, third = match.groups()

@@ -34,6 +34,7 @@ LONGEST_FIRST = (
     "test_steerlm2.py",
     "test_sft.py",
     "test_annotate.py",
+    "test_faults.py",
     "test_attribute_model.py",
     "test_launchers.py",
     "test_parallel_parity.py",

@@ -4,13 +4,17 @@ Layout of `<output_dir>/checkpoints/`:
 
     step_0000020/            a complete checkpoint (model, optimizer, LR schedule, step, RNG)
       steerlm_checkpoint.json  step, layout and model shape it was written with
+      checksums.json           size and SHA-256 of every other file, written last (steerlm.checkpoint.integrity)
     latest                   text file naming the newest complete checkpoint
     .tmp_step_0000040/       a save in progress (ignored; removed by the next save)
+    corrupt.step_0000060/    a damaged checkpoint a resume stepped over (kept for inspection, never loaded)
 
 A save writes into the temporary directory, renames it into place and only then moves `latest`, so a
 job killed at any moment leaves the previous checkpoint intact. Model and optimizer tensors are
 stored by global name and offset, so a checkpoint written at one TP/PP layout loads at another
 (weights and Adam moments); RNG states are restored only at the layout they were saved with.
+A resume verifies the checksums (`checkpoint.verify`) and falls back from a damaged latest checkpoint to
+the newest intact one; every other load refuses a damaged checkpoint, naming the file.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -28,10 +33,15 @@ from typing import Any, Protocol, cast
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CONFIG_FNAME, maybe_load_config
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
+from torch.distributed.checkpoint import FileSystemReader
 
+from steerlm.checkpoint.integrity import CheckpointError, verify_checksums, write_checksums
+from steerlm.checkpoint.writers import writers_die_with_parent
 from steerlm.config.schema import ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
@@ -55,6 +65,8 @@ class TrainingState(Protocol):
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "steerlm_checkpoint.json"
+QUARANTINE = "corrupt."
+TORCH_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 FORMAT = 1
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that change tensor shapes or meaning; any difference makes a checkpoint unusable.
@@ -148,15 +160,64 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return path
 
 
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        path,
+        f"cannot be read ({type(error).__name__}: {error})",
+        "delete this checkpoint directory (a resume then uses the previous one) or restore it from a copy",
+    )
+
+
 def read_meta(path: Path) -> CheckpointMeta:
-    return CheckpointMeta(**json.loads((Path(path) / META).read_text()))
+    file = Path(path) / META
+    try:
+        return CheckpointMeta(**json.loads(file.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise _unreadable(file, error) from None
 
 
 def saved_config(path: Path):
     """The resolved config a checkpoint was written with (an OmegaConf DictConfig)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.load(Path(path) / "config.yaml")
+    file = Path(path) / "config.yaml"
+    try:
+        return OmegaConf.load(file)
+    except Exception as error:  # yaml's and OmegaConf's errors share no base class below Exception
+        raise _unreadable(file, error) from None
+
+
+def check_readable(path: Path) -> None:
+    """Read the small files a load starts with, so a garbled one is named instead of failing inside torch."""
+    read_meta(path)
+    readers = (
+        (CONFIG_FNAME, lambda: maybe_load_config(str(path))),
+        (COMMON_STATE_FNAME, lambda: dist_checkpointing.load_common_state_dict(str(path))),
+        (TORCH_METADATA, lambda: FileSystemReader(str(path)).read_metadata()),
+    )
+    for name, read in readers:
+        if not (path / name).is_file():
+            raise CheckpointError(path / name, "is missing", "restore the checkpoint or delete its directory")
+        try:
+            read()
+        except Exception as error:  # json, pickle, torch and megatron errors share no narrower base
+            raise _unreadable(path / name, error) from None
+
+
+def check_checkpoints_writable(output_dir: Path) -> None:
+    """Refuse, before step 1, a run whose checkpoints could not be written (naming the directory)."""
+    root = checkpoint_root(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write_test_"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            "output_dir",
+            str(output_dir),
+            f"checkpoints cannot be written to {root} ({error.strerror or error})",
+            f"make {root} a writable directory, or pass another output_dir",
+        ) from None
 
 
 def check_compatible(path: Path, model: ModelConfig) -> CheckpointMeta:
@@ -193,12 +254,17 @@ def save_checkpoint(
     if setup.scheduler is not None:
         state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
-    dist_checkpointing.save(state, str(tmp))
+    with writers_die_with_parent():
+        dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if layout.is_rank_zero:
         save_resolved(cfg, tmp / "config.yaml")
         meta = CheckpointMeta(step=step, layout=_layout_key(layout), model=_model_key(cfg.model))
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    dist.barrier()
+    if cfg.checkpoint.verify:
+        write_checksums(tmp)
+    if layout.is_rank_zero:
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, name + "\n")
         _prune(root, cfg.checkpoint.keep_last, keep=final)
@@ -216,6 +282,16 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def verify_checkpoint(path: Path, verify: bool = True) -> None:
+    """Collective: refuse a damaged checkpoint with a CheckpointError naming the file (checksums when `verify`
+    and the checkpoint has them; the small index files always)."""
+    if verify and not verify_checksums(path):
+        log.warning(
+            "%s has no checksums (saved with checkpoint.verify=false or by an older steerlm): not verified", path
+        )
+    check_readable(path)
+
+
 def load_checkpoint(
     path: Path,
     model: list,
@@ -224,19 +300,30 @@ def load_checkpoint(
     layout: ParallelLayout,
     model_cfg: ModelConfig,
     keep: Callable[[str], bool] = lambda name: False,
+    verify: bool = True,
 ) -> int:
     """Load weights, optimizer state and LR schedule into this layout's model; returns the step.
 
     With `optimizer=None` only the weights are loaded (inference, annotation, initialising a new run);
     RNG states are then left alone too. Weights whose state-dict name `keep` accepts are neither read
-    nor changed (a head the checkpoint does not have).
+    nor changed (a head the checkpoint does not have). A damaged checkpoint is refused with a CheckpointError
+    naming the file (`verify_checkpoint`; with `verify=False` the checksums are skipped).
     """
+    verify_checkpoint(path, verify)
     meta = check_compatible(path, model_cfg)
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
     for key in _model_keys(model):
         state[key] = {name: value for name, value in state[key].items() if not keep(name)}
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as error:  # torch's storage readers raise anything from EOFError to RuntimeError
+        raise CheckpointError(
+            path,
+            f"its shards cannot be read ({type(error).__name__}: {error})",
+            "a shard file is damaged: with checkpoint.verify=true its checksum names it; delete this checkpoint "
+            "directory (a resume then uses the previous one) or restore it from a copy",
+        ) from None
     for key, chunk in zip(_model_keys(model), model):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
         if unexpected or not all(keep(name) for name in missing):
@@ -260,9 +347,56 @@ def load_weights(
     layout: ParallelLayout,
     model_cfg: ModelConfig,
     keep: Callable[[str], bool] = lambda name: False,
+    verify: bool = True,
 ) -> int:
     """Only the model weights of a checkpoint (any layout); returns the step it was saved at."""
-    return load_checkpoint(path, model, None, None, layout, model_cfg, keep)
+    return load_checkpoint(path, model, None, None, layout, model_cfg, keep, verify)
+
+
+def resume_checkpoint(output_dir: Path, verify: bool) -> Path | None:
+    """Collective: the checkpoint a run resumes from — `latest`, or when that one is damaged the newest intact
+    older one (with a warning). Rank 0 moves each damaged checkpoint aside to `corrupt.step_*` and points
+    `latest` at the one chosen, so the steps after it are saved again. None when the run has no checkpoint;
+    a CheckpointError naming every damaged file when no checkpoint is intact."""
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return None
+    complete = sorted(checkpoint_root(output_dir).glob("step_*"), reverse=True)
+    older = [path for path in complete if path.name < latest.name and (path / META).is_file()]
+    damaged: list[CheckpointError] = []
+    for path in [latest, *older]:
+        try:
+            verify_checkpoint(path, verify)
+        except CheckpointError as error:
+            log.warning("%s", error)
+            damaged.append(error)
+            continue
+        if damaged:
+            _set_aside(output_dir, [error.path for error in damaged], path)
+        return path
+    raise CheckpointError(
+        latest,
+        "no checkpoint of this run is intact (" + "; ".join(str(error) for error in damaged) + ")",
+        "restore a checkpoint from a copy, or start over with checkpoint.resume=false or another output_dir",
+    )
+
+
+def _set_aside(output_dir: Path, damaged: list[Path], chosen: Path) -> None:
+    """Rank 0 renames each damaged checkpoint to `corrupt.<name>` and points `latest` at `chosen` (collective)."""
+    root = checkpoint_root(output_dir)
+    directories = sorted({root / path.relative_to(root).parts[0] for path in damaged})
+    log.warning(
+        "resuming from %s, the newest intact checkpoint; set aside as damaged: %s",
+        chosen,
+        ", ".join(f"{path.name} -> {QUARANTINE}{path.name}" for path in directories),
+    )
+    if dist.get_rank() == 0:
+        for directory in directories:
+            target = root / f"{QUARANTINE}{directory.name}"
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(directory, target)
+        atomic_write_text(root / LATEST, chosen.name + "\n")
+    dist.barrier()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -17,6 +17,9 @@ from steerlm.errors import ConfigError, require_distinct_output
 class AnnotateMode(str, Enum):
     fill_missing = "fill_missing"  # keep every human label; score only what is missing
     overwrite = "overwrite"  # replace every assistant turn's labels with the APM's
+    # NeMo-Aligner's attribute_annotate.py: only assistant turns that carry a label are scored, every attribute
+    # of theirs replaced; turns without one stay as they are
+    relabel = "relabel"
 
 
 @dataclass
@@ -26,7 +29,7 @@ class AnnotateConfig:
     format: DataFormat = DataFormat.conversation
     output: str = MISSING  # conversation JSONL; work files go to <output>.parts/
     mode: AnnotateMode = AnnotateMode.fill_missing
-    shard_size: int = 1000  # rows per resumable part file
+    shard_size: int = 1000  # input rows per resumable part file
     micro_batch_size: int = 16  # rows per forward pass (length-bucketed)
     seq_length: int = 1024  # longer inputs keep their end (the rated response) and are counted
     on_bad_row: BadRowPolicy = BadRowPolicy.error

@@ -388,10 +388,18 @@ class TrainerConfig:
     # torch.compile each transformer layer; None: on with CUDA at tensor_model_parallel_size=1, off otherwise
     # (measured on 2 CPU cores: no gain, minutes of compilation; TP>1 under compile is untested)
     torch_compile: Optional[bool] = None
+    nan_tolerance: int = 0  # steps with a NaN/Inf loss or gradient skipped (no update) before training stops
 
     def validate(self) -> None:
         require_positive(
             "trainer", self, ("micro_batch_size", "global_batch_size", "seq_length", "max_steps", "log_interval")
+        )
+        require(
+            self.nan_tolerance >= 0,
+            "trainer.nan_tolerance",
+            self.nan_tolerance,
+            "must be >= 0",
+            "use 0 to stop at the first non-finite step",
         )
         if self.eval_interval is not None:
             require(
@@ -668,6 +676,9 @@ class CheckpointConfig:
     save_interval: Optional[int] = None  # steps between saves; None: only at the end and on SIGTERM/SIGUSR1
     keep_last: int = 2  # older checkpoints are deleted once a newer one is complete
     resume: bool = True  # continue from `<output_dir>/checkpoints/latest` when it exists
+    # a SHA-256 of every file at save, checked before a resume (a damaged latest: the newest intact one is used);
+    # false skips both, for checkpoints so large that hashing them costs minutes
+    verify: bool = True
 
     def validate(self) -> None:
         if self.save_interval is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -23,8 +24,11 @@ _BOM = "\ufeff"
 
 def sniff(path: str | Path) -> str:
     """'gzip', 'parquet' or 'text', from the file's first bytes (the name may lie, e.g. HF caches)."""
-    with open(path, "rb") as file:
-        head = file.read(4)
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError as error:
+        raise DataError(str(path), None, None, f"cannot be read ({error.strerror or error})") from None
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head == PARQUET_MAGIC:
@@ -43,15 +47,35 @@ def iter_raw_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line bytes without its line ending), streamed; blank lines included.
 
     Lines are split on b"\\n" only, so U+2028 and other Unicode separators inside a JSON string never
-    cut a row in two; a trailing "\\r" (Windows line ending) is removed.
+    cut a row in two; a trailing "\\r" (Windows line ending) is removed. A file that cannot be read to its
+    end (a truncated or corrupt gzip stream, an I/O error) raises DataError naming the file and the first
+    line it could not read, whatever the bad-row policy: the rest of the file is unknown, not one bad row.
     """
-    with open_binary(path) as file:
-        for number, raw in enumerate(file, start=1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            yield number, raw
+    number = 0
+    try:
+        with open_binary(path) as file:
+            for number, raw in enumerate(file, start=1):
+                if raw.endswith(b"\n"):
+                    raw = raw[:-1]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                yield number, raw
+    except EOFError:
+        raise DataError(
+            str(path),
+            number + 1,
+            None,
+            f"the compressed data ends early: the file is truncated after line {number}",
+            "copy or download the file again (gzip -t checks it)",
+        ) from None
+    except (OSError, zlib.error) as error:
+        raise DataError(
+            str(path),
+            number + 1,
+            None,
+            f"cannot be read after line {number} ({getattr(error, 'strerror', None) or error})",
+            "check the file (gzip -t for a .gz) and copy it again",
+        ) from None
 
 
 def decode_line(raw: bytes, source: str, line: int) -> str:

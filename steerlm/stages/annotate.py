@@ -1,15 +1,23 @@
 """Stage 2: annotate a dataset with a trained APM — data-parallel, resumable, nothing lost.
 
-Rank 0 reads the input (any reader format) shard by shard and shares each shard; every assistant turn
-that needs labels becomes one APM input; inputs are bucketed by length into batches whose composition
-depends only on the shard, so any data-parallel size computes exactly the same numbers; batch b goes
-to data-parallel rank b mod dp. Finished shards are written as atomic part files listed in a
-manifest (`<output>.parts/`), so a rerun skips them; the merged output is written atomically at the end.
+Rank 0 reads the input (any reader format) shard by shard (`shard_size` input rows) and shares each shard;
+every assistant turn that needs labels becomes one APM input; inputs are bucketed by length into batches whose
+composition depends only on the shard, so any data-parallel size computes exactly the same numbers; batch b
+goes to data-parallel rank b mod dp. Finished shards are written as atomic part files listed in a manifest
+(`<output>.parts/manifest.json`); the merged output is written atomically at the end.
+
+A rerun reuses a finished shard only when nothing that shaped it changed: the manifest records each shard's
+input fingerprint (its rows' count, bytes and SHA-256, rejected rows included, so a fixed reject re-annotates
+its shard) and the settings of the run (the APM checkpoint's step and file checksums, mode, format, shard size,
+schema, template, seq_length, micro-batch size, merge weights). A changed shard is annotated again; changed
+settings re-annotate every shard; both are logged. The input is read whole on every run, so the rejects file
+and the row counts describe the current input, and the summary counts the whole output, not one invocation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -27,13 +35,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from steerlm import runtime
-from steerlm.config import ConfigError
+from steerlm.checkpoint.integrity import checkpoint_identity
+from steerlm.checkpoint.sharded import read_meta
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.apm import AttributeExample
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthStats
-from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink, read_records
+from steerlm.data.readers import BadRowPolicy, InputRow, ReadStats, RejectSink, read_rows
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.files import atomic_write_text
 from steerlm.inference.scoring import AttributeScorer, check_rated_attributes, open_apm_checkpoint
@@ -43,6 +52,7 @@ T = TypeVar("T")
 SCORES_FIELD = "attribute_scores"
 REWARD_FIELD = "attribute_reward"  # with the APM's apm.merge_weights: the merged score of each scored turn
 SCORE_DECIMALS = 4  # raw scores are rounded so outputs compare byte for byte across layouts
+MANIFEST_FORMAT = 2  # 1 (no format field): parts named by the input's path only, never reused
 
 
 @dataclass(frozen=True)
@@ -59,51 +69,94 @@ class AnnotateSummary:
     rejects_file: str | None
     shards: int
     shards_skipped: int
-    annotated_turns: int
-    truncated_inputs: int
+    annotated_turns: int  # in the whole output (reused shards included)
+    truncated_inputs: int  # in the whole output
     seconds: float
-    rows_per_s: float
+    rows_per_s: float  # rows annotated by this invocation per second
     histograms: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class _Shard:
+    records: list[Conversation]
+    fingerprint: dict  # {"rows", "bytes", "sha256"} of the input rows it was read from
 
 
 @dataclass
 class _Work:
-    """The parts directory: one JSONL per finished shard and a manifest naming what made them."""
+    """The parts directory (rank 0): one JSONL per finished shard and a manifest of what made each."""
 
     root: Path
-    identity: dict
+    settings: dict
 
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 
-    def done(self) -> set[int]:
+    def done(self) -> dict[int, dict]:
+        """The finished shards a rerun may reuse: none when the settings changed (logged, naming them)."""
         if not self.manifest.exists():
-            return set()
-        saved = json.loads(self.manifest.read_text())
-        if saved["identity"] != self.identity:
-            raise ConfigError(
-                "output",
-                str(self.root),
-                f"holds parts of another annotation ({saved['identity']})",
-                "use another output path, or delete the .parts directory to start over",
+            return {}
+        try:
+            saved = json.loads(self.manifest.read_text())
+            if saved.get("format") != MANIFEST_FORMAT:
+                log.warning("%s was written by an older steerlm: annotating every shard again", self.manifest)
+                return {}
+            old, shards = saved["settings"], {int(number): entry for number, entry in saved["shards"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning("%s cannot be read (%r): annotating every shard again", self.manifest, error)
+            return {}
+        changed = [f"{key}: {old.get(key)} -> {value}" for key, value in self.settings.items() if old.get(key) != value]
+        if changed:
+            log.warning("changed since %s was written: %s; annotating every shard again", self.root, "; ".join(changed))
+            return {}
+        return shards
+
+    def reusable(self, number: int, shard: _Shard, done: dict[int, dict]) -> bool:
+        entry = done.get(number)
+        if entry is None or not self.part(number).is_file():
+            return False
+        if entry["input"] != shard.fingerprint:
+            log.warning(
+                "shard %d: its input rows changed since it was annotated (%s -> %s): annotating it again",
+                number,
+                entry["input"],
+                shard.fingerprint,
             )
-        return set(saved["done"])
+            return False
+        return True
 
     def part(self, shard: int) -> Path:
         return self.root / f"shard_{shard:06d}.jsonl"
 
-    def finish(self, shard: int, rows: list[dict], done: set[int]) -> None:
+    def finish(self, shard: int, rows: list[dict], entry: dict, done: dict[int, dict]) -> None:
         atomic_write_text(self.part(shard), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        done.add(shard)
-        atomic_write_text(self.manifest, json.dumps({"identity": self.identity, "done": sorted(done)}) + "\n")
+        done[shard] = entry
+        self.write_manifest(done)
+
+    def write_manifest(self, done: dict[int, dict]) -> None:
+        shards = {str(number): done[number] for number in sorted(done)}
+        payload = {"format": MANIFEST_FORMAT, "settings": self.settings, "shards": shards}
+        atomic_write_text(self.manifest, json.dumps(payload, indent=1) + "\n")
+
+    def drop_after(self, count: int, done: dict[int, dict]) -> None:
+        """Forget parts of shards the input no longer has (it got shorter)."""
+        stale = [number for number in done if number >= count]
+        for number in stale:
+            del done[number]
+            self.part(number).unlink(missing_ok=True)
+        if stale:
+            self.write_manifest(done)
 
 
 def _needs(mode: AnnotateMode, conversation: Conversation, index: int) -> bool:
-    """Which turns get APM labels: every assistant turn (overwrite), or those missing a label (fill_missing)."""
+    """Which turns get APM labels: every assistant turn (overwrite), those missing a label (fill_missing), or
+    those that carry a label (relabel: NeMo-Aligner's attribute_annotate.py rule)."""
     turn = conversation.turns[index]
     if turn.role != Role.assistant:
         return False
+    if mode == AnnotateMode.relabel:
+        return turn.labels is not None
     return mode == AnnotateMode.overwrite or turn.labels is None or any(v is None for v in turn.labels.values())
 
 
@@ -151,13 +204,39 @@ def _rounded(values: np.ndarray) -> list:
 
 def _shards(
     cfg: AnnotateConfig, schema: AttributeSchema, stats: ReadStats, rejects: RejectSink | None
-) -> Iterator[list[Conversation]]:
-    records = read_records(cfg.input, cfg.format, schema, cfg.on_bad_row, rejects, stats)
+) -> Iterator[_Shard]:
+    rows = read_rows(cfg.input, cfg.format, schema, cfg.on_bad_row, rejects, stats)
     while True:
-        shard = list(itertools.islice(records, cfg.shard_size))
+        shard = list(itertools.islice(rows, cfg.shard_size))
         if not shard:
             return
-        yield shard
+        yield _Shard([record for row in shard for record in row.records], _fingerprint(shard))
+
+
+def _fingerprint(rows: list[InputRow]) -> dict:
+    """Count, bytes and SHA-256 of the rows as read (a parquet row: its JSON with sorted keys)."""
+    digest, size = hashlib.sha256(), 0
+    for row in rows:
+        raw = row.raw if isinstance(row.raw, bytes) else json.dumps(row.raw, sort_keys=True, default=str).encode()
+        digest.update(raw + b"\n")
+        size += len(raw) + 1
+    return {"rows": len(rows), "bytes": size, "sha256": digest.hexdigest()}
+
+
+def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> dict:
+    """Everything besides the input rows that shapes the output, as JSON values."""
+    settings = {
+        "apm_checkpoint": {"step": read_meta(apm_path).step, "files": checkpoint_identity(apm_path)},
+        "mode": cfg.mode.value,
+        "format": cfg.format.value,
+        "shard_size": cfg.shard_size,
+        "schema": asdict(scorer.schema),
+        "template": asdict(scorer.template.config),
+        "seq_length": scorer.seq_length,
+        "micro_batch_size": scorer.micro_batch_size,
+        "merge_weights": scorer.merge_weights,
+    }
+    return json.loads(json.dumps(settings))  # tuples → lists, as the manifest reads back
 
 
 def _broadcast(obj: T | None) -> T | None:
@@ -195,55 +274,57 @@ def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
 
 def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> AnnotateSummary | None:
     output, layout, schema = Path(cfg.output), scorer.layout, scorer.schema
-    identity = {
-        "input": str(Path(cfg.input).resolve()),
-        "apm_checkpoint": str(apm_path.resolve()),
-        "mode": cfg.mode.value,
-        "shard_size": cfg.shard_size,
-        "format": cfg.format.value,
-    }
-    work = _Work(Path(f"{output}.parts"), identity)
+    work = _Work(Path(f"{output}.parts"), _settings(cfg, apm_path, scorer))
     stats, counts, lengths = ReadStats(), Counter[str](), LengthStats()
     rejects_path = Path(cfg.rejects or f"{output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject
     start = time.perf_counter()
+    done: dict[int, dict] = {}
     if layout.is_rank_zero:
         work.root.mkdir(parents=True, exist_ok=True)
-    done = work.done()
+        done = work.done()
     sink = RejectSink(rejects_path) if reject and layout.is_rank_zero else None
     with sink or contextlib.nullcontext(), tqdm(desc="annotate", unit="row", disable=not layout.is_rank_zero) as bar:
         shards = _shards(cfg, schema, stats, sink) if layout.is_rank_zero else None
         for number in itertools.count():
             shard = next(shards, None) if shards is not None else None
-            if _broadcast(None if shard is None else (number in done)) is None:
+            reuse = _broadcast(None if shard is None else work.reusable(number, shard, done))
+            if reuse is None:
                 break
             counts["shards"] += 1
-            if number in done:
+            if reuse:
                 counts["skipped"] += 1
                 continue
-            records = _broadcast_required(shard, f"shard {number}")
+            records = _broadcast_required(None if shard is None else shard.records, f"shard {number}")
             for record in records:
                 check_rated_attributes(record, schema, "apm_checkpoint", cfg.apm_checkpoint)
+            truncated_before = lengths.truncated
             examples = scorer.examples(records, partial(_needs, cfg.mode), lengths)
             scores = scorer.score_examples(examples)
-            counts["turns"] += len(examples)
             counts["rows"] += len(records)
-            if layout.is_rank_zero:
+            if shard is not None:  # rank 0
                 rows = _annotated_rows(records, examples, scores, scorer.rewards(scores), schema, cfg.mode)
-                work.finish(number, rows, done)
+                entry = {
+                    "input": shard.fingerprint,
+                    "rows": len(rows),
+                    "turns": len(examples),
+                    "truncated": lengths.truncated - truncated_before,
+                }
+                work.finish(number, rows, entry, done)
             bar.update(len(records))
             dist.barrier()
     if not layout.is_rank_zero:
         return None
-    counts["truncated"] = lengths.truncated
+    work.drop_after(counts["shards"], done)
     return _merge(
-        cfg, work, layout, stats, counts, time.perf_counter() - start, rejects_path if reject else None, schema
+        cfg, work, done, layout, stats, counts, time.perf_counter() - start, rejects_path if reject else None, schema
     )
 
 
 def _merge(
     cfg: AnnotateConfig,
     work: _Work,
+    done: dict[int, dict],
     layout: runtime.ParallelLayout,
     stats: ReadStats,
     counts: Counter,
@@ -261,6 +342,12 @@ def _merge(
                 if turn["label"] is not None:
                     for name, value in schema.parse(turn["label"]).items():
                         histograms[name]["missing" if value is None else f"{value:g}"] += 1
+    entries = [done[shard] for shard in range(counts["shards"])]
+    written = sum(entry["rows"] for entry in entries)
+    if written != stats.rows_out:
+        raise RuntimeError(
+            f"{work.root}: the parts hold {written} rows, the input {stats.rows_out}; delete the directory and rerun"
+        )
     atomic_write_text(Path(cfg.output), "".join(text))
     summary = AnnotateSummary(
         input=cfg.input,
@@ -269,14 +356,14 @@ def _merge(
         mode=cfg.mode.value,
         layout=layout.describe(),
         rows_in=stats.rows_in,
-        rows_out=stats.rows_out,
+        rows_out=written,
         rejected=stats.rejected,
         reasons=dict(stats.reasons),
         rejects_file=str(rejects) if rejects else None,
         shards=counts["shards"],
         shards_skipped=counts["skipped"],
-        annotated_turns=counts["turns"],
-        truncated_inputs=counts["truncated"],
+        annotated_turns=sum(entry["turns"] for entry in entries),
+        truncated_inputs=sum(entry["truncated"] for entry in entries),
         seconds=seconds,
         rows_per_s=counts["rows"] / max(seconds, 1e-9),
         histograms={name: dict(sorted(c.items())) for name, c in histograms.items()},

@@ -60,7 +60,7 @@ from steerlm.inference.loading import (
 )
 from steerlm.inference.scoring import APMCheckpoint, AttributeScorer, open_apm_checkpoint
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.stages.annotate import SCORE_DECIMALS, _broadcast_required, _Work
+from steerlm.stages.annotate import SCORE_DECIMALS, _broadcast_required
 from steerlm.training import SEQUENCE_LOG_PROB, predict
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,39 @@ class PrepareSummary:
     responses_cut_at_max_new_tokens: int
     mean_effective_responses: float  # mean over prompts of 1 / sum_i w_i^2 (n when w is uniform, 1 when one-hot)
     seconds: float
+
+
+@dataclass
+class _Work:
+    """One pass's parts directory: one JSONL per finished shard and a manifest naming what made them."""
+
+    root: Path
+    identity: dict
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def done(self) -> set[int]:
+        if not self.manifest.exists():
+            return set()
+        saved = json.loads(self.manifest.read_text())
+        if saved["identity"] != self.identity:
+            raise ConfigError(
+                "output",
+                str(self.root),
+                f"holds parts of another annotation ({saved['identity']})",
+                "use another output path, or delete the .parts directory to start over",
+            )
+        return set(saved["done"])
+
+    def part(self, shard: int) -> Path:
+        return self.root / f"shard_{shard:06d}.jsonl"
+
+    def finish(self, shard: int, rows: list[dict], done: set[int]) -> None:
+        atomic_write_text(self.part(shard), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        done.add(shard)
+        atomic_write_text(self.manifest, json.dumps({"identity": self.identity, "done": sorted(done)}) + "\n")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from steerlm.models.gpt import build_model_chunks
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training import LANGUAGE_MODEL, Task, TrainingSetup, build_training
 from steerlm.training.init_from import InitSource, resume_or_initialise
-from steerlm.training.loop import TrainingOutcome, prepare_output_dir, run_training
+from steerlm.training.loop import TrainingOutcome, prepare_run_dir, run_training
 from steerlm.training.step import Batch
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class TrainingStage(abc.ABC, Generic[C, D]):
 def run_stage(stage: TrainingStage[C, D], cfg: C, result_file: str = EVAL_FILE) -> Any:
     """Validate, read, build, resume or initialise, train, report (see the module docstring)."""
     cfg.validate(runtime.launch_world_size(), runtime.detect_accelerator())
-    output_dir = prepare_output_dir(cfg.output_dir)
+    output_dir = prepare_run_dir(cfg.output_dir)
     init = stage.prepare(cfg, output_dir)
     data = stage.load_data(cfg, output_dir)
     if cfg.trainer.torch_threads:

@@ -139,10 +139,13 @@ def _check_head_schema(key: str, location: str, saved, schema: AttributeSchema) 
         )
 
 
-def load_init_weights(source: InitSource, setup: TrainingSetup, layout: ParallelLayout, model: ModelConfig) -> None:
+def load_init_weights(
+    source: InitSource, setup: TrainingSetup, layout: ParallelLayout, model: ModelConfig, verify: bool = True
+) -> None:
     """Collective: copy the source's weights into this rank's shards (any layout), before step 1.
 
-    Under bf16/fp16 the optimizer's fp32 main weights are refreshed from the loaded ones.
+    Under bf16/fp16 the optimizer's fp32 main weights are refreshed from the loaded ones. A steerlm source is
+    checked against its checksums when `verify` (checkpoint.verify).
     """
 
     def fresh_head(name: str) -> bool:
@@ -156,7 +159,7 @@ def load_init_weights(source: InitSource, setup: TrainingSetup, layout: Parallel
         with NemoCheckpoint(source.path) as archive:
             archive.load_into(setup.chunks, layout.tp_rank, layout.tp, keep=fresh_head)
     else:
-        load_weights(source.path, setup.model, layout, model, keep=fresh_head)
+        load_weights(source.path, setup.model, layout, model, keep=fresh_head, verify=verify)
     setup.optimizer.reload_model_params()
     head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))
     log.info(
@@ -177,5 +180,5 @@ def resume_or_initialise(
             log.info("resuming %s; %s is used only by a run's first start", output_dir, init.key)
         return maybe_resume(cfg, output_dir, setup, layout)
     if init is not None:
-        load_init_weights(init, setup, layout, cfg.model)
+        load_init_weights(init, setup, layout, cfg.model, cfg.checkpoint.verify)
     return 0

@@ -18,11 +18,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from steerlm.checkpoint.sharded import latest_checkpoint, load_checkpoint, save_checkpoint
-from steerlm.config.schema import TrainConfig
+from steerlm.checkpoint.sharded import (
+    check_checkpoints_writable,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from steerlm.config.schema import DType, TrainConfig
 from steerlm.errors import ConfigError
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.batching import microbatches_for_rank
+from steerlm.training.guards import NonFiniteSteps, require_finite_weights
 from steerlm.training.losses import LANGUAGE_MODEL, Task
 from steerlm.training.metrics import LoggedStep, MetricsLog
 from steerlm.training.setup import TrainingSetup
@@ -81,14 +87,23 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
+def prepare_run_dir(path: str) -> Path:
+    """`prepare_output_dir` for a training run, with its checkpoints/ checked writable before anything is built:
+    a run that cannot save would otherwise waste every step until its first save."""
+    out = prepare_output_dir(path)
+    check_checkpoints_writable(out)
+    return out
+
+
 def maybe_resume(cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layout: ParallelLayout) -> int:
-    """Load `<output_dir>/checkpoints/latest` when resuming is enabled and it exists; returns its step."""
+    """Collective: load the run's latest intact checkpoint when resuming is enabled and one exists (a damaged
+    latest one is set aside, see `resume_checkpoint`); returns its step."""
     if not cfg.checkpoint.resume:
         return 0
-    path = latest_checkpoint(output_dir)
+    path = resume_checkpoint(output_dir, cfg.checkpoint.verify)
     if path is None:
         return 0
-    return load_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, layout, cfg.model)
+    return load_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, layout, cfg.model, verify=False)
 
 
 def run_training(
@@ -124,11 +139,14 @@ def run_training(
     )
     start = window_start = time.perf_counter()
     window_tokens = 0
+    non_finite = NonFiniteSteps(trainer.nan_tolerance)
+    check_gradients = cfg.precision.dtype != DType.fp16  # fp16's loss scaler skips its own overflows
     try:
         with StopRequests(trainer.max_time_minutes, layout.device) as stops, bar:
             for step in range(start_step + 1, trainer.max_steps + 1):
                 microbatches = microbatches_for_rank(train_batch(step), trainer.micro_batch_size * group_size, layout)
-                result = train_step(model, optimizer, scheduler, microbatches, layout, task)
+                result = train_step(model, optimizer, scheduler, microbatches, layout, task, check_gradients)
+                non_finite.observe(step, result.loss, not result.finite, result.grad_norm)
                 outcome.last_step = step
                 window_tokens += result.num_tokens
                 bar.update(1)
@@ -162,6 +180,7 @@ def run_training(
                     metrics.log_eval(step, loss, {**extra, **(validation_metrics() if validation_metrics else {})})
                     log.info("step %d validation loss %.4f", step, loss)
                 if stop or last or (save_interval and step % save_interval == 0):
+                    require_finite_weights(model, layout, step)
                     save_checkpoint(output_dir, step, setup, layout, cfg)
                 if stop:
                     outcome.stop_reason = stops.reason

@@ -1,21 +1,26 @@
 """Run metrics: `metrics.jsonl` (one JSON object per logged step or evaluation) and TensorBoard.
 
 Written by global rank 0 only. On resume, rows after the checkpoint's step are dropped first, so the
-file of an interrupted-and-resumed run reads exactly like an uninterrupted one.
+file of an interrupted-and-resumed run reads exactly like an uninterrupted one. A last line cut short by a
+kill mid-write (no newline, not JSON) is dropped with a warning; a damaged line anywhere else is a DataError
+naming file:line, since that is no interrupted write.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from steerlm.errors import DataError
 from steerlm.files import atomic_write_text
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
+log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 
@@ -48,7 +53,24 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.split("\n")
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+                row_step = row["step"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):  # the last line has no newline: a write cut short
+                    log.warning("%s:%d: dropped a torn last line (a write cut short): %.80r", self.path, number, line)
+                    continue
+                raise DataError(
+                    str(self.path), number, None, "is not a metrics row", "delete the line (or the file) and rerun"
+                ) from None
+            if row_step <= step:
+                kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def _writers(self) -> tuple[TextIO, SummaryWriter]:

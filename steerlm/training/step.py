@@ -9,6 +9,7 @@ Every rank of a model-parallel group receives the same micro-batches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -18,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from steerlm.runtime.layout import ParallelLayout
+from steerlm.training.guards import gradients_finite
 from steerlm.training.losses import LANGUAGE_MODEL, Batch, Task
 
 
@@ -31,6 +33,7 @@ class StepResult:
     lr: float
     skipped: bool
     metrics: dict[str, float] = field(default_factory=dict)  # the task's other report entries, e.g. distance
+    finite: bool = True  # False: the loss or the gradients held NaN/Inf and the optimizer step was skipped
 
 
 def _loss(task: Task, batch: Batch, output: torch.Tensor, non_loss_data: bool = False):
@@ -155,9 +158,20 @@ def predict(model: list, microbatches: list[Batch], layout: ParallelLayout, task
 
 
 def train_step(
-    model: list, optimizer, scheduler, microbatches: list[Batch], layout: ParallelLayout, task: Task = LANGUAGE_MODEL
+    model: list,
+    optimizer,
+    scheduler,
+    microbatches: list[Batch],
+    layout: ParallelLayout,
+    task: Task = LANGUAGE_MODEL,
+    check_gradients: bool = True,
 ) -> StepResult:
-    """Zero grads, set this step's LR, forward/backward every micro-batch, clip and step the optimizer."""
+    """Zero grads, set this step's LR, forward/backward every micro-batch, clip and step the optimizer.
+
+    The optimizer step is skipped (`finite=False`) when the loss, or with `check_gradients` any gradient, is
+    NaN/Inf (steerlm.training.guards); the loss is identical on every rank and the gradient check collective,
+    so every rank decides alike.
+    """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -166,6 +180,8 @@ def train_step(
     scheduler.step(increment=1)
     lr = optimizer.param_groups[0]["lr"]
     loss, num_tokens, metrics = forward_backward_metrics(model, microbatches, layout, task)
+    if not math.isfinite(loss) or (check_gradients and not gradients_finite(model, layout)):
+        return StepResult(loss, num_tokens, None, lr, skipped=True, metrics=metrics, finite=False)
     updated, grad_norm, _ = optimizer.step()
     return StepResult(
         loss=loss,

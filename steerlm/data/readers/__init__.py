@@ -7,9 +7,11 @@ for conversation in read_records("train.jsonl.gz", DataFormat.helpsteer2, schema
 from steerlm.data.readers.core import (
     BadRowPolicy,
     DataFormat,
+    InputRow,
     ReadStats,
     RejectSink,
     read_records,
+    read_rows,
     write_conversation_jsonl,
 )
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
@@ -19,9 +21,11 @@ from steerlm.data.readers.oasst import OASST_LABELS, oasst_label_names, unschema
 __all__ = [
     "BadRowPolicy",
     "DataFormat",
+    "InputRow",
     "ReadStats",
     "RejectSink",
     "read_records",
+    "read_rows",
     "write_conversation_jsonl",
     "DEFAULT_SYSTEM_PROMPT",
     "HELPSTEER_ATTRIBUTES",

@@ -18,7 +18,7 @@ from enum import Enum
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.jsonl import decode_line, iter_raw_lines, json_line, parse_json_object, sniff
@@ -107,6 +107,16 @@ _CONVERTERS: dict[DataFormat, Converter[Conversation]] = {
 }
 
 
+@dataclass(frozen=True)
+class InputRow(Generic[_Row]):
+    """One non-blank input row as read (`raw`: the line's bytes, or a parquet row) and what it became (empty
+    when it was rejected or holds nothing to train on)."""
+
+    line: int
+    raw: bytes | dict
+    records: list[_Row]
+
+
 def read_records(
     path: str | Path,
     fmt: DataFormat,
@@ -120,11 +130,25 @@ def read_records(
     The file type comes from its first bytes, not its name. Parquet rows are numbered from 1 like lines
     and need `pyarrow`. An empty file yields nothing. Arguments are checked now, the file when iterated.
     """
+    return (record for row in read_rows(path, fmt, schema, on_bad_row, rejects, stats) for record in row.records)
+
+
+def read_rows(
+    path: str | Path,
+    fmt: DataFormat,
+    schema: AttributeSchema,
+    on_bad_row: BadRowPolicy = BadRowPolicy.error,
+    rejects: RejectSink | None = None,
+    stats: ReadStats | None = None,
+) -> Iterator[InputRow[Conversation]]:
+    """`read_records` one input row at a time, with the row's raw content: for callers that must know which
+    rows made which records (annotate fingerprints its resumable shards by the rows they were read from)."""
     fmt = _enum(DataFormat, fmt, "fmt")
     on_bad_row = _enum(BadRowPolicy, on_bad_row, "on_bad_row")
     if on_bad_row == BadRowPolicy.reject and rejects is None:
         raise ValueError("on_bad_row='reject' needs a RejectSink, otherwise rejected rows would vanish")
-    return _read(Path(path), _CONVERTERS[fmt], schema, on_bad_row, rejects, ReadStats() if stats is None else stats)
+    stats = ReadStats() if stats is None else stats
+    return _read_rows(Path(path), _CONVERTERS[fmt], schema, on_bad_row, rejects, stats)
 
 
 def _read(
@@ -135,6 +159,19 @@ def _read(
     rejects: RejectSink | None,
     stats: ReadStats,
 ) -> Iterator[_Row]:
+    """The records of `_read_rows`, in order."""
+    for row in _read_rows(path, convert, schema, on_bad_row, rejects, stats):
+        yield from row.records
+
+
+def _read_rows(
+    path: Path,
+    convert: Converter[_Row],
+    schema: AttributeSchema,
+    on_bad_row: BadRowPolicy,
+    rejects: RejectSink | None,
+    stats: ReadStats,
+) -> Iterator[InputRow[_Row]]:
     source = str(path)
     rows = _parquet_rows(path) if sniff(path) == "parquet" else iter_raw_lines(path)
     for line, raw in rows:
@@ -151,11 +188,12 @@ def _read(
             stats.rejected += 1
             stats.reasons[re.sub(r"\[\d+\]", "[]", error.field or "row")] += 1
             rejects.write(error, raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw)
+            yield InputRow(line, raw, [])
             continue
         if not conversations:
             stats.rows_without_conversation += 1
         stats.rows_out += len(conversations)
-        yield from conversations
+        yield InputRow(line, raw, conversations)
     if stats.rejected:
         logger.warning(
             "%s: rejected %d of %d rows (%s) → %s",
@@ -175,10 +213,15 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
             f"{path} is a parquet file; reading parquet needs the 'pyarrow' package (pip install pyarrow)"
         ) from None
     number = 0
-    for batch in parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
+    try:
+        for batch in parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    except (OSError, ValueError) as error:  # pyarrow's ArrowIOError / ArrowInvalid
+        raise DataError(
+            str(path), number + 1, None, f"cannot be read after row {number} ({error})", "check the file, copy it again"
+        ) from None
 
 
 def write_conversation_jsonl(records: Iterable[Conversation], path: str | Path, schema: AttributeSchema) -> int:
