@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainingState(Protocol):
-    """What a save needs of a training run (`steerlm.training.TrainingSetup` is one)."""
+    """What a save needs of a training run (`steerlm.training.TrainingSetup` is one). Without an optimizer
+    (and scheduler) the checkpoint holds weights only (`recipes/convert.py` writes such from other formats)."""
 
     model: list
     optimizer: Any
@@ -79,6 +80,7 @@ class CheckpointMeta:
     layout: dict
     model: dict
     format: int = FORMAT
+    weights_only: bool = False  # no optimizer, schedule or RNG to resume: a run starts from it with init_from
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -187,14 +189,16 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     use_in_process_save_queue()
-    state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=True)
-    state["scheduler"] = setup.scheduler.state_dict()
+    weights_only = setup.optimizer is None
+    state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=not weights_only)
+    if not weights_only:
+        state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if layout.is_rank_zero:
         save_resolved(cfg, tmp / "config.yaml")
-        meta = CheckpointMeta(step=step, layout=_layout_key(layout), model=_model_key(cfg.model))
+        meta = CheckpointMeta(step, _layout_key(layout), _model_key(cfg.model), weights_only=weights_only)
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, name + "\n")
@@ -229,6 +233,13 @@ def load_checkpoint(
     nor changed (a head the checkpoint does not have).
     """
     meta = check_compatible(path, model_cfg)
+    if optimizer is not None and meta.weights_only:
+        raise ConfigError(
+            "checkpoint.resume",
+            True,
+            f"{path} holds weights only (converted by recipes/convert.py), nothing to resume training from",
+            "start a new run from it with sft.init_from / apm.init_from / pretrain.init_from=<that directory>",
+        )
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
     for key in _model_keys(model):
