@@ -35,6 +35,10 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # The regression APM's head (steerlm.models.attribute) and the tensor HF's LlamaForSequenceClassification keeps it in.
 HEAD_WEIGHT, HEAD_BIAS = "attribute_head.weight", "attribute_head.bias"
 SCORE_WEIGHT = "score.weight"
+# Where an export sets aside the vocabulary padding rows HF has no place for (`vocab_padding`), so that an
+# import restores them instead of zeros: `padding/<megatron name>`.
+PADDING_PREFIX = "padding/"
+_VOCABULARY = (TIED_EMBEDDING, "output_layer.weight")
 
 
 def hf_config_dict(model: ModelConfig) -> dict:
@@ -113,6 +117,14 @@ def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, model: ModelConfig) 
     raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
 
 
+def vocab_padding(name: str, tensor: torch.Tensor, model: ModelConfig) -> torch.Tensor | None:
+    """The padding rows (beyond `model.vocab_size`) of a vocabulary parameter, which HF tensors drop; None for
+    other parameters or an unpadded vocabulary."""
+    if name not in _VOCABULARY or model.padded_vocab_size == model.vocab_size:
+        return None
+    return tensor[model.vocab_size :]
+
+
 def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """Map full megatron tensors (keyed by global name) to HF LlamaForCausalLM state-dict tensors."""
     check_llama(model)
@@ -169,7 +181,8 @@ def hf_to_megatron(
 class MegatronFromHF(Mapping[str, torch.Tensor]):
     """`hf_to_megatron` computed on access: each full megatron tensor is built from the HF tensors when it is
     looked up, so loading a model through it holds one full tensor at a time (not a second copy of the model).
-    An APM's `attribute_head.weight` comes from `score.weight`; its bias is not an HF tensor."""
+    An APM's `attribute_head.weight` comes from `score.weight`; its bias is not an HF tensor. Vocabulary
+    padding rows are zeros unless the state holds them under `padding/<name>` (`vocab_padding`)."""
 
     def __init__(self, hf_state: Mapping[str, torch.Tensor], model: ModelConfig, names: Iterable[str] | None = None):
         check_llama(model)
@@ -179,7 +192,10 @@ class MegatronFromHF(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(f"megatron parameter {name!r} was not asked of this HF state")
-        return _from_hf(name, self._hf, self._model).contiguous()
+        tensor = _from_hf(name, self._hf, self._model).contiguous()
+        if name in _VOCABULARY and PADDING_PREFIX + name in self._hf:  # rows an export of steerlm's set aside
+            tensor[self._model.vocab_size :] = self._hf[PADDING_PREFIX + name]
+        return tensor
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -225,14 +241,16 @@ def _pad_vocab(rows: torch.Tensor, model: ModelConfig) -> torch.Tensor:
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
-    """The tensors of a directory's `*.safetensors` files (one or sharded), read from disk on access."""
+    """The tensors of a directory's `*.safetensors` files (one or sharded), read from disk on access; `more`
+    directories add theirs (an export's set-aside tensors under `steerlm/`)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *more: Path) -> None:
         self._directory = Path(directory)
         self._files: dict[str, Path] = {}
-        for file in sorted(Path(directory).glob("*.safetensors")):
-            with safe_open(file, framework="pt") as handle:
-                self._files.update(dict.fromkeys(handle.keys(), file))
+        for folder in (directory, *more):
+            for file in sorted(Path(folder).glob("*.safetensors")):
+                with safe_open(file, framework="pt") as handle:
+                    self._files.update(dict.fromkeys(handle.keys(), file))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._files:

@@ -21,7 +21,7 @@ from steerlm.tokenizers import VOCAB_FILE
 EXPORT_DIR = "steerlm"  # steerlm's own files in an export; no Hugging Face tool reads a subdirectory
 EXPORT_FILE = "export.json"
 SOURCE_CONFIG = "config.yaml"
-OUTPUT_LAYER_FILE = "output_layer.safetensors"
+EXTRA_WEIGHTS = "extra.safetensors"  # under EXPORT_DIR: what HF models do not read
 SCORE_BIAS = "steerlm_score_bias"
 EXPORT_FORMAT = 1
 GENERATION_CONFIG = "generation_config.json"

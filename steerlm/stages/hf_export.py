@@ -52,9 +52,11 @@ from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.gpt import build_model_chunks, torch_dtype
 from steerlm.models.hf_llama import (
     HEAD_BIAS,
+    PADDING_PREFIX,
     hf_config_dict,
     megatron_shapes,
     megatron_to_hf_tensors,
+    vocab_padding,
 )
 from steerlm.models.sharding import TIED_EMBEDDING, gather_full, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
@@ -63,8 +65,8 @@ from steerlm.stages.export_source import (
     EXPORT_DIR,
     EXPORT_FILE,
     EXPORT_FORMAT,
+    EXTRA_WEIGHTS,
     GENERATION_CONFIG,
-    OUTPUT_LAYER_FILE,
     SCORE_BIAS,
     SOURCE_CONFIG,
     ExportSource,
@@ -77,27 +79,37 @@ log = logging.getLogger(__name__)
 
 
 def hf_tensor_specs(source: ExportSource, dtype: torch.dtype) -> list[TensorSpec]:
-    """Every exported tensor in file order (embedding, layers, final norm, lm_head/score), from shapes alone."""
-    specs = []
+    """Every exported tensor in file order (embedding, layers, final norm, lm_head/score), then the vocabulary
+    padding rows steerlm sets aside (`padding/<name>`), from shapes alone."""
+    specs, padding = [], []
     for name, shape in megatron_shapes(source.model, source.num_attributes).items():
         if name == HEAD_BIAS:
             continue
         meta = torch.empty(shape, device="meta")
         specs += [TensorSpec(hf, tuple(t.shape), dtype) for hf, t in megatron_to_hf_tensors(name, meta, source.model)]
-    return specs
+        rows = vocab_padding(name, meta, source.model)
+        if rows is not None:
+            padding.append(TensorSpec(PADDING_PREFIX + name, tuple(rows.shape), dtype))
+    return specs + padding
 
 
 def _routes(
     source: ExportSource, directory: Path, specs: list[TensorSpec], max_bytes: int
 ) -> dict[str, tuple[Path, SafetensorsPlan]]:
-    """Tensor name → (directory, plan). An untied APM's vocabulary output layer, which scoring never reads,
-    goes to steerlm/ so that the sequence-classification files hold exactly what transformers loads."""
-    aside = [s for s in specs if source.kind == ModelKind.regression_apm and s.name == "lm_head.weight"]
-    main = plan_safetensors([s for s in specs if s not in aside], max_bytes)
+    """Tensor name → (directory, plan). What no Hugging Face model reads goes to steerlm/extra.safetensors: the
+    vocabulary padding rows and an untied APM's vocabulary output layer (scoring never reads it), so the
+    top-level files hold exactly the tensors transformers and vLLM load."""
+    aside = [
+        spec
+        for spec in specs
+        if spec.name.startswith(PADDING_PREFIX)
+        or (source.kind == ModelKind.regression_apm and spec.name == "lm_head.weight")
+    ]
+    main = plan_safetensors([spec for spec in specs if spec not in aside], max_bytes)
     routes = {name: (directory, main) for name in main.specs}
     if aside:
-        extra = plan_safetensors(aside, max_file_bytes=aside[0].nbytes)
-        extra = SafetensorsPlan(tuple(replace(f, name=OUTPUT_LAYER_FILE) for f in extra.files), extra.specs)
+        extra = plan_safetensors(aside, max_file_bytes=sum(spec.nbytes for spec in aside))
+        extra = SafetensorsPlan(tuple(replace(f, name=EXTRA_WEIGHTS) for f in extra.files), extra.specs)
         routes.update({spec.name: (directory / EXPORT_DIR, extra) for spec in aside})
     return routes
 
@@ -126,7 +138,9 @@ def _write_weights(
         if name == HEAD_BIAS:
             extras[SCORE_BIAS] = full.float().tolist()
             continue
-        for hf_name, tensor in megatron_to_hf_tensors(name, full, source.model):
+        pieces = megatron_to_hf_tensors(name, full, source.model)
+        rows = vocab_padding(name, full, source.model)
+        for hf_name, tensor in pieces + ([] if rows is None else [(PADDING_PREFIX + name, rows)]):
             directory, plan = routes[hf_name]
             write_tensor(directory, plan, hf_name, tensor.to(dtype))
         del full

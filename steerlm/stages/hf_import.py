@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections import ChainMap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from steerlm.models.hf_llama import (
 )
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.stages.export_source import EXPORT_DIR, EXPORT_FILE, OUTPUT_LAYER_FILE, SCORE_BIAS, SOURCE_CONFIG
+from steerlm.stages.export_source import EXPORT_DIR, EXPORT_FILE, EXTRA_WEIGHTS, SCORE_BIAS, SOURCE_CONFIG
 from steerlm.tokenizers import VOCAB_FILE
 
 log = logging.getLogger(__name__)
@@ -76,8 +75,9 @@ class ImportPlan:
     config: TrainConfig  # what the checkpoint's config.yaml will say (model, tokenizer, schema, …)
     num_attributes: int | None  # a regression APM's head size
     step: int
-    extras: dict[str, torch.Tensor]  # megatron tensors that are not HF tensors (head bias, APM output layer)
-    tokenizer_source: Path | None  # the directory or file an import copies the tokenizer from
+    extras: dict[str, torch.Tensor]  # megatron tensors that are not HF tensors (an APM head's bias)
+    tokenizer_source: Path | None  # the directory an import copies the tokenizer from
+    weights: tuple[Path, ...]  # the directories whose *.safetensors hold the HF tensors
 
 
 def _architecture(hf: dict, location: str) -> str:
@@ -152,9 +152,9 @@ def _steerlm_export(cfg: ConvertConfig, directory: Path, hf: dict, output: Path)
         bias = torch.tensor(hf[SCORE_BIAS], dtype=torch.float32)
         num_attributes = int(bias.numel())
         extras[HEAD_BIAS] = bias
-        aside = directory / EXPORT_DIR / OUTPUT_LAYER_FILE
-        if aside.is_file():
-            extras["output_layer.weight"] = SafetensorsWeights(aside.parent)["lm_head.weight"]
+    weights = (
+        (directory, directory / EXPORT_DIR) if (directory / EXPORT_DIR / EXTRA_WEIGHTS).is_file() else (directory,)
+    )
     tokenizer = None
     if export.get("tokenizer") == TokenizerType.word.value:
         tokenizer = directory / EXPORT_DIR
@@ -163,7 +163,8 @@ def _steerlm_export(cfg: ConvertConfig, directory: Path, hf: dict, output: Path)
     changes: dict[str, Any] = {"output_dir": str(output)}
     if tokenizer is not None and hasattr(config, "tokenizer"):
         changes["tokenizer"] = TokenizerConfig(TokenizerType(export["tokenizer"]), str(output / TOKENIZER_DIR))
-    return ImportPlan(replace(config, **changes), num_attributes, int(export["step"]), extras, tokenizer)
+    config = replace(config, **changes)
+    return ImportPlan(config, num_attributes, int(export["step"]), extras, tokenizer, weights)
 
 
 def _other_tool(cfg: ConvertConfig, directory: Path, hf: dict, output: Path, architecture: str) -> ImportPlan:
@@ -195,12 +196,12 @@ def _other_tool(cfg: ConvertConfig, directory: Path, hf: dict, output: Path, arc
             apm=APMConfig(),
         )
         bias = torch.zeros(len(labels))
-        return ImportPlan(config, len(labels), 0, {HEAD_BIAS: bias}, directory)
+        return ImportPlan(config, len(labels), 0, {HEAD_BIAS: bias}, directory, (directory,))
     if has_tokenizer:
         config = PretrainConfig(**common, tokenizer=tokenizer, data=TextDataConfig(train_file=placeholder))
-        return ImportPlan(config, None, 0, {}, directory)
+        return ImportPlan(config, None, 0, {}, directory, (directory,))
     log.info("%s has no tokenizer files: the checkpoint's config names none", cfg.input)
-    return ImportPlan(TrainConfig(**common), None, 0, {}, None)
+    return ImportPlan(TrainConfig(**common), None, 0, {}, None, (directory,))
 
 
 def plan_import(cfg: ConvertConfig) -> ImportPlan:
@@ -242,9 +243,10 @@ def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     else:
         chunks = build_model_chunks(model, precision, layout, cfg.seed)
     names = [name for name, _ in named_global_parameters(chunks)]
-    from_hf = MegatronFromHF(SafetensorsWeights(Path(cfg.input)), model, [n for n in names if n not in plan.extras])
+    from_hf = MegatronFromHF(SafetensorsWeights(*plan.weights), model, [n for n in names if n not in plan.extras])
     try:
-        load_full_parameters(chunks, ChainMap(plan.extras, from_hf), layout.tp_rank, layout.tp)
+        load_full_parameters(chunks, from_hf, layout.tp_rank, layout.tp, keep=lambda name: name in plan.extras)
+        load_full_parameters(chunks, plan.extras, layout.tp_rank, layout.tp, keep=lambda name: name not in plan.extras)
     except (KeyError, ValueError) as error:
         message = str(error.args[0]) if error.args else str(error)
         raise ConfigError("input", cfg.input, message, "convert a complete Llama checkpoint of this shape") from None
