@@ -121,7 +121,7 @@ def write_tensor(directory: Path, plan: SafetensorsPlan, name: str, tensor: torc
             "does not have the shape its config describes)"
         )
     planned = plan.file_of(name)
-    data = memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data.cast("B")
     descriptor = os.open(Path(directory) / planned.name, os.O_WRONLY)
     try:
         written, offset = 0, planned.offsets[name]

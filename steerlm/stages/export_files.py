@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from steerlm.config import ConfigError
 from steerlm.config.convert import ConvertConfig
 from steerlm.data.apm import attribute_examples, last_assistant_turn
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.chat_template import attribute_prompt_template, steering_chat_template
 from steerlm.data.collate import LengthPolicy, LengthStats
 from steerlm.data.records import Role, Turn
@@ -180,7 +180,7 @@ def _example(source: ExportSource) -> str:
     user = Turn(Role.user, "{user message}")
     if source.kind == ModelKind.steerable:
         schema = template.schema
-        labels = {name: _value(schema, schema.max_value) for name in schema.attributes}
+        labels: Labels = {name: _value(schema, schema.max_value) for name in schema.attributes}
         return template.inference_prompt(
             "{system prompt}", [user], labels if template.config.condition_on_attributes else None
         )

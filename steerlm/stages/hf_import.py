@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from steerlm import runtime
 from steerlm.checkpoint.sharded import save_checkpoint
@@ -61,13 +61,11 @@ TOKENIZER_FILES = (
 _DTYPES = {"float32": DType.fp32, "bfloat16": DType.bf16, "float16": DType.fp16}
 
 
-@dataclass(frozen=True)
 class _WeightsOnly:
     """What `save_checkpoint` saves of a model without training state."""
 
-    model: list
-    optimizer: None = None
-    scheduler: None = None
+    def __init__(self, chunks: list) -> None:
+        self.model, self.optimizer, self.scheduler = chunks, None, None
 
 
 @dataclass(frozen=True)
@@ -118,9 +116,14 @@ def _hf_tokenizer_files(directory: Path) -> bool:
 
 def _check_vocabulary(directory: Path, vocab_size: int, location: str) -> None:
     """A tokenizer with more ids than the model has rows would index past the embedding."""
-    from transformers import AutoTokenizer
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as TokenizerFile
 
-    size = len(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+        size = TokenizerFile.from_file(str(directory / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    else:
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
     if size > vocab_size:
         raise ConfigError(
             "input",
@@ -133,6 +136,8 @@ def _check_vocabulary(directory: Path, vocab_size: int, location: str) -> None:
 def _typed_saved(directory: Path) -> TrainConfig:
     """The config the exported checkpoint was trained with, as its recipe's dataclass."""
     saved = OmegaConf.load(directory / EXPORT_DIR / SOURCE_CONFIG)
+    if not isinstance(saved, DictConfig):
+        raise ConfigError("input", str(directory), f"{EXPORT_DIR}/{SOURCE_CONFIG} is not a config", "re-export it")
     schema: type = TrainConfig
     for section, kind in (("apm", AttributeModelConfig), ("sft", SFTConfig), ("pretrain", PretrainConfig)):
         if section in saved:
@@ -187,7 +192,8 @@ def _other_tool(cfg: ConvertConfig, directory: Path, hf: dict, output: Path, arc
             )
         if not has_tokenizer:
             raise ConfigError("input", cfg.input, "has no tokenizer files", "convert a directory with its tokenizer")
-        attributes = AttributesConfig(directory.resolve().name, labels, *cfg.apm_range, integer=False)
+        low, high = cfg.apm_range
+        attributes = AttributesConfig(directory.resolve().name, labels, low, high, integer=False)
         config: TrainConfig = AttributeModelConfig(
             **common,
             attributes=attributes,

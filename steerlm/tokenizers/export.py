@@ -44,7 +44,8 @@ def export_tokenizer(
     elif isinstance(tokenizer, HFTokenizer):
         tokenizer.save_pretrained(directory)
         config = json.loads((directory / CONFIG_FILE).read_text())
-        config["tokenizer_class"] = _GENERIC_FAST.get(config.get("tokenizer_class"), config.get("tokenizer_class"))
+        name = config.get("tokenizer_class")
+        config["tokenizer_class"] = _GENERIC_FAST.get(name, name) if isinstance(name, str) else name
         if config.get("pad_token") is None:
             config["pad_token"] = tokenizer.decode([tokenizer.pad_id])
     else:
