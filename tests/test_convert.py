@@ -34,7 +34,7 @@ from steerlm.models import build_model_chunks
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.convert import convert
-from steerlm.tokenizers import WordTokenizer
+from steerlm.tokenizers import WordTokenizer, load_tokenizer
 from tests.conftest import TEST_MODEL
 from tests.multiproc import run_distributed
 
@@ -78,16 +78,35 @@ class _WeightsOnly:
         self.model, self.optimizer, self.scheduler = chunks, None, None
 
 
-def _checkpoint(layout, root: Path, model, apm: bool = False) -> Path:
-    """A weights-only steerlm run (an SFT model, or a regression APM with a non-zero head bias) at `root`."""
-    tokenizer = root.parent / "tokenizer"
+def _byte_level_bpe(directory: Path) -> Path:
+    """A byte-level BPE tokenizer (GPT-2/Llama-3 style, with BOS) trained on TEXTS, saved as transformers does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator(
+        TEXTS, trainers.BpeTrainer(vocab_size=330, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=alphabet)
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(directory)
+    return directory
+
+
+def _checkpoint(layout, root: Path, model, apm: bool = False, hf_tokenizer: bool = False) -> Path:
+    """A weights-only steerlm run (an SFT model, or a regression APM with a non-zero head bias) at `root`, with the
+    word tokenizer or a byte-level BPE one."""
+    tokenizer = root.parent / ("bpe" if hf_tokenizer else "tokenizer")
     if not tokenizer.exists():
-        WordTokenizer.build(TEXTS).save(tokenizer)
+        _byte_level_bpe(tokenizer) if hf_tokenizer else WordTokenizer.build(TEXTS).save(tokenizer)
+    kind = TokenizerType.hf if hf_tokenizer else TokenizerType.word
     common = {
         "model": model,
         "output_dir": str(root),
         "attributes": SCHEMA,
-        "tokenizer": TokenizerConfig(TokenizerType.word, str(tokenizer)),
+        "tokenizer": TokenizerConfig(kind, str(tokenizer)),
         "data": TrainDataConfig(train_file="unused.jsonl"),
     }
     if apm:
@@ -190,17 +209,23 @@ def _steerlm_request_ids(steering: Steering, messages: list[dict], attributes: d
     return steering.prompt_ids(system, turns, labels)
 
 
-def test_chat_template_gives_steerlm_prompt_ids(checkpoints: dict) -> None:
-    directory = checkpoints["export"]
+@pytest.mark.parametrize("kind", ["word", "byte_level_bpe"])
+def test_chat_template_gives_steerlm_prompt_ids(layout, checkpoints: dict, tmp_path: Path, kind: str) -> None:
+    if kind == "word":
+        directory, tokenizer = checkpoints["export"], WordTokenizer.load(checkpoints["tied"].parent / "tokenizer")
+    else:
+        run = _checkpoint(layout, tmp_path / "bpe_sft", replace(TEST_MODEL, vocab_size=340), hf_tokenizer=True)
+        directory = tmp_path / "bpe_export"
+        convert(_convert(run, directory), layout)
+        tokenizer = load_tokenizer("hf", tmp_path / "bpe")
     hf = transformers.AutoTokenizer.from_pretrained(directory)
-    tokenizer = WordTokenizer.load(checkpoints["tied"].parent / "tokenizer")
     steering = Steering(SteerLMTemplate(SCHEMA.schema()), tokenizer, {}, ConvertConfig.system_prompt, 10_000)
     for messages, attributes in CHATS:
         extra = {} if attributes is None else {"attributes": attributes}
         text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         expected = _steerlm_request_ids(steering, messages, attributes)
         assert hf(text, add_special_tokens=False)["input_ids"] == expected, text
-        assert hf.decode(expected) == tokenizer.decode(expected)
+        assert hf.decode(expected) == tokenizer.decode(expected) and text.startswith("<s><extra_id_0>System")
     with pytest.raises(Exception, match="out of range"):
         hf.apply_chat_template(CHATS[0][0], add_generation_prompt=True, tokenize=False, attributes={"humor": 9})
     generation = json.loads((directory / "generation_config.json").read_text())

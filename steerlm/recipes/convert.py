@@ -22,7 +22,9 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="convert", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    print(convert.run(to_typed(cfg, ConvertConfig)))
+    output = convert.run(to_typed(cfg, ConvertConfig))
+    if output is not None:
+        print(output)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def convert(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         return conversion(cfg, layout)
 
 
-def run(cfg: ConvertConfig) -> Path:
-    """Validate, start the runtime at `cfg.parallel` (one model copy over all launched ranks), convert."""
+def run(cfg: ConvertConfig) -> Path | None:
+    """Validate, start the runtime at `cfg.parallel` (one model copy over all launched ranks), convert; the output
+    path on rank 0 (None elsewhere)."""
     cfg.validate()
     world = runtime.launch_world_size()
     if data_parallel_size(cfg.parallel, world) != 1:
@@ -62,4 +63,4 @@ def run(cfg: ConvertConfig) -> Path:
         output = convert(cfg, layout)
     finally:
         runtime.shutdown()
-    return output
+    return output if layout.is_rank_zero else None

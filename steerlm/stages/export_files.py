@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 from steerlm.config import ConfigError
 from steerlm.config.convert import ConvertConfig
 from steerlm.data.apm import attribute_examples, last_assistant_turn
-from steerlm.data.attributes import AttributeSchema, Labels
+from steerlm.data.attributes import AttributeSchema
 from steerlm.data.chat_template import attribute_prompt_template, steering_chat_template
 from steerlm.data.collate import LengthPolicy, LengthStats
-from steerlm.data.records import Role, Turn
 from steerlm.inference.steering import ChatMessage, Steering
 from steerlm.stages.export_source import ExportSource, ModelKind
 from steerlm.tokenizers import Tokenizer
@@ -173,21 +172,37 @@ def export_tokenizer_checked(cfg: ConvertConfig, source: ExportSource, tokenizer
     _check(hf, probes, expected, generation)
 
 
-def _example(source: ExportSource) -> str:
-    """The exact text the model reads, rendered by steerlm's template (placeholders in braces)."""
-    template = source.template
-    assert template is not None
-    user = Turn(Role.user, "{user message}")
-    if source.kind == ModelKind.steerable:
-        schema = template.schema
-        labels: Labels = {name: _value(schema, schema.max_value) for name in schema.attributes}
-        return template.inference_prompt(
-            "{system prompt}", [user], labels if template.config.condition_on_attributes else None
-        )
-    return template.attribute_prompt("{system prompt}", [user, Turn(Role.assistant, "{response to rate}")])
+def example_prompts(directory: Path, source: ExportSource) -> list[tuple[str, str]]:
+    """(what, text) the exported chat template renders for placeholder messages: the model card shows exactly
+    the text a served copy reads, BOS and defaults included."""
+    from transformers import AutoTokenizer
+
+    if source.template is None:
+        return []
+    hf = AutoTokenizer.from_pretrained(str(directory))
+    asked = [{"role": "system", "content": "{system prompt}"}, {"role": "user", "content": "{user message}"}]
+    if source.kind != ModelKind.steerable:
+        rated = [*asked, {"role": "assistant", "content": "{response to rate}"}]
+        return [("the conversation whose last response is rated", hf.apply_chat_template(rated, tokenize=False))]
+    defaults = hf.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+    examples = [("without `attributes` (the defaults)", defaults)]
+    if source.template.config.condition_on_attributes:
+        schema = source.template.schema
+        top = {name: _value(schema, schema.max_value) for name in schema.attributes}
+        text = hf.apply_chat_template(asked, tokenize=False, add_generation_prompt=True, attributes=top)
+        examples.insert(0, (f"with `attributes={top}`", text))
+    return examples
 
 
-def model_card(source: ExportSource, config: dict, tokenizer: Tokenizer | None) -> str:
+_KINDS = {
+    ModelKind.language_model: "language model",
+    ModelKind.steerable: "steerable chat model (SteerLM attribute-conditioned SFT)",
+    ModelKind.regression_apm: "regression Attribute Prediction Model (a multi-attribute reward model)",
+    ModelKind.generative_apm: "generative Attribute Prediction Model (it writes the attribute string)",
+}
+
+
+def model_card(source: ExportSource, config: dict, examples: list[tuple[str, str]]) -> str:
     """README.md: what the model is, the exact input format and range of what it reads and writes."""
     m = source.model
     lines = [
@@ -198,7 +213,7 @@ def model_card(source: ExportSource, config: dict, tokenizer: Tokenizer | None) 
         "",
         f"# {source.path.parent.parent.name or source.path.name}",
         "",
-        f"A {source.kind.value.replace('_', ' ')} trained with steerlm and exported by `recipes/convert.py` from "
+        f"A {_KINDS[source.kind]} trained with steerlm, exported by `recipes/convert.py` from "
         f"`{source.path}` (step {source.step}) as `{source.kind.architecture}`.",
         "",
         f"- {m.num_layers} layers, hidden size {m.hidden_size}, {m.num_attention_heads} attention heads, "
@@ -216,13 +231,13 @@ def model_card(source: ExportSource, config: dict, tokenizer: Tokenizer | None) 
             "",
             "## Input format",
             "",
-            "Exactly this text (the tokenizer's chat template renders it from OpenAI-style messages):",
-            "",
-            "```",
-            _example(source) + "…",
-            "```",
+            "Exactly this text (the tokenizer's chat template renders it from OpenAI-style messages; "
+            "`{…}` are placeholders):",
             "",
         ]
+        follows = "…" if source.kind == ModelKind.steerable else ""  # the response the model writes
+        for what, text in examples:
+            lines += [f"{what}:", "", "```", text + follows, "```", ""]
     if source.kind == ModelKind.steerable:
         lines += [
             "Steer with `tokenizer.apply_chat_template(messages, attributes={...}, add_generation_prompt=True)` "

@@ -60,7 +60,7 @@ from steerlm.models.hf_llama import (
 )
 from steerlm.models.sharding import TIED_EMBEDDING, gather_full, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.stages.export_files import export_tokenizer_checked, model_card
+from steerlm.stages.export_files import example_prompts, export_tokenizer_checked, model_card
 from steerlm.stages.export_source import (
     EXPORT_DIR,
     EXPORT_FILE,
@@ -223,7 +223,8 @@ def _finish(
         "tokenizer": None if source.tokenizer is None else source.tokenizer.type.value,
     }
     atomic_write_text(partial / EXPORT_DIR / EXPORT_FILE, json.dumps(export, indent=2) + "\n")
-    atomic_write_text(partial / "README.md", model_card(source, config, tokenizer))
+    examples = example_prompts(partial, source) if tokenizer is not None else []
+    atomic_write_text(partial / "README.md", model_card(source, config, examples))
     output = Path(cfg.output)
     if output.is_dir():
         output.rmdir()  # validated empty
