@@ -95,6 +95,15 @@ def steerlm_attribute_ids(steering: Steering, tokenizer: Tokenizer, messages: Me
     return list(examples[0].ids)
 
 
+def render(hf: Any, messages: Messages, generation: bool, attributes: Mapping | None = None) -> str:
+    """The chat template's text for `messages`, as vLLM renders it (`attributes` only when given)."""
+    extra = {} if attributes is None else {"attributes": attributes}
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}")
+    return text
+
+
 def _differ(expected: list[int], got: list[int]) -> int | None:
     for index, (a, b) in enumerate(zip(expected, got)):
         if a != b:
@@ -105,8 +114,7 @@ def _differ(expected: list[int], got: list[int]) -> int | None:
 def _check(hf: Any, probes: list[Probe], expected: Callable[[Probe], list[int]], generation: bool) -> None:
     for probe in probes:
         messages, attributes = probe
-        extra = {} if attributes is None else {"attributes": attributes}
-        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
+        text = render(hf, messages, generation, attributes)
         ids, want = list(hf(text, add_special_tokens=False)["input_ids"]), expected(probe)
         at = _differ(want, ids)
         if at is not None:
@@ -161,12 +169,8 @@ def export_tokenizer_checked(cfg: ConvertConfig, source: ExportSource, tokenizer
     generation = source.kind == ModelKind.steerable
     export_tokenizer(tokenizer, directory, make(None), length)
     hf = AutoTokenizer.from_pretrained(str(directory))
-    messages, attributes = probes[0]
-    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-    if tokenizer.bos_id is not None and expected(probes[0]) == [
-        tokenizer.bos_id,
-        *hf(text, add_special_tokens=False)["input_ids"],
-    ]:
+    bare = list(hf(render(hf, probes[0][0], generation), add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_id is not None and expected(probes[0]) == [tokenizer.bos_id, *bare]:
         export_tokenizer(tokenizer, directory, make(tokenizer.decode([tokenizer.bos_id])), length)
         hf = AutoTokenizer.from_pretrained(str(directory))
     _check(hf, probes, expected, generation)
@@ -183,14 +187,12 @@ def example_prompts(directory: Path, source: ExportSource) -> list[tuple[str, st
     asked = [{"role": "system", "content": "{system prompt}"}, {"role": "user", "content": "{user message}"}]
     if source.kind != ModelKind.steerable:
         rated = [*asked, {"role": "assistant", "content": "{response to rate}"}]
-        return [("the conversation whose last response is rated", hf.apply_chat_template(rated, tokenize=False))]
-    defaults = hf.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
-    examples = [("without `attributes` (the defaults)", defaults)]
+        return [("the conversation whose last response is rated", render(hf, rated, False))]
+    examples = [("without `attributes` (the defaults)", render(hf, asked, True))]
     if source.template.config.condition_on_attributes:
         schema = source.template.schema
         top = {name: _value(schema, schema.max_value) for name in schema.attributes}
-        text = hf.apply_chat_template(asked, tokenize=False, add_generation_prompt=True, attributes=top)
-        examples.insert(0, (f"with `attributes={top}`", text))
+        examples.insert(0, (f"with `attributes={top}`", render(hf, asked, True, top)))
     return examples
 
 

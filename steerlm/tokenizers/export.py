@@ -25,10 +25,8 @@ _OTHER_TEMPLATES = ("chat_template.jinja", "chat_template.json")
 _GENERIC_FAST = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 
-def export_tokenizer(
-    tokenizer: Tokenizer, directory: Path, chat_template: str | None, model_max_length: int
-) -> list[str]:
-    """Write `tokenizer` into `directory`; returns the names of the files written."""
+def export_tokenizer(tokenizer: Tokenizer, directory: Path, chat_template: str | None, model_max_length: int) -> None:
+    """Write `tokenizer` into `directory` with `chat_template` (None: no template, a source's own dropped)."""
     directory = Path(directory)
     if isinstance(tokenizer, WordTokenizer):
         tokenizer.hf_tokenizer().save(str(directory / "tokenizer.json"))
@@ -57,4 +55,3 @@ def export_tokenizer(
         config["chat_template"] = chat_template
     config.update(padding_side="right", model_max_length=model_max_length)
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return sorted(path.name for path in directory.iterdir() if path.is_file())
