@@ -35,6 +35,7 @@ LONGEST_FIRST = (
     "test_sft.py",
     "test_annotate.py",
     "test_attribute_model.py",
+    "test_convert.py",
     "test_launchers.py",
     "test_parallel_parity.py",
     "test_demo_recipe.py",

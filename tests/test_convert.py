@@ -171,6 +171,7 @@ def _steerlm_logits(layout, run: Path, model, tokens: torch.Tensor) -> torch.Ten
         return chunks[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., : model.vocab_size]
 
 
+@pytest.mark.slow
 def test_exports_at_tp2_and_pp2_give_steerlm_logits(layout, exported: dict) -> None:
     root = exported["root"]
     tokens = torch.randint(0, 150, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -191,6 +192,7 @@ def test_exports_at_tp2_and_pp2_give_steerlm_logits(layout, exported: dict) -> N
         assert file.read_bytes() == (root / "tied_tp1" / file.name).read_bytes()
 
 
+@pytest.mark.slow
 def test_export_then_import_is_bitwise_identity(layout, exported: dict) -> None:
     source, back = exported["untied"], exported["root"] / "untied_back"
     before, after = _parameters(layout, source, TEST_MODEL), _parameters(layout, back, TEST_MODEL)
