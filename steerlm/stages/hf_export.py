@@ -143,7 +143,7 @@ def _write_weights(
         for hf_name, tensor in pieces + ([] if rows is None else [(PADDING_PREFIX + name, rows)]):
             directory, plan = routes[hf_name]
             write_tensor(directory, plan, hf_name, tensor.to(dtype))
-        del full
+        del full  # before the next gather allocates its shards
     return extras
 
 

@@ -43,7 +43,14 @@ from steerlm.models.hf_llama import (
 )
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.stages.export_source import EXPORT_DIR, EXPORT_FILE, EXTRA_WEIGHTS, SCORE_BIAS, SOURCE_CONFIG
+from steerlm.stages.export_source import (
+    EXPORT_DIR,
+    EXPORT_FILE,
+    EXTRA_WEIGHTS,
+    SCORE_BIAS,
+    SOURCE_CONFIG,
+    ModelKind,
+)
 from steerlm.tokenizers import VOCAB_FILE
 
 log = logging.getLogger(__name__)
@@ -153,7 +160,7 @@ def _steerlm_export(cfg: ConvertConfig, directory: Path, hf: dict, output: Path)
     export = json.loads((directory / EXPORT_DIR / EXPORT_FILE).read_text())
     extras: dict[str, torch.Tensor] = {}
     num_attributes = None
-    if export["kind"] == "regression_apm":
+    if export["kind"] == ModelKind.regression_apm.value:
         bias = torch.tensor(hf[SCORE_BIAS], dtype=torch.float32)
         num_attributes = int(bias.numel())
         extras[HEAD_BIAS] = bias
