@@ -42,6 +42,7 @@ PRIMARY = (
     "serve",
     "evaluate_steering",
     "prepare_steerlm2",
+    "convert",
 )
 PREPARE_GROUPS = ("attributes", "data")
 
@@ -178,6 +179,29 @@ def test_annotate_config_composes_and_validates(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         replace(cfg, output=cfg.input).validate()
     assert error.value.key == "output"
+
+
+def test_convert_config_composes_and_validates(tmp_path: Path) -> None:
+    from steerlm.config.convert import ConvertConfig, ModelFormat
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    overrides = [f"input={tmp_path / 'run'}", f"output={tmp_path / 'out'}", "parallel=tp2", "attributes.humor=3"]
+    cfg = to_typed(compose("convert", overrides), ConvertConfig)
+    cfg.validate()
+    assert cfg.target == ModelFormat.hf and cfg.max_shard_bytes == 5 * 10**9 and cfg.attributes["humor"] == 3
+    assert replace(cfg, input=str(tmp_path / "hf")).target == ModelFormat.steerlm
+    for change, key in (
+        ({"input": str(tmp_path / "hf"), "to": ModelFormat.hf}, "to"),
+        ({"max_shard_size": "5 parsecs"}, "max_shard_size"),
+        ({"output": str(tmp_path)}, "output"),
+        ({"input": str(tmp_path / "missing")}, "input"),
+        ({"apm_range": [4.0, 0.0]}, "apm_range"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            replace(cfg, **change).validate()
+        assert error.value.key == key
 
 
 def test_prepare_steerlm2_config_composes_and_validates(tmp_path: Path) -> None:

@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 
 
 class TrainingState(Protocol):
-    """What a save needs of a training run (`steerlm.training.TrainingSetup` is one). Optimizer and scheduler
-    are None for a weights-only checkpoint (an import), which loads as weights (`load_weights`) but cannot be
-    resumed as a run."""
+    """What a save needs of a training run (`steerlm.training.TrainingSetup` is one). Without an optimizer
+    (and scheduler) the checkpoint holds weights only (`recipes/convert.py` and the `.nemo` import write such
+    from other formats): it loads as weights (`load_weights`) but cannot be resumed as a run."""
 
     model: list
     optimizer: Any
@@ -93,6 +93,7 @@ class CheckpointMeta:
     layout: dict
     model: dict
     format: int = FORMAT
+    weights_only: bool = False  # no optimizer, schedule or RNG to resume: a run starts from it with init_from
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -250,8 +251,9 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     use_in_process_save_queue()
-    state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=True)
-    if setup.scheduler is not None:
+    weights_only = setup.optimizer is None
+    state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=not weights_only)
+    if not weights_only:
         state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
     with writers_die_with_parent():
@@ -259,7 +261,7 @@ def save_checkpoint(
     dist.barrier()
     if layout.is_rank_zero:
         save_resolved(cfg, tmp / "config.yaml")
-        meta = CheckpointMeta(step=step, layout=_layout_key(layout), model=_model_key(cfg.model))
+        meta = CheckpointMeta(step, _layout_key(layout), _model_key(cfg.model), weights_only=weights_only)
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
     dist.barrier()
     if cfg.checkpoint.verify:
@@ -311,6 +313,13 @@ def load_checkpoint(
     """
     verify_checkpoint(path, verify)
     meta = check_compatible(path, model_cfg)
+    if optimizer is not None and meta.weights_only:
+        raise ConfigError(
+            "checkpoint.resume",
+            True,
+            f"{path} holds weights only (converted by recipes/convert.py), nothing to resume training from",
+            "start a new run from it with sft.init_from / apm.init_from / pretrain.init_from=<that directory>",
+        )
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
     for key in _model_keys(model):

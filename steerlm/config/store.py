@@ -18,6 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from steerlm.config.annotate import AnnotateConfig
 from steerlm.config.bootstrap import BootstrapConfig
+from steerlm.config.convert import ConvertConfig
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
 from steerlm.config.inference import ChatConfig, ServeConfig
 from steerlm.config.pipeline import PipelineConfig
@@ -47,6 +48,7 @@ SCHEMAS = {
     "evaluate_attribute_model_schema": EvaluateAttributeModelConfig,
     "steering_eval_schema": SteeringEvalConfig,
     "prepare_steerlm2_schema": PrepareSteerLM2Config,
+    "convert_schema": ConvertConfig,
 }
 
 T = TypeVar("T")

@@ -32,6 +32,13 @@ _LAYER_COPIES = {
 # The fixed parameters of megatron's Llama-3 RoPE scaling (only the factor is configurable: model.rope_scaling_factor).
 LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# The regression APM's head (steerlm.models.attribute) and the tensor HF's LlamaForSequenceClassification keeps it in.
+HEAD_WEIGHT, HEAD_BIAS = "attribute_head.weight", "attribute_head.bias"
+SCORE_WEIGHT = "score.weight"
+# Where an export sets aside the vocabulary padding rows HF has no place for (`vocab_padding`), so that an
+# import restores them instead of zeros: `padding/<megatron name>`.
+PADDING_PREFIX = "padding/"
+_VOCABULARY = (TIED_EMBEDDING, "output_layer.weight")
 
 
 def hf_config_dict(model: ModelConfig) -> dict:
@@ -81,40 +88,82 @@ def check_llama(model: ModelConfig) -> None:
         raise ValueError(f"model {model.name!r} is not an HF Llama: " + "; ".join(problems))
 
 
+def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, model: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors (name, view) one full megatron tensor becomes; KeyError for a name HF has no place for.
+
+    An APM's `attribute_head.weight` becomes LlamaForSequenceClassification's `score.weight`; its bias has no
+    HF tensor (the caller decides where it goes). Works on meta tensors, so a plan needs no weights.
+    """
+    vocab = model.vocab_size
+    if name == TIED_EMBEDDING:
+        return [("model.embed_tokens.weight", tensor[:vocab])]
+    if name == "output_layer.weight":
+        return [("lm_head.weight", tensor[:vocab])]
+    if name == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", tensor)]
+    if name == HEAD_WEIGHT:
+        return [(SCORE_WEIGHT, tensor)]
+    match = _LAYER.match(name)
+    rest = match.group(2) if match else ""
+    prefix = f"model.layers.{match.group(1)}." if match else ""
+    if rest in _LAYER_COPIES:
+        return [(prefix + _LAYER_COPIES[rest], tensor)]
+    if rest == "self_attention.linear_qkv.weight":
+        q, k, v = _split_qkv(tensor, model)
+        return [(f"{prefix}self_attn.{part}_proj.weight", value) for part, value in zip("qkv", (q, k, v))]
+    if rest == "mlp.linear_fc1.weight":
+        gate, up = split_fc1(tensor)
+        return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
+    raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
+
+
+def vocab_padding(name: str, tensor: torch.Tensor, model: ModelConfig) -> torch.Tensor | None:
+    """The padding rows (beyond `model.vocab_size`) of a vocabulary parameter, which HF tensors drop; None for
+    other parameters or an unpadded vocabulary."""
+    if name not in _VOCABULARY or model.padded_vocab_size == model.vocab_size:
+        return None
+    return tensor[model.vocab_size :]
+
+
 def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """Map full megatron tensors (keyed by global name) to HF LlamaForCausalLM state-dict tensors."""
     check_llama(model)
-    vocab = model.vocab_size
-    out = {
-        "model.embed_tokens.weight": full[TIED_EMBEDDING][:vocab],
-        "model.norm.weight": full["decoder.final_layernorm.weight"],
+    return {
+        hf_name: tensor.contiguous()
+        for name in megatron_names(model)
+        for hf_name, tensor in megatron_to_hf_tensors(name, full[name], model)
     }
-    if not model.share_embeddings_and_output_weights:
-        out["lm_head.weight"] = full["output_layer.weight"][:vocab]
-    for layer in range(model.num_layers):
-        src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        q, k, v = _split_qkv(full[src + "self_attention.linear_qkv.weight"], model)
-        gate, up = split_fc1(full[src + "mlp.linear_fc1.weight"])
-        out.update({dst + theirs: full[src + ours] for ours, theirs in _LAYER_COPIES.items()})
-        out.update(
-            {
-                dst + "self_attn.q_proj.weight": q,
-                dst + "self_attn.k_proj.weight": k,
-                dst + "self_attn.v_proj.weight": v,
-                dst + "mlp.gate_proj.weight": gate,
-                dst + "mlp.up_proj.weight": up,
-            }
-        )
-    return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
 def megatron_names(model: ModelConfig) -> list[str]:
-    """Global names of a Llama GPTModel's parameters (megatron's local layer spec), as `megatron_to_hf` reads them."""
-    names = [TIED_EMBEDDING, "decoder.final_layernorm.weight"]
-    if not model.share_embeddings_and_output_weights:
-        names.append("output_layer.weight")
+    """Global names of a Llama GPTModel's parameters (megatron's local layer spec), as `megatron_to_hf` reads
+    them: the embedding, the layers in order, the final norm and (untied) the output layer."""
     per_layer = [*_LAYER_COPIES, "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]
-    return names + [f"decoder.layers.{layer}.{name}" for layer in range(model.num_layers) for name in per_layer]
+    layers = [f"decoder.layers.{layer}.{name}" for layer in range(model.num_layers) for name in per_layer]
+    output = [] if model.share_embeddings_and_output_weights else ["output_layer.weight"]
+    return [TIED_EMBEDDING, *layers, "decoder.final_layernorm.weight", *output]
+
+
+def megatron_shapes(model: ModelConfig, num_attributes: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Full shapes of the parameters `megatron_names` lists (plus an APM's head with `num_attributes`), in that
+    order: what an export plans its files from before any weight is read."""
+    h, ffn, vocab = model.hidden_size, model.ffn_hidden_size, model.padded_vocab_size
+    attention = model.num_attention_heads * model.head_dim
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "self_attention.linear_proj.weight": (h, attention),
+        "pre_mlp_layernorm.weight": (h,),
+        "mlp.linear_fc2.weight": (h, ffn),
+        "self_attention.linear_qkv.weight": (attention + 2 * model.query_groups * model.head_dim, h),
+        "mlp.linear_fc1.weight": (2 * ffn, h),
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in megatron_names(model):
+        match = _LAYER.match(name)
+        shapes[name] = per_layer[match.group(2)] if match else (h,) if name.endswith("layernorm.weight") else (vocab, h)
+    if num_attributes is not None:
+        shapes.update({HEAD_WEIGHT: (num_attributes, h), HEAD_BIAS: (num_attributes,)})
+    return shapes
 
 
 def hf_to_megatron(
@@ -126,11 +175,36 @@ def hf_to_megatron(
     padded with zeros to `model.padded_vocab_size`. `names` limits the result to some global names (one
     pipeline stage's); `hf_state` is only indexed for the tensors those need, so it may read lazily from disk.
     """
-    check_llama(model)
-    return {
-        name: _from_hf(name, hf_state, model).contiguous()
-        for name in (megatron_names(model) if names is None else names)
-    }
+    return dict(MegatronFromHF(hf_state, model, names))
+
+
+class MegatronFromHF(Mapping[str, torch.Tensor]):
+    """`hf_to_megatron` computed on access: each full megatron tensor is built from the HF tensors when it is
+    looked up, so loading a model through it holds one full tensor at a time (not a second copy of the model).
+    An APM's `attribute_head.weight` comes from `score.weight`; its bias is not an HF tensor. Vocabulary
+    padding rows are zeros unless the state holds them under `padding/<name>` (`vocab_padding`)."""
+
+    def __init__(self, hf_state: Mapping[str, torch.Tensor], model: ModelConfig, names: Iterable[str] | None = None):
+        check_llama(model)
+        self._hf, self._model = hf_state, model
+        self._names = list(megatron_names(model) if names is None else names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(f"megatron parameter {name!r} was not asked of this HF state")
+        tensor = _from_hf(name, self._hf, self._model).contiguous()
+        if name in _VOCABULARY and PADDING_PREFIX + name in self._hf:  # rows an export of steerlm's set aside
+            tensor[self._model.vocab_size :] = self._hf[PADDING_PREFIX + name]
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> torch.Tensor:
@@ -140,6 +214,8 @@ def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> t
         return _pad_vocab(hf["lm_head.weight"], model)
     if name == "decoder.final_layernorm.weight":
         return hf["model.norm.weight"]
+    if name == HEAD_WEIGHT:
+        return hf[SCORE_WEIGHT]
     match = _LAYER.match(name)
     if match is None:
         raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
@@ -165,14 +241,16 @@ def _pad_vocab(rows: torch.Tensor, model: ModelConfig) -> torch.Tensor:
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
-    """The tensors of a directory's `*.safetensors` files (one or sharded), read from disk on access."""
+    """The tensors of a directory's `*.safetensors` files (one or sharded), read from disk on access; `more`
+    directories add theirs (an export's set-aside tensors under `steerlm/`)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *more: Path) -> None:
         self._directory = Path(directory)
         self._files: dict[str, Path] = {}
-        for file in sorted(Path(directory).glob("*.safetensors")):
-            with safe_open(file, framework="pt") as handle:
-                self._files.update(dict.fromkeys(handle.keys(), file))
+        for folder in (directory, *more):
+            for file in sorted(Path(folder).glob("*.safetensors")):
+                with safe_open(file, framework="pt") as handle:
+                    self._files.update(dict.fromkeys(handle.keys(), file))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._files:
@@ -198,10 +276,10 @@ def _rope(hf: dict) -> tuple[float, dict]:
     return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), scaling
 
 
-def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:
-    """Refuse an HF config.json whose model differs from `model.*`, naming the field and the value to set.
+def hf_model_fields(hf: dict, key: str, location: str) -> dict:
+    """The `model.*` fields an HF Llama config.json determines (`num_query_groups`/`kv_channels` explicit).
 
-    `key`/`location`: the config key that named the directory and its value, for the error of a model
+    `key`/`location`: the config key that named the directory and its value, for the ConfigError of a model
     `model.*` cannot describe at all (not a Llama, other RoPE scaling).
     """
     rope_theta, scaling = _rope(hf)
@@ -243,6 +321,12 @@ def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> No
     }
     if rope_type == "llama3":
         fields["rope_scaling_factor"] = float(scaling["factor"])
+    return fields
+
+
+def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:
+    """Refuse an HF config.json whose model differs from `model.*`, naming the field and the value to set."""
+    fields = hf_model_fields(hf, key, location)
     current = {
         **{name: getattr(model, name) for name in fields},
         "num_query_groups": model.query_groups,

@@ -81,6 +81,10 @@ class HFTokenizer(Tokenizer):
             raise TypeError(f"the tokenizer decoded one id sequence to {type(text).__name__}, not str")
         return text
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write this tokenizer as `transformers` files, the SteerLM markers it added at load included."""
+        self._tokenizer.save_pretrained(str(directory))
+
     def token_to_id(self, token: str) -> int:
         try:
             return self._vocab[token]

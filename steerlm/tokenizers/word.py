@@ -14,8 +14,10 @@ import json
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 from steerlm.files import atomic_write_text
 from steerlm.tokenizers.base import SPECIAL_TOKENS, Tokenizer, check_token_ids, existing_directory
@@ -149,3 +151,52 @@ class WordTokenizer(Tokenizer):
                 f"token {token!r} is not in the word vocabulary ({len(self._tokens)} tokens); "
                 "spaced forms are written with their space, e.g. ' word'"
             ) from None
+
+    def hf_tokenizer(self) -> Any:
+        """This vocabulary as a `tokenizers.Tokenizer` (WordLevel) that gives `encode`'s ids for any text.
+
+        `normalize` becomes a normalizer (the same four rewrites), the piece pattern a pre-tokenizer, and the
+        reserved tokens special added tokens matched after normalisation (so the normalizer sees the whole
+        text, as `normalize` does). Python's Unicode classes (`\\s`, letters and digits) are spelled out as
+        code-point ranges, because the Oniguruma engine `tokenizers` runs classifies some characters
+        differently. One exception: the text `<pad>`, `<unk>`, `<s>` or `</s>` becomes that reserved token's id
+        here (they are the exported tokenizer's special tokens) while `encode` spells it out in pieces.
+        """
+        from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizerObject
+        from tokenizers.models import WordLevel
+
+        blank = _oniguruma_class(_is_blank)
+        word = rf"(?:{_oniguruma_class(str.isalnum)}|['’-])+"
+        piece = rf" ?(?:{_SPECIAL}|{word}|\n|{_oniguruma_class(str.isspace, negate=True)})"
+        tokenizer = HFTokenizerObject(WordLevel(dict(self._ids), unk_token=RESERVED_TOKENS[UNK_ID]))
+        tokenizer.normalizer = normalizers.Sequence(
+            [
+                normalizers.Replace(Regex(f"{blank}+"), " "),
+                normalizers.Replace(Regex(_SPACE_AT_LINE_EDGE.pattern), "\n"),
+                normalizers.Replace(Regex(r"\A +| +\z"), ""),
+                normalizers.Replace(Regex(_SPACE_BEFORE_ATTACHED.pattern), ""),
+            ]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(piece), behavior="isolated")
+        tokenizer.decoder = decoders.Fuse()
+        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=True) for token in RESERVED_TOKENS])
+        return tokenizer
+
+
+def _is_blank(character: str) -> bool:
+    return character.isspace() and character != "\n"
+
+
+@cache
+def _oniguruma_class(member: Callable[[str], bool], negate: bool = False) -> str:
+    """A regex character class (Oniguruma syntax) of the code points `member` accepts, as ranges."""
+    ranges, start = [], None
+    for point in range(0x110001):
+        inside = point <= 0x10FFFF and member(chr(point))
+        if inside and start is None:
+            start = point
+        elif not inside and start is not None:
+            ranges.append(f"\\x{{{start:X}}}" + (f"-\\x{{{point - 1:X}}}" if point - 1 > start else ""))
+            start = None
+    return f"[{'^' if negate else ''}{''.join(ranges)}]"

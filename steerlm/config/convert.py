@@ -1,0 +1,135 @@
+"""Configuration of `recipes/convert.py`: steerlm checkpoints to Hugging Face directories and back.
+
+`input` is a steerlm run directory or checkpoint (written at any TP/PP) or a Hugging Face Llama directory;
+`to` defaults to the other format. The export reads the checkpoint at `parallel`'s layout (launch that many
+processes with torchrun and each writes the tensors it holds) and writes safetensors, config.json,
+generation_config.json, the tokenizer with a SteerLM chat template and a model card. The import writes a
+steerlm checkpoint (weights only) from `parallel`'s layout. `attributes` and `system_prompt` are the
+exported chat template's default request, with the meaning they have for `recipes/serve.py`. See
+docs/deploying.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING
+
+from steerlm.config.schema import DType, ParallelConfig, is_hf_model_dir
+from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
+from steerlm.errors import ConfigError, require, require_distinct_output
+
+NEMO_CONFIG_FILE = "model_config.yaml"  # what an unpacked .nemo archive holds at its top level
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+class ModelFormat(str, Enum):
+    steerlm = "steerlm"  # a run directory (its checkpoints/latest) or one checkpoints/step_* directory
+    hf = "hf"  # a Hugging Face Llama directory: config.json + *.safetensors (+ tokenizer files)
+    nemo = "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): recognised, not read yet
+
+
+def input_format(path: Path) -> ModelFormat:
+    """What kind of model directory (or archive) `path` is, from the files that mark each format."""
+    if path.suffix == ".nemo" or (path / NEMO_CONFIG_FILE).is_file():
+        return ModelFormat.nemo
+    if is_hf_model_dir(path):
+        return ModelFormat.hf
+    return ModelFormat.steerlm
+
+
+def parse_size(key: str, text: str) -> int:
+    """Bytes of a size written as save_pretrained's `max_shard_size` is ("5GB", "500MB", "2GiB", or bytes)."""
+    match = _SIZE.match(str(text))
+    require(
+        match is not None,
+        key,
+        text,
+        "is not a size",
+        f'write it like "5GB", "500MB" or "2GiB" (units {", ".join(unit for unit in _UNITS if unit)})',
+    )
+    assert match is not None
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    size = int(number * _UNITS[unit])
+    require(size > 0, key, text, "must be positive", 'use e.g. "5GB"')
+    return size
+
+
+@dataclass
+class ConvertConfig:
+    input: str = MISSING  # a steerlm run dir / checkpoint, or a Hugging Face Llama directory
+    output: str = MISSING  # a new directory (an existing one must be empty)
+    to: Optional[ModelFormat] = None  # null: the other format than input's (steerlm → hf, hf → steerlm)
+    max_shard_size: str = "5GB"  # to=hf: larger exports split over model-0000N-of-0000M.safetensors + an index
+    dtype: Optional[DType] = None  # to=hf: the exported tensors' dtype; null: as trained
+    tokenizer_path: Optional[str] = None  # to=hf: null: the tokenizer directory the checkpoint was trained with
+    attributes: dict[str, Optional[float]] = field(default_factory=dict)  # to=hf: the chat template's defaults
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # to=hf: the chat template's system prompt when a request has none
+    apm_range: Optional[list[float]] = None  # to=steerlm of another tool's reward model: [min, max] of its scores
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 1234
+    torch_threads: Optional[int] = None  # None: torch's default
+
+    @property
+    def source(self) -> ModelFormat:
+        return input_format(Path(self.input))
+
+    @property
+    def target(self) -> ModelFormat:
+        if self.to is not None:
+            return self.to
+        return ModelFormat.steerlm if self.source == ModelFormat.hf else ModelFormat.hf
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size("max_shard_size", self.max_shard_size)
+
+    def validate(self) -> None:
+        path = Path(self.input)
+        require(
+            path.exists(),
+            "input",
+            self.input,
+            "does not exist",
+            "pass a steerlm training output_dir or checkpoint, or a Hugging Face Llama directory",
+        )
+        if self.source == ModelFormat.nemo:
+            raise ConfigError(
+                "input",
+                self.input,
+                "is a NeMo .nemo checkpoint, which steerlm cannot read yet",
+                "convert it with NeMo's own Hugging Face exporter and pass that directory as input",
+            )
+        require(
+            self.target != self.source and self.target != ModelFormat.nemo,
+            "to",
+            self.target.value,
+            f"input is already in the {self.source.value} format",
+            f"leave to unset (input {self.source.value} converts to "
+            f"{'hf' if self.source == ModelFormat.steerlm else 'steerlm'})",
+        )
+        output = Path(self.output)
+        require(
+            not output.exists() or (output.is_dir() and not any(output.iterdir())),
+            "output",
+            self.output,
+            "exists and is not an empty directory",
+            "choose a new output directory (a conversion never writes over another model)",
+        )
+        require_distinct_output(self.output, self.input)
+        parse_size("max_shard_size", self.max_shard_size)
+        if self.apm_range is not None:
+            require(
+                len(self.apm_range) == 2 and self.apm_range[0] < self.apm_range[1],
+                "apm_range",
+                self.apm_range,
+                "must be [min, max] with min < max",
+                "give the range of the reward model's scores, e.g. apm_range=[0,4]",
+            )
+        self.parallel.validate()

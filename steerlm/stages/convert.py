@@ -1,0 +1,66 @@
+"""`recipes/convert.py`: a model between steerlm's checkpoint format and Hugging Face's, either way.
+
+The input's format (`steerlm.config.convert.input_format`) picks the direction; each format that can be
+read has one reader here. A `.nemo` archive is recognised and refused by the config until its reader lands
+(it will convert like a Hugging Face directory: into a steerlm checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from steerlm import runtime
+from steerlm.config import ConfigError
+from steerlm.config.convert import ConvertConfig, ModelFormat
+from steerlm.config.validation import data_parallel_size
+from steerlm.runtime.layout import ParallelLayout
+from steerlm.stages.hf_export import export_to_hf
+from steerlm.stages.hf_import import import_to_steerlm
+
+log = logging.getLogger(__name__)
+# (input format, output format) → the conversion; collective over the layout it is given.
+CONVERSIONS: dict[tuple[ModelFormat, ModelFormat], Callable[[ConvertConfig, ParallelLayout], Path]] = {
+    (ModelFormat.steerlm, ModelFormat.hf): export_to_hf,
+    (ModelFormat.hf, ModelFormat.steerlm): import_to_steerlm,
+}
+
+
+def convert(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
+    """Collective: the conversion `cfg` asks for, at `layout` (already initialised); returns the output path."""
+    conversion = CONVERSIONS.get((cfg.source, cfg.target))
+    if conversion is None:
+        raise ConfigError(
+            "to",
+            cfg.target.value,
+            f"steerlm cannot convert {cfg.source.value} into {cfg.target.value}",
+            "convert steerlm → hf or hf → steerlm",
+        )
+    with torch.no_grad():
+        return conversion(cfg, layout)
+
+
+def run(cfg: ConvertConfig) -> Path | None:
+    """Validate, start the runtime at `cfg.parallel` (one model copy over all launched ranks), convert; the output
+    path on rank 0 (None elsewhere)."""
+    cfg.validate()
+    world = runtime.launch_world_size()
+    if data_parallel_size(cfg.parallel, world) != 1:
+        tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+        raise ConfigError(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"{world} processes would hold {world // (tp * pp)} copies of the model; a conversion reads one",
+            f"launch exactly {tp * pp} process(es) (torchrun --nproc-per-node {tp * pp}) for TP={tp} x PP={pp}",
+        )
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    layout = runtime.initialize(cfg.parallel, cfg.seed)
+    try:
+        output = convert(cfg, layout)
+    finally:
+        runtime.shutdown()
+    return output if layout.is_rank_zero else None

@@ -1,0 +1,272 @@
+"""A Hugging Face Llama directory → a steerlm checkpoint at any TP/PP (`recipes/convert.py to=steerlm`).
+
+Collective over the layout the checkpoint is written from. A LlamaForCausalLM becomes a language model, a
+LlamaForSequenceClassification a regression APM (`score` is its head). An export of steerlm's own carries
+`steerlm/` (the source config, the word vocabulary, the APM head's bias in config.json and its unused
+vocabulary output layer), so export → import gives the same config and bitwise the same weights; another
+tool's model gets a config synthesised from config.json (an APM's schema from `id2label` and `apm_range`).
+
+Each rank builds its shards and fills them from the safetensors files one full tensor at a time
+(`MegatronFromHF` reads lazily), then the checkpoint is saved weights-only: runs start from it with
+`init_from`, and chat, serve, annotate and evaluate read it like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from steerlm import runtime
+from steerlm.checkpoint.sharded import save_checkpoint
+from steerlm.config import AttributeModelConfig, ConfigError, ModelConfig, PrecisionConfig, TrainConfig, to_typed
+from steerlm.config.convert import ConvertConfig
+from steerlm.config.pretrain import PretrainConfig, TextDataConfig
+from steerlm.config.schema import APMConfig, AttributesConfig, DType, TokenizerConfig, TokenizerType, TrainDataConfig
+from steerlm.config.sft import SFTConfig
+from steerlm.config.validation import validate_model_layout
+from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.models.gpt import build_model_chunks
+from steerlm.models.hf_llama import (
+    HEAD_BIAS,
+    MegatronFromHF,
+    SafetensorsWeights,
+    check_hf_config,
+    hf_model_fields,
+    read_hf_config,
+)
+from steerlm.models.sharding import load_full_parameters, named_global_parameters
+from steerlm.runtime.layout import ParallelLayout
+from steerlm.stages.export_source import (
+    EXPORT_DIR,
+    EXPORT_FILE,
+    EXTRA_WEIGHTS,
+    SCORE_BIAS,
+    SOURCE_CONFIG,
+    ModelKind,
+)
+from steerlm.tokenizers import VOCAB_FILE
+
+log = logging.getLogger(__name__)
+ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
+TOKENIZER_DIR = "tokenizer"
+# The files of a Hugging Face tokenizer that an import copies next to the checkpoint.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+_DTYPES = {"float32": DType.fp32, "bfloat16": DType.bf16, "float16": DType.fp16}
+
+
+class _WeightsOnly:
+    """What `save_checkpoint` saves of a model without training state."""
+
+    def __init__(self, chunks: list) -> None:
+        self.model, self.optimizer, self.scheduler = chunks, None, None
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    config: TrainConfig  # what the checkpoint's config.yaml will say (model, tokenizer, schema, …)
+    num_attributes: int | None  # a regression APM's head size
+    step: int
+    extras: dict[str, torch.Tensor]  # megatron tensors that are not HF tensors (an APM head's bias)
+    tokenizer_source: Path | None  # the directory an import copies the tokenizer from
+    weights: tuple[Path, ...]  # the directories whose *.safetensors hold the HF tensors
+
+
+def _architecture(hf: dict, location: str) -> str:
+    architecture = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(
+            "input",
+            location,
+            f"config.json names the architecture {architecture!r}",
+            f"convert a {' or a '.join(ARCHITECTURES)}",
+        )
+    return architecture
+
+
+def _synthesised_model(hf: dict, location: str) -> ModelConfig:
+    """`model.*` of another tool's Llama: the fields config.json determines, defaults left as defaults."""
+    fields = hf_model_fields(hf, "input", location)
+    if fields["num_query_groups"] == fields["num_attention_heads"]:
+        fields["num_query_groups"] = None
+    if fields["kv_channels"] == fields["hidden_size"] // fields["num_attention_heads"]:
+        fields["kv_channels"] = None
+    name = Path(location).resolve().name
+    return ModelConfig(name=name, max_position_embeddings=hf["max_position_embeddings"], **fields)
+
+
+def _dtype(hf: dict, weights: SafetensorsWeights) -> DType:
+    named = hf.get("torch_dtype") or hf.get("dtype")
+    if named in _DTYPES:
+        return _DTYPES[named]
+    first = next(iter(weights), None)
+    kind = {torch.float32: DType.fp32, torch.bfloat16: DType.bf16, torch.float16: DType.fp16}
+    return kind.get(weights[first].dtype, DType.fp32) if first is not None else DType.fp32
+
+
+def _hf_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+
+
+def _check_vocabulary(directory: Path, vocab_size: int, location: str) -> None:
+    """A tokenizer with more ids than the model has rows would index past the embedding."""
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as TokenizerFile
+
+        size = TokenizerFile.from_file(str(directory / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    else:
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+    if size > vocab_size:
+        raise ConfigError(
+            "input",
+            location,
+            f"its tokenizer has {size} token ids but config.json's vocab_size is {vocab_size}",
+            "convert a directory whose tokenizer and model belong together",
+        )
+
+
+def _typed_saved(directory: Path) -> TrainConfig:
+    """The config the exported checkpoint was trained with, as its recipe's dataclass."""
+    saved = OmegaConf.load(directory / EXPORT_DIR / SOURCE_CONFIG)
+    if not isinstance(saved, DictConfig):
+        raise ConfigError("input", str(directory), f"{EXPORT_DIR}/{SOURCE_CONFIG} is not a config", "re-export it")
+    schema: type = TrainConfig
+    for section, kind in (("apm", AttributeModelConfig), ("sft", SFTConfig), ("pretrain", PretrainConfig)):
+        if section in saved:
+            schema = kind
+            break
+    return to_typed(saved, schema)
+
+
+def _steerlm_export(cfg: ConvertConfig, directory: Path, hf: dict, output: Path) -> ImportPlan:
+    """An export of steerlm's: its own config back, the model checked against config.json."""
+    config = _typed_saved(directory)
+    check_hf_config(hf, config.model, "input", cfg.input)
+    export = json.loads((directory / EXPORT_DIR / EXPORT_FILE).read_text())
+    extras: dict[str, torch.Tensor] = {}
+    num_attributes = None
+    if export["kind"] == ModelKind.regression_apm.value:
+        bias = torch.tensor(hf[SCORE_BIAS], dtype=torch.float32)
+        num_attributes = int(bias.numel())
+        extras[HEAD_BIAS] = bias
+    weights = (
+        (directory, directory / EXPORT_DIR) if (directory / EXPORT_DIR / EXTRA_WEIGHTS).is_file() else (directory,)
+    )
+    tokenizer = None
+    if export.get("tokenizer") == TokenizerType.word.value:
+        tokenizer = directory / EXPORT_DIR
+    elif export.get("tokenizer") == TokenizerType.hf.value:
+        tokenizer = directory
+    changes: dict[str, Any] = {"output_dir": str(output)}
+    if tokenizer is not None and hasattr(config, "tokenizer"):
+        changes["tokenizer"] = TokenizerConfig(TokenizerType(export["tokenizer"]), str(output / TOKENIZER_DIR))
+    config = replace(config, **changes)
+    return ImportPlan(config, num_attributes, int(export["step"]), extras, tokenizer, weights)
+
+
+def _other_tool(cfg: ConvertConfig, directory: Path, hf: dict, output: Path, architecture: str) -> ImportPlan:
+    """Another tool's Llama: a config synthesised from config.json (and `apm_range` for a reward model)."""
+    model = _synthesised_model(hf, cfg.input)
+    weights = SafetensorsWeights(directory)
+    precision = PrecisionConfig(dtype=_dtype(hf, weights))
+    has_tokenizer = _hf_tokenizer_files(directory)
+    tokenizer = TokenizerConfig(TokenizerType.hf, str(output / TOKENIZER_DIR))
+    placeholder = f"(imported from {directory}; not trained by steerlm)"
+    common: dict[str, Any] = {"model": model, "precision": precision, "output_dir": str(output)}
+    if architecture == "LlamaForSequenceClassification":
+        labels = [hf.get("id2label", {}).get(str(i), f"score_{i}") for i in range(int(hf.get("num_labels", 1)))]
+        if cfg.apm_range is None:
+            raise ConfigError(
+                "apm_range",
+                None,
+                f"{cfg.input} is a reward model of another tool ({', '.join(labels)}); steerlm needs its scores' range",
+                "set apm_range=[min,max], e.g. apm_range=[0,4] for HelpSteer-style attributes",
+            )
+        if not has_tokenizer:
+            raise ConfigError("input", cfg.input, "has no tokenizer files", "convert a directory with its tokenizer")
+        low, high = cfg.apm_range
+        attributes = AttributesConfig(directory.resolve().name, labels, low, high, integer=False)
+        config: TrainConfig = AttributeModelConfig(
+            **common,
+            attributes=attributes,
+            tokenizer=tokenizer,
+            data=TrainDataConfig(train_file=placeholder),
+            apm=APMConfig(),
+        )
+        bias = torch.zeros(len(labels))
+        return ImportPlan(config, len(labels), 0, {HEAD_BIAS: bias}, directory, (directory,))
+    if has_tokenizer:
+        config = PretrainConfig(**common, tokenizer=tokenizer, data=TextDataConfig(train_file=placeholder))
+        return ImportPlan(config, None, 0, {}, directory, (directory,))
+    log.info("%s has no tokenizer files: the checkpoint's config names none", cfg.input)
+    return ImportPlan(TrainConfig(**common), None, 0, {}, None, (directory,))
+
+
+def plan_import(cfg: ConvertConfig) -> ImportPlan:
+    """What the import of `cfg.input` writes, read from its files (no weights but an export's extras)."""
+    directory, output = Path(cfg.input), Path(cfg.output).resolve()
+    hf = read_hf_config(directory)
+    architecture = _architecture(hf, cfg.input)
+    if (directory / EXPORT_DIR / EXPORT_FILE).is_file():
+        plan = _steerlm_export(cfg, directory, hf, output)
+    else:
+        plan = _other_tool(cfg, directory, hf, output, architecture)
+    if (plan.num_attributes is not None) != (architecture == "LlamaForSequenceClassification"):
+        raise ConfigError(
+            "input",
+            cfg.input,
+            f"config.json's architecture {architecture} disagrees with {EXPORT_DIR}/{EXPORT_FILE}",
+            "re-export the model with recipes/convert.py",
+        )
+    if _hf_tokenizer_files(directory):
+        _check_vocabulary(directory, hf["vocab_size"], cfg.input)
+    return plan
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (VOCAB_FILE, *TOKENIZER_FILES):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
+    """Collective: write a weights-only steerlm checkpoint of the HF directory `cfg.input` into `cfg.output`."""
+    plan = plan_import(cfg)
+    model = plan.config.model
+    validate_model_layout(model, cfg.parallel, runtime.detect_accelerator())
+    precision = plan.config.precision
+    if plan.num_attributes is not None:
+        chunks = build_attribute_model_chunks(model, precision, layout, cfg.seed, plan.num_attributes)
+    else:
+        chunks = build_model_chunks(model, precision, layout, cfg.seed)
+    names = [name for name, _ in named_global_parameters(chunks)]
+    from_hf = MegatronFromHF(SafetensorsWeights(*plan.weights), model, [n for n in names if n not in plan.extras])
+    try:
+        load_full_parameters(chunks, from_hf, layout.tp_rank, layout.tp, keep=lambda name: name in plan.extras)
+        load_full_parameters(chunks, plan.extras, layout.tp_rank, layout.tp, keep=lambda name: name not in plan.extras)
+    except (KeyError, ValueError) as error:
+        message = str(error.args[0]) if error.args else str(error)
+        raise ConfigError("input", cfg.input, message, "convert a complete Llama checkpoint of this shape") from None
+    output = Path(plan.config.output_dir)
+    if layout.is_rank_zero and plan.tokenizer_source is not None:
+        _copy_tokenizer(plan.tokenizer_source, output / TOKENIZER_DIR)
+    save_checkpoint(output, plan.step, _WeightsOnly(chunks), layout, plan.config)
+    if layout.is_rank_zero:
+        log.info("imported %s into %s (step %d, %s)", cfg.input, output, plan.step, layout.describe())
+    return output

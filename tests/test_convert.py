@@ -1,0 +1,323 @@
+"""`recipes/convert.py`: steerlm checkpoints out to Hugging Face and back.
+
+Exports written at TP=2 and at PP=2 load in `transformers` unchanged and give steerlm's logits (GQA, tied
+embeddings, Llama-3 RoPE scaling) and greedy generations; the files are byte-identical to a one-rank export;
+export → import (at another layout) gives bitwise the same weights and config; a regression APM exports as
+LlamaForSequenceClassification whose scores (plus the head's bias) equal steerlm's on a right-padded batch;
+the chat template, rendered and tokenised as vLLM does, gives exactly the ids steerlm's server generates
+from; and bad inputs are refused naming the tensor or key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from steerlm import runtime
+from steerlm.checkpoint.sharded import load_weights, save_checkpoint
+from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, ParallelConfig, PrecisionConfig
+from steerlm.config.convert import ConvertConfig
+from steerlm.config.schema import TokenizerConfig, TokenizerType, TrainDataConfig
+from steerlm.config.sft import SFTConfig
+from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
+from steerlm.data.template import SteerLMTemplate
+from steerlm.inference.generate import SamplingParams
+from steerlm.inference.loading import load_generator
+from steerlm.inference.scoring import AttributeScorer
+from steerlm.inference.steering import ChatMessage, Steering
+from steerlm.models import build_model_chunks
+from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.models.sharding import named_global_parameters
+from steerlm.stages.convert import convert
+from steerlm.tokenizers import WordTokenizer, load_tokenizer
+from tests.conftest import TEST_MODEL
+from tests.multiproc import run_distributed
+
+transformers = pytest.importorskip("transformers")
+
+SCHEMA = AttributesConfig(name="three", attributes=["helpfulness", "verbosity", "humor"])
+TEXTS = [
+    "Hello there! How are you today? What is the capital of France? Paris, of course. And of Spain, please?",
+    "Tell me a story about a cat. A cat sat. The end. Another one! Be kind. Use plain words. You answer briefly.",
+    "System User Assistant helpfulness verbosity humor 0 1 2 3 4 : , café naïve it's x-y",
+    DEFAULT_SYSTEM_PROMPT,
+]
+TIED_SCALED = replace(TEST_MODEL, share_embeddings_and_output_weights=True, rope_scaling=True, rope_scaling_factor=8.0)
+CHATS = [
+    ([{"role": "user", "content": "Hello there!"}], None),
+    ([{"role": "user", "content": "Hello there!"}], {"helpfulness": 4, "humor": 0}),
+    (
+        [
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris, of course."},
+            {"role": "user", "content": "  And of Spain,   please ?"},
+        ],
+        {"verbosity": 1.0, "humor": None},
+    ),
+    (
+        [
+            {"role": "developer", "content": "Be kind."},
+            {"role": "system", "content": "Use plain words.\n"},
+            {"role": "user", "content": "Tell me a story about a cat."},
+            {"role": "assistant", "content": " A cat sat.\n\nThe end. "},
+            {"role": "user", "content": "Another one! café"},
+        ],
+        None,
+    ),
+]
+
+
+class _WeightsOnly:
+    def __init__(self, chunks: list) -> None:
+        self.model, self.optimizer, self.scheduler = chunks, None, None
+
+
+def _byte_level_bpe(directory: Path) -> Path:
+    """A byte-level BPE tokenizer (GPT-2/Llama-3 style, with BOS) trained on TEXTS, saved as transformers does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator(
+        TEXTS, trainers.BpeTrainer(vocab_size=330, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=alphabet)
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(directory)
+    return directory
+
+
+def _checkpoint(layout, root: Path, model, apm: bool = False, hf_tokenizer: bool = False) -> Path:
+    """A weights-only steerlm run (an SFT model, or a regression APM with a non-zero head bias) at `root`, with the
+    word tokenizer or a byte-level BPE one."""
+    tokenizer = root.parent / ("bpe" if hf_tokenizer else "tokenizer")
+    if not tokenizer.exists():
+        _byte_level_bpe(tokenizer) if hf_tokenizer else WordTokenizer.build(TEXTS).save(tokenizer)
+    kind = TokenizerType.hf if hf_tokenizer else TokenizerType.word
+    common = {
+        "model": model,
+        "output_dir": str(root),
+        "attributes": SCHEMA,
+        "tokenizer": TokenizerConfig(kind, str(tokenizer)),
+        "data": TrainDataConfig(train_file="unused.jsonl"),
+    }
+    if apm:
+        chunks = build_attribute_model_chunks(model, PrecisionConfig(), layout, 11, 3)
+        torch.nn.init.normal_(chunks[0].attribute_head.bias)
+        cfg = AttributeModelConfig(**common)
+    else:
+        chunks = build_model_chunks(model, PrecisionConfig(), layout, 7)
+        cfg = SFTConfig(**common)
+    save_checkpoint(root, 5, _WeightsOnly(chunks), layout, cfg)
+    return root
+
+
+def _convert(input: Path, output: Path, **options) -> ConvertConfig:
+    cfg = ConvertConfig(input=str(input), output=str(output), **options)
+    cfg.validate()
+    return cfg
+
+
+def _distributed_conversions(jobs: list[tuple[str, str, dict, int, int]]) -> None:
+    for input, output, options, tp, pp in jobs:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        layout = runtime.initialize(parallel, seed=0)
+        convert(_convert(Path(input), Path(output), parallel=parallel, **options), layout)
+        runtime.shutdown(destroy_process_group=False)
+    runtime.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(layout, tmp_path_factory) -> dict:
+    """A tied + scaled-RoPE SFT model (exported at one rank) and an untied one."""
+    root = tmp_path_factory.mktemp("convert")
+    tied, untied = _checkpoint(layout, root / "tied", TIED_SCALED), _checkpoint(layout, root / "untied", TEST_MODEL)
+    convert(_convert(tied, root / "tied_tp1"), layout)
+    return {"root": root, "tied": tied, "untied": untied, "export": root / "tied_tp1"}
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints: dict) -> dict:
+    """In one two-rank launch: the tied model exported at TP=2, the untied one at PP=2 (sharded), and that
+    export imported back at TP=2."""
+    root = checkpoints["root"]
+    jobs = [
+        (str(checkpoints["tied"]), str(root / "tied_tp2"), {}, 2, 1),
+        (str(checkpoints["untied"]), str(root / "untied_pp2"), {"max_shard_size": "200KB"}, 1, 2),
+        (str(root / "untied_pp2"), str(root / "untied_back"), {}, 2, 1),
+    ]
+    run_distributed(_distributed_conversions, 2, jobs)
+    return checkpoints
+
+
+def _parameters(layout, run: Path, model) -> dict[str, torch.Tensor]:
+    chunks = build_model_chunks(model, PrecisionConfig(), layout, 99)
+    load_weights(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip(), chunks, layout, model)
+    return {name: param.detach().clone() for name, param in named_global_parameters(chunks)}
+
+
+def _steerlm_logits(layout, run: Path, model, tokens: torch.Tensor) -> torch.Tensor:
+    chunks = build_model_chunks(model, PrecisionConfig(), layout, 99)
+    load_weights(run / "checkpoints" / "step_0000005", chunks, layout, model)
+    with torch.no_grad():
+        return chunks[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., : model.vocab_size]
+
+
+@pytest.mark.slow
+def test_exports_at_tp2_and_pp2_give_steerlm_logits(layout, exported: dict) -> None:
+    root = exported["root"]
+    tokens = torch.randint(0, 150, (2, 24), generator=torch.Generator().manual_seed(3))
+    for run, directory, model in (
+        (exported["tied"], root / "tied_tp2", TIED_SCALED),
+        (exported["untied"], root / "untied_pp2", TEST_MODEL),
+    ):
+        hf = transformers.LlamaForCausalLM.from_pretrained(directory).eval()
+        with torch.no_grad():
+            hf_logits = hf(tokens).logits
+        torch.testing.assert_close(hf_logits, _steerlm_logits(layout, run, model, tokens), rtol=0, atol=1e-4)
+    config = json.loads((root / "tied_tp2" / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["rope_scaling"]["rope_type"] == "llama3"
+    assert config["num_key_value_heads"] == 2 and config["architectures"] == ["LlamaForCausalLM"]
+    index = json.loads((root / "untied_pp2" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and "lm_head.weight" in index["weight_map"]
+    for file in (root / "tied_tp2").glob("*.safetensors"):  # the layout that wrote them does not show
+        assert file.read_bytes() == (root / "tied_tp1" / file.name).read_bytes()
+
+
+@pytest.mark.slow
+def test_export_then_import_is_bitwise_identity(layout, exported: dict) -> None:
+    source, back = exported["untied"], exported["root"] / "untied_back"
+    before, after = _parameters(layout, source, TEST_MODEL), _parameters(layout, back, TEST_MODEL)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    meta = json.loads((back / "checkpoints" / "step_0000005" / "steerlm_checkpoint.json").read_text())
+    assert meta["weights_only"] and meta["step"] == 5
+    assert WordTokenizer.load(back / "tokenizer").decode(range(20)) == WordTokenizer.load(
+        source.parent / "tokenizer"
+    ).decode(range(20))
+
+
+def _steerlm_request_ids(steering: Steering, messages: list[dict], attributes: dict | None) -> list[int]:
+    """What steerlm's server does with a chat request (inference/server.py)."""
+    labels = steering.labels(attributes)
+    system, turns = steering.conversation([ChatMessage(m["role"], m["content"]) for m in messages], labels)
+    return steering.prompt_ids(system, turns, labels)
+
+
+@pytest.mark.parametrize("kind", ["word", "byte_level_bpe"])
+def test_chat_template_gives_steerlm_prompt_ids(layout, checkpoints: dict, tmp_path: Path, kind: str) -> None:
+    if kind == "word":
+        directory, tokenizer = checkpoints["export"], WordTokenizer.load(checkpoints["tied"].parent / "tokenizer")
+    else:
+        run = _checkpoint(layout, tmp_path / "bpe_sft", replace(TEST_MODEL, vocab_size=340), hf_tokenizer=True)
+        directory = tmp_path / "bpe_export"
+        convert(_convert(run, directory), layout)
+        tokenizer = load_tokenizer("hf", tmp_path / "bpe")
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    steering = Steering(SteerLMTemplate(SCHEMA.schema()), tokenizer, {}, ConvertConfig.system_prompt, 10_000)
+    for messages, attributes in CHATS:
+        extra = {} if attributes is None else {"attributes": attributes}
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+        expected = _steerlm_request_ids(steering, messages, attributes)
+        assert hf(text, add_special_tokens=False)["input_ids"] == expected, text
+        assert hf.decode(expected) == tokenizer.decode(expected) and text.startswith("<s><extra_id_0>System")
+    with pytest.raises(Exception, match="out of range"):
+        hf.apply_chat_template(CHATS[0][0], add_generation_prompt=True, tokenize=False, attributes={"humor": 9})
+    generation = json.loads((directory / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.token_to_id("<extra_id_1>"), tokenizer.eos_id]
+
+
+def test_greedy_generation_equals_steerlm(layout, checkpoints: dict) -> None:
+    directory = checkpoints["export"]
+    loaded = load_generator(str(checkpoints["tied"]), layout, PrecisionConfig())
+    steering = Steering(loaded.template, loaded.tokenizer, {}, ConvertConfig.system_prompt, 10_000)
+    prompt = _steerlm_request_ids(steering, *CHATS[2])
+    ours = loaded.generator.generate([prompt], [SamplingParams(max_new_tokens=10)])[0].token_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :].tolist()
+    assert theirs[: len(ours)] == ours and len(ours) >= 1
+
+
+def test_word_tokenizer_export_gives_the_same_ids() -> None:
+    tokenizer = WordTokenizer.build([*TEXTS, "héllo ÿ ǅ ½ ² 東京 😀 e\u0301"])
+    exported = tokenizer.hf_tokenizer()
+    for text in [
+        *TEXTS,
+        "  Hello   there ,how are\n you :humor:4  ",
+        "<extra_id_0>System\n\n<extra_id_1>User\nhi <extra_id_1>Assistant\n<extra_id_2>humor:4\n",
+        "<extra_id_2> Hello  <extra_id_1>  cat",
+        "café\u00a0naïve\u3000東京\r\nit's\tx-y__z\u2028😀 e\u0301 ½",
+        " \n x \n",
+    ]:
+        assert exported.encode(text).ids == tokenizer.encode(text), repr(text)
+
+
+def test_regression_apm_exports_as_sequence_classification(layout, tmp_path: Path) -> None:
+    run = _checkpoint(layout, tmp_path / "apm", TEST_MODEL, apm=True)
+    convert(_convert(run, tmp_path / "hf"), layout)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    config = hf.config
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and config.num_labels == 3
+    assert [config.id2label[i] for i in range(3)] == SCHEMA.attributes and config.pad_token_id == 0
+    conversations = [chat[0][:-1] for chat in CHATS[2:]] + [[*CHATS[0][0], {"role": "assistant", "content": "Hi."}]]
+    texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
+    batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    assert len({int(n) for n in batch["attention_mask"].sum(1)}) == 3  # three lengths, right-padded
+    with torch.no_grad():
+        scores = hf(**batch).logits + torch.tensor(config.steerlm_score_bias)
+    scorer = AttributeScorer.from_checkpoint(run, layout)
+    steering = Steering(scorer.template, scorer.tokenizer, {}, ConvertConfig.system_prompt, 10_000)
+    ours = scorer.score([steering.scoring_conversation([ChatMessage(**m) for m in c]) for c in conversations])
+    expected = torch.tensor([[row[name] for name in SCHEMA.attributes] for row in ours], dtype=torch.float32)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-4)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "helpfulness, verbosity, humor" in card and "integers from 0 to 4" in card and "<extra_id_2>" in card
+    convert(_convert(tmp_path / "hf", tmp_path / "back"), layout)
+    chunks = [build_attribute_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 1, 3) for _ in range(2)]
+    load_weights(run / "checkpoints" / "step_0000005", chunks[0], layout, TEST_MODEL)
+    load_weights(tmp_path / "back" / "checkpoints" / "step_0000005", chunks[1], layout, TEST_MODEL)
+    pairs = zip(named_global_parameters(chunks[0]), named_global_parameters(chunks[1]))
+    assert all(a == b and torch.equal(p, q) for (a, p), (b, q) in pairs)
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_bad_inputs_are_refused_naming_the_tensor_or_key(layout, checkpoints: dict, tmp_path: Path) -> None:
+    import shutil
+
+    source = checkpoints["export"]
+    cases = {
+        "architecture": ({"architectures": ["MistralForCausalLM"]}, "input", "MistralForCausalLM"),
+        "vocabulary": ({"vocab_size": 50}, "input", "but config.json's vocab_size is 50"),
+        "missing": ({}, "input", "model.layers.1.mlp.up_proj.weight"),
+    }
+    for name, (changes, key, needle) in cases.items():
+        directory = tmp_path / name
+        shutil.copytree(source, directory)
+        _edit_config(directory, **changes)
+        if name == "vocabulary":  # another tool's export: nothing but config.json describes the model
+            shutil.rmtree(directory / "steerlm")
+        if name == "missing":
+            tensors = load_file(directory / "model.safetensors")
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+            save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ConfigError) as error:
+            convert(_convert(directory, tmp_path / f"{name}_out"), layout)
+        assert error.value.key == key and needle in str(error.value), str(error.value)
+    (tmp_path / "model.nemo").write_bytes(b"")
+    with pytest.raises(ConfigError, match="NeMo .nemo checkpoint"):
+        _convert(tmp_path / "model.nemo", tmp_path / "nemo_out")
+    with pytest.raises(ConfigError) as error:
+        _convert(checkpoints["tied"], source)
+    assert error.value.key == "output"
