@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from steerlm import runtime
 from steerlm.checkpoint.sharded import load_weights, save_checkpoint
 from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, ParallelConfig, PrecisionConfig
-from steerlm.config.convert import ConvertConfig
+from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.schema import TokenizerConfig, TokenizerType, TrainDataConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
@@ -316,8 +316,8 @@ def test_bad_inputs_are_refused_naming_the_tensor_or_key(layout, checkpoints: di
             convert(_convert(directory, tmp_path / f"{name}_out"), layout)
         assert error.value.key == key and needle in str(error.value), str(error.value)
     (tmp_path / "model.nemo").write_bytes(b"")
-    with pytest.raises(ConfigError, match="NeMo .nemo checkpoint"):
-        _convert(tmp_path / "model.nemo", tmp_path / "nemo_out")
+    with pytest.raises(ConfigError, match="converts into a steerlm checkpoint only"):
+        _convert(tmp_path / "model.nemo", tmp_path / "nemo_out", to=ModelFormat.hf)
     with pytest.raises(ConfigError) as error:
         _convert(checkpoints["tied"], source)
     assert error.value.key == "output"

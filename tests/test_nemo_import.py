@@ -15,6 +15,7 @@ import torch
 
 from steerlm.checkpoint.sharded import load_weights
 from steerlm.config import ConfigError, ModelConfig, Normalization, ParallelConfig, PrecisionConfig
+from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.store import shipped_attributes
 from steerlm.errors import DataError
 from steerlm.inference.loading import load_generator, read_checkpoint_setup
@@ -24,6 +25,7 @@ from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.nemo_config import nemo_model
 from steerlm.models.nemo_weights import NemoCheckpoint, model_tensor_names
 from steerlm.models.sharding import named_global_parameters
+from steerlm.stages.convert import convert
 from steerlm.stages.nemo_import import import_nemo
 from steerlm.training.init_from import InitFormat, load_init_weights, resolve_init_source
 from tests.multiproc import run_distributed
@@ -143,6 +145,21 @@ def test_reward_model_imports_as_an_attribute_model(layout, llama, archives, tmp
         assert torch.equal(chunks[0](tokens, positions, None), expected[0](tokens, positions, None))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         import_nemo(archives["reward"], tmp_path / "apm", layout)
+
+
+def test_convert_recipe_imports_a_nemo_archive(layout, llama, archives, tmp_path: Path) -> None:
+    """`recipes/convert.py input=<x.nemo> output=<dir>` (to=steerlm by default): the checkpoint serves the source
+    logits; to=hf is refused with the two-step fix."""
+    cfg = ConvertConfig(input=str(archives["distributed"]), output=str(tmp_path / "converted"))
+    cfg.validate()
+    assert cfg.target == ModelFormat.steerlm
+    path = convert(cfg, layout)
+    loaded = load_generator(str(tmp_path / "converted"), layout, PrecisionConfig())
+    assert path.parent.parent == tmp_path / "converted"
+    torch.testing.assert_close(_logits([loaded.generator.model]), _source_logits(llama), rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="converts into a steerlm checkpoint only") as error:
+        replace(cfg, output=str(tmp_path / "hf"), to=ModelFormat.hf).validate()
+    assert error.value.key == "to"
 
 
 def test_nemo_archive_serves_in_place(layout, llama, archives) -> None:

@@ -21,7 +21,7 @@ from omegaconf import MISSING
 
 from steerlm.config.schema import DType, ParallelConfig, is_hf_model_dir
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
-from steerlm.errors import ConfigError, require, require_distinct_output
+from steerlm.errors import require, require_distinct_output
 
 NEMO_CONFIG_FILE = "model_config.yaml"  # what an unpacked .nemo archive holds at its top level
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
@@ -32,7 +32,7 @@ _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 class ModelFormat(str, Enum):
     steerlm = "steerlm"  # a run directory (its checkpoints/latest) or one checkpoints/step_* directory
     hf = "hf"  # a Hugging Face Llama directory: config.json + *.safetensors (+ tokenizer files)
-    nemo = "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): recognised, not read yet
+    nemo = "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): converts into a steerlm checkpoint
 
 
 def input_format(path: Path) -> ModelFormat:
@@ -65,10 +65,10 @@ def parse_size(key: str, text: str) -> int:
 class ConvertConfig:
     input: str = MISSING  # a steerlm run dir / checkpoint, or a Hugging Face Llama directory
     output: str = MISSING  # a new directory (an existing one must be empty)
-    to: Optional[ModelFormat] = None  # null: the other format than input's (steerlm → hf, hf → steerlm)
+    to: Optional[ModelFormat] = None  # null: the other format than input's (steerlm → hf, hf/nemo → steerlm)
     max_shard_size: str = "5GB"  # to=hf: larger exports split over model-0000N-of-0000M.safetensors + an index
-    dtype: Optional[DType] = None  # to=hf: the exported tensors' dtype; null: as trained
-    tokenizer_path: Optional[str] = None  # to=hf: null: the tokenizer directory the checkpoint was trained with
+    dtype: Optional[DType] = None  # to=hf / from .nemo: the written tensors' dtype; null: as trained
+    tokenizer_path: Optional[str] = None  # to=hf: null: the checkpoint's tokenizer; from .nemo: null: the archive's
     attributes: dict[str, Optional[float]] = field(default_factory=dict)  # to=hf: the chat template's defaults
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # to=hf: the chat template's system prompt when a request has none
     apm_range: Optional[list[float]] = None  # to=steerlm of another tool's reward model: [min, max] of its scores
@@ -84,7 +84,7 @@ class ConvertConfig:
     def target(self) -> ModelFormat:
         if self.to is not None:
             return self.to
-        return ModelFormat.steerlm if self.source == ModelFormat.hf else ModelFormat.hf
+        return ModelFormat.hf if self.source == ModelFormat.steerlm else ModelFormat.steerlm
 
     @property
     def max_shard_bytes(self) -> int:
@@ -97,15 +97,15 @@ class ConvertConfig:
             "input",
             self.input,
             "does not exist",
-            "pass a steerlm training output_dir or checkpoint, or a Hugging Face Llama directory",
+            "pass a steerlm training output_dir or checkpoint, a Hugging Face Llama directory or a .nemo archive",
         )
-        if self.source == ModelFormat.nemo:
-            raise ConfigError(
-                "input",
-                self.input,
-                "is a NeMo .nemo checkpoint, which steerlm cannot read yet",
-                "convert it with NeMo's own Hugging Face exporter and pass that directory as input",
-            )
+        require(
+            self.source != ModelFormat.nemo or self.target == ModelFormat.steerlm,
+            "to",
+            self.target.value,
+            "a .nemo archive converts into a steerlm checkpoint only",
+            f"convert in two steps: to=steerlm output=<dir>, then input=<dir> to={self.target.value}",
+        )
         require(
             self.target != self.source and self.target != ModelFormat.nemo,
             "to",

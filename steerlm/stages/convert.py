@@ -1,8 +1,8 @@
 """`recipes/convert.py`: a model between steerlm's checkpoint format and Hugging Face's, either way.
 
 The input's format (`steerlm.config.convert.input_format`) picks the direction; each format that can be
-read has one reader here. A `.nemo` archive is recognised and refused by the config until its reader lands
-(it will convert like a Hugging Face directory: into a steerlm checkpoint).
+read has one reader here. A `.nemo` archive converts like a Hugging Face directory: into a steerlm checkpoint
+(`steerlm.stages.nemo_import`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,21 @@ from steerlm.config.validation import data_parallel_size
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.stages.hf_export import export_to_hf
 from steerlm.stages.hf_import import import_to_steerlm
+from steerlm.stages.nemo_import import import_nemo
 
 log = logging.getLogger(__name__)
+
+
+def import_from_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
+    """A NeMo 1.x archive as a weights-only steerlm checkpoint under `cfg.output` (its tokenizer beside it)."""
+    return import_nemo(cfg.input, cfg.output, layout, tokenizer_path=cfg.tokenizer_path, dtype=cfg.dtype)
+
+
 # (input format, output format) → the conversion; collective over the layout it is given.
 CONVERSIONS: dict[tuple[ModelFormat, ModelFormat], Callable[[ConvertConfig, ParallelLayout], Path]] = {
     (ModelFormat.steerlm, ModelFormat.hf): export_to_hf,
     (ModelFormat.hf, ModelFormat.steerlm): import_to_steerlm,
+    (ModelFormat.nemo, ModelFormat.steerlm): import_from_nemo,
 }
 
 
@@ -37,7 +46,7 @@ def convert(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             "to",
             cfg.target.value,
             f"steerlm cannot convert {cfg.source.value} into {cfg.target.value}",
-            "convert steerlm → hf or hf → steerlm",
+            "convert steerlm → hf, or hf / nemo → steerlm",
         )
     with torch.no_grad():
         return conversion(cfg, layout)
