@@ -225,6 +225,29 @@ def test_nemo_prompt_is_the_training_prefix_and_context_answers_are_masked(built
     assert all(everything.trainable) and everything.ids == example.ids
 
 
+def test_helpsteer2_history_is_masked_as_nemo_masks_it(built: dict[str, Path], tmp_path: Path) -> None:
+    """The default `helpsteer2` reader keeps the packed history in the User turn: NeMo's ids and mask; the
+    `helpsteer2_turns` reader trains the earlier answer too."""
+    from steerlm.data.readers import DEFAULT_SYSTEM_PROMPT, DataFormat, read_records
+
+    prompt = "Name a colour.\n<extra_id_1>Assistant\nBlue.\n<extra_id_1>User\nAnother one?"
+    row = {"prompt": prompt, "response": "Green.", **{name: 2 for name in SCHEMA.attributes}}
+    (tmp_path / "hs2.jsonl").write_text(json.dumps(row) + "\n")
+    tokenizer = load_tokenizer("hf", built["byte_bpe"], markers=False)
+    template = _template(Tokenization.nemo)
+    [folded] = read_records(tmp_path / "hs2.jsonl", DataFormat.helpsteer2, SCHEMA)
+    example = conversation_example(template, folded, tokenizer)
+    ids, mask = _nemo_preprocess(to_conversation_json(folded, SCHEMA), _raw_encoder("byte_bpe", built["byte_bpe"]))
+    assert (list(example.ids), list(example.trainable)) == (ids, mask)
+    assert tokenizer.decode([i for i, t in zip(example.ids, example.trainable) if t]) == "Green.\n<extra_id_1>"
+    [split] = read_records(tmp_path / "hs2.jsonl", DataFormat.helpsteer2_turns, SCHEMA)
+    assert template.render(split) == template.render(folded) and folded.system == DEFAULT_SYSTEM_PROMPT
+    trained = conversation_example(template, split, tokenizer)
+    assert tokenizer.decode([i for i, t in zip(trained.ids, trained.trainable) if t]) == (
+        "Blue.\n<extra_id_1>Green.\n<extra_id_1>"
+    )
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_markers_ids_decode_to_the_rendered_text(built: dict[str, Path], kind: str) -> None:
     tokenizer = HFTokenizer(built[kind])

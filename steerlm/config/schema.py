@@ -15,7 +15,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, left_out_attributes
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.data.synthetic.sizes import SyntheticConfig
@@ -443,8 +443,13 @@ class AttributesConfig:
     integer: bool = True
 
     def schema(self) -> AttributeSchema:
+        """The schema; a custom one that is part of a known schema reads that schema's data, leaving the other
+        attributes' ratings out (NeMo-Aligner's helpfulness-only HelpSteer2 is `attributes=[helpfulness]`)."""
+        attributes = tuple(self.attributes)
         try:
-            return AttributeSchema(self.name, tuple(self.attributes), self.min_value, self.max_value, self.integer)
+            return AttributeSchema(
+                self.name, attributes, self.min_value, self.max_value, self.integer, left_out_attributes(attributes)
+            )
         except ValueError as error:
             raise ConfigError(
                 "attributes",

@@ -90,7 +90,7 @@ def load_examples(
     template = apm_template(cfg, schema)
     stats = LengthStats()
 
-    check_columns = DataFormat(cfg.data.format) in (DataFormat.helpsteer, DataFormat.helpsteer2)
+    check_columns = DataFormat(cfg.data.format).has_rating_columns
 
     def checked(records: Iterable[Conversation]) -> Iterator[Conversation]:
         for record in records:

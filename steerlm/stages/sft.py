@@ -109,7 +109,7 @@ def read_conversations(
     """
     stats = ReadStats()
     reject = cfg.data.on_bad_row == BadRowPolicy.reject
-    check_columns = DataFormat(cfg.data.format) in (DataFormat.helpsteer, DataFormat.helpsteer2)
+    check_columns = DataFormat(cfg.data.format).has_rating_columns
     conversations = []
     with RejectSink(output_dir / f"rejects.{split}.jsonl") if reject else nullcontext() as rejects:
         for conversation in read_records(path, cfg.data.format, schema, cfg.data.on_bad_row, rejects, stats):
