@@ -290,3 +290,42 @@ def test_nemo_refuses_a_label_start_inside_a_turn(built: dict[str, Path]) -> Non
 def test_word_tokenizer_has_no_plain_text_markers(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="need an HF tokenizer"):
         load_tokenizer("word", tmp_path, markers=False)
+
+
+def test_checkpoints_carry_the_tokenization_to_generation_and_scoring(built: dict[str, Path], tmp_path: Path) -> None:
+    """A run's saved config holds `template.tokenization`; loading a checkpoint for generation or scoring
+    rebuilds the tokenizer and prompts with it, and continuing it in the other mode is refused."""
+    from omegaconf import OmegaConf
+
+    from steerlm.checkpoint.sharded import META
+    from steerlm.config import AttributeModelConfig, ConfigError, save_resolved
+    from steerlm.config.schema import TemplateOptions, TokenizerConfig, TokenizerType, TrainDataConfig
+    from steerlm.config.sft import SFTConfig
+    from steerlm.inference.loading import read_checkpoint_setup, setup_tokenizer
+    from steerlm.inference.scoring import open_apm_checkpoint
+    from steerlm.training.init_from import check_tokenization, trained_tokenization
+
+    sections = {
+        "tokenizer": TokenizerConfig(TokenizerType.hf, str(built["sentencepiece"])),
+        "data": TrainDataConfig(train_file="train.jsonl"),
+        "template": TemplateOptions(Tokenization.nemo),
+    }
+    for name, config in (("sft", SFTConfig(**sections)), ("apm", AttributeModelConfig(**sections))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / META).write_text("{}")
+        save_resolved(config, tmp_path / name / "config.yaml")
+    setup = read_checkpoint_setup(str(tmp_path / "sft"))
+    assert setup.template.config.tokenization == Tokenization.nemo
+    tokenizer = setup_tokenizer(setup)
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.added_tokens == () and tokenizer.vocab_size == 400
+    turns = CONVERSATION.turns[:1]
+    prompt = prompt_ids(setup.template, tokenizer, "Be brief.", turns, LABELS)
+    text = setup.template.inference_prompt("Be brief.", list(turns), LABELS)
+    assert prompt == _raw_encoder("sentencepiece", built["sentencepiece"])(text)  # no BOS, one encode call
+    assert open_apm_checkpoint(tmp_path / "apm").config.template.tokenization == Tokenization.nemo
+    with pytest.raises(ConfigError, match="trained with template.tokenization=nemo") as error:
+        check_tokenization(tmp_path / "sft", Tokenization.markers, "sft.init_from")
+    assert error.value.key == "template.tokenization"
+    before = OmegaConf.load(tmp_path / "sft" / "config.yaml")
+    del before["template"]  # a checkpoint written before the option: markers
+    assert trained_tokenization(before) == Tokenization.markers
