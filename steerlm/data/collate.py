@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steerlm.data.nemo_chat import nemo_chat_example
+from steerlm.data.nemo_chat import nemo_chat_ids
 from steerlm.data.template import Segment, Tokenization
 
 if TYPE_CHECKING:
@@ -121,7 +121,8 @@ def conversation_example(template: SteerLMTemplate, conversation: Conversation, 
     """The SFT example of `conversation` under the template's tokenization: `markers` tokenises its segments,
     `nemo` applies NeMo's chat-SFT rule (`steerlm.data.nemo_chat`)."""
     if template.config.tokenization == Tokenization.nemo:
-        return nemo_chat_example(template, conversation, tokenizer)
+        ids, trainable = nemo_chat_ids(template, conversation, tokenizer)
+        return Example(tuple(ids), tuple(trainable), conversation.source)
     return tokenize(template.segments(conversation), tokenizer, Tokenization.markers, conversation.source)
 
 

@@ -32,25 +32,28 @@ from steerlm.data.records import Conversation, Role
 from steerlm.errors import DataError
 
 if TYPE_CHECKING:
-    from steerlm.data.collate import Example
-    from steerlm.data.template import SteerLMTemplate
+    from steerlm.data.template import SteerLMTemplate, TemplateConfig
     from steerlm.tokenizers.base import Tokenizer
 
 PREFIX = "\x00"  # NeMo's PREFIX_STR
 
 
-class _Counts:
-    """The ids NeMo measures with its "\\x00" prefix, for one tokenizer and template."""
+class _Measures:
+    """What NeMo measures of the template's fixed pieces, each encoded after "\\x00" (its PREFIX_STR)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, config: TemplateConfig) -> None:
         self.tokenizer = tokenizer
         self.prefix = len(tokenizer.encode(PREFIX))
+        self.label_start = self.cont(config.label_prefix)
+        self.name_end = self.cont(config.turn_suffix)
+        self.turn_start = len(self.cont(config.end_of_turn))
+        self.role_line = {
+            Role.user: len(self.cont(config.user_prefix)),
+            Role.assistant: len(self.cont(config.assistant_prefix)),
+        }
 
     def cont(self, text: str) -> list[int]:
         return self.tokenizer.encode(PREFIX + text)[self.prefix :]
-
-    def length(self, text: str) -> int:
-        return len(self.tokenizer.encode(PREFIX + text)) - self.prefix
 
 
 def _find(part: Sequence[int], whole: Sequence[int]) -> int:
@@ -61,14 +64,14 @@ def _find(part: Sequence[int], whole: Sequence[int]) -> int:
     return -1
 
 
-def nemo_chat_example(template: SteerLMTemplate, conversation: Conversation, tokenizer: Tokenizer) -> Example:
+def nemo_chat_ids(
+    template: SteerLMTemplate, conversation: Conversation, tokenizer: Tokenizer
+) -> tuple[list[int], list[bool]]:
     """Ids and trained flags of `conversation` exactly as NeMo's chat-SFT dataset builds them (module docstring)."""
-    from steerlm.data.collate import Example  # collate imports this module
-
     c = template.config
     header = f"{c.system_prefix}{conversation.system}{c.turn_suffix}"
     values = [
-        _prefix(template, turn.role)
+        (c.user_prefix if turn.role == Role.user else c.assistant_prefix)
         + (template.label_line(turn.labels) if turn.role == Role.assistant else "")
         + turn.text
         + c.turn_suffix
@@ -81,50 +84,42 @@ def nemo_chat_example(template: SteerLMTemplate, conversation: Conversation, tok
         raise DataError(
             conversation.source, None, "system", "the system header's ids change when the conversation follows it"
         )
-    counts = _Counts(tokenizer)
-    turn_start = counts.length(c.end_of_turn)
+    measures = _Measures(tokenizer, c)
     trainable = [True] * len(ids)
     _mask(trainable, 0, len(header_ids))
     spans = []
     position = len(header_ids)
     for index, (turn, value) in enumerate(zip(conversation.turns, values)):
-        turn_ids = counts.cont(value)
-        skip = _unmasked_from(template, counts, turn.role, turn_ids, conversation.source, index)
+        turn_ids = measures.cont(value)
+        head = _masked_head(measures, turn.role, turn_ids, conversation.source, index)
         end = position + len(turn_ids)
         if index == 0 or (turn.role == Role.user and index == 1):
             _mask(trainable, position, end)
         elif turn.role == Role.user:
-            _mask(trainable, position + turn_start, end)
+            _mask(trainable, position + measures.turn_start, end)
         else:
-            _mask(trainable, position, position + skip)
+            _mask(trainable, position, position + head)
         spans.append((position, end))
         position = end
     if not c.answer_only_loss:
-        return Example(tuple(ids), (True,) * len(ids), conversation.source)
+        return ids, [True] * len(ids)
     for index, turn in enumerate(conversation.turns):
         if turn.role == Role.assistant and not template.trains_response(turn):
-            start, end = spans[index]
-            closing_end = spans[index + 1][0] + turn_start if index + 1 < len(spans) else len(ids)
-            _mask(trainable, start, closing_end)
-    return Example(tuple(ids), tuple(trainable), conversation.source)
-
-
-def _prefix(template: SteerLMTemplate, role: Role) -> str:
-    return template.config.user_prefix if role == Role.user else template.config.assistant_prefix
+            closing_end = spans[index + 1][0] + measures.turn_start if index + 1 < len(spans) else len(ids)
+            _mask(trainable, spans[index][0], closing_end)
+    return ids, trainable
 
 
 def _mask(trainable: list[bool], start: int, end: int) -> None:
     trainable[start:end] = [False] * len(trainable[start:end])
 
 
-def _unmasked_from(
-    template: SteerLMTemplate, counts: _Counts, role: Role, turn_ids: list[int], source: str, index: int
-) -> int:
-    """How many of a turn's ids NeMo masks before the answer: the role line, and the attribute line when the
-    label-start ids occur in the turn. DataError where NeMo would stop or misplace every later mask."""
-    c = template.config
-    skip = counts.length(_prefix(template, role))
-    location = _find(counts.cont(c.label_prefix), turn_ids)
+def _masked_head(measures: _Measures, role: Role, turn_ids: list[int], source: str, index: int) -> int:
+    """How many of a turn's ids NeMo masks before the answer (used for Assistant turns): the role line, and the
+    attribute line when the label-start ids occur in the turn. NeMo checks every turn, so a DataError for any
+    turn where it would stop, or where it would misplace every later mask."""
+    skip = measures.role_line[role]
+    location = _find(measures.label_start, turn_ids)
     if location < 0:
         return skip
     where = f"conversations[{index}]"
@@ -135,10 +130,9 @@ def _unmasked_from(
             where,
             f"the label-start ids occur at id {location} of the turn, not right after its role line ({skip} ids); "
             "NeMo's chat dataset stops on such a row",
-            f"remove {c.label_prefix!r} from the turn's text",
+            "remove the attribute-line marker from the turn's text",
         )
-    name_end = counts.cont(c.turn_suffix)
-    newline = _find(name_end, turn_ids[skip:])
+    newline = _find(measures.name_end, turn_ids[skip:])
     if newline < 0:
         raise DataError(
             source,
@@ -148,4 +142,4 @@ def _unmasked_from(
             "would mask this turn whole and shift the mask of every later turn",
             "remove the leading newline of the response",
         )
-    return skip + newline + len(name_end)
+    return skip + newline + len(measures.name_end)
