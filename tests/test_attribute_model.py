@@ -116,6 +116,12 @@ def test_reward_is_the_weighted_sum_of_the_raw_scores(layout) -> None:
     assert list(rows[0]) == ["a", "b", "c", "reward"]
     plain = AttributeScorer(model, layout, SCHEMA, tokenizer, seq_length=64).score(conversations)
     assert plain == [{k: v for k, v in row.items() if k != "reward"} for row in rows]
+    uniform = APMConfig(merge_attributes=True).reward_weights(SCHEMA)  # NeMo-Aligner's default: 1/k each
+    assert uniform == [1 / 3] * 3 and APMConfig().reward_weights(SCHEMA) is None
+    averaged = AttributeScorer(model, layout, SCHEMA, tokenizer, seq_length=64, merge_weights=uniform).score(
+        conversations
+    )
+    assert [row["reward"] for row in averaged] == pytest.approx([(r["a"] + r["b"] + r["c"]) / 3 for r in plain])
     with pytest.raises(DataError, match="longer than seq_length=4"):
         AttributeScorer(model, layout, SCHEMA, tokenizer, seq_length=4, length_policy=LengthPolicy.drop).score(
             conversations

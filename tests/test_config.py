@@ -24,8 +24,10 @@ from steerlm.config import (
     compose,
     to_typed,
 )
+from steerlm.config.schema import TokenizerType
 from steerlm.config.store import CONF_DIR
 from steerlm.config.validation import resolve_torch_compile, transformer_engine_available
+from steerlm.data.attributes import KNOWN_SCHEMAS
 
 GROUPS = ("model", "parallel", "precision", "trainer", "optim")
 PRIMARY = (
@@ -74,6 +76,7 @@ def test_prepare_data_config_composes_and_validates(option: str, tmp_path: Path)
     cfg.validate()
     schema = cfg.attributes.schema()
     assert schema.name == option and len(schema.attributes) in (5, 7, 9)
+    assert KNOWN_SCHEMAS[option] == schema.attributes and schema.left_out == ()  # the code's copy of the YAML
 
 
 def test_synthetic_data_option_composes_and_validates(tmp_path: Path) -> None:
@@ -90,13 +93,8 @@ def test_attribute_model_config_composes_and_validates(tmp_path: Path) -> None:
 
     (tmp_path / "tok").mkdir()
     (tmp_path / "train.jsonl").write_text("")
-    cfg = to_typed(
-        compose(
-            "train_attribute_model",
-            [f"data.train_file={tmp_path / 'train.jsonl'}", f"tokenizer.path={tmp_path / 'tok'}"],
-        ),
-        AttributeModelConfig,
-    )
+    overrides = [f"data.train_file={tmp_path / 'train.jsonl'}", f"tokenizer.path={tmp_path / 'tok'}"]
+    cfg = to_typed(compose("train_attribute_model", overrides), AttributeModelConfig)
     assert cfg.validate(1, Accelerator.cpu) == 1
     assert cfg.attributes.name == "steerlm_oasst" and cfg.model.vocab_size == 768
     with pytest.raises(ConfigError) as error:
@@ -105,6 +103,11 @@ def test_attribute_model_config_composes_and_validates(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         replace(cfg.data, train_file=str(tmp_path / "missing.jsonl")).validate()
     assert error.value.key == "data.train_file" and "prepare_data.py data=synthetic" in str(error.value)
+    nemo = to_typed(compose("train_attribute_model", [*overrides, "template.tokenization=nemo"]), AttributeModelConfig)
+    with pytest.raises(ConfigError) as error:  # the word tokenizer holds the markers only as single ids
+        nemo.validate(1, Accelerator.cpu)
+    assert error.value.key == "template.tokenization" and "tokenizer.type=hf" in str(error.value)
+    assert replace(nemo, tokenizer=replace(nemo.tokenizer, type=TokenizerType.hf)).validate(1, Accelerator.cpu) == 1
 
 
 def test_pretrain_config_composes_and_validates(tmp_path: Path) -> None:

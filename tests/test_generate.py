@@ -140,6 +140,10 @@ def test_stop_string_cuts_the_text_and_the_stream_equals_the_final_text(generato
     assert final[1].text == text[: text.index(stop)] and final[1].finish_reason == FinishReason.stop
     assert [streamed[i] for i in range(len(PROMPTS))] == [c.text for c in final]
     assert [c.text for i, c in enumerate(final) if i != 1] == [c.text for i, c in enumerate(free) if i != 1]
+    # a generator's own stop strings (a nemo-tokenized model's end of turn is text) stop every row
+    always = Generator([generator.model], TOKENIZER, generator.layout, 128, (), stop_strings=(stop,))
+    [cut] = always.generate(PROMPTS[1:2], [SamplingParams(max_new_tokens=16)])
+    assert cut.text == final[1].text and cut.finish_reason == FinishReason.stop
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(generator: Generator) -> None:

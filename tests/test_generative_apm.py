@@ -54,7 +54,7 @@ def test_examples_train_exactly_the_attribute_string_after_the_apm_prompt() -> N
     [prompt] = attribute_examples(
         [Conversation("", turns, "f:1")], SCHEMA, template, TOKENIZER, 200, LengthPolicy.drop, LengthStats()
     )
-    [example] = generative_examples([prompt], SCHEMA, TOKENIZER, "\n")
+    [example] = generative_examples([prompt], SCHEMA, TOKENIZER, template)
     string = TOKENIZER.encode("helpfulness:4,verbosity:1\n")  # the missing label is simply not written
     assert attribute_string(SCHEMA, prompt.targets, "\n") == "helpfulness:4,verbosity:1\n"
     assert example.ids == prompt.ids + tuple(string)
@@ -62,7 +62,7 @@ def test_examples_train_exactly_the_attribute_string_after_the_apm_prompt() -> N
     batch = pad_batch([example], TOKENIZER.pad_id)
     trained = batch["labels"][0][batch["loss_mask"][0] == 1].tolist()
     assert trained == string and TOKENIZER.decode(prompt.ids).endswith("Owls hunt at night.\n<extra_id_2>")
-    assert attribute_string_budget(SCHEMA, TOKENIZER, "\n") >= len(
+    assert attribute_string_budget(SCHEMA, TOKENIZER, template) >= len(
         TOKENIZER.encode("helpfulness:4,humor:4,verbosity:4\n")
     )
 

@@ -36,7 +36,7 @@ def _tokenizers(tmp_path: Path):
 def test_trained_tokens_are_exactly_the_responses_and_closing_tokens(tmp_path: Path, answer_only: bool) -> None:
     template = SteerLMTemplate(SCHEMA, TemplateConfig(answer_only_loss=answer_only))
     for name, tokenizer in _tokenizers(tmp_path):
-        example = tokenize(template.segments(CONVERSATION), tokenizer, add_bos=True)
+        example = tokenize(template.segments(CONVERSATION), tokenizer)
         assert example.ids[0] == tokenizer.bos_id and not example.trainable[0], name
         # walk token by token: trained ids decode to the responses, masked ones to everything else
         trained = tokenizer.decode([i for i, t in zip(example.ids, example.trainable) if t])

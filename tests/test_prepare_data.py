@@ -50,7 +50,7 @@ def source(tmp_path: Path) -> Path:
 def test_convert_with_rejects_prints_summary_and_histograms(source: Path, tmp_path: Path) -> None:
     output = tmp_path / "train.jsonl"
     result = run_recipe(
-        "prepare_data", ["format=helpsteer2", f"input={source}", f"output={output}", "on_bad_row=reject"]
+        "prepare_data", ["format=helpsteer2_turns", f"input={source}", f"output={output}", "on_bad_row=reject"]
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rows in: 3  conversations out: 2  rejected: 1" in result.stdout

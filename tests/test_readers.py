@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from steerlm.config.schema import AttributesConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import (
     DEFAULT_SYSTEM_PROMPT,
@@ -145,10 +146,18 @@ def test_helpsteer2_single_turn_becomes_nemo_aligner_conversation(tmp_path: Path
     assert records[0].source == f"{path}:1"
 
 
-def test_helpsteer2_multi_turn_prompt_is_split_into_turns(tmp_path: Path) -> None:
+def test_helpsteer2_multi_turn_prompt_is_one_user_turn_as_in_nemo_aligner(tmp_path: Path) -> None:
+    """NeMo-Aligner's conversion keeps the packed history in the User turn, so its answers are never trained."""
     prompt = "Hi there\n<extra_id_1>Assistant\nHello!\nHow can I help?\n<extra_id_1>User\nTell me a joke"
     path = write_lines(tmp_path / "hs2.jsonl", [helpsteer_row(prompt, "Why did the chicken...")])
     [record] = read_all(path, DataFormat.helpsteer2)
+    assert record.turns == (Turn(Role.user, prompt), Turn(Role.assistant, "Why did the chicken...", dict(RATINGS)))
+
+
+def test_helpsteer2_turns_splits_the_multi_turn_prompt(tmp_path: Path) -> None:
+    prompt = "Hi there\n<extra_id_1>Assistant\nHello!\nHow can I help?\n<extra_id_1>User\nTell me a joke"
+    path = write_lines(tmp_path / "hs2.jsonl", [helpsteer_row(prompt, "Why did the chicken...")])
+    [record] = read_all(path, DataFormat.helpsteer2_turns)
     assert record.turns == (
         Turn(Role.user, "Hi there"),
         Turn(Role.assistant, "Hello!\nHow can I help?"),
@@ -206,6 +215,28 @@ def test_helpsteer_extra_columns_pass_through_and_schema_columns_are_labels(tmp_
     assert record.extra == {"id": "x1"}
 
 
+def test_a_custom_schema_inside_a_known_one_reads_its_data(tmp_path: Path) -> None:
+    """NeMo-Aligner's --only_helpfulness: HelpSteer2 rows (all five ratings, or only helpfulness) read with a
+    helpfulness-only schema; the other ratings are not read, an attribute of no known schema still is an error."""
+    only = AttributesConfig(name="helpfulness_only", attributes=["helpfulness"]).schema()
+    assert only.left_out == tuple(sorted(set(STEERLM_OASST_ATTRIBUTES + STEERLM_PAPER.attributes) - {"helpfulness"}))
+    both = {k: v for k, v in helpsteer_row().items() if k in ("prompt", "response", "helpfulness")}
+    path = write_lines(tmp_path / "hs2.jsonl", [helpsteer_row(id=1), both])
+    records = read_all(path, DataFormat.helpsteer2, only)
+    assert [r.turns[-1].labels for r in records] == [{"helpfulness": 3}] * 2 and records[0].extra == {"id": 1}
+    assert as_json(records, only)[0]["conversations"][1]["label"] == "helpfulness:3"
+    assert HELPSTEER2.left_out == () and AttributesConfig().schema().left_out == ()
+    conversation = {"conversations": [{"from": "User", "value": "Q"}, {"from": "Assistant", "value": "A", "label": ""}]}
+    conversation["conversations"][1]["label"] = "quality:4,helpfulness:2"
+    [record] = read_all(write_lines(tmp_path / "c.jsonl", [conversation]), DataFormat.conversation, only)
+    assert record.turns[1].labels == {"helpfulness": 2}
+    odd = AttributesConfig(name="odd", attributes=["helpfulness", "wit"]).schema()
+    with pytest.raises(DataError, match="unknown attribute 'correctness'"):
+        read_all(path, DataFormat.helpsteer2, odd)
+    with pytest.raises(DataError, match="rates none of the HelpSteer attributes"):
+        read_all(path, DataFormat.helpsteer2, AttributesConfig(name="q", attributes=["quality"]).schema())
+
+
 def test_helpsteer_gzip_input_is_read_whatever_its_name(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"  # gzip without the .gz suffix: the first bytes decide
     with gzip.open(path, "wt", encoding="utf-8") as file:
@@ -222,7 +253,7 @@ def test_helpsteer_parquet_input(tmp_path: Path) -> None:
     path = tmp_path / "train-00000.parquet"
     parquet.write_table(pyarrow.Table.from_pylist(rows), path, row_group_size=1)
     stats = ReadStats()
-    records = read_all(path, DataFormat.helpsteer2, stats=stats)
+    records = read_all(path, DataFormat.helpsteer2_turns, stats=stats)
     assert [len(r.turns) for r in records] == [2, 4]
     assert records[1].turns[-1] == Turn(Role.assistant, "Ans 🙂", dict(RATINGS))
     assert [r.source for r in records] == [f"{path}:1", f"{path}:2"]
@@ -302,12 +333,29 @@ def test_oasst_tree_yields_every_root_to_leaf_path_with_0_4_labels(tmp_path: Pat
         None,
         "quality:2,toxicity:0,humor:2,creativity:4",
         None,
-        None,
-    ]  # A3: quality null → no attribute line
+        "",
+    ]  # A3 has a labels object but no value: an empty attribute line, as NeMo-Aligner's empty label string
     assert records[2].turns[1].labels["quality"] == 2 and records[2].turns[1].labels["humor"] == 3
     assert records[0].turns[1].labels["helpfulness"] is None  # HelpSteer's helpfulness is not OASST's
     assert all(r.system == DEFAULT_SYSTEM_PROMPT for r in records)
     assert (stats.rows_in, stats.rows_out, stats.rows_without_conversation) == (3, 3, 2)
+
+
+def test_oasst_answer_with_no_readable_label_keeps_an_empty_attribute_line(tmp_path: Path) -> None:
+    """NeMo-Aligner writes label "" (its encode_labels finds none of its attributes) and trains the answer after
+    `<extra_id_2>\\n`; an APM has no target there (its regression conversion skips empty labels)."""
+    from steerlm.data.apm import labelled_turns
+    from steerlm.data.template import SteerLMTemplate
+
+    tree = {"prompt": oasst_message("prompter", "Q", [oasst_message("assistant", "A", labels={"spam": 0.2})])}
+    [record] = read_all(write_lines(tmp_path / "t.jsonl", [tree]), DataFormat.oasst, STEERLM_OASST)
+    assert as_json([record], STEERLM_OASST)[0]["conversations"][1]["label"] == ""
+    segments = SteerLMTemplate(STEERLM_OASST).segments(record)
+    assert [(x.text, x.trainable) for x in segments[-2:]] == [
+        ("<extra_id_1>Assistant\n<extra_id_2>\n", False),
+        ("A\n<extra_id_1>", True),
+    ]
+    assert not labelled_turns(record, 1)
 
 
 def test_oasst_labels_on_the_paper_0_9_scale(tmp_path: Path) -> None:
@@ -371,6 +419,67 @@ def test_oasst_bad_trees_name_line_and_message(tmp_path: Path, tree: dict, field
 
 
 # --- plain -----------------------------------------------------------------------------------------
+
+
+# --- NeMo-Aligner's regression rows and row kinds ---------------------------------------------------------
+
+
+def regression_text(*turns: str, system: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """process_to_regression_format.py's text: its SYSTEM_PROMPT/USER/ASSISTANT templates and LABEL_PREFIX."""
+    text = f"<extra_id_0>System\n{system}\n"
+    for index, turn in enumerate(turns):
+        text += f"<extra_id_1>{'User' if index % 2 == 0 else 'Assistant'}\n{turn}\n"
+    return text + "<extra_id_2>"
+
+
+def test_regression_rows_become_the_conversation_the_apm_reads(tmp_path: Path) -> None:
+    from steerlm.data.template import SteerLMTemplate
+
+    text = regression_text("Hi", "Hello!", "Bye\nnow", "See you.")
+    nine = [-100, -100, -100, -100, 3, 4, 4, 2, 1]
+    rows = [{"text": text, "label": nine, "id": 5}, {"text": regression_text("Q", "A"), "label": [1, 2, 3, -100, 0]}]
+    records = read_all(write_lines(tmp_path / "reg.jsonl", rows), DataFormat.regression)
+    assert [t.text for t in records[0].turns] == ["Hi", "Hello!", "Bye\nnow", "See you."]
+    assert records[0].turns[1].labels is None and records[0].turns[3].labels == RATINGS
+    assert records[0].extra == {"id": 5} and records[0].system == DEFAULT_SYSTEM_PROMPT
+    assert SteerLMTemplate(HELPSTEER2).attribute_prompt(records[0].system, list(records[0].turns)) == text
+    assert HELPSTEER2.targets(records[1].turns[-1].labels) == [1.0, 2.0, 3.0, -100.0, 0.0]  # the schema's order
+    [nine_attributes] = read_all(write_lines(tmp_path / "r9.jsonl", rows[:1]), DataFormat.regression, STEERLM_OASST)
+    assert STEERLM_OASST.targets(nine_attributes.turns[-1].labels) == [float(v) for v in nine]
+
+
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"text": regression_text("Q", "A"), "label": [1, 2]}, "label", "has 2 values"),
+        ({"text": regression_text("Q", "A"), "label": "helpfulness:3"}, "label", "a list of numbers"),
+        ({"text": regression_text("Q", "A")[:-12], "label": [1] * 5}, "text", "must start with"),
+        ({"text": regression_text("Q"), "label": [1] * 5}, "text", "end with the rated Assistant"),
+        ({"text": regression_text("Q", "A") + "<extra_id_2>", "label": [1] * 5}, "text", "must start with"),
+    ],
+)
+def test_bad_regression_rows_name_line_and_field(tmp_path: Path, row: dict, field: str, problem: str) -> None:
+    path = write_lines(tmp_path / "reg.jsonl", [row])
+    with pytest.raises(DataError, match=problem) as caught:
+        read_all(path, DataFormat.regression)
+    assert (caught.value.location, caught.value.field) == (f"{path}:1", field)
+
+
+@pytest.mark.parametrize(
+    "change, field, reason",
+    [
+        ({"type": "TEXT_TO_VALUE"}, "type", "TEXT_TO_VALUE rows train the attribute line written after the response"),
+        ({"type": "CHAT"}, "type", "'CHAT' is not a NeMo-Aligner row type"),
+        ({"mask": "Assistant"}, "mask", "mask='Assistant' would mask that role and train the User turns"),
+    ],
+)
+def test_rows_nemo_trains_otherwise_are_refused(tmp_path: Path, change: dict, field: str, reason: str) -> None:
+    path = write_lines(tmp_path / "c.jsonl", [CONVERSATION_ROW, {**CONVERSATION_ROW, **change}])
+    with pytest.raises(DataError, match=reason) as caught:
+        read_all(path, DataFormat.conversation)
+    assert (caught.value.location, caught.value.field) == (f"{path}:2", field)
+    untyped = {k: v for k, v in CONVERSATION_ROW.items() if k not in ("type", "mask")}
+    assert len(read_all(write_lines(tmp_path / "ok.jsonl", [untyped]), DataFormat.conversation)) == 1
 
 
 def test_plain_rows(tmp_path: Path) -> None:

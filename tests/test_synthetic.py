@@ -122,7 +122,7 @@ def test_human_ratings_are_noisy_integers_with_explicit_missing_values(generated
 
 def test_splits_read_with_the_real_readers_and_the_tokenizer_covers_them(generated) -> None:
     out, _ = generated
-    annotated = list(read_records(out / "annotated.jsonl", DataFormat.helpsteer2, OASST))
+    annotated = list(read_records(out / "annotated.jsonl", DataFormat.helpsteer2_turns, OASST))
     unlabelled = list(read_records(out / "unlabelled.jsonl", DataFormat.conversation, OASST))
     prompts = list(read_records(out / "eval_prompts.jsonl", DataFormat.conversation, OASST))
     assert (len(annotated), len(unlabelled), len(prompts)) == (300, 1500, 40)

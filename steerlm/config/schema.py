@@ -16,10 +16,11 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, left_out_attributes
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.data.synthetic.sizes import SyntheticConfig
+from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError, require, require_distinct_output
 
 
@@ -451,8 +452,13 @@ class AttributesConfig:
     integer: bool = True
 
     def schema(self) -> AttributeSchema:
+        """The schema; a custom one that is part of a known schema reads that schema's data, leaving the other
+        attributes' ratings out (NeMo-Aligner's helpfulness-only HelpSteer2 is `attributes=[helpfulness]`)."""
+        attributes = tuple(self.attributes)
         try:
-            return AttributeSchema(self.name, tuple(self.attributes), self.min_value, self.max_value, self.integer)
+            return AttributeSchema(
+                self.name, attributes, self.min_value, self.max_value, self.integer, left_out_attributes(attributes)
+            )
         except ValueError as error:
             raise ConfigError(
                 "attributes",
@@ -517,6 +523,25 @@ class TokenizerConfig:
             self.path,
             "is not a directory",
             "pass tokenizer.path=<local tokenizer directory> (data=synthetic writes data/synthetic/tokenizer)",
+        )
+
+
+@dataclass
+class TemplateOptions:
+    """How the SteerLM template becomes token ids (docs/template_and_batching.md, "Tokens"); saved with every
+    checkpoint, so generation, scoring, chat, the server and the steering evaluation use the trained mode."""
+
+    # markers: <extra_id_0/1/2> single added ids, BOS first; nemo: NeMo-Aligner's ids (one encode call, plain-text
+    # markers, no BOS) and its chat-SFT loss mask, for models trained by NeMo-Aligner
+    tokenization: Tokenization = Tokenization.markers
+
+    def validate(self, tokenizer: TokenizerConfig) -> None:
+        require(
+            self.tokenization == Tokenization.markers or tokenizer.type == TokenizerType.hf,
+            "template.tokenization",
+            self.tokenization.value,
+            f"keeps <extra_id_0/1/2> plain text, which the {tokenizer.type.value} tokenizer cannot encode",
+            "use tokenizer.type=hf (the model's own tokenizer directory), or template.tokenization=markers",
         )
 
 
@@ -641,11 +666,21 @@ def validate_merge_weights(key: str, weights: Optional[list[float]], schema: Att
 class APMConfig:
     type: APMType = APMType.regression
     attribute_weights: Optional[list[float]] = None  # per-attribute loss weights (schema order); null: all 1
-    # NeMo-Aligner's merge_attributes: reward = sum of weight x raw score (schema order); null: no reward.
+    # NeMo-Aligner's attribute_weights: reward = sum of weight x raw score (schema order); null: no reward, or
+    # with merge_attributes NeMo's uniform 1/k
     merge_weights: Optional[list[float]] = None
+    merge_attributes: bool = False  # NeMo-Aligner's merge_attributes: report the merged reward (see merge_weights)
     init_from: Optional[str] = (
         None  # a steerlm run dir / checkpoint, an HF Llama dir or a .nemo: its weights start the run
     )
+
+    def reward_weights(self, schema: AttributeSchema) -> Optional[list[float]]:
+        """The merged reward's weights: `merge_weights`, else NeMo-Aligner's uniform 1/k when `merge_attributes`
+        asks for a reward, else None (no reward)."""
+        if self.merge_weights is not None:
+            return list(self.merge_weights)
+        count = len(schema.attributes)
+        return [1.0 / count] * count if self.merge_attributes else None
 
     def validate(self, schema: AttributeSchema, check_files: bool = True) -> None:
         require(
@@ -732,6 +767,7 @@ class LabelledDataTrainConfig(TrainConfig):
 
     attributes: AttributesConfig = field(default_factory=AttributesConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    template: TemplateOptions = field(default_factory=TemplateOptions)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
 
     def validate(
@@ -739,6 +775,7 @@ class LabelledDataTrainConfig(TrainConfig):
     ) -> int:
         dp = super().validate(world_size, accelerator, this_machine)
         self.attributes.validate()
+        self.template.validate(self.tokenizer)
         self.data.validate(check_files=this_machine)
         if this_machine:
             self.tokenizer.validate()

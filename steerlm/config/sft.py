@@ -14,7 +14,7 @@ from typing import Optional
 
 from steerlm.config.schema import Accelerator, LabelledDataTrainConfig, validate_init_from
 from steerlm.data.collate import LengthPolicy
-from steerlm.data.template import TemplateConfig
+from steerlm.data.template import TemplateConfig, Tokenization
 from steerlm.errors import ConfigError
 
 
@@ -38,12 +38,13 @@ class SFTOptions:
         None  # a steerlm run dir / checkpoint, an HF Llama dir or a .nemo: its weights start this run
     )
 
-    def template(self) -> TemplateConfig:
-        """The SteerLM template's switches (its literals keep NeMo-Aligner's defaults)."""
+    def template(self, tokenization: Tokenization = Tokenization.markers) -> TemplateConfig:
+        """The SteerLM template's switches and `template.tokenization` (its literals keep NeMo-Aligner's defaults)."""
         return TemplateConfig(
             condition_on_attributes=self.condition_on_attributes,
             answer_only_loss=self.answer_only_loss,
             train_unlabelled_responses=self.train_unlabelled_responses,
+            tokenization=tokenization,
         )
 
     def validate(self, check_files: bool = True) -> None:

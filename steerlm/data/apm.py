@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from steerlm.data.attributes import MISSING, AttributeSchema
-from steerlm.data.collate import Example, LengthPolicy, LengthStats
+from steerlm.data.collate import Example, LengthPolicy, LengthStats, encode_after
 from steerlm.data.records import Conversation, Role
-from steerlm.data.template import SteerLMTemplate
+from steerlm.data.template import SteerLMTemplate, Tokenization
 from steerlm.tokenizers.base import Tokenizer
 
 
@@ -34,9 +34,10 @@ TurnSelector = Callable[[Conversation, int], bool]
 
 
 def labelled_turns(conversation: Conversation, index: int) -> bool:
-    """Training and evaluation: every assistant turn that carries labels (some may be missing)."""
+    """Training and evaluation: every assistant turn with at least one label value (some may be missing; an
+    empty attribute line, as OASST's unrated answers have, gives no target, as in NeMo-Aligner's regression data)."""
     turn = conversation.turns[index]
-    return turn.role == Role.assistant and turn.labels is not None
+    return turn.role == Role.assistant and turn.labels is not None and any(v is not None for v in turn.labels.values())
 
 
 def last_assistant_turn(conversation: Conversation, index: int) -> bool:
@@ -57,7 +58,10 @@ def attribute_examples(
     """One example per assistant turn that `select` picks (by default every labelled one).
 
     The one tokenisation of APM inputs: training, evaluation, annotation and `AttributeScorer` all call it.
+    The text is encoded in one call; BOS comes first under `markers` tokenization, never under `nemo`
+    (NeMo-Aligner's regression reward model reads `tokenizer.text_to_ids(text)`).
     """
+    bos = tokenizer.bos_id if template.config.tokenization == Tokenization.markers else None
     examples = []
     for position, conversation in enumerate(conversations):
         turns = list(conversation.turns)
@@ -65,8 +69,8 @@ def attribute_examples(
             if turn.role != Role.assistant or not select(conversation, index):
                 continue
             ids = tokenizer.encode(template.attribute_prompt(conversation.system, turns[: index + 1]))
-            if tokenizer.bos_id is not None:
-                ids = [tokenizer.bos_id] + ids
+            if bos is not None:
+                ids = [bos] + ids
             stats.examples += 1
             if len(ids) > seq_length:
                 if policy == LengthPolicy.drop:
@@ -103,26 +107,34 @@ def attribute_string(schema: AttributeSchema, targets: Sequence[float], suffix: 
     return schema.format(labels) + suffix
 
 
-def attribute_string_budget(schema: AttributeSchema, tokenizer: Tokenizer, suffix: str) -> int:
+def attribute_string_ids(
+    schema: AttributeSchema, tokenizer: Tokenizer, template: SteerLMTemplate, targets
+) -> list[int]:
+    """The ids of `attribute_string` as they follow the APM prompt's label prefix (`encode_after`)."""
+    text = attribute_string(schema, targets, template.config.turn_suffix)
+    return encode_after(tokenizer, template.config.label_prefix, text)
+
+
+def attribute_string_budget(schema: AttributeSchema, tokenizer: Tokenizer, template: SteerLMTemplate) -> int:
     """Tokens the longest attribute string takes (every attribute present, at its widest value): what a
     generative example adds to its prompt, and how many tokens scoring lets the model generate."""
     widths = {schema.min_value, schema.max_value, (schema.min_value + schema.max_value) / 2}
     if not schema.integer:
         widths.add(schema.max_value - 0.123456)
     return max(
-        len(tokenizer.encode(attribute_string(schema, [value] * len(schema.attributes), suffix))) for value in widths
+        len(attribute_string_ids(schema, tokenizer, template, [value] * len(schema.attributes))) for value in widths
     )
 
 
 def generative_examples(
-    examples: Sequence[AttributeExample], schema: AttributeSchema, tokenizer: Tokenizer, suffix: str
+    examples: Sequence[AttributeExample], schema: AttributeSchema, tokenizer: Tokenizer, template: SteerLMTemplate
 ) -> list[Example]:
     """Language-model examples of the generative APM: the APM prompt (not trained) + its attribute string
     (trained). `examples` must leave room for the string (`attribute_examples` with seq_length reduced by
     `attribute_string_budget`)."""
     out = []
     for example in examples:
-        target = tokenizer.encode(attribute_string(schema, example.targets, suffix))
+        target = attribute_string_ids(schema, tokenizer, template, example.targets)
         out.append(
             Example(example.ids + tuple(target), (False,) * len(example.ids) + (True,) * len(target), example.source)
         )

@@ -16,6 +16,34 @@ from steerlm.errors import DataError
 MISSING = -100.0
 Labels = dict[str, "float | None"]
 
+# The shipped schemas' attributes (steerlm/conf/attributes/*.yaml; tests/test_config.py keeps them equal).
+KNOWN_SCHEMAS: dict[str, tuple[str, ...]] = {
+    "helpsteer2": ("helpfulness", "correctness", "coherence", "complexity", "verbosity"),
+    "steerlm_oasst": (
+        "quality",
+        "toxicity",
+        "humor",
+        "creativity",
+        "helpfulness",
+        "correctness",
+        "coherence",
+        "complexity",
+        "verbosity",
+    ),
+    "steerlm_paper": ("quality", "toxicity", "violence", "helpfulness", "creativity", "humor", "not_appropriate"),
+}
+
+
+def left_out_attributes(attributes: tuple[str, ...]) -> tuple[str, ...]:
+    """The attributes a custom schema leaves out of the known schemas it is part of (e.g. HelpSteer2's
+    correctness … verbosity for NeMo-Aligner's helpfulness-only schema): data rating them is still read, those
+    ratings are not. Empty for a known schema and for a schema that is part of none."""
+    chosen = set(attributes)
+    if tuple(attributes) in KNOWN_SCHEMAS.values():
+        return ()
+    containing = [known for known in KNOWN_SCHEMAS.values() if chosen < set(known)]
+    return tuple(sorted({name for known in containing for name in known} - chosen))
+
 
 @dataclass(frozen=True)
 class AttributeSchema:
@@ -24,6 +52,9 @@ class AttributeSchema:
     min_value: float = 0.0
     max_value: float = 4.0
     integer: bool = True
+    # Labels of these are left out, not refused: the rest of the known schemas a custom schema is part of
+    # (`left_out_attributes`, filled by the config's `AttributesConfig.schema`).
+    left_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.attributes or len(set(self.attributes)) != len(self.attributes):
@@ -36,8 +67,9 @@ class AttributeSchema:
     def check(
         self, labels: Mapping[str, object], source: str = "<labels>", line: int | None = None, field: str = "label"
     ) -> Labels:
-        """Validated labels in schema order; absent attributes become None (missing)."""
-        unknown = [name for name in labels if name not in self.attributes]
+        """Validated labels in schema order; absent attributes become None (missing), `left_out` ones are
+        not read."""
+        unknown = [name for name in labels if name not in self.attributes and name not in self.left_out]
         if unknown:
             raise DataError(
                 source,

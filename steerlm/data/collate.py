@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steerlm.data.template import Segment
+from steerlm.data.nemo_chat import nemo_chat_ids
+from steerlm.data.template import Segment, Tokenization
 
 if TYPE_CHECKING:
     from steerlm.data.attributes import Labels
-    from steerlm.data.records import Turn
+    from steerlm.data.records import Conversation, Turn
     from steerlm.data.template import SteerLMTemplate
     from steerlm.tokenizers.base import Tokenizer
 
@@ -55,26 +56,84 @@ class LengthStats:
         return f"{self.examples} examples, {self.kept} kept ({self.truncated} truncated), dropped: {dropped}"
 
 
-def tokenize(segments: Sequence[Segment], tokenizer: Tokenizer, add_bos: bool = True, source: str = "") -> Example:
-    """Encode each segment separately (so masks follow segment boundaries exactly) and concatenate."""
+def encode_after(tokenizer: Tokenizer, before: str, text: str) -> list[int]:
+    """The ids `text` gets where it follows `before` in one string, so decode(ids(before) + ids) reads as
+    before + text.
+
+    Encoding a segment on its own can differ from its ids in context: a SentencePiece tokenizer puts its
+    word-start `▁` before every separately encoded text ("\\n Blue" where the string reads "\\nBlue"). So
+    `text` is encoded after the tail of `before` (from its last newline) and that tail's ids are cut off. When
+    a token spans the boundary (the tail's ids are not a prefix of the joined ids), `text` is encoded alone:
+    its ids then still decode to `text` for tokenizers whose decoding is context-free (byte-level BPE).
+    """
+    if not before:
+        return tokenizer.encode(text)
+    tail = before[before.rfind("\n") :] if "\n" in before else before
+    context = tokenizer.encode(tail)
+    joined = tokenizer.encode(tail + text)
+    if joined[: len(context)] == context:
+        return joined[len(context) :]
+    return tokenizer.encode(text)
+
+
+def tokenize(
+    segments: Sequence[Segment],
+    tokenizer: Tokenizer,
+    tokenization: Tokenization = Tokenization.markers,
+    source: str = "",
+) -> Example:
+    """Ids and trained flags of `segments` (a prompt, or a prompt and a response).
+
+    `markers`: BOS (when the tokenizer has one, never trained), then each segment encoded in context
+    (`encode_after`), its flag on each of its ids. `nemo`: the joined text in one encode call, no BOS; segment k
+    starts at the count of ids of the text before it — NeMo-Aligner's prompt/response rule (its SteerLM 2.0
+    dataset masks the prompt's id count). Conversations for SFT go through `conversation_example`.
+    """
+    if tokenization == Tokenization.nemo:
+        return _prefix_counted(segments, tokenizer, source)
     ids: list[int] = []
     trainable: list[bool] = []
-    if add_bos and tokenizer.bos_id is not None:
+    if tokenizer.bos_id is not None:
         ids.append(tokenizer.bos_id)
         trainable.append(False)
+    before = ""
     for segment in segments:
-        encoded = tokenizer.encode(segment.text)
+        encoded = encode_after(tokenizer, before, segment.text)
         ids.extend(encoded)
         trainable.extend([segment.trainable] * len(encoded))
+        before += segment.text
     return Example(tuple(ids), tuple(trainable), source)
+
+
+def _prefix_counted(segments: Sequence[Segment], tokenizer: Tokenizer, source: str) -> Example:
+    text = "".join(segment.text for segment in segments)
+    ids = tokenizer.encode(text)
+    trainable: list[bool] = []
+    before = ""
+    for index, segment in enumerate(segments):
+        before += segment.text
+        end = len(ids) if index == len(segments) - 1 else min(len(tokenizer.encode(before)), len(ids))
+        trainable.extend([segment.trainable] * max(0, end - len(trainable)))
+    return Example(tuple(ids), tuple(trainable), source)
+
+
+def conversation_example(template: SteerLMTemplate, conversation: Conversation, tokenizer: Tokenizer) -> Example:
+    """The SFT example of `conversation` under the template's tokenization: `markers` tokenises its segments,
+    `nemo` applies NeMo's chat-SFT rule (`steerlm.data.nemo_chat`)."""
+    if template.config.tokenization == Tokenization.nemo:
+        ids, trainable = nemo_chat_ids(template, conversation, tokenizer)
+        return Example(tuple(ids), tuple(trainable), conversation.source)
+    return tokenize(template.segments(conversation), tokenizer, Tokenization.markers, conversation.source)
 
 
 def prompt_ids(
     template: SteerLMTemplate, tokenizer: Tokenizer, system: str, turns: Sequence[Turn], labels: Labels | None
 ) -> list[int]:
-    """Token ids of the prompt asking for the next assistant turn with `labels` (BOS included): segment by
-    segment, as SFT tokenized the same prefix, so inference feeds exactly the ids the model was trained on."""
-    return list(tokenize(template.inference_segments(system, list(turns), labels), tokenizer).ids)
+    """Token ids of the prompt asking for the next assistant turn with `labels`, tokenised as SFT tokenised the
+    same prefix (the template's tokenization: BOS and segments in context, or NeMo's one encode call), so
+    inference feeds exactly the ids the model was trained on."""
+    segments = template.inference_segments(system, list(turns), labels)
+    return list(tokenize(segments, tokenizer, template.config.tokenization).ids)
 
 
 def apply_length_policy(

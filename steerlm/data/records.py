@@ -62,10 +62,38 @@ def to_conversation_json(conversation: Conversation, schema: AttributeSchema) ->
     }
 
 
+def check_row_kind(obj: dict, source: str, line: int | None) -> None:
+    """NeMo-Aligner's `type` and `mask` must describe attribute-conditioned SFT: answers written given their
+    attribute line (VALUE_TO_TEXT, or no type) with the User turns masked. Anything else trains something
+    else in NeMo, so it is refused rather than trained as an ordinary SFT row."""
+    kind = obj.get("type")
+    if kind == "TEXT_TO_VALUE":
+        raise DataError(
+            source,
+            line,
+            "type",
+            "TEXT_TO_VALUE rows train the attribute line written after the response (NeMo's value model), "
+            "not responses conditioned on their attributes",
+            "train an attribute model on their labels (recipes/train_attribute_model.py), or set type to VALUE_TO_TEXT",
+        )
+    if kind is not None and kind != "VALUE_TO_TEXT":
+        raise DataError(source, line, "type", f"{kind!r} is not a NeMo-Aligner row type", "use VALUE_TO_TEXT")
+    if "mask" in obj and obj["mask"] != Role.user.value:
+        raise DataError(
+            source,
+            line,
+            "mask",
+            f"mask={obj['mask']!r} would mask that role and train the User turns; steerlm trains the Assistant's "
+            "answers (mask User)",
+            "set mask to User",
+        )
+
+
 def from_conversation_json(obj: object, schema: AttributeSchema, source: str, line: int | None) -> Conversation:
     """Parse one conversation-JSONL object, naming file:line and the field on any problem."""
     if not isinstance(obj, dict):
         raise DataError(source, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    check_row_kind(obj, source, line)
     turns_json = obj.get("conversations")
     if not isinstance(turns_json, list) or not turns_json:
         raise DataError(source, line, "conversations", "missing or empty", "give a list of {from, value, label} turns")

@@ -209,14 +209,15 @@ def response_example(
     """The tokens of `text` answering the prompt: the prompt is context, `{text}\\n<extra_id_1>` is trained.
 
     The prompt's segments are those generation starts from (`template.inference_segments`); with a template
-    that does not condition on attributes (the plain-SFT model's) there is no attribute line.
+    that does not condition on attributes (the plain-SFT model's) there is no attribute line. Under `nemo`
+    tokenization this is NeMo-Aligner's SteerLM 2.0 example (joined text, the prompt's id count masked).
     """
     config = template.config
     prompt = template.inference_segments(system, list(prompt_turns), labels)
     segments = [Segment(s.text, False) for s in prompt] + [
         Segment(text + config.turn_suffix + config.end_of_turn, True)
     ]
-    return tokenize(segments, tokenizer, source=source)
+    return tokenize(segments, tokenizer, template.config.tokenization, source)
 
 
 @dataclass(frozen=True)

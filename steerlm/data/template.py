@@ -20,9 +20,28 @@ of the next turn's header, exactly as in the concatenated text. At inference the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation, Role, Turn
+
+
+class Tokenization(str, Enum):
+    """How the rendered template becomes token ids (docs/template_and_batching.md, "Tokens").
+
+    `markers`: `<extra_id_0/1/2>` are single added token ids, BOS comes first, and each segment is encoded as
+    it reads after the text before it, so the loss mask follows segment boundaries exactly.
+    `nemo`: NeMo-Aligner's ids — the whole rendered string in one encode call, the markers ordinary text,
+    no BOS — and NeMo's chat-SFT loss mask; what a model trained by NeMo-Aligner was trained on.
+    """
+
+    markers = "markers"
+    nemo = "nemo"
+
+    @property
+    def markers_are_tokens(self) -> bool:
+        """Whether the tokenizer must hold `<extra_id_0/1/2>` as single ids (an HF tokenizer gains them)."""
+        return self is Tokenization.markers
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,7 @@ class TemplateConfig:
     # Assistant turns without labels (e.g. the history packed into a HelpSteer2 prompt) are trained
     # like labelled ones, as in NeMo-Aligner's conversation datasets; False makes them context only.
     train_unlabelled_responses: bool = True
+    tokenization: Tokenization = Tokenization.markers
 
 
 @dataclass(frozen=True)
@@ -58,10 +78,15 @@ class SteerLMTemplate:
         end = self.config.end_of_turn
         return prefix[len(end) :] if after_response and end and prefix.startswith(end) else prefix
 
-    def _label_line(self, labels: Labels | None) -> str:
+    def label_line(self, labels: Labels | None) -> str:
+        """The attribute line of an answer with `labels` (empty without labels or attribute conditioning)."""
         if not self.config.condition_on_attributes or labels is None:
             return ""
         return f"{self.config.label_prefix}{self.schema.format(labels)}{self.config.turn_suffix}"
+
+    def trains_response(self, turn: Turn) -> bool:
+        """Whether an assistant turn's response (and its closing marker) is trained under answer-only loss."""
+        return turn.labels is not None or self.config.train_unlabelled_responses
 
     def segments(self, conversation: Conversation) -> list[Segment]:
         """The whole conversation; concatenating the texts gives the training string."""
@@ -75,9 +100,9 @@ class SteerLMTemplate:
                 out.append(Segment(text, train_all))
                 after_response = False
             else:
-                header = self._header(c.assistant_prefix, after_response) + self._label_line(turn.labels)
+                header = self._header(c.assistant_prefix, after_response) + self.label_line(turn.labels)
                 out.append(Segment(header, train_all))
-                trained = train_all or turn.labels is not None or c.train_unlabelled_responses
+                trained = train_all or self.trains_response(turn)
                 out.append(Segment(turn.text + c.turn_suffix + c.end_of_turn, trained))
                 after_response = True
         return [segment for segment in out if segment.text]
@@ -102,8 +127,8 @@ class SteerLMTemplate:
     def inference_segments(self, system: str, turns: list[Turn], labels: Labels | None) -> list[Segment]:
         """History (ending with a user turn) plus the assistant header and the requested attributes.
 
-        The same segments training builds for that prefix, so `collate.tokenize` of them gives exactly
-        the token ids the model saw in training (tokenizing the joined text could merge across segments).
+        The same segments training builds for that prefix, so `collate.prompt_ids` tokenises them into exactly
+        the ids the model saw in training under either tokenization.
         """
         c = self.config
         history = (
@@ -112,7 +137,7 @@ class SteerLMTemplate:
             else [Segment(f"{c.system_prefix}{system}{c.turn_suffix}", False)]
         )
         after_response = bool(turns) and turns[-1].role == Role.assistant
-        return history + [Segment(self._header(c.assistant_prefix, after_response) + self._label_line(labels), False)]
+        return history + [Segment(self._header(c.assistant_prefix, after_response) + self.label_line(labels), False)]
 
     def inference_prompt(self, system: str, turns: list[Turn], labels: Labels | None) -> str:
         return "".join(segment.text for segment in self.inference_segments(system, turns, labels))

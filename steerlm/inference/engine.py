@@ -31,11 +31,16 @@ from steerlm.config.inference import InferenceConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.records import Conversation
 from steerlm.inference.generate import Delta, SamplingParams
-from steerlm.inference.loading import LoadedModel, check_inference_layout, load_generator, read_checkpoint_setup
+from steerlm.inference.loading import (
+    LoadedModel,
+    check_inference_layout,
+    load_generator,
+    read_checkpoint_setup,
+    setup_tokenizer,
+)
 from steerlm.inference.lockstep import Lockstep
 from steerlm.inference.scoring import AttributeScorer, open_apm_checkpoint
 from steerlm.inference.steering import Steering
-from steerlm.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +264,7 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
     """
     cfg.validate()
     setup = read_checkpoint_setup(cfg.checkpoint, tokenizer_path=cfg.tokenizer_path)
-    tokenizer = load_tokenizer(setup.tokenizer_config.type.value, setup.tokenizer_config.path)
+    tokenizer = setup_tokenizer(setup)
     steering = Steering(
         setup.template, tokenizer, cfg.attributes, cfg.system_prompt, setup.model.max_position_embeddings - 1
     )

@@ -18,7 +18,7 @@ tokens are broadcast so the ranks can never drift apart.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -180,7 +180,8 @@ class Generator:
     """Batched KV-cache generation with one model replica (`model`: this rank's chunks, PP=1).
 
     Every tensor-parallel rank must call `stream`/`generate` with the same arguments and consume the
-    whole stream (the steps are collective).
+    whole stream (the steps are collective). A row stops at any of `stop_token_ids` or `stop_strings` (the
+    end of turn of a `nemo`-tokenized model is text, several ids), besides its own stop strings.
     """
 
     def __init__(
@@ -191,6 +192,7 @@ class Generator:
         max_sequence_length: int,
         stop_token_ids: Sequence[int],
         decoder: str = "auto",
+        stop_strings: Sequence[str] = (),
     ) -> None:
         if layout.pp > 1 or len(model) != 1:
             raise ConfigError(
@@ -212,6 +214,7 @@ class Generator:
         self.layout = layout
         self.max_sequence_length = max_sequence_length
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.stop_strings = tuple(stop_strings)  # stop every row, besides its own stop strings
         reason = lean_unsupported(self.model)
         if decoder not in ("auto", "lean", "megatron"):
             raise ValueError(f"decoder={decoder!r}: choose auto, lean or megatron")
@@ -240,7 +243,8 @@ class Generator:
                 raise ValueError(
                     f"prompt {index} holds token id {bad[0]}, outside the tokenizer's [0, {self.tokenizer.vocab_size})"
                 )
-        return [_Row(i, list(p), s, track_text or bool(s.stop)) for i, (p, s) in enumerate(zip(prompts, params))]
+        settings = [replace(s, stop=tuple(dict.fromkeys(s.stop + self.stop_strings))) for s in params]
+        return [_Row(i, list(p), s, track_text or bool(s.stop)) for i, (p, s) in enumerate(zip(prompts, settings))]
 
     def stream(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[list[Delta]]:
         """Per decoding step, the deltas of rows that produced text or finished (each row finishes once).

@@ -1,12 +1,13 @@
 """A SteerLM checkpoint → a ready `Generator` and everything needed to build its prompts.
 
 A checkpoint carries the resolved config it was trained with: the model shape, the tokenizer, the
-attribute schema and the template switches (`sft.*`). Loading reads those, builds the model at the
-serving layout (any TP size; checkpoints are layout-independent) and loads the weights.
+attribute schema, the template switches (`sft.*`) and `template.tokenization`. Loading reads those, builds
+the model at the serving layout (any TP size; checkpoints are layout-independent) and loads the weights.
 
 A NeMo `.nemo` model is served in place: its model_config.yaml gives the model, its tokenizer is copied out once
 (`steerlm.inference.nemo_source`), the schema is NeMo-Aligner's nine SteerLM attributes and the template
-NeMo-Aligner's; to serve it with another schema, import it first (`steerlm.stages.nemo_import`).
+NeMo-Aligner's, tokenised as NeMo does (`template.tokenization=nemo`); to serve it with another schema, import
+it first (`recipes/convert.py input=x.nemo`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from steerlm.config.schema import AttributesConfig, TokenizerConfig, TokenizerTy
 from steerlm.config.sft import SFTOptions
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.template import SteerLMTemplate, TemplateConfig
+from steerlm.data.template import SteerLMTemplate, Tokenization
 from steerlm.inference.generate import Generator
 from steerlm.inference.nemo_source import cached_tokenizer, nemo_attributes
 from steerlm.models.gpt import build_model_chunks
 from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer, load_tokenizer
+from steerlm.training.init_from import trained_tokenization
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,9 @@ def read_checkpoint_setup(
             "run from the training directory or pass tokenizer_path=<the tokenizer directory>",
         )
     schema = _section(saved, "attributes", AttributesConfig).schema()
-    template = _section(saved, "sft", SFTOptions).template() if "sft" in saved else TemplateConfig()
+    tokenization = trained_tokenization(saved)
+    sft = _section(saved, "sft", SFTOptions) if "sft" in saved else SFTOptions()
+    template = sft.template(tokenization)
     return CheckpointSetup(
         path, _section(saved, "model", ModelConfig), tokenizer_config, schema, SteerLMTemplate(schema, template)
     )
@@ -116,8 +120,14 @@ def _nemo_setup(checkpoint: str, key: str, tokenizer_path: str | None) -> Checkp
             source.model,
             TokenizerConfig(type=TokenizerType.hf, path=tokenizer),
             schema,
-            SteerLMTemplate(schema, TemplateConfig()),
+            SteerLMTemplate(schema, SFTOptions().template(Tokenization.nemo)),
         )
+
+
+def setup_tokenizer(setup: CheckpointSetup) -> Tokenizer:
+    """The checkpoint's tokenizer, with the SteerLM markers as single ids or as text, as it was trained."""
+    config = setup.tokenizer_config
+    return load_tokenizer(config.type.value, config.path, setup.template.config.tokenization.markers_are_tokens)
 
 
 def _section(saved: DictConfig, name: str, schema: type):
@@ -151,11 +161,12 @@ def load_generator(
 ) -> LoadedModel:
     """Build the checkpoint's model at `layout` in `precision`, load its weights, and wrap it for generation.
 
-    The generator stops on the template's end-of-turn token (what SFT trained after every response) and
-    on the tokenizer's EOS; its maximum sequence length is the model's `max_position_embeddings`.
+    The generator stops on the template's end of turn (what SFT trained after every response: one token under
+    `markers` tokenization, text under `nemo`) and on the tokenizer's EOS; its maximum sequence length is the
+    model's `max_position_embeddings`.
     """
     setup = read_checkpoint_setup(checkpoint, key, tokenizer_path)
-    tokenizer = load_tokenizer(setup.tokenizer_config.type.value, setup.tokenizer_config.path)
+    tokenizer = setup_tokenizer(setup)
     chunks = build_model_chunks(setup.model, precision, layout, seed)
     if is_nemo_archive(setup.path):
         with NemoCheckpoint(setup.path) as source:
@@ -163,9 +174,14 @@ def load_generator(
         step = 0
     else:
         step = load_weights(setup.path, chunks, layout, setup.model)
-    stop_ids = [tokenizer.token_to_id(setup.template.config.end_of_turn)] if setup.template.config.end_of_turn else []
+    end = setup.template.config.end_of_turn
+    markers = setup.template.config.tokenization.markers_are_tokens
+    stop_ids = [tokenizer.token_to_id(end)] if end and markers else []
     if tokenizer.eos_id is not None:
         stop_ids.append(tokenizer.eos_id)
-    generator = Generator(chunks, tokenizer, layout, setup.model.max_position_embeddings, stop_ids)
+    stop_strings = [end] if end and not markers else []
+    generator = Generator(
+        chunks, tokenizer, layout, setup.model.max_position_embeddings, stop_ids, stop_strings=stop_strings
+    )
     log.info("loaded %s (step %d) for generation at %s", setup.path, step, layout.describe())
     return LoadedModel(generator, setup.template, setup.schema, tokenizer, setup.model, setup.path, step)

@@ -39,7 +39,7 @@ from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import LengthPolicy, LengthStats, length_buckets
 from steerlm.data.readers import unschema_ratings
 from steerlm.data.records import Conversation, Role
-from steerlm.data.template import SteerLMTemplate
+from steerlm.data.template import SteerLMTemplate, TemplateConfig, Tokenization
 from steerlm.errors import DataError
 from steerlm.evaluation.apm_metrics import REWARD, attribute_metrics, merged_reward, reward_metrics
 from steerlm.inference.generate import Generator, SamplingParams
@@ -145,7 +145,7 @@ class AttributeScorer:
     scores are read at) under `LengthPolicy.truncate` — annotation's policy and the default — or are dropped
     under `LengthPolicy.drop` (training's; `score` then refuses them). With `merge_weights` (one per
     attribute, schema order; NeMo-Aligner's merge_attributes) the scorer also gives a reward: the weighted
-    sum of the raw scores.
+    sum of the raw scores. `tokenization` is the APM's `template.tokenization` (the ids it was trained on).
     """
 
     def __init__(
@@ -159,6 +159,7 @@ class AttributeScorer:
         micro_batch_size: int = 16,
         length_policy: LengthPolicy = LengthPolicy.truncate,
         merge_weights: Sequence[float] | None = None,
+        tokenization: Tokenization = Tokenization.markers,
     ) -> None:
         validate_merge_weights("merge_weights", None if merge_weights is None else list(merge_weights), schema)
         if merge_weights is not None and REWARD in schema.attributes:
@@ -169,7 +170,7 @@ class AttributeScorer:
                 "rename that attribute, or merge_weights=null",
             )
         self.model, self.layout, self.schema, self.tokenizer = model, layout, schema, tokenizer
-        self.template = SteerLMTemplate(schema)
+        self.template = SteerLMTemplate(schema, TemplateConfig(tokenization=tokenization))
         self.seq_length, self.micro_batch_size, self.length_policy = seq_length, micro_batch_size, length_policy
         self.merge_weights = None if merge_weights is None else tuple(float(w) for w in merge_weights)
 
@@ -187,12 +188,13 @@ class AttributeScorer:
     ) -> AttributeScorer:
         """Build and load the APM a checkpoint describes at `layout` (collective).
 
-        `seq_length` defaults to the APM's `model.max_position_embeddings`; `merge_weights` to its
-        `apm.merge_weights` (null there: no reward).
+        `seq_length` defaults to the APM's `model.max_position_embeddings`; `merge_weights` to its reward weights
+        (`apm.merge_weights`, or uniform with `apm.merge_attributes`; neither: no reward).
         """
         apm = checkpoint if isinstance(checkpoint, APMCheckpoint) else open_apm_checkpoint(checkpoint)
         cfg, schema = apm.config, apm.schema
-        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+        tokenization = cfg.template.tokenization
+        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path, tokenization.markers_are_tokens)
         generative = cfg.apm.type == APMType.generative
         chunks = (
             build_model_chunks(cfg.model, cfg.precision, layout, seed)
@@ -211,7 +213,8 @@ class AttributeScorer:
             seq_length=seq_length or cfg.model.max_position_embeddings,
             micro_batch_size=micro_batch_size,
             length_policy=length_policy,
-            merge_weights=merge_weights if merge_weights is not None else cfg.apm.merge_weights,
+            merge_weights=merge_weights if merge_weights is not None else cfg.apm.reward_weights(schema),
+            tokenization=tokenization,
         )
 
     def examples(
@@ -307,9 +310,11 @@ class GenerativeAttributeScorer(AttributeScorer):
         micro_batch_size: int = 16,
         length_policy: LengthPolicy = LengthPolicy.truncate,
         merge_weights: Sequence[float] | None = None,
+        tokenization: Tokenization = Tokenization.markers,
     ) -> None:
-        self.suffix = SteerLMTemplate(schema).config.turn_suffix
-        self.budget = attribute_string_budget(schema, tokenizer, self.suffix)
+        template = SteerLMTemplate(schema, TemplateConfig(tokenization=tokenization))
+        self.suffix = template.config.turn_suffix
+        self.budget = attribute_string_budget(schema, tokenizer, template)
         super().__init__(
             model,
             layout,
@@ -319,6 +324,7 @@ class GenerativeAttributeScorer(AttributeScorer):
             micro_batch_size=micro_batch_size,
             length_policy=length_policy,
             merge_weights=merge_weights,
+            tokenization=tokenization,
         )
         stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
         self.generator = Generator([unwrap(model[0])], tokenizer, layout, seq_length + 1, stops)

@@ -169,7 +169,8 @@ class Steering:
         return ("\n".join(system) if system else self.system_prompt), turns
 
     def prompt_ids(self, system: str, turns: Sequence[Turn], labels: Labels | None) -> list[int]:
-        """Token ids of the prompt that asks for the next assistant turn with `labels` (BOS included)."""
+        """Token ids of the prompt that asks for the next assistant turn with `labels`, tokenised as the model was
+        trained (`template.tokenization`: BOS and single-id markers, or NeMo's one encode call)."""
         ids = prompt_ids(self.template, self.tokenizer, system, turns, labels)
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(

@@ -37,7 +37,7 @@ from steerlm.data.collate import Batch, LengthStats, pad_batch
 from steerlm.data.readers import BadRowPolicy, DataFormat, read_records
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
-from steerlm.data.template import SteerLMTemplate
+from steerlm.data.template import SteerLMTemplate, TemplateConfig
 from steerlm.evaluation.apm_metrics import REWARD, metric_scalars
 from steerlm.files import atomic_write_text
 from steerlm.inference.scoring import (
@@ -52,7 +52,7 @@ from steerlm.stages.runner import EVAL_FILE, StageContext, StageData, TrainingSt
 from steerlm.stages.sft import check_rating_columns
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task
-from steerlm.training.init_from import InitSource, resolve_init_source
+from steerlm.training.init_from import InitSource, check_init_tokenization, check_tokenization, resolve_init_source
 from steerlm.training.loop import TrainingOutcome, prepare_output_dir
 from steerlm.training.losses import attribute_regression_loss
 
@@ -78,14 +78,19 @@ def _split(examples: list[AttributeExample], fraction: float) -> tuple[list, lis
     )
 
 
+def apm_template(cfg: AttributeModelConfig, schema: AttributeSchema) -> SteerLMTemplate:
+    """The template APM inputs are rendered and tokenised with (NeMo's literals, the run's tokenization)."""
+    return SteerLMTemplate(schema, TemplateConfig(tokenization=cfg.template.tokenization))
+
+
 def load_examples(
     cfg: AttributeModelConfig, schema: AttributeSchema, tokenizer, reserved: int = 0
 ) -> tuple[list, list, LengthStats]:
     """Training and validation examples; `reserved` positions are kept free (a generative APM's string)."""
-    template = SteerLMTemplate(schema)
+    template = apm_template(cfg, schema)
     stats = LengthStats()
 
-    check_columns = DataFormat(cfg.data.format) in (DataFormat.helpsteer, DataFormat.helpsteer2)
+    check_columns = DataFormat(cfg.data.format).has_rating_columns
 
     def checked(records: Iterable[Conversation]) -> Iterator[Conversation]:
         for record in records:
@@ -131,15 +136,17 @@ class AttributeModelStage(TrainingStage[AttributeModelConfig, APMInputs]):
                 "train it with parallel.pipeline_model_parallel_size=1 (use tensor parallelism to split the model), "
                 "or apm.type=regression",
             )
-        return resolve_init_source("apm.init_from", cfg.apm.init_from, cfg.model, None if generative else schema)
+        init = resolve_init_source("apm.init_from", cfg.apm.init_from, cfg.model, None if generative else schema)
+        return check_init_tokenization(init, cfg.template.tokenization)
 
     def load_data(self, cfg: AttributeModelConfig, output_dir: Path) -> APMInputs:
         schema = cfg.attributes.schema()
-        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+        tokenizer = load_tokenizer(
+            cfg.tokenizer.type.value, cfg.tokenizer.path, cfg.template.tokenization.markers_are_tokens
+        )
         validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
-        suffix = SteerLMTemplate(schema).config.turn_suffix
         generative = cfg.apm.type == APMType.generative
-        reserved = attribute_string_budget(schema, tokenizer, suffix) if generative else 0
+        reserved = attribute_string_budget(schema, tokenizer, apm_template(cfg, schema)) if generative else 0
         train, valid, lengths = load_examples(cfg, schema, tokenizer, reserved)
         if not train:
             raise ConfigError(
@@ -177,14 +184,15 @@ class AttributeModelStage(TrainingStage[AttributeModelConfig, APMInputs]):
             seq_length=cfg.trainer.seq_length,
             micro_batch_size=cfg.trainer.micro_batch_size,
             length_policy=cfg.data.length_policy,
-            merge_weights=cfg.apm.merge_weights,
+            merge_weights=cfg.apm.reward_weights(inputs.schema),
+            tokenization=cfg.template.tokenization,
         )
 
     def batches(self, ctx: StageContext[AttributeModelConfig], inputs: APMInputs) -> StageData:
         if ctx.cfg.apm.type == APMType.generative:
-            suffix = SteerLMTemplate(inputs.schema).config.turn_suffix
+            template = apm_template(ctx.cfg, inputs.schema)
             train_inputs, valid_inputs = (
-                generative_examples(split, inputs.schema, inputs.tokenizer, suffix)
+                generative_examples(split, inputs.schema, inputs.tokenizer, template)
                 for split in (inputs.train, inputs.valid)
             )
             return self._stage_data(ctx, inputs, train_inputs, valid_inputs, pad_batch)
@@ -305,6 +313,7 @@ def _check_checkpoint_schema(cfg: AttributeModelConfig, output_dir: Path, schema
     path = latest_checkpoint(output_dir) if cfg.checkpoint.resume else None
     if path is None:
         return
+    check_tokenization(path, cfg.template.tokenization, "resuming")
     trained = list(saved_config(path).attributes.attributes)
     if trained != list(schema.attributes):
         raise ConfigError(

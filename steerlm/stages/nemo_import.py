@@ -20,9 +20,18 @@ import torch
 from steerlm import runtime
 from steerlm.checkpoint.sharded import checkpoint_root, save_checkpoint
 from steerlm.config import AttributeModelConfig, AttributesConfig, ParallelConfig, PrecisionConfig
-from steerlm.config.schema import APMConfig, DType, TokenizerConfig, TokenizerType, TrainDataConfig, TrainerConfig
+from steerlm.config.schema import (
+    APMConfig,
+    DType,
+    TemplateOptions,
+    TokenizerConfig,
+    TokenizerType,
+    TrainDataConfig,
+    TrainerConfig,
+)
 from steerlm.config.sft import SFTConfig
 from steerlm.config.validation import validate_model_layout
+from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
 from steerlm.inference.nemo_source import nemo_attributes, write_tokenizer
 from steerlm.models.attribute import build_attribute_model_chunks
@@ -97,8 +106,8 @@ def _imported_config(
     schema: AttributesConfig,
 ) -> SFTConfig | AttributeModelConfig:
     """The resolved config saved with the checkpoint: an SFT run's for a language model, an APM run's (with
-    NeMo-Aligner's merge weights) for a reward model. NeMo records no training data, so `data.train_file` names
-    the archive the weights came from."""
+    NeMo-Aligner's merge weights) for a reward model, tokenised as NeMo does (`template.tokenization=nemo`). NeMo
+    records no training data, so `data.train_file` names the archive the weights came from."""
     model, head = source.model, source.nemo.reward_head
     common: dict[str, Any] = {
         "model": model,
@@ -109,6 +118,7 @@ def _imported_config(
         "tokenizer": TokenizerConfig(type=TokenizerType.hf, path=str((output_dir / TOKENIZER_DIR).resolve())),
         "data": TrainDataConfig(train_file=str(Path(archive).resolve())),
         "output_dir": str(output_dir),
+        "template": TemplateOptions(tokenization=Tokenization.nemo),  # NeMo's ids: what NeMo-Aligner trained it on
     }
     if head is None:
         return SFTConfig(**common)

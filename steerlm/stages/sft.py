@@ -26,10 +26,10 @@ from steerlm.data.collate import (
     Example,
     LengthStats,
     apply_length_policy,
+    conversation_example,
     pack_examples,
     packed_batch,
     pad_batch,
-    tokenize,
 )
 from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink, read_records, unschema_ratings
 from steerlm.data.records import Conversation
@@ -37,7 +37,7 @@ from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.stages.runner import StageContext, StageData, TrainingStage, run_stage
 from steerlm.tokenizers import Tokenizer, load_tokenizer
-from steerlm.training.init_from import InitSource, resolve_init_source
+from steerlm.training.init_from import InitSource, check_init_tokenization, check_tokenization, resolve_init_source
 from steerlm.training.loop import TrainingOutcome, evaluate
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def read_conversations(
     """
     stats = ReadStats()
     reject = cfg.data.on_bad_row == BadRowPolicy.reject
-    check_columns = DataFormat(cfg.data.format) in (DataFormat.helpsteer, DataFormat.helpsteer2)
+    check_columns = DataFormat(cfg.data.format).has_rating_columns
     conversations = []
     with RejectSink(output_dir / f"rejects.{split}.jsonl") if reject else nullcontext() as rejects:
         for conversation in read_records(path, cfg.data.format, schema, cfg.data.on_bad_row, rejects, stats):
@@ -131,13 +131,13 @@ def sft_examples(
     stats: LengthStats,
 ) -> list[Example]:
     """One example per conversation (every assistant turn in it), fitted to `seq_length` positions."""
-    examples = (tokenize(template.segments(c), tokenizer, source=c.source) for c in conversations)
+    examples = (conversation_example(template, c, tokenizer) for c in conversations)
     return apply_length_policy(examples, seq_length, cfg.data.length_policy, stats)
 
 
 def load_data(cfg: SFTConfig, schema: AttributeSchema, tokenizer: Tokenizer, output_dir: Path) -> SFTData:
     """Training and validation examples (`data.validation_file`, or `data.validation_fraction` held out)."""
-    template = SteerLMTemplate(schema, cfg.sft.template())
+    template = SteerLMTemplate(schema, cfg.sft.template(cfg.template.tokenization))
     records = read_conversations(cfg, cfg.data.train_file, schema, output_dir, "train")
     if cfg.data.validation_file is not None:
         train_records = records
@@ -236,6 +236,7 @@ def check_resume_conditioning(cfg: SFTConfig, output_dir: Path) -> None:
     path = latest_checkpoint(output_dir) if cfg.checkpoint.resume else None
     if path is None:
         return
+    check_tokenization(path, cfg.template.tokenization, "resuming")
     saved = saved_config(path)
     trained_with = saved.get("sft", {}).get("condition_on_attributes")
     if trained_with is not None and trained_with != cfg.sft.condition_on_attributes:
@@ -259,11 +260,13 @@ class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
 
     def prepare(self, cfg: SFTConfig, output_dir: Path) -> InitSource | None:
         check_resume_conditioning(cfg, output_dir)
-        return resolve_init_checkpoint(cfg)
+        return check_init_tokenization(resolve_init_checkpoint(cfg), cfg.template.tokenization)
 
     def load_data(self, cfg: SFTConfig, output_dir: Path) -> SFTInputs:
         schema = cfg.attributes.schema()
-        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+        tokenizer = load_tokenizer(
+            cfg.tokenizer.type.value, cfg.tokenizer.path, cfg.template.tokenization.markers_are_tokens
+        )
         validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
         data = load_data(cfg, schema, tokenizer, output_dir)
         baseline = unigram_cross_entropy(data.train[: data.distinct_train], data.valid, tokenizer.vocab_size)

@@ -36,7 +36,7 @@ from steerlm.stages.runner import StageContext, StageData, TrainingStage, run_st
 from steerlm.stages.sft import check_resume_conditioning, resolve_init_checkpoint
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import STEERLM2, Task
-from steerlm.training.init_from import InitSource
+from steerlm.training.init_from import InitSource, check_init_tokenization
 from steerlm.training.loop import TrainingOutcome, evaluate_metrics
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,13 @@ class SteerLM2Stage(TrainingStage[SFTConfig, SteerLM2Inputs]):
     def prepare(self, cfg: SFTConfig, output_dir: Path) -> InitSource | None:
         _check_resume_objective(cfg, output_dir)
         check_resume_conditioning(cfg, output_dir)
-        return resolve_init_checkpoint(cfg)
+        return check_init_tokenization(resolve_init_checkpoint(cfg), cfg.template.tokenization)
 
     def load_data(self, cfg: SFTConfig, output_dir: Path) -> SteerLM2Inputs:
-        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path)
+        tokenization = cfg.template.tokenization
+        tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path, tokenization.markers_are_tokens)
         validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
-        template = SteerLMTemplate(cfg.attributes.schema(), cfg.sft.template())
+        template = SteerLMTemplate(cfg.attributes.schema(), cfg.sft.template(tokenization))
         train, valid, lengths = load_groups(cfg, template, tokenizer, output_dir)
         return SteerLM2Inputs(train, valid, lengths, tokenizer.pad_id)
 

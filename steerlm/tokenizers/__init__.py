@@ -28,11 +28,12 @@ class TokenizerKind(str, enum.Enum):
     WORD = "word"  # a directory holding word_vocab.json
 
 
-def load_tokenizer(kind: str | TokenizerKind, path: str | Path | None) -> Tokenizer:
-    """The tokenizer of `kind` stored in the local directory `path`.
+def load_tokenizer(kind: str | TokenizerKind, path: str | Path | None, markers: bool = True) -> Tokenizer:
+    """The tokenizer of `kind` stored in the local directory `path`; `markers=False` keeps `<extra_id_0/1/2>`
+    plain text (`HFTokenizer`), which the word tokenizer cannot.
 
-    ValueError for an unknown kind or a missing path, FileNotFoundError for a directory that is
-    absent or lacks the kind's files; each message names the path and the fix.
+    ValueError for an unknown kind, a missing path or a word tokenizer without markers, FileNotFoundError for
+    a directory that is absent or lacks the kind's files; each message names the path and the fix.
     """
     try:
         kind = TokenizerKind(kind)
@@ -43,5 +44,10 @@ def load_tokenizer(kind: str | TokenizerKind, path: str | Path | None) -> Tokeni
         expected = "tokenizer.json or tokenizer.model" if kind is TokenizerKind.HF else VOCAB_FILE
         raise ValueError(f"tokenizer kind {kind.value!r} needs a path: the local directory holding {expected}")
     if kind is TokenizerKind.HF:
-        return HFTokenizer(path)
+        return HFTokenizer(path, markers)
+    if not markers:
+        raise ValueError(
+            f"the word tokenizer in {str(path)!r} holds <extra_id_0/1/2> as single ids only; "
+            "NeMo's plain-text markers (template.tokenization=nemo) need an HF tokenizer"
+        )
     return WordTokenizer.load(path)

@@ -16,8 +16,9 @@ class Tokenizer(abc.ABC):
 
     Contract: `encode` never adds BOS/EOS (the caller builds sequences explicitly), and every
     occurrence of a `SPECIAL_TOKENS` string in the text becomes exactly that token's one id, even
-    when glued to other text. Ids lie in [0, vocab_size); the model's vocabulary must be at least
-    `vocab_size` (it may be padded beyond it).
+    when glued to other text (an `HFTokenizer(markers=False)` keeps NeMo's plain-text markers
+    instead). Ids lie in [0, vocab_size); the model's vocabulary must be at least `vocab_size` (it may
+    be padded beyond it).
     """
 
     @property

@@ -14,13 +14,15 @@ _FIX = "pass a local directory holding tokenizer.json (fast) or tokenizer.model 
 class HFTokenizer(Tokenizer):
     """A `transformers.AutoTokenizer` read from `path` only (never the Hub).
 
-    Any of `SPECIAL_TOKENS` missing from the vocabulary is appended as a special token, which grows
-    `vocab_size`; `added_tokens` names those so the caller can log it and size the model's vocabulary.
-    Tokens already in the vocabulary keep their ids but are registered as special so they are never
-    split inside text.
+    With `markers` (the default), any of `SPECIAL_TOKENS` missing from the vocabulary is appended as a
+    special token, which grows `vocab_size`; `added_tokens` names those so the caller can log it and size the
+    model's vocabulary. Tokens already in the vocabulary keep their ids but are registered as special so they
+    are never split inside text. With `markers=False` the tokenizer is used as stored: the markers are
+    whatever it makes of their text (NeMo-Aligner's ids, `template.tokenization=nemo`), and the contract's
+    one-id rule for them does not hold.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, markers: bool = True) -> None:
         directory = existing_directory(path, _FIX)
         if not any((directory / name).is_file() for name in TOKENIZER_FILES):
             raise FileNotFoundError(
@@ -38,12 +40,14 @@ class HFTokenizer(Tokenizer):
         except Exception as error:  # transformers raises many types for unreadable files
             raise ValueError(f"could not load a tokenizer from {str(directory)!r}: {error}") from error
 
-        self.added_tokens: tuple[str, ...] = tuple(t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab())
-        registered = tokenizer.get_added_vocab()
-        tokenizer.add_tokens(
-            [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS if token not in registered],
-            special_tokens=True,
-        )
+        self.added_tokens: tuple[str, ...] = ()
+        if markers:
+            self.added_tokens = tuple(t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab())
+            registered = tokenizer.get_added_vocab()
+            tokenizer.add_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS if t not in registered],
+                special_tokens=True,
+            )
         self._tokenizer = tokenizer
         self._vocab: dict[str, int] = tokenizer.get_vocab()
         self._vocab_size = max(len(tokenizer), max(self._vocab.values()) + 1)
@@ -54,11 +58,12 @@ class HFTokenizer(Tokenizer):
 
     @property
     def pad_id(self) -> int:
-        """The tokenizer's pad token, else its EOS, else `<extra_id_1>` (always in the vocabulary)."""
+        """The tokenizer's pad token, else its EOS, else `<extra_id_1>` when it is one id, else id 0 (padding is
+        never attended to nor trained, so any id serves)."""
         for token_id in (self._tokenizer.pad_token_id, self._tokenizer.eos_token_id):
             if token_id is not None:
                 return token_id
-        return self._vocab[SPECIAL_TOKENS[1]]
+        return self._vocab.get(SPECIAL_TOKENS[1], 0)
 
     @property
     def eos_id(self) -> int | None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from steerlm.checkpoint.sharded import (
     SHAPE_FIELDS,
     latest_checkpoint,
@@ -30,6 +32,7 @@ from steerlm.checkpoint.sharded import (
 )
 from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir, is_nemo_archive
 from steerlm.data.attributes import AttributeSchema
+from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
 from steerlm.models.hf_llama import SafetensorsWeights, check_hf_config, hf_to_megatron, read_hf_config
 from steerlm.models.nemo_config import check_nemo_model
@@ -182,3 +185,32 @@ def resume_or_initialise(
     if init is not None:
         load_init_weights(init, setup, layout, cfg.model, cfg.checkpoint.verify)
     return 0
+
+
+def trained_tokenization(saved: DictConfig) -> Tokenization:
+    """The `template.tokenization` a checkpoint's saved config was trained with (`markers` for a config without
+    a template section: every run before the option, and language models that never saw the template)."""
+    template = saved.get("template") or {}
+    return Tokenization(template.get("tokenization", Tokenization.markers.value))
+
+
+def check_tokenization(checkpoint: Path, tokenization: Tokenization, what: str) -> None:
+    """Refuse to continue (`what`: "resume" or the init key) a checkpoint trained under another tokenization:
+    its ids mean other text, and under `markers` its vocabulary may hold the three added marker rows."""
+    trained = trained_tokenization(saved_config(checkpoint))
+    if trained != tokenization:
+        raise ConfigError(
+            "template.tokenization",
+            tokenization.value,
+            f"{what} reads {checkpoint}, which was trained with template.tokenization={trained.value}",
+            f"set template.tokenization={trained.value}, or start from other weights",
+        )
+
+
+def check_init_tokenization(source: InitSource | None, tokenization: Tokenization) -> InitSource | None:
+    """`source`, once its weights are known to be trained under `tokenization` (Hugging Face weights never saw
+    the template, so any tokenization starts from them; a `.nemo` archive's weights saw NeMo's ids when NeMo-Aligner
+    trained them, and a pretrained one's never saw the template, so any tokenization starts from those too)."""
+    if source is not None and source.format == InitFormat.steerlm:
+        check_tokenization(source.path, tokenization, source.key)
+    return source

@@ -26,6 +26,7 @@ from steerlm.data.readers.fields import RESERVED_KEYS
 from steerlm.data.readers.helpsteer import conversations_from_helpsteer
 from steerlm.data.readers.oasst import conversations_from_oasst_tree
 from steerlm.data.readers.plain import conversations_from_plain
+from steerlm.data.readers.regression import conversations_from_regression
 from steerlm.data.records import Conversation, from_conversation_json, to_conversation_json
 from steerlm.errors import DataError
 from steerlm.files import AtomicTextFile
@@ -39,10 +40,17 @@ _Row = TypeVar("_Row")  # what a converter makes of one input row
 
 class DataFormat(str, Enum):
     conversation = "conversation"  # NeMo-Aligner conversation JSONL
-    helpsteer2 = "helpsteer2"  # HelpSteer2 rows; multi-turn prompts split into turns
+    helpsteer2 = "helpsteer2"  # HelpSteer2 rows; the prompt is one user turn (NeMo-Aligner's conversion)
+    helpsteer2_turns = "helpsteer2_turns"  # HelpSteer2 rows; multi-turn prompts split into turns (history trained)
     helpsteer = "helpsteer"  # HelpSteer (v1) rows; the prompt is one user turn
     oasst = "oasst"  # OpenAssistant message trees, one conversation per leaf
     plain = "plain"  # {"prompt", "response", "attributes", "system"?}
+    regression = "regression"  # NeMo-Aligner's regression reward-model rows {"text", "label": [floats]}
+
+    @property
+    def has_rating_columns(self) -> bool:
+        """HelpSteer-style rows: ratings are columns, and the other columns pass through to `extra`."""
+        return self in (DataFormat.helpsteer, DataFormat.helpsteer2, DataFormat.helpsteer2_turns)
 
 
 class BadRowPolicy(str, Enum):
@@ -100,10 +108,12 @@ Converter = Callable[[Mapping[str, object], AttributeSchema, str, int], list[_Ro
 
 _CONVERTERS: dict[DataFormat, Converter[Conversation]] = {
     DataFormat.conversation: lambda row, schema, source, line: [from_conversation_json(row, schema, source, line)],
-    DataFormat.helpsteer2: partial(conversations_from_helpsteer, multi_turn=True),
-    DataFormat.helpsteer: partial(conversations_from_helpsteer, multi_turn=False),
+    DataFormat.helpsteer2: partial(conversations_from_helpsteer, split_turns=False),
+    DataFormat.helpsteer2_turns: partial(conversations_from_helpsteer, split_turns=True),
+    DataFormat.helpsteer: partial(conversations_from_helpsteer, split_turns=False),
     DataFormat.oasst: conversations_from_oasst_tree,
     DataFormat.plain: conversations_from_plain,
+    DataFormat.regression: conversations_from_regression,
 }
 
 
@@ -145,6 +155,14 @@ def read_rows(
     rows made which records (annotate fingerprints its resumable shards by the rows they were read from)."""
     fmt = _enum(DataFormat, fmt, "fmt")
     on_bad_row = _enum(BadRowPolicy, on_bad_row, "on_bad_row")
+    if schema.left_out:
+        logger.info(
+            "%s: schema '%s' reads %s; ratings of %s (the rest of the known schemas it is part of) are not read",
+            path,
+            schema.name,
+            ", ".join(schema.attributes),
+            ", ".join(schema.left_out),
+        )
     if on_bad_row == BadRowPolicy.reject and rejects is None:
         raise ValueError("on_bad_row='reject' needs a RejectSink, otherwise rejected rows would vanish")
     stats = ReadStats() if stats is None else stats

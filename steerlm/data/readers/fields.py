@@ -44,10 +44,13 @@ def check_labels(
 ) -> Labels:
     """Labels in schema order (None where absent), each value checked under its own field name.
 
-    Unknown names, non-numbers and out-of-range values raise DataError with field `prefix + name`.
+    Unknown names, non-numbers and out-of-range values raise DataError with field `prefix + name`; the
+    schema's `left_out` attributes are not read.
     """
     labels: Labels = {name: None for name in schema.attributes}
     for name, value in values.items():
+        if name in schema.left_out:
+            continue
         checked = schema.check({name: value}, source, line, f"{field_prefix}{name}")
         labels[name] = checked[name]
     return labels

@@ -9,9 +9,15 @@ HelpSteer2 packs the earlier turns of a multi-turn conversation into `prompt`; i
     <extra_id_1>User
     {user turn 2}
 
-and the rated final assistant turn is `response`. We split it back into turns so the template renders
-the same text; the earlier assistant turns carry no attribute line (they were not rated).
-NeMo-Aligner's preprocess_helpsteer2_data.py does not split: it keeps the whole prompt as one user turn.
+and the rated final assistant turn is `response`. NeMo-Aligner's preprocess_helpsteer2_data.py keeps the
+whole prompt as one user turn, so the earlier turns are context, never trained: `helpsteer2` does the same
+(the default). `helpsteer2_turns` splits the prompt back into turns (the template renders the same text),
+so the earlier assistant turns, which carry no attribute line, are trained like any unlabelled answer
+(`sft.train_unlabelled_responses`) and annotation can label them.
+
+The ratings read are the schema's: all five for HelpSteer2's schema (or a larger one, NeMo-Aligner's nine),
+only `helpfulness` for NeMo-Aligner's `--only_helpfulness` schema (`attributes=[helpfulness]`, whose files
+may also carry just that column).
 """
 
 from __future__ import annotations
@@ -75,21 +81,35 @@ def split_helpsteer2_prompt(prompt: str, source: str, line: int) -> list[Turn]:
 
 
 def conversations_from_helpsteer(
-    row: Mapping[str, object], schema: AttributeSchema, source: str, line: int, multi_turn: bool
+    row: Mapping[str, object], schema: AttributeSchema, source: str, line: int, split_turns: bool
 ) -> list[Conversation]:
     """One Conversation: the prompt turn(s), then the response labelled with the row's ratings.
 
-    The five HelpSteer ratings are required; any other column named like a schema attribute is read as
-    a label too (as NeMo-Aligner's format_label does); remaining columns pass through to `extra`.
+    The HelpSteer ratings the schema rates are required; any other column named like a schema attribute is
+    read as a label too (as NeMo-Aligner's format_label does), a rating the schema leaves out of its known
+    schema is not read, and the remaining columns pass through to `extra`.
     """
     prompt = require_string(row, "prompt", source, line)
     response = require_response(row, "response", source, line)
-    for name in HELPSTEER_ATTRIBUTES:
+    required = [name for name in HELPSTEER_ATTRIBUTES if name in schema.attributes]
+    if not required:
+        raise DataError(
+            source,
+            line,
+            None,
+            f"schema '{schema.name}' rates none of the HelpSteer attributes ({', '.join(HELPSTEER_ATTRIBUTES)})",
+            "use attributes=helpsteer2 (or a schema with some of them, e.g. attributes.attributes=[helpfulness])",
+        )
+    for name in required:
         if row.get(name) is None:
             raise DataError(source, line, name, "missing rating", f"give every row its {name} rating (0-4)")
-    rated = {key: value for key, value in row.items() if key in HELPSTEER_ATTRIBUTES or key in schema.attributes}
+    rated = {
+        key: value
+        for key, value in row.items()
+        if key in HELPSTEER_ATTRIBUTES or key in schema.attributes or key in schema.left_out
+    }
     labels = check_labels(schema, rated, source, line)
-    prompt_turns = split_helpsteer2_prompt(prompt, source, line) if multi_turn else [Turn(Role.user, prompt)]
+    prompt_turns = split_helpsteer2_prompt(prompt, source, line) if split_turns else [Turn(Role.user, prompt)]
     known = frozenset({"prompt", "response", *rated})
     return [
         Conversation(

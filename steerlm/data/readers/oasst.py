@@ -7,7 +7,8 @@ Follows NeMo-Aligner's examples/nlp/data/steerlm/preprocess_openassistant_data.p
 - an assistant label value v in [0, 1] becomes round(v × (max − min) + min) on the schema's scale with
   Python's round (half to even): round(v × 4) for the 0-4 schemas, exactly NeMo-Aligner's
   round(value * (likert_scale - 1)); round(v × 9) for the paper's 0-9 schema;
-- which OASST labels are read: see `oasst_label_names`; the schema's other attributes stay missing.
+- which OASST labels are read: see `oasst_label_names`; the schema's other attributes stay missing; an
+  answer whose `labels` hold none of them keeps an empty attribute line, as in NeMo-Aligner's output.
 No message is filtered (deleted, low quality or any language), as NeMo-Aligner uses the full export.
 """
 
@@ -117,10 +118,12 @@ def _message_turn(
 def _labels(
     raw: object, where: str, schema: AttributeSchema, names: tuple[str, ...], source: str, line: int
 ) -> Labels | None:
-    """Schema labels from an OASST `labels` object; None (no attribute line) when none of `names` is there.
+    """Schema labels from an OASST `labels` object; None (no attribute line) without one.
 
     Accepts the trees export's {name: {"value": v, "count": n}} and the flat HF form
-    {"name": [...], "value": [...], "count": [...]}; a null value means not rated.
+    {"name": [...], "value": [...], "count": [...]}; a null value means not rated. A `labels` object with
+    none of `names` gives labels that are all missing — an empty attribute line `<extra_id_2>\\n`, as
+    NeMo-Aligner's encode_labels writes the empty label string "" and trains the answer after it.
     """
     if raw is None:
         return None
@@ -152,8 +155,6 @@ def _labels(
             )
         span = value * (schema.max_value - schema.min_value) + schema.min_value
         scaled[name] = round(span) if schema.integer else span
-    if not scaled:
-        return None
     return schema.check(scaled, source, line, where)
 
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from steerlm.data.attributes import KNOWN_SCHEMAS
 from steerlm.data.records import Role, Turn
 from steerlm.data.synthetic.responses import MAX_LEVEL, quality_of
 from steerlm.data.synthetic.world import (
@@ -31,17 +32,7 @@ from steerlm.data.synthetic.world import (
     compile_fact_patterns,
 )
 
-ATTRIBUTES = (
-    "quality",
-    "toxicity",
-    "humor",
-    "creativity",
-    "helpfulness",
-    "correctness",
-    "coherence",
-    "complexity",
-    "verbosity",
-)
+ATTRIBUTES = KNOWN_SCHEMAS["steerlm_oasst"]  # the world rates NeMo-Aligner's nine attributes
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _ELABORATION = re.compile(", and (" + "|".join(map(re.escape, ELABORATIONS)) + ")$")
 _SIMILE = re.compile(", like (" + "|".join(map(re.escape, SIMILES)) + ")$")
