@@ -82,12 +82,10 @@ def test_kv_cache_greedy_equals_recompute_loop_for_a_batch_of_different_lengths(
 def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, shape: str) -> None:
     chunk = build_model_chunks(SHAPES[shape], PrecisionConfig(), layout, seed=7)[0].eval()
     tokens = torch.tensor([PROMPTS[1], PROMPTS[1][::-1]])
-    lean, reference = LeanDecoder(chunk, layout, 2, 32), MegatronDecoder(chunk, layout, 2, 32)
+    lean, reference = LeanDecoder(chunk, layout, 32), MegatronDecoder(chunk, layout, 32)
     with runtime.inference():
-        pairs = [(lean.forward(tokens[:, :4], 0), reference.forward(tokens[:, :4], 0))]
-        pairs += [
-            (lean.forward(tokens[:, i : i + 1], i), reference.forward(tokens[:, i : i + 1], i)) for i in range(4, 9)
-        ]
+        pairs = [(lean.add(tokens[:, :4].tolist(), 32), reference.add(tokens[:, :4].tolist(), 32))]
+        pairs += [(lean.step(tokens[:, i]), reference.step(tokens[:, i])) for i in range(4, 9)]
     for ours, theirs in pairs:
         assert ours.shape == theirs.shape == (2, SHAPES[shape].padded_vocab_size)
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
