@@ -29,14 +29,10 @@ import torch.distributed as dist
 
 from steerlm import runtime
 from steerlm.config import ConfigError
+from steerlm.config.inference import MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, lean_unsupported
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
-
-SEED_LIMIT = 2**63  # seeds are non-negative 64-bit signed integers
-TOP_K_LIMIT = 2**63  # top_k is held as a 64-bit signed integer
-MIN_TEMPERATURE = 1e-3  # a positive temperature below this overflows the scaled logits (use 0: greedy)
-MIN_TOP_P = 1e-6  # a top_p below this vanishes in float32 (use top_k=1 for the most likely token)
 
 
 @dataclass(frozen=True)
@@ -187,6 +183,10 @@ def sample(
     return tokens
 
 
+class RowFailed(RuntimeError):
+    """A row that passed its checks failed while decoding (its prefill or its sampling); it left the batch."""
+
+
 @dataclass(frozen=True)
 class RowRequest:
     """A row to join a `Decoding`: `key` names it in the outcomes (unique among the rows decoding)."""
@@ -205,6 +205,7 @@ class StepOutcome:
     deltas: list[Delta] = field(default_factory=list)
     finished: list[_Row] = field(default_factory=list)
     failed: list[tuple[int, Exception]] = field(default_factory=list)
+    stepped: bool = False  # whether any row sampled a token
 
 
 class Generator:
@@ -372,7 +373,8 @@ class Decoding:
                 if len(group) > 1:
                     groups += [[request] for request in group]
                 else:
-                    outcome.failed.append((group[0].key, error))
+                    failure = RowFailed(f"its prefill failed: {type(error).__name__}: {error}")
+                    outcome.failed.append((group[0].key, failure))
 
     def _prefill(self, requests: list[RowRequest]) -> None:
         generator, vocab = self.generator, self.generator.tokenizer.vocab_size
@@ -401,7 +403,7 @@ class Decoding:
                         self.logits[slot : slot + 1], params[slot : slot + 1], self.generators[slot : slot + 1]
                     )[0]
                 except Exception as error:  # noqa: BLE001
-                    failed[slot] = error
+                    failed[slot] = RowFailed(f"its sampling failed: {type(error).__name__}: {error}")
             return tokens
 
     def _step(self, outcome: StepOutcome) -> None:
@@ -409,7 +411,7 @@ class Decoding:
         failed: dict[int, Exception] = {}
         with runtime.inference():
             tokens = generator._agree(self._sample(failed)).tolist()
-        self.steps += 1
+        self.steps, outcome.stepped = self.steps + 1, True
         keep = []
         for slot, (row, token) in enumerate(zip(self.rows, tokens)):
             if slot in failed:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from steerlm.config.inference import SamplingDefaults
+from steerlm.config.inference import MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT, SamplingDefaults
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation, Role, Turn
@@ -228,7 +228,25 @@ def sampling_params(
     seed: int | None = None,
 ) -> list[SamplingParams]:
     """One setting per row: the given values, the configured defaults for the rest. Row i samples with
-    seed + i, so the n answers of one request differ (unless decoding is greedy)."""
+    seed + i, so the n answers of one request differ (unless decoding is greedy).
+
+    Every value the generator would refuse (or that would break its arithmetic) is refused here, naming the
+    field, so a bad request fails alone and before it joins a batch."""
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise RequestError(
+            "temperature",
+            f"temperature={temperature!r} is below {MIN_TEMPERATURE:g}, where the scaled logits overflow; "
+            "use 0 for greedy decoding",
+            "invalid_temperature",
+        )
+    if top_p is not None and top_p < MIN_TOP_P:
+        raise RequestError(
+            "top_p",
+            f"top_p={top_p!r} is below {MIN_TOP_P:g}; use top_k=1 to keep only the most likely token",
+            "invalid_top_p",
+        )
+    if top_k is not None and not 0 <= top_k < TOP_K_LIMIT:
+        raise RequestError("top_k", f"top_k={top_k} is out of range: use 0 (off) to 2**63 - 1", "invalid_top_k")
     base = SamplingParams(
         max_new_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
         temperature=defaults.temperature if temperature is None else temperature,
@@ -237,4 +255,11 @@ def sampling_params(
         stop=tuple(defaults.stop if stop is None else stop),
         seed=defaults.seed if seed is None else seed,
     )
+    if not 0 <= base.seed <= SEED_LIMIT - n:
+        raise RequestError(
+            "seed",
+            f"seed={base.seed} is out of range: choice i samples with seed + i, and seeds are 64-bit signed "
+            f"integers, so with n={n} the seed must be between 0 and 2**63 - {n}",
+            "invalid_seed",
+        )
     return [replace(base, seed=base.seed + row) for row in range(n)]
