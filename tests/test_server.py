@@ -74,6 +74,43 @@ def test_chat_and_serve_configs_compose_validate_and_name_bad_keys(tmp_path: Pat
         assert error.value.key == key and phrase in str(error.value), str(error.value)
 
 
+TEAMS = """
+defaults:
+  - serve
+  - _self_
+profiles:
+  support: {attributes: {helpfulness: 4, verbosity: 1}, max_tokens: 64}
+  kids: {attributes: {toxicity: 0}, system_prompt: be kind}
+"""
+
+
+def test_profiles_come_from_a_yaml_and_bad_profiles_or_key_files_are_named(tmp_path: Path) -> None:
+    """Profiles are a dict of typed presets, written in a YAML that extends serve.yaml (Hydra cannot add a
+    dataclass-valued key from the command line); each bad value names its key."""
+    from steerlm.config.inference import ProfileConfig
+    from steerlm.config.store import CONF_DIR
+
+    (tmp_path / "teams.yaml").write_text(TEAMS)  # run as: recipes/serve.py --config-dir DIR --config-name teams
+    overrides = [f"checkpoint={tmp_path}", f"hydra.searchpath=[file://{CONF_DIR}]"]
+    cfg = to_typed(compose("teams", overrides, config_dir=tmp_path), ServeConfig)
+    cfg.validate()
+    assert cfg.profiles["support"] == ProfileConfig({"helpfulness": 4, "verbosity": 1}, None, 64, None)
+    assert cfg.profiles["kids"].system_prompt == "be kind"
+    bad = [
+        (replace(cfg, profiles={"a b": ProfileConfig()}), "profiles.a b", "not a profile name"),
+        (replace(cfg, profiles={"x": ProfileConfig(max_tokens=2000)}), "profiles.x.max_tokens", "limits.max_tokens"),
+        (replace(cfg, api_keys=str(tmp_path / "keys")), "api_keys", "is not a file"),
+    ]
+    for config, key, phrase in bad:
+        with pytest.raises(ConfigError) as error:
+            config.validate()
+        assert error.value.key == key and phrase in str(error.value), str(error.value)
+    steering = _steering()
+    with pytest.raises(ConfigError) as error:
+        steering.preset({"verbosity": 9}, steering.defaults, "profiles.x.attributes")
+    assert error.value.key == "profiles.x.attributes.verbosity" and "out of range" in str(error.value)
+
+
 def _steering():
     from tests.test_chat import FakeService, ScriptedEngine
 

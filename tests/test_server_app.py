@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import uvicorn
 
-from steerlm.config.inference import SamplingDefaults, ServeConfig, ServeLimits, ServerOptions
+from steerlm.config.inference import ProfileConfig, SamplingDefaults, ServeConfig, ServeLimits, ServerOptions
+from steerlm.errors import DataError
 from steerlm.inference.engine import Engine, Job, Service
+from steerlm.inference.http_api import read_api_keys
 from steerlm.inference.server import create_app
 from tests.multiproc import _free_port
 from tests.test_chat import FakeService, ScriptedEngine
@@ -29,7 +31,7 @@ class AppServer:
     """`create_app` over an engine with a scripted decoding, served by uvicorn on a thread (loopback only).
     `jobs` records every submitted job; `cancelled[i]` is set when job i is cancelled."""
 
-    def __init__(self, cfg: ServeConfig, gated: bool) -> None:
+    def __init__(self, cfg: ServeConfig, gated: bool, api_keys: dict[str, str | None] | None = None) -> None:
         self.decoding = ScriptedDecoding(gated)
         limits = cfg.limits
         self.engine = Engine(
@@ -51,8 +53,13 @@ class AppServer:
             submit(job)
 
         self.engine.submit = recorded  # type: ignore[method-assign]
-        steering = FakeService(ScriptedEngine([]), {}).steering
-        app = create_app(Service(self.engine, steering, None, None), cfg)  # type: ignore[arg-type]
+        self.steering = FakeService(ScriptedEngine([]), {"coherence": 3}).steering
+        presets = {
+            name: self.steering.preset(profile.attributes, self.steering.defaults, f"profiles.{name}.attributes")
+            for name, profile in cfg.profiles.items()
+        }
+        service = Service(self.engine, self.steering, None, None, presets)  # type: ignore[arg-type]
+        app = create_app(service, cfg, api_keys)
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -109,13 +116,14 @@ def _events(response: http.client.HTTPResponse) -> Iterator[str]:
             yield line[6:].decode().strip()
 
 
-def _config(**limits) -> ServeConfig:
+def _config(profiles: dict[str, ProfileConfig] | None = None, **limits) -> ServeConfig:
     limits = {"max_tokens": 64, "max_batch_size": 4, "max_queue": 4, "max_stop_chars": 40, **limits}
     return ServeConfig(
         checkpoint="unused",
         server=ServerOptions(model_name="tiny"),
         sampling=SamplingDefaults(max_tokens=8),
         limits=ServeLimits(**limits),
+        profiles=profiles or {},
     )
 
 
@@ -123,8 +131,8 @@ def _config(**limits) -> ServeConfig:
 def app():
     servers: list[AppServer] = []
 
-    def start(gated: bool = False, **limits) -> AppServer:
-        servers.append(AppServer(_config(**limits), gated))
+    def start(gated: bool = False, profiles=None, api_keys=None, **limits) -> AppServer:
+        servers.append(AppServer(_config(profiles, **limits), gated, api_keys))
         return servers[-1]
 
     yield start
@@ -238,3 +246,63 @@ def test_deadlines_and_the_shutdown_grace_end_requests_with_json_errors_and_stre
     assert json.loads(payloads[-2])["error"]["code"] == "unavailable" and payloads[-1] == "[DONE]"
     status, body, _ = server.post(_ask())
     assert (status, body["error"]["code"]) == (503, "unavailable")
+
+
+SUPPORT = ProfileConfig(attributes={"helpfulness": 4, "verbosity": 1}, system_prompt="figs and nuts", max_tokens=5)
+
+
+def test_profiles_preset_attributes_system_prompt_and_caps_and_requests_override_them(app) -> None:
+    server = app(profiles={"support": SUPPORT, "plain": ProfileConfig(attributes={"coherence": None})})
+    status, body, _ = server.post(_ask(model="tiny:support"))
+    assert status == 200 and body["model"] == "tiny:support"
+    assert body["attributes"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}  # over the server's defaults
+    status, body, _ = server.post(_ask(profile="support", attributes={"verbosity": 3, "helpfulness": None}))
+    assert body["attributes"] == {"coherence": 3, "verbosity": 3}  # a request's values override the profile's
+    assert server.post(_ask(model="tiny:plain"))[1]["attributes"] == {}
+    assert server.post(_ask())[1]["attributes"] == {"coherence": 3}
+    prompts = [server.steering.tokenizer.decode(job.prompts[0]) for job in server.jobs]  # type: ignore[attr-defined]
+    assert "figs and nuts" in prompts[0] and "helpfulness:4,coherence:3,verbosity:1" in prompts[0]
+    assert "figs and nuts" not in prompts[3] and "be brief" in prompts[3]
+    refused = [
+        (_ask(model="tiny:support", max_tokens=6), 400, "max_tokens_too_large", "profiles.support.max_tokens"),
+        (_ask(model="tiny:nobody"), 404, "profile_not_found", "support"),
+        (_ask(model="tiny:support", profile="plain"), 400, "conflicting_profile", "plain"),
+        (_ask(model="other:support"), 404, "model_not_found", "tiny:support"),
+    ]
+    for body, status, code, phrase in refused:
+        got, reply, _ = server.post(body)
+        assert (got, reply["error"]["code"]) == (status, code) and phrase in reply["error"]["message"], reply
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("GET", "/v1/models")
+    cards = json.loads(connection.getresponse().read())["data"]
+    assert [card["id"] for card in cards] == ["tiny", "tiny:support", "tiny:plain"]
+    assert cards[1]["attributes"]["defaults"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}
+    assert cards[1]["profile"] == {"name": "support", "system_prompt": "figs and nuts", "max_tokens": 5, "max_n": 8}
+
+
+def test_api_keys_are_required_and_a_key_bound_to_a_profile_serves_it(app, tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# the support team\nsk-support-0123456789 support\n\nsk-admin-0123456789abcdef\n")
+    server = app(profiles={"support": SUPPORT}, api_keys=read_api_keys(str(keys), ["support"]))
+    for headers in (
+        {},
+        {"Authorization": "Bearer sk-support-0123456788"},
+        {"Authorization": "Basic sk-admin-0123456789abcdef"},
+    ):
+        status, body, answer = server.post(_ask(), headers)
+        assert (status, body["error"]["code"], answer["WWW-Authenticate"]) == (401, "invalid_api_key", "Bearer")
+    health = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    health.request("GET", "/health")
+    assert health.getresponse().status == 200  # for load balancers: no key needed
+    admin = {"Authorization": "Bearer sk-admin-0123456789abcdef"}
+    support = {"Authorization": "Bearer sk-support-0123456789"}
+    assert server.post(_ask(), admin)[1]["attributes"] == {"coherence": 3}
+    assert server.post(_ask(model="tiny:support"), admin)[0] == 200  # an unbound key may use any profile
+    assert server.post(_ask(), support)[1]["attributes"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}
+    status, body, _ = server.post(_ask(profile="other"), support)
+    assert (status, body["error"]["code"]) == (403, "profile_not_allowed")
+    for text, line, phrase in (("sk-short\n", 1, "shorter than 16"), ("# k\nsk-0123456789abcdef team\n", 2, "'team'")):
+        keys.write_text(text)
+        with pytest.raises(DataError, match=phrase) as error:
+            read_api_keys(str(keys), ["support"])
+        assert error.value.line == line

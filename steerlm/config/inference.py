@@ -13,6 +13,7 @@ request field read the same.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -188,6 +189,34 @@ class ServeLimits:
             )
 
 
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass
+class ProfileConfig:
+    """One team's way of using the served model: the attribute values its requests start from (over the
+    server's `attributes`; null unsets one), the system prompt for requests without one, and caps at or below
+    the server's `limits`. A request picks it with `"model": "<model>:<profile>"` or `"profile"`, or gets it
+    from its API key."""
+
+    attributes: dict[str, Optional[float]] = field(default_factory=dict)
+    system_prompt: Optional[str] = None  # None: the server's system_prompt
+    max_tokens: Optional[int] = None  # None: limits.max_tokens
+    max_n: Optional[int] = None  # None: limits.max_n
+
+    def validate(self, name: str, limits: ServeLimits) -> None:
+        if not PROFILE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"profiles.{name}", name, "is not a profile name (letters, digits, _ . -)", "rename the profile"
+            )
+        for key in ("max_tokens", "max_n"):
+            value, cap = getattr(self, key), getattr(limits, key)
+            if value is not None and not 1 <= value <= cap:
+                raise ConfigError(
+                    f"profiles.{name}.{key}", value, f"must be in [1, limits.{key}={cap}]", "lower it, or null"
+                )
+
+
 @dataclass
 class ServeConfig(InferenceConfig):
     """`recipes/serve.py`: the OpenAI-compatible HTTP server with the `attributes` extension."""
@@ -195,11 +224,22 @@ class ServeConfig(InferenceConfig):
     apm_checkpoint: Optional[str] = None  # an APM run directory: enables POST /v1/attributes/score
     server: ServerOptions = field(default_factory=ServerOptions)
     limits: ServeLimits = field(default_factory=ServeLimits)
+    profiles: dict[str, ProfileConfig] = field(default_factory=dict)  # name → preset (docs/inference.md)
+    api_keys: Optional[str] = None  # a file of `KEY [PROFILE]` lines: requests then need `Authorization: Bearer KEY`
 
     def validate(self) -> None:
         super().validate()
         self.server.validate()
         self.limits.validate()
+        for name, profile in self.profiles.items():
+            profile.validate(name, self.limits)
+        if self.api_keys is not None and not Path(self.api_keys).is_file():
+            raise ConfigError(
+                "api_keys",
+                self.api_keys,
+                "is not a file",
+                "write one `KEY` or `KEY PROFILE` per line (docs/inference.md), or null for no authentication",
+            )
         if self.apm_checkpoint is not None and not Path(self.apm_checkpoint).is_dir():
             raise ConfigError(
                 "apm_checkpoint",

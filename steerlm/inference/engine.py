@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import torch
 
 from steerlm import runtime
 from steerlm.config.inference import InferenceConfig
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation
 from steerlm.inference.generate import Decoding, Delta, RowRequest, SamplingParams, StepOutcome
 from steerlm.inference.loading import LoadedModel, check_inference_layout, load_generator, read_checkpoint_setup
@@ -325,12 +325,14 @@ class Engine:
 
 @dataclass(frozen=True)
 class Service:
-    """What rank 0 serves with: the running engine, the prompt builder, the model, the APM's schema."""
+    """What rank 0 serves with: the running engine, the prompt builder, the model, the APM's schema, and the
+    checked attribute values of each configured profile."""
 
     engine: Engine
     steering: Steering
     model: LoadedModel
     scorer_schema: AttributeSchema | None
+    presets: Mapping[str, Labels] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -354,11 +356,17 @@ def _signals_ignored() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None = None) -> Iterator[Service | None]:
+def serving(
+    cfg: InferenceConfig,
+    batching: Batching,
+    apm_checkpoint: str | None = None,
+    profiles: Mapping[str, Mapping[str, float | None]] | None = None,
+) -> Iterator[Service | None]:
     """Load the model (and the APM) at `cfg.parallel`; yield a running Service on rank 0, None elsewhere.
+    `profiles`: each profile's attribute values, laid over the defaults (`Service.presets`).
 
-    Everything a config can get wrong (checkpoints, layout, default attributes) is checked before the
-    distributed runtime starts. The other ranks follow rank 0's calls and only then see None; leaving the
+    Everything a config can get wrong (checkpoints, layout, default and profile attributes) is checked
+    before the distributed runtime starts. The other ranks follow rank 0's calls and only then see None; leaving the
     context on rank 0 finishes queued work and releases them.
     """
     cfg.validate()
@@ -367,6 +375,10 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
     steering = Steering(
         setup.template, tokenizer, cfg.attributes, cfg.system_prompt, setup.model.max_position_embeddings - 1
     )
+    presets = {
+        name: steering.preset(values, steering.defaults, f"profiles.{name}.attributes")
+        for name, values in (profiles or {}).items()
+    }
     apm = open_apm_checkpoint(apm_checkpoint) if apm_checkpoint is not None else None
     check_inference_layout(cfg.parallel, [setup.model] + ([apm.config.model] if apm else []))
     if cfg.torch_threads:
@@ -392,7 +404,7 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
             batching.continuous,
         ).start()
         try:
-            yield Service(engine, steering, loaded, apm.schema if apm else None)
+            yield Service(engine, steering, loaded, apm.schema if apm else None, presets)
         finally:
             engine.close()
     finally:

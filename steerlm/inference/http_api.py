@@ -1,4 +1,4 @@
-"""The server's HTTP plumbing: OpenAI-shaped errors, request ids, body limits, and a job's events.
+"""The server's HTTP plumbing: OpenAI-shaped errors, request ids, API keys, body limits, a job's events.
 
 Every request gets an id (`req_…`, in the `x-request-id` response header); the server's log names
 requests by it, and a 500 answer carries it instead of the exception's text, so an operator can find what
@@ -8,8 +8,11 @@ happened without a client learning the server's internals.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import uuid
+from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -118,6 +121,67 @@ class RequestIds:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+MIN_KEY_LENGTH = 16
+
+
+def read_api_keys(path: str, profiles: Collection[str]) -> dict[str, str | None]:
+    """`KEY` or `KEY PROFILE` per line (blank lines and `#` comments skipped): key → the profile it is bound
+    to (None: any). A short, repeated or badly formed key, or an unknown profile, is a DataError at its line."""
+    keys: dict[str, str | None] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        problem = (
+            "expected `KEY` or `KEY PROFILE`"
+            if len(words) > 2
+            else f"the key is shorter than {MIN_KEY_LENGTH} characters"
+            if len(words[0]) < MIN_KEY_LENGTH
+            else "the key is listed twice"
+            if words[0] in keys
+            else f"profile {words[1]!r} is not in `profiles` ({', '.join(profiles) or 'none'})"
+            if len(words) == 2 and words[1] not in profiles
+            else None
+        )
+        if problem:
+            raise DataError(
+                path, number, None, problem, "e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`"
+            )
+        keys[words[0]] = words[1] if len(words) == 2 else None
+    if not keys:
+        raise DataError(path, None, None, "holds no key", "write one `KEY` or `KEY PROFILE` per line")
+    return keys
+
+
+class BearerAuth:
+    """ASGI middleware: every path but `open_paths` needs `Authorization: Bearer KEY` with a listed key
+    (compared in constant time, with every key), else 401; `request.state.key_profile` is the key's profile."""
+
+    def __init__(
+        self, app: ASGIApp, keys: Mapping[str, str | None], open_paths: Collection[str] = ("/health",)
+    ) -> None:
+        self.app, self.open_paths = app, open_paths
+        self.keys = [(key.encode(), profile) for key, profile in keys.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        found, profile = False, None
+        for key, bound in self.keys:  # no early exit: the time does not tell which key came close
+            if hmac.compare_digest(token.strip(), key):
+                found, profile = True, bound
+        if not found or scheme.lower() != b"bearer":
+            return await ApiError(
+                401,
+                "a valid API key is required: send `Authorization: Bearer KEY`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            ).response()(scope, receive, send)
+        scope.setdefault("state", {})["key_profile"] = profile
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -22,8 +22,9 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
@@ -34,16 +35,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from steerlm.config.inference import BatchingPolicy, ServeConfig
+from steerlm.data.attributes import Labels
 from steerlm.evaluation.apm_metrics import REWARD
 from steerlm.inference.engine import Batching, Engine, GenerationJob, ScoringJob, Service, model_name, serving
 from steerlm.inference.http_api import (
     ApiError,
+    BearerAuth,
     BodyLimit,
     JobEvents,
     RequestIds,
     api_error,
     cancel_on_disconnect,
     param_path,
+    read_api_keys,
 )
 from steerlm.inference.steering import ChatMessage, ResponseText, sampling_params
 
@@ -99,6 +103,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     attributes: dict[str, Any] | None = None  # SteerLM: attribute name → value (null: unset a default)
+    profile: str | None = None  # SteerLM: a configured profile (or "model": "<model>:<profile>")
 
 
 class ScoreRequest(BaseModel):
@@ -107,22 +112,73 @@ class ScoreRequest(BaseModel):
     messages: list[MessageIn] = Field(min_length=1)
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What a request starts from: the server's defaults (`name` None) or a configured profile's."""
+
+    name: str | None
+    labels: Labels
+    system_prompt: str | None
+    max_tokens: int
+    max_n: int
+
+    @property
+    def caps(self) -> str:
+        """The config keys of this profile's caps, for error messages."""
+        return f"profiles.{self.name}" if self.name else "limits"
+
+
+def profiles(cfg: ServeConfig, service: Service) -> dict[str | None, Profile]:
+    limits = cfg.limits
+    out: dict[str | None, Profile] = {
+        None: Profile(None, service.steering.defaults, None, limits.max_tokens, limits.max_n)
+    }
+    for name, profile in cfg.profiles.items():
+        out[name] = Profile(
+            name,
+            service.presets[name],
+            profile.system_prompt,
+            profile.max_tokens or limits.max_tokens,
+            profile.max_n or limits.max_n,
+        )
+    return out
+
+
 class ChatCompletions:
     """POST /v1/chat/completions: request → prompt and sampling rows → a generation job → the response."""
 
     def __init__(self, service: Service, cfg: ServeConfig, name: str) -> None:
         self.service, self.cfg, self.name = service, cfg, name
+        self.profiles = profiles(cfg, service)
 
-    def _job(self, body: ChatCompletionRequest, events: JobEvents) -> tuple[GenerationJob, int, dict]:
+    def _profile(self, body: ChatCompletionRequest, key_profile: str | None) -> Profile:
+        """The profile a request uses: named by `model` (`<model>:<profile>`) or `profile`, else its API key's.
+        A key bound to a profile may not use another."""
+        model, colon, named = body.model.partition(":")
+        if model != self.name or (colon and not named):
+            ids = ", ".join(self.name + (f":{p}" if p else "") for p in self.profiles)
+            message = f"model {body.model!r} does not exist; this server serves {ids}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        if named and body.profile and named != body.profile:
+            message = f"model names profile {named!r} but profile is {body.profile!r}"
+            raise ApiError(400, message, param="profile", code="conflicting_profile")
+        chosen = named or body.profile
+        if key_profile is not None and chosen and chosen != key_profile:
+            message = f"this API key may use profile {key_profile!r} only"
+            raise ApiError(403, message, "permission_error", param="model", code="profile_not_allowed")
+        name = chosen or key_profile
+        if name not in self.profiles:
+            listed = ", ".join(p for p in self.profiles if p) or "none"
+            message = f"profile {name!r} does not exist; the profiles are: {listed}"
+            raise ApiError(404, message, param="model", code="profile_not_found")
+        return self.profiles[name]
+
+    def _job(
+        self, body: ChatCompletionRequest, events: JobEvents, key_profile: str | None
+    ) -> tuple[GenerationJob, int, dict]:
         """The request checked in full and turned into a job; ApiError or RequestError name what is wrong."""
         limits = self.cfg.limits
-        if body.model != self.name:
-            raise ApiError(
-                404,
-                f"model {body.model!r} does not exist; this server serves {self.name!r}",
-                param="model",
-                code="model_not_found",
-            )
+        profile = self._profile(body, key_profile)
         for key in UNSUPPORTED:
             if (body.model_extra or {}).get(key) not in UNSET:
                 raise ApiError(
@@ -132,17 +188,18 @@ class ChatCompletions:
                     code="unsupported_parameter",
                 )
         max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is not None and max_tokens > limits.max_tokens:
+        if max_tokens is not None and max_tokens > profile.max_tokens:
             raise ApiError(
                 400,
-                f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens} (limits.max_tokens)",
+                f"max_tokens={max_tokens} exceeds this server's limit of {profile.max_tokens} "
+                f"({profile.caps}.max_tokens)",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
-        if body.n > limits.max_n:
+        if body.n > profile.max_n:
             raise ApiError(
                 400,
-                f"n={body.n} exceeds this server's limit of {limits.max_n} (limits.max_n)",
+                f"n={body.n} exceeds this server's limit of {profile.max_n} ({profile.caps}.max_n)",
                 param="n",
                 code="n_too_large",
             )
@@ -166,8 +223,10 @@ class ChatCompletions:
                 code="stop_too_long",
             )
         steering = self.service.steering
-        labels = steering.labels(body.attributes)
-        system, turns = steering.conversation([m.message() for m in body.messages], labels)
+        labels = steering.labels(body.attributes, base=profile.labels)
+        system, turns = steering.conversation(
+            [m.message() for m in body.messages], labels, system_prompt=profile.system_prompt
+        )
         prompt = steering.prompt_ids(system, turns, labels)
         params = sampling_params(
             self.cfg.sampling,
@@ -184,7 +243,7 @@ class ChatCompletions:
 
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> Any:
         events = JobEvents(request.state.request_id)
-        job, prompt_tokens, labels = self._job(body, events)
+        job, prompt_tokens, labels = self._job(body, events, getattr(request.state, "key_profile", None))
         self.service.engine.submit(job)
         # Until the response starts, a disconnect cancels the job (a stream's response then listens itself).
         watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
@@ -219,7 +278,7 @@ class Reply:
     ) -> None:
         suffix = route.service.steering.template.config.turn_suffix
         self.rows = [ResponseText(suffix) for _ in range(body.n)]
-        self.name, self.labels = route.name, labels
+        self.name, self.labels = body.model, labels
         self.prompt_tokens = prompt_tokens
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.id, self.created = f"chatcmpl-{request_id.removeprefix('req_')}", int(time.time())
@@ -295,10 +354,12 @@ class Reply:
         yield "data: [DONE]\n\n"
 
 
-def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
-    """The FastAPI app over a running engine (rank 0)."""
+def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | None] | None = None) -> FastAPI:
+    """The FastAPI app over a running engine (rank 0); with `api_keys` (key → bound profile or None), every
+    path but /health needs one of them."""
     name = model_name(cfg.server.model_name, cfg.checkpoint)
     steering, created = service.steering, int(time.time())
+    completions = ChatCompletions(service, cfg, name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -315,7 +376,9 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="steerlm", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_request_bytes)
-    app.add_middleware(RequestIds)  # outermost: every answer, 413 included, carries the id
+    if api_keys is not None:
+        app.add_middleware(BearerAuth, keys=api_keys)  # before the body is read
+    app.add_middleware(RequestIds)  # outermost: every answer, 401 and 413 included, carries the id
 
     async def _error(request: Request, error: Exception) -> JSONResponse:
         return api_error(error, request.state.request_id).response()
@@ -342,10 +405,10 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
         param = param_path(tuple(first.get("loc", ())))
         return ApiError(422, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value").response()
 
-    def model_card() -> dict:
+    def model_card(profile: Profile) -> dict:
         schema = steering.schema
-        return {
-            "id": name,
+        card = {
+            "id": name + (f":{profile.name}" if profile.name else ""),
             "object": "model",
             "created": created,
             "owned_by": "steerlm",
@@ -356,9 +419,17 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
                 "max_value": schema.max_value,
                 "integer": schema.integer,
                 "conditioned": steering.conditioned,
-                "defaults": steering.defaults,
+                "defaults": profile.labels,
             },
         }
+        if profile.name:
+            card["profile"] = {
+                "name": profile.name,
+                "system_prompt": profile.system_prompt,
+                "max_tokens": profile.max_tokens,
+                "max_n": profile.max_n,
+            }
+        return card
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -375,20 +446,22 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        """The served model, and the model as each profile serves it (`<model>:<profile>`)."""
+        return {"object": "list", "data": [model_card(profile) for profile in completions.profiles.values()]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
-        if model_id != name:
+        cards = {card["id"]: card for card in (model_card(p) for p in completions.profiles.values())}
+        if model_id not in cards:
             raise ApiError(
                 404,
-                f"model {model_id!r} does not exist; this server serves {name!r}",
+                f"model {model_id!r} does not exist; this server serves {', '.join(cards)}",
                 param="model",
                 code="model_not_found",
             )
-        return model_card()
+        return cards[model_id]
 
-    app.post("/v1/chat/completions")(ChatCompletions(service, cfg, name).__call__)
+    app.post("/v1/chat/completions")(completions.__call__)
 
     @app.post("/v1/attributes/score")
     async def score(body: ScoreRequest, request: Request) -> dict:
@@ -442,12 +515,14 @@ def serve(cfg: ServeConfig) -> None:
         cfg.limits.request_timeout_s,
         continuous=cfg.limits.batching == BatchingPolicy.continuous,
     )
-    with serving(cfg, batching, cfg.apm_checkpoint) as service:
+    api_keys = read_api_keys(cfg.api_keys, cfg.profiles) if cfg.api_keys is not None else None
+    profile_attributes = {name: profile.attributes for name, profile in cfg.profiles.items()}
+    with serving(cfg, batching, cfg.apm_checkpoint, profile_attributes) as service:
         if service is None:  # another tensor-parallel rank: it followed rank 0 until rank 0 closed
             return
         grace_s = cfg.server.shutdown_timeout_s
         config = uvicorn.Config(
-            create_app(service, cfg),
+            create_app(service, cfg, api_keys),
             host=cfg.server.host,
             port=cfg.server.port,
             timeout_graceful_shutdown=int(grace_s + SHUTDOWN_MARGIN_S),

@@ -95,13 +95,19 @@ class Steering:
     ) -> None:
         self.template, self.schema, self.tokenizer = template, template.schema, tokenizer
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
-        try:  # null defaults are the shipped YAML's placeholders for other schemas' names
-            self.defaults = self.labels({k: v for k, v in defaults.items() if v is not None}, base={}) or {}
+        # null defaults are the shipped YAML's placeholders for other schemas' names
+        self.defaults: Labels = self.preset({k: v for k, v in defaults.items() if v is not None}, {}, "attributes")
+
+    def preset(self, values: Mapping[str, float | None], base: Labels, key: str) -> Labels:
+        """Configured attribute values (`key`: their config key) over `base`, checked like a request's;
+        a ConfigError names the bad one."""
+        try:
+            return self.labels(values, base) or {}
         except RequestError as error:
             name = (error.param or "").removeprefix("attributes.")
             raise ConfigError(
-                error.param or "attributes",
-                defaults.get(name),
+                f"{key}.{name}" if name else key,
+                values.get(name),
                 error.message,
                 f"set only attributes of schema '{self.schema.name}' in range, or null to leave one unset",
             ) from None
@@ -127,9 +133,14 @@ class Steering:
         return {name: merged[name] for name in self.schema.attributes if name in merged} or None
 
     def conversation(
-        self, messages: Sequence[ChatMessage], labels: Labels | None = None, last: Role = Role.user
+        self,
+        messages: Sequence[ChatMessage],
+        labels: Labels | None = None,
+        last: Role = Role.user,
+        system_prompt: str | None = None,
     ) -> tuple[str, list[Turn]]:
-        """(system prompt, turns) of OpenAI-style messages whose last one is from `last`.
+        """(system prompt, turns) of OpenAI-style messages whose last one is from `last`; without system
+        messages, `system_prompt` or else the configured one.
 
         Assistant turns in the history carry `labels`: a conversation is steered by one set of values.
         """
@@ -166,7 +177,7 @@ class Steering:
             turns.append(Turn(role, message.content, labels if role == Role.assistant else None))
         if not turns or turns[-1].role != last:
             raise RequestError("messages", f"the last message must be from the {last.name}", "invalid_message_order")
-        return ("\n".join(system) if system else self.system_prompt), turns
+        return ("\n".join(system) if system else system_prompt or self.system_prompt), turns
 
     def prompt_ids(self, system: str, turns: Sequence[Turn], labels: Labels | None) -> list[int]:
         """Token ids of the prompt that asks for the next assistant turn with `labels` (BOS included)."""
