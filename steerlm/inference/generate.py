@@ -293,16 +293,20 @@ class Generator:
             rows.update((row.index, row) for row in outcome.finished)
         return [rows[i].completion(self.tokenizer) for i in range(len(requests))]
 
-    @staticmethod
-    def _run(decoding: Decoding, requests: list[RowRequest]) -> Iterator[StepOutcome]:
-        outcome = decoding.advance(requests)
-        while True:
-            if outcome.failed:
-                raise outcome.failed[0][1]
-            yield outcome
-            if not decoding.rows:
-                return
-            outcome = decoding.advance()
+    def _run(self, decoding: Decoding, requests: list[RowRequest]) -> Iterator[StepOutcome]:
+        training = self.model.training  # e.g. scoring inside a training run: restored afterwards
+        self.model.eval()
+        try:
+            outcome = decoding.advance(requests)
+            while True:
+                if outcome.failed:
+                    raise outcome.failed[0][1]
+                yield outcome
+                if not decoding.rows:
+                    return
+                outcome = decoding.advance()
+        finally:
+            self.model.train(training)
 
 
 class Decoding:
@@ -328,7 +332,8 @@ class Decoding:
         outcome = StepOutcome()
         model = self.generator.model
         training = model.training  # e.g. scoring inside a training run: restored afterwards
-        model.eval()
+        if training:  # switching modes walks every module: not once per step of an inference-only model
+            model.eval()
         try:
             self._keep([slot for slot, row in enumerate(self.rows) if row.index not in leaves])
             self._join(joins, outcome)
@@ -338,7 +343,8 @@ class Decoding:
             self.rows, self.generators, self.decoder, self.logits = [], [], None, None
             raise
         finally:
-            model.train(training)
+            if training:
+                model.train()
         return outcome
 
     def _keep(self, slots: list[int]) -> None:

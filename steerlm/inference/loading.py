@@ -130,6 +130,8 @@ def load_generator(
     tokenizer = load_tokenizer(setup.tokenizer_config.type.value, setup.tokenizer_config.path)
     chunks = build_model_chunks(setup.model, precision, layout, seed)
     step = load_weights(setup.path, chunks, layout, setup.model)
+    for chunk in chunks:
+        chunk.eval()  # for inference only: decoding steps need not switch modes
     stop_ids = [tokenizer.token_to_id(setup.template.config.end_of_turn)] if setup.template.config.end_of_turn else []
     if tokenizer.eos_id is not None:
         stop_ids.append(tokenizer.eos_id)
