@@ -1,7 +1,7 @@
 """The serving engine over a scripted decoding: requests join the running batch at step boundaries and leave
 it when done (or batch-at-a-time when asked), cancelled and timed-out requests leave at the next step, a
 failing row or step fails only its own requests, the shutdown grace is enforced; and the TP lockstep settles
-every call across two gloo ranks, a follower's own failure stopping both ranks with the error logged."""
+every call between two ranks, a follower's own failure stopping both with the error logged on rank 0."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from steerlm.inference.engine import (
 )
 from steerlm.inference.generate import RowRequest, StepOutcome
 from steerlm.inference.lockstep import Lockstep, RanksDiverged
-from tests.multiproc import run_distributed
 
 
 class ScriptedDecoding:
@@ -262,61 +261,81 @@ def test_an_idle_engine_pings_the_other_ranks() -> None:
     assert lockstep.closed
 
 
-# --- the TP lockstep on two gloo ranks -------------------------------------------------------------------
+# --- the TP lockstep, two ranks as threads ----------------------------------------------------------------
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[tuple[str, str]] = []
+class ThreadedWorld:
+    """The three collectives Lockstep makes, between ranks that are threads of this process (each thread sets
+    `rank.value`); a real two-process gloo world runs them in tests/test_server.py's TP=2 server test."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelname, record.getMessage()))
+    ReduceOp = SimpleNamespace(MAX="max")
+
+    def __init__(self, size: int) -> None:
+        self.barrier = threading.Barrier(size, timeout=30)
+        self.slots: list = [None] * size
+        self.rank = threading.local()
+
+    def _exchange(self, value):
+        self.slots[self.rank.value] = value
+        self.barrier.wait()
+        values = list(self.slots)
+        self.barrier.wait()
+        return values
+
+    def broadcast_object_list(self, holder: list, src: int = 0) -> None:
+        holder[0] = self._exchange(holder[0])[src]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str) -> None:
+        assert op == "max"
+        tensor.copy_(torch.stack(self._exchange(tensor.clone())).amax(0))
+
+    def all_gather_object(self, out: list, value) -> None:
+        out[:] = self._exchange(value)
 
 
-def _lockstep_rank() -> dict:
-    import torch.distributed as dist
+def test_a_followers_own_failure_stops_both_ranks_with_the_error_logged_on_rank_zero(monkeypatch, caplog) -> None:
+    """An error raised alike on both ranks is rank 0's to report and both go on; an error on rank 1 alone makes
+    both raise RanksDiverged (rank 0's call, rank 1's follow), logged at ERROR on rank 0 with rank 1's message,
+    and rank 0's close does not wait for the follower that left."""
+    import steerlm.inference.lockstep as lockstep_module
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    records = _Records()
-    logging.getLogger("steerlm.inference.lockstep").addHandler(records)
-    logging.getLogger("steerlm.inference.lockstep").setLevel(logging.DEBUG)
-    layout = SimpleNamespace(dp=1, pp=1, world_size=2, rank=rank, is_rank_zero=rank == 0, device=torch.device("cpu"))
+    world = ThreadedWorld(2)
+    monkeypatch.setattr(lockstep_module, "dist", world)
+    out: dict[int, dict] = {0: {}, 1: {}}
 
-    def everywhere() -> None:
-        raise ValueError("prompt 0 is empty")
+    def rank(number: int) -> None:
+        world.rank.value = number
+        layout = SimpleNamespace(dp=1, pp=1, world_size=2, rank=number, is_rank_zero=number == 0, device="cpu")
 
-    def on_rank_one() -> str:
-        if rank == 1:
-            raise RuntimeError("CUDA out of memory on rank 1")
-        return "done"
+        def everywhere() -> None:
+            raise ValueError("prompt 0 is empty")
 
-    lockstep = Lockstep(layout, {"echo": lambda x: (rank, x), "bad": everywhere, "flaky": on_rank_one})
-    out: dict = {}
-    try:
-        if rank == 0:
-            out["echo"] = lockstep.call("echo", 5)
-            with pytest.raises(ValueError, match="prompt 0 is empty"):
-                lockstep.call("bad")  # failed alike on both ranks: reported by rank 0, rank 1 goes on
-            out["after"] = lockstep.call("echo", 6)
-            with pytest.raises(RanksDiverged) as error:
+        def on_rank_one() -> str:
+            if number == 1:
+                raise RuntimeError("CUDA out of memory on rank 1")
+            return "done"
+
+        lockstep = Lockstep(layout, {"echo": lambda x: (number, x), "bad": everywhere, "flaky": on_rank_one})
+        try:
+            if number == 0:
+                out[0]["echo"] = lockstep.call("echo", 5)
+                with pytest.raises(ValueError, match="prompt 0 is empty"):
+                    lockstep.call("bad")
+                out[0]["after"] = lockstep.call("echo", 6)
                 lockstep.call("flaky")
-            out["error"] = str(error.value)
-            lockstep.close()  # must not wait for a follower that left
-        else:
-            with pytest.raises(RanksDiverged) as error:
+            else:
                 lockstep.follow()
-            out["error"] = str(error.value)
-    finally:
-        dist.destroy_process_group()
-    out["errors"] = [message for level, message in records.records if level == "ERROR"]
-    return out
+        except RanksDiverged as error:
+            out[number]["error"] = str(error)
+            lockstep.close()
 
-
-@pytest.mark.slow
-def test_a_followers_own_failure_stops_both_ranks_with_the_error_logged_on_rank_zero() -> None:
-    rank0, rank1 = run_distributed(_lockstep_rank, 2)
-    assert rank0["echo"] == (0, 5) and rank0["after"] == (0, 6)
-    assert rank0["error"] == rank1["error"] == "flaky failed on rank 1: RuntimeError: CUDA out of memory on rank 1"
-    assert any("rank 1" in m and "CUDA out of memory" in m for m in rank0["errors"]) and rank1["errors"]
+    threads = [threading.Thread(target=rank, args=(n,), name=f"rank{n}") for n in (0, 1)]
+    with caplog.at_level(logging.DEBUG, logger="steerlm.inference.lockstep"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert out[0]["echo"] == (0, 5) and out[0]["after"] == (0, 6)
+    assert out[0]["error"] == out[1]["error"] == "flaky failed on rank 1: RuntimeError: CUDA out of memory on rank 1"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.threadName == "rank0"]
+    assert len(errors) == 1 and "rank 1" in errors[0].getMessage() and "CUDA out of memory" in errors[0].getMessage()
