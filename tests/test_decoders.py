@@ -1,5 +1,6 @@
-"""The lean decoders beyond megatron's local layers: Transformer Engine's layout of the input norms (fused into
-`linear_qkv` / `linear_fc1`), and the static-shape decode step that CUDA graphs record."""
+"""The decoders: rows that join a running batch at different steps get the logits they get alone (every
+decoder); the lean decoders beyond megatron's local layers (Transformer Engine's layout of the input norms,
+fused into `linear_qkv` / `linear_fc1`); and the static-shape decode step that CUDA graphs record."""
 
 from __future__ import annotations
 
@@ -47,12 +48,12 @@ def _fuse_norms_like_transformer_engine(fused: torch.nn.Module) -> torch.nn.Modu
 def _steps(decoder, tokens: torch.Tensor, prefill: int, keep_at: int | None = None) -> list[torch.Tensor]:
     """Logits of a prefill and then one position at a time; rows [1] only from `keep_at` on."""
     with runtime.inference():
-        out = [decoder.forward(tokens[:, :prefill], 0)]
+        out = [decoder.add(tokens[:, :prefill].tolist(), tokens.shape[1])]
         for position in range(prefill, tokens.shape[1]):
             if position == keep_at:
                 decoder.keep([1])
                 tokens = tokens[1:]
-            out.append(decoder.forward(tokens[:, position : position + 1], position))
+            out.append(decoder.step(tokens[:, position]))
     return out
 
 
@@ -61,8 +62,8 @@ def test_lean_decoder_applies_norms_fused_into_the_linears(layout, normalization
     model = replace(TEST_MODEL, normalization=normalization)
     chunk, fused = _chunk(layout, model), _fuse_norms_like_transformer_engine(_chunk(layout, model))
     assert lean_unsupported(fused) is None
-    ours = _steps(LeanDecoder(fused, layout, 2, 16), TOKENS, 4)
-    reference = _steps(MegatronDecoder(chunk, layout, 2, 16), TOKENS, 4)
+    ours = _steps(LeanDecoder(fused, layout, 16), TOKENS, 4)
+    reference = _steps(MegatronDecoder(chunk, layout, 16), TOKENS, 4)
     for got, expected in zip(ours, reference):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -82,8 +83,8 @@ def test_static_decode_step_equals_the_eager_lean_loop(layout, keep_at: int | No
     """What the CUDA graph records (one position as a device tensor, the whole zeroed cache under a mask)
     gives the eager loop's logits, also after a finished row leaves the batch."""
     chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=5)[0].eval()
-    static = _steps(GraphedLeanDecoder(chunk, layout, 2, 16, capture=False), TOKENS, 3, keep_at)
-    eager = _steps(LeanDecoder(chunk, layout, 2, 16), TOKENS, 3, keep_at)
+    static = _steps(GraphedLeanDecoder(chunk, layout, 16, capture=False), TOKENS, 3, keep_at)
+    eager = _steps(LeanDecoder(chunk, layout, 16), TOKENS, 3, keep_at)
     assert [t.shape[0] for t in static] == [t.shape[0] for t in eager]
     for got, expected in zip(static, eager):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -93,4 +94,48 @@ def test_static_decode_step_equals_the_eager_lean_loop(layout, keep_at: int | No
 def test_cuda_graph_decoding_is_refused_without_cuda(layout) -> None:
     chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=5)[0]
     with pytest.raises(ValueError, match="CUDA device"):
-        GraphedLeanDecoder(chunk, layout, 2, 16)
+        GraphedLeanDecoder(chunk, layout, 16)
+
+
+def _alone(decoder, tokens: list[int], prefill: int) -> list[torch.Tensor]:
+    with runtime.inference():
+        out = [decoder.add([tokens[:prefill]], 16)[0]]
+        out += [decoder.step(torch.tensor([token]))[0] for token in tokens[prefill:]]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lean", "megatron", "graphed"])
+def test_rows_that_join_and_leave_at_different_steps_get_the_logits_they_get_alone(layout, kind: str) -> None:
+    """Row a is prefilled with 4 tokens and steps alone twice; rows b (3 tokens) and c (5 tokens) join then,
+    each at its own position; a leaves after 2 more steps and b and c go on: every row's logits at every
+    position equal those of the row decoded alone."""
+    chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=5)[0].eval()
+    build = {
+        "lean": lambda: LeanDecoder(chunk, layout, 16),
+        "megatron": lambda: MegatronDecoder(chunk, layout, 16),
+        "graphed": lambda: GraphedLeanDecoder(chunk, layout, 16, capture=False),
+    }[kind]
+    a, b, c = TOKENS[0].tolist(), TOKENS[1].tolist(), [5, 6, 7, 8, 9, 10, 11, 12]
+    expected = {"a": _alone(build(), a[:8], 4), "b": _alone(build(), b[:8], 3), "c": _alone(build(), c, 5)}
+    got: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "c": []}
+    decoder = build()
+    with runtime.inference():
+        got["a"].append(decoder.add([a[:4]], 16)[0])
+        got["a"] += [decoder.step(torch.tensor([token]))[0] for token in a[4:6]]
+        joined = decoder.add([b[:3], c[:5]], 16)
+        got["b"].append(joined[0])
+        got["c"].append(joined[1])
+        for step in range(2):
+            logits = decoder.step(torch.tensor([a[6 + step], b[3 + step], c[5 + step]]))
+            for name, row in zip("abc", logits):
+                got[name].append(row)
+        decoder.keep([1, 2])
+        for step in range(3):
+            logits = decoder.step(torch.tensor([b[5 + step], c[7 + step] if step == 0 else 0]))
+            got["b"].append(logits[0])
+            if step == 0:
+                got["c"].append(logits[1])
+    for name in "abc":
+        assert len(got[name]) <= len(expected[name])
+        for position, (ours, alone) in enumerate(zip(got[name], expected[name])):
+            torch.testing.assert_close(ours, alone, rtol=1e-5, atol=1e-5, msg=f"row {name}, step {position}")

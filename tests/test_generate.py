@@ -14,7 +14,7 @@ from steerlm import runtime
 from steerlm.config import Activation, ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
 from steerlm.inference import FinishReason, Generator, PromptTooLong, SamplingParams
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
-from steerlm.inference.generate import sample
+from steerlm.inference.generate import Decoding, RowFailed, RowRequest, StepOutcome, sample
 from steerlm.models.gpt import build_model_chunks
 from steerlm.tokenizers import WordTokenizer
 from tests.conftest import TEST_MODEL
@@ -82,12 +82,10 @@ def test_kv_cache_greedy_equals_recompute_loop_for_a_batch_of_different_lengths(
 def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, shape: str) -> None:
     chunk = build_model_chunks(SHAPES[shape], PrecisionConfig(), layout, seed=7)[0].eval()
     tokens = torch.tensor([PROMPTS[1], PROMPTS[1][::-1]])
-    lean, reference = LeanDecoder(chunk, layout, 2, 32), MegatronDecoder(chunk, layout, 2, 32)
+    lean, reference = LeanDecoder(chunk, layout, 32), MegatronDecoder(chunk, layout, 32)
     with runtime.inference():
-        pairs = [(lean.forward(tokens[:, :4], 0), reference.forward(tokens[:, :4], 0))]
-        pairs += [
-            (lean.forward(tokens[:, i : i + 1], i), reference.forward(tokens[:, i : i + 1], i)) for i in range(4, 9)
-        ]
+        pairs = [(lean.add(tokens[:, :4].tolist(), 32), reference.add(tokens[:, :4].tolist(), 32))]
+        pairs += [(lean.step(tokens[:, i]), reference.step(tokens[:, i])) for i in range(4, 9)]
     for ours, theirs in pairs:
         assert ours.shape == theirs.shape == (2, SHAPES[shape].padded_vocab_size)
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
@@ -264,3 +262,53 @@ def test_inference_runs_one_replica_over_all_launched_ranks(monkeypatch) -> None
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError):  # 4 heads do not split over 3 ranks
         check_inference_layout(ParallelConfig(tensor_model_parallel_size=3), [TEST_MODEL])
+
+
+def _finish(decoding: Decoding, outcome: StepOutcome) -> dict[int, list[int]]:
+    """Advance until the batch is empty; every finished row's tokens by key (`outcome`: the last step's)."""
+    tokens = {row.index: row.generated for row in outcome.finished}
+    while decoding.rows:
+        tokens.update((row.index, row.generated) for row in decoding.advance().finished)
+    return tokens
+
+
+def test_a_seeded_row_samples_what_it_samples_alone_when_it_joins_a_running_batch(generator: Generator) -> None:
+    """Rows 1 and 2 decode (one sampled, one greedy) when row 0 joins at step 3 with a prompt of another
+    length: every row's tokens equal its solo generation (each row's generator draws only for its own tokens)."""
+    params = {
+        0: SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5),
+        1: SamplingParams(max_new_tokens=12, temperature=1.5, top_k=20, seed=7),
+        2: SamplingParams(max_new_tokens=6),
+    }
+    prompts = {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[3]}
+    alone = {k: generator.generate([prompts[k]], [params[k]])[0].token_ids for k in params}
+    decoding = Decoding(generator, track_text=False)
+    early = {}
+    for step in range(3):
+        joins = [RowRequest(k, prompts[k], params[k]) for k in (1, 2)] if step == 0 else []
+        early.update((row.index, row.generated) for row in decoding.advance(joins).finished)
+    together = _finish(decoding, decoding.advance([RowRequest(0, prompts[0], params[0])]))
+    assert {**early, **together} == alone and len(set(map(tuple, alone.values()))) == 3
+
+
+def test_rows_leave_when_named_and_a_failing_row_fails_alone(generator: Generator) -> None:
+    decoding = Decoding(generator)
+    first = decoding.advance(
+        [
+            RowRequest(0, PROMPTS[0], SamplingParams(max_new_tokens=50)),
+            RowRequest(1, PROMPTS[1], SamplingParams(max_new_tokens=4)),
+            RowRequest(2, PROMPTS[2], SamplingParams(top_p=0.0)),  # refused by its checks, alone
+        ]
+    )
+    assert [key for key, _ in first.failed] == [2] and "top_p" in str(first.failed[0][1])
+    assert {d.index for d in first.deltas} <= {0, 1} and decoding.steps == 1
+    left = decoding.advance(leaves=[0])  # row 0's client went away: it decodes no further step
+    assert [row.index for row in decoding.rows] == [1] and {d.index for d in left.deltas} <= {1}
+    broken = replace(SamplingParams(temperature=1.0), top_p=None)  # passes no check: made to fail in sampling
+    decoding.rows[0].params = broken
+    failed = decoding.advance([RowRequest(3, PROMPTS[3], SamplingParams(max_new_tokens=3))])
+    assert [key for key, _ in failed.failed] == [1] and isinstance(failed.failed[0][1], RowFailed)
+    assert (
+        _finish(decoding, failed)[3]
+        == generator.generate([PROMPTS[3]], [SamplingParams(max_new_tokens=3)])[0].token_ids
+    )

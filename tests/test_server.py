@@ -1,13 +1,12 @@
-"""Serving: the engine batches, queues, times out and drains; configs and requests are checked with the
-offending key named; a real uvicorn server answers the official `openai` client (plain and streaming) and
-raw HTTP (the `attributes` field, every 4xx, and it keeps answering); the scoring endpoint equals the
-annotation recipe; a TP=2 server answers like TP=1 and shuts down gracefully on SIGTERM."""
+"""Serving: configs and requests are checked with the offending key named; a real uvicorn server answers the
+official `openai` client (plain and streaming) and raw HTTP (the `attributes` field, every 4xx, and it keeps
+answering); co-batched requests get what they get alone; the scoring endpoint equals the annotation recipe;
+a TP=2 server answers like TP=1 and shuts down gracefully on SIGTERM."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import queue
 import signal
 import subprocess
 import sys
@@ -15,136 +14,18 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.inference import ChatConfig, ServeConfig
 from steerlm.data.records import Role, Turn
-from steerlm.inference import Delta, FinishReason, SamplingParams
-from steerlm.inference.engine import Engine, EngineBusy, EngineClosed, GenerationJob, QueueTimeout, ScoringJob
+from steerlm.inference import Delta, FinishReason
 from steerlm.inference.steering import ChatMessage, RequestError, ResponseText
 from tests.multiproc import _free_port
 from tests.recipe_runner import ROOT, recipe_command, recipe_env, run_recipe, train_apm
 
 START_SECONDS = 180
-
-
-# --- the engine, with a scripted lockstep ---------------------------------------------------------------
-
-
-class ScriptedLockstep:
-    """Records the engine's calls. A stream emits `row{i}` per row, then finishes them; it waits for `gate`
-    first, so a test can queue jobs while a batch runs."""
-
-    layout = SimpleNamespace(device=torch.device("cpu"))
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-        self.gate, self.started, self.pinged = threading.Event(), threading.Event(), threading.Event()
-        self.gate.set()
-        self.closed = False
-
-    def call(self, name: str, *args):
-        self.calls.append((name, len(args[0])))
-        self.started.set()
-        if name == "score":
-            return [{"quality": 1.0} for _ in args[0]]
-
-        def steps():
-            self.gate.wait()
-            yield [Delta(i, f"row{i}") for i in range(len(args[0]))]
-            yield [Delta(i, "", FinishReason.length) for i in range(len(args[0]))]
-
-        return steps()
-
-    def ping(self) -> None:
-        self.pinged.set()
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def _job(rows: int, events: queue.Queue, **kwargs) -> GenerationJob:
-    return GenerationJob(sink=events.put, prompts=[[1, 2]] * rows, params=[SamplingParams()] * rows, **kwargs)
-
-
-def _drain(events: queue.Queue) -> list:
-    out = []
-    while (event := events.get(timeout=30)) is not None and not isinstance(event, Exception):
-        out.extend(event)
-    return out + ([event] if event is not None else [])
-
-
-def test_waiting_jobs_are_batched_in_order_while_their_rows_fit() -> None:
-    lockstep = ScriptedLockstep()
-    engine = Engine(lockstep, max_batch_size=4, max_queue=8, request_timeout_s=None, ping_interval_s=30).start()
-    lockstep.gate.clear()
-    events = [queue.Queue() for _ in range(5)]
-    engine.submit(_job(1, events[0]))
-    assert lockstep.started.wait(30)
-    for rows, sink in zip((2, 1, 3), events[1:4]):
-        engine.submit(_job(rows, sink))
-    engine.submit(ScoringJob(sink=events[4].put, conversations=["a conversation"]))
-    lockstep.gate.set()
-    engine.close()
-    assert lockstep.calls == [("stream", 1), ("stream", 3), ("stream", 3), ("score", 1)] and lockstep.closed
-    assert [d.index for d in _drain(events[3])] == [0, 1, 2, 0, 1, 2]  # the job's own rows, whatever its batch
-    assert _drain(events[2]) == [Delta(0, "row2"), Delta(0, "", FinishReason.length)]  # batch row 2, job row 0
-    assert events[4].get() == [{"quality": 1.0}]
-    assert (engine.batches, engine.rows) == (3, 7)
-
-
-def test_full_queue_is_refused_expired_and_cancelled_jobs_are_skipped_and_close_drains() -> None:
-    lockstep = ScriptedLockstep()
-    engine = Engine(lockstep, max_batch_size=4, max_queue=3, request_timeout_s=5, ping_interval_s=30).start()
-    lockstep.gate.clear()
-    events = [queue.Queue() for _ in range(4)]
-    engine.submit(_job(1, events[0]))
-    assert lockstep.started.wait(30)
-    engine.submit(_job(1, events[1], submitted=time.monotonic() - 10))  # waited past request_timeout_s
-    cancelled = _job(1, queue.Queue())
-    engine.submit(cancelled)
-    cancelled.cancel()
-    engine.submit(_job(2, events[2]))
-    with pytest.raises(EngineBusy, match="limits.max_queue"):
-        engine.submit(_job(1, events[3]))
-    lockstep.gate.set()
-    engine.close()
-    assert isinstance(events[1].get(), QueueTimeout)
-    assert lockstep.calls == [("stream", 1), ("stream", 2)]  # the cancelled job never ran
-    assert len(_drain(events[2])) == 4 and not engine.healthy
-    with pytest.raises(EngineClosed):
-        engine.submit(_job(1, events[3]))
-
-
-def test_an_idle_engine_pings_the_other_ranks() -> None:
-    lockstep = ScriptedLockstep()
-    engine = Engine(lockstep, max_batch_size=1, max_queue=1, request_timeout_s=None, ping_interval_s=0.01).start()
-    assert lockstep.pinged.wait(30)
-    engine.close()
-    assert lockstep.closed
-
-
-def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on() -> None:
-    lockstep = ScriptedLockstep()
-    calls = lockstep.call
-
-    def failing(name, *args):
-        if len(lockstep.calls) == 0:
-            lockstep.calls.append((name, len(args[0])))
-            raise ValueError("prompt 0 has 600 tokens")
-        return calls(name, *args)
-
-    lockstep.call = failing
-    engine = Engine(lockstep, max_batch_size=1, max_queue=4, request_timeout_s=None, ping_interval_s=30).start()
-    first, second = queue.Queue(), queue.Queue()
-    engine.submit(_job(1, first))
-    engine.submit(_job(1, second))
-    engine.close()
-    assert isinstance(first.get(), ValueError) and _drain(second)[-1].finish_reason == FinishReason.length
 
 
 # --- configs and requests -------------------------------------------------------------------------------
@@ -179,7 +60,10 @@ def test_chat_and_serve_configs_compose_validate_and_name_bad_keys(tmp_path: Pat
         ),
         (replace(cfg, limits=replace(cfg.limits, max_n=32)), "limits.max_n", "never fits a batch"),
         (replace(cfg, sampling=replace(cfg.sampling, max_tokens=5000)), "sampling.max_tokens", "limits.max_tokens"),
-        (replace(cfg, sampling=replace(cfg.sampling, top_p=0.0)), "sampling.top_p", "(0, 1]"),
+        (replace(cfg, sampling=replace(cfg.sampling, top_p=0.0)), "sampling.top_p", "[1e-06, 1]"),
+        (replace(cfg, sampling=replace(cfg.sampling, temperature=1e-310)), "sampling.temperature", "0 or in"),
+        (replace(cfg, sampling=replace(cfg.sampling, stop=["a"] * 5)), "sampling.stop", "limits.max_stop_strings"),
+        (replace(cfg, sampling=replace(cfg.sampling, seed=2**63 - 2)), "sampling.seed", "2**63 - 8"),
         (replace(cfg, checkpoint=str(tmp_path / "missing")), "checkpoint", "recipes/train_sft.py"),
         (replace(cfg, apm_checkpoint=str(tmp_path / "missing")), "apm_checkpoint", "train_attribute_model"),
         (replace(cfg, ping_interval_s=3600.0), "ping_interval_s", "distributed_timeout_minutes"),
@@ -188,6 +72,43 @@ def test_chat_and_serve_configs_compose_validate_and_name_bad_keys(tmp_path: Pat
         with pytest.raises(ConfigError) as error:
             config.validate()
         assert error.value.key == key and phrase in str(error.value), str(error.value)
+
+
+TEAMS = """
+defaults:
+  - serve
+  - _self_
+profiles:
+  support: {attributes: {helpfulness: 4, verbosity: 1}, max_tokens: 64}
+  kids: {attributes: {toxicity: 0}, system_prompt: be kind}
+"""
+
+
+def test_profiles_come_from_a_yaml_and_bad_profiles_or_key_files_are_named(tmp_path: Path) -> None:
+    """Profiles are a dict of typed presets, written in a YAML that extends serve.yaml (Hydra cannot add a
+    dataclass-valued key from the command line); each bad value names its key."""
+    from steerlm.config.inference import ProfileConfig
+    from steerlm.config.store import CONF_DIR
+
+    (tmp_path / "teams.yaml").write_text(TEAMS)  # run as: recipes/serve.py --config-dir DIR --config-name teams
+    overrides = [f"checkpoint={tmp_path}", f"hydra.searchpath=[file://{CONF_DIR}]"]
+    cfg = to_typed(compose("teams", overrides, config_dir=tmp_path), ServeConfig)
+    cfg.validate()
+    assert cfg.profiles["support"] == ProfileConfig({"helpfulness": 4, "verbosity": 1}, None, 64, None)
+    assert cfg.profiles["kids"].system_prompt == "be kind"
+    bad = [
+        (replace(cfg, profiles={"a b": ProfileConfig()}), "profiles.a b", "not a profile name"),
+        (replace(cfg, profiles={"x": ProfileConfig(max_tokens=2000)}), "profiles.x.max_tokens", "limits.max_tokens"),
+        (replace(cfg, api_keys=str(tmp_path / "keys")), "api_keys", "is not a file"),
+    ]
+    for config, key, phrase in bad:
+        with pytest.raises(ConfigError) as error:
+            config.validate()
+        assert error.value.key == key and phrase in str(error.value), str(error.value)
+    steering = _steering()
+    with pytest.raises(ConfigError) as error:
+        steering.preset({"verbosity": 9}, steering.defaults, "profiles.x.attributes")
+    assert error.value.key == "profiles.x.attributes.verbosity" and "out of range" in str(error.value)
 
 
 def _steering():
@@ -454,7 +375,7 @@ def test_concurrent_requests_all_get_their_own_answer(server: dict) -> None:
     for thread in threads:
         thread.join()
     after = _request(port, "GET", "/health")[1]
-    assert after["rows"] - before["rows"] == 5 and after["batches"] - before["batches"] <= 5
+    assert after["rows"] - before["rows"] == 5 and after["requests"] - before["requests"] == 5
     for verbosity in range(5):
         status, reply = results[verbosity]
         alone = _request(
@@ -464,6 +385,62 @@ def test_concurrent_requests_all_get_their_own_answer(server: dict) -> None:
             {"model": "sft", "messages": QUESTION, "max_tokens": 30, "attributes": {"verbosity": verbosity}},
         )[1]
         assert status == 200 and reply["choices"] == alone["choices"]  # batching changes no answer
+
+
+def _at_once(port: int, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """POST every body at the same moment (one thread each); the answers in order."""
+    results: list = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def ask(index: int) -> None:
+        start.wait()
+        results[index] = _request(port, "POST", "/v1/chat/completions", bodies[index])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.slow
+def test_a_bad_request_sent_with_good_ones_fails_alone(server: dict) -> None:
+    port = server["port"]
+    good = {"model": "sft", "messages": QUESTION, "max_tokens": 30, "temperature": 0.8, "seed": 3}
+    bad = [
+        {**good, "seed": 2**63},  # once raised inside the decoding loop and failed every co-batched request
+        {**good, "top_k": 2**63},
+        {**good, "stop": [f"x{i}" for i in range(500)]},
+    ]
+    answers = _at_once(port, [good, *bad, good])
+    assert [status for status, _ in answers] == [200, 400, 400, 400, 200]
+    assert [reply["error"]["code"] for _, reply in answers[1:4]] == [
+        "invalid_seed",
+        "invalid_top_k",
+        "too_many_stop_strings",
+    ]
+    alone = _request(port, "POST", "/v1/chat/completions", good)[1]
+    assert answers[0][1]["choices"] == answers[4][1]["choices"] == alone["choices"]
+
+
+@pytest.mark.slow
+def test_seeded_sampled_requests_get_their_solo_text_under_load(server: dict) -> None:
+    """Six sampled requests of different lengths sent at once (rows joining and leaving one batch) equal the
+    same requests sent one by one."""
+    port = server["port"]
+    bodies = [
+        {"model": "sft", "messages": QUESTION, "max_tokens": 8 + 5 * i, "temperature": 1.0, "top_p": 0.95, "seed": i}
+        for i in range(6)
+    ]
+    bodies[2]["messages"] = [{"role": "user", "content": "Tell me about the Tanlinyal and its coat."}]
+    before = _request(port, "GET", "/health")[1]
+    loaded = _at_once(port, bodies)
+    after = _request(port, "GET", "/health")[1]
+    assert after["requests"] - before["requests"] == 6
+    for body, (status, reply) in zip(bodies, loaded):
+        alone = _request(port, "POST", "/v1/chat/completions", body)[1]
+        assert status == 200 and reply["choices"] == alone["choices"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ request field read the same.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +24,11 @@ from omegaconf import MISSING
 from steerlm.config.schema import ParallelConfig, PrecisionConfig, is_nemo_archive
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.errors import ConfigError
+
+SEED_LIMIT = 2**63  # sampling seeds are non-negative 64-bit signed integers
+TOP_K_LIMIT = 2**63  # top_k is held as a 64-bit signed integer
+MIN_TEMPERATURE = 1e-3  # a positive temperature below this overflows the scaled logits (0: greedy)
+MIN_TOP_P = 1e-6  # a top_p below this vanishes in float32 (top_k=1 keeps the most likely token)
 
 
 @dataclass
@@ -38,9 +45,20 @@ class SamplingDefaults:
     def validate(self) -> None:
         checks = (
             ("max_tokens", self.max_tokens >= 1, "must be >= 1", "use e.g. 256"),
-            ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]", "use 0 for greedy decoding"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]", "use 1.0 to switch nucleus sampling off"),
-            ("top_k", self.top_k >= 0, "must be >= 0", "use 0 to switch top-k off"),
+            (
+                "temperature",
+                self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 2.0,
+                f"must be 0 or in [{MIN_TEMPERATURE:g}, 2]",
+                "use 0 for greedy decoding",
+            ),
+            (
+                "top_p",
+                MIN_TOP_P <= self.top_p <= 1.0,
+                f"must be in [{MIN_TOP_P:g}, 1]",
+                "use 1.0 to switch nucleus sampling off",
+            ),
+            ("top_k", 0 <= self.top_k < TOP_K_LIMIT, "must be in [0, 2**63)", "use 0 to switch top-k off"),
+            ("seed", 0 <= self.seed < SEED_LIMIT, "must be in [0, 2**63)", "use e.g. 0"),
             (
                 "stop",
                 all(isinstance(s, str) and s for s in self.stop),
@@ -130,19 +148,36 @@ class ServerOptions:
             raise ConfigError("server.shutdown_timeout_s", self.shutdown_timeout_s, "must be positive", "use e.g. 30")
 
 
+class BatchingPolicy(str, Enum):
+    continuous = "continuous"  # requests join the running batch at every step and leave it when done
+    static = "static"  # batch-at-a-time: requests join only an empty batch (for comparison)
+
+
 @dataclass
 class ServeLimits:
-    """What one request may ask for and how much waiting work the server holds."""
+    """What one request may ask for and how much work the server holds."""
 
     max_request_bytes: int = 1_000_000  # larger bodies are refused with 413
     max_tokens: int = 1024  # cap on a request's max_tokens (larger: 400, never silently lowered)
     max_n: int = 8  # cap on a request's n (responses per request)
-    max_batch_size: int = 16  # rows generated together; waiting requests join the next batch
+    max_stop_strings: int = 4  # cap on a request's stop strings (OpenAI's)
+    max_stop_chars: int = 256  # cap on the total length of a request's stop strings
+    max_batch_size: int = 16  # rows decoded together; waiting requests join as rows finish
     max_queue: int = 64  # requests waiting for the model; more are refused with 429
-    request_timeout_s: float = 300.0  # a request that waits longer than this for the model gets 503
+    request_timeout_s: float = 300.0  # a request not finished this long after it arrived gets 503
+    batching: BatchingPolicy = BatchingPolicy.continuous
 
     def validate(self) -> None:
-        for key in ("max_request_bytes", "max_tokens", "max_n", "max_batch_size", "max_queue", "request_timeout_s"):
+        for key in (
+            "max_request_bytes",
+            "max_tokens",
+            "max_n",
+            "max_stop_strings",
+            "max_stop_chars",
+            "max_batch_size",
+            "max_queue",
+            "request_timeout_s",
+        ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"limits.{key}", getattr(self, key), "must be positive", "use the default")
         if self.max_n > self.max_batch_size:
@@ -154,6 +189,34 @@ class ServeLimits:
             )
 
 
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass
+class ProfileConfig:
+    """One team's way of using the served model: the attribute values its requests start from (over the
+    server's `attributes`; null unsets one), the system prompt for requests without one, and caps at or below
+    the server's `limits`. A request picks it with `"model": "<model>:<profile>"` or `"profile"`, or gets it
+    from its API key."""
+
+    attributes: dict[str, Optional[float]] = field(default_factory=dict)
+    system_prompt: Optional[str] = None  # None: the server's system_prompt
+    max_tokens: Optional[int] = None  # None: limits.max_tokens
+    max_n: Optional[int] = None  # None: limits.max_n
+
+    def validate(self, name: str, limits: ServeLimits) -> None:
+        if not PROFILE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"profiles.{name}", name, "is not a profile name (letters, digits, _ . -)", "rename the profile"
+            )
+        for key in ("max_tokens", "max_n"):
+            value, cap = getattr(self, key), getattr(limits, key)
+            if value is not None and not 1 <= value <= cap:
+                raise ConfigError(
+                    f"profiles.{name}.{key}", value, f"must be in [1, limits.{key}={cap}]", "lower it, or null"
+                )
+
+
 @dataclass
 class ServeConfig(InferenceConfig):
     """`recipes/serve.py`: the OpenAI-compatible HTTP server with the `attributes` extension."""
@@ -161,11 +224,22 @@ class ServeConfig(InferenceConfig):
     apm_checkpoint: Optional[str] = None  # an APM run directory: enables POST /v1/attributes/score
     server: ServerOptions = field(default_factory=ServerOptions)
     limits: ServeLimits = field(default_factory=ServeLimits)
+    profiles: dict[str, ProfileConfig] = field(default_factory=dict)  # name → preset (docs/inference.md)
+    api_keys: Optional[str] = None  # a file of `KEY [PROFILE]` lines: requests then need `Authorization: Bearer KEY`
 
     def validate(self) -> None:
         super().validate()
         self.server.validate()
         self.limits.validate()
+        for name, profile in self.profiles.items():
+            profile.validate(name, self.limits)
+        if self.api_keys is not None and not Path(self.api_keys).is_file():
+            raise ConfigError(
+                "api_keys",
+                self.api_keys,
+                "is not a file",
+                "write one `KEY` or `KEY PROFILE` per line (docs/inference.md), or null for no authentication",
+            )
         if self.apm_checkpoint is not None and not Path(self.apm_checkpoint).is_dir():
             raise ConfigError(
                 "apm_checkpoint",
@@ -179,4 +253,21 @@ class ServeConfig(InferenceConfig):
                 self.sampling.max_tokens,
                 f"exceeds limits.max_tokens={self.limits.max_tokens}",
                 "lower the default or raise the cap",
+            )
+        stop = self.sampling.stop
+        if len(stop) > self.limits.max_stop_strings or sum(map(len, stop)) > self.limits.max_stop_chars:
+            raise ConfigError(
+                "sampling.stop",
+                stop,
+                f"exceeds limits.max_stop_strings={self.limits.max_stop_strings} or "
+                f"limits.max_stop_chars={self.limits.max_stop_chars}",
+                "use fewer or shorter stop strings, or raise the caps",
+            )
+        if self.sampling.seed > SEED_LIMIT - self.limits.max_n:
+            raise ConfigError(
+                "sampling.seed",
+                self.sampling.seed,
+                f"choice i samples with seed + i: with limits.max_n={self.limits.max_n} the seed must be at most "
+                f"2**63 - {self.limits.max_n}",
+                "use e.g. 0",
             )

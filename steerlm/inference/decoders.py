@@ -1,19 +1,24 @@
 """The ways the generator runs a model with a KV cache (same interface, same numbers).
 
-- `MegatronDecoder`: megatron-core's own forward with its static inference context (its attention
-  layers store keys/values per layer). Works for every model megatron builds; the reference.
-- `LeanDecoder`: the same modules' weights and norms driven by a short loop of tensor ops, with the
-  cache laid out `[rows, query groups, positions, head dim]` as SDPA reads it. Megatron's generic
-  forward spends most of a decoding step in Python (module dispatch, per-call RoPE recomputation,
-  autograd-function wrappers even under inference mode): on 2 CPU cores a step of the 2-layer tiny model
-  took 2.6 ms at batch 32 against HF transformers' 2.0 ms; the lean loop does the same math in fewer ops
-  (`bench/generate_throughput.py` gives the figures). It covers the Llama family (RMSNorm or
-  LayerNorm, SwiGLU, RoPE, no biases, no QK norm) built with megatron's local layers or with Transformer
-  Engine's (whose input norms are fused into `linear_qkv` / `linear_fc1`); anything else uses
-  `MegatronDecoder`.
-- `GraphedLeanDecoder`: the lean loop's decode step with static shapes (the position a device tensor, the
-  whole cache attended under a mask), recorded once as a CUDA graph and replayed per token: on a GPU a
-  small model's step is otherwise bound by kernel launches, not by reading the weights. CUDA only, TP=1.
+Every decoder holds a batch that rows join and leave between steps (continuous batching): `add` prefills
+new rows' prompts (of any lengths) and appends them, `step` feeds each row's next token at that row's own
+position, `keep` drops the rows that left. Each returns full-vocabulary next-token logits per row.
+
+- `LeanDecoder`: the model's own weights and norms driven by a short loop of tensor ops, with one cache
+  `[rows, query groups, positions, head dim]` as SDPA reads it, each row at its own position (its next key
+  and value scattered there, later positions masked out). Megatron's generic forward spends most of a
+  decoding step in Python (module dispatch, per-call RoPE recomputation, autograd-function wrappers even
+  under inference mode): on 2 CPU cores a step of the 2-layer tiny model took 2.6 ms at batch 32 against HF
+  transformers' 2.0 ms; the lean loop does the same math in fewer ops (`bench/generate_throughput.py` gives
+  the figures). It covers the Llama family (RMSNorm or LayerNorm, SwiGLU, RoPE, no biases, no QK norm)
+  built with megatron's local layers or with Transformer Engine's (whose input norms are fused into
+  `linear_qkv` / `linear_fc1`).
+- `MegatronDecoder`: megatron-core's own forward with its static inference context, which holds rows at one
+  shared position. Rows that join together with prompts of one length form a cohort with its own context;
+  a step runs one forward per cohort. Works for every model megatron builds; the reference.
+- `GraphedLeanDecoder`: the lean step with static shapes (positions a device tensor, the whole cache
+  attended under a mask), recorded as a CUDA graph and replayed per token: on a GPU a small model's step is
+  otherwise bound by kernel launches, not by reading the weights. Re-recorded when rows join. CUDA only, TP=1.
 
 Under TP the lean loops keep this rank's heads, make megatron's two reductions per layer themselves
 (attention and MLP outputs) and gather the vocabulary-sharded logits.
@@ -21,7 +26,7 @@ Under TP the lean loops keep this rank's heads, make megatron's two reductions p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,27 +39,78 @@ from steerlm.megatron_compat import fused_norm_parameters, linear_bias, split_fc
 from steerlm.runtime.layout import ParallelLayout
 
 
-class MegatronDecoder:
-    def __init__(self, model: GPTModel, layout: ParallelLayout, rows: int, length: int) -> None:
-        self.model = model
-        self.context = StaticInferenceContext(rows, length)
+def _padded(prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Prompts right-padded (with token 0) into one `[rows, longest]` tensor."""
+    tokens = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    return tokens
 
-    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Full-vocabulary logits `[rows, padded vocab]` after `tokens` [rows, n] at positions start…start+n-1."""
+
+class _Cohort:
+    """Rows at one shared position in one megatron static inference context."""
+
+    def __init__(self, rows: int, length: int) -> None:
+        self.context = StaticInferenceContext(rows, length)
+        self.position = 0
+
+    def forward(self, model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+        start, self.position = self.position, self.position + tokens.shape[1]
         self.context.sequence_len_offset = start
         if start:
             self.context.enable_decode_mode()
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-        logits = self.model(tokens, positions, None, inference_context=self.context, runtime_gather_output=True)
+        positions = torch.arange(start, self.position, device=tokens.device).expand_as(tokens)
+        logits = model(tokens, positions, None, inference_context=self.context, runtime_gather_output=True)
         return logits[:, -1]
 
     def keep(self, rows: list[int]) -> None:
-        """Drop the other rows from every layer's cache."""
         cache = self.context.key_value_memory_dict
         for layer, (keys, values) in cache.items():
             index = torch.tensor(rows, device=keys.device)
             cache[layer] = (keys.index_select(1, index), values.index_select(1, index))
         self.context.max_batch_size = len(rows)
+
+
+class MegatronDecoder:
+    def __init__(self, model: GPTModel, layout: ParallelLayout, length: int) -> None:
+        self.model, self.length, self.device = model, length, layout.device
+        self.rows: list[tuple[_Cohort, int]] = []  # per batch row: its cohort and its index there
+
+    def add(self, prompts: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+        """Prefill `prompts` as new rows after the current ones; their next-token logits `[new rows, padded
+        vocab]`. `length`: positions the new rows may reach (prompt and answer)."""
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        logits: list[torch.Tensor | None] = [None] * len(prompts)
+        placed: list[tuple[_Cohort, int]] = [None] * len(prompts)  # type: ignore[list-item]
+        for indices in by_length.values():
+            cohort = _Cohort(len(indices), length)
+            out = cohort.forward(self.model, _padded([prompts[i] for i in indices], self.device))
+            for local, index in enumerate(indices):
+                logits[index], placed[index] = out[local], (cohort, local)
+        self.rows += placed
+        return torch.stack(logits)  # type: ignore[arg-type]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's next token `[rows]` at its position → next-token logits `[rows, padded vocab]`."""
+        out: list[torch.Tensor | None] = [None] * len(self.rows)
+        for cohort in dict.fromkeys(c for c, _ in self.rows):
+            members = sorted((local, row) for row, (c, local) in enumerate(self.rows) if c is cohort)
+            logits = cohort.forward(self.model, tokens[[row for _, row in members]][:, None])
+            for k, (_, row) in enumerate(members):
+                out[row] = logits[k]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep these batch rows, in this order; the others leave every cohort's cache."""
+        kept = [self.rows[row] for row in rows]
+        renumbered: dict[_Cohort, dict[int, int]] = {}
+        for cohort in dict.fromkeys(c for c, _ in kept):
+            locals_ = sorted(local for c, local in kept if c is cohort)
+            cohort.keep(locals_)
+            renumbered[cohort] = {old: new for new, old in enumerate(locals_)}
+        self.rows = [(cohort, renumbered[cohort][local]) for cohort, local in kept]
 
 
 _Norm = Callable[[torch.Tensor], torch.Tensor]
@@ -112,43 +168,52 @@ def lean_unsupported(model: GPTModel) -> str | None:
 
 
 class _Span:
-    """Positions `start … start+n-1` as Python numbers (eager decoding): the cache is written and read in
-    slices, and a prefill's attention is causal."""
+    """Positions `0 … n-1` of every row (a prefill): the cache is written in a slice, attention is causal.
+    Rows shorter than `n` compute past their prompt; those entries are overwritten before they are read."""
 
-    def __init__(self, decoder: LeanDecoder, start: int, n: int) -> None:
-        self.start, self.end = start, start + n
-        self.cos, self.sin = decoder.cos[start : self.end, None], decoder.sin[start : self.end, None]
+    def __init__(self, decoder: LeanDecoder, n: int) -> None:
+        self.end = n
+        self.cos, self.sin = decoder.cos[:n, None], decoder.sin[:n, None]
         self.mask, self.causal = None, n > 1
 
     def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        cache[:, :, self.start : self.end] = new
+        cache[:, :, : self.end] = new
 
     def visible(self, cache: torch.Tensor) -> torch.Tensor:
         return cache[:, :, : self.end]
 
 
-class _DevicePosition:
-    """One position held in a 0-dim device tensor (static shapes, for CUDA graphs): the cache is written by
-    index and read whole, positions after this one masked out."""
+class _Rows:
+    """One new position per row, each row at its own (`positions` [rows], a device tensor): the new key and
+    value are scattered there; a row attends to its own positions up to this one, the rest masked out.
+    `end`: the cache positions to read (eager: one past the furthest row), or None for the whole cache
+    (static shapes, for CUDA graphs)."""
 
-    def __init__(self, decoder: LeanDecoder, position: torch.Tensor) -> None:
-        self.index = position.view(1)
-        self.cos = decoder.cos.index_select(0, self.index)[:, None]
-        self.sin = decoder.sin.index_select(0, self.index)[:, None]
-        self.mask = (torch.arange(decoder.cos.shape[0], device=position.device) <= position)[None]  # [1, length]
+    def __init__(self, decoder: LeanDecoder, positions: torch.Tensor, end: int | None) -> None:
+        self.index = positions
+        self.cos = decoder.cos.index_select(0, positions)[:, None, None]  # [rows, 1, 1, head_dim]
+        self.sin = decoder.sin.index_select(0, positions)[:, None, None]
+        self.end = end
+        span = decoder.cache[0][0].shape[2] if end is None else end
+        self.mask = (torch.arange(span, device=positions.device)[None] <= positions[:, None])[:, None, None]
         self.causal = False
 
     def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        cache.index_copy_(2, self.index, new)
+        rows, groups, _, head_dim = new.shape
+        cache.scatter_(2, self.index.view(rows, 1, 1, 1).expand(rows, groups, 1, head_dim), new)
 
     def visible(self, cache: torch.Tensor) -> torch.Tensor:
-        return cache
+        return cache if self.end is None else cache[:, :, : self.end]
+
+
+_Cache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class LeanDecoder:
-    def __init__(self, model: GPTModel, layout: ParallelLayout, rows: int, length: int) -> None:
+    def __init__(self, model: GPTModel, layout: ParallelLayout, length: int) -> None:
         config = model.config
         self.model = model
+        self.device = layout.device
         self.group = layout.pg_collection.tp if layout.tp > 1 else None
         self.tp = layout.tp
         self.heads = config.num_attention_heads // layout.tp
@@ -163,19 +228,25 @@ class LeanDecoder:
         parameter = next(model.parameters())
         freqs = model.rotary_pos_emb(length)[:, 0, 0].float()  # [length, head_dim]: megatron's RoPE (scaling included)
         self.cos, self.sin = freqs.cos().to(parameter.dtype), freqs.sin().to(parameter.dtype)
-        shape = (rows, self.groups, length, self.head_dim)
-        self.cache = [
-            (
-                torch.empty(shape, dtype=parameter.dtype, device=parameter.device),
-                torch.empty(shape, dtype=parameter.dtype, device=parameter.device),
-            )
-            for _ in model.decoder.layers
-        ]
+        self.cache = self._empty(0, 0)
+        self.lengths: list[int] = []  # per row: the positions it has filled (its next one)
         self.output_weight = (
             model.shared_embedding_or_output_weight()
             if model.share_embeddings_and_output_weights
             else model.output_layer.weight
         )
+
+    def _empty(self, rows: int, length: int) -> _Cache:
+        """A zeroed cache: masked-out positions are multiplied by zero weights, which must meet finite values."""
+        parameter = next(self.model.parameters())
+        shape = (rows, self.groups, length, self.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=parameter.dtype, device=parameter.device),
+                torch.zeros(shape, dtype=parameter.dtype, device=parameter.device),
+            )
+            for _ in self.model.decoder.layers
+        ]
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
@@ -183,19 +254,21 @@ class LeanDecoder:
         return tensor
 
     @staticmethod
-    def _rope(x: torch.Tensor, positions: _Span | _DevicePosition) -> torch.Tensor:
+    def _rope(x: torch.Tensor, positions: _Span | _Rows) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * positions.cos + rotated * positions.sin
 
-    def _attention(self, layer, x: torch.Tensor, positions: _Span | _DevicePosition, index: int) -> torch.Tensor:
+    def _attention(
+        self, layer, x: torch.Tensor, positions: _Span | _Rows, cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         attention = layer.self_attention
         rows, n = x.shape[:2]
         query, key, value = split_qkv_heads(
             F.linear(x, attention.linear_qkv.weight), self.heads, self.groups, self.head_dim
         )
         query, key = self._rope(query, positions), self._rope(key, positions)
-        keys, values = self.cache[index]
+        keys, values = cache
         positions.store(keys, key.transpose(1, 2))
         positions.store(values, value.transpose(1, 2))
         context = F.scaled_dot_product_attention(
@@ -214,56 +287,72 @@ class LeanDecoder:
         gate, up = split_fc1(F.linear(x, layer.mlp.linear_fc1.weight), dim=-1)
         return self._reduce(F.linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight))
 
-    def _logits(self, tokens: torch.Tensor, positions: _Span | _DevicePosition) -> torch.Tensor:
+    def _logits(
+        self, tokens: torch.Tensor, positions: _Span | _Rows, cache: _Cache, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits after each row's token at `last` (default: the final one) of `tokens` [rows, n]."""
         hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
-        for index, (layer, (input_norm, pre_mlp_norm)) in enumerate(zip(self.model.decoder.layers, self.norms)):
-            hidden = hidden + self._attention(layer, input_norm(hidden), positions, index)
+        for layer, (input_norm, pre_mlp_norm), layer_cache in zip(self.model.decoder.layers, self.norms, cache):
+            hidden = hidden + self._attention(layer, input_norm(hidden), positions, layer_cache)
             hidden = hidden + self._mlp(layer, pre_mlp_norm(hidden))
-        last = self.model.decoder.final_layernorm(hidden[:, -1])
-        logits = F.linear(last, self.output_weight)
+        final = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = F.linear(self.model.decoder.final_layernorm(final), self.output_weight)
         if self.group is None:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp)]
         dist.all_gather(shards, logits.contiguous(), group=self.group)
         return torch.cat(shards, dim=-1)
 
-    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """As `MegatronDecoder.forward`; a chunk of several positions must start at 0 (prefill)."""
-        if tokens.shape[1] > 1 and start:
-            raise ValueError("LeanDecoder feeds several positions only as the first (prefill) pass")
-        return self._logits(tokens, _Span(self, start, tokens.shape[1]))
+    def add(self, prompts: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+        """As `MegatronDecoder.add`: one causal prefill of the new rows, right-padded to the longest prompt."""
+        held = self.cache[0][0].shape[2]
+        size = max(held, length, max(len(p) for p in prompts))
+        new = self._empty(len(prompts), size)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        tokens = _padded(prompts, self.device)
+        logits = self._logits(tokens, _Span(self, tokens.shape[1]), new, last)
+        if size > held:
+            grown = self._empty(len(self.lengths), size - held)
+            self.cache = [(torch.cat((k, gk), 2), torch.cat((v, gv), 2)) for (k, v), (gk, gv) in zip(self.cache, grown)]
+        self.cache = [(torch.cat((k, nk)), torch.cat((v, nv))) for (k, v), (nk, nv) in zip(self.cache, new)]
+        self.lengths += [len(p) for p in prompts]
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """As `MegatronDecoder.step`."""
+        positions = torch.tensor(self.lengths, device=self.device)
+        logits = self._logits(tokens[:, None], _Rows(self, positions, max(self.lengths) + 1), self.cache)
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
 
     def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, device=self.cache[0][0].device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.cache = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in self.cache]
+        self.lengths = [self.lengths[row] for row in rows]
 
 
 class GraphedLeanDecoder(LeanDecoder):
-    """`LeanDecoder` whose one-position steps replay a CUDA graph of the static-shape step (prefill stays eager).
+    """`LeanDecoder` whose steps replay a CUDA graph of the static-shape step (prefill stays eager).
 
-    The graph holds the batch it was recorded with: `keep` only narrows which rows' logits are returned
-    (finished rows go on computing unseen), so it is recorded once per generation. The cache starts zeroed, so
-    the masked-out positions the static step reads are finite. `capture=False` runs the same static step
-    without a graph (the arithmetic the graph records, testable on CPU); `capture=True` needs CUDA and TP=1.
+    The graph holds the rows it was recorded with: `keep` only narrows which rows' logits are returned (rows
+    that left go on computing at their last position, unseen); rows joining (`add`) drop the rows that left
+    and the graph is recorded again at the next step. `capture=False` runs the same static step without a
+    graph (the arithmetic the graph records, testable on CPU); `capture=True` needs CUDA and TP=1.
     """
 
-    def __init__(self, model: GPTModel, layout: ParallelLayout, rows: int, length: int, capture: bool = True) -> None:
+    def __init__(self, model: GPTModel, layout: ParallelLayout, length: int, capture: bool = True) -> None:
         if capture and (layout.device.type != "cuda" or layout.tp > 1):
             raise ValueError("CUDA-graph decoding needs a CUDA device and tensor_model_parallel_size=1")
-        super().__init__(model, layout, rows, length)
-        for keys, values in self.cache:
-            keys.zero_()
-            values.zero_()
-        device = self.cache[0][0].device
+        super().__init__(model, layout, length)
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros((), dtype=torch.long, device=device)
-        self.live = torch.arange(rows, device=device)
         self.output: torch.Tensor | None = None
+        self.live: list[int] = []  # the cache rows still in the batch, in batch order
+        self.tokens = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # static inputs, sized by `add`
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def _static_step(self) -> torch.Tensor:
-        return self._logits(self.tokens, _DevicePosition(self, self.position))
+        return self._logits(self.tokens, _Rows(self, self.positions, None), self.cache)
 
     def _record(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (allocator and kernels settle), then record; both write this step's key
@@ -278,17 +367,29 @@ class GraphedLeanDecoder(LeanDecoder):
             output = self._static_step()
         return graph, output
 
-    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if tokens.shape[1] > 1:
-            return super().forward(tokens, start)
-        self.tokens.index_copy_(0, self.live, tokens)
-        self.position.fill_(start)
+    def add(self, prompts: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+        if len(self.live) < len(self.lengths):
+            super().keep(self.live)
+            self.live = list(range(len(self.lengths)))
+        logits = super().add(prompts, length)
+        self.live = list(range(len(self.lengths)))
+        self.tokens = torch.zeros(len(self.lengths), 1, dtype=torch.long, device=self.device)
+        self.positions = torch.tensor(self.lengths, device=self.device)
+        self.graph = self.output = None
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        live = torch.tensor(self.live, device=self.device)
+        self.tokens.index_copy_(0, live, tokens[:, None])
+        self.positions.index_copy_(0, live, torch.tensor([self.lengths[r] for r in self.live], device=self.device))
+        for row in self.live:
+            self.lengths[row] += 1
         if not self.capture:
-            return self._static_step()[self.live]
+            return self._static_step()[live]
         if self.graph is None or self.output is None:
             self.graph, self.output = self._record()
         self.graph.replay()
-        return self.output[self.live]
+        return self.output[live]
 
     def keep(self, rows: list[int]) -> None:
-        self.live = self.live[torch.tensor(rows, device=self.live.device)]
+        self.live = [self.live[row] for row in rows]

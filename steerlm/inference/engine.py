@@ -2,10 +2,14 @@
 
 HTTP handlers and the chat loop never touch the model. They submit jobs (a generation of n rows, or an
 APM scoring) to a queue and receive events through the job's `sink`, a callable the engine calls from
-its thread. Waiting generation jobs are batched: each decoding batch takes queued jobs in arrival order
-while their rows fit `max_batch_size` (a job's n rows stay together), and runs them as one `stream`
-call. Under tensor parallelism that call goes through `Lockstep`, so the other ranks decode the same
-batch; an idle engine pings them so their collectives do not time out.
+its thread. Generation is continuous batching: at every step boundary waiting jobs join the running batch
+in arrival order while their rows fit `max_batch_size` (a job's n rows join together, and none is
+overtaken), and a job leaves it as soon as its rows finish, so its response or `[DONE]` goes out at once.
+A job that was cancelled (its client went away) or outlived `request_timeout_s` leaves at the next step.
+With `continuous=False` jobs join only an empty batch (batch-at-a-time, for comparison). Scoring jobs run
+between steps. Under tensor parallelism each step is one `Lockstep` call (`advance`, with the rows that
+join and leave), so the other ranks keep the same batch; an idle engine pings them so their collectives do
+not time out.
 
 `serving()` is the start-up shared by chat and serve: checks, distributed runtime, model (and APM)
 loading, then a running engine on rank 0, while the other ranks follow rank 0 until it closes.
@@ -19,18 +23,17 @@ import signal
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
 
 import torch
 
 from steerlm import runtime
 from steerlm.config.inference import InferenceConfig
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation
-from steerlm.inference.generate import Delta, SamplingParams
+from steerlm.inference.generate import Decoding, Delta, RowRequest, SamplingParams, StepOutcome
 from steerlm.inference.loading import (
     LoadedModel,
     check_inference_layout,
@@ -38,7 +41,7 @@ from steerlm.inference.loading import (
     read_checkpoint_setup,
     setup_tokenizer,
 )
-from steerlm.inference.lockstep import Lockstep
+from steerlm.inference.lockstep import Lockstep, RanksDiverged
 from steerlm.inference.scoring import AttributeScorer, open_apm_checkpoint
 from steerlm.inference.steering import Steering
 
@@ -53,16 +56,22 @@ class EngineClosed(RuntimeError):
     """The engine is shutting down or has stopped (HTTP 503)."""
 
 
-class QueueTimeout(RuntimeError):
-    """The job waited longer than `request_timeout_s` for the model (HTTP 503)."""
+class StepFailed(RuntimeError):
+    """A decoding step failed on every rank; the batch was emptied and its requests fail (HTTP 500)."""
+
+
+class RequestTimeout(RuntimeError):
+    """The job did not finish within `request_timeout_s` of its arrival, queued or decoding (HTTP 503)."""
 
 
 @dataclass(eq=False, kw_only=True)
 class Job:
     """Events go to `sink`, called on the engine thread; it must not block. `cancel()` (a client that went
-    away) makes the engine skip the job if it has not started and stop delivering to it."""
+    away) makes the engine skip the job if it has not started, stop its rows at the next step and stop
+    delivering to it. `request_id` names the request in the server's log."""
 
     sink: Callable[[object], None]
+    request_id: str = "-"
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -75,7 +84,7 @@ class Job:
         try:
             self.sink(event)
         except Exception:  # noqa: BLE001 - a client's broken sink must not stop the engine or the other jobs
-            log.exception("dropping a job whose sink failed")
+            log.exception("request %s: dropping a job whose sink failed", self.request_id)
             self.cancelled = True
 
 
@@ -95,10 +104,21 @@ class ScoringJob(Job):
     conversations: list[Conversation]
 
 
+@dataclass(eq=False)
+class _Running:
+    """A generation job in the batch: its rows' keys (row i of the job is `keys[i]`), those not finished."""
+
+    job: GenerationJob
+    keys: list[int]
+    open: set[int]
+
+
 class Engine:
     """Rank 0's owner of the model: `submit` from any thread; one thread runs the jobs (`start`, `close`).
 
     Under TP that thread is the only one that makes collectives, so requests can never interleave them.
+    If it stops on an error (the ranks fell out of step), every job gets the error, `failure` holds it and
+    `on_failure` is called (the server stops).
     """
 
     def __init__(
@@ -108,14 +128,21 @@ class Engine:
         max_queue: int,
         request_timeout_s: float | None,
         ping_interval_s: float,
+        continuous: bool = True,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.lockstep, self.max_batch_size, self.max_queue = lockstep, max_batch_size, max_queue
         self.request_timeout_s, self.ping_interval_s = request_timeout_s, ping_interval_s
+        self.continuous, self.on_failure = continuous, on_failure
         self._pending: deque[Job] = deque()
+        self._running: dict[int, _Running] = {}  # by row key, every row of each job
+        self._next_key = 0
         self._wake = threading.Condition()
         self._closing = False
+        self._deadline: float | None = None  # past it, unfinished jobs are failed (shutdown grace)
         self._thread = threading.Thread(target=self._run, name="steerlm-engine", daemon=True)
-        self.batches = self.rows = 0
+        self.requests = self.rows = self.steps = 0  # generation jobs and rows admitted; decoding steps
+        self.failure: BaseException | None = None
 
     def start(self) -> Engine:
         self._thread.start()
@@ -129,6 +156,11 @@ class Engine:
     def queued(self) -> int:
         return len(self._pending)
 
+    @property
+    def running(self) -> int:
+        """Rows decoding now."""
+        return len(self._running)
+
     def submit(self, job: Job) -> None:
         with self._wake:
             if not self.healthy:
@@ -138,11 +170,18 @@ class Engine:
             self._pending.append(job)
             self._wake.notify()
 
-    def close(self) -> None:
-        """Finish the queued jobs, release the other ranks and stop the thread (idempotent)."""
+    def drain(self, grace_s: float | None = None) -> None:
+        """Take no new jobs; finish the queued and running ones, within `grace_s` seconds if given (then
+        they fail with EngineClosed)."""
         with self._wake:
             self._closing = True
+            if grace_s is not None:
+                self._deadline = time.monotonic() + grace_s
             self._wake.notify()
+
+    def close(self) -> None:
+        """Drain, release the other ranks and stop the thread (idempotent)."""
+        self.drain()
         if self._thread.is_alive():
             self._thread.join()
 
@@ -150,89 +189,155 @@ class Engine:
         try:
             with runtime.worker_thread(self.lockstep.layout):
                 self._loop()
-        except Exception:  # noqa: BLE001 - a bug must not leave clients waiting forever
+        except Exception as error:  # noqa: BLE001 - a failure must not leave clients waiting forever
             log.exception("the engine stopped")
-            self._closing = True
-            for job in self._pending:
-                job.deliver(EngineClosed("the engine stopped after an internal error"))
+            self.failure = error
+            with self._wake:
+                self._closing = True
+                jobs = list(self._pending) + [running.job for running in self._running.values()]
+                self._pending.clear()
+                self._running.clear()
+            for job in dict.fromkeys(jobs):
+                job.deliver(error)
+            if self.on_failure is not None:
+                self.on_failure(error)
         finally:
             self.lockstep.close()
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            if not batch:
+        while True:
+            with self._wake:
+                woke = bool(self._running) or self._wake.wait_for(
+                    lambda: self._pending or self._closing, timeout=self.ping_interval_s
+                )
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    self._abandon()
+                if self._closing and not self._pending and not self._running:
+                    return
+                scoring, joins = self._admit()
+            for job in scoring:
+                self._score(job)
+            leaves = self._leaving()
+            if joins or leaves or self._running:
+                self._advance(joins, leaves)
+            elif not woke:
                 self.lockstep.ping()
-            elif isinstance(batch[0], ScoringJob):
-                self._score(batch[0])
-            else:
-                self._generate(cast(list[GenerationJob], batch))  # _next_batch runs a ScoringJob alone
 
-    def _next_batch(self) -> list[Job] | None:
-        """The next jobs to run together; [] after an idle ping interval; None once closing and drained."""
-        with self._wake:
-            self._wake.wait_for(lambda: self._pending or self._closing, timeout=self.ping_interval_s)
-            batch: list[Job] = []
-            rows = 0
-            while self._pending:
-                job = self._pending[0]
-                if job.cancelled or self._expired(job):
-                    self._pending.popleft()
-                    continue
-                if not isinstance(job, GenerationJob) or (batch and rows + len(job.prompts) > self.max_batch_size):
-                    if not batch:
-                        batch.append(self._pending.popleft())
+    def _abandon(self) -> None:
+        """Past the shutdown grace: every unfinished job fails (its rows leave at this step)."""
+        closed = EngineClosed("the server shut down before this request finished (server.shutdown_timeout_s)")
+        for job in [*self._pending, *(running.job for running in self._running.values())]:
+            job.deliver(closed)
+            job.cancel()
+        self._pending.clear()
+
+    def _admit(self) -> tuple[list[ScoringJob], list[RowRequest]]:
+        """Under the lock: scoring jobs at the head of the queue, and the rows of the generation jobs that
+        join the batch now (in order, while they fit; batch-at-a-time: only into an empty batch)."""
+        scoring: list[ScoringJob] = []
+        joins: list[RowRequest] = []
+        while self._pending:
+            job = self._pending[0]
+            if job.cancelled or self._expired(job):
+                self._pending.popleft()
+            elif isinstance(job, ScoringJob):
+                scoring.append(job)
+                self._pending.popleft()
+            elif isinstance(job, GenerationJob):
+                joining = len(self._running) + len(job.prompts) <= self.max_batch_size
+                if not joining or (not self.continuous and self._running and not joins):
                     break
-                batch.append(self._pending.popleft())
-                rows += len(job.prompts)
-            return None if not batch and self._closing and not self._pending else batch
+                self._pending.popleft()
+                keys = list(range(self._next_key, self._next_key + len(job.prompts)))
+                self._next_key += len(keys)
+                running = _Running(job, keys, set(keys))
+                for key, prompt, params in zip(keys, job.prompts, job.params):
+                    self._running[key] = running
+                    joins.append(RowRequest(key, prompt, params))
+                self.requests, self.rows = self.requests + 1, self.rows + len(keys)
+        return scoring, joins
 
-    def _expired(self, job: Job) -> bool:
-        if self.request_timeout_s is None or time.monotonic() - job.submitted <= self.request_timeout_s:
+    def _expired(self, job: Job, now: float | None = None) -> bool:
+        """True, with the job told so, once `request_timeout_s` has passed since it arrived."""
+        now = time.monotonic() if now is None else now
+        if self.request_timeout_s is None or now - job.submitted <= self.request_timeout_s:
             return False
         job.deliver(
-            QueueTimeout(
-                f"waited more than {self.request_timeout_s:g} s for the model "
-                "(limits.request_timeout_s); the server is overloaded, retry later"
+            RequestTimeout(
+                f"the request did not finish within {self.request_timeout_s:g} s (limits.request_timeout_s); "
+                "the server is overloaded or the request too long"
             )
         )
         return True
 
+    def _leaving(self) -> list[int]:
+        """The open rows of running jobs that were cancelled or outlived their time; they leave the batch."""
+        now, leaves = time.monotonic(), []
+        for running in dict.fromkeys(self._running.values()):
+            if not running.job.cancelled and self._expired(running.job, now):
+                running.job.cancel()
+            if running.job.cancelled:
+                leaves += sorted(running.open)
+                for key in running.keys:
+                    self._running.pop(key, None)
+        return leaves
+
     def _score(self, job: ScoringJob) -> None:
         try:
             job.deliver(self.lockstep.call("score", job.conversations))
+        except RanksDiverged:
+            raise
         except Exception as error:  # noqa: BLE001 - deterministic on every rank; the client gets the reason
             job.deliver(error)
 
-    def _generate(self, jobs: list[GenerationJob]) -> None:
-        owners = [(job, row) for job in jobs for row in range(len(job.prompts))]
-        prompts = [prompt for job in jobs for prompt in job.prompts]
-        params = [setting for job in jobs for setting in job.params]
-        self.batches, self.rows = self.batches + 1, self.rows + len(prompts)
+    def _advance(self, joins: list[RowRequest], leaves: list[int]) -> None:
+        """One step of the batch on every rank; its deltas go to their jobs, finished jobs get None."""
         try:
-            for deltas in self.lockstep.call("stream", prompts, params):
-                per_job: dict[GenerationJob, list[Delta]] = defaultdict(list)
-                for delta in deltas:
-                    job, row = owners[delta.index]
-                    per_job[job].append(replace(delta, index=row))
-                for job, job_deltas in per_job.items():
-                    job.deliver(job_deltas)
-        except Exception as error:  # noqa: BLE001 - raised alike on every rank (bad input, model failure)
-            log.warning("a batch of %d rows failed: %s", len(prompts), error)
+            outcome: StepOutcome = self.lockstep.call("advance", joins, leaves)
+        except RanksDiverged:
+            raise
+        except Exception as error:  # noqa: BLE001 - raised alike on every rank, whose batches are now empty
+            jobs = list(dict.fromkeys(running.job for running in self._running.values()))
+            log.error(
+                "a decoding step failed; requests %s fail", ", ".join(job.request_id for job in jobs), exc_info=error
+            )
+            self._running.clear()
             for job in jobs:
-                job.deliver(error)
+                job.deliver(StepFailed(f"a decoding step failed: {type(error).__name__}"))
             return
-        for job in jobs:
-            job.deliver(None)
+        self.steps += outcome.stepped
+        for key, failure in outcome.failed:
+            running = self._running.get(key)
+            if running is not None and not running.job.cancelled:
+                log.error("request %s: a row failed and leaves the batch: %s", running.job.request_id, failure)
+                running.job.deliver(failure)
+                running.job.cancel()  # its other rows leave at the next step
+        per_job: dict[_Running, list[Delta]] = defaultdict(list)
+        for delta in outcome.deltas:
+            running = self._running.get(delta.index)
+            if running is None:  # a row of a job that failed this step
+                continue
+            per_job[running].append(replace(delta, index=running.keys.index(delta.index)))
+            if delta.finish_reason is not None:
+                running.open.discard(delta.index)
+        for running, deltas in per_job.items():
+            running.job.deliver(deltas)
+            if not running.open:
+                running.job.deliver(None)
+                for key in running.keys:
+                    del self._running[key]
 
 
 @dataclass(frozen=True)
 class Service:
-    """What rank 0 serves with: the running engine, the prompt builder, the model, the APM's schema."""
+    """What rank 0 serves with: the running engine, the prompt builder, the model, the APM's schema, and the
+    checked attribute values of each configured profile."""
 
     engine: Engine
     steering: Steering
     model: LoadedModel
     scorer_schema: AttributeSchema | None
+    presets: Mapping[str, Labels] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -240,6 +345,7 @@ class Batching:
     max_batch_size: int
     max_queue: int
     request_timeout_s: float | None
+    continuous: bool = True  # False: batch-at-a-time (jobs join only an empty batch)
 
 
 @contextlib.contextmanager
@@ -255,11 +361,17 @@ def _signals_ignored() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None = None) -> Iterator[Service | None]:
+def serving(
+    cfg: InferenceConfig,
+    batching: Batching,
+    apm_checkpoint: str | None = None,
+    profiles: Mapping[str, Mapping[str, float | None]] | None = None,
+) -> Iterator[Service | None]:
     """Load the model (and the APM) at `cfg.parallel`; yield a running Service on rank 0, None elsewhere.
+    `profiles`: each profile's attribute values, laid over the defaults (`Service.presets`).
 
-    Everything a config can get wrong (checkpoints, layout, default attributes) is checked before the
-    distributed runtime starts. The other ranks follow rank 0's calls and only then see None; leaving the
+    Everything a config can get wrong (checkpoints, layout, default and profile attributes) is checked
+    before the distributed runtime starts. The other ranks follow rank 0's calls and only then see None; leaving the
     context on rank 0 finishes queued work and releases them.
     """
     cfg.validate()
@@ -268,6 +380,10 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
     steering = Steering(
         setup.template, tokenizer, cfg.attributes, cfg.system_prompt, setup.model.max_position_embeddings - 1
     )
+    presets = {
+        name: steering.preset(values, steering.defaults, f"profiles.{name}.attributes")
+        for name, values in (profiles or {}).items()
+    }
     apm = open_apm_checkpoint(apm_checkpoint) if apm_checkpoint is not None else None
     check_inference_layout(cfg.parallel, [setup.model] + ([apm.config.model] if apm else []))
     if cfg.torch_threads:
@@ -275,7 +391,7 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
         loaded = load_generator(cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed)
-        handlers: dict[str, Callable] = {"stream": loaded.generator.stream}
+        handlers: dict[str, Callable] = {"advance": Decoding(loaded.generator).advance}
         if apm is not None:
             handlers["score"] = AttributeScorer.from_checkpoint(apm, layout, seed=cfg.seed).score
         lockstep = Lockstep(layout, handlers)
@@ -285,10 +401,15 @@ def serving(cfg: InferenceConfig, batching: Batching, apm_checkpoint: str | None
             yield None
             return
         engine = Engine(
-            lockstep, batching.max_batch_size, batching.max_queue, batching.request_timeout_s, cfg.ping_interval_s
+            lockstep,
+            batching.max_batch_size,
+            batching.max_queue,
+            batching.request_timeout_s,
+            cfg.ping_interval_s,
+            batching.continuous,
         ).start()
         try:
-            yield Service(engine, steering, loaded, apm.schema if apm else None)
+            yield Service(engine, steering, loaded, apm.schema if apm else None, presets)
         finally:
             engine.close()
     finally:

@@ -1,23 +1,26 @@
-"""KV-cache text generation on a megatron GPTModel: batched prompts of any lengths, under tensor parallelism.
+"""KV-cache text generation on a megatron GPTModel: a batch that rows join and leave, under tensor parallelism.
 
-The loop is ours and short: it streams text per step, stops rows on stop tokens or stop strings, and drops
-finished rows from the batch and the cache so long requests do not pay for short ones. The forward passes
-with a KV cache are a decoder's (`steerlm.inference.decoders`): a lean loop over the model's own weights
-for Llama-family models, megatron-core's static inference context for everything else.
+The loop is ours and short (`Decoding`): it streams text per step, stops rows on stop tokens or stop
+strings, lets new rows join between steps and drops finished (or cancelled) rows from the batch and the
+cache, so a short request never waits for a long one (continuous batching). The forward passes with a
+KV cache are a decoder's (`steerlm.inference.decoders`): a lean loop over the model's own weights for
+Llama-family models, megatron-core's static inference context for everything else.
 
-Prompts of different lengths share one right-padded buffer. The first forward pass ("prefill") encodes
-every prompt up to the shortest one's length; after that each step feeds one position, and a row whose
-prompt is longer still takes its next prompt token instead of a sampled one. Positions and the causal
-mask stay the plain ones of training, so no padding ever sits inside a sequence.
+A joining row's prompt is encoded whole ("prefill"), and from then on every step feeds each row one token
+at its own position. Each row samples with its own `torch.Generator`, seeded by its `seed`, which draws only
+when that row samples a token: a row's text depends on its prompt and settings, never on what else is in
+the batch or when it joined.
 
 Under TP every rank runs the same loop on its shard: logits are gathered to the full vocabulary,
 every rank samples from identical logits with identically seeded generators, and tensor-parallel rank 0's
-tokens are broadcast so the ranks can never drift apart.
+tokens are broadcast so the ranks can never drift apart. Every rank must make the same `advance` calls
+(`steerlm.inference.lockstep`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -26,6 +29,7 @@ import torch.distributed as dist
 
 from steerlm import runtime
 from steerlm.config import ConfigError
+from steerlm.config.inference import MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, lean_unsupported
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
@@ -45,16 +49,18 @@ class SamplingParams:
     def validate(self) -> None:
         problems = {
             "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0,
-            "top_k": self.top_k >= 0,
-            "top_p": 0 < self.top_p <= 1,
+            "temperature": self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf,
+            "top_k": 0 <= self.top_k < TOP_K_LIMIT,
+            "top_p": MIN_TOP_P <= self.top_p <= 1,
             "stop": all(isinstance(s, str) and s for s in self.stop),
+            "seed": 0 <= self.seed < SEED_LIMIT,
         }
         for name, ok in problems.items():
             if not ok:
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 1, temperature >= 0, "
-                    "top_k >= 0, 0 < top_p <= 1, stop strings non-empty"
+                    f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 1, temperature 0 or >= "
+                    f"{MIN_TEMPERATURE:g}, 0 <= top_k < 2**63, {MIN_TOP_P:g} <= top_p <= 1, stop strings "
+                    "non-empty, 0 <= seed < 2**63"
                 )
 
 
@@ -153,7 +159,8 @@ def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
     """One token per row of `logits` [rows, vocab]: argmax for temperature 0, else a draw from the
-    temperature-scaled distribution restricted by top-k and top-p (per-row settings, one generator per row)."""
+    temperature-scaled distribution restricted by top-k and top-p (per-row settings, one generator per row,
+    which draws once for its row and is untouched by greedy rows)."""
     tokens = logits.argmax(dim=-1)
     drawn = [i for i, p in enumerate(params) if p.temperature > 0]
     if not drawn:
@@ -163,7 +170,7 @@ def sample(
     ordered, order = torch.sort(rows / temperature[:, None], dim=-1, descending=True)
     probs = torch.softmax(ordered, dim=-1)
     rank = torch.arange(rows.shape[-1], device=rows.device)
-    top_k = torch.tensor([params[i].top_k or rows.shape[-1] for i in drawn], device=rows.device)
+    top_k = torch.tensor([min(params[i].top_k or rows.shape[-1], rows.shape[-1]) for i in drawn], device=rows.device)
     top_p = torch.tensor([params[i].top_p for i in drawn], device=rows.device)
     # a token stays if it is among the top k and the tokens before it hold less than top_p (the first always stays)
     keep = (rank[None, :] < top_k[:, None]) & ((probs.cumsum(-1) - probs) < top_p[:, None])
@@ -171,9 +178,34 @@ def sample(
     cumulative = probs.cumsum(-1)
     uniform = torch.cat([torch.rand(1, generator=generators[i], device=generators[i].device) for i in drawn])
     picked = torch.searchsorted(cumulative, (uniform.to(rows.device) * cumulative[:, -1])[:, None], right=True)
-    picked = picked.clamp(max=rows.shape[-1] - 1)
+    picked = torch.minimum(picked, keep.sum(-1, keepdim=True) - 1)  # the kept tokens are a prefix: never past it
     tokens[drawn] = order.gather(1, picked).squeeze(1)
     return tokens
+
+
+class RowFailed(RuntimeError):
+    """A row that passed its checks failed while decoding (its prefill or its sampling); it left the batch."""
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """A row to join a `Decoding`: `key` names it in the outcomes (unique among the rows decoding)."""
+
+    key: int
+    prompt: Sequence[int]
+    params: SamplingParams
+
+
+@dataclass
+class StepOutcome:
+    """What one `Decoding.advance` did. `deltas`: per row that produced text or finished (`Delta.index` is
+    the row's key; each row finishes once). `finished`: the rows that finished, for their completions.
+    `failed`: rows refused or failed at this step (the others went on), with the reason."""
+
+    deltas: list[Delta] = field(default_factory=list)
+    finished: list[_Row] = field(default_factory=list)
+    failed: list[tuple[int, Exception]] = field(default_factory=list)
+    stepped: bool = False  # whether any row sampled a token
 
 
 class Generator:
@@ -228,91 +260,188 @@ class Generator:
             dist.broadcast(tokens, src=dist.get_global_rank(group, 0), group=group)
         return tokens
 
-    def _rows(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], track_text: bool) -> list[_Row]:
-        """Checked before any compute, so a bad request fails alone and at once."""
+    def check(self, prompt: Sequence[int], params: SamplingParams, index: int = 0) -> None:
+        """Raise (ValueError, PromptTooLong) if the row cannot be decoded; `index` names it in the message."""
+        params.validate()
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty")
+        if len(prompt) >= self.max_sequence_length:
+            raise PromptTooLong(index, len(prompt), self.max_sequence_length)
+        bad = [t for t in prompt if not 0 <= t < self.tokenizer.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt {index} holds token id {bad[0]}, outside the tokenizer's [0, {self.tokenizer.vocab_size})"
+            )
+
+    def _requests(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[RowRequest]:
+        """Every row checked before any compute, so a bad one fails the call at once."""
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
         for index, (prompt, setting) in enumerate(zip(prompts, params)):
-            setting.validate()
-            if not prompt:
-                raise ValueError(f"prompt {index} is empty")
-            if len(prompt) >= self.max_sequence_length:
-                raise PromptTooLong(index, len(prompt), self.max_sequence_length)
-            bad = [t for t in prompt if not 0 <= t < self.tokenizer.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt {index} holds token id {bad[0]}, outside the tokenizer's [0, {self.tokenizer.vocab_size})"
-                )
-        settings = [replace(s, stop=tuple(dict.fromkeys(s.stop + self.stop_strings))) for s in params]
-        return [_Row(i, list(p), s, track_text or bool(s.stop)) for i, (p, s) in enumerate(zip(prompts, settings))]
+            self.check(prompt, setting, index)
+        return [RowRequest(i, list(p), s) for i, (p, s) in enumerate(zip(prompts, params))]
 
     def stream(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[list[Delta]]:
         """Per decoding step, the deltas of rows that produced text or finished (each row finishes once).
 
         Bad prompts or settings raise here, before the first step.
         """
-        return self._decode(self._rows(prompts, params, track_text=True))
+        requests = self._requests(prompts, params)
+        return (outcome.deltas for outcome in self._run(Decoding(self, track_text=True), requests) if outcome.deltas)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Completion]:
-        rows = self._rows(prompts, params, track_text=False)
-        for _ in self._decode(rows):
-            pass
-        return [row.completion(self.tokenizer) for row in rows]
+        requests = self._requests(prompts, params)
+        rows: dict[int, _Row] = {}
+        for outcome in self._run(Decoding(self, track_text=False), requests):
+            rows.update((row.index, row) for row in outcome.finished)
+        return [rows[i].completion(self.tokenizer) for i in range(len(requests))]
 
-    def _decode(self, rows: list[_Row]) -> Iterator[list[Delta]]:
-        device = self.layout.device
-        lengths = [len(row.prompt) for row in rows]
-        total = min(self.max_sequence_length, max(n + row.params.max_new_tokens for n, row in zip(lengths, rows)))
-        buffer = torch.full((len(rows), total), self.tokenizer.pad_id, dtype=torch.long, device=device)
-        for slot, row in enumerate(rows):
-            buffer[slot, : len(row.prompt)] = torch.tensor(row.prompt, dtype=torch.long)
-        prompt_lengths = torch.tensor(lengths, device=device)
-        generators = [torch.Generator(device=device).manual_seed(row.params.seed) for row in rows]
-        start = min(lengths)
+    def _run(self, decoding: Decoding, requests: list[RowRequest]) -> Iterator[StepOutcome]:
         training = self.model.training  # e.g. scoring inside a training run: restored afterwards
         self.model.eval()
         try:
-            yield from self._steps(rows, buffer, prompt_lengths, generators, start, total)
+            outcome = decoding.advance(requests)
+            while True:
+                if outcome.failed:
+                    raise outcome.failed[0][1]
+                yield outcome
+                if not decoding.rows:
+                    return
+                outcome = decoding.advance()
         finally:
             self.model.train(training)
 
-    def _steps(
-        self,
-        rows: list[_Row],
-        buffer: torch.Tensor,
-        prompt_lengths: torch.Tensor,
-        generators: list[torch.Generator],
-        start: int,
-        total: int,
-    ) -> Iterator[list[Delta]]:
-        live = list(range(len(rows)))  # the rows still in the batch, in batch order
-        # Inference mode is entered per step, never across a `yield`: the consumer's code runs outside it.
+
+class Decoding:
+    """A running batch that rows join and leave between steps: one `advance` is one step of every row.
+
+    Rows join with their prompt encoded whole; each step samples every row's next token from its logits and
+    feeds the tokens of the rows that go on. A row leaves when it finishes, or when the caller names it
+    (a cancelled request). `track_text=False` decodes text only where stop strings need it (`generate`).
+    Under TP every rank must make the same calls in the same order.
+    """
+
+    def __init__(self, generator: Generator, track_text: bool = True) -> None:
+        self.generator, self.track_text = generator, track_text
+        self.rows: list[_Row] = []  # in the decoder's row order
+        self.generators: list[torch.Generator] = []
+        self.decoder: LeanDecoder | MegatronDecoder | None = None
+        self.logits: torch.Tensor | None = None  # [rows, vocab]: each row's next-token logits
+        self.steps = 0  # steps that sampled tokens
+
+    def advance(self, joins: Sequence[RowRequest] = (), leaves: Collection[int] = ()) -> StepOutcome:
+        """Drop the rows named in `leaves`, add `joins` (a row that fails its checks or its prefill is
+        refused alone), then one step of every row. A failing forward pass empties the batch and raises."""
+        outcome = StepOutcome()
+        model = self.generator.model
+        training = model.training  # e.g. scoring inside a training run: restored afterwards
+        if training:  # switching modes walks every module: not once per step of an inference-only model
+            model.eval()
+        try:
+            self._keep([slot for slot, row in enumerate(self.rows) if row.index not in leaves])
+            self._join(joins, outcome)
+            if self.rows:
+                self._step(outcome)
+        except Exception:
+            self.rows, self.generators, self.decoder, self.logits = [], [], None, None
+            raise
+        finally:
+            if training:
+                model.train()
+        return outcome
+
+    def _keep(self, slots: list[int]) -> None:
+        if len(slots) == len(self.rows):
+            return
+        self.rows = [self.rows[slot] for slot in slots]
+        self.generators = [self.generators[slot] for slot in slots]
+        if self.decoder is not None and self.logits is not None:
+            self.decoder.keep(slots)
+            self.logits = self.logits[slots]
+
+    def _join(self, joins: Sequence[RowRequest], outcome: StepOutcome) -> None:
+        generator = self.generator
+        valid = []
+        for request in joins:
+            try:
+                generator.check(request.prompt, request.params, request.key)
+                valid.append(request)
+            except ValueError as error:
+                outcome.failed.append((request.key, error))
+        if not valid:
+            return
+        if not self.rows:  # a fresh cache, sized for the rows to come
+            self.decoder = generator.decoder(generator.model, generator.layout, generator.max_sequence_length)
+            self.logits = None
+        groups = [valid]
+        while groups:
+            group = groups.pop(0)
+            try:
+                self._prefill(group)
+            except Exception as error:  # noqa: BLE001 - fails these rows; retried alone to find the culprit
+                if len(group) > 1:
+                    groups += [[request] for request in group]
+                else:
+                    failure = RowFailed(f"its prefill failed: {type(error).__name__}: {error}")
+                    outcome.failed.append((group[0].key, failure))
+
+    def _prefill(self, requests: list[RowRequest]) -> None:
+        generator, vocab = self.generator, self.generator.tokenizer.vocab_size
+        length = max(min(generator.max_sequence_length, len(r.prompt) + r.params.max_new_tokens) for r in requests)
+        assert self.decoder is not None
         with runtime.inference():
-            decoder = self.decoder(self.model, self.layout, len(rows), total)
-            logits = decoder.forward(buffer[:, :start], 0)[:, : self.tokenizer.vocab_size]
-        for position in range(start, total):
+            logits = self.decoder.add([r.prompt for r in requests], length)[:, :vocab]
+        self.logits = logits if self.logits is None else torch.cat((self.logits, logits))
+        device = generator.layout.device
+        for request in requests:
+            params = replace(request.params, stop=tuple(dict.fromkeys(request.params.stop + generator.stop_strings)))
+            track = self.track_text or bool(params.stop)
+            self.rows.append(_Row(request.key, list(request.prompt), params, track))
+            self.generators.append(torch.Generator(device=device).manual_seed(request.params.seed))
+
+    def _sample(self, failed: dict[int, Exception]) -> torch.Tensor:
+        """Every row's next token; a row whose settings make sampling fail is named in `failed` alone."""
+        assert self.logits is not None
+        params = [row.params for row in self.rows]
+        try:
+            return sample(self.logits, params, self.generators)
+        except Exception:  # noqa: BLE001 - find the rows that fail on their own; the others go on
+            tokens = self.logits.argmax(dim=-1)
+            for slot in range(len(self.rows)):
+                try:
+                    tokens[slot] = sample(
+                        self.logits[slot : slot + 1], params[slot : slot + 1], self.generators[slot : slot + 1]
+                    )[0]
+                except Exception as error:  # noqa: BLE001
+                    failed[slot] = RowFailed(f"its sampling failed: {type(error).__name__}: {error}")
+            return tokens
+
+    def _step(self, outcome: StepOutcome) -> None:
+        generator = self.generator
+        failed: dict[int, Exception] = {}
+        with runtime.inference():
+            tokens = generator._agree(self._sample(failed)).tolist()
+        self.steps, outcome.stepped = self.steps + 1, True
+        keep = []
+        for slot, (row, token) in enumerate(zip(self.rows, tokens)):
+            if slot in failed:
+                outcome.failed.append((row.index, failed[slot]))
+                continue
+            at_limit = len(row.prompt) + len(row.generated) == generator.max_sequence_length - 1
+            row.push(token, generator.tokenizer, generator.stop_token_ids, at_limit)
+            delta = row.delta() if row.track_text else None
+            if delta is None and row.finish is not None:
+                delta = Delta(row.index, "", row.finish, len(row.generated))
+            if delta is not None:
+                outcome.deltas.append(delta)
+            if row.finish is None:
+                keep.append(slot)
+            else:
+                outcome.finished.append(row)
+        fed = [tokens[slot] for slot in keep]
+        self._keep(keep)
+        if self.rows:
+            assert self.decoder is not None
             with runtime.inference():
-                chosen = self._agree(sample(logits, [rows[i].params for i in live], [generators[i] for i in live]))
-                generating = prompt_lengths <= position  # the others still read their prompt
-                buffer[:, position] = torch.where(generating, chosen, buffer[:, position])
-            new_tokens, generating_rows = buffer[:, position].tolist(), generating.tolist()
-            deltas, keep = [], []
-            for slot, index in enumerate(live):
-                row = rows[index]
-                if generating_rows[slot]:
-                    row.push(new_tokens[slot], self.tokenizer, self.stop_token_ids, position == total - 1)
-                    delta = row.delta() if row.track_text else None
-                    if delta is not None:
-                        deltas.append(delta)
-                if row.finish is None:
-                    keep.append(slot)
-            if deltas:
-                yield deltas
-            if not keep:
-                break
-            with runtime.inference():
-                if len(keep) < len(live):
-                    buffer, prompt_lengths = buffer[keep], prompt_lengths[keep]
-                    decoder.keep(keep)
-                    live = [live[slot] for slot in keep]
-                logits = decoder.forward(buffer[:, position : position + 1], position)[:, : self.tokenizer.vocab_size]
+                step = self.decoder.step(torch.tensor(fed, dtype=torch.long, device=generator.layout.device))
+                self.logits = step[:, : generator.tokenizer.vocab_size]

@@ -177,6 +177,8 @@ def load_generator(
     end = setup.template.config.end_of_turn
     markers = setup.template.config.tokenization.markers_are_tokens
     stop_ids = [tokenizer.token_to_id(end)] if end and markers else []
+    for chunk in chunks:
+        chunk.eval()  # for inference only: decoding steps need not switch modes
     if tokenizer.eos_id is not None:
         stop_ids.append(tokenizer.eos_id)
     stop_strings = [end] if end and not markers else []

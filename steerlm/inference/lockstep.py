@@ -3,8 +3,15 @@
 Every forward pass under tensor parallelism is collective, so each rank must make the same calls in
 the same order. Rank 0 (which runs the CLI or HTTP server) announces each call — a handler name and
 its arguments — with one object broadcast; the other ranks sit in `follow()` and execute what they are
-told. A handler that returns an iterator (a generation stream) is drained by the followers as rank 0
-consumes it, step for step.
+told. A serving engine announces one call per decoding step (`advance`, with the rows that join and
+leave), so every rank keeps the same batch.
+
+After each call the ranks tell each other how it went (one small all-reduce, and the messages only when
+something failed). An error raised alike on every rank (a bad input, checked the same everywhere) is
+rank 0's to report, and the ranks go on. A call that failed on some ranks but not others leaves their
+states apart: every rank raises `RanksDiverged` (logged at ERROR with the failing rank's message on rank 0
+and on that rank), rank 0 stops serving and the followers leave `follow()`, so no rank waits in a
+collective for a partner that will never come.
 
 A follower waits inside a collective, and collectives time out (`parallel.distributed_timeout_minutes`),
 so an idle rank 0 calls `ping()` now and then.
@@ -13,15 +20,20 @@ so an idle rank 0 calls `ping()` now and then.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
 _PING, _CLOSE = "__ping__", "__close__"
+
+
+class RanksDiverged(RuntimeError):
+    """A call failed on some ranks and not on others: their states differ, serving must stop."""
 
 
 class Lockstep:
@@ -42,14 +54,49 @@ class Lockstep:
             raise RuntimeError("lockstep: no message from rank 0 (follow() needs more than one rank)")
         return received
 
+    def _run(self, name: str, args: tuple) -> Any:
+        """Run a handler on this rank, then settle with the others: raises this rank's error when every rank
+        failed alike, `RanksDiverged` when they did not."""
+        error: Exception | None = None
+        result = None
+        try:
+            result = self.handlers[name](*args)
+        except Exception as caught:  # noqa: BLE001 - settled with the other ranks below
+            error = caught
+        messages = self._gather(None if error is None else f"{type(error).__name__}: {error}")
+        if len(set(messages)) > 1:
+            failing = [r for r, m in enumerate(messages) if m is not None]
+            rank = next((r for r in failing if r > 0), 0)  # a follower's own failure is the news
+            message = messages[rank]
+            self.closed = True  # the other ranks cannot be trusted to answer a close
+            log.error("lockstep: %s failed on rank %d and not alike on every rank: %s", name, rank, message)
+            raise RanksDiverged(f"{name} failed on rank {rank}: {message}") from error
+        if error is not None:
+            raise error
+        return result
+
+    def _gather(self, message: str | None) -> list[str | None]:
+        """Every rank's error message for the last call (None: it succeeded), in rank order."""
+        if self.layout.world_size == 1:
+            return [message]
+        failed = torch.tensor([message is not None], dtype=torch.int32, device=self.layout.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not failed.item():
+            return [None] * self.layout.world_size
+        messages: list[str | None] = [None] * self.layout.world_size
+        dist.all_gather_object(messages, message)
+        return messages
+
     def call(self, name: str, *args: Any) -> Any:
-        """Rank 0: run `handlers[name](*args)` on every rank; returns rank 0's result (drain iterators fully)."""
+        """Rank 0: run `handlers[name](*args)` on every rank; returns rank 0's result."""
         if not self.layout.is_rank_zero:
             raise RuntimeError("only rank 0 calls; the other ranks run follow()")
         if name not in self.handlers:
             raise KeyError(f"no handler {name!r}; registered: {sorted(self.handlers)}")
+        if self.closed:
+            raise RanksDiverged("lockstep is closed: the ranks no longer follow")
         self._announce((name, args))
-        return self.handlers[name](*args)
+        return self._run(name, args)
 
     def ping(self) -> None:
         if self.layout.world_size > 1 and not self.closed:
@@ -62,7 +109,8 @@ class Lockstep:
         self.closed = True
 
     def follow(self) -> None:
-        """Ranks other than 0: execute rank 0's calls until it closes."""
+        """Ranks other than 0: execute rank 0's calls until it closes; raises `RanksDiverged` when this rank
+        (or another) failed a call that not every rank failed."""
         while True:
             name, args = self._announce(None)
             if name == _CLOSE:
@@ -70,9 +118,8 @@ class Lockstep:
             if name == _PING:
                 continue
             try:
-                result = self.handlers[name](*args)
-                if isinstance(result, Iterator):
-                    for _ in result:
-                        pass
-            except Exception as error:  # noqa: BLE001 - rank 0 hit the same deterministic error and reports it
-                log.debug("rank %d: %s failed as on rank 0: %s", self.layout.rank, name, error)
+                self._run(name, args)
+            except RanksDiverged:
+                raise
+            except Exception as error:  # noqa: BLE001 - every rank failed alike: rank 0 reports it
+                log.debug("rank %d: %s failed as on every rank: %s", self.layout.rank, name, error)

@@ -6,10 +6,12 @@
     POST /v1/attributes/score   APM scores of a conversation's last (assistant) message, with apm_checkpoint
     GET  /health                200 while the engine runs, 503 once it stops
 
-Handlers run on the event loop and never touch the model: they build prompts (`Steering`), submit a job
-to the engine and await its events. Every error is OpenAI-shaped JSON, `{"error": {"message", "type",
-"param", "code"}}`: 400 bad values, 404 unknown model or path, 413 body over limits.max_request_bytes,
-422 a body that does not fit the schema, 429 queue full, 503 shutting down or overloaded.
+Handlers run on the event loop and never touch the model: they check the request in full (so a bad one
+fails alone, before it joins a batch), build prompts (`Steering`), submit a job to the engine and await its
+events; a client that disconnects cancels its job. Every error is OpenAI-shaped JSON, `{"error":
+{"message", "type", "param", "code"}}`: 400 bad values, 404 unknown model or path, 413 body over
+limits.max_request_bytes, 422 a body that does not fit the schema, 429 queue full (with Retry-After), 500
+an internal error (with the request id), 503 shutting down, overloaded or past limits.request_timeout_s.
 """
 
 from __future__ import annotations
@@ -18,35 +20,36 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from steerlm.config.inference import ServeConfig
-from steerlm.errors import DataError
+from steerlm.config.inference import BatchingPolicy, ServeConfig
+from steerlm.data.attributes import Labels
 from steerlm.evaluation.apm_metrics import REWARD
-from steerlm.inference.engine import (
-    Batching,
-    EngineBusy,
-    EngineClosed,
-    GenerationJob,
-    QueueTimeout,
-    ScoringJob,
-    Service,
-    model_name,
-    serving,
+from steerlm.inference.engine import Batching, Engine, GenerationJob, ScoringJob, Service, model_name, serving
+from steerlm.inference.http_api import (
+    ApiError,
+    BearerAuth,
+    BodyLimit,
+    JobEvents,
+    RequestIds,
+    api_error,
+    cancel_on_disconnect,
+    param_path,
+    read_api_keys,
 )
-from steerlm.inference.steering import ChatMessage, RequestError, ResponseText, sampling_params
+from steerlm.inference.steering import ChatMessage, ResponseText, sampling_params
 
 log = logging.getLogger(__name__)
 # Fields of OpenAI's schema this server cannot honour: refused when set, rather than silently ignored.
@@ -100,6 +103,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     attributes: dict[str, Any] | None = None  # SteerLM: attribute name → value (null: unset a default)
+    profile: str | None = None  # SteerLM: a configured profile (or "model": "<model>:<profile>")
 
 
 class ScoreRequest(BaseModel):
@@ -108,97 +112,36 @@ class ScoreRequest(BaseModel):
     messages: list[MessageIn] = Field(min_length=1)
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+@dataclass(frozen=True)
+class Profile:
+    """What a request starts from: the server's defaults (`name` None) or a configured profile's."""
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
+    name: str | None
+    labels: Labels
+    system_prompt: str | None
+    max_tokens: int
+    max_n: int
 
-
-def api_error(error: BaseException) -> ApiError:
-    """The HTTP face of anything a request can run into."""
-    if isinstance(error, ApiError):
-        return error
-    if isinstance(error, RequestError):
-        return ApiError(400, error.message, param=error.param, code=error.code)
-    if isinstance(error, EngineBusy):
-        return ApiError(429, str(error), "rate_limit_error", code="queue_full")
-    if isinstance(error, (EngineClosed, QueueTimeout)):
-        return ApiError(503, str(error), "server_error", code="unavailable")
-    if isinstance(error, (DataError, ValueError)):  # the generator's or scorer's checks of one request
-        return ApiError(400, str(error), code="invalid_request")
-    log.error("request failed", exc_info=error)
-    return ApiError(500, f"internal error: {error}", "server_error", code="internal_error")
+    @property
+    def caps(self) -> str:
+        """The config keys of this profile's caps, for error messages."""
+        return f"profiles.{self.name}" if self.name else "limits"
 
 
-class JobEvents:
-    """A job's sink: hands engine events to the event loop (the engine thread must never block)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
-
-    def __call__(self, event: object) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    async def next(self) -> Any:
-        event = await self.queue.get()
-        if isinstance(event, BaseException):
-            raise api_error(event)
-        return event
-
-
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` (declared or sent) is answered 413 before any handler reads it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_large = ApiError(
-            413, f"the request body exceeds limits.max_request_bytes={self.max_bytes}", code="request_too_large"
-        ).response
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await too_large()(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size, more = size + len(chunks[-1]), message.get("more_body", False)
-            if size > self.max_bytes:
-                return await too_large()(scope, receive, send)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-def _param(location: tuple) -> str | None:
-    """`("body", "messages", 0, "role")` → `messages[0].role`."""
-    text = ""
-    for part in location[1:] if location and location[0] == "body" else location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or None
+def profiles(cfg: ServeConfig, service: Service) -> dict[str | None, Profile]:
+    limits = cfg.limits
+    out: dict[str | None, Profile] = {
+        None: Profile(None, service.steering.defaults, None, limits.max_tokens, limits.max_n)
+    }
+    for name, profile in cfg.profiles.items():
+        out[name] = Profile(
+            name,
+            service.presets[name],
+            profile.system_prompt,
+            profile.max_tokens or limits.max_tokens,
+            profile.max_n or limits.max_n,
+        )
+    return out
 
 
 class ChatCompletions:
@@ -206,16 +149,36 @@ class ChatCompletions:
 
     def __init__(self, service: Service, cfg: ServeConfig, name: str) -> None:
         self.service, self.cfg, self.name = service, cfg, name
+        self.profiles = profiles(cfg, service)
 
-    def _job(self, body: ChatCompletionRequest, events: JobEvents) -> tuple[GenerationJob, int, dict]:
+    def _profile(self, body: ChatCompletionRequest, key_profile: str | None) -> Profile:
+        """The profile a request uses: named by `model` (`<model>:<profile>`) or `profile`, else its API key's.
+        A key bound to a profile may not use another."""
+        model, colon, named = body.model.partition(":")
+        if model != self.name or (colon and not named):
+            ids = ", ".join(self.name + (f":{p}" if p else "") for p in self.profiles)
+            message = f"model {body.model!r} does not exist; this server serves {ids}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        if named and body.profile and named != body.profile:
+            message = f"model names profile {named!r} but profile is {body.profile!r}"
+            raise ApiError(400, message, param="profile", code="conflicting_profile")
+        chosen = named or body.profile
+        if key_profile is not None and chosen and chosen != key_profile:
+            message = f"this API key may use profile {key_profile!r} only"
+            raise ApiError(403, message, "permission_error", param="model", code="profile_not_allowed")
+        name = chosen or key_profile
+        if name not in self.profiles:
+            listed = ", ".join(p for p in self.profiles if p) or "none"
+            message = f"profile {name!r} does not exist; the profiles are: {listed}"
+            raise ApiError(404, message, param="model", code="profile_not_found")
+        return self.profiles[name]
+
+    def _job(
+        self, body: ChatCompletionRequest, events: JobEvents, key_profile: str | None
+    ) -> tuple[GenerationJob, int, dict]:
+        """The request checked in full and turned into a job; ApiError or RequestError name what is wrong."""
         limits = self.cfg.limits
-        if body.model != self.name:
-            raise ApiError(
-                404,
-                f"model {body.model!r} does not exist; this server serves {self.name!r}",
-                param="model",
-                code="model_not_found",
-            )
+        profile = self._profile(body, key_profile)
         for key in UNSUPPORTED:
             if (body.model_extra or {}).get(key) not in UNSET:
                 raise ApiError(
@@ -225,26 +188,45 @@ class ChatCompletions:
                     code="unsupported_parameter",
                 )
         max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is not None and max_tokens > limits.max_tokens:
+        if max_tokens is not None and max_tokens > profile.max_tokens:
             raise ApiError(
                 400,
-                f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens} (limits.max_tokens)",
+                f"max_tokens={max_tokens} exceeds this server's limit of {profile.max_tokens} "
+                f"({profile.caps}.max_tokens)",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
-        if body.n > limits.max_n:
+        if body.n > profile.max_n:
             raise ApiError(
                 400,
-                f"n={body.n} exceeds this server's limit of {limits.max_n} (limits.max_n)",
+                f"n={body.n} exceeds this server's limit of {profile.max_n} ({profile.caps}.max_n)",
                 param="n",
                 code="n_too_large",
             )
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         if stop is not None and not all(stop):
             raise ApiError(400, "stop strings must not be empty", param="stop", code="invalid_stop")
+        if stop is not None and len(stop) > limits.max_stop_strings:
+            raise ApiError(
+                400,
+                f"{len(stop)} stop strings exceed this server's limit of {limits.max_stop_strings} "
+                "(limits.max_stop_strings)",
+                param="stop",
+                code="too_many_stop_strings",
+            )
+        if stop is not None and sum(map(len, stop)) > limits.max_stop_chars:
+            raise ApiError(
+                400,
+                f"the stop strings hold {sum(map(len, stop))} characters, over this server's limit of "
+                f"{limits.max_stop_chars} (limits.max_stop_chars)",
+                param="stop",
+                code="stop_too_long",
+            )
         steering = self.service.steering
-        labels = steering.labels(body.attributes)
-        system, turns = steering.conversation([m.message() for m in body.messages], labels)
+        labels = steering.labels(body.attributes, base=profile.labels)
+        system, turns = steering.conversation(
+            [m.message() for m in body.messages], labels, system_prompt=profile.system_prompt
+        )
         prompt = steering.prompt_ids(system, turns, labels)
         params = sampling_params(
             self.cfg.sampling,
@@ -256,43 +238,50 @@ class ChatCompletions:
             stop=stop,
             seed=body.seed,
         )
-        return GenerationJob(sink=events, prompts=[prompt] * body.n, params=params), len(prompt), labels or {}
+        job = GenerationJob(sink=events, request_id=events.request_id, prompts=[prompt] * body.n, params=params)
+        return job, len(prompt), labels or {}
 
-    async def __call__(self, body: ChatCompletionRequest) -> Any:
-        events = JobEvents()
-        job, prompt_tokens, labels = self._job(body, events)
+    async def __call__(self, body: ChatCompletionRequest, request: Request) -> Any:
+        events = JobEvents(request.state.request_id)
+        job, prompt_tokens, labels = self._job(body, events, getattr(request.state, "key_profile", None))
         self.service.engine.submit(job)
+        # Until the response starts, a disconnect cancels the job (a stream's response then listens itself).
+        watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
+        streaming = False  # once the stream is handed over, it cancels the job when it ends
         try:
             first = await events.next()  # errors before the first token still get their HTTP status
-        except BaseException:
-            job.cancel()
-            raise
-        reply = Reply(self, body, prompt_tokens, labels)
-        if body.stream:
-            return StreamingResponse(
-                reply.stream(job, events, first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        try:
+            reply = Reply(self, body, prompt_tokens, labels, events.request_id)
+            if body.stream:
+                streaming = True
+                return StreamingResponse(
+                    reply.stream(job, events, first),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
             event = first
             while event is not None:
                 for delta in event:
                     reply.rows[delta.index].push(delta)
                 event = await events.next()
+            return reply.completion()
         finally:
-            job.cancel()
-        return reply.completion()
+            watcher.cancel()
+            if not streaming:
+                job.cancel()
 
 
 class Reply:
     """One request's choices as they grow, rendered as a completion or as SSE chunks."""
 
-    def __init__(self, route: ChatCompletions, body: ChatCompletionRequest, prompt_tokens: int, labels: dict) -> None:
+    def __init__(
+        self, route: ChatCompletions, body: ChatCompletionRequest, prompt_tokens: int, labels: dict, request_id: str
+    ) -> None:
         suffix = route.service.steering.template.config.turn_suffix
         self.rows = [ResponseText(suffix) for _ in range(body.n)]
-        self.name, self.labels = route.name, labels
+        self.name, self.labels = body.model, labels
         self.prompt_tokens = prompt_tokens
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.id, self.created = f"chatcmpl-{request_id.removeprefix('req_')}", int(time.time())
 
     def usage(self) -> dict:
         completion = sum(row.tokens for row in self.rows)
@@ -365,10 +354,12 @@ class Reply:
         yield "data: [DONE]\n\n"
 
 
-def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
-    """The FastAPI app over a running engine (rank 0)."""
+def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | None] | None = None) -> FastAPI:
+    """The FastAPI app over a running engine (rank 0); with `api_keys` (key → bound profile or None), every
+    path but /health needs one of them."""
     name = model_name(cfg.server.model_name, cfg.checkpoint)
     steering, created = service.steering, int(time.time())
+    completions = ChatCompletions(service, cfg, name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -385,9 +376,12 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="steerlm", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_request_bytes)
+    if api_keys is not None:
+        app.add_middleware(BearerAuth, keys=api_keys)  # before the body is read
+    app.add_middleware(RequestIds)  # outermost: every answer, 401 and 413 included, carries the id
 
-    async def _error(_, error: Exception) -> JSONResponse:
-        return api_error(error).response()
+    async def _error(request: Request, error: Exception) -> JSONResponse:
+        return api_error(error, request.state.request_id).response()
 
     # Expected failures (a request's own, or the engine's state) are answered without a traceback; only
     # the `Exception` handler (a bug) logs one.
@@ -408,13 +402,13 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
                 f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                 code="invalid_json",
             ).response()
-        param = _param(tuple(first.get("loc", ())))
+        param = param_path(tuple(first.get("loc", ())))
         return ApiError(422, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value").response()
 
-    def model_card() -> dict:
+    def model_card(profile: Profile) -> dict:
         schema = steering.schema
-        return {
-            "id": name,
+        card = {
+            "id": name + (f":{profile.name}" if profile.name else ""),
             "object": "model",
             "created": created,
             "owned_by": "steerlm",
@@ -425,9 +419,17 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
                 "max_value": schema.max_value,
                 "integer": schema.integer,
                 "conditioned": steering.conditioned,
-                "defaults": steering.defaults,
+                "defaults": profile.labels,
             },
         }
+        if profile.name:
+            card["profile"] = {
+                "name": profile.name,
+                "system_prompt": profile.system_prompt,
+                "max_tokens": profile.max_tokens,
+                "max_n": profile.max_n,
+            }
+        return card
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -435,30 +437,34 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
         body = {
             "status": "ok" if engine.healthy else "unavailable",
             "queued": engine.queued,
-            "batches": engine.batches,
+            "running": engine.running,
+            "requests": engine.requests,
             "rows": engine.rows,
+            "steps": engine.steps,
         }
         return JSONResponse(body, status_code=200 if engine.healthy else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        """The served model, and the model as each profile serves it (`<model>:<profile>`)."""
+        return {"object": "list", "data": [model_card(profile) for profile in completions.profiles.values()]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
-        if model_id != name:
+        cards = {card["id"]: card for card in (model_card(p) for p in completions.profiles.values())}
+        if model_id not in cards:
             raise ApiError(
                 404,
-                f"model {model_id!r} does not exist; this server serves {name!r}",
+                f"model {model_id!r} does not exist; this server serves {', '.join(cards)}",
                 param="model",
                 code="model_not_found",
             )
-        return model_card()
+        return cards[model_id]
 
-    app.post("/v1/chat/completions")(ChatCompletions(service, cfg, name).__call__)
+    app.post("/v1/chat/completions")(completions.__call__)
 
     @app.post("/v1/attributes/score")
-    async def score(body: ScoreRequest) -> dict:
+    async def score(body: ScoreRequest, request: Request) -> dict:
         schema = service.scorer_schema
         if schema is None:
             raise ApiError(
@@ -466,9 +472,11 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
                 "no attribute model is configured: start the server with apm_checkpoint=<APM run directory>",
                 code="scoring_not_configured",
             )
-        events = JobEvents()
+        events = JobEvents(request.state.request_id)
         job = ScoringJob(
-            sink=events, conversations=[steering.scoring_conversation([m.message() for m in body.messages])]
+            sink=events,
+            request_id=events.request_id,
+            conversations=[steering.scoring_conversation([m.message() for m in body.messages])],
         )
         service.engine.submit(job)
         try:
@@ -481,22 +489,51 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
     return app
 
 
+SHUTDOWN_MARGIN_S = 5.0  # after the engine's grace, time for the last answers to be written before uvicorn cuts
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on shutdown first gives the engine `grace_s` to finish its jobs: past it they
+    fail with a JSON 503 (or an error event and `[DONE]` on a stream) before uvicorn's own grace runs out."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine, self.grace_s = engine, grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.engine.drain(self.grace_s)
+        await super().shutdown(sockets)
+
+
 def serve(cfg: ServeConfig) -> None:
     """Load, serve until SIGINT/SIGTERM, then finish in-flight requests (up to server.shutdown_timeout_s),
-    the queue, and release the other ranks."""
-    batching = Batching(cfg.limits.max_batch_size, cfg.limits.max_queue, cfg.limits.request_timeout_s)
-    with serving(cfg, batching, cfg.apm_checkpoint) as service:
+    and release the other ranks. If the engine stops on an error (the ranks fell out of step), the server
+    stops too and this raises, so every rank exits non-zero."""
+    batching = Batching(
+        cfg.limits.max_batch_size,
+        cfg.limits.max_queue,
+        cfg.limits.request_timeout_s,
+        continuous=cfg.limits.batching == BatchingPolicy.continuous,
+    )
+    api_keys = read_api_keys(cfg.api_keys, cfg.profiles) if cfg.api_keys is not None else None
+    profile_attributes = {name: profile.attributes for name, profile in cfg.profiles.items()}
+    with serving(cfg, batching, cfg.apm_checkpoint, profile_attributes) as service:
         if service is None:  # another tensor-parallel rank: it followed rank 0 until rank 0 closed
             return
+        grace_s = cfg.server.shutdown_timeout_s
         config = uvicorn.Config(
-            create_app(service, cfg),
+            create_app(service, cfg, api_keys),
             host=cfg.server.host,
             port=cfg.server.port,
-            timeout_graceful_shutdown=int(cfg.server.shutdown_timeout_s),
+            timeout_graceful_shutdown=int(grace_s + SHUTDOWN_MARGIN_S),
             log_level="warning",
         )
+        server = _Server(config, service.engine, grace_s)
+        service.engine.on_failure = lambda error: setattr(server, "should_exit", True)
         with _stop_on_signal():
-            uvicorn.Server(config).run()
+            server.run()
+        if service.engine.failure is not None:
+            raise RuntimeError(f"serving stopped: {service.engine.failure}") from service.engine.failure
 
 
 class _Stop(Exception):

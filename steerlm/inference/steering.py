@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from steerlm.config.inference import SamplingDefaults
+from steerlm.config.inference import MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT, SamplingDefaults
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation, Role, Turn
@@ -95,13 +95,19 @@ class Steering:
     ) -> None:
         self.template, self.schema, self.tokenizer = template, template.schema, tokenizer
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
-        try:  # null defaults are the shipped YAML's placeholders for other schemas' names
-            self.defaults = self.labels({k: v for k, v in defaults.items() if v is not None}, base={}) or {}
+        # null defaults are the shipped YAML's placeholders for other schemas' names
+        self.defaults: Labels = self.preset({k: v for k, v in defaults.items() if v is not None}, {}, "attributes")
+
+    def preset(self, values: Mapping[str, float | None], base: Labels, key: str) -> Labels:
+        """Configured attribute values (`key`: their config key) over `base`, checked like a request's;
+        a ConfigError names the bad one."""
+        try:
+            return self.labels(values, base) or {}
         except RequestError as error:
             name = (error.param or "").removeprefix("attributes.")
             raise ConfigError(
-                error.param or "attributes",
-                defaults.get(name),
+                f"{key}.{name}" if name else key,
+                values.get(name),
                 error.message,
                 f"set only attributes of schema '{self.schema.name}' in range, or null to leave one unset",
             ) from None
@@ -127,9 +133,14 @@ class Steering:
         return {name: merged[name] for name in self.schema.attributes if name in merged} or None
 
     def conversation(
-        self, messages: Sequence[ChatMessage], labels: Labels | None = None, last: Role = Role.user
+        self,
+        messages: Sequence[ChatMessage],
+        labels: Labels | None = None,
+        last: Role = Role.user,
+        system_prompt: str | None = None,
     ) -> tuple[str, list[Turn]]:
-        """(system prompt, turns) of OpenAI-style messages whose last one is from `last`.
+        """(system prompt, turns) of OpenAI-style messages whose last one is from `last`; without system
+        messages, `system_prompt` or else the configured one.
 
         Assistant turns in the history carry `labels`: a conversation is steered by one set of values.
         """
@@ -166,7 +177,7 @@ class Steering:
             turns.append(Turn(role, message.content, labels if role == Role.assistant else None))
         if not turns or turns[-1].role != last:
             raise RequestError("messages", f"the last message must be from the {last.name}", "invalid_message_order")
-        return ("\n".join(system) if system else self.system_prompt), turns
+        return ("\n".join(system) if system else system_prompt or self.system_prompt), turns
 
     def prompt_ids(self, system: str, turns: Sequence[Turn], labels: Labels | None) -> list[int]:
         """Token ids of the prompt that asks for the next assistant turn with `labels`, tokenised as the model was
@@ -229,7 +240,25 @@ def sampling_params(
     seed: int | None = None,
 ) -> list[SamplingParams]:
     """One setting per row: the given values, the configured defaults for the rest. Row i samples with
-    seed + i, so the n answers of one request differ (unless decoding is greedy)."""
+    seed + i, so the n answers of one request differ (unless decoding is greedy).
+
+    Every value the generator would refuse (or that would break its arithmetic) is refused here, naming the
+    field, so a bad request fails alone and before it joins a batch."""
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise RequestError(
+            "temperature",
+            f"temperature={temperature!r} is below {MIN_TEMPERATURE:g}, where the scaled logits overflow; "
+            "use 0 for greedy decoding",
+            "invalid_temperature",
+        )
+    if top_p is not None and top_p < MIN_TOP_P:
+        raise RequestError(
+            "top_p",
+            f"top_p={top_p!r} is below {MIN_TOP_P:g}; use top_k=1 to keep only the most likely token",
+            "invalid_top_p",
+        )
+    if top_k is not None and not 0 <= top_k < TOP_K_LIMIT:
+        raise RequestError("top_k", f"top_k={top_k} is out of range: use 0 (off) to 2**63 - 1", "invalid_top_k")
     base = SamplingParams(
         max_new_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
         temperature=defaults.temperature if temperature is None else temperature,
@@ -238,4 +267,11 @@ def sampling_params(
         stop=tuple(defaults.stop if stop is None else stop),
         seed=defaults.seed if seed is None else seed,
     )
+    if not 0 <= base.seed <= SEED_LIMIT - n:
+        raise RequestError(
+            "seed",
+            f"seed={base.seed} is out of range: choice i samples with seed + i, and seeds are 64-bit signed "
+            f"integers, so with n={n} the seed must be between 0 and 2**63 - {n}",
+            "invalid_seed",
+        )
     return [replace(base, seed=base.seed + row) for row in range(n)]

@@ -137,15 +137,22 @@ def _decoders_on_gpu(impl: str) -> dict:
                 device=layout.device,
                 generator=torch.Generator(device=layout.device).manual_seed(1),
             )
-            decoders = [LeanDecoder(chunk, layout, 4, 16), GraphedLeanDecoder(chunk, layout, 4, 16)]
-            reference = MegatronDecoder(chunk, layout, 4, 16)
+            decoders = [LeanDecoder(chunk, layout, 16), GraphedLeanDecoder(chunk, layout, 16)]
+            reference = MegatronDecoder(chunk, layout, 16)
             worst = [0.0, 0.0]
             with runtime.inference():
-                for start, end in [(0, 6)] + [(i, i + 1) for i in range(6, 12)]:
-                    theirs = reference.forward(tokens[:, start:end], start).float()
-                    for k, decoder in enumerate(decoders):
-                        ours = decoder.forward(tokens[:, start:end], start).float()
-                        worst[k] = max(worst[k], ((ours - theirs).abs().max() / theirs.abs().max()).item())
+                for position in range(5, 12):  # a prefill of 6 tokens, then one position at a time
+                    outputs = [
+                        (
+                            decoder.add(tokens[:, :6].tolist(), 16)
+                            if position == 5
+                            else decoder.step(tokens[:, position])
+                        )
+                        for decoder in [reference, *decoders]
+                    ]
+                    theirs = outputs[0].float()
+                    for k, ours in enumerate(outputs[1:]):
+                        worst[k] = max(worst[k], ((ours.float() - theirs).abs().max() / theirs.abs().max()).item())
             params = [SamplingParams(max_new_tokens=n) for n in (12, 5, 9, 3)]
             generated = {}
             for name, decoder in (("eager", LeanDecoder), ("graphed", GraphedLeanDecoder)):

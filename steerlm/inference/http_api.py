@@ -1,0 +1,236 @@
+"""The server's HTTP plumbing: OpenAI-shaped errors, request ids, API keys, body limits, a job's events.
+
+Every request gets an id (`req_…`, in the `x-request-id` response header); the server's log names
+requests by it, and a 500 answer carries it instead of the exception's text, so an operator can find what
+happened without a client learning the server's internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from steerlm.errors import DataError
+from steerlm.inference.engine import EngineBusy, EngineClosed, Job, RequestTimeout
+from steerlm.inference.steering import RequestError
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # what a 429 tells a client to wait: a queue slot frees as soon as a request joins the batch
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+def api_error(error: BaseException, request_id: str) -> ApiError:
+    """The HTTP face of anything a request can run into; an unexpected error is logged under the request id
+    and answered 500 with that id only."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, RequestError):
+        return ApiError(400, error.message, param=error.param, code=error.code)
+    if isinstance(error, EngineBusy):
+        return ApiError(
+            429, str(error), "rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    if isinstance(error, RequestTimeout):
+        return ApiError(503, str(error), "server_error", code="request_timeout")
+    if isinstance(error, EngineClosed):
+        return ApiError(503, str(error), "server_error", code="unavailable")
+    if isinstance(error, ClientDisconnected):
+        return ApiError(499, "the client closed the connection", code="client_closed_request")
+    if isinstance(error, (DataError, ValueError)):  # the generator's or scorer's checks of one request
+        return ApiError(400, str(error), code="invalid_request")
+    log.error("request %s failed", request_id, exc_info=error)
+    return ApiError(
+        500,
+        f"internal error: the server's log has the details under request id {request_id}",
+        "server_error",
+        code="internal_error",
+    )
+
+
+class JobEvents:
+    """A job's sink: hands engine events to the event loop (the engine thread must never block)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.request_id = request_id
+
+    def __call__(self, event: object) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def next(self) -> Any:
+        event = await self.queue.get()
+        if isinstance(event, BaseException):
+            raise api_error(event, self.request_id)
+        return event
+
+
+async def cancel_on_disconnect(receive: Receive, job: Job, events: JobEvents) -> None:
+    """Wait for the client to go away (the request body has been read), then cancel its job and wake its
+    handler. Run as a task beside a handler that awaits the job's events."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+    events.queue.put_nowait(ClientDisconnected())
+
+
+class RequestIds:
+    """ASGI middleware: a fresh id per request, in `request.state.request_id` and the `x-request-id` header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = f"req_{uuid.uuid4().hex[:24]}"
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+MIN_KEY_LENGTH = 16
+
+
+def read_api_keys(path: str, profiles: Collection[str]) -> dict[str, str | None]:
+    """`KEY` or `KEY PROFILE` per line (blank lines and `#` comments skipped): key → the profile it is bound
+    to (None: any). A short, repeated or badly formed key, or an unknown profile, is a DataError at its line."""
+    keys: dict[str, str | None] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        problem = (
+            "expected `KEY` or `KEY PROFILE`"
+            if len(words) > 2
+            else f"the key is shorter than {MIN_KEY_LENGTH} characters"
+            if len(words[0]) < MIN_KEY_LENGTH
+            else "the key is listed twice"
+            if words[0] in keys
+            else f"profile {words[1]!r} is not in `profiles` ({', '.join(profiles) or 'none'})"
+            if len(words) == 2 and words[1] not in profiles
+            else None
+        )
+        if problem:
+            raise DataError(
+                path, number, None, problem, "e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`"
+            )
+        keys[words[0]] = words[1] if len(words) == 2 else None
+    if not keys:
+        raise DataError(path, None, None, "holds no key", "write one `KEY` or `KEY PROFILE` per line")
+    return keys
+
+
+class BearerAuth:
+    """ASGI middleware: every path but `open_paths` needs `Authorization: Bearer KEY` with a listed key
+    (compared in constant time, with every key), else 401; `request.state.key_profile` is the key's profile."""
+
+    def __init__(
+        self, app: ASGIApp, keys: Mapping[str, str | None], open_paths: Collection[str] = ("/health",)
+    ) -> None:
+        self.app, self.open_paths = app, open_paths
+        self.keys = [(key.encode(), profile) for key, profile in keys.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        found, profile = False, None
+        for key, bound in self.keys:  # no early exit: the time does not tell which key came close
+            if hmac.compare_digest(token.strip(), key):
+                found, profile = True, bound
+        if not found or scheme.lower() != b"bearer":
+            return await ApiError(
+                401,
+                "a valid API key is required: send `Authorization: Bearer KEY`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            ).response()(scope, receive, send)
+        scope.setdefault("state", {})["key_profile"] = profile
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` (declared or sent) is answered 413, and one that is not UTF-8
+    400 `invalid_json`, before any handler reads it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = ApiError(
+            413, f"the request body exceeds limits.max_request_bytes={self.max_bytes}", code="request_too_large"
+        ).response
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large()(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > self.max_bytes:
+                return await too_large()(scope, receive, send)
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return await ApiError(
+                400, f"the body is not valid JSON: invalid UTF-8 at byte {error.start}", code="invalid_json"
+            ).response()(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def param_path(location: tuple) -> str | None:
+    """`("body", "messages", 0, "role")` → `messages[0].role`."""
+    text = ""
+    for part in location[1:] if location and location[0] == "body" else location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or None

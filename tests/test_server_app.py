@@ -1,0 +1,308 @@
+"""The HTTP server as clients meet it, over an engine whose decoding is scripted (no model; steps run when a
+test allows them): every request is checked in full before it joins a batch; 429 says when to retry; a 500
+carries the request id, not the error; a client that goes away (streaming or not) stops its row at the next
+step; a short stream gets `[DONE]` while a long one decodes; deadlines and the shutdown grace end requests
+with JSON errors and streams with an error event and `[DONE]`."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import uvicorn
+
+from steerlm.config.inference import ProfileConfig, SamplingDefaults, ServeConfig, ServeLimits, ServerOptions
+from steerlm.errors import DataError
+from steerlm.inference.engine import Engine, Job, Service
+from steerlm.inference.http_api import read_api_keys
+from steerlm.inference.server import create_app
+from tests.multiproc import _free_port
+from tests.test_chat import FakeService, ScriptedEngine
+from tests.test_engine import ScriptedDecoding, ScriptedLockstep
+
+MESSAGES = [{"role": "user", "content": "what does zog eat"}]
+
+
+class AppServer:
+    """`create_app` over an engine with a scripted decoding, served by uvicorn on a thread (loopback only).
+    `jobs` records every submitted job; `cancelled[i]` is set when job i is cancelled."""
+
+    def __init__(self, cfg: ServeConfig, gated: bool, api_keys: dict[str, str | None] | None = None) -> None:
+        self.decoding = ScriptedDecoding(gated)
+        limits = cfg.limits
+        self.engine = Engine(
+            ScriptedLockstep(self.decoding),  # type: ignore[arg-type]
+            limits.max_batch_size,
+            limits.max_queue,
+            limits.request_timeout_s,
+            ping_interval_s=30,
+        ).start()
+        self.jobs: list[Job] = []
+        self.cancelled: list[threading.Event] = []
+        submit = self.engine.submit
+
+        def recorded(job: Job) -> None:
+            event, cancel = threading.Event(), job.cancel
+            job.cancel = lambda: (cancel(), event.set())  # type: ignore[method-assign]
+            self.jobs.append(job)
+            self.cancelled.append(event)
+            submit(job)
+
+        self.engine.submit = recorded  # type: ignore[method-assign]
+        self.steering = FakeService(ScriptedEngine([]), {"coherence": 3}).steering
+        presets = {
+            name: self.steering.preset(profile.attributes, self.steering.defaults, f"profiles.{name}.attributes")
+            for name, profile in cfg.profiles.items()
+        }
+        service = Service(self.engine, self.steering, None, None, presets)  # type: ignore[arg-type]
+        app = create_app(service, cfg, api_keys)
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        _until(lambda: self.server.started)
+
+    def close(self) -> None:
+        if self.decoding.permits is not None:
+            self.decoding.permits.release(1000)
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.close()
+
+    def post(self, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+        """(status, JSON body, headers) of POST /v1/chat/completions."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        connection.request(
+            "POST", "/v1/chat/completions", data, {"Content-Type": "application/json", **(headers or {})}
+        )
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), response.headers  # type: ignore[return-value]
+
+    def open(self, body: dict) -> http.client.HTTPConnection:
+        """A request sent, whose answer the test reads (`getresponse()`, once steps ran) or abandons."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        return connection
+
+    def in_background(self, body: dict) -> Callable[[], tuple[int, dict, dict]]:
+        """POST on a thread; returns a function that waits for the answer."""
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(self.post(body)), daemon=True)
+        thread.start()
+
+        def wait() -> tuple[int, dict, dict]:
+            thread.join(timeout=60)
+            return result[0]
+
+        return wait
+
+
+def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.005)
+
+
+def _events(response: http.client.HTTPResponse) -> Iterator[str]:
+    """The `data:` payloads of an SSE stream, as they arrive."""
+    while line := response.readline():
+        if line.startswith(b"data: "):
+            yield line[6:].decode().strip()
+
+
+def _config(profiles: dict[str, ProfileConfig] | None = None, **limits) -> ServeConfig:
+    limits = {"max_tokens": 64, "max_batch_size": 4, "max_queue": 4, "max_stop_chars": 40, **limits}
+    return ServeConfig(
+        checkpoint="unused",
+        server=ServerOptions(model_name="tiny"),
+        sampling=SamplingDefaults(max_tokens=8),
+        limits=ServeLimits(**limits),
+        profiles=profiles or {},
+    )
+
+
+@pytest.fixture
+def app():
+    servers: list[AppServer] = []
+
+    def start(gated: bool = False, profiles=None, api_keys=None, **limits) -> AppServer:
+        servers.append(AppServer(_config(profiles, **limits), gated, api_keys))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _ask(**fields) -> dict:
+    return {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, **fields}
+
+
+BAD = [
+    ({"seed": 2**63}, "seed", "invalid_seed"),
+    ({"seed": 2**63 - 2, "n": 3, "temperature": 1.0}, "seed", "invalid_seed"),  # seed + n - 1 past 2**63 - 1
+    ({"seed": -1}, "seed", "invalid_seed"),
+    ({"top_k": 2**63, "temperature": 1.0}, "top_k", "invalid_top_k"),
+    ({"temperature": 1e-310}, "temperature", "invalid_temperature"),  # a denormal: the logits would overflow
+    ({"top_p": 5e-324}, "top_p", "invalid_top_p"),
+    ({"stop": [f"s{i}" for i in range(5)]}, "stop", "too_many_stop_strings"),
+    ({"stop": ["x" * 41]}, "stop", "stop_too_long"),
+]
+
+
+@pytest.mark.parametrize("fields,param,code", BAD, ids=[f"{c}-{i}" for i, (_, _, c) in enumerate(BAD)])
+def test_values_the_decoder_cannot_take_are_refused_before_the_request_joins_a_batch(
+    app, fields: dict, param: str, code: str
+) -> None:
+    server = app()
+    status, body, _ = server.post(_ask(**fields))
+    assert (status, body["error"]["param"], body["error"]["code"]) == (400, param, code), body
+    assert server.jobs == [] and server.engine.requests == 0
+
+
+def test_invalid_utf8_is_invalid_json_and_answers_carry_their_request_id(app) -> None:
+    server = app()
+    status, body, headers = server.post(b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}')
+    assert (status, body["error"]["code"]) == (400, "invalid_json") and "UTF-8" in body["error"]["message"]
+    status, body, headers = server.post(_ask(seed=2**63 - 3, n=3, temperature=1.0))  # the largest seed allowed
+    assert status == 200 and [c["message"]["content"] for c in body["choices"]] == ["w1 w2 w3 "] * 3
+    assert headers["x-request-id"].startswith("req_") and body["id"] == "chatcmpl-" + headers["x-request-id"][4:]
+
+
+def test_a_full_queue_says_when_to_retry_and_a_500_names_the_request_not_the_error(app) -> None:
+    server = app(gated=True, max_queue=1, max_batch_size=1)
+    running = server.in_background(_ask(max_tokens=2))
+    server.decoding.wait_in(1)
+    waiting = server.in_background(_ask(max_tokens=1))
+    _until(lambda: server.engine.queued == 1)
+    status, body, headers = server.post(_ask())
+    assert (status, body["error"]["code"], headers["Retry-After"]) == (429, "queue_full", "1")
+    server.decoding.fail_step = 2  # the model breaks at step 2: the running request fails, the waiting one not
+    server.decoding.permits.release(3)
+    status, body, headers = running()
+    assert (status, body["error"]["code"]) == (500, "internal_error")
+    assert headers["x-request-id"] in body["error"]["message"] and "model broke" not in json.dumps(body)
+    assert waiting()[0] == 200
+
+
+def test_a_dropped_stream_or_request_stops_its_row_at_the_next_step(app) -> None:
+    server = app(gated=True)
+    stream = server.open(_ask(max_tokens=50, stream=True))
+    server.decoding.permits.release()
+    assert json.loads(next(_events(stream.getresponse())))["choices"][0]["delta"]["role"] == "assistant"
+    server.decoding.wait_in(2)  # step 2 is under way
+    stream.close()  # the client goes away mid-stream
+    assert server.cancelled[0].wait(30)
+    small = server.in_background(_ask(max_tokens=2))
+    _until(lambda: len(server.jobs) == 2)
+    server.decoding.permits.release(3)  # step 2 (under way); step 3: row 0 leaves, the small request joins; step 4
+    assert small()[0] == 200
+    assert server.decoding.steps_of(0) == [1, 2] and server.decoding.log[2]["left"] == [0]
+    assert server.decoding.steps_of(1) == [3, 4]  # the next request took its own two steps only
+    plain = server.open(_ask(max_tokens=50))
+    server.decoding.wait_in(5)
+    plain.close()  # a plain request's client goes away before its answer
+    assert server.cancelled[2].wait(30)
+    server.decoding.permits.release(2)
+    _until(lambda: len(server.decoding.log) == 6)
+    assert server.decoding.steps_of(2) == [5] and server.decoding.log[5]["left"] == [2]
+
+
+def test_a_short_stream_gets_done_while_a_long_one_decodes(app) -> None:
+    server = app(gated=True)
+    long = server.open(_ask(max_tokens=40, stream=True))
+    server.decoding.permits.release()
+    next(_events(long.getresponse()))
+    short = server.open(_ask(max_tokens=2, stream=True))
+    _until(lambda: len(server.jobs) == 2)
+    server.decoding.permits.release(4)
+    payloads = list(_events(short.getresponse()))
+    text = "".join(json.loads(p)["choices"][0]["delta"].get("content", "") for p in payloads[:-1])
+    assert payloads[-1] == "[DONE]" and text == "w1 w2 "
+    assert 0 in server.decoding.live and len(server.decoding.log) <= 5  # the long row is still decoding
+
+
+def test_deadlines_and_the_shutdown_grace_end_requests_with_json_errors_and_streams_with_done(app) -> None:
+    server = app(gated=True, request_timeout_s=60)
+    late = server.in_background(_ask(max_tokens=50))
+    _until(lambda: len(server.jobs) == 1)
+    stream = server.open(_ask(max_tokens=50, stream=True))
+    _until(lambda: len(server.jobs) == 2)
+    server.decoding.wait_in(1)
+    server.jobs[0].submitted -= 120  # past limits.request_timeout_s while decoding
+    server.decoding.permits.release(2)
+    status, body, _ = late()
+    assert (status, body["error"]["code"]) == (503, "request_timeout")
+    response = stream.getresponse()
+    server.engine.drain(grace_s=0)  # shutting down, and the grace is over
+    server.decoding.permits.release(3)
+    payloads = list(_events(response))
+    assert json.loads(payloads[-2])["error"]["code"] == "unavailable" and payloads[-1] == "[DONE]"
+    status, body, _ = server.post(_ask())
+    assert (status, body["error"]["code"]) == (503, "unavailable")
+
+
+SUPPORT = ProfileConfig(attributes={"helpfulness": 4, "verbosity": 1}, system_prompt="figs and nuts", max_tokens=5)
+
+
+def test_profiles_preset_attributes_system_prompt_and_caps_and_requests_override_them(app) -> None:
+    server = app(profiles={"support": SUPPORT, "plain": ProfileConfig(attributes={"coherence": None})})
+    status, body, _ = server.post(_ask(model="tiny:support"))
+    assert status == 200 and body["model"] == "tiny:support"
+    assert body["attributes"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}  # over the server's defaults
+    status, body, _ = server.post(_ask(profile="support", attributes={"verbosity": 3, "helpfulness": None}))
+    assert body["attributes"] == {"coherence": 3, "verbosity": 3}  # a request's values override the profile's
+    assert server.post(_ask(model="tiny:plain"))[1]["attributes"] == {}
+    assert server.post(_ask())[1]["attributes"] == {"coherence": 3}
+    prompts = [server.steering.tokenizer.decode(job.prompts[0]) for job in server.jobs]  # type: ignore[attr-defined]
+    assert "figs and nuts" in prompts[0] and "helpfulness:4,coherence:3,verbosity:1" in prompts[0]
+    assert "figs and nuts" not in prompts[3] and "be brief" in prompts[3]
+    refused = [
+        (_ask(model="tiny:support", max_tokens=6), 400, "max_tokens_too_large", "profiles.support.max_tokens"),
+        (_ask(model="tiny:nobody"), 404, "profile_not_found", "support"),
+        (_ask(model="tiny:support", profile="plain"), 400, "conflicting_profile", "plain"),
+        (_ask(model="other:support"), 404, "model_not_found", "tiny:support"),
+    ]
+    for body, status, code, phrase in refused:
+        got, reply, _ = server.post(body)
+        assert (got, reply["error"]["code"]) == (status, code) and phrase in reply["error"]["message"], reply
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("GET", "/v1/models")
+    cards = json.loads(connection.getresponse().read())["data"]
+    assert [card["id"] for card in cards] == ["tiny", "tiny:support", "tiny:plain"]
+    assert cards[1]["attributes"]["defaults"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}
+    assert cards[1]["profile"] == {"name": "support", "system_prompt": "figs and nuts", "max_tokens": 5, "max_n": 8}
+
+
+def test_api_keys_are_required_and_a_key_bound_to_a_profile_serves_it(app, tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# the support team\nsk-support-0123456789 support\n\nsk-admin-0123456789abcdef\n")
+    server = app(profiles={"support": SUPPORT}, api_keys=read_api_keys(str(keys), ["support"]))
+    for headers in (
+        {},
+        {"Authorization": "Bearer sk-support-0123456788"},
+        {"Authorization": "Basic sk-admin-0123456789abcdef"},
+    ):
+        status, body, answer = server.post(_ask(), headers)
+        assert (status, body["error"]["code"], answer["WWW-Authenticate"]) == (401, "invalid_api_key", "Bearer")
+    health = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    health.request("GET", "/health")
+    assert health.getresponse().status == 200  # for load balancers: no key needed
+    admin = {"Authorization": "Bearer sk-admin-0123456789abcdef"}
+    support = {"Authorization": "Bearer sk-support-0123456789"}
+    assert server.post(_ask(), admin)[1]["attributes"] == {"coherence": 3}
+    assert server.post(_ask(model="tiny:support"), admin)[0] == 200  # an unbound key may use any profile
+    assert server.post(_ask(), support)[1]["attributes"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}
+    status, body, _ = server.post(_ask(profile="other"), support)
+    assert (status, body["error"]["code"]) == (403, "profile_not_allowed")
+    for text, line, phrase in (("sk-short\n", 1, "shorter than 16"), ("# k\nsk-0123456789abcdef team\n", 2, "'team'")):
+        keys.write_text(text)
+        with pytest.raises(DataError, match=phrase) as error:
+            read_api_keys(str(keys), ["support"])
+        assert error.value.line == line
