@@ -42,7 +42,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from steerlm.checkpoint.integrity import CheckpointError, verify_checksums, write_checksums
 from steerlm.checkpoint.writers import writers_die_with_parent
-from steerlm.config.schema import ModelConfig, TrainConfig
+from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
@@ -70,21 +70,7 @@ TORCH_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shar
 FORMAT = 1
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Model fields that change tensor shapes or meaning; any difference makes a checkpoint unusable.
-SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "make_vocab_size_divisible_by",
-    "normalization",
-    "activation",
-    "position_embedding_type",
-    "share_embeddings_and_output_weights",
-    "add_bias_linear",
-)
+SHAPE_FIELDS = (*MODEL_SHAPE_FIELDS, "vocab_size", "make_vocab_size_divisible_by")
 
 
 @dataclass(frozen=True)

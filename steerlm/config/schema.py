@@ -581,6 +581,21 @@ class APMType(str, Enum):
     generative = "generative"  # the LM writes the attribute string after the response (the SteerLM paper)
 
 
+# Model fields that change tensor shapes or their meaning: a checkpoint (steerlm's, `steerlm.checkpoint.sharded`, or a
+# NeMo archive's, `steerlm.models.nemo_config`) loads only into a model that has the same values.
+MODEL_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "normalization",
+    "activation",
+    "position_embedding_type",
+    "share_embeddings_and_output_weights",
+    "add_bias_linear",
+)
 # Files that mark a steerlm checkpoint (steerlm.checkpoint.sharded.META) and a Hugging Face model directory;
 # named here so validating a config does not import the training stack.
 STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from steerlm.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
+from steerlm.config.schema import MODEL_SHAPE_FIELDS, Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import ConfigError, DataError
 
 _NORMALIZATION = {"rmsnorm": Normalization.RMSNorm, "layernorm": Normalization.LayerNorm}
@@ -236,23 +236,7 @@ def _reward_head(keys: _Reader) -> RewardHead | None:
 
 
 # Fields a run's model must share with the archive's (besides the padded vocabulary, compared as rows).
-_SAME_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "normalization",
-    "activation",
-    "position_embedding_type",
-    "share_embeddings_and_output_weights",
-    "add_bias_linear",
-    "layernorm_epsilon",
-    "rotary_base",
-    "rotary_percent",
-    "rope_scaling",
-)
+_SAME_FIELDS = (*MODEL_SHAPE_FIELDS, "layernorm_epsilon", "rotary_base", "rotary_percent", "rope_scaling")
 
 
 def check_nemo_model(theirs: ModelConfig, ours: ModelConfig, key: str, location: str) -> None:
