@@ -596,6 +596,7 @@ MODEL_SHAPE_FIELDS = (
     "share_embeddings_and_output_weights",
     "add_bias_linear",
 )
+
 # Files that mark a steerlm checkpoint (steerlm.checkpoint.sharded.META) and a Hugging Face model directory;
 # named here so validating a config does not import the training stack.
 STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
