@@ -192,11 +192,14 @@ def check_readable(path: Path) -> None:
 
 
 def check_checkpoints_writable(output_dir: Path) -> None:
-    """Refuse, before step 1, a run whose checkpoints could not be written (naming the directory)."""
+    """Refuse, before step 1, a run whose checkpoints could not be written (naming the directory). Nothing is left
+    behind: a run refused later, before training (bad data), leaves no checkpoints/ directory."""
     root = checkpoint_root(output_dir)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write_test_"):
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        # a directory made where checkpoints/ is (or would be created) proves both the creation and the writes
+        with tempfile.TemporaryDirectory(dir=root if root.is_dir() else output_dir, prefix=".write_test_"):
             pass
     except OSError as error:
         raise ConfigError(
