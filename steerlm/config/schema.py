@@ -8,7 +8,6 @@ Field names follow Megatron/NeMo (`tensor_model_parallel_size`, `micro_batch_siz
 from __future__ import annotations
 
 import math
-import tarfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -16,6 +15,15 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+# re-exported: callers import these from steerlm.config.schema
+from steerlm.config.sources import (  # noqa: F401
+    HF_CONFIG_FILE,
+    NEMO_CONFIG_FILE,
+    STEERLM_CHECKPOINT_FILE,
+    is_hf_model_dir,
+    is_nemo_archive,
+    validate_init_from,
+)
 from steerlm.data.attributes import AttributeSchema, left_out_attributes
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
@@ -596,54 +604,6 @@ MODEL_SHAPE_FIELDS = (
     "share_embeddings_and_output_weights",
     "add_bias_linear",
 )
-
-# Files that mark a steerlm checkpoint (steerlm.checkpoint.sharded.META) and a Hugging Face model directory;
-# named here so validating a config does not import the training stack.
-STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
-HF_CONFIG_FILE = "config.json"
-NEMO_CONFIG_FILE = "model_config.yaml"  # the config of a NeMo 1.x `.nemo` archive (steerlm.models.nemo_archive)
-
-
-def is_hf_model_dir(path: Path) -> bool:
-    """A Hugging Face model directory (config.json, as `save_pretrained` writes it), not a steerlm checkpoint."""
-    return (path / HF_CONFIG_FILE).is_file() and not (path / STEERLM_CHECKPOINT_FILE).is_file()
-
-
-def is_nemo_archive(path: Path) -> bool:
-    """A NeMo 1.x `.nemo` model: a tar (plain or gzip'd; its contents are checked when it is read) or the
-    directory it was extracted to (holding model_config.yaml)."""
-    path = Path(path)
-    if path.is_dir():
-        return (path / NEMO_CONFIG_FILE).is_file() and not (path / STEERLM_CHECKPOINT_FILE).is_file()
-    return path.is_file() and tarfile.is_tarfile(path)
-
-
-def validate_init_from(key: str, value: Optional[str]) -> None:
-    """`<stage>.init_from` names a steerlm run or checkpoint, an HF Llama with safetensors, or a NeMo `.nemo` model.
-
-    Whether a steerlm directory holds a checkpoint, and whether the shapes fit, is checked when the run
-    resolves it (`steerlm.training.init_from`); this is what a config alone can tell.
-    """
-    if value is None:
-        return
-    path = Path(value)
-    require(
-        path.is_dir() or is_nemo_archive(path),
-        key,
-        value,
-        "is not a directory or a .nemo archive",
-        "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
-        f"Llama directory (config.json + *.safetensors) or a NeMo .nemo model, or {key}=null to start from scratch",
-    )
-    if is_hf_model_dir(path):
-        require(
-            any(path.glob("*.safetensors")),
-            key,
-            value,
-            "is a Hugging Face model directory without *.safetensors weights",
-            "save the model with `save_pretrained(dir)` (safetensors is its default) or convert its "
-            "*.bin files to safetensors",
-        )
 
 
 def require_one_per_attribute(key: str, weights: list[float], schema: AttributeSchema, null_means: str) -> None:
