@@ -19,11 +19,11 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.schema import DType, ParallelConfig, is_hf_model_dir
+from steerlm.config.schema import DType, ParallelConfig
+from steerlm.config.sources import NEMO_CONFIG_FILE, is_hf_model_dir
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.errors import require, require_distinct_output
 
-NEMO_CONFIG_FILE = "model_config.yaml"  # what an unpacked .nemo archive holds at its top level
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})

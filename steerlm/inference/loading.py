@@ -174,11 +174,11 @@ def load_generator(
         step = 0
     else:
         step = load_weights(setup.path, chunks, layout, setup.model)
+    for chunk in chunks:
+        chunk.eval()  # for inference only: decoding steps need not switch modes
     end = setup.template.config.end_of_turn
     markers = setup.template.config.tokenization.markers_are_tokens
     stop_ids = [tokenizer.token_to_id(end)] if end and markers else []
-    for chunk in chunks:
-        chunk.eval()  # for inference only: decoding steps need not switch modes
     if tokenizer.eos_id is not None:
         stop_ids.append(tokenizer.eos_id)
     stop_strings = [end] if end and not markers else []
