@@ -62,6 +62,15 @@ class TrainingState(Protocol):
     scheduler: Any
 
 
+@dataclass
+class WeightsOnly:
+    """A model without optimizer or schedule: what `save_checkpoint` writes as a weights-only checkpoint."""
+
+    model: list
+    optimizer: None = None
+    scheduler: None = None
+
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "steerlm_checkpoint.json"

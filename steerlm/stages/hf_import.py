@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from steerlm import runtime
-from steerlm.checkpoint.sharded import save_checkpoint
+from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
 from steerlm.config import AttributeModelConfig, ConfigError, ModelConfig, PrecisionConfig, TrainConfig, to_typed
 from steerlm.config.convert import ConvertConfig
 from steerlm.config.pretrain import PretrainConfig, TextDataConfig
@@ -66,13 +66,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _DTYPES = {"float32": DType.fp32, "bfloat16": DType.bf16, "float16": DType.fp16}
-
-
-class _WeightsOnly:
-    """What `save_checkpoint` saves of a model without training state."""
-
-    def __init__(self, chunks: list) -> None:
-        self.model, self.optimizer, self.scheduler = chunks, None, None
 
 
 @dataclass(frozen=True)
@@ -266,7 +259,7 @@ def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     output = Path(plan.config.output_dir)
     if layout.is_rank_zero and plan.tokenizer_source is not None:
         _copy_tokenizer(plan.tokenizer_source, output / TOKENIZER_DIR)
-    save_checkpoint(output, plan.step, _WeightsOnly(chunks), layout, plan.config)
+    save_checkpoint(output, plan.step, WeightsOnly(chunks), layout, plan.config)
     if layout.is_rank_zero:
         log.info("imported %s into %s (step %d, %s)", cfg.input, output, plan.step, layout.describe())
     return output

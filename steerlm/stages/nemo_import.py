@@ -11,14 +11,13 @@ becomes the regression APM's attribute head, in the head's own output order.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from steerlm import runtime
-from steerlm.checkpoint.sharded import checkpoint_root, save_checkpoint
+from steerlm.checkpoint.sharded import WeightsOnly, checkpoint_root, save_checkpoint
 from steerlm.config import AttributeModelConfig, AttributesConfig, ParallelConfig, PrecisionConfig
 from steerlm.config.schema import (
     APMConfig,
@@ -43,15 +42,6 @@ from steerlm.runtime.layout import ParallelLayout
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
 _DTYPES = {torch.float32: DType.fp32, torch.bfloat16: DType.bf16, torch.float16: DType.fp16}
-
-
-@dataclass
-class _Weights:
-    """A model without optimizer or schedule: what `save_checkpoint` writes as a weights-only checkpoint."""
-
-    model: list
-    optimizer: None = None
-    scheduler: None = None
 
 
 def import_nemo(
@@ -91,7 +81,7 @@ def import_nemo(
             chunks = build_attribute_model_chunks(model, precision, layout, 0, head.num_attributes)
         source.load_into(chunks, layout.tp_rank, layout.tp)
         cfg = _imported_config(archive, output_dir, source, parallel, precision, schema)
-        path = save_checkpoint(output_dir, 0, _Weights(chunks), layout, cfg)
+        path = save_checkpoint(output_dir, 0, WeightsOnly(chunks), layout, cfg)
     if layout.is_rank_zero:
         log.info("imported %s (%s) into %s", archive, "reward model" if head else "language model", path)
     return path
