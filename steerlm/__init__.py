@@ -2,6 +2,10 @@
 
 import warnings
 
+from steerlm import _import_hooks
+
+_import_hooks.install()  # megatron-core imports without building its torch.compile wrappers up front
+
 # steerlm chooses megatron-core's local fallbacks itself when Transformer Engine / apex are absent
 # (see steerlm.models.gpt); megatron's import-time notices about them, and its deprecation notice
 # for its own default cuda_graph_scope, are noise for users.

@@ -4,6 +4,9 @@ A megatron-core upgrade starts here: every item below names what it replaces or 
 `tests/test_megatron_compat.py` checks each one against the installed megatron-core. No other steerlm module
 patches megatron, overrides a private method or reads a private attribute.
 
+0. Import cost (`steerlm/_import_hooks.py`, installed by `steerlm/__init__.py` because it must act before the
+   first `import megatron.core`): megatron's `torch.compile` wrappers (`megatron.core.jit.jit_fuser`) are built
+   at their first call instead of at import, which spares every process importing `torch._dynamo`/`_inductor`.
 1. Supported range (`SUPPORTED`): checked when this module is imported, with the fix in the message.
 2. CPU stand-ins (`activate`, `thread_mode`, `lifted`): megatron-core assumes CUDA in a handful of places;
    `steerlm.runtime` activates them only when CUDA is absent. Measured needs: docs/architecture.md.

@@ -45,6 +45,16 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `pytest -n N` each worker computes with one thread, as the recipes it launches do (recipe_runner
+    sets OMP_NUM_THREADS=1): N workers with torch's default of a thread per core oversubscribe the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # processes the tests start themselves (gloo groups, servers)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files of LONGEST_FIRST first, in its order; the rest after them as collected (a stable sort)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
