@@ -321,3 +321,26 @@ def test_bad_inputs_are_refused_naming_the_tensor_or_key(layout, checkpoints: di
     with pytest.raises(ConfigError) as error:
         _convert(checkpoints["tied"], source)
     assert error.value.key == "output"
+
+
+def test_the_input_format_follows_the_rules_init_from_and_serving_use(tmp_path: Path) -> None:
+    import tarfile
+
+    from steerlm.config.convert import input_format
+    from steerlm.config.sources import NEMO_CONFIG_FILE, STEERLM_CHECKPOINT_FILE, is_nemo_archive
+
+    extracted, checkpoint, tar = tmp_path / "extracted", tmp_path / "step_0000001", tmp_path / "model.tar"
+    for directory in (extracted, checkpoint):
+        directory.mkdir()
+        (directory / NEMO_CONFIG_FILE).write_text("num_layers: 2\n")
+    (checkpoint / STEERLM_CHECKPOINT_FILE).write_text("{}")  # a steerlm checkpoint that also holds the file
+    with tarfile.open(tar, "w") as archive:
+        archive.add(extracted / NEMO_CONFIG_FILE, arcname=NEMO_CONFIG_FILE)
+    for path, expected in (
+        (extracted, ModelFormat.nemo),
+        (tar, ModelFormat.nemo),  # a .nemo renamed: its contents decide, as for init_from
+        (tmp_path / "missing.nemo", ModelFormat.nemo),  # the NeMo reader names what is wrong with it
+        (checkpoint, ModelFormat.steerlm),
+    ):
+        assert input_format(path) == expected, path
+        assert is_nemo_archive(path) == (expected == ModelFormat.nemo and path.exists()), path

@@ -20,7 +20,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from steerlm.config.schema import DType, ParallelConfig
-from steerlm.config.sources import NEMO_CONFIG_FILE, is_hf_model_dir
+from steerlm.config.sources import is_hf_model_dir, is_nemo_archive
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.errors import require, require_distinct_output
 
@@ -36,8 +36,10 @@ class ModelFormat(str, Enum):
 
 
 def input_format(path: Path) -> ModelFormat:
-    """What kind of model directory (or archive) `path` is, from the files that mark each format."""
-    if path.suffix == ".nemo" or (path / NEMO_CONFIG_FILE).is_file():
+    """What kind of model directory (or archive) `path` is, from the files that mark each format: a `.nemo` by
+    `config.sources.is_nemo_archive` (the rule `init_from` and serving use), or by its suffix, so that a damaged
+    or missing `x.nemo` is refused by the NeMo reader naming what is wrong with it."""
+    if path.suffix == ".nemo" or is_nemo_archive(path):
         return ModelFormat.nemo
     if is_hf_model_dir(path):
         return ModelFormat.hf
