@@ -116,3 +116,34 @@ def test_length_buckets_cover_every_index_once_longest_first() -> None:
     assert sorted(i for bucket in buckets for i in bucket) == list(range(len(LENGTHS)))
     assert [len(b) for b in buckets] == [3, 3, 1]
     assert [LENGTHS[i] for i in buckets[0]] == [21, 17, 13]
+
+
+def test_each_micro_batch_computes_only_up_to_its_own_longest_row_and_the_loss_stays(model) -> None:
+    from steerlm.training.batching import microbatches_for_rank, trim_padding
+
+    chunk, layout = model
+    examples = _examples()
+    batch = pad_batch(examples, pad_id=0, seq_length=SEQ)  # a global batch padded past its longest row
+    [whole] = microbatches_for_rank(batch, len(examples), layout)
+    assert whole["tokens"].shape[1] == max(e.positions for e in examples) == 21
+    parts = microbatches_for_rank(pad_batch(examples[:6], pad_id=0, seq_length=SEQ), 2, layout)
+    assert [p["tokens"].shape[1] for p in parts] == [13, 21, 17]  # rows (8, 13), (6, 21), (10, 17)
+    assert trim_padding(batch, multiple=4)["tokens"].shape[1] == 24
+    assert trim_padding({**batch, "loss_mask": torch.zeros_like(batch["loss_mask"])})["tokens"].shape[1] == 1
+    scores = {"tokens": batch["tokens"], "position_ids": batch["position_ids"], "score_index": torch.tensor([4, 9])}
+    assert trim_padding(scores)["tokens"].shape[1] == 10  # a regression APM reads up to its score index
+    wrapped = wrap_for_training([chunk], PrecisionConfig(), False, layout)
+    full_loss, full_tokens = forward_backward(wrapped, [batch], layout, forward_only=True)
+    single_rows = microbatches_for_rank(batch, 1, layout)
+    parts_loss, parts_tokens = forward_backward(wrapped, single_rows, layout, forward_only=True)
+    assert (parts_tokens, parts_loss) == (full_tokens, pytest.approx(full_loss, rel=1e-6))
+
+
+def test_length_sorted_order_gives_each_rank_alike_micro_batches() -> None:
+    from steerlm.training.batching import length_sorted_order
+
+    lengths = [5, 40, 12, 33, 7, 28, 19, 2]
+    order = length_sorted_order(lengths, micro_batch_size=2, dp=2)
+    assert sorted(order) == list(range(8))
+    # rank 0 holds rows 0-3 (micro-batches 0, 1), rank 1 rows 4-7; micro-batch k of rank r = sorted chunk 2k + r
+    assert [lengths[i] for i in order] == [40, 33, 12, 7, 28, 19, 5, 2]

@@ -33,7 +33,7 @@ from steerlm.data.apm import (
     labelled_turns,
 )
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import Batch, LengthStats, pad_batch
+from steerlm.data.collate import Batch, Example, LengthStats, pad_batch
 from steerlm.data.readers import BadRowPolicy, DataFormat, read_records
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
@@ -52,12 +52,13 @@ from steerlm.stages.runner import EVAL_FILE, StageContext, StageData, TrainingSt
 from steerlm.stages.sft import check_rating_columns
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, LANGUAGE_MODEL, Task
+from steerlm.training.batching import length_sorted_order
 from steerlm.training.init_from import InitSource, check_init_tokenization, check_tokenization, resolve_init_source
 from steerlm.training.loop import TrainingOutcome, prepare_output_dir
 from steerlm.training.losses import attribute_regression_loss
 
 log = logging.getLogger(__name__)
-_E = TypeVar("_E")  # the examples a stage batches (APM or language-model ones)
+_E = TypeVar("_E", AttributeExample, Example)  # the examples a stage batches (APM or language-model ones)
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,10 @@ class AttributeModelStage(TrainingStage[AttributeModelConfig, APMInputs]):
 
         def train_batch(step: int) -> Batch:
             rows = global_batch_indices(len(train_inputs), trainer.global_batch_size, step, trainer.seed)
-            return collate([train_inputs[i] for i in rows], pad_id)
+            examples = [train_inputs[i] for i in rows]
+            # micro-batches of similar lengths, each then cut to its longest (steerlm.training.batching)
+            order = length_sorted_order([len(e.ids) for e in examples], trainer.micro_batch_size, ctx.layout.dp)
+            return collate([examples[i] for i in order], pad_id)
 
         rows = trainer.global_batch_size
         valid = [collate(valid_inputs[i : i + rows], pad_id) for i in range(0, len(inputs.valid) - rows + 1, rows)]

@@ -37,6 +37,7 @@ from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
 from steerlm.stages.runner import StageContext, StageData, TrainingStage, run_stage
 from steerlm.tokenizers import Tokenizer, load_tokenizer
+from steerlm.training.batching import length_multiple, length_sorted_order
 from steerlm.training.init_from import InitSource, check_init_tokenization, check_tokenization, resolve_init_source
 from steerlm.training.loop import TrainingOutcome, evaluate
 
@@ -283,12 +284,16 @@ class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
     def batches(self, ctx: StageContext[SFTConfig], inputs: SFTInputs) -> StageData:
         cfg, layout, data = ctx.cfg, ctx.layout, inputs.data
         trainer = cfg.trainer
-        length_multiple = math.lcm(layout.tp if layout.sequence_parallel else 1, 2 * layout.cp if layout.cp > 1 else 1)
+        multiple = length_multiple(layout)
         rows_multiple = trainer.micro_batch_size * layout.dp
 
         def step_examples(step: int) -> list[Example]:
             indices = global_batch_indices(len(data.train), trainer.global_batch_size, step, trainer.seed)
-            return [data.train[i] for i in indices]
+            examples = [data.train[i] for i in indices]
+            if cfg.sft.packing:
+                return examples
+            order = length_sorted_order([e.positions for e in examples], trainer.micro_batch_size, layout.dp)
+            return [examples[i] for i in order]
 
         def train_batch(step: int) -> Batch:
             return step_batch(
@@ -297,7 +302,7 @@ class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
                 cfg.sft.packing,
                 trainer.seq_length,
                 rows_multiple,
-                length_multiple,
+                multiple,
             )
 
         if cfg.sft.packing:
@@ -311,7 +316,7 @@ class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
                 length,
                 100 * used / (rows * length),
             )
-        valid = validation_batches(data.valid, inputs.pad_id, trainer.global_batch_size, length_multiple)
+        valid = validation_batches(data.valid, inputs.pad_id, trainer.global_batch_size, multiple)
         if not valid:
             log.warning(
                 "no validation examples (data.validation_fraction=0 and no data.validation_file): "
