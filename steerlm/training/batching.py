@@ -61,7 +61,8 @@ def microbatches_for_rank(global_batch: Batch, micro_batch_size: int, layout: Pa
     one model-parallel group get the same share. Gradient accumulation steps =
     global_batch_size / (micro_batch_size * dp). Each micro-batch is trimmed to the positions it needs
     (`trim_padding`, the same cut on every rank: it depends on the batch alone); under pipeline parallelism
-    megatron exchanges each micro-batch's shape between stages (`variable_seq_lengths`).
+    megatron exchanges each micro-batch's shape between stages (`variable_seq_lengths`), except in the
+    interleaved schedule (virtual pipeline stages), whose micro-batches keep the global batch's length.
     """
     size = next(iter(global_batch.values())).shape[0]
     per_rank = size // layout.dp
@@ -70,10 +71,13 @@ def microbatches_for_rank(global_batch: Batch, micro_batch_size: int, layout: Pa
             f"global batch of {size} rows does not split into dp={layout.dp} x micro batches of {micro_batch_size}"
         )
     start, multiple = layout.dp_rank * per_rank, length_multiple(layout)
-    return [
-        trim_padding({key: value[begin : begin + micro_batch_size] for key, value in global_batch.items()}, multiple)
+    shares = [
+        {key: value[begin : begin + micro_batch_size] for key, value in global_batch.items()}
         for begin in range(start, start + per_rank, micro_batch_size)
     ]
+    if layout.vpp is not None and layout.vpp > 1:  # one p2p tensor shape for every micro-batch
+        return shares
+    return [trim_padding(share, multiple) for share in shares]
 
 
 def length_sorted_order(lengths: list[int], micro_batch_size: int, dp: int) -> list[int]:
