@@ -36,6 +36,7 @@ from steerlm.stages.runner import StageContext, StageData, TrainingStage, run_st
 from steerlm.stages.sft import check_resume_conditioning, resolve_init_checkpoint
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import STEERLM2, Task
+from steerlm.training.batching import length_multiple
 from steerlm.training.init_from import InitSource, check_init_tokenization
 from steerlm.training.loop import TrainingOutcome, evaluate_metrics
 
@@ -141,13 +142,13 @@ class SteerLM2Stage(TrainingStage[SFTConfig, SteerLM2Inputs]):
 
     def batches(self, ctx: StageContext[SFTConfig], inputs: SteerLM2Inputs) -> StageData:
         trainer, train = ctx.cfg.trainer, inputs.train
-        length_multiple = ctx.layout.tp if ctx.layout.sequence_parallel else 1
+        multiple = length_multiple(ctx.layout)
 
         def train_batch(step: int):
             indices = global_batch_indices(len(train), trainer.global_batch_size, step, trainer.seed)
-            return group_batch([train[i] for i in indices], inputs.pad_id, length_multiple)
+            return group_batch([train[i] for i in indices], inputs.pad_id, multiple)
 
-        valid = validation_group_batches(inputs.valid, inputs.pad_id, trainer.global_batch_size, length_multiple)
+        valid = validation_group_batches(inputs.valid, inputs.pad_id, trainer.global_batch_size, multiple)
         return StageData(train_batch, valid, group_size=train[0].size)
 
     def _validation(self, ctx: StageContext[SFTConfig], stage_data: StageData) -> dict[str, float] | None:
