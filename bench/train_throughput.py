@@ -1,7 +1,7 @@
 """Training throughput, side by side: steerlm (megatron-core GPTModel, local layers + SDPA attention, the chunked
 cross entropy, `trainer.torch_compile` as configured, megatron DDP/optimizer with fp32 master weights) vs HF
-transformers LlamaForCausalLM (SDPA attention, fp32 weights under bf16 autocast, fused AdamW on GPU, eager) on
-the same Llama shape, one device, one process.
+transformers LlamaForCausalLM (SDPA attention, fp32 weights under bf16 autocast, torch's fused AdamW as HF
+Trainer's default `adamw_torch_fused` runs it, eager) on the same Llama shape, one device, one process.
 
     python bench/train_throughput.py --preset llama3_2_1b --seq-length 4096 --steps 10        # GPU
     python bench/train_throughput.py --preset small --seq-length 256 --micro-batch-size 2 --dtype fp32 \\
@@ -66,7 +66,7 @@ def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, device
 
     fields = {k: v for k, v in hf_config_dict(model).items() if k not in ("architectures", "model_type")}
     hf = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).to(device).train()
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
     tokens = _batch(model, rows, seq_length)["tokens"].to(device)
     autocast_dtype = {DType.bf16: torch.bfloat16, DType.fp16: torch.float16}.get(dtype)
 

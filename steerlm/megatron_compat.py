@@ -31,6 +31,15 @@ patches megatron, overrides a private method or reads a private attribute.
    parameter names `layer_norm_weight` / `layer_norm_bias`, `config.layernorm_epsilon` and `config.normalization`;
    TE linears without bias hold an empty `bias` tensor where megatron's local ones hold None. The parameter names
    are mapped as megatron's local spec maps them for checkpoints (its `sharded_state_dict_keys_map`).
+9. Fused torch optimizers (`set_fused`): without Transformer Engine or apex, megatron-core 0.16's
+   `get_megatron_optimizer` builds torch's Adam/AdamW (or SGD) with neither `fused` nor `foreach`, and a
+   state-dict load restores the flags a checkpoint was saved with; steerlm sets them from `optim.fused` on the
+   torch optimizer each megatron optimizer holds (`.optimizer`, `chained_optimizers`).
+10. Single-pass gradient scaling (`use_single_pass_scale`): without Transformer Engine or apex, megatron's
+   gradient clipping and fp16/bf16 parameter copies call `megatron.core.utils.local_multi_tensor_scale`
+   (`dst.copy_(src * scale)`: a temporary and a second pass per tensor) through the module-level name
+   `multi_tensor_scale_impl` of `optimizer.clip_grads` and `optimizer.optimizer`; steerlm rebinds those names to
+   a drop-in that multiplies into `dst` (the same products).
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
 new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test
@@ -351,7 +360,7 @@ def complete_torch_adam_state(optimizer) -> None:
             for param in group["params"]:
                 state = adam.state[param]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = _initial_step(group, param)
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
@@ -394,6 +403,16 @@ def load_optimizer_state(optimizer, state: dict) -> None:
         for param_state in part.optimizer.state.values():
             if "step" in param_state:
                 param_state["step"] = param_state["step"].clone()
+    for torch_optimizer in _torch_optimizers(optimizer):  # the configured kernels, not the checkpoint's
+        _set_fused(torch_optimizer, bool(torch_optimizer.defaults.get("fused")))
+
+
+def _initial_step(group: dict, param: torch.Tensor) -> torch.Tensor:
+    """The `step` torch Adam creates at a parameter's first step: on the parameter's device for the fused
+    (and capturable) kernels, a CPU scalar otherwise."""
+    if group.get("fused") or group.get("capturable"):
+        return torch.zeros((), dtype=torch.float32, device=param.device)
+    return torch.tensor(0.0)
 
 
 # --- 8. Transformer Engine layers -----------------------------------------------------------------------
@@ -430,3 +449,65 @@ def unfused_norm_name(name: str) -> str:
         if f".{fused}" in name:
             return name.replace(fused, own, 1)
     return name
+
+
+# --- 9. fused torch optimizers ----------------------------------------------------------------------------
+
+_FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers megatron's optimizer (chained or not) drives, where torch has a fused kernel for them
+    (not Transformer Engine's or apex's FusedAdam, fused already)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [part.optimizer for part in parts if isinstance(part.optimizer, _FUSABLE)]
+
+
+def _set_fused(torch_optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    for group in [torch_optimizer.defaults, *torch_optimizer.param_groups]:
+        group["fused"] = fused
+        group["foreach"] = False if fused else None  # torch refuses both; None: torch's own choice
+    for group in torch_optimizer.param_groups:
+        for param in group["params"]:
+            state = torch_optimizer.state.get(param)
+            if state and "step" in state:  # where the kernel now in use keeps it
+                step = state["step"]
+                state["step"] = step.to(_initial_step(group, param).device, torch.float32)
+
+
+def set_fused(optimizer, fused: bool) -> int:
+    """Run the torch optimizers inside megatron's `optimizer` with torch's fused kernels (`fused`) or its
+    default ones; returns how many it set. Fused Adam makes one pass over parameters, gradients and moments
+    where the default makes several (52M parameters, 2 CPU cores: 40 instead of 242 ms a step) and is HF
+    Trainer's default (`adamw_torch_fused`); its numbers differ from the default's in the last bits. Set
+    again after every state-dict load (`load_optimizer_state`), which would restore the checkpoint's flags."""
+    parts = _torch_optimizers(optimizer)
+    for torch_optimizer in parts:
+        _set_fused(torch_optimizer, fused)
+    return len(parts)
+
+
+# --- 10. single-pass gradient scaling -----------------------------------------------------------------------
+
+
+def _multi_tensor_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list, scale: float) -> None:
+    """`local_multi_tensor_scale`'s contract (dst = src * scale, pairwise), the product written into `dst` where
+    the dtypes agree; a dtype-changing copy (fp32 master weights into bf16 ones) goes megatron's way."""
+    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
+        if src.dtype == dst.dtype:
+            torch.mul(src, scale, out=dst)
+        else:
+            dst.copy_(src * scale)
+
+
+@functools.cache
+def use_single_pass_scale() -> None:
+    """Rebind megatron's local `multi_tensor_scale` fallback (idempotent; leaves TE's or apex's kernel alone).
+    Clipping 52M fp32 gradients on 2 CPU cores: ~80 → ~20 ms a step (docs/performance.md)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as base
+
+    for module in (clip_grads, base):
+        if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = _multi_tensor_scale

@@ -325,3 +325,73 @@ def test_transformer_engine_layers_are_laid_out_as_item_8_reads_them(layout):
         assert megatron_compat.linear_bias(linear) is None
     te_names = {name: p.shape for name, p in named_global_parameters(te)}
     assert te_names == {name: p.shape for name, p in named_global_parameters(local)}
+
+
+# 9. fused torch optimizers
+
+
+def _training(layout, fused: bool, distributed: bool) -> TrainingSetup:
+    cfg = TrainConfig(
+        model=TEST_MODEL,
+        parallel=ParallelConfig(use_distributed_optimizer=distributed),
+        trainer=TRAINER,
+        optim=OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=1, lr_decay_steps=10, fused=fused),
+        output_dir="unused",
+    )
+    return build_training(cfg, layout)
+
+
+def _kernel_flags(setup: TrainingSetup) -> set[tuple]:
+    adams = [part.optimizer for part in getattr(setup.optimizer, "chained_optimizers", [setup.optimizer])]
+    return {(group["fused"], group["foreach"]) for adam in adams for group in adam.param_groups}
+
+
+@pytest.mark.parametrize(
+    "distributed",
+    [False, pytest.param(True, marks=_needs_torch_adam)],
+    ids=["megatron_optimizer", "distributed_optimizer"],
+)
+def test_fused_adam_follows_the_config_through_a_checkpoint_of_the_other_kernel(layout, tmp_path, distributed):
+    fused, default = _training(layout, True, distributed), _training(layout, False, distributed)
+    assert _kernel_flags(fused) == {(True, False)} and _kernel_flags(default) == {(False, None)}
+    # the same update to the last bits: 4 steps at lr 1e-2 agree to 1e-5 relative
+    torch.testing.assert_close(_losses(fused, layout, range(4)), _losses(default, layout, range(4)), rtol=1e-5, atol=0)
+    cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(use_distributed_optimizer=distributed))
+    save_checkpoint(tmp_path, 4, default, layout, cfg)
+    expected = _losses(default, layout, range(4, 7))
+
+    resumed = _training(layout, True, distributed)  # loads a checkpoint whose param groups say fused=False
+    load_checkpoint(
+        tmp_path / "checkpoints" / "step_0000004",
+        resumed.model,
+        resumed.optimizer,
+        resumed.scheduler,
+        layout,
+        TEST_MODEL,
+    )
+    assert _kernel_flags(resumed) == {(True, False)}
+    torch.testing.assert_close(_losses(resumed, layout, range(4, 7)), expected, rtol=1e-5, atol=0)
+
+
+# 10. single-pass gradient scaling
+
+
+def test_single_pass_scale_replaces_megatrons_local_fallback_with_the_same_products():
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as base
+
+    megatron_compat.use_single_pass_scale()
+    for module in (clip_grads, base):
+        assert module.multi_tensor_scale_impl in (megatron_compat._multi_tensor_scale, getattr(module, "amp_C", None))
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(33, 7, generator=generator), torch.randn(5, generator=generator)]
+    expected = [grad.clone() for grad in grads]
+    utils.local_multi_tensor_scale(0, None, [expected, expected], 0.37)
+    megatron_compat._multi_tensor_scale(0, None, [grads, grads], 0.37)  # in place, as clipping calls it
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected))
+    master = torch.randn(9, generator=generator)  # fp32 master weights into bf16 ones: megatron's own copy
+    ours, theirs = torch.empty(9, dtype=torch.bfloat16), torch.empty(9, dtype=torch.bfloat16)
+    megatron_compat._multi_tensor_scale(0, None, [[master], [ours]], 1.0)
+    utils.local_multi_tensor_scale(0, None, [[master], [theirs]], 1.0)
+    assert torch.equal(ours, theirs)

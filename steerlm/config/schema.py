@@ -351,6 +351,7 @@ class OptimizerConfig:
     adam_eps: float = 1.0e-8
     sgd_momentum: float = 0.9
     clip_grad: float = 1.0  # 0 disables clipping
+    fused: bool = True  # torch's fused Adam/SGD kernel (HF Trainer's default); false: torch's default kernels
     lr_warmup_steps: int = 0
     lr_decay_style: LRDecayStyle = LRDecayStyle.cosine
     lr_decay_steps: Optional[int] = None  # None: trainer.max_steps

@@ -12,6 +12,7 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from steerlm import megatron_compat
 from steerlm.config.schema import DType, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig, TrainerConfig
 from steerlm.config.validation import Accelerator, resolve_torch_compile
 from steerlm.models.gpt import build_model_chunks, torch_dtype
@@ -79,6 +80,8 @@ def build_optimizer(
         use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model, use_gloo_process_groups=False, pg_collection=layout.pg_collection)
+    megatron_compat.set_fused(optimizer, optim.fused)
+    megatron_compat.use_single_pass_scale()
     decay_steps = optim.lr_decay_steps or trainer.max_steps
     scheduler = OptimizerParamScheduler(
         optimizer,
