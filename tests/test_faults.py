@@ -22,7 +22,7 @@ import torch
 
 from launchers.config import ClusterConfig, Scheduler
 from steerlm.checkpoint.integrity import CheckpointError, verify_checksums
-from steerlm.checkpoint.sharded import check_readable
+from steerlm.checkpoint.sharded import check_readable, latest_checkpoint
 from steerlm.config import compose, to_typed
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
 from steerlm.config.schema import AttributeModelConfig, PrepareDataConfig
@@ -366,6 +366,26 @@ def _nemo_aligner_relabel(row: dict, scores: list, schema: AttributeSchema) -> l
         else:
             labels.append(turn.get("label"))
     return labels
+
+
+def test_annotate_without_verify_checkpoint_skips_the_checksums_and_annotates_alike(
+    apm_world: dict, tmp_path: Path
+) -> None:
+    apm = tmp_path / "apm"
+    shutil.copytree(apm_world["apm"], apm, symlinks=True)
+    checkpoint = latest_checkpoint(apm)
+    assert checkpoint is not None
+    listed = json.loads((checkpoint / "checksums.json").read_text())
+    name = sorted(listed["files"])[0]
+    listed["files"][name]["sha256"] = "0" * 64  # the list disagrees with intact bytes: verification must fail
+    (checkpoint / "checksums.json").write_text(json.dumps(listed))
+    source = tmp_path / "input.jsonl"
+    source.write_text("\n".join(apm_world["rows"][:10]) + "\n")
+    with pytest.raises(CheckpointError, match=name):
+        _annotate(apm_world, source, tmp_path / "refused.jsonl", apm_checkpoint=str(apm))
+    _annotate(apm_world, source, tmp_path / "unverified.jsonl", apm_checkpoint=str(apm), verify_checkpoint=False)
+    _annotate(apm_world, source, tmp_path / "intact.jsonl")
+    assert (tmp_path / "unverified.jsonl").read_bytes() == (tmp_path / "intact.jsonl").read_bytes()
 
 
 def test_annotate_relabel_follows_nemo_aligners_rule(apm_world: dict, tmp_path: Path) -> None:

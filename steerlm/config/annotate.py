@@ -35,6 +35,7 @@ class AnnotateConfig:
     on_bad_row: BadRowPolicy = BadRowPolicy.error
     rejects: Optional[str] = None  # None: <output>.rejects.jsonl
     torch_threads: Optional[int] = None
+    verify_checkpoint: bool = True  # SHA-256 checksums checked before loading; false: skip (huge checkpoints)
     seed: int = 1234
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 

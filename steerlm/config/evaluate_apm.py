@@ -27,6 +27,7 @@ class EvaluateAttributeModelConfig:
     length_policy: LengthPolicy = LengthPolicy.drop  # as the APM's own evaluation; truncate keeps the end
     micro_batch_size: int = 16  # rows per forward pass (length-bucketed)
     torch_threads: Optional[int] = None
+    verify_checkpoint: bool = True  # SHA-256 checksums checked before loading; false: skip (huge checkpoints)
     seed: int = 1234
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 

@@ -83,6 +83,7 @@ class InferenceConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # when a request has none (NeMo-Aligner's, which SteerLM data carries)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     seed: int = 1234  # runtime seed (weights are loaded, so it only matters to megatron's RNG set-up)
+    verify_checkpoint: bool = True  # SHA-256 checksums checked before loading; false: skip (huge checkpoints)
     torch_threads: Optional[int] = None  # None: torch's default
     ping_interval_s: float = 30.0  # under TP an idle rank 0 touches the other ranks this often (collective timeouts)
 

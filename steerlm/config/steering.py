@@ -35,6 +35,7 @@ class SteeringEvalConfig:
     batch_size: int = 32
     samples: int = 2  # responses kept in the report per swept value
     only_base: bool = False  # measure the base request only (e.g. a plain-SFT model, which ignores attributes)
+    verify_checkpoint: bool = True  # SHA-256 checksums checked before loading; false: skip (huge checkpoints)
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

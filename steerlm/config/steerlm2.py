@@ -41,6 +41,7 @@ class PrepareSteerLM2Config:
     on_bad_row: BadRowPolicy = BadRowPolicy.error
     rejects: Optional[str] = None  # None: <output>.rejects.jsonl
     torch_threads: Optional[int] = None
+    verify_checkpoint: bool = True  # SHA-256 checksums checked before loading; false: skip (huge checkpoints)
     seed: int = 1234  # response i of prompt p is sampled with seed (seed, p, i): reruns and layouts agree
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -390,10 +390,13 @@ def serving(
         torch.set_num_threads(cfg.torch_threads)
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
-        loaded = load_generator(cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed)
+        loaded = load_generator(
+            cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed, verify=cfg.verify_checkpoint
+        )
         handlers: dict[str, Callable] = {"advance": Decoding(loaded.generator).advance}
         if apm is not None:
-            handlers["score"] = AttributeScorer.from_checkpoint(apm, layout, seed=cfg.seed).score
+            scorer = AttributeScorer.from_checkpoint(apm, layout, seed=cfg.seed, verify=cfg.verify_checkpoint)
+            handlers["score"] = scorer.score
         lockstep = Lockstep(layout, handlers)
         if not layout.is_rank_zero:
             with _signals_ignored():

@@ -158,12 +158,13 @@ def load_generator(
     tokenizer_path: str | None = None,
     seed: int = 0,
     key: str = "checkpoint",
+    verify: bool = True,
 ) -> LoadedModel:
     """Build the checkpoint's model at `layout` in `precision`, load its weights, and wrap it for generation.
 
     The generator stops on the template's end of turn (what SFT trained after every response: one token under
     `markers` tokenization, text under `nemo`) and on the tokenizer's EOS; its maximum sequence length is the
-    model's `max_position_embeddings`.
+    model's `max_position_embeddings`. `verify`: check the checkpoint's checksums first (`verify_checkpoint`).
     """
     setup = read_checkpoint_setup(checkpoint, key, tokenizer_path)
     tokenizer = setup_tokenizer(setup)
@@ -173,7 +174,7 @@ def load_generator(
             source.load_into(chunks, layout.tp_rank, layout.tp)
         step = 0
     else:
-        step = load_weights(setup.path, chunks, layout, setup.model)
+        step = load_weights(setup.path, chunks, layout, setup.model, verify=verify)
     for chunk in chunks:
         chunk.eval()  # for inference only: decoding steps need not switch modes
     end = setup.template.config.end_of_turn

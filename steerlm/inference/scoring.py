@@ -185,11 +185,13 @@ class AttributeScorer:
         length_policy: LengthPolicy = LengthPolicy.truncate,
         merge_weights: Sequence[float] | None = None,
         seed: int = 1234,
+        verify: bool = True,
     ) -> AttributeScorer:
         """Build and load the APM a checkpoint describes at `layout` (collective).
 
         `seq_length` defaults to the APM's `model.max_position_embeddings`; `merge_weights` to its reward weights
-        (`apm.merge_weights`, or uniform with `apm.merge_attributes`; neither: no reward).
+        (`apm.merge_weights`, or uniform with `apm.merge_attributes`; neither: no reward). `verify`: check the
+        checkpoint's checksums first (`verify_checkpoint`).
         """
         apm = checkpoint if isinstance(checkpoint, APMCheckpoint) else open_apm_checkpoint(checkpoint)
         cfg, schema = apm.config, apm.schema
@@ -201,7 +203,7 @@ class AttributeScorer:
             if generative
             else build_attribute_model_chunks(cfg.model, cfg.precision, layout, seed, len(schema.attributes))
         )
-        load_weights(apm.path, chunks, layout, cfg.model)
+        load_weights(apm.path, chunks, layout, cfg.model, verify=verify)
         for chunk in chunks:
             chunk.eval()
         kind: type[AttributeScorer] = GenerativeAttributeScorer if generative else cls

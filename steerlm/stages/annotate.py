@@ -265,7 +265,12 @@ def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
         scorer = AttributeScorer.from_checkpoint(
-            apm, layout, micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length, seed=cfg.seed
+            apm,
+            layout,
+            micro_batch_size=cfg.micro_batch_size,
+            seq_length=cfg.seq_length,
+            seed=cfg.seed,
+            verify=cfg.verify_checkpoint,
         )
         return _annotate(cfg, apm.path, scorer)
     finally:

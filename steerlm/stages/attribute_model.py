@@ -290,6 +290,7 @@ def evaluate(cfg: EvaluateAttributeModelConfig) -> APMEvaluation:
             seq_length=cfg.seq_length or apm.config.trainer.seq_length,
             length_policy=cfg.length_policy,
             seed=cfg.seed,
+            verify=cfg.verify_checkpoint,
         )
         lengths = LengthStats()
         examples = scorer.examples(records, labelled_turns, lengths)

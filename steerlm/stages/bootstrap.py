@@ -127,7 +127,9 @@ def sample(cfg: BootstrapConfig, model: str, requests: list[Request], out: Path,
     chunks = [rows[i : i + options.chunk_rows] for i in range(0, len(rows), options.chunk_rows)]
     layout = runtime.initialize(cfg.parallel, cfg.trainer.seed)
     try:
-        loaded = load_generator(model, layout, cfg.precision, cfg.tokenizer.path, cfg.trainer.seed)
+        loaded = load_generator(
+            model, layout, cfg.precision, cfg.tokenizer.path, cfg.trainer.seed, verify=cfg.checkpoint.verify
+        )
         if layout.is_rank_zero:
             parts.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -202,7 +204,9 @@ def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, int, di
         return final, len(empty), *_agreement(schema, labels, requested)
     layout = runtime.initialize(replace(cfg.parallel), cfg.trainer.seed)
     try:
-        scorer = AttributeScorer.from_checkpoint(cfg.bootstrap.apm_checkpoint, layout, seed=cfg.trainer.seed)
+        scorer = AttributeScorer.from_checkpoint(
+            cfg.bootstrap.apm_checkpoint, layout, seed=cfg.trainer.seed, verify=cfg.checkpoint.verify
+        )
         scores = scorer.score(conversations)
         predicted = [schema.clip_round(score) for score in scores]
         if layout.is_rank_zero:

@@ -79,7 +79,9 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
     oracle = Oracle(World(**json.loads(Path(cfg.world).read_text()))) if cfg.world else None
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
-        loaded = load_generator(cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed)
+        loaded = load_generator(
+            cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed, verify=cfg.verify_checkpoint
+        )
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         base_generated = generate_steered(loaded, prompts, [base], params, cfg.batch_size)
         at_base = base_report(base_generated, oracle, cfg.samples)

@@ -386,18 +386,30 @@ def _prepare(
     passes: dict[str, tuple[Callable, Callable]] = {
         "sample": (
             lambda: load_generator(
-                cfg.steerlm_checkpoint, layout, cfg.precision, seed=cfg.seed, key="steerlm_checkpoint"
+                cfg.steerlm_checkpoint,
+                layout,
+                cfg.precision,
+                seed=cfg.seed,
+                key="steerlm_checkpoint",
+                verify=cfg.verify_checkpoint,
             ),
             lambda model, s: _sample(cfg, model, shards[s], s * cfg.shard_size),
         ),
         "plain": (
             lambda: load_generator(
-                cfg.plain_sft_checkpoint, layout, cfg.precision, seed=cfg.seed, key="plain_sft_checkpoint"
+                cfg.plain_sft_checkpoint,
+                layout,
+                cfg.precision,
+                seed=cfg.seed,
+                key="plain_sft_checkpoint",
+                verify=cfg.verify_checkpoint,
             ),
             lambda model, s: _plain(cfg, model, part("sample", s)),
         ),
         "attributes": (
-            lambda: AttributeScorer.from_checkpoint(apm, layout, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed),
+            lambda: AttributeScorer.from_checkpoint(
+                apm, layout, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, verify=cfg.verify_checkpoint
+            ),
             lambda scorer, s: _attributes(cfg, scorer, part("plain", s)),
         ),
     }
