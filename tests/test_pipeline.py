@@ -1,6 +1,7 @@
 """The whole pipeline as `make demo` runs it, on a tiny world: every stage's output, the bootstrap's labels,
 the report; kill -9 mid-stage and rerun gives the same report; a stage restarted with other settings is
-refused; pipeline.parallel=tp2 launches each stage under torchrun."""
+refused; keep_going runs what does not need a failed stage; the waves read only what earlier waves wrote;
+pipeline.parallel=tp2 launches each stage under torchrun."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import from_conversation_json
 from steerlm.data.synthetic.splits import SCHEMA
-from steerlm.stages.pipeline import plan
+from steerlm.stages.pipeline import plan, waves
 from tests.recipe_runner import ROOT, recipe_env
 
 TINY = [
@@ -169,6 +171,19 @@ def test_a_stage_restarted_with_other_settings_is_refused(uninterrupted: Path) -
     assert "stages.sft" in done.stderr and "other settings" in done.stderr
 
 
+@pytest.mark.slow
+def test_keep_going_runs_every_stage_that_does_not_need_the_failed_one(uninterrupted: Path) -> None:
+    evaluation = uninterrupted / "eval" / "steering_plain.json"  # needs sft_plain, not sft
+    expected = evaluation.read_text()
+    evaluation.unlink()
+    stopped = _run(uninterrupted, 'stages.sft=["trainer.max_steps=13"]')
+    assert stopped.returncode != 0 and not evaluation.exists()  # stopped after the failed stage's wave
+    going = _run(uninterrupted, 'stages.sft=["trainer.max_steps=13"]', "pipeline.keep_going=true")
+    assert going.returncode != 0 and "stages.sft" in going.stderr and "other settings" in going.stderr
+    assert "not run (they need a failed stage): bootstrap, steer_sft, steer_bootstrap" in going.stderr
+    assert evaluation.read_text() == expected  # evaluated again, the same as before
+
+
 def test_tp2_runs_every_training_and_inference_stage_under_torchrun(tmp_path: Path) -> None:
     cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}", "pipeline.parallel=tp2"]), PipelineConfig)
     steps = {step.name: step for step in plan(cfg)}
@@ -192,3 +207,77 @@ def test_recipes_exist_for_every_planned_stage(tmp_path: Path) -> None:
     for step in plan(cfg):
         assert Path(step.command()[1]).is_file(), step.recipe
     assert os.path.basename(plan(cfg)[-1].command()[1]) == "evaluate_steering.py"
+
+
+# Which stage's outputs live where, relative to output_dir (the longest matching prefix names the producer).
+PRODUCED = {
+    "data": "world",
+    "data/apm_labels.jsonl": "annotate",
+    "base": "pretrain",
+    "apm": "apm",
+    "sft": "sft",
+    "sft_plain": "sft_plain",
+    "bootstrap": "bootstrap",
+}
+
+
+def _producer(relative: str) -> str | None:
+    matches = [prefix for prefix in PRODUCED if relative == prefix or relative.startswith(prefix + "/")]
+    return PRODUCED[max(matches, key=len)] if matches else None
+
+
+def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path) -> None:
+    cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}"]), PipelineConfig)
+    steps = plan(cfg)
+    grouped = waves(steps, concurrent=True)
+    assert [[step.name for step in wave] for wave in grouped] == [
+        ["world"],
+        ["pretrain"],
+        ["apm"],
+        ["annotate"],
+        ["sft", "sft_plain"],
+        ["bootstrap"],
+        ["steer_sft", "steer_bootstrap", "steer_plain"],
+    ]
+    done: set[str] = set()
+    for wave in grouped:
+        for step in wave:
+            assert set(step.needs) <= done, step.name
+            for arg in step.args:
+                key, _, value = arg.partition("=")
+                if key.startswith("output") or not value.startswith(str(tmp_path)):
+                    continue  # its own outputs, or not a path of the pipeline's
+                producer = _producer(str(Path(value).relative_to(tmp_path)))
+                assert producer in step.needs, f"{step.name} reads {value} without needing {producer}"
+        done |= {step.name for step in wave}
+    assert waves(steps, concurrent=False) == [[step] for step in steps]
+
+
+def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout) -> None:
+    """What lets a wave's stages split the threads without changing a report: 3 steps of the test model give
+    bitwise the same weights at 1 and 2 threads."""
+    from steerlm.config import OptimizerConfig, ParallelConfig, TrainConfig
+    from steerlm.training import build_training, microbatches_for_rank, train_step
+    from tests.conftest import TEST_MODEL
+    from tests.parity_scenarios import TRAINER, global_batch
+
+    cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(), trainer=TRAINER, optim=OptimizerConfig(lr=1e-2))
+    weights = []
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            setup = build_training(cfg, layout)
+            for step in range(3):
+                batch = global_batch(step, TEST_MODEL, TRAINER)
+                train_step(
+                    setup.model,
+                    setup.optimizer,
+                    setup.scheduler,
+                    microbatches_for_rank(batch, TRAINER.micro_batch_size, layout),
+                    layout,
+                )
+            weights.append([param.detach().clone() for param in setup.chunks[0].parameters()])
+        finally:
+            torch.set_num_threads(before)
+    assert all(torch.equal(one, two) for one, two in zip(*weights))

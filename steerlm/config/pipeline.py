@@ -8,6 +8,7 @@ paths that chain them, `pipeline.parallel`, and the extra overrides of `stages.<
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from steerlm.data.synthetic.sizes import SyntheticConfig
 from steerlm.errors import require
@@ -30,7 +31,11 @@ STAGE_NAMES = (
 @dataclass
 class PipelineOptions:
     parallel: str = "single"  # a conf/parallel option: every stage runs at it (under torchrun when > 1 process)
-    keep_going: bool = False  # false: stop at the first failed stage
+    # false: stop after the wave of the first failed stage; true: run every stage that does not need a failed one
+    keep_going: bool = False
+    # independent stages (SFT and plain SFT; the three steering evaluations) run at the same time, sharing `threads`
+    concurrent: bool = True
+    threads: Optional[int] = None  # CPU threads the stages share; None: $OMP_NUM_THREADS, else 2
 
 
 @dataclass
@@ -55,6 +60,14 @@ class PipelineConfig:
 
     def validate(self) -> None:
         self.synthetic.validate()
+        threads = self.pipeline.threads
+        require(
+            threads is None or threads >= 1,
+            "pipeline.threads",
+            threads,
+            "must be >= 1",
+            "use a positive count, or null for $OMP_NUM_THREADS (else 2)",
+        )
         unknown = [name for name in self.stages if name not in STAGE_NAMES]
         require(
             not unknown,

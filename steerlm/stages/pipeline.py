@@ -15,6 +15,14 @@ when `pipeline.parallel` needs more than one process — with its log in `<outpu
 A stage whose result is complete is skipped, so rerunning after a kill resumes: the interrupted stage continues
 from its own checkpoints or part files. `.pipeline/<stage>.json` records the command each stage was started
 with; a rerun whose command differs is refused (its outputs would mix two settings).
+
+The stages run in waves (`Step.wave`): the stages of one wave need nothing from each other — SFT and the plain
+SFT; the three steering evaluations — and run at the same time (`pipeline.concurrent`), sharing
+`pipeline.threads` CPU threads (each gets threads // stages of its wave, at least 1; fixed by the plan, not by
+which stages happen to be left). Two processes of one thread each get more done than one process of two
+threads: the single-threaded parts of a stage (start-up, tokenizing, writing) overlap, and a tiny model's
+matrix products gain less than 2x from a second thread. How many threads a stage has does not change its
+numbers (`tests/test_pipeline.py` trains at 1 and 2 threads and compares the weights bitwise).
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import groupby
 from pathlib import Path
-from typing import cast
+from typing import IO, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,6 +60,8 @@ class Step:
     args: tuple[str, ...]
     result: Path  # exists (and says it finished) once the stage is complete
     processes: int = 1
+    wave: int = 0  # stages of one wave run at the same time; waves run in order
+    needs: tuple[str, ...] = ()  # the stages whose outputs it reads (with keep_going, a failed one skips it)
 
     def command(self) -> list[str]:
         script = str(RECIPES_DIR / f"{self.recipe}.py")
@@ -151,14 +162,17 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         "data.format=conversation",
     ]
     steer = [f"prompts={data / 'eval_prompts.jsonl'}", f"world={data / 'world.json'}", f"parallel={layout}"]
+    trained = ("world", "pretrain", "annotate")  # the SFT stages: the base LM, the annotated conversations
     steps = [
-        Step("world", "prepare_data", ("data=synthetic", f"output={data}", *world), data / "summary.json"),
+        Step("world", "prepare_data", ("data=synthetic", f"output={data}", *world), data / "summary.json", 1, 0),
         Step(
             "pretrain",
             "pretrain",
             (*common, f"output_dir={out.base}", f"data.train_file={data / 'corpus.jsonl'}"),
             out.base / "summary.json",
             processes,
+            1,
+            ("world",),
         ),
         Step(
             "apm",
@@ -171,6 +185,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             ),
             out.apm / "eval.json",
             processes,
+            2,
+            ("world", "pretrain"),
         ),
         Step(
             "annotate",
@@ -183,14 +199,18 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             ),
             data / "apm_labels.jsonl.summary.json",
             processes,
+            3,
+            ("world", "apm"),
         ),
-        Step("sft", "train_sft", (*sft_args, f"output_dir={out.sft}"), out.sft / "eval.json", processes),
+        Step("sft", "train_sft", (*sft_args, f"output_dir={out.sft}"), out.sft / "eval.json", processes, 4, trained),
         Step(
             "sft_plain",
             "train_sft",
             (*sft_args, f"output_dir={out.sft_plain}", "sft.condition_on_attributes=false"),
             out.sft_plain / "eval.json",
             processes,
+            4,
+            trained,
         ),
         Step(
             "bootstrap",
@@ -204,6 +224,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             ),
             out.bootstrap / "eval.json",
             processes,
+            5,
+            ("world", "apm", "annotate", "sft"),
         ),
         Step(
             "steer_sft",
@@ -211,6 +233,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             (*steer, f"checkpoint={out.sft}", f"output={out.eval / 'steering_sft.json'}"),
             out.eval / "steering_sft.json",
             processes,
+            6,
+            ("world", "sft"),
         ),
         Step(
             "steer_bootstrap",
@@ -218,6 +242,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             (*steer, f"checkpoint={out.bootstrapped}", f"output={out.eval / 'steering_bootstrap.json'}"),
             out.eval / "steering_bootstrap.json",
             processes,
+            6,
+            ("world", "bootstrap"),
         ),
         Step(
             "steer_plain",
@@ -225,9 +251,11 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             (*steer, f"checkpoint={out.sft_plain}", "only_base=true", f"output={out.eval / 'steering_plain.json'}"),
             out.eval / "steering_plain.json",
             processes,
+            6,
+            ("world", "sft_plain"),
         ),
     ]
-    return [Step(s.name, s.recipe, (*s.args, *cfg.stages.get(s.name, [])), s.result, s.processes) for s in steps]
+    return [replace(s, args=(*s.args, *cfg.stages.get(s.name, []))) for s in steps]
 
 
 def _die_with_parent() -> None:
@@ -236,9 +264,18 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_step(step: Step, out: Paths) -> float:
-    """Run one stage (or skip it when complete); returns its wall time. ConfigError naming the stage when its
-    recorded command differs or it fails."""
+@dataclass
+class _Running:
+    step: Step
+    process: subprocess.Popen
+    log: IO[str]
+    log_path: Path
+    began: float
+
+
+def _start(step: Step, out: Paths, threads: int) -> _Running | None:
+    """Start one stage with `threads` CPU threads, or None when it is complete. ConfigError naming the stage when
+    its recorded command differs."""
     marker = out.root / ".pipeline" / f"{step.name}.json"
     command = step.command()
     recorded = {"recipe": step.recipe, "args": list(step.args), "processes": step.processes}
@@ -251,43 +288,110 @@ def run_step(step: Step, out: Paths) -> float:
         )
     if marker.exists() and finished(step.result):
         log.info("%-16s complete (%s)", step.name, step.result)
-        return 0.0
+        return None
     atomic_write_text(marker, json.dumps(recorded, indent=1) + "\n")
     log_path = out.logs / f"{step.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("%-16s running: %s (log: %s)", step.name, shlex.join(command[1:]), log_path)
-    began = time.perf_counter()
-    with open(log_path, "a") as stream:
-        stream.write(f"\n$ {shlex.join(command)}\n")
-        stream.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-    seconds = time.perf_counter() - began
-    if done.returncode != 0 or not finished(step.result):
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+    log.info("%-16s running, %d thread(s): %s (log: %s)", step.name, threads, shlex.join(command[1:]), log_path)
+    stream = open(log_path, "a")  # closed by _finish
+    stream.write(f"\n$ {shlex.join(command)}\n")
+    stream.flush()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    return _Running(step, process, stream, log_path, time.perf_counter())
+
+
+def _finish(running: _Running) -> float:
+    """Wait for a started stage; its wall time, or ConfigError naming the stage when it failed."""
+    step = running.step
+    with running.log:
+        returncode = running.process.wait()
+    seconds = time.perf_counter() - running.began
+    if returncode != 0 or not finished(step.result):
+        tail = "".join(running.log_path.read_text().splitlines(keepends=True)[-15:])
         raise ConfigError(
             f"stages.{step.name}",
             list(step.args),
-            f"exited with status {done.returncode} after {seconds:.0f} s"
-            + ("" if done.returncode else f" without completing {step.result}")
-            + f"; the end of {log_path}:\n{tail}",
+            f"exited with status {returncode} after {seconds:.0f} s"
+            + ("" if returncode else f" without completing {step.result}")
+            + f"; the end of {running.log_path}:\n{tail}",
             "fix what the log names and rerun the same command: completed stages are kept",
         )
     log.info("%-16s done in %.0f s", step.name, seconds)
     return seconds
 
 
+def run_step(step: Step, out: Paths, threads: int = 2) -> float:
+    """Run one stage (or skip it when complete); returns its wall time. ConfigError naming the stage when its
+    recorded command differs or it fails."""
+    running = _start(step, out, threads)
+    return 0.0 if running is None else _finish(running)
+
+
+def waves(steps: list[Step], concurrent: bool) -> list[list[Step]]:
+    """The plan's waves in order (one stage per wave unless `concurrent`)."""
+    if not concurrent:
+        return [[step] for step in steps]
+    return [list(wave) for _, wave in groupby(sorted(steps, key=lambda s: s.wave), key=lambda s: s.wave)]
+
+
+def run_wave(wave: list[Step], out: Paths, threads: int) -> dict[str, float | ConfigError]:
+    """Start every stage of `wave` (each with `threads` threads), then wait for all of them: a stage that fails
+    leaves the others to finish, so their work is kept for the rerun. Each stage's wall time or its error."""
+    outcome: dict[str, float | ConfigError] = {}
+    started: list[_Running] = []
+    for step in wave:
+        try:
+            running = _start(step, out, threads)
+        except ConfigError as error:
+            outcome[step.name] = error
+            continue
+        if running is None:
+            outcome[step.name] = 0.0
+        else:
+            started.append(running)
+    for running in started:
+        try:
+            outcome[running.step.name] = _finish(running)
+        except ConfigError as error:
+            outcome[running.step.name] = error
+    return outcome
+
+
 def run(cfg: PipelineConfig, report: Callable[[PipelineConfig], dict]) -> dict:
-    """Run (or resume) every stage, then `report(cfg)`; returns the report's summary."""
+    """Run (or resume) every stage, wave by wave, then `report(cfg)`; returns the report's summary.
+
+    The first failure stops the pipeline after its wave; with `pipeline.keep_going` every stage that does not
+    need a failed one still runs, and then the first failure is raised (no report is written either way).
+    """
     cfg.validate()
     out = Paths(Path(cfg.output_dir).resolve())
-    steps = plan(cfg)
+    total_threads = cfg.pipeline.threads or int(os.environ.get("OMP_NUM_THREADS", "2"))
     times: dict[str, float] = {}
+    threads: dict[str, int] = {}
+    failed: dict[str, ConfigError] = {}
+    skipped: list[str] = []
     began = time.perf_counter()
-    for step in steps:
-        times[step.name] = run_step(step, out)
+    for wave in waves(plan(cfg), cfg.pipeline.concurrent):
+        if failed and not cfg.pipeline.keep_going:
+            break
+        share = max(1, total_threads // len(wave))  # by the plan, so a rerun gives a stage the same threads
+        runnable = [step for step in wave if not set(step.needs) & (set(failed) | set(skipped))]
+        skipped += [step.name for step in wave if step not in runnable]
+        for name, outcome in run_wave(runnable, out, share).items():
+            if isinstance(outcome, ConfigError):
+                failed[name] = outcome
+            else:
+                times[name], threads[name] = outcome, share
+    if failed:
+        if len(failed) > 1 or skipped:
+            log.error(
+                "failed: %s; not run (they need a failed stage): %s", ", ".join(failed), ", ".join(skipped) or "-"
+            )
+        raise next(iter(failed.values()))
     summary = report(cfg)
     times["total"] = time.perf_counter() - began
-    atomic_write_text(out.root / "timings.json", json.dumps({"seconds": times, "config": asdict(cfg)}, indent=2) + "\n")
+    timings = {"seconds": times, "threads": threads, "config": asdict(cfg)}
+    atomic_write_text(out.root / "timings.json", json.dumps(timings, indent=2) + "\n")
     log.info("pipeline done in %.0f s: %s", times["total"], out.root / "report.md")
     return summary
