@@ -321,13 +321,6 @@ def _finish(running: _Running) -> float:
     return seconds
 
 
-def run_step(step: Step, out: Paths, threads: int = 2) -> float:
-    """Run one stage (or skip it when complete); returns its wall time. ConfigError naming the stage when its
-    recorded command differs or it fails."""
-    running = _start(step, out, threads)
-    return 0.0 if running is None else _finish(running)
-
-
 def waves(steps: list[Step], concurrent: bool) -> list[list[Step]]:
     """The plan's waves in order (one stage per wave unless `concurrent`)."""
     if not concurrent:

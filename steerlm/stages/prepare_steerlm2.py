@@ -383,29 +383,18 @@ def _prepare(
         rows = list(read_steerlm2_rows(path, schema)) if layout.is_rank_zero else None
         return _broadcast_required(rows, f"{name} shard {shard}")
 
+    def generator(key: str) -> Callable[[], LoadedModel]:
+        location = getattr(cfg, key)
+        return lambda: load_generator(
+            location, layout, cfg.precision, seed=cfg.seed, key=key, verify=cfg.verify_checkpoint
+        )
+
     passes: dict[str, tuple[Callable, Callable]] = {
         "sample": (
-            lambda: load_generator(
-                cfg.steerlm_checkpoint,
-                layout,
-                cfg.precision,
-                seed=cfg.seed,
-                key="steerlm_checkpoint",
-                verify=cfg.verify_checkpoint,
-            ),
+            generator("steerlm_checkpoint"),
             lambda model, s: _sample(cfg, model, shards[s], s * cfg.shard_size),
         ),
-        "plain": (
-            lambda: load_generator(
-                cfg.plain_sft_checkpoint,
-                layout,
-                cfg.precision,
-                seed=cfg.seed,
-                key="plain_sft_checkpoint",
-                verify=cfg.verify_checkpoint,
-            ),
-            lambda model, s: _plain(cfg, model, part("sample", s)),
-        ),
+        "plain": (generator("plain_sft_checkpoint"), lambda model, s: _plain(cfg, model, part("sample", s))),
         "attributes": (
             lambda: AttributeScorer.from_checkpoint(
                 apm, layout, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, verify=cfg.verify_checkpoint
