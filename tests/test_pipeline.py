@@ -200,6 +200,9 @@ def test_tp2_runs_every_training_and_inference_stage_under_torchrun(tmp_path: Pa
     with pytest.raises(ConfigError) as error:
         replace(cfg, stages={"typo": ["a=1"]}).validate()
     assert error.value.key == "stages.typo"
+    with pytest.raises(ConfigError) as error:
+        replace(cfg, pipeline=replace(cfg.pipeline, threads=0)).validate()
+    assert error.value.key == "pipeline.threads"
 
 
 def test_recipes_exist_for_every_planned_stage(tmp_path: Path) -> None:
