@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from steerlm.config import AttributesConfig
+from steerlm.config import AttributesConfig, ConfigError
 from steerlm.config.inference import SamplingDefaults
-from steerlm.data.template import SteerLMTemplate
+from steerlm.data.template import SteerLMTemplate, TemplateConfig
 from steerlm.inference import Delta, FinishReason
 from steerlm.inference.chat import ChatSession
 from steerlm.inference.engine import GenerationJob
-from steerlm.inference.steering import Steering
+from steerlm.inference.steering import ChatMessage, Steering
 from steerlm.tokenizers import WordTokenizer
 from tests.recipe_runner import ROOT, recipe_command, recipe_env
 
@@ -22,7 +22,9 @@ WORDS = (
     "hello again what does zog eat figs and nuts System User Assistant be brief helpfulness correctness "
     "coherence complexity verbosity 0 1 2 3 4"
 )
-SCHEMA = AttributesConfig().schema()  # helpfulness, correctness, coherence, complexity, verbosity; 0-4
+# helpfulness, correctness, coherence, complexity, verbosity; 0-4; no request defaults of its own, so each test
+# sees only the attributes it sets (test_unset_attributes_take_the_schemas_best_response covers them)
+SCHEMA = AttributesConfig(request_defaults={}).schema()
 
 
 class ScriptedEngine:
@@ -126,14 +128,39 @@ def test_a_conversation_longer_than_the_model_reads_is_refused_before_generating
 
 
 def test_default_attributes_the_schema_lacks_stop_the_start() -> None:
-    from steerlm.config import ConfigError
-
     with pytest.raises(ConfigError) as error:
         _session(defaults={"humor": 2})
     assert error.value.key == "attributes.humor" and "schema 'helpsteer2' has no attribute 'humor'" in str(error.value)
     with pytest.raises(ConfigError) as error:
         _session(defaults={"verbosity": 5})
     assert error.value.key == "attributes.verbosity" and "integer from 0 to 4" in str(error.value)
+
+
+def test_unset_attributes_take_the_schemas_best_response() -> None:
+    """A SteerLM model is trained on complete attribute lines; a request that sets a few gets the schema's best
+    response for the rest (HelpSteer2's: Nemotron-4-340B-Reward's documented default), not a partial line."""
+    tokenizer = WordTokenizer.build([WORDS])
+    shipped = AttributesConfig().schema()  # helpsteer2, request_defaults null: its best response
+
+    def line(steering: Steering, requested: dict | None = None) -> str:
+        labels = steering.labels(requested)
+        system, turns = steering.conversation([ChatMessage("user", "hello")], labels)
+        return tokenizer.decode(steering.prompt_ids(system, turns, labels)).rpartition("<extra_id_1>Assistant\n")[2]
+
+    steering = Steering(SteerLMTemplate(shipped), tokenizer, {"humor": None}, "be brief", 1000)
+    best = "<extra_id_2>helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2\n"
+    assert line(steering) == best
+    assert line(steering, {"verbosity": 0}) == best.replace("verbosity:2", "verbosity:0")
+    assert line(steering, {"complexity": None}) == best.replace("complexity:2,", "")  # a request may unset one
+    configured = Steering(SteerLMTemplate(shipped), tokenizer, {"verbosity": 4}, "be brief", 1000)
+    assert line(configured) == best.replace("verbosity:2", "verbosity:4")  # configured values over the schema's
+    plain = SteerLMTemplate(shipped, TemplateConfig(condition_on_attributes=False))
+    assert line(Steering(plain, tokenizer, {}, "be brief", 1000)) == ""  # a plain-SFT model reads no line
+    custom = AttributesConfig(name="mine", attributes=["helpfulness", "verbosity"]).schema()
+    assert line(Steering(SteerLMTemplate(custom), tokenizer, {}, "be brief", 1000)) == ""  # no best response known
+    with pytest.raises(ConfigError) as error:
+        AttributesConfig(request_defaults={"verbosity": 7}).schema()
+    assert error.value.key == "attributes.request_defaults.verbosity" and "outside [0, 4]" in str(error.value)
 
 
 @pytest.mark.slow
@@ -152,8 +179,9 @@ def test_chat_recipe_streams_replies_from_stdin(steerable: dict, tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "schema 'steerlm_oasst'" in out and "attributes: verbosity:3" in out
+    best = "quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4,coherence:4,complexity:2"
+    assert "schema 'steerlm_oasst'" in out and f"attributes: {best},verbosity:3" in out
     assert "error: attributes.humor=9.0 is out of range: humor takes an integer from 0 to 4" in out
-    assert "attributes: verbosity:0" in out and "turns: 4" in out
+    assert f"attributes: {best},verbosity:0" in out and "turns: 4" in out
     replies = [line for line in out.split("> ") if line and not line.startswith(("attributes", "error", "steerlm"))]
     assert replies and all(reply.strip() for reply in replies), out

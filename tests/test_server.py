@@ -242,7 +242,7 @@ def server(world: dict, tmp_path_factory):
             "limits.max_tokens=64",
             "sampling.max_tokens=32",
             "limits.max_n=4",
-            "attributes.helpfulness=4",
+            "attributes.helpfulness=3",
         ],
         port,
         log,
@@ -252,6 +252,9 @@ def server(world: dict, tmp_path_factory):
 
 
 QUESTION = [{"role": "user", "content": "What color is Tanlinyal?"}]
+# the server's defaults: steerlm_oasst's best response with the configured helpfulness=3 laid over it
+DEFAULTS = dict(quality=4, toxicity=0, humor=0, creativity=0, helpfulness=3, correctness=4, coherence=4, complexity=2,
+                verbosity=2)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -260,7 +263,7 @@ def test_openai_client_plain_and_streaming_agree(server: dict) -> None:
 
     client = openai.OpenAI(base_url=server["url"], api_key="none", max_retries=0)
     [card] = client.models.list().data
-    assert card.id == "sft" and card.model_extra["attributes"]["defaults"] == {"helpfulness": 4}
+    assert card.id == "sft" and card.model_extra["attributes"]["defaults"] == DEFAULTS
     steer = {"attributes": {"verbosity": 3}}
     plain = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=40, extra_body=steer)
     answer = plain.choices[0]
@@ -301,7 +304,8 @@ def test_attributes_field_steers_and_is_echoed(server: dict) -> None:
         return body
 
     terse, wordy = ask({"verbosity": 0}), ask({"verbosity": 4, "helpfulness": None})
-    assert terse["attributes"] == {"helpfulness": 4, "verbosity": 0} and wordy["attributes"] == {"verbosity": 4}
+    assert terse["attributes"] == {**DEFAULTS, "verbosity": 0}
+    assert wordy["attributes"] == {**{k: v for k, v in DEFAULTS.items() if k != "helpfulness"}, "verbosity": 4}
     texts = [reply["choices"][0]["message"]["content"] for reply in (terse, wordy)]
     assert texts[0] != texts[1]
 

@@ -26,9 +26,21 @@ def test_shipped_config_composes_and_resolves_for_the_synthetic_schema(tmp_path:
     cfg = to_typed(compose("evaluate_steering", [f"prompts={prompts}", f"world={world}"]), SteeringEvalConfig)
     cfg.validate()
     sweep, levels, base = cfg.resolve(_schema("steerlm_oasst"))
-    assert len(sweep) == 9 and levels == [0.0, 1.0, 2.0, 3.0, 4.0] and base["verbosity"] == 2.0
-    with pytest.raises(ConfigError, match="base.quality"):
+    assert len(sweep) == 9 and levels == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # the base is the schema's best response: quality, helpfulness, correctness, coherence high, the OASST style
+    # attributes off, complexity and verbosity moderate (Nemotron-4-340B-Reward's documented HelpSteer2 default)
+    assert base == dict(quality=4.0, toxicity=0.0, humor=0.0, creativity=0.0, helpfulness=4.0, correctness=4.0,
+                        coherence=4.0, complexity=2.0, verbosity=2.0)  # fmt: skip
+    helpsteer2 = dict(helpfulness=4.0, correctness=4.0, coherence=4.0, complexity=2.0, verbosity=2.0)
+    assert cfg.resolve(_schema("helpsteer2"))[2] == helpsteer2
+    cfg.base = {"verbosity": 4, "humor": 1}  # base.NAME overrides one default
+    assert cfg.resolve(_schema("steerlm_oasst"))[2] == {**base, "verbosity": 4.0, "humor": 1.0}
+    cfg.base = {"quality": 4}
+    with pytest.raises(ConfigError, match="base.quality.*not an attribute"):
         cfg.resolve(_schema("helpsteer2"))
+    cfg.base = {"a": 1}
+    with pytest.raises(ConfigError, match="base.b.*no default"):
+        cfg.resolve(AttributeSchema("mine", ("a", "b")))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ Field names follow Megatron/NeMo (`tensor_model_parallel_size`, `micro_batch_siz
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -24,7 +24,7 @@ from steerlm.config.sources import (  # noqa: F401
     is_nemo_archive,
     validate_init_from,
 )
-from steerlm.data.attributes import AttributeSchema, left_out_attributes
+from steerlm.data.attributes import BEST_RESPONSE, KNOWN_SCHEMAS, AttributeSchema, left_out_attributes
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.data.synthetic.sizes import SyntheticConfig
@@ -459,13 +459,26 @@ class AttributesConfig:
     min_value: float = 0.0
     max_value: float = 4.0
     integer: bool = True
+    # What a steerable model is asked for each attribute a request leaves unset (chat, serve, exported chat
+    # templates) and the steering evaluation's base. null: SteerLM's best response (`BEST_RESPONSE`) when the
+    # schema is a shipped one or part of one (checkpoints saved before this key existed included); {}: none.
+    request_defaults: Optional[dict[str, float]] = None
+
+    def resolved_defaults(self) -> dict[str, float]:
+        """`request_defaults`, or for null the best response of the shipped schema of this name when this schema's
+        attributes are (part of) that schema's and its values lie in this range, else none."""
+        if self.request_defaults is not None:
+            return dict(self.request_defaults)
+        best = {name: value for name, value in BEST_RESPONSE.get(self.name, {}).items() if name in self.attributes}
+        fits = all(self.min_value <= value <= self.max_value for value in best.values())
+        return best if set(self.attributes) <= set(KNOWN_SCHEMAS.get(self.name, ())) and fits else {}
 
     def schema(self) -> AttributeSchema:
         """The schema; a custom one that is part of a known schema reads that schema's data, leaving the other
         attributes' ratings out (NeMo-Aligner's helpfulness-only HelpSteer2 is `attributes=[helpfulness]`)."""
         attributes = tuple(self.attributes)
         try:
-            return AttributeSchema(
+            schema = AttributeSchema(
                 self.name, attributes, self.min_value, self.max_value, self.integer, left_out_attributes(attributes)
             )
         except ValueError as error:
@@ -475,6 +488,18 @@ class AttributesConfig:
                 str(error),
                 "give unique names without ':' ',' or newlines, and min_value < max_value",
             ) from None
+        defaults = self.resolved_defaults()
+        for name, value in defaults.items():
+            problem = schema.value_problem(name, value)
+            if problem:
+                raise ConfigError(
+                    f"attributes.request_defaults.{name}",
+                    value,
+                    problem,
+                    f"give values of schema '{self.name}' ({schema.min_value:g} to {schema.max_value:g}) "
+                    "for its attributes, or attributes.request_defaults={} for none",
+                )
+        return replace(schema, defaults=tuple(defaults.items()))
 
     def validate(self) -> None:
         self.schema()

@@ -30,7 +30,8 @@ class SteeringEvalConfig:
     num_prompts: int = 100  # the first N conversations of `prompts`
     sweep: list[str] = field(default_factory=list)  # attributes to sweep; empty: every attribute of the schema
     values: Optional[list[float]] = None  # requested levels; null: every integer level of the schema's range
-    base: dict[str, float] = field(default_factory=dict)  # every attribute's level while another is swept
+    # every attribute's level while another is swept, over the checkpoint schema's defaults (SteerLM's best response)
+    base: dict[str, float] = field(default_factory=dict)
     max_new_tokens: int = 96
     batch_size: int = 32
     samples: int = 2  # responses kept in the report per swept value
@@ -83,15 +84,23 @@ class SteeringEvalConfig:
                 f"needs two or more levels within [{schema.min_value:g}, {schema.max_value:g}]",
                 "e.g. values=[0,4], or null for every level",
             )
-        missing = [name for name in schema.attributes if name not in self.base]
         unknown = [name for name in self.base if name not in schema.attributes]
-        if missing or unknown:
+        if unknown:
             raise ConfigError(
-                f"base.{(missing or unknown)[0]}",
+                f"base.{unknown[0]}",
                 dict(self.base),
-                "is missing" if missing else "is not an attribute of the checkpoint's schema",
-                f"give a level for each of {', '.join(schema.attributes)}",
+                f"is not an attribute of the checkpoint's schema {schema.name!r}",
+                f"give levels for {', '.join(schema.attributes)}",
             )
-        schema.check(self.base, source="base", field="base")
-        base: Labels = {name: float(v) for name, v in self.base.items()}
+        given = {**schema.default_labels, **self.base}
+        missing = [name for name in schema.attributes if name not in given]
+        if missing:
+            raise ConfigError(
+                f"base.{missing[0]}",
+                dict(self.base),
+                f"is missing: schema {schema.name!r} has no default for it (attributes.request_defaults)",
+                f"give a level for each of {', '.join(missing)}",
+            )
+        schema.check(given, source="base", field="base")
+        base: Labels = {name: float(value) for name in schema.attributes if (value := given[name]) is not None}
         return sweep, [float(v) for v in levels], base

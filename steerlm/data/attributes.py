@@ -33,6 +33,37 @@ KNOWN_SCHEMAS: dict[str, tuple[str, ...]] = {
     "steerlm_paper": ("quality", "toxicity", "violence", "helpfulness", "creativity", "humor", "not_appropriate"),
 }
 
+# SteerLM's "best response" request per shipped schema (`attributes.request_defaults: null` picks it): what a
+# steerable model is asked for every attribute a request leaves unset (chat, serve, an exported chat template)
+# and the steering evaluation's base. A SteerLM model is trained on complete attribute lines, so a partial line
+# is a prompt it has never seen: the synthetic world's stage-3 model answers one with an empty response.
+# HelpSteer2's is Nemotron-4-340B-Reward's documented default (moderate complexity and verbosity); NeMo-Aligner's
+# nine add the OASST attributes at their best (quality high; toxicity, humor, creativity off); the paper's 0-9
+# scale likewise.
+BEST_RESPONSE: dict[str, dict[str, float]] = {
+    "helpsteer2": {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2, "verbosity": 2},
+    "steerlm_oasst": {
+        "quality": 4,
+        "toxicity": 0,
+        "humor": 0,
+        "creativity": 0,
+        "helpfulness": 4,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 2,
+        "verbosity": 2,
+    },
+    "steerlm_paper": {
+        "quality": 9,
+        "toxicity": 0,
+        "violence": 0,
+        "helpfulness": 9,
+        "creativity": 0,
+        "humor": 0,
+        "not_appropriate": 0,
+    },
+}
+
 
 def left_out_attributes(attributes: tuple[str, ...]) -> tuple[str, ...]:
     """The attributes a custom schema leaves out of the known schemas it is part of (e.g. HelpSteer2's
@@ -55,6 +86,8 @@ class AttributeSchema:
     # Labels of these are left out, not refused: the rest of the known schemas a custom schema is part of
     # (`left_out_attributes`, filled by the config's `AttributesConfig.schema`).
     left_out: tuple[str, ...] = ()
+    # (name, value) pairs a steerable model is asked for where a request sets nothing (`BEST_RESPONSE`)
+    defaults: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.attributes or len(set(self.attributes)) != len(self.attributes):
@@ -63,6 +96,28 @@ class AttributeSchema:
             raise ValueError(f"schema {self.name!r}: attribute names may not be empty or contain ':', ',' or newlines")
         if not self.min_value < self.max_value:
             raise ValueError(f"schema {self.name!r}: min_value must be below max_value")
+        for name, value in self.defaults:
+            problem = self.value_problem(name, value)
+            if problem:
+                raise ValueError(f"schema {self.name!r}: default {name}={value!r} {problem}")
+
+    def value_problem(self, name: str, value: object) -> str | None:
+        """Why `name=value` is not a value of this schema (None when it is)."""
+        if name not in self.attributes:
+            return f"is not an attribute of the schema ({', '.join(self.attributes)})"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return "is not a number"
+        if not self.min_value <= value <= self.max_value:
+            return f"is outside [{self.min_value:g}, {self.max_value:g}]"
+        if self.integer and value != int(value):
+            return "is not an integer"
+        return None
+
+    @property
+    def default_labels(self) -> Labels:
+        """`defaults` as labels in schema order (empty when the schema has none)."""
+        given = dict(self.defaults)
+        return {name: _typed(self, given[name]) for name in self.attributes if name in given}
 
     def check(
         self, labels: Mapping[str, object], source: str = "<labels>", line: int | None = None, field: str = "label"
@@ -135,6 +190,10 @@ class AttributeSchema:
             value = min(max(float(score), self.min_value), self.max_value)
             out[name] = int(round(value)) if self.integer else value
         return out
+
+
+def _typed(schema: AttributeSchema, value: float) -> float:
+    return int(value) if schema.integer else float(value)
 
 
 def _number(value: float) -> str:

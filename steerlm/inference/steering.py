@@ -1,7 +1,8 @@
 """Requests → what the model reads: checked attribute values, and prompt ids built by the SteerLM template.
 
 A request names attribute values (`{"humor": 3}`); they are checked against the checkpoint's schema
-(name, number, range, integer) and laid over the configured defaults. Chat messages in OpenAI's roles
+(name, number, range, integer) and laid over the defaults: the configured values over the schema's own
+(`AttributeSchema.defaults`, SteerLM's best response). Chat messages in OpenAI's roles
 become the template's conversation: system messages first, then user and assistant turns alternating,
 ending with the user turn to answer. Prompt ids come from `collate.tokenize` of the template's
 segments — the path training took — so the model reads exactly what it was trained on.
@@ -95,8 +96,12 @@ class Steering:
     ) -> None:
         self.template, self.schema, self.tokenizer = template, template.schema, tokenizer
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
-        # null defaults are the shipped YAML's placeholders for other schemas' names
-        self.defaults: Labels = self.preset({k: v for k, v in defaults.items() if v is not None}, {}, "attributes")
+        # Configured values over the schema's own defaults (SteerLM's best response: a model trained on complete
+        # attribute lines answers a partial one badly); null ones are the shipped YAML's placeholders for every
+        # shipped schema's names. A model trained without attributes gets none.
+        schema_defaults = self.schema.default_labels if self.conditioned else {}
+        configured = {k: v for k, v in defaults.items() if v is not None}
+        self.defaults: Labels = self.preset(configured, schema_defaults, "attributes")
 
     def preset(self, values: Mapping[str, float | None], base: Labels, key: str) -> Labels:
         """Configured attribute values (`key`: their config key) over `base`, checked like a request's;
@@ -109,7 +114,7 @@ class Steering:
                 f"{key}.{name}" if name else key,
                 values.get(name),
                 error.message,
-                f"set only attributes of schema '{self.schema.name}' in range, or null to leave one unset",
+                f"set only attributes of schema '{self.schema.name}', each in range",
             ) from None
 
     @property

@@ -191,8 +191,8 @@ def example_prompts(directory: Path, source: ExportSource) -> list[tuple[str, st
     examples = [("without `attributes` (the defaults)", render(hf, asked, True))]
     if source.template.config.condition_on_attributes:
         schema = source.template.schema
-        top = {name: _value(schema, schema.max_value) for name in schema.attributes}
-        examples.insert(0, (f"with `attributes={top}`", render(hf, asked, True, top)))
+        one = {schema.attributes[-1]: _value(schema, schema.max_value)}  # laid over the defaults
+        examples.insert(0, (f"with `attributes={one}`", render(hf, asked, True, one)))
     return examples
 
 
