@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,17 +49,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(run, device: torch.device, repeats: int) -> tuple[float, list]:
-    """Best of `repeats` wall times after one warm-up call, and the last call's output."""
-    output = run()
-    best = float("inf")
+def _best_of(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, tuple[float, Any]]:
+    """Each run's best wall time over `repeats` rounds after one warm-up call each, and its last output. The
+    rounds interleave the runs (one call of each per round), so load that drifts on shared cores weighs on
+    every side alike."""
+    outputs = {name: run() for name, run in runs.items()}
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        output = run()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, output
+        for name, run in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            outputs[name] = run()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], outputs[name]) for name in runs}
 
 
 def main() -> None:
@@ -100,13 +105,10 @@ def main() -> None:
             3, model.vocab_size, (rows, args.prompt_tokens), generator=torch.Generator().manual_seed(rows)
         )
         params = [SamplingParams(max_new_tokens=args.new_tokens)] * rows
-        ours = {
-            name: _timed(lambda g=generator, p=prompts, s=params: g.generate(p.tolist(), s), device, args.repeats)
-            for name, generator in generators.items()
-        }
-        with torch.inference_mode(), megatron_compat.lifted():
-            theirs, theirs_out = _timed(
-                lambda p=prompts: hf.generate(
+
+        def hf_generate(p=prompts):
+            with torch.inference_mode(), megatron_compat.lifted():
+                return hf.generate(
                     p.to(device),
                     attention_mask=torch.ones_like(p, device=device),
                     max_new_tokens=args.new_tokens,
@@ -114,10 +116,15 @@ def main() -> None:
                     do_sample=False,
                     pad_token_id=0,
                     eos_token_id=None,
-                ),
-                device,
-                args.repeats,
-            )
+                )
+
+        runs: dict[str, Callable[[], Any]] = {
+            name: lambda g=generator, p=prompts, s=params: g.generate(p.tolist(), s)
+            for name, generator in generators.items()
+        }
+        timed = _best_of({**runs, "hf": hf_generate}, device, args.repeats)
+        theirs, theirs_out = timed.pop("hf")
+        ours = timed
         reference = theirs_out[:, args.prompt_tokens :].tolist()
         same = all([c.token_ids for c in out] == reference for _, out in ours.values())
         generated = rows * args.new_tokens
