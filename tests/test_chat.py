@@ -156,7 +156,10 @@ def test_unset_attributes_take_the_schemas_best_response() -> None:
     assert line(configured) == best.replace("verbosity:2", "verbosity:4")  # configured values over the schema's
     plain = SteerLMTemplate(shipped, TemplateConfig(condition_on_attributes=False))
     assert line(Steering(plain, tokenizer, {}, "be brief", 1000)) == ""  # a plain-SFT model reads no line
-    custom = AttributesConfig(name="mine", attributes=["helpfulness", "verbosity"]).schema()
+    # NeMo-Aligner's helpfulness-only schema is part of the shipped ones: their best response for its attribute
+    only = AttributesConfig(name="helpfulness_only", attributes=["helpfulness"]).schema()
+    assert line(Steering(SteerLMTemplate(only), tokenizer, {}, "be brief", 1000)) == "<extra_id_2>helpfulness:4\n"
+    custom = AttributesConfig(name="mine", attributes=["helpfulness", "brevity"]).schema()
     assert line(Steering(SteerLMTemplate(custom), tokenizer, {}, "be brief", 1000)) == ""  # no best response known
     with pytest.raises(ConfigError) as error:
         AttributesConfig(request_defaults={"verbosity": 7}).schema()

@@ -77,6 +77,7 @@ def test_prepare_data_config_composes_and_validates(option: str, tmp_path: Path)
     schema = cfg.attributes.schema()
     assert schema.name == option and len(schema.attributes) in (5, 7, 9)
     assert KNOWN_SCHEMAS[option] == schema.attributes and schema.left_out == ()  # the code's copy of the YAML
+    assert tuple(dict(schema.defaults)) == schema.attributes  # a best response for every attribute
 
 
 def test_synthetic_data_option_composes_and_validates(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from steerlm.config.sources import (  # noqa: F401
     is_nemo_archive,
     validate_init_from,
 )
-from steerlm.data.attributes import BEST_RESPONSE, KNOWN_SCHEMAS, AttributeSchema, left_out_attributes
+from steerlm.data.attributes import BEST_RESPONSE, AttributeSchema, left_out_attributes
 from steerlm.data.collate import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.data.synthetic.sizes import SyntheticConfig
@@ -465,13 +465,21 @@ class AttributesConfig:
     request_defaults: Optional[dict[str, float]] = None
 
     def resolved_defaults(self) -> dict[str, float]:
-        """`request_defaults`, or for null the best response of the shipped schema of this name when this schema's
-        attributes are (part of) that schema's and its values lie in this range, else none."""
+        """`request_defaults`, or for null the best response of the shipped schema this one is (by name) or is
+        part of (NeMo-Aligner's helpfulness-only `attributes=[helpfulness]`), its values within this range;
+        none when no shipped schema fits or two that do disagree."""
         if self.request_defaults is not None:
             return dict(self.request_defaults)
-        best = {name: value for name, value in BEST_RESPONSE.get(self.name, {}).items() if name in self.attributes}
-        fits = all(self.min_value <= value <= self.max_value for value in best.values())
-        return best if set(self.attributes) <= set(KNOWN_SCHEMAS.get(self.name, ())) and fits else {}
+        chosen = set(self.attributes)
+        fitting = {
+            known: {name: best[name] for name in self.attributes}
+            for known, best in BEST_RESPONSE.items()
+            if chosen <= set(best) and all(self.min_value <= best[name] <= self.max_value for name in chosen)
+        }
+        if self.name in fitting:
+            return fitting[self.name]
+        found = list(fitting.values())
+        return found[0] if found and all(values == found[0] for values in found) else {}
 
     def schema(self) -> AttributeSchema:
         """The schema; a custom one that is part of a known schema reads that schema's data, leaving the other
