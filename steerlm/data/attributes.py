@@ -151,7 +151,7 @@ class AttributeSchema:
                 )
             if self.integer and value != int(value):
                 raise DataError(source, line, field, f"{name}={value!r} is not an integer (schema {self.name!r})")
-            out[name] = int(value) if self.integer else float(value)
+            out[name] = _typed(self, value)
         return out
 
     def format(self, labels: Mapping[str, float | None]) -> str:

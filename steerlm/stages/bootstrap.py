@@ -149,8 +149,9 @@ def sample(cfg: BootstrapConfig, model: str, requests: list[Request], out: Path,
             pairs = [(request.prompt, request.labels) for request, _ in chunk]
             generated = generate_steered_pairs(loaded, pairs, params, options.batch_size)
             if layout.tp_rank == 0 and layout.pp_rank == 0:
+                schema = cfg.attributes.schema()  # validated once, not per row
                 lines = [
-                    json_line(sample_row(request, text, cfg.attributes.schema(), index, copy))
+                    json_line(sample_row(request, text, schema, index, copy))
                     for (request, copy), text in zip(chunk, (g.text for g in generated))
                 ]
                 atomic_write_text(_part(parts, index), "".join(lines))
