@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 TRAIN = (
-    ("train_1b", "train llama3_2_1b, bf16, seq 4096"),
-    ("train_8b_8l", "train llama3_8b shape, 8 layers, bf16, seq 4096"),
+    ("train_1b", "SFT step llama3_2_1b, bf16, seq 4096, half prompt"),
+    ("train_8b_8l", "SFT step llama3_8b shape, 8 layers, bf16, seq 4096, half prompt"),
 )
 TARGETS = {"train": 1.2, 1: 10.0, 32: 2.0}  # issue #20: training step vs HF; decoding vs HF generate per batch size
 

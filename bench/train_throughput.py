@@ -6,6 +6,11 @@ Trainer's default `adamw_torch_fused` runs it, eager) on the same Llama shape, o
     python bench/train_throughput.py --preset llama3_2_1b --seq-length 4096 --steps 10        # GPU
     python bench/train_throughput.py --preset small --seq-length 256 --micro-batch-size 2 --dtype fp32 \\
         --warmup 1 --steps 2 --rounds 3                                                          # CPU
+    python bench/train_throughput.py ... --prompt-fraction 0.5                                   # SFT-shaped
+
+`--prompt-fraction F` makes it an SFT step: the first F of every row's positions are prompt, trained by neither
+side (steerlm's `loss_mask` 0, which its chunked loss skips; HF's labels -100, as TRL's completion-only loss
+gives them, after HF computes logits for every position). TFLOP/s counts the whole step's model FLOPs for both.
 
 On GPU each side is built, timed (mean step after warm-up) and freed in turn, so its peak memory is its own. On
 CPU, where other processes share the cores, both are built and timed in alternating rounds of `--steps` steps,
@@ -46,12 +51,15 @@ def flops_per_token(model: ModelConfig, seq_length: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-def _batch(model: ModelConfig, rows: int, seq_length: int) -> dict[str, torch.Tensor]:
+def _batch(model: ModelConfig, rows: int, seq_length: int, prompt: int) -> dict[str, torch.Tensor]:
+    """Random tokens; the first `prompt` positions of each row are not trained."""
     stream = torch.randint(0, model.vocab_size, (rows, seq_length + 1), generator=torch.Generator().manual_seed(0))
+    loss_mask = torch.ones(rows, seq_length)
+    loss_mask[:, :prompt] = 0
     return {
         "tokens": stream[:, :-1],
         "labels": stream[:, 1:],
-        "loss_mask": torch.ones(rows, seq_length),
+        "loss_mask": loss_mask,
         "position_ids": torch.arange(seq_length).expand(rows, seq_length),
     }
 
@@ -61,20 +69,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, device: torch.device) -> Step:
+def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, prompt: int, device: torch.device) -> Step:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = {k: v for k, v in hf_config_dict(model).items() if k not in ("architectures", "model_type")}
     hf = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).to(device).train()
     optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
-    tokens = _batch(model, rows, seq_length)["tokens"].to(device)
+    tokens = _batch(model, rows, seq_length, prompt)["tokens"].to(device)
+    labels = tokens.clone()
+    labels[:, : prompt + 1] = -100  # HF shifts labels: position i predicts label i + 1, as steerlm's position i
     autocast_dtype = {DType.bf16: torch.bfloat16, DType.fp16: torch.float16}.get(dtype)
 
     def step() -> None:
         # without steerlm's CPU stand-ins for megatron, which `runtime.initialize` installs for the process
         with megatron_compat.lifted():
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = hf(input_ids=tokens, labels=tokens).loss
+                loss = hf(input_ids=tokens, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
             optimizer.step()
@@ -83,7 +93,9 @@ def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, device
     return step
 
 
-def steerlm_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, compile_model: bool) -> Step:
+def steerlm_step(
+    model: ModelConfig, dtype: DType, rows: int, seq_length: int, prompt: int, compile_model: bool
+) -> Step:
     layout = runtime.initialize(ParallelConfig(), seed=1)
     precision = PrecisionConfig(dtype=dtype)
     trainer = TrainerConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=seq_length, max_steps=10**6)
@@ -93,7 +105,7 @@ def steerlm_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, c
         compile_layers(chunks)
     wrapped = wrap_for_training(chunks, precision, False, layout)
     optimizer, scheduler = build_optimizer(wrapped, cfg.optim, precision, trainer, False, layout)
-    microbatches = microbatches_for_rank(_batch(model, rows, seq_length), rows, layout)
+    microbatches = microbatches_for_rank(_batch(model, rows, seq_length, prompt), rows, layout)
     return lambda: train_step(wrapped, optimizer, scheduler, microbatches, layout)
 
 
@@ -148,6 +160,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds of --steps steps")
+    parser.add_argument("--prompt-fraction", type=float, default=0.0, help="SFT: untrained share of each row")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     overrides = [f"model={args.preset}"] + ([f"model.num_layers={args.layers}"] if args.layers else [])
@@ -156,9 +169,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     rows, seq = args.micro_batch_size, args.seq_length
+    prompt = round(args.prompt_fraction * seq)
+    if not 0 <= prompt < seq:
+        parser.error(f"--prompt-fraction {args.prompt_fraction}: must leave at least one trained position, in [0, 1)")
     builders = {
-        "hf": lambda: hf_step(model, dtype, rows, seq, device),
-        "steerlm": lambda: steerlm_step(model, dtype, rows, seq, compile_model),
+        "hf": lambda: hf_step(model, dtype, rows, seq, prompt, device),
+        "steerlm": lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model),
     }
     if device.type == "cuda":
         results = measure_in_turn(builders, device, args.warmup, args.steps)
@@ -170,6 +186,7 @@ def main() -> None:
     print(
         f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''} ({model.num_parameters() / 1e9:.3f}B) "
         f"{args.dtype} seq {seq} x micro batch {rows} on {name}, steerlm compile {'on' if compile_model else 'off'}"
+        + (f", SFT: first {prompt} positions of each row untrained" if prompt else "")
     )
     for key, result in results.items():
         result.update(tokens_per_s=tokens / result["seconds"], tflops=per_token * tokens / result["seconds"] / 1e12)
@@ -182,7 +199,8 @@ def main() -> None:
     print(f"  ratio steerlm / hf (throughput): {ratio:.3f}")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"preset": args.preset, "layers": args.layers, "device": name, **results, "ratio": ratio}, out)
+            shape = {"preset": args.preset, "layers": args.layers, "prompt": prompt, "device": name}
+            json.dump({**shape, **results, "ratio": ratio}, out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The chunked vocabulary-parallel cross entropy (`steerlm.models.cross_entropy`) gives megatron's loss and
 gradients — against torch's `F.cross_entropy` and megatron's `vocab_parallel_cross_entropy` on full logits, in
-one process and under TP=2 (with and without sequence parallelism) — and never holds fp32 logits for every
-token at once."""
+one process and under TP=2 (with and without sequence parallelism) — never holds fp32 logits for every
+token at once, and leaves positions with a negative label (the masked prompt) out of the output layer's work."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from steerlm.config import CrossEntropy, ParallelConfig, PrecisionConfig
 from steerlm.models import cross_entropy
-from steerlm.models.cross_entropy import chunked_language_model_loss
+from steerlm.models.cross_entropy import IGNORE_INDEX, chunked_language_model_loss
 from steerlm.models.gpt import build_model_chunks
+from steerlm.training.losses import LANGUAGE_MODEL
 from tests.conftest import TEST_MODEL
 from tests.multiproc import run_distributed
 
@@ -74,6 +76,49 @@ def test_chunked_loss_in_bf16_matches_megatrons_path(layout, monkeypatch) -> Non
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3)
 
 
+def _ignoring(labels: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every other row's first 7 positions ignored (a prompt), the upstream gradient 0 there (as a loss mask is)."""
+    ignored = torch.zeros_like(labels, dtype=torch.bool)
+    ignored[::2, :7] = True
+    return labels.masked_fill(ignored, IGNORE_INDEX), upstream.masked_fill(ignored, 0.0)
+
+
+@pytest.mark.parametrize("chunk_elements", [VOCAB * 5, 1 << 26], ids=["several_chunks", "one_chunk"])
+def test_ignored_positions_lose_nothing_and_the_rest_equal_torch(layout, monkeypatch, chunk_elements) -> None:
+    monkeypatch.setattr(cross_entropy, "FP32_CHUNK_ELEMENTS", chunk_elements)
+    hidden, weight, labels, upstream = _inputs()
+    ignored_labels, masked_upstream = _ignoring(labels, upstream)
+    kept = ignored_labels >= 0
+    loss, hidden_grad, weight_grad = _loss_and_grads(_chunked, hidden, weight, ignored_labels, masked_upstream)
+    # torch's reference on the original labels, the upstream gradient zero where ignored: what a loss mask gives
+    ref_loss, ref_hidden_grad, ref_weight_grad = _loss_and_grads(
+        _torch_reference, hidden, weight, labels, masked_upstream
+    )
+    assert kept.sum() == BATCH * SEQ - 2 * 7
+    assert (loss[~kept] == 0).all()
+    torch.testing.assert_close(loss[kept], ref_loss[kept], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden_grad, ref_hidden_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight_grad, ref_weight_grad, rtol=1e-5, atol=1e-6)
+    assert (hidden_grad.transpose(0, 1)[~kept] == 0).all()
+
+
+def test_ignored_positions_skip_the_output_layer(layout) -> None:
+    """The output layer's matrix products (forward, and both backward ones) run over the kept rows only."""
+    hidden, weight, labels, upstream = _inputs()
+    head_flops = 2 * HIDDEN * VOCAB * 3  # per row: logits, hidden gradient, weight gradient
+    flops = {}
+    for name, row_labels in {
+        "all": labels,
+        "ignored": _ignoring(labels, upstream)[0],
+        "none_kept": torch.full_like(labels, IGNORE_INDEX),
+    }.items():
+        with FlopCounterMode(display=False) as counter:
+            loss, hidden_grad, weight_grad = _loss_and_grads(_chunked, hidden, weight, row_labels, upstream)
+        flops[name] = counter.get_total_flops()
+    assert flops == {"all": head_flops * SEQ * BATCH, "ignored": head_flops * (SEQ * BATCH - 14), "none_kept": 0}
+    assert (loss == 0).all() and (hidden_grad == 0).all() and (weight_grad == 0).all()  # the last: none kept
+
+
 class _LargestFloat32(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -117,6 +162,30 @@ def test_language_model_loss_and_gradients_equal_megatrons_output_layer_path(lay
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_language_model_task_leaves_the_masked_positions_out_with_the_same_loss(layout) -> None:
+    """The training task labels masked positions IGNORE_INDEX: the chunked path's loss there is 0 and the masked
+    loss and every gradient equal megatron's output-layer path on the unmodified labels."""
+    tokens = torch.randint(0, TEST_MODEL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.ones(2, 16)
+    loss_mask[0, :9] = 0  # a prompt
+    loss_mask[1, 12:] = 0  # padding
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, dims=1), "loss_mask": loss_mask}
+    batch["position_ids"] = torch.arange(16).expand(2, 16)
+    chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=4)[0]
+    per_token = LANGUAGE_MODEL.forward(chunk, batch)
+    loss_sum, count, _ = LANGUAGE_MODEL.loss(batch, per_token)
+    loss_sum.backward()
+    assert (per_token[loss_mask == 0] == 0).all() and int(count) == 32 - 9 - 4
+    megatron_model = replace(TEST_MODEL, cross_entropy=CrossEntropy.megatron)
+    reference = build_model_chunks(megatron_model, PrecisionConfig(), layout, 4)[0]
+    reference_loss = (reference(tokens, batch["position_ids"], None, labels=batch["labels"]) * loss_mask).sum()
+    reference_loss.backward()
+    torch.testing.assert_close(loss_sum, reference_loss, rtol=1e-5, atol=1e-6)
+    expected = dict(reference.named_parameters())
+    for name, parameter in chunk.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _tensor_parallel_comparison() -> dict:
     """Per TP layout: per-token losses and this rank's gradient shards of both loss paths, same weights."""
     from steerlm import runtime
@@ -128,10 +197,12 @@ def _tensor_parallel_comparison() -> dict:
     }.items():
         layout = runtime.initialize(parallel, seed=0)
         tokens = torch.randint(0, TEST_MODEL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        labels, upstream = _ignoring(tokens.roll(-1, dims=1), torch.linspace(0, 1, 32).view(2, 16))
         for impl in (CrossEntropy.chunked, CrossEntropy.megatron):
             chunk = build_model_chunks(replace(TEST_MODEL, cross_entropy=impl), PrecisionConfig(), layout, 4)[0]
-            loss = chunk(tokens, torch.arange(16).expand(2, 16), None, labels=tokens.roll(-1, dims=1))
-            (loss * torch.linspace(0, 1, 32).view(2, 16)).sum().backward()
+            loss = chunk(tokens, torch.arange(16).expand(2, 16), None, labels=labels)
+            (loss * upstream).sum().backward()
+            loss = loss.masked_fill(labels < 0, 0.0)  # megatron's path computes a value there that a loss masks
             grads = {n: p.grad.clone() for n, p in chunk.named_parameters()}
             if parallel.sequence_parallel:  # norm gradients are summed over the TP group by finalize_model_grads
                 grads = {n: g for n, g in grads.items() if "layernorm" not in n}

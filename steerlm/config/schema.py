@@ -65,8 +65,8 @@ class CrossEntropy(str, Enum):
     """How the language-model loss is computed from the last hidden states.
 
     `chunked`: steerlm's vocabulary-parallel cross entropy a chunk of tokens at a time (fp32 logits never exist
-    for the whole vocabulary; same loss and gradients); `megatron`: the output layer's full logits, then
-    megatron's `vocab_parallel_cross_entropy`.
+    for the whole vocabulary; same loss and gradients; the positions the loss mask leaves out skip the output
+    layer); `megatron`: the output layer's full logits, then megatron's `vocab_parallel_cross_entropy`.
     """
 
     chunked = "chunked"

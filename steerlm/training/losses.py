@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from steerlm.data.attributes import MISSING
+from steerlm.models.cross_entropy import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 LossResult = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -48,8 +49,12 @@ def _report(loss_sum: torch.Tensor, count: torch.Tensor) -> dict[str, torch.Tens
 
 
 def language_model_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Megatron GPTModel's `[b, s]` vocab-parallel cross entropy against `labels`."""
-    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    """Megatron GPTModel's `[b, s]` vocab-parallel cross entropy against `labels`, where `loss_mask` is 1.
+
+    Elsewhere the label becomes IGNORE_INDEX, so the chunked loss (`model.cross_entropy=chunked`) skips the output
+    layer there (its loss is 0); megatron's path computes a value there that every loss masks out."""
+    labels = torch.where(batch["loss_mask"] > 0, batch["labels"], IGNORE_INDEX)
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels)
 
 
 def masked_token_loss(batch: Batch, per_token_loss: torch.Tensor) -> LossResult:
