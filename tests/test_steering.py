@@ -35,6 +35,10 @@ def test_shipped_config_composes_and_resolves_for_the_synthetic_schema(tmp_path:
     assert cfg.resolve(_schema("helpsteer2"))[2] == helpsteer2
     cfg.base = {"verbosity": 4, "humor": 1}  # base.NAME overrides one default
     assert cfg.resolve(_schema("steerlm_oasst"))[2] == {**base, "verbosity": 4.0, "humor": 1.0}
+    # as the docs write it on the command line
+    overrides = [f"prompts={prompts}", f"world={world}", "+base.verbosity=4", "+base.humor=1"]
+    typed = to_typed(compose("evaluate_steering", overrides), SteeringEvalConfig)
+    assert typed.resolve(_schema("steerlm_oasst"))[2] == {**base, "verbosity": 4.0, "humor": 1.0}
     cfg.base = {"quality": 4}
     with pytest.raises(ConfigError, match="base.quality.*not an attribute"):
         cfg.resolve(_schema("helpsteer2"))
@@ -86,7 +90,7 @@ def test_other_attributes_steer_in_the_requested_direction(sweep: dict, attribut
     "override, key",
     [
         ("sweep=[wit]", "sweep"),
-        ("base.humor=null", "base.humor"),
+        ("+base.humor=null", "base.humor"),
         ("values=[0,9]", "values"),
         ("prompts=/nonexistent.jsonl", "prompts"),
     ],
