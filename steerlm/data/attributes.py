@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
+from typing import cast
 
 from steerlm.errors import DataError
 
@@ -76,6 +78,17 @@ def left_out_attributes(attributes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted({name for known in containing for name in known} - chosen))
 
 
+class ValueFault(str, Enum):
+    """Why a value is not one of a schema's: the one test that labels (`check`), request defaults
+    (`value_problem`) and inference requests (`steerlm.inference.steering.check_attributes`) share, each
+    wording its own error."""
+
+    unknown_attribute = "unknown_attribute"
+    not_a_number = "not_a_number"
+    out_of_range = "out_of_range"
+    not_an_integer = "not_an_integer"
+
+
 @dataclass(frozen=True)
 class AttributeSchema:
     name: str
@@ -101,17 +114,30 @@ class AttributeSchema:
             if problem:
                 raise ValueError(f"schema {self.name!r}: default {name}={value!r} {problem}")
 
-    def value_problem(self, name: str, value: object) -> str | None:
-        """Why `name=value` is not a value of this schema (None when it is)."""
+    def value_fault(self, name: str, value: object) -> ValueFault | None:
+        """What is wrong with `name=value` for this schema (None: nothing)."""
         if name not in self.attributes:
-            return f"is not an attribute of the schema ({', '.join(self.attributes)})"
+            return ValueFault.unknown_attribute
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            return "is not a number"
+            return ValueFault.not_a_number
         if not self.min_value <= value <= self.max_value:
-            return f"is outside [{self.min_value:g}, {self.max_value:g}]"
+            return ValueFault.out_of_range
         if self.integer and value != int(value):
-            return "is not an integer"
+            return ValueFault.not_an_integer
         return None
+
+    def value_problem(self, name: str, value: object) -> str | None:
+        """Why `name=value` is not a value of this schema, in words (None when it is)."""
+        fault = self.value_fault(name, value)
+        return None if fault is None else self.describe(fault)
+
+    def describe(self, fault: ValueFault) -> str:
+        return {
+            ValueFault.unknown_attribute: f"is not an attribute of the schema ({', '.join(self.attributes)})",
+            ValueFault.not_a_number: "is not a number",
+            ValueFault.out_of_range: f"is outside [{self.min_value:g}, {self.max_value:g}]",
+            ValueFault.not_an_integer: "is not an integer",
+        }[fault]
 
     @property
     def default_labels(self) -> Labels:
@@ -139,19 +165,14 @@ class AttributeSchema:
             if value is None or value == MISSING:
                 out[name] = None
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise DataError(source, line, field, f"{name}={value!r} is not a number")
-            if not self.min_value <= value <= self.max_value:
-                raise DataError(
-                    source,
-                    line,
-                    field,
-                    f"{name}={value!r} is outside [{self.min_value:g}, {self.max_value:g}] of schema {self.name!r}",
-                    "fix the label or the schema's range",
-                )
-            if self.integer and value != int(value):
-                raise DataError(source, line, field, f"{name}={value!r} is not an integer (schema {self.name!r})")
-            out[name] = _typed(self, value)
+            fault = self.value_fault(name, value)
+            if fault == ValueFault.out_of_range:
+                reason = f"{name}={value!r} {self.describe(fault)} of schema {self.name!r}"
+                raise DataError(source, line, field, reason, "fix the label or the schema's range")
+            if fault is not None:
+                schema = "" if fault == ValueFault.not_a_number else f" (schema {self.name!r})"
+                raise DataError(source, line, field, f"{name}={value!r} {self.describe(fault)}{schema}")
+            out[name] = _typed(self, cast(float, value))
         return out
 
     def format(self, labels: Mapping[str, float | None]) -> str:

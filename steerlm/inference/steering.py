@@ -10,12 +10,12 @@ segments — the path training took — so the model reads exactly what it was t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 from steerlm.config.inference import MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT, SamplingDefaults
-from steerlm.data.attributes import AttributeSchema, Labels
+from steerlm.data.attributes import AttributeSchema, Labels, ValueFault
 from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate
@@ -52,7 +52,8 @@ def check_attributes(schema: AttributeSchema, values: Mapping[str, object], pref
     out: Labels = {}
     for name, value in values.items():
         param = f"{prefix}.{name}"
-        if name not in schema.attributes:
+        fault = schema.value_fault(name, 0 if value is None else value)
+        if fault == ValueFault.unknown_attribute:
             raise RequestError(
                 param,
                 f"schema '{schema.name}' has no attribute {name!r}; its attributes are {', '.join(schema.attributes)}",
@@ -60,22 +61,17 @@ def check_attributes(schema: AttributeSchema, values: Mapping[str, object], pref
             )
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if fault == ValueFault.not_a_number:
             raise RequestError(
                 param, f"{param}={value!r} is not a number; give {_range(schema)}", "invalid_attribute_value"
             )
-        problem = (
-            "out of range"
-            if not schema.min_value <= value <= schema.max_value
-            else "not an integer"
-            if schema.integer and value != int(value)
-            else None
-        )
-        if problem:
+        if fault is not None:
+            problem = "out of range" if fault == ValueFault.out_of_range else "not an integer"
             raise RequestError(
                 param, f"{param}={value!r} is {problem}: {name} takes {_range(schema)}", "attribute_out_of_range"
             )
-        out[name] = int(value) if schema.integer else float(value)
+        number = cast(float, value)
+        out[name] = int(number) if schema.integer else float(number)
     return out
 
 
