@@ -52,8 +52,7 @@ def check_attributes(schema: AttributeSchema, values: Mapping[str, object], pref
     out: Labels = {}
     for name, value in values.items():
         param = f"{prefix}.{name}"
-        fault = schema.value_fault(name, 0 if value is None else value)
-        if fault == ValueFault.unknown_attribute:
+        if name not in schema.attributes:
             raise RequestError(
                 param,
                 f"schema '{schema.name}' has no attribute {name!r}; its attributes are {', '.join(schema.attributes)}",
@@ -61,6 +60,7 @@ def check_attributes(schema: AttributeSchema, values: Mapping[str, object], pref
             )
         if value is None:
             continue
+        fault = schema.value_fault(name, value)
         if fault == ValueFault.not_a_number:
             raise RequestError(
                 param, f"{param}={value!r} is not a number; give {_range(schema)}", "invalid_attribute_value"
