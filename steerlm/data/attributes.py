@@ -132,6 +132,7 @@ class AttributeSchema:
         return None if fault is None else self.describe(fault)
 
     def describe(self, fault: ValueFault) -> str:
+        """The fault in words, to follow `name=value`."""
         return {
             ValueFault.unknown_attribute: f"is not an attribute of the schema ({', '.join(self.attributes)})",
             ValueFault.not_a_number: "is not a number",
@@ -170,8 +171,8 @@ class AttributeSchema:
                 reason = f"{name}={value!r} {self.describe(fault)} of schema {self.name!r}"
                 raise DataError(source, line, field, reason, "fix the label or the schema's range")
             if fault is not None:
-                schema = "" if fault == ValueFault.not_a_number else f" (schema {self.name!r})"
-                raise DataError(source, line, field, f"{name}={value!r} {self.describe(fault)}{schema}")
+                which = "" if fault == ValueFault.not_a_number else f" (schema {self.name!r})"
+                raise DataError(source, line, field, f"{name}={value!r} {self.describe(fault)}{which}")
             out[name] = _typed(self, cast(float, value))
         return out
 
