@@ -98,9 +98,10 @@ def chunked_language_model_loss(
     # Labels are the same on every rank of the group, so every rank keeps the same rows and makes the same
     # all-reduces (none when no row is kept).
     kept = (targets >= 0).nonzero().squeeze(1)
-    if kept.numel() < targets.numel():
+    skipping = kept.numel() < s * b
+    if skipping:
         hidden, targets = hidden.index_select(0, kept), targets.index_select(0, kept)
     losses = _ChunkedVocabParallelCrossEntropy.apply(hidden, weight, targets, group, tokens_per_chunk(weight.shape[0]))
-    if kept.numel() < s * b:
+    if skipping:
         losses = losses.new_zeros(s * b).index_copy(0, kept, losses)
     return losses.view(s, b).transpose(0, 1).contiguous()
