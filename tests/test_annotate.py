@@ -13,7 +13,7 @@ import pytest
 
 from steerlm.data.apm import attribute_examples
 from steerlm.data.attributes import MISSING
-from steerlm.data.collate import LengthPolicy, LengthStats
+from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.inference.scoring import AttributeScorer
 from tests.recipe_runner import TORCHRUN_2, run_recipe, start_recipe, synthetic_world, train_apm

@@ -19,7 +19,7 @@ from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, 
 from steerlm.config.schema import APMConfig, TokenizerConfig, TrainDataConfig
 from steerlm.data.apm import attribute_batch, attribute_examples
 from steerlm.data.attributes import MISSING, AttributeSchema
-from steerlm.data.collate import LengthPolicy, LengthStats
+from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.readers import DataFormat
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate

@@ -21,7 +21,8 @@ from steerlm.data.apm import (
     parse_attribute_string,
 )
 from steerlm.data.attributes import MISSING, AttributeSchema
-from steerlm.data.collate import LengthPolicy, LengthStats, pad_batch
+from steerlm.data.collate import pad_batch
+from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.data.template import SteerLMTemplate
 from steerlm.evaluation.apm_metrics import attribute_metrics, reward_metrics

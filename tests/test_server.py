@@ -450,7 +450,7 @@ def test_seeded_sampled_requests_get_their_solo_text_under_load(server: dict) ->
 @pytest.mark.slow
 def test_scoring_endpoint_equals_the_annotation_recipe(world: dict, server: dict) -> None:
     from steerlm.data.apm import attribute_examples
-    from steerlm.data.collate import LengthPolicy, LengthStats
+    from steerlm.data.lengths import LengthPolicy, LengthStats
     from steerlm.data.records import from_conversation_json
     from steerlm.data.template import SteerLMTemplate
     from steerlm.inference.scoring import AttributeScorer, open_apm_checkpoint

@@ -9,7 +9,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from steerlm.config.schema import ParallelConfig, require_apm_checkpoint
-from steerlm.data.collate import LengthPolicy
+from steerlm.data.lengths import LengthPolicy
 from steerlm.data.readers import DataFormat
 from steerlm.errors import ConfigError
 

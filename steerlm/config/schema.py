@@ -26,7 +26,7 @@ from steerlm.config.sources import (  # noqa: F401
     validate_init_from,
 )
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthPolicy
+from steerlm.data.lengths import LengthPolicy
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.data.synthetic.sizes import SyntheticConfig
 from steerlm.data.template import Tokenization

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Optional
 
 from steerlm.config.schema import Accelerator, LabelledDataTrainConfig, validate_init_from
-from steerlm.data.collate import LengthPolicy
+from steerlm.data.lengths import LengthPolicy
 from steerlm.data.template import TemplateConfig, Tokenization
 from steerlm.errors import ConfigError
 

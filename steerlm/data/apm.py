@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from steerlm.data.attributes import MISSING, AttributeSchema
-from steerlm.data.collate import Example, LengthPolicy, LengthStats, encode_after
+from steerlm.data.collate import Example, encode_after
+from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.records import Conversation, Role
 from steerlm.data.template import SteerLMTemplate, Tokenization
 from steerlm.tokenizers.base import Tokenizer

@@ -7,14 +7,13 @@ are ids[:-1], targets ids[1:] and the loss mask the targets' trainable flags, so
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.nemo_chat import nemo_chat_ids
 from steerlm.data.template import Segment, Tokenization
 
@@ -27,11 +26,6 @@ if TYPE_CHECKING:
 Batch = dict[str, torch.Tensor]
 
 
-class LengthPolicy(str, Enum):
-    truncate = "truncate"  # keep the first seq_length + 1 ids
-    drop = "drop"  # leave the example out (counted)
-
-
 @dataclass(frozen=True)
 class Example:
     ids: tuple[int, ...]
@@ -42,18 +36,6 @@ class Example:
     def positions(self) -> int:
         """Input positions this example fills (one fewer than its ids)."""
         return len(self.ids) - 1
-
-
-@dataclass
-class LengthStats:
-    examples: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)  # reason → count
-
-    def summary(self) -> str:
-        dropped = ", ".join(f"{count} {reason}" for reason, count in self.dropped.items()) or "none"
-        return f"{self.examples} examples, {self.kept} kept ({self.truncated} truncated), dropped: {dropped}"
 
 
 def encode_after(tokenizer: Tokenizer, before: str, text: str) -> list[int]:

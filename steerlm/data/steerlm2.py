@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from steerlm.data.attributes import AttributeSchema, Labels
-from steerlm.data.collate import Batch, Example, LengthStats, pad_batch, tokenize
+from steerlm.data.collate import Batch, Example, pad_batch, tokenize
+from steerlm.data.lengths import LengthStats
 from steerlm.data.readers.core import BadRowPolicy, ReadStats, RejectSink, _read
 from steerlm.data.records import Role, Turn, check_turn_text
 from steerlm.data.template import Segment, SteerLMTemplate

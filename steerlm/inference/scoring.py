@@ -36,7 +36,8 @@ from steerlm.data.apm import (
     parse_attribute_string,
 )
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthPolicy, LengthStats, length_buckets
+from steerlm.data.collate import length_buckets
+from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.readers import unschema_ratings
 from steerlm.data.records import Conversation, Role
 from steerlm.data.template import SteerLMTemplate, TemplateConfig, Tokenization

@@ -12,8 +12,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.annotate import AnnotateConfig
-from steerlm.runtime import setup_logging
-from steerlm.stages import annotate
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -21,7 +20,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="annotate", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    summary = annotate.run(to_typed(cfg, AnnotateConfig))
+    typed = to_typed(cfg, AnnotateConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import annotate
+
+    summary = annotate.run(typed)
     if summary is not None:
         print(annotate.format_annotate_summary(summary))
 

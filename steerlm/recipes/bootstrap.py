@@ -13,8 +13,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.bootstrap import BootstrapConfig
-from steerlm.runtime import setup_logging
-from steerlm.stages import bootstrap
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -22,7 +21,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="bootstrap", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    bootstrap.run(to_typed(cfg, BootstrapConfig))
+    typed = to_typed(cfg, BootstrapConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import bootstrap
+
+    bootstrap.run(typed)
 
 
 if __name__ == "__main__":

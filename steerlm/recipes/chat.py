@@ -11,8 +11,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.inference import ChatConfig
-from steerlm.inference.chat import chat
-from steerlm.runtime import setup_logging
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -20,7 +19,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="chat", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    chat(to_typed(cfg, ChatConfig))
+    typed = to_typed(cfg, ChatConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.inference.chat import chat
+
+    chat(typed)
 
 
 if __name__ == "__main__":

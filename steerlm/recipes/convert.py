@@ -13,8 +13,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.convert import ConvertConfig
-from steerlm.runtime import setup_logging
-from steerlm.stages import convert
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -22,7 +21,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="convert", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    output = convert.run(to_typed(cfg, ConvertConfig))
+    typed = to_typed(cfg, ConvertConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import convert
+
+    output = convert.run(typed)
     if output is not None:
         print(output)
 

@@ -10,8 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
-from steerlm.runtime import setup_logging
-from steerlm.stages import pretrain
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -19,7 +18,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="demo", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    pretrain.run(to_typed(cfg))
+    typed = to_typed(cfg)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import pretrain
+
+    pretrain.run(typed)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
-from steerlm.runtime import setup_logging
-from steerlm.stages import attribute_model
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -22,7 +21,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="evaluate_attribute_model", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    attribute_model.evaluate(to_typed(cfg, EvaluateAttributeModelConfig))
+    typed = to_typed(cfg, EvaluateAttributeModelConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import attribute_model
+
+    attribute_model.evaluate(typed)
 
 
 if __name__ == "__main__":

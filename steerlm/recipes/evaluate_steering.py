@@ -13,9 +13,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.steering import SteeringEvalConfig
-from steerlm.evaluation.steerability import format_report
-from steerlm.runtime import setup_logging
-from steerlm.stages import evaluate_steering
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -23,7 +21,12 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="evaluate_steering", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    report = evaluate_steering.run(to_typed(cfg, SteeringEvalConfig))
+    typed = to_typed(cfg, SteeringEvalConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.evaluation.steerability import format_report
+    from steerlm.stages import evaluate_steering
+
+    report = evaluate_steering.run(typed)
     if report is not None:
         print(f"requested level → measured level (mean words), {report['prompts']} prompts, step {report['step']}")
         print(format_report(report["attributes"]))

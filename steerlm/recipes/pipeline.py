@@ -17,8 +17,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.pipeline import PipelineConfig
-from steerlm.runtime import setup_logging
-from steerlm.stages import pipeline, report
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -27,7 +26,11 @@ register_schemas()
 def main(cfg: DictConfig) -> None:
     setup_logging()
     command = "python recipes/pipeline.py " + " ".join(sys.argv[1:])
-    pipeline.run(to_typed(cfg, PipelineConfig), lambda typed: report.report(typed, command.strip()))
+    typed = to_typed(cfg, PipelineConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import pipeline, report
+
+    pipeline.run(typed, lambda typed: report.report(typed, command.strip()))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,17 @@ import hydra
 from omegaconf import DictConfig
 
 from steerlm.config import PrepareDataConfig, register_schemas, to_typed
-from steerlm.stages import prepare_data
 
 register_schemas()
 
 
 @hydra.main(config_path="../conf", config_name="prepare_data", version_base=None)
 def main(cfg: DictConfig) -> None:
-    summary = prepare_data.run(to_typed(cfg, PrepareDataConfig))
+    typed = to_typed(cfg, PrepareDataConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import prepare_data
+
+    summary = prepare_data.run(typed)
     print(prepare_data.format_summary(summary))
 
 

@@ -19,8 +19,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.steerlm2 import PrepareSteerLM2Config
-from steerlm.runtime import setup_logging
-from steerlm.stages import prepare_steerlm2
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -28,7 +27,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="prepare_steerlm2", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    summary = prepare_steerlm2.run(to_typed(cfg, PrepareSteerLM2Config))
+    typed = to_typed(cfg, PrepareSteerLM2Config)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import prepare_steerlm2
+
+    summary = prepare_steerlm2.run(typed)
     if summary is not None:
         print(json.dumps(asdict(summary), indent=2))
 

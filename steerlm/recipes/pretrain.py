@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.pretrain import PretrainConfig
-from steerlm.runtime import setup_logging
-from steerlm.stages import pretrain
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -23,7 +22,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    pretrain.run(to_typed(cfg, PretrainConfig))
+    typed = to_typed(cfg, PretrainConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import pretrain
+
+    pretrain.run(typed)
 
 
 if __name__ == "__main__":

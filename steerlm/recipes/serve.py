@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.inference import ServeConfig
-from steerlm.inference.server import serve
-from steerlm.runtime import setup_logging
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -23,7 +22,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    serve(to_typed(cfg, ServeConfig))
+    typed = to_typed(cfg, ServeConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.inference.server import serve
+
+    serve(typed)
 
 
 if __name__ == "__main__":

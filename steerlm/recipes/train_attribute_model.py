@@ -12,8 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from steerlm.config import AttributeModelConfig, register_schemas, to_typed
-from steerlm.runtime import setup_logging
-from steerlm.stages import attribute_model
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -21,7 +20,11 @@ register_schemas()
 @hydra.main(config_path="../conf", config_name="train_attribute_model", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    attribute_model.run(to_typed(cfg, AttributeModelConfig))
+    typed = to_typed(cfg, AttributeModelConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import attribute_model
+
+    attribute_model.run(typed)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from omegaconf import DictConfig
 
 from steerlm.config import register_schemas, to_typed
 from steerlm.config.sft import SFTConfig, SFTObjective
-from steerlm.runtime import setup_logging
-from steerlm.stages import sft, steerlm2
+from steerlm.logs import setup_logging
 
 register_schemas()
 
@@ -26,6 +25,9 @@ register_schemas()
 def main(cfg: DictConfig) -> None:
     setup_logging()
     typed = to_typed(cfg, SFTConfig)
+    # Imported after validation, so a bad config fails in about a second, before torch and megatron load.
+    from steerlm.stages import sft, steerlm2
+
     stage = steerlm2 if typed.sft.objective == SFTObjective.steerlm2 else sft
     stage.run(typed)
 

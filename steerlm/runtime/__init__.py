@@ -13,11 +13,9 @@ from steerlm.runtime.distributed import (
     worker_thread,
 )
 from steerlm.runtime.layout import ParallelLayout
-from steerlm.runtime.logs import setup_logging
 
 __all__ = [
     "ParallelLayout",
-    "setup_logging",
     "detect_accelerator",
     "inference",
     "initialize",

@@ -41,7 +41,7 @@ from steerlm.config.annotate import AnnotateConfig, AnnotateMode
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.apm import AttributeExample
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthStats
+from steerlm.data.lengths import LengthStats
 from steerlm.data.readers import BadRowPolicy, InputRow, ReadStats, RejectSink, read_rows
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.files import atomic_write_text

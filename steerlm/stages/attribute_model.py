@@ -33,7 +33,8 @@ from steerlm.data.apm import (
     labelled_turns,
 )
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import Batch, Example, LengthStats, pad_batch
+from steerlm.data.collate import Batch, Example, pad_batch
+from steerlm.data.lengths import LengthStats
 from steerlm.data.readers import BadRowPolicy, DataFormat, read_records
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out

@@ -20,7 +20,7 @@ from steerlm.config.convert import ConvertConfig
 from steerlm.data.apm import attribute_examples, last_assistant_turn
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.chat_template import attribute_prompt_template, steering_chat_template
-from steerlm.data.collate import LengthPolicy, LengthStats
+from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.inference.steering import ChatMessage, Steering
 from steerlm.stages.export_source import ExportSource, ModelKind
 from steerlm.tokenizers import Tokenizer

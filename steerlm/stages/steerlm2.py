@@ -20,7 +20,7 @@ from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.config import ConfigError, validate_vocab
 from steerlm.config.sft import SFTConfig, SFTObjective
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import LengthStats
+from steerlm.data.lengths import LengthStats
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.steerlm2 import (
