@@ -6,6 +6,7 @@ every call between two ranks, a follower's own failure stopping both with the er
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -24,13 +25,14 @@ from steerlm.inference.engine import (
     ScoringJob,
     StepFailed,
 )
-from steerlm.inference.generate import RowRequest, StepOutcome
+from steerlm.inference.generate import RowRequest, StepOutcome, TokenLogprob
 from steerlm.inference.lockstep import Lockstep, RanksDiverged
 
 
 class ScriptedDecoding:
     """Stands in for `Decoding.advance`: every live row emits `w1 `, `w2 `, … one word per step and finishes at
-    its max_new_tokens; a row with seed 666 is refused when it joins. With `gated`, each step first waits for
+    its max_new_tokens (with `logprobs`, token id k at step k with log-probability -k, and alternatives ids
+    1, 2, … at -1, -inf, -inf, …); a row with seed 666 is refused when it joins. With `gated`, each step first waits for
     a permit (`permits.release()`), so a test decides when steps run. `log` holds per step the keys that
     joined, left and decoded."""
 
@@ -66,7 +68,7 @@ class ScriptedDecoding:
             if row.params.seed == 666:
                 outcome.failed.append((row.key, ValueError("seed 666 is refused")))
             else:
-                self.live[row.key] = [0, row.params.max_new_tokens]
+                self.live[row.key] = [0, row.params.max_new_tokens, row.params]
         self.log.append({"joined": [r.key for r in joins], "left": list(leaves), "decoded": sorted(self.live)})
         if self.fail_step == len(self.log):
             self.live.clear()
@@ -74,7 +76,10 @@ class ScriptedDecoding:
         for key, row in list(self.live.items()):
             row[0] += 1
             finish = FinishReason.length if row[0] >= row[1] else None
-            outcome.deltas.append(Delta(key, f"w{row[0]} ", finish, row[0]))
+            params, step = row[2], row[0]
+            alternatives = tuple((i, -1.0 if i == 1 else -math.inf) for i in range(1, params.top_logprobs + 1))
+            logprobs = (TokenLogprob(step, -float(step), alternatives),) if params.logprobs else ()
+            outcome.deltas.append(Delta(key, f"w{step} ", finish, step, logprobs))
             if finish is not None:
                 del self.live[key]
         outcome.stepped = bool(self.log[-1]["decoded"])

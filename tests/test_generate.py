@@ -200,7 +200,10 @@ def _tp_run(tp: int) -> dict:
         out = {}
         for decoder in ("lean", "megatron"):
             generator = _generator(layout, decoder=decoder)
-            greedy = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=12)] * len(PROMPTS))
+            greedy = generator.generate(
+                PROMPTS, [SamplingParams(max_new_tokens=12, logprobs=True, top_logprobs=2)] * len(PROMPTS)
+            )
+            out[f"{decoder}_logprobs"] = [[(x.logprob, x.top) for x in c.logprobs or []] for c in greedy]
             sampled = generator.generate(
                 PROMPTS,
                 [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=i) for i in range(len(PROMPTS))],
@@ -215,9 +218,18 @@ def _tp_run(tp: int) -> dict:
 def test_tp2_generates_what_tp1_generates() -> None:
     tp1 = run_distributed(_tp_run, 1, 1)[0]
     tp2 = run_distributed(_tp_run, 2, 2)
+    logprobs = {run: [out.pop(f"{d}_logprobs") for d in ("lean", "megatron")] for run, out in enumerate([tp1, *tp2])}
     assert tp2[0] == tp2[1], "both tensor-parallel ranks hold the same tokens"
     assert tp2[0] == tp1
     assert tp1["lean"] == tp1["megatron"]
+    # the log-probabilities too, to rounding (the TP ranks sum partial products in another order)
+    flat = {
+        run: [v for d in runs for row in d for lp, top in row for v in (lp, *(x for _, x in top))]
+        for run, runs in logprobs.items()
+    }
+    ids = {run: [i for d in runs for row in d for _, top in row for i, _ in top] for run, runs in logprobs.items()}
+    assert ids[0] == ids[1] == ids[2]
+    assert flat[1] == pytest.approx(flat[0], abs=1e-4) and flat[2] == flat[1]
 
 
 class _Bytes:
@@ -312,3 +324,61 @@ def test_rows_leave_when_named_and_a_failing_row_fails_alone(generator: Generato
         _finish(decoding, failed)[3]
         == generator.generate([PROMPTS[3]], [SamplingParams(max_new_tokens=3)])[0].token_ids
     )
+
+
+def _full_logprobs(generator: Generator, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """The reference: one cache-free forward pass over prompt + generated; the log-softmax at each position
+    that predicted a generated token [len(generated), vocab]."""
+    ids = list(prompt) + list(generated)
+    with runtime.inference():
+        logits = generator.model(torch.tensor([ids]), torch.arange(len(ids))[None], None)
+    return torch.log_softmax(logits[0, len(prompt) - 1 : -1, : TOKENIZER.vocab_size].double(), dim=-1)
+
+
+@pytest.mark.parametrize("decoder", ["lean", "megatron"])
+def test_logprobs_are_the_models_own_and_the_stream_carries_each_once(layout, decoder: str) -> None:
+    generator = _generator(layout, decoder=decoder)
+    params = [
+        SamplingParams(max_new_tokens=9, logprobs=True, top_logprobs=3),  # greedy
+        SamplingParams(max_new_tokens=7, temperature=1.5, top_p=0.9, seed=4, logprobs=True, top_logprobs=5),
+        SamplingParams(max_new_tokens=8, logprobs=True),  # no alternatives
+        SamplingParams(max_new_tokens=6),  # none asked for
+    ]
+    completions = generator.generate(PROMPTS, params)
+    assert completions[3].logprobs is None
+    for prompt, setting, completion in zip(PROMPTS[:3], params[:3], completions[:3]):
+        assert completion.logprobs is not None and len(completion.logprobs) == len(completion.token_ids)
+        reference = _full_logprobs(generator, prompt, completion.token_ids)
+        for position, (token, item) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            assert item.token_id == token
+            # untempered: the model's distribution, also for the row sampled at temperature 1.5
+            assert item.logprob == pytest.approx(float(reference[position, token]), abs=1e-4)
+            best = reference[position].topk(setting.top_logprobs)
+            assert [i for i, _ in item.top] == best.indices.tolist()
+            assert [v for _, v in item.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        if setting.temperature == 0 and setting.top_logprobs:  # a greedy token is the most likely one
+            assert all(item.top[0] == (item.token_id, item.logprob) for item in completion.logprobs)
+    streamed: dict[int, list] = {i: [] for i in range(len(PROMPTS))}
+    for deltas in generator.stream(PROMPTS, params):
+        for delta in deltas:
+            streamed[delta.index] += delta.logprobs
+    assert [streamed[i] for i in range(3)] == [c.logprobs for c in completions[:3]]
+    assert streamed[3] == []
+
+
+def test_logprobs_exclude_the_stop_token(layout) -> None:
+    free = _generator(layout).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=12, logprobs=True)])[0]
+    stop = free.token_ids[4]
+    stopped = _generator(layout, stop_ids=[stop]).generate(
+        PROMPTS[:1], [SamplingParams(max_new_tokens=12, logprobs=True)]
+    )[0]
+    cut = free.token_ids.index(stop)
+    assert stopped.logprobs == free.logprobs[:cut]
+
+
+@pytest.mark.parametrize(
+    "setting", [dict(top_logprobs=2), dict(logprobs=True, top_logprobs=21), dict(logprobs=True, top_logprobs=-1)]
+)
+def test_top_logprobs_out_of_range_or_without_logprobs_is_refused(setting) -> None:
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(**setting).validate()

@@ -284,6 +284,19 @@ def test_openai_client_plain_and_streaming_agree(server: dict) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.finish_reason
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens and len({c.id for c in chunks}) == 1
+    # log-probabilities through the official client, the same plain and streamed; greedy: each token is its top one
+    scored = client.chat.completions.create(
+        model="sft", messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.token == t.top_logprobs[0].token and t.logprob == t.top_logprobs[0].logprob <= 0 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob for t in content)
+    streamed = client.chat.completions.create(
+        model="sft", messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True
+    )
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in tokens] == [t.model_dump() for t in content]
     sampled = client.chat.completions.create(
         model="sft", messages=QUESTION, max_tokens=20, n=3, temperature=1.0, seed=5
     )
@@ -322,6 +335,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server: d
         ({**good, "max_tokens": 65}, 400, "max_tokens", "max_tokens_too_large"),
         ({**good, "n": 5}, 400, "n", "n_too_large"),
         ({**good, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
+        ({**good, "top_logprobs": 3}, 400, "top_logprobs", "invalid_top_logprobs"),
         (
             {**good, "messages": [{"role": "assistant", "content": "hi"}]},
             400,

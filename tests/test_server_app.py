@@ -153,6 +153,8 @@ BAD = [
     ({"top_p": 5e-324}, "top_p", "invalid_top_p"),
     ({"stop": [f"s{i}" for i in range(5)]}, "stop", "too_many_stop_strings"),
     ({"stop": ["x" * 41]}, "stop", "stop_too_long"),
+    ({"top_logprobs": 2}, "top_logprobs", "invalid_top_logprobs"),  # without logprobs
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_top_logprobs"),
 ]
 
 
@@ -173,6 +175,31 @@ def test_invalid_utf8_is_invalid_json_and_answers_carry_their_request_id(app) ->
     status, body, headers = server.post(_ask(seed=2**63 - 3, n=3, temperature=1.0))  # the largest seed allowed
     assert status == 200 and [c["message"]["content"] for c in body["choices"]] == ["w1 w2 w3 "] * 3
     assert headers["x-request-id"].startswith("req_") and body["id"] == "chatcmpl-" + headers["x-request-id"][4:]
+
+
+def test_logprobs_come_per_token_in_openais_form_alike_plain_and_streamed(app) -> None:
+    server = app()
+    tokenizer = server.steering.tokenizer
+    status, body, _ = server.post(_ask(max_tokens=3, logprobs=True, top_logprobs=2))
+    assert status == 200, body
+    content = body["choices"][0]["logprobs"]["content"]
+    assert body["choices"][0]["logprobs"]["refusal"] is None and len(content) == body["usage"]["completion_tokens"]
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    # the scripted decoding's token k at -k, alternatives 1 at -1 and 2 at -inf (OpenAI's -9999.0: JSON has no inf)
+    assert content == [{**entry(k, -k), "top_logprobs": [entry(1, -1.0), entry(2, -9999.0)]} for k in (1, 2, 3)]
+    stream = server.open(_ask(max_tokens=3, logprobs=True, top_logprobs=2, stream=True))
+    chunks = [json.loads(p) for p in _events(stream.getresponse()) if p != "[DONE]"]
+    choices = [choice for chunk in chunks for choice in chunk["choices"] if choice["logprobs"]]
+    streamed = [e for choice in choices for e in choice["logprobs"]["content"]]
+    assert streamed == content
+    status, body, _ = server.post(_ask(max_tokens=2))
+    assert body["choices"][0]["logprobs"] is None  # not asked for
+    status, body, _ = server.post(_ask(max_tokens=2, logprobs=True))
+    assert [e["top_logprobs"] for e in body["choices"][0]["logprobs"]["content"]] == [[], []]
 
 
 def test_a_full_queue_says_when_to_retry_and_a_500_names_the_request_not_the_error(app) -> None:

@@ -29,6 +29,7 @@ SEED_LIMIT = 2**63  # sampling seeds are non-negative 64-bit signed integers
 TOP_K_LIMIT = 2**63  # top_k is held as a 64-bit signed integer
 MIN_TEMPERATURE = 1e-3  # a positive temperature below this overflows the scaled logits (0: greedy)
 MIN_TOP_P = 1e-6  # a top_p below this vanishes in float32 (top_k=1 keeps the most likely token)
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from steerlm import runtime
 from steerlm.config import ConfigError
-from steerlm.config.inference import MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT
+from steerlm.config.inference import MAX_TOP_LOGPROBS, MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, lean_unsupported
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
@@ -45,6 +45,8 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1: off
     stop: tuple[str, ...] = ()  # stop strings, besides the generator's stop tokens; excluded from the text
     seed: int = 0  # sampling seed of this row (same seed, same prompt → same text)
+    logprobs: bool = False  # report each generated token's log-probability (`TokenLogprob`)
+    top_logprobs: int = 0  # ... and that many of the most likely tokens at its position (needs logprobs)
 
     def validate(self) -> None:
         problems = {
@@ -54,13 +56,14 @@ class SamplingParams:
             "top_p": MIN_TOP_P <= self.top_p <= 1,
             "stop": all(isinstance(s, str) and s for s in self.stop),
             "seed": 0 <= self.seed < SEED_LIMIT,
+            "top_logprobs": 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS and (self.logprobs or not self.top_logprobs),
         }
         for name, ok in problems.items():
             if not ok:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 1, temperature 0 or >= "
                     f"{MIN_TEMPERATURE:g}, 0 <= top_k < 2**63, {MIN_TOP_P:g} <= top_p <= 1, stop strings "
-                    "non-empty, 0 <= seed < 2**63"
+                    f"non-empty, 0 <= seed < 2**63, 0 <= top_logprobs <= {MAX_TOP_LOGPROBS} and only with logprobs"
                 )
 
 
@@ -70,13 +73,30 @@ class FinishReason(str, Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's natural-log probability under the model, and the `top_logprobs` most likely tokens
+    at its position (id, log-probability), most likely first.
+
+    The distribution is the model's own (log-softmax of its logits), before temperature, top-k and top-p
+    reshape it for sampling, so the numbers score the text whatever the sampling settings (vLLM's default,
+    `raw_logprobs`, does the same); a greedy token is the first of its `top`."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New text of one row at one step; `finish_reason` is set on the row's last delta."""
+    """New text of one row at one step; `finish_reason` is set on the row's last delta. `logprobs`: those of
+    the tokens generated since the row's last delta (with `SamplingParams.logprobs`), in order; a row's
+    deltas together carry one per generated token (the stop token excluded, as in `tokens`)."""
 
     index: int
     text: str
     finish_reason: FinishReason | None = None
     tokens: int = 0  # tokens the row has generated so far (stop token excluded): usage counts
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -85,6 +105,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, with SamplingParams.logprobs
 
 
 class PromptTooLong(ValueError):
@@ -110,12 +131,23 @@ class _Row:
     finish: FinishReason | None = None
     prefix_offset: int = 0  # decoding restarts here, a step back, so context-dependent spacing stays right
     read_offset: int = 0  # the text of the tokens before this is in `text`
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, with params.logprobs
+    logprobs_emitted: int = 0
 
-    def push(self, token: int, tokenizer: Tokenizer, stop_ids: frozenset[int], at_limit: bool) -> None:
+    def push(
+        self,
+        token: int,
+        tokenizer: Tokenizer,
+        stop_ids: frozenset[int],
+        at_limit: bool,
+        logprob: TokenLogprob | None = None,
+    ) -> None:
         if token in stop_ids:
             self.finish = FinishReason.stop
         else:
             self.generated.append(token)
+            if logprob is not None:
+                self.logprobs.append(logprob)
             if at_limit or len(self.generated) >= self.params.max_new_tokens:
                 self.finish = FinishReason.length
         if self.track_text:
@@ -145,14 +177,20 @@ class _Row:
             if safe <= self.emitted:
                 return None
         new, self.emitted = self.text[self.emitted : safe], max(safe, self.emitted)
-        return Delta(self.index, new, self.finish, len(self.generated))
+        return self.final_delta(new)
+
+    def final_delta(self, text: str = "") -> Delta:
+        """A delta with `text` and the log-probabilities not yet sent."""
+        logprobs, self.logprobs_emitted = tuple(self.logprobs[self.logprobs_emitted :]), len(self.logprobs)
+        return Delta(self.index, text, self.finish, len(self.generated), logprobs)
 
     def completion(self, tokenizer: Tokenizer) -> Completion:
         """The finished row as a `Completion` (text decoded now unless it was tracked)."""
         if self.finish is None:
             raise RuntimeError(f"row {self.index} has not finished: decoding stopped before its last position")
         text = self.text if self.track_text else tokenizer.decode(self.generated)
-        return Completion(len(self.prompt), self.generated, text, self.finish)
+        logprobs = self.logprobs if self.params.logprobs else None
+        return Completion(len(self.prompt), self.generated, text, self.finish, logprobs)
 
 
 def sample(
@@ -181,6 +219,20 @@ def sample(
     picked = torch.minimum(picked, keep.sum(-1, keepdim=True) - 1)  # the kept tokens are a prefix: never past it
     tokens[drawn] = order.gather(1, picked).squeeze(1)
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: Sequence[int]) -> list[TokenLogprob]:
+    """Per row of `logits` [rows, vocab]: the log-probability of its token in `tokens` under the model's
+    distribution (log-softmax in float32) and its `top[row]` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None].to(logprobs.device)).squeeze(1).tolist()
+    most = max(top, default=0)
+    values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    values_, ids_ = values.tolist(), ids.tolist()
+    return [
+        TokenLogprob(int(token), chosen[row], tuple(zip(ids_[row][: top[row]], values_[row][: top[row]])))
+        for row, token in enumerate(tokens.tolist())
+    ]
 
 
 class RowFailed(RuntimeError):
@@ -416,11 +468,22 @@ class Decoding:
                     failed[slot] = RowFailed(f"its sampling failed: {type(error).__name__}: {error}")
             return tokens
 
+    def _logprobs(self, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """The sampled tokens' log-probabilities, by slot, for the rows that asked for them."""
+        slots = [slot for slot, row in enumerate(self.rows) if row.params.logprobs]
+        if not slots:
+            return {}
+        assert self.logits is not None
+        top = [self.rows[slot].params.top_logprobs for slot in slots]
+        return dict(zip(slots, token_logprobs(self.logits[slots], tokens[slots], top)))
+
     def _step(self, outcome: StepOutcome) -> None:
         generator = self.generator
         failed: dict[int, Exception] = {}
         with runtime.inference():
-            tokens = generator._agree(self._sample(failed)).tolist()
+            agreed = generator._agree(self._sample(failed))
+            logprobs = self._logprobs(agreed)
+        tokens = agreed.tolist()
         self.steps, outcome.stepped = self.steps + 1, True
         keep = []
         for slot, (row, token) in enumerate(zip(self.rows, tokens)):
@@ -428,10 +491,10 @@ class Decoding:
                 outcome.failed.append((row.index, failed[slot]))
                 continue
             at_limit = len(row.prompt) + len(row.generated) == generator.max_sequence_length - 1
-            row.push(token, generator.tokenizer, generator.stop_token_ids, at_limit)
+            row.push(token, generator.tokenizer, generator.stop_token_ids, at_limit, logprobs.get(slot))
             delta = row.delta() if row.track_text else None
             if delta is None and row.finish is not None:
-                delta = Delta(row.index, "", row.finish, len(row.generated))
+                delta = row.final_delta()
             if delta is not None:
                 outcome.deltas.append(delta)
             if row.finish is None:

@@ -22,7 +22,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,6 +38,7 @@ from steerlm.config.inference import BatchingPolicy, ServeConfig
 from steerlm.data.attributes import Labels
 from steerlm.evaluation.apm_metrics import REWARD
 from steerlm.inference.engine import Batching, Engine, GenerationJob, ScoringJob, Service, model_name, serving
+from steerlm.inference.generate import Delta, TokenLogprob
 from steerlm.inference.http_api import (
     ApiError,
     BearerAuth,
@@ -50,6 +51,7 @@ from steerlm.inference.http_api import (
     read_api_keys,
 )
 from steerlm.inference.steering import ChatMessage, ResponseText, sampling_params
+from steerlm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 # Fields of OpenAI's schema this server cannot honour: refused when set, rather than silently ignored.
@@ -57,8 +59,6 @@ UNSUPPORTED = (
     "tools",
     "functions",
     "tool_choice",
-    "logprobs",
-    "top_logprobs",
     "logit_bias",
     "presence_penalty",
     "frequency_penalty",
@@ -100,6 +100,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     attributes: dict[str, Any] | None = None  # SteerLM: attribute name → value (null: unset a default)
@@ -237,6 +239,8 @@ class ChatCompletions:
             top_k=body.top_k,
             stop=stop,
             seed=body.seed,
+            logprobs=bool(body.logprobs),
+            top_logprobs=body.top_logprobs,
         )
         job = GenerationJob(sink=events, request_id=events.request_id, prompts=[prompt] * body.n, params=params)
         return job, len(prompt), labels or {}
@@ -261,7 +265,7 @@ class ChatCompletions:
             event = first
             while event is not None:
                 for delta in event:
-                    reply.rows[delta.index].push(delta)
+                    reply.push(delta)
                 event = await events.next()
             return reply.completion()
         finally:
@@ -278,6 +282,8 @@ class Reply:
     ) -> None:
         suffix = route.service.steering.template.config.turn_suffix
         self.rows = [ResponseText(suffix) for _ in range(body.n)]
+        self.tokenizer = route.service.steering.tokenizer
+        self.logprobs: list[list[dict]] | None = [[] for _ in range(body.n)] if body.logprobs else None
         self.name, self.labels = body.model, labels
         self.prompt_tokens = prompt_tokens
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -291,6 +297,18 @@ class Reply:
             "total_tokens": self.prompt_tokens + completion,
         }
 
+    def push(self, delta: Delta) -> tuple[str, list[dict]]:
+        """The response text a delta adds to its choice, and its tokens' log-probabilities in OpenAI's form."""
+        text = self.rows[delta.index].push(delta)
+        if self.logprobs is None:
+            return text, []
+        entries = openai_logprobs(self.tokenizer, delta.logprobs)
+        self.logprobs[delta.index] += entries
+        return text, entries
+
+    def _logprobs(self, entries: list[dict]) -> dict | None:
+        return None if self.logprobs is None else {"content": entries, "refusal": None}
+
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.name, "choices": choices}
 
@@ -303,7 +321,7 @@ class Reply:
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": row.text},
-                    "logprobs": None,
+                    "logprobs": None if self.logprobs is None else self._logprobs(self.logprobs[i]),
                     "finish_reason": row.finish_reason.value,
                 }
             )
@@ -327,10 +345,15 @@ class Reply:
             while event is not None:
                 texts, finishes = [], []  # a chunk holds one entry per choice: text first, its finish after
                 for delta in event:
-                    text = self.rows[delta.index].push(delta)
-                    if text:
+                    text, entries = self.push(delta)
+                    if text or entries:
                         texts.append(
-                            {"index": delta.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+                            {
+                                "index": delta.index,
+                                "delta": {"content": text},
+                                "logprobs": self._logprobs(entries),
+                                "finish_reason": None,
+                            }
                         )
                     if delta.finish_reason is not None:
                         finishes.append(
@@ -352,6 +375,23 @@ class Reply:
         finally:
             job.cancel()
         yield "data: [DONE]\n\n"
+
+
+LEAST_LOGPROB = -9999.0  # OpenAI's stand-in for a token too unlikely to have a finite log-probability
+
+
+def openai_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob]) -> list[dict]:
+    """`TokenLogprob`s as OpenAI's `logprobs.content` entries: each token's text (decoded alone), its UTF-8
+    bytes and log-probability, and its `top_logprobs` in the same form."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": max(logprob, LEAST_LOGPROB), "bytes": list(text.encode("utf-8"))}
+
+    return [
+        {**entry(item.token_id, item.logprob), "top_logprobs": [entry(i, value) for i, value in item.top]}
+        for item in logprobs
+    ]
 
 
 def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | None] | None = None) -> FastAPI:

@@ -14,7 +14,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import cast
 
-from steerlm.config.inference import MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT, SamplingDefaults
+from steerlm.config.inference import (
+    MAX_TOP_LOGPROBS,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    SEED_LIMIT,
+    TOP_K_LIMIT,
+    SamplingDefaults,
+)
 from steerlm.data.attributes import AttributeSchema, Labels, ValueFault
 from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation, Role, Turn
@@ -239,6 +246,8 @@ def sampling_params(
     top_k: int | None = None,
     stop: Sequence[str] | None = None,
     seed: int | None = None,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
 ) -> list[SamplingParams]:
     """One setting per row: the given values, the configured defaults for the rest. Row i samples with
     seed + i, so the n answers of one request differ (unless decoding is greedy).
@@ -260,6 +269,16 @@ def sampling_params(
         )
     if top_k is not None and not 0 <= top_k < TOP_K_LIMIT:
         raise RequestError("top_k", f"top_k={top_k} is out of range: use 0 (off) to 2**63 - 1", "invalid_top_k")
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(
+            "top_logprobs",
+            f"top_logprobs={top_logprobs} is out of range: use 0 to {MAX_TOP_LOGPROBS}",
+            "invalid_top_logprobs",
+        )
+    if top_logprobs and not logprobs:
+        raise RequestError(
+            "top_logprobs", 'top_logprobs needs logprobs: pass "logprobs": true as well', "invalid_top_logprobs"
+        )
     base = SamplingParams(
         max_new_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
         temperature=defaults.temperature if temperature is None else temperature,
@@ -267,6 +286,8 @@ def sampling_params(
         top_p=defaults.top_p if top_p is None else top_p,
         stop=tuple(defaults.stop if stop is None else stop),
         seed=defaults.seed if seed is None else seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs or 0,
     )
     if not 0 <= base.seed <= SEED_LIMIT - n:
         raise RequestError(
