@@ -31,13 +31,13 @@ from steerlm.inference.lockstep import Lockstep, RanksDiverged
 
 class ScriptedDecoding:
     """Stands in for `Decoding.advance`: every live row emits `w1 `, `w2 `, … one word per step and finishes at
-    its max_new_tokens (with `logprobs`, token id k at step k with log-probability -k, and alternatives ids
-    1, 2, … at -1, -inf, -inf, …); a row with seed 666 is refused when it joins. With `gated`, each step first waits for
-    a permit (`permits.release()`), so a test decides when steps run. `log` holds per step the keys that
+    its max_new_tokens, as token id k at step k (with `logprobs`: log-probability -k, and alternatives ids 1,
+    2, … at -1, -inf, -inf, …); a row with seed 666 is refused when it joins. With `gated`, each step first
+    waits for a permit (`permits.release()`), so a test decides when steps run. `log` holds per step the keys that
     joined, left and decoded."""
 
     def __init__(self, gated: bool = False) -> None:
-        self.live: dict[int, list] = {}  # key → [words so far, max_new_tokens]
+        self.live: dict[int, list] = {}  # key → [words so far, max_new_tokens, params]
         self.log: list[dict[str, list[int]]] = []
         self.permits = threading.Semaphore(0) if gated else None
         self.stepped: queue.Queue[int] = queue.Queue()
@@ -79,7 +79,7 @@ class ScriptedDecoding:
             params, step = row[2], row[0]
             alternatives = tuple((i, -1.0 if i == 1 else -math.inf) for i in range(1, params.top_logprobs + 1))
             logprobs = (TokenLogprob(step, -float(step), alternatives),) if params.logprobs else ()
-            outcome.deltas.append(Delta(key, f"w{step} ", finish, step, logprobs))
+            outcome.deltas.append(Delta(key, f"w{step} ", finish, step, logprobs, token_ids=(step,)))
             if finish is not None:
                 del self.live[key]
         outcome.stepped = bool(self.log[-1]["decoded"])

@@ -359,14 +359,17 @@ def test_logprobs_are_the_models_own_and_the_stream_carries_each_once(layout, de
         if setting.temperature == 0 and setting.top_logprobs:  # a greedy token is the most likely one
             assert all(item.top[0] == (item.token_id, item.logprob) for item in completion.logprobs)
     streamed: dict[int, list] = {i: [] for i in range(len(PROMPTS))}
+    ids: dict[int, list] = {i: [] for i in range(len(PROMPTS))}
     for deltas in generator.stream(PROMPTS, params):
         for delta in deltas:
             streamed[delta.index] += delta.logprobs
+            ids[delta.index] += delta.token_ids
     assert [streamed[i] for i in range(3)] == [c.logprobs for c in completions[:3]]
     assert streamed[3] == []
+    assert [ids[i] for i in range(4)] == [c.token_ids for c in completions]  # every row's ids, once each
 
 
-def test_logprobs_exclude_the_stop_token(layout) -> None:
+def test_logprobs_and_token_ids_exclude_the_stop_token_which_the_last_delta_names(layout) -> None:
     free = _generator(layout).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=12, logprobs=True)])[0]
     stop = free.token_ids[4]
     stopped = _generator(layout, stop_ids=[stop]).generate(
@@ -374,6 +377,11 @@ def test_logprobs_exclude_the_stop_token(layout) -> None:
     )[0]
     cut = free.token_ids.index(stop)
     assert stopped.logprobs == free.logprobs[:cut]
+    streamed = [
+        d for deltas in _generator(layout, stop_ids=[stop]).stream(PROMPTS[:1], [SamplingParams(12)]) for d in deltas
+    ]
+    assert [d.stop_token for d in streamed] == [None] * (len(streamed) - 1) + [stop]  # named on the last delta
+    assert [t for d in streamed for t in d.token_ids] == free.token_ids[:cut]
 
 
 @pytest.mark.parametrize(

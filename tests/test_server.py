@@ -19,6 +19,7 @@ import pytest
 
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.inference import ChatConfig, ServeConfig
+from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.data.records import Role, Turn
 from steerlm.inference import Delta, FinishReason
 from steerlm.inference.steering import ChatMessage, RequestError, ResponseText
@@ -321,6 +322,37 @@ def test_attributes_field_steers_and_is_echoed(server: dict) -> None:
     assert wordy["attributes"] == {**{k: v for k, v in DEFAULTS.items() if k != "helpfulness"}, "verbosity": 4}
     texts = [reply["choices"][0]["message"]["content"] for reply in (terse, wordy)]
     assert texts[0] != texts[1]
+
+
+@pytest.mark.slow
+def test_nemos_tutorial_client_gets_what_the_chat_endpoint_answers(server: dict) -> None:
+    """The SteerLM tutorial's `get_answer` (NeMo-Aligner docs), its prompt built by hand, against PUT /generate:
+    the same greedy answer as /v1/chat/completions, with the end string NeMo leaves on it."""
+    values = ",".join(f"{key}:{value}" for key, value in DEFAULTS.items())
+    prompt = (
+        f"<extra_id_0>System\n{DEFAULT_SYSTEM_PROMPT}\n<extra_id_1>User\n{QUESTION[0]['content']}\n"
+        f"<extra_id_1>Assistant\n<extra_id_2>{values}\n"
+    )
+    data = {
+        "sentences": [prompt],
+        "tokens_to_generate": 40,
+        "top_k": 1,
+        "greedy": True,
+        "end_strings": ["<extra_id_1>"],
+        "add_BOS": True,  # as the chat template's ids start
+    }
+    status, nemo = _request(server["port"], "PUT", "/generate", data)
+    assert status == 200, nemo
+    status, chat = _request(
+        server["port"], "POST", "/v1/chat/completions", {"model": "sft", "messages": QUESTION, "max_tokens": 40}
+    )
+    choice = chat["choices"][0]
+    answer = nemo["sentences"][0][len(prompt) :]
+    assert answer == choice["message"]["content"] + ("\n<extra_id_1>" if choice["finish_reason"] == "stop" else "")
+    assert len(nemo["token_ids"][0]) == len(nemo["tokens"][0]) == len(nemo["offsets"][0])
+    assert len(nemo["token_ids"][0]) == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"] + (
+        choice["finish_reason"] == "stop"
+    )
 
 
 @pytest.mark.slow

@@ -73,13 +73,13 @@ class AppServer:
         self.thread.join(timeout=30)
         self.engine.close()
 
-    def post(self, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
-        """(status, JSON body, headers) of POST /v1/chat/completions."""
+    def post(
+        self, body: dict | bytes, headers: dict | None = None, method: str = "POST", path: str = "/v1/chat/completions"
+    ) -> tuple[int, dict, dict]:
+        """(status, JSON body, headers) of POST /v1/chat/completions (or `method` `path`)."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        connection.request(
-            "POST", "/v1/chat/completions", data, {"Content-Type": "application/json", **(headers or {})}
-        )
+        connection.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
         response = connection.getresponse()
         return response.status, json.loads(response.read()), response.headers  # type: ignore[return-value]
 
@@ -333,3 +333,45 @@ def test_api_keys_are_required_and_a_key_bound_to_a_profile_serves_it(app, tmp_p
         with pytest.raises(DataError, match=phrase) as error:
             read_api_keys(str(keys), ["support"])
         assert error.value.line == line
+
+
+def test_nemo_generate_answers_in_nemos_shape_and_refuses_what_it_cannot_honour(app, tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-support-0123456789 support\nsk-admin-0123456789abcdef\n")
+    server = app(profiles={"support": SUPPORT}, api_keys=read_api_keys(str(keys), ["support"]))
+    admin = {"Authorization": "Bearer sk-admin-0123456789abcdef"}
+    tokenizer = server.steering.tokenizer
+
+    def generate(body: dict, headers: dict = admin) -> tuple[int, dict]:
+        status, reply, _ = server.post(body, headers, method="PUT", path="/generate")
+        return status, reply
+
+    sentences = ["what does zog eat", "figs and"]
+    status, reply = generate({"sentences": sentences, "tokens_to_generate": 3, "top_k": 1, "greedy": True})
+    assert status == 200, reply
+    # the scripted decoding generates ids 1, 2, 3; NeMo's client reads sentences[i][len(prompt):]
+    prompts = [tokenizer.encode(sentence) for sentence in sentences]
+    assert reply["token_ids"] == [prompt + [1, 2, 3] for prompt in prompts]
+    for sentence, prompt, text, tokens, offsets in zip(
+        sentences, prompts, reply["sentences"], reply["tokens"], reply["offsets"]
+    ):
+        assert text == sentence + tokenizer.decode(prompt + [1, 2, 3])[len(tokenizer.decode(prompt)) :]
+        assert tokens == [tokenizer.decode([i]) for i in prompt + [1, 2, 3]]
+        assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    [job] = server.jobs  # one job, a row per sentence
+    assert job.prompts == prompts and job.params == [job.params[0]] * 2 and job.params[0].temperature == 0
+    sampled = {"sentences": ["figs"], "temperature": 0.5, "random_seed": 7}
+    assert generate(sampled)[0] == 200
+    assert (server.jobs[-1].params[0].temperature, server.jobs[-1].params[0].top_p) == (0.5, 0.9)  # NeMo's default
+    assert server.jobs[-1].params[0].seed == 7 and server.jobs[-1].params[0].stop == ("<|endoftext|>",)
+    refused = [
+        ({"sentences": ["figs"], "compute_logprob": True}, 400, "compute_logprob", "unsupported_parameter", admin),
+        ({"sentences": ["figs"], "repetition_penalty": 1.2}, 400, "repetition_penalty", "unsupported_parameter", admin),
+        ({"sentences": ["figs"] * 9}, 400, "sentences", "too_many_sentences", admin),  # limits.max_n is 8
+        ({"sentences": ["figs"], "tokens_to_generate": 65}, 400, "tokens_to_generate", "max_tokens_too_large", admin),
+        ({"sentences": ["figs"], "tokens_to_generat": 5}, 422, "tokens_to_generat", "invalid_value", admin),
+        ({"sentences": ["figs"]}, 403, None, "profile_not_allowed", {"Authorization": "Bearer sk-support-0123456789"}),
+    ]
+    for body, status, param, code, headers in refused:
+        got, reply = generate(body, headers)
+        assert (got, reply["error"]["param"], reply["error"]["code"]) == (status, param, code), reply

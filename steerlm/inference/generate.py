@@ -90,13 +90,17 @@ class TokenLogprob:
 class Delta:
     """New text of one row at one step; `finish_reason` is set on the row's last delta. `logprobs`: those of
     the tokens generated since the row's last delta (with `SamplingParams.logprobs`), in order; a row's
-    deltas together carry one per generated token (the stop token excluded, as in `tokens`)."""
+    deltas together carry one per generated token (the stop token excluded, as in `tokens`). `token_ids`:
+    those tokens' ids, which a stop string's text may have left out of `text`; `stop_token`, on the last
+    delta of a row that a stop token ended, that token."""
 
     index: int
     text: str
     finish_reason: FinishReason | None = None
     tokens: int = 0  # tokens the row has generated so far (stop token excluded): usage counts
     logprobs: tuple[TokenLogprob, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    stop_token: int | None = None
 
 
 @dataclass
@@ -133,6 +137,8 @@ class _Row:
     read_offset: int = 0  # the text of the tokens before this is in `text`
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, with params.logprobs
     logprobs_emitted: int = 0
+    ids_emitted: int = 0
+    stop_token: int | None = None  # the stop token that ended the row
 
     def push(
         self,
@@ -143,7 +149,7 @@ class _Row:
         logprob: TokenLogprob | None = None,
     ) -> None:
         if token in stop_ids:
-            self.finish = FinishReason.stop
+            self.finish, self.stop_token = FinishReason.stop, token
         else:
             self.generated.append(token)
             if logprob is not None:
@@ -180,9 +186,10 @@ class _Row:
         return self.final_delta(new)
 
     def final_delta(self, text: str = "") -> Delta:
-        """A delta with `text` and the log-probabilities not yet sent."""
+        """A delta with `text` and the token ids and log-probabilities not yet sent."""
         logprobs, self.logprobs_emitted = tuple(self.logprobs[self.logprobs_emitted :]), len(self.logprobs)
-        return Delta(self.index, text, self.finish, len(self.generated), logprobs)
+        ids, self.ids_emitted = tuple(self.generated[self.ids_emitted :]), len(self.generated)
+        return Delta(self.index, text, self.finish, len(self.generated), logprobs, ids, self.stop_token)
 
     def completion(self, tokenizer: Tokenizer) -> Completion:
         """The finished row as a `Completion` (text decoded now unless it was tracked)."""

@@ -50,6 +50,7 @@ from steerlm.inference.http_api import (
     param_path,
     read_api_keys,
 )
+from steerlm.inference.nemo_api import NemoGenerateRequest, nemo_job, nemo_response
 from steerlm.inference.steering import ChatMessage, ResponseText, sampling_params
 from steerlm.tokenizers import Tokenizer
 
@@ -502,6 +503,32 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
         return cards[model_id]
 
     app.post("/v1/chat/completions")(completions.__call__)
+
+    @app.put("/generate")
+    async def nemo_generate(body: NemoGenerateRequest, request: Request) -> dict:
+        """NeMo's text-generation API (`steerlm.inference.nemo_api`): raw prompts, NeMo's answer."""
+        if getattr(request.state, "key_profile", None) is not None:
+            raise ApiError(
+                403,
+                "this API key is bound to a profile, whose attributes a raw prompt would bypass: use "
+                "/v1/chat/completions",
+                "permission_error",
+                code="profile_not_allowed",
+            )
+        prompts, params = nemo_job(body, cfg, steering.tokenizer, steering.max_prompt_tokens)
+        events = JobEvents(request.state.request_id)
+        job = GenerationJob(sink=events, request_id=events.request_id, prompts=prompts, params=params)
+        service.engine.submit(job)
+        watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
+        rows: list[list[Delta]] = [[] for _ in prompts]
+        try:
+            while (event := await events.next()) is not None:
+                for delta in event:
+                    rows[delta.index].append(delta)
+        finally:
+            watcher.cancel()
+            job.cancel()
+        return nemo_response(steering.tokenizer, body.sentences, prompts, rows)
 
     @app.post("/v1/attributes/score")
     async def score(body: ScoreRequest, request: Request) -> dict:
