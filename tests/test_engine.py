@@ -164,7 +164,7 @@ def test_requests_join_the_running_batch_at_step_boundaries_and_leave_when_done(
     assert decoding.steps_of(0) == list(range(1, 9))  # the long row never waited
     assert joined[5] == joined[6] > max(decoding.steps_of(4)) and joined[7] >= joined[5]
     assert [d.index for d in _events(wide)] == [0, 1, 2, 0, 1, 2]  # the job's own rows, whatever their keys
-    assert _events(small) == [Delta(0, "w1 ", FinishReason.length, 1)]
+    assert _events(small) == [Delta(0, "w1 ", FinishReason.length, 1, token_ids=(1,))]
     assert (engine.requests, engine.rows, engine.steps) == (5, 8, sum(bool(e["decoded"]) for e in decoding.log))
 
 
