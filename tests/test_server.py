@@ -533,6 +533,19 @@ def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: d
 
     request = {"model": "sft", "messages": QUESTION, "max_tokens": 40, "attributes": {"verbosity": 2}}
     expected = _request(server["port"], "POST", "/v1/chat/completions", request)[1]["choices"]
+    # the two servers' default helpfulness differ (3 and 4): named, so both score the same prompt
+    scored = {**request, "max_tokens": 8, "logprobs": True, "top_logprobs": 2, "attributes": {"helpfulness": 4}}
+    raw = "<extra_id_0>System\n\n<extra_id_1>User\nWhat color is Tanlinyal?\n<extra_id_1>Assistant\n"
+    nemo = {"sentences": [raw], "tokens_to_generate": 8, "greedy": True}
+
+    def answers(port: int) -> tuple[list, list, dict]:
+        choice = _request(port, "POST", "/v1/chat/completions", scored)[1]["choices"][0]
+        entries = choice["logprobs"]["content"]
+        tokens = [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in entries]
+        values = [v for e in entries for v in (e["logprob"], *(t["logprob"] for t in e["top_logprobs"]))]
+        return tokens, values, _request(port, "PUT", "/generate", nemo)[1]
+
+    tp1_tokens, tp1_values, tp1_nemo = answers(server["port"])
     port, log = _free_port(), tmp_path / "tp2.log"
     torchrun = [
         sys.executable,
@@ -546,6 +559,9 @@ def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: d
     process = _start([f"checkpoint={world['sft']}", "parallel=tp2", "attributes.helpfulness=4"], port, log, torchrun)
     try:
         assert _request(port, "POST", "/v1/chat/completions", request)[1]["choices"] == expected
+        tp2_tokens, tp2_values, tp2_nemo = answers(port)
+        assert tp2_tokens == tp1_tokens and tp2_nemo == tp1_nemo
+        assert tp2_values == pytest.approx(tp1_values, abs=1e-4)  # the TP ranks sum partial products in another order
         streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         streaming.request(
             "POST",

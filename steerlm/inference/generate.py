@@ -183,10 +183,10 @@ class _Row:
             if safe <= self.emitted:
                 return None
         new, self.emitted = self.text[self.emitted : safe], max(safe, self.emitted)
-        return self.final_delta(new)
+        return self.next_delta(new)
 
-    def final_delta(self, text: str = "") -> Delta:
-        """A delta with `text` and the token ids and log-probabilities not yet sent."""
+    def next_delta(self, text: str = "") -> Delta:
+        """The row's next delta: `text`, and the token ids and log-probabilities not yet sent."""
         logprobs, self.logprobs_emitted = tuple(self.logprobs[self.logprobs_emitted :]), len(self.logprobs)
         ids, self.ids_emitted = tuple(self.generated[self.ids_emitted :]), len(self.generated)
         return Delta(self.index, text, self.finish, len(self.generated), logprobs, ids, self.stop_token)
@@ -235,9 +235,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: Sequence[int
     chosen = logprobs.gather(1, tokens[:, None].to(logprobs.device)).squeeze(1).tolist()
     most = max(top, default=0)
     values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
-    values_, ids_ = values.tolist(), ids.tolist()
+    top_values, top_ids = values.tolist(), ids.tolist()
     return [
-        TokenLogprob(int(token), chosen[row], tuple(zip(ids_[row][: top[row]], values_[row][: top[row]])))
+        TokenLogprob(int(token), chosen[row], tuple(zip(top_ids[row][: top[row]], top_values[row][: top[row]])))
         for row, token in enumerate(tokens.tolist())
     ]
 
@@ -501,7 +501,7 @@ class Decoding:
             row.push(token, generator.tokenizer, generator.stop_token_ids, at_limit, logprobs.get(slot))
             delta = row.delta() if row.track_text else None
             if delta is None and row.finish is not None:
-                delta = row.final_delta()
+                delta = row.next_delta()
             if delta is not None:
                 outcome.deltas.append(delta)
             if row.finish is None:
