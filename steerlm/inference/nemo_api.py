@@ -86,7 +86,9 @@ def nemo_job(
             param="tokens_to_generate",
             code="max_tokens_too_large",
         )
-    stops = [s for s in body.end_strings if s]
+    stops = body.end_strings
+    if not all(stops):
+        raise ApiError(400, "end strings must not be empty", param="end_strings", code="invalid_stop")
     if len(stops) > cfg.limits.max_stop_strings or sum(map(len, stops)) > cfg.limits.max_stop_chars:
         raise ApiError(
             400,
