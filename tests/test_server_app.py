@@ -371,6 +371,14 @@ def test_nemo_generate_answers_in_nemos_shape_and_refuses_what_it_cannot_honour(
         ({"sentences": ["figs"], "tokens_to_generate": 65}, 400, "tokens_to_generate", "max_tokens_too_large", admin),
         ({"sentences": ["figs"], "tokens_to_generat": 5}, 422, "tokens_to_generat", "invalid_value", admin),
         ({"sentences": ["figs"], "end_strings": ["x", ""]}, 400, "end_strings", "invalid_stop", admin),
+        (
+            {"sentences": ["figs"], "end_strings": ["a", "b", "c", "d", "e"]},
+            400,
+            "end_strings",
+            "too_many_stop_strings",
+            admin,
+        ),
+        ({"sentences": ["figs"], "end_strings": ["x" * 41]}, 400, "end_strings", "stop_too_long", admin),
         ({"sentences": ["figs"]}, 403, None, "profile_not_allowed", {"Authorization": "Bearer sk-support-0123456789"}),
     ]
     for body, status, param, code, headers in refused:

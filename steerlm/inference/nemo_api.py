@@ -89,11 +89,19 @@ def nemo_job(
     stops = body.end_strings
     if not all(stops):
         raise ApiError(400, "end strings must not be empty", param="end_strings", code="invalid_stop")
-    if len(stops) > cfg.limits.max_stop_strings or sum(map(len, stops)) > cfg.limits.max_stop_chars:
+    if len(stops) > cfg.limits.max_stop_strings:
         raise ApiError(
             400,
-            f"{len(stops)} end strings of {sum(map(len, stops))} characters exceed this server's limits "
-            f"({cfg.limits.max_stop_strings} strings, {cfg.limits.max_stop_chars} characters: limits.max_stop_*)",
+            f"{len(stops)} end strings exceed this server's limit of {cfg.limits.max_stop_strings} "
+            "(limits.max_stop_strings)",
+            param="end_strings",
+            code="too_many_stop_strings",
+        )
+    if sum(map(len, stops)) > cfg.limits.max_stop_chars:
+        raise ApiError(
+            400,
+            f"the end strings hold {sum(map(len, stops))} characters, over this server's limit of "
+            f"{cfg.limits.max_stop_chars} (limits.max_stop_chars)",
             param="end_strings",
             code="stop_too_long",
         )
