@@ -11,13 +11,14 @@ import asyncio
 import hmac
 import logging
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from steerlm.config.inference import ServeLimits
 from steerlm.errors import DataError
 from steerlm.inference.engine import EngineBusy, EngineClosed, Job, RequestTimeout
 from steerlm.inference.steering import RequestError
@@ -42,6 +43,29 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def check_stop_strings(stops: Sequence[str], limits: ServeLimits, param: str, noun: str) -> None:
+    """A request's stop strings (`param`: its field; `noun`: what the API calls them) against the server's
+    limits, or an ApiError: none empty, at most `limits.max_stop_strings` of at most `limits.max_stop_chars`
+    characters in all."""
+    if not all(stops):
+        raise ApiError(400, f"{noun} must not be empty", param=param, code="invalid_stop")
+    if len(stops) > limits.max_stop_strings:
+        raise ApiError(
+            400,
+            f"{len(stops)} {noun} exceed this server's limit of {limits.max_stop_strings} (limits.max_stop_strings)",
+            param=param,
+            code="too_many_stop_strings",
+        )
+    if sum(map(len, stops)) > limits.max_stop_chars:
+        raise ApiError(
+            400,
+            f"the {noun} hold {sum(map(len, stops))} characters, over this server's limit of "
+            f"{limits.max_stop_chars} (limits.max_stop_chars)",
+            param=param,
+            code="stop_too_long",
+        )
 
 
 class ClientDisconnected(Exception):

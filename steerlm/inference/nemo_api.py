@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steerlm.config.inference import SEED_LIMIT, ServeConfig
 from steerlm.inference.generate import Delta, SamplingParams
-from steerlm.inference.http_api import ApiError
+from steerlm.inference.http_api import ApiError, check_stop_strings
 from steerlm.tokenizers import Tokenizer
 
 # NeMo's own cap on sentences per request; this server's `limits.max_n` applies too.
@@ -86,25 +86,7 @@ def nemo_job(
             param="tokens_to_generate",
             code="max_tokens_too_large",
         )
-    stops = body.end_strings
-    if not all(stops):
-        raise ApiError(400, "end strings must not be empty", param="end_strings", code="invalid_stop")
-    if len(stops) > cfg.limits.max_stop_strings:
-        raise ApiError(
-            400,
-            f"{len(stops)} end strings exceed this server's limit of {cfg.limits.max_stop_strings} "
-            "(limits.max_stop_strings)",
-            param="end_strings",
-            code="too_many_stop_strings",
-        )
-    if sum(map(len, stops)) > cfg.limits.max_stop_chars:
-        raise ApiError(
-            400,
-            f"the end strings hold {sum(map(len, stops))} characters, over this server's limit of "
-            f"{cfg.limits.max_stop_chars} (limits.max_stop_chars)",
-            param="end_strings",
-            code="stop_too_long",
-        )
+    check_stop_strings(body.end_strings, cfg.limits, "end_strings", "end strings")
     bos = [tokenizer.bos_id] if body.add_BOS and tokenizer.bos_id is not None else []
     prompts = [bos + tokenizer.encode(sentence) for sentence in body.sentences]
     for index, prompt in enumerate(prompts):
@@ -122,7 +104,7 @@ def nemo_job(
         temperature=0.0 if body.greedy else body.temperature,
         top_k=0 if body.greedy else body.top_k,
         top_p=1.0 if body.greedy or body.top_p == 0 else body.top_p,  # NeMo reads top_p 0 as off
-        stop=tuple(stops),
+        stop=tuple(body.end_strings),
         seed=seed,
     )
     try:

@@ -47,6 +47,7 @@ from steerlm.inference.http_api import (
     RequestIds,
     api_error,
     cancel_on_disconnect,
+    check_stop_strings,
     param_path,
     read_api_keys,
 )
@@ -207,24 +208,8 @@ class ChatCompletions:
                 code="n_too_large",
             )
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        if stop is not None and not all(stop):
-            raise ApiError(400, "stop strings must not be empty", param="stop", code="invalid_stop")
-        if stop is not None and len(stop) > limits.max_stop_strings:
-            raise ApiError(
-                400,
-                f"{len(stop)} stop strings exceed this server's limit of {limits.max_stop_strings} "
-                "(limits.max_stop_strings)",
-                param="stop",
-                code="too_many_stop_strings",
-            )
-        if stop is not None and sum(map(len, stop)) > limits.max_stop_chars:
-            raise ApiError(
-                400,
-                f"the stop strings hold {sum(map(len, stop))} characters, over this server's limit of "
-                f"{limits.max_stop_chars} (limits.max_stop_chars)",
-                param="stop",
-                code="stop_too_long",
-            )
+        if stop is not None:
+            check_stop_strings(stop, limits, "stop", "stop strings")
         steering = self.service.steering
         labels = steering.labels(body.attributes, base=profile.labels)
         system, turns = steering.conversation(
