@@ -48,7 +48,7 @@ def _fuse_norms_like_transformer_engine(fused: torch.nn.Module) -> torch.nn.Modu
 def _steps(decoder, tokens: torch.Tensor, prefill: int, keep_at: int | None = None) -> list[torch.Tensor]:
     """Logits of a prefill and then one position at a time; rows [1] only from `keep_at` on."""
     with runtime.inference():
-        out = [decoder.add(tokens[:, :prefill].tolist(), tokens.shape[1])]
+        out = [decoder.add(tokens[:, :prefill].tolist(), tokens.shape[1])[0]]
         for position in range(prefill, tokens.shape[1]):
             if position == keep_at:
                 decoder.keep([1])
@@ -99,7 +99,7 @@ def test_cuda_graph_decoding_is_refused_without_cuda(layout) -> None:
 
 def _alone(decoder, tokens: list[int], prefill: int) -> list[torch.Tensor]:
     with runtime.inference():
-        out = [decoder.add([tokens[:prefill]], 16)[0]]
+        out = [decoder.add([tokens[:prefill]], 16)[0][0]]
         out += [decoder.step(torch.tensor([token]))[0] for token in tokens[prefill:]]
     return out
 
@@ -120,9 +120,9 @@ def test_rows_that_join_and_leave_at_different_steps_get_the_logits_they_get_alo
     got: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "c": []}
     decoder = build()
     with runtime.inference():
-        got["a"].append(decoder.add([a[:4]], 16)[0])
+        got["a"].append(decoder.add([a[:4]], 16)[0][0])
         got["a"] += [decoder.step(torch.tensor([token]))[0] for token in a[4:6]]
-        joined = decoder.add([b[:3], c[:5]], 16)
+        joined, _ = decoder.add([b[:3], c[:5]], 16)
         got["b"].append(joined[0])
         got["c"].append(joined[1])
         for step in range(2):

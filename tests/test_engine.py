@@ -32,7 +32,8 @@ from steerlm.inference.lockstep import Lockstep, RanksDiverged
 class ScriptedDecoding:
     """Stands in for `Decoding.advance`: every live row emits `w1 `, `w2 `, … one word per step and finishes at
     its max_new_tokens, as token id k at step k (with `logprobs`: log-probability -k, and alternatives ids 1,
-    2, … at -1, -inf, -inf, …); a row with seed 666 is refused when it joins. With `gated`, each step first
+    2, … at -1, -inf, -inf, …; with `prompt_logprobs`, on its first delta, prompt token i + 1 at -(i + 1) / 8
+    with the same alternatives); a row with seed 666 is refused when it joins. With `gated`, each step first
     waits for a permit (`permits.release()`), so a test decides when steps run. `log` holds per step the keys that
     joined, left and decoded."""
 
@@ -68,7 +69,7 @@ class ScriptedDecoding:
             if row.params.seed == 666:
                 outcome.failed.append((row.key, ValueError("seed 666 is refused")))
             else:
-                self.live[row.key] = [0, row.params.max_new_tokens, row.params]
+                self.live[row.key] = [0, row.params.max_new_tokens, row.params, list(row.prompt)]
         self.log.append({"joined": [r.key for r in joins], "left": list(leaves), "decoded": sorted(self.live)})
         if self.fail_step == len(self.log):
             self.live.clear()
@@ -79,7 +80,11 @@ class ScriptedDecoding:
             params, step = row[2], row[0]
             alternatives = tuple((i, -1.0 if i == 1 else -math.inf) for i in range(1, params.top_logprobs + 1))
             logprobs = (TokenLogprob(step, -float(step), alternatives),) if params.logprobs else ()
-            outcome.deltas.append(Delta(key, f"w{step} ", finish, step, logprobs, token_ids=(step,)))
+            scored = None
+            if params.prompt_logprobs and step == 1:
+                scored = tuple(TokenLogprob(t, -(i + 1) / 8, alternatives) for i, t in enumerate(row[3][1:]))
+            delta = Delta(key, f"w{step} ", finish, step, logprobs, token_ids=(step,), prompt_logprobs=scored)
+            outcome.deltas.append(delta)
             if finish is not None:
                 del self.live[key]
         outcome.stepped = bool(self.log[-1]["decoded"])

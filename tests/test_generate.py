@@ -84,7 +84,7 @@ def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, 
     tokens = torch.tensor([PROMPTS[1], PROMPTS[1][::-1]])
     lean, reference = LeanDecoder(chunk, layout, 32), MegatronDecoder(chunk, layout, 32)
     with runtime.inference():
-        pairs = [(lean.add(tokens[:, :4].tolist(), 32), reference.add(tokens[:, :4].tolist(), 32))]
+        pairs = [(lean.add(tokens[:, :4].tolist(), 32)[0], reference.add(tokens[:, :4].tolist(), 32)[0])]
         pairs += [(lean.step(tokens[:, i]), reference.step(tokens[:, i])) for i in range(4, 9)]
     for ours, theirs in pairs:
         assert ours.shape == theirs.shape == (2, SHAPES[shape].padded_vocab_size)
@@ -204,6 +204,8 @@ def _tp_run(tp: int) -> dict:
                 PROMPTS, [SamplingParams(max_new_tokens=12, logprobs=True, top_logprobs=2)] * len(PROMPTS)
             )
             out[f"{decoder}_logprobs"] = [[(x.logprob, x.top) for x in c.logprobs or []] for c in greedy]
+            scored = generator.generate(PROMPTS, [SamplingParams(1, prompt_logprobs=True, top_logprobs=3)] * 4)
+            out[f"{decoder}_logprobs"] += [[(x.logprob, x.top) for x in c.prompt_logprobs or []] for c in scored]
             sampled = generator.generate(
                 PROMPTS,
                 [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=i) for i in range(len(PROMPTS))],
@@ -390,3 +392,86 @@ def test_logprobs_and_token_ids_exclude_the_stop_token_which_the_last_delta_name
 def test_top_logprobs_out_of_range_or_without_logprobs_is_refused(setting) -> None:
     with pytest.raises(ValueError, match="top_logprobs"):
         SamplingParams(**setting).validate()
+
+
+def _prompt_reference(generator: Generator, prompt: list[int]) -> torch.Tensor:
+    """The reference: a cache-free forward pass over the prompt; the log-softmax at each position but the last
+    [len(prompt) - 1, vocab] (position i predicts token i + 1)."""
+    with runtime.inference():
+        logits = generator.model(torch.tensor([prompt]), torch.arange(len(prompt))[None], None)
+    return torch.log_softmax(logits[0, :-1, : TOKENIZER.vocab_size].double(), dim=-1)
+
+
+@pytest.mark.parametrize("decoder", ["lean", "megatron"])
+def test_prompt_logprobs_score_every_prompt_token_given_those_before_it(layout, decoder: str, monkeypatch) -> None:
+    """Each prompt token after the first gets its log-probability and alternatives from the prefill, which
+    hands them out in spans (3 positions here, so spans end inside prompts); rows that do not ask get none,
+    and the first delta of a row carries them once."""
+    monkeypatch.setattr("steerlm.inference.generate.PROMPT_SPAN", 3)
+    generator = _generator(layout, decoder=decoder)
+    params = [
+        SamplingParams(max_new_tokens=3, prompt_logprobs=True, top_logprobs=4),
+        SamplingParams(max_new_tokens=2, prompt_logprobs=True, logprobs=True),  # no alternatives
+        SamplingParams(max_new_tokens=4),  # none asked for
+        SamplingParams(max_new_tokens=5, temperature=1.2, seed=3, prompt_logprobs=True, top_logprobs=2),
+    ]
+    completions = generator.generate(PROMPTS, params)
+    assert completions[2].prompt_logprobs is None
+    for prompt, setting, completion in zip(PROMPTS, params, completions):
+        if not setting.prompt_logprobs:
+            continue
+        reference = _prompt_reference(generator, prompt)
+        scored = completion.prompt_logprobs
+        assert scored is not None and [x.token_id for x in scored] == prompt[1:]
+        for position, item in enumerate(scored):
+            assert item.logprob == pytest.approx(float(reference[position, prompt[position + 1]]), abs=1e-4)
+            best = reference[position].topk(setting.top_logprobs)
+            assert [i for i, _ in item.top] == best.indices.tolist()
+            assert [v for _, v in item.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    # the generated tokens are those of a row that did not ask
+    plain = generator.generate(PROMPTS, [replace(p, prompt_logprobs=False, top_logprobs=0) for p in params])
+    assert [c.token_ids for c in completions] == [c.token_ids for c in plain]
+    firsts: dict[int, list] = {}
+    for deltas in generator.stream(PROMPTS, params):
+        for delta in deltas:
+            firsts.setdefault(delta.index, []).append(delta.prompt_logprobs)
+    for index, completion in enumerate(completions):
+        expected = None if completion.prompt_logprobs is None else tuple(completion.prompt_logprobs)
+        assert firsts[index][0] == expected and all(later is None for later in firsts[index][1:])
+
+
+def test_a_one_token_prompt_has_no_prompt_logprobs(layout) -> None:
+    out = _generator(layout).generate([[2]], [SamplingParams(max_new_tokens=2, prompt_logprobs=True)])[0]
+    assert out.prompt_logprobs == [] and len(out.token_ids) == 2
+
+
+class _Pieces:
+    """SentencePiece's way with word boundaries: every token is a word with its boundary space ("▁w"), and a
+    text's leading space is dropped, so a word's text depends on whether anything precedes it."""
+
+    vocab_size = TOKENIZER.vocab_size
+
+    def decode(self, ids) -> str:
+        return "".join(f" w{i}" for i in ids).removeprefix(" ")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_after_prompt_is_what_the_answer_adds_to_the_prompts_text(layout, stream: bool) -> None:
+    """On its own an answer's text starts with its first word; after the prompt, with the space between them."""
+    chunks = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=7)
+    generator, pieces = Generator(chunks, _Pieces(), layout, 64, ()), _Pieces()  # type: ignore[arg-type]
+
+    def texts(after: bool) -> list[str]:
+        params = [SamplingParams(max_new_tokens=6, text_after_prompt=after)] * len(PROMPTS)
+        if not stream:
+            return [c.text for c in generator.generate(PROMPTS, params)]
+        out = [""] * len(PROMPTS)
+        for deltas in generator.stream(PROMPTS, params):
+            for delta in deltas:
+                out[delta.index] += delta.text
+        return out
+
+    ids = [c.token_ids for c in generator.generate(PROMPTS, [SamplingParams(max_new_tokens=6)] * len(PROMPTS))]
+    assert texts(False) == [pieces.decode(answer) for answer in ids]
+    assert texts(True) == [pieces.decode(p + a)[len(pieces.decode(p)) :] for p, a in zip(PROMPTS, ids)]
+    assert texts(True) == [" " + text for text in texts(False)]

@@ -356,6 +356,60 @@ def test_nemos_tutorial_client_gets_what_the_chat_endpoint_answers(server: dict)
 
 
 @pytest.mark.slow
+def test_completions_score_the_chat_answer_as_the_chat_route_scored_it(server: dict) -> None:
+    """lm-evaluation-harness's loglikelihood request through the official client: the token ids of the
+    tutorial prompt and the greedy answer (from PUT /generate) with echo, logprobs 1 and max_tokens 1. The
+    answer's tokens, scored in one prefill pass, get the log-probabilities the chat route gave them as it
+    decoded them one at a time, and each is its position's most likely token (lm-eval's `is_greedy`); a string
+    prompt continued greedily gives the chat route's answer."""
+    import openai
+
+    values = ",".join(f"{key}:{value}" for key, value in DEFAULTS.items())
+    prompt = (
+        f"<extra_id_0>System\n{DEFAULT_SYSTEM_PROMPT}\n<extra_id_1>User\n{QUESTION[0]['content']}\n"
+        f"<extra_id_1>Assistant\n<extra_id_2>{values}\n"
+    )
+    generate = {
+        "sentences": [prompt],
+        "tokens_to_generate": 12,
+        "greedy": True,
+        "add_BOS": True,
+        "end_strings": ["<x>"],
+    }
+    status, nemo = _request(server["port"], "PUT", "/generate", generate)
+    assert status == 200, nemo
+    ids = nemo["token_ids"][0]
+    status, chat = _request(
+        server["port"],
+        "POST",
+        "/v1/chat/completions",
+        {"model": "sft", "messages": QUESTION, "max_tokens": 12, "temperature": 0, "logprobs": True},
+    )
+    decoded = [entry["logprob"] for entry in chat["choices"][0]["logprobs"]["content"]]
+    context_length = chat["usage"]["prompt_tokens"]
+    assert len(ids) == context_length + len(decoded)  # the same prompt, the same answer
+    client = openai.OpenAI(base_url=server["url"], api_key="none", max_retries=0)
+    scored = client.completions.create(model="sft", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    logprobs = scored.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+    assert scored.usage.prompt_tokens == len(ids) and scored.usage.completion_tokens == 1
+    answer = logprobs.token_logprobs[context_length:-1]
+    assert answer == pytest.approx(decoded, abs=1e-4)
+    assert all(value == max(top.values()) for value, top in zip(answer, logprobs.top_logprobs[context_length:-1]))
+    assert all(value <= 0 for value in logprobs.token_logprobs[1:])
+    text = scored.choices[0].text
+    assert all(text[o : o + len(t)] == t for o, t in zip(logprobs.text_offset, logprobs.tokens))
+    continued = client.completions.create(
+        model="sft", prompt=prompt, max_tokens=40, temperature=0, stop=["<extra_id_1>"]
+    )
+    status, chat = _request(
+        server["port"], "POST", "/v1/chat/completions", {"model": "sft", "messages": QUESTION, "max_tokens": 40}
+    )
+    ending = "\n" if chat["choices"][0]["finish_reason"] == "stop" else ""  # the turn's newline before the marker
+    assert continued.choices[0].text == chat["choices"][0]["message"]["content"] + ending
+
+
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server: dict) -> None:
     port = server["port"]
     good = {"model": "sft", "messages": QUESTION, "max_tokens": 5}

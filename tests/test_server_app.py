@@ -83,10 +83,10 @@ class AppServer:
         response = connection.getresponse()
         return response.status, json.loads(response.read()), response.headers  # type: ignore[return-value]
 
-    def open(self, body: dict) -> http.client.HTTPConnection:
+    def open(self, body: dict, path: str = "/v1/chat/completions") -> http.client.HTTPConnection:
         """A request sent, whose answer the test reads (`getresponse()`, once steps ran) or abandons."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         return connection
 
     def in_background(self, body: dict) -> Callable[[], tuple[int, dict, dict]]:
@@ -384,3 +384,118 @@ def test_nemo_generate_answers_in_nemos_shape_and_refuses_what_it_cannot_honour(
     for body, status, param, code, headers in refused:
         got, reply = generate(body, headers)
         assert (got, reply["error"]["param"], reply["error"]["code"]) == (status, param, code), reply
+
+
+def _complete(server: AppServer, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    status, reply, _ = server.post({"model": "tiny", **body}, headers, path="/v1/completions")
+    return status, reply
+
+
+def _after(tokenizer, before: list[int], token: int) -> str:
+    """A token's text after `before`, by decoding the whole prefix (the route decodes a short window)."""
+    return tokenizer.decode([*before, token])[len(tokenizer.decode(before)) :]
+
+
+def test_completions_score_a_prompt_as_lm_eval_harness_reads_it_plain_and_streamed(app) -> None:
+    """lm-evaluation-harness's loglikelihood request (context + continuation ids, echo, logprobs 1, max_tokens 1,
+    temperature 0): an entry per token in order, the prompt's first null, the values the decoding made (the
+    scripted decoding scores prompt token i + 1 at -(i + 1) / 8, the answer's token 1 at -1, alternative id 1
+    at -1); each token's text where its offset says; the same entries streamed."""
+    server = app()
+    tokenizer = server.steering.tokenizer
+    ids = tokenizer.encode("what does zog eat figs")
+    request = {"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234}
+    status, reply = _complete(server, request)
+    assert status == 200, reply
+    [choice] = reply["choices"]
+    assert (reply["object"], choice["index"], choice["finish_reason"]) == ("text_completion", 0, "length")
+    assert choice["text"] == tokenizer.decode(ids) + "w1 "
+    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+    logprobs = choice["logprobs"]
+    assert logprobs["token_logprobs"] == [None] + [-(i + 1) / 8 for i in range(len(ids) - 1)] + [-1.0]
+    pieces = [_after(tokenizer, ids[:i], t) for i, t in enumerate(ids)]
+    assert logprobs["tokens"] == pieces + [_after(tokenizer, ids, 1)]
+    assert logprobs["top_logprobs"][0] is None
+    for i in range(1, len(ids)):  # the alternative (id 1) and the token itself
+        assert logprobs["top_logprobs"][i] == {_after(tokenizer, ids[:i], 1): -1.0, pieces[i]: -i / 8}
+    assert logprobs["top_logprobs"][-1] == {_after(tokenizer, ids, 1): -1.0}  # the token is the alternative
+    text = choice["text"]
+    for token, offset in zip(logprobs["tokens"][: len(ids)], logprobs["text_offset"]):
+        assert text[offset : offset + len(token)] == token
+    assert logprobs["text_offset"][-1] == len(tokenizer.decode(ids))
+    # lm-evaluation-harness's parse_logprobs, for a continuation of the last 2 tokens
+    context_length = len(ids) - 2
+    continuation = logprobs["token_logprobs"][context_length:-1]
+    greedy = all(v == max(top.values()) for v, top in zip(continuation, logprobs["top_logprobs"][context_length:-1]))
+    assert sum(continuation) == pytest.approx(-(len(ids) - 2 + len(ids) - 1) / 8) and greedy
+    [job] = server.jobs
+    assert job.prompts == [ids] and job.params[0].prompt_logprobs and job.params[0].text_after_prompt
+    streamed_request = {"model": "tiny", **request, "stream": True, "stream_options": {"include_usage": True}}
+    payloads = list(_events(server.open(streamed_request, "/v1/completions").getresponse()))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[-1]["usage"] == reply["usage"] and chunks[-1]["choices"] == []
+    parts = [c for chunk in chunks[:-1] for c in chunk["choices"]]
+    assert "".join(c["text"] for c in parts) == text and parts[-1]["finish_reason"] == "length"
+    streamed = {key: [v for c in parts for v in c["logprobs"][key]] for key in logprobs}
+    assert streamed == logprobs
+
+
+def test_completions_continue_each_prompt_n_times_and_echo_string_prompts_as_sent(app) -> None:
+    server = app()
+    tokenizer = server.steering.tokenizer
+    prompts = ["what does zog eat", "figs and"]
+    status, reply = _complete(server, {"prompt": prompts, "n": 2, "max_tokens": 2, "temperature": 0.5, "seed": 3})
+    assert status == 200, reply
+    assert [(c["index"], c["text"], c["logprobs"]) for c in reply["choices"]] == [(i, "w1 w2 ", None) for i in range(4)]
+    bos = tokenizer.bos_id
+    assert reply["usage"]["prompt_tokens"] == sum(len(tokenizer.encode(p)) + 1 for p in prompts)
+    [job] = server.jobs  # choice i * n + j: prompt i's j-th, sampled with seed + j
+    assert job.prompts == [[bos, *tokenizer.encode(p)] for p in prompts for _ in range(2)]
+    assert [(p.seed, p.temperature, p.max_new_tokens) for p in job.params] == [(3, 0.5, 2), (4, 0.5, 2)] * 2
+    assert all(p.text_after_prompt and not p.logprobs and not p.prompt_logprobs for p in job.params)
+    status, reply = _complete(server, {"prompt": "figs and", "echo": True, "logprobs": 0, "max_tokens": 1})
+    logprobs = reply["choices"][0]["logprobs"]
+    assert reply["choices"][0]["text"] == "figs and" + "w1 "  # the prompt as sent, without the BOS put before it
+    assert logprobs["tokens"][0] == "" and logprobs["token_logprobs"][0] is None  # the server's BOS
+    assert "".join(logprobs["tokens"][:-1]) == tokenizer.decode(tokenizer.encode("figs and"))
+    # logprobs 0: no alternatives, the token itself only
+    assert [list(top) for top in logprobs["top_logprobs"][1:]] == [[t] for t in logprobs["tokens"][1:]]
+    assert server.jobs[-1].params[0].max_new_tokens == 1
+    status, reply = _complete(server, {"prompt": "figs"})
+    assert server.jobs[-1].params[0].max_new_tokens == 16  # OpenAI's default for this route
+
+
+def test_completions_refuse_what_they_cannot_honour_by_name(app, tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-support-0123456789 support\nsk-admin-0123456789abcdef\n")
+    server = app(profiles={"support": SUPPORT}, api_keys=read_api_keys(str(keys), ["support"]))
+    admin = {"Authorization": "Bearer sk-admin-0123456789abcdef"}
+    vocabulary = server.steering.tokenizer.vocab_size
+    refused = [
+        ({"prompt": "figs", "suffix": "nuts"}, 400, "suffix", "unsupported_parameter"),
+        ({"prompt": "figs", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+        ({"prompt": "figs", "logit_bias": {"5": 100}}, 400, "logit_bias", "unsupported_parameter"),
+        ({"prompt": "figs", "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+        ({"prompt": "figs", "max_tokens": 0, "echo": True}, 400, "max_tokens", "invalid_max_tokens"),
+        ({"prompt": "figs", "max_tokens": 65}, 400, "max_tokens", "max_tokens_too_large"),
+        ({"prompt": "figs", "logprobs": 21}, 400, "logprobs", "invalid_logprobs"),
+        ({"prompt": ["figs"] * 3, "n": 3}, 400, "prompt", "too_many_choices"),  # 9 > limits.max_n 8
+        ({"prompt": "figs", "n": 9}, 400, "n", "too_many_choices"),
+        ({"prompt": [5, vocabulary]}, 400, "prompt", "invalid_token_id"),
+        ({"prompt": [[5], [-1]]}, 400, "prompt[1]", "invalid_token_id"),
+        ({"prompt": [[5], []]}, 400, "prompt[1]", "context_length_exceeded"),
+        ({"prompt": []}, 400, "prompt", "empty_prompt"),
+        ({"prompt": "figs " * 1000}, 400, "prompt", "context_length_exceeded"),
+        ({"prompt": "figs", "stop": ["x", ""]}, 400, "stop", "invalid_stop"),
+        ({"prompt": "figs", "temperature": 1e-310}, 400, "temperature", "invalid_temperature"),
+        ({"prompt": {"text": "figs"}}, 422, "prompt", "invalid_value"),
+        ({"prompt": "figs", "model": "tiny:support"}, 404, "model", "model_not_found"),
+    ]
+    for body, status, param, code in refused:
+        got, reply = _complete(server, body, admin)
+        assert (got, reply["error"]["param"], reply["error"]["code"]) == (status, param, code), (body, reply)
+    assert server.jobs == []
+    got, reply = _complete(server, {"prompt": "figs"}, {"Authorization": "Bearer sk-support-0123456789"})
+    assert (got, reply["error"]["code"]) == (403, "profile_not_allowed")
+    assert _complete(server, {"prompt": "figs", "best_of": 1, "user": "u-1"}, admin)[0] == 200

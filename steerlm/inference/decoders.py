@@ -2,7 +2,9 @@
 
 Every decoder holds a batch that rows join and leave between steps (continuous batching): `add` prefills
 new rows' prompts (of any lengths) and appends them, `step` feeds each row's next token at that row's own
-position, `keep` drops the rows that left. Each returns full-vocabulary next-token logits per row.
+position, `keep` drops the rows that left. Each returns full-vocabulary next-token logits per row; `add` also
+gives, for the rows it is asked to score, the logits at every prompt position (`PromptLogits`), from the same
+forward pass as the prefill.
 
 - `LeanDecoder`: the model's own weights and norms driven by a short loop of tensor ops, with one cache
   `[rows, query groups, positions, head dim]` as SDPA reads it, each row at its own position (its next key
@@ -26,7 +28,8 @@ Under TP the lean loops keep this rank's heads, make megatron's two reductions p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -47,21 +50,41 @@ def _padded(prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Ten
     return tokens
 
 
-class _Cohort:
-    """Rows at one shared position in one megatron static inference context."""
+@dataclass(frozen=True)
+class PromptLogits:
+    """A prefilled prompt's next-token logits at its positions but the last (position i predicts token i + 1),
+    made a span of positions at a time: a long prompt's logits over the whole vocabulary at once would take
+    positions x vocabulary x 4 bytes. `per_position` [prompt length - 1, ...]: the logits, or the last layer's
+    outputs that `project` turns into full-vocabulary logits (under TP a collective: every rank must ask for
+    the same spans in the same order)."""
 
-    def __init__(self, rows: int, length: int) -> None:
+    per_position: torch.Tensor
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Logits `[≤ size, padded vocab]` of consecutive spans of positions, from the first."""
+        for start in range(0, self.per_position.shape[0], size):
+            span = self.per_position[start : start + size]
+            yield span if self.project is None else self.project(span)
+
+
+class _Cohort:
+    """Rows at one shared position in one megatron static inference context. `every_position`: its forward
+    passes make the logits of every position fed, not only of the last (megatron's default in inference)."""
+
+    def __init__(self, rows: int, length: int, every_position: bool = False) -> None:
         self.context = StaticInferenceContext(rows, length)
+        self.context.materialize_only_last_token_logits = not every_position
         self.position = 0
 
     def forward(self, model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits `[rows, positions, padded vocab]`: of every position fed, or of the last one."""
         start, self.position = self.position, self.position + tokens.shape[1]
         self.context.sequence_len_offset = start
         if start:
             self.context.enable_decode_mode()
         positions = torch.arange(start, self.position, device=tokens.device).expand_as(tokens)
-        logits = model(tokens, positions, None, inference_context=self.context, runtime_gather_output=True)
-        return logits[:, -1]
+        return model(tokens, positions, None, inference_context=self.context, runtime_gather_output=True)
 
     def keep(self, rows: list[int]) -> None:
         cache = self.context.key_value_memory_dict
@@ -76,28 +99,34 @@ class MegatronDecoder:
         self.model, self.length, self.device = model, length, layout.device
         self.rows: list[tuple[_Cohort, int]] = []  # per batch row: its cohort and its index there
 
-    def add(self, prompts: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    def add(
+        self, prompts: Sequence[Sequence[int]], length: int, scored: Collection[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, PromptLogits]]:
         """Prefill `prompts` as new rows after the current ones; their next-token logits `[new rows, padded
-        vocab]`. `length`: positions the new rows may reach (prompt and answer)."""
+        vocab]`, and the prompt logits of the rows indexed in `scored`. `length`: positions the new rows may
+        reach (prompt and answer)."""
         by_length: dict[int, list[int]] = {}
         for index, prompt in enumerate(prompts):
             by_length.setdefault(len(prompt), []).append(index)
         logits: list[torch.Tensor | None] = [None] * len(prompts)
         placed: list[tuple[_Cohort, int]] = [None] * len(prompts)  # type: ignore[list-item]
+        prompt_logits = {}
         for indices in by_length.values():
-            cohort = _Cohort(len(indices), length)
+            cohort = _Cohort(len(indices), length, every_position=any(i in scored for i in indices))
             out = cohort.forward(self.model, _padded([prompts[i] for i in indices], self.device))
             for local, index in enumerate(indices):
-                logits[index], placed[index] = out[local], (cohort, local)
+                logits[index], placed[index] = out[local, -1], (cohort, local)
+                if index in scored:
+                    prompt_logits[index] = PromptLogits(out[local, :-1])
         self.rows += placed
-        return torch.stack(logits)  # type: ignore[arg-type]
+        return torch.stack(logits), prompt_logits  # type: ignore[arg-type]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each row's next token `[rows]` at its position → next-token logits `[rows, padded vocab]`."""
         out: list[torch.Tensor | None] = [None] * len(self.rows)
         for cohort in dict.fromkeys(c for c, _ in self.rows):
             members = sorted((local, row) for row, (c, local) in enumerate(self.rows) if c is cohort)
-            logits = cohort.forward(self.model, tokens[[row for _, row in members]][:, None])
+            logits = cohort.forward(self.model, tokens[[row for _, row in members]][:, None])[:, -1]
             for k, (_, row) in enumerate(members):
                 out[row] = logits[k]
         return torch.stack(out)  # type: ignore[arg-type]
@@ -287,36 +316,46 @@ class LeanDecoder:
         gate, up = split_fc1(F.linear(x, layer.mlp.linear_fc1.weight), dim=-1)
         return self._reduce(F.linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight))
 
-    def _logits(
-        self, tokens: torch.Tensor, positions: _Span | _Rows, cache: _Cache, last: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits after each row's token at `last` (default: the final one) of `tokens` [rows, n]."""
+    def _hidden(self, tokens: torch.Tensor, positions: _Span | _Rows, cache: _Cache) -> torch.Tensor:
+        """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]."""
         hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
         for layer, (input_norm, pre_mlp_norm), layer_cache in zip(self.model.decoder.layers, self.norms, cache):
             hidden = hidden + self._attention(layer, input_norm(hidden), positions, layer_cache)
             hidden = hidden + self._mlp(layer, pre_mlp_norm(hidden))
-        final = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        logits = F.linear(self.model.decoder.final_layernorm(final), self.output_weight)
+        return hidden
+
+    def _vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits of last-layer outputs `[..., hidden]` (the final norm, the output layer, the
+        TP shards gathered)."""
+        logits = F.linear(self.model.decoder.final_layernorm(hidden), self.output_weight)
         if self.group is None:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp)]
         dist.all_gather(shards, logits.contiguous(), group=self.group)
         return torch.cat(shards, dim=-1)
 
-    def add(self, prompts: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    def _logits(self, tokens: torch.Tensor, positions: _Span | _Rows, cache: _Cache) -> torch.Tensor:
+        """Logits after each row's final token of `tokens` [rows, n]."""
+        return self._vocabulary(self._hidden(tokens, positions, cache)[:, -1])
+
+    def add(
+        self, prompts: Sequence[Sequence[int]], length: int, scored: Collection[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, PromptLogits]]:
         """As `MegatronDecoder.add`: one causal prefill of the new rows, right-padded to the longest prompt."""
         held = self.cache[0][0].shape[2]
         size = max(held, length, max(len(p) for p in prompts))
         new = self._empty(len(prompts), size)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         tokens = _padded(prompts, self.device)
-        logits = self._logits(tokens, _Span(self, tokens.shape[1]), new, last)
+        hidden = self._hidden(tokens, _Span(self, tokens.shape[1]), new)
+        logits = self._vocabulary(hidden[torch.arange(len(prompts), device=self.device), last])
+        prompt_logits = {i: PromptLogits(hidden[i, : len(prompts[i]) - 1], self._vocabulary) for i in scored}
         if size > held:
             grown = self._empty(len(self.lengths), size - held)
             self.cache = [(torch.cat((k, gk), 2), torch.cat((v, gv), 2)) for (k, v), (gk, gv) in zip(self.cache, grown)]
         self.cache = [(torch.cat((k, nk)), torch.cat((v, nv))) for (k, v), (nk, nv) in zip(self.cache, new)]
         self.lengths += [len(p) for p in prompts]
-        return logits
+        return logits, prompt_logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """As `MegatronDecoder.step`."""
@@ -367,16 +406,18 @@ class GraphedLeanDecoder(LeanDecoder):
             output = self._static_step()
         return graph, output
 
-    def add(self, prompts: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    def add(
+        self, prompts: Sequence[Sequence[int]], length: int, scored: Collection[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, PromptLogits]]:
         if len(self.live) < len(self.lengths):
             super().keep(self.live)
             self.live = list(range(len(self.lengths)))
-        logits = super().add(prompts, length)
+        out = super().add(prompts, length, scored)
         self.live = list(range(len(self.lengths)))
         self.tokens = torch.zeros(len(self.lengths), 1, dtype=torch.long, device=self.device)
         self.positions = torch.tensor(self.lengths, device=self.device)
         self.graph = self.output = None
-        return logits
+        return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         live = torch.tensor(self.live, device=self.device)

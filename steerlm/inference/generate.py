@@ -30,7 +30,7 @@ import torch.distributed as dist
 from steerlm import runtime
 from steerlm.config import ConfigError
 from steerlm.config.inference import MAX_TOP_LOGPROBS, MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT
-from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, lean_unsupported
+from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, PromptLogits, lean_unsupported
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
 
@@ -46,7 +46,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, besides the generator's stop tokens; excluded from the text
     seed: int = 0  # sampling seed of this row (same seed, same prompt → same text)
     logprobs: bool = False  # report each generated token's log-probability (`TokenLogprob`)
-    top_logprobs: int = 0  # ... and that many of the most likely tokens at its position (needs logprobs)
+    top_logprobs: int = 0  # ... and that many of the most likely tokens at its position (needs a kind of logprobs)
+    prompt_logprobs: bool = False  # report each prompt token's (after the first) given the tokens before it
+    text_after_prompt: bool = False  # decode the text as the prompt's continuation (see `_Row`), not on its own
 
     def validate(self) -> None:
         problems = {
@@ -56,14 +58,16 @@ class SamplingParams:
             "top_p": MIN_TOP_P <= self.top_p <= 1,
             "stop": all(isinstance(s, str) and s for s in self.stop),
             "seed": 0 <= self.seed < SEED_LIMIT,
-            "top_logprobs": 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS and (self.logprobs or not self.top_logprobs),
+            "top_logprobs": 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS
+            and (self.logprobs or self.prompt_logprobs or not self.top_logprobs),
         }
         for name, ok in problems.items():
             if not ok:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 1, temperature 0 or >= "
                     f"{MIN_TEMPERATURE:g}, 0 <= top_k < 2**63, {MIN_TOP_P:g} <= top_p <= 1, stop strings "
-                    f"non-empty, 0 <= seed < 2**63, 0 <= top_logprobs <= {MAX_TOP_LOGPROBS} and only with logprobs"
+                    f"non-empty, 0 <= seed < 2**63, 0 <= top_logprobs <= {MAX_TOP_LOGPROBS} and only with logprobs or "
+                    "prompt_logprobs"
                 )
 
 
@@ -92,7 +96,8 @@ class Delta:
     the tokens generated since the row's last delta (with `SamplingParams.logprobs`), in order; a row's
     deltas together carry one per generated token (the stop token excluded, as in `tokens`). `token_ids`:
     those tokens' ids, which a stop string's text may have left out of `text`; `stop_token`, on the last
-    delta of a row that a stop token ended, that token."""
+    delta of a row that a stop token ended, that token. `prompt_logprobs`, on a row's first delta (with
+    `SamplingParams.prompt_logprobs`): one per prompt token after the first."""
 
     index: int
     text: str
@@ -101,6 +106,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     token_ids: tuple[int, ...] = ()
     stop_token: int | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -110,6 +116,7 @@ class Completion:
     text: str
     finish_reason: FinishReason
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, with SamplingParams.logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token after the first, if asked for
 
 
 class PromptTooLong(ValueError):
@@ -121,24 +128,47 @@ class PromptTooLong(ValueError):
         self.index, self.length, self.limit = index, length, limit
 
 
+# Prompt tokens a row's text is decoded after with `SamplingParams.text_after_prompt` (HF's incremental
+# detokenizer starts 5 tokens back, as does vLLM's): enough for a token's text to depend on what precedes it.
+TEXT_CONTEXT_TOKENS = 5
+
+
 @dataclass
 class _Row:
-    """One prompt's progress; text is decoded only when it is streamed or searched for stop strings."""
+    """One prompt's progress; text is decoded only when it is streamed or searched for stop strings.
+
+    The text is that of `context + generated` past the context's own text: with no context (a chat answer,
+    which starts a turn of its own) a SentencePiece tokenizer drops the first token's word-boundary space,
+    as it drops a text's leading one; with the prompt's last tokens as context (`text_after_prompt`: a raw
+    completion), the text is what the answer adds to the prompt's text, that space included."""
 
     index: int
     prompt: list[int]
     params: SamplingParams
     track_text: bool
+    prompt_logprobs: list[TokenLogprob] | None = None  # with params.prompt_logprobs; sent on the first delta
+    prompt_logprobs_sent: bool = False
+    context: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
     finish: FinishReason | None = None
-    prefix_offset: int = 0  # decoding restarts here, a step back, so context-dependent spacing stays right
-    read_offset: int = 0  # the text of the tokens before this is in `text`
+    prefix_offset: int = 0  # in context + generated: decoding restarts here, a step back, so spacing stays right
+    read_offset: int = 0  # in context + generated: the text of the tokens before this is in `text`
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, with params.logprobs
     logprobs_emitted: int = 0
     ids_emitted: int = 0
     stop_token: int | None = None  # the stop token that ended the row
+
+    def __post_init__(self) -> None:
+        self.read_offset = len(self.context)
+
+    def _decode(self, tokenizer: Tokenizer, start: int, end: int | None = None) -> str:
+        """The text of `context + generated` [start:end]."""
+        ids = self.context[start:end] + self.generated[max(start - len(self.context), 0) :]
+        if end is not None:
+            ids = ids[: end - start]
+        return tokenizer.decode(ids)
 
     def push(
         self,
@@ -164,11 +194,11 @@ class _Row:
         last few tokens, not the whole answer. Text ending in half a UTF-8 character (U+FFFD) waits for the
         next token, unless the row has finished."""
         searched = len(self.text)
-        prefix = tokenizer.decode(self.generated[self.prefix_offset : self.read_offset])
-        current = tokenizer.decode(self.generated[self.prefix_offset :])
+        prefix = self._decode(tokenizer, self.prefix_offset, self.read_offset)
+        current = self._decode(tokenizer, self.prefix_offset)
         if len(current) > len(prefix) and (self.finish is not None or not current.endswith("\ufffd")):
             self.text += current[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.generated)
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.context) + len(self.generated)
         start = max(0, searched - max((len(s) for s in self.params.stop), default=1) + 1)
         cut = min((i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -189,15 +219,21 @@ class _Row:
         """The row's next delta: `text`, and the token ids and log-probabilities not yet sent."""
         logprobs, self.logprobs_emitted = tuple(self.logprobs[self.logprobs_emitted :]), len(self.logprobs)
         ids, self.ids_emitted = tuple(self.generated[self.ids_emitted :]), len(self.generated)
-        return Delta(self.index, text, self.finish, len(self.generated), logprobs, ids, self.stop_token)
+        scored = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            scored, self.prompt_logprobs_sent = tuple(self.prompt_logprobs), True
+        return Delta(self.index, text, self.finish, len(self.generated), logprobs, ids, self.stop_token, scored)
 
     def completion(self, tokenizer: Tokenizer) -> Completion:
         """The finished row as a `Completion` (text decoded now unless it was tracked)."""
         if self.finish is None:
             raise RuntimeError(f"row {self.index} has not finished: decoding stopped before its last position")
-        text = self.text if self.track_text else tokenizer.decode(self.generated)
+        if self.track_text:
+            text = self.text
+        else:
+            text = self._decode(tokenizer, 0)[len(self._decode(tokenizer, 0, len(self.context))) :]
         logprobs = self.logprobs if self.params.logprobs else None
-        return Completion(len(self.prompt), self.generated, text, self.finish, logprobs)
+        return Completion(len(self.prompt), self.generated, text, self.finish, logprobs, self.prompt_logprobs)
 
 
 def sample(
@@ -240,6 +276,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: Sequence[int
         TokenLogprob(int(token), chosen[row], tuple(zip(top_ids[row][: top[row]], top_values[row][: top[row]])))
         for row, token in enumerate(tokens.tolist())
     ]
+
+
+PROMPT_SPAN = 256  # prompt positions whose full-vocabulary logits are made at once for prompt log-probabilities
+
+
+def prompt_token_logprobs(logits: PromptLogits, prompt: Sequence[int], top: int, vocab: int) -> list[TokenLogprob]:
+    """Each prompt token after the first: its log-probability given the tokens before it (the model's
+    distribution, as `token_logprobs`) and the `top` most likely tokens at its position."""
+    out: list[TokenLogprob] = []
+    for span in logits.chunks(PROMPT_SPAN):
+        start = len(out) + 1
+        targets = torch.tensor(prompt[start : start + span.shape[0]], device=span.device)
+        out += token_logprobs(span[:, :vocab], targets, [top] * span.shape[0])
+    return out
 
 
 class RowFailed(RuntimeError):
@@ -448,14 +498,22 @@ class Decoding:
         generator, vocab = self.generator, self.generator.tokenizer.vocab_size
         length = max(min(generator.max_sequence_length, len(r.prompt) + r.params.max_new_tokens) for r in requests)
         assert self.decoder is not None
+        scored = [i for i, request in enumerate(requests) if request.params.prompt_logprobs]
         with runtime.inference():
-            logits = self.decoder.add([r.prompt for r in requests], length)[:, :vocab]
+            logits, prompt_logits = self.decoder.add([r.prompt for r in requests], length, scored)
+            logits = logits[:, :vocab]
+            prompt_logprobs = {
+                i: prompt_token_logprobs(prompt_logits[i], requests[i].prompt, requests[i].params.top_logprobs, vocab)
+                for i in scored
+            }
         self.logits = logits if self.logits is None else torch.cat((self.logits, logits))
         device = generator.layout.device
-        for request in requests:
+        for i, request in enumerate(requests):
             params = replace(request.params, stop=tuple(dict.fromkeys(request.params.stop + generator.stop_strings)))
             track = self.track_text or bool(params.stop)
-            self.rows.append(_Row(request.key, list(request.prompt), params, track))
+            context = list(request.prompt[-TEXT_CONTEXT_TOKENS:]) if params.text_after_prompt else []
+            row = _Row(request.key, list(request.prompt), params, track, prompt_logprobs.get(i), context=context)
+            self.rows.append(row)
             self.generators.append(torch.Generator(device=device).manual_seed(request.params.seed))
 
     def _sample(self, failed: dict[int, Exception]) -> torch.Tensor:

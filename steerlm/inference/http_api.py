@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerlm.config.inference import ServeLimits
@@ -25,6 +26,20 @@ from steerlm.inference.steering import RequestError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # what a 429 tells a client to wait: a queue slot frees as soon as a request joins the batch
+LEAST_LOGPROB = -9999.0  # OpenAI's stand-in for a token too unlikely to have a finite log-probability
+# Fields of OpenAI's schemas this server cannot honour: refused when set, rather than silently ignored.
+UNSUPPORTED = (
+    "tools",
+    "functions",
+    "tool_choice",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "reasoning_effort",
+    "verbosity",
+)
+UNSET: tuple[object, ...] = (None, False, 0, [], {}, {"type": "text"})
 
 
 class ApiError(Exception):
@@ -43,6 +58,23 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+def check_unsupported(extra: Mapping[str, Any] | None) -> None:
+    """A request's fields beyond the schema (`model_extra`) against `UNSUPPORTED`: an ApiError for the first
+    one set to something other than its no-op value."""
+    for key in UNSUPPORTED:
+        if (extra or {}).get(key) not in UNSET:
+            raise ApiError(
+                400,
+                f"{key} is not supported by this server (it steers responses with the `attributes` object)",
+                param=key,
+                code="unsupported_parameter",
+            )
 
 
 def check_stop_strings(stops: Sequence[str], limits: ServeLimits, param: str, noun: str) -> None:

@@ -11,9 +11,9 @@ sentence) or at a stop token: the template's end of turn is kept (a marker id re
 tokenizer's EOS dropped, as NeMo's detokenizer drops it. Sampling as NeMo's: `greedy` takes the argmax
 (ignoring `temperature`, `top_k` and `top_p`), else `temperature` (default 1.0), `top_k` (0: off) and `top_p`
 (default 0.9). What this server cannot do as NeMo does is refused with a 400 naming the key, never ignored:
-`compute_logprob` and `all_probs` (NeMo scores every prompt token; `/v1/chat/completions` has `logprobs` for
-the generated ones), `repetition_penalty` other than 1, `min_tokens_to_generate` other than 0, `task_ids` and
-`neighbors` (p-tuning and RETRO). The raw prompt carries its own attribute line, so an API key bound to a
+`compute_logprob` and `all_probs` (`/v1/completions` with `echo` and `logprobs` scores every token, the
+prompt's too, in OpenAI's shape), `repetition_penalty` other than 1, `min_tokens_to_generate` other than 0,
+`task_ids` and `neighbors` (p-tuning and RETRO). The raw prompt carries its own attribute line, so an API key bound to a
 profile (whose attributes the server must impose) may not use this route.
 """
 
@@ -32,7 +32,10 @@ from steerlm.tokenizers import Tokenizer
 MAX_SENTENCES = 128
 # Fields NeMo accepts whose NeMo meaning this server cannot reproduce: refused unless at their no-op value.
 REFUSED: dict[str, tuple[object, str]] = {
-    "compute_logprob": (False, "NeMo scores every token, the prompt's too; use /v1/chat/completions with logprobs"),
+    "compute_logprob": (
+        False,
+        "not served in NeMo's shape; POST /v1/completions with echo and logprobs scores every token, the prompt's too",
+    ),
     "all_probs": (False, "full-vocabulary log-probabilities per position are not served"),
     "repetition_penalty": (1.0, "repetition penalties are not implemented"),
     "min_tokens_to_generate": (0, "a minimum length is not implemented"),

@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP server (FastAPI on uvicorn) with SteerLM's `attributes` extension.
 
     POST /v1/chat/completions   OpenAI's chat schema (messages, temperature, top_p, max_tokens, n, stop,
-                                seed, stream over SSE) plus `attributes` ({"humor": 3}) and `top_k`
+                                seed, logprobs, stream over SSE) plus `attributes` ({"humor": 3}) and `top_k`
+    POST /v1/completions        OpenAI's text completions of raw prompts, with `echo` and prompt logprobs
+                                (what lm-evaluation-harness scores with); no attributes
+    PUT  /generate              NeMo's text-generation API (`steerlm.inference.nemo_api`)
     GET  /v1/models             the served model, with its attribute schema and defaults
     POST /v1/attributes/score   APM scores of a conversation's last (assistant) message, with apm_checkpoint
     GET  /health                200 while the engine runs, 503 once it stops
@@ -37,17 +40,21 @@ from starlette.exceptions import HTTPException
 from steerlm.config.inference import BatchingPolicy, ServeConfig
 from steerlm.data.attributes import Labels
 from steerlm.evaluation.apm_metrics import REWARD
+from steerlm.inference.completions_api import CompletionRequest, TextReply, completion_job
 from steerlm.inference.engine import Batching, Engine, GenerationJob, ScoringJob, Service, model_name, serving
 from steerlm.inference.generate import Delta, TokenLogprob
 from steerlm.inference.http_api import (
+    LEAST_LOGPROB,
     ApiError,
     BearerAuth,
     BodyLimit,
     JobEvents,
     RequestIds,
+    StreamOptions,
     api_error,
     cancel_on_disconnect,
     check_stop_strings,
+    check_unsupported,
     param_path,
     read_api_keys,
 )
@@ -56,19 +63,6 @@ from steerlm.inference.steering import ChatMessage, ResponseText, sampling_param
 from steerlm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
-# Fields of OpenAI's schema this server cannot honour: refused when set, rather than silently ignored.
-UNSUPPORTED = (
-    "tools",
-    "functions",
-    "tool_choice",
-    "logit_bias",
-    "presence_penalty",
-    "frequency_penalty",
-    "response_format",
-    "reasoning_effort",
-    "verbosity",
-)
-UNSET: tuple[object, ...] = (None, False, 0, [], {}, {"type": "text"})
 
 
 class TextPart(BaseModel):
@@ -83,10 +77,6 @@ class MessageIn(BaseModel):
     def message(self) -> ChatMessage:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
         return ChatMessage(self.role, text)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -183,14 +173,7 @@ class ChatCompletions:
         """The request checked in full and turned into a job; ApiError or RequestError name what is wrong."""
         limits = self.cfg.limits
         profile = self._profile(body, key_profile)
-        for key in UNSUPPORTED:
-            if (body.model_extra or {}).get(key) not in UNSET:
-                raise ApiError(
-                    400,
-                    f"{key} is not supported by this server (it steers responses with the `attributes` object)",
-                    param=key,
-                    code="unsupported_parameter",
-                )
+        check_unsupported(body.model_extra)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is not None and max_tokens > profile.max_tokens:
             raise ApiError(
@@ -234,30 +217,36 @@ class ChatCompletions:
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> Any:
         events = JobEvents(request.state.request_id)
         job, prompt_tokens, labels = self._job(body, events, getattr(request.state, "key_profile", None))
-        self.service.engine.submit(job)
-        # Until the response starts, a disconnect cancels the job (a stream's response then listens itself).
-        watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
-        streaming = False  # once the stream is handed over, it cancels the job when it ends
-        try:
-            first = await events.next()  # errors before the first token still get their HTTP status
-            reply = Reply(self, body, prompt_tokens, labels, events.request_id)
-            if body.stream:
-                streaming = True
-                return StreamingResponse(
-                    reply.stream(job, events, first),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache"},
-                )
-            event = first
-            while event is not None:
-                for delta in event:
-                    reply.push(delta)
-                event = await events.next()
-            return reply.completion()
-        finally:
-            watcher.cancel()
-            if not streaming:
-                job.cancel()
+        reply = Reply(self, body, prompt_tokens, labels, events.request_id)
+        return await answer(self.service, job, events, request, reply, body.stream)
+
+
+async def answer(
+    service: Service, job: GenerationJob, events: JobEvents, request: Request, reply: Any, stream: bool
+) -> Any:
+    """Run a generation job and answer with `reply` (`push(delta)`, `completion()`, `stream(job, events,
+    first)`): its completion, or its SSE stream. Until the response starts, a disconnect cancels the job (a
+    stream's response then listens itself); errors before the first event still get their HTTP status."""
+    service.engine.submit(job)
+    watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
+    streaming = False  # once the stream is handed over, it cancels the job when it ends
+    try:
+        first = await events.next()
+        if stream:
+            streaming = True
+            return StreamingResponse(
+                reply.stream(job, events, first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        event = first
+        while event is not None:
+            for delta in event:
+                reply.push(delta)
+            event = await events.next()
+        return reply.completion()
+    finally:
+        watcher.cancel()
+        if not streaming:
+            job.cancel()
 
 
 class Reply:
@@ -361,9 +350,6 @@ class Reply:
         finally:
             job.cancel()
         yield "data: [DONE]\n\n"
-
-
-LEAST_LOGPROB = -9999.0  # OpenAI's stand-in for a token too unlikely to have a finite log-probability
 
 
 def openai_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob]) -> list[dict]:
@@ -489,9 +475,8 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
 
     app.post("/v1/chat/completions")(completions.__call__)
 
-    @app.put("/generate")
-    async def nemo_generate(body: NemoGenerateRequest, request: Request) -> dict:
-        """NeMo's text-generation API (`steerlm.inference.nemo_api`): raw prompts, NeMo's answer."""
+    def refuse_profile_keys(request: Request) -> None:
+        """Routes that take raw prompts: a raw prompt carries its own attribute line (or none)."""
         if getattr(request.state, "key_profile", None) is not None:
             raise ApiError(
                 403,
@@ -500,6 +485,25 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
                 "permission_error",
                 code="profile_not_allowed",
             )
+
+    @app.post("/v1/completions")
+    async def text_completions(body: CompletionRequest, request: Request) -> Any:
+        """OpenAI's text completions (`steerlm.inference.completions_api`): raw prompts, scored with `echo`."""
+        refuse_profile_keys(request)
+        if body.model != name:
+            message = (
+                f"model {body.model!r} does not exist on this route; it serves {name!r} (raw prompts take no profile)"
+            )
+            raise ApiError(404, message, param="model", code="model_not_found")
+        text = completion_job(body, cfg, steering.tokenizer, steering.max_prompt_tokens)
+        events = JobEvents(request.state.request_id)
+        reply = TextReply(body, text, steering.tokenizer, events.request_id)
+        return await answer(service, text.job(events, body.n), events, request, reply, body.stream)
+
+    @app.put("/generate")
+    async def nemo_generate(body: NemoGenerateRequest, request: Request) -> dict:
+        """NeMo's text-generation API (`steerlm.inference.nemo_api`): raw prompts, NeMo's answer."""
+        refuse_profile_keys(request)
         prompts, params = nemo_job(body, cfg, steering.tokenizer, steering.max_prompt_tokens)
         events = JobEvents(request.state.request_id)
         job = GenerationJob(sink=events, request_id=events.request_id, prompts=prompts, params=params)

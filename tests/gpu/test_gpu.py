@@ -144,7 +144,7 @@ def _decoders_on_gpu(impl: str) -> dict:
                 for position in range(5, 12):  # a prefill of 6 tokens, then one position at a time
                     outputs = [
                         (
-                            decoder.add(tokens[:, :6].tolist(), 16)
+                            decoder.add(tokens[:, :6].tolist(), 16)[0]
                             if position == 5
                             else decoder.step(tokens[:, position])
                         )

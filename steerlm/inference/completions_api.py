@@ -1,0 +1,361 @@
+"""OpenAI's text completions (`POST /v1/completions`): raw prompts continued, and scored token by token.
+
+This is the route evaluation harnesses call. lm-evaluation-harness's `local-completions` model scores a
+choice of a multiple-choice task (a `loglikelihood` request) by sending the context's and the choice's token
+ids with `echo: true, logprobs: 1, max_tokens: 1, temperature: 0`, summing `logprobs.token_logprobs` over
+the choice's positions and comparing each with the largest of its `top_logprobs` (is it the greedy
+continuation?); its `generate_until` tasks send text with `stop`. The answer has OpenAI's (and vLLM's) shape:
+per choice `text` (after the prompt's own text with `echo`), `logprobs` {`tokens`, `token_logprobs`,
+`top_logprobs`, `text_offset`} and `finish_reason`; `usage` counts each prompt once.
+
+- `prompt`: a string, a list of strings, a list of token ids or a list of such lists. A string is encoded
+  after the tokenizer's BOS (as HF tokenizers encode by default, and as steerlm's pretraining data starts
+  every document); ids are taken as sent. `n` choices per prompt: choice `i * n + j` is prompt i's j-th.
+- `logprobs` k (0 to 20): each generated token's log-probability under the model (`TokenLogprob`: before
+  temperature, top-k and top-p) and, in `top_logprobs`, its k most likely alternatives plus the token itself
+  (up to k + 1 entries, as OpenAI documents), keyed by their text; with `echo`, the prompt's tokens too,
+  each given the tokens before it — the first has null, nothing precedes it.
+- `tokens[i]` is token i's text as it reads after the tokens before it (a token that ends inside a UTF-8
+  character reads U+FFFD; a BOS this server put before a string prompt reads ""), `text_offset[i]` where it
+  starts in the choice's `text`: the tokens join to the text wherever the tokenizer decodes the prompt back
+  to its text. The answer continues the prompt's text (`SamplingParams.text_after_prompt`): after "The
+  capital of France is" a SentencePiece model's "▁Paris" reads " Paris", as in `decode(prompt + answer)`.
+- Without the chat template there is no attribute line to impose: `model` must be the served model's name
+  (not `<model>:<profile>`), and an API key bound to a profile may not use this route. Refused by name: a
+  `suffix`, `best_of` other than n, and the fields `/v1/chat/completions` refuses (`logit_bias`, penalties).
+- `max_tokens` defaults to 16 (OpenAI's default for this route); temperature, top_p, top_k, stop and seed
+  default to the server's `sampling` settings, as on the chat route. `max_tokens` 0 (score without
+  generating) is refused: ask for 1 and leave out the last entry, as lm-evaluation-harness does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+
+from steerlm.config.inference import MAX_TOP_LOGPROBS, ServeConfig
+from steerlm.inference.engine import GenerationJob
+from steerlm.inference.generate import TEXT_CONTEXT_TOKENS, Delta, FinishReason, SamplingParams, TokenLogprob
+from steerlm.inference.http_api import (
+    LEAST_LOGPROB,
+    ApiError,
+    JobEvents,
+    StreamOptions,
+    check_stop_strings,
+    check_unsupported,
+)
+from steerlm.inference.steering import sampling_params
+from steerlm.tokenizers import Tokenizer
+
+OPENAI_DEFAULT_MAX_TOKENS = 16
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_of_four_shapes(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One message for a prompt of none of the shapes (pydantic would report each shape's failure)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+            ) from None
+
+
+@dataclass(frozen=True)
+class TextJob:
+    """A request's prompts (ids, and the text `echo` repeats), how many leading ids of each the server added
+    (a BOS before a string prompt), and one sampling setting per choice."""
+
+    prompts: list[list[int]]
+    texts: list[str]
+    added: list[int]
+    params: list[SamplingParams]
+
+    def job(self, events: JobEvents, n: int) -> GenerationJob:
+        rows = [prompt for prompt in self.prompts for _ in range(n)]
+        return GenerationJob(sink=events, request_id=events.request_id, prompts=rows, params=self.params)
+
+
+def _prompts(body: CompletionRequest, tokenizer: Tokenizer, max_prompt_tokens: int) -> TextJob:
+    """The prompts' ids, each checked (1 to `max_prompt_tokens` ids, each in the vocabulary), or an ApiError
+    naming it (`prompt`, or `prompt[i]` in a list)."""
+    one = isinstance(body.prompt, str) or (bool(body.prompt) and isinstance(body.prompt[0], int))
+    given: list = [body.prompt] if one else list(body.prompt)
+    if not given:
+        raise ApiError(
+            400,
+            "prompt is an empty list: send a string, token ids, or a list of them",
+            param="prompt",
+            code="empty_prompt",
+        )
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids, texts, added = [], [], []
+    for index, item in enumerate(given):
+        param = "prompt" if one else f"prompt[{index}]"
+        if isinstance(item, str):
+            ids.append(bos + tokenizer.encode(item))
+            texts.append(item)
+            added.append(len(bos))
+        else:
+            bad = [t for t in item if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise ApiError(
+                    400,
+                    f"{param} holds token id {bad[0]}, outside the tokenizer's [0, {tokenizer.vocab_size})",
+                    param=param,
+                    code="invalid_token_id",
+                )
+            ids.append(list(item))
+            texts.append(tokenizer.decode(item))
+            added.append(0)
+        if not 1 <= len(ids[-1]) <= max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"{param} has {len(ids[-1])} tokens; the model takes 1 to {max_prompt_tokens} before generating",
+                param=param,
+                code="context_length_exceeded",
+            )
+    return TextJob(ids, texts, added, [])
+
+
+def completion_job(body: CompletionRequest, cfg: ServeConfig, tokenizer: Tokenizer, max_prompt_tokens: int) -> TextJob:
+    """The request checked in full, as prompts and one sampling setting per choice; or an ApiError naming the
+    field."""
+    if body.suffix is not None:
+        raise ApiError(
+            400, "suffix (text after the completion) is not supported", param="suffix", code="unsupported_parameter"
+        )
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(
+            400,
+            f"best_of={body.best_of}: ranking several samples server-side is not supported; leave best_of unset "
+            "(or equal to n) and compare the choices' logprobs",
+            param="best_of",
+            code="unsupported_parameter",
+        )
+    check_unsupported(body.model_extra)
+    limits = cfg.limits
+    max_tokens = OPENAI_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0:
+        raise ApiError(
+            400,
+            "max_tokens=0 is not supported: to score a text, send it with echo, logprobs and max_tokens=1 and "
+            "leave out the last entry",
+            param="max_tokens",
+            code="invalid_max_tokens",
+        )
+    if max_tokens > limits.max_tokens:
+        raise ApiError(
+            400,
+            f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens} (limits.max_tokens)",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(
+            400,
+            f"logprobs={body.logprobs} is out of range: use 0 to {MAX_TOP_LOGPROBS} (alternatives per token)",
+            param="logprobs",
+            code="invalid_logprobs",
+        )
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None:
+        check_stop_strings(stop, limits, "stop", "stop strings")
+    text = _prompts(body, tokenizer, max_prompt_tokens)
+    choices = len(text.prompts) * body.n
+    if choices > limits.max_n:
+        raise ApiError(
+            400,
+            f"{len(text.prompts)} prompts x n={body.n} make {choices} choices, over this server's limit of "
+            f"{limits.max_n} per request (limits.max_n)",
+            param="n" if len(text.prompts) == 1 else "prompt",
+            code="too_many_choices",
+        )
+    scored = body.logprobs is not None
+    params = sampling_params(
+        cfg.sampling,
+        body.n,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop=stop,
+        seed=body.seed,
+        logprobs=scored,
+        top_logprobs=body.logprobs,
+    )
+    params = [replace(p, prompt_logprobs=scored and body.echo, text_after_prompt=True) for p in params]
+    return replace(text, params=params * len(text.prompts))
+
+
+@dataclass
+class _Choice:
+    """One choice as it grows: its text, and its tokens' entries of OpenAI's `logprobs` object."""
+
+    prompt: list[int]
+    prompt_text: str
+    added: int
+    ids: list[int] = field(default_factory=list)  # the prompt's then the answer's, as far as entries were made
+    text: str = ""
+    tokens: int = 0
+    finish_reason: FinishReason | None = None
+    started: bool = False
+    entries: dict[str, list] = field(
+        default_factory=lambda: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    )
+    offset: int = 0  # where the next token's text starts in `text`
+
+
+class TextReply:
+    """One request's choices, rendered as a `text_completion` or as its SSE chunks."""
+
+    def __init__(self, body: CompletionRequest, text: TextJob, tokenizer: Tokenizer, request_id: str) -> None:
+        self.tokenizer, self.model, self.echo = tokenizer, body.model, body.echo
+        self.logprobs = body.logprobs
+        self.choices = [
+            _Choice(list(prompt), prompt_text, added)
+            for prompt, prompt_text, added in zip(text.prompts, text.texts, text.added)
+            for _ in range(body.n)
+        ]
+        self.prompt_tokens = sum(len(prompt) for prompt in text.prompts)
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.id, self.created = f"cmpl-{request_id.removeprefix('req_')}", int(time.time())
+
+    def _entry(self, choice: _Choice, token: int, item: TokenLogprob | None, read: bool = True) -> dict[str, Any]:
+        """Token `token`'s entries after `choice.ids` (its text in that context; `read` False: a token the
+        server added, which reads "")."""
+        window = choice.ids[-TEXT_CONTEXT_TOKENS:]
+        head = self.tokenizer.decode(window)
+
+        def text(candidate: int) -> str:
+            return self.tokenizer.decode([*window, candidate])[len(head) :] if read else ""
+
+        piece = text(token)
+        top: dict[str, float] | None = None
+        if item is not None:
+            top = {}
+            for candidate, value in item.top[: self.logprobs]:
+                top.setdefault(text(candidate), max(value, LEAST_LOGPROB))
+            top.setdefault(piece, max(item.logprob, LEAST_LOGPROB))
+        entry = {
+            "tokens": piece,
+            "token_logprobs": None if item is None else max(item.logprob, LEAST_LOGPROB),
+            "top_logprobs": top,
+            "text_offset": choice.offset,
+        }
+        choice.ids.append(token)
+        choice.offset += len(piece)
+        return entry
+
+    def push(self, delta: Delta) -> tuple[str, dict[str, list] | None]:
+        """The text a delta adds to its choice and the `logprobs` entries of its tokens (None without logprobs)."""
+        choice = self.choices[delta.index]
+        entries: list[dict[str, Any]] = []
+        text = ""
+        if not choice.started:
+            choice.started = True
+            if self.echo:
+                text = choice.prompt_text
+                if self.logprobs is not None:
+                    scored = [None, *(delta.prompt_logprobs or ())]
+                    if len(scored) != len(choice.prompt):
+                        raise RuntimeError(f"choice {delta.index}: {len(scored) - 1} prompt log-probabilities")
+                    for position, (token, item) in enumerate(zip(choice.prompt, scored)):
+                        entries.append(self._entry(choice, token, item, read=position >= choice.added))
+            else:
+                choice.ids = choice.prompt[:]  # the answer's tokens read after the prompt's
+                choice.offset = 0
+        text += delta.text
+        if self.logprobs is not None:
+            if len(delta.logprobs) != len(delta.token_ids):
+                raise RuntimeError(f"choice {delta.index}: a delta without a log-probability per token")
+            entries += [self._entry(choice, item.token_id, item) for item in delta.logprobs]
+        choice.text += text
+        choice.tokens = delta.tokens
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+        if self.logprobs is None:
+            return text, None
+        new = {key: [entry[key] for entry in entries] for key in choice.entries}
+        for key, values in new.items():
+            choice.entries[key] += values
+        return text, new
+
+    def usage(self) -> dict:
+        completion = sum(choice.tokens for choice in self.choices)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def _envelope(self, choices: list[dict]) -> dict:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def completion(self) -> dict:
+        out = []
+        for index, choice in enumerate(self.choices):
+            if choice.finish_reason is None:
+                raise RuntimeError(f"choice {index} has no finish reason: its job ended before the row finished")
+            logprobs = None if self.logprobs is None else choice.entries
+            out.append(
+                {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason.value}
+            )
+        return {**self._envelope(out), "usage": self.usage()}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = self._envelope(choices)
+        if self.include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def stream(self, job: GenerationJob, events: JobEvents, first: list) -> AsyncIterator[str]:
+        try:
+            event = first
+            while event is not None:
+                for delta in event:
+                    text, entries = self.push(delta)
+                    finish = None if delta.finish_reason is None else delta.finish_reason.value
+                    if text or (entries and entries["tokens"]) or finish:
+                        yield self._chunk(
+                            [{"index": delta.index, "text": text, "logprobs": entries, "finish_reason": finish}]
+                        )
+                event = await events.next()
+            if self.include_usage:
+                yield self._chunk([], self.usage())
+        except ApiError as error:  # the headers are sent: the error travels as an event
+            yield f"data: {json.dumps(error.body)}\n\n"
+        finally:
+            job.cancel()
+        yield "data: [DONE]\n\n"
