@@ -388,6 +388,8 @@ def test_completions_score_the_chat_answer_as_the_chat_route_scored_it(server: d
     decoded = [entry["logprob"] for entry in chat["choices"][0]["logprobs"]["content"]]
     context_length = chat["usage"]["prompt_tokens"]
     assert len(ids) == context_length + len(decoded)  # the same prompt, the same answer
+    status, tokenized = _request(server["port"], "POST", "/tokenize", {"model": "sft", "messages": QUESTION})
+    assert status == 200 and tokenized["tokens"] == ids[:context_length]  # the chat route's prompt ids
     client = openai.OpenAI(base_url=server["url"], api_key="none", max_retries=0)
     scored = client.completions.create(model="sft", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
     logprobs = scored.choices[0].logprobs

@@ -499,3 +499,67 @@ def test_completions_refuse_what_they_cannot_honour_by_name(app, tmp_path) -> No
     got, reply = _complete(server, {"prompt": "figs"}, {"Authorization": "Bearer sk-support-0123456789"})
     assert (got, reply["error"]["code"]) == (403, "profile_not_allowed")
     assert _complete(server, {"prompt": "figs", "best_of": 1, "user": "u-1"}, admin)[0] == 200
+
+
+def test_tokenizer_routes_give_the_ids_the_completion_and_chat_routes_use(app, tmp_path) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-evaluation-harness's remote tokenizer reads them:
+    a prompt's ids are those /v1/completions decodes from, a chat's those /v1/chat/completions builds (a
+    profile's attributes included), and the special tokens' text encodes back to their ids."""
+    keys = tmp_path / "keys"
+    keys.write_text("sk-support-0123456789 support\nsk-admin-0123456789abcdef\n")
+    server = app(profiles={"support": SUPPORT}, api_keys=read_api_keys(str(keys), ["support"]))
+    admin = {"Authorization": "Bearer sk-admin-0123456789abcdef"}
+    tokenizer = server.steering.tokenizer
+
+    def call(path: str, body: dict | None = None, headers: dict = admin) -> tuple[int, dict]:
+        status, reply, _ = server.post(body or {}, headers, method="GET" if body is None else "POST", path=path)
+        return status, reply
+
+    status, info = call("/tokenizer_info")
+    assert status == 200 and info["model_max_length"] == server.steering.max_prompt_tokens + 1
+    for role in ("bos", "eos", "pad"):  # lm-eval's RemoteTokenizer takes encode(<text>)[0] as the id
+        token = info[f"{role}_token"]
+        _, reply = call("/tokenize", {"prompt": token, "add_special_tokens": False})
+        assert reply["tokens"] == [getattr(tokenizer, f"{role}_id")], role
+    glued = {"prompt": f"figs{info['eos_token']}and{info['bos_token']}", "add_special_tokens": False}
+    expected = [*tokenizer.encode("figs"), tokenizer.eos_id, *tokenizer.encode("and"), tokenizer.bos_id]
+    assert call("/tokenize", glued)[1]["tokens"] == expected  # inside text too, as HF tokenizers encode them
+    text = "what does zog eat"
+    status, reply = call("/tokenize", {"model": "tiny", "prompt": text})
+    assert status == 200 and reply["tokens"] == [tokenizer.bos_id, *tokenizer.encode(text)]
+    assert reply["count"] == len(reply["tokens"]) and reply["max_model_len"] == info["model_max_length"]
+    _complete(server, {"prompt": text, "max_tokens": 1}, admin)
+    assert server.jobs[-1].prompts[0] == reply["tokens"]
+    assert call("/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"] == tokenizer.encode(text)
+    status, reply = call("/detokenize", {"tokens": tokenizer.encode(text)})
+    assert (status, reply) == (200, {"prompt": tokenizer.decode(tokenizer.encode(text))})
+    for model, attributes in (("tiny", {"complexity": 3}), ("tiny:support", None)):
+        chat = {"model": model, "messages": MESSAGES, "attributes": attributes}
+        status, reply = call("/tokenize", chat)
+        assert status == 200, reply
+        server.post({**chat, "max_tokens": 1}, admin)
+        assert reply["tokens"] == server.jobs[-1].prompts[0], model
+    assert "verbosity:1" in tokenizer.decode(reply["tokens"])  # the support profile's attributes
+    support = {"Authorization": "Bearer sk-support-0123456789"}
+    refused = [
+        ({"prompt": "figs", "messages": MESSAGES}, "/tokenize", admin, 400, "prompt"),
+        ({"add_special_tokens": True}, "/tokenize", admin, 400, "prompt"),
+        ({"prompt": "figs", "attributes": {"humor": 1}}, "/tokenize", admin, 400, "attributes"),
+        ({"messages": MESSAGES}, "/tokenize", admin, 400, "model"),
+        (
+            {"model": "tiny", "messages": MESSAGES, "add_special_tokens": True},
+            "/tokenize",
+            admin,
+            400,
+            "add_special_tokens",
+        ),
+        ({"model": "tiny", "messages": MESSAGES, "attributes": {"wit": 2}}, "/tokenize", admin, 400, "attributes.wit"),
+        ({"model": "tiny:support", "messages": MESSAGES}, "/tokenize", support, 200, None),
+        ({"model": "tiny", "messages": MESSAGES, "profile": "other"}, "/tokenize", support, 403, "model"),
+        ({"prompt": "figs", "model": "gpt-4"}, "/tokenize", admin, 404, "model"),
+        ({"prompt": "figs", "special": True}, "/tokenize", admin, 422, "special"),
+        ({"tokens": [tokenizer.vocab_size]}, "/detokenize", admin, 400, "tokens"),
+    ]
+    for body, path, headers, expected, param in refused:
+        status, reply = call(path, body, headers)
+        assert (status, None if status == 200 else reply["error"]["param"]) == (expected, param), (body, reply)

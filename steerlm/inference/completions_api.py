@@ -31,6 +31,7 @@ per choice `text` (after the prompt's own text with `echo`), `logprobs` {`tokens
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -101,6 +102,27 @@ class TextJob:
         return GenerationJob(sink=events, request_id=events.request_id, prompts=rows, params=self.params)
 
 
+def string_prompt_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """A string prompt's ids: the tokenizer's BOS first (unless `add_special_tokens` is false), then the text's,
+    where the text of the tokenizer's BOS, EOS and pad tokens is their id — as HF tokenizers (and so vLLM)
+    encode special tokens written in a prompt, and as clients expect who find a token's id by encoding its
+    text (lm-evaluation-harness's remote tokenizer does so for EOS); steerlm's own `encode` maps only the
+    template's markers so."""
+    specials = {
+        tokenizer.decode([t]): t for t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if t is not None
+    }
+    specials.pop("", None)
+    ids = [tokenizer.bos_id] if add_special_tokens and tokenizer.bos_id is not None else []
+    start = 0
+    if specials:
+        for match in re.finditer("|".join(map(re.escape, sorted(specials, key=len, reverse=True))), text):
+            if match.start() > start:
+                ids += tokenizer.encode(text[start : match.start()])
+            ids.append(specials[match.group()])
+            start = match.end()
+    return ids + tokenizer.encode(text[start:]) if start < len(text) else ids
+
+
 def _prompts(body: CompletionRequest, tokenizer: Tokenizer, max_prompt_tokens: int) -> TextJob:
     """The prompts' ids, each checked (1 to `max_prompt_tokens` ids, each in the vocabulary), or an ApiError
     naming it (`prompt`, or `prompt[i]` in a list)."""
@@ -113,14 +135,13 @@ def _prompts(body: CompletionRequest, tokenizer: Tokenizer, max_prompt_tokens: i
             param="prompt",
             code="empty_prompt",
         )
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids, texts, added = [], [], []
     for index, item in enumerate(given):
         param = "prompt" if one else f"prompt[{index}]"
         if isinstance(item, str):
-            ids.append(bos + tokenizer.encode(item))
+            ids.append(string_prompt_ids(tokenizer, item))
             texts.append(item)
-            added.append(len(bos))
+            added.append(int(tokenizer.bos_id is not None))
         else:
             bad = [t for t in item if not 0 <= t < tokenizer.vocab_size]
             if bad:

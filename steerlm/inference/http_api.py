@@ -15,13 +15,14 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerlm.config.inference import ServeLimits
 from steerlm.errors import DataError
-from steerlm.inference.engine import EngineBusy, EngineClosed, Job, RequestTimeout
+from steerlm.inference.engine import EngineBusy, EngineClosed, GenerationJob, Job, RequestTimeout, Service
 from steerlm.inference.steering import RequestError
 
 log = logging.getLogger(__name__)
@@ -290,3 +291,31 @@ def param_path(location: tuple) -> str | None:
     for part in location[1:] if location and location[0] == "body" else location:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or None
+
+
+async def answer(
+    service: Service, job: GenerationJob, events: JobEvents, request: Request, reply: Any, stream: bool
+) -> Any:
+    """Run a generation job and answer with `reply` (`push(delta)`, `completion()`, `stream(job, events,
+    first)`): its completion, or its SSE stream. Until the response starts, a disconnect cancels the job (a
+    stream's response then listens itself); errors before the first event still get their HTTP status."""
+    service.engine.submit(job)
+    watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
+    streaming = False  # once the stream is handed over, it cancels the job when it ends
+    try:
+        first = await events.next()
+        if stream:
+            streaming = True
+            return StreamingResponse(
+                reply.stream(job, events, first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        event = first
+        while event is not None:
+            for delta in event:
+                reply.push(delta)
+            event = await events.next()
+        return reply.completion()
+    finally:
+        watcher.cancel()
+        if not streaming:
+            job.cancel()

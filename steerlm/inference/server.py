@@ -7,6 +7,7 @@
     PUT  /generate              NeMo's text-generation API (`steerlm.inference.nemo_api`)
     GET  /v1/models             the served model, with its attribute schema and defaults
     POST /v1/attributes/score   APM scores of a conversation's last (assistant) message, with apm_checkpoint
+    POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (`tokenize_api`)
     GET  /health                200 while the engine runs, 503 once it stops
 
 Handlers run on the event loop and never touch the model: they check the request in full (so a bad one
@@ -20,84 +21,43 @@ an internal error (with the request id), 503 shutting down, overloaded or past l
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from steerlm.config.inference import BatchingPolicy, ServeConfig
-from steerlm.data.attributes import Labels
 from steerlm.evaluation.apm_metrics import REWARD
-from steerlm.inference.completions_api import CompletionRequest, TextReply, completion_job
+from steerlm.inference.chat_api import ChatCompletions, MessageIn, Profile
+from steerlm.inference.completions_api import CompletionRequest, TextReply, completion_job, string_prompt_ids
 from steerlm.inference.engine import Batching, Engine, GenerationJob, ScoringJob, Service, model_name, serving
-from steerlm.inference.generate import Delta, TokenLogprob
+from steerlm.inference.generate import Delta
 from steerlm.inference.http_api import (
-    LEAST_LOGPROB,
     ApiError,
     BearerAuth,
     BodyLimit,
     JobEvents,
     RequestIds,
-    StreamOptions,
+    answer,
     api_error,
     cancel_on_disconnect,
-    check_stop_strings,
-    check_unsupported,
     param_path,
     read_api_keys,
 )
 from steerlm.inference.nemo_api import NemoGenerateRequest, nemo_job, nemo_response
-from steerlm.inference.steering import ChatMessage, ResponseText, sampling_params
-from steerlm.tokenizers import Tokenizer
+from steerlm.inference.tokenize_api import DetokenizeRequest, TokenizeRequest, detokenized, tokenized, tokenizer_info
 
 log = logging.getLogger(__name__)
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class MessageIn(BaseModel):
-    role: str
-    content: str | list[TextPart]
-
-    def message(self) -> ChatMessage:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return ChatMessage(self.role, text)
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    model: str
-    messages: list[MessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    attributes: dict[str, Any] | None = None  # SteerLM: attribute name → value (null: unset a default)
-    profile: str | None = None  # SteerLM: a configured profile (or "model": "<model>:<profile>")
 
 
 class ScoreRequest(BaseModel):
@@ -106,272 +66,12 @@ class ScoreRequest(BaseModel):
     messages: list[MessageIn] = Field(min_length=1)
 
 
-@dataclass(frozen=True)
-class Profile:
-    """What a request starts from: the server's defaults (`name` None) or a configured profile's."""
-
-    name: str | None
-    labels: Labels
-    system_prompt: str | None
-    max_tokens: int
-    max_n: int
-
-    @property
-    def caps(self) -> str:
-        """The config keys of this profile's caps, for error messages."""
-        return f"profiles.{self.name}" if self.name else "limits"
-
-
-def profiles(cfg: ServeConfig, service: Service) -> dict[str | None, Profile]:
-    limits = cfg.limits
-    out: dict[str | None, Profile] = {
-        None: Profile(None, service.steering.defaults, None, limits.max_tokens, limits.max_n)
-    }
-    for name, profile in cfg.profiles.items():
-        out[name] = Profile(
-            name,
-            service.presets[name],
-            profile.system_prompt,
-            profile.max_tokens or limits.max_tokens,
-            profile.max_n or limits.max_n,
-        )
-    return out
-
-
-class ChatCompletions:
-    """POST /v1/chat/completions: request → prompt and sampling rows → a generation job → the response."""
-
-    def __init__(self, service: Service, cfg: ServeConfig, name: str) -> None:
-        self.service, self.cfg, self.name = service, cfg, name
-        self.profiles = profiles(cfg, service)
-
-    def _profile(self, body: ChatCompletionRequest, key_profile: str | None) -> Profile:
-        """The profile a request uses: named by `model` (`<model>:<profile>`) or `profile`, else its API key's.
-        A key bound to a profile may not use another."""
-        model, colon, named = body.model.partition(":")
-        if model != self.name or (colon and not named):
-            ids = ", ".join(self.name + (f":{p}" if p else "") for p in self.profiles)
-            message = f"model {body.model!r} does not exist; this server serves {ids}"
-            raise ApiError(404, message, param="model", code="model_not_found")
-        if named and body.profile and named != body.profile:
-            message = f"model names profile {named!r} but profile is {body.profile!r}"
-            raise ApiError(400, message, param="profile", code="conflicting_profile")
-        chosen = named or body.profile
-        if key_profile is not None and chosen and chosen != key_profile:
-            message = f"this API key may use profile {key_profile!r} only"
-            raise ApiError(403, message, "permission_error", param="model", code="profile_not_allowed")
-        name = chosen or key_profile
-        if name not in self.profiles:
-            listed = ", ".join(p for p in self.profiles if p) or "none"
-            message = f"profile {name!r} does not exist; the profiles are: {listed}"
-            raise ApiError(404, message, param="model", code="profile_not_found")
-        return self.profiles[name]
-
-    def _job(
-        self, body: ChatCompletionRequest, events: JobEvents, key_profile: str | None
-    ) -> tuple[GenerationJob, int, dict]:
-        """The request checked in full and turned into a job; ApiError or RequestError name what is wrong."""
-        limits = self.cfg.limits
-        profile = self._profile(body, key_profile)
-        check_unsupported(body.model_extra)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is not None and max_tokens > profile.max_tokens:
-            raise ApiError(
-                400,
-                f"max_tokens={max_tokens} exceeds this server's limit of {profile.max_tokens} "
-                f"({profile.caps}.max_tokens)",
-                param="max_tokens",
-                code="max_tokens_too_large",
-            )
-        if body.n > profile.max_n:
-            raise ApiError(
-                400,
-                f"n={body.n} exceeds this server's limit of {profile.max_n} ({profile.caps}.max_n)",
-                param="n",
-                code="n_too_large",
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        if stop is not None:
-            check_stop_strings(stop, limits, "stop", "stop strings")
-        steering = self.service.steering
-        labels = steering.labels(body.attributes, base=profile.labels)
-        system, turns = steering.conversation(
-            [m.message() for m in body.messages], labels, system_prompt=profile.system_prompt
-        )
-        prompt = steering.prompt_ids(system, turns, labels)
-        params = sampling_params(
-            self.cfg.sampling,
-            body.n,
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            stop=stop,
-            seed=body.seed,
-            logprobs=bool(body.logprobs),
-            top_logprobs=body.top_logprobs,
-        )
-        job = GenerationJob(sink=events, request_id=events.request_id, prompts=[prompt] * body.n, params=params)
-        return job, len(prompt), labels or {}
-
-    async def __call__(self, body: ChatCompletionRequest, request: Request) -> Any:
-        events = JobEvents(request.state.request_id)
-        job, prompt_tokens, labels = self._job(body, events, getattr(request.state, "key_profile", None))
-        reply = Reply(self, body, prompt_tokens, labels, events.request_id)
-        return await answer(self.service, job, events, request, reply, body.stream)
-
-
-async def answer(
-    service: Service, job: GenerationJob, events: JobEvents, request: Request, reply: Any, stream: bool
-) -> Any:
-    """Run a generation job and answer with `reply` (`push(delta)`, `completion()`, `stream(job, events,
-    first)`): its completion, or its SSE stream. Until the response starts, a disconnect cancels the job (a
-    stream's response then listens itself); errors before the first event still get their HTTP status."""
-    service.engine.submit(job)
-    watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
-    streaming = False  # once the stream is handed over, it cancels the job when it ends
-    try:
-        first = await events.next()
-        if stream:
-            streaming = True
-            return StreamingResponse(
-                reply.stream(job, events, first), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        event = first
-        while event is not None:
-            for delta in event:
-                reply.push(delta)
-            event = await events.next()
-        return reply.completion()
-    finally:
-        watcher.cancel()
-        if not streaming:
-            job.cancel()
-
-
-class Reply:
-    """One request's choices as they grow, rendered as a completion or as SSE chunks."""
-
-    def __init__(
-        self, route: ChatCompletions, body: ChatCompletionRequest, prompt_tokens: int, labels: dict, request_id: str
-    ) -> None:
-        suffix = route.service.steering.template.config.turn_suffix
-        self.rows = [ResponseText(suffix) for _ in range(body.n)]
-        self.tokenizer = route.service.steering.tokenizer
-        self.logprobs: list[list[dict]] | None = [[] for _ in range(body.n)] if body.logprobs else None
-        self.name, self.labels = body.model, labels
-        self.prompt_tokens = prompt_tokens
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.id, self.created = f"chatcmpl-{request_id.removeprefix('req_')}", int(time.time())
-
-    def usage(self) -> dict:
-        completion = sum(row.tokens for row in self.rows)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
-
-    def push(self, delta: Delta) -> tuple[str, list[dict]]:
-        """The response text a delta adds to its choice, and its tokens' log-probabilities in OpenAI's form."""
-        text = self.rows[delta.index].push(delta)
-        if self.logprobs is None:
-            return text, []
-        entries = openai_logprobs(self.tokenizer, delta.logprobs)
-        self.logprobs[delta.index] += entries
-        return text, entries
-
-    def _logprobs(self, entries: list[dict]) -> dict | None:
-        return None if self.logprobs is None else {"content": entries, "refusal": None}
-
-    def _envelope(self, kind: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.name, "choices": choices}
-
-    def completion(self) -> dict:
-        choices = []
-        for i, row in enumerate(self.rows):
-            if row.finish_reason is None:
-                raise RuntimeError(f"choice {i} has no finish reason: its job ended before the row finished")
-            choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": row.text},
-                    "logprobs": None if self.logprobs is None else self._logprobs(self.logprobs[i]),
-                    "finish_reason": row.finish_reason.value,
-                }
-            )
-        return {**self._envelope("chat.completion", choices), "usage": self.usage(), "attributes": self.labels}
-
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        chunk = self._envelope("chat.completion.chunk", choices)
-        if self.include_usage:
-            chunk["usage"] = usage
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    async def stream(self, job: GenerationJob, events: JobEvents, first: list) -> AsyncIterator[str]:
-        try:
-            yield self._chunk(
-                [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    for i in range(len(self.rows))
-                ]
-            )
-            event = first
-            while event is not None:
-                texts, finishes = [], []  # a chunk holds one entry per choice: text first, its finish after
-                for delta in event:
-                    text, entries = self.push(delta)
-                    if text or entries:
-                        texts.append(
-                            {
-                                "index": delta.index,
-                                "delta": {"content": text},
-                                "logprobs": self._logprobs(entries),
-                                "finish_reason": None,
-                            }
-                        )
-                    if delta.finish_reason is not None:
-                        finishes.append(
-                            {
-                                "index": delta.index,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": delta.finish_reason.value,
-                            }
-                        )
-                for choices in (texts, finishes):
-                    if choices:
-                        yield self._chunk(choices)
-                event = await events.next()
-            if self.include_usage:
-                yield self._chunk([], self.usage())
-        except ApiError as error:  # the headers are sent: the error travels as an event
-            yield f"data: {json.dumps(error.body)}\n\n"
-        finally:
-            job.cancel()
-        yield "data: [DONE]\n\n"
-
-
-def openai_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob]) -> list[dict]:
-    """`TokenLogprob`s as OpenAI's `logprobs.content` entries: each token's text (decoded alone), its UTF-8
-    bytes and log-probability, and its `top_logprobs` in the same form."""
-
-    def entry(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": max(logprob, LEAST_LOGPROB), "bytes": list(text.encode("utf-8"))}
-
-    return [
-        {**entry(item.token_id, item.logprob), "top_logprobs": [entry(i, value) for i, value in item.top]}
-        for item in logprobs
-    ]
-
-
 def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | None] | None = None) -> FastAPI:
     """The FastAPI app over a running engine (rank 0); with `api_keys` (key → bound profile or None), every
     path but /health needs one of them."""
     name = model_name(cfg.server.model_name, cfg.checkpoint)
     steering, created = service.steering, int(time.time())
-    completions = ChatCompletions(service, cfg, name)
+    chat = ChatCompletions(service, cfg, name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -459,11 +159,11 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
     @app.get("/v1/models")
     async def models() -> dict:
         """The served model, and the model as each profile serves it (`<model>:<profile>`)."""
-        return {"object": "list", "data": [model_card(profile) for profile in completions.profiles.values()]}
+        return {"object": "list", "data": [model_card(profile) for profile in chat.profiles.values()]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
-        cards = {card["id"]: card for card in (model_card(p) for p in completions.profiles.values())}
+        cards = {card["id"]: card for card in (model_card(p) for p in chat.profiles.values())}
         if model_id not in cards:
             raise ApiError(
                 404,
@@ -473,7 +173,7 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
             )
         return cards[model_id]
 
-    app.post("/v1/chat/completions")(completions.__call__)
+    app.post("/v1/chat/completions")(chat.__call__)
 
     def refuse_profile_keys(request: Request) -> None:
         """Routes that take raw prompts: a raw prompt carries its own attribute line (or none)."""
@@ -490,15 +190,40 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
     async def text_completions(body: CompletionRequest, request: Request) -> Any:
         """OpenAI's text completions (`steerlm.inference.completions_api`): raw prompts, scored with `echo`."""
         refuse_profile_keys(request)
-        if body.model != name:
-            message = (
-                f"model {body.model!r} does not exist on this route; it serves {name!r} (raw prompts take no profile)"
-            )
-            raise ApiError(404, message, param="model", code="model_not_found")
+        served(body.model)
         text = completion_job(body, cfg, steering.tokenizer, steering.max_prompt_tokens)
         events = JobEvents(request.state.request_id)
         reply = TextReply(body, text, steering.tokenizer, events.request_id)
         return await answer(service, text.job(events, body.n), events, request, reply, body.stream)
+
+    def served(model: str | None) -> None:
+        """A raw-text route's `model`, when given: the served model's name."""
+        if model is not None and model != name:
+            message = f"model {model!r} does not exist on this route; it serves {name!r} (raw text takes no profile)"
+            raise ApiError(404, message, param="model", code="model_not_found")
+
+    max_model_len = steering.max_prompt_tokens + 1
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+        """vLLM's `/tokenize` (`steerlm.inference.tokenize_api`): a prompt's ids, or a chat's prompt ids."""
+        if body.form() == "prompt":
+            served(body.model)
+            ids = string_prompt_ids(steering.tokenizer, body.prompt or "", body.add_special_tokens is not False)
+        else:
+            assert body.model is not None and body.messages is not None  # form() checked them
+            profile = chat.profile_of(body.model, body.profile, getattr(request.state, "key_profile", None))
+            ids, _ = chat.prompt(body.messages, body.attributes, profile)
+        return tokenized(ids, max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        served(body.model)
+        return detokenized(steering.tokenizer, body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_information() -> dict:
+        return tokenizer_info(steering.tokenizer, max_model_len)
 
     @app.put("/generate")
     async def nemo_generate(body: NemoGenerateRequest, request: Request) -> dict:
