@@ -108,10 +108,10 @@ def string_prompt_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool 
     encode special tokens written in a prompt, and as clients expect who find a token's id by encoding its
     text (lm-evaluation-harness's remote tokenizer does so for EOS); steerlm's own `encode` maps only the
     template's markers so."""
-    specials = {
-        tokenizer.decode([t]): t for t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if t is not None
-    }
-    specials.pop("", None)
+    specials: dict[str, int] = {}
+    for token in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):  # a pad sharing EOS's text reads as EOS
+        if token is not None and tokenizer.decode([token]):
+            specials.setdefault(tokenizer.decode([token]), token)
     ids = [tokenizer.bos_id] if add_special_tokens and tokenizer.bos_id is not None else []
     start = 0
     if specials:
