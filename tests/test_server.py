@@ -324,15 +324,20 @@ def test_attributes_field_steers_and_is_echoed(server: dict) -> None:
     assert texts[0] != texts[1]
 
 
+def _tutorial_prompt() -> str:
+    """The SteerLM tutorial's hand-built prompt for QUESTION at the server's default attributes."""
+    values = ",".join(f"{key}:{value}" for key, value in DEFAULTS.items())
+    return (
+        f"<extra_id_0>System\n{DEFAULT_SYSTEM_PROMPT}\n<extra_id_1>User\n{QUESTION[0]['content']}\n"
+        f"<extra_id_1>Assistant\n<extra_id_2>{values}\n"
+    )
+
+
 @pytest.mark.slow
 def test_nemos_tutorial_client_gets_what_the_chat_endpoint_answers(server: dict) -> None:
     """The SteerLM tutorial's `get_answer` (NeMo-Aligner docs), its prompt built by hand, against PUT /generate:
     the same greedy answer as /v1/chat/completions, with the end string NeMo leaves on it."""
-    values = ",".join(f"{key}:{value}" for key, value in DEFAULTS.items())
-    prompt = (
-        f"<extra_id_0>System\n{DEFAULT_SYSTEM_PROMPT}\n<extra_id_1>User\n{QUESTION[0]['content']}\n"
-        f"<extra_id_1>Assistant\n<extra_id_2>{values}\n"
-    )
+    prompt = _tutorial_prompt()
     data = {
         "sentences": [prompt],
         "tokens_to_generate": 40,
@@ -364,11 +369,7 @@ def test_completions_score_the_chat_answer_as_the_chat_route_scored_it(server: d
     prompt continued greedily gives the chat route's answer."""
     import openai
 
-    values = ",".join(f"{key}:{value}" for key, value in DEFAULTS.items())
-    prompt = (
-        f"<extra_id_0>System\n{DEFAULT_SYSTEM_PROMPT}\n<extra_id_1>User\n{QUESTION[0]['content']}\n"
-        f"<extra_id_1>Assistant\n<extra_id_2>{values}\n"
-    )
+    prompt = _tutorial_prompt()
     generate = {
         "sentences": [prompt],
         "tokens_to_generate": 12,

@@ -5,14 +5,12 @@ configured team profile, named by `<model>:<profile>`, `profile` or the request'
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from steerlm.config.inference import ServeConfig
 from steerlm.data.attributes import Labels
@@ -22,12 +20,13 @@ from steerlm.inference.http_api import (
     LEAST_LOGPROB,
     ApiError,
     JobEvents,
-    StreamOptions,
+    OpenAIReply,
+    SamplingRequest,
     answer,
-    check_stop_strings,
+    check_limit,
     check_unsupported,
 )
-from steerlm.inference.steering import ChatMessage, ResponseText, sampling_params
+from steerlm.inference.steering import ChatMessage, ResponseText
 from steerlm.tokenizers import Tokenizer
 
 
@@ -45,23 +44,12 @@ class MessageIn(BaseModel):
         return ChatMessage(self.role, text)
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    model: str
+class ChatCompletionRequest(SamplingRequest):
     messages: list[MessageIn] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     attributes: dict[str, Any] | None = None  # SteerLM: attribute name → value (null: unset a default)
     profile: str | None = None  # SteerLM: a configured profile (or "model": "<model>:<profile>")
 
@@ -131,41 +119,16 @@ class ChatCompletions:
         self, body: ChatCompletionRequest, events: JobEvents, key_profile: str | None
     ) -> tuple[GenerationJob, int, dict]:
         """The request checked in full and turned into a job; ApiError or RequestError name what is wrong."""
-        limits = self.cfg.limits
         profile = self.profile_of(body.model, body.profile, key_profile)
         check_unsupported(body.model_extra)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is not None and max_tokens > profile.max_tokens:
-            raise ApiError(
-                400,
-                f"max_tokens={max_tokens} exceeds this server's limit of {profile.max_tokens} "
-                f"({profile.caps}.max_tokens)",
-                param="max_tokens",
-                code="max_tokens_too_large",
+        if max_tokens is not None:
+            check_limit(
+                max_tokens, profile.max_tokens, "max_tokens", f"{profile.caps}.max_tokens", "max_tokens_too_large"
             )
-        if body.n > profile.max_n:
-            raise ApiError(
-                400,
-                f"n={body.n} exceeds this server's limit of {profile.max_n} ({profile.caps}.max_n)",
-                param="n",
-                code="n_too_large",
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        if stop is not None:
-            check_stop_strings(stop, limits, "stop", "stop strings")
+        check_limit(body.n, profile.max_n, "n", f"{profile.caps}.max_n", "n_too_large")
         prompt, labels = self.prompt(body.messages, body.attributes, profile)
-        params = sampling_params(
-            self.cfg.sampling,
-            body.n,
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            stop=stop,
-            seed=body.seed,
-            logprobs=bool(body.logprobs),
-            top_logprobs=body.top_logprobs,
-        )
+        params = body.sampling(self.cfg, max_tokens, bool(body.logprobs), body.top_logprobs)
         job = GenerationJob(sink=events, request_id=events.request_id, prompts=[prompt] * body.n, params=params)
         return job, len(prompt), labels or {}
 
@@ -187,28 +150,23 @@ class ChatCompletions:
         return await answer(self.service, job, events, request, reply, body.stream)
 
 
-class Reply:
-    """One request's choices as they grow, rendered as a completion or as SSE chunks."""
+class Reply(OpenAIReply):
+    """One request's choices as they grow, rendered as a `chat.completion` or as its SSE chunks."""
+
+    kind, chunk_kind = "chat.completion", "chat.completion.chunk"
 
     def __init__(
         self, route: ChatCompletions, body: ChatCompletionRequest, prompt_tokens: int, labels: dict, request_id: str
     ) -> None:
+        super().__init__("chatcmpl", request_id, body.model, prompt_tokens, body.stream_options)
         suffix = route.service.steering.template.config.turn_suffix
         self.rows = [ResponseText(suffix) for _ in range(body.n)]
         self.tokenizer = route.service.steering.tokenizer
         self.logprobs: list[list[dict]] | None = [[] for _ in range(body.n)] if body.logprobs else None
-        self.name, self.labels = body.model, labels
-        self.prompt_tokens = prompt_tokens
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.id, self.created = f"chatcmpl-{request_id.removeprefix('req_')}", int(time.time())
+        self.labels = labels
 
-    def usage(self) -> dict:
-        completion = sum(row.tokens for row in self.rows)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
+    def completion_tokens(self) -> int:
+        return sum(row.tokens for row in self.rows)
 
     def push(self, delta: Delta) -> tuple[str, list[dict]]:
         """The response text a delta adds to its choice, and its tokens' log-probabilities in OpenAI's form."""
@@ -221,9 +179,6 @@ class Reply:
 
     def _logprobs(self, entries: list[dict]) -> dict | None:
         return None if self.logprobs is None else {"content": entries, "refusal": None}
-
-    def _envelope(self, kind: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.name, "choices": choices}
 
     def completion(self) -> dict:
         choices = []
@@ -238,56 +193,42 @@ class Reply:
                     "finish_reason": row.finish_reason.value,
                 }
             )
-        return {**self._envelope("chat.completion", choices), "usage": self.usage(), "attributes": self.labels}
+        return {**self.envelope(self.kind, choices), "usage": self.usage(), "attributes": self.labels}
 
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        chunk = self._envelope("chat.completion.chunk", choices)
-        if self.include_usage:
-            chunk["usage"] = usage
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    async def stream(self, job: GenerationJob, events: JobEvents, first: list) -> AsyncIterator[str]:
-        try:
-            yield self._chunk(
-                [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    for i in range(len(self.rows))
-                ]
-            )
-            event = first
-            while event is not None:
-                texts, finishes = [], []  # a chunk holds one entry per choice: text first, its finish after
-                for delta in event:
-                    text, entries = self.push(delta)
-                    if text or entries:
-                        texts.append(
-                            {
-                                "index": delta.index,
-                                "delta": {"content": text},
-                                "logprobs": self._logprobs(entries),
-                                "finish_reason": None,
-                            }
-                        )
-                    if delta.finish_reason is not None:
-                        finishes.append(
-                            {
-                                "index": delta.index,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": delta.finish_reason.value,
-                            }
-                        )
-                for choices in (texts, finishes):
-                    if choices:
-                        yield self._chunk(choices)
-                event = await events.next()
-            if self.include_usage:
-                yield self._chunk([], self.usage())
-        except ApiError as error:  # the headers are sent: the error travels as an event
-            yield f"data: {json.dumps(error.body)}\n\n"
-        finally:
-            job.cancel()
-        yield "data: [DONE]\n\n"
+    async def chunks(self, events: JobEvents, first: list) -> AsyncIterator[str]:
+        yield self.chunk(
+            [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(self.rows))
+            ]
+        )
+        event = first
+        while event is not None:
+            texts, finishes = [], []  # a chunk holds one entry per choice: text first, its finish after
+            for delta in event:
+                text, entries = self.push(delta)
+                if text or entries:
+                    texts.append(
+                        {
+                            "index": delta.index,
+                            "delta": {"content": text},
+                            "logprobs": self._logprobs(entries),
+                            "finish_reason": None,
+                        }
+                    )
+                if delta.finish_reason is not None:
+                    finishes.append(
+                        {
+                            "index": delta.index,
+                            "delta": {},
+                            "logprobs": None,
+                            "finish_reason": delta.finish_reason.value,
+                        }
+                    )
+            for choices in (texts, finishes):
+                if choices:
+                    yield self.chunk(choices)
+            event = await events.next()
 
 
 def openai_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob]) -> list[dict]:

@@ -30,14 +30,12 @@ per choice `text` (after the prompt's own text with `echo`), `logprobs` {`tokens
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from steerlm.config.inference import MAX_TOP_LOGPROBS, ServeConfig
 from steerlm.inference.engine import GenerationJob
@@ -46,32 +44,21 @@ from steerlm.inference.http_api import (
     LEAST_LOGPROB,
     ApiError,
     JobEvents,
-    StreamOptions,
-    check_stop_strings,
+    OpenAIReply,
+    SamplingRequest,
+    check_limit,
     check_unsupported,
 )
-from steerlm.inference.steering import sampling_params
 from steerlm.tokenizers import Tokenizer
 
 OPENAI_DEFAULT_MAX_TOKENS = 16
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    model: str
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
     best_of: int | None = None
 
@@ -190,13 +177,7 @@ def completion_job(body: CompletionRequest, cfg: ServeConfig, tokenizer: Tokeniz
             param="max_tokens",
             code="invalid_max_tokens",
         )
-    if max_tokens > limits.max_tokens:
-        raise ApiError(
-            400,
-            f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens} (limits.max_tokens)",
-            param="max_tokens",
-            code="max_tokens_too_large",
-        )
+    check_limit(max_tokens, limits.max_tokens, "max_tokens", "limits.max_tokens", "max_tokens_too_large")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(
             400,
@@ -204,9 +185,6 @@ def completion_job(body: CompletionRequest, cfg: ServeConfig, tokenizer: Tokeniz
             param="logprobs",
             code="invalid_logprobs",
         )
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    if stop is not None:
-        check_stop_strings(stop, limits, "stop", "stop strings")
     text = _prompts(body, tokenizer, max_prompt_tokens)
     choices = len(text.prompts) * body.n
     if choices > limits.max_n:
@@ -218,18 +196,7 @@ def completion_job(body: CompletionRequest, cfg: ServeConfig, tokenizer: Tokeniz
             code="too_many_choices",
         )
     scored = body.logprobs is not None
-    params = sampling_params(
-        cfg.sampling,
-        body.n,
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        stop=stop,
-        seed=body.seed,
-        logprobs=scored,
-        top_logprobs=body.logprobs,
-    )
+    params = body.sampling(cfg, max_tokens, scored, body.logprobs)
     params = [replace(p, prompt_logprobs=scored and body.echo, text_after_prompt=True) for p in params]
     return replace(text, params=params * len(text.prompts))
 
@@ -252,20 +219,23 @@ class _Choice:
     offset: int = 0  # where the next token's text starts in `text`
 
 
-class TextReply:
+class TextReply(OpenAIReply):
     """One request's choices, rendered as a `text_completion` or as its SSE chunks."""
 
+    kind = chunk_kind = "text_completion"
+
     def __init__(self, body: CompletionRequest, text: TextJob, tokenizer: Tokenizer, request_id: str) -> None:
-        self.tokenizer, self.model, self.echo = tokenizer, body.model, body.echo
-        self.logprobs = body.logprobs
+        prompt_tokens = sum(len(prompt) for prompt in text.prompts)
+        super().__init__("cmpl", request_id, body.model, prompt_tokens, body.stream_options)
+        self.tokenizer, self.echo, self.logprobs = tokenizer, body.echo, body.logprobs
         self.choices = [
             _Choice(list(prompt), prompt_text, added)
             for prompt, prompt_text, added in zip(text.prompts, text.texts, text.added)
             for _ in range(body.n)
         ]
-        self.prompt_tokens = sum(len(prompt) for prompt in text.prompts)
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.id, self.created = f"cmpl-{request_id.removeprefix('req_')}", int(time.time())
+
+    def completion_tokens(self) -> int:
+        return sum(choice.tokens for choice in self.choices)
 
     def _entry(self, choice: _Choice, token: int, item: TokenLogprob | None, read: bool = True) -> dict[str, Any]:
         """Token `token`'s entries after `choice.ids` (its text in that context; `read` False: a token the
@@ -327,23 +297,6 @@ class TextReply:
             choice.entries[key] += values
         return text, new
 
-    def usage(self) -> dict:
-        completion = sum(choice.tokens for choice in self.choices)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
-
-    def _envelope(self, choices: list[dict]) -> dict:
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
     def completion(self) -> dict:
         out = []
         for index, choice in enumerate(self.choices):
@@ -353,30 +306,16 @@ class TextReply:
             out.append(
                 {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason.value}
             )
-        return {**self._envelope(out), "usage": self.usage()}
+        return {**self.envelope(self.kind, out), "usage": self.usage()}
 
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        chunk = self._envelope(choices)
-        if self.include_usage:
-            chunk["usage"] = usage
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    async def stream(self, job: GenerationJob, events: JobEvents, first: list) -> AsyncIterator[str]:
-        try:
-            event = first
-            while event is not None:
-                for delta in event:
-                    text, entries = self.push(delta)
-                    finish = None if delta.finish_reason is None else delta.finish_reason.value
-                    if text or (entries and entries["tokens"]) or finish:
-                        yield self._chunk(
-                            [{"index": delta.index, "text": text, "logprobs": entries, "finish_reason": finish}]
-                        )
-                event = await events.next()
-            if self.include_usage:
-                yield self._chunk([], self.usage())
-        except ApiError as error:  # the headers are sent: the error travels as an event
-            yield f"data: {json.dumps(error.body)}\n\n"
-        finally:
-            job.cancel()
-        yield "data: [DONE]\n\n"
+    async def chunks(self, events: JobEvents, first: list) -> AsyncIterator[str]:
+        event = first
+        while event is not None:
+            for delta in event:
+                text, entries = self.push(delta)
+                finish = None if delta.finish_reason is None else delta.finish_reason.value
+                if text or (entries and entries["tokens"]) or finish:
+                    yield self.chunk(
+                        [{"index": delta.index, "text": text, "logprobs": entries, "finish_reason": finish}]
+                    )
+            event = await events.next()

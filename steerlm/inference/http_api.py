@@ -7,23 +7,27 @@ happened without a client learning the server's internals.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hmac
+import json
 import logging
+import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from steerlm.config.inference import ServeLimits
+from steerlm.config.inference import ServeConfig, ServeLimits
 from steerlm.errors import DataError
 from steerlm.inference.engine import EngineBusy, EngineClosed, GenerationJob, Job, RequestTimeout, Service
-from steerlm.inference.steering import RequestError
+from steerlm.inference.generate import SamplingParams
+from steerlm.inference.steering import RequestError, sampling_params
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # what a 429 tells a client to wait: a queue slot frees as soon as a request joins the batch
@@ -65,6 +69,47 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SamplingRequest(BaseModel):
+    """The sampling and streaming fields OpenAI's chat and text completions share (`top_k`: an extension)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def sampling(
+        self,
+        cfg: ServeConfig,
+        max_tokens: int | None,
+        logprobs: bool,
+        top_logprobs: int | None,
+    ) -> list[SamplingParams]:
+        """One setting per choice — the request's values, the server's `sampling` defaults for the rest —
+        checked (`stop` against the server's limits), or an ApiError / RequestError naming the field."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stop is not None:
+            check_stop_strings(stop, cfg.limits, "stop", "stop strings")
+        return sampling_params(
+            cfg.sampling,
+            self.n,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop=stop,
+            seed=self.seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+
 def check_unsupported(extra: Mapping[str, Any] | None) -> None:
     """A request's fields beyond the schema (`model_extra`) against `UNSUPPORTED`: an ApiError for the first
     one set to something other than its no-op value."""
@@ -76,6 +121,12 @@ def check_unsupported(extra: Mapping[str, Any] | None) -> None:
                 param=key,
                 code="unsupported_parameter",
             )
+
+
+def check_limit(value: int, limit: int, param: str, key: str, code: str) -> None:
+    """A request's `param` against the server's cap (config `key`): an ApiError naming both when over it."""
+    if value > limit:
+        raise ApiError(400, f"{param}={value} exceeds this server's limit of {limit} ({key})", param=param, code=code)
 
 
 def check_stop_strings(stops: Sequence[str], limits: ServeLimits, param: str, noun: str) -> None:
@@ -319,3 +370,56 @@ async def answer(
         watcher.cancel()
         if not streaming:
             job.cancel()
+
+
+class OpenAIReply(abc.ABC):
+    """What OpenAI-shaped answers share: the envelope (`id`, `object`, `created`, `model`), `usage`, SSE chunks,
+    and a stream that always ends with `[DONE]` (an error once the headers are sent travels as an event) and
+    cancels its job when it ends. Subclasses hold the choices (`push`, `completion`, `chunks`)."""
+
+    kind: str  # a completion's `object`
+    chunk_kind: str  # a streamed chunk's
+
+    def __init__(
+        self, prefix: str, request_id: str, model: str, prompt_tokens: int, stream_options: StreamOptions | None
+    ) -> None:
+        self.id, self.created = f"{prefix}-{request_id.removeprefix('req_')}", int(time.time())
+        self.model, self.prompt_tokens = model, prompt_tokens
+        self.include_usage = bool(stream_options and stream_options.include_usage)
+
+    @abc.abstractmethod
+    def completion_tokens(self) -> int:
+        """Tokens the choices have generated so far."""
+
+    @abc.abstractmethod
+    def chunks(self, events: JobEvents, first: list) -> AsyncIterator[str]:
+        """The SSE chunks of the choices, from the job's first event to its end."""
+
+    def usage(self) -> dict:
+        completion = self.completion_tokens()
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def envelope(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = self.envelope(self.chunk_kind, choices)
+        if self.include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def stream(self, job: GenerationJob, events: JobEvents, first: list) -> AsyncIterator[str]:
+        try:
+            async for chunk in self.chunks(events, first):
+                yield chunk
+            if self.include_usage:
+                yield self.chunk([], self.usage())
+        except ApiError as error:  # the headers are sent: the error travels as an event
+            yield f"data: {json.dumps(error.body)}\n\n"
+        finally:
+            job.cancel()
+        yield "data: [DONE]\n\n"

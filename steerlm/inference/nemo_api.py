@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steerlm.config.inference import SEED_LIMIT, ServeConfig
 from steerlm.inference.generate import Delta, SamplingParams
-from steerlm.inference.http_api import ApiError, check_stop_strings
+from steerlm.inference.http_api import ApiError, check_limit, check_stop_strings
 from steerlm.tokenizers import Tokenizer
 
 # NeMo's own cap on sentences per request; this server's `limits.max_n` applies too.
@@ -81,14 +81,13 @@ def nemo_job(
             param="sentences",
             code="too_many_sentences",
         )
-    if body.tokens_to_generate > cfg.limits.max_tokens:
-        raise ApiError(
-            400,
-            f"tokens_to_generate={body.tokens_to_generate} exceeds this server's limit of {cfg.limits.max_tokens} "
-            "(limits.max_tokens)",
-            param="tokens_to_generate",
-            code="max_tokens_too_large",
-        )
+    check_limit(
+        body.tokens_to_generate,
+        cfg.limits.max_tokens,
+        "tokens_to_generate",
+        "limits.max_tokens",
+        "max_tokens_too_large",
+    )
     check_stop_strings(body.end_strings, cfg.limits, "end_strings", "end strings")
     bos = [tokenizer.bos_id] if body.add_BOS and tokenizer.bos_id is not None else []
     prompts = [bos + tokenizer.encode(sentence) for sentence in body.sentences]
