@@ -33,7 +33,8 @@ class ScriptedDecoding:
     """Stands in for `Decoding.advance`: every live row emits `w1 `, `w2 `, … one word per step and finishes at
     its max_new_tokens, as token id k at step k (with `logprobs`: log-probability -k, and alternatives ids 1,
     2, … at -1, -inf, -inf, …; with `prompt_logprobs`, on its first delta, prompt token i + 1 at -(i + 1) / 8
-    with the same alternatives); a row with seed 666 is refused when it joins. With `gated`, each step first
+    with the same alternatives; a row with max_new_tokens 0 finishes when it joins, its prompt scored so
+    without alternatives); a row with seed 666 is refused when it joins. With `gated`, each step first
     waits for a permit (`permits.release()`), so a test decides when steps run. `log` holds per step the keys that
     joined, left and decoded."""
 
@@ -68,6 +69,9 @@ class ScriptedDecoding:
         for row in joins:
             if row.params.seed == 666:
                 outcome.failed.append((row.key, ValueError("seed 666 is refused")))
+            elif row.params.max_new_tokens == 0:  # the prompt only: finished at once
+                scored = tuple(TokenLogprob(t, -(i + 1) / 8) for i, t in enumerate(row.prompt[1:]))
+                outcome.deltas.append(Delta(row.key, "", FinishReason.length, prompt_logprobs=scored))
             else:
                 self.live[row.key] = [0, row.params.max_new_tokens, row.params, list(row.prompt)]
         self.log.append({"joined": [r.key for r in joins], "left": list(leaves), "decoded": sorted(self.live)})

@@ -440,6 +440,25 @@ def test_prompt_logprobs_score_every_prompt_token_given_those_before_it(layout, 
         assert firsts[index][0] == expected and all(later is None for later in firsts[index][1:])
 
 
+@pytest.mark.parametrize("decoder", ["lean", "megatron"])
+def test_a_row_with_nothing_to_generate_scores_its_prompt_and_leaves_at_its_prefill(layout, decoder: str) -> None:
+    """max_new_tokens=0 beside rows that generate: it finishes at the prefill with its prompt's log-probabilities
+    (those a generating row gets) and no tokens; the other rows generate what they generate without it."""
+    generator = _generator(layout, decoder=decoder)
+    scored = SamplingParams(max_new_tokens=0, prompt_logprobs=True, top_logprobs=2)
+    params = [SamplingParams(max_new_tokens=5), scored, SamplingParams(max_new_tokens=4), scored]
+    out = generator.generate(PROMPTS, params)
+    alone = generator.generate(PROMPTS, [replace(p, max_new_tokens=3) for p in params])
+    for index in (1, 3):
+        assert (out[index].token_ids, out[index].finish_reason) == ([], FinishReason.length)
+        assert out[index].prompt_logprobs == alone[index].prompt_logprobs
+    plain = generator.generate([PROMPTS[0], PROMPTS[2]], [params[0], params[2]])
+    assert [out[0].token_ids, out[2].token_ids] == [c.token_ids for c in plain]
+    deltas = [d for step in generator.stream(PROMPTS[1:2], [scored]) for d in step]
+    assert len(deltas) == 1 and deltas[0].finish_reason == FinishReason.length
+    assert deltas[0].prompt_logprobs == tuple(out[1].prompt_logprobs or ())
+
+
 def test_a_one_token_prompt_has_no_prompt_logprobs(layout) -> None:
     out = _generator(layout).generate([[2]], [SamplingParams(max_new_tokens=2, prompt_logprobs=True)])[0]
     assert out.prompt_logprobs == [] and len(out.token_ids) == 2

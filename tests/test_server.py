@@ -400,6 +400,9 @@ def test_completions_score_the_chat_answer_as_the_chat_route_scored_it(server: d
     assert answer == pytest.approx(decoded, abs=1e-4)
     assert all(value == max(top.values()) for value, top in zip(answer, logprobs.top_logprobs[context_length:-1]))
     assert all(value <= 0 for value in logprobs.token_logprobs[1:])
+    alone = client.completions.create(model="sft", prompt=ids, echo=True, logprobs=1, max_tokens=0)  # legacy scoring
+    assert alone.usage.completion_tokens == 0 and alone.choices[0].finish_reason == "length"
+    assert alone.choices[0].logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:-1], abs=1e-6)
     text = scored.choices[0].text
     assert all(text[o : o + len(t)] == t for o, t in zip(logprobs.text_offset, logprobs.tokens))
     continued = client.completions.create(

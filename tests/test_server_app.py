@@ -466,6 +466,25 @@ def test_completions_continue_each_prompt_n_times_and_echo_string_prompts_as_sen
     assert server.jobs[-1].params[0].max_new_tokens == 16  # OpenAI's default for this route
 
 
+def test_completions_with_max_tokens_0_score_the_prompt_alone(app) -> None:
+    """The legacy API's scoring request (echo, logprobs, max_tokens 0): the prompt's text and entries, nothing
+    generated; streamed alike."""
+    server = app()
+    tokenizer = server.steering.tokenizer
+    ids = tokenizer.encode("what does zog eat figs")
+    request = {"prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
+    status, reply = _complete(server, request)
+    assert status == 200, reply
+    [choice] = reply["choices"]
+    assert (choice["text"], choice["finish_reason"]) == (tokenizer.decode(ids), "length")
+    assert choice["logprobs"]["token_logprobs"] == [None] + [-(i + 1) / 8 for i in range(len(ids) - 1)]
+    assert choice["logprobs"]["tokens"] == [_after(tokenizer, ids[:i], t) for i, t in enumerate(ids)]
+    assert reply["usage"]["completion_tokens"] == 0 and server.jobs[-1].params[0].max_new_tokens == 0
+    payloads = list(_events(server.open({"model": "tiny", **request, "stream": True}, "/v1/completions").getresponse()))
+    [chunk] = [json.loads(p)["choices"][0] for p in payloads[:-1]]
+    assert (chunk["text"], chunk["logprobs"], chunk["finish_reason"]) == (choice["text"], choice["logprobs"], "length")
+
+
 def test_completions_refuse_what_they_cannot_honour_by_name(app, tmp_path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("sk-support-0123456789 support\nsk-admin-0123456789abcdef\n")
@@ -477,7 +496,7 @@ def test_completions_refuse_what_they_cannot_honour_by_name(app, tmp_path) -> No
         ({"prompt": "figs", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
         ({"prompt": "figs", "logit_bias": {"5": 100}}, 400, "logit_bias", "unsupported_parameter"),
         ({"prompt": "figs", "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
-        ({"prompt": "figs", "max_tokens": 0, "echo": True}, 400, "max_tokens", "invalid_max_tokens"),
+        ({"prompt": "figs", "max_tokens": -1}, 422, "max_tokens", "invalid_value"),
         ({"prompt": "figs", "max_tokens": 65}, 400, "max_tokens", "max_tokens_too_large"),
         ({"prompt": "figs", "logprobs": 21}, 400, "logprobs", "invalid_logprobs"),
         ({"prompt": ["figs"] * 3, "n": 3}, 400, "prompt", "too_many_choices"),  # 9 > limits.max_n 8

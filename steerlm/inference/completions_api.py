@@ -23,9 +23,10 @@ per choice `text` (after the prompt's own text with `echo`), `logprobs` {`tokens
 - Without the chat template there is no attribute line to impose: `model` must be the served model's name
   (not `<model>:<profile>`), and an API key bound to a profile may not use this route. Refused by name: a
   `suffix`, `best_of` other than n, and the fields `/v1/chat/completions` refuses (`logit_bias`, penalties).
-- `max_tokens` defaults to 16 (OpenAI's default for this route); temperature, top_p, top_k, stop and seed
-  default to the server's `sampling` settings, as on the chat route. `max_tokens` 0 (score without
-  generating) is refused: ask for 1 and leave out the last entry, as lm-evaluation-harness does.
+- `max_tokens` defaults to 16 (OpenAI's default for this route); 0 generates nothing — with `echo` and
+  `logprobs`, the prompt is scored alone, the legacy API's scoring request (the row ends at its prefill,
+  `finish_reason` "length"). Temperature, top_p, top_k, stop and seed default to the server's `sampling`
+  settings, as on the chat route.
 """
 
 from __future__ import annotations
@@ -169,14 +170,6 @@ def completion_job(body: CompletionRequest, cfg: ServeConfig, tokenizer: Tokeniz
     check_unsupported(body.model_extra)
     limits = cfg.limits
     max_tokens = OPENAI_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    if max_tokens == 0:
-        raise ApiError(
-            400,
-            "max_tokens=0 is not supported: to score a text, send it with echo, logprobs and max_tokens=1 and "
-            "leave out the last entry",
-            param="max_tokens",
-            code="invalid_max_tokens",
-        )
     check_limit(max_tokens, limits.max_tokens, "max_tokens", "limits.max_tokens", "max_tokens_too_large")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(

@@ -39,7 +39,7 @@ from steerlm.tokenizers import Tokenizer
 class SamplingParams:
     """How one prompt is continued (OpenAI's names where they exist)."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # 0: the prompt only (scored with prompt_logprobs), the row finishes at its prefill
     temperature: float = 0.0  # 0: greedy (argmax)
     top_k: int = 0  # keep the k most likely tokens; 0: off
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1: off
@@ -52,7 +52,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         problems = {
-            "max_new_tokens": self.max_new_tokens >= 1,
+            "max_new_tokens": self.max_new_tokens >= 0,
             "temperature": self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf,
             "top_k": 0 <= self.top_k < TOP_K_LIMIT,
             "top_p": MIN_TOP_P <= self.top_p <= 1,
@@ -64,7 +64,7 @@ class SamplingParams:
         for name, ok in problems.items():
             if not ok:
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 1, temperature 0 or >= "
+                    f"{name}={getattr(self, name)!r} is invalid: max_new_tokens >= 0, temperature 0 or >= "
                     f"{MIN_TEMPERATURE:g}, 0 <= top_k < 2**63, {MIN_TOP_P:g} <= top_p <= 1, stop strings "
                     f"non-empty, 0 <= seed < 2**63, 0 <= top_logprobs <= {MAX_TOP_LOGPROBS} and only with logprobs or "
                     "prompt_logprobs"
@@ -493,6 +493,15 @@ class Decoding:
                 else:
                     failure = RowFailed(f"its prefill failed: {type(error).__name__}: {error}")
                     outcome.failed.append((group[0].key, failure))
+        # rows with nothing to generate (a prompt to score) finish at their prefill
+        done = [slot for slot, row in enumerate(self.rows) if row.params.max_new_tokens == 0]
+        for slot in done:
+            row = self.rows[slot]
+            row.finish = FinishReason.length
+            outcome.deltas.append(row.next_delta())
+            outcome.finished.append(row)
+        if done:
+            self._keep([slot for slot in range(len(self.rows)) if slot not in done])
 
     def _prefill(self, requests: list[RowRequest]) -> None:
         generator, vocab = self.generator, self.generator.tokenizer.vocab_size
