@@ -139,3 +139,25 @@ def test_rows_that_join_and_leave_at_different_steps_get_the_logits_they_get_alo
         assert len(got[name]) <= len(expected[name])
         for position, (ours, alone) in enumerate(zip(got[name], expected[name])):
             torch.testing.assert_close(ours, alone, rtol=1e-5, atol=1e-5, msg=f"row {name}, step {position}")
+
+
+@pytest.mark.parametrize("kind", ["lean", "megatron", "graphed"])
+def test_prompt_logits_of_a_prefill_equal_a_cache_free_forward_pass(layout, kind: str) -> None:
+    """`add(..., scored)` hands out the asked rows' logits at every prompt position but the last, in spans of
+    any size (here 3, ending inside a prompt), from the prefill that also starts them; rows joining a running
+    batch (the second `add`) too; rows not asked get none."""
+    chunk = _chunk(layout)
+    decoder = {
+        "lean": lambda: LeanDecoder(chunk, layout, 16),
+        "megatron": lambda: MegatronDecoder(chunk, layout, 16),
+        "graphed": lambda: GraphedLeanDecoder(chunk, layout, 16, capture=False),
+    }[kind]()
+    prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :4].tolist(), TOKENS[1, 2:10].tolist()]
+    with runtime.inference():
+        _, first = decoder.add(prompts[:2], 16, scored=[0])
+        decoder.step(torch.tensor([5, 6]))
+        _, joined = decoder.add(prompts[2:], 16, scored=[0])
+        for prompt, logits in ((prompts[0], first[0]), (prompts[2], joined[0])):
+            reference = chunk(torch.tensor([prompt]), torch.arange(len(prompt))[None], None)[0, :-1]
+            torch.testing.assert_close(torch.cat(list(logits.chunks(3))), reference, rtol=1e-5, atol=1e-5)
+    assert list(first) == [0] and list(joined) == [0]
