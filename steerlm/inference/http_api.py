@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from steerlm.config.inference import ServeConfig, ServeLimits
 from steerlm.errors import DataError
 from steerlm.inference.engine import EngineBusy, EngineClosed, GenerationJob, Job, RequestTimeout, Service
-from steerlm.inference.generate import SamplingParams
+from steerlm.inference.generate import Delta, SamplingParams
 from steerlm.inference.steering import RequestError, sampling_params
 
 log = logging.getLogger(__name__)
@@ -345,11 +345,11 @@ def param_path(location: tuple) -> str | None:
 
 
 async def answer(
-    service: Service, job: GenerationJob, events: JobEvents, request: Request, reply: Any, stream: bool
+    service: Service, job: GenerationJob, events: JobEvents, request: Request, reply: OpenAIReply, stream: bool
 ) -> Any:
-    """Run a generation job and answer with `reply` (`push(delta)`, `completion()`, `stream(job, events,
-    first)`): its completion, or its SSE stream. Until the response starts, a disconnect cancels the job (a
-    stream's response then listens itself); errors before the first event still get their HTTP status."""
+    """Run a generation job and answer with `reply`: its completion, or its SSE stream. Until the response
+    starts, a disconnect cancels the job (a stream's response then listens itself); errors before the first
+    event still get their HTTP status."""
     service.engine.submit(job)
     watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
     streaming = False  # once the stream is handed over, it cancels the job when it ends
@@ -386,6 +386,14 @@ class OpenAIReply(abc.ABC):
         self.id, self.created = f"{prefix}-{request_id.removeprefix('req_')}", int(time.time())
         self.model, self.prompt_tokens = model, prompt_tokens
         self.include_usage = bool(stream_options and stream_options.include_usage)
+
+    @abc.abstractmethod
+    def push(self, delta: Delta) -> object:
+        """Add a delta to its choice (returning what a chunk of it needs)."""
+
+    @abc.abstractmethod
+    def completion(self) -> dict:
+        """The whole answer, once every choice has finished."""
 
     @abc.abstractmethod
     def completion_tokens(self) -> int:
