@@ -120,7 +120,7 @@ class ChatCompletions:
     ) -> tuple[GenerationJob, int, dict]:
         """The request checked in full and turned into a job; ApiError or RequestError name what is wrong."""
         profile = self.profile_of(body.model, body.profile, key_profile)
-        check_unsupported(body.model_extra)
+        check_unsupported(body.model_extra, "it steers responses with the `attributes` object")
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is not None:
             check_limit(

@@ -110,17 +110,13 @@ class SamplingRequest(BaseModel):
         )
 
 
-def check_unsupported(extra: Mapping[str, Any] | None) -> None:
+def check_unsupported(extra: Mapping[str, Any] | None, why: str = "") -> None:
     """A request's fields beyond the schema (`model_extra`) against `UNSUPPORTED`: an ApiError for the first
-    one set to something other than its no-op value."""
+    one set to something other than its no-op value (`why`: what the message adds in parentheses)."""
     for key in UNSUPPORTED:
         if (extra or {}).get(key) not in UNSET:
-            raise ApiError(
-                400,
-                f"{key} is not supported by this server (it steers responses with the `attributes` object)",
-                param=key,
-                code="unsupported_parameter",
-            )
+            message = f"{key} is not supported by this server" + (f" ({why})" if why else "")
+            raise ApiError(400, message, param=key, code="unsupported_parameter")
 
 
 def check_limit(value: int, limit: int, param: str, key: str, code: str) -> None:
