@@ -598,11 +598,18 @@ def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: d
     raw = "<extra_id_0>System\n\n<extra_id_1>User\nWhat color is Tanlinyal?\n<extra_id_1>Assistant\n"
     nemo = {"sentences": [raw], "tokens_to_generate": 8, "greedy": True}
 
+    echoed = {"model": "sft", "prompt": raw, "echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0}
+
     def answers(port: int) -> tuple[list, list, dict]:
         choice = _request(port, "POST", "/v1/chat/completions", scored)[1]["choices"][0]
         entries = choice["logprobs"]["content"]
         tokens = [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in entries]
         values = [v for e in entries for v in (e["logprob"], *(t["logprob"] for t in e["top_logprobs"]))]
+        # the prompt's log-probabilities too: every rank scores the prompt in the same spans
+        completion = _request(port, "POST", "/v1/completions", echoed)[1]["choices"][0]
+        tops = completion["logprobs"]["top_logprobs"][1:]
+        tokens += [completion["text"], completion["logprobs"]["tokens"], [sorted(top) for top in tops]]
+        values += completion["logprobs"]["token_logprobs"][1:] + [v for top in tops for _, v in sorted(top.items())]
         return tokens, values, _request(port, "PUT", "/generate", nemo)[1]
 
     tp1_tokens, tp1_values, tp1_nemo = answers(server["port"])
