@@ -384,6 +384,10 @@ def test_logprobs_and_token_ids_exclude_the_stop_token_which_the_last_delta_name
     ]
     assert [d.stop_token for d in streamed] == [None] * (len(streamed) - 1) + [stop]  # named on the last delta
     assert [t for d in streamed for t in d.token_ids] == free.token_ids[:cut]
+    assert all(d.stop_logprob is None for d in streamed)  # not asked for
+    scored = _generator(layout, stop_ids=[stop]).stream(PROMPTS[:1], [SamplingParams(12, logprobs=True)])
+    last = [d for deltas in scored for d in deltas][-1]
+    assert last.stop_logprob == free.logprobs[cut]  # the stop token's, where the free run generated it
 
 
 @pytest.mark.parametrize(

@@ -336,7 +336,8 @@ def _tutorial_prompt() -> str:
 @pytest.mark.slow
 def test_nemos_tutorial_client_gets_what_the_chat_endpoint_answers(server: dict) -> None:
     """The SteerLM tutorial's `get_answer` (NeMo-Aligner docs), its prompt built by hand, against PUT /generate:
-    the same greedy answer as /v1/chat/completions, with the end string NeMo leaves on it."""
+    the same greedy answer as /v1/chat/completions, with the end string NeMo leaves on it; with compute_logprob,
+    every token's log-probability."""
     prompt = _tutorial_prompt()
     data = {
         "sentences": [prompt],
@@ -358,6 +359,14 @@ def test_nemos_tutorial_client_gets_what_the_chat_endpoint_answers(server: dict)
     assert len(nemo["token_ids"][0]) == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"] + (
         choice["finish_reason"] == "stop"
     )
+    # compute_logprob: each token after the first (the kept end-of-turn token included) as the same sequence
+    # scored in one prefill pass by /v1/completions with echo
+    status, scored = _request(server["port"], "PUT", "/generate", {**data, "compute_logprob": True})
+    assert status == 200 and scored["token_ids"] == nemo["token_ids"] and nemo["logprob"] is None
+    ids = nemo["token_ids"][0]
+    echoed = {"model": "sft", "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
+    reference = _request(server["port"], "POST", "/v1/completions", echoed)[1]["choices"][0]["logprobs"]
+    assert scored["logprob"][0] == pytest.approx(reference["token_logprobs"][1:], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -360,12 +360,19 @@ def test_nemo_generate_answers_in_nemos_shape_and_refuses_what_it_cannot_honour(
         assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     [job] = server.jobs  # one job, a row per sentence
     assert job.prompts == prompts and job.params == [job.params[0]] * 2 and job.params[0].temperature == 0
+    assert reply["logprob"] is None  # not asked for, as NeMo answers
+    status, scored = generate(
+        {"sentences": sentences, "tokens_to_generate": 3, "greedy": True, "compute_logprob": True}
+    )
+    # every token after the first: the scripted prompt entries -(i + 1) / 8, then the answer's -1, -2, -3
+    assert scored["logprob"] == [[-(i + 1) / 8 for i in range(len(p) - 1)] + [-1.0, -2.0, -3.0] for p in prompts]
+    assert scored["token_ids"] == reply["token_ids"] and server.jobs[-1].params[0].prompt_logprobs
     sampled = {"sentences": ["figs"], "temperature": 0.5, "random_seed": 7}
     assert generate(sampled)[0] == 200
     assert (server.jobs[-1].params[0].temperature, server.jobs[-1].params[0].top_p) == (0.5, 0.9)  # NeMo's default
     assert server.jobs[-1].params[0].seed == 7 and server.jobs[-1].params[0].stop == ("<|endoftext|>",)
     refused = [
-        ({"sentences": ["figs"], "compute_logprob": True}, 400, "compute_logprob", "unsupported_parameter", admin),
+        ({"sentences": ["figs"], "all_probs": True}, 400, "all_probs", "unsupported_parameter", admin),
         ({"sentences": ["figs"], "repetition_penalty": 1.2}, 400, "repetition_penalty", "unsupported_parameter", admin),
         ({"sentences": ["figs"] * 9}, 400, "sentences", "too_many_sentences", admin),  # limits.max_n is 8
         ({"sentences": ["figs"], "tokens_to_generate": 65}, 400, "tokens_to_generate", "max_tokens_too_large", admin),

@@ -96,8 +96,9 @@ class Delta:
     the tokens generated since the row's last delta (with `SamplingParams.logprobs`), in order; a row's
     deltas together carry one per generated token (the stop token excluded, as in `tokens`). `token_ids`:
     those tokens' ids, which a stop string's text may have left out of `text`; `stop_token`, on the last
-    delta of a row that a stop token ended, that token. `prompt_logprobs`, on a row's first delta (with
-    `SamplingParams.prompt_logprobs`): one per prompt token after the first."""
+    delta of a row that a stop token ended, that token, and with `logprobs` its `stop_logprob`.
+    `prompt_logprobs`, on a row's first delta (with `SamplingParams.prompt_logprobs`): one per prompt token
+    after the first."""
 
     index: int
     text: str
@@ -107,6 +108,7 @@ class Delta:
     token_ids: tuple[int, ...] = ()
     stop_token: int | None = None
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    stop_logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -159,6 +161,7 @@ class _Row:
     logprobs_emitted: int = 0
     ids_emitted: int = 0
     stop_token: int | None = None  # the stop token that ended the row
+    stop_logprob: TokenLogprob | None = None  # its log-probability, with params.logprobs
 
     def __post_init__(self) -> None:
         self.read_offset = len(self.context)
@@ -179,7 +182,7 @@ class _Row:
         logprob: TokenLogprob | None = None,
     ) -> None:
         if token in stop_ids:
-            self.finish, self.stop_token = FinishReason.stop, token
+            self.finish, self.stop_token, self.stop_logprob = FinishReason.stop, token, logprob
         else:
             self.generated.append(token)
             if logprob is not None:
@@ -222,7 +225,17 @@ class _Row:
         scored = None
         if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
             scored, self.prompt_logprobs_sent = tuple(self.prompt_logprobs), True
-        return Delta(self.index, text, self.finish, len(self.generated), logprobs, ids, self.stop_token, scored)
+        return Delta(
+            self.index,
+            text,
+            self.finish,
+            len(self.generated),
+            logprobs,
+            ids,
+            self.stop_token,
+            scored,
+            self.stop_logprob,
+        )
 
     def completion(self, tokenizer: Tokenizer) -> Completion:
         """The finished row as a `Completion` (text decoded now unless it was tracked)."""

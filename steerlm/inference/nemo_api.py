@@ -4,17 +4,21 @@ The SteerLM tutorials of NeMo and NeMo-Aligner steer with a client that builds t
 `<extra_id_0>System…<extra_id_2>{attributes}\\n` — sends it as `sentences` to `PUT /generate` and reads
 `sentences[0][len(prompt):]`. This route takes that request as NeMo's server does and answers in its shape:
 `sentences` (each prompt followed by its continuation), `tokens` (each id's text, the prompt's included),
-`token_ids` and `offsets` (where each token starts in its sentence).
+`token_ids`, `offsets` (where each token starts in its sentence) and `logprob`: with `compute_logprob`, per
+sentence the log-probability of each of its `token_ids` after the first, given those before it (the model's
+own distribution, untempered, as NeMo's log-softmax of the raw output), else null. NeMo's batch pads a shorter
+sentence's list with the log-probabilities of the fill tokens generated after it ended; here each list has
+exactly its sentence's entries.
 
 As NeMo's generation does, a continuation ends after the token that completes an end string (which stays in the
 sentence) or at a stop token: the template's end of turn is kept (a marker id reads as its text), the
 tokenizer's EOS dropped, as NeMo's detokenizer drops it. Sampling as NeMo's: `greedy` takes the argmax
 (ignoring `temperature`, `top_k` and `top_p`), else `temperature` (default 1.0), `top_k` (0: off) and `top_p`
 (default 0.9). What this server cannot do as NeMo does is refused with a 400 naming the key, never ignored:
-`compute_logprob` and `all_probs` (`/v1/completions` with `echo` and `logprobs` scores every token, the
-prompt's too, in OpenAI's shape), `repetition_penalty` other than 1, `min_tokens_to_generate` other than 0,
-`task_ids` and `neighbors` (p-tuning and RETRO). The raw prompt carries its own attribute line, so an API key bound to a
-profile (whose attributes the server must impose) may not use this route.
+`all_probs` (full-vocabulary log-probabilities per position), `repetition_penalty` other than 1,
+`min_tokens_to_generate` other than 0, `task_ids` and `neighbors` (p-tuning and RETRO). The raw prompt carries
+its own attribute line, so an API key bound to a profile (whose attributes the server must impose) may not use
+this route.
 """
 
 from __future__ import annotations
@@ -25,17 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steerlm.config.inference import SEED_LIMIT, ServeConfig
 from steerlm.inference.generate import Delta, SamplingParams
-from steerlm.inference.http_api import ApiError, check_limit, check_stop_strings
+from steerlm.inference.http_api import LEAST_LOGPROB, ApiError, check_limit, check_stop_strings
 from steerlm.tokenizers import Tokenizer
 
 # NeMo's own cap on sentences per request; this server's `limits.max_n` applies too.
 MAX_SENTENCES = 128
 # Fields NeMo accepts whose NeMo meaning this server cannot reproduce: refused unless at their no-op value.
 REFUSED: dict[str, tuple[object, str]] = {
-    "compute_logprob": (
-        False,
-        "not served in NeMo's shape; POST /v1/completions with echo and logprobs scores every token, the prompt's too",
-    ),
     "all_probs": (False, "full-vocabulary log-probabilities per position are not served"),
     "repetition_penalty": (1.0, "repetition penalties are not implemented"),
     "min_tokens_to_generate": (0, "a minimum length is not implemented"),
@@ -108,6 +108,8 @@ def nemo_job(
         top_p=1.0 if body.greedy or body.top_p == 0 else body.top_p,  # NeMo reads top_p 0 as off
         stop=tuple(body.end_strings),
         seed=seed,
+        logprobs=body.compute_logprob,
+        prompt_logprobs=body.compute_logprob,
     )
     try:
         params.validate()
@@ -116,17 +118,33 @@ def nemo_job(
     return prompts, [params] * len(prompts)
 
 
+def _logprobs(deltas: list[Delta], kept_stop: bool) -> list[float]:
+    """A sentence's `logprob`: its prompt's tokens after the first, its generated ones, its kept stop token
+    (-inf, which JSON cannot carry, as OpenAI's -9999.0)."""
+    items = [item for delta in deltas for item in (*(delta.prompt_logprobs or ()), *delta.logprobs)]
+    items += [d.stop_logprob for d in deltas if kept_stop and d.stop_logprob is not None]
+    return [max(item.logprob, LEAST_LOGPROB) for item in items]
+
+
 def nemo_response(
-    tokenizer: Tokenizer, sentences: list[str], prompts: list[list[int]], rows: list[list[Delta]]
+    tokenizer: Tokenizer, body: NemoGenerateRequest, prompts: list[list[int]], rows: list[list[Delta]]
 ) -> dict:
     """NeMo's answer: per sentence, the prompt as sent followed by the continuation's text in context (decoded
-    after the prompt's ids, with the stop token that ended it), each id's text and where it starts."""
-    out: dict[str, list] = {"sentences": [], "tokens": [], "token_ids": [], "offsets": []}
-    for sentence, prompt, deltas in zip(sentences, prompts, rows):
+    after the prompt's ids, with the stop token that ended it), each id's text and where it starts, and with
+    `compute_logprob` each id's log-probability after the first."""
+    out: dict[str, Any] = {"sentences": [], "tokens": [], "token_ids": [], "offsets": []}
+    out["logprob"] = [] if body.compute_logprob else None
+    for sentence, prompt, deltas in zip(body.sentences, prompts, rows):
         generated = [token for delta in deltas for token in delta.token_ids]
         # a stop token is kept as NeMo keeps an end string; the EOS is dropped as NeMo's detokenizer drops it
-        generated += [d.stop_token for d in deltas if d.stop_token is not None and d.stop_token != tokenizer.eos_id]
+        stops = [d.stop_token for d in deltas if d.stop_token is not None and d.stop_token != tokenizer.eos_id]
+        generated += stops
         ids = prompt + generated
+        if body.compute_logprob:
+            scored = _logprobs(deltas, kept_stop=bool(stops))
+            if len(scored) != len(ids) - 1:
+                raise RuntimeError(f"{len(scored)} log-probabilities for {len(ids)} tokens")
+            out["logprob"].append(scored)
         continuation = tokenizer.decode(ids)[len(tokenizer.decode(prompt)) :]
         tokens = [tokenizer.decode([token]) for token in ids]
         offsets = [0]

@@ -242,7 +242,7 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
         finally:
             watcher.cancel()
             job.cancel()
-        return nemo_response(steering.tokenizer, body.sentences, prompts, rows)
+        return nemo_response(steering.tokenizer, body, prompts, rows)
 
     @app.post("/v1/attributes/score")
     async def score(body: ScoreRequest, request: Request) -> dict:
