@@ -49,6 +49,7 @@ from steerlm.inference.http_api import (
     SamplingRequest,
     check_limit,
     check_unsupported,
+    check_vocabulary,
 )
 from steerlm.tokenizers import Tokenizer
 
@@ -131,14 +132,7 @@ def _prompts(body: CompletionRequest, tokenizer: Tokenizer, max_prompt_tokens: i
             texts.append(item)
             added.append(int(tokenizer.bos_id is not None))
         else:
-            bad = [t for t in item if not 0 <= t < tokenizer.vocab_size]
-            if bad:
-                raise ApiError(
-                    400,
-                    f"{param} holds token id {bad[0]}, outside the tokenizer's [0, {tokenizer.vocab_size})",
-                    param=param,
-                    code="invalid_token_id",
-                )
+            check_vocabulary(item, tokenizer.vocab_size, param)
             ids.append(list(item))
             texts.append(tokenizer.decode(item))
             added.append(0)

@@ -125,6 +125,15 @@ def check_limit(value: int, limit: int, param: str, key: str, code: str) -> None
         raise ApiError(400, f"{param}={value} exceeds this server's limit of {limit} ({key})", param=param, code=code)
 
 
+def check_vocabulary(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """Token ids a request sends (`param`: its field) against the tokenizer's range: an ApiError naming the first
+    one outside it."""
+    bad = [token for token in ids if not 0 <= token < vocab_size]
+    if bad:
+        message = f"{param} holds token id {bad[0]}, outside the tokenizer's [0, {vocab_size})"
+        raise ApiError(400, message, param=param, code="invalid_token_id")
+
+
 def check_stop_strings(stops: Sequence[str], limits: ServeLimits, param: str, noun: str) -> None:
     """A request's stop strings (`param`: its field; `noun`: what the API calls them) against the server's
     limits, or an ApiError: none empty, at most `limits.max_stop_strings` of at most `limits.max_stop_chars`

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from steerlm.inference.chat_api import MessageIn
-from steerlm.inference.http_api import ApiError
+from steerlm.inference.http_api import ApiError, check_vocabulary
 from steerlm.tokenizers import Tokenizer
 
 
@@ -42,8 +42,12 @@ class TokenizeRequest(BaseModel):
         if (self.prompt is None) == (self.messages is None):
             raise ApiError(400, "send exactly one of prompt (text) or messages (a chat)", param="prompt")
         if self.prompt is not None:
-            chat_only = {"attributes": self.attributes, "profile": self.profile}
-            for key, value in {**chat_only, "add_generation_prompt": self.add_generation_prompt}.items():
+            chat_only = (
+                ("attributes", self.attributes),
+                ("profile", self.profile),
+                ("add_generation_prompt", self.add_generation_prompt),
+            )
+            for key, value in chat_only:
                 if value is not None:
                     raise ApiError(400, f"{key} applies to messages, not to a prompt", param=key)
             return "prompt"
@@ -77,14 +81,7 @@ def tokenized(ids: list[int], max_model_len: int) -> dict:
 
 
 def detokenized(tokenizer: Tokenizer, body: DetokenizeRequest) -> dict:
-    bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
-    if bad:
-        raise ApiError(
-            400,
-            f"tokens holds id {bad[0]}, outside the tokenizer's [0, {tokenizer.vocab_size})",
-            param="tokens",
-            code="invalid_token_id",
-        )
+    check_vocabulary(body.tokens, tokenizer.vocab_size, "tokens")
     return {"prompt": tokenizer.decode(body.tokens)}
 
 
