@@ -15,7 +15,9 @@ gives them, after HF computes logits for every position). TFLOP/s counts the who
 On GPU each side is built, timed (mean step after warm-up) and freed in turn, so its peak memory is its own. On
 CPU, where other processes share the cores, both are built and timed in alternating rounds of `--steps` steps,
 and each side's median step is reported, so both see the same load. Prints ms/step, tokens/s, model TFLOP/s,
-peak memory (GPU) and the steerlm / HF throughput ratio; `--json` also writes them to a file.
+peak memory (GPU) and the steerlm / HF throughput ratio; `--json` also writes them to a file. Where
+`parallel.cpu_matmul=auto` picks oneDNN (AMD CPUs), a third side, `blas`, is steerlm on torch's BLAS: the
+ratio of the two is what oneDNN's products give.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import torch
 
 from steerlm import megatron_compat, runtime
 from steerlm.config import DType, ParallelConfig, PrecisionConfig, TrainerConfig, compose, to_typed
-from steerlm.config.schema import ModelConfig
+from steerlm.config.schema import CpuMatmul, ModelConfig
 from steerlm.models import build_model_chunks
 from steerlm.models.hf_llama import hf_config_dict
+from steerlm.runtime import ParallelLayout
+from steerlm.runtime.cpu_matmul import matmul, routable, use_onednn
 from steerlm.training import build_optimizer, microbatches_for_rank, train_step, wrap_for_training
 from steerlm.training.setup import compile_layers
 
@@ -94,9 +98,17 @@ def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, prompt
 
 
 def steerlm_step(
-    model: ModelConfig, dtype: DType, rows: int, seq_length: int, prompt: int, compile_model: bool
+    model: ModelConfig,
+    dtype: DType,
+    rows: int,
+    seq_length: int,
+    prompt: int,
+    compile_model: bool,
+    layout: ParallelLayout,
+    cpu_products: CpuMatmul = CpuMatmul.auto,
 ) -> Step:
-    layout = runtime.initialize(ParallelConfig(), seed=1)
+    # the route is per process: each step installs its own, so sides with different ones alternate fairly
+    route = (routable, matmul) if layout.device.type == "cpu" and use_onednn(cpu_products) else None
     precision = PrecisionConfig(dtype=dtype)
     trainer = TrainerConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=seq_length, max_steps=10**6)
     cfg = to_typed(compose("demo", ["optim.lr=1e-5", "optim.min_lr=1e-6", "optim.lr_warmup_steps=0"]))
@@ -106,7 +118,12 @@ def steerlm_step(
     wrapped = wrap_for_training(chunks, precision, False, layout)
     optimizer, scheduler = build_optimizer(wrapped, cfg.optim, precision, trainer, False, layout)
     microbatches = microbatches_for_rank(_batch(model, rows, seq_length, prompt), rows, layout)
-    return lambda: train_step(wrapped, optimizer, scheduler, microbatches, layout)
+
+    def step() -> None:
+        megatron_compat.route_matmuls(route)
+        train_step(wrapped, optimizer, scheduler, microbatches, layout)
+
+    return step
 
 
 def _timed(step: Step, device: torch.device, count: int) -> list[float]:
@@ -172,10 +189,13 @@ def main() -> None:
     prompt = round(args.prompt_fraction * seq)
     if not 0 <= prompt < seq:
         parser.error(f"--prompt-fraction {args.prompt_fraction}: must leave at least one trained position, in [0, 1)")
+    layout = runtime.initialize(ParallelConfig(), seed=1)
     builders = {
         "hf": lambda: hf_step(model, dtype, rows, seq, prompt, device),
-        "steerlm": lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model),
+        "steerlm": lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout),
     }
+    if device.type == "cpu" and use_onednn(CpuMatmul.auto):  # also steerlm on torch's BLAS, as elsewhere
+        builders["blas"] = lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout, CpuMatmul.blas)
     if device.type == "cuda":
         results = measure_in_turn(builders, device, args.warmup, args.steps)
     else:
@@ -197,6 +217,9 @@ def main() -> None:
         )
     ratio = results["hf"]["seconds"] / results["steerlm"]["seconds"]
     print(f"  ratio steerlm / hf (throughput): {ratio:.3f}")
+    if "blas" in results:
+        gain = results["blas"]["seconds"] / results["steerlm"]["seconds"]
+        print(f"  ratio steerlm / steerlm on torch's BLAS (parallel.cpu_matmul=blas): {gain:.3f}")
     if args.json:
         with open(args.json, "w") as out:
             shape = {"preset": args.preset, "layers": args.layers, "prompt": prompt, "device": name}

@@ -9,7 +9,10 @@ patches megatron, overrides a private method or reads a private attribute.
    at their first call instead of at import, which spares every process importing `torch._dynamo`/`_inductor`.
 1. Supported range (`SUPPORTED`): checked when this module is imported, with the fix in the message.
 2. CPU stand-ins (`activate`, `thread_mode`, `lifted`): megatron-core assumes CUDA in a handful of places;
-   `steerlm.runtime` activates them only when CUDA is absent. Measured needs: docs/architecture.md.
+   `steerlm.runtime` activates them only when CUDA is absent. Measured needs: docs/architecture.md. The same
+   mode routes matrix products (`route_matmuls`): megatron's linear autograd function multiplies with
+   `torch.matmul` / `Tensor.matmul` (forward `input @ weight.t()`, backward `grad_output @ weight` and
+   `grad_output.t() @ input`), which `steerlm.runtime.cpu_matmul` sends to oneDNN.
 3. Synchronous dist-checkpoint saves (`use_in_process_save_queue`): replaces the module-level
    `filesystem_async._results_queue` (a `spawn` multiprocessing Manager queue) by an in-process queue.
 4. Own output heads (`GPTModelWithOwnHead`, `GPTModelWithLossHead`): override the private
@@ -97,6 +100,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 # --- 2. CPU stand-ins ------------------------------------------------------------------------------------
 
 _active_mode: _CudaToCpuMode | None = None
+MatmulRoute = Optional[tuple[Callable[..., bool], Callable[..., torch.Tensor]]]  # (routable, matmul): route_matmuls
+_matmul_route: MatmulRoute = None
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -115,9 +120,14 @@ class _CudaToCpuMode(TorchFunctionMode):
       grad clipping and `transformer.utils` masks.
     - `tensor.type()` names CPU tensors like CUDA ones ("torch.cuda.BFloat16Tensor"): megatron's
       mixed-precision optimizer and grad clipping accept parameters only by those names.
+    - `torch.matmul` / `Tensor.matmul` → the route `route_matmuls` installed, for the products it accepts.
     """
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
+        if _matmul_route is not None and (func is torch.matmul or func is torch.Tensor.matmul) and not kwargs:
+            routable, matmul = _matmul_route
+            if len(args) == 2 and routable(*args):
+                return matmul(*args)
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
@@ -129,6 +139,20 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+def route_matmuls(route: MatmulRoute) -> MatmulRoute:
+    """Send `torch.matmul(a, b)` / `a.matmul(b)` calls that `routable(a, b)` accepts to `matmul(a, b)` while the
+    stand-ins are active (`route=(routable, matmul)`; None: torch's own). Megatron's linear autograd function
+    (`LinearWithGradAccumulationAndAsyncCommunication`) computes its three products with these calls — forward
+    `input @ weight.t()`, backward `grad_output @ weight` and `grad_output.t() @ input` — so this is how
+    steerlm picks the CPU's GEMM library for megatron's layers without copying that function. The backward's
+    products are seen because megatron's schedules start the backward through `custom_backward`, the autograd
+    engine directly: `Tensor.backward()` is itself a torch function, inside which the mode is off. Returns the
+    route it replaces."""
+    global _matmul_route
+    previous, _matmul_route = _matmul_route, route
+    return previous
 
 
 def _current_device() -> str:

@@ -92,6 +92,14 @@ class Backend(str, Enum):
     gloo = "gloo"
 
 
+class CpuMatmul(str, Enum):
+    """Who computes fp32 products of megatron's linear layers on the CPU (`steerlm.runtime.cpu_matmul`)."""
+
+    auto = "auto"  # oneDNN on AMD x86 CPUs, torch's BLAS elsewhere
+    onednn = "onednn"
+    blas = "blas"  # torch's BLAS: MKL in x86 wheels
+
+
 class OptimizerName(str, Enum):
     adam = "adam"
     sgd = "sgd"
@@ -254,6 +262,7 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     distributed_backend: Backend = Backend.auto
     distributed_timeout_minutes: int = 30
+    cpu_matmul: CpuMatmul = CpuMatmul.auto  # without CUDA: oneDNN or BLAS for megatron's fp32 linear products
 
     @property
     def model_parallel_size(self) -> int:

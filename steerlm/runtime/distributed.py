@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from steerlm import megatron_compat
 from steerlm.config.schema import Backend, ParallelConfig
 from steerlm.config.validation import Accelerator, data_parallel_size
+from steerlm.runtime import cpu_matmul
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,13 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if accelerator == Accelerator.cpu:
         megatron_compat.activate()
+        onednn = cpu_matmul.use_onednn(parallel.cpu_matmul)
+        megatron_compat.route_matmuls((cpu_matmul.routable, cpu_matmul.matmul) if onednn else None)
+        log.info(
+            "megatron's fp32 linear products on this CPU: %s (parallel.cpu_matmul=%s)",
+            "oneDNN" if onednn else "torch's BLAS",
+            parallel.cpu_matmul.value,
+        )
         device = torch.device("cpu")
     else:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
