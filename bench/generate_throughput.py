@@ -10,7 +10,8 @@ transformers `generate` (LlamaForCausalLM, dynamic KV cache), greedy, the same L
 Every prompt is continued by exactly --new-tokens tokens (no stop token), at batch 1 and 32 by default. HF runs
 without the CPU stand-ins steerlm installs for megatron-core (which would slow every op it makes). Prints
 generated tokens/s of each, the steerlm / HF ratios, and whether all produced the same tokens; `--json` also
-writes them to a file.
+writes them to a file. Where `parallel.cpu_matmul=auto` picks oneDNN (AMD CPUs), `lean_blas` is the lean
+decoder on torch's BLAS: the ratio to `lean` is what oneDNN's products give.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import torch
 
 from steerlm import megatron_compat, runtime
 from steerlm.config import DType, ParallelConfig, PrecisionConfig, compose, to_typed
-from steerlm.config.schema import ModelConfig
+from steerlm.config.schema import CpuMatmul, ModelConfig
 from steerlm.inference import Generator, SamplingParams
 from steerlm.inference.decoders import GraphedLeanDecoder
 from steerlm.models import build_model_chunks
 from steerlm.models.gpt import torch_dtype
 from steerlm.models.hf_llama import hf_config_dict, megatron_to_hf
 from steerlm.models.sharding import named_global_parameters
+from steerlm.runtime.cpu_matmul import install, use_onednn
 
 
 class _Vocabulary:
@@ -65,6 +67,15 @@ def _best_of(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: 
     return {name: (best[name], outputs[name]) for name in runs}
 
 
+def _on_blas(run: Callable[[], Any]) -> Any:
+    """`run()` with every CPU product on torch's BLAS (`parallel.cpu_matmul=blas`), then oneDNN again."""
+    install(CpuMatmul.blas)
+    try:
+        return run()
+    finally:
+        install(CpuMatmul.auto)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -80,6 +91,7 @@ def main() -> None:
     model: ModelConfig = to_typed(compose("demo", [f"model={args.preset}"])).model
     layout = runtime.initialize(ParallelConfig(), seed=0)
     device = layout.device
+    onednn = device.type == "cpu" and use_onednn(CpuMatmul.auto)
     precision = PrecisionConfig(dtype=DType(args.dtype))
     chunks = build_model_chunks(model, precision, layout, seed=0)
     limit = args.prompt_tokens + args.new_tokens + 1
@@ -122,6 +134,8 @@ def main() -> None:
             name: lambda g=generator, p=prompts, s=params: g.generate(p.tolist(), s)
             for name, generator in generators.items()
         }
+        if onednn:  # the lean decoder on torch's BLAS too: what oneDNN's products give
+            runs["lean_blas"] = lambda p=prompts, s=params: _on_blas(lambda: generators["lean"].generate(p.tolist(), s))
         timed = _best_of({**runs, "hf": hf_generate}, device, args.repeats)
         theirs, theirs_out = timed.pop("hf")
         ours = timed

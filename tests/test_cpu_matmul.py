@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from steerlm import megatron_compat
 from steerlm.config import ParallelConfig
 from steerlm.config.schema import CpuMatmul
 from steerlm.errors import ConfigError
@@ -104,3 +105,31 @@ def test_a_broken_onednn_is_refused_when_asked_for_and_skipped_by_auto(monkeypat
     assert not cpu_matmul.use_onednn(CpuMatmul.auto)
     with pytest.raises(ConfigError, match=r"parallel.cpu_matmul='onednn'.*could not create.*parallel.cpu_matmul=blas"):
         cpu_matmul.use_onednn(CpuMatmul.onednn)
+
+
+def test_linear_takes_onednn_for_large_products_once_installed(monkeypatch) -> None:
+    """The lean decoders' `linear`: torch's own product until `install` picks oneDNN, and then for products of
+    fewer than ONEDNN_MIN_MACS multiply-adds (a token per row of a small batch), where oneDNN's call costs more."""
+    weight = torch.randn(96, 128)
+    small, large = torch.randn(1, 2, 128), torch.randn(4, 64, 128)  # 24,576 and 3,145,728 multiply-adds
+    assert small.numel() * 96 < cpu_matmul.ONEDNN_MIN_MACS <= large.numel() * 96
+    onednn = cpu_matmul._linear
+    calls: list[tuple[int, ...]] = []
+
+    def recorded(x, w):
+        calls.append(tuple(x.shape))
+        return onednn(x, w)
+
+    previous = megatron_compat.route_matmuls(None)
+    try:
+        for choice in (CpuMatmul.blas, CpuMatmul.onednn):
+            assert cpu_matmul.install(choice) == (choice == CpuMatmul.onednn)
+            monkeypatch.setattr(cpu_matmul, "_linear", recorded)  # after install's self-check
+            for x in (small, large):
+                got = cpu_matmul.linear(x, weight)
+                torch.testing.assert_close(got, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+            monkeypatch.undo()
+    finally:
+        cpu_matmul.install(ParallelConfig().cpu_matmul)
+        megatron_compat.route_matmuls(previous)
+    assert calls == [(4 * 64, 128)]  # the large product once installed, folded to a matrix

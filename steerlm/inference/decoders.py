@@ -39,6 +39,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
 from steerlm.megatron_compat import fused_norm_parameters, linear_bias, split_fc1, split_qkv_heads
+from steerlm.runtime.cpu_matmul import linear
 from steerlm.runtime.layout import ParallelLayout
 
 
@@ -294,7 +295,7 @@ class LeanDecoder:
         attention = layer.self_attention
         rows, n = x.shape[:2]
         query, key, value = split_qkv_heads(
-            F.linear(x, attention.linear_qkv.weight), self.heads, self.groups, self.head_dim
+            linear(x, attention.linear_qkv.weight), self.heads, self.groups, self.head_dim
         )
         query, key = self._rope(query, positions), self._rope(key, positions)
         keys, values = cache
@@ -310,11 +311,11 @@ class LeanDecoder:
             enable_gqa=self.heads != self.groups,
         )
         context = context.transpose(1, 2).reshape(rows, n, self.heads * self.head_dim)
-        return self._reduce(F.linear(context, attention.linear_proj.weight))
+        return self._reduce(linear(context, attention.linear_proj.weight))
 
     def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = split_fc1(F.linear(x, layer.mlp.linear_fc1.weight), dim=-1)
-        return self._reduce(F.linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight))
+        gate, up = split_fc1(linear(x, layer.mlp.linear_fc1.weight), dim=-1)
+        return self._reduce(linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight))
 
     def _hidden(self, tokens: torch.Tensor, positions: _Span | _Rows, cache: _Cache) -> torch.Tensor:
         """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]."""
@@ -327,7 +328,7 @@ class LeanDecoder:
     def _vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits of last-layer outputs `[..., hidden]` (the final norm, the output layer, the
         TP shards gathered)."""
-        logits = F.linear(self.model.decoder.final_layernorm(hidden), self.output_weight)
+        logits = linear(self.model.decoder.final_layernorm(hidden), self.output_weight)
         if self.group is None:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp)]

@@ -22,12 +22,17 @@ import platform
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from steerlm import megatron_compat
 from steerlm.config.schema import CpuMatmul
 from steerlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+ONEDNN_MIN_MACS = 1 << 21  # `linear`: smaller products stay on BLAS (measured per shape, docs/performance.md)
+_installed = False  # what `install` chose for this process
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -95,6 +100,25 @@ def cpu_vendor() -> str:
     except OSError:
         pass
     return ""
+
+
+def install(choice: CpuMatmul) -> bool:
+    """Resolve `parallel.cpu_matmul` and route megatron's products (and `linear`'s) accordingly; True: oneDNN.
+    Called by `runtime.initialize` on CPU machines."""
+    global _installed
+    _installed = use_onednn(choice)
+    megatron_compat.route_matmuls((routable, matmul) if _installed else None)
+    return _installed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` without bias, through oneDNN where `install` chose it and the product has at least
+    `ONEDNN_MIN_MACS` multiply-adds: the lean decoders' products, which run outside the stand-in mode. Below
+    that, oneDNN's fixed cost per call (~10 µs) outweighs its faster kernel (a decoded token per row of a
+    small batch through a small layer)."""
+    if _installed and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and routable(x, weight.t()):
+        return matmul(x, weight.t())
+    return F.linear(x, weight)
 
 
 def use_onednn(choice: CpuMatmul) -> bool:

@@ -65,8 +65,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if accelerator == Accelerator.cpu:
         megatron_compat.activate()
-        onednn = cpu_matmul.use_onednn(parallel.cpu_matmul)
-        megatron_compat.route_matmuls((cpu_matmul.routable, cpu_matmul.matmul) if onednn else None)
+        onednn = cpu_matmul.install(parallel.cpu_matmul)
         log.info(
             "megatron's fp32 linear products on this CPU: %s (parallel.cpu_matmul=%s)",
             "oneDNN" if onednn else "torch's BLAS",
