@@ -2,16 +2,16 @@
 
 torch's x86 CPU wheels run fp32 `torch.matmul` through MKL, whose kernels dispatch by CPU vendor: on AMD
 processors MKL 2024 takes its AVX2 path even where the core has AVX-512 (measured on an AMD EPYC, one thread:
-72–89 GFLOP/s, about the AVX2 limit). oneDNN, also in every x86 wheel, picks its kernels from the instruction
-set: 150–200 GFLOP/s on the same shapes, both in IEEE fp32 (docs/performance.md). `auto` therefore routes to
+58–89 GFLOP/s, about the AVX2 limit). oneDNN, also in every x86 wheel, picks its kernels from the instruction
+set: 122–206 GFLOP/s on the same shapes, both in IEEE fp32 (docs/performance.md). `auto` therefore routes to
 oneDNN on AMD x86 CPUs and leaves other CPUs on BLAS, where no gain was measured.
 
-What is routed (through the CPU stand-in mode of `steerlm.megatron_compat`, which sees megatron's
-`torch.matmul` calls): products of an fp32 CPU tensor with a 2-D fp32 weight-shaped tensor outside autograd —
+What is routed: through the CPU stand-in mode of `steerlm.megatron_compat`, which sees megatron's
+`torch.matmul` calls, products of an fp32 CPU tensor with a 2-D fp32 weight-shaped tensor outside autograd —
 the forward, input-gradient and weight-gradient products inside megatron's linear autograd function and
-steerlm's chunked loss. A product autograd would have to differentiate stays on BLAS: oneDNN's op has no
-derivative. Results are IEEE fp32 with another summation order than BLAS (last-digit differences) and do not
-depend on the thread count.
+steerlm's chunked loss; through `linear`, the lean decoders' larger products. A product autograd would have to
+differentiate stays on BLAS: oneDNN's op has no derivative. Results are IEEE fp32 with another summation order
+than BLAS (last-digit differences) and do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-@register_flop_formula(torch.ops.mkldnn._linear_pointwise)
 def _linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of a routed product for `torch.utils.flop_counter.FlopCounterMode`, as it counts `aten.mm`."""
     return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # absent from torch builds without oneDNN: `install` says so
+    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_linear_flops)
 
 
 def routable(a: torch.Tensor, b: torch.Tensor) -> bool:
