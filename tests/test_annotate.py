@@ -176,9 +176,14 @@ def test_the_scorer_gives_what_annotate_wrote_from_the_training_token_ids(world,
     scores = scorer.score(conversations)
     for row, out in zip(scores, written):
         raw = {name: value for name, value in row.items() if name != "reward"}
-        assert {name: round(value, 4) for name, value in raw.items()} == out["attribute_scores"][-1]
+        # annotate batches 64 rows, the scorer 16: other padding lengths and matrix shapes round the last bits
+        # differently (docs/pipeline.md), so a score near a rounding boundary may land one 4th-decimal unit away
+        assert list(raw) == list(out["attribute_scores"][-1])
+        for name, value in raw.items():
+            assert abs(round(value, 4) - out["attribute_scores"][-1][name]) <= 1e-4 + 1e-9, name
         assert row["reward"] == pytest.approx(sum(w * raw[n] for w, n in zip(MERGE_WEIGHTS, raw)), rel=1e-12)
-        assert out["attribute_reward"] == [None, round(row["reward"], 4)]
+        assert out["attribute_reward"][0] is None
+        assert abs(round(row["reward"], 4) - out["attribute_reward"][1]) <= 1e-4 + 1e-9
 
     labelled = list(read_records(str(output), DataFormat.conversation, scorer.schema))  # now labelled, as in training
     training = attribute_examples(
