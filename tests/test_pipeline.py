@@ -18,6 +18,7 @@ import torch
 
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.pipeline import PipelineConfig
+from steerlm.config.sft import SFTConfig
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import from_conversation_json
 from steerlm.data.synthetic.splits import SCHEMA
@@ -210,6 +211,19 @@ def test_recipes_exist_for_every_planned_stage(tmp_path: Path) -> None:
     for step in plan(cfg):
         assert Path(step.command()[1]).is_file(), step.recipe
     assert os.path.basename(plan(cfg)[-1].command()[1]) == "evaluate_steering.py"
+
+
+def test_plain_sft_gets_the_sft_stages_data_model_and_training_budget(tmp_path: Path) -> None:
+    """The baseline SteerLM is compared with must differ only in not seeing the attributes."""
+    cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}"]), PipelineConfig)
+    steps = {step.name: step for step in plan(cfg)}
+    sft, plain = (
+        to_typed(compose(steps[name].recipe, list(steps[name].args)), SFTConfig) for name in ("sft", "sft_plain")
+    )
+    assert sft.sft.condition_on_attributes and not plain.sft.condition_on_attributes
+    for section in ("model", "trainer", "optim", "data", "tokenizer", "parallel"):
+        assert getattr(plain, section) == getattr(sft, section), section
+    assert replace(plain.sft, condition_on_attributes=True) == sft.sft
 
 
 # Which stage's outputs live where, relative to output_dir (the longest matching prefix names the producer).
