@@ -18,7 +18,9 @@ patches megatron, overrides a private method or reads a private attribute.
 4. Own output heads (`GPTModelWithOwnHead`, `GPTModelWithLossHead`): override the private
    `GPTModel._postprocess`, which megatron's forward calls with keywords (`hidden_states`, `labels`, …).
 5. SDPA core attention (`SDPACoreAttention`): honours the constructor and forward contract megatron's
-   `SelfAttention` uses for `core_attention` submodules (DotProductAttention's signature).
+   `SelfAttention` uses for `core_attention` submodules (DotProductAttention's signature). Its grouped-query
+   attention (`grouped_sdpa`, also the lean decoders') asks torch's private `torch._fused_sdp_choice` which kernel
+   SDPA would pick.
 6. Weight layouts (`pack_qkv`, `split_qkv`, `split_fc1`): how `linear_qkv` interleaves query groups and how
    `linear_fc1` stacks SwiGLU's gate and up projections.
 7. Distributed optimizer over torch's Adam (`complete_torch_adam_state`, `load_optimizer_state`): megatron-core
@@ -294,18 +296,71 @@ class SDPACoreAttention(MegatronModule):
         causal = sdpa_mask is None and mask_type == AttnMaskType.causal
         dropout_p = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            context = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=sdpa_mask,
-                dropout_p=dropout_p,
-                is_causal=causal,
-                scale=self.softmax_scale,
-                enable_gqa=k.size(1) != q.size(1),
+            context = grouped_sdpa(
+                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale
             )
         sq, b = query.size(0), query.size(1)
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def grouped_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` over `[b, heads, s, hn]` queries and `[b, groups, s, hn]` keys/values, where
+    heads is a multiple of groups (grouped-query attention).
+
+    SDPA's `enable_gqa` stays in a fused kernel only where that kernel takes it: torch 2.13's CPU flash kernel does,
+    torch 2.6's (pyproject's floor) does not, and on CUDA only the flash kernel does (not the memory-efficient or
+    cuDNN ones, so not fp32). Elsewhere SDPA falls back to the math path, which materialises the `[b, heads, sq, sk]`
+    probabilities for the backward and, on the tiny model's SFT shape, takes 1.5x the time of the fused kernel
+    (fwd+bwd, torch 2.6, 1 CPU thread, 2026-12-03). There the key/value heads are repeated instead, so the fused
+    kernel runs. torch's dispatcher decides (`torch._fused_sdp_choice`), once per configuration.
+    """
+    gqa = key.size(1) != query.size(1)
+    if gqa and not _native_gqa_kept(query, key, value, attn_mask, dropout_p, is_causal, scale):
+        repeats = query.size(1) // key.size(1)
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
+
+
+_NATIVE_GQA: dict[tuple, bool] = {}
+
+
+def _native_gqa_kept(query, key, value, attn_mask, dropout_p, is_causal, scale) -> bool:
+    """False where SDPA would run `enable_gqa` on the math path and repeated key/value heads in a fused kernel."""
+    config = (
+        query.device.type,
+        query.dtype,
+        query.size(1),
+        key.size(1),
+        query.size(-1),
+        None if attn_mask is None else (attn_mask.dtype, attn_mask.dim()),
+        is_causal,
+        dropout_p > 0,
+        torch.is_grad_enabled() and query.requires_grad,
+    )
+    if config not in _NATIVE_GQA:
+        math_path = torch.nn.attention.SDPBackend.MATH.value
+
+        def backend(k: torch.Tensor, v: torch.Tensor, gqa: bool) -> int:
+            return torch._fused_sdp_choice(query, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=gqa)
+
+        repeats = query.size(1) // key.size(1)
+        _NATIVE_GQA[config] = (
+            backend(key, value, True) != math_path
+            or backend(key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1), False)
+            == math_path
+        )
+    return _NATIVE_GQA[config]
 
 
 # --- 6. weight layouts ----------------------------------------------------------------------------------

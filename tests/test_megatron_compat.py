@@ -198,6 +198,39 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(layout) -> None:
     )
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_attention_runs_a_fused_kernel_and_equals_repeated_heads(masked) -> None:
+    """Where SDPA's `enable_gqa` has no fused kernel (torch 2.6 on CPU) the key/value heads are repeated, so no
+    configuration takes the math path, which keeps `[b, heads, s, s]` probabilities for the backward."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, groups, seq, dim = 2, 4, 2, 24, 16
+    query = torch.randn(batch, heads, seq, dim, generator=generator, requires_grad=True)
+    key = torch.randn(batch, groups, seq, dim, generator=generator, requires_grad=True)
+    value = torch.randn(batch, groups, seq, dim, generator=generator, requires_grad=True)
+    mask = torch.ones(seq, seq, dtype=torch.bool).tril() if masked else None
+    mask = None if mask is None else mask & (torch.arange(seq) < seq - 5)  # the last 5 keys hidden from every query
+    with torch.profiler.profile() as profile:
+        ours = megatron_compat.grouped_sdpa(query, key, value, attn_mask=mask, is_causal=not masked)
+        ours.sum().backward()
+    kernels = {event.key for event in profile.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in kernels
+    assert kernels & {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention"}
+    grads = [t.grad.clone() for t in (query, key, value)]
+    for t in (query, key, value):
+        t.grad = None
+    reference = F.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(heads // groups, dim=1),
+        value.repeat_interleave(heads // groups, dim=1),
+        attn_mask=mask,
+        is_causal=not masked,
+    )
+    reference.sum().backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for ours_grad, t in zip(grads, (query, key, value)):
+        torch.testing.assert_close(ours_grad, t.grad, rtol=1e-5, atol=1e-6)
+
+
 # 6. weight layouts
 
 

@@ -38,7 +38,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
-from steerlm.megatron_compat import fused_norm_parameters, linear_bias, split_fc1, split_qkv_heads
+from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
 from steerlm.runtime.cpu_matmul import linear
 from steerlm.runtime.layout import ParallelLayout
 
@@ -301,14 +301,13 @@ class LeanDecoder:
         keys, values = cache
         positions.store(keys, key.transpose(1, 2))
         positions.store(values, value.transpose(1, 2))
-        context = F.scaled_dot_product_attention(
+        context = grouped_sdpa(
             query.transpose(1, 2),
             positions.visible(keys),
             positions.visible(values),
             attn_mask=positions.mask,
             is_causal=positions.causal,
             scale=getattr(attention.core_attention, "softmax_scale", None),
-            enable_gqa=self.heads != self.groups,
         )
         context = context.transpose(1, 2).reshape(rows, n, self.heads * self.head_dim)
         return self._reduce(linear(context, attention.linear_proj.weight))

@@ -18,6 +18,7 @@ A key outside that set, or a tensor the model needs that the archive lacks, is r
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -32,6 +33,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from steerlm.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import DataError
@@ -208,13 +210,23 @@ class _DistributedWeights:
         for key, members in by_key.items():
             entry = self.tensors[key]
             tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
-            with warnings.catch_warnings():  # no_dist is meant: every rank reads the tensors it needs on its own
-                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load({key: tensor}, storage_reader=self._reader(), no_dist=True)
+            _load_here({key: tensor}, self._reader())
             for name in members:
                 layer = self.index[name][1]
                 out[name] = tensor if layer is None else tensor[layer].clone()
         return out
+
+
+def _load_here(state: dict[str, torch.Tensor], reader: FileSystemReader) -> None:
+    """`dcp.load` of plain tensors in this process alone, whether or not a process group is initialised: every rank
+    reads the tensors it needs on its own. torch 2.6's `dcp.load` has no `no_dist` (pyproject's floor); the function
+    it calls, `_load_state_dict`, has taken it all along."""
+    if "no_dist" not in inspect.signature(dcp.load).parameters:
+        _load_state_dict(state, storage_reader=reader, no_dist=True)
+        return
+    with warnings.catch_warnings():  # no_dist is meant, as the warning assumes
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
 
 
 def _load_state(archive: NemoArchive, name: str, meta: bool = False) -> dict:
