@@ -174,6 +174,20 @@ def test_sample_follows_temperature_top_k_and_top_p() -> None:
     assert torch.allclose(cold, expected / expected.sum(), atol=0.03)
 
 
+def test_a_rounding_error_in_the_logits_does_not_change_the_draws() -> None:
+    """Another TP size or kernel rounds the logits differently; in a flat distribution near-equal tokens then swap
+    places in probability order, which must not change what a seeded draw picks."""
+    flat = torch.randn(1, 700, generator=torch.Generator().manual_seed(0)) * 0.05
+    rounded = flat + torch.randn(1, 700, generator=torch.Generator().manual_seed(1)) * 1e-6
+    draws = 2000
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=500, top_p=0.9)):
+        first, second = (
+            sample(logits.repeat(draws, 1), [params] * draws, [torch.Generator().manual_seed(i) for i in range(draws)])
+            for logits in (flat, rounded)
+        )
+        assert torch.equal(first, second)
+
+
 def test_sequence_limit_ends_rows_with_length_and_long_prompts_are_refused(layout) -> None:
     short = _generator(layout, limit=12)
     completion = short.generate([PROMPTS[1]], [SamplingParams(max_new_tokens=50)])[0]

@@ -254,26 +254,31 @@ def sample(
 ) -> torch.Tensor:
     """One token per row of `logits` [rows, vocab]: argmax for temperature 0, else a draw from the
     temperature-scaled distribution restricted by top-k and top-p (per-row settings, one generator per row,
-    which draws once for its row and is untouched by greedy rows)."""
+    which draws once for its row and is untouched by greedy rows).
+
+    The kept tokens are found in probability order, but the draw walks them in vocabulary order: in probability
+    order, two tokens whose logits differ by a rounding error (another TP size, another kernel) can swap places and
+    move every boundary between them by a whole token's probability, so one draw in a flat distribution picks
+    another token; in vocabulary order a rounding error moves the boundaries by as much as itself."""
     tokens = logits.argmax(dim=-1)
     drawn = [i for i, p in enumerate(params) if p.temperature > 0]
     if not drawn:
         return tokens
     rows = logits[drawn].float()
     temperature = torch.tensor([params[i].temperature for i in drawn], device=rows.device)
-    ordered, order = torch.sort(rows / temperature[:, None], dim=-1, descending=True)
-    probs = torch.softmax(ordered, dim=-1)
+    probs = torch.softmax(rows / temperature[:, None], dim=-1)
+    ordered, order = torch.sort(probs, dim=-1, descending=True)
     rank = torch.arange(rows.shape[-1], device=rows.device)
     top_k = torch.tensor([min(params[i].top_k or rows.shape[-1], rows.shape[-1]) for i in drawn], device=rows.device)
     top_p = torch.tensor([params[i].top_p for i in drawn], device=rows.device)
     # a token stays if it is among the top k and the tokens before it hold less than top_p (the first always stays)
-    keep = (rank[None, :] < top_k[:, None]) & ((probs.cumsum(-1) - probs) < top_p[:, None])
-    probs = torch.where(keep, probs, torch.zeros_like(probs))
-    cumulative = probs.cumsum(-1)
+    keep_ordered = (rank[None, :] < top_k[:, None]) & ((ordered.cumsum(-1) - ordered) < top_p[:, None])
+    keep = torch.zeros_like(keep_ordered).scatter(1, order, keep_ordered)
+    cumulative = torch.where(keep, probs, torch.zeros_like(probs)).cumsum(-1)
     uniform = torch.cat([torch.rand(1, generator=generators[i], device=generators[i].device) for i in drawn])
     picked = torch.searchsorted(cumulative, (uniform.to(rows.device) * cumulative[:, -1])[:, None], right=True)
-    picked = torch.minimum(picked, keep.sum(-1, keepdim=True) - 1)  # the kept tokens are a prefix: never past it
-    tokens[drawn] = order.gather(1, picked).squeeze(1)
+    last_kept = torch.where(keep, rank, torch.zeros_like(rank)).amax(-1, keepdim=True)
+    tokens[drawn] = torch.minimum(picked, last_kept).squeeze(1)  # a draw rounded up to the total: the last kept
     return tokens
 
 
