@@ -217,11 +217,14 @@ class _DistributedWeights:
         return out
 
 
+_LOAD_TAKES_NO_DIST = "no_dist" in inspect.signature(dcp.load).parameters
+
+
 def _load_here(state: dict[str, torch.Tensor], reader: FileSystemReader) -> None:
     """`dcp.load` of plain tensors in this process alone, whether or not a process group is initialised: every rank
     reads the tensors it needs on its own. torch 2.6's `dcp.load` has no `no_dist` (pyproject's floor); the function
     it calls, `_load_state_dict`, has taken it all along."""
-    if "no_dist" not in inspect.signature(dcp.load).parameters:
+    if not _LOAD_TAKES_NO_DIST:
         _load_state_dict(state, storage_reader=reader, no_dist=True)
         return
     with warnings.catch_warnings():  # no_dist is meant, as the warning assumes
