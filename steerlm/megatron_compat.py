@@ -324,8 +324,7 @@ def grouped_sdpa(
     """
     gqa = key.size(1) != query.size(1)
     if gqa and not _native_gqa_kept(query, key, value, attn_mask, dropout_p, is_causal, scale):
-        repeats = query.size(1) // key.size(1)
-        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        key, value = _repeated_heads(query, key, value)
         gqa = False
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
@@ -354,13 +353,16 @@ def _native_gqa_kept(query, key, value, attn_mask, dropout_p, is_causal, scale) 
         def backend(k: torch.Tensor, v: torch.Tensor, gqa: bool) -> int:
             return torch._fused_sdp_choice(query, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=gqa)
 
-        repeats = query.size(1) // key.size(1)
         _NATIVE_GQA[config] = (
-            backend(key, value, True) != math_path
-            or backend(key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1), False)
-            == math_path
+            backend(key, value, True) != math_path or backend(*_repeated_heads(query, key, value), False) == math_path
         )
     return _NATIVE_GQA[config]
+
+
+def _repeated_heads(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value with each of their heads repeated for the query heads of its group."""
+    repeats = query.size(1) // key.size(1)
+    return key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
 
 
 # --- 6. weight layouts ----------------------------------------------------------------------------------
