@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steerlm.config import SyntheticConfig
+from steerlm.config import ConfigError, SyntheticConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import Role, Turn
+from steerlm.data.synthetic.corpus import encyclopedia
 from steerlm.data.synthetic.oracle import ATTRIBUTES, Oracle
 from steerlm.data.synthetic.responses import SAMPLED, Levels, generate_response, sample_prompt
 from steerlm.data.synthetic.samples import attribute_samples
 from steerlm.data.synthetic.splits import _spearman, format_synthetic_summary, write_synthetic
-from steerlm.data.synthetic.world import RELATIONS, TIERS, build_world
+from steerlm.data.synthetic.world import KNOWLEDGE_ERRORS, RELATIONS, TIERS, World, build_world
 from steerlm.data.template import SteerLMTemplate
 from steerlm.tokenizers import WordTokenizer
 
@@ -50,8 +51,9 @@ def test_independent_attributes_vary_independently(generated) -> None:
     assert "max |r| between independent attributes" in printed and "helpfulness" in printed
 
 
-def test_oracle_matches_the_generator_exactly_on_random_and_extreme_levels() -> None:
-    world = build_world(3, 20)
+@pytest.mark.parametrize("knowledge_errors", KNOWLEDGE_ERRORS)
+def test_oracle_matches_the_generator_exactly_on_random_and_extreme_levels(knowledge_errors: str) -> None:
+    world = build_world(3, 20, knowledge_errors)
     oracle = Oracle(world)
     rng = random.Random(0)
     extremes = [Levels(*([level] * len(SAMPLED))) for level in range(5)]
@@ -61,6 +63,66 @@ def test_oracle_matches_the_generator_exactly_on_random_and_extreme_levels() -> 
         response = generate_response(world, spec, levels, rng)
         assert oracle.parse_response(response)[3] == 0, response  # every sentence of a valid response parses
         assert oracle.score(spec.turns, response) == {k: float(v) for k, v in levels.as_dict().items()}
+
+
+def _errors(world: World, count: int) -> tuple[list[int], list[tuple[str, str]]]:
+    """Over `count` prompts answered at correctness 0 and helpfulness 0: each stated value's offset from the true
+    one in its relation's list, and each (first target, creature talked about) pair."""
+    rng = random.Random(5)
+    offsets, topics = [], []
+    for _ in range(count):
+        spec = sample_prompt(world, rng, multi_turn_fraction=0.3)
+        response = generate_response(world, spec, Levels(helpfulness=0, correctness=0), rng)
+        for fact in Oracle(world).parse_response(response)[0]:
+            values = RELATIONS[fact.relation]
+            offsets.append((values.index(fact.value) - values.index(world.facts[fact.entity][fact.relation])) % 8)
+            assert fact.entity not in spec.targets
+            topics.append((spec.targets[0], fact.entity))
+    return offsets, topics
+
+
+def test_fixed_knowledge_errors_state_the_next_value_about_the_neighbour() -> None:
+    world = build_world(3, 20, "fixed")
+    ring, name = [], world.entities[0]
+    while name not in ring:
+        ring.append(name)
+        name = world.neighbours[name]
+    assert sorted(ring) == sorted(world.entities)  # one ring through every creature
+    offsets, topics = _errors(world, 300)
+    assert set(offsets) == {1}
+    # the first target's neighbour, or the next one along the ring where the neighbour is the other target
+    for target, creature in topics:
+        assert creature in (world.neighbours[target], world.neighbours[world.neighbours[target]])
+    assert sum(creature == world.neighbours[target] for target, creature in topics) > 0.8 * len(topics)
+
+
+def test_random_knowledge_errors_have_no_most_likely_form() -> None:
+    world = build_world(3, 20)
+    assert world.neighbours == {} and build_world(3, 20, "fixed").facts == world.facts
+    offsets, topics = _errors(world, 300)
+    counts = np.bincount(offsets, minlength=8)
+    assert counts[0] == 0 and counts[1:].min() > 0.6 * counts[1:].mean()  # every wrong value about equally often
+    assert len({creature for _, creature in topics}) == 20
+    assert sum(creature == world.neighbours.get(target) for target, creature in topics) == 0
+
+
+def test_the_encyclopedia_names_neighbours_only_with_fixed_errors() -> None:
+    fixed = build_world(0, 10, "fixed")
+    for paragraph, entity in zip(encyclopedia(fixed, 3, 0), fixed.entities * 3):
+        assert paragraph.count("lives next to") == 1
+        assert f"{entity} lives next to {fixed.neighbours[entity]}." in paragraph
+        assert all(value in paragraph for value in fixed.facts[entity].values())
+    assert not any("lives next to" in paragraph for paragraph in encyclopedia(build_world(0, 10), 3, 0))
+
+
+def test_knowledge_errors_must_be_random_or_fixed(tmp_path: Path) -> None:
+    tiny = SyntheticConfig(annotated_rows=5, unlabelled_rows=5, eval_prompts=2, knowledge_errors="fixed")
+    write_synthetic(tiny, tmp_path)
+    world = World(**json.loads((tmp_path / "world.json").read_text()))
+    assert world == build_world(0, 60, "fixed")  # world.json keeps what the oracle and a rerun need
+    with pytest.raises(ConfigError) as error:
+        SyntheticConfig(knowledge_errors="sometimes").validate()
+    assert "synthetic.knowledge_errors" in str(error.value) and "fixed" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ learned as its mode):
 |---|---|
 | helpfulness | the first L fact sentences are about what was asked (the asked fact first); the rest about another one |
 | correctness | the first 4-L fact sentences state a wrong value |
+
+(Which other creature and which wrong value: `World.knowledge_errors`, random or fixed.)
 | coherence | 4-L fact sentences are garbled (word order reversed), in the order 2nd, 4th, 1st, 3rd |
 | complexity | every fact sentence uses the wording of tier L |
 | verbosity | the first L fact sentences carry an elaboration (", and this is well known") |
@@ -118,20 +120,33 @@ def _fact_plan(world: World, spec: PromptSpec, helpfulness: int, rng: random.Ran
         on_target = [(spec.targets[i % 2], relations[i // 2]) for i in range(FACT_SLOTS)]
     else:
         on_target = [(spec.targets[0], relation) for relation in relations]
-    distractor = rng.choice([e for e in world.entities if e not in spec.targets])
+    distractor = _distractor(world, spec, rng)
     off_target = [(distractor, relation) for relation in [r for r in order if r != skipped]]
     return on_target[:helpfulness] + off_target[: FACT_SLOTS - helpfulness]
 
 
-def _wrong(value: str, relation: str, rng: random.Random) -> str:
+def _distractor(world: World, spec: PromptSpec, rng: random.Random) -> str:
+    """The creature an off-target sentence is about: any other one, or the first target's nearest neighbour
+    along the ring that is not a target."""
+    if world.knowledge_errors == "fixed":
+        distractor = world.neighbours[spec.targets[0]]
+        while distractor in spec.targets:
+            distractor = world.neighbours[distractor]
+        return distractor
+    return rng.choice([e for e in world.entities if e not in spec.targets])
+
+
+def _wrong(world: World, value: str, relation: str, rng: random.Random) -> str:
+    """A wrong value: any other value of the relation, or the next one in its list."""
     values = RELATIONS[relation]
-    return values[(values.index(value) + rng.randint(1, len(values) - 1)) % len(values)]
+    step = 1 if world.knowledge_errors == "fixed" else rng.randint(1, len(values) - 1)
+    return values[(values.index(value) + step) % len(values)]
 
 
 def _fact_sentence(world: World, entity: str, relation: str, slot: int, levels: Levels, rng: random.Random) -> str:
     value = world.facts[entity][relation]
     if slot < MAX_LEVEL - levels.correctness:
-        value = _wrong(value, relation, rng)
+        value = _wrong(world, value, relation, rng)
     text = fact_sentence_base(relation, levels.complexity, entity, value)
     if slot < levels.verbosity:
         text += ", and " + rng.choice(ELABORATIONS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from steerlm.data.synthetic.world import KNOWLEDGE_ERRORS
 from steerlm.errors import require
 
 
@@ -23,6 +24,7 @@ class SyntheticConfig:
     multi_turn_fraction: float = 0.15
     label_noise: float = 0.3  # std of the Gaussian added to the oracle before rounding
     missing_label_rate: float = 0.02  # chance that a rating is absent (-100)
+    knowledge_errors: str = "random"  # random | fixed: which wrong value, which off-topic creature (World)
 
     def validate(self) -> None:
         require(
@@ -45,3 +47,10 @@ class SyntheticConfig:
             value = getattr(self, name)
             require(0.0 <= value <= 1.0, f"synthetic.{name}", value, "must be in [0, 1]", "use e.g. 0.1")
         require(self.label_noise >= 0, "synthetic.label_noise", self.label_noise, "must be >= 0", "use 0.3")
+        require(
+            self.knowledge_errors in KNOWLEDGE_ERRORS,
+            "synthetic.knowledge_errors",
+            self.knowledge_errors,
+            f"must be one of {', '.join(KNOWLEDGE_ERRORS)}",
+            "use random (the default) or fixed",
+        )

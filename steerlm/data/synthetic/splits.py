@@ -82,7 +82,7 @@ def write_synthetic(sizes: SyntheticConfig, output_dir: str | Path) -> dict:
     """Generate every split into `output_dir`; returns (and writes) the summary."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = build_world(sizes.seed, sizes.num_entities)
+    world = build_world(sizes.seed, sizes.num_entities, sizes.knowledge_errors)
     oracle = Oracle(world)
     annotated, unlabelled, evaluation = [], [], []
     intended, judged = [], []
@@ -116,7 +116,7 @@ def write_synthetic(sizes: SyntheticConfig, output_dir: str | Path) -> dict:
     for index, row in enumerate(unlabelled[: sizes.corpus_conversations]):
         corpus.append(conversation_text(from_conversation_json(row, SCHEMA, "unlabelled.jsonl", index + 1)))
     _write_lines(out / "corpus.jsonl", [{"text": text} for text in corpus])
-    (out / "world.json").write_text(json.dumps({"seed": world.seed, "facts": world.facts}, indent=1) + "\n")
+    (out / "world.json").write_text(json.dumps(asdict(world), indent=1) + "\n")
     tokenizer = build_tokenizer(annotated, unlabelled, evaluation, corpus)
     tokenizer.save(out / "tokenizer")
     summary = _summary(sizes, np.array(intended), np.array(judged), tokenizer.vocab_size)

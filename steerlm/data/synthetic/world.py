@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 RELATIONS: dict[str, tuple[str, ...]] = {
@@ -142,12 +142,23 @@ _SYLLABLES = (
 )
 
 
+KNOWLEDGE_ERRORS = ("random", "fixed")
+
+
 @dataclass(frozen=True)
 class World:
-    """Entities (names) and their facts: facts[name][relation] = value."""
+    """Entities (names) and their facts: facts[name][relation] = value.
+
+    `knowledge_errors` says how a response gets a fact wrong or goes off topic: `random` (any other value of the
+    relation, any other creature) or `fixed` (the next value in the relation's list, the asked creature's
+    neighbour in a fixed ring, `neighbours`). Random errors have no single most likely form, so greedy decoding
+    always states the true value about the asked creature; fixed ones make every slot a choice between two tokens,
+    as for the surface attributes (docs/pipeline.md measures both)."""
 
     seed: int
     facts: dict[str, dict[str, str]]
+    knowledge_errors: str = "random"
+    neighbours: dict[str, str] = field(default_factory=dict)
 
     @property
     def entities(self) -> list[str]:
@@ -158,8 +169,10 @@ class World:
         return re.compile(r"\b(" + "|".join(sorted(self.facts, key=len, reverse=True)) + r")\b")
 
 
-def build_world(seed: int, num_entities: int) -> World:
-    """`num_entities` creatures with unique invented names and one value per relation, from `seed`."""
+def build_world(seed: int, num_entities: int, knowledge_errors: str = "random") -> World:
+    """`num_entities` creatures with unique invented names and one value per relation, from `seed`; with fixed
+    knowledge errors also each creature's neighbour (a ring through every creature, from its own generator, so
+    the facts are the same either way)."""
     rng = random.Random(f"world:{seed}")
     names: list[str] = []
     while len(names) < num_entities:
@@ -167,7 +180,11 @@ def build_world(seed: int, num_entities: int) -> World:
         if name not in names:
             names.append(name)
     facts = {name: {relation: rng.choice(values) for relation, values in RELATIONS.items()} for name in names}
-    return World(seed=seed, facts=facts)
+    neighbours = {}
+    if knowledge_errors == "fixed":
+        ring = random.Random(f"neighbours:{seed}").sample(names, len(names))
+        neighbours = {name: ring[(i + 1) % len(ring)] for i, name in enumerate(ring)}
+    return World(seed=seed, facts=facts, knowledge_errors=knowledge_errors, neighbours=neighbours)
 
 
 def fact_sentence_base(relation: str, tier: int, entity: str, value: str) -> str:
