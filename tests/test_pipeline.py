@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from steerlm.config import ConfigError, compose, to_typed
+from steerlm.config import ConfigError, SyntheticConfig, compose, to_typed
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.data.readers import DataFormat, read_records
@@ -96,6 +96,7 @@ def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> No
     assert report["met"] == sum(t["met"] for t in report["targets"])
     md = (out / "report.md").read_text()
     assert f"**Targets: {report['met']} of {report['total']} met" in md and "figures/steering.png" in md
+    assert "eval prompts, random knowledge errors." in md.splitlines()[2]
     sft = json.loads((out / "eval/steering_sft.json").read_text())
     for sweep in sft["attributes"].values():
         assert set(sweep["levels"]) == {"0", "1", "2", "3", "4"}
@@ -189,6 +190,12 @@ def test_tp2_runs_every_training_and_inference_stage_under_torchrun(tmp_path: Pa
     cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}", "pipeline.parallel=tp2"]), PipelineConfig)
     steps = {step.name: step for step in plan(cfg)}
     assert steps["world"].processes == 1 and steps["world"].command()[1].endswith("prepare_data.py")
+    # every world setting but one added later, which a run from before lacks (so it still resumes) unless set
+    assert {arg.split("=")[0] for arg in steps["world"].args if arg.startswith("synthetic.")} == {
+        f"synthetic.{f.name}" for f in fields(SyntheticConfig) if f.name != "knowledge_errors"
+    }
+    fixed = replace(cfg, synthetic=replace(cfg.synthetic, knowledge_errors="fixed"))
+    assert "synthetic.knowledge_errors=fixed" in {step.name: step for step in plan(fixed)}["world"].args
     for name in ("pretrain", "apm", "annotate", "sft", "bootstrap", "steer_sft"):
         command = steps[name].command()
         assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], name

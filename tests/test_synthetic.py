@@ -49,6 +49,7 @@ def test_independent_attributes_vary_independently(generated) -> None:
         assert abs(matrix[a][b]) < 0.5, f"{a} ~ {b}: {matrix[a][b]}"
     printed = format_synthetic_summary(summary)
     assert "max |r| between independent attributes" in printed and "helpfulness" in printed
+    assert "40 eval prompts, random knowledge errors," in printed
 
 
 @pytest.mark.parametrize("knowledge_errors", KNOWLEDGE_ERRORS)

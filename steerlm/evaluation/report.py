@@ -250,8 +250,8 @@ def write_report(inputs: ReportInputs, out_dir: Path, command: str) -> dict:
         "# SteerLM on the synthetic world",
         "",
         f"`{command}` — world seed {sizes['seed']}: {sizes['num_entities']} creatures, {sizes['annotated_rows']} "
-        f"human-rated rows, {sizes['unlabelled_rows']} unlabelled conversations, {sizes['eval_prompts']} eval prompts. "
-        "Stage times: `timings.json`.",
+        f"human-rated rows, {sizes['unlabelled_rows']} unlabelled conversations, {sizes['eval_prompts']} eval prompts, "
+        f"{sizes.get('knowledge_errors', 'random')} knowledge errors. Stage times: `timings.json`.",
         "",
         f"**Targets: {len(targets) - len(missed)} of {len(targets)} met**"
         + (f" ({len(missed)} missed, marked **no** below; the figures are as measured)." if missed else "."),

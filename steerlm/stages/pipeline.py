@@ -147,6 +147,11 @@ def layout_processes(option: str) -> int:
     return to_typed(node, ParallelConfig).model_parallel_size
 
 
+# World settings added after runs existed, with the value those runs' data has: passed to the world stage only when
+# set to another, so a run directory from before resumes (its recorded command has no such argument).
+_PASSED_WHEN_SET = {"knowledge_errors": "random"}
+
+
 def plan(cfg: PipelineConfig) -> list[Step]:
     """The stages' commands, in order, with absolute paths chaining them."""
     out = Paths(Path(cfg.output_dir).resolve())
@@ -154,7 +159,11 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     layout = cfg.pipeline.parallel
     processes = layout_processes(layout)
     common = [f"tokenizer.path={data / 'tokenizer'}", f"parallel={layout}"]
-    world = [f"synthetic.{f.name}={getattr(cfg.synthetic, f.name)}" for f in fields(cfg.synthetic)]
+    world = [
+        f"synthetic.{f.name}={getattr(cfg.synthetic, f.name)}"
+        for f in fields(cfg.synthetic)
+        if getattr(cfg.synthetic, f.name) != _PASSED_WHEN_SET.get(f.name)
+    ]
     sft_args = [
         *common,
         f"sft.init_from={out.base}",

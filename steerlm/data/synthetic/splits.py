@@ -160,7 +160,8 @@ def format_synthetic_summary(summary: dict) -> str:
     lines = [
         f"synthetic world seed {sizes['seed']}: {sizes['num_entities']} creatures, "
         f"{sizes['annotated_rows']} annotated rows, {sizes['unlabelled_rows']} unlabelled, "
-        f"{sizes['eval_prompts']} eval prompts, word vocabulary {summary['tokenizer_vocab_size']}",
+        f"{sizes['eval_prompts']} eval prompts, {sizes['knowledge_errors']} knowledge errors, "
+        f"word vocabulary {summary['tokenizer_vocab_size']}",
         "Spearman(intended level, oracle): "
         + ", ".join(f"{k} {v:.3f}" for k, v in summary["spearman_intended_vs_oracle"].items()),
         "oracle score correlation between independently sampled attributes:",
