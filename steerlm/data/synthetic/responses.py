@@ -8,8 +8,6 @@ learned as its mode):
 |---|---|
 | helpfulness | the first L fact sentences are about what was asked (the asked fact first); the rest about another one |
 | correctness | the first 4-L fact sentences state a wrong value |
-
-(Which other creature and which wrong value: `World.knowledge_errors`, random or fixed.)
 | coherence | 4-L fact sentences are garbled (word order reversed), in the order 2nd, 4th, 1st, 3rd |
 | complexity | every fact sentence uses the wording of tier L |
 | verbosity | the first L fact sentences carry an elaboration (", and this is well known") |
@@ -17,6 +15,8 @@ learned as its mode):
 | humor | a joke follows each of the first L fact sentences |
 | toxicity | a rude remark precedes each of the first L fact sentences |
 | quality | not set directly: round((helpfulness + correctness + coherence + 4 - toxicity) / 4) |
+
+Which other creature and which wrong value: `World.knowledge_errors`, random or fixed.
 """
 
 from __future__ import annotations
