@@ -162,7 +162,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     world = [
         f"synthetic.{f.name}={getattr(cfg.synthetic, f.name)}"
         for f in fields(cfg.synthetic)
-        if getattr(cfg.synthetic, f.name) != _PASSED_WHEN_SET.get(f.name)
+        if f.name not in _PASSED_WHEN_SET or getattr(cfg.synthetic, f.name) != _PASSED_WHEN_SET[f.name]
     ]
     sft_args = [
         *common,
