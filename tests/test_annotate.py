@@ -1,6 +1,6 @@
 """Stage 2 as users run it: kill -9 and rerun, DP=2 vs DP=1, fill_missing, order, bad rows; the public
 `AttributeScorer` gives exactly the scores (and merged rewards) annotate writes, from the token ids APM
-training builds."""
+training builds; a Bayes judge and a refit write what `BayesJudge` and `fit_linear` compute."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from steerlm.data.apm import attribute_examples
-from steerlm.data.attributes import MISSING
+from steerlm.data.attributes import MISSING, AttributeSchema
+from steerlm.data.label_fit import fit_linear
 from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.readers import DataFormat, read_records
+from steerlm.data.records import Role
+from steerlm.inference.judge import BayesJudge, JudgedTurn
 from steerlm.inference.scoring import AttributeScorer
 from tests.recipe_runner import TORCHRUN_2, run_recipe, start_recipe, synthetic_world, train_apm
 from tests.schemas import STEERLM_OASST_ATTRIBUTES
@@ -22,6 +26,7 @@ from tests.schemas import STEERLM_OASST_ATTRIBUTES
 pytestmark = pytest.mark.slow
 WAIT_SECONDS = 240
 MERGE_WEIGHTS = [0.0, -0.5, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33]  # per steerlm_oasst attribute
+SCHEMA = AttributeSchema("steerlm_oasst", STEERLM_OASST_ATTRIBUTES)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +195,57 @@ def test_the_scorer_gives_what_annotate_wrote_from_the_training_token_ids(world,
         labelled, scorer.schema, scorer.template, scorer.tokenizer, 320, LengthPolicy.drop, LengthStats()
     )
     assert [e.ids for e in training] == [e.ids for e in scorer.examples(conversations)]
+
+
+def _judged_as_written(output: Path, judge: BayesJudge) -> None:
+    """Every assistant turn's humor score is the judge's posterior mean given the conversation as written (earlier
+    turns with their final labels), and its label that score clipped and rounded."""
+    written = list(read_records(str(output), DataFormat.conversation, SCHEMA))
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    turns, expected, labels = [], [], []
+    for record, row in zip(written, rows):
+        for t, turn in enumerate(record.turns):
+            if turn.role == Role.assistant and turn.labels is not None:
+                given = {name: value for name, value in turn.labels.items() if value is not None}
+                turns.append(JudgedTurn(record.system, record.turns[:t], turn.text, given))
+                expected.append(row["attribute_scores"][t]["humor"])
+                labels.append(turn.labels["humor"])
+    judged = judge.scores(turns)[:, 0]
+    assert len(turns) > 120  # multi-turn conversations among them
+    assert np.abs(judged - np.array(expected)).max() <= 1e-4 + 1e-9  # written to 4 decimals
+    assert labels == [round(min(max(value, 0), 4)) for value in expected]
+
+
+def test_a_bayes_judge_and_a_refit_replace_their_attributes_at_any_data_parallel_size(
+    world, steerable, tmp_path: Path, layout
+) -> None:
+    """humor judged by the steerable SFT model: the scores annotate writes are its posterior means given the
+    written conversation (DP=2 writes the same bytes); quality then re-predicted by the fit of the rated data;
+    adding the refit changes the settings, so every shard is annotated again."""
+    source = tmp_path / "input.jsonl"
+    source.write_text("".join((world["data"] / "unlabelled.jsonl").read_text().splitlines(keepends=True)[:120]))
+    output = tmp_path / "judged.jsonl"
+    judge_args = [f"judge.checkpoint={steerable['sft']}", "judge.attributes=[humor]", "mode=overwrite"]
+    result = _annotate(world, output, *judge_args, "input=" + str(source), "shard_size=40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "judged by Bayes' rule with" in result.stdout and ": humor;" in result.stdout
+    two = tmp_path / "judged_dp2.jsonl"
+    result = _annotate(world, two, *judge_args, "input=" + str(source), "shard_size=40", launcher=TORCHRUN_2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert two.read_bytes() == output.read_bytes()
+    judge = BayesJudge.from_checkpoint(str(steerable["sft"]), layout, ["humor"], SCHEMA, verify=False)
+    _judged_as_written(output, judge)
+
+    refit = [*judge_args, "judge.refit=[quality]", f"judge.refit_data={world['data']}/annotated.jsonl"]
+    result = _annotate(world, output, *refit, "input=" + str(source), "shard_size=40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "annotating every shard again" in result.stderr and "shards: 3 (0 already done)" in result.stdout
+    fit = fit_linear(read_records(world["data"] / "annotated.jsonl", DataFormat.helpsteer2, SCHEMA), SCHEMA, "quality")
+    assert f"re-predicted: {fit.describe()}" in result.stdout
+    _judged_as_written(output, judge)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    for record, row in zip(read_records(str(output), DataFormat.conversation, SCHEMA), rows):
+        for t, turn in enumerate(record.turns):
+            if turn.role == Role.assistant and turn.labels is not None:
+                assert abs(row["attribute_scores"][t]["quality"] - fit.predict(turn.labels)) <= 1e-4 + 1e-9
+                assert turn.labels["quality"] == round(min(max(fit.predict(turn.labels), 0), 4))

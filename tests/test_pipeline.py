@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from steerlm.config import ConfigError, SyntheticConfig, compose, to_typed
+from steerlm.config.annotate import AnnotateConfig
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.data.readers import DataFormat, read_records
@@ -239,6 +240,7 @@ PRODUCED = {
     "data/apm_labels.jsonl": "annotate",
     "base": "pretrain",
     "apm": "apm",
+    "judge": "judge",
     "sft": "sft",
     "sft_plain": "sft_plain",
     "bootstrap": "bootstrap",
@@ -250,14 +252,15 @@ def _producer(relative: str) -> str | None:
     return PRODUCED[max(matches, key=len)] if matches else None
 
 
-def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path) -> None:
-    cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}"]), PipelineConfig)
+@pytest.mark.parametrize("judge", [[], ["pipeline.judge=[correctness]", "pipeline.judge_refit=[quality]"]])
+def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path, judge: list[str]) -> None:
+    cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}", *judge]), PipelineConfig)
     steps = plan(cfg)
     grouped = waves(steps, concurrent=True)
     assert [[step.name for step in wave] for wave in grouped] == [
         ["world"],
         ["pretrain"],
-        ["apm"],
+        ["apm", "judge"] if judge else ["apm"],
         ["annotate"],
         ["sft", "sft_plain"],
         ["bootstrap"],
@@ -275,6 +278,27 @@ def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path) -> None:
                 assert producer in step.needs, f"{step.name} reads {value} without needing {producer}"
         done |= {step.name for step in wave}
     assert waves(steps, concurrent=False) == [[step] for step in steps]
+
+
+def test_the_bayes_judge_is_stage_3s_recipe_on_the_ratings_and_labels_what_it_names(tmp_path: Path) -> None:
+    overrides = [f"output_dir={tmp_path}", "pipeline.judge=[correctness,helpfulness]", "pipeline.judge_refit=[quality]"]
+    cfg = to_typed(compose("pipeline", overrides), PipelineConfig)
+    steps = {step.name: step for step in plan(cfg)}
+    judge = to_typed(compose("train_sft", list(steps["judge"].args)), SFTConfig)
+    sft = to_typed(compose("train_sft", list(steps["sft"].args)), SFTConfig)
+    assert judge.data.train_file == str(tmp_path / "data" / "annotated.jsonl")
+    assert judge.data.format.value == "helpsteer2"
+    assert judge.sft == sft.sft and judge.model == sft.model and judge.trainer.max_steps == 4800
+    annotate = to_typed(compose("annotate", list(steps["annotate"].args)), AnnotateConfig)
+    assert annotate.judge.checkpoint == str(tmp_path / "judge")
+    assert annotate.judge.attributes == ["correctness", "helpfulness"] and annotate.judge.refit == ["quality"]
+    assert annotate.judge.refit_data == judge.data.train_file and "judge" in steps["annotate"].needs
+    # without a judge the annotate command is what it was, so run directories made before it still resume
+    plain = {step.name: step for step in plan(to_typed(compose("pipeline", overrides[:1]), PipelineConfig))}
+    assert "judge" not in plain and not any(arg.startswith("judge.") for arg in plain["annotate"].args)
+    with pytest.raises(ConfigError) as error:
+        to_typed(compose("pipeline", [overrides[0], overrides[2]]), PipelineConfig).validate()
+    assert error.value.key == "pipeline.judge_refit"
 
 
 def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout) -> None:

@@ -1,4 +1,4 @@
-"""Configuration of stage 2, annotation (`recipes/annotate.py`)."""
+"""Configuration of stage 2, annotation (`recipes/annotate.py`), and of its Bayes judge (`annotate.judge`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from steerlm.config.schema import ParallelConfig, require_apm_checkpoint
+from steerlm.config.schema import ParallelConfig, PrecisionConfig, require_apm_checkpoint
 from steerlm.data.readers import BadRowPolicy, DataFormat
-from steerlm.errors import ConfigError, require_distinct_output
+from steerlm.errors import ConfigError, require, require_distinct_output
 
 
 class AnnotateMode(str, Enum):
@@ -20,6 +20,65 @@ class AnnotateMode(str, Enum):
     # NeMo-Aligner's attribute_annotate.py: only assistant turns that carry a label are scored, every attribute
     # of theirs replaced; turns without one stay as they are
     relabel = "relabel"
+
+
+@dataclass
+class JudgeConfig:
+    """Attributes judged by Bayes' rule with an attribute-conditioned model instead of read off the APM
+    (steerlm/inference/judge.py, docs/annotate.md "The Bayes judge"), and attributes then re-predicted from the
+    others by a least-squares fit on rated data (steerlm/data/label_fit.py)."""
+
+    checkpoint: Optional[str] = None  # a recipes/train_sft.py run or checkpoint trained with attributes
+    attributes: list[str] = field(default_factory=list)  # e.g. [correctness]
+    micro_batch_size: int = 64  # responses per forward pass (each judged turn is levels x attributes of them)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # e.g. [quality]: an overall attribute that the judged ones change; fitted on `refit_data`'s ratings
+    refit: list[str] = field(default_factory=list)
+    refit_data: Optional[str] = None  # rated data (e.g. the APM's training file)
+    refit_format: DataFormat = DataFormat.helpsteer2
+
+    @property
+    def enabled(self) -> bool:
+        return self.checkpoint is not None
+
+    def validate(self) -> None:
+        if not self.enabled:
+            require(
+                not self.attributes and not self.refit,
+                "judge.checkpoint",
+                None,
+                "judge.attributes / judge.refit need a judge",
+                "pass judge.checkpoint=<recipes/train_sft.py output_dir>, or leave judge.attributes and "
+                "judge.refit empty",
+            )
+            return
+        require(
+            bool(self.attributes),
+            "judge.attributes",
+            list(self.attributes),
+            "is empty: the judge would judge nothing",
+            "name the attributes to judge, e.g. judge.attributes=[correctness]",
+        )
+        require(
+            self.micro_batch_size >= 1, "judge.micro_batch_size", self.micro_batch_size, "must be positive", "use 64"
+        )
+        both = sorted(set(self.attributes) & set(self.refit))
+        require(
+            not both,
+            "judge.refit",
+            list(self.refit),
+            f"{', '.join(both)} cannot be both judged and re-predicted",
+            "name each attribute in one of judge.attributes and judge.refit",
+        )
+        if self.refit:
+            require(
+                self.refit_data is not None and Path(self.refit_data).is_file(),
+                "judge.refit_data",
+                self.refit_data,
+                "no such file: judge.refit learns its fit from rated data",
+                "pass judge.refit_data=<rated JSONL, e.g. the APM's training file> (and judge.refit_format)",
+            )
+        self.precision.validate()
 
 
 @dataclass
@@ -37,6 +96,7 @@ class AnnotateConfig:
     torch_threads: Optional[int] = None
     verify_checkpoint: bool = True  # SHA-256 checksums checked before loading; false: skip (huge checkpoints)
     seed: int = 1234
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
@@ -47,4 +107,5 @@ class AnnotateConfig:
         for key in ("shard_size", "micro_batch_size", "seq_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be positive", "use e.g. 1000 / 16 / 1024")
+        self.judge.validate()
         self.parallel.validate()

@@ -18,6 +18,7 @@ STAGE_NAMES = (
     "world",
     "pretrain",
     "apm",
+    "judge",
     "annotate",
     "sft",
     "sft_plain",
@@ -36,6 +37,10 @@ class PipelineOptions:
     # independent stages (SFT and plain SFT; the three steering evaluations) run at the same time, sharing `threads`
     concurrent: bool = True
     threads: Optional[int] = None  # CPU threads the stages share; None: $OMP_NUM_THREADS, else 2
+    # attributes stage 2 labels with the Bayes judge, an attribute-conditioned model trained on the rated data
+    # (stage `judge`, beside the APM), instead of the APM: e.g. [correctness] (docs/pipeline.md, "The Bayes judge")
+    judge: list[str] = field(default_factory=list)
+    judge_refit: list[str] = field(default_factory=list)  # then re-predicted from the others, e.g. [quality]
 
 
 @dataclass
@@ -67,6 +72,13 @@ class PipelineConfig:
             threads,
             "must be >= 1",
             "use a positive count, or null for $OMP_NUM_THREADS (else 2)",
+        )
+        require(
+            bool(self.pipeline.judge) or not self.pipeline.judge_refit,
+            "pipeline.judge_refit",
+            list(self.pipeline.judge_refit),
+            "re-predicts attributes after the Bayes judge, and pipeline.judge is empty",
+            "name the judged attributes in pipeline.judge (e.g. [correctness]), or leave pipeline.judge_refit empty",
         )
         unknown = [name for name in self.stages if name not in STAGE_NAMES]
         require(

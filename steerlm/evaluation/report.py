@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steerlm.data.label_fit import LinearFit
 from steerlm.files import atomic_write_text
 
 SURFACE = ("toxicity", "humor", "creativity", "complexity", "verbosity")
@@ -206,6 +207,17 @@ def _plot_curves(inputs: ReportInputs, path: Path) -> None:
     plt.close(figure)
 
 
+def _judge_line(judge: dict | None) -> str:
+    """What the Bayes judge labelled instead of the APM (its scores are the table's "vs oracle" figures)."""
+    if judge is None:
+        return ""
+    fits = "".join(f" Re-predicted after it: {LinearFit(**fit).describe()}." for fit in judge["fits"])
+    return (
+        f" {', '.join(judge['attributes'])}: judged by Bayes' rule with the stage-3 style model trained on the "
+        f"rated data (`judge/`, step {judge['checkpoint']['step']}), not by the APM.{fits}"
+    )
+
+
 def _steering_table(steering: dict) -> list[str]:
     lines = [
         "| attribute | "
@@ -280,7 +292,7 @@ def write_report(inputs: ReportInputs, out_dir: Path, command: str) -> dict:
         "![APM label vs oracle level](figures/apm_vs_oracle.png)",
         "",
         f"Stage 2 annotated {inputs.annotate['annotated_turns']:,} assistant turns of {inputs.annotate['rows_out']:,} "
-        "conversations.",
+        "conversations." + _judge_line(inputs.annotate.get("judge")),
         "",
         "## Steering: requested level → oracle-measured level (exact-match share)",
         "",

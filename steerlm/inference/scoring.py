@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from steerlm.data.apm import (
     parse_attribute_string,
 )
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import length_buckets
+from steerlm.data.collate import Example, length_buckets
 from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.readers import unschema_ratings
 from steerlm.data.records import Conversation, Role
@@ -51,6 +52,7 @@ from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, predict
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", AttributeExample, Example)  # anything with token `ids`: an APM's input, an LM's example
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,11 @@ def check_rated_attributes(conversation: Conversation, schema: AttributeSchema, 
         )
 
 
-def _by_length_buckets(
-    examples: Sequence[AttributeExample],
+def by_length_buckets(
+    examples: Sequence[E],
     micro_batch_size: int,
     layout: ParallelLayout,
-    score_batch: Callable[[list[AttributeExample]], list[list[float]]],
+    score_batch: Callable[[list[E]], list[list[float]]],
 ) -> np.ndarray:
     """`[len(examples), ...]` rows of `score_batch`, identical on every rank (collective).
 
@@ -133,7 +135,7 @@ def score_examples(
         return scores.cpu().tolist()
 
     try:
-        return _by_length_buckets(examples, micro_batch_size, layout, score_batch)
+        return by_length_buckets(examples, micro_batch_size, layout, score_batch)
     finally:
         for chunk, training in zip(model, modes):
             chunk.train(training)
@@ -353,7 +355,7 @@ class GenerativeAttributeScorer(AttributeScorer):
                 rows.append([values.get(name, math.nan) for name in self.schema.attributes])
             return rows
 
-        scores = _by_length_buckets(examples, self.micro_batch_size, self.layout, score_batch)
+        scores = by_length_buckets(examples, self.micro_batch_size, self.layout, score_batch)
         scores = scores.reshape(len(examples), len(self.schema.attributes))
         self.last_generation = self._report(examples, scores)
         return scores

@@ -12,6 +12,14 @@ its shard) and the settings of the run (the APM checkpoint's step and file check
 schema, template, seq_length, micro-batch size, merge weights). A changed shard is annotated again; changed
 settings re-annotate every shard; both are logged. The input is read whole on every run, so the rejects file
 and the row counts describe the current input, and the summary counts the whole output, not one invocation.
+
+With `judge.checkpoint`, the attributes in `judge.attributes` are judged by Bayes' rule with an
+attribute-conditioned model (steerlm/inference/judge.py) instead of read off the APM, the other attributes held
+at the values the turn gets written with; then each attribute in `judge.refit` is re-predicted from the written
+labels by a least-squares fit on `judge.refit_data` (steerlm/data/label_fit.py). A conversation's turns are
+judged in order, each reading the earlier ones with their final labels. The judge's checkpoint, its
+settings and the fits' coefficients are part of the run's settings. `attribute_scores` holds the posterior means
+and fitted values for those attributes, the APM's raw scores for the others.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,14 +45,17 @@ from tqdm import tqdm
 from steerlm import runtime
 from steerlm.checkpoint.integrity import checkpoint_identity
 from steerlm.checkpoint.sharded import read_meta
+from steerlm.config import ConfigError
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.apm import AttributeExample
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, Labels
+from steerlm.data.label_fit import LinearFit, fit_linear
 from steerlm.data.lengths import LengthStats
-from steerlm.data.readers import BadRowPolicy, InputRow, ReadStats, RejectSink, read_rows
+from steerlm.data.readers import BadRowPolicy, InputRow, ReadStats, RejectSink, read_records, read_rows
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.files import atomic_write_text
+from steerlm.inference.judge import BayesJudge, JudgedTurn
 from steerlm.inference.scoring import AttributeScorer, check_rated_attributes, open_apm_checkpoint
 
 log = logging.getLogger(__name__)
@@ -74,6 +85,24 @@ class AnnotateSummary:
     seconds: float
     rows_per_s: float  # rows annotated by this invocation per second
     histograms: dict[str, dict[str, int]]
+    judge: dict | None = None  # the judge's checkpoint and attributes, the fits, inputs cut to its positions
+
+
+@dataclass(frozen=True)
+class _Judging:
+    """The Bayes judge of this rank and the fits that re-predict attributes after it."""
+
+    judge: BayesJudge
+    fits: tuple[LinearFit, ...]
+
+    def describe(self) -> dict:
+        loaded = self.judge.loaded
+        return {
+            "checkpoint": {"path": str(loaded.path), "step": loaded.step, "files": checkpoint_identity(loaded.path)},
+            "attributes": list(self.judge.attributes),
+            "micro_batch_size": self.judge.micro_batch_size,
+            "fits": [asdict(fit) for fit in self.fits],
+        }
 
 
 @dataclass(frozen=True)
@@ -181,10 +210,7 @@ def _annotated_rows(
                 raw.append(None)
                 continue
             values = per_turn[(r, t)]
-            predicted = schema.clip_round(dict(zip(schema.attributes, values)))
-            if mode == AnnotateMode.fill_missing and turn.labels is not None:
-                predicted = {k: turn.labels[k] if turn.labels[k] is not None else v for k, v in predicted.items()}
-            turns.append(Turn(turn.role, turn.text, predicted))
+            turns.append(Turn(turn.role, turn.text, _written_labels(turn, values, schema, mode)))
             raw.append(dict(zip(schema.attributes, values)))
         extra = {**record.extra, SCORES_FIELD: raw}
         if rewards is not None:
@@ -192,6 +218,52 @@ def _annotated_rows(
         annotated = Conversation(record.system, tuple(turns), record.source, extra)
         rows.append(to_conversation_json(annotated, schema))
     return rows
+
+
+def _written_labels(turn: Turn, values: list, schema: AttributeSchema, mode: AnnotateMode) -> Labels:
+    """A scored turn's labels from its (rounded) raw scores; under fill_missing its human labels win."""
+    predicted = schema.clip_round(dict(zip(schema.attributes, values)))
+    if mode == AnnotateMode.fill_missing and turn.labels is not None:
+        predicted = {k: turn.labels[k] if turn.labels[k] is not None else v for k, v in predicted.items()}
+    return predicted
+
+
+def _judged(
+    records: list[Conversation],
+    examples: list[AttributeExample],
+    scores: np.ndarray,
+    judging: _Judging,
+    schema: AttributeSchema,
+    mode: AnnotateMode,
+    lengths: LengthStats,
+) -> np.ndarray:
+    """`scores` with the judged attributes' columns replaced by the judge's posterior means, then the refit
+    attributes' by their fits to the labels written after judging (collective: every rank, same records).
+
+    Turns are judged in order of their position, all conversations' first scored turns together, then the
+    next: the judge reads each earlier turn with the labels it is written with, as stage 3 trains on it."""
+    out = scores.copy()
+    written = {
+        example.turn: _written_labels(records[example.turn[0]].turns[example.turn[1]], values, schema, mode)
+        for example, values in zip(examples, _rounded(scores))
+    }
+    columns = [schema.attributes.index(name) for name in judging.judge.attributes]
+    for position in sorted({example.turn[1] for example in examples}):
+        members = [i for i, example in enumerate(examples) if example.turn[1] == position]
+        turns = []
+        for i in members:
+            r, t = examples[i].turn
+            record = records[r]
+            context = tuple(Turn(x.role, x.text, written.get((r, j), x.labels)) for j, x in enumerate(record.turns[:t]))
+            turns.append(JudgedTurn(record.system, context, record.turns[t].text, written[(r, t)], examples[i].source))
+        out[np.ix_(members, columns)] = judging.judge.scores(turns, lengths)
+        for i in members:
+            turn = records[examples[i].turn[0]].turns[examples[i].turn[1]]
+            for fit in judging.fits:
+                labels = _written_labels(turn, _rounded(out[i]), schema, mode)
+                out[i, schema.attributes.index(fit.attribute)] = fit.predict(labels)
+            written[examples[i].turn] = _written_labels(turn, _rounded(out[i]), schema, mode)
+    return out
 
 
 def _rounded(values: np.ndarray) -> list:
@@ -223,7 +295,7 @@ def _fingerprint(rows: list[InputRow]) -> dict:
     return {"rows": len(rows), "bytes": size, "sha256": digest.hexdigest()}
 
 
-def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> dict:
+def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: _Judging | None) -> dict:
     """Everything besides the input rows that shapes the output, as JSON values."""
     settings = {
         "apm_checkpoint": {"step": read_meta(apm_path).step, "files": checkpoint_identity(apm_path)},
@@ -235,6 +307,7 @@ def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> d
         "seq_length": scorer.seq_length,
         "micro_batch_size": scorer.micro_batch_size,
         "merge_weights": scorer.merge_weights,
+        "judge": None if judging is None else judging.describe(),
     }
     return json.loads(json.dumps(settings))  # tuples → lists, as the manifest reads back
 
@@ -272,15 +345,48 @@ def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
             seed=cfg.seed,
             verify=cfg.verify_checkpoint,
         )
-        return _annotate(cfg, apm.path, scorer)
+        return _annotate(cfg, apm.path, scorer, _open_judge(cfg, scorer.schema, layout))
     finally:
         runtime.shutdown()
 
 
-def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> AnnotateSummary | None:
+def _open_judge(cfg: AnnotateConfig, schema: AttributeSchema, layout: runtime.ParallelLayout) -> _Judging | None:
+    """The judge (collective) and the fits of `judge.refit`, learned from `judge.refit_data` on every rank."""
+    spec = cfg.judge
+    if spec.checkpoint is None:
+        return None
+    judge = BayesJudge.from_checkpoint(
+        spec.checkpoint,
+        layout,
+        spec.attributes,
+        schema,
+        micro_batch_size=spec.micro_batch_size,
+        precision=spec.precision,
+        verify=cfg.verify_checkpoint,
+    )
+    unknown = [name for name in spec.refit if name not in schema.attributes]
+    if unknown:
+        raise ConfigError(
+            "judge.refit",
+            list(spec.refit),
+            f"{unknown[0]!r} is not an attribute of schema '{schema.name}'",
+            f"name some of {', '.join(schema.attributes)}",
+        )
+    fits = tuple(
+        fit_linear(read_records(str(spec.refit_data), spec.refit_format, schema), schema, name, exclude=spec.refit)
+        for name in spec.refit
+    )
+    for fit in fits:
+        log.info("judge.refit: %s", fit.describe())
+    return _Judging(judge, fits)
+
+
+def _annotate(
+    cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: _Judging | None
+) -> AnnotateSummary | None:
     output, layout, schema = Path(cfg.output), scorer.layout, scorer.schema
-    work = _Work(Path(f"{output}.parts"), _settings(cfg, apm_path, scorer))
-    stats, counts, lengths = ReadStats(), Counter[str](), LengthStats()
+    work = _Work(Path(f"{output}.parts"), _settings(cfg, apm_path, scorer, judging))
+    stats, counts, lengths, judge_lengths = ReadStats(), Counter[str](), LengthStats(), LengthStats()
     rejects_path = Path(cfg.rejects or f"{output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject
     start = time.perf_counter()
@@ -303,9 +409,11 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> A
             records = _broadcast_required(None if shard is None else shard.records, f"shard {number}")
             for record in records:
                 check_rated_attributes(record, schema, "apm_checkpoint", cfg.apm_checkpoint)
-            truncated_before = lengths.truncated
+            truncated_before, judge_truncated_before = lengths.truncated, judge_lengths.truncated
             examples = scorer.examples(records, partial(_needs, cfg.mode), lengths)
             scores = scorer.score_examples(examples)
+            if judging is not None:
+                scores = _judged(records, examples, scores, judging, schema, cfg.mode, judge_lengths)
             counts["rows"] += len(records)
             if shard is not None:  # rank 0
                 rows = _annotated_rows(records, examples, scores, scorer.rewards(scores), schema, cfg.mode)
@@ -314,6 +422,7 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> A
                     "rows": len(rows),
                     "turns": len(examples),
                     "truncated": lengths.truncated - truncated_before,
+                    "judge_truncated": judge_lengths.truncated - judge_truncated_before,
                 }
                 work.finish(number, rows, entry, done)
             bar.update(len(records))
@@ -321,9 +430,16 @@ def _annotate(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer) -> A
     if not layout.is_rank_zero:
         return None
     work.drop_after(counts["shards"], done)
-    return _merge(
-        cfg, work, done, layout, stats, counts, time.perf_counter() - start, rejects_path if reject else None, schema
-    )
+    seconds = time.perf_counter() - start
+    summary = _merge(cfg, work, done, layout, stats, counts, seconds, rejects_path if reject else None, schema)
+    if judging is not None:
+        judged = {
+            **judging.describe(),
+            "truncated_inputs": sum(done[shard].get("judge_truncated", 0) for shard in range(counts["shards"])),
+        }
+        summary = replace(summary, judge=judged)
+        atomic_write_text(Path(f"{cfg.output}.summary.json"), json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
 
 
 def _merge(
@@ -386,6 +502,13 @@ def format_annotate_summary(summary: AnnotateSummary) -> str:
         f"{summary.truncated_inputs}  shards: {summary.shards} ({summary.shards_skipped} already done)",
         f"{summary.rows_per_s:.1f} rows/s over {summary.seconds:.1f} s",
     ]
+    if summary.judge is not None:
+        judge = summary.judge
+        lines.append(
+            f"judged by Bayes' rule with {judge['checkpoint']['path']} (step {judge['checkpoint']['step']}): "
+            f"{', '.join(judge['attributes'])}; inputs cut to its positions: {judge['truncated_inputs']}"
+        )
+        lines.extend(f"re-predicted: {LinearFit(**fit).describe()}" for fit in judge["fits"])
     for name, counts in summary.histograms.items():
         lines.append(f"  {name:>12}  " + "  ".join(f"{value}:{count}" for value, count in counts.items()))
     return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Judge attributes by Bayes' rule with an attribute-conditioned SteerLM model: the Bayes judge.
+
+A regression APM reads an attribute off the response text. That works for what the text shows (toxicity, humor,
+verbosity) and fails for what it can only know from the world (is the stated fact right?): trained on a few
+thousand ratings, the APM's correctness is no better than chance (docs/pipeline.md). An attribute-conditioned
+LM trained on the same kind of rated data models the other direction, P(y | x, a): which text goes with which
+attribute values. Knowledge it has learned then shows up as likelihood: a wrong fact is likely under
+`correctness:0` and unlikely under `correctness:4`. Bayes' rule inverts it, one judged attribute j at a time,
+the other attributes held at the values given (the APM's, or a human's):
+
+    P(a_j = v | x, y, a_-j)  ∝  P(y | x, a_-j, a_j = v) · P(a_j = v)
+
+With the uniform prior used here the posterior is the softmax over the schema's levels v of the response's
+log-probability under the attribute line with a_j = v; the judged score is the posterior mean. Each judged turn
+costs one forward pass per level and judged attribute, scored in length buckets split over data-parallel ranks
+(`by_length_buckets`), so every layout computes the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from steerlm.config import ConfigError
+from steerlm.config.schema import PrecisionConfig
+from steerlm.data.attributes import AttributeSchema
+from steerlm.data.collate import Example, pad_batch
+from steerlm.data.lengths import LengthStats
+from steerlm.data.records import Turn
+from steerlm.data.steerlm2 import response_example
+from steerlm.inference.loading import LoadedModel, load_generator
+from steerlm.inference.scoring import by_length_buckets
+from steerlm.runtime.layout import ParallelLayout
+from steerlm.training import SEQUENCE_LOG_PROB, predict
+
+
+@dataclass(frozen=True)
+class JudgedTurn:
+    """One assistant response to judge: its conversation before it, and the values of every attribute."""
+
+    system: str
+    context: tuple[Turn, ...]  # the turns before the response (ending with a user turn)
+    response: str
+    labels: Mapping[str, float | None]  # the judged attributes' values are replaced by each level in turn
+    source: str = ""
+
+
+class BayesJudge:
+    """A stage-3 style (attribute-conditioned) model of this rank, judging `attributes` of responses."""
+
+    def __init__(
+        self, loaded: LoadedModel, attributes: Sequence[str], layout: ParallelLayout, micro_batch_size: int
+    ) -> None:
+        self.loaded, self.layout, self.micro_batch_size = loaded, layout, micro_batch_size
+        self.attributes = tuple(attributes)
+        schema = loaded.schema
+        self.levels = tuple(float(v) for v in range(int(schema.min_value), int(schema.max_value) + 1))
+        self.max_positions = loaded.model.max_position_embeddings
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str,
+        layout: ParallelLayout,
+        attributes: Sequence[str],
+        schema: AttributeSchema,
+        *,
+        micro_batch_size: int = 64,
+        precision: PrecisionConfig | None = None,
+        verify: bool = True,
+        key: str = "judge.checkpoint",
+    ) -> BayesJudge:
+        """Load a `recipes/train_sft.py` checkpoint as the judge of `attributes` of data labelled in `schema`
+        (collective). ConfigError naming `key` when it cannot judge them: no attribute line, another schema, or
+        a non-integer scale (no levels to sum over)."""
+        loaded = load_generator(checkpoint, layout, precision or PrecisionConfig(), seed=0, key=key, verify=verify)
+        check_judge(loaded, attributes, schema, checkpoint, key)
+        return cls(loaded, attributes, layout, micro_batch_size)
+
+    def examples(self, turn: JudgedTurn, lengths: LengthStats | None = None) -> list[Example]:
+        """The response under each judged attribute's every level (attribute-major); an example longer than the
+        model's positions keeps its end (the attribute line and response) and is counted in `lengths`."""
+        loaded, out = self.loaded, []
+        for name in self.attributes:
+            for level in self.levels:
+                labels = {**turn.labels, name: level}
+                example = response_example(
+                    loaded.template, loaded.tokenizer, turn.system, turn.context, labels, turn.response, turn.source
+                )
+                out.append(self._fit(example, lengths))
+        return out
+
+    def _fit(self, example: Example, lengths: LengthStats | None) -> Example:
+        keep = self.max_positions + 1
+        if len(example.ids) <= keep:
+            return example
+        if lengths is not None:
+            lengths.truncated += 1
+        return Example(example.ids[-keep:], example.trainable[-keep:], example.source)
+
+    def posteriors(self, turns: Sequence[JudgedTurn], lengths: LengthStats | None = None) -> np.ndarray:
+        """`[turns, attributes, levels]` posterior probabilities under a uniform prior (collective)."""
+        if not turns:
+            return np.zeros((0, len(self.attributes), len(self.levels)))
+        examples = [example for turn in turns for example in self.examples(turn, lengths)]
+        model, pad_id = self.loaded.generator.model, self.loaded.tokenizer.pad_id
+
+        def score_batch(batch: list[Example]) -> list[list[float]]:
+            values = predict([model], [pad_batch(batch, pad_id)], self.layout, SEQUENCE_LOG_PROB)[0]
+            return [[value] for value in values.double().cpu().tolist()]
+
+        log_p = by_length_buckets(examples, self.micro_batch_size, self.layout, score_batch)
+        log_p = log_p.reshape(len(turns), len(self.attributes), len(self.levels))
+        shifted = np.exp(log_p - log_p.max(axis=2, keepdims=True))
+        return shifted / shifted.sum(axis=2, keepdims=True)
+
+    def scores(self, turns: Sequence[JudgedTurn], lengths: LengthStats | None = None) -> np.ndarray:
+        """`[turns, attributes]` posterior means (collective)."""
+        return self.posteriors(turns, lengths) @ np.array(self.levels)
+
+
+def check_judge(
+    loaded: LoadedModel, attributes: Sequence[str], schema: AttributeSchema, checkpoint: str, key: str
+) -> None:
+    """ConfigError naming `key` unless `loaded` conditions on `schema`'s attribute line and can judge `attributes`."""
+    fix = "pass a recipes/train_sft.py checkpoint trained with attributes on data of the same schema"
+    if not loaded.template.config.condition_on_attributes:
+        raise ConfigError(key, checkpoint, "was trained without an attribute line (a plain-SFT model)", fix)
+    if loaded.schema.attributes != schema.attributes:
+        raise ConfigError(
+            key,
+            checkpoint,
+            f"its schema '{loaded.schema.name}' ({', '.join(loaded.schema.attributes)}) is not the data's "
+            f"'{schema.name}' ({', '.join(schema.attributes)})",
+            fix,
+        )
+    if not loaded.schema.integer:
+        raise ConfigError(key, checkpoint, f"schema '{loaded.schema.name}' is not on an integer scale", fix)
+    unknown = [name for name in attributes if name not in schema.attributes]
+    if unknown or not attributes:
+        raise ConfigError(
+            key.rsplit(".", 1)[0] + ".attributes",
+            list(attributes),
+            f"{unknown[0]!r} is not an attribute of schema '{schema.name}'" if unknown else "is empty",
+            f"name some of {', '.join(schema.attributes)}",
+        )
