@@ -152,3 +152,20 @@ def test_the_fit_refuses_too_few_complete_ratings() -> None:
 def test_judge_settings_are_checked(settings: dict, key: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"{key}.*{problem}"):
         JudgeConfig(**settings).validate()
+
+
+def test_the_report_names_what_the_judge_labelled_and_the_fit() -> None:
+    from dataclasses import asdict
+
+    from steerlm.evaluation.report import _judge_line
+
+    fit = fit_linear(
+        _rated([{**dict.fromkeys(SCHEMA.attributes, float(i % 5)), "humor": float(i % 3)} for i in range(40)]),
+        SCHEMA,
+        "quality",
+    )
+    judge = {"attributes": ["correctness"], "checkpoint": {"step": 4800}, "fits": [asdict(fit)]}
+    line = _judge_line(judge)
+    assert "correctness: judged by Bayes' rule" in line and "step 4800" in line
+    assert f"Re-predicted after it: {fit.describe()}." in line
+    assert _judge_line(None) == ""

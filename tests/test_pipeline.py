@@ -18,6 +18,7 @@ import torch
 
 from steerlm.config import ConfigError, SyntheticConfig, compose, to_typed
 from steerlm.config.annotate import AnnotateConfig
+from steerlm.config.bootstrap import BootstrapConfig
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.data.readers import DataFormat, read_records
@@ -293,9 +294,12 @@ def test_the_bayes_judge_is_stage_3s_recipe_on_the_ratings_and_labels_what_it_na
     assert annotate.judge.checkpoint == str(tmp_path / "judge")
     assert annotate.judge.attributes == ["correctness", "helpfulness"] and annotate.judge.refit == ["quality"]
     assert annotate.judge.refit_data == judge.data.train_file and "judge" in steps["annotate"].needs
+    bootstrap = to_typed(compose("bootstrap", list(steps["bootstrap"].args)), BootstrapConfig)
+    assert bootstrap.bootstrap.judge == annotate.judge and "judge" in steps["bootstrap"].needs
     # without a judge the annotate command is what it was, so run directories made before it still resume
     plain = {step.name: step for step in plan(to_typed(compose("pipeline", overrides[:1]), PipelineConfig))}
     assert "judge" not in plain and not any(arg.startswith("judge.") for arg in plain["annotate"].args)
+    assert not any(arg.startswith("bootstrap.judge.") for arg in plain["bootstrap"].args)
     with pytest.raises(ConfigError) as error:
         to_typed(compose("pipeline", [overrides[0], overrides[2]]), PipelineConfig).validate()
     assert error.value.key == "pipeline.judge_refit"

@@ -41,42 +41,44 @@ class JudgeConfig:
     def enabled(self) -> bool:
         return self.checkpoint is not None
 
-    def validate(self) -> None:
+    def validate(self, key: str = "judge", check_files: bool = True) -> None:
+        """`key`: where the section sits (`judge` in annotate, `bootstrap.judge` in the bootstrap);
+        `check_files`: whether `refit_data` must exist here (not when a job is written for another machine)."""
         if not self.enabled:
             require(
                 not self.attributes and not self.refit,
-                "judge.checkpoint",
+                f"{key}.checkpoint",
                 None,
-                "judge.attributes / judge.refit need a judge",
-                "pass judge.checkpoint=<recipes/train_sft.py output_dir>, or leave judge.attributes and "
-                "judge.refit empty",
+                f"{key}.attributes / {key}.refit need a judge",
+                f"pass {key}.checkpoint=<recipes/train_sft.py output_dir>, or leave {key}.attributes and "
+                f"{key}.refit empty",
             )
             return
         require(
             bool(self.attributes),
-            "judge.attributes",
+            f"{key}.attributes",
             list(self.attributes),
             "is empty: the judge would judge nothing",
-            "name the attributes to judge, e.g. judge.attributes=[correctness]",
+            f"name the attributes to judge, e.g. {key}.attributes=[correctness]",
         )
         require(
-            self.micro_batch_size >= 1, "judge.micro_batch_size", self.micro_batch_size, "must be positive", "use 64"
+            self.micro_batch_size >= 1, f"{key}.micro_batch_size", self.micro_batch_size, "must be positive", "use 64"
         )
         both = sorted(set(self.attributes) & set(self.refit))
         require(
             not both,
-            "judge.refit",
+            f"{key}.refit",
             list(self.refit),
             f"{', '.join(both)} cannot be both judged and re-predicted",
-            "name each attribute in one of judge.attributes and judge.refit",
+            f"name each attribute in one of {key}.attributes and {key}.refit",
         )
         if self.refit:
             require(
-                self.refit_data is not None and Path(self.refit_data).is_file(),
-                "judge.refit_data",
+                self.refit_data is not None and (not check_files or Path(self.refit_data).is_file()),
+                f"{key}.refit_data",
                 self.refit_data,
-                "no such file: judge.refit learns its fit from rated data",
-                "pass judge.refit_data=<rated JSONL, e.g. the APM's training file> (and judge.refit_format)",
+                f"no such file: {key}.refit learns its fit from rated data",
+                f"pass {key}.refit_data=<rated JSONL, e.g. the APM's training file> (and {key}.refit_format)",
             )
         self.precision.validate()
 

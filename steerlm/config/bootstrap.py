@@ -14,6 +14,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from steerlm.config.annotate import JudgeConfig
 from steerlm.config.schema import Accelerator
 from steerlm.config.sft import SFTConfig
 from steerlm.errors import require
@@ -33,6 +34,8 @@ class BootstrapOptions:
     iterations: int = 1  # each fine-tunes the previous iteration's model on its own labelled samples
     mix_original: bool = True  # also train on data.train_file (stage 3's data) in each fine-tuning
     chunk_rows: int = 256  # samples per resumable part file
+    # attributes labelled by the Bayes judge instead of the APM, as in annotation (docs/annotate.md)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def validate(self, check_files: bool = True) -> None:
         if check_files:
@@ -48,6 +51,7 @@ class BootstrapOptions:
         require(self.temperature >= 0, "bootstrap.temperature", self.temperature, "must be >= 0", "use e.g. 0.7")
         require(self.top_k >= 0, "bootstrap.top_k", self.top_k, "must be >= 0", "use 0 to disable top-k")
         require(0 < self.top_p <= 1, "bootstrap.top_p", self.top_p, "must be in (0, 1]", "use 1.0 to disable top-p")
+        self.judge.validate("bootstrap.judge", check_files)
 
 
 @dataclass

@@ -18,22 +18,29 @@ costs one forward pass per level and judged attribute, scored in length buckets 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from steerlm.checkpoint.integrity import checkpoint_identity
 from steerlm.config import ConfigError
+from steerlm.config.annotate import JudgeConfig
 from steerlm.config.schema import PrecisionConfig
-from steerlm.data.attributes import AttributeSchema
+from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.collate import Example, pad_batch
+from steerlm.data.label_fit import LinearFit, fit_linear
 from steerlm.data.lengths import LengthStats
-from steerlm.data.records import Turn
+from steerlm.data.readers import read_records
+from steerlm.data.records import Conversation, Turn
 from steerlm.data.steerlm2 import response_example
 from steerlm.inference.loading import LoadedModel, load_generator
 from steerlm.inference.scoring import by_length_buckets
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training import SEQUENCE_LOG_PROB, predict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -146,3 +153,99 @@ def check_judge(
             f"{unknown[0]!r} is not an attribute of schema '{schema.name}'" if unknown else "is empty",
             f"name some of {', '.join(schema.attributes)}",
         )
+
+
+# A scored turn's labels from its raw scores (rounded as written): the caller's rule (annotate's mode, or plain
+# clipping and rounding)
+LabelRule = Callable[[Turn, list], Labels]
+
+
+@dataclass(frozen=True)
+class Judging:
+    """A `JudgeConfig` made real: the judge of this rank and the fits that re-predict attributes after it. Used
+    by annotation (stage 2) and the bootstrap's labelling (stage 4), so both label the same way."""
+
+    judge: BayesJudge
+    fits: tuple[LinearFit, ...]
+
+    @classmethod
+    def open(
+        cls, spec: JudgeConfig, schema: AttributeSchema, layout: ParallelLayout, verify: bool, key: str = "judge"
+    ) -> Judging | None:
+        """The judge (collective) and the fits of `refit`, learned from `refit_data` on every rank; None when
+        `spec` names no checkpoint. `key` prefixes the keys errors name (`judge`, `bootstrap.judge`)."""
+        if spec.checkpoint is None:
+            return None
+        judge = BayesJudge.from_checkpoint(
+            spec.checkpoint,
+            layout,
+            spec.attributes,
+            schema,
+            micro_batch_size=spec.micro_batch_size,
+            precision=spec.precision,
+            verify=verify,
+            key=f"{key}.checkpoint",
+        )
+        unknown = [name for name in spec.refit if name not in schema.attributes]
+        if unknown:
+            raise ConfigError(
+                f"{key}.refit",
+                list(spec.refit),
+                f"{unknown[0]!r} is not an attribute of schema '{schema.name}'",
+                f"name some of {', '.join(schema.attributes)}",
+            )
+        fits = tuple(
+            fit_linear(read_records(str(spec.refit_data), spec.refit_format, schema), schema, name, spec.refit)
+            for name in spec.refit
+        )
+        for fit in fits:
+            log.info("%s.refit: %s", key, fit.describe())
+        return cls(judge, fits)
+
+    def describe(self) -> dict:
+        """What shapes the labels, as JSON values: the checkpoint's step and checksums, attributes, fits."""
+        loaded = self.judge.loaded
+        return {
+            "checkpoint": {"path": str(loaded.path), "step": loaded.step, "files": checkpoint_identity(loaded.path)},
+            "attributes": list(self.judge.attributes),
+            "micro_batch_size": self.judge.micro_batch_size,
+            "fits": [asdict(fit) for fit in self.fits],
+        }
+
+    def rescore(
+        self,
+        records: Sequence[Conversation],
+        positions: Sequence[tuple[int, int]],
+        scores: np.ndarray,
+        labels_of: LabelRule,
+        rounded: Callable[[np.ndarray], list] = np.ndarray.tolist,
+        lengths: LengthStats | None = None,
+    ) -> np.ndarray:
+        """`scores` (one row per (record, turn) of `positions`, schema order) with the judged attributes'
+        columns replaced by the judge's posterior means, then the refit attributes' by their fits to the labels
+        the turn is written with after judging (collective: every rank, the same records). `labels_of` gets a
+        row as `rounded` gives it (annotate rounds to the decimals it writes).
+
+        Turns are judged in order of their position, all conversations' first scored turns together, then the
+        next: the judge reads each earlier turn with the labels it is written with, as stage 3 trains on it."""
+        schema, out = self.judge.loaded.schema, scores.copy()
+        written = {(r, t): labels_of(records[r].turns[t], values) for (r, t), values in zip(positions, rounded(scores))}
+        columns = [schema.attributes.index(name) for name in self.judge.attributes]
+        for position in sorted({t for _, t in positions}):
+            members = [i for i, (_, t) in enumerate(positions) if t == position]
+            turns = []
+            for i in members:
+                r, t = positions[i]
+                record = records[r]
+                context = tuple(
+                    Turn(x.role, x.text, written.get((r, j), x.labels)) for j, x in enumerate(record.turns[:t])
+                )
+                turns.append(JudgedTurn(record.system, context, record.turns[t].text, written[(r, t)], record.source))
+            out[np.ix_(members, columns)] = self.judge.scores(turns, lengths)
+            for i in members:
+                r, t = positions[i]
+                for fit in self.fits:
+                    labels = labels_of(records[r].turns[t], rounded(out[i]))
+                    out[i, schema.attributes.index(fit.attribute)] = fit.predict(labels)
+                written[(r, t)] = labels_of(records[r].turns[t], rounded(out[i]))
+        return out

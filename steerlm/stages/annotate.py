@@ -45,17 +45,16 @@ from tqdm import tqdm
 from steerlm import runtime
 from steerlm.checkpoint.integrity import checkpoint_identity
 from steerlm.checkpoint.sharded import read_meta
-from steerlm.config import ConfigError
 from steerlm.config.annotate import AnnotateConfig, AnnotateMode
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.apm import AttributeExample
 from steerlm.data.attributes import AttributeSchema, Labels
-from steerlm.data.label_fit import LinearFit, fit_linear
+from steerlm.data.label_fit import LinearFit
 from steerlm.data.lengths import LengthStats
-from steerlm.data.readers import BadRowPolicy, InputRow, ReadStats, RejectSink, read_records, read_rows
+from steerlm.data.readers import BadRowPolicy, InputRow, ReadStats, RejectSink, read_rows
 from steerlm.data.records import Conversation, Role, Turn, to_conversation_json
 from steerlm.files import atomic_write_text
-from steerlm.inference.judge import BayesJudge, JudgedTurn
+from steerlm.inference.judge import Judging
 from steerlm.inference.scoring import AttributeScorer, check_rated_attributes, open_apm_checkpoint
 
 log = logging.getLogger(__name__)
@@ -86,23 +85,6 @@ class AnnotateSummary:
     rows_per_s: float  # rows annotated by this invocation per second
     histograms: dict[str, dict[str, int]]
     judge: dict | None = None  # the judge's checkpoint and attributes, the fits, inputs cut to its positions
-
-
-@dataclass(frozen=True)
-class _Judging:
-    """The Bayes judge of this rank and the fits that re-predict attributes after it."""
-
-    judge: BayesJudge
-    fits: tuple[LinearFit, ...]
-
-    def describe(self) -> dict:
-        loaded = self.judge.loaded
-        return {
-            "checkpoint": {"path": str(loaded.path), "step": loaded.step, "files": checkpoint_identity(loaded.path)},
-            "attributes": list(self.judge.attributes),
-            "micro_batch_size": self.judge.micro_batch_size,
-            "fits": [asdict(fit) for fit in self.fits],
-        }
 
 
 @dataclass(frozen=True)
@@ -228,44 +210,6 @@ def _written_labels(turn: Turn, values: list, schema: AttributeSchema, mode: Ann
     return predicted
 
 
-def _judged(
-    records: list[Conversation],
-    examples: list[AttributeExample],
-    scores: np.ndarray,
-    judging: _Judging,
-    schema: AttributeSchema,
-    mode: AnnotateMode,
-    lengths: LengthStats,
-) -> np.ndarray:
-    """`scores` with the judged attributes' columns replaced by the judge's posterior means, then the refit
-    attributes' by their fits to the labels written after judging (collective: every rank, same records).
-
-    Turns are judged in order of their position, all conversations' first scored turns together, then the
-    next: the judge reads each earlier turn with the labels it is written with, as stage 3 trains on it."""
-    out = scores.copy()
-    written = {
-        example.turn: _written_labels(records[example.turn[0]].turns[example.turn[1]], values, schema, mode)
-        for example, values in zip(examples, _rounded(scores))
-    }
-    columns = [schema.attributes.index(name) for name in judging.judge.attributes]
-    for position in sorted({example.turn[1] for example in examples}):
-        members = [i for i, example in enumerate(examples) if example.turn[1] == position]
-        turns = []
-        for i in members:
-            r, t = examples[i].turn
-            record = records[r]
-            context = tuple(Turn(x.role, x.text, written.get((r, j), x.labels)) for j, x in enumerate(record.turns[:t]))
-            turns.append(JudgedTurn(record.system, context, record.turns[t].text, written[(r, t)], examples[i].source))
-        out[np.ix_(members, columns)] = judging.judge.scores(turns, lengths)
-        for i in members:
-            turn = records[examples[i].turn[0]].turns[examples[i].turn[1]]
-            for fit in judging.fits:
-                labels = _written_labels(turn, _rounded(out[i]), schema, mode)
-                out[i, schema.attributes.index(fit.attribute)] = fit.predict(labels)
-            written[examples[i].turn] = _written_labels(turn, _rounded(out[i]), schema, mode)
-    return out
-
-
 def _rounded(values: np.ndarray) -> list:
     """Raw scores (a row or rows of them) rounded so outputs compare byte for byte across layouts; NaN (an
     attribute a generative APM did not write) becomes None."""
@@ -295,7 +239,7 @@ def _fingerprint(rows: list[InputRow]) -> dict:
     return {"rows": len(rows), "bytes": size, "sha256": digest.hexdigest()}
 
 
-def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: _Judging | None) -> dict:
+def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: Judging | None) -> dict:
     """Everything besides the input rows that shapes the output, as JSON values."""
     settings = {
         "apm_checkpoint": {"step": read_meta(apm_path).step, "files": checkpoint_identity(apm_path)},
@@ -345,44 +289,14 @@ def run(cfg: AnnotateConfig) -> AnnotateSummary | None:
             seed=cfg.seed,
             verify=cfg.verify_checkpoint,
         )
-        return _annotate(cfg, apm.path, scorer, _open_judge(cfg, scorer.schema, layout))
+        judging = Judging.open(cfg.judge, scorer.schema, layout, cfg.verify_checkpoint)
+        return _annotate(cfg, apm.path, scorer, judging)
     finally:
         runtime.shutdown()
 
 
-def _open_judge(cfg: AnnotateConfig, schema: AttributeSchema, layout: runtime.ParallelLayout) -> _Judging | None:
-    """The judge (collective) and the fits of `judge.refit`, learned from `judge.refit_data` on every rank."""
-    spec = cfg.judge
-    if spec.checkpoint is None:
-        return None
-    judge = BayesJudge.from_checkpoint(
-        spec.checkpoint,
-        layout,
-        spec.attributes,
-        schema,
-        micro_batch_size=spec.micro_batch_size,
-        precision=spec.precision,
-        verify=cfg.verify_checkpoint,
-    )
-    unknown = [name for name in spec.refit if name not in schema.attributes]
-    if unknown:
-        raise ConfigError(
-            "judge.refit",
-            list(spec.refit),
-            f"{unknown[0]!r} is not an attribute of schema '{schema.name}'",
-            f"name some of {', '.join(schema.attributes)}",
-        )
-    fits = tuple(
-        fit_linear(read_records(str(spec.refit_data), spec.refit_format, schema), schema, name, exclude=spec.refit)
-        for name in spec.refit
-    )
-    for fit in fits:
-        log.info("judge.refit: %s", fit.describe())
-    return _Judging(judge, fits)
-
-
 def _annotate(
-    cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: _Judging | None
+    cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: Judging | None
 ) -> AnnotateSummary | None:
     output, layout, schema = Path(cfg.output), scorer.layout, scorer.schema
     work = _Work(Path(f"{output}.parts"), _settings(cfg, apm_path, scorer, judging))
@@ -413,7 +327,9 @@ def _annotate(
             examples = scorer.examples(records, partial(_needs, cfg.mode), lengths)
             scores = scorer.score_examples(examples)
             if judging is not None:
-                scores = _judged(records, examples, scores, judging, schema, cfg.mode, judge_lengths)
+                labels_of = partial(_written_labels, schema=schema, mode=cfg.mode)
+                positions = [example.turn for example in examples]
+                scores = judging.rescore(records, positions, scores, labels_of, _rounded, judge_lengths)
             counts["rows"] += len(records)
             if shard is not None:  # rank 0
                 rows = _annotated_rows(records, examples, scores, scorer.rewards(scores), schema, cfg.mode)

@@ -39,6 +39,7 @@ from steerlm.data.records import Conversation, Role, Turn, from_conversation_jso
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
 from steerlm.inference.generate import SamplingParams
+from steerlm.inference.judge import Judging
 from steerlm.inference.loading import load_generator
 from steerlm.inference.scoring import AttributeScorer
 from steerlm.stages import sft
@@ -210,6 +211,9 @@ def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, int, di
         )
         scores = scorer.score(conversations)
         predicted = [schema.clip_round(score) for score in scores]
+        judging = Judging.open(cfg.bootstrap.judge, schema, layout, cfg.checkpoint.verify, "bootstrap.judge")
+        if judging is not None:
+            predicted = _judged(judging, conversations, scores, schema)
         if layout.is_rank_zero:
             if empty:
                 log.warning(
@@ -231,6 +235,20 @@ def label(cfg: BootstrapConfig, samples: Path, out: Path) -> tuple[Path, int, di
         runtime.shutdown()
     labels = np.array([schema.targets(labels) for labels in predicted])
     return final, len(empty), *_agreement(schema, labels, requested)
+
+
+def _judged(
+    judging: Judging, conversations: list[Conversation], scores: list[dict[str, float]], schema: AttributeSchema
+) -> list[Labels]:
+    """The APM's labels of each sample's response with the judged (and refit) attributes replaced (collective)."""
+    table = np.array([[score[name] for name in schema.attributes] for score in scores], dtype=np.float64)
+    positions = [(i, len(conversation.turns) - 1) for i, conversation in enumerate(conversations)]
+
+    def labels_of(turn: Turn, values: list) -> Labels:
+        return schema.clip_round(dict(zip(schema.attributes, values)))
+
+    table = judging.rescore(conversations, positions, table, labels_of)
+    return [labels_of(conversation.turns[-1], row) for conversation, row in zip(conversations, table.tolist())]
 
 
 def _agreement(schema: AttributeSchema, labels: np.ndarray, requested: np.ndarray) -> tuple[dict, dict]:

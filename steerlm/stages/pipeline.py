@@ -250,11 +250,12 @@ def plan(cfg: PipelineConfig) -> list[Step]:
                 f"sft.init_from={out.sft}",
                 f"bootstrap.apm_checkpoint={out.apm}",
                 f"data.train_file={data / 'apm_labels.jsonl'}",
+                *(f"bootstrap.{arg}" for arg in judged),
             ),
             out.bootstrap / "eval.json",
             processes,
             5,
-            ("world", "apm", "annotate", "sft"),
+            ("world", "apm", "annotate", "sft", *(step.name for step in judge)),
         ),
         Step(
             "steer_sft",
@@ -289,8 +290,9 @@ def plan(cfg: PipelineConfig) -> list[Step]:
 
 def _judge_steps(cfg: PipelineConfig, out: Paths, common: list[str], processes: int) -> tuple[list[Step], list[str]]:
     """With `pipeline.judge`: the judge stage — stage 3's recipe on the human-rated data, beside the APM — and
-    annotate's arguments that use it (and the refit, learned from the same ratings). Without: nothing, so the
-    annotate command, and a run directory made before the judge existed, stay as they were."""
+    the `judge.*` arguments with which annotate (and, under `bootstrap.`, the bootstrap's labelling) use it and
+    the refit, learned from the same ratings. Without: nothing, so the commands, and a run directory made before
+    the judge existed, stay as they were."""
     options = cfg.pipeline
     if not options.judge:
         return [], []
