@@ -169,3 +169,18 @@ def test_the_report_names_what_the_judge_labelled_and_the_fit() -> None:
     assert "correctness: judged by Bayes' rule" in line and "step 4800" in line
     assert f"Re-predicted after it: {fit.describe()}." in line
     assert _judge_line(None) == ""
+
+
+@pytest.mark.slow
+def test_the_bootstraps_labels_are_the_apms_with_the_judged_attributes_replaced(judge: BayesJudge, steerable) -> None:
+    from steerlm.inference.judge import Judging
+    from steerlm.stages.bootstrap import _judged
+
+    records = list(read_records(steerable["data"] / "unlabelled.jsonl", DataFormat.conversation, SCHEMA))
+    apm = [{**{name: 1.6 + 0.1 * i for i, name in enumerate(SCHEMA.attributes)}, "reward": 9.0} for _ in records]
+    labels = _judged(Judging(judge, ()), records, apm, SCHEMA)
+    before = SCHEMA.clip_round(apm[0])
+    turns = [JudgedTurn(r.system, r.turns[:-1], r.turns[-1].text, before) for r in records]
+    judged = judge.scores(turns)
+    for got, row in zip(labels, judged):
+        assert got == {**before, "humor": round(row[0]), "toxicity": round(row[1])}
