@@ -184,3 +184,14 @@ def test_the_bootstraps_labels_are_the_apms_with_the_judged_attributes_replaced(
     judged = judge.scores(turns)
     for got, row in zip(labels, judged):
         assert got == {**before, "humor": round(row[0]), "toxicity": round(row[1])}
+
+
+def test_unknown_or_missing_attributes_are_refused_naming_the_key() -> None:
+    from steerlm.inference.judge import require_attributes
+
+    require_attributes(["quality"], SCHEMA, "judge.refit")
+    require_attributes([], SCHEMA, "judge.refit")
+    with pytest.raises(ConfigError, match="bootstrap.judge.refit.*'wit' is not an attribute of schema 'steerlm_oasst'"):
+        require_attributes(["quality", "wit"], SCHEMA, "bootstrap.judge.refit")
+    with pytest.raises(ConfigError, match="judge.attributes.*is empty"):
+        require_attributes([], SCHEMA, "judge.attributes", allow_empty=False)

@@ -145,11 +145,16 @@ def check_judge(
         )
     if not loaded.schema.integer:
         raise ConfigError(key, checkpoint, f"schema '{loaded.schema.name}' is not on an integer scale", fix)
-    unknown = [name for name in attributes if name not in schema.attributes]
-    if unknown or not attributes:
+    require_attributes(attributes, schema, key.rsplit(".", 1)[0] + ".attributes", allow_empty=False)
+
+
+def require_attributes(names: Sequence[str], schema: AttributeSchema, key: str, allow_empty: bool = True) -> None:
+    """ConfigError naming `key` unless every name is an attribute of `schema` (and, unless allowed, one is given)."""
+    unknown = [name for name in names if name not in schema.attributes]
+    if unknown or not (names or allow_empty):
         raise ConfigError(
-            key.rsplit(".", 1)[0] + ".attributes",
-            list(attributes),
+            key,
+            list(names),
             f"{unknown[0]!r} is not an attribute of schema '{schema.name}'" if unknown else "is empty",
             f"name some of {', '.join(schema.attributes)}",
         )
@@ -186,14 +191,7 @@ class Judging:
             verify=verify,
             key=f"{key}.checkpoint",
         )
-        unknown = [name for name in spec.refit if name not in schema.attributes]
-        if unknown:
-            raise ConfigError(
-                f"{key}.refit",
-                list(spec.refit),
-                f"{unknown[0]!r} is not an attribute of schema '{schema.name}'",
-                f"name some of {', '.join(schema.attributes)}",
-            )
+        require_attributes(spec.refit, schema, f"{key}.refit")
         fits = tuple(
             fit_linear(read_records(str(spec.refit_data), spec.refit_format, schema), schema, name, spec.refit)
             for name in spec.refit
