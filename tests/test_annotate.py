@@ -242,6 +242,11 @@ def test_a_bayes_judge_and_a_refit_replace_their_attributes_at_any_data_parallel
     assert "annotating every shard again" in result.stderr and "shards: 3 (0 already done)" in result.stdout
     fit = fit_linear(read_records(world["data"] / "annotated.jsonl", DataFormat.helpsteer2, SCHEMA), SCHEMA, "quality")
     assert f"re-predicted: {fit.describe()}" in result.stdout
+    judged = json.loads(Path(f"{output}.summary.json").read_text())["judge"]
+    assert judged["attributes"] == ["humor"] and judged["truncated_inputs"] == 0
+    assert judged["checkpoint"]["path"].startswith(str(steerable["sft"]))  # the step directory it resolved to
+    assert judged["fits"][0]["attribute"] == "quality"
+    assert judged["fits"][0]["weights"] == pytest.approx(list(fit.weights), abs=1e-12)
     _judged_as_written(output, judge)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     for record, row in zip(read_records(str(output), DataFormat.conversation, SCHEMA), rows):

@@ -32,7 +32,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -239,8 +239,8 @@ def _fingerprint(rows: list[InputRow]) -> dict:
     return {"rows": len(rows), "bytes": size, "sha256": digest.hexdigest()}
 
 
-def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: Judging | None) -> dict:
-    """Everything besides the input rows that shapes the output, as JSON values."""
+def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judge: dict | None) -> dict:
+    """Everything besides the input rows that shapes the output, as JSON values (`judge`: `Judging.describe()`)."""
     settings = {
         "apm_checkpoint": {"step": read_meta(apm_path).step, "files": checkpoint_identity(apm_path)},
         "mode": cfg.mode.value,
@@ -251,7 +251,7 @@ def _settings(cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judg
         "seq_length": scorer.seq_length,
         "micro_batch_size": scorer.micro_batch_size,
         "merge_weights": scorer.merge_weights,
-        "judge": None if judging is None else judging.describe(),
+        "judge": judge,
     }
     return json.loads(json.dumps(settings))  # tuples → lists, as the manifest reads back
 
@@ -299,7 +299,8 @@ def _annotate(
     cfg: AnnotateConfig, apm_path: Path, scorer: AttributeScorer, judging: Judging | None
 ) -> AnnotateSummary | None:
     output, layout, schema = Path(cfg.output), scorer.layout, scorer.schema
-    work = _Work(Path(f"{output}.parts"), _settings(cfg, apm_path, scorer, judging))
+    judge = None if judging is None else judging.describe()  # digests the judge's checksums: once
+    work = _Work(Path(f"{output}.parts"), _settings(cfg, apm_path, scorer, judge))
     stats, counts, lengths, judge_lengths = ReadStats(), Counter[str](), LengthStats(), LengthStats()
     rejects_path = Path(cfg.rejects or f"{output}.rejects.jsonl")
     reject = cfg.on_bad_row == BadRowPolicy.reject
@@ -347,15 +348,7 @@ def _annotate(
         return None
     work.drop_after(counts["shards"], done)
     seconds = time.perf_counter() - start
-    summary = _merge(cfg, work, done, layout, stats, counts, seconds, rejects_path if reject else None, schema)
-    if judging is not None:
-        judged = {
-            **judging.describe(),
-            "truncated_inputs": sum(done[shard].get("judge_truncated", 0) for shard in range(counts["shards"])),
-        }
-        summary = replace(summary, judge=judged)
-        atomic_write_text(Path(f"{cfg.output}.summary.json"), json.dumps(asdict(summary), indent=2) + "\n")
-    return summary
+    return _merge(cfg, work, done, layout, stats, counts, seconds, rejects_path if reject else None, schema, judge)
 
 
 def _merge(
@@ -368,6 +361,7 @@ def _merge(
     seconds: float,
     rejects: Path | None,
     schema: AttributeSchema,
+    judge: dict | None,
 ) -> AnnotateSummary:
     histograms: dict[str, Counter[str]] = {name: Counter() for name in schema.attributes}
     text = []
@@ -404,6 +398,9 @@ def _merge(
         seconds=seconds,
         rows_per_s=counts["rows"] / max(seconds, 1e-9),
         histograms={name: dict(sorted(c.items())) for name, c in histograms.items()},
+        judge=None
+        if judge is None
+        else {**judge, "truncated_inputs": sum(entry.get("judge_truncated", 0) for entry in entries)},
     )
     atomic_write_text(Path(f"{cfg.output}.summary.json"), json.dumps(asdict(summary), indent=2) + "\n")
     return summary
