@@ -40,6 +40,9 @@ class ReportInputs:
     targets: dict[str, float]  # PipelineConfig.targets
     sft: dict = field(default_factory=dict)  # sft/eval.json
     sft_plain: dict = field(default_factory=dict)
+    # with pipeline.judge: judged attribute → the judge's posterior means against the held-out ratings (and the
+    # oracle): {"pearson", "pearson_oracle", "exact_match", "rows"}
+    judge_held_out: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,17 @@ def top_setting(steering: dict) -> tuple[float, float]:
     return at_base["mean_measured"]["quality"], float(np.mean(list(exact.values()))) if exact else float("nan")
 
 
+def judge_targets(judged: dict[str, dict], targets: dict[str, float]) -> list[TargetResult]:
+    """The labeller of a judged attribute is the judge: its Pearson on the APM's held-out ratings is held to the
+    APM's target for that attribute. The APM's rows stay, so a judge never hides the APM's miss."""
+    results = []
+    for name, figures in judged.items():
+        value = figures["pearson"]
+        target = targets["apm_pearson_surface" if name in SURFACE else "apm_pearson_knowledge"]
+        results.append(TargetResult(f"judge Pearson {name}", "judge", value, target, value >= target))
+    return results
+
+
 def evaluate_targets(inputs: ReportInputs) -> list[TargetResult]:
     """Each of the issue's figures against its target (the APM's on held-out human ratings, steering on the
     oracle's measurement of generated answers)."""
@@ -81,6 +95,7 @@ def evaluate_targets(inputs: ReportInputs) -> list[TargetResult]:
                 f"APM Pearson {name}", "apm", value, t["apm_pearson_knowledge"], value >= t["apm_pearson_knowledge"]
             )
         )
+    results.extend(judge_targets(inputs.judge_held_out, t))
     for model in ("sft", "bootstrap"):
         sweeps = inputs.steering[model]["attributes"]
         for name in SURFACE:
@@ -218,6 +233,18 @@ def _judge_line(judge: dict | None) -> str:
     )
 
 
+def _judge_held_out_line(judged: dict[str, dict]) -> str:
+    """The judge's figures on the APM's held-out ratings, beside the APM's table."""
+    if not judged:
+        return ""
+    parts = [
+        f"{name} Pearson {_fmt(m['pearson'])} over {m['rows']:,} rows (vs oracle {_fmt(m['pearson_oracle'])}, "
+        f"argmax exact {_fmt(m['exact_match'])})"
+        for name, m in judged.items()
+    ]
+    return f" The judge on the APM's held-out ratings: {'; '.join(parts)}."
+
+
 def _steering_table(steering: dict) -> list[str]:
     lines = [
         "| attribute | "
@@ -292,7 +319,7 @@ def write_report(inputs: ReportInputs, out_dir: Path, command: str) -> dict:
         "![APM label vs oracle level](figures/apm_vs_oracle.png)",
         "",
         f"Stage 2 annotated {inputs.annotate['annotated_turns']:,} assistant turns of {inputs.annotate['rows_out']:,} "
-        "conversations." + _judge_line(inputs.annotate.get("judge")),
+        "conversations." + _judge_line(inputs.annotate.get("judge")) + _judge_held_out_line(inputs.judge_held_out),
         "",
         "## Steering: requested level → oracle-measured level (exact-match share)",
         "",

@@ -1,9 +1,9 @@
 """Gather what the pipeline's stages wrote, measure what needs a model or the oracle, write the report.
 
-Two measurements are made here: the base LM's knowledge of the world (for each fact, does the model complete
-"The coat of Zuvezen is mostly ___" with the right value among the relation's values) and the APM's labels of
-the annotated conversations against the oracle's levels. Both are cached under the pipeline's output_dir, so
-a rerun reads them back.
+Measured here: the base LM's knowledge of the world (for each fact, does the model complete "The coat of Zuvezen
+is mostly ___" with the right value among the relation's values), the APM's labels of the annotated
+conversations against the oracle's levels and, with `pipeline.judge`, the Bayes judge on the held-out ratings.
+All are cached under the pipeline's output_dir, so a rerun reads them back.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.schema import TokenizerConfig
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import Role
+from steerlm.data.sampler import held_out
 from steerlm.data.synthetic.oracle import Oracle
 from steerlm.data.synthetic.splits import SCHEMA
 from steerlm.data.synthetic.world import FACT_TEMPLATES, RELATIONS, World
 from steerlm.evaluation.apm_metrics import pearson
 from steerlm.evaluation.report import ReportInputs, write_report
 from steerlm.files import atomic_write_text
+from steerlm.inference.judge import BayesJudge, JudgedTurn
 from steerlm.models.gpt import build_model_chunks
 from steerlm.stages.pipeline import Paths
 from steerlm.tokenizers import Tokenizer, load_tokenizer
@@ -112,6 +114,45 @@ def apm_against_oracle(labels_file: Path, world: World, cache: Path) -> tuple[di
     return table, correlation
 
 
+def judge_held_out(judge_dir: Path, rated: Path, world: World, attributes: list[str], cache: Path) -> dict:
+    """The Bayes judge's posterior means on the rated rows it was not trained on (its own hold-out, by the same
+    hash as the APM's), per judged attribute against the human rating and the oracle's level; cached with the
+    checkpoint's step and the attributes, so another judge is measured again."""
+    path = resolve_checkpoint(judge_dir)
+    key = {"checkpoint": str(path), "attributes": attributes}
+    if cache.exists() and (cached := json.loads(cache.read_text()))["key"] == key:
+        return cached["judged"]
+    fraction = float(saved_config(path).data.validation_fraction)
+    rows = [row for row in read_records(rated, DataFormat.helpsteer2, SCHEMA) if held_out(row.source, fraction)]
+    turns = []
+    for row in rows:
+        *context, last = row.turns
+        given = {name: value for name, value in (last.labels or {}).items() if value is not None}
+        turns.append(JudgedTurn(row.system, tuple(context), last.text, given))
+    layout = runtime.initialize(ParallelConfig(), 0)
+    try:
+        # not under runtime.inference(): the judge scores through megatron's schedule, which needs the CPU stand-ins
+        judge = BayesJudge.from_checkpoint(str(path), layout, attributes, SCHEMA)
+        posteriors = judge.posteriors(turns)
+    finally:
+        runtime.shutdown()
+    oracle, levels = Oracle(world), np.array(judge.levels)
+    judged = {}
+    for j, name in enumerate(attributes):
+        rated_rows = [i for i, turn in enumerate(turns) if name in turn.labels]
+        means = posteriors[rated_rows, j] @ levels
+        human = np.array([turns[i].labels[name] for i in rated_rows], dtype=float)
+        truth = np.array([oracle.score(turns[i].context, turns[i].response)[name] for i in rated_rows])
+        judged[name] = {
+            "pearson": pearson(means, human),
+            "pearson_oracle": pearson(means, truth),
+            "exact_match": float(np.mean(levels[posteriors[rated_rows, j].argmax(axis=1)] == human)),
+            "rows": len(rated_rows),
+        }
+    atomic_write_text(cache, json.dumps({"key": key, "judged": judged}, indent=2) + "\n")
+    return judged
+
+
 def loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """(step, loss) of a run's metrics.jsonl: training rows and validation rows."""
     curves: dict[str, list[tuple[int, float]]] = {"train": [], "validation": []}
@@ -159,6 +200,11 @@ def report(cfg: PipelineConfig, command: str = "python recipes/pipeline.py") -> 
         targets={k: float(v) for k, v in vars(cfg.targets).items()},
         sft=_json(out.sft / "eval.json"),
         sft_plain=_json(out.sft_plain / "eval.json"),
+        judge_held_out=judge_held_out(
+            out.judge, out.data / "annotated.jsonl", world, list(cfg.pipeline.judge), out.eval / "judge_held_out.json"
+        )
+        if cfg.pipeline.judge
+        else {},
     )
     summary = write_report(inputs, out.root, command)
     log.info("report: %s (%d of %d targets met)", out.root / "report.md", summary["met"], summary["total"])
