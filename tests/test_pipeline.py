@@ -289,7 +289,7 @@ def test_the_bayes_judge_is_stage_3s_recipe_on_the_ratings_and_labels_what_it_na
     sft = to_typed(compose("train_sft", list(steps["sft"].args)), SFTConfig)
     assert judge.data.train_file == str(tmp_path / "data" / "annotated.jsonl")
     assert judge.data.format.value == "helpsteer2"
-    assert judge.sft == sft.sft and judge.model == sft.model and judge.trainer.max_steps == 4800
+    assert judge.sft == sft.sft and judge.model == sft.model and judge.trainer.max_steps == 9600
     annotate = to_typed(compose("annotate", list(steps["annotate"].args)), AnnotateConfig)
     assert annotate.judge.checkpoint == str(tmp_path / "judge")
     assert annotate.judge.attributes == ["correctness", "helpfulness"] and annotate.judge.refit == ["quality"]
