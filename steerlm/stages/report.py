@@ -117,7 +117,7 @@ def apm_against_oracle(labels_file: Path, world: World, cache: Path) -> tuple[di
 def judge_held_out(judge_dir: Path, rated: Path, world: World, attributes: list[str], cache: Path) -> dict:
     """The Bayes judge's posterior means on the rated rows it was not trained on (its own hold-out, by the same
     hash as the APM's), per judged attribute against the human rating and the oracle's level; cached with the
-    checkpoint's step and the attributes, so another judge is measured again."""
+    checkpoint (its step directory) and the attributes, so another judge is measured again."""
     path = resolve_checkpoint(judge_dir)
     key = {"checkpoint": str(path), "attributes": attributes}
     if cache.exists() and (cached := json.loads(cache.read_text()))["key"] == key:
@@ -137,12 +137,13 @@ def judge_held_out(judge_dir: Path, rated: Path, world: World, attributes: list[
     finally:
         runtime.shutdown()
     oracle, levels = Oracle(world), np.array(judge.levels)
+    true_levels = [oracle.score(turn.context, turn.response) for turn in turns]
     judged = {}
     for j, name in enumerate(attributes):
         rated_rows = [i for i, turn in enumerate(turns) if name in turn.labels]
         means = posteriors[rated_rows, j] @ levels
         human = np.array([turns[i].labels[name] for i in rated_rows], dtype=float)
-        truth = np.array([oracle.score(turns[i].context, turns[i].response)[name] for i in rated_rows])
+        truth = np.array([true_levels[i][name] for i in rated_rows])
         judged[name] = {
             "pearson": pearson(means, human),
             "pearson_oracle": pearson(means, truth),
