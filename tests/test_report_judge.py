@@ -19,18 +19,26 @@ from steerlm.stages.report import judge_held_out
 @pytest.mark.slow
 def test_the_judge_is_measured_on_the_ratings_it_was_not_trained_on(steerable, tmp_path: Path) -> None:
     """The steerable model follows humor (tests/test_steering.py), so judged by Bayes' rule its humor agrees with
-    the held-out ratings; the cache is read back, and another list of attributes is measured again."""
+    the held-out ratings; only rows neither it (fraction 0.1) nor the APM held out are measured; the cache is read
+    back, and another list of attributes or another hold-out is measured again."""
     world = World(**json.loads((steerable["data"] / "world.json").read_text()))
     rated, cache = steerable["data"] / "annotated.jsonl", tmp_path / "judge_held_out.json"
-    judged = judge_held_out(steerable["sft"], rated, world, ["humor"], cache)["humor"]
-    rows = [row for row in read_records(rated, DataFormat.helpsteer2, SCHEMA) if held_out(row.source, 0.1)]
-    assert judged["rows"] == sum(row.turns[-1].labels["humor"] is not None for row in rows) > 100
+
+    def rows_rated(fraction: float) -> int:
+        rows = [row for row in read_records(rated, DataFormat.helpsteer2, SCHEMA) if held_out(row.source, fraction)]
+        return sum(row.turns[-1].labels["humor"] is not None for row in rows)
+
+    judged = judge_held_out(steerable["sft"], rated, world, ["humor"], cache, apm_fraction=0.2)["humor"]
+    assert judged["rows"] == rows_rated(0.1) > 100  # the judge's own 0.1 is the smaller hold-out
     assert judged["pearson"] > 0.9 and judged["pearson_oracle"] > 0.9 and 0.5 < judged["exact_match"] <= 1
 
     cached = json.loads(cache.read_text())
     cached["judged"]["humor"]["pearson"] = -2.0  # read back, not measured again
     cache.write_text(json.dumps(cached))
-    assert judge_held_out(steerable["sft"], rated, world, ["humor"], cache)["humor"]["pearson"] == -2.0
-    again = judge_held_out(steerable["sft"], rated, world, ["toxicity", "humor"], cache)
+    read_back = judge_held_out(steerable["sft"], rated, world, ["humor"], cache, apm_fraction=0.1)
+    assert read_back["humor"]["pearson"] == -2.0
+    again = judge_held_out(steerable["sft"], rated, world, ["toxicity", "humor"], cache, apm_fraction=0.1)
     assert again["humor"]["pearson"] == pytest.approx(judged["pearson"], abs=1e-6)
     assert again["toxicity"]["pearson"] > 0.9
+    fewer = judge_held_out(steerable["sft"], rated, world, ["humor"], cache, apm_fraction=0.05)["humor"]
+    assert fewer["rows"] == rows_rated(0.05) < judged["rows"]  # the APM trained on some of the judge's rows

@@ -66,8 +66,9 @@ def top_setting(steering: dict) -> tuple[float, float]:
 
 
 def judge_targets(judged: dict[str, dict], targets: dict[str, float]) -> list[TargetResult]:
-    """The labeller of a judged attribute is the judge: its Pearson on the APM's held-out ratings is held to the
-    APM's target for that attribute. The APM's rows stay, so a judge never hides the APM's miss."""
+    """The labeller of a judged attribute is the judge: its Pearson on the held-out ratings (rows neither it nor
+    the APM trained on) is held to the APM's target for that attribute. The APM's rows stay, so a judge never hides
+    the APM's miss."""
     results = []
     for name, figures in judged.items():
         value = figures["pearson"]
@@ -234,7 +235,7 @@ def _judge_line(judge: dict | None) -> str:
 
 
 def _judge_held_out_line(judged: dict[str, dict]) -> str:
-    """The judge's figures on the APM's held-out ratings, beside the APM's table."""
+    """The judge's figures on the held-out ratings neither it nor the APM trained on, beside the APM's table."""
     if not judged:
         return ""
     parts = [
@@ -242,7 +243,7 @@ def _judge_held_out_line(judged: dict[str, dict]) -> str:
         f"argmax exact {_fmt(m['exact_match'])})"
         for name, m in judged.items()
     ]
-    return f" The judge on the APM's held-out ratings: {'; '.join(parts)}."
+    return f" The judge on the held-out ratings neither it nor the APM trained on: {'; '.join(parts)}."
 
 
 def _steering_table(steering: dict) -> list[str]:

@@ -114,15 +114,20 @@ def apm_against_oracle(labels_file: Path, world: World, cache: Path) -> tuple[di
     return table, correlation
 
 
-def judge_held_out(judge_dir: Path, rated: Path, world: World, attributes: list[str], cache: Path) -> dict:
-    """The Bayes judge's posterior means on the rated rows it was not trained on (its own hold-out, by the same
-    hash as the APM's), per judged attribute against the human rating and the oracle's level; cached with the
-    checkpoint (its step directory) and the attributes, so another judge is measured again."""
+def judge_held_out(
+    judge_dir: Path, rated: Path, world: World, attributes: list[str], cache: Path, apm_fraction: float
+) -> dict:
+    """The Bayes judge's posterior means on the rated rows neither it nor the APM was trained on, per judged
+    attribute against the human rating and the oracle's level; cached with the checkpoint (its step directory),
+    the attributes and the hold-out, so another judge is measured again.
+
+    Both hold out a row when a hash of it falls under their `data.validation_fraction`, so the rows held out by
+    both are those under the smaller fraction: with equal fractions (the pipeline's), the APM's held-out rows."""
     path = resolve_checkpoint(judge_dir)
-    key = {"checkpoint": str(path), "attributes": attributes}
+    fraction = min(float(saved_config(path).data.validation_fraction), apm_fraction)
+    key = {"checkpoint": str(path), "attributes": attributes, "validation_fraction": fraction}
     if cache.exists() and (cached := json.loads(cache.read_text()))["key"] == key:
         return cached["judged"]
-    fraction = float(saved_config(path).data.validation_fraction)
     rows = [row for row in read_records(rated, DataFormat.helpsteer2, SCHEMA) if held_out(row.source, fraction)]
     turns = []
     for row in rows:
@@ -202,7 +207,12 @@ def report(cfg: PipelineConfig, command: str = "python recipes/pipeline.py") -> 
         sft=_json(out.sft / "eval.json"),
         sft_plain=_json(out.sft_plain / "eval.json"),
         judge_held_out=judge_held_out(
-            out.judge, out.data / "annotated.jsonl", world, list(cfg.pipeline.judge), out.eval / "judge_held_out.json"
+            out.judge,
+            out.data / "annotated.jsonl",
+            world,
+            list(cfg.pipeline.judge),
+            out.eval / "judge_held_out.json",
+            apm_fraction=float(saved_config(resolve_checkpoint(out.apm)).data.validation_fraction),
         )
         if cfg.pipeline.judge
         else {},
