@@ -62,6 +62,7 @@ def test_every_yaml_under_conf_is_covered() -> None:
     covered = {CONF_DIR / f"{name}.yaml" for name in PRIMARY}
     covered |= {CONF_DIR / group / f"{option}.yaml" for group in GROUPS + PREPARE_GROUPS for option in _options(group)}
     covered |= set((CONF_DIR / "cluster").glob("*.yaml"))  # composed and validated in tests/test_launchers.py
+    covered |= set((CONF_DIR / "route").glob("*.yaml"))  # composed and validated in tests/test_pipeline.py
     assert set(CONF_DIR.rglob("*.yaml")) == covered
 
 

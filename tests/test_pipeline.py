@@ -305,6 +305,37 @@ def test_the_bayes_judge_is_stage_3s_recipe_on_the_ratings_and_labels_what_it_na
     assert error.value.key == "pipeline.judge_refit"
 
 
+def test_the_knowledge_route_is_the_documented_judge_command_and_yields_to_the_command_line(tmp_path: Path) -> None:
+    """`route=knowledge` plans exactly the stage commands of the long command docs/pipeline.md measured, so its
+    run directories resume either way; its own output_dir keeps it off the default run's records; anything on
+    the command line still wins over the route."""
+    spelled_out = [
+        "synthetic.knowledge_errors=fixed",
+        "synthetic.annotated_rows=20000",
+        "pipeline.judge=[correctness,helpfulness]",
+        "pipeline.judge_refit=[quality]",
+        'stages.sft=["trainer.max_steps=9600"]',
+        'stages.sft_plain=["trainer.max_steps=9600"]',
+    ]
+    out = f"output_dir={tmp_path}"
+    route = to_typed(compose("pipeline", ["route=knowledge", out]), PipelineConfig)
+    route.validate()
+    assert plan(route) == plan(to_typed(compose("pipeline", [out, *spelled_out]), PipelineConfig))
+    steps = {step.name: step for step in plan(route)}
+    for name in ("judge", "sft", "sft_plain"):
+        assert to_typed(compose("train_sft", list(steps[name].args)), SFTConfig).trainer.max_steps == 9600
+    annotate = to_typed(compose("annotate", list(steps["annotate"].args)), AnnotateConfig)
+    assert annotate.judge.attributes == ["correctness", "helpfulness"] and annotate.judge.refit == ["quality"]
+    assert to_typed(compose("pipeline", ["route=knowledge"]), PipelineConfig).output_dir == "runs/knowledge"
+    assert to_typed(compose("pipeline", []), PipelineConfig).output_dir == "runs/pipeline"
+    mine = to_typed(
+        compose("pipeline", ["route=knowledge", out, 'stages.sft=["trainer.max_steps=12"]', "synthetic.seed=3"]),
+        PipelineConfig,
+    )
+    assert mine.stages["sft"] == ["trainer.max_steps=12"] and mine.stages["sft_plain"] == ["trainer.max_steps=9600"]
+    assert mine.synthetic.seed == 3 and mine.synthetic.knowledge_errors == "fixed"
+
+
 def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout) -> None:
     """What lets a wave's stages split the threads without changing a report: 3 steps of the test model give
     bitwise the same weights at 1 and 2 threads."""
