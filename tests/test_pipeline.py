@@ -24,7 +24,7 @@ from steerlm.config.sft import SFTConfig
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import from_conversation_json
 from steerlm.data.synthetic.splits import SCHEMA
-from steerlm.stages.pipeline import plan, waves
+from steerlm.stages.pipeline import carry_timings, plan, waves
 from tests.recipe_runner import ROOT, recipe_env
 
 TINY = [
@@ -107,6 +107,8 @@ def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> No
     assert set(sft["at_base"]["exact_match"]) == set(SCHEMA.attributes)
     plain = json.loads((out / "eval/steering_plain.json").read_text())
     assert plain["attributes"] == {} and "quality" in plain["at_base"]["mean_measured"]
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["reused"] == [] and all(seconds > 0 for seconds in timings["seconds"].values())
 
 
 @pytest.mark.slow
@@ -334,6 +336,17 @@ def test_the_knowledge_route_is_the_documented_judge_command_and_yields_to_the_c
     )
     assert mine.stages["sft"] == ["trainer.max_steps=12"] and mine.stages["sft_plain"] == ["trainer.max_steps=9600"]
     assert mine.synthetic.seed == 3 and mine.synthetic.knowledge_errors == "fixed"
+
+
+def test_a_resumed_run_keeps_the_stage_times_an_earlier_run_measured() -> None:
+    earlier = {"seconds": {"world": 14.0, "pretrain": 0.0, "apm": 75.5, "sft": 900.0, "total": 1200.0}}
+    # this run: world and apm found complete, pretrain complete but never timed (an old file's 0.0), sft resumed
+    # after a kill (its own time), annotate complete with no earlier time at all
+    times = {"world": None, "pretrain": None, "apm": None, "annotate": None, "sft": 30.0}
+    seconds, reused = carry_timings(earlier, times)
+    assert seconds == {"world": 14.0, "pretrain": None, "apm": 75.5, "annotate": None, "sft": 30.0}
+    assert reused == ["world", "apm"]
+    assert carry_timings({}, {"world": 3.0, "apm": None}) == ({"world": 3.0, "apm": None}, [])
 
 
 def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout) -> None:

@@ -388,10 +388,11 @@ def waves(steps: list[Step], concurrent: bool) -> list[list[Step]]:
     return [list(wave) for _, wave in groupby(sorted(steps, key=lambda s: s.wave), key=lambda s: s.wave)]
 
 
-def run_wave(wave: list[Step], out: Paths, threads: int) -> dict[str, float | ConfigError]:
+def run_wave(wave: list[Step], out: Paths, threads: int) -> dict[str, float | None | ConfigError]:
     """Start every stage of `wave` (each with `threads` threads), then wait for all of them: a stage that fails
-    leaves the others to finish, so their work is kept for the rerun. Each stage's wall time or its error."""
-    outcome: dict[str, float | ConfigError] = {}
+    leaves the others to finish, so their work is kept for the rerun. Each stage's wall time, None for a stage
+    already complete, or its error."""
+    outcome: dict[str, float | None | ConfigError] = {}
     started: list[_Running] = []
     for step in wave:
         try:
@@ -400,7 +401,7 @@ def run_wave(wave: list[Step], out: Paths, threads: int) -> dict[str, float | Co
             outcome[step.name] = error
             continue
         if running is None:
-            outcome[step.name] = 0.0
+            outcome[step.name] = None
         else:
             started.append(running)
     for running in started:
@@ -420,7 +421,7 @@ def run(cfg: PipelineConfig, report: Callable[[PipelineConfig], dict]) -> dict:
     cfg.validate()
     out = Paths(Path(cfg.output_dir).resolve())
     total_threads = cfg.pipeline.threads or int(os.environ.get("OMP_NUM_THREADS", "2"))
-    times: dict[str, float] = {}
+    times: dict[str, float | None] = {}
     threads: dict[str, int] = {}
     failed: dict[str, ConfigError] = {}
     skipped: list[str] = []
@@ -443,8 +444,28 @@ def run(cfg: PipelineConfig, report: Callable[[PipelineConfig], dict]) -> dict:
             )
         raise next(iter(failed.values()))
     summary = report(cfg)
-    times["total"] = time.perf_counter() - began
-    timings = {"seconds": times, "threads": threads, "config": asdict(cfg)}
-    atomic_write_text(out.root / "timings.json", json.dumps(timings, indent=2) + "\n")
-    log.info("pipeline done in %.0f s: %s", times["total"], out.root / "report.md")
+    total = time.perf_counter() - began
+    path = out.root / "timings.json"
+    seconds, reused = carry_timings(json.loads(path.read_text()) if path.exists() else {}, times)
+    timings = {"seconds": {**seconds, "total": total}, "reused": reused, "threads": threads, "config": asdict(cfg)}
+    atomic_write_text(path, json.dumps(timings, indent=2) + "\n")
+    log.info("pipeline done in %.0f s: %s", total, out.root / "report.md")
     return summary
+
+
+def carry_timings(earlier: dict, times: dict[str, float | None]) -> tuple[dict[str, float | None], list[str]]:
+    """Each stage's wall time for timings.json: a stage this run found complete (None) keeps the time an earlier
+    run's timings.json measured for it, so a resumed run does not overwrite what the first one measured; the names
+    of those stages; None where no run measured it (one killed before its end writes no timings.json).
+    `total` stays this run's wall time."""
+    measured = earlier.get("seconds", {})
+    seconds: dict[str, float | None] = {}
+    reused = []
+    for name, value in times.items():
+        before = measured.get(name)
+        if value is None and isinstance(before, (int, float)) and before > 0:  # files before this kept 0.0
+            seconds[name] = float(before)
+            reused.append(name)
+        else:
+            seconds[name] = value
+    return seconds, reused
