@@ -19,7 +19,7 @@ from steerlm.stages.report import judge_held_out
 @pytest.mark.slow
 def test_the_judge_is_measured_on_the_ratings_it_was_not_trained_on(steerable, tmp_path: Path) -> None:
     """The steerable model follows humor (tests/test_steering.py), so judged by Bayes' rule its humor agrees with
-    the held-out ratings; only rows neither it (fraction 0.1) nor the APM held out are measured; the cache is read
+    the held-out ratings; only rows neither it (fraction 0.1) nor the APM trained on are measured; the cache is read
     back, and another list of attributes or another hold-out is measured again."""
     world = World(**json.loads((steerable["data"] / "world.json").read_text()))
     rated, cache = steerable["data"] / "annotated.jsonl", tmp_path / "judge_held_out.json"
