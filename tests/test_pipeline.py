@@ -99,6 +99,8 @@ def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> No
     md = (out / "report.md").read_text()
     assert f"**Targets: {report['met']} of {report['total']} met" in md and "figures/steering.png" in md
     assert "eval prompts, random knowledge errors." in md.splitlines()[2]
+    # the top-setting comparison names its terms: what each SFT started from and how long it trained
+    assert "Stage 3 started from `base/` and trained 12 updates; plain SFT started from `base/` and trained 6" in md
     sft = json.loads((out / "eval/steering_sft.json").read_text())
     for sweep in sft["attributes"].values():
         assert set(sweep["levels"]) == {"0", "1", "2", "3", "4"}
@@ -255,7 +257,9 @@ def _producer(relative: str) -> str | None:
     return PRODUCED[max(matches, key=len)] if matches else None
 
 
-@pytest.mark.parametrize("judge", [[], ["pipeline.judge=[correctness]", "pipeline.judge_refit=[quality]"]])
+@pytest.mark.parametrize(
+    "judge", [[], ["pipeline.judge=[correctness]", "pipeline.judge_refit=[quality]"], ["route=knowledge"]]
+)
 def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path, judge: list[str]) -> None:
     cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}", *judge]), PipelineConfig)
     steps = plan(cfg)
@@ -305,6 +309,10 @@ def test_the_bayes_judge_is_stage_3s_recipe_on_the_ratings_and_labels_what_it_na
     with pytest.raises(ConfigError) as error:
         to_typed(compose("pipeline", [overrides[0], overrides[2]]), PipelineConfig).validate()
     assert error.value.key == "pipeline.judge_refit"
+    for bad in (["pipeline.sft_init=judge"], [*overrides[1:], "pipeline.sft_init=apm"]):
+        with pytest.raises(ConfigError) as error:
+            to_typed(compose("pipeline", [overrides[0], *bad]), PipelineConfig).validate()
+        assert error.value.key == "pipeline.sft_init"
 
 
 def test_the_knowledge_route_is_the_documented_judge_command_and_yields_to_the_command_line(tmp_path: Path) -> None:
@@ -316,16 +324,25 @@ def test_the_knowledge_route_is_the_documented_judge_command_and_yields_to_the_c
         "synthetic.annotated_rows=20000",
         "pipeline.judge=[correctness,helpfulness]",
         "pipeline.judge_refit=[quality]",
-        'stages.sft=["trainer.max_steps=9600"]',
-        'stages.sft_plain=["trainer.max_steps=9600"]',
+        "pipeline.sft_init=judge",
+        'stages.sft=["trainer.max_steps=2400"]',
+        'stages.sft_plain=["trainer.max_steps=2400"]',
     ]
     out = f"output_dir={tmp_path}"
     route = to_typed(compose("pipeline", ["route=knowledge", out]), PipelineConfig)
     route.validate()
     assert plan(route) == plan(to_typed(compose("pipeline", [out, *spelled_out]), PipelineConfig))
     steps = {step.name: step for step in plan(route)}
-    for name in ("judge", "sft", "sft_plain"):
-        assert to_typed(compose("train_sft", list(steps[name].args)), SFTConfig).trainer.max_steps == 9600
+    names = ("judge", "sft", "sft_plain")
+    trained = {name: to_typed(compose("train_sft", list(steps[name].args)), SFTConfig) for name in names}
+    assert {name: run.trainer.max_steps for name, run in trained.items()} == {
+        "judge": 9600,
+        "sft": 2400,
+        "sft_plain": 2400,
+    }
+    # stage 3 starts from the judge and so waits for it; plain SFT starts from the base LM
+    assert trained["sft"].sft.init_from == str(tmp_path / "judge") and "judge" in steps["sft"].needs
+    assert trained["sft_plain"].sft.init_from == str(tmp_path / "base") and "judge" not in steps["sft_plain"].needs
     annotate = to_typed(compose("annotate", list(steps["annotate"].args)), AnnotateConfig)
     assert annotate.judge.attributes == ["correctness", "helpfulness"] and annotate.judge.refit == ["quality"]
     assert to_typed(compose("pipeline", ["route=knowledge"]), PipelineConfig).output_dir == "runs/knowledge"
@@ -334,7 +351,7 @@ def test_the_knowledge_route_is_the_documented_judge_command_and_yields_to_the_c
         compose("pipeline", ["route=knowledge", out, 'stages.sft=["trainer.max_steps=12"]', "synthetic.seed=3"]),
         PipelineConfig,
     )
-    assert mine.stages["sft"] == ["trainer.max_steps=12"] and mine.stages["sft_plain"] == ["trainer.max_steps=9600"]
+    assert mine.stages["sft"] == ["trainer.max_steps=12"] and mine.stages["sft_plain"] == ["trainer.max_steps=2400"]
     assert mine.synthetic.seed == 3 and mine.synthetic.knowledge_errors == "fixed"
 
 

@@ -28,6 +28,8 @@ STAGE_NAMES = (
     "steer_plain",
 )
 
+SFT_INITS = ("base", "judge")  # pipeline.sft_init
+
 
 @dataclass
 class PipelineOptions:
@@ -41,6 +43,9 @@ class PipelineOptions:
     # (stage `judge`, beside the APM), instead of the APM: e.g. [correctness] (docs/pipeline.md, "The Bayes judge")
     judge: list[str] = field(default_factory=list)
     judge_refit: list[str] = field(default_factory=list)  # then re-predicted from the others, e.g. [quality]
+    # what stage 3 starts from: "base" (the base LM, as from a pretrained Llama) or "judge" (the Bayes judge, itself
+    # an attribute-conditioned SFT model of the rated data; needs pipeline.judge). Plain SFT starts from the base LM.
+    sft_init: str = "base"
 
 
 @dataclass
@@ -79,6 +84,20 @@ class PipelineConfig:
             list(self.pipeline.judge_refit),
             "re-predicts attributes after the Bayes judge, and pipeline.judge is empty",
             "name the judged attributes in pipeline.judge (e.g. [correctness]), or leave pipeline.judge_refit empty",
+        )
+        require(
+            self.pipeline.sft_init in SFT_INITS,
+            "pipeline.sft_init",
+            self.pipeline.sft_init,
+            "is not a model stage 3 can start from",
+            f"use one of {', '.join(SFT_INITS)}",
+        )
+        require(
+            self.pipeline.sft_init != "judge" or bool(self.pipeline.judge),
+            "pipeline.sft_init",
+            self.pipeline.sft_init,
+            "starts stage 3 from the Bayes judge, and pipeline.judge is empty (no judge is trained)",
+            "name the judged attributes in pipeline.judge (e.g. [correctness,helpfulness]), or use base",
         )
         unknown = [name for name in self.stages if name not in STAGE_NAMES]
         require(

@@ -234,6 +234,16 @@ def _judge_line(judge: dict | None) -> str:
     )
 
 
+def _starts_line(sft: dict, sft_plain: dict) -> str:
+    """What stage 3 and plain SFT started from and how many updates each trained: the comparison's terms."""
+    parts = [
+        f"{label} started from `{Path(str(run['init_from'])).name}/` and trained {run['last_step']:,} updates"
+        for label, run in (("Stage 3", sft), ("plain SFT", sft_plain))
+        if run.get("init_from")
+    ]
+    return f" {'; '.join(parts)}." if parts else ""
+
+
 def _judge_held_out_line(judged: dict[str, dict]) -> str:
     """The judge's figures on the held-out ratings neither it nor the APM trained on, beside the APM's table."""
     if not judged:
@@ -338,7 +348,8 @@ def write_report(inputs: ReportInputs, out_dir: Path, command: str) -> dict:
         "",
         "The base request "
         + ", ".join(f"{k}:{v:g}" for k, v in inputs.steering["sft"]["base"].items())
-        + " for every eval prompt (the plain-SFT model sees no attributes).",
+        + " for every eval prompt (the plain-SFT model sees no attributes)."
+        + _starts_line(inputs.sft, inputs.sft_plain),
         "",
         "| model | oracle quality | exact match (mean over attributes) | words |",
         "|---|---|---|---|",
