@@ -13,6 +13,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,8 @@ def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> No
         assert all(0.0 <= level["exact_match"] <= 1.0 for level in sweep["levels"].values())
         assert "others_mean_abs_change" in sweep["levels"]["4"] and "min_exact_match" in sweep
     assert set(sft["at_base"]["exact_match"]) == set(SCHEMA.attributes)
+    quality, exact = sft["at_base"]["mean_measured"]["quality"], np.mean(list(sft["at_base"]["exact_match"].values()))
+    assert f"Stage 3 is {4 - quality:.3f} oracle quality below the top level and {1 - exact:.3f} exact match" in md
     plain = json.loads((out / "eval/steering_plain.json").read_text())
     assert plain["attributes"] == {} and "quality" in plain["at_base"]["mean_measured"]
     timings = json.loads((out / "timings.json").read_text())

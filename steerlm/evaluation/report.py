@@ -244,6 +244,15 @@ def _starts_line(sft: dict, sft_plain: dict) -> str:
     return f" {'; '.join(parts)}." if parts else ""
 
 
+def _headroom_line(sft: tuple[float, float], top_level: float) -> str:
+    """How far stage 3 is from the ceiling at the top setting: the most the bootstrap's gain target can measure."""
+    quality, exact = sft
+    return (
+        f"Stage 3 is {top_level - quality:.3f} oracle quality below the top level and "
+        f"{_fmt(1.0 - exact)} exact match below 1 here: the most the bootstrap can gain at this setting."
+    )
+
+
 def _judge_held_out_line(judged: dict[str, dict]) -> str:
     """The judge's figures on the held-out ratings neither it nor the APM trained on, beside the APM's table."""
     if not judged:
@@ -358,6 +367,8 @@ def write_report(inputs: ReportInputs, out_dir: Path, command: str) -> dict:
             f"{inputs.steering[model]['at_base']['mean_words']:.1f} |"
             for model, label in (("plain", "plain SFT"), ("sft", "SteerLM (stage 3)"), ("bootstrap", "bootstrap"))
         ),
+        "",
+        _headroom_line(tops["sft"], max(inputs.steering["sft"]["levels"])),
         "",
         "## Loss curves",
         "",
