@@ -170,24 +170,31 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         for f in fields(cfg.synthetic)
         if f.name not in _PASSED_WHEN_SET or getattr(cfg.synthetic, f.name) != _PASSED_WHEN_SET[f.name]
     ]
-    sft_args = [
-        *common,
-        f"sft.init_from={out.base}",
-        f"data.train_file={data / 'apm_labels.jsonl'}",
-        "data.format=conversation",
-        # Stage 3 is bound by its number of updates, not its examples: 1,200 steps of 8 conversations steer the
-        # surface attributes far better than the recipe's 400 of 32, in the same time (docs/pipeline.md,
-        # "Training budgets"). Plain SFT gets the same budget.
-        "trainer.micro_batch_size=8",
-        "trainer.global_batch_size=8",
-        "trainer.max_steps=1200",
-        # validation at the start and the end only: each pass over the 1,947 held-out conversations takes ~10 s
-        # at one thread on the critical path, and the weights do not depend on it
-        "trainer.eval_interval=null",
-    ]
+
+    def sft_args(init: Path) -> list[str]:
+        return [
+            *common,
+            f"sft.init_from={init}",
+            f"data.train_file={data / 'apm_labels.jsonl'}",
+            "data.format=conversation",
+            # Stage 3 is bound by its number of updates, not its examples: 1,200 steps of 8 conversations steer the
+            # surface attributes far better than the recipe's 400 of 32, in the same time (docs/pipeline.md,
+            # "Training budgets"). Plain SFT gets the same budget.
+            "trainer.micro_batch_size=8",
+            "trainer.global_batch_size=8",
+            "trainer.max_steps=1200",
+            # validation at the start and the end only: each pass over the 1,947 held-out conversations takes ~10 s
+            # at one thread on the critical path, and the weights do not depend on it
+            "trainer.eval_interval=null",
+        ]
+
     judge, judged = _judge_steps(cfg, out, common, processes)
     steer = [f"prompts={data / 'eval_prompts.jsonl'}", f"world={data / 'world.json'}", f"parallel={layout}"]
     trained = ("world", "pretrain", "annotate")  # the SFT stages: the base LM, the annotated conversations
+    # pipeline.sft_init=judge: stage 3 starts from the judge, which already writes text for every attribute line of
+    # the rated data, so it only has to learn the annotated conversations: 2,400 updates from it steer helpfulness
+    # better than 9,600 from the base LM (docs/pipeline.md, "Stage 3 from the judge"). Plain SFT keeps the base LM.
+    from_judge = cfg.pipeline.sft_init == "judge"
     steps = [
         Step("world", "prepare_data", ("data=synthetic", f"output={data}", *world), data / "summary.json", 1, 0),
         Step(
@@ -235,16 +242,16 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         Step(
             "sft",
             "train_sft",
-            (*_stage3_init(sft_args, cfg, out), f"output_dir={out.sft}"),
+            (*sft_args(out.judge if from_judge else out.base), f"output_dir={out.sft}"),
             out.sft / "eval.json",
             processes,
             4,
-            (*trained, *(("judge",) if cfg.pipeline.sft_init == "judge" else ())),
+            (*trained, *(("judge",) if from_judge else ())),
         ),
         Step(
             "sft_plain",
             "train_sft",
-            (*sft_args, f"output_dir={out.sft_plain}", "sft.condition_on_attributes=false"),
+            (*sft_args(out.base), f"output_dir={out.sft_plain}", "sft.condition_on_attributes=false"),
             out.sft_plain / "eval.json",
             processes,
             4,
@@ -295,16 +302,6 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         ),
     ]
     return [replace(s, args=(*s.args, *cfg.stages.get(s.name, []))) for s in steps]
-
-
-def _stage3_init(sft_args: list[str], cfg: PipelineConfig, out: Paths) -> list[str]:
-    """Stage 3's arguments: plain SFT's, starting from the judge with `pipeline.sft_init=judge`. The judge already
-    writes text for every attribute line of the rated data, so stage 3 only has to learn the annotated
-    conversations: 2,400 updates from it steer helpfulness better than 9,600 from the base LM (docs/pipeline.md,
-    "Stage 3 from the judge")."""
-    if cfg.pipeline.sft_init == "base":
-        return sft_args
-    return [f"sft.init_from={out.judge}" if arg == f"sft.init_from={out.base}" else arg for arg in sft_args]
 
 
 def _judge_steps(cfg: PipelineConfig, out: Paths, common: list[str], processes: int) -> tuple[list[Step], list[str]]:
