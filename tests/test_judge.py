@@ -14,13 +14,15 @@ import torch
 from steerlm.config import ConfigError
 from steerlm.config.annotate import JudgeConfig
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import pad_batch
+from steerlm.data.collate import Example, pad_batch
 from steerlm.data.label_fit import fit_linear
 from steerlm.data.lengths import LengthStats
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import Conversation, Role, Turn
 from steerlm.errors import DataError
 from steerlm.inference.judge import BayesJudge, JudgedTurn, check_judge
+from steerlm.inference.prefix_scoring import common_prefix, grouped_log_probs
+from steerlm.training import SEQUENCE_LOG_PROB, predict
 from tests.schemas import STEERLM_OASST_ATTRIBUTES
 
 SCHEMA = AttributeSchema("steerlm_oasst", STEERLM_OASST_ATTRIBUTES)
@@ -90,6 +92,32 @@ def test_a_long_input_keeps_its_end(judge: BayesJudge, steerable) -> None:
     for short, kept in zip(full, cut):
         assert len(kept.ids) == judge.max_positions + 1
         assert kept.ids[-len(short.ids) + 5 :] == short.ids[5:] and kept.trainable[-20:] == short.trainable[-20:]
+
+
+@pytest.mark.parametrize("micro_batch_size", [7, 64])
+def test_each_turns_shared_prefix_computed_once_gives_the_whole_sequences_log_probs(
+    judge: BayesJudge, steerable, layout, micro_batch_size: int
+) -> None:
+    """The default scoring (each turn's common prefix through the lean decoder once, its continuations on the
+    cached keys and values) against every variant run whole through megatron's forward: the same log-probabilities
+    to fp32 rounding, for turns of different lengths bucketed together (micro-batch 7: one turn per bucket; 64: six)
+    and for a turn cut to the model's positions."""
+    turns = _turns(steerable["data"] / "annotated.jsonl", DataFormat.helpsteer2, 8)
+    turns.append(JudgedTurn(turns[0].system * 200, turns[0].context, turns[0].response, turns[0].labels))
+    shared = BayesJudge(judge.loaded, judge.attributes, layout, micro_batch_size)
+    whole = BayesJudge(judge.loaded, judge.attributes, layout, micro_batch_size, shared_prefix=False)
+    assert (shared.scoring, whole.scoring) == ("shared_prefix", "whole")
+    groups = [shared.examples(turn) for turn in turns]
+    assert common_prefix(groups[0]) > len(groups[0][0].ids) // 3
+    assert all(len(example.ids) == judge.max_positions + 1 for example in groups[-1])  # cut: its end kept
+    model, pad = judge.loaded.generator.model, judge.loaded.tokenizer.pad_id
+    first = groups[1][0]  # and a group with no common prefix at all
+    groups.append([first, *(Example((pad, *e.ids[1:]), e.trainable) for e in groups[1][1:])])
+    assert common_prefix(groups[-1]) == 0
+    got = np.array(grouped_log_probs(shared.decoder, groups))
+    expected = [predict([model], [pad_batch(group, pad)], layout, SEQUENCE_LOG_PROB)[0].tolist() for group in groups]
+    np.testing.assert_allclose(got, np.array(expected), rtol=1e-5, atol=1e-3)  # sums of ~100 fp32 log-probs
+    np.testing.assert_allclose(shared.posteriors(turns), whole.posteriors(turns), atol=1e-5)
 
 
 def test_a_judge_of_another_schema_or_attribute_is_refused(judge: BayesJudge) -> None:

@@ -236,7 +236,31 @@ class _Rows:
         return cache if self.end is None else cache[:, :, : self.end]
 
 
+class _Continuation:
+    """`n` new positions per row after a prefix already in the cache, row r's at `offsets[r]`, `offsets[r] + 1`,
+    ... The cache holds `prefix` positions (each row's own prefix, right-padded to the longest) then the `n` new
+    ones: a row attends to the first `offsets[r]` of the former and causally to the latter. Padded new positions
+    past the end of RoPE's table are clamped: their outputs are never read, and no real position sees them."""
+
+    def __init__(self, decoder: LeanDecoder, offsets: torch.Tensor, prefix: int, n: int) -> None:
+        steps = torch.arange(n, device=offsets.device)
+        positions = (offsets[:, None] + steps).clamp(max=decoder.cos.shape[0] - 1)  # [rows, n]
+        self.cos, self.sin = decoder.cos[positions][:, :, None], decoder.sin[positions][:, :, None]
+        keys = torch.arange(prefix + n, device=offsets.device)
+        held = keys[None, None] < offsets[:, None, None]  # [rows, 1, prefix + n]: the row's own prefix
+        new = (keys[None] >= prefix) & (keys[None] - prefix <= steps[:, None])  # [n, prefix + n]: causal
+        self.mask = (held | new[None])[:, None]  # [rows, 1, n, prefix + n]
+        self.start, self.causal = prefix, False
+
+    def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        cache[:, :, self.start :] = new
+
+    def visible(self, cache: torch.Tensor) -> torch.Tensor:
+        return cache
+
+
 _Cache = list[tuple[torch.Tensor, torch.Tensor]]
+_Positions = _Span | _Rows | _Continuation
 
 
 class LeanDecoder:
@@ -284,13 +308,13 @@ class LeanDecoder:
         return tensor
 
     @staticmethod
-    def _rope(x: torch.Tensor, positions: _Span | _Rows) -> torch.Tensor:
+    def _rope(x: torch.Tensor, positions: _Positions) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * positions.cos + rotated * positions.sin
 
     def _attention(
-        self, layer, x: torch.Tensor, positions: _Span | _Rows, cache: tuple[torch.Tensor, torch.Tensor]
+        self, layer, x: torch.Tensor, positions: _Positions, cache: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         attention = layer.self_attention
         rows, n = x.shape[:2]
@@ -316,7 +340,7 @@ class LeanDecoder:
         gate, up = split_fc1(linear(x, layer.mlp.linear_fc1.weight), dim=-1)
         return self._reduce(linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight))
 
-    def _hidden(self, tokens: torch.Tensor, positions: _Span | _Rows, cache: _Cache) -> torch.Tensor:
+    def _hidden(self, tokens: torch.Tensor, positions: _Positions, cache: _Cache) -> torch.Tensor:
         """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]."""
         hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
         for layer, (input_norm, pre_mlp_norm), layer_cache in zip(self.model.decoder.layers, self.norms, cache):
@@ -324,7 +348,33 @@ class LeanDecoder:
             hidden = hidden + self._mlp(layer, pre_mlp_norm(hidden))
         return hidden
 
-    def _vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
+    def shared_prefix_hidden(
+        self, prefixes: Sequence[Sequence[int]], owners: Sequence[int], continuations: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's outputs of sequences that share prefixes, each prefix computed once: sequence i is
+        `prefixes[owners[i]] + continuations[i]`. Returns `[prefixes, longest prefix, hidden]` and `[sequences,
+        longest continuation, hidden]` (right-padded; padded positions hold unused values). Used to score many
+        variants of one context (the Bayes judge's levels); this decoder's own rows are untouched."""
+        longest = max((len(p) for p in prefixes), default=0)
+        cache = self._empty(len(prefixes), longest)
+        hidden = self.output_weight.new_empty(len(prefixes), 0, self.model.config.hidden_size)
+        if longest:
+            padded = _padded([p or [0] for p in prefixes], self.device)
+            hidden = self._hidden(padded, _Span(self, padded.shape[1]), cache)
+        n = max((len(c) for c in continuations), default=0)
+        owner = torch.tensor(owners, dtype=torch.long, device=self.device)
+        if not n:
+            return hidden, hidden.new_empty(len(owners), 0, hidden.shape[-1])
+        grown = self._empty(len(owners), n)
+        cache = [
+            (torch.cat((k.index_select(0, owner), gk), 2), torch.cat((v.index_select(0, owner), gv), 2))
+            for (k, v), (gk, gv) in zip(cache, grown)
+        ]
+        offsets = torch.tensor([len(prefixes[o]) for o in owners], dtype=torch.long, device=self.device)
+        tokens = _padded([c or [0] for c in continuations], self.device)
+        return hidden, self._hidden(tokens, _Continuation(self, offsets, longest, tokens.shape[1]), cache)
+
+    def vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits of last-layer outputs `[..., hidden]` (the final norm, the output layer, the
         TP shards gathered)."""
         logits = linear(self.model.decoder.final_layernorm(hidden), self.output_weight)
@@ -334,9 +384,9 @@ class LeanDecoder:
         dist.all_gather(shards, logits.contiguous(), group=self.group)
         return torch.cat(shards, dim=-1)
 
-    def _logits(self, tokens: torch.Tensor, positions: _Span | _Rows, cache: _Cache) -> torch.Tensor:
+    def _logits(self, tokens: torch.Tensor, positions: _Positions, cache: _Cache) -> torch.Tensor:
         """Logits after each row's final token of `tokens` [rows, n]."""
-        return self._vocabulary(self._hidden(tokens, positions, cache)[:, -1])
+        return self.vocabulary(self._hidden(tokens, positions, cache)[:, -1])
 
     def add(
         self, prompts: Sequence[Sequence[int]], length: int, scored: Collection[int] = ()
@@ -348,8 +398,8 @@ class LeanDecoder:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         tokens = _padded(prompts, self.device)
         hidden = self._hidden(tokens, _Span(self, tokens.shape[1]), new)
-        logits = self._vocabulary(hidden[torch.arange(len(prompts), device=self.device), last])
-        prompt_logits = {i: PromptLogits(hidden[i, : len(prompts[i]) - 1], self._vocabulary) for i in scored}
+        logits = self.vocabulary(hidden[torch.arange(len(prompts), device=self.device), last])
+        prompt_logits = {i: PromptLogits(hidden[i, : len(prompts[i]) - 1], self.vocabulary) for i in scored}
         if size > held:
             grown = self._empty(len(self.lengths), size - held)
             self.cache = [(torch.cat((k, gk), 2), torch.cat((v, gv), 2)) for (k, v), (gk, gv) in zip(self.cache, grown)]

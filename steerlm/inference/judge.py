@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from steerlm import runtime
 from steerlm.checkpoint.integrity import checkpoint_identity
 from steerlm.config import ConfigError
 from steerlm.config.annotate import JudgeConfig
@@ -35,7 +36,9 @@ from steerlm.data.lengths import LengthStats
 from steerlm.data.readers import read_records
 from steerlm.data.records import Conversation, Turn
 from steerlm.data.steerlm2 import response_example
+from steerlm.inference.decoders import LeanDecoder, lean_unsupported
 from steerlm.inference.loading import LoadedModel, load_generator
+from steerlm.inference.prefix_scoring import grouped_log_probs
 from steerlm.inference.scoring import by_length_buckets
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training import SEQUENCE_LOG_PROB, predict
@@ -54,17 +57,39 @@ class JudgedTurn:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class _Variants:
+    """One turn's sequences, one per judged attribute and level, bucketed by length as a unit."""
+
+    examples: list[Example]
+
+    @property
+    def ids(self) -> tuple[int, ...]:  # by_length_buckets' length: the longest variant's
+        return max((e.ids for e in self.examples), key=len)
+
+
 class BayesJudge:
     """A stage-3 style (attribute-conditioned) model of this rank, judging `attributes` of responses."""
 
     def __init__(
-        self, loaded: LoadedModel, attributes: Sequence[str], layout: ParallelLayout, micro_batch_size: int
+        self,
+        loaded: LoadedModel,
+        attributes: Sequence[str],
+        layout: ParallelLayout,
+        micro_batch_size: int,
+        shared_prefix: bool = True,
     ) -> None:
         self.loaded, self.layout, self.micro_batch_size = loaded, layout, micro_batch_size
         self.attributes = tuple(attributes)
         schema = loaded.schema
         self.levels = tuple(float(v) for v in range(int(schema.min_value), int(schema.max_value) + 1))
         self.max_positions = loaded.model.max_position_embeddings
+        # A turn's variants share their context and the attribute line up to the first judged value: computed once
+        # where the lean decoder runs the model (steerlm/inference/prefix_scoring.py), else each variant whole.
+        model = loaded.generator.model
+        lean = shared_prefix and lean_unsupported(model) is None
+        self.decoder = LeanDecoder(model, layout, self.max_positions + 1) if lean else None
+        self.scoring = "shared_prefix" if lean else "whole"
 
     @classmethod
     def from_checkpoint(
@@ -111,14 +136,26 @@ class BayesJudge:
         """`[turns, attributes, levels]` posterior probabilities under a uniform prior (collective)."""
         if not turns:
             return np.zeros((0, len(self.attributes), len(self.levels)))
-        examples = [example for turn in turns for example in self.examples(turn, lengths)]
+        variants = len(self.attributes) * len(self.levels)
         model, pad_id = self.loaded.generator.model, self.loaded.tokenizer.pad_id
+        if self.decoder is not None:
+            decoder = self.decoder
+            groups = [_Variants(turn_examples) for turn in turns for turn_examples in [self.examples(turn, lengths)]]
 
-        def score_batch(batch: list[Example]) -> list[list[float]]:
-            values = predict([model], [pad_batch(batch, pad_id)], self.layout, SEQUENCE_LOG_PROB)[0]
-            return [[value] for value in values.double().cpu().tolist()]
+            def score_groups(batch: list[_Variants]) -> list[list[float]]:
+                with runtime.inference():
+                    return grouped_log_probs(decoder, [group.examples for group in batch])
 
-        log_p = by_length_buckets(examples, self.micro_batch_size, self.layout, score_batch)
+            # buckets of whole turns, about micro_batch_size sequences each
+            log_p = by_length_buckets(groups, max(1, self.micro_batch_size // variants), self.layout, score_groups)
+        else:
+            examples = [example for turn in turns for example in self.examples(turn, lengths)]
+
+            def score_batch(batch: list[Example]) -> list[list[float]]:
+                values = predict([model], [pad_batch(batch, pad_id)], self.layout, SEQUENCE_LOG_PROB)[0]
+                return [[value] for value in values.double().cpu().tolist()]
+
+            log_p = by_length_buckets(examples, self.micro_batch_size, self.layout, score_batch)
         log_p = log_p.reshape(len(turns), len(self.attributes), len(self.levels))
         shifted = np.exp(log_p - log_p.max(axis=2, keepdims=True))
         return shifted / shifted.sum(axis=2, keepdims=True)
@@ -207,6 +244,7 @@ class Judging:
             "checkpoint": {"path": str(loaded.path), "step": loaded.step, "files": checkpoint_identity(loaded.path)},
             "attributes": list(self.judge.attributes),
             "micro_batch_size": self.judge.micro_batch_size,
+            "scoring": self.judge.scoring,
             "fits": [asdict(fit) for fit in self.fits],
         }
 

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from steerlm.data.apm import (
     parse_attribute_string,
 )
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.collate import Example, length_buckets
+from steerlm.data.collate import length_buckets
 from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.data.readers import unschema_ratings
 from steerlm.data.records import Conversation, Role
@@ -52,7 +52,16 @@ from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training import ATTRIBUTE_REGRESSION, predict
 
 log = logging.getLogger(__name__)
-E = TypeVar("E", AttributeExample, Example)  # anything with token `ids`: an APM's input, an LM's example
+
+
+class HasIds(Protocol):
+    """Anything scored by length: an APM's input, an LM's example, the Bayes judge's variants of one turn."""
+
+    @property
+    def ids(self) -> Sequence[int]: ...
+
+
+E = TypeVar("E", bound=HasIds)
 
 
 @dataclass(frozen=True)
