@@ -12,8 +12,11 @@ the other attributes held at the values given (the APM's, or a human's):
 
 With the uniform prior used here the posterior is the softmax over the schema's levels v of the response's
 log-probability under the attribute line with a_j = v; the judged score is the posterior mean. Each judged turn
-costs one forward pass per level and judged attribute, scored in length buckets split over data-parallel ranks
-(`by_length_buckets`), so every layout computes the same numbers.
+is scored once per level and judged attribute. The variants share everything up to the first judged value, so
+that prefix runs once per turn and the variants continue from its cached keys and values
+(steerlm/inference/prefix_scoring.py; each variant whole through megatron's forward where the lean decoder cannot
+run the model). Turns are scored in length buckets split over data-parallel ranks (`by_length_buckets`), so every
+data-parallel size computes the same numbers.
 """
 
 from __future__ import annotations
