@@ -369,10 +369,12 @@ def test_a_resumed_run_keeps_the_stage_times_an_earlier_run_measured() -> None:
     assert carry_timings({}, {"world": 3.0, "apm": None}) == ({"world": 3.0, "apm": None}, [])
 
 
-def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout) -> None:
+def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout, tmp_path: Path) -> None:
     """What lets a wave's stages split the threads without changing a report: 3 steps of the test model give
-    bitwise the same weights at 1 and 2 threads."""
+    bitwise the same weights at 1 and 2 threads, and when the pipeline raises 1 to 2 between two steps (the share
+    file a training loop follows, steerlm/runtime/threads.py)."""
     from steerlm.config import OptimizerConfig, ParallelConfig, TrainConfig
+    from steerlm.runtime.threads import ThreadShare, write_share
     from steerlm.training import build_training, microbatches_for_rank, train_step
     from tests.conftest import TEST_MODEL
     from tests.parity_scenarios import TRAINER, global_batch
@@ -380,11 +382,15 @@ def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout) -> None:
     cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(), trainer=TRAINER, optim=OptimizerConfig(lr=1e-2))
     weights = []
     before = torch.get_num_threads()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
+    for schedule in ((1, 1, 1), (2, 2, 2), (1, 2, 2)):
+        path = tmp_path / f"{schedule}.threads"
+        share = ThreadShare(path, every=0.0)
         try:
             setup = build_training(cfg, layout)
-            for step in range(3):
+            for step, threads in enumerate(schedule):
+                write_share(path, threads)
+                share.poll()
+                assert torch.get_num_threads() == threads
                 batch = global_batch(step, TEST_MODEL, TRAINER)
                 train_step(
                     setup.model,
@@ -396,4 +402,5 @@ def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout) -> None:
             weights.append([param.detach().clone() for param in setup.chunks[0].parameters()])
         finally:
             torch.set_num_threads(before)
-    assert all(torch.equal(one, two) for one, two in zip(*weights))
+    for other in weights[1:]:
+        assert all(torch.equal(one, two) for one, two in zip(weights[0], other))

@@ -20,11 +20,13 @@ with; a rerun whose command differs is refused (its outputs would mix two settin
 
 The stages run in waves (`Step.wave`): the stages of one wave need nothing from each other — SFT and the plain
 SFT; the three steering evaluations — and run at the same time (`pipeline.concurrent`), sharing
-`pipeline.threads` CPU threads (each gets threads // stages of its wave, at least 1; fixed by the plan, not by
-which stages happen to be left). Two processes of one thread each get more done than one process of two
-threads: the single-threaded parts of a stage (start-up, tokenizing, writing) overlap, and a tiny model's
-matrix products gain less than 2x from a second thread. How many threads a stage has does not change its
-numbers (`tests/test_pipeline.py` trains at 1 and 2 threads and compares the weights bitwise).
+`pipeline.threads` CPU threads: each starts with threads // stages of its wave (at least 1), and when a stage
+ends the ones still running split the threads again — a training stage takes its raised share between two steps
+(`steerlm.runtime.threads`), so the knowledge route's judge gets the core the APM leaves after ~3 of its ~25
+minutes. Two processes of one thread each get more done than one process of two threads: the single-threaded
+parts of a stage (start-up, tokenizing, writing) overlap. How many threads a stage has does not change its
+numbers (`tests/test_pipeline.py` trains at 1 and 2 threads, and switches from 1 to 2 mid-run, and compares the
+weights bitwise).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from steerlm.config import ConfigError, ParallelConfig, to_typed
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.store import CONF_DIR, RECIPES_DIR
 from steerlm.files import atomic_write_text
+from steerlm.runtime.threads import THREADS_FILE, write_share
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -347,6 +350,8 @@ class _Running:
     log: IO[str]
     log_path: Path
     began: float
+    threads_file: Path  # where the stage reads its share (steerlm.runtime.threads)
+    shares: list[int]  # the shares it was given, the last its current one
 
 
 def _start(step: Step, out: Paths, threads: int) -> _Running | None:
@@ -372,9 +377,11 @@ def _start(step: Step, out: Paths, threads: int) -> _Running | None:
     stream = open(log_path, "a")  # closed by _finish
     stream.write(f"\n$ {shlex.join(command)}\n")
     stream.flush()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    threads_file = out.root / ".pipeline" / f"{step.name}.threads"
+    write_share(threads_file, threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), THREADS_FILE: str(threads_file)}
     process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-    return _Running(step, process, stream, log_path, time.perf_counter())
+    return _Running(step, process, stream, log_path, time.perf_counter(), threads_file, [threads])
 
 
 def _finish(running: _Running) -> float:
@@ -404,28 +411,51 @@ def waves(steps: list[Step], concurrent: bool) -> list[list[Step]]:
     return [list(wave) for _, wave in groupby(sorted(steps, key=lambda s: s.wave), key=lambda s: s.wave)]
 
 
-def run_wave(wave: list[Step], out: Paths, threads: int) -> dict[str, float | None | ConfigError]:
-    """Start every stage of `wave` (each with `threads` threads), then wait for all of them: a stage that fails
-    leaves the others to finish, so their work is kept for the rerun. Each stage's wall time, None for a stage
-    already complete, or its error."""
+def run_wave(
+    wave: list[Step], out: Paths, threads: int
+) -> tuple[dict[str, float | None | ConfigError], dict[str, list[int]]]:
+    """Start every stage of `wave` with an equal share of `threads` (at least one each), then wait for all of
+    them. Whenever a stage ends (or is found complete), the stages still running split `threads` again, so a core
+    a finished stage frees goes to the others (`steerlm.runtime.threads`; a share is never lowered). A stage that
+    fails leaves the others to finish, so their work is kept for the rerun. Returns each stage's wall time (None
+    for a stage already complete) or error, and the thread shares each started stage had in turn."""
     outcome: dict[str, float | None | ConfigError] = {}
-    started: list[_Running] = []
+    shares: dict[str, list[int]] = {}
+    running: list[_Running] = []
     for step in wave:
         try:
-            running = _start(step, out, threads)
+            started = _start(step, out, max(1, threads // len(wave)))
         except ConfigError as error:
             outcome[step.name] = error
             continue
-        if running is None:
+        if started is None:
             outcome[step.name] = None
         else:
-            started.append(running)
-    for running in started:
+            running.append(started)
+    _reshare(running, threads)
+    while running:
+        ended = next((stage for stage in running if stage.process.poll() is not None), None)
+        if ended is None:
+            time.sleep(0.2)
+            continue
+        running.remove(ended)
+        shares[ended.step.name] = ended.shares
         try:
-            outcome[running.step.name] = _finish(running)
+            outcome[ended.step.name] = _finish(ended)
         except ConfigError as error:
-            outcome[running.step.name] = error
-    return outcome
+            outcome[ended.step.name] = error
+        _reshare(running, threads)
+    return outcome, shares
+
+
+def _reshare(running: list[_Running], threads: int) -> None:
+    """Raise the share of each stage in `running` to threads // len(running) (at least one)."""
+    for stage in running:
+        share = max(1, threads // len(running))
+        if share > stage.shares[-1]:
+            log.info("%-16s now %d thread(s)", stage.step.name, share)
+            write_share(stage.threads_file, share)
+            stage.shares.append(share)
 
 
 def run(cfg: PipelineConfig, report: Callable[[PipelineConfig], dict]) -> dict:
@@ -438,21 +468,22 @@ def run(cfg: PipelineConfig, report: Callable[[PipelineConfig], dict]) -> dict:
     out = Paths(Path(cfg.output_dir).resolve())
     total_threads = cfg.pipeline.threads or int(os.environ.get("OMP_NUM_THREADS", "2"))
     times: dict[str, float | None] = {}
-    threads: dict[str, int] = {}
+    threads: dict[str, list[int]] = {}  # each started stage's thread shares, in turn
     failed: dict[str, ConfigError] = {}
     skipped: list[str] = []
     began = time.perf_counter()
     for wave in waves(plan(cfg), cfg.pipeline.concurrent):
         if failed and not cfg.pipeline.keep_going:
             break
-        share = max(1, total_threads // len(wave))  # by the plan, so a rerun gives a stage the same threads
         runnable = [step for step in wave if not set(step.needs) & (set(failed) | set(skipped))]
         skipped += [step.name for step in wave if step not in runnable]
-        for name, outcome in run_wave(runnable, out, share).items():
+        outcomes, shares = run_wave(runnable, out, total_threads)
+        threads.update(shares)
+        for name, outcome in outcomes.items():
             if isinstance(outcome, ConfigError):
                 failed[name] = outcome
             else:
-                times[name], threads[name] = outcome, share
+                times[name] = outcome
     if failed:
         if len(failed) > 1 or skipped:
             log.error(

@@ -27,6 +27,7 @@ from steerlm.checkpoint.sharded import (
 from steerlm.config.schema import DType, TrainConfig
 from steerlm.errors import ConfigError
 from steerlm.runtime.layout import ParallelLayout
+from steerlm.runtime.threads import ThreadShare
 from steerlm.training.batching import microbatches_for_rank
 from steerlm.training.guards import NonFiniteSteps, require_finite_weights
 from steerlm.training.losses import LANGUAGE_MODEL, Task
@@ -141,9 +142,12 @@ def run_training(
     window_tokens = 0
     non_finite = NonFiniteSteps(trainer.nan_tolerance)
     check_gradients = cfg.precision.dtype != DType.fp16  # fp16's loss scaler skips its own overflows
+    # the pipeline raises a stage's threads when its wave-mates finish, unless the stage fixed its own
+    threads = ThreadShare.from_environment() if trainer.torch_threads is None else ThreadShare(None)
     try:
         with StopRequests(trainer.max_time_minutes, layout.device) as stops, bar:
             for step in range(start_step + 1, trainer.max_steps + 1):
+                threads.poll()
                 microbatches = microbatches_for_rank(train_batch(step), trainer.micro_batch_size * group_size, layout)
                 result = train_step(model, optimizer, scheduler, microbatches, layout, task, check_gradients)
                 non_finite.observe(step, result.loss, not result.finite, result.grad_norm)
