@@ -34,7 +34,7 @@ def test_a_share_file_sets_the_thread_count_when_it_changes(tmp_path: Path, rest
     write_share(path, 2)
     assert share.poll() == 2 and torch.get_num_threads() == 2
     assert share.poll() is None
-    assert not path.with_name("stage.threads.part").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["stage.threads"], "no partial file left behind"
 
 
 def test_the_file_is_read_at_most_once_per_interval(tmp_path: Path, restore_threads) -> None:

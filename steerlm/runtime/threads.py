@@ -2,11 +2,12 @@
 
 The pipeline runs the stages of a wave side by side and splits its threads among them (`OMP_NUM_THREADS`). The
 stages of a wave rarely end together — on the knowledge route the APM ends after ~3 minutes while the Bayes
-judge trains for ~25 more — and a core left idle for the rest of the wave is a core wasted: the judge's step
-takes ~120 ms at one thread and ~83 ms at two (docs/pipeline.md). So the pipeline writes each stage's share to
-a file named by `STEERLM_THREADS_FILE` and rewrites it when a wave-mate finishes; the training loop reads it
-between steps (`ThreadShare.poll`) and calls `torch.set_num_threads`. How many threads a stage has never changes
-its numbers (tests/test_pipeline.py: bitwise the same weights), so when the change lands does not matter either.
+judge trains for ~15 more — and a core left idle for the rest of the wave is a core wasted: the judge's step
+takes ~120 ms at one thread and ~83 ms at two (docs/performance.md, "The judge's training step"). So the
+pipeline writes each stage's share to a file named by `STEERLM_THREADS_FILE` and rewrites it when a wave-mate
+finishes; the training loop reads it between steps (`ThreadShare.poll`) and calls `torch.set_num_threads`. How
+many threads a stage has never changes its numbers (tests/test_pipeline.py: bitwise the same weights), so when
+the change lands does not matter either.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from steerlm.errors import ConfigError
+from steerlm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,9 @@ def read_share(path: Path) -> int | None:
 
 
 def write_share(path: Path, threads: int) -> None:
-    """Set the share a stage following `path` takes at its next poll (replaced whole, so a poll never reads half
-    a number)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(f"{threads}\n")
-    os.replace(partial, path)
+    """Set the share a stage following `path` takes at its next poll (written atomically, so a poll never reads
+    half a number)."""
+    atomic_write_text(path, f"{threads}\n")
 
 
 class ThreadShare:

@@ -22,7 +22,7 @@ The stages run in waves (`Step.wave`): the stages of one wave need nothing from 
 SFT; the three steering evaluations — and run at the same time (`pipeline.concurrent`), sharing
 `pipeline.threads` CPU threads: each starts with threads // stages of its wave (at least 1), and when a stage
 ends the ones still running split the threads again — a training stage takes its raised share between two steps
-(`steerlm.runtime.threads`), so the knowledge route's judge gets the core the APM leaves after ~3 of its ~25
+(`steerlm.runtime.threads`), so the knowledge route's judge gets the core the APM leaves after ~3 of its ~18
 minutes. Two processes of one thread each get more done than one process of two threads: the single-threaded
 parts of a stage (start-up, tokenizing, writing) overlap. How many threads a stage has does not change its
 numbers (`tests/test_pipeline.py` trains at 1 and 2 threads, and switches from 1 to 2 mid-run, and compares the
@@ -450,8 +450,8 @@ def run_wave(
 
 def _reshare(running: list[_Running], threads: int) -> None:
     """Raise the share of each stage in `running` to threads // len(running) (at least one)."""
+    share = max(1, threads // len(running)) if running else 0
     for stage in running:
-        share = max(1, threads // len(running))
         if share > stage.shares[-1]:
             log.info("%-16s now %d thread(s)", stage.step.name, share)
             write_share(stage.threads_file, share)
