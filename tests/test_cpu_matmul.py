@@ -133,3 +133,45 @@ def test_linear_takes_onednn_for_large_products_once_installed(monkeypatch) -> N
         cpu_matmul.install(ParallelConfig().cpu_matmul)
         megatron_compat.route_matmuls(previous)
     assert calls == [(4 * 64, 128)]  # the large product once installed, folded to a matrix
+
+
+class _MegatronLikeLinear(torch.autograd.Function):
+    """The three products of megatron's `LinearWithGradAccumulationAndAsyncCommunication`, as it calls them."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.matmul(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_weight = torch.matmul(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+        return torch.matmul(grad, weight), grad_weight
+
+
+def test_compiled_layers_leave_products_to_inductor_under_the_route() -> None:
+    """`trainer.torch_compile=true` on a CPU that routes to oneDNN: inductor rejected the routed
+    `_linear_pointwise` call (`LoweringException`), so a compiled region's products are left to it; the
+    compiled forward and gradients equal the eager routed ones."""
+    megatron_compat.activate()
+    previous = megatron_compat.route_matmuls(None)
+    try:
+        assert cpu_matmul.install(CpuMatmul.onednn)
+
+        def step(x, weight):
+            return torch.nn.functional.silu(_MegatronLikeLinear.apply(x, weight)).square().sum()
+
+        results = []
+        for run in (step, torch.compile(step, fullgraph=True)):
+            generator = torch.Generator().manual_seed(5)
+            x = torch.randn(3, 40, 64, generator=generator).requires_grad_()
+            weight = torch.randn(96, 64, generator=generator).div(8).requires_grad_()
+            loss = run(x, weight)
+            loss.backward()
+            results.append((loss.detach(), x.grad, weight.grad))
+    finally:
+        cpu_matmul.install(ParallelConfig().cpu_matmul)
+        megatron_compat.route_matmuls(previous)
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -52,7 +52,11 @@ if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # absent from torch builds w
 
 def routable(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `a @ b` can go to oneDNN: fp32 CPU tensors, `b` a non-empty matrix, `a` at least a matrix whose
-    rows or (2-D) columns are contiguous, and no autograd graph to record."""
+    rows or (2-D) columns are contiguous, no autograd graph to record, and no `torch.compile` tracing it
+    (`trainer.torch_compile`): inductor lowers CPU products to its own oneDNN or BLAS calls and rejects the
+    eager `_linear_pointwise` call (`InductorError: LoweringException`, torch 2.13)."""
+    if torch.compiler.is_compiling():
+        return False
     if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu" or b.device.type != "cpu":
         return False
     if b.dim() != 2 or a.dim() < 2 or b.shape[0] == 0 or b.shape[1] == 0 or a.shape[-1] != b.shape[0]:
