@@ -288,6 +288,9 @@ def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path, judge: li
                 assert producer in step.needs, f"{step.name} reads {value} without needing {producer}"
         done |= {step.name for step in wave}
     assert waves(steps, concurrent=False) == [[step] for step in steps]
+    # annotation alone writes the same bytes at any data-parallel size (tests/test_annotate.py), so it alone may
+    # run its threads as replicas
+    assert [step.name for step in steps if step.replicable] == ["annotate"]
 
 
 def test_the_bayes_judge_is_stage_3s_recipe_on_the_ratings_and_labels_what_it_names(tmp_path: Path) -> None:

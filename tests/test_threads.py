@@ -1,11 +1,12 @@
-"""A stage's CPU threads raised while it runs (steerlm/runtime/threads.py) and the pipeline's wave that raises
-them when a wave-mate ends (steerlm.stages.pipeline.run_wave). That the weights do not depend on when the count
-changes: tests/test_pipeline.py."""
+"""A stage's CPU threads raised while it runs (steerlm/runtime/threads.py), the pipeline's wave that raises
+them when a wave-mate ends (steerlm.stages.pipeline.run_wave), and a replicable stage's share run as one-thread
+replicas. That the weights do not depend on when the count changes: tests/test_pipeline.py."""
 
 from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,43 @@ def test_a_stage_found_complete_leaves_its_share_to_the_others_at_once(tmp_path:
     assert outcome["short"] is None, "complete: not run again"
     assert shares == {"long": [1, 2]}
     assert json.loads(long.result.read_text())["ended"] == 2
+
+
+# A stand-in for a replicable stage (annotate): each process writes its rank, the ranks and its threads.
+REPLICA = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import torch
+
+    result, rank = Path(sys.argv[1]), int(os.environ.get("RANK", "0"))
+    seen = {"ranks": int(os.environ.get("WORLD_SIZE", "1")), "threads": torch.get_num_threads()}
+    Path(f"{result}.{rank}").write_text(json.dumps(seen))
+    if rank == 0:
+        result.write_text("{}")
+    """
+)
+
+
+def test_a_replicable_stage_runs_its_share_as_one_thread_replicas_and_resumes_at_any_share(
+    tmp_path: Path, monkeypatch
+) -> None:
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "replica.py").write_text(REPLICA)
+    monkeypatch.setattr(pipeline, "RECIPES_DIR", recipes)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = Paths(tmp_path / "run")
+    result = out.root / "labels.json"
+    stage = Step("labels", "replica", (str(result),), result, replicable=True)
+    assert stage.replicas(2, cuda=False) == 2 and stage.replicas(1, cuda=False) == 1
+    assert stage.replicas(2, cuda=True) == 1, "on GPUs a replica would need a device of its own"
+    assert replace(stage, replicable=False).replicas(2, cuda=False) == 1
+    outcome, shares = run_wave([stage], out, threads=2)
+    assert isinstance(outcome["labels"], float), outcome
+    assert shares == {"labels": [2]}
+    seen = [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
+    assert seen == [{"ranks": 2, "threads": 1}] * 2
+    assert json.loads((out.root / ".pipeline" / "labels.json").read_text())["processes"] == 1
+    outcome, _ = run_wave([stage], out, threads=1)  # the replicas are not part of the recorded command
+    assert outcome == {"labels": None}

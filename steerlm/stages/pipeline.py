@@ -24,9 +24,10 @@ SFT; the three steering evaluations — and run at the same time (`pipeline.conc
 ends the ones still running split the threads again — a training stage takes its raised share between two steps
 (`steerlm.runtime.threads`), so the knowledge route's judge gets the core the APM leaves after ~3 of its ~18
 minutes. Two processes of one thread each get more done than one process of two threads: the single-threaded
-parts of a stage (start-up, tokenizing, writing) overlap. How many threads a stage has does not change its
-numbers (`tests/test_pipeline.py` trains at 1 and 2 threads, and switches from 1 to 2 mid-run, and compares the
-weights bitwise).
+parts of a stage (start-up, tokenizing, writing) overlap; so annotation, whose labels do not depend on how many
+data-parallel ranks write them, runs its share as that many one-thread replicas under torchrun (`Step.replicable`).
+How many threads a stage has does not change its numbers (`tests/test_pipeline.py` trains at 1 and 2 threads, and
+switches from 1 to 2 mid-run, and compares the weights bitwise).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import IO, cast
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from steerlm.config import ConfigError, ParallelConfig, to_typed
@@ -67,10 +69,15 @@ class Step:
     processes: int = 1
     wave: int = 0  # stages of one wave run at the same time; waves run in order
     needs: tuple[str, ...] = ()  # the stages whose outputs it reads (with keep_going, a failed one skips it)
+    # Whether its outputs are the same at any data-parallel size (annotate: each rank labels whole shards, as
+    # one process would), so on a CPU it runs its thread share as that many one-thread replicas (`replicas`)
+    replicable: bool = False
 
-    def command(self) -> list[str]:
+    def command(self, replicas: int = 1) -> list[str]:
+        """The stage's command line, under torchrun with `processes` x `replicas` processes when that is more
+        than one."""
         script = str(RECIPES_DIR / f"{self.recipe}.py")
-        if self.processes == 1:
+        if self.processes * replicas == 1:
             return [sys.executable, script, *self.args]
         # --standalone: torchrun picks a free rendezvous port, so two pipelines on one machine never collide
         launcher = [
@@ -79,9 +86,15 @@ class Step:
             "torch.distributed.run",
             "--standalone",
             "--nproc-per-node",
-            str(self.processes),
+            str(self.processes * replicas),
         ]
         return [*launcher, script, *self.args]
+
+    def replicas(self, threads: int, cuda: bool) -> int:
+        """Data-parallel replicas for a share of `threads`: a replicable stage on CPUs runs one single-threaded
+        replica per thread — annotation's rows/s at 2 threads rose 1.25x that way, with byte-identical labels
+        (docs/pipeline.md, "Waves") — and every other stage, or any stage on GPUs (one per device), one."""
+        return threads if self.replicable and not cuda and threads > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -241,6 +254,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             processes,
             3,
             ("world", "apm", *(step.name for step in judge)),
+            replicable=True,
         ),
         Step(
             "sft",
@@ -350,15 +364,18 @@ class _Running:
     log: IO[str]
     log_path: Path
     began: float
-    threads_file: Path  # where the stage reads its share (steerlm.runtime.threads)
-    shares: list[int]  # the shares it was given, the last its current one
+    threads_file: Path  # where the stage reads its share (steerlm.runtime.threads), per process
+    shares: list[int]  # the shares it was given, the last its current one (all its replicas' threads together)
+    replicas: int = 1  # `Step.replicas`: the share is split evenly over them
 
 
 def _start(step: Step, out: Paths, threads: int) -> _Running | None:
-    """Start one stage with `threads` CPU threads, or None when it is complete. ConfigError naming the stage when
-    its recorded command differs."""
+    """Start one stage with `threads` CPU threads (as that many one-thread replicas where `Step.replicas` says),
+    or None when it is complete. ConfigError naming the stage when its recorded command differs; the replicas are
+    not part of it, since they do not change the stage's outputs."""
     marker = out.root / ".pipeline" / f"{step.name}.json"
-    command = step.command()
+    replicas = step.replicas(threads, torch.cuda.is_available())
+    command = step.command(replicas)
     recorded = {"recipe": step.recipe, "args": list(step.args), "processes": step.processes}
     if marker.exists() and json.loads(marker.read_text()) != recorded:
         raise ConfigError(
@@ -373,15 +390,22 @@ def _start(step: Step, out: Paths, threads: int) -> _Running | None:
     atomic_write_text(marker, json.dumps(recorded, indent=1) + "\n")
     log_path = out.logs / f"{step.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("%-16s running, %d thread(s): %s (log: %s)", step.name, threads, shlex.join(command[1:]), log_path)
+    log.info(
+        "%-16s running, %d thread(s)%s: %s (log: %s)",
+        step.name,
+        threads,
+        f" as {replicas} one-thread replicas" if replicas > 1 else "",
+        shlex.join(command[1:]),
+        log_path,
+    )
     stream = open(log_path, "a")  # closed by _finish
     stream.write(f"\n$ {shlex.join(command)}\n")
     stream.flush()
     threads_file = out.root / ".pipeline" / f"{step.name}.threads"
-    write_share(threads_file, threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), THREADS_FILE: str(threads_file)}
+    write_share(threads_file, threads // replicas)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads // replicas), THREADS_FILE: str(threads_file)}
     process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-    return _Running(step, process, stream, log_path, time.perf_counter(), threads_file, [threads])
+    return _Running(step, process, stream, log_path, time.perf_counter(), threads_file, [threads], replicas)
 
 
 def _finish(running: _Running) -> float:
@@ -454,7 +478,7 @@ def _reshare(running: list[_Running], threads: int) -> None:
     for stage in running:
         if share > stage.shares[-1]:
             log.info("%-16s now %d thread(s)", stage.step.name, share)
-            write_share(stage.threads_file, share)
+            write_share(stage.threads_file, max(1, share // stage.replicas))
             stage.shares.append(share)
 
 
