@@ -402,8 +402,9 @@ def _start(step: Step, out: Paths, threads: int) -> _Running | None:
     stream.write(f"\n$ {shlex.join(command)}\n")
     stream.flush()
     threads_file = out.root / ".pipeline" / f"{step.name}.threads"
-    write_share(threads_file, threads // replicas)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads // replicas), THREADS_FILE: str(threads_file)}
+    per_process = threads // replicas
+    write_share(threads_file, per_process)
+    env = {**os.environ, "OMP_NUM_THREADS": str(per_process), THREADS_FILE: str(threads_file)}
     process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     return _Running(step, process, stream, log_path, time.perf_counter(), threads_file, [threads], replicas)
 
