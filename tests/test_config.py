@@ -560,3 +560,19 @@ def test_recipes_that_read_an_apm_refuse_a_missing_checkpoint(recipe: str, tmp_p
         with pytest.raises(ConfigError) as error:
             to_typed(compose(recipe, over_input), schema).validate()
         assert error.value.key == "output" and "would overwrite the input" in str(error.value)
+
+
+def test_compose_works_inside_a_running_hydra_app_on_its_own_conf_only(tmp_path: Path) -> None:
+    """The pipeline's report composes the annotate recipe's config from inside the pipeline recipe's Hydra app,
+    where Hydra is initialised already: the same config as outside one; another conf/ there is refused."""
+    from hydra import initialize_config_dir
+
+    from steerlm.config.annotate import AnnotateConfig
+
+    overrides = ["apm_checkpoint=runs/apm", "input=in.jsonl", "output=out.jsonl", "judge.attributes=[correctness]"]
+    outside = compose("annotate", overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):  # as inside recipes/pipeline.py
+        assert compose("annotate", overrides) == outside
+        with pytest.raises(RuntimeError, match="only its own conf"):
+            compose("annotate", overrides, config_dir=tmp_path)
+    assert to_typed(outside, AnnotateConfig).judge.attributes == ["correctness"]

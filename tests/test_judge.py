@@ -199,23 +199,25 @@ def test_the_report_names_what_the_judge_labelled_and_the_fit() -> None:
     assert _judge_line(None) == ""
 
 
-def test_the_judges_held_out_figures_are_targets_beside_the_apms_and_named_in_the_report() -> None:
-    from steerlm.evaluation.report import _judge_held_out_line, judge_targets
+def test_the_judged_labels_held_out_figures_are_targets_beside_the_apms_and_named_in_the_report() -> None:
+    from steerlm.evaluation.report import _labels_held_out_line, judge_targets
 
-    judged = {
-        "correctness": {"pearson": 0.71, "pearson_oracle": 0.8, "exact_match": 0.5, "rows": 1971},
-        "humor": {"pearson": 0.94, "pearson_oracle": 0.95, "exact_match": 0.9, "rows": 1968},
+    measured = {
+        "correctness": {"pearson": 0.71, "pearson_oracle": 0.8, "exact_match": 0.5, "rows": 1971, "judged": True},
+        "humor": {"pearson": 0.94, "pearson_oracle": 0.95, "exact_match": 0.9, "rows": 1968, "judged": True},
+        "quality": {"pearson": 0.41, "pearson_oracle": 0.5, "exact_match": 0.3, "rows": 1970, "judged": False},
     }
     targets = {"apm_pearson_surface": 0.95, "apm_pearson_knowledge": 0.7}
-    results = judge_targets(judged, targets)
+    results = judge_targets(measured, targets)
     assert [(r.name, r.model, r.figure, r.target, r.met) for r in results] == [
         ("judge Pearson correctness", "judge", 0.71, 0.7, True),
         ("judge Pearson humor", "judge", 0.94, 0.95, False),  # a surface attribute keeps the surface target
-    ]
-    line = _judge_held_out_line(judged)
-    assert "correctness Pearson 0.710 over 1,971 rows (vs oracle 0.800, argmax exact 0.500)" in line
-    assert "humor Pearson 0.940 over 1,968 rows" in line
-    assert judge_targets({}, targets) == [] and _judge_held_out_line({}) == ""
+    ]  # a refit attribute is reported, not held to a target
+    line = _labels_held_out_line(measured)
+    assert "the judge given the APM's other labels" in line
+    assert "correctness (judged) Pearson 0.710 over 1,971 rows (vs oracle 0.800, label exact 0.500)" in line
+    assert "humor (judged) Pearson 0.940 over 1,968 rows" in line and "quality (refit) Pearson 0.410" in line
+    assert judge_targets({}, targets) == [] and _labels_held_out_line({}) == ""
 
 
 @pytest.mark.slow

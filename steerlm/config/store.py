@@ -62,11 +62,18 @@ def register_schemas() -> None:
 
 
 def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:
-    """Compose a primary config the way a recipe does, without running a Hydra app."""
+    """Compose a primary config the way a recipe does: outside a Hydra app (tests, tools), or inside a recipe's
+    (the pipeline composes the annotate recipe's config to label the held-out ratings in its own process), where
+    Hydra is already initialised with the recipes' `conf/` and cannot be initialised again."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_schemas()
+    if GlobalHydra.instance().is_initialized():
+        if config_dir.resolve() != CONF_DIR:
+            raise RuntimeError(f"inside a Hydra app only its own conf/ ({CONF_DIR}) can be composed, not {config_dir}")
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 

@@ -40,9 +40,9 @@ class ReportInputs:
     targets: dict[str, float]  # PipelineConfig.targets
     sft: dict = field(default_factory=dict)  # sft/eval.json
     sft_plain: dict = field(default_factory=dict)
-    # with pipeline.judge: judged attribute → the judge's posterior means against the held-out ratings (and the
-    # oracle): {"pearson", "pearson_oracle", "exact_match", "rows"}
-    judge_held_out: dict[str, dict] = field(default_factory=dict)
+    # with pipeline.judge: judged or refit attribute → the labels annotation writes for the held-out ratings,
+    # against them and the oracle: {"pearson", "pearson_oracle", "exact_match", "rows", "judged"}
+    labels_held_out: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,15 @@ def top_setting(steering: dict) -> tuple[float, float]:
     return at_base["mean_measured"]["quality"], float(np.mean(list(exact.values()))) if exact else float("nan")
 
 
-def judge_targets(judged: dict[str, dict], targets: dict[str, float]) -> list[TargetResult]:
-    """The labeller of a judged attribute is the judge: its Pearson on the held-out ratings (rows neither it nor
-    the APM trained on) is held to the APM's target for that attribute. The APM's rows stay, so a judge never hides
-    the APM's miss."""
+def judge_targets(measured: dict[str, dict], targets: dict[str, float]) -> list[TargetResult]:
+    """The labeller of a judged attribute is the judge: the Pearson of the labels it writes (given the APM's other
+    labels, as in annotation) with the held-out ratings (rows neither it nor the APM trained on) is held to the
+    APM's target for that attribute. The APM's rows stay, so a judge never hides the APM's miss; refit attributes
+    are reported, not targets."""
     results = []
-    for name, figures in judged.items():
+    for name, figures in measured.items():
+        if not figures["judged"]:
+            continue
         value = figures["pearson"]
         target = targets["apm_pearson_surface" if name in SURFACE else "apm_pearson_knowledge"]
         results.append(TargetResult(f"judge Pearson {name}", "judge", value, target, value >= target))
@@ -96,7 +99,7 @@ def evaluate_targets(inputs: ReportInputs) -> list[TargetResult]:
                 f"APM Pearson {name}", "apm", value, t["apm_pearson_knowledge"], value >= t["apm_pearson_knowledge"]
             )
         )
-    results.extend(judge_targets(inputs.judge_held_out, t))
+    results.extend(judge_targets(inputs.labels_held_out, t))
     for model in ("sft", "bootstrap"):
         sweeps = inputs.steering[model]["attributes"]
         for name in SURFACE:
@@ -253,16 +256,20 @@ def _headroom_line(sft: tuple[float, float], top_level: float) -> str:
     )
 
 
-def _judge_held_out_line(judged: dict[str, dict]) -> str:
-    """The judge's figures on the held-out ratings neither it nor the APM trained on, beside the APM's table."""
-    if not judged:
+def _labels_held_out_line(measured: dict[str, dict]) -> str:
+    """The judged and refit labels on the held-out ratings neither the judge nor the APM trained on, beside the
+    APM's table."""
+    if not measured:
         return ""
     parts = [
-        f"{name} Pearson {_fmt(m['pearson'])} over {m['rows']:,} rows (vs oracle {_fmt(m['pearson_oracle'])}, "
-        f"argmax exact {_fmt(m['exact_match'])})"
-        for name, m in judged.items()
+        f"{name} ({'judged' if m['judged'] else 'refit'}) Pearson {_fmt(m['pearson'])} over {m['rows']:,} rows "
+        f"(vs oracle {_fmt(m['pearson_oracle'])}, label exact {_fmt(m['exact_match'])})"
+        for name, m in measured.items()
     ]
-    return f" The judge on the held-out ratings neither it nor the APM trained on: {'; '.join(parts)}."
+    return (
+        " Annotation's labels of the held-out ratings neither the judge nor the APM trained on (the judge given the"
+        f" APM's other labels, as for any conversation): {'; '.join(parts)}."
+    )
 
 
 def _steering_table(steering: dict) -> list[str]:
@@ -339,7 +346,7 @@ def write_report(inputs: ReportInputs, out_dir: Path, command: str) -> dict:
         "![APM label vs oracle level](figures/apm_vs_oracle.png)",
         "",
         f"Stage 2 annotated {inputs.annotate['annotated_turns']:,} assistant turns of {inputs.annotate['rows_out']:,} "
-        "conversations." + _judge_line(inputs.annotate.get("judge")) + _judge_held_out_line(inputs.judge_held_out),
+        "conversations." + _judge_line(inputs.annotate.get("judge")) + _labels_held_out_line(inputs.labels_held_out),
         "",
         "## Steering: requested level → oracle-measured level (exact-match share)",
         "",

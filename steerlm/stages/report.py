@@ -2,8 +2,8 @@
 
 Measured here: the base LM's knowledge of the world (for each fact, does the model complete "The coat of Zuvezen
 is mostly ___" with the right value among the relation's values), the APM's labels of the annotated
-conversations against the oracle's levels and, with `pipeline.judge`, the Bayes judge on the held-out ratings.
-All are cached under the pipeline's output_dir, so a rerun reads them back.
+conversations against the oracle's levels and, with `pipeline.judge`, annotation's labels (the Bayes judge's and
+the refit's) of the held-out ratings. All are cached under the pipeline's output_dir, so a rerun reads them back.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 
 from steerlm import runtime
 from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config
-from steerlm.config import ModelConfig, ParallelConfig, PrecisionConfig, to_typed
+from steerlm.config import ModelConfig, ParallelConfig, PrecisionConfig, compose, to_typed
+from steerlm.config.annotate import AnnotateConfig
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.schema import TokenizerConfig
-from steerlm.data.readers import DataFormat, read_records
+from steerlm.data.readers import DataFormat, read_records, read_rows
 from steerlm.data.records import Role
 from steerlm.data.sampler import held_out
 from steerlm.data.synthetic.oracle import Oracle
@@ -29,13 +30,16 @@ from steerlm.data.synthetic.world import FACT_TEMPLATES, RELATIONS, World
 from steerlm.evaluation.apm_metrics import pearson
 from steerlm.evaluation.report import ReportInputs, write_report
 from steerlm.files import atomic_write_text
-from steerlm.inference.judge import BayesJudge, JudgedTurn
 from steerlm.models.gpt import build_model_chunks
-from steerlm.stages.pipeline import Paths
+from steerlm.stages import annotate
+from steerlm.stages.annotate import SCORES_FIELD
+from steerlm.stages.pipeline import Paths, plan
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 PROBE_TIERS = (0, 2, 4)
+HELD_OUT_RATED = "held_out_rated.jsonl"  # under eval/: the rated rows no labeller trained on
+HELD_OUT_LABELS = "held_out_labels.jsonl"  # under eval/: what annotation writes for them
 
 
 def _load_world(path: Path) -> World:
@@ -114,49 +118,62 @@ def apm_against_oracle(labels_file: Path, world: World, cache: Path) -> tuple[di
     return table, correlation
 
 
-def judge_held_out(
-    judge_dir: Path, rated: Path, world: World, attributes: list[str], cache: Path, apm_fraction: float
-) -> dict:
-    """The Bayes judge's posterior means on the rated rows neither it nor the APM was trained on, per judged
-    attribute against the human rating and the oracle's level; cached with the checkpoint (its step directory),
-    the attributes and the hold-out, so another judge is measured again.
+def labels_held_out(cfg: PipelineConfig, out: Paths, world: World) -> dict:
+    """With `pipeline.judge`: the labels annotation writes for the judged and refit attributes of the rated rows
+    neither the judge nor the APM trained on, against the human rating and the oracle's level.
 
-    Both hold out a row when a hash of it falls under their `data.validation_fraction`, so the rows held out by
-    both are those under the smaller fraction: with equal fractions (the pipeline's), the APM's held-out rows."""
-    path = resolve_checkpoint(judge_dir)
-    fraction = min(float(saved_config(path).data.validation_fraction), apm_fraction)
-    key = {"checkpoint": str(path), "attributes": attributes, "validation_fraction": fraction}
-    if cache.exists() and (cached := json.loads(cache.read_text()))["key"] == key:
-        return cached["judged"]
-    rows = [row for row in read_records(rated, DataFormat.helpsteer2, SCHEMA) if held_out(row.source, fraction)]
-    turns = []
-    for row in rows:
-        *context, last = row.turns
-        given = {name: value for name, value in (last.labels or {}).items() if value is not None}
-        turns.append(JudgedTurn(row.system, tuple(context), last.text, given))
-    layout = runtime.initialize(ParallelConfig(), 0)
-    try:
-        # not under runtime.inference(): the judge scores through megatron's schedule, which needs the CPU stand-ins
-        judge = BayesJudge.from_checkpoint(str(path), layout, attributes, SCHEMA)
-        posteriors = judge.posteriors(turns)
-    finally:
-        runtime.shutdown()
-    oracle, levels = Oracle(world), np.array(judge.levels)
-    true_levels = [oracle.score(turn.context, turn.response) for turn in turns]
-    judged = {}
-    for j, name in enumerate(attributes):
-        rated_rows = [i for i, turn in enumerate(turns) if name in turn.labels]
-        means = posteriors[rated_rows, j] @ levels
-        human = np.array([turns[i].labels[name] for i in rated_rows], dtype=float)
-        truth = np.array([true_levels[i][name] for i in rated_rows])
-        judged[name] = {
-            "pearson": pearson(means, human),
-            "pearson_oracle": pearson(means, truth),
-            "exact_match": float(np.mean(levels[posteriors[rated_rows, j].argmax(axis=1)] == human)),
+    The rows are labelled by the annotate stage itself, in this process at one process, with the pipeline's
+    annotate arguments (its own `stages.annotate` overrides included) but `mode=overwrite`: the APM labels every
+    assistant turn, the judge judges its attributes given the APM's other labels and the refit re-predicts from
+    what is written, exactly as for an unlabelled conversation. The human ratings of the other attributes are not
+    shown to the judge: quality in this world is a function of helpfulness and correctness, so conditioning on a
+    rated quality would tell the judge much of the answer (docs/pipeline.md, "The labels on the held-out
+    ratings"). Annotation's resumable output (`eval/held_out_labels.jsonl`) is the cache: a rerun with the same
+    rows, checkpoints and settings reads it back.
+
+    Both the judge and the APM hold out a row when a hash of it falls under their `data.validation_fraction`, so
+    the rows measured are those under the smaller fraction: with equal fractions (the pipeline's), the APM's
+    held-out rows."""
+    fraction = min(
+        float(saved_config(resolve_checkpoint(path)).data.validation_fraction) for path in (out.judge, out.apm)
+    )
+    rated, rows_file, labels_file = out.data / "annotated.jsonl", out.eval / HELD_OUT_RATED, out.eval / HELD_OUT_LABELS
+    rows = [
+        row
+        for row in read_rows(rated, DataFormat.helpsteer2, SCHEMA)
+        if row.records and held_out(f"{rated}:{row.line}", fraction)
+    ]
+    out.eval.mkdir(parents=True, exist_ok=True)
+    lines = [row.raw.decode("utf-8") if isinstance(row.raw, bytes) else json.dumps(row.raw) for row in rows]
+    atomic_write_text(rows_file, "".join(f"{line}\n" for line in lines))
+    step = next(step for step in plan(cfg) if step.name == "annotate")
+    replaced = {"input", "output", "format", "mode", "parallel"}
+    overrides = [arg for arg in step.args if arg.split("=", 1)[0].lstrip("+~") not in replaced]
+    overrides += [f"input={rows_file}", f"output={labels_file}", "format=helpsteer2", "mode=overwrite"]
+    overrides.append("parallel=single")  # in this process; the checkpoints load at any layout
+    annotate.run(to_typed(compose("annotate", overrides), AnnotateConfig))
+
+    oracle = Oracle(world)
+    human = [row.records[-1].turns[-1].labels or {} for row in rows]
+    labelled = list(read_records(labels_file, DataFormat.conversation, SCHEMA))
+    if len(labelled) != len(human):
+        raise RuntimeError(f"{labels_file}: {len(labelled)} rows labelled, {len(human)} held out; delete it and rerun")
+    last = [conversation.turns[-1] for conversation in labelled]
+    truth = [oracle.score(list(c.turns[:-1]), c.turns[-1].text) for c in labelled]
+    measured = {}
+    for name in (*cfg.pipeline.judge, *cfg.pipeline.judge_refit):
+        rated_rows = [i for i, labels in enumerate(human) if labels.get(name) is not None]
+        ratings = np.array([human[i][name] for i in rated_rows], dtype=float)
+        scores = np.array([labelled[i].extra[SCORES_FIELD][-1][name] for i in rated_rows])
+        written = np.array([(last[i].labels or {}).get(name) for i in rated_rows], dtype=float)
+        measured[name] = {
+            "pearson": pearson(scores, ratings),
+            "pearson_oracle": pearson(scores, np.array([truth[i][name] for i in rated_rows])),
+            "exact_match": float(np.mean(written == ratings)),
             "rows": len(rated_rows),
+            "judged": name in cfg.pipeline.judge,
         }
-    atomic_write_text(cache, json.dumps({"key": key, "judged": judged}, indent=2) + "\n")
-    return judged
+    return measured
 
 
 def loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -206,16 +223,7 @@ def report(cfg: PipelineConfig, command: str = "python recipes/pipeline.py") -> 
         targets={k: float(v) for k, v in vars(cfg.targets).items()},
         sft=_json(out.sft / "eval.json"),
         sft_plain=_json(out.sft_plain / "eval.json"),
-        judge_held_out=judge_held_out(
-            out.judge,
-            out.data / "annotated.jsonl",
-            world,
-            list(cfg.pipeline.judge),
-            out.eval / "judge_held_out.json",
-            apm_fraction=float(saved_config(resolve_checkpoint(out.apm)).data.validation_fraction),
-        )
-        if cfg.pipeline.judge
-        else {},
+        labels_held_out=labels_held_out(cfg, out, world) if cfg.pipeline.judge else {},
     )
     summary = write_report(inputs, out.root, command)
     log.info("report: %s (%d of %d targets met)", out.root / "report.md", summary["met"], summary["total"])
