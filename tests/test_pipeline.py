@@ -117,34 +117,6 @@ def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> No
 
 
 @pytest.mark.slow
-def test_plain_sft_reads_the_conversations_stage_3_reads_without_their_labels(uninterrupted: Path, tmp_path) -> None:
-    """Plain SFT trains on the world's conversations, stage 3 on annotation's labelled copy of them. Read as plain
-    SFT reads them (no attribute line), both files give the same examples — tokens and trained positions, row for
-    row — so the baseline differs from stage 3 in the attribute line (and in which rows the hash holds out for
-    validation: it hashes the file's name)."""
-    from steerlm.stages.sft import load_data
-    from steerlm.tokenizers import load_tokenizer
-
-    cfg = to_typed(compose("pipeline", [f"output_dir={uninterrupted}", *TINY]), PipelineConfig)
-    step = next(step for step in plan(cfg) if step.name == "sft_plain")
-    plain = to_typed(compose("train_sft", [*step.args, "data.validation_fraction=0.0"]), SFTConfig)
-    tokenizer = load_tokenizer(
-        plain.tokenizer.type.value, plain.tokenizer.path, plain.template.tokenization.markers_are_tokens
-    )
-    examples = [
-        [
-            (e.ids, e.trainable)
-            for e in load_data(
-                replace(plain, data=replace(plain.data, train_file=str(path))), SCHEMA, tokenizer, tmp_path
-            ).train
-        ]
-        for path in (uninterrupted / "data" / "unlabelled.jsonl", uninterrupted / "data" / "apm_labels.jsonl")
-    ]
-    assert plain.data.train_file == str(uninterrupted / "data" / "unlabelled.jsonl")
-    assert len(examples[0]) > 100 and examples[0] == examples[1]
-
-
-@pytest.mark.slow
 def test_bootstrap_labels_are_the_apms_predictions_of_what_was_sampled(uninterrupted: Path) -> None:
     from steerlm import runtime
     from steerlm.config import ParallelConfig
@@ -258,24 +230,16 @@ def test_recipes_exist_for_every_planned_stage(tmp_path: Path) -> None:
 
 
 def test_plain_sft_gets_the_sft_stages_data_model_and_training_budget(tmp_path: Path) -> None:
-    """The baseline SteerLM is compared with must differ only in not seeing the attributes: it reads the world's
-    conversations, the ones annotation labels for stage 3 (the same tokens without the attribute line:
-    `test_plain_sft_reads_the_conversations_stage_3_reads_without_their_labels`), so it needs no label."""
+    """The baseline SteerLM is compared with must differ only in not seeing the attributes."""
     cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}"]), PipelineConfig)
     steps = {step.name: step for step in plan(cfg)}
     sft, plain = (
         to_typed(compose(steps[name].recipe, list(steps[name].args)), SFTConfig) for name in ("sft", "sft_plain")
     )
     assert sft.sft.condition_on_attributes and not plain.sft.condition_on_attributes
-    for section in ("model", "trainer", "optim", "tokenizer", "parallel"):
+    for section in ("model", "trainer", "optim", "data", "tokenizer", "parallel"):
         assert getattr(plain, section) == getattr(sft, section), section
-    assert replace(plain.data, train_file=sft.data.train_file) == sft.data
-    assert (plain.data.train_file, sft.data.train_file) == (
-        str(tmp_path / "data" / "unlabelled.jsonl"),
-        str(tmp_path / "data" / "apm_labels.jsonl"),
-    )
     assert replace(plain.sft, condition_on_attributes=True) == sft.sft
-    assert steps["sft_plain"].needs == ("world", "pretrain") and steps["sft_plain"].wave == steps["apm"].wave
 
 
 # Which stage's outputs live where, relative to output_dir (the longest matching prefix names the producer).
@@ -306,9 +270,9 @@ def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path, judge: li
     assert [[step.name for step in wave] for wave in grouped] == [
         ["world"],
         ["pretrain"],
-        ["apm", "judge", "sft_plain"] if judge else ["apm", "sft_plain"],
+        ["apm", "judge"] if judge else ["apm"],
         ["annotate"],
-        ["sft"],
+        ["sft", "sft_plain"],
         ["bootstrap"],
         ["steer_sft", "steer_bootstrap", "steer_plain"],
     ]

@@ -8,8 +8,8 @@ when `pipeline.parallel` needs more than one process — with its log in `<outpu
     apm              train_attribute_model               apm/    initialised from base/
     judge            train_sft on the rated data         judge/  only with pipeline.judge (the Bayes judge)
     annotate         annotate                            data/apm_labels.jsonl
-    sft              train_sft on the annotated data     sft/    from base/ (judge/ with pipeline.sft_init=judge)
-    sft_plain        train_sft without attributes        sft_plain/   from base/, on the world's conversations
+    sft, sft_plain   train_sft (with/without attributes) sft/, sft_plain/   initialised from base/ (stage 3 from
+                                                         judge/ with pipeline.sft_init=judge)
     bootstrap        bootstrap                           bootstrap/   from sft/, labelled by apm/
     steer_*          evaluate_steering                   eval/steering_{sft,bootstrap,plain}.json
     report           (in this process)                   report.md, report.json, figures/*.png
@@ -18,8 +18,8 @@ A stage whose result is complete is skipped, so rerunning after a kill resumes: 
 from its own checkpoints or part files. `.pipeline/<stage>.json` records the command each stage was started
 with; a rerun whose command differs is refused (its outputs would mix two settings).
 
-The stages run in waves (`Step.wave`): the stages of one wave need nothing from each other — the APM, the judge
-and plain SFT; the three steering evaluations — and run at the same time (`pipeline.concurrent`), sharing
+The stages run in waves (`Step.wave`): the stages of one wave need nothing from each other — SFT and the plain
+SFT; the three steering evaluations — and run at the same time (`pipeline.concurrent`), sharing
 `pipeline.threads` CPU threads: each starts with threads // stages of its wave (at least 1), and when a stage
 ends the ones still running split the threads again — a training stage takes its raised share between two steps
 (`steerlm.runtime.threads`), so the knowledge route's judge gets the core the APM leaves after ~3 of its ~18
@@ -187,11 +187,11 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         if f.name not in _PASSED_WHEN_SET or getattr(cfg.synthetic, f.name) != _PASSED_WHEN_SET[f.name]
     ]
 
-    def sft_args(init: Path, conversations: Path) -> list[str]:
+    def sft_args(init: Path) -> list[str]:
         return [
             *common,
             f"sft.init_from={init}",
-            f"data.train_file={conversations}",
+            f"data.train_file={data / 'apm_labels.jsonl'}",
             "data.format=conversation",
             # Stage 3 is bound by its number of updates, not its examples: 1,200 steps of 8 conversations steer the
             # surface attributes far better than the recipe's 400 of 32, in the same time (docs/pipeline.md,
@@ -206,7 +206,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
 
     judge, judged = _judge_steps(cfg, out, common, processes)
     steer = [f"prompts={data / 'eval_prompts.jsonl'}", f"world={data / 'world.json'}", f"parallel={layout}"]
-    trained = ("world", "pretrain", "annotate")  # stage 3: the base LM, the annotated conversations
+    trained = ("world", "pretrain", "annotate")  # the SFT stages: the base LM, the annotated conversations
     # pipeline.sft_init=judge: stage 3 starts from the judge, which already writes text for every attribute line of
     # the rated data, so it only has to learn the annotated conversations: 2,400 updates from it steer helpfulness
     # better than 9,600 from the base LM (docs/pipeline.md, "Stage 3 from the judge"). Plain SFT keeps the base LM.
@@ -259,27 +259,20 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         Step(
             "sft",
             "train_sft",
-            (*sft_args(out.judge if from_judge else out.base, data / "apm_labels.jsonl"), f"output_dir={out.sft}"),
+            (*sft_args(out.judge if from_judge else out.base), f"output_dir={out.sft}"),
             out.sft / "eval.json",
             processes,
             4,
             (*trained, *(("judge",) if from_judge else ())),
         ),
-        # Plain SFT reads no label, so it trains on the world's conversations as written (the ones annotation
-        # labels, the same tokens without the attribute line: tests/test_pipeline.py) and runs beside the APM
-        # instead of waiting for annotation; stage 3 then has the cores to itself.
         Step(
             "sft_plain",
             "train_sft",
-            (
-                *sft_args(out.base, data / "unlabelled.jsonl"),
-                f"output_dir={out.sft_plain}",
-                "sft.condition_on_attributes=false",
-            ),
+            (*sft_args(out.base), f"output_dir={out.sft_plain}", "sft.condition_on_attributes=false"),
             out.sft_plain / "eval.json",
             processes,
-            2,
-            ("world", "pretrain"),
+            4,
+            trained,
         ),
         Step(
             "bootstrap",
