@@ -1,6 +1,6 @@
 """The whole pipeline as `make demo` runs it, on a tiny world: every stage's output, the bootstrap's labels,
 the report; kill -9 mid-stage and rerun gives the same report; a stage restarted with other settings is
-refused; keep_going runs what does not need a failed stage; each stage reads only what the stages it needs wrote;
+refused; keep_going runs what does not need a failed stage; the waves read only what earlier waves wrote;
 pipeline.parallel=tp2 launches each stage under torchrun."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from steerlm.config.sft import SFTConfig
 from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import from_conversation_json
 from steerlm.data.synthetic.splits import SCHEMA
-from steerlm.stages.pipeline import carry_timings, plan
+from steerlm.stages.pipeline import carry_timings, plan, waves
 from tests.recipe_runner import ROOT, recipe_env
 
 TINY = [
@@ -114,34 +114,6 @@ def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> No
     assert plain["attributes"] == {} and "quality" in plain["at_base"]["mean_measured"]
     timings = json.loads((out / "timings.json").read_text())
     assert timings["reused"] == [] and all(seconds > 0 for seconds in timings["seconds"].values())
-
-
-@pytest.mark.slow
-def test_plain_sft_reads_the_conversations_stage_3_reads_without_their_labels(uninterrupted: Path, tmp_path) -> None:
-    """Plain SFT trains on the world's conversations, stage 3 on annotation's labelled copy of them. Read as plain
-    SFT reads them (no attribute line), both files give the same examples — tokens and trained positions, row for
-    row — so the baseline differs from stage 3 in the attribute line (and in which rows the hash holds out for
-    validation: it hashes the file's name)."""
-    from steerlm.stages.sft import load_data
-    from steerlm.tokenizers import load_tokenizer
-
-    cfg = to_typed(compose("pipeline", [f"output_dir={uninterrupted}", *TINY]), PipelineConfig)
-    step = next(step for step in plan(cfg) if step.name == "sft_plain")
-    plain = to_typed(compose("train_sft", [*step.args, "data.validation_fraction=0.0"]), SFTConfig)
-    tokenizer = load_tokenizer(
-        plain.tokenizer.type.value, plain.tokenizer.path, plain.template.tokenization.markers_are_tokens
-    )
-    examples = [
-        [
-            (e.ids, e.trainable)
-            for e in load_data(
-                replace(plain, data=replace(plain.data, train_file=str(path))), SCHEMA, tokenizer, tmp_path
-            ).train
-        ]
-        for path in (uninterrupted / "data" / "unlabelled.jsonl", uninterrupted / "data" / "apm_labels.jsonl")
-    ]
-    assert plain.data.train_file == str(uninterrupted / "data" / "unlabelled.jsonl")
-    assert len(examples[0]) > 100 and examples[0] == examples[1]
 
 
 @pytest.mark.slow
@@ -258,25 +230,16 @@ def test_recipes_exist_for_every_planned_stage(tmp_path: Path) -> None:
 
 
 def test_plain_sft_gets_the_sft_stages_data_model_and_training_budget(tmp_path: Path) -> None:
-    """The baseline SteerLM is compared with must differ only in not seeing the attributes: it reads the world's
-    conversations, the ones annotation labels for stage 3 (the same tokens without the attribute line:
-    `test_plain_sft_reads_the_conversations_stage_3_reads_without_their_labels`), so it needs no label and starts
-    beside the APM."""
+    """The baseline SteerLM is compared with must differ only in not seeing the attributes."""
     cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}"]), PipelineConfig)
     steps = {step.name: step for step in plan(cfg)}
     sft, plain = (
         to_typed(compose(steps[name].recipe, list(steps[name].args)), SFTConfig) for name in ("sft", "sft_plain")
     )
     assert sft.sft.condition_on_attributes and not plain.sft.condition_on_attributes
-    for section in ("model", "trainer", "optim", "tokenizer", "parallel"):
+    for section in ("model", "trainer", "optim", "data", "tokenizer", "parallel"):
         assert getattr(plain, section) == getattr(sft, section), section
-    assert replace(plain.data, train_file=sft.data.train_file) == sft.data
-    assert (plain.data.train_file, sft.data.train_file) == (
-        str(tmp_path / "data" / "unlabelled.jsonl"),
-        str(tmp_path / "data" / "apm_labels.jsonl"),
-    )
     assert replace(plain.sft, condition_on_attributes=True) == sft.sft
-    assert steps["sft_plain"].needs == steps["apm"].needs == ("world", "pretrain")
 
 
 # Which stage's outputs live where, relative to output_dir (the longest matching prefix names the producer).
@@ -300,36 +263,31 @@ def _producer(relative: str) -> str | None:
 @pytest.mark.parametrize(
     "judge", [[], ["pipeline.judge=[correctness]", "pipeline.judge_refit=[quality]"], ["route=knowledge"]]
 )
-def test_each_stage_needs_every_stage_whose_outputs_it_reads_and_comes_after_them(
-    tmp_path: Path, judge: list[str]
-) -> None:
-    """The scheduler starts a stage once its `needs` are complete, so they must name every stage whose outputs
-    it reads, and the plan's order (which breaks ties) must put them first."""
+def test_each_wave_reads_only_what_earlier_waves_wrote(tmp_path: Path, judge: list[str]) -> None:
     cfg = to_typed(compose("pipeline", [f"output_dir={tmp_path}", *judge]), PipelineConfig)
     steps = plan(cfg)
-    assert [step.name for step in steps] == [
-        "world",
-        "pretrain",
-        "apm",
-        *(["judge"] if judge else []),
-        "sft_plain",
-        "annotate",
-        "sft",
-        "bootstrap",
-        "steer_sft",
-        "steer_bootstrap",
-        "steer_plain",
+    grouped = waves(steps, concurrent=True)
+    assert [[step.name for step in wave] for wave in grouped] == [
+        ["world"],
+        ["pretrain"],
+        ["apm", "judge"] if judge else ["apm"],
+        ["annotate"],
+        ["sft", "sft_plain"],
+        ["bootstrap"],
+        ["steer_sft", "steer_bootstrap", "steer_plain"],
     ]
     done: set[str] = set()
-    for step in steps:
-        assert set(step.needs) <= done, step.name
-        for arg in step.args:
-            key, _, value = arg.partition("=")
-            if key.startswith("output") or not value.startswith(str(tmp_path)):
-                continue  # its own outputs, or not a path of the pipeline's
-            producer = _producer(str(Path(value).relative_to(tmp_path)))
-            assert producer in step.needs, f"{step.name} reads {value} without needing {producer}"
-        done.add(step.name)
+    for wave in grouped:
+        for step in wave:
+            assert set(step.needs) <= done, step.name
+            for arg in step.args:
+                key, _, value = arg.partition("=")
+                if key.startswith("output") or not value.startswith(str(tmp_path)):
+                    continue  # its own outputs, or not a path of the pipeline's
+                producer = _producer(str(Path(value).relative_to(tmp_path)))
+                assert producer in step.needs, f"{step.name} reads {value} without needing {producer}"
+        done |= {step.name for step in wave}
+    assert waves(steps, concurrent=False) == [[step] for step in steps]
     # annotation alone writes the same bytes at any data-parallel size (tests/test_annotate.py), so it alone may
     # run its threads as replicas
     assert [step.name for step in steps if step.replicable] == ["annotate"]

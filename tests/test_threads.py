@@ -1,7 +1,6 @@
-"""A stage's CPU threads raised while it runs (steerlm/runtime/threads.py), the pipeline's scheduler that starts
-a stage once its needs are complete and raises the others when a stage ends (steerlm.stages.pipeline.run_stages),
-and a replicable stage's share run as one-thread replicas. That the weights do not depend on when the count
-changes: tests/test_pipeline.py."""
+"""A stage's CPU threads raised while it runs (steerlm/runtime/threads.py), the pipeline's wave that raises
+them when a wave-mate ends (steerlm.stages.pipeline.run_wave), and a replicable stage's share run as one-thread
+replicas. That the weights do not depend on when the count changes: tests/test_pipeline.py."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import torch
 from steerlm.errors import ConfigError
 from steerlm.runtime.threads import THREADS_FILE, ThreadShare, read_share, write_share
 from steerlm.stages import pipeline
-from steerlm.stages.pipeline import Paths, Step, run_stages
+from steerlm.stages.pipeline import Paths, Step, run_wave
 
 
 @pytest.fixture
@@ -66,7 +65,7 @@ def test_from_environment_follows_the_named_file_or_nothing(tmp_path: Path, monk
 
 
 # A stand-in recipe: "short" ends at once; "long" follows its share file until it is given 2 threads (or 60 s
-# pass) and writes the thread count it ends with to its result, and when it began and ended.
+# pass) and writes the thread count it ends with to its result.
 PROBE = textwrap.dedent(
     """
     import json, sys, time
@@ -75,20 +74,15 @@ PROBE = textwrap.dedent(
     from steerlm.runtime.threads import ThreadShare
 
     result, mode = Path(sys.argv[1]), sys.argv[2]
-    began, started = time.time(), torch.get_num_threads()
+    started = torch.get_num_threads()
     share = ThreadShare.from_environment(); share.every = 0.0
     deadline = time.monotonic() + 60
     while mode == "long" and torch.get_num_threads() < 2 and time.monotonic() < deadline:
         share.poll()
         time.sleep(0.05)
-    seen = {"started": started, "ended": torch.get_num_threads(), "began_at": began, "ended_at": time.time()}
-    result.write_text(json.dumps(seen))
+    result.write_text(json.dumps({"started": started, "ended": torch.get_num_threads()}))
     """
 )
-
-
-def _probe(out: Paths, name: str, mode: str, needs: tuple[str, ...] = ()) -> Step:
-    return Step(name, "probe", (str(out.root / f"{name}.json"), mode), out.root / f"{name}.json", needs=needs)
 
 
 def _steps(tmp_path: Path, monkeypatch) -> tuple[Paths, Step, Step]:
@@ -97,63 +91,28 @@ def _steps(tmp_path: Path, monkeypatch) -> tuple[Paths, Step, Step]:
     (recipes / "probe.py").write_text(PROBE)
     monkeypatch.setattr(pipeline, "RECIPES_DIR", recipes)
     out = Paths(tmp_path / "run")
-    return out, _probe(out, "short", "short"), _probe(out, "long", "long")
+    short = Step("short", "probe", (str(out.root / "short.json"), "short"), out.root / "short.json")
+    long = Step("long", "probe", (str(out.root / "long.json"), "long"), out.root / "long.json")
+    return out, short, long
 
 
-def _seen(step: Step) -> dict:
-    return json.loads(step.result.read_text())
-
-
-def test_the_threads_a_finished_stage_frees_go_to_the_one_still_running(tmp_path: Path, monkeypatch) -> None:
+def test_a_wave_gives_the_threads_a_finished_stage_frees_to_the_one_still_running(tmp_path: Path, monkeypatch) -> None:
     out, short, long = _steps(tmp_path, monkeypatch)
-    outcomes = run_stages([short, long], out, threads=2)
-    assert all(isinstance(seconds, float) for seconds in outcomes.results.values()), outcomes
-    assert outcomes.shares == {"short": [1], "long": [1, 2]}
-    assert (_seen(long)["started"], _seen(long)["ended"]) == (1, 2)
-    assert (_seen(short)["started"], _seen(short)["ended"]) == (1, 1)
+    outcome, shares = run_wave([short, long], out, threads=2)
+    assert all(isinstance(seconds, float) for seconds in outcome.values()), outcome
+    assert shares == {"short": [1], "long": [1, 2]}
+    assert json.loads(long.result.read_text()) == {"started": 1, "ended": 2}
+    assert json.loads(short.result.read_text()) == {"started": 1, "ended": 1}
     assert (out.root / ".pipeline" / "long.threads").read_text() == "2\n"
 
 
-def test_a_stage_found_complete_takes_no_thread(tmp_path: Path, monkeypatch) -> None:
+def test_a_stage_found_complete_leaves_its_share_to_the_others_at_once(tmp_path: Path, monkeypatch) -> None:
     out, short, long = _steps(tmp_path, monkeypatch)
-    assert run_stages([short], out, threads=1).results["short"] is not None
-    outcomes = run_stages([short, long], out, threads=2)
-    assert outcomes.results["short"] is None, "complete: not run again"
-    assert outcomes.shares == {"long": [2]}, "started with both threads"
-    assert _seen(long)["ended"] == 2
-
-
-def test_a_stage_starts_once_its_needs_end_and_takes_the_freed_thread_before_the_others_grow(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """`after` needs `short`, so it waits until `short` ends and then takes the thread `short` frees; `long` gets
-    that thread only when `after` has ended too and nothing waits for it."""
-    out, short, long = _steps(tmp_path, monkeypatch)
-    after = _probe(out, "after", "short", needs=("short",))
-    outcomes = run_stages([long, after, short], out, threads=2)
-    assert all(isinstance(seconds, float) for seconds in outcomes.results.values()), outcomes
-    assert outcomes.shares == {"short": [1], "after": [1], "long": [1, 2]}
-    assert _seen(after)["began_at"] >= _seen(short)["ended_at"]
-    assert _seen(long)["ended_at"] >= _seen(after)["ended_at"]
-
-
-def test_one_at_a_time_each_stage_gets_every_thread_in_plan_order(tmp_path: Path, monkeypatch) -> None:
-    out, short, long = _steps(tmp_path, monkeypatch)
-    outcomes = run_stages([long, short], out, threads=2, concurrent=False)
-    assert outcomes.shares == {"long": [2], "short": [2]}
-    assert _seen(short)["began_at"] >= _seen(long)["ended_at"]
-
-
-def test_a_failed_stage_starts_nothing_more_unless_keep_going_and_then_not_what_needs_it(
-    tmp_path: Path, monkeypatch
-) -> None:
-    out, short, _ = _steps(tmp_path, monkeypatch)
-    broken = Step("broken", "missing", (), out.root / "never.json")  # no such recipe: exits with status 2
-    after = _probe(out, "after", "short", needs=("broken",))
-    stopped = run_stages([broken, short, after], out, threads=1)
-    assert isinstance(stopped.results["broken"], ConfigError) and set(stopped.results) == {"broken"}
-    going = run_stages([broken, short, after], out, threads=1, keep_going=True)
-    assert isinstance(going.results["short"], float) and going.skipped == ["after"]
+    assert run_wave([short], out, threads=1)[0]["short"] is not None
+    outcome, shares = run_wave([short, long], out, threads=2)
+    assert outcome["short"] is None, "complete: not run again"
+    assert shares == {"long": [1, 2]}
+    assert json.loads(long.result.read_text())["ended"] == 2
 
 
 # A stand-in for a replicable stage (annotate): each process writes its rank, the ranks and its threads.
@@ -186,11 +145,11 @@ def test_a_replicable_stage_runs_its_share_as_one_thread_replicas_and_resumes_at
     assert stage.replicas(2, cuda=False) == 2 and stage.replicas(1, cuda=False) == 1
     assert stage.replicas(2, cuda=True) == 1, "on GPUs a replica would need a device of its own"
     assert replace(stage, replicable=False).replicas(2, cuda=False) == 1
-    outcomes = run_stages([stage], out, threads=2)
-    assert isinstance(outcomes.results["labels"], float), outcomes
-    assert outcomes.shares == {"labels": [2]}
+    outcome, shares = run_wave([stage], out, threads=2)
+    assert isinstance(outcome["labels"], float), outcome
+    assert shares == {"labels": [2]}
     seen = [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
     assert seen == [{"ranks": 2, "threads": 1}] * 2
     assert json.loads((out.root / ".pipeline" / "labels.json").read_text())["processes"] == 1
-    outcomes = run_stages([stage], out, threads=1)  # the replicas are not part of the recorded command
-    assert outcomes.results == {"labels": None}
+    outcome, _ = run_wave([stage], out, threads=1)  # the replicas are not part of the recorded command
+    assert outcome == {"labels": None}

@@ -34,11 +34,9 @@ SFT_INITS = ("base", "judge")  # pipeline.sft_init
 @dataclass
 class PipelineOptions:
     parallel: str = "single"  # a conf/parallel option: every stage runs at it (under torchrun when > 1 process)
-    # false: start no stage after the first failure (the running ones finish); true: run every stage that does not
-    # need a failed one
+    # false: stop after the wave of the first failed stage; true: run every stage that does not need a failed one
     keep_going: bool = False
-    # each stage starts once the stages it needs are complete, beside the others running, sharing `threads`
-    # (false: one stage at a time, each with all of them)
+    # independent stages (SFT and plain SFT; the three steering evaluations) run at the same time, sharing `threads`
     concurrent: bool = True
     threads: Optional[int] = None  # CPU threads the stages share; None: $OMP_NUM_THREADS, else 2
     # attributes stage 2 labels with the Bayes judge, an attribute-conditioned model trained on the rated data

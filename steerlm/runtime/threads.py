@@ -1,11 +1,11 @@
 """CPU threads a running stage may use, raised while it runs when the pipeline frees cores.
 
-The pipeline runs stages side by side and splits its threads among them (`OMP_NUM_THREADS`). They rarely end
-together — on the knowledge route the APM and plain SFT end after ~3 and ~8 minutes while the Bayes judge trains
-for ~15 — and a core left idle while a stage still runs is a core wasted: the judge's step takes ~120 ms at one
-thread and ~83 ms at two (docs/performance.md, "The judge's training step"). So the pipeline writes each stage's
-share to a file named by `STEERLM_THREADS_FILE` and rewrites it when a stage ends and no other waits for the
-thread; the training loop reads it between steps (`ThreadShare.poll`) and calls `torch.set_num_threads`. How
+The pipeline runs the stages of a wave side by side and splits its threads among them (`OMP_NUM_THREADS`). The
+stages of a wave rarely end together — on the knowledge route the APM ends after ~3 minutes while the Bayes
+judge trains for ~15 more — and a core left idle for the rest of the wave is a core wasted: the judge's step
+takes ~120 ms at one thread and ~83 ms at two (docs/performance.md, "The judge's training step"). So the
+pipeline writes each stage's share to a file named by `STEERLM_THREADS_FILE` and rewrites it when a wave-mate
+finishes; the training loop reads it between steps (`ThreadShare.poll`) and calls `torch.set_num_threads`. How
 many threads a stage has never changes its numbers (tests/test_pipeline.py: bitwise the same weights), so when
 the change lands does not matter either.
 """

@@ -8,8 +8,8 @@ when `pipeline.parallel` needs more than one process — with its log in `<outpu
     apm              train_attribute_model               apm/    initialised from base/
     judge            train_sft on the rated data         judge/  only with pipeline.judge (the Bayes judge)
     annotate         annotate                            data/apm_labels.jsonl
-    sft              train_sft on the annotated data     sft/    from base/ (judge/ with pipeline.sft_init=judge)
-    sft_plain        train_sft without attributes        sft_plain/   from base/, on the world's conversations
+    sft, sft_plain   train_sft (with/without attributes) sft/, sft_plain/   initialised from base/ (stage 3 from
+                                                         judge/ with pipeline.sft_init=judge)
     bootstrap        bootstrap                           bootstrap/   from sft/, labelled by apm/
     steer_*          evaluate_steering                   eval/steering_{sft,bootstrap,plain}.json
     report           (in this process)                   report.md, report.json, figures/*.png
@@ -18,18 +18,16 @@ A stage whose result is complete is skipped, so rerunning after a kill resumes: 
 from its own checkpoints or part files. `.pipeline/<stage>.json` records the command each stage was started
 with; a rerun whose command differs is refused (its outputs would mix two settings).
 
-Each stage starts as soon as the stages it needs (`Step.needs`) are complete and a CPU thread is free
-(`pipeline.concurrent`; `run_stages`): the stages ready at once take the free threads in plan order, at least one
-each, so the APM, the judge and the plain-SFT baseline run beside one another and the steering evaluation of a
-finished model beside the training still going on. When a stage ends and nothing is waiting for a thread, the
-ones still running take the freed threads — a training stage between two steps (`steerlm.runtime.threads`) — so
-the knowledge route's judge trains on one core beside the APM and then plain SFT, and on both once they end. Two
-processes of one thread each get more done than one process of two threads: the single-threaded parts of a stage
-(start-up, tokenizing, writing) overlap, and a tiny model's products gain less than 2x from a second thread; so
-annotation, whose labels do not depend on how many data-parallel ranks write them, runs its share as that many
-one-thread replicas under torchrun (`Step.replicable`). How many threads a stage has does not change its numbers
-(`tests/test_pipeline.py` trains at 1 and 2 threads, and switches from 1 to 2 mid-run, and compares the weights
-bitwise), so neither does the order in which the stages happen to run.
+The stages run in waves (`Step.wave`): the stages of one wave need nothing from each other — SFT and the plain
+SFT; the three steering evaluations — and run at the same time (`pipeline.concurrent`), sharing
+`pipeline.threads` CPU threads: each starts with threads // stages of its wave (at least 1), and when a stage
+ends the ones still running split the threads again — a training stage takes its raised share between two steps
+(`steerlm.runtime.threads`), so the knowledge route's judge gets the core the APM leaves after ~3 of its ~18
+minutes. Two processes of one thread each get more done than one process of two threads: the single-threaded
+parts of a stage (start-up, tokenizing, writing) overlap; so annotation, whose labels do not depend on how many
+data-parallel ranks write them, runs its share as that many one-thread replicas under torchrun (`Step.replicable`).
+How many threads a stage has does not change its numbers (`tests/test_pipeline.py` trains at 1 and 2 threads, and
+switches from 1 to 2 mid-run, and compares the weights bitwise).
 """
 
 from __future__ import annotations
@@ -44,7 +42,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import groupby
 from pathlib import Path
 from typing import IO, cast
 
@@ -68,8 +67,8 @@ class Step:
     args: tuple[str, ...]
     result: Path  # exists (and says it finished) once the stage is complete
     processes: int = 1
-    # the stages whose outputs it reads: it starts once they are complete (with keep_going, a failed one skips it)
-    needs: tuple[str, ...] = ()
+    wave: int = 0  # stages of one wave run at the same time; waves run in order
+    needs: tuple[str, ...] = ()  # the stages whose outputs it reads (with keep_going, a failed one skips it)
     # Whether its outputs are the same at any data-parallel size (annotate: each rank labels whole shards, as
     # one process would), so on a CPU it runs its thread share as that many one-thread replicas (`replicas`)
     replicable: bool = False
@@ -188,11 +187,11 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         if f.name not in _PASSED_WHEN_SET or getattr(cfg.synthetic, f.name) != _PASSED_WHEN_SET[f.name]
     ]
 
-    def sft_args(init: Path, conversations: Path) -> list[str]:
+    def sft_args(init: Path) -> list[str]:
         return [
             *common,
             f"sft.init_from={init}",
-            f"data.train_file={conversations}",
+            f"data.train_file={data / 'apm_labels.jsonl'}",
             "data.format=conversation",
             # Stage 3 is bound by its number of updates, not its examples: 1,200 steps of 8 conversations steer the
             # surface attributes far better than the recipe's 400 of 32, in the same time (docs/pipeline.md,
@@ -207,19 +206,20 @@ def plan(cfg: PipelineConfig) -> list[Step]:
 
     judge, judged = _judge_steps(cfg, out, common, processes)
     steer = [f"prompts={data / 'eval_prompts.jsonl'}", f"world={data / 'world.json'}", f"parallel={layout}"]
-    trained = ("world", "pretrain", "annotate")  # stage 3: the base LM, the annotated conversations
+    trained = ("world", "pretrain", "annotate")  # the SFT stages: the base LM, the annotated conversations
     # pipeline.sft_init=judge: stage 3 starts from the judge, which already writes text for every attribute line of
     # the rated data, so it only has to learn the annotated conversations: 2,400 updates from it steer helpfulness
     # better than 9,600 from the base LM (docs/pipeline.md, "Stage 3 from the judge"). Plain SFT keeps the base LM.
     from_judge = cfg.pipeline.sft_init == "judge"
     steps = [
-        Step("world", "prepare_data", ("data=synthetic", f"output={data}", *world), data / "summary.json"),
+        Step("world", "prepare_data", ("data=synthetic", f"output={data}", *world), data / "summary.json", 1, 0),
         Step(
             "pretrain",
             "pretrain",
             (*common, f"output_dir={out.base}", f"data.train_file={data / 'corpus.jsonl'}"),
             out.base / "summary.json",
             processes,
+            1,
             ("world",),
         ),
         Step(
@@ -236,24 +236,10 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             ),
             out.apm / "eval.json",
             processes,
+            2,
             ("world", "pretrain"),
         ),
         *judge,
-        # Plain SFT reads no label, so it trains on the world's conversations as written (the ones annotation
-        # labels, the same tokens without the attribute line: tests/test_pipeline.py) and starts with the APM
-        # instead of waiting for annotation.
-        Step(
-            "sft_plain",
-            "train_sft",
-            (
-                *sft_args(out.base, data / "unlabelled.jsonl"),
-                f"output_dir={out.sft_plain}",
-                "sft.condition_on_attributes=false",
-            ),
-            out.sft_plain / "eval.json",
-            processes,
-            ("world", "pretrain"),
-        ),
         Step(
             "annotate",
             "annotate",
@@ -266,16 +252,27 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             ),
             data / "apm_labels.jsonl.summary.json",
             processes,
+            3,
             ("world", "apm", *(step.name for step in judge)),
             replicable=True,
         ),
         Step(
             "sft",
             "train_sft",
-            (*sft_args(out.judge if from_judge else out.base, data / "apm_labels.jsonl"), f"output_dir={out.sft}"),
+            (*sft_args(out.judge if from_judge else out.base), f"output_dir={out.sft}"),
             out.sft / "eval.json",
             processes,
+            4,
             (*trained, *(("judge",) if from_judge else ())),
+        ),
+        Step(
+            "sft_plain",
+            "train_sft",
+            (*sft_args(out.base), f"output_dir={out.sft_plain}", "sft.condition_on_attributes=false"),
+            out.sft_plain / "eval.json",
+            processes,
+            4,
+            trained,
         ),
         Step(
             "bootstrap",
@@ -290,6 +287,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             ),
             out.bootstrap / "eval.json",
             processes,
+            5,
             ("world", "apm", "annotate", "sft", *(step.name for step in judge)),
         ),
         Step(
@@ -298,6 +296,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             (*steer, f"checkpoint={out.sft}", f"output={out.eval / 'steering_sft.json'}"),
             out.eval / "steering_sft.json",
             processes,
+            6,
             ("world", "sft"),
         ),
         Step(
@@ -306,6 +305,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             (*steer, f"checkpoint={out.bootstrapped}", f"output={out.eval / 'steering_bootstrap.json'}"),
             out.eval / "steering_bootstrap.json",
             processes,
+            6,
             ("world", "bootstrap"),
         ),
         Step(
@@ -314,6 +314,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             (*steer, f"checkpoint={out.sft_plain}", "only_base=true", f"output={out.eval / 'steering_plain.json'}"),
             out.eval / "steering_plain.json",
             processes,
+            6,
             ("world", "sft_plain"),
         ),
     ]
@@ -343,7 +344,7 @@ def _judge_steps(cfg: PipelineConfig, out: Paths, common: list[str], processes: 
         "trainer.max_steps=9600",
         "trainer.eval_interval=null",
     )
-    step = Step("judge", "train_sft", train, out.judge / "eval.json", processes, ("world", "pretrain"))
+    step = Step("judge", "train_sft", train, out.judge / "eval.json", processes, 2, ("world", "pretrain"))
     args = [f"judge.checkpoint={out.judge}", f"judge.attributes=[{','.join(options.judge)}]"]
     if options.judge_refit:
         args += [f"judge.refit=[{','.join(options.judge_refit)}]", f"judge.refit_data={rated}"]
@@ -428,89 +429,54 @@ def _finish(running: _Running) -> float:
     return seconds
 
 
-@dataclass
-class Outcomes:
-    """What `run_stages` did: each stage's wall time (None: found complete) or error, the thread shares each
-    started stage had in turn, and the stages not run because they need a failed one (with keep_going)."""
-
-    results: dict[str, float | None | ConfigError] = field(default_factory=dict)
-    shares: dict[str, list[int]] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def failed(self) -> dict[str, ConfigError]:
-        return {name: result for name, result in self.results.items() if isinstance(result, ConfigError)}
-
-    @property
-    def done(self) -> set[str]:
-        return {name for name, result in self.results.items() if not isinstance(result, ConfigError)}
+def waves(steps: list[Step], concurrent: bool) -> list[list[Step]]:
+    """The plan's waves in order (one stage per wave unless `concurrent`)."""
+    if not concurrent:
+        return [[step] for step in steps]
+    return [list(wave) for _, wave in groupby(sorted(steps, key=lambda s: s.wave), key=lambda s: s.wave)]
 
 
-def run_stages(
-    steps: list[Step], out: Paths, threads: int, concurrent: bool = True, keep_going: bool = False
-) -> Outcomes:
-    """Run `steps` (a plan: each stage after the stages it needs), each as soon as its needs are complete and a
-    thread is free. The stages ready at once start in plan order, each with free threads // ready stages (at
-    least one); whenever a stage ends (or is found complete) and none is waiting, the stages still running take
-    the freed threads, one at a time to the one with the fewest (`steerlm.runtime.threads`; a share is never
-    lowered, so `threads` is never exceeded). Not `concurrent`: one stage at a time, in plan order, with all the
-    threads. After a failure no stage starts unless `keep_going`, and then none that needs a failed one; the
-    stages running finish either way, so their work is kept for the rerun."""
-    outcomes = Outcomes()
-    pending = list(steps)
+def run_wave(
+    wave: list[Step], out: Paths, threads: int
+) -> tuple[dict[str, float | None | ConfigError], dict[str, list[int]]]:
+    """Start every stage of `wave` with an equal share of `threads` (at least one each), then wait for all of
+    them. Whenever a stage ends (or is found complete), the stages still running split `threads` again, so a core
+    a finished stage frees goes to the others (`steerlm.runtime.threads`; a share is never lowered). A stage that
+    fails leaves the others to finish, so their work is kept for the rerun. Returns each stage's wall time (None
+    for a stage already complete) or error, and the thread shares each started stage had in turn."""
+    outcome: dict[str, float | None | ConfigError] = {}
+    shares: dict[str, list[int]] = {}
     running: list[_Running] = []
-    while pending or running:
-        if outcomes.failed and not keep_going:
-            pending.clear()
-        blocked = set(outcomes.failed) | set(outcomes.skipped)
-        for step in [step for step in pending if set(step.needs) & blocked]:
-            pending.remove(step)
-            outcomes.skipped.append(step.name)
-        free = threads - sum(stage.shares[-1] for stage in running)
-        ready = [step for step in pending if set(step.needs) <= outcomes.done]
-        if ready and (not running or (free > 0 and concurrent)):
-            step = ready[0]
-            pending.remove(step)
-            share = max(1, free // max(1, min(len(ready), free))) if concurrent else threads
-            try:
-                started = _start(step, out, share)
-            except ConfigError as error:
-                outcomes.results[step.name] = error
-                continue
-            if started is None:
-                outcomes.results[step.name] = None
-            else:
-                running.append(started)
+    for step in wave:
+        try:
+            started = _start(step, out, max(1, threads // len(wave)))
+        except ConfigError as error:
+            outcome[step.name] = error
             continue
-        if not ready and concurrent:
-            _give(running, free)
+        if started is None:
+            outcome[step.name] = None
+        else:
+            running.append(started)
+    _reshare(running, threads)
+    while running:
         ended = next((stage for stage in running if stage.process.poll() is not None), None)
         if ended is None:
-            if running:
-                time.sleep(0.2)
-            elif pending:  # what is left needs a stage that never completes: a plan whose needs are not earlier
-                raise ValueError(f"stages {[step.name for step in pending]} need stages that are not in the plan")
+            time.sleep(0.2)
             continue
         running.remove(ended)
-        outcomes.shares[ended.step.name] = ended.shares
+        shares[ended.step.name] = ended.shares
         try:
-            outcomes.results[ended.step.name] = _finish(ended)
+            outcome[ended.step.name] = _finish(ended)
         except ConfigError as error:
-            outcomes.results[ended.step.name] = error
-    return outcomes
+            outcome[ended.step.name] = error
+        _reshare(running, threads)
+    return outcome, shares
 
 
-def _give(running: list[_Running], free: int) -> None:
-    """Raise the shares of the stages in `running` by `free` threads in all, a thread at a time to the stage with
-    the fewest (the earlier in the plan on a tie)."""
-    if not running or free <= 0:
-        return
-    shares = {id(stage): stage.shares[-1] for stage in running}
-    for _ in range(free):
-        fewest = min(running, key=lambda stage: shares[id(stage)])
-        shares[id(fewest)] += 1
+def _reshare(running: list[_Running], threads: int) -> None:
+    """Raise the share of each stage in `running` to threads // len(running) (at least one)."""
+    share = max(1, threads // len(running)) if running else 0
     for stage in running:
-        share = shares[id(stage)]
         if share > stage.shares[-1]:
             log.info("%-16s now %d thread(s)", stage.step.name, share)
             write_share(stage.threads_file, max(1, share // stage.replicas))
@@ -518,36 +484,42 @@ def _give(running: list[_Running], free: int) -> None:
 
 
 def run(cfg: PipelineConfig, report: Callable[[PipelineConfig], dict]) -> dict:
-    """Run (or resume) every stage (`run_stages`), then `report(cfg)`; returns the report's summary.
+    """Run (or resume) every stage, wave by wave, then `report(cfg)`; returns the report's summary.
 
-    After the first failure no further stage starts; with `pipeline.keep_going` every stage that does not need a
-    failed one still runs, and then the first failure is raised (no report is written either way).
+    The first failure stops the pipeline after its wave; with `pipeline.keep_going` every stage that does not
+    need a failed one still runs, and then the first failure is raised (no report is written either way).
     """
     cfg.validate()
     out = Paths(Path(cfg.output_dir).resolve())
     total_threads = cfg.pipeline.threads or int(os.environ.get("OMP_NUM_THREADS", "2"))
+    times: dict[str, float | None] = {}
+    threads: dict[str, list[int]] = {}  # each started stage's thread shares, in turn
+    failed: dict[str, ConfigError] = {}
+    skipped: list[str] = []
     began = time.perf_counter()
-    outcomes = run_stages(plan(cfg), out, total_threads, cfg.pipeline.concurrent, cfg.pipeline.keep_going)
-    failed = outcomes.failed
+    for wave in waves(plan(cfg), cfg.pipeline.concurrent):
+        if failed and not cfg.pipeline.keep_going:
+            break
+        runnable = [step for step in wave if not set(step.needs) & (set(failed) | set(skipped))]
+        skipped += [step.name for step in wave if step not in runnable]
+        outcomes, shares = run_wave(runnable, out, total_threads)
+        threads.update(shares)
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, ConfigError):
+                failed[name] = outcome
+            else:
+                times[name] = outcome
     if failed:
-        if len(failed) > 1 or outcomes.skipped:
+        if len(failed) > 1 or skipped:
             log.error(
-                "failed: %s; not run (they need a failed stage): %s",
-                ", ".join(failed),
-                ", ".join(outcomes.skipped) or "-",
+                "failed: %s; not run (they need a failed stage): %s", ", ".join(failed), ", ".join(skipped) or "-"
             )
         raise next(iter(failed.values()))
-    times = {name: result for name, result in outcomes.results.items() if not isinstance(result, ConfigError)}
     summary = report(cfg)
     total = time.perf_counter() - began
     path = out.root / "timings.json"
     seconds, reused = carry_timings(json.loads(path.read_text()) if path.exists() else {}, times)
-    timings = {
-        "seconds": {**seconds, "total": total},
-        "reused": reused,
-        "threads": outcomes.shares,
-        "config": asdict(cfg),
-    }
+    timings = {"seconds": {**seconds, "total": total}, "reused": reused, "threads": threads, "config": asdict(cfg)}
     atomic_write_text(path, json.dumps(timings, indent=2) + "\n")
     log.info("pipeline done in %.0f s: %s", total, out.root / "report.md")
     return summary

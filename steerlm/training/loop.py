@@ -142,7 +142,7 @@ def run_training(
     window_tokens = 0
     non_finite = NonFiniteSteps(trainer.nan_tolerance)
     check_gradients = cfg.precision.dtype != DType.fp16  # fp16's loss scaler skips its own overflows
-    # the pipeline raises a stage's threads when other stages finish, unless the stage fixed its own
+    # the pipeline raises a stage's threads when its wave-mates finish, unless the stage fixed its own
     threads = ThreadShare.from_environment() if trainer.torch_threads is None else ThreadShare(None)
     try:
         with StopRequests(trainer.max_time_minutes, layout.device) as stops, bar:
