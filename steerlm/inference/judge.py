@@ -2,10 +2,10 @@
 
 A regression APM reads an attribute off the response text. That works for what the text shows (toxicity, humor,
 verbosity) and fails for what it can only know from the world (is the stated fact right?): trained on a few
-thousand ratings, the APM's correctness is no better than chance (docs/pipeline.md). An attribute-conditioned
-LM trained on the same kind of rated data models the other direction, P(y | x, a): which text goes with which
-attribute values. Knowledge it has learned then shows up as likelihood: a wrong fact is likely under
-`correctness:0` and unlikely under `correctness:4`. Bayes' rule inverts it, one judged attribute j at a time,
+thousand ratings, the APM's correctness is no better than chance (docs/pipeline_measurements.md). An
+attribute-conditioned LM trained on the same kind of rated data models the other direction, P(y | x, a): which text
+goes with which attribute values. Knowledge it has learned then shows up as likelihood: a wrong fact is likely
+under `correctness:0` and unlikely under `correctness:4`. Bayes' rule inverts it, one judged attribute j at a time,
 the other attributes held at the values given (the APM's, or a human's):
 
     P(a_j = v | x, y, a_-j)  ∝  P(y | x, a_-j, a_j = v) · P(a_j = v)

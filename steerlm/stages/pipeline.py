@@ -194,8 +194,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:
             f"data.train_file={data / 'apm_labels.jsonl'}",
             "data.format=conversation",
             # Stage 3 is bound by its number of updates, not its examples: 1,200 steps of 8 conversations steer the
-            # surface attributes far better than the recipe's 400 of 32, in the same time (docs/pipeline.md,
-            # "Training budgets"). Plain SFT gets the same budget.
+            # surface attributes far better than the recipe's 400 of 32, in the same time
+            # (docs/pipeline_measurements.md, "Training budgets"). Plain SFT gets the same budget.
             "trainer.micro_batch_size=8",
             "trainer.global_batch_size=8",
             "trainer.max_steps=1200",
@@ -209,7 +209,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     trained = ("world", "pretrain", "annotate")  # the SFT stages: the base LM, the annotated conversations
     # pipeline.sft_init=judge: stage 3 starts from the judge, which already writes text for every attribute line of
     # the rated data, so it only has to learn the annotated conversations: 2,400 updates from it steer helpfulness
-    # better than 9,600 from the base LM (docs/pipeline.md, "Stage 3 from the judge"). Plain SFT keeps the base LM.
+    # better than 9,600 from the base LM (docs/pipeline_measurements.md, "Stage 3 from the judge"). Plain SFT keeps
+    # the base LM.
     from_judge = cfg.pipeline.sft_init == "judge"
     steps = [
         Step("world", "prepare_data", ("data=synthetic", f"output={data}", *world), data / "summary.json", 1, 0),
@@ -231,7 +232,7 @@ def plan(cfg: PipelineConfig) -> list[Step]:
                 f"apm.init_from={out.base}",
                 f"data.train_file={data / 'annotated.jsonl'}",
                 # From the base LM it overfits its 1,800 ratings after ~400 steps: validation loss at 400 / 600 steps
-                # 0.577 / 0.646, 0.615 / 0.691, 0.599 / 0.673 on world seeds 0, 1, 2 (docs/pipeline.md).
+                # 0.577 / 0.646, 0.615 / 0.691, 0.599 / 0.673 on world seeds 0, 1, 2 (docs/pipeline_measurements.md).
                 "trainer.max_steps=400",
             ),
             out.apm / "eval.json",
@@ -338,7 +339,7 @@ def _judge_steps(cfg: PipelineConfig, out: Paths, common: list[str], processes: 
         "data.format=helpsteer2",
         # 9,600 updates of 8: the judge learns an attribute one sentence position at a time, so its held-out
         # Pearson keeps rising: on world seed 2 correctness 0.801 → 0.964 and helpfulness 0.583 → 0.885 from
-        # 4,800 to 9,600 (docs/pipeline.md, "The judge's training budget")
+        # 4,800 to 9,600 (docs/pipeline_measurements.md, "The judge's training budget")
         "trainer.micro_batch_size=8",
         "trainer.global_batch_size=8",
         "trainer.max_steps=9600",

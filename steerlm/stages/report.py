@@ -127,9 +127,9 @@ def labels_held_out(cfg: PipelineConfig, out: Paths, world: World) -> dict:
     assistant turn, the judge judges its attributes given the APM's other labels and the refit re-predicts from
     what is written, exactly as for an unlabelled conversation. The human ratings of the other attributes are not
     shown to the judge: quality in this world is a function of helpfulness and correctness, so conditioning on a
-    rated quality would tell the judge much of the answer (docs/pipeline.md, "The labels on the held-out
-    ratings"). Annotation's resumable output (`eval/held_out_labels.jsonl`) is the cache: a rerun with the same
-    rows, checkpoints and settings reads it back.
+    rated quality would tell the judge much of the answer (docs/pipeline_measurements.md, "The labels on
+    the held-out ratings"). Annotation's resumable output (`eval/held_out_labels.jsonl`) is the cache: a rerun
+    with the same rows, checkpoints and settings reads it back.
 
     Both the judge and the APM hold out a row when a hash of it falls under their `data.validation_fraction`, so
     the rows measured are those under the smaller fraction: with equal fractions (the pipeline's), the APM's

@@ -153,7 +153,7 @@ class World:
     relation, any other creature) or `fixed` (the next value in the relation's list, the asked creature's
     neighbour in a fixed ring, `neighbours`). Random errors have no single most likely form, so greedy decoding
     always states the true value about the asked creature; fixed ones make every slot a choice between two tokens,
-    as for the surface attributes (docs/pipeline.md measures both)."""
+    as for the surface attributes (docs/pipeline_measurements.md measures both)."""
 
     seed: int
     facts: dict[str, dict[str, str]]
