@@ -10,6 +10,7 @@ import pytest
 
 from steerlm.config import AttributesConfig, ConfigError
 from steerlm.config.inference import SamplingDefaults
+from steerlm.data.attribute_lines import AttributeLines
 from steerlm.data.template import SteerLMTemplate, TemplateConfig
 from steerlm.inference import Delta, FinishReason
 from steerlm.inference.chat import ChatSession
@@ -93,6 +94,20 @@ def test_commands_steer_the_next_prompt_and_the_history_keeps_each_turns_attribu
     assert "attributes: helpfulness:4  unset: correctness, coherence, complexity, verbosity" in text
     assert "system: ''  turns: 4" in text and "system: 'be brief'  turns: 0" in text
     assert service.engine.jobs[0].params[0].max_new_tokens == 7
+
+
+def test_show_names_the_values_no_trained_attribute_line_carried() -> None:
+    session, service, out = _session()
+    assert service.steering.untrained({"verbosity": 2}) == []  # no lines recorded: nothing to say
+    service.steering.trained = AttributeLines(5, {"verbosity": {"0": 3, "1": 2}, "helpfulness": {"4": 5}})
+    session.run(["/show", "/set verbosity 1", "/set helpfulness 3", "/set helpfulness 4"])
+    shown = [line for line in out.getvalue().splitlines() if line.startswith("attributes:")]
+    assert (
+        shown[0]
+        == "attributes: verbosity:2  unset: helpfulness, correctness, coherence, complexity  never trained: verbosity:2"
+    )
+    assert "never trained" not in shown[1]
+    assert shown[2].endswith("never trained: helpfulness:3") and "never trained" not in shown[3]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, 
 from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.schema import TokenizerConfig, TokenizerType, TrainDataConfig
 from steerlm.config.sft import SFTConfig
+from steerlm.data.attribute_lines import trained_attribute_lines
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.generate import SamplingParams
@@ -257,6 +258,22 @@ def test_word_tokenizer_export_gives_the_same_ids() -> None:
         " \n x \n",
     ]:
         assert exported.encode(text).ids == tokenizer.encode(text), repr(text)
+
+
+def test_a_steerable_export_carries_the_attribute_values_it_trained_on(layout, tmp_path: Path) -> None:
+    run = _checkpoint(layout, tmp_path / "sft", TEST_MODEL)
+    convert(_convert(run, tmp_path / "plain_hf"), layout)
+    assert "trained on" not in (tmp_path / "plain_hf" / "README.md").read_text()  # no lines recorded: no section
+    lines = {"lines": 7, "levels": {"helpfulness": {"3": 4, "4": 3}, "verbosity": {"0": 7}, "humor": {}}}
+    (run / "attribute_lines.json").write_text(json.dumps(lines))
+    convert(_convert(run, tmp_path / "hf"), layout)
+    assert json.loads((tmp_path / "hf" / "steerlm" / "attribute_lines.json").read_text()) == lines
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Attribute values it was trained on" in card and "Of the 7 attribute lines in its SFT data" in card
+    assert "| helpfulness | 3 (4), 4 (3); never: 0, 1, 2 |" in card and "| humor | none; never: 0, 1, 2, 3, 4 |" in card
+    assert "| verbosity | 0 (7); never: 1, 2, 3, 4 |" in card
+    convert(_convert(tmp_path / "hf", tmp_path / "back"), layout)
+    assert trained_attribute_lines(tmp_path / "back") == trained_attribute_lines(run)  # and back again
 
 
 def test_regression_apm_exports_as_sequence_classification(layout, tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ import os
 import signal
 import subprocess
 import time
+import zlib
 from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from steerlm.config import ConfigError, SyntheticConfig, compose, to_typed
 from steerlm.config.annotate import AnnotateConfig
@@ -112,6 +114,32 @@ def test_every_stage_writes_its_output_and_the_report(uninterrupted: Path) -> No
     assert f"Stage 3 is {4 - quality:.3f} oracle quality below the top level and {1 - exact:.3f} exact match" in md
     plain = json.loads((out / "eval/steering_plain.json").read_text())
     assert plain["attributes"] == {} and "quality" in plain["at_base"]["mean_measured"]
+    # what stage 3 was trained to answer: the labelled turns of the rows it did not hold out (the documented rule:
+    # crc32 of "<file name>:<line>" modulo 1000 below the fraction), beside the base request
+    lines = json.loads((out / "sft/eval.json").read_text())["attribute_lines"]
+    fraction = OmegaConf.load(out / "sft/config.yaml").data.validation_fraction
+    labelled = sum(
+        1
+        for number, row in enumerate(map(json.loads, (out / "data/apm_labels.jsonl").read_text().splitlines()), 1)
+        if zlib.crc32(f"apm_labels.jsonl:{number}".encode()) % 1000 >= fraction * 1000
+        for turn in row["conversations"]
+        if turn["from"] == "Assistant" and turn["label"] is not None
+    )
+    assert lines["lines"] == labelled and fraction > 0
+    on_base = {name: lines["levels"][name].get(f"{value:g}", 0) for name, value in sft["base"].items()}
+    assert sft["trained_lines"]["base"] == on_base and sft["trained_lines"]["lines"] == lines["lines"]
+    assert sft["trained_lines"]["swept"]["humor"] == {f"{v}": lines["levels"]["humor"].get(f"{v}", 0) for v in range(5)}
+    described = "; ".join(
+        f"{name}:{value:g} on {on_base[name]:,}" if on_base[name] else f"{name}:{value:g} on **none**"
+        for name, value in sft["base"].items()
+    )
+    shown = md.split(
+        f"Of the {lines['lines']:,} attribute lines stage 3 trained on, the base request's values are on: "
+    )[1]
+    assert [part.split(" (its values")[0] for part in shown.split(".\n")[0].split("; ")] == described.split("; ")
+    assert plain["trained_lines"] is None  # plain SFT conditions on nothing
+    boot = json.loads((out / "eval/steering_bootstrap.json").read_text())["trained_lines"]
+    assert boot["lines"] > lines["lines"]  # stage 3's data and the labelled samples
     timings = json.loads((out / "timings.json").read_text())
     assert timings["reused"] == [] and all(seconds > 0 for seconds in timings["seconds"].values())
 

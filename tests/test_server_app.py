@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from steerlm.config.inference import ProfileConfig, SamplingDefaults, ServeConfig, ServeLimits, ServerOptions
+from steerlm.data.attribute_lines import AttributeLines
 from steerlm.errors import DataError
 from steerlm.inference.engine import Engine, Job, Service
 from steerlm.inference.http_api import read_api_keys
@@ -305,6 +306,25 @@ def test_profiles_preset_attributes_system_prompt_and_caps_and_requests_override
     assert [card["id"] for card in cards] == ["tiny", "tiny:support", "tiny:plain"]
     assert cards[1]["attributes"]["defaults"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}
     assert cards[1]["profile"] == {"name": "support", "system_prompt": "figs and nuts", "max_tokens": 5, "max_n": 8}
+
+
+def test_the_model_card_and_each_answer_name_values_no_trained_attribute_line_carried(app) -> None:
+    server = app()
+
+    def card() -> dict:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.request("GET", "/v1/models/tiny")
+        return json.loads(connection.getresponse().read())["attributes"]
+
+    status, body, _ = server.post(_ask())
+    assert status == 200 and "untrained_attributes" not in body and card()["trained_values"] is None
+    server.steering.trained = AttributeLines(4, {"coherence": {"4": 4}, "verbosity": {"1": 3, "2": 1}})
+    assert card()["trained_values"] == {"coherence": {"4": 4}, "verbosity": {"1": 3, "2": 1}}
+    status, body, _ = server.post(_ask())
+    assert status == 200 and body["untrained_attributes"] == ["coherence:3"]  # the server's default
+    status, body, _ = server.post(_ask(attributes={"coherence": 4, "verbosity": 0}))
+    assert body["attributes"] == {"coherence": 4, "verbosity": 0} and body["untrained_attributes"] == ["verbosity:0"]
+    assert "untrained_attributes" not in server.post(_ask(attributes={"coherence": 4}))[1]
 
 
 def test_api_keys_are_required_and_a_key_bound_to_a_profile_serves_it(app, tmp_path) -> None:

@@ -17,6 +17,7 @@ from hydra.errors import ConfigCompositionException
 from steerlm.config import ConfigError, compose, save_resolved, to_typed
 from steerlm.config.schema import AttributesConfig, TokenizerConfig, TrainDataConfig
 from steerlm.config.sft import SFTConfig, SFTOptions
+from steerlm.data.attribute_lines import AttributeLines
 from steerlm.data.collate import Example
 from steerlm.data.readers import DataFormat
 from steerlm.errors import DataError
@@ -100,6 +101,35 @@ def test_plain_baseline_drops_only_the_attribute_line_and_trains_the_same_tokens
     assert tokenizer.decode(_trained(unlabelled_context.train[1])) == "zog is red and small\n<extra_id_1>"
     everything, _ = _examples(_config(tmp_path, data_file, answer_only_loss=False))
     assert len(_trained(everything.train[0])) == len(everything.train[0].ids) - 1
+
+
+def test_attribute_lines_count_what_the_trained_text_conditions_on(tmp_path: Path) -> None:
+    rows = [
+        *ROWS,
+        {
+            **ROWS[0],
+            "conversations": [ROWS[0]["conversations"][0], {**ROWS[0]["conversations"][1], "label": "helpfulness:2"}],
+        },
+    ]
+    data, tokenizer = _examples(_config(tmp_path, _write_jsonl(tmp_path / "train.jsonl", rows), repeat=3))
+    schema = HELPSTEER2.schema()
+    written = [  # every attribute line in the tokenised training text, read back
+        schema.parse(line.split("<extra_id_2>")[1])
+        for example in data.train[: data.distinct_train]
+        for line in tokenizer.decode(example.ids).split("\n")
+        if "<extra_id_2>" in line
+    ]
+    expected = {
+        name: Counter(f"{labels[name]:g}" for labels in written if labels.get(name) is not None)
+        for name in schema.attributes
+    }
+    assert data.attribute_lines == AttributeLines(
+        len(written), {k: dict(sorted(v.items())) for k, v in expected.items()}
+    )
+    assert data.attribute_lines.lines == 3 and data.attribute_lines.levels["helpfulness"] == {"2": 2, "4": 1}
+    assert data.attribute_lines.count("helpfulness", 2.0) == 2 and data.attribute_lines.count("coherence", 4) == 0
+    plain, _ = _examples(_config(tmp_path, tmp_path / "train.jsonl", condition_on_attributes=False))
+    assert plain.attribute_lines is None  # the baseline conditions on nothing
 
 
 def test_system_prompt_repeat_and_held_out_rows(tmp_path: Path) -> None:

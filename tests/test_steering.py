@@ -4,6 +4,7 @@ toxicity), answers with measurably less vs more of it; the evaluation recipe ref
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ import pytest
 from steerlm.config import ConfigError, compose, to_typed
 from steerlm.config.sft import SFTConfig
 from steerlm.config.steering import SteeringEvalConfig
+from steerlm.data.attribute_lines import AttributeLines, trained_attribute_lines
 from steerlm.data.attributes import AttributeSchema
+from steerlm.errors import DataError
+from steerlm.stages.evaluate_steering import trained_lines_report
 from tests.recipe_runner import run_recipe
 
 
@@ -75,6 +79,38 @@ def test_requesting_verbosity_4_instead_of_0_gives_longer_more_elaborate_answers
     assert sweep["prompts"] == 40
     assert high["mean_words"] > low["mean_words"] + 3, (low["mean_words"], high["mean_words"])
     assert verbosity["measured_change"] >= 1.0 and verbosity["spearman"] > 0.4
+
+
+def test_a_base_value_no_trained_line_carries_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    lines = AttributeLines(10, {"quality": {"2": 6, "3": 4}, "humor": {"0": 7, "4": 3}})
+    with caplog.at_level(logging.WARNING):
+        report = trained_lines_report(lines, {"quality": 4.0, "humor": 0.0}, ["humor"], [0.0, 2.0, 4.0])
+    assert report == {"lines": 10, "base": {"quality": 0, "humor": 7}, "swept": {"humor": {"0": 7, "2": 0, "4": 3}}}
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "quality:4 is on none of the 10 attribute lines" in warned[0]
+    assert "its quality values there: 2, 3" in warned[0]
+    assert trained_lines_report(None, {"quality": 4.0}, [], [0.0]) is None
+
+
+def test_the_lines_are_read_from_the_run_of_a_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "sft"
+    (run / "checkpoints" / "step_0000004").mkdir(parents=True)
+    assert trained_attribute_lines(run) is None  # the plain-SFT baseline, or a run from before the lines
+    (run / "attribute_lines.json").write_text(json.dumps({"lines": 3, "levels": {"humor": {"1": 3}}}))
+    expected = AttributeLines(3, {"humor": {"1": 3}})
+    assert trained_attribute_lines(run) == trained_attribute_lines(run / "checkpoints" / "step_0000004") == expected
+    (run / "attribute_lines.json").write_text('{"lines": 3}')
+    with pytest.raises(DataError, match="attribute_lines.json.*not a lines/levels record"):
+        trained_attribute_lines(run)
+
+
+@pytest.mark.slow
+def test_the_evaluation_reports_what_the_checkpoint_trained_on(steerable: dict, sweep: dict) -> None:
+    recorded = json.loads((steerable["sft"] / "eval.json").read_text())["attribute_lines"]
+    assert json.loads((steerable["sft"] / "attribute_lines.json").read_text()) == recorded
+    assert sweep["trained_lines"]["lines"] == recorded["lines"] > 1500  # the 2,000 rated rows less the held-out
+    for name in ("verbosity", "humor", "toxicity"):
+        assert sweep["trained_lines"]["swept"][name] == {v: recorded["levels"][name].get(v, 0) for v in ("0", "4")}
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steerlm.data.attribute_lines import from_json
 from steerlm.data.label_fit import LinearFit
 from steerlm.files import atomic_write_text
 
@@ -247,6 +248,26 @@ def _starts_line(sft: dict, sft_plain: dict) -> str:
     return f" {'; '.join(parts)}." if parts else ""
 
 
+def _trained_lines_line(sft: dict, base: dict[str, float]) -> str:
+    """How many of stage 3's trained attribute lines carry each value of the base request: a value on none of them
+    is a request the model never saw, and the steering figures are measured at it."""
+    recorded = sft.get("attribute_lines")
+    if recorded is None:
+        return ""
+    lines = from_json(recorded, "sft/eval.json")
+    parts = []
+    for name, value in base.items():
+        count = lines.count(name, value)
+        present = ", ".join(lines.levels.get(name, {})) or "none"
+        parts.append(
+            f"{name}:{value:g} on **none** (its values there: {present})"
+            if count == 0
+            else f"{name}:{value:g} on {count:,}"
+        )
+    listed = "; ".join(parts)
+    return f" Of the {lines.lines:,} attribute lines stage 3 trained on, the base request's values are on: {listed}."
+
+
 def _headroom_line(sft: tuple[float, float], top_level: float) -> str:
     """How far stage 3 is from the ceiling at the top setting: the most the bootstrap's gain target can measure."""
     quality, exact = sft
@@ -365,7 +386,8 @@ def write_report(inputs: ReportInputs, out_dir: Path, command: str) -> dict:
         "The base request "
         + ", ".join(f"{k}:{v:g}" for k, v in inputs.steering["sft"]["base"].items())
         + " for every eval prompt (the plain-SFT model sees no attributes)."
-        + _starts_line(inputs.sft, inputs.sft_plain),
+        + _starts_line(inputs.sft, inputs.sft_plain)
+        + _trained_lines_line(inputs.sft, inputs.steering["sft"]["base"]),
         "",
         "| model | oracle quality | exact match (mean over attributes) | words |",
         "|---|---|---|---|",

@@ -52,9 +52,11 @@ class ChatSession:
 
     def show(self) -> None:
         unset = [name for name in self.steering.schema.attributes if name not in self.attributes]
+        untrained = self.steering.untrained(self.attributes)
         self._say(
             f"attributes: {self.steering.schema.format(self.attributes) or '(none)'}"
             + (f"  unset: {', '.join(unset)}" if unset else "")
+            + (f"  never trained: {', '.join(untrained)}" if untrained else "")
         )
         self._say(f"system: {self.system!r}  turns: {len(self.turns)}")
 

@@ -164,6 +164,7 @@ class Reply(OpenAIReply):
         self.tokenizer = route.service.steering.tokenizer
         self.logprobs: list[list[dict]] | None = [[] for _ in range(body.n)] if body.logprobs else None
         self.labels = labels
+        self.untrained = route.service.steering.untrained(labels)
 
     def completion_tokens(self) -> int:
         return sum(row.tokens for row in self.rows)
@@ -193,7 +194,10 @@ class Reply(OpenAIReply):
                     "finish_reason": row.finish_reason.value,
                 }
             )
-        return {**self.envelope(self.kind, choices), "usage": self.usage(), "attributes": self.labels}
+        body = {**self.envelope(self.kind, choices), "usage": self.usage(), "attributes": self.labels}
+        if self.untrained:
+            body["untrained_attributes"] = self.untrained  # requested values no trained attribute line carried
+        return body
 
     async def chunks(self, events: JobEvents, first: list) -> AsyncIterator[str]:
         yield self.chunk(

@@ -31,6 +31,7 @@ import torch
 
 from steerlm import runtime
 from steerlm.config.inference import InferenceConfig
+from steerlm.data.attribute_lines import trained_attribute_lines
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation
 from steerlm.inference.generate import Decoding, Delta, RowRequest, SamplingParams, StepOutcome
@@ -378,12 +379,28 @@ def serving(
     setup = read_checkpoint_setup(cfg.checkpoint, tokenizer_path=cfg.tokenizer_path)
     tokenizer = setup_tokenizer(setup)
     steering = Steering(
-        setup.template, tokenizer, cfg.attributes, cfg.system_prompt, setup.model.max_position_embeddings - 1
+        setup.template,
+        tokenizer,
+        cfg.attributes,
+        cfg.system_prompt,
+        setup.model.max_position_embeddings - 1,
+        trained_attribute_lines(setup.path),
     )
     presets = {
         name: steering.preset(values, steering.defaults, f"profiles.{name}.attributes")
         for name, values in (profiles or {}).items()
     }
+    for who, labels in {
+        "the default request": steering.defaults,
+        **{f"profile {n}": v for n, v in presets.items()},
+    }.items():
+        if untrained := steering.untrained(labels):
+            log.warning(
+                "%s asks for %s, which none of the attribute lines the checkpoint trained on carries: its answers "
+                "to it extrapolate (docs/evaluate_steering.md)",
+                who,
+                ", ".join(untrained),
+            )
     apm = open_apm_checkpoint(apm_checkpoint) if apm_checkpoint is not None else None
     check_inference_layout(cfg.parallel, [setup.model] + ([apm.config.model] if apm else []))
     if cfg.torch_threads:

@@ -132,6 +132,9 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
                 "integer": schema.integer,
                 "conditioned": steering.conditioned,
                 "defaults": profile.labels,
+                # per attribute, how many of the attribute lines the model trained on carry each value (null: its
+                # run recorded none); a value missing here was never asked of it in training
+                "trained_values": None if steering.trained is None else steering.trained.levels,
             },
         }
         if profile.name:

@@ -22,6 +22,7 @@ from steerlm.config.inference import (
     TOP_K_LIMIT,
     SamplingDefaults,
 )
+from steerlm.data.attribute_lines import AttributeLines
 from steerlm.data.attributes import AttributeSchema, Labels, ValueFault
 from steerlm.data.collate import prompt_ids
 from steerlm.data.records import Conversation, Role, Turn
@@ -86,7 +87,9 @@ class Steering:
     """One checkpoint's prompt builder: schema, template, tokenizer, default attributes and system prompt.
 
     `max_prompt_tokens` is the longest prompt the generator accepts (its sequence limit minus one), so a
-    too-long conversation is refused here, for its request alone, rather than failing a whole batch.
+    too-long conversation is refused here, for its request alone, rather than failing a whole batch. `trained`:
+    the attribute lines the checkpoint's SFT run trained on, when it recorded them (`untrained` then names the
+    requested values none of them carried).
     """
 
     def __init__(
@@ -96,8 +99,10 @@ class Steering:
         defaults: Mapping[str, float | None],
         system_prompt: str,
         max_prompt_tokens: int,
+        trained: AttributeLines | None = None,
     ) -> None:
         self.template, self.schema, self.tokenizer = template, template.schema, tokenizer
+        self.trained = trained
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
         # Configured values over the schema's own defaults (SteerLM's best response: a model trained on complete
         # attribute lines answers a partial one badly); null ones are the shipped YAML's placeholders for every
@@ -119,6 +124,17 @@ class Steering:
                 error.message,
                 f"set only attributes of schema '{self.schema.name}', each in range",
             ) from None
+
+    def untrained(self, labels: Labels | None) -> list[str]:
+        """`name:value` of each value in `labels` that none of the trained attribute lines carried (nothing when
+        the run recorded no lines): the model answers such a request from lines it never saw."""
+        if self.trained is None or not labels:
+            return []
+        return [
+            f"{name}:{value:g}"
+            for name, value in labels.items()
+            if value is not None and self.trained.count(name, value) == 0
+        ]
 
     @property
     def conditioned(self) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from steerlm import runtime
 from steerlm.config import ConfigError
 from steerlm.config.steering import SteeringEvalConfig
+from steerlm.data.attribute_lines import AttributeLines, trained_attribute_lines
 from steerlm.data.attributes import Labels
 from steerlm.data.collate import prompt_ids
 from steerlm.data.readers import read_records
@@ -62,6 +63,34 @@ def generate_steered(
     return generate_steered_pairs(loaded, pairs, [params] * len(pairs), batch_size)
 
 
+def trained_lines_report(
+    lines: AttributeLines | None, base: Labels, sweep: Sequence[str], levels: Sequence[float]
+) -> dict | None:
+    """How many of the checkpoint's trained attribute lines carry each value this evaluation requests (None when
+    its run recorded none); a value none carries is named in the log, since the figures at it measure
+    extrapolation."""
+    if lines is None:
+        return None
+    at_base = lines.of_request(base)
+    for name, count in at_base.items():
+        if count == 0:
+            trained = ", ".join(lines.levels.get(name, {})) or "none"
+            log.warning(
+                "the base request's %s:%g is on none of the %d attribute lines the checkpoint trained on (its %s "
+                "values there: %s): every figure below is measured at a request it never saw",
+                name,
+                base[name],
+                lines.lines,
+                name,
+                trained,
+            )
+    return {
+        "lines": lines.lines,
+        "base": at_base,
+        "swept": {name: {f"{level:g}": lines.count(name, level) for level in levels} for name in sweep},
+    }
+
+
 def run(cfg: SteeringEvalConfig) -> dict | None:
     """Writes `cfg.output`; returns the report on rank 0 (None elsewhere)."""
     cfg.validate()
@@ -77,6 +106,7 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
             "pass prompts such as the synthetic world's eval_prompts.jsonl",
         )
     oracle = Oracle(World(**json.loads(Path(cfg.world).read_text()))) if cfg.world else None
+    trained = trained_lines_report(trained_attribute_lines(setup.path), base, [] if cfg.only_base else sweep, levels)
     layout = runtime.initialize(cfg.parallel, cfg.seed)
     try:
         loaded = load_generator(
@@ -98,6 +128,7 @@ def run(cfg: SteeringEvalConfig) -> dict | None:
             "prompts": len(prompts),
             "levels": levels,
             "base": base,
+            "trained_lines": trained,
             "oracle": oracle is not None,
             "at_base": at_base,
             "attributes": reports,

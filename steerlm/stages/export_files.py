@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from steerlm.config import ConfigError
 from steerlm.config.convert import ConvertConfig
 from steerlm.data.apm import attribute_examples, last_assistant_turn
+from steerlm.data.attribute_lines import AttributeLines
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.chat_template import attribute_prompt_template, steering_chat_template
 from steerlm.data.lengths import LengthPolicy, LengthStats
@@ -204,8 +205,36 @@ _KINDS = {
 }
 
 
-def model_card(source: ExportSource, config: dict, examples: list[tuple[str, str]]) -> str:
-    """README.md: what the model is, the exact input format and range of what it reads and writes."""
+def trained_values_section(lines: AttributeLines, schema: AttributeSchema) -> list[str]:
+    """The model card's account of what a steerable model was trained to answer: per attribute, how many of its
+    training data's attribute lines carried each value, and (integer schemas) the values none carried."""
+    rows = []
+    for name in schema.attributes:
+        counts = lines.levels.get(name, {})
+        present = ", ".join(f"{value} ({count:,})" for value, count in counts.items()) or "none"
+        if schema.integer:
+            never = [f"{v}" for v in range(int(schema.min_value), int(schema.max_value) + 1) if f"{v}" not in counts]
+            present += f"; never: {', '.join(never)}" if never else ""
+        rows.append(f"| {name} | {present} |")
+    return [
+        "",
+        "## Attribute values it was trained on",
+        "",
+        f"Of the {lines.lines:,} attribute lines in its SFT data, how many carried each value. A request for a value "
+        "it never saw in training is answered from a line it was never trained on: expect that answer to follow "
+        "the request less well.",
+        "",
+        "| attribute | value (lines) |",
+        "|---|---|",
+        *rows,
+    ]
+
+
+def model_card(
+    source: ExportSource, config: dict, examples: list[tuple[str, str]], trained: AttributeLines | None = None
+) -> str:
+    """README.md: what the model is, the exact input format and range of what it reads and writes, and (when its
+    SFT run recorded them) the attribute values it was trained on."""
     m = source.model
     lines = [
         "---",
@@ -246,6 +275,8 @@ def model_card(source: ExportSource, config: dict, examples: list[tuple[str, str
             '(vLLM: `chat_template_kwargs: {"attributes": {...}}`); without `attributes` the defaults apply. '
             "Generation stops at the end-of-turn token (`eos_token_id` in generation_config.json).",
         ]
+    if source.kind == ModelKind.steerable and trained is not None and source.schema is not None:
+        lines += trained_values_section(trained, source.schema)
     if source.kind == ModelKind.regression_apm:
         lines += [
             f"`logits` are the {len(source.schema.attributes) if source.schema else 0} attribute scores read at the "

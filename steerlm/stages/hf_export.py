@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from steerlm.config import ConfigError, PrecisionConfig
 from steerlm.config.convert import ConvertConfig
 from steerlm.config.schema import DType
 from steerlm.config.validation import validate_model_layout
+from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE, trained_attribute_lines
 from steerlm.files import atomic_write_text
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.gpt import build_model_chunks, torch_dtype
@@ -224,7 +225,10 @@ def _finish(
     }
     atomic_write_text(partial / EXPORT_DIR / EXPORT_FILE, json.dumps(export, indent=2) + "\n")
     examples = example_prompts(partial, source) if tokenizer is not None else []
-    atomic_write_text(partial / "README.md", model_card(source, config, examples))
+    trained = trained_attribute_lines(source.path) if source.kind == ModelKind.steerable else None
+    if trained is not None:
+        atomic_write_text(partial / EXPORT_DIR / ATTRIBUTE_LINES_FILE, json.dumps(asdict(trained), indent=2) + "\n")
+    atomic_write_text(partial / "README.md", model_card(source, config, examples, trained))
     output = Path(cfg.output)
     if output.is_dir():
         output.rmdir()  # validated empty

@@ -31,6 +31,7 @@ from steerlm.config.pretrain import PretrainConfig, TextDataConfig
 from steerlm.config.schema import APMConfig, AttributesConfig, DType, TokenizerConfig, TokenizerType, TrainDataConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.config.validation import validate_model_layout
+from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.gpt import build_model_chunks
 from steerlm.models.hf_llama import (
@@ -260,6 +261,9 @@ def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     if layout.is_rank_zero and plan.tokenizer_source is not None:
         _copy_tokenizer(plan.tokenizer_source, output / TOKENIZER_DIR)
     save_checkpoint(output, plan.step, WeightsOnly(chunks), layout, plan.config)
+    lines = Path(cfg.input) / EXPORT_DIR / ATTRIBUTE_LINES_FILE  # a steerable export's trained attribute lines
+    if layout.is_rank_zero and lines.is_file():
+        shutil.copyfile(lines, output / ATTRIBUTE_LINES_FILE)
     if layout.is_rank_zero:
         log.info("imported %s into %s (step %d, %s)", cfg.input, output, plan.step, layout.describe())
     return output

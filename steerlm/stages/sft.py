@@ -8,18 +8,20 @@ lines: the baseline every steerability evaluation compares against.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.config import ConfigError, validate_vocab
 from steerlm.config.sft import SFTConfig
+from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE, AttributeLines, attribute_lines
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import (
     Batch,
@@ -35,6 +37,7 @@ from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
+from steerlm.files import atomic_write_text
 from steerlm.stages.runner import StageContext, StageData, TrainingStage, run_stage
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training.batching import length_multiple, length_sorted_order
@@ -46,13 +49,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SFTData:
-    """Tokenised examples: `train` holds each distinct training example `repeat` times."""
+    """Tokenised examples: `train` holds each distinct training example `repeat` times; `attribute_lines` counts
+    the conditioning of the distinct ones (None for the plain-SFT baseline, which has none)."""
 
     train: list[Example]
     valid: list[Example]
     distinct_train: int
     train_lengths: LengthStats = field(default_factory=LengthStats)
     valid_lengths: LengthStats = field(default_factory=LengthStats)
+    attribute_lines: AttributeLines | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class SFTResult:
     last_train_loss: float | None  # the last logged step's
     evaluations: list[tuple[int, float]]
     train_seconds: float
+    attribute_lines: AttributeLines | None = None  # what the model was trained to answer (None: plain SFT)
 
 
 def check_rating_columns(conversation: Conversation, schema: AttributeSchema) -> None:
@@ -160,6 +166,9 @@ def load_data(cfg: SFTConfig, schema: AttributeSchema, tokenizer: Tokenizer, out
         )
     data.distinct_train = len(train)
     data.train = train * cfg.sft.repeat
+    if cfg.sft.condition_on_attributes:
+        kept = {example.source for example in train}
+        data.attribute_lines = attribute_lines((r for r in train_records if r.source in kept), schema)
     return data
 
 
@@ -325,6 +334,9 @@ class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
         return StageData(train_batch, valid)
 
     def before_training(self, ctx: StageContext[SFTConfig], inputs: SFTInputs, stage_data: StageData):
+        lines = inputs.data.attribute_lines
+        if lines is not None and ctx.layout.is_rank_zero:  # before the first checkpoint, so any can be served
+            atomic_write_text(ctx.output_dir / ATTRIBUTE_LINES_FILE, json.dumps(asdict(lines), indent=2) + "\n")
         valid = stage_data.valid_batches
         initial = evaluate(ctx.setup.model, valid, ctx.cfg.trainer.micro_batch_size, ctx.layout) if valid else None
         if initial is not None:
@@ -370,6 +382,7 @@ class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
             last_train_loss=outcome.history[-1].loss if outcome.history else None,
             evaluations=outcome.evaluations,
             train_seconds=seconds,
+            attribute_lines=data.attribute_lines,
         )
 
 
