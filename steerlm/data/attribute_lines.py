@@ -1,11 +1,11 @@
 """What a SteerLM model was trained to answer: the attribute lines of its training conversations.
 
 Stage 3 writes them to `attribute_lines.json` in its run directory before its first step (and into its
-`eval.json`); an export carries them to Hugging Face and an import back. The steering evaluation and the pipeline's
-report print, beside each figure, how many trained lines carried the requested value; chat and the server name a
-requested value none carried. A request for a value no line
-carried asks the model for something it never saw: on the synthetic world's default route the APM never labels
-quality 4, yet SteerLM's best-response request asks for quality 4 (docs/evaluate_steering.md).
+`eval.json`); an export carries them to Hugging Face and an import back. The steering evaluation and the
+pipeline's report print, beside each figure, how many trained lines carried the requested value; chat and the
+server name a requested value none carried. A request for a value no line carried asks the model for something it
+never saw: on the synthetic world's default route the APM never labels quality 4, yet SteerLM's best-response
+request asks for quality 4 (docs/evaluate_steering.md).
 """
 
 from __future__ import annotations
