@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import mpmath
@@ -437,3 +438,11 @@ def test_prepare_steerlm2_rows_resume_tp2_and_training_lowers_distance(steerlm2_
     assert result["final_validation"]["distance"] < 0.1 * result["initial_validation"]["distance"]
     logged = [row["distance"] for row in metric_rows(run) if "distance" in row]
     assert len(logged) == 6 and logged[-1] < 0.2 * logged[0]
+    # what it was trained to answer: every response carries its row's attribute line
+    written = json.loads((run / "attribute_lines.json").read_text())
+    assert written == result["attribute_lines"] and written["lines"] == N * len(rows)
+    for name in schema.attributes:
+        expected = Counter(
+            f"{row.labels[name]:g}" for row in rows if row.labels for _ in range(N) if row.labels.get(name) is not None
+        )
+        assert written["levels"][name] == dict(sorted(expected.items())), name

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation, Role
 from steerlm.errors import DataError
+from steerlm.files import atomic_write_text
 
 ATTRIBUTE_LINES_FILE = "attribute_lines.json"
 
@@ -39,20 +40,35 @@ class AttributeLines:
         return {name: self.count(name, value) for name, value in request.items() if value is not None}
 
 
-def attribute_lines(conversations: Iterable[Conversation], schema: AttributeSchema) -> AttributeLines:
-    """The attribute lines the SteerLM template writes for `conversations`: one per labelled assistant turn."""
+def count_lines(labelled: Iterable[Labels], schema: AttributeSchema) -> AttributeLines:
+    """One attribute line per item of `labelled`, counted by value per attribute."""
     lines = 0
     levels: dict[str, Counter[str]] = {name: Counter() for name in schema.attributes}
-    for conversation in conversations:
-        for turn in conversation.turns:
-            if turn.role != Role.assistant or turn.labels is None:
-                continue
-            lines += 1
-            for name in schema.attributes:
-                value = turn.labels.get(name)
-                if value is not None:
-                    levels[name][f"{value:g}"] += 1
+    for labels in labelled:
+        lines += 1
+        for name in schema.attributes:
+            value = labels.get(name)
+            if value is not None:
+                levels[name][f"{value:g}"] += 1
     return AttributeLines(lines, {name: dict(sorted(counts.items())) for name, counts in levels.items()})
+
+
+def attribute_lines(conversations: Iterable[Conversation], schema: AttributeSchema) -> AttributeLines:
+    """The attribute lines the SteerLM template writes for `conversations`: one per labelled assistant turn."""
+    return count_lines(
+        (
+            turn.labels
+            for conversation in conversations
+            for turn in conversation.turns
+            if turn.role == Role.assistant and turn.labels is not None
+        ),
+        schema,
+    )
+
+
+def write_attribute_lines(run_dir: Path, lines: AttributeLines) -> None:
+    """`<run_dir>/attribute_lines.json`, which `trained_attribute_lines` reads for any checkpoint of the run."""
+    atomic_write_text(run_dir / ATTRIBUTE_LINES_FILE, json.dumps(asdict(lines), indent=2) + "\n")
 
 
 def from_json(payload: Mapping, source: str) -> AttributeLines:

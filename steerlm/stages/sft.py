@@ -8,20 +8,19 @@ lines: the baseline every steerability evaluation compares against.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.config import ConfigError, validate_vocab
 from steerlm.config.sft import SFTConfig
-from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE, AttributeLines, attribute_lines
+from steerlm.data.attribute_lines import AttributeLines, attribute_lines, write_attribute_lines
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import (
     Batch,
@@ -37,7 +36,6 @@ from steerlm.data.readers import BadRowPolicy, DataFormat, ReadStats, RejectSink
 from steerlm.data.records import Conversation
 from steerlm.data.sampler import global_batch_indices, held_out
 from steerlm.data.template import SteerLMTemplate
-from steerlm.files import atomic_write_text
 from steerlm.stages.runner import StageContext, StageData, TrainingStage, run_stage
 from steerlm.tokenizers import Tokenizer, load_tokenizer
 from steerlm.training.batching import length_multiple, length_sorted_order
@@ -336,7 +334,7 @@ class SFTStage(TrainingStage[SFTConfig, "SFTInputs"]):
     def before_training(self, ctx: StageContext[SFTConfig], inputs: SFTInputs, stage_data: StageData):
         lines = inputs.data.attribute_lines
         if lines is not None and ctx.layout.is_rank_zero:  # before the first checkpoint, so any can be served
-            atomic_write_text(ctx.output_dir / ATTRIBUTE_LINES_FILE, json.dumps(asdict(lines), indent=2) + "\n")
+            write_attribute_lines(ctx.output_dir, lines)
         valid = stage_data.valid_batches
         initial = evaluate(ctx.setup.model, valid, ctx.cfg.trainer.micro_batch_size, ctx.layout) if valid else None
         if initial is not None:

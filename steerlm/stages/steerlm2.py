@@ -19,6 +19,7 @@ from pathlib import Path
 from steerlm.checkpoint.sharded import latest_checkpoint, saved_config
 from steerlm.config import ConfigError, validate_vocab
 from steerlm.config.sft import SFTConfig, SFTObjective
+from steerlm.data.attribute_lines import AttributeLines, count_lines, write_attribute_lines
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.lengths import LengthStats
 from steerlm.data.readers import BadRowPolicy, ReadStats, RejectSink
@@ -59,6 +60,7 @@ class SteerLM2Result:
     last_train: dict[str, float] | None  # the last logged step's loss and distance
     evaluations: list[tuple[int, float]]
     train_seconds: float
+    attribute_lines: AttributeLines | None = None  # one per trained response (every response carries its row's)
 
 
 def _check_resume_objective(cfg: SFTConfig, output_dir: Path) -> None:
@@ -87,9 +89,10 @@ def read_rows(cfg: SFTConfig, path: str, schema: AttributeSchema, output_dir: Pa
 
 def load_groups(
     cfg: SFTConfig, template: SteerLMTemplate, tokenizer: Tokenizer, output_dir: Path
-) -> tuple[list[ResponseGroup], list[ResponseGroup], dict[str, str]]:
+) -> tuple[list[ResponseGroup], list[ResponseGroup], dict[str, str], AttributeLines | None]:
     """Training and validation groups (`data.validation_file`, or `data.validation_fraction` held out by
-    each row's file:line), with their length summaries. `data.format` is not read: the files are rows."""
+    each row's file:line), with their length summaries and the attribute lines of the training responses (None
+    without attribute conditioning). `data.format` is not read: the files are rows."""
     schema = template.schema
     rows = read_rows(cfg, cfg.data.train_file, schema, output_dir, "train")
     if cfg.data.validation_file is not None:
@@ -110,7 +113,15 @@ def load_groups(
             "give rows with one number of responses per prompt (and data.validation_file likewise) that fit "
             "trainer.seq_length",
         )
-    return train * cfg.sft.repeat, valid, {split: stats.summary() for split, stats in lengths.items()}
+    kept = {group.source for group in train}
+    trained = (
+        count_lines(
+            (r.labels for r in train_rows if r.source in kept and r.labels is not None for _ in r.responses), schema
+        )
+        if template.config.condition_on_attributes
+        else None
+    )
+    return train * cfg.sft.repeat, valid, {split: stats.summary() for split, stats in lengths.items()}, trained
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,7 @@ class SteerLM2Inputs:
     valid: list[ResponseGroup]
     lengths: dict[str, str]
     pad_id: int
+    attribute_lines: AttributeLines | None
 
 
 class SteerLM2Stage(TrainingStage[SFTConfig, SteerLM2Inputs]):
@@ -134,8 +146,8 @@ class SteerLM2Stage(TrainingStage[SFTConfig, SteerLM2Inputs]):
         tokenizer = load_tokenizer(cfg.tokenizer.type.value, cfg.tokenizer.path, tokenization.markers_are_tokens)
         validate_vocab(cfg.model, tokenizer.vocab_size, cfg.tokenizer.path)
         template = SteerLMTemplate(cfg.attributes.schema(), cfg.sft.template(tokenization))
-        train, valid, lengths = load_groups(cfg, template, tokenizer, output_dir)
-        return SteerLM2Inputs(train, valid, lengths, tokenizer.pad_id)
+        train, valid, lengths, trained = load_groups(cfg, template, tokenizer, output_dir)
+        return SteerLM2Inputs(train, valid, lengths, tokenizer.pad_id, trained)
 
     def task(self, cfg: SFTConfig) -> Task:
         return STEERLM2
@@ -159,6 +171,8 @@ class SteerLM2Stage(TrainingStage[SFTConfig, SteerLM2Inputs]):
         return {"loss": loss, **metrics}
 
     def before_training(self, ctx: StageContext[SFTConfig], inputs: SteerLM2Inputs, stage_data: StageData):
+        if inputs.attribute_lines is not None and ctx.layout.is_rank_zero:
+            write_attribute_lines(ctx.output_dir, inputs.attribute_lines)
         initial = self._validation(ctx, stage_data)
         log.info(
             "SteerLM 2.0: %d prompts x %d responses; validation at step %d: %s",
@@ -192,6 +206,7 @@ class SteerLM2Stage(TrainingStage[SFTConfig, SteerLM2Inputs]):
             last_train=None if last is None else {"loss": last.loss, **last.metrics},
             evaluations=outcome.evaluations,
             train_seconds=seconds,
+            attribute_lines=inputs.attribute_lines,
         )
 
 
