@@ -1,7 +1,7 @@
-"""What a SteerLM model was trained to answer: the attribute lines of its training conversations.
+"""What a SteerLM model was trained to answer: the attribute lines of its training data.
 
-Stage 3 writes them to `attribute_lines.json` in its run directory before its first step (and into its
-`eval.json`); an export carries them to Hugging Face and an import back. The steering evaluation and the
+Stage 3 (and a SteerLM 2.0 run) writes them to `attribute_lines.json` in its run directory before its first step
+(and into its `eval.json`); an export carries them to Hugging Face and an import back. The steering evaluation and the
 pipeline's report print, beside each figure, how many trained lines carried the requested value; chat and the
 server name a requested value none carried. A request for a value no line carried asks the model for something it
 never saw: on the synthetic world's default route the APM never labels quality 4, yet SteerLM's best-response
@@ -26,8 +26,8 @@ ATTRIBUTE_LINES_FILE = "attribute_lines.json"
 
 @dataclass(frozen=True)
 class AttributeLines:
-    """`lines` attribute lines (one per labelled assistant turn), and per attribute how many carry each value
-    (`f"{value:g}"`)."""
+    """`lines` attribute lines (stage 3: one per labelled assistant turn; SteerLM 2.0: one per trained response), and
+    per attribute how many carry each value (`f"{value:g}"`)."""
 
     lines: int
     levels: dict[str, dict[str, int]]

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from steerlm.config import ConfigError, PrecisionConfig
 from steerlm.config.convert import ConvertConfig
 from steerlm.config.schema import DType
 from steerlm.config.validation import validate_model_layout
-from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE, trained_attribute_lines
+from steerlm.data.attribute_lines import trained_attribute_lines, write_attribute_lines
 from steerlm.files import atomic_write_text
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.gpt import build_model_chunks, torch_dtype
@@ -227,7 +227,7 @@ def _finish(
     examples = example_prompts(partial, source) if tokenizer is not None else []
     trained = trained_attribute_lines(source.path) if source.kind == ModelKind.steerable else None
     if trained is not None:
-        atomic_write_text(partial / EXPORT_DIR / ATTRIBUTE_LINES_FILE, json.dumps(asdict(trained), indent=2) + "\n")
+        write_attribute_lines(partial / EXPORT_DIR, trained)
     atomic_write_text(partial / "README.md", model_card(source, config, examples, trained))
     output = Path(cfg.output)
     if output.is_dir():
