@@ -35,6 +35,10 @@ class AttributeLines:
     def count(self, attribute: str, value: float) -> int:
         return self.levels.get(attribute, {}).get(f"{value:g}", 0)
 
+    def values(self, attribute: str) -> str:
+        """The values some line carried for `attribute`, comma-joined ("none" when no line set it)."""
+        return ", ".join(self.levels.get(attribute, {})) or "none"
+
     def of_request(self, request: Labels) -> dict[str, int]:
         """How many trained lines carry each requested value."""
         return {name: self.count(name, value) for name, value in request.items() if value is not None}

@@ -258,9 +258,8 @@ def _trained_lines_line(sft: dict, base: dict[str, float]) -> str:
     parts = []
     for name, value in base.items():
         count = lines.count(name, value)
-        present = ", ".join(lines.levels.get(name, {})) or "none"
         parts.append(
-            f"{name}:{value:g} on **none** (its values there: {present})"
+            f"{name}:{value:g} on **none** (its values there: {lines.values(name)})"
             if count == 0
             else f"{name}:{value:g} on {count:,}"
         )

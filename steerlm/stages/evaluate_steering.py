@@ -74,7 +74,6 @@ def trained_lines_report(
     at_base = lines.of_request(base)
     for name, count in at_base.items():
         if count == 0:
-            trained = ", ".join(lines.levels.get(name, {})) or "none"
             log.warning(
                 "the base request's %s:%g is on none of the %d attribute lines the checkpoint trained on (its %s "
                 "values there: %s): every figure below is measured at a request it never saw",
@@ -82,7 +81,7 @@ def trained_lines_report(
                 base[name],
                 lines.lines,
                 name,
-                trained,
+                lines.values(name),
             )
     return {
         "lines": lines.lines,
