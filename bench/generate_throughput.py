@@ -9,15 +9,18 @@ transformers `generate` (LlamaForCausalLM, dynamic KV cache), greedy, the same L
 
 Every prompt is continued by exactly --new-tokens tokens (no stop token), at batch 1 and 32 by default. HF runs
 without the CPU stand-ins steerlm installs for megatron-core (which would slow every op it makes). Prints
-generated tokens/s of each, the steerlm / HF ratios, and whether all produced the same tokens; `--json` also
-writes them to a file. Where `parallel.cpu_matmul=auto` picks oneDNN (AMD CPUs), `lean_blas` is the lean
-decoder on torch's BLAS: the ratio to `lean` is what oneDNN's products give.
+generated tokens/s of each, the steerlm / HF ratios, and whether all produced the same tokens; where a row's
+tokens differ, whether HF's own logits tied at the first difference (in bf16 greedy decoding, a tie broken the
+other way by rounding is no decoding error); `--json` also writes them to a file. Where `parallel.cpu_matmul=auto`
+picks oneDNN (AMD CPUs), `lean_blas` is the lean decoder on torch's BLAS: the ratio to `lean` is what oneDNN's
+products give.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +68,31 @@ def _best_of(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: 
             _sync(device)
             best[name] = min(best[name], time.perf_counter() - start)
     return {name: (best[name], outputs[name]) for name in runs}
+
+
+def _step(value: float, dtype: torch.dtype) -> float:
+    """The spacing of `dtype`'s numbers at `value`: what one rounding can change it by."""
+    info = torch.finfo(dtype)
+    exponent = math.floor(math.log2(abs(value))) if value else math.log2(info.tiny)
+    return info.eps * 2.0**exponent
+
+
+def untied_differences(hf, prompts: torch.Tensor, reference: list[list[int]], tokens: list[list[int]]) -> int:
+    """How many of the rows whose `tokens` differ from HF's `reference` do NOT differ at a tie: at the row's first
+    differing position, HF's logit for HF's token exceeds its logit for ours by more than one step of HF's dtype
+    there (the logits are computed in HF's dtype). Random models put many tokens within a rounding of each other,
+    so bf16 implementations that round differently pick different ones of them."""
+    untied = 0
+    for row, (ours, theirs) in enumerate(zip(tokens, reference)):
+        if ours == theirs:
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        context = torch.tensor([prompts[row].tolist() + theirs[:first]], device=hf.device)
+        with torch.inference_mode(), megatron_compat.lifted():
+            logits = hf(context).logits[0, -1]
+        theirs_logit, ours_logit = float(logits[theirs[first]]), float(logits[ours[first]])
+        untied += theirs_logit - ours_logit > _step(theirs_logit, hf.dtype)
+    return untied
 
 
 def _on_blas(run: Callable[[], Any]) -> Any:
@@ -140,22 +168,34 @@ def main() -> None:
         theirs, theirs_out = timed.pop("hf")
         ours = timed
         reference = theirs_out[:, args.prompt_tokens :].tolist()
-        same = all([c.token_ids for c in out] == reference for _, out in ours.values())
+        tokens = {name: [c.token_ids for c in out] for name, (_, out) in ours.items()}
+        same = all(rows_out == reference for rows_out in tokens.values())
+        differing = {name: sum(a != b for a, b in zip(rows_out, reference)) for name, rows_out in tokens.items()}
+        untied = {name: untied_differences(hf, prompts, reference, rows_out) for name, rows_out in tokens.items()}
         generated = rows * args.new_tokens
-        results[rows] = {"hf": generated / theirs, "same_tokens": same}
+        results[rows] = {"hf": generated / theirs, "same_tokens": same, "rows_differing": differing, "untied": untied}
         results[rows].update({name: generated / seconds for name, (seconds, _) in ours.items()})
+        verdict = "at ties only" if not any(untied.values()) else "no"
+        agreement = "yes" if same else f"{verdict} (rows differing: {differing}; not at a tie: {untied})"
         print(
             f"  batch {rows:3d}: HF {generated / theirs:8.0f} tokens/s | "
             + " | ".join(
                 f"steerlm {name} {generated / seconds:8.0f} tokens/s ({theirs / seconds:4.2f}x HF)"
                 for name, (seconds, _) in ours.items()
             )
-            + f" | same tokens: {'yes' if same else 'no'}"
+            + f" | same tokens: {agreement}"
         )
     runtime.shutdown()
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"preset": args.preset, "dtype": args.dtype, "device": device_name, "batches": results}, out)
+            shape = {
+                "preset": args.preset,
+                "dtype": args.dtype,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "device": device_name,
+            }
+            json.dump({**shape, "batches": results}, out)
 
 
 if __name__ == "__main__":

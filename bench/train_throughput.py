@@ -222,7 +222,15 @@ def main() -> None:
         print(f"  ratio steerlm / steerlm on torch's BLAS (parallel.cpu_matmul=blas): {gain:.3f}")
     if args.json:
         with open(args.json, "w") as out:
-            shape = {"preset": args.preset, "layers": args.layers, "prompt": prompt, "device": name}
+            shape = {
+                "preset": args.preset,
+                "layers": args.layers,
+                "dtype": args.dtype,
+                "seq_length": seq,
+                "micro_batch_size": rows,
+                "prompt": prompt,
+                "device": name,
+            }
             json.dump({**shape, **results, "ratio": ratio}, out)
 
 

@@ -42,6 +42,7 @@ LONGEST_FIRST = (
     "test_parallel_parity.py",
     "test_demo_recipe.py",
     "test_evaluate_apm.py",
+    "test_gpu_suite.py",
 )
 
 
