@@ -96,6 +96,15 @@ def test_commands_steer_the_next_prompt_and_the_history_keeps_each_turns_attribu
     assert service.engine.jobs[0].params[0].max_new_tokens == 7
 
 
+def test_set_takes_an_attribute_string_laid_over_the_current_values() -> None:
+    session, service, out = _session()
+    session.run(["/set helpfulness:4, correctness:3", "hello", "/set helpfulness:1,verbosity:0", "hi"])
+    first, second = _prompts(service)
+    assert first.endswith("<extra_id_2>helpfulness:4,correctness:3,verbosity:2\n")
+    assert second.endswith("<extra_id_2>helpfulness:1,correctness:3,verbosity:0\n")
+    assert session.attributes == {"helpfulness": 1, "correctness": 3, "verbosity": 0}
+
+
 def test_show_names_the_values_no_trained_attribute_line_carried() -> None:
     session, service, out = _session()
     assert service.steering.untrained({"verbosity": 2}) == []  # no lines recorded: nothing to say
@@ -117,7 +126,10 @@ def test_show_names_the_values_no_trained_attribute_line_carried() -> None:
         ("/set verbosity 9", "attributes.verbosity=9.0 is out of range: verbosity takes an integer from 0 to 4"),
         ("/set verbosity 2.5", "attributes.verbosity=2.5 is not an integer: verbosity takes an integer from 0 to 4"),
         ("/set verbosity high", "'high' is not a number"),
-        ("/set verbosity", "usage: /set NAME VALUE or /unset NAME"),
+        ("/set verbosity", "usage: /set NAME VALUE, /set NAME:VALUE,NAME:VALUE or /unset NAME"),
+        ("/set helpfulness:4,verbosity", "attributes: 'verbosity' is not name:value"),
+        ("/set helpfulness:4,helpfulness:3", "attributes: helpfulness is given twice"),
+        ("/set helpfulness:4,verbosity:9", "attributes.verbosity=9.0 is out of range"),
         ("/unset wit", "schema 'helpsteer2' has no attribute 'wit'"),
         ("/bogus", "unknown command /bogus; /help lists the commands"),
     ],

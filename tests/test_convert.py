@@ -30,7 +30,7 @@ from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.generate import SamplingParams
 from steerlm.inference.loading import load_generator
 from steerlm.inference.scoring import AttributeScorer
-from steerlm.inference.steering import ChatMessage, Steering
+from steerlm.inference.steering import ChatMessage, RequestError, Steering
 from steerlm.models import build_model_chunks
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.sharding import named_global_parameters
@@ -72,6 +72,8 @@ CHATS = [
         None,
     ),
 ]
+# requests as NeMo-Aligner's clients write their attributes: attribute strings
+STRING_CHATS = [(CHATS[1][0], "humor:0, helpfulness:4"), (CHATS[2][0], "verbosity:1,helpfulness:3")]
 
 
 class _WeightsOnly:
@@ -205,7 +207,7 @@ def test_export_then_import_is_bitwise_identity(layout, exported: dict) -> None:
     ).decode(range(20))
 
 
-def _steerlm_request_ids(steering: Steering, messages: list[dict], attributes: dict | None) -> list[int]:
+def _steerlm_request_ids(steering: Steering, messages: list[dict], attributes: dict | str | None) -> list[int]:
     """What steerlm's server does with a chat request (inference/server.py)."""
     labels = steering.labels(attributes)
     system, turns = steering.conversation([ChatMessage(m["role"], m["content"]) for m in messages], labels)
@@ -223,14 +225,23 @@ def test_chat_template_gives_steerlm_prompt_ids(layout, checkpoints: dict, tmp_p
         tokenizer = load_tokenizer("hf", tmp_path / "bpe")
     hf = transformers.AutoTokenizer.from_pretrained(directory)
     steering = Steering(SteerLMTemplate(SCHEMA.schema()), tokenizer, {}, ConvertConfig.system_prompt, 10_000)
-    for messages, attributes in CHATS:
+    for messages, attributes in [*CHATS, *STRING_CHATS]:
         extra = {} if attributes is None else {"attributes": attributes}
         text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         expected = _steerlm_request_ids(steering, messages, attributes)
         assert hf(text, add_special_tokens=False)["input_ids"] == expected, text
         assert hf.decode(expected) == tokenizer.decode(expected) and text.startswith("<s><extra_id_0>System")
-    with pytest.raises(Exception, match="out of range"):
-        hf.apply_chat_template(CHATS[0][0], add_generation_prompt=True, tokenize=False, attributes={"humor": 9})
+    for bad, message in (
+        ({"humor": 9}, "out of range"),
+        ("humor:9", "out of range"),
+        ("humor:0,humor:1", "attributes: humor is given twice"),
+        ("humor=0", "attributes: 'humor=0' is not name:value"),
+        ("humor:none", "attributes.humor=none is not a number"),
+    ):
+        with pytest.raises(Exception, match=message):
+            hf.apply_chat_template(CHATS[0][0], add_generation_prompt=True, tokenize=False, attributes=bad)
+        with pytest.raises(RequestError, match=message.replace("=none", "='none'")):
+            steering.labels(bad)
     generation = json.loads((directory / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [tokenizer.token_to_id("<extra_id_1>"), tokenizer.eos_id]
 

@@ -156,6 +156,10 @@ BAD = [
     ({"stop": ["x" * 41]}, "stop", "stop_too_long"),
     ({"top_logprobs": 2}, "top_logprobs", "invalid_top_logprobs"),  # without logprobs
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_top_logprobs"),
+    ({"attributes": "coherence=3"}, "attributes", "invalid_attribute_string"),  # NeMo's string is name:value,…
+    ({"attributes": "coherence:3,coherence:4"}, "attributes.coherence", "invalid_attribute_string"),
+    ({"attributes": "coherence:high"}, "attributes.coherence", "invalid_attribute_value"),
+    ({"attributes": "wit:2"}, "attributes.wit", "unknown_attribute"),
 ]
 
 
@@ -288,9 +292,12 @@ def test_profiles_preset_attributes_system_prompt_and_caps_and_requests_override
     assert body["attributes"] == {"coherence": 3, "verbosity": 3}  # a request's values override the profile's
     assert server.post(_ask(model="tiny:plain"))[1]["attributes"] == {}
     assert server.post(_ask())[1]["attributes"] == {"coherence": 3}
+    status, body, _ = server.post(_ask(profile="support", attributes=" verbosity:3 , coherence:0"))
+    assert body["attributes"] == {"helpfulness": 4, "coherence": 0, "verbosity": 3}  # an attribute string alike
     prompts = [server.steering.tokenizer.decode(job.prompts[0]) for job in server.jobs]  # type: ignore[attr-defined]
     assert "figs and nuts" in prompts[0] and "helpfulness:4,coherence:3,verbosity:1" in prompts[0]
     assert "figs and nuts" not in prompts[3] and "be brief" in prompts[3]
+    assert prompts[4].endswith("<extra_id_2>helpfulness:4,coherence:0,verbosity:3\n")
     refused = [
         (_ask(model="tiny:support", max_tokens=6), 400, "max_tokens_too_large", "profiles.support.max_tokens"),
         (_ask(model="tiny:nobody"), 404, "profile_not_found", "support"),
@@ -579,7 +586,7 @@ def test_tokenizer_routes_give_the_ids_the_completion_and_chat_routes_use(app, t
     assert call("/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"] == tokenizer.encode(text)
     status, reply = call("/detokenize", {"tokens": tokenizer.encode(text)})
     assert (status, reply) == (200, {"prompt": tokenizer.decode(tokenizer.encode(text))})
-    for model, attributes in (("tiny", {"complexity": 3}), ("tiny:support", None)):
+    for model, attributes in (("tiny", {"complexity": 3}), ("tiny", "complexity:3"), ("tiny:support", None)):
         chat = {"model": model, "messages": MESSAGES, "attributes": attributes}
         status, reply = call("/tokenize", chat)
         assert status == 200, reply

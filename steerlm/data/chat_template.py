@@ -7,7 +7,8 @@ request, and reproduce what steerlm's server does with the same request:
 
 - `steering_chat_template`: system/developer messages first (joined by newlines; none: the default system
   prompt), then user and assistant messages alternating from a user message. The `attributes` variable
-  (name → value; null unsets one) is laid over the default values, checked against the schema (name,
+  (name → value, null unsetting one; or an attribute string `name:value,name:value`, the mapping of its
+  items) is laid over the default values, checked against the schema (name,
   number, range, integer) and written as the attribute line of the prompt and of every earlier assistant
   turn (one conversation, one set of values). `add_generation_prompt` ends with the assistant header and
   attribute line; without it the messages render as SFT trained them.
@@ -100,6 +101,34 @@ def _messages(last_role: str | None) -> str:
     )
 
 
+def _attribute_string() -> str:
+    """An attribute string (`name:value,name:value`, NeMo-Aligner's attribute line) in `requested` → the mapping
+    of its items, as `steerlm.inference.steering.attribute_request` reads it: each item exactly one `name:value`,
+    each name once; a value that is no number stays text, for the checks below to refuse by name."""
+    return "".join(
+        [
+            "{%- if requested is string -%}",
+            "{%- set ns.pairs = [] -%}",
+            "{%- for part in requested.split(',') if part | trim -%}",
+            "{%- set item = part | trim -%}",
+            "{%- if item.split(':') | length != 2 -%}",
+            _raise(
+                '"attributes: \'" ~ item ~ "\' is not name:value; write the attribute string as name:value,name:value"'
+            ),
+            "{%- endif -%}",
+            "{%- set name = item.split(':')[0] | trim -%}",
+            "{%- set text = item.split(':')[1] | trim -%}",
+            "{%- if name in ns.pairs | map('first') | list -%}",
+            _raise("'attributes: ' ~ name ~ ' is given twice'"),
+            "{%- endif -%}",
+            "{%- set ns.pairs = ns.pairs + [[name, text | float(text)]] -%}",
+            "{%- endfor -%}",
+            "{%- set requested = dict(ns.pairs) -%}",
+            "{%- endif -%}",
+        ]
+    )
+
+
 def _attribute_line(schema: AttributeSchema, defaults: Labels, conditioned: bool) -> str:
     """Check `attributes`, lay it over `defaults` (schema order) and set `ns.line` to the attribute string."""
     kind = "an integer" if schema.integer else "a number"
@@ -130,8 +159,9 @@ def _attribute_line(schema: AttributeSchema, defaults: Labels, conditioned: bool
     return "".join(
         [
             "{%- set requested = attributes if attributes is defined and attributes is not none else {} -%}",
+            _attribute_string(),
             "{%- if requested is not mapping -%}",
-            _raise("'attributes must map attribute names to values'"),
+            _raise("'attributes must map attribute names to values, or be an attribute string name:value,…'"),
             "{%- endif -%}",
             "{%- for name in requested -%}{%- if name not in " + _literal(list(schema.attributes)) + " -%}",
             _raise(
@@ -177,7 +207,7 @@ def _turns(template: SteerLMTemplate, label_line: str, last_label: str | None) -
     )
 
 
-_NAMESPACE = "{%- set ns = namespace(system=none, turns=0, last=none, line='', after_response=false) -%}"
+_NAMESPACE = "{%- set ns = namespace(system=none, turns=0, last=none, line='', after_response=false, pairs=[]) -%}"
 
 
 def _opening(template: SteerLMTemplate, bos: str | None, system_prompt: str) -> str:

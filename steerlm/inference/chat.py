@@ -19,7 +19,8 @@ from steerlm.inference.engine import Batching, GenerationJob, Service, serving
 from steerlm.inference.steering import RequestError, ResponseText, sampling_params
 
 HELP = """commands:
-  /set NAME VALUE   steer the next replies (e.g. /set humor 3)
+  /set NAME VALUE   steer the next replies (e.g. /set humor 3); several at once as an attribute
+                    string: /set humor:3,verbosity:1
   /unset NAME       leave an attribute out of the attribute string
   /show             attributes, system prompt and the number of turns so far
   /system TEXT      replace the system prompt (/system alone clears it)
@@ -82,10 +83,13 @@ class ChatSession:
     def _command(self, command: str, rest: str) -> bool:
         if command in ("quit", "exit"):
             return False
-        if command in ("set", "unset"):
+        if command == "set" and ":" in rest:  # an attribute string, as NeMo-Aligner's clients write the line
+            self.attributes = self.steering.labels(rest, base=self.attributes) or {}
+            self.show()
+        elif command in ("set", "unset"):
             name, _, value = rest.partition(" ")
             if not name or (command == "set") != bool(value.strip()):
-                raise RequestError(None, "usage: /set NAME VALUE or /unset NAME")
+                raise RequestError(None, "usage: /set NAME VALUE, /set NAME:VALUE,NAME:VALUE or /unset NAME")
             try:
                 number = float(value) if command == "set" else None
             except ValueError:

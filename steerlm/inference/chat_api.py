@@ -50,7 +50,8 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    attributes: dict[str, Any] | None = None  # SteerLM: attribute name → value (null: unset a default)
+    # SteerLM: attribute name → value (null: unset a default), or an attribute string "name:value,name:value"
+    attributes: dict[str, Any] | str | None = None
     profile: str | None = None  # SteerLM: a configured profile (or "model": "<model>:<profile>")
 
 
@@ -133,7 +134,7 @@ class ChatCompletions:
         return job, len(prompt), labels or {}
 
     def prompt(
-        self, messages: Sequence[MessageIn], attributes: dict[str, Any] | None, profile: Profile
+        self, messages: Sequence[MessageIn], attributes: dict[str, Any] | str | None, profile: Profile
     ) -> tuple[list[int], Labels | None]:
         """The prompt ids that ask for the next assistant turn, and the attribute values they carry."""
         steering = self.service.steering

@@ -1,10 +1,10 @@
 """Requests → what the model reads: checked attribute values, and prompt ids built by the SteerLM template.
 
-A request names attribute values (`{"humor": 3}`); they are checked against the checkpoint's schema
-(name, number, range, integer) and laid over the defaults: the configured values over the schema's own
-(`AttributeSchema.defaults`, SteerLM's best response). Chat messages in OpenAI's roles
-become the template's conversation: system messages first, then user and assistant turns alternating,
-ending with the user turn to answer. Prompt ids come from `collate.tokenize` of the template's
+A request names attribute values (`{"humor": 3}`, or NeMo-Aligner's attribute string `"humor:3"`); they are
+checked against the checkpoint's schema (name, number, range, integer) and laid over the defaults: the
+configured values over the schema's own (`AttributeSchema.defaults`, SteerLM's best response). Chat messages in
+OpenAI's roles become the template's conversation: system messages first, then user and assistant turns
+alternating, ending with the user turn to answer. Prompt ids come from `collate.tokenize` of the template's
 segments — the path training took — so the model reads exactly what it was trained on.
 """
 
@@ -53,6 +53,34 @@ class ChatMessage:
 def _range(schema: AttributeSchema) -> str:
     kind = "an integer" if schema.integer else "a number"
     return f"{kind} from {schema.min_value:g} to {schema.max_value:g}"
+
+
+def attribute_request(requested: Mapping[str, object] | str | None, prefix: str = "attributes") -> Mapping[str, object]:
+    """A request's attribute values: a mapping (name → value; None unsets one) or an attribute string
+    `name:value,name:value` as NeMo-Aligner's clients write the attribute line (`quality:4,toxicity:0,…`), which
+    means the mapping of its items: values laid over the defaults like any others. Each item is exactly one
+    `name:value` and names an attribute once (RequestError otherwise); a value that is no number is left for
+    `check_attributes` to refuse, naming it."""
+    if requested is None:
+        return {}
+    if not isinstance(requested, str):
+        return requested
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in requested.split(","))):
+        if item.count(":") != 1:
+            raise RequestError(
+                prefix,
+                f"{prefix}: {item!r} is not name:value; write the attribute string as name:value,name:value",
+                "invalid_attribute_string",
+            )
+        name, text = (part.strip() for part in item.split(":"))
+        if name in values:
+            raise RequestError(f"{prefix}.{name}", f"{prefix}: {name} is given twice", "invalid_attribute_string")
+        try:
+            values[name] = float(text)
+        except ValueError:
+            values[name] = text
+    return values
 
 
 def check_attributes(schema: AttributeSchema, values: Mapping[str, object], prefix: str = "attributes") -> Labels:
@@ -140,10 +168,11 @@ class Steering:
     def conditioned(self) -> bool:
         return self.template.config.condition_on_attributes
 
-    def labels(self, requested: Mapping[str, object] | None = None, base: Labels | None = None) -> Labels | None:
-        """`base` (the defaults) overlaid with the requested values (None unsets one), in schema order; None
-        when nothing is set, so the prompt carries no attribute line (as an unlabelled turn in training)."""
-        requested = requested or {}
+    def labels(self, requested: Mapping[str, object] | str | None = None, base: Labels | None = None) -> Labels | None:
+        """`base` (the defaults) overlaid with the requested values (None unsets one; a string is an attribute
+        string, `attribute_request`), in schema order; None when nothing is set, so the prompt carries no
+        attribute line (as an unlabelled turn in training)."""
+        requested = attribute_request(requested)
         checked = check_attributes(self.schema, requested)
         if checked and not self.conditioned:
             raise RequestError(

@@ -34,7 +34,7 @@ class TokenizeRequest(BaseModel):
     messages: list[MessageIn] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
-    attributes: dict[str, Any] | None = None
+    attributes: dict[str, Any] | str | None = None
     profile: str | None = None
 
     def form(self) -> str:
