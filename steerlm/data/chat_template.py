@@ -8,9 +8,9 @@ request, and reproduce what steerlm's server does with the same request:
 - `steering_chat_template`: system/developer messages first (joined by newlines; none: the default system
   prompt), then user and assistant messages alternating from a user message. The `attributes` variable
   (name → value, null unsetting one; or an attribute string `name:value,name:value`, the mapping of its
-  items) is laid over the default values, checked against the schema (name,
-  number, range, integer) and written as the attribute line of the prompt and of every earlier assistant
-  turn (one conversation, one set of values). `add_generation_prompt` ends with the assistant header and
+  items) is laid over the default values, checked against the schema (name, number, range, integer) and
+  written as the attribute line of the prompt and of every earlier assistant turn (one conversation, one set
+  of values). `add_generation_prompt` ends with the assistant header and
   attribute line; without it the messages render as SFT trained them.
 - `attribute_prompt_template`: what an attribute model reads to rate the last assistant message (the
   conversation without attribute lines, ending with the label prefix); `attributes` is not used.
@@ -111,13 +111,14 @@ def _attribute_string() -> str:
             "{%- set ns.pairs = [] -%}",
             "{%- for part in requested.split(',') if part | trim -%}",
             "{%- set item = part | trim -%}",
-            "{%- if item.split(':') | length != 2 -%}",
+            "{%- set parts = item.split(':') -%}",
+            "{%- if parts | length != 2 -%}",
             _raise(
                 '"attributes: \'" ~ item ~ "\' is not name:value; write the attribute string as name:value,name:value"'
             ),
             "{%- endif -%}",
-            "{%- set name = item.split(':')[0] | trim -%}",
-            "{%- set text = item.split(':')[1] | trim -%}",
+            "{%- set name = parts[0] | trim -%}",
+            "{%- set text = parts[1] | trim -%}",
             "{%- if name in ns.pairs | map('first') | list -%}",
             _raise("'attributes: ' ~ name ~ ' is given twice'"),
             "{%- endif -%}",
@@ -207,7 +208,7 @@ def _turns(template: SteerLMTemplate, label_line: str, last_label: str | None) -
     )
 
 
-_NAMESPACE = "{%- set ns = namespace(system=none, turns=0, last=none, line='', after_response=false, pairs=[]) -%}"
+_NAMESPACE = "{%- set ns = namespace(system=none, turns=0, last=none, line='', after_response=false) -%}"
 
 
 def _opening(template: SteerLMTemplate, bos: str | None, system_prompt: str) -> str:
