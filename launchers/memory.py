@@ -9,6 +9,8 @@ micro-batches' activations in flight under 1F1B; with the embedding or output la
 - gradients in megatron DDP's buffer (fp32 with `precision.grad_reduce_in_fp32`, the default);
 - optimizer state: Adam's two moments and, under bf16/fp16, the fp32 master weights (12 bytes per parameter;
   8 in fp32), divided by the data-parallel size with `parallel.use_distributed_optimizer`;
+- with LoRA (`lora.rank` > 0) the adapters are weights too, and only they have gradients and optimizer state
+  (their rank-sized activations are left out);
 - activations kept for the backward per micro-batch and layer, as autograd keeps them for steerlm's local Llama
   layers (pre-norm, SwiGLU, grouped-query attention through flash/SDPA kernels, which keep no `seq x seq`
   scores; tests/test_memory_estimate.py counts the saved tensors of a real forward): per norm its input,
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from steerlm.config import CrossEntropy, DType, ModelConfig, OptimizerName, TrainConfig
+from steerlm.config import CrossEntropy, DType, LoraConfig, ModelConfig, OptimizerName, TrainConfig
 
 GIB = 2**30
 _BYTES = {DType.fp32: 4, DType.bf16: 2, DType.fp16: 2}
@@ -63,6 +65,27 @@ def _layer_parameters(model: ModelConfig, tp: int) -> int:
     matrices = (h * (q + kv) + q * h + h * ffn * gated + ffn * h) // tp
     norms = 2 * h * (2 if model.normalization.value == "LayerNorm" else 1)
     return matrices + norms
+
+
+def _layer_adapters(model: ModelConfig, tp: int, lora: LoraConfig) -> int:
+    """LoRA parameters of one layer on a TP rank: a column-parallel layer's B and a row-parallel layer's A are split,
+    the other matrix of each replicated (steerlm.models.lora)."""
+    if not lora.enabled:
+        return 0
+    h, ffn, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    q, kv = model.num_attention_heads * d, 2 * model.query_groups * d
+    gated = 2 if model.activation.value == "swiglu" else 1
+    shapes = {  # (in, out, column-parallel)
+        "linear_qkv": (h, q + kv, True),
+        "linear_proj": (q, h, False),
+        "linear_fc1": (h, ffn * gated, True),
+        "linear_fc2": (ffn, h, False),
+    }
+    total = 0
+    for target in lora.targets:
+        inputs, outputs, column = shapes[target]
+        total += lora.rank * (inputs + outputs // tp if column else inputs // tp + outputs)
+    return total
 
 
 def _stage_parameters(model: ModelConfig, tp: int, pp: int, first: bool, last: bool) -> int:
@@ -108,15 +131,17 @@ def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate
     tokens = trainer.micro_batch_size * trainer.seq_length // parallel.context_parallel_size
     layer = model.num_layers // pp * _layer_activations(model, tokens, tp, parallel.sequence_parallel, size)
     stages = []
+    adapters = model.num_layers // pp * _layer_adapters(model, tp, cfg.lora)
     for first, last in {(True, pp == 1), (pp == 1, True)}:
-        parameters = _stage_parameters(model, tp, pp, first, last)
+        parameters = _stage_parameters(model, tp, pp, first, last) + adapters
+        trained = adapters if cfg.lora.enabled else parameters
         in_flight = min(pp, micro_batches) if first else 1  # 1F1B: stage k holds pp - k micro-batches
         stages.append(
             MemoryEstimate(
                 parameters=parameters,
                 weights=parameters * size,
-                gradients=parameters * (4 if precision.grad_reduce_in_fp32 else size),
-                optimizer=parameters * per_parameter / optimizer_share,
+                gradients=trained * (4 if precision.grad_reduce_in_fp32 else size),
+                optimizer=trained * per_parameter / optimizer_share,
                 activations=in_flight * layer + (_loss_activations(model, tokens, tp, size) if last else 0),
                 in_flight=in_flight,
             )

@@ -7,12 +7,14 @@ step and full parameters after the last step, keyed by global parameter name.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from steerlm import runtime
 from steerlm.config import (
+    LoraConfig,
     ModelConfig,
     OptimizerConfig,
     OptimizerName,
@@ -22,9 +24,9 @@ from steerlm.config import (
     TransformerImpl,
 )
 from steerlm.data.attributes import MISSING
-from steerlm.models import build_model_chunks
+from steerlm.models import build_model_chunks, lora
 from steerlm.models.attribute import build_attribute_model_chunks
-from steerlm.models.sharding import gather_full, load_full_parameters, named_global_parameters
+from steerlm.models.sharding import full_shape, gather_full, load_full_parameters, named_global_parameters
 from steerlm.training import (
     ATTRIBUTE_REGRESSION,
     LANGUAGE_MODEL,
@@ -66,6 +68,7 @@ class Scenario:
     apm: bool = False  # the regression attribute model (3 attributes, some labels missing) instead of the LM
     optim: OptimizerConfig = field(default_factory=lambda: ADAM)
     transformer_impl: TransformerImpl = TransformerImpl.local  # transformer_engine: TE layers (CUDA + TE)
+    lora: LoraConfig | None = None  # adapters on every linear (B given values, so A has gradients), the rest frozen
 
     @property
     def reference(self) -> str:
@@ -74,6 +77,7 @@ class Scenario:
             + ("_sgd" if self.optim.name == OptimizerName.sgd else "")
             + ("_varlen" if self.variable_lengths else "")
             + ("_apm" if self.apm else "")
+            + ("_lora" if self.lora else "")
         )
 
     @property
@@ -122,12 +126,31 @@ def apm_global_batch(step: int) -> dict[str, torch.Tensor]:
 
 
 def _full_tensors(model, layout, attribute: str) -> dict[str, torch.Tensor]:
+    """Every parameter's full `attribute` (a frozen parameter has no `main_grad`)."""
     chunks = [chunk.module for chunk in model]
     tp_group = layout.pg_collection.tp
     out = {}
     for name, param in named_global_parameters(chunks):
+        if attribute == "main_grad" and not param.requires_grad:
+            continue
         out[name] = gather_full(getattr(param, attribute).detach().float(), param, tp_group).clone()
     return out
+
+
+def _with_adapters(chunks, cfg: LoraConfig, layout) -> None:
+    """Adapters from the seed, B filled from full tensors of a generator seeded by its name (the same at every
+    layout and pipeline stage)."""
+    lora.attach(chunks, cfg, SEED)
+    full = {
+        name: torch.randn(
+            full_shape(param, layout.tp), generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        )
+        * 0.05
+        for name, param in named_global_parameters(chunks)
+        if name.endswith(".lora_b")
+    }
+    load_full_parameters(chunks, full, layout.tp_rank, layout.tp, keep=lambda name: name not in full)
+    lora.freeze_base(chunks)
 
 
 def _to_cpu(value):
@@ -160,6 +183,8 @@ def run(scenario: Scenario) -> dict:
         chunks = build_model_chunks(model_cfg, PrecisionConfig(), layout, seed=SEED)
     if scenario.initial_state is not None:
         load_full_parameters(chunks, scenario.initial_state, layout.tp_rank, layout.tp)
+    if scenario.lora is not None:
+        _with_adapters(chunks, scenario.lora, layout)
     initial = {
         name: gather_full(p.detach(), p, layout.pg_collection.tp).clone() for name, p in named_global_parameters(chunks)
     }
@@ -199,12 +224,16 @@ def run(scenario: Scenario) -> dict:
     return out
 
 
+LORA = LoraConfig(rank=4, alpha=8.0)
+
 REFERENCES = [
     Scenario("untied"),
     Scenario("tied", tied=True),
     Scenario("untied_sgd", optim=SGD),
     Scenario("untied_varlen", variable_lengths=True),
     Scenario("untied_apm", apm=True),
+    Scenario("untied_sgd_lora", optim=SGD, lora=LORA),
+    Scenario("untied_lora", lora=LORA),
 ]
 
 

@@ -14,6 +14,7 @@ from launchers.memory import GIB, estimate_memory, preset_table
 from steerlm.config import (
     CrossEntropy,
     DType,
+    LoraConfig,
     ParallelConfig,
     PrecisionConfig,
     TrainConfig,
@@ -72,6 +73,30 @@ def test_bytes_per_parameter_and_distributed_optimizer_sharding() -> None:
     assert sharded.optimizer == plain.optimizer / 4 and sharded.weights == plain.weights
     fp32 = estimate_memory(TrainConfig(), data_parallel_size=1)
     assert fp32.optimizer == 8 * fp32.parameters  # fp32 weights are the master weights
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lora_counts_the_adapters_a_rank_holds_and_trains_only_them(layout, tp: int) -> None:
+    """With adapters, weights are the base plus the adapters (as a real adapted model holds them, at TP=1; at TP=2
+    each rank holds the split matrices' halves and the replicated ones whole), and only the adapters have
+    gradients and optimizer state."""
+    from steerlm.models import lora
+
+    adapters = LoraConfig(rank=4, targets=["linear_qkv", "linear_fc2"])
+    chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=1)[0]
+    lora.attach([chunk], adapters, seed=1)
+    shapes = {n: p.shape for n, p in chunk.named_parameters() if lora.is_adapter(n)}
+    held = sum(
+        shape.numel() // (tp if (n.endswith("linear_qkv.lora_b") or n.endswith("linear_fc2.lora_a")) else 1)
+        for n, shape in shapes.items()
+    )
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    plain = estimate_memory(TrainConfig(model=TEST_MODEL, parallel=parallel), data_parallel_size=1)
+    adapted = estimate_memory(TrainConfig(model=TEST_MODEL, parallel=parallel, lora=adapters), data_parallel_size=1)
+    assert adapted.parameters == plain.parameters + held
+    assert (adapted.gradients, adapted.optimizer) == (4 * held, 8 * held)
+    if tp == 1:
+        assert adapted.parameters == sum(p.numel() for p in chunk.parameters())
 
 
 def test_pipeline_stages_split_the_parameters_and_the_first_holds_pp_micro_batches() -> None:

@@ -16,7 +16,7 @@ import torch
 from steerlm.config import ParallelConfig, TransformerImpl
 from steerlm.config.validation import transformer_engine_available
 from tests.multiproc import run_distributed
-from tests.parity_scenarios import REFERENCES, SGD, Scenario, run_all
+from tests.parity_scenarios import LORA, REFERENCES, SGD, Scenario, run_all
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,23 @@ TWO_RANK = [
     Scenario("tp2_apm", ParallelConfig(tensor_model_parallel_size=2), apm=True),
     Scenario("tp2_sp_apm", ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), apm=True),
     Scenario("pp2_apm", ParallelConfig(pipeline_model_parallel_size=2), apm=True),
+    Scenario("tp2_sgd_lora", ParallelConfig(tensor_model_parallel_size=2), optim=SGD, lora=LORA),
+    Scenario(
+        "tp2_sp_sgd_lora", ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), optim=SGD, lora=LORA
+    ),
+    Scenario("pp2_sgd_lora", ParallelConfig(pipeline_model_parallel_size=2), optim=SGD, lora=LORA),
+    Scenario("dp2_sgd_lora", optim=SGD, lora=LORA),
+    Scenario("dp2_distributed_optimizer_lora", ParallelConfig(use_distributed_optimizer=True), lora=LORA),
 ]
 FOUR_RANK = [
     Scenario("tp2_pp2", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
     Scenario("tp2_pp2_sgd", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), optim=SGD),
+    Scenario(
+        "tp2_pp2_sgd_lora",
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+        optim=SGD,
+        lora=LORA,
+    ),
 ]
 RELATIVE = 1e-5
 
@@ -150,6 +163,19 @@ def test_reference_learns(reference: dict) -> None:
     assert all(grad.abs().sum() > 0 for grad in untied["grads"].values())
     moved = [not torch.equal(untied["initial"][n], untied["after_first_step"][n]) for n in untied["initial"]]
     assert all(moved)
+
+
+def test_lora_trains_the_adapters_and_leaves_the_base_bitwise(reference: dict, two_rank: list[dict]) -> None:
+    """The adapters really learn (both matrices get gradients and move), every other weight is unchanged."""
+    runs = [reference["untied_sgd_lora"]] + [rank["tp2_sgd_lora"] for rank in two_rank]
+    for run in runs:
+        adapters = [name for name in run["initial"] if name.endswith((".lora_a", ".lora_b"))]
+        assert len(adapters) == 4 * 4 * 2 or run is not runs[0]  # 4 layers x 4 linears x (A, B) on one rank
+        assert set(run["grads"]) == set(adapters)
+        assert all(run["grads"][name].abs().sum() > 0 for name in adapters)
+        for name, value in run["after_first_step"].items():
+            moved = not torch.equal(value, run["initial"][name])
+            assert moved == (name in adapters), name
 
 
 def test_tp2_clipping_and_update_equal_torch_on_the_unsharded_model(two_rank: list[dict], reference: dict) -> None:

@@ -42,11 +42,12 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from steerlm.checkpoint.integrity import CheckpointError, verify_checksums, write_checksums
 from steerlm.checkpoint.writers import writers_die_with_parent
-from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
+from steerlm.config.schema import MODEL_SHAPE_FIELDS, LoraConfig, ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
 from steerlm.megatron_compat import complete_torch_adam_state, load_optimizer_state, use_in_process_save_queue
+from steerlm.models import lora
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class CheckpointMeta:
     model: dict
     format: int = FORMAT
     weights_only: bool = False  # no optimizer, schedule or RNG to resume: a run starts from it with init_from
+    lora: dict | None = None  # LoraConfig.describe() of the adapters it holds beside the frozen weights
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -259,7 +261,14 @@ def save_checkpoint(
     dist.barrier()
     if layout.is_rank_zero:
         save_resolved(cfg, tmp / "config.yaml")
-        meta = CheckpointMeta(step, _layout_key(layout), _model_key(cfg.model), weights_only=weights_only)
+        adapters = lora.config_of(unwrap(setup.model[0]))
+        meta = CheckpointMeta(
+            step,
+            _layout_key(layout),
+            _model_key(cfg.model),
+            weights_only=weights_only,
+            lora=adapters.describe() if adapters is not None else None,
+        )
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
     dist.barrier()
     if cfg.checkpoint.verify:
@@ -301,13 +310,17 @@ def load_checkpoint(
     model_cfg: ModelConfig,
     keep: Callable[[str], bool] = lambda name: False,
     verify: bool = True,
+    merge_adapters: bool = True,
 ) -> int:
     """Load weights, optimizer state and LR schedule into this layout's model; returns the step.
 
     With `optimizer=None` only the weights are loaded (inference, annotation, initialising a new run);
-    RNG states are then left alone too. Weights whose state-dict name `keep` accepts are neither read
-    nor changed (a head the checkpoint does not have). A damaged checkpoint is refused with a CheckpointError
-    naming the file (`verify_checkpoint`; with `verify=False` the checksums are skipped).
+    RNG states are then left alone too, a checkpoint's LoRA adapters are merged into the weights they adapt
+    (with `merge_adapters=False` they are attached to the model as trained instead: a PEFT export reads them so),
+    and the model's own adapters (a LoRA run starting from these weights) keep their values. Weights whose
+    state-dict name `keep` accepts are neither read nor changed (a head the checkpoint does not have). A damaged
+    checkpoint is refused with a CheckpointError naming the file (`verify_checkpoint`; with `verify=False` the
+    checksums are skipped).
     """
     verify_checkpoint(path, verify)
     meta = check_compatible(path, model_cfg)
@@ -318,6 +331,50 @@ def load_checkpoint(
             f"{path} holds weights only (converted by recipes/convert.py), nothing to resume training from",
             "start a new run from it with sft.init_from / apm.init_from / pretrain.init_from=<that directory>",
         )
+    chunks = [unwrap(chunk) for chunk in model]
+    if optimizer is not None:
+        _check_same_adapters(path, meta.lora, lora.config_of(chunks[0]))
+        return _load(path, meta, model, optimizer, scheduler, layout, keep)
+    own = lora.detach(chunks)
+    if own[0] and not merge_adapters:
+        raise ValueError("merge_adapters=False loads a checkpoint's adapters into a model without adapters")
+    if meta.lora is not None:
+        lora.attach(chunks, LoraConfig(**meta.lora), seed=0)  # their values come from the checkpoint
+    try:
+        step = _load(path, meta, model, None, None, layout, keep)
+    except BaseException:
+        lora.detach(chunks)
+        lora.reattach(chunks, own)
+        raise
+    if merge_adapters:
+        lora.merge(chunks)
+        lora.reattach(chunks, own)
+    return step
+
+
+def _check_same_adapters(path: Path, saved: dict | None, own: LoraConfig | None) -> None:
+    """A run resumes with the adapters it was saved with: other ones would not fit its optimizer state."""
+    ours = own.describe() if own is not None else None
+    if saved != ours:
+        raise ConfigError(
+            "lora.rank",
+            own.rank if own is not None else 0,
+            f"checkpoint {path} was saved by a run with {f'LoRA adapters {saved}' if saved else 'no adapters'}, "
+            f"this run has {f'LoRA adapters {ours}' if ours else 'none'}",
+            "resume with the checkpoint's lora.* settings, or start a new output_dir with init_from=<that run> "
+            "(its adapters are then merged into the weights)",
+        )
+
+
+def _load(
+    path: Path,
+    meta: CheckpointMeta,
+    model: list,
+    optimizer,
+    scheduler,
+    layout: ParallelLayout,
+    keep: Callable[[str], bool],
+) -> int:
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
     for key in _model_keys(model):
@@ -355,9 +412,11 @@ def load_weights(
     model_cfg: ModelConfig,
     keep: Callable[[str], bool] = lambda name: False,
     verify: bool = True,
+    merge_adapters: bool = True,
 ) -> int:
-    """Only the model weights of a checkpoint (any layout); returns the step it was saved at."""
-    return load_checkpoint(path, model, None, None, layout, model_cfg, keep, verify)
+    """Only the model weights of a checkpoint (any layout), its LoRA adapters merged unless `merge_adapters` is
+    False (`load_checkpoint`); returns the step it was saved at."""
+    return load_checkpoint(path, model, None, None, layout, model_cfg, keep, verify, merge_adapters)
 
 
 def resume_checkpoint(output_dir: Path, verify: bool) -> Path | None:

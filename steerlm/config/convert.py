@@ -33,6 +33,7 @@ class ModelFormat(str, Enum):
     steerlm = "steerlm"  # a run directory (its checkpoints/latest) or one checkpoints/step_* directory
     hf = "hf"  # a Hugging Face Llama directory: config.json + *.safetensors (+ tokenizer files)
     nemo = "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): converts into a steerlm checkpoint
+    peft = "peft"  # a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors): export only
 
 
 def input_format(path: Path) -> ModelFormat:

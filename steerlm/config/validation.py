@@ -226,6 +226,16 @@ def validate_train_config(
             "use optim.name=adam or parallel.use_distributed_optimizer=false",
         )
     validate_batch(cfg.trainer, cfg.model, cfg.parallel, dp)
+    cfg.lora.validate()
+    if cfg.lora.enabled and this_machine:
+        if resolve_transformer_impl(cfg.model, accelerator) == TransformerImpl.transformer_engine:
+            raise ConfigError(
+                "model.transformer_impl",
+                cfg.model.transformer_impl.value,
+                "selects Transformer Engine's layers, whose fused input norms the adapters would have to repeat; "
+                "LoRA is implemented and tested on megatron-core's local layers",
+                "set model.transformer_impl=local for a LoRA run (lora.rank > 0)",
+            )
     return dp
 
 

@@ -117,6 +117,41 @@ def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, model: ModelConfig) 
     raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
 
 
+# What PEFT adapts in an HF Llama for each megatron layer steerlm adapts: a fused megatron layer is several HF
+# projections, which share its A (the same input) and split its B's rows like the weight's.
+LORA_PROJECTIONS = {
+    "linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "linear_proj": ("self_attn", ("o_proj",)),
+    "linear_fc1": ("mlp", ("gate_proj", "up_proj")),
+    "linear_fc2": ("mlp", ("down_proj",)),
+}
+PEFT_PREFIX = "base_model.model."  # PEFT's name of the wrapped LlamaForCausalLM in adapter_model.safetensors
+
+
+def megatron_lora_to_peft_tensors(
+    name: str, tensor: torch.Tensor, model: ModelConfig
+) -> list[tuple[str, torch.Tensor]]:
+    """The PEFT adapter tensors (name as `adapter_model.safetensors` holds it, view) of one full adapter matrix
+    `decoder.layers.N.<parent>.<linear>.lora_a|lora_b` (steerlm.models.lora)."""
+    match = _LAYER.match(name)
+    if match is None:
+        raise KeyError(f"{name!r} is not a layer's adapter")
+    module, matrix = match.group(2).rsplit(".", 1)
+    linear = module.rsplit(".", 1)[-1]
+    parent, projections = LORA_PROJECTIONS[linear]
+    if matrix == "lora_a":
+        parts: tuple[torch.Tensor, ...] = (tensor,) * len(projections)
+    elif linear == "linear_qkv":
+        parts = _split_qkv(tensor, model)
+    elif linear == "linear_fc1":
+        parts = split_fc1(tensor)
+    else:
+        parts = (tensor,)
+    which = "lora_A" if matrix == "lora_a" else "lora_B"
+    prefix = f"{PEFT_PREFIX}model.layers.{match.group(1)}.{parent}"
+    return [(f"{prefix}.{projection}.{which}.weight", part) for projection, part in zip(projections, parts)]
+
+
 def vocab_padding(name: str, tensor: torch.Tensor, model: ModelConfig) -> torch.Tensor | None:
     """The padding rows (beyond `model.vocab_size`) of a vocabulary parameter, which HF tensors drop; None for
     other parameters or an unpadded vocabulary."""

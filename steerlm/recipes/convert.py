@@ -4,6 +4,7 @@
     python recipes/convert.py input=runs/apm output=exports/apm            # → LlamaForSequenceClassification
     torchrun --nproc-per-node 2 recipes/convert.py input=runs/big output=exports/big parallel=tp2  # rank by rank
     python recipes/convert.py input=exports/sft output=runs/sft_back parallel=pp2 to=steerlm     # and back
+    python recipes/convert.py input=runs/sft_lora output=exports/lora to=peft   # a LoRA run's adapters (PEFT)
 
 The direction follows from `input` (a steerlm run or checkpoint → hf; a Hugging Face directory → steerlm).
 """

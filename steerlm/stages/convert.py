@@ -21,6 +21,7 @@ from steerlm.runtime.layout import ParallelLayout
 from steerlm.stages.hf_export import export_to_hf
 from steerlm.stages.hf_import import import_to_steerlm
 from steerlm.stages.nemo_import import import_nemo
+from steerlm.stages.peft_export import export_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ CONVERSIONS: dict[tuple[ModelFormat, ModelFormat], Callable[[ConvertConfig, Para
     (ModelFormat.steerlm, ModelFormat.hf): export_to_hf,
     (ModelFormat.hf, ModelFormat.steerlm): import_to_steerlm,
     (ModelFormat.nemo, ModelFormat.steerlm): import_from_nemo,
+    (ModelFormat.steerlm, ModelFormat.peft): export_peft_adapter,  # a LoRA run's adapters
 }
 
 
@@ -46,7 +48,7 @@ def convert(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             "to",
             cfg.target.value,
             f"steerlm cannot convert {cfg.source.value} into {cfg.target.value}",
-            "convert steerlm → hf, or hf / nemo → steerlm",
+            "convert steerlm → hf (or a LoRA run's adapters → peft), or hf / nemo → steerlm",
         )
     with torch.no_grad():
         return conversion(cfg, layout)

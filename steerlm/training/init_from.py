@@ -35,6 +35,7 @@ from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
 from steerlm.models.hf_llama import SafetensorsWeights, check_hf_config, hf_to_megatron, read_hf_config
+from steerlm.models.lora import is_adapter
 from steerlm.models.nemo_config import check_nemo_model
 from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
@@ -154,14 +155,18 @@ def load_init_weights(
     def fresh_head(name: str) -> bool:
         return _is_head(name) and not source.has_head
 
+    def fresh(name: str) -> bool:  # a LoRA run's adapters start fresh from any source
+        return fresh_head(name) or is_adapter(name)
+
     if source.format == InitFormat.hugging_face:
-        names = [name for name, _ in named_global_parameters(setup.chunks) if not _is_head(name)]
+        names = [name for name, _ in named_global_parameters(setup.chunks) if not (_is_head(name) or is_adapter(name))]
         full = hf_to_megatron(SafetensorsWeights(source.path), model, names)
-        load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=_is_head)
+        load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=lambda n: _is_head(n) or is_adapter(n))
     elif source.format == InitFormat.nemo:
         with NemoCheckpoint(source.path) as archive:
-            archive.load_into(setup.chunks, layout.tp_rank, layout.tp, keep=fresh_head)
+            archive.load_into(setup.chunks, layout.tp_rank, layout.tp, keep=fresh)
     else:
+        # a steerlm checkpoint's own adapters are merged into its weights; this run's keep their values
         load_weights(source.path, setup.model, layout, model, keep=fresh_head, verify=verify)
     setup.optimizer.reload_model_params()
     head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))

@@ -15,6 +15,7 @@ from megatron.core.transformer.module import Float16Module
 from steerlm import megatron_compat
 from steerlm.config.schema import DType, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig, TrainerConfig
 from steerlm.config.validation import Accelerator, resolve_torch_compile
+from steerlm.models import lora
 from steerlm.models.gpt import build_model_chunks, torch_dtype
 from steerlm.runtime.layout import ParallelLayout
 
@@ -129,9 +130,12 @@ def compile_layers(chunks: list) -> None:
 def build_training(
     cfg: TrainConfig, layout: ParallelLayout, model_provider: ModelProvider = build_model_chunks
 ) -> TrainingSetup:
-    """Build (via `model_provider`, e.g. a GPT with a regression head), compile when configured, wrap and attach
-    the optimizer."""
+    """Build (via `model_provider`, e.g. a GPT with a regression head), add LoRA adapters when `lora.rank` > 0
+    (the base weights then stay frozen), compile when configured, wrap and attach the optimizer."""
     chunks = model_provider(cfg.model, cfg.precision, layout, cfg.trainer.seed)
+    if cfg.lora.enabled:
+        lora.attach(chunks, cfg.lora, cfg.trainer.seed)
+        lora.freeze_base(chunks)
     accelerator = Accelerator.cpu if layout.uses_cpu else Accelerator.cuda
     if resolve_torch_compile(cfg.trainer, cfg.parallel, accelerator):
         compile_layers(chunks)

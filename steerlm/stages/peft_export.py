@@ -1,0 +1,137 @@
+"""`recipes/convert.py to=peft`: a LoRA run's adapters as a PEFT adapter directory.
+
+The directory holds `adapter_config.json` and `adapter_model.safetensors` as PEFT's `save_pretrained` writes them
+for an HF Llama (and, for a run with a tokenizer, the tokenizer with its steering chat template, as the `to=hf`
+export writes it), so `PeftModel.from_pretrained(base, directory)`, vLLM (`--enable-lora --lora-modules
+name=directory`) and TGI (`LORA_ADAPTERS`) serve it on the base model the run started from, next to other
+adapters of the same base. A fused megatron layer is several HF projections: `linear_qkv`'s adapters become
+q_proj/k_proj/v_proj's (one A shared, B's rows split by head), `linear_fc1`'s gate_proj/up_proj's
+(`steerlm.models.hf_llama.megatron_lora_to_peft_tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from steerlm import runtime
+from steerlm.checkpoint.sharded import load_weights, read_meta
+from steerlm.config import ConfigError, PrecisionConfig
+from steerlm.config.convert import ConvertConfig
+from steerlm.config.validation import validate_model_layout
+from steerlm.files import atomic_write_text
+from steerlm.models.gpt import build_model_chunks, torch_dtype
+from steerlm.models.hf_llama import LORA_PROJECTIONS, megatron_lora_to_peft_tensors
+from steerlm.models.lora import is_adapter
+from steerlm.models.sharding import gather_full, named_global_parameters
+from steerlm.runtime.layout import ParallelLayout
+from steerlm.stages.export_files import export_tokenizer_checked
+from steerlm.stages.export_source import ExportSource, ModelKind, read_export_source
+from steerlm.tokenizers import load_tokenizer
+
+log = logging.getLogger(__name__)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _base_model(saved: DictConfig) -> str | None:
+    """The weights the run started from (its stage's `init_from`), as PEFT's `base_model_name_or_path`."""
+    for section in saved.values():
+        if isinstance(section, DictConfig) and section.get("init_from"):
+            return str(section.init_from)
+    return None
+
+
+def adapter_config(source: ExportSource, lora: dict) -> dict:
+    """PEFT's LoraConfig of these adapters, as `adapter_config.json` holds it."""
+    targets = [projection for target in lora["targets"] for projection in LORA_PROJECTIONS[target][1]]
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": _base_model(source.saved),
+        "r": lora["rank"],
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+
+
+def _check(cfg: ConvertConfig, source: ExportSource) -> dict:
+    lora = read_meta(source.path).lora
+    if lora is None:
+        raise ConfigError(
+            "input",
+            cfg.input,
+            "holds no LoRA adapters (its run trained every weight: lora.rank=0)",
+            "export the whole model with to=hf",
+        )
+    if source.kind == ModelKind.regression_apm:
+        raise ConfigError(
+            "to",
+            "peft",
+            f"{cfg.input} is a regression APM, whose attribute head trained in full beside the adapters: a causal "
+            "LM's PEFT adapter has no place for it",
+            "export the merged model with to=hf (a LlamaForSequenceClassification)",
+        )
+    return lora
+
+
+def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
+    """Collective: write the PEFT adapter directory `cfg.output` from the LoRA checkpoint `cfg.input`."""
+    source = read_export_source(cfg.input, cfg.tokenizer_path)
+    lora = _check(cfg, source)
+    validate_model_layout(source.model, cfg.parallel, runtime.detect_accelerator())
+    chunks = build_model_chunks(source.model, PrecisionConfig(dtype=source.dtype), layout, cfg.seed)
+    load_weights(source.path, chunks, layout, source.model, merge_adapters=False)
+    dtype = torch_dtype(cfg.dtype or source.dtype)
+    local = {}
+    for name, param in named_global_parameters(chunks):
+        if is_adapter(name):
+            full = gather_full(param.detach(), param, layout.pg_collection.tp)
+            if layout.tp_rank == 0:
+                local[name] = full.cpu()
+    gathered: list[dict] = [{} for _ in range(layout.world_size)]
+    dist.all_gather_object(gathered, local)
+    output = Path(cfg.output).resolve()
+    if layout.is_rank_zero:
+        adapters = {name: tensor for part in gathered for name, tensor in part.items()}
+        tensors = {
+            peft_name: part.to(dtype=dtype, copy=True).contiguous()  # q, k, v (gate, up) share A: a copy each
+            for name in sorted(adapters)
+            for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model)
+        }
+        partial = output.parent / f".{output.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_file(tensors, str(partial / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if source.tokenizer is not None:  # the steering chat template travels with the adapter
+            tokenizer = load_tokenizer(source.tokenizer.type.value, source.tokenizer.path)
+            export_tokenizer_checked(cfg, source, tokenizer, partial)
+        atomic_write_text(partial / ADAPTER_CONFIG, json.dumps(adapter_config(source, lora), indent=2) + "\n")
+        if output.is_dir():
+            output.rmdir()  # validated empty
+        os.replace(partial, output)
+        log.info(
+            "exported the LoRA adapters of %s (step %d, rank %d, %d tensors) to %s",
+            source.path,
+            source.step,
+            lora["rank"],
+            len(tensors),
+            output,
+        )
+    dist.barrier()
+    return output
