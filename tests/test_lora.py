@@ -277,19 +277,24 @@ RUN = ["lora.rank=4", "lora.alpha=8", "trainer.log_interval=5", "trainer.eval_in
 
 @pytest.mark.slow
 def test_a_lora_run_learns_and_resumes_at_another_layout(tmp_path: Path) -> None:
-    """The demo recipe with adapters: 30 steps at one rank equal 15 at TP=2 then 15 more at one rank, the frozen
-    base's loss falls, and a resume with other adapters (or none) is refused naming lora.rank."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    """The demo recipe with adapters: 30 steps at one rank equal 15 at TP=2 (or at DP=2 with the distributed
+    optimizer, its Adam state sharded) then 15 more at one rank, the frozen base's loss falls, and a resume with
+    other adapters (or none) is refused naming lora.rank."""
+    straight, resumed, sharded = tmp_path / "straight", tmp_path / "resumed", tmp_path / "sharded"
+    distributed = "parallel.use_distributed_optimizer=true"
     for args, launcher in (
         ([*RUN, "trainer.max_steps=30", f"output_dir={straight}"], None),
         ([*RUN, "trainer.max_steps=15", "parallel=tp2", f"output_dir={resumed}"], TORCHRUN_2),
         ([*RUN, "trainer.max_steps=30", f"output_dir={resumed}"], None),
+        ([*RUN, distributed, "trainer.max_steps=15", f"output_dir={sharded}"], TORCHRUN_2),
+        ([*RUN, distributed, "trainer.max_steps=30", f"output_dir={sharded}"], None),
     ):
         result = run_recipe("demo", args, launcher)
         assert result.returncode == 0, result.stderr[-3000:]
-    first, last = summary(straight), summary(resumed)
-    assert last["start_step"] == 15
-    assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-5)
+    first = summary(straight)
+    for run in (resumed, sharded):
+        assert summary(run)["start_step"] == 15
+        assert train_losses(run) == pytest.approx(train_losses(straight), rel=1e-5)
     assert first["final_valid_loss"] < first["initial_valid_loss"] - 0.5
     assert read_meta(resolve_checkpoint(straight)).lora == LORA.describe()
     for other in ("lora.rank=8", "lora.rank=0"):
