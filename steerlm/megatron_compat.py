@@ -45,6 +45,13 @@ patches megatron, overrides a private method or reads a private attribute.
    (`dst.copy_(src * scale)`: a temporary and a second pass per tensor) through the module-level name
    `multi_tensor_scale_impl` of `optimizer.clip_grads` and `optimizer.optimizer`; steerlm rebinds those names to
    a drop-in that multiplies into `dst` (the same products).
+11. A linear layer's extra parameters in checkpoints (`extra_linear_sharded_state`): LoRA's adapters
+   (`steerlm.models.lora`) are parameters of megatron's `ColumnParallelLinear` / `RowParallelLinear`, whose
+   `sharded_state_dict` makes every parameter but `weight` / `bias` a replicated ShardedTensor. The layer gets an
+   instance-level `sharded_state_dict` (megatron's modules call their children's by attribute) that adds the
+   adapters' own: `transformer.utils.make_sharded_tensors_for_checkpoint` with a TP axis per tensor (reading the
+   layer's `tp_group` and `metadata["dp_cp_group"]`) and, for SwiGLU's fc1, `transformer.mlp.
+   apply_swiglu_sharded_factory`, which `MLP.sharded_state_dict` applies to fc1's weight and bias only.
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
 new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test
@@ -592,3 +599,36 @@ def use_single_pass_scale() -> None:
     for module in (clip_grads, base):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = _multi_tensor_scale
+
+
+# --- 11. a linear layer's extra parameters in checkpoints ---------------------------------------------------
+
+
+def extra_linear_sharded_state(
+    linear: Any,
+    tensors: dict[str, torch.Tensor],
+    axes: dict[str, int],
+    swiglu: tuple[str, ...],
+    prefix: str,
+    sharded_offsets: tuple,
+    metadata: dict | None,
+) -> dict:
+    """`linear`'s own sharded state plus ShardedTensors for `tensors` (parameters it holds beside its weight): split
+    over the TP group along `axes[name]`, replicated when a name has no axis, the names in `swiglu` laid out as
+    megatron lays out SwiGLU's fc1 ([gate; up] whatever the TP size), so they load at any layout."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    state = type(linear).sharded_state_dict(linear, prefix, sharded_offsets, metadata)
+    extra = make_sharded_tensors_for_checkpoint(
+        tensors,
+        prefix,
+        axes,
+        sharded_offsets,
+        tp_group=linear.tp_group,
+        dp_cp_group=(metadata or {}).get("dp_cp_group"),
+    )
+    for name in swiglu:
+        extra[f"{prefix}{name}"] = apply_swiglu_sharded_factory(extra[f"{prefix}{name}"], sharded_offsets)
+    state.update(extra)
+    return state

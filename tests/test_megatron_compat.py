@@ -21,6 +21,7 @@ from steerlm.megatron_compat import (
     GPTModelWithOwnHead,
     SDPACoreAttention,
     check_megatron_version,
+    extra_linear_sharded_state,
     pack_qkv,
     split_fc1,
     split_qkv,
@@ -466,3 +467,36 @@ def test_single_pass_scale_replaces_megatrons_local_fallback_with_the_same_produ
     megatron_compat._multi_tensor_scale(0, None, [[master], [ours]], 1.0)
     utils.local_multi_tensor_scale(0, None, [[master], [theirs]], 1.0)
     assert torch.equal(ours, theirs)
+
+
+# 11. a linear layer's extra parameters in checkpoints
+
+
+def test_extra_linear_parameters_get_sharded_tensors_that_megatron_keys_globally(layout):
+    """Extra tensors on fc1 (SwiGLU) and fc2 of the second layer: their ShardedTensors stack the layers as megatron
+    stacks the weights (the layer an offset on a leading axis), carry the TP axis asked for (the factory for
+    SwiGLU's), and a model's state holds them beside the weight."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    model = build_model_chunks(replace(TEST_MODEL, num_layers=2), PrecisionConfig(), layout, seed=3)[0]
+    fc1, fc2 = model.decoder.layers[1].mlp.linear_fc1, model.decoder.layers[1].mlp.linear_fc2
+    extra = {
+        "fc1": torch.nn.Parameter(torch.zeros(fc1.weight.shape[0], 4)),
+        "fc2": torch.nn.Parameter(torch.zeros(4, 8)),
+    }
+    fc1.register_parameter("extra", extra["fc1"])
+    fc2.register_parameter("extra", extra["fc2"])
+    fc1.sharded_state_dict = lambda prefix="", offsets=(), metadata=None: extra_linear_sharded_state(
+        fc1, {"extra": extra["fc1"]}, {"extra": 0}, ("extra",), prefix, offsets, metadata
+    )
+    fc2.sharded_state_dict = lambda prefix="", offsets=(), metadata=None: extra_linear_sharded_state(
+        fc2, {"extra": extra["fc2"]}, {"extra": 1}, (), prefix, offsets, metadata
+    )
+    state = model.sharded_state_dict()
+    swiglu, row = state["decoder.layers.1.mlp.linear_fc1.extra"], state["decoder.layers.1.mlp.linear_fc2.extra"]
+    weight = state["decoder.layers.1.mlp.linear_fc2.weight"]
+    assert isinstance(swiglu, ShardedTensorFactory) and swiglu.key == "decoder.layers.mlp.linear_fc1.extra"
+    assert isinstance(row, ShardedTensor) and row.key == "decoder.layers.mlp.linear_fc2.extra"
+    assert (row.global_shape, row.global_offset) == ((2, 4, 8), (1, 0, 0))
+    assert (weight.global_shape[0], weight.global_offset[0]) == (2, 1)  # megatron's own stacking of the layers
+    assert isinstance(state["decoder.layers.1.mlp.linear_fc1.weight"], ShardedTensorFactory)  # megatron's own

@@ -38,10 +38,9 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from steerlm.config.schema import LoraConfig
+from steerlm.megatron_compat import extra_linear_sharded_state
 from steerlm.models.sharding import shard
 
 A = "lora_a"
@@ -154,20 +153,16 @@ def _sharded_state_dict(adapted: Adapted, prefix: str, sharded_offsets: tuple, m
     """The layer's own sharded state, its adapters split like its weight (B's rows for a column layer, with
     SwiGLU's gate/up layout; A's columns for a row layer), so a checkpoint loads at any TP size."""
     linear = adapted.linear
-    state = type(linear).sharded_state_dict(linear, prefix, sharded_offsets, metadata)
-    axis = {B: 0} if adapted.column else {A: 1}
-    adapters = make_sharded_tensors_for_checkpoint(
+    swiglu = (B,) if adapted.column and getattr(linear.weight, "partition_stride", 1) == 2 else ()
+    return extra_linear_sharded_state(
+        linear,
         {A: adapted.a, B: adapted.b},
+        {B: 0} if adapted.column else {A: 1},
+        swiglu,
         prefix,
-        axis,
         sharded_offsets,
-        tp_group=linear.tp_group,
-        dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        metadata,
     )
-    if adapted.column and getattr(linear.weight, "partition_stride", 1) == 2:
-        adapters[f"{prefix}{B}"] = apply_swiglu_sharded_factory(adapters[f"{prefix}{B}"], sharded_offsets)
-    state.update(adapters)
-    return state
 
 
 def attach(chunks: list, cfg: LoraConfig, seed: int) -> list[Adapted]:
