@@ -7,6 +7,12 @@ Trainer's default `adamw_torch_fused` runs it, eager) on the same Llama shape, o
     python bench/train_throughput.py --preset small --seq-length 256 --micro-batch-size 2 --dtype fp32 \\
         --warmup 1 --steps 2 --rounds 3                                                          # CPU
     python bench/train_throughput.py ... --prompt-fraction 0.5                                   # SFT-shaped
+    python bench/train_throughput.py ... --lora-rank 16                                          # LoRA
+
+`--lora-rank R` trains low-rank adapters on every linear layer of a frozen model on both sides (steerlm's
+`lora.rank=R`, HF with PEFT's LoraConfig on q/k/v/o/gate/up/down_proj, alpha 2R, the optimizer over the adapters
+only) and adds a third side, `full`: steerlm training every weight, so the LoRA step's cost is measured against
+full fine-tuning in the same run.
 
 `--prompt-fraction F` makes it an SFT step: the first F of every row's positions are prompt, trained by neither
 side (steerlm's `loss_mask` 0, which its chunked loss skips; HF's labels -100, as TRL's completion-only loss
@@ -16,7 +22,7 @@ On GPU each side is built, timed (mean step after warm-up) and freed in turn, so
 CPU, where other processes share the cores, both are built and timed in alternating rounds of `--steps` steps,
 and each side's median step is reported, so both see the same load. Prints ms/step, tokens/s, model TFLOP/s,
 peak memory (GPU) and the steerlm / HF throughput ratio; `--json` also writes them to a file. Where
-`parallel.cpu_matmul=auto` picks oneDNN (AMD CPUs), a third side, `blas`, is steerlm on torch's BLAS: the
+`parallel.cpu_matmul=auto` picks oneDNN (AMD CPUs), another side, `blas`, is steerlm on torch's BLAS: the
 ratio of the two is what oneDNN's products give.
 """
 
@@ -33,9 +39,9 @@ import torch
 
 from steerlm import megatron_compat, runtime
 from steerlm.config import DType, ParallelConfig, PrecisionConfig, TrainerConfig, compose, to_typed
-from steerlm.config.schema import CpuMatmul, ModelConfig
-from steerlm.models import build_model_chunks
-from steerlm.models.hf_llama import hf_config_dict
+from steerlm.config.schema import CpuMatmul, LoraConfig, ModelConfig
+from steerlm.models import build_model_chunks, lora
+from steerlm.models.hf_llama import LORA_PROJECTIONS, hf_config_dict
 from steerlm.runtime import ParallelLayout
 from steerlm.runtime.cpu_matmul import matmul, routable, use_onednn
 from steerlm.training import build_optimizer, microbatches_for_rank, train_step, wrap_for_training
@@ -73,12 +79,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, prompt: int, device: torch.device) -> Step:
+def hf_step(
+    model: ModelConfig,
+    dtype: DType,
+    rows: int,
+    seq_length: int,
+    prompt: int,
+    device: torch.device,
+    adapters: LoraConfig | None = None,
+) -> Step:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = {k: v for k, v in hf_config_dict(model).items() if k not in ("architectures", "model_type")}
     hf = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).to(device).train()
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
+    if adapters is not None:
+        import peft
+
+        projections = sorted({p for target in adapters.targets for p in LORA_PROJECTIONS[target][1]})
+        settings = peft.LoraConfig(r=adapters.rank, lora_alpha=adapters.alpha, target_modules=projections)
+        hf = peft.get_peft_model(hf, settings).train()
+    trained = [param for param in hf.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, fused=True)
     tokens = _batch(model, rows, seq_length, prompt)["tokens"].to(device)
     labels = tokens.clone()
     labels[:, : prompt + 1] = -100  # HF shifts labels: position i predicts label i + 1, as steerlm's position i
@@ -90,7 +111,7 @@ def hf_step(model: ModelConfig, dtype: DType, rows: int, seq_length: int, prompt
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = hf(input_ids=tokens, labels=labels).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -106,6 +127,7 @@ def steerlm_step(
     compile_model: bool,
     layout: ParallelLayout,
     cpu_products: CpuMatmul = CpuMatmul.auto,
+    adapters: LoraConfig | None = None,
 ) -> Step:
     # the route is per process: each step installs its own, so sides with different ones alternate fairly
     route = (routable, matmul) if layout.device.type == "cpu" and use_onednn(cpu_products) else None
@@ -113,6 +135,9 @@ def steerlm_step(
     trainer = TrainerConfig(micro_batch_size=rows, global_batch_size=rows, seq_length=seq_length, max_steps=10**6)
     cfg = to_typed(compose("demo", ["optim.lr=1e-5", "optim.min_lr=1e-6", "optim.lr_warmup_steps=0"]))
     chunks = build_model_chunks(model, precision, layout, seed=1)
+    if adapters is not None:
+        lora.attach(chunks, adapters, seed=1)
+        lora.freeze_base(chunks)
     if compile_model:
         compile_layers(chunks)
     wrapped = wrap_for_training(chunks, precision, False, layout)
@@ -178,6 +203,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds of --steps steps")
     parser.add_argument("--prompt-fraction", type=float, default=0.0, help="SFT: untrained share of each row")
+    parser.add_argument("--lora-rank", type=int, help="LoRA on both sides (alpha 2R), and steerlm's full step too")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     overrides = [f"model={args.preset}"] + ([f"model.num_layers={args.layers}"] if args.layers else [])
@@ -189,13 +215,19 @@ def main() -> None:
     prompt = round(args.prompt_fraction * seq)
     if not 0 <= prompt < seq:
         parser.error(f"--prompt-fraction {args.prompt_fraction}: must leave at least one trained position, in [0, 1)")
+    adapters = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else None
     layout = runtime.initialize(ParallelConfig(), seed=1)
+    auto = CpuMatmul.auto
     builders = {
-        "hf": lambda: hf_step(model, dtype, rows, seq, prompt, device),
-        "steerlm": lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout),
+        "hf": lambda: hf_step(model, dtype, rows, seq, prompt, device, adapters),
+        "steerlm": lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout, auto, adapters),
     }
-    if device.type == "cpu" and use_onednn(CpuMatmul.auto):  # also steerlm on torch's BLAS, as elsewhere
-        builders["blas"] = lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout, CpuMatmul.blas)
+    if adapters is not None:
+        builders["full"] = lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout)
+    if device.type == "cpu" and use_onednn(auto):  # also steerlm on torch's BLAS, as elsewhere
+        builders["blas"] = lambda: steerlm_step(
+            model, dtype, rows, seq, prompt, compile_model, layout, CpuMatmul.blas, adapters
+        )
     if device.type == "cuda":
         results = measure_in_turn(builders, device, args.warmup, args.steps)
     else:
@@ -207,6 +239,7 @@ def main() -> None:
         f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''} ({model.num_parameters() / 1e9:.3f}B) "
         f"{args.dtype} seq {seq} x micro batch {rows} on {name}, steerlm compile {'on' if compile_model else 'off'}"
         + (f", SFT: first {prompt} positions of each row untrained" if prompt else "")
+        + (f", LoRA rank {adapters.rank} on both sides (full: steerlm training every weight)" if adapters else "")
     )
     for key, result in results.items():
         result.update(tokens_per_s=tokens / result["seconds"], tflops=per_token * tokens / result["seconds"] / 1e12)
@@ -217,6 +250,9 @@ def main() -> None:
         )
     ratio = results["hf"]["seconds"] / results["steerlm"]["seconds"]
     print(f"  ratio steerlm / hf (throughput): {ratio:.3f}")
+    if "full" in results:
+        gain = results["full"]["seconds"] / results["steerlm"]["seconds"]
+        print(f"  ratio steerlm LoRA / steerlm full fine-tuning (throughput): {gain:.3f}")
     if "blas" in results:
         gain = results["blas"]["seconds"] / results["steerlm"]["seconds"]
         print(f"  ratio steerlm / steerlm on torch's BLAS (parallel.cpu_matmul=blas): {gain:.3f}")
@@ -229,6 +265,7 @@ def main() -> None:
                 "seq_length": seq,
                 "micro_batch_size": rows,
                 "prompt": prompt,
+                "lora_rank": args.lora_rank,
                 "device": name,
             }
             json.dump({**shape, **results, "ratio": ratio}, out)

@@ -316,3 +316,24 @@ def test_lora_on_transformer_engine_layers_is_refused(monkeypatch) -> None:
     replace(cfg, model=replace(cfg.model, transformer_impl=TransformerImpl.local)).validate(
         1, validation.Accelerator.cuda
     )
+
+
+@pytest.mark.slow
+def test_the_training_benchmark_compares_lora_with_peft_and_with_full_fine_tuning(tmp_path: Path) -> None:
+    """`bench/train_throughput.py --lora-rank`: steerlm's LoRA step, HF's with PEFT and steerlm's full step."""
+    import subprocess
+    import sys
+
+    from tests.recipe_runner import ROOT, recipe_env
+
+    out = tmp_path / "lora.json"
+    args = ["--preset", "tiny", "--seq-length", "32", "--dtype", "fp32", "--warmup", "1", "--steps", "1"]
+    command = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), *args, "--rounds", "1"]
+    result = subprocess.run(
+        [*command, "--lora-rank", "2", "--json", str(out)], cwd=ROOT, env=recipe_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(out.read_text())
+    assert measured["lora_rank"] == 2 and {"hf", "steerlm", "full"} <= set(measured)
+    assert all(measured[side]["seconds"] > 0 for side in ("hf", "steerlm", "full"))
+    assert "ratio steerlm LoRA / steerlm full fine-tuning" in result.stdout
