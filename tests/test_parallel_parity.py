@@ -63,7 +63,8 @@ TE_RELATIVE = 1e-4
 TE_TWO_RANK = tuple(
     replace(s, name=f"{s.name}_te", transformer_impl=TE) for s in TWO_RANK if s.name in ("tp2", "pp2", "dp2", "tp2_sgd")
 )
-TE_FOUR_RANK = tuple(replace(s, name=f"{s.name}_te", transformer_impl=TE) for s in FOUR_RANK)
+# LoRA runs on the local layers only (a LoRA config with Transformer Engine's is refused: docs/sft.md#lora)
+TE_FOUR_RANK = tuple(replace(s, name=f"{s.name}_te", transformer_impl=TE) for s in FOUR_RANK if s.lora is None)
 
 
 def _with_te(ranks: int):
@@ -90,7 +91,7 @@ def four_rank() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def te_reference() -> dict:
-    return run_distributed(run_all, 1, [replace(s, transformer_impl=TE) for s in REFERENCES])[0]
+    return run_distributed(run_all, 1, [replace(s, transformer_impl=TE) for s in REFERENCES if s.lora is None])[0]
 
 
 _TE_RUNS: dict[int, list[dict]] = {}
