@@ -337,3 +337,15 @@ def test_the_training_benchmark_compares_lora_with_peft_and_with_full_fine_tunin
     assert measured["lora_rank"] == 2 and {"hf", "steerlm", "full"} <= set(measured)
     assert all(measured[side]["seconds"] > 0 for side in ("hf", "steerlm", "full"))
     assert "ratio steerlm LoRA / steerlm full fine-tuning" in result.stdout
+
+
+def test_a_peft_export_refused_for_its_chat_template_leaves_nothing(layout, saved: dict, tmp_path: Path) -> None:
+    """The tokenizer and its template are checked before any weight is read; a refusal removes the partial export
+    (and at more ranks reaches every rank, as the HF export's does)."""
+    out = tmp_path / "adapter"
+    cfg = ConvertConfig(input=str(saved["run"]), output=str(out), to=ModelFormat.peft, attributes={"creativity": 2.0})
+    cfg.validate()
+    with pytest.raises(ConfigError) as error:
+        convert(cfg, layout)
+    assert error.value.key.startswith("attributes") and "creativity" in str(error.value)
+    assert not out.exists() and not (tmp_path / ".adapter.partial").exists()

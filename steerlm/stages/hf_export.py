@@ -115,7 +115,7 @@ def _routes(
     return routes
 
 
-def _agree(layout: ParallelLayout, error: ConfigError | None) -> None:
+def agree(layout: ParallelLayout, error: ConfigError | None) -> None:
     """Rank 0's refusal (or None) reaches every rank, which all raise it: no rank waits on one that stopped."""
     holder: list[Any] = [error]
     dist.broadcast_object_list(holder, src=0)
@@ -251,7 +251,7 @@ def export_to_hf(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         except ConfigError as refused:
             shutil.rmtree(partial, ignore_errors=True)
             error = refused
-    _agree(layout, error)
+    agree(layout, error)
     precision = PrecisionConfig(dtype=source.dtype)
     if source.num_attributes is not None:
         chunks = build_attribute_model_chunks(source.model, precision, layout, cfg.seed, source.num_attributes)

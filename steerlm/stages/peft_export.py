@@ -34,6 +34,7 @@ from steerlm.models.sharding import gather_full, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.stages.export_files import export_tokenizer_checked
 from steerlm.stages.export_source import ExportSource, ModelKind, read_export_source
+from steerlm.stages.hf_export import agree
 from steerlm.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,31 @@ def _check(cfg: ConvertConfig, source: ExportSource) -> dict:
     return lora
 
 
+def _prepare(cfg: ConvertConfig, source: ExportSource, partial: Path) -> None:
+    """Rank 0, before any weight: the directory and, for a run with a tokenizer, the tokenizer with its steering
+    chat template (checked as the `to=hf` export checks it), so a refusal comes before the work."""
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if source.tokenizer is not None:
+        tokenizer = load_tokenizer(source.tokenizer.type.value, source.tokenizer.path)
+        export_tokenizer_checked(cfg, source, tokenizer, partial)
+
+
 def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     """Collective: write the PEFT adapter directory `cfg.output` from the LoRA checkpoint `cfg.input`."""
     source = read_export_source(cfg.input, cfg.tokenizer_path)
     lora = _check(cfg, source)
     validate_model_layout(source.model, cfg.parallel, runtime.detect_accelerator())
+    output = Path(cfg.output).resolve()
+    partial = output.parent / f".{output.name}.partial"
+    error = None
+    if layout.is_rank_zero:
+        try:
+            _prepare(cfg, source, partial)
+        except ConfigError as refused:
+            shutil.rmtree(partial, ignore_errors=True)
+            error = refused
+    agree(layout, error)
     chunks = build_model_chunks(source.model, PrecisionConfig(dtype=source.dtype), layout, cfg.seed)
     load_weights(source.path, chunks, layout, source.model, merge_adapters=False)
     dtype = torch_dtype(cfg.dtype or source.dtype)
@@ -106,7 +127,6 @@ def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
                 local[name] = full.cpu()
     gathered: list[dict] = [{} for _ in range(layout.world_size)]
     dist.all_gather_object(gathered, local)
-    output = Path(cfg.output).resolve()
     if layout.is_rank_zero:
         adapters = {name: tensor for part in gathered for name, tensor in part.items()}
         tensors = {
@@ -114,13 +134,7 @@ def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             for name in sorted(adapters)
             for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model)
         }
-        partial = output.parent / f".{output.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
         save_file(tensors, str(partial / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if source.tokenizer is not None:  # the steering chat template travels with the adapter
-            tokenizer = load_tokenizer(source.tokenizer.type.value, source.tokenizer.path)
-            export_tokenizer_checked(cfg, source, tokenizer, partial)
         atomic_write_text(partial / ADAPTER_CONFIG, json.dumps(adapter_config(source, lora), indent=2) + "\n")
         if output.is_dir():
             output.rmdir()  # validated empty
