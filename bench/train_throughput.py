@@ -39,7 +39,8 @@ import torch
 
 from steerlm import megatron_compat, runtime
 from steerlm.config import DType, ParallelConfig, PrecisionConfig, TrainerConfig, compose, to_typed
-from steerlm.config.schema import CpuMatmul, LoraConfig, ModelConfig
+from steerlm.config.lora import LoraConfig
+from steerlm.config.schema import CpuMatmul, ModelConfig
 from steerlm.models import build_model_chunks, lora
 from steerlm.models.hf_llama import LORA_PROJECTIONS, hf_config_dict
 from steerlm.runtime import ParallelLayout

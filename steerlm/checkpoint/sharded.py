@@ -42,7 +42,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from steerlm.checkpoint.integrity import CheckpointError, verify_checksums, write_checksums
 from steerlm.checkpoint.writers import writers_die_with_parent
-from steerlm.config.schema import MODEL_SHAPE_FIELDS, LoraConfig, ModelConfig, TrainConfig
+from steerlm.config.lora import LoraConfig
+from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 
 # re-exported: callers import these from steerlm.config.schema
 from steerlm.config.attributes import AttributesConfig
+from steerlm.config.lora import LoraConfig
 from steerlm.config.sources import (  # noqa: F401
     HF_CONFIG_FILE,
     NEMO_CONFIG_FILE,
@@ -682,71 +683,6 @@ class CheckpointConfig:
             "must be >= 1",
             "keep at least the latest checkpoint",
         )
-
-
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # megatron's names of a layer's linears
-# NeMo's `model.peft.lora_tuning.target_modules` names for the same layers (what a NeMo config carries over)
-NEMO_LORA_TARGETS = {
-    "attention_qkv": ["linear_qkv"],
-    "attention_dense": ["linear_proj"],
-    "mlp_fc1": ["linear_fc1"],
-    "mlp_fc2": ["linear_fc2"],
-    "attention": ["linear_qkv", "linear_proj"],
-    "mlp": ["linear_fc1", "linear_fc2"],
-    "all": list(LORA_TARGETS),
-}
-
-
-@dataclass
-class LoraConfig:
-    """Low-rank adapters (LoRA): the model's weights stay frozen and each targeted linear layer learns
-    W + (alpha / rank) * B @ A, B starting at zero (NeMo's `model.peft.lora_tuning`, PEFT's LoraConfig).
-
-    The adapters follow the layer's tensor parallelism (docs/sft.md#lora); checkpoints hold the frozen weights
-    and the adapters, and everything that reads a checkpoint's weights (inference, export, init_from) gets
-    the merged W + (alpha / rank) * B @ A. rank 0 trains every weight, as without this section.
-    """
-
-    rank: int = 0  # NeMo's adapter_dim; 0: no adapters, full fine-tuning
-    alpha: float = 32.0  # the update is scaled by alpha / rank
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def validate(self) -> None:
-        require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0", "use 0 for full fine-tuning, e.g. 16 for LoRA")
-        if not self.enabled:
-            return
-        require(self.alpha > 0, "lora.alpha", self.alpha, "must be positive", "e.g. lora.alpha=32")
-        require(
-            len(self.targets) > 0,
-            "lora.targets",
-            self.targets,
-            "names no layer",
-            f"name some of {list(LORA_TARGETS)}",
-        )
-        for target in self.targets:
-            if target not in LORA_TARGETS:
-                megatron = NEMO_LORA_TARGETS.get(target)
-                fix = f"use {megatron} for NeMo's {target!r}" if megatron else f"use some of {list(LORA_TARGETS)}"
-                raise ConfigError("lora.targets", self.targets, f"{target!r} is not a layer steerlm adapts", fix)
-        require(
-            len(set(self.targets)) == len(self.targets),
-            "lora.targets",
-            self.targets,
-            "names a layer twice",
-            "name each layer once",
-        )
-
-    def describe(self) -> dict:
-        """What a checkpoint records of its adapters (and a resume compares)."""
-        return {"rank": self.rank, "alpha": float(self.alpha), "targets": list(self.targets)}
 
 
 @dataclass

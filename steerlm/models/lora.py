@@ -39,7 +39,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-from steerlm.config.schema import LoraConfig
+from steerlm.config.lora import LoraConfig
 from steerlm.megatron_compat import extra_linear_sharded_state
 from steerlm.models.sharding import shard
 
