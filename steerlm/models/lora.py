@@ -96,7 +96,7 @@ def _fresh_a(name: str, rank: int, full_in: int, seed: int) -> torch.Tensor:
     return full
 
 
-def _attach_one(name: str, linear: Any, cfg: LoraConfig, seed: int) -> Adapted:
+def _attach_one(name: str, linear: Any, cfg: LoraConfig, seed: int) -> None:
     column = name.rsplit(".", 1)[1] in COLUMN_PARALLEL
     weight = cast(torch.Tensor, linear.weight)
     out_local, in_local = weight.shape
@@ -115,9 +115,7 @@ def _attach_one(name: str, linear: Any, cfg: LoraConfig, seed: int) -> Adapted:
         a.copy_(shard(_fresh_a(name, cfg.rank, full_in, seed), a, tp_rank, tp))
     linear.register_parameter(A, a)
     linear.register_parameter(B, b)
-    adapted = Adapted(linear, column, cfg.scale, a, b, hook=None)
-    _install(adapted)
-    return adapted
+    _install(Adapted(linear, column, cfg.scale, a, b, hook=None))
 
 
 def _install(adapted: Adapted) -> None:
@@ -132,7 +130,7 @@ def _install(adapted: Adapted) -> None:
 
 def _add_low_rank(adapted: Adapted, x: torch.Tensor, output: tuple) -> tuple:
     out, bias = output
-    group, _, _ = _tp(adapted.linear)
+    group = adapted.linear.tp_group
     sequence_parallel = adapted.linear.config.sequence_parallel
     if adapted.column:
         if sequence_parallel:
@@ -165,13 +163,12 @@ def _sharded_state_dict(adapted: Adapted, prefix: str, sharded_offsets: tuple, m
     )
 
 
-def attach(chunks: list, cfg: LoraConfig, seed: int) -> list[Adapted]:
+def attach(chunks: list, cfg: LoraConfig, seed: int) -> None:
     """Add adapters to every targeted linear layer of `chunks` (GPTModels, not yet wrapped for training)."""
-    adapted = []
     for chunk in chunks:
-        adapted += [_attach_one(name, linear, cfg, seed) for name, linear in target_linears(chunk, cfg.targets)]
+        for name, linear in target_linears(chunk, cfg.targets):
+            _attach_one(name, linear, cfg, seed)
         setattr(chunk, CONFIG_ATTRIBUTE, cfg)
-    return adapted
 
 
 def freeze_base(chunks: list) -> None:
