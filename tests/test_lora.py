@@ -349,3 +349,19 @@ def test_a_peft_export_refused_for_its_chat_template_leaves_nothing(layout, save
         convert(cfg, layout)
     assert error.value.key.startswith("attributes") and "creativity" in str(error.value)
     assert not out.exists() and not (tmp_path / ".adapter.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_bf16_lora_run_resumes_on_its_loss_curve(tmp_path: Path) -> None:
+    """Under bf16 the adapters are bf16 parameters with fp32 master copies (Float16Module wraps the adapted model):
+    10 steps, a checkpoint and 10 more follow 20 straight steps."""
+    common = ["lora.rank=4", "lora.alpha=8", "trainer.log_interval=5", "trainer.eval_interval=10", "precision=bf16"]
+    common += ["trainer.micro_batch_size=8", "trainer.global_batch_size=8", "checkpoint.save_interval=10"]
+    common += ["optim.lr_decay_steps=20"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for steps, out in ((20, straight), (10, resumed), (20, resumed)):
+        result = run_recipe("demo", [*common, f"trainer.max_steps={steps}", f"output_dir={out}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(resumed)["start_step"] == 10
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=2e-3)
+    assert summary(straight)["final_valid_loss"] < summary(straight)["initial_valid_loss"] - 0.5
