@@ -58,12 +58,22 @@ class MemoryEstimate:
         )
 
 
-def _layer_parameters(model: ModelConfig, tp: int) -> int:
+def _linear_shapes(model: ModelConfig) -> dict[str, tuple[int, int, bool]]:
+    """A layer's four linear layers: (inputs, outputs, column-parallel) at their full shapes."""
     h, ffn, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d, 2 * model.query_groups * d
     gated = 2 if model.activation.value == "swiglu" else 1
-    matrices = (h * (q + kv) + q * h + h * ffn * gated + ffn * h) // tp
-    norms = 2 * h * (2 if model.normalization.value == "LayerNorm" else 1)
+    return {
+        "linear_qkv": (h, q + kv, True),
+        "linear_proj": (q, h, False),
+        "linear_fc1": (h, ffn * gated, True),
+        "linear_fc2": (ffn, h, False),
+    }
+
+
+def _layer_parameters(model: ModelConfig, tp: int) -> int:
+    matrices = sum(inputs * outputs for inputs, outputs, _ in _linear_shapes(model).values()) // tp
+    norms = 2 * model.hidden_size * (2 if model.normalization.value == "LayerNorm" else 1)
     return matrices + norms
 
 
@@ -72,15 +82,7 @@ def _layer_adapters(model: ModelConfig, tp: int, lora: LoraConfig) -> int:
     the other matrix of each replicated (steerlm.models.lora)."""
     if not lora.enabled:
         return 0
-    h, ffn, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
-    q, kv = model.num_attention_heads * d, 2 * model.query_groups * d
-    gated = 2 if model.activation.value == "swiglu" else 1
-    shapes = {  # (in, out, column-parallel)
-        "linear_qkv": (h, q + kv, True),
-        "linear_proj": (q, h, False),
-        "linear_fc1": (h, ffn * gated, True),
-        "linear_fc2": (ffn, h, False),
-    }
+    shapes = _linear_shapes(model)
     total = 0
     for target in lora.targets:
         inputs, outputs, column = shapes[target]

@@ -158,10 +158,14 @@ def load_init_weights(
     def fresh(name: str) -> bool:  # a LoRA run's adapters start fresh from any source
         return fresh_head(name) or is_adapter(name)
 
-    if source.format == InitFormat.hugging_face:
-        names = [name for name, _ in named_global_parameters(setup.chunks) if not (_is_head(name) or is_adapter(name))]
+    if source.format == InitFormat.hugging_face:  # HF weights have no head: a head starts fresh too
+
+        def kept(name: str) -> bool:
+            return _is_head(name) or is_adapter(name)
+
+        names = [name for name, _ in named_global_parameters(setup.chunks) if not kept(name)]
         full = hf_to_megatron(SafetensorsWeights(source.path), model, names)
-        load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=lambda n: _is_head(n) or is_adapter(n))
+        load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=kept)
     elif source.format == InitFormat.nemo:
         with NemoCheckpoint(source.path) as archive:
             archive.load_into(setup.chunks, layout.tp_rank, layout.tp, keep=fresh)
