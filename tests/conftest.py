@@ -38,6 +38,7 @@ LONGEST_FIRST = (
     "test_attribute_model.py",
     "test_convert.py",
     "test_lora.py",
+    "test_lora_checkpoints.py",
     "test_nemo_import.py",
     "test_launchers.py",
     "test_parallel_parity.py",

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from steerlm.checkpoint.sharded import load_weights
+from steerlm.checkpoint.sources import WeightFormat
 from steerlm.config import ConfigError, ModelConfig, Normalization, ParallelConfig, PrecisionConfig
 from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.store import shipped_attributes
@@ -27,7 +28,7 @@ from steerlm.models.nemo_weights import NemoCheckpoint, model_tensor_names
 from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.convert import convert
 from steerlm.stages.nemo_import import import_nemo
-from steerlm.training.init_from import InitFormat, load_init_weights, resolve_init_source
+from steerlm.training.init_from import load_init_weights, resolve_init_source
 from tests.multiproc import run_distributed
 from tests.nemo_archives import (
     ATTRIBUTES,
@@ -191,7 +192,7 @@ def _run_model(**changes) -> ModelConfig:
 
 def test_init_from_a_nemo_archive(layout, llama, archives) -> None:
     source = resolve_init_source("sft.init_from", str(archives["distributed"]), _run_model())
-    assert source is not None and source.format == InitFormat.nemo and not source.has_head
+    assert source is not None and source.format == WeightFormat.nemo and not source.has_head
     chunks = build_model_chunks(_run_model(), PrecisionConfig(), layout, seed=9)
     setup = SimpleNamespace(chunks=chunks, optimizer=SimpleNamespace(reload_model_params=lambda: None))
     load_init_weights(source, setup, layout, _run_model())  # type: ignore[arg-type]

@@ -15,6 +15,9 @@ stored by global name and offset, so a checkpoint written at one TP/PP layout lo
 (weights and Adam moments); RNG states are restored only at the layout they were saved with.
 A resume verifies the checksums (`checkpoint.verify`) and falls back from a damaged latest checkpoint to
 the newest intact one; every other load refuses a damaged checkpoint, naming the file.
+
+A LoRA run started from other weights saves its trained parameters alone (`lora.checkpoint`): its metadata names
+the base (`steerlm.checkpoint.sources.BaseWeights`), and every load reads the base first, then the adapters.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch.distributed.checkpoint import FileSystemReader
 
 from steerlm.checkpoint.integrity import CheckpointError, verify_checksums, write_checksums
+from steerlm.checkpoint.sources import BaseWeights, WeightFormat, read_foreign_weights
 from steerlm.checkpoint.writers import writers_die_with_parent
 from steerlm.config.lora import LoraConfig
 from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
@@ -57,11 +61,15 @@ log = logging.getLogger(__name__)
 class TrainingState(Protocol):
     """What a save needs of a training run (`steerlm.training.TrainingSetup` is one). Without an optimizer
     (and scheduler) the checkpoint holds weights only (`recipes/convert.py` and the `.nemo` import write such
-    from other formats): it loads as weights (`load_weights`) but cannot be resumed as a run."""
+    from other formats): it loads as weights (`load_weights`) but cannot be resumed as a run. With a `base` it
+    holds the trained parameters alone (`lora.trained`), the frozen ones being that base's."""
 
     model: list
     optimizer: Any
     scheduler: Any
+
+    @property
+    def base(self) -> BaseWeights | None: ...
 
 
 @dataclass
@@ -71,6 +79,7 @@ class WeightsOnly:
     model: list
     optimizer: None = None
     scheduler: None = None
+    base: None = None
 
 
 CHECKPOINTS = "checkpoints"
@@ -92,6 +101,7 @@ class CheckpointMeta:
     format: int = FORMAT
     weights_only: bool = False  # no optimizer, schedule or RNG to resume: a run starts from it with init_from
     lora: dict | None = None  # LoraConfig.describe() of the adapters it holds beside the frozen weights
+    base: dict | None = None  # BaseWeights of the frozen weights, when it holds only the trained ones
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -132,8 +142,15 @@ def _rng_object(layout: ParallelLayout, state: dict | None = None) -> ShardedObj
     )
 
 
-def _sharded_state(model: list, optimizer, layout: ParallelLayout, is_loading: bool, with_rng: bool) -> dict:
-    state: dict = {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
+def _sharded_state(
+    model: list, optimizer, layout: ParallelLayout, is_loading: bool, with_rng: bool, trained_only: bool = False
+) -> dict:
+    """The state a checkpoint holds; `trained_only`: of the model, the parameters a LoRA run trains alone."""
+    state: dict = {}
+    for key, chunk in zip(_model_keys(model), model):
+        state[key] = unwrap(chunk).sharded_state_dict()
+        if trained_only:
+            state[key] = {name: value for name, value in state[key].items() if lora.trained(name)}
     if optimizer is not None:
         # The distributed optimizer's layout-independent format (each parameter's state at its
         # full shape, so it loads at any TP/PP/DP size); the plain optimizer always stores it that way
@@ -253,7 +270,10 @@ def save_checkpoint(
     dist.barrier()
     use_in_process_save_queue()
     weights_only = setup.optimizer is None
-    state = _sharded_state(setup.model, setup.optimizer, layout, is_loading=False, with_rng=not weights_only)
+    base = setup.base
+    state = _sharded_state(
+        setup.model, setup.optimizer, layout, is_loading=False, with_rng=not weights_only, trained_only=bool(base)
+    )
     if not weights_only:
         state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
@@ -269,6 +289,7 @@ def save_checkpoint(
             _model_key(cfg.model),
             weights_only=weights_only,
             lora=adapters.describe() if adapters is not None else None,
+            base=asdict(base) if base is not None else None,
         )
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
     dist.barrier()
@@ -321,7 +342,8 @@ def load_checkpoint(
     and the model's own adapters (a LoRA run starting from these weights) keep their values. Weights whose
     state-dict name `keep` accepts are neither read nor changed (a head the checkpoint does not have). A damaged
     checkpoint is refused with a CheckpointError naming the file (`verify_checkpoint`; with `verify=False` the
-    checksums are skipped).
+    checksums are skipped). A checkpoint of adapters alone reads its base first (refused, naming the base's path,
+    when that is gone or changed).
     """
     verify_checkpoint(path, verify)
     meta = check_compatible(path, model_cfg)
@@ -335,13 +357,15 @@ def load_checkpoint(
     chunks = [unwrap(chunk) for chunk in model]
     if optimizer is not None:
         _check_same_adapters(path, meta.lora, lora.config_of(chunks[0]))
+        _read_base(path, meta, model, layout, model_cfg, verify)
         return _load(path, meta, model, optimizer, scheduler, layout, keep)
     own = lora.detach(chunks)
     if own[0] and not merge_adapters:
         raise ValueError("merge_adapters=False loads a checkpoint's adapters into a model without adapters")
-    if meta.lora is not None:
-        lora.attach(chunks, LoraConfig(**meta.lora), seed=0)  # their values come from the checkpoint
     try:
+        _read_base(path, meta, model, layout, model_cfg, verify)
+        if meta.lora is not None:
+            lora.attach(chunks, LoraConfig(**meta.lora), seed=0)  # their values come from the checkpoint
         step = _load(path, meta, model, None, None, layout, keep)
     except BaseException:
         lora.detach(chunks)
@@ -351,6 +375,40 @@ def load_checkpoint(
         lora.merge(chunks)
         lora.reattach(chunks, own)
     return step
+
+
+def read_weights(
+    format: WeightFormat,
+    path: Path,
+    model: list,
+    layout: ParallelLayout,
+    model_cfg: ModelConfig,
+    keep: Callable[[str], bool] = lambda name: False,
+    verify: bool = True,
+) -> None:
+    """Collective: the weights of a steerlm checkpoint (`load_weights`, its adapters merged), a Hugging Face
+    directory or a `.nemo` model, in this layout's shards. Parameters `keep` accepts, and the model's own adapters,
+    are left as they are."""
+    if format == WeightFormat.steerlm:
+        load_weights(path, model, layout, model_cfg, keep=keep, verify=verify)
+    else:
+        chunks = [unwrap(chunk) for chunk in model]
+        read_foreign_weights(
+            format, path, chunks, layout.tp_rank, layout.tp, model_cfg, lambda name: keep(name) or lora.is_adapter(name)
+        )
+
+
+def _read_base(
+    path: Path, meta: CheckpointMeta, model: list, layout: ParallelLayout, model_cfg: ModelConfig, verify: bool
+) -> None:
+    """The frozen weights of a checkpoint that holds only the trained ones: its base's (collective)."""
+    if meta.base is None:
+        return
+    base = BaseWeights(**meta.base)
+    base.check(path)
+    log.info("%s holds LoRA adapters alone: reading its base %s (%s)", path, base.path, base.format)
+    # the checkpoint holds the head; the model's own adapters are left alone by any read
+    read_weights(base.weight_format, Path(base.path), model, layout, model_cfg, keep=lora.is_head, verify=verify)
 
 
 def _check_same_adapters(path: Path, saved: dict | None, own: LoraConfig | None) -> None:
@@ -377,9 +435,14 @@ def _load(
     keep: Callable[[str], bool],
 ) -> int:
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
-    state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout)
+    trained_only = meta.base is not None  # its frozen weights came from its base
+
+    def skip(name: str) -> bool:
+        return keep(name) or (trained_only and not lora.trained(name))
+
+    state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout, trained_only=trained_only)
     for key in _model_keys(model):
-        state[key] = {name: value for name, value in state[key].items() if not keep(name)}
+        state[key] = {name: value for name, value in state[key].items() if not skip(name)}
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as error:  # torch's storage readers raise anything from EOFError to RuntimeError
@@ -391,7 +454,7 @@ def _load(
         ) from None
     for key, chunk in zip(_model_keys(model), model):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
-        if unexpected or not all(keep(name) for name in missing):
+        if unexpected or not all(skip(name) for name in missing):
             raise RuntimeError(f"{path}: state does not fit the model (missing {missing}, unexpected {unexpected})")
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from steerlm.errors import ConfigError, require
 
@@ -19,19 +20,29 @@ NEMO_LORA_TARGETS = {
 }
 
 
+class LoraCheckpoint(str, Enum):
+    """What a LoRA run's checkpoints hold besides the adapters (and an APM's head, which trains in full)."""
+
+    auto = "auto"  # `adapters` when the run starts from init_from, `full` when its base is its own initialisation
+    adapters = "adapters"  # the trained parameters alone; every read loads the base (init_from) first
+    full = "full"  # the frozen weights too: self-contained, the size of the model
+
+
 @dataclass
 class LoraConfig:
     """Low-rank adapters (LoRA): the model's weights stay frozen and each targeted linear layer learns
     W + (alpha / rank) * B @ A, B starting at zero (NeMo's `model.peft.lora_tuning`, PEFT's LoraConfig).
 
-    The adapters follow the layer's tensor parallelism (docs/sft.md#lora); checkpoints hold the frozen weights
-    and the adapters, and everything that reads a checkpoint's weights (inference, export, init_from) gets
-    the merged W + (alpha / rank) * B @ A. rank 0 trains every weight, as without this section.
+    The adapters follow the layer's tensor parallelism (docs/sft.md#lora). Checkpoints hold the adapters, and
+    the frozen weights too unless `checkpoint` keeps them in the base the run started from (NeMo's and PEFT's
+    adapter checkpoints); everything that reads a checkpoint's weights (inference, export, init_from) gets the
+    merged W + (alpha / rank) * B @ A. rank 0 trains every weight, as without this section.
     """
 
     rank: int = 0  # NeMo's adapter_dim; 0: no adapters, full fine-tuning
     alpha: float = 32.0  # the update is scaled by alpha / rank
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    checkpoint: LoraCheckpoint = LoraCheckpoint.auto
 
     @property
     def enabled(self) -> bool:
@@ -43,6 +54,13 @@ class LoraConfig:
 
     def validate(self) -> None:
         require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0", "use 0 for full fine-tuning, e.g. 16 for LoRA")
+        require(
+            self.enabled or self.checkpoint != LoraCheckpoint.adapters,
+            "lora.checkpoint",
+            self.checkpoint.value,
+            "saves adapters alone, but lora.rank=0 trains no adapters",
+            "set lora.rank (e.g. 16), or leave lora.checkpoint=auto",
+        )
         if not self.enabled:
             return
         require(self.alpha > 0, "lora.alpha", self.alpha, "must be positive", "e.g. lora.alpha=32")

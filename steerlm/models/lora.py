@@ -57,6 +57,17 @@ def is_adapter(name: str) -> bool:
     return name.endswith(f".{A}") or name.endswith(f".{B}")
 
 
+def is_head(name: str) -> bool:
+    """Whether a parameter is an APM's attribute head's."""
+    return name.startswith(f"{_HEAD}.")
+
+
+def trained(name: str) -> bool:
+    """Whether a LoRA run trains the parameter: an adapter matrix, or an APM's attribute head (which no base model
+    has). The rest is frozen, and an adapters-only checkpoint leaves it to the base."""
+    return is_adapter(name) or is_head(name)
+
+
 @dataclass
 class Adapted:
     """One linear layer with adapters: what `detach` takes away and `reattach` puts back."""
@@ -175,7 +186,7 @@ def freeze_base(chunks: list) -> None:
     """Train only the adapters (and an APM's attribute head, which no base model has)."""
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            param.requires_grad_(is_adapter(name) or name.startswith(f"{_HEAD}."))
+            param.requires_grad_(trained(name))
 
 
 def _adapted(chunks: list) -> list[Adapted]:

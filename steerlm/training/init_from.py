@@ -25,20 +25,21 @@ from omegaconf import DictConfig
 from steerlm.checkpoint.sharded import (
     SHAPE_FIELDS,
     latest_checkpoint,
-    load_weights,
     read_meta,
+    read_weights,
     resolve_checkpoint,
     saved_config,
 )
+from steerlm.checkpoint.sources import BaseWeights, WeightFormat
+from steerlm.config.lora import LoraCheckpoint
 from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir, is_nemo_archive
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
-from steerlm.models.hf_llama import SafetensorsWeights, check_hf_config, hf_to_megatron, read_hf_config
-from steerlm.models.lora import is_adapter
+from steerlm.models.hf_llama import check_hf_config, read_hf_config
 from steerlm.models.nemo_config import check_nemo_model
 from steerlm.models.nemo_weights import NemoCheckpoint
-from steerlm.models.sharding import load_full_parameters, named_global_parameters
+from steerlm.models.sharding import named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.training.loop import maybe_resume
 from steerlm.training.setup import TrainingSetup
@@ -47,18 +48,12 @@ log = logging.getLogger(__name__)
 HEAD_PREFIX = "attribute_head."
 
 
-class InitFormat(str, Enum):
-    steerlm = "steerlm"
-    hugging_face = "Hugging Face"
-    nemo = "NeMo"
-
-
 @dataclass(frozen=True)
 class InitSource:
     key: str  # the config key that named it, e.g. "apm.init_from"
     location: str  # as configured
     path: Path  # the checkpoint directory, the HF model directory, or the .nemo archive
-    format: InitFormat
+    format: WeightFormat
     has_head: bool  # an APM (or reward model) fitting this run's schema: its attribute head is loaded too
 
 
@@ -81,7 +76,7 @@ def resolve_init_source(
         return _resolve_nemo(key, location, path, model, schema)
     if is_hf_model_dir(path):
         check_hf_config(read_hf_config(path), model, key, location)
-        return InitSource(key, location, path, InitFormat.hugging_face, has_head=False)
+        return InitSource(key, location, path, WeightFormat.hugging_face, has_head=False)
     try:
         path = resolve_checkpoint(path)
     except FileNotFoundError as error:
@@ -107,7 +102,7 @@ def resolve_init_source(
     is_apm = "apm" in saved
     if is_apm and schema is not None:
         _check_head_schema(key, location, saved.attributes, schema)
-    return InitSource(key, location, path, InitFormat.steerlm, has_head=is_apm and schema is not None)
+    return InitSource(key, location, path, WeightFormat.steerlm, has_head=is_apm and schema is not None)
 
 
 def _resolve_nemo(
@@ -125,7 +120,7 @@ def _resolve_nemo(
             "initialise from a language model (the head then starts fresh) or set attributes to a schema of "
             f"{head.num_attributes} attributes in the head's output order",
         )
-    return InitSource(key, location, path, InitFormat.nemo, has_head=head is not None and schema is not None)
+    return InitSource(key, location, path, WeightFormat.nemo, has_head=head is not None and schema is not None)
 
 
 def _check_head_schema(key: str, location: str, saved, schema: AttributeSchema) -> None:
@@ -152,26 +147,11 @@ def load_init_weights(
     checked against its checksums when `verify` (checkpoint.verify).
     """
 
-    def fresh_head(name: str) -> bool:
+    def fresh_head(name: str) -> bool:  # a Hugging Face source never has one
         return _is_head(name) and not source.has_head
 
-    def fresh(name: str) -> bool:  # a LoRA run's adapters start fresh from any source
-        return fresh_head(name) or is_adapter(name)
-
-    if source.format == InitFormat.hugging_face:  # HF weights have no head: a head starts fresh too
-
-        def kept(name: str) -> bool:
-            return _is_head(name) or is_adapter(name)
-
-        names = [name for name, _ in named_global_parameters(setup.chunks) if not kept(name)]
-        full = hf_to_megatron(SafetensorsWeights(source.path), model, names)
-        load_full_parameters(setup.chunks, full, layout.tp_rank, layout.tp, keep=kept)
-    elif source.format == InitFormat.nemo:
-        with NemoCheckpoint(source.path) as archive:
-            archive.load_into(setup.chunks, layout.tp_rank, layout.tp, keep=fresh)
-    else:
-        # a steerlm checkpoint's own adapters are merged into its weights; this run's keep their values
-        load_weights(source.path, setup.model, layout, model, keep=fresh_head, verify=verify)
+    # a steerlm source's own adapters are merged into its weights; a LoRA run's adapters start fresh from any source
+    read_weights(source.format, source.path, setup.chunks, layout, model, keep=fresh_head, verify=verify)
     setup.optimizer.reload_model_params()
     head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))
     log.info(
@@ -186,14 +166,56 @@ def resume_or_initialise(
     cfg: TrainConfig, output_dir: Path, setup: TrainingSetup, layout: ParallelLayout, init: InitSource | None
 ) -> int:
     """The step a run starts after: its own latest checkpoint when it has one (init_from is used only by a
-    run's first start), otherwise 0 with `init`'s weights loaded (or the fresh initialisation)."""
+    run's first start), otherwise 0 with `init`'s weights loaded (or the fresh initialisation). Sets `setup.base`:
+    the weights a LoRA run's checkpoints leave out (`lora.checkpoint`)."""
     if cfg.checkpoint.resume and latest_checkpoint(output_dir) is not None:
         if init is not None:
             log.info("resuming %s; %s is used only by a run's first start", output_dir, init.key)
-        return maybe_resume(cfg, output_dir, setup, layout)
+        step = maybe_resume(cfg, output_dir, setup, layout)
+        setup.base = _resumed_base(cfg, latest_checkpoint(output_dir))
+        return step
+    setup.base = _fresh_base(cfg, init)
     if init is not None:
         load_init_weights(init, setup, layout, cfg.model, cfg.checkpoint.verify)
     return 0
+
+
+def _fresh_base(cfg: TrainConfig, init: InitSource | None) -> BaseWeights | None:
+    """What a new LoRA run's checkpoints name as their base when they hold the adapters alone (None: they are
+    self-contained)."""
+    mode = cfg.lora.checkpoint
+    if not cfg.lora.enabled or mode == LoraCheckpoint.full:
+        return None
+    if init is None:
+        if mode == LoraCheckpoint.adapters:
+            raise ConfigError(
+                "lora.checkpoint",
+                mode.value,
+                "saves the adapters alone, but this run starts from no init_from: its frozen weights are its own "
+                "random initialisation, held in no other file",
+                "set the stage's init_from to the model to adapt, or lora.checkpoint=full",
+            )
+        return None
+    base = BaseWeights.of(init.format, init.path)
+    log.info("checkpoints hold the LoRA adapters alone; their base is %s (%s)", base.path, base.format)
+    return base
+
+
+def _resumed_base(cfg: TrainConfig, checkpoint: Path | None) -> BaseWeights | None:
+    """A resumed run goes on saving as it did (`auto`); `full` makes the next checkpoints self-contained, and
+    `adapters` is refused for a run whose checkpoints name no base."""
+    saved = read_meta(checkpoint).base if checkpoint is not None else None
+    mode = cfg.lora.checkpoint
+    if saved is None and mode == LoraCheckpoint.adapters:
+        raise ConfigError(
+            "lora.checkpoint",
+            mode.value,
+            f"this run's checkpoints ({checkpoint}) hold their frozen weights, so no base is known to hold them",
+            "resume with lora.checkpoint=auto or full",
+        )
+    if saved is None or mode == LoraCheckpoint.full:
+        return None
+    return BaseWeights(**saved)
 
 
 def trained_tokenization(saved: DictConfig) -> Tokenization:
@@ -220,6 +242,6 @@ def check_init_tokenization(source: InitSource | None, tokenization: Tokenizatio
     """`source`, once its weights are known to be trained under `tokenization` (Hugging Face weights never saw
     the template, so any tokenization starts from them; a `.nemo` archive's weights saw NeMo's ids when NeMo-Aligner
     trained them, and a pretrained one's never saw the template, so any tokenization starts from those too)."""
-    if source is not None and source.format == InitFormat.steerlm:
+    if source is not None and source.format == WeightFormat.steerlm:
         check_tokenization(source.path, tokenization, source.key)
     return source

@@ -13,6 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from steerlm import megatron_compat
+from steerlm.checkpoint.sources import BaseWeights
 from steerlm.config.schema import DType, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig, TrainerConfig
 from steerlm.config.validation import Accelerator, resolve_torch_compile
 from steerlm.models import lora
@@ -111,12 +112,14 @@ ModelProvider = Callable[[ModelConfig, PrecisionConfig, ParallelLayout, int], li
 
 @dataclass
 class TrainingSetup:
-    """Everything a stage trains: the bare model chunks, their DDP wrappers, optimizer and schedule."""
+    """Everything a stage trains: the bare model chunks, their DDP wrappers, optimizer and schedule, and the base
+    whose weights its checkpoints leave out (a LoRA run's `lora.checkpoint`; set by `resume_or_initialise`)."""
 
     chunks: list
     model: list[DistributedDataParallel]
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
+    base: BaseWeights | None = None
 
 
 def compile_layers(chunks: list) -> None:
