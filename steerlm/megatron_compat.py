@@ -30,6 +30,9 @@ patches megatron, overrides a private method or reads a private attribute.
    increments once per parameter) and its private `_set_main_param_and_optimizer_states` copies every state
    key, `step` included, from the loaded tensors, which never carry `step` (KeyError). Reads
    `distrib_optimizer.HAVE_APEX_OR_TE`, the inner optimizer's `state` and `model_param_group_index_map`.
+   Which kind of optimizer wrote a checkpoint (`saved_by_distributed_optimizer`): the two store their common state
+   in different layouts (the distributed one's records `param_state_sharding_type`), and a checkpoint of one
+   loaded into the other fails inside megatron with a KeyError, so a resume compares the kinds first.
 8. Transformer Engine layers (`fused_norm_parameters`, `linear_bias`, `unfused_norm_name`): under megatron's TE
    layer spec (`get_gpt_layer_with_transformer_engine_spec`) a layer's `input_layernorm` and `pre_mlp_layernorm` are
    IdentityOp and the norms run inside `TELayerNormColumnParallelLinear` (`linear_qkv`, `linear_fc1`) with TE's
@@ -475,6 +478,27 @@ def _step_left_out_of_parameter_loads(distributed) -> Any:
         yield
     finally:
         del distributed._set_main_param_and_optimizer_states  # the class's method again
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    """Whether megatron's `optimizer` (chained or not) is a DistributedOptimizer."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(part, distrib_optimizer.DistributedOptimizer) for part in parts)
+
+
+def saved_by_distributed_optimizer(common_state: dict) -> bool:
+    """Whether a checkpoint's common state (`dist_checkpointing.load_common_state_dict`) holds a DistributedOptimizer's
+    state: its `sharded_state_dict` records `param_state_sharding_type` (per part, when chained); a plain
+    optimizer's holds torch's `state` and `param_groups`."""
+
+    def records(state: Any) -> bool:
+        return isinstance(state, dict) and (
+            "param_state_sharding_type" in state or any(records(value) for value in state.values())
+        )
+
+    return records(common_state.get("optimizer"))
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:

@@ -10,11 +10,12 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core import dist_checkpointing
 from megatron.core.pipeline_parallel.schedules import custom_backward
 
 from steerlm import megatron_compat
 from steerlm.checkpoint.sharded import load_checkpoint, save_checkpoint
-from steerlm.config import OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from steerlm.config import ConfigError, OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from steerlm.config.validation import transformer_engine_available
 from steerlm.megatron_compat import (
     GPTModelWithLossHead,
@@ -285,10 +286,10 @@ _needs_torch_adam = pytest.mark.skipif(
 )
 
 
-def _distributed_adam(layout) -> TrainingSetup:
+def _distributed_adam(layout, distributed: bool = True) -> TrainingSetup:
     cfg = TrainConfig(
         model=TEST_MODEL,
-        parallel=ParallelConfig(use_distributed_optimizer=True),
+        parallel=ParallelConfig(use_distributed_optimizer=distributed),
         trainer=TRAINER,
         optim=OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=1, lr_decay_steps=10),
         output_dir="unused",
@@ -348,6 +349,27 @@ def test_distributed_torch_adam_resumes_exactly_with_a_step_tensor_per_parameter
     steps = [state["step"] for state in adam.state.values()]
     assert len({id(step) for step in steps}) == len(steps) and {step.item() for step in steps} == {2.0}
     assert _losses(resumed, layout, range(2, 5)) == expected
+
+
+def test_a_resume_with_the_other_kind_of_optimizer_is_refused_naming_the_key(layout, tmp_path):
+    """The two kinds store their state in different layouts: megatron fails inside its load with a KeyError, so the
+    kind that wrote a checkpoint is read from its common state and compared first (either way)."""
+    for saved_distributed in (True, False):
+        cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(use_distributed_optimizer=saved_distributed))
+        saved = _distributed_adam(layout, saved_distributed)
+        _losses(saved, layout, range(1))
+        output = tmp_path / str(saved_distributed)
+        path = save_checkpoint(output, 1, saved, layout, cfg)
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        assert megatron_compat.saved_by_distributed_optimizer(common) == saved_distributed
+        other = _distributed_adam(layout, not saved_distributed)
+        assert megatron_compat.is_distributed_optimizer(other.optimizer) != saved_distributed
+        with pytest.raises(ConfigError) as error:
+            load_checkpoint(path, other.model, other.optimizer, other.scheduler, layout, TEST_MODEL)
+        assert error.value.key == "parallel.use_distributed_optimizer"
+        assert f"use_distributed_optimizer={str(saved_distributed).lower()}" in str(error.value)
+        same = _distributed_adam(layout, saved_distributed)
+        assert load_checkpoint(path, same.model, same.optimizer, same.scheduler, layout, TEST_MODEL) == 1
 
 
 # 8. Transformer Engine layers

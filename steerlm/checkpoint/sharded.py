@@ -51,7 +51,13 @@ from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
-from steerlm.megatron_compat import complete_torch_adam_state, load_optimizer_state, use_in_process_save_queue
+from steerlm.megatron_compat import (
+    complete_torch_adam_state,
+    is_distributed_optimizer,
+    load_optimizer_state,
+    saved_by_distributed_optimizer,
+    use_in_process_save_queue,
+)
 from steerlm.models import lora
 from steerlm.runtime.layout import ParallelLayout
 
@@ -357,6 +363,7 @@ def load_checkpoint(
     chunks = [unwrap(chunk) for chunk in model]
     if optimizer is not None:
         _check_same_adapters(path, meta.lora, lora.config_of(chunks[0]))
+        _check_same_optimizer(path, optimizer)
         _read_base(path, meta, model, layout, model_cfg, verify)
         return _load(path, meta, model, optimizer, scheduler, layout, keep)
     own = lora.detach(chunks)
@@ -409,6 +416,24 @@ def _read_base(
     log.info("%s holds LoRA adapters alone: reading its base %s (%s)", path, base.path, base.format)
     # the checkpoint holds the head; the model's own adapters are left alone by any read
     read_weights(base.weight_format, Path(base.path), model, layout, model_cfg, keep=lora.is_head, verify=verify)
+
+
+def _check_same_optimizer(path: Path, optimizer) -> None:
+    """A run resumes with the kind of optimizer it was saved with: megatron stores the distributed optimizer's state
+    in another layout than a plain one's."""
+    saved = saved_by_distributed_optimizer(dist_checkpointing.load_common_state_dict(str(path)))
+    ours = is_distributed_optimizer(optimizer)
+    if saved != ours:
+        kinds = {True: "the distributed optimizer", False: "a plain (not distributed) optimizer"}
+        raise ConfigError(
+            "parallel.use_distributed_optimizer",
+            ours,
+            f"checkpoint {path} holds {kinds[saved]}'s state, which megatron-core stores in another layout than "
+            f"{kinds[ours]}'s",
+            f"resume with parallel.use_distributed_optimizer={str(saved).lower()} (it runs at any data-parallel "
+            "size, 1 included), or start a new output_dir with init_from=<this run> (its weights; the optimizer "
+            "starts fresh)",
+        )
 
 
 def _check_same_adapters(path: Path, saved: dict | None, own: LoraConfig | None) -> None:
