@@ -78,6 +78,7 @@ class Scenario:
             + ("_varlen" if self.variable_lengths else "")
             + ("_apm" if self.apm else "")
             + ("_lora" if self.lora else "")
+            + ("_dropout" if self.lora and self.lora.dropout else "")
         )
 
     @property
@@ -225,6 +226,10 @@ def run(scenario: Scenario) -> dict:
 
 
 LORA = LoraConfig(rank=4, alpha=8.0)
+# Dropout masks come from the default RNG, drawn alike by every TP rank: tensor parallelism keeps the numbers (not
+# pipeline or data parallelism, whose ranks draw in another order, nor sequence parallelism, which pads a
+# micro-batch to a multiple of the TP size and so draws a mask over more positions: as for megatron's own dropout).
+LORA_DROPOUT = replace(LORA, dropout=0.25)
 
 REFERENCES = [
     Scenario("untied"),
@@ -234,6 +239,7 @@ REFERENCES = [
     Scenario("untied_apm", apm=True),
     Scenario("untied_sgd_lora", optim=SGD, lora=LORA),
     Scenario("untied_lora", lora=LORA),
+    Scenario("untied_sgd_lora_dropout", optim=SGD, lora=LORA_DROPOUT),
 ]
 
 

@@ -461,6 +461,7 @@ def _tiny(**model) -> TrainConfig:
         (_tiny(num_layers=0), 1, Accelerator.cpu, "model.num_layers", "positive"),
         (TrainConfig(lora=LoraConfig(rank=-1)), 1, Accelerator.cpu, "lora.rank", ">= 0"),
         (TrainConfig(lora=LoraConfig(rank=4, alpha=0)), 1, Accelerator.cpu, "lora.alpha", "positive"),
+        (TrainConfig(lora=LoraConfig(rank=4, dropout=1.0)), 1, Accelerator.cpu, "lora.dropout", "[0, 1)"),
         (TrainConfig(lora=LoraConfig(rank=4, targets=[])), 1, Accelerator.cpu, "lora.targets", "names no layer"),
         (
             TrainConfig(lora=LoraConfig(rank=4, targets=["attention_qkv", "mlp_fc2"])),

@@ -106,6 +106,50 @@ def test_adapted_logits_equal_peft_lora_on_hf_llama(layout, targets: list[str]) 
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
 
 
+def test_dropout_drops_the_adapters_input_as_peft_does_while_training(layout) -> None:
+    """In training mode the adapters' input is dropped as PEFT's lora_dropout drops it (the same mask from the same
+    RNG: one row, so megatron's sequence-first and HF's batch-first layouts hold the input in the same order); in
+    eval mode nothing is dropped."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = LoraConfig(rank=4, alpha=8.0, dropout=0.3, targets=["linear_proj", "linear_fc2"])
+    chunk = _adapted(layout, cfg)
+    _randomise_b(chunk)
+    full = {name: param.detach() for name, param in named_global_parameters([chunk])}
+    hf_config = transformers.LlamaConfig(
+        **{k: v for k, v in hf_config_dict(TEST_MODEL).items() if k not in ("architectures", "model_type")}
+    )
+    hf = transformers.LlamaForCausalLM(hf_config)
+    hf.load_state_dict(megatron_to_hf({n: t for n, t in full.items() if not lora.is_adapter(n)}, TEST_MODEL), False)
+    wrapped = peft.get_peft_model(
+        hf, peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["o_proj", "down_proj"], lora_dropout=0.3)
+    )
+    adapters = {
+        peft_name: tensor
+        for name, tensor in full.items()
+        if lora.is_adapter(name)
+        for peft_name, tensor in megatron_lora_to_peft_tensors(name, tensor, TEST_MODEL)
+    }
+    assert not peft.set_peft_model_state_dict(wrapped, adapters).unexpected_keys
+    tokens, positions = _tokens(rows=1, length=32)
+    outputs = {}
+    for mode in ("train", "eval"):
+        chunk.train(mode == "train")
+        wrapped.train(mode == "train")
+        with torch.no_grad():
+            torch.manual_seed(21)
+            ours = chunk(tokens, positions, None)[..., : TEST_MODEL.vocab_size]
+            torch.manual_seed(21)
+            theirs = wrapped(input_ids=tokens).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        outputs[mode] = ours
+    plain = _adapted(layout, replace(cfg, dropout=0.0))
+    plain.load_state_dict(chunk.state_dict())
+    plain.eval()
+    assert torch.equal(_logits(plain, tokens), outputs["eval"])  # eval: the adapters as without dropout
+    assert (outputs["train"] - outputs["eval"]).abs().max() > 1e-3  # training: the dropped input shows
+
+
 def test_merge_folds_the_adapters_into_the_weights(layout) -> None:
     chunk = _adapted(layout)
     _randomise_b(chunk)
@@ -158,7 +202,7 @@ def saved(layout, tmp_path_factory) -> dict:
         attributes=SCHEMA,
         tokenizer=TokenizerConfig(TokenizerType.word, str(root / "tokenizer")),
         data=TrainDataConfig(train_file="unused.jsonl"),
-        lora=LORA,
+        lora=replace(LORA, dropout=0.1),  # the run's training-time dropout: PEFT's config records it
     )
     save_checkpoint(root / "run", 5, WeightsOnly([chunk]), layout, cfg)
     tokens = torch.randint(0, TEST_MODEL.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -224,6 +268,7 @@ def test_exports_at_tp2_and_pp2_merge_or_keep_the_adapters(saved: dict) -> None:
     torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-4)
     config = json.loads((root / "peft_tp2" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
+    assert config["lora_dropout"] == 0.1
     assert config["target_modules"] == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -365,3 +410,23 @@ def test_a_bf16_lora_run_resumes_on_its_loss_curve(tmp_path: Path) -> None:
     assert summary(resumed)["start_step"] == 10
     assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=2e-3)
     assert summary(straight)["final_valid_loss"] < summary(straight)["initial_valid_loss"] - 0.5
+
+
+@pytest.mark.slow
+def test_a_lora_dropout_run_resumes_exactly(tmp_path: Path) -> None:
+    """The dropout masks come from the default RNG, which a checkpoint restores at its own layout: 10 steps, a
+    checkpoint and 10 more draw the masks of 20 straight steps (and the masks do change the losses)."""
+    common = ["lora.rank=4", "lora.alpha=8", "trainer.log_interval=5", "trainer.eval_interval=20"]
+    common += ["optim.lr_decay_steps=20", "checkpoint.save_interval=10"]
+    runs = {name: tmp_path / name for name in ("straight", "resumed", "undropped")}
+    for steps, out, extra in (
+        (20, runs["straight"], ["lora.dropout=0.2"]),
+        (10, runs["resumed"], ["lora.dropout=0.2"]),
+        (20, runs["resumed"], ["lora.dropout=0.2"]),
+        (20, runs["undropped"], []),
+    ):
+        result = run_recipe("demo", [*common, *extra, f"trainer.max_steps={steps}", f"output_dir={out}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(runs["resumed"])["start_step"] == 10
+    assert train_losses(runs["resumed"]) == pytest.approx(train_losses(runs["straight"]), rel=1e-6)
+    assert train_losses(runs["straight"]) != pytest.approx(train_losses(runs["undropped"]), rel=1e-6)

@@ -16,7 +16,7 @@ import torch
 from steerlm.config import ParallelConfig, TransformerImpl
 from steerlm.config.validation import transformer_engine_available
 from tests.multiproc import run_distributed
-from tests.parity_scenarios import LORA, REFERENCES, SGD, Scenario, run_all
+from tests.parity_scenarios import LORA, LORA_DROPOUT, REFERENCES, SGD, Scenario, run_all
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +43,7 @@ TWO_RANK = [
     Scenario("pp2_sgd_lora", ParallelConfig(pipeline_model_parallel_size=2), optim=SGD, lora=LORA),
     Scenario("dp2_sgd_lora", optim=SGD, lora=LORA),
     Scenario("dp2_distributed_optimizer_lora", ParallelConfig(use_distributed_optimizer=True), lora=LORA),
+    Scenario("tp2_sgd_lora_dropout", ParallelConfig(tensor_model_parallel_size=2), optim=SGD, lora=LORA_DROPOUT),
 ]
 FOUR_RANK = [
     Scenario("tp2_pp2", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),

@@ -14,6 +14,7 @@ import torch
 
 from steerlm import runtime
 from steerlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, compose, to_typed
+from steerlm.config.lora import LoraConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.collate import Example, pad_batch
@@ -30,9 +31,10 @@ from steerlm.data.steerlm2 import (
     to_steerlm2_json,
 )
 from steerlm.errors import DataError
-from steerlm.models import build_model_chunks
+from steerlm.models import build_model_chunks, lora
 from steerlm.models.sharding import gather_full, named_global_parameters
 from steerlm.training import STEERLM2, microbatches_for_rank, predict, wrap_for_training
+from steerlm.training.step import _prepared as step_prepared
 from steerlm.training.step import forward_backward_metrics
 from tests.conftest import TEST_MODEL
 from tests.multiproc import run_distributed
@@ -120,6 +122,32 @@ def test_baseline_is_uniform_when_the_model_is_q(chunk) -> None:
         _, _, report = STEERLM2.loss(batch, STEERLM2.forward(model, batch))
     kl_to_uniform = sum(w * math.log(N * w) for g in groups for w in g.target_weights)
     assert report["distance"][0].item() == pytest.approx(kl_to_uniform, rel=1e-4)
+
+
+def test_the_baseline_pass_is_the_model_s_own_without_dropout(layout) -> None:
+    """A training step's baseline pass runs in eval mode: with LoRA dropout on, a model that is Q' still gives a
+    uniform b (a pass in training mode would draw masks and score other models), and the model is left training."""
+    model = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=11)[0]
+    lora.attach([model], LoraConfig(rank=4, alpha=8.0, dropout=0.5), seed=3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".lora_b"):
+                param.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    groups = _groups(2, seed=2)
+    model.eval()
+    with torch.no_grad():
+        log_q = [_log_pi(model, pad_batch([e], pad_id=0)).item() for g in groups for e in g.examples]
+    model.train()
+    groups = [
+        ResponseGroup(g.examples, g.target_weights, tuple(log_q[i * N : (i + 1) * N]), g.source)
+        for i, g in enumerate(groups)
+    ]
+    batch = step_prepared([model], [group_batch(groups, pad_id=0)], layout, STEERLM2)[0]
+    uniform = torch.full((2 * N,), 1 / N, dtype=torch.float64)
+    torch.testing.assert_close(batch["baseline_log_weight"].exp(), uniform, rtol=1e-5, atol=1e-6)
+    assert model.training
+    with torch.no_grad():  # in training mode the masks do change the model's scores
+        assert abs(_log_pi(model, pad_batch([groups[0].examples[0]], pad_id=0)).item() - log_q[0]) > 1e-3
 
 
 def test_a_blank_group_counts_for_nothing(chunk) -> None:

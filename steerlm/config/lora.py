@@ -41,6 +41,7 @@ class LoraConfig:
 
     rank: int = 0  # NeMo's adapter_dim; 0: no adapters, full fine-tuning
     alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input while training (NeMo's adapter_dropout, PEFT's lora_dropout)
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     checkpoint: LoraCheckpoint = LoraCheckpoint.auto
 
@@ -64,6 +65,7 @@ class LoraConfig:
         if not self.enabled:
             return
         require(self.alpha > 0, "lora.alpha", self.alpha, "must be positive", "e.g. lora.alpha=32")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)", "e.g. lora.dropout=0.05")
         require(
             len(self.targets) > 0,
             "lora.targets",

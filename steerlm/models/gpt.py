@@ -138,6 +138,22 @@ def build_model_chunks(
     """
     if model_class is None:
         model_class = ChunkedLossGPTModel if model.cross_entropy == CrossEntropy.chunked else GPTModel
+    # megatron's constructors draw from the default RNG as much as this rank's shard sizes ask (the weights are then
+    # set from `seed`); the default RNG is left as it was, so what training draws from it later (dropout masks, the
+    # same on every TP rank) does not depend on the layout
+    devices = [layout.device] if layout.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _build_chunks(model, precision, layout, seed, model_class, model_kwargs)
+
+
+def _build_chunks(
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    layout: ParallelLayout,
+    seed: int,
+    model_class: type[GPTModel],
+    model_kwargs: dict,
+) -> list[GPTModel]:
     config = transformer_config(model, precision, layout)
     chunks = []
     stages = layout.vpp or 1

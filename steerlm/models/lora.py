@@ -16,6 +16,11 @@ Tensor parallelism follows the layer's own split, so no rank ever holds a full w
   partial products x_r A_r^T are summed over the TP group (reduce-scattered over the sequence under sequence
   parallelism, where B is marked `sequence_parallel` so megatron sums its gradient), and B is replicated.
 
+Dropout (`lora.dropout`, training only) drops the adapters' input as PEFT's and NeMo's do, with a mask drawn at the
+input's full width from the default RNG, which every tensor-parallel rank draws alike (`build_model_chunks` leaves
+it as seeded): a column layer's (whole) input takes it all, a row layer's slice its own columns, so TP=2 drops
+what one rank drops.
+
 Merging (`merge`) adds scale * B A to each rank's slice of W, with no communication: B_r A for a column
 layer, B A_r for a row layer. A checkpoint with adapters records them in its metadata
 (`steerlm.checkpoint.sharded`), which merges them whenever the weights are read without training them on.
@@ -75,6 +80,7 @@ class Adapted:
     linear: Any  # a megatron ColumnParallelLinear / RowParallelLinear
     column: bool
     scale: float
+    dropout: float
     a: torch.nn.Parameter
     b: torch.nn.Parameter
     hook: Any
@@ -126,7 +132,7 @@ def _attach_one(name: str, linear: Any, cfg: LoraConfig, seed: int) -> None:
         a.copy_(shard(_fresh_a(name, cfg.rank, full_in, seed), a, tp_rank, tp))
     linear.register_parameter(A, a)
     linear.register_parameter(B, b)
-    _install(Adapted(linear, column, cfg.scale, a, b, hook=None))
+    _install(Adapted(linear, column, cfg.scale, cfg.dropout, a, b, hook=None))
 
 
 def _install(adapted: Adapted) -> None:
@@ -139,6 +145,20 @@ def _install(adapted: Adapted) -> None:
     )
 
 
+def _dropped(adapted: Adapted, x: torch.Tensor) -> torch.Tensor:
+    """`x` after dropout (as torch's CPU dropout computes it: x * (bernoulli(1 - p) / (1 - p))), the mask drawn at
+    the layer's full input width so that a row layer's TP slice is dropped as one rank drops those columns."""
+    p = adapted.dropout
+    if not p or not adapted.linear.training:
+        return x
+    width, offset = x.shape[-1], 0
+    if not adapted.column:
+        _, tp_rank, tp = _tp(adapted.linear)
+        width, offset = width * tp, tp_rank * width
+    keep = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * keep[..., offset : offset + x.shape[-1]].div_(1 - p)
+
+
 def _add_low_rank(adapted: Adapted, x: torch.Tensor, output: tuple) -> tuple:
     out, bias = output
     group = adapted.linear.tp_group
@@ -147,9 +167,9 @@ def _add_low_rank(adapted: Adapted, x: torch.Tensor, output: tuple) -> tuple:
         if sequence_parallel:
             # the low-rank path's input gradient is already whole on every rank: keep this rank's slice
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
-        low = copy_to_tensor_model_parallel_region(F.linear(x, adapted.a), group=group)
+        low = copy_to_tensor_model_parallel_region(F.linear(_dropped(adapted, x), adapted.a), group=group)
     else:
-        partial = F.linear(x, adapted.a)
+        partial = F.linear(_dropped(adapted, x), adapted.a)
         low = (
             reduce_scatter_to_sequence_parallel_region(partial, group=group)
             if sequence_parallel

@@ -59,7 +59,7 @@ def adapter_config(source: ExportSource, lora: dict) -> dict:
         "base_model_name_or_path": _base_model(source.saved),
         "r": lora["rank"],
         "lora_alpha": lora["alpha"],
-        "lora_dropout": 0.0,
+        "lora_dropout": float((source.saved.get("lora") or {}).get("dropout", 0.0)),  # the run's (training only)
         "target_modules": sorted(targets),
         "bias": "none",
         "fan_in_fan_out": False,

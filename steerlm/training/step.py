@@ -109,13 +109,21 @@ def forward_backward_metrics(
 
 
 def _prepared(model: list, microbatches: list[Batch], layout: ParallelLayout, task: Task) -> list[Batch]:
-    """The task's `prepare` over `microbatches`, given a no-grad prediction pass of the current weights."""
+    """The task's `prepare` over `microbatches`, given a no-grad prediction pass of the current weights (in eval
+    mode: the model's own predictions, no dropout drawn)."""
     if task.prepare is None:
         return microbatches
 
     def forward_only(batches: list[Batch], pass_task: Task) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return predict(model, batches, layout, pass_task)
+        modes = [chunk.training for chunk in model]
+        for chunk in model:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                return predict(model, batches, layout, pass_task)
+        finally:
+            for chunk, mode in zip(model, modes):
+                chunk.train(mode)
 
     return task.prepare(microbatches, forward_only)
 
