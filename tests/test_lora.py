@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from steerlm import runtime
-from steerlm.checkpoint.sharded import WeightsOnly, load_weights, read_meta, resolve_checkpoint, save_checkpoint
+from steerlm.checkpoint.sharded import (
+    WeightsOnly,
+    load_adapters,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from steerlm.config import (
     ConfigError,
     LoraConfig,
@@ -206,9 +213,8 @@ def saved(layout, tmp_path_factory) -> dict:
     )
     save_checkpoint(root / "run", 5, WeightsOnly([chunk]), layout, cfg)
     tokens = torch.randint(0, TEST_MODEL.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
-    base = {
-        name: param.detach().clone() for name, param in named_global_parameters([chunk]) if not lora.is_adapter(name)
-    }
+    weights = {name: param.detach().clone() for name, param in named_global_parameters([chunk])}
+    base = {name: tensor for name, tensor in weights.items() if not lora.is_adapter(name)}
     return {
         "root": root,
         "run": root / "run",
@@ -216,6 +222,7 @@ def saved(layout, tmp_path_factory) -> dict:
         "tokens": tokens,
         "logits": _logits(chunk, tokens),
         "base": base,
+        "adapters": {name: tensor for name, tensor in weights.items() if lora.is_adapter(name)},
     }
 
 
@@ -235,12 +242,14 @@ def test_a_lora_checkpoint_reads_as_its_merged_weights(layout, saved: dict) -> N
     load_weights(saved["checkpoint"], [plain], layout, TEST_MODEL)
     assert lora.config_of(plain) is None and not any(lora.is_adapter(n) for n, _ in plain.named_parameters())
     assert torch.allclose(_logits(plain, saved["tokens"]), saved["logits"], rtol=1e-5, atol=1e-5)
-    unmerged = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 99)[0]
-    load_weights(saved["checkpoint"], [unmerged], layout, TEST_MODEL, merge_adapters=False)
-    assert lora.config_of(unmerged) == LORA
-    assert torch.equal(_logits(unmerged, saved["tokens"]), saved["logits"])
-    weights = dict(named_global_parameters([unmerged]))
-    assert all(torch.equal(weights[name], tensor) for name, tensor in saved["base"].items())
+    alone = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 99)[0]
+    untouched = {name: param.detach().clone() for name, param in named_global_parameters([alone])}
+    assert load_adapters(saved["checkpoint"], [alone], layout, TEST_MODEL) == 5
+    assert lora.config_of(alone) == LORA
+    weights = dict(named_global_parameters([alone]))
+    assert weights.keys() == untouched.keys() | saved["adapters"].keys()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in saved["adapters"].items())  # as trained
+    assert all(torch.equal(weights[name], tensor) for name, tensor in untouched.items())  # nothing else read
     merged = dict(named_global_parameters([plain]))
     for name in ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.1.mlp.linear_fc2.weight"):
         assert not torch.equal(merged[name], saved["base"][name])  # the adapters changed what they adapt

@@ -19,11 +19,13 @@ from steerlm.checkpoint.integrity import CheckpointError
 from steerlm.checkpoint.sharded import WeightsOnly, load_weights, read_meta, resolve_checkpoint, save_checkpoint
 from steerlm.checkpoint.sources import BaseWeights, WeightFormat, fingerprint
 from steerlm.config import ConfigError, LoraConfig, PrecisionConfig, TrainConfig
+from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.lora import LoraCheckpoint
 from steerlm.models import build_model_chunks, lora
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.hf_llama import hf_config_dict, megatron_to_hf
 from steerlm.models.sharding import named_global_parameters
+from steerlm.stages.convert import convert
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
 from steerlm.training.init_from import resolve_init_source, resume_or_initialise
@@ -155,6 +157,11 @@ def test_a_base_gone_or_changed_is_refused_naming_its_path(layout, tmp_path: Pat
     with pytest.raises(CheckpointError, match="is missing") as error:
         _merged_logits(layout, checkpoint)
     assert error.value.path == base_step and "symbolic link" in error.value.fix
+    exported = tmp_path / "adapter"  # a PEFT export reads the adapters alone: no base needed
+    export = ConvertConfig(input=str(tmp_path / "run"), output=str(exported), to=ModelFormat.peft)
+    export.validate()
+    convert(export, layout)
+    assert (exported / "adapter_model.safetensors").stat().st_size > 0
     (tmp_path / "base").symlink_to(tmp_path / "moved")  # the fix the error names
     assert torch.equal(_merged_logits(layout, checkpoint), expected)
     (tmp_path / "base").unlink()

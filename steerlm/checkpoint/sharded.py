@@ -338,18 +338,16 @@ def load_checkpoint(
     model_cfg: ModelConfig,
     keep: Callable[[str], bool] = lambda name: False,
     verify: bool = True,
-    merge_adapters: bool = True,
 ) -> int:
     """Load weights, optimizer state and LR schedule into this layout's model; returns the step.
 
     With `optimizer=None` only the weights are loaded (inference, annotation, initialising a new run);
     RNG states are then left alone too, a checkpoint's LoRA adapters are merged into the weights they adapt
-    (with `merge_adapters=False` they are attached to the model as trained instead: a PEFT export reads them so),
-    and the model's own adapters (a LoRA run starting from these weights) keep their values. Weights whose
-    state-dict name `keep` accepts are neither read nor changed (a head the checkpoint does not have). A damaged
-    checkpoint is refused with a CheckpointError naming the file (`verify_checkpoint`; with `verify=False` the
-    checksums are skipped). A checkpoint of adapters alone reads its base first (refused, naming the base's path,
-    when that is gone or changed).
+    (`load_adapters` reads them alone, as trained), and the model's own adapters (a LoRA run starting from these
+    weights) keep their values. Weights whose state-dict name `keep` accepts are neither read nor changed (a head
+    the checkpoint does not have). A damaged checkpoint is refused with a CheckpointError naming the file
+    (`verify_checkpoint`; with `verify=False` the checksums are skipped). A checkpoint of adapters alone reads its
+    base first (refused, naming the base's path, when that is gone or changed).
     """
     verify_checkpoint(path, verify)
     meta = check_compatible(path, model_cfg)
@@ -365,23 +363,31 @@ def load_checkpoint(
         _check_same_adapters(path, meta.lora, lora.config_of(chunks[0]))
         _check_same_optimizer(path, optimizer)
         _read_base(path, meta, model, layout, model_cfg, verify)
-        return _load(path, meta, model, optimizer, scheduler, layout, keep)
+        return _load(path, meta, model, optimizer, scheduler, layout, keep, trained_only=meta.base is not None)
     own = lora.detach(chunks)
-    if own[0] and not merge_adapters:
-        raise ValueError("merge_adapters=False loads a checkpoint's adapters into a model without adapters")
     try:
         _read_base(path, meta, model, layout, model_cfg, verify)
         if meta.lora is not None:
             lora.attach(chunks, LoraConfig(**meta.lora), seed=0)  # their values come from the checkpoint
-        step = _load(path, meta, model, None, None, layout, keep)
-    except BaseException:
+        step = _load(path, meta, model, None, None, layout, keep, trained_only=meta.base is not None)
+        lora.merge(chunks)
+    finally:
         lora.detach(chunks)
         lora.reattach(chunks, own)
-        raise
-    if merge_adapters:
-        lora.merge(chunks)
-        lora.reattach(chunks, own)
     return step
+
+
+def load_adapters(path: Path, model: list, layout: ParallelLayout, model_cfg: ModelConfig, verify: bool = True) -> int:
+    """Only a LoRA checkpoint's trained parameters (its adapters, an APM's head), attached to `model` (without
+    adapters of its own) as trained; returns the step. Neither its frozen weights nor its base's are read, so the
+    model's other weights stay as they are: what a PEFT export needs, in seconds for a model of any size."""
+    verify_checkpoint(path, verify)
+    meta = check_compatible(path, model_cfg)
+    if meta.lora is None:
+        raise ValueError(f"{path} holds no LoRA adapters")
+    chunks = [unwrap(chunk) for chunk in model]
+    lora.attach(chunks, LoraConfig(**meta.lora), seed=0)
+    return _load(path, meta, model, None, None, layout, lambda name: False, trained_only=True)
 
 
 def read_weights(
@@ -458,9 +464,11 @@ def _load(
     scheduler,
     layout: ParallelLayout,
     keep: Callable[[str], bool],
+    trained_only: bool,
 ) -> int:
+    """Read the state `model` (and `optimizer`) asks for; `trained_only`: of the model, the parameters a LoRA run
+    trains (an adapters-only checkpoint's frozen weights came from its base)."""
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
-    trained_only = meta.base is not None  # its frozen weights came from its base
 
     def skip(name: str) -> bool:
         return keep(name) or (trained_only and not lora.trained(name))
@@ -501,11 +509,10 @@ def load_weights(
     model_cfg: ModelConfig,
     keep: Callable[[str], bool] = lambda name: False,
     verify: bool = True,
-    merge_adapters: bool = True,
 ) -> int:
-    """Only the model weights of a checkpoint (any layout), its LoRA adapters merged unless `merge_adapters` is
-    False (`load_checkpoint`); returns the step it was saved at."""
-    return load_checkpoint(path, model, None, None, layout, model_cfg, keep, verify, merge_adapters)
+    """Only the model weights of a checkpoint (any layout), its LoRA adapters merged (`load_checkpoint`); returns
+    the step it was saved at."""
+    return load_checkpoint(path, model, None, None, layout, model_cfg, keep, verify)
 
 
 def resume_checkpoint(output_dir: Path, verify: bool) -> Path | None:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from steerlm import runtime
-from steerlm.checkpoint.sharded import load_weights, read_meta
+from steerlm.checkpoint.sharded import load_adapters, read_meta
 from steerlm.config import ConfigError, PrecisionConfig
 from steerlm.config.convert import ConvertConfig
 from steerlm.config.validation import validate_model_layout
@@ -117,7 +117,7 @@ def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             error = refused
     agree(layout, error)
     chunks = build_model_chunks(source.model, PrecisionConfig(dtype=source.dtype), layout, cfg.seed)
-    load_weights(source.path, chunks, layout, source.model, merge_adapters=False)
+    load_adapters(source.path, chunks, layout, source.model)  # the frozen weights are not needed
     dtype = torch_dtype(cfg.dtype or source.dtype)
     local = {}
     for name, param in named_global_parameters(chunks):
