@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steerlm import runtime
-from steerlm.checkpoint.sharded import load_weights, save_checkpoint
+from steerlm.checkpoint.sharded import WeightsOnly, load_weights, save_checkpoint
 from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, ParallelConfig, PrecisionConfig
 from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.schema import TokenizerConfig, TokenizerType, TrainDataConfig
@@ -76,11 +76,6 @@ CHATS = [
 STRING_CHATS = [(CHATS[1][0], "humor:0, helpfulness:4"), (CHATS[2][0], "verbosity:1,helpfulness:3")]
 
 
-class _WeightsOnly:
-    def __init__(self, chunks: list) -> None:
-        self.model, self.optimizer, self.scheduler = chunks, None, None
-
-
 def _byte_level_bpe(directory: Path) -> Path:
     """A byte-level BPE tokenizer (GPT-2/Llama-3 style, with BOS) trained on TEXTS, saved as transformers does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -119,7 +114,7 @@ def _checkpoint(layout, root: Path, model, apm: bool = False, hf_tokenizer: bool
     else:
         chunks = build_model_chunks(model, PrecisionConfig(), layout, 7)
         cfg = SFTConfig(**common)
-    save_checkpoint(root, 5, _WeightsOnly(chunks), layout, cfg)
+    save_checkpoint(root, 5, WeightsOnly(chunks), layout, cfg)
     return root
 
 
