@@ -156,7 +156,9 @@ def _dropped(adapted: Adapted, x: torch.Tensor) -> torch.Tensor:
         _, tp_rank, tp = _tp(adapted.linear)
         width, offset = width * tp, tp_rank * width
     keep = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-    return x * keep[..., offset : offset + x.shape[-1]].div_(1 - p)
+    # backward keeps the mask: only this rank's columns (a copy, so the full-width draw is freed)
+    mine = keep[..., offset : offset + x.shape[-1]].contiguous()
+    return x * mine.div_(1 - p)
 
 
 def _add_low_rank(adapted: Adapted, x: torch.Tensor, output: tuple) -> tuple:
