@@ -59,6 +59,7 @@ from steerlm.megatron_compat import (
     use_in_process_save_queue,
 )
 from steerlm.models import lora
+from steerlm.models.attribute import is_head
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,7 @@ def _read_base(
     base.check(path)
     log.info("%s holds LoRA adapters alone: reading its base %s (%s)", path, base.path, base.format)
     # the checkpoint holds the head; the model's own adapters are left alone by any read
-    read_weights(base.weight_format, Path(base.path), model, layout, model_cfg, keep=lora.is_head, verify=verify)
+    read_weights(base.weight_format, Path(base.path), model, layout, model_cfg, keep=is_head, verify=verify)
 
 
 def _check_same_optimizer(path: Path, optimizer) -> None:

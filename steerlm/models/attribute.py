@@ -18,6 +18,13 @@ from steerlm.megatron_compat import GPTModelWithOwnHead
 from steerlm.models.gpt import build_model_chunks
 from steerlm.runtime.layout import ParallelLayout
 
+HEAD = "attribute_head"  # the head's module name: its parameters are `attribute_head.weight` / `.bias`
+
+
+def is_head(name: str) -> bool:
+    """Whether a parameter's (global) name is the attribute head's (which no language model has)."""
+    return name.startswith(f"{HEAD}.")
+
 
 class AttributeGPTModel(GPTModelWithOwnHead):
     """GPTModel whose last stage returns attribute scores `[b, s, num_attributes]` instead of logits."""

@@ -46,6 +46,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from steerlm.config.lora import LoraConfig
 from steerlm.megatron_compat import extra_linear_sharded_state
+from steerlm.models.attribute import is_head
 from steerlm.models.sharding import shard
 
 A = "lora_a"
@@ -54,17 +55,11 @@ COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
 _ATTENTION = ("linear_qkv", "linear_proj")
 CONFIG_ATTRIBUTE = "steerlm_lora"  # on a GPTModel chunk: the LoraConfig of its attached adapters
 _ADAPTED = "steerlm_lora_adapted"  # on an adapted linear layer: its Adapted record
-_HEAD = "attribute_head"  # an APM's head is new to the run, so it trains with the adapters
 
 
 def is_adapter(name: str) -> bool:
     """Whether a parameter's (global) name is an adapter matrix."""
     return name.endswith(f".{A}") or name.endswith(f".{B}")
-
-
-def is_head(name: str) -> bool:
-    """Whether a parameter is an APM's attribute head's."""
-    return name.startswith(f"{_HEAD}.")
 
 
 def trained(name: str) -> bool:

@@ -36,6 +36,7 @@ from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir, is_
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
+from steerlm.models.attribute import is_head
 from steerlm.models.hf_llama import check_hf_config, read_hf_config
 from steerlm.models.nemo_config import check_nemo_model
 from steerlm.models.nemo_weights import NemoCheckpoint
@@ -45,7 +46,6 @@ from steerlm.training.loop import maybe_resume
 from steerlm.training.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
-HEAD_PREFIX = "attribute_head."
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,6 @@ class InitSource:
     path: Path  # the checkpoint directory, the HF model directory, or the .nemo archive
     format: WeightFormat
     has_head: bool  # an APM (or reward model) fitting this run's schema: its attribute head is loaded too
-
-
-def _is_head(name: str) -> bool:
-    return name.startswith(HEAD_PREFIX)
 
 
 def resolve_init_source(
@@ -148,12 +144,12 @@ def load_init_weights(
     """
 
     def fresh_head(name: str) -> bool:  # a Hugging Face source never has one
-        return _is_head(name) and not source.has_head
+        return is_head(name) and not source.has_head
 
     # a steerlm source's own adapters are merged into its weights; a LoRA run's adapters start fresh from any source
     read_weights(source.format, source.path, setup.chunks, layout, model, keep=fresh_head, verify=verify)
     setup.optimizer.reload_model_params()
-    head = any(_is_head(name) for name, _ in named_global_parameters(setup.chunks))
+    head = any(is_head(name) for name, _ in named_global_parameters(setup.chunks))
     log.info(
         "initialised the weights from %s (%s)%s",
         source.path,
