@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from launchers.config import compose_cluster
-from launchers.memory import job_memory
+from launchers.memory import job_checkpoint, job_memory
 from launchers.pipeline import load_pipeline, pipeline_job_root, plan_pipeline, split_overrides
 from launchers.plan import JobPlan, plan_job, typed_recipe_config
 from launchers.scripts import local_command_line, pipeline_submit_script
@@ -53,10 +53,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def log_memory(plan: JobPlan) -> None:
-    """The job's memory estimate per GPU (or process), on stderr: a dry run's stdout stays the script alone."""
-    estimate = job_memory(typed_recipe_config(plan.config), plan.world.data)
+    """The job's memory estimate per GPU (or process) and one checkpoint's size on disk, on stderr: a dry run's
+    stdout stays the script alone."""
+    config = typed_recipe_config(plan.config)
+    estimate, checkpoint = job_memory(config, plan.world.data), job_checkpoint(config)
     if estimate is not None:
         sys.stderr.write(f"{plan.job_name}: {estimate.describe()}\n")
+    if checkpoint is not None:
+        sys.stderr.write(f"{plan.job_name}: {checkpoint}\n")
 
 
 def launch_recipe(recipe: str, overrides: Sequence[str], submit: bool, stamp: str) -> int:

@@ -21,6 +21,10 @@ micro-batches' activations in flight under 1F1B; with the embedding or output la
 
 Not counted: the CUDA context, NCCL and allocator buffers (plan 3-6 GiB more per GPU), and packed-sequence
 attention masks (`[micro-batch, 1, seq, seq]` booleans).
+
+`checkpoint_bytes` sizes one checkpoint on disk, the whole job's: the weights in the compute dtype and the trained
+parameters' optimizer state (as above, never divided: the distributed optimizer saves every parameter's state at
+its full shape); a LoRA run saving its adapters alone (`lora.checkpoint`) writes only theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from steerlm.config import CrossEntropy, DType, LoraConfig, ModelConfig, OptimizerName, TrainConfig
+from steerlm.config.lora import LoraCheckpoint
 
 GIB = 2**30
 _BYTES = {DType.fp32: 4, DType.bf16: 2, DType.fp16: 2}
@@ -120,14 +125,32 @@ def _loss_activations(model: ModelConfig, tokens: int, tp: int, size: int) -> fl
     return vocabulary + 3 * tokens * model.hidden_size * size
 
 
+def _optimizer_bytes(cfg: TrainConfig) -> int:
+    """Optimizer state per trained parameter: Adam's moments or SGD's momentum, and fp32 master weights under
+    bf16/fp16."""
+    moments = 8 if cfg.optim.name == OptimizerName.adam else 4
+    return moments + (4 if cfg.precision.dtype != DType.fp32 else 0)
+
+
+def checkpoint_bytes(cfg: TrainConfig, has_init_from: bool) -> int:
+    """One checkpoint of `cfg`'s run on disk (see the module docstring); `has_init_from`: the run starts from other
+    weights, which an adapters-only LoRA checkpoint leaves out."""
+    model, lora = cfg.model, cfg.lora
+    adapters = model.num_layers * _layer_adapters(model, 1, lora)
+    trained = adapters if lora.enabled else model.num_parameters(padded=True)
+    alone = lora.enabled and (
+        lora.checkpoint == LoraCheckpoint.adapters or (lora.checkpoint == LoraCheckpoint.auto and has_init_from)
+    )
+    weights = trained if alone else model.num_parameters(padded=True) + adapters
+    return weights * _BYTES[cfg.precision.dtype] + trained * _optimizer_bytes(cfg)
+
+
 def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate:
     """The busiest rank's memory for `cfg` at `data_parallel_size` (see the module docstring for what counts)."""
     parallel, precision, trainer, model = cfg.parallel, cfg.precision, cfg.trainer, cfg.model
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     size = _BYTES[precision.dtype]
-    per_parameter = 8 if cfg.optim.name == OptimizerName.adam else 4  # moments, or SGD's momentum
-    if precision.dtype != DType.fp32:
-        per_parameter += 4  # fp32 master weights
+    per_parameter = _optimizer_bytes(cfg)
     optimizer_share = data_parallel_size if parallel.use_distributed_optimizer else 1
     micro_batches = trainer.global_batch_size // (trainer.micro_batch_size * data_parallel_size)
     tokens = trainer.micro_batch_size * trainer.seq_length // parallel.context_parallel_size
@@ -154,6 +177,19 @@ def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate
 def job_memory(config, data_parallel_size: int) -> MemoryEstimate | None:
     """The estimate for a recipe's typed config, or None for a recipe that does not train."""
     return estimate_memory(config, data_parallel_size) if isinstance(config, TrainConfig) else None
+
+
+def job_checkpoint(config) -> str | None:
+    """One checkpoint's size for a recipe's typed config, as the dry run prints it (None: a recipe that does not
+    train). Its `<stage>.init_from` (SFT, APM, pretraining) tells whether LoRA's `auto` saves the adapters alone."""
+    if not isinstance(config, TrainConfig):
+        return None
+    has_init_from = any(
+        getattr(getattr(config, stage, None), "init_from", None) for stage in ("sft", "apm", "pretrain")
+    )
+    size = checkpoint_bytes(config, has_init_from)
+    kind = "LoRA adapters alone" if size < checkpoint_bytes(config, False) else "weights and optimizer state"
+    return f"one checkpoint on disk (estimate): {size / GIB:.2f} GiB, {kind}, times checkpoint.keep_last"
 
 
 # (preset, parallel option, data-parallel size, sequence length): each preset at the layout docs/launching.md

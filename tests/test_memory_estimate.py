@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launchers.cli import main
-from launchers.memory import GIB, estimate_memory, preset_table
+from launchers.memory import GIB, checkpoint_bytes, estimate_memory, preset_table
 from steerlm.config import (
     CrossEntropy,
     DType,
@@ -118,6 +118,43 @@ def test_dry_run_reports_the_estimate_on_stderr(capsys) -> None:
     cfg = to_typed(compose("demo", ["model=llama3_70b", "parallel=tp8_pp2", "precision=bf16"]))
     expected = estimate_memory(replace(cfg, parallel=replace(cfg.parallel, data_parallel_size=2)), 2)
     assert f"= {expected.total / GIB:.1f} GiB" in err and "4.41B parameters" in err
+
+
+@pytest.mark.parametrize("dtype", [DType.fp32, DType.bf16])
+def test_checkpoint_bytes_match_real_checkpoints_full_and_adapters_alone(layout, tmp_path, dtype: DType) -> None:
+    """A LoRA run from a base, saved with `lora.checkpoint=full` and with `adapters`: the bytes on disk are the
+    estimate's (within 5 %: the index files and per-tensor metadata)."""
+    from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
+    from steerlm.training import build_training
+    from steerlm.training.init_from import resolve_init_source, resume_or_initialise
+
+    model = replace(WIDER, hidden_size=256, ffn_hidden_size=704, vocab_size=2048)
+    cfg = TrainConfig(model=model, precision=PrecisionConfig(dtype=dtype), lora=LoraConfig(rank=64, alpha=64.0))
+    base = build_model_chunks(model, cfg.precision, layout, seed=1)
+    save_checkpoint(tmp_path / "base", 0, WeightsOnly(base), layout, cfg)
+    setup = build_training(cfg, layout)
+    resume_or_initialise(
+        cfg, tmp_path, setup, layout, resolve_init_source("sft.init_from", str(tmp_path / "base"), model)
+    )
+    setup.model[0].zero_grad_buffer()
+    setup.optimizer.step()  # Adam's state exists
+    on_disk = {}
+    for kind, base_weights in (("adapters", setup.base), ("full", None)):
+        path = save_checkpoint(tmp_path / kind, 1, replace(setup, base=base_weights), layout, cfg)
+        on_disk[kind] = sum(file.stat().st_size for file in path.iterdir())
+    assert on_disk["adapters"] == pytest.approx(checkpoint_bytes(cfg, has_init_from=True), rel=0.05)
+    assert on_disk["full"] == pytest.approx(checkpoint_bytes(cfg, has_init_from=False), rel=0.05)
+
+
+def test_dry_run_reports_one_checkpoint_s_size(capsys) -> None:
+    """With an init_from, `auto` saves a LoRA run's adapters alone; without one, everything."""
+    argv = ["train_sft", "model=llama3_70b", "parallel=tp8_pp2", "precision=bf16", "lora.rank=16"]
+    assert main([*argv, "sft.init_from=/models/llama3_70b", "--dry-run"]) == 0
+    alone = capsys.readouterr().err
+    assert main([*argv, "--dry-run"]) == 0
+    whole = capsys.readouterr().err
+    assert "one checkpoint on disk (estimate): 2.29 GiB, LoRA adapters alone" in alone
+    assert "one checkpoint on disk (estimate): 129.82 GiB, weights and optimizer state" in whole
 
 
 def test_preset_table_covers_every_model_preset() -> None:
