@@ -132,16 +132,21 @@ def _optimizer_bytes(cfg: TrainConfig) -> int:
     return moments + (4 if cfg.precision.dtype != DType.fp32 else 0)
 
 
+def saves_adapters_alone(lora: LoraConfig, has_init_from: bool) -> bool:
+    """Whether a run's checkpoints leave the frozen weights to its base (`lora.checkpoint`; `auto` does when the run
+    starts from other weights)."""
+    return lora.enabled and (
+        lora.checkpoint == LoraCheckpoint.adapters or (lora.checkpoint == LoraCheckpoint.auto and has_init_from)
+    )
+
+
 def checkpoint_bytes(cfg: TrainConfig, has_init_from: bool) -> int:
     """One checkpoint of `cfg`'s run on disk (see the module docstring); `has_init_from`: the run starts from other
     weights, which an adapters-only LoRA checkpoint leaves out."""
     model, lora = cfg.model, cfg.lora
     adapters = model.num_layers * _layer_adapters(model, 1, lora)
     trained = adapters if lora.enabled else model.num_parameters(padded=True)
-    alone = lora.enabled and (
-        lora.checkpoint == LoraCheckpoint.adapters or (lora.checkpoint == LoraCheckpoint.auto and has_init_from)
-    )
-    weights = trained if alone else model.num_parameters(padded=True) + adapters
+    weights = trained if saves_adapters_alone(lora, has_init_from) else model.num_parameters(padded=True) + adapters
     return weights * _BYTES[cfg.precision.dtype] + trained * _optimizer_bytes(cfg)
 
 
@@ -187,9 +192,9 @@ def job_checkpoint(config) -> str | None:
     has_init_from = any(
         getattr(getattr(config, stage, None), "init_from", None) for stage in ("sft", "apm", "pretrain")
     )
-    size = checkpoint_bytes(config, has_init_from)
-    kind = "LoRA adapters alone" if size < checkpoint_bytes(config, False) else "weights and optimizer state"
-    return f"one checkpoint on disk (estimate): {size / GIB:.2f} GiB, {kind}, times checkpoint.keep_last"
+    kind = "LoRA adapters alone" if saves_adapters_alone(config.lora, has_init_from) else "weights and optimizer state"
+    size = checkpoint_bytes(config, has_init_from) / GIB
+    return f"one checkpoint on disk (estimate): {size:.2f} GiB, {kind}, times checkpoint.keep_last"
 
 
 # (preset, parallel option, data-parallel size, sequence length): each preset at the layout docs/launching.md
