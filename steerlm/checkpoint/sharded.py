@@ -470,13 +470,9 @@ def _load(
     """Read the state `model` (and `optimizer`) asks for; `trained_only`: of the model, the parameters a LoRA run
     trains (an adapters-only checkpoint's frozen weights came from its base)."""
     same_layout = meta.layout == _layout_key(layout) and optimizer is not None
-
-    def skip(name: str) -> bool:
-        return keep(name) or (trained_only and not lora.trained(name))
-
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout, trained_only=trained_only)
     for key in _model_keys(model):
-        state[key] = {name: value for name, value in state[key].items() if not skip(name)}
+        state[key] = {name: value for name, value in state[key].items() if not keep(name)}
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as error:  # torch's storage readers raise anything from EOFError to RuntimeError
@@ -488,7 +484,9 @@ def _load(
         ) from None
     for key, chunk in zip(_model_keys(model), model):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
-        if unexpected or not all(skip(name) for name in missing):
+        # left unread: what `keep` names, and an adapters-only checkpoint's frozen weights (its base's)
+        left = [name for name in missing if not keep(name) and (not trained_only or lora.trained(name))]
+        if unexpected or left:
             raise RuntimeError(f"{path}: state does not fit the model (missing {missing}, unexpected {unexpected})")
     if optimizer is not None:
         load_optimizer_state(optimizer, loaded["optimizer"])
