@@ -32,7 +32,11 @@ patches megatron, overrides a private method or reads a private attribute.
    `distrib_optimizer.HAVE_APEX_OR_TE`, the inner optimizer's `state` and `model_param_group_index_map`.
    Which kind of optimizer wrote a checkpoint (`saved_by_distributed_optimizer`): the two store their common state
    in different layouts (the distributed one's records `param_state_sharding_type`), and a checkpoint of one
-   loaded into the other fails inside megatron with a KeyError, so a resume compares the kinds first.
+   loaded into the other fails inside megatron with a KeyError. `OtherKindLoad` reads one kind's checkpoint into
+   the other: it relies on both storing each parameter's moments under the same sharded keys (the distributed
+   optimizer in its `fully_reshardable` format), on where each keeps the fp32 master weights (`param` /
+   `fp32_param` / the weights themselves), the step (param groups / `state.common_step`) and torch's param groups
+   in its common state, and on `param_group_identifier_keys` naming a param group.
 8. Transformer Engine layers (`fused_norm_parameters`, `linear_bias`, `unfused_norm_name`): under megatron's TE
    layer spec (`get_gpt_layer_with_transformer_engine_spec`) a layer's `input_layernorm` and `pre_mlp_layernorm` are
    IdentityOp and the norms run inside `TELayerNormColumnParallelLinear` (`linear_qkv`, `linear_fc1`) with TE's
@@ -73,7 +77,9 @@ import contextlib
 import functools
 import math
 import queue
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import version as installed_version
 from typing import Any, Optional
 
@@ -103,6 +109,16 @@ def check_megatron_version(found: str) -> None:
 check_megatron_version(installed_version("megatron-core"))
 
 from megatron.core import tensor_parallel  # noqa: E402  (after the version check, which names the fix)
+from megatron.core.dist_checkpointing.dict_utils import (  # noqa: E402
+    dict_list_map_inplace,
+    nested_items_iter,
+    nested_values,
+)
+from megatron.core.dist_checkpointing.mapping import (  # noqa: E402
+    LocalNonpersistentObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
 from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
@@ -488,17 +504,124 @@ def is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(part, distrib_optimizer.DistributedOptimizer) for part in parts)
 
 
-def saved_by_distributed_optimizer(common_state: dict) -> bool:
-    """Whether a checkpoint's common state (`dist_checkpointing.load_common_state_dict`) holds a DistributedOptimizer's
-    state: its `sharded_state_dict` records `param_state_sharding_type` (per part, when chained); a plain
-    optimizer's holds torch's `state` and `param_groups`."""
+def saved_by_distributed_optimizer(saved: dict) -> bool:
+    """Whether a checkpoint's common optimizer state (`dist_checkpointing.load_common_state_dict(…)["optimizer"]`)
+    is a DistributedOptimizer's: its `sharded_state_dict` records `param_state_sharding_type` (per part, when
+    chained); a plain optimizer's holds torch's `state` and `param_groups`."""
 
     def records(state: Any) -> bool:
         return isinstance(state, dict) and (
             "param_state_sharding_type" in state or any(records(value) for value in state.values())
         )
 
-    return records(common_state.get("optimizer"))
+    return records(saved)
+
+
+# The fp32 master weights' state key: the distributed optimizer's (True) and a plain mixed-precision one's (False).
+# A plain fp32 optimizer keeps none: the weights themselves are its master weights.
+_MASTER_KEY = {True: "param", False: "fp32_param"}
+_STATE_KEY = re.compile(r"^((?:chained_\d+\.)?optimizer\.state\.)([A-Za-z0-9_]+)\.(.+)$")
+
+
+def _parts(state: Any, count: int) -> list:
+    """One state dict per part of a (chained) optimizer: megatron stores a lone part's as the whole."""
+    return [state] if count == 1 else [state[index] for index in range(count)]
+
+
+def _torch_state(part: dict) -> dict:
+    """The torch optimizer's state dict within a part's: mixed-precision and distributed optimizers keep it under
+    `optimizer`, a plain fp32 one's is the part's own."""
+    return part.get("optimizer", part)
+
+
+def _group_identity(group: dict) -> tuple:
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    return tuple(group.get(key, group.get(f"pre_{key}")) for key in param_group_identifier_keys)
+
+
+def _placement(item: Any) -> tuple:
+    """Where a model parameter's sharded item lies in the checkpoint: its key and its offset (a factory, SwiGLU's
+    fc1, holds the offset in its build function). An optimizer's item of that parameter keeps the placement under
+    another key."""
+    return (item.key, id(item.build_fn)) if isinstance(item, ShardedTensorFactory) else (item.key, item.global_offset)
+
+
+class OtherKindLoad:
+    """Reads a checkpoint that the other kind of megatron optimizer saved (distributed into plain, or plain into
+    distributed), so a run can switch kinds when it resumes, e.g. to the distributed optimizer when it moves to
+    more data-parallel ranks to fit.
+
+    Both kinds store each parameter's Adam moments at the parameter's full shape under the same keys. They
+    differ in three places:
+    - the fp32 master weights: `optimizer.state.param.<p>` (distributed), `optimizer.state.fp32_param.<p>`
+      (plain, mixed precision), or none (plain, fp32: the weights themselves are the master weights);
+    - the step: in each param group (distributed), or in `state.common_step` (plain);
+    - where torch's param groups sit in the common state.
+
+    `own` is this optimizer's sharded state dict for loading. `saved` is the checkpoint's common optimizer state.
+    `model` is the model's sharded state dicts, of live parameters: a plain fp32 checkpoint's master weights are
+    the weights, read from there once the model is loaded. `request` lists what to read: `own`'s sharded items
+    under the checkpoint's keys. `state` turns what was read into this optimizer's `load_state_dict` input."""
+
+    def __init__(self, optimizer, own: dict, saved: dict, model: list[dict]) -> None:
+        self.count = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+        self.distributed = is_distributed_optimizer(optimizer)
+        self.own, self.saved = own, saved
+        self.saved_master: str | None = _MASTER_KEY[True]  # the checkpoint's master-weight key
+        if self.distributed:  # a plain checkpoint: its parts hold `optimizer` when mixed precision only
+            self.saved_master = _MASTER_KEY[False] if "optimizer" in _parts(saved, self.count)[0] else None
+        weights = {_placement(item): item.data for state in model for item in nested_values(state)}
+        self.read: list[tuple[dict | list, Any]] = []  # where in `own` each requested item's value goes
+        self.from_weights: list[tuple[dict | list, Any, torch.Tensor]] = []
+        self.request: list = []
+        for container, slot, item in nested_items_iter(own):
+            if not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+                continue
+            prefix, state_key, param = self._split(item.key)
+            if state_key == _MASTER_KEY[self.distributed]:
+                if self.saved_master is None:
+                    self.from_weights.append((container, slot, weights[(param, _placement(item)[1])]))
+                    continue
+                state_key = self.saved_master
+            self.read.append((container, slot))
+            self.request.append(replace(item, key=f"{prefix}{state_key}.{param}"))
+
+    @staticmethod
+    def _split(key: str) -> tuple[str, str, str]:
+        """An optimizer item's key: its prefix, its state key (`exp_avg`, `param`, ...) and its parameter's key."""
+        match = _STATE_KEY.match(key)
+        if match is None:
+            raise ValueError(f"unexpected optimizer state key {key!r}")
+        return match.group(1), match.group(2), match.group(3)
+
+    def state(self, read: list) -> dict:
+        """This optimizer's `load_state_dict` input from the tensors `request` read (after the model's load)."""
+        for (container, slot), value in zip(self.read, read, strict=True):
+            container[slot] = value
+        for container, slot, weight in self.from_weights:
+            container[slot] = weight.detach().clone()
+        dict_list_map_inplace(lambda x: x.unwrap() if isinstance(x, LocalNonpersistentObject) else x, self.own)
+        for own, saved in zip(_parts(self.own, self.count), _parts(self.saved, self.count)):
+            own_torch, saved_torch = _torch_state(own), _torch_state(saved)
+            if self.distributed:  # megatron leaves out a plain checkpoint's step when it is 0
+                step = float(saved_torch["state"].get("common_step", 0))
+            else:
+                step = float(saved_torch["param_groups"][0]["step"])
+            groups = {_group_identity(group): group for group in saved_torch["param_groups"]}
+            own_groups = []
+            for group in own_torch["param_groups"]:
+                if _group_identity(group) not in groups:
+                    raise ValueError(f"the checkpoint's optimizer has no param group {_group_identity(group)}")
+                kept = {key: value for key, value in groups[_group_identity(group)].items() if key != "step"}
+                ours = {"step": step} if self.distributed else {"params": group["params"]}
+                own_groups.append({**kept, **ours})
+            own_torch["param_groups"] = own_groups
+            if not self.distributed:
+                own_torch["state"]["common_step"] = torch.tensor(step, dtype=torch.float32)
+            if "grad_scaler" in saved:
+                own["grad_scaler"] = saved["grad_scaler"]
+        return self.own
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:

@@ -117,17 +117,22 @@ def test_resume_across_layouts_tp2_to_pp2_and_back_continues_the_loss_curve(
     assert train_losses(tmp_path) == pytest.approx(train_losses(expected_dir), rel=1e-5)
 
 
-def test_distributed_optimizer_resumes_at_another_data_parallel_size(uninterrupted: Path, tmp_path: Path) -> None:
-    """Steps 1-30 at DP=2 with megatron's distributed optimizer (torch Adam: moments and fp32 master weights
-    sharded over the two ranks), 31-60 at DP=1 from its checkpoint: the loss curve of one uninterrupted
-    (plain-optimizer) run continues."""
-    args = [*RUN, "parallel.use_distributed_optimizer=true", "optim.lr_decay_steps=60", f"output_dir={tmp_path}"]
-    _ok([*args, "trainer.max_steps=30"], launcher=TORCHRUN_2)
-    first = summary(tmp_path)
-    assert first["layout"].startswith("world=2 tp=1 pp=1 cp=1 dp=2")
-    _ok([*args, "trainer.max_steps=60"])
-    resumed = summary(tmp_path)
-    assert resumed["start_step"] == 30 and resumed["initial_weights_sha256"] == first["weights_sha256"]
+def test_distributed_optimizer_resumes_at_another_data_parallel_size_and_either_kind_resumes_the_other(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    """Steps 1-20 at DP=2 with megatron's distributed optimizer (torch Adam: moments and fp32 master weights
+    sharded over the two ranks), 21-40 at DP=1 with a plain optimizer from its checkpoint, 41-60 at DP=2 with the
+    distributed optimizer again: the loss curve of one uninterrupted (plain-optimizer) run continues."""
+    args = [*RUN, "optim.lr_decay_steps=60", f"output_dir={tmp_path}"]
+    distributed = "parallel.use_distributed_optimizer=true"
+    for steps, launcher, extra in ((20, TORCHRUN_2, [distributed]), (40, None, []), (60, TORCHRUN_2, [distributed])):
+        before = summary(tmp_path) if steps > 20 else None
+        _ok([*args, *extra, f"trainer.max_steps={steps}"], launcher=launcher)
+        current = summary(tmp_path)
+        assert current["layout"].startswith(f"world={2 if launcher else 1} tp=1 pp=1 cp=1 dp={2 if launcher else 1}")
+        if before is not None:
+            assert current["start_step"] == steps - 20
+            assert current["initial_weights_sha256"] == before["weights_sha256"]
     assert train_losses(tmp_path) == pytest.approx(train_losses(uninterrupted), rel=1e-5)
 
 

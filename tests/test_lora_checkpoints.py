@@ -232,8 +232,8 @@ def test_the_checkpoint_mode_is_kept_refused_or_switched_to_full(layout, tmp_pat
 @pytest.mark.slow
 def test_an_adapters_only_run_resumes_exactly_and_exports_what_a_full_one_does(tmp_path: Path) -> None:
     """The pretrain recipe from a base: 20 steps saving adapters alone equal 20 saving everything, and 10 at DP=2
-    with the distributed optimizer (its Adam state sharded) then 10 at one rank; their HF exports are byte for
-    byte the same."""
+    with the distributed optimizer (its Adam state sharded) then 10 at one rank with a plain optimizer; their HF
+    exports are byte for byte the same."""
     docs = [
         f"{a} {v} {o}." for a in ("Owls", "Cats", "Dogs") for v in ("hunt", "sleep", "swim") for o in ("now", "here")
     ]
@@ -248,15 +248,16 @@ def test_an_adapters_only_run_resumes_exactly_and_exports_what_a_full_one_does(t
     ]
     common += ["trainer.seq_length=32", "trainer.micro_batch_size=4", "trainer.global_batch_size=8"]
     common += ["trainer.eval_interval=null", "trainer.log_interval=2", "checkpoint.save_interval=10"]
-    common += ["optim.lr_warmup_steps=2", "optim.lr_decay_steps=20", "parallel.use_distributed_optimizer=true"]
-    made = run_recipe("pretrain", [*common, "trainer.max_steps=10", f"output_dir={tmp_path / 'base'}"])
+    common += ["optim.lr_warmup_steps=2", "optim.lr_decay_steps=20"]
+    distributed = "parallel.use_distributed_optimizer=true"
+    made = run_recipe("pretrain", [*common, distributed, "trainer.max_steps=10", f"output_dir={tmp_path / 'base'}"])
     assert made.returncode == 0, made.stderr[-3000:]
     adapted = [*common, "lora.rank=4", "lora.alpha=8", f"pretrain.init_from={tmp_path / 'base'}"]
     runs = {name: tmp_path / name for name in ("alone", "whole", "resumed")}
     for args, launcher in (
-        ([*adapted, "trainer.max_steps=20", f"output_dir={runs['alone']}"], None),
-        ([*adapted, "lora.checkpoint=full", "trainer.max_steps=20", f"output_dir={runs['whole']}"], None),
-        ([*adapted, "trainer.max_steps=10", f"output_dir={runs['resumed']}"], TORCHRUN_2),
+        ([*adapted, distributed, "trainer.max_steps=20", f"output_dir={runs['alone']}"], None),
+        ([*adapted, distributed, "lora.checkpoint=full", "trainer.max_steps=20", f"output_dir={runs['whole']}"], None),
+        ([*adapted, distributed, "trainer.max_steps=10", f"output_dir={runs['resumed']}"], TORCHRUN_2),
         ([*adapted, "trainer.max_steps=20", f"output_dir={runs['resumed']}"], None),
     ):
         result = run_recipe("pretrain", args, launcher)

@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel.schedules import custom_backward
 
 from steerlm import megatron_compat
 from steerlm.checkpoint.sharded import load_checkpoint, save_checkpoint
-from steerlm.config import ConfigError, OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from steerlm.config import DType, OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from steerlm.config.validation import transformer_engine_available
 from steerlm.megatron_compat import (
     GPTModelWithLossHead,
@@ -286,10 +286,11 @@ _needs_torch_adam = pytest.mark.skipif(
 )
 
 
-def _distributed_adam(layout, distributed: bool = True) -> TrainingSetup:
+def _distributed_adam(layout, distributed: bool = True, precision: PrecisionConfig | None = None) -> TrainingSetup:
     cfg = TrainConfig(
         model=TEST_MODEL,
         parallel=ParallelConfig(use_distributed_optimizer=distributed),
+        precision=precision or PrecisionConfig(),
         trainer=TRAINER,
         optim=OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=1, lr_decay_steps=10),
         output_dir="unused",
@@ -351,25 +352,32 @@ def test_distributed_torch_adam_resumes_exactly_with_a_step_tensor_per_parameter
     assert _losses(resumed, layout, range(2, 5)) == expected
 
 
-def test_a_resume_with_the_other_kind_of_optimizer_is_refused_naming_the_key(layout, tmp_path):
-    """The two kinds store their state in different layouts: megatron fails inside its load with a KeyError, so the
-    kind that wrote a checkpoint is read from its common state and compared first (either way)."""
+@pytest.mark.parametrize("dtype", [DType.fp32, DType.bf16])
+def test_a_resume_with_the_other_kind_of_optimizer_continues_the_saved_runs_curve(layout, tmp_path, dtype):
+    """Either kind reads the other's checkpoint (`OtherKindLoad`): moments, master weights (the distributed
+    optimizer's `param`, a plain bf16 one's `fp32_param`, a plain fp32 one's weights) and step. The resumed run's
+    losses are those of the saved kind's run going on, bit for bit; under bf16 the two kinds' own curves differ
+    in the last digits, so each direction is told apart."""
+    precision = PrecisionConfig(dtype=dtype)
+    straight = {}
+    for distributed in (False, True):
+        setup = _distributed_adam(layout, distributed, precision)
+        straight[distributed] = _losses(setup, layout, range(5))
     for saved_distributed in (True, False):
-        cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(use_distributed_optimizer=saved_distributed))
-        saved = _distributed_adam(layout, saved_distributed)
-        _losses(saved, layout, range(1))
-        output = tmp_path / str(saved_distributed)
-        path = save_checkpoint(output, 1, saved, layout, cfg)
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        cfg = TrainConfig(
+            model=TEST_MODEL,
+            parallel=ParallelConfig(use_distributed_optimizer=saved_distributed),
+            precision=precision,
+        )
+        saved = _distributed_adam(layout, saved_distributed, precision)
+        _losses(saved, layout, range(2))
+        path = save_checkpoint(tmp_path / str(saved_distributed), 2, saved, layout, cfg)
+        common = dist_checkpointing.load_common_state_dict(str(path))["optimizer"]
         assert megatron_compat.saved_by_distributed_optimizer(common) == saved_distributed
-        other = _distributed_adam(layout, not saved_distributed)
+        other = _distributed_adam(layout, not saved_distributed, precision)
         assert megatron_compat.is_distributed_optimizer(other.optimizer) != saved_distributed
-        with pytest.raises(ConfigError) as error:
-            load_checkpoint(path, other.model, other.optimizer, other.scheduler, layout, TEST_MODEL)
-        assert error.value.key == "parallel.use_distributed_optimizer"
-        assert f"use_distributed_optimizer={str(saved_distributed).lower()}" in str(error.value)
-        same = _distributed_adam(layout, saved_distributed)
-        assert load_checkpoint(path, same.model, same.optimizer, same.scheduler, layout, TEST_MODEL) == 1
+        assert load_checkpoint(path, other.model, other.optimizer, other.scheduler, layout, TEST_MODEL) == 2
+        assert _losses(other, layout, range(2, 5)) == straight[saved_distributed][2:]
 
 
 # 8. Transformer Engine layers

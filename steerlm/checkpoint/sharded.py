@@ -52,6 +52,7 @@ from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
 from steerlm.megatron_compat import (
+    OtherKindLoad,
     complete_torch_adam_state,
     is_distributed_optimizer,
     load_optimizer_state,
@@ -96,6 +97,7 @@ QUARANTINE = "corrupt."
 TORCH_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 FORMAT = 1
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+OTHER_KIND = "optimizer_of_the_other_kind"  # a load request's key for the other kind's optimizer state
 # Model fields that change tensor shapes or meaning; any difference makes a checkpoint unusable.
 SHAPE_FIELDS = (*MODEL_SHAPE_FIELDS, "vocab_size", "make_vocab_size_divisible_by")
 
@@ -362,7 +364,6 @@ def load_checkpoint(
     chunks = [unwrap(chunk) for chunk in model]
     if optimizer is not None:
         _check_same_adapters(path, meta.lora, lora.config_of(chunks[0]))
-        _check_same_optimizer(path, optimizer)
         _read_base(path, meta, model, layout, model_cfg, verify)
         return _load(path, meta, model, optimizer, scheduler, layout, keep, trained_only=meta.base is not None)
     own = lora.detach(chunks)
@@ -425,24 +426,6 @@ def _read_base(
     read_weights(base.weight_format, Path(base.path), model, layout, model_cfg, keep=is_head, verify=verify)
 
 
-def _check_same_optimizer(path: Path, optimizer) -> None:
-    """A run resumes with the kind of optimizer it was saved with: megatron stores the distributed optimizer's state
-    in another layout than a plain one's."""
-    saved = saved_by_distributed_optimizer(dist_checkpointing.load_common_state_dict(str(path)))
-    ours = is_distributed_optimizer(optimizer)
-    if saved != ours:
-        kinds = {True: "the distributed optimizer", False: "a plain (not distributed) optimizer"}
-        raise ConfigError(
-            "parallel.use_distributed_optimizer",
-            ours,
-            f"checkpoint {path} holds {kinds[saved]}'s state, which megatron-core stores in another layout than "
-            f"{kinds[ours]}'s",
-            f"resume with parallel.use_distributed_optimizer={str(saved).lower()} (it runs at any data-parallel "
-            "size, 1 included), or start a new output_dir with init_from=<this run> (its weights; the optimizer "
-            "starts fresh)",
-        )
-
-
 def _check_same_adapters(path: Path, saved: dict | None, own: LoraConfig | None) -> None:
     """A run resumes with the adapters it was saved with: other ones would not fit its optimizer state."""
     ours = own.describe() if own is not None else None
@@ -455,6 +438,20 @@ def _check_same_adapters(path: Path, saved: dict | None, own: LoraConfig | None)
             "resume with the checkpoint's lora.* settings, or start a new output_dir with init_from=<that run> "
             "(its adapters are then merged into the weights)",
         )
+
+
+def _other_kind_load(path: Path, model: list, optimizer, state: dict) -> OtherKindLoad | None:
+    """How to read a checkpoint the other kind of optimizer (distributed or plain) saved, when it did: a run may
+    switch kinds when it resumes. Takes this optimizer's request out of `state`."""
+    if optimizer is None:
+        return None
+    saved = dist_checkpointing.load_common_state_dict(str(path))["optimizer"]
+    ours = is_distributed_optimizer(optimizer)
+    if saved_by_distributed_optimizer(saved) == ours:
+        return None
+    kinds = {True: "the distributed optimizer", False: "a plain optimizer"}
+    log.info("%s holds %s's state: reading it into %s", path, kinds[not ours], kinds[ours])
+    return OtherKindLoad(optimizer, state.pop("optimizer"), saved, [state[key] for key in _model_keys(model)])
 
 
 def _load(
@@ -473,6 +470,9 @@ def _load(
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout, trained_only=trained_only)
     for key in _model_keys(model):
         state[key] = {name: value for name, value in state[key].items() if not keep(name)}
+    other_kind = _other_kind_load(path, model, optimizer, state)
+    if other_kind is not None:
+        state[OTHER_KIND] = other_kind.request
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as error:  # torch's storage readers raise anything from EOFError to RuntimeError
@@ -489,7 +489,7 @@ def _load(
         if unexpected or left:
             raise RuntimeError(f"{path}: state does not fit the model (missing {missing}, unexpected {unexpected})")
     if optimizer is not None:
-        load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, other_kind.state(loaded[OTHER_KIND]) if other_kind else loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
