@@ -117,22 +117,25 @@ def test_resume_across_layouts_tp2_to_pp2_and_back_continues_the_loss_curve(
     assert train_losses(tmp_path) == pytest.approx(train_losses(expected_dir), rel=1e-5)
 
 
-def test_distributed_optimizer_resumes_at_another_data_parallel_size_and_either_kind_resumes_the_other(
+def test_distributed_optimizer_resumes_at_another_layout_and_either_kind_of_optimizer_resumes_the_other(
     uninterrupted: Path, tmp_path: Path
 ) -> None:
     """Steps 1-20 at DP=2 with megatron's distributed optimizer (torch Adam: moments and fp32 master weights
-    sharded over the two ranks), 21-40 at DP=1 with a plain optimizer from its checkpoint, 41-60 at DP=2 with the
+    sharded over the two ranks), 21-40 at DP=1 with a plain optimizer from its checkpoint, 41-60 at TP=2 with the
     distributed optimizer again: the loss curve of one uninterrupted (plain-optimizer) run continues."""
     args = [*RUN, "optim.lr_decay_steps=60", f"output_dir={tmp_path}"]
     distributed = "parallel.use_distributed_optimizer=true"
-    for steps, launcher, extra in ((20, TORCHRUN_2, [distributed]), (40, None, []), (60, TORCHRUN_2, [distributed])):
-        before = summary(tmp_path) if steps > 20 else None
-        _ok([*args, *extra, f"trainer.max_steps={steps}"], launcher=launcher)
+    legs = ((20, [distributed], "world=2 tp=1 pp=1 cp=1 dp=2"), (40, [], "world=1 tp=1 pp=1 cp=1 dp=1"))
+    legs += ((60, [distributed, "parallel=tp2"], "world=2 tp=2 pp=1 cp=1 dp=1"),)
+    previous = None
+    for steps, extra, layout in legs:
+        _ok([*args, *extra, f"trainer.max_steps={steps}"], launcher=TORCHRUN_2 if "world=2" in layout else None)
         current = summary(tmp_path)
-        assert current["layout"].startswith(f"world={2 if launcher else 1} tp=1 pp=1 cp=1 dp={2 if launcher else 1}")
-        if before is not None:
-            assert current["start_step"] == steps - 20
-            assert current["initial_weights_sha256"] == before["weights_sha256"]
+        assert current["layout"].startswith(layout)
+        if previous is not None:
+            assert current["start_step"] == previous["last_step"]
+            assert current["initial_weights_sha256"] == previous["weights_sha256"]
+        previous = current
     assert train_losses(tmp_path) == pytest.approx(train_losses(uninterrupted), rel=1e-5)
 
 
