@@ -11,6 +11,7 @@ from; and bad inputs are refused naming the tensor or key.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steerlm import runtime
-from steerlm.checkpoint.sharded import WeightsOnly, load_weights, save_checkpoint
+from steerlm.checkpoint.sharded import WeightsOnly, load_weights, resolve_checkpoint, save_checkpoint, saved_config
 from steerlm.config import AttributeModelConfig, AttributesConfig, ConfigError, ParallelConfig, PrecisionConfig
 from steerlm.config.convert import ConvertConfig, ModelFormat
-from steerlm.config.schema import TokenizerConfig, TokenizerType, TrainDataConfig
+from steerlm.config.schema import DType, TokenizerConfig, TokenizerType, TrainDataConfig
 from steerlm.config.sft import SFTConfig
-from steerlm.data.attribute_lines import trained_attribute_lines
+from steerlm.data.attribute_lines import from_json, trained_attribute_lines
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.generate import SamplingParams
@@ -156,8 +157,8 @@ def exported(checkpoints: dict) -> dict:
     return checkpoints
 
 
-def _parameters(layout, run: Path, model) -> dict[str, torch.Tensor]:
-    chunks = build_model_chunks(model, PrecisionConfig(), layout, 99)
+def _parameters(layout, run: Path, model, dtype: DType = DType.fp32) -> dict[str, torch.Tensor]:
+    chunks = build_model_chunks(model, PrecisionConfig(dtype=dtype), layout, 99)
     load_weights(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip(), chunks, layout, model)
     return {name: param.detach().clone() for name, param in named_global_parameters(chunks)}
 
@@ -282,6 +283,44 @@ def test_a_steerable_export_carries_the_attribute_values_it_trained_on(layout, t
     assert trained_attribute_lines(tmp_path / "back") == trained_attribute_lines(run)  # and back again
 
 
+def test_to_steerlm_writes_a_copy_with_its_tokenizer_that_reads_as_the_original(layout, tmp_path: Path) -> None:
+    """A steerable model and a regression APM written `to=steerlm` (once in bf16): weights-only checkpoints with the
+    tokenizer and the trained attribute lines beside them, which generate and score as the originals do after the
+    originals and their tokenizer are gone."""
+    sft, apm = (_checkpoint(layout, tmp_path / name, TEST_MODEL, apm=name == "apm") for name in ("sft", "apm"))
+    lines = {"lines": 7, "levels": {"helpfulness": {"3": 4, "4": 3}, "verbosity": {"0": 7}, "humor": {}}}
+    (sft / "attribute_lines.json").write_text(json.dumps(lines))
+    loaded = load_generator(str(sft), layout, PrecisionConfig())
+    steering = Steering(loaded.template, loaded.tokenizer, {}, ConvertConfig.system_prompt, 10_000)
+    prompt = _steerlm_request_ids(steering, *CHATS[2])
+    generated = loaded.generator.generate([prompt], [SamplingParams(max_new_tokens=8)])[0].token_ids
+    conversations = [[ChatMessage(**m) for m in chat[0][:-1]] for chat in CHATS[2:]]
+    scorer = AttributeScorer.from_checkpoint(apm, layout)
+    scored = scorer.score([steering.scoring_conversation(c) for c in conversations])
+    weights = _parameters(layout, sft, TEST_MODEL)
+    for run in (sft, apm):
+        convert(_convert(run, tmp_path / f"{run.name}_copy", to=ModelFormat.steerlm), layout)
+    convert(_convert(sft, tmp_path / "bf16", to=ModelFormat.steerlm, dtype=DType.bf16), layout)
+    for run in (sft, apm, tmp_path / "tokenizer"):
+        shutil.rmtree(run)
+    copy = tmp_path / "sft_copy"
+    assert saved_config(resolve_checkpoint(copy)).tokenizer.path == str(copy / "tokenizer")
+    assert trained_attribute_lines(copy) == trained_attribute_lines(tmp_path / "bf16") == from_json(lines, "lines")
+    loaded = load_generator(str(copy), layout, PrecisionConfig())
+    assert loaded.generator.generate([prompt], [SamplingParams(max_new_tokens=8)])[0].token_ids == generated
+    assert (
+        AttributeScorer.from_checkpoint(tmp_path / "apm_copy", layout).score(
+            [steering.scoring_conversation(c) for c in conversations]
+        )
+        == scored
+    )
+    assert saved_config(resolve_checkpoint(tmp_path / "bf16")).precision.dtype == "bf16"
+    halved = _parameters(layout, tmp_path / "bf16", TEST_MODEL, DType.bf16)
+    assert halved.keys() == weights.keys()
+    assert all(halved[name].dtype == torch.bfloat16 for name in halved)
+    assert all(torch.equal(halved[name], param.bfloat16()) for name, param in weights.items())
+
+
 def test_regression_apm_exports_as_sequence_classification(layout, tmp_path: Path) -> None:
     run = _checkpoint(layout, tmp_path / "apm", TEST_MODEL, apm=True)
     convert(_convert(run, tmp_path / "hf"), layout)
@@ -317,8 +356,6 @@ def _edit_config(directory: Path, **changes) -> None:
 
 
 def test_bad_inputs_are_refused_naming_the_tensor_or_key(layout, checkpoints: dict, tmp_path: Path) -> None:
-    import shutil
-
     source = checkpoints["export"]
     cases = {
         "architecture": ({"architectures": ["MistralForCausalLM"]}, "input", "MistralForCausalLM"),

@@ -171,6 +171,31 @@ def test_a_base_gone_or_changed_is_refused_naming_its_path(layout, tmp_path: Pat
     assert error.value.path == base_step
 
 
+def test_to_steerlm_writes_an_adapters_only_run_as_weights_that_need_no_base(layout, tmp_path: Path) -> None:
+    """`recipes/convert.py to=steerlm`: the adapters merged into their base's weights, without optimizer state,
+    adapters or a base to read; it gives the adapted model's logits after the base is gone."""
+    base = _steerlm_base(layout, tmp_path / "base", seed=3)
+    setup, cfg = _lora_run(layout, tmp_path / "run", str(base))
+    alone = save_checkpoint(tmp_path / "run", 1, setup, layout, cfg)
+    expected = _merged_logits(layout, alone)
+    whole = save_checkpoint(tmp_path / "whole", 1, replace(setup, base=None), layout, cfg)
+    copy = ConvertConfig(input=str(tmp_path / "run"), output=str(tmp_path / "copy"), to=ModelFormat.steerlm)
+    copy.validate()
+    convert(copy, layout)
+    written = resolve_checkpoint(tmp_path / "copy")
+    meta = read_meta(written)
+    assert meta.weights_only and meta.base is None and meta.lora is None and meta.step == 1
+
+    def keys(checkpoint: Path) -> set[str]:
+        return set(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+
+    assert any(key.startswith("optimizer.") for key in keys(alone))
+    assert not any(key.startswith("optimizer.") or lora.is_adapter(key) for key in keys(written))
+    assert _stored_tensors(written) == {key for key in _stored_tensors(whole) if not lora.is_adapter(key)}
+    shutil.rmtree(base)
+    assert torch.equal(_merged_logits(layout, written), expected)
+
+
 def test_the_fingerprint_reads_a_weight_files_size_and_ends(tmp_path: Path) -> None:
     """Bytes in the first or the last MiB of a weight file, or its size, change it; a file beside an HF model's
     weights (a README, a tokenizer) does not."""

@@ -4,9 +4,10 @@
 `to` defaults to the other format. The export reads the checkpoint at `parallel`'s layout (launch that many
 processes with torchrun and each writes the tensors it holds) and writes safetensors, config.json,
 generation_config.json, the tokenizer with a SteerLM chat template and a model card. The import writes a
-steerlm checkpoint (weights only) from `parallel`'s layout. `attributes` and `system_prompt` are the
-exported chat template's default request, with the meaning they have for `recipes/serve.py`. See
-docs/deploying.md.
+steerlm checkpoint (weights only) from `parallel`'s layout; so does a steerlm checkpoint with `to=steerlm` (its
+weights alone: no optimizer state, a LoRA run's adapters merged with their base). `attributes` and
+`system_prompt` are the exported chat template's default request, with the meaning they have for
+`recipes/serve.py`. See docs/deploying.md.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def parse_size(key: str, text: str) -> int:
 class ConvertConfig:
     input: str = MISSING  # a steerlm run dir / checkpoint, or a Hugging Face Llama directory
     output: str = MISSING  # a new directory (an existing one must be empty)
-    to: Optional[ModelFormat] = None  # null: the other format than input's (steerlm → hf, hf/nemo → steerlm)
+    # null: the other format than input's (steerlm → hf, hf/nemo → steerlm); steerlm → steerlm: the weights alone
+    to: Optional[ModelFormat] = None
     max_shard_size: str = "5GB"  # to=hf: larger exports split over model-0000N-of-0000M.safetensors + an index
-    dtype: Optional[DType] = None  # to=hf / from .nemo: the written tensors' dtype; null: as trained
-    tokenizer_path: Optional[str] = None  # to=hf: null: the checkpoint's tokenizer; from .nemo: null: the archive's
+    dtype: Optional[DType] = None  # to=hf / to=steerlm / from .nemo: the written tensors' dtype; null: as trained
+    tokenizer_path: Optional[str] = None  # to=hf/steerlm: null: the checkpoint's tokenizer; from .nemo: the archive's
     attributes: dict[str, Optional[float]] = field(default_factory=dict)  # to=hf: the chat template's defaults
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # to=hf: the chat template's system prompt when a request has none
     apm_range: Optional[list[float]] = None  # to=steerlm of another tool's reward model: [min, max] of its scores
@@ -110,7 +112,7 @@ class ConvertConfig:
             f"convert in two steps: to=steerlm output=<dir>, then input=<dir> to={self.target.value}",
         )
         require(
-            self.target != self.source and self.target != ModelFormat.nemo,
+            (self.target != self.source or self.source == ModelFormat.steerlm) and self.target != ModelFormat.nemo,
             "to",
             self.target.value,
             f"input is already in the {self.source.value} format",

@@ -10,8 +10,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from steerlm.checkpoint.sharded import read_meta, resolve_checkpoint, saved_config
-from steerlm.config import ConfigError, ModelConfig, PrecisionConfig, to_typed
+from steerlm.config import AttributeModelConfig, ConfigError, ModelConfig, PrecisionConfig, TrainConfig, to_typed
+from steerlm.config.bootstrap import BootstrapConfig
+from steerlm.config.pretrain import PretrainConfig
 from steerlm.config.schema import APMType, AttributesConfig, DType, TokenizerConfig, TokenizerType
+from steerlm.config.sft import SFTConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.loading import read_checkpoint_setup
@@ -55,6 +58,17 @@ class ExportSource:
     @property
     def num_attributes(self) -> int | None:
         return len(self.schema.attributes) if self.kind == ModelKind.regression_apm and self.schema else None
+
+
+def saved_train_config(saved: DictConfig) -> TrainConfig:
+    """A checkpoint's saved config as its recipe's dataclass (told apart by the recipe's own section)."""
+    schema: type = TrainConfig
+    recipes = (("bootstrap", BootstrapConfig), ("apm", AttributeModelConfig), ("sft", SFTConfig))
+    for section, kind in (*recipes, ("pretrain", PretrainConfig)):
+        if section in saved:
+            schema = kind
+            break
+    return to_typed(saved, schema)
 
 
 def _tokenizer_config(saved: DictConfig, tokenizer_path: str | None) -> TokenizerConfig | None:

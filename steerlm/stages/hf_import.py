@@ -25,11 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from steerlm import runtime
 from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
-from steerlm.config import AttributeModelConfig, ConfigError, ModelConfig, PrecisionConfig, TrainConfig, to_typed
+from steerlm.config import AttributeModelConfig, ConfigError, ModelConfig, PrecisionConfig, TrainConfig
 from steerlm.config.convert import ConvertConfig
 from steerlm.config.pretrain import PretrainConfig, TextDataConfig
 from steerlm.config.schema import APMConfig, AttributesConfig, DType, TokenizerConfig, TokenizerType, TrainDataConfig
-from steerlm.config.sft import SFTConfig
 from steerlm.config.validation import validate_model_layout
 from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE
 from steerlm.models.attribute import build_attribute_model_chunks
@@ -51,6 +50,7 @@ from steerlm.stages.export_source import (
     SCORE_BIAS,
     SOURCE_CONFIG,
     ModelKind,
+    saved_train_config,
 )
 from steerlm.tokenizers import VOCAB_FILE
 
@@ -139,12 +139,7 @@ def _typed_saved(directory: Path) -> TrainConfig:
     saved = OmegaConf.load(directory / EXPORT_DIR / SOURCE_CONFIG)
     if not isinstance(saved, DictConfig):
         raise ConfigError("input", str(directory), f"{EXPORT_DIR}/{SOURCE_CONFIG} is not a config", "re-export it")
-    schema: type = TrainConfig
-    for section, kind in (("apm", AttributeModelConfig), ("sft", SFTConfig), ("pretrain", PretrainConfig)):
-        if section in saved:
-            schema = kind
-            break
-    return to_typed(saved, schema)
+    return saved_train_config(saved)
 
 
 def _steerlm_export(cfg: ConvertConfig, directory: Path, hf: dict, output: Path) -> ImportPlan:
@@ -232,7 +227,7 @@ def plan_import(cfg: ConvertConfig) -> ImportPlan:
     return plan
 
 
-def _copy_tokenizer(source: Path, target: Path) -> None:
+def copy_tokenizer(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in (VOCAB_FILE, *TOKENIZER_FILES):
         if (source / name).is_file():
@@ -259,7 +254,7 @@ def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         raise ConfigError("input", cfg.input, message, "convert a complete Llama checkpoint of this shape") from None
     output = Path(plan.config.output_dir)
     if layout.is_rank_zero and plan.tokenizer_source is not None:
-        _copy_tokenizer(plan.tokenizer_source, output / TOKENIZER_DIR)
+        copy_tokenizer(plan.tokenizer_source, output / TOKENIZER_DIR)
     save_checkpoint(output, plan.step, WeightsOnly(chunks), layout, plan.config)
     lines = Path(cfg.input) / EXPORT_DIR / ATTRIBUTE_LINES_FILE  # a steerable export's trained attribute lines
     if layout.is_rank_zero and lines.is_file():
