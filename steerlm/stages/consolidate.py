@@ -1,7 +1,7 @@
 """`recipes/convert.py input=<run> to=steerlm`: a steerlm checkpoint as a self-contained, weights-only one.
 
 A training checkpoint holds what resuming needs beside the weights: Adam's moments and, under bf16, the fp32 master
-weights (~14 bytes per parameter beside the weights' 2), and a LoRA run that saves its adapters alone holds only
+weights (12 bytes a parameter beside the bf16 weights' 2), and a LoRA run that saves its adapters alone holds only
 those, over a base it names by path. To serve, share or archive a model one wants its weights alone, readable
 without the base or the training directory. This reads the checkpoint as every reader does (its base first, its
 adapters merged into the weights) and writes them as a weights-only checkpoint, in `dtype` (null: as trained), from
