@@ -547,6 +547,13 @@ def _placement(item: Any) -> tuple:
     return (item.key, id(item.build_fn)) if isinstance(item, ShardedTensorFactory) else (item.key, item.global_offset)
 
 
+def _saved_step(saved: dict) -> float:
+    """The step of a checkpoint's torch optimizer state: in its param groups (the distributed optimizer's, or a
+    Transformer Engine / apex fused Adam's), else a plain torch Adam's `state.common_step` (left out when 0)."""
+    first = saved["param_groups"][0]
+    return float(first["step"] if "step" in first else saved.get("state", {}).get("common_step", 0))
+
+
 class OtherKindLoad:
     """Reads a checkpoint that the other kind of megatron optimizer saved (distributed into plain, or plain into
     distributed), so a run can switch kinds when it resumes, e.g. to the distributed optimizer when it moves to
@@ -556,7 +563,8 @@ class OtherKindLoad:
     differ in three places:
     - the fp32 master weights: `optimizer.state.param.<p>` (distributed), `optimizer.state.fp32_param.<p>`
       (plain, mixed precision), or none (plain, fp32: the weights themselves are the master weights);
-    - the step: in each param group (distributed), or in `state.common_step` (plain);
+    - the step: in each param group (distributed, or a fused Adam's), or in `state.common_step` (plain torch Adam,
+      which keeps a step per parameter);
     - where torch's param groups sit in the common state.
 
     `own` is this optimizer's sharded state dict for loading. `saved` is the checkpoint's common optimizer state.
@@ -565,7 +573,8 @@ class OtherKindLoad:
     under the checkpoint's keys. `state` turns what was read into this optimizer's `load_state_dict` input."""
 
     def __init__(self, optimizer, own: dict, saved: dict, model: list[dict]) -> None:
-        self.count = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+        self.parts = getattr(optimizer, "chained_optimizers", [optimizer])
+        self.count = len(self.parts)
         self.distributed = is_distributed_optimizer(optimizer)
         self.own, self.saved = own, saved
         self.saved_master: str | None = _MASTER_KEY[True]  # the checkpoint's master-weight key
@@ -602,22 +611,23 @@ class OtherKindLoad:
         for container, slot, weight in self.from_weights:
             container[slot] = weight.detach().clone()
         dict_list_map_inplace(lambda x: x.unwrap() if isinstance(x, LocalNonpersistentObject) else x, self.own)
-        for own, saved in zip(_parts(self.own, self.count), _parts(self.saved, self.count)):
+        for part, own, saved in zip(self.parts, _parts(self.own, self.count), _parts(self.saved, self.count)):
             own_torch, saved_torch = _torch_state(own), _torch_state(saved)
-            if self.distributed:  # megatron leaves out a plain checkpoint's step when it is 0
-                step = float(saved_torch["state"].get("common_step", 0))
-            else:
-                step = float(saved_torch["param_groups"][0]["step"])
+            step = _saved_step(saved_torch)
+            per_parameter = isinstance(part.optimizer, (torch.optim.Adam, torch.optim.AdamW))  # not a fused Adam
             groups = {_group_identity(group): group for group in saved_torch["param_groups"]}
             own_groups = []
             for group in own_torch["param_groups"]:
                 if _group_identity(group) not in groups:
                     raise ValueError(f"the checkpoint's optimizer has no param group {_group_identity(group)}")
-                kept = {key: value for key, value in groups[_group_identity(group)].items() if key != "step"}
-                ours = {"step": step} if self.distributed else {"params": group["params"]}
-                own_groups.append({**kept, **ours})
+                ours = {key: value for key, value in groups[_group_identity(group)].items() if key != "step"}
+                if not self.distributed:
+                    ours["params"] = group["params"]
+                if self.distributed or not per_parameter:
+                    ours["step"] = step if per_parameter else int(step)
+                own_groups.append(ours)
             own_torch["param_groups"] = own_groups
-            if not self.distributed:
+            if not self.distributed and per_parameter:
                 own_torch["state"]["common_step"] = torch.tensor(step, dtype=torch.float32)
             if "grad_scaler" in saved:
                 own["grad_scaler"] = saved["grad_scaler"]
