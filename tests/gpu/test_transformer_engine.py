@@ -66,3 +66,44 @@ def test_generation_under_transformer_engine_equals_local_layers() -> None:
     del result["te_lean_supported"]
     for name, tokens in result.items():
         assert tokens == reference, name
+
+
+def _resumes_across_optimizer_kinds(root: str) -> dict:
+    """bf16 losses of both optimizer kinds run straight, and of each resumed from the other's step-2 checkpoint,
+    with the Adam megatron picks where Transformer Engine is installed (its fused Adam keeps the step per param
+    group, where torch's keeps one per parameter)."""
+    from pathlib import Path
+
+    from steerlm import runtime
+    from steerlm.checkpoint.sharded import load_checkpoint, save_checkpoint
+    from steerlm.config import DType, ParallelConfig, PrecisionConfig, TrainConfig
+    from tests.conftest import TEST_MODEL
+    from tests.test_megatron_compat import _distributed_adam, _losses
+
+    layout = runtime.initialize(ParallelConfig(), seed=0)
+    precision = PrecisionConfig(dtype=DType.bf16)
+    out: dict = {}
+    try:
+        for distributed in (False, True):
+            straight = _distributed_adam(layout, distributed, precision)
+            out[f"adam_{distributed}"] = type(straight.optimizer.chained_optimizers[0].optimizer).__module__
+            out[f"straight_{distributed}"] = _losses(straight, layout, range(5))
+            saved = _distributed_adam(layout, distributed, precision)
+            _losses(saved, layout, range(2))
+            cfg = TrainConfig(
+                model=TEST_MODEL, parallel=ParallelConfig(use_distributed_optimizer=distributed), precision=precision
+            )
+            path = save_checkpoint(Path(root) / str(distributed), 2, saved, layout, cfg)
+            other = _distributed_adam(layout, not distributed, precision)
+            load_checkpoint(path, other.model, other.optimizer, other.scheduler, layout, TEST_MODEL)
+            out[f"resumed_from_{distributed}"] = _losses(other, layout, range(2, 5))
+    finally:
+        runtime.shutdown()
+    return out
+
+
+def test_either_kind_of_optimizer_resumes_the_others_checkpoint_with_fused_adam(tmp_path) -> None:
+    result = run_distributed(_resumes_across_optimizer_kinds, 1, str(tmp_path))[0]
+    print(f"\nmegatron's plain and distributed optimizers wrap {result['adam_False']}, {result['adam_True']}")
+    for saved in (False, True):
+        assert result[f"resumed_from_{saved}"] == pytest.approx(result[f"straight_{saved}"][2:], rel=1e-5)
