@@ -56,5 +56,7 @@ def consolidate(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     if layout.is_rank_zero and lines is not None:
         write_attribute_lines(output, lines)
     if layout.is_rank_zero:
-        log.info("wrote the weights of %s (step %d) as %s, %s", source.path, source.step, path, config.precision.dtype)
+        log.info(
+            "wrote the weights of %s (step %d) as %s, %s", source.path, source.step, path, config.precision.dtype.value
+        )
     return output
