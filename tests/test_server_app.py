@@ -90,6 +90,17 @@ class AppServer:
         connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         return connection
 
+    def metrics(self, headers: dict | None = None) -> dict[tuple, float]:
+        """GET /metrics read by prometheus_client's parser: (sample name, sorted label pairs) → value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        connection.request("GET", "/metrics", headers=headers or {})
+        response = connection.getresponse()
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        families = text_string_to_metric_families(response.read().decode())
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
     def in_background(self, body: dict) -> Callable[[], tuple[int, dict, dict]]:
         """POST on a thread; returns a function that waits for the answer."""
         result: list = []
@@ -101,6 +112,11 @@ class AppServer:
             return result[0]
 
         return wait
+
+
+def _labels(*pairs: tuple[str, str], **labels: str) -> tuple:
+    """A sample's labels as `AppServer.metrics` keys them."""
+    return tuple(sorted([*pairs, *labels.items()]))
 
 
 def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
@@ -221,6 +237,11 @@ def test_a_full_queue_says_when_to_retry_and_a_500_names_the_request_not_the_err
     assert (status, body["error"]["code"]) == (500, "internal_error")
     assert headers["x-request-id"] in body["error"]["message"] and "model broke" not in json.dumps(body)
     assert waiting()[0] == 200
+    seen = server.metrics()
+    assert seen[("steerlm_requests_rejected_total", _labels(reason="queue_full"))] == 1
+    for outcome in ("failed", "completed"):
+        assert seen[("steerlm_requests_ended_total", _labels(route="chat", profile="", outcome=outcome))] == 1
+    assert seen[("steerlm_request_latency_seconds_count", _labels(route="chat", profile=""))] == 1  # the completed
 
 
 def test_a_dropped_stream_or_request_stops_its_row_at_the_next_step(app) -> None:
@@ -244,6 +265,9 @@ def test_a_dropped_stream_or_request_stops_its_row_at_the_next_step(app) -> None
     server.decoding.permits.release(2)
     _until(lambda: len(server.decoding.log) == 6)
     assert server.decoding.steps_of(2) == [5] and server.decoding.log[5]["left"] == [2]
+    seen = server.metrics()
+    for outcome, count in (("cancelled", 2), ("completed", 1)):
+        assert seen[("steerlm_requests_ended_total", _labels(route="chat", profile="", outcome=outcome))] == count
 
 
 def test_a_short_stream_gets_done_while_a_long_one_decodes(app) -> None:
@@ -278,6 +302,11 @@ def test_deadlines_and_the_shutdown_grace_end_requests_with_json_errors_and_stre
     assert json.loads(payloads[-2])["error"]["code"] == "unavailable" and payloads[-1] == "[DONE]"
     status, body, _ = server.post(_ask())
     assert (status, body["error"]["code"]) == (503, "unavailable")
+    seen = server.metrics()
+    for outcome in ("timeout", "failed"):  # the late request's, and the stream's past the grace
+        assert seen[("steerlm_requests_ended_total", _labels(route="chat", profile="", outcome=outcome))] == 1
+    assert seen[("steerlm_requests_rejected_total", _labels(reason="shutting_down"))] == 1
+    assert seen[("steerlm_healthy", ())] == 0
 
 
 SUPPORT = ProfileConfig(attributes={"helpfulness": 4, "verbosity": 1}, system_prompt="figs and nuts", max_tokens=5)
@@ -348,6 +377,10 @@ def test_api_keys_are_required_and_a_key_bound_to_a_profile_serves_it(app, tmp_p
     health = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     health.request("GET", "/health")
     assert health.getresponse().status == 200  # for load balancers: no key needed
+    scrape = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    scrape.request("GET", "/metrics")
+    assert scrape.getresponse().status == 401  # counts by profile: a key's holder only
+    assert server.metrics({"Authorization": "Bearer sk-admin-0123456789abcdef"})
     admin = {"Authorization": "Bearer sk-admin-0123456789abcdef"}
     support = {"Authorization": "Bearer sk-support-0123456789"}
     assert server.post(_ask(), admin)[1]["attributes"] == {"coherence": 3}
@@ -360,6 +393,45 @@ def test_api_keys_are_required_and_a_key_bound_to_a_profile_serves_it(app, tmp_p
         with pytest.raises(DataError, match=phrase) as error:
             read_api_keys(str(keys), ["support"])
         assert error.value.line == line
+
+
+def test_metrics_count_what_the_answers_report_per_route_and_profile(app) -> None:
+    """`GET /metrics`, read by prometheus_client's parser, after chat requests at the default profile and at a
+    profile (n=2), a text completion and a request whose row fails: requests, rows and outcomes per route and
+    profile, tokens equal to the answers' `usage`, one latency sample per request, the batch's steps."""
+    server = app(profiles={"support": SUPPORT})
+    answers = {
+        "chat": [server.post(_ask(max_tokens=3))[1]],
+        "support": [server.post(_ask(model="tiny:support", max_tokens=2, n=2))[1]],
+        "completions": [_complete(server, {"prompt": "what does zog eat", "max_tokens": 2})[1]],
+    }
+    assert server.post(_ask(seed=666, temperature=1.0))[0] == 400  # the decoding refuses its row when it joins
+    seen = server.metrics()
+    labels = {"chat": ("", "chat"), "support": ("support", "chat"), "completions": ("", "completions")}
+    rows = {"chat": 2, "support": 2, "completions": 1}  # chat's: the answered request's and the failed one's
+    for name, (profile, route) in labels.items():
+        key = _labels(profile=profile, route=route)
+        usage = [answer["usage"] for answer in answers[name]]
+        admitted = 2 if name == "chat" else 1
+        assert seen[("steerlm_requests_admitted_total", key)] == admitted
+        assert seen[("steerlm_rows_admitted_total", key)] == rows[name]
+        assert seen[("steerlm_generation_tokens_total", key)] == sum(u["completion_tokens"] for u in usage)
+        failed_prompt = seen[("steerlm_prompt_tokens_total", key)] - sum(u["prompt_tokens"] for u in usage) * (
+            2 if name == "support" else 1  # each of the n rows decodes the prompt
+        )
+        assert failed_prompt == (usage[0]["prompt_tokens"] if name == "chat" else 0)  # the failed request's
+        assert seen[("steerlm_requests_ended_total", _labels(*key, outcome="completed"))] == 1
+        assert seen[("steerlm_rows_finished_total", _labels(*key, finish_reason="length"))] == (
+            2 if name == "support" else 1
+        )
+        for histogram in ("request_latency_seconds", "time_to_first_token_seconds"):
+            assert seen[(f"steerlm_{histogram}_count", key)] == 1
+            assert seen[(f"steerlm_{histogram}_bucket", _labels(*key, le="+Inf"))] == 1
+        assert seen[("steerlm_queue_wait_seconds_count", key)] == admitted
+    assert seen[("steerlm_requests_ended_total", _labels(route="chat", profile="", outcome="failed"))] == 1
+    assert seen[("steerlm_decode_steps_total", ())] == server.engine.steps > 0
+    assert seen[("steerlm_requests_waiting", ())] == seen[("steerlm_rows_running", ())] == 0
+    assert seen[("steerlm_healthy", ())] == 1
 
 
 def test_nemo_generate_answers_in_nemos_shape_and_refuses_what_it_cannot_honour(app, tmp_path) -> None:

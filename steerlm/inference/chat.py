@@ -120,7 +120,7 @@ class ChatSession:
             self._say(f"error: {error.message}")
             return
         events: queue.Queue = queue.Queue()
-        job = GenerationJob(sink=events.put, prompts=[prompt], params=sampling_params(self.sampling))
+        job = GenerationJob(sink=events.put, route="cli", prompts=[prompt], params=sampling_params(self.sampling))
         self.engine.submit(job)
         response = ResponseText(self.steering.template.config.turn_suffix)
         try:

@@ -130,7 +130,14 @@ class ChatCompletions:
         check_limit(body.n, profile.max_n, "n", f"{profile.caps}.max_n", "n_too_large")
         prompt, labels = self.prompt(body.messages, body.attributes, profile)
         params = body.sampling(self.cfg, max_tokens, bool(body.logprobs), body.top_logprobs)
-        job = GenerationJob(sink=events, request_id=events.request_id, prompts=[prompt] * body.n, params=params)
+        job = GenerationJob(
+            sink=events,
+            request_id=events.request_id,
+            route="chat",
+            profile=profile.name or "",
+            prompts=[prompt] * body.n,
+            params=params,
+        )
         return job, len(prompt), labels or {}
 
     def prompt(

@@ -88,7 +88,9 @@ class TextJob:
 
     def job(self, events: JobEvents, n: int) -> GenerationJob:
         rows = [prompt for prompt in self.prompts for _ in range(n)]
-        return GenerationJob(sink=events, request_id=events.request_id, prompts=rows, params=self.params)
+        return GenerationJob(
+            sink=events, request_id=events.request_id, route="completions", prompts=rows, params=self.params
+        )
 
 
 def string_prompt_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -34,6 +34,7 @@ from steerlm.config.inference import InferenceConfig
 from steerlm.data.attribute_lines import trained_attribute_lines
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation
+from steerlm.inference import metrics
 from steerlm.inference.generate import Decoding, Delta, RowRequest, SamplingParams, StepOutcome
 from steerlm.inference.loading import (
     LoadedModel,
@@ -43,6 +44,7 @@ from steerlm.inference.loading import (
     setup_tokenizer,
 )
 from steerlm.inference.lockstep import Lockstep, RanksDiverged
+from steerlm.inference.metrics import EngineMetrics, Outcome
 from steerlm.inference.scoring import AttributeScorer, open_apm_checkpoint
 from steerlm.inference.steering import Steering
 
@@ -73,8 +75,15 @@ class Job:
 
     sink: Callable[[object], None]
     request_id: str = "-"
+    route: str = ""  # the API that made it (chat, completions, …) and the profile it was served as: metrics labels
+    profile: str = ""
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    outcome: Outcome | None = field(default=None, init=False)  # how it left the engine, once it has
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.route, self.profile
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -112,6 +121,7 @@ class _Running:
     job: GenerationJob
     keys: list[int]
     open: set[int]
+    generated: dict[int, int] = field(default_factory=dict)  # tokens each row has generated: metrics count the new
 
 
 class Engine:
@@ -144,6 +154,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="steerlm-engine", daemon=True)
         self.requests = self.rows = self.steps = 0  # generation jobs and rows admitted; decoding steps
         self.failure: BaseException | None = None
+        self.metrics = EngineMetrics()
 
     def start(self) -> Engine:
         self._thread.start()
@@ -165,8 +176,10 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self._wake:
             if not self.healthy:
+                self.metrics.count(metrics.REJECTED, ("shutting_down",))
                 raise EngineClosed("the server is shutting down")
             if len(self._pending) >= self.max_queue:
+                self.metrics.count(metrics.REJECTED, ("queue_full",))
                 raise EngineBusy(f"{len(self._pending)} requests are waiting already (limits.max_queue); retry later")
             self._pending.append(job)
             self._wake.notify()
@@ -227,10 +240,21 @@ class Engine:
     def _abandon(self) -> None:
         """Past the shutdown grace: every unfinished job fails (its rows leave at this step)."""
         closed = EngineClosed("the server shut down before this request finished (server.shutdown_timeout_s)")
-        for job in [*self._pending, *(running.job for running in self._running.values())]:
+        for job in dict.fromkeys([*self._pending, *(running.job for running in self._running.values())]):
+            self._ended(job, Outcome.cancelled if job.cancelled else Outcome.failed)
             job.deliver(closed)
             job.cancel()
         self._pending.clear()
+
+    def _ended(self, job: Job, outcome: Outcome) -> None:
+        """Count a job leaving the engine, once (a job whose row failed leaves at the next step, cancelled), and a
+        completed one's time from arrival."""
+        if job.outcome is not None:
+            return
+        job.outcome = outcome
+        self.metrics.count(metrics.ENDED, (*job.labels, outcome.value))
+        if outcome == Outcome.completed:
+            self.metrics.observe(metrics.LATENCY, job.labels, time.monotonic() - job.submitted)
 
     def _admit(self) -> tuple[list[ScoringJob], list[RowRequest]]:
         """Under the lock: scoring jobs at the head of the queue, and the rows of the generation jobs that
@@ -240,8 +264,10 @@ class Engine:
         while self._pending:
             job = self._pending[0]
             if job.cancelled or self._expired(job):
+                self._ended(job, Outcome.cancelled if job.cancelled else Outcome.timeout)
                 self._pending.popleft()
             elif isinstance(job, ScoringJob):
+                self._admitted(job)
                 scoring.append(job)
                 self._pending.popleft()
             elif isinstance(job, GenerationJob):
@@ -256,7 +282,14 @@ class Engine:
                     self._running[key] = running
                     joins.append(RowRequest(key, prompt, params))
                 self.requests, self.rows = self.requests + 1, self.rows + len(keys)
+                self._admitted(job)
+                self.metrics.count(metrics.ROWS, job.labels, len(keys))
+                self.metrics.count(metrics.PROMPT_TOKENS, job.labels, sum(len(prompt) for prompt in job.prompts))
         return scoring, joins
+
+    def _admitted(self, job: Job) -> None:
+        self.metrics.count(metrics.ADMITTED, job.labels)
+        self.metrics.observe(metrics.QUEUE_WAIT, job.labels, time.monotonic() - job.submitted)
 
     def _expired(self, job: Job, now: float | None = None) -> bool:
         """True, with the job told so, once `request_timeout_s` has passed since it arrived."""
@@ -276,7 +309,10 @@ class Engine:
         now, leaves = time.monotonic(), []
         for running in dict.fromkeys(self._running.values()):
             if not running.job.cancelled and self._expired(running.job, now):
+                self._ended(running.job, Outcome.timeout)
                 running.job.cancel()
+            elif running.job.cancelled:
+                self._ended(running.job, Outcome.cancelled)
             if running.job.cancelled:
                 leaves += sorted(running.open)
                 for key in running.keys:
@@ -285,11 +321,15 @@ class Engine:
 
     def _score(self, job: ScoringJob) -> None:
         try:
-            job.deliver(self.lockstep.call("score", job.conversations))
+            scores = self.lockstep.call("score", job.conversations)
         except RanksDiverged:
             raise
         except Exception as error:  # noqa: BLE001 - deterministic on every rank; the client gets the reason
+            self._ended(job, Outcome.failed)
             job.deliver(error)
+            return
+        self._ended(job, Outcome.completed)
+        job.deliver(scores)
 
     def _advance(self, joins: list[RowRequest], leaves: list[int]) -> None:
         """One step of the batch on every rank; its deltas go to their jobs, finished jobs get None."""
@@ -304,13 +344,16 @@ class Engine:
             )
             self._running.clear()
             for job in jobs:
+                self._ended(job, Outcome.cancelled if job.cancelled else Outcome.failed)
                 job.deliver(StepFailed(f"a decoding step failed: {type(error).__name__}"))
             return
         self.steps += outcome.stepped
+        self.metrics.count(metrics.STEPS, (), outcome.stepped)
         for key, failure in outcome.failed:
             running = self._running.get(key)
             if running is not None and not running.job.cancelled:
                 log.error("request %s: a row failed and leaves the batch: %s", running.job.request_id, failure)
+                self._ended(running.job, Outcome.failed)
                 running.job.deliver(failure)
                 running.job.cancel()  # its other rows leave at the next step
         per_job: dict[_Running, list[Delta]] = defaultdict(list)
@@ -318,15 +361,28 @@ class Engine:
             running = self._running.get(delta.index)
             if running is None:  # a row of a job that failed this step
                 continue
+            self._count_delta(running, delta)
             per_job[running].append(replace(delta, index=running.keys.index(delta.index)))
             if delta.finish_reason is not None:
                 running.open.discard(delta.index)
         for running, deltas in per_job.items():
             running.job.deliver(deltas)
             if not running.open:
+                self._ended(running.job, Outcome.completed)
                 running.job.deliver(None)
                 for key in running.keys:
                     del self._running[key]
+
+    def _count_delta(self, running: _Running, delta: Delta) -> None:
+        """A row's new tokens, the job's first delta, and a row's finish reason, in the metrics."""
+        job = running.job
+        if not running.generated:
+            self.metrics.observe(metrics.FIRST_TOKEN, job.labels, time.monotonic() - job.submitted)
+        new = delta.tokens - running.generated.get(delta.index, 0)
+        running.generated[delta.index] = delta.tokens
+        self.metrics.count(metrics.GENERATED, job.labels, new)
+        if delta.finish_reason is not None:
+            self.metrics.count(metrics.FINISHED_ROWS, (*job.labels, delta.finish_reason.value))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@
     POST /v1/attributes/score   APM scores of a conversation's last (assistant) message, with apm_checkpoint
     POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (`tokenize_api`)
     GET  /health                200 while the engine runs, 503 once it stops
+    GET  /metrics               Prometheus metrics: requests, tokens and latencies by route and profile
+                                (`steerlm.inference.metrics`); with API keys, it needs one like every route but
+                                /health
 
 Handlers run on the event loop and never touch the model: they check the request in full (so a bad one
 fails alone, before it joins a batch), build prompts (`Steering`), submit a job to the engine and await its
@@ -32,12 +35,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from steerlm.config.inference import BatchingPolicy, ServeConfig
 from steerlm.evaluation.apm_metrics import REWARD
+from steerlm.inference import metrics
 from steerlm.inference.chat_api import ChatCompletions, MessageIn, Profile
 from steerlm.inference.completions_api import CompletionRequest, TextReply, completion_job, string_prompt_ids
 from steerlm.inference.engine import Batching, Engine, GenerationJob, ScoringJob, Service, model_name, serving
@@ -159,6 +163,12 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
         }
         return JSONResponse(body, status_code=200 if engine.healthy else 503)
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        engine = service.engine
+        gauges = {metrics.WAITING: engine.queued, metrics.RUNNING: engine.running, metrics.HEALTHY: engine.healthy}
+        return Response(engine.metrics.render(gauges), media_type=metrics.CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> dict:
         """The served model, and the model as each profile serves it (`<model>:<profile>`)."""
@@ -234,7 +244,9 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
         refuse_profile_keys(request)
         prompts, params = nemo_job(body, cfg, steering.tokenizer, steering.max_prompt_tokens)
         events = JobEvents(request.state.request_id)
-        job = GenerationJob(sink=events, request_id=events.request_id, prompts=prompts, params=params)
+        job = GenerationJob(
+            sink=events, request_id=events.request_id, route="nemo_generate", prompts=prompts, params=params
+        )
         service.engine.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request.receive, job, events))
         rows: list[list[Delta]] = [[] for _ in prompts]
@@ -260,6 +272,7 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
         job = ScoringJob(
             sink=events,
             request_id=events.request_id,
+            route="score",
             conversations=[steering.scoring_conversation([m.message() for m in body.messages])],
         )
         service.engine.submit(job)
