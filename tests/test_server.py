@@ -324,6 +324,51 @@ def test_attributes_field_steers_and_is_echoed(server: dict) -> None:
     assert texts[0] != texts[1]
 
 
+def _metrics(port: int) -> dict[tuple, float]:
+    """GET /metrics read by prometheus_client's parser: (sample name, sorted label pairs) → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("GET", "/metrics")
+    response = connection.getresponse()
+    assert response.status == 200
+    families = text_string_to_metric_families(response.read().decode())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+@pytest.mark.slow
+def test_metrics_count_the_models_tokens_as_the_answers_usage_does(server: dict) -> None:
+    """The real decoding's deltas (stop tokens, stop strings) counted in /metrics as the answers count them."""
+    port = server["port"]
+    before = _metrics(port)
+    status, body = _request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        {"model": "sft", "messages": QUESTION, "max_tokens": 30, "n": 3, "temperature": 1.0, "seed": 11},
+    )
+    assert status == 200, body
+    answer = [*QUESTION, {"role": "assistant", "content": body["choices"][0]["message"]["content"]}]
+    assert _request(port, "POST", "/v1/attributes/score", {"messages": answer})[0] == 200
+    after = _metrics(port)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    chat, usage = {"route": "chat", "profile": ""}, body["usage"]
+    assert grew("steerlm_generation_tokens_total", **chat) == usage["completion_tokens"] > 0
+    assert grew("steerlm_prompt_tokens_total", **chat) == 3 * usage["prompt_tokens"]  # each row decodes it
+    assert grew("steerlm_rows_admitted_total", **chat) == 3
+    reasons = [choice["finish_reason"] for choice in body["choices"]]
+    for reason in ("stop", "length"):
+        assert grew("steerlm_rows_finished_total", **chat, finish_reason=reason) == reasons.count(reason)
+    for route in ("chat", "score"):
+        assert grew("steerlm_requests_ended_total", route=route, profile="", outcome="completed") == 1
+        assert grew("steerlm_request_latency_seconds_count", route=route, profile="") == 1
+    assert grew("steerlm_decode_steps_total") >= max(1, usage["completion_tokens"] // 3)
+
+
 def _tutorial_prompt() -> str:
     """The SteerLM tutorial's hand-built prompt for QUESTION at the server's default attributes."""
     values = ",".join(f"{key}:{value}" for key, value in DEFAULTS.items())
