@@ -32,9 +32,9 @@ patches megatron, overrides a private method or reads a private attribute.
    `distrib_optimizer.HAVE_APEX_OR_TE`, the inner optimizer's `state` and `model_param_group_index_map`.
    Which kind of optimizer wrote a checkpoint (`saved_by_distributed_optimizer`): the two store their common state
    in different layouts (the distributed one's records `param_state_sharding_type`), and a checkpoint of one
-   loaded into the other fails inside megatron with a KeyError. `OtherKindLoad` reads one kind's checkpoint into
-   the other: it relies on both storing each parameter's moments under the same sharded keys (the distributed
-   optimizer in its `fully_reshardable` format), on where each keeps the fp32 master weights (`param` /
+   loaded into the other fails inside megatron with a KeyError. `TranslatedLoad` reads one kind's or precision's
+   checkpoint into the other: it relies on both storing each parameter's moments under the same sharded keys (the
+   distributed optimizer in its `fully_reshardable` format), on where each keeps the fp32 master weights (`param` /
    `fp32_param` / the weights themselves), the step (param groups / `state.common_step`) and torch's param groups
    in its common state, and on `param_group_identifier_keys` naming a param group.
 8. Transformer Engine layers (`fused_norm_parameters`, `linear_bias`, `unfused_norm_name`): under megatron's TE
@@ -112,7 +112,6 @@ from megatron.core import tensor_parallel  # noqa: E402  (after the version chec
 from megatron.core.dist_checkpointing.dict_utils import (  # noqa: E402
     dict_list_map_inplace,
     nested_items_iter,
-    nested_values,
 )
 from megatron.core.dist_checkpointing.mapping import (  # noqa: E402
     LocalNonpersistentObject,
@@ -517,9 +516,6 @@ def saved_by_distributed_optimizer(saved: dict) -> bool:
     return records(saved)
 
 
-# The fp32 master weights' state key: the distributed optimizer's (True) and a plain mixed-precision one's (False).
-# A plain fp32 optimizer keeps none: the weights themselves are its master weights.
-_MASTER_KEY = {True: "param", False: "fp32_param"}
 _STATE_KEY = re.compile(r"^((?:chained_\d+\.)?optimizer\.state\.)([A-Za-z0-9_]+)\.(.+)$")
 
 
@@ -532,6 +528,15 @@ def _torch_state(part: dict) -> dict:
     """The torch optimizer's state dict within a part's: mixed-precision and distributed optimizers keep it under
     `optimizer`, a plain fp32 one's is the part's own."""
     return part.get("optimizer", part)
+
+
+def _master_key(part: dict, distributed: bool) -> str | None:
+    """The state key of an optimizer's fp32 master weights in a checkpoint (`part`: one part's state dict): the
+    distributed optimizer's `param`, a plain mixed-precision one's `fp32_param` (its parts hold `optimizer`); none
+    for a plain fp32 one, whose master weights are the weights themselves."""
+    if distributed:
+        return "param"
+    return "fp32_param" if "optimizer" in part else None
 
 
 def _group_identity(group: dict) -> tuple:
@@ -554,62 +559,98 @@ def _saved_step(saved: dict) -> float:
     return float(first["step"] if "step" in first else saved.get("state", {}).get("common_step", 0))
 
 
-class OtherKindLoad:
-    """Reads a checkpoint that the other kind of megatron optimizer saved (distributed into plain, or plain into
-    distributed), so a run can switch kinds when it resumes, e.g. to the distributed optimizer when it moves to
-    more data-parallel ranks to fit.
+def _split(key: str) -> tuple[str, str, str]:
+    """An optimizer item's key: its prefix, its state key (`exp_avg`, `param`, ...) and its parameter's key."""
+    match = _STATE_KEY.match(key)
+    if match is None:
+        raise ValueError(f"unexpected optimizer state key {key!r}")
+    return match.group(1), match.group(2), match.group(3)
 
-    Both kinds store each parameter's Adam moments at the parameter's full shape under the same keys. They
+
+def _in_fp32(item: Any) -> Any:
+    """A model item that reads its tensor in fp32 (into a buffer of its own) whatever the parameter's dtype."""
+    if item.data.dtype == torch.float32:
+        return item
+    buffer = torch.empty_like(item.data, dtype=torch.float32)
+    if isinstance(item, ShardedTensorFactory):
+        return replace(item, data=buffer)
+    return replace(item, data=buffer, dtype=torch.float32)
+
+
+class TranslatedLoad:
+    """Reads a checkpoint whose optimizer state another kind of megatron optimizer or another precision laid out:
+    distributed into plain or plain into distributed, fp32 into bf16 or back. A run can so switch
+    `parallel.use_distributed_optimizer` or `precision.dtype` when it resumes, e.g. to the distributed optimizer
+    when it moves to more data-parallel ranks to fit. megatron's own load of such a checkpoint fails on a missing
+    key, or (plain bf16 into plain fp32) reads the bf16 weights instead of their fp32 master copy.
+
+    Every layout stores each parameter's Adam moments at the parameter's full shape under the same keys. They
     differ in three places:
-    - the fp32 master weights: `optimizer.state.param.<p>` (distributed), `optimizer.state.fp32_param.<p>`
-      (plain, mixed precision), or none (plain, fp32: the weights themselves are the master weights);
+    - the fp32 master weights (`_master_key`): `optimizer.state.param.<p>` (distributed),
+      `optimizer.state.fp32_param.<p>` (plain bf16), or none (plain fp32: the weights are the master weights). A
+      run that keeps none reads its weights from the checkpoint's master weights; a run that keeps them, from a
+      checkpoint that has none, reads them from its fp32 weights;
     - the step: in each param group (distributed, or a fused Adam's), or in `state.common_step` (plain torch Adam,
       which keeps a step per parameter);
     - where torch's param groups sit in the common state.
 
-    `own` is this optimizer's sharded state dict for loading. `saved` is the checkpoint's common optimizer state.
-    `model` is the model's sharded state dicts, of live parameters: a plain fp32 checkpoint's master weights are
-    the weights, read from there once the model is loaded. `request` lists what to read: `own`'s sharded items
+    `own` is this optimizer's sharded state dict for loading; `saved` the checkpoint's common optimizer state.
+    `model` holds the model's sharded state dicts by their request keys: their items are redirected where the
+    weights or the master weights come from the other. `request` lists what to read for `own`: its sharded items
     under the checkpoint's keys. `state` turns what was read into this optimizer's `load_state_dict` input."""
 
-    def __init__(self, optimizer, own: dict, saved: dict, model: list[dict]) -> None:
+    def __init__(self, optimizer, own: dict, saved: dict, model: dict[str, dict]) -> None:
         self.parts = getattr(optimizer, "chained_optimizers", [optimizer])
         self.count = len(self.parts)
         self.distributed = is_distributed_optimizer(optimizer)
         self.own, self.saved = own, saved
-        self.saved_master: str | None = _MASTER_KEY[True]  # the checkpoint's master-weight key
-        if self.distributed:  # a plain checkpoint: its parts hold `optimizer` when mixed precision only
-            self.saved_master = _MASTER_KEY[False] if "optimizer" in _parts(saved, self.count)[0] else None
-        weights = {_placement(item): item.data for state in model for item in nested_values(state)}
+        self.ours_master = _master_key(_parts(own, self.count)[0], self.distributed)
+        self.saved_master = _master_key(_parts(saved, self.count)[0], saved_by_distributed_optimizer(saved))
         self.read: list[tuple[dict | list, Any]] = []  # where in `own` each requested item's value goes
-        self.from_weights: list[tuple[dict | list, Any, torch.Tensor]] = []
+        self.from_weights: list[tuple[dict | list, Any, str, str]] = []  # …and each value read as a model weight's
         self.request: list = []
+        trained: dict[tuple, str] = {}  # a trained parameter's placement → its optimizer items' key prefix
+        weights = {
+            _placement(item): (key, name)
+            for key, state in model.items()
+            for name, item in state.items()
+            if isinstance(item, (ShardedTensor, ShardedTensorFactory))
+        }
         for container, slot, item in nested_items_iter(own):
             if not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
                 continue
-            prefix, state_key, param = self._split(item.key)
-            if state_key == _MASTER_KEY[self.distributed]:
-                if self.saved_master is None:
-                    self.from_weights.append((container, slot, weights[(param, _placement(item)[1])]))
+            prefix, state_key, param = _split(item.key)
+            trained[(param, _placement(item)[1])] = prefix
+            if state_key == self.ours_master:
+                if self.saved_master is None:  # the checkpoint's fp32 weights are its master weights
+                    key, name = weights[(param, _placement(item)[1])]
+                    model[key][name] = _in_fp32(model[key][name])
+                    self.from_weights.append((container, slot, key, name))
                     continue
                 state_key = self.saved_master
             self.read.append((container, slot))
             self.request.append(replace(item, key=f"{prefix}{state_key}.{param}"))
+        if self.ours_master is None and self.saved_master is not None:  # the weights from the master weights
+            for placement, prefix in trained.items():
+                key, name = weights[placement]
+                model[key][name] = replace(model[key][name], key=f"{prefix}{self.saved_master}.{placement[0]}")
 
     @staticmethod
-    def _split(key: str) -> tuple[str, str, str]:
-        """An optimizer item's key: its prefix, its state key (`exp_avg`, `param`, ...) and its parameter's key."""
-        match = _STATE_KEY.match(key)
-        if match is None:
-            raise ValueError(f"unexpected optimizer state key {key!r}")
-        return match.group(1), match.group(2), match.group(3)
+    def needed(optimizer, own: dict, saved: dict) -> bool:
+        """Whether the checkpoint's optimizer state (`saved`, its common part) is laid out otherwise than this
+        optimizer's (`own`, its sharded state dict): another kind, or the master weights elsewhere."""
+        count = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+        ours, theirs = is_distributed_optimizer(optimizer), saved_by_distributed_optimizer(saved)
+        masters = _master_key(_parts(own, count)[0], ours), _master_key(_parts(saved, count)[0], theirs)
+        return ours != theirs or masters[0] != masters[1]
 
-    def state(self, read: list) -> dict:
-        """This optimizer's `load_state_dict` input from the tensors `request` read (after the model's load)."""
+    def state(self, loaded: dict, read: list) -> dict:
+        """This optimizer's `load_state_dict` input from the tensors `request` read (`read`) and the model's loaded
+        state dicts (`loaded`, by request key)."""
         for (container, slot), value in zip(self.read, read, strict=True):
             container[slot] = value
-        for container, slot, weight in self.from_weights:
-            container[slot] = weight.detach().clone()
+        for container, slot, key, name in self.from_weights:
+            container[slot] = loaded[key][name].detach().clone()
         dict_list_map_inplace(lambda x: x.unwrap() if isinstance(x, LocalNonpersistentObject) else x, self.own)
         for part, own, saved in zip(self.parts, _parts(self.own, self.count), _parts(self.saved, self.count)):
             own_torch, saved_torch = _torch_state(own), _torch_state(saved)

@@ -14,6 +14,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.pipeline_parallel.schedules import custom_backward
 
 from steerlm import megatron_compat
+from steerlm.checkpoint.integrity import CheckpointError
 from steerlm.checkpoint.sharded import load_checkpoint, save_checkpoint
 from steerlm.config import DType, OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from steerlm.config.validation import transformer_engine_available
@@ -354,7 +355,7 @@ def test_distributed_torch_adam_resumes_exactly_with_a_step_tensor_per_parameter
 
 @pytest.mark.parametrize("dtype", [DType.fp32, DType.bf16])
 def test_a_resume_with_the_other_kind_of_optimizer_continues_the_saved_runs_curve(layout, tmp_path, dtype):
-    """Either kind reads the other's checkpoint (`OtherKindLoad`): moments, master weights (the distributed
+    """Either kind reads the other's checkpoint (`TranslatedLoad`): moments, master weights (the distributed
     optimizer's `param`, a plain bf16 one's `fp32_param`, a plain fp32 one's weights) and step. The resumed run's
     losses are those of the saved kind's run going on, bit for bit; under bf16 the two kinds' own curves differ
     in the last digits, so each direction is told apart."""
@@ -378,6 +379,52 @@ def test_a_resume_with_the_other_kind_of_optimizer_continues_the_saved_runs_curv
         assert megatron_compat.is_distributed_optimizer(other.optimizer) != saved_distributed
         assert load_checkpoint(path, other.model, other.optimizer, other.scheduler, layout, TEST_MODEL) == 2
         assert _losses(other, layout, range(2, 5)) == straight[saved_distributed][2:]
+
+
+LAYOUTS = [(distributed, dtype) for distributed in (False, True) for dtype in (DType.fp32, DType.bf16)]
+
+
+@pytest.mark.parametrize("saved", LAYOUTS, ids=[f"{'distributed' if d else 'plain'}-{t.value}" for d, t in LAYOUTS])
+def test_optimizer_state_survives_a_round_trip_through_another_kind_or_precision(layout, tmp_path, saved) -> None:
+    """Saved at step 2 by one kind and precision, read by each other one (`TranslatedLoad` where megatron's own
+    load would fail or read the bf16 weights for a plain fp32 run), saved again, read back: the run goes on as if
+    never interrupted, bit for bit. So nothing is lost on the way: the moments, the step, and the fp32 master
+    weights, which a plain fp32 run keeps as its weights and the others beside them."""
+    setups = {}
+
+    def setup(distributed: bool, dtype: DType) -> TrainingSetup:
+        setups[distributed, dtype] = _distributed_adam(layout, distributed, PrecisionConfig(dtype=dtype))
+        return setups[distributed, dtype]
+
+    def cfg(distributed: bool, dtype: DType) -> TrainConfig:
+        parallel = ParallelConfig(use_distributed_optimizer=distributed)
+        return TrainConfig(model=TEST_MODEL, parallel=parallel, precision=PrecisionConfig(dtype=dtype))
+
+    expected = _losses(setup(*saved), layout, range(5))[2:]
+    first = setup(*saved)
+    _losses(first, layout, range(2))
+    path = save_checkpoint(tmp_path / "saved", 2, first, layout, cfg(*saved))
+    for other in LAYOUTS:
+        if other == saved:
+            continue
+        between = setup(*other)
+        assert load_checkpoint(path, between.model, between.optimizer, between.scheduler, layout, TEST_MODEL) == 2
+        again = save_checkpoint(tmp_path / f"{other[0]}-{other[1].value}", 2, between, layout, cfg(*other))
+        back = setup(*saved)
+        load_checkpoint(again, back.model, back.optimizer, back.scheduler, layout, TEST_MODEL)
+        assert _losses(back, layout, range(2, 5)) == expected, other
+
+
+def test_a_shard_that_torch_cannot_read_is_a_checkpoint_error(layout, tmp_path) -> None:
+    """torch.distributed.checkpoint's CheckpointException is a BaseException: without checksums
+    (`checkpoint.verify=false`) a truncated shard is still refused as a CheckpointError naming the checkpoint."""
+    setup = _distributed_adam(layout, False)
+    path = save_checkpoint(tmp_path, 1, setup, layout, TrainConfig(model=TEST_MODEL))
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match="its shards cannot be read") as error:
+        load_checkpoint(path, setup.model, setup.optimizer, setup.scheduler, layout, TEST_MODEL, verify=False)
+    assert error.value.path == path
 
 
 # 8. Transformer Engine layers

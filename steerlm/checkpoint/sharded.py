@@ -42,6 +42,7 @@ from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAM
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from steerlm.checkpoint.integrity import CheckpointError, verify_checksums, write_checksums
 from steerlm.checkpoint.sources import BaseWeights, WeightFormat, read_foreign_weights
@@ -52,11 +53,9 @@ from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
 from steerlm.megatron_compat import (
-    OtherKindLoad,
+    TranslatedLoad,
     complete_torch_adam_state,
-    is_distributed_optimizer,
     load_optimizer_state,
-    saved_by_distributed_optimizer,
     use_in_process_save_queue,
 )
 from steerlm.models import lora
@@ -97,7 +96,7 @@ QUARANTINE = "corrupt."
 TORCH_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 FORMAT = 1
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-OTHER_KIND = "optimizer_of_the_other_kind"  # a load request's key for the other kind's optimizer state
+TRANSLATED = "optimizer_translated"  # a load request's key for optimizer state another layout saved
 # Model fields that change tensor shapes or meaning; any difference makes a checkpoint unusable.
 SHAPE_FIELDS = (*MODEL_SHAPE_FIELDS, "vocab_size", "make_vocab_size_divisible_by")
 
@@ -440,18 +439,17 @@ def _check_same_adapters(path: Path, saved: dict | None, own: LoraConfig | None)
         )
 
 
-def _other_kind_load(path: Path, model: list, optimizer, state: dict) -> OtherKindLoad | None:
-    """How to read a checkpoint the other kind of optimizer (distributed or plain) saved, when it did: a run may
-    switch kinds when it resumes. Takes this optimizer's request out of `state`."""
+def _translated_load(path: Path, model: list, optimizer, state: dict) -> TranslatedLoad | None:
+    """How to read a checkpoint whose optimizer state another kind of optimizer or another precision laid out,
+    when one did: a run may switch `parallel.use_distributed_optimizer` or `precision.dtype` when it resumes.
+    Takes this optimizer's request out of `state` and redirects the model's where needed."""
     if optimizer is None:
         return None
     saved = dist_checkpointing.load_common_state_dict(str(path))["optimizer"]
-    ours = is_distributed_optimizer(optimizer)
-    if saved_by_distributed_optimizer(saved) == ours:
+    if not TranslatedLoad.needed(optimizer, state["optimizer"], saved):
         return None
-    kinds = {True: "the distributed optimizer", False: "a plain optimizer"}
-    log.info("%s holds %s's state: reading it into %s", path, kinds[not ours], kinds[ours])
-    return OtherKindLoad(optimizer, state.pop("optimizer"), saved, [state[key] for key in _model_keys(model)])
+    log.info("%s holds another kind or precision of optimizer state than this run's: reading it across", path)
+    return TranslatedLoad(optimizer, state.pop("optimizer"), saved, {key: state[key] for key in _model_keys(model)})
 
 
 def _load(
@@ -470,12 +468,12 @@ def _load(
     state = _sharded_state(model, optimizer, layout, is_loading=True, with_rng=same_layout, trained_only=trained_only)
     for key in _model_keys(model):
         state[key] = {name: value for name, value in state[key].items() if not keep(name)}
-    other_kind = _other_kind_load(path, model, optimizer, state)
-    if other_kind is not None:
-        state[OTHER_KIND] = other_kind.request
+    translated = _translated_load(path, model, optimizer, state)
+    if translated is not None:
+        state[TRANSLATED] = translated.request
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as error:  # torch's storage readers raise anything from EOFError to RuntimeError
+    except (Exception, CheckpointException) as error:  # torch's readers raise anything, even a BaseException
         raise CheckpointError(
             path,
             f"its shards cannot be read ({type(error).__name__}: {error})",
@@ -489,7 +487,9 @@ def _load(
         if unexpected or left:
             raise RuntimeError(f"{path}: state does not fit the model (missing {missing}, unexpected {unexpected})")
     if optimizer is not None:
-        load_optimizer_state(optimizer, other_kind.state(loaded[OTHER_KIND]) if other_kind else loaded["optimizer"])
+        load_optimizer_state(
+            optimizer, translated.state(loaded, loaded[TRANSLATED]) if translated else loaded["optimizer"]
+        )
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
