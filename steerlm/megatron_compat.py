@@ -635,6 +635,16 @@ class TranslatedLoad:
                 key, name = weights[placement]
                 model[key][name] = replace(model[key][name], key=f"{prefix}{self.saved_master}.{placement[0]}")
 
+    def describe(self) -> str:
+        """Both layouts, for the log: the kinds and where each keeps its fp32 master weights."""
+
+        def layout(distributed: bool, master: str | None) -> str:
+            kind = "the distributed optimizer" if distributed else "a plain optimizer"
+            return f"{kind} ({f'master weights in {master}' if master else 'the weights as master weights'})"
+
+        saved = layout(saved_by_distributed_optimizer(self.saved), self.saved_master)
+        return f"saved by {saved}, read into {layout(self.distributed, self.ours_master)}"
+
     @staticmethod
     def needed(optimizer, own: dict, saved: dict) -> bool:
         """Whether the checkpoint's optimizer state (`saved`, its common part) is laid out otherwise than this

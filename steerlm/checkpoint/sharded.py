@@ -448,8 +448,10 @@ def _translated_load(path: Path, model: list, optimizer, state: dict) -> Transla
     saved = dist_checkpointing.load_common_state_dict(str(path))["optimizer"]
     if not TranslatedLoad.needed(optimizer, state["optimizer"], saved):
         return None
-    log.info("%s holds another kind or precision of optimizer state than this run's: reading it across", path)
-    return TranslatedLoad(optimizer, state.pop("optimizer"), saved, {key: state[key] for key in _model_keys(model)})
+    model_state = {key: state[key] for key in _model_keys(model)}
+    translated = TranslatedLoad(optimizer, state.pop("optimizer"), saved, model_state)
+    log.info("%s: optimizer state %s", path, translated.describe())
+    return translated
 
 
 def _load(
