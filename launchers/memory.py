@@ -24,7 +24,8 @@ attention masks (`[micro-batch, 1, seq, seq]` booleans).
 
 `checkpoint_bytes` sizes one checkpoint on disk, the whole job's: the weights in the compute dtype and the trained
 parameters' optimizer state (as above, never divided: the distributed optimizer saves every parameter's state at
-its full shape); a LoRA run saving its adapters alone (`lora.checkpoint`) writes only theirs.
+its full shape); a LoRA run saving its adapters alone (`lora.checkpoint`) writes only theirs. `weights_bytes` sizes
+the run's weights alone, as `recipes/convert.py to=steerlm` writes them (adapters merged, no optimizer state).
 """
 
 from __future__ import annotations
@@ -150,6 +151,11 @@ def checkpoint_bytes(cfg: TrainConfig, has_init_from: bool) -> int:
     return weights * _BYTES[cfg.precision.dtype] + trained * _optimizer_bytes(cfg)
 
 
+def weights_bytes(cfg: TrainConfig) -> int:
+    """The run's weights alone on disk, in the compute dtype: what `recipes/convert.py to=steerlm` writes."""
+    return cfg.model.num_parameters(padded=True) * _BYTES[cfg.precision.dtype]
+
+
 def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate:
     """The busiest rank's memory for `cfg` at `data_parallel_size` (see the module docstring for what counts)."""
     parallel, precision, trainer, model = cfg.parallel, cfg.precision, cfg.trainer, cfg.model
@@ -193,8 +199,11 @@ def job_checkpoint(config) -> str | None:
         getattr(getattr(config, stage, None), "init_from", None) for stage in ("sft", "apm", "pretrain")
     )
     kind = "LoRA adapters alone" if saves_adapters_alone(config.lora, has_init_from) else "weights and optimizer state"
-    size = checkpoint_bytes(config, has_init_from) / GIB
-    return f"one checkpoint on disk (estimate): {size:.2f} GiB, {kind}, times checkpoint.keep_last"
+    size, alone = checkpoint_bytes(config, has_init_from) / GIB, weights_bytes(config) / GIB
+    return (
+        f"one checkpoint on disk (estimate): {size:.2f} GiB, {kind}, times checkpoint.keep_last; "
+        f"the weights alone (recipes/convert.py to=steerlm): {alone:.2f} GiB"
+    )
 
 
 # (preset, parallel option, data-parallel size, sequence length): each preset at the layout docs/launching.md

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launchers.cli import main
-from launchers.memory import GIB, checkpoint_bytes, estimate_memory, preset_table
+from launchers.memory import GIB, checkpoint_bytes, estimate_memory, preset_table, weights_bytes
 from steerlm.config import (
     CrossEntropy,
     DType,
@@ -122,9 +122,11 @@ def test_dry_run_reports_the_estimate_on_stderr(capsys) -> None:
 
 @pytest.mark.parametrize("dtype", [DType.fp32, DType.bf16])
 def test_checkpoint_bytes_match_real_checkpoints_full_and_adapters_alone(layout, tmp_path, dtype: DType) -> None:
-    """A LoRA run from a base, saved with `lora.checkpoint=full` and with `adapters`: the bytes on disk are the
-    estimate's (within 5 %: the index files and per-tensor metadata)."""
-    from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
+    """A LoRA run from a base, saved with `lora.checkpoint=full` and with `adapters`, and its weights alone written
+    by `to=steerlm`: the bytes on disk are the estimates' (within 5 %: the index files and per-tensor metadata)."""
+    from steerlm.checkpoint.sharded import WeightsOnly, resolve_checkpoint, save_checkpoint
+    from steerlm.config.convert import ConvertConfig, ModelFormat
+    from steerlm.stages.convert import convert
     from steerlm.training import build_training
     from steerlm.training.init_from import resolve_init_source, resume_or_initialise
 
@@ -144,6 +146,9 @@ def test_checkpoint_bytes_match_real_checkpoints_full_and_adapters_alone(layout,
         on_disk[kind] = sum(file.stat().st_size for file in path.iterdir())
     assert on_disk["adapters"] == pytest.approx(checkpoint_bytes(cfg, has_init_from=True), rel=0.05)
     assert on_disk["full"] == pytest.approx(checkpoint_bytes(cfg, has_init_from=False), rel=0.05)
+    convert(ConvertConfig(str(tmp_path / "adapters"), str(tmp_path / "alone"), ModelFormat.steerlm), layout)
+    written = resolve_checkpoint(tmp_path / "alone")
+    assert sum(file.stat().st_size for file in written.iterdir()) == pytest.approx(weights_bytes(cfg), rel=0.05)
 
 
 def test_dry_run_reports_one_checkpoint_s_size(capsys) -> None:
@@ -155,6 +160,7 @@ def test_dry_run_reports_one_checkpoint_s_size(capsys) -> None:
     whole = capsys.readouterr().err
     assert "one checkpoint on disk (estimate): 2.29 GiB, LoRA adapters alone" in alone
     assert "one checkpoint on disk (estimate): 129.82 GiB, weights and optimizer state" in whole
+    assert "the weights alone (recipes/convert.py to=steerlm): 127.53 GiB" in alone
 
 
 def test_preset_table_covers_every_model_preset() -> None:
