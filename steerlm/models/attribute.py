@@ -53,3 +53,13 @@ def build_attribute_model_chunks(
     return build_model_chunks(
         model, precision, layout, seed, model_class=AttributeGPTModel, num_attributes=num_attributes
     )
+
+
+def build_checkpoint_model(
+    model: ModelConfig, precision: PrecisionConfig, layout: ParallelLayout, seed: int, num_attributes: int | None
+) -> list:
+    """The model a checkpoint's weights fit: a regression APM's (with its head of `num_attributes`) when that is
+    given, else a language model's. What the conversions build before reading or writing weights."""
+    if num_attributes is not None:
+        return build_attribute_model_chunks(model, precision, layout, seed, num_attributes)
+    return build_model_chunks(model, precision, layout, seed)

@@ -21,8 +21,7 @@ from steerlm.config.convert import ConvertConfig
 from steerlm.config.lora import LoraConfig
 from steerlm.config.validation import validate_model_layout
 from steerlm.data.attribute_lines import trained_attribute_lines, write_attribute_lines
-from steerlm.models.attribute import build_attribute_model_chunks
-from steerlm.models.gpt import build_model_chunks
+from steerlm.models.attribute import build_checkpoint_model
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.stages.export_source import read_export_source, saved_train_config
 from steerlm.stages.hf_import import TOKENIZER_DIR, copy_tokenizer
@@ -44,10 +43,7 @@ def consolidate(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     if source.tokenizer is not None and hasattr(config, "tokenizer"):
         changes["tokenizer"] = replace(source.tokenizer, path=str(output / TOKENIZER_DIR))
     config = replace(config, **changes)
-    if source.num_attributes is not None:
-        chunks = build_attribute_model_chunks(source.model, config.precision, layout, cfg.seed, source.num_attributes)
-    else:
-        chunks = build_model_chunks(source.model, config.precision, layout, cfg.seed)
+    chunks = build_checkpoint_model(source.model, config.precision, layout, cfg.seed, source.num_attributes)
     load_weights(source.path, chunks, layout, source.model)
     if layout.is_rank_zero and source.tokenizer is not None:
         copy_tokenizer(Path(source.tokenizer.path), output / TOKENIZER_DIR)

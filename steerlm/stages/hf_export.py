@@ -49,8 +49,8 @@ from steerlm.config.schema import DType
 from steerlm.config.validation import validate_model_layout
 from steerlm.data.attribute_lines import trained_attribute_lines, write_attribute_lines
 from steerlm.files import atomic_write_text
-from steerlm.models.attribute import build_attribute_model_chunks
-from steerlm.models.gpt import build_model_chunks, torch_dtype
+from steerlm.models.attribute import build_checkpoint_model
+from steerlm.models.gpt import torch_dtype
 from steerlm.models.hf_llama import (
     HEAD_BIAS,
     PADDING_PREFIX,
@@ -253,10 +253,7 @@ def export_to_hf(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             error = refused
     agree(layout, error)
     precision = PrecisionConfig(dtype=source.dtype)
-    if source.num_attributes is not None:
-        chunks = build_attribute_model_chunks(source.model, precision, layout, cfg.seed, source.num_attributes)
-    else:
-        chunks = build_model_chunks(source.model, precision, layout, cfg.seed)
+    chunks = build_checkpoint_model(source.model, precision, layout, cfg.seed, source.num_attributes)
     load_weights(source.path, chunks, layout, source.model)
     extras = _write_weights(chunks, layout, source, routes, dtype)
     del chunks

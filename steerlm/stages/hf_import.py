@@ -31,8 +31,7 @@ from steerlm.config.pretrain import PretrainConfig, TextDataConfig
 from steerlm.config.schema import APMConfig, AttributesConfig, DType, TokenizerConfig, TokenizerType, TrainDataConfig
 from steerlm.config.validation import validate_model_layout
 from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE
-from steerlm.models.attribute import build_attribute_model_chunks
-from steerlm.models.gpt import build_model_chunks
+from steerlm.models.attribute import build_checkpoint_model
 from steerlm.models.hf_llama import (
     HEAD_BIAS,
     MegatronFromHF,
@@ -240,10 +239,7 @@ def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     model = plan.config.model
     validate_model_layout(model, cfg.parallel, runtime.detect_accelerator())
     precision = plan.config.precision
-    if plan.num_attributes is not None:
-        chunks = build_attribute_model_chunks(model, precision, layout, cfg.seed, plan.num_attributes)
-    else:
-        chunks = build_model_chunks(model, precision, layout, cfg.seed)
+    chunks = build_checkpoint_model(model, precision, layout, cfg.seed, plan.num_attributes)
     names = [name for name, _ in named_global_parameters(chunks)]
     from_hf = MegatronFromHF(SafetensorsWeights(*plan.weights), model, [n for n in names if n not in plan.extras])
     try:
