@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # --standalone: a free rendezvous port per launch, so concurrent launches (pytest -n 2) never share one
@@ -72,3 +75,13 @@ def train_apm(data: Path, out: Path, *overrides: str) -> Path:
     trained = run_recipe("train_attribute_model", [*args, *overrides])
     assert trained.returncode == 0, trained.stderr[-2000:]
     return out
+
+
+def checkpoint_tensors(path: Path) -> dict:
+    """Every tensor of a steerlm checkpoint (model, optimizer), read without megatron by torch's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch:
+        dcp_to_torch_save(path, Path(scratch) / "state.pt")
+        state = torch.load(Path(scratch) / "state.pt", weights_only=False)
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}

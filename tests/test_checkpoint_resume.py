@@ -8,8 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.recipe_runner import TORCHRUN_2, metric_rows, run_recipe, start_recipe, summary, train_losses
+from tests.recipe_runner import (
+    TORCHRUN_2,
+    checkpoint_tensors,
+    metric_rows,
+    run_recipe,
+    start_recipe,
+    summary,
+    train_losses,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +53,11 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
-def test_kill9_between_checkpoints_then_rerun_equals_uninterrupted_run(uninterrupted: Path, tmp_path: Path) -> None:
-    args = [*RUN, "trainer.max_steps=60", f"output_dir={tmp_path}"]
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill9_between_checkpoints_then_rerun_equals_uninterrupted_run(
+    uninterrupted: Path, tmp_path: Path, async_save: bool
+) -> None:
+    args = [*RUN, "trainer.max_steps=60", f"checkpoint.async_save={str(async_save).lower()}", f"output_dir={tmp_path}"]
     process = start_recipe("demo", args)
     _wait_for(lambda: _latest_step(tmp_path) >= 10, process)
     process.send_signal(signal.SIGKILL)
@@ -65,6 +77,22 @@ def test_only_the_last_checkpoints_are_kept_and_each_carries_its_config(uninterr
     assert sorted(path.name for path in root.iterdir()) == ["latest", "step_0000050", "step_0000060"]
     assert (root / "latest").read_text().strip() == "step_0000060"
     assert "max_steps: 60" in (root / "step_0000060" / "config.yaml").read_text()
+
+
+def test_async_saves_publish_the_checkpoints_and_numbers_of_synchronous_ones(uninterrupted: Path, tmp_path: Path):
+    """`checkpoint.async_save`: steps 10-50 are saved by forked writers while training goes on, step 60 (the last)
+    before the run ends; the same weights, metrics and kept checkpoints as the synchronous run, and step 50's
+    checkpoint holds the tensors of the synchronous run's step 50."""
+    result = run_recipe("demo", [*RUN, "trainer.max_steps=60", "checkpoint.async_save=true", f"output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("written while training goes on") == 5
+    assert "step 60's checkpoint: written in" in result.stderr
+    assert summary(tmp_path)["weights_sha256"] == summary(uninterrupted)["weights_sha256"]
+    assert metric_rows(tmp_path) == metric_rows(uninterrupted)
+    root, reference = tmp_path / "checkpoints", uninterrupted / "checkpoints"
+    assert sorted(path.name for path in root.iterdir()) == sorted(path.name for path in reference.iterdir())
+    saved, expected = checkpoint_tensors(root / "step_0000050"), checkpoint_tensors(reference / "step_0000050")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[key], expected[key]) for key in expected)
 
 
 def test_wall_time_limit_checkpoints_and_exits_zero(tmp_path: Path) -> None:
@@ -173,3 +201,23 @@ def check_bf16_resume(tmp_path: Path, extra: tuple[str, ...] | list[str] = ()) -
 
 def test_bf16_trains_and_resumes_on_cpu(tmp_path: Path) -> None:
     check_bf16_resume(tmp_path)
+
+
+def test_the_checkpoint_benchmark_times_the_three_modes_side_by_side(tmp_path: Path) -> None:
+    """`bench/async_checkpoint.py`: runs without, with synchronous and with asynchronous saves; each save's hold on
+    the loop is read from the recipe's log."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.recipe_runner import ROOT, recipe_env
+
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "bench" / "async_checkpoint.py"), "--preset", "tiny", "--steps", "3"]
+    command += ["--interval", "1", "--rounds", "1", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "async / sync: cost per save" in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["loop_s"]) == {"none", "sync", "async"} and all(v > 0 for v in figures["loop_s"].values())
+    assert [len(run["held_s"]) for mode in ("sync", "async") for run in figures["runs"][mode]] == [2, 2]

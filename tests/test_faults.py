@@ -154,10 +154,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_kill9_mid_save_leaves_no_checkpoint_writer_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill9_mid_save_leaves_no_checkpoint_writer_behind(tmp_path: Path, async_save: bool) -> None:
     pids = tmp_path / "writers"
     pids.mkdir()
     args = [*SMALL, "trainer.max_steps=3", "checkpoint.save_interval=1", f"output_dir={tmp_path / 'run'}"]
+    args.append(f"checkpoint.async_save={str(async_save).lower()}")
     command = [sys.executable, "-c", WRITER, *recipe_command("demo", args)[1:]]
     process = subprocess.Popen(command, cwd=ROOT, env={**recipe_env(), "WRITER_PIDS": str(pids)}, text=True)
     deadline = time.monotonic() + WAIT_SECONDS
@@ -174,6 +176,22 @@ def test_kill9_mid_save_leaves_no_checkpoint_writer_behind(tmp_path: Path) -> No
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"checkpoint writers {alive} outlived the killed training process by 10 s"
+
+
+def test_an_async_save_that_cannot_be_written_stops_the_run_naming_it(monkeypatch, tmp_path: Path) -> None:
+    """A full disk in step 1's forked writer: step 2 learns it, and the run stops with a CheckpointError naming the
+    unpublished checkpoint and the writer's error; nothing is published."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(filesystem_async, "_write_item", full_disk)  # the forked writers inherit it
+    with pytest.raises(CheckpointError, match="(?s)writing step 1's checkpoint failed.*No space left on device") as e:
+        _demo(tmp_path, "trainer.max_steps=3", "checkpoint.save_interval=1", "checkpoint.async_save=true")
+    assert e.value.path == tmp_path / "checkpoints" / ".tmp_step_0000001"
+    assert latest_checkpoint(tmp_path) is None
+    assert [row["step"] for row in metric_rows(tmp_path) if "loss" in row] == [1, 2]
 
 
 # --- NaN / Inf -----------------------------------------------------------------------------------------------
@@ -203,13 +221,18 @@ def _poison(monkeypatch, steps: set[int], weights: dict[int, torch.Tensor]) -> N
     monkeypatch.setattr(TextLMStage, "batches", poisoned)
 
 
-def test_nan_loss_at_step_3_stops_at_step_3_without_a_checkpoint_after_it(monkeypatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_nan_loss_at_step_3_stops_at_step_3_without_a_checkpoint_after_it(
+    monkeypatch, tmp_path: Path, async_save: bool
+) -> None:
+    """With `checkpoint.async_save`, step 2's checkpoint, still being written when step 3 fails, is published."""
     _poison(monkeypatch, {3}, {})
     with pytest.raises(
         NonFiniteTraining, match=r"^step 3: the loss is nan \(no update\); training stopped \(1 non-finite steps, "
     ):
-        _demo(tmp_path, "trainer.max_steps=4", "checkpoint.save_interval=2")
+        _demo(tmp_path, "trainer.max_steps=4", "checkpoint.save_interval=2", f"checkpoint.async_save={async_save}")
     assert _checkpoints(tmp_path) == ["step_0000002"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_0000002"
     assert [row["step"] for row in metric_rows(tmp_path)] == [1, 2]
 
 

@@ -34,6 +34,7 @@ from steerlm.runtime import cpu_matmul
 from steerlm.training import TrainingSetup, build_training, microbatches_for_rank, train_step
 from tests.conftest import TEST_MODEL
 from tests.parity_scenarios import TRAINER, global_batch
+from tests.recipe_runner import checkpoint_tensors
 
 # 1. supported range
 
@@ -256,7 +257,7 @@ def test_qkv_layout_is_megatrons(layout):
     attention = model.decoder.layers[0].self_attention
     hidden = torch.randn(6, 2, TEST_MODEL.hidden_size)  # [s, b, h]
     with torch.no_grad():
-        query, key, value = attention.get_query_key_value_tensors(hidden)  # [s, b, heads|groups, head_dim]
+        query, key, value = attention.get_query_key_valuecheckpoint_tensors(hidden)  # [s, b, heads|groups, head_dim]
         fused = F.linear(hidden, attention.linear_qkv.weight)
     heads, groups, head_dim = TEST_MODEL.num_attention_heads, TEST_MODEL.query_groups, TEST_MODEL.head_dim
     for ours, theirs in zip(split_qkv_heads(fused, heads, groups, head_dim), (query, key, value)):
@@ -577,3 +578,75 @@ def test_extra_linear_parameters_get_sharded_tensors_that_megatron_keys_globally
     assert (row.global_shape, row.global_offset) == ((2, 4, 8), (1, 0, 0))
     assert (weight.global_shape[0], weight.global_offset[0]) == (2, 1)  # megatron's own stacking of the layers
     assert isinstance(state["decoder.layers.1.mlp.linear_fc1.weight"], ShardedTensorFactory)  # megatron's own
+
+
+# 12. asynchronous checkpoint writes
+
+
+def test_an_async_write_holds_the_tensors_of_its_start_and_reports_the_files_it_wrote(layout, tmp_path) -> None:
+    """megatron's async request run through `AsyncShardWrite`: the tensors changed right after the fork are written
+    as they were at the start, the `in_writer` result comes back from the forked process (the digests of the
+    files it wrote, which checksums.json would list), and megatron's finalization writes the index."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from steerlm.checkpoint.integrity import file_digests
+    from steerlm.checkpoint.writers import writers_die_with_parent
+
+    weights = {name: torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i, name in enumerate("ab")}
+    start = {name: tensor.clone() for name, tensor in weights.items()}
+    state = {name: ShardedTensor.from_rank_offsets(name, tensor, replica_id=0) for name, tensor in weights.items()}
+    (tmp_path / "async").mkdir()
+    with writers_die_with_parent():
+        write = megatron_compat.AsyncShardWrite(state, tmp_path / "async", file_digests)
+    for tensor in weights.values():
+        tensor.add_(1.0)  # training goes on while the writer runs
+    assert write.finished(blocking=True)
+    saved = checkpoint_tensors(tmp_path / "async")
+    assert saved.keys() == start.keys() and all(torch.equal(saved[name], start[name]) for name in start)
+    shards = {path.name for path in (tmp_path / "async").glob("*.distcp")}
+    assert shards and set(write.in_writer_result) == shards
+    assert write.in_writer_result == file_digests(sorted((tmp_path / "async").glob("*.distcp")))
+    assert (tmp_path / "async" / ".metadata").exists() and not list((tmp_path / "async").glob(".writer_rank*"))
+
+
+@pytest.mark.gpu  # and on CPU: the GPU suite runs it where the tensors are copied to host memory first
+def test_an_async_checkpoint_equals_the_synchronous_one_though_training_went_on(layout, tmp_path) -> None:
+    """`checkpoint.async_save`'s checkpoint of step 2, written while steps 3-4 train, equals the synchronous save of
+    step 2 (weights and Adam moments), verifies against its checksums and resumes to the same losses."""
+    from steerlm.checkpoint.integrity import verify_checksums
+    from steerlm.checkpoint.sharded import AsyncSave
+
+    setup = _distributed_adam(layout, False)
+    _losses(setup, layout, range(2))
+    cfg = TrainConfig(model=TEST_MODEL, optim=OptimizerConfig(lr=1e-2, min_lr=1e-3, lr_warmup_steps=1))
+    synchronous = save_checkpoint(tmp_path / "sync", 2, setup, layout, cfg)
+    pending = AsyncSave(tmp_path / "async", 2, setup, layout, cfg)
+    expected = _losses(setup, layout, range(2, 4))
+    assert pending.published(blocking=True)
+    saved, reference = checkpoint_tensors(pending.path), checkpoint_tensors(synchronous)
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[key], reference[key]) for key in reference)
+    assert verify_checksums(pending.path)
+    again = _distributed_adam(layout, False)
+    assert load_checkpoint(pending.path, again.model, again.optimizer, again.scheduler, layout, TEST_MODEL) == 2
+    assert _losses(again, layout, range(2, 4)) == expected
+
+
+def test_a_killed_async_writer_is_a_checkpoint_error_and_the_previous_checkpoint_stays_latest(layout, tmp_path):
+    import multiprocessing
+    import os
+    import signal
+
+    from steerlm.checkpoint.sharded import AsyncSave, latest_checkpoint
+
+    setup = _distributed_adam(layout, False)
+    cfg = TrainConfig(model=TEST_MODEL)
+    previous = save_checkpoint(tmp_path, 1, setup, layout, cfg)
+    pending = AsyncSave(tmp_path, 2, setup, layout, cfg)
+    (writer,) = multiprocessing.active_children()
+    os.kill(writer.pid, signal.SIGKILL)
+    with pytest.raises(
+        CheckpointError, match="(?s)writing step 2's checkpoint failed.*ended without reporting"
+    ) as error:
+        pending.published(blocking=True)
+    assert error.value.path.name == ".tmp_step_0000002"
+    assert latest_checkpoint(tmp_path) == previous and not pending.path.exists()

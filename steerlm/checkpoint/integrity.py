@@ -61,10 +61,23 @@ def _files(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir() if path.is_file() and path.name != CHECKSUMS)
 
 
-def write_checksums(directory: Path) -> None:
+def file_digests(paths: list[Path]) -> dict[str, dict]:
+    """Each file's size and SHA-256 by name: what an asynchronous save's writer process computes of the files it
+    has just written, while training goes on, for `write_checksums`."""
+    return {path.name: _file_digest(path) for path in paths}
+
+
+def write_checksums(directory: Path, known: dict[str, dict] | None = None) -> None:
     """Collective: list every file of `directory` with its size and SHA-256 in `checksums.json` (rank 0
-    writes it, atomically). Call after every other file of the checkpoint is written."""
-    digests = _shared(_files(directory), lambda name: _file_digest(directory / name))
+    writes it, atomically). Call after every other file of the checkpoint is written. `known`: digests this
+    rank already has (`file_digests` of the files it wrote); every other file is hashed here, shared over ranks."""
+    known = dict(known or {})
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, known)
+        known = {name: digest for part in parts if part for name, digest in part.items()}
+    rest = [name for name in _files(directory) if name not in known]
+    digests = {**known, **_shared(rest, lambda name: _file_digest(directory / name))}
     if not dist.is_initialized() or dist.get_rank() == 0:
         payload = {"format": CHECKSUMS_FORMAT, "algorithm": "sha256", "files": dict(sorted(digests.items()))}
         atomic_write_text(directory / CHECKSUMS, json.dumps(payload, indent=1) + "\n")

@@ -44,7 +44,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from steerlm.checkpoint.integrity import CheckpointError, verify_checksums, write_checksums
+from steerlm.checkpoint.integrity import CheckpointError, file_digests, verify_checksums, write_checksums
 from steerlm.checkpoint.sources import BaseWeights, WeightFormat, read_foreign_weights
 from steerlm.checkpoint.writers import writers_die_with_parent
 from steerlm.config.lora import LoraConfig
@@ -53,6 +53,7 @@ from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
 from steerlm.megatron_compat import (
+    AsyncShardWrite,
     TranslatedLoad,
     complete_torch_adam_state,
     load_optimizer_state,
@@ -267,49 +268,126 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the checkpoint atomically (with the
     resolved config that produced it)."""
+    started = _start_save(output_dir, step, setup, layout)
+    if isinstance(started, Path):
+        return started
+    state, publication = started
+    use_in_process_save_queue()
+    with writers_die_with_parent():
+        dist_checkpointing.save(state, str(publication.tmp))
+    return publication.publish(setup, layout, cfg)
+
+
+class AsyncSave:
+    """A checkpoint whose shards a forked process writes while training goes on (`checkpoint.async_save`);
+    `published` finishes it. Its tensors are those of the step it was started at: the fork is the snapshot
+    on CPU, megatron's copy into host memory on GPU."""
+
+    def __init__(self, output_dir: Path, step: int, setup: TrainingState, layout: ParallelLayout, cfg: TrainConfig):
+        self.step, self.setup, self.layout, self.cfg = step, setup, layout, cfg
+        self.path = checkpoint_root(output_dir) / f"step_{step:07d}"
+        started = _start_save(output_dir, step, setup, layout)
+        self.write: AsyncShardWrite | None = None
+        if isinstance(started, Path):
+            return
+        state, self.publication = started
+        in_writer = file_digests if cfg.checkpoint.verify else None
+        with writers_die_with_parent():
+            self.write = AsyncShardWrite(state, self.publication.tmp, in_writer)
+
+    def published(self, blocking: bool) -> bool:
+        """Collective: whether the checkpoint is complete and published (waiting for its writers when
+        `blocking`). A writer's failure is a CheckpointError on every rank; the previous checkpoint stays."""
+        if self.write is None:
+            return True
+        try:
+            if not self.write.finished(blocking):
+                return False
+        except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+            self.write = None  # its writers have ended: nothing left to abandon
+            raise CheckpointError(
+                self.publication.tmp,
+                f"writing step {self.step}'s checkpoint failed ({type(error).__name__}: {error})",
+                "check the space and permissions of the checkpoints directory; the previous checkpoint is "
+                "still the latest, so the run resumes from it",
+            ) from error
+        self.publication.publish(self.setup, self.layout, self.cfg, self.write.in_writer_result or {})
+        self.write = None
+        return True
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether its writers may still be running (neither published nor failed nor abandoned)."""
+        return self.write is not None
+
+    def abandon(self) -> None:
+        """Local: kill this rank's writer; the partial checkpoint stays unpublished (the next save removes it)."""
+        if self.write is not None:
+            self.write.abandon()
+            self.write = None
+
+
+@dataclass
+class _Publication:
+    """A checkpoint being written into `tmp`, to be renamed to `final` once complete."""
+
+    step: int
+    root: Path
+    tmp: Path
+    final: Path
+
+    def publish(
+        self, setup: TrainingState, layout: ParallelLayout, cfg: TrainConfig, digests: dict | None = None
+    ) -> Path:
+        """Collective, once every shard is written: the config, metadata and checksums (`digests`: those this
+        rank already has), then the rename into place, `latest` and pruning by rank 0."""
+        dist.barrier()
+        if layout.is_rank_zero:
+            save_resolved(cfg, self.tmp / "config.yaml")
+            adapters = lora.config_of(unwrap(setup.model[0]))
+            meta = CheckpointMeta(
+                self.step,
+                _layout_key(layout),
+                _model_key(cfg.model),
+                weights_only=setup.optimizer is None,
+                lora=adapters.describe() if adapters is not None else None,
+                base=asdict(setup.base) if setup.base is not None else None,
+            )
+            (self.tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        dist.barrier()
+        if cfg.checkpoint.verify:
+            write_checksums(self.tmp, digests)
+        if layout.is_rank_zero:
+            os.replace(self.tmp, self.final)
+            atomic_write_text(self.root / LATEST, self.final.name + "\n")
+            _prune(self.root, cfg.checkpoint.keep_last, keep=self.final)
+            log.info("saved checkpoint %s", self.final)
+        dist.barrier()
+        return self.final
+
+
+def _start_save(
+    output_dir: Path, step: int, setup: TrainingState, layout: ParallelLayout
+) -> Path | tuple[dict, _Publication]:
+    """Collective: the state to write and an empty temporary directory for it, or the checkpoint's path when
+    this step's is already complete (e.g. a signal arrived right after a scheduled save of this step)."""
     root = checkpoint_root(output_dir)
     name = f"step_{step:07d}"
     final, tmp = root / name, root / f".tmp_{name}"
-    if final.exists():  # e.g. a signal arrived right after a scheduled save of this step
+    if final.exists():
         return final
     if layout.is_rank_zero:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    use_in_process_save_queue()
     weights_only = setup.optimizer is None
-    base = setup.base
     state = _sharded_state(
-        setup.model, setup.optimizer, layout, is_loading=False, with_rng=not weights_only, trained_only=bool(base)
+        setup.model, setup.optimizer, layout, is_loading=False, with_rng=not weights_only, trained_only=bool(setup.base)
     )
     if not weights_only:
         state["scheduler"] = setup.scheduler.state_dict()
     state["step"] = step
-    with writers_die_with_parent():
-        dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if layout.is_rank_zero:
-        save_resolved(cfg, tmp / "config.yaml")
-        adapters = lora.config_of(unwrap(setup.model[0]))
-        meta = CheckpointMeta(
-            step,
-            _layout_key(layout),
-            _model_key(cfg.model),
-            weights_only=weights_only,
-            lora=adapters.describe() if adapters is not None else None,
-            base=asdict(base) if base is not None else None,
-        )
-        (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-    dist.barrier()
-    if cfg.checkpoint.verify:
-        write_checksums(tmp)
-    if layout.is_rank_zero:
-        os.replace(tmp, final)
-        atomic_write_text(root / LATEST, name + "\n")
-        _prune(root, cfg.checkpoint.keep_last, keep=final)
-        log.info("saved checkpoint %s", final)
-    dist.barrier()
-    return final
+    return state, _Publication(step, root, tmp, final)
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:

@@ -666,6 +666,9 @@ class CheckpointConfig:
     # a SHA-256 of every file at save, checked before a resume (a damaged latest: the newest intact one is used);
     # false skips both, for checkpoints so large that hashing them costs minutes
     verify: bool = True
+    # scheduled saves written by a forked process while training goes on (the loop waits only for the fork, and
+    # on a GPU the copy to host memory); the last save and a signal's are written before the run ends
+    async_save: bool = False
 
     def validate(self) -> None:
         if self.save_interval is not None:

@@ -3,7 +3,8 @@
 A megatron-core upgrade starts here: every item below names what it replaces or relies on, and
 `tests/test_megatron_compat.py` checks each one against the installed megatron-core. No other steerlm module
 patches megatron, overrides a private method or reads a private attribute. Items 7 and 9, the optimizers' state
-and kernels, live in `steerlm/megatron_compat/optimizers.py`; this module re-exports what the rest of steerlm uses.
+and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_writes.py`; this module re-exports
+what the rest of steerlm uses.
 
 0. Import cost (`steerlm/_import_hooks.py`, installed by `steerlm/__init__.py` because it must act before the
    first `import megatron.core`): megatron's `torch.compile` wrappers (`megatron.core.jit.jit_fuser`) are built
@@ -60,6 +61,10 @@ and kernels, live in `steerlm/megatron_compat/optimizers.py`; this module re-exp
    adapters' own: `transformer.utils.make_sharded_tensors_for_checkpoint` with a TP axis per tensor (reading the
    layer's `tp_group` and `metadata["dp_cp_group"]`) and, for SwiGLU's fc1, `transformer.mlp.
    apply_swiglu_sharded_factory`, which `MLP.sharded_state_dict` applies to fc1's weight and bias only.
+12. Asynchronous checkpoint writes (`AsyncShardWrite`, `checkpoint.async_save`): megatron's `async_sharded_save`
+   request run by its non-persistent `AsyncCallsQueue` (a forked process), its results handed back through a file
+   instead of the module-level results queue of item 3. Relies on the request's fields, the shape of its
+   `async_fn_args` and `AsyncCallsQueue.async_calls` (details in `async_writes.py`).
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
 new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test
@@ -521,8 +526,9 @@ def extra_linear_sharded_state(
     return state
 
 
-# --- 7. and 9.: optimizer state and kernels, in their own module -------------------------------------------
+# --- 7., 9. and 12.: optimizer state and kernels, asynchronous checkpoint writes, in their own modules --------
 
+from steerlm.megatron_compat.async_writes import AsyncShardWrite  # noqa: E402
 from steerlm.megatron_compat.optimizers import (  # noqa: E402  (after the version check, as every megatron import)
     TranslatedLoad,
     complete_torch_adam_state,
@@ -533,6 +539,7 @@ from steerlm.megatron_compat.optimizers import (  # noqa: E402  (after the versi
 )
 
 __all__ = [
+    "AsyncShardWrite",
     "TranslatedLoad",
     "complete_torch_adam_state",
     "is_distributed_optimizer",

@@ -18,20 +18,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from steerlm.checkpoint.sharded import (
-    check_checkpoints_writable,
-    load_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from steerlm.checkpoint.sharded import check_checkpoints_writable, load_checkpoint, resume_checkpoint
 from steerlm.config.schema import DType, TrainConfig
 from steerlm.errors import ConfigError
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.runtime.threads import ThreadShare
 from steerlm.training.batching import microbatches_for_rank
-from steerlm.training.guards import NonFiniteSteps, require_finite_weights
+from steerlm.training.guards import NonFiniteSteps, NonFiniteTraining, require_finite_weights
 from steerlm.training.losses import LANGUAGE_MODEL, Task
 from steerlm.training.metrics import LoggedStep, MetricsLog
+from steerlm.training.saver import CheckpointSaver
 from steerlm.training.setup import TrainingSetup
 from steerlm.training.signals import StopRequests
 from steerlm.training.step import Batch, forward_backward_metrics, train_step
@@ -144,6 +140,7 @@ def run_training(
     check_gradients = cfg.precision.dtype != DType.fp16  # fp16's loss scaler skips its own overflows
     # the pipeline raises a stage's threads when its wave-mates finish, unless the stage fixed its own
     threads = ThreadShare.from_environment() if trainer.torch_threads is None else ThreadShare(None)
+    saver = CheckpointSaver(output_dir, setup, layout, cfg)
     try:
         with StopRequests(trainer.max_time_minutes, layout.device) as stops, bar:
             for step in range(start_step + 1, trainer.max_steps + 1):
@@ -171,6 +168,7 @@ def run_training(
                     outcome.history.append(logged)
                     metrics.log_train(logged)
                     _log_step(logged, trainer.max_steps)
+                saver.poll()
                 stop = stops.should_stop()
                 last = step == trainer.max_steps
                 if (
@@ -185,11 +183,17 @@ def run_training(
                     log.info("step %d validation loss %.4f", step, loss)
                 if stop or last or (save_interval and step % save_interval == 0):
                     require_finite_weights(model, layout, step)
-                    save_checkpoint(output_dir, step, setup, layout, cfg)
+                    saver.save(step, final=stop or last)
                 if stop:
                     outcome.stop_reason = stops.reason
                     log.warning("stopping after step %d (%s); checkpoint saved", step, stops.reason)
                     break
+    except NonFiniteTraining:  # raised on every rank at one step: the save in flight holds finite weights
+        saver.wait()
+        raise
+    except BaseException:
+        saver.abandon()
+        raise
     finally:
         metrics.close()
     return outcome
