@@ -221,3 +221,16 @@ def test_the_checkpoint_benchmark_times_the_three_modes_side_by_side(tmp_path: P
     figures = json.loads(out.read_text())
     assert set(figures["loop_s"]) == {"none", "sync", "async"} and all(v > 0 for v in figures["loop_s"].values())
     assert [len(run["held_s"]) for mode in ("sync", "async") for run in figures["runs"][mode]] == [2, 2]
+
+
+def test_async_saves_on_two_ranks_with_the_distributed_optimizer_equal_synchronous_ones(tmp_path: Path) -> None:
+    """DP=2, megatron's distributed optimizer (each rank writes its half of Adam's state): the checkpoint of step 15,
+    written by both ranks' forked writers while steps 16-20 trained, equals the synchronous run's."""
+    args = ["trainer.max_steps=20", "checkpoint.save_interval=5", "parallel.use_distributed_optimizer=true"]
+    for mode in ("false", "true"):
+        _ok([*args, f"checkpoint.async_save={mode}", f"output_dir={tmp_path / mode}"], launcher=TORCHRUN_2)
+    assert summary(tmp_path / "true")["weights_sha256"] == summary(tmp_path / "false")["weights_sha256"]
+    saved = checkpoint_tensors(tmp_path / "true" / "checkpoints" / "step_0000015")
+    expected = checkpoint_tensors(tmp_path / "false" / "checkpoints" / "step_0000015")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[key], expected[key]) for key in expected)
+    assert any(key.startswith("optimizer.") for key in expected)
