@@ -98,7 +98,52 @@ _SPLITS = {
     "linear_fc1.weight": "gated",
     "linear_fc2.weight": 1,
     "rm_head.weight": 1,
+    # NeMo's ParallelLinearAdapter: linear_in column-parallel beside a column-parallel layer (its rows, the rank dim,
+    # split), row-parallel beside a row-parallel one (its input split); linear_out always column-parallel
+    "lora_kqv_adapter.linear_in.weight": 0,
+    "lora_kqv_adapter.linear_out.weight": 0,
+    "lora_dense_attention_adapter.linear_in.weight": 1,
+    "lora_dense_attention_adapter.linear_out.weight": 0,
+    "lora_hto4h_adapter.linear_in.weight": 0,
+    "lora_hto4h_adapter.linear_out.weight": "gated",
+    "lora_4htoh_adapter.linear_in.weight": 1,
+    "lora_4htoh_adapter.linear_out.weight": 0,
 }
+LORA_RANK, LORA_ALPHA = 4, 8.0
+# NeMo's adapter of each linear (its module path under the layer, and NeMo's target_modules name)
+NEMO_ADAPTERS = {
+    "linear_qkv": ("self_attention", "lora_kqv_adapter", "attention_qkv"),
+    "linear_proj": ("self_attention", "lora_dense_attention_adapter", "attention_dense"),
+    "linear_fc1": ("mlp", "lora_hto4h_adapter", "mlp_fc1"),
+    "linear_fc2": ("mlp", "lora_4htoh_adapter", "mlp_fc2"),
+}
+
+
+def lora_tensors(full: dict, linears: list[str], seed: int = 3) -> dict[str, torch.Tensor]:
+    """NeMo LoRA adapters for `linears` of every layer, full tensors by NeMo name (no `model.` prefix): linear_in
+    [rank, in], linear_out [out, rank] (fc1's rows [gate; up] as its weight's), random."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(LAYERS):
+        for linear in linears:
+            group, adapter, _ = NEMO_ADAPTERS[linear]
+            rows, columns = full[f"decoder.layers.{layer}.{group}.{linear}.weight"].shape
+            prefix = f"decoder.layers.{layer}.{group}.adapter_layer.{adapter}"
+            out[f"{prefix}.linear_in.weight"] = torch.randn(LORA_RANK, columns, generator=generator) * 0.1
+            out[f"{prefix}.linear_out.weight"] = torch.randn(rows, LORA_RANK, generator=generator) * 0.1
+    return out
+
+
+def nemo_lora_config(linears: list[str], **tuning) -> dict:
+    """A PEFT archive's model_config.yaml: the model's, plus NeMo's `peft` section."""
+    lora_tuning = {
+        "adapter_dim": LORA_RANK,
+        "alpha": LORA_ALPHA,
+        "adapter_dropout": 0.0,
+        "target_modules": [NEMO_ADAPTERS[linear][2] for linear in linears],
+        **tuning,
+    }
+    return {**nemo_config(), "peft": {"peft_scheme": "lora", "lora_tuning": lora_tuning}}
 
 
 def _split(name: str):

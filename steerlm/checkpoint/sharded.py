@@ -87,7 +87,7 @@ class WeightsOnly:
     model: list
     optimizer: None = None
     scheduler: None = None
-    base: None = None
+    base: BaseWeights | None = None  # adapters alone on these weights (an imported NeMo LoRA archive)
 
 
 CHECKPOINTS = "checkpoints"

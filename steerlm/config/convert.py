@@ -77,6 +77,7 @@ class ConvertConfig:
     attributes: dict[str, Optional[float]] = field(default_factory=dict)  # to=hf: the chat template's defaults
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # to=hf: the chat template's system prompt when a request has none
     apm_range: Optional[list[float]] = None  # to=steerlm of another tool's reward model: [min, max] of its scores
+    base: Optional[str] = None  # input a NeMo LoRA archive (PEFT training's adapters alone): the .nemo model they adapt
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1234
     torch_threads: Optional[int] = None  # None: torch's default
@@ -137,4 +138,30 @@ class ConvertConfig:
                 "must be [min, max] with min < max",
                 "give the range of the reward model's scores, e.g. apm_range=[0,4]",
             )
+        if self.base is not None:
+            self._validate_base()
         self.parallel.validate()
+
+    def _validate_base(self) -> None:
+        require(
+            self.source == ModelFormat.nemo,
+            "base",
+            self.base,
+            "is the model a NeMo LoRA archive's adapters adapt, but input is not a .nemo archive",
+            "pass the NeMo LoRA archive as input, or leave base unset",
+        )
+        base = Path(str(self.base))
+        require(
+            base.exists() and input_format(base) == ModelFormat.nemo,
+            "base",
+            self.base,
+            "is not a .nemo archive" if base.exists() else "does not exist",
+            "pass the .nemo model the adapters were trained on (the restore_from_path of NeMo's PEFT training)",
+        )
+        require(
+            self.dtype is None,
+            "dtype",
+            self.dtype.value if self.dtype is not None else None,
+            "does not apply to LoRA adapters on a base: they are saved in the base's dtype",
+            "leave dtype unset (convert the result with to=steerlm dtype=… for merged weights in another dtype)",
+        )

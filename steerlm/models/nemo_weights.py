@@ -65,6 +65,19 @@ _LAYER_TENSORS = {
     *(f"{linear}.{p}" for linear in _LINEARS for p in ("weight", "bias")),
 }
 _HEAD = {"rm_head.weight": "attribute_head.weight", "rm_head.bias": "attribute_head.bias"}
+# NeMo's LoRA adapters (a PEFT archive, `megatron_gpt_peft_lora_tuning`): `linear_in` is A, `linear_out` B, by the
+# layer's linear they adapt (NeMo's merge_lora_weights script pairs them the same way)
+_ADAPTERS = {
+    "lora_kqv_adapter": "self_attention.linear_qkv",
+    "lora_dense_attention_adapter": "self_attention.linear_proj",
+    "lora_hto4h_adapter": "mlp.linear_fc1",
+    "lora_4htoh_adapter": "mlp.linear_fc2",
+}
+_ADAPTER_TENSORS = {
+    f"{linear.split('.')[0]}.adapter_layer.{adapter}.{part}.weight": f"{linear}.{lora}"
+    for adapter, linear in _ADAPTERS.items()
+    for part, lora in (("linear_in", "lora_a"), ("linear_out", "lora_b"))
+}
 # megatron's tensor-parallel partition dim by steerlm name (a layer's tensors without `decoder.layers.N.`);
 # the rest is replicated. NeMo-Aligner's rm_head is a RowParallelLinear: its weight is split along its input.
 _PARTITION_DIM = {
@@ -77,7 +90,18 @@ _PARTITION_DIM = {
     "mlp.linear_fc1.bias": 0,
     "mlp.linear_fc2.weight": 1,
     "attribute_head.weight": 1,
+    # NeMo's ParallelLinearAdapter: linear_in is column-parallel (rank dim split) beside a column-parallel layer and
+    # row-parallel (input split) beside a row-parallel one; linear_out is column-parallel (output split) for both
+    "self_attention.linear_qkv.lora_a": 0,
+    "self_attention.linear_qkv.lora_b": 0,
+    "self_attention.linear_proj.lora_a": 1,
+    "self_attention.linear_proj.lora_b": 0,
+    "mlp.linear_fc1.lora_a": 0,
+    "mlp.linear_fc1.lora_b": 0,
+    "mlp.linear_fc2.lora_a": 1,
+    "mlp.linear_fc2.lora_b": 0,
 }
+_GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.linear_fc1.lora_b")  # [gate_r; up_r] per TP rank
 _FIX = "import a NeMo megatron-core GPT model (or a NeMo-Aligner regression reward model) saved by NeMo 1.x"
 
 
@@ -98,9 +122,21 @@ def steerlm_name(key: str, layer_offset: int = 0) -> str | None:
     if name in _TOP_LEVEL:
         return name
     match = _LAYER.match(name)
-    if match and match.group(2) in _LAYER_TENSORS:
-        return unfused_norm_name(f"decoder.layers.{int(match.group(1)) + layer_offset}.{match.group(2)}")
-    return None
+    local = _layer_tensor(match.group(2)) if match else None
+    if match is None or local is None:
+        return None
+    return unfused_norm_name(f"decoder.layers.{int(match.group(1)) + layer_offset}.{local}")
+
+
+def _layer_tensor(local: str) -> str | None:
+    """steerlm's name of a layer's tensor (without `decoder.layers.N.`; TE's fused norm names as NeMo's) for NeMo's,
+    None for none."""
+    return local if local in _LAYER_TENSORS else _ADAPTER_TENSORS.get(local)
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether a steerlm global name that `steerlm_name` gave is a LoRA adapter's (from a NeMo PEFT archive)."""
+    return name.endswith((".lora_a", ".lora_b"))
 
 
 def model_tensor_names(model: ModelConfig, head: bool = False) -> list[str]:
@@ -125,7 +161,7 @@ def _partition(name: str, gated: bool) -> tuple[int, int] | None:
     local = match.group(2) if match else name
     if local not in _PARTITION_DIM:
         return None
-    return _PARTITION_DIM[local], 2 if gated and local.startswith("mlp.linear_fc1.") else 1
+    return _PARTITION_DIM[local], 2 if gated and local in _GATED else 1
 
 
 class _ArchiveFileSystem(FileSystem):
@@ -170,8 +206,8 @@ class _DistributedWeights:
 
     def _add(self, key: str, entry: TensorStorageMetadata, num_layers: int) -> None:
         name = _unprefixed(key) or ""
-        stacked = name[len("decoder.layers.") :] if name.startswith("decoder.layers.") else None
-        if stacked in _LAYER_TENSORS:
+        stacked = _layer_tensor(name[len("decoder.layers.") :]) if name.startswith("decoder.layers.") else None
+        if stacked is not None:
             if entry.size[0] != num_layers:
                 raise DataError(self.where, None, key, f"stacks {entry.size[0]} layers, num_layers is {num_layers}")
             for layer in range(num_layers):
@@ -311,6 +347,35 @@ def _legacy_files(archive: NemoArchive) -> dict[tuple[int, int], str]:
     return files
 
 
+def archive_weights(archive: NemoArchive, config: dict) -> _DistributedWeights | _LegacyWeights:
+    """The index of an archive's tensors by steerlm global name, in whichever of NeMo's layouts it holds them."""
+    source = archive.where("model_config.yaml")
+    if archive.has(f"{DIST_DIR}/metadata.json"):
+        return _DistributedWeights(archive, layers_per_stage(config, source, 1)[0])
+    files = _legacy_files(archive)
+    if not files:
+        raise DataError(str(archive.path), None, None, f"holds neither {DIST_DIR}/ nor {LEGACY_FILE} files", _FIX)
+    pipeline = 1 + max(pp for _, pp in files)
+    tensor = 1 + max(tp for tp, _ in files)
+    missing = [(t, p) for t in range(tensor) for p in range(pipeline) if (t, p) not in files]
+    if missing:
+        raise DataError(str(archive.path), None, None, f"lacks the weights of (tp, pp) ranks {missing}")
+    for key, ranks in (("tensor_model_parallel_size", tensor), ("pipeline_model_parallel_size", pipeline)):
+        if config.get(key, 1) != ranks:
+            raise DataError(source, None, key, f"{config.get(key, 1)!r} differs from the {ranks} ranks' files")
+    return _LegacyWeights(archive, files, layers_per_stage(config, source, pipeline))
+
+
+def read_full(weights: _DistributedWeights | _LegacyWeights, names: list[str], gated: bool) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors by steerlm global name; `gated`: SwiGLU's fc1 (TP slices `[gate_r; up_r]`)."""
+    unknown = [name for name in names if name not in weights.index]
+    if unknown:
+        raise KeyError(f"{weights.archive.path} has no tensor for {unknown[0]!r}")
+    if isinstance(weights, _LegacyWeights):
+        return weights.read(names, gated=gated)
+    return weights.read(names)
+
+
 class NemoCheckpoint:
     """A `.nemo` archive opened for import: the model it holds and its weights by steerlm global name."""
 
@@ -324,31 +389,19 @@ class NemoCheckpoint:
 
     def _open(self, path: Path) -> None:
         self.config = self.archive.read_config()
-        source = self.archive.where("model_config.yaml")
-        num_layers = layers_per_stage(self.config, source, 1)[0]
-        self._weights: _DistributedWeights | _LegacyWeights
-        if self.archive.has(f"{DIST_DIR}/metadata.json"):
-            self._weights = _DistributedWeights(self.archive, num_layers)
-        else:
-            files = _legacy_files(self.archive)
-            if not files:
-                raise DataError(
-                    str(self.archive.path), None, None, f"holds neither {DIST_DIR}/ nor {LEGACY_FILE} files", _FIX
-                )
-            pipeline = 1 + max(pp for _, pp in files)
-            tensor = 1 + max(tp for tp, _ in files)
-            missing = [(t, p) for t in range(tensor) for p in range(pipeline) if (t, p) not in files]
-            if missing:
-                raise DataError(str(self.archive.path), None, None, f"lacks the weights of (tp, pp) ranks {missing}")
-            for key, ranks in (("tensor_model_parallel_size", tensor), ("pipeline_model_parallel_size", pipeline)):
-                if self.config.get(key, 1) != ranks:
-                    raise DataError(
-                        source, None, key, f"{self.config.get(key, 1)!r} differs from the {ranks} ranks' files"
-                    )
-            self._weights = _LegacyWeights(self.archive, files, layers_per_stage(self.config, source, pipeline))
+        self._weights = archive_weights(self.archive, self.config)
         if TIED_EMBEDDING not in self._weights.index:
+            if any(is_adapter_name(name) for name in self._weights.index):
+                raise DataError(
+                    str(self.archive.path),
+                    None,
+                    None,
+                    "holds LoRA adapters alone (a NeMo PEFT archive), not a model",
+                    "import it with recipes/convert.py input=<this archive> base=<the .nemo model it adapts>",
+                )
             raise DataError(str(self.archive.path), None, f"model.{TIED_EMBEDDING}", "is missing", _FIX)
         rows = self._weights.rows(TIED_EMBEDDING)
+        source = self.archive.where("model_config.yaml")
         self.nemo: NemoModel = nemo_model(self.config, source, rows, name=path.name.removesuffix(".nemo"))
         self._check_names()
 
@@ -386,13 +439,7 @@ class NemoCheckpoint:
 
     def full_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Full (unsharded) tensors keyed by steerlm global name, read from the archive."""
-        names = list(names)
-        unknown = [name for name in names if name not in self._weights.index]
-        if unknown:
-            raise KeyError(f"{self.archive.path} has no tensor for {unknown[0]!r}")
-        if isinstance(self._weights, _LegacyWeights):
-            return self._weights.read(names, gated=self.model.activation == Activation.swiglu)
-        return self._weights.read(names)
+        return read_full(self._weights, list(names), gated=self.model.activation == Activation.swiglu)
 
     def load_into(self, chunks: list, tp_rank: int, tp: int, keep: Callable[[str], bool] = lambda name: False) -> None:
         """Copy the archive's weights into this rank's shards (any layout); `keep` names parameters left as they are."""

@@ -22,14 +22,17 @@ from steerlm.runtime.layout import ParallelLayout
 from steerlm.stages.consolidate import consolidate
 from steerlm.stages.hf_export import export_to_hf
 from steerlm.stages.hf_import import import_to_steerlm
-from steerlm.stages.nemo_import import import_nemo
+from steerlm.stages.nemo_import import import_nemo, import_nemo_lora
 from steerlm.stages.peft_export import export_peft_adapter
 
 log = logging.getLogger(__name__)
 
 
 def import_from_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
-    """A NeMo 1.x archive as a weights-only steerlm checkpoint under `cfg.output` (its tokenizer beside it)."""
+    """A NeMo 1.x archive as a weights-only steerlm checkpoint under `cfg.output` (its tokenizer beside it); a NeMo
+    LoRA archive on `cfg.base` as a checkpoint of its adapters alone on that base."""
+    if cfg.base is not None:
+        return import_nemo_lora(cfg.input, cfg.base, cfg.output, layout, tokenizer_path=cfg.tokenizer_path)
     return import_nemo(cfg.input, cfg.output, layout, tokenizer_path=cfg.tokenizer_path, dtype=cfg.dtype)
 
 
