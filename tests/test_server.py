@@ -701,3 +701,81 @@ def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: d
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _write_team_adapter(sft: str, output: str) -> None:
+    """LoRA adapters alone (random A and B, large enough to change greedy answers) on the served SFT checkpoint."""
+    import torch
+
+    from steerlm import runtime
+    from steerlm.checkpoint.sharded import WeightsOnly, load_weights, resolve_checkpoint, save_checkpoint, saved_config
+    from steerlm.checkpoint.sources import BaseWeights, WeightFormat
+    from steerlm.config import LoraConfig, ParallelConfig, PrecisionConfig
+    from steerlm.models import build_model_chunks, lora
+    from steerlm.stages.export_source import saved_train_config
+
+    path = resolve_checkpoint(sft)
+    cfg = saved_train_config(saved_config(path))
+    cfg = replace(cfg, lora=LoraConfig(rank=4, alpha=8.0), output_dir=output)
+    layout = runtime.initialize(ParallelConfig(), seed=0)
+    try:
+        chunks = build_model_chunks(cfg.model, PrecisionConfig(), layout, seed=0)
+        load_weights(path, chunks, layout, cfg.model)
+        lora.attach(chunks, cfg.lora, seed=0)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in chunks[0].named_parameters():
+                if lora.is_adapter(name):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        base = BaseWeights.of(WeightFormat.steerlm, path)
+        save_checkpoint(Path(output), 0, WeightsOnly(chunks, base=base), layout, cfg)
+    finally:
+        runtime.shutdown()
+
+
+def _merged_tokens(checkpoint: str, prompt: list[int], max_new_tokens: int) -> list[str]:
+    """Greedy tokens (each decoded alone) of `checkpoint` read as its merged weights, in this process alone."""
+    from steerlm import runtime
+    from steerlm.config import ParallelConfig, PrecisionConfig
+    from steerlm.inference.generate import SamplingParams
+    from steerlm.inference.loading import load_generator
+
+    layout = runtime.initialize(ParallelConfig(), seed=0)
+    try:
+        loaded = load_generator(checkpoint, layout, PrecisionConfig())
+        [done] = loaded.generator.generate([prompt], [SamplingParams(max_new_tokens=max_new_tokens)])
+        return [loaded.tokenizer.decode([token]) for token in done.token_ids]
+    finally:
+        runtime.shutdown()
+
+
+@pytest.mark.slow
+def test_a_profiles_lora_adapter_answers_as_its_merged_model(world: dict, tmp_path: Path) -> None:
+    """`profiles.team.adapter`: the team's rows decode with its adapters beside rows of the served model alone, and
+    answer token for token as the adapter checkpoint read as merged weights does."""
+    from tests.multiproc import run_distributed
+
+    adapter = tmp_path / "team_lora"
+    run_distributed(_write_team_adapter, 1, str(world["sft"]), str(adapter))
+    (tmp_path / "teams.yaml").write_text(
+        f"defaults:\n  - serve\n  - _self_\nprofiles:\n  team:\n    adapter: {adapter}\n"
+    )
+    port, log = _free_port(), tmp_path / "server.log"
+    from steerlm.config.store import CONF_DIR
+
+    overrides = ["--config-dir", str(tmp_path), "--config-name", "teams", f"hydra.searchpath=[file://{CONF_DIR}]"]
+    process = _start([*overrides, f"checkpoint={world['sft']}"], port, log)
+    try:
+        answers = {}
+        for model in ("sft:team", "sft"):
+            body = {"model": model, "messages": QUESTION, "max_tokens": 16, "logprobs": True}
+            status, reply = _request(port, "POST", "/v1/chat/completions", body)
+            assert status == 200, reply
+            answers[model] = [token["token"] for token in reply["choices"][0]["logprobs"]["content"]]
+        status, tokenized = _request(port, "POST", "/tokenize", {"model": "sft:team", "messages": QUESTION})
+        assert status == 200, tokenized
+    finally:
+        _stop(process, log)
+    [merged] = run_distributed(_merged_tokens, 1, str(adapter), tokenized["tokens"], 16)
+    assert answers["sft:team"] == merged[: len(answers["sft:team"])]
+    assert answers["sft:team"] != answers["sft"]

@@ -59,7 +59,9 @@ class AppServer:
             name: self.steering.preset(profile.attributes, self.steering.defaults, f"profiles.{name}.attributes")
             for name, profile in cfg.profiles.items()
         }
-        service = Service(self.engine, self.steering, None, None, presets)  # type: ignore[arg-type]
+        # a profile's adapter as serving() indexes it (the scripted decoding runs no model, so none is loaded)
+        adapters = {name: i + 1 for i, name in enumerate(n for n, p in cfg.profiles.items() if p.adapter)}
+        service = Service(self.engine, self.steering, None, None, presets, adapters)  # type: ignore[arg-type]
         app = create_app(service, cfg, api_keys)
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -313,7 +315,8 @@ SUPPORT = ProfileConfig(attributes={"helpfulness": 4, "verbosity": 1}, system_pr
 
 
 def test_profiles_preset_attributes_system_prompt_and_caps_and_requests_override_them(app) -> None:
-    server = app(profiles={"support": SUPPORT, "plain": ProfileConfig(attributes={"coherence": None})})
+    tuned = ProfileConfig(adapter="runs/team_lora")
+    server = app(profiles={"support": SUPPORT, "plain": ProfileConfig(attributes={"coherence": None}), "tuned": tuned})
     status, body, _ = server.post(_ask(model="tiny:support"))
     assert status == 200 and body["model"] == "tiny:support"
     assert body["attributes"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}  # over the server's defaults
@@ -339,7 +342,9 @@ def test_profiles_preset_attributes_system_prompt_and_caps_and_requests_override
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     connection.request("GET", "/v1/models")
     cards = json.loads(connection.getresponse().read())["data"]
-    assert [card["id"] for card in cards] == ["tiny", "tiny:support", "tiny:plain"]
+    assert [card["id"] for card in cards] == ["tiny", "tiny:support", "tiny:plain", "tiny:tuned"]
+    server.post(_ask(model="tiny:tuned"))
+    assert [job.adapter for job in server.jobs] == [0] * (len(server.jobs) - 1) + [1]  # type: ignore[attr-defined]
     assert cards[1]["attributes"]["defaults"] == {"helpfulness": 4, "coherence": 3, "verbosity": 1}
     assert cards[1]["profile"] == {"name": "support", "system_prompt": "figs and nuts", "max_tokens": 5, "max_n": 8}
 

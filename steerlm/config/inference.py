@@ -197,14 +197,16 @@ PROFILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 @dataclass
 class ProfileConfig:
     """One team's way of using the served model: the attribute values its requests start from (over the
-    server's `attributes`; null unsets one), the system prompt for requests without one, and caps at or below
-    the server's `limits`. A request picks it with `"model": "<model>:<profile>"` or `"profile"`, or gets it
-    from its API key."""
+    server's `attributes`; null unsets one), the system prompt for requests without one, caps at or below
+    the server's `limits`, and its own LoRA adapters. A request picks it with `"model": "<model>:<profile>"` or
+    `"profile"`, or gets it from its API key."""
 
     attributes: dict[str, Optional[float]] = field(default_factory=dict)
     system_prompt: Optional[str] = None  # None: the server's system_prompt
     max_tokens: Optional[int] = None  # None: limits.max_tokens
     max_n: Optional[int] = None  # None: limits.max_n
+    # LoRA adapters (a checkpoint of the adapters alone, trained on the served checkpoint) this profile's answers use
+    adapter: Optional[str] = None
 
     def validate(self, name: str, limits: ServeLimits) -> None:
         if not PROFILE_NAME.fullmatch(name):

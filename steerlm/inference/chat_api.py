@@ -137,6 +137,7 @@ class ChatCompletions:
             profile=profile.name or "",
             prompts=[prompt] * body.n,
             params=params,
+            adapter=self.service.adapters.get(profile.name or "", 0),
         )
         return job, len(prompt), labels or {}
 

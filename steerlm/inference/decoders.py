@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,9 @@ from megatron.core.transformer.identity_op import IdentityOp
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
 from steerlm.runtime.cpu_matmul import linear
 from steerlm.runtime.layout import ParallelLayout
+
+if TYPE_CHECKING:
+    from steerlm.inference.adapters import AdapterBank
 
 
 def _padded(prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
@@ -95,17 +99,27 @@ class _Cohort:
         self.context.max_batch_size = len(rows)
 
 
+def _no_adapters(adapters: Sequence[int] | None, decoder: str) -> None:
+    if adapters is not None and any(adapters):
+        raise ValueError(f"{decoder} runs no LoRA adapters per row; the lean decoder does")
+
+
 class MegatronDecoder:
     def __init__(self, model: GPTModel, layout: ParallelLayout, length: int) -> None:
         self.model, self.length, self.device = model, length, layout.device
         self.rows: list[tuple[_Cohort, int]] = []  # per batch row: its cohort and its index there
 
     def add(
-        self, prompts: Sequence[Sequence[int]], length: int, scored: Collection[int] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        length: int,
+        scored: Collection[int] = (),
+        adapters: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, dict[int, PromptLogits]]:
         """Prefill `prompts` as new rows after the current ones; their next-token logits `[new rows, padded
         vocab]`, and the prompt logits of the rows indexed in `scored`. `length`: positions the new rows may
-        reach (prompt and answer)."""
+        reach (prompt and answer). `adapters`: LoRA adapters per row, which only `LeanDecoder` runs."""
+        _no_adapters(adapters, "megatron's decoder")
         by_length: dict[int, list[int]] = {}
         for index, prompt in enumerate(prompts):
             by_length.setdefault(len(prompt), []).append(index)
@@ -264,9 +278,15 @@ _Positions = _Span | _Rows | _Continuation
 
 
 class LeanDecoder:
-    def __init__(self, model: GPTModel, layout: ParallelLayout, length: int) -> None:
+    """`adapters`: LoRA adapters rows may use (`add`'s `adapters`, an index per row; 0 or none: the model alone)."""
+
+    def __init__(
+        self, model: GPTModel, layout: ParallelLayout, length: int, adapters: AdapterBank | None = None
+    ) -> None:
         config = model.config
         self.model = model
+        self.adapters = adapters
+        self.rows_adapter = torch.zeros(0, dtype=torch.long, device=layout.device)  # per row: its adapter
         self.device = layout.device
         self.group = layout.pg_collection.tp if layout.tp > 1 else None
         self.tp = layout.tp
@@ -313,13 +333,30 @@ class LeanDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * positions.cos + rotated * positions.sin
 
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, at: tuple[int, str], rows: torch.Tensor | None):
+        """x W^T, plus the update of each row's adapter (`rows`: their indices; None: no adapters)."""
+        out = linear(x, weight)
+        if rows is not None and self.adapters is not None:
+            delta = self.adapters.delta(x, *at, rows)
+            if delta is not None:
+                out = out + delta
+        return out
+
     def _attention(
-        self, layer, x: torch.Tensor, positions: _Positions, cache: tuple[torch.Tensor, torch.Tensor]
+        self,
+        layer,
+        x: torch.Tensor,
+        positions: _Positions,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attention = layer.self_attention
-        rows, n = x.shape[:2]
+        attention, index = layer.self_attention, layer.layer_number - 1
+        n = x.shape[1]
         query, key, value = split_qkv_heads(
-            linear(x, attention.linear_qkv.weight), self.heads, self.groups, self.head_dim
+            self._linear(x, attention.linear_qkv.weight, (index, "linear_qkv"), rows),
+            self.heads,
+            self.groups,
+            self.head_dim,
         )
         query, key = self._rope(query, positions), self._rope(key, positions)
         keys, values = cache
@@ -333,19 +370,23 @@ class LeanDecoder:
             is_causal=positions.causal,
             scale=getattr(attention.core_attention, "softmax_scale", None),
         )
-        context = context.transpose(1, 2).reshape(rows, n, self.heads * self.head_dim)
-        return self._reduce(linear(context, attention.linear_proj.weight))
+        context = context.transpose(1, 2).reshape(x.shape[0], n, self.heads * self.head_dim)
+        return self._reduce(self._linear(context, attention.linear_proj.weight, (index, "linear_proj"), rows))
 
-    def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = split_fc1(linear(x, layer.mlp.linear_fc1.weight), dim=-1)
-        return self._reduce(linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight))
+    def _mlp(self, layer, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        mlp, index = layer.mlp, layer.layer_number - 1
+        gate, up = split_fc1(self._linear(x, mlp.linear_fc1.weight, (index, "linear_fc1"), rows), dim=-1)
+        return self._reduce(self._linear(F.silu(gate) * up, mlp.linear_fc2.weight, (index, "linear_fc2"), rows))
 
-    def _hidden(self, tokens: torch.Tensor, positions: _Positions, cache: _Cache) -> torch.Tensor:
-        """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]."""
+    def _hidden(
+        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]; `rows`: each row's
+        adapter (None: the model alone)."""
         hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
         for layer, (input_norm, pre_mlp_norm), layer_cache in zip(self.model.decoder.layers, self.norms, cache):
-            hidden = hidden + self._attention(layer, input_norm(hidden), positions, layer_cache)
-            hidden = hidden + self._mlp(layer, pre_mlp_norm(hidden))
+            hidden = hidden + self._attention(layer, input_norm(hidden), positions, layer_cache, rows)
+            hidden = hidden + self._mlp(layer, pre_mlp_norm(hidden), rows)
         return hidden
 
     def shared_prefix_hidden(
@@ -384,20 +425,31 @@ class LeanDecoder:
         dist.all_gather(shards, logits.contiguous(), group=self.group)
         return torch.cat(shards, dim=-1)
 
-    def _logits(self, tokens: torch.Tensor, positions: _Positions, cache: _Cache) -> torch.Tensor:
+    def _logits(
+        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits after each row's final token of `tokens` [rows, n]."""
-        return self.vocabulary(self._hidden(tokens, positions, cache)[:, -1])
+        return self.vocabulary(self._hidden(tokens, positions, cache, rows)[:, -1])
 
     def add(
-        self, prompts: Sequence[Sequence[int]], length: int, scored: Collection[int] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        length: int,
+        scored: Collection[int] = (),
+        adapters: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, dict[int, PromptLogits]]:
-        """As `MegatronDecoder.add`: one causal prefill of the new rows, right-padded to the longest prompt."""
+        """As `MegatronDecoder.add`: one causal prefill of the new rows, right-padded to the longest prompt;
+        `adapters`: each new row's adapter (the decoder's `AdapterBank` index; None: none)."""
         held = self.cache[0][0].shape[2]
         size = max(held, length, max(len(p) for p in prompts))
         new = self._empty(len(prompts), size)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         tokens = _padded(prompts, self.device)
-        hidden = self._hidden(tokens, _Span(self, tokens.shape[1]), new)
+        rows = torch.tensor(adapters or [0] * len(prompts), dtype=torch.long, device=self.device)
+        if rows.numel() and int(rows.max()) > (len(self.adapters.names) if self.adapters else 0):
+            raise ValueError(f"adapter {int(rows.max())} is not in this decoder's bank")
+        self.rows_adapter = torch.cat((self.rows_adapter, rows))
+        hidden = self._hidden(tokens, _Span(self, tokens.shape[1]), new, self._adapted(rows))
         logits = self.vocabulary(hidden[torch.arange(len(prompts), device=self.device), last])
         prompt_logits = {i: PromptLogits(hidden[i, : len(prompts[i]) - 1], self.vocabulary) for i in scored}
         if size > held:
@@ -410,14 +462,20 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """As `MegatronDecoder.step`."""
         positions = torch.tensor(self.lengths, device=self.device)
-        logits = self._logits(tokens[:, None], _Rows(self, positions, max(self.lengths) + 1), self.cache)
+        rows = self._adapted(self.rows_adapter)
+        logits = self._logits(tokens[:, None], _Rows(self, positions, max(self.lengths) + 1), self.cache, rows)
         self.lengths = [n + 1 for n in self.lengths]
         return logits
+
+    def _adapted(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """`rows` when any of them has an adapter, else None (the model alone, at no extra cost)."""
+        return rows if self.adapters is not None and bool(rows.any()) else None
 
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.cache = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in self.cache]
         self.lengths = [self.lengths[row] for row in rows]
+        self.rows_adapter = self.rows_adapter.index_select(0, index)
 
 
 class GraphedLeanDecoder(LeanDecoder):
@@ -457,8 +515,13 @@ class GraphedLeanDecoder(LeanDecoder):
         return graph, output
 
     def add(
-        self, prompts: Sequence[Sequence[int]], length: int, scored: Collection[int] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        length: int,
+        scored: Collection[int] = (),
+        adapters: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, dict[int, PromptLogits]]:
+        _no_adapters(adapters, "the CUDA-graph decoder")
         if len(self.live) < len(self.lengths):
             super().keep(self.live)
             self.live = list(range(len(self.lengths)))

@@ -35,6 +35,7 @@ from steerlm.data.attribute_lines import trained_attribute_lines
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation
 from steerlm.inference import metrics
+from steerlm.inference.adapters import check_adapters, load_adapter_bank
 from steerlm.inference.generate import Decoding, Delta, RowRequest, SamplingParams, StepOutcome
 from steerlm.inference.loading import (
     LoadedModel,
@@ -105,6 +106,7 @@ class GenerationJob(Job):
 
     prompts: list[list[int]]
     params: list[SamplingParams]
+    adapter: int = 0  # the LoRA adapter its rows use (`Service.adapters` of its profile; 0: the model alone)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -280,7 +282,7 @@ class Engine:
                 running = _Running(job, keys, set(keys))
                 for key, prompt, params in zip(keys, job.prompts, job.params):
                     self._running[key] = running
-                    joins.append(RowRequest(key, prompt, params))
+                    joins.append(RowRequest(key, prompt, params, job.adapter))
                 self.requests, self.rows = self.requests + 1, self.rows + len(keys)
                 self._admitted(job)
                 self.metrics.count(metrics.ROWS, job.labels, len(keys))
@@ -395,6 +397,7 @@ class Service:
     model: LoadedModel
     scorer_schema: AttributeSchema | None
     presets: Mapping[str, Labels] = field(default_factory=dict)
+    adapters: Mapping[str, int] = field(default_factory=dict)  # profile → its LoRA adapter's index in the bank
 
 
 @dataclass(frozen=True)
@@ -423,9 +426,11 @@ def serving(
     batching: Batching,
     apm_checkpoint: str | None = None,
     profiles: Mapping[str, Mapping[str, float | None]] | None = None,
+    adapters: Mapping[str, str] | None = None,
 ) -> Iterator[Service | None]:
     """Load the model (and the APM) at `cfg.parallel`; yield a running Service on rank 0, None elsewhere.
-    `profiles`: each profile's attribute values, laid over the defaults (`Service.presets`).
+    `profiles`: each profile's attribute values, laid over the defaults (`Service.presets`); `adapters`: the LoRA
+    adapter checkpoint of the profiles that have one (`steerlm.inference.adapters`).
 
     Everything a config can get wrong (checkpoints, layout, default and profile attributes) is checked
     before the distributed runtime starts. The other ranks follow rank 0's calls and only then see None; leaving the
@@ -457,6 +462,7 @@ def serving(
                 who,
                 ", ".join(untrained),
             )
+    adapter_paths = check_adapters(adapters or {}, setup.path, setup.model)
     apm = open_apm_checkpoint(apm_checkpoint) if apm_checkpoint is not None else None
     check_inference_layout(cfg.parallel, [setup.model] + ([apm.config.model] if apm else []))
     if cfg.torch_threads:
@@ -466,6 +472,12 @@ def serving(
         loaded = load_generator(
             cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed, verify=cfg.verify_checkpoint
         )
+        indices: dict[str, int] = {}
+        if adapter_paths:
+            bank, indices = load_adapter_bank(
+                adapter_paths, [loaded.generator.model], layout, setup.model, cfg.verify_checkpoint
+            )
+            loaded.generator.use_adapters(bank)
         handlers: dict[str, Callable] = {"advance": Decoding(loaded.generator).advance}
         if apm is not None:
             scorer = AttributeScorer.from_checkpoint(apm, layout, seed=cfg.seed, verify=cfg.verify_checkpoint)
@@ -485,7 +497,7 @@ def serving(
             batching.continuous,
         ).start()
         try:
-            yield Service(engine, steering, loaded, apm.schema if apm else None, presets)
+            yield Service(engine, steering, loaded, apm.schema if apm else None, presets, indices)
         finally:
             engine.close()
     finally:

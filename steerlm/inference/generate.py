@@ -23,6 +23,7 @@ import math
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,9 @@ from steerlm.config.inference import MAX_TOP_LOGPROBS, MIN_TEMPERATURE, MIN_TOP_
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, PromptLogits, lean_unsupported
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from steerlm.inference.adapters import AdapterBank
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,7 @@ class RowRequest:
     key: int
     prompt: Sequence[int]
     params: SamplingParams
+    adapter: int = 0  # its LoRA adapter in the generator's AdapterBank (0: the model alone)
 
 
 @dataclass
@@ -352,6 +357,7 @@ class Generator:
         stop_token_ids: Sequence[int],
         decoder: str = "auto",
         stop_strings: Sequence[str] = (),
+        adapters: AdapterBank | None = None,
     ) -> None:
         if layout.pp > 1 or len(model) != 1:
             raise ConfigError(
@@ -380,6 +386,22 @@ class Generator:
         if decoder == "lean" and reason:
             raise ValueError(f"decoder=lean cannot run this model: {reason}; use decoder=auto or megatron")
         self.decoder = MegatronDecoder if decoder == "megatron" or reason else LeanDecoder
+        self.adapters: AdapterBank | None = None
+        if adapters is not None:
+            self.use_adapters(adapters)
+
+    def use_adapters(self, adapters: AdapterBank) -> None:
+        """Let rows use the LoRA adapters of `adapters` (`RowRequest.adapter`); the lean decoder runs them."""
+        if self.decoder is not LeanDecoder:
+            reason = lean_unsupported(self.model) or "another decoder was chosen"
+            raise ValueError(f"LoRA adapters per row run in the lean decoder, which cannot run this model: {reason}")
+        self.adapters = adapters
+
+    def new_decoder(self) -> LeanDecoder | MegatronDecoder:
+        """An empty decoder for this generator's model (with its adapters)."""
+        if self.decoder is LeanDecoder:
+            return LeanDecoder(self.model, self.layout, self.max_sequence_length, self.adapters)
+        return self.decoder(self.model, self.layout, self.max_sequence_length)
 
     def _agree(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.layout.tp > 1:
@@ -492,13 +514,15 @@ class Decoding:
         for request in joins:
             try:
                 generator.check(request.prompt, request.params, request.key)
+                if request.adapter and not (generator.adapters and request.adapter <= len(generator.adapters.names)):
+                    raise ValueError(f"row {request.key} asks for adapter {request.adapter}, which is not loaded")
                 valid.append(request)
             except ValueError as error:
                 outcome.failed.append((request.key, error))
         if not valid:
             return
         if not self.rows:  # a fresh cache, sized for the rows to come
-            self.decoder = generator.decoder(generator.model, generator.layout, generator.max_sequence_length)
+            self.decoder = generator.new_decoder()
             self.logits = None
         groups = [valid]
         while groups:
@@ -527,7 +551,8 @@ class Decoding:
         assert self.decoder is not None
         scored = [i for i, request in enumerate(requests) if request.params.prompt_logprobs]
         with runtime.inference():
-            logits, prompt_logits = self.decoder.add([r.prompt for r in requests], length, scored)
+            adapters = [r.adapter for r in requests] if any(r.adapter for r in requests) else None
+            logits, prompt_logits = self.decoder.add([r.prompt for r in requests], length, scored, adapters)
             logits = logits[:, :vocab]
             prompt_logprobs = {
                 i: prompt_token_logprobs(prompt_logits[i], requests[i].prompt, requests[i].params.top_logprobs, vocab)

@@ -314,7 +314,8 @@ def serve(cfg: ServeConfig) -> None:
     )
     api_keys = read_api_keys(cfg.api_keys, cfg.profiles) if cfg.api_keys is not None else None
     profile_attributes = {name: profile.attributes for name, profile in cfg.profiles.items()}
-    with serving(cfg, batching, cfg.apm_checkpoint, profile_attributes) as service:
+    adapters = {name: profile.adapter for name, profile in cfg.profiles.items() if profile.adapter is not None}
+    with serving(cfg, batching, cfg.apm_checkpoint, profile_attributes, adapters) as service:
         if service is None:  # another tensor-parallel rank: it followed rank 0 until rank 0 closed
             return
         grace_s = cfg.server.shutdown_timeout_s
