@@ -177,3 +177,20 @@ def test_checkpoints_that_are_not_adapters_alone_on_the_served_model_are_refused
     with pytest.raises(ConfigError) as error:
         check_adapters({"team": str(paths["wide"])}, paths["base"], replace(TEST_MODEL, hidden_size=128))
     assert error.value.key == "profiles.team.adapter"
+
+
+def test_the_adapter_benchmark_decodes_the_three_sides(tmp_path) -> None:
+    """`bench/adapter_serving.py`: no bank, a bank without adapter rows, every row on an adapter; side by side."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.recipe_runner import ROOT, recipe_env
+
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "bench" / "adapter_serving.py"), "--preset", "tiny", "--batch-size", "3"]
+    command += ["--new-tokens", "4", "--rounds", "1", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sides = json.loads(out.read_text())["sides"]
+    assert len(sides) == 3 and sides["no bank"]["ratio"] == 1.0 and all(s["tokens_per_s"] > 0 for s in sides.values())
