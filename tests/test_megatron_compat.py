@@ -257,7 +257,7 @@ def test_qkv_layout_is_megatrons(layout):
     attention = model.decoder.layers[0].self_attention
     hidden = torch.randn(6, 2, TEST_MODEL.hidden_size)  # [s, b, h]
     with torch.no_grad():
-        query, key, value = attention.get_query_key_valuecheckpoint_tensors(hidden)  # [s, b, heads|groups, head_dim]
+        query, key, value = attention.get_query_key_value_tensors(hidden)  # [s, b, heads|groups, head_dim]
         fused = F.linear(hidden, attention.linear_qkv.weight)
     heads, groups, head_dim = TEST_MODEL.num_attention_heads, TEST_MODEL.query_groups, TEST_MODEL.head_dim
     for ours, theirs in zip(split_qkv_heads(fused, heads, groups, head_dim), (query, key, value)):
