@@ -155,7 +155,7 @@ def test_the_generator_decodes_each_row_with_its_adapter(layout, paths) -> None:
         assert rows[key] == alone.generate([PROMPTS[0]], [params])[0].token_ids
     assert rows[0] != rows[1]  # the adapter changed the answer
     failed = decoding.advance([RowRequest(2, PROMPTS[0], params, 2)]).failed
-    assert failed and "adapter 2, which is not loaded" in str(failed[0][1])
+    assert failed and "adapter 2 is not loaded" in str(failed[0][1])  # the row fails alone, at its prefill
 
 
 def test_checkpoints_that_are_not_adapters_alone_on_the_served_model_are_refused(layout, paths, tmp_path) -> None:

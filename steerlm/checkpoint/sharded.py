@@ -285,12 +285,13 @@ class AsyncSave:
 
     def __init__(self, output_dir: Path, step: int, setup: TrainingState, layout: ParallelLayout, cfg: TrainConfig):
         self.step, self.setup, self.layout, self.cfg = step, setup, layout, cfg
-        self.path = checkpoint_root(output_dir) / f"step_{step:07d}"
         started = _start_save(output_dir, step, setup, layout)
         self.write: AsyncShardWrite | None = None
         if isinstance(started, Path):
+            self.path = started
             return
         state, self.publication = started
+        self.path = self.publication.final
         in_writer = file_digests if cfg.checkpoint.verify else None
         with writers_die_with_parent():
             self.write = AsyncShardWrite(state, self.publication.tmp, in_writer)

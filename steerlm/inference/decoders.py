@@ -446,9 +446,8 @@ class LeanDecoder:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         tokens = _padded(prompts, self.device)
         rows = torch.tensor(adapters or [0] * len(prompts), dtype=torch.long, device=self.device)
-        if rows.numel() and int(rows.max()) > (len(self.adapters.names) if self.adapters else 0):
-            raise ValueError(f"adapter {int(rows.max())} is not in this decoder's bank")
-        self.rows_adapter = torch.cat((self.rows_adapter, rows))
+        if int(rows.max()) > (len(self.adapters.names) if self.adapters else 0):
+            raise ValueError(f"adapter {int(rows.max())} is not loaded (this decoder's bank)")
         hidden = self._hidden(tokens, _Span(self, tokens.shape[1]), new, self._adapted(rows))
         logits = self.vocabulary(hidden[torch.arange(len(prompts), device=self.device), last])
         prompt_logits = {i: PromptLogits(hidden[i, : len(prompts[i]) - 1], self.vocabulary) for i in scored}
@@ -457,6 +456,7 @@ class LeanDecoder:
             self.cache = [(torch.cat((k, gk), 2), torch.cat((v, gv), 2)) for (k, v), (gk, gv) in zip(self.cache, grown)]
         self.cache = [(torch.cat((k, nk)), torch.cat((v, nv))) for (k, v), (nk, nv) in zip(self.cache, new)]
         self.lengths += [len(p) for p in prompts]
+        self.rows_adapter = torch.cat((self.rows_adapter, rows))
         return logits, prompt_logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

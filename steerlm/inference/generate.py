@@ -514,8 +514,6 @@ class Decoding:
         for request in joins:
             try:
                 generator.check(request.prompt, request.params, request.key)
-                if request.adapter and not (generator.adapters and request.adapter <= len(generator.adapters.names)):
-                    raise ValueError(f"row {request.key} asks for adapter {request.adapter}, which is not loaded")
                 valid.append(request)
             except ValueError as error:
                 outcome.failed.append((request.key, error))
