@@ -120,8 +120,7 @@ def import_nemo_lora(
             tokenizer_member(source.archive, source.config)
         if layout.is_rank_zero:
             write_tokenizer(source, output_dir / TOKENIZER_DIR, tokenizer_path)
-        chunks = build_model_chunks(model, precision, layout, seed=0)
-        source.load_into(chunks, layout.tp_rank, layout.tp)
+        chunks = build_model_chunks(model, precision, layout, seed=0)  # the base weights stay unread: never saved
         with NemoAdapters(adapters, model.num_layers) as nemo_lora:
             lora.attach(chunks, nemo_lora.lora, seed=0)
             names = nemo_lora.names(model.num_layers)
