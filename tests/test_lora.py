@@ -357,19 +357,24 @@ def test_a_lora_run_learns_and_resumes_at_another_layout(tmp_path: Path) -> None
         assert "lora.rank" in refused.stderr and "LoRA adapters {'rank': 4" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_lora_on_transformer_engine_layers_is_refused(monkeypatch) -> None:
+def test_lora_runs_build_the_local_layers_and_refuse_transformer_engines(monkeypatch) -> None:
     """TE fuses the input norm into linear_qkv / linear_fc1, so a hook on them would see the un-normalised input:
-    a LoRA run where `auto` would pick TE is refused, naming the key that picks the local layers."""
+    where `auto` would pick TE (NGC containers), a LoRA run trains the local layers; asking for TE by name is
+    refused, naming the key and the values that work."""
     from steerlm.config import validation
 
     monkeypatch.setattr(validation, "transformer_engine_available", lambda: True)
     cfg = TrainConfig(lora=LoraConfig(rank=4))
-    with pytest.raises(ConfigError) as error:
-        cfg.validate(1, validation.Accelerator.cuda)
-    assert error.value.key == "model.transformer_impl" and "model.transformer_impl=local" in str(error.value)
-    replace(cfg, model=replace(cfg.model, transformer_impl=TransformerImpl.local)).validate(
-        1, validation.Accelerator.cuda
-    )
+    cuda = validation.Accelerator.cuda
+    assert validation.resolve_transformer_impl(cfg.model, cuda) == TransformerImpl.transformer_engine
+    assert validation.training_model(cfg.model, cfg.lora).transformer_impl == TransformerImpl.local
+    assert validation.training_model(cfg.model, LoraConfig()) == cfg.model  # full fine-tuning: TE where installed
+    cfg.validate(1, cuda)
+    explicit = replace(cfg, model=replace(cfg.model, transformer_impl=TransformerImpl.transformer_engine))
+    for this_machine in (True, False):
+        with pytest.raises(ConfigError) as error:
+            validation.validate_train_config(explicit, 1, cuda, this_machine)
+        assert error.value.key == "model.transformer_impl" and "auto or local" in str(error.value)
 
 
 @pytest.mark.slow

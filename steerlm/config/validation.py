@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
+from steerlm.config.lora import LoraConfig
 from steerlm.config.schema import (
     Accelerator,
     Backend,
@@ -38,6 +40,16 @@ def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> Tr
                 "use model.transformer_impl=auto or local",
             )
     return model.transformer_impl
+
+
+def training_model(model: ModelConfig, lora: LoraConfig) -> ModelConfig:
+    """The model a run trains: with LoRA adapters, `transformer_impl=auto` picks megatron-core's local layers, the
+    ones LoRA is implemented on (Transformer Engine fuses the input norm into `linear_qkv` / `linear_fc1`, whose
+    adapters would then see the un-normalised input). The checkpoints are the same either way: weights are named as
+    the local layers name them, and inference builds whichever layers `auto` picks."""
+    if lora.enabled and model.transformer_impl == TransformerImpl.auto:
+        return replace(model, transformer_impl=TransformerImpl.local)
+    return model
 
 
 def resolve_torch_compile(trainer: TrainerConfig, parallel: ParallelConfig, accelerator: Accelerator) -> bool:
@@ -215,7 +227,7 @@ def validate_train_config(
     cfg.optim.validate()
     cfg.checkpoint.validate()
     dp = data_parallel_size(cfg.parallel, world_size)
-    validate_model_layout(cfg.model, cfg.parallel, accelerator, this_machine)
+    validate_model_layout(training_model(cfg.model, cfg.lora), cfg.parallel, accelerator, this_machine)
     validate_precision(cfg.precision, accelerator, this_machine)
     validate_parallel_runtime(cfg.parallel, accelerator)
     if cfg.parallel.use_distributed_optimizer and cfg.optim.name != OptimizerName.adam:
@@ -227,15 +239,14 @@ def validate_train_config(
         )
     validate_batch(cfg.trainer, cfg.model, cfg.parallel, dp)
     cfg.lora.validate()
-    if cfg.lora.enabled and this_machine:
-        if resolve_transformer_impl(cfg.model, accelerator) == TransformerImpl.transformer_engine:
-            raise ConfigError(
-                "model.transformer_impl",
-                cfg.model.transformer_impl.value,
-                "selects Transformer Engine's layers, whose fused input norms the adapters would have to repeat; "
-                "LoRA is implemented and tested on megatron-core's local layers",
-                "set model.transformer_impl=local for a LoRA run (lora.rank > 0)",
-            )
+    if cfg.lora.enabled and cfg.model.transformer_impl == TransformerImpl.transformer_engine:
+        raise ConfigError(
+            "model.transformer_impl",
+            cfg.model.transformer_impl.value,
+            "selects Transformer Engine's layers, whose fused input norms the adapters would have to repeat; "
+            "LoRA is implemented and tested on megatron-core's local layers",
+            "set model.transformer_impl=auto or local for a LoRA run (lora.rank > 0): both build the local layers",
+        )
     return dp
 
 

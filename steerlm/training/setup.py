@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -15,10 +16,12 @@ from megatron.core.transformer.module import Float16Module
 from steerlm import megatron_compat
 from steerlm.checkpoint.sources import BaseWeights
 from steerlm.config.schema import DType, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig, TrainerConfig
-from steerlm.config.validation import Accelerator, resolve_torch_compile
+from steerlm.config.validation import Accelerator, resolve_torch_compile, resolve_transformer_impl, training_model
 from steerlm.models import lora
 from steerlm.models.gpt import build_model_chunks, torch_dtype
 from steerlm.runtime.layout import ParallelLayout
+
+log = logging.getLogger(__name__)
 
 
 def wrap_for_training(
@@ -135,11 +138,16 @@ def build_training(
 ) -> TrainingSetup:
     """Build (via `model_provider`, e.g. a GPT with a regression head), add LoRA adapters when `lora.rank` > 0
     (the base weights then stay frozen), compile when configured, wrap and attach the optimizer."""
-    chunks = model_provider(cfg.model, cfg.precision, layout, cfg.trainer.seed)
+    accelerator = Accelerator.cpu if layout.uses_cpu else Accelerator.cuda
+    model_cfg = training_model(cfg.model, cfg.lora)
+    if resolve_transformer_impl(model_cfg, accelerator) != resolve_transformer_impl(cfg.model, accelerator):
+        log.info(
+            "model.transformer_impl=auto: megatron-core's local layers for this LoRA run (not Transformer Engine's)"
+        )
+    chunks = model_provider(model_cfg, cfg.precision, layout, cfg.trainer.seed)
     if cfg.lora.enabled:
         lora.attach(chunks, cfg.lora, cfg.trainer.seed)
         lora.freeze_base(chunks)
-    accelerator = Accelerator.cpu if layout.uses_cpu else Accelerator.cuda
     if resolve_torch_compile(cfg.trainer, cfg.parallel, accelerator):
         compile_layers(chunks)
     distributed_optimizer = cfg.parallel.use_distributed_optimizer
