@@ -55,7 +55,7 @@ rm -f "$OUT/status.txt" "$OUT/log.txt"
 STAGE_LOG=$(mktemp)
 trap 'rm -f "$STAGE_LOG"' EXIT
 stage tests 230 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-    tests/gpu tests/test_megatron_compat.py tests/test_parallel_parity.py
+    tests/gpu tests/test_megatron_compat.py tests/test_parallel_parity.py tests/test_adapters.py
 # SFT steps (#20's target): half of every row is prompt, which steerlm's loss leaves out of the output layer
 stage train_1b 110 "$PYTHON" bench/train_throughput.py "${TRAIN_1B[@]}" --prompt-fraction 0.5 \
     --json "$OUT/train_1b.json"

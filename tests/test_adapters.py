@@ -82,7 +82,7 @@ def _mixed_logits(paths: dict, layout) -> list[torch.Tensor]:
 
 
 def _reference_logits(paths: dict, layout) -> list[torch.Tensor]:
-    """The same steps, each row through its own adapter's merged model alone."""
+    """The same steps, each row through its own adapter's merged model alone (on CPU, as `_mixed_logits`)."""
     models = {
         0: _model(paths["base"], layout, 3),
         1: _model(paths["narrow"], layout, 4),
@@ -94,15 +94,18 @@ def _reference_logits(paths: dict, layout) -> list[torch.Tensor]:
         decoder = LeanDecoder(models[adapter], layout, LENGTH)
         first.append(decoder.add([prompt], LENGTH)[0][0])
         decoders.append(decoder)
-    out = [torch.stack(first)]
-    out.append(torch.stack([d.step(torch.tensor([t]))[0] for d, t in zip(decoders, [5, 6, 7, 8])]))
+
+    def steps(tokens: list[int]) -> torch.Tensor:
+        return torch.stack([d.step(torch.tensor([t], device=layout.device))[0] for d, t in zip(decoders, tokens)])
+
+    out = [torch.stack(first), steps([5, 6, 7, 8])]
     decoders = [decoders[0], decoders[2], decoders[3]]
-    out.append(torch.stack([d.step(torch.tensor([t]))[0] for d, t in zip(decoders, [9, 10, 11])]))
+    out.append(steps([9, 10, 11]))
     joined = LeanDecoder(models[2], layout, LENGTH)
     out.append(joined.add([[2, 50, 51]], LENGTH)[0])
     decoders.append(joined)
-    out.append(torch.stack([d.step(torch.tensor([t]))[0] for d, t in zip(decoders, [12, 13, 14, 15])]))
-    return out
+    out.append(steps([12, 13, 14, 15]))
+    return [logits.cpu() for logits in out]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +113,7 @@ def paths(layout, tmp_path_factory) -> dict[str, Path]:
     return _write(tmp_path_factory.mktemp("adapters"), layout)
 
 
+@pytest.mark.gpu  # and on CPU: the GPU suite runs it on CUDA
 def test_each_row_gets_its_own_adapters_merged_model(layout, paths) -> None:
     for got, expected in zip(_mixed_logits(paths, layout), _reference_logits(paths, layout)):
         torch.testing.assert_close(got, expected, **TOLERANCE)
