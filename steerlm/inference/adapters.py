@@ -117,14 +117,14 @@ def load_adapter_bank(
         loaded.append(own)
     bank = AdapterBank([str(path) for path in distinct])
     for key in sorted({key for own in loaded for key in own}):
+        first = next(own[key][0] for own in loaded if key in own)  # every adapter's A of `key` has its input width
         rank = max(own[key][0].shape[0] for own in loaded if key in own)
-        a_shape, b_shape = next((own[key][0].shape, own[key][1].shape) for own in loaded if key in own)
-        like = next(own[key][0] for own in loaded if key in own)
-        a = like.new_zeros(len(distinct) + 1, rank, a_shape[1])
-        b = like.new_zeros(len(distinct) + 1, b_shape[0], rank)
+        out = next(own[key][1] for own in loaded if key in own).shape[0]
+        a = first.new_zeros(len(distinct) + 1, rank, first.shape[1])
+        b = first.new_zeros(len(distinct) + 1, out, rank)
         for index, own in enumerate(loaded, start=1):
             if key in own:
-                a[index, : own[key][0].shape[0]] = own[key][0]
-                b[index, :, : own[key][1].shape[1]] = own[key][1]
+                own_a, own_b = own[key]
+                a[index, : own_a.shape[0]], b[index, :, : own_b.shape[1]] = own_a, own_b
         bank.a[key], bank.b[key] = a, b
     return bank, {profile: distinct.index(path) + 1 for profile, path in paths.items()}

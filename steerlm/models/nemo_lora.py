@@ -17,8 +17,9 @@ import torch
 
 from steerlm.config.lora import NEMO_LORA_TARGETS, LoraCheckpoint, LoraConfig
 from steerlm.errors import DataError
+from steerlm.models.lora import is_adapter
 from steerlm.models.nemo_archive import NemoArchive
-from steerlm.models.nemo_weights import archive_weights, is_adapter_name, read_full
+from steerlm.models.nemo_weights import archive_weights, read_full
 
 _LINEAR_OF = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp", "linear_fc2": "mlp"}
 _DEFAULT_TARGETS = ["attention_qkv"]  # NeMo's `lora_tuning.target_modules` default
@@ -93,7 +94,7 @@ class NemoAdapters:
 
     def _check_names(self, num_layers: int) -> None:
         held, expected = set(self._weights.index), set(self.names(num_layers))
-        others = sorted(name for name in held if not is_adapter_name(name))
+        others = sorted(name for name in held if not is_adapter(name))
         if others:
             raise DataError(
                 str(self.archive.path),

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from steerlm.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import DataError
 from steerlm.megatron_compat import unfused_norm_name
+from steerlm.models import lora
 from steerlm.models.nemo_archive import NemoArchive
 from steerlm.models.nemo_config import NemoModel, layers_per_stage, nemo_model
 from steerlm.models.sharding import TIED_EMBEDDING, load_full_parameters, named_global_parameters, unshard_along
@@ -132,11 +133,6 @@ def _layer_tensor(local: str) -> str | None:
     """steerlm's name of a layer's tensor (without `decoder.layers.N.`; TE's fused norm names as NeMo's) for NeMo's,
     None for none."""
     return local if local in _LAYER_TENSORS else _ADAPTER_TENSORS.get(local)
-
-
-def is_adapter_name(name: str) -> bool:
-    """Whether a steerlm global name that `steerlm_name` gave is a LoRA adapter's (from a NeMo PEFT archive)."""
-    return name.endswith((".lora_a", ".lora_b"))
 
 
 def model_tensor_names(model: ModelConfig, head: bool = False) -> list[str]:
@@ -391,7 +387,7 @@ class NemoCheckpoint:
         self.config = self.archive.read_config()
         self._weights = archive_weights(self.archive, self.config)
         if TIED_EMBEDDING not in self._weights.index:
-            if any(is_adapter_name(name) for name in self._weights.index):
+            if any(lora.is_adapter(name) for name in self._weights.index):
                 raise DataError(
                     str(self.archive.path),
                     None,
