@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.hf_llama import hf_config_dict, megatron_to_hf
 from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.convert import convert
+from steerlm.stages.nemo_import import import_nemo
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
 from steerlm.training.init_from import resolve_init_source, resume_or_initialise
@@ -194,6 +196,31 @@ def test_to_steerlm_writes_an_adapters_only_run_as_weights_that_need_no_base(lay
     assert _stored_tensors(written) == {key for key in _stored_tensors(whole) if not lora.is_adapter(key)}
     shutil.rmtree(base)
     assert torch.equal(_merged_logits(layout, written), expected)
+
+
+def test_to_nemo_writes_an_adapters_only_run_merged(layout, tmp_path: Path) -> None:
+    """`recipes/convert.py to=nemo` of an adapters-only LoRA run: the archive holds the merged weights (no adapter),
+    and imported back it gives the adapted model's logits after the base is gone."""
+    base = _steerlm_base(layout, tmp_path / "base", seed=3)
+    setup, cfg = _lora_run(layout, tmp_path / "run", str(base))
+    expected = _merged_logits(layout, save_checkpoint(tmp_path / "run", 1, setup, layout, cfg))
+    WordTokenizer.build(["a b c"]).save(tmp_path / "words")
+    archive = tmp_path / "run.nemo"
+    nemo = ConvertConfig(
+        str(tmp_path / "run"), str(archive), to=ModelFormat.nemo, tokenizer_path=str(tmp_path / "words")
+    )
+    nemo.validate()
+    convert(nemo, layout)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "./model_weights/.metadata" in names and not any("lora" in name for name in names)
+    shutil.rmtree(base)
+    imported = import_nemo(archive, tmp_path / "back", layout)
+    keys = FileSystemReader(str(imported)).read_metadata().state_dict_metadata
+    assert not any(lora.is_adapter(key) for key in keys)
+    chunk = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 98)[0]
+    load_weights(imported, [chunk], layout, replace(TEST_MODEL, vocab_size=TEST_MODEL.padded_vocab_size))
+    assert torch.equal(_logits(chunk, TOKENS), expected)
 
 
 def test_the_fingerprint_reads_a_weight_files_size_and_ends(tmp_path: Path) -> None:

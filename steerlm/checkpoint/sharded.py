@@ -272,10 +272,16 @@ def save_checkpoint(
     if isinstance(started, Path):
         return started
     state, publication = started
+    write_sharded(state, publication.tmp)
+    return publication.publish(setup, layout, cfg)
+
+
+def write_sharded(state: dict, directory: Path) -> None:
+    """Collective: megatron's synchronous distributed save of `state` (sharded tensors and objects) into the
+    existing empty `directory`, its writer processes killed with this one."""
     use_in_process_save_queue()
     with writers_die_with_parent():
-        dist_checkpointing.save(state, str(publication.tmp))
-    return publication.publish(setup, layout, cfg)
+        dist_checkpointing.save(state, str(directory))
 
 
 class AsyncSave:

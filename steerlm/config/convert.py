@@ -33,7 +33,9 @@ _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 class ModelFormat(str, Enum):
     steerlm = "steerlm"  # a run directory (its checkpoints/latest) or one checkpoints/step_* directory
     hf = "hf"  # a Hugging Face Llama directory: config.json + *.safetensors (+ tokenizer files)
-    nemo = "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): converts into a steerlm checkpoint
+    nemo = (
+        "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): into a steerlm checkpoint, or out with to=nemo
+    )
     peft = "peft"  # a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors): export only
 
 
@@ -113,13 +115,21 @@ class ConvertConfig:
             f"convert in two steps: to=steerlm output=<dir>, then input=<dir> to={self.target.value}",
         )
         require(
-            (self.target != self.source or self.source == ModelFormat.steerlm) and self.target != ModelFormat.nemo,
+            self.target != self.source or self.source == ModelFormat.steerlm,
             "to",
             self.target.value,
             f"input is already in the {self.source.value} format",
             f"leave to unset (input {self.source.value} converts to "
             f"{'hf' if self.source == ModelFormat.steerlm else 'steerlm'})",
         )
+        if self.target == ModelFormat.nemo:
+            require(
+                Path(self.output).suffix == ".nemo",
+                "output",
+                self.output,
+                "is not a .nemo file name: to=nemo writes one archive, as NeMo's save_to does",
+                "name the archive, e.g. output=exports/model.nemo",
+            )
         output = Path(self.output)
         require(
             not output.exists() or (output.is_dir() and not any(output.iterdir())),

@@ -14,6 +14,7 @@ from steerlm.errors import require
 STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
 HF_CONFIG_FILE = "config.json"
 NEMO_CONFIG_FILE = "model_config.yaml"  # the config of a NeMo 1.x `.nemo` archive (steerlm.models.nemo_archive)
+STEERLM_SECTION = "steerlm"  # model_config.yaml's record of what a steerlm export came from (NeMo ignores it)
 
 
 def is_hf_model_dir(path: Path) -> bool:

@@ -26,9 +26,9 @@ from steerlm.config.schema import AttributesConfig, TokenizerConfig, TokenizerTy
 from steerlm.config.sft import SFTOptions
 from steerlm.config.validation import data_parallel_size, validate_model_layout
 from steerlm.data.attributes import AttributeSchema
-from steerlm.data.template import SteerLMTemplate, Tokenization
+from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.generate import Generator
-from steerlm.inference.nemo_source import cached_tokenizer, nemo_attributes
+from steerlm.inference.nemo_source import cached_tokenizer, nemo_attributes, nemo_tokenization
 from steerlm.models.gpt import build_model_chunks
 from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.runtime.layout import ParallelLayout
@@ -114,13 +114,13 @@ def _nemo_setup(checkpoint: str, key: str, tokenizer_path: str | None) -> Checkp
                 "serve a SteerLM language model (a reward model scores once imported: steerlm.stages.nemo_import)",
             )
         tokenizer = tokenizer_path if tokenizer_path is not None else str(cached_tokenizer(source))
-        schema = nemo_attributes(checkpoint, None, None).schema()
+        schema = nemo_attributes(checkpoint, None, None, source.config).schema()
         return CheckpointSetup(
             Path(checkpoint),
             source.model,
             TokenizerConfig(type=TokenizerType.hf, path=tokenizer),
             schema,
-            SteerLMTemplate(schema, SFTOptions().template(Tokenization.nemo)),
+            SteerLMTemplate(schema, SFTOptions().template(nemo_tokenization(source.config))),
         )
 
 

@@ -13,8 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from steerlm.config import AttributesConfig
+from omegaconf import OmegaConf
+
+from steerlm.config import AttributesConfig, to_typed
+from steerlm.config.sources import STEERLM_SECTION
 from steerlm.config.store import shipped_attributes
+from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
 from steerlm.models.nemo_archive import export_tokenizer
 from steerlm.models.nemo_config import RewardHead
@@ -24,10 +28,29 @@ DEFAULT_SCHEMA = "steerlm_oasst"
 _SHIPPED_BY_SIZE = {9: "steerlm_oasst", 5: "helpsteer2"}
 
 
-def nemo_attributes(location: str, head: RewardHead | None, attributes: AttributesConfig | None) -> AttributesConfig:
-    """The schema of an imported model: `attributes` when given, else NeMo-Aligner's nine (or, for a reward head
-    of five outputs, HelpSteer2's five). ConfigError naming `attributes` when the head's outputs do not fit."""
+def steerlm_record(config: dict) -> dict:
+    """The `steerlm` section of an archive steerlm exported (`recipes/convert.py to=nemo`): the source, its attribute
+    schema and its template's tokenization, which NeMo does not record; empty for NeMo's own archives."""
+    record = config.get(STEERLM_SECTION)
+    return record if isinstance(record, dict) else {}
+
+
+def nemo_tokenization(config: dict) -> Tokenization:
+    """How the archive's model tokenises the SteerLM template: as its steerlm source was trained (an archive steerlm
+    exported), else NeMo-Aligner's ids."""
+    return Tokenization(steerlm_record(config).get("tokenization") or Tokenization.nemo.value)
+
+
+def nemo_attributes(
+    location: str, head: RewardHead | None, attributes: AttributesConfig | None, config: dict | None = None
+) -> AttributesConfig:
+    """The schema of an imported model: `attributes` when given, else the one a steerlm export recorded in the
+    archive's `config`, else NeMo-Aligner's nine (or, for a reward head of five outputs, HelpSteer2's five).
+    ConfigError naming `attributes` when the head's outputs do not fit."""
     count = head.num_attributes if head is not None else None
+    recorded = steerlm_record(config or {}).get("attributes")
+    if attributes is None and recorded is not None:
+        attributes = to_typed(OmegaConf.create(recorded), AttributesConfig)
     if attributes is None:
         if count is not None and count not in _SHIPPED_BY_SIZE:
             raise ConfigError(

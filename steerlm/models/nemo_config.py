@@ -268,3 +268,113 @@ def check_nemo_model(theirs: ModelConfig, ours: ModelConfig, key: str, location:
             f"set model.vocab_size={theirs.vocab_size} model.make_vocab_size_divisible_by="
             f"{theirs.make_vocab_size_divisible_by}",
         )
+
+
+# ---- the other way: steerlm's model as a NeMo model_config.yaml (`recipes/convert.py to=nemo`) ----
+
+GPT_TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
+REWARD_MODEL_TARGET = (
+    "nemo_aligner.models.nlp.gpt.megatron_gpt_regression_reward_model.MegatronGPTRegressionRewardModel"
+)
+_PRECISION = {"fp32": 32, "bf16": "bf16", "fp16": 16}
+
+
+def nemo_vocab_multiple(rows: int, tokens: int, tensor_parallel: int, preferred: int) -> int | None:
+    """The `make_vocab_size_divisible_by` with which NeMo pads a tokenizer of `tokens` ids at TP `tensor_parallel`
+    to exactly `rows` (NeMo rounds `tokens` up to a multiple of it × the TP size), trying `preferred` first, then
+    powers of two from the largest; None when none does (then `override_vocab_size` fixes the rows)."""
+    candidates = [preferred, *(2**power for power in range(rows.bit_length(), -1, -1))]
+    for multiple in candidates:
+        step = multiple * tensor_parallel
+        if multiple > 0 and rows % step == 0 and rows - step < tokens <= rows:
+            return multiple
+    return None
+
+
+def nemo_model_config(
+    model: ModelConfig,
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    dtype: str,
+    tokenizer: dict,
+    tokenizer_ids: int,
+    reward_head: RewardHead | None = None,
+) -> dict:
+    """`model_config.yaml` of a NeMo Megatron-GPT model (megatron-core, Transformer Engine's layer spec) computing
+    what `model` computes: every key whose NeMo default differs from a Llama's is written (NeMo's defaults are
+    GPT-2's), the parallel sizes are the export's, and the vocabulary is NeMo's padding of `tokenizer_ids` to
+    exactly the model's rows. `reward_head`: a NeMo-Aligner regression reward model (its head read at the last
+    token, one output per attribute), whose embeddings are never tied."""
+    rows = model.padded_vocab_size
+    multiple = nemo_vocab_multiple(rows, tokenizer_ids, tensor_parallel, model.make_vocab_size_divisible_by)
+    activation = {value: key for key, value in _ACTIVATION.items() if key != "swiglu"}[model.activation]
+    config: dict[str, Any] = {
+        "target": REWARD_MODEL_TARGET if reward_head is not None else GPT_TARGET,
+        "mcore_gpt": True,
+        "transformer_engine": True,
+        "num_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "ffn_hidden_size": model.ffn_hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_query_groups": model.query_groups,
+        "kv_channels": model.kv_channels,
+        "encoder_seq_length": model.max_position_embeddings,
+        "max_position_embeddings": model.max_position_embeddings,
+        "position_embedding_type": {v: k for k, v in _POSITION.items()}[model.position_embedding_type],
+        "rotary_base": model.rotary_base,
+        "rotary_percentage": model.rotary_percent,
+        "normalization": {v: k for k, v in _NORMALIZATION.items()}[model.normalization],
+        "layernorm_epsilon": model.layernorm_epsilon,
+        "activation": activation,
+        "bias": model.add_bias_linear,
+        "share_embeddings_and_output_weights": model.share_embeddings_and_output_weights and reward_head is None,
+        "make_vocab_size_divisible_by": multiple or model.make_vocab_size_divisible_by,
+        "init_method_std": model.init_method_std,
+        "hidden_dropout": model.hidden_dropout,
+        "attention_dropout": model.attention_dropout,
+        "ffn_dropout": 0.0,
+        "apply_query_key_layer_scaling": False,
+        "rotary_interleaved": False,
+        "apply_rope_fusion": False,
+        "bias_activation_fusion": False,
+        "bias_dropout_add_fusion": False,
+        "masked_softmax_fusion": True,
+        "persist_layer_norm": True,
+        "tensor_model_parallel_size": tensor_parallel,
+        "pipeline_model_parallel_size": pipeline_parallel,
+        "virtual_pipeline_model_parallel_size": None,
+        "sequence_parallel": False,
+        "precision": _PRECISION[dtype],
+        "megatron_amp_O2": False,
+        "fp8": False,
+        "micro_batch_size": 1,
+        "global_batch_size": 8,
+        "seed": 1234,
+        "dist_ckpt_format": "torch_dist",
+        "tokenizer": tokenizer,
+        "optim": {"name": "fused_adam", "lr": 1.0e-5},
+        "data": {},
+    }
+    if multiple is None:
+        config["override_vocab_size"] = rows
+    if model.rope_scaling:
+        config.update(scale_positional_embedding=True, scale_factor=model.rope_scaling_factor, **_ROPE_SCALING_FIXED)
+    if reward_head is not None:
+        weights = reward_head.merge_weights
+        config.update(
+            reward_model_type="regression",
+            regression={
+                "num_attributes": reward_head.num_attributes,
+                "merge_attributes": False,  # every attribute's score, as SteerLM's annotation reads them
+                "attribute_weights": weights,
+                "loss_mask_val": -100,
+                "loss_func": "regression",
+                "load_rm_head_weights": False,
+            },
+            output_sequence=False,
+            use_avg_pool=False,
+            force_head_dtype="float32",
+            reward_standardization={"enable": False, "mean": None, "std": None},
+        )
+    return config

@@ -2,7 +2,8 @@
 
 The input's format (`steerlm.config.convert.input_format`) picks the direction; each format that can be
 read has one reader here. A `.nemo` archive converts like a Hugging Face directory: into a steerlm checkpoint
-(`steerlm.stages.nemo_import`). A steerlm checkpoint converts into steerlm's own format too: its weights alone,
+(`steerlm.stages.nemo_import`); `to=nemo` writes a steerlm checkpoint as one (`steerlm.stages.nemo_export`).
+A steerlm checkpoint converts into steerlm's own format too: its weights alone,
 without the optimizer state or the base a LoRA run's adapters need (`steerlm.stages.consolidate`).
 """
 
@@ -22,6 +23,7 @@ from steerlm.runtime.layout import ParallelLayout
 from steerlm.stages.consolidate import consolidate
 from steerlm.stages.hf_export import export_to_hf
 from steerlm.stages.hf_import import import_to_steerlm
+from steerlm.stages.nemo_export import export_to_nemo
 from steerlm.stages.nemo_import import import_nemo, import_nemo_lora
 from steerlm.stages.peft_export import export_peft_adapter
 
@@ -41,6 +43,7 @@ CONVERSIONS: dict[tuple[ModelFormat, ModelFormat], Callable[[ConvertConfig, Para
     (ModelFormat.steerlm, ModelFormat.hf): export_to_hf,
     (ModelFormat.hf, ModelFormat.steerlm): import_to_steerlm,
     (ModelFormat.nemo, ModelFormat.steerlm): import_from_nemo,
+    (ModelFormat.steerlm, ModelFormat.nemo): export_to_nemo,  # a NeMo 1.x archive NeMo and NeMo-Aligner restore
     (ModelFormat.steerlm, ModelFormat.peft): export_peft_adapter,  # a LoRA run's adapters
     (ModelFormat.steerlm, ModelFormat.steerlm): consolidate,  # the weights alone, self-contained
 }
@@ -54,8 +57,8 @@ def convert(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             "to",
             cfg.target.value,
             f"steerlm cannot convert {cfg.source.value} into {cfg.target.value}",
-            "convert steerlm → hf, steerlm → steerlm (the weights alone) or a LoRA run's adapters → peft, or "
-            "hf / nemo → steerlm",
+            "convert steerlm → hf, steerlm → nemo, steerlm → steerlm (the weights alone) or a LoRA run's adapters → "
+            "peft, or hf / nemo → steerlm",
         )
     with torch.no_grad():
         return conversion(cfg, layout)

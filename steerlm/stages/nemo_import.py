@@ -39,9 +39,8 @@ from steerlm.config.schema import (
 )
 from steerlm.config.sft import SFTConfig
 from steerlm.config.validation import validate_model_layout
-from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError, DataError
-from steerlm.inference.nemo_source import nemo_attributes, write_tokenizer
+from steerlm.inference.nemo_source import nemo_attributes, nemo_tokenization, write_tokenizer
 from steerlm.models import lora
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.gpt import build_model_chunks
@@ -77,7 +76,7 @@ def import_nemo(
         model, head = source.model, source.nemo.reward_head
         parallel = ParallelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
         validate_model_layout(model, parallel, runtime.detect_accelerator())
-        schema = nemo_attributes(str(archive), head, attributes)
+        schema = nemo_attributes(str(archive), head, attributes, source.config)
         precision = PrecisionConfig(dtype=dtype or _DTYPES.get(source.weights_dtype, DType.fp32))
         if tokenizer_path is None:
             tokenizer_member(source.archive, source.config)  # every rank refuses a missing tokenizer before saving
@@ -141,7 +140,7 @@ def import_nemo_lora(
                 source,
                 parallel,
                 precision,
-                nemo_attributes(str(adapters), None, attributes),
+                nemo_attributes(str(adapters), None, attributes, source.config),
                 nemo_lora.lora,
             )
         weights = WeightsOnly(chunks, base=BaseWeights.of(WeightFormat.nemo, Path(base)))
@@ -170,8 +169,9 @@ def _imported_config(
     adapters: LoraConfig | None = None,
 ) -> SFTConfig | AttributeModelConfig:
     """The resolved config saved with the checkpoint: an SFT run's for a language model, an APM run's (with
-    NeMo-Aligner's merge weights) for a reward model, tokenised as NeMo does (`template.tokenization=nemo`). NeMo
-    records no training data, so `data.train_file` names the archive the weights came from."""
+        NeMo-Aligner's merge weights) for a reward model, tokenised as NeMo does (`template.tokenization=nemo`) unless
+    a steerlm export recorded its source's tokenization. NeMo
+        records no training data, so `data.train_file` names the archive the weights came from."""
     model, head = source.model, source.nemo.reward_head
     common: dict[str, Any] = {
         "model": model,
@@ -182,7 +182,8 @@ def _imported_config(
         "tokenizer": TokenizerConfig(type=TokenizerType.hf, path=str((output_dir / TOKENIZER_DIR).resolve())),
         "data": TrainDataConfig(train_file=str(Path(archive).resolve())),
         "output_dir": str(output_dir),
-        "template": TemplateOptions(tokenization=Tokenization.nemo),  # NeMo's ids: what NeMo-Aligner trained it on
+        # NeMo's ids (what NeMo-Aligner trained it on), or those of the steerlm run an exported archive came from
+        "template": TemplateOptions(tokenization=nemo_tokenization(source.config)),
     }
     if adapters is not None:
         common["lora"] = adapters
