@@ -752,7 +752,8 @@ def _merged_tokens(checkpoint: str, prompt: list[int], max_new_tokens: int) -> l
 @pytest.mark.slow
 def test_a_profiles_lora_adapter_answers_as_its_merged_model(world: dict, tmp_path: Path) -> None:
     """`profiles.team.adapter`: the team's rows decode with its adapters beside rows of the served model alone, and
-    answer token for token as the adapter checkpoint read as merged weights does."""
+    answer token for token as the adapter checkpoint read as merged weights does, on the chat route and on raw text
+    (`/v1/completions` with `model: sft:team`)."""
     from tests.multiproc import run_distributed
 
     adapter = tmp_path / "team_lora"
@@ -774,8 +775,15 @@ def test_a_profiles_lora_adapter_answers_as_its_merged_model(world: dict, tmp_pa
             answers[model] = [token["token"] for token in reply["choices"][0]["logprobs"]["content"]]
         status, tokenized = _request(port, "POST", "/tokenize", {"model": "sft:team", "messages": QUESTION})
         assert status == 200, tokenized
+        completed = {}  # raw text: the same prompt ids through /v1/completions, on the team's adapters and without
+        for model in ("sft:team", "sft"):
+            body = {"model": model, "prompt": tokenized["tokens"], "max_tokens": 8, "temperature": 0, "logprobs": 0}
+            status, reply = _request(port, "POST", "/v1/completions", body)
+            assert status == 200, reply
+            completed[model] = [token.strip() for token in reply["choices"][0]["logprobs"]["tokens"]]
     finally:
         _stop(process, log)
     [merged] = run_distributed(_merged_tokens, 1, str(adapter), tokenized["tokens"], 16)
     assert answers["sft:team"] == merged[: len(answers["sft:team"])]
     assert answers["sft:team"] != answers["sft"]
+    assert completed["sft:team"] == [token.strip() for token in merged[:8]] != completed["sft"]

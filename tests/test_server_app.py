@@ -631,6 +631,25 @@ def test_completions_refuse_what_they_cannot_honour_by_name(app, tmp_path) -> No
     assert _complete(server, {"prompt": "figs", "best_of": 1, "user": "u-1"}, admin)[0] == 200
 
 
+def test_completions_run_a_profiles_adapter_and_refuse_a_profile_without_one(app) -> None:
+    """Raw text names a profile only for its LoRA adapter: `tiny:tuned`'s rows carry its adapter and profile; a
+    profile without adapters (its attributes would not apply) and another model are refused, naming what is
+    served."""
+    server = app(profiles={"support": SUPPORT, "tuned": ProfileConfig(adapter="runs/team_lora")})
+    status, reply = _complete(server, {"prompt": "figs", "model": "tiny:tuned", "max_tokens": 2})
+    assert status == 200 and reply["model"] == "tiny:tuned"
+    assert _complete(server, {"prompt": "figs", "model": "tiny", "max_tokens": 2})[0] == 200
+    jobs = [(job.route, job.profile, job.adapter) for job in server.jobs]  # type: ignore[attr-defined]
+    assert jobs == [("completions", "tuned", 1), ("completions", "", 0)]
+    for model, phrase in (("tiny:support", "profile 'support' has no LoRA adapter"), ("other:tuned", "'other:tuned'")):
+        status, reply = _complete(server, {"prompt": "figs", "model": model})
+        assert (status, reply["error"]["code"], reply["error"]["param"]) == (404, "model_not_found", "model")
+        assert phrase in reply["error"]["message"] and "it serves tiny, tiny:tuned" in reply["error"]["message"]
+    assert len(server.jobs) == 2  # type: ignore[attr-defined]
+    status, reply, _ = server.post({"model": "tiny:tuned", "prompt": "figs"}, path="/tokenize")
+    assert status == 200 and reply["tokens"][1:] == server.steering.tokenizer.encode("figs")
+
+
 def test_tokenizer_routes_give_the_ids_the_completion_and_chat_routes_use(app, tmp_path) -> None:
     """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-evaluation-harness's remote tokenizer reads them:
     a prompt's ids are those /v1/completions decodes from, a chat's those /v1/chat/completions builds (a

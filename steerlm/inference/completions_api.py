@@ -20,8 +20,10 @@ per choice `text` (after the prompt's own text with `echo`), `logprobs` {`tokens
   starts in the choice's `text`: the tokens join to the text wherever the tokenizer decodes the prompt back
   to its text. The answer continues the prompt's text (`SamplingParams.text_after_prompt`): after "The
   capital of France is" a SentencePiece model's "▁Paris" reads " Paris", as in `decode(prompt + answer)`.
-- Without the chat template there is no attribute line to impose: `model` must be the served model's name
-  (not `<model>:<profile>`), and an API key bound to a profile may not use this route. Refused by name: a
+- Without the chat template there is no attribute line to impose: `model` is the served model's name, or
+  `<model>:<profile>` of a profile with a LoRA adapter (`profiles.<name>.adapter`), whose rows then run on that
+  adapter — its attributes and system prompt do not apply to a raw prompt, so a profile without an adapter is
+  refused; an API key bound to a profile may not use this route. Refused by name: a
   `suffix`, `best_of` other than n, and the fields `/v1/chat/completions` refuses (`logit_bias`, penalties).
 - `max_tokens` defaults to 16 (OpenAI's default for this route); 0 generates nothing — with `echo` and
   `logprobs`, the prompt is scored alone, the legacy API's scoring request (the row ends at its prefill,
@@ -86,10 +88,17 @@ class TextJob:
     added: list[int]
     params: list[SamplingParams]
 
-    def job(self, events: JobEvents, n: int) -> GenerationJob:
+    def job(self, events: JobEvents, n: int, profile: str = "", adapter: int = 0) -> GenerationJob:
+        """The job of `n` rows per prompt; `profile` / `adapter`: a profile's LoRA adapter the rows use."""
         rows = [prompt for prompt in self.prompts for _ in range(n)]
         return GenerationJob(
-            sink=events, request_id=events.request_id, route="completions", prompts=rows, params=self.params
+            sink=events,
+            request_id=events.request_id,
+            route="completions",
+            profile=profile,
+            prompts=rows,
+            params=self.params,
+            adapter=adapter,
         )
 
 

@@ -203,17 +203,29 @@ def create_app(service: Service, cfg: ServeConfig, api_keys: Mapping[str, str | 
     async def text_completions(body: CompletionRequest, request: Request) -> Any:
         """OpenAI's text completions (`steerlm.inference.completions_api`): raw prompts, scored with `echo`."""
         refuse_profile_keys(request)
-        served(body.model)
+        profile, adapter = served(body.model)
         text = completion_job(body, cfg, steering.tokenizer, steering.max_prompt_tokens)
         events = JobEvents(request.state.request_id)
         reply = TextReply(body, text, steering.tokenizer, events.request_id)
-        return await answer(service, text.job(events, body.n), events, request, reply, body.stream)
+        return await answer(service, text.job(events, body.n, profile, adapter), events, request, reply, body.stream)
 
-    def served(model: str | None) -> None:
-        """A raw-text route's `model`, when given: the served model's name."""
-        if model is not None and model != name:
-            message = f"model {model!r} does not exist on this route; it serves {name!r} (raw text takes no profile)"
-            raise ApiError(404, message, param="model", code="model_not_found")
+    def served(model: str | None) -> tuple[str, int]:
+        """A raw-text route's `model`, when given: the served model's name (the model alone), or
+        `<model>:<profile>` of a profile with a LoRA adapter, whose weights its rows then use; returns (profile,
+        adapter index). A raw prompt carries its own attribute line, so a profile's attributes and system prompt
+        have no place here: a profile without an adapter names the served model alone, and is refused."""
+        if model is None or model == name:
+            return "", 0
+        base, _, profile = model.partition(":")
+        if base == name and profile in service.adapters:
+            return profile, service.adapters[profile]
+        ids = ", ".join([name, *(f"{name}:{p}" for p in chat.profiles if p in service.adapters)])
+        problem = (
+            f"profile {profile!r} has no LoRA adapter, and raw text takes no profile's attributes"
+            if base == name and profile in chat.profiles
+            else f"model {model!r} does not exist on this route"
+        )
+        raise ApiError(404, f"{problem}; it serves {ids}", param="model", code="model_not_found")
 
     max_model_len = steering.max_prompt_tokens + 1
 
