@@ -22,8 +22,9 @@ On GPU each side is built, timed (mean step after warm-up) and freed in turn, so
 CPU, where other processes share the cores, both are built and timed in alternating rounds of `--steps` steps,
 and each side's median step is reported, so both see the same load. Prints ms/step, tokens/s, model TFLOP/s,
 peak memory (GPU) and the steerlm / HF throughput ratio; `--json` also writes them to a file. Where
-`parallel.cpu_matmul=auto` picks oneDNN (AMD CPUs), another side, `blas`, is steerlm on torch's BLAS: the
-ratio of the two is what oneDNN's products give.
+CPU, another side is steerlm on the product library `parallel.cpu_matmul=auto` did not pick (`blas` where it picked
+oneDNN, on AMD CPUs; `onednn` where it kept torch's BLAS, e.g. MKL on Intel CPUs): the ratio of the two is what the
+choice is worth on this CPU.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from steerlm import megatron_compat, runtime
-from steerlm.config import DType, ParallelConfig, PrecisionConfig, TrainerConfig, compose, to_typed
+from steerlm.config import ConfigError, DType, ParallelConfig, PrecisionConfig, TrainerConfig, compose, to_typed
 from steerlm.config.lora import LoraConfig
 from steerlm.config.schema import CpuMatmul, ModelConfig
 from steerlm.models import build_model_chunks, lora
@@ -192,6 +193,21 @@ def measure_alternating(
     return {name: {"seconds": statistics.median(seconds)} for name, seconds in times.items()}
 
 
+def _other_cpu_products(device: torch.device) -> CpuMatmul | None:
+    """On CPU, the product library `parallel.cpu_matmul=auto` did not pick (BLAS where it picked oneDNN, oneDNN
+    where it kept BLAS), so the benchmark shows what the choice is worth on this CPU; None on GPU or where oneDNN
+    cannot run."""
+    if device.type != "cpu":
+        return None
+    if use_onednn(CpuMatmul.auto):
+        return CpuMatmul.blas
+    try:
+        use_onednn(CpuMatmul.onednn)
+    except ConfigError:
+        return None
+    return CpuMatmul.onednn
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama3_2_1b")
@@ -225,9 +241,10 @@ def main() -> None:
     }
     if adapters is not None:
         builders["full"] = lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout)
-    if device.type == "cpu" and use_onednn(auto):  # also steerlm on torch's BLAS, as elsewhere
-        builders["blas"] = lambda: steerlm_step(
-            model, dtype, rows, seq, prompt, compile_model, layout, CpuMatmul.blas, adapters
+    other = _other_cpu_products(device)
+    if other is not None:  # steerlm on the product library `auto` did not pick, side by side
+        builders[other.value] = lambda: steerlm_step(
+            model, dtype, rows, seq, prompt, compile_model, layout, other, adapters
         )
     if device.type == "cuda":
         results = measure_in_turn(builders, device, args.warmup, args.steps)
@@ -254,9 +271,9 @@ def main() -> None:
     if "full" in results:
         gain = results["full"]["seconds"] / results["steerlm"]["seconds"]
         print(f"  ratio steerlm LoRA / steerlm full fine-tuning (throughput): {gain:.3f}")
-    if "blas" in results:
-        gain = results["blas"]["seconds"] / results["steerlm"]["seconds"]
-        print(f"  ratio steerlm / steerlm on torch's BLAS (parallel.cpu_matmul=blas): {gain:.3f}")
+    if other is not None:
+        gain = results[other.value]["seconds"] / results["steerlm"]["seconds"]
+        print(f"  ratio steerlm (auto) / steerlm with parallel.cpu_matmul={other.value}: {gain:.3f}")
     if args.json:
         with open(args.json, "w") as out:
             shape = {
