@@ -375,9 +375,9 @@ def test_bad_inputs_are_refused_naming_the_tensor_or_key(layout, checkpoints: di
         with pytest.raises(ConfigError) as error:
             convert(_convert(directory, tmp_path / f"{name}_out"), layout)
         assert error.value.key == key and needle in str(error.value), str(error.value)
-    (tmp_path / "model.nemo").write_bytes(b"")
-    with pytest.raises(ConfigError, match="converts into a steerlm checkpoint only"):
-        _convert(tmp_path / "model.nemo", tmp_path / "nemo_out", to=ModelFormat.hf)
+    with pytest.raises(ConfigError, match="holds no LoRA adapters") as error:  # hf → peft, through steerlm
+        convert(_convert(source, tmp_path / "peft_out", to=ModelFormat.peft), layout)
+    assert error.value.key == "input" and not list(tmp_path.glob(".peft_out*"))  # the temporary checkpoint removed
     with pytest.raises(ConfigError) as error:
         _convert(checkpoints["tied"], source)
     assert error.value.key == "output"

@@ -297,7 +297,7 @@ def test_word_tokenizer_travels_as_a_hugging_face_directory(layout, tmp_path: Pa
 def test_bad_requests_are_refused_naming_the_key(layout, sources, tmp_path: Path) -> None:
     cases = [
         (dict(output=str(tmp_path / "model")), "output", "is not a .nemo file name"),
-        (dict(input=str(sources["export"])), "to", "converts into a steerlm checkpoint only"),
+        (dict(input=str(sources["export"])), "to", "already in the nemo format"),
         (dict(output=str(sources["export"])), "output", "exists"),
         (dict(attributes={"humor": 2.0}), "attributes", "has no chat template"),
     ]
@@ -324,3 +324,24 @@ def test_nemo_pads_the_vocabulary_to_the_models_rows(tp: int) -> None:
             )
             assert _nemo_padded_vocab(config, tokens) == rows, (rows, tokens, tp)
             assert ("override_vocab_size" in config) == (nemo_vocab_multiple(rows, tokens, tp, multiple) is None)
+
+
+def test_a_hugging_face_llama_converts_to_nemo_in_one_command(layout, llama, tmp_path: Path) -> None:
+    """`recipes/convert.py input=<HF Llama> to=nemo` (through a temporary steerlm checkpoint, removed): the archive
+    holds the tensors tests/nemo_archives.py's own HF → NeMo mapping gives (every vocabulary row the HF model has)."""
+    source = tmp_path / "hf"
+    llama.save_pretrained(source)
+    (source / "tokenizer.model").write_bytes(sentencepiece_model())
+    (source / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}\n')
+    archive = tmp_path / "llama.nemo"
+    convert(_convert(source, archive), layout)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf", "llama.nemo"]
+    config = _config(archive)
+    rows = config.get("override_vocab_size") or _nemo_padded_vocab(config, VOCAB)
+    full = nemo_tensors(llama, True, False)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):  # the HF rows, then steerlm's padding
+        full[name] = torch.cat([full[name][:VOCAB], torch.zeros(rows - VOCAB, full[name].shape[1])])
+    tensors = _read_archive(archive, full, tmp_path / "x")
+    for key, tensor in _expected(full).items():
+        got = tensors[key][:VOCAB] if key.endswith(("word_embeddings.weight", "output_layer.weight")) else tensors[key]
+        assert torch.equal(got, tensor[:VOCAB] if tensor.shape[0] == rows else tensor), key

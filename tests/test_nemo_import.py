@@ -150,7 +150,10 @@ def test_reward_model_imports_as_an_attribute_model(layout, llama, archives, tmp
 
 def test_convert_recipe_imports_a_nemo_archive(layout, llama, archives, tmp_path: Path) -> None:
     """`recipes/convert.py input=<x.nemo> output=<dir>` (to=steerlm by default): the checkpoint serves the source
-    logits; to=hf is refused with the two-step fix."""
+    logits; `to=hf` in the same command (through a temporary steerlm checkpoint, removed) loads in transformers
+    with them."""
+    import transformers
+
     cfg = ConvertConfig(input=str(archives["distributed"]), output=str(tmp_path / "converted"))
     cfg.validate()
     assert cfg.target == ModelFormat.steerlm
@@ -158,9 +161,13 @@ def test_convert_recipe_imports_a_nemo_archive(layout, llama, archives, tmp_path
     loaded = load_generator(str(tmp_path / "converted"), layout, PrecisionConfig())
     assert path.parent.parent == tmp_path / "converted"
     torch.testing.assert_close(_logits([loaded.generator.model]), _source_logits(llama), rtol=0, atol=1e-4)
-    with pytest.raises(ConfigError, match="converts into a steerlm checkpoint only") as error:
-        replace(cfg, output=str(tmp_path / "hf"), to=ModelFormat.hf).validate()
-    assert error.value.key == "to"
+    to_hf = replace(cfg, output=str(tmp_path / "hf"), to=ModelFormat.hf)
+    to_hf.validate()
+    convert(to_hf, layout)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["converted", "hf"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(_tokens()).logits[..., :VOCAB], _source_logits(llama), rtol=0, atol=1e-4)
 
 
 def test_nemo_archive_serves_in_place(layout, llama, archives) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from steerlm.checkpoint.sharded import load_weights, read_meta
 from steerlm.config import ConfigError, PrecisionConfig
@@ -114,8 +115,15 @@ def test_convert_imports_a_lora_archive_on_its_base_and_exports_it_for_peft(layo
     convert(peft, layout)
     adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (LORA_RANK, LORA_ALPHA)
+    one_step = replace(cfg, output=str(tmp_path / "peft_at_once"), to=ModelFormat.peft)  # through a steerlm checkpoint
+    one_step.validate()
+    convert(one_step, layout)
+    assert json.loads((tmp_path / "peft_at_once" / "adapter_config.json").read_text()) == adapter
+    weights = [load_file(tmp_path / name / "adapter_model.safetensors") for name in ("peft", "peft_at_once")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["imported", "lora", "lora.nemo", "peft", "peft_at_once"]
     with pytest.raises(ConfigError) as error:
-        replace(cfg, output=str(tmp_path / "x"), dtype=DType.bf16).validate()
+        replace(cfg, output=str(tmp_path / "x"), dtype=DType.bf16).validate()  # adapters keep the base's dtype
     assert error.value.key == "dtype"
     with pytest.raises(ConfigError) as error:
         replace(cfg, input=str(tmp_path / "imported"), output=str(tmp_path / "y")).validate()

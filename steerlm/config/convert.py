@@ -7,7 +7,9 @@ generation_config.json, the tokenizer with a SteerLM chat template and a model c
 steerlm checkpoint (weights only) from `parallel`'s layout; so does a steerlm checkpoint with `to=steerlm` (its
 weights alone: no optimizer state, a LoRA run's adapters merged with their base). `attributes` and
 `system_prompt` are the exported chat template's default request, with the meaning they have for
-`recipes/serve.py`. See docs/deploying.md.
+`recipes/serve.py`. `to=nemo` writes a NeMo 1.x `.nemo` archive; between two formats that are not steerlm's (a
+`.nemo` to hf or peft, hf to nemo) the conversion runs through a temporary steerlm checkpoint. See
+docs/deploying.md.
 """
 
 from __future__ import annotations
@@ -108,13 +110,6 @@ class ConvertConfig:
             "pass a steerlm training output_dir or checkpoint, a Hugging Face Llama directory or a .nemo archive",
         )
         require(
-            self.source != ModelFormat.nemo or self.target == ModelFormat.steerlm,
-            "to",
-            self.target.value,
-            "a .nemo archive converts into a steerlm checkpoint only",
-            f"convert in two steps: to=steerlm output=<dir>, then input=<dir> to={self.target.value}",
-        )
-        require(
             self.target != self.source or self.source == ModelFormat.steerlm,
             "to",
             self.target.value,
@@ -169,7 +164,7 @@ class ConvertConfig:
             "pass the .nemo model the adapters were trained on (the restore_from_path of NeMo's PEFT training)",
         )
         require(
-            self.dtype is None,
+            self.dtype is None or self.target != ModelFormat.steerlm,
             "dtype",
             self.dtype.value if self.dtype is not None else None,
             "does not apply to LoRA adapters on a base: they are saved in the base's dtype",

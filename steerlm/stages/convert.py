@@ -10,10 +10,13 @@ without the optimizer state or the base a LoRA run's adapters need (`steerlm.sta
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from steerlm import runtime
 from steerlm.config import ConfigError
@@ -49,16 +52,41 @@ CONVERSIONS: dict[tuple[ModelFormat, ModelFormat], Callable[[ConvertConfig, Para
 }
 
 
+def through_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
+    """A conversion between two foreign formats (a `.nemo` archive to Hugging Face or PEFT, a Hugging Face directory
+    to `.nemo`) in one command: into a temporary steerlm checkpoint of the weights alone beside the output
+    (`.<output>.steerlm`, as large as the weights), then out of it; the temporary is removed either way. The import
+    takes the input's options (`base`, `tokenizer_path`), the export the output's (`dtype`, `attributes`, …)."""
+    output = Path(cfg.output).resolve()
+    hop = output.parent / f".{output.name}.steerlm"
+    if layout.is_rank_zero:
+        shutil.rmtree(hop, ignore_errors=True)
+    dist.barrier()
+    imported = replace(cfg, output=str(hop), to=ModelFormat.steerlm, dtype=None, attributes={})
+    exported = replace(cfg, input=str(hop), tokenizer_path=None, base=None)
+    try:
+        CONVERSIONS[(cfg.source, ModelFormat.steerlm)](imported, layout)
+        log.info("converting %s on from the steerlm checkpoint %s", cfg.input, hop)
+        return CONVERSIONS[(ModelFormat.steerlm, cfg.target)](exported, layout)
+    finally:
+        dist.barrier()
+        if layout.is_rank_zero:
+            shutil.rmtree(hop, ignore_errors=True)
+
+
 def convert(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     """Collective: the conversion `cfg` asks for, at `layout` (already initialised); returns the output path."""
     conversion = CONVERSIONS.get((cfg.source, cfg.target))
+    hops = {(cfg.source, ModelFormat.steerlm), (ModelFormat.steerlm, cfg.target)}
+    if conversion is None and cfg.source != cfg.target and hops <= set(CONVERSIONS):
+        conversion = through_steerlm
     if conversion is None:
         raise ConfigError(
             "to",
             cfg.target.value,
             f"steerlm cannot convert {cfg.source.value} into {cfg.target.value}",
             "convert steerlm → hf, steerlm → nemo, steerlm → steerlm (the weights alone) or a LoRA run's adapters → "
-            "peft, or hf / nemo → steerlm",
+            "peft, hf / nemo → steerlm, or hf / nemo on to any of those",
         )
     with torch.no_grad():
         return conversion(cfg, layout)
