@@ -183,8 +183,9 @@ def test_checkpoints_that_are_not_adapters_alone_on_the_served_model_are_refused
     assert error.value.key == "profiles.team.adapter"
 
 
-def test_the_adapter_benchmark_decodes_the_three_sides(tmp_path) -> None:
-    """`bench/adapter_serving.py`: no bank, a bank without adapter rows, every row on an adapter; side by side."""
+def test_the_adapter_benchmark_decodes_the_four_sides(tmp_path) -> None:
+    """`bench/adapter_serving.py`: no bank, a bank without adapter rows, one row on an adapter, every row on an
+    adapter; side by side."""
     import json
     import subprocess
     import sys
@@ -197,4 +198,25 @@ def test_the_adapter_benchmark_decodes_the_three_sides(tmp_path) -> None:
     result = subprocess.run(command, cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     sides = json.loads(out.read_text())["sides"]
-    assert len(sides) == 3 and sides["no bank"]["ratio"] == 1.0 and all(s["tokens_per_s"] > 0 for s in sides.values())
+    assert len(sides) == 4 and sides["no bank"]["ratio"] == 1.0 and all(s["tokens_per_s"] > 0 for s in sides.values())
+
+
+def test_only_the_rows_with_an_adapter_run_its_products() -> None:
+    """`AdapterRows.of`: none when no row has an adapter, every row without an index when all have one, else the
+    adapted rows' places and adapters; `AdapterBank.add` then touches those rows alone."""
+    from steerlm.inference.adapters import AdapterBank, AdapterRows
+
+    assert AdapterRows.of(torch.tensor([0, 0])) is None
+    every = AdapterRows.of(torch.tensor([2, 1]))
+    assert every is not None and every.index is None and every.adapters.tolist() == [2, 1]
+    some = AdapterRows.of(torch.tensor([0, 2, 0, 1]))
+    assert some is not None and some.index.tolist() == [1, 3] and some.adapters.tolist() == [2, 1]
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 2, 5, generator=generator), torch.randn(3, 4, 2, generator=generator)
+    bank = AdapterBank(names=["x", "y"], a={(0, "linear_qkv"): a}, b={(0, "linear_qkv"): b})
+    x, out = torch.randn(4, 3, 5, generator=generator), torch.randn(4, 3, 4, generator=generator)
+    added = bank.add(out, x, 0, "linear_qkv", some)
+    torch.testing.assert_close(added[[0, 2]], out[[0, 2]], rtol=0, atol=0)  # the served model's rows untouched
+    for row, adapter in ((1, 2), (3, 1)):
+        torch.testing.assert_close(added[row], out[row] + x[row] @ a[adapter].T @ b[adapter].T)
+    assert bank.add(out, x, 0, "linear_fc2", some) is out  # a linear no adapter touches

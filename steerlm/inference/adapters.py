@@ -5,8 +5,9 @@ NeMo LoRA archive imported on it): a server profile names them (`profiles.<name>
 compute W x + scale B (A x) for each adapted linear layer while the other rows of the same batch compute W x. The
 bank holds, per layer and linear, every adapter's A stacked `[adapters + 1, rank, in]` and B scaled `[adapters + 1,
 out, rank]` at this rank's shards (A and B split as training splits them); index 0 is the served model itself (zeros),
-ranks below the largest and linears an adapter leaves alone are zero-padded, which adds exactly nothing. A row's
-update is two batched products with its own matrices (`delta`); a row-parallel layer's partial update joins the
+ranks below the largest and linears an adapter leaves alone are zero-padded, which adds exactly nothing. An adapted
+row's update is two batched products with its own matrices (`AdapterBank.add`), computed for the rows that have an
+adapter only (`AdapterRows`); a row-parallel layer's partial update joins the
 layer's own partial sum before the tensor-parallel reduction (B is the same on every rank, so the sum of x_r A_r B
 is (sum of x_r A_r) B).
 
@@ -42,15 +43,36 @@ class AdapterBank:
     a: dict[Key, torch.Tensor] = field(default_factory=dict)  # [adapters + 1, rank, in (local)]
     b: dict[Key, torch.Tensor] = field(default_factory=dict)  # [adapters + 1, out (local), rank], scale folded in
 
-    def delta(self, x: torch.Tensor, layer: int, linear: str, rows: torch.Tensor) -> torch.Tensor | None:
-        """The adapters' update of `linear` in `layer` for `x` [rows, n, in], row r with adapter `rows[r]`; None
-        when no adapter touches that linear."""
+    def add(self, out: torch.Tensor, x: torch.Tensor, layer: int, linear: str, rows: AdapterRows) -> torch.Tensor:
+        """`out` (`linear` of `layer` applied to `x` [batch, n, in]) plus each adapted row's update."""
         a = self.a.get((layer, linear))
-        if a is None:
-            return None
+        if a is None:  # no adapter touches this linear
+            return out
         b = self.b[(layer, linear)]
-        low = torch.bmm(x, a.index_select(0, rows).transpose(1, 2))  # [rows, n, rank]
-        return torch.bmm(low, b.index_select(0, rows).transpose(1, 2))  # [rows, n, out]
+        picked = x if rows.index is None else x.index_select(0, rows.index)
+        low = torch.bmm(picked, a.index_select(0, rows.adapters).transpose(1, 2))  # [adapted rows, n, rank]
+        delta = torch.bmm(low, b.index_select(0, rows.adapters).transpose(1, 2))  # [adapted rows, n, out]
+        return out + delta if rows.index is None else out.index_add(0, rows.index, delta)
+
+
+@dataclass(frozen=True)
+class AdapterRows:
+    """The rows of a batch that run an adapter: their places in the batch (None: every row) and their adapters.
+    Only those rows pay for the adapters' products, so a team's rows cost the served model's others nothing."""
+
+    index: torch.Tensor | None
+    adapters: torch.Tensor
+
+    @staticmethod
+    def of(rows: torch.Tensor) -> AdapterRows | None:
+        """From each row's adapter (0: the model alone); None when no row has one."""
+        adapted = rows != 0
+        if not bool(adapted.any()):
+            return None
+        if bool(adapted.all()):
+            return AdapterRows(None, rows)
+        index = adapted.nonzero().squeeze(1)
+        return AdapterRows(index, rows.index_select(0, index))
 
 
 def check_adapter_base(key: str, adapter: Path, served: Path) -> None:

@@ -39,6 +39,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
+from steerlm.inference.adapters import AdapterRows
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
 from steerlm.runtime.cpu_matmul import linear
 from steerlm.runtime.layout import ParallelLayout
@@ -333,13 +334,11 @@ class LeanDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * positions.cos + rotated * positions.sin
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, at: tuple[int, str], rows: torch.Tensor | None):
-        """x W^T, plus the update of each row's adapter (`rows`: their indices; None: no adapters)."""
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, at: tuple[int, str], rows: AdapterRows | None):
+        """x W^T, plus the update of each adapted row's adapter (`rows`; None: no row has one)."""
         out = linear(x, weight)
         if rows is not None and self.adapters is not None:
-            delta = self.adapters.delta(x, *at, rows)
-            if delta is not None:
-                out = out + delta
+            out = self.adapters.add(out, x, *at, rows)
         return out
 
     def _attention(
@@ -348,7 +347,7 @@ class LeanDecoder:
         x: torch.Tensor,
         positions: _Positions,
         cache: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor | None = None,
+        rows: AdapterRows | None = None,
     ) -> torch.Tensor:
         attention, index = layer.self_attention, layer.layer_number - 1
         n = x.shape[1]
@@ -373,13 +372,13 @@ class LeanDecoder:
         context = context.transpose(1, 2).reshape(x.shape[0], n, self.heads * self.head_dim)
         return self._reduce(self._linear(context, attention.linear_proj.weight, (index, "linear_proj"), rows))
 
-    def _mlp(self, layer, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _mlp(self, layer, x: torch.Tensor, rows: AdapterRows | None = None) -> torch.Tensor:
         mlp, index = layer.mlp, layer.layer_number - 1
         gate, up = split_fc1(self._linear(x, mlp.linear_fc1.weight, (index, "linear_fc1"), rows), dim=-1)
         return self._reduce(self._linear(F.silu(gate) * up, mlp.linear_fc2.weight, (index, "linear_fc2"), rows))
 
     def _hidden(
-        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: torch.Tensor | None = None
+        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
     ) -> torch.Tensor:
         """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]; `rows`: each row's
         adapter (None: the model alone)."""
@@ -426,7 +425,7 @@ class LeanDecoder:
         return torch.cat(shards, dim=-1)
 
     def _logits(
-        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: torch.Tensor | None = None
+        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
     ) -> torch.Tensor:
         """Logits after each row's final token of `tokens` [rows, n]."""
         return self.vocabulary(self._hidden(tokens, positions, cache, rows)[:, -1])
@@ -467,9 +466,10 @@ class LeanDecoder:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    def _adapted(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """`rows` when any of them has an adapter, else None (the model alone, at no extra cost)."""
-        return rows if self.adapters is not None and bool(rows.any()) else None
+    def _adapted(self, rows: torch.Tensor) -> AdapterRows | None:
+        """The rows among `rows` (each row's adapter) that run one; None when none does (the model alone, at no
+        extra cost)."""
+        return AdapterRows.of(rows) if self.adapters is not None else None
 
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
