@@ -1,5 +1,6 @@
 """What serving LoRA adapters per row costs the lean decoder, side by side on one model and one process: a batch
-decoded with no adapter bank, with a bank whose rows all use the model alone, and with every row on one of
+decoded with no adapter bank, with a bank whose rows all use the model alone, with one row of the batch on an
+adapter (the others on the model alone: only that row runs the adapter's products), and with every row on one of
 `--adapters` adapters (rank `--rank`, every linear adapted; random, as only the arithmetic's cost is measured).
 
     python bench/adapter_serving.py --preset small --batch-size 8 --adapters 4 --rank 16
@@ -73,6 +74,7 @@ def main() -> None:
         bank = random_bank(model, args.adapters, args.rank)
         mixed = [1 + row % args.adapters for row in range(args.batch_size)]
         sides = {"no bank": (None, [0] * args.batch_size), "bank, no adapter rows": (bank, [0] * args.batch_size)}
+        sides["one row on an adapter"] = (bank, [1] + [0] * (args.batch_size - 1))
         sides[f"every row on one of {args.adapters} adapters"] = (bank, mixed)
         best = {name: float("inf") for name in sides}
         for _ in range(args.rounds):
