@@ -58,7 +58,7 @@ class AdapterBank:
 @dataclass(frozen=True)
 class AdapterRows:
     """The rows of a batch that run an adapter: their places in the batch (None: every row) and their adapters.
-    Only those rows pay for the adapters' products, so a team's rows cost the served model's others nothing."""
+    Only those rows run the adapters' products, so the served model's rows beside a team's skip them."""
 
     index: torch.Tensor | None
     adapters: torch.Tensor
