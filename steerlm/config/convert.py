@@ -35,9 +35,7 @@ _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 class ModelFormat(str, Enum):
     steerlm = "steerlm"  # a run directory (its checkpoints/latest) or one checkpoints/step_* directory
     hf = "hf"  # a Hugging Face Llama directory: config.json + *.safetensors (+ tokenizer files)
-    nemo = (
-        "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): into a steerlm checkpoint, or out with to=nemo
-    )
+    nemo = "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): in, or out with to=nemo
     peft = "peft"  # a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors): export only
 
 

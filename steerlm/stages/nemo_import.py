@@ -169,9 +169,9 @@ def _imported_config(
     adapters: LoraConfig | None = None,
 ) -> SFTConfig | AttributeModelConfig:
     """The resolved config saved with the checkpoint: an SFT run's for a language model, an APM run's (with
-        NeMo-Aligner's merge weights) for a reward model, tokenised as NeMo does (`template.tokenization=nemo`) unless
-    a steerlm export recorded its source's tokenization. NeMo
-        records no training data, so `data.train_file` names the archive the weights came from."""
+    NeMo-Aligner's merge weights) for a reward model, tokenised as NeMo does (`template.tokenization=nemo`) unless a
+    steerlm export recorded its source's tokenization. NeMo records no training data, so `data.train_file` names the
+    archive the weights came from."""
     model, head = source.model, source.nemo.reward_head
     common: dict[str, Any] = {
         "model": model,
