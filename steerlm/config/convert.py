@@ -7,7 +7,8 @@ generation_config.json, the tokenizer with a SteerLM chat template and a model c
 steerlm checkpoint (weights only) from `parallel`'s layout; so does a steerlm checkpoint with `to=steerlm` (its
 weights alone: no optimizer state, a LoRA run's adapters merged with their base). `attributes` and
 `system_prompt` are the exported chat template's default request, with the meaning they have for
-`recipes/serve.py`. `to=nemo` writes a NeMo 1.x `.nemo` archive; between two formats that are not steerlm's (a
+`recipes/serve.py`. `to=nemo` writes a NeMo 1.x `.nemo` archive (`output=x.nemo`; any other name: the directory it
+extracts to); between two formats that are not steerlm's (a
 `.nemo` to hf or peft, hf to nemo) the conversion runs through a temporary steerlm checkpoint. See
 docs/deploying.md.
 """
@@ -115,14 +116,6 @@ class ConvertConfig:
             f"leave to unset (input {self.source.value} converts to "
             f"{'hf' if self.source == ModelFormat.steerlm else 'steerlm'})",
         )
-        if self.target == ModelFormat.nemo:
-            require(
-                Path(self.output).suffix == ".nemo",
-                "output",
-                self.output,
-                "is not a .nemo file name: to=nemo writes one archive, as NeMo's save_to does",
-                "name the archive, e.g. output=exports/model.nemo",
-            )
         output = Path(self.output)
         require(
             not output.exists() or (output.is_dir() and not any(output.iterdir())),

@@ -1,4 +1,5 @@
-"""`recipes/convert.py to=nemo`: a steerlm checkpoint as a NeMo 1.x Megatron-GPT `.nemo` archive.
+"""`recipes/convert.py to=nemo`: a steerlm checkpoint as a NeMo 1.x Megatron-GPT `.nemo` archive (`output=x.nemo`),
+or as the directory NeMo extracts one to (any other `output`), which NeMo and NeMo-Aligner restore in place too.
 
 What NeMo's `save_to` writes for a megatron-core GPT, and what NeMo (`megatron_gpt_eval.py gpt_model_file=`,
 `restore_from_path`) and NeMo-Aligner 0.7 (`train_gpt_sft.py`, `serve_reward_model.py rm_model_file=`) restore:
@@ -62,6 +63,7 @@ from steerlm.tokenizers.export import export_tokenizer
 log = logging.getLogger(__name__)
 PREFIX = "model."  # NeMo's MegatronGPTModel keeps megatron's GPTModel as `self.model`
 WEIGHTS_DIR = "model_weights"
+NEMO_SUFFIX = ".nemo"  # an output named so is the tar NeMo's save_to writes; any other, the directory it extracts to
 SENTENCEPIECE_FILE = "tokenizer.model"
 # Modules of a Transformer Engine layer with fp8 metadata (`_extra_state`) besides the four linears, which
 # megatron's local linears already save: TE >= 1.8's DotProductAttention, TE 1.6-1.7's FusedAttention in it.
@@ -234,10 +236,15 @@ def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         )
         config[STEERLM_SECTION] = _provenance(source)
         (staging / NEMO_CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-        partial = output.parent / f".{output.name}.tar.partial"
-        _tar(staging, partial)
-        os.replace(partial, output)
-        shutil.rmtree(staging)
+        if output.suffix == NEMO_SUFFIX:
+            partial = output.parent / f".{output.name}.tar.partial"
+            _tar(staging, partial)
+            os.replace(partial, output)
+            shutil.rmtree(staging)
+        else:  # the directory NeMo extracts a .nemo to, which it restores in place: no second copy of the weights
+            if output.is_dir():
+                output.rmdir()  # validated empty
+            os.replace(staging, output)
         log.info("exported %s (step %d, %s) to %s", source.path, source.step, source.kind.value, output)
     dist.barrier()
     return output
