@@ -209,6 +209,9 @@ def test_an_output_not_named_nemo_is_the_extracted_directory(layout, llama, sour
     second copy of the weights); steerlm serves it in place too."""
     directory = tmp_path / "lm_dir"
     convert(_convert(sources["lm"], directory), layout)
+    (tmp_path / "made.nemo").mkdir()  # an empty directory named .nemo, made beforehand, becomes the tar
+    convert(_convert(sources["lm"], tmp_path / "made.nemo"), layout)
+    assert tarfile.is_tarfile(tmp_path / "made.nemo")
     with NemoArchive(sources["export"]) as archive, NemoArchive(directory) as extracted:
         assert archive.names() == extracted.names()
     full = nemo_tensors(llama, True, False)

@@ -236,14 +236,14 @@ def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         )
         config[STEERLM_SECTION] = _provenance(source)
         (staging / NEMO_CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        if output.is_dir():
+            output.rmdir()  # validated empty
         if output.suffix == NEMO_SUFFIX:
             partial = output.parent / f".{output.name}.tar.partial"
             _tar(staging, partial)
             os.replace(partial, output)
             shutil.rmtree(staging)
         else:  # the directory NeMo extracts a .nemo to, which it restores in place: no second copy of the weights
-            if output.is_dir():
-                output.rmdir()  # validated empty
             os.replace(staging, output)
         log.info("exported %s (step %d, %s) to %s", source.path, source.step, source.kind.value, output)
     dist.barrier()
