@@ -126,7 +126,7 @@ def _nemo_tokenizer(source: ExportSource, staging: Path) -> tuple[dict, int]:
     many ids NeMo's tokenizer has (what NeMo pads the vocabulary from)."""
     assert source.tokenizer is not None
     directory = Path(source.tokenizer.path)
-    nemo_ids = source.saved.get("template", {}).get("tokenization") == Tokenization.nemo.value
+    nemo_ids = _tokenization(source) == Tokenization.nemo
     if nemo_ids and (directory / SENTENCEPIECE_FILE).is_file():
         import sentencepiece
 
@@ -148,6 +148,12 @@ def _nemo_tokenizer(source: ExportSource, staging: Path) -> tuple[dict, int]:
     section = {"library": "huggingface", "type": ARTIFACT_PREFIX + name, "use_fast": True, "model": None}
     section.update(vocab_file=None, merge_file=None, delimiter=None)
     return section, ids
+
+
+def _tokenization(source: ExportSource) -> Tokenization:
+    """How the source's template became token ids in training (`template.tokenization`; steerlm's markers before
+    the option existed)."""
+    return Tokenization(source.saved.get("template", {}).get("tokenization", Tokenization.markers.value))
 
 
 def _check(cfg: ConvertConfig, source: ExportSource) -> None:
@@ -254,11 +260,10 @@ def _provenance(source: ExportSource) -> dict:
     """What NeMo does not record and steerlm reads back when it imports or serves the archive
     (`steerlm.inference.nemo_source.steerlm_record`): the source, its attribute schema and its tokenization."""
     attributes = OmegaConf.to_container(source.saved.attributes) if "attributes" in source.saved else None
-    tokenization = source.saved.get("template", {}).get("tokenization", Tokenization.markers.value)
     return {
         "source": str(source.path),
         "step": source.step,
         "kind": source.kind.value,
         "attributes": attributes,
-        "tokenization": str(tokenization),
+        "tokenization": _tokenization(source).value,
     }
