@@ -380,8 +380,8 @@ class LeanDecoder:
     def _hidden(
         self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
     ) -> torch.Tensor:
-        """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]; `rows`: each row's
-        adapter (None: the model alone)."""
+        """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]; `rows`: the rows that
+        run an adapter, and theirs (None: every row the model alone)."""
         hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
         for layer, (input_norm, pre_mlp_norm), layer_cache in zip(self.model.decoder.layers, self.norms, cache):
             hidden = hidden + self._attention(layer, input_norm(hidden), positions, layer_cache, rows)
