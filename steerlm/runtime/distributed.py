@@ -39,15 +39,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_started = 0  # default process groups this process has started (every rank starts as many, in the same order)
+
+
 def _init_process_group(parallel: ParallelConfig, accelerator: Accelerator) -> str:
+    """Start the default process group unless one is running. A recipe with several phases (the bootstrap:
+    sample, label, fine-tune) starts one per phase: under torchrun the rendezvous store is the launcher's and
+    outlives each group, and a group started again under the same keys would read the last one's addresses and
+    wait forever, so every start after the first gets keys of its own."""
+    global _started
     backend = parallel.distributed_backend.value
     if parallel.distributed_backend == Backend.auto:
         backend = "nccl" if accelerator == Accelerator.cuda else "gloo"
     timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     if dist.is_initialized():
         return dist.get_backend()
-    if "RANK" in os.environ:  # torchrun / srun with the env:// rendezvous
+    _started += 1
+    if "RANK" in os.environ and _started == 1:  # torchrun / srun with the env:// rendezvous
         dist.init_process_group(backend=backend, timeout=timeout)
+    elif "RANK" in os.environ:
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"steerlm_start_{_started}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:  # a lone `python recipe.py`: a world of one
         dist.init_process_group(
             backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
