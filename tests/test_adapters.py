@@ -119,8 +119,9 @@ def test_each_row_gets_its_own_adapters_merged_model(layout, paths) -> None:
         torch.testing.assert_close(got, expected, **TOLERANCE)
 
 
-def _mixed_logits_at_tp2(paths: dict) -> list[torch.Tensor]:
-    layout = runtime.initialize(ParallelConfig(tensor_model_parallel_size=2), seed=0)
+def _mixed_logits_at(paths: dict, tp: int, pp: int) -> list[torch.Tensor]:
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    layout = runtime.initialize(parallel, seed=0)
     try:
         return _mixed_logits(paths, layout)
     finally:
@@ -128,11 +129,12 @@ def _mixed_logits_at_tp2(paths: dict) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_adapters_at_tp2_give_the_logits_of_tp1(layout, paths) -> None:
-    """Column layers' B and row layers' A split over two ranks; a row layer's partial update joins its partial
-    sum before the reduction."""
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_adapters_at_tp2_and_pp2_give_the_logits_of_tp1(layout, paths, tp: int, pp: int) -> None:
+    """TP=2: column layers' B and row layers' A split over two ranks; a row layer's partial update joins its
+    partial sum before the reduction. PP=2: each stage runs its own layers' adapters."""
     expected = _reference_logits(paths, layout)
-    for rank in run_distributed(_mixed_logits_at_tp2, 2, paths):
+    for rank in run_distributed(_mixed_logits_at, 2, paths, tp, pp):
         for got, reference in zip(rank, expected):
             torch.testing.assert_close(got, reference, **TOLERANCE)
 

@@ -227,11 +227,13 @@ def test_prepare_steerlm2_config_composes_and_validates(tmp_path: Path) -> None:
     cfg = to_typed(compose("prepare_steerlm2", overrides), PrepareSteerLM2Config)
     cfg.validate()
     assert cfg.num_responses == 4 and cfg.parallel.tensor_model_parallel_size == 2
+    replace(cfg, parallel=replace(cfg.parallel, pipeline_model_parallel_size=2)).validate()  # sampled in two stages
     for bad, key in (
         ({"num_responses": 1}, "num_responses"),
         ({"temperature": 0.0}, "temperature"),
         ({"output": cfg.input}, "output"),
-        ({"parallel": replace(cfg.parallel, pipeline_model_parallel_size=2)}, "parallel.pipeline_model_parallel_size"),
+        ({"parallel": replace(cfg.parallel, context_parallel_size=2)}, "parallel.context_parallel_size"),
+        ({"parallel": replace(cfg.parallel, sequence_parallel=True)}, "parallel.sequence_parallel"),
     ):
         with pytest.raises(ConfigError) as error:
             replace(cfg, **bad).validate()

@@ -1,5 +1,6 @@
 """KV-cache generation: equals a full-recompute argmax loop, batches prompts of any lengths, samples as
-configured, stops on tokens and strings, streams exactly the final text, and agrees between TP=1 and TP=2."""
+configured, stops on tokens and strings, streams exactly the final text, and agrees between TP=1, TP=2, PP=2
+and TP=2 x PP=2."""
 
 from __future__ import annotations
 
@@ -200,20 +201,29 @@ def test_sequence_limit_ends_rows_with_length_and_long_prompts_are_refused(layou
         short.generate([[2, TOKENIZER.vocab_size]], [SamplingParams()])
 
 
-def test_pipeline_and_sequence_parallel_layouts_are_refused(layout) -> None:
+def test_what_pipelined_generation_cannot_run_and_sequence_parallel_are_refused(layout) -> None:
     chunks = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=7)
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size"):
-        Generator(chunks, TOKENIZER, dataclasses.replace(layout, pp=2), 128, ())
+    pp2 = dataclasses.replace(layout, pp=2)
+    with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size"):
+        Generator(chunks * 2, TOKENIZER, pp2, 128, ())
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*decoder=megatron was chosen"):
+        Generator(chunks, TOKENIZER, pp2, 128, (), decoder="megatron")
+    gelu = build_model_chunks(replace(TEST_MODEL, activation=Activation.gelu), PrecisionConfig(), layout, seed=7)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*cannot run this model: the MLP is not SwiGLU"):
+        Generator(gelu, TOKENIZER, pp2, 128, ())
     with pytest.raises(ConfigError, match="sequence_parallel"):
         Generator(chunks, TOKENIZER, dataclasses.replace(layout, sequence_parallel=True), 128, ())
 
 
-def _tp_run(tp: int) -> dict:
-    layout = runtime.initialize(ParallelConfig(tensor_model_parallel_size=tp), seed=0)
+def _run(tp: int, pp: int = 1, shape: str = "gqa") -> dict:
+    """Greedy and sampled tokens, their log-probabilities and prompt log-probabilities at TP=`tp` x PP=`pp`, with
+    every decoder that runs the layout (megatron's only unpipelined)."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    layout = runtime.initialize(parallel, seed=0)
     try:
         out = {}
-        for decoder in ("lean", "megatron"):
-            generator = _generator(layout, decoder=decoder)
+        for decoder in ("lean", "megatron")[: 1 if pp > 1 else 2]:
+            generator = _generator(layout, decoder=decoder, model=SHAPES[shape])
             greedy = generator.generate(
                 PROMPTS, [SamplingParams(max_new_tokens=12, logprobs=True, top_logprobs=2)] * len(PROMPTS)
             )
@@ -222,7 +232,10 @@ def _tp_run(tp: int) -> dict:
             out[f"{decoder}_logprobs"] += [[(x.logprob, x.top) for x in c.prompt_logprobs or []] for c in scored]
             sampled = generator.generate(
                 PROMPTS,
-                [SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=i) for i in range(len(PROMPTS))],
+                [
+                    SamplingParams(max_new_tokens=12 - 3 * i, temperature=1.5, top_p=0.9, seed=i)
+                    for i in range(len(PROMPTS))
+                ],
             )
             out[decoder] = {"greedy": [c.token_ids for c in greedy], "sampled": [c.token_ids for c in sampled]}
         return out
@@ -232,8 +245,8 @@ def _tp_run(tp: int) -> dict:
 
 @pytest.mark.slow
 def test_tp2_generates_what_tp1_generates() -> None:
-    tp1 = run_distributed(_tp_run, 1, 1)[0]
-    tp2 = run_distributed(_tp_run, 2, 2)
+    tp1 = run_distributed(_run, 1, 1)[0]
+    tp2 = run_distributed(_run, 2, 2)
     logprobs = {run: [out.pop(f"{d}_logprobs") for d in ("lean", "megatron")] for run, out in enumerate([tp1, *tp2])}
     assert tp2[0] == tp2[1], "both tensor-parallel ranks hold the same tokens"
     assert tp2[0] == tp1
@@ -246,6 +259,27 @@ def test_tp2_generates_what_tp1_generates() -> None:
     ids = {run: [i for d in runs for row in d for _, top in row for i, _ in top] for run, runs in logprobs.items()}
     assert ids[0] == ids[1] == ids[2]
     assert flat[1] == pytest.approx(flat[0], abs=1e-4) and flat[2] == flat[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["gqa", "tied_mha"])
+def test_pipelined_generation_gives_the_tokens_of_one_stage(shape: str) -> None:
+    """PP=2 and TP=2 x PP=2: every rank holds the tokens and log-probabilities TP=1 makes (the tied embeddings'
+    output layer on the last stage included): prompts of four lengths prefilled together, sampled rows leaving
+    the batch at four different steps, prompt log-probabilities through the last stage's broadcast spans."""
+    (tp1,) = run_distributed(_run, 1, 1, 1, shape)
+    for tp, pp in ((1, 2), (2, 2)):
+        ranks = run_distributed(_run, tp * pp, tp, pp, shape)
+        assert all(rank == ranks[0] for rank in ranks), "every rank of every stage holds the same figures"
+        assert ranks[0]["lean"] == tp1["lean"], (tp, pp)
+        got, expected = ranks[0]["lean_logprobs"], tp1["lean_logprobs"]
+        assert [t for row in got for _, top in row for t, _ in top] == [
+            t for row in expected for _, top in row for t, _ in top
+        ]
+        flat = [v for row in got for lp, top in row for v in (lp, *(x for _, x in top))]
+        assert flat == pytest.approx(
+            [v for row in expected for lp, top in row for v in (lp, *(x for _, x in top))], abs=1e-4
+        )
 
 
 class _Bytes:
@@ -287,6 +321,10 @@ def test_inference_runs_one_replica_over_all_launched_ranks(monkeypatch) -> None
     assert error.value.key == "parallel.tensor_model_parallel_size" and "2 processes would hold 2 copies" in str(
         error.value
     )
+    check_inference_layout(ParallelConfig(pipeline_model_parallel_size=2), [TEST_MODEL])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="launch exactly 2 process.*tensor_model_parallel_size=2"):
+        check_inference_layout(ParallelConfig(pipeline_model_parallel_size=2), [TEST_MODEL])
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError):  # 4 heads do not split over 3 ranks
         check_inference_layout(ParallelConfig(tensor_model_parallel_size=3), [TEST_MODEL])

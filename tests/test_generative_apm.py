@@ -85,15 +85,20 @@ def test_attribute_weights_are_refused_for_a_generative_apm() -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_parallel_generative_training_is_refused(tmp_path: Path) -> None:
-    cfg = to_typed(compose("train_attribute_model", ["apm.type=generative", "parallel=pp2"]), AttributeModelConfig)
+def test_interleaved_pipeline_generative_training_is_refused(tmp_path: Path) -> None:
+    overrides = [
+        "apm.type=generative",
+        "parallel=pp2",
+        "parallel.virtual_pipeline_model_parallel_size=2",
+        "model.num_layers=4",
+    ]
+    cfg = to_typed(compose("train_attribute_model", overrides), AttributeModelConfig)
     assert cfg.apm.type == APMType.generative
     result = run_recipe(
-        "train_attribute_model",
-        ["apm.type=generative", "parallel=pp2", "trainer.max_steps=1", f"output_dir={tmp_path}"],
-        launcher=TORCHRUN_2,
+        "train_attribute_model", [*overrides, "trainer.max_steps=1", f"output_dir={tmp_path}"], launcher=TORCHRUN_2
     )
     assert result.returncode != 0 and "apm.type" in result.stderr, result.stderr[-2000:]
+    assert "virtual_pipeline_model_parallel_size" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +139,44 @@ def test_tiny_generative_apm_learns_the_synthetic_worlds_surface_attributes(gene
 
 
 @pytest.mark.slow
+def test_a_generative_apm_trains_at_pp2_and_evaluates_as_one_process_does(generative_apm: dict, tmp_path: Path) -> None:
+    """Its held-out evaluation generates through the pipelined decoder: the metrics the PP=2 run writes are those
+    one process computes from its checkpoint."""
+    data = generative_apm["data"]
+    trained = run_recipe(
+        "train_attribute_model",
+        [
+            "apm.type=generative",
+            "parallel=pp2",
+            f"data.train_file={data}/annotated.jsonl",
+            f"tokenizer.path={data}/tokenizer",
+            f"output_dir={tmp_path / 'apm'}",
+            "trainer.max_steps=30",
+            "trainer.eval_interval=null",
+            "checkpoint.save_interval=null",
+        ],
+        TORCHRUN_2,
+        timeout=900,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = run_recipe(
+        "evaluate_attribute_model",
+        [
+            f"apm_checkpoint={tmp_path / 'apm'}",
+            f"input={data}/annotated.jsonl",
+            "format=helpsteer2",
+            "validation_fraction=0.1",
+            f"output_dir={tmp_path / 'eval'}",
+        ],
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    at_pp2 = json.loads((tmp_path / "apm" / "eval.json").read_text())["metrics"]
+    at_one = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
+    assert at_pp2["generation"]["rows"] == at_one["generation"]["rows"] > 0
+    assert json.dumps(at_pp2["attributes"], sort_keys=True) == json.dumps(at_one["attributes"], sort_keys=True)
+
+
+@pytest.mark.slow
 def test_annotate_and_evaluate_accept_a_generative_apm(generative_apm: dict, tmp_path: Path) -> None:
     data = generative_apm["data"]
     out = tmp_path / "labelled.jsonl"
@@ -147,7 +190,7 @@ def test_annotate_and_evaluate_accept_a_generative_apm(generative_apm: dict, tmp
     written = sum(f"{name}:" in label for label in labels for name in ("humor", "verbosity", "toxicity"))
     assert written >= 0.9 * 3 * len(labels)
     evaluated = {}
-    for name, launcher, parallel in (("tp1", None, "single"), ("tp2", TORCHRUN_2, "tp2")):
+    for name, launcher, parallel in (("tp1", None, "single"), ("tp2", TORCHRUN_2, "tp2"), ("pp2", TORCHRUN_2, "pp2")):
         result = run_recipe(
             "evaluate_attribute_model",
             [
@@ -162,5 +205,5 @@ def test_annotate_and_evaluate_accept_a_generative_apm(generative_apm: dict, tmp
         )
         assert result.returncode == 0, result.stderr[-3000:]
         evaluated[name] = json.loads((tmp_path / name / "eval.json").read_text())["metrics"]
-    assert evaluated["tp1"] == evaluated["tp2"]
+    assert evaluated["tp1"] == evaluated["tp2"] == evaluated["pp2"]
     assert evaluated["tp1"]["attributes"] == generative_apm["eval"]["metrics"]["attributes"]

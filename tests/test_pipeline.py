@@ -28,7 +28,7 @@ from steerlm.data.readers import DataFormat, read_records
 from steerlm.data.records import from_conversation_json
 from steerlm.data.synthetic.splits import SCHEMA
 from steerlm.stages.pipeline import carry_timings, plan, waves
-from tests.recipe_runner import ROOT, recipe_env
+from tests.recipe_runner import ROOT, TORCHRUN_2, recipe_env, run_recipe
 
 TINY = [
     "synthetic.annotated_rows=200",
@@ -173,6 +173,20 @@ def test_bootstrap_labels_are_the_apms_predictions_of_what_was_sampled(uninterru
     quality = [SCHEMA.parse(row["requested"])["quality"] for row in rows]
     assert len(set(quality)) == 1  # every request asks for the best quality found in the data
     assert (uninterrupted / "bootstrap" / "final").resolve() == (uninterrupted / "bootstrap/iter_1/sft").resolve()
+
+
+@pytest.mark.slow
+def test_bootstrap_at_pp2_samples_and_labels_what_one_process_does(uninterrupted: Path, tmp_path: Path) -> None:
+    """Stage 4 with the model split over two pipeline stages (as the 70B presets' launch layouts split it): the
+    stage-3 model samples through the lean decoder's pipelined loop, the APM labels, the fine-tune trains at PP=2.
+    The samples and their labels are byte for byte those of the pipeline's one-process run."""
+    recorded = json.loads((uninterrupted / ".pipeline" / "bootstrap.json").read_text())
+    args = [arg for arg in recorded["args"] if not arg.startswith(("output_dir=", "parallel="))]
+    result = run_recipe("bootstrap", [*args, f"output_dir={tmp_path}", "parallel=pp2"], TORCHRUN_2, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pp=2" in result.stderr
+    for name in ("samples.jsonl", "labelled.jsonl"):
+        assert (tmp_path / "iter_1" / name).read_bytes() == (uninterrupted / "bootstrap/iter_1" / name).read_bytes()
 
 
 @pytest.mark.slow

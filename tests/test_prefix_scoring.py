@@ -1,6 +1,6 @@
 """Shared-prefix scoring (steerlm/inference/prefix_scoring.py) on a random model: each group's prefix once, the
-continuations on its cache, give every sequence's log-probability as megatron's forward of it whole does, at TP=1
-and TP=2. The Bayes judge's use of it on a trained model: tests/test_judge.py."""
+continuations on its cache, give every sequence's log-probability as megatron's forward of it whole does, at TP=1,
+TP=2 and PP=2. The Bayes judge's use of it on a trained model: tests/test_judge.py."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def _groups() -> list[list[Example]]:
     return [*groups, anywhere]
 
 
-def _scores(tp: int) -> dict:
-    layout = runtime.initialize(ParallelConfig(tensor_model_parallel_size=tp), seed=0)
+def _scores(tp: int, pp: int = 1) -> dict:
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    layout = runtime.initialize(parallel, seed=0)
     try:
         model = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, seed=7)[0]
         model.eval()
@@ -59,9 +60,12 @@ def _flat(rows: list[list[float]]) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_shared_prefix_log_probs_equal_whole_sequences_at_tp1_and_tp2() -> None:
+def test_shared_prefix_log_probs_equal_whole_sequences_at_tp1_tp2_and_pp2() -> None:
     tp1 = run_distributed(_scores, 1, 1)[0]
     tp2 = run_distributed(_scores, 2, 2)
+    pp2 = run_distributed(_scores, 2, 1, 2)
+    assert pp2[0]["shared"] == pp2[1]["shared"], "both stages hold the same figures (the last stage's logits)"
+    np.testing.assert_allclose(_flat(pp2[0]["shared"]), _flat(tp1["shared"]), rtol=1e-5)
     prefixes = tp1["prefixes"]
     assert prefixes[:4] == [12, 3, 0, 30] and prefixes[5] == 37 and prefixes[4] == len(_groups()[4][0].ids)
     np.testing.assert_allclose(_flat(tp1["shared"]), _flat(tp1["whole"]), rtol=1e-5)

@@ -53,11 +53,25 @@ def test_chat_and_serve_configs_compose_validate_and_name_bad_keys(tmp_path: Pat
     assert cfg.system_prompt.startswith("A chat between a curious user")
     chat = to_typed(compose("chat", [checkpoint, "sampling.temperature=0.7"]), ChatConfig)
     chat.validate()
+    replace(cfg, parallel=replace(cfg.parallel, pipeline_model_parallel_size=2)).validate()  # the stages in turn
     bad = [
         (
-            replace(cfg, parallel=replace(cfg.parallel, pipeline_model_parallel_size=2)),
-            "parallel.pipeline_model_parallel_size",
-            "tensor parallelism only",
+            replace(cfg, parallel=replace(cfg.parallel, context_parallel_size=2)),
+            "parallel.context_parallel_size",
+            "splits no sequence",
+        ),
+        (
+            replace(
+                cfg,
+                parallel=replace(cfg.parallel, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+            ),
+            "parallel.virtual_pipeline_model_parallel_size",
+            "one model chunk per pipeline stage",
+        ),
+        (
+            replace(cfg, parallel=replace(cfg.parallel, sequence_parallel=True)),
+            "parallel.sequence_parallel",
+            "KV-cache",
         ),
         (replace(cfg, limits=replace(cfg.limits, max_n=32)), "limits.max_n", "never fits a batch"),
         (replace(cfg, sampling=replace(cfg.sampling, max_tokens=5000)), "sampling.max_tokens", "limits.max_tokens"),
@@ -642,7 +656,11 @@ def test_scoring_endpoint_equals_the_annotation_recipe(world: dict, server: dict
 
 
 @pytest.mark.slow
-def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", ["tp2", "pp2"])
+def test_two_rank_server_answers_like_one_and_stops_gracefully(
+    world: dict, server: dict, tmp_path: Path, parallel: str
+) -> None:
+    """TP=2 (each rank half the heads) and PP=2 (each rank one of the two layers, the stages in turn)."""
     import psutil
 
     request = {"model": "sft", "messages": QUESTION, "max_tokens": 40, "attributes": {"verbosity": 2}}
@@ -667,7 +685,7 @@ def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: d
         return tokens, values, _request(port, "PUT", "/generate", nemo)[1]
 
     tp1_tokens, tp1_values, tp1_nemo = answers(server["port"])
-    port, log = _free_port(), tmp_path / "tp2.log"
+    port, log = _free_port(), tmp_path / f"{parallel}.log"
     torchrun = [
         sys.executable,
         "-m",
@@ -677,12 +695,14 @@ def test_tp2_server_answers_like_tp1_and_stops_gracefully(world: dict, server: d
         "--master-port",
         str(_free_port()),
     ]
-    process = _start([f"checkpoint={world['sft']}", "parallel=tp2", "attributes.helpfulness=4"], port, log, torchrun)
+    process = _start(
+        [f"checkpoint={world['sft']}", f"parallel={parallel}", "attributes.helpfulness=4"], port, log, torchrun
+    )
     try:
         assert _request(port, "POST", "/v1/chat/completions", request)[1]["choices"] == expected
-        tp2_tokens, tp2_values, tp2_nemo = answers(port)
-        assert tp2_tokens == tp1_tokens and tp2_nemo == tp1_nemo
-        assert tp2_values == pytest.approx(tp1_values, abs=1e-4)  # the TP ranks sum partial products in another order
+        two_tokens, two_values, two_nemo = answers(port)
+        assert two_tokens == tp1_tokens and two_nemo == tp1_nemo
+        assert two_values == pytest.approx(tp1_values, abs=1e-4)  # the TP ranks sum partial products in another order
         streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         streaming.request(
             "POST",

@@ -427,15 +427,16 @@ def test_prepare_steerlm2_rows_resume_tp2_and_training_lowers_distance(steerlm2_
     assert json.loads(again.stdout)["shards_skipped"] == {"sample": 2, "plain": 2, "attributes": 1}
     assert output.read_text() == text
 
-    # the first shard at TP=2: the same seeded draws, the same log-probabilities
-    tp2_args = [*_prepare_args(models, tmp_path / "tp2.jsonl"), "max_prompts=3", "parallel=tp2"]
-    tp2 = run_recipe("prepare_steerlm2", tp2_args, TORCHRUN_2)
-    assert tp2.returncode == 0, tp2.stderr[-3000:]
-    split = [r for row in read_steerlm2_rows(tmp_path / "tp2.jsonl", schema) for r in row.responses]
-    assert split and [r.text for r in split] == [r.text for r in responses[: len(split)]]
-    for ours, theirs in zip(split, responses):
-        logs = (ours.log_q, ours.log_p_response, ours.log_p_attributes)
-        assert logs == pytest.approx((theirs.log_q, theirs.log_p_response, theirs.log_p_attributes), abs=1e-3)
+    # the first shard at TP=2 and at PP=2: the same seeded draws, the same log-probabilities
+    for parallel in ("tp2", "pp2"):
+        args = [*_prepare_args(models, tmp_path / f"{parallel}.jsonl"), "max_prompts=3", f"parallel={parallel}"]
+        split_run = run_recipe("prepare_steerlm2", args, TORCHRUN_2)
+        assert split_run.returncode == 0, split_run.stderr[-3000:]
+        split = [r for row in read_steerlm2_rows(tmp_path / f"{parallel}.jsonl", schema) for r in row.responses]
+        assert split and [r.text for r in split] == [r.text for r in responses[: len(split)]], parallel
+        for ours, theirs in zip(split, responses):
+            logs = (ours.log_q, ours.log_p_response, ours.log_p_attributes)
+            assert logs == pytest.approx((theirs.log_q, theirs.log_p_response, theirs.log_p_attributes), abs=1e-3)
 
     # SteerLM 2.0 from Q' itself: b starts uniform, so the distance starts at the mean KL(w || uniform)
     run = tmp_path / "steerlm2"

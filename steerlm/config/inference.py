@@ -22,6 +22,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from steerlm.config.schema import ParallelConfig, PrecisionConfig, is_nemo_archive
+from steerlm.config.validation import validate_generation_layout
 from steerlm.data.readers.fields import DEFAULT_SYSTEM_PROMPT
 from steerlm.errors import ConfigError
 
@@ -110,25 +111,7 @@ class InferenceConfig:
                 "an idle server's other ranks time out",
                 "use 30",
             )
-        for key, value in (
-            ("pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size),
-            ("context_parallel_size", self.parallel.context_parallel_size),
-        ):
-            if value != 1:
-                raise ConfigError(
-                    f"parallel.{key}",
-                    value,
-                    "generation supports tensor parallelism only",
-                    "serve with parallel=single or parallel=tp2 (tensor_model_parallel_size=N) and "
-                    f"parallel.{key}=1; a checkpoint saved at any layout loads at any TP size",
-                )
-        if self.parallel.sequence_parallel:
-            raise ConfigError(
-                "parallel.sequence_parallel",
-                True,
-                "is not supported by KV-cache generation",
-                "set parallel.sequence_parallel=false",
-            )
+        validate_generation_layout(self.parallel, "KV-cache generation")
 
 
 @dataclass

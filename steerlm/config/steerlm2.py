@@ -15,6 +15,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from steerlm.config.schema import ParallelConfig, PrecisionConfig
+from steerlm.config.validation import validate_generation_layout
 from steerlm.data.readers import BadRowPolicy, DataFormat
 from steerlm.errors import require, require_distinct_output
 
@@ -82,18 +83,4 @@ class PrepareSteerLM2Config:
             require(self.torch_threads >= 1, "torch_threads", self.torch_threads, "must be >= 1", "or null")
         self.parallel.validate()
         self.precision.validate()
-        for key in ("pipeline_model_parallel_size", "context_parallel_size"):
-            require(
-                getattr(self.parallel, key) == 1,
-                f"parallel.{key}",
-                getattr(self.parallel, key),
-                "sampling runs the KV-cache generator, which supports tensor parallelism only",
-                f"use parallel.tensor_model_parallel_size=N and parallel.{key}=1",
-            )
-        require(
-            not self.parallel.sequence_parallel,
-            "parallel.sequence_parallel",
-            True,
-            "is not supported by KV-cache generation",
-            "set parallel.sequence_parallel=false",
-        )
+        validate_generation_layout(self.parallel, "sampling with the KV-cache generator")

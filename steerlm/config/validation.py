@@ -83,6 +83,33 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     return dp
 
 
+def validate_generation_layout(parallel: ParallelConfig, what: str = "generation") -> None:
+    """What KV-cache generation cannot split: the sequence (a decoding step feeds one position, so neither
+    context nor sequence parallelism) and a stage into interleaved chunks. Tensor and pipeline parallelism it
+    runs. ConfigError naming the key; `what` names the recipe's use of generation in the message."""
+    cp = parallel.context_parallel_size
+    if cp != 1:
+        raise ConfigError(
+            "parallel.context_parallel_size",
+            cp,
+            f"{what} splits no sequence: a decoding step feeds one position",
+            "set parallel.context_parallel_size=1 and split the model with tensor or pipeline parallelism; a "
+            "checkpoint saved at any layout loads at any other",
+        )
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    if vpp is not None and vpp > 1:
+        raise ConfigError(
+            "parallel.virtual_pipeline_model_parallel_size",
+            vpp,
+            f"{what} runs one model chunk per pipeline stage",
+            "unset parallel.virtual_pipeline_model_parallel_size (null)",
+        )
+    if parallel.sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence_parallel", True, f"is not supported by {what}", "set parallel.sequence_parallel=false"
+        )
+
+
 def validate_model_layout(
     model: ModelConfig, parallel: ParallelConfig, accelerator: Accelerator, this_machine: bool = True
 ) -> None:

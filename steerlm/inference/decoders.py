@@ -23,7 +23,11 @@ forward pass as the prefill.
   otherwise bound by kernel launches, not by reading the weights. Re-recorded when rows join. CUDA only, TP=1.
 
 Under TP the lean loops keep this rank's heads, make megatron's two reductions per layer themselves
-(attention and MLP outputs) and gather the vocabulary-sharded logits.
+(attention and MLP outputs) and gather the vocabulary-sharded logits. Under PP (`LeanDecoder` only) each stage
+runs its own layers with its own part of the cache: the first embeds, each sends its output to the next, and the
+last makes the logits and broadcasts them to every stage (`_Stages`), so every rank samples from the same numbers.
+Stages run one after the other, as NeMo's and megatron's pipelined generation do: PP is for a model too large
+for one node's tensor parallelism, not for speed.
 """
 
 from __future__ import annotations
@@ -184,10 +188,8 @@ def _layer_norms(layer, config) -> tuple[_Norm | None, _Norm | None]:
 
 
 def lean_unsupported(model: GPTModel) -> str | None:
-    """Why `LeanDecoder` cannot run `model` (None when it can)."""
+    """Why `LeanDecoder` cannot run `model` (this rank's pipeline stage of it; None when it can)."""
     config = model.config
-    if not (model.pre_process and model.post_process):
-        return "the model is split across pipeline stages"
     if model.position_embedding_type != "rope" or config.rotary_interleaved:
         return "position embeddings are not (non-interleaved) RoPE"
     if not config.gated_linear_unit or config.activation_func is not F.silu:
@@ -210,6 +212,37 @@ def lean_unsupported(model: GPTModel) -> str | None:
         if None in _layer_norms(layer, config):
             return "a layer's input norms are neither its own modules nor fused into linear_qkv / linear_fc1"
     return None
+
+
+class _Stages:
+    """Where this rank's layers sit in the pipeline (PP > 1; at PP = 1 each call is local or nothing): the first
+    stage embeds the tokens, each later one receives the hidden states `[rows, positions, hidden]` from the stage
+    before (the same TP rank there: megatron's pipeline groups), and the logits the last stage makes are broadcast
+    to every stage. Every rank makes the same calls with the same shapes, so the stages need no header."""
+
+    def __init__(self, layout: ParallelLayout) -> None:
+        self.first, self.last = layout.is_first_stage, layout.is_last_stage
+        self.group = layout.pg_collection.pp if layout.pp > 1 else None
+        ranks = [dist.get_global_rank(self.group, i) for i in range(layout.pp)] if self.group is not None else []
+        self.previous = ranks[layout.pp_rank - 1] if ranks and not self.first else None
+        self.next = ranks[layout.pp_rank + 1] if ranks and not self.last else None
+        self.source = ranks[-1] if ranks else None
+
+    def receive(self, empty: torch.Tensor) -> torch.Tensor:
+        """`empty` filled with the previous stage's output."""
+        dist.recv(empty, src=self.previous, group=self.group)
+        return empty
+
+    def send(self, hidden: torch.Tensor) -> None:
+        """This stage's output to the next stage (none on the last)."""
+        if self.next is not None:
+            dist.send(hidden.contiguous(), dst=self.next, group=self.group)
+
+    def share(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last stage's `logits` on every stage (the others pass an empty tensor of their shape)."""
+        if self.group is not None:
+            dist.broadcast(logits, src=self.source, group=self.group)
+        return logits
 
 
 class _Span:
@@ -294,19 +327,22 @@ class LeanDecoder:
         self.heads = config.num_attention_heads // layout.tp
         self.groups = (config.num_query_groups or config.num_attention_heads) // layout.tp
         self.head_dim = config.kv_channels
+        self.stages = _Stages(layout)
         self.norms: list[tuple[_Norm, _Norm]] = []
         for layer in model.decoder.layers:
             input_norm, pre_mlp_norm = _layer_norms(layer, config)
             if input_norm is None or pre_mlp_norm is None:
                 raise ValueError(f"LeanDecoder cannot run this model: {lean_unsupported(model)}")
             self.norms.append((input_norm, pre_mlp_norm))
-        parameter = next(model.parameters())
+        self.dtype = next(model.parameters()).dtype
         freqs = model.rotary_pos_emb(length)[:, 0, 0].float()  # [length, head_dim]: megatron's RoPE (scaling included)
-        self.cos, self.sin = freqs.cos().to(parameter.dtype), freqs.sin().to(parameter.dtype)
+        self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
         self.cache = self._empty(0, 0)
         self.lengths: list[int] = []  # per row: the positions it has filled (its next one)
-        self.output_weight = (
-            model.shared_embedding_or_output_weight()
+        self.output_weight = (  # the last stage's: its own copy of tied embeddings under PP
+            None
+            if not self.stages.last
+            else model.shared_embedding_or_output_weight()
             if model.share_embeddings_and_output_weights
             else model.output_layer.weight
         )
@@ -381,11 +417,17 @@ class LeanDecoder:
         self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
     ) -> torch.Tensor:
         """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]; `rows`: the rows that
-        run an adapter, and theirs (None: every row the model alone)."""
-        hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
+        run an adapter, and theirs (None: every row the model alone). Under PP: this stage's layers' output, which
+        it sends on (only the last stage's is the model's)."""
+        if self.stages.first:
+            hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
+        else:
+            shape = (*tokens.shape, self.model.config.hidden_size)
+            hidden = self.stages.receive(torch.empty(shape, dtype=self.dtype, device=self.device))
         for layer, (input_norm, pre_mlp_norm), layer_cache in zip(self.model.decoder.layers, self.norms, cache):
             hidden = hidden + self._attention(layer, input_norm(hidden), positions, layer_cache, rows)
             hidden = hidden + self._mlp(layer, pre_mlp_norm(hidden), rows)
+        self.stages.send(hidden)
         return hidden
 
     def shared_prefix_hidden(
@@ -397,7 +439,7 @@ class LeanDecoder:
         variants of one context (the Bayes judge's levels); this decoder's own rows are untouched."""
         longest = max((len(p) for p in prefixes), default=0)
         cache = self._empty(len(prefixes), longest)
-        hidden = self.output_weight.new_empty(len(prefixes), 0, self.model.config.hidden_size)
+        hidden = self.cos.new_empty(len(prefixes), 0, self.model.config.hidden_size)
         if longest:
             padded = _padded([p or [0] for p in prefixes], self.device)
             hidden = self._hidden(padded, _Span(self, padded.shape[1]), cache)
@@ -416,13 +458,16 @@ class LeanDecoder:
 
     def vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits of last-layer outputs `[..., hidden]` (the final norm, the output layer, the
-        TP shards gathered)."""
+        TP shards gathered; under PP made by the last stage and broadcast: a collective of every stage)."""
+        if not self.stages.last:
+            return self.stages.share(hidden.new_empty(*hidden.shape[:-1], self.model.vocab_size))
+        assert self.output_weight is not None
         logits = linear(self.model.decoder.final_layernorm(hidden), self.output_weight)
-        if self.group is None:
-            return logits
-        shards = [torch.empty_like(logits) for _ in range(self.tp)]
-        dist.all_gather(shards, logits.contiguous(), group=self.group)
-        return torch.cat(shards, dim=-1)
+        if self.group is not None:
+            shards = [torch.empty_like(logits) for _ in range(self.tp)]
+            dist.all_gather(shards, logits.contiguous(), group=self.group)
+            logits = torch.cat(shards, dim=-1)
+        return self.stages.share(logits.contiguous())
 
     def _logits(
         self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
@@ -488,8 +533,11 @@ class GraphedLeanDecoder(LeanDecoder):
     """
 
     def __init__(self, model: GPTModel, layout: ParallelLayout, length: int, capture: bool = True) -> None:
-        if capture and (layout.device.type != "cuda" or layout.tp > 1):
-            raise ValueError("CUDA-graph decoding needs a CUDA device and tensor_model_parallel_size=1")
+        if capture and (layout.device.type != "cuda" or layout.tp > 1 or layout.pp > 1):
+            raise ValueError(
+                "CUDA-graph decoding needs a CUDA device, tensor_model_parallel_size=1 and "
+                "pipeline_model_parallel_size=1"
+            )
         super().__init__(model, layout, length)
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None

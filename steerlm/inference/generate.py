@@ -341,11 +341,12 @@ class StepOutcome:
 
 
 class Generator:
-    """Batched KV-cache generation with one model replica (`model`: this rank's chunks, PP=1).
+    """Batched KV-cache generation with one model replica (`model`: this rank's chunk, one per pipeline stage).
 
-    Every tensor-parallel rank must call `stream`/`generate` with the same arguments and consume the
-    whole stream (the steps are collective). A row stops at any of `stop_token_ids` or `stop_strings` (the
-    end of turn of a `nemo`-tokenized model is text, several ids), besides its own stop strings.
+    Every tensor- and pipeline-parallel rank must call `stream`/`generate` with the same arguments and consume
+    the whole stream (the steps are collective). Under PP the lean decoder runs the stages in turn. A row stops
+    at any of `stop_token_ids` or `stop_strings` (the end of turn of a `nemo`-tokenized model is text, several
+    ids), besides its own stop strings.
     """
 
     def __init__(
@@ -359,13 +360,12 @@ class Generator:
         stop_strings: Sequence[str] = (),
         adapters: AdapterBank | None = None,
     ) -> None:
-        if layout.pp > 1 or len(model) != 1:
+        if len(model) != 1:
             raise ConfigError(
-                "parallel.pipeline_model_parallel_size",
-                layout.pp,
-                "generation runs one pipeline stage (the KV-cache loop is not pipelined)",
-                "serve with parallel.pipeline_model_parallel_size=1 (and virtual stages off); "
-                "checkpoints load at any layout, so use tensor parallelism to split a large model",
+                "parallel.virtual_pipeline_model_parallel_size",
+                len(model),
+                "generation runs one model chunk per pipeline stage",
+                "unset parallel.virtual_pipeline_model_parallel_size for generation (checkpoints load at any layout)",
             )
         if layout.sequence_parallel:
             raise ConfigError(
@@ -385,6 +385,15 @@ class Generator:
             raise ValueError(f"decoder={decoder!r}: choose auto, lean or megatron")
         if decoder == "lean" and reason:
             raise ValueError(f"decoder=lean cannot run this model: {reason}; use decoder=auto or megatron")
+        if layout.pp > 1 and (reason or decoder == "megatron"):
+            raise ConfigError(
+                "parallel.pipeline_model_parallel_size",
+                layout.pp,
+                "pipelined generation runs in the lean decoder, "
+                + (f"which cannot run this model: {reason}" if reason else "and decoder=megatron was chosen"),
+                "serve with parallel.pipeline_model_parallel_size=1; checkpoints load at any layout, so use "
+                "tensor parallelism to split the model",
+            )
         self.decoder = MegatronDecoder if decoder == "megatron" or reason else LeanDecoder
         self.adapters: AdapterBank | None = None
         if adapters is not None:
@@ -404,9 +413,13 @@ class Generator:
         return self.decoder(self.model, self.layout, self.max_sequence_length)
 
     def _agree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every model-parallel rank continues with the same tokens: TP rank 0's, then (PP) the last stage's."""
         if self.layout.tp > 1:
             group = self.layout.pg_collection.tp
             dist.broadcast(tokens, src=dist.get_global_rank(group, 0), group=group)
+        if self.layout.pp > 1:
+            group = self.layout.pg_collection.pp
+            dist.broadcast(tokens, src=dist.get_global_rank(group, self.layout.pp - 1), group=group)
         return tokens
 
     def check(self, prompt: Sequence[int], params: SamplingParams, index: int = 0) -> None:

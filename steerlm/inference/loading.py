@@ -135,17 +135,17 @@ def _section(saved: DictConfig, name: str, schema: type):
 
 
 def check_inference_layout(parallel: ParallelConfig, models: Sequence[ModelConfig]) -> None:
-    """Before anything starts: one model replica over all launched ranks (tensor parallel only), and each
-    model's shape splittable at that TP size. ConfigError naming the key otherwise."""
+    """Before anything starts: one model replica over all launched ranks (tensor and pipeline parallel), and
+    each model's shape splittable at that layout. ConfigError naming the key otherwise."""
     world = runtime.launch_world_size()
     if data_parallel_size(parallel, world) != 1:
-        tp = parallel.tensor_model_parallel_size
+        tp, mp = parallel.tensor_model_parallel_size, parallel.model_parallel_size
         raise ConfigError(
             "parallel.tensor_model_parallel_size",
             tp,
-            f"{world} processes would hold {world // tp} copies of the model; inference runs one",
-            f"launch exactly {tp} process(es) (torchrun --nproc-per-node {tp}) or set "
-            f"parallel.tensor_model_parallel_size={world}",
+            f"{world} processes would hold {world // mp} copies of the model; inference runs one",
+            f"launch exactly {mp} process(es) (torchrun --nproc-per-node {mp}) or set "
+            f"parallel.tensor_model_parallel_size={world * tp // mp}",
         )
     for model in models:
         validate_model_layout(model, parallel, runtime.detect_accelerator())

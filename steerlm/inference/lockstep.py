@@ -1,6 +1,7 @@
-"""Rank 0 drives, the other model-parallel ranks follow: how one application serves a TP-sharded model.
+"""Rank 0 drives, the other model-parallel ranks follow: how one application serves a model split by tensor or
+pipeline parallelism.
 
-Every forward pass under tensor parallelism is collective, so each rank must make the same calls in
+Every forward pass under tensor or pipeline parallelism is collective, so each rank must make the same calls in
 the same order. Rank 0 (which runs the CLI or HTTP server) announces each call — a handler name and
 its arguments — with one object broadcast; the other ranks sit in `follow()` and execute what they are
 told. A serving engine announces one call per decoding step (`advance`, with the rows that join and
@@ -38,8 +39,8 @@ class RanksDiverged(RuntimeError):
 
 class Lockstep:
     def __init__(self, layout: ParallelLayout, handlers: Mapping[str, Callable[..., Any]]) -> None:
-        if layout.dp != 1 or layout.pp != 1:
-            raise ValueError(f"lockstep serving needs every rank in one tensor-parallel group; got {layout.describe()}")
+        if layout.dp != 1:
+            raise ValueError(f"lockstep serving needs every rank in one model replica; got {layout.describe()}")
         self.layout = layout
         self.handlers = dict(handlers)
         self.closed = False

@@ -130,13 +130,12 @@ class AttributeModelStage(TrainingStage[AttributeModelConfig, APMInputs]):
         schema = cfg.attributes.schema()
         _check_checkpoint_schema(cfg, output_dir, schema)
         generative = cfg.apm.type == APMType.generative
-        if generative and cfg.parallel.pipeline_model_parallel_size > 1:
+        if generative and (cfg.parallel.virtual_pipeline_model_parallel_size or 1) > 1:
             raise ConfigError(
                 "apm.type",
                 cfg.apm.type.value,
-                "is evaluated by greedy generation, which runs one pipeline stage",
-                "train it with parallel.pipeline_model_parallel_size=1 (use tensor parallelism to split the model), "
-                "or apm.type=regression",
+                "is evaluated by greedy generation, which runs one model chunk per pipeline stage",
+                "unset parallel.virtual_pipeline_model_parallel_size, or apm.type=regression",
             )
         init = resolve_init_source("apm.init_from", cfg.apm.init_from, cfg.model, None if generative else schema)
         return check_init_tokenization(init, cfg.template.tokenization)
