@@ -310,7 +310,7 @@ class GenerativeAttributeScorer(AttributeScorer):
     Scores are parsed from its greedy continuation (`parse_attribute_string`); an attribute it did not write
     well is NaN (missing), and `last_generation` reports how many strings were complete or malformed, with
     examples. Prompts are capped at `seq_length - attribute_string_budget` tokens so the string fits.
-    Needs one pipeline stage (generation is not pipelined).
+    Generates with one model chunk per pipeline stage (no interleaved stages).
     """
 
     def __init__(

@@ -12,8 +12,8 @@ written atomically; a rerun skips finished shards, and a change of checkpoint or
 3. `attributes` — the regression APM scores each (x, y); log P(a|x,y) bins its predictions through a Beta
    distribution per attribute (`steerlm.data.steerlm2.attributes_log_probability`).
 
-The merged output is NeMo-Aligner's SteerLM 2.0 JSONL, written atomically. Generation runs one model replica:
-tensor parallelism only; every rank works in lockstep and global rank 0 writes.
+The merged output is NeMo-Aligner's SteerLM 2.0 JSONL, written atomically. Generation runs one model replica,
+split by tensor or pipeline parallelism; every rank works in lockstep and global rank 0 writes.
 """
 
 from __future__ import annotations
