@@ -162,3 +162,91 @@ def test_archives_that_are_not_what_they_claim_are_refused(layout, full, base, t
         )
     with pytest.raises(DataError, match="holds LoRA adapters alone"):
         NemoCheckpoint(_archive(tmp_path / "alone", "legacy", adapters, config))
+
+
+def _archive_states(archive: Path) -> dict[str, dict]:
+    """Every `model_weights.ckpt` of a `.nemo` tar, loaded, by its path in the archive."""
+    import io
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        return {
+            member.name.removeprefix("./"): torch.load(io.BytesIO(tar.extractfile(member).read()), weights_only=True)
+            for member in tar.getmembers()
+            if member.name.endswith("model_weights.ckpt")
+        }
+
+
+def _archive_config(archive: Path) -> dict:
+    import tarfile
+
+    import yaml
+
+    with tarfile.open(archive) as tar:
+        return yaml.safe_load(tar.extractfile("./model_config.yaml").read())
+
+
+def _written_legacy(directory: Path, adapters: dict, pipeline: int) -> dict[str, dict]:
+    """This file's own record of NeMo's legacy layout (`write_legacy`, at TP=2) of `adapters`, by path."""
+    write_legacy(directory, adapters, nemo_lora_config(ALL), pipeline)
+    return {
+        path.relative_to(directory).as_posix(): torch.load(path, weights_only=True)
+        for path in directory.rglob("model_weights.ckpt")
+    }
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_as_nemos_peft_archive_at_its_layout(layout, full, base, tmp_path) -> None:
+    """A NeMo LoRA archive imported on its base (a steerlm run of the adapters alone), exported with to=nemo_lora:
+    at TP=1 the root's model_weights.ckpt holds NeMo's full tensors; at TP=2 and TP=2 x PP=2 (torchrun) the rank
+    files are those this file's own record of NeMo's layout makes of the same tensors (slices, stage-local layer
+    numbers), bitwise; the config announces them as NeMo's peft section does; imported back on the base, the
+    adapters are the same."""
+    from tests.recipe_runner import TORCHRUN_2, run_recipe
+
+    adapters = lora_tensors(full, ALL)
+    source = _archive(tmp_path / "lora", "legacy", adapters, nemo_lora_config(ALL))
+    imported = convert(ConvertConfig(input=str(source), output=str(tmp_path / "imported"), base=str(base)), layout)
+    out = tmp_path / "out.nemo"
+    cfg = ConvertConfig(input=str(imported), output=str(out), to=ModelFormat.nemo_lora)
+    cfg.validate()
+    convert(cfg, layout)
+    states = _archive_states(out)
+    assert states.keys() == {"model_weights.ckpt"}
+    expected = {"model." + name: tensor for name, tensor in adapters.items()}
+    assert states["model_weights.ckpt"].keys() == expected.keys()
+    assert all(torch.equal(states["model_weights.ckpt"][key], tensor) for key, tensor in expected.items())
+    config = _archive_config(out)
+    assert config["peft"]["peft_scheme"] == "lora" and config["peft"]["restore_from_path"] == str(base.resolve())
+    tuning = config["peft"]["lora_tuning"]
+    assert (tuning["adapter_dim"], tuning["alpha"], tuning["layer_selection"]) == (LORA_RANK, LORA_ALPHA, None)
+    assert tuning["target_modules"] == [NEMO_ADAPTERS[linear][2] for linear in ALL]
+    assert config["num_layers"] == LAYERS and config["tensor_model_parallel_size"] == 1
+    back = convert(ConvertConfig(input=str(out), output=str(tmp_path / "back"), base=str(base)), layout)
+    first, again = _read(imported, base, layout), _read(back, base, layout)
+    assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
+
+    torchrun_4 = [*TORCHRUN_2[:-1], "4"]
+    for parallel, launcher, pipeline in (("tp2", TORCHRUN_2, 1), ("tp2_pp2", torchrun_4, 2)):
+        split = tmp_path / f"{parallel}.nemo"
+        done = run_recipe(
+            "convert", [f"input={imported}", f"output={split}", "to=nemo_lora", f"parallel={parallel}"], launcher
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        written, reference = _archive_states(split), _written_legacy(tmp_path / f"{parallel}_ref", adapters, pipeline)
+        assert written.keys() == reference.keys(), sorted(written)
+        for file, state in reference.items():
+            assert written[file].keys() == state.keys(), file
+            assert all(torch.equal(written[file][key], tensor) for key, tensor in state.items()), file
+        assert _archive_config(split)["pipeline_model_parallel_size"] == pipeline
+
+
+def test_runs_without_adapters_alone_are_not_exported_as_nemo_lora(layout, full, base, tmp_path) -> None:
+    imported = tmp_path / "model"
+    convert(ConvertConfig(input=str(base), output=str(imported)), layout)
+    cfg = ConvertConfig(input=str(imported), output=str(tmp_path / "out.nemo"), to=ModelFormat.nemo_lora)
+    cfg.validate()
+    with pytest.raises(ConfigError, match="holds no LoRA adapters") as error:
+        convert(cfg, layout)
+    assert error.value.key == "input" and "to=nemo" in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]

@@ -8,9 +8,9 @@ steerlm checkpoint (weights only) from `parallel`'s layout; so does a steerlm ch
 weights alone: no optimizer state, a LoRA run's adapters merged with their base). `attributes` and
 `system_prompt` are the exported chat template's default request, with the meaning they have for
 `recipes/serve.py`. `to=nemo` writes a NeMo 1.x `.nemo` archive (`output=x.nemo`; any other name: the directory it
-extracts to); between two formats that are not steerlm's (a
-`.nemo` to hf or peft, hf to nemo) the conversion runs through a temporary steerlm checkpoint. See
-docs/deploying.md.
+extracts to), `to=nemo_lora` a LoRA run's adapters alone as NeMo's PEFT archive; between two formats that are
+not steerlm's (a `.nemo` to hf or peft, hf to nemo) the conversion runs through a temporary steerlm checkpoint.
+See docs/deploying.md.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class ModelFormat(str, Enum):
     hf = "hf"  # a Hugging Face Llama directory: config.json + *.safetensors (+ tokenizer files)
     nemo = "nemo"  # a NeMo 1.x .nemo archive (or its unpacked directory): in, or out with to=nemo
     peft = "peft"  # a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors): export only
+    nemo_lora = "nemo_lora"  # NeMo 1.x's PEFT archive of a LoRA run's adapters alone: export only
 
 
 def input_format(path: Path) -> ModelFormat:

@@ -41,7 +41,13 @@ from steerlm.megatron_compat import unfused_norm_name
 from steerlm.models import lora
 from steerlm.models.nemo_archive import NemoArchive
 from steerlm.models.nemo_config import NemoModel, layers_per_stage, nemo_model
-from steerlm.models.sharding import TIED_EMBEDDING, load_full_parameters, named_global_parameters, unshard_along
+from steerlm.models.sharding import (
+    TIED_EMBEDDING,
+    load_full_parameters,
+    named_global_parameters,
+    shard_along,
+    unshard_along,
+)
 
 DIST_DIR = "model_weights"
 LEGACY_FILE = "model_weights.ckpt"
@@ -360,6 +366,46 @@ def archive_weights(archive: NemoArchive, config: dict) -> _DistributedWeights |
         if config.get(key, 1) != ranks:
             raise DataError(source, None, key, f"{config.get(key, 1)!r} differs from the {ranks} ranks' files")
     return _LegacyWeights(archive, files, layers_per_stage(config, source, pipeline))
+
+
+_NEMO_ADAPTER_TENSORS = {steerlm: nemo for nemo, steerlm in _ADAPTER_TENSORS.items()}
+
+
+def legacy_rank_file(tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
+    """Where NeMo's legacy layout keeps rank (tp_rank, pp_rank)'s `model_weights.ckpt` (its
+    `inject_model_parallel_rank`): at the root for one rank, `mp_rank_XX/` without PP, `tp_rank_XX_pp_rank_XXX/`."""
+    if tp == 1 and pp == 1:
+        return LEGACY_FILE
+    if pp == 1:
+        return f"mp_rank_{tp_rank:02d}/{LEGACY_FILE}"
+    return f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}/{LEGACY_FILE}"
+
+
+def legacy_adapter_states(
+    full: dict[str, torch.Tensor], tp: int, stage_layers: tuple[int, ...], gated: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA adapters (full tensors by steerlm global name) as NeMo's PEFT training saves them: per (tp, pp) rank
+    file (`legacy_rank_file`), a state dict of `model.decoder.layers.<stage-local layer>.…adapter_layer.…` keys
+    holding NeMo's slices (`linear_in` split along the rank dim beside a column-parallel layer and along its input
+    beside a row-parallel one, `linear_out` along its output; SwiGLU's fc1 `[gate_r; up_r]` with `gated`). The
+    inverse of this module's reading of a legacy archive."""
+    pp = len(stage_layers)
+    starts = [sum(stage_layers[:stage]) for stage in range(pp)]
+    states: dict[str, dict[str, torch.Tensor]] = {
+        legacy_rank_file(t, p, tp, pp): {} for t in range(tp) for p in range(pp)
+    }
+    for name, tensor in full.items():
+        match = _LAYER.match(name)
+        if match is None or match.group(2) not in _NEMO_ADAPTER_TENSORS:
+            raise ValueError(f"{name} is not a LoRA adapter of a decoder layer")
+        layer = int(match.group(1))
+        stage = max(p for p in range(pp) if starts[p] <= layer)
+        key = f"model.decoder.layers.{layer - starts[stage]}.{_NEMO_ADAPTER_TENSORS[match.group(2)]}"
+        partition = _partition(name, gated)
+        assert partition is not None  # every adapter tensor is split over TP ranks in NeMo's layout
+        for rank, piece in enumerate(shard_along(tensor, *partition, tp)):
+            states[legacy_rank_file(rank, stage, tp, pp)][key] = piece
+    return states
 
 
 def read_full(weights: _DistributedWeights | _LegacyWeights, names: list[str], gated: bool) -> dict[str, torch.Tensor]:

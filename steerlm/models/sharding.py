@@ -66,6 +66,12 @@ def unshard_along(shards: list[torch.Tensor], dim: int, stride: int = 1) -> torc
     return torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 
 
+def shard_along(full: torch.Tensor, dim: int, stride: int, tp: int) -> list[torch.Tensor]:
+    """Every TP rank's slice of `full` (rank order): the inverse of `unshard_along`."""
+    pieces = [torch.chunk(piece, tp, dim=dim) for piece in torch.chunk(full, stride, dim=dim)]
+    return [torch.cat([piece[rank] for piece in pieces], dim=dim).contiguous() for rank in range(tp)]
+
+
 def gather_full(local: torch.Tensor, param: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
     """All-gather a TP-sharded tensor (a parameter or its gradient) into the full tensor."""
     tp = dist.get_world_size(tp_group)

@@ -28,6 +28,7 @@ from steerlm.stages.hf_export import export_to_hf
 from steerlm.stages.hf_import import import_to_steerlm
 from steerlm.stages.nemo_export import export_to_nemo
 from steerlm.stages.nemo_import import import_nemo, import_nemo_lora
+from steerlm.stages.nemo_lora_export import export_nemo_lora
 from steerlm.stages.peft_export import export_peft_adapter
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ CONVERSIONS: dict[tuple[ModelFormat, ModelFormat], Callable[[ConvertConfig, Para
     (ModelFormat.nemo, ModelFormat.steerlm): import_from_nemo,
     (ModelFormat.steerlm, ModelFormat.nemo): export_to_nemo,  # a NeMo 1.x archive NeMo and NeMo-Aligner restore
     (ModelFormat.steerlm, ModelFormat.peft): export_peft_adapter,  # a LoRA run's adapters
+    (ModelFormat.steerlm, ModelFormat.nemo_lora): export_nemo_lora,  # a LoRA run's adapters, NeMo's PEFT archive
     (ModelFormat.steerlm, ModelFormat.steerlm): consolidate,  # the weights alone, self-contained
 }
 
@@ -86,7 +88,7 @@ def convert(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             cfg.target.value,
             f"steerlm cannot convert {cfg.source.value} into {cfg.target.value}",
             "convert steerlm → hf, steerlm → nemo, steerlm → steerlm (the weights alone) or a LoRA run's adapters → "
-            "peft, hf / nemo → steerlm, or hf / nemo on to any of those",
+            "peft / nemo_lora, hf / nemo → steerlm, or hf / nemo on to any of those",
         )
     with torch.no_grad():
         return conversion(cfg, layout)

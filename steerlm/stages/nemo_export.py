@@ -121,7 +121,7 @@ def _content_name(files: list[Path], suffix: str) -> str:
     return f"{digest.hexdigest()[:32]}_{suffix}"
 
 
-def _nemo_tokenizer(source: ExportSource, staging: Path) -> tuple[dict, int]:
+def nemo_tokenizer_artifact(source: ExportSource, staging: Path) -> tuple[dict, int]:
     """Rank 0: write the tokenizer into the archive's directory; model_config.yaml's `tokenizer` section and how
     many ids NeMo's tokenizer has (what NeMo pads the vocabulary from)."""
     assert source.tokenizer is not None
@@ -156,7 +156,9 @@ def _tokenization(source: ExportSource) -> Tokenization:
     return Tokenization(source.saved.get("template", {}).get("tokenization", Tokenization.markers.value))
 
 
-def _check(cfg: ConvertConfig, source: ExportSource) -> None:
+def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
+    """What every `.nemo` export needs: a tokenizer (NeMo builds the vocabulary from it), and no chat-template
+    defaults."""
     if source.tokenizer is None:
         raise ConfigError(
             "tokenizer_path",
@@ -197,11 +199,11 @@ def _tar(directory: Path, archive: Path) -> None:
             tar.add(path, arcname="./" + path.relative_to(directory).as_posix(), recursive=False, filter=clean)
 
 
-def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
-    """Collective: write the `.nemo` archive `cfg.output` from the checkpoint `cfg.input`."""
-    source = read_export_source(cfg.input, cfg.tokenizer_path)
-    validate_model_layout(source.model, cfg.parallel, runtime.detect_accelerator())
-    _check(cfg, source)
+def start_archive(
+    cfg: ConvertConfig, source: ExportSource, layout: ParallelLayout
+) -> tuple[Path, tuple[dict, int] | None]:
+    """Collective: the staging directory beside `cfg.output` and, on rank 0, the tokenizer written into it (its
+    config section and NeMo's id count); a refusal on rank 0 is raised on every rank, nothing left behind."""
     output = Path(cfg.output).resolve()
     staging = output.parent / f".{output.name}.partial"
     tokenizer: tuple[dict, int] | None = None
@@ -210,11 +212,36 @@ def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            tokenizer = _nemo_tokenizer(source, staging)
+            tokenizer = nemo_tokenizer_artifact(source, staging)
         except ConfigError as refused:
             shutil.rmtree(staging, ignore_errors=True)
             error = refused
     agree(layout, error)
+    return staging, tokenizer
+
+
+def finish_archive(staging: Path, config: dict, output: Path) -> None:
+    """Rank 0: write `model_config.yaml` and move the staged archive into place, as a `.nemo` tar or (any other
+    name) the directory NeMo extracts one to, which it restores in place: no second copy of the weights."""
+    (staging / NEMO_CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    if output.is_dir():
+        output.rmdir()  # validated empty
+    if output.suffix == NEMO_SUFFIX:
+        partial = output.parent / f".{output.name}.tar.partial"
+        _tar(staging, partial)
+        os.replace(partial, output)
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, output)
+
+
+def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
+    """Collective: write the `.nemo` archive `cfg.output` from the checkpoint `cfg.input`."""
+    source = read_export_source(cfg.input, cfg.tokenizer_path)
+    validate_model_layout(source.model, cfg.parallel, runtime.detect_accelerator())
+    check_nemo_export(cfg, source)
+    output = Path(cfg.output).resolve()
+    staging, tokenizer = start_archive(cfg, source, layout)
     dtype = cfg.dtype or source.dtype
     head = _reward_head(source)
     chunks = build_checkpoint_model(
@@ -240,23 +267,14 @@ def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             tokenizer_ids=ids,
             reward_head=head,
         )
-        config[STEERLM_SECTION] = _provenance(source)
-        (staging / NEMO_CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-        if output.is_dir():
-            output.rmdir()  # validated empty
-        if output.suffix == NEMO_SUFFIX:
-            partial = output.parent / f".{output.name}.tar.partial"
-            _tar(staging, partial)
-            os.replace(partial, output)
-            shutil.rmtree(staging)
-        else:  # the directory NeMo extracts a .nemo to, which it restores in place: no second copy of the weights
-            os.replace(staging, output)
+        config[STEERLM_SECTION] = provenance(source)
+        finish_archive(staging, config, output)
         log.info("exported %s (step %d, %s) to %s", source.path, source.step, source.kind.value, output)
     dist.barrier()
     return output
 
 
-def _provenance(source: ExportSource) -> dict:
+def provenance(source: ExportSource) -> dict:
     """What NeMo does not record and steerlm reads back when it imports or serves the archive
     (`steerlm.inference.nemo_source.steerlm_record`): the source, its attribute schema and its tokenization."""
     attributes = OmegaConf.to_container(source.saved.attributes) if "attributes" in source.saved else None

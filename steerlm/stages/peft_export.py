@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from safetensors.torch import save_file
@@ -42,7 +43,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _base_model(saved: DictConfig) -> str | None:
+def base_model(saved: DictConfig) -> str | None:
     """The weights the run started from (its stage's `init_from`), as PEFT's `base_model_name_or_path`."""
     for section in saved.values():
         if isinstance(section, DictConfig) and section.get("init_from"):
@@ -56,7 +57,7 @@ def adapter_config(source: ExportSource, lora: dict) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": _base_model(source.saved),
+        "base_model_name_or_path": base_model(source.saved),
         "r": lora["rank"],
         "lora_alpha": lora["alpha"],
         "lora_dropout": float((source.saved.get("lora") or {}).get("dropout", 0.0)),  # the run's (training only)
@@ -71,24 +72,46 @@ def adapter_config(source: ExportSource, lora: dict) -> dict:
     }
 
 
-def _check(cfg: ConvertConfig, source: ExportSource) -> dict:
+def check_adapters_alone(cfg: ConvertConfig, source: ExportSource, whole: str) -> dict:
+    """The run's LoRA settings (`lora` of its checkpoint metadata), or a ConfigError: a run without adapters, or a
+    regression APM (its head trains in full: an adapter format has no place for it). `whole`: the `to=` that
+    exports the whole model instead."""
     lora = read_meta(source.path).lora
     if lora is None:
         raise ConfigError(
             "input",
             cfg.input,
             "holds no LoRA adapters (its run trained every weight: lora.rank=0)",
-            "export the whole model with to=hf",
+            f"export the whole model with to={whole}",
         )
     if source.kind == ModelKind.regression_apm:
         raise ConfigError(
             "to",
-            "peft",
+            cfg.to.value if cfg.to else None,
             f"{cfg.input} is a regression APM, whose attribute head trained in full beside the adapters: a causal "
-            "LM's PEFT adapter has no place for it",
-            "export the merged model with to=hf (a LlamaForSequenceClassification)",
+            "LM's adapter has no place for it",
+            f"export the merged model with to={whole}",
         )
     return lora
+
+
+def gather_adapters(cfg: ConvertConfig, source: ExportSource, layout: ParallelLayout) -> dict[str, torch.Tensor]:
+    """Collective: the run's adapters as full tensors by global name, on CPU, in `cfg.dtype` (else the run's);
+    rank 0 gets them all, the other ranks an empty dict."""
+    chunks = build_model_chunks(source.model, PrecisionConfig(dtype=source.dtype), layout, cfg.seed)
+    load_adapters(source.path, chunks, layout, source.model)  # the frozen weights are not needed
+    local = {}
+    for name, param in named_global_parameters(chunks):
+        if is_adapter(name):
+            full = gather_full(param.detach(), param, layout.pg_collection.tp)
+            if layout.tp_rank == 0:
+                local[name] = full.cpu()
+    gathered: list[dict] = [{} for _ in range(layout.world_size)]
+    dist.all_gather_object(gathered, local)
+    if not layout.is_rank_zero:
+        return {}
+    dtype = torch_dtype(cfg.dtype or source.dtype)
+    return {name: tensor.to(dtype) for part in gathered for name, tensor in part.items()}
 
 
 def _prepare(cfg: ConvertConfig, source: ExportSource, partial: Path) -> None:
@@ -104,7 +127,7 @@ def _prepare(cfg: ConvertConfig, source: ExportSource, partial: Path) -> None:
 def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     """Collective: write the PEFT adapter directory `cfg.output` from the LoRA checkpoint `cfg.input`."""
     source = read_export_source(cfg.input, cfg.tokenizer_path)
-    lora = _check(cfg, source)
+    lora = check_adapters_alone(cfg, source, "hf")
     validate_model_layout(source.model, cfg.parallel, runtime.detect_accelerator())
     output = Path(cfg.output).resolve()
     partial = output.parent / f".{output.name}.partial"
@@ -116,21 +139,10 @@ def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             error = refused
     agree(layout, error)
-    chunks = build_model_chunks(source.model, PrecisionConfig(dtype=source.dtype), layout, cfg.seed)
-    load_adapters(source.path, chunks, layout, source.model)  # the frozen weights are not needed
-    dtype = torch_dtype(cfg.dtype or source.dtype)
-    local = {}
-    for name, param in named_global_parameters(chunks):
-        if is_adapter(name):
-            full = gather_full(param.detach(), param, layout.pg_collection.tp)
-            if layout.tp_rank == 0:
-                local[name] = full.cpu()
-    gathered: list[dict] = [{} for _ in range(layout.world_size)]
-    dist.all_gather_object(gathered, local)
+    adapters = gather_adapters(cfg, source, layout)
     if layout.is_rank_zero:
-        adapters = {name: tensor for part in gathered for name, tensor in part.items()}
         tensors = {
-            peft_name: part.to(dtype=dtype, copy=True).contiguous()  # q, k, v (gate, up) share A: a copy each
+            peft_name: part.clone().contiguous()  # q, k, v (gate, up) share A: a copy each
             for name in sorted(adapters)
             for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model)
         }
