@@ -47,6 +47,7 @@ from steerlm import runtime
 from steerlm.checkpoint.sharded import load_weights, unwrap, write_sharded
 from steerlm.config import ConfigError, PrecisionConfig
 from steerlm.config.convert import ConvertConfig
+from steerlm.config.schema import DType
 from steerlm.config.sources import NEMO_CONFIG_FILE, STEERLM_SECTION
 from steerlm.config.validation import validate_model_layout
 from steerlm.data.template import Tokenization
@@ -220,6 +221,29 @@ def start_archive(
     return staging, tokenizer
 
 
+def archive_config(
+    source: ExportSource,
+    layout: ParallelLayout,
+    tokenizer: tuple[dict, int],
+    dtype: DType,
+    reward_head: RewardHead | None = None,
+) -> dict:
+    """`model_config.yaml` of the archive: NeMo's model config at the export's layout, with the tokenizer that
+    `start_archive` wrote (its section and id count), and the `steerlm:` record."""
+    section, ids = tokenizer
+    config = nemo_model_config(
+        source.model,
+        tensor_parallel=layout.tp,
+        pipeline_parallel=layout.pp,
+        dtype=dtype.value,
+        tokenizer=section,
+        tokenizer_ids=ids,
+        reward_head=reward_head,
+    )
+    config[STEERLM_SECTION] = provenance(source)
+    return config
+
+
 def finish_archive(staging: Path, config: dict, output: Path) -> None:
     """Rank 0: write `model_config.yaml` and move the staged archive into place, as a `.nemo` tar or (any other
     name) the directory NeMo extracts one to, which it restores in place: no second copy of the weights."""
@@ -257,18 +281,7 @@ def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     del chunks, state
     if layout.is_rank_zero:
         assert tokenizer is not None
-        section, ids = tokenizer
-        config = nemo_model_config(
-            source.model,
-            tensor_parallel=layout.tp,
-            pipeline_parallel=layout.pp,
-            dtype=dtype.value,
-            tokenizer=section,
-            tokenizer_ids=ids,
-            reward_head=head,
-        )
-        config[STEERLM_SECTION] = provenance(source)
-        finish_archive(staging, config, output)
+        finish_archive(staging, archive_config(source, layout, tokenizer, dtype, head), output)
         log.info("exported %s (step %d, %s) to %s", source.path, source.step, source.kind.value, output)
     dist.barrier()
     return output

@@ -26,13 +26,12 @@ from steerlm.checkpoint.sources import WeightFormat
 from steerlm.config.convert import ConvertConfig
 from steerlm.config.lora import NEMO_LORA_TARGETS
 from steerlm.config.schema import Activation
-from steerlm.config.sources import STEERLM_SECTION
 from steerlm.config.validation import validate_model_layout
-from steerlm.models.nemo_config import layers_per_stage, nemo_model_config
+from steerlm.models.nemo_config import layers_per_stage
 from steerlm.models.nemo_weights import legacy_adapter_states
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.stages.export_source import ExportSource, read_export_source
-from steerlm.stages.nemo_export import NEMO_SUFFIX, check_nemo_export, finish_archive, provenance, start_archive
+from steerlm.stages.nemo_export import NEMO_SUFFIX, archive_config, check_nemo_export, finish_archive, start_archive
 from steerlm.stages.peft_export import base_model, check_adapters_alone, gather_adapters
 
 log = logging.getLogger(__name__)
@@ -82,18 +81,8 @@ def export_nemo_lora(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     adapters = gather_adapters(cfg, source, layout)
     if layout.is_rank_zero:
         assert tokenizer is not None
-        section, ids = tokenizer
-        dtype = cfg.dtype or source.dtype
-        config = nemo_model_config(
-            source.model,
-            tensor_parallel=layout.tp,
-            pipeline_parallel=layout.pp,
-            dtype=dtype.value,
-            tokenizer=section,
-            tokenizer_ids=ids,
-        )
+        config = archive_config(source, layout, tokenizer, cfg.dtype or source.dtype)
         config["peft"] = peft_section(source, lora)
-        config[STEERLM_SECTION] = provenance(source)
         stages = layers_per_stage(config, str(output), layout.pp)
         gated = source.model.activation == Activation.swiglu
         for file, state in legacy_adapter_states(adapters, layout.tp, stages, gated).items():
