@@ -216,11 +216,11 @@ def _judged_as_written(output: Path, judge: BayesJudge) -> None:
     assert labels == [round(min(max(value, 0), 4)) for value in expected]
 
 
-def test_a_bayes_judge_and_a_refit_replace_their_attributes_at_any_data_parallel_size(
+def test_a_bayes_judge_and_a_refit_replace_their_attributes_at_any_data_or_pipeline_parallel_size(
     world, steerable, tmp_path: Path, layout
 ) -> None:
     """humor judged by the steerable SFT model: the scores annotate writes are its posterior means given the
-    written conversation (DP=2 writes the same bytes); quality then re-predicted by the fit of the rated data;
+    written conversation (DP=2 and PP=2 write the same bytes); quality then re-predicted by the fit of the rated data;
     adding the refit changes the settings, so every shard is annotated again."""
     source = tmp_path / "input.jsonl"
     source.write_text("".join((world["data"] / "unlabelled.jsonl").read_text().splitlines(keepends=True)[:120]))
@@ -229,10 +229,12 @@ def test_a_bayes_judge_and_a_refit_replace_their_attributes_at_any_data_parallel
     result = _annotate(world, output, *judge_args, "input=" + str(source), "shard_size=40")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "judged by Bayes' rule with" in result.stdout and ": humor;" in result.stdout
-    two = tmp_path / "judged_dp2.jsonl"
-    result = _annotate(world, two, *judge_args, "input=" + str(source), "shard_size=40", launcher=TORCHRUN_2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert two.read_bytes() == output.read_bytes()
+    for split, extra in (("dp2", []), ("pp2", ["parallel=pp2"])):  # PP=2: the judge's stages score in turn
+        two = tmp_path / f"judged_{split}.jsonl"
+        args = [*judge_args, "input=" + str(source), "shard_size=40", *extra]
+        result = _annotate(world, two, *args, launcher=TORCHRUN_2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert two.read_bytes() == output.read_bytes(), split
     judge = BayesJudge.from_checkpoint(str(steerable["sft"]), layout, ["humor"], SCHEMA, verify=False)
     _judged_as_written(output, judge)
 
