@@ -201,7 +201,7 @@ def test_a_lora_run_exports_as_nemos_peft_archive_at_its_layout(layout, full, ba
     at TP=1 the root's model_weights.ckpt holds NeMo's full tensors; at TP=2 and TP=2 x PP=2 (torchrun) the rank
     files are those this file's own record of NeMo's layout makes of the same tensors (slices, stage-local layer
     numbers), bitwise; the config announces them as NeMo's peft section does; imported back on the base, the
-    adapters are the same."""
+    adapters are the same; NeMo's TP=2 archive converts to a TP=1 one in one command."""
     from tests.recipe_runner import TORCHRUN_2, run_recipe
 
     adapters = lora_tensors(full, ALL)
@@ -223,6 +223,11 @@ def test_a_lora_run_exports_as_nemos_peft_archive_at_its_layout(layout, full, ba
     assert tuning["target_modules"] == [NEMO_ADAPTERS[linear][2] for linear in ALL]
     assert config["num_layers"] == LAYERS and config["tensor_model_parallel_size"] == 1
     back = convert(ConvertConfig(input=str(out), output=str(tmp_path / "back"), base=str(base)), layout)
+    # NeMo's TP=2 archive to a TP=1 one in one command (through a temporary steerlm checkpoint): the same file
+    once = tmp_path / "once.nemo"
+    convert(ConvertConfig(input=str(source), output=str(once), base=str(base), to=ModelFormat.nemo_lora), layout)
+    resharded = _archive_states(once)["model_weights.ckpt"]
+    assert resharded.keys() == expected.keys() and all(torch.equal(resharded[k], v) for k, v in expected.items())
     first, again = _read(imported, base, layout), _read(back, base, layout)
     assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
 
