@@ -122,7 +122,7 @@ def _content_name(files: list[Path], suffix: str) -> str:
     return f"{digest.hexdigest()[:32]}_{suffix}"
 
 
-def nemo_tokenizer_artifact(source: ExportSource, staging: Path) -> tuple[dict, int]:
+def _nemo_tokenizer(source: ExportSource, staging: Path) -> tuple[dict, int]:
     """Rank 0: write the tokenizer into the archive's directory; model_config.yaml's `tokenizer` section and how
     many ids NeMo's tokenizer has (what NeMo pads the vocabulary from)."""
     assert source.tokenizer is not None
@@ -213,7 +213,7 @@ def start_archive(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            tokenizer = nemo_tokenizer_artifact(source, staging)
+            tokenizer = _nemo_tokenizer(source, staging)
         except ConfigError as refused:
             shutil.rmtree(staging, ignore_errors=True)
             error = refused
@@ -240,7 +240,7 @@ def archive_config(
         tokenizer_ids=ids,
         reward_head=reward_head,
     )
-    config[STEERLM_SECTION] = provenance(source)
+    config[STEERLM_SECTION] = _provenance(source)
     return config
 
 
@@ -287,7 +287,7 @@ def export_to_nemo(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     return output
 
 
-def provenance(source: ExportSource) -> dict:
+def _provenance(source: ExportSource) -> dict:
     """What NeMo does not record and steerlm reads back when it imports or serves the archive
     (`steerlm.inference.nemo_source.steerlm_record`): the source, its attribute schema and its tokenization."""
     attributes = OmegaConf.to_container(source.saved.attributes) if "attributes" in source.saved else None
