@@ -15,6 +15,7 @@ from steerlm.config import Normalization, PrecisionConfig
 from steerlm.inference.decoders import GraphedLeanDecoder, LeanDecoder, MegatronDecoder, lean_unsupported
 from steerlm.models.gpt import build_model_chunks
 from tests.conftest import TEST_MODEL
+from tests.memory_meter import PeakMeter
 
 TOKENS = torch.tensor([[2, 20, 21, 22, 23, 24, 25, 26, 27, 28], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]])
 
@@ -161,3 +162,28 @@ def test_prompt_logits_of_a_prefill_equal_a_cache_free_forward_pass(layout, kind
             reference = chunk(torch.tensor([prompt]), torch.arange(len(prompt))[None], None)[0, :-1]
             torch.testing.assert_close(torch.cat(list(logits.chunks(3))), reference, rtol=1e-5, atol=1e-5)
     assert list(first) == [0] and list(joined) == [0]
+
+
+def _cache_bytes(decoder: LeanDecoder) -> int:
+    return sum(keys.nbytes + values.nbytes for keys, values in decoder.cache)
+
+
+def test_rows_joining_and_leaving_copy_the_cache_one_layer_at_a_time(layout):
+    """Rows leaving (`keep`) or joining (`add`) rebuild the KV cache layer by layer: beside the cache the decoder
+    ends with, the peak holds one layer's copy (and the prefill's own transients), never a second whole cache —
+    which a server whose cache fills the GPU could not hold."""
+    model = replace(TEST_MODEL, num_layers=4, max_position_embeddings=256)
+    chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=3)[0].eval()
+    decoder = LeanDecoder(chunk, layout, 256)
+    prompts = torch.randint(0, model.vocab_size, (6, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    with runtime.inference(), PeakMeter() as meter:
+        decoder.add(prompts, 200)
+        meter.reset_peak()
+        before = meter.current
+        decoder.keep([0, 2, 4])
+        assert meter.peak - before == _cache_bytes(decoder) // model.num_layers  # one layer's kept rows
+        meter.reset_peak()
+        decoder.add([[5]], 200)  # a one-token prefill: its own transients are a few kilobytes
+        layer = _cache_bytes(decoder) // model.num_layers
+        assert decoder.cache[0][0].shape[0] == 4 and layer > 64 * 2**10
+        assert meter.peak - meter.current <= layer + 16 * 2**10

@@ -308,7 +308,24 @@ class _Continuation:
 
 
 _Cache = list[tuple[torch.Tensor, torch.Tensor]]
+
 _Positions = _Span | _Rows | _Continuation
+
+
+def _widened(held: torch.Tensor, more: int) -> torch.Tensor:
+    """`held` `[rows, groups, positions, head_dim]` with `more` zeroed positions after its own."""
+    return torch.cat((held, held.new_zeros(*held.shape[:2], more, held.shape[3])), 2)
+
+
+def _joined(held: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """A layer's cache of the held rows then the `new` ones, over the longer of their position counts (zeros past
+    a row's own): one tensor written in place, so a join holds the old and the new cache of one layer at a time,
+    not of every layer (a cache copied whole at each join or leave held twice its size at the peak)."""
+    rows, positions = held.shape[0], max(held.shape[2], new.shape[2])
+    joined = new.new_zeros(rows + new.shape[0], new.shape[1], positions, new.shape[3])
+    joined[:rows, :, : held.shape[2]] = held
+    joined[rows:, :, : new.shape[2]] = new
+    return joined
 
 
 class LeanDecoder:
@@ -447,11 +464,8 @@ class LeanDecoder:
         owner = torch.tensor(owners, dtype=torch.long, device=self.device)
         if not n:
             return hidden, hidden.new_empty(len(owners), 0, hidden.shape[-1])
-        grown = self._empty(len(owners), n)
-        cache = [
-            (torch.cat((k.index_select(0, owner), gk), 2), torch.cat((v.index_select(0, owner), gv), 2))
-            for (k, v), (gk, gv) in zip(cache, grown)
-        ]
+        for layer, (keys, values) in enumerate(cache):  # each sequence's prefix, then room for its continuation
+            cache[layer] = (_widened(keys.index_select(0, owner), n), _widened(values.index_select(0, owner), n))
         offsets = torch.tensor([len(prefixes[o]) for o in owners], dtype=torch.long, device=self.device)
         tokens = _padded([c or [0] for c in continuations], self.device)
         return hidden, self._hidden(tokens, _Continuation(self, offsets, longest, tokens.shape[1]), cache)
@@ -495,10 +509,9 @@ class LeanDecoder:
         hidden = self._hidden(tokens, _Span(self, tokens.shape[1]), new, self._adapted(rows))
         logits = self.vocabulary(hidden[torch.arange(len(prompts), device=self.device), last])
         prompt_logits = {i: PromptLogits(hidden[i, : len(prompts[i]) - 1], self.vocabulary) for i in scored}
-        if size > held:
-            grown = self._empty(len(self.lengths), size - held)
-            self.cache = [(torch.cat((k, gk), 2), torch.cat((v, gv), 2)) for (k, v), (gk, gv) in zip(self.cache, grown)]
-        self.cache = [(torch.cat((k, nk)), torch.cat((v, nv))) for (k, v), (nk, nv) in zip(self.cache, new)]
+        for layer, (held_keys, held_values) in enumerate(self.cache):  # layer by layer: see `_joined`
+            keys, values = new.pop(0)
+            self.cache[layer] = (_joined(held_keys, keys), _joined(held_values, values))
         self.lengths += [len(p) for p in prompts]
         self.rows_adapter = torch.cat((self.rows_adapter, rows))
         return logits, prompt_logits
@@ -518,7 +531,8 @@ class LeanDecoder:
 
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.cache = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in self.cache]
+        for layer, (keys, values) in enumerate(self.cache):  # layer by layer, as `add`
+            self.cache[layer] = (keys.index_select(0, index), values.index_select(0, index))
         self.lengths = [self.lengths[row] for row in rows]
         self.rows_adapter = self.rows_adapter.index_select(0, index)
 
