@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from launchers.config import compose_cluster
+from launchers.generation_memory import job_phases
 from launchers.memory import job_checkpoint, job_memory
 from launchers.pipeline import load_pipeline, pipeline_job_root, plan_pipeline, split_overrides
 from launchers.plan import JobPlan, plan_job, typed_recipe_config
@@ -54,13 +55,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def log_memory(plan: JobPlan) -> None:
     """The job's memory estimate per GPU (or process) and one checkpoint's size on disk, on stderr: a dry run's
-    stdout stays the script alone."""
+    stdout stays the script alone. Training recipes are sized by `launchers.memory`, the phases that load trained
+    checkpoints (generation, scoring) by `launchers.generation_memory`; bootstrap has both."""
     config = typed_recipe_config(plan.config)
     estimate, checkpoint = job_memory(config, plan.world.data), job_checkpoint(config)
     if estimate is not None:
         sys.stderr.write(f"{plan.job_name}: {estimate.describe()}\n")
     if checkpoint is not None:
         sys.stderr.write(f"{plan.job_name}: {checkpoint}\n")
+    for phase in job_phases(config):
+        sys.stderr.write(f"{plan.job_name}: {phase.describe()}\n")
 
 
 def launch_recipe(recipe: str, overrides: Sequence[str], submit: bool, stamp: str) -> int:

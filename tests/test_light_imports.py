@@ -74,6 +74,17 @@ def test_launcher_dry_run_needs_no_torch(args):
     assert "#SBATCH" in result.stdout
 
 
+def test_serving_dry_run_reads_the_checkpoint_without_torch(tmp_path):
+    """Sizing a server reads its checkpoint's saved config (`launchers.generation_memory`), not its weights."""
+    from tests.test_generation_memory import _checkpoint
+
+    sft = _checkpoint(tmp_path, "sft", ["model=llama3_8b", "precision=bf16"])
+    argv = ["serve", f"checkpoint={sft}", "parallel=tp2", "precision=bf16", "cluster=slurm", "cluster.gpus_per_node=2"]
+    result = run_refusing_heavy("-m", "launchers", *argv)
+    assert result.returncode == 0, result.stderr
+    assert "memory per GPU while serving" in result.stderr and "KV cache" in result.stderr
+
+
 def test_launcher_refuses_a_bad_config_without_torch():
     result = run_refusing_heavy("-m", "launchers", "train_sft", "trainer.micro_batch_size=3")
     assert result.returncode == 2, result.stderr

@@ -49,6 +49,7 @@ from steerlm.checkpoint.sources import BaseWeights, WeightFormat, read_foreign_w
 from steerlm.checkpoint.writers import writers_die_with_parent
 from steerlm.config.lora import LoraConfig
 from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
+from steerlm.config.sources import CHECKPOINTS, LATEST, SAVED_CONFIG_FILE, STEERLM_CHECKPOINT_FILE
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
@@ -90,9 +91,7 @@ class WeightsOnly:
     base: BaseWeights | None = None  # adapters alone on these weights (an imported NeMo LoRA archive)
 
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-META = "steerlm_checkpoint.json"
+META = STEERLM_CHECKPOINT_FILE
 QUARANTINE = "corrupt."
 TORCH_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 FORMAT = 1
@@ -205,7 +204,7 @@ def saved_config(path: Path):
     """The resolved config a checkpoint was written with (an OmegaConf DictConfig)."""
     from omegaconf import OmegaConf
 
-    file = Path(path) / "config.yaml"
+    file = Path(path) / SAVED_CONFIG_FILE
     try:
         return OmegaConf.load(file)
     except Exception as error:  # yaml's and OmegaConf's errors share no base class below Exception
@@ -350,7 +349,7 @@ class _Publication:
         rank already has), then the rename into place, `latest` and pruning by rank 0."""
         dist.barrier()
         if layout.is_rank_zero:
-            save_resolved(cfg, self.tmp / "config.yaml")
+            save_resolved(cfg, self.tmp / SAVED_CONFIG_FILE)
             adapters = lora.config_of(unwrap(setup.model[0]))
             meta = CheckpointMeta(
                 self.step,

@@ -12,6 +12,9 @@ from steerlm.errors import require
 # Files that mark a steerlm checkpoint (steerlm.checkpoint.sharded.META) and a Hugging Face model directory;
 # named here so validating a config does not import the training stack.
 STEERLM_CHECKPOINT_FILE = "steerlm_checkpoint.json"
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoints, and the file naming its newest complete one:
+LATEST = "latest"
+SAVED_CONFIG_FILE = "config.yaml"  # the resolved config a checkpoint was written with
 HF_CONFIG_FILE = "config.json"
 NEMO_CONFIG_FILE = "model_config.yaml"  # the config of a NeMo 1.x `.nemo` archive (steerlm.models.nemo_archive)
 STEERLM_SECTION = "steerlm"  # model_config.yaml's record of what a steerlm export came from (NeMo ignores it)
@@ -57,3 +60,17 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
             "save the model with `save_pretrained(dir)` (safetensors is its default) or convert its "
             "*.bin files to safetensors",
         )
+
+
+def saved_config_file(path: Path) -> Optional[Path]:
+    """The resolved config a steerlm checkpoint was written with: `path`'s own (a checkpoint directory) or that of
+    the checkpoint a run directory's `checkpoints/latest` names; None when `path` is neither (yet). Reads no weights,
+    so a launcher's dry run can size a job from it."""
+    path = Path(path)
+    if not (path / STEERLM_CHECKPOINT_FILE).is_file():
+        pointer = path / CHECKPOINTS / LATEST
+        if not pointer.is_file():
+            return None
+        path = pointer.parent / pointer.read_text().strip()
+    file = path / SAVED_CONFIG_FILE
+    return file if file.is_file() else None

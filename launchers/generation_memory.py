@@ -1,0 +1,267 @@
+"""Memory per GPU of a job that generates with or scores by trained models, estimated before it is submitted.
+
+    python -m launchers serve checkpoint=runs/sft parallel=tp8 precision=bf16 --dry-run
+
+Training jobs are sized by `launchers.memory`; the recipes here load trained checkpoints instead (`serve`, `chat`,
+`evaluate_steering`, `bootstrap`'s sampling and labelling, `prepare_steerlm2`, `annotate`,
+`evaluate_attribute_model`), so the model comes from each checkpoint's saved `config.yaml` (no weights read, no
+torch), and the job's config says how many rows run together and how long they grow. Per model a phase holds, on
+the busiest rank (each model built at the job's layout):
+
+- **weights**: the parameters of the busiest pipeline stage's TP shard (`launchers.memory`'s count), in the
+  precision the model runs at (the recipe's `precision` for a generating model; an APM its own);
+- **KV cache** of a generating model: keys and values of every row at every position it may reach
+  (`2 x layers/pp x rows x positions x groups/tp x head_dim`); the lean decoder grows it one layer at a time, so
+  rows joining or leaving add one layer's copy, not the whole cache;
+- **working memory**, the largest transient: a prefill of every row at once at the longest prompt, as the lean
+  decoder computes it (SwiGLU's `[gate; up]`, the activation and the product, beside the residual stream and its
+  norm: `tokens x (4 ffn/tp + 2 hidden)`, checked against a real prefill in tests/test_generation_memory.py), or a
+  scoring forward through megatron's layers (`tokens x (5 ffn/tp + 4 hidden)`; both measured for SwiGLU, other
+  activations counted as `3 ffn/tp`), plus the logits a language model makes (the prefill's at each row's last
+  position, in the compute dtype and in fp32 for sampling; a log-probability forward's loss as
+  `launchers.memory` counts it in training). Attention's transients are smaller than the MLP's for Llama shapes
+  (`ffn` >= 2.7 x hidden); the GQA kernels that repeat key/value heads add one layer's repeated keys at decode.
+
+Models a phase holds at once add their weights and caches; their transients do not overlap (one runs at a time).
+Phases that load models one after another (bootstrap: sample, then label, then fine-tune) are reported each, the
+fine-tuning by `launchers.memory`. A checkpoint not written yet (a pipeline's later stage), or a `.nemo` archive
+(its vocabulary is in its weights), is named instead of estimated. Not counted: the CUDA context and
+communication buffers (plan 3-6 GiB more), LoRA adapters of serving profiles, the tokenizer and the HTTP server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from launchers.memory import _BYTES, GIB, _loss_activations, _stage_parameters
+from steerlm.config import DType, ModelConfig, ParallelConfig, PrecisionConfig, to_typed
+from steerlm.config.annotate import AnnotateConfig, JudgeConfig
+from steerlm.config.bootstrap import BootstrapConfig
+from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
+from steerlm.config.inference import InferenceConfig, ServeConfig
+from steerlm.config.sources import is_nemo_archive, saved_config_file
+from steerlm.config.steering import SteeringEvalConfig
+from steerlm.config.steerlm2 import PrepareSteerLM2Config
+
+SCORING_ROWS = 16  # AttributeScorer's micro-batch where a recipe sets none (the server's /v1/attributes/score)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model's part in a phase: what it computes, on how many rows, of how many positions."""
+
+    role: str  # "generates", "scores" (an APM's forward), "log-probabilities" (a language model's forward)
+    key: str  # the config key naming its checkpoint
+    path: str
+    rows: int  # rows computed together
+    positions: Optional[int] = None  # the longest a row grows (prompt and answer); None: the model's context
+    answer: int = 0  # positions a row generates: a prefill reads the other `positions - answer` at once
+    dtype: Optional[DType] = None  # None: the checkpoint's own training precision
+
+    def within(self, model: ModelConfig) -> Workload:
+        """This workload on `model`: a row grows at most to its context."""
+        context = model.max_position_embeddings
+        return replace(self, positions=min(self.positions or context, context))
+
+    @property
+    def length(self) -> int:
+        assert self.positions is not None, "sized against a model first (`within`)"
+        return self.positions
+
+    @property
+    def prompt(self) -> int:
+        return max(1, self.length - self.answer)
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """Bytes one model holds on the busiest rank."""
+
+    workload: Workload
+    parameters: int
+    weights: float
+    cache: float
+    working: float
+
+    def describe(self) -> str:
+        w = self.workload
+        cache = f" + KV cache {self.cache / GIB:.1f} ({w.rows} rows x {w.positions} positions)" if self.cache else ""
+        return (
+            f"{w.key}={w.path} ({w.role}, {self.parameters / 1e9:.2f}B parameters): weights "
+            f"{self.weights / GIB:.1f} GiB{cache}, its largest transient {self.working / GIB:.1f} "
+            f"({w.rows} rows x {w.prompt} positions at once)"
+        )
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    name: str
+    models: tuple[HeldModel, ...]
+    unknown: tuple[str, ...]  # checkpoints not sized, each with the reason
+
+    @property
+    def total(self) -> float:
+        held = sum(m.weights + m.cache for m in self.models)
+        return held + max((m.working for m in self.models), default=0.0)
+
+    def describe(self) -> str:
+        lines = [f"memory per GPU while {self.name} (estimate, busiest rank):"]
+        lines += [f"  {model.describe()}" for model in self.models]
+        lines += [f"  {reason}" for reason in self.unknown]
+        total = f"  = {self.total / GIB:.1f} GiB"
+        if self.unknown:
+            total += " for the models sized"
+        return "\n".join([*lines, total + ", plus 3-6 GiB of CUDA context and communication buffers"])
+
+
+def kv_cache_bytes(model: ModelConfig, parallel: ParallelConfig, rows: int, positions: int, size: int) -> int:
+    """Keys and values of `rows` rows of `positions` positions on one rank."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    return 2 * (model.num_layers // pp) * rows * positions * (model.query_groups // tp) * model.head_dim * size
+
+
+def _per_token(model: ModelConfig, tp: int, lean: bool) -> int:
+    """Elements the largest transient of a layer holds per token (module docstring)."""
+    gated = model.activation.value == "swiglu"
+    if lean and gated:
+        return 4 * model.ffn_hidden_size // tp + 2 * model.hidden_size
+    return (5 if gated else 3) * model.ffn_hidden_size // tp + 4 * model.hidden_size
+
+
+def working_bytes(model: ModelConfig, parallel: ParallelConfig, workload: Workload, size: int) -> float:
+    """The largest transient of `workload` on one rank (module docstring)."""
+    tp = parallel.tensor_model_parallel_size
+    tokens = workload.rows * workload.prompt
+    vocabulary = model.padded_vocab_size
+    if workload.role == "generates":
+        layers = tokens * _per_token(model, tp, lean=True) * size
+        logits = workload.rows * vocabulary * (2 * size + 2 * 4)  # shards and gathered; fp32 for sampling
+        repeat = 2 * workload.rows * (model.num_attention_heads // tp) * workload.length * model.head_dim * size
+        return max(layers, logits + (repeat if model.query_groups < model.num_attention_heads else 0))
+    layers = tokens * _per_token(model, tp, lean=False) * size
+    loss = _loss_activations(model, tokens, tp, size) if workload.role == "log-probabilities" else 0
+    return float(max(layers, loss))
+
+
+def held_model(model: ModelConfig, parallel: ParallelConfig, workload: Workload, dtype: DType) -> HeldModel:
+    """What `model` holds on the busiest rank for `workload` (rows longer than its context are cut to it)."""
+    workload = workload.within(model)
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    size = _BYTES[dtype]
+    parameters = max(
+        _stage_parameters(model, tp, pp, first, last) for first, last in {(True, pp == 1), (pp == 1, True)}
+    )
+    cache = kv_cache_bytes(model, parallel, workload.rows, workload.length, size) if workload.role == "generates" else 0
+    return HeldModel(workload, parameters, parameters * size, cache, working_bytes(model, parallel, workload, size))
+
+
+def saved_model(path: str) -> tuple[ModelConfig, DType] | str:
+    """The model and training precision a steerlm checkpoint (or run directory) was saved with, or why not."""
+    if is_nemo_archive(Path(path)):
+        return "a .nemo archive (its vocabulary is in its weights): not sized; import it first to size it"
+    file = saved_config_file(Path(path))
+    if file is None:
+        return "not written yet (a stage before this one writes it): not sized"
+    saved = OmegaConf.load(file)
+    model = to_typed(saved.model, ModelConfig)
+    precision = to_typed(saved.precision, PrecisionConfig) if "precision" in saved else PrecisionConfig()
+    return model, precision.dtype
+
+
+def estimate_phase(name: str, workloads: list[Workload], parallel: ParallelConfig) -> PhaseEstimate:
+    """Size the models of one phase against their checkpoints' saved configs."""
+    models, unknown = [], []
+    for workload in workloads:
+        found = saved_model(workload.path)
+        if isinstance(found, str):
+            unknown.append(f"{workload.key}={workload.path}: {found}")
+            continue
+        model, trained = found
+        models.append(held_model(model, parallel, workload, workload.dtype or trained))
+    return PhaseEstimate(name, tuple(models), tuple(unknown))
+
+
+def _judge(judge: JudgeConfig, key: str, positions: Optional[int]) -> list[Workload]:
+    """The Bayes judge scores each response at every level of its attributes through shared-prefix prefills."""
+    if judge.checkpoint is None:
+        return []
+    return [
+        Workload(
+            "generates",
+            f"{key}.checkpoint",
+            judge.checkpoint,
+            judge.micro_batch_size,
+            positions,
+            0,
+            judge.precision.dtype,
+        )
+    ]
+
+
+def job_phases(config: object) -> list[PhaseEstimate]:
+    """The phases of a recipe's typed config that load trained models (empty for any other recipe)."""
+    if isinstance(config, InferenceConfig):
+        dtype = config.precision.dtype
+        rows = config.limits.max_batch_size if isinstance(config, ServeConfig) else 1
+        # a prompt may take all but one position of the context: the longest prefill
+        work = [Workload("generates", "checkpoint", config.checkpoint, rows, None, 1, dtype)]
+        if isinstance(config, ServeConfig) and config.apm_checkpoint:
+            work.append(Workload("scores", "apm_checkpoint", config.apm_checkpoint, SCORING_ROWS))
+        return [estimate_phase("serving" if isinstance(config, ServeConfig) else "chatting", work, config.parallel)]
+    if isinstance(config, SteeringEvalConfig):
+        work = [
+            Workload(
+                "generates",
+                "checkpoint",
+                config.checkpoint,
+                config.batch_size,
+                None,
+                config.max_new_tokens,
+                config.precision.dtype,
+            )
+        ]
+        return [estimate_phase("generating", work, config.parallel)]
+    if isinstance(config, BootstrapConfig):
+        options, dtype = config.bootstrap, config.precision.dtype
+        sample = Workload(
+            "generates",
+            "sft.init_from",
+            str(config.sft.init_from),
+            options.batch_size,
+            None,
+            options.max_new_tokens,
+            dtype,
+        )
+        label = [
+            Workload("scores", "bootstrap.apm_checkpoint", options.apm_checkpoint, SCORING_ROWS),
+            *_judge(options.judge, "bootstrap.judge", None),
+        ]
+        return [
+            estimate_phase("sampling", [sample], config.parallel),
+            estimate_phase("labelling", label, config.parallel),
+        ]
+    if isinstance(config, PrepareSteerLM2Config):  # its passes load one model each, one after another
+        rows, dtype, q = config.micro_batch_size, config.precision.dtype, config.steerlm_checkpoint
+        passes = {
+            "sampling": Workload("generates", "steerlm_checkpoint", q, rows, None, config.max_new_tokens, dtype),
+            "computing log Q'(y|a,x)": Workload("log-probabilities", "steerlm_checkpoint", q, rows, None, 0, dtype),
+            "computing log P(y|x)": Workload(
+                "log-probabilities", "plain_sft_checkpoint", config.plain_sft_checkpoint, rows, None, 0, dtype
+            ),
+            "computing log P(a|x,y)": Workload("scores", "apm_checkpoint", config.apm_checkpoint, rows),
+        }
+        return [estimate_phase(name, [work], config.parallel) for name, work in passes.items()]
+    if isinstance(config, AnnotateConfig):
+        work = [
+            Workload("scores", "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length),
+            *_judge(config.judge, "judge", config.seq_length),
+        ]
+        return [estimate_phase("annotating", work, config.parallel)]
+    if isinstance(config, EvaluateAttributeModelConfig):
+        work = [Workload("scores", "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length)]
+        return [estimate_phase("scoring", work, config.parallel)]
+    return []
