@@ -63,7 +63,7 @@ def log_memory(plan: JobPlan) -> None:
         sys.stderr.write(f"{plan.job_name}: {estimate.describe()}\n")
     if checkpoint is not None:
         sys.stderr.write(f"{plan.job_name}: {checkpoint}\n")
-    for phase in job_phases(config):
+    for phase in job_phases(config, cuda=plan.uses_gpus):
         sys.stderr.write(f"{plan.job_name}: {phase.describe()}\n")
 
 

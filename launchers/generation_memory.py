@@ -13,14 +13,16 @@ the busiest rank (each model built at the job's layout):
 - **KV cache** of a generating model: keys and values of every row at every position it may reach
   (`2 x layers/pp x rows x positions x groups/tp x head_dim`); the lean decoder grows it one layer at a time, so
   rows joining or leaving add one layer's copy, not the whole cache;
-- **working memory**, the largest transient: a prefill of every row at once at the longest prompt, as the lean
-  decoder computes it (SwiGLU's `[gate; up]`, the activation and the product, beside the residual stream and its
+- **working memory**, the largest transient: a prefill of every row at once at the longest prompt, in the lean
+  decoder's chunks of at most `prefill_tokens` tokens (`limits.prefill_tokens` of a server; 8192 elsewhere), as it
+  computes them (SwiGLU's `[gate; up]`, the activation and the product, beside the residual stream and its
   norm: `tokens x (4 ffn/tp + 2 hidden)`, checked against a real prefill in tests/test_generation_memory.py), or a
   scoring forward through megatron's layers (`tokens x (5 ffn/tp + 4 hidden)`; both measured for SwiGLU, other
   activations counted as `3 ffn/tp`), plus the logits a language model makes (the prefill's at each row's last
   position, in the compute dtype and in fp32 for sampling; a log-probability forward's loss as
   `launchers.memory` counts it in training). Attention's transients are smaller than the MLP's for Llama shapes
-  (`ffn` >= 2.7 x hidden); the GQA kernels that repeat key/value heads add one layer's repeated keys at decode.
+  (`ffn` >= 2.7 x hidden); on GPUs, grouped-query attention with a mask (decode steps, prefill chunks after the
+  first) adds one layer's keys and values repeated to the query heads (`working_bytes`).
 
 Models a phase holds at once add their weights and caches; their transients do not overlap (one runs at a time).
 Phases that load models one after another (bootstrap: sample, then label, then fine-tune) are reported each, the
@@ -42,7 +44,7 @@ from steerlm.config import DType, ModelConfig, ParallelConfig, PrecisionConfig, 
 from steerlm.config.annotate import AnnotateConfig, JudgeConfig
 from steerlm.config.bootstrap import BootstrapConfig
 from steerlm.config.evaluate_apm import EvaluateAttributeModelConfig
-from steerlm.config.inference import InferenceConfig, ServeConfig
+from steerlm.config.inference import PREFILL_TOKENS, InferenceConfig, ServeConfig
 from steerlm.config.sources import is_nemo_archive, saved_config_file
 from steerlm.config.steering import SteeringEvalConfig
 from steerlm.config.steerlm2 import PrepareSteerLM2Config
@@ -61,6 +63,7 @@ class Workload:
     positions: Optional[int] = None  # the longest a row grows (prompt and answer); None: the model's context
     answer: int = 0  # positions a row generates: a prefill reads the other `positions - answer` at once
     dtype: Optional[DType] = None  # None: the checkpoint's own training precision
+    prefill_tokens: int = PREFILL_TOKENS  # a generating model's prefill computes this many tokens a forward at most
 
     def within(self, model: ModelConfig) -> Workload:
         """This workload on `model`: a row grows at most to its context."""
@@ -75,6 +78,14 @@ class Workload:
     @property
     def prompt(self) -> int:
         return max(1, self.length - self.answer)
+
+    @property
+    def at_once(self) -> int:
+        """Positions of every row one forward computes: a generating model prefills in chunks of `prefill_tokens`
+        tokens (at least one position a row), a scoring forward reads whole rows."""
+        if self.role != "generates":
+            return self.prompt
+        return min(self.prompt, max(1, self.prefill_tokens // self.rows))
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class HeldModel:
         return (
             f"{w.key}={w.path} ({w.role}, {self.parameters / 1e9:.2f}B parameters): weights "
             f"{self.weights / GIB:.1f} GiB{cache}, its largest transient {self.working / GIB:.1f} "
-            f"({w.rows} rows x {w.prompt} positions at once)"
+            f"({w.rows} rows x {w.at_once} positions at once)"
         )
 
 
@@ -132,22 +143,28 @@ def _per_token(model: ModelConfig, tp: int, lean: bool) -> int:
     return (5 if gated else 3) * model.ffn_hidden_size // tp + 4 * model.hidden_size
 
 
-def working_bytes(model: ModelConfig, parallel: ParallelConfig, workload: Workload, size: int) -> float:
-    """The largest transient of `workload` on one rank (module docstring)."""
+def working_bytes(model: ModelConfig, parallel: ParallelConfig, workload: Workload, size: int, cuda: bool) -> float:
+    """The largest transient of `workload` on one rank (module docstring). `cuda`: attention with a mask (a decode
+    step, a prefill chunk after the first) runs in the memory-efficient kernel, which takes no grouped key/value
+    heads, so one layer's are repeated to the query heads over the whole length (the CPU kernel takes them)."""
     tp = parallel.tensor_model_parallel_size
-    tokens = workload.rows * workload.prompt
+    tokens = workload.rows * workload.at_once
     vocabulary = model.padded_vocab_size
     if workload.role == "generates":
         layers = tokens * _per_token(model, tp, lean=True) * size
         logits = workload.rows * vocabulary * (2 * size + 2 * 4)  # shards and gathered; fp32 for sampling
-        repeat = 2 * workload.rows * (model.num_attention_heads // tp) * workload.length * model.head_dim * size
-        return max(layers, logits + (repeat if model.query_groups < model.num_attention_heads else 0))
+        grouped = model.query_groups < model.num_attention_heads
+        heads = model.num_attention_heads // tp
+        repeat = 2 * workload.rows * heads * workload.length * model.head_dim * size if cuda and grouped else 0
+        return max(layers, logits) + repeat
     layers = tokens * _per_token(model, tp, lean=False) * size
     loss = _loss_activations(model, tokens, tp, size) if workload.role == "log-probabilities" else 0
     return float(max(layers, loss))
 
 
-def held_model(model: ModelConfig, parallel: ParallelConfig, workload: Workload, dtype: DType) -> HeldModel:
+def held_model(
+    model: ModelConfig, parallel: ParallelConfig, workload: Workload, dtype: DType, cuda: bool = True
+) -> HeldModel:
     """What `model` holds on the busiest rank for `workload` (rows longer than its context are cut to it)."""
     workload = workload.within(model)
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
@@ -156,7 +173,9 @@ def held_model(model: ModelConfig, parallel: ParallelConfig, workload: Workload,
         _stage_parameters(model, tp, pp, first, last) for first, last in {(True, pp == 1), (pp == 1, True)}
     )
     cache = kv_cache_bytes(model, parallel, workload.rows, workload.length, size) if workload.role == "generates" else 0
-    return HeldModel(workload, parameters, parameters * size, cache, working_bytes(model, parallel, workload, size))
+    return HeldModel(
+        workload, parameters, parameters * size, cache, working_bytes(model, parallel, workload, size, cuda)
+    )
 
 
 def saved_model(path: str) -> tuple[ModelConfig, DType] | str:
@@ -172,7 +191,7 @@ def saved_model(path: str) -> tuple[ModelConfig, DType] | str:
     return model, precision.dtype
 
 
-def estimate_phase(name: str, workloads: list[Workload], parallel: ParallelConfig) -> PhaseEstimate:
+def estimate_phase(name: str, workloads: list[Workload], parallel: ParallelConfig, cuda: bool) -> PhaseEstimate:
     """Size the models of one phase against their checkpoints' saved configs."""
     models, unknown = [], []
     for workload in workloads:
@@ -181,7 +200,7 @@ def estimate_phase(name: str, workloads: list[Workload], parallel: ParallelConfi
             unknown.append(f"{workload.key}={workload.path}: {found}")
             continue
         model, trained = found
-        models.append(held_model(model, parallel, workload, workload.dtype or trained))
+        models.append(held_model(model, parallel, workload, workload.dtype or trained, cuda))
     return PhaseEstimate(name, tuple(models), tuple(unknown))
 
 
@@ -202,16 +221,30 @@ def _judge(judge: JudgeConfig, key: str, positions: Optional[int]) -> list[Workl
     ]
 
 
-def job_phases(config: object) -> list[PhaseEstimate]:
-    """The phases of a recipe's typed config that load trained models (empty for any other recipe)."""
-    if isinstance(config, InferenceConfig):
-        dtype = config.precision.dtype
-        rows = config.limits.max_batch_size if isinstance(config, ServeConfig) else 1
+def job_phases(config: object, cuda: bool) -> list[PhaseEstimate]:
+    """The phases of a recipe's typed config that load trained models (empty for any other recipe); `cuda`: the
+    job runs on GPUs (`working_bytes`)."""
+    if isinstance(config, ServeConfig):
+        limits = config.limits
         # a prompt may take all but one position of the context: the longest prefill
-        work = [Workload("generates", "checkpoint", config.checkpoint, rows, None, 1, dtype)]
-        if isinstance(config, ServeConfig) and config.apm_checkpoint:
+        work = [
+            Workload(
+                "generates",
+                "checkpoint",
+                config.checkpoint,
+                limits.max_batch_size,
+                None,
+                1,
+                config.precision.dtype,
+                limits.prefill_tokens,
+            )
+        ]
+        if config.apm_checkpoint:
             work.append(Workload("scores", "apm_checkpoint", config.apm_checkpoint, SCORING_ROWS))
-        return [estimate_phase("serving" if isinstance(config, ServeConfig) else "chatting", work, config.parallel)]
+        return [estimate_phase("serving", work, config.parallel, cuda)]
+    if isinstance(config, InferenceConfig):  # the chat: one row
+        work = [Workload("generates", "checkpoint", config.checkpoint, 1, None, 1, config.precision.dtype)]
+        return [estimate_phase("chatting", work, config.parallel, cuda)]
     if isinstance(config, SteeringEvalConfig):
         work = [
             Workload(
@@ -224,7 +257,7 @@ def job_phases(config: object) -> list[PhaseEstimate]:
                 config.precision.dtype,
             )
         ]
-        return [estimate_phase("generating", work, config.parallel)]
+        return [estimate_phase("generating", work, config.parallel, cuda)]
     if isinstance(config, BootstrapConfig):
         options, dtype = config.bootstrap, config.precision.dtype
         sample = Workload(
@@ -241,8 +274,8 @@ def job_phases(config: object) -> list[PhaseEstimate]:
             *_judge(options.judge, "bootstrap.judge", None),
         ]
         return [
-            estimate_phase("sampling", [sample], config.parallel),
-            estimate_phase("labelling", label, config.parallel),
+            estimate_phase("sampling", [sample], config.parallel, cuda),
+            estimate_phase("labelling", label, config.parallel, cuda),
         ]
     if isinstance(config, PrepareSteerLM2Config):  # its passes load one model each, one after another
         rows, dtype, q = config.micro_batch_size, config.precision.dtype, config.steerlm_checkpoint
@@ -254,14 +287,14 @@ def job_phases(config: object) -> list[PhaseEstimate]:
             ),
             "computing log P(a|x,y)": Workload("scores", "apm_checkpoint", config.apm_checkpoint, rows),
         }
-        return [estimate_phase(name, [work], config.parallel) for name, work in passes.items()]
+        return [estimate_phase(name, [work], config.parallel, cuda) for name, work in passes.items()]
     if isinstance(config, AnnotateConfig):
         work = [
             Workload("scores", "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length),
             *_judge(config.judge, "judge", config.seq_length),
         ]
-        return [estimate_phase("annotating", work, config.parallel)]
+        return [estimate_phase("annotating", work, config.parallel, cuda)]
     if isinstance(config, EvaluateAttributeModelConfig):
         work = [Workload("scores", "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length)]
-        return [estimate_phase("scoring", work, config.parallel)]
+        return [estimate_phase("scoring", work, config.parallel, cuda)]
     return []

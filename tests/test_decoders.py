@@ -187,3 +187,42 @@ def test_rows_joining_and_leaving_copy_the_cache_one_layer_at_a_time(layout):
         layer = _cache_bytes(decoder) // model.num_layers
         assert decoder.cache[0][0].shape[0] == 4 and layer > 64 * 2**10
         assert meter.peak - meter.current <= layer + 16 * 2**10
+
+
+@pytest.mark.parametrize("prefill_tokens", [1, 6, 20])
+def test_a_chunked_prefill_gives_what_one_forward_gives(layout, prefill_tokens: int):
+    """Prompts of three lengths prefilled `prefill_tokens // 3` positions at a time (at least one; the last chunk
+    shorter, rows ending inside any chunk): the next-token logits, the prompt logits of a scored row and the
+    logits of the steps after it are those of one forward over the whole prompts."""
+    chunk = _chunk(layout)
+    prompts = [TOKENS[0, :9].tolist(), TOKENS[1, :4].tolist(), TOKENS[0, 3:10].tolist()]
+
+    def run(decoder: LeanDecoder) -> list[torch.Tensor]:
+        with runtime.inference():
+            logits, scored = decoder.add(prompts, 16, scored=[1])
+            out = [logits, *scored[1].chunks(2)]
+            for _ in range(3):
+                logits = decoder.step(logits.argmax(-1))
+                out.append(logits)
+        return out
+
+    whole = run(LeanDecoder(chunk, layout, 16))
+    chunked = run(LeanDecoder(chunk, layout, 16, prefill_tokens=prefill_tokens))
+    assert len(chunked) == len(whole)
+    for got, expected in zip(chunked, whole):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunked_prefill_holds_a_chunk_s_transients(layout):
+    """The memory a prefill needs beside the cache it fills grows with the tokens of one forward, not the
+    prompts': 512 tokens of 4 rows in chunks of 64 tokens need ~1/8 of what one forward needs."""
+    model = replace(TEST_MODEL, num_layers=2, max_position_embeddings=256)
+    chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=3)[0].eval()
+    prompts = torch.randint(0, model.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0)).tolist()
+    peaks = {}
+    for tokens in (512, 64):
+        decoder = LeanDecoder(chunk, layout, 256, prefill_tokens=tokens)
+        with runtime.inference(), PeakMeter() as meter:
+            decoder.add(prompts, 128)
+            peaks[tokens] = meter.peak - _cache_bytes(decoder)
+    assert peaks[64] < peaks[512] / 6

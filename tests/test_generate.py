@@ -13,6 +13,7 @@ import torch
 
 from steerlm import runtime
 from steerlm.config import Activation, ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference import FinishReason, Generator, PromptTooLong, SamplingParams
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
 from steerlm.inference.generate import Decoding, RowFailed, RowRequest, StepOutcome, sample
@@ -35,9 +36,11 @@ def _generator(
     limit: int | None = None,
     decoder: str = "auto",
     model: ModelConfig = TEST_MODEL,
+    prefill_tokens: int = PREFILL_TOKENS,
 ) -> Generator:
     chunks = build_model_chunks(model, PrecisionConfig(), layout, seed=7)
-    return Generator(chunks, TOKENIZER, layout, limit or model.max_position_embeddings, stop_ids, decoder)
+    limit = limit or model.max_position_embeddings
+    return Generator(chunks, TOKENIZER, layout, limit, stop_ids, decoder, prefill_tokens=prefill_tokens)
 
 
 def _argmax_loop(generator: Generator, prompt: list[int], steps: int) -> list[int]:
@@ -215,15 +218,16 @@ def test_what_pipelined_generation_cannot_run_and_sequence_parallel_are_refused(
         Generator(chunks, TOKENIZER, dataclasses.replace(layout, sequence_parallel=True), 128, ())
 
 
-def _run(tp: int, pp: int = 1, shape: str = "gqa") -> dict:
+def _run(tp: int, pp: int = 1, shape: str = "gqa", prefill_tokens: int = PREFILL_TOKENS) -> dict:
     """Greedy and sampled tokens, their log-probabilities and prompt log-probabilities at TP=`tp` x PP=`pp`, with
-    every decoder that runs the layout (megatron's only unpipelined)."""
+    every decoder that runs the layout (megatron's only unpipelined); `prefill_tokens` the lean decoder's prefill
+    chunks."""
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     layout = runtime.initialize(parallel, seed=0)
     try:
         out = {}
         for decoder in ("lean", "megatron")[: 1 if pp > 1 else 2]:
-            generator = _generator(layout, decoder=decoder, model=SHAPES[shape])
+            generator = _generator(layout, decoder=decoder, model=SHAPES[shape], prefill_tokens=prefill_tokens)
             greedy = generator.generate(
                 PROMPTS, [SamplingParams(max_new_tokens=12, logprobs=True, top_logprobs=2)] * len(PROMPTS)
             )
@@ -266,12 +270,14 @@ def test_tp2_generates_what_tp1_generates() -> None:
 def test_pipelined_generation_gives_the_tokens_of_one_stage(shape: str) -> None:
     """PP=2 and TP=2 x PP=2: every rank holds the tokens and log-probabilities TP=1 makes (the tied embeddings'
     output layer on the last stage included): prompts of four lengths prefilled together, sampled rows leaving
-    the batch at four different steps, prompt log-probabilities through the last stage's broadcast spans."""
+    the batch at four different steps, prompt log-probabilities through the last stage's broadcast spans. At PP=2
+    the prompts are also prefilled two positions at a time (8 tokens of 4 rows a forward, chunks crossing the
+    stages in turn)."""
     (tp1,) = run_distributed(_run, 1, 1, 1, shape)
-    for tp, pp in ((1, 2), (2, 2)):
-        ranks = run_distributed(_run, tp * pp, tp, pp, shape)
+    for tp, pp, chunked in ((1, 2, PREFILL_TOKENS), (1, 2, 8), (2, 2, PREFILL_TOKENS)):
+        ranks = run_distributed(_run, tp * pp, tp, pp, shape, chunked)
         assert all(rank == ranks[0] for rank in ranks), "every rank of every stage holds the same figures"
-        assert ranks[0]["lean"] == tp1["lean"], (tp, pp)
+        assert ranks[0]["lean"] == tp1["lean"], (tp, pp, chunked)
         got, expected = ranks[0]["lean_logprobs"], tp1["lean_logprobs"]
         assert [t for row in got for _, top in row for t, _ in top] == [
             t for row in expected for _, top in row for t, _ in top

@@ -40,14 +40,19 @@ def _tokens(rows: int, length: int) -> torch.Tensor:
     return torch.randint(0, LLAMA.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize(("rows", "positions", "answer"), [(4, 200, 50), (8, 120, 90), (1, 256, 4)])
-def test_kv_cache_and_prefill_match_the_lean_decoder(layout, rows: int, positions: int, answer: int) -> None:
-    """The cache is the estimate's to the byte; the prefill's peak beside it (every row's prompt at once) is the
-    estimate's transient within 5 %; a decode step's stays below it."""
+@pytest.mark.parametrize(
+    ("rows", "positions", "answer", "prefill_tokens"), [(4, 200, 50, 8192), (8, 120, 90, 64), (1, 256, 4, 100)]
+)
+def test_kv_cache_and_prefill_match_the_lean_decoder(
+    layout, rows: int, positions: int, answer: int, prefill_tokens: int
+) -> None:
+    """The cache is the estimate's to the byte; the prefill's peak beside it (every row's prompt at once, or a
+    chunk of `prefill_tokens` tokens at a time) is the estimate's transient within 5 %; a decode step's stays
+    below it."""
     chunk = build_model_chunks(LLAMA, PrecisionConfig(), layout, seed=1)[0].eval()
-    decoder = LeanDecoder(chunk, layout, LLAMA.max_position_embeddings)
-    workload = Workload("generates", "checkpoint", "-", rows, positions, answer)
-    estimate = held_model(LLAMA, SINGLE, workload, DType.fp32)
+    decoder = LeanDecoder(chunk, layout, LLAMA.max_position_embeddings, prefill_tokens=prefill_tokens)
+    workload = Workload("generates", "checkpoint", "-", rows, positions, answer, prefill_tokens=prefill_tokens)
+    estimate = held_model(LLAMA, SINGLE, workload, DType.fp32, cuda=False)
     with runtime.inference(), PeakMeter() as meter:
         logits, _ = decoder.add(_tokens(rows, workload.prompt).tolist(), positions)
         cache = sum(keys.nbytes + values.nbytes for keys, values in decoder.cache)
@@ -71,7 +76,7 @@ def test_scoring_forward_matches_an_apm(layout) -> None:
     tokens = _tokens(rows, length)
     with runtime.inference(), PeakMeter() as meter:
         chunk(tokens, torch.arange(length).expand(rows, length), None)
-    assert held_model(LLAMA, SINGLE, workload, DType.fp32).working == pytest.approx(meter.peak, rel=0.05)
+    assert held_model(LLAMA, SINGLE, workload, DType.fp32, cuda=False).working == pytest.approx(meter.peak, rel=0.05)
 
 
 def test_tensor_and_pipeline_parallel_split_weights_and_cache() -> None:
@@ -84,6 +89,20 @@ def test_tensor_and_pipeline_parallel_split_weights_and_cache() -> None:
     assert split.cache == one.cache / 4  # half the layers, half the key/value heads
     layer_and_vocab = model.padded_vocab_size * model.hidden_size
     assert split.parameters < one.parameters / 2 and split.parameters > (one.parameters - layer_and_vocab) / 4
+
+
+def test_on_cuda_masked_attention_repeats_one_layer_s_grouped_heads() -> None:
+    """CUDA's kernel for masked attention (decode steps, prefill chunks after the first) takes no grouped key/value
+    heads: one layer's are repeated to the query heads over the whole length, on top of the CPU figure."""
+    workload = Workload("generates", "checkpoint", "-", 8, 120, 90, prefill_tokens=64)
+    cpu, cuda = (held_model(LLAMA, SINGLE, workload, DType.bf16, cuda=gpu) for gpu in (False, True))
+    repeated = 2 * 8 * LLAMA.num_attention_heads * 120 * LLAMA.head_dim * 2  # keys and values, bf16
+    assert cuda.working == cpu.working + repeated and cuda.cache == cpu.cache
+    heads = replace(LLAMA, num_query_groups=LLAMA.num_attention_heads)  # no groups: nothing to repeat
+    assert (
+        held_model(heads, SINGLE, workload, DType.bf16).working
+        == held_model(heads, SINGLE, workload, DType.bf16, cuda=False).working
+    )
 
 
 def _checkpoint(root: Path, name: str, overrides: list[str]) -> Path:
@@ -107,7 +126,9 @@ def test_dry_run_of_a_server_sizes_its_models_from_their_checkpoints(tmp_path, c
     # 80 layers x 16 rows (limits.max_batch_size) x 8192 positions x 1 of 8 key/value heads x 128 x 2 (K, V) x 2 bytes
     assert "memory per GPU while serving" in err and "KV cache 5.0 (16 rows x 8192 positions)" in err
     assert "weights 15.9 GiB" in err and "weights 31.9 GiB" in err  # the SFT model in bf16, the APM as it trained
-    assert "its largest transient 7.5 (16 rows x 8191 positions at once)" in err
+    # the prefill in chunks of limits.prefill_tokens=8192 tokens (16 rows x 512 positions: 0.5 GiB) and, on GPUs,
+    # one layer's key/value head per rank repeated to its 8 query heads over 8192 positions (0.5 GiB)
+    assert "its largest transient 1.0 (16 rows x 512 positions at once)" in err
 
 
 def test_dry_run_names_what_it_cannot_size(tmp_path, capsys) -> None:
@@ -135,4 +156,4 @@ def test_log_probability_forward_matches_a_language_model(layout, vocabulary: in
     with runtime.inference(), PeakMeter() as meter:
         chunk(tokens, torch.arange(length).expand(rows, length), None, labels=tokens)
     workload = Workload("log-probabilities", "plain_sft_checkpoint", "-", rows, length)
-    assert held_model(model, SINGLE, workload, DType.fp32).working == pytest.approx(meter.peak, rel=0.05)
+    assert held_model(model, SINGLE, workload, DType.fp32, cuda=False).working == pytest.approx(meter.peak, rel=0.05)

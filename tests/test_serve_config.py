@@ -58,6 +58,7 @@ def test_chat_and_serve_configs_compose_validate_and_name_bad_keys(tmp_path: Pat
             "KV-cache",
         ),
         (replace(cfg, limits=replace(cfg.limits, max_n=32)), "limits.max_n", "never fits a batch"),
+        (replace(cfg, limits=replace(cfg.limits, prefill_tokens=0)), "limits.prefill_tokens", "must be positive"),
         (replace(cfg, sampling=replace(cfg.sampling, max_tokens=5000)), "sampling.max_tokens", "limits.max_tokens"),
         (replace(cfg, sampling=replace(cfg.sampling, top_p=0.0)), "sampling.top_p", "[1e-06, 1]"),
         (replace(cfg, sampling=replace(cfg.sampling, temperature=1e-310)), "sampling.temperature", "0 or in"),

@@ -31,6 +31,9 @@ TOP_K_LIMIT = 2**63  # top_k is held as a 64-bit signed integer
 MIN_TEMPERATURE = 1e-3  # a positive temperature below this overflows the scaled logits (0: greedy)
 MIN_TOP_P = 1e-6  # a top_p below this vanishes in float32 (top_k=1 keeps the most likely token)
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+# Tokens (rows x positions) one forward of a prefill computes at most: longer prefills run in chunks, so their
+# transients stay bounded however many long prompts join at once (steerlm.inference.decoders.LeanDecoder._prefill).
+PREFILL_TOKENS = 8192
 
 
 @dataclass
@@ -151,9 +154,11 @@ class ServeLimits:
     max_queue: int = 64  # requests waiting for the model; more are refused with 429
     request_timeout_s: float = 300.0  # a request not finished this long after it arrived gets 503
     batching: BatchingPolicy = BatchingPolicy.continuous
+    prefill_tokens: int = PREFILL_TOKENS  # tokens one prefill forward computes at most (longer ones run in chunks)
 
     def validate(self) -> None:
         for key in (
+            "prefill_tokens",
             "max_request_bytes",
             "max_tokens",
             "max_n",

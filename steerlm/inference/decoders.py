@@ -43,6 +43,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
+from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference.adapters import AdapterRows
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
 from steerlm.runtime.cpu_matmul import linear
@@ -246,16 +247,23 @@ class _Stages:
 
 
 class _Span:
-    """Positions `0 … n-1` of every row (a prefill): the cache is written in a slice, attention is causal.
-    Rows shorter than `n` compute past their prompt; those entries are overwritten before they are read."""
+    """Positions `start … start+n-1` of every row (a prefill, or one chunk of it): the cache is written in a slice,
+    attention is causal over every position up to each one (`start` > 0: a chunk after the ones before it, whose
+    keys are in the cache; a boolean mask, which the fused CPU and memory-efficient CUDA kernels take without
+    materialising the scores). Rows shorter than the span compute past their prompt; those entries are overwritten
+    before they are read."""
 
-    def __init__(self, decoder: LeanDecoder, n: int) -> None:
-        self.end = n
-        self.cos, self.sin = decoder.cos[:n, None], decoder.sin[:n, None]
+    def __init__(self, decoder: LeanDecoder, n: int, start: int = 0) -> None:
+        self.start, self.end = start, start + n
+        self.cos, self.sin = decoder.cos[start : self.end, None], decoder.sin[start : self.end, None]
         self.mask, self.causal = None, n > 1
+        if start:
+            queries = torch.arange(start, self.end, device=decoder.device)
+            self.mask = torch.arange(self.end, device=decoder.device)[None] <= queries[:, None]  # [n, end]
+            self.causal = False
 
     def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        cache[:, :, : self.end] = new
+        cache[:, :, self.start : self.end] = new
 
     def visible(self, cache: torch.Tensor) -> torch.Tensor:
         return cache[:, :, : self.end]
@@ -329,12 +337,19 @@ def _joined(held: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 class LeanDecoder:
-    """`adapters`: LoRA adapters rows may use (`add`'s `adapters`, an index per row; 0 or none: the model alone)."""
+    """`adapters`: LoRA adapters rows may use (`add`'s `adapters`, an index per row; 0 or none: the model alone);
+    `prefill_tokens`: the most tokens one forward of a prefill computes (`_prefill`)."""
 
     def __init__(
-        self, model: GPTModel, layout: ParallelLayout, length: int, adapters: AdapterBank | None = None
+        self,
+        model: GPTModel,
+        layout: ParallelLayout,
+        length: int,
+        adapters: AdapterBank | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ) -> None:
         config = model.config
+        self.prefill_tokens = prefill_tokens
         self.model = model
         self.adapters = adapters
         self.rows_adapter = torch.zeros(0, dtype=torch.long, device=layout.device)  # per row: its adapter
@@ -506,15 +521,45 @@ class LeanDecoder:
         rows = torch.tensor(adapters or [0] * len(prompts), dtype=torch.long, device=self.device)
         if int(rows.max()) > (len(self.adapters.names) if self.adapters else 0):
             raise ValueError(f"adapter {int(rows.max())} is not loaded (this decoder's bank)")
-        hidden = self._hidden(tokens, _Span(self, tokens.shape[1]), new, self._adapted(rows))
-        logits = self.vocabulary(hidden[torch.arange(len(prompts), device=self.device), last])
-        prompt_logits = {i: PromptLogits(hidden[i, : len(prompts[i]) - 1], self.vocabulary) for i in scored}
+        final, scored_hidden = self._prefill(tokens, last, new, self._adapted(rows), scored)
+        logits = self.vocabulary(final)
+        prompt_logits = {
+            i: PromptLogits(hidden[: len(prompts[i]) - 1], self.vocabulary) for i, hidden in scored_hidden.items()
+        }
         for layer, (held_keys, held_values) in enumerate(self.cache):  # layer by layer: see `_joined`
             keys, values = new.pop(0)
             self.cache[layer] = (_joined(held_keys, keys), _joined(held_values, values))
         self.lengths += [len(p) for p in prompts]
         self.rows_adapter = torch.cat((self.rows_adapter, rows))
         return logits, prompt_logits
+
+    def _prefill(
+        self,
+        tokens: torch.Tensor,
+        last: torch.Tensor,
+        cache: _Cache,
+        rows: AdapterRows | None,
+        scored: Collection[int],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Fill `cache` with the right-padded prompts `tokens` [rows, n] in chunks of at most `prefill_tokens`
+        tokens (`prefill_tokens // rows` positions of every row, at least one): the transients of a forward grow
+        with its tokens, so a long prefill of many rows would otherwise need more memory than the cache it fills.
+        Returns the last layer's output at each row's last prompt position (`last` [rows]) and, for the rows in
+        `scored`, at every prompt position."""
+        count, n = tokens.shape
+        chunk = max(1, self.prefill_tokens // count)
+        final = torch.empty(count, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        pieces: dict[int, list[torch.Tensor]] = {i: [] for i in scored}
+        for start in range(0, n, chunk):
+            hidden = self._hidden(
+                tokens[:, start : start + chunk], _Span(self, min(chunk, n - start), start), cache, rows
+            )
+            inside = ((last >= start) & (last < start + chunk)).nonzero().flatten()
+            final[inside] = hidden[inside, last[inside] - start]
+            for i in scored:
+                pieces[i].append(hidden[i].clone())  # a view would hold every row's output
+            del hidden  # not held through the next chunk's forward
+        return final, {i: torch.cat(parts) for i, parts in pieces.items()}
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """As `MegatronDecoder.step`."""
@@ -546,13 +591,20 @@ class GraphedLeanDecoder(LeanDecoder):
     graph (the arithmetic the graph records, testable on CPU); `capture=True` needs CUDA and TP=1.
     """
 
-    def __init__(self, model: GPTModel, layout: ParallelLayout, length: int, capture: bool = True) -> None:
+    def __init__(
+        self,
+        model: GPTModel,
+        layout: ParallelLayout,
+        length: int,
+        capture: bool = True,
+        prefill_tokens: int = PREFILL_TOKENS,
+    ) -> None:
         if capture and (layout.device.type != "cuda" or layout.tp > 1 or layout.pp > 1):
             raise ValueError(
                 "CUDA-graph decoding needs a CUDA device, tensor_model_parallel_size=1 and "
                 "pipeline_model_parallel_size=1"
             )
-        super().__init__(model, layout, length)
+        super().__init__(model, layout, length, prefill_tokens=prefill_tokens)
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None

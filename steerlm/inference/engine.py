@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from steerlm import runtime
-from steerlm.config.inference import InferenceConfig
+from steerlm.config.inference import PREFILL_TOKENS, InferenceConfig
 from steerlm.data.attribute_lines import trained_attribute_lines
 from steerlm.data.attributes import AttributeSchema, Labels
 from steerlm.data.records import Conversation
@@ -406,6 +406,7 @@ class Batching:
     max_queue: int
     request_timeout_s: float | None
     continuous: bool = True  # False: batch-at-a-time (jobs join only an empty batch)
+    prefill_tokens: int = PREFILL_TOKENS  # the most tokens one prefill forward computes (the generator's chunks)
 
 
 @contextlib.contextmanager
@@ -472,6 +473,7 @@ def serving(
         loaded = load_generator(
             cfg.checkpoint, layout, cfg.precision, cfg.tokenizer_path, cfg.seed, verify=cfg.verify_checkpoint
         )
+        loaded.generator.prefill_tokens = batching.prefill_tokens
         indices: dict[str, int] = {}
         if adapter_paths:
             bank, indices = load_adapter_bank(

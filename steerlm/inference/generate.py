@@ -30,7 +30,14 @@ import torch.distributed as dist
 
 from steerlm import runtime
 from steerlm.config import ConfigError
-from steerlm.config.inference import MAX_TOP_LOGPROBS, MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, TOP_K_LIMIT
+from steerlm.config.inference import (
+    MAX_TOP_LOGPROBS,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    PREFILL_TOKENS,
+    SEED_LIMIT,
+    TOP_K_LIMIT,
+)
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, PromptLogits, lean_unsupported
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
@@ -359,6 +366,7 @@ class Generator:
         decoder: str = "auto",
         stop_strings: Sequence[str] = (),
         adapters: AdapterBank | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ) -> None:
         if len(model) != 1:
             raise ConfigError(
@@ -380,6 +388,7 @@ class Generator:
         self.max_sequence_length = max_sequence_length
         self.stop_token_ids = frozenset(stop_token_ids)
         self.stop_strings = tuple(stop_strings)  # stop every row, besides its own stop strings
+        self.prefill_tokens = prefill_tokens  # the lean decoder's prefill chunks (`LeanDecoder._prefill`)
         reason = lean_unsupported(self.model)
         if decoder not in ("auto", "lean", "megatron"):
             raise ValueError(f"decoder={decoder!r}: choose auto, lean or megatron")
@@ -409,7 +418,9 @@ class Generator:
     def new_decoder(self) -> LeanDecoder | MegatronDecoder:
         """An empty decoder for this generator's model (with its adapters)."""
         if self.decoder is LeanDecoder:
-            return LeanDecoder(self.model, self.layout, self.max_sequence_length, self.adapters)
+            return LeanDecoder(
+                self.model, self.layout, self.max_sequence_length, self.adapters, prefill_tokens=self.prefill_tokens
+            )
         return self.decoder(self.model, self.layout, self.max_sequence_length)
 
     def _agree(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -323,6 +323,7 @@ def serve(cfg: ServeConfig) -> None:
         cfg.limits.max_queue,
         cfg.limits.request_timeout_s,
         continuous=cfg.limits.batching == BatchingPolicy.continuous,
+        prefill_tokens=cfg.limits.prefill_tokens,
     )
     api_keys = read_api_keys(cfg.api_keys, cfg.profiles) if cfg.api_keys is not None else None
     profile_attributes = {name: profile.attributes for name, profile in cfg.profiles.items()}
