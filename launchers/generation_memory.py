@@ -21,8 +21,9 @@ the busiest rank (each model built at the job's layout):
   activations counted as `3 ffn/tp`), plus the logits a language model makes (the prefill's at each row's last
   position, in the compute dtype and in fp32 for sampling; a log-probability forward's loss as
   `launchers.memory` counts it in training). Attention's transients are smaller than the MLP's for Llama shapes
-  (`ffn` >= 2.7 x hidden); on GPUs, grouped-query attention with a mask (decode steps, prefill chunks after the
-  first) adds one layer's keys and values repeated to the query heads (`working_bytes`).
+  (`ffn` >= 2.7 x hidden); a chunked prefill holds a chunk's causal mask, and on GPUs grouped-query attention
+  with that mask adds the mask tiled over a group's heads or one layer's keys and values repeated, whichever is
+  less (`working_bytes`).
 
 Models a phase holds at once add their weights and caches; their transients do not overlap (one runs at a time).
 Phases that load models one after another (bootstrap: sample, then label, then fine-tune) are reported each, the
@@ -144,19 +145,21 @@ def _per_token(model: ModelConfig, tp: int, lean: bool) -> int:
 
 
 def working_bytes(model: ModelConfig, parallel: ParallelConfig, workload: Workload, size: int, cuda: bool) -> float:
-    """The largest transient of `workload` on one rank (module docstring). `cuda`: attention with a mask (a decode
-    step, a prefill chunk after the first) runs in the memory-efficient kernel, which takes no grouped key/value
-    heads, so one layer's are repeated to the query heads over the whole length (the CPU kernel takes them)."""
+    """The largest transient of `workload` on one rank (module docstring). A prefill in chunks also holds a chunk's
+    boolean causal mask. `cuda`: masked attention (prefill chunks after the first) runs in the memory-efficient
+    kernel, which takes no grouped key/value heads, so `grouped_sdpa` repeats one layer's keys and values to the
+    query heads or tiles the mask over them, whichever holds less (decode steps always tile: their mask is a row)."""
     tp = parallel.tensor_model_parallel_size
     tokens = workload.rows * workload.at_once
     vocabulary = model.padded_vocab_size
     if workload.role == "generates":
         layers = tokens * _per_token(model, tp, lean=True) * size
         logits = workload.rows * vocabulary * (2 * size + 2 * 4)  # shards and gathered; fp32 for sampling
-        grouped = model.query_groups < model.num_attention_heads
-        heads = model.num_attention_heads // tp
-        repeat = 2 * workload.rows * heads * workload.length * model.head_dim * size if cuda and grouped else 0
-        return max(layers, logits) + repeat
+        mask = workload.at_once * workload.length if workload.prompt > workload.at_once else 0
+        heads, groups = model.num_attention_heads // tp, model.query_groups // tp
+        repeat = 2 * workload.rows * heads * workload.length * model.head_dim * size
+        grouped = min(heads // groups * mask, repeat) if cuda and groups < heads else 0
+        return max(layers, logits) + mask + grouped
     layers = tokens * _per_token(model, tp, lean=False) * size
     loss = _loss_activations(model, tokens, tp, size) if workload.role == "log-probabilities" else 0
     return float(max(layers, loss))

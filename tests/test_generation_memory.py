@@ -91,17 +91,26 @@ def test_tensor_and_pipeline_parallel_split_weights_and_cache() -> None:
     assert split.parameters < one.parameters / 2 and split.parameters > (one.parameters - layer_and_vocab) / 4
 
 
-def test_on_cuda_masked_attention_repeats_one_layer_s_grouped_heads() -> None:
-    """CUDA's kernel for masked attention (decode steps, prefill chunks after the first) takes no grouped key/value
-    heads: one layer's are repeated to the query heads over the whole length, on top of the CPU figure."""
-    workload = Workload("generates", "checkpoint", "-", 8, 120, 90, prefill_tokens=64)
-    cpu, cuda = (held_model(LLAMA, SINGLE, workload, DType.bf16, cuda=gpu) for gpu in (False, True))
-    repeated = 2 * 8 * LLAMA.num_attention_heads * 120 * LLAMA.head_dim * 2  # keys and values, bf16
-    assert cuda.working == cpu.working + repeated and cuda.cache == cpu.cache
-    heads = replace(LLAMA, num_query_groups=LLAMA.num_attention_heads)  # no groups: nothing to repeat
+def test_on_cuda_a_chunked_prefill_tiles_the_mask_or_repeats_the_heads() -> None:
+    """CUDA's kernel for masked attention takes no grouped key/value heads: a prefill chunk after the first tiles its
+    mask over a group's query heads or repeats one layer's keys and values, whichever holds less; the CPU kernel
+    takes the groups. A prefill in one forward has no mask, so nothing changes."""
+    chunked = Workload("generates", "checkpoint", "-", 8, 120, 90, prefill_tokens=64)  # 8 positions a chunk
+    cpu, cuda = (held_model(LLAMA, SINGLE, chunked, DType.bf16, cuda=gpu) for gpu in (False, True))
+    mask = 8 * 120  # a chunk's [positions, keys] booleans
+    assert cuda.working == cpu.working + LLAMA.num_attention_heads // LLAMA.num_query_groups * mask
+    assert cuda.cache == cpu.cache
+    long = Workload("generates", "checkpoint", "-", 1, 256, 4, prefill_tokens=200)  # 200 positions of one row
+    repeated = 2 * LLAMA.num_attention_heads * 256 * LLAMA.head_dim * 2  # keys and values of every head, bf16
+    difference = (
+        held_model(LLAMA, SINGLE, long, DType.bf16).working
+        - held_model(LLAMA, SINGLE, long, DType.bf16, cuda=False).working
+    )
+    assert difference == repeated  # the tiled mask (4 x 200 x 256) would hold more
+    whole = Workload("generates", "checkpoint", "-", 8, 120, 90)
     assert (
-        held_model(heads, SINGLE, workload, DType.bf16).working
-        == held_model(heads, SINGLE, workload, DType.bf16, cuda=False).working
+        held_model(LLAMA, SINGLE, whole, DType.bf16).working
+        == held_model(LLAMA, SINGLE, whole, DType.bf16, cuda=False).working
     )
 
 
@@ -126,9 +135,9 @@ def test_dry_run_of_a_server_sizes_its_models_from_their_checkpoints(tmp_path, c
     # 80 layers x 16 rows (limits.max_batch_size) x 8192 positions x 1 of 8 key/value heads x 128 x 2 (K, V) x 2 bytes
     assert "memory per GPU while serving" in err and "KV cache 5.0 (16 rows x 8192 positions)" in err
     assert "weights 15.9 GiB" in err and "weights 31.9 GiB" in err  # the SFT model in bf16, the APM as it trained
-    # the prefill in chunks of limits.prefill_tokens=8192 tokens (16 rows x 512 positions: 0.5 GiB) and, on GPUs,
-    # one layer's key/value head per rank repeated to its 8 query heads over 8192 positions (0.5 GiB)
-    assert "its largest transient 1.0 (16 rows x 512 positions at once)" in err
+    # the prefill in chunks of limits.prefill_tokens=8192 tokens (16 rows x 512 positions), with a chunk's mask
+    # tiled over the 8 query heads of each key/value head (33 MB: less than the 0.5 GiB of repeated heads)
+    assert "its largest transient 0.5 (16 rows x 512 positions at once)" in err
 
 
 def test_dry_run_names_what_it_cannot_size(tmp_path, capsys) -> None:

@@ -235,6 +235,35 @@ def test_grouped_attention_runs_a_fused_kernel_and_equals_repeated_heads(masked)
         torch.testing.assert_close(ours_grad, t.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("rows", "positions", "keys", "folded"),
+    [(4, 1, 40, True), (3, 6, 40, True), (1, 300, 300, False)],
+    ids=["decode_step", "prefill_chunk", "mask_larger_than_the_keys"],
+)
+def test_masked_grouped_attention_without_a_fused_kernel_folds_the_groups(monkeypatch, rows, positions, keys, folded):
+    """Where `enable_gqa` has no fused kernel with a mask (CUDA's memory-efficient kernel; forced here), a decode step
+    or a prefill chunk folds each group's query heads into its positions instead of repeating the key/value heads:
+    the same attention (to rounding), and the keys and values are never copied; where the tiled mask would hold more
+    than the repeated heads, they are repeated."""
+    from tests.memory_meter import PeakMeter
+
+    monkeypatch.setattr(megatron_compat, "_native_gqa_kept", lambda *args: False)
+    generator = torch.Generator().manual_seed(0)
+    heads, groups, dim = 8, 2, 16
+    query = torch.randn(rows, heads, positions, dim, generator=generator)
+    key, value = (torch.randn(rows, groups, keys, dim, generator=generator) for _ in range(2))
+    ends = torch.arange(keys - positions, keys)  # each query position sees the keys up to its own
+    mask = torch.arange(keys)[None] <= ends[:, None]  # [positions, keys], as a prefill chunk's
+    if positions == 1:  # a decode step's: each row at its own length
+        mask = (torch.arange(keys)[None] < torch.tensor([keys - 3 * r for r in range(rows)])[:, None])[:, None, None]
+    with torch.inference_mode(), PeakMeter() as meter:
+        ours = megatron_compat.grouped_sdpa(query, key, value, attn_mask=mask)
+    repeated = [t.repeat_interleave(heads // groups, dim=1) for t in (key, value)]
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(query, *repeated, attn_mask=mask))
+    keys_repeated = 2 * key.nbytes * heads // groups
+    assert (meter.peak < keys_repeated) == folded
+
+
 # 6. weight layouts
 
 

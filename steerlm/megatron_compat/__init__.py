@@ -340,10 +340,16 @@ def grouped_sdpa(
     cuDNN ones, so not fp32). Elsewhere SDPA falls back to the math path, which materialises the `[b, heads, sq, sk]`
     probabilities for the backward and, on the tiny model's SFT shape, takes 1.5x the time of the fused kernel
     (fwd+bwd, torch 2.6, 1 CPU thread, 2026-12-03). There the key/value heads are repeated instead, so the fused
-    kernel runs. torch's dispatcher decides (`torch._fused_sdp_choice`), once per configuration.
+    kernel runs. torch's dispatcher decides (`torch._fused_sdp_choice`), once per configuration. With a mask (a
+    decode step, a prefill chunk after the first) the query heads of each group may be folded into its positions
+    instead (`_folded_groups`), which repeats nothing of the keys and values and holds the mask tiled: whichever
+    holds less is taken. On CUDA that is a decode step's case in every configuration, since masked attention runs
+    in the memory-efficient kernel, which takes no grouped heads.
     """
     gqa = key.size(1) != query.size(1)
     if gqa and not _native_gqa_kept(query, key, value, attn_mask, dropout_p, is_causal, scale):
+        if _folding_holds_less(key, attn_mask, is_causal):
+            return _folded_groups(query, key, value, attn_mask, dropout_p, scale)
         key, value = _repeated_heads(query, key, value)
         gqa = False
     return F.scaled_dot_product_attention(
@@ -377,6 +383,28 @@ def _native_gqa_kept(query, key, value, attn_mask, dropout_p, is_causal, scale) 
             backend(key, value, True) != math_path or backend(*_repeated_heads(query, key, value), False) == math_path
         )
     return _NATIVE_GQA[config]
+
+
+def _folding_holds_less(key, attn_mask, is_causal: bool) -> bool:
+    """Whether `_folded_groups` applies (a mask, no causal flag, one mask for every head) and its tiled mask holds
+    fewer bytes than the keys and values repeated to every query head."""
+    if attn_mask is None or is_causal or (attn_mask.dim() > 2 and attn_mask.size(-3) != 1):
+        return False
+    # both sides are tiled heads/groups times: the mask along the query positions, the keys and values along heads
+    return attn_mask.numel() * attn_mask.element_size() < 2 * key.numel() * key.element_size()
+
+
+def _folded_groups(query, key, value, attn_mask, dropout_p: float, scale) -> torch.Tensor:
+    """Attention of `[b, heads, sq, hn]` queries over `[b, groups, sk, hn]` keys and values, each group's query heads
+    folded into its query positions (`[b, groups, heads/groups x sq, hn]`: the heads of a group are adjacent) and
+    the mask tiled to match. Exact: every query row attends to the same keys under the same mask."""
+    batch, heads, positions, dim = query.shape
+    groups = key.size(1)
+    repeats = heads // groups
+    folded = query.reshape(batch, groups, repeats * positions, dim)
+    mask = attn_mask.repeat(*([1] * (attn_mask.dim() - 2)), repeats, 1)  # [..., heads/groups x sq, sk]
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.reshape(batch, heads, positions, dim)
 
 
 def _repeated_heads(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
