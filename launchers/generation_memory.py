@@ -35,12 +35,13 @@ communication buffers (plan 3-6 GiB more), LoRA adapters of serving profiles, th
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
-from launchers.memory import _BYTES, GIB, _loss_activations, _stage_parameters
+from launchers.memory import DTYPE_BYTES, GIB, loss_activations, stage_parameters
 from steerlm.config import DType, ModelConfig, ParallelConfig, PrecisionConfig, to_typed
 from steerlm.config.annotate import AnnotateConfig, JudgeConfig
 from steerlm.config.bootstrap import BootstrapConfig
@@ -53,11 +54,19 @@ from steerlm.config.steerlm2 import PrepareSteerLM2Config
 SCORING_ROWS = 16  # AttributeScorer's micro-batch where a recipe sets none (the server's /v1/attributes/score)
 
 
+class Role(str, Enum):
+    """What a model computes in a phase."""
+
+    generates = "generates"  # the lean decoder: a prefill in chunks, then decode steps over a KV cache
+    scores = "scores"  # an APM's forward through megatron's layers
+    log_probabilities = "log-probabilities"  # a language model's forward with labels (its loss head)
+
+
 @dataclass(frozen=True)
 class Workload:
     """One model's part in a phase: what it computes, on how many rows, of how many positions."""
 
-    role: str  # "generates", "scores" (an APM's forward), "log-probabilities" (a language model's forward)
+    role: Role
     key: str  # the config key naming its checkpoint
     path: str
     rows: int  # rows computed together
@@ -84,7 +93,7 @@ class Workload:
     def at_once(self) -> int:
         """Positions of every row one forward computes: a generating model prefills in chunks of `prefill_tokens`
         tokens (at least one position a row), a scoring forward reads whole rows."""
-        if self.role != "generates":
+        if self.role != Role.generates:
             return self.prompt
         return min(self.prompt, max(1, self.prefill_tokens // self.rows))
 
@@ -103,7 +112,7 @@ class HeldModel:
         w = self.workload
         cache = f" + KV cache {self.cache / GIB:.1f} ({w.rows} rows x {w.positions} positions)" if self.cache else ""
         return (
-            f"{w.key}={w.path} ({w.role}, {self.parameters / 1e9:.2f}B parameters): weights "
+            f"{w.key}={w.path} ({w.role.value}, {self.parameters / 1e9:.2f}B parameters): weights "
             f"{self.weights / GIB:.1f} GiB{cache}, its largest transient {self.working / GIB:.1f} "
             f"({w.rows} rows x {w.at_once} positions at once)"
         )
@@ -152,7 +161,7 @@ def working_bytes(model: ModelConfig, parallel: ParallelConfig, workload: Worklo
     tp = parallel.tensor_model_parallel_size
     tokens = workload.rows * workload.at_once
     vocabulary = model.padded_vocab_size
-    if workload.role == "generates":
+    if workload.role == Role.generates:
         layers = tokens * _per_token(model, tp, lean=True) * size
         logits = workload.rows * vocabulary * (2 * size + 2 * 4)  # shards and gathered; fp32 for sampling
         mask = workload.at_once * workload.length if workload.prompt > workload.at_once else 0
@@ -161,7 +170,7 @@ def working_bytes(model: ModelConfig, parallel: ParallelConfig, workload: Worklo
         grouped = min(heads // groups * mask, repeat) if cuda and groups < heads else 0
         return max(layers, logits) + mask + grouped
     layers = tokens * _per_token(model, tp, lean=False) * size
-    loss = _loss_activations(model, tokens, tp, size) if workload.role == "log-probabilities" else 0
+    loss = loss_activations(model, tokens, tp, size) if workload.role == Role.log_probabilities else 0
     return float(max(layers, loss))
 
 
@@ -171,11 +180,11 @@ def held_model(
     """What `model` holds on the busiest rank for `workload` (rows longer than its context are cut to it)."""
     workload = workload.within(model)
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    size = _BYTES[dtype]
-    parameters = max(
-        _stage_parameters(model, tp, pp, first, last) for first, last in {(True, pp == 1), (pp == 1, True)}
+    size = DTYPE_BYTES[dtype]
+    parameters = max(stage_parameters(model, tp, pp, first, last) for first, last in {(True, pp == 1), (pp == 1, True)})
+    cache = (
+        kv_cache_bytes(model, parallel, workload.rows, workload.length, size) if workload.role == Role.generates else 0
     )
-    cache = kv_cache_bytes(model, parallel, workload.rows, workload.length, size) if workload.role == "generates" else 0
     return HeldModel(
         workload, parameters, parameters * size, cache, working_bytes(model, parallel, workload, size, cuda)
     )
@@ -213,7 +222,7 @@ def _judge(judge: JudgeConfig, key: str, positions: Optional[int]) -> list[Workl
         return []
     return [
         Workload(
-            "generates",
+            Role.generates,
             f"{key}.checkpoint",
             judge.checkpoint,
             judge.micro_batch_size,
@@ -232,7 +241,7 @@ def job_phases(config: object, cuda: bool) -> list[PhaseEstimate]:
         # a prompt may take all but one position of the context: the longest prefill
         work = [
             Workload(
-                "generates",
+                Role.generates,
                 "checkpoint",
                 config.checkpoint,
                 limits.max_batch_size,
@@ -243,15 +252,15 @@ def job_phases(config: object, cuda: bool) -> list[PhaseEstimate]:
             )
         ]
         if config.apm_checkpoint:
-            work.append(Workload("scores", "apm_checkpoint", config.apm_checkpoint, SCORING_ROWS))
+            work.append(Workload(Role.scores, "apm_checkpoint", config.apm_checkpoint, SCORING_ROWS))
         return [estimate_phase("serving", work, config.parallel, cuda)]
     if isinstance(config, InferenceConfig):  # the chat: one row
-        work = [Workload("generates", "checkpoint", config.checkpoint, 1, None, 1, config.precision.dtype)]
+        work = [Workload(Role.generates, "checkpoint", config.checkpoint, 1, None, 1, config.precision.dtype)]
         return [estimate_phase("chatting", work, config.parallel, cuda)]
     if isinstance(config, SteeringEvalConfig):
         work = [
             Workload(
-                "generates",
+                Role.generates,
                 "checkpoint",
                 config.checkpoint,
                 config.batch_size,
@@ -264,7 +273,7 @@ def job_phases(config: object, cuda: bool) -> list[PhaseEstimate]:
     if isinstance(config, BootstrapConfig):
         options, dtype = config.bootstrap, config.precision.dtype
         sample = Workload(
-            "generates",
+            Role.generates,
             "sft.init_from",
             str(config.sft.init_from),
             options.batch_size,
@@ -273,7 +282,7 @@ def job_phases(config: object, cuda: bool) -> list[PhaseEstimate]:
             dtype,
         )
         label = [
-            Workload("scores", "bootstrap.apm_checkpoint", options.apm_checkpoint, SCORING_ROWS),
+            Workload(Role.scores, "bootstrap.apm_checkpoint", options.apm_checkpoint, SCORING_ROWS),
             *_judge(options.judge, "bootstrap.judge", None),
         ]
         return [
@@ -283,21 +292,23 @@ def job_phases(config: object, cuda: bool) -> list[PhaseEstimate]:
     if isinstance(config, PrepareSteerLM2Config):  # its passes load one model each, one after another
         rows, dtype, q = config.micro_batch_size, config.precision.dtype, config.steerlm_checkpoint
         passes = {
-            "sampling": Workload("generates", "steerlm_checkpoint", q, rows, None, config.max_new_tokens, dtype),
-            "computing log Q'(y|a,x)": Workload("log-probabilities", "steerlm_checkpoint", q, rows, None, 0, dtype),
+            "sampling": Workload(Role.generates, "steerlm_checkpoint", q, rows, None, config.max_new_tokens, dtype),
+            "computing log Q'(y|a,x)": Workload(Role.log_probabilities, "steerlm_checkpoint", q, rows, None, 0, dtype),
             "computing log P(y|x)": Workload(
-                "log-probabilities", "plain_sft_checkpoint", config.plain_sft_checkpoint, rows, None, 0, dtype
+                Role.log_probabilities, "plain_sft_checkpoint", config.plain_sft_checkpoint, rows, None, 0, dtype
             ),
-            "computing log P(a|x,y)": Workload("scores", "apm_checkpoint", config.apm_checkpoint, rows),
+            "computing log P(a|x,y)": Workload(Role.scores, "apm_checkpoint", config.apm_checkpoint, rows),
         }
         return [estimate_phase(name, [work], config.parallel, cuda) for name, work in passes.items()]
     if isinstance(config, AnnotateConfig):
         work = [
-            Workload("scores", "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length),
+            Workload(Role.scores, "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length),
             *_judge(config.judge, "judge", config.seq_length),
         ]
         return [estimate_phase("annotating", work, config.parallel, cuda)]
     if isinstance(config, EvaluateAttributeModelConfig):
-        work = [Workload("scores", "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length)]
+        work = [
+            Workload(Role.scores, "apm_checkpoint", config.apm_checkpoint, config.micro_batch_size, config.seq_length)
+        ]
         return [estimate_phase("scoring", work, config.parallel, cuda)]
     return []

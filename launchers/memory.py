@@ -36,7 +36,7 @@ from steerlm.config import CrossEntropy, DType, LoraConfig, ModelConfig, Optimiz
 from steerlm.config.lora import LoraCheckpoint
 
 GIB = 2**30
-_BYTES = {DType.fp32: 4, DType.bf16: 2, DType.fp16: 2}
+DTYPE_BYTES = {DType.fp32: 4, DType.bf16: 2, DType.fp16: 2}
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _layer_adapters(model: ModelConfig, tp: int, lora: LoraConfig) -> int:
     return total
 
 
-def _stage_parameters(model: ModelConfig, tp: int, pp: int, first: bool, last: bool) -> int:
+def stage_parameters(model: ModelConfig, tp: int, pp: int, first: bool, last: bool) -> int:
     """Parameters a TP rank of a pipeline stage holds (the last stage keeps its own copy of a tied output layer)."""
     vocab = model.padded_vocab_size * model.hidden_size // tp
     output = vocab if last and (pp > 1 or not model.share_embeddings_and_output_weights) else 0
@@ -119,7 +119,7 @@ def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parall
     return size * (replicated / (tp if sequence_parallel else 1) + split / tp)
 
 
-def _loss_activations(model: ModelConfig, tokens: int, tp: int, size: int) -> float:
+def loss_activations(model: ModelConfig, tokens: int, tp: int, size: int) -> float:
     """The final norm's tensors and the loss's `tokens x vocab/tp` ones on the last stage."""
     shard = tokens * model.padded_vocab_size / tp
     vocabulary = size * shard if model.cross_entropy == CrossEntropy.chunked else 4 * shard
@@ -148,19 +148,19 @@ def checkpoint_bytes(cfg: TrainConfig, has_init_from: bool) -> int:
     adapters = model.num_layers * _layer_adapters(model, 1, lora)
     trained = adapters if lora.enabled else model.num_parameters(padded=True)
     weights = trained if saves_adapters_alone(lora, has_init_from) else model.num_parameters(padded=True) + adapters
-    return weights * _BYTES[cfg.precision.dtype] + trained * _optimizer_bytes(cfg)
+    return weights * DTYPE_BYTES[cfg.precision.dtype] + trained * _optimizer_bytes(cfg)
 
 
 def weights_bytes(cfg: TrainConfig) -> int:
     """The run's weights alone on disk, in the compute dtype: what `recipes/convert.py to=steerlm` writes."""
-    return cfg.model.num_parameters(padded=True) * _BYTES[cfg.precision.dtype]
+    return cfg.model.num_parameters(padded=True) * DTYPE_BYTES[cfg.precision.dtype]
 
 
 def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate:
     """The busiest rank's memory for `cfg` at `data_parallel_size` (see the module docstring for what counts)."""
     parallel, precision, trainer, model = cfg.parallel, cfg.precision, cfg.trainer, cfg.model
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    size = _BYTES[precision.dtype]
+    size = DTYPE_BYTES[precision.dtype]
     per_parameter = _optimizer_bytes(cfg)
     optimizer_share = data_parallel_size if parallel.use_distributed_optimizer else 1
     micro_batches = trainer.global_batch_size // (trainer.micro_batch_size * data_parallel_size)
@@ -169,7 +169,7 @@ def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate
     stages = []
     adapters = model.num_layers // pp * _layer_adapters(model, tp, cfg.lora)
     for first, last in {(True, pp == 1), (pp == 1, True)}:
-        parameters = _stage_parameters(model, tp, pp, first, last) + adapters
+        parameters = stage_parameters(model, tp, pp, first, last) + adapters
         trained = adapters if cfg.lora.enabled else parameters
         in_flight = min(pp, micro_batches) if first else 1  # 1F1B: stage k holds pp - k micro-batches
         stages.append(
@@ -178,7 +178,7 @@ def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate
                 weights=parameters * size,
                 gradients=trained * (4 if precision.grad_reduce_in_fp32 else size),
                 optimizer=trained * per_parameter / optimizer_share,
-                activations=in_flight * layer + (_loss_activations(model, tokens, tp, size) if last else 0),
+                activations=in_flight * layer + (loss_activations(model, tokens, tp, size) if last else 0),
                 in_flight=in_flight,
             )
         )

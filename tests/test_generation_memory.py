@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launchers.cli import main
-from launchers.generation_memory import Workload, held_model, kv_cache_bytes
+from launchers.generation_memory import Role, Workload, held_model, kv_cache_bytes
 from steerlm import runtime
 from steerlm.config import DType, ParallelConfig, PrecisionConfig, compose
 from steerlm.config.store import save_resolved
@@ -51,7 +51,7 @@ def test_kv_cache_and_prefill_match_the_lean_decoder(
     below it."""
     chunk = build_model_chunks(LLAMA, PrecisionConfig(), layout, seed=1)[0].eval()
     decoder = LeanDecoder(chunk, layout, LLAMA.max_position_embeddings, prefill_tokens=prefill_tokens)
-    workload = Workload("generates", "checkpoint", "-", rows, positions, answer, prefill_tokens=prefill_tokens)
+    workload = Workload(Role.generates, "checkpoint", "-", rows, positions, answer, prefill_tokens=prefill_tokens)
     estimate = held_model(LLAMA, SINGLE, workload, DType.fp32, cuda=False)
     with runtime.inference(), PeakMeter() as meter:
         logits, _ = decoder.add(_tokens(rows, workload.prompt).tolist(), positions)
@@ -72,7 +72,7 @@ def test_scoring_forward_matches_an_apm(layout) -> None:
     the estimate's within 5 %."""
     chunk = build_attribute_model_chunks(LLAMA, PrecisionConfig(), layout, seed=1, num_attributes=9)[0].eval()
     rows, length = 4, 200
-    workload = Workload("scores", "apm_checkpoint", "-", rows, length)
+    workload = Workload(Role.scores, "apm_checkpoint", "-", rows, length)
     tokens = _tokens(rows, length)
     with runtime.inference(), PeakMeter() as meter:
         chunk(tokens, torch.arange(length).expand(rows, length), None)
@@ -81,7 +81,7 @@ def test_scoring_forward_matches_an_apm(layout) -> None:
 
 def test_tensor_and_pipeline_parallel_split_weights_and_cache() -> None:
     model = replace(LLAMA, num_attention_heads=8, num_query_groups=4)
-    workload = Workload("generates", "checkpoint", "-", 2, 100, 10)
+    workload = Workload(Role.generates, "checkpoint", "-", 2, 100, 10)
     one = held_model(model, SINGLE, workload, DType.bf16)
     split = held_model(
         model, ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), workload, DType.bf16
@@ -95,19 +95,19 @@ def test_on_cuda_a_chunked_prefill_tiles_the_mask_or_repeats_the_heads() -> None
     """CUDA's kernel for masked attention takes no grouped key/value heads: a prefill chunk after the first tiles its
     mask over a group's query heads or repeats one layer's keys and values, whichever holds less; the CPU kernel
     takes the groups. A prefill in one forward has no mask, so nothing changes."""
-    chunked = Workload("generates", "checkpoint", "-", 8, 120, 90, prefill_tokens=64)  # 8 positions a chunk
+    chunked = Workload(Role.generates, "checkpoint", "-", 8, 120, 90, prefill_tokens=64)  # 8 positions a chunk
     cpu, cuda = (held_model(LLAMA, SINGLE, chunked, DType.bf16, cuda=gpu) for gpu in (False, True))
     mask = 8 * 120  # a chunk's [positions, keys] booleans
     assert cuda.working == cpu.working + LLAMA.num_attention_heads // LLAMA.num_query_groups * mask
     assert cuda.cache == cpu.cache
-    long = Workload("generates", "checkpoint", "-", 1, 256, 4, prefill_tokens=200)  # 200 positions of one row
+    long = Workload(Role.generates, "checkpoint", "-", 1, 256, 4, prefill_tokens=200)  # 200 positions of one row
     repeated = 2 * LLAMA.num_attention_heads * 256 * LLAMA.head_dim * 2  # keys and values of every head, bf16
     difference = (
         held_model(LLAMA, SINGLE, long, DType.bf16).working
         - held_model(LLAMA, SINGLE, long, DType.bf16, cuda=False).working
     )
     assert difference == repeated  # the tiled mask (4 x 200 x 256) would hold more
-    whole = Workload("generates", "checkpoint", "-", 8, 120, 90)
+    whole = Workload(Role.generates, "checkpoint", "-", 8, 120, 90)
     assert (
         held_model(LLAMA, SINGLE, whole, DType.bf16).working
         == held_model(LLAMA, SINGLE, whole, DType.bf16, cuda=False).working
@@ -164,5 +164,5 @@ def test_log_probability_forward_matches_a_language_model(layout, vocabulary: in
     tokens = torch.randint(0, vocabulary, (rows, length), generator=torch.Generator().manual_seed(0))
     with runtime.inference(), PeakMeter() as meter:
         chunk(tokens, torch.arange(length).expand(rows, length), None, labels=tokens)
-    workload = Workload("log-probabilities", "plain_sft_checkpoint", "-", rows, length)
+    workload = Workload(Role.log_probabilities, "plain_sft_checkpoint", "-", rows, length)
     assert held_model(model, SINGLE, workload, DType.fp32, cuda=False).working == pytest.approx(meter.peak, rel=0.05)

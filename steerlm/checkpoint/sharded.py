@@ -49,7 +49,7 @@ from steerlm.checkpoint.sources import BaseWeights, WeightFormat, read_foreign_w
 from steerlm.checkpoint.writers import writers_die_with_parent
 from steerlm.config.lora import LoraConfig
 from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
-from steerlm.config.sources import CHECKPOINTS, LATEST, SAVED_CONFIG_FILE, STEERLM_CHECKPOINT_FILE
+from steerlm.config.sources import CHECKPOINTS, LATEST, SAVED_CONFIG_FILE, STEERLM_CHECKPOINT_FILE, named_checkpoint
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
 from steerlm.files import atomic_write_text
@@ -172,14 +172,13 @@ def _sharded_state(
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run directory, or None."""
-    pointer = checkpoint_root(output_dir) / LATEST
-    if not pointer.exists():
+    path = named_checkpoint(output_dir)
+    if path is None:
         return None
-    path = pointer.parent / pointer.read_text().strip()
     if not (path / META).exists():
         raise FileNotFoundError(
-            f"{pointer} names {path.name}, which is missing or incomplete; delete the pointer "
-            "to start over or restore the directory"
+            f"{checkpoint_root(output_dir) / LATEST} names {path.name}, which is missing or incomplete; delete the "
+            "pointer to start over or restore the directory"
         )
     return path
 

@@ -62,15 +62,18 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
         )
 
 
+def named_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint directory a run directory's `checkpoints/latest` names (whether or not it is complete), or
+    None without that pointer."""
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+
+
 def saved_config_file(path: Path) -> Optional[Path]:
     """The resolved config a steerlm checkpoint was written with: `path`'s own (a checkpoint directory) or that of
     the checkpoint a run directory's `checkpoints/latest` names; None when `path` is neither (yet). Reads no weights,
     so a launcher's dry run can size a job from it."""
     path = Path(path)
-    if not (path / STEERLM_CHECKPOINT_FILE).is_file():
-        pointer = path / CHECKPOINTS / LATEST
-        if not pointer.is_file():
-            return None
-        path = pointer.parent / pointer.read_text().strip()
-    file = path / SAVED_CONFIG_FILE
-    return file if file.is_file() else None
+    checkpoint = path if (path / STEERLM_CHECKPOINT_FILE).is_file() else named_checkpoint(path)
+    file = checkpoint / SAVED_CONFIG_FILE if checkpoint is not None else None
+    return file if file is not None and file.is_file() else None
