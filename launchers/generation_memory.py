@@ -197,9 +197,12 @@ def saved_model(path: str) -> tuple[ModelConfig, DType] | str:
     file = saved_config_file(Path(path))
     if file is None:
         return "not written yet (a stage before this one writes it): not sized"
-    saved = OmegaConf.load(file)
-    model = to_typed(saved.model, ModelConfig)
-    precision = to_typed(saved.precision, PrecisionConfig) if "precision" in saved else PrecisionConfig()
+    try:
+        saved = OmegaConf.load(file)
+        model = to_typed(saved.model, ModelConfig)
+        precision = to_typed(saved.precision, PrecisionConfig) if "precision" in saved else PrecisionConfig()
+    except Exception as error:  # yaml's, OmegaConf's and the typed config's errors share no narrower base
+        return f"{file} cannot be read ({type(error).__name__}: {error}): not sized"
     return model, precision.dtype
 
 

@@ -152,6 +152,10 @@ def test_dry_run_names_what_it_cannot_size(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert f"apm_checkpoint={tmp_path / 'empty'}: not written yet" in err
     assert f"judge.checkpoint={nemo}: a .nemo archive" in err and "for the models sized" in err
+    saved = sft / "checkpoints" / "step_10" / "config.yaml"
+    saved.write_text("model: [unclosed\n")  # a garbled config is named, not a traceback
+    assert main(["evaluate_attribute_model", f"apm_checkpoint={sft}", f"input={saved}", "--dry-run"]) == 0
+    assert f"apm_checkpoint={sft}: {saved} cannot be read (" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("vocabulary", [300, 8000])
