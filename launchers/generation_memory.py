@@ -16,9 +16,10 @@ the busiest rank (each model built at the job's layout):
 - **working memory**, the largest transient: a prefill of every row at once at the longest prompt, in the lean
   decoder's chunks of at most `prefill_tokens` tokens (`limits.prefill_tokens` of a server; 8192 elsewhere), as it
   computes them (SwiGLU's `[gate; up]`, the activation and the product, beside the residual stream and its
-  norm: `tokens x (4 ffn/tp + 2 hidden)`, checked against a real prefill in tests/test_generation_memory.py), or a
-  scoring forward through megatron's layers (`tokens x (5 ffn/tp + 4 hidden)`; both measured for SwiGLU, other
-  activations counted as `3 ffn/tp`), plus the logits a language model makes (the prefill's at each row's last
+  norm: `tokens x (4 ffn/tp + 2 hidden)`; an ungated MLP's input, activation and output, Nemotron's squared ReLU:
+  `3 ffn/tp + 2 hidden`; checked against real prefills in tests/test_generation_memory.py), or a scoring forward
+  through megatron's layers (`tokens x (5 ffn/tp + 4 hidden)`, ungated `3 ffn/tp + 4 hidden`; both measured),
+  plus the logits a language model makes (the prefill's at each row's last
   position, in the compute dtype and in fp32 for sampling; a log-probability forward's loss as
   `launchers.memory` counts it in training). Attention's transients are smaller than the MLP's for Llama shapes
   (`ffn` >= 2.7 x hidden); a chunked prefill holds a chunk's causal mask, and on GPUs grouped-query attention
@@ -148,8 +149,8 @@ def kv_cache_bytes(model: ModelConfig, parallel: ParallelConfig, rows: int, posi
 def _per_token(model: ModelConfig, tp: int, lean: bool) -> int:
     """Elements the largest transient of a layer holds per token (module docstring)."""
     gated = model.activation.value == "swiglu"
-    if lean and gated:
-        return 4 * model.ffn_hidden_size // tp + 2 * model.hidden_size
+    if lean:
+        return (4 if gated else 3) * model.ffn_hidden_size // tp + 2 * model.hidden_size
     return (5 if gated else 3) * model.ffn_hidden_size // tp + 4 * model.hidden_size
 
 

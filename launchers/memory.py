@@ -32,7 +32,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from steerlm.config import CrossEntropy, DType, LoraConfig, ModelConfig, OptimizerName, TrainConfig
+from steerlm.config import (
+    Activation,
+    CrossEntropy,
+    DType,
+    LoraConfig,
+    ModelConfig,
+    Normalization,
+    OptimizerName,
+    TrainConfig,
+)
 from steerlm.config.lora import LoraCheckpoint
 
 GIB = 2**30
@@ -77,10 +86,14 @@ def _linear_shapes(model: ModelConfig) -> dict[str, tuple[int, int, bool]]:
     }
 
 
+def _norm_parameters(model: ModelConfig) -> int:
+    """One norm's: a weight, and LayerNorm's bias."""
+    return model.hidden_size * (2 if model.normalization == Normalization.LayerNorm else 1)
+
+
 def _layer_parameters(model: ModelConfig, tp: int) -> int:
     matrices = sum(inputs * outputs for inputs, outputs, _ in _linear_shapes(model).values()) // tp
-    norms = 2 * model.hidden_size * (2 if model.normalization.value == "LayerNorm" else 1)
-    return matrices + norms
+    return matrices + 2 * _norm_parameters(model)
 
 
 def _layer_adapters(model: ModelConfig, tp: int, lora: LoraConfig) -> int:
@@ -104,18 +117,21 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, first: bool, last: bo
         model.num_layers // pp * _layer_parameters(model, tp)
         + (vocab if first else 0)
         + output
-        + (model.hidden_size if last else 0)
+        + (_norm_parameters(model) if last else 0)
     )
 
 
 def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, size: int) -> float:
     h, ffn = model.hidden_size, model.ffn_hidden_size
     kv = model.query_groups * model.head_dim
-    # per norm: its input (the residual stream), the normalised tensor and the following linear's input
-    replicated = 6 * tokens * h
+    # per norm: its input (the residual stream), the normalised tensor and the following linear's input (torch's
+    # RMSNorm keeps a tensor more than its LayerNorm, whose output is the linear's input)
+    replicated = (6 if model.normalization == Normalization.RMSNorm else 4) * tokens * h
     # linear_qkv's whole output (value is a view of it), the rotated query and key, the attention output; and
-    # linear_fc1's output ([gate; up]), the activation's input and output and the product
-    split = tokens * (3 * h + 3 * kv + 5 * ffn)
+    # SwiGLU's linear_fc1 output ([gate; up]), the activation's input and output and the product — an ungated
+    # activation (squared ReLU, GELU) keeps its input and output alone
+    mlp = 5 * ffn if model.activation == Activation.swiglu else 2 * ffn
+    split = tokens * (3 * h + 3 * kv + mlp)
     return size * (replicated / (tp if sequence_parallel else 1) + split / tp)
 
 
@@ -218,6 +234,8 @@ PRESET_LAYOUTS = (
     ("llama2_13b", "tp8", 4, 4096),
     ("llama2_70b", "tp8_pp2", 2, 4096),
     ("llama3_70b", "tp8_pp2", 2, 4096),
+    ("nemotron3_8b", "tp8", 4, 4096),
+    ("nemotron4_340b", "tp8_pp8", 2, 4096),
 )
 
 

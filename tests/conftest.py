@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
 from steerlm import runtime
-from steerlm.config import ModelConfig, ParallelConfig
+from steerlm.config import Activation, ModelConfig, Normalization, ParallelConfig
 
 # Two layers, GQA (4 heads, 2 groups), a vocabulary that needs padding (300 → 384).
 TEST_MODEL = ModelConfig(
@@ -18,6 +19,15 @@ TEST_MODEL = ModelConfig(
     num_query_groups=2,
     vocab_size=300,
     max_position_embeddings=128,
+)
+# TEST_MODEL as NVIDIA's Nemotron models are built (NeMo's `layernorm1p`): LayerNorm weights stored centred on zero,
+# a squared-ReLU MLP, RoPE on half of each head's channels.
+NEMOTRON_MODEL = replace(
+    TEST_MODEL,
+    normalization=Normalization.LayerNorm,
+    layernorm_zero_centered_gamma=True,
+    activation=Activation.squared_relu,
+    rotary_percent=0.5,
 )
 
 

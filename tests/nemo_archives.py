@@ -1,6 +1,7 @@
-"""Small NeMo 1.x `.nemo` archives for tests/test_nemo_import.py, written from a tiny Hugging Face Llama with NeMo's
-key names by this module's own mapping (it shares no code with steerlm's reader): the legacy layout
-(`model_weights.ckpt` per TP/PP rank) and megatron's torch_dist distributed checkpoint, at TP=2.
+"""Small NeMo 1.x `.nemo` archives for tests/test_nemo_import.py, written from a tiny Hugging Face Llama (or
+Nemotron: zero-centred LayerNorm with biases, squared-ReLU MLP, RoPE on half of each head) with NeMo's key names by
+this module's own mapping (it shares no code with steerlm's reader): the legacy layout (`model_weights.ckpt` per
+TP/PP rank) and megatron's torch_dist distributed checkpoint, at TP=2.
 
 A module of its own so that the ranks `tests.multiproc` spawns import neither transformers nor pytest.
 """
@@ -26,40 +27,76 @@ ATTRIBUTES = 9
 TP = 2
 
 
+# The shape both source models share (Hugging Face's names).
+_HF_SHAPE = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": FFN,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": GROUPS,
+    "max_position_embeddings": 128,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def _randomised(model: torch.nn.Module, norm_centre: float) -> torch.nn.Module:
+    """`model` in eval mode with every weight random: matrices around 0, vectors (norm weights and biases) around
+    `norm_centre`, so a swapped, dropped or mis-centred norm term shows."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.1 + (norm_centre if param.dim() == 1 else 0.0))
+    return model.eval()
+
+
 def llama() -> torch.nn.Module:
     """The independent source model, every weight random (norms included, so a swapped norm shows)."""
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=GROUPS,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn_like(param) * 0.1 + (1.0 if param.dim() == 1 else 0.0))
-    return model
+    config = transformers.LlamaConfig(**_HF_SHAPE, rms_norm_eps=1e-5)
+    return _randomised(transformers.LlamaForCausalLM(config), norm_centre=1.0)
 
 
-def nemo_tensors(llama, fused_norms: bool, head: bool) -> dict[str, torch.Tensor]:
-    """Full tensors by megatron-core GPTModel name (no `model.` prefix, global layer numbers), NeMo's layout:
-    QKV rows grouped per query group [its query heads, key, value], fc1 = [gate; up], vocabulary padded."""
-    hf = {name: tensor.detach().clone() for name, tensor in llama.state_dict().items()}
+def nemotron() -> torch.nn.Module:
+    """An independent Nemotron-shaped source (NeMo's `layernorm1p`, squared ReLU, RoPE on half of each head): its
+    norm weights are stored centred on zero (scaled by `1 + weight`), so they and the norm biases are random around
+    0."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.NemotronConfig(
+        **_HF_SHAPE,
+        head_dim=HEAD_DIM,
+        norm_eps=1e-5,
+        hidden_act="relu2",
+        partial_rotary_factor=0.5,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    return _randomised(transformers.NemotronForCausalLM(config), norm_centre=0.0)
+
+
+def _norm(out: dict, hf: dict, theirs: str, ours: str) -> None:
+    """The HF norm `theirs` (weight, and bias where it has one) as NeMo's `ours` + `weight`/`bias` (`ours` ends with
+    `.` for a norm module, `layer_norm_` for TE's norm fused into a linear)."""
+    for part in ("weight", "bias"):
+        if theirs + part in hf:
+            out[ours + part] = hf[theirs + part]
+
+
+def nemo_tensors(source, fused_norms: bool, head: bool) -> dict[str, torch.Tensor]:
+    """Full tensors by megatron-core GPTModel name (no `model.` prefix, global layer numbers) of a HF Llama or
+    Nemotron `source`, NeMo's layout: QKV rows grouped per query group [its query heads, key, value], fc1 = [gate; up]
+    (Llama's SwiGLU) or up alone (Nemotron), norm biases where the source has them, vocabulary padded."""
+    hf = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
     padding = torch.randn(ROWS - VOCAB, HIDDEN, generator=torch.Generator().manual_seed(1))
     out = {
         "embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"], padding]),
         "output_layer.weight": torch.cat([hf["lm_head.weight"], padding]),
-        "decoder.final_layernorm.weight": hf["model.norm.weight"],
     }
+    _norm(out, hf, "model.norm.", "decoder.final_layernorm.")
     per_group = HEADS // GROUPS
     for layer in range(LAYERS):
         theirs, ours = f"model.layers.{layer}.", f"decoder.layers.{layer}."
@@ -71,17 +108,15 @@ def nemo_tensors(llama, fused_norms: bool, head: bool) -> dict[str, torch.Tensor
         ]
         out[ours + "self_attention.linear_qkv.weight"] = torch.cat(groups).reshape(-1, HIDDEN)
         out[ours + "self_attention.linear_proj.weight"] = hf[theirs + "self_attn.o_proj.weight"]
-        out[ours + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[theirs + "mlp.gate_proj.weight"], hf[theirs + "mlp.up_proj.weight"]]
-        )
+        gate = [hf[theirs + "mlp.gate_proj.weight"]] if theirs + "mlp.gate_proj.weight" in hf else []
+        out[ours + "mlp.linear_fc1.weight"] = torch.cat([*gate, hf[theirs + "mlp.up_proj.weight"]])
         out[ours + "mlp.linear_fc2.weight"] = hf[theirs + "mlp.down_proj.weight"]
-        attention_norm, mlp_norm = hf[theirs + "input_layernorm.weight"], hf[theirs + "post_attention_layernorm.weight"]
         if fused_norms:  # Transformer Engine's spec (NeMo's default)
-            out[ours + "self_attention.linear_qkv.layer_norm_weight"] = attention_norm
-            out[ours + "mlp.linear_fc1.layer_norm_weight"] = mlp_norm
+            attention_norm, mlp_norm = "self_attention.linear_qkv.layer_norm_", "mlp.linear_fc1.layer_norm_"
         else:
-            out[ours + "input_layernorm.weight"] = attention_norm
-            out[ours + "pre_mlp_layernorm.weight"] = mlp_norm
+            attention_norm, mlp_norm = "input_layernorm.", "pre_mlp_layernorm."
+        _norm(out, hf, theirs + "input_layernorm.", ours + attention_norm)
+        _norm(out, hf, theirs + "post_attention_layernorm.", ours + mlp_norm)
     if head:
         generator = torch.Generator().manual_seed(2)
         out["rm_head.weight"] = torch.randn(ATTRIBUTES, HIDDEN, generator=generator) * 0.1
@@ -89,7 +124,8 @@ def nemo_tensors(llama, fused_norms: bool, head: bool) -> dict[str, torch.Tensor
     return out
 
 
-# This file's own record of megatron's tensor-parallel splits (dim; "gated": [gate_r; up_r]).
+# This file's own record of megatron's tensor-parallel splits (dim; "gated": [gate_r; up_r] for a gated MLP's fc1,
+# a plain split along dim 0 for a non-gated one).
 _SPLITS = {
     "word_embeddings.weight": 0,
     "output_layer.weight": 0,
@@ -146,12 +182,19 @@ def nemo_lora_config(linears: list[str], **tuning) -> dict:
     return {**nemo_config(), "peft": {"peft_scheme": "lora", "lora_tuning": lora_tuning}}
 
 
-def _split(name: str):
-    return next((split for suffix, split in _SPLITS.items() if name.endswith(suffix)), None)
+def _gated(config: dict) -> bool:
+    """Whether NeMo's `activation` is a gated linear unit (fc1 holds [gate; up]): Llama's SwiGLU, not Nemotron's
+    squared ReLU."""
+    return str(config["activation"]).endswith("glu")
 
 
-def _tp_slice(name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
-    split = _split(name)
+def _split(name: str, gated: bool):
+    split = next((split for suffix, split in _SPLITS.items() if name.endswith(suffix)), None)
+    return 0 if split == "gated" and not gated else split
+
+
+def _tp_slice(name: str, full: torch.Tensor, rank: int, gated: bool) -> torch.Tensor:
+    split = _split(name, gated)
     if split is None:
         return full
     if split == "gated":
@@ -192,6 +235,13 @@ def nemo_config(head: bool = False, **changes) -> dict:
             target="nemo_aligner.models.nlp.gpt.megatron_gpt_regression_reward_model.MegatronGPTRegressionRewardModel",
         )
     return {**config, **changes}
+
+
+def nemotron_config(**changes) -> dict:
+    """A Nemotron's model_config.yaml (NeMo's keys for `nemotron()`): zero-centred LayerNorm, squared ReLU, RoPE on
+    half of each head, no linear biases."""
+    nemotron = {"normalization": "layernorm1p", "activation": "squared-relu", "rotary_percentage": 0.5, "bias": False}
+    return nemo_config(**{**nemotron, **changes})
 
 
 def sentencepiece_model() -> bytes:
@@ -235,7 +285,7 @@ def write_legacy(directory: Path, full: dict, config: dict, pipeline: int) -> Pa
                         state["model." + name.replace(".weight", "._extra_state")] = io.BytesIO(b"fp8 metadata")
                 elif (pp != 0) if name.startswith("embedding.") else (pp != pipeline - 1):
                     continue
-                state["model." + name] = _tp_slice(name, tensor, tp)
+                state["model." + name] = _tp_slice(name, tensor, tp, _gated(config))
             rank_dir = f"mp_rank_{tp:02d}" if pipeline == 1 else f"tp_rank_{tp:02d}_pp_rank_{pp:03d}"
             (directory / rank_dir).mkdir()
             torch.save(state, directory / rank_dir / "model_weights.ckpt")
@@ -251,6 +301,7 @@ def write_distributed(directory: Path, full: dict, config: dict) -> Path:
     from steerlm.megatron_compat import use_in_process_save_queue
 
     _write_common(directory, config)
+    gated = _gated(config)
     shards: list = []
     for name, tensor in full.items():
         parts = name.split(".")
@@ -260,9 +311,9 @@ def write_distributed(directory: Path, full: dict, config: dict) -> Path:
         else:
             key, stacked = "model." + name, ()
         axis = len(stacked)
-        split = _split(name)
+        split = _split(name, gated)
         for rank in range(TP if split is not None else 1):
-            piece = _tp_slice(name, tensor, rank)
+            piece = _tp_slice(name, tensor, rank, gated)
             if split is None:
                 offsets: list = []
             elif split == "gated":

@@ -299,6 +299,8 @@ def _model_fitting(parallel: ParallelConfig) -> ModelConfig:
         ("llama3_1_8b", 8_030_261_248),
         ("llama3_70b", 70_553_706_496),
         ("llama3_2_1b", 1_235_814_400),
+        ("nemotron3_8b", 8_540_135_424),  # NemotronForCausalLM's
+        ("nemotron4_340b", 341_029_195_776),
     ],
 )
 def test_real_presets_have_the_published_parameter_count(preset: str, parameters: int) -> None:

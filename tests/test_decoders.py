@@ -11,10 +11,10 @@ import torch
 from megatron.core.transformer.identity_op import IdentityOp
 
 from steerlm import runtime
-from steerlm.config import Normalization, PrecisionConfig
+from steerlm.config import ModelConfig, Normalization, PrecisionConfig
 from steerlm.inference.decoders import GraphedLeanDecoder, LeanDecoder, MegatronDecoder, lean_unsupported
 from steerlm.models.gpt import build_model_chunks
-from tests.conftest import TEST_MODEL
+from tests.conftest import NEMOTRON_MODEL, TEST_MODEL
 from tests.memory_meter import PeakMeter
 
 TOKENS = torch.tensor([[2, 20, 21, 22, 23, 24, 25, 26, 27, 28], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]])
@@ -58,9 +58,13 @@ def _steps(decoder, tokens: torch.Tensor, prefill: int, keep_at: int | None = No
     return out
 
 
-@pytest.mark.parametrize("normalization", [Normalization.RMSNorm, Normalization.LayerNorm])
-def test_lean_decoder_applies_norms_fused_into_the_linears(layout, normalization: Normalization) -> None:
-    model = replace(TEST_MODEL, normalization=normalization)
+@pytest.mark.parametrize(
+    "model",
+    [TEST_MODEL, replace(TEST_MODEL, normalization=Normalization.LayerNorm), NEMOTRON_MODEL],
+    ids=["rmsnorm", "layernorm", "nemotron"],
+)
+def test_lean_decoder_applies_norms_fused_into_the_linears(layout, model: ModelConfig) -> None:
+    """Also Nemotron's layers (zero-centred LayerNorm weights, squared ReLU, RoPE on half of each head)."""
     chunk, fused = _chunk(layout, model), _fuse_norms_like_transformer_engine(_chunk(layout, model))
     assert lean_unsupported(fused) is None
     ours = _steps(LeanDecoder(fused, layout, 16), TOKENS, 4)

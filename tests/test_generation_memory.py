@@ -15,7 +15,7 @@ import torch
 from launchers.cli import main
 from launchers.generation_memory import Role, Workload, held_model, kv_cache_bytes
 from steerlm import runtime
-from steerlm.config import DType, ParallelConfig, PrecisionConfig, compose
+from steerlm.config import Activation, DType, ModelConfig, Normalization, ParallelConfig, PrecisionConfig, compose
 from steerlm.config.store import save_resolved
 from steerlm.inference.decoders import LeanDecoder
 from steerlm.models.attribute import build_attribute_model_chunks
@@ -34,6 +34,13 @@ LLAMA = replace(
     max_position_embeddings=256,
 )
 SINGLE = ParallelConfig()
+NEMOTRON = replace(  # an ungated MLP (squared ReLU), LayerNorm with zero-centred weights, RoPE on half of each head
+    LLAMA,
+    normalization=Normalization.LayerNorm,
+    layernorm_zero_centered_gamma=True,
+    activation=Activation.squared_relu,
+    rotary_percent=0.5,
+)
 
 
 def _tokens(rows: int, length: int) -> torch.Tensor:
@@ -41,18 +48,26 @@ def _tokens(rows: int, length: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("rows", "positions", "answer", "prefill_tokens"), [(4, 200, 50, 8192), (8, 120, 90, 64), (1, 256, 4, 100)]
+    ("model", "rows", "positions", "answer", "prefill_tokens"),
+    [
+        (LLAMA, 4, 200, 50, 8192),
+        (LLAMA, 8, 120, 90, 64),
+        (LLAMA, 1, 256, 4, 100),
+        (NEMOTRON, 4, 200, 50, 8192),
+        (NEMOTRON, 8, 120, 90, 64),
+    ],
+    ids=["llama-whole", "llama-chunks-64", "llama-chunks-100", "nemotron-whole", "nemotron-chunks-64"],
 )
 def test_kv_cache_and_prefill_match_the_lean_decoder(
-    layout, rows: int, positions: int, answer: int, prefill_tokens: int
+    layout, model: ModelConfig, rows: int, positions: int, answer: int, prefill_tokens: int
 ) -> None:
     """The cache is the estimate's to the byte; the prefill's peak beside it (every row's prompt at once, or a
     chunk of `prefill_tokens` tokens at a time) is the estimate's transient within 5 %; a decode step's stays
     below it."""
-    chunk = build_model_chunks(LLAMA, PrecisionConfig(), layout, seed=1)[0].eval()
-    decoder = LeanDecoder(chunk, layout, LLAMA.max_position_embeddings, prefill_tokens=prefill_tokens)
+    chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=1)[0].eval()
+    decoder = LeanDecoder(chunk, layout, model.max_position_embeddings, prefill_tokens=prefill_tokens)
     workload = Workload(Role.generates, "checkpoint", "-", rows, positions, answer, prefill_tokens=prefill_tokens)
-    estimate = held_model(LLAMA, SINGLE, workload, DType.fp32, cuda=False)
+    estimate = held_model(model, SINGLE, workload, DType.fp32, cuda=False)
     with runtime.inference(), PeakMeter() as meter:
         logits, _ = decoder.add(_tokens(rows, workload.prompt).tolist(), positions)
         cache = sum(keys.nbytes + values.nbytes for keys, values in decoder.cache)
@@ -61,22 +76,23 @@ def test_kv_cache_and_prefill_match_the_lean_decoder(
         for _ in range(3):
             logits = decoder.step(logits.argmax(-1))
         step = meter.peak - meter.current
-    assert cache == estimate.cache == kv_cache_bytes(LLAMA, SINGLE, rows, positions, 4)
+    assert cache == estimate.cache == kv_cache_bytes(model, SINGLE, rows, positions, 4)
     assert estimate.weights == 4 * sum(p.numel() for p in chunk.parameters())
     assert estimate.working == pytest.approx(prefill, rel=0.05)
     assert step < estimate.working
 
 
-def test_scoring_forward_matches_an_apm(layout) -> None:
+@pytest.mark.parametrize("model", [LLAMA, NEMOTRON], ids=["llama", "nemotron"])
+def test_scoring_forward_matches_an_apm(layout, model: ModelConfig) -> None:
     """An APM's forward through megatron's layers (annotation, evaluation, the server's scoring): the transient is
     the estimate's within 5 %."""
-    chunk = build_attribute_model_chunks(LLAMA, PrecisionConfig(), layout, seed=1, num_attributes=9)[0].eval()
+    chunk = build_attribute_model_chunks(model, PrecisionConfig(), layout, seed=1, num_attributes=9)[0].eval()
     rows, length = 4, 200
     workload = Workload(Role.scores, "apm_checkpoint", "-", rows, length)
     tokens = _tokens(rows, length)
     with runtime.inference(), PeakMeter() as meter:
         chunk(tokens, torch.arange(length).expand(rows, length), None)
-    assert held_model(LLAMA, SINGLE, workload, DType.fp32, cuda=False).working == pytest.approx(meter.peak, rel=0.05)
+    assert held_model(model, SINGLE, workload, DType.fp32, cuda=False).working == pytest.approx(meter.peak, rel=0.05)
 
 
 def test_tensor_and_pipeline_parallel_split_weights_and_cache() -> None:

@@ -12,9 +12,11 @@ import torch
 from launchers.cli import main
 from launchers.memory import GIB, checkpoint_bytes, estimate_memory, preset_table, weights_bytes
 from steerlm.config import (
+    Activation,
     CrossEntropy,
     DType,
     LoraConfig,
+    Normalization,
     ParallelConfig,
     PrecisionConfig,
     TrainConfig,
@@ -45,7 +47,22 @@ def _saved_bytes(chunk: torch.nn.Module, rows: int, length: int) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("model", [TEST_MODEL, WIDER, replace(WIDER, cross_entropy=CrossEntropy.megatron)])
+@pytest.mark.parametrize(
+    "model",
+    [
+        TEST_MODEL,
+        WIDER,
+        replace(WIDER, cross_entropy=CrossEntropy.megatron),
+        replace(  # Nemotron's layers: LayerNorm, squared ReLU, RoPE on half of each head
+            WIDER,
+            normalization=Normalization.LayerNorm,
+            layernorm_zero_centered_gamma=True,
+            activation=Activation.squared_relu,
+            rotary_percent=0.5,
+        ),
+    ],
+    ids=["tiny", "wider", "megatron-loss", "nemotron"],
+)
 def test_activations_and_parameters_match_a_real_forward(layout, model) -> None:
     rows, length = 2, 64
     chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=1)[0]

@@ -1,8 +1,9 @@
 """.nemo import: NeMo 1.x Megatron-GPT archives in both weight layouts (legacy `model_weights.ckpt` per TP/PP rank,
 megatron's torch_dist distributed checkpoint), written at TP=2 from a tiny Hugging Face Llama with NeMo's key names by
 tests/nemo_archives.py's own mapping, give that Llama's logits once imported at TP=1 and at PP=2; a NeMo-Aligner
-regression reward model's head gives the same scores; config values, keys and files steerlm cannot represent are
-refused naming them."""
+regression reward model's head gives the same scores; a Nemotron-shaped archive (`layernorm1p`, squared ReLU, RoPE on
+half of each head) gives transformers' NemotronForCausalLM's logits, and once imported the lean decoder generates what
+transformers generates; config values, keys and files steerlm cannot represent are refused naming them."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import torch
 
 from steerlm.checkpoint.sharded import load_weights
 from steerlm.checkpoint.sources import WeightFormat
-from steerlm.config import ConfigError, ModelConfig, Normalization, ParallelConfig, PrecisionConfig
+from steerlm.config import Activation, ConfigError, ModelConfig, Normalization, ParallelConfig, PrecisionConfig
 from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.store import shipped_attributes
 from steerlm.errors import DataError
+from steerlm.inference.decoders import LeanDecoder, lean_unsupported
+from steerlm.inference.generate import SamplingParams
 from steerlm.inference.loading import load_generator, read_checkpoint_setup
 from steerlm.inference.scoring import open_apm_checkpoint
 from steerlm.models import build_model_chunks
@@ -42,12 +45,14 @@ from tests.nemo_archives import (
     import_at,
     nemo_config,
     nemo_tensors,
+    nemotron_config,
     sentencepiece_model,
     to_tar,
     write_distributed,
     write_legacy,
 )
 from tests.nemo_archives import llama as source_llama
+from tests.nemo_archives import nemotron as source_nemotron
 
 pytest.importorskip("transformers")
 sentencepiece = pytest.importorskip("sentencepiece")
@@ -57,9 +62,9 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
 
 
-def _source_logits(llama) -> torch.Tensor:
+def _source_logits(source) -> torch.Tensor:
     with torch.no_grad():
-        return llama(_tokens()).logits
+        return source(_tokens()).logits
 
 
 def _logits(chunks: list) -> torch.Tensor:
@@ -88,13 +93,69 @@ def archives(layout, llama, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.mark.parametrize("kind", ["legacy", "distributed"])
-def test_archive_loads_at_tp1_with_the_source_logits(layout, llama, archives, kind: str) -> None:
-    with NemoCheckpoint(archives[kind]) as source:
+def _load_at_tp1(archive: Path, layout) -> tuple[ModelConfig, list]:
+    """The archive's model config and its model built at `layout` (one rank) with the archive's weights."""
+    with NemoCheckpoint(archive) as source:
         assert source.model.vocab_size == ROWS and source.model.padded_vocab_size == ROWS
         chunks = build_model_chunks(source.model, PrecisionConfig(), layout, seed=9)
         source.load_into(chunks, layout.tp_rank, layout.tp)
+    return source.model, chunks
+
+
+@pytest.mark.parametrize("kind", ["legacy", "distributed"])
+def test_archive_loads_at_tp1_with_the_source_logits(layout, llama, archives, kind: str) -> None:
+    _, chunks = _load_at_tp1(archives[kind], layout)
     torch.testing.assert_close(_logits(chunks), _source_logits(llama), rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def nemotron():
+    return source_nemotron()
+
+
+@pytest.fixture(scope="module")
+def nemotron_archives(layout, nemotron, tmp_path_factory) -> dict[str, Path]:
+    """Nemotron-shaped archives: legacy TP=2 PP=2 (a tar, TE's fused norm names) and distributed TP=2 (a directory,
+    the local spec's norm names); fc1 is squared ReLU's, not gated, so its TP slices are plain row blocks."""
+    root = tmp_path_factory.mktemp("nemotron")
+    legacy = write_legacy(root / "legacy", nemo_tensors(nemotron, True, False), nemotron_config(), pipeline=2)
+    distributed = write_distributed(root / "dist", nemo_tensors(nemotron, False, False), nemotron_config())
+    return {"legacy": to_tar(legacy), "distributed": distributed}
+
+
+@pytest.mark.parametrize("kind", ["legacy", "distributed"])
+def test_nemotron_archive_loads_at_tp1_with_the_source_logits(layout, nemotron, nemotron_archives, kind: str) -> None:
+    model, chunks = _load_at_tp1(nemotron_archives[kind], layout)
+    assert model.layernorm_zero_centered_gamma is True and model.normalization == Normalization.LayerNorm
+    assert model.activation == Activation.squared_relu and model.rotary_percent == 0.5
+    assert not model.add_bias_linear
+    torch.testing.assert_close(_logits(chunks), _source_logits(nemotron), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "distributed"])
+def test_imported_nemotron_generates_what_transformers_generates(
+    layout, nemotron, nemotron_archives, kind: str, tmp_path: Path
+) -> None:
+    """`import_nemo` → a steerlm checkpoint → `load_generator`: greedy decoding in the lean decoder (zero-centred
+    norms with biases, squared ReLU, partial RoPE) continues prompts as transformers' `generate` does, among the
+    tokenizer's ids (steerlm samples only those) and up to the generator's first stop token."""
+    import transformers
+
+    import_nemo(nemotron_archives[kind], tmp_path / "imported", layout)
+    loaded = load_generator(str(tmp_path / "imported"), layout, PrecisionConfig())
+    generator, vocab = loaded.generator, loaded.tokenizer.vocab_size
+    assert lean_unsupported(generator.model) is None and generator.decoder is LeanDecoder
+    prompts = [torch.randint(4, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 7, 12)]
+    completions = generator.generate(prompts, [SamplingParams(max_new_tokens=8)] * len(prompts))
+    greedy = transformers.GenerationConfig(
+        max_new_tokens=8, do_sample=False, suppress_tokens=list(range(vocab, VOCAB)), pad_token_id=0
+    )
+    for prompt, completion in zip(prompts, completions):
+        with torch.no_grad():
+            theirs = nemotron.generate(torch.tensor([prompt]), generation_config=greedy)[0, len(prompt) :].tolist()
+        stop = next((i for i, token in enumerate(theirs) if token in generator.stop_token_ids), len(theirs))
+        assert completion.token_ids == theirs[:stop], (prompt, theirs)
+    assert sum(len(completion.token_ids) for completion in completions) >= 8
 
 
 @pytest.mark.parametrize("kind", ["reward", "reward_legacy"])
@@ -234,7 +295,11 @@ def test_init_from_refuses_a_reward_head_of_another_size(archives) -> None:
     [
         ({"activation": "geglu"}, "activation", "geglu"),
         ({"position_embedding_type": "alibi"}, "position_embedding_type", "alibi"),
-        ({"normalization": "layernorm1p"}, "normalization", "layernorm1p"),
+        (
+            {"normalization": "rmsnorm", "layernorm_zero_centered_gamma": True},
+            "layernorm_zero_centered_gamma",
+            True,
+        ),
         ({"mcore_gpt": False}, "mcore_gpt", False),
         ({"rotary_interleaved": True}, "rotary_interleaved", True),
         ({"num_moe_experts": 8}, "num_moe_experts", 8),
@@ -245,6 +310,12 @@ def test_config_values_steerlm_cannot_represent_are_refused(changes: dict, key: 
     with pytest.raises(DataError) as error:
         nemo_model(nemo_config(**changes), "x.nemo/model_config.yaml", ROWS)
     assert error.value.field == key and repr(value) in error.value.problem, str(error.value)
+
+
+def test_layernorm1p_with_its_zero_centred_gamma_key_is_accepted() -> None:
+    config = nemo_config(normalization="layernorm1p", layernorm_zero_centered_gamma=True)
+    model = nemo_model(config, "x.nemo/model_config.yaml", ROWS).model
+    assert model.normalization == Normalization.LayerNorm and model.layernorm_zero_centered_gamma is True
 
 
 def test_wrong_missing_and_unreadable_weights_are_refused(layout, llama, tmp_path: Path) -> None:

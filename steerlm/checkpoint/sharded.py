@@ -48,7 +48,7 @@ from steerlm.checkpoint.integrity import CheckpointError, file_digests, verify_c
 from steerlm.checkpoint.sources import BaseWeights, WeightFormat, read_foreign_weights
 from steerlm.checkpoint.writers import writers_die_with_parent
 from steerlm.config.lora import LoraConfig
-from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig
+from steerlm.config.schema import MODEL_SHAPE_FIELDS, ModelConfig, TrainConfig, written_model_field
 from steerlm.config.sources import CHECKPOINTS, LATEST, SAVED_CONFIG_FILE, STEERLM_CHECKPOINT_FILE, named_checkpoint
 from steerlm.config.store import save_resolved
 from steerlm.errors import ConfigError
@@ -251,11 +251,12 @@ def check_compatible(path: Path, model: ModelConfig) -> CheckpointMeta:
     meta = read_meta(path)
     current = _model_key(model)
     for name in SHAPE_FIELDS:
-        if meta.model.get(name) != current[name]:
+        written = written_model_field(meta.model, name)
+        if written != current[name]:
             raise ConfigError(
                 f"model.{name}",
                 current[name],
-                f"checkpoint {path} was written for model.{name}={meta.model.get(name)!r}",
+                f"checkpoint {path} was written for model.{name}={written!r}",
                 "use the checkpoint's model, a new output_dir, or checkpoint.resume=false",
             )
     return meta

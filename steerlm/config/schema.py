@@ -8,10 +8,11 @@ Field names follow Megatron/NeMo (`tensor_model_parallel_size`, `micro_batch_siz
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -133,6 +134,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 512
     normalization: Normalization = Normalization.RMSNorm
+    # Norm weights stored centred on zero and applied as (1 + weight): NeMo's `layernorm1p` (Nemotron), megatron's
+    # `layernorm_zero_centered_gamma`. Weight decay then pulls the scale towards one, not towards zero.
+    layernorm_zero_centered_gamma: bool = False
     layernorm_epsilon: float = 1e-5
     activation: Activation = Activation.swiglu
     position_embedding_type: PositionEmbedding = PositionEmbedding.rope
@@ -566,7 +570,8 @@ class APMType(str, Enum):
 
 
 # Model fields that change tensor shapes or their meaning: a checkpoint (steerlm's, `steerlm.checkpoint.sharded`, or a
-# NeMo archive's, `steerlm.models.nemo_config`) loads only into a model that has the same values.
+# NeMo archive's, `steerlm.models.nemo_config`) loads only into a model that has the same values. A field added after
+# checkpoints were written has the value they were written with in `MODEL_FIELDS_ADDED` (read where a meta lacks it).
 MODEL_SHAPE_FIELDS = (
     "num_layers",
     "hidden_size",
@@ -575,11 +580,18 @@ MODEL_SHAPE_FIELDS = (
     "num_query_groups",
     "kv_channels",
     "normalization",
+    "layernorm_zero_centered_gamma",
     "activation",
     "position_embedding_type",
     "share_embeddings_and_output_weights",
     "add_bias_linear",
 )
+MODEL_FIELDS_ADDED = {"layernorm_zero_centered_gamma": False}
+
+
+def written_model_field(written: Mapping[str, Any], name: str) -> Any:
+    """A model field as a checkpoint's meta records it; a field the meta predates has the value it then had."""
+    return written.get(name, MODEL_FIELDS_ADDED.get(name))
 
 
 def require_one_per_attribute(key: str, weights: list[float], schema: AttributeSchema, null_means: str) -> None:

@@ -48,6 +48,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         num_query_groups=model.query_groups,
         kv_channels=model.head_dim,
         normalization=model.normalization.value,
+        layernorm_zero_centered_gamma=model.layernorm_zero_centered_gamma,
         layernorm_epsilon=model.layernorm_epsilon,
         activation_func=activation,
         gated_linear_unit=gated,

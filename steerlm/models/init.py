@@ -6,7 +6,7 @@ PP=2 does not reproduce PP=1. Here every parameter is drawn from a generator see
 (seed, global name) at its full shape and then sliced for this TP rank, so one seed gives the same
 model at every TP/PP/DP layout (on the same device type). The distributions are Megatron's: normal
 with `init_method_std`, scaled by 1/sqrt(2 * num_layers) for the output projections of attention
-and MLP; norm weights one, biases zero.
+and MLP; norm weights one (zero under `model.layernorm_zero_centered_gamma`), biases zero.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def initialize_parameters(chunk: GPTModel, model: ModelConfig, seed: int, layout
     for local_name, param in chunk.named_parameters():
         name = global_name(local_name, chunk)
         if param.dim() < 2:
-            param.fill_(0.0 if local_name.endswith("bias") else 1.0)
+            # a norm's weight is 1 (0 when stored centred on zero); biases are 0
+            param.fill_(0.0 if local_name.endswith("bias") or model.layernorm_zero_centered_gamma else 1.0)
             continue
         generator = torch.Generator(device=param.device).manual_seed(parameter_seed(seed, name))
         full = torch.empty(full_shape(param, layout.tp), dtype=torch.float32, device=param.device)

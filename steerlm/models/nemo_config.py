@@ -16,7 +16,12 @@ from typing import Any
 from steerlm.config.schema import MODEL_SHAPE_FIELDS, Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import ConfigError, DataError
 
-_NORMALIZATION = {"rmsnorm": Normalization.RMSNorm, "layernorm": Normalization.LayerNorm}
+_NORMALIZATION = {
+    "rmsnorm": Normalization.RMSNorm,
+    "layernorm": Normalization.LayerNorm,
+    "layernorm1p": Normalization.LayerNorm,  # with zero-centred weights: `layernorm_zero_centered_gamma`
+}
+_ZERO_CENTRED = "layernorm1p"
 _ACTIVATION = {
     "swiglu": Activation.swiglu,
     "fast-swiglu": Activation.swiglu,
@@ -31,7 +36,6 @@ _MUST_BE_OFF: dict[str, tuple[Any, str]] = {
     "rotary_interleaved": (False, "interleaved RoPE pairs"),
     "seq_len_interpolation_factor": (None, "RoPE position interpolation"),
     "apply_embedding_scaling": (False, "scaled input embeddings"),
-    "layernorm_zero_centered_gamma": (False, "zero-centred norm weights (layernorm1p)"),
     "qk_layernorm": (False, "query/key layer norms"),
     "num_moe_experts": (None, "mixture-of-experts layers"),
     "multi_latent_attention": (False, "multi-latent attention"),
@@ -117,9 +121,7 @@ def nemo_model(config: Mapping[str, Any], source: str, embedding_rows: int, name
     customisation = keys.get("mcore_customization_config") or {}
     if any(value not in (0, None, False) for value in customisation.values()):
         keys.refuse("mcore_customization_config", customisation, "changes megatron's GPTModel in ways steerlm lacks")
-    normalization = str(keys.get("normalization", "layernorm")).lower()
-    if normalization == "layernorm1p":
-        keys.refuse("normalization", normalization, "(zero-centred LayerNorm weights) is not steerlm's LayerNorm")
+    zero_centered = _zero_centered(keys)
     if keys.get("openai_gelu", False):
         keys.refuse("openai_gelu", True, "(tanh-approximated GELU) is not steerlm's exact GELU")
     add_bias = bool(keys.get("bias", True))
@@ -143,6 +145,7 @@ def nemo_model(config: Mapping[str, Any], source: str, embedding_rows: int, name
             "encoder_seq_length", keys.get("encoder_seq_length", keys.get("max_position_embeddings", 512)), int
         ),
         normalization=keys.choice("normalization", "layernorm", _NORMALIZATION, "normalization"),
+        layernorm_zero_centered_gamma=zero_centered,
         layernorm_epsilon=keys.number("layernorm_epsilon", keys.get("layernorm_epsilon", 1e-5), float),
         activation=keys.choice("activation", "gelu", _ACTIVATION, "activation"),
         position_embedding_type=keys.choice(
@@ -178,6 +181,23 @@ def layers_per_stage(config: Mapping[str, Any], source: str, pipeline_parallel: 
         keys.refuse("num_layers", total, f"cannot be split over {pipeline_parallel} pipeline stages as configured")
     even = [rest // middle] * middle if middle else []
     return tuple(([first] if first is not None else []) + even + ([last] if last is not None else []))
+
+
+def _zero_centered(keys: _Reader) -> bool:
+    """NeMo 1.x's MegatronGPTModel centres its norm weights on zero for `normalization: layernorm1p` (Nemotron) and
+    only then: its transformer config overrides a `layernorm_zero_centered_gamma` key with that rule, while NeMo's
+    exporters read the key. An archive where the two disagree is refused rather than read one way."""
+    centred = str(keys.get("normalization", "layernorm")).lower() == _ZERO_CENTRED
+    key = keys.get("layernorm_zero_centered_gamma")
+    if key is not None and bool(key) != centred:
+        keys.refuse(
+            "layernorm_zero_centered_gamma",
+            key,
+            f"disagrees with normalization={keys.get('normalization', 'layernorm')!r}: NeMo's model centres the "
+            "norm weights for layernorm1p alone, its exporters follow this key",
+            "check which norm the model was trained with; layernorm1p means zero-centred LayerNorm weights",
+        )
+    return centred
 
 
 def _vocab_multiple(keys: _Reader, rows: int) -> int:
@@ -291,6 +311,18 @@ def nemo_vocab_multiple(rows: int, tokens: int, tensor_parallel: int, preferred:
     return None
 
 
+def _nemo_normalization(model: ModelConfig) -> str:
+    """NeMo 1.x's name of `model`'s norm; it has zero-centred weights for LayerNorm alone (`layernorm1p`)."""
+    if not model.layernorm_zero_centered_gamma:
+        return {Normalization.RMSNorm: "rmsnorm", Normalization.LayerNorm: "layernorm"}[model.normalization]
+    if model.normalization != Normalization.LayerNorm:
+        raise ValueError(
+            "NeMo 1.x has no RMSNorm with zero-centred weights (model.layernorm_zero_centered_gamma=true with "
+            "RMSNorm): its MegatronGPTModel centres LayerNorm's alone (normalization: layernorm1p)"
+        )
+    return _ZERO_CENTRED
+
+
 def nemo_model_config(
     model: ModelConfig,
     *,
@@ -324,7 +356,7 @@ def nemo_model_config(
         "position_embedding_type": {v: k for k, v in _POSITION.items()}[model.position_embedding_type],
         "rotary_base": model.rotary_base,
         "rotary_percentage": model.rotary_percent,
-        "normalization": {v: k for k, v in _NORMALIZATION.items()}[model.normalization],
+        "normalization": _nemo_normalization(model),
         "layernorm_epsilon": model.layernorm_epsilon,
         "activation": activation,
         "bias": model.add_bias_linear,

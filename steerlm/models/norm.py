@@ -4,6 +4,10 @@ megatron-core's torch fallback (WrappedTorchNorm) refuses sequence parallelism w
 only thing SP needs from a norm is that its weights are marked `sequence_parallel`, so that
 `finalize_model_grads` sums their gradients over the tensor-parallel group; this module does that
 and computes with torch's fused `rms_norm` / `layer_norm`.
+
+With `config.layernorm_zero_centered_gamma` (NeMo's `layernorm1p`, Nemotron's norms) the weight is stored centred on
+zero and the norm scales by `1 + weight`, as Transformer Engine's `zero_centered_gamma` and HF's `NemotronLayerNorm1P`
+do; megatron's torch fallback refuses that flag.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ class Norm(torch.nn.Module):
         self.shape = (hidden_size,)
         self.eps = eps
         self.rms = config.normalization == "RMSNorm"
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.zero_centered = config.layernorm_zero_centered_gamma
+        fill = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(fill(hidden_size, dtype=config.params_dtype))
         self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
         for param in (self.weight, self.bias):
             if param is not None:
@@ -27,6 +33,21 @@ class Norm(torch.nn.Module):
                 setattr(param, "sequence_parallel", config.sequence_parallel)  # noqa: B010
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.rms:
-            return F.rms_norm(hidden, self.shape, self.weight, self.eps)
-        return F.layer_norm(hidden, self.shape, self.weight, self.bias, self.eps)
+        return normalize(hidden, self.weight, self.bias, self.eps, self.rms, self.zero_centered)
+
+
+def normalize(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    zero_centered: bool,
+) -> torch.Tensor:
+    """RMSNorm (`rms`) or LayerNorm of `hidden`'s last dimension, scaled by `weight` (by `1 + weight` when
+    `zero_centered`): the one formula the training layers and the lean decoder's fused-norm path share."""
+    scale = weight + 1 if zero_centered else weight
+    shape = (weight.shape[0],)
+    if rms:
+        return F.rms_norm(hidden, shape, scale, eps)
+    return F.layer_norm(hidden, shape, scale, bias, eps)

@@ -1,7 +1,7 @@
 """Start a run from other weights: `sft.init_from` and `apm.init_from`.
 
 The source is a steerlm run directory or checkpoint (written at any TP/PP layout: a language model from
-`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama directory (`config.json` +
+`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama or Nemotron directory (`config.json` +
 `*.safetensors`, as `save_pretrained` writes it) or a NeMo 1.x `.nemo` model (the tar or its extracted directory,
 read in place by every rank: `steerlm.models.nemo_weights`). `resolve_init_source` runs before anything is built, so
 a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this layout's shards.
@@ -32,7 +32,7 @@ from steerlm.checkpoint.sharded import (
 )
 from steerlm.checkpoint.sources import BaseWeights, WeightFormat
 from steerlm.config.lora import LoraCheckpoint
-from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir, is_nemo_archive
+from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir, is_nemo_archive, written_model_field
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
@@ -87,12 +87,13 @@ def resolve_init_source(
     for name in SHAPE_FIELDS:
         value = getattr(model, name)
         value = value.value if isinstance(value, Enum) else value
-        if written.get(name) != value:
+        theirs = written_model_field(written, name)
+        if theirs != value:
             raise ConfigError(
                 f"model.{name}",
                 value,
-                f"{key}={location} was written for model.{name}={written.get(name)!r}",
-                f"set model.{name}={written.get(name)!r} or pass another {key}",
+                f"{key}={location} was written for model.{name}={theirs!r}",
+                f"set model.{name}={theirs!r} or pass another {key}",
             )
     saved = saved_config(path)
     is_apm = "apm" in saved
