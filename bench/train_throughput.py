@@ -43,7 +43,7 @@ from steerlm.config import ConfigError, DType, ParallelConfig, PrecisionConfig, 
 from steerlm.config.lora import LoraConfig
 from steerlm.config.schema import CpuMatmul, ModelConfig
 from steerlm.models import build_model_chunks, lora
-from steerlm.models.hf_llama import LORA_PROJECTIONS, hf_config_dict
+from steerlm.models.hf_llama import hf_config_dict, lora_projections
 from steerlm.runtime import ParallelLayout
 from steerlm.runtime.cpu_matmul import matmul, routable, use_onednn
 from steerlm.training import build_optimizer, microbatches_for_rank, train_step, wrap_for_training
@@ -97,7 +97,7 @@ def hf_step(
     if adapters is not None:
         import peft
 
-        projections = sorted({p for target in adapters.targets for p in LORA_PROJECTIONS[target][1]})
+        projections = sorted({p for target in adapters.targets for p in lora_projections(model)[target][1]})
         settings = peft.LoraConfig(r=adapters.rank, lora_alpha=adapters.alpha, target_modules=projections)
         hf = peft.get_peft_model(hf, settings).train()
     trained = [param for param in hf.parameters() if param.requires_grad]

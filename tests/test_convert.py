@@ -94,9 +94,9 @@ def _byte_level_bpe(directory: Path) -> Path:
     return directory
 
 
-def _checkpoint(layout, root: Path, model, apm: bool = False, hf_tokenizer: bool = False) -> Path:
+def _checkpoint(layout, root: Path, model, apm: bool = False, hf_tokenizer: bool = False, prepare=None) -> Path:
     """A weights-only steerlm run (an SFT model, or a regression APM with a non-zero head bias) at `root`, with the
-    word tokenizer or a byte-level BPE one."""
+    word tokenizer or a byte-level BPE one; `prepare(chunks)` may change the weights before they are saved."""
     tokenizer = root.parent / ("bpe" if hf_tokenizer else "tokenizer")
     if not tokenizer.exists():
         _byte_level_bpe(tokenizer) if hf_tokenizer else WordTokenizer.build(TEXTS).save(tokenizer)
@@ -115,6 +115,8 @@ def _checkpoint(layout, root: Path, model, apm: bool = False, hf_tokenizer: bool
     else:
         chunks = build_model_chunks(model, PrecisionConfig(), layout, 7)
         cfg = SFTConfig(**common)
+    if prepare is not None:
+        prepare(chunks)
     save_checkpoint(root, 5, WeightsOnly(chunks), layout, cfg)
     return root
 

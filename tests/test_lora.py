@@ -33,13 +33,13 @@ from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.config.schema import TokenizerConfig, TokenizerType, TrainDataConfig
 from steerlm.config.sft import SFTConfig
 from steerlm.models import build_model_chunks, lora
-from steerlm.models.hf_llama import LORA_PROJECTIONS, hf_config_dict, megatron_lora_to_peft_tensors, megatron_to_hf
+from steerlm.models.hf_llama import hf_config_dict, lora_projections, megatron_lora_to_peft_tensors, megatron_to_hf
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
 from steerlm.stages.convert import convert
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
 from steerlm.training.init_from import load_init_weights, resolve_init_source
-from tests.conftest import TEST_MODEL
+from tests.conftest import NEMOTRON_MODEL, TEST_MODEL
 from tests.multiproc import run_distributed
 from tests.recipe_runner import TORCHRUN_2, run_recipe, summary, train_losses
 from tests.test_convert import SCHEMA, TEXTS
@@ -80,21 +80,32 @@ def test_adapters_start_as_the_base_model_and_train_alone(layout) -> None:
     assert len(trainable) == 2 * 4 * 2
 
 
-@pytest.mark.parametrize("targets", [list(LORA.targets), ["linear_qkv"], ["linear_proj", "linear_fc2"]])
-def test_adapted_logits_equal_peft_lora_on_hf_llama(layout, targets: list[str]) -> None:
+@pytest.mark.parametrize(
+    "model,targets",
+    [
+        (TEST_MODEL, list(LORA.targets)),
+        (TEST_MODEL, ["linear_qkv"]),
+        (TEST_MODEL, ["linear_proj", "linear_fc2"]),
+        (NEMOTRON_MODEL, list(LORA.targets)),  # an ungated fc1: PEFT adapts `up_proj` alone
+    ],
+    ids=["llama-all", "llama-qkv", "llama-proj-fc2", "nemotron-all"],
+)
+def test_adapted_logits_equal_peft_lora_on_the_hf_model(layout, model: ModelConfig, targets: list[str]) -> None:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     cfg = replace(LORA, targets=targets)
-    chunk = _adapted(layout, cfg)
+    chunk = _adapted(layout, cfg, model)
     _randomise_b(chunk)
     full = {name: param.detach() for name, param in named_global_parameters([chunk])}
     base = {name: tensor for name, tensor in full.items() if not lora.is_adapter(name)}
-    hf_config = transformers.LlamaConfig(
-        **{k: v for k, v in hf_config_dict(TEST_MODEL).items() if k not in ("architectures", "model_type")}
+    fields = hf_config_dict(model)
+    hf_config = transformers.AutoConfig.for_model(
+        fields["model_type"], **{k: v for k, v in fields.items() if k not in ("architectures", "model_type")}
     )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    hf.load_state_dict(megatron_to_hf(base, TEST_MODEL), strict=False)
-    projections = sorted({projection for target in targets for projection in LORA_PROJECTIONS[target][1]})
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    loaded = hf.load_state_dict(megatron_to_hf(base, model), strict=False)
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    projections = sorted({projection for target in targets for projection in lora_projections(model)[target][1]})
     wrapped = peft.get_peft_model(
         hf, peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=projections, lora_dropout=0.0)
     ).eval()
@@ -102,13 +113,13 @@ def test_adapted_logits_equal_peft_lora_on_hf_llama(layout, targets: list[str]) 
         peft_name: tensor
         for name, tensor in full.items()
         if lora.is_adapter(name)
-        for peft_name, tensor in megatron_lora_to_peft_tensors(name, tensor, TEST_MODEL)
+        for peft_name, tensor in megatron_lora_to_peft_tensors(name, tensor, model)
     }
     result = peft.set_peft_model_state_dict(wrapped, adapters)
     assert not result.unexpected_keys
     tokens, positions = _tokens(length=64)
     with torch.no_grad():
-        ours = chunk(tokens, positions, None)[..., : TEST_MODEL.vocab_size]
+        ours = chunk(tokens, positions, None)[..., : model.vocab_size]
         theirs = wrapped(input_ids=tokens).logits
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
 

@@ -44,6 +44,8 @@ from tests.nemo_archives import (
     VOCAB,
     nemo_config,
     nemo_tensors,
+    nemotron,
+    nemotron_config,
     sentencepiece_model,
     to_tar,
     write_distributed,
@@ -187,6 +189,31 @@ def test_export_holds_nemos_tensors_and_imports_back(layout, llama, sources, tmp
     with torch.no_grad():
         logits = loaded.generator.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., :VOCAB]
         torch.testing.assert_close(logits, llama(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_a_nemotron_exports_as_layernorm1p_with_nemos_tensors(layout, tmp_path: Path) -> None:
+    """A Nemotron imported from an archive written from transformers' NemotronForCausalLM exports back with NeMo's
+    keys (the zero-centred norms' weights and biases fused into the linears, as TE's spec holds them), NeMo's
+    `layernorm1p` / `squared-relu` / `rotary_percentage`, and imports again with the source's logits."""
+    source = nemotron()
+    full = nemo_tensors(source, True, False)
+    import_nemo(to_tar(write_distributed(tmp_path / "src", full, nemotron_config())), tmp_path / "lm", layout)
+    convert(_convert(tmp_path / "lm", tmp_path / "lm.nemo"), layout)
+    tensors, expected = _read_archive(tmp_path / "lm.nemo", full, tmp_path / "x"), _expected(full)
+    assert sorted(tensors) == sorted(expected) and any("layer_norm_bias" in key for key in expected)
+    assert all(torch.equal(tensors[key], tensor) for key, tensor in expected.items())
+    config = _config(tmp_path / "lm.nemo")
+    assert (config["normalization"], config["activation"], config["rotary_percentage"]) == (
+        "layernorm1p",
+        "squared-relu",
+        0.5,
+    )
+    import_nemo(tmp_path / "lm.nemo", tmp_path / "back", layout)
+    loaded = load_generator(str(tmp_path / "back"), layout, PrecisionConfig())
+    tokens = _tokens()
+    with torch.no_grad():
+        logits = loaded.generator.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., :VOCAB]
+        torch.testing.assert_close(logits, source(tokens).logits, rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ def is_nemo_archive(path: Path) -> bool:
 
 
 def validate_init_from(key: str, value: Optional[str]) -> None:
-    """`<stage>.init_from` names a steerlm run or checkpoint, an HF Llama with safetensors, or a NeMo `.nemo` model.
+    """`<stage>.init_from` names a steerlm run or checkpoint, an HF Llama or Nemotron with safetensors, or a NeMo
+    `.nemo` model.
 
     Whether a steerlm directory holds a checkpoint, and whether the shapes fit, is checked when the run
     resolves it (`steerlm.training.init_from`); this is what a config alone can tell.

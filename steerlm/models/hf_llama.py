@@ -1,10 +1,15 @@
-"""Hugging Face Llama <-> megatron GPTModel: configuration and full (unsharded) weight mapping.
+"""Hugging Face Llama / Nemotron <-> megatron GPTModel: configuration and full (unsharded) weight mapping.
+
+Two HF architectures compute exactly what a steerlm model can: Llama (RMSNorm, SwiGLU, RoPE on every channel,
+optionally Llama-3.1's frequency scaling) and Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm whose weights
+are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU MLP, RoPE on
+a share of each head's channels); neither with biases. `hf_architecture` tells which a `ModelConfig` is.
 
 Megatron packs attention as one `linear_qkv` whose rows are grouped per query group
 ([q heads of the group, k, v] x groups) and the SwiGLU MLP as one `linear_fc1` = [gate; up]; HF keeps
-separate q/k/v and gate/up projections. Both use non-interleaved ("rotate half") RoPE, so no
-permutation of heads is needed. Vocabulary padding rows are dropped on export and added as zeros on
-import (they are never looked up; as output rows they give logit 0).
+separate q/k/v and gate/up projections (Nemotron's `up_proj` is the ungated `linear_fc1` as it is). Both use
+non-interleaved ("rotate half") RoPE, so no permutation of heads is needed. Vocabulary padding rows are dropped on
+export and added as zeros on import (they are never looked up; as output rows they give logit 0).
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,13 +30,21 @@ from steerlm.errors import ConfigError
 from steerlm.megatron_compat import pack_qkv, split_fc1, split_qkv
 from steerlm.models.sharding import TIED_EMBEDDING
 
-# Per-layer tensors that map one to one: megatron name (after `decoder.layers.N.`) → HF name (after `model.layers.N.`).
+# Per-layer tensors that map one to one in both architectures: megatron name (after `decoder.layers.N.`) → HF name
+# (after `model.layers.N.`); `_layer_copies` adds a LayerNorm's biases and an ungated fc1.
 _LAYER_COPIES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+_BIAS_COPIES = {
+    "input_layernorm.bias": "input_layernorm.bias",
+    "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
+}
+_UNGATED_FC1 = {"mlp.linear_fc1.weight": "mlp.up_proj.weight"}
+# The final norm: megatron name → HF name (the bias a LayerNorm's alone).
+_FINAL_NORM = {"decoder.final_layernorm.weight": "model.norm.weight", "decoder.final_layernorm.bias": "model.norm.bias"}
 # The fixed parameters of megatron's Llama-3 RoPE scaling (only the factor is configurable: model.rope_scaling_factor).
 LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -41,12 +57,61 @@ PADDING_PREFIX = "padding/"
 _VOCABULARY = (TIED_EMBEDDING, "output_layer.weight")
 
 
+@dataclass(frozen=True)
+class HFArchitecture:
+    """An HF model family a steerlm model maps to exactly: its name, `model_type` and its two classes."""
+
+    name: str
+    model_type: str
+    causal_lm: str
+    sequence_classifier: str  # a regression APM: the head is `score`
+
+
+LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification")
+NEMOTRON = HFArchitecture("Nemotron", "nemotron", "NemotronForCausalLM", "NemotronForSequenceClassification")
+HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON)}
+
+
+def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
+    """What `family` cannot express of `model` (the mapping would silently be wrong)."""
+    llama = family == LLAMA
+    wanted = {
+        "normalization": Normalization.RMSNorm if llama else Normalization.LayerNorm,
+        "layernorm_zero_centered_gamma": not llama,
+        "activation": Activation.swiglu if llama else Activation.squared_relu,
+        "position_embedding_type": PositionEmbedding.rope,
+        "add_bias_linear": False,
+    }
+    problems = [
+        f"{name} must be {value.value if isinstance(value, Enum) else str(value).lower()}"
+        for name, value in wanted.items()
+        if getattr(model, name) != value
+    ]
+    if llama and model.rotary_percent != 1.0:
+        problems.append("rotary_percent must be 1.0")
+    if not llama and model.rope_scaling:
+        problems.append("rope_scaling must be false")
+    return problems
+
+
+def hf_architecture(model: ModelConfig) -> HFArchitecture:
+    """The HF architecture that computes what `model` computes; ValueError naming what neither can express."""
+    found = {family.model_type: _problems(model, family) for family in HF_ARCHITECTURES.values()}
+    for model_type, problems in found.items():
+        if not problems:
+            return HF_ARCHITECTURES[model_type]
+    raise ValueError(
+        f"model {model.name!r} is neither an HF Llama ({'; '.join(found['llama'])}) nor an HF Nemotron "
+        f"({'; '.join(found['nemotron'])})"
+    )
+
+
 def hf_config_dict(model: ModelConfig) -> dict:
-    """The `config.json` fields of an HF LlamaForCausalLM with this shape."""
-    check_llama(model)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """The `config.json` fields of the HF causal LM (`hf_architecture`) with this shape."""
+    family = hf_architecture(model)
+    config: dict[str, Any] = {
+        "architectures": [family.causal_lm],
+        "model_type": family.model_type,
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
         "intermediate_size": model.ffn_hidden_size,
@@ -55,13 +120,15 @@ def hf_config_dict(model: ModelConfig) -> dict:
         "num_key_value_heads": model.query_groups,
         "head_dim": model.head_dim,
         "max_position_embeddings": model.max_position_embeddings,
-        "rms_norm_eps": model.layernorm_epsilon,
         "rope_theta": float(model.rotary_base),
         "tie_word_embeddings": model.share_embeddings_and_output_weights,
-        "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
     }
+    if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
+        config.update(norm_eps=model.layernorm_epsilon, hidden_act="relu2", partial_rotary_factor=model.rotary_percent)
+        return config
+    config.update(rms_norm_eps=model.layernorm_epsilon, hidden_act="silu")
     if model.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_SCALING}
     return config
@@ -71,21 +138,22 @@ def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...
     return split_qkv(qkv, model.num_attention_heads, model.query_groups, model.head_dim)
 
 
-def check_llama(model: ModelConfig) -> None:
-    """Refuse shapes that HF's Llama cannot express (the mapping would silently be wrong)."""
-    problems = []
-    if model.normalization != Normalization.RMSNorm:
-        problems.append("normalization must be RMSNorm")
-    if model.activation != Activation.swiglu:
-        problems.append("activation must be swiglu")
-    if model.position_embedding_type != PositionEmbedding.rope:
-        problems.append("position_embedding_type must be rope")
-    if model.rotary_percent != 1.0:
-        problems.append("rotary_percent must be 1.0")
-    if model.add_bias_linear:
-        problems.append("add_bias_linear must be false")
-    if problems:
-        raise ValueError(f"model {model.name!r} is not an HF Llama: " + "; ".join(problems))
+def _gated(model: ModelConfig) -> bool:
+    return model.activation == Activation.swiglu
+
+
+def _layer_copies(model: ModelConfig) -> dict[str, str]:
+    """Per-layer tensors `model` maps one to one (megatron name after `decoder.layers.N.` → HF name)."""
+    copies = dict(_LAYER_COPIES)
+    if model.normalization == Normalization.LayerNorm:
+        copies.update(_BIAS_COPIES)
+    if not _gated(model):
+        copies.update(_UNGATED_FC1)
+    return copies
+
+
+def _final_norm(model: ModelConfig) -> dict[str, str]:
+    return dict(list(_FINAL_NORM.items())[: 2 if model.normalization == Normalization.LayerNorm else 1])
 
 
 def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, model: ModelConfig) -> list[tuple[str, torch.Tensor]]:
@@ -99,32 +167,42 @@ def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, model: ModelConfig) 
         return [("model.embed_tokens.weight", tensor[:vocab])]
     if name == "output_layer.weight":
         return [("lm_head.weight", tensor[:vocab])]
-    if name == "decoder.final_layernorm.weight":
-        return [("model.norm.weight", tensor)]
+    final = _final_norm(model)
+    if name in final:
+        return [(final[name], tensor)]
     if name == HEAD_WEIGHT:
         return [(SCORE_WEIGHT, tensor)]
     match = _LAYER.match(name)
     rest = match.group(2) if match else ""
     prefix = f"model.layers.{match.group(1)}." if match else ""
-    if rest in _LAYER_COPIES:
-        return [(prefix + _LAYER_COPIES[rest], tensor)]
+    copies = _layer_copies(model)
+    if rest in copies:
+        return [(prefix + copies[rest], tensor)]
     if rest == "self_attention.linear_qkv.weight":
         q, k, v = _split_qkv(tensor, model)
         return [(f"{prefix}self_attn.{part}_proj.weight", value) for part, value in zip("qkv", (q, k, v))]
     if rest == "mlp.linear_fc1.weight":
         gate, up = split_fc1(tensor)
         return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
-    raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
+    raise KeyError(f"an HF {hf_architecture(model).name} has no tensor for megatron parameter {name!r}")
 
 
 # What PEFT adapts in an HF Llama for each megatron layer steerlm adapts: a fused megatron layer is several HF
 # projections, which share its A (the same input) and split its B's rows like the weight's.
-LORA_PROJECTIONS = {
+_LORA_PROJECTIONS = {
     "linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
     "linear_proj": ("self_attn", ("o_proj",)),
     "linear_fc1": ("mlp", ("gate_proj", "up_proj")),
     "linear_fc2": ("mlp", ("down_proj",)),
 }
+
+
+def lora_projections(model: ModelConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Per adapted megatron layer: the HF module it sits in and the projections PEFT adapts there (an ungated fc1
+    is `up_proj` alone)."""
+    return _LORA_PROJECTIONS if _gated(model) else {**_LORA_PROJECTIONS, "linear_fc1": ("mlp", ("up_proj",))}
+
+
 PEFT_PREFIX = "base_model.model."  # PEFT's name of the wrapped LlamaForCausalLM in adapter_model.safetensors
 
 
@@ -138,12 +216,12 @@ def megatron_lora_to_peft_tensors(
         raise KeyError(f"{name!r} is not a layer's adapter")
     module, matrix = match.group(2).rsplit(".", 1)
     linear = module.rsplit(".", 1)[-1]
-    parent, projections = LORA_PROJECTIONS[linear]
+    parent, projections = lora_projections(model)[linear]
     if matrix == "lora_a":
         parts: tuple[torch.Tensor, ...] = (tensor,) * len(projections)
     elif linear == "linear_qkv":
         parts = _split_qkv(tensor, model)
-    elif linear == "linear_fc1":
+    elif linear == "linear_fc1" and _gated(model):
         parts = split_fc1(tensor)
     else:
         parts = (tensor,)
@@ -161,8 +239,8 @@ def vocab_padding(name: str, tensor: torch.Tensor, model: ModelConfig) -> torch.
 
 
 def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """Map full megatron tensors (keyed by global name) to HF LlamaForCausalLM state-dict tensors."""
-    check_llama(model)
+    """Map full megatron tensors (keyed by global name) to the HF causal LM's state-dict tensors."""
+    hf_architecture(model)
     return {
         hf_name: tensor.contiguous()
         for name in megatron_names(model)
@@ -171,12 +249,13 @@ def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[st
 
 
 def megatron_names(model: ModelConfig) -> list[str]:
-    """Global names of a Llama GPTModel's parameters (megatron's local layer spec), as `megatron_to_hf` reads
+    """Global names of the GPTModel's parameters (megatron's local layer spec), as `megatron_to_hf` reads
     them: the embedding, the layers in order, the final norm and (untied) the output layer."""
-    per_layer = [*_LAYER_COPIES, "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]
+    fused = ["self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]
+    per_layer = list(dict.fromkeys([*_layer_copies(model), *fused]))  # an ungated fc1 is a copy already
     layers = [f"decoder.layers.{layer}.{name}" for layer in range(model.num_layers) for name in per_layer]
     output = [] if model.share_embeddings_and_output_weights else ["output_layer.weight"]
-    return [TIED_EMBEDDING, *layers, "decoder.final_layernorm.weight", *output]
+    return [TIED_EMBEDDING, *layers, *_final_norm(model), *output]
 
 
 def megatron_shapes(model: ModelConfig, num_attributes: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -185,17 +264,18 @@ def megatron_shapes(model: ModelConfig, num_attributes: int | None = None) -> di
     h, ffn, vocab = model.hidden_size, model.ffn_hidden_size, model.padded_vocab_size
     attention = model.num_attention_heads * model.head_dim
     per_layer = {
-        "input_layernorm.weight": (h,),
         "self_attention.linear_proj.weight": (h, attention),
-        "pre_mlp_layernorm.weight": (h,),
         "mlp.linear_fc2.weight": (h, ffn),
         "self_attention.linear_qkv.weight": (attention + 2 * model.query_groups * model.head_dim, h),
-        "mlp.linear_fc1.weight": (2 * ffn, h),
+        "mlp.linear_fc1.weight": ((2 if _gated(model) else 1) * ffn, h),
     }
     shapes: dict[str, tuple[int, ...]] = {}
     for name in megatron_names(model):
         match = _LAYER.match(name)
-        shapes[name] = per_layer[match.group(2)] if match else (h,) if name.endswith("layernorm.weight") else (vocab, h)
+        if match:
+            shapes[name] = per_layer.get(match.group(2), (h,))  # the rest are norms' weights and biases
+        else:
+            shapes[name] = (h,) if name in _FINAL_NORM else (vocab, h)
     if num_attributes is not None:
         shapes.update({HEAD_WEIGHT: (num_attributes, h), HEAD_BIAS: (num_attributes,)})
     return shapes
@@ -220,7 +300,7 @@ class MegatronFromHF(Mapping[str, torch.Tensor]):
     padding rows are zeros unless the state holds them under `padding/<name>` (`vocab_padding`)."""
 
     def __init__(self, hf_state: Mapping[str, torch.Tensor], model: ModelConfig, names: Iterable[str] | None = None):
-        check_llama(model)
+        hf_architecture(model)
         self._hf, self._model = hf_state, model
         self._names = list(megatron_names(model) if names is None else names)
 
@@ -247,22 +327,25 @@ def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> t
         return _pad_vocab(hf["model.embed_tokens.weight"], model)
     if name == "output_layer.weight":
         return _pad_vocab(hf["lm_head.weight"], model)
-    if name == "decoder.final_layernorm.weight":
-        return hf["model.norm.weight"]
+    final = _final_norm(model)
+    if name in final:
+        return hf[final[name]]
     if name == HEAD_WEIGHT:
         return hf[SCORE_WEIGHT]
     match = _LAYER.match(name)
+    missing = f"an HF {hf_architecture(model).name} has no tensor for megatron parameter {name!r}"
     if match is None:
-        raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
+        raise KeyError(missing)
     prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
-    if rest in _LAYER_COPIES:
-        return hf[prefix + _LAYER_COPIES[rest]]
+    copies = _layer_copies(model)
+    if rest in copies:
+        return hf[prefix + copies[rest]]
     if rest == "self_attention.linear_qkv.weight":
         q, k, v = (hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv")
         return _pack_qkv(q, k, v, model)
     if rest == "mlp.linear_fc1.weight":
         return torch.cat([hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"]])
-    raise KeyError(f"an HF Llama has no tensor for megatron parameter {name!r}")
+    raise KeyError(missing)
 
 
 def _pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:
@@ -312,33 +395,34 @@ def _rope(hf: dict) -> tuple[float, dict]:
 
 
 def hf_model_fields(hf: dict, key: str, location: str) -> dict:
-    """The `model.*` fields an HF Llama config.json determines (`num_query_groups`/`kv_channels` explicit).
+    """The `model.*` fields an HF Llama or Nemotron config.json determines (`num_query_groups`/`kv_channels`
+    explicit, and the family's norm, activation and RoPE share).
 
     `key`/`location`: the config key that named the directory and its value, for the ConfigError of a model
-    `model.*` cannot describe at all (not a Llama, other RoPE scaling).
+    `model.*` cannot describe at all (another architecture, other RoPE scaling, biases).
     """
     rope_theta, scaling = _rope(hf)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    not_llama = [
+    family = HF_ARCHITECTURES.get(hf.get("model_type", "llama"))
+    activation = "relu2" if family == NEMOTRON else "silu"
+    unsupported = [f"model_type={hf.get('model_type')!r}"] if family is None else []
+    unsupported += [
         f"{name}={hf.get(name)!r}"
-        for name, expected in (
-            ("model_type", "llama"),
-            ("hidden_act", "silu"),
-            ("attention_bias", False),
-            ("mlp_bias", False),
-        )
+        for name, expected in (("hidden_act", activation), ("attention_bias", False), ("mlp_bias", False))
         if hf.get(name, expected) != expected
     ]
-    if rope_type not in ("default", "llama3") or (
-        rope_type == "llama3" and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
+    llama3 = family == LLAMA and rope_type == "llama3"
+    if not (rope_type == "default" or llama3) or (
+        llama3 and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
     ):
-        not_llama.append(f"rope scaling {scaling}")
-    if not_llama:
+        unsupported.append(f"rope scaling {scaling}")
+    if unsupported:
         raise ConfigError(
             key,
             location,
-            f"holds a model steerlm's Llama cannot express ({', '.join(not_llama)})",
-            "convert a Llama-architecture model (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling)",
+            f"holds a model steerlm cannot express ({', '.join(unsupported)})",
+            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling) or a Nemotron "
+            "(zero-centred LayerNorm, squared ReLU, partial RoPE, no biases)",
         )
     heads = hf["num_attention_heads"]
     fields = {
@@ -349,19 +433,36 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "num_attention_heads": heads,
         "num_query_groups": hf.get("num_key_value_heads") or heads,
         "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
-        "layernorm_epsilon": hf["rms_norm_eps"],
         "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
         "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", False),
-        "rope_scaling": rope_type == "llama3",
+        "rope_scaling": llama3,
     }
-    if rope_type == "llama3":
+    if llama3:
         fields["rope_scaling_factor"] = float(scaling["factor"])
-    return fields
+    if family == NEMOTRON:
+        share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
+        return {
+            **fields,
+            "normalization": Normalization.LayerNorm,
+            "layernorm_zero_centered_gamma": True,
+            "layernorm_epsilon": hf.get("norm_eps", 1e-5),
+            "activation": Activation.squared_relu,
+            "rotary_percent": float(share),
+        }
+    return {**fields, "layernorm_epsilon": hf["rms_norm_eps"]}
 
 
 def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:
     """Refuse an HF config.json whose model differs from `model.*`, naming the field and the value to set."""
     fields = hf_model_fields(hf, key, location)
+    family = HF_ARCHITECTURES[hf.get("model_type", "llama")]
+    if family == LLAMA:  # what a Llama's config.json leaves implicit
+        fields.update(
+            normalization=Normalization.RMSNorm,
+            layernorm_zero_centered_gamma=False,
+            activation=Activation.swiglu,
+            rotary_percent=1.0,
+        )
     current = {
         **{name: getattr(model, name) for name in fields},
         "num_query_groups": model.query_groups,
@@ -369,9 +470,10 @@ def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> No
     }
     for name, value in fields.items():
         if current[name] != value:
+            plain = value.value if isinstance(value, Enum) else value
             raise ConfigError(
                 f"model.{name}",
-                current[name],
-                f"{key}={location} holds an HF Llama with {name}={value!r} (config.json)",
-                f"set model.{name}={value!r}",
+                current[name].value if isinstance(current[name], Enum) else current[name],
+                f"{key}={location} holds an HF {family.name} with {name}={plain!r} (config.json)",
+                f"set model.{name}={plain!r}",
             )

@@ -245,7 +245,7 @@ def model_card(
         f"# {source.path.parent.parent.name or source.path.name}",
         "",
         f"A {_KINDS[source.kind]} trained with steerlm, exported by `recipes/convert.py` from "
-        f"`{source.path}` (step {source.step}) as `{source.kind.architecture}`.",
+        f"`{source.path}` (step {source.step}) as `{source.architecture}`.",
         "",
         f"- {m.num_layers} layers, hidden size {m.hidden_size}, {m.num_attention_heads} attention heads, "
         f"{m.query_groups} key/value heads, vocabulary {m.vocab_size}, context {m.max_position_embeddings} tokens"

@@ -18,7 +18,7 @@ from steerlm.config.sft import SFTConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.loading import read_checkpoint_setup
-from steerlm.models.hf_llama import check_llama
+from steerlm.models.hf_llama import hf_architecture
 from steerlm.tokenizers import VOCAB_FILE
 
 EXPORT_DIR = "steerlm"  # steerlm's own files in an export; no Hugging Face tool reads a subdirectory
@@ -36,10 +36,6 @@ class ModelKind(str, Enum):
     regression_apm = "regression_apm"
     generative_apm = "generative_apm"
 
-    @property
-    def architecture(self) -> str:
-        return "LlamaForSequenceClassification" if self == ModelKind.regression_apm else "LlamaForCausalLM"
-
 
 @dataclass(frozen=True)
 class ExportSource:
@@ -54,6 +50,12 @@ class ExportSource:
     tokenizer: TokenizerConfig | None
     schema: AttributeSchema | None
     template: SteerLMTemplate | None
+
+    @property
+    def architecture(self) -> str:
+        """The HF class an export writes: the family's sequence classifier for a regression APM, else its LM."""
+        family = hf_architecture(self.model)
+        return family.sequence_classifier if self.kind == ModelKind.regression_apm else family.causal_lm
 
     @property
     def num_attributes(self) -> int | None:
@@ -103,14 +105,14 @@ def read_export_source(location: str, tokenizer_path: str | None) -> ExportSourc
             location,
             str(error).split("; ")[0],
             "pass a steerlm training output_dir, one of its checkpoints/step_* directories, or a Hugging Face "
-            "Llama directory (config.json + *.safetensors)",
+            "Llama or Nemotron directory (config.json + *.safetensors)",
         ) from None
     saved = saved_config(path)
     model = to_typed(saved.model, ModelConfig)
     try:
-        check_llama(model)
+        hf_architecture(model)
     except ValueError as error:
-        raise ConfigError("input", location, str(error), "export a Llama-architecture checkpoint") from None
+        raise ConfigError("input", location, str(error), "export a Llama or Nemotron checkpoint") from None
     dtype = to_typed(saved.precision, PrecisionConfig).dtype if "precision" in saved else DType.fp32
     schema, template = None, None
     if "apm" in saved:

@@ -149,7 +149,7 @@ def _write_weights(
 
 
 def _config_json(source: ExportSource, tokenizer: Tokenizer | None, dtype: DType, extras: dict) -> dict:
-    config = {**hf_config_dict(source.model), "architectures": [source.kind.architecture]}
+    config = {**hf_config_dict(source.model), "architectures": [source.architecture]}
     config["torch_dtype"] = {DType.fp32: "float32", DType.bf16: "bfloat16", DType.fp16: "float16"}[dtype]
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
@@ -262,6 +262,6 @@ def export_to_hf(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     merged = {key: value for part in gathered for key, value in part.items()}
     if layout.is_rank_zero:
         _finish(cfg, source, partial, routes, tokenizer, merged)
-        log.info("exported %s (step %d) to %s as %s", source.path, source.step, output, source.kind.architecture)
+        log.info("exported %s (step %d) to %s as %s", source.path, source.step, output, source.architecture)
     dist.barrier()
     return output

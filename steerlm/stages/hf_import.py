@@ -1,7 +1,8 @@
-"""A Hugging Face Llama directory → a steerlm checkpoint at any TP/PP (`recipes/convert.py to=steerlm`).
+"""A Hugging Face Llama or Nemotron directory → a steerlm checkpoint at any TP/PP (`recipes/convert.py to=steerlm`).
 
-Collective over the layout the checkpoint is written from. A LlamaForCausalLM becomes a language model, a
-LlamaForSequenceClassification a regression APM (`score` is its head). An export of steerlm's own carries
+Collective over the layout the checkpoint is written from. A LlamaForCausalLM (NemotronForCausalLM) becomes a
+language model, a LlamaForSequenceClassification (NemotronForSequenceClassification) a regression APM (`score` is its
+head). An export of steerlm's own carries
 `steerlm/` (the source config, the word vocabulary, the APM head's bias in config.json and its unused
 vocabulary output layer), so export → import gives the same config and bitwise the same weights; another
 tool's model gets a config synthesised from config.json (an APM's schema from `id2label` and `apm_range`).
@@ -34,6 +35,8 @@ from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE
 from steerlm.models.attribute import build_checkpoint_model
 from steerlm.models.hf_llama import (
     HEAD_BIAS,
+    HF_ARCHITECTURES,
+    LLAMA,
     MegatronFromHF,
     SafetensorsWeights,
     check_hf_config,
@@ -54,7 +57,8 @@ from steerlm.stages.export_source import (
 from steerlm.tokenizers import VOCAB_FILE
 
 log = logging.getLogger(__name__)
-ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
+ARCHITECTURES = tuple(name for f in HF_ARCHITECTURES.values() for name in (f.causal_lm, f.sequence_classifier))
+CLASSIFIERS = tuple(family.sequence_classifier for family in HF_ARCHITECTURES.values())
 TOKENIZER_DIR = "tokenizer"
 # The files of a Hugging Face tokenizer that an import copies next to the checkpoint.
 TOKENIZER_FILES = (
@@ -79,19 +83,27 @@ class ImportPlan:
 
 
 def _architecture(hf: dict, location: str) -> str:
-    architecture = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    architecture = (hf.get("architectures") or [LLAMA.causal_lm])[0]
     if architecture not in ARCHITECTURES:
         raise ConfigError(
             "input",
             location,
             f"config.json names the architecture {architecture!r}",
-            f"convert a {' or a '.join(ARCHITECTURES)}",
+            f"convert a {', a '.join(ARCHITECTURES[:-1])} or a {ARCHITECTURES[-1]}",
+        )
+    family = HF_ARCHITECTURES.get(hf.get("model_type", LLAMA.model_type))
+    if family is not None and architecture not in (family.causal_lm, family.sequence_classifier):
+        raise ConfigError(
+            "input",
+            location,
+            f"config.json names the architecture {architecture!r} for model_type {family.model_type!r}",
+            f"set architectures to [{family.causal_lm!r}] or [{family.sequence_classifier!r}], as its model_type says",
         )
     return architecture
 
 
 def _synthesised_model(hf: dict, location: str) -> ModelConfig:
-    """`model.*` of another tool's Llama: the fields config.json determines, defaults left as defaults."""
+    """`model.*` of another tool's Llama or Nemotron: the fields config.json determines, defaults left as defaults."""
     fields = hf_model_fields(hf, "input", location)
     if fields["num_query_groups"] == fields["num_attention_heads"]:
         fields["num_query_groups"] = None
@@ -168,7 +180,7 @@ def _steerlm_export(cfg: ConvertConfig, directory: Path, hf: dict, output: Path)
 
 
 def _other_tool(cfg: ConvertConfig, directory: Path, hf: dict, output: Path, architecture: str) -> ImportPlan:
-    """Another tool's Llama: a config synthesised from config.json (and `apm_range` for a reward model)."""
+    """Another tool's Llama or Nemotron: a config synthesised from config.json (and `apm_range` for a reward model)."""
     model = _synthesised_model(hf, cfg.input)
     weights = SafetensorsWeights(directory)
     precision = PrecisionConfig(dtype=_dtype(hf, weights))
@@ -176,7 +188,7 @@ def _other_tool(cfg: ConvertConfig, directory: Path, hf: dict, output: Path, arc
     tokenizer = TokenizerConfig(TokenizerType.hf, str(output / TOKENIZER_DIR))
     placeholder = f"(imported from {directory}; not trained by steerlm)"
     common: dict[str, Any] = {"model": model, "precision": precision, "output_dir": str(output)}
-    if architecture == "LlamaForSequenceClassification":
+    if architecture in CLASSIFIERS:
         labels = [hf.get("id2label", {}).get(str(i), f"score_{i}") for i in range(int(hf.get("num_labels", 1)))]
         if cfg.apm_range is None:
             raise ConfigError(
@@ -214,7 +226,7 @@ def plan_import(cfg: ConvertConfig) -> ImportPlan:
         plan = _steerlm_export(cfg, directory, hf, output)
     else:
         plan = _other_tool(cfg, directory, hf, output, architecture)
-    if (plan.num_attributes is not None) != (architecture == "LlamaForSequenceClassification"):
+    if (plan.num_attributes is not None) != (architecture in CLASSIFIERS):
         raise ConfigError(
             "input",
             cfg.input,

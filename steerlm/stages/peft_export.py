@@ -29,7 +29,7 @@ from steerlm.config.convert import ConvertConfig
 from steerlm.config.validation import validate_model_layout
 from steerlm.files import atomic_write_text
 from steerlm.models.gpt import build_model_chunks, torch_dtype
-from steerlm.models.hf_llama import LORA_PROJECTIONS, megatron_lora_to_peft_tensors
+from steerlm.models.hf_llama import lora_projections, megatron_lora_to_peft_tensors
 from steerlm.models.lora import is_adapter
 from steerlm.models.sharding import gather_full, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
@@ -53,7 +53,8 @@ def base_model(saved: DictConfig) -> str | None:
 
 def adapter_config(source: ExportSource, lora: dict) -> dict:
     """PEFT's LoraConfig of these adapters, as `adapter_config.json` holds it."""
-    targets = [projection for target in lora["targets"] for projection in LORA_PROJECTIONS[target][1]]
+    projections = lora_projections(source.model)
+    targets = [projection for target in lora["targets"] for projection in projections[target][1]]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -1,0 +1,175 @@
+"""Nemotron-shaped models, as NVIDIA's Nemotron-3/4 SteerLM and reward models are built: NeMo's `layernorm1p`
+(`model.layernorm_zero_centered_gamma`: LayerNorm weights stored centred on zero, applied as 1 + w), a squared-ReLU
+MLP, RoPE on half of each head's channels.
+
+Checked against an independent implementation, transformers' Nemotron: a checkpoint exported at TP=2 loads as
+NemotronForCausalLM with steerlm's logits and greedy tokens (the lean decoder's), and imports back bitwise; a
+regression APM exports as NemotronForSequenceClassification with steerlm's scores; PEFT's LoRA on the export gives
+steerlm's adapted logits. Also: a fresh model's zero-centred norms compute what plain ones do; `init_from` an HF
+Nemotron directory checks the run's norm; checkpoints written before the field existed read as plain norms; a
+`.nemo` export writes `layernorm1p`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from steerlm.checkpoint.sharded import META, check_compatible, resolve_checkpoint
+from steerlm.config import ConfigError, Normalization, PrecisionConfig
+from steerlm.inference.decoders import lean_unsupported
+from steerlm.inference.generate import Generator, SamplingParams
+from steerlm.inference.loading import load_generator
+from steerlm.models import build_model_chunks
+from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.models.hf_llama import NEMOTRON, hf_architecture, hf_config_dict
+from steerlm.models.nemo_config import nemo_model, nemo_model_config
+from steerlm.models.sharding import named_global_parameters
+from steerlm.stages.convert import convert
+from steerlm.training.init_from import resolve_init_source
+from tests.conftest import NEMOTRON_MODEL, TEST_MODEL
+from tests.multiproc import run_distributed
+from tests.test_convert import _checkpoint, _convert, _distributed_conversions, _parameters, _steerlm_logits
+
+transformers = pytest.importorskip("transformers")
+
+TOKENS = torch.randint(0, 200, (3, 20), generator=torch.Generator().manual_seed(4))  # ids the word tokenizer has
+
+
+def _randomise_norms(chunks: list) -> None:
+    """Every norm weight and bias random: a dropped `1 +`, a swapped or missing bias would show in the logits."""
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, param in named_global_parameters(chunks):
+            if "layernorm" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def exported(layout, tmp_path_factory) -> dict[str, Path]:
+    """A Nemotron-shaped SFT checkpoint, exported at TP=2 and imported back from that export at TP=1."""
+    root = tmp_path_factory.mktemp("nemotron")
+    run = _checkpoint(layout, root / "sft", NEMOTRON_MODEL, prepare=_randomise_norms)
+    run_distributed(_distributed_conversions, 2, [(str(run), str(root / "hf"), {}, 2, 1)])
+    convert(_convert(root / "hf", root / "back"), layout)
+    return {"run": run, "hf": root / "hf", "back": root / "back"}
+
+
+def test_fresh_zero_centred_norms_compute_what_plain_norms_do(layout) -> None:
+    plain = replace(NEMOTRON_MODEL, layernorm_zero_centered_gamma=False)
+    centred = build_model_chunks(NEMOTRON_MODEL, PrecisionConfig(), layout, seed=3)
+    norms = [param for name, param in named_global_parameters(centred) if "layernorm" in name]
+    assert len(norms) == 2 * (2 * TEST_MODEL.num_layers + 1)  # weight and bias of every norm
+    assert all(not param.any() for param in norms)  # centred weights start at 0, i.e. a scale of 1
+    positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+    with torch.no_grad():
+        ours = centred[0](TOKENS, positions, None)
+        theirs = build_model_chunks(plain, PrecisionConfig(), layout, seed=3)[0](TOKENS, positions, None)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.slow
+def test_an_export_at_tp2_is_an_hf_nemotron_with_steerlm_logits_and_imports_back_bitwise(layout, exported) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported["hf"]).eval()
+    assert type(hf).__name__ == "NemotronForCausalLM"
+    assert hf.config.rope_parameters["partial_rotary_factor"] == 0.5 and hf.config.hidden_act == "relu2"
+    with torch.no_grad():
+        theirs = hf(TOKENS).logits
+    ours = _steerlm_logits(layout, exported["run"], NEMOTRON_MODEL, TOKENS)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    original, back = (_parameters(layout, exported[k], NEMOTRON_MODEL) for k in ("run", "back"))
+    assert original.keys() == back.keys() and all(torch.equal(original[n], back[n]) for n in original)
+
+
+@pytest.mark.slow
+def test_greedy_tokens_of_the_lean_decoder_equal_hf_nemotron_generate(layout, exported) -> None:
+    loaded = load_generator(str(exported["run"]), layout, PrecisionConfig())
+    assert lean_unsupported(loaded.generator.model) is None
+    # neither side stops early: every one of the 8 tokens is compared
+    lean = Generator([loaded.generator.model], loaded.tokenizer, layout, 128, stop_token_ids=[], decoder="lean")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported["hf"]).eval()
+    hf.generation_config.eos_token_id = None
+    prompts = [TOKENS[0, :9].tolist(), TOKENS[1, :4].tolist()]
+    ours = lean.generate(prompts, [SamplingParams(max_new_tokens=8)] * 2)
+    beyond = list(range(loaded.tokenizer.vocab_size, hf.config.vocab_size))  # rows steerlm never samples
+    for prompt, result in zip(prompts, ours):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, suppress_tokens=beyond)
+        assert result.token_ids == expected[0, len(prompt) :].tolist()
+
+
+def test_a_regression_apm_exports_as_nemotron_sequence_classification(layout, tmp_path: Path) -> None:
+    def prepare(chunks: list) -> None:
+        _randomise_norms(chunks)
+        torch.nn.init.normal_(chunks[0].attribute_head.bias)
+
+    run = _checkpoint(layout, tmp_path / "apm", NEMOTRON_MODEL, apm=True, prepare=prepare)
+    convert(_convert(run, tmp_path / "hf"), layout)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "NemotronForSequenceClassification" and hf.config.num_labels == 3
+    chunks = build_attribute_model_chunks(NEMOTRON_MODEL, PrecisionConfig(), layout, 1, 3)
+    from steerlm.checkpoint.sharded import load_weights
+
+    load_weights(resolve_checkpoint(run), chunks, layout, NEMOTRON_MODEL)
+    with torch.no_grad():
+        theirs = hf(TOKENS).logits + torch.tensor(hf.config.steerlm_score_bias)
+        ours = chunks[0](TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[:, -1]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_init_from_an_hf_nemotron_checks_the_run_s_norm(exported) -> None:
+    assert resolve_init_source("sft.init_from", str(exported["hf"]), NEMOTRON_MODEL) is not None
+    for model, key in (
+        (replace(NEMOTRON_MODEL, layernorm_zero_centered_gamma=False), "model.layernorm_zero_centered_gamma"),
+        (replace(NEMOTRON_MODEL, rotary_percent=1.0), "model.rotary_percent"),
+        (TEST_MODEL, "model.normalization"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            resolve_init_source("sft.init_from", str(exported["hf"]), model)
+        assert error.value.key == key, str(error.value)
+
+
+def test_hf_architecture_is_told_by_the_norm_the_activation_and_the_rope(layout) -> None:
+    assert hf_architecture(NEMOTRON_MODEL) == NEMOTRON and hf_config_dict(NEMOTRON_MODEL)["model_type"] == "nemotron"
+    for change in (
+        {"layernorm_zero_centered_gamma": False},  # a plain LayerNorm: neither family
+        {"normalization": Normalization.RMSNorm},
+        {"rope_scaling": True},
+    ):
+        with pytest.raises(ValueError, match="neither an HF Llama .* nor an HF Nemotron"):
+            hf_architecture(replace(NEMOTRON_MODEL, **change))
+
+
+def test_a_checkpoint_written_before_the_field_existed_reads_as_plain_norms(layout, tmp_path: Path) -> None:
+    plain = replace(NEMOTRON_MODEL, layernorm_zero_centered_gamma=False)
+    step = resolve_checkpoint(_checkpoint(layout, tmp_path / "old", plain))
+    meta = json.loads((step / META).read_text())
+    del meta["model"]["layernorm_zero_centered_gamma"]
+    (step / META).write_text(json.dumps(meta))
+    check_compatible(step, plain)
+    with pytest.raises(ConfigError, match="written for model.layernorm_zero_centered_gamma=False") as error:
+        check_compatible(step, NEMOTRON_MODEL)
+    assert error.value.key == "model.layernorm_zero_centered_gamma"
+
+
+def test_a_nemo_export_writes_layernorm1p_and_reads_back_the_same_model() -> None:
+    tokenizer = {"library": "sentencepiece", "model": "nemo:tokenizer.model"}
+    config = nemo_model_config(
+        NEMOTRON_MODEL, tensor_parallel=1, pipeline_parallel=1, dtype="fp32", tokenizer=tokenizer, tokenizer_ids=300
+    )
+    assert config["normalization"] == "layernorm1p" and config["activation"] == "squared-relu"
+    read = nemo_model(config, "x.nemo/model_config.yaml", NEMOTRON_MODEL.padded_vocab_size).model
+    for name in ("normalization", "layernorm_zero_centered_gamma", "activation", "rotary_percent"):
+        assert getattr(read, name) == getattr(NEMOTRON_MODEL, name), name
+    with pytest.raises(ValueError, match="no RMSNorm with zero-centred weights"):
+        nemo_model_config(
+            replace(TEST_MODEL, layernorm_zero_centered_gamma=True),
+            tensor_parallel=1,
+            pipeline_parallel=1,
+            dtype="fp32",
+            tokenizer=tokenizer,
+            tokenizer_ids=300,
+        )
