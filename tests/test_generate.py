@@ -95,13 +95,15 @@ def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, 
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
 
 
-def test_models_outside_the_llama_family_use_megatrons_decoder(layout) -> None:
-    gelu = replace(TEST_MODEL, activation=Activation.gelu, ffn_hidden_size=256)
-    assert _generator(layout, model=gelu).decoder is MegatronDecoder
-    with pytest.raises(ValueError, match="not SwiGLU"):
-        _generator(layout, model=gelu, decoder="lean")
-    completion = _generator(layout, model=gelu).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=5)])[0]
+def test_models_outside_the_llama_and_nemotron_families_use_megatrons_decoder(layout) -> None:
+    biased = replace(TEST_MODEL, add_bias_linear=True)
+    assert _generator(layout, model=biased).decoder is MegatronDecoder
+    with pytest.raises(ValueError, match="linear layers have biases"):
+        _generator(layout, model=biased, decoder="lean")
+    completion = _generator(layout, model=biased).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=5)])[0]
     assert len(completion.token_ids) == 5
+    gelu = replace(TEST_MODEL, activation=Activation.gelu, ffn_hidden_size=256)  # an ungated MLP: lean runs it
+    assert _generator(layout, model=gelu).decoder is LeanDecoder
 
 
 def test_rows_are_independent_of_their_batch(generator: Generator) -> None:
@@ -211,9 +213,9 @@ def test_what_pipelined_generation_cannot_run_and_sequence_parallel_are_refused(
         Generator(chunks * 2, TOKENIZER, pp2, 128, ())
     with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*decoder=megatron was chosen"):
         Generator(chunks, TOKENIZER, pp2, 128, (), decoder="megatron")
-    gelu = build_model_chunks(replace(TEST_MODEL, activation=Activation.gelu), PrecisionConfig(), layout, seed=7)
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*cannot run this model: the MLP is not SwiGLU"):
-        Generator(gelu, TOKENIZER, pp2, 128, ())
+    biased = build_model_chunks(replace(TEST_MODEL, add_bias_linear=True), PrecisionConfig(), layout, seed=7)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*cannot run this model: linear layers have"):
+        Generator(biased, TOKENIZER, pp2, 128, ())
     with pytest.raises(ConfigError, match="sequence_parallel"):
         Generator(chunks, TOKENIZER, dataclasses.replace(layout, sequence_parallel=True), 128, ())
 
