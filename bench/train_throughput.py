@@ -8,11 +8,16 @@ Trainer's default `adamw_torch_fused` runs it, eager) on the same Llama shape, o
         --warmup 1 --steps 2 --rounds 3                                                          # CPU
     python bench/train_throughput.py ... --prompt-fraction 0.5                                   # SFT-shaped
     python bench/train_throughput.py ... --lora-rank 16                                          # LoRA
+    python bench/train_throughput.py ... --recompute uniform                                     # recomputation
 
 `--lora-rank R` trains low-rank adapters on every linear layer of a frozen model on both sides (steerlm's
 `lora.rank=R`, HF with PEFT's LoraConfig on q/k/v/o/gate/up/down_proj, alpha 2R, the optimizer over the adapters
 only) and adds a third side, `full`: steerlm training every weight, so the LoRA step's cost is measured against
 full fine-tuning in the same run.
+
+`--recompute uniform|block` adds a side `recomputed`: steerlm with `model.recompute` (every layer, or the first
+`model.recompute_num_layers`, computed again in the backward instead of keeping its activations), so what the
+recomputation costs in time (and saves in peak memory, on GPU) is measured against steerlm's step in the same run.
 
 `--prompt-fraction F` makes it an SFT step: the first F of every row's positions are prompt, trained by neither
 side (steerlm's `loss_mask` 0, which its chunked loss skips; HF's labels -100, as TRL's completion-only loss
@@ -30,6 +35,7 @@ choice is worth on this CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -41,7 +47,7 @@ import torch
 from steerlm import megatron_compat, runtime
 from steerlm.config import ConfigError, DType, ParallelConfig, PrecisionConfig, TrainerConfig, compose, to_typed
 from steerlm.config.lora import LoraConfig
-from steerlm.config.schema import CpuMatmul, ModelConfig
+from steerlm.config.schema import CpuMatmul, ModelConfig, Recompute
 from steerlm.models import build_model_chunks, lora
 from steerlm.models.hf_llama import hf_config_dict, lora_projections
 from steerlm.runtime import ParallelLayout
@@ -221,6 +227,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds of --steps steps")
     parser.add_argument("--prompt-fraction", type=float, default=0.0, help="SFT: untrained share of each row")
     parser.add_argument("--lora-rank", type=int, help="LoRA on both sides (alpha 2R), and steerlm's full step too")
+    parser.add_argument("--recompute", choices=["uniform", "block"], help="also steerlm with model.recompute")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     overrides = [f"model={args.preset}"] + ([f"model.num_layers={args.layers}"] if args.layers else [])
@@ -241,6 +248,11 @@ def main() -> None:
     }
     if adapters is not None:
         builders["full"] = lambda: steerlm_step(model, dtype, rows, seq, prompt, compile_model, layout)
+    if args.recompute:
+        recomputed = dataclasses.replace(model, recompute=Recompute(args.recompute))
+        builders["recomputed"] = lambda: steerlm_step(
+            recomputed, dtype, rows, seq, prompt, compile_model, layout, auto, adapters
+        )
     other = _other_cpu_products(device)
     if other is not None:  # steerlm on the product library `auto` did not pick, side by side
         builders[other.value] = lambda: steerlm_step(
@@ -263,7 +275,7 @@ def main() -> None:
         result.update(tokens_per_s=tokens / result["seconds"], tflops=per_token * tokens / result["seconds"] / 1e12)
         peak = f" {result['peak_gib']:7.1f} GiB peak" if "peak_gib" in result else ""
         print(
-            f"  {key:8s} {result['seconds'] * 1e3:9.1f} ms/step {result['tokens_per_s']:10.0f} tokens/s "
+            f"  {key:10s} {result['seconds'] * 1e3:9.1f} ms/step {result['tokens_per_s']:10.0f} tokens/s "
             f"{result['tflops']:8.2f} TFLOP/s{peak}"
         )
     ratio = results["hf"]["seconds"] / results["steerlm"]["seconds"]
@@ -271,6 +283,9 @@ def main() -> None:
     if "full" in results:
         gain = results["full"]["seconds"] / results["steerlm"]["seconds"]
         print(f"  ratio steerlm LoRA / steerlm full fine-tuning (throughput): {gain:.3f}")
+    if "recomputed" in results:
+        cost = results["steerlm"]["seconds"] / results["recomputed"]["seconds"]
+        print(f"  ratio steerlm with model.recompute={args.recompute} / steerlm (throughput): {cost:.3f}")
     if other is not None:
         gain = results[other.value]["seconds"] / results["steerlm"]["seconds"]
         print(f"  ratio steerlm (auto) / steerlm with parallel.cpu_matmul={other.value}: {gain:.3f}")
@@ -284,6 +299,7 @@ def main() -> None:
                 "micro_batch_size": rows,
                 "prompt": prompt,
                 "lora_rank": args.lora_rank,
+                "recompute": args.recompute,
                 "device": name,
             }
             json.dump({**shape, **results, "ratio": ratio}, out)

@@ -17,7 +17,10 @@ micro-batches' activations in flight under 1F1B; with the embedding or output la
   output and the next linear's input (split over TP ranks only with sequence parallelism), and the attention's
   and SwiGLU's tensors (split over TP ranks); times the micro-batches in flight (the pipeline size under 1F1B);
   plus the loss's `seq x vocab/tp` tensors on the last stage (`model.cross_entropy`: the chunked loss keeps one
-  in the compute dtype, megatron's the fp32 softmax). Transformer Engine's fused norms keep less.
+  in the compute dtype, megatron's the fp32 softmax). Transformer Engine's fused norms keep less. With layer
+  recomputation (`model.recompute`) a recomputed chunk of layers keeps its input hidden state alone (split over TP
+  ranks with sequence parallelism), and the backward holds one chunk's activations again while it recomputes them
+  (`recomputed`, once: micro-batches are recomputed one at a time).
 
 Not counted: the CUDA context, NCCL and allocator buffers (plan 3-6 GiB more per GPU), and packed-sequence
 attention masks (`[micro-batch, 1, seq, seq]` booleans).
@@ -40,6 +43,7 @@ from steerlm.config import (
     ModelConfig,
     Normalization,
     OptimizerName,
+    Recompute,
     TrainConfig,
 )
 from steerlm.config.lora import LoraCheckpoint
@@ -58,6 +62,7 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     in_flight: int  # micro-batches whose activations the busiest stage holds at once
+    recomputed: float = 0.0  # of the activations: one recomputed chunk's, rebuilt in the backward (`model.recompute`)
 
     @property
     def total(self) -> float:
@@ -68,7 +73,9 @@ class MemoryEstimate:
             f"memory per GPU (estimate, busiest rank, {self.parameters / 1e9:.2f}B parameters): "
             f"weights {self.weights / GIB:.1f} GiB + gradients {self.gradients / GIB:.1f} + optimizer "
             f"{self.optimizer / GIB:.1f} + activations {self.activations / GIB:.1f} ({self.in_flight} micro-batch"
-            f"{'es' if self.in_flight > 1 else ''} in flight) = {self.total / GIB:.1f} GiB, plus 3-6 GiB of CUDA "
+            f"{'es' if self.in_flight > 1 else ''} in flight"
+            f"{f'; {self.recomputed / GIB:.1f} of them recomputed in the backward' if self.recomputed else ''}) "
+            f"= {self.total / GIB:.1f} GiB, plus 3-6 GiB of CUDA "
             "context and communication buffers"
         )
 
@@ -135,6 +142,20 @@ def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parall
     return size * (replicated / (tp if sequence_parallel else 1) + split / tp)
 
 
+def _stage_activations(
+    model: ModelConfig, tokens: int, tp: int, pp: int, sequence_parallel: bool, size: int
+) -> tuple[float, float]:
+    """(kept per micro-batch, rebuilt once in the backward) by a pipeline stage's layers under `model.recompute`."""
+    layers, layer = model.num_layers // pp, _layer_activations(model, tokens, tp, sequence_parallel, size)
+    hidden = size * tokens * model.hidden_size / (tp if sequence_parallel else 1)  # a recomputed chunk's input
+    n = model.recompute_num_layers
+    if model.recompute == Recompute.uniform:
+        return layers // n * hidden, n * layer
+    if model.recompute == Recompute.block:
+        return n * hidden + (layers - n) * layer, layer
+    return layers * layer, 0.0
+
+
 def loss_activations(model: ModelConfig, tokens: int, tp: int, size: int) -> float:
     """The final norm's tensors and the loss's `tokens x vocab/tp` ones on the last stage."""
     shard = tokens * model.padded_vocab_size / tp
@@ -181,7 +202,7 @@ def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate
     optimizer_share = data_parallel_size if parallel.use_distributed_optimizer else 1
     micro_batches = trainer.global_batch_size // (trainer.micro_batch_size * data_parallel_size)
     tokens = trainer.micro_batch_size * trainer.seq_length // parallel.context_parallel_size
-    layer = model.num_layers // pp * _layer_activations(model, tokens, tp, parallel.sequence_parallel, size)
+    kept, recomputed = _stage_activations(model, tokens, tp, pp, parallel.sequence_parallel, size)
     stages = []
     adapters = model.num_layers // pp * _layer_adapters(model, tp, cfg.lora)
     for first, last in {(True, pp == 1), (pp == 1, True)}:
@@ -194,8 +215,9 @@ def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate
                 weights=parameters * size,
                 gradients=trained * (4 if precision.grad_reduce_in_fp32 else size),
                 optimizer=trained * per_parameter / optimizer_share,
-                activations=in_flight * layer + (loss_activations(model, tokens, tp, size) if last else 0),
+                activations=in_flight * kept + recomputed + (loss_activations(model, tokens, tp, size) if last else 0),
                 in_flight=in_flight,
+                recomputed=recomputed,
             )
         )
     return max(stages, key=lambda stage: stage.total)
@@ -240,25 +262,27 @@ PRESET_LAYOUTS = (
 
 
 def preset_table() -> str:
-    """Markdown table of `estimate_memory` for `PRESET_LAYOUTS`, with the plain and the distributed optimizer."""
+    """Markdown table of `estimate_memory` for `PRESET_LAYOUTS`, with the plain and the distributed optimizer, and
+    with the distributed optimizer and every layer recomputed (`model.recompute=uniform`)."""
     from steerlm.config import compose, to_typed
 
     rows = [
         "| preset | layout | weights | gradients | optimizer (plain / distributed) | activations | total per GPU "
-        "(plain / distributed) |",
-        "|---|---|---|---|---|---|---|",
+        "(plain / distributed) | distributed, layers recomputed: activations, total |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for preset, parallel, dp, seq in PRESET_LAYOUTS:
         overrides = [f"model={preset}", f"parallel={parallel}", "precision=bf16", "trainer.micro_batch_size=1"]
         overrides += ["trainer.global_batch_size=128", f"trainer.seq_length={seq}"]
         plain = estimate_memory(to_typed(compose("demo", overrides)), dp)
-        sharded = estimate_memory(
-            to_typed(compose("demo", [*overrides, "parallel.use_distributed_optimizer=true"])), dp
-        )
+        overrides.append("parallel.use_distributed_optimizer=true")
+        sharded = estimate_memory(to_typed(compose("demo", overrides)), dp)
+        lean = estimate_memory(to_typed(compose("demo", [*overrides, "model.recompute=uniform"])), dp)
         rows.append(
             f"| `{preset}` | `{parallel}` dp {dp}, seq {seq} | {plain.weights / GIB:.1f} GiB | "
             f"{plain.gradients / GIB:.1f} GiB | {plain.optimizer / GIB:.1f} / {sharded.optimizer / GIB:.1f} GiB | "
-            f"{plain.activations / GIB:.1f} GiB | {plain.total / GIB:.1f} / {sharded.total / GIB:.1f} GiB |"
+            f"{plain.activations / GIB:.1f} GiB | {plain.total / GIB:.1f} / {sharded.total / GIB:.1f} GiB | "
+            f"{lean.activations / GIB:.1f} GiB, {lean.total / GIB:.1f} GiB |"
         )
     return "\n".join(rows)
 

@@ -75,6 +75,22 @@ class CrossEntropy(str, Enum):
     megatron = "megatron"
 
 
+class Recompute(str, Enum):
+    """Activation recomputation in training (megatron's `recompute_granularity=full`; NeMo's
+    `activations_checkpoint_*`): layers whose activations are not kept for the backward but computed again from
+    their input when it needs them. Costs about one more forward of those layers; a pipeline stage holding many
+    micro-batches in flight then keeps one hidden state per recomputed chunk of layers instead of every tensor.
+
+    `none`: keep every activation; `uniform`: every `model.recompute_num_layers` consecutive layers are one chunk
+    whose input alone is kept (all layers recomputed); `block`: the first `model.recompute_num_layers` layers of each
+    pipeline stage are recomputed one by one, the rest keep their activations.
+    """
+
+    none = "none"
+    uniform = "uniform"
+    block = "block"
+
+
 class DType(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -151,6 +167,8 @@ class ModelConfig:
     attention_dropout: float = 0.0
     transformer_impl: TransformerImpl = TransformerImpl.auto
     cross_entropy: CrossEntropy = CrossEntropy.chunked
+    recompute: Recompute = Recompute.none  # activation recomputation in training (`Recompute`)
+    recompute_num_layers: int = 1  # layers per recomputed chunk (uniform) or recomputed per stage (block)
 
     @property
     def query_groups(self) -> int:
@@ -208,6 +226,7 @@ class ModelConfig:
                 "rotary_base",
                 "layernorm_epsilon",
                 "init_method_std",
+                "recompute_num_layers",
             ),
         )
         if self.kv_channels is None:

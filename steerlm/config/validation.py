@@ -14,6 +14,7 @@ from steerlm.config.schema import (
     OptimizerName,
     ParallelConfig,
     PrecisionConfig,
+    Recompute,
     TrainConfig,
     TrainerConfig,
     TransformerImpl,
@@ -110,6 +111,25 @@ def validate_generation_layout(parallel: ParallelConfig, what: str = "generation
         )
 
 
+def _check_recompute(model: ModelConfig, per_chunk: int) -> None:
+    """Recomputed chunks of layers must tile each model chunk (uniform) or fit in it (block)."""
+    n = model.recompute_num_layers
+    if model.recompute == Recompute.uniform and per_chunk % n:
+        raise ConfigError(
+            "model.recompute_num_layers",
+            n,
+            f"does not divide the {per_chunk} layers of each pipeline chunk (model.recompute=uniform)",
+            f"use a divisor of {per_chunk} (1 keeps the least)",
+        )
+    if model.recompute == Recompute.block and n > per_chunk:
+        raise ConfigError(
+            "model.recompute_num_layers",
+            n,
+            f"is more than the {per_chunk} layers of each pipeline chunk (model.recompute=block)",
+            f"use at most {per_chunk}",
+        )
+
+
 def validate_model_layout(
     model: ModelConfig, parallel: ParallelConfig, accelerator: Accelerator, this_machine: bool = True
 ) -> None:
@@ -156,6 +176,7 @@ def validate_model_layout(
         raise ConfigError(
             "parallel.pipeline_model_parallel_size", pp, "more pipeline chunks than layers", "use fewer pipeline stages"
         )
+    _check_recompute(model, model.num_layers // chunks)
     if not this_machine:
         return
     impl = resolve_transformer_impl(model, accelerator)

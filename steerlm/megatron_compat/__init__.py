@@ -14,7 +14,11 @@ what the rest of steerlm uses.
    `steerlm.runtime` activates them only when CUDA is absent. Measured needs: docs/architecture.md. The same
    mode routes matrix products (`route_matmuls`): megatron's linear autograd function multiplies with
    `torch.matmul` / `Tensor.matmul` (forward `input @ weight.t()`, backward `grad_output @ weight` and
-   `grad_output.t() @ input`), which `steerlm.runtime.cpu_matmul` sends to oneDNN.
+   `grad_output.t() @ input`), which `steerlm.runtime.cpu_matmul` sends to oneDNN. Layer recomputation's
+   checkpoint (`tensor_parallel.random.CheckpointFunction`, `model.recompute`) saves and restores the device RNG
+   state through the module-level `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state`: without
+   CUDA there is none, so they hand over an empty state and restore nothing (the CPU generator, which dropout
+   draws from there, is saved and restored beside it by the same function).
 3. Synchronous dist-checkpoint saves (`use_in_process_save_queue`): replaces the module-level
    `filesystem_async._results_queue` (a `spawn` multiprocessing Manager queue) by an in-process queue.
 4. Own output heads (`GPTModelWithOwnHead`, `GPTModelWithLossHead`): override the private
@@ -186,6 +190,15 @@ def _synchronize(device: Any = None) -> None:
     """Replaces `torch.cuda.synchronize()` (p2p_communication after batch_isend_irecv): no stream to wait on."""
 
 
+def _no_device_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Replaces megatron's `_get_cuda_rng_state` (recomputation's checkpoint): no device, no device RNG state."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _restore_no_device_rng_state(*args: Any, **kwargs: Any) -> None:
+    """Replaces megatron's `_set_cuda_rng_state`: nothing to restore without a device."""
+
+
 @functools.cache
 def activate() -> None:
     """Install the CPU stand-ins for this process (idempotent). Call before building megatron modules."""
@@ -193,6 +206,8 @@ def activate() -> None:
     # setattr: a deliberate monkeypatch whose return type ("cpu", a device string) is not torch's `int`
     setattr(torch.cuda, "current_device", _current_device)  # noqa: B010
     torch.cuda.synchronize = _synchronize
+    tensor_parallel.random._get_cuda_rng_state = _no_device_rng_state
+    tensor_parallel.random._set_cuda_rng_state = _restore_no_device_rng_state
     _active_mode = _CudaToCpuMode()
     _active_mode.__enter__()
 

@@ -10,7 +10,15 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from steerlm.config.schema import Activation, CrossEntropy, DType, ModelConfig, PrecisionConfig, TransformerImpl
+from steerlm.config.schema import (
+    Activation,
+    CrossEntropy,
+    DType,
+    ModelConfig,
+    PrecisionConfig,
+    Recompute,
+    TransformerImpl,
+)
 from steerlm.config.validation import Accelerator, resolve_transformer_impl
 from steerlm.megatron_compat import GPTModelWithLossHead, SDPACoreAttention
 from steerlm.models.cross_entropy import chunked_language_model_loss
@@ -70,6 +78,10 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         perform_initialization=True,
         use_cpu_initialization=False,
         calculate_per_token_loss=True,
+        # `model.recompute`: megatron's full-layer recomputation (only a chunk's input is kept; training only)
+        recompute_granularity=None if model.recompute == Recompute.none else "full",
+        recompute_method=None if model.recompute == Recompute.none else model.recompute.value,
+        recompute_num_layers=None if model.recompute == Recompute.none else model.recompute_num_layers,
         bias_activation_fusion=te and gated,
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,

@@ -200,10 +200,22 @@ def attach(chunks: list, cfg: LoraConfig, seed: int) -> None:
 
 
 def freeze_base(chunks: list) -> None:
-    """Train only the adapters (and an APM's attribute head, which no base model has)."""
+    """Train only the adapters (and an APM's attribute head, which no base model has).
+
+    Under layer recomputation (`model.recompute`) megatron's checkpoint passes gradients back only through inputs
+    that require them, and the frozen embedding's output does not: it is marked as requiring one (what HF's
+    `enable_input_require_grads` does), or the adapters inside recomputed layers would get no gradient."""
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             param.requires_grad_(trained(name))
+        embedding = getattr(chunk, "embedding", None)  # the first pipeline stage's
+        if chunk.config.recompute_granularity is not None and embedding is not None:
+            embedding.register_forward_hook(_require_grad)
+
+
+def _require_grad(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled():
+        output.requires_grad_(True)
 
 
 def _adapted(chunks: list) -> list[Adapted]:
