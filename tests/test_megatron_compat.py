@@ -67,6 +67,23 @@ def test_cpu_stand_ins_redirect_cuda_and_name_tensors_like_cuda(layout):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins are only active without CUDA")
+def test_recomputations_checkpoint_saves_and_restores_the_cpu_rng_without_a_device_rng(layout):
+    """Item 2's device-RNG stand-ins: megatron's checkpoint (layer recomputation) runs on CPU, and a dropout inside it
+    draws the same mask again in the backward from the CPU generator it restores."""
+    from megatron.core import tensor_parallel
+
+    assert tensor_parallel.random._get_cuda_rng_state is megatron_compat._no_device_rng_state
+    assert tensor_parallel.random._set_cuda_rng_state is megatron_compat._restore_no_device_rng_state
+    x = torch.randn(64, 8, requires_grad=True)
+    torch.manual_seed(5)
+    out = tensor_parallel.checkpoint(lambda t: F.dropout(t * 2, p=0.5), False, x)
+    out.sum().backward()
+    kept = out.detach() != 0  # the forward's mask; the recomputed backward must use it too
+    assert kept.any() and not kept.all()
+    assert torch.equal(x.grad, kept * 4.0)  # d/dx of dropout(2x) with scale 1/(1-p) = 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins are only active without CUDA")
 def test_megatrons_linear_products_go_through_the_installed_route(layout):
     """Every linear layer's three products (forward, input gradient, weight gradient) reach the route, and the
     model's gradients with oneDNN's products equal those with torch's BLAS within fp32 rounding."""
