@@ -20,15 +20,21 @@ TEST_MODEL = ModelConfig(
     vocab_size=300,
     max_position_embeddings=128,
 )
-# TEST_MODEL as NVIDIA's Nemotron models are built (NeMo's `layernorm1p`): LayerNorm weights stored centred on zero,
-# a squared-ReLU MLP, RoPE on half of each head's channels.
-NEMOTRON_MODEL = replace(
-    TEST_MODEL,
-    normalization=Normalization.LayerNorm,
-    layernorm_zero_centered_gamma=True,
-    activation=Activation.squared_relu,
-    rotary_percent=0.5,
-)
+
+
+def as_nemotron(model: ModelConfig) -> ModelConfig:
+    """`model`'s shape with the layers NVIDIA's Nemotron models are built from (NeMo's `layernorm1p`): LayerNorm
+    weights stored centred on zero, a squared-ReLU MLP, RoPE on half of each head's channels."""
+    return replace(
+        model,
+        normalization=Normalization.LayerNorm,
+        layernorm_zero_centered_gamma=True,
+        activation=Activation.squared_relu,
+        rotary_percent=0.5,
+    )
+
+
+NEMOTRON_MODEL = as_nemotron(TEST_MODEL)
 
 
 # Under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make test) whole files go to the workers in this order:

@@ -15,12 +15,12 @@ import torch
 from launchers.cli import main
 from launchers.generation_memory import Role, Workload, held_model, kv_cache_bytes
 from steerlm import runtime
-from steerlm.config import Activation, DType, ModelConfig, Normalization, ParallelConfig, PrecisionConfig, compose
+from steerlm.config import DType, ModelConfig, ParallelConfig, PrecisionConfig, compose
 from steerlm.config.store import save_resolved
 from steerlm.inference.decoders import LeanDecoder
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.gpt import build_model_chunks
-from tests.conftest import TEST_MODEL
+from tests.conftest import TEST_MODEL, as_nemotron
 from tests.memory_meter import PeakMeter
 
 # Llama's proportions at test size: grouped-query attention, ffn = 2.75 x hidden
@@ -34,13 +34,7 @@ LLAMA = replace(
     max_position_embeddings=256,
 )
 SINGLE = ParallelConfig()
-NEMOTRON = replace(  # an ungated MLP (squared ReLU), LayerNorm with zero-centred weights, RoPE on half of each head
-    LLAMA,
-    normalization=Normalization.LayerNorm,
-    layernorm_zero_centered_gamma=True,
-    activation=Activation.squared_relu,
-    rotary_percent=0.5,
-)
+NEMOTRON = as_nemotron(LLAMA)  # an ungated MLP (squared ReLU), zero-centred LayerNorm, RoPE on half of each head
 
 
 def _tokens(rows: int, length: int) -> torch.Tensor:

@@ -12,11 +12,9 @@ import torch
 from launchers.cli import main
 from launchers.memory import GIB, checkpoint_bytes, estimate_memory, preset_table, weights_bytes
 from steerlm.config import (
-    Activation,
     CrossEntropy,
     DType,
     LoraConfig,
-    Normalization,
     ParallelConfig,
     PrecisionConfig,
     TrainConfig,
@@ -25,7 +23,7 @@ from steerlm.config import (
     to_typed,
 )
 from steerlm.models.gpt import build_model_chunks
-from tests.conftest import TEST_MODEL
+from tests.conftest import TEST_MODEL, as_nemotron
 
 WIDER = replace(TEST_MODEL, num_layers=3, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8)
 
@@ -53,13 +51,7 @@ def _saved_bytes(chunk: torch.nn.Module, rows: int, length: int) -> int:
         TEST_MODEL,
         WIDER,
         replace(WIDER, cross_entropy=CrossEntropy.megatron),
-        replace(  # Nemotron's layers: LayerNorm, squared ReLU, RoPE on half of each head
-            WIDER,
-            normalization=Normalization.LayerNorm,
-            layernorm_zero_centered_gamma=True,
-            activation=Activation.squared_relu,
-            rotary_percent=0.5,
-        ),
+        as_nemotron(WIDER),  # Nemotron's layers: LayerNorm, squared ReLU, RoPE on half of each head
     ],
     ids=["tiny", "wider", "megatron-loss", "nemotron"],
 )
