@@ -4,10 +4,10 @@ MLP, RoPE on half of each head's channels.
 
 Checked against an independent implementation, transformers' Nemotron: a checkpoint exported at TP=2 loads as
 NemotronForCausalLM with steerlm's logits and greedy tokens (the lean decoder's), and imports back bitwise; a
-regression APM exports as NemotronForSequenceClassification with steerlm's scores; PEFT's LoRA on the export gives
-steerlm's adapted logits. Also: a fresh model's zero-centred norms compute what plain ones do; `init_from` an HF
-Nemotron directory checks the run's norm; checkpoints written before the field existed read as plain norms; a
-`.nemo` export writes `layernorm1p`.
+regression APM exports as NemotronForSequenceClassification with steerlm's scores (PEFT's LoRA on the export: in
+tests/test_lora.py). Also: a fresh model's zero-centred norms compute what plain ones do; `init_from` an HF
+Nemotron directory checks the run's norm (its config.json in transformers 4's keys or 5's); checkpoints written
+before the field existed read as plain norms; a `.nemo` export writes `layernorm1p`.
 """
 
 from __future__ import annotations
@@ -173,3 +173,17 @@ def test_a_nemo_export_writes_layernorm1p_and_reads_back_the_same_model() -> Non
             tokenizer=tokenizer,
             tokenizer_ids=300,
         )
+
+
+def test_an_hf_nemotron_config_reads_the_same_from_transformers_4_and_5_keys(tmp_path: Path) -> None:
+    """steerlm writes transformers 4's top-level `rope_theta` / `partial_rotary_factor`; transformers 5's
+    `save_pretrained` nests them in `rope_parameters`. Both read as the same `model.*` fields."""
+    from steerlm.models.hf_llama import hf_model_fields
+
+    ours = hf_config_dict(NEMOTRON_MODEL)
+    fields = {k: v for k, v in ours.items() if k not in ("architectures", "model_type")}
+    transformers.NemotronConfig(**fields).save_pretrained(tmp_path)
+    theirs = json.loads((tmp_path / "config.json").read_text())
+    assert "partial_rotary_factor" not in theirs and theirs["rope_parameters"]["partial_rotary_factor"] == 0.5
+    read = hf_model_fields(ours, "sft.init_from", "ours"), hf_model_fields(theirs, "sft.init_from", "theirs")
+    assert read[0] == read[1] and read[0]["rotary_percent"] == NEMOTRON_MODEL.rotary_percent
