@@ -119,7 +119,7 @@ def _check_recompute(model: ModelConfig, per_chunk: int) -> None:
             "model.recompute_num_layers",
             n,
             f"does not divide the {per_chunk} layers of each pipeline chunk (model.recompute=uniform)",
-            f"use a divisor of {per_chunk} (1 keeps the least)",
+            f"use a divisor of {per_chunk} (1 rebuilds one layer at a time in the backward)",
         )
     if model.recompute == Recompute.block and n > per_chunk:
         raise ConfigError(

@@ -449,20 +449,20 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             "activation": Activation.squared_relu,
             "rotary_percent": float(share),
         }
-    return {**fields, "layernorm_epsilon": hf["rms_norm_eps"]}
+    return {  # what a Llama's config.json leaves implicit, too
+        **fields,
+        "normalization": Normalization.RMSNorm,
+        "layernorm_zero_centered_gamma": False,
+        "layernorm_epsilon": hf["rms_norm_eps"],
+        "activation": Activation.swiglu,
+        "rotary_percent": 1.0,
+    }
 
 
 def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:
     """Refuse an HF config.json whose model differs from `model.*`, naming the field and the value to set."""
     fields = hf_model_fields(hf, key, location)
     family = HF_ARCHITECTURES[hf.get("model_type", "llama")]
-    if family == LLAMA:  # what a Llama's config.json leaves implicit
-        fields.update(
-            normalization=Normalization.RMSNorm,
-            layernorm_zero_centered_gamma=False,
-            activation=Activation.swiglu,
-            rotary_percent=1.0,
-        )
     current = {
         **{name: getattr(model, name) for name in fields},
         "num_query_groups": model.query_groups,
