@@ -35,6 +35,27 @@ def as_nemotron(model: ModelConfig) -> ModelConfig:
 
 
 NEMOTRON_MODEL = as_nemotron(TEST_MODEL)
+# Qwen2's layers: a Llama's with biases on the query, key and value projections (RoPE base, norm epsilon: Qwen2.5's).
+QWEN2_MODEL = replace(TEST_MODEL, add_qkv_bias=True, rotary_base=1000000, layernorm_epsilon=1e-6)
+
+
+def randomize_biases(chunks, layout, seed: int = 3, std: float = 0.1) -> None:
+    """Every linear layer's bias drawn per global name at its full shape and sliced for this TP rank, so a layout
+    holds the values every other holds (steerlm's initialisation zeroes biases, which would hide one a code path
+    forgets)."""
+    import torch
+
+    from steerlm.models.init import parameter_seed
+    from steerlm.models.sharding import full_shape, global_name, shard
+
+    for chunk in chunks:
+        for local, param in chunk.named_parameters():
+            if ".linear_" in local and local.endswith(".bias"):
+                name = global_name(local, chunk)
+                generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+                full = torch.empty(full_shape(param, layout.tp)).normal_(0.0, std, generator=generator)
+                with torch.no_grad():
+                    param.copy_(shard(full, param, layout.tp_rank, layout.tp))
 
 
 # Under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make test) whole files go to the workers in this order:

@@ -1,7 +1,7 @@
 """Small NeMo 1.x `.nemo` archives for tests/test_nemo_import.py, written from a tiny Hugging Face Llama (or
-Nemotron: zero-centred LayerNorm with biases, squared-ReLU MLP, RoPE on half of each head) with NeMo's key names by
-this module's own mapping (it shares no code with steerlm's reader): the legacy layout (`model_weights.ckpt` per
-TP/PP rank) and megatron's torch_dist distributed checkpoint, at TP=2.
+Nemotron: zero-centred LayerNorm with biases, squared-ReLU MLP, RoPE on half of each head; or Qwen2: q/k/v biases)
+with NeMo's key names by this module's own mapping (it shares no code with steerlm's reader): the legacy layout
+(`model_weights.ckpt` per TP/PP rank) and megatron's torch_dist distributed checkpoint, at TP=2.
 
 A module of its own so that the ranks `tests.multiproc` spawns import neither transformers nor pytest.
 """
@@ -78,6 +78,26 @@ def nemotron() -> torch.nn.Module:
     return _randomised(transformers.NemotronForCausalLM(config), norm_centre=0.0)
 
 
+def qwen2() -> torch.nn.Module:
+    """An independent Qwen2-shaped source: a Llama with biases on the query, key and value projections (random
+    around 1, as its other vectors are)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**_HF_SHAPE, rms_norm_eps=1e-5, use_sliding_window=False)
+    return _randomised(transformers.Qwen2ForCausalLM(config), norm_centre=1.0)
+
+
+def _grouped_qkv(hf: dict, prefix: str, part: str) -> torch.Tensor:
+    """NeMo's `linear_qkv.<part>` from HF's q/k/v_proj: rows grouped per query group [its query heads, key, value]."""
+    per_group = HEADS // GROUPS
+    q = hf[f"{prefix}self_attn.q_proj.{part}"].unflatten(0, (HEADS, HEAD_DIM))
+    k = hf[f"{prefix}self_attn.k_proj.{part}"].unflatten(0, (GROUPS, HEAD_DIM))
+    v = hf[f"{prefix}self_attn.v_proj.{part}"].unflatten(0, (GROUPS, HEAD_DIM))
+    groups = [torch.cat([q[g * per_group : (g + 1) * per_group], k[g : g + 1], v[g : g + 1]]) for g in range(GROUPS)]
+    return torch.cat(groups).flatten(0, 1)
+
+
 def _norm(out: dict, hf: dict, theirs: str, ours: str) -> None:
     """The HF norm `theirs` (weight, and bias where it has one) as NeMo's `ours` + `weight`/`bias` (`ours` ends with
     `.` for a norm module, `layer_norm_` for TE's norm fused into a linear)."""
@@ -87,9 +107,10 @@ def _norm(out: dict, hf: dict, theirs: str, ours: str) -> None:
 
 
 def nemo_tensors(source, fused_norms: bool, head: bool) -> dict[str, torch.Tensor]:
-    """Full tensors by megatron-core GPTModel name (no `model.` prefix, global layer numbers) of a HF Llama or
-    Nemotron `source`, NeMo's layout: QKV rows grouped per query group [its query heads, key, value], fc1 = [gate; up]
-    (Llama's SwiGLU) or up alone (Nemotron), norm biases where the source has them, vocabulary padded."""
+    """Full tensors by megatron-core GPTModel name (no `model.` prefix, global layer numbers) of a HF Llama, Nemotron
+    or Qwen2 `source`, NeMo's layout: QKV rows (and Qwen2's biases) grouped per query group [its query heads, key,
+    value], fc1 = [gate; up] (SwiGLU) or up alone (Nemotron), norm biases where the source has them, vocabulary
+    padded."""
     hf = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
     padding = torch.randn(ROWS - VOCAB, HIDDEN, generator=torch.Generator().manual_seed(1))
     out = {
@@ -97,16 +118,11 @@ def nemo_tensors(source, fused_norms: bool, head: bool) -> dict[str, torch.Tenso
         "output_layer.weight": torch.cat([hf["lm_head.weight"], padding]),
     }
     _norm(out, hf, "model.norm.", "decoder.final_layernorm.")
-    per_group = HEADS // GROUPS
     for layer in range(LAYERS):
         theirs, ours = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        q = hf[theirs + "self_attn.q_proj.weight"].view(HEADS, HEAD_DIM, HIDDEN)
-        k = hf[theirs + "self_attn.k_proj.weight"].view(GROUPS, HEAD_DIM, HIDDEN)
-        v = hf[theirs + "self_attn.v_proj.weight"].view(GROUPS, HEAD_DIM, HIDDEN)
-        groups = [
-            torch.cat([q[g * per_group : (g + 1) * per_group], k[g : g + 1], v[g : g + 1]]) for g in range(GROUPS)
-        ]
-        out[ours + "self_attention.linear_qkv.weight"] = torch.cat(groups).reshape(-1, HIDDEN)
+        out[ours + "self_attention.linear_qkv.weight"] = _grouped_qkv(hf, theirs, "weight")
+        if theirs + "self_attn.q_proj.bias" in hf:  # Qwen2's
+            out[ours + "self_attention.linear_qkv.bias"] = _grouped_qkv(hf, theirs, "bias")
         out[ours + "self_attention.linear_proj.weight"] = hf[theirs + "self_attn.o_proj.weight"]
         gate = [hf[theirs + "mlp.gate_proj.weight"]] if theirs + "mlp.gate_proj.weight" in hf else []
         out[ours + "mlp.linear_fc1.weight"] = torch.cat([*gate, hf[theirs + "mlp.up_proj.weight"]])
@@ -130,6 +146,7 @@ _SPLITS = {
     "word_embeddings.weight": 0,
     "output_layer.weight": 0,
     "linear_qkv.weight": 0,
+    "linear_qkv.bias": 0,
     "linear_proj.weight": 1,
     "linear_fc1.weight": "gated",
     "linear_fc2.weight": 1,
@@ -242,6 +259,11 @@ def nemotron_config(**changes) -> dict:
     half of each head, no linear biases."""
     nemotron = {"normalization": "layernorm1p", "activation": "squared-relu", "rotary_percentage": 0.5, "bias": False}
     return nemo_config(**{**nemotron, **changes})
+
+
+def qwen2_config(**changes) -> dict:
+    """A Qwen2's model_config.yaml (NeMo's keys for `qwen2()`): a Llama's, with biases on q/k/v alone."""
+    return nemo_config(**{"qkv_bias": True, "bias": False, **changes})
 
 
 def sentencepiece_model() -> bytes:

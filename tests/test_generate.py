@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from steerlm import runtime
-from steerlm.config import Activation, ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from steerlm.config import Activation, ConfigError, ModelConfig, ParallelConfig, PositionEmbedding, PrecisionConfig
 from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference import FinishReason, Generator, PromptTooLong, SamplingParams
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
 from steerlm.inference.generate import Decoding, RowFailed, RowRequest, StepOutcome, sample
 from steerlm.models.gpt import build_model_chunks
 from steerlm.tokenizers import WordTokenizer
-from tests.conftest import TEST_MODEL
+from tests.conftest import TEST_MODEL, randomize_biases
 from tests.multiproc import run_distributed
 
 WORDS = (
@@ -30,6 +30,13 @@ TOKENIZER = WordTokenizer.build([" ".join(WORDS) + " . , ! ?"])
 PROMPTS = [[2, 10, 11, 12], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 30], [2, 40, 41, 42, 43, 44]]
 
 
+def _chunks(model: ModelConfig, layout: runtime.ParallelLayout) -> list:
+    """The model's chunks, its biases (if any) random: steerlm's initialisation zeroes them."""
+    chunks = build_model_chunks(model, PrecisionConfig(), layout, seed=7)
+    randomize_biases(chunks, layout)
+    return chunks
+
+
 def _generator(
     layout: runtime.ParallelLayout,
     stop_ids=(),
@@ -38,7 +45,7 @@ def _generator(
     model: ModelConfig = TEST_MODEL,
     prefill_tokens: int = PREFILL_TOKENS,
 ) -> Generator:
-    chunks = build_model_chunks(model, PrecisionConfig(), layout, seed=7)
+    chunks = _chunks(model, layout)
     limit = limit or model.max_position_embeddings
     return Generator(chunks, TOKENIZER, layout, limit, stop_ids, decoder, prefill_tokens=prefill_tokens)
 
@@ -59,11 +66,14 @@ def generator(layout) -> Generator:
     return _generator(layout)
 
 
-# Both decoders on the shapes the lean one must reproduce: GQA, tied embeddings with MHA, Llama-3 RoPE scaling.
+# Both decoders on the shapes the lean one must reproduce: GQA, tied embeddings with MHA, Llama-3 RoPE scaling,
+# Qwen2's query/key/value biases, biases on every linear layer (random: `_chunks`).
 SHAPES = {
     "gqa": TEST_MODEL,
     "tied_mha": replace(TEST_MODEL, share_embeddings_and_output_weights=True, num_query_groups=None),
     "llama3_rope": replace(TEST_MODEL, rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000),
+    "qkv_bias": replace(TEST_MODEL, add_qkv_bias=True),
+    "biased": replace(TEST_MODEL, add_bias_linear=True),
 }
 
 
@@ -84,7 +94,7 @@ def test_kv_cache_greedy_equals_recompute_loop_for_a_batch_of_different_lengths(
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, shape: str) -> None:
-    chunk = build_model_chunks(SHAPES[shape], PrecisionConfig(), layout, seed=7)[0].eval()
+    chunk = _chunks(SHAPES[shape], layout)[0].eval()
     tokens = torch.tensor([PROMPTS[1], PROMPTS[1][::-1]])
     lean, reference = LeanDecoder(chunk, layout, 32), MegatronDecoder(chunk, layout, 32)
     with runtime.inference():
@@ -95,12 +105,15 @@ def test_lean_decoder_logits_equal_megatron_decoder_logits_step_by_step(layout, 
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
 
 
-def test_models_outside_the_llama_and_nemotron_families_use_megatrons_decoder(layout) -> None:
-    biased = replace(TEST_MODEL, add_bias_linear=True)
-    assert _generator(layout, model=biased).decoder is MegatronDecoder
-    with pytest.raises(ValueError, match="linear layers have biases"):
-        _generator(layout, model=biased, decoder="lean")
-    completion = _generator(layout, model=biased).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=5)])[0]
+LEARNED_POSITIONS = replace(TEST_MODEL, position_embedding_type=PositionEmbedding.learned_absolute)
+
+
+def test_models_the_lean_loop_cannot_run_use_megatrons_decoder(layout) -> None:
+    learned = LEARNED_POSITIONS
+    assert _generator(layout, model=learned).decoder is MegatronDecoder
+    with pytest.raises(ValueError, match="position embeddings are not"):
+        _generator(layout, model=learned, decoder="lean")
+    completion = _generator(layout, model=learned).generate(PROMPTS[:1], [SamplingParams(max_new_tokens=5)])[0]
     assert len(completion.token_ids) == 5
     gelu = replace(TEST_MODEL, activation=Activation.gelu, ffn_hidden_size=256)  # an ungated MLP: lean runs it
     assert _generator(layout, model=gelu).decoder is LeanDecoder
@@ -213,9 +226,9 @@ def test_what_pipelined_generation_cannot_run_and_sequence_parallel_are_refused(
         Generator(chunks * 2, TOKENIZER, pp2, 128, ())
     with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*decoder=megatron was chosen"):
         Generator(chunks, TOKENIZER, pp2, 128, (), decoder="megatron")
-    biased = build_model_chunks(replace(TEST_MODEL, add_bias_linear=True), PrecisionConfig(), layout, seed=7)
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*cannot run this model: linear layers have"):
-        Generator(biased, TOKENIZER, pp2, 128, ())
+    learned = build_model_chunks(LEARNED_POSITIONS, PrecisionConfig(), layout, seed=7)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size.*cannot run this model: position embeddings"):
+        Generator(learned, TOKENIZER, pp2, 128, ())
     with pytest.raises(ConfigError, match="sequence_parallel"):
         Generator(chunks, TOKENIZER, dataclasses.replace(layout, sequence_parallel=True), 128, ())
 
@@ -250,9 +263,12 @@ def _run(tp: int, pp: int = 1, shape: str = "gqa", prefill_tokens: int = PREFILL
 
 
 @pytest.mark.slow
-def test_tp2_generates_what_tp1_generates() -> None:
-    tp1 = run_distributed(_run, 1, 1)[0]
-    tp2 = run_distributed(_run, 2, 2)
+@pytest.mark.parametrize("shape", ["gqa", "biased"])
+def test_tp2_generates_what_tp1_generates(shape: str) -> None:
+    """`biased`: each rank adds its slice of the column-parallel layers' biases before the activation and the whole
+    bias of a row-parallel layer once, after the ranks' partial products are summed."""
+    tp1 = run_distributed(_run, 1, 1, 1, shape)[0]
+    tp2 = run_distributed(_run, 2, 2, 1, shape)
     logprobs = {run: [out.pop(f"{d}_logprobs") for d in ("lean", "megatron")] for run, out in enumerate([tp1, *tp2])}
     assert tp2[0] == tp2[1], "both tensor-parallel ranks hold the same tokens"
     assert tp2[0] == tp1

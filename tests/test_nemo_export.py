@@ -46,6 +46,8 @@ from tests.nemo_archives import (
     nemo_tensors,
     nemotron,
     nemotron_config,
+    qwen2,
+    qwen2_config,
     sentencepiece_model,
     to_tar,
     write_distributed,
@@ -191,23 +193,26 @@ def test_export_holds_nemos_tensors_and_imports_back(layout, llama, sources, tmp
         torch.testing.assert_close(logits, llama(tokens).logits, rtol=0, atol=1e-4)
 
 
-def test_a_nemotron_exports_as_layernorm1p_with_nemos_tensors(layout, tmp_path: Path) -> None:
-    """A Nemotron imported from an archive written from transformers' NemotronForCausalLM exports back with NeMo's
-    keys (the zero-centred norms' weights and biases fused into the linears, as TE's spec holds them), NeMo's
-    `layernorm1p` / `squared-relu` / `rotary_percentage`, and imports again with the source's logits."""
-    source = nemotron()
+@pytest.mark.parametrize("family", ["nemotron", "qwen2"])
+def test_nemotron_and_qwen2_export_with_nemos_tensors_and_keys(layout, tmp_path: Path, family: str) -> None:
+    """A Nemotron (Qwen2) imported from an archive written from transformers' NemotronForCausalLM (Qwen2ForCausalLM)
+    exports back with NeMo's keys (the zero-centred norms' weights and biases fused into the linears, as TE's spec
+    holds them; Qwen2's q/k/v biases in `linear_qkv.bias`), NeMo's `layernorm1p` / `squared-relu` /
+    `rotary_percentage` (`qkv_bias`), and imports again with the source's logits."""
+    source, config_of = (nemotron(), nemotron_config) if family == "nemotron" else (qwen2(), qwen2_config)
     full = nemo_tensors(source, True, False)
-    import_nemo(to_tar(write_distributed(tmp_path / "src", full, nemotron_config())), tmp_path / "lm", layout)
+    import_nemo(to_tar(write_distributed(tmp_path / "src", full, config_of())), tmp_path / "lm", layout)
     convert(_convert(tmp_path / "lm", tmp_path / "lm.nemo"), layout)
     tensors, expected = _read_archive(tmp_path / "lm.nemo", full, tmp_path / "x"), _expected(full)
-    assert sorted(tensors) == sorted(expected) and any("layer_norm_bias" in key for key in expected)
+    assert sorted(tensors) == sorted(expected)
+    assert any(("layer_norm_bias" if family == "nemotron" else "linear_qkv.bias") in key for key in expected)
     assert all(torch.equal(tensors[key], tensor) for key, tensor in expected.items())
     config = _config(tmp_path / "lm.nemo")
-    assert (config["normalization"], config["activation"], config["rotary_percentage"]) == (
-        "layernorm1p",
-        "squared-relu",
-        0.5,
+    wanted = (
+        ("layernorm1p", "squared-relu", 0.5, False) if family == "nemotron" else ("rmsnorm", "fast-swiglu", 1.0, True)
     )
+    assert (config["normalization"], config["activation"], config["rotary_percentage"], config["qkv_bias"]) == wanted
+    assert config["bias"] is False
     import_nemo(tmp_path / "lm.nemo", tmp_path / "back", layout)
     loaded = load_generator(str(tmp_path / "back"), layout, PrecisionConfig())
     tokens = _tokens()

@@ -2,8 +2,9 @@
 megatron's torch_dist distributed checkpoint), written at TP=2 from a tiny Hugging Face Llama with NeMo's key names by
 tests/nemo_archives.py's own mapping, give that Llama's logits once imported at TP=1 and at PP=2; a NeMo-Aligner
 regression reward model's head gives the same scores; a Nemotron-shaped archive (`layernorm1p`, squared ReLU, RoPE on
-half of each head) gives transformers' NemotronForCausalLM's logits, and once imported the lean decoder generates what
-transformers generates; config values, keys and files steerlm cannot represent are refused naming them."""
+half of each head) gives transformers' NemotronForCausalLM's logits and a Qwen2-shaped one (`qkv_bias`)
+Qwen2ForCausalLM's, and once imported the lean decoder generates what transformers generates; config values, keys and
+files steerlm cannot represent are refused naming them."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from tests.nemo_archives import (
     nemo_config,
     nemo_tensors,
     nemotron_config,
+    qwen2_config,
     sentencepiece_model,
     to_tar,
     write_distributed,
@@ -53,6 +55,7 @@ from tests.nemo_archives import (
 )
 from tests.nemo_archives import llama as source_llama
 from tests.nemo_archives import nemotron as source_nemotron
+from tests.nemo_archives import qwen2 as source_qwen2
 
 pytest.importorskip("transformers")
 sentencepiece = pytest.importorskip("sentencepiece")
@@ -108,40 +111,53 @@ def test_archive_loads_at_tp1_with_the_source_logits(layout, llama, archives, ki
     torch.testing.assert_close(_logits(chunks), _source_logits(llama), rtol=0, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def nemotron():
-    return source_nemotron()
+# The shapes NVIDIA's and Alibaba's NeMo models have beyond a Llama's: the source model and the archive's config.
+FAMILIES = {"nemotron": (source_nemotron, nemotron_config), "qwen2": (source_qwen2, qwen2_config)}
 
 
 @pytest.fixture(scope="module")
-def nemotron_archives(layout, nemotron, tmp_path_factory) -> dict[str, Path]:
-    """Nemotron-shaped archives: legacy TP=2 PP=2 (a tar, TE's fused norm names) and distributed TP=2 (a directory,
-    the local spec's norm names); fc1 is squared ReLU's, not gated, so its TP slices are plain row blocks."""
-    root = tmp_path_factory.mktemp("nemotron")
-    legacy = write_legacy(root / "legacy", nemo_tensors(nemotron, True, False), nemotron_config(), pipeline=2)
-    distributed = write_distributed(root / "dist", nemo_tensors(nemotron, False, False), nemotron_config())
-    return {"legacy": to_tar(legacy), "distributed": distributed}
+def family_archives(layout, tmp_path_factory) -> dict[str, tuple]:
+    """Per family, its source model and archives: legacy TP=2 PP=2 (a tar, TE's fused norm names) and distributed
+    TP=2 (a directory, the local spec's norm names). Nemotron's fc1 is squared ReLU's, not gated, so its TP slices
+    are plain row blocks; Qwen2's q/k/v biases are split over TP as the rows of `linear_qkv` are."""
+    out = {}
+    for family, (source_model, config) in FAMILIES.items():
+        source, root = source_model(), tmp_path_factory.mktemp(family)
+        legacy = write_legacy(root / "legacy", nemo_tensors(source, True, False), config(), pipeline=2)
+        distributed = write_distributed(root / "dist", nemo_tensors(source, False, False), config())
+        out[family] = (source, {"legacy": to_tar(legacy), "distributed": distributed})
+    return out
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["legacy", "distributed"])
-def test_nemotron_archive_loads_at_tp1_with_the_source_logits(layout, nemotron, nemotron_archives, kind: str) -> None:
-    model, chunks = _load_at_tp1(nemotron_archives[kind], layout)
-    assert model.layernorm_zero_centered_gamma is True and model.normalization == Normalization.LayerNorm
-    assert model.activation == Activation.squared_relu and model.rotary_percent == 0.5
-    assert not model.add_bias_linear
-    torch.testing.assert_close(_logits(chunks), _source_logits(nemotron), rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["legacy", "distributed"])
-def test_imported_nemotron_generates_what_transformers_generates(
-    layout, nemotron, nemotron_archives, kind: str, tmp_path: Path
+def test_nemotron_and_qwen2_archives_load_at_tp1_with_the_source_logits(
+    layout, family_archives, family: str, kind: str
 ) -> None:
-    """`import_nemo` → a steerlm checkpoint → `load_generator`: greedy decoding in the lean decoder (zero-centred
-    norms with biases, squared ReLU, partial RoPE) continues prompts as transformers' `generate` does, among the
-    tokenizer's ids (steerlm samples only those) and up to the generator's first stop token."""
+    source, archives = family_archives[family]
+    model, chunks = _load_at_tp1(archives[kind], layout)
+    nemotron = family == "nemotron"
+    assert model.layernorm_zero_centered_gamma is nemotron
+    assert model.normalization == (Normalization.LayerNorm if nemotron else Normalization.RMSNorm)
+    assert model.activation == (Activation.squared_relu if nemotron else Activation.swiglu)
+    assert model.rotary_percent == (0.5 if nemotron else 1.0)
+    assert not model.add_bias_linear and model.add_qkv_bias is (family == "qwen2")
+    torch.testing.assert_close(_logits(chunks), _source_logits(source), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["legacy", "distributed"])
+def test_imported_nemotron_and_qwen2_generate_what_transformers_generates(
+    layout, family_archives, family: str, kind: str, tmp_path: Path
+) -> None:
+    """`import_nemo` → a steerlm checkpoint → `load_generator`: greedy decoding in the lean decoder (Nemotron:
+    zero-centred norms with biases, squared ReLU, partial RoPE; Qwen2: q/k/v biases) continues prompts as
+    transformers' `generate` does, among the tokenizer's ids (steerlm samples only those) and up to the generator's
+    first stop token."""
     import transformers
 
-    import_nemo(nemotron_archives[kind], tmp_path / "imported", layout)
+    source, archives = family_archives[family]
+    import_nemo(archives[kind], tmp_path / "imported", layout)
     loaded = load_generator(str(tmp_path / "imported"), layout, PrecisionConfig())
     generator, vocab = loaded.generator, loaded.tokenizer.vocab_size
     assert lean_unsupported(generator.model) is None and generator.decoder is LeanDecoder
@@ -152,7 +168,7 @@ def test_imported_nemotron_generates_what_transformers_generates(
     )
     for prompt, completion in zip(prompts, completions):
         with torch.no_grad():
-            theirs = nemotron.generate(torch.tensor([prompt]), generation_config=greedy)[0, len(prompt) :].tolist()
+            theirs = source.generate(torch.tensor([prompt]), generation_config=greedy)[0, len(prompt) :].tolist()
         stop = next((i for i, token in enumerate(theirs) if token in generator.stop_token_ids), len(theirs))
         assert completion.token_ids == theirs[:stop], (prompt, theirs)
     assert sum(len(completion.token_ids) for completion in completions) >= 8
@@ -173,7 +189,8 @@ def test_reward_head_scores_equal_the_source_head(layout, llama, archives, kind:
 
 
 def test_model_tensor_names_are_the_built_models(layout) -> None:
-    for model in (ModelConfig(), replace(ModelConfig(), normalization=Normalization.LayerNorm, add_bias_linear=True)):
+    biased = replace(ModelConfig(), normalization=Normalization.LayerNorm, add_bias_linear=True)
+    for model in (ModelConfig(), biased, replace(ModelConfig(), add_qkv_bias=True)):
         chunks = build_model_chunks(model, PrecisionConfig(), layout, seed=0)
         assert sorted(model_tensor_names(model)) == sorted(name for name, _ in named_global_parameters(chunks))
 

@@ -162,6 +162,9 @@ class ModelConfig:
     rope_scaling_factor: float = 8.0
     share_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = False
+    # Biases on the query, key and value projections alone (megatron's `add_qkv_bias`, NeMo's `qkv_bias`): Qwen2's
+    # attention. `add_bias_linear` puts biases on every linear layer, these included.
+    add_qkv_bias: bool = False
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -198,7 +201,11 @@ class ModelConfig:
         attention = h * (q + kv) + q * h
         mlp = h * ffn * (3 if self.activation == Activation.swiglu else 2)
         bias = (
-            (q + kv + h + ffn * (2 if self.activation == Activation.swiglu else 1) + h) if self.add_bias_linear else 0
+            (q + kv + h + ffn * (2 if self.activation == Activation.swiglu else 1) + h)
+            if self.add_bias_linear
+            else q + kv
+            if self.add_qkv_bias
+            else 0
         )
         norms_per_layer = 2 * h * (2 if self.normalization == Normalization.LayerNorm else 1)
         layer = attention + mlp + bias + norms_per_layer
@@ -604,8 +611,9 @@ MODEL_SHAPE_FIELDS = (
     "position_embedding_type",
     "share_embeddings_and_output_weights",
     "add_bias_linear",
+    "add_qkv_bias",
 )
-MODEL_FIELDS_ADDED = {"layernorm_zero_centered_gamma": False}
+MODEL_FIELDS_ADDED = {"layernorm_zero_centered_gamma": False, "add_qkv_bias": False}
 
 
 def written_model_field(written: Mapping[str, Any], name: str) -> Any:

@@ -13,7 +13,8 @@ forward pass as the prefill.
   under inference mode): on 2 CPU cores a step of the 2-layer tiny model took 2.6 ms at batch 32 against HF
   transformers' 2.0 ms; the lean loop does the same math in fewer ops (`bench/generate_throughput.py` gives
   the figures). It covers the Llama and Nemotron families (RMSNorm or LayerNorm, zero-centred or not; SwiGLU or an
-  ungated activation such as squared ReLU; RoPE on all or part of each head; no biases, no QK norm) built with
+  ungated activation such as squared ReLU; RoPE on all or part of each head; linear layers with or without biases,
+  Qwen2's on the query, key and value projections alone; no QK norm) built with
   megatron's local layers or with Transformer Engine's (whose input norms are fused into `linear_qkv` /
   `linear_fc1`).
 - `MegatronDecoder`: megatron-core's own forward with its static inference context, which holds rows at one
@@ -195,10 +196,7 @@ def lean_unsupported(model: GPTModel) -> str | None:
     if config.apply_residual_connection_post_layernorm or config.fp32_residual_connection:
         return "residual connections are not the plain pre-norm ones"
     for layer in model.decoder.layers:
-        attention, mlp = layer.self_attention, layer.mlp
-        linears = (attention.linear_qkv, attention.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
-        if any(linear_bias(m) is not None for m in linears):
-            return "linear layers have biases"
+        attention = layer.self_attention
         if not all(
             isinstance(getattr(attention, n, None), (IdentityOp, type(None))) for n in ("q_layernorm", "k_layernorm")
         ):
@@ -400,12 +398,21 @@ class LeanDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * positions.cos + rotated * positions.sin
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, at: tuple[int, str], rows: AdapterRows | None):
-        """x W^T, plus the update of each adapted row's adapter (`rows`; None: no row has one)."""
+    def _linear(
+        self, x: torch.Tensor, module: torch.nn.Module, at: tuple[int, str], rows: AdapterRows | None, parallel: str
+    ) -> torch.Tensor:
+        """x W^T, plus the update of each adapted row's adapter (`rows`; None: no row has one), plus the bias. A
+        `parallel="row"` layer's partial products are summed over the TP ranks before its (whole) bias is added, as
+        megatron's RowParallelLinear does; a column-parallel layer's bias is this rank's slice of it."""
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
         out = linear(x, weight)
         if rows is not None and self.adapters is not None:
             out = self.adapters.add(out, x, *at, rows)
-        return out
+        if parallel == "row":
+            out = self._reduce(out)
+        bias = linear_bias(module)
+        return out if bias is None else out + bias
 
     def _attention(
         self,
@@ -418,7 +425,7 @@ class LeanDecoder:
         attention, index = layer.self_attention, layer.layer_number - 1
         n = x.shape[1]
         query, key, value = split_qkv_heads(
-            self._linear(x, attention.linear_qkv.weight, (index, "linear_qkv"), rows),
+            self._linear(x, attention.linear_qkv, (index, "linear_qkv"), rows, "column"),
             self.heads,
             self.groups,
             self.head_dim,
@@ -436,18 +443,18 @@ class LeanDecoder:
             scale=getattr(attention.core_attention, "softmax_scale", None),
         )
         context = context.transpose(1, 2).reshape(x.shape[0], n, self.heads * self.head_dim)
-        return self._reduce(self._linear(context, attention.linear_proj.weight, (index, "linear_proj"), rows))
+        return self._linear(context, attention.linear_proj, (index, "linear_proj"), rows, "row")
 
     def _mlp(self, layer, x: torch.Tensor, rows: AdapterRows | None = None) -> torch.Tensor:
         """megatron's MLP: `act(gate) * up` with a gated unit (SwiGLU), else `act(fc1 x)` (Nemotron's squared ReLU)."""
         mlp, index, config = layer.mlp, layer.layer_number - 1, self.model.config
-        inner = self._linear(x, mlp.linear_fc1.weight, (index, "linear_fc1"), rows)
+        inner = self._linear(x, mlp.linear_fc1, (index, "linear_fc1"), rows, "column")
         if config.gated_linear_unit:
             gate, up = split_fc1(inner, dim=-1)
             inner = config.activation_func(gate) * up
         else:
             inner = config.activation_func(inner)
-        return self._reduce(self._linear(inner, mlp.linear_fc2.weight, (index, "linear_fc2"), rows))
+        return self._linear(inner, mlp.linear_fc2, (index, "linear_fc2"), rows, "row")
 
     def _hidden(
         self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None

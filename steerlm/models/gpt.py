@@ -61,6 +61,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         activation_func=activation,
         gated_linear_unit=gated,
         add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,

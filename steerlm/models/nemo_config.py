@@ -125,8 +125,7 @@ def nemo_model(config: Mapping[str, Any], source: str, embedding_rows: int, name
     if keys.get("openai_gelu", False):
         keys.refuse("openai_gelu", True, "(tanh-approximated GELU) is not steerlm's exact GELU")
     add_bias = bool(keys.get("bias", True))
-    if keys.get("qkv_bias", False) and not add_bias:
-        keys.refuse("qkv_bias", True, "without bias=true: steerlm has biases on every linear layer or on none")
+    qkv_bias = bool(keys.get("qkv_bias", False)) and not add_bias  # Qwen2's; `bias` puts biases there too
     heads = keys.required("num_attention_heads")
     groups = keys.get("num_query_groups")
     model = ModelConfig(
@@ -156,6 +155,7 @@ def nemo_model(config: Mapping[str, Any], source: str, embedding_rows: int, name
         **_rope_scaling(keys),
         share_embeddings_and_output_weights=_tied(keys),
         add_bias_linear=add_bias,
+        add_qkv_bias=qkv_bias,
         init_method_std=keys.number("init_method_std", keys.get("init_method_std", 0.02), float),
         hidden_dropout=keys.number("hidden_dropout", keys.get("hidden_dropout", 0.1), float),
         attention_dropout=keys.number("attention_dropout", keys.get("attention_dropout", 0.1), float),
@@ -360,6 +360,7 @@ def nemo_model_config(
         "layernorm_epsilon": model.layernorm_epsilon,
         "activation": activation,
         "bias": model.add_bias_linear,
+        "qkv_bias": model.add_qkv_bias,
         "share_embeddings_and_output_weights": model.share_embeddings_and_output_weights and reward_head is None,
         "make_vocab_size_divisible_by": multiple or model.make_vocab_size_divisible_by,
         "init_method_std": model.init_method_std,

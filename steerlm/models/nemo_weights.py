@@ -150,6 +150,8 @@ def model_tensor_names(model: ModelConfig, head: bool = False) -> list[str]:
         names.append("embedding.position_embeddings.weight")
     per_layer = [f"{n}.{p}" for n in ("input_layernorm", "pre_mlp_layernorm") for p in norm]
     per_layer += [f"{n}.{p}" for n in _LINEARS for p in linear]
+    if model.add_qkv_bias and not model.add_bias_linear:  # Qwen2's
+        per_layer.insert(per_layer.index("self_attention.linear_qkv.weight") + 1, "self_attention.linear_qkv.bias")
     names += [f"decoder.layers.{i}.{name}" for i in range(model.num_layers) for name in per_layer]
     names += [f"decoder.final_layernorm.{p}" for p in norm]
     if not model.share_embeddings_and_output_weights:
