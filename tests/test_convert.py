@@ -360,7 +360,7 @@ def _edit_config(directory: Path, **changes) -> None:
 def test_bad_inputs_are_refused_naming_the_tensor_or_key(layout, checkpoints: dict, tmp_path: Path) -> None:
     source = checkpoints["export"]
     cases = {
-        "architecture": ({"architectures": ["MistralForCausalLM"]}, "input", "MistralForCausalLM"),
+        "architecture": ({"architectures": ["Qwen3ForCausalLM"]}, "input", "Qwen3ForCausalLM"),
         "vocabulary": ({"vocab_size": 50}, "input", "but config.json's vocab_size is 50"),
         "missing": ({}, "input", "model.layers.1.mlp.up_proj.weight"),
     }

@@ -39,7 +39,7 @@ from steerlm.stages.convert import convert
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
 from steerlm.training.init_from import load_init_weights, resolve_init_source
-from tests.conftest import NEMOTRON_MODEL, TEST_MODEL
+from tests.conftest import NEMOTRON_MODEL, QWEN2_MODEL, TEST_MODEL, randomize_biases
 from tests.multiproc import run_distributed
 from tests.recipe_runner import TORCHRUN_2, run_recipe, summary, train_losses
 from tests.test_convert import SCHEMA, TEXTS
@@ -87,8 +87,9 @@ def test_adapters_start_as_the_base_model_and_train_alone(layout) -> None:
         (TEST_MODEL, ["linear_qkv"]),
         (TEST_MODEL, ["linear_proj", "linear_fc2"]),
         (NEMOTRON_MODEL, list(LORA.targets)),  # an ungated fc1: PEFT adapts `up_proj` alone
+        (QWEN2_MODEL, ["linear_qkv"]),  # the adapters beside q/k/v_proj's random biases
     ],
-    ids=["llama-all", "llama-qkv", "llama-proj-fc2", "nemotron-all"],
+    ids=["llama-all", "llama-qkv", "llama-proj-fc2", "nemotron-all", "qwen2-qkv"],
 )
 def test_adapted_logits_equal_peft_lora_on_the_hf_model(layout, model: ModelConfig, targets: list[str]) -> None:
     transformers = pytest.importorskip("transformers")
@@ -96,6 +97,7 @@ def test_adapted_logits_equal_peft_lora_on_the_hf_model(layout, model: ModelConf
     cfg = replace(LORA, targets=targets)
     chunk = _adapted(layout, cfg, model)
     _randomise_b(chunk)
+    randomize_biases([chunk], layout)
     full = {name: param.detach() for name, param in named_global_parameters([chunk])}
     base = {name: tensor for name, tensor in full.items() if not lora.is_adapter(name)}
     fields = hf_config_dict(model)

@@ -106,5 +106,5 @@ def test_hf_mapping_refuses_non_llama_shapes(change: dict) -> None:
         "normalization": Normalization(change.get("normalization", "RMSNorm")),
         "add_bias_linear": change.get("add_bias_linear", False),
     }
-    with pytest.raises(ValueError, match="is neither an HF Llama"):
+    with pytest.raises(ValueError, match="is not an HF Llama"):
         hf_config_dict(replace(TINY, **values))

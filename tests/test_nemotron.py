@@ -139,7 +139,7 @@ def test_hf_architecture_is_told_by_the_norm_the_activation_and_the_rope(layout)
         {"normalization": Normalization.RMSNorm},
         {"rope_scaling": True},
     ):
-        with pytest.raises(ValueError, match="neither an HF Llama .* nor an HF Nemotron"):
+        with pytest.raises(ValueError, match="not an HF Llama .* nor an HF Nemotron"):
             hf_architecture(replace(NEMOTRON_MODEL, **change))
 
 

@@ -1,11 +1,14 @@
-"""Hugging Face Llama / Nemotron <-> megatron GPTModel: configuration and full (unsharded) weight mapping.
+"""Hugging Face Llama / Nemotron / Qwen2 / Mistral <-> megatron GPTModel: configuration and full (unsharded) weight
+mapping.
 
-Two HF architectures compute exactly what a steerlm model can: Llama (RMSNorm, SwiGLU, RoPE on every channel,
-optionally Llama-3.1's frequency scaling) and Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm whose weights
-are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU MLP, RoPE on
-a share of each head's channels); neither with biases. `hf_architecture` tells which a `ModelConfig` is.
+Four HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
+every channel, optionally Llama-3.1's frequency scaling), Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm
+whose weights are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU
+MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`) and
+Mistral (a Llama whose layers may attend to a sliding window: imported with that many positions, exported as the
+Llama it computes). `hf_architecture` tells which a `ModelConfig` is exported as.
 
-Megatron packs attention as one `linear_qkv` whose rows are grouped per query group
+Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
 ([q heads of the group, k, v] x groups) and the SwiGLU MLP as one `linear_fc1` = [gate; up]; HF keeps
 separate q/k/v and gate/up projections (Nemotron's `up_proj` is the ungated `linear_fc1` as it is). Both use
 non-interleaved ("rotate half") RoPE, so no permutation of heads is needed. Vocabulary padding rows are dropped on
@@ -30,7 +33,7 @@ from steerlm.errors import ConfigError
 from steerlm.megatron_compat import pack_qkv, split_fc1, split_qkv
 from steerlm.models.sharding import TIED_EMBEDDING
 
-# Per-layer tensors that map one to one in both architectures: megatron name (after `decoder.layers.N.`) → HF name
+# Per-layer tensors that map one to one in every architecture: megatron name (after `decoder.layers.N.`) → HF name
 # (after `model.layers.N.`); `_layer_copies` adds a LayerNorm's biases and an ungated fc1.
 _LAYER_COPIES = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -59,50 +62,73 @@ _VOCABULARY = (TIED_EMBEDDING, "output_layer.weight")
 
 @dataclass(frozen=True)
 class HFArchitecture:
-    """An HF model family a steerlm model maps to exactly: its name, `model_type` and its two classes."""
+    """An HF model family a steerlm model maps to exactly: its name, `model_type`, its two classes, and the layers
+    it is built from (what `model.*` must say for the mapping to compute the same function)."""
 
     name: str
     model_type: str
     causal_lm: str
     sequence_classifier: str  # a regression APM: the head is `score`
+    normalization: Normalization = Normalization.RMSNorm
+    zero_centered: bool = False  # norm weights stored centred on zero (`model.layernorm_zero_centered_gamma`)
+    activation: Activation = Activation.swiglu
+    hidden_act: str = "silu"  # config.json's name of `activation`
+    qkv_bias: bool = False  # biases on q/k/v_proj alone (`model.add_qkv_bias`)
+    partial_rope: bool = False  # RoPE on a share of each head (`partial_rotary_factor`); else on every channel
+    llama3_rope: bool = False  # Llama-3.1's frequency scaling may be on (`rope_scaling.rope_type: llama3`)
+    exported: bool = True  # steerlm writes this family (Mistral computes what a Llama does: it is exported as one)
 
 
-LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification")
-NEMOTRON = HFArchitecture("Nemotron", "nemotron", "NemotronForCausalLM", "NemotronForSequenceClassification")
-HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON)}
+LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
+NEMOTRON = HFArchitecture(
+    "Nemotron",
+    "nemotron",
+    "NemotronForCausalLM",
+    "NemotronForSequenceClassification",
+    normalization=Normalization.LayerNorm,
+    zero_centered=True,
+    activation=Activation.squared_relu,
+    hidden_act="relu2",
+    partial_rope=True,
+)
+QWEN2 = HFArchitecture("Qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True)
+MISTRAL = HFArchitecture("Mistral", "mistral", "MistralForCausalLM", "MistralForSequenceClassification", exported=False)
+HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, MISTRAL)}
 
 
 def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
     """What `family` cannot express of `model` (the mapping would silently be wrong)."""
-    llama = family == LLAMA
     wanted = {
-        "normalization": Normalization.RMSNorm if llama else Normalization.LayerNorm,
-        "layernorm_zero_centered_gamma": not llama,
-        "activation": Activation.swiglu if llama else Activation.squared_relu,
+        "normalization": family.normalization,
+        "layernorm_zero_centered_gamma": family.zero_centered,
+        "activation": family.activation,
         "position_embedding_type": PositionEmbedding.rope,
         "add_bias_linear": False,
+        "add_qkv_bias": family.qkv_bias,
     }
     problems = [
         f"{name} must be {value.value if isinstance(value, Enum) else str(value).lower()}"
         for name, value in wanted.items()
         if getattr(model, name) != value
     ]
-    if llama and model.rotary_percent != 1.0:
+    if not family.partial_rope and model.rotary_percent != 1.0:
         problems.append("rotary_percent must be 1.0")
-    if not llama and model.rope_scaling:
+    if not family.llama3_rope and model.rope_scaling:
         problems.append("rope_scaling must be false")
     return problems
 
 
 def hf_architecture(model: ModelConfig) -> HFArchitecture:
-    """The HF architecture that computes what `model` computes; ValueError naming what neither can express."""
-    found = {family.model_type: _problems(model, family) for family in HF_ARCHITECTURES.values()}
-    for model_type, problems in found.items():
-        if not problems:
-            return HF_ARCHITECTURES[model_type]
+    """The HF architecture steerlm exports `model` as (the one that computes what it computes); ValueError naming
+    what none can express."""
+    exported = [family for family in HF_ARCHITECTURES.values() if family.exported]
+    found = {family.name: _problems(model, family) for family in exported}
+    for family in exported:
+        if not found[family.name]:
+            return family
     raise ValueError(
-        f"model {model.name!r} is neither an HF Llama ({'; '.join(found['llama'])}) nor an HF Nemotron "
-        f"({'; '.join(found['nemotron'])})"
+        f"model {model.name!r} is not an HF "
+        + " nor an HF ".join(f"{name} ({'; '.join(problems)})" for name, problems in found.items())
     )
 
 
@@ -122,16 +148,22 @@ def hf_config_dict(model: ModelConfig) -> dict:
         "max_position_embeddings": model.max_position_embeddings,
         "rope_theta": float(model.rotary_base),
         "tie_word_embeddings": model.share_embeddings_and_output_weights,
-        "attention_bias": False,
-        "mlp_bias": False,
+        "hidden_act": family.hidden_act,
     }
+    if family == QWEN2:  # its q/k/v biases are the architecture's, no key; every layer attends to every position
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=model.num_layers)
+    else:
+        config.update(attention_bias=False, mlp_bias=False)
     if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
-        config.update(norm_eps=model.layernorm_epsilon, hidden_act="relu2", partial_rotary_factor=model.rotary_percent)
+        config.update(norm_eps=model.layernorm_epsilon, partial_rotary_factor=model.rotary_percent)
         return config
-    config.update(rms_norm_eps=model.layernorm_epsilon, hidden_act="silu")
+    config["rms_norm_eps"] = model.layernorm_epsilon
     if model.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_SCALING}
     return config
+
+
+_QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")  # the bias: Qwen2's
 
 
 def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...]:
@@ -178,9 +210,10 @@ def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, model: ModelConfig) 
     copies = _layer_copies(model)
     if rest in copies:
         return [(prefix + copies[rest], tensor)]
-    if rest == "self_attention.linear_qkv.weight":
+    if rest in _QKV:
         q, k, v = _split_qkv(tensor, model)
-        return [(f"{prefix}self_attn.{part}_proj.weight", value) for part, value in zip("qkv", (q, k, v))]
+        kind = rest.rsplit(".", 1)[1]
+        return [(f"{prefix}self_attn.{part}_proj.{kind}", value) for part, value in zip("qkv", (q, k, v))]
     if rest == "mlp.linear_fc1.weight":
         gate, up = split_fc1(tensor)
         return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
@@ -251,7 +284,7 @@ def megatron_to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[st
 def megatron_names(model: ModelConfig) -> list[str]:
     """Global names of the GPTModel's parameters (megatron's local layer spec), as `megatron_to_hf` reads
     them: the embedding, the layers in order, the final norm and (untied) the output layer."""
-    fused = ["self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]
+    fused = [*_QKV[: 2 if model.add_qkv_bias else 1], "mlp.linear_fc1.weight"]
     per_layer = list(dict.fromkeys([*_layer_copies(model), *fused]))  # an ungated fc1 is a copy already
     layers = [f"decoder.layers.{layer}.{name}" for layer in range(model.num_layers) for name in per_layer]
     output = [] if model.share_embeddings_and_output_weights else ["output_layer.weight"]
@@ -267,6 +300,7 @@ def megatron_shapes(model: ModelConfig, num_attributes: int | None = None) -> di
         "self_attention.linear_proj.weight": (h, attention),
         "mlp.linear_fc2.weight": (h, ffn),
         "self_attention.linear_qkv.weight": (attention + 2 * model.query_groups * model.head_dim, h),
+        "self_attention.linear_qkv.bias": (attention + 2 * model.query_groups * model.head_dim,),
         "mlp.linear_fc1.weight": ((2 if _gated(model) else 1) * ffn, h),
     }
     shapes: dict[str, tuple[int, ...]] = {}
@@ -340,8 +374,9 @@ def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> t
     copies = _layer_copies(model)
     if rest in copies:
         return hf[prefix + copies[rest]]
-    if rest == "self_attention.linear_qkv.weight":
-        q, k, v = (hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv")
+    if rest in _QKV:
+        kind = rest.rsplit(".", 1)[1]
+        q, k, v = (hf[f"{prefix}self_attn.{p}_proj.{kind}"] for p in "qkv")
         return _pack_qkv(q, k, v, model)
     if rest == "mlp.linear_fc1.weight":
         return torch.cat([hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"]])
@@ -394,9 +429,18 @@ def _rope(hf: dict) -> tuple[float, dict]:
     return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), scaling
 
 
+def attention_window(hf: dict) -> int | None:
+    """The positions a sliding-window layer attends to (Mistral's `sliding_window`; Qwen2's under
+    `use_sliding_window`, or transformers 5's `layer_types`), None when every layer attends to every position.
+    steerlm attends to all of them: the same function on sequences of up to that many tokens."""
+    types = hf.get("layer_types")
+    sliding = "sliding_attention" in types if types is not None else hf.get("use_sliding_window", True)
+    return hf.get("sliding_window") if sliding else None
+
+
 def hf_model_fields(hf: dict, key: str, location: str) -> dict:
-    """The `model.*` fields an HF Llama or Nemotron config.json determines (`num_query_groups`/`kv_channels`
-    explicit, and the family's norm, activation and RoPE share).
+    """The `model.*` fields an HF Llama, Nemotron, Qwen2 or Mistral config.json determines (`num_query_groups`/
+    `kv_channels` explicit, and the family's norm, activation, biases and RoPE share).
 
     `key`/`location`: the config key that named the directory and its value, for the ConfigError of a model
     `model.*` cannot describe at all (another architecture, other RoPE scaling, biases).
@@ -404,14 +448,14 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
     rope_theta, scaling = _rope(hf)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     family = HF_ARCHITECTURES.get(hf.get("model_type", "llama"))
-    activation = "relu2" if family == NEMOTRON else "silu"
     unsupported = [f"model_type={hf.get('model_type')!r}"] if family is None else []
+    family = family or LLAMA
     unsupported += [
         f"{name}={hf.get(name)!r}"
-        for name, expected in (("hidden_act", activation), ("attention_bias", False), ("mlp_bias", False))
-        if hf.get(name, expected) != expected
+        for name, expected in (("hidden_act", family.hidden_act), ("attention_bias", False), ("mlp_bias", False))
+        if hf.get(name) not in (None, expected)  # transformers 5 writes `attention_bias: null` for Qwen2 and Mistral
     ]
-    llama3 = family == LLAMA and rope_type == "llama3"
+    llama3 = family.llama3_rope and rope_type == "llama3"
     if not (rope_type == "default" or llama3) or (
         llama3 and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
     ):
@@ -421,10 +465,12 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             key,
             location,
             f"holds a model steerlm cannot express ({', '.join(unsupported)})",
-            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling) or a Nemotron "
-            "(zero-centred LayerNorm, squared ReLU, partial RoPE, no biases)",
+            "convert a Llama or Mistral (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling), a Qwen2 (a "
+            "Llama with q/k/v biases, no RoPE scaling) or a Nemotron (zero-centred LayerNorm, squared ReLU, partial "
+            "RoPE, no biases)",
         )
     heads = hf["num_attention_heads"]
+    share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
     fields = {
         "vocab_size": hf["vocab_size"],
         "hidden_size": hf["hidden_size"],
@@ -436,27 +482,17 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
         "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", False),
         "rope_scaling": llama3,
+        # what a config.json leaves implicit, too: the family's layers
+        "normalization": family.normalization,
+        "layernorm_zero_centered_gamma": family.zero_centered,
+        "layernorm_epsilon": hf.get("norm_eps", 1e-5) if family == NEMOTRON else hf["rms_norm_eps"],
+        "activation": family.activation,
+        "add_qkv_bias": family.qkv_bias,
+        "rotary_percent": float(share),
     }
     if llama3:
         fields["rope_scaling_factor"] = float(scaling["factor"])
-    if family == NEMOTRON:
-        share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
-        return {
-            **fields,
-            "normalization": Normalization.LayerNorm,
-            "layernorm_zero_centered_gamma": True,
-            "layernorm_epsilon": hf.get("norm_eps", 1e-5),
-            "activation": Activation.squared_relu,
-            "rotary_percent": float(share),
-        }
-    return {  # what a Llama's config.json leaves implicit, too
-        **fields,
-        "normalization": Normalization.RMSNorm,
-        "layernorm_zero_centered_gamma": False,
-        "layernorm_epsilon": hf["rms_norm_eps"],
-        "activation": Activation.swiglu,
-        "rotary_percent": 1.0,
-    }
+    return fields
 
 
 def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:
@@ -477,3 +513,12 @@ def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> No
                 f"{key}={location} holds an HF {family.name} with {name}={plain!r} (config.json)",
                 f"set model.{name}={plain!r}",
             )
+    window = attention_window(hf)
+    if window is not None and model.max_position_embeddings > window:
+        raise ConfigError(
+            "model.max_position_embeddings",
+            model.max_position_embeddings,
+            f"{key}={location} holds an HF {family.name} whose layers attend to the last {window} positions alone "
+            "(config.json's sliding_window); steerlm's attend to every position, the same only up to that length",
+            f"set model.max_position_embeddings={window} (or less)",
+        )

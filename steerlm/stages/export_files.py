@@ -23,6 +23,7 @@ from steerlm.data.attributes import AttributeSchema
 from steerlm.data.chat_template import attribute_prompt_template, steering_chat_template
 from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.inference.steering import ChatMessage, Steering
+from steerlm.models.hf_llama import hf_architecture
 from steerlm.stages.export_source import ExportSource, ModelKind
 from steerlm.tokenizers import Tokenizer
 from steerlm.tokenizers.export import export_tokenizer
@@ -239,7 +240,9 @@ def model_card(
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [steerlm, llama" + (", reward-model" if source.kind == ModelKind.regression_apm else "") + "]",
+        f"tags: [steerlm, {hf_architecture(source.model).model_type}"
+        + (", reward-model" if source.kind == ModelKind.regression_apm else "")
+        + "]",
         "---",
         "",
         f"# {source.path.parent.parent.name or source.path.name}",
@@ -281,7 +284,7 @@ def model_card(
         lines += [
             f"`logits` are the {len(source.schema.attributes) if source.schema else 0} attribute scores read at the "
             "last token (the label prefix); steerlm's scores are `logits + config.steerlm_score_bias` (the head's "
-            "bias, which LlamaForSequenceClassification has no place for). Pad on the right "
+            f"bias, which {source.architecture} has no place for). Pad on the right "
             "(the tokenizer does).",
         ]
     lines += ["", "See steerlm's docs/deploying.md for transformers, vLLM and TRL/RewardBench commands.", ""]

@@ -1,8 +1,9 @@
-"""A Hugging Face Llama or Nemotron directory → a steerlm checkpoint at any TP/PP (`recipes/convert.py to=steerlm`).
+"""A Hugging Face Llama, Nemotron, Qwen2 or Mistral directory → a steerlm checkpoint at any TP/PP (`recipes/convert.py
+to=steerlm`).
 
-Collective over the layout the checkpoint is written from. A LlamaForCausalLM (NemotronForCausalLM) becomes a
-language model, a LlamaForSequenceClassification (NemotronForSequenceClassification) a regression APM (`score` is its
-head). An export of steerlm's own carries
+Collective over the layout the checkpoint is written from. A `…ForCausalLM` (LlamaForCausalLM, NemotronForCausalLM,
+Qwen2ForCausalLM, MistralForCausalLM) becomes a language model, a `…ForSequenceClassification` a regression APM
+(`score` is its head). An export of steerlm's own carries
 `steerlm/` (the source config, the word vocabulary, the APM head's bias in config.json and its unused
 vocabulary output layer), so export → import gives the same config and bitwise the same weights; another
 tool's model gets a config synthesised from config.json (an APM's schema from `id2label` and `apm_range`).
@@ -39,6 +40,7 @@ from steerlm.models.hf_llama import (
     LLAMA,
     MegatronFromHF,
     SafetensorsWeights,
+    attention_window,
     check_hf_config,
     hf_model_fields,
     read_hf_config,
@@ -103,14 +105,17 @@ def _architecture(hf: dict, location: str) -> str:
 
 
 def _synthesised_model(hf: dict, location: str) -> ModelConfig:
-    """`model.*` of another tool's Llama or Nemotron: the fields config.json determines, defaults left as defaults."""
+    """`model.*` of another tool's model: the fields config.json determines, defaults left as defaults. A model whose
+    layers attend to a sliding window (Mistral-7B-v0.1's 4,096 positions) gets that many positions: within them
+    steerlm's full attention computes what its window does."""
     fields = hf_model_fields(hf, "input", location)
     if fields["num_query_groups"] == fields["num_attention_heads"]:
         fields["num_query_groups"] = None
     if fields["kv_channels"] == fields["hidden_size"] // fields["num_attention_heads"]:
         fields["kv_channels"] = None
     name = Path(location).resolve().name
-    return ModelConfig(name=name, max_position_embeddings=hf["max_position_embeddings"], **fields)
+    positions = min(hf["max_position_embeddings"], attention_window(hf) or hf["max_position_embeddings"])
+    return ModelConfig(name=name, max_position_embeddings=positions, **fields)
 
 
 def _dtype(hf: dict, weights: SafetensorsWeights) -> DType:
@@ -180,7 +185,7 @@ def _steerlm_export(cfg: ConvertConfig, directory: Path, hf: dict, output: Path)
 
 
 def _other_tool(cfg: ConvertConfig, directory: Path, hf: dict, output: Path, architecture: str) -> ImportPlan:
-    """Another tool's Llama or Nemotron: a config synthesised from config.json (and `apm_range` for a reward model)."""
+    """Another tool's model: a config synthesised from config.json (and `apm_range` for a reward model)."""
     model = _synthesised_model(hf, cfg.input)
     weights = SafetensorsWeights(directory)
     precision = PrecisionConfig(dtype=_dtype(hf, weights))
@@ -259,7 +264,7 @@ def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         load_full_parameters(chunks, plan.extras, layout.tp_rank, layout.tp, keep=lambda name: name not in plan.extras)
     except (KeyError, ValueError) as error:
         message = str(error.args[0]) if error.args else str(error)
-        raise ConfigError("input", cfg.input, message, "convert a complete Llama checkpoint of this shape") from None
+        raise ConfigError("input", cfg.input, message, "convert a complete checkpoint of this shape") from None
     output = Path(plan.config.output_dir)
     if layout.is_rank_zero and plan.tokenizer_source is not None:
         copy_tokenizer(plan.tokenizer_source, output / TOKENIZER_DIR)

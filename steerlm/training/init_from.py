@@ -1,11 +1,11 @@
 """Start a run from other weights: `sft.init_from` and `apm.init_from`.
 
 The source is a steerlm run directory or checkpoint (written at any TP/PP layout: a language model from
-`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama or Nemotron directory (`config.json` +
-`*.safetensors`, as `save_pretrained` writes it) or a NeMo 1.x `.nemo` model (the tar or its extracted directory,
-read in place by every rank: `steerlm.models.nemo_weights`). `resolve_init_source` runs before anything is built, so
-a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this layout's shards.
-Only weights move: the optimizer, LR schedule and step start fresh.
+`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama, Nemotron, Qwen2 or Mistral directory
+(`config.json` + `*.safetensors`, as `save_pretrained` writes it) or a NeMo 1.x `.nemo` model (the tar or its
+extracted directory, read in place by every rank: `steerlm.models.nemo_weights`). `resolve_init_source` runs before
+anything is built, so a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this
+layout's shards. Only weights move: the optimizer, LR schedule and step start fresh.
 
 An attribute head is loaded from an APM source of the same schema, refused from an APM of another schema,
 and keeps its fresh initialisation when the source has none (a language model, or HF); an APM source's
@@ -80,8 +80,8 @@ def resolve_init_source(
             key,
             location,
             str(error).split("; ")[0],
-            "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a "
-            "Hugging Face Llama directory (config.json + *.safetensors) or a NeMo .nemo model",
+            "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
+            "Llama, Nemotron, Qwen2 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model",
         ) from None
     written = read_meta(path).model
     for name in SHAPE_FIELDS:
