@@ -258,6 +258,8 @@ PRESET_LAYOUTS = (
     ("llama3_70b", "tp8_pp2", 2, 4096),
     ("nemotron3_8b", "tp8", 4, 4096),
     ("nemotron4_340b", "tp8_pp8", 2, 4096),
+    ("qwen2_5_7b", "tp4", 8, 4096),
+    ("mistral_7b", "tp8", 4, 4096),
 )
 
 

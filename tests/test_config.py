@@ -301,6 +301,8 @@ def _model_fitting(parallel: ParallelConfig) -> ModelConfig:
         ("llama3_2_1b", 1_235_814_400),
         ("nemotron3_8b", 8_540_135_424),  # NemotronForCausalLM's
         ("nemotron4_340b", 341_029_195_776),
+        ("qwen2_5_7b", 7_615_616_512),  # Qwen2ForCausalLM's
+        ("mistral_7b", 7_248_023_552),  # MistralForCausalLM's
     ],
 )
 def test_real_presets_have_the_published_parameter_count(preset: str, parameters: int) -> None:
