@@ -22,9 +22,10 @@ the busiest rank (each model built at the job's layout):
   plus the logits a language model makes (the prefill's at each row's last
   position, in the compute dtype and in fp32 for sampling; a log-probability forward's loss as
   `launchers.memory` counts it in training). Attention's transients are smaller than the MLP's for Llama shapes
-  (`ffn` >= 2.7 x hidden); a chunked prefill holds a chunk's causal mask, and on GPUs grouped-query attention
-  with that mask adds the mask tiled over a group's heads or one layer's keys and values repeated, whichever is
-  less (`working_bytes`).
+  (`ffn` >= 2.7 x hidden, heads x head_dim = hidden; not counted, so under-estimated, where the heads are much wider
+  than the hidden size, as Qwen3's smallest models' are: 2 x hidden at 0.6B); a chunked prefill holds a chunk's
+  causal mask, and on GPUs grouped-query attention with that mask adds the mask tiled over a group's heads or one
+  layer's keys and values repeated, whichever is less (`working_bytes`).
 
 Models a phase holds at once add their weights and caches; their transients do not overlap (one runs at a time).
 Phases that load models one after another (bootstrap: sample, then label, then fine-tune) are reported each, the

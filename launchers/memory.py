@@ -98,9 +98,19 @@ def _norm_parameters(model: ModelConfig) -> int:
     return model.hidden_size * (2 if model.normalization == Normalization.LayerNorm else 1)
 
 
+def _layer_biases(model: ModelConfig, tp: int) -> int:
+    """A TP rank's linear biases of one layer: every layer's (`add_bias_linear`) or q/k/v's alone (`add_qkv_bias`); a
+    column-parallel layer's bias is split like its outputs, a row-parallel one's replicated."""
+    shapes = _linear_shapes(model)
+    names = list(shapes) if model.add_bias_linear else ["linear_qkv"] if model.add_qkv_bias else []
+    return sum(shapes[name][1] // tp if shapes[name][2] else shapes[name][1] for name in names)
+
+
 def _layer_parameters(model: ModelConfig, tp: int) -> int:
     matrices = sum(inputs * outputs for inputs, outputs, _ in _linear_shapes(model).values()) // tp
-    return matrices + 2 * _norm_parameters(model)
+    # Qwen3's QK norms: a weight (and LayerNorm's bias) per head channel, shared by the heads, on every TP rank
+    qk_norms = 2 * model.head_dim * (2 if model.normalization == Normalization.LayerNorm else 1)
+    return matrices + _layer_biases(model, tp) + 2 * _norm_parameters(model) + (qk_norms if model.qk_layernorm else 0)
 
 
 def _layer_adapters(model: ModelConfig, tp: int, lora: LoraConfig) -> int:
@@ -138,7 +148,11 @@ def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parall
     # SwiGLU's linear_fc1 output ([gate; up]), the activation's input and output and the product — an ungated
     # activation (squared ReLU, GELU) keeps its input and output alone
     mlp = 5 * ffn if model.activation == Activation.swiglu else 2 * ffn
-    split = tokens * (3 * h + 3 * kv + mlp)
+    # Qwen3's QK norms (measured on a forward): the query twice (megatron's copy of it out of linear_qkv's output, the
+    # normalised one), the normalised key, and one scalar per head and position for each norm
+    heads = model.num_attention_heads + model.query_groups
+    qk_norms = 2 * model.num_attention_heads * model.head_dim + kv + heads if model.qk_layernorm else 0
+    split = tokens * (3 * h + 3 * kv + mlp + qk_norms)
     return size * (replicated / (tp if sequence_parallel else 1) + split / tp)
 
 
@@ -260,6 +274,7 @@ PRESET_LAYOUTS = (
     ("nemotron4_340b", "tp8_pp8", 2, 4096),
     ("qwen2_5_7b", "tp4", 8, 4096),
     ("mistral_7b", "tp8", 4, 4096),
+    ("qwen3_8b", "tp8", 4, 4096),
 )
 
 

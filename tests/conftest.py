@@ -37,6 +37,8 @@ def as_nemotron(model: ModelConfig) -> ModelConfig:
 NEMOTRON_MODEL = as_nemotron(TEST_MODEL)
 # Qwen2's layers: a Llama's with biases on the query, key and value projections (RoPE base, norm epsilon: Qwen2.5's).
 QWEN2_MODEL = replace(TEST_MODEL, add_qkv_bias=True, rotary_base=1000000, layernorm_epsilon=1e-6)
+# Qwen3's: a norm of each query and key head, heads wider than hidden / heads (Qwen3-0.6B: 1024 / 16 = 64 < 128).
+QWEN3_MODEL = replace(TEST_MODEL, qk_layernorm=True, kv_channels=32, rotary_base=1000000, layernorm_epsilon=1e-6)
 
 
 def randomize_biases(chunks, layout, seed: int = 3, std: float = 0.1) -> None:

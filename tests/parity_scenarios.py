@@ -69,6 +69,7 @@ class Scenario:
     optim: OptimizerConfig = field(default_factory=lambda: ADAM)
     transformer_impl: TransformerImpl = TransformerImpl.local  # transformer_engine: TE layers (CUDA + TE)
     lora: LoraConfig | None = None  # adapters on every linear (B given values, so A has gradients), the rest frozen
+    qwen: bool = False  # Qwen2's q/k/v biases and Qwen3's QK norms (whose gradients megatron sums over TP)
 
     @property
     def reference(self) -> str:
@@ -79,6 +80,7 @@ class Scenario:
             + ("_apm" if self.apm else "")
             + ("_lora" if self.lora else "")
             + ("_dropout" if self.lora and self.lora.dropout else "")
+            + ("_qwen" if self.qwen else "")
         )
 
     @property
@@ -176,7 +178,11 @@ def _full_logits(chunks, layout) -> torch.Tensor:
 def run(scenario: Scenario) -> dict:
     layout = runtime.initialize(scenario.parallel, seed=SEED)
     model_cfg = replace(
-        TINY, share_embeddings_and_output_weights=scenario.tied, transformer_impl=scenario.transformer_impl
+        TINY,
+        share_embeddings_and_output_weights=scenario.tied,
+        transformer_impl=scenario.transformer_impl,
+        add_qkv_bias=scenario.qwen,
+        qk_layernorm=scenario.qwen,
     )
     if scenario.apm:
         chunks = build_attribute_model_chunks(model_cfg, PrecisionConfig(), layout, SEED, APM_ATTRIBUTES)
@@ -240,6 +246,7 @@ REFERENCES = [
     Scenario("untied_sgd_lora", optim=SGD, lora=LORA),
     Scenario("untied_lora", lora=LORA),
     Scenario("untied_sgd_lora_dropout", optim=SGD, lora=LORA_DROPOUT),
+    Scenario("untied_sgd_qwen", optim=SGD, qwen=True),
 ]
 
 

@@ -67,12 +67,14 @@ def generator(layout) -> Generator:
 
 
 # Both decoders on the shapes the lean one must reproduce: GQA, tied embeddings with MHA, Llama-3 RoPE scaling,
-# Qwen2's query/key/value biases, biases on every linear layer (random: `_chunks`).
+# Qwen2's query/key/value biases, Qwen3's QK norms over heads wider than hidden / heads, biases on every linear layer
+# (random: `_chunks`).
 SHAPES = {
     "gqa": TEST_MODEL,
     "tied_mha": replace(TEST_MODEL, share_embeddings_and_output_weights=True, num_query_groups=None),
     "llama3_rope": replace(TEST_MODEL, rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000),
     "qkv_bias": replace(TEST_MODEL, add_qkv_bias=True),
+    "qk_norm": replace(TEST_MODEL, qk_layernorm=True, kv_channels=32),
     "biased": replace(TEST_MODEL, add_bias_linear=True),
 }
 

@@ -35,6 +35,7 @@ LLAMA = replace(
 )
 SINGLE = ParallelConfig()
 NEMOTRON = as_nemotron(LLAMA)  # an ungated MLP (squared ReLU), zero-centred LayerNorm, RoPE on half of each head
+QWEN3 = replace(LLAMA, qk_layernorm=True)  # QK norms
 
 
 def _tokens(rows: int, length: int) -> torch.Tensor:
@@ -76,7 +77,7 @@ def test_kv_cache_and_prefill_match_the_lean_decoder(
     assert step < estimate.working
 
 
-@pytest.mark.parametrize("model", [LLAMA, NEMOTRON], ids=["llama", "nemotron"])
+@pytest.mark.parametrize("model", [LLAMA, NEMOTRON, QWEN3], ids=["llama", "nemotron", "qwen3"])
 def test_scoring_forward_matches_an_apm(layout, model: ModelConfig) -> None:
     """An APM's forward through megatron's layers (annotation, evaluation, the server's scoring): the transient is
     the estimate's within 5 %."""

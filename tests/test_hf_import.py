@@ -111,7 +111,7 @@ def _hf_dir(tmp_path: Path, layout, **changes) -> Path:
             "model.rotary_base",
             "set model.rotary_base=500000",
         ),
-        ({"hidden_act": "gelu"}, "apm.init_from", "convert a Llama or Mistral (RMSNorm, SwiGLU"),
+        ({"hidden_act": "gelu"}, "apm.init_from", "convert a Llama (RMSNorm, SwiGLU"),
     ],
 )
 def test_config_json_that_differs_from_the_model_is_refused(

@@ -52,8 +52,10 @@ def _saved_bytes(chunk: torch.nn.Module, rows: int, length: int) -> int:
         WIDER,
         replace(WIDER, cross_entropy=CrossEntropy.megatron),
         as_nemotron(WIDER),  # Nemotron's layers: LayerNorm, squared ReLU, RoPE on half of each head
+        replace(WIDER, add_qkv_bias=True),  # Qwen2's
+        replace(WIDER, qk_layernorm=True),  # Qwen3's
     ],
-    ids=["tiny", "wider", "megatron-loss", "nemotron"],
+    ids=["tiny", "wider", "megatron-loss", "nemotron", "qwen2", "qwen3"],
 )
 def test_activations_and_parameters_match_a_real_forward(layout, model) -> None:
     rows, length = 2, 64
@@ -175,5 +177,5 @@ def test_dry_run_reports_one_checkpoint_s_size(capsys) -> None:
 def test_preset_table_covers_every_model_preset() -> None:
     table = preset_table()
     presets = ("tiny", "small", "llama3_2_1b", "llama2_7b", "llama3_8b", "llama2_13b", "llama2_70b", "llama3_70b")
-    for preset in (*presets, "nemotron3_8b", "nemotron4_340b", "qwen2_5_7b", "mistral_7b"):
+    for preset in (*presets, "nemotron3_8b", "nemotron4_340b", "qwen2_5_7b", "mistral_7b", "qwen3_8b"):
         assert f"| `{preset}` |" in table

@@ -1,5 +1,6 @@
 """TP=2, PP=2 (also interleaved and with tied embeddings), DP=2 (also with the distributed optimizer), TP=2 with
-sequence parallelism and TP=2 x PP=2 train with the numbers of a 1-rank run, on CPU with gloo.
+sequence parallelism and TP=2 x PP=2 train with the numbers of a 1-rank run, on CPU with gloo (also with Qwen's
+q/k/v biases and QK norms at TP=2, with and without sequence parallelism).
 
 All layouts start from the same seed; layout-independent initialisation must make their weights
 identical, and megatron's schedules, DDP and optimizer must then agree on losses, gradients, grad
@@ -44,6 +45,10 @@ TWO_RANK = [
     Scenario("dp2_sgd_lora", optim=SGD, lora=LORA),
     Scenario("dp2_distributed_optimizer_lora", ParallelConfig(use_distributed_optimizer=True), lora=LORA),
     Scenario("tp2_sgd_lora_dropout", ParallelConfig(tensor_model_parallel_size=2), optim=SGD, lora=LORA_DROPOUT),
+    Scenario("tp2_sgd_qwen", ParallelConfig(tensor_model_parallel_size=2), optim=SGD, qwen=True),
+    Scenario(
+        "tp2_sp_sgd_qwen", ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), optim=SGD, qwen=True
+    ),
 ]
 FOUR_RANK = [
     Scenario("tp2_pp2", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),

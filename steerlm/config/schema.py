@@ -165,6 +165,9 @@ class ModelConfig:
     # Biases on the query, key and value projections alone (megatron's `add_qkv_bias`, NeMo's `qkv_bias`): Qwen2's
     # attention. `add_bias_linear` puts biases on every linear layer, these included.
     add_qkv_bias: bool = False
+    # A norm (`normalization`, `layernorm_epsilon`) over each query and key head before RoPE, one weight per head
+    # channel shared by the heads (megatron's and NeMo's `qk_layernorm`): Qwen3's attention.
+    qk_layernorm: bool = False
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -207,7 +210,8 @@ class ModelConfig:
             if self.add_qkv_bias
             else 0
         )
-        norms_per_layer = 2 * h * (2 if self.normalization == Normalization.LayerNorm else 1)
+        per_norm = 2 if self.normalization == Normalization.LayerNorm else 1  # weight, and LayerNorm's bias
+        norms_per_layer = 2 * h * per_norm + (2 * d * per_norm if self.qk_layernorm else 0)
         layer = attention + mlp + bias + norms_per_layer
         embeddings = vocab * h * (1 if self.share_embeddings_and_output_weights else 2)
         final_norm = h * (2 if self.normalization == Normalization.LayerNorm else 1)
@@ -253,6 +257,13 @@ class ModelConfig:
             self.num_query_groups,
             f"must divide model.num_attention_heads={self.num_attention_heads}",
             "use a divisor of the head count (null for multi-head attention)",
+        )
+        require(
+            not (self.add_qkv_bias and self.add_bias_linear),
+            "model.add_qkv_bias",
+            self.add_qkv_bias,
+            "is implied by model.add_bias_linear=true (biases on every linear layer, q/k/v included)",
+            "set model.add_qkv_bias=false, or model.add_bias_linear=false for biases on q/k/v alone (Qwen2)",
         )
         require(
             0.0 < self.rotary_percent <= 1.0,
@@ -612,8 +623,9 @@ MODEL_SHAPE_FIELDS = (
     "share_embeddings_and_output_weights",
     "add_bias_linear",
     "add_qkv_bias",
+    "qk_layernorm",
 )
-MODEL_FIELDS_ADDED = {"layernorm_zero_centered_gamma": False, "add_qkv_bias": False}
+MODEL_FIELDS_ADDED = {"layernorm_zero_centered_gamma": False, "add_qkv_bias": False, "qk_layernorm": False}
 
 
 def written_model_field(written: Mapping[str, Any], name: str) -> Any:

@@ -35,7 +35,7 @@ def is_nemo_archive(path: Path) -> bool:
 
 
 def validate_init_from(key: str, value: Optional[str]) -> None:
-    """`<stage>.init_from` names a steerlm run or checkpoint, an HF Llama, Nemotron, Qwen2 or Mistral with
+    """`<stage>.init_from` names a steerlm run or checkpoint, an HF Llama, Nemotron, Qwen2, Qwen3 or Mistral with
     safetensors, or a NeMo `.nemo` model.
 
     Whether a steerlm directory holds a checkpoint, and whether the shapes fit, is checked when the run
@@ -50,7 +50,7 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
         value,
         "is not a directory or a .nemo archive",
         "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
-        f"Llama, Nemotron, Qwen2 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model, or "
+        f"Llama, Nemotron, Qwen2, Qwen3 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model, or "
         f"{key}=null to start from scratch",
     )
     if is_hf_model_dir(path):

@@ -14,7 +14,7 @@ forward pass as the prefill.
   transformers' 2.0 ms; the lean loop does the same math in fewer ops (`bench/generate_throughput.py` gives
   the figures). It covers the Llama and Nemotron families (RMSNorm or LayerNorm, zero-centred or not; SwiGLU or an
   ungated activation such as squared ReLU; RoPE on all or part of each head; linear layers with or without biases,
-  Qwen2's on the query, key and value projections alone; no QK norm) built with
+  Qwen2's on the query, key and value projections alone; Qwen3's norm of each query and key head or none) built with
   megatron's local layers or with Transformer Engine's (whose input norms are fused into `linear_qkv` /
   `linear_fc1`).
 - `MegatronDecoder`: megatron-core's own forward with its static inference context, which holds rows at one
@@ -188,6 +188,11 @@ def _layer_norms(layer, config) -> tuple[_Norm | None, _Norm | None]:
     )
 
 
+def _has_module(parent: torch.nn.Module, name: str) -> bool:
+    """Whether `parent` has a submodule `name` that computes something (megatron leaves None or an IdentityOp)."""
+    return not isinstance(getattr(parent, name, None), (IdentityOp, type(None)))
+
+
 def lean_unsupported(model: GPTModel) -> str | None:
     """Why `LeanDecoder` cannot run `model` (this rank's pipeline stage of it; None when it can)."""
     config = model.config
@@ -196,11 +201,8 @@ def lean_unsupported(model: GPTModel) -> str | None:
     if config.apply_residual_connection_post_layernorm or config.fp32_residual_connection:
         return "residual connections are not the plain pre-norm ones"
     for layer in model.decoder.layers:
-        attention = layer.self_attention
-        if not all(
-            isinstance(getattr(attention, n, None), (IdentityOp, type(None))) for n in ("q_layernorm", "k_layernorm")
-        ):
-            return "attention has QK normalisation"
+        if _has_module(layer.self_attention, "q_layernorm") != _has_module(layer.self_attention, "k_layernorm"):
+            return "attention normalises its queries or its keys, not both"
         if None in _layer_norms(layer, config):
             return "a layer's input norms are neither its own modules nor fused into linear_qkv / linear_fc1"
     return None
@@ -430,6 +432,8 @@ class LeanDecoder:
             self.groups,
             self.head_dim,
         )
+        if _has_module(attention, "q_layernorm"):  # Qwen3's QK norm: each head's channels, before RoPE
+            query, key = attention.q_layernorm(query), attention.k_layernorm(key)
         query, key = self._rope(query, positions), self._rope(key, positions)
         keys, values = cache
         positions.store(keys, key.transpose(1, 2))

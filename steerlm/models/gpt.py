@@ -62,6 +62,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         gated_linear_unit=gated,
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -112,9 +113,12 @@ def decoder_spec(
     if _transformer_impl(model, layout) == TransformerImpl.transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    layer = get_gpt_layer_local_spec(normalization=model.normalization.value)
-    layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    layer = get_gpt_layer_local_spec(normalization=model.normalization.value, qk_layernorm=model.qk_layernorm)
+    attention = layer.submodules.self_attention.submodules
+    attention.core_attention = SDPACoreAttention
+    if model.qk_layernorm:  # megatron sums these weights' gradients over TP: each rank normalises its own heads
+        attention.q_layernorm = attention.k_layernorm = Norm
     layer.submodules.input_layernorm = Norm
     layer.submodules.pre_mlp_layernorm = Norm
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=layout.pp_rank)

@@ -1,10 +1,11 @@
-"""Hugging Face Llama / Nemotron / Qwen2 / Mistral <-> megatron GPTModel: configuration and full (unsharded) weight
-mapping.
+"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral <-> megatron GPTModel: configuration and full (unsharded)
+weight mapping.
 
-Four HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
+Five HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
 every channel, optionally Llama-3.1's frequency scaling), Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm
 whose weights are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU
-MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`) and
+MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`), Qwen3
+(a Llama with an RMSNorm of each query and key head before RoPE, `q_norm` / `k_norm`: `model.qk_layernorm`) and
 Mistral (a Llama whose layers may attend to a sliding window: imported with that many positions, exported as the
 Llama it computes). `hf_architecture` tells which a `ModelConfig` is exported as.
 
@@ -34,7 +35,7 @@ from steerlm.megatron_compat import pack_qkv, split_fc1, split_qkv
 from steerlm.models.sharding import TIED_EMBEDDING
 
 # Per-layer tensors that map one to one in every architecture: megatron name (after `decoder.layers.N.`) → HF name
-# (after `model.layers.N.`); `_layer_copies` adds a LayerNorm's biases and an ungated fc1.
+# (after `model.layers.N.`); `_layer_copies` adds a LayerNorm's biases, an ungated fc1 and Qwen3's QK norms.
 _LAYER_COPIES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
@@ -46,6 +47,10 @@ _BIAS_COPIES = {
     "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
 }
 _UNGATED_FC1 = {"mlp.linear_fc1.weight": "mlp.up_proj.weight"}
+_QK_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
 # The final norm: megatron name → HF name (the bias a LayerNorm's alone).
 _FINAL_NORM = {"decoder.final_layernorm.weight": "model.norm.weight", "decoder.final_layernorm.bias": "model.norm.bias"}
 # The fixed parameters of megatron's Llama-3 RoPE scaling (only the factor is configurable: model.rope_scaling_factor).
@@ -74,6 +79,7 @@ class HFArchitecture:
     activation: Activation = Activation.swiglu
     hidden_act: str = "silu"  # config.json's name of `activation`
     qkv_bias: bool = False  # biases on q/k/v_proj alone (`model.add_qkv_bias`)
+    qk_norm: bool = False  # a norm of each query and key head, `q_norm` / `k_norm` (`model.qk_layernorm`)
     partial_rope: bool = False  # RoPE on a share of each head (`partial_rotary_factor`); else on every channel
     llama3_rope: bool = False  # Llama-3.1's frequency scaling may be on (`rope_scaling.rope_type: llama3`)
     exported: bool = True  # steerlm writes this family (Mistral computes what a Llama does: it is exported as one)
@@ -92,8 +98,9 @@ NEMOTRON = HFArchitecture(
     partial_rope=True,
 )
 QWEN2 = HFArchitecture("Qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True)
+QWEN3 = HFArchitecture("Qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", qk_norm=True)
 MISTRAL = HFArchitecture("Mistral", "mistral", "MistralForCausalLM", "MistralForSequenceClassification", exported=False)
-HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, MISTRAL)}
+HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL)}
 
 
 def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
@@ -105,6 +112,7 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         "position_embedding_type": PositionEmbedding.rope,
         "add_bias_linear": False,
         "add_qkv_bias": family.qkv_bias,
+        "qk_layernorm": family.qk_norm,
     }
     problems = [
         f"{name} must be {value.value if isinstance(value, Enum) else str(value).lower()}"
@@ -150,9 +158,9 @@ def hf_config_dict(model: ModelConfig) -> dict:
         "tie_word_embeddings": model.share_embeddings_and_output_weights,
         "hidden_act": family.hidden_act,
     }
-    if family == QWEN2:  # its q/k/v biases are the architecture's, no key; every layer attends to every position
+    if family in (QWEN2, QWEN3):  # every layer attends to every position
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=model.num_layers)
-    else:
+    if family != QWEN2:  # Qwen2's q/k/v biases are the architecture's, no key
         config.update(attention_bias=False, mlp_bias=False)
     if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
         config.update(norm_eps=model.layernorm_epsilon, partial_rotary_factor=model.rotary_percent)
@@ -181,6 +189,8 @@ def _layer_copies(model: ModelConfig) -> dict[str, str]:
         copies.update(_BIAS_COPIES)
     if not _gated(model):
         copies.update(_UNGATED_FC1)
+    if model.qk_layernorm:
+        copies.update(_QK_NORMS)
     return copies
 
 
@@ -301,6 +311,7 @@ def megatron_shapes(model: ModelConfig, num_attributes: int | None = None) -> di
         "mlp.linear_fc2.weight": (h, ffn),
         "self_attention.linear_qkv.weight": (attention + 2 * model.query_groups * model.head_dim, h),
         "self_attention.linear_qkv.bias": (attention + 2 * model.query_groups * model.head_dim,),
+        **dict.fromkeys(_QK_NORMS, (model.head_dim,)),
         "mlp.linear_fc1.weight": ((2 if _gated(model) else 1) * ffn, h),
     }
     shapes: dict[str, tuple[int, ...]] = {}
@@ -439,7 +450,7 @@ def attention_window(hf: dict) -> int | None:
 
 
 def hf_model_fields(hf: dict, key: str, location: str) -> dict:
-    """The `model.*` fields an HF Llama, Nemotron, Qwen2 or Mistral config.json determines (`num_query_groups`/
+    """The `model.*` fields an HF Llama, Nemotron, Qwen2, Qwen3 or Mistral config.json determines (`num_query_groups`/
     `kv_channels` explicit, and the family's norm, activation, biases and RoPE share).
 
     `key`/`location`: the config key that named the directory and its value, for the ConfigError of a model
@@ -465,9 +476,9 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             key,
             location,
             f"holds a model steerlm cannot express ({', '.join(unsupported)})",
-            "convert a Llama or Mistral (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling), a Qwen2 (a "
-            "Llama with q/k/v biases, no RoPE scaling) or a Nemotron (zero-centred LayerNorm, squared ReLU, partial "
-            "RoPE, no biases)",
+            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling), a Mistral, Qwen2 or "
+            "Qwen3 (the same without RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK norms) or a Nemotron "
+            "(zero-centred LayerNorm, squared ReLU, partial RoPE, no biases)",
         )
     heads = hf["num_attention_heads"]
     share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
@@ -488,6 +499,7 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "layernorm_epsilon": hf.get("norm_eps", 1e-5) if family == NEMOTRON else hf["rms_norm_eps"],
         "activation": family.activation,
         "add_qkv_bias": family.qkv_bias,
+        "qk_layernorm": family.qk_norm,
         "rotary_percent": float(share),
     }
     if llama3:

@@ -105,7 +105,7 @@ def read_export_source(location: str, tokenizer_path: str | None) -> ExportSourc
             location,
             str(error).split("; ")[0],
             "pass a steerlm training output_dir, one of its checkpoints/step_* directories, or a Hugging Face "
-            "Llama, Nemotron, Qwen2 or Mistral directory (config.json + *.safetensors)",
+            "Llama, Nemotron, Qwen2, Qwen3 or Mistral directory (config.json + *.safetensors)",
         ) from None
     saved = saved_config(path)
     model = to_typed(saved.model, ModelConfig)
@@ -113,7 +113,7 @@ def read_export_source(location: str, tokenizer_path: str | None) -> ExportSourc
         hf_architecture(model)
     except ValueError as error:
         raise ConfigError(
-            "input", location, str(error), "export a Llama-, Nemotron- or Qwen2-shaped checkpoint"
+            "input", location, str(error), "export a Llama-, Nemotron-, Qwen2- or Qwen3-shaped checkpoint"
         ) from None
     dtype = to_typed(saved.precision, PrecisionConfig).dtype if "precision" in saved else DType.fp32
     schema, template = None, None

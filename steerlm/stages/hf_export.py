@@ -16,7 +16,7 @@ which no Hugging Face tool reads.
 | generative APM | LlamaForCausalLM | the attribute prompt (the model writes the string) |
 | base LM | LlamaForCausalLM | (none) |
 
-(Nemotron- and Qwen2-shaped models as `Nemotron…` / `Qwen2…` classes: `steerlm.models.hf_llama.hf_architecture`.)
+(Nemotron-, Qwen2- and Qwen3-shaped models as `Nemotron…` / `Qwen2…` / `Qwen3…` classes: `hf_architecture`.)
 The sequence classifiers' `score` has no bias, so the regression head's bias is written to
 config.json as `steerlm_score_bias`: steerlm's scores are `logits + steerlm_score_bias`.
 """

@@ -158,8 +158,16 @@ def _tokenization(source: ExportSource) -> Tokenization:
 
 
 def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
-    """What every `.nemo` export needs: a tokenizer (NeMo builds the vocabulary from it), and no chat-template
-    defaults."""
+    """What every `.nemo` export needs: a model NeMo 1.x builds, a tokenizer (NeMo builds the vocabulary from it),
+    and no chat-template defaults."""
+    if source.model.qk_layernorm:
+        raise ConfigError(
+            "to",
+            cfg.to.value if cfg.to is not None else None,
+            f"{cfg.input} normalises each query and key head (model.qk_layernorm, Qwen3's attention), which no NeMo "
+            "1.x model NeMo-Aligner restores has (steerlm's .nemo import refuses such a config too)",
+            "export it to Hugging Face with to=hf (Qwen3ForCausalLM)",
+        )
     if source.tokenizer is None:
         raise ConfigError(
             "tokenizer_path",

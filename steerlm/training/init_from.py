@@ -1,7 +1,7 @@
 """Start a run from other weights: `sft.init_from` and `apm.init_from`.
 
 The source is a steerlm run directory or checkpoint (written at any TP/PP layout: a language model from
-`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama, Nemotron, Qwen2 or Mistral directory
+`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama, Nemotron, Qwen2, Qwen3 or Mistral directory
 (`config.json` + `*.safetensors`, as `save_pretrained` writes it) or a NeMo 1.x `.nemo` model (the tar or its
 extracted directory, read in place by every rank: `steerlm.models.nemo_weights`). `resolve_init_source` runs before
 anything is built, so a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this
@@ -81,7 +81,7 @@ def resolve_init_source(
             location,
             str(error).split("; ")[0],
             "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
-            "Llama, Nemotron, Qwen2 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model",
+            "Llama, Nemotron, Qwen2, Qwen3 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model",
         ) from None
     written = read_meta(path).model
     for name in SHAPE_FIELDS:
