@@ -21,19 +21,16 @@ import torch
 
 from steerlm.checkpoint.sharded import META, check_compatible, resolve_checkpoint
 from steerlm.config import ConfigError, Normalization, PrecisionConfig
-from steerlm.inference.decoders import lean_unsupported
-from steerlm.inference.generate import Generator, SamplingParams
-from steerlm.inference.loading import load_generator
 from steerlm.models import build_model_chunks
-from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.hf_llama import NEMOTRON, hf_architecture, hf_config_dict
 from steerlm.models.nemo_config import nemo_model, nemo_model_config
 from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.convert import convert
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import NEMOTRON_MODEL, TEST_MODEL
+from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy
 from tests.multiproc import run_distributed
-from tests.test_convert import _checkpoint, _convert, _distributed_conversions, _parameters, _steerlm_logits
+from tests.test_convert import _checkpoint, _convert, _distributed_conversions
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,50 +71,17 @@ def test_fresh_zero_centred_norms_compute_what_plain_norms_do(layout) -> None:
 
 @pytest.mark.slow
 def test_an_export_at_tp2_is_an_hf_nemotron_with_steerlm_logits_and_imports_back_bitwise(layout, exported) -> None:
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported["hf"]).eval()
-    assert type(hf).__name__ == "NemotronForCausalLM"
+    hf = check_export(layout, exported, NEMOTRON_MODEL, TOKENS, "NemotronForCausalLM")
     assert hf.config.rope_parameters["partial_rotary_factor"] == 0.5 and hf.config.hidden_act == "relu2"
-    with torch.no_grad():
-        theirs = hf(TOKENS).logits
-    ours = _steerlm_logits(layout, exported["run"], NEMOTRON_MODEL, TOKENS)
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
-    original, back = (_parameters(layout, exported[k], NEMOTRON_MODEL) for k in ("run", "back"))
-    assert original.keys() == back.keys() and all(torch.equal(original[n], back[n]) for n in original)
 
 
 @pytest.mark.slow
 def test_greedy_tokens_of_the_lean_decoder_equal_hf_nemotron_generate(layout, exported) -> None:
-    loaded = load_generator(str(exported["run"]), layout, PrecisionConfig())
-    assert lean_unsupported(loaded.generator.model) is None
-    # neither side stops early: every one of the 8 tokens is compared
-    lean = Generator([loaded.generator.model], loaded.tokenizer, layout, 128, stop_token_ids=[], decoder="lean")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported["hf"]).eval()
-    hf.generation_config.eos_token_id = None
-    prompts = [TOKENS[0, :9].tolist(), TOKENS[1, :4].tolist()]
-    ours = lean.generate(prompts, [SamplingParams(max_new_tokens=8)] * 2)
-    beyond = list(range(loaded.tokenizer.vocab_size, hf.config.vocab_size))  # rows steerlm never samples
-    for prompt, result in zip(prompts, ours):
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, suppress_tokens=beyond)
-        assert result.token_ids == expected[0, len(prompt) :].tolist()
+    check_lean_greedy(layout, exported["run"], exported["hf"], TOKENS)
 
 
 def test_a_regression_apm_exports_as_nemotron_sequence_classification(layout, tmp_path: Path) -> None:
-    def prepare(chunks: list) -> None:
-        _randomise_norms(chunks)
-        torch.nn.init.normal_(chunks[0].attribute_head.bias)
-
-    run = _checkpoint(layout, tmp_path / "apm", NEMOTRON_MODEL, apm=True, prepare=prepare)
-    convert(_convert(run, tmp_path / "hf"), layout)
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "NemotronForSequenceClassification" and hf.config.num_labels == 3
-    chunks = build_attribute_model_chunks(NEMOTRON_MODEL, PrecisionConfig(), layout, 1, 3)
-    from steerlm.checkpoint.sharded import load_weights
-
-    load_weights(resolve_checkpoint(run), chunks, layout, NEMOTRON_MODEL)
-    with torch.no_grad():
-        theirs = hf(TOKENS).logits + torch.tensor(hf.config.steerlm_score_bias)
-        ours = chunks[0](TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[:, -1]
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    check_apm_export(layout, tmp_path, NEMOTRON_MODEL, _randomise_norms, TOKENS, "NemotronForSequenceClassification")
 
 
 def test_init_from_an_hf_nemotron_checks_the_run_s_norm(exported) -> None:

@@ -29,19 +29,16 @@ from steerlm.checkpoint.sharded import META, check_compatible, load_weights, res
 from steerlm.config import ConfigError, ModelConfig, PrecisionConfig
 from steerlm.config.convert import ModelFormat
 from steerlm.config.store import to_typed
-from steerlm.inference.decoders import lean_unsupported
-from steerlm.inference.generate import Generator, SamplingParams
-from steerlm.inference.loading import load_generator
 from steerlm.models import build_model_chunks
-from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.models.hf_llama import LLAMA, QWEN2, QWEN3, hf_architecture, hf_config_dict
 from steerlm.models.nemo_config import nemo_model, nemo_model_config
 from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.convert import convert
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import QWEN2_MODEL, QWEN3_MODEL, TEST_MODEL, randomize_biases
+from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy
 from tests.multiproc import run_distributed
-from tests.test_convert import _checkpoint, _convert, _distributed_conversions, _parameters, _steerlm_logits
+from tests.test_convert import _checkpoint, _convert, _distributed_conversions
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,58 +99,25 @@ def test_an_export_at_tp2_is_an_hf_qwen_with_steerlm_logits_and_imports_back_bit
     layout, exported, family: str
 ) -> None:
     model, name = FAMILIES[family]
-    paths = exported[family]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(paths["hf"]).eval()
-    assert type(hf).__name__ == f"{name}ForCausalLM"
+    hf = check_export(layout, exported[family], model, TOKENS, f"{name}ForCausalLM")
     assert set(hf.config.layer_types) == {"full_attention"} and hf.config.rope_parameters["rope_theta"] == 1e6
     attention = hf.model.layers[1].self_attn
     if family == "qwen2":
         assert attention.k_proj.bias.abs().min() > 0  # the random biases came along
     else:
         assert hf.config.head_dim == 32 and not torch.equal(attention.q_norm.weight, attention.k_norm.weight)
-    with torch.no_grad():
-        theirs = hf(TOKENS).logits
-    ours = _steerlm_logits(layout, paths["run"], model, TOKENS)
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
-    original, back = (_parameters(layout, paths[k], model) for k in ("run", "back"))
-    assert original.keys() == back.keys() and all(torch.equal(original[n], back[n]) for n in original)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_of_the_lean_decoder_equal_hf_qwen_generate(layout, exported, family: str) -> None:
-    loaded = load_generator(str(exported[family]["run"]), layout, PrecisionConfig())
-    assert lean_unsupported(loaded.generator.model) is None
-    # neither side stops early: every one of the 8 tokens is compared
-    lean = Generator([loaded.generator.model], loaded.tokenizer, layout, 128, stop_token_ids=[], decoder="lean")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported[family]["hf"]).eval()
-    hf.generation_config.eos_token_id = None
-    prompts = [TOKENS[0, :9].tolist(), TOKENS[1, :4].tolist()]
-    ours = lean.generate(prompts, [SamplingParams(max_new_tokens=8)] * 2)
-    beyond = list(range(loaded.tokenizer.vocab_size, hf.config.vocab_size))  # rows steerlm never samples
-    for prompt, result in zip(prompts, ours):
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, suppress_tokens=beyond)
-        assert result.token_ids == expected[0, len(prompt) :].tolist()
+    check_lean_greedy(layout, exported[family]["run"], exported[family]["hf"], TOKENS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_regression_apm_exports_as_the_family_s_sequence_classification(layout, tmp_path: Path, family: str) -> None:
     model, name = FAMILIES[family]
-
-    def prepare(chunks: list) -> None:
-        _randomise_vectors(layout)(chunks)
-        torch.nn.init.normal_(chunks[0].attribute_head.bias)
-
-    run = _checkpoint(layout, tmp_path / "apm", model, apm=True, prepare=prepare)
-    convert(_convert(run, tmp_path / "hf"), layout)
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == f"{name}ForSequenceClassification" and hf.config.num_labels == 3
-    chunks = build_attribute_model_chunks(model, PrecisionConfig(), layout, 1, 3)
-    load_weights(resolve_checkpoint(run), chunks, layout, model)
-    with torch.no_grad():
-        theirs = hf(TOKENS).logits + torch.tensor(hf.config.steerlm_score_bias)
-        ours = chunks[0](TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[:, -1]
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    check_apm_export(layout, tmp_path, model, _randomise_vectors(layout), TOKENS, f"{name}ForSequenceClassification")
 
 
 def _other_tools(root: Path) -> dict[str, tuple[torch.nn.Module, Path]]:

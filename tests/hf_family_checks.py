@@ -1,0 +1,73 @@
+"""The checks every HF model family steerlm exports to passes (tests/test_nemotron.py, tests/test_qwen_mistral.py):
+an export written at TP=2 computes steerlm's logits in transformers and converts back bitwise, the lean decoder's
+greedy tokens are transformers' `generate`'s, and a regression APM exported as the family's sequence classifier
+scores as steerlm does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint
+from steerlm.config import ModelConfig, PrecisionConfig
+from steerlm.inference.decoders import lean_unsupported
+from steerlm.inference.generate import Generator, SamplingParams
+from steerlm.inference.loading import load_generator
+from steerlm.models.attribute import build_attribute_model_chunks
+from steerlm.stages.convert import convert
+from tests.test_convert import _checkpoint, _convert, _parameters, _steerlm_logits
+
+
+def check_export(layout, paths: dict[str, Path], model: ModelConfig, tokens: torch.Tensor, causal_lm: str):
+    """`paths["hf"]` (exported from `paths["run"]`) is a `causal_lm` with the run's logits, and `paths["back"]` (it
+    converted back) holds bitwise the run's weights. Returns the HF model for the family's own checks."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(paths["hf"]).eval()
+    assert type(hf).__name__ == causal_lm
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, _steerlm_logits(layout, paths["run"], model, tokens), rtol=0, atol=1e-4)
+    original, back = (_parameters(layout, paths[k], model) for k in ("run", "back"))
+    assert original.keys() == back.keys() and all(torch.equal(original[n], back[n]) for n in original)
+    return hf
+
+
+def check_lean_greedy(layout, run: Path, hf_directory: Path, tokens: torch.Tensor) -> None:
+    """The lean decoder's greedy continuation of two prompts (rows of `tokens`) is HF `generate`'s, token for token."""
+    import transformers
+
+    loaded = load_generator(str(run), layout, PrecisionConfig())
+    assert lean_unsupported(loaded.generator.model) is None
+    # neither side stops early: every one of the 8 tokens is compared
+    lean = Generator([loaded.generator.model], loaded.tokenizer, layout, 128, stop_token_ids=[], decoder="lean")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_directory).eval()
+    hf.generation_config.eos_token_id = None
+    prompts = [tokens[0, :9].tolist(), tokens[1, :4].tolist()]
+    ours = lean.generate(prompts, [SamplingParams(max_new_tokens=8)] * 2)
+    beyond = list(range(loaded.tokenizer.vocab_size, hf.config.vocab_size))  # rows steerlm never samples
+    for prompt, result in zip(prompts, ours):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, suppress_tokens=beyond)
+        assert result.token_ids == expected[0, len(prompt) :].tolist()
+
+
+def check_apm_export(layout, root: Path, model: ModelConfig, prepare, tokens: torch.Tensor, classifier: str) -> None:
+    """A regression APM of `model` (3 attributes, its vectors set by `prepare`, its head's bias random) exports as
+    `classifier`, whose logits plus `steerlm_score_bias` are steerlm's scores."""
+    import transformers
+
+    def with_head_bias(chunks: list) -> None:
+        prepare(chunks)
+        torch.nn.init.normal_(chunks[0].attribute_head.bias)
+
+    run = _checkpoint(layout, root / "apm", model, apm=True, prepare=with_head_bias)
+    convert(_convert(run, root / "hf"), layout)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(root / "hf").eval()
+    assert type(hf).__name__ == classifier and hf.config.num_labels == 3
+    chunks = build_attribute_model_chunks(model, PrecisionConfig(), layout, 1, 3)
+    load_weights(resolve_checkpoint(run), chunks, layout, model)
+    with torch.no_grad():
+        theirs = hf(tokens).logits + torch.tensor(hf.config.steerlm_score_bias)
+        ours = chunks[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[:, -1]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
