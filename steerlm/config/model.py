@@ -1,0 +1,260 @@
+"""The model's shape: `ModelConfig` (the `model.*` keys), its enums, and which of its fields a checkpoint must share.
+
+A module of its own so that everything that reads a model's shape (checkpoints, imports and exports, memory
+estimates) depends on this alone; `steerlm.config.schema` re-exports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Optional
+
+from steerlm.errors import require
+
+
+class Normalization(str, Enum):
+    RMSNorm = "RMSNorm"
+    LayerNorm = "LayerNorm"
+
+
+class Activation(str, Enum):
+    swiglu = "swiglu"
+    gelu = "gelu"
+    squared_relu = "squared_relu"
+
+
+class PositionEmbedding(str, Enum):
+    rope = "rope"
+    learned_absolute = "learned_absolute"
+
+
+class TransformerImpl(str, Enum):
+    """Which layer implementation builds the model.
+
+    `auto` picks Transformer Engine when it is importable on a CUDA machine and megatron-core's own
+    layers with a `scaled_dot_product_attention` core attention otherwise.
+    """
+
+    auto = "auto"
+    local = "local"
+    transformer_engine = "transformer_engine"
+
+
+class CrossEntropy(str, Enum):
+    """How the language-model loss is computed from the last hidden states.
+
+    `chunked`: steerlm's vocabulary-parallel cross entropy a chunk of tokens at a time (fp32 logits never exist
+    for the whole vocabulary; same loss and gradients; the positions the loss mask leaves out skip the output
+    layer); `megatron`: the output layer's full logits, then megatron's `vocab_parallel_cross_entropy`.
+    """
+
+    chunked = "chunked"
+    megatron = "megatron"
+
+
+class Recompute(str, Enum):
+    """Activation recomputation in training (megatron's `recompute_granularity=full`; NeMo's
+    `activations_checkpoint_*`): layers whose activations are not kept for the backward but computed again from
+    their input when it needs them. Costs about one more forward of those layers; a pipeline stage holding many
+    micro-batches in flight then keeps one hidden state per recomputed chunk of layers instead of every tensor.
+
+    `none`: keep every activation; `uniform`: every `model.recompute_num_layers` consecutive layers are one chunk
+    whose input alone is kept (all layers recomputed); `block`: the first `model.recompute_num_layers` layers of each
+    pipeline stage are recomputed one by one, the rest keep their activations.
+    """
+
+    none = "none"
+    uniform = "uniform"
+    block = "block"
+
+
+def require_positive(prefix: str, obj, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require(value > 0, f"{prefix}.{name}", value, "must be positive", "set a value > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family decoder (megatron GPTModel)."""
+
+    name: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (groups = heads)
+    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
+    vocab_size: int = 512  # the tokenizer's vocabulary, before padding
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 512
+    normalization: Normalization = Normalization.RMSNorm
+    # Norm weights stored centred on zero and applied as (1 + weight): NeMo's `layernorm1p` (Nemotron), megatron's
+    # `layernorm_zero_centered_gamma`. Weight decay then pulls the scale towards one, not towards zero.
+    layernorm_zero_centered_gamma: bool = False
+    layernorm_epsilon: float = 1e-5
+    activation: Activation = Activation.swiglu
+    position_embedding_type: PositionEmbedding = PositionEmbedding.rope
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    rope_scaling: bool = False  # Llama-3.1 frequency scaling
+    rope_scaling_factor: float = 8.0
+    share_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = False
+    # Biases on the query, key and value projections alone (megatron's `add_qkv_bias`, NeMo's `qkv_bias`): Qwen2's
+    # attention. `add_bias_linear` puts biases on every linear layer, these included.
+    add_qkv_bias: bool = False
+    # A norm (`normalization`, `layernorm_epsilon`) over each query and key head before RoPE, one weight per head
+    # channel shared by the heads (megatron's and NeMo's `qk_layernorm`): Qwen3's attention.
+    qk_layernorm: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: TransformerImpl = TransformerImpl.auto
+    cross_entropy: CrossEntropy = CrossEntropy.chunked
+    recompute: Recompute = Recompute.none  # activation recomputation in training (`Recompute`)
+    recompute_num_layers: int = 1  # layers per recomputed chunk (uniform) or recomputed per stage (block)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to `make_vocab_size_divisible_by`.
+
+        Unlike Megatron we do not also multiply the multiple by the TP size: the padded shape must
+        not depend on the layout, so a checkpoint moves between TP sizes without re-padding. The
+        validation refuses a TP size that does not divide the result.
+        """
+        multiple = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self, padded: bool = False) -> int:
+        """Parameter count of the model (embeddings included), as HF counts it when unpadded."""
+        vocab = self.padded_vocab_size if padded else self.vocab_size
+        h, ffn, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        q = self.num_attention_heads * d
+        kv = 2 * self.query_groups * d
+        attention = h * (q + kv) + q * h
+        mlp = h * ffn * (3 if self.activation == Activation.swiglu else 2)
+        bias = (
+            (q + kv + h + ffn * (2 if self.activation == Activation.swiglu else 1) + h)
+            if self.add_bias_linear
+            else q + kv
+            if self.add_qkv_bias
+            else 0
+        )
+        per_norm = 2 if self.normalization == Normalization.LayerNorm else 1  # weight, and LayerNorm's bias
+        norms_per_layer = 2 * h * per_norm + (2 * d * per_norm if self.qk_layernorm else 0)
+        layer = attention + mlp + bias + norms_per_layer
+        embeddings = vocab * h * (1 if self.share_embeddings_and_output_weights else 2)
+        final_norm = h * (2 if self.normalization == Normalization.LayerNorm else 1)
+        positions = (
+            self.max_position_embeddings * h
+            if self.position_embedding_type == PositionEmbedding.learned_absolute
+            else 0
+        )
+        return self.num_layers * layer + embeddings + final_norm + positions
+
+    def validate(self) -> None:
+        require_positive(
+            "model",
+            self,
+            (
+                "num_layers",
+                "hidden_size",
+                "ffn_hidden_size",
+                "num_attention_heads",
+                "vocab_size",
+                "make_vocab_size_divisible_by",
+                "max_position_embeddings",
+                "rotary_base",
+                "layernorm_epsilon",
+                "init_method_std",
+                "recompute_num_layers",
+            ),
+        )
+        if self.kv_channels is None:
+            require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "model.hidden_size",
+                self.hidden_size,
+                f"not divisible by model.num_attention_heads={self.num_attention_heads}",
+                "choose a hidden size that is a multiple of the head count, or set model.kv_channels",
+            )
+        else:
+            require(self.kv_channels > 0, "model.kv_channels", self.kv_channels, "must be positive", "set a value > 0")
+        groups = self.query_groups
+        require(
+            groups > 0 and self.num_attention_heads % groups == 0,
+            "model.num_query_groups",
+            self.num_query_groups,
+            f"must divide model.num_attention_heads={self.num_attention_heads}",
+            "use a divisor of the head count (null for multi-head attention)",
+        )
+        require(
+            not (self.add_qkv_bias and self.add_bias_linear),
+            "model.add_qkv_bias",
+            self.add_qkv_bias,
+            "is implied by model.add_bias_linear=true (biases on every linear layer, q/k/v included)",
+            "set model.add_qkv_bias=false, or model.add_bias_linear=false for biases on q/k/v alone (Qwen2)",
+        )
+        require(
+            0.0 < self.rotary_percent <= 1.0,
+            "model.rotary_percent",
+            self.rotary_percent,
+            "must be in (0, 1]",
+            "use 1.0 for Llama",
+        )
+        require(
+            self.rotary_percent * self.head_dim % 2 == 0,
+            "model.rotary_percent",
+            self.rotary_percent,
+            f"rotary dimension {self.rotary_percent * self.head_dim} must be an even integer",
+            "pick a rotary_percent that gives an even number of rotary channels",
+        )
+        require(
+            self.rope_scaling_factor >= 1.0,
+            "model.rope_scaling_factor",
+            self.rope_scaling_factor,
+            "must be >= 1",
+            "use 8 for Llama-3.1, 32 for Llama-3.2",
+        )
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)", "use 0.0 for Llama")
+
+
+# Model fields that change tensor shapes or their meaning: a checkpoint (steerlm's, `steerlm.checkpoint.sharded`, or a
+# NeMo archive's, `steerlm.models.nemo_config`) loads only into a model that has the same values. A field added after
+# checkpoints were written has the value they were written with in `MODEL_FIELDS_ADDED` (read where a meta lacks it).
+MODEL_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "normalization",
+    "layernorm_zero_centered_gamma",
+    "activation",
+    "position_embedding_type",
+    "share_embeddings_and_output_weights",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+)
+MODEL_FIELDS_ADDED = {"layernorm_zero_centered_gamma": False, "add_qkv_bias": False, "qk_layernorm": False}
+
+
+def written_model_field(written: Mapping[str, Any], name: str) -> Any:
+    """A model field as a checkpoint's meta records it; a field the meta predates has the value it then had."""
+    return written.get(name, MODEL_FIELDS_ADDED.get(name))
