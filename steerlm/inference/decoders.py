@@ -354,11 +354,23 @@ class LeanDecoder:
         self.head_dim = config.kv_channels
         self.stages = _Stages(layout)
         self.norms: list[tuple[_Norm, _Norm]] = []
+        # looked up once, not per step: (layer index, linear) → its bias where it has one; layer index → Qwen3's
+        # query and key norms
+        self.biases: dict[tuple[int, str], torch.Tensor] = {}
+        self.qk_norms: dict[int, tuple[_Norm, _Norm]] = {}
         for layer in model.decoder.layers:
             input_norm, pre_mlp_norm = _layer_norms(layer, config)
             if input_norm is None or pre_mlp_norm is None:
                 raise ValueError(f"LeanDecoder cannot run this model: {lean_unsupported(model)}")
             self.norms.append((input_norm, pre_mlp_norm))
+            index, attention, mlp = layer.layer_number - 1, layer.self_attention, layer.mlp
+            linears = (attention.linear_qkv, attention.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
+            for name, module in zip(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), linears):
+                bias = linear_bias(module)
+                if bias is not None:
+                    self.biases[index, name] = bias
+            if _has_module(attention, "q_layernorm"):
+                self.qk_norms[index] = (attention.q_layernorm, attention.k_layernorm)
         self.dtype = next(model.parameters()).dtype
         freqs = model.rotary_pos_emb(length)[:, 0, 0].float()  # [length, head_dim]: megatron's RoPE (scaling included)
         self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
@@ -413,7 +425,7 @@ class LeanDecoder:
             out = self.adapters.add(out, x, *at, rows)
         if parallel == "row":
             out = self._reduce(out)
-        bias = linear_bias(module)
+        bias = self.biases.get(at)
         return out if bias is None else out + bias
 
     def _attention(
@@ -432,8 +444,9 @@ class LeanDecoder:
             self.groups,
             self.head_dim,
         )
-        if _has_module(attention, "q_layernorm"):  # Qwen3's QK norm: each head's channels, before RoPE
-            query, key = attention.q_layernorm(query), attention.k_layernorm(key)
+        if index in self.qk_norms:  # Qwen3's QK norm: each head's channels, before RoPE
+            query_norm, key_norm = self.qk_norms[index]
+            query, key = query_norm(query), key_norm(key)
         query, key = self._rope(query, positions), self._rope(key, positions)
         keys, values = cache
         positions.store(keys, key.transpose(1, 2))

@@ -23,7 +23,6 @@ from steerlm.data.attributes import AttributeSchema
 from steerlm.data.chat_template import attribute_prompt_template, steering_chat_template
 from steerlm.data.lengths import LengthPolicy, LengthStats
 from steerlm.inference.steering import ChatMessage, Steering
-from steerlm.models.hf_llama import hf_architecture
 from steerlm.stages.export_source import ExportSource, ModelKind
 from steerlm.tokenizers import Tokenizer
 from steerlm.tokenizers.export import export_tokenizer
@@ -240,7 +239,7 @@ def model_card(
     lines = [
         "---",
         "library_name: transformers",
-        f"tags: [steerlm, {hf_architecture(source.model).model_type}"
+        f"tags: [steerlm, {source.family.model_type}"
         + (", reward-model" if source.kind == ModelKind.regression_apm else "")
         + "]",
         "---",

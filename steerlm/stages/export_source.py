@@ -18,7 +18,7 @@ from steerlm.config.sft import SFTConfig
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import SteerLMTemplate
 from steerlm.inference.loading import read_checkpoint_setup
-from steerlm.models.hf_llama import hf_architecture
+from steerlm.models.hf_llama import HFArchitecture, hf_architecture
 from steerlm.tokenizers import VOCAB_FILE
 
 EXPORT_DIR = "steerlm"  # steerlm's own files in an export; no Hugging Face tool reads a subdirectory
@@ -52,9 +52,14 @@ class ExportSource:
     template: SteerLMTemplate | None
 
     @property
+    def family(self) -> HFArchitecture:
+        """The HF model family an export writes (`hf_architecture`)."""
+        return hf_architecture(self.model)
+
+    @property
     def architecture(self) -> str:
         """The HF class an export writes: the family's sequence classifier for a regression APM, else its LM."""
-        family = hf_architecture(self.model)
+        family = self.family
         return family.sequence_classifier if self.kind == ModelKind.regression_apm else family.causal_lm
 
     @property
