@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+# Before anything multiplies a matrix (MKL reads it once): the strict mode `runtime.initialize` gives recipes
+# (steerlm.runtime.mkl), so tests compute what recipes compute and in-process initialisations do not warn.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import pytest
 
 from steerlm import runtime

@@ -417,14 +417,18 @@ def test_a_resumed_run_keeps_the_stage_times_an_earlier_run_measured() -> None:
 def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout, tmp_path: Path) -> None:
     """What lets a wave's stages split the threads without changing a report: 3 steps of the test model give
     bitwise the same weights at 1 and 2 threads, and when the pipeline raises 1 to 2 between two steps (the share
-    file a training loop follows, steerlm/runtime/threads.py)."""
+    file a training loop follows, steerlm/runtime/threads.py). Micro-batches of 4,096 tokens, so the weight
+    gradients' products reduce over 4,096 terms: MKL's default code paths split that over the threads (this test
+    fails under `MKL_CBWR=AUTO` on an Intel Xeon); its strict mode, which recipes run in
+    (`parallel.cpu_reproducible`) and so does this session (conftest), does not."""
     from steerlm.config import OptimizerConfig, ParallelConfig, TrainConfig
     from steerlm.runtime.threads import ThreadShare, write_share
     from steerlm.training import build_training, microbatches_for_rank, train_step
     from tests.conftest import TEST_MODEL
     from tests.parity_scenarios import TRAINER, global_batch
 
-    cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(), trainer=TRAINER, optim=OptimizerConfig(lr=1e-2))
+    trainer = replace(TRAINER, micro_batch_size=32, global_batch_size=32, seq_length=TEST_MODEL.max_position_embeddings)
+    cfg = TrainConfig(model=TEST_MODEL, parallel=ParallelConfig(), trainer=trainer, optim=OptimizerConfig(lr=1e-2))
     weights = []
     before = torch.get_num_threads()
     for schedule in ((1, 1, 1), (2, 2, 2), (1, 2, 2)):
@@ -436,12 +440,12 @@ def test_a_stage_trains_the_same_weights_at_one_and_two_threads(layout, tmp_path
                 write_share(path, threads)
                 share.poll()
                 assert torch.get_num_threads() == threads
-                batch = global_batch(step, TEST_MODEL, TRAINER)
+                batch = global_batch(step, TEST_MODEL, trainer)
                 train_step(
                     setup.model,
                     setup.optimizer,
                     setup.scheduler,
-                    microbatches_for_rank(batch, TRAINER.micro_batch_size, layout),
+                    microbatches_for_rank(batch, trainer.micro_batch_size, layout),
                     layout,
                 )
             weights.append([param.detach().clone() for param in setup.chunks[0].parameters()])

@@ -99,6 +99,7 @@ class ParallelConfig:
     distributed_backend: Backend = Backend.auto
     distributed_timeout_minutes: int = 30
     cpu_matmul: CpuMatmul = CpuMatmul.auto  # without CUDA: oneDNN or BLAS for megatron's fp32 linear products
+    cpu_reproducible: bool = True  # without CUDA: MKL's products independent of thread count (steerlm.runtime.mkl)
 
     @property
     def model_parallel_size(self) -> int:

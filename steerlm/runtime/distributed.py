@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from steerlm import megatron_compat
 from steerlm.config.schema import Backend, ParallelConfig
 from steerlm.config.validation import Accelerator, data_parallel_size
-from steerlm.runtime import cpu_matmul
+from steerlm.runtime import cpu_matmul, mkl
 from steerlm.runtime.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,14 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
     # megatron's tensor-parallel overlap of grad all-reduce with compute assumes one CUDA work queue.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if accelerator == Accelerator.cpu:
+        reproducibility = mkl.request(parallel.cpu_reproducible)  # before any product: MKL reads it once
         megatron_compat.activate()
         onednn = cpu_matmul.install(parallel.cpu_matmul)
         log.info(
-            "megatron's fp32 linear products on this CPU: %s (parallel.cpu_matmul=%s)",
+            "megatron's fp32 linear products on this CPU: %s (parallel.cpu_matmul=%s); %s",
             "oneDNN" if onednn else "torch's BLAS",
             parallel.cpu_matmul.value,
+            reproducibility,
         )
         device = torch.device("cpu")
     else:

@@ -26,8 +26,9 @@ ends the ones still running split the threads again — a training stage takes i
 minutes. Two processes of one thread each get more done than one process of two threads: the single-threaded
 parts of a stage (start-up, tokenizing, writing) overlap; so annotation, whose labels do not depend on how many
 data-parallel ranks write them, runs its share as that many one-thread replicas under torchrun (`Step.replicable`).
-How many threads a stage has does not change its numbers (`tests/test_pipeline.py` trains at 1 and 2 threads, and
-switches from 1 to 2 mid-run, and compares the weights bitwise).
+How many threads a stage has does not change its numbers — MKL's products run in strict reproducibility mode
+(`parallel.cpu_reproducible`, steerlm/runtime/mkl.py), oneDNN's never depended on it — which `tests/test_pipeline.py`
+checks by training at 1 and 2 threads, and switching from 1 to 2 mid-run, and comparing the weights bitwise.
 """
 
 from __future__ import annotations
