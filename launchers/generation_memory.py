@@ -21,9 +21,15 @@ the busiest rank (each model built at the job's layout):
   through megatron's layers (`tokens x (5 ffn/tp + 4 hidden)`, ungated `3 ffn/tp + 4 hidden`; both measured),
   plus the logits a language model makes (the prefill's at each row's last
   position, in the compute dtype and in fp32 for sampling; a log-probability forward's loss as
-  `launchers.memory` counts it in training). Attention's transients are smaller than the MLP's for Llama shapes
-  (`ffn` >= 2.7 x hidden, heads x head_dim = hidden; not counted, so under-estimated, where the heads are much wider
-  than the hidden size, as Qwen3's smallest models' are: 2 x hidden at 0.6B); a chunked prefill holds a chunk's
+  `launchers.memory` counts it in training). Where the heads are much wider than the hidden size (Qwen3-0.6B: 2 x
+  hidden) attention's transients are the larger: with `q = heads x head_dim / tp` and `kv = groups x head_dim / tp`,
+  the lean decoder's RoPE of the queries holds `6 q + 2 kv + 2 hidden` a token (the packed projection, the query
+  heads' copy and RoPE's four temporaries), megatron's layers `5 q + 2 kv + 3 hidden`, QK norms one more `kv` (the
+  normed keys; measured on heads 2-8 x hidden, within 2 %); for Llama shapes (`ffn` >= 2.7 x hidden, heads x
+  head_dim = hidden) the MLP's are. Not counted: with such wide heads a prefill in chunks, whose attention reads
+  the keys and values already cached, holds more still (1.1-1.8x the estimate with 4 query heads a group, up to
+  5.9x without grouping, heads 4 x hidden, 8 rows in chunks of 8 positions; measured 2026-12-05), so size those
+  with `prefill_tokens` at least the rows' prompts. A chunked prefill holds a chunk's
   causal mask, and on GPUs grouped-query attention with that mask adds the mask tiled over a group's heads or one
   layer's keys and values repeated, whichever is less (`working_bytes`).
 
@@ -148,11 +154,16 @@ def kv_cache_bytes(model: ModelConfig, parallel: ParallelConfig, rows: int, posi
 
 
 def _per_token(model: ModelConfig, tp: int, lean: bool) -> int:
-    """Elements the largest transient of a layer holds per token (module docstring)."""
+    """Elements the largest transient of a layer holds per token: its MLP's or its attention's, whichever is larger
+    (module docstring)."""
     gated = model.activation.value == "swiglu"
+    queries = model.num_attention_heads * model.head_dim // tp
+    keys = (3 if model.qk_layernorm else 2) * model.query_groups * model.head_dim // tp
     if lean:
-        return (4 if gated else 3) * model.ffn_hidden_size // tp + 2 * model.hidden_size
-    return (5 if gated else 3) * model.ffn_hidden_size // tp + 4 * model.hidden_size
+        mlp = (4 if gated else 3) * model.ffn_hidden_size // tp + 2 * model.hidden_size
+        return max(mlp, 6 * queries + keys + 2 * model.hidden_size)
+    mlp = (5 if gated else 3) * model.ffn_hidden_size // tp + 4 * model.hidden_size
+    return max(mlp, 5 * queries + keys + 3 * model.hidden_size)
 
 
 def working_bytes(model: ModelConfig, parallel: ParallelConfig, workload: Workload, size: int, cuda: bool) -> float:

@@ -36,6 +36,11 @@ LLAMA = replace(
 SINGLE = ParallelConfig()
 NEMOTRON = as_nemotron(LLAMA)  # an ungated MLP (squared ReLU), zero-centred LayerNorm, RoPE on half of each head
 QWEN3 = replace(LLAMA, qk_layernorm=True)  # QK norms
+# Qwen3-0.6B's proportions (heads 2 x hidden wide, ffn 3 x hidden, QK norms): attention's transients are the larger.
+QWEN3_WIDE = replace(
+    LLAMA, kv_channels=32, num_query_groups=4, ffn_hidden_size=3 * LLAMA.hidden_size, qk_layernorm=True
+)
+WIDE = replace(LLAMA, kv_channels=64)  # heads 4 x hidden wide: attention's transients are the larger in scoring too
 
 
 def _tokens(rows: int, length: int) -> torch.Tensor:
@@ -50,8 +55,18 @@ def _tokens(rows: int, length: int) -> torch.Tensor:
         (LLAMA, 1, 256, 4, 100),
         (NEMOTRON, 4, 200, 50, 8192),
         (NEMOTRON, 8, 120, 90, 64),
+        (QWEN3_WIDE, 4, 200, 50, 8192),
+        (WIDE, 8, 120, 90, 8192),
     ],
-    ids=["llama-whole", "llama-chunks-64", "llama-chunks-100", "nemotron-whole", "nemotron-chunks-64"],
+    ids=[
+        "llama-whole",
+        "llama-chunks-64",
+        "llama-chunks-100",
+        "nemotron-whole",
+        "nemotron-chunks-64",
+        "qwen3-wide-whole",
+        "wide-whole",
+    ],
 )
 def test_kv_cache_and_prefill_match_the_lean_decoder(
     layout, model: ModelConfig, rows: int, positions: int, answer: int, prefill_tokens: int
@@ -77,7 +92,9 @@ def test_kv_cache_and_prefill_match_the_lean_decoder(
     assert step < estimate.working
 
 
-@pytest.mark.parametrize("model", [LLAMA, NEMOTRON, QWEN3], ids=["llama", "nemotron", "qwen3"])
+@pytest.mark.parametrize(
+    "model", [LLAMA, NEMOTRON, QWEN3, QWEN3_WIDE, WIDE], ids=["llama", "nemotron", "qwen3", "qwen3-wide", "wide"]
+)
 def test_scoring_forward_matches_an_apm(layout, model: ModelConfig) -> None:
     """An APM's forward through megatron's layers (annotation, evaluation, the server's scoring): the transient is
     the estimate's within 5 %."""
