@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-# Before anything multiplies a matrix (MKL reads it once): the strict mode `runtime.initialize` gives recipes
-# (steerlm.runtime.mkl), so tests compute what recipes compute and in-process initialisations do not warn.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-
 import pytest
 
 from steerlm import runtime
 from steerlm.config import Activation, ModelConfig, Normalization, ParallelConfig
+from steerlm.runtime import mkl
+
+# Before anything multiplies a matrix (MKL reads it once): the strict mode `runtime.initialize` gives recipes,
+# so tests compute what recipes compute and in-process initialisations do not warn.
+os.environ.setdefault(mkl.VARIABLE, mkl.STRICT)
 
 # Two layers, GQA (4 heads, 2 groups), a vocabulary that needs padding (300 → 384).
 TEST_MODEL = ModelConfig(

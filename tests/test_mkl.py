@@ -74,7 +74,7 @@ def test_strict_mode_asked_for_after_mkl_ran_is_a_warning_naming_the_fix() -> No
 def test_initialize_puts_the_process_and_its_children_in_strict_mode() -> None:
     script = textwrap.dedent(
         """
-        import os, subprocess, sys
+        import subprocess, sys
         from steerlm import runtime
         from steerlm.config import ParallelConfig
         from steerlm.runtime import mkl
