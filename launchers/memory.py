@@ -275,6 +275,7 @@ PRESET_LAYOUTS = (
     ("qwen2_5_7b", "tp4", 8, 4096),
     ("mistral_7b", "tp8", 4, 4096),
     ("qwen3_8b", "tp8", 4, 4096),
+    ("phi4", "tp2_pp2", 2, 4096),
 )
 
 

@@ -44,6 +44,8 @@ NEMOTRON_MODEL = as_nemotron(TEST_MODEL)
 QWEN2_MODEL = replace(TEST_MODEL, add_qkv_bias=True, rotary_base=1000000, layernorm_epsilon=1e-6)
 # Qwen3's: a norm of each query and key head, heads wider than hidden / heads (Qwen3-0.6B: 1024 / 16 = 64 < 128).
 QWEN3_MODEL = replace(TEST_MODEL, qk_layernorm=True, kv_channels=32, rotary_base=1000000, layernorm_epsilon=1e-6)
+# A Llama's layers with RoPE on half of each head: only Phi-3 expresses it (Phi3ForCausalLM; Phi-4-mini's: 0.75).
+PHI3_MODEL = replace(TEST_MODEL, rotary_percent=0.5)
 
 
 def randomize_biases(chunks, layout, seed: int = 3, std: float = 0.1) -> None:

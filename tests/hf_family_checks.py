@@ -1,7 +1,7 @@
-"""The checks every HF model family steerlm exports to passes (tests/test_nemotron.py, tests/test_qwen_mistral.py):
-an export written at TP=2 computes steerlm's logits in transformers and converts back bitwise, the lean decoder's
-greedy tokens are transformers' `generate`'s, and a regression APM exported as the family's sequence classifier
-scores as steerlm does."""
+"""The checks every HF model family steerlm exports to passes (tests/test_nemotron.py, tests/test_qwen_mistral.py,
+tests/test_phi3.py): an export written at TP=2 computes steerlm's logits in transformers and converts back bitwise,
+the lean decoder's greedy tokens are transformers' `generate`'s, and a regression APM exported as the family's
+sequence classifier scores as steerlm does; and another tool's models, written by transformers, converted at TP=2."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from pathlib import Path
 
 import torch
 
-from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint
+from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config
 from steerlm.config import ModelConfig, PrecisionConfig
+from steerlm.config.store import to_typed
 from steerlm.inference.decoders import lean_unsupported
 from steerlm.inference.generate import Generator, SamplingParams
 from steerlm.inference.loading import load_generator
+from steerlm.models import build_model_chunks
 from steerlm.models.attribute import build_attribute_model_chunks
 from steerlm.stages.convert import convert
-from tests.test_convert import _checkpoint, _convert, _parameters, _steerlm_logits
+from tests.multiproc import run_distributed
+from tests.test_convert import _checkpoint, _convert, _distributed_conversions, _parameters, _steerlm_logits
 
 
 def check_export(layout, paths: dict[str, Path], model: ModelConfig, tokens: torch.Tensor, causal_lm: str):
@@ -71,3 +74,28 @@ def check_apm_export(layout, root: Path, model: ModelConfig, prepare, tokens: to
         theirs = hf(tokens).logits + torch.tensor(hf.config.steerlm_score_bias)
         ours = chunks[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[:, -1]
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def converted_other_tools(
+    models: dict[str, torch.nn.Module], root: Path
+) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
+    """Each of transformers' `models` with every weight random (vectors around 0.5: biases, norm weights), written by
+    `save_pretrained`, and the steerlm checkpoint it converts to at TP=2 (one two-rank launch): name → (the HF
+    model, its directory, the steerlm run)."""
+    with torch.no_grad():
+        for name, model in models.items():
+            for param in model.parameters():
+                param.copy_(torch.randn_like(param) * 0.1 + (0.5 if param.dim() == 1 else 0.0))
+            model.eval().save_pretrained(root / name)
+    jobs = [(str(root / name), str(root / f"{name}_steerlm"), {}, 2, 1) for name in models]
+    run_distributed(_distributed_conversions, 2, jobs)
+    return {name: (model, root / name, root / f"{name}_steerlm") for name, model in models.items()}
+
+
+def imported(layout, run: Path) -> tuple[ModelConfig, list]:
+    """The model config and loaded chunks of a steerlm run (one an import wrote)."""
+    path = resolve_checkpoint(run)
+    model = to_typed(saved_config(path).model, ModelConfig)
+    chunks = build_model_chunks(model, PrecisionConfig(), layout, 99)
+    load_weights(path, chunks, layout, model)
+    return model, chunks

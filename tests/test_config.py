@@ -304,6 +304,7 @@ def _model_fitting(parallel: ParallelConfig) -> ModelConfig:
         ("qwen2_5_7b", 7_615_616_512),  # Qwen2ForCausalLM's
         ("mistral_7b", 7_248_023_552),  # MistralForCausalLM's
         ("qwen3_8b", 8_190_735_360),  # Qwen3ForCausalLM's
+        ("phi4", 14_659_507_200),  # Phi3ForCausalLM's
     ],
 )
 def test_real_presets_have_the_published_parameter_count(preset: str, parameters: int) -> None:

@@ -5,6 +5,7 @@ launchers … --dry-run` reports it."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,7 @@ def test_dry_run_reports_one_checkpoint_s_size(capsys) -> None:
 
 def test_preset_table_covers_every_model_preset() -> None:
     table = preset_table()
-    presets = ("tiny", "small", "llama3_2_1b", "llama2_7b", "llama3_8b", "llama2_13b", "llama2_70b", "llama3_70b")
-    for preset in (*presets, "nemotron3_8b", "nemotron4_340b", "qwen2_5_7b", "mistral_7b", "qwen3_8b"):
+    presets = sorted(path.stem for path in (Path(__file__).parents[1] / "steerlm/conf/model").glob("*.yaml"))
+    assert len(presets) >= 15
+    for preset in presets:
         assert f"| `{preset}` |" in table

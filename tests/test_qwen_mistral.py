@@ -25,18 +25,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlm.checkpoint.sharded import META, check_compatible, load_weights, resolve_checkpoint, saved_config
-from steerlm.config import ConfigError, ModelConfig, PrecisionConfig
+from steerlm.checkpoint.sharded import META, check_compatible, resolve_checkpoint
+from steerlm.config import ConfigError
 from steerlm.config.convert import ModelFormat
-from steerlm.config.store import to_typed
-from steerlm.models import build_model_chunks
 from steerlm.models.hf_llama import LLAMA, QWEN2, QWEN3, hf_architecture, hf_config_dict
 from steerlm.models.nemo_config import nemo_model, nemo_model_config
 from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.convert import convert
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import QWEN2_MODEL, QWEN3_MODEL, TEST_MODEL, randomize_biases
-from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy
+from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy, converted_other_tools, imported
 from tests.multiproc import run_distributed
 from tests.test_convert import _checkpoint, _convert, _distributed_conversions
 
@@ -120,10 +118,10 @@ def test_a_regression_apm_exports_as_the_family_s_sequence_classification(layout
     check_apm_export(layout, tmp_path, model, _randomise_vectors(layout), TOKENS, f"{name}ForSequenceClassification")
 
 
-def _other_tools(root: Path) -> dict[str, tuple[torch.nn.Module, Path]]:
-    """transformers' own models, every weight random (vectors around 0.5: biases, norm weights), written by
-    `save_pretrained`: a Qwen2 and a Qwen3 (heads of 32 channels) with tied embeddings, a Mistral attending to every
-    position, and one whose layers see 64 positions."""
+@pytest.fixture(scope="module")
+def other_tools(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
+    """transformers' own models converted at TP=2 (`converted_other_tools`): a Qwen2 and a Qwen3 (heads of 32
+    channels) with tied embeddings, a Mistral attending to every position, and one whose layers see 64 positions."""
     torch.manual_seed(0)
     models = {
         "qwen2": transformers.Qwen2ForCausalLM(
@@ -135,39 +133,14 @@ def _other_tools(root: Path) -> dict[str, tuple[torch.nn.Module, Path]]:
         "mistral": transformers.MistralForCausalLM(transformers.MistralConfig(**HF_SHAPE, sliding_window=None)),
         "mistral_window": transformers.MistralForCausalLM(transformers.MistralConfig(**HF_SHAPE, sliding_window=64)),
     }
-    out = {}
-    with torch.no_grad():
-        for name, model in models.items():
-            for param in model.parameters():
-                param.copy_(torch.randn_like(param) * 0.1 + (0.5 if param.dim() == 1 else 0.0))
-            model.eval().save_pretrained(root / name)
-            out[name] = (model, root / name)
-    return out
-
-
-@pytest.fixture(scope="module")
-def other_tools(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
-    """Each of `_other_tools` and the steerlm checkpoint it converts to at TP=2 (one two-rank launch)."""
-    root = tmp_path_factory.mktemp("other_tools")
-    sources = _other_tools(root)
-    jobs = [(str(directory), str(root / f"{name}_steerlm"), {}, 2, 1) for name, (_, directory) in sources.items()]
-    run_distributed(_distributed_conversions, 2, jobs)
-    return {name: (model, directory, root / f"{name}_steerlm") for name, (model, directory) in sources.items()}
-
-
-def _imported(layout, run: Path) -> tuple[ModelConfig, list]:
-    path = resolve_checkpoint(run)
-    model = to_typed(saved_config(path).model, ModelConfig)
-    chunks = build_model_chunks(model, PrecisionConfig(), layout, 99)
-    load_weights(path, chunks, layout, model)
-    return model, chunks
+    return converted_other_tools(models, tmp_path_factory.mktemp("other_tools"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "mistral_window"])
 def test_another_tool_s_qwen_and_mistral_convert_at_tp2_with_their_logits(layout, other_tools, name: str) -> None:
     source, _, run = other_tools[name]
-    model, chunks = _imported(layout, run)
+    model, chunks = imported(layout, run)
     assert model.add_qkv_bias is (name == "qwen2") and not model.add_bias_linear
     assert model.qk_layernorm is (name == "qwen3") and model.head_dim == (32 if name == "qwen3" else 16)
     assert model.share_embeddings_and_output_weights is name.startswith("qwen")

@@ -1,17 +1,20 @@
-"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral <-> megatron GPTModel: configuration and full (unsharded)
-weight mapping.
+"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral / Phi-3 <-> megatron GPTModel: configuration and full
+(unsharded) weight mapping.
 
-Five HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
+Six HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
 every channel, optionally Llama-3.1's frequency scaling), Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm
 whose weights are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU
 MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`), Qwen3
-(a Llama with an RMSNorm of each query and key head before RoPE, `q_norm` / `k_norm`: `model.qk_layernorm`) and
+(a Llama with an RMSNorm of each query and key head before RoPE, `q_norm` / `k_norm`: `model.qk_layernorm`),
 Mistral (a Llama whose layers may attend to a sliding window: imported with that many positions, exported as the
-Llama it computes). `hf_architecture` tells which a `ModelConfig` is exported as.
+Llama it computes) and Phi-3 (Phi-3, Phi-3.5 and Phi-4 without LongRoPE: a Llama, or one with RoPE on a share of each
+head, whose q/k/v and gate/up projections are stored fused; exported as the Llama it computes where RoPE covers every
+channel). `hf_architecture` tells which a `ModelConfig` is exported as.
 
 Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
 ([q heads of the group, k, v] x groups) and the SwiGLU MLP as one `linear_fc1` = [gate; up]; HF keeps
-separate q/k/v and gate/up projections (Nemotron's `up_proj` is the ungated `linear_fc1` as it is). Both use
+separate q/k/v and gate/up projections (Nemotron's `up_proj` is the ungated `linear_fc1` as it is; Phi-3's
+`qkv_proj` holds [all q heads; all k; all v] and its `gate_up_proj` is `linear_fc1` as it is). Both use
 non-interleaved ("rotate half") RoPE, so no permutation of heads is needed. Vocabulary padding rows are dropped on
 export and added as zeros on import (they are never looked up; as output rows they give logit 0).
 """
@@ -83,6 +86,7 @@ class HFArchitecture:
     partial_rope: bool = False  # RoPE on a share of each head (`partial_rotary_factor`); else on every channel
     llama3_rope: bool = False  # Llama-3.1's frequency scaling may be on (`rope_scaling.rope_type: llama3`)
     exported: bool = True  # steerlm writes this family (Mistral computes what a Llama does: it is exported as one)
+    fused: bool = False  # q/k/v in one `qkv_proj` ([q; k; v]) and gate/up in one `gate_up_proj` ([gate; up])
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -100,7 +104,10 @@ NEMOTRON = HFArchitecture(
 QWEN2 = HFArchitecture("Qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True)
 QWEN3 = HFArchitecture("Qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", qk_norm=True)
 MISTRAL = HFArchitecture("Mistral", "mistral", "MistralForCausalLM", "MistralForSequenceClassification", exported=False)
-HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL)}
+# Exported only where no family before it computes the model (RoPE on a share of each head): `hf_architecture` takes
+# the first that does, so a Phi-3 with RoPE on every channel goes out as the Llama it is.
+PHI3 = HFArchitecture("Phi3", "phi3", "Phi3ForCausalLM", "Phi3ForSequenceClassification", partial_rope=True, fused=True)
+HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3)}
 
 
 def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
@@ -165,6 +172,8 @@ def hf_config_dict(model: ModelConfig) -> dict:
     if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
         config.update(norm_eps=model.layernorm_epsilon, partial_rotary_factor=model.rotary_percent)
         return config
+    if family == PHI3:  # Phi3Config's default pad id is Phi-3's 32000, outside other vocabularies: none unless given
+        config.update(partial_rotary_factor=model.rotary_percent, sliding_window=None, pad_token_id=None)
     config["rms_norm_eps"] = model.layernorm_epsilon
     if model.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_SCALING}
@@ -172,6 +181,8 @@ def hf_config_dict(model: ModelConfig) -> dict:
 
 
 _QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")  # the bias: Qwen2's
+# Phi-3's fused projections (after `model.layers.N.`; the q/k/v one without `.weight`, as `_QKV`'s kinds follow it)
+_FUSED_QKV, _FUSED_FC1 = "self_attn.qkv_proj", "mlp.gate_up_proj.weight"
 
 
 def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...]:
@@ -220,11 +231,16 @@ def megatron_to_hf_tensors(name: str, tensor: torch.Tensor, model: ModelConfig) 
     copies = _layer_copies(model)
     if rest in copies:
         return [(prefix + copies[rest], tensor)]
+    fused = hf_architecture(model).fused
     if rest in _QKV:
         q, k, v = _split_qkv(tensor, model)
         kind = rest.rsplit(".", 1)[1]
+        if fused:
+            return [(f"{prefix}{_FUSED_QKV}.{kind}", torch.cat([q, k, v]))]
         return [(f"{prefix}self_attn.{part}_proj.{kind}", value) for part, value in zip("qkv", (q, k, v))]
     if rest == "mlp.linear_fc1.weight":
+        if fused:
+            return [(prefix + _FUSED_FC1, tensor)]
         gate, up = split_fc1(tensor)
         return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
     raise KeyError(f"an HF {hf_architecture(model).name} has no tensor for megatron parameter {name!r}")
@@ -240,31 +256,51 @@ _LORA_PROJECTIONS = {
 }
 
 
-def lora_projections(model: ModelConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+_FUSED_LORA_PROJECTIONS = {
+    **_LORA_PROJECTIONS,
+    "linear_qkv": ("self_attn", ("qkv_proj",)),
+    "linear_fc1": ("mlp", ("gate_up_proj",)),
+}
+
+
+def lora_projections(model: ModelConfig, fused: bool | None = None) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Per adapted megatron layer: the HF module it sits in and the projections PEFT adapts there (an ungated fc1
-    is `up_proj` alone)."""
+    is `up_proj` alone). `fused`: whether the HF model stores q/k/v and gate/up fused (a Phi-3's `qkv_proj` and
+    `gate_up_proj`); None: as the family `model` is exported as does."""
+    if _exported_fused(model) if fused is None else fused:
+        return _FUSED_LORA_PROJECTIONS
     return _LORA_PROJECTIONS if _gated(model) else {**_LORA_PROJECTIONS, "linear_fc1": ("mlp", ("up_proj",))}
+
+
+def _exported_fused(model: ModelConfig) -> bool:
+    """Whether `model` exports as an HF family with fused projections (False for a shape no family computes)."""
+    try:
+        return hf_architecture(model).fused
+    except ValueError:
+        return False
 
 
 PEFT_PREFIX = "base_model.model."  # PEFT's name of the wrapped LlamaForCausalLM in adapter_model.safetensors
 
 
 def megatron_lora_to_peft_tensors(
-    name: str, tensor: torch.Tensor, model: ModelConfig
+    name: str, tensor: torch.Tensor, model: ModelConfig, fused: bool | None = None
 ) -> list[tuple[str, torch.Tensor]]:
     """The PEFT adapter tensors (name as `adapter_model.safetensors` holds it, view) of one full adapter matrix
-    `decoder.layers.N.<parent>.<linear>.lora_a|lora_b` (steerlm.models.lora)."""
+    `decoder.layers.N.<parent>.<linear>.lora_a|lora_b` (steerlm.models.lora); `fused` as `lora_projections`."""
     match = _LAYER.match(name)
     if match is None:
         raise KeyError(f"{name!r} is not a layer's adapter")
     module, matrix = match.group(2).rsplit(".", 1)
     linear = module.rsplit(".", 1)[-1]
-    parent, projections = lora_projections(model)[linear]
+    parent, projections = lora_projections(model, fused)[linear]
     if matrix == "lora_a":
         parts: tuple[torch.Tensor, ...] = (tensor,) * len(projections)
     elif linear == "linear_qkv":
         parts = _split_qkv(tensor, model)
-    elif linear == "linear_fc1" and _gated(model):
+        if len(projections) == 1:  # Phi-3's qkv_proj: [q; k; v]
+            parts = (torch.cat(parts),)
+    elif linear == "linear_fc1" and len(projections) == 2:  # gate_proj, up_proj (gate_up_proj is fc1's layout)
         parts = split_fc1(tensor)
     else:
         parts = (tensor,)
@@ -387,9 +423,16 @@ def _from_hf(name: str, hf: Mapping[str, torch.Tensor], model: ModelConfig) -> t
         return hf[prefix + copies[rest]]
     if rest in _QKV:
         kind = rest.rsplit(".", 1)[1]
-        q, k, v = (hf[f"{prefix}self_attn.{p}_proj.{kind}"] for p in "qkv")
+        fused = f"{prefix}{_FUSED_QKV}.{kind}"
+        if fused in hf:  # a Phi-3's [q; k; v]
+            query, group = model.num_attention_heads * model.head_dim, model.query_groups * model.head_dim
+            q, k, v = hf[fused].split([query, group, group])
+        else:
+            q, k, v = (hf[f"{prefix}self_attn.{p}_proj.{kind}"] for p in "qkv")
         return _pack_qkv(q, k, v, model)
     if rest == "mlp.linear_fc1.weight":
+        if prefix + _FUSED_FC1 in hf:  # a Phi-3's [gate; up]: megatron's layout
+            return hf[prefix + _FUSED_FC1]
         return torch.cat([hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"]])
     raise KeyError(missing)
 
@@ -415,6 +458,9 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
             for file in sorted(Path(folder).glob("*.safetensors")):
                 with safe_open(file, framework="pt") as handle:
                     self._files.update(dict.fromkeys(handle.keys(), file))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._files  # without reading the tensor, as Mapping's own would
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._files:
@@ -450,8 +496,8 @@ def attention_window(hf: dict) -> int | None:
 
 
 def hf_model_fields(hf: dict, key: str, location: str) -> dict:
-    """The `model.*` fields an HF Llama, Nemotron, Qwen2, Qwen3 or Mistral config.json determines (`num_query_groups`/
-    `kv_channels` explicit, and the family's norm, activation, biases and RoPE share).
+    """The `model.*` fields an HF Llama, Nemotron, Qwen2, Qwen3, Mistral or Phi-3 config.json determines
+    (`num_query_groups`/`kv_channels` explicit, and the family's norm, activation, biases and RoPE share).
 
     `key`/`location`: the config key that named the directory and its value, for the ConfigError of a model
     `model.*` cannot describe at all (another architecture, other RoPE scaling, biases).
@@ -476,8 +522,9 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             key,
             location,
             f"holds a model steerlm cannot express ({', '.join(unsupported)})",
-            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling), a Mistral, Qwen2 or "
-            "Qwen3 (the same without RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK norms) or a Nemotron "
+            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling), a Mistral, Qwen2, "
+            "Qwen3 or Phi-3 (the same without RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK norms, Phi-3 "
+            "with partial RoPE too: Phi-4 and the 4k Phi-3 models, not LongRoPE's 128k ones) or a Nemotron "
             "(zero-centred LayerNorm, squared ReLU, partial RoPE, no biases)",
         )
     heads = hf["num_attention_heads"]

@@ -1,12 +1,12 @@
-"""A Hugging Face Llama, Nemotron, Qwen2, Qwen3 or Mistral directory → a steerlm checkpoint at any TP/PP
+"""A Hugging Face Llama, Nemotron, Qwen2, Qwen3, Mistral or Phi-3 directory → a steerlm checkpoint at any TP/PP
 (`recipes/convert.py to=steerlm`).
 
 Collective over the layout the checkpoint is written from. A `…ForCausalLM` (LlamaForCausalLM, NemotronForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM) becomes a language model, a `…ForSequenceClassification` a
-regression APM (`score` is its head). An export of steerlm's own carries `steerlm/` (the source config, the word
-vocabulary, the APM head's bias in config.json and its unused vocabulary output layer), so export → import gives the
-same config and bitwise the same weights; another tool's model gets a config synthesised from config.json (an APM's
-schema from `id2label` and `apm_range`).
+Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Phi3ForCausalLM) becomes a language model, a
+`…ForSequenceClassification` a regression APM (`score` is its head). An export of steerlm's own carries `steerlm/`
+(the source config, the word vocabulary, the APM head's bias in config.json and its unused vocabulary output layer),
+so export → import gives the same config and bitwise the same weights; another tool's model gets a config synthesised
+from config.json (an APM's schema from `id2label` and `apm_range`).
 
 Each rank builds its shards and fills them from the safetensors files one full tensor at a time
 (`MegatronFromHF` reads lazily), then the checkpoint is saved weights-only: runs start from it with

@@ -6,7 +6,9 @@ export writes it), so `PeftModel.from_pretrained(base, directory)`, vLLM (`--ena
 name=directory`) and TGI (`LORA_ADAPTERS`) serve it on the base model the run started from, next to other
 adapters of the same base. A fused megatron layer is several HF projections: `linear_qkv`'s adapters become
 q_proj/k_proj/v_proj's (one A shared, B's rows split by head), `linear_fc1`'s gate_proj/up_proj's
-(`steerlm.models.hf_llama.megatron_lora_to_peft_tensors`).
+(`steerlm.models.hf_llama.megatron_lora_to_peft_tensors`) — or, where the base stores them fused (a Phi-3 started from
+its HF directory, or a model exported as one), the fused `qkv_proj`'s (B's rows regrouped as [q; k; v]) and
+`gate_up_proj`'s.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from steerlm import runtime
 from steerlm.checkpoint.sharded import load_adapters, read_meta
 from steerlm.config import ConfigError, PrecisionConfig
 from steerlm.config.convert import ConvertConfig
+from steerlm.config.schema import HF_CONFIG_FILE
 from steerlm.config.validation import validate_model_layout
 from steerlm.files import atomic_write_text
 from steerlm.models.gpt import build_model_chunks, torch_dtype
-from steerlm.models.hf_llama import lora_projections, megatron_lora_to_peft_tensors
+from steerlm.models.hf_llama import (
+    HF_ARCHITECTURES,
+    LLAMA,
+    lora_projections,
+    megatron_lora_to_peft_tensors,
+    read_hf_config,
+)
 from steerlm.models.lora import is_adapter
 from steerlm.models.sharding import gather_full, named_global_parameters
 from steerlm.runtime.layout import ParallelLayout
@@ -51,9 +60,20 @@ def base_model(saved: DictConfig) -> str | None:
     return None
 
 
+def base_stores_fused(source: ExportSource) -> bool | None:
+    """Whether the HF model the run started from (its `init_from`, where that is an HF directory) stores q/k/v and
+    gate/up fused, as a Phi-3 does: PEFT's adapters must name the base's own projections. None where the run started
+    from anything else (a steerlm checkpoint, a `.nemo`): the projections of the family the model is exported as."""
+    base = base_model(source.saved)
+    if base is None or not (Path(base) / HF_CONFIG_FILE).is_file():
+        return None
+    family = HF_ARCHITECTURES.get(read_hf_config(Path(base)).get("model_type", LLAMA.model_type))
+    return None if family is None else family.fused
+
+
 def adapter_config(source: ExportSource, lora: dict) -> dict:
     """PEFT's LoraConfig of these adapters, as `adapter_config.json` holds it."""
-    projections = lora_projections(source.model)
+    projections = lora_projections(source.model, base_stores_fused(source))
     targets = [projection for target in lora["targets"] for projection in projections[target][1]]
     return {
         "peft_type": "LORA",
@@ -142,10 +162,11 @@ def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     agree(layout, error)
     adapters = gather_adapters(cfg, source, layout)
     if layout.is_rank_zero:
+        fused = base_stores_fused(source)
         tensors = {
             peft_name: part.clone().contiguous()  # q, k, v (gate, up) share A: a copy each
             for name in sorted(adapters)
-            for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model)
+            for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model, fused)
         }
         save_file(tensors, str(partial / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         atomic_write_text(partial / ADAPTER_CONFIG, json.dumps(adapter_config(source, lora), indent=2) + "\n")

@@ -1,0 +1,172 @@
+"""Phi-3-family models (Phi3ForCausalLM: Phi-3, Phi-3.5 and Phi-4 without LongRoPE): a Llama's layers, or ones with
+RoPE on a share of each head (`partial_rotary_factor`), whose checkpoints store q/k/v as one `qkv_proj` ([all q heads;
+all k; all v]) and gate/up as one `gate_up_proj` ([gate; up], megatron's `linear_fc1` layout).
+
+Checked against transformers' Phi3: another tool's Phi-3 models (grouped heads with RoPE on every channel, RoPE on half
+of each head, a 64-position sliding window), written by `save_pretrained`, convert to steerlm at TP=2 with their logits;
+the one with RoPE on every channel goes out as the Llama it computes, the one with partial RoPE as a Phi3ForCausalLM
+(fused tensors) with steerlm's logits, whose lean-decoder greedy tokens are HF `generate`'s, and which converts back
+bitwise; a regression APM of that shape exports as Phi3ForSequenceClassification; LongRoPE is refused naming the
+scaling. A LoRA run started from a Phi-3 directory exports PEFT adapters for its fused projections, which PEFT applies
+to that directory with steerlm's logits (the mapping of each adapter: tests/test_lora.py, `phi3-all`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
+from steerlm.config import ConfigError, LoraConfig, ModelConfig, compose, to_typed
+from steerlm.config.convert import ModelFormat
+from steerlm.config.schema import Accelerator, TokenizerConfig, TokenizerType, TrainDataConfig
+from steerlm.config.sft import SFTConfig, SFTOptions
+from steerlm.config.validation import validate_model_layout
+from steerlm.models import lora
+from steerlm.models.hf_llama import LLAMA, PHI3, hf_architecture, hf_config_dict, hf_model_fields
+from steerlm.stages.convert import convert
+from steerlm.tokenizers import WordTokenizer
+from tests.conftest import PHI3_MODEL, TEST_MODEL
+from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy, converted_other_tools, imported
+from tests.multiproc import run_distributed
+from tests.test_convert import SCHEMA, TEXTS, _checkpoint, _convert, _distributed_conversions
+from tests.test_lora import _randomise_b
+from tests.test_qwen_mistral import HF_SHAPE, TOKENS, _randomise_vectors
+
+transformers = pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors")
+
+
+@pytest.fixture(scope="module")
+def phi3_imports(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
+    """transformers' Phi3ForCausalLM converted at TP=2 (`converted_other_tools`): RoPE on every channel, on half of
+    each head, and layers that see 64 positions."""
+    torch.manual_seed(1)
+    shapes = {
+        "phi3": {"sliding_window": None},
+        "phi3_partial": {"sliding_window": None, "partial_rotary_factor": 0.5},
+        "phi3_window": {"sliding_window": 64},
+    }
+    models = {
+        name: transformers.Phi3ForCausalLM(transformers.Phi3Config(**HF_SHAPE, pad_token_id=0, **extra))
+        for name, extra in shapes.items()
+    }
+    return converted_other_tools(models, tmp_path_factory.mktemp("phi3_imports"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["phi3", "phi3_partial", "phi3_window"])
+def test_another_tool_s_phi3_converts_at_tp2_with_its_logits(layout, phi3_imports, name: str) -> None:
+    source, _, run = phi3_imports[name]
+    model, chunks = imported(layout, run)
+    assert model.rotary_percent == (0.5 if name == "phi3_partial" else 1.0) and model.query_groups == 2
+    assert model.max_position_embeddings == (64 if name == "phi3_window" else 128)
+    tokens = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        theirs = source(tokens).logits
+        ours = chunks[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., :300]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    # RoPE on every channel is a Llama, which transformers, vLLM and TGI load as the same function
+    assert hf_architecture(model) == (PHI3 if name == "phi3_partial" else LLAMA)
+
+
+@pytest.fixture(scope="module")
+def exported(layout, tmp_path_factory) -> dict[str, Path]:
+    """A partial-RoPE SFT checkpoint with random norm weights, exported at TP=2, imported back at TP=1."""
+    root = tmp_path_factory.mktemp("phi3_export")
+    run = _checkpoint(layout, root / "sft", PHI3_MODEL, prepare=_randomise_vectors(layout))
+    run_distributed(_distributed_conversions, 2, [(str(run), str(root / "hf"), {}, 2, 1)])
+    convert(_convert(root / "hf", root / "back"), layout)
+    return {"run": run, "hf": root / "hf", "back": root / "back"}
+
+
+@pytest.mark.slow
+def test_partial_rope_exports_at_tp2_as_an_hf_phi3_with_fused_tensors_and_imports_back_bitwise(
+    layout, exported
+) -> None:
+    hf = check_export(layout, exported, PHI3_MODEL, TOKENS, "Phi3ForCausalLM")
+    assert hf.config.rope_parameters["partial_rotary_factor"] == 0.5 and hf.config.sliding_window is None
+    with safetensors.safe_open(exported["hf"] / "model.safetensors", framework="pt") as handle:
+        names = set(handle.keys())
+    assert {"model.layers.1.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"} <= names
+    assert not any("q_proj" in name or "gate_proj" in name for name in names)
+
+
+@pytest.mark.slow
+def test_greedy_tokens_of_the_lean_decoder_equal_hf_phi3_generate(layout, exported) -> None:
+    check_lean_greedy(layout, exported["run"], exported["hf"], TOKENS)
+
+
+@pytest.mark.slow
+def test_adapters_of_a_run_started_from_an_hf_phi3_export_for_its_fused_projections(
+    layout, phi3_imports, tmp_path: Path
+) -> None:
+    """A LoRA run whose `init_from` is a Phi-3 directory (RoPE on every channel: the model itself exports as a Llama)
+    writes PEFT adapters for the base's own `qkv_proj` and `gate_up_proj`; PEFT on that base gives steerlm's logits."""
+    peft = pytest.importorskip("peft")
+    _, directory, run = phi3_imports["phi3"]
+    model, chunks = imported(layout, run)
+    lora.attach(chunks, LoraConfig(rank=4, alpha=8.0), 7)
+    _randomise_b(chunks[0])
+    WordTokenizer.build(TEXTS).save(tmp_path / "tokenizer")
+    cfg = SFTConfig(
+        model=model,
+        output_dir=str(tmp_path / "run"),
+        attributes=SCHEMA,
+        tokenizer=TokenizerConfig(TokenizerType.word, str(tmp_path / "tokenizer")),
+        data=TrainDataConfig(train_file="unused.jsonl"),
+        sft=SFTOptions(init_from=str(directory)),
+        lora=LoraConfig(rank=4, alpha=8.0),
+    )
+    save_checkpoint(tmp_path / "run", 3, WeightsOnly(chunks), layout, cfg)
+    convert(_convert(tmp_path / "run", tmp_path / "peft", to=ModelFormat.peft), layout)
+    adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    base = transformers.Phi3ForCausalLM.from_pretrained(directory)  # a copy of its own: PEFT wraps it in place
+    wrapped = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    tokens = TOKENS[:, :16]
+    with torch.no_grad():
+        theirs = wrapped(input_ids=tokens).logits
+        ours = chunks[0](tokens, torch.arange(16).expand_as(tokens), None)[..., :300]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_a_regression_apm_with_partial_rope_exports_as_phi3_sequence_classification(layout, tmp_path: Path) -> None:
+    prepare = _randomise_vectors(layout)
+    check_apm_export(layout, tmp_path, PHI3_MODEL, prepare, TOKENS, "Phi3ForSequenceClassification")
+
+
+def test_only_partial_rope_goes_out_as_phi3() -> None:
+    assert hf_architecture(TEST_MODEL) == LLAMA and hf_architecture(PHI3_MODEL) == PHI3
+    config = hf_config_dict(PHI3_MODEL)
+    assert config["architectures"] == ["Phi3ForCausalLM"] and config["partial_rotary_factor"] == 0.5
+    fields = hf_model_fields({**config, "pad_token_id": 0}, "input", "x")
+    assert {name: fields[name] for name in ("rotary_percent", "num_query_groups", "kv_channels")} == {
+        "rotary_percent": 0.5,
+        "num_query_groups": 2,
+        "kv_channels": 16,
+    }
+
+
+def test_longrope_is_refused_naming_the_scaling() -> None:
+    """Phi-3-mini-128k, Phi-3.5-mini and Phi-4-mini rescale RoPE per channel (LongRoPE), which steerlm's RoPE lacks."""
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "factor": 32.0}
+    config = {**hf_config_dict(TEST_MODEL), "model_type": "phi3", "rope_scaling": longrope}
+    with pytest.raises(ConfigError, match="rope scaling .*longrope") as error:
+        hf_model_fields(config, "input", "phi3_128k")
+    assert error.value.key == "input" and "not LongRoPE" in str(error.value)
+
+
+def test_the_phi4_preset_is_phi_4_s_shape_and_its_layout_splits_it() -> None:
+    """Phi-4's config.json; 10 query groups, so a tensor-parallel size must divide 10 (the preset's layout: TP=2)."""
+    model: ModelConfig = to_typed(compose("demo", ["model=phi4"])).model
+    assert (model.hidden_size, model.num_layers, model.num_attention_heads, model.query_groups) == (5120, 40, 40, 10)
+    assert hf_architecture(model) == LLAMA  # RoPE on every channel: exported as the Llama it computes
+    layouts = {name: to_typed(compose("demo", [f"parallel={name}"])).parallel for name in ("tp2_pp2", "tp4")}
+    validate_model_layout(model, layouts["tp2_pp2"], Accelerator.cuda, this_machine=False)
+    with pytest.raises(ConfigError, match=r"must divide the number of query groups \(10\)") as error:
+        validate_model_layout(model, layouts["tp4"], Accelerator.cuda, this_machine=False)
+    assert error.value.key == "parallel.tensor_model_parallel_size"
