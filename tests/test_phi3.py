@@ -14,13 +14,14 @@ to that directory with steerlm's logits (the mapping of each adapter: tests/test
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
-from steerlm.config import ConfigError, LoraConfig, ModelConfig, compose, to_typed
+from steerlm.config import ConfigError, LoraConfig, ModelConfig, TrainConfig, compose, to_typed
 from steerlm.config.convert import ModelFormat
 from steerlm.config.schema import Accelerator, TokenizerConfig, TokenizerType, TrainDataConfig
 from steerlm.config.sft import SFTConfig, SFTOptions
@@ -29,6 +30,8 @@ from steerlm.models import lora
 from steerlm.models.hf_llama import LLAMA, PHI3, hf_architecture, hf_config_dict, hf_model_fields
 from steerlm.stages.convert import convert
 from steerlm.tokenizers import WordTokenizer
+from steerlm.training import build_training
+from steerlm.training.init_from import load_init_weights, resolve_init_source
 from tests.conftest import PHI3_MODEL, TEST_MODEL
 from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy, converted_other_tools, imported
 from tests.multiproc import run_distributed
@@ -71,6 +74,23 @@ def test_another_tool_s_phi3_converts_at_tp2_with_its_logits(layout, phi3_import
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
     # RoPE on every channel is a Llama, which transformers, vLLM and TGI load as the same function
     assert hf_architecture(model) == (PHI3 if name == "phi3_partial" else LLAMA)
+
+
+@pytest.mark.slow
+def test_init_from_a_phi3_directory_starts_from_its_weights_and_checks_its_shape(layout, phi3_imports) -> None:
+    """`sft.init_from=<a Phi-3 directory>` (how a Phi-4 run starts) loads the fused tensors into megatron's layers:
+    the run's first forward is transformers'; a `model.*` that differs is refused naming the field."""
+    source, directory, _ = phi3_imports["phi3_partial"]
+    model = replace(TEST_MODEL, rotary_percent=0.5, layernorm_epsilon=1e-6)
+    setup = build_training(TrainConfig(model=model), layout)
+    load_init_weights(resolve_init_source("sft.init_from", str(directory), model), setup, layout, model)
+    tokens = TOKENS[:, :16]
+    with torch.no_grad():
+        ours = setup.chunks[0](tokens, torch.arange(16).expand_as(tokens), None)[..., :300]
+        torch.testing.assert_close(source(tokens).logits, ours, rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="holds an HF Phi3 with rotary_percent=0.5") as error:
+        resolve_init_source("sft.init_from", str(directory), replace(model, rotary_percent=1.0))
+    assert error.value.key == "model.rotary_percent"
 
 
 @pytest.fixture(scope="module")
