@@ -20,6 +20,7 @@ from steerlm.config.schema import Backend, ParallelConfig
 from steerlm.config.validation import Accelerator, data_parallel_size
 from steerlm.runtime import cpu_matmul, mkl
 from steerlm.runtime.layout import ParallelLayout
+from steerlm.runtime.lifetime import die_with_parent, started_by_torchrun
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelLayout:
 
     Safe to call again after `shutdown()` (tests re-initialise with other layouts in one process).
     """
+    if started_by_torchrun():  # its workers outlive an agent killed with -9 otherwise (steerlm.runtime.lifetime)
+        die_with_parent()
     accelerator = detect_accelerator()
     # megatron's tensor-parallel overlap of grad all-reduce with compute assumes one CUDA work queue.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -33,12 +33,10 @@ checks by training at 1 and 2 threads, and switching from 1 to 2 mid-run, and co
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -55,10 +53,10 @@ from steerlm.config import ConfigError, ParallelConfig, to_typed
 from steerlm.config.pipeline import PipelineConfig
 from steerlm.config.store import CONF_DIR, RECIPES_DIR
 from steerlm.files import atomic_write_text
+from steerlm.runtime.lifetime import die_with_parent
 from steerlm.runtime.threads import THREADS_FILE, write_share
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -353,12 +351,6 @@ def _judge_steps(cfg: PipelineConfig, out: Paths, common: list[str], processes: 
     return [step], args
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the pipeline process dies (even by kill -9), so no stage outlives it; a
-    training stage checkpoints on SIGTERM and the rerun resumes from there."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class _Running:
     step: Step
@@ -407,7 +399,7 @@ def _start(step: Step, out: Paths, threads: int) -> _Running | None:
     per_process = threads // replicas
     write_share(threads_file, per_process)
     env = {**os.environ, "OMP_NUM_THREADS": str(per_process), THREADS_FILE: str(threads_file)}
-    process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
     return _Running(step, process, stream, log_path, time.perf_counter(), threads_file, [threads], replicas)
 
 
