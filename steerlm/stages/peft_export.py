@@ -71,9 +71,9 @@ def base_stores_fused(source: ExportSource) -> bool | None:
     return None if family is None else family.fused
 
 
-def adapter_config(source: ExportSource, lora: dict) -> dict:
-    """PEFT's LoraConfig of these adapters, as `adapter_config.json` holds it."""
-    projections = lora_projections(source.model, base_stores_fused(source))
+def adapter_config(source: ExportSource, lora: dict, fused: bool | None) -> dict:
+    """PEFT's LoraConfig of these adapters, as `adapter_config.json` holds it (`fused`: `base_stores_fused`)."""
+    projections = lora_projections(source.model, fused)
     targets = [projection for target in lora["targets"] for projection in projections[target][1]]
     return {
         "peft_type": "LORA",
@@ -169,7 +169,7 @@ def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
             for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model, fused)
         }
         save_file(tensors, str(partial / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_text(partial / ADAPTER_CONFIG, json.dumps(adapter_config(source, lora), indent=2) + "\n")
+        atomic_write_text(partial / ADAPTER_CONFIG, json.dumps(adapter_config(source, lora, fused), indent=2) + "\n")
         if output.is_dir():
             output.rmdir()  # validated empty
         os.replace(partial, output)
