@@ -696,3 +696,44 @@ def test_a_killed_async_writer_is_a_checkpoint_error_and_the_previous_checkpoint
         pending.published(blocking=True)
     assert error.value.path.name == ".tmp_step_0000002"
     assert latest_checkpoint(tmp_path) == previous and not pending.path.exists()
+
+
+# 13. LongRoPE
+
+
+def test_long_rope_replaces_megatrons_rotary_forward_and_scales_attentions_cos_sin(layout):
+    """GPTModel calls `rotary_pos_emb(length, packed_seq=…, cp_group=…)` (the signature `LongRotaryEmbedding.forward`
+    overrides) and self-attention multiplies cos/sin by the module-level concentration function item 13 rebinds."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer import attention
+
+    from steerlm.megatron_compat.long_rope import ATTENTION_FACTOR, LongRotaryEmbedding, attention_factor
+
+    assert list(inspect.signature(RotaryEmbedding.forward).parameters) == [
+        "self",
+        "max_seq_len",
+        "offset",
+        "packed_seq",
+        "cp_group",
+    ]
+    pairs = TEST_MODEL.head_dim // 2
+    model = replace(
+        TEST_MODEL, rope_short_factor=[1.0] * pairs, rope_long_factor=[4.0] * pairs, rope_original_max_positions=8
+    )
+    tokens = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    plain = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 5)[0]
+    short = build_model_chunks(model, PrecisionConfig(), layout, 5)[0]
+    scaled = build_model_chunks(replace(model, rope_attention_factor=1.5), PrecisionConfig(), layout, 5)[0]
+    assert isinstance(short.rotary_pos_emb, LongRotaryEmbedding)
+    assert attention._yarn_get_concentration_factor_from_config(scaled.config) == 1.5
+    assert getattr(scaled.config, ATTENTION_FACTOR) == attention_factor(scaled.config) == 1.5
+    assert attention_factor(plain.config) == 1.0
+
+    def logits(chunk, n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return chunk(tokens[:, :n], torch.arange(n)[None], None)
+
+    # factors of one within the pretraining length: megatron's own RoPE; past it (and with a factor) not
+    torch.testing.assert_close(logits(short, 8), logits(plain, 8), rtol=0, atol=0)
+    assert not torch.allclose(logits(short, 12), logits(plain, 12), atol=1e-3)
+    assert not torch.allclose(logits(scaled, 8), logits(short, 8), atol=1e-3)

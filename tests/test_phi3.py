@@ -1,14 +1,14 @@
-"""Phi-3-family models (Phi3ForCausalLM: Phi-3, Phi-3.5 and Phi-4 without LongRoPE): a Llama's layers, or ones with
-RoPE on a share of each head (`partial_rotary_factor`), whose checkpoints store q/k/v as one `qkv_proj` ([all q heads;
-all k; all v]) and gate/up as one `gate_up_proj` ([gate; up], megatron's `linear_fc1` layout).
+"""Phi-3-family models (Phi3ForCausalLM: Phi-3, Phi-3.5 and Phi-4; LongRoPE's: tests/test_long_rope.py): a Llama's
+layers, or ones with RoPE on a share of each head (`partial_rotary_factor`), whose checkpoints store q/k/v as one
+`qkv_proj` ([all q heads; all k; all v]) and gate/up as one `gate_up_proj` ([gate; up], megatron's `linear_fc1` layout).
 
 Checked against transformers' Phi3: another tool's Phi-3 models (grouped heads with RoPE on every channel, RoPE on half
 of each head, a 64-position sliding window), written by `save_pretrained`, convert to steerlm at TP=2 with their logits;
 the one with RoPE on every channel goes out as the Llama it computes, the one with partial RoPE as a Phi3ForCausalLM
 (fused tensors) with steerlm's logits, whose lean-decoder greedy tokens are HF `generate`'s, and which converts back
-bitwise; a regression APM of that shape exports as Phi3ForSequenceClassification; LongRoPE is refused naming the
-scaling. A LoRA run started from a Phi-3 directory exports PEFT adapters for its fused projections, which PEFT applies
-to that directory with steerlm's logits (the mapping of each adapter: tests/test_lora.py, `phi3-all`).
+bitwise; a regression APM of that shape exports as Phi3ForSequenceClassification; a RoPE scaling Phi-3 does not have
+is refused naming it. A LoRA run started from a Phi-3 directory exports PEFT adapters for its fused projections, which
+PEFT applies to that directory with steerlm's logits (the mapping of each adapter: tests/test_lora.py, `phi3-all`).
 """
 
 from __future__ import annotations
@@ -171,13 +171,13 @@ def test_only_partial_rope_goes_out_as_phi3() -> None:
     }
 
 
-def test_longrope_is_refused_naming_the_scaling() -> None:
-    """Phi-3-mini-128k, Phi-3.5-mini and Phi-4-mini rescale RoPE per channel (LongRoPE), which steerlm's RoPE lacks."""
-    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "factor": 32.0}
-    config = {**hf_config_dict(TEST_MODEL), "model_type": "phi3", "rope_scaling": longrope}
-    with pytest.raises(ConfigError, match="rope scaling .*longrope") as error:
-        hf_model_fields(config, "input", "phi3_128k")
-    assert error.value.key == "input" and "not LongRoPE" in str(error.value)
+def test_a_rope_scaling_phi3_does_not_have_is_refused_naming_it() -> None:
+    """Phi-3's RoPE is plain or LongRoPE (tests/test_long_rope.py); another scaling is refused naming it."""
+    dynamic = {"rope_type": "dynamic", "factor": 2.0}
+    config = {**hf_config_dict(TEST_MODEL), "model_type": "phi3", "rope_scaling": dynamic}
+    with pytest.raises(ConfigError, match="rope scaling .*dynamic") as error:
+        hf_model_fields(config, "input", "phi3_dynamic")
+    assert error.value.key == "input" and "LongRoPE too" in str(error.value)
 
 
 def test_the_phi4_preset_is_phi_4_s_shape_and_its_layout_splits_it() -> None:

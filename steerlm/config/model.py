@@ -102,6 +102,14 @@ class ModelConfig:
     rotary_percent: float = 1.0
     rope_scaling: bool = False  # Llama-3.1 frequency scaling
     rope_scaling_factor: float = 8.0
+    # LongRoPE (Phi-3.5-mini, Phi-4-mini, the 128k Phi-3s; `steerlm.megatron_compat.long_rope`): each rotary channel
+    # pair's inverse frequency is divided by its short factor, or by its long factor in a forward whose positions
+    # reach past `rope_original_max_positions`, and RoPE's cos and sin are multiplied by `rope_attention_factor`.
+    # Both lists null (the default): RoPE as it is. An import from Hugging Face fills all four.
+    rope_short_factor: Optional[list[float]] = None
+    rope_long_factor: Optional[list[float]] = None
+    rope_original_max_positions: int = 4096
+    rope_attention_factor: float = 1.0
     share_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = False
     # Biases on the query, key and value projections alone (megatron's `add_qkv_bias`, NeMo's `qkv_bias`): Qwen2's
@@ -125,6 +133,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def long_rope(self) -> bool:
+        """Whether RoPE is LongRoPE's (`rope_short_factor` / `rope_long_factor`)."""
+        return self.rope_short_factor is not None or self.rope_long_factor is not None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -231,6 +244,36 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)", "use 0.0 for Llama")
+        if self.long_rope:
+            self._validate_long_rope()
+
+    def _validate_long_rope(self) -> None:
+        pairs = int(self.rotary_percent * self.head_dim) // 2
+        for name in ("rope_short_factor", "rope_long_factor"):
+            factors = getattr(self, name)
+            require(
+                factors is not None and len(factors) == pairs and all(factor > 0 for factor in factors),
+                f"model.{name}",
+                factors,
+                f"LongRoPE needs {pairs} positive factors here, one per rotary channel pair (model.kv_channels x "
+                "model.rotary_percent / 2), in both rope_short_factor and rope_long_factor",
+                "copy both lists from the model's config.json (rope_scaling), or set both to null for plain RoPE",
+            )
+        require(
+            not self.rope_scaling,
+            "model.rope_scaling",
+            self.rope_scaling,
+            "is Llama-3.1's frequency scaling, which LongRoPE's factors replace",
+            "set model.rope_scaling=false",
+        )
+        require(
+            self.position_embedding_type == PositionEmbedding.rope,
+            "model.position_embedding_type",
+            self.position_embedding_type.value,
+            "must be rope for LongRoPE's factors",
+            "set model.position_embedding_type=rope, or the factors to null",
+        )
+        require_positive("model", self, ("rope_original_max_positions", "rope_attention_factor"))
 
 
 # Model fields that change tensor shapes or their meaning: a checkpoint (steerlm's, `steerlm.checkpoint.sharded`, or a
@@ -252,7 +295,18 @@ MODEL_SHAPE_FIELDS = (
     "add_qkv_bias",
     "qk_layernorm",
 )
-MODEL_FIELDS_ADDED = {"layernorm_zero_centered_gamma": False, "add_qkv_bias": False, "qk_layernorm": False}
+MODEL_FIELDS_ADDED = {
+    "layernorm_zero_centered_gamma": False,
+    "add_qkv_bias": False,
+    "qk_layernorm": False,
+    "rope_short_factor": None,
+    "rope_long_factor": None,
+    "rope_original_max_positions": 4096,
+    "rope_attention_factor": 1.0,
+}
+# LongRoPE's fields (`ModelConfig.rope_short_factor` …): no tensor shape shows them, but a run started from weights
+# trained with them computes another function without them, so `init_from` a steerlm checkpoint checks them too.
+LONG_ROPE_FIELDS = ("rope_short_factor", "rope_long_factor", "rope_original_max_positions", "rope_attention_factor")
 
 
 def written_model_field(written: Mapping[str, Any], name: str) -> Any:

@@ -85,6 +85,21 @@ class SFTConfig(LabelledDataTrainConfig):
     ) -> int:
         dp = super().validate(world_size, accelerator, this_machine)
         self.sft.validate(check_files=this_machine)
+        if (
+            self.sft.packing
+            and self.model.long_rope
+            and self.trainer.seq_length > self.model.rope_original_max_positions
+        ):
+            raise ConfigError(
+                "sft.packing",
+                True,
+                f"packs conversations into rows of trainer.seq_length={self.trainer.seq_length} positions, past "
+                f"LongRoPE's pretraining length (model.rope_original_max_positions="
+                f"{self.model.rope_original_max_positions}): every conversation would train with the long factors, "
+                "which a conversation of its own length is not served with",
+                "set sft.packing=false (each step padded to its longest conversation) or trainer.seq_length <= "
+                f"{self.model.rope_original_max_positions}",
+            )
         if self.sft.objective == SFTObjective.steerlm2:
             if self.data.length_policy != LengthPolicy.drop:
                 raise ConfigError(

@@ -3,8 +3,8 @@
 A megatron-core upgrade starts here: every item below names what it replaces or relies on, and
 `tests/test_megatron_compat.py` checks each one against the installed megatron-core. No other steerlm module
 patches megatron, overrides a private method or reads a private attribute. Items 7 and 9, the optimizers' state
-and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_writes.py`; this module re-exports
-what the rest of steerlm uses.
+and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_writes.py`, item 13 in
+`long_rope.py`; this module re-exports what the rest of steerlm uses.
 
 0. Import cost (`steerlm/_import_hooks.py`, installed by `steerlm/__init__.py` because it must act before the
    first `import megatron.core`): megatron's `torch.compile` wrappers (`megatron.core.jit.jit_fuser`) are built
@@ -69,6 +69,11 @@ what the rest of steerlm uses.
    request run by its non-persistent `AsyncCallsQueue` (a forked process), its results handed back through a file
    instead of the module-level results queue of item 3. Relies on the request's fields, the shape of its
    `async_fn_args` and `AsyncCallsQueue.async_calls` (details in `async_writes.py`).
+13. LongRoPE (`long_rope.py`, `model.rope_short_factor` …): a built GPTModel's `rotary_pos_emb` is replaced by a
+   `RotaryEmbedding` subclass overriding `forward(max_seq_len, offset, packed_seq, cp_group)` (what GPTModel calls
+   with the forward's rotary length), and the attention factor rides on the module-level
+   `transformer.attention._yarn_get_concentration_factor_from_config`, through which megatron's self-attention
+   scales RoPE's cos/sin (YaRN's mscale), rebound to read a steerlm attribute of the TransformerConfig first.
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
 new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test

@@ -7,9 +7,10 @@ whose weights are stored centred on zero — `model.layernorm_zero_centered_gamm
 MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`), Qwen3
 (a Llama with an RMSNorm of each query and key head before RoPE, `q_norm` / `k_norm`: `model.qk_layernorm`),
 Mistral (a Llama whose layers may attend to a sliding window: imported with that many positions, exported as the
-Llama it computes) and Phi-3 (Phi-3, Phi-3.5 and Phi-4 without LongRoPE: a Llama, or one with RoPE on a share of each
-head, whose q/k/v and gate/up projections are stored fused; exported as the Llama it computes where RoPE covers every
-channel). `hf_architecture` tells which a `ModelConfig` is exported as.
+Llama it computes) and Phi-3 (Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: a Llama, or one with RoPE on a share of each head,
+or with LongRoPE's per-channel factors — `model.rope_*`, `steerlm.megatron_compat.long_rope` —, whose q/k/v and
+gate/up projections are stored fused; exported as the Llama it computes where RoPE covers every channel without
+LongRoPE). `hf_architecture` tells which a `ModelConfig` is exported as.
 
 Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
 ([q heads of the group, k, v] x groups) and the SwiGLU MLP as one `linear_fc1` = [gate; up]; HF keeps
@@ -22,6 +23,7 @@ export and added as zeros on import (they are never looked up; as output rows th
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -87,6 +89,7 @@ class HFArchitecture:
     llama3_rope: bool = False  # Llama-3.1's frequency scaling may be on (`rope_scaling.rope_type: llama3`)
     exported: bool = True  # steerlm writes this family (Mistral computes what a Llama does: it is exported as one)
     fused: bool = False  # q/k/v in one `qkv_proj` ([q; k; v]) and gate/up in one `gate_up_proj` ([gate; up])
+    long_rope: bool = False  # LongRoPE's per-channel factors may be on (`rope_scaling.type: longrope`)
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -104,9 +107,11 @@ NEMOTRON = HFArchitecture(
 QWEN2 = HFArchitecture("Qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True)
 QWEN3 = HFArchitecture("Qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", qk_norm=True)
 MISTRAL = HFArchitecture("Mistral", "mistral", "MistralForCausalLM", "MistralForSequenceClassification", exported=False)
-# Exported only where no family before it computes the model (RoPE on a share of each head): `hf_architecture` takes
-# the first that does, so a Phi-3 with RoPE on every channel goes out as the Llama it is.
-PHI3 = HFArchitecture("Phi3", "phi3", "Phi3ForCausalLM", "Phi3ForSequenceClassification", partial_rope=True, fused=True)
+# Exported only where no family before it computes the model (RoPE on a share of each head with SwiGLU, or LongRoPE):
+# `hf_architecture` takes the first that does, so a Phi-3 with plain RoPE on every channel goes out as the Llama it is.
+PHI3 = HFArchitecture(
+    "Phi3", "phi3", "Phi3ForCausalLM", "Phi3ForSequenceClassification", partial_rope=True, fused=True, long_rope=True
+)
 HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3)}
 
 
@@ -130,6 +135,8 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         problems.append("rotary_percent must be 1.0")
     if not family.llama3_rope and model.rope_scaling:
         problems.append("rope_scaling must be false")
+    if not family.long_rope and model.long_rope:
+        problems.append("rope_short_factor and rope_long_factor must be null (LongRoPE)")
     return problems
 
 
@@ -175,9 +182,32 @@ def hf_config_dict(model: ModelConfig) -> dict:
     if family == PHI3:  # Phi3Config's default pad id is Phi-3's 32000, outside other vocabularies: none unless given
         config.update(partial_rotary_factor=model.rotary_percent, sliding_window=None, pad_token_id=None)
     config["rms_norm_eps"] = model.layernorm_epsilon
+    if model.long_rope:
+        config.update(_long_rope_config(model))
     if model.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_SCALING}
     return config
+
+
+def _long_rope_attention_factor(scale: float, original: int) -> float:
+    """The attention factor transformers gives LongRoPE when config.json names none: sqrt(1 + ln(scale) /
+    ln(original)) for a scale (`factor`, else max_position_embeddings / original) above 1."""
+    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
+
+
+def _long_rope_config(model: ModelConfig) -> dict:
+    """config.json's LongRoPE keys as Phi-3.5 and Phi-4-mini ship them (`rope_scaling` of exactly `type`,
+    `short_factor` and `long_factor`, which transformers 4's Phi3Config requires), plus `attention_factor` when
+    `max_position_embeddings / original_max_position_embeddings` does not give it (transformers 5 reads it)."""
+    scaling: dict[str, Any] = {
+        "type": "longrope",
+        "short_factor": list(model.rope_short_factor or ()),
+        "long_factor": list(model.rope_long_factor or ()),
+    }
+    original = model.rope_original_max_positions
+    if model.rope_attention_factor != _long_rope_attention_factor(model.max_position_embeddings / original, original):
+        scaling["attention_factor"] = model.rope_attention_factor
+    return {"original_max_position_embeddings": original, "rope_scaling": scaling}
 
 
 _QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")  # the bias: Qwen2's
@@ -513,7 +543,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         if hf.get(name) not in (None, expected)  # transformers 5 writes `attention_bias: null` for Qwen2 and Mistral
     ]
     llama3 = family.llama3_rope and rope_type == "llama3"
-    if not (rope_type == "default" or llama3) or (
+    long_rope = family.long_rope and rope_type in _LONG_ROPE_TYPES
+    if not (rope_type == "default" or llama3 or long_rope) or (
         llama3 and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
     ):
         unsupported.append(f"rope scaling {scaling}")
@@ -524,8 +555,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             f"holds a model steerlm cannot express ({', '.join(unsupported)})",
             "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling), a Mistral, Qwen2, "
             "Qwen3 or Phi-3 (the same without RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK norms, Phi-3 "
-            "with partial RoPE too: Phi-4 and the 4k Phi-3 models, not LongRoPE's 128k ones) or a Nemotron "
-            "(zero-centred LayerNorm, squared ReLU, partial RoPE, no biases)",
+            "with partial RoPE or LongRoPE too) or a Nemotron (zero-centred LayerNorm, squared ReLU, partial RoPE, "
+            "no biases)",
         )
     heads = hf["num_attention_heads"]
     share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
@@ -551,7 +582,31 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
     }
     if llama3:
         fields["rope_scaling_factor"] = float(scaling["factor"])
+    if long_rope:
+        fields.update(_long_rope_fields(hf, scaling))
     return fields
+
+
+# transformers' Phi3Config reads the names Phi-3-mini-128k's first releases used ("su", "yarn") as LongRoPE
+_LONG_ROPE_TYPES = ("longrope", "su", "yarn")
+
+
+def _long_rope_fields(hf: dict, scaling: dict) -> dict:
+    """`model.rope_*` of a Phi-3 config.json with LongRoPE, read as transformers 5 reads it: the pretraining length is
+    the top-level `original_max_position_embeddings` (Phi3Config's default 4096), the attention factor the one
+    named, else from `factor`, else from max_position_embeddings / that length."""
+    original = int(hf.get("original_max_position_embeddings", 4096))
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        factor = scaling.get("factor")
+        scale = hf["max_position_embeddings"] / original if factor is None else factor
+        attention = _long_rope_attention_factor(scale, original)
+    return {
+        "rope_short_factor": [float(factor) for factor in scaling["short_factor"]],
+        "rope_long_factor": [float(factor) for factor in scaling["long_factor"]],
+        "rope_original_max_positions": original,
+        "rope_attention_factor": float(attention),
+    }
 
 
 def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:

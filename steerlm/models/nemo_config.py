@@ -256,7 +256,14 @@ def _reward_head(keys: _Reader) -> RewardHead | None:
 
 
 # Fields a run's model must share with the archive's (besides the padded vocabulary, compared as rows).
-_SAME_FIELDS = (*MODEL_SHAPE_FIELDS, "layernorm_epsilon", "rotary_base", "rotary_percent", "rope_scaling")
+_SAME_FIELDS = (
+    *MODEL_SHAPE_FIELDS,
+    "layernorm_epsilon",
+    "rotary_base",
+    "rotary_percent",
+    "rope_scaling",
+    "rope_short_factor",  # null in every NeMo model: a LongRoPE run cannot start from one
+)
 
 
 def check_nemo_model(theirs: ModelConfig, ours: ModelConfig, key: str, location: str) -> None:

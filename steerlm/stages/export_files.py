@@ -252,6 +252,7 @@ def model_card(
         f"- {m.num_layers} layers, hidden size {m.hidden_size}, {m.num_attention_heads} attention heads, "
         f"{m.query_groups} key/value heads, vocabulary {m.vocab_size}, context {m.max_position_embeddings} tokens"
         + (f", Llama-3 RoPE scaling x{m.rope_scaling_factor:g}" if m.rope_scaling else "")
+        + (f", LongRoPE (pretraining length {m.rope_original_max_positions})" if m.long_rope else "")
         + (", tied embeddings" if m.share_embeddings_and_output_weights else ""),
         f"- weights: {config['torch_dtype']}",
     ]

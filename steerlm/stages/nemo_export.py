@@ -168,6 +168,14 @@ def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
             "1.x model NeMo-Aligner restores has (steerlm's .nemo import refuses such a config too)",
             "export it to Hugging Face with to=hf (Qwen3ForCausalLM)",
         )
+    if source.model.long_rope:
+        raise ConfigError(
+            "to",
+            cfg.to.value if cfg.to is not None else None,
+            f"{cfg.input} rotates with LongRoPE's per-channel factors (model.rope_short_factor / rope_long_factor, "
+            "Phi-3.5's RoPE), which no NeMo 1.x model has",
+            "export it to Hugging Face with to=hf (Phi3ForCausalLM)",
+        )
     if source.tokenizer is None:
         raise ConfigError(
             "tokenizer_path",
