@@ -77,6 +77,15 @@ SHAPES = {
     "qk_norm": replace(TEST_MODEL, qk_layernorm=True, kv_channels=32),
     "biased": replace(TEST_MODEL, add_bias_linear=True),
 }
+# LongRoPE with a pretraining length of 8 positions: of PROMPTS (4, 9, 2 and 6 tokens) one starts past it, the others
+# pass it at three different steps of 12 (tests/test_long_rope.py: against transformers' Phi3)
+LONG_ROPE = replace(
+    TEST_MODEL,
+    rope_short_factor=[1.0, 1.1, 1.3, 1.2, 1.5, 1.4, 1.1, 1.0],
+    rope_long_factor=[1.0, 1.5, 2.5, 3.5, 5.0, 4.0, 6.0, 8.0],
+    rope_original_max_positions=8,
+    rope_attention_factor=1.2,
+)
 
 
 @pytest.mark.parametrize("decoder", ["lean", "megatron"])
@@ -92,6 +101,24 @@ def test_kv_cache_greedy_equals_recompute_loop_for_a_batch_of_different_lengths(
         assert completion.finish_reason == FinishReason.length
         assert completion.prompt_tokens == len(prompt)
         assert completion.text == TOKENIZER.decode(completion.token_ids)
+
+
+def test_each_row_passes_longropes_pretraining_length_as_its_own_forward_does(layout) -> None:
+    """Rows of one batch crossing the pretraining length at different steps (each then computes its cache again with
+    the long factors), two leaving the batch before the last crosses, decode as the whole sequence's forward,
+    recomputed row by row, does."""
+    generator = _generator(layout, decoder="lean", model=LONG_ROPE)
+    steps = [12, 3, 12, 4]
+    completions = generator.generate(PROMPTS, [SamplingParams(max_new_tokens=n, logprobs=True) for n in steps])
+    for prompt, completion, n in zip(PROMPTS, completions, steps):
+        assert completion.token_ids == _argmax_loop(generator, prompt, n)
+        assert completion.logprobs is not None
+        for k, token in enumerate(completion.token_ids):  # each step's log-probability: its own sequence's forward
+            ids = torch.tensor([prompt + completion.token_ids[:k]])
+            with runtime.inference():
+                logits = generator.model(ids, torch.arange(ids.shape[1])[None], None)[0, -1, : TOKENIZER.vocab_size]
+            whole = float(torch.log_softmax(logits.double(), dim=-1)[token])
+            assert completion.logprobs[k].logprob == pytest.approx(whole, abs=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -243,8 +270,9 @@ def _run(tp: int, pp: int = 1, shape: str = "gqa", prefill_tokens: int = PREFILL
     layout = runtime.initialize(parallel, seed=0)
     try:
         out = {}
-        for decoder in ("lean", "megatron")[: 1 if pp > 1 else 2]:
-            generator = _generator(layout, decoder=decoder, model=SHAPES[shape], prefill_tokens=prefill_tokens)
+        model = LONG_ROPE if shape == "long_rope" else SHAPES[shape]
+        for decoder in ("lean", "megatron")[: 1 if pp > 1 or model.long_rope else 2]:
+            generator = _generator(layout, decoder=decoder, model=model, prefill_tokens=prefill_tokens)
             greedy = generator.generate(
                 PROMPTS, [SamplingParams(max_new_tokens=12, logprobs=True, top_logprobs=2)] * len(PROMPTS)
             )
@@ -283,6 +311,21 @@ def test_tp2_generates_what_tp1_generates(shape: str) -> None:
     ids = {run: [i for d in runs for row in d for _, top in row for i, _ in top] for run, runs in logprobs.items()}
     assert ids[0] == ids[1] == ids[2]
     assert flat[1] == pytest.approx(flat[0], abs=1e-4) and flat[2] == flat[1]
+
+
+@pytest.mark.slow
+def test_longrope_rows_decode_at_tp2_and_pp2_as_at_one_rank() -> None:
+    """The cache a row computes again when it passes LongRoPE's pretraining length: a collective of the TP ranks, and
+    a forward through the pipeline's stages in turn, which every rank makes at the same step."""
+    (tp1,) = run_distributed(_run, 1, 1, 1, "long_rope")
+    for tp, pp in ((2, 1), (1, 2)):
+        ranks = run_distributed(_run, 2, tp, pp, "long_rope")
+        assert ranks[0] == ranks[1] and ranks[0]["lean"] == tp1["lean"], (tp, pp)
+        got, expected = (
+            [v for row in run["lean_logprobs"] for lp, top in row for v in (lp, *(x for _, x in top))]
+            for run in (ranks[0], tp1)
+        )
+        assert got == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.slow

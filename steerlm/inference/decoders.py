@@ -47,6 +47,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference.adapters import AdapterRows
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
+from steerlm.megatron_compat.long_rope import LongRotaryEmbedding, attention_factor
 from steerlm.models.norm import normalize
 from steerlm.runtime.cpu_matmul import linear
 from steerlm.runtime.layout import ParallelLayout
@@ -246,9 +247,10 @@ class _Span:
     materialising the scores). Rows shorter than the span compute past their prompt; those entries are overwritten
     before they are read."""
 
-    def __init__(self, decoder: LeanDecoder, n: int, start: int = 0) -> None:
+    def __init__(self, decoder: LeanDecoder, n: int, start: int = 0, long: _Long = False) -> None:
         self.start, self.end = start, start + n
-        self.cos, self.sin = decoder.cos[start : self.end, None], decoder.sin[start : self.end, None]
+        # [n, 1, rotary channels], or [rows, n, 1, …] where LongRoPE's factors differ per row
+        self.cos, self.sin = (table.unsqueeze(-2) for table in decoder.rotation(slice(start, self.end), long))
         self.mask, self.causal = None, n > 1
         if start:
             queries = torch.arange(start, self.end, device=decoder.device)
@@ -270,8 +272,8 @@ class _Rows:
 
     def __init__(self, decoder: LeanDecoder, positions: torch.Tensor, end: int | None) -> None:
         self.index = positions
-        self.cos = decoder.cos.index_select(0, positions)[:, None, None]  # [rows, 1, 1, head_dim]
-        self.sin = decoder.sin.index_select(0, positions)[:, None, None]
+        long = decoder.long_rows if decoder.long_from is not None else False
+        self.cos, self.sin = (table[:, None, None] for table in decoder.rotation(positions, long))  # [rows, 1, 1, …]
         self.end = end
         span = decoder.cache[0][0].shape[2] if end is None else end
         self.mask = (torch.arange(span, device=positions.device)[None] <= positions[:, None])[:, None, None]
@@ -291,10 +293,10 @@ class _Continuation:
     ones: a row attends to the first `offsets[r]` of the former and causally to the latter. Padded new positions
     past the end of RoPE's table are clamped: their outputs are never read, and no real position sees them."""
 
-    def __init__(self, decoder: LeanDecoder, offsets: torch.Tensor, prefix: int, n: int) -> None:
+    def __init__(self, decoder: LeanDecoder, offsets: torch.Tensor, prefix: int, n: int, long: _Long = False) -> None:
         steps = torch.arange(n, device=offsets.device)
         positions = (offsets[:, None] + steps).clamp(max=decoder.cos.shape[0] - 1)  # [rows, n]
-        self.cos, self.sin = decoder.cos[positions][:, :, None], decoder.sin[positions][:, :, None]
+        self.cos, self.sin = (table[:, :, None] for table in decoder.rotation(positions, long))
         keys = torch.arange(prefix + n, device=offsets.device)
         held = keys[None, None] < offsets[:, None, None]  # [rows, 1, prefix + n]: the row's own prefix
         new = (keys[None] >= prefix) & (keys[None] - prefix <= steps[:, None])  # [n, prefix + n]: causal
@@ -311,6 +313,8 @@ class _Continuation:
 _Cache = list[tuple[torch.Tensor, torch.Tensor]]
 
 _Positions = _Span | _Rows | _Continuation
+# LongRoPE's long factors or not (`LeanDecoder.rotation`): for every row, or per row (a bool tensor [rows])
+_Long = bool | torch.Tensor
 
 
 def _widened(held: torch.Tensor, more: int) -> torch.Tensor:
@@ -372,10 +376,11 @@ class LeanDecoder:
             if _has_module(attention, "q_layernorm"):
                 self.qk_norms[index] = (attention.q_layernorm, attention.k_layernorm)
         self.dtype = next(model.parameters()).dtype
-        freqs = model.rotary_pos_emb(length)[:, 0, 0].float()  # [length, head_dim]: megatron's RoPE (scaling included)
-        self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+        self._rotary_tables(model, length)
         self.cache = self._empty(0, 0)
         self.lengths: list[int] = []  # per row: the positions it has filled (its next one)
+        self.long_rows = torch.zeros(0, dtype=torch.bool, device=layout.device)  # per row: LongRoPE's long factors
+        self.seen: list[list[int]] = []  # LongRoPE: per row within its pretraining length, the tokens it has seen
         self.output_weight = (  # the last stage's: its own copy of tied embeddings under PP
             None
             if not self.stages.last
@@ -383,6 +388,64 @@ class LeanDecoder:
             if model.share_embeddings_and_output_weights
             else model.output_layer.weight
         )
+
+    def _rotary_tables(self, model: GPTModel, length: int) -> None:
+        """RoPE's cos and sin `[length, rotary channels]` as megatron computes them (scaling included), times its
+        attention factor; LongRoPE (`long_from`: the pretraining length) has a second pair with the long factors."""
+        rope, factor = model.rotary_pos_emb, attention_factor(model.config)
+        self.long_from: int | None = None
+        if not isinstance(rope, LongRotaryEmbedding):
+            self.cos, self.sin = self._table(rope(length), factor)
+            return
+        self.long_from = rope.original_max_positions
+        self.cos, self.sin = self._table(rope.angles(length, False), factor)
+        self.long_cos, self.long_sin = self._table(rope.angles(length, True), factor)
+
+    def _table(self, angles: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = angles[:, 0, 0].float()
+        return (angles.cos() * factor).to(self.dtype), (angles.sin() * factor).to(self.dtype)
+
+    def long_rope(self, positions: int) -> bool:
+        """Whether a sequence of `positions` positions rotates with LongRoPE's long factors: as a forward over the
+        whole of it does (transformers' `longrope` update), when it is longer than the pretraining length."""
+        return self.long_from is not None and positions > self.long_from
+
+    def rotation(self, index: slice | torch.Tensor, long: _Long) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin at positions `index` (a slice, or a tensor whose first dimension is the rows), with
+        LongRoPE's long factors where `long` says: every row or none (a bool), or per row (a bool tensor [rows],
+        which a CUDA graph's step reads on the device; a slice's tables then get a leading rows dimension)."""
+        cos, sin = self.cos[index], self.sin[index]
+        if self.long_from is None or long is False:
+            return cos, sin
+        if long is True:
+            return self.long_cos[index], self.long_sin[index]
+        assert isinstance(long, torch.Tensor)
+        flags = long.view(-1, *[1] * (cos.dim() - (0 if isinstance(index, slice) else 1)))
+        return torch.where(flags, self.long_cos[index], cos), torch.where(flags, self.long_sin[index], sin)
+
+    def _lengthen(self, order: Sequence[int], tokens: torch.Tensor) -> None:
+        """Before a step feeding `tokens` to the rows `order` (the cache rows, in the order of `tokens`): a row
+        whose next position is its pretraining length's is from now on rotated with LongRoPE's long factors, as a
+        forward over the whole of it would be, so its cache is computed again with them from the tokens it has seen
+        (what transformers' Phi-3 does at that step); the short rows remember this step's tokens."""
+        if self.long_from is None:
+            return
+        rows = [row for row in order if self.lengths[row] == self.long_from]
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            seen = torch.tensor([self.seen[row] for row in rows], dtype=torch.long, device=self.device)
+            cache = self._empty(len(rows), self.long_from)
+            last = torch.full((len(rows),), self.long_from - 1, device=self.device)
+            self._prefill(seen, last, cache, self._adapted(self.rows_adapter.index_select(0, index)), (), long=True)
+            for (keys, values), (new_keys, new_values) in zip(self.cache, cache):
+                keys[index, :, : self.long_from] = new_keys
+                values[index, :, : self.long_from] = new_values
+            self.long_rows[index] = True  # in place: a CUDA graph's step reads it
+            for row in rows:
+                self.seen[row] = []
+        for row, token in zip(order, tokens.tolist()):
+            if self.lengths[row] < self.long_from:
+                self.seen[row].append(token)
 
     def _empty(self, rows: int, length: int) -> _Cache:
         """A zeroed cache: masked-out positions are multiplied by zero weights, which must meet finite values."""
@@ -500,9 +563,15 @@ class LeanDecoder:
         longest = max((len(p) for p in prefixes), default=0)
         cache = self._empty(len(prefixes), longest)
         hidden = self.cos.new_empty(len(prefixes), 0, self.model.config.hidden_size)
+        # each sequence rotates as a forward over the whole of it would (LongRoPE): so does its prefix
+        long = [self.long_rope(len(prefixes[o]) + len(c)) for o, c in zip(owners, continuations)]
+        prefix_long = dict(zip(owners, long))
+        if any(prefix_long[o] != flag for o, flag in zip(owners, long)):
+            raise ValueError("sequences sharing a prefix must all be within the pretraining length or all past it")
         if longest:
             padded = _padded([p or [0] for p in prefixes], self.device)
-            hidden = self._hidden(padded, _Span(self, padded.shape[1]), cache)
+            flags = torch.tensor([prefix_long.get(p, False) for p in range(len(prefixes))], device=self.device)
+            hidden = self._hidden(padded, _Span(self, padded.shape[1], long=flags), cache)
         n = max((len(c) for c in continuations), default=0)
         owner = torch.tensor(owners, dtype=torch.long, device=self.device)
         if not n:
@@ -511,7 +580,8 @@ class LeanDecoder:
             cache[layer] = (_widened(keys.index_select(0, owner), n), _widened(values.index_select(0, owner), n))
         offsets = torch.tensor([len(prefixes[o]) for o in owners], dtype=torch.long, device=self.device)
         tokens = _padded([c or [0] for c in continuations], self.device)
-        return hidden, self._hidden(tokens, _Continuation(self, offsets, longest, tokens.shape[1]), cache)
+        long_rows = torch.tensor(long, dtype=torch.bool, device=self.device)
+        return hidden, self._hidden(tokens, _Continuation(self, offsets, longest, tokens.shape[1], long_rows), cache)
 
     def vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits of last-layer outputs `[..., hidden]` (the final norm, the output layer, the
@@ -549,7 +619,7 @@ class LeanDecoder:
         rows = torch.tensor(adapters or [0] * len(prompts), dtype=torch.long, device=self.device)
         if int(rows.max()) > (len(self.adapters.names) if self.adapters else 0):
             raise ValueError(f"adapter {int(rows.max())} is not loaded (this decoder's bank)")
-        final, scored_hidden = self._prefill(tokens, last, new, self._adapted(rows), scored)
+        final, scored_hidden = self._prefill(tokens, last, new, self._adapted(rows), scored, self._long_prompts(last))
         logits = self.vocabulary(final)
         prompt_logits = {
             i: PromptLogits(hidden[: len(prompts[i]) - 1], self.vocabulary) for i, hidden in scored_hidden.items()
@@ -559,7 +629,13 @@ class LeanDecoder:
             self.cache[layer] = (_joined(held_keys, keys), _joined(held_values, values))
         self.lengths += [len(p) for p in prompts]
         self.rows_adapter = torch.cat((self.rows_adapter, rows))
+        self.long_rows = torch.cat((self.long_rows, self._long_prompts(last)))
+        self.seen += [list(p) if self.long_from is not None and len(p) <= self.long_from else [] for p in prompts]
         return logits, prompt_logits
+
+    def _long_prompts(self, last: torch.Tensor) -> torch.Tensor:
+        """Per prompt (its last position `last`): whether LongRoPE's long factors rotate it."""
+        return last + 1 > self.long_from if self.long_from is not None else torch.zeros_like(last, dtype=torch.bool)
 
     def _prefill(
         self,
@@ -568,19 +644,20 @@ class LeanDecoder:
         cache: _Cache,
         rows: AdapterRows | None,
         scored: Collection[int],
+        long: _Long,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Fill `cache` with the right-padded prompts `tokens` [rows, n] in chunks of at most `prefill_tokens`
         tokens (`prefill_tokens // rows` positions of every row, at least one): the transients of a forward grow
         with its tokens, so a long prefill of many rows would otherwise need more memory than the cache it fills.
         Returns the last layer's output at each row's last prompt position (`last` [rows]) and, for the rows in
-        `scored`, at every prompt position."""
+        `scored`, at every prompt position. `long`: LongRoPE's long factors (`rotation`), for every chunk."""
         count, n = tokens.shape
         chunk = max(1, self.prefill_tokens // count)
         final = torch.empty(count, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
         pieces: dict[int, list[torch.Tensor]] = {i: [] for i in scored}
         for start in range(0, n, chunk):
             hidden = self._hidden(
-                tokens[:, start : start + chunk], _Span(self, min(chunk, n - start), start), cache, rows
+                tokens[:, start : start + chunk], _Span(self, min(chunk, n - start), start, long), cache, rows
             )
             inside = ((last >= start) & (last < start + chunk)).nonzero().flatten()
             final[inside] = hidden[inside, last[inside] - start]
@@ -592,6 +669,7 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """As `MegatronDecoder.step`."""
         positions = torch.tensor(self.lengths, device=self.device)
+        self._lengthen(range(len(self.lengths)), tokens)
         rows = self._adapted(self.rows_adapter)
         logits = self._logits(tokens[:, None], _Rows(self, positions, max(self.lengths) + 1), self.cache, rows)
         self.lengths = [n + 1 for n in self.lengths]
@@ -608,6 +686,8 @@ class LeanDecoder:
             self.cache[layer] = (keys.index_select(0, index), values.index_select(0, index))
         self.lengths = [self.lengths[row] for row in rows]
         self.rows_adapter = self.rows_adapter.index_select(0, index)
+        self.long_rows = self.long_rows.index_select(0, index)
+        self.seen = [self.seen[row] for row in rows]
 
 
 class GraphedLeanDecoder(LeanDecoder):
@@ -678,6 +758,7 @@ class GraphedLeanDecoder(LeanDecoder):
         live = torch.tensor(self.live, device=self.device)
         self.tokens.index_copy_(0, live, tokens[:, None])
         self.positions.index_copy_(0, live, torch.tensor([self.lengths[r] for r in self.live], device=self.device))
+        self._lengthen(self.live, tokens)
         for row in self.live:
             self.lengths[row] += 1
         if not self.capture:

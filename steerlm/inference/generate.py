@@ -39,6 +39,7 @@ from steerlm.config.inference import (
     TOP_K_LIMIT,
 )
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, PromptLogits, lean_unsupported
+from steerlm.megatron_compat.long_rope import LongRotaryEmbedding
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
 
@@ -404,6 +405,14 @@ class Generator:
                 "tensor parallelism to split the model",
             )
         self.decoder = MegatronDecoder if decoder == "megatron" or reason else LeanDecoder
+        rope = getattr(self.model, "rotary_pos_emb", None)
+        if self.decoder is MegatronDecoder and isinstance(rope, LongRotaryEmbedding):
+            if max_sequence_length > rope.original_max_positions:
+                raise ValueError(
+                    f"decoder=megatron rotates every position of this LongRoPE model with the factors of its longest "
+                    f"sequence ({max_sequence_length} positions: the long ones), unlike transformers on sequences of "
+                    f"up to {rope.original_max_positions}; use decoder=auto or lean, or at most that many positions"
+                )
         self.adapters: AdapterBank | None = None
         if adapters is not None:
             self.use_adapters(adapters)

@@ -36,7 +36,26 @@ def grouped_log_probs(decoder: LeanDecoder, groups: Sequence[Sequence[Example]])
 
     A group's common prefix (but at most all but the last id of its shortest example, so every example keeps a
     target after it) is computed once; the hidden state that predicts target t is the prefix's at t - 1 when
-    t - 1 lies in the prefix, else the example's own continuation's."""
+    t - 1 lies in the prefix, else the example's own continuation's. Under LongRoPE a group's examples within
+    and past the pretraining length rotate differently (as their whole forwards do): each side shares its own."""
+    parts: list[list[int]] = []  # per scored group: the indices of its examples in their group
+    owners: list[int] = []  # per scored group: its group
+    for number, group in enumerate(groups):
+        sides: dict[bool, list[int]] = {}
+        for index, example in enumerate(group):
+            sides.setdefault(decoder.long_rope(len(example.ids) - 1), []).append(index)
+        parts += sides.values()
+        owners += [number] * len(sides)
+    scored = _scored(decoder, [[groups[o][i] for i in part] for o, part in zip(owners, parts)])
+    out: list[list[float]] = [[0.0] * len(group) for group in groups]
+    for owner, part, values in zip(owners, parts, scored):
+        for index, value in zip(part, values):
+            out[owner][index] = value
+    return out
+
+
+def _scored(decoder: LeanDecoder, groups: Sequence[Sequence[Example]]) -> list[list[float]]:
+    """`grouped_log_probs` of groups whose examples all rotate alike."""
     prefixes: list[list[int]] = []
     owners: list[int] = []
     continuations: list[list[int]] = []
