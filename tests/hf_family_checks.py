@@ -22,6 +22,15 @@ from tests.multiproc import run_distributed
 from tests.test_convert import _checkpoint, _convert, _distributed_conversions, _parameters, _steerlm_logits
 
 
+def exported_at_tp2(layout, root: Path, model: ModelConfig, prepare) -> dict[str, Path]:
+    """An SFT checkpoint of `model` (its weights changed by `prepare`) at `root / "sft"`, exported to Hugging Face at
+    TP=2 (`root / "hf"`) and converted back from that export at TP=1 (`root / "back"`): `check_export`'s paths."""
+    run = _checkpoint(layout, root / "sft", model, prepare=prepare)
+    run_distributed(_distributed_conversions, 2, [(str(run), str(root / "hf"), {}, 2, 1)])
+    convert(_convert(root / "hf", root / "back"), layout)
+    return {"run": run, "hf": root / "hf", "back": root / "back"}
+
+
 def check_export(layout, paths: dict[str, Path], model: ModelConfig, tokens: torch.Tensor, causal_lm: str):
     """`paths["hf"]` (exported from `paths["run"]`) is a `causal_lm` with the run's logits, and `paths["back"]` (it
     converted back) holds bitwise the run's weights. Returns the HF model for the family's own checks."""

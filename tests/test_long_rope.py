@@ -37,9 +37,8 @@ from steerlm.stages.convert import convert
 from steerlm.training import SEQUENCE_LOG_PROB, predict
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import TEST_MODEL
-from tests.hf_family_checks import check_export, converted_other_tools, imported
-from tests.multiproc import run_distributed
-from tests.test_convert import _checkpoint, _convert, _distributed_conversions
+from tests.hf_family_checks import check_export, converted_other_tools, exported_at_tp2, imported
+from tests.test_convert import _convert
 from tests.test_qwen_mistral import HF_SHAPE, _randomise_vectors
 
 transformers = pytest.importorskip("transformers")
@@ -127,10 +126,7 @@ def test_another_tool_s_longrope_phi3_converts_at_tp2_with_its_logits_within_and
 def exported(layout, tmp_path_factory) -> dict[str, Path]:
     """LONG_MODEL's SFT checkpoint with random norm weights, exported at TP=2 and imported back at TP=1."""
     root = tmp_path_factory.mktemp("longrope_export")
-    run = _checkpoint(layout, root / "sft", LONG_MODEL, prepare=_randomise_vectors(layout))
-    run_distributed(_distributed_conversions, 2, [(str(run), str(root / "hf"), {}, 2, 1)])
-    convert(_convert(root / "hf", root / "back"), layout)
-    return {"run": run, "hf": root / "hf", "back": root / "back"}
+    return exported_at_tp2(layout, root, LONG_MODEL, _randomise_vectors(layout))
 
 
 @pytest.mark.slow
@@ -222,7 +218,7 @@ def test_the_factors_round_trip_through_config_json_and_bad_ones_are_refused() -
 
 @pytest.mark.slow
 def test_a_nemo_export_of_a_longrope_model_is_refused(layout, exported, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="LongRoPE's per-channel factors") as error:
+    with pytest.raises(ConfigError, match="LongRoPE.s per-channel factors.*no NeMo 1.x model") as error:
         convert(_convert(exported["run"], tmp_path / "nemo", to=ModelFormat.nemo), layout)
     assert error.value.key == "to"
 

@@ -25,12 +25,10 @@ from steerlm.models import build_model_chunks
 from steerlm.models.hf_llama import NEMOTRON, hf_architecture, hf_config_dict
 from steerlm.models.nemo_config import nemo_model, nemo_model_config
 from steerlm.models.sharding import named_global_parameters
-from steerlm.stages.convert import convert
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import NEMOTRON_MODEL, TEST_MODEL
-from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy
-from tests.multiproc import run_distributed
-from tests.test_convert import _checkpoint, _convert, _distributed_conversions
+from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy, exported_at_tp2
+from tests.test_convert import _checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,10 +48,7 @@ def _randomise_norms(chunks: list) -> None:
 def exported(layout, tmp_path_factory) -> dict[str, Path]:
     """A Nemotron-shaped SFT checkpoint, exported at TP=2 and imported back from that export at TP=1."""
     root = tmp_path_factory.mktemp("nemotron")
-    run = _checkpoint(layout, root / "sft", NEMOTRON_MODEL, prepare=_randomise_norms)
-    run_distributed(_distributed_conversions, 2, [(str(run), str(root / "hf"), {}, 2, 1)])
-    convert(_convert(root / "hf", root / "back"), layout)
-    return {"run": run, "hf": root / "hf", "back": root / "back"}
+    return exported_at_tp2(layout, root, NEMOTRON_MODEL, _randomise_norms)
 
 
 def test_fresh_zero_centred_norms_compute_what_plain_norms_do(layout) -> None:

@@ -33,9 +33,15 @@ from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
 from steerlm.training.init_from import load_init_weights, resolve_init_source
 from tests.conftest import PHI3_MODEL, TEST_MODEL
-from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy, converted_other_tools, imported
-from tests.multiproc import run_distributed
-from tests.test_convert import SCHEMA, TEXTS, _checkpoint, _convert, _distributed_conversions
+from tests.hf_family_checks import (
+    check_apm_export,
+    check_export,
+    check_lean_greedy,
+    converted_other_tools,
+    exported_at_tp2,
+    imported,
+)
+from tests.test_convert import SCHEMA, TEXTS, _convert
 from tests.test_lora import _randomise_b
 from tests.test_qwen_mistral import HF_SHAPE, TOKENS, _randomise_vectors
 
@@ -97,10 +103,7 @@ def test_init_from_a_phi3_directory_starts_from_its_weights_and_checks_its_shape
 def exported(layout, tmp_path_factory) -> dict[str, Path]:
     """A partial-RoPE SFT checkpoint with random norm weights, exported at TP=2, imported back at TP=1."""
     root = tmp_path_factory.mktemp("phi3_export")
-    run = _checkpoint(layout, root / "sft", PHI3_MODEL, prepare=_randomise_vectors(layout))
-    run_distributed(_distributed_conversions, 2, [(str(run), str(root / "hf"), {}, 2, 1)])
-    convert(_convert(root / "hf", root / "back"), layout)
-    return {"run": run, "hf": root / "hf", "back": root / "back"}
+    return exported_at_tp2(layout, root, PHI3_MODEL, _randomise_vectors(layout))
 
 
 @pytest.mark.slow

@@ -160,22 +160,22 @@ def _tokenization(source: ExportSource) -> Tokenization:
 def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
     """What every `.nemo` export needs: a model NeMo 1.x builds, a tokenizer (NeMo builds the vocabulary from it),
     and no chat-template defaults."""
-    if source.model.qk_layernorm:
-        raise ConfigError(
-            "to",
-            cfg.to.value if cfg.to is not None else None,
-            f"{cfg.input} normalises each query and key head (model.qk_layernorm, Qwen3's attention), which no NeMo "
-            "1.x model NeMo-Aligner restores has (steerlm's .nemo import refuses such a config too)",
-            "export it to Hugging Face with to=hf (Qwen3ForCausalLM)",
-        )
-    if source.model.long_rope:
-        raise ConfigError(
-            "to",
-            cfg.to.value if cfg.to is not None else None,
-            f"{cfg.input} rotates with LongRoPE's per-channel factors (model.rope_short_factor / rope_long_factor, "
-            "Phi-3.5's RoPE), which no NeMo 1.x model has",
-            "export it to Hugging Face with to=hf (Phi3ForCausalLM)",
-        )
+    # what no NeMo 1.x model NeMo-Aligner restores has (steerlm's .nemo import refuses such a config too)
+    for unexpressed, what, family in (
+        (
+            source.model.qk_layernorm,
+            "normalises each query and key head (model.qk_layernorm, Qwen3's attention)",
+            "Qwen3",
+        ),
+        (source.model.long_rope, "rotates with LongRoPE's per-channel factors (model.rope_short_factor …)", "Phi3"),
+    ):
+        if unexpressed:
+            raise ConfigError(
+                "to",
+                cfg.to.value if cfg.to is not None else None,
+                f"{cfg.input} {what}, which no NeMo 1.x model NeMo-Aligner restores has",
+                f"export it to Hugging Face with to=hf ({family}ForCausalLM)",
+            )
     if source.tokenizer is None:
         raise ConfigError(
             "tokenizer_path",
