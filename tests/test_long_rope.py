@@ -1,6 +1,6 @@
 """LongRoPE (Phi-3.5-mini, Phi-4-mini, the 128k Phi-3s): per-channel factors on RoPE's inverse frequencies, the short
 ones for a forward within the pretraining length and the long ones beyond it, and an attention factor on cos/sin
-(`steerlm.megatron_compat.long_rope`, `model.rope_*`).
+(`steerlm.models.rope`, `steerlm.megatron_compat.scaled_rope`, `model.rope_*`).
 
 Checked against transformers' Phi3 with random factors: another tool's LongRoPE Phi-3 models (RoPE on every channel
 with the attention factor config.json implies, and on half of each head with one it names) convert at TP=2 with their

@@ -698,16 +698,16 @@ def test_a_killed_async_writer_is_a_checkpoint_error_and_the_previous_checkpoint
     assert latest_checkpoint(tmp_path) == previous and not pending.path.exists()
 
 
-# 13. LongRoPE
+# 13. RoPE scalings megatron lacks (LongRoPE, YaRN)
 
 
 def test_long_rope_replaces_megatrons_rotary_forward_and_scales_attentions_cos_sin(layout):
-    """GPTModel calls `rotary_pos_emb(length, packed_seq=…, cp_group=…)` (the signature `LongRotaryEmbedding.forward`
+    """GPTModel calls `rotary_pos_emb(length, packed_seq=…, cp_group=…)` (the signature `ScaledRotaryEmbedding.forward`
     overrides) and self-attention multiplies cos/sin by the module-level concentration function item 13 rebinds."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer import attention
 
-    from steerlm.megatron_compat.long_rope import ATTENTION_FACTOR, LongRotaryEmbedding, attention_factor
+    from steerlm.megatron_compat.scaled_rope import ATTENTION_FACTOR, ScaledRotaryEmbedding, attention_factor
 
     assert list(inspect.signature(RotaryEmbedding.forward).parameters) == [
         "self",
@@ -724,7 +724,7 @@ def test_long_rope_replaces_megatrons_rotary_forward_and_scales_attentions_cos_s
     plain = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 5)[0]
     short = build_model_chunks(model, PrecisionConfig(), layout, 5)[0]
     scaled = build_model_chunks(replace(model, rope_attention_factor=1.5), PrecisionConfig(), layout, 5)[0]
-    assert isinstance(short.rotary_pos_emb, LongRotaryEmbedding)
+    assert isinstance(short.rotary_pos_emb, ScaledRotaryEmbedding)
     assert attention._yarn_get_concentration_factor_from_config(scaled.config) == 1.5
     assert getattr(scaled.config, ATTENTION_FACTOR) == attention_factor(scaled.config) == 1.5
     assert attention_factor(plain.config) == 1.0

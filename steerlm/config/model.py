@@ -102,12 +102,21 @@ class ModelConfig:
     rotary_percent: float = 1.0
     rope_scaling: bool = False  # Llama-3.1 frequency scaling
     rope_scaling_factor: float = 8.0
-    # LongRoPE (Phi-3.5-mini, Phi-4-mini, the 128k Phi-3s; `steerlm.megatron_compat.long_rope`): each rotary channel
-    # pair's inverse frequency is divided by its short factor, or by its long factor in a forward whose positions
-    # reach past `rope_original_max_positions`, and RoPE's cos and sin are multiplied by `rope_attention_factor`.
-    # Both lists null (the default): RoPE as it is. An import from Hugging Face fills all four.
+    # LongRoPE (Phi-3.5-mini, Phi-4-mini, the 128k Phi-3s; `steerlm.models.rope`): each rotary channel pair's inverse
+    # frequency is divided by its short factor, or by its long factor in a forward whose positions reach past
+    # `rope_original_max_positions`. Both lists null (the default): no LongRoPE. An HF import fills them.
     rope_short_factor: Optional[list[float]] = None
     rope_long_factor: Optional[list[float]] = None
+    # YaRN (Qwen2.5 / Qwen3 past 32k positions): the channel pairs that turn fewer than `rope_yarn_beta_slow` times over
+    # `rope_original_max_positions` positions interpolated by `rope_yarn_factor`, those turning more than
+    # `rope_yarn_beta_fast` times kept, a ramp between (rounded to whole pairs with `rope_yarn_truncate`), at every
+    # length. Null (the default): no YaRN.
+    rope_yarn_factor: Optional[float] = None
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_truncate: bool = True
+    # LongRoPE's and YaRN's pretraining length, and what they multiply RoPE's cos and sin by (transformers'
+    # `attention_factor`: an HF import sets the value transformers computes, e.g. 0.1 ln(factor) + 1 for YaRN)
     rope_original_max_positions: int = 4096
     rope_attention_factor: float = 1.0
     share_embeddings_and_output_weights: bool = False
@@ -246,6 +255,8 @@ class ModelConfig:
             require(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)", "use 0.0 for Llama")
         if self.long_rope:
             self._validate_long_rope()
+        if self.rope_yarn_factor is not None:
+            self._validate_yarn()
 
     def _validate_long_rope(self) -> None:
         pairs = int(self.rotary_percent * self.head_dim) // 2
@@ -259,19 +270,34 @@ class ModelConfig:
                 "model.rotary_percent / 2), in both rope_short_factor and rope_long_factor",
                 "copy both lists from the model's config.json (rope_scaling), or set both to null for plain RoPE",
             )
+        self._validate_scaling("LongRoPE's factors", "set both factor lists to null")
+
+    def _validate_yarn(self) -> None:
+        require(
+            not self.long_rope,
+            "model.rope_yarn_factor",
+            self.rope_yarn_factor,
+            "is YaRN's scaling, and LongRoPE's factors (model.rope_short_factor) are set too",
+            "set model.rope_yarn_factor=null or both LongRoPE factor lists to null",
+        )
+        require_positive("model", self, ("rope_yarn_factor", "rope_yarn_beta_fast", "rope_yarn_beta_slow"))
+        self._validate_scaling("YaRN", "set model.rope_yarn_factor=null")
+
+    def _validate_scaling(self, scaling: str, off: str) -> None:
+        """What LongRoPE and YaRN share: RoPE, no Llama-3.1 scaling besides, a pretraining length, a factor."""
         require(
             not self.rope_scaling,
             "model.rope_scaling",
             self.rope_scaling,
-            "is Llama-3.1's frequency scaling, which LongRoPE's factors replace",
+            f"is Llama-3.1's frequency scaling, which {scaling} replaces",
             "set model.rope_scaling=false",
         )
         require(
             self.position_embedding_type == PositionEmbedding.rope,
             "model.position_embedding_type",
             self.position_embedding_type.value,
-            "must be rope for LongRoPE's factors",
-            "set model.position_embedding_type=rope, or the factors to null",
+            f"must be rope for {scaling}",
+            f"set model.position_embedding_type=rope, or {off.removeprefix('set ')}",
         )
         require_positive("model", self, ("rope_original_max_positions", "rope_attention_factor"))
 
@@ -301,12 +327,25 @@ MODEL_FIELDS_ADDED = {
     "qk_layernorm": False,
     "rope_short_factor": None,
     "rope_long_factor": None,
+    "rope_yarn_factor": None,
+    "rope_yarn_beta_fast": 32.0,
+    "rope_yarn_beta_slow": 1.0,
+    "rope_yarn_truncate": True,
     "rope_original_max_positions": 4096,
     "rope_attention_factor": 1.0,
 }
-# LongRoPE's fields (`ModelConfig.rope_short_factor` …): no tensor shape shows them, but a run started from weights
-# trained with them computes another function without them, so `init_from` a steerlm checkpoint checks them too.
-LONG_ROPE_FIELDS = ("rope_short_factor", "rope_long_factor", "rope_original_max_positions", "rope_attention_factor")
+# LongRoPE's and YaRN's fields (`ModelConfig.rope_short_factor` …): no tensor shape shows them, but a run started from
+# weights trained with them computes another function without them, so `init_from` a steerlm checkpoint checks them.
+ROPE_SCALING_FIELDS = (
+    "rope_short_factor",
+    "rope_long_factor",
+    "rope_yarn_factor",
+    "rope_yarn_beta_fast",
+    "rope_yarn_beta_slow",
+    "rope_yarn_truncate",
+    "rope_original_max_positions",
+    "rope_attention_factor",
+)
 
 
 def written_model_field(written: Mapping[str, Any], name: str) -> Any:

@@ -47,7 +47,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference.adapters import AdapterRows
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
-from steerlm.megatron_compat.long_rope import LongRotaryEmbedding, attention_factor
+from steerlm.megatron_compat.scaled_rope import ScaledRotaryEmbedding, attention_factor
 from steerlm.models.norm import normalize
 from steerlm.runtime.cpu_matmul import linear
 from steerlm.runtime.layout import ParallelLayout
@@ -394,7 +394,7 @@ class LeanDecoder:
         attention factor; LongRoPE (`long_from`: the pretraining length) has a second pair with the long factors."""
         rope, factor = model.rotary_pos_emb, attention_factor(model.config)
         self.long_from: int | None = None
-        if not isinstance(rope, LongRotaryEmbedding):
+        if not isinstance(rope, ScaledRotaryEmbedding) or not rope.switches:
             self.cos, self.sin = self._table(rope(length), factor)
             return
         self.long_from = rope.original_max_positions

@@ -39,7 +39,7 @@ from steerlm.config.inference import (
     TOP_K_LIMIT,
 )
 from steerlm.inference.decoders import LeanDecoder, MegatronDecoder, PromptLogits, lean_unsupported
-from steerlm.megatron_compat.long_rope import LongRotaryEmbedding
+from steerlm.megatron_compat.scaled_rope import ScaledRotaryEmbedding
 from steerlm.runtime.layout import ParallelLayout
 from steerlm.tokenizers import Tokenizer
 
@@ -406,8 +406,8 @@ class Generator:
             )
         self.decoder = MegatronDecoder if decoder == "megatron" or reason else LeanDecoder
         rope = getattr(self.model, "rotary_pos_emb", None)
-        if self.decoder is MegatronDecoder and isinstance(rope, LongRotaryEmbedding):
-            if max_sequence_length > rope.original_max_positions:
+        if self.decoder is MegatronDecoder and isinstance(rope, ScaledRotaryEmbedding):
+            if rope.is_long(max_sequence_length):
                 raise ValueError(
                     f"decoder=megatron rotates every position of this LongRoPE model with the factors of its longest "
                     f"sequence ({max_sequence_length} positions: the long ones), unlike transformers on sequences of "

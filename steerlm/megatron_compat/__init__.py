@@ -4,7 +4,7 @@ A megatron-core upgrade starts here: every item below names what it replaces or 
 `tests/test_megatron_compat.py` checks each one against the installed megatron-core. No other steerlm module
 patches megatron, overrides a private method or reads a private attribute. Items 7 and 9, the optimizers' state
 and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_writes.py`, item 13 in
-`long_rope.py`; this module re-exports what the rest of steerlm uses.
+`scaled_rope.py`; this module re-exports what the rest of steerlm uses.
 
 0. Import cost (`steerlm/_import_hooks.py`, installed by `steerlm/__init__.py` because it must act before the
    first `import megatron.core`): megatron's `torch.compile` wrappers (`megatron.core.jit.jit_fuser`) are built
@@ -69,7 +69,8 @@ and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_
    request run by its non-persistent `AsyncCallsQueue` (a forked process), its results handed back through a file
    instead of the module-level results queue of item 3. Relies on the request's fields, the shape of its
    `async_fn_args` and `AsyncCallsQueue.async_calls` (details in `async_writes.py`).
-13. LongRoPE (`long_rope.py`, `model.rope_short_factor` …): a built GPTModel's `rotary_pos_emb` is replaced by a
+13. RoPE scalings megatron lacks, LongRoPE and transformers' YaRN (`scaled_rope.py`, `model.rope_short_factor` …,
+   `model.rope_yarn_factor`): a built GPTModel's `rotary_pos_emb` is replaced by a
    `RotaryEmbedding` subclass overriding `forward(max_seq_len, offset, packed_seq, cp_group)` (what GPTModel calls
    with the forward's rotary length), and the attention factor rides on the module-level
    `transformer.attention._yarn_get_concentration_factor_from_config`, through which megatron's self-attention

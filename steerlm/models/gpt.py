@@ -21,10 +21,11 @@ from steerlm.config.schema import (
 )
 from steerlm.config.validation import Accelerator, resolve_transformer_impl
 from steerlm.megatron_compat import GPTModelWithLossHead, SDPACoreAttention
-from steerlm.megatron_compat.long_rope import use_long_rope
+from steerlm.megatron_compat.scaled_rope import use_scaled_rope
 from steerlm.models.cross_entropy import chunked_language_model_loss
 from steerlm.models.init import initialize_parameters
 from steerlm.models.norm import Norm
+from steerlm.models.rope import rope_frequencies
 from steerlm.runtime.layout import ParallelLayout
 
 _TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
@@ -198,16 +199,10 @@ def _build_chunks(
             vp_stage=vp,
             **model_kwargs,
         )
-        if model.long_rope:
-            assert model.rope_short_factor is not None and model.rope_long_factor is not None
-            use_long_rope(
-                gpt,
-                model.rotary_percent,
-                model.rotary_base,
-                model.rope_short_factor,
-                model.rope_long_factor,
-                model.rope_original_max_positions,
-                model.rope_attention_factor,
+        frequencies = rope_frequencies(model)  # LongRoPE's or YaRN's, which megatron's RoPE does not compute
+        if frequencies is not None:
+            use_scaled_rope(
+                gpt, model.rotary_percent, *frequencies, model.rope_original_max_positions, model.rope_attention_factor
             )
         gpt.to(layout.device)
         initialize_parameters(gpt, model, seed, layout)

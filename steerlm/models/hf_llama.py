@@ -8,9 +8,10 @@ MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k
 (a Llama with an RMSNorm of each query and key head before RoPE, `q_norm` / `k_norm`: `model.qk_layernorm`),
 Mistral (a Llama whose layers may attend to a sliding window: imported with that many positions, exported as the
 Llama it computes) and Phi-3 (Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: a Llama, or one with RoPE on a share of each head,
-or with LongRoPE's per-channel factors — `model.rope_*`, `steerlm.megatron_compat.long_rope` —, whose q/k/v and
-gate/up projections are stored fused; exported as the Llama it computes where RoPE covers every channel without
-LongRoPE). `hf_architecture` tells which a `ModelConfig` is exported as.
+or with LongRoPE's per-channel factors — `model.rope_short_factor` … —, whose q/k/v and gate/up projections are
+stored fused; exported as the Llama it computes where RoPE covers every channel without LongRoPE). Every family but
+Nemotron and Phi-3 may carry YaRN (`model.rope_yarn_factor` …); both scalings' frequencies: `steerlm.models.rope`.
+`hf_architecture` tells which a `ModelConfig` is exported as.
 
 Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
 ([q heads of the group, k, v] x groups) and the SwiGLU MLP as one `linear_fc1` = [gate; up]; HF keeps
@@ -23,7 +24,6 @@ export and added as zeros on import (they are never looked up; as output rows th
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from safetensors import safe_open
 from steerlm.config.schema import HF_CONFIG_FILE, Activation, ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import ConfigError
 from steerlm.megatron_compat import pack_qkv, split_fc1, split_qkv
+from steerlm.models.rope import long_rope_attention_factor, yarn_attention_factor
 from steerlm.models.sharding import TIED_EMBEDDING
 
 # Per-layer tensors that map one to one in every architecture: megatron name (after `decoder.layers.N.`) → HF name
@@ -90,6 +91,7 @@ class HFArchitecture:
     exported: bool = True  # steerlm writes this family (Mistral computes what a Llama does: it is exported as one)
     fused: bool = False  # q/k/v in one `qkv_proj` ([q; k; v]) and gate/up in one `gate_up_proj` ([gate; up])
     long_rope: bool = False  # LongRoPE's per-channel factors may be on (`rope_scaling.type: longrope`)
+    yarn: bool = True  # YaRN may be on (`rope_scaling.rope_type: yarn`); Phi-3 reads that name as LongRoPE's
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -103,6 +105,7 @@ NEMOTRON = HFArchitecture(
     activation=Activation.squared_relu,
     hidden_act="relu2",
     partial_rope=True,
+    yarn=False,
 )
 QWEN2 = HFArchitecture("Qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True)
 QWEN3 = HFArchitecture("Qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", qk_norm=True)
@@ -110,7 +113,14 @@ MISTRAL = HFArchitecture("Mistral", "mistral", "MistralForCausalLM", "MistralFor
 # Exported only where no family before it computes the model (RoPE on a share of each head with SwiGLU, or LongRoPE):
 # `hf_architecture` takes the first that does, so a Phi-3 with plain RoPE on every channel goes out as the Llama it is.
 PHI3 = HFArchitecture(
-    "Phi3", "phi3", "Phi3ForCausalLM", "Phi3ForSequenceClassification", partial_rope=True, fused=True, long_rope=True
+    "Phi3",
+    "phi3",
+    "Phi3ForCausalLM",
+    "Phi3ForSequenceClassification",
+    partial_rope=True,
+    fused=True,
+    long_rope=True,
+    yarn=False,
 )
 HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3)}
 
@@ -137,6 +147,8 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         problems.append("rope_scaling must be false")
     if not family.long_rope and model.long_rope:
         problems.append("rope_short_factor and rope_long_factor must be null (LongRoPE)")
+    if not family.yarn and model.rope_yarn_factor is not None:
+        problems.append("rope_yarn_factor must be null (YaRN)")
     return problems
 
 
@@ -184,15 +196,11 @@ def hf_config_dict(model: ModelConfig) -> dict:
     config["rms_norm_eps"] = model.layernorm_epsilon
     if model.long_rope:
         config.update(_long_rope_config(model))
+    if model.rope_yarn_factor is not None:
+        config["rope_scaling"] = _yarn_config(model)
     if model.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_SCALING}
     return config
-
-
-def _long_rope_attention_factor(scale: float, original: int) -> float:
-    """The attention factor transformers gives LongRoPE when config.json names none: sqrt(1 + ln(scale) /
-    ln(original)) for a scale (`factor`, else max_position_embeddings / original) above 1."""
-    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
 
 
 def _long_rope_config(model: ModelConfig) -> dict:
@@ -205,9 +213,31 @@ def _long_rope_config(model: ModelConfig) -> dict:
         "long_factor": list(model.rope_long_factor or ()),
     }
     original = model.rope_original_max_positions
-    if model.rope_attention_factor != _long_rope_attention_factor(model.max_position_embeddings / original, original):
+    if model.rope_attention_factor != long_rope_attention_factor(model.max_position_embeddings / original, original):
         scaling["attention_factor"] = model.rope_attention_factor
     return {"original_max_position_embeddings": original, "rope_scaling": scaling}
+
+
+def _yarn_config(model: ModelConfig) -> dict:
+    """config.json's `rope_scaling` of a YaRN model as Qwen's model cards write it (`rope_type`, `factor`,
+    `original_max_position_embeddings`), the rest only where it is not transformers' default (vLLM reads
+    `beta_fast`/`beta_slow`, not `truncate` or `attention_factor`)."""
+    factor = model.rope_yarn_factor
+    assert factor is not None
+    scaling: dict[str, Any] = {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": model.rope_original_max_positions,
+    }
+    for key, value, default in (
+        ("beta_fast", model.rope_yarn_beta_fast, 32.0),
+        ("beta_slow", model.rope_yarn_beta_slow, 1.0),
+        ("truncate", model.rope_yarn_truncate, True),
+        ("attention_factor", model.rope_attention_factor, yarn_attention_factor(factor)),
+    ):
+        if value != default:
+            scaling[key] = value
+    return scaling
 
 
 _QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")  # the bias: Qwen2's
@@ -544,7 +574,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
     ]
     llama3 = family.llama3_rope and rope_type == "llama3"
     long_rope = family.long_rope and rope_type in _LONG_ROPE_TYPES
-    if not (rope_type == "default" or llama3 or long_rope) or (
+    yarn = family.yarn and rope_type == "yarn"
+    if not (rope_type == "default" or llama3 or long_rope or yarn) or (
         llama3 and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
     ):
         unsupported.append(f"rope scaling {scaling}")
@@ -553,10 +584,10 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             key,
             location,
             f"holds a model steerlm cannot express ({', '.join(unsupported)})",
-            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3 or no RoPE scaling), a Mistral, Qwen2, "
-            "Qwen3 or Phi-3 (the same without RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK norms, Phi-3 "
-            "with partial RoPE or LongRoPE too) or a Nemotron (zero-centred LayerNorm, squared ReLU, partial RoPE, "
-            "no biases)",
+            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3, yarn or no RoPE scaling), a Mistral, Qwen2 "
+            "or Qwen3 (the same with yarn or no RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK norms), a Phi-3 "
+            "(partial RoPE too, longrope or no scaling) or a Nemotron (zero-centred LayerNorm, squared ReLU, partial "
+            "RoPE, no biases, no scaling)",
         )
     heads = hf["num_attention_heads"]
     share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
@@ -584,6 +615,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         fields["rope_scaling_factor"] = float(scaling["factor"])
     if long_rope:
         fields.update(_long_rope_fields(hf, scaling))
+    if yarn:
+        fields.update(_yarn_fields(hf, scaling))
     return fields
 
 
@@ -600,7 +633,7 @@ def _long_rope_fields(hf: dict, scaling: dict) -> dict:
     if attention is None:
         factor = scaling.get("factor")
         scale = hf["max_position_embeddings"] / original if factor is None else factor
-        attention = _long_rope_attention_factor(scale, original)
+        attention = long_rope_attention_factor(scale, original)
     return {
         "rope_short_factor": [float(factor) for factor in scaling["short_factor"]],
         "rope_long_factor": [float(factor) for factor in scaling["long_factor"]],
@@ -636,3 +669,24 @@ def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> No
             "(config.json's sliding_window); steerlm's attend to every position, the same only up to that length",
             f"set model.max_position_embeddings={window} (or less)",
         )
+
+
+def _yarn_fields(hf: dict, scaling: dict) -> dict:
+    """`model.rope_*` of a config.json with YaRN, read as transformers 5 reads it: the pretraining length from
+    `rope_scaling` (else max_position_embeddings), the factor named (else max_position_embeddings / that length), the
+    attention factor named (else from the factor and DeepSeek's `mscale` / `mscale_all_dim`), betas 32 and 1 unless
+    named, `truncate` true unless named."""
+    original = int(scaling.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+    factor = scaling.get("factor")
+    factor = float(hf["max_position_embeddings"] / original if factor is None else factor)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = yarn_attention_factor(factor, scaling.get("mscale"), scaling.get("mscale_all_dim"))
+    return {
+        "rope_yarn_factor": factor,
+        "rope_yarn_beta_fast": float(scaling.get("beta_fast") or 32.0),
+        "rope_yarn_beta_slow": float(scaling.get("beta_slow") or 1.0),
+        "rope_yarn_truncate": bool(scaling.get("truncate", True)),
+        "rope_original_max_positions": original,
+        "rope_attention_factor": float(attention),
+    }

@@ -263,6 +263,7 @@ _SAME_FIELDS = (
     "rotary_percent",
     "rope_scaling",
     "rope_short_factor",  # null in every NeMo model: a LongRoPE run cannot start from one
+    "rope_yarn_factor",  # nor a YaRN run
 )
 
 

@@ -253,6 +253,11 @@ def model_card(
         f"{m.query_groups} key/value heads, vocabulary {m.vocab_size}, context {m.max_position_embeddings} tokens"
         + (f", Llama-3 RoPE scaling x{m.rope_scaling_factor:g}" if m.rope_scaling else "")
         + (f", LongRoPE (pretraining length {m.rope_original_max_positions})" if m.long_rope else "")
+        + (
+            f", YaRN x{m.rope_yarn_factor:g} (pretraining length {m.rope_original_max_positions})"
+            if m.rope_yarn_factor is not None
+            else ""
+        )
         + (", tied embeddings" if m.share_embeddings_and_output_weights else ""),
         f"- weights: {config['torch_dtype']}",
     ]

@@ -168,6 +168,7 @@ def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
             "Qwen3",
         ),
         (source.model.long_rope, "rotates with LongRoPE's per-channel factors (model.rope_short_factor …)", "Phi3"),
+        (source.model.rope_yarn_factor is not None, "rotates with YaRN's scaling (model.rope_yarn_factor)", "Llama"),
     ):
         if unexpressed:
             raise ConfigError(
