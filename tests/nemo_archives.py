@@ -50,12 +50,13 @@ def _randomised(model: torch.nn.Module, norm_centre: float) -> torch.nn.Module:
     return model.eval()
 
 
-def llama() -> torch.nn.Module:
-    """The independent source model, every weight random (norms included, so a swapped norm shows)."""
+def llama(**changes) -> torch.nn.Module:
+    """The independent source model, every weight random (norms included, so a swapped norm shows); `changes` to
+    its LlamaConfig (e.g. a `rope_scaling`)."""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**_HF_SHAPE, rms_norm_eps=1e-5)
+    config = transformers.LlamaConfig(**{**_HF_SHAPE, "rms_norm_eps": 1e-5, **changes})
     return _randomised(transformers.LlamaForCausalLM(config), norm_centre=1.0)
 
 

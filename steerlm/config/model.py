@@ -115,6 +115,10 @@ class ModelConfig:
     rope_yarn_beta_fast: float = 32.0
     rope_yarn_beta_slow: float = 1.0
     rope_yarn_truncate: bool = True
+    # Linear scaling (position interpolation): every inverse frequency divided by this factor, at every length —
+    # transformers' `rope_type: linear` (DeepSeek-Coder, LongChat, Llama-2-7B-32K), NeMo's and megatron's
+    # `seq_len_interpolation_factor`. Null (the default): none.
+    rope_linear_factor: Optional[float] = None
     # LongRoPE's and YaRN's pretraining length, and what they multiply RoPE's cos and sin by (transformers'
     # `attention_factor`: an HF import sets the value transformers computes, e.g. 0.1 ln(factor) + 1 for YaRN)
     rope_original_max_positions: int = 4096
@@ -257,6 +261,8 @@ class ModelConfig:
             self._validate_long_rope()
         if self.rope_yarn_factor is not None:
             self._validate_yarn()
+        if self.rope_linear_factor is not None:
+            self._validate_linear()
 
     def _validate_long_rope(self) -> None:
         pairs = int(self.rotary_percent * self.head_dim) // 2
@@ -283,8 +289,30 @@ class ModelConfig:
         require_positive("model", self, ("rope_yarn_factor", "rope_yarn_beta_fast", "rope_yarn_beta_slow"))
         self._validate_scaling("YaRN", "set model.rope_yarn_factor=null")
 
+    def _validate_linear(self) -> None:
+        others = ((self.long_rope, "rope_short_factor"), (self.rope_yarn_factor is not None, "rope_yarn_factor"))
+        for other, name in others:
+            require(
+                not other,
+                "model.rope_linear_factor",
+                self.rope_linear_factor,
+                f"is linear RoPE scaling, and model.{name} sets another scaling too",
+                f"set model.rope_linear_factor=null or model.{name}=null",
+            )
+        require(
+            self.rope_attention_factor == 1.0,
+            "model.rope_attention_factor",
+            self.rope_attention_factor,
+            "must be 1.0 with linear RoPE scaling (neither transformers' `linear` nor NeMo's "
+            "seq_len_interpolation_factor scales cos and sin)",
+            "set model.rope_attention_factor=1.0",
+        )
+        require_positive("model", self, ("rope_linear_factor",))
+        self._validate_scaling("linear scaling", "set model.rope_linear_factor=null")
+
     def _validate_scaling(self, scaling: str, off: str) -> None:
-        """What LongRoPE and YaRN share: RoPE, no Llama-3.1 scaling besides, a pretraining length, a factor."""
+        """What LongRoPE, YaRN and linear scaling share: RoPE, no Llama-3.1 scaling besides, a pretraining length,
+        a factor."""
         require(
             not self.rope_scaling,
             "model.rope_scaling",
@@ -331,11 +359,13 @@ MODEL_FIELDS_ADDED = {
     "rope_yarn_beta_fast": 32.0,
     "rope_yarn_beta_slow": 1.0,
     "rope_yarn_truncate": True,
+    "rope_linear_factor": None,
     "rope_original_max_positions": 4096,
     "rope_attention_factor": 1.0,
 }
-# LongRoPE's and YaRN's fields (`ModelConfig.rope_short_factor` …): no tensor shape shows them, but a run started from
-# weights trained with them computes another function without them, so `init_from` a steerlm checkpoint checks them.
+# LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …): no tensor shape shows them, but a
+# run started from weights trained with them computes another function without them, so `init_from` a steerlm
+# checkpoint checks them.
 ROPE_SCALING_FIELDS = (
     "rope_short_factor",
     "rope_long_factor",
@@ -343,6 +373,7 @@ ROPE_SCALING_FIELDS = (
     "rope_yarn_beta_fast",
     "rope_yarn_beta_slow",
     "rope_yarn_truncate",
+    "rope_linear_factor",
     "rope_original_max_positions",
     "rope_attention_factor",
 )

@@ -70,7 +70,8 @@ and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_
    instead of the module-level results queue of item 3. Relies on the request's fields, the shape of its
    `async_fn_args` and `AsyncCallsQueue.async_calls` (details in `async_writes.py`).
 13. RoPE scalings megatron lacks, LongRoPE and transformers' YaRN (`scaled_rope.py`, `model.rope_short_factor` …,
-   `model.rope_yarn_factor`): a built GPTModel's `rotary_pos_emb` is replaced by a
+   `model.rope_yarn_factor`), and linear scaling with transformers' roundings (`model.rope_linear_factor`): a built
+   GPTModel's `rotary_pos_emb` is replaced by a
    `RotaryEmbedding` subclass overriding `forward(max_seq_len, offset, packed_seq, cp_group)` (what GPTModel calls
    with the forward's rotary length), and the attention factor rides on the module-level
    `transformer.attention._yarn_get_concentration_factor_from_config`, through which megatron's self-attention

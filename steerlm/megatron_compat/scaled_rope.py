@@ -1,5 +1,7 @@
 """13. RoPE scalings megatron-core 0.16's GPTModel lacks: LongRoPE (Phi-3.5-mini, Phi-4-mini, the 128k Phi-3s) and
-YaRN as transformers computes it (`steerlm.models.rope` gives the inverse frequencies).
+YaRN as transformers computes it, and linear scaling with transformers' roundings (megatron's
+`seq_len_interpolation_factor` divides the positions, transformers the frequencies); `steerlm.models.rope` gives the
+inverse frequencies.
 
 - `ScaledRotaryEmbedding` replaces a built GPTModel's `rotary_pos_emb`. It overrides `RotaryEmbedding.forward(
   max_seq_len, offset, packed_seq, cp_group)`, which GPTModel calls with the forward's rotary length (the sequence

@@ -199,7 +199,7 @@ def _build_chunks(
             vp_stage=vp,
             **model_kwargs,
         )
-        frequencies = rope_frequencies(model)  # LongRoPE's or YaRN's, which megatron's RoPE does not compute
+        frequencies = rope_frequencies(model)  # LongRoPE's, YaRN's or linear: computed as transformers does
         if frequencies is not None:
             use_scaled_rope(
                 gpt, model.rotary_percent, *frequencies, model.rope_original_max_positions, model.rope_attention_factor

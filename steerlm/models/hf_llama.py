@@ -10,7 +10,8 @@ Mistral (a Llama whose layers may attend to a sliding window: imported with that
 Llama it computes) and Phi-3 (Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: a Llama, or one with RoPE on a share of each head,
 or with LongRoPE's per-channel factors — `model.rope_short_factor` … —, whose q/k/v and gate/up projections are
 stored fused; exported as the Llama it computes where RoPE covers every channel without LongRoPE). Every family but
-Nemotron and Phi-3 may carry YaRN (`model.rope_yarn_factor` …); both scalings' frequencies: `steerlm.models.rope`.
+Nemotron and Phi-3 may carry YaRN (`model.rope_yarn_factor` …), every family but Phi-3 linear scaling
+(`model.rope_linear_factor`); the three scalings' frequencies: `steerlm.models.rope`.
 `hf_architecture` tells which a `ModelConfig` is exported as.
 
 Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
@@ -92,6 +93,7 @@ class HFArchitecture:
     fused: bool = False  # q/k/v in one `qkv_proj` ([q; k; v]) and gate/up in one `gate_up_proj` ([gate; up])
     long_rope: bool = False  # LongRoPE's per-channel factors may be on (`rope_scaling.type: longrope`)
     yarn: bool = True  # YaRN may be on (`rope_scaling.rope_type: yarn`); Phi-3 reads that name as LongRoPE's
+    linear: bool = True  # linear scaling may be on (`rope_scaling.rope_type: linear`); Phi3Config takes longrope alone
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -121,6 +123,7 @@ PHI3 = HFArchitecture(
     fused=True,
     long_rope=True,
     yarn=False,
+    linear=False,
 )
 HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3)}
 
@@ -149,6 +152,8 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         problems.append("rope_short_factor and rope_long_factor must be null (LongRoPE)")
     if not family.yarn and model.rope_yarn_factor is not None:
         problems.append("rope_yarn_factor must be null (YaRN)")
+    if not family.linear and model.rope_linear_factor is not None:
+        problems.append("rope_linear_factor must be null (linear scaling)")
     return problems
 
 
@@ -188,6 +193,8 @@ def hf_config_dict(model: ModelConfig) -> dict:
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=model.num_layers)
     if family != QWEN2:  # Qwen2's q/k/v biases are the architecture's, no key
         config.update(attention_bias=False, mlp_bias=False)
+    if model.rope_linear_factor is not None:  # as DeepSeek-Coder's config.json (transformers 4 reads `type`)
+        config["rope_scaling"] = {"type": "linear", "factor": model.rope_linear_factor}
     if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
         config.update(norm_eps=model.layernorm_epsilon, partial_rotary_factor=model.rotary_percent)
         return config
@@ -575,7 +582,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
     llama3 = family.llama3_rope and rope_type == "llama3"
     long_rope = family.long_rope and rope_type in _LONG_ROPE_TYPES
     yarn = family.yarn and rope_type == "yarn"
-    if not (rope_type == "default" or llama3 or long_rope or yarn) or (
+    linear = family.linear and rope_type == "linear"
+    if not (rope_type == "default" or llama3 or long_rope or yarn or linear) or (
         llama3 and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
     ):
         unsupported.append(f"rope scaling {scaling}")
@@ -584,10 +592,10 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             key,
             location,
             f"holds a model steerlm cannot express ({', '.join(unsupported)})",
-            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3, yarn or no RoPE scaling), a Mistral, Qwen2 "
-            "or Qwen3 (the same with yarn or no RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK norms), a Phi-3 "
-            "(partial RoPE too, longrope or no scaling) or a Nemotron (zero-centred LayerNorm, squared ReLU, partial "
-            "RoPE, no biases, no scaling)",
+            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3, yarn, linear or no RoPE scaling), a Mistral, "
+            "Qwen2 or Qwen3 (the same with yarn, linear or no RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK "
+            "norms), a Phi-3 (partial RoPE too, longrope or no scaling) or a Nemotron (zero-centred LayerNorm, "
+            "squared ReLU, partial RoPE, no biases, linear or no scaling)",
         )
     heads = hf["num_attention_heads"]
     share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
@@ -610,6 +618,11 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "add_qkv_bias": family.qkv_bias,
         "qk_layernorm": family.qk_norm,
         "rotary_percent": float(share),
+        # no scaling but the one config.json names: a run with another would compute another function
+        "rope_short_factor": None,
+        "rope_long_factor": None,
+        "rope_yarn_factor": None,
+        "rope_linear_factor": float(scaling["factor"]) if linear else None,
     }
     if llama3:
         fields["rope_scaling_factor"] = float(scaling["factor"])
@@ -654,11 +667,12 @@ def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> No
     for name, value in fields.items():
         if current[name] != value:
             plain = value.value if isinstance(value, Enum) else value
+            written = "null" if plain is None else repr(plain)
             raise ConfigError(
                 f"model.{name}",
                 current[name].value if isinstance(current[name], Enum) else current[name],
-                f"{key}={location} holds an HF {family.name} with {name}={plain!r} (config.json)",
-                f"set model.{name}={plain!r}",
+                f"{key}={location} holds an HF {family.name} with {name}={written} (config.json)",
+                f"set model.{name}={written}",
             )
     window = attention_window(hf)
     if window is not None and model.max_position_embeddings > window:

@@ -34,7 +34,6 @@ _ROPE_SCALING_FIXED = {"low_freq_factor": 1, "high_freq_factor": 4, "old_context
 # Keys whose non-default value changes the computation in a way steerlm's model does not have.
 _MUST_BE_OFF: dict[str, tuple[Any, str]] = {
     "rotary_interleaved": (False, "interleaved RoPE pairs"),
-    "seq_len_interpolation_factor": (None, "RoPE position interpolation"),
     "apply_embedding_scaling": (False, "scaled input embeddings"),
     "qk_layernorm": (False, "query/key layer norms"),
     "num_moe_experts": (None, "mixture-of-experts layers"),
@@ -214,14 +213,19 @@ def _rotary_base(keys: _Reader) -> int:
 
 
 def _rope_scaling(keys: _Reader) -> dict:
+    """Llama-3.1's scaling (`scale_positional_embedding`) and position interpolation (`seq_len_interpolation_factor`,
+    steerlm's `model.rope_linear_factor`; both at once is refused by the model's validation)."""
+    key = "seq_len_interpolation_factor"
+    fields = {} if keys.get(key) is None else {"rope_linear_factor": keys.number(key, keys.get(key), float)}
     if not keys.get("scale_positional_embedding", False):
-        return {"rope_scaling": False}
+        return {"rope_scaling": False, **fields}
     for key, value in _ROPE_SCALING_FIXED.items():
         if not math.isclose(keys.number(key, keys.get(key, value), float), value):
             keys.refuse(key, keys.get(key), f"differs from Llama-3.1's RoPE scaling ({value}), the one steerlm has")
     return {
         "rope_scaling": True,
         "rope_scaling_factor": keys.number("scale_factor", keys.get("scale_factor", 8), float),
+        **fields,
     }
 
 
@@ -264,6 +268,7 @@ _SAME_FIELDS = (
     "rope_scaling",
     "rope_short_factor",  # null in every NeMo model: a LongRoPE run cannot start from one
     "rope_yarn_factor",  # nor a YaRN run
+    "rope_linear_factor",
 )
 
 
@@ -399,6 +404,8 @@ def nemo_model_config(
     }
     if multiple is None:
         config["override_vocab_size"] = rows
+    if model.rope_linear_factor is not None:
+        config["seq_len_interpolation_factor"] = model.rope_linear_factor
     if model.rope_scaling:
         config.update(scale_positional_embedding=True, scale_factor=model.rope_scaling_factor, **_ROPE_SCALING_FIXED)
     if reward_head is not None:

@@ -1,7 +1,9 @@
 """The inverse frequencies of the RoPE scalings megatron-core 0.16 lacks, computed as transformers computes them
 (`modeling_rope_utils`), so an imported model rotates exactly as it did: LongRoPE (Phi-3.5-mini, Phi-4-mini, the 128k
-Phi-3s) and YaRN (Qwen2.5 and Qwen3 past 32k positions, as their model cards enable it). `rope_frequencies` gives a
-`ModelConfig`'s; `steerlm.megatron_compat.scaled_rope` puts them in the model."""
+Phi-3s), YaRN (Qwen2.5 and Qwen3 past 32k positions, as their model cards enable it) and linear scaling
+(DeepSeek-Coder; NeMo's `seq_len_interpolation_factor`, which megatron applies by dividing the positions instead: the
+same angles but for their last bits). `rope_frequencies` gives a `ModelConfig`'s; `steerlm.megatron_compat.scaled_rope`
+puts them in the model."""
 
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ def _powers(base: float, dim: int) -> torch.Tensor:
 def long_rope_inverse_frequencies(base: float, dim: int, factors: list[float]) -> torch.Tensor:
     """LongRoPE's: each channel pair's inverse frequency divided by its factor."""
     return 1.0 / (torch.tensor(factors, dtype=torch.float32) * _powers(base, dim))
+
+
+def linear_inverse_frequencies(base: float, dim: int, factor: float) -> torch.Tensor:
+    """Linear scaling's (position interpolation): every inverse frequency divided by `factor`."""
+    return (1.0 / _powers(base, dim)) / factor
 
 
 def yarn_inverse_frequencies(
@@ -62,8 +69,8 @@ def long_rope_attention_factor(scale: float, original: int) -> float:
 
 
 def rope_frequencies(model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """`model`'s inverse frequencies where its RoPE is LongRoPE's (short, long) or YaRN's (one, None); None for the
-    RoPE megatron computes itself (plain, or Llama-3.1's scaling)."""
+    """`model`'s inverse frequencies where its RoPE is LongRoPE's (short, long), YaRN's or linearly scaled (one,
+    None); None for the RoPE megatron computes itself (plain, or Llama-3.1's scaling)."""
     dim = int(model.head_dim * model.rotary_percent)
     base = float(model.rotary_base)
     if model.long_rope:
@@ -81,4 +88,6 @@ def rope_frequencies(model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | N
             model.rope_yarn_truncate,
         )
         return yarn, None
+    if model.rope_linear_factor is not None:
+        return linear_inverse_frequencies(base, dim, model.rope_linear_factor), None
     return None

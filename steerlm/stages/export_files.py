@@ -258,6 +258,7 @@ def model_card(
             if m.rope_yarn_factor is not None
             else ""
         )
+        + (f", linear RoPE scaling x{m.rope_linear_factor:g}" if m.rope_linear_factor is not None else "")
         + (", tied embeddings" if m.share_embeddings_and_output_weights else ""),
         f"- weights: {config['torch_dtype']}",
     ]
