@@ -156,7 +156,7 @@ def kv_cache_bytes(model: ModelConfig, parallel: ParallelConfig, rows: int, posi
 def _per_token(model: ModelConfig, tp: int, lean: bool) -> int:
     """Elements the largest transient of a layer holds per token: its MLP's or its attention's, whichever is larger
     (module docstring)."""
-    gated = model.activation.value == "swiglu"
+    gated = model.gated_mlp
     queries = model.num_attention_heads * model.head_dim // tp
     keys = (3 if model.qk_layernorm else 2) * model.query_groups * model.head_dim // tp
     if lean:

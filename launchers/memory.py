@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from steerlm.config import (
-    Activation,
     CrossEntropy,
     DType,
     LoraConfig,
@@ -84,7 +83,7 @@ def _linear_shapes(model: ModelConfig) -> dict[str, tuple[int, int, bool]]:
     """A layer's four linear layers: (inputs, outputs, column-parallel) at their full shapes."""
     h, ffn, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d, 2 * model.query_groups * d
-    gated = 2 if model.activation.value == "swiglu" else 1
+    gated = 2 if model.gated_mlp else 1
     return {
         "linear_qkv": (h, q + kv, True),
         "linear_proj": (q, h, False),
@@ -140,19 +139,19 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, first: bool, last: bo
 
 def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, size: int) -> float:
     h, ffn = model.hidden_size, model.ffn_hidden_size
-    kv = model.query_groups * model.head_dim
+    q, kv = model.num_attention_heads * model.head_dim, model.query_groups * model.head_dim  # heads may be wider
     # per norm: its input (the residual stream), the normalised tensor and the following linear's input (torch's
     # RMSNorm keeps a tensor more than its LayerNorm, whose output is the linear's input)
     replicated = (6 if model.normalization == Normalization.RMSNorm else 4) * tokens * h
     # linear_qkv's whole output (value is a view of it), the rotated query and key, the attention output; and
     # SwiGLU's linear_fc1 output ([gate; up]), the activation's input and output and the product — an ungated
     # activation (squared ReLU, GELU) keeps its input and output alone
-    mlp = 5 * ffn if model.activation == Activation.swiglu else 2 * ffn
+    mlp = 5 * ffn if model.gated_mlp else 2 * ffn
     # Qwen3's QK norms (measured on a forward): the query twice (megatron's copy of it out of linear_qkv's output, the
     # normalised one), the normalised key, and one scalar per head and position for each norm
     heads = model.num_attention_heads + model.query_groups
     qk_norms = 2 * model.num_attention_heads * model.head_dim + kv + heads if model.qk_layernorm else 0
-    split = tokens * (3 * h + 3 * kv + mlp + qk_norms)
+    split = tokens * (3 * q + 3 * kv + mlp + qk_norms)
     return size * (replicated / (tp if sequence_parallel else 1) + split / tp)
 
 
@@ -276,6 +275,7 @@ PRESET_LAYOUTS = (
     ("mistral_7b", "tp8", 4, 4096),
     ("qwen3_8b", "tp8", 4, 4096),
     ("phi4", "tp2_pp2", 2, 4096),
+    ("gemma_7b", "tp8", 4, 4096),
 )
 
 

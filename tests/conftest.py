@@ -40,6 +40,17 @@ def as_nemotron(model: ModelConfig) -> ModelConfig:
 
 
 NEMOTRON_MODEL = as_nemotron(TEST_MODEL)
+# Gemma's: a GELU-gated MLP, zero-centred RMSNorm weights, scaled input embeddings, tied, heads wider than
+# hidden / heads
+GEMMA_MODEL = replace(
+    TEST_MODEL,
+    activation=Activation.geglu,
+    layernorm_zero_centered_gamma=True,
+    apply_embedding_scaling=True,
+    share_embeddings_and_output_weights=True,
+    kv_channels=32,
+    layernorm_epsilon=1e-6,
+)
 # Qwen2's layers: a Llama's with biases on the query, key and value projections (RoPE base, norm epsilon: Qwen2.5's).
 QWEN2_MODEL = replace(TEST_MODEL, add_qkv_bias=True, rotary_base=1000000, layernorm_epsilon=1e-6)
 # Qwen3's: a norm of each query and key head, heads wider than hidden / heads (Qwen3-0.6B: 1024 / 16 = 64 < 128).

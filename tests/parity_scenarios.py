@@ -14,6 +14,7 @@ import torch
 
 from steerlm import runtime
 from steerlm.config import (
+    Activation,
     LoraConfig,
     ModelConfig,
     OptimizerConfig,
@@ -70,6 +71,7 @@ class Scenario:
     transformer_impl: TransformerImpl = TransformerImpl.local  # transformer_engine: TE layers (CUDA + TE)
     lora: LoraConfig | None = None  # adapters on every linear (B given values, so A has gradients), the rest frozen
     qwen: bool = False  # Qwen2's q/k/v biases and Qwen3's QK norms (whose gradients megatron sums over TP)
+    gemma: bool = False  # Gemma's GeGLU, zero-centred RMSNorm and scaled input embeddings (a hook on the embedding)
 
     @property
     def reference(self) -> str:
@@ -81,6 +83,7 @@ class Scenario:
             + ("_lora" if self.lora else "")
             + ("_dropout" if self.lora and self.lora.dropout else "")
             + ("_qwen" if self.qwen else "")
+            + ("_gemma" if self.gemma else "")
         )
 
     @property
@@ -183,6 +186,9 @@ def run(scenario: Scenario) -> dict:
         transformer_impl=scenario.transformer_impl,
         add_qkv_bias=scenario.qwen,
         qk_layernorm=scenario.qwen,
+        activation=Activation.geglu if scenario.gemma else TINY.activation,
+        layernorm_zero_centered_gamma=scenario.gemma,
+        apply_embedding_scaling=scenario.gemma,
     )
     if scenario.apm:
         chunks = build_attribute_model_chunks(model_cfg, PrecisionConfig(), layout, SEED, APM_ATTRIBUTES)
@@ -247,6 +253,7 @@ REFERENCES = [
     Scenario("untied_lora", lora=LORA),
     Scenario("untied_sgd_lora_dropout", optim=SGD, lora=LORA_DROPOUT),
     Scenario("untied_sgd_qwen", optim=SGD, qwen=True),
+    Scenario("tied_sgd_gemma", tied=True, optim=SGD, gemma=True),
 ]
 
 

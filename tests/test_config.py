@@ -305,6 +305,7 @@ def _model_fitting(parallel: ParallelConfig) -> ModelConfig:
         ("mistral_7b", 7_248_023_552),  # MistralForCausalLM's
         ("qwen3_8b", 8_190_735_360),  # Qwen3ForCausalLM's
         ("phi4", 14_659_507_200),  # Phi3ForCausalLM's
+        ("gemma_7b", 8_537_680_896),  # GemmaForCausalLM's
     ],
 )
 def test_real_presets_have_the_published_parameter_count(preset: str, parameters: int) -> None:

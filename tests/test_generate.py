@@ -19,7 +19,7 @@ from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
 from steerlm.inference.generate import Decoding, RowFailed, RowRequest, StepOutcome, sample
 from steerlm.models.gpt import build_model_chunks
 from steerlm.tokenizers import WordTokenizer
-from tests.conftest import TEST_MODEL, randomize_biases
+from tests.conftest import GEMMA_MODEL, TEST_MODEL, randomize_biases
 from tests.multiproc import run_distributed
 
 WORDS = (
@@ -68,7 +68,7 @@ def generator(layout) -> Generator:
 
 # Both decoders on the shapes the lean one must reproduce: GQA, tied embeddings with MHA, Llama-3 RoPE scaling,
 # Qwen2's query/key/value biases, Qwen3's QK norms over heads wider than hidden / heads, biases on every linear layer
-# (random: `_chunks`), YaRN, linear scaling.
+# (random: `_chunks`), YaRN, linear scaling, Gemma's layers.
 SHAPES = {
     "gqa": TEST_MODEL,
     "tied_mha": replace(TEST_MODEL, share_embeddings_and_output_weights=True, num_query_groups=None),
@@ -79,6 +79,7 @@ SHAPES = {
     # YaRN x4 over 8 positions with its attention factor (steerlm.megatron_compat.scaled_rope)
     "yarn": replace(TEST_MODEL, rope_yarn_factor=4.0, rope_original_max_positions=8, rope_attention_factor=1.2),
     "linear": replace(TEST_MODEL, rope_linear_factor=4.0),  # position interpolation (tests/test_linear_rope.py)
+    "gemma": GEMMA_MODEL,  # GeGLU, zero-centred RMSNorm, scaled embeddings (tests/test_gemma.py)
 }
 # LongRoPE with a pretraining length of 8 positions: of PROMPTS (4, 9, 2 and 6 tokens) one starts past it, the others
 # pass it at three different steps of 12 (tests/test_long_rope.py: against transformers' Phi3)

@@ -737,3 +737,24 @@ def test_long_rope_replaces_megatrons_rotary_forward_and_scales_attentions_cos_s
     torch.testing.assert_close(logits(short, 8), logits(plain, 8), rtol=0, atol=0)
     assert not torch.allclose(logits(short, 12), logits(plain, 12), atol=1e-3)
     assert not torch.allclose(logits(scaled, 8), logits(short, 8), atol=1e-3)
+
+
+# 14. Scaled input embeddings (Gemma's)
+
+
+def test_scaled_embeddings_multiply_the_embedding_output(layout):
+    """A chunk built with `model.apply_embedding_scaling` computes what one without it computes from word embeddings
+    multiplied by sqrt(hidden_size), bitwise: the hook multiplies what GPTModel's `embedding` returns."""
+    from steerlm.megatron_compat.scaled_embedding import embedding_scale
+
+    scaled_model = replace(TEST_MODEL, apply_embedding_scaling=True)
+    scaled = build_model_chunks(scaled_model, PrecisionConfig(), layout, 5)[0]
+    plain = build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 5)[0]
+    assert embedding_scale(scaled) == 8.0 and embedding_scale(plain) is None  # sqrt(64)
+    tokens = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12)[None].expand_as(tokens)
+    with torch.no_grad():
+        ours = scaled(tokens, positions, None)
+        assert not torch.allclose(ours, plain(tokens, positions, None), atol=1e-3)
+        plain.embedding.word_embeddings.weight.mul_(torch.tensor(8.0))
+        assert torch.equal(ours, plain(tokens, positions, None))

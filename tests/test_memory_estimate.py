@@ -13,6 +13,7 @@ import torch
 from launchers.cli import main
 from launchers.memory import GIB, checkpoint_bytes, estimate_memory, preset_table, weights_bytes
 from steerlm.config import (
+    Activation,
     CrossEntropy,
     DType,
     LoraConfig,
@@ -55,8 +56,15 @@ def _saved_bytes(chunk: torch.nn.Module, rows: int, length: int) -> int:
         as_nemotron(WIDER),  # Nemotron's layers: LayerNorm, squared ReLU, RoPE on half of each head
         replace(WIDER, add_qkv_bias=True),  # Qwen2's
         replace(WIDER, qk_layernorm=True),  # Qwen3's
+        replace(  # Gemma's: GeGLU, zero-centred RMSNorm, scaled embeddings, heads wider than hidden / heads
+            WIDER,
+            activation=Activation.geglu,
+            layernorm_zero_centered_gamma=True,
+            apply_embedding_scaling=True,
+            kv_channels=64,
+        ),
     ],
-    ids=["tiny", "wider", "megatron-loss", "nemotron", "qwen2", "qwen3"],
+    ids=["tiny", "wider", "megatron-loss", "nemotron", "qwen2", "qwen3", "gemma"],
 )
 def test_activations_and_parameters_match_a_real_forward(layout, model) -> None:
     rows, length = 2, 64

@@ -49,6 +49,15 @@ TWO_RANK = [
     Scenario(
         "tp2_sp_sgd_qwen", ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), optim=SGD, qwen=True
     ),
+    # Gemma's layers: the embedding's hook on a sequence-parallel slice, and on the first of two stages alone
+    Scenario(
+        "tp2_sp_sgd_gemma",
+        ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+        tied=True,
+        optim=SGD,
+        gemma=True,
+    ),
+    Scenario("pp2_sgd_gemma", ParallelConfig(pipeline_model_parallel_size=2), tied=True, optim=SGD, gemma=True),
 ]
 FOUR_RANK = [
     Scenario("tp2_pp2", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),

@@ -22,6 +22,7 @@ class Normalization(str, Enum):
 
 class Activation(str, Enum):
     swiglu = "swiglu"
+    geglu = "geglu"  # GELU-gated with GELU's tanh approximation: Gemma's `gelu_pytorch_tanh`, megatron's fused geglu
     gelu = "gelu"
     squared_relu = "squared_relu"
 
@@ -123,6 +124,9 @@ class ModelConfig:
     # `attention_factor`: an HF import sets the value transformers computes, e.g. 0.1 ln(factor) + 1 for YaRN)
     rope_original_max_positions: int = 4096
     rope_attention_factor: float = 1.0
+    # The input embeddings multiplied by sqrt(hidden_size) (in the weights' dtype): Gemma's, NeMo's
+    # `apply_embedding_scaling`.
+    apply_embedding_scaling: bool = False
     share_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = False
     # Biases on the query, key and value projections alone (megatron's `add_qkv_bias`, NeMo's `qkv_bias`): Qwen2's
@@ -148,6 +152,11 @@ class ModelConfig:
         return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated (`linear_fc1` holds [gate; up]: SwiGLU, GeGLU)."""
+        return self.activation in (Activation.swiglu, Activation.geglu)
+
+    @property
     def long_rope(self) -> bool:
         """Whether RoPE is LongRoPE's (`rope_short_factor` / `rope_long_factor`)."""
         return self.rope_short_factor is not None or self.rope_long_factor is not None
@@ -170,9 +179,9 @@ class ModelConfig:
         q = self.num_attention_heads * d
         kv = 2 * self.query_groups * d
         attention = h * (q + kv) + q * h
-        mlp = h * ffn * (3 if self.activation == Activation.swiglu else 2)
+        mlp = h * ffn * (3 if self.gated_mlp else 2)
         bias = (
-            (q + kv + h + ffn * (2 if self.activation == Activation.swiglu else 1) + h)
+            (q + kv + h + ffn * (2 if self.gated_mlp else 1) + h)
             if self.add_bias_linear
             else q + kv
             if self.add_qkv_bias
@@ -348,8 +357,10 @@ MODEL_SHAPE_FIELDS = (
     "add_bias_linear",
     "add_qkv_bias",
     "qk_layernorm",
+    "apply_embedding_scaling",
 )
 MODEL_FIELDS_ADDED = {
+    "apply_embedding_scaling": False,
     "layernorm_zero_centered_gamma": False,
     "add_qkv_bias": False,
     "qk_layernorm": False,

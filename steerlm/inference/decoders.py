@@ -12,8 +12,9 @@ forward pass as the prefill.
   decoding step in Python (module dispatch, per-call RoPE recomputation, autograd-function wrappers even
   under inference mode): on 2 CPU cores a step of the 2-layer tiny model took 2.6 ms at batch 32 against HF
   transformers' 2.0 ms; the lean loop does the same math in fewer ops (`bench/generate_throughput.py` gives
-  the figures). It covers the Llama and Nemotron families (RMSNorm or LayerNorm, zero-centred or not; SwiGLU or an
-  ungated activation such as squared ReLU; RoPE on all or part of each head; linear layers with or without biases,
+  the figures). It covers the Llama, Nemotron and Gemma families (RMSNorm or LayerNorm, zero-centred or not; SwiGLU,
+  GeGLU or an ungated activation such as squared ReLU; input embeddings scaled or not; RoPE on all or part of each
+  head; linear layers with or without biases,
   Qwen2's on the query, key and value projections alone; Qwen3's norm of each query and key head or none) built with
   megatron's local layers or with Transformer Engine's (whose input norms are fused into `linear_qkv` /
   `linear_fc1`).
@@ -47,6 +48,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference.adapters import AdapterRows
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
+from steerlm.megatron_compat.scaled_embedding import embedding_scale
 from steerlm.megatron_compat.scaled_rope import ScaledRotaryEmbedding, attention_factor
 from steerlm.models.norm import normalize
 from steerlm.runtime.cpu_matmul import linear
@@ -526,7 +528,8 @@ class LeanDecoder:
         return self._linear(context, attention.linear_proj, (index, "linear_proj"), rows, "row")
 
     def _mlp(self, layer, x: torch.Tensor, rows: AdapterRows | None = None) -> torch.Tensor:
-        """megatron's MLP: `act(gate) * up` with a gated unit (SwiGLU), else `act(fc1 x)` (Nemotron's squared ReLU)."""
+        """megatron's MLP: `act(gate) * up` with a gated unit (SwiGLU, GeGLU), else `act(fc1 x)` (Nemotron's squared
+        ReLU)."""
         mlp, index, config = layer.mlp, layer.layer_number - 1, self.model.config
         inner = self._linear(x, mlp.linear_fc1, (index, "linear_fc1"), rows, "column")
         if config.gated_linear_unit:
@@ -544,6 +547,9 @@ class LeanDecoder:
         it sends on (only the last stage's is the model's)."""
         if self.stages.first:
             hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
+            scale = embedding_scale(self.model)
+            if scale is not None:  # Gemma's (`megatron_compat.scaled_embedding`)
+                hidden = hidden * torch.tensor(scale, dtype=hidden.dtype, device=hidden.device)
         else:
             shape = (*tokens.shape, self.model.config.hidden_size)
             hidden = self.stages.receive(torch.empty(shape, dtype=self.dtype, device=self.device))

@@ -76,6 +76,9 @@ and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_
    with the forward's rotary length), and the attention factor rides on the module-level
    `transformer.attention._yarn_get_concentration_factor_from_config`, through which megatron's self-attention
    scales RoPE's cos/sin (YaRN's mscale), rebound to read a steerlm attribute of the TransformerConfig first.
+14. Scaled input embeddings (`scaled_embedding.py`, `model.apply_embedding_scaling`: Gemma's sqrt(hidden_size)): a
+   forward hook on GPTModel's `embedding` (megatron's `LanguageModelEmbedding`) multiplies its output; relies on the
+   attribute's name and on that output being the word embeddings after steps linear in them.
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
 new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test

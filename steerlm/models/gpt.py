@@ -21,6 +21,7 @@ from steerlm.config.schema import (
 )
 from steerlm.config.validation import Accelerator, resolve_transformer_impl
 from steerlm.megatron_compat import GPTModelWithLossHead, SDPACoreAttention
+from steerlm.megatron_compat.scaled_embedding import scale_embeddings
 from steerlm.megatron_compat.scaled_rope import use_scaled_rope
 from steerlm.models.cross_entropy import chunked_language_model_loss
 from steerlm.models.init import initialize_parameters
@@ -30,8 +31,16 @@ from steerlm.runtime.layout import ParallelLayout
 
 _TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
 
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation: Gemma's `gelu_pytorch_tanh` (a named function, unlike megatron's F.gelu, so megatron
+    never mistakes it for the exact GELU its bias-GeGLU fusion replaces)."""
+    return F.gelu(x, approximate="tanh")
+
+
 _ACTIVATIONS = {
     Activation.swiglu: (F.silu, True),
+    Activation.geglu: (gelu_tanh, True),
     Activation.gelu: (F.gelu, False),
     Activation.squared_relu: (lambda x: torch.pow(F.relu(x), 2), False),
 }
@@ -86,7 +95,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         recompute_granularity=None if model.recompute == Recompute.none else "full",
         recompute_method=None if model.recompute == Recompute.none else model.recompute.value,
         recompute_num_layers=None if model.recompute == Recompute.none else model.recompute_num_layers,
-        bias_activation_fusion=te and gated,
+        bias_activation_fusion=te and model.activation == Activation.swiglu,  # megatron fuses SwiGLU and exact GeGLU
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,
         persist_layer_norm=te,
@@ -204,6 +213,8 @@ def _build_chunks(
             use_scaled_rope(
                 gpt, model.rotary_percent, *frequencies, model.rope_original_max_positions, model.rope_attention_factor
             )
+        if model.apply_embedding_scaling:
+            scale_embeddings(gpt, model.hidden_size**0.5)
         gpt.to(layout.device)
         initialize_parameters(gpt, model, seed, layout)
         chunks.append(gpt)

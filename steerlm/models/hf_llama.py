@@ -94,6 +94,9 @@ class HFArchitecture:
     long_rope: bool = False  # LongRoPE's per-channel factors may be on (`rope_scaling.type: longrope`)
     yarn: bool = True  # YaRN may be on (`rope_scaling.rope_type: yarn`); Phi-3 reads that name as LongRoPE's
     linear: bool = True  # linear scaling may be on (`rope_scaling.rope_type: linear`); Phi3Config takes longrope alone
+    embedding_scaling: bool = False  # input embeddings times sqrt(hidden_size) (`model.apply_embedding_scaling`)
+    legacy_acts: tuple[str, ...] = ()  # other `hidden_act` values transformers reads as `hidden_act`
+    tied: bool = False  # what a config.json without `tie_word_embeddings` means (the config class's default)
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -125,7 +128,23 @@ PHI3 = HFArchitecture(
     yarn=False,
     linear=False,
 )
-HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3)}
+# Gemma (1: Gemma-2B/7B, CodeGemma): a Llama with a GELU-gated MLP (tanh approximation; its first configs say
+# `gelu`, which transformers reads as the approximation), RMSNorm weights stored centred on zero and input embeddings
+# times sqrt(hidden_size). Gemma 2 and 3 add layers steerlm lacks (post-norms, soft-capping, sliding windows).
+GEMMA = HFArchitecture(
+    "Gemma",
+    "gemma",
+    "GemmaForCausalLM",
+    "GemmaForSequenceClassification",
+    zero_centered=True,
+    activation=Activation.geglu,
+    hidden_act="gelu_pytorch_tanh",
+    yarn=False,
+    embedding_scaling=True,
+    legacy_acts=("gelu",),
+    tied=True,
+)
+HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA)}
 
 
 def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
@@ -134,6 +153,7 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         "normalization": family.normalization,
         "layernorm_zero_centered_gamma": family.zero_centered,
         "activation": family.activation,
+        "apply_embedding_scaling": family.embedding_scaling,
         "position_embedding_type": PositionEmbedding.rope,
         "add_bias_linear": False,
         "add_qkv_bias": family.qkv_bias,
@@ -198,6 +218,8 @@ def hf_config_dict(model: ModelConfig) -> dict:
     if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
         config.update(norm_eps=model.layernorm_epsilon, partial_rotary_factor=model.rotary_percent)
         return config
+    if family == GEMMA:  # transformers 4's GemmaConfig (and vLLM) read the MLP's activation from this key
+        config["hidden_activation"] = family.hidden_act
     if family == PHI3:  # Phi3Config's default pad id is Phi-3's 32000, outside other vocabularies: none unless given
         config.update(partial_rotary_factor=model.rotary_percent, sliding_window=None, pad_token_id=None)
     config["rms_norm_eps"] = model.layernorm_epsilon
@@ -256,16 +278,12 @@ def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...
     return split_qkv(qkv, model.num_attention_heads, model.query_groups, model.head_dim)
 
 
-def _gated(model: ModelConfig) -> bool:
-    return model.activation == Activation.swiglu
-
-
 def _layer_copies(model: ModelConfig) -> dict[str, str]:
     """Per-layer tensors `model` maps one to one (megatron name after `decoder.layers.N.` → HF name)."""
     copies = dict(_LAYER_COPIES)
     if model.normalization == Normalization.LayerNorm:
         copies.update(_BIAS_COPIES)
-    if not _gated(model):
+    if not model.gated_mlp:
         copies.update(_UNGATED_FC1)
     if model.qk_layernorm:
         copies.update(_QK_NORMS)
@@ -336,7 +354,7 @@ def lora_projections(model: ModelConfig, fused: bool | None = None) -> dict[str,
     `gate_up_proj`); None: as the family `model` is exported as does."""
     if _exported_fused(model) if fused is None else fused:
         return _FUSED_LORA_PROJECTIONS
-    return _LORA_PROJECTIONS if _gated(model) else {**_LORA_PROJECTIONS, "linear_fc1": ("mlp", ("up_proj",))}
+    return _LORA_PROJECTIONS if model.gated_mlp else {**_LORA_PROJECTIONS, "linear_fc1": ("mlp", ("up_proj",))}
 
 
 def _exported_fused(model: ModelConfig) -> bool:
@@ -415,7 +433,7 @@ def megatron_shapes(model: ModelConfig, num_attributes: int | None = None) -> di
         "self_attention.linear_qkv.weight": (attention + 2 * model.query_groups * model.head_dim, h),
         "self_attention.linear_qkv.bias": (attention + 2 * model.query_groups * model.head_dim,),
         **dict.fromkeys(_QK_NORMS, (model.head_dim,)),
-        "mlp.linear_fc1.weight": ((2 if _gated(model) else 1) * ffn, h),
+        "mlp.linear_fc1.weight": ((2 if model.gated_mlp else 1) * ffn, h),
     }
     shapes: dict[str, tuple[int, ...]] = {}
     for name in megatron_names(model):
@@ -576,8 +594,12 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
     family = family or LLAMA
     unsupported += [
         f"{name}={hf.get(name)!r}"
-        for name, expected in (("hidden_act", family.hidden_act), ("attention_bias", False), ("mlp_bias", False))
-        if hf.get(name) not in (None, expected)  # transformers 5 writes `attention_bias: null` for Qwen2 and Mistral
+        for name, expected in (
+            ("hidden_act", (family.hidden_act, *family.legacy_acts)),
+            ("attention_bias", (False,)),
+            ("mlp_bias", (False,)),
+        )
+        if hf.get(name) not in (None, *expected)  # transformers 5 writes `attention_bias: null` for Qwen2 and Mistral
     ]
     llama3 = family.llama3_rope and rope_type == "llama3"
     long_rope = family.long_rope and rope_type in _LONG_ROPE_TYPES
@@ -595,7 +617,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3, yarn, linear or no RoPE scaling), a Mistral, "
             "Qwen2 or Qwen3 (the same with yarn, linear or no RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK "
             "norms), a Phi-3 (partial RoPE too, longrope or no scaling) or a Nemotron (zero-centred LayerNorm, "
-            "squared ReLU, partial RoPE, no biases, linear or no scaling)",
+            "squared ReLU, partial RoPE, no biases, linear or no scaling) or a Gemma 1 (zero-centred RMSNorm, GeGLU, "
+            "scaled embeddings, linear or no scaling)",
         )
     heads = hf["num_attention_heads"]
     share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
@@ -608,7 +631,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "num_query_groups": hf.get("num_key_value_heads") or heads,
         "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
         "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
-        "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", False),
+        "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", family.tied),
+        "apply_embedding_scaling": family.embedding_scaling,
         "rope_scaling": llama3,
         # what a config.json leaves implicit, too: the family's layers
         "normalization": family.normalization,

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from steerlm.config.schema import Activation, ModelConfig, Normalization, PositionEmbedding
+from steerlm.config.schema import ModelConfig, Normalization, PositionEmbedding
 from steerlm.errors import DataError
 from steerlm.megatron_compat import unfused_norm_name
 from steerlm.models import lora
@@ -483,7 +483,7 @@ class NemoCheckpoint:
 
     def full_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Full (unsharded) tensors keyed by steerlm global name, read from the archive."""
-        return read_full(self._weights, list(names), gated=self.model.activation == Activation.swiglu)
+        return read_full(self._weights, list(names), gated=self.model.gated_mlp)
 
     def load_into(self, chunks: list, tp_rank: int, tp: int, keep: Callable[[str], bool] = lambda name: False) -> None:
         """Copy the archive's weights into this rank's shards (any layout); `keep` names parameters left as they are."""

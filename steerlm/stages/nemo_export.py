@@ -47,7 +47,7 @@ from steerlm import runtime
 from steerlm.checkpoint.sharded import load_weights, unwrap, write_sharded
 from steerlm.config import ConfigError, PrecisionConfig
 from steerlm.config.convert import ConvertConfig
-from steerlm.config.schema import DType
+from steerlm.config.schema import Activation, DType
 from steerlm.config.sources import NEMO_CONFIG_FILE, STEERLM_SECTION
 from steerlm.config.validation import validate_model_layout
 from steerlm.data.template import Tokenization
@@ -169,6 +169,11 @@ def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
         ),
         (source.model.long_rope, "rotates with LongRoPE's per-channel factors (model.rope_short_factor …)", "Phi3"),
         (source.model.rope_yarn_factor is not None, "rotates with YaRN's scaling (model.rope_yarn_factor)", "Llama"),
+        (
+            source.model.activation == Activation.geglu or source.model.apply_embedding_scaling,
+            "is a Gemma (GELU-gated MLP with GELU's tanh approximation, scaled input embeddings)",
+            "Gemma",
+        ),
     ):
         if unexpressed:
             raise ConfigError(

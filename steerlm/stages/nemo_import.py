@@ -28,7 +28,6 @@ from steerlm.checkpoint.sources import BaseWeights, WeightFormat
 from steerlm.config import AttributeModelConfig, AttributesConfig, ParallelConfig, PrecisionConfig
 from steerlm.config.lora import LoraConfig
 from steerlm.config.schema import (
-    Activation,
     APMConfig,
     DType,
     TemplateOptions,
@@ -123,7 +122,7 @@ def import_nemo_lora(
         with NemoAdapters(adapters, model.num_layers) as nemo_lora:
             lora.attach(chunks, nemo_lora.lora, seed=0)
             names = nemo_lora.names(model.num_layers)
-            full = nemo_lora.full_tensors(names, gated=model.activation == Activation.swiglu)
+            full = nemo_lora.full_tensors(names, gated=model.gated_mlp)
             try:
                 load_full_parameters(chunks, full, layout.tp_rank, layout.tp, keep=lambda name: name not in full)
             except ValueError as error:  # a shape that is not the base's

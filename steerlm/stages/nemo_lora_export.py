@@ -25,7 +25,6 @@ from steerlm.checkpoint.sharded import read_meta
 from steerlm.checkpoint.sources import WeightFormat
 from steerlm.config.convert import ConvertConfig
 from steerlm.config.lora import NEMO_LORA_TARGETS
-from steerlm.config.schema import Activation
 from steerlm.config.validation import validate_model_layout
 from steerlm.models.nemo_config import layers_per_stage
 from steerlm.models.nemo_weights import legacy_adapter_states
@@ -84,7 +83,7 @@ def export_nemo_lora(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
         config = archive_config(source, layout, tokenizer, cfg.dtype or source.dtype)
         config["peft"] = peft_section(source, lora)
         stages = layers_per_stage(config, str(output), layout.pp)
-        gated = source.model.activation == Activation.swiglu
+        gated = source.model.gated_mlp
         for file, state in legacy_adapter_states(adapters, layout.tp, stages, gated).items():
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, staging / file)
