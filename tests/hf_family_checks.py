@@ -1,16 +1,19 @@
 """The checks every HF model family steerlm exports to passes (tests/test_nemotron.py, tests/test_qwen_mistral.py,
-tests/test_phi3.py): an export written at TP=2 computes steerlm's logits in transformers and converts back bitwise,
-the lean decoder's greedy tokens are transformers' `generate`'s, and a regression APM exported as the family's
-sequence classifier scores as steerlm does; and another tool's models, written by transformers, converted at TP=2."""
+tests/test_phi3.py, tests/test_gemma.py, the RoPE scalings' tests): an export written at TP=2 computes steerlm's
+logits in transformers and converts back bitwise, the lean decoder's greedy tokens are transformers' `generate`'s,
+and a regression APM exported as the family's sequence classifier scores as steerlm does; another tool's models,
+written by transformers, converted at TP=2; and a checkpoint written before a family's `model.*` field existed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from steerlm.checkpoint.sharded import load_weights, resolve_checkpoint, saved_config
-from steerlm.config import ModelConfig, PrecisionConfig
+from steerlm.checkpoint.sharded import META, check_compatible, load_weights, resolve_checkpoint, saved_config
+from steerlm.config import ConfigError, ModelConfig, PrecisionConfig
 from steerlm.config.store import to_typed
 from steerlm.inference.decoders import lean_unsupported
 from steerlm.inference.generate import Generator, SamplingParams
@@ -108,3 +111,18 @@ def imported(layout, run: Path) -> tuple[ModelConfig, list]:
     chunks = build_model_chunks(model, PrecisionConfig(), layout, 99)
     load_weights(path, chunks, layout, model)
     return model, chunks
+
+
+def check_fields_added(layout, root: Path, written: ModelConfig, later: dict[str, ModelConfig]) -> None:
+    """A checkpoint of `written` whose meta lacks the fields named in `later` (written before they existed) reads as
+    their old value, False: it loads into `written` and refuses each of `later`'s models, naming its field."""
+    step = resolve_checkpoint(_checkpoint(layout, root, written))
+    meta = json.loads((step / META).read_text())
+    for field in later:
+        del meta["model"][field]
+    (step / META).write_text(json.dumps(meta))
+    check_compatible(step, written)
+    for field, model in later.items():
+        with pytest.raises(ConfigError, match=f"written for model.{field}=False") as error:
+            check_compatible(step, model)
+        assert error.value.key == f"model.{field}"

@@ -18,14 +18,12 @@ tests/test_parallel_parity.py.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from steerlm.checkpoint.sharded import META, check_compatible, resolve_checkpoint
 from steerlm.config import ConfigError
 from steerlm.config.convert import ModelFormat
 from steerlm.models.hf_llama import LLAMA, QWEN2, QWEN3, hf_architecture, hf_config_dict
@@ -34,7 +32,14 @@ from steerlm.models.sharding import named_global_parameters
 from steerlm.stages.convert import convert
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import QWEN2_MODEL, QWEN3_MODEL, TEST_MODEL, randomize_biases
-from tests.hf_family_checks import check_apm_export, check_export, check_lean_greedy, converted_other_tools, imported
+from tests.hf_family_checks import (
+    check_apm_export,
+    check_export,
+    check_fields_added,
+    check_lean_greedy,
+    converted_other_tools,
+    imported,
+)
 from tests.multiproc import run_distributed
 from tests.test_convert import _checkpoint, _convert, _distributed_conversions
 
@@ -200,15 +205,8 @@ def test_hf_architecture_is_told_by_the_q_k_v_biases_and_the_qk_norms(layout) ->
 
 
 def test_a_checkpoint_written_before_the_fields_existed_reads_as_neither(layout, tmp_path: Path) -> None:
-    step = resolve_checkpoint(_checkpoint(layout, tmp_path / "old", TEST_MODEL))
-    meta = json.loads((step / META).read_text())
-    del meta["model"]["add_qkv_bias"], meta["model"]["qk_layernorm"]
-    (step / META).write_text(json.dumps(meta))
-    check_compatible(step, TEST_MODEL)
-    for field, model in (("add_qkv_bias", QWEN2_MODEL), ("qk_layernorm", replace(TEST_MODEL, qk_layernorm=True))):
-        with pytest.raises(ConfigError, match=f"written for model.{field}=False") as error:
-            check_compatible(step, model)
-        assert error.value.key == f"model.{field}"
+    later = {"add_qkv_bias": QWEN2_MODEL, "qk_layernorm": replace(TEST_MODEL, qk_layernorm=True)}
+    check_fields_added(layout, tmp_path / "old", TEST_MODEL, later)
 
 
 def test_a_nemo_export_writes_qkv_bias_and_reads_back_the_same_model() -> None:
