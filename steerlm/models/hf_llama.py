@@ -1,7 +1,7 @@
-"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral / Phi-3 <-> megatron GPTModel: configuration and full
-(unsharded) weight mapping.
+"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma <-> megatron GPTModel: configuration and
+full (unsharded) weight mapping.
 
-Six HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
+Seven HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
 every channel, optionally Llama-3.1's frequency scaling), Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm
 whose weights are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU
 MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`), Qwen3
@@ -9,9 +9,11 @@ MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k
 Mistral (a Llama whose layers may attend to a sliding window: imported with that many positions, exported as the
 Llama it computes) and Phi-3 (Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: a Llama, or one with RoPE on a share of each head,
 or with LongRoPE's per-channel factors — `model.rope_short_factor` … —, whose q/k/v and gate/up projections are
-stored fused; exported as the Llama it computes where RoPE covers every channel without LongRoPE). Every family but
-Nemotron and Phi-3 may carry YaRN (`model.rope_yarn_factor` …), every family but Phi-3 linear scaling
-(`model.rope_linear_factor`); the three scalings' frequencies: `steerlm.models.rope`.
+stored fused; exported as the Llama it computes where RoPE covers every channel without LongRoPE) and Gemma (1: a Llama
+with a GELU-gated MLP, zero-centred RMSNorm weights and input embeddings times sqrt(hidden_size) —
+`model.activation=geglu`, `model.apply_embedding_scaling`). Every family but Nemotron, Phi-3 and Gemma may carry YaRN
+(`model.rope_yarn_factor` …), every family but Phi-3 linear scaling (`model.rope_linear_factor`); the three scalings'
+frequencies: `steerlm.models.rope`.
 `hf_architecture` tells which a `ModelConfig` is exported as.
 
 Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
