@@ -48,7 +48,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference.adapters import AdapterRows
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
-from steerlm.megatron_compat.scaled_embedding import embedding_scale
+from steerlm.megatron_compat.scaled_embedding import scaled_lookup
 from steerlm.megatron_compat.scaled_rope import ScaledRotaryEmbedding, attention_factor
 from steerlm.models.norm import normalize
 from steerlm.runtime.cpu_matmul import linear
@@ -546,10 +546,7 @@ class LeanDecoder:
         run an adapter, and theirs (None: every row the model alone). Under PP: this stage's layers' output, which
         it sends on (only the last stage's is the model's)."""
         if self.stages.first:
-            hidden = self.model.embedding.word_embeddings(tokens)  # [rows, n, hidden]; TP-reduced
-            scale = embedding_scale(self.model)
-            if scale is not None:  # Gemma's (`megatron_compat.scaled_embedding`)
-                hidden = hidden * torch.tensor(scale, dtype=hidden.dtype, device=hidden.device)
+            hidden = scaled_lookup(self.model, tokens)  # [rows, n, hidden]; TP-reduced; Gemma's scaled
         else:
             shape = (*tokens.shape, self.model.config.hidden_size)
             hidden = self.stages.receive(torch.empty(shape, dtype=self.dtype, device=self.device))

@@ -4,8 +4,8 @@ megatron-core 0.16's GPTModel lacks.
 `scale_embeddings` registers a forward hook on a GPTModel chunk's `embedding` (megatron's `LanguageModelEmbedding`,
 the first pipeline stage's alone): its output — the `[positions, rows, hidden]` word embeddings after megatron's
 transpose, sequence-parallel scatter and dropout, all of them linear in it — is multiplied by the scale in the output's
-dtype, as transformers' `GemmaScaledWordEmbedding` multiplies by `embed_scale.to(weight.dtype)`. The scale is also
-kept on the module (`embedding_scale`) for code that looks the words up itself (the lean decoder).
+dtype, as transformers' `GemmaScaledWordEmbedding` multiplies by `embed_scale.to(weight.dtype)`. Code that looks the
+words up itself (the lean decoder) scales them with `scaled_lookup`, the same product.
 """
 
 from __future__ import annotations
@@ -27,13 +27,22 @@ def scale_embeddings(gpt: GPTModel, scale: float) -> None:
             "embedding; update steerlm.megatron_compat.scaled_embedding"
         )
     setattr(embedding, _SCALE, scale)
-
-    def scaled(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
-        return output * torch.tensor(scale, dtype=output.dtype, device=output.device)
-
-    embedding.register_forward_hook(scaled)
+    embedding.register_forward_hook(lambda module, inputs, output: _times(output, scale))
 
 
 def embedding_scale(gpt: GPTModel) -> float | None:
     """The scale `scale_embeddings` gave this chunk's embedding; None for none (or no embedding)."""
     return getattr(getattr(gpt, "embedding", None), _SCALE, None)
+
+
+def scaled_lookup(gpt: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+    """The word embeddings of `tokens` (`[rows, n]` → `[rows, n, hidden]`, TP-reduced) as the chunk's embedding
+    scales them."""
+    words = gpt.embedding.word_embeddings(tokens)
+    scale = embedding_scale(gpt)
+    return words if scale is None else _times(words, scale)
+
+
+def _times(embeddings: torch.Tensor, scale: float) -> torch.Tensor:
+    """`embeddings` times `scale` rounded to their dtype (transformers' and NeMo's product)."""
+    return embeddings * torch.tensor(scale, dtype=embeddings.dtype, device=embeddings.device)

@@ -95,7 +95,8 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         recompute_granularity=None if model.recompute == Recompute.none else "full",
         recompute_method=None if model.recompute == Recompute.none else model.recompute.value,
         recompute_num_layers=None if model.recompute == Recompute.none else model.recompute_num_layers,
-        bias_activation_fusion=te and model.activation == Activation.swiglu,  # megatron fuses SwiGLU and exact GeGLU
+        # megatron's fusion replaces F.silu and F.gelu (SwiGLU, NeMo's GeGLU) with its kernels; gelu_tanh is neither
+        bias_activation_fusion=te and model.activation == Activation.swiglu,
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,
         persist_layer_norm=te,
