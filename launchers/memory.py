@@ -109,7 +109,8 @@ def _layer_parameters(model: ModelConfig, tp: int) -> int:
     matrices = sum(inputs * outputs for inputs, outputs, _ in _linear_shapes(model).values()) // tp
     # Qwen3's QK norms: a weight (and LayerNorm's bias) per head channel, shared by the heads, on every TP rank
     qk_norms = 2 * model.head_dim * (2 if model.normalization == Normalization.LayerNorm else 1)
-    return matrices + _layer_biases(model, tp) + 2 * _norm_parameters(model) + (qk_norms if model.qk_layernorm else 0)
+    norms = (4 if model.post_sublayer_norms else 2) * _norm_parameters(model)  # Gemma 2's norms of sublayer outputs
+    return matrices + _layer_biases(model, tp) + norms + (qk_norms if model.qk_layernorm else 0)
 
 
 def _layer_adapters(model: ModelConfig, tp: int, lora: LoraConfig) -> int:
@@ -137,12 +138,17 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, first: bool, last: bo
     )
 
 
-def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, size: int) -> float:
+def _layer_activations(
+    model: ModelConfig, tokens: int, keys: int, tp: int, sequence_parallel: bool, size: int
+) -> float:
+    """`keys`: the positions each query attends over (the sequence's), which soft-capped scores are kept for."""
     h, ffn = model.hidden_size, model.ffn_hidden_size
     q, kv = model.num_attention_heads * model.head_dim, model.query_groups * model.head_dim  # heads may be wider
     # per norm: its input (the residual stream), the normalised tensor and the following linear's input (torch's
     # RMSNorm keeps a tensor more than its LayerNorm, whose output is the linear's input)
     replicated = (6 if model.normalization == Normalization.RMSNorm else 4) * tokens * h
+    # Gemma 2's norms of the attention's and the MLP's output: each its input and the normalised tensor
+    replicated += 4 * tokens * h if model.post_sublayer_norms else 0
     # linear_qkv's whole output (value is a view of it), the rotated query and key, the attention output; and
     # SwiGLU's linear_fc1 output ([gate; up]), the activation's input and output and the product — an ungated
     # activation (squared ReLU, GELU) keeps its input and output alone
@@ -152,14 +158,17 @@ def _layer_activations(model: ModelConfig, tokens: int, tp: int, sequence_parall
     heads = model.num_attention_heads + model.query_groups
     qk_norms = 2 * model.num_attention_heads * model.head_dim + kv + heads if model.qk_layernorm else 0
     split = tokens * (3 * q + 3 * kv + mlp + qk_norms)
-    return size * (replicated / (tp if sequence_parallel else 1) + split / tp)
+    # soft-capped attention scores have no fused kernel: the capped scores and the fp32 softmax are kept per head, 8
+    # bytes per score in fp32 and in bf16 (2 for the capped scores, 4 for the softmax, 2 for its bf16 copy)
+    scores = 8 * tokens * model.num_attention_heads * keys if model.attn_logit_softcapping else 0
+    return size * (replicated / (tp if sequence_parallel else 1) + split / tp) + scores / tp
 
 
 def _stage_activations(
-    model: ModelConfig, tokens: int, tp: int, pp: int, sequence_parallel: bool, size: int
+    model: ModelConfig, tokens: int, keys: int, tp: int, pp: int, sequence_parallel: bool, size: int
 ) -> tuple[float, float]:
     """(kept per micro-batch, rebuilt once in the backward) by a pipeline stage's layers under `model.recompute`."""
-    layers, layer = model.num_layers // pp, _layer_activations(model, tokens, tp, sequence_parallel, size)
+    layers, layer = model.num_layers // pp, _layer_activations(model, tokens, keys, tp, sequence_parallel, size)
     hidden = size * tokens * model.hidden_size / (tp if sequence_parallel else 1)  # a recomputed chunk's input
     n = model.recompute_num_layers
     if model.recompute == Recompute.uniform:
@@ -215,7 +224,7 @@ def estimate_memory(cfg: TrainConfig, data_parallel_size: int) -> MemoryEstimate
     optimizer_share = data_parallel_size if parallel.use_distributed_optimizer else 1
     micro_batches = trainer.global_batch_size // (trainer.micro_batch_size * data_parallel_size)
     tokens = trainer.micro_batch_size * trainer.seq_length // parallel.context_parallel_size
-    kept, recomputed = _stage_activations(model, tokens, tp, pp, parallel.sequence_parallel, size)
+    kept, recomputed = _stage_activations(model, tokens, trainer.seq_length, tp, pp, parallel.sequence_parallel, size)
     stages = []
     adapters = model.num_layers // pp * _layer_adapters(model, tp, cfg.lora)
     for first, last in {(True, pp == 1), (pp == 1, True)}:
@@ -276,6 +285,8 @@ PRESET_LAYOUTS = (
     ("qwen3_8b", "tp8", 4, 4096),
     ("phi4", "tp2_pp2", 2, 4096),
     ("gemma_7b", "tp8", 4, 4096),
+    ("gemma2_9b", "tp8", 4, 4096),
+    ("gemma2_27b", "tp8_pp2", 2, 4096),
 )
 
 

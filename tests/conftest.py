@@ -51,6 +51,15 @@ GEMMA_MODEL = replace(
     kv_channels=32,
     layernorm_epsilon=1e-6,
 )
+# Gemma 2's: Gemma's with norms of each sublayer's output, an attention scale other than the head's channels' and caps
+# at the scale of a tiny random model's attention scores (~0.07) and logits (~0.3), so that both bite
+GEMMA2_MODEL = replace(
+    GEMMA_MODEL,
+    post_sublayer_norms=True,
+    attn_logit_softcapping=0.05,
+    final_logit_softcapping=0.1,
+    query_pre_attn_scalar=24,
+)
 # Qwen2's layers: a Llama's with biases on the query, key and value projections (RoPE base, norm epsilon: Qwen2.5's).
 QWEN2_MODEL = replace(TEST_MODEL, add_qkv_bias=True, rotary_base=1000000, layernorm_epsilon=1e-6)
 # Qwen3's: a norm of each query and key head, heads wider than hidden / heads (Qwen3-0.6B: 1024 / 16 = 64 < 128).

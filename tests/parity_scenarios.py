@@ -71,7 +71,10 @@ class Scenario:
     transformer_impl: TransformerImpl = TransformerImpl.local  # transformer_engine: TE layers (CUDA + TE)
     lora: LoraConfig | None = None  # adapters on every linear (B given values, so A has gradients), the rest frozen
     qwen: bool = False  # Qwen2's q/k/v biases and Qwen3's QK norms (whose gradients megatron sums over TP)
-    gemma: bool = False  # Gemma's GeGLU, zero-centred RMSNorm and scaled input embeddings (a hook on the embedding)
+    # Gemma 2's layers, Gemma's with more: GeGLU, zero-centred RMSNorm, scaled input embeddings (a hook on the
+    # embedding), norms of each sublayer's output (hooks on the attention and the MLP), soft-capped scores and logits
+    # (caps at the tiny model's scale, so that both bite), another attention scale
+    gemma: bool = False
 
     @property
     def reference(self) -> str:
@@ -83,7 +86,7 @@ class Scenario:
             + ("_lora" if self.lora else "")
             + ("_dropout" if self.lora and self.lora.dropout else "")
             + ("_qwen" if self.qwen else "")
-            + ("_gemma" if self.gemma else "")
+            + ("_gemma2" if self.gemma else "")
         )
 
     @property
@@ -189,6 +192,10 @@ def run(scenario: Scenario) -> dict:
         activation=Activation.geglu if scenario.gemma else TINY.activation,
         layernorm_zero_centered_gamma=scenario.gemma,
         apply_embedding_scaling=scenario.gemma,
+        post_sublayer_norms=scenario.gemma,
+        attn_logit_softcapping=0.05 if scenario.gemma else None,
+        final_logit_softcapping=0.1 if scenario.gemma else None,
+        query_pre_attn_scalar=24 if scenario.gemma else None,
     )
     if scenario.apm:
         chunks = build_attribute_model_chunks(model_cfg, PrecisionConfig(), layout, SEED, APM_ATTRIBUTES)
@@ -253,7 +260,7 @@ REFERENCES = [
     Scenario("untied_lora", lora=LORA),
     Scenario("untied_sgd_lora_dropout", optim=SGD, lora=LORA_DROPOUT),
     Scenario("untied_sgd_qwen", optim=SGD, qwen=True),
-    Scenario("tied_sgd_gemma", tied=True, optim=SGD, gemma=True),
+    Scenario("tied_sgd_gemma2", tied=True, optim=SGD, gemma=True),
 ]
 
 

@@ -306,6 +306,8 @@ def _model_fitting(parallel: ParallelConfig) -> ModelConfig:
         ("qwen3_8b", 8_190_735_360),  # Qwen3ForCausalLM's
         ("phi4", 14_659_507_200),  # Phi3ForCausalLM's
         ("gemma_7b", 8_537_680_896),  # GemmaForCausalLM's
+        ("gemma2_9b", 9_241_705_984),  # Gemma2ForCausalLM's
+        ("gemma2_27b", 27_227_128_320),
     ],
 )
 def test_real_presets_have_the_published_parameter_count(preset: str, parameters: int) -> None:

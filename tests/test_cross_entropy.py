@@ -18,7 +18,7 @@ from steerlm.models import cross_entropy
 from steerlm.models.cross_entropy import IGNORE_INDEX, chunked_language_model_loss
 from steerlm.models.gpt import build_model_chunks
 from steerlm.training.losses import LANGUAGE_MODEL
-from tests.conftest import TEST_MODEL
+from tests.conftest import GEMMA2_MODEL, TEST_MODEL
 from tests.multiproc import run_distributed
 
 SEQ, BATCH, HIDDEN, VOCAB = 12, 3, 16, 384
@@ -63,6 +63,26 @@ def test_chunked_loss_and_gradients_equal_torch_and_megatron_in_fp32(layout, mon
     for reference in (_torch_reference, _megatron_reference):
         for got, expected in zip(ours, _loss_and_grads(reference, *inputs)):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [VOCAB * 5, 1 << 26], ids=["several_chunks", "one_chunk"])
+def test_soft_capped_logits_give_torch_s_loss_and_gradients_of_the_capped_logits(monkeypatch, chunk_elements) -> None:
+    """Gemma 2's final soft-capping, `cap * tanh(logits / cap)`, inside the chunks: loss and gradients of the capped
+    logits; with a cap at the logits' scale (~1.2) they differ from the uncapped ones."""
+    monkeypatch.setattr(cross_entropy, "FP32_CHUNK_ELEMENTS", chunk_elements)
+    inputs = _inputs()
+
+    def capped(hidden, weight, labels):
+        return chunked_language_model_loss(hidden, weight, labels, None, sequence_parallel=False, cap=0.7)
+
+    def reference(hidden, weight, labels):
+        logits = torch.tanh((hidden @ weight.t()).float() / 0.7) * 0.7
+        return F.cross_entropy(logits.permute(1, 2, 0), labels, reduction="none")
+
+    ours = _loss_and_grads(capped, *inputs)
+    for got, expected in zip(ours, _loss_and_grads(reference, *inputs)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (ours[0] - _loss_and_grads(_chunked, *inputs)[0]).abs().max() > 0.1
 
 
 def test_chunked_loss_in_bf16_matches_megatrons_path(layout, monkeypatch) -> None:
@@ -143,13 +163,17 @@ def test_fp32_logits_never_exist_for_every_token_at_once(layout, monkeypatch) ->
     assert chunked.largest == 6 * VOCAB
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_language_model_loss_and_gradients_equal_megatrons_output_layer_path(layout, tied: bool) -> None:
+@pytest.mark.parametrize("shape", ["untied", "tied", "gemma2"])
+def test_language_model_loss_and_gradients_equal_megatrons_output_layer_path(layout, shape: str) -> None:
+    """Gemma 2's capped logits: the chunked loss caps its own, megatron's path through `output_layer`'s hook."""
     tokens = torch.randint(0, TEST_MODEL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(16).expand(2, 16)
     results = []
+    base = (
+        GEMMA2_MODEL if shape == "gemma2" else replace(TEST_MODEL, share_embeddings_and_output_weights=shape == "tied")
+    )
     for impl in (CrossEntropy.chunked, CrossEntropy.megatron):
-        model = replace(TEST_MODEL, cross_entropy=impl, share_embeddings_and_output_weights=tied)
+        model = replace(base, cross_entropy=impl)
         chunk = build_model_chunks(model, PrecisionConfig(), layout, seed=4)[0]
         loss = chunk(tokens, positions, None, labels=tokens.roll(-1, dims=1))
         loss.sum().backward()
@@ -158,8 +182,10 @@ def test_language_model_loss_and_gradients_equal_megatrons_output_layer_path(lay
     assert ours.shape == (2, 16)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert our_grads.keys() == their_grads.keys()
+    # the cap's derivative, (1 - tanh^2) here, autograd's through the division by the cap and back: rounding apart
+    atol = 1e-5 if shape == "gemma2" else 1e-6
     for name, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=atol, msg=name)
 
 
 def test_language_model_task_leaves_the_masked_positions_out_with_the_same_loss(layout) -> None:

@@ -19,7 +19,7 @@ from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
 from steerlm.inference.generate import Decoding, RowFailed, RowRequest, StepOutcome, sample
 from steerlm.models.gpt import build_model_chunks
 from steerlm.tokenizers import WordTokenizer
-from tests.conftest import GEMMA_MODEL, TEST_MODEL, randomize_biases
+from tests.conftest import GEMMA2_MODEL, GEMMA_MODEL, TEST_MODEL, randomize_biases
 from tests.multiproc import run_distributed
 
 WORDS = (
@@ -80,6 +80,7 @@ SHAPES = {
     "yarn": replace(TEST_MODEL, rope_yarn_factor=4.0, rope_original_max_positions=8, rope_attention_factor=1.2),
     "linear": replace(TEST_MODEL, rope_linear_factor=4.0),  # position interpolation (tests/test_linear_rope.py)
     "gemma": GEMMA_MODEL,  # GeGLU, zero-centred RMSNorm, scaled embeddings (tests/test_gemma.py)
+    "gemma2": GEMMA2_MODEL,  # Gemma's, post-norms, soft-capped scores and logits (tests/test_gemma2.py)
 }
 # LongRoPE with a pretraining length of 8 positions: of PROMPTS (4, 9, 2 and 6 tokens) one starts past it, the others
 # pass it at three different steps of 12 (tests/test_long_rope.py: against transformers' Phi3)
@@ -297,7 +298,7 @@ def _run(tp: int, pp: int = 1, shape: str = "gqa", prefill_tokens: int = PREFILL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", ["gqa", "biased"])
+@pytest.mark.parametrize("shape", ["gqa", "biased", "gemma2"])
 def test_tp2_generates_what_tp1_generates(shape: str) -> None:
     """`biased`: each rank adds its slice of the column-parallel layers' biases before the activation and the whole
     bias of a row-parallel layer once, after the ranks' partial products are summed."""

@@ -39,7 +39,7 @@ from steerlm.stages.convert import convert
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
 from steerlm.training.init_from import load_init_weights, resolve_init_source
-from tests.conftest import NEMOTRON_MODEL, PHI3_MODEL, QWEN2_MODEL, TEST_MODEL, randomize_biases
+from tests.conftest import GEMMA2_MODEL, NEMOTRON_MODEL, PHI3_MODEL, QWEN2_MODEL, TEST_MODEL, randomize_biases
 from tests.multiproc import run_distributed
 from tests.recipe_runner import TORCHRUN_2, run_recipe, summary, train_losses
 from tests.test_convert import SCHEMA, TEXTS
@@ -89,8 +89,10 @@ def test_adapters_start_as_the_base_model_and_train_alone(layout) -> None:
         (NEMOTRON_MODEL, list(LORA.targets)),  # an ungated fc1: PEFT adapts `up_proj` alone
         (QWEN2_MODEL, ["linear_qkv"]),  # the adapters beside q/k/v_proj's random biases
         (PHI3_MODEL, list(LORA.targets)),  # fused: PEFT adapts `qkv_proj` and `gate_up_proj` whole
+        # inside the sublayers, before Gemma 2's norms of their output
+        (replace(GEMMA2_MODEL, share_embeddings_and_output_weights=False), ["linear_proj", "linear_fc2"]),
     ],
-    ids=["llama-all", "llama-qkv", "llama-proj-fc2", "nemotron-all", "qwen2-qkv", "phi3-all"],
+    ids=["llama-all", "llama-qkv", "llama-proj-fc2", "nemotron-all", "qwen2-qkv", "phi3-all", "gemma2-proj-fc2"],
 )
 def test_adapted_logits_equal_peft_lora_on_the_hf_model(layout, model: ModelConfig, targets: list[str]) -> None:
     transformers = pytest.importorskip("transformers")

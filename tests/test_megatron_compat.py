@@ -32,7 +32,7 @@ from steerlm.megatron_compat import (
 from steerlm.models import build_model_chunks
 from steerlm.runtime import cpu_matmul
 from steerlm.training import TrainingSetup, build_training, microbatches_for_rank, train_step
-from tests.conftest import TEST_MODEL
+from tests.conftest import GEMMA2_MODEL, TEST_MODEL
 from tests.parity_scenarios import TRAINER, global_batch
 from tests.recipe_runner import checkpoint_tensors
 
@@ -758,3 +758,33 @@ def test_scaled_embeddings_multiply_the_embedding_output(layout):
         assert not torch.allclose(ours, plain(tokens, positions, None), atol=1e-3)
         plain.embedding.word_embeddings.weight.mul_(torch.tensor(8.0))
         assert torch.equal(ours, plain(tokens, positions, None))
+
+
+# 15. Gemma 2's layers
+
+
+def test_gemma2_layers_rely_on_megatrons_sublayer_outputs_checkpoint_keys_and_core_attention_arguments(layout):
+    """What `megatron_compat.gemma2` relies on: a layer's `self_attention` and `mlp` hand on `(output, bias)` and
+    `output_layer` `(logits, bias)`; the layer's checkpoint holds the added norms under its global index; the core
+    attention receives megatron's `softmax_scale` and a config carrying the cap."""
+    from steerlm.megatron_compat.gemma2 import POST_NORMS, SoftcappedCoreAttention, attention_softcap
+
+    chunk = build_model_chunks(GEMMA2_MODEL, PrecisionConfig(), layout, 5)[0]
+    outputs: dict[str, object] = {}
+    layer = chunk.decoder.layers[1]
+    for name, module in (("attention", layer.self_attention), ("mlp", layer.mlp), ("logits", chunk.output_layer)):
+        module.register_forward_hook(lambda m, i, output, name=name: outputs.__setitem__(name, output))
+    tokens = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        capped = chunk(tokens, torch.arange(12)[None].expand_as(tokens), None)
+    for name in ("attention", "mlp", "logits"):
+        value = outputs[name]
+        assert isinstance(value, tuple) and len(value) == 2 and value[1] is None, name
+    assert capped.abs().max() <= 0.1  # the final cap
+    state = chunk.sharded_state_dict()  # a layer's tensors stacked over the layers, this one at offset 1
+    for norm in POST_NORMS:
+        tensor = state[f"decoder.layers.1.{norm}.weight"]
+        assert (tensor.key, tensor.global_offset) == (f"decoder.layers.{norm}.weight", (1, 0))
+    core = layer.self_attention.core_attention
+    assert isinstance(core, SoftcappedCoreAttention) and core.softmax_scale == 24**-0.5
+    assert attention_softcap(core.config) == 0.05

@@ -63,8 +63,18 @@ def _saved_bytes(chunk: torch.nn.Module, rows: int, length: int) -> int:
             apply_embedding_scaling=True,
             kv_channels=64,
         ),
+        replace(  # Gemma 2's: Gemma's with norms of each sublayer's output and soft-capped scores (kept per head)
+            WIDER,
+            activation=Activation.geglu,
+            layernorm_zero_centered_gamma=True,
+            apply_embedding_scaling=True,
+            kv_channels=64,
+            post_sublayer_norms=True,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
     ],
-    ids=["tiny", "wider", "megatron-loss", "nemotron", "qwen2", "qwen3", "gemma"],
+    ids=["tiny", "wider", "megatron-loss", "nemotron", "qwen2", "qwen3", "gemma", "gemma2"],
 )
 def test_activations_and_parameters_match_a_real_forward(layout, model) -> None:
     rows, length = 2, 64

@@ -49,15 +49,16 @@ TWO_RANK = [
     Scenario(
         "tp2_sp_sgd_qwen", ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), optim=SGD, qwen=True
     ),
-    # Gemma's layers: the embedding's hook on a sequence-parallel slice, and on the first of two stages alone
+    # Gemma 2's layers: the embedding's hook on a sequence-parallel slice and on the first of two stages alone, the
+    # post-norms on sequence-parallel slices (their gradients summed over TP) and on each stage's layers
     Scenario(
-        "tp2_sp_sgd_gemma",
+        "tp2_sp_sgd_gemma2",
         ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
         tied=True,
         optim=SGD,
         gemma=True,
     ),
-    Scenario("pp2_sgd_gemma", ParallelConfig(pipeline_model_parallel_size=2), tied=True, optim=SGD, gemma=True),
+    Scenario("pp2_sgd_gemma2", ParallelConfig(pipeline_model_parallel_size=2), tied=True, optim=SGD, gemma=True),
 ]
 FOUR_RANK = [
     Scenario("tp2_pp2", ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),

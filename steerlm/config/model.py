@@ -135,6 +135,14 @@ class ModelConfig:
     # A norm (`normalization`, `layernorm_epsilon`) over each query and key head before RoPE, one weight per head
     # channel shared by the heads (megatron's and NeMo's `qk_layernorm`): Qwen3's attention.
     qk_layernorm: bool = False
+    # Gemma 2's layers (`steerlm.megatron_compat.gemma2`): a norm of the attention's and of the MLP's output before
+    # each joins the residual stream (HF's `post_attention_layernorm` / `post_feedforward_layernorm`); attention
+    # scores and the final logits soft-capped, `cap * tanh(x / cap)` (null: not capped); the attention scale
+    # `query_pre_attn_scalar ** -0.5` instead of `head_dim ** -0.5` (null: the head's channels).
+    post_sublayer_norms: bool = False
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    query_pre_attn_scalar: Optional[int] = None
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -188,7 +196,8 @@ class ModelConfig:
             else 0
         )
         per_norm = 2 if self.normalization == Normalization.LayerNorm else 1  # weight, and LayerNorm's bias
-        norms_per_layer = 2 * h * per_norm + (2 * d * per_norm if self.qk_layernorm else 0)
+        sublayer_norms = 4 if self.post_sublayer_norms else 2
+        norms_per_layer = sublayer_norms * h * per_norm + (2 * d * per_norm if self.qk_layernorm else 0)
         layer = attention + mlp + bias + norms_per_layer
         embeddings = vocab * h * (1 if self.share_embeddings_and_output_weights else 2)
         final_norm = h * (2 if self.normalization == Normalization.LayerNorm else 1)
@@ -272,6 +281,15 @@ class ModelConfig:
             self._validate_yarn()
         if self.rope_linear_factor is not None:
             self._validate_linear()
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            require(
+                value is None or value > 0,
+                f"model.{name}",
+                value,
+                "must be positive",
+                "use Gemma 2's values from its config.json (50, 30 and the head's channels), or null",
+            )
 
     def _validate_long_rope(self) -> None:
         pairs = int(self.rotary_percent * self.head_dim) // 2
@@ -358,9 +376,14 @@ MODEL_SHAPE_FIELDS = (
     "add_qkv_bias",
     "qk_layernorm",
     "apply_embedding_scaling",
+    "post_sublayer_norms",
 )
 MODEL_FIELDS_ADDED = {
     "apply_embedding_scaling": False,
+    "post_sublayer_norms": False,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "query_pre_attn_scalar": None,
     "layernorm_zero_centered_gamma": False,
     "add_qkv_bias": False,
     "qk_layernorm": False,
@@ -374,10 +397,13 @@ MODEL_FIELDS_ADDED = {
     "rope_original_max_positions": 4096,
     "rope_attention_factor": 1.0,
 }
-# LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …): no tensor shape shows them, but a
-# run started from weights trained with them computes another function without them, so `init_from` a steerlm
-# checkpoint checks them.
-ROPE_SCALING_FIELDS = (
+# LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …) and Gemma 2's soft-capping and
+# attention scale: no tensor shape shows them, but a run started from weights trained with them computes another
+# function without them, so `init_from` a steerlm checkpoint checks them.
+FUNCTION_FIELDS = (
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
     "rope_short_factor",
     "rope_long_factor",
     "rope_yarn_factor",

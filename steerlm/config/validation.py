@@ -27,11 +27,20 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> TransformerImpl:
-    """`auto` → Transformer Engine on CUDA when importable, else megatron-core's local layers."""
+    """`auto` → Transformer Engine on CUDA when importable, else megatron-core's local layers. Gemma 2's layers
+    (`steerlm.megatron_compat.gemma2`) are built on the local ones alone: TE's fused attention cannot soft-cap."""
+    gemma2 = _gemma2_layers(model)
     if model.transformer_impl == TransformerImpl.auto:
-        if accelerator == Accelerator.cuda and transformer_engine_available():
+        if accelerator == Accelerator.cuda and transformer_engine_available() and gemma2 is None:
             return TransformerImpl.transformer_engine
         return TransformerImpl.local
+    if model.transformer_impl == TransformerImpl.transformer_engine and gemma2 is not None:
+        raise ConfigError(
+            "model.transformer_impl",
+            model.transformer_impl.value,
+            f"Transformer Engine's layers have no {gemma2} (Gemma 2's); steerlm builds them on megatron-core's own",
+            "use model.transformer_impl=auto or local",
+        )
     if model.transformer_impl == TransformerImpl.transformer_engine:
         if accelerator != Accelerator.cuda or not transformer_engine_available():
             raise ConfigError(
@@ -41,6 +50,18 @@ def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> Tr
                 "use model.transformer_impl=auto or local",
             )
     return model.transformer_impl
+
+
+def _gemma2_layers(model: ModelConfig) -> str | None:
+    """The first of Gemma 2's layers `model` has that TE's layer spec lacks, None for none (the logits' cap is a hook
+    on the output layer, which both specs build alike)."""
+    for name, what in (
+        ("post_sublayer_norms", "norms of each sublayer's output (model.post_sublayer_norms)"),
+        ("attn_logit_softcapping", "soft-capped attention scores (model.attn_logit_softcapping)"),
+    ):
+        if getattr(model, name):
+            return what
+    return None
 
 
 def training_model(model: ModelConfig, lora: LoraConfig) -> ModelConfig:

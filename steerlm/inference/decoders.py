@@ -48,6 +48,13 @@ from megatron.core.transformer.identity_op import IdentityOp
 from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference.adapters import AdapterRows
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
+from steerlm.megatron_compat.gemma2 import (
+    attention_softcap,
+    final_logit_softcap,
+    post_norms,
+    softcap,
+    softcapped_attention,
+)
 from steerlm.megatron_compat.scaled_embedding import scaled_lookup
 from steerlm.megatron_compat.scaled_rope import ScaledRotaryEmbedding, attention_factor
 from steerlm.models.norm import normalize
@@ -364,6 +371,8 @@ class LeanDecoder:
         # query and key norms
         self.biases: dict[tuple[int, str], torch.Tensor] = {}
         self.qk_norms: dict[int, tuple[_Norm, _Norm]] = {}
+        self.post_norms: dict[int, tuple[_Norm, _Norm]] = {}  # Gemma 2's norms of the attention's, the MLP's output
+        self.caps = (attention_softcap(config), final_logit_softcap(config))  # Gemma 2's scores', logits' caps
         for layer in model.decoder.layers:
             input_norm, pre_mlp_norm = _layer_norms(layer, config)
             if input_norm is None or pre_mlp_norm is None:
@@ -377,6 +386,9 @@ class LeanDecoder:
                     self.biases[index, name] = bias
             if _has_module(attention, "q_layernorm"):
                 self.qk_norms[index] = (attention.q_layernorm, attention.k_layernorm)
+            norms = post_norms(layer)
+            if norms is not None:
+                self.post_norms[index] = norms
         self.dtype = next(model.parameters()).dtype
         self._rotary_tables(model, length)
         self.cache = self._empty(0, 0)
@@ -516,16 +528,19 @@ class LeanDecoder:
         keys, values = cache
         positions.store(keys, key.transpose(1, 2))
         positions.store(values, value.transpose(1, 2))
-        context = grouped_sdpa(
-            query.transpose(1, 2),
-            positions.visible(keys),
-            positions.visible(values),
-            attn_mask=positions.mask,
-            is_causal=positions.causal,
-            scale=getattr(attention.core_attention, "softmax_scale", None),
-        )
+        visible = (positions.visible(keys), positions.visible(values))
+        scale = getattr(attention.core_attention, "softmax_scale", None)
+        if self.caps[0] is None:
+            context = grouped_sdpa(
+                query.transpose(1, 2), *visible, positions.mask, is_causal=positions.causal, scale=scale
+            )
+        else:
+            context = softcapped_attention(
+                query.transpose(1, 2), *visible, positions.mask, 0.0, positions.causal, scale, self.caps[0]
+            )
         context = context.transpose(1, 2).reshape(x.shape[0], n, self.heads * self.head_dim)
-        return self._linear(context, attention.linear_proj, (index, "linear_proj"), rows, "row")
+        out = self._linear(context, attention.linear_proj, (index, "linear_proj"), rows, "row")
+        return self.post_norms[index][0](out) if index in self.post_norms else out
 
     def _mlp(self, layer, x: torch.Tensor, rows: AdapterRows | None = None) -> torch.Tensor:
         """megatron's MLP: `act(gate) * up` with a gated unit (SwiGLU, GeGLU), else `act(fc1 x)` (Nemotron's squared
@@ -537,7 +552,8 @@ class LeanDecoder:
             inner = config.activation_func(gate) * up
         else:
             inner = config.activation_func(inner)
-        return self._linear(inner, mlp.linear_fc2, (index, "linear_fc2"), rows, "row")
+        out = self._linear(inner, mlp.linear_fc2, (index, "linear_fc2"), rows, "row")
+        return self.post_norms[index][1](out) if index in self.post_norms else out
 
     def _hidden(
         self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
@@ -597,7 +613,7 @@ class LeanDecoder:
             shards = [torch.empty_like(logits) for _ in range(self.tp)]
             dist.all_gather(shards, logits.contiguous(), group=self.group)
             logits = torch.cat(shards, dim=-1)
-        return self.stages.share(logits.contiguous())
+        return self.stages.share(softcap(logits, self.caps[1]).contiguous())
 
     def _logits(
         self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None

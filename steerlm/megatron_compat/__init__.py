@@ -4,7 +4,8 @@ A megatron-core upgrade starts here: every item below names what it replaces or 
 `tests/test_megatron_compat.py` checks each one against the installed megatron-core. No other steerlm module
 patches megatron, overrides a private method or reads a private attribute. Items 7 and 9, the optimizers' state
 and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_writes.py`, item 13 in
-`scaled_rope.py`; this module re-exports what the rest of steerlm uses.
+`scaled_rope.py`, item 14 in `scaled_embedding.py`, item 15 in `gemma2.py`; this module re-exports what the rest of
+steerlm uses.
 
 0. Import cost (`steerlm/_import_hooks.py`, installed by `steerlm/__init__.py` because it must act before the
    first `import megatron.core`): megatron's `torch.compile` wrappers (`megatron.core.jit.jit_fuser`) are built
@@ -79,6 +80,11 @@ and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_
 14. Scaled input embeddings (`scaled_embedding.py`, `model.apply_embedding_scaling`: Gemma's sqrt(hidden_size)): a
    forward hook on GPTModel's `embedding` (megatron's `LanguageModelEmbedding`) multiplies its output; relies on the
    attribute's name and on that output being the word embeddings after steps linear in them.
+15. Gemma 2's layers (`gemma2.py`, `model.post_sublayer_norms`, `model.attn_logit_softcapping`,
+   `model.final_logit_softcapping`): norms of each sublayer's output as children of megatron's TransformerLayer with
+   forward hooks on its `self_attention` and `mlp` (relying on their `(output, bias)` contract and on the layer's
+   `sharded_state_dict` taking every child's parameters), item 5's core attention with soft-capped scores (the cap a
+   steerlm attribute of the TransformerConfig), and a forward hook on GPTModel's `output_layer` capping the logits.
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
 new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test
@@ -341,11 +347,13 @@ class SDPACoreAttention(MegatronModule):
         causal = sdpa_mask is None and mask_type == AttnMaskType.causal
         dropout_p = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            context = grouped_sdpa(
-                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale
-            )
+            context = self.attend(q, k, v, sdpa_mask, dropout_p, causal)
         sq, b = query.size(0), query.size(1)
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def attend(self, q, k, v, mask: Optional[torch.Tensor], dropout_p: float, causal: bool) -> torch.Tensor:
+        """`[b, heads, s, hn]` queries, `[b, groups, s, hn]` keys and values, SDPA's mask → `[b, heads, s, hn]`."""
+        return grouped_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale)
 
 
 def grouped_sdpa(

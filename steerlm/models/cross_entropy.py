@@ -39,10 +39,11 @@ def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGrou
 
 
 class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
-    """hidden `[n, h]`, weight `[vocab/tp, h]`, targets `[n]` (global ids) → per-token loss `[n]` in fp32."""
+    """hidden `[n, h]`, weight `[vocab/tp, h]`, targets `[n]` (global ids) → per-token loss `[n]` in fp32; with a
+    `cap`, of the logits `cap * tanh(logits / cap)` (Gemma 2's final soft-capping)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, group, chunk):
+    def forward(ctx, hidden, weight, targets, group, chunk, cap):
         shard = weight.shape[0]
         first = shard * (dist.get_rank(group) if group is not None else 0)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -53,6 +54,11 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
             logits = torch.matmul(hidden[start:end], weight.t()).float()
+            slope = None
+            if cap is not None:
+                logits = torch.tanh(logits.div_(cap))
+                slope = 1 - logits * logits  # the capped logit's derivative by the logit
+                logits.mul_(cap)
             logits -= _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)[:, None]
             local = targets[start:end] - first
             owned = (local >= 0) & (local < shard)
@@ -64,6 +70,8 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             losses[start:end] = total.log() - target_logit
             softmax /= total[:, None]
             softmax.scatter_add_(1, local, -owned.to(softmax.dtype)[:, None])
+            if slope is not None:
+                softmax.mul_(slope)
             if gradient is None:
                 gradient = softmax
             else:
@@ -77,7 +85,7 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses):
         hidden, weight, gradient = ctx.saved_tensors
         gradient.mul_(grad_losses.to(gradient.dtype)[:, None])  # the saved tensor is used once
-        return gradient.matmul(weight), gradient.t().matmul(hidden), None, None, None
+        return gradient.matmul(weight), gradient.t().matmul(hidden), None, None, None, None
 
 
 def chunked_language_model_loss(
@@ -86,10 +94,11 @@ def chunked_language_model_loss(
     labels: torch.Tensor,
     tp_group: dist.ProcessGroup | None,
     sequence_parallel: bool,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """Per-token cross entropy `[b, s]` (fp32) of the output layer `weight` (`[vocab/tp, h]`, this rank's rows)
     on the last hidden states `[s, b, h]` (sequence-parallel split when that is on), against `labels` `[b, s]`;
-    0, with no gradient, where a label is negative.
+    0, with no gradient, where a label is negative. `cap`: the logits soft-capped first (Gemma 2's).
 
     Megatron's column-parallel output layer's communication is kept: the sequence-parallel all-gather (whose
     backward reduce-scatters), or the identity whose backward all-reduces the hidden states' gradient.
@@ -109,7 +118,8 @@ def chunked_language_model_loss(
     skipping = kept.numel() < s * b
     if skipping:
         hidden, targets = hidden.index_select(0, kept), targets.index_select(0, kept)
-    losses = _ChunkedVocabParallelCrossEntropy.apply(hidden, weight, targets, group, tokens_per_chunk(weight.shape[0]))
+    chunk = tokens_per_chunk(weight.shape[0])
+    losses = _ChunkedVocabParallelCrossEntropy.apply(hidden, weight, targets, group, chunk, cap)
     if skipping:
         losses = losses.new_zeros(s * b).index_copy(0, kept, losses)
     return losses.view(s, b).transpose(0, 1).contiguous()

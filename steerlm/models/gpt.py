@@ -21,6 +21,13 @@ from steerlm.config.schema import (
 )
 from steerlm.config.validation import Accelerator, resolve_transformer_impl
 from steerlm.megatron_compat import GPTModelWithLossHead, SDPACoreAttention
+from steerlm.megatron_compat.gemma2 import (
+    SoftcappedCoreAttention,
+    add_post_norms,
+    final_logit_softcap,
+    set_softcaps,
+    softcap_logits,
+)
 from steerlm.megatron_compat.scaled_embedding import scale_embeddings
 from steerlm.megatron_compat.scaled_rope import use_scaled_rope
 from steerlm.models.cross_entropy import chunked_language_model_loss
@@ -59,13 +66,15 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
     activation, gated = _ACTIVATIONS[model.activation]
     dtype = torch_dtype(precision.dtype)
     te = _transformer_impl(model, layout) == TransformerImpl.transformer_engine
-    return TransformerConfig(
+    scalar = model.query_pre_attn_scalar
+    config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.query_groups,
         kv_channels=model.head_dim,
+        softmax_scale=None if scalar is None else scalar**-0.5,  # Gemma 2's (transformers' `scaling`)
         normalization=model.normalization.value,
         layernorm_zero_centered_gamma=model.layernorm_zero_centered_gamma,
         layernorm_epsilon=model.layernorm_epsilon,
@@ -111,6 +120,8 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         # interleaving (both neighbours are the same rank) activations and gradients get swapped.
         batch_p2p_comm=layout.backend == "nccl",
     )
+    set_softcaps(config, model.attn_logit_softcapping, model.final_logit_softcapping)
+    return config
 
 
 def _transformer_impl(model: ModelConfig, layout: ParallelLayout) -> TransformerImpl:
@@ -128,7 +139,7 @@ def decoder_spec(
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     layer = get_gpt_layer_local_spec(normalization=model.normalization.value, qk_layernorm=model.qk_layernorm)
     attention = layer.submodules.self_attention.submodules
-    attention.core_attention = SDPACoreAttention
+    attention.core_attention = SoftcappedCoreAttention if model.attn_logit_softcapping else SDPACoreAttention
     if model.qk_layernorm:  # megatron sums these weights' gradients over TP: each rank normalises its own heads
         attention.q_layernorm = attention.k_layernorm = Norm
     layer.submodules.input_layernorm = Norm
@@ -147,7 +158,12 @@ class ChunkedLossGPTModel(GPTModelWithLossHead):
             else self.output_layer.weight
         )
         return chunked_language_model_loss(
-            hidden_states, weight, labels, self.pg_collection.tp, self.config.sequence_parallel
+            hidden_states,
+            weight,
+            labels,
+            self.pg_collection.tp,
+            self.config.sequence_parallel,
+            final_logit_softcap(self.config),
         )
 
 
@@ -216,6 +232,9 @@ def _build_chunks(
             )
         if model.apply_embedding_scaling:
             scale_embeddings(gpt, model.hidden_size**0.5)
+        if model.post_sublayer_norms:
+            add_post_norms(gpt, lambda: Norm(config, model.hidden_size, eps=model.layernorm_epsilon))
+        softcap_logits(gpt)
         gpt.to(layout.device)
         initialize_parameters(gpt, model, seed, layout)
         chunks.append(gpt)

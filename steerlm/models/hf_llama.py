@@ -1,7 +1,7 @@
-"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma <-> megatron GPTModel: configuration and
-full (unsharded) weight mapping.
+"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma / Gemma 2 <-> megatron GPTModel:
+configuration and full (unsharded) weight mapping.
 
-Seven HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
+Eight HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
 every channel, optionally Llama-3.1's frequency scaling), Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm
 whose weights are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU
 MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`), Qwen3
@@ -9,11 +9,12 @@ MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k
 Mistral (a Llama whose layers may attend to a sliding window: imported with that many positions, exported as the
 Llama it computes) and Phi-3 (Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: a Llama, or one with RoPE on a share of each head,
 or with LongRoPE's per-channel factors — `model.rope_short_factor` … —, whose q/k/v and gate/up projections are
-stored fused; exported as the Llama it computes where RoPE covers every channel without LongRoPE) and Gemma (1: a Llama
+stored fused; exported as the Llama it computes where RoPE covers every channel without LongRoPE), Gemma (1: a Llama
 with a GELU-gated MLP, zero-centred RMSNorm weights and input embeddings times sqrt(hidden_size) —
-`model.activation=geglu`, `model.apply_embedding_scaling`). Every family but Nemotron, Phi-3 and Gemma may carry YaRN
-(`model.rope_yarn_factor` …), every family but Phi-3 linear scaling (`model.rope_linear_factor`); the three scalings'
-frequencies: `steerlm.models.rope`.
+`model.activation=geglu`, `model.apply_embedding_scaling`) and Gemma 2 (a Gemma with norms of each sublayer's output
+and soft-capping: `model.post_sublayer_norms`, `model.attn_logit_softcapping` …). Every family but Nemotron, Phi-3 and
+the Gemmas may carry YaRN (`model.rope_yarn_factor` …), every family but Phi-3 and Gemma 2 linear scaling
+(`model.rope_linear_factor`); the three scalings' frequencies: `steerlm.models.rope`.
 `hf_architecture` tells which a `ModelConfig` is exported as.
 
 Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
@@ -56,6 +57,13 @@ _BIAS_COPIES = {
     "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
 }
 _UNGATED_FC1 = {"mlp.linear_fc1.weight": "mlp.up_proj.weight"}
+# Gemma 2's norms: of the attention's output (HF's `post_attention_layernorm`, Llama's name for the MLP's input norm),
+# of the MLP's input and of its output
+_POST_NORMS = {
+    "post_self_attn_layernorm.weight": "post_attention_layernorm.weight",
+    "pre_mlp_layernorm.weight": "pre_feedforward_layernorm.weight",
+    "post_mlp_layernorm.weight": "post_feedforward_layernorm.weight",
+}
 _QK_NORMS = {
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
@@ -99,6 +107,7 @@ class HFArchitecture:
     embedding_scaling: bool = False  # input embeddings times sqrt(hidden_size) (`model.apply_embedding_scaling`)
     legacy_acts: tuple[str, ...] = ()  # other `hidden_act` values transformers reads as `hidden_act`
     tied: bool = False  # what a config.json without `tie_word_embeddings` means (the config class's default)
+    post_norms: bool = False  # Gemma 2's norms of each sublayer's output; its soft-capping and attention scale too
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -146,7 +155,27 @@ GEMMA = HFArchitecture(
     legacy_acts=("gelu",),
     tied=True,
 )
-HF_ARCHITECTURES = {family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA)}
+# Gemma 2 (2B, 9B, 27B): a Gemma with norms of each sublayer's output, soft-capped attention scores and logits and the
+# attention scale query_pre_attn_scalar ** -0.5. Its even layers attend to a sliding window: imported with that many
+# positions, as Mistral is.
+GEMMA2 = HFArchitecture(
+    "Gemma2",
+    "gemma2",
+    "Gemma2ForCausalLM",
+    "Gemma2ForSequenceClassification",
+    zero_centered=True,
+    activation=Activation.geglu,
+    hidden_act="gelu_pytorch_tanh",
+    yarn=False,
+    linear=False,
+    embedding_scaling=True,
+    tied=True,
+    post_norms=True,
+)
+HF_ARCHITECTURES = {
+    family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA, GEMMA2)
+}
+_GEMMA2_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
 
 
 def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
@@ -156,6 +185,7 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         "layernorm_zero_centered_gamma": family.zero_centered,
         "activation": family.activation,
         "apply_embedding_scaling": family.embedding_scaling,
+        "post_sublayer_norms": family.post_norms,
         "position_embedding_type": PositionEmbedding.rope,
         "add_bias_linear": False,
         "add_qkv_bias": family.qkv_bias,
@@ -176,6 +206,8 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         problems.append("rope_yarn_factor must be null (YaRN)")
     if not family.linear and model.rope_linear_factor is not None:
         problems.append("rope_linear_factor must be null (linear scaling)")
+    if not family.post_norms:
+        problems += [f"{name} must be null" for name in _GEMMA2_FIELDS if getattr(model, name) is not None]
     return problems
 
 
@@ -220,8 +252,13 @@ def hf_config_dict(model: ModelConfig) -> dict:
     if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
         config.update(norm_eps=model.layernorm_epsilon, partial_rotary_factor=model.rotary_percent)
         return config
-    if family == GEMMA:  # transformers 4's GemmaConfig (and vLLM) read the MLP's activation from this key
+    if family in (GEMMA, GEMMA2):  # transformers 4's GemmaConfig (and vLLM) read the MLP's activation from this key
         config["hidden_activation"] = family.hidden_act
+    if family == GEMMA2:  # every layer attends to every position: a window as long as the model's positions
+        config.update({name: getattr(model, name) for name in _GEMMA2_FIELDS})
+        config["query_pre_attn_scalar"] = model.query_pre_attn_scalar or model.head_dim
+        positions = model.max_position_embeddings
+        config.update(sliding_window=positions, layer_types=["full_attention"] * model.num_layers)
     if family == PHI3:  # Phi3Config's default pad id is Phi-3's 32000, outside other vocabularies: none unless given
         config.update(partial_rotary_factor=model.rotary_percent, sliding_window=None, pad_token_id=None)
     config["rms_norm_eps"] = model.layernorm_epsilon
@@ -289,6 +326,8 @@ def _layer_copies(model: ModelConfig) -> dict[str, str]:
         copies.update(_UNGATED_FC1)
     if model.qk_layernorm:
         copies.update(_QK_NORMS)
+    if model.post_sublayer_norms:
+        copies.update(_POST_NORMS)
     return copies
 
 
@@ -598,6 +637,7 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         f"{name}={hf.get(name)!r}"
         for name, expected in (
             ("hidden_act", (family.hidden_act, *family.legacy_acts)),
+            ("hidden_activation", (family.hidden_act,)),
             ("attention_bias", (False,)),
             ("mlp_bias", (False,)),
         )
@@ -620,7 +660,7 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             "Qwen2 or Qwen3 (the same with yarn, linear or no RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK "
             "norms), a Phi-3 (partial RoPE too, longrope or no scaling) or a Nemotron (zero-centred LayerNorm, "
             "squared ReLU, partial RoPE, no biases, linear or no scaling) or a Gemma 1 (zero-centred RMSNorm, GeGLU, "
-            "scaled embeddings, linear or no scaling)",
+            "scaled embeddings, linear or no scaling) or 2 (besides: post-norms, soft-capping, no scaling)",
         )
     heads = hf["num_attention_heads"]
     share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
@@ -649,7 +689,13 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "rope_long_factor": None,
         "rope_yarn_factor": None,
         "rope_linear_factor": float(scaling["factor"]) if linear else None,
+        "post_sublayer_norms": family.post_norms,
+        **dict.fromkeys(_GEMMA2_FIELDS),
     }
+    if family == GEMMA2:  # Gemma2Config's defaults where config.json names none (the caps may be null)
+        caps = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+        fields.update({name: _number(hf.get(name, default)) for name, default in caps.items()})
+        fields["query_pre_attn_scalar"] = int(hf.get("query_pre_attn_scalar", 256))
     if llama3:
         fields["rope_scaling_factor"] = float(scaling["factor"])
     if long_rope:
@@ -657,6 +703,10 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
     if yarn:
         fields.update(_yarn_fields(hf, scaling))
     return fields
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 # transformers' Phi3Config reads the names Phi-3-mini-128k's first releases used ("su", "yarn") as LongRoPE

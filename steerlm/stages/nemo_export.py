@@ -172,7 +172,7 @@ def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
         (
             source.model.activation == Activation.geglu or source.model.apply_embedding_scaling,
             "is a Gemma (GELU-gated MLP with GELU's tanh approximation, scaled input embeddings)",
-            "Gemma",
+            "Gemma2" if source.model.post_sublayer_norms else "Gemma",
         ),
     ):
         if unexpressed:

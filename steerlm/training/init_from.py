@@ -32,7 +32,7 @@ from steerlm.checkpoint.sharded import (
 )
 from steerlm.checkpoint.sources import BaseWeights, WeightFormat
 from steerlm.config.lora import LoraCheckpoint
-from steerlm.config.model import ROPE_SCALING_FIELDS
+from steerlm.config.model import FUNCTION_FIELDS
 from steerlm.config.schema import ModelConfig, TrainConfig, is_hf_model_dir, is_nemo_archive, written_model_field
 from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import Tokenization
@@ -85,7 +85,7 @@ def resolve_init_source(
             "Llama, Nemotron, Qwen2, Qwen3 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model",
         ) from None
     written = read_meta(path).model
-    for name in (*SHAPE_FIELDS, *ROPE_SCALING_FIELDS):
+    for name in (*SHAPE_FIELDS, *FUNCTION_FIELDS):
         value = getattr(model, name)
         value = value.value if isinstance(value, Enum) else value
         theirs = written_model_field(written, name)
