@@ -104,6 +104,16 @@ def converted_other_tools(
     return {name: (model, root / name, root / f"{name}_steerlm") for name, model in models.items()}
 
 
+def check_same_logits(source: torch.nn.Module, chunks: list, length: int, vocab: int = 300, seed: int = 6) -> None:
+    """transformers' `source` and a steerlm model's first chunk give the same logits (1e-4) on two random rows of
+    `length` tokens."""
+    tokens = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        theirs = source(tokens).logits
+        ours = chunks[0](tokens, torch.arange(length).expand_as(tokens), None)[..., :vocab]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
 def imported(layout, run: Path) -> tuple[ModelConfig, list]:
     """The model config and loaded chunks of a steerlm run (one an import wrote)."""
     path = resolve_checkpoint(run)

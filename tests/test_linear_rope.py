@@ -30,7 +30,14 @@ from steerlm.stages.convert import convert
 from steerlm.stages.nemo_import import import_nemo
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import TEST_MODEL, as_nemotron
-from tests.hf_family_checks import check_export, check_lean_greedy, converted_other_tools, exported_at_tp2, imported
+from tests.hf_family_checks import (
+    check_export,
+    check_lean_greedy,
+    check_same_logits,
+    converted_other_tools,
+    exported_at_tp2,
+    imported,
+)
 from tests.nemo_archives import ROWS, VOCAB, nemo_config, nemo_tensors, to_tar, write_distributed
 from tests.nemo_archives import llama as nemo_source_llama
 from tests.test_nemo_export import _config
@@ -109,11 +116,7 @@ def test_another_tool_s_linear_scaling_converts_at_tp2_with_its_logits(
     source, _, run = linear_imports[name]
     model, chunks = imported(layout, run)
     assert model.rope_linear_factor == factor and hf_architecture(model).model_type == name
-    tokens = torch.randint(0, 300, (2, 80), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        theirs = source(tokens).logits
-        ours = chunks[0](tokens, torch.arange(80).expand_as(tokens), None)[..., :300]
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    check_same_logits(source, chunks, 80)
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +144,7 @@ def test_a_nemo_archive_with_position_interpolation_imports_and_exports(layout, 
     import_nemo(archive, tmp_path / "lm", layout)
     model, chunks = imported(layout, tmp_path / "lm")
     assert model.rope_linear_factor == 4.0
-    tokens = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        theirs = source(tokens).logits
-        ours = chunks[0](tokens, torch.arange(100).expand_as(tokens), None)[..., :VOCAB]
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    check_same_logits(source, chunks, 100, vocab=VOCAB, seed=5)
 
     cfg = ConvertConfig(input=str(tmp_path / "lm"), output=str(tmp_path / "lm.nemo"), to=ModelFormat.nemo)
     cfg.validate()
@@ -154,8 +153,9 @@ def test_a_nemo_archive_with_position_interpolation_imports_and_exports(layout, 
     import_nemo(tmp_path / "lm.nemo", tmp_path / "back", layout)
     back, back_chunks = imported(layout, tmp_path / "back")
     assert back.rope_linear_factor == 4.0
+    tokens = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        again = back_chunks[0](tokens, torch.arange(100).expand_as(tokens), None)[..., :VOCAB]
+        ours, again = (c[0](tokens, torch.arange(100).expand_as(tokens), None) for c in (chunks, back_chunks))
     assert torch.equal(again, ours)
 
 

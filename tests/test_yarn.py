@@ -30,7 +30,14 @@ from steerlm.models.rope import (
 from steerlm.stages.convert import convert
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import TEST_MODEL
-from tests.hf_family_checks import check_export, check_lean_greedy, converted_other_tools, exported_at_tp2, imported
+from tests.hf_family_checks import (
+    check_export,
+    check_lean_greedy,
+    check_same_logits,
+    converted_other_tools,
+    exported_at_tp2,
+    imported,
+)
 from tests.test_convert import _convert
 from tests.test_qwen_mistral import HF_SHAPE, TOKENS, _randomise_vectors
 
@@ -112,11 +119,7 @@ def test_another_tool_s_yarn_qwen_converts_at_tp2_with_its_logits(layout, yarn_i
         assert model.rope_attention_factor == 1.2
     else:
         assert model.rope_attention_factor == pytest.approx(0.1 * math.log(4) + 1, rel=1e-15)
-    tokens = torch.randint(0, 300, (2, 80), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        theirs = source(tokens).logits
-        ours = chunks[0](tokens, torch.arange(80).expand_as(tokens), None)[..., :300]
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    check_same_logits(source, chunks, 80)
     assert hf_architecture(model).name == ("Qwen2" if name == "qwen2" else QWEN3.name)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -158,18 +158,13 @@ GEMMA = HFArchitecture(
 # Gemma 2 (2B, 9B, 27B): a Gemma with norms of each sublayer's output, soft-capped attention scores and logits and the
 # attention scale query_pre_attn_scalar ** -0.5. Its even layers attend to a sliding window: imported with that many
 # positions, as Mistral is.
-GEMMA2 = HFArchitecture(
-    "Gemma2",
-    "gemma2",
-    "Gemma2ForCausalLM",
-    "Gemma2ForSequenceClassification",
-    zero_centered=True,
-    activation=Activation.geglu,
-    hidden_act="gelu_pytorch_tanh",
-    yarn=False,
+GEMMA2 = replace(
+    GEMMA,
+    name="Gemma2",
+    model_type="gemma2",
+    causal_lm="Gemma2ForCausalLM",
+    sequence_classifier="Gemma2ForSequenceClassification",
     linear=False,
-    embedding_scaling=True,
-    tied=True,
     post_norms=True,
 )
 HF_ARCHITECTURES = {
