@@ -73,7 +73,8 @@ class Scenario:
     qwen: bool = False  # Qwen2's q/k/v biases and Qwen3's QK norms (whose gradients megatron sums over TP)
     # Gemma 2's layers, Gemma's with more: GeGLU, zero-centred RMSNorm, scaled input embeddings (a hook on the
     # embedding), norms of each sublayer's output (hooks on the attention and the MLP), soft-capped scores and logits
-    # (caps at the tiny model's scale, so that both bite), another attention scale
+    # (caps at the tiny model's scale, so that both bite), another attention scale, and a window of 8 of the 32
+    # positions on every other layer
     gemma: bool = False
 
     @property
@@ -196,6 +197,8 @@ def run(scenario: Scenario) -> dict:
         attn_logit_softcapping=0.05 if scenario.gemma else None,
         final_logit_softcapping=0.1 if scenario.gemma else None,
         query_pre_attn_scalar=24 if scenario.gemma else None,
+        sliding_window=8 if scenario.gemma else None,
+        window_attn_skip_freq=2 if scenario.gemma else None,
     )
     if scenario.apm:
         chunks = build_attribute_model_chunks(model_cfg, PrecisionConfig(), layout, SEED, APM_ATTRIBUTES)

@@ -24,7 +24,8 @@ import torch
 from steerlm.config import ConfigError
 from steerlm.config.convert import ModelFormat
 from steerlm.config.schema import Activation
-from steerlm.models.hf_llama import GEMMA, hf_architecture, hf_config_dict, hf_model_fields
+from steerlm.models.hf_config import hf_model_fields
+from steerlm.models.hf_llama import GEMMA, hf_architecture, hf_config_dict
 from steerlm.stages.convert import convert
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import GEMMA_MODEL, TEST_MODEL

@@ -7,8 +7,8 @@ Checked against transformers' Gemma 2 (eager attention, which caps the scores): 
 random norm weights, exported at TP=2, loads as Gemma2ForCausalLM with steerlm's logits and imports back bitwise, and
 the caps bite (without them the logits differ); the lean decoder's greedy tokens equal HF `generate`'s; a regression
 APM exports as Gemma2ForSequenceClassification with steerlm's scores. Another tool's Gemma 2s (tied, with Gemma2Config's
-own caps and window; untied, uncapped, with another scale), written by `save_pretrained`, convert at TP=2 with their
-logits; a window shorter than the positions caps them, as Mistral's does. The chunked loss with a cap equals megatron's
+own caps and a window of 64 positions on every other layer; untied, uncapped, with another scale), written by
+`save_pretrained`, convert at TP=2 with their logits past the window. The chunked loss with a cap equals megatron's
 (loss and gradients); Transformer Engine's layers are refused; a `.nemo` export is refused. Training at TP=2 with
 sequence parallelism and at PP=2: tests/test_parallel_parity.py (`gemma2`); both decoders: tests/test_generate.py.
 """
@@ -109,18 +109,21 @@ def test_another_tool_s_gemma2_converts_at_tp2_with_its_logits(layout, other_too
     assert hf_architecture(model) == GEMMA2 and model.post_sublayer_norms and model.apply_embedding_scaling
     caps = (model.attn_logit_softcapping, model.final_logit_softcapping, model.query_pre_attn_scalar)
     assert caps == ((2.0, 1.5, 256) if name == "capped" else (None, None, 20))
-    assert model.max_position_embeddings == (64 if name == "capped" else 128)  # the window caps the positions
-    check_same_logits(source, chunks, 40)
+    assert model.max_position_embeddings == 128
+    window = (model.sliding_window, model.window_attn_skip_freq)
+    assert window == ((64, 2) if name == "capped" else (None, None))  # Gemma2Config's layer types: every other one
+    check_same_logits(source, chunks, 100)  # past the window
 
 
 @pytest.mark.slow
-def test_init_from_an_hf_gemma2_checks_the_norms_the_caps_and_the_scale(other_tools) -> None:
+def test_init_from_an_hf_gemma2_checks_the_norms_the_caps_the_scale_and_the_window(other_tools) -> None:
     directory = str(other_tools["capped"][1])
     run = replace(
         GEMMA2_MODEL,
         kv_channels=None,
         num_layers=3,
-        max_position_embeddings=64,
+        sliding_window=64,
+        window_attn_skip_freq=2,
         attn_logit_softcapping=2.0,
         final_logit_softcapping=1.5,
         query_pre_attn_scalar=256,
@@ -131,7 +134,8 @@ def test_init_from_an_hf_gemma2_checks_the_norms_the_caps_and_the_scale(other_to
         ({"attn_logit_softcapping": None}, "model.attn_logit_softcapping"),
         ({"final_logit_softcapping": 30.0}, "model.final_logit_softcapping"),
         ({"query_pre_attn_scalar": None}, "model.query_pre_attn_scalar"),
-        ({"max_position_embeddings": 128}, "model.max_position_embeddings"),
+        ({"sliding_window": None, "window_attn_skip_freq": None}, "model.sliding_window"),
+        ({"window_attn_skip_freq": None}, "model.window_attn_skip_freq"),
     ):
         with pytest.raises(ConfigError) as error:
             resolve_init_source("sft.init_from", directory, replace(run, **change))
@@ -153,12 +157,14 @@ _NO_CAPS = {"attn_logit_softcapping": None, "final_logit_softcapping": None, "qu
 
 def test_transformer_engine_s_layers_are_refused_and_auto_builds_the_local_ones() -> None:
     engine = replace(GEMMA2_MODEL, transformer_impl=TransformerImpl.transformer_engine)
-    with pytest.raises(ConfigError, match="no norms of each sublayer's output") as error:
+    with pytest.raises(
+        ConfigError, match="builds norms of each sublayer's output .* on megatron-core's own layers"
+    ) as error:
         resolve_transformer_impl(engine, Accelerator.cuda)
     assert error.value.key == "model.transformer_impl"
     assert resolve_transformer_impl(GEMMA2_MODEL, Accelerator.cuda) == TransformerImpl.local
     capped_only = replace(GEMMA_MODEL, attn_logit_softcapping=50.0, transformer_impl=TransformerImpl.transformer_engine)
-    with pytest.raises(ConfigError, match="no soft-capped attention scores"):
+    with pytest.raises(ConfigError, match="builds soft-capped attention scores"):
         resolve_transformer_impl(capped_only, Accelerator.cuda)
 
 

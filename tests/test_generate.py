@@ -81,6 +81,7 @@ SHAPES = {
     "linear": replace(TEST_MODEL, rope_linear_factor=4.0),  # position interpolation (tests/test_linear_rope.py)
     "gemma": GEMMA_MODEL,  # GeGLU, zero-centred RMSNorm, scaled embeddings (tests/test_gemma.py)
     "gemma2": GEMMA2_MODEL,  # Gemma's, post-norms, soft-capped scores and logits (tests/test_gemma2.py)
+    "window": replace(TEST_MODEL, sliding_window=5),  # every row passes it (tests/test_sliding_window.py)
 }
 # LongRoPE with a pretraining length of 8 positions: of PROMPTS (4, 9, 2 and 6 tokens) one starts past it, the others
 # pass it at three different steps of 12 (tests/test_long_rope.py: against transformers' Phi3)
@@ -298,7 +299,7 @@ def _run(tp: int, pp: int = 1, shape: str = "gqa", prefill_tokens: int = PREFILL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", ["gqa", "biased", "gemma2"])
+@pytest.mark.parametrize("shape", ["gqa", "biased", "gemma2", "window"])
 def test_tp2_generates_what_tp1_generates(shape: str) -> None:
     """`biased`: each rank adds its slice of the column-parallel layers' biases before the activation and the whole
     bias of a row-parallel layer once, after the ranks' partial products are summed."""

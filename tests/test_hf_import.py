@@ -14,14 +14,8 @@ import torch
 from steerlm import runtime
 from steerlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
 from steerlm.models import build_model_chunks
-from steerlm.models.hf_llama import (
-    SafetensorsWeights,
-    check_hf_config,
-    hf_config_dict,
-    hf_to_megatron,
-    megatron_to_hf,
-    read_hf_config,
-)
+from steerlm.models.hf_config import check_hf_config
+from steerlm.models.hf_llama import SafetensorsWeights, hf_config_dict, hf_to_megatron, megatron_to_hf, read_hf_config
 from steerlm.models.sharding import TIED_EMBEDDING, load_full_parameters, named_global_parameters
 from steerlm.training.init_from import resolve_init_source
 from tests.conftest import TEST_MODEL

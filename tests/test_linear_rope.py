@@ -23,7 +23,8 @@ from steerlm.config import ConfigError, PrecisionConfig
 from steerlm.config.convert import ConvertConfig, ModelFormat
 from steerlm.errors import DataError
 from steerlm.models import build_model_chunks
-from steerlm.models.hf_llama import LLAMA, check_hf_config, hf_architecture, hf_config_dict, hf_model_fields
+from steerlm.models.hf_config import check_hf_config, hf_model_fields
+from steerlm.models.hf_llama import LLAMA, hf_architecture, hf_config_dict
 from steerlm.models.nemo_config import nemo_model
 from steerlm.models.rope import rope_frequencies
 from steerlm.stages.convert import convert

@@ -32,7 +32,8 @@ from steerlm.inference.generate import Generator, SamplingParams
 from steerlm.inference.loading import load_generator
 from steerlm.inference.prefix_scoring import grouped_log_probs
 from steerlm.models.gpt import build_model_chunks
-from steerlm.models.hf_llama import PHI3, hf_architecture, hf_config_dict, hf_model_fields
+from steerlm.models.hf_config import hf_model_fields
+from steerlm.models.hf_llama import PHI3, hf_architecture, hf_config_dict
 from steerlm.stages.convert import convert
 from steerlm.training import SEQUENCE_LOG_PROB, predict
 from steerlm.training.init_from import resolve_init_source

@@ -134,7 +134,7 @@ def test_a_nemo_export_writes_layernorm1p_and_reads_back_the_same_model() -> Non
 def test_an_hf_nemotron_config_reads_the_same_from_transformers_4_and_5_keys(tmp_path: Path) -> None:
     """steerlm writes transformers 4's top-level `rope_theta` / `partial_rotary_factor`; transformers 5's
     `save_pretrained` nests them in `rope_parameters`. Both read as the same `model.*` fields."""
-    from steerlm.models.hf_llama import hf_model_fields
+    from steerlm.models.hf_config import hf_model_fields
 
     ours = hf_config_dict(NEMOTRON_MODEL)
     fields = {k: v for k, v in ours.items() if k not in ("architectures", "model_type")}

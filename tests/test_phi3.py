@@ -27,7 +27,8 @@ from steerlm.config.schema import Accelerator, TokenizerConfig, TokenizerType, T
 from steerlm.config.sft import SFTConfig, SFTOptions
 from steerlm.config.validation import validate_model_layout
 from steerlm.models import lora
-from steerlm.models.hf_llama import LLAMA, PHI3, hf_architecture, hf_config_dict, hf_model_fields
+from steerlm.models.hf_config import hf_model_fields
+from steerlm.models.hf_llama import LLAMA, MISTRAL, PHI3, hf_architecture, hf_config_dict
 from steerlm.stages.convert import convert
 from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
@@ -73,10 +74,11 @@ def test_another_tool_s_phi3_converts_at_tp2_with_its_logits(layout, phi3_import
     source, _, run = phi3_imports[name]
     model, chunks = imported(layout, run)
     assert model.rotary_percent == (0.5 if name == "phi3_partial" else 1.0) and model.query_groups == 2
-    assert model.max_position_embeddings == (64 if name == "phi3_window" else 128)
-    check_same_logits(source, chunks, 64)
-    # RoPE on every channel is a Llama, which transformers, vLLM and TGI load as the same function
-    assert hf_architecture(model) == (PHI3 if name == "phi3_partial" else LLAMA)
+    assert model.max_position_embeddings == 128 and model.sliding_window == (64 if name == "phi3_window" else None)
+    check_same_logits(source, chunks, 100)  # past the window
+    # RoPE on every channel is a Llama, which transformers, vLLM and TGI load as the same function (a Mistral with a
+    # window on every layer)
+    assert hf_architecture(model) == {"phi3_partial": PHI3, "phi3_window": MISTRAL}.get(name, LLAMA)
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ import torch
 
 from steerlm.config import ConfigError
 from steerlm.config.convert import ModelFormat
-from steerlm.models.hf_llama import LLAMA, QWEN3, hf_architecture, hf_config_dict, hf_model_fields
+from steerlm.models.hf_config import hf_model_fields
+from steerlm.models.hf_llama import LLAMA, QWEN3, hf_architecture, hf_config_dict
 from steerlm.models.rope import (
     long_rope_inverse_frequencies,
     rope_frequencies,

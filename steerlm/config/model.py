@@ -143,6 +143,12 @@ class ModelConfig:
     attn_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     query_pre_attn_scalar: Optional[int] = None
+    # Sliding-window attention (Mistral-7B-v0.1, Phi-3-mini, Gemma 2's even layers): a query attends to itself and the
+    # `sliding_window - 1` positions before it (transformers' `sliding_window`); with `window_attn_skip_freq` N every
+    # N-th layer (N, 2N, … counted from 1: Gemma 2's odd layers counted from 0) attends to every position (megatron's
+    # name). Null: every layer attends to every position.
+    sliding_window: Optional[int] = None
+    window_attn_skip_freq: Optional[int] = None
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -281,6 +287,7 @@ class ModelConfig:
             self._validate_yarn()
         if self.rope_linear_factor is not None:
             self._validate_linear()
+        self._validate_window()
         for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
             value = getattr(self, name)
             require(
@@ -290,6 +297,23 @@ class ModelConfig:
                 "must be positive",
                 "use Gemma 2's values from its config.json (50, 30 and the head's channels), or null",
             )
+
+    def _validate_window(self) -> None:
+        require(
+            self.sliding_window is None or self.sliding_window > 0,
+            "model.sliding_window",
+            self.sliding_window,
+            "must be positive (the positions a query attends to, itself included)",
+            "copy sliding_window from the model's config.json, or null for full attention",
+        )
+        skip = self.window_attn_skip_freq
+        require(
+            skip is None or (skip > 1 and self.sliding_window is not None),
+            "model.window_attn_skip_freq",
+            skip,
+            "must be at least 2, and needs model.sliding_window (every N-th layer attends to every position)",
+            "use 2 for Gemma 2 (with its sliding_window), or null for a window on every layer",
+        )
 
     def _validate_long_rope(self) -> None:
         pairs = int(self.rotary_percent * self.head_dim) // 2
@@ -384,6 +408,8 @@ MODEL_FIELDS_ADDED = {
     "attn_logit_softcapping": None,
     "final_logit_softcapping": None,
     "query_pre_attn_scalar": None,
+    "sliding_window": None,
+    "window_attn_skip_freq": None,
     "layernorm_zero_centered_gamma": False,
     "add_qkv_bias": False,
     "qk_layernorm": False,
@@ -397,10 +423,12 @@ MODEL_FIELDS_ADDED = {
     "rope_original_max_positions": 4096,
     "rope_attention_factor": 1.0,
 }
-# LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …) and Gemma 2's soft-capping and
-# attention scale: no tensor shape shows them, but a run started from weights trained with them computes another
-# function without them, so `init_from` a steerlm checkpoint checks them.
+# LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …), sliding windows and Gemma 2's
+# soft-capping and attention scale: no tensor shape shows them, but a run started from weights trained with them
+# computes another function without them, so `init_from` a steerlm checkpoint checks them.
 FUNCTION_FIELDS = (
+    "sliding_window",
+    "window_attn_skip_freq",
     "attn_logit_softcapping",
     "final_logit_softcapping",
     "query_pre_attn_scalar",

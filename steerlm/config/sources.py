@@ -50,7 +50,8 @@ def validate_init_from(key: str, value: Optional[str]) -> None:
         value,
         "is not a directory or a .nemo archive",
         "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
-        f"Llama, Nemotron, Qwen2, Qwen3 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model, or "
+        "Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3, Gemma or Gemma 2 directory (config.json + *.safetensors) "
+        f"or a NeMo .nemo model, or "
         f"{key}=null to start from scratch",
     )
     if is_hf_model_dir(path):

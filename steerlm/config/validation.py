@@ -27,18 +27,18 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> TransformerImpl:
-    """`auto` → Transformer Engine on CUDA when importable, else megatron-core's local layers. Gemma 2's layers
-    (`steerlm.megatron_compat.gemma2`) are built on the local ones alone: TE's fused attention cannot soft-cap."""
-    gemma2 = _gemma2_layers(model)
+    """`auto` → Transformer Engine on CUDA when importable, else megatron-core's local layers; the local ones for what
+    steerlm builds on them alone (`_local_only`)."""
+    local_only = _local_only(model)
     if model.transformer_impl == TransformerImpl.auto:
-        if accelerator == Accelerator.cuda and transformer_engine_available() and gemma2 is None:
+        if accelerator == Accelerator.cuda and transformer_engine_available() and local_only is None:
             return TransformerImpl.transformer_engine
         return TransformerImpl.local
-    if model.transformer_impl == TransformerImpl.transformer_engine and gemma2 is not None:
+    if model.transformer_impl == TransformerImpl.transformer_engine and local_only is not None:
         raise ConfigError(
             "model.transformer_impl",
             model.transformer_impl.value,
-            f"Transformer Engine's layers have no {gemma2} (Gemma 2's); steerlm builds them on megatron-core's own",
+            f"steerlm builds {local_only} on megatron-core's own layers alone, not Transformer Engine's",
             "use model.transformer_impl=auto or local",
         )
     if model.transformer_impl == TransformerImpl.transformer_engine:
@@ -52,12 +52,15 @@ def resolve_transformer_impl(model: ModelConfig, accelerator: Accelerator) -> Tr
     return model.transformer_impl
 
 
-def _gemma2_layers(model: ModelConfig) -> str | None:
-    """The first of Gemma 2's layers `model` has that TE's layer spec lacks, None for none (the logits' cap is a hook
-    on the output layer, which both specs build alike)."""
+def _local_only(model: ModelConfig) -> str | None:
+    """What of `model` steerlm builds on megatron-core's own layers alone, None for nothing: Gemma 2's norms of sublayer
+    outputs (`steerlm.megatron_compat.gemma2`) and soft-capped scores (TE's fused attention cannot cap them), and
+    sliding windows (TE would take megatron's `window_size`, which no test here runs). The logits' cap is a hook on
+    the output layer, which both build alike."""
     for name, what in (
         ("post_sublayer_norms", "norms of each sublayer's output (model.post_sublayer_norms)"),
         ("attn_logit_softcapping", "soft-capped attention scores (model.attn_logit_softcapping)"),
+        ("sliding_window", "sliding-window attention (model.sliding_window)"),
     ):
         if getattr(model, name):
             return what

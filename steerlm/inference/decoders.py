@@ -47,6 +47,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 
 from steerlm.config.inference import PREFILL_TOKENS
 from steerlm.inference.adapters import AdapterRows
+from steerlm.inference.positions import Continuation, Long, Positions, Rows, Span
 from steerlm.megatron_compat import fused_norm_parameters, grouped_sdpa, linear_bias, split_fc1, split_qkv_heads
 from steerlm.megatron_compat.gemma2 import (
     attention_softcap,
@@ -249,81 +250,7 @@ class _Stages:
         return logits
 
 
-class _Span:
-    """Positions `start … start+n-1` of every row (a prefill, or one chunk of it): the cache is written in a slice,
-    attention is causal over every position up to each one (`start` > 0: a chunk after the ones before it, whose
-    keys are in the cache; a boolean mask, which the fused CPU and memory-efficient CUDA kernels take without
-    materialising the scores). Rows shorter than the span compute past their prompt; those entries are overwritten
-    before they are read."""
-
-    def __init__(self, decoder: LeanDecoder, n: int, start: int = 0, long: _Long = False) -> None:
-        self.start, self.end = start, start + n
-        # [n, 1, rotary channels], or [rows, n, 1, …] where LongRoPE's factors differ per row
-        self.cos, self.sin = (table.unsqueeze(-2) for table in decoder.rotation(slice(start, self.end), long))
-        self.mask, self.causal = None, n > 1
-        if start:
-            queries = torch.arange(start, self.end, device=decoder.device)
-            self.mask = torch.arange(self.end, device=decoder.device)[None] <= queries[:, None]  # [n, end]
-            self.causal = False
-
-    def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        cache[:, :, self.start : self.end] = new
-
-    def visible(self, cache: torch.Tensor) -> torch.Tensor:
-        return cache[:, :, : self.end]
-
-
-class _Rows:
-    """One new position per row, each row at its own (`positions` [rows], a device tensor): the new key and
-    value are scattered there; a row attends to its own positions up to this one, the rest masked out.
-    `end`: the cache positions to read (eager: one past the furthest row), or None for the whole cache
-    (static shapes, for CUDA graphs)."""
-
-    def __init__(self, decoder: LeanDecoder, positions: torch.Tensor, end: int | None) -> None:
-        self.index = positions
-        long = decoder.long_rows if decoder.long_from is not None else False
-        self.cos, self.sin = (table[:, None, None] for table in decoder.rotation(positions, long))  # [rows, 1, 1, …]
-        self.end = end
-        span = decoder.cache[0][0].shape[2] if end is None else end
-        self.mask = (torch.arange(span, device=positions.device)[None] <= positions[:, None])[:, None, None]
-        self.causal = False
-
-    def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        rows, groups, _, head_dim = new.shape
-        cache.scatter_(2, self.index.view(rows, 1, 1, 1).expand(rows, groups, 1, head_dim), new)
-
-    def visible(self, cache: torch.Tensor) -> torch.Tensor:
-        return cache if self.end is None else cache[:, :, : self.end]
-
-
-class _Continuation:
-    """`n` new positions per row after a prefix already in the cache, row r's at `offsets[r]`, `offsets[r] + 1`,
-    ... The cache holds `prefix` positions (each row's own prefix, right-padded to the longest) then the `n` new
-    ones: a row attends to the first `offsets[r]` of the former and causally to the latter. Padded new positions
-    past the end of RoPE's table are clamped: their outputs are never read, and no real position sees them."""
-
-    def __init__(self, decoder: LeanDecoder, offsets: torch.Tensor, prefix: int, n: int, long: _Long = False) -> None:
-        steps = torch.arange(n, device=offsets.device)
-        positions = (offsets[:, None] + steps).clamp(max=decoder.cos.shape[0] - 1)  # [rows, n]
-        self.cos, self.sin = (table[:, :, None] for table in decoder.rotation(positions, long))
-        keys = torch.arange(prefix + n, device=offsets.device)
-        held = keys[None, None] < offsets[:, None, None]  # [rows, 1, prefix + n]: the row's own prefix
-        new = (keys[None] >= prefix) & (keys[None] - prefix <= steps[:, None])  # [n, prefix + n]: causal
-        self.mask = (held | new[None])[:, None]  # [rows, 1, n, prefix + n]
-        self.start, self.causal = prefix, False
-
-    def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        cache[:, :, self.start :] = new
-
-    def visible(self, cache: torch.Tensor) -> torch.Tensor:
-        return cache
-
-
 _Cache = list[tuple[torch.Tensor, torch.Tensor]]
-
-_Positions = _Span | _Rows | _Continuation
-# LongRoPE's long factors or not (`LeanDecoder.rotation`): for every row, or per row (a bool tensor [rows])
-_Long = bool | torch.Tensor
 
 
 def _widened(held: torch.Tensor, more: int) -> torch.Tensor:
@@ -424,7 +351,7 @@ class LeanDecoder:
         whole of it does (transformers' `longrope` update), when it is longer than the pretraining length."""
         return self.long_from is not None and positions > self.long_from
 
-    def rotation(self, index: slice | torch.Tensor, long: _Long) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotation(self, index: slice | torch.Tensor, long: Long) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos and sin at positions `index` (a slice, or a tensor whose first dimension is the rows), with
         LongRoPE's long factors where `long` says: every row or none (a bool), or per row (a bool tensor [rows],
         which a CUDA graph's step reads on the device; a slice's tables then get a leading rows dimension)."""
@@ -479,7 +406,7 @@ class LeanDecoder:
         return tensor
 
     @staticmethod
-    def _rope(x: torch.Tensor, positions: _Positions) -> torch.Tensor:
+    def _rope(x: torch.Tensor, positions: Positions) -> torch.Tensor:
         """Megatron's non-interleaved RoPE on the first `rotary_percent` of each head's channels (the cos/sin
         width); the rest pass unrotated (Nemotron rotates half of each head)."""
         width = positions.cos.shape[-1]
@@ -509,7 +436,7 @@ class LeanDecoder:
         self,
         layer,
         x: torch.Tensor,
-        positions: _Positions,
+        positions: Positions,
         cache: tuple[torch.Tensor, torch.Tensor],
         rows: AdapterRows | None = None,
     ) -> torch.Tensor:
@@ -529,15 +456,13 @@ class LeanDecoder:
         positions.store(keys, key.transpose(1, 2))
         positions.store(values, value.transpose(1, 2))
         visible = (positions.visible(keys), positions.visible(values))
-        scale = getattr(attention.core_attention, "softmax_scale", None)
+        core = attention.core_attention
+        scale, window = getattr(core, "softmax_scale", None), getattr(core, "window", None)
+        mask, causal = (positions.mask, positions.causal) if window is None else (positions.windowed(window), False)
         if self.caps[0] is None:
-            context = grouped_sdpa(
-                query.transpose(1, 2), *visible, positions.mask, is_causal=positions.causal, scale=scale
-            )
+            context = grouped_sdpa(query.transpose(1, 2), *visible, mask, is_causal=causal, scale=scale)
         else:
-            context = softcapped_attention(
-                query.transpose(1, 2), *visible, positions.mask, 0.0, positions.causal, scale, self.caps[0]
-            )
+            context = softcapped_attention(query.transpose(1, 2), *visible, mask, 0.0, causal, scale, self.caps[0])
         context = context.transpose(1, 2).reshape(x.shape[0], n, self.heads * self.head_dim)
         out = self._linear(context, attention.linear_proj, (index, "linear_proj"), rows, "row")
         return self.post_norms[index][0](out) if index in self.post_norms else out
@@ -556,7 +481,7 @@ class LeanDecoder:
         return self.post_norms[index][1](out) if index in self.post_norms else out
 
     def _hidden(
-        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
+        self, tokens: torch.Tensor, positions: Positions, cache: _Cache, rows: AdapterRows | None = None
     ) -> torch.Tensor:
         """The last layer's output at every position of `tokens` [rows, n] → [rows, n, hidden]; `rows`: the rows that
         run an adapter, and theirs (None: every row the model alone). Under PP: this stage's layers' output, which
@@ -590,7 +515,7 @@ class LeanDecoder:
         if longest:
             padded = _padded([p or [0] for p in prefixes], self.device)
             flags = torch.tensor([prefix_long.get(p, False) for p in range(len(prefixes))], device=self.device)
-            hidden = self._hidden(padded, _Span(self, padded.shape[1], long=flags), cache)
+            hidden = self._hidden(padded, Span(self, padded.shape[1], long=flags), cache)
         n = max((len(c) for c in continuations), default=0)
         owner = torch.tensor(owners, dtype=torch.long, device=self.device)
         if not n:
@@ -600,7 +525,7 @@ class LeanDecoder:
         offsets = torch.tensor([len(prefixes[o]) for o in owners], dtype=torch.long, device=self.device)
         tokens = _padded([c or [0] for c in continuations], self.device)
         long_rows = torch.tensor(long, dtype=torch.bool, device=self.device)
-        return hidden, self._hidden(tokens, _Continuation(self, offsets, longest, tokens.shape[1], long_rows), cache)
+        return hidden, self._hidden(tokens, Continuation(self, offsets, longest, tokens.shape[1], long_rows), cache)
 
     def vocabulary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits of last-layer outputs `[..., hidden]` (the final norm, the output layer, the
@@ -616,7 +541,7 @@ class LeanDecoder:
         return self.stages.share(softcap(logits, self.caps[1]).contiguous())
 
     def _logits(
-        self, tokens: torch.Tensor, positions: _Positions, cache: _Cache, rows: AdapterRows | None = None
+        self, tokens: torch.Tensor, positions: Positions, cache: _Cache, rows: AdapterRows | None = None
     ) -> torch.Tensor:
         """Logits after each row's final token of `tokens` [rows, n]."""
         return self.vocabulary(self._hidden(tokens, positions, cache, rows)[:, -1])
@@ -663,7 +588,7 @@ class LeanDecoder:
         cache: _Cache,
         rows: AdapterRows | None,
         scored: Collection[int],
-        long: _Long,
+        long: Long,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Fill `cache` with the right-padded prompts `tokens` [rows, n] in chunks of at most `prefill_tokens`
         tokens (`prefill_tokens // rows` positions of every row, at least one): the transients of a forward grow
@@ -676,7 +601,7 @@ class LeanDecoder:
         pieces: dict[int, list[torch.Tensor]] = {i: [] for i in scored}
         for start in range(0, n, chunk):
             hidden = self._hidden(
-                tokens[:, start : start + chunk], _Span(self, min(chunk, n - start), start, long), cache, rows
+                tokens[:, start : start + chunk], Span(self, min(chunk, n - start), start, long), cache, rows
             )
             inside = ((last >= start) & (last < start + chunk)).nonzero().flatten()
             final[inside] = hidden[inside, last[inside] - start]
@@ -690,7 +615,7 @@ class LeanDecoder:
         positions = torch.tensor(self.lengths, device=self.device)
         self._lengthen(range(len(self.lengths)), tokens)
         rows = self._adapted(self.rows_adapter)
-        logits = self._logits(tokens[:, None], _Rows(self, positions, max(self.lengths) + 1), self.cache, rows)
+        logits = self._logits(tokens[:, None], Rows(self, positions, max(self.lengths) + 1), self.cache, rows)
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
@@ -740,7 +665,7 @@ class GraphedLeanDecoder(LeanDecoder):
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def _static_step(self) -> torch.Tensor:
-        return self._logits(self.tokens, _Rows(self, self.positions, None), self.cache)
+        return self._logits(self.tokens, Rows(self, self.positions, None), self.cache)
 
     def _record(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (allocator and kernels settle), then record; both write this step's key

@@ -27,7 +27,8 @@ steerlm uses.
 5. SDPA core attention (`SDPACoreAttention`): honours the constructor and forward contract megatron's
    `SelfAttention` uses for `core_attention` submodules (DotProductAttention's signature). Its grouped-query
    attention (`grouped_sdpa`, also the lean decoders') asks torch's private `torch._fused_sdp_choice` which kernel
-   SDPA would pick.
+   SDPA would pick. Sliding windows (`model.sliding_window`) ride on megatron's `window_size` / `window_attn_skip_freq`
+   and its `transformer.utils.is_layer_window_attention`, which decides for its own attention which layers slide.
 6. Weight layouts (`pack_qkv`, `split_qkv`, `split_fc1`): how `linear_qkv` interleaves query groups and how
    `linear_fc1` stacks SwiGLU's gate and up projections.
 7. Distributed optimizer over torch's Adam (`complete_torch_adam_state`, `load_optimizer_state`): megatron-core
@@ -138,6 +139,7 @@ from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron.core.transformer.utils import is_layer_window_attention  # noqa: E402
 
 # --- 2. CPU stand-ins ------------------------------------------------------------------------------------
 
@@ -324,6 +326,10 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        # the positions a query of this layer sees (itself included; megatron's window counts those before it), None
+        # for every position: megatron's own attention decides which layers slide the same way
+        windowed = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        self.window = config.window_size[0] + 1 if windowed and config.window_size is not None else None
 
     def forward(
         self,
@@ -345,6 +351,9 @@ class SDPACoreAttention(MegatronModule):
         # Megatron masks are True where attention is forbidden; SDPA's boolean masks are True where allowed.
         sdpa_mask = None if attention_mask is None else ~attention_mask
         causal = sdpa_mask is None and mask_type == AttnMaskType.causal
+        if self.window is not None:  # causal within the window, the queries the last of the keys (a decode step's)
+            window = sliding_window_mask(q.size(2), k.size(2), self.window, q.device)
+            sdpa_mask, causal = window if sdpa_mask is None else sdpa_mask & window, False
         dropout_p = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork():
             context = self.attend(q, k, v, sdpa_mask, dropout_p, causal)
@@ -354,6 +363,14 @@ class SDPACoreAttention(MegatronModule):
     def attend(self, q, k, v, mask: Optional[torch.Tensor], dropout_p: float, causal: bool) -> torch.Tensor:
         """`[b, heads, s, hn]` queries, `[b, groups, s, hn]` keys and values, SDPA's mask → `[b, heads, s, hn]`."""
         return grouped_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale)
+
+
+def sliding_window_mask(queries: int, keys: int, window: int, device: torch.device) -> torch.Tensor:
+    """`[queries, keys]`, True where the query (the last `queries` of the `keys` positions) may attend: causally, to the
+    `window` positions up to its own."""
+    query = torch.arange(keys - queries, keys, device=device)[:, None]
+    key = torch.arange(keys, device=device)[None]
+    return (key <= query) & (query - key < window)
 
 
 def grouped_sdpa(

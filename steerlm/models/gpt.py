@@ -75,6 +75,9 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, layout: P
         num_query_groups=model.query_groups,
         kv_channels=model.head_dim,
         softmax_scale=None if scalar is None else scalar**-0.5,  # Gemma 2's (transformers' `scaling`)
+        # megatron's window counts the positions before a query; a query sees `sliding_window` with itself
+        window_size=None if model.sliding_window is None else (model.sliding_window - 1, 0),
+        window_attn_skip_freq=model.window_attn_skip_freq,
         normalization=model.normalization.value,
         layernorm_zero_centered_gamma=model.layernorm_zero_centered_gamma,
         layernorm_epsilon=model.layernorm_epsilon,

@@ -39,7 +39,6 @@ import torch
 from safetensors import safe_open
 
 from steerlm.config.schema import HF_CONFIG_FILE, Activation, ModelConfig, Normalization, PositionEmbedding
-from steerlm.errors import ConfigError
 from steerlm.megatron_compat import pack_qkv, split_fc1, split_qkv
 from steerlm.models.rope import long_rope_attention_factor, yarn_attention_factor
 from steerlm.models.sharding import TIED_EMBEDDING
@@ -108,6 +107,8 @@ class HFArchitecture:
     legacy_acts: tuple[str, ...] = ()  # other `hidden_act` values transformers reads as `hidden_act`
     tied: bool = False  # what a config.json without `tie_word_embeddings` means (the config class's default)
     post_norms: bool = False  # Gemma 2's norms of each sublayer's output; its soft-capping and attention scale too
+    sliding: bool = False  # layers may attend to a sliding window (`model.sliding_window`); else it limits positions
+    window_skip: int | None = None  # which layers slide (`model.window_attn_skip_freq`): Gemma 2's every other one
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -125,7 +126,8 @@ NEMOTRON = HFArchitecture(
 )
 QWEN2 = HFArchitecture("Qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True)
 QWEN3 = HFArchitecture("Qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", qk_norm=True)
-MISTRAL = HFArchitecture("Mistral", "mistral", "MistralForCausalLM", "MistralForSequenceClassification", exported=False)
+# Exported where no family before it computes the model: one whose every layer attends to a sliding window
+MISTRAL = HFArchitecture("Mistral", "mistral", "MistralForCausalLM", "MistralForSequenceClassification", sliding=True)
 # Exported only where no family before it computes the model (RoPE on a share of each head with SwiGLU, or LongRoPE):
 # `hf_architecture` takes the first that does, so a Phi-3 with plain RoPE on every channel goes out as the Llama it is.
 PHI3 = HFArchitecture(
@@ -138,6 +140,7 @@ PHI3 = HFArchitecture(
     long_rope=True,
     yarn=False,
     linear=False,
+    sliding=True,
 )
 # Gemma (1: Gemma-2B/7B, CodeGemma): a Llama with a GELU-gated MLP (tanh approximation; its first configs say
 # `gelu`, which transformers reads as the approximation), RMSNorm weights stored centred on zero and input embeddings
@@ -166,11 +169,13 @@ GEMMA2 = replace(
     sequence_classifier="Gemma2ForSequenceClassification",
     linear=False,
     post_norms=True,
+    sliding=True,
+    window_skip=2,
 )
 HF_ARCHITECTURES = {
     family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA, GEMMA2)
 }
-_GEMMA2_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
+GEMMA2_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
 
 
 def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
@@ -202,7 +207,11 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
     if not family.linear and model.rope_linear_factor is not None:
         problems.append("rope_linear_factor must be null (linear scaling)")
     if not family.post_norms:
-        problems += [f"{name} must be null" for name in _GEMMA2_FIELDS if getattr(model, name) is not None]
+        problems += [f"{name} must be null" for name in GEMMA2_FIELDS if getattr(model, name) is not None]
+    if model.sliding_window is not None and not family.sliding:
+        problems.append("sliding_window must be null")
+    elif model.sliding_window is not None and model.window_attn_skip_freq != family.window_skip:
+        problems.append(f"window_attn_skip_freq must be {family.window_skip or 'null'}")
     return problems
 
 
@@ -249,13 +258,19 @@ def hf_config_dict(model: ModelConfig) -> dict:
         return config
     if family in (GEMMA, GEMMA2):  # transformers 4's GemmaConfig (and vLLM) read the MLP's activation from this key
         config["hidden_activation"] = family.hidden_act
-    if family == GEMMA2:  # every layer attends to every position: a window as long as the model's positions
-        config.update({name: getattr(model, name) for name in _GEMMA2_FIELDS})
+    if family == GEMMA2:  # without a window: one as long as the model's positions, every layer full attention
+        config.update({name: getattr(model, name) for name in GEMMA2_FIELDS})
         config["query_pre_attn_scalar"] = model.query_pre_attn_scalar or model.head_dim
-        positions = model.max_position_embeddings
-        config.update(sliding_window=positions, layer_types=["full_attention"] * model.num_layers)
+        window, skip = model.sliding_window, model.window_attn_skip_freq
+        slides = [window is not None and (skip is None or (layer + 1) % skip != 0) for layer in range(model.num_layers)]
+        config["sliding_window"] = window or model.max_position_embeddings
+        config["layer_types"] = ["sliding_attention" if slide else "full_attention" for slide in slides]
+    if family == MISTRAL:
+        config["sliding_window"] = model.sliding_window
     if family == PHI3:  # Phi3Config's default pad id is Phi-3's 32000, outside other vocabularies: none unless given
-        config.update(partial_rotary_factor=model.rotary_percent, sliding_window=None, pad_token_id=None)
+        config.update(
+            partial_rotary_factor=model.rotary_percent, sliding_window=model.sliding_window, pad_token_id=None
+        )
     config["rms_norm_eps"] = model.layernorm_epsilon
     if model.long_rope:
         config.update(_long_rope_config(model))
@@ -598,180 +613,3 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
 
 def read_hf_config(directory: Path) -> dict:
     return json.loads((Path(directory) / HF_CONFIG_FILE).read_text())
-
-
-def _rope(hf: dict) -> tuple[float, dict]:
-    """(rope theta, scaling parameters) from transformers 5's `rope_parameters` or 4's `rope_theta`/`rope_scaling`."""
-    parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or parameters
-    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), scaling
-
-
-def attention_window(hf: dict) -> int | None:
-    """The positions a sliding-window layer attends to (Mistral's `sliding_window`; Qwen2's under
-    `use_sliding_window`, or transformers 5's `layer_types`), None when every layer attends to every position.
-    steerlm attends to all of them: the same function on sequences of up to that many tokens."""
-    types = hf.get("layer_types")
-    sliding = "sliding_attention" in types if types is not None else hf.get("use_sliding_window", True)
-    return hf.get("sliding_window") if sliding else None
-
-
-def hf_model_fields(hf: dict, key: str, location: str) -> dict:
-    """The `model.*` fields an HF Llama, Nemotron, Qwen2, Qwen3, Mistral or Phi-3 config.json determines
-    (`num_query_groups`/`kv_channels` explicit, and the family's norm, activation, biases and RoPE share).
-
-    `key`/`location`: the config key that named the directory and its value, for the ConfigError of a model
-    `model.*` cannot describe at all (another architecture, other RoPE scaling, biases).
-    """
-    rope_theta, scaling = _rope(hf)
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    family = HF_ARCHITECTURES.get(hf.get("model_type", "llama"))
-    unsupported = [f"model_type={hf.get('model_type')!r}"] if family is None else []
-    family = family or LLAMA
-    unsupported += [
-        f"{name}={hf.get(name)!r}"
-        for name, expected in (
-            ("hidden_act", (family.hidden_act, *family.legacy_acts)),
-            ("hidden_activation", (family.hidden_act,)),
-            ("attention_bias", (False,)),
-            ("mlp_bias", (False,)),
-        )
-        if hf.get(name) not in (None, *expected)  # transformers 5 writes `attention_bias: null` for Qwen2 and Mistral
-    ]
-    llama3 = family.llama3_rope and rope_type == "llama3"
-    long_rope = family.long_rope and rope_type in _LONG_ROPE_TYPES
-    yarn = family.yarn and rope_type == "yarn"
-    linear = family.linear and rope_type == "linear"
-    if not (rope_type == "default" or llama3 or long_rope or yarn or linear) or (
-        llama3 and any(scaling.get(name) != value for name, value in LLAMA3_SCALING.items())
-    ):
-        unsupported.append(f"rope scaling {scaling}")
-    if unsupported:
-        raise ConfigError(
-            key,
-            location,
-            f"holds a model steerlm cannot express ({', '.join(unsupported)})",
-            "convert a Llama (RMSNorm, SwiGLU, RoPE, no biases, llama3, yarn, linear or no RoPE scaling), a Mistral, "
-            "Qwen2 or Qwen3 (the same with yarn, linear or no RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK "
-            "norms), a Phi-3 (partial RoPE too, longrope or no scaling) or a Nemotron (zero-centred LayerNorm, "
-            "squared ReLU, partial RoPE, no biases, linear or no scaling) or a Gemma 1 (zero-centred RMSNorm, GeGLU, "
-            "scaled embeddings, linear or no scaling) or 2 (besides: post-norms, soft-capping, no scaling)",
-        )
-    heads = hf["num_attention_heads"]
-    share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
-    fields = {
-        "vocab_size": hf["vocab_size"],
-        "hidden_size": hf["hidden_size"],
-        "ffn_hidden_size": hf["intermediate_size"],
-        "num_layers": hf["num_hidden_layers"],
-        "num_attention_heads": heads,
-        "num_query_groups": hf.get("num_key_value_heads") or heads,
-        "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
-        "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
-        "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", family.tied),
-        "apply_embedding_scaling": family.embedding_scaling,
-        "rope_scaling": llama3,
-        # what a config.json leaves implicit, too: the family's layers
-        "normalization": family.normalization,
-        "layernorm_zero_centered_gamma": family.zero_centered,
-        "layernorm_epsilon": hf.get("norm_eps", 1e-5) if family == NEMOTRON else hf["rms_norm_eps"],
-        "activation": family.activation,
-        "add_qkv_bias": family.qkv_bias,
-        "qk_layernorm": family.qk_norm,
-        "rotary_percent": float(share),
-        # no scaling but the one config.json names: a run with another would compute another function
-        "rope_short_factor": None,
-        "rope_long_factor": None,
-        "rope_yarn_factor": None,
-        "rope_linear_factor": float(scaling["factor"]) if linear else None,
-        "post_sublayer_norms": family.post_norms,
-        **dict.fromkeys(_GEMMA2_FIELDS),
-    }
-    if family == GEMMA2:  # Gemma2Config's defaults where config.json names none (the caps may be null)
-        caps = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
-        fields.update({name: _number(hf.get(name, default)) for name, default in caps.items()})
-        fields["query_pre_attn_scalar"] = int(hf.get("query_pre_attn_scalar", 256))
-    if llama3:
-        fields["rope_scaling_factor"] = float(scaling["factor"])
-    if long_rope:
-        fields.update(_long_rope_fields(hf, scaling))
-    if yarn:
-        fields.update(_yarn_fields(hf, scaling))
-    return fields
-
-
-def _number(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-# transformers' Phi3Config reads the names Phi-3-mini-128k's first releases used ("su", "yarn") as LongRoPE
-_LONG_ROPE_TYPES = ("longrope", "su", "yarn")
-
-
-def _long_rope_fields(hf: dict, scaling: dict) -> dict:
-    """`model.rope_*` of a Phi-3 config.json with LongRoPE, read as transformers 5 reads it: the pretraining length is
-    the top-level `original_max_position_embeddings` (Phi3Config's default 4096), the attention factor the one
-    named, else from `factor`, else from max_position_embeddings / that length."""
-    original = int(hf.get("original_max_position_embeddings", 4096))
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        factor = scaling.get("factor")
-        scale = hf["max_position_embeddings"] / original if factor is None else factor
-        attention = long_rope_attention_factor(scale, original)
-    return {
-        "rope_short_factor": [float(factor) for factor in scaling["short_factor"]],
-        "rope_long_factor": [float(factor) for factor in scaling["long_factor"]],
-        "rope_original_max_positions": original,
-        "rope_attention_factor": float(attention),
-    }
-
-
-def check_hf_config(hf: dict, model: ModelConfig, key: str, location: str) -> None:
-    """Refuse an HF config.json whose model differs from `model.*`, naming the field and the value to set."""
-    fields = hf_model_fields(hf, key, location)
-    family = HF_ARCHITECTURES[hf.get("model_type", "llama")]
-    current = {
-        **{name: getattr(model, name) for name in fields},
-        "num_query_groups": model.query_groups,
-        "kv_channels": model.head_dim,
-    }
-    for name, value in fields.items():
-        if current[name] != value:
-            plain = value.value if isinstance(value, Enum) else value
-            written = "null" if plain is None else repr(plain)
-            raise ConfigError(
-                f"model.{name}",
-                current[name].value if isinstance(current[name], Enum) else current[name],
-                f"{key}={location} holds an HF {family.name} with {name}={written} (config.json)",
-                f"set model.{name}={written}",
-            )
-    window = attention_window(hf)
-    if window is not None and model.max_position_embeddings > window:
-        raise ConfigError(
-            "model.max_position_embeddings",
-            model.max_position_embeddings,
-            f"{key}={location} holds an HF {family.name} whose layers attend to the last {window} positions alone "
-            "(config.json's sliding_window); steerlm's attend to every position, the same only up to that length",
-            f"set model.max_position_embeddings={window} (or less)",
-        )
-
-
-def _yarn_fields(hf: dict, scaling: dict) -> dict:
-    """`model.rope_*` of a config.json with YaRN, read as transformers 5 reads it: the pretraining length from
-    `rope_scaling` (else max_position_embeddings), the factor named (else max_position_embeddings / that length), the
-    attention factor named (else from the factor and DeepSeek's `mscale` / `mscale_all_dim`), betas 32 and 1 unless
-    named, `truncate` true unless named."""
-    original = int(scaling.get("original_max_position_embeddings") or hf["max_position_embeddings"])
-    factor = scaling.get("factor")
-    factor = float(hf["max_position_embeddings"] / original if factor is None else factor)
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        attention = yarn_attention_factor(factor, scaling.get("mscale"), scaling.get("mscale_all_dim"))
-    return {
-        "rope_yarn_factor": factor,
-        "rope_yarn_beta_fast": float(scaling.get("beta_fast") or 32.0),
-        "rope_yarn_beta_slow": float(scaling.get("beta_slow") or 1.0),
-        "rope_yarn_truncate": bool(scaling.get("truncate", True)),
-        "rope_original_max_positions": original,
-        "rope_attention_factor": float(attention),
-    }

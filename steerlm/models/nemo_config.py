@@ -269,6 +269,8 @@ _SAME_FIELDS = (
     "rope_short_factor",  # null in every NeMo model: a LongRoPE run cannot start from one
     "rope_yarn_factor",  # nor a YaRN run
     "rope_linear_factor",
+    "sliding_window",  # NeMo's window_size is refused on import: every layer attends to every position
+    "window_attn_skip_freq",
     "attn_logit_softcapping",  # null in every NeMo 1.x model: nor a Gemma 2
     "final_logit_softcapping",
     "query_pre_attn_scalar",

@@ -110,7 +110,7 @@ def read_export_source(location: str, tokenizer_path: str | None) -> ExportSourc
             location,
             str(error).split("; ")[0],
             "pass a steerlm training output_dir, one of its checkpoints/step_* directories, or a Hugging Face "
-            "Llama, Nemotron, Qwen2, Qwen3 or Mistral directory (config.json + *.safetensors)",
+            "Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3, Gemma or Gemma 2 directory (config.json + *.safetensors)",
         ) from None
     saved = saved_config(path)
     model = to_typed(saved.model, ModelConfig)

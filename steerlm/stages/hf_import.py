@@ -1,12 +1,12 @@
-"""A Hugging Face Llama, Nemotron, Qwen2, Qwen3, Mistral or Phi-3 directory → a steerlm checkpoint at any TP/PP
-(`recipes/convert.py to=steerlm`).
+"""A Hugging Face Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3, Gemma or Gemma 2 directory → a steerlm checkpoint at
+any TP/PP (`recipes/convert.py to=steerlm`).
 
 Collective over the layout the checkpoint is written from. A `…ForCausalLM` (LlamaForCausalLM, NemotronForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Phi3ForCausalLM) becomes a language model, a
-`…ForSequenceClassification` a regression APM (`score` is its head). An export of steerlm's own carries `steerlm/`
-(the source config, the word vocabulary, the APM head's bias in config.json and its unused vocabulary output layer),
-so export → import gives the same config and bitwise the same weights; another tool's model gets a config synthesised
-from config.json (an APM's schema from `id2label` and `apm_range`).
+Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Phi3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM) becomes a
+language model, a `…ForSequenceClassification` a regression APM (`score` is its head). An export of steerlm's own
+carries `steerlm/` (the source config, the word vocabulary, the APM head's bias in config.json and its unused vocabulary
+output layer), so export → import gives the same config and bitwise the same weights; another tool's model gets a config
+synthesised from config.json (an APM's schema from `id2label` and `apm_range`).
 
 Each rank builds its shards and fills them from the safetensors files one full tensor at a time
 (`MegatronFromHF` reads lazily), then the checkpoint is saved weights-only: runs start from it with
@@ -34,15 +34,13 @@ from steerlm.config.schema import APMConfig, AttributesConfig, DType, TokenizerC
 from steerlm.config.validation import validate_model_layout
 from steerlm.data.attribute_lines import ATTRIBUTE_LINES_FILE
 from steerlm.models.attribute import build_checkpoint_model
+from steerlm.models.hf_config import check_hf_config, hf_model_fields, unmodelled_window
 from steerlm.models.hf_llama import (
     HEAD_BIAS,
     HF_ARCHITECTURES,
     LLAMA,
     MegatronFromHF,
     SafetensorsWeights,
-    attention_window,
-    check_hf_config,
-    hf_model_fields,
     read_hf_config,
 )
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
@@ -106,7 +104,7 @@ def _architecture(hf: dict, location: str) -> str:
 
 def _synthesised_model(hf: dict, location: str) -> ModelConfig:
     """`model.*` of another tool's model: the fields config.json determines, defaults left as defaults. A model whose
-    layers attend to a sliding window (Mistral-7B-v0.1's 4,096 positions) gets that many positions: within them
+    sliding-window layers steerlm does not model (Qwen2's last layers) gets the window's positions: within them
     steerlm's full attention computes what its window does."""
     fields = hf_model_fields(hf, "input", location)
     if fields["num_query_groups"] == fields["num_attention_heads"]:
@@ -114,7 +112,7 @@ def _synthesised_model(hf: dict, location: str) -> ModelConfig:
     if fields["kv_channels"] == fields["hidden_size"] // fields["num_attention_heads"]:
         fields["kv_channels"] = None
     name = Path(location).resolve().name
-    positions = min(hf["max_position_embeddings"], attention_window(hf) or hf["max_position_embeddings"])
+    positions = min(hf["max_position_embeddings"], unmodelled_window(hf) or hf["max_position_embeddings"])
     return ModelConfig(name=name, max_position_embeddings=positions, **fields)
 
 

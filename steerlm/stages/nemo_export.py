@@ -169,6 +169,7 @@ def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
         ),
         (source.model.long_rope, "rotates with LongRoPE's per-channel factors (model.rope_short_factor …)", "Phi3"),
         (source.model.rope_yarn_factor is not None, "rotates with YaRN's scaling (model.rope_yarn_factor)", "Llama"),
+        (source.model.sliding_window is not None, "attends to a sliding window (model.sliding_window)", "Mistral"),
         (
             source.model.activation == Activation.geglu or source.model.apply_embedding_scaling,
             "is a Gemma (GELU-gated MLP with GELU's tanh approximation, scaled input embeddings)",

@@ -1,10 +1,10 @@
 """Start a run from other weights: `sft.init_from` and `apm.init_from`.
 
 The source is a steerlm run directory or checkpoint (written at any TP/PP layout: a language model from
-`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama, Nemotron, Qwen2, Qwen3 or Mistral directory
-(`config.json` + `*.safetensors`, as `save_pretrained` writes it) or a NeMo 1.x `.nemo` model (the tar or its
-extracted directory, read in place by every rank: `steerlm.models.nemo_weights`). `resolve_init_source` runs before
-anything is built, so a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this
+`recipes/demo.py` / `train_sft.py`, or an APM), a Hugging Face Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3, Gemma or
+Gemma 2 directory (`config.json` + `*.safetensors`, as `save_pretrained` writes it) or a NeMo 1.x `.nemo` model (the tar
+or its extracted directory, read in place by every rank: `steerlm.models.nemo_weights`). `resolve_init_source` runs
+before anything is built, so a wrong shape or schema stops the run naming the key; `load_init_weights` then fills this
 layout's shards. Only weights move: the optimizer, LR schedule and step start fresh.
 
 An attribute head is loaded from an APM source of the same schema, refused from an APM of another schema,
@@ -38,7 +38,8 @@ from steerlm.data.attributes import AttributeSchema
 from steerlm.data.template import Tokenization
 from steerlm.errors import ConfigError
 from steerlm.models.attribute import is_head
-from steerlm.models.hf_llama import check_hf_config, read_hf_config
+from steerlm.models.hf_config import check_hf_config
+from steerlm.models.hf_llama import read_hf_config
 from steerlm.models.nemo_config import check_nemo_model
 from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.models.sharding import named_global_parameters
@@ -82,7 +83,8 @@ def resolve_init_source(
             location,
             str(error).split("; ")[0],
             "pass a steerlm training output_dir, one of its checkpoints/step_* directories, a Hugging Face "
-            "Llama, Nemotron, Qwen2, Qwen3 or Mistral directory (config.json + *.safetensors) or a NeMo .nemo model",
+            "Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3, Gemma or Gemma 2 directory (config.json + *.safetensors) "
+            "or a NeMo .nemo model",
         ) from None
     written = read_meta(path).model
     for name in (*SHAPE_FIELDS, *FUNCTION_FIELDS):
