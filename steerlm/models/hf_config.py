@@ -18,6 +18,7 @@ from steerlm.models.hf_llama import (
     LLAMA3_SCALING,
     NEMOTRON,
     HFArchitecture,
+    sliding_layers,
 )
 from steerlm.models.rope import long_rope_attention_factor, yarn_attention_factor
 
@@ -53,7 +54,7 @@ def _window_fields(hf: dict, family: HFArchitecture) -> tuple[int | None, int | 
         return window, family.window_skip
     slides = [kind == "sliding_attention" for kind in types]
     for skip in (None, *range(2, len(slides) + 1)):
-        if slides == [skip is None or (layer + 1) % skip != 0 for layer in range(len(slides))]:
+        if slides == sliding_layers(len(slides), skip):
             return window, skip
     return None
 

@@ -159,8 +159,8 @@ GEMMA = HFArchitecture(
     tied=True,
 )
 # Gemma 2 (2B, 9B, 27B): a Gemma with norms of each sublayer's output, soft-capped attention scores and logits and the
-# attention scale query_pre_attn_scalar ** -0.5. Its even layers attend to a sliding window: imported with that many
-# positions, as Mistral is.
+# attention scale query_pre_attn_scalar ** -0.5. Its even layers (from 0) attend to a sliding window
+# (`model.window_attn_skip_freq: 2`).
 GEMMA2 = replace(
     GEMMA,
     name="Gemma2",
@@ -176,6 +176,12 @@ HF_ARCHITECTURES = {
     family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA, GEMMA2)
 }
 GEMMA2_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
+
+
+def sliding_layers(num_layers: int, skip: int | None) -> list[bool]:
+    """Which layers of a windowed model slide: all, or all but every `skip`-th counted from 1 (megatron's
+    `window_attn_skip_freq`, as its `is_layer_window_attention` reads it)."""
+    return [skip is None or (layer + 1) % skip != 0 for layer in range(num_layers)]
 
 
 def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
@@ -262,7 +268,7 @@ def hf_config_dict(model: ModelConfig) -> dict:
         config.update({name: getattr(model, name) for name in GEMMA2_FIELDS})
         config["query_pre_attn_scalar"] = model.query_pre_attn_scalar or model.head_dim
         window, skip = model.sliding_window, model.window_attn_skip_freq
-        slides = [window is not None and (skip is None or (layer + 1) % skip != 0) for layer in range(model.num_layers)]
+        slides = sliding_layers(model.num_layers, skip) if window is not None else [False] * model.num_layers
         config["sliding_window"] = window or model.max_position_embeddings
         config["layer_types"] = ["sliding_attention" if slide else "full_attention" for slide in slides]
     if family == MISTRAL:
