@@ -3,7 +3,7 @@ Nemotron: zero-centred LayerNorm with biases, squared-ReLU MLP, RoPE on half of 
 with NeMo's key names by this module's own mapping (it shares no code with steerlm's reader): the legacy layout
 (`model_weights.ckpt` per TP/PP rank) and megatron's torch_dist distributed checkpoint, at TP=2.
 
-A module of its own so that the ranks `tests.multiproc` spawns import neither transformers nor pytest.
+A module of its own so that the ranks `tests.multiproc` starts import neither transformers nor pytest.
 """
 
 from __future__ import annotations
