@@ -287,6 +287,8 @@ PRESET_LAYOUTS = (
     ("gemma_7b", "tp8", 4, 4096),
     ("gemma2_9b", "tp8", 4, 4096),
     ("gemma2_27b", "tp8_pp2", 2, 4096),
+    ("gemma3_1b", "single", 8, 4096),
+    ("gemma3_27b", "tp8_pp2", 2, 4096),
 )
 
 

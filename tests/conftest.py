@@ -60,6 +60,19 @@ GEMMA2_MODEL = replace(
     final_logit_softcapping=0.1,
     query_pre_attn_scalar=24,
 )
+# Gemma 3's: Gemma 2's without caps, with norms of each query and key head and a window of 6 positions on the first of
+# its two layers (Gemma 3's slide on five of six), which rotates with plain RoPE of its own base, the other with linear
+# scaling (Gemma-3-4B+'s, x8 there)
+GEMMA3_MODEL = replace(
+    GEMMA2_MODEL,
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    qk_layernorm=True,
+    sliding_window=6,
+    window_attn_skip_freq=2,
+    rope_local_base_freq=100,
+    rope_linear_factor=4.0,
+)
 # Qwen2's layers: a Llama's with biases on the query, key and value projections (RoPE base, norm epsilon: Qwen2.5's).
 QWEN2_MODEL = replace(TEST_MODEL, add_qkv_bias=True, rotary_base=1000000, layernorm_epsilon=1e-6)
 # Qwen3's: a norm of each query and key head, heads wider than hidden / heads (Qwen3-0.6B: 1024 / 16 = 64 < 128).

@@ -74,7 +74,7 @@ class Scenario:
     # Gemma 2's layers, Gemma's with more: GeGLU, zero-centred RMSNorm, scaled input embeddings (a hook on the
     # embedding), norms of each sublayer's output (hooks on the attention and the MLP), soft-capped scores and logits
     # (caps at the tiny model's scale, so that both bite), another attention scale, and a window of 8 of the 32
-    # positions on every other layer
+    # positions on every other layer, which rotates with RoPE of its own base (Gemma 3's local RoPE: a hook per layer)
     gemma: bool = False
 
     @property
@@ -199,6 +199,7 @@ def run(scenario: Scenario) -> dict:
         query_pre_attn_scalar=24 if scenario.gemma else None,
         sliding_window=8 if scenario.gemma else None,
         window_attn_skip_freq=2 if scenario.gemma else None,
+        rope_local_base_freq=100 if scenario.gemma else None,
     )
     if scenario.apm:
         chunks = build_attribute_model_chunks(model_cfg, PrecisionConfig(), layout, SEED, APM_ATTRIBUTES)

@@ -308,6 +308,8 @@ def _model_fitting(parallel: ParallelConfig) -> ModelConfig:
         ("gemma_7b", 8_537_680_896),  # GemmaForCausalLM's
         ("gemma2_9b", 9_241_705_984),  # Gemma2ForCausalLM's
         ("gemma2_27b", 27_227_128_320),
+        ("gemma3_1b", 999_885_952),  # Gemma3ForCausalLM's
+        ("gemma3_27b", 27_009_346_304),  # Gemma3ForCausalLM's of its text_config
     ],
 )
 def test_real_presets_have_the_published_parameter_count(preset: str, parameters: int) -> None:

@@ -19,7 +19,7 @@ from steerlm.inference.decoders import LeanDecoder, MegatronDecoder
 from steerlm.inference.generate import Decoding, RowFailed, RowRequest, StepOutcome, sample
 from steerlm.models.gpt import build_model_chunks
 from steerlm.tokenizers import WordTokenizer
-from tests.conftest import GEMMA2_MODEL, GEMMA_MODEL, TEST_MODEL, randomize_biases
+from tests.conftest import GEMMA2_MODEL, GEMMA3_MODEL, GEMMA_MODEL, TEST_MODEL, randomize_biases
 from tests.multiproc import run_distributed
 
 WORDS = (
@@ -82,6 +82,7 @@ SHAPES = {
     "gemma": GEMMA_MODEL,  # GeGLU, zero-centred RMSNorm, scaled embeddings (tests/test_gemma.py)
     "gemma2": GEMMA2_MODEL,  # Gemma's, post-norms, soft-capped scores and logits (tests/test_gemma2.py)
     "window": replace(TEST_MODEL, sliding_window=5),  # every row passes it (tests/test_sliding_window.py)
+    "gemma3": GEMMA3_MODEL,  # Gemma 2's layers with QK norms, the windowed layer's own RoPE (tests/test_gemma3.py)
 }
 # LongRoPE with a pretraining length of 8 positions: of PROMPTS (4, 9, 2 and 6 tokens) one starts past it, the others
 # pass it at three different steps of 12 (tests/test_long_rope.py: against transformers' Phi3)

@@ -698,7 +698,7 @@ def test_a_killed_async_writer_is_a_checkpoint_error_and_the_previous_checkpoint
     assert latest_checkpoint(tmp_path) == previous and not pending.path.exists()
 
 
-# 13. RoPE scalings megatron lacks (LongRoPE, YaRN)
+# 13. RoPE scalings megatron lacks (LongRoPE, YaRN) and Gemma 3's local RoPE
 
 
 def test_long_rope_replaces_megatrons_rotary_forward_and_scales_attentions_cos_sin(layout):
@@ -737,6 +737,33 @@ def test_long_rope_replaces_megatrons_rotary_forward_and_scales_attentions_cos_s
     torch.testing.assert_close(logits(short, 8), logits(plain, 8), rtol=0, atol=0)
     assert not torch.allclose(logits(short, 12), logits(plain, 12), atol=1e-3)
     assert not torch.allclose(logits(scaled, 8), logits(short, 8), atol=1e-3)
+
+
+@pytest.mark.parametrize("recompute", ["none", "uniform"])
+def test_local_rope_swaps_the_table_megatron_hands_each_sliding_layer(layout, recompute: str):
+    """megatron's TransformerBlock hands every layer the forward's rotary table as the keyword `rotary_pos_emb` (in a
+    recomputed chunk too, forward and backward), and `is_layer_window_attention` picks the layers whose hook swaps it:
+    the sliding layer's attention rotates with the local embedding's table, the full one with the model's."""
+    from steerlm.config.schema import Recompute
+    from steerlm.megatron_compat.scaled_rope import local_rotary_embedding
+
+    model = replace(
+        TEST_MODEL, sliding_window=4, window_attn_skip_freq=2, rope_local_base_freq=100, recompute=Recompute(recompute)
+    )
+    chunk = build_model_chunks(model, PrecisionConfig(), layout, 5)[0]
+    seen: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+    for layer in chunk.decoder.layers:
+        layer.self_attention.register_forward_pre_hook(
+            lambda module, args, kwargs, n=layer.layer_number: seen[n].append(kwargs["rotary_pos_emb"]),
+            with_kwargs=True,
+        )
+    tokens = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    chunk(tokens, torch.arange(12)[None], None).float().sum().backward()
+    local, full = local_rotary_embedding(chunk), chunk.rotary_pos_emb
+    assert local is not None and len(seen[1]) == len(seen[2]) == (2 if recompute == "uniform" else 1)
+    assert all(torch.equal(table, local(12)) for table in seen[1])
+    assert all(torch.equal(table, full(12)) for table in seen[2]) and not torch.equal(local(12), full(12))
+    assert local_rotary_embedding(build_model_chunks(TEST_MODEL, PrecisionConfig(), layout, 5)[0]) is None
 
 
 # 14. Scaled input embeddings (Gemma's)

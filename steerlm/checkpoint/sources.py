@@ -10,6 +10,7 @@ so a base replaced or rewritten since the run saved is refused, naming its path,
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -20,6 +21,8 @@ from steerlm.config.schema import ModelConfig
 from steerlm.models.hf_llama import SafetensorsWeights, hf_to_megatron
 from steerlm.models.nemo_weights import NemoCheckpoint
 from steerlm.models.sharding import load_full_parameters, named_global_parameters
+
+log = logging.getLogger(__name__)
 
 _MIB = 1 << 20
 
@@ -102,7 +105,10 @@ def read_foreign_weights(
     whose global name `keep` accepts are left as they are."""
     if format == WeightFormat.hugging_face:
         names = [name for name, _ in named_global_parameters(chunks) if not keep(name)]
-        load_full_parameters(chunks, hf_to_megatron(SafetensorsWeights(path), model, names), tp_rank, tp, keep=keep)
+        weights = SafetensorsWeights(path)
+        if weights.left_out:  # a multimodal Gemma 3's vision tower and projector
+            log.info("%s: its language model alone is loaded; left out: %d tensors", path, len(weights.left_out))
+        load_full_parameters(chunks, hf_to_megatron(weights, model, names), tp_rank, tp, keep=keep)
     elif format == WeightFormat.nemo:
         with NemoCheckpoint(path) as archive:
             archive.load_into(chunks, tp_rank, tp, keep=keep)

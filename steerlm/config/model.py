@@ -149,6 +149,11 @@ class ModelConfig:
     # name). Null: every layer attends to every position.
     sliding_window: Optional[int] = None
     window_attn_skip_freq: Optional[int] = None
+    # Gemma 3's local RoPE: the sliding-window layers rotate with plain RoPE of this base (transformers 4's and
+    # Megatron-Bridge's `rope_local_base_freq`; transformers 5's `rope_parameters.sliding_attention.rope_theta`), the
+    # others with `rotary_base` and the model's scaling (Gemma-3-4B+'s linear factor 8 acts on them alone). Null: every
+    # layer rotates alike.
+    rope_local_base_freq: Optional[int] = None
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -288,6 +293,8 @@ class ModelConfig:
         if self.rope_linear_factor is not None:
             self._validate_linear()
         self._validate_window()
+        if self.rope_local_base_freq is not None:
+            self._validate_local_rope()
         for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
             value = getattr(self, name)
             require(
@@ -313,6 +320,37 @@ class ModelConfig:
             skip,
             "must be at least 2, and needs model.sliding_window (every N-th layer attends to every position)",
             "use 2 for Gemma 2 (with its sliding_window), or null for a window on every layer",
+        )
+
+    def _validate_local_rope(self) -> None:
+        require_positive("model", self, ("rope_local_base_freq",))
+        off = "or model.rope_local_base_freq=null"
+        require(
+            self.sliding_window is not None,
+            "model.rope_local_base_freq",
+            self.rope_local_base_freq,
+            "is the rotary base of the sliding-window layers, and model.sliding_window is null (no layer slides)",
+            f"copy sliding_window from the model's config.json, {off}",
+        )
+        for other, name in (
+            (self.long_rope, "rope_short_factor"),
+            (self.rope_yarn_factor is not None, "rope_yarn_factor"),
+            (self.rope_scaling, "rope_scaling"),
+        ):
+            require(
+                not other,
+                "model.rope_local_base_freq",
+                self.rope_local_base_freq,
+                f"gives the sliding-window layers their own RoPE, which steerlm combines with linear scaling alone, "
+                f"and model.{name} sets another scaling",
+                f"unset model.{name}, {off}",
+            )
+        require(
+            self.position_embedding_type == PositionEmbedding.rope,
+            "model.position_embedding_type",
+            self.position_embedding_type.value,
+            "must be rope with model.rope_local_base_freq",
+            f"set model.position_embedding_type=rope, {off}",
         )
 
     def _validate_long_rope(self) -> None:
@@ -410,6 +448,7 @@ MODEL_FIELDS_ADDED = {
     "query_pre_attn_scalar": None,
     "sliding_window": None,
     "window_attn_skip_freq": None,
+    "rope_local_base_freq": None,
     "layernorm_zero_centered_gamma": False,
     "add_qkv_bias": False,
     "qk_layernorm": False,
@@ -423,12 +462,14 @@ MODEL_FIELDS_ADDED = {
     "rope_original_max_positions": 4096,
     "rope_attention_factor": 1.0,
 }
-# LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …), sliding windows and Gemma 2's
+# LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …), sliding windows, Gemma 3's
+# local RoPE and Gemma 2's
 # soft-capping and attention scale: no tensor shape shows them, but a run started from weights trained with them
 # computes another function without them, so `init_from` a steerlm checkpoint checks them.
 FUNCTION_FIELDS = (
     "sliding_window",
     "window_attn_skip_freq",
+    "rope_local_base_freq",
     "attn_logit_softcapping",
     "final_logit_softcapping",
     "query_pre_attn_scalar",

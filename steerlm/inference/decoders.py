@@ -57,7 +57,7 @@ from steerlm.megatron_compat.gemma2 import (
     softcapped_attention,
 )
 from steerlm.megatron_compat.scaled_embedding import scaled_lookup
-from steerlm.megatron_compat.scaled_rope import ScaledRotaryEmbedding, attention_factor
+from steerlm.megatron_compat.scaled_rope import ScaledRotaryEmbedding, attention_factor, local_rotary_embedding
 from steerlm.models.norm import normalize
 from steerlm.runtime.cpu_matmul import linear
 from steerlm.runtime.layout import ParallelLayout
@@ -334,6 +334,8 @@ class LeanDecoder:
         """RoPE's cos and sin `[length, rotary channels]` as megatron computes them (scaling included), times its
         attention factor; LongRoPE (`long_from`: the pretraining length) has a second pair with the long factors."""
         rope, factor = model.rotary_pos_emb, attention_factor(model.config)
+        local = local_rotary_embedding(model)  # Gemma 3's sliding-window layers' (megatron scales them alike)
+        self.local_tables = None if local is None else self._table(local(length), factor)
         self.long_from: int | None = None
         if not isinstance(rope, ScaledRotaryEmbedding) or not rope.switches:
             self.cos, self.sin = self._table(rope(length), factor)
@@ -345,6 +347,10 @@ class LeanDecoder:
     def _table(self, angles: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         angles = angles[:, 0, 0].float()
         return (angles.cos() * factor).to(self.dtype), (angles.sin() * factor).to(self.dtype)
+
+    def local_rotation(self, index: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sliding-window layers' own cos and sin at positions `index` (Gemma 3's local RoPE); None without."""
+        return None if self.local_tables is None else (self.local_tables[0][index], self.local_tables[1][index])
 
     def long_rope(self, positions: int) -> bool:
         """Whether a sequence of `positions` positions rotates with LongRoPE's long factors: as a forward over the
@@ -406,15 +412,15 @@ class LeanDecoder:
         return tensor
 
     @staticmethod
-    def _rope(x: torch.Tensor, positions: Positions) -> torch.Tensor:
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Megatron's non-interleaved RoPE on the first `rotary_percent` of each head's channels (the cos/sin
         width); the rest pass unrotated (Nemotron rotates half of each head)."""
-        width = positions.cos.shape[-1]
+        width = cos.shape[-1]
         if width < x.shape[-1]:
-            return torch.cat((LeanDecoder._rope(x[..., :width], positions), x[..., width:]), dim=-1)
+            return torch.cat((LeanDecoder._rope(x[..., :width], cos, sin), x[..., width:]), dim=-1)
         half = width // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * positions.cos + rotated * positions.sin
+        return x * cos + rotated * sin
 
     def _linear(
         self, x: torch.Tensor, module: torch.nn.Module, at: tuple[int, str], rows: AdapterRows | None, parallel: str
@@ -451,13 +457,14 @@ class LeanDecoder:
         if index in self.qk_norms:  # Qwen3's QK norm: each head's channels, before RoPE
             query_norm, key_norm = self.qk_norms[index]
             query, key = query_norm(query), key_norm(key)
-        query, key = self._rope(query, positions), self._rope(key, positions)
+        core = attention.core_attention
+        scale, window = getattr(core, "softmax_scale", None), getattr(core, "window", None)
+        cos, sin = positions.rotation(windowed=window is not None)
+        query, key = self._rope(query, cos, sin), self._rope(key, cos, sin)
         keys, values = cache
         positions.store(keys, key.transpose(1, 2))
         positions.store(values, value.transpose(1, 2))
         visible = (positions.visible(keys), positions.visible(values))
-        core = attention.core_attention
-        scale, window = getattr(core, "softmax_scale", None), getattr(core, "window", None)
         mask, causal = (positions.mask, positions.causal) if window is None else (positions.windowed(window), False)
         if self.caps[0] is None:
             context = grouped_sdpa(query.transpose(1, 2), *visible, mask, is_causal=causal, scale=scale)

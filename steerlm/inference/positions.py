@@ -3,11 +3,13 @@ of them attends to: a span of every row (a prefill or a chunk of one), one new p
 continuations after shared prefixes. Each gives RoPE's cos/sin for its positions, stores the new keys and values in the
 cache, and masks the cached ones it must not see (SDPA's boolean masks: True where attention is allowed; or the causal
 flag). A layer attending to a sliding window (`model.sliding_window`) takes `windowed(window)`: the same mask, each
-query limited to the `window` positions up to its own (itself included, as transformers' sliding windows count).
+query limited to the `window` positions up to its own (itself included, as transformers' sliding windows count), and
+rotates with the sliding layers' own RoPE where the model has one (Gemma 3's local RoPE, `rotation(windowed=True)`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,10 +21,24 @@ if TYPE_CHECKING:
 
 
 class _Masks:
-    """What every kind of positions shares: its masks per window, each computed once per forward."""
+    """What every kind of positions shares: its masks per window, each computed once per forward, and RoPE's tables."""
 
     mask: torch.Tensor | None
     causal: bool
+    cos: torch.Tensor
+    sin: torch.Tensor
+    local: tuple[torch.Tensor, torch.Tensor] | None
+
+    def _rotate(self, decoder: LeanDecoder, index: slice | torch.Tensor, long: Long, shape: Callable) -> None:
+        """RoPE's cos and sin at positions `index` (`shape`d to the queries' layout), and the sliding layers' own."""
+        self.cos, self.sin = (shape(table) for table in decoder.rotation(index, long))
+        local = decoder.local_rotation(index)
+        self.local = None if local is None else (shape(local[0]), shape(local[1]))
+
+    def rotation(self, windowed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin a layer rotates its queries and keys with: a sliding-window layer's own where the model has
+        them (Gemma 3's local RoPE), else the model's."""
+        return self.local if windowed and self.local is not None else (self.cos, self.sin)
 
     def windowed(self, window: int) -> torch.Tensor:
         """The mask (`[..., queries, keys]`, True where allowed) of a layer attending to `window` positions."""
@@ -45,7 +61,7 @@ class Span(_Masks):
     def __init__(self, decoder: LeanDecoder, n: int, start: int = 0, long: Long = False) -> None:
         self.start, self.end, self.device = start, start + n, decoder.device
         # [n, 1, rotary channels], or [rows, n, 1, …] where LongRoPE's factors differ per row
-        self.cos, self.sin = (table.unsqueeze(-2) for table in decoder.rotation(slice(start, self.end), long))
+        self._rotate(decoder, slice(start, self.end), long, lambda table: table.unsqueeze(-2))
         self.mask, self.causal = None, n > 1
         if start:
             queries = torch.arange(start, self.end, device=decoder.device)
@@ -73,7 +89,7 @@ class Rows(_Masks):
     def __init__(self, decoder: LeanDecoder, positions: torch.Tensor, end: int | None) -> None:
         self.index = positions
         long = decoder.long_rows if decoder.long_from is not None else False
-        self.cos, self.sin = (table[:, None, None] for table in decoder.rotation(positions, long))  # [rows, 1, 1, …]
+        self._rotate(decoder, positions, long, lambda table: table[:, None, None])  # [rows, 1, 1, …]
         self.end = end
         span = decoder.cache[0][0].shape[2] if end is None else end
         self.mask = (torch.arange(span, device=positions.device)[None] <= positions[:, None])[:, None, None]
@@ -102,7 +118,7 @@ class Continuation(_Masks):
     def __init__(self, decoder: LeanDecoder, offsets: torch.Tensor, prefix: int, n: int, long: Long = False) -> None:
         steps = torch.arange(n, device=offsets.device)
         positions = (offsets[:, None] + steps).clamp(max=decoder.cos.shape[0] - 1)  # [rows, n]
-        self.cos, self.sin = (table[:, :, None] for table in decoder.rotation(positions, long))
+        self._rotate(decoder, positions, long, lambda table: table[:, :, None])
         keys = torch.arange(prefix + n, device=offsets.device)
         held = keys[None, None] < offsets[:, None, None]  # [rows, 1, prefix + n]: the row's own prefix
         new = (keys[None] >= prefix) & (keys[None] - prefix <= steps[:, None])  # [n, prefix + n]: causal

@@ -78,6 +78,8 @@ steerlm uses.
    with the forward's rotary length), and the attention factor rides on the module-level
    `transformer.attention._yarn_get_concentration_factor_from_config`, through which megatron's self-attention
    scales RoPE's cos/sin (YaRN's mscale), rebound to read a steerlm attribute of the TransformerConfig first.
+   Gemma 3's local RoPE (`model.rope_local_base_freq`, `use_local_rope`): a forward pre-hook on each sliding-window
+   layer replaces the `rotary_pos_emb` keyword megatron's TransformerBlock hands every layer by a second table.
 14. Scaled input embeddings (`scaled_embedding.py`, `model.apply_embedding_scaling`: Gemma's sqrt(hidden_size)): a
    forward hook on GPTModel's `embedding` (megatron's `LanguageModelEmbedding`) multiplies its output; relies on the
    attribute's name and on that output being the word embeddings after steps linear in them.

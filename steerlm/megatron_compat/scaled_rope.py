@@ -16,6 +16,14 @@ inverse frequencies.
 
 LongRoPE has two sets of frequencies; which a forward uses follows transformers' `longrope` update: the long ones for a
 sequence longer than the pretraining length (`original_max_positions`). YaRN's are the same at every length.
+
+- Local RoPE (Gemma 3's: its sliding-window layers rotate with plain RoPE of another base, `use_local_rope`): GPTModel
+  computes one rotary table a forward and its TransformerBlock hands it to every layer as the keyword `rotary_pos_emb`
+  (in recomputed chunks too). A forward pre-hook on each sliding layer — megatron's own
+  `transformer.utils.is_layer_window_attention` says which — replaces it by the local embedding's
+  (`local_rotary_pos_emb`, a `ScaledRotaryEmbedding` child of the GPTModel) over as many positions. Both tables start
+  at position 0, as megatron's always do (a decoding step's attention picks its positions out of the table); context
+  parallelism, which slices the table, needs Transformer Engine, which steerlm refuses for windows.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import attention
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 
 ATTENTION_FACTOR = "steerlm_rope_attention_factor"  # the attribute of a TransformerConfig `use_scaled_rope` sets
 _MEGATRON_FACTOR = getattr(attention, "_yarn_get_concentration_factor_from_config", None)
@@ -123,3 +132,41 @@ def use_scaled_rope(
         original_max_positions=original_max_positions,
         cp_group=gpt.rotary_pos_emb.cp_group,
     )
+
+
+LOCAL_ROPE = "local_rotary_pos_emb"  # the GPTModel child `use_local_rope` adds
+
+
+def use_local_rope(gpt: GPTModel, rotary_percent: float, inverse: torch.Tensor) -> None:
+    """Rotate the sliding-window layers of a GPTModel chunk (built with RoPE and a window) with these inverse
+    frequencies instead of the model's."""
+    config = gpt.config
+    local = ScaledRotaryEmbedding(
+        rotary_percent=rotary_percent,
+        kv_channels=config.kv_channels,
+        inverse=inverse,
+        cp_group=gpt.rotary_pos_emb.cp_group,
+    )
+    setattr(gpt, LOCAL_ROPE, local)
+    for layer in gpt.decoder.layers:
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer.layer_number):
+            layer.register_forward_pre_hook(_local_rotation(local), with_kwargs=True)
+
+
+def local_rotary_embedding(gpt: torch.nn.Module) -> Optional[ScaledRotaryEmbedding]:
+    """A GPTModel chunk's sliding-window layers' rotary embedding (`use_local_rope`); None where every layer rotates
+    alike."""
+    return getattr(gpt, LOCAL_ROPE, None)
+
+
+def _local_rotation(local: ScaledRotaryEmbedding):
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        table = kwargs.get("rotary_pos_emb")
+        if table is None:
+            raise RuntimeError(
+                "megatron's TransformerBlock handed a layer no rotary_pos_emb keyword: this megatron-core changed how "
+                "RoPE reaches its layers; update steerlm.megatron_compat.scaled_rope (use_local_rope)"
+            )
+        return args, {**kwargs, "rotary_pos_emb": local(table.shape[0]).to(table.device)}
+
+    return hook

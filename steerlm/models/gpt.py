@@ -29,11 +29,11 @@ from steerlm.megatron_compat.gemma2 import (
     softcap_logits,
 )
 from steerlm.megatron_compat.scaled_embedding import scale_embeddings
-from steerlm.megatron_compat.scaled_rope import use_scaled_rope
+from steerlm.megatron_compat.scaled_rope import use_local_rope, use_scaled_rope
 from steerlm.models.cross_entropy import chunked_language_model_loss
 from steerlm.models.init import initialize_parameters
 from steerlm.models.norm import Norm
-from steerlm.models.rope import rope_frequencies
+from steerlm.models.rope import local_rope_frequencies, rope_frequencies
 from steerlm.runtime.layout import ParallelLayout
 
 _TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
@@ -233,6 +233,9 @@ def _build_chunks(
             use_scaled_rope(
                 gpt, model.rotary_percent, *frequencies, model.rope_original_max_positions, model.rope_attention_factor
             )
+        local = local_rope_frequencies(model)  # Gemma 3's sliding-window layers' own
+        if local is not None:
+            use_local_rope(gpt, model.rotary_percent, local)
         if model.apply_embedding_scaling:
             scale_embeddings(gpt, model.hidden_size**0.5)
         if model.post_sublayer_norms:

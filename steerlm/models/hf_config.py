@@ -11,7 +11,6 @@ from typing import Any
 from steerlm.config.schema import ModelConfig
 from steerlm.errors import ConfigError
 from steerlm.models.hf_llama import (
-    GEMMA2,
     GEMMA2_FIELDS,
     HF_ARCHITECTURES,
     LLAMA,
@@ -23,11 +22,22 @@ from steerlm.models.hf_llama import (
 from steerlm.models.rope import long_rope_attention_factor, yarn_attention_factor
 
 
-def _rope(hf: dict) -> tuple[float, dict]:
-    """(rope theta, scaling parameters) from transformers 5's `rope_parameters` or 4's `rope_theta`/`rope_scaling`."""
+def _rope(hf: dict, family: HFArchitecture) -> tuple[float, dict, float]:
+    """(rope theta, scaling parameters, the sliding layers' theta) from transformers 5's `rope_parameters` (one, or one
+    per layer type: Gemma 3's) or 4's `rope_theta` / `rope_scaling` / `rope_local_base_freq`; Gemma3TextConfig's
+    defaults (1M, 10k) where a Gemma 3's config.json names none."""
+    theta, local = (1_000_000.0, 10_000.0) if family.local_rope else (10_000.0, None)
     parameters = hf.get("rope_parameters") or {}
+    if "full_attention" in parameters:
+        full, sliding = parameters["full_attention"], parameters.get("sliding_attention") or {}
+        return float(full.get("rope_theta", theta)), full, float(sliding.get("rope_theta", local or theta))
     scaling = hf.get("rope_scaling") or parameters
-    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), scaling
+    theta = float(parameters.get("rope_theta", hf.get("rope_theta", theta)))
+    return theta, scaling, float(hf.get("rope_local_base_freq", local or theta))
+
+
+def _integral(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
 
 
 def attention_window(hf: dict) -> int | None:
@@ -50,8 +60,8 @@ def _window_fields(hf: dict, family: HFArchitecture) -> tuple[int | None, int | 
     if not family.sliding:
         return None
     types = hf.get("layer_types")
-    if types is None:  # transformers 4: every layer slides, or Gemma 2's every other one
-        return window, family.window_skip
+    if types is None:  # transformers 4: every layer slides, Gemma 2's every other one or Gemma 3's pattern
+        return window, hf.get("sliding_window_pattern", family.window_skip) if family.local_rope else family.window_skip
     slides = [kind == "sliding_attention" for kind in types]
     for skip in (None, *range(2, len(slides) + 1)):
         if slides == sliding_layers(len(slides), skip):
@@ -66,17 +76,17 @@ def unmodelled_window(hf: dict) -> int | None:
 
 
 def hf_model_fields(hf: dict, key: str, location: str) -> dict:
-    """The `model.*` fields an HF Llama, Nemotron, Qwen2, Qwen3, Mistral or Phi-3 config.json determines
+    """The `model.*` fields an HF Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3 or Gemma 1/2/3 config.json determines
     (`num_query_groups`/`kv_channels` explicit, and the family's norm, activation, biases and RoPE share).
 
     `key`/`location`: the config key that named the directory and its value, for the ConfigError of a model
     `model.*` cannot describe at all (another architecture, other RoPE scaling, biases).
     """
-    rope_theta, scaling = _rope(hf)
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     family = HF_ARCHITECTURES.get(hf.get("model_type", "llama"))
     unsupported = [f"model_type={hf.get('model_type')!r}"] if family is None else []
     family = family or LLAMA
+    rope_theta, scaling, local_theta = _rope(hf, family)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     unsupported += [
         f"{name}={hf.get(name)!r}"
         for name, expected in (
@@ -84,6 +94,7 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             ("hidden_activation", (family.hidden_act,)),
             ("attention_bias", (False,)),
             ("mlp_bias", (False,)),
+            ("use_bidirectional_attention", (False,)),  # Gemma 3's embedding models
         )
         if hf.get(name) not in (None, *expected)  # transformers 5 writes `attention_bias: null` for Qwen2 and Mistral
     ]
@@ -104,7 +115,8 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
             "Qwen2 or Qwen3 (the same with yarn, linear or no RoPE scaling; Qwen2 with q/k/v biases, Qwen3 with QK "
             "norms), a Phi-3 (partial RoPE too, longrope or no scaling) or a Nemotron (zero-centred LayerNorm, "
             "squared ReLU, partial RoPE, no biases, linear or no scaling) or a Gemma 1 (zero-centred RMSNorm, GeGLU, "
-            "scaled embeddings, linear or no scaling) or 2 (besides: post-norms, soft-capping, no scaling)",
+            "scaled embeddings, linear or no scaling), 2 (besides: post-norms, soft-capping, no scaling) or 3 (a "
+            "Gemma 2 with QK norms and local RoPE, linear or no scaling)",
         )
     heads = hf["num_attention_heads"]
     share = hf.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0)) if family.partial_rope else 1.0
@@ -116,7 +128,7 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "num_attention_heads": heads,
         "num_query_groups": hf.get("num_key_value_heads") or heads,
         "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
-        "rotary_base": int(rope_theta) if rope_theta.is_integer() else rope_theta,
+        "rotary_base": _integral(rope_theta),
         "share_embeddings_and_output_weights": hf.get("tie_word_embeddings", family.tied),
         "apply_embedding_scaling": family.embedding_scaling,
         "rope_scaling": llama3,
@@ -136,11 +148,16 @@ def hf_model_fields(hf: dict, key: str, location: str) -> dict:
         "post_sublayer_norms": family.post_norms,
         **dict.fromkeys(GEMMA2_FIELDS),
         **dict(zip(("sliding_window", "window_attn_skip_freq"), _window_fields(hf, family) or (None, None))),
+        "rope_local_base_freq": None,
     }
-    if family == GEMMA2:  # Gemma2Config's defaults where config.json names none (the caps may be null)
+    if family.post_norms:  # Gemma2Config's defaults where config.json names none (the caps may be null; Gemma 3's are)
         caps = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
-        fields.update({name: _number(hf.get(name, default)) for name, default in caps.items()})
+        fields.update(
+            {name: _number(hf.get(name, None if family.local_rope else default)) for name, default in caps.items()}
+        )
         fields["query_pre_attn_scalar"] = int(hf.get("query_pre_attn_scalar", 256))
+    if family.local_rope and fields["sliding_window"] is not None:
+        fields["rope_local_base_freq"] = _integral(local_theta)
     if llama3:
         fields["rope_scaling_factor"] = float(scaling["factor"])
     if long_rope:

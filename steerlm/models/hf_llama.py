@@ -1,7 +1,7 @@
-"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma / Gemma 2 <-> megatron GPTModel:
+"""Hugging Face Llama / Nemotron / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma / Gemma 2 / Gemma 3 <-> megatron GPTModel:
 configuration and full (unsharded) weight mapping.
 
-Eight HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
+Nine HF architectures compute exactly what a steerlm model can (`HF_ARCHITECTURES`): Llama (RMSNorm, SwiGLU, RoPE on
 every channel, optionally Llama-3.1's frequency scaling), Nemotron (NVIDIA's Nemotron-3/4 and Minitron: LayerNorm
 whose weights are stored centred on zero — `model.layernorm_zero_centered_gamma`, NeMo's `layernorm1p` —, squared-ReLU
 MLP, RoPE on a share of each head's channels), Qwen2 (a Llama with biases on q/k/v_proj: `model.add_qkv_bias`), Qwen3
@@ -11,10 +11,11 @@ Llama it computes) and Phi-3 (Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: a Llama, or 
 or with LongRoPE's per-channel factors — `model.rope_short_factor` … —, whose q/k/v and gate/up projections are
 stored fused; exported as the Llama it computes where RoPE covers every channel without LongRoPE), Gemma (1: a Llama
 with a GELU-gated MLP, zero-centred RMSNorm weights and input embeddings times sqrt(hidden_size) —
-`model.activation=geglu`, `model.apply_embedding_scaling`) and Gemma 2 (a Gemma with norms of each sublayer's output
-and soft-capping: `model.post_sublayer_norms`, `model.attn_logit_softcapping` …). Every family but Nemotron, Phi-3 and
-the Gemmas may carry YaRN (`model.rope_yarn_factor` …), every family but Phi-3 and Gemma 2 linear scaling
-(`model.rope_linear_factor`); the three scalings' frequencies: `steerlm.models.rope`.
+`model.activation=geglu`, `model.apply_embedding_scaling`), Gemma 2 (a Gemma with norms of each sublayer's output
+and soft-capping: `model.post_sublayer_norms`, `model.attn_logit_softcapping` …) and Gemma 3's text model (a Gemma 2
+with QK norms whose sliding-window layers rotate with their own RoPE base: `model.rope_local_base_freq`). Every family
+but Nemotron, Phi-3 and the Gemmas may carry YaRN (`model.rope_yarn_factor` …), every family but Phi-3 and Gemma 2
+linear scaling (`model.rope_linear_factor`); the three scalings' frequencies: `steerlm.models.rope`.
 `hf_architecture` tells which a `ModelConfig` is exported as.
 
 Megatron packs attention as one `linear_qkv` whose rows (and Qwen2's biases) are grouped per query group
@@ -109,6 +110,9 @@ class HFArchitecture:
     post_norms: bool = False  # Gemma 2's norms of each sublayer's output; its soft-capping and attention scale too
     sliding: bool = False  # layers may attend to a sliding window (`model.sliding_window`); else it limits positions
     window_skip: int | None = None  # which layers slide (`model.window_attn_skip_freq`): Gemma 2's every other one
+    # the sliding layers rotate with their own base (`model.rope_local_base_freq`), config.json names which layers
+    # slide by a pattern (`sliding_window_pattern`: any `window_attn_skip_freq`): Gemma 3's
+    local_rope: bool = False
 
 
 LLAMA = HFArchitecture("Llama", "llama", "LlamaForCausalLM", "LlamaForSequenceClassification", llama3_rope=True)
@@ -172,8 +176,23 @@ GEMMA2 = replace(
     sliding=True,
     window_skip=2,
 )
+# Gemma 3 (Gemma-3-1B, and the text model of the 4B, 12B and 27B): a Gemma 2 with norms of each query and key head
+# (zero-centred, as its other norms), no caps unless config.json names them, five of each six layers attending to a
+# sliding window (`model.window_attn_skip_freq: 6`) and rotating with plain RoPE of their own base
+# (`model.rope_local_base_freq`), the others with `rope_theta` and the linear scaling the 4B+ have.
+GEMMA3 = replace(
+    GEMMA2,
+    name="Gemma3",
+    model_type="gemma3_text",
+    causal_lm="Gemma3ForCausalLM",
+    sequence_classifier="Gemma3TextForSequenceClassification",
+    qk_norm=True,
+    linear=True,
+    window_skip=6,
+    local_rope=True,
+)
 HF_ARCHITECTURES = {
-    family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA, GEMMA2)
+    family.model_type: family for family in (LLAMA, NEMOTRON, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA, GEMMA2, GEMMA3)
 }
 GEMMA2_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
 
@@ -216,8 +235,15 @@ def _problems(model: ModelConfig, family: HFArchitecture) -> list[str]:
         problems += [f"{name} must be null" for name in GEMMA2_FIELDS if getattr(model, name) is not None]
     if model.sliding_window is not None and not family.sliding:
         problems.append("sliding_window must be null")
+    elif model.sliding_window is not None and family.local_rope:  # any pattern, and the sliding layers' own RoPE
+        if model.window_attn_skip_freq is None:
+            problems.append("window_attn_skip_freq must be set (every N-th layer attends to every position)")
+        if model.rope_local_base_freq is None:
+            problems.append("rope_local_base_freq must be set (the sliding layers' RoPE base)")
     elif model.sliding_window is not None and model.window_attn_skip_freq != family.window_skip:
         problems.append(f"window_attn_skip_freq must be {family.window_skip or 'null'}")
+    if model.rope_local_base_freq is not None and not family.local_rope:
+        problems.append("rope_local_base_freq must be null")
     return problems
 
 
@@ -259,18 +285,25 @@ def hf_config_dict(model: ModelConfig) -> dict:
         config.update(attention_bias=False, mlp_bias=False)
     if model.rope_linear_factor is not None:  # as DeepSeek-Coder's config.json (transformers 4 reads `type`)
         config["rope_scaling"] = {"type": "linear", "factor": model.rope_linear_factor}
+        if family == GEMMA3:  # as Gemma-3-4B's (transformers 5 adds it to the full-attention layers' `rope_type`)
+            config["rope_scaling"] = {"rope_type": "linear", "factor": model.rope_linear_factor}
     if family == NEMOTRON:  # transformers 4's keys, which 5 reads into `rope_parameters` too
         config.update(norm_eps=model.layernorm_epsilon, partial_rotary_factor=model.rotary_percent)
         return config
-    if family in (GEMMA, GEMMA2):  # transformers 4's GemmaConfig (and vLLM) read the MLP's activation from this key
+    if family in (GEMMA, GEMMA2, GEMMA3):  # transformers 4's GemmaConfig (and vLLM) read the MLP's activation here
         config["hidden_activation"] = family.hidden_act
-    if family == GEMMA2:  # without a window: one as long as the model's positions, every layer full attention
+    if family in (GEMMA2, GEMMA3):  # without a window: one as long as the model's positions, every layer full attention
         config.update({name: getattr(model, name) for name in GEMMA2_FIELDS})
         config["query_pre_attn_scalar"] = model.query_pre_attn_scalar or model.head_dim
         window, skip = model.sliding_window, model.window_attn_skip_freq
         slides = sliding_layers(model.num_layers, skip) if window is not None else [False] * model.num_layers
         config["sliding_window"] = window or model.max_position_embeddings
         config["layer_types"] = ["sliding_attention" if slide else "full_attention" for slide in slides]
+    if family == GEMMA3:  # transformers 4's names, which 5 reads into `rope_parameters` per layer type too
+        config.update(rope_local_base_freq=float(model.rope_local_base_freq or model.rotary_base))
+        config.update(use_bidirectional_attention=False)
+        if model.window_attn_skip_freq is not None:
+            config["sliding_window_pattern"] = model.window_attn_skip_freq
     if family == MISTRAL:
         config["sliding_window"] = model.sliding_window
     if family == PHI3:  # Phi3Config's default pad id is Phi-3's 32000, outside other vocabularies: none unless given
@@ -589,17 +622,46 @@ def _pad_vocab(rows: torch.Tensor, model: ModelConfig) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(model.padded_vocab_size - model.vocab_size, rows.shape[1])])
 
 
+# Where a Gemma3ForConditionalGeneration keeps its language model's tensors (transformers 4.52+, and the layout Google's
+# checkpoints were first written in): read as a Gemma3ForCausalLM's `model.*` (its `lm_head.weight`, where one is
+# stored, keeps its name).
+_TEXT_MODEL_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
+def _text_model_name(stored: str) -> str | None:
+    """A multimodal checkpoint's tensor name as its language model's; None for the rest (vision tower, projector)."""
+    for prefix, replacement in _TEXT_MODEL_PREFIXES:
+        if stored.startswith(prefix):
+            return replacement + stored[len(prefix) :]
+    return stored if stored.startswith("lm_head.") else None
+
+
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
     """The tensors of a directory's `*.safetensors` files (one or sharded), read from disk on access; `more`
-    directories add theirs (an export's set-aside tensors under `steerlm/`)."""
+    directories add theirs (an export's set-aside tensors under `steerlm/`). A multimodal Gemma 3's are its language
+    model's under a Gemma3ForCausalLM's names; the others (its vision tower and projector) are listed in `left_out`."""
 
     def __init__(self, directory: Path, *more: Path) -> None:
         self._directory = Path(directory)
-        self._files: dict[str, Path] = {}
+        self._files: dict[str, tuple[Path, str]] = {}  # name → (file, the name it is stored under)
         for folder in (directory, *more):
             for file in sorted(Path(folder).glob("*.safetensors")):
                 with safe_open(file, framework="pt") as handle:
-                    self._files.update(dict.fromkeys(handle.keys(), file))
+                    self._files.update({key: (file, key) for key in handle.keys()})
+        self.left_out: list[str] = []
+        prefixes = tuple(prefix for prefix, _ in _TEXT_MODEL_PREFIXES)
+        if "model.embed_tokens.weight" not in self._files and any(key.startswith(prefixes) for key in self._files):
+            stored, self._files = self._files, {}
+            for key, (file, _) in stored.items():
+                name = _text_model_name(key)
+                if name is None:
+                    self.left_out.append(key)
+                else:
+                    self._files[name] = (file, key)
 
     def __contains__(self, name: object) -> bool:
         return name in self._files  # without reading the tensor, as Mapping's own would
@@ -607,8 +669,9 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._files:
             raise KeyError(f"no tensor {name!r} in the *.safetensors files of {self._directory}")
-        with safe_open(self._files[name], framework="pt") as handle:
-            return handle.get_tensor(name)
+        file, stored = self._files[name]
+        with safe_open(file, framework="pt") as handle:
+            return handle.get_tensor(stored)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -617,5 +680,38 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         return len(self._files)
 
 
+# Gemma3TextConfig's defaults (transformers 4.50 to 5.25), which the `text_config` of a Gemma3ForConditionalGeneration
+# leaves out where it keeps them (Gemma-3-4B's names its sizes, layers, window and RoPE scaling alone)
+_GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+}
+MULTIMODAL_GEMMA3 = "gemma3"  # Gemma3ForConditionalGeneration's model_type
+
+
 def read_hf_config(directory: Path) -> dict:
-    return json.loads((Path(directory) / HF_CONFIG_FILE).read_text())
+    """A directory's config.json; a Gemma3ForConditionalGeneration's is its language model's, a Gemma3ForCausalLM's
+    config (`text_config` with Gemma3TextConfig's defaults; `SafetensorsWeights` reads its tensors by those
+    names)."""
+    hf = json.loads((Path(directory) / HF_CONFIG_FILE).read_text())
+    if hf.get("model_type") != MULTIMODAL_GEMMA3:
+        return hf
+    text = {**_GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or text.get("torch_dtype") or text.get("dtype")
+    return {**text, "model_type": GEMMA3.model_type, "architectures": [GEMMA3.causal_lm], "torch_dtype": dtype}

@@ -271,6 +271,7 @@ _SAME_FIELDS = (
     "rope_linear_factor",
     "sliding_window",  # NeMo's window_size is refused on import: every layer attends to every position
     "window_attn_skip_freq",
+    "rope_local_base_freq",  # nor a Gemma 3 (its windows need one)
     "attn_logit_softcapping",  # null in every NeMo 1.x model: nor a Gemma 2
     "final_logit_softcapping",
     "query_pre_attn_scalar",

@@ -2,8 +2,9 @@
 (`modeling_rope_utils`), so an imported model rotates exactly as it did: LongRoPE (Phi-3.5-mini, Phi-4-mini, the 128k
 Phi-3s), YaRN (Qwen2.5 and Qwen3 past 32k positions, as their model cards enable it) and linear scaling
 (DeepSeek-Coder; NeMo's `seq_len_interpolation_factor`, which megatron applies by dividing the positions instead: the
-same angles but for their last bits). `rope_frequencies` gives a `ModelConfig`'s; `steerlm.megatron_compat.scaled_rope`
-puts them in the model."""
+same angles but for their last bits), and Gemma 3's plain RoPE of another base on its sliding-window layers.
+`rope_frequencies` and `local_rope_frequencies` give a `ModelConfig`'s; `steerlm.megatron_compat.scaled_rope` puts
+them in the model."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def long_rope_inverse_frequencies(base: float, dim: int, factors: list[float]) -
 def linear_inverse_frequencies(base: float, dim: int, factor: float) -> torch.Tensor:
     """Linear scaling's (position interpolation): every inverse frequency divided by `factor`."""
     return (1.0 / _powers(base, dim)) / factor
+
+
+def local_rope_frequencies(model: ModelConfig) -> torch.Tensor | None:
+    """The inverse frequencies of Gemma 3's sliding-window layers, plain RoPE of base `model.rope_local_base_freq`
+    (transformers' `default` RoPE of the `sliding_attention` layer type); None for a model whose layers rotate alike."""
+    if model.rope_local_base_freq is None:
+        return None
+    return 1.0 / _powers(float(model.rope_local_base_freq), int(model.head_dim * model.rotary_percent))
 
 
 def yarn_inverse_frequencies(

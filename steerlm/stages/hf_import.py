@@ -1,12 +1,14 @@
-"""A Hugging Face Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3, Gemma or Gemma 2 directory → a steerlm checkpoint at
-any TP/PP (`recipes/convert.py to=steerlm`).
+"""A Hugging Face Llama, Nemotron, Qwen2, Qwen3, Mistral, Phi-3, Gemma, Gemma 2 or Gemma 3 directory → a steerlm
+checkpoint at any TP/PP (`recipes/convert.py to=steerlm`).
 
 Collective over the layout the checkpoint is written from. A `…ForCausalLM` (LlamaForCausalLM, NemotronForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Phi3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM) becomes a
-language model, a `…ForSequenceClassification` a regression APM (`score` is its head). An export of steerlm's own
-carries `steerlm/` (the source config, the word vocabulary, the APM head's bias in config.json and its unused vocabulary
-output layer), so export → import gives the same config and bitwise the same weights; another tool's model gets a config
-synthesised from config.json (an APM's schema from `id2label` and `apm_range`).
+Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Phi3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM,
+Gemma3ForCausalLM) becomes a language model, a `…ForSequenceClassification` a regression APM (`score` is its head); a
+Gemma3ForConditionalGeneration's language model becomes one too (its vision tower is left out, and the log says so).
+An export of steerlm's own carries `steerlm/` (the source config, the word vocabulary, the APM head's bias in
+config.json and its unused vocabulary output layer), so export → import gives the same config and bitwise the same
+weights; another tool's model gets a config synthesised from config.json (an APM's schema from `id2label` and
+`apm_range`).
 
 Each rank builds its shards and fills them from the safetensors files one full tensor at a time
 (`MegatronFromHF` reads lazily), then the checkpoint is saved weights-only: runs start from it with
@@ -256,7 +258,15 @@ def import_to_steerlm(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     precision = plan.config.precision
     chunks = build_checkpoint_model(model, precision, layout, cfg.seed, plan.num_attributes)
     names = [name for name, _ in named_global_parameters(chunks)]
-    from_hf = MegatronFromHF(SafetensorsWeights(*plan.weights), model, [n for n in names if n not in plan.extras])
+    weights = SafetensorsWeights(*plan.weights)
+    if weights.left_out and layout.is_rank_zero:  # a multimodal Gemma 3's vision tower and projector
+        log.info(
+            "%s: its language model alone is converted; left out: %d tensors, e.g. %s",
+            cfg.input,
+            len(weights.left_out),
+            ", ".join(weights.left_out[:3]),
+        )
+    from_hf = MegatronFromHF(weights, model, [n for n in names if n not in plan.extras])
     try:
         load_full_parameters(chunks, from_hf, layout.tp_rank, layout.tp, keep=lambda name: name in plan.extras)
         load_full_parameters(chunks, plan.extras, layout.tp_rank, layout.tp, keep=lambda name: name not in plan.extras)

@@ -53,6 +53,7 @@ from steerlm.config.validation import validate_model_layout
 from steerlm.data.template import Tokenization
 from steerlm.models.attribute import HEAD, build_checkpoint_model
 from steerlm.models.gpt import torch_dtype
+from steerlm.models.hf_llama import hf_architecture
 from steerlm.models.nemo_archive import ARTIFACT_PREFIX
 from steerlm.models.nemo_config import RewardHead, nemo_model_config
 from steerlm.runtime.layout import ParallelLayout
@@ -157,6 +158,14 @@ def _tokenization(source: ExportSource) -> Tokenization:
     return Tokenization(source.saved.get("template", {}).get("tokenization", Tokenization.markers.value))
 
 
+def _hf_class(source: ExportSource, family: str) -> str:
+    """The HF class an export writes `source`'s model as (`family`'s where no HF family computes it)."""
+    try:
+        return hf_architecture(source.model).causal_lm
+    except ValueError:
+        return f"{family}ForCausalLM"
+
+
 def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
     """What every `.nemo` export needs: a model NeMo 1.x builds, a tokenizer (NeMo builds the vocabulary from it),
     and no chat-template defaults."""
@@ -173,7 +182,7 @@ def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
         (
             source.model.activation == Activation.geglu or source.model.apply_embedding_scaling,
             "is a Gemma (GELU-gated MLP with GELU's tanh approximation, scaled input embeddings)",
-            "Gemma2" if source.model.post_sublayer_norms else "Gemma",
+            "Gemma",
         ),
     ):
         if unexpressed:
@@ -181,7 +190,7 @@ def check_nemo_export(cfg: ConvertConfig, source: ExportSource) -> None:
                 "to",
                 cfg.to.value if cfg.to is not None else None,
                 f"{cfg.input} {what}, which no NeMo 1.x model NeMo-Aligner restores has",
-                f"export it to Hugging Face with to=hf ({family}ForCausalLM)",
+                f"export it to Hugging Face with to=hf ({_hf_class(source, family)})",
             )
     if source.tokenizer is None:
         raise ConfigError(
