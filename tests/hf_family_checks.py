@@ -114,6 +114,46 @@ def check_same_logits(source: torch.nn.Module, chunks: list, length: int, vocab:
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
+def check_peft_on_hf_base(layout, directory: Path, run: Path, root: Path, base: torch.nn.Module, tokens) -> dict:
+    """A LoRA run (adapters on every linear, B random) whose `init_from` is the HF `directory` (imported as `run`)
+    exports PEFT adapters that, on `base` (that directory loaded by transformers), give steerlm's logits on `tokens`.
+    Returns the adapters' `adapter_config.json`."""
+    import peft
+
+    from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
+    from steerlm.config import LoraConfig
+    from steerlm.config.convert import ModelFormat
+    from steerlm.config.schema import TokenizerConfig, TokenizerType, TrainDataConfig
+    from steerlm.config.sft import SFTConfig, SFTOptions
+    from steerlm.models import lora
+    from steerlm.tokenizers import WordTokenizer
+    from tests.test_convert import SCHEMA, TEXTS
+    from tests.test_lora import _randomise_b
+
+    model, chunks = imported(layout, run)
+    lora.attach(chunks, LoraConfig(rank=4, alpha=8.0), 7)
+    _randomise_b(chunks[0])
+    WordTokenizer.build(TEXTS).save(root / "tokenizer")
+    cfg = SFTConfig(
+        model=model,
+        output_dir=str(root / "run"),
+        attributes=SCHEMA,
+        tokenizer=TokenizerConfig(TokenizerType.word, str(root / "tokenizer")),
+        data=TrainDataConfig(train_file="unused.jsonl"),
+        sft=SFTOptions(init_from=str(directory)),
+        lora=LoraConfig(rank=4, alpha=8.0),
+    )
+    save_checkpoint(root / "run", 3, WeightsOnly(chunks), layout, cfg)
+    convert(_convert(root / "run", root / "peft", to=ModelFormat.peft), layout)
+    wrapped = peft.PeftModel.from_pretrained(base, root / "peft").eval()  # PEFT wraps `base` in place
+    length = tokens.shape[1]
+    with torch.no_grad():
+        theirs = wrapped(input_ids=tokens).logits
+        ours = chunks[0](tokens, torch.arange(length).expand_as(tokens), None)[..., : model.vocab_size]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    return json.loads((root / "peft" / "adapter_config.json").read_text())
+
+
 def imported(layout, run: Path) -> tuple[ModelConfig, list]:
     """The model config and loaded chunks of a steerlm run (one an import wrote)."""
     path = resolve_checkpoint(run)

@@ -9,9 +9,9 @@ the lean decoder's greedy tokens equal HF `generate`'s; a regression APM exports
 Gemma3TextForSequenceClassification with steerlm's scores. Another tool's Gemma 3s (Gemma3TextConfig's five sliding
 layers of six with linear scaling x8; layer types of its own with another local base), written by `save_pretrained`,
 convert at TP=2 with their logits past the window, as does a Gemma3ForConditionalGeneration's language model in
-either layout of its tensors; transformers 4's config.json keys read as transformers 5's. Training
-at TP=2 with sequence parallelism and at PP=2: tests/test_parallel_parity.py (`gemma2`, which has the local RoPE); both
-decoders: tests/test_generate.py (`gemma3`).
+either layout of its tensors, and a LoRA run started from that one exports PEFT adapters of its language model alone;
+transformers 4's config.json keys read as transformers 5's. Training at TP=2 with sequence parallelism and at PP=2:
+tests/test_parallel_parity.py (`gemma2`, which has the local RoPE); both decoders: tests/test_generate.py (`gemma3`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tests.hf_family_checks import (
     check_apm_export,
     check_export,
     check_lean_greedy,
+    check_peft_on_hf_base,
     check_same_logits,
     converted_other_tools,
     exported_at_tp2,
@@ -155,6 +156,24 @@ def test_a_multimodal_gemma3_s_language_model_converts_in_either_layout_with_its
     assert "model.layers.0.self_attn.q_norm.weight" in weights and "language_model.model.norm.weight" not in weights
     convert(_convert(first, tmp_path / "first_steerlm"), layout)
     check_same_logits(source, imported(layout, tmp_path / "first_steerlm")[1], 100)
+
+
+@pytest.mark.slow
+def test_adapters_of_a_run_started_from_a_multimodal_gemma3_attach_to_its_language_model(
+    layout, other_tools, tmp_path: Path
+) -> None:
+    """PEFT's adapters of a LoRA run whose `init_from` is a Gemma3ForConditionalGeneration name its language model's
+    layers (`model.language_model.layers.N`), and its targets those alone (its vision tower has q/k/v_proj too): PEFT
+    on that multimodal base adapts the language model's 21 projections and gives steerlm's logits."""
+    pytest.importorskip("peft")
+    _, directory, run = other_tools["multimodal"]
+    base = transformers.Gemma3ForConditionalGeneration.from_pretrained(directory)
+    adapter = check_peft_on_hf_base(layout, directory, run, tmp_path, base, TOKENS[:, :16])
+    names = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert all(name.startswith("base_model.model.model.language_model.layers.") for name in names)
+    adapted = [name for name, module in base.named_modules() if hasattr(module, "lora_A")]
+    assert len(adapted) == 3 * 7 and all(".language_model.layers." in name for name in adapted), adapter
+    assert adapter["target_modules"].startswith(r"model\.language_model\.layers\.\d+")  # not the vision tower's
 
 
 @pytest.mark.slow

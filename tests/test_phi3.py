@@ -13,24 +13,17 @@ PEFT applies to that directory with steerlm's logits (the mapping of each adapte
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from steerlm.checkpoint.sharded import WeightsOnly, save_checkpoint
-from steerlm.config import ConfigError, LoraConfig, ModelConfig, TrainConfig, compose, to_typed
-from steerlm.config.convert import ModelFormat
-from steerlm.config.schema import Accelerator, TokenizerConfig, TokenizerType, TrainDataConfig
-from steerlm.config.sft import SFTConfig, SFTOptions
+from steerlm.config import ConfigError, ModelConfig, TrainConfig, compose, to_typed
+from steerlm.config.schema import Accelerator
 from steerlm.config.validation import validate_model_layout
-from steerlm.models import lora
 from steerlm.models.hf_config import hf_model_fields
 from steerlm.models.hf_llama import LLAMA, MISTRAL, PHI3, hf_architecture, hf_config_dict
-from steerlm.stages.convert import convert
-from steerlm.tokenizers import WordTokenizer
 from steerlm.training import build_training
 from steerlm.training.init_from import load_init_weights, resolve_init_source
 from tests.conftest import PHI3_MODEL, TEST_MODEL
@@ -38,13 +31,12 @@ from tests.hf_family_checks import (
     check_apm_export,
     check_export,
     check_lean_greedy,
+    check_peft_on_hf_base,
     check_same_logits,
     converted_other_tools,
     exported_at_tp2,
     imported,
 )
-from tests.test_convert import SCHEMA, TEXTS, _convert
-from tests.test_lora import _randomise_b
 from tests.test_qwen_mistral import HF_SHAPE, TOKENS, _randomise_vectors
 
 transformers = pytest.importorskip("transformers")
@@ -128,32 +120,11 @@ def test_adapters_of_a_run_started_from_an_hf_phi3_export_for_its_fused_projecti
 ) -> None:
     """A LoRA run whose `init_from` is a Phi-3 directory (RoPE on every channel: the model itself exports as a Llama)
     writes PEFT adapters for the base's own `qkv_proj` and `gate_up_proj`; PEFT on that base gives steerlm's logits."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     _, directory, run = phi3_imports["phi3"]
-    model, chunks = imported(layout, run)
-    lora.attach(chunks, LoraConfig(rank=4, alpha=8.0), 7)
-    _randomise_b(chunks[0])
-    WordTokenizer.build(TEXTS).save(tmp_path / "tokenizer")
-    cfg = SFTConfig(
-        model=model,
-        output_dir=str(tmp_path / "run"),
-        attributes=SCHEMA,
-        tokenizer=TokenizerConfig(TokenizerType.word, str(tmp_path / "tokenizer")),
-        data=TrainDataConfig(train_file="unused.jsonl"),
-        sft=SFTOptions(init_from=str(directory)),
-        lora=LoraConfig(rank=4, alpha=8.0),
-    )
-    save_checkpoint(tmp_path / "run", 3, WeightsOnly(chunks), layout, cfg)
-    convert(_convert(tmp_path / "run", tmp_path / "peft", to=ModelFormat.peft), layout)
-    adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    base = transformers.Phi3ForCausalLM.from_pretrained(directory)
+    adapter = check_peft_on_hf_base(layout, directory, run, tmp_path, base, TOKENS[:, :16])
     assert adapter["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    base = transformers.Phi3ForCausalLM.from_pretrained(directory)  # a copy of its own: PEFT wraps it in place
-    wrapped = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
-    tokens = TOKENS[:, :16]
-    with torch.no_grad():
-        theirs = wrapped(input_ids=tokens).logits
-        ours = chunks[0](tokens, torch.arange(16).expand_as(tokens), None)[..., :300]
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
 def test_a_regression_apm_with_partial_rope_exports_as_phi3_sequence_classification(layout, tmp_path: Path) -> None:

@@ -458,11 +458,16 @@ def _exported_fused(model: ModelConfig) -> bool:
 PEFT_PREFIX = "base_model.model."  # PEFT's name of the wrapped LlamaForCausalLM in adapter_model.safetensors
 
 
+LAYERS = "model.layers"  # where a causal LM's decoder layers sit (HF module path)
+MULTIMODAL_LAYERS = "model.language_model.layers"  # a Gemma3ForConditionalGeneration's (transformers 4.52+)
+
+
 def megatron_lora_to_peft_tensors(
-    name: str, tensor: torch.Tensor, model: ModelConfig, fused: bool | None = None
+    name: str, tensor: torch.Tensor, model: ModelConfig, fused: bool | None = None, layers: str = LAYERS
 ) -> list[tuple[str, torch.Tensor]]:
     """The PEFT adapter tensors (name as `adapter_model.safetensors` holds it, view) of one full adapter matrix
-    `decoder.layers.N.<parent>.<linear>.lora_a|lora_b` (steerlm.models.lora); `fused` as `lora_projections`."""
+    `decoder.layers.N.<parent>.<linear>.lora_a|lora_b` (steerlm.models.lora); `fused` as `lora_projections`;
+    `layers` the base model's module path of its decoder layers (`base_layers`)."""
     match = _LAYER.match(name)
     if match is None:
         raise KeyError(f"{name!r} is not a layer's adapter")
@@ -480,7 +485,7 @@ def megatron_lora_to_peft_tensors(
     else:
         parts = (tensor,)
     which = "lora_A" if matrix == "lora_a" else "lora_B"
-    prefix = f"{PEFT_PREFIX}model.layers.{match.group(1)}.{parent}"
+    prefix = f"{PEFT_PREFIX}{layers}.{match.group(1)}.{parent}"
     return [(f"{prefix}.{projection}.{which}.weight", part) for projection, part in zip(projections, parts)]
 
 
@@ -703,6 +708,13 @@ _GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
     "final_logit_softcapping": None,
 }
 MULTIMODAL_GEMMA3 = "gemma3"  # Gemma3ForConditionalGeneration's model_type
+
+
+def base_layers(directory: Path) -> str:
+    """The module path of the decoder layers of the HF model in `directory`: a multimodal Gemma 3's sit in its
+    language model (`MULTIMODAL_LAYERS`), which PEFT's adapters on that base must name."""
+    raw = json.loads((Path(directory) / HF_CONFIG_FILE).read_text())
+    return MULTIMODAL_LAYERS if raw.get("model_type") == MULTIMODAL_GEMMA3 else LAYERS
 
 
 def read_hf_config(directory: Path) -> dict:

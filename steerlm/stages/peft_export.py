@@ -8,7 +8,8 @@ adapters of the same base. A fused megatron layer is several HF projections: `li
 q_proj/k_proj/v_proj's (one A shared, B's rows split by head), `linear_fc1`'s gate_proj/up_proj's
 (`steerlm.models.hf_llama.megatron_lora_to_peft_tensors`) — or, where the base stores them fused (a Phi-3 started from
 its HF directory, or a model exported as one), the fused `qkv_proj`'s (B's rows regrouped as [q; k; v]) and
-`gate_up_proj`'s.
+`gate_up_proj`'s. Adapters of a run started from a Gemma3ForConditionalGeneration name its language model's layers
+(`model.language_model.layers.N`), so PEFT attaches them to that multimodal base.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,7 +36,9 @@ from steerlm.files import atomic_write_text
 from steerlm.models.gpt import build_model_chunks, torch_dtype
 from steerlm.models.hf_llama import (
     HF_ARCHITECTURES,
+    LAYERS,
     LLAMA,
+    base_layers,
     lora_projections,
     megatron_lora_to_peft_tensors,
     read_hf_config,
@@ -60,21 +64,33 @@ def base_model(saved: DictConfig) -> str | None:
     return None
 
 
+def _hf_base(source: ExportSource) -> Path | None:
+    """The HF directory the run started from (its `init_from`), None where it started from anything else."""
+    base = base_model(source.saved)
+    return Path(base) if base is not None and (Path(base) / HF_CONFIG_FILE).is_file() else None
+
+
 def base_stores_fused(source: ExportSource) -> bool | None:
     """Whether the HF model the run started from (its `init_from`, where that is an HF directory) stores q/k/v and
     gate/up fused, as a Phi-3 does: PEFT's adapters must name the base's own projections. None where the run started
     from anything else (a steerlm checkpoint, a `.nemo`): the projections of the family the model is exported as."""
-    base = base_model(source.saved)
-    if base is None or not (Path(base) / HF_CONFIG_FILE).is_file():
+    base = _hf_base(source)
+    if base is None:
         return None
-    family = HF_ARCHITECTURES.get(read_hf_config(Path(base)).get("model_type", LLAMA.model_type))
+    family = HF_ARCHITECTURES.get(read_hf_config(base).get("model_type", LLAMA.model_type))
     return None if family is None else family.fused
 
 
-def adapter_config(source: ExportSource, lora: dict, fused: bool | None) -> dict:
-    """PEFT's LoraConfig of these adapters, as `adapter_config.json` holds it (`fused`: `base_stores_fused`)."""
+def adapter_config(source: ExportSource, lora: dict, fused: bool | None, layers: str = LAYERS) -> dict:
+    """PEFT's LoraConfig of these adapters, as `adapter_config.json` holds it (`fused`: `base_stores_fused`;
+    `layers`: `base_layers`). On a multimodal base the targets are a regular expression (PEFT matches it against the
+    whole module path) naming the language model's projections: its vision tower has projections of the same names."""
     projections = lora_projections(source.model, fused)
-    targets = [projection for target in lora["targets"] for projection in projections[target][1]]
+    targets: list[str] | str = sorted(
+        {projection for target in lora["targets"] for projection in projections[target][1]}
+    )
+    if layers != LAYERS:
+        targets = rf"{re.escape(layers)}\.\d+\.(self_attn|mlp)\.({'|'.join(targets)})"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -82,7 +98,7 @@ def adapter_config(source: ExportSource, lora: dict, fused: bool | None) -> dict
         "r": lora["rank"],
         "lora_alpha": lora["alpha"],
         "lora_dropout": float((source.saved.get("lora") or {}).get("dropout", 0.0)),  # the run's (training only)
-        "target_modules": sorted(targets),
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -162,14 +178,16 @@ def export_peft_adapter(cfg: ConvertConfig, layout: ParallelLayout) -> Path:
     agree(layout, error)
     adapters = gather_adapters(cfg, source, layout)
     if layout.is_rank_zero:
-        fused = base_stores_fused(source)
+        fused, base = base_stores_fused(source), _hf_base(source)
+        layers = LAYERS if base is None else base_layers(base)  # a multimodal Gemma 3's sit in its language model
         tensors = {
             peft_name: part.clone().contiguous()  # q, k, v (gate, up) share A: a copy each
             for name in sorted(adapters)
-            for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model, fused)
+            for peft_name, part in megatron_lora_to_peft_tensors(name, adapters[name], source.model, fused, layers)
         }
         save_file(tensors, str(partial / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_text(partial / ADAPTER_CONFIG, json.dumps(adapter_config(source, lora, fused), indent=2) + "\n")
+        config = adapter_config(source, lora, fused, layers)
+        atomic_write_text(partial / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
         if output.is_dir():
             output.rmdir()  # validated empty
         os.replace(partial, output)
