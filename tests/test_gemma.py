@@ -9,7 +9,7 @@ GemmaForCausalLM with steerlm's logits and imports back bitwise; the lean decode
 their logits; the first releases' `hidden_act: gelu` reads as the approximation, as transformers reads it.
 `init_from` checks the activation and the scaling; checkpoints written before the field existed read as unscaled; a
 `.nemo` export is refused. Both decoders decode it as the recompute loop does (tests/test_generate.py, `gemma`); the
-scaling itself: tests/test_megatron_compat.py (item 14).
+scaling itself: tests/test_megatron_compat_layers.py (item 14).
 """
 
 from __future__ import annotations

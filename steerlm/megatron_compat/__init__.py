@@ -1,7 +1,8 @@
 """Everything steerlm does that depends on megatron-core internals, private names or unwritten contracts.
 
 A megatron-core upgrade starts here: every item below names what it replaces or relies on, and
-`tests/test_megatron_compat.py` checks each one against the installed megatron-core. No other steerlm module
+`tests/test_megatron_compat.py` (items 13-15, the layers megatron lacks: `tests/test_megatron_compat_layers.py`)
+checks each one against the installed megatron-core. No other steerlm module
 patches megatron, overrides a private method or reads a private attribute. Items 7 and 9, the optimizers' state
 and kernels, live in `steerlm/megatron_compat/optimizers.py`, item 12 in `async_writes.py`, item 13 in
 `scaled_rope.py`, item 14 in `scaled_embedding.py`, item 15 in `gemma2.py`; this module re-exports what the rest of
@@ -90,11 +91,11 @@ steerlm uses.
    steerlm attribute of the TransformerConfig), and a forward hook on GPTModel's `output_layer` capping the logits.
 
 Moving to megatron-core 0.17+ (it needs Python >= 3.12), the plan: build a Python 3.12 environment with the
-new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py` first — each item has a test
-that fails naming it when the release changed what the item relies on (a renamed private attribute, a new
-`_postprocess` or `core_attention` signature, a different fused-weight layout). Then items to re-read in the
-new source, because a test cannot see them: (2) whether new `torch.cuda` calls appeared outside the patched
-ones (run the CPU parity tests); (3) whether synchronous saves still go through a module-level results queue;
+new release, widen `SUPPORTED`, and run `pytest tests/test_megatron_compat.py tests/test_megatron_compat_layers.py`
+first — each item has a test that fails naming it when the release changed what the item relies on (a renamed
+private attribute, a new `_postprocess` or `core_attention` signature, a different fused-weight layout). Then items
+to re-read in the new source, because a test cannot see them: (2) whether new `torch.cuda` calls appeared outside the
+patched ones (run the CPU parity tests); (3) whether synchronous saves still go through a module-level results queue;
 (7) whether the distributed optimizer still rebuilds torch Adam's `step` from its param groups (then the
 item may be unnecessary).
 Then the whole suite, and the GPU tests (`pytest -m gpu`) on a CUDA machine.
