@@ -463,9 +463,8 @@ MODEL_FIELDS_ADDED = {
     "rope_attention_factor": 1.0,
 }
 # LongRoPE's, YaRN's and linear scaling's fields (`ModelConfig.rope_short_factor` …), sliding windows, Gemma 3's
-# local RoPE and Gemma 2's
-# soft-capping and attention scale: no tensor shape shows them, but a run started from weights trained with them
-# computes another function without them, so `init_from` a steerlm checkpoint checks them.
+# local RoPE and Gemma 2's soft-capping and attention scale: no tensor shape shows them, but a run started from weights
+# trained with them computes another function without them, so `init_from` a steerlm checkpoint checks them.
 FUNCTION_FIELDS = (
     "sliding_window",
     "window_attn_skip_freq",

@@ -148,9 +148,10 @@ def use_local_rope(gpt: GPTModel, rotary_percent: float, inverse: torch.Tensor) 
         cp_group=gpt.rotary_pos_emb.cp_group,
     )
     setattr(gpt, LOCAL_ROPE, local)
+    hook = _local_rotation(local)  # one for the chunk's sliding layers: they share its table
     for layer in gpt.decoder.layers:
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer.layer_number):
-            layer.register_forward_pre_hook(_local_rotation(local), with_kwargs=True)
+            layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def local_rotary_embedding(gpt: torch.nn.Module) -> Optional[ScaledRotaryEmbedding]:
@@ -160,6 +161,11 @@ def local_rotary_embedding(gpt: torch.nn.Module) -> Optional[ScaledRotaryEmbeddi
 
 
 def _local_rotation(local: ScaledRotaryEmbedding):
+    """The pre-hook swapping a layer's `rotary_pos_emb` for `local`'s table of as many positions. The table of the last
+    length asked is kept (it needs no gradient): the sliding layers of a forward, and a decoder's steps over the same
+    maximum length, compute it once."""
+    kept: dict[tuple[int, torch.device], torch.Tensor] = {}
+
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         table = kwargs.get("rotary_pos_emb")
         if table is None:
@@ -167,6 +173,10 @@ def _local_rotation(local: ScaledRotaryEmbedding):
                 "megatron's TransformerBlock handed a layer no rotary_pos_emb keyword: this megatron-core changed how "
                 "RoPE reaches its layers; update steerlm.megatron_compat.scaled_rope (use_local_rope)"
             )
-        return args, {**kwargs, "rotary_pos_emb": local(table.shape[0]).to(table.device)}
+        key = (table.shape[0], table.device)
+        if key not in kept:
+            kept.clear()
+            kept[key] = local(table.shape[0]).to(table.device)
+        return args, {**kwargs, "rotary_pos_emb": kept[key]}
 
     return hook
